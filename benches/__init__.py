@@ -1,0 +1,1 @@
+"""rlkern's benchmark suite, installed as ``rlkern.benches``; ``rlkern bench`` runs it."""

@@ -1,0 +1,155 @@
+"""Advantage estimators: rlkern vs verl 0.9.1's own functions (eager PyTorch loops without verl).
+
+    python -m rlkern.benches.bench_advantages [--batch B --steps T --samples N --group G] [--out FILE]
+
+Defaults (the issue's shapes): GAE at B=256, T=8192 (fp32 rewards/values, int64 mask, ~1/4
+of each row padding, whitened as verl returns it); GRPO over N=65536 samples in groups of 16
+with string uids (a numpy object array of uuid4 strings, as verl's ``uid``) and T=128 response
+tokens, shuffled. The GRPO timings include mapping the strings to groups; that mapping alone
+is a separate row (rlkern's C++ hash vs ``np.unique``, which verl's ``grpo_vectorized`` uses).
+Bytes counted: GAE reads r, v (4 B) and the mask (8 B) and writes advantages and returns (4 B
+each) per token; GRPO reads the [N, T] rewards and mask and writes [N, T] advantages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import uuid
+
+import numpy as np
+import torch
+
+from rlkern.benches import common
+from rlkern.ops import advantages as ops
+
+
+def _peer(module: str):
+    try:
+        return importlib.import_module(module)
+    except Exception:  # a missing or broken peer is reported as absent, never fatal
+        return None
+
+
+def _eager_gae(rewards, values, mask, gamma, lam):
+    """verl's algorithm written out (used when verl is not installed)."""
+    next_values = torch.zeros_like(rewards[:, 0])
+    last = torch.zeros_like(rewards[:, 0])
+    out = torch.empty_like(rewards)
+    m = mask.to(rewards.dtype)
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last = (delta + gamma * lam * last) * m[:, t] + (1 - m[:, t]) * last
+        next_values = values[:, t] * m[:, t] + (1 - m[:, t]) * next_values
+        out[:, t] = last
+    returns = out + values
+    valid = m.bool()
+    mean = out[valid].mean()
+    return (out - mean) * torch.rsqrt(out[valid].var() + 1e-8), returns
+
+
+def _eager_grpo(rewards, mask, index, eps=1e-6):
+    """A dict-of-lists GRPO like verl's (used when verl is not installed)."""
+    scores = rewards.sum(-1)
+    groups: dict = {}
+    for i, key in enumerate(index):
+        groups.setdefault(key, []).append(i)
+    out = torch.empty_like(scores)
+    for members in groups.values():
+        x = scores[members]
+        mean, std = (x.mean(), x.std()) if len(members) > 1 else (0.0, 1.0)
+        out[members] = (x - mean) / (std + eps)
+    return out[:, None] * mask
+
+
+def _mask(batch, steps, gen, device):
+    lengths = torch.randint(steps // 2, steps + 1, (batch,), generator=gen)
+    return (torch.arange(steps)[None, :] < lengths[:, None]).to(torch.int64).to(device)
+
+
+def run(device: torch.device, batch: int, steps: int, samples: int, group: int, tokens: int,
+        rounds: int = 5) -> list[common.Row]:
+    gen = torch.Generator().manual_seed(0)
+    core = _peer("verl.trainer.ppo.core_algos")
+    peak_bw = common.copy_bandwidth_gbps(device)
+    rows: list[common.Row] = []
+
+    def timed(fns, n_rounds):
+        if device.type == "cuda":
+            return {name: common.time_cuda(fn) for name, fn in fns.items()}
+        return common.time_alternating(fns, n_rounds)
+
+    def add(bench, shape, timings, bytes_moved):
+        for name, (med, p20, p80) in timings.items():
+            gbps = bytes_moved / (med * 1e-3) / 1e9 if bytes_moved else None
+            rows.append(common.Row(bench, name, shape, med, p20, p80, gbps,
+                                   100 * gbps / peak_bw if gbps else None))
+
+    # GAE, whitened (verl's compute_gae_advantage_return output)
+    rewards = torch.randn(batch, steps, generator=gen).to(device)
+    values = torch.randn(batch, steps, generator=gen).to(device)
+    mask = _mask(batch, steps, gen, device)
+    fns = {"rlkern": lambda: ops.gae(rewards, values, mask, 0.99, 0.95, whiten=True),
+           "rlkern (no whiten)": lambda: ops.gae(rewards, values, mask, 0.99, 0.95)}
+    if core is not None:
+        fns["verl"] = lambda: core.compute_gae_advantage_return(rewards, values, mask, 0.99, 0.95)
+    else:
+        fns["eager"] = lambda: _eager_gae(rewards, values, mask, 0.99, 0.95)
+    with torch.no_grad():
+        add("gae+whiten", f"B={batch} T={steps} fp32", timed(fns, rounds), batch * steps * (4 + 4 + 8 + 4 + 4))
+
+    # GRPO with string uids
+    n_groups = samples // group
+    uids = np.array([str(uuid.uuid4()) for _ in range(n_groups)], dtype=object).repeat(group)
+    uids = uids[np.random.default_rng(0).permutation(samples)]
+    scores = (torch.rand(samples, generator=gen) > 0.5).float()
+    grpo_mask = _mask(samples, tokens, gen, device)
+    token_rewards = torch.zeros(samples, tokens)
+    token_rewards[torch.arange(samples), grpo_mask.cpu().sum(-1) - 1] = scores
+    token_rewards = token_rewards.to(device)
+    fns = {"rlkern": lambda: ops.grpo(token_rewards.sum(-1), uids, grpo_mask)}
+    if core is not None:
+        fns["verl grpo"] = lambda: core.compute_grpo_outcome_advantage(token_rewards, grpo_mask, uids)
+        fns["verl grpo_vectorized"] = lambda: core.compute_grpo_vectorized_outcome_advantage(
+            token_rewards, grpo_mask, uids)
+    else:
+        fns["eager"] = lambda: _eager_grpo(token_rewards, grpo_mask, uids)
+    with torch.no_grad():
+        add("grpo (str uids)", f"N={samples} G={group} T={tokens}",
+            timed(fns, max(3, rounds // 2)), samples * tokens * (4 + 8 + 4))
+
+    # the string -> group mapping alone
+    fns = {"rlkern": lambda: ops.group_index(uids),
+           "rlkern (<U array)": lambda: ops.group_index(uids_u),
+           "np.unique": lambda: np.unique(uids, return_inverse=True)}
+    uids_u = uids.astype(str)
+    add("str uids -> groups", f"N={samples} uuid4", timed(fns, rounds), None)
+    common.fill_ratios(rows)
+    return rows
+
+
+def main(argv=None) -> list[common.Row]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8192)
+    parser.add_argument("--samples", type=int, default=65536)
+    parser.add_argument("--group", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", help="write FILE.json and FILE.md")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(2)
+    rows = run(device, args.batch, args.steps, args.samples, args.group, args.tokens, args.rounds)
+    print(f"# {common.device_name(device)}\n")
+    print(common.markdown_table(rows))
+    if args.out:
+        common.write_results(args.out, device, rows,
+                             "python -m rlkern.benches.bench_advantages " + " ".join(argv or []))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

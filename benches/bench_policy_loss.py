@@ -1,0 +1,171 @@
+"""Fused policy loss (forward + backward): rlkern vs verl 0.9.1's compute_policy_loss_vanilla and
+the eager formula as TRL 1.16's GRPOTrainer writes it, both with autograd.
+
+    python -m rlkern.benches.bench_policy_loss [--b B --t T --dtype fp32|bf16] [--out FILE]
+
+Defaults: CPU B=64, T=4096 fp32, 2 threads (the issue's CPU target: >= 3x verl); GPU B=64,
+T=8192. Every implementation computes the PPO clipped surrogate with dual-clip (verl's
+clip_ratio_c=3.0), clip-higher (0.2 / 0.28) and token-mean aggregation over a bool mask, plus
+the k3 KL penalty to a reference policy (kl_coef 0.001, verl's kl_loss) and the entropy bonus;
+the timed step is forward + backward (grads w.r.t. logprobs and entropy).
+
+Bytes counted (the minimum traffic of a fused pass): forward reads logprobs, old_logprobs,
+advantages, ref_logprobs, entropy (element size each) and the mask (1 byte); backward reads the
+same and writes d logprobs and d entropy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+
+import torch
+
+from rlkern.benches import common
+from rlkern.ops import policy_loss as ops
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CLIP_LOW, CLIP_HIGH, CLIP_C, KL_COEF, ENT_COEF = 0.2, 0.28, 3.0, 0.001, 0.01
+
+
+def _peer(module: str):
+    try:
+        return importlib.import_module(module)
+    except Exception:  # a missing or broken peer is reported as absent, never fatal
+        return None
+
+
+def _inputs(device, b, t, dtype, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    lp = -torch.rand(b, t, generator=g, device=device) * 3
+    data = {
+        "lp": lp.to(dtype),
+        "old": (lp + torch.randn(b, t, generator=g, device=device) * 0.2).to(dtype),
+        "ref": (lp + torch.randn(b, t, generator=g, device=device) * 0.2).to(dtype),
+        "adv": torch.randn(b, t, generator=g, device=device).to(dtype),
+        "ent": (torch.rand(b, t, generator=g, device=device) * 2).to(dtype),
+    }
+    lengths = torch.randint(t // 4, t + 1, (b,), generator=g, device=device)
+    data["mask"] = torch.arange(t, device=device)[None, :] < lengths[:, None]
+    return data
+
+
+def _rlkern_step(d, lp, ent):
+    total, metrics = ops.policy_loss(lp, d["old"], d["adv"], d["mask"], clip_low=CLIP_LOW, clip_high=CLIP_HIGH,
+                                     dual_clip=CLIP_C, ref_logprobs=d["ref"], kl_coef=KL_COEF, kl_estimator="k3",
+                                     entropy=ent, entropy_coef=ENT_COEF, agg="token-mean")
+    return total, metrics
+
+
+def _verl_step(core_algos, config):
+    def step(d, lp, ent):
+        pg_loss, metrics = core_algos.compute_policy_loss_vanilla(
+            old_log_prob=d["old"], log_prob=lp, advantages=d["adv"], response_mask=d["mask"],
+            loss_agg_mode="token-mean", config=config)
+        ent_loss = core_algos.agg_loss(ent, d["mask"], "token-mean")
+        kl = core_algos.agg_loss(core_algos.kl_penalty(lp, d["ref"], "low_var_kl"), d["mask"], "token-mean")
+        return pg_loss - ENT_COEF * ent_loss + KL_COEF * kl, metrics
+
+    return step
+
+
+def _trl_eager_step(d, lp, ent):
+    """The per-token formula and bnpo normalization of TRL 1.16's GRPOTrainer._compute_loss."""
+    mask = d["mask"]
+    coef_1 = torch.exp(lp - d["old"])
+    coef_2 = torch.clamp(coef_1, 1 - CLIP_LOW, 1 + CLIP_HIGH)
+    coef_1 = torch.clamp(coef_1, max=CLIP_C)
+    per_token = -torch.min(coef_1 * d["adv"], coef_2 * d["adv"])
+    kl = torch.exp(d["ref"] - lp) - (d["ref"] - lp) - 1
+    per_token = per_token + KL_COEF * kl
+    n = mask.sum().clamp(min=1.0)
+    loss = (per_token * mask).sum() / n - ENT_COEF * (ent * mask).sum() / n
+    clipped = ((coef_1 < 1 - CLIP_LOW) & (d["adv"] < 0)) | ((coef_1 > 1 + CLIP_HIGH) & (d["adv"] > 0))
+    return loss, {"clip": (clipped * mask).sum() / n}
+
+
+def implementations():
+    impls = {"rlkern": _rlkern_step}
+    core_algos = _peer("verl.trainer.ppo.core_algos")
+    workers_config = _peer("verl.workers.config")
+    if core_algos is not None and workers_config is not None:
+        config = workers_config.ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1,
+                                            clip_ratio=CLIP_LOW, clip_ratio_low=CLIP_LOW, clip_ratio_high=CLIP_HIGH,
+                                            clip_ratio_c=CLIP_C)
+        impls["verl"] = _verl_step(core_algos, config)
+    impls["eager (TRL formula)"] = _trl_eager_step
+    return impls
+
+
+def run(device: torch.device, b: int, t: int, dtype: torch.dtype, rounds: int = 15) -> list[common.Row]:
+    d = _inputs(device, b, t, dtype)
+    shape = f"B={b} T={t} {str(dtype).removeprefix('torch.')}"
+    elt = d["lp"].element_size()
+    fwd_bytes = b * t * (5 * elt + 1)
+    bytes_moved = 2 * fwd_bytes + 2 * b * t * elt
+    peak_bw = common.copy_bandwidth_gbps(device)
+    rows: list[common.Row] = []
+    leaves = {}
+
+    def make(step):
+        lp = d["lp"].detach().clone().requires_grad_()
+        ent = d["ent"].detach().clone().requires_grad_()
+        leaves[step] = (lp, ent)
+
+        def fn():
+            total, _ = step(d, lp, ent)
+            torch.autograd.grad(total, (lp, ent))
+        return fn
+
+    fns = {name: make(step) for name, step in implementations().items()}
+    if device.type == "cuda":
+        timings = {name: common.time_cuda(fn) for name, fn in fns.items()}
+        peaks = {name: common.cuda_peak_mib(fn) for name, fn in fns.items()}
+    else:
+        timings, peaks = common.time_alternating(fns, rounds, warmup=2), {}
+    for name, (med, p20, p80) in timings.items():
+        gbps = bytes_moved / (med * 1e-3) / 1e9
+        rows.append(common.Row("policy_loss fwd+bwd (ppo dual-clip + k3 + entropy, token-mean)", name, shape, med,
+                               p20, p80, gbps, 100 * gbps / peak_bw, peaks.get(name),
+                               extra={"backend": _backend_name(device, dtype) if name == "rlkern" else None}))
+    common.fill_ratios(rows)
+    return rows
+
+
+def _backend_name(device, dtype):
+    from rlkern import _backend
+
+    return _backend.choose(device, ("cpp", "triton"), dtype)
+
+
+def default_shape(device: torch.device) -> tuple[int, int, torch.dtype]:
+    return (64, 8192, torch.float32) if device.type == "cuda" else (64, 4096, torch.float32)
+
+
+def main(argv=None) -> list[common.Row]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--b", type=int)
+    parser.add_argument("--t", type=int)
+    parser.add_argument("--dtype", choices=sorted(DTYPES))
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (the issue's target: 2)")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", help="write FILE.json and FILE.md")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        torch.set_num_threads(args.threads)
+    b, t, dtype = default_shape(device)
+    rows = run(device, args.b or b, args.t or t, DTYPES[args.dtype] if args.dtype else dtype, args.rounds)
+    print(f"# {common.device_name(device)}\n")
+    print(common.markdown_table(rows))
+    if args.out:
+        common.write_results(args.out, device, rows,
+                             "python -m rlkern.benches.bench_policy_loss " + " ".join(argv or []))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,418 @@
+"""Triton kernels for the fused policy loss: per-sequence partial sums (forward) and gradients.
+
+The math is ``rlkern.reference.policy_loss`` (the oracle) and the C++ twin csrc/policy_loss.cpp.
+
+Forward (``policy_loss_stats``): one program per sequence reads each of its tokens once (twice
+for GSPO, whose ratio is the sequence's mean log-ratio: one extra reduction over the sequence,
+in the same program) and writes 11 partial sums ``[B, 11]``: masked sums of the policy loss (with
+``is_weights``), the entropy, the KL estimate, the mask, the six metric values, and GSPO's mean
+log-ratio. rlkern.ops turns them into the aggregated loss and the metrics with [B]-sized ops.
+No [B, T] intermediate is written.
+
+Backward (``policy_loss_grad``): one program per sequence reads the tokens once and writes
+``d loss / d logprobs = m * (c_pol * is_w * dl/dlp + c_kl * dkl/dlp)`` and ``d loss / d entropy =
+m * c_ent``, where ``coefs [B, 3]`` holds the per-sequence aggregation weights times the
+coefficients and the upstream gradient.
+
+Not done (yet): a 2-D grid splitting long sequences when B is too small to fill the GPU (B=64
+programs use half an H100); tuning of BLOCK / num_warps on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOSS_IDS = {"ppo": 0, "gspo": 1, "cispo": 2, "reinforce": 3, "gpg": 3, "sapo": 4, "dro": 5, "dppo_tv": 6,
+            "dppo_kl": 7, "clip_cov": 8, "kl_cov": 9}
+KL_IDS = {"k1": 0, "kl": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
+N_STATS = 11
+# Largest token block per loop step; the tests lower it to run the block loop several times.
+MAX_BLOCK = 2048
+_BOUND = tl.constexpr(20.0)  # verl's log-ratio clamp before exp
+_GSPO_MAX = tl.constexpr(10.0)
+_K3_BOUND = tl.constexpr(10.0)
+
+
+@triton.jit
+def _policy_token(lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef,
+                  LOSS: tl.constexpr, HAS_DUAL: tl.constexpr):
+    """Per-token policy loss, its derivative in logprob and the metric values (all [BLOCK])."""
+    lo_b = 1.0 - clip_low
+    hi_b = 1.0 + clip_high
+    lr = lp - old
+    zero = tl.zeros_like(lp)
+    CLAMPED: tl.constexpr = (LOSS == 0) or (LOSS == 2) or (LOSS == 4) or (LOSS == 6) or (LOSS == 7)
+    if CLAMPED:
+        lrc = tl.minimum(tl.maximum(lr, -_BOUND), _BOUND)
+        in_bounds = (lr >= -_BOUND) & (lr <= _BOUND)
+    else:
+        lrc = lr
+        in_bounds = lr == lr
+    r = tl.exp(lrc)
+    dr = tl.where(in_bounds, r, 0.0)
+    akl = -lrc
+    cf = zero
+    lo = zero
+    hi = zero
+    dcf = zero
+    if LOSS == 1:  # gspo: the sequence ratio, straight-through on the token's own logprob
+        r = tl.exp(tl.minimum(slr, _GSPO_MAX)) + zero
+        dr = tl.where(slr <= _GSPO_MAX, r, 0.0)
+    if (LOSS == 0) or (LOSS == 1) or (LOSS == 8):
+        l1 = -adv * r
+        l2 = -adv * tl.minimum(tl.maximum(r, lo_b), hi_b)
+        clipped = l2 > l1
+        loss = tl.maximum(l1, l2)
+        dl = tl.where(clipped, 0.0, -adv * dr)
+        cf = clipped.to(tl.float32)
+        lo = (clipped & (adv < 0)).to(tl.float32)
+        hi = (clipped & (adv > 0)).to(tl.float32)
+        if LOSS == 0:
+            if HAS_DUAL:
+                l3 = -adv * dual
+                neg = adv < 0
+                dcf = (neg & (loss > l3)).to(tl.float32)
+                dl = tl.where(neg & (loss > l3), 0.0, tl.where(neg & (loss == l3), 0.5 * dl, dl))
+                loss = tl.where(neg, tl.minimum(loss, l3), loss)
+        if LOSS == 8:  # clip_cov: selected tokens lose their gradient
+            loss = loss * (1.0 - sel)
+            dl = dl * (1.0 - sel)
+            cf = sel
+    elif LOSS == 2:  # cispo
+        cr = tl.minimum(tl.maximum(r, lo_b), hi_b)
+        loss = -cr * adv * lp
+        dl = -cr * adv
+        cf = (r != cr).to(tl.float32)
+        lo = (r < lo_b).to(tl.float32)
+        hi = (r > hi_b).to(tl.float32)
+    elif LOSS == 3:  # reinforce / gpg
+        loss = -adv * lp
+        dl = -adv + zero
+    elif LOSS == 4:  # sapo
+        tau = tl.where(adv > 0, tau_pos, tau_neg)
+        s = 1.0 / (1.0 + tl.exp(-tau * (r - 1.0)))
+        loss = -s * (4.0 / tau) * adv
+        dl = -adv * 4.0 * s * (1.0 - s) * dr
+    elif LOSS == 5:  # dro
+        loss = -(lp * adv - 0.5 * dro_beta * lr * lr)
+        dl = -(adv - dro_beta * lr)
+    elif (LOSS == 6) or (LOSS == 7):  # dppo_tv / dppo_kl
+        tr = tl.minimum(r, dual)
+        p = tl.exp(lp)
+        po = tl.exp(old)
+        if LOSS == 6:
+            up_ok = (p - po) <= clip_high
+            down_ok = (p - po) >= -clip_low
+        else:
+            bkl = po * (old - lp) + (1.0 - po) * tl.log((1.0 - po + 1e-8) / (1.0 - p + 1e-8))
+            up_ok = (bkl <= clip_high) | (p <= po)
+            down_ok = (bkl <= clip_low) | (p >= po)
+        valid = tl.where(adv > 0, up_ok, down_ok).to(tl.float32)
+        loss = -adv * tr * lp * valid
+        dl = -adv * tr * valid
+        cf = 1.0 - valid
+        lo = tl.where(adv <= 0, 1.0 - valid, 0.0)
+        hi = tl.where(adv > 0, 1.0 - valid, 0.0)
+        dcf = tl.where(r > dual, valid, 0.0)
+    else:  # kl_cov
+        sgn = tl.where(lr > 0, 1.0, tl.where(lr < 0, -1.0, 0.0))
+        loss = -adv * r + sel * (ppo_kl_coef * tl.abs(lr))
+        dl = -adv * r + sel * ppo_kl_coef * sgn
+        akl = tl.abs(lr)
+    return loss, dl, cf, lo, hi, dcf, akl, r
+
+
+@triton.jit
+def _kl_token(lp, ref, KL: tl.constexpr, KL_ST: tl.constexpr):
+    """KL estimate and its derivative in logprob (verl's kl_penalty; KL_ST: k2's gradient)."""
+    diff = lp - ref
+    if KL == 0:
+        value = diff
+        deriv = tl.full(diff.shape, 1.0, tl.float32)
+    elif KL == 1:
+        value = tl.abs(diff)
+        deriv = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+    elif KL == 2:
+        value = 0.5 * diff * diff
+        deriv = diff
+    else:
+        x = tl.minimum(tl.maximum(-diff, -_BOUND), _BOUND)
+        e = tl.exp(x)
+        v = e - x - 1.0
+        value = tl.minimum(tl.maximum(v, -_K3_BOUND), _K3_BOUND)
+        live = (-diff >= -_BOUND) & (-diff <= _BOUND) & (v <= _K3_BOUND)
+        deriv = tl.where(live, 1.0 - e, 0.0)
+    if KL_ST:
+        deriv = diff
+    return value, deriv
+
+
+@triton.jit
+def _seq_bounds(cu_ptr, pid, T, PACKED: tl.constexpr):
+    if PACKED:
+        start = tl.load(cu_ptr + pid).to(tl.int64)
+        n = tl.load(cu_ptr + pid + 1).to(tl.int64) - start
+    else:
+        start = pid * 0
+        n = T + pid * 0
+    return start, n
+
+
+@triton.jit
+def _policy_loss_stats_kernel(
+    lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, isw_ptr, sel_ptr,  # (B, T) rows or packed (total,)
+    cu_ptr,  # (B + 1,) when PACKED
+    stats_ptr,  # (B, 11) float32
+    T,  # padded width (unused when PACKED)
+    s_lp, s_old, s_adv, s_mask, s_ref, s_ent, s_isw, s_sel,  # row strides (padded)
+    clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef,
+    LOSS: tl.constexpr, KL: tl.constexpr, KL_ST: tl.constexpr, HAS_DUAL: tl.constexpr,
+    PACKED: tl.constexpr, ADV_PER_SEQ: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
+    HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, HAS_SEL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    start, n = _seq_bounds(cu_ptr, pid, T, PACKED)
+    if PACKED:
+        row = start
+        r_lp, r_old, r_adv, r_mask, r_ref, r_ent, r_isw, r_sel = row, row, row, row, row, row, row, row
+    else:
+        r_lp, r_old, r_adv, r_mask = pid * s_lp, pid * s_old, pid * s_adv, pid * s_mask
+        r_ref, r_ent, r_isw, r_sel = pid * s_ref, pid * s_ent, pid * s_isw, pid * s_sel
+    cols = tl.arange(0, BLOCK).to(tl.int64)
+    slr = 0.0
+    if LOSS == 1:  # gspo: the sequence's mean log-ratio first
+        num = tl.zeros([BLOCK], tl.float32)
+        den = tl.zeros([BLOCK], tl.float32)
+        for off in range(0, n, BLOCK):
+            idx = off + cols
+            inb = idx < n
+            if HAS_MASK:
+                m = tl.load(mask_ptr + r_mask + idx, mask=inb, other=0).to(tl.float32)
+            else:
+                m = inb.to(tl.float32)
+            lp = tl.load(lp_ptr + r_lp + idx, mask=inb, other=0.0).to(tl.float32)
+            old = tl.load(old_ptr + r_old + idx, mask=inb, other=0.0).to(tl.float32)
+            num += tl.where(m != 0, m * (lp - old), 0.0)
+            den += m
+        slr = tl.sum(num, 0) / tl.maximum(tl.sum(den, 0), 1.0)
+    if ADV_PER_SEQ:
+        adv_seq = tl.load(adv_ptr + pid).to(tl.float32)
+    a_pol = tl.zeros([BLOCK], tl.float32)
+    a_ent = tl.zeros([BLOCK], tl.float32)
+    a_kl = tl.zeros([BLOCK], tl.float32)
+    a_cnt = tl.zeros([BLOCK], tl.float32)
+    a_cf = tl.zeros([BLOCK], tl.float32)
+    a_lo = tl.zeros([BLOCK], tl.float32)
+    a_hi = tl.zeros([BLOCK], tl.float32)
+    a_dcf = tl.zeros([BLOCK], tl.float32)
+    a_akl = tl.zeros([BLOCK], tl.float32)
+    a_ratio = tl.zeros([BLOCK], tl.float32)
+    for off in range(0, n, BLOCK):
+        idx = off + cols
+        inb = idx < n
+        if HAS_MASK:
+            m = tl.load(mask_ptr + r_mask + idx, mask=inb, other=0).to(tl.float32)
+        else:
+            m = inb.to(tl.float32)
+        live = m != 0
+        lp = tl.load(lp_ptr + r_lp + idx, mask=inb, other=0.0).to(tl.float32)
+        old = tl.load(old_ptr + r_old + idx, mask=inb, other=0.0).to(tl.float32)
+        if ADV_PER_SEQ:
+            adv = adv_seq + tl.zeros([BLOCK], tl.float32)
+        else:
+            adv = tl.load(adv_ptr + r_adv + idx, mask=inb, other=0.0).to(tl.float32)
+        if HAS_SEL:
+            sel = tl.load(sel_ptr + r_sel + idx, mask=inb, other=0.0).to(tl.float32)
+        else:
+            sel = tl.zeros([BLOCK], tl.float32)
+        loss, dl, cf, lo, hi, dcf, akl, ratio = _policy_token(
+            lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef, LOSS, HAS_DUAL)
+        if HAS_ISW:
+            loss = loss * tl.load(isw_ptr + r_isw + idx, mask=inb, other=0.0).to(tl.float32)
+        # where() before the product: a NaN/inf at a masked-out token must not leak (verl's masked_sum)
+        a_pol += tl.where(live, m * loss, 0.0)
+        a_cnt += m
+        a_cf += tl.where(live, m * cf, 0.0)
+        a_lo += tl.where(live, m * lo, 0.0)
+        a_hi += tl.where(live, m * hi, 0.0)
+        a_dcf += tl.where(live, m * dcf, 0.0)
+        a_akl += tl.where(live, m * akl, 0.0)
+        a_ratio += tl.where(live, m * ratio, 0.0)
+        if HAS_REF:
+            ref = tl.load(ref_ptr + r_ref + idx, mask=inb, other=0.0).to(tl.float32)
+            kl, _ = _kl_token(lp, ref, KL, KL_ST)
+            a_kl += tl.where(live, m * kl, 0.0)
+        if HAS_ENT:
+            ent = tl.load(ent_ptr + r_ent + idx, mask=inb, other=0.0).to(tl.float32)
+            a_ent += tl.where(live, m * ent, 0.0)
+    out = stats_ptr + pid * 11
+    tl.store(out + 0, tl.sum(a_pol, 0))
+    tl.store(out + 1, tl.sum(a_ent, 0))
+    tl.store(out + 2, tl.sum(a_kl, 0))
+    tl.store(out + 3, tl.sum(a_cnt, 0))
+    tl.store(out + 4, tl.sum(a_cf, 0))
+    tl.store(out + 5, tl.sum(a_lo, 0))
+    tl.store(out + 6, tl.sum(a_hi, 0))
+    tl.store(out + 7, tl.sum(a_dcf, 0))
+    tl.store(out + 8, tl.sum(a_akl, 0))
+    tl.store(out + 9, tl.sum(a_ratio, 0))
+    tl.store(out + 10, slr)
+
+
+@triton.jit
+def _policy_loss_grad_kernel(
+    lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, isw_ptr, sel_ptr,  # (B, T) rows or packed (total,)
+    cu_ptr,  # (B + 1,) when PACKED
+    stats_ptr,  # (B, 11) float32 from the forward (GSPO's mean log-ratio)
+    coef_ptr,  # (B, 3) float32: policy, kl, entropy coefficients
+    g_lp_ptr,  # like logprobs, contiguous
+    g_ent_ptr,  # like logprobs, contiguous (when HAS_ENT)
+    T,
+    s_lp, s_old, s_adv, s_mask, s_ref, s_isw, s_sel,  # row strides (padded)
+    clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef,
+    LOSS: tl.constexpr, KL: tl.constexpr, KL_ST: tl.constexpr, HAS_DUAL: tl.constexpr,
+    PACKED: tl.constexpr, ADV_PER_SEQ: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
+    HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, HAS_SEL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    start, n = _seq_bounds(cu_ptr, pid, T, PACKED)
+    if PACKED:
+        row = start
+        r_lp, r_old, r_adv, r_mask, r_ref, r_isw, r_sel, r_out = row, row, row, row, row, row, row, row
+    else:
+        r_lp, r_old, r_adv, r_mask = pid * s_lp, pid * s_old, pid * s_adv, pid * s_mask
+        r_ref, r_isw, r_sel, r_out = pid * s_ref, pid * s_isw, pid * s_sel, pid * T
+    slr = tl.load(stats_ptr + pid * 11 + 10)
+    c_pol = tl.load(coef_ptr + pid * 3)
+    c_kl = tl.load(coef_ptr + pid * 3 + 1)
+    c_ent = tl.load(coef_ptr + pid * 3 + 2)
+    if ADV_PER_SEQ:
+        adv_seq = tl.load(adv_ptr + pid).to(tl.float32)
+    cols = tl.arange(0, BLOCK).to(tl.int64)
+    for off in range(0, n, BLOCK):
+        idx = off + cols
+        inb = idx < n
+        if HAS_MASK:
+            m = tl.load(mask_ptr + r_mask + idx, mask=inb, other=0).to(tl.float32)
+        else:
+            m = inb.to(tl.float32)
+        live = m != 0
+        lp = tl.load(lp_ptr + r_lp + idx, mask=inb, other=0.0).to(tl.float32)
+        old = tl.load(old_ptr + r_old + idx, mask=inb, other=0.0).to(tl.float32)
+        if ADV_PER_SEQ:
+            adv = adv_seq + tl.zeros([BLOCK], tl.float32)
+        else:
+            adv = tl.load(adv_ptr + r_adv + idx, mask=inb, other=0.0).to(tl.float32)
+        if HAS_SEL:
+            sel = tl.load(sel_ptr + r_sel + idx, mask=inb, other=0.0).to(tl.float32)
+        else:
+            sel = tl.zeros([BLOCK], tl.float32)
+        _, dl, _, _, _, _, _, _ = _policy_token(
+            lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef, LOSS, HAS_DUAL)
+        g = c_pol * dl
+        if HAS_ISW:
+            g = g * tl.load(isw_ptr + r_isw + idx, mask=inb, other=0.0).to(tl.float32)
+        if HAS_REF:
+            ref = tl.load(ref_ptr + r_ref + idx, mask=inb, other=0.0).to(tl.float32)
+            _, dkl = _kl_token(lp, ref, KL, KL_ST)
+            g += c_kl * dkl
+        g = tl.where(live, m * g, 0.0)
+        tl.store(g_lp_ptr + r_out + idx, g.to(g_lp_ptr.dtype.element_ty), mask=inb)
+        if HAS_ENT:
+            ge = tl.where(live, m * c_ent, 0.0)
+            tl.store(g_ent_ptr + r_out + idx, ge.to(g_ent_ptr.dtype.element_ty), mask=inb)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _rows(t: torch.Tensor | None, packed: bool) -> torch.Tensor | None:
+    """Last dim contiguous (rows may be strided); bool masks are read as uint8."""
+    if t is None:
+        return None
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    if packed:
+        return t.contiguous()
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _common(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens, loss,
+            kl_estimator, hyper):
+    packed = cu_seqlens is not None
+    straight_through = kl_estimator.endswith("+")
+    kl_id = KL_IDS[kl_estimator[:-1] if straight_through else kl_estimator]
+    has_dual = not math.isnan(hyper[2])
+    tensors = [_rows(t, packed) for t in (logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy,
+                                          is_weights, select)]
+    adv_per_seq = advantages.shape != logprobs.shape
+    if adv_per_seq:
+        tensors[2] = advantages.contiguous()
+    n_seqs = cu_seqlens.numel() - 1 if packed else logprobs.shape[0]
+    width = 0 if packed else logprobs.shape[1]
+    strides = [0 if (t is None or packed or (i == 2 and adv_per_seq)) else t.stride(0) for i, t in enumerate(tensors)]
+    dummy = tensors[0]
+    ptrs = [dummy if t is None else t for t in tensors]
+    floats = (hyper[0], hyper[1], hyper[2] if has_dual else math.inf, hyper[7], hyper[8],
+              0.0 if math.isnan(hyper[9]) else hyper[9], hyper[10])
+    flags = dict(LOSS=LOSS_IDS[loss], KL=kl_id, KL_ST=straight_through, HAS_DUAL=has_dual, PACKED=packed,
+                 ADV_PER_SEQ=adv_per_seq, HAS_MASK=mask is not None, HAS_REF=ref_logprobs is not None,
+                 HAS_ENT=entropy is not None, HAS_ISW=is_weights is not None, HAS_SEL=select is not None)
+    cu = cu_seqlens if packed else dummy
+    block = min(MAX_BLOCK, max(16, triton.next_power_of_2(max(width, 1) if not packed else 1024)))
+    return ptrs, strides, cu, n_seqs, width, floats, flags, block
+
+
+def policy_loss_stats(
+    logprobs: torch.Tensor,  # (B, T) or packed (total,), fp32/bf16/fp16
+    old_logprobs: torch.Tensor,  # like logprobs
+    advantages: torch.Tensor,  # like logprobs, or (B,)
+    mask: torch.Tensor | None,  # like logprobs, bool/int/float; None when packed: all tokens
+    ref_logprobs: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    is_weights: torch.Tensor | None,
+    select: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,  # (B + 1,) int32/int64
+    loss: str,
+    kl_estimator: str,
+    hyper: list[float],  # rlkern.ops.policy_loss H_* layout
+) -> torch.Tensor:
+    """Returns the per-sequence partial sums ``[B, 11]`` float32 (rlkern.ops.policy_loss S_*)."""
+    ptrs, strides, cu, n_seqs, width, floats, flags, block = _common(
+        logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens, loss,
+        kl_estimator, hyper)
+    stats = torch.zeros((n_seqs, N_STATS), dtype=torch.float32, device=logprobs.device)
+    if n_seqs == 0:
+        return stats
+    _policy_loss_stats_kernel[(n_seqs,)](*ptrs, cu, stats, width, *strides, *floats, **flags, BLOCK=block,
+                                         num_warps=4)
+    return stats
+
+
+def policy_loss_grad(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None, entropy: torch.Tensor | None, is_weights: torch.Tensor | None,
+    select: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+    stats: torch.Tensor,  # (B, 11) from policy_loss_stats
+    coefs: torch.Tensor,  # (B, 3): policy, kl, entropy coefficient of each sequence
+    loss: str, kl_estimator: str, hyper: list[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(d loss / d logprobs, d loss / d entropy or [0])`` in the inputs' dtypes, contiguous."""
+    ptrs, strides, cu, n_seqs, width, floats, flags, block = _common(
+        logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens, loss,
+        kl_estimator, hyper)
+    g_lp = torch.empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
+    g_ent = (torch.empty(entropy.shape, dtype=entropy.dtype, device=entropy.device) if entropy is not None
+             else logprobs.new_empty(0, dtype=torch.float32))
+    if n_seqs == 0 or logprobs.numel() == 0:
+        return g_lp.zero_(), g_ent.zero_()
+    del ptrs[5], strides[5]  # the backward does not read the entropy values
+    _policy_loss_grad_kernel[(n_seqs,)](*ptrs, cu, stats.float().contiguous(), coefs.float().contiguous(), g_lp,
+                                        g_ent if entropy is not None else g_lp, width, *strides, *floats, **flags,
+                                        BLOCK=block, num_warps=4)
+    return g_lp, g_ent

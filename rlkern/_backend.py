@@ -1,0 +1,103 @@
+"""Which backend runs an op, decided per call from the tensors' device.
+
+    CUDA tensors -> "cuda" (CUDA kernels in rlkern._C) where the op has one, else "triton"
+    CPU tensors  -> "cpp"  (C++ kernels in rlkern._C) where the op has one, else "torch"
+    anything     -> "torch" (rlkern.reference) as the fallback, and for float64 inputs
+
+``RLKERN_BACKEND=torch|triton|cpp|cuda`` forces a backend for every op that has it (ops
+without it keep their default); the tests use ``RLKERN_BACKEND=triton`` with
+``TRITON_INTERPRET=1`` to run the Triton kernels on CPU tensors. ``RLKERN_VALIDATE=1`` turns on
+checks that need a host sync on GPU tensors (label ranges).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("torch", "triton", "cpp", "cuda")
+
+try:
+    importlib.import_module("rlkern._C")  # registers torch.ops.rlkern.*
+
+    _C_ERROR = None
+except ImportError as error:  # a pure-Python install, or a build that failed
+    _C_ERROR = error
+    warnings.warn(
+        f"rlkern._C is not available ({error}); CPU ops use the PyTorch reference. "
+        "Reinstall with `pip install --no-build-isolation .` to build it.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def has_cpp() -> bool:
+    return _C_ERROR is None
+
+
+@functools.cache
+def has_cuda_ext() -> bool:
+    return has_cpp() and bool(torch.ops.rlkern._built_with_cuda())
+
+
+@functools.cache
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def forced() -> str | None:
+    name = os.environ.get("RLKERN_BACKEND", "").strip().lower()
+    if not name:
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"RLKERN_BACKEND={name!r} is not one of {BACKENDS}")
+    return name
+
+
+def validate_enabled() -> bool:
+    return os.environ.get("RLKERN_VALIDATE", "") not in ("", "0")
+
+
+def choose(device: torch.device, kernels: tuple[str, ...], dtype: torch.dtype | None = None) -> str:
+    """Pick the backend for one call.
+
+    Args:
+        device: device of the op's main input.
+        kernels: the backends the op has besides "torch" (a subset of "triton", "cpp", "cuda").
+        dtype: main input dtype; float64 always runs the reference.
+    """
+    usable = {"torch"}
+    if "cpp" in kernels and has_cpp():
+        usable.add("cpp")
+    if "cuda" in kernels and has_cuda_ext() and device.type == "cuda":
+        usable.add("cuda")
+    if "triton" in kernels and has_triton() and (device.type == "cuda" or triton_interpreted()):
+        usable.add("triton")
+    if dtype == torch.float64:
+        return "torch"
+    wanted = forced()
+    if wanted in usable and (wanted != "cpp" or device.type == "cpu"):
+        return wanted
+    if device.type == "cuda":
+        return "cuda" if "cuda" in usable else "triton" if "triton" in usable else "torch"
+    if device.type == "cpu" and "cpp" in usable:
+        return "cpp"
+    return "torch"
+
+
+def available() -> dict[str, bool]:
+    """What this install can run, for ``rlkern info``."""
+    return {
+        "torch": True,
+        "cpp": has_cpp(),
+        "cuda": has_cuda_ext(),
+        "triton": has_triton() and (torch.cuda.is_available() or triton_interpreted()),
+    }

@@ -1,0 +1,62 @@
+"""The ``rlkern`` command: ``rlkern info`` and ``rlkern bench``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+
+def _info() -> int:
+    import torch
+
+    import rlkern
+    from rlkern import _backend
+
+    cuda = torch.cuda.is_available()
+    print(f"rlkern      {rlkern.__version__}  ({os.path.dirname(rlkern.__file__)})")
+    print(f"python      {platform.python_version()}")
+    print(f"torch       {torch.__version__}  (CUDA {torch.version.cuda or 'none'})")
+    try:
+        import triton
+
+        print(f"triton      {triton.__version__}{'  (interpreter: TRITON_INTERPRET=1)' if _backend.triton_interpreted() else ''}")
+    except ImportError:
+        print("triton      not installed")
+    print(f"device      {torch.cuda.get_device_name() if cuda else 'CPU'}, {torch.get_num_threads()} CPU threads")
+    print(f"rlkern._C   {'built' if _backend.has_cpp() else 'missing (' + str(_backend._C_ERROR) + ')'}"
+          f"{', with CUDA kernels' if _backend.has_cuda_ext() else ', CPU kernels only' if _backend.has_cpp() else ''}")
+    print(f"backends    {', '.join(k for k, v in _backend.available().items() if v)}")
+    forced = _backend.forced()
+    print(f"forced      RLKERN_BACKEND={forced}" if forced else "forced      none (RLKERN_BACKEND unset)")
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    print(f"token_logprobs on {device.type} runs: {_backend.choose(device, ('cpp', 'triton'), dtype)}")
+    return 0
+
+
+def _bench(argv: list[str]) -> int:
+    # libgomp's spin-wait makes CPU timings swing by 10-80x on shared machines; it is read when
+    # the OpenMP runtime starts, so set it and start again before torch is imported.
+    if os.environ.get("OMP_WAIT_POLICY") is None:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, [sys.executable, "-m", "rlkern.cli", "bench", *argv])
+    from rlkern.benches import bench_logprobs
+
+    bench_logprobs.main(argv)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="rlkern", description="rlkern: fused kernels for LLM RL")
+    parser.add_argument("command", choices=["info", "bench"])
+    args, rest = parser.parse_known_args(argv[:1])
+    if args.command == "info":
+        return _info()
+    return _bench(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

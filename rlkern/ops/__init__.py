@@ -1,0 +1,1 @@
+"""rlkern's public operations: validation, autograd, layout and dispatch for each op family."""

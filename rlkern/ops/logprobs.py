@@ -1,0 +1,383 @@
+"""Token log-probs and entropy from logits: the public ops and their autograd.
+
+``token_logprobs`` is rlkern's own API; ``selective_log_softmax``, ``entropy_from_logits`` and
+``selective_log_softmax_and_entropy`` have the signatures and semantics of TRL 1.16's functions
+of the same names (``trl.trainer.utils``), so a TRL user can swap the import.
+
+Bad labels: a label outside ``[0, V)`` that is not ``ignore_index`` never yields a silent number.
+On CPU tensors it raises ``ValueError``; on GPU tensors the kernel writes NaN at that position
+(no host sync), and ``RLKERN_VALIDATE=1`` turns that into a ``ValueError`` at the cost of a sync.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import Tensor
+
+from rlkern import _backend
+from rlkern.reference import logprobs as reference
+
+_KERNELS = ("cpp", "triton")
+_LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LABEL_DTYPES = (torch.int32, torch.int64)
+# TRL's functions have no ignore_index: rows they mask out get this label, which no real index
+# can equal, so an invalid index still raises instead of silently returning 0.
+_MASKED_LABEL = -(2**62)
+
+
+def _check_logprobs(logits, labels, temperature, logit_softcap, name_labels="labels"):
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name_labels} must be a torch.Tensor, got {type(labels).__name__}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"logits must be float16/bfloat16/float32/float64, got {logits.dtype}")
+    if logits.ndim not in (2, 3):
+        raise ValueError(f"logits must be [N, V] or [B, T, V], got shape {tuple(logits.shape)}")
+    if labels.dtype not in _LABEL_DTYPES:
+        raise TypeError(f"{name_labels} must be int32 or int64, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"{name_labels} must have the leading shape of logits {tuple(logits.shape[:-1])}, "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.device != logits.device:
+        raise ValueError(f"{name_labels} is on {labels.device} but logits are on {logits.device}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if logit_softcap is not None and not (
+        isinstance(logit_softcap, (int, float)) and math.isfinite(logit_softcap) and logit_softcap > 0
+    ):
+        raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
+
+
+def _check_label_range(labels: Tensor, vocab: int, ignore_index: int) -> None:
+    """Host-side check: always for CPU tensors, for GPU tensors only with RLKERN_VALIDATE=1."""
+    if labels.device.type != "cpu" and not _backend.validate_enabled():
+        return
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if bad.any():
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
+            f"labels{list(where)} = {int(labels[where])}"
+        )
+
+
+def _pieces(logits: Tensor, *per_row: Tensor | None) -> list[tuple]:
+    """Split (N, V) or (B, T, V) into (rows, V) views with stride(-1) == 1, without copies.
+
+    Returns one tuple ``(logits_rows, *per_row_rows)`` per piece; ``per_row`` tensors have
+    ``logits``' leading shape (or a trailing V, like grads) and are split the same way. A
+    [B, T, V] tensor whose leading dims cannot be flattened as a view (TRL slices
+    ``logits[:, :-1]``) is handed to the kernels one batch row at a time.
+    """
+    if logits.ndim == 3:
+        try:
+            logits.view(-1, logits.shape[-1])
+        except RuntimeError:
+            return list(zip(logits.unbind(0), *[_unbind_or_none(t) for t in per_row]))
+    flat = logits.view(-1, logits.shape[-1])
+    return [(flat, *[_flatten_rows(t, logits.ndim) for t in per_row])]
+
+
+def _unbind_or_none(t: Tensor | None):
+    return t.unbind(0) if t is not None else itertools.repeat(None)
+
+
+def _flatten_rows(t: Tensor | None, logits_ndim: int) -> Tensor | None:
+    if t is None:
+        return None
+    lead = t.ndim - (logits_ndim - 1)  # 0 for per-row tensors, 1 for (..., V) tensors
+    return t.reshape(-1, *t.shape[t.ndim - lead:]) if lead else t.reshape(-1)
+
+
+def _kernel_fns(backend: str):
+    if backend == "cpp":
+        return torch.ops.rlkern.logprobs_fwd, torch.ops.rlkern.logprobs_bwd
+    if backend == "triton":
+        from rlkern.kernels import logprobs as triton_logprobs
+
+        return triton_logprobs.logprobs_forward, triton_logprobs.logprobs_backward
+    return reference.logprobs_fwd, _reference_bwd_into
+
+
+def _reference_bwd_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature,
+                        softcap, ignore_index, grad_logits):
+    grad_logits.copy_(
+        reference.logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, lse, entropy,
+                               temperature, softcap, ignore_index)
+    )
+
+
+def _out_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("rlkern::token_logprobs_fwd", mutates_args=())
+def _fwd(
+    logits: Tensor,  # (N, V) or (B, T, V), stride(-1) == 1
+    labels: Tensor,  # logits.shape[:-1], int32/int64
+    temperature: float,
+    softcap: float,  # 0.0 = off
+    ignore_index: int,
+    with_entropy: bool,
+    inplace_backward: bool,  # read by the autograd formula only
+) -> tuple[Tensor, Tensor, Tensor]:
+    vocab = logits.shape[-1]
+    _check_label_range(labels, vocab, ignore_index)
+    backend = _backend.choose(logits.device, _KERNELS, logits.dtype)
+    forward, _ = _kernel_fns(backend)
+    parts = [
+        forward(rows, row_labels, temperature, softcap, ignore_index, with_entropy)
+        for rows, row_labels in _pieces(logits, labels)
+    ]
+    lead = logits.shape[:-1]
+    logp = torch.cat([p[0] for p in parts]).view(lead)
+    lse = torch.cat([p[2] for p in parts]).view(lead)
+    entropy = torch.cat([p[1] for p in parts]).view(lead) if with_entropy else logp.new_empty(0)
+    if _backend.validate_enabled() and logits.device.type != "cpu" and logp.isnan().any():
+        raise ValueError("token_logprobs produced NaN: check labels and logits (RLKERN_VALIDATE=1)")
+    return logp, entropy, lse
+
+
+@_fwd.register_fake
+def _fwd_fake(logits, labels, temperature, softcap, ignore_index, with_entropy, inplace_backward):
+    lead = logits.shape[:-1]
+    dtype = _out_dtype(logits)
+    entropy = logits.new_empty(lead if with_entropy else (0,), dtype=dtype)
+    return logits.new_empty(lead, dtype=dtype), entropy, logits.new_empty(lead, dtype=torch.float64)
+
+
+def _bwd_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, softcap,
+              ignore_index, grad_logits) -> None:
+    backend = _backend.choose(logits.device, _KERNELS, logits.dtype)
+    _, backward = _kernel_fns(backend)
+    for rows, row_grad_logits, *per_row in _pieces(
+        logits, grad_logits, grad_logprobs, grad_entropy, labels, lse, entropy
+    ):
+        g_l, g_h, row_labels, row_lse, row_entropy = per_row
+        backward(
+            g_l.contiguous(),
+            g_h.contiguous() if g_h is not None else None,
+            rows, row_labels, row_lse, row_entropy,
+            temperature, softcap, ignore_index, row_grad_logits,
+        )
+
+
+@torch.library.custom_op("rlkern::token_logprobs_bwd", mutates_args=())
+def _bwd(
+    grad_logprobs: Tensor,  # logits.shape[:-1]
+    grad_entropy: Tensor | None,  # logits.shape[:-1] or None
+    logits: Tensor,  # (N, V) or (B, T, V)
+    labels: Tensor,
+    lse: Tensor,
+    entropy: Tensor | None,
+    temperature: float,
+    softcap: float,
+    ignore_index: int,
+) -> Tensor:
+    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _bwd_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, softcap,
+              ignore_index, grad_logits)
+    return grad_logits
+
+
+@_bwd.register_fake
+def _bwd_fake(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, softcap, ignore_index):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("rlkern::token_logprobs_bwd_inplace", mutates_args=("logits",))
+def _bwd_inplace(
+    grad_logprobs: Tensor,
+    grad_entropy: Tensor | None,
+    logits: Tensor,  # overwritten with d loss / d logits
+    labels: Tensor,
+    lse: Tensor,
+    entropy: Tensor | None,
+    temperature: float,
+    softcap: float,
+    ignore_index: int,
+) -> None:
+    _bwd_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, softcap,
+              ignore_index, logits)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, softcap, ignore_index, with_entropy, inplace_backward = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, labels, lse, entropy if with_entropy else None)
+    ctx.hyper = (temperature, softcap, ignore_index)
+    ctx.with_entropy = with_entropy
+    # Writing grads into the logits buffer is only sound in eager mode; compiled graphs keep
+    # the functional backward (STYLE rule 6).
+    ctx.inplace = inplace_backward and not torch.compiler.is_compiling()
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_logprobs, grad_entropy, grad_lse):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 7
+    g_entropy = grad_entropy if ctx.with_entropy else None
+    args = (grad_logprobs, g_entropy, logits, labels, lse, entropy, *ctx.hyper)
+    if ctx.inplace:
+        _bwd_inplace(*args)
+        grad_logits = logits
+    else:
+        grad_logits = _bwd(*args)
+    return grad_logits, None, None, None, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def token_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    logit_softcap: float | None = None,
+    inplace_backward: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probability of each label under softmax(logits / temperature), and optionally entropy.
+
+    One pass over the vocabulary per row (online log-sum-exp with the label gather and the
+    entropy accumulated in the same loop); the backward reads the logits once and writes the
+    gradient once, for both outputs.
+
+    Args:
+        logits: ``[N, V]`` or ``[B, T, V]``, float16/bfloat16/float32 (float64 runs the
+            reference). Rows may be strided (``logits[:, :-1]``); the last dim must be
+            contiguous. V need not be a multiple of anything.
+        labels: ``logits.shape[:-1]``, int32/int64, in ``[0, V)`` or ``ignore_index``.
+        temperature: divides the (soft-capped) logits; vLLM/TRL/verl sampling temperature.
+            Default 1.0 as in TRL's ``selective_log_softmax``.
+        ignore_index: label value whose log-prob is 0 and gets no gradient (PyTorch's and
+            HF's -100).
+        return_entropy: also return the entropy of softmax(logits / temperature), computed for
+            every row (ignored labels included).
+        logit_softcap: ``c`` in ``c * tanh(z / c)``, applied before the temperature (Gemma 2's
+            ``final_logit_softcapping``); None is off.
+        inplace_backward: the backward writes d loss / d logits into the logits buffer instead
+            of a new tensor. Only when nothing else will read the logits afterwards (autograd
+            raises if a saved copy is modified); ignored under ``torch.compile``.
+
+    Returns:
+        ``logprobs`` float32 of shape ``logits.shape[:-1]`` (never > 0; 0 at ignored labels);
+        with ``return_entropy``, ``(logprobs, entropy)``, entropy float32 of the same shape.
+        float64 logits give float64 outputs. A row of all -inf logits counts as uniform.
+    """
+    _check_logprobs(logits, labels, temperature, logit_softcap)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    softcap = float(logit_softcap) if logit_softcap is not None else 0.0
+    logp, entropy, _ = _fwd(logits, labels, float(temperature), softcap, int(ignore_index),
+                            bool(return_entropy), bool(inplace_backward))
+    return (logp, entropy) if return_entropy else logp
+
+
+def _trl_rows(logits: Tensor, index: Tensor, row_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """TRL accepts logits of any rank (..., V): flatten to [N, V] with the matching labels."""
+    if not isinstance(index, Tensor) or index.dtype not in _LABEL_DTYPES:
+        raise TypeError(f"index must be an int32/int64 tensor, got {getattr(index, 'dtype', type(index))}")
+    flat_logits = logits if logits.ndim in (2, 3) else logits.reshape(-1, logits.shape[-1])
+    labels = index.long()
+    if row_mask is not None:
+        if tuple(row_mask.shape) != tuple(index.shape):
+            raise ValueError(f"row_mask must have the shape of index {tuple(index.shape)}, got {tuple(row_mask.shape)}")
+        labels = torch.where(row_mask != 0, labels, torch.full_like(labels, _MASKED_LABEL))
+    return flat_logits, labels.reshape(flat_logits.shape[:-1])
+
+
+def selective_log_softmax(
+    logits: Tensor,
+    index: Tensor,
+    temperature: float = 1.0,
+    row_mask: Tensor | None = None,
+) -> Tensor:
+    """Drop-in for TRL 1.16's ``trl.trainer.utils.selective_log_softmax``.
+
+    Args:
+        logits: ``(..., V)``.
+        index: ``(...)`` (one log-prob per row, the fused kernel) or ``(..., K)`` (K per row,
+            e.g. top-K; PyTorch log-sum-exp per row, as TRL does).
+        temperature: divides the logits (TRL default 1.0).
+        row_mask: shape of ``index``; positions where it is 0 return 0.
+
+    Returns:
+        Log-probabilities with the shape of ``index``, float32 (float64 for float64 logits).
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    if index.ndim == logits.ndim - 1:
+        flat_logits, labels = _trl_rows(logits, index, row_mask)
+        logp = token_logprobs(flat_logits, labels, temperature=temperature, ignore_index=_MASKED_LABEL)
+        return logp.reshape(index.shape)
+    if index.ndim != logits.ndim or index.shape[:-1] != logits.shape[:-1]:
+        raise ValueError(
+            f"index must have shape {tuple(logits.shape[:-1])} or {tuple(logits.shape[:-1])} + (K,), "
+            f"got {tuple(index.shape)}"
+        )
+    scaled = logits.to(_out_dtype(logits)) / temperature
+    lse = torch.stack([torch.logsumexp(row, dim=-1) for row in scaled.reshape(-1, logits.shape[-1])])
+    logp = scaled.gather(-1, index.long()) - lse.reshape(index.shape[:-1])[..., None]
+    if row_mask is not None:
+        logp = logp.masked_fill(row_mask == 0, 0.0)
+    return logp
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
+    """Drop-in for TRL 1.16's ``trl.trainer.utils.entropy_from_logits``.
+
+    Args:
+        logits: ``(..., V)``.
+        chunk_size: accepted for compatibility; the fused kernel needs no chunking (its memory
+            is O(rows) whatever the chunk).
+
+    Returns:
+        Entropy (nats) of shape ``logits.shape[:-1]``, float32 (float64 for float64 logits).
+    """
+    del chunk_size
+    flat = logits if logits.ndim in (2, 3) else logits.reshape(-1, logits.shape[-1])
+    labels = torch.full(flat.shape[:-1], _MASKED_LABEL, dtype=torch.int64, device=logits.device)
+    _, entropy = token_logprobs(flat, labels, ignore_index=_MASKED_LABEL, return_entropy=True)
+    return entropy.reshape(logits.shape[:-1])
+
+
+def selective_log_softmax_and_entropy(
+    logits: Tensor,
+    index: Tensor,
+    entropy_requires_grad: bool = True,
+    temperature: float = 1.0,
+    row_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Drop-in for TRL 1.16's ``trl.trainer.utils.selective_log_softmax_and_entropy``.
+
+    Args:
+        logits: ``(..., V)``.
+        index: ``(...)``, one label per row.
+        entropy_requires_grad: when False the entropy is returned detached (TRL default True).
+        temperature: divides the logits (TRL default 1.0).
+        row_mask: shape of ``index``; rows where it is 0 return 0 log-prob and 0 entropy.
+
+    Returns:
+        ``(logprobs, entropy)``, both of shape ``index.shape``, float32.
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    if index.ndim != logits.ndim - 1:
+        raise ValueError(f"index must have shape {tuple(logits.shape[:-1])}, got {tuple(index.shape)}")
+    flat_logits, labels = _trl_rows(logits, index, row_mask)
+    logp, entropy = token_logprobs(flat_logits, labels, temperature=temperature,
+                                   ignore_index=_MASKED_LABEL, return_entropy=True)
+    logp, entropy = logp.reshape(index.shape), entropy.reshape(index.shape)
+    if row_mask is not None:
+        entropy = entropy.masked_fill(row_mask == 0, 0.0)
+    return logp, entropy if entropy_requires_grad else entropy.detach()

@@ -1,0 +1,56 @@
+"""Builds rlkern._C from csrc/; installs kernels/ as rlkern.kernels and benches/ as rlkern.benches.
+
+C++ sources always; .cu sources only when the installed torch has CUDA and nvcc is found
+(RLKERN_WITH_CUDA is then defined for the .cpp wrappers). Without torch in the build
+environment the wheel is pure Python: rlkern then warns once and uses the reference path.
+Set MAX_JOBS to bound parallel compiles (CI uses 2).
+"""
+
+import glob
+import os
+import warnings
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# kernels/ and benches/ live at the top level of the repository (one folder per layer) and are
+# installed inside the package, so `rlkern bench` works from a wheel.
+PACKAGES = find_packages(include=["rlkern", "rlkern.*"]) + ["rlkern.kernels", "rlkern.benches"]
+PACKAGE_DIR = {"rlkern.kernels": "kernels", "rlkern.benches": "benches"}
+
+
+def _extensions():
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        warnings.warn("torch is not importable at build time: building rlkern without rlkern._C")
+        return [], {}
+    if os.environ.get("RLKERN_NO_EXT") == "1":
+        return [], {}
+    cpp = sorted(glob.glob("csrc/*.cpp"))
+    cu = sorted(glob.glob("csrc/*.cu"))
+    # -fopenmp: at::parallel_for is inline and runs serially in an extension built without it.
+    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp"]
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and bool(cu)
+    if with_cuda:
+        ext = cpp_extension.CUDAExtension(
+            "rlkern._C",
+            cpp + cu,
+            define_macros=[("RLKERN_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        )
+    else:
+        ext = cpp_extension.CppExtension("rlkern._C", cpp, extra_compile_args={"cxx": cxx_flags})
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [ext], {"build_ext": build_ext}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

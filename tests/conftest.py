@@ -1,0 +1,62 @@
+import importlib
+import os
+
+import torch
+
+# Triton picks interpreter or compiler when a kernel is decorated, so this must be set before
+# rlkern.kernels is imported; on a CUDA machine the kernels compile for the GPU instead.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from rlkern import _backend  # noqa: E402
+
+BACKENDS = ["cpp", "triton", "torch"]
+
+# CI sets RLKERN_REQUIRE_PEERS=1: a parity test whose peer is missing fails there instead of
+# skipping, so "parity tested" always means the peer's own function ran.
+REQUIRE_PEERS = os.environ.get("RLKERN_REQUIRE_PEERS") == "1"
+
+
+def import_peer(module: str):
+    """Import a peer trainer's module for a parity test, or skip (fail in CI) without it."""
+    try:
+        return importlib.import_module(module)
+    except Exception as error:  # peers fail to import in many ways (missing optional deps)
+        if REQUIRE_PEERS:
+            raise
+        pytest.skip(f"{module} not importable: {error}")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Run a test once per backend: the C++ kernels, the Triton kernels (interpreted on CPU
+    tensors), and the PyTorch reference through the same op layer."""
+    name = request.param
+    if name == "cpp" and not _backend.has_cpp():
+        pytest.fail("rlkern._C did not build")
+    if name == "triton" and not _backend.has_triton():
+        pytest.fail("triton is not installed (it is in the test extra)")
+    monkeypatch.setenv("RLKERN_BACKEND", name)
+    return name
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def assert_as_close_as_torch(ours, reference, torch_result, *, floor, factor=1.0, name="value"):
+    """Our error against the float64 reference must not exceed PyTorch's own error at the same
+    input dtype (STYLE rule 10), with a floor for cases where PyTorch happens to be exact."""
+    reference = reference.double()
+    ours_err = (ours.double() - reference).abs().nan_to_num(posinf=float("inf"))
+    torch_err = (torch_result.double() - reference).abs().max().item()
+    bound = max(torch_err * factor, floor)
+    worst = ours_err.max().item() if ours_err.numel() else 0.0
+    assert worst <= bound, f"{name}: max error {worst:.3g} > bound {bound:.3g} (torch's own {torch_err:.3g})"

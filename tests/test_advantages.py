@@ -1,0 +1,623 @@
+"""Advantage estimators vs the float64 reference (every backend) and vs verl 0.9.1 / TRL 1.16.
+
+Backends: "cpp" (C++ kernels, the CPU default), "triton" (Triton kernels under
+TRITON_INTERPRET=1 on CPU tensors), "torch" (the op layer's PyTorch fallback).
+"""
+
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+import rlkern.algos.advantages as algos
+from rlkern import _backend
+from rlkern.ops import advantages as A
+from rlkern.reference import advantages as R
+from conftest import import_peer
+
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _mask(batch, steps, layout, dtype=torch.int64, seed=0):
+    """Ragged response masks: right/left padding, holes (observation tokens), an empty row."""
+    g = _gen(seed)
+    lengths = torch.randint(0, steps + 1, (batch,), generator=g)
+    pos = torch.arange(steps)[None, :]
+    if layout == "right":
+        m = pos < lengths[:, None]
+    elif layout == "left":
+        m = pos >= (steps - lengths)[:, None]
+    elif layout == "holes":
+        m = (pos < lengths[:, None]) & (torch.rand(batch, steps, generator=g) > 0.3)
+    else:
+        m = torch.ones(batch, steps, dtype=torch.bool)
+    if batch > 2 and layout != "full":
+        m[1] = False  # an empty row
+    return m.to(dtype)
+
+
+def _close(ours, ref, tol=2e-5, name="value"):
+    # fp32 outputs of float64 accumulations: one fp32 rounding (plus the fp32 inputs' own).
+    torch.testing.assert_close(ours.double(), ref.double(), rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# GAE / EGAE / discounted returns
+
+# (1, 1): T = 1; (5, 17): odd sizes; (4, 300): several Triton chunks with a partial last one.
+GAE_SHAPES = [(1, 1), (5, 17), (4, 300)]
+
+
+@pytest.mark.parametrize("batch,steps", GAE_SHAPES)
+@pytest.mark.parametrize("layout", ["right", "left", "holes"])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95)])
+def test_gae_matches_reference(backend, batch, steps, layout, gamma, lam):
+    g = _gen(1)
+    rewards, values = torch.randn(batch, steps, generator=g), torch.randn(batch, steps, generator=g)
+    mask = _mask(batch, steps, layout)
+    adv, ret = A.gae(rewards, values, mask, gamma, lam)
+    ref_adv, ref_ret = R.gae(rewards, values, mask, gamma, lam)
+    assert adv.dtype == torch.float32 and ret.dtype == torch.float32
+    assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+    _close(adv, ref_adv, name="advantages")
+    _close(ret, ref_ret, name="returns")
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int32, torch.float32])
+def test_gae_mask_dtypes_and_sliced_inputs(backend, mask_dtype):
+    g = _gen(2)
+    base_r, base_v = torch.randn(6, 40, generator=g), torch.randn(6, 40, generator=g)
+    rewards, values = base_r[:, 3:33], base_v[::1, 5:35]  # strided rows (row stride 40)
+    mask = _mask(6, 30, "holes", mask_dtype)
+    adv, ret = A.gae(rewards, values, mask, 0.97, 0.9)
+    ref_adv, ref_ret = R.gae(rewards, values, mask, 0.97, 0.9)
+    _close(adv, ref_adv)
+    _close(ret, ref_ret)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"], indirect=True)  # interpreter: see test_gae_many_blocks
+def test_gae_long_sequence(backend):
+    # T = 20000 with gamma = lam = 1: a sum of 20000 terms; float64 carries keep fp32 accuracy.
+    g = _gen(3)
+    rewards, values = torch.randn(2, 20000, generator=g), torch.randn(2, 20000, generator=g)
+    mask = _mask(2, 20000, "holes")
+    adv, ret = A.gae(rewards, values, mask, 1.0, 1.0)
+    ref_adv, ref_ret = R.gae(rewards, values, mask, 1.0, 1.0)
+    tol = 2e-5 * max(1.0, ref_adv.abs().max().item())
+    _close(adv, ref_adv, tol=tol)
+    _close(ret, ref_ret, tol=tol)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"], indirect=True)
+def test_discounted_returns_long_sequence(backend):
+    g = _gen(3)
+    rewards = torch.randn(2, 20000, generator=g)
+    mask = _mask(2, 20000, "holes")
+    ref = R.discounted_returns(rewards, mask, 1.0)
+    _close(A.discounted_returns(rewards, mask, 1.0), ref, tol=2e-5 * max(1.0, ref.abs().max().item()))
+
+
+def test_gae_many_blocks_triton(monkeypatch):
+    # Blocks of 16: T = 300 runs 19 chained block scans (the carry between blocks), packed too.
+    if not _backend.has_triton():
+        pytest.fail("triton is not installed (it is in the test extra)")
+    from rlkern.kernels import advantages as triton_advantages
+
+    monkeypatch.setattr(triton_advantages, "MAX_BLOCK", 16)
+    monkeypatch.setenv("RLKERN_BACKEND", "triton")
+    g = _gen(30)
+    rewards, values = torch.randn(3, 300, generator=g), torch.randn(3, 300, generator=g)
+    mask = _mask(3, 300, "holes", torch.bool)
+    boot = torch.randn(3, generator=g)
+    adv, ret = A.egae(rewards, values, mask, boot, 0.99, 0.95)
+    ref_adv, ref_ret = R.gae(rewards, values, mask, 0.99, 0.95, bootstrap=boot)
+    _close(adv, ref_adv)
+    _close(ret, ref_ret)
+    _close(A.discounted_returns(rewards, mask, 0.97), R.discounted_returns(rewards, mask, 0.97))
+    cu = torch.tensor([0, 100, 100, 900], dtype=torch.int32)
+    adv_p, _ = A.egae(rewards.flatten(), values.flatten(), mask.flatten(), boot, 0.99, 0.95, cu_seqlens=cu)
+    for b, (s, e) in enumerate([(0, 100), (100, 100), (100, 900)]):
+        r_adv, _ = R.gae(rewards.flatten()[None, s:e], values.flatten()[None, s:e], mask.flatten()[None, s:e],
+                         0.99, 0.95, bootstrap=boot[b:b + 1])
+        _close(adv_p[s:e], r_adv[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_gae_low_precision_and_fp64_inputs(backend, dtype):
+    g = _gen(4)
+    rewards, values = torch.randn(3, 50, generator=g).to(dtype), torch.randn(3, 50, generator=g).to(dtype)
+    mask = _mask(3, 50, "right")
+    adv, ret = A.gae(rewards, values, mask, 0.99, 0.95)
+    ref_adv, ref_ret = R.gae(rewards, values, mask, 0.99, 0.95)  # from the same rounded inputs
+    assert adv.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    _close(adv, ref_adv, tol=1e-10 if dtype == torch.float64 else 2e-5)
+    _close(ret, ref_ret, tol=1e-10 if dtype == torch.float64 else 2e-5)
+
+
+def test_egae_bootstraps_truncated_rows(backend):
+    g = _gen(5)
+    rewards, values = torch.randn(4, 25, generator=g), torch.randn(4, 25, generator=g)
+    mask = _mask(4, 25, "holes")
+    boot = torch.tensor([0.0, 1.5, -2.0, 0.7])
+    adv, ret = A.egae(rewards, values, mask, boot, 0.95, 0.9)
+    ref_adv, ref_ret = R.gae(rewards, values, mask, 0.95, 0.9, bootstrap=boot)
+    _close(adv, ref_adv)
+    _close(ret, ref_ret)
+    # a zero bootstrap is plain GAE
+    torch.testing.assert_close(A.egae(rewards, values, mask, torch.zeros(4), 0.95, 0.9)[0],
+                               A.gae(rewards, values, mask, 0.95, 0.9)[0])
+
+
+def test_gae_packed_matches_padded(backend):
+    g = _gen(6)
+    lengths = [7, 0, 1, 30, 12]
+    cu = torch.tensor([0] + list(np.cumsum(lengths)), dtype=torch.int32)
+    total = int(cu[-1])
+    rewards, values = torch.randn(total, generator=g), torch.randn(total, generator=g)
+    mask = (torch.rand(total, generator=g) > 0.2).to(torch.int64)
+    boot = torch.randn(len(lengths), generator=g)
+    adv, ret = A.egae(rewards, values, mask, boot, 0.9, 0.8, cu_seqlens=cu)
+    ret_only = A.discounted_returns(rewards, mask, 0.9, cu_seqlens=cu)
+    for b, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        ra, rr = R.gae(rewards[None, s:e], values[None, s:e], mask[None, s:e], 0.9, 0.8, bootstrap=boot[b:b + 1])
+        _close(adv[s:e], ra[0])
+        _close(ret[s:e], rr[0])
+        _close(ret_only[s:e], R.discounted_returns(rewards[None, s:e], mask[None, s:e], 0.9)[0])
+
+
+@pytest.mark.parametrize("batch,steps", GAE_SHAPES)
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_discounted_returns_matches_reference(backend, batch, steps, gamma):
+    g = _gen(7)
+    rewards = torch.randn(batch, steps, generator=g)
+    mask = _mask(batch, steps, "holes")
+    out = A.discounted_returns(rewards, mask, gamma)
+    ref = R.discounted_returns(rewards, mask, gamma)
+    _close(out, ref, tol=2e-5 * max(1.0, ref.abs().max().item()))
+
+
+def test_gae_whiten_matches_reference(backend):
+    g = _gen(8)
+    rewards, values = torch.randn(5, 33, generator=g), torch.randn(5, 33, generator=g)
+    mask = _mask(5, 33, "holes")
+    adv, _ = A.gae(rewards, values, mask, 0.99, 0.95, whiten=True)
+    ref_adv, _ = R.gae(rewards, values, mask, 0.99, 0.95)
+    ref = R.masked_whiten(ref_adv, mask) * (mask != 0)
+    _close(adv, ref)
+
+
+def test_masked_whiten_matches_reference_and_raises():
+    g = _gen(9)
+    x = torch.randn(4, 19, generator=g) * 3 + 1
+    mask = _mask(4, 19, "holes", torch.float32)
+    for shift in (True, False):
+        _close(A.masked_whiten(x, mask, shift), R.masked_whiten(x, mask, shift))
+    one = torch.zeros(4, 19)
+    one[0, 3] = 1
+    with pytest.raises(ValueError, match="at least 2"):
+        A.masked_whiten(x, one)
+    with pytest.raises(ValueError, match="at least 2"):
+        A.gae(x, x, torch.zeros(4, 19), whiten=True)
+
+
+def test_input_errors():
+    x = torch.randn(3, 5)
+    with pytest.raises(ValueError, match="values must have shape"):
+        A.gae(x, torch.randn(3, 4), torch.ones(3, 5))
+    with pytest.raises(TypeError, match="rewards must be"):
+        A.gae(x.long(), x, torch.ones(3, 5))
+    with pytest.raises(TypeError, match="cu_seqlens must be an int32"):
+        A.gae(x.flatten(), x.flatten(), torch.ones(15), cu_seqlens=torch.tensor([0, 15]))
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        A.gae(x.flatten(), x.flatten(), torch.ones(15), cu_seqlens=torch.tensor([0, 14], dtype=torch.int32))
+    with pytest.raises(ValueError, match="group_ids must have 3 entries"):
+        A.grpo(torch.randn(3), ["a", "b"])
+    with pytest.raises(TypeError, match="only str or only int"):
+        A.grpo(torch.randn(3), ["a", 1, "b"])
+    with pytest.raises(ValueError, match="std must be one of"):
+        A.group_normalize(torch.randn(3), [0, 0, 1], std="sample")
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        A.grpo_passk(torch.randn(3), [0, 0, 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Group ids
+
+
+def _uids(groups, size, seed=0, shuffle=True):
+    rng = np.random.default_rng(seed)
+    names = np.array([str(uuid.UUID(int=int(rng.integers(1 << 62)))) for _ in range(groups)])
+    ids = names.repeat(size)
+    return ids[rng.permutation(len(ids))] if shuffle else ids
+
+
+def _same_partition(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return all(len(set(b[a == k])) == 1 for k in set(a.tolist())) and len(set(a.tolist())) == len(set(b.tolist()))
+
+
+@pytest.mark.parametrize("backend_name", ["cpp", "torch"])
+def test_group_index_every_form_gives_the_same_partition(monkeypatch, backend_name):
+    monkeypatch.setenv("RLKERN_BACKEND", backend_name)
+    ids = _uids(13, 5, seed=1)
+    ids[:3] = ["7", "07", "7"]  # compared as strings: "7" and "07" differ
+    ids[3] = ""  # an empty uid is a uid
+    forms = [ids.astype(str), ids.astype(object), list(ids), tuple(ids), np.char.encode(ids.astype(str))]
+    expected = {k: i for i, k in enumerate(dict.fromkeys(ids.tolist()))}
+    truth = np.array([expected[k] for k in ids.tolist()])
+    for form in forms:
+        dense = A.group_index(form)
+        assert dense.dtype == torch.int64 and dense.shape == (len(ids),)
+        assert _same_partition(truth, dense.numpy()), type(form)
+    ints = torch.tensor([10**12, 5, -3, 5, 10**12, 7])
+    for form in (ints, ints.numpy(), ints.tolist(), ints.int()):
+        assert _same_partition(ints.numpy(), A.group_index(form).numpy())
+
+
+def test_group_index_string_hash_collisions_and_unicode():
+    # Many near-identical strings (one code point apart, non-ASCII, different lengths).
+    ids = [f"ü{i}" for i in range(3000)] + [f"ü{i}\u2603" for i in range(3000)] + ["ü1"] * 5
+    dense = A.group_index(ids)
+    assert len(set(dense.tolist())) == 6000
+    assert len(set(dense[[1] + list(range(6000, 6005))].tolist())) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Outcome estimators vs the reference
+
+
+def _scores(n, seed=0, kind="normal"):
+    g = _gen(seed)
+    if kind == "binary":
+        return (torch.rand(n, generator=g) > 0.5).float()
+    if kind == "equal":
+        return torch.full((n,), 0.3)
+    return torch.randn(n, generator=g)
+
+
+def _group_layout(seed=0):
+    """Groups of size 1, 2 and 16, shuffled, string ids."""
+    sizes = [1, 1, 2, 5, 16, 16, 3]
+    names = [f"uid-{seed}-{i}" for i in range(len(sizes))]
+    ids = np.array([name for name, s in zip(names, sizes) for _ in range(s)], dtype=object)
+    return ids[np.random.default_rng(seed).permutation(len(ids))]
+
+
+@pytest.mark.parametrize("group_backend", ["triton", "torch"])
+def test_group_statistics_backends(monkeypatch, group_backend):
+    # The group sums run as Triton atomics (GPU path) or PyTorch index_add (CPU, fallback).
+    monkeypatch.setenv("RLKERN_BACKEND", group_backend)
+    ids = _group_layout(12)
+    s = _scores(len(ids), 12)
+    _close(A.group_normalize(s, ids), R.group_normalize(s, list(ids)))
+    _close(A.group_normalize(s, ids, std="population", singleton="zero"),
+           R.group_normalize(s, list(ids), 1e-6, "population", "group", "zero"))
+    _close(A.gpg(s, ids), R.gpg(s, list(ids)))
+    _close(A.bnpo(torch.sigmoid(s), ids), R.bnpo(torch.sigmoid(s), list(ids)), tol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["normal", "binary", "equal"])
+@pytest.mark.parametrize("std", ["unbiased", "population", None])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("singleton", ["verl", "zero"])
+def test_group_normalize_matches_reference(kind, std, scale, singleton):
+    ids = _group_layout(1)
+    s = _scores(len(ids), 1, kind)
+    out = A.group_normalize(s, ids, eps=1e-4, std=std, scale=scale, singleton=singleton)
+    ref = R.group_normalize(s, list(ids), 1e-4, std, scale, singleton)
+    # equal scores: (s - mean) is 0 up to the rounding of the mean, divided by eps
+    _close(out, ref, tol=2e-5 if kind != "equal" else 1e-3)
+
+
+def test_group_normalize_token_broadcast_and_id_forms():
+    ids = _group_layout(2)
+    s = _scores(len(ids), 2)
+    mask = _mask(len(ids), 9, "holes", torch.float32)
+    per_sample = A.group_normalize(s, ids)
+    tokens = A.group_normalize(s, ids, response_mask=mask)
+    torch.testing.assert_close(tokens, per_sample[:, None] * mask)
+    dense = torch.from_numpy(np.unique(ids.astype(str), return_inverse=True)[1].reshape(-1))
+    for form in (ids.astype(str), list(ids), dense):
+        torch.testing.assert_close(A.group_normalize(s, form), per_sample)
+
+
+@pytest.mark.parametrize("singleton", ["raw", "zero"])
+def test_rloo_matches_reference(singleton):
+    ids = _group_layout(3)
+    s = _scores(len(ids), 3)
+    _close(A.rloo(s, ids, singleton=singleton), R.rloo(s, list(ids), singleton))
+
+
+def test_opo_gpg_baselines_match_reference():
+    ids = _group_layout(4)
+    s = _scores(len(ids), 4, "binary")
+    mask = _mask(len(ids), 11, "right")
+    mask[mask.sum(-1) == 0, 0] = 1  # OPO divides by the group's total length
+    lengths = mask.sum(-1)
+    _close(A.opo(s, ids, mask), (s.double() - R.group_baseline(s, list(ids), lengths))[:, None] * mask)
+    _close(A.gpg(s, ids, f_norm=2.0), R.gpg(s, list(ids), 2.0))
+
+
+@pytest.mark.parametrize("norm_by_std", [True, False])
+@pytest.mark.parametrize("kind", ["normal", "binary"])
+def test_grpo_passk_matches_reference(norm_by_std, kind):
+    ids = np.repeat(np.array(["a", "b", "c", "d"]), [2, 5, 16, 3])
+    s = _scores(len(ids), 5, kind)
+    _close(A.grpo_passk(s, ids, norm_by_std=norm_by_std), R.grpo_passk(s, list(ids), 1e-6, norm_by_std))
+
+
+@pytest.mark.parametrize("kind", ["binary", "normal"])
+def test_bnpo_matches_reference(kind):
+    ids = _group_layout(6)
+    s = _scores(len(ids), 6, kind)
+    lo, hi = (0.0, 1.0) if kind == "binary" else (-5.0, 5.0)
+    _close(A.bnpo(s, ids, min_value=lo, max_value=hi), R.bnpo(s, list(ids), lo, hi), tol=1e-4)
+    # every group with the same success rate: weight 1
+    same = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    _close(A.bnpo(same, [0, 0, 1, 1]), R.bnpo(same, [0, 0, 1, 1]))
+
+
+@pytest.mark.parametrize("norm_by_std", [False, True])
+def test_gigpo_step_groups_matches_reference(norm_by_std):
+    rng = np.random.default_rng(7)
+    episodes = np.array([f"ep{i}" for i in rng.integers(0, 3, 60)])
+    anchors = np.array([f"obs{i}" for i in rng.integers(0, 6, 60)])
+    step_returns = _scores(60, 7)
+    out = A.gigpo_step_groups(step_returns, anchors, episodes, norm_by_std=norm_by_std)
+    _close(out, R.gigpo_step(step_returns, list(anchors), list(episodes), 1e-6, norm_by_std))
+
+
+@pytest.mark.parametrize("multi_turn", [False, True])
+@pytest.mark.parametrize("handle_zero_tail", [True, False])
+def test_optimal_token_baseline_matches_reference(multi_turn, handle_zero_tail):
+    g = _gen(8)
+    ids = np.array(["a"] * 4 + ["b"] * 3 + ["c"] + ["d"] * 2)
+    batch, steps = len(ids), 14
+    mask = _mask(batch, steps, "holes" if multi_turn else "right")
+    rewards = torch.randn(batch, steps, generator=g) * mask
+    logp = -torch.rand(batch, steps, generator=g) * 3
+    spp = torch.rand(batch, steps, generator=g) * 0.5
+    isw = torch.rand(batch, steps, generator=g) + 0.5
+    adv, ret = A.optimal_token_baseline(rewards, mask, ids, logp, spp, isw, handle_zero_tail=handle_zero_tail,
+                                        multi_turn=multi_turn)
+    ref_adv, ref_ret = R.optimal_token_baseline(rewards, mask, list(ids), logp, spp, isw, handle_zero_tail, 1e-8,
+                                                compact=multi_turn)
+    _close(adv, ref_adv, tol=1e-4)
+    _close(ret, ref_ret)
+
+
+def test_remax_and_reinforce_pp_match_reference():
+    g = _gen(9)
+    rewards = torch.randn(6, 12, generator=g)
+    mask = _mask(6, 12, "holes")
+    base = torch.randn(6, generator=g)
+    adv, ret = A.remax(rewards, base, mask)
+    ref_ret = R.reverse_cumsum(rewards, mask)
+    _close(ret, ref_ret)
+    _close(adv, ref_ret - base.double()[:, None] * mask)
+    adv, ret = A.reinforce_pp(rewards, mask, 0.9)
+    ref_ret = R.discounted_returns(rewards, mask, 0.9)
+    _close(ret, ref_ret)
+    _close(adv, R.masked_whiten(ref_ret, mask) * (mask != 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with verl 0.9.1 (every ADV_ESTIMATOR_REGISTRY entry) and TRL 1.16
+
+
+def _verl():
+    return import_peer("verl.trainer.ppo.core_algos")
+
+
+def _verl_batch(seed=0, batch=48, steps=24, group=4, singles=True):
+    g = _gen(seed)
+    mask = _mask(batch, steps, "right", torch.int64, seed=seed)
+    mask[:, 0] = 1  # verl's opo/whitening need non-empty responses
+    ids = _uids(batch // group, group, seed=seed)
+    if singles:
+        ids[:2] = ["single-a", "single-b"]
+    ids = ids.astype(object)
+    scores = torch.randint(0, 3, (batch,), generator=g).float() / 2  # exact sums/means in fp32
+    rewards = torch.zeros(batch, steps)
+    rewards[torch.arange(batch), mask.sum(-1) - 1] = scores
+    return rewards, mask, ids
+
+
+class _Cfg(dict):
+    def __getattr__(self, key):
+        return self[key]
+
+
+def _assert_verl_close(ours, theirs, mask, tol=1e-5, name="value"):
+    m = mask != 0
+    torch.testing.assert_close(ours.double()[m], theirs.double()[m], rtol=tol, atol=tol,
+                               msg=lambda msg: f"{name}: {msg}")
+
+
+@pytest.mark.peer
+def test_verl_registry_is_covered():
+    core = _verl()
+    assert set(core.ADV_ESTIMATOR_REGISTRY) == set(algos.VERL_ADV_ESTIMATORS)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("layout", ["right", "holes"])
+def test_verl_gae_parity(layout):
+    core = _verl()
+    g = _gen(10)
+    rewards, values = torch.randn(16, 40, generator=g), torch.randn(16, 40, generator=g)
+    mask = _mask(16, 40, layout)
+    mask[:, 0] = 1
+    theirs = core.compute_gae_advantage_return(rewards, values, mask, 0.99, 0.95)
+    ours = algos.compute_gae_advantage_return(rewards, values, mask, 0.99, 0.95)
+    # verl's whitening and recurrence run in fp32 (ours float64): fp32 error of 40 steps
+    _assert_verl_close(ours[0], theirs[0], mask, 1e-4, "advantages")
+    _assert_verl_close(ours[1], theirs[1], mask, 1e-4, "returns")
+
+
+OUTCOME_CASES = [(name, norm) for name in ("grpo", "grpo_vectorized", "gdpo") for norm in (True, False)] + [
+    (name, None) for name in ("rloo", "rloo_vectorized", "opo", "gpg", "reinforce_plus_plus_baseline")]
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("name,norm", OUTCOME_CASES)
+def test_verl_outcome_parity(name, norm):
+    core = _verl()
+    rewards, mask, ids = _verl_batch(seed=11)
+    kwargs = dict(token_level_rewards=rewards, response_mask=mask, index=ids)
+    if norm is not None:
+        kwargs["norm_adv_by_std_in_grpo"] = norm
+    theirs = core.ADV_ESTIMATOR_REGISTRY[name](**kwargs)
+    ours = algos.VERL_ADV_ESTIMATORS[name](**kwargs)
+    _assert_verl_close(ours[0], theirs[0], mask, name=name)
+    _assert_verl_close(ours[1], theirs[1], mask, name=name)
+
+
+@pytest.mark.peer
+def test_verl_gdpo_multi_reward_parity():
+    core = _verl()
+    rewards, mask, ids = _verl_batch(seed=12, singles=False)
+    batch, steps = mask.shape
+    g = _gen(12)
+    components = {"fmt": (torch.rand(batch, generator=g) > 0.5).float().numpy(),
+                  "acc": torch.randint(0, 3, (batch,), generator=g).float().numpy()}
+    prompt_len = 3
+    attention = torch.cat([torch.ones(batch, prompt_len, dtype=torch.int64), mask], 1)
+    config = _Cfg(gdpo_reward_keys=["fmt", "acc"], gdpo_reward_weights=[0.5, 2.0])
+    kwargs = dict(token_level_rewards=rewards, response_mask=mask, index=ids, config=config,
+                  non_tensor_batch=components, batch={"prompts": torch.zeros(batch, prompt_len),
+                                                      "attention_mask": attention})
+    theirs = core.compute_gdpo_outcome_advantage(**kwargs)
+    ours = algos.compute_gdpo_outcome_advantage(**kwargs)
+    _assert_verl_close(ours[0], theirs[0], mask, 1e-5)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("norm", [True, False])
+def test_verl_grpo_passk_parity(norm):
+    core = _verl()
+    rewards, mask, ids = _verl_batch(seed=13, singles=False)
+    config = _Cfg(norm_adv_by_std_in_grpo=norm)
+    theirs = core.compute_grpo_passk_outcome_advantage(rewards, mask, ids, config=config)
+    ours = algos.compute_grpo_passk_outcome_advantage(rewards, mask, ids, config=config)
+    # ties for the best sample: verl's topk and rlkern may pick different (zero-gap) winners
+    _assert_verl_close(ours[0].sum(-1), theirs[0].sum(-1), torch.ones(len(ids)), name="per-sample")
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_verl_reinforce_pp_and_remax_parity(gamma):
+    core = _verl()
+    g = _gen(14)
+    mask = _mask(12, 30, "holes")
+    mask[:, 0] = 1
+    rewards = torch.randn(12, 30, generator=g) * mask
+    cfg = _Cfg(gamma=gamma)
+    theirs = core.compute_reinforce_plus_plus_outcome_advantage(rewards, mask, config=cfg)
+    ours = algos.compute_reinforce_plus_plus_outcome_advantage(rewards, mask, config=cfg)
+    _assert_verl_close(ours[0], theirs[0], mask, 1e-4)
+    _assert_verl_close(ours[1], theirs[1], mask, 1e-4)
+    base = torch.randn(12, generator=g)
+    theirs = core.compute_remax_outcome_advantage(rewards, base, mask)
+    ours = algos.compute_remax_outcome_advantage(rewards, base, mask)
+    _assert_verl_close(ours[0], theirs[0], torch.ones_like(mask), 1e-4)  # every position, as verl
+    _assert_verl_close(ours[1], theirs[1], torch.ones_like(mask), 1e-4)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("name", ["optimal_token_baseline", "tir_optimal_token_baseline"])
+@pytest.mark.parametrize("with_is", [False, True])
+def test_verl_optimal_token_baseline_parity(name, with_is):
+    core = _verl()
+    g = _gen(15)
+    ids = np.array(["a"] * 4 + ["b"] * 3 + ["c"] + ["d"] * 2 + ["e"] * 2, dtype=object)
+    batch, steps = len(ids), 16
+    mask = _mask(batch, steps, "holes" if name.startswith("tir") else "right", seed=15)
+    if not name.startswith("tir"):
+        mask[mask.sum(-1) == 0, :2] = 1  # verl's OTB sorts lengths of every member
+    mask[-2:] = 0
+    mask[-2:, :5] = 1  # group "e": two equal longest responses (no zero tail)
+    rewards = torch.randn(batch, steps, generator=g) * mask
+    logp = -torch.rand(batch, steps, generator=g) * 3
+    spp = torch.rand(batch, steps, generator=g) * 0.5
+    kwargs = dict(token_level_rewards=rewards, response_mask=mask, index=ids, old_log_probs=logp, sum_pi_squared=spp,
+                  rollout_is_weights=torch.rand(batch, steps, generator=g) + 0.5 if with_is else None)
+    theirs = core.ADV_ESTIMATOR_REGISTRY[name](**kwargs)
+    ours = algos.VERL_ADV_ESTIMATORS[name](**kwargs)
+    _assert_verl_close(ours[0], theirs[0], torch.ones_like(mask), 1e-4, "advantages")
+    _assert_verl_close(ours[1], theirs[1], torch.ones_like(mask), 1e-4, "returns")
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+@pytest.mark.parametrize("num_generations", [1, 4])
+def test_trl_scale_rewards_parity(scale_rewards, num_generations):
+    # TRL computes GRPO advantages inline in GRPOTrainer._generate_and_score_completions; this is
+    # that code path ("sum_then_normalize") with TRL's own nanstd, on contiguous groups.
+    trl_utils = import_peer("trl.trainer.utils")
+    rewards = _scores(24, 16)
+    grouped = rewards.view(-1, num_generations)
+    mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
+    if scale_rewards == "batch":
+        std = trl_utils.nanstd(rewards).expand_as(rewards)
+    elif num_generations > 1:
+        std = trl_utils.nanstd(grouped, dim=1).repeat_interleave(num_generations)
+    else:
+        std = torch.zeros_like(rewards)
+    theirs = rewards - mean
+    if scale_rewards != "none":
+        theirs = theirs / (std + 1e-4)
+    ids = torch.arange(24) // num_generations
+    ours = A.group_normalize(rewards, ids, eps=1e-4, scale=scale_rewards, singleton="zero")
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library: opcheck and torch.compile
+
+
+def test_opcheck_custom_ops():
+    g = _gen(17)
+    r, v = torch.randn(3, 9, generator=g), torch.randn(3, 9, generator=g)
+    mask = _mask(3, 9, "holes")
+    mask[0, :3] = 1
+    inverse = A.group_index(["a", "a", "b", "c", "c", "c"])
+    s = torch.randn(6, generator=g)
+    cu = torch.tensor([0, 4, 4, 27], dtype=torch.int32)
+    cases = [
+        (A._gae_op, (r, v, mask, None, None, 0.9, 0.8, True)),
+        (A._gae_op, (r.flatten(), v.flatten(), mask.flatten(), torch.randn(3), cu, 0.9, 0.8, False)),
+        (A._discounted_op, (r, mask, None, 0.9)),
+        (A._whiten_op, (r, mask, True)),
+        (A._dense_group_ids, (torch.tensor([5, 3, 5, 9]),)),
+        (A._group_normalize_op, (s, inverse, 1e-6, "unbiased", "group", "verl")),
+        (A._group_baseline_op, (s, inverse, None, "rloo_raw", 0.0)),
+        (A._passk_op, (s, A.group_index(["a", "a", "b", "b", "b", "b"]), 1e-6, True)),
+        (A._bnpo_op, (torch.rand(6, generator=g), inverse, 0.0, 1.0)),
+        (A._remax_op, (r, torch.randn(3), mask)),
+        (A._otb_op, (r, mask, torch.tensor([0, 0, 1]), -torch.rand(3, 9), torch.rand(3, 9), None, True, 1e-8, True)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph():
+    g = _gen(18)
+    r, v = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
+    mask = _mask(4, 10, "right")
+    mask[:, 0] = 1
+    ids = torch.tensor([3, 3, 8, 8])
+
+    def step(r, v, mask, ids):
+        adv, ret = A.gae(r, v, mask, 0.99, 0.95, whiten=True)
+        scores = r.sum(-1)
+        return (adv, ret, A.discounted_returns(r, mask, 0.9), A.grpo(scores, ids, mask), A.rloo(scores, ids),
+                A.masked_whiten(r, mask), A.remax(r, scores, mask)[0], A.bnpo(torch.sigmoid(scores), ids))
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for ours, ref in zip(compiled(r, v, mask, ids), step(r, v, mask, ids)):
+        torch.testing.assert_close(ours, ref)

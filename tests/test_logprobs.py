@@ -1,0 +1,317 @@
+"""token_logprobs and the TRL-compatible functions vs the float64 reference, on every backend.
+
+Backends: "cpp" (the C++ kernel, the CPU default), "triton" (the Triton kernels under
+TRITON_INTERPRET=1 on CPU tensors), "torch" (the reference itself, run through the op layer).
+"""
+
+import math
+
+import pytest
+import torch
+
+import rlkern
+from rlkern.reference import logprobs as reference
+from conftest import assert_as_close_as_torch, import_peer
+
+
+
+def _logits(n, vocab, dtype, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, vocab, generator=g) * scale).to(dtype)
+
+
+def _labels(n, vocab, seed=1, ignore_every=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    if ignore_every:
+        labels[::ignore_every] = -100
+    return labels
+
+
+def _ref(logits, labels, temperature=1.0, softcap=0.0, ignore_index=-100):
+    logp, entropy, lse = reference.logprobs_fwd(logits.double(), labels, temperature, softcap, ignore_index, True)
+    return logp, entropy, lse
+
+
+def _ref_grad(logits, labels, g_l, g_h, temperature=1.0, softcap=0.0, ignore_index=-100):
+    logp, entropy, lse = _ref(logits, labels, temperature, softcap, ignore_index)
+    return reference.logprobs_bwd(g_l.double(), None if g_h is None else g_h.double(), logits.double(),
+                                  labels, lse, entropy, temperature, softcap, ignore_index)
+
+
+def _fp32_close(ours, ref, rtol=2e-5, atol=2e-5, name="value"):
+    # Outputs are fp32 accumulations of exactly-upcast inputs: fp32 rounding over V terms.
+    torch.testing.assert_close(ours.double(), ref.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# V = 1000, 4099: not multiples of any block (vocab tails); 7 and 1: shorter than one block.
+# N = 1, 5, 17: odd row counts, and a single row.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,vocab", [(1, 7), (5, 1000), (17, 4099), (3, 1)])
+@pytest.mark.parametrize("temperature", [0.6, 1.0, 1.3])
+def test_forward_matches_reference(backend, dtype, n, vocab, temperature):
+    logits = _logits(n, vocab, dtype)
+    labels = _labels(n, vocab, ignore_every=4)
+    logp, entropy = rlkern.token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
+    ref_logp, ref_entropy, _ = _ref(logits, labels, temperature)
+    assert logp.dtype == torch.float32 and entropy.dtype == torch.float32
+    assert (logp <= 0).all()
+    assert (logp[labels == -100] == 0).all()
+    _fp32_close(logp, ref_logp, name="logp")
+    _fp32_close(entropy, ref_entropy, name="entropy")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_entropy_grad", [False, True])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_backward_matches_reference(backend, dtype, with_entropy_grad, softcap):
+    n, vocab, temperature = 9, 1000, 0.7
+    logits = _logits(n, vocab, dtype, scale=8.0).requires_grad_()
+    labels = _labels(n, vocab, ignore_every=3)
+    # Confident labels (the argmax, p near 1): where 1 - p needs every digit of the saved lse.
+    labels[1::3] = logits.detach()[1::3].argmax(-1)
+    g = torch.Generator().manual_seed(5)
+    g_l = torch.randn(n, generator=g)
+    g_h = torch.randn(n, generator=g) if with_entropy_grad else None
+    logp, entropy = rlkern.token_logprobs(logits, labels, temperature=temperature, logit_softcap=softcap,
+                                          return_entropy=True)
+    loss = (logp * g_l).sum() + ((entropy * g_h).sum() if g_h is not None else 0.0)
+    loss.backward()
+    ref = _ref_grad(logits.detach(), labels, g_l, g_h, temperature, softcap or 0.0)
+    assert logits.grad.dtype == dtype
+    # PyTorch's own backward of the same formula at this dtype is the bound (STYLE rule 10).
+    z = logits.detach().clone().requires_grad_()
+    u = (softcap * torch.tanh(z / softcap) if softcap else z) / temperature
+    lp_t = torch.log_softmax(u, -1)
+    t_logp = lp_t.gather(1, labels.clamp(min=0)[:, None])[:, 0] * (labels != -100)
+    t_ent = -(lp_t.exp() * lp_t).sum(-1)
+    t_loss = (t_logp.float() * g_l).sum() + ((t_ent.float() * g_h).sum() if g_h is not None else 0.0)
+    t_loss.backward()
+    # factor 2: the kernels' exp and accumulation order differ from PyTorch's; the saved lse is
+    # float64, so no extra rounding of p (see rlkern/reference/logprobs.py).
+    assert_as_close_as_torch(logits.grad, ref, z.grad, floor=torch.finfo(dtype).eps * ref.abs().max().item(),
+                             factor=2.0, name="grad")
+
+
+@pytest.mark.parametrize("softcap", [5.0, 30.0])
+def test_softcap_forward(backend, softcap):
+    logits = _logits(6, 1000, torch.float32, scale=20.0)
+    labels = _labels(6, 1000)
+    logp, entropy = rlkern.token_logprobs(logits, labels, logit_softcap=softcap, return_entropy=True)
+    ref_logp, ref_entropy, _ = _ref(logits, labels, softcap=softcap)
+    _fp32_close(logp, ref_logp)
+    _fp32_close(entropy, ref_entropy)
+
+
+def test_extreme_logits(backend):
+    # +-1e4 logits: a naive sum of p*u cancels catastrophically against lse; -inf entries and
+    # an all -inf row must give finite/-inf values, never NaN.
+    vocab = 1000
+    logits = _logits(6, vocab, torch.float32)
+    logits[0, :] = -1e4
+    logits[0, 3] = 1e4
+    logits[1, ::2] = float("-inf")
+    logits[2, :] = float("-inf")
+    logits[3, :] = 1e4
+    logits[4, 10] = float("-inf")
+    labels = torch.tensor([3, 2, 5, 7, 10, 0])  # row 1: label 2 has -inf logit
+    logp, entropy = rlkern.token_logprobs(logits, labels, return_entropy=True)
+    assert not logp.isnan().any() and not entropy.isnan().any()
+    assert -1e-6 <= logp[0] <= 0 and logp[1] == -math.inf and logp[4] == -math.inf
+    assert logp[2] == pytest.approx(-math.log(vocab)) and entropy[2] == pytest.approx(math.log(vocab))
+    assert logp[3] == pytest.approx(-math.log(vocab), abs=1e-5)
+    ref_logp, ref_entropy, _ = _ref(logits, labels)
+    finite = ref_logp.isfinite()
+    _fp32_close(logp[finite], ref_logp[finite])
+    _fp32_close(entropy, ref_entropy, atol=1e-4)
+
+    logits.requires_grad_()
+    logp, entropy = rlkern.token_logprobs(logits, labels.clamp(max=0) + torch.tensor([3, 1, 5, 7, 11, 0]),
+                                          return_entropy=True)
+    (logp.sum() + entropy.sum()).backward()
+    assert not logits.grad.isnan().any()
+    assert (logits.grad[2] == 0).all()
+
+
+def test_empty_and_all_ignored(backend):
+    empty = torch.zeros(0, 1000, requires_grad=True)
+    logp, entropy = rlkern.token_logprobs(empty, torch.zeros(0, dtype=torch.long), return_entropy=True)
+    assert logp.shape == (0,) and entropy.shape == (0,)
+    logp.sum().backward()
+    assert empty.grad.shape == (0, 1000)
+
+    logits = _logits(4, 1000, torch.float32).requires_grad_()
+    labels = torch.full((4,), -100)
+    logp = rlkern.token_logprobs(logits, labels)
+    assert (logp == 0).all()
+    logp.sum().backward()
+    assert (logits.grad == 0).all()
+
+
+def test_batched_and_sliced_rows(backend):
+    # TRL computes logits[:, :-1] of a [B, T, V] tensor: rows that cannot be flattened as a view.
+    full = _logits(3 * 8, 1001, torch.float32).view(3, 8, 1001)
+    logits = full[:, :-1].clone().requires_grad_()
+    sliced_leaf = full.clone().requires_grad_()
+    sliced = sliced_leaf[:, :-1]
+    labels = torch.randint(0, 1001, (3, 7), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    a, ea = rlkern.token_logprobs(logits, labels, return_entropy=True)
+    b, eb = rlkern.token_logprobs(sliced, labels, return_entropy=True)
+    assert a.shape == (3, 7)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ea, eb)
+    ref_logp, ref_entropy, _ = _ref(logits.detach().reshape(-1, 1001), labels.reshape(-1))
+    _fp32_close(a.reshape(-1), ref_logp)
+    (a.sum() + ea.sum()).backward()
+    (b.sum() + eb.sum()).backward()
+    torch.testing.assert_close(sliced_leaf.grad[:, :-1], logits.grad)
+    assert (sliced_leaf.grad[:, -1] == 0).all()
+
+    # A 2-D slice of a wider buffer: row stride != V.
+    wide = _logits(5, 1500, torch.bfloat16)
+    narrow = wide[:, :1000]
+    labels2 = _labels(5, 1000)
+    torch.testing.assert_close(rlkern.token_logprobs(narrow, labels2), rlkern.token_logprobs(narrow.contiguous(), labels2))
+
+
+def test_inplace_backward(backend):
+    logits = _logits(7, 1000, torch.float32)
+    labels = _labels(7, 1000)
+    leaf = logits.clone().requires_grad_()
+    logp, entropy = rlkern.token_logprobs(leaf, labels, return_entropy=True)
+    (logp.sum() + 0.5 * entropy.sum()).backward()
+
+    dead = logits.clone().requires_grad_()
+    buffer = dead * 1.0  # a non-leaf activation whose memory the backward may reuse
+    logp, entropy = rlkern.token_logprobs(buffer, labels, return_entropy=True, inplace_backward=True)
+    (logp.sum() + 0.5 * entropy.sum()).backward()
+    torch.testing.assert_close(dead.grad, leaf.grad)
+    torch.testing.assert_close(buffer.detach(), leaf.grad)  # the grad lives in the logits buffer now
+
+    # A second consumer that saved the logits must not get silently wrong grads.
+    shared = logits.clone().requires_grad_()
+    act = shared * 1.0
+    other = (act**2).sum()
+    logp = rlkern.token_logprobs(act, labels, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (logp.sum() + other).backward()
+
+
+def test_gradcheck_float64():
+    # float64 runs the reference kernels through the same custom op + autograd formula.
+    logits = torch.randn(4, 13, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 5, -100, 12])
+
+    def f(z):
+        return rlkern.token_logprobs(z, labels, temperature=0.8, logit_softcap=4.0, return_entropy=True)
+
+    assert torch.autograd.gradcheck(f, (logits,))
+
+
+def test_bad_input():
+    logits = torch.randn(4, 10)
+    labels = torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match=r"logits must be \[N, V\] or \[B, T, V\]"):
+        rlkern.token_logprobs(logits[0], labels[0])
+    with pytest.raises(ValueError, match="leading shape"):
+        rlkern.token_logprobs(logits, labels[:3])
+    with pytest.raises(TypeError, match="labels must be int32 or int64"):
+        rlkern.token_logprobs(logits, labels.float())
+    with pytest.raises(TypeError, match="logits must be float16/bfloat16/float32/float64"):
+        rlkern.token_logprobs(logits.long(), labels)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        rlkern.token_logprobs(logits, labels, temperature=0.0)
+    with pytest.raises(ValueError, match="logit_softcap"):
+        rlkern.token_logprobs(logits, labels, logit_softcap=-1.0)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\).*labels\[2\] = 10"):
+        rlkern.token_logprobs(logits, torch.tensor([0, 1, 10, 3]))
+    with pytest.raises(ValueError, match=r"labels\[1\] = -1"):
+        rlkern.token_logprobs(logits, torch.tensor([0, -1, 2, 3]))
+    with pytest.raises(ValueError, match="is on meta but logits are on cpu"):
+        rlkern.token_logprobs(logits, labels.to("meta"))
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "cpp"])
+def test_kernel_writes_nan_for_out_of_range_label(backend_name):
+    # What GPU users get without RLKERN_VALIDATE: NaN at the bad position, no host sync.
+    logits = _logits(3, 1000, torch.float32)
+    labels = torch.tensor([4, 1000, -7])
+    if backend_name == "triton":
+        from rlkern.kernels import logprobs as kernel
+        logp, _, _ = kernel.logprobs_forward(logits, labels, 1.0, 0.0, -100, False)
+    else:
+        logp, _, _ = torch.ops.rlkern.logprobs_fwd(logits, labels, 1.0, 0.0, -100, False)
+    assert logp[0].isfinite() and logp[1].isnan() and logp[2].isnan()
+
+
+def test_opcheck():
+    logits = torch.randn(5, 37)
+    labels = torch.randint(0, 37, (5,))
+    fwd = torch.ops.rlkern.token_logprobs_fwd.default
+    for with_entropy in (False, True):
+        torch.library.opcheck(fwd, (logits.clone().requires_grad_(), labels, 0.9, 0.0, -100, with_entropy, False))
+    logp, entropy, lse = fwd(logits, labels, 0.9, 0.0, -100, True, False)
+    args = (torch.randn(5), torch.randn(5), logits, labels, lse, entropy, 0.9, 0.0, -100)
+    torch.library.opcheck(torch.ops.rlkern.token_logprobs_bwd.default, args)
+    torch.library.opcheck(torch.ops.rlkern.token_logprobs_bwd_inplace.default, args[:2] + (logits.clone(),) + args[3:])
+    torch.library.opcheck(torch.ops.rlkern.logprobs_fwd.default, (logits, labels, 0.9, 0.0, -100, True))
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compile_backend):
+    def step(logits, labels):
+        logp, entropy = rlkern.token_logprobs(logits, labels, temperature=0.7, return_entropy=True,
+                                              inplace_backward=True)
+        return (logp.sum() - 0.01 * entropy.sum()) * 2
+
+    logits = torch.randn(6, 101, requires_grad=True)
+    labels = torch.randint(0, 101, (6,))
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
+    loss = compiled(logits, labels)
+    loss.backward()
+    eager_logits = logits.detach().clone().requires_grad_()
+    eager = step(eager_logits * 1.0, labels)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(logits.grad, eager_logits.grad)
+
+
+# --- TRL 1.16 parity: its own functions, CPU path, on the same tensors ---------------------------
+
+@pytest.mark.peer
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_trl_selective_log_softmax_parity(temperature):
+    trl_utils = import_peer("trl.trainer.utils")
+    logits = torch.randn(2, 9, 1003, dtype=torch.float32) * 4
+    index = torch.randint(0, 1003, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, -3:] = 0
+    ours = rlkern.selective_log_softmax(logits, index, temperature=temperature, row_mask=mask)
+    theirs = trl_utils.selective_log_softmax(logits, index, temperature=temperature, row_mask=mask)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    topk = torch.randint(0, 1003, (2, 9, 4))
+    torch.testing.assert_close(rlkern.selective_log_softmax(logits, topk, temperature),
+                               trl_utils.selective_log_softmax(logits, topk, temperature), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.peer
+def test_trl_entropy_and_joint_parity():
+    trl_utils = import_peer("trl.trainer.utils")
+    logits = (torch.randn(3, 5, 777) * 3).requires_grad_()
+    index = torch.randint(0, 777, (3, 5))
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 2:] = False
+    torch.testing.assert_close(rlkern.entropy_from_logits(logits), trl_utils.entropy_from_logits(logits),
+                               rtol=1e-5, atol=1e-5)
+
+    ours_lp, ours_h = rlkern.selective_log_softmax_and_entropy(logits, index, temperature=0.9, row_mask=mask)
+    (ours_lp.sum() + ours_h.sum()).backward()
+    ours_grad, logits.grad = logits.grad, None
+    their_lp, their_h = trl_utils.selective_log_softmax_and_entropy(logits, index, temperature=0.9, row_mask=mask)
+    (their_lp.sum() + their_h.sum()).backward()
+    torch.testing.assert_close(ours_lp, their_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_h, their_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_grad, logits.grad, rtol=1e-4, atol=1e-6)
+
+    _, detached = rlkern.selective_log_softmax_and_entropy(logits, index, entropy_requires_grad=False)
+    assert not detached.requires_grad

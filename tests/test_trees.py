@@ -1,0 +1,563 @@
+"""Tree / segment advantages vs the float64 reference, hand-computed paper examples, verl parity.
+
+Backends: "cpp" (the C++ kernels, the CPU default), "triton" (Triton kernels under
+TRITON_INTERPRET=1 on CPU tensors; small forests only, the interpreter is slow), "torch" (the
+reference through the op layer).
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rlkern.trees as trees
+from rlkern import _backend
+from rlkern.reference import trees as reference
+from conftest import import_peer
+
+METHODS = ["spo_rloo", "spo_grpo", "treerl", "treepo"]
+
+
+def random_forest(num_trees, max_depth, max_branching, seed, *, shuffle=True, single_nodes=0, chains=0):
+    """parent [M] int64 of random trees (each node 0..max_branching children up to its tree's
+    depth cap), plus single-node trees and chains; node order shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    parent = []
+
+    def rand(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    for _ in range(num_trees):
+        cap = rand(1, max_depth)
+        branching = rand(1, max_branching)
+        parent.append(-1)
+        frontier = [(len(parent) - 1, 0)]
+        while frontier:
+            node, depth = frontier.pop()
+            if depth == cap:
+                continue
+            # the root always branches so that every tree has depth >= 1
+            for _ in range(rand(1 if depth == 0 else 0, branching)):
+                parent.append(node)
+                frontier.append((len(parent) - 1, depth + 1))
+    for _ in range(single_nodes):
+        parent.append(-1)
+    for _ in range(chains):
+        parent.append(-1)
+        for _ in range(rand(1, 12)):
+            parent.append(len(parent) - 1)
+    p = torch.tensor(parent, dtype=torch.int64)
+    if not shuffle:
+        return p
+    perm = torch.randperm(len(p), generator=g)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(len(perm))
+    moved = p[perm]
+    return torch.where(moved >= 0, inverse[moved.clamp(min=0)], moved)
+
+
+def random_rewards(m, seed, kind="binary", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "binary":  # the verifiable rewards of the papers: many equal siblings, exact zeros
+        return torch.randint(0, 2, (m,), generator=g).to(dtype)
+    return torch.randn(m, generator=g).to(dtype)
+
+
+def _is_leaf(parent):
+    has_child = torch.zeros(len(parent), dtype=torch.bool)
+    has_child[parent[parent >= 0]] = True
+    return ~has_child
+
+
+def _forests(backend):
+    """(parent, description): small for the interpreter, larger for the others."""
+    if backend == "triton":
+        return [(random_forest(4, 4, 3, seed=1, single_nodes=2, chains=1), "small"),
+                (random_forest(2, 7, 2, seed=2, chains=2), "deep")]
+    return [
+        (random_forest(12, 3, 8, seed=3, single_nodes=3), "wide"),
+        (random_forest(8, 12, 2, seed=4, chains=3), "deep"),
+        (random_forest(30, 6, 4, seed=5, single_nodes=2, chains=2), "mixed"),
+        (random_forest(5, 5, 3, seed=6, shuffle=False), "ordered"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Values and advantages vs the reference
+
+@pytest.mark.parametrize("mode", ["mean_children", "mean_leaves"])
+@pytest.mark.parametrize("kind", ["binary", "normal"])
+def test_values_match_reference(backend, mode, kind):
+    for parent, what in _forests(backend):
+        reward = random_rewards(len(parent), seed=len(parent), kind=kind)
+        reward[~_is_leaf(parent)] = float("nan")  # internal entries are never read
+        values = trees.tree_values(parent, reward, mode)
+        expected = reference.tree_values(parent, reward, mode)
+        assert values.dtype == torch.float32 and values.shape == parent.shape
+        # float64 accumulation, one rounding to float32 at the end
+        torch.testing.assert_close(values.double(), expected, rtol=1e-7, atol=1e-7, msg=lambda m: f"{what}: {m}")
+
+
+def _assert_advantages(adv, keep, expected, expected_keep, what):
+    torch.testing.assert_close(adv.double(), expected, rtol=1e-6, atol=1e-6, msg=lambda m: f"{what}: {m}")
+    # keep is A != 0: a difference is only allowed where the exact value is within rounding of 0
+    differ = keep != expected_keep
+    assert (expected[differ].abs() < 1e-12).all(), f"{what}: keep differs at {differ.nonzero().flatten().tolist()}"
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", ["binary", "normal"])
+def test_advantages_match_reference(backend, method, kind):
+    for parent, what in _forests(backend):
+        reward = random_rewards(len(parent), seed=7 + len(parent), kind=kind)
+        options = [{}]
+        if method == "treerl":
+            options.append({"leaf_rloo": True})
+        if method == "treepo":
+            weights = torch.randint(1, 50, (len(parent),), generator=torch.Generator().manual_seed(1)).float()
+            options += [{"subgroup_weighting": "group_size"}, {"whiten": False}, {"leaf_weights": weights}]
+        for opts in options:
+            adv, keep = trees.tree_advantages(parent, reward, method, **opts)
+            expected, expected_keep = reference.tree_advantages(parent, reward, method, **opts)
+            assert adv.dtype == torch.float32 and keep.dtype == torch.bool
+            _assert_advantages(adv, keep, expected, expected_keep, f"{what} {opts}")
+            assert not keep[parent == -1].any()
+        adv2, keep2, values = trees.tree_advantages(parent, reward, method, return_values=True)
+        mode = "mean_children" if method.startswith("spo") else "mean_leaves"
+        torch.testing.assert_close(values, trees.tree_values(parent, reward, mode))
+        torch.testing.assert_close(adv2, trees.tree_advantages(parent, reward, method)[0])
+
+
+def test_float64_and_half_rewards(backend):
+    parent = random_forest(6, 5, 4, seed=11)
+    reward = random_rewards(len(parent), seed=3, kind="normal")
+    adv64, _ = trees.tree_advantages(parent, reward.double(), "treerl")
+    assert adv64.dtype == torch.float64
+    expected, _ = reference.tree_advantages(parent, reward.double(), "treerl")
+    torch.testing.assert_close(adv64, expected, rtol=1e-12, atol=1e-12)
+    for dtype in (torch.bfloat16, torch.float16):
+        values = trees.tree_values(parent, reward.to(dtype), "mean_leaves")
+        assert values.dtype == torch.float32
+        torch.testing.assert_close(values.double(), reference.tree_values(parent, reward.to(dtype), "mean_leaves"),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_shuffling_does_not_change_results(backend):
+    parent = random_forest(6, 6, 4, seed=12, shuffle=False)
+    reward = random_rewards(len(parent), seed=4, kind="normal")
+    perm = torch.randperm(len(parent), generator=torch.Generator().manual_seed(0))
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(len(perm))
+    moved = parent[perm]
+    shuffled = torch.where(moved >= 0, inverse[moved.clamp(min=0)], moved)
+    for method in METHODS:
+        a, k = trees.tree_advantages(parent, reward, method)
+        b, kb = trees.tree_advantages(shuffled, reward[perm], method)
+        torch.testing.assert_close(b, a[perm], rtol=1e-6, atol=1e-6)
+
+
+def test_edge_forests(backend):
+    # A single node, a forest of single nodes, one long chain, and the empty forest.
+    one = torch.tensor([-1])
+    for method in METHODS:  # a lone root is a prompt without any continuation
+        adv, keep = trees.tree_advantages(one, torch.tensor([0.7]), method)
+        assert adv.tolist() == [0.0] and keep.tolist() == [False]
+    assert trees.tree_values(torch.full((5,), -1), torch.arange(5.0), "mean_children").tolist() == [0, 1, 2, 3, 4]
+    chain = torch.tensor([-1] + list(range(199)))
+    values = trees.tree_values(chain, torch.full((200,), 0.25), "mean_children")
+    assert (values == 0.25).all()
+    adv, keep = trees.tree_advantages(chain, torch.full((200,), 0.25), "spo_rloo")
+    assert (adv == 0).all() and not keep.any()
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert trees.tree_values(empty, torch.zeros(0), "mean_leaves").shape == (0,)
+    adv, keep = trees.tree_advantages(empty, torch.zeros(0), "treepo")
+    assert adv.shape == (0,) and keep.shape == (0,)
+
+
+def test_cpp_int64_positions():
+    # Forests under 2^31 nodes run on int32 positions; RLKERN_TREES_INDEX64=1 (read once per
+    # process, hence the subprocess) runs the int64 instantiation used above that size.
+    if not _backend.has_cpp():
+        pytest.fail("rlkern._C did not build")
+    code = (
+        "import torch, rlkern.trees as t\n"
+        "from rlkern.reference import trees as ref\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "parent = torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, 400)])\n"
+        "reward = torch.randint(0, 2, (400,), generator=g).float()\n"
+        "for method in ('spo_rloo', 'spo_grpo', 'treerl', 'treepo'):\n"
+        "    a, k = t.tree_advantages(parent, reward, method)\n"
+        "    b, kb = ref.tree_advantages(parent, reward, method)\n"
+        "    assert (a.double() - b).abs().max() < 1e-6 and (k == kb).all(), method\n"
+        "v = t.tree_values(parent, reward).double()\n"
+        "assert (v - ref.tree_values(parent, reward, 'mean_children')).abs().max() < 1e-6\n"
+    )
+    env = {**os.environ, "RLKERN_TREES_INDEX64": "1", "RLKERN_BACKEND": "cpp"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-computed examples from each paper's definition
+
+def _example_tree():
+    """root(0) -> leaf 1 (r=1), node 2 -> leaves 3, 4, 5 (r=1, 1, 0), leaf 6 (r=0);
+    node order scrambled: a parent may come after its child."""
+    nodes = {"root": -1, "a": "root", "x": "root", "b": "x", "c": "x", "d": "x", "e": "root"}
+    reward = {"a": 1.0, "b": 1.0, "c": 1.0, "d": 0.0, "e": 0.0}
+    order = ["c", "x", "a", "root", "e", "d", "b"]
+    index = {n: i for i, n in enumerate(order)}
+    parent = torch.tensor([-1 if nodes[n] == -1 else index[nodes[n]] for n in order])
+    rew = torch.tensor([reward.get(n, float("nan")) for n in order])
+    return parent, rew, index
+
+
+def test_spo_tree_example(backend):
+    parent, reward, at = _example_tree()
+    values = trees.tree_values(parent, reward, "mean_children")
+    # V(x) = mean(1, 1, 0) = 2/3; V(root) = mean(1, 2/3, 0) = 5/9
+    assert values[at["x"]].item() == pytest.approx(2 / 3)
+    assert values[at["root"]].item() == pytest.approx(5 / 9)
+    adv, keep = trees.tree_advantages(parent, reward, "spo_rloo")
+    assert adv[at["a"]].item() == pytest.approx(1 - 5 / 9)
+    assert adv[at["x"]].item() == pytest.approx(2 / 3 - 5 / 9)
+    assert adv[at["e"]].item() == pytest.approx(-5 / 9)
+    assert adv[at["b"]].item() == pytest.approx(1 / 3) and adv[at["d"]].item() == pytest.approx(-2 / 3)
+    assert keep.tolist() == [n != "root" for n in sorted(at, key=at.get)]
+    adv, _ = trees.tree_advantages(parent, reward, "spo_grpo")
+    std_root = math.sqrt(((1 - 5 / 9) ** 2 + (2 / 3 - 5 / 9) ** 2 + (5 / 9) ** 2) / 3)  # np.std
+    assert adv[at["a"]].item() == pytest.approx((1 - 5 / 9) / (std_root + 1e-8), rel=1e-6)
+    std_x = math.sqrt(((1 / 3) ** 2 * 2 + (2 / 3) ** 2) / 3)
+    assert adv[at["d"]].item() == pytest.approx(-(2 / 3) / (std_x + 1e-8), rel=1e-6)
+    # Equal siblings: no advantage, filtered out (the paper's A != 0).
+    parent2 = torch.tensor([-1, 0, 0, 1, 1, 2, 2])
+    adv, keep = trees.tree_advantages(parent2, torch.tensor([0, 0, 0, 1, 0, 0, 1.0]), "spo_rloo")
+    assert adv[1] == 0 and adv[2] == 0 and keep.tolist() == [False, False, False, True, True, True, True]
+
+
+def test_treerl_example(backend):
+    parent, reward, at = _example_tree()
+    values = trees.tree_values(parent, reward, "mean_leaves")
+    # leaves 1, 1, 1, 0, 0: V(root) = 3/5; V(x) = 2/3 over 3 leaves
+    assert values[at["root"]].item() == pytest.approx(3 / 5)
+    adv, keep = trees.tree_advantages(parent, reward, "treerl")
+    assert adv[at["x"]].item() == pytest.approx(((2 / 3 - 3 / 5) + (2 / 3 - 3 / 5)) / math.sqrt(3))
+    assert adv[at["a"]].item() == pytest.approx((1 - 3 / 5) + (1 - 3 / 5))
+    assert adv[at["d"]].item() == pytest.approx((0 - 3 / 5) + (0 - 2 / 3))
+    assert adv[at["root"]].item() == 0 and not keep[at["root"]] and keep.sum() == 6
+    adv_rloo, _ = trees.tree_advantages(parent, reward, "treerl", leaf_rloo=True)
+    torch.testing.assert_close(adv_rloo, adv * 5 / 4)  # n / (n - 1) with n = 5 leaves
+
+
+def test_treepo_example(backend):
+    parent, reward, at = _example_tree()
+    adv, keep = trees.tree_advantages(parent, reward, "treepo", whiten=False)
+    # subgroups: root (1, 1, 1, 0, 0; mean 3/5) and x (1, 1, 0; mean 2/3)
+    assert adv[at["a"]].item() == pytest.approx(1 - 3 / 5)
+    assert adv[at["b"]].item() == pytest.approx(((1 - 3 / 5) + (1 - 2 / 3)) / 2)
+    assert adv[at["d"]].item() == pytest.approx(((0 - 3 / 5) + (0 - 2 / 3)) / 2)
+    assert keep.tolist() == [n in "abcde" for n in sorted(at, key=at.get)]
+    adv_gs, _ = trees.tree_advantages(parent, reward, "treepo", whiten=False, subgroup_weighting="group_size")
+    assert adv_gs[at["b"]].item() == pytest.approx(((1 - 3 / 5) * 5 + (1 - 2 / 3) * 3) / 8)
+    white, _ = trees.tree_advantages(parent, reward, "treepo")
+    leaves = adv[keep].double()
+    expected = (leaves - leaves.mean()) / torch.sqrt(leaves.var() + 1e-8)  # unbiased, like verl
+    torch.testing.assert_close(white[keep].double(), expected, rtol=1e-6, atol=1e-6)
+    # a chain node (one leaf below) forms no subgroup of its own
+    chain = torch.tensor([-1, 0, 1, 0])  # root -> 1 -> 2 (r=1), root -> 3 (r=0)
+    adv, _ = trees.tree_advantages(chain, torch.tensor([9.0, 9.0, 1.0, 0.0]), "treepo", whiten=False)
+    assert adv[2].item() == pytest.approx(0.5) and adv[3].item() == pytest.approx(-0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with verl (the trainer TreePO is built on): depth-1 forests are GRPO groups
+
+@pytest.mark.peer
+def test_depth_one_forests_match_verl(backend):
+    core_algos = import_peer("verl.trainer.ppo.core_algos")
+    g = torch.Generator().manual_seed(0)
+    group_sizes = [4, 1, 3, 6, 2]  # a group of 1: verl's and TreePO's baseline 0
+    parent, reward, index, lengths = [], [], [], []
+    for gid, size in enumerate(group_sizes):
+        root = len(parent)
+        parent.append(-1)
+        reward.append(float("nan"))
+        lengths.append(0)
+        for _ in range(size):
+            parent.append(root)
+            reward.append(float(torch.randint(0, 2, (1,), generator=g)) + 0.1 * float(torch.rand(1, generator=g)))
+            index.append(str(gid))
+            lengths.append(int(torch.randint(1, 9, (1,), generator=g)))
+    parent, reward = torch.tensor(parent), torch.tensor(reward)
+    leaves = parent >= 0
+    width = max(lengths)
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[leaves][:, None]).float()
+    token_rewards = torch.zeros(int(leaves.sum()), width)
+    token_rewards[torch.arange(len(token_rewards)), torch.tensor(lengths)[leaves] - 1] = reward[leaves]
+
+    theirs, _ = core_algos.compute_grpo_outcome_advantage(token_rewards, mask, index, norm_adv_by_std_in_grpo=False)
+    ours, _ = trees.tree_advantages(parent, reward, "treepo", whiten=False)
+    torch.testing.assert_close(ours[leaves][:, None] * mask, theirs, rtol=1e-6, atol=1e-6)
+    spo, _ = trees.tree_advantages(parent, reward, "spo_rloo")
+    multi = torch.tensor([group_sizes[int(i)] > 1 for i in index])
+    torch.testing.assert_close((spo[leaves][:, None] * mask)[multi], theirs[multi], rtol=1e-6, atol=1e-6)
+
+    theirs, _ = core_algos.compute_reinforce_plus_plus_baseline_outcome_advantage(token_rewards, mask, index)
+    ours, _ = trees.tree_advantages(parent, reward, "treepo", leaf_weights=torch.tensor(lengths, dtype=torch.float32))
+    torch.testing.assert_close(ours[leaves][:, None] * mask, theirs, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad structures
+
+BAD = [
+    ([0, -1, 5], ValueError, r"parent\[2\] = 5 is out of range"),
+    ([-1, -2], ValueError, r"parent\[1\] = -2 is out of range"),
+    ([1, 0], ValueError, "no root"),
+    ([0], ValueError, "no root"),
+    ([-1, 2, 3, 1], ValueError, r"node 1 does not lead to a root.*1 -> 2 -> 3 -> 1"),
+    ([-1, 0, 3, 4, 3], ValueError, r"node 2 does not lead to a root.*3 -> 4 -> 3"),
+    ([-1, 1], ValueError, r"node 1 does not lead to a root.*1 -> 1"),
+]
+
+
+@pytest.mark.parametrize("parent,error,match", BAD)
+def test_bad_structures_rejected(backend, parent, error, match):
+    parent = torch.tensor(parent)
+    reward = torch.zeros(len(parent))
+    with pytest.raises(error, match=match):
+        trees.tree_values(parent, reward, "mean_children")
+    with pytest.raises(error, match=match):
+        trees.tree_advantages(parent, reward, "treepo")
+
+
+def test_bad_arguments():
+    parent = torch.tensor([-1, 0, 0])
+    with pytest.raises(TypeError, match="parent must be int64"):
+        trees.tree_values(parent.float(), torch.zeros(3))
+    with pytest.raises(TypeError, match="reward must be"):
+        trees.tree_values(parent, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"reward must have the shape of parent \(3,\), got \(4,\)"):
+        trees.tree_values(parent, torch.zeros(4))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        trees.tree_values(parent, torch.zeros(3), "mean")
+    with pytest.raises(ValueError, match="method must be one of"):
+        trees.tree_advantages(parent, torch.zeros(3), "grpo")
+    with pytest.raises(ValueError, match="subgroup_weighting must be one of"):
+        trees.tree_advantages(parent, torch.zeros(3), "treepo", subgroup_weighting="size")
+
+
+# ---------------------------------------------------------------------------------------------
+# from_nested
+
+def test_from_nested_matches_hand_built_forest(backend):
+    leaf = lambda r, n=2: {"reward": r, "num_tokens": n}  # noqa: E731
+    inner = {"num_tokens": 3, "children": [leaf(1.0), leaf(1.0, 4), leaf(0.0)]}
+    tree0 = {"num_tokens": 5, "children": [leaf(1.0), inner, leaf(0.0, 1)]}
+    forest = trees.from_nested([tree0, {"reward": 0.5, "num_tokens": 0}])
+    assert forest.parent.tolist() == [-1, 0, 0, 2, 2, 2, 0, -1]
+    assert forest.tree_id.tolist() == [0] * 7 + [1]
+    assert forest.segment_start.tolist() == [0, 5, 7, 10, 12, 16, 18, 19]
+    assert forest.segment_end.tolist() == [5, 7, 10, 12, 16, 18, 19, 19]
+    assert math.isnan(forest.reward[0]) and forest.reward[7] == 0.5
+    parent, reward, at = _example_tree()
+    ours, _ = trees.tree_advantages(forest.parent, forest.reward, "treerl")
+    ref, _ = trees.tree_advantages(parent, reward, "treerl")
+    for name, i in zip("root a x b c d e".split(), range(7)):
+        assert ours[i].item() == pytest.approx(ref[at[name]].item())
+
+
+def test_from_nested_errors():
+    node = {"reward": 1.0}
+    with pytest.raises(ValueError, match=r"tree 0.children\[1\] is the same dict as tree 0.children\[0\]"):
+        trees.from_nested({"children": [node, node]})
+    loop = {"children": []}
+    loop["children"].append({"children": [loop]})
+    with pytest.raises(ValueError, match=r"tree 0.children\[0\].children\[0\] is its own ancestor"):
+        trees.from_nested(loop)
+    with pytest.raises(ValueError, match=r"tree 1.children\[0\] is a leaf without a 'reward'"):
+        trees.from_nested([{"reward": 1.0}, {"children": [{}]}])
+    with pytest.raises(ValueError, match="'children' must be a list of dicts"):
+        trees.from_nested({"children": [1, 2]})
+    with pytest.raises(ValueError, match="has no 'num_tokens'"):
+        trees.from_nested({"num_tokens": 3, "children": [{"reward": 1.0}]})
+
+
+# ---------------------------------------------------------------------------------------------
+# SPO-chain
+
+def _packed(lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    # a mix of confident tokens (p ~ 0.99) and uncertain ones
+    probs = torch.where(torch.rand(total, generator=g) < 0.4, torch.rand(total, generator=g) * 0.9,
+                        0.9 + 0.1 * torch.rand(total, generator=g))
+    return probs.log(), cu, g
+
+
+def _official_chain(probs, values_at_cut, score, interval):
+    """The SPO-chain official episode code's per-token loop, re-derived from its description:
+    cut points are low-probability positions minus one, every interval-th; a value is known at
+    each cut point and at the last token (the score); each token takes the advantage of the next
+    known value minus the previous one (0 before the first); confident tokens get 0."""
+    n = len(probs)
+    cuts = [t - 1 for t in range(n) if probs[t] < 0.9][::interval]
+    known = [None] * n
+    known[-1] = score
+    base = None
+    for c in cuts:
+        if c == -1:
+            base = values_at_cut[0]
+        else:
+            known[c] = values_at_cut[c + 1]
+    adv = [None] * n
+    for i in range(n):
+        if known[i] is not None:
+            adv[i] = 0.0 if base is None else known[i] - base
+            base = known[i]
+    for i in range(n - 1, -1, -1):
+        if adv[i] is None:
+            adv[i] = adv[i + 1]
+    return [0.0 if probs[i] > 0.9 else a for i, a in enumerate(adv)]
+
+
+def test_segment_advantages_match_official_loop():
+    lengths = [1, 17, 40, 3, 0, 25]
+    logprobs, cu, g = _packed(lengths, seed=0)
+    total = int(cu[-1])
+    logprobs[cu[2]] = math.log(0.5)  # a cut point at the very first token: the prompt's value
+    starts = trees.spo_cutpoints(logprobs, cu, threshold=0.9, interval=2)
+    cut_values = torch.rand(total, generator=g)
+    final = torch.rand(len(lengths), generator=g)
+    adv, mask = trees.segment_advantages(starts, cut_values, final, cu, logprobs=logprobs)
+    probs = logprobs.double().exp()
+    for b in range(len(lengths)):
+        s, e = int(cu[b]), int(cu[b + 1])
+        if s == e:
+            continue
+        expected = _official_chain(probs[s:e].tolist(), cut_values[s:e].double().tolist(), float(final[b]), 2)
+        torch.testing.assert_close(adv[s:e].double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6,
+                                   atol=1e-6)
+    assert (mask == (probs < 0.9)).all()
+    ref_adv, ref_mask = reference.segment_advantages(starts, cut_values, final, cu, logprobs, 0.9)
+    torch.testing.assert_close(adv.double(), ref_adv, rtol=1e-6, atol=1e-6)
+    assert (ref_mask == mask).all()
+
+
+@pytest.mark.parametrize("interval", [1, 5])
+def test_spo_cutpoints_match_reference(interval):
+    logprobs, cu, _ = _packed([7, 0, 33, 60, 1], seed=1)
+    starts = trees.spo_cutpoints(logprobs, cu, interval=interval)
+    assert (starts == reference.spo_cutpoints(logprobs, cu, 0.9, interval)).all()
+    assert starts.sum() > 0
+
+
+def test_segment_example_by_hand():
+    # one sequence of 6 tokens, segments open at tokens 1 and 4: [0] before the first cut, [1, 4), [4, 6)
+    starts = torch.tensor([False, True, False, False, True, False])
+    cut_values = torch.tensor([9.0, 0.25, 9.0, 9.0, 0.5, 9.0])
+    adv, mask = trees.segment_advantages(starts, cut_values, torch.tensor([1.0]), torch.tensor([0, 6]))
+    assert adv.tolist() == [0.0, 0.25, 0.25, 0.25, 0.5, 0.5] and mask.all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Token layout
+
+def test_broadcast_to_tokens():
+    forest = trees.from_nested({"num_tokens": 2, "children": [{"reward": 1.0, "num_tokens": 3},
+                                                              {"reward": 0.0, "num_tokens": 0},
+                                                              {"reward": 0.0, "num_tokens": 2}]})
+    adv, _ = trees.tree_advantages(forest.parent, forest.reward, "spo_rloo")
+    tokens = trees.broadcast_to_tokens(adv, forest.segment_start, forest.segment_end, 9, fill=-7.0)
+    assert tokens.tolist() == pytest.approx([0, 0] + [2 / 3] * 3 + [-1 / 3] * 2 + [-7.0, -7.0])
+    # trajectory layout: two paths root->1 and root->3, segments given per (path, node)
+    start, end = torch.tensor([0, 2, 5, 7]), torch.tensor([2, 5, 7, 9])
+    tokens = trees.broadcast_to_tokens(adv, start, end, 9, node_index=torch.tensor([0, 1, 0, 3]))
+    assert tokens.tolist() == pytest.approx([0, 0] + [2 / 3] * 3 + [0, 0] + [-1 / 3] * 2)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(0, 5, (50,), generator=g)
+    gaps = torch.randint(0, 3, (50,), generator=g)
+    end = (lengths + gaps).cumsum(0)
+    start = end - lengths
+    perm = torch.randperm(50, generator=g)
+    values = torch.randn(20, generator=g)
+    index = torch.randint(0, 20, (50,), generator=g)
+    total = int(end[-1]) + 3
+    ours = trees.broadcast_to_tokens(values, start[perm], end[perm], total, node_index=index)
+    ref = reference.broadcast_to_tokens(values, start[perm], end[perm], total, index, 0.0)
+    torch.testing.assert_close(ours.double(), ref)
+    with pytest.raises(ValueError, match="segments 0 and 1 overlap"):
+        trees.broadcast_to_tokens(values[:2], torch.tensor([0, 3]), torch.tensor([4, 6]), 6)
+    with pytest.raises(ValueError, match=r"segment 1 = \[3, 9\) is not within"):
+        trees.broadcast_to_tokens(values[:2], torch.tensor([0, 3]), torch.tensor([2, 9]), 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library
+
+def test_opcheck():
+    parent = random_forest(3, 4, 3, seed=9)
+    reward = random_rewards(len(parent), seed=9, kind="normal")
+    torch.library.opcheck(torch.ops.rlkern.tree_values.default, (parent, reward, "mean_leaves"))
+    for method in METHODS:
+        for with_values in (False, True):
+            torch.library.opcheck(torch.ops.rlkern.tree_advantages.default,
+                                  (parent, reward, method, False, "average", True, None, 1e-8, with_values))
+    torch.library.opcheck(torch.ops.rlkern.trees_values.default, (parent, reward, 0))
+    torch.library.opcheck(torch.ops.rlkern.trees_advantages.default,
+                          (parent, reward, 3, False, True, True, reward.abs(), 1e-8, True))
+    logprobs, cu, _ = _packed([5, 9], seed=2)
+    torch.library.opcheck(torch.ops.rlkern.spo_cutpoints.default, (logprobs, cu, 0.9, 2))
+    starts = trees.spo_cutpoints(logprobs, cu)
+    torch.library.opcheck(torch.ops.rlkern.segment_advantages.default,
+                          (starts, logprobs.exp(), torch.rand(2), cu, logprobs, 0.9))
+    offsets = torch.arange(len(parent))
+    torch.library.opcheck(torch.ops.rlkern.broadcast_to_tokens.default,
+                          (reward, offsets, offsets + 1, len(parent) + 2, None, 0.0))
+
+
+def test_torch_compile_fullgraph():
+    def step(parent, reward, logprobs, cu, cut_values, final):
+        adv, keep = trees.tree_advantages(parent, reward, "treerl")
+        values = trees.tree_values(parent, reward, "mean_children")
+        starts = trees.spo_cutpoints(logprobs, cu)
+        seg, mask = trees.segment_advantages(starts, cut_values, final, cu, logprobs=logprobs)
+        tokens = trees.broadcast_to_tokens(adv * keep, torch.arange(parent.numel()), torch.arange(parent.numel()) + 1,
+                                           parent.numel())
+        return tokens.sum() + values.sum() + (seg * mask).sum()
+
+    parent = random_forest(3, 4, 3, seed=10)
+    reward = random_rewards(len(parent), seed=10, kind="normal")
+    logprobs, cu, g = _packed([6, 11], seed=3)
+    args = (parent, reward, logprobs, cu, torch.rand(17, generator=g), torch.rand(2, generator=g))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), step(*args))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU): the Triton kernels compiled, against the C++ kernels
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(monkeypatch):
+    # 100k shuffled nodes: many programs per level, children ranges crossing blocks.
+    parent = random_forest(400, 8, 6, seed=21, single_nodes=5, chains=5)
+    reward = random_rewards(len(parent), seed=21)
+    monkeypatch.setenv("RLKERN_BACKEND", "cpp")
+    cpu = {m: trees.tree_advantages(parent, reward, m, return_values=True) for m in METHODS}
+    monkeypatch.delenv("RLKERN_BACKEND")
+    for method in METHODS:
+        adv, keep, values = trees.tree_advantages(parent.cuda(), reward.cuda(), method, return_values=True)
+        torch.testing.assert_close(adv.cpu(), cpu[method][0], rtol=1e-6, atol=1e-6)
+        assert (keep.cpu() == cpu[method][1]).all()
+        torch.testing.assert_close(values.cpu(), cpu[method][2])
+    # Without RLKERN_VALIDATE a cycle is not raised on CUDA (no host sync): its nodes get NaN.
+    bad = torch.tensor([-1, 0, 3, 2], device="cuda")
+    values = trees.tree_values(bad, torch.ones(4, device="cuda"))
+    assert values[:2].tolist() == [1.0, 1.0] and values[2:].isnan().all()
+    monkeypatch.setenv("RLKERN_VALIDATE", "1")
+    with pytest.raises(ValueError, match="node 2 does not lead to a root"):
+        trees.tree_values(bad, torch.ones(4, device="cuda"))
