@@ -36,27 +36,39 @@ def _info() -> int:
     return 0
 
 
-def _bench(argv: list[str]) -> int:
+BENCH_FAMILIES = ("logprobs", "policy_loss", "advantages", "trees")
+
+
+def _bench(families: list[str]) -> int:
     # libgomp's spin-wait makes CPU timings swing by 10-80x on shared machines; it is read when
     # the OpenMP runtime starts, so set it and start again before torch is imported.
     if os.environ.get("OMP_WAIT_POLICY") is None:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        os.execv(sys.executable, [sys.executable, "-m", "rlkern.cli", "bench", *argv])
-    from rlkern.benches import bench_logprobs
+        os.execv(sys.executable, [sys.executable, "-m", "rlkern.cli", "bench", *families])
+    import importlib
 
-    bench_logprobs.main(argv)
+    for family in families or BENCH_FAMILIES:
+        print(f"\n## {family}\n", flush=True)
+        importlib.import_module(f"rlkern.benches.bench_{family}").main([])
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="rlkern", description="rlkern: fused kernels for LLM RL")
-    parser.add_argument("command", choices=["info", "bench"])
-    args, rest = parser.parse_known_args(argv[:1])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device, backends")
+    bench = sub.add_parser("bench", help="benchmarks vs the peers on this machine's device (GPU if any)")
+    bench.add_argument("families", nargs="*", metavar="FAMILY",
+                       help=f"any of {', '.join(BENCH_FAMILIES)} (default: all); "
+                            "`python -m rlkern.benches.bench_FAMILY --help` for shapes and --out")
+    args = parser.parse_args(argv)
+    unknown = [f for f in getattr(args, "families", []) if f not in BENCH_FAMILIES]
+    if unknown:
+        parser.error(f"unknown benchmark family {unknown[0]!r}; choose from {', '.join(BENCH_FAMILIES)}")
     if args.command == "info":
         return _info()
-    return _bench(argv[1:])
-
+    return _bench(args.families)
 
 if __name__ == "__main__":
     sys.exit(main())

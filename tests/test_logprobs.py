@@ -44,10 +44,11 @@ def _fp32_close(ours, ref, rtol=2e-5, atol=2e-5, name="value"):
     torch.testing.assert_close(ours.double(), ref.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-# V = 1000, 4099: not multiples of any block (vocab tails); 7 and 1: shorter than one block.
+# V = 1000, 4099, 32003: not multiples of any block (vocab tails; 32003 spans several blocks,
+# at N = 2 to keep the interpreter fast); 7 and 1: shorter than one block.
 # N = 1, 5, 17: odd row counts, and a single row.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,vocab", [(1, 7), (5, 1000), (17, 4099), (3, 1)])
+@pytest.mark.parametrize("n,vocab", [(1, 7), (5, 1000), (17, 4099), (3, 1), (2, 32003)])
 @pytest.mark.parametrize("temperature", [0.6, 1.0, 1.3])
 def test_forward_matches_reference(backend, dtype, n, vocab, temperature):
     logits = _logits(n, vocab, dtype)
