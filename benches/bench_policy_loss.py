@@ -162,8 +162,7 @@ def main(argv=None) -> list[common.Row]:
     print(f"# {common.device_name(device)}\n")
     print(common.markdown_table(rows))
     if args.out:
-        common.write_results(args.out, device, rows,
-                             "python -m rlkern.benches.bench_policy_loss " + " ".join(argv or []))
+        common.write_results(args.out, device, rows, __spec__.name, argv)
     return rows
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 import torch
 
@@ -163,7 +162,6 @@ def main(argv=None) -> list[common.Row]:
     parser.add_argument("--python-rounds", type=int, default=3, help="0 skips the per-node Python loop")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (the issue's target: 2)")
     parser.add_argument("--out", help="write FILE.json and FILE.md")
-    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -172,7 +170,7 @@ def main(argv=None) -> list[common.Row]:
     print(f"# {common.device_name(device)}\n")
     print(common.markdown_table(rows))
     if args.out:
-        common.write_results(args.out, device, rows, "python -m rlkern.benches.bench_trees " + " ".join(argv))
+        common.write_results(args.out, device, rows, __spec__.name, argv)
     return rows
 
 

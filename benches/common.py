@@ -13,6 +13,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -145,7 +146,11 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def write_results(path: str, device: torch.device, rows: list[Row], command: str) -> None:
+def write_results(path: str, device: torch.device, rows: list[Row], module: str, argv: list[str] | None) -> None:
+    """Write FILE.json and FILE.md, recording the command that reproduces them: ``module`` is
+    the bench's dotted name (``__spec__.name``), ``argv`` what its ``main`` parsed (None: the
+    command line)."""
+    command = " ".join(["python -m", module, *(sys.argv[1:] if argv is None else argv)])
     env = environment(device)
     base, _ = os.path.splitext(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
