@@ -27,6 +27,7 @@ from rlkern.ops.advantages import (
     remax,
     rloo,
 )
+from rlkern.ops.linear_logprobs import linear_token_logprobs
 from rlkern.ops.logprobs import (
     entropy_from_logits,
     selective_log_softmax,
@@ -47,6 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     # log-probs
     "entropy_from_logits",
+    "linear_token_logprobs",
     "selective_log_softmax",
     "selective_log_softmax_and_entropy",
     "token_logprobs",

@@ -1,0 +1,465 @@
+"""Token log-probs and entropy straight from hidden states: the LM head fused, no [N, V] logits.
+
+``linear_token_logprobs(hidden, weight, labels)`` returns what
+``token_logprobs(hidden @ weight.T, labels)`` returns, with the math of TRL's fused LM head
+(``trl.kernels.ChunkedLogProbFunction``): ``z = softcap(logit_scale * (h W^T + b)) / T``.
+
+How (the "chunked" kernel, every device): tokens are cut into chunks of ``chunk_size`` rows;
+for each chunk one GEMM writes the chunk's fp32 logits ``[chunk, V]`` into a reused buffer
+and the token log-prob kernel (C++ on CPU, Triton on GPU) folds it into log-prob, entropy and
+the float64 log-sum-exp in one read. Only ``[N]`` statistics are kept. The backward recomputes
+each chunk's logits, turns them into d loss / d logits in place (the same kernel as
+``token_logprobs``' backward) and feeds that tile into the two gradient GEMMs
+(d hidden ``+= G W``, d weight ``+= G^T h``, accumulated in fp32). Extra memory: one fp32 tile
+(plus, for half-precision weights on the CPU, an fp32 copy of one vocabulary block of W), so
+``O(chunk * V)``, never ``O(N * V)``.
+
+On CUDA the GEMMs take the inputs' dtype (bf16/fp16 tensor cores) and write fp32 (cuBLAS's
+fp32 output, PyTorch >= 2.8); the gradient tile enters the backward GEMMs in that dtype as in
+Liger and TRL. On the CPU every product is fp32 (bf16 inputs are widened): TRL's CPU path
+rounds bf16 logits to bf16 and is off by up to 4e-2 in log-prob, rlkern by < 1e-3.
+
+``kernel="fused"`` (CUDA) runs the Triton kernel of ``kernels/linear_logprobs.py`` instead,
+whose matmul tiles live inside Triton (``tl.dot``).
+
+``deterministic=True``: every GEMM runs on a fixed block of ``_DET_ROWS`` tokens (the last one
+zero-padded), so a token's outputs are bit-identical however the batch is composed or chunked
+(batch invariance: the GEMM, the row kernels and the extra reductions see the same shapes
+every time) and the backward accumulates tiles in a fixed order without atomics. Cost: small
+GEMMs (``_DET_ROWS`` rows) and up to ``_DET_ROWS - 1`` padded rows per call; ``chunk_size``
+is then ignored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from rlkern import _backend
+from rlkern.ops import logprobs as token_ops
+from rlkern.reference import linear_logprobs as reference
+
+EXTRA_OUTPUTS = reference.EXTRA_OUTPUTS
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Bytes of fp32 logits per chunk when chunk_size is None: on the CPU a tile that stays in the
+# last-level cache between the GEMM that writes it and the kernel that reads it; on the GPU a
+# tile big enough for full-speed GEMMs and small next to the 2.5-5 GB of materialized logits.
+_TILE_BYTES = {"cpu": 16 << 20, "cuda": 256 << 20}
+_DET_ROWS = 128  # GEMM rows of every deterministic block
+_W_BLOCK_BYTES = 16 << 20  # fp32 copy of a block of a half-precision W (CPU)
+
+
+def _check_linear(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap,
+                  extra_outputs, chunk_size):
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if hidden.dtype not in _FLOAT_DTYPES or weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden and weight must be float16/bfloat16/float32/float64, got "
+                        f"{hidden.dtype} and {weight.dtype}")
+    if hidden.ndim not in (2, 3):
+        raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]} (hidden's last dim), "
+                         f"got shape {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    if labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"labels must be int32 or int64, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
+                         f"got {tuple(labels.shape)}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"bias must be None or a float tensor, got {getattr(bias, 'dtype', type(bias))}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale != 0):
+        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale!r}")
+    if logit_softcap is not None and not (
+        isinstance(logit_softcap, (int, float)) and math.isfinite(logit_softcap) and logit_softcap > 0
+    ):
+        raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
+    unknown = [name for name in extra_outputs if name not in EXTRA_OUTPUTS]
+    if isinstance(extra_outputs, str) or unknown:
+        raise ValueError(f"extra_outputs must be a tuple of names among {EXTRA_OUTPUTS}, got {extra_outputs!r}")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be None or an int > 0 (tokens per tile), got {chunk_size!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiles.
+
+
+def _blocks(n: int, vocab: int, device: torch.device, chunk_size: int, deterministic: bool):
+    """(start, end, rows) of each token chunk; ``rows >= end - start`` is the GEMM's row count."""
+    if deterministic:
+        return [(s, min(s + _DET_ROWS, n), _DET_ROWS) for s in range(0, n, _DET_ROWS)]
+    if chunk_size <= 0:
+        budget = _TILE_BYTES["cuda" if device.type == "cuda" else "cpu"]
+        chunk_size = max(16, budget // (4 * vocab) // 16 * 16)
+    return [(s, min(s + chunk_size, n), min(s + chunk_size, n) - s) for s in range(0, n, chunk_size)]
+
+
+def _rows(x: Tensor, start: int, end: int, rows: int, fill: float = 0.0) -> Tensor:
+    """``x[start:end]`` padded with ``fill`` to ``rows`` rows (deterministic blocks)."""
+    if end - start == rows:
+        return x[start:end]
+    out = x.new_full((rows, *x.shape[1:]), fill)
+    out[: end - start] = x[start:end]
+    return out
+
+
+def _half_on_cuda(t: Tensor) -> bool:
+    return t.device.type == "cuda" and t.dtype in (torch.float16, torch.bfloat16)
+
+
+def _weight_blocks(weight: Tensor, bias: Tensor | None, on_cuda_half: bool):
+    """Vocabulary blocks of W (and b) in the dtype the GEMM takes: W itself on CUDA (or when it
+    is fp32/fp64), else fp32 copies of blocks of at most ``_W_BLOCK_BYTES``."""
+    vocab, width = weight.shape
+    if on_cuda_half or weight.dtype in (torch.float32, torch.float64):
+        yield 0, vocab, weight, bias
+        return
+    step = max(1, _W_BLOCK_BYTES // (4 * max(width, 1)))
+    for v0 in range(0, vocab, step):
+        v1 = min(v0 + step, vocab)
+        yield v0, v1, weight[v0:v1].float(), None if bias is None else bias[v0:v1]
+
+
+def _logits_into(out: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, logit_scale: float) -> None:
+    """``out [rows, V]`` (fp32) = logit_scale * (h W^T + b), products accumulated in fp32."""
+    on_cuda_half = _half_on_cuda(h) and h.dtype == weight.dtype
+    if not on_cuda_half and h.dtype != out.dtype:
+        h = h.to(out.dtype)
+    for v0, v1, w, b in _weight_blocks(weight, bias, on_cuda_half):
+        tile = out[:, v0:v1]
+        if on_cuda_half:
+            torch.mm(h, w.T, out_dtype=torch.float32, out=tile)
+        else:
+            torch.mm(h, w.to(out.dtype).T, out=tile)
+        if b is not None:
+            tile.add_(b.to(out.dtype))
+    if logit_scale != 1.0:
+        out.mul_(logit_scale)
+
+
+def _grad_products(grad_tile: Tensor, h: Tensor, weight: Tensor, grad_hidden: Tensor | None,
+                   grad_weight: Tensor | None, grad_bias: Tensor | None, logit_scale: float) -> None:
+    """grad_hidden += s G W, grad_weight += s G^T h, grad_bias += s sum_rows G (fp32 accumulators)."""
+    on_cuda_half = _half_on_cuda(h) and h.dtype == weight.dtype
+    g = grad_tile.to(h.dtype) if on_cuda_half else grad_tile
+    hh = h if on_cuda_half else h.to(grad_tile.dtype)
+    for v0, v1, w, _ in _weight_blocks(weight, None, on_cuda_half):
+        g_block = g[:, v0:v1]
+        if grad_hidden is not None:
+            if on_cuda_half:
+                torch.addmm(grad_hidden, g_block, w, alpha=logit_scale, out_dtype=torch.float32, out=grad_hidden)
+            else:
+                grad_hidden.addmm_(g_block, w.to(g.dtype), alpha=logit_scale)
+        if grad_weight is not None:
+            acc = grad_weight[v0:v1]
+            if on_cuda_half:
+                torch.addmm(acc, g_block.T, hh, alpha=logit_scale, out_dtype=torch.float32, out=acc)
+            else:
+                acc.addmm_(g_block.T, hh, alpha=logit_scale)
+    if grad_bias is not None:
+        grad_bias.add_(grad_tile.sum(0, dtype=grad_bias.dtype), alpha=logit_scale)
+
+
+def _extras_of(tile: Tensor, labels: Tensor, lse: Tensor, temperature: float, softcap: float,
+               ignore_index: int, want: tuple[bool, bool, bool]) -> list[Tensor | None]:
+    """TRL's optional per-token outputs from one fp32 logits tile (before softcap/temperature)."""
+    u = softcap * torch.tanh(tile / softcap) if softcap > 0 else tile
+    u = u / temperature
+    out: list[Tensor | None] = [None, None, None]
+    if want[0]:  # log sum p^2 = logsumexp(2u) - 2 lse
+        out[0] = (torch.logsumexp(2 * u, dim=-1).double() - 2 * lse).to(tile.dtype)
+    if want[1]:
+        out[1] = u.mean(-1)
+    if want[2]:
+        out[2] = (u.argmax(-1) == labels) & (labels != ignore_index)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom ops.
+
+
+def _chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature, ignore_index,
+                     with_entropy, want_extras, chunk_size, deterministic):
+    n, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    acc_dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+    backend = _backend.choose(device, token_ops._KERNELS, acc_dtype)
+    forward, _ = token_ops._kernel_fns(backend)
+    logp = torch.empty(n, dtype=acc_dtype, device=device)
+    entropy = torch.empty(n if with_entropy else 0, dtype=acc_dtype, device=device)
+    lse = torch.empty(n, dtype=torch.float64, device=device)
+    extras = [
+        torch.empty(n if want_extras[0] else 0, dtype=acc_dtype, device=device),
+        torch.empty(n if want_extras[1] else 0, dtype=acc_dtype, device=device),
+        torch.empty(n if want_extras[2] else 0, dtype=torch.bool, device=device),
+    ]
+    blocks = _blocks(n, vocab, device, chunk_size, deterministic)
+    buf = torch.empty((max((r for _, _, r in blocks), default=0), vocab), dtype=acc_dtype, device=device)
+    for start, end, rows in blocks:
+        tile = buf[:rows]
+        _logits_into(tile, _rows(hidden, start, end, rows), weight, bias, logit_scale)
+        tile_labels = _rows(labels, start, end, rows)
+        c_logp, c_ent, c_lse = forward(tile, tile_labels, temperature, softcap, ignore_index, with_entropy)
+        k = end - start
+        logp[start:end] = c_logp[:k]
+        lse[start:end] = c_lse[:k]
+        if with_entropy:
+            entropy[start:end] = c_ent[:k]
+        if any(want_extras):
+            for dst, val in zip(extras, _extras_of(tile, tile_labels, c_lse, temperature, softcap,
+                                                   ignore_index, want_extras)):
+                if val is not None:
+                    dst[start:end] = val[:k]
+    return logp, entropy, lse, *extras
+
+
+def _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+                      logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic,
+                      need_hidden, need_weight, need_bias):
+    n, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    acc_dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+    backend = _backend.choose(device, token_ops._KERNELS, acc_dtype)
+    _, backward = token_ops._kernel_fns(backend)
+    grad_hidden = torch.zeros(hidden.shape, dtype=acc_dtype, device=device) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_weight else None
+    grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_bias else None
+    grad_logp = grad_logp.to(acc_dtype).contiguous()
+    grad_entropy = grad_entropy.to(acc_dtype).contiguous() if grad_entropy is not None else None
+    blocks = _blocks(n, vocab, device, chunk_size, deterministic)
+    buf = torch.empty((max((r for _, _, r in blocks), default=0), vocab), dtype=acc_dtype, device=device)
+    for start, end, rows in blocks:
+        tile = buf[:rows]
+        h = _rows(hidden, start, end, rows)
+        _logits_into(tile, h, weight, bias, logit_scale)
+        # A padded row gets lse = -inf, which every backend reads as "no distribution": its
+        # gradient row is exactly 0, so padding adds nothing to the products below.
+        backward(
+            _rows(grad_logp, start, end, rows),
+            _rows(grad_entropy, start, end, rows) if grad_entropy is not None else None,
+            tile, _rows(labels, start, end, rows), _rows(lse, start, end, rows, -math.inf),
+            _rows(entropy, start, end, rows) if entropy is not None else None,
+            temperature, softcap, ignore_index, tile,
+        )
+        padded = rows != end - start
+        g_hidden = None
+        if grad_hidden is not None:
+            g_hidden = grad_hidden.new_zeros((rows, hidden.shape[1])) if padded else grad_hidden[start:end]
+        _grad_products(tile, h, weight, g_hidden, grad_weight, grad_bias, logit_scale)
+        if padded and grad_hidden is not None:
+            grad_hidden[start:end] = g_hidden[: end - start]
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _fused_kernels():
+    from rlkern.kernels import linear_logprobs as fused
+
+    return fused
+
+
+@torch.library.custom_op("rlkern::linear_logprobs_fwd", mutates_args=())
+def _fwd(
+    hidden: Tensor,  # (N, H)
+    weight: Tensor,  # (V, H)
+    bias: Tensor | None,  # (V,)
+    labels: Tensor,  # (N,) int32/int64
+    logit_scale: float,
+    softcap: float,  # 0.0 = off
+    temperature: float,
+    ignore_index: int,
+    with_entropy: bool,
+    want_extras: list[bool],  # log_sum_sq_probs, mean_logits, is_top1
+    chunk_size: int,  # 0 = from _TILE_BYTES
+    deterministic: bool,
+    kernel: str,  # "chunked" | "fused"
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    token_ops._check_label_range(labels, weight.shape[0], ignore_index)
+    want = tuple(bool(w) for w in want_extras)
+    if kernel == "fused":
+        logp, entropy, lse = _fused_kernels().linear_logprobs_forward(
+            hidden, weight, bias, labels, logit_scale, softcap, temperature, ignore_index, with_entropy)
+        empty = logp.new_empty(0)
+        return logp, entropy, lse, empty, empty.clone(), torch.empty(0, dtype=torch.bool, device=logp.device)
+    return tuple(_chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature,
+                                  ignore_index, with_entropy, want, chunk_size, deterministic))
+
+
+@_fwd.register_fake
+def _fwd_fake(hidden, weight, bias, labels, logit_scale, softcap, temperature, ignore_index,
+              with_entropy, want_extras, chunk_size, deterministic, kernel):
+    n = hidden.shape[0]
+    dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+
+    def vec(on, dt=dtype):
+        return hidden.new_empty(n if on else 0, dtype=dt)
+
+    return (vec(True), vec(with_entropy), vec(True, torch.float64), vec(want_extras[0]),
+            vec(want_extras[1]), vec(want_extras[2], torch.bool))
+
+
+@torch.library.custom_op("rlkern::linear_logprobs_bwd", mutates_args=())
+def _bwd(
+    grad_logp: Tensor,  # (N,)
+    grad_entropy: Tensor | None,  # (N,)
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    lse: Tensor,  # (N,) float64
+    entropy: Tensor | None,  # (N,)
+    logit_scale: float,
+    softcap: float,
+    temperature: float,
+    ignore_index: int,
+    chunk_size: int,
+    deterministic: bool,
+    kernel: str,
+    needs: list[bool],  # hidden, weight, bias
+) -> tuple[Tensor, Tensor, Tensor]:
+    if kernel == "fused":
+        grads = _fused_kernels().linear_logprobs_backward(
+            grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, logit_scale,
+            softcap, temperature, ignore_index, needs[0], needs[1], needs[2], deterministic)
+    else:
+        grads = _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
+                                  logit_scale, softcap, temperature, ignore_index, chunk_size,
+                                  deterministic, *needs)
+    like = (hidden, weight, bias)
+    return tuple(g.to(x.dtype) if g is not None else hidden.new_empty(0) for g, x in zip(grads, like))
+
+
+@_bwd.register_fake
+def _bwd_fake(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, logit_scale,
+              softcap, temperature, ignore_index, chunk_size, deterministic, kernel, needs):
+    like = (hidden, weight, bias)
+    return tuple(torch.empty_like(x) if need and x is not None else hidden.new_empty(0)
+                 for need, x in zip(needs, like))
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, bias, labels, logit_scale, softcap, temperature, ignore_index, with_entropy,
+     _, chunk_size, deterministic, kernel) = inputs
+    _, entropy, lse, *extras = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy if with_entropy else None)
+    ctx.hyper = (logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic, kernel)
+    ctx.with_entropy = with_entropy
+    ctx.mark_non_differentiable(lse, *extras)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_logp, grad_entropy, *_):
+    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+             bias is not None and bool(ctx.needs_input_grad[2])]
+    if not any(needs) or (grad_logp is None and (grad_entropy is None or not ctx.with_entropy)):
+        return (None,) * 13
+    if grad_logp is None:
+        grad_logp = lse.new_zeros(lse.shape, dtype=torch.float32)
+    g_entropy = grad_entropy if ctx.with_entropy else None
+    logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic, kernel = ctx.hyper
+    g_h, g_w, g_b = _bwd(grad_logp, g_entropy, hidden, weight, bias, labels, lse, entropy, logit_scale,
+                         softcap, temperature, ignore_index, chunk_size, deterministic, kernel, needs)
+    return (g_h if needs[0] else None, g_w if needs[1] else None, g_b if needs[2] else None,
+            *(None,) * 10)
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    extra_outputs: tuple[str, ...] = (),
+    chunk_size: int | None = None,
+    deterministic: bool = False,
+    kernel: str | None = None,
+) -> Tensor | tuple:
+    """Log-prob of each label (and optionally the entropy) under the LM head, without logits.
+
+    Equals ``token_logprobs(logits, labels, ...)`` for ``logits = logit_scale * (hidden @
+    weight.T + bias)``, but never holds the ``[N, V]`` logits: tokens are processed in chunks
+    and the backward recomputes each chunk (see the module docstring for the memory bound).
+
+    Args:
+        hidden: ``[N, H]`` or ``[B, T, H]``, float16/bfloat16/float32 (float64 on CPU: exact).
+        weight: ``[V, H]``, the LM head (``lm_head.weight``, possibly tied to the embeddings).
+            Its gradient is accumulated into ``weight.grad`` like any parameter's.
+        labels: ``hidden.shape[:-1]``, int32/int64, in ``[0, V)`` or ``ignore_index``.
+        bias: ``[V]`` or None (LM heads usually have none).
+        temperature: divides the (soft-capped) logits; the sampling temperature (TRL/verl).
+            Default 1.0 as in TRL's ``ChunkedLogProbFunction``.
+        logit_scale: multiplies ``h W^T + b`` before the softcap (Cohere's ``logit_scale``,
+            Granite's ``1 / logits_scaling``; TRL's ``logit_scale``). Default 1.0.
+        logit_softcap: ``c`` in ``c * tanh(x / c)`` (Gemma 2's ``final_logit_softcapping``);
+            None is off.
+        ignore_index: label with log-prob 0 and no log-prob gradient (HF's -100).
+        return_entropy: also return the entropy of the distribution (differentiable).
+        extra_outputs: names among ``("log_sum_sq_probs", "mean_logits", "is_top1")``, TRL's
+            optional per-token outputs: ``log sum_j p_j^2``, the mean of the transformed logits
+            ``z``, and whether the label is the first argmax of ``z`` (False at ignored labels).
+            Not differentiable. Only on the chunked kernel.
+        chunk_size: tokens per tile; None sizes the tile to 16 MiB of fp32 logits on the CPU and
+            256 MiB on the GPU. Ignored when ``deterministic``.
+        deterministic: bit-identical outputs for a token whatever the batch around it and the
+            chunking; run-to-run identical gradients (no atomics). See the module docstring for
+            the cost.
+        kernel: ``"chunked"`` (GEMM per chunk + the token log-prob kernel; every device) or
+            ``"fused"`` (Triton ``tl.dot`` kernel, GPU or TRITON_INTERPRET); None picks
+            ``"chunked"``.
+
+    Returns:
+        ``logprobs`` float32 of shape ``hidden.shape[:-1]`` (never > 0; 0 at ignored labels;
+        float64 when hidden or weight is float64); then ``entropy`` (same shape) if
+        ``return_entropy``; then a dict ``{name: tensor of shape hidden.shape[:-1]}`` if
+        ``extra_outputs`` is not empty (``is_top1`` bool, the others float32).
+    """
+    extra_outputs = tuple(extra_outputs) if not isinstance(extra_outputs, str) else extra_outputs
+    _check_linear(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap,
+                  extra_outputs, chunk_size)
+    if kernel is None:
+        kernel = "chunked"
+    if kernel not in ("chunked", "fused"):
+        raise ValueError(f"kernel must be None, 'chunked' or 'fused', got {kernel!r}")
+    if kernel == "fused" and extra_outputs:
+        raise ValueError("extra_outputs are computed by the chunked kernel only: pass kernel='chunked'")
+    lead = hidden.shape[:-1]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    want = [name in extra_outputs for name in EXTRA_OUTPUTS]
+    softcap = float(logit_softcap) if logit_softcap is not None else 0.0
+    logp, entropy, _, *extras = _fwd(
+        flat, weight, bias, labels.reshape(-1), float(logit_scale), softcap, float(temperature),
+        int(ignore_index), bool(return_entropy), want, int(chunk_size or 0), bool(deterministic), kernel)
+    out: list = [logp.view(lead)]
+    if return_entropy:
+        out.append(entropy.view(lead))
+    if extra_outputs:
+        named = dict(zip(EXTRA_OUTPUTS, extras))
+        out.append({name: named[name].view(lead) for name in extra_outputs})
+    return out[0] if len(out) == 1 else tuple(out)
