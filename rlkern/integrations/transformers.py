@@ -1,0 +1,107 @@
+"""Hugging Face transformers glue: causal LMs that return token log-probs, never full logits.
+
+``patch_causal_lm(model)`` wraps ``model.forward``: a call with ``logprob_labels=`` (labels
+aligned with ``input_ids``, shifted inside like HF's ``labels``) or ``shift_labels=``
+(already shifted) runs the backbone, then :func:`rlkern.linear_token_logprobs` on the last
+hidden states and the output embeddings (the LM head), and returns a
+:class:`CausalLMLogprobsOutput`. Any other call goes to the original forward unchanged
+(generation keeps working).
+
+The LM head's logit transform is read from the model's text config, so the log-probs are the
+model's own: ``final_logit_softcapping`` (Gemma 2/3), ``logit_scale`` (Cohere, multiplies),
+``logits_scaling`` (Granite, divides), ``lm_head_multiplier`` (Falcon-H1).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from transformers.utils import ModelOutput
+
+from rlkern.ops.linear_logprobs import linear_token_logprobs
+
+
+@dataclass
+class CausalLMLogprobsOutput(ModelOutput):
+    """``logprobs`` float32 ``[B, T-1]`` for ``logprob_labels`` (``[B, T]`` for
+    ``shift_labels``), 0 where the label is ``ignore_index``; ``entropy`` the same shape when
+    requested, else None."""
+
+    logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+
+def head_transform(config) -> dict:
+    """``logit_scale`` and ``logit_softcap`` of a model's LM head, from its (text) config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = 1.0
+    if getattr(text, "logit_scale", None) is not None:
+        scale = float(text.logit_scale)
+    elif getattr(text, "logits_scaling", None) is not None:
+        scale = 1.0 / float(text.logits_scaling)
+    elif getattr(text, "lm_head_multiplier", None) is not None:
+        scale = float(text.lm_head_multiplier)
+    softcap = getattr(text, "final_logit_softcapping", None)
+    return {"logit_scale": scale, "logit_softcap": float(softcap) if softcap else None}
+
+
+def patch_causal_lm(model, *, temperature: float = 1.0, return_entropy: bool = False,
+                    chunk_size: int | None = None, deterministic: bool = False):
+    """Make ``model(..., logprob_labels=labels)`` return token log-probs without full logits.
+
+    Args:
+        model: a transformers causal LM (``*ForCausalLM``): ``model.base_model`` gives the last
+            hidden states, ``model.get_output_embeddings()`` the LM head.
+        temperature, return_entropy, chunk_size, deterministic: defaults of every patched call,
+            as in :func:`rlkern.linear_token_logprobs`; each can be overridden per call by the
+            keyword of the same name.
+
+    Returns:
+        The same model, patched in place (``unpatch_causal_lm`` restores it). A patched call
+        ``model(input_ids, attention_mask=..., logprob_labels=labels [B, T])`` returns
+        ``CausalLMLogprobsOutput(logprobs [B, T-1], entropy [B, T-1] or None)``; with
+        ``shift_labels=[B, T]`` instead, both are ``[B, T]``. Gradients reach the backbone and
+        the LM head (tied embeddings included).
+    """
+    if hasattr(model, "_rlkern_original_forward"):
+        raise ValueError("model is already patched by rlkern.integrations.transformers.patch_causal_lm")
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (not a causal LM head model)")
+    original = model.forward
+    defaults = dict(temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size,
+                    deterministic=deterministic)
+
+    @functools.wraps(original)
+    def forward(*args, logprob_labels=None, shift_labels=None, **kwargs):
+        if logprob_labels is None and shift_labels is None:
+            return original(*args, **kwargs)
+        if logprob_labels is not None and shift_labels is not None:
+            raise ValueError("pass logprob_labels (unshifted) or shift_labels (shifted), not both")
+        options = {**defaults, **{k: kwargs.pop(k) for k in list(kwargs) if k in defaults}}
+        kwargs["use_cache"] = False
+        hidden = model.base_model(*args, **kwargs).last_hidden_state
+        if logprob_labels is not None:
+            hidden, labels = hidden[:, :-1], logprob_labels[:, 1:]
+        else:
+            labels = shift_labels
+        head = model.get_output_embeddings()
+        out = linear_token_logprobs(hidden.to(head.weight.device), head.weight, labels.to(head.weight.device),
+                                    bias=head.bias, **head_transform(model.config), **options)
+        if options["return_entropy"]:
+            return CausalLMLogprobsOutput(logprobs=out[0], entropy=out[1])
+        return CausalLMLogprobsOutput(logprobs=out)
+
+    model._rlkern_original_forward = original
+    model.forward = forward
+    return model
+
+
+def unpatch_causal_lm(model):
+    """Undo :func:`patch_causal_lm`; returns the model."""
+    if not hasattr(model, "_rlkern_original_forward"):
+        raise ValueError("model is not patched by rlkern.integrations.transformers.patch_causal_lm")
+    model.forward = model._rlkern_original_forward
+    del model._rlkern_original_forward
+    return model
