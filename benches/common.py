@@ -30,9 +30,10 @@ class Row:
     p80_ms: float
     gbps: float | None = None  # from an explicit byte count
     pct_peak: float | None = None  # of the measured copy bandwidth of this machine
-    peak_mem_mib: float | None = None  # CUDA peak allocated during the call, beyond inputs
+    peak_mem_mib: float | None = None  # peak memory during the call beyond its inputs (CUDA allocator, or CPU RSS growth)
     speedup: float | None = None  # this impl's median / rlkern's median (>1: rlkern faster)
     extra: dict = field(default_factory=dict)
+    tflops: float | None = None  # from an explicit flop count (GEMM benchmarks)
 
 
 def device_name(device: torch.device) -> str:
@@ -87,6 +88,25 @@ def cuda_peak_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def cpu_peak_rss_growth_mib(fn) -> float:
+    """Peak resident size while fn runs minus the resident size before it (Linux): CPU tensors
+    bypass tracemalloc, but every page the allocator touches is resident. The kernel's peak
+    (VmHWM) is reset first (``clear_refs`` 5), so earlier, freed allocations do not hide it."""
+    before = _proc_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    return (_proc_status_kib("VmHWM") - before) / 1024
+
+
 def copy_bandwidth_gbps(device: torch.device) -> float:
     """Measured read+write bandwidth of a large copy: the '100%' of the % peak column."""
     numel = (1 << 28) if device.type == "cuda" else (1 << 26)
@@ -113,11 +133,14 @@ def _fmt(x, spec):
 
 
 def markdown_table(rows: list[Row]) -> str:
-    head = "| bench | impl | shape | median ms | p20–p80 ms | GB/s | % peak BW | peak MiB | rlkern speedup |\n"
-    head += "|---|---|---|---:|---:|---:|---:|---:|---:|\n"
+    flops = any(r.tflops is not None for r in rows)
+    head = "| bench | impl | shape | median ms | p20–p80 ms | " + ("TFLOP/s | " if flops else "")
+    head += "GB/s | % peak BW | peak MiB | rlkern speedup |\n"
+    head += "|---|---|---|---:|---:|" + ("---:|" if flops else "") + "---:|---:|---:|---:|\n"
     lines = [
         f"| {r.bench} | {r.impl} | {r.shape} | {r.median_ms:.3f} | {r.p20_ms:.3f}–{r.p80_ms:.3f} | "
-        f"{_fmt(r.gbps, '.1f')} | {_fmt(r.pct_peak, '.0f')} | {_fmt(r.peak_mem_mib, '.0f')} | "
+        + (f"{_fmt(r.tflops, '.3g')} | " if flops else "")
+        + f"{_fmt(r.gbps, '.1f')} | {_fmt(r.pct_peak, '.0f')} | {_fmt(r.peak_mem_mib, '.0f')} | "
         f"{_fmt(r.speedup, '.2f')}x |"
         for r in rows
     ]

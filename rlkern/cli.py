@@ -32,11 +32,14 @@ def _info() -> int:
     print(f"forced      RLKERN_BACKEND={forced}" if forced else "forced      none (RLKERN_BACKEND unset)")
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    print(f"token_logprobs on {device.type} runs: {_backend.choose(device, ('cpp', 'triton'), dtype)}")
+    token_backend = _backend.choose(device, ("cpp", "triton"), dtype)
+    print(f"token_logprobs on {device.type} runs: {token_backend}")
+    gemm = "cuBLAS" if cuda else "ATen CPU"
+    print(f"linear_token_logprobs on {device.type} runs: chunked ({gemm} GEMM tiles + {token_backend} log-prob kernel)")
     return 0
 
 
-BENCH_FAMILIES = ("logprobs", "policy_loss", "advantages", "trees")
+BENCH_FAMILIES = ("logprobs", "linear_logprobs", "policy_loss", "advantages", "trees")
 
 
 def _bench(families: list[str]) -> int:

@@ -232,10 +232,11 @@ def test_parity_with_trl_chunked_logprob(bias):
 
 
 # Memory is measured in a fresh process: CPU tensors bypass tracemalloc, but the peak resident
-# size sees every page the allocator touched. N x V fp32 logits here are 4096 x 32000 x 4 B =
+# size (reset before the step) sees every page the allocator touched. N x V fp32 logits here are 4096 x 32000 x 4 B =
 # 500 MiB, far above the chunked path's tile (16 MiB) and grads (8.5 MiB): unmistakable.
 _MEMORY_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, torch, rlkern
+    import json, sys, torch, rlkern
+    from rlkern.benches.common import cpu_peak_rss_growth_mib
     torch.manual_seed(0)
     n, width, vocab = 4096, 64, 32000
     hidden = torch.randn(n, width, requires_grad=True)
@@ -250,10 +251,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     small = (hidden[:8].detach().requires_grad_(), labels[:8])
     rlkern.linear_token_logprobs(small[0], weight, small[1]).sum().backward()  # warm up code paths
     hidden.grad = weight.grad = None
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step(sys.argv[1] == "materialize")
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"extra_mib": (after - before) / 1024}))
+    print(json.dumps({"extra_mib": cpu_peak_rss_growth_mib(lambda: step(sys.argv[1] == "materialize"))}))
 """)
 
 
@@ -312,3 +310,21 @@ def test_bad_input(change, error, match):
     hidden, weight, labels = args.pop("hidden"), args.pop("weight"), args.pop("labels")
     with pytest.raises(error, match=match):
         rlkern.linear_token_logprobs(hidden, weight, labels, **args)
+
+
+def test_benchmark_runs_at_a_tiny_shape():
+    """The benchmark's implementations agree with each other (so the table compares like with
+    like) and its run produces a row per implementation (memory: test_no_n_by_v_tensor_is_allocated
+    uses the same probe)."""
+    from rlkern.benches import bench_linear_logprobs as bench
+
+    hidden, weight, labels = bench._inputs(torch.device("cpu"), 33, 16, 2003, torch.float32)
+    outputs = {name: fn(hidden, weight, labels) for name, fn in bench.implementations(torch.device("cpu")).items()}
+    assert {"rlkern", "eager", "trl"} <= set(outputs)
+    for name, (logp, entropy) in outputs.items():
+        torch.testing.assert_close(logp, outputs["eager"][0], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(entropy, outputs["eager"][1], rtol=0, atol=1e-5, msg=name)
+    rows = bench.run(torch.device("cpu"), 64, 16, 2003, torch.float32, rounds=1, memory=False)
+    step_rows = {r.impl: r for r in rows if r.bench == "linear logprobs fwd+bwd"}
+    assert set(step_rows) == set(outputs) | {"bare GEMMs"}
+    assert all(r.tflops > 0 and r.median_ms > 0 for r in rows)
