@@ -8,6 +8,14 @@
 // H = ln s - t/s stay exact for |logits| ~ 1e4. Backward: one read and one write per element
 // (in-place safe: each vector is read before it is written). The vocab loops use AVX2/FMA/F16C
 // intrinsics chosen at runtime (exp2/tanh of our own); a scalar path covers other CPUs.
+//
+// Shard mode (vocab_start >= 0, vocabulary-parallel callers: rlkern/ops/vocab_parallel.py): the
+// [N, V] logits are columns [vocab_start, vocab_start + V) of a larger vocabulary and labels are
+// global ids; "in shard" means 0 <= y - vocab_start < V. The forward returns this shard's lse and
+// entropy, and as logp u_y - lse_shard for in-shard labels (-inf when the shard's row is all
+// -inf), 0 for every other label (no NaN: out-of-shard is normal). The backward takes the GLOBAL
+// lse and entropy: every row whose label is not ignore_index gets the softmax terms, the one-hot
+// term only lands when the label is in the shard.
 // Narrow ATen headers rather than <ATen/ATen.h>: the same API for far less compile time.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -53,9 +61,14 @@ struct Cfg {
   float sgn;       // sign(T): the forward's running "max" is taken over sgn * softcap(z)
   float cap, inv_cap;  // softcap c and 1/c (c == 0: off)
   int64_t ignore;
+  int64_t vstart;  // -1: the logits are the whole vocabulary; >= 0: first column's global id
 };
 
-Cfg make_cfg(double temperature, double softcap, int64_t ignore_index) {
+// Position of global label y in this row's columns: y itself, or y - vstart in shard mode
+// (negative labels stay negative; no overflow for any int64 y).
+inline int64_t local_label(const Cfg& c, int64_t y) { return c.vstart >= 0 && y >= 0 ? y - c.vstart : y; }
+
+Cfg make_cfg(double temperature, double softcap, int64_t ignore_index, int64_t vocab_start) {
   Cfg c;
   const double inv = 1.0 / temperature;
   c.inv_t = static_cast<float>(inv);
@@ -64,6 +77,7 @@ Cfg make_cfg(double temperature, double softcap, int64_t ignore_index) {
   c.cap = softcap > 0 ? static_cast<float>(softcap) : 0.f;
   c.inv_cap = softcap > 0 ? static_cast<float>(1.0 / softcap) : 0.f;
   c.ignore = ignore_index;
+  c.vstart = vocab_start;
   return c;
 }
 
@@ -94,26 +108,32 @@ inline int64_t label_at(const void* p, bool is64, int64_t i) {
 
 inline float scalar_w(float z, const Cfg& c, bool cap) { return cap ? c.cap * std::tanh(z * c.inv_cap) : z; }
 
-// Final per-row outputs. live: the row has a finite max (not all -inf, V > 0); logp_raw = u_y - lse;
-// S, T: sum e^d and sum e^d d for d = u - (any per-row offset), so H = ln S - T / S; T NaN: the
-// row has a NaN logit, and lse, logp (unless ignored) and H are NaN.
-inline void finish_fwd(const FwdArgs& a, int64_t i, int64_t y, bool live, double lse, double logp_raw, double S,
-                       double T) {
+// Final per-row outputs. y: global label, yl: its column here; live: the row has a finite max (not
+// all -inf, V > 0); logp_raw = u_y - lse; S, T: sum e^d and sum e^d d for d = u - (any per-row
+// offset), so H = ln S - T / S; T NaN: the row has a NaN logit, and lse, logp (unless ignored) and
+// H are NaN. A label outside the columns is NaN, or 0 in shard mode (another shard holds it).
+inline void finish_fwd(const FwdArgs& a, int64_t i, int64_t y, int64_t yl, bool live, double lse, double logp_raw,
+                       double S, double T) {
   const int64_t V = a.V;
+  const bool shard = a.c.vstart >= 0;
   const bool ignored = y == a.c.ignore;
-  const bool in_range = y >= 0 && y < V;
+  const bool in_range = yl >= 0 && yl < V;
   const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float outside = shard ? 0.f : nan;
   if (!live && T == T) {  // all -inf row (or V == 0): uniform by convention, lse = -inf
     const double logv = std::log(static_cast<double>(std::max<int64_t>(V, 1)));
     a.lse[i] = -kInf;
-    a.logp[i] = ignored ? 0.f : (in_range ? static_cast<float>(-logv) : nan);
+    // A shard's all -inf row is not the whole row: its label has probability 0 unless every
+    // shard is -inf, which the combine step decides (it ignores this value then).
+    const float dead_logp = shard ? -kInf : static_cast<float>(-logv);
+    a.logp[i] = ignored ? 0.f : (in_range ? dead_logp : outside);
     if (a.ent) a.ent[i] = static_cast<float>(logv);
     return;
   }
   if (T != T) lse = logp_raw = T;  // NaN logits (t is NaN whenever some x is)
   a.lse[i] = lse;
   if (a.ent) a.ent[i] = static_cast<float>(std::log(S) - T / S);
-  a.logp[i] = ignored ? 0.f : (in_range ? static_cast<float>(logp_raw > 0 ? 0.0 : logp_raw) : nan);
+  a.logp[i] = ignored ? 0.f : (in_range ? static_cast<float>(logp_raw > 0 ? 0.0 : logp_raw) : outside);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -159,15 +179,16 @@ void fwd_rows_scalar(const FwdArgs& a, int64_t r0, int64_t r1) {
       }
     }
     const int64_t y = label_at(a.labels, a.labels64, i);
+    const int64_t yl = local_label(c, y);
     double lse = -kInf, logp = 0;
     if (vref > -kInf) {
       const float wref = c.sgn * vref;
       lse = wref * inv_t + std::log(S);
-      if (y >= 0 && y < V) {
-        logp = static_cast<double>((scalar_w(static_cast<float>(row[y]), c, cap) - wref) * c.inv_t) - std::log(S);
+      if (yl >= 0 && yl < V) {
+        logp = static_cast<double>((scalar_w(static_cast<float>(row[yl]), c, cap) - wref) * c.inv_t) - std::log(S);
       }
     }
-    finish_fwd(a, i, y, vref > -kInf, lse, logp, S, nan ? std::numeric_limits<double>::quiet_NaN() : Tt);
+    finish_fwd(a, i, y, yl, vref > -kInf, lse, logp, S, nan ? std::numeric_limits<double>::quiet_NaN() : Tt);
   }
 }
 
@@ -185,8 +206,12 @@ void bwd_rows_scalar(const BwdArgs& a, int64_t r0, int64_t r1) {
       continue;
     }
     const int64_t y = label_at(a.labels, a.labels64, i);
-    const bool live = y != c.ignore && y >= 0 && y < V;
-    const double gl = live ? a.gl[i] : 0.f;
+    const int64_t yl = local_label(c, y);
+    // here: the one-hot term lands in this row; row_live: the softmax terms apply (in shard mode
+    // every non-ignored row, wherever its label lives).
+    const bool here = y != c.ignore && yl >= 0 && yl < V;
+    const bool row_live = here || (c.vstart >= 0 && y != c.ignore);
+    const double gl = row_live ? a.gl[i] : 0.f;
     const double gh = a.gh ? a.gh[i] : 0.f;
     const double H = a.gh ? a.ent[i] : 0.f;
     const double inv_t = static_cast<double>(c.inv_t) + c.inv_t_lo;
@@ -201,7 +226,7 @@ void bwd_rows_scalar(const BwdArgs& a, int64_t r0, int64_t r1) {
       }
       const double d = w * inv_t - lse;
       const double p = std::exp(d);
-      double g = (j == y && live) ? gl * -std::expm1(d) : -gl * p;
+      double g = (j == yl && here) ? gl * -std::expm1(d) : -gl * p;
       if (p > 0) g -= gh * p * (d + H);
       g *= inv_t;
       g *= sech2;
@@ -422,17 +447,18 @@ RLK_TGT void fwd_rows_avx2(const FwdArgs& a, int64_t r0, int64_t r1) {
       Tt += hsum_d(_mm256_add_ps(_mm256_add_ps(t0, t1), _mm256_add_ps(t2, t3))) * kLn2;
     }
     const int64_t y = label_at(a.labels, a.labels64, i);
+    const int64_t yl = local_label(c, y);
     double lse = -kInf, dy = 0;
     if (vref > -kInf) {
       const double wm = c.sgn * vref;
       const double xm = wm * k2f + off;  // exact in double
       lse = wm * (static_cast<double>(c.inv_t) + c.inv_t_lo) + std::log(S) - xm * kLn2;
-      if (y >= 0 && y < V) {  // same vector transform and fma as the row, so x_y matches
-        const __m256 wy = v_w<CAP>(_mm256_set1_ps(static_cast<float>(row[y])), vcap, vinvcap);
+      if (yl >= 0 && yl < V) {  // same vector transform and fma as the row, so x_y matches
+        const __m256 wy = v_w<CAP>(_mm256_set1_ps(static_cast<float>(row[yl])), vcap, vinvcap);
         dy = _mm256_cvtss_f32(_mm256_fmadd_ps(wy, k2, _mm256_set1_ps(off))) * kLn2 - std::log(S);
       }
     }
-    finish_fwd(a, i, y, vref > -kInf, lse, dy, S, nan ? std::numeric_limits<double>::quiet_NaN() : Tt);
+    finish_fwd(a, i, y, yl, vref > -kInf, lse, dy, S, nan ? std::numeric_limits<double>::quiet_NaN() : Tt);
   }
 }
 
@@ -504,11 +530,13 @@ RLK_TGT void bwd_rows_avx2(const BwdArgs& a, int64_t r0, int64_t r1) {
       continue;
     }
     const int64_t y = label_at(a.labels, a.labels64, i);
-    const bool live = y != c.ignore && y >= 0 && y < V;
-    const float gl = live ? a.gl[i] : 0.f;
+    const int64_t yl = local_label(c, y);
+    const bool here = y != c.ignore && yl >= 0 && yl < V;  // the one-hot term lands in this row
+    const bool row_live = here || (c.vstart >= 0 && y != c.ignore);  // the softmax terms apply
+    const float gl = row_live ? a.gl[i] : 0.f;
     const float gh = a.gh ? a.gh[i] : 0.f;
     const float H = a.gh ? a.ent[i] : 0.f;
-    const float zy = live ? static_cast<float>(zr[y]) : 0.f;  // read before the row is overwritten
+    const float zy = here ? static_cast<float>(zr[yl]) : 0.f;  // read before the row is overwritten
     const double C = -static_cast<double>(lse) * kLog2e;
     const float chi = static_cast<float>(C);
     k[4] = _mm256_set1_ps(chi);
@@ -516,7 +544,7 @@ RLK_TGT void bwd_rows_avx2(const BwdArgs& a, int64_t r0, int64_t r1) {
     k[6] = _mm256_set1_ps(-(gl + gh * H) * c.inv_t);
     k[7] = _mm256_set1_ps(static_cast<float>(-gh * c.inv_t * kLn2));
     bwd_row<T, CAP>(zr, gr, V, k);
-    if (live) {
+    if (here) {
       __m256 s2 = _mm256_set1_ps(1.f);
       const __m256 x = v_xw<CAP>(_mm256_set1_ps(zy), k, &s2);
       const double dy = static_cast<double>(_mm256_cvtss_f32(x)) * kLn2;
@@ -524,7 +552,7 @@ RLK_TGT void bwd_rows_avx2(const BwdArgs& a, int64_t r0, int64_t r1) {
       double g = -static_cast<double>(gl) * std::expm1(dy);
       if (py > 0) g -= static_cast<double>(gh) * py * (dy + H);
       g *= static_cast<double>(c.inv_t) * _mm256_cvtss_f32(s2);
-      gr[y] = T(static_cast<float>(g));
+      gr[yl] = T(static_cast<float>(g));
     }
   }
 }
@@ -591,6 +619,10 @@ void check_temperature(double temperature) {
               temperature);
 }
 
+void check_vocab_start(int64_t vocab_start) {
+  TORCH_CHECK(vocab_start >= -1, "rlkern.logprobs: vocab_start must be -1 (not sharded) or >= 0, got ", vocab_start);
+}
+
 at::Tensor row_vec(const at::Tensor& t, int64_t n, const char* name, at::ScalarType dtype = at::kFloat) {
   TORCH_CHECK(t.device().type() == at::kCPU, "rlkern.logprobs: ", name, " must be on the CPU like the logits");
   TORCH_CHECK(t.numel() == n, "rlkern.logprobs: ", name, " must have N = ", n, " elements, got ", t.sizes());
@@ -608,11 +640,13 @@ void parallel_rows(int64_t n, int64_t grain, const F& f) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
                                                                 double temperature, double softcap,
-                                                                int64_t ignore_index, bool with_entropy) {
+                                                                int64_t ignore_index, bool with_entropy,
+                                                                int64_t vocab_start) {
   check_logits(logits);
   const int64_t N = logits.size(0), V = logits.size(1);
   check_labels(labels, N);
   check_temperature(temperature);
+  check_vocab_start(vocab_start);
   TORCH_CHECK(labels.device().type() == at::kCPU, "rlkern.logprobs: labels must be on the CPU like the logits");
   const auto fopt = logits.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({N}, fopt);
@@ -629,7 +663,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor
   a.logp = logp.data_ptr<float>();
   a.ent = with_entropy ? ent.data_ptr<float>() : nullptr;
   a.lse = lse.data_ptr<double>();
-  a.c = make_cfg(temperature, softcap, ignore_index);
+  a.c = make_cfg(temperature, softcap, ignore_index, vocab_start);
   const bool cap = a.c.cap > 0;
   FwdFn fn = logits.scalar_type() == at::kFloat     ? pick_fwd<float>(cap)
              : logits.scalar_type() == at::kBFloat16 ? pick_fwd<BFloat16>(cap)
@@ -641,11 +675,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor
 void logprobs_bwd_cpu(const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
                       const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                       const std::optional<at::Tensor>& entropy, double temperature, double softcap,
-                      int64_t ignore_index, at::Tensor& grad_logits) {
+                      int64_t ignore_index, at::Tensor& grad_logits, int64_t vocab_start) {
   check_logits(logits);
   const int64_t N = logits.size(0), V = logits.size(1);
   check_labels(labels, N);
   check_temperature(temperature);
+  check_vocab_start(vocab_start);
   TORCH_CHECK(!grad_entropy.has_value() || entropy.has_value(),
               "rlkern.logprobs_bwd: grad_entropy needs the forward's entropy (both given or both None)");
   TORCH_CHECK(grad_logits.sizes() == logits.sizes() && grad_logits.scalar_type() == logits.scalar_type(),
@@ -674,7 +709,7 @@ void logprobs_bwd_cpu(const at::Tensor& grad_logprobs, const std::optional<at::T
   a.lse = ls.data_ptr<double>();
   a.gh = gh.defined() ? gh.data_ptr<float>() : nullptr;
   a.ent = en.defined() ? en.data_ptr<float>() : nullptr;
-  a.c = make_cfg(temperature, softcap, ignore_index);
+  a.c = make_cfg(temperature, softcap, ignore_index, vocab_start);
   const bool cap = a.c.cap > 0;
   BwdFn fn = logits.scalar_type() == at::kFloat     ? pick_bwd<float>(cap)
              : logits.scalar_type() == at::kBFloat16 ? pick_bwd<BFloat16>(cap)
@@ -684,7 +719,8 @@ void logprobs_bwd_cpu(const at::Tensor& grad_logprobs, const std::optional<at::T
 
 // Meta: shapes only.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_meta(const at::Tensor& logits, const at::Tensor& labels,
-                                                                 double, double, int64_t, bool with_entropy) {
+                                                                 double, double, int64_t, bool with_entropy,
+                                                                 int64_t) {
   check_logits(logits);
   const int64_t N = logits.size(0);
   check_labels(labels, N);
@@ -694,7 +730,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_meta(const at::Tenso
 
 void logprobs_bwd_meta(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor& logits,
                        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double, int64_t,
-                       at::Tensor& grad_logits) {
+                       at::Tensor& grad_logits, int64_t) {
   TORCH_CHECK(grad_logits.sizes() == logits.sizes() && grad_logits.scalar_type() == logits.scalar_type(),
               "rlkern.logprobs_bwd: grad_logits must match logits in shape and dtype");
 }
@@ -704,10 +740,11 @@ void logprobs_bwd_meta(const at::Tensor&, const std::optional<at::Tensor>&, cons
 TORCH_LIBRARY_FRAGMENT(rlkern, m) {
   m.def(
       "logprobs_fwd(Tensor logits, Tensor labels, float temperature, float softcap, int ignore_index, "
-      "bool with_entropy) -> (Tensor, Tensor, Tensor)");
+      "bool with_entropy, int vocab_start=-1) -> (Tensor, Tensor, Tensor)");
   m.def(
       "logprobs_bwd(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor labels, Tensor lse, "
-      "Tensor? entropy, float temperature, float softcap, int ignore_index, Tensor(a!) grad_logits) -> ()");
+      "Tensor? entropy, float temperature, float softcap, int ignore_index, Tensor(a!) grad_logits, "
+      "int vocab_start=-1) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {

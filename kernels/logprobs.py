@@ -17,6 +17,15 @@ running max, ``H = log s - t / s``: the naive ``lse - sum p u`` cancels catastro
 Backward: one program per row, reads the row once and writes the gradient once, for both
 outputs: ``dL/du = g_l [j == y] + p (-(g_l + g_H H) - g_H (u - lse))``.
 
+Shard mode (``vocab_start >= 0``; vocabulary-parallel callers, see
+``rlkern.ops.vocab_parallel``): the ``[N, V]`` logits are columns ``[vocab_start, vocab_start +
+V)`` of a larger vocabulary and labels are global ids, "in shard" meaning ``0 <= y - vocab_start
+< V``. The forward returns the shard's own lse and entropy, and as logp ``u_y - lse_shard`` for
+in-shard labels (-inf when the shard's row is all -inf), 0 for every other label (out of shard
+is normal, not NaN). The backward takes the GLOBAL lse and entropy; every row whose label is not
+``ignore_index`` gets the softmax terms, the one-hot term only lands when the label is in the
+shard.
+
 Both kernels form u = z * fp32(1/T), PyTorch's own rounding of z / T, without FMA contraction:
 the backward's u are the forward's bit for bit, so p at the row max is e^-log(s) up to lse's
 storage rounding (see ``lse_dtype``), and the error against the float64 reference tracks
@@ -110,8 +119,10 @@ def _logprobs_fwd_kernel(
     inv_softcap,  # () 1 / c
     ignore_index,  # () label with logp 0
     log_vocab,  # () log(V): logp and entropy of an all -inf (uniform) row
+    vocab_start,  # () global id of column 0; read only when SHARD
     HAS_SOFTCAP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    SHARD: tl.constexpr,  # the columns are one shard of the vocabulary, labels are global
     CHUNKS: tl.constexpr,  # 16-byte chunks per block (power of 2)
     VEC: tl.constexpr,  # elements per chunk: 16 bytes / element size
 ):
@@ -154,16 +165,26 @@ def _logprobs_fwd_kernel(
         lse = tl.where(dead, float("-inf"), m_row + log_s)
 
     label = tl.load(labels_ptr + row * stride_label)
-    in_range = (label >= 0) & (label < V)
-    z_y = tl.load(row_ptr + label, mask=in_range, other=0.0).to(tl.float32)
+    if SHARD:
+        col = label.to(tl.int64) - vocab_start
+    else:
+        col = label
+    in_range = (col >= 0) & (col < V)
+    z_y = tl.load(row_ptr + col, mask=in_range, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
         z_y = softcap * _tanh_and_sech2(z_y * inv_softcap)[0]
     # u_y - m is exact near the max: logp keeps its digits when |logits| ~ 1e4 and lse does
     # not; the min absorbs rounding that would make it positive.
     logp = (z_y * inv_temp - m_row) - log_s
     logp = tl.minimum(logp, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    logp = tl.where(dead, -log_vocab, logp)
-    logp = tl.where(in_range, logp, float("nan"))
+    if SHARD:
+        # The shard's all -inf row is not the whole row: its label has probability 0 (the
+        # combine step handles a row that is -inf in every shard).
+        logp = tl.where(dead, float("-inf"), logp)
+        logp = tl.where(in_range, logp, 0.0)
+    else:
+        logp = tl.where(dead, -log_vocab, logp)
+        logp = tl.where(in_range, logp, float("nan"))
     logp = tl.where(label == ignore_index, 0.0, logp)
     tl.store(logp_ptr + row, logp)
     tl.store(lse_ptr + row, lse)
@@ -240,8 +261,10 @@ def _logprobs_bwd_kernel(
     softcap,  # () c; read only when HAS_SOFTCAP
     inv_softcap,  # () 1 / c
     ignore_index,  # () label with no gradient
+    vocab_start,  # () global id of column 0; read only when SHARD
     HAS_SOFTCAP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
+    SHARD: tl.constexpr,  # lse / entropy are the whole row's, labels global
     ROUND_BF16: tl.constexpr,  # round fp32 -> bf16 by hand (the interpreter truncates)
     BLOCK: tl.constexpr,
 ):
@@ -261,14 +284,25 @@ def _logprobs_bwd_kernel(
     # lse = +inf makes p exactly 0 in a dead row, whatever its logits.
     lse_eff = tl.where(dead, float("inf"), lse_hi)
     label = tl.load(labels_ptr + row * stride_label)
-    in_range = (label >= 0) & (label < V)
-    live = (label != ignore_index) & in_range & (~dead)
-    # int32 for the per-element compare; g_label is 0 unless live, so -1 never matters.
-    label = tl.where(in_range, label, -1).to(tl.int32)
+    if SHARD:
+        col = label.to(tl.int64) - vocab_start
+    else:
+        col = label
+    in_range = (col >= 0) & (col < V)
+    # here: the one-hot term lands in this row; live: the softmax terms apply (in shard mode
+    # every non-ignored row, wherever its label lives).
+    here = (label != ignore_index) & in_range & (~dead)
+    if SHARD:
+        live = (label != ignore_index) & (~dead)
+    else:
+        live = here
+    # int32 for the per-element compare; g_label is 0 unless here, so -1 never matters.
+    label = tl.where(in_range, col, -1).to(tl.int32)
     g_l = tl.load(grad_logp_ptr + row * stride_gl).to(tl.float32)
     g_l = tl.where(live, g_l, 0.0)
     # dL/dz = [j == y] g_l / T + p (a + b (u - lse)), the 1/T folded into the row scalars.
-    g_label = g_l * inv_temp
+    g_soft = g_l * inv_temp
+    g_label = tl.where(here, g_soft, 0.0)
     if HAS_GRAD_ENTROPY:
         g_h = tl.load(grad_entropy_ptr + row * stride_ge).to(tl.float32)
         g_h = tl.where(dead, 0.0, g_h)
@@ -276,7 +310,7 @@ def _logprobs_bwd_kernel(
         a = -(g_l + g_h * entropy) * inv_temp
         b = -g_h * inv_temp
     else:
-        a = -g_label
+        a = -g_soft
         b = 0.0
 
     offs = tl.arange(0, BLOCK)
@@ -338,6 +372,11 @@ def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError(f"labels must be int32/int64 of shape {tuple(logits.shape[:1])}")
 
 
+def _check_vocab_start(vocab_start: int) -> None:
+    if not isinstance(vocab_start, int) or vocab_start < -1:
+        raise ValueError(f"vocab_start must be -1 (not sharded) or an int >= 0, got {vocab_start!r}")
+
+
 def logprobs_forward(
     logits: torch.Tensor,  # (N, V) fp32/bf16/fp16, stride(1) == 1, any stride(0)
     labels: torch.Tensor,  # (N,) int32/int64
@@ -346,15 +385,18 @@ def logprobs_forward(
     ignore_index: int,
     with_entropy: bool,
     lse_dtype: torch.dtype = torch.float64,
+    vocab_start: int = -1,  # -1: logits are the whole vocabulary; >= 0: shard mode
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(logprobs [N], entropy [N] or [0], lse [N])`` on logits.device: float32
-    outputs and a float64 lse (rlkern's convention on every backend).
+    outputs and a float64 lse (rlkern's convention on every backend). With ``vocab_start >= 0``
+    they are the shard's partial statistics (module docstring).
 
     The float64 lse is stored unrounded (u_max + log s exactly): with it the fp32 backward is as
     precise as PyTorch's at confident labels; ``lse_dtype=torch.float32`` halves that [N] vector
     but bounds the error of p there by half an ulp of |lse| (2e-6 relative at |lse| = 32).
     """
     _check(logits, labels)
+    _check_vocab_start(vocab_start)
     if lse_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"lse_dtype must be float32 or float64, got {lse_dtype}")
     n, vocab = logits.shape
@@ -366,8 +408,9 @@ def logprobs_forward(
         return logp, entropy, lse
     if vocab == 0:
         # The reference's limits, filled on device (no launch, no sync): every label is out of
-        # range, so NaN unless ignored; the empty sum gives lse = -inf and H = log 1 = 0.
-        logp.copy_(torch.where(labels == ignore_index, 0.0, math.nan))
+        # range, so NaN unless ignored (0 in shard mode: another shard holds it); the empty sum
+        # gives lse = -inf and H = log 1 = 0.
+        logp.copy_(torch.where(labels == ignore_index, 0.0, math.nan if vocab_start < 0 else 0.0))
         lse.fill_(-math.inf)
         entropy.fill_(0.0)
         return logp, entropy, lse
@@ -378,8 +421,9 @@ def logprobs_forward(
         vocab, logits.stride(0), labels.stride(0),
         _f32_recip(temperature),
         _f32(softcap) if has_softcap else 0.0, _f32_recip(softcap) if has_softcap else 0.0,
-        ignore_index, math.log(vocab),
-        HAS_SOFTCAP=has_softcap, WITH_ENTROPY=bool(with_entropy), CHUNKS=chunks, VEC=vec,
+        ignore_index, math.log(vocab), max(vocab_start, 0),
+        HAS_SOFTCAP=has_softcap, WITH_ENTROPY=bool(with_entropy), SHARD=vocab_start >= 0,
+        CHUNKS=chunks, VEC=vec,
         num_warps=num_warps, enable_fp_fusion=False,
     )
     return logp, entropy, lse
@@ -396,9 +440,11 @@ def logprobs_backward(
     softcap: float,
     ignore_index: int,
     grad_logits: torch.Tensor,  # (N, V) logits' dtype, stride(1) == 1; may be logits itself
+    vocab_start: int = -1,  # -1: whole vocabulary; >= 0: shard mode, lse / entropy global
 ) -> None:
     """Writes d loss / d logits into ``grad_logits``."""
     _check(logits, labels)
+    _check_vocab_start(vocab_start)
     n, vocab = logits.shape
     if tuple(grad_logits.shape) != (n, vocab) or grad_logits.dtype != logits.dtype:
         raise ValueError("grad_logits must have the shape and dtype of logits")
@@ -420,8 +466,8 @@ def logprobs_backward(
         grad_logprobs.stride(0), grad_entropy_arg.stride(0), lse.stride(0), entropy_arg.stride(0),
         _f32_recip(temperature),
         _f32(softcap) if has_softcap else 0.0, _f32_recip(softcap) if has_softcap else 0.0,
-        ignore_index,
-        HAS_SOFTCAP=has_softcap, HAS_GRAD_ENTROPY=has_grad_entropy,
+        ignore_index, max(vocab_start, 0),
+        HAS_SOFTCAP=has_softcap, HAS_GRAD_ENTROPY=has_grad_entropy, SHARD=vocab_start >= 0,
         ROUND_BF16=logits.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         BLOCK=chunks * vec,
         num_warps=num_warps, enable_fp_fusion=False,

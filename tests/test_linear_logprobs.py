@@ -328,3 +328,59 @@ def test_benchmark_runs_at_a_tiny_shape():
     step_rows = {r.impl: r for r in rows if r.bench == "linear logprobs fwd+bwd"}
     assert set(step_rows) == set(outputs) | {"bare GEMMs"}
     assert all(r.tflops > 0 and r.median_ms > 0 for r in rows)
+
+
+# Vocabulary-parallel LM head: each gloo rank holds consecutive rows of W (uneven shards) and
+# must reproduce the unsharded op, forward and backward. One spawned job per world size checks
+# every case (a spawn costs seconds); the parent computes the expectations once.
+_TP_CASES = [
+    dict(dtype=torch.float32, kw=dict(temperature=0.7, logit_softcap=5.0, logit_scale=1.2)),
+    dict(dtype=torch.float32, kw=dict(deterministic=True, chunk_size=3)),
+    dict(dtype=torch.bfloat16, kw=dict(chunk_size=8)),
+]
+
+
+def _tp_expected():
+    out = []
+    for case in _TP_CASES:
+        hidden, weight, bias, labels = _inputs(21, 24, 1001, case["dtype"], bias=True, ignore=(4,), seed=7)
+        logp, entropy, _, grads, upstream = _ours_and_grads(hidden, weight, bias, labels, **case["kw"])
+        out.append(dict(inputs=(hidden, weight, bias, labels), upstream=upstream, logp=logp.detach(),
+                        entropy=entropy.detach(), grads=grads))
+    return out
+
+
+def _tp_worker(rank, world_size, rendezvous, sizes, expected):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="file://" + rendezvous, rank=rank, world_size=world_size)
+    try:
+        start = sum(sizes[:rank])
+        rows = slice(start, start + sizes[rank])
+        for case, exp in zip(_TP_CASES, expected):
+            hidden, weight, bias, labels = exp["inputs"]
+            leaves = [hidden.clone().requires_grad_(), weight[rows].clone().requires_grad_(),
+                      bias[rows].clone().requires_grad_()]
+            logp, entropy = rlkern.linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2],
+                                                         return_entropy=True, process_group=dist.group.WORLD,
+                                                         **case["kw"])
+            g_l, g_h = exp["upstream"]
+            (logp * g_l + entropy * g_h).sum().backward()
+            torch.testing.assert_close(logp, exp["logp"], rtol=0, atol=2e-5)
+            torch.testing.assert_close(entropy, exp["entropy"], rtol=0, atol=2e-5)
+            bf16 = case["dtype"] == torch.bfloat16
+            for ours, full in zip((leaves[0].grad, leaves[1].grad, leaves[2].grad),
+                                  (exp["grads"][0], exp["grads"][1][rows], exp["grads"][2][rows])):
+                scale = full.abs().max().item()
+                torch.testing.assert_close(ours.float(), full.float(), rtol=1e-2 if bf16 else 1e-4,
+                                           atol=(1e-2 if bf16 else 1e-5) * scale)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes", [[501, 500], [334, 334, 333]])
+def test_vocab_parallel_matches_unsharded(sizes, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_tp_worker, args=(len(sizes), str(tmp_path / "rendezvous"), sizes, _tp_expected()), nprocs=len(sizes))

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from rlkern import _backend
 from rlkern.ops import logprobs as token_ops
+from rlkern.ops import vocab_parallel
 from rlkern.reference import linear_logprobs as reference
 
 EXTRA_OUTPUTS = reference.EXTRA_OUTPUTS
@@ -194,7 +195,7 @@ def _extras_of(tile: Tensor, labels: Tensor, lse: Tensor, temperature: float, so
 
 
 def _chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature, ignore_index,
-                     with_entropy, want_extras, chunk_size, deterministic):
+                     with_entropy, want_extras, chunk_size, deterministic, vocab_start=-1):
     n, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
     acc_dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
@@ -214,7 +215,8 @@ def _chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, tempera
         tile = buf[:rows]
         _logits_into(tile, _rows(hidden, start, end, rows), weight, bias, logit_scale)
         tile_labels = _rows(labels, start, end, rows)
-        c_logp, c_ent, c_lse = forward(tile, tile_labels, temperature, softcap, ignore_index, with_entropy)
+        c_logp, c_ent, c_lse = forward(tile, tile_labels, temperature, softcap, ignore_index, with_entropy,
+                                       vocab_start=vocab_start)
         k = end - start
         logp[start:end] = c_logp[:k]
         lse[start:end] = c_lse[:k]
@@ -230,7 +232,7 @@ def _chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, tempera
 
 def _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
                       logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic,
-                      need_hidden, need_weight, need_bias):
+                      need_hidden, need_weight, need_bias, vocab_start=-1):
     n, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
     acc_dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
@@ -254,7 +256,7 @@ def _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse
             _rows(grad_entropy, start, end, rows) if grad_entropy is not None else None,
             tile, _rows(labels, start, end, rows), _rows(lse, start, end, rows, -math.inf),
             _rows(entropy, start, end, rows) if entropy is not None else None,
-            temperature, softcap, ignore_index, tile,
+            temperature, softcap, ignore_index, tile, vocab_start=vocab_start,
         )
         padded = rows != end - start
         g_hidden = None
@@ -381,6 +383,51 @@ def _backward(ctx, grad_logp, grad_entropy, *_):
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _VocabParallel(torch.autograd.Function):
+    """The chunked kernel on this rank's rows of W, combined over the group (see
+    ``rlkern.ops.vocab_parallel``). Forward: the two small all-reduces of the token op. Backward:
+    local tiles with the global lse/entropy, then one SUM all-reduce of d hidden ``[N, H]``
+    (every rank's W rows contribute to it, as in a column-parallel layer)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, hyper, with_entropy, process_group, shard):
+        logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic = hyper
+        token_ops._check_label_range(labels, shard.total, ignore_index)
+        logp, entropy, lse, *_ = _chunked_forward(
+            hidden, weight, bias, labels, logit_scale, softcap, temperature, ignore_index, with_entropy,
+            (False, False, False), chunk_size, deterministic, vocab_start=shard.start)
+        logp, entropy, lse = vocab_parallel.combine_forward(
+            logp, entropy if with_entropy else None, lse, labels, shard, ignore_index, process_group)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+        ctx.hyper, ctx.group, ctx.shard = hyper, process_group, shard
+        ctx.set_materialize_grads(False)
+        return logp, entropy if with_entropy else logp.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        import torch.distributed as dist
+
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic = ctx.hyper
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        if entropy is None:
+            grad_entropy = None
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 8
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse, dtype=torch.float32)
+        grad_logp = vocab_parallel.shard_grad_logprobs(grad_logp, labels, ctx.shard)
+        g_h, g_w, g_b = _chunked_backward(
+            grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, logit_scale, softcap,
+            temperature, ignore_index, chunk_size, deterministic, True, needs[1], needs[2],
+            vocab_start=ctx.shard.start)
+        # d hidden is needed for the all-reduce on every rank alike, whatever this rank needs.
+        dist.all_reduce(g_h, op=dist.ReduceOp.SUM, group=ctx.group)
+        grads = [g.to(x.dtype) if g is not None and need else None
+                 for g, x, need in zip((g_h, g_w, g_b), (hidden, weight, bias), needs)]
+        return (*grads, None, None, None, None, None)
+
+
 def linear_token_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -396,6 +443,7 @@ def linear_token_logprobs(
     chunk_size: int | None = None,
     deterministic: bool = False,
     kernel: str | None = None,
+    process_group=None,
 ) -> Tensor | tuple:
     """Log-prob of each label (and optionally the entropy) under the LM head, without logits.
 
@@ -429,6 +477,17 @@ def linear_token_logprobs(
         kernel: ``"chunked"`` (GEMM per chunk + the token log-prob kernel; every device) or
             ``"fused"`` (Triton ``tl.dot`` kernel, GPU or TRITON_INTERPRET); None picks
             ``"chunked"``.
+        process_group: a ``torch.distributed`` group over which the LM head is sharded by
+            vocabulary (Megatron / verl tensor parallel): ``weight`` (and ``bias``) are this
+            rank's consecutive rows ``[V_r, H]`` in rank order (uneven allowed), ``hidden`` and
+            the GLOBAL ``labels`` are the same on every rank. Outputs and gradients equal the
+            unsharded op's; no rank gathers logits. Communication: the forward's two small
+            all-reduces (32 bytes per token with entropy, ``rlkern.ops.vocab_parallel``) and one
+            SUM all-reduce of d hidden ``[N, H]`` in the backward (d weight and d bias stay
+            local). The upstream gradients must be the same on every rank (a loss computed from
+            the replicated log-probs). Runs the chunked kernel through a
+            ``torch.autograd.Function`` (a group cannot be a custom-op argument: not traceable by
+            ``torch.compile``); ``extra_outputs`` are not available with it.
 
     Returns:
         ``logprobs`` float32 of shape ``hidden.shape[:-1]`` (never > 0; 0 at ignored labels;
@@ -451,8 +510,18 @@ def linear_token_logprobs(
         flat = flat.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    want = [name in extra_outputs for name in EXTRA_OUTPUTS]
     softcap = float(logit_softcap) if logit_softcap is not None else 0.0
+    if process_group is not None:
+        vocab_parallel.check_group(process_group)
+        if extra_outputs or kernel != "chunked":
+            raise ValueError("process_group runs the chunked kernel without extra_outputs")
+        shard = vocab_parallel.shard_layout(weight.shape[0], process_group, hidden.device)
+        hyper = (float(logit_scale), softcap, float(temperature), int(ignore_index), int(chunk_size or 0),
+                 bool(deterministic))
+        logp, entropy = _VocabParallel.apply(flat, weight, bias, labels.reshape(-1), hyper, bool(return_entropy),
+                                             process_group, shard)
+        return (logp.view(lead), entropy.view(lead)) if return_entropy else logp.view(lead)
+    want = [name in extra_outputs for name in EXTRA_OUTPUTS]
     logp, entropy, _, *extras = _fwd(
         flat, weight, bias, labels.reshape(-1), float(logit_scale), softcap, float(temperature),
         int(ignore_index), bool(return_entropy), want, int(chunk_size or 0), bool(deterministic), kernel)

@@ -7,6 +7,11 @@ of the same names (``trl.trainer.utils``), so a TRL user can swap the import.
 Bad labels: a label outside ``[0, V)`` that is not ``ignore_index`` never yields a silent number.
 On CPU tensors it raises ``ValueError``; on GPU tensors the kernel writes NaN at that position
 (no host sync), and ``RLKERN_VALIDATE=1`` turns that into a ``ValueError`` at the cost of a sync.
+
+Vocabulary parallelism: ``token_logprobs(..., process_group=group)`` takes this rank's logits
+columns and global labels; the per-rank statistics are combined by ``rlkern.ops.vocab_parallel``
+(two small all-reduces, no logits gathered). That path is a ``torch.autograd.Function``, not a
+custom op (a ProcessGroup cannot be a custom-op argument), so torch.compile does not trace it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from torch import Tensor
 
 from rlkern import _backend
+from rlkern.ops import vocab_parallel
 from rlkern.reference import logprobs as reference
 
 _KERNELS = ("cpp", "triton")
@@ -75,42 +81,69 @@ def _pieces(logits: Tensor, *per_row: Tensor | None) -> list[tuple]:
     [B, T, V] tensor whose leading dims cannot be flattened as a view (TRL slices
     ``logits[:, :-1]``) is handed to the kernels one batch row at a time.
     """
+    # Row count spelled out: view(-1, 0) is ambiguous for an empty vocabulary shard.
+    rows = math.prod(logits.shape[:-1])
     if logits.ndim == 3:
         try:
-            logits.view(-1, logits.shape[-1])
+            logits.view(rows, logits.shape[-1])
         except RuntimeError:
             return list(zip(logits.unbind(0), *[_unbind_or_none(t) for t in per_row]))
-    flat = logits.view(-1, logits.shape[-1])
-    return [(flat, *[_flatten_rows(t, logits.ndim) for t in per_row])]
+    flat = logits.view(rows, logits.shape[-1])
+    return [(flat, *[_flatten_rows(t, logits.ndim, rows) for t in per_row])]
 
 
 def _unbind_or_none(t: Tensor | None):
     return t.unbind(0) if t is not None else itertools.repeat(None)
 
 
-def _flatten_rows(t: Tensor | None, logits_ndim: int) -> Tensor | None:
+def _flatten_rows(t: Tensor | None, logits_ndim: int, rows: int) -> Tensor | None:
     if t is None:
         return None
     lead = t.ndim - (logits_ndim - 1)  # 0 for per-row tensors, 1 for (..., V) tensors
-    return t.reshape(-1, *t.shape[t.ndim - lead:]) if lead else t.reshape(-1)
+    return t.reshape(rows, *t.shape[t.ndim - lead:]) if lead else t.reshape(rows)
 
 
 def _kernel_fns(backend: str):
+    """(forward, backward) of one backend; both take a trailing ``vocab_start=-1`` (shard mode
+    when >= 0: see ``kernels/logprobs.py``)."""
     if backend == "cpp":
         return torch.ops.rlkern.logprobs_fwd, torch.ops.rlkern.logprobs_bwd
     if backend == "triton":
         from rlkern.kernels import logprobs as triton_logprobs
 
         return triton_logprobs.logprobs_forward, triton_logprobs.logprobs_backward
-    return reference.logprobs_fwd, _reference_bwd_into
+    return _reference_fwd, _reference_bwd_into
+
+
+def _reference_fwd(logits, labels, temperature, softcap, ignore_index, with_entropy, vocab_start=-1):
+    if vocab_start < 0:
+        return reference.logprobs_fwd(logits, labels, temperature, softcap, ignore_index, with_entropy)
+    # Shard mode through the whole-vocabulary oracle: labels of other shards become ignored.
+    vocab = logits.shape[1]
+    col = labels.long() - vocab_start
+    here = (col >= 0) & (col < vocab) & (labels != ignore_index)
+    logp, entropy, lse = reference.logprobs_fwd(logits, torch.where(here, col, -1), temperature,
+                                                softcap, -1, with_entropy)
+    # The oracle's all -inf row is uniform over its columns; a shard's is probability 0.
+    return torch.where(here & torch.isneginf(lse), -math.inf, logp), entropy, lse
 
 
 def _reference_bwd_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature,
-                        softcap, ignore_index, grad_logits):
-    grad_logits.copy_(
-        reference.logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, lse, entropy,
-                               temperature, softcap, ignore_index)
-    )
+                        softcap, ignore_index, grad_logits, vocab_start=-1):
+    if vocab_start >= 0:
+        # The oracle puts the one-hot term at the label's column; a label held by another shard
+        # still needs this shard's softmax terms, so it points at an extra column whose gradient
+        # is dropped (each column's gradient depends only on its own logit and the row scalars).
+        n, vocab = logits.shape
+        col = labels.long() - vocab_start
+        live = labels != ignore_index
+        here = live & (col >= 0) & (col < vocab)
+        labels = torch.where(here, col, torch.where(live, vocab, -1))
+        logits = torch.cat([logits, logits.new_zeros(n, 1)], dim=1)
+        ignore_index = -1
+    grad = reference.logprobs_bwd(grad_logprobs, grad_entropy, logits, labels, lse, entropy,
+                                  temperature, softcap, ignore_index)
+    grad_logits.copy_(grad[:, : grad_logits.shape[1]])
 
 
 def _out_dtype(logits: Tensor) -> torch.dtype:
@@ -153,7 +186,7 @@ def _fwd_fake(logits, labels, temperature, softcap, ignore_index, with_entropy, 
 
 
 def _bwd_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, softcap,
-              ignore_index, grad_logits) -> None:
+              ignore_index, grad_logits, vocab_start=-1) -> None:
     backend = _backend.choose(logits.device, _KERNELS, logits.dtype)
     _, backward = _kernel_fns(backend)
     for rows, row_grad_logits, *per_row in _pieces(
@@ -164,7 +197,7 @@ def _bwd_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, tempera
             g_l.contiguous(),
             g_h.contiguous() if g_h is not None else None,
             rows, row_labels, row_lse, row_entropy,
-            temperature, softcap, ignore_index, row_grad_logits,
+            temperature, softcap, ignore_index, row_grad_logits, vocab_start=vocab_start,
         )
 
 
@@ -236,6 +269,60 @@ def _backward(ctx, grad_logprobs, grad_entropy, grad_lse):
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _VocabParallelLogprobs(torch.autograd.Function):
+    """token_logprobs over a vocabulary-sharded group: the local kernels in shard mode, the
+    combine step of ``rlkern.ops.vocab_parallel`` in the forward, no communication in the
+    backward (it reads the saved global lse and entropy)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, softcap, ignore_index, with_entropy, inplace_backward,
+                process_group, shard):
+        # logits: (N, V_r) or (B, T, V_r), stride(-1) == 1; labels: logits.shape[:-1], global ids
+        backend = _backend.choose(logits.device, _KERNELS, logits.dtype)
+        forward, _ = _kernel_fns(backend)
+        parts = [
+            forward(rows, row_labels, temperature, softcap, ignore_index, with_entropy, vocab_start=shard.start)
+            for rows, row_labels in _pieces(logits, labels)
+        ]
+        local_entropy = torch.cat([p[1] for p in parts]) if with_entropy else None
+        logp, entropy, lse = vocab_parallel.combine_forward(
+            torch.cat([p[0] for p in parts]), local_entropy, torch.cat([p[2] for p in parts]),
+            labels.reshape(-1), shard, ignore_index, process_group,
+        )
+        lead = logits.shape[:-1]
+        logp, lse = logp.view(lead), lse.view(lead)
+        entropy = entropy.view(lead) if with_entropy else logp.new_empty(0)
+        if _backend.validate_enabled() and logits.device.type != "cpu" and logp.isnan().any():
+            raise ValueError("token_logprobs produced NaN: check labels and logits (RLKERN_VALIDATE=1)")
+        ctx.save_for_backward(logits, labels, lse, entropy if with_entropy else None)
+        ctx.hyper = (temperature, softcap, ignore_index)
+        ctx.with_entropy = with_entropy
+        ctx.inplace = inplace_backward
+        ctx.shard = shard
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 9
+        logits, labels, lse, entropy = ctx.saved_tensors
+        grad_logprobs = vocab_parallel.shard_grad_logprobs(grad_logprobs, labels, ctx.shard)
+        g_entropy = grad_entropy if ctx.with_entropy else None
+        if ctx.inplace:
+            grad_logits = logits
+        else:
+            grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        _bwd_into(grad_logprobs, g_entropy, logits, labels, lse, entropy, *ctx.hyper, grad_logits,
+                  ctx.shard.start)
+        if ctx.inplace:
+            # The kernels write through raw pointers: bump the version so that another consumer
+            # that saved these logits raises instead of reading gradients.
+            torch.autograd.graph.increment_version(logits)
+        return grad_logits, None, None, None, None, None, None, None, None
+
+
 def token_logprobs(
     logits: Tensor,
     labels: Tensor,
@@ -245,6 +332,7 @@ def token_logprobs(
     return_entropy: bool = False,
     logit_softcap: float | None = None,
     inplace_backward: bool = False,
+    process_group=None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probability of each label under softmax(logits / temperature), and optionally entropy.
 
@@ -268,6 +356,19 @@ def token_logprobs(
         inplace_backward: the backward writes d loss / d logits into the logits buffer instead
             of a new tensor. Only when nothing else will read the logits afterwards (autograd
             raises if a saved copy is modified); ignored under ``torch.compile``.
+        process_group: a ``torch.distributed`` group over which the vocabulary is sharded
+            (tensor parallelism, Megatron's layout: rank r holds columns ``[start_r, start_r +
+            V_r)``, consecutive in rank order, sizes may be uneven). ``logits`` is then this
+            rank's ``[N, V_r]`` / ``[B, T, V_r]`` slice and ``labels`` the GLOBAL ids, the same
+            on every rank; label checks use the whole vocabulary. Every rank returns the
+            whole-vocabulary result (equal to this op on the concatenated logits) and gets the
+            gradient of its own columns; the upstream gradients must be the same on every rank
+            (a loss computed from the replicated outputs). Cost: two all-reduces of float64
+            ``[N]``-sized tensors per forward (32 bytes per token with entropy, 24 without),
+            none in the backward, one all_gather of the shard sizes on the first call (see
+            ``rlkern.ops.vocab_parallel``). This path is a ``torch.autograd.Function`` (a
+            process group cannot be a custom-op argument): torch.compile does not trace it.
+            None (default): the logits hold the whole vocabulary.
 
     Returns:
         ``logprobs`` float32 of shape ``logits.shape[:-1]`` (never > 0; 0 at ignored labels);
@@ -278,6 +379,15 @@ def token_logprobs(
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     softcap = float(logit_softcap) if logit_softcap is not None else 0.0
+    if process_group is not None:
+        vocab_parallel.check_group(process_group)
+        shard = vocab_parallel.shard_layout(logits.shape[-1], process_group, logits.device)
+        _check_label_range(labels, shard.total, int(ignore_index))
+        logp, entropy = _VocabParallelLogprobs.apply(
+            logits, labels, float(temperature), softcap, int(ignore_index), bool(return_entropy),
+            bool(inplace_backward), process_group, shard,
+        )
+        return (logp, entropy) if return_entropy else logp
     logp, entropy, _ = _fwd(logits, labels, float(temperature), softcap, int(ignore_index),
                             bool(return_entropy), bool(inplace_backward))
     return (logp, entropy) if return_entropy else logp
