@@ -384,3 +384,22 @@ def test_vocab_parallel_matches_unsharded(sizes, tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_tp_worker, args=(len(sizes), str(tmp_path / "rendezvous"), sizes, _tp_expected()), nprocs=len(sizes))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fused_kernel_through_the_op(deterministic):
+    """kernel='fused' (the Triton tl.dot kernels; interpreted here) behind the public op and its
+    autograd: the same numbers as the reference. Kernel-level cases: test_linear_logprobs_triton.py."""
+    if not rlkern._backend.has_triton() or not (torch.cuda.is_available() or rlkern._backend.triton_interpreted()):
+        pytest.skip("needs triton on CUDA or TRITON_INTERPRET=1")
+    hidden, weight, bias, labels = _inputs(13, 20, 203, torch.float32, bias=True, ignore=(2,))
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    logp, entropy = rlkern.linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], return_entropy=True,
+                                                 kernel="fused", deterministic=deterministic, temperature=0.8)
+    g_l, g_h = torch.randn(13), torch.randn(13)
+    (logp * g_l + entropy * g_h).sum().backward()
+    r_logp, r_entropy, _, r_grads = _reference_and_grads(hidden, weight, bias, labels, (g_l, g_h), temperature=0.8)
+    torch.testing.assert_close(logp.double(), r_logp, rtol=0, atol=2e-5)
+    torch.testing.assert_close(entropy.double(), r_entropy, rtol=0, atol=2e-5)
+    for leaf, r in zip(leaves, r_grads):
+        torch.testing.assert_close(leaf.grad.double(), r, rtol=1e-4, atol=1e-5 * r.abs().max().item())

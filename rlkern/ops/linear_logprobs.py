@@ -504,6 +504,8 @@ def linear_token_logprobs(
         raise ValueError(f"kernel must be None, 'chunked' or 'fused', got {kernel!r}")
     if kernel == "fused" and extra_outputs:
         raise ValueError("extra_outputs are computed by the chunked kernel only: pass kernel='chunked'")
+    if kernel == "fused" and not (hidden.device.type == "cuda" or _backend.triton_interpreted()):
+        raise ValueError("kernel='fused' is a Triton kernel: it needs CUDA tensors (or TRITON_INTERPRET=1)")
     lead = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
     if flat.stride(-1) != 1:
