@@ -166,11 +166,7 @@ def main(argv=None) -> list[common.Row]:
     n, width, vocab, dtype = default_shape(device)
     rows = run(device, args.n or n, args.hidden or width, args.vocab or vocab,
                DTYPES[args.dtype] if args.dtype else dtype, args.rounds, not args.no_memory)
-    print(f"# {common.device_name(device)}\n")
-    print(common.markdown_table(rows))
-    if args.out:
-        common.write_results(args.out, device, rows, __spec__.name, argv)
-    return rows
+    return common.report(rows, device, args.out, __spec__.name, argv)
 
 
 if __name__ == "__main__":

@@ -118,11 +118,7 @@ def main(argv=None) -> list[common.Row]:
     device = torch.device(args.device)
     n, vocab, dtype = default_shape(device)
     rows = run(device, args.n or n, args.vocab or vocab, DTYPES[args.dtype] if args.dtype else dtype, args.rounds)
-    print(f"# {common.device_name(device)}\n")
-    print(common.markdown_table(rows))
-    if args.out:
-        common.write_results(args.out, device, rows, __spec__.name, argv)
-    return rows
+    return common.report(rows, device, args.out, __spec__.name, argv)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,15 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def report(rows: list[Row], device: torch.device, out: str | None, module: str, argv: list[str] | None) -> list[Row]:
+    """Print the device and the table; with ``out``, also write ``out.json`` and ``out.md``."""
+    print(f"# {device_name(device)}\n")
+    print(markdown_table(rows))
+    if out:
+        write_results(out, device, rows, module, argv)
+    return rows
+
+
 def write_results(path: str, device: torch.device, rows: list[Row], module: str, argv: list[str] | None) -> None:
     """Write FILE.json and FILE.md, recording the command that reproduces them: ``module`` is
     the bench's dotted name (``__spec__.name``), ``argv`` what its ``main`` parsed (None: the
