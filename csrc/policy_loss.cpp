@@ -1,35 +1,63 @@
-// rlkern CPU kernel: fused policy loss (torch.ops.rlkern.policy_loss_stats / policy_loss_grad).
+// rlkern CPU kernel: fused policy loss (torch.ops.rlkern.policy_loss_forward / policy_loss_backward).
 //
-// Oracle: rlkern/reference/policy_loss.py. One task per sequence (at::parallel_for over B):
-//   stats: one read of the sequence's tokens (two for GSPO, whose ratio is the sequence mean
-//          log-ratio) -> the per-sequence partial sums [B, 11] (policy loss, entropy, KL, mask
-//          count, the six metric sums, GSPO's mean log-ratio); rlkern.ops turns them into the
-//          aggregated loss and the metrics with [B]-sized ops.
-//   grad:  one read, one write: d loss / d logprobs = m * (c_pol[b] * is_w * dl/dlp + c_kl[b] *
-//          dkl/dlp) and d loss / d entropy = m * c_ent[b], with the per-sequence coefficients
-//          (aggregation weight times grad and coefficient) computed by rlkern.ops.
-// Accumulation in double; token math in float, as the fp32 reference.
-#include <ATen/ATen.h>
+// Oracle: rlkern/reference/policy_loss.py; GPU twin: kernels/policy_loss.py (same outputs, same
+// stats layout). One task per sequence (at::parallel_for over B):
+//   forward:  one read of the sequence's tokens (two for GSPO, whose ratio is the sequence mean
+//             log-ratio) -> per-sequence partial sums, stats[b, :] = (policy loss, entropy, KL,
+//             mask count, the six metric sums, GSPO's mean log-ratio); then, on the calling
+//             thread, the aggregation over the B rows: the loss, the 8 metrics, and stats[B, :2]
+//             = (token count, non-empty sequences) for the backward.
+//   backward: one read, one write: d loss / d logprobs = m * (c_pol * is_w * dl/dlp + c_kl *
+//             dkl/dlp) and d loss / d entropy = m * c_ent, the per-sequence coefficients c_* =
+//             aggregation weight of the sequence x coefficient x upstream gradient.
+// The token loops run on float vectors (GCC vector extensions, no intrinsics): every branch of
+// the reference is a lane select, exp is a polynomial of our own, and inputs are zeroed at
+// masked-out tokens so the sums need no select. The same source is compiled twice: 8 lanes for
+// AVX2+FMA (chosen at runtime, as csrc/logprobs.cpp) and 4 lanes for the baseline ISA (SSE2,
+// NEON); RLKERN_NO_SIMD=1 forces the baseline. Token math in float, as the fp32 reference; sums
+// in float over 64-vector chunks, then in double.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define RLK_X86_SIMD 1
+#define RLK_TGT __attribute__((target("avx2,fma")))
+#else
+#define RLK_X86_SIMD 0
+#endif
+// No target of its own: inlined into both the AVX2 and the baseline entry points.
+#define RLK_VEC __attribute__((always_inline)) static inline
+// GCC notes that functions taking or returning 32/64-byte vectors have an ABI that depends on
+// -mavx; every such function here is always inlined, so no call crosses that boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace {
 
 enum class Loss { kPpo, kGspo, kCispo, kReinforce, kSapo, kDro, kDppoTv, kDppoKl, kClipCov, kKlCov };
 enum class Kl { kK1, kAbs, kK2, kK3 };
+enum class MaskKind { kNone, kU8, kI32, kI64, kF32 };  // kNone: every token counts (packed)
 
-// Columns of the stats tensor (rlkern/ops/policy_loss.py S_*).
+// Columns of the stats tensor (rlkern/ops/policy_loss.py S_*); row B holds (count, sequences).
 constexpr int kPolicy = 0, kEntropy = 1, kKl = 2, kCount = 3, kCf = 4, kLo = 5, kHi = 6, kDcf = 7, kAkl = 8,
               kRatio = 9, kSlr = 10, kNumStats = 11;
+constexpr int kSums = 10;  // columns 0..9 are masked sums
 constexpr float kLogRatioBound = 20.f, kGspoMax = 10.f, kK3Bound = 10.f;
+constexpr double kMeanEps = 1e-8;  // verl's masked_mean denominator: sum(mask) + 1e-8
+constexpr int64_t kFlushEvery = 64;  // vectors summed in float before a flush into double
 
 Loss parse_loss(const std::string& s) {
   if (s == "ppo") return Loss::kPpo;
@@ -56,263 +84,535 @@ void parse_kl(const std::string& s, Kl* kind, bool* straight_through) {
   else TORCH_CHECK(false, "rlkern.policy_loss: unknown kl_estimator '", s, "'");
 }
 
+enum class Agg { kTokenMean, kTokenSum, kSeqSum, kSeqMean, kSeqSumNorm };
+
+Agg parse_agg(const std::string& s, const char* what) {
+  if (s == "token-mean") return Agg::kTokenMean;
+  if (s == "token-sum") return Agg::kTokenSum;
+  if (s == "seq-mean-token-sum") return Agg::kSeqSum;
+  if (s == "seq-mean-token-mean") return Agg::kSeqMean;
+  if (s == "seq-mean-token-sum-norm") return Agg::kSeqSumNorm;
+  TORCH_CHECK(false, "rlkern.policy_loss: unknown ", what, " '", s, "'");
+}
+
+// The float hyper-parameter list (rlkern/ops/policy_loss.py H_*); NaN means "not given".
 struct Hyper {
   float clip_low, clip_high, dual;
   bool has_dual;
   float tau_pos, tau_neg, dro_beta, ppo_kl_coef;
+  double kl_coef, ent_coef, dp, lsf;
+  bool has_lsf;
+  std::optional<double> global_tokens, global_seqs;  // when given as numbers
 };
 
+std::optional<double> given(double x) { return std::isnan(x) ? std::nullopt : std::optional<double>(x); }
+
 Hyper parse_hyper(const std::vector<double>& h) {
-  TORCH_CHECK(h.size() >= 11, "rlkern.policy_loss: hyper must have 11 entries, got ", h.size());
+  TORCH_CHECK(h.size() == 13, "rlkern.policy_loss: hyper must have 13 entries, got ", h.size());
   Hyper x;
   x.clip_low = static_cast<float>(h[0]);
   x.clip_high = static_cast<float>(h[1]);
   x.has_dual = !std::isnan(h[2]);
   x.dual = x.has_dual ? static_cast<float>(h[2]) : std::numeric_limits<float>::infinity();
+  x.kl_coef = h[3];
+  x.ent_coef = h[4];
+  x.dp = h[5];
+  x.has_lsf = !std::isnan(h[6]);
+  x.lsf = h[6];
   x.tau_pos = static_cast<float>(h[7]);
   x.tau_neg = static_cast<float>(h[8]);
   x.dro_beta = std::isnan(h[9]) ? 0.f : static_cast<float>(h[9]);
   x.ppo_kl_coef = static_cast<float>(h[10]);
+  x.global_tokens = given(h[11]);
+  x.global_seqs = given(h[12]);
   return x;
 }
 
 struct Args {
   const float *lp, *old, *adv, *ref, *ent, *isw, *sel;  // ref/ent/isw/sel may be null
-  const void* mask;                                      // null: every token counts (packed)
-  const int64_t* cu;                                     // null: padded
-  int64_t T;                                             // padded width
+  const void* mask;
+  MaskKind mask_kind;
+  const int64_t* cu;  // null: padded
+  int64_t T;          // padded width
   bool adv_per_seq;
-  Loss loss;
   Kl kl;
   bool kl_st;
   Hyper h;
 };
 
-struct Token {
-  float l, dl;                          // policy loss and d l / d logprob (before is_weights)
-  float cf, lo, hi, dcf, akl, ratio;    // metric values
+// ---------------------------------------------------------------------------------------------
+// The token loops on W-lane float vectors (W = 8: AVX2, W = 4: SSE2 / NEON), as static members
+// of Simd<W>. Comparisons give int lanes of 0 / -1; `m ? a : b` selects per lane.
+
+template <int W>
+struct Lanes;  // float, int32 and int64 vectors of W lanes
+template <>
+struct Lanes<8> {
+  typedef float f __attribute__((vector_size(32)));
+  typedef int32_t i __attribute__((vector_size(32)));
+  typedef int64_t i64 __attribute__((vector_size(64)));
+};
+template <>
+struct Lanes<4> {
+  typedef float f __attribute__((vector_size(16)));
+  typedef int32_t i __attribute__((vector_size(16)));
+  typedef int64_t i64 __attribute__((vector_size(32)));
 };
 
-inline float clampf(float x, float lo, float hi) { return std::min(std::max(x, lo), hi); }
+template <int W>
+struct Simd {
+  using vf = typename Lanes<W>::f;
+  using vi = typename Lanes<W>::i;
+  using vi64 = typename Lanes<W>::i64;
+  static constexpr int kW = W;
 
-// One token of the policy loss: value, derivative and metric flags (reference _token_terms).
-inline Token policy_token(const Args& a, float lp, float old, float A, float slr, float sel) {
-  const Hyper& h = a.h;
-  const float lo_b = 1.f - h.clip_low, hi_b = 1.f + h.clip_high;
-  const float lr = lp - old;
-  Token t{0, 0, 0, 0, 0, 0, 0, 0};
-  const bool clamped = a.loss == Loss::kPpo || a.loss == Loss::kCispo || a.loss == Loss::kSapo ||
-                       a.loss == Loss::kDppoTv || a.loss == Loss::kDppoKl;
-  const float lrc = clamped ? clampf(lr, -kLogRatioBound, kLogRatioBound) : lr;
-  // clamp passes the gradient on the closed interval, as torch.clamp does
-  const bool in_bounds = !clamped || (lr >= -kLogRatioBound && lr <= kLogRatioBound);
-  float r = std::exp(lrc);
-  float dr = in_bounds ? r : 0.f;
-  t.akl = -lrc;
-  switch (a.loss) {
-    case Loss::kGspo:
-      r = std::exp(std::min(slr, kGspoMax));
-      dr = slr <= kGspoMax ? r : 0.f;
-      [[fallthrough]];
-    case Loss::kPpo:
-    case Loss::kClipCov: {
-      const float l1 = -A * r, l2 = -A * clampf(r, lo_b, hi_b);
-      const bool clipped = l2 > l1;
-      t.l = std::max(l1, l2);
-      t.dl = clipped ? 0.f : -A * dr;
-      t.cf = clipped;
-      t.lo = clipped && A < 0;
-      t.hi = clipped && A > 0;
-      if (a.loss == Loss::kPpo && h.has_dual && A < 0) {
-        const float l3 = -A * h.dual;
-        if (t.l > l3) {
-          t.l = l3;
-          t.dl = 0.f;
-          t.dcf = 1.f;
-        } else if (t.l == l3) {
-          t.dl *= 0.5f;  // torch.minimum splits the gradient of a tie
+  RLK_VEC vf splat(float x) { return vf{} + x; }
+  RLK_VEC vf lanes_true(vi m) { return reinterpret_cast<vf>(m & reinterpret_cast<vi>(splat(1.f))); }  // 1.f / 0.f
+  // std::max / std::min semantics (a NaN first argument comes back), as the reference's clamps.
+  RLK_VEC vf vmax(vf a, vf b) { return a < b ? b : a; }
+  RLK_VEC vf vmin(vf a, vf b) { return b < a ? b : a; }
+  RLK_VEC vf vclamp(vf x, float lo, float hi) { return vmin(vmax(x, splat(lo)), splat(hi)); }
+  RLK_VEC vf vand(vf x, vi m) { return reinterpret_cast<vf>(reinterpret_cast<vi>(x) & m); }  // x or +0
+  RLK_VEC vf vabs(vf x) { return reinterpret_cast<vf>(reinterpret_cast<vi>(x) & 0x7fffffff); }
+  RLK_VEC vf vsign(vf x) { return x > 0.f ? splat(1.f) : (x < 0.f ? splat(-1.f) : splat(0.f)); }
+
+  // e^x: x = n ln2 + r (|r| <= ln2 / 2, ln2 split in two so n ln2 is exact), e^r by its Taylor
+  // series to r^7 (truncation < 1e-8 relative), 2^n applied as two exponent-field factors so
+  // that results down to the denormals stay right. With x clamped to [-104, 88.8] (a NaN passes
+  // the clamp), x > ln(FLT_MAX) overflows to inf in the last product, x < -103.97 rounds to 0, and
+  // NaN stays NaN (whatever 2^n its garbage n gives).
+  RLK_VEC vf vexp(vf x) {
+    const vf shifter = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+    const vf xc = vmin(vmax(x, splat(-104.f)), splat(88.8f));
+    const vf fn = (xc * 1.44269504088896341f + shifter) - shifter;
+    vf r = xc - fn * 0.693145751953125f;  // ln2's top 16 bits: fn * hi is exact
+    r = r - fn * 1.428606765330187e-06f;
+    // Estrin's scheme: 4 dependent steps instead of Horner's 8
+    const vf r2 = r * r, r4 = r2 * r2;
+    const vf p01 = r + 1.f, p23 = r * (1.f / 6.f) + 0.5f;
+    const vf p45 = r * (1.f / 120.f) + 1.f / 24.f, p67 = r * (1.f / 5040.f) + 1.f / 720.f;
+    const vf p = (p23 * r2 + p01) + (p67 * r2 + p45) * r4;
+    const vi n = __builtin_convertvector(fn, vi);
+    const vi n1 = n >> 1;
+    const vi n2 = n - n1;
+    const vf s1 = reinterpret_cast<vf>((n1 + 127) << 23), s2 = reinterpret_cast<vf>((n2 + 127) << 23);
+    return p * s1 * s2;
+  }
+
+  // ln, lane by lane (only dppo_kl's binary KL needs it).
+  RLK_VEC vf vlog(vf x) {
+    float buf[kW];
+    std::memcpy(buf, &x, sizeof(buf));
+    for (int j = 0; j < kW; ++j) buf[j] = std::log(buf[j]);
+    std::memcpy(&x, buf, sizeof(buf));
+    return x;
+  }
+
+  // Loads and stores of n <= W elements (lanes past n read as 0). The full-vector case is a
+  // separate branch so that its copies have a constant size (one vector move, not a memcpy call).
+  template <typename T, typename V>
+  RLK_VEC V load_n(const T* p, int64_t n) {
+    V v = {};
+    if (n == kW) std::memcpy(&v, p, kW * sizeof(T));
+    else std::memcpy(&v, p, static_cast<size_t>(n) * sizeof(T));
+    return v;
+  }
+
+  RLK_VEC vf load(const float* p, int64_t n) { return load_n<float, vf>(p, n); }
+
+  RLK_VEC void store(float* p, vf v, int64_t n) {
+    if (n == kW) std::memcpy(p, &v, sizeof(v));
+    else std::memcpy(p, &v, static_cast<size_t>(n) * sizeof(float));
+  }
+
+  // n <= W bytes -> int32 lanes. Each lane takes the 32-bit word holding its byte and shifts it
+  // into place (one variable shift with AVX2); GCC's own byte-vector widening goes lane by lane.
+  RLK_VEC vi widen_bytes(const uint8_t* p, int64_t n) {
+    uint32_t words[kW / 4] = {};
+    if (n == kW) std::memcpy(words, p, kW);
+    else std::memcpy(words, p, static_cast<size_t>(n));
+    vi w, shift;
+    for (int j = 0; j < kW; ++j) {
+      w[j] = static_cast<int32_t>(words[j / 4]);
+      shift[j] = 8 * (j % 4);
+    }
+    return (w >> shift) & 0xff;
+  }
+
+  RLK_VEC vf load_mask(const Args& a, int64_t i, int64_t n) {
+    switch (a.mask_kind) {
+      case MaskKind::kNone: {
+        vi lane = {};
+        for (int j = 0; j < kW; ++j) lane[j] = j;
+        return lanes_true(lane < static_cast<int32_t>(n));
+      }
+      case MaskKind::kU8:
+        return __builtin_convertvector(widen_bytes(static_cast<const uint8_t*>(a.mask) + i, n), vf);
+      case MaskKind::kI32:
+        return __builtin_convertvector((load_n<int32_t, vi>(static_cast<const int32_t*>(a.mask) + i, n)), vf);
+      case MaskKind::kI64:  // via int32 lanes (GCC converts int64 -> float lane by lane); |weight| < 2^31
+        return __builtin_convertvector(
+            __builtin_convertvector((load_n<int64_t, vi64>(static_cast<const int64_t*>(a.mask) + i, n)), vi), vf);
+      default:
+        return load(static_cast<const float*>(a.mask) + i, n);
+    }
+  }
+
+  RLK_VEC double hsum(vf v) {
+    double s = 0;
+    for (int j = 0; j < kW; ++j) s += v[j];
+    return s;
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Token math (reference _token_terms), W tokens at a time.
+
+  struct Token {
+    vf l, dl;                          // policy loss and d l / d logprob (before is_weights)
+    vf cf, lo, hi, dcf, akl, ratio;    // metric values
+  };
+
+  template <Loss L>
+  RLK_VEC Token policy_token(const Hyper& h, vf lp, vf old, vf A, float slr, vf sel) {
+    const vf zero = {};
+    const float lo_b = 1.f - h.clip_low, hi_b = 1.f + h.clip_high;
+    const vf lr = lp - old;
+    Token t{zero, zero, zero, zero, zero, zero, zero, zero};
+    constexpr bool clamped =
+        L == Loss::kPpo || L == Loss::kCispo || L == Loss::kSapo || L == Loss::kDppoTv || L == Loss::kDppoKl;
+    const vf lrc = clamped ? vclamp(lr, -kLogRatioBound, kLogRatioBound) : lr;
+    vf r, dr;
+    if constexpr (L == Loss::kGspo) {  // the sequence ratio, straight-through on the token's own logprob
+      const float rs = std::exp(std::min(slr, kGspoMax));
+      r = splat(rs);
+      dr = splat(slr <= kGspoMax ? rs : 0.f);
+    } else if constexpr (L != Loss::kReinforce && L != Loss::kDro) {
+      r = vexp(lrc);
+      // clamp passes the gradient on the closed interval, as torch.clamp does
+      dr = clamped ? ((lr >= -kLogRatioBound) & (lr <= kLogRatioBound) ? r : zero) : r;
+    } else {
+      r = vexp(lr);
+      dr = r;
+    }
+    t.akl = -lrc;
+    if constexpr (L == Loss::kPpo || L == Loss::kGspo || L == Loss::kClipCov) {
+      const vf l1 = -A * r, l2 = -A * vclamp(r, lo_b, hi_b);
+      const vi clipped = l2 > l1;
+      t.l = vmax(l1, l2);
+      t.dl = clipped ? zero : -A * dr;
+      t.cf = lanes_true(clipped);
+      t.lo = lanes_true(clipped & (A < 0.f));
+      t.hi = lanes_true(clipped & (A > 0.f));
+      if constexpr (L == Loss::kPpo) {
+        if (h.has_dual) {
+          const vf l3 = -A * h.dual;
+          const vi neg = A < 0.f;
+          const vi over = neg & (t.l > l3);
+          t.dl = over ? zero : ((neg & (t.l == l3)) ? t.dl * 0.5f : t.dl);  // torch.minimum splits a tie
+          t.l = over ? l3 : t.l;
+          t.dcf = lanes_true(over);
         }
       }
-      if (a.loss == Loss::kClipCov) {
+      if constexpr (L == Loss::kClipCov) {
         t.l *= 1.f - sel;
         t.dl *= 1.f - sel;
         t.cf = sel;
       }
-      break;
-    }
-    case Loss::kCispo: {
-      const float cr = clampf(r, lo_b, hi_b);
+    } else if constexpr (L == Loss::kCispo) {
+      const vf cr = vclamp(r, lo_b, hi_b);
       t.l = -cr * A * lp;
       t.dl = -cr * A;
-      t.cf = r != cr;
-      t.lo = r < lo_b;
-      t.hi = r > hi_b;
-      break;
-    }
-    case Loss::kReinforce:
+      t.cf = lanes_true(r != cr);
+      t.lo = lanes_true(r < lo_b);
+      t.hi = lanes_true(r > hi_b);
+    } else if constexpr (L == Loss::kReinforce) {
       t.l = -A * lp;
       t.dl = -A;
-      break;
-    case Loss::kSapo: {
-      const float tau = A > 0 ? h.tau_pos : h.tau_neg;
-      const float s = 1.f / (1.f + std::exp(-tau * (r - 1.f)));
+    } else if constexpr (L == Loss::kSapo) {
+      const vf tau = A > 0.f ? splat(h.tau_pos) : splat(h.tau_neg);
+      const vf s = 1.f / (1.f + vexp(-tau * (r - 1.f)));
       t.l = -s * (4.f / tau) * A;
       t.dl = -A * 4.f * s * (1.f - s) * dr;
-      break;
-    }
-    case Loss::kDro:
+    } else if constexpr (L == Loss::kDro) {
       t.l = -(lp * A - 0.5f * h.dro_beta * lr * lr);
       t.dl = -(A - h.dro_beta * lr);
-      break;
-    case Loss::kDppoTv:
-    case Loss::kDppoKl: {
-      const float tr = std::min(r, h.dual);
-      const float p = std::exp(lp), po = std::exp(old);
-      bool up_ok, down_ok;
-      if (a.loss == Loss::kDppoTv) {
+    } else if constexpr (L == Loss::kDppoTv || L == Loss::kDppoKl) {
+      const vf tr = vmin(r, splat(h.dual));
+      const vf p = vexp(lp), po = vexp(old);
+      vi up_ok, down_ok;
+      if constexpr (L == Loss::kDppoTv) {
         up_ok = (p - po) <= h.clip_high;
         down_ok = (p - po) >= -h.clip_low;
       } else {
-        const float bkl = po * (old - lp) + (1.f - po) * std::log((1.f - po + 1e-8f) / (1.f - p + 1e-8f));
-        up_ok = bkl <= h.clip_high || p <= po;
-        down_ok = bkl <= h.clip_low || p >= po;
+        const vf bkl = po * (old - lp) + (1.f - po) * vlog((1.f - po + 1e-8f) / (1.f - p + 1e-8f));
+        up_ok = (bkl <= h.clip_high) | (p <= po);
+        down_ok = (bkl <= h.clip_low) | (p >= po);
       }
-      const float valid = (A > 0 ? up_ok : down_ok) ? 1.f : 0.f;
+      const vi pos = A > 0.f;
+      const vf valid = lanes_true(pos ? up_ok : down_ok);
       t.l = -A * tr * lp * valid;
       t.dl = -A * tr * valid;
       t.cf = 1.f - valid;
-      t.lo = A <= 0 ? 1.f - valid : 0.f;
-      t.hi = A > 0 ? 1.f - valid : 0.f;
-      t.dcf = r > h.dual ? valid : 0.f;
-      break;
+      t.lo = pos ? zero : 1.f - valid;
+      t.hi = pos ? 1.f - valid : zero;
+      t.dcf = r > h.dual ? valid : zero;
+    } else {  // kl_cov
+      t.l = -A * r + sel * (h.ppo_kl_coef * vabs(lr));
+      t.dl = -A * r + sel * h.ppo_kl_coef * vsign(lr);
+      t.akl = vabs(lr);
     }
-    case Loss::kKlCov: {
-      const float sgn = lr > 0 ? 1.f : (lr < 0 ? -1.f : 0.f);
-      t.l = -A * r + sel * (h.ppo_kl_coef * std::abs(lr));
-      t.dl = -A * r + sel * h.ppo_kl_coef * sgn;
-      t.akl = std::abs(lr);
-      break;
-    }
+    t.ratio = r;
+    return t;
   }
-  t.ratio = r;
-  return t;
-}
 
-// KL estimate and its derivative in logprob (verl kl_penalty; '+' keeps k2's gradient).
-inline void kl_token(const Args& a, float lp, float ref, float* value, float* deriv) {
-  const float diff = lp - ref;
-  switch (a.kl) {
-    case Kl::kK1:
-      *value = diff;
-      *deriv = 1.f;
-      break;
-    case Kl::kAbs:
-      *value = std::abs(diff);
-      *deriv = diff > 0 ? 1.f : (diff < 0 ? -1.f : 0.f);
-      break;
-    case Kl::kK2:
-      *value = 0.5f * diff * diff;
-      *deriv = diff;
-      break;
-    case Kl::kK3: {
-      const float x = clampf(-diff, -kLogRatioBound, kLogRatioBound);
-      const float e = std::exp(x);
-      const float v = e - x - 1.f;
-      *value = clampf(v, -kK3Bound, kK3Bound);
-      const bool live = -diff >= -kLogRatioBound && -diff <= kLogRatioBound && v >= -kK3Bound && v <= kK3Bound;
-      *deriv = live ? 1.f - e : 0.f;
-      break;
-    }
-  }
-  if (a.kl_st) *deriv = diff;
-}
-
-template <typename M>
-inline float mask_at(const void* m, int64_t i) {
-  return m ? static_cast<float>(static_cast<const M*>(m)[i]) : 1.f;
-}
-
-inline void seq_range(const Args& a, int64_t b, int64_t* begin, int64_t* end) {
-  if (a.cu) {
-    *begin = a.cu[b];
-    *end = a.cu[b + 1];
-  } else {
-    *begin = b * a.T;
-    *end = (b + 1) * a.T;
-  }
-}
-
-template <typename M>
-float gspo_seq_log_ratio(const Args& a, int64_t begin, int64_t end) {
-  double num = 0, den = 0;
-  for (int64_t i = begin; i < end; ++i) {
-    const float m = mask_at<M>(a.mask, i);
-    if (m != 0.f) num += static_cast<double>(m) * (a.lp[i] - a.old[i]);
-    den += m;
-  }
-  return static_cast<float>(num / std::max(den, 1.0));
-}
-
-template <typename M>
-void stats_seqs(const Args& a, float* stats, int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    int64_t begin, end;
-    seq_range(a, b, &begin, &end);
-    const float slr = a.loss == Loss::kGspo ? gspo_seq_log_ratio<M>(a, begin, end) : 0.f;
-    double acc[kNumStats] = {0};
-    for (int64_t i = begin; i < end; ++i) {
-      const float m = mask_at<M>(a.mask, i);
-      if (m == 0.f) continue;
-      const float A = a.adv_per_seq ? a.adv[b] : a.adv[i];
-      const Token t = policy_token(a, a.lp[i], a.old[i], A, slr, a.sel ? a.sel[i] : 0.f);
-      const float w = a.isw ? a.isw[i] : 1.f;
-      acc[kPolicy] += static_cast<double>(m) * (t.l * w);
-      acc[kCount] += m;
-      acc[kCf] += m * t.cf;
-      acc[kLo] += m * t.lo;
-      acc[kHi] += m * t.hi;
-      acc[kDcf] += m * t.dcf;
-      acc[kAkl] += static_cast<double>(m) * t.akl;
-      acc[kRatio] += static_cast<double>(m) * t.ratio;
-      if (a.ref) {
-        float v, d;
-        kl_token(a, a.lp[i], a.ref[i], &v, &d);
-        acc[kKl] += static_cast<double>(m) * v;
+  // KL estimate and its derivative in logprob (verl kl_penalty; '+' keeps k2's gradient).
+  RLK_VEC void kl_token(const Args& a, vf lp, vf ref, vf* value, vf* deriv) {
+    const vf diff = lp - ref;
+    switch (a.kl) {
+      case Kl::kK1:
+        *value = diff;
+        *deriv = splat(1.f);
+        break;
+      case Kl::kAbs:
+        *value = vabs(diff);
+        *deriv = vsign(diff);
+        break;
+      case Kl::kK2:
+        *value = 0.5f * diff * diff;
+        *deriv = diff;
+        break;
+      case Kl::kK3: {
+        const vf x = vclamp(-diff, -kLogRatioBound, kLogRatioBound);
+        const vf e = vexp(x);
+        const vf v = e - x - 1.f;
+        *value = vclamp(v, -kK3Bound, kK3Bound);
+        const vi live = (-diff >= -kLogRatioBound) & (-diff <= kLogRatioBound) & (v >= -kK3Bound) & (v <= kK3Bound);
+        *deriv = live ? 1.f - e : splat(0.f);
+        break;
       }
-      if (a.ent) acc[kEntropy] += static_cast<double>(m) * a.ent[i];
     }
-    acc[kSlr] = slr;
-    for (int k = 0; k < kNumStats; ++k) stats[b * kNumStats + k] = static_cast<float>(acc[k]);
+    if (a.kl_st) *deriv = diff;
   }
+
+  RLK_VEC void seq_range(const Args& a, int64_t b, int64_t* begin, int64_t* end) {
+    if (a.cu) {
+      *begin = a.cu[b];
+      *end = a.cu[b + 1];
+    } else {
+      *begin = b * a.T;
+      *end = (b + 1) * a.T;
+    }
+  }
+
+  RLK_VEC float gspo_seq_log_ratio(const Args& a, int64_t begin, int64_t end) {
+    vf num = {}, den = {};
+    for (int64_t i = begin; i < end; i += kW) {
+      const int64_t n = std::min<int64_t>(kW, end - i);
+      const vf m = load_mask(a, i, n);
+      num += m * vand(load(a.lp + i, n) - load(a.old + i, n), m != 0.f);
+      den += m;
+    }
+    return static_cast<float>(hsum(num) / std::max(hsum(den), 1.0));
+  }
+
+  // The inputs of n tokens, 0 at masked-out ones (and past n): every token value is then finite
+  // there and m * value is 0, so a NaN/inf at a masked-out token never leaks into a sum (verl's
+  // masked_sum) and the sums need no select.
+  struct Loaded {
+    vf m, lp, old, A, sel, ref, ent, isw;
+    vi live;
+  };
+
+  RLK_VEC Loaded load_token(const Args& a, int64_t b, int64_t i, int64_t n) {
+    Loaded x;
+    x.m = load_mask(a, i, n);
+    x.live = x.m != 0.f;
+    x.lp = vand(load(a.lp + i, n), x.live);
+    x.old = vand(load(a.old + i, n), x.live);
+    x.A = vand(a.adv_per_seq ? splat(a.adv[b]) : load(a.adv + i, n), x.live);
+    x.sel = a.sel ? vand(load(a.sel + i, n), x.live) : vf{};
+    x.ref = a.ref ? vand(load(a.ref + i, n), x.live) : vf{};
+    x.ent = a.ent ? vand(load(a.ent + i, n), x.live) : vf{};
+    x.isw = a.isw ? vand(load(a.isw + i, n), x.live) : splat(1.f);
+    return x;
+  }
+
+  template <Loss L>
+  RLK_VEC void stats_body(const Args& a, float* stats, int64_t b0, int64_t b1) {
+    const vf zero = {};
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t begin, end;
+      seq_range(a, b, &begin, &end);
+      const float slr = L == Loss::kGspo ? gspo_seq_log_ratio(a, begin, end) : 0.f;
+      double sums[kSums] = {0};
+      vf acc[kSums];
+      for (auto& v : acc) v = zero;
+      int64_t pending = 0;
+      for (int64_t i = begin; i < end; i += kW) {
+        const int64_t n = std::min<int64_t>(kW, end - i);
+        const Loaded x = load_token(a, b, i, n);
+        const Token t = policy_token<L>(a.h, x.lp, x.old, x.A, slr, x.sel);
+        acc[kPolicy] += x.m * (t.l * x.isw);
+        acc[kCount] += x.m;
+        acc[kCf] += x.m * t.cf;
+        acc[kLo] += x.m * t.lo;
+        acc[kHi] += x.m * t.hi;
+        acc[kDcf] += x.m * t.dcf;
+        acc[kAkl] += x.m * t.akl;
+        acc[kRatio] += x.m * t.ratio;
+        if (a.ref) {
+          vf v = {}, d = {};
+          kl_token(a, x.lp, x.ref, &v, &d);
+          acc[kKl] += x.m * v;
+        }
+        acc[kEntropy] += x.m * x.ent;
+        if (++pending == kFlushEvery || i + kW >= end) {
+          for (int k = 0; k < kSums; ++k) {
+            sums[k] += hsum(acc[k]);
+            acc[k] = zero;
+          }
+          pending = 0;
+        }
+      }
+      float* out = stats + b * kNumStats;
+      for (int k = 0; k < kSums; ++k) out[k] = static_cast<float>(sums[k]);
+      out[kSlr] = slr;
+    }
+  }
+
+  template <Loss L>
+  RLK_VEC void grad_body(const Args& a, const float* stats, const float* coefs, float* g_lp, float* g_ent, int64_t b0,
+                         int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t begin, end;
+      seq_range(a, b, &begin, &end);
+      const float slr = stats[b * kNumStats + kSlr];
+      const float c_pol = coefs[b * 3], c_kl = coefs[b * 3 + 1], c_ent = coefs[b * 3 + 2];
+      for (int64_t i = begin; i < end; i += kW) {
+        const int64_t n = std::min<int64_t>(kW, end - i);
+        const Loaded x = load_token(a, b, i, n);
+        const Token t = policy_token<L>(a.h, x.lp, x.old, x.A, slr, x.sel);
+        vf g = c_pol * t.dl * x.isw;
+        if (a.ref && c_kl != 0.f) {
+          vf v = {}, d = {};
+          kl_token(a, x.lp, x.ref, &v, &d);
+          g += c_kl * d;
+        }
+        store(g_lp + i, vand(x.m * g, x.live), n);
+        if (g_ent) store(g_ent + i, vand(x.m * c_ent, x.live), n);
+      }
+    }
+  }
+};  // struct Simd
+
+// The two compilations of each loop, and the runtime choice between them.
+constexpr int kAvx2W = 8;
+constexpr int kBaseW = 4;  // 16-byte vectors: SSE2 on any x86-64, NEON on arm64
+using StatsFn = void (*)(const Args&, float*, int64_t, int64_t);
+using GradFn = void (*)(const Args&, const float*, const float*, float*, float*, int64_t, int64_t);
+
+template <Loss L>
+void stats_base(const Args& a, float* s, int64_t b0, int64_t b1) { Simd<kBaseW>::stats_body<L>(a, s, b0, b1); }
+template <Loss L>
+void grad_base(const Args& a, const float* s, const float* c, float* g, float* ge, int64_t b0, int64_t b1) {
+  Simd<kBaseW>::grad_body<L>(a, s, c, g, ge, b0, b1);
 }
 
-template <typename M>
-void grad_seqs(const Args& a, const float* stats, const float* coefs, float* g_lp, float* g_ent, int64_t b0,
-               int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    int64_t begin, end;
-    seq_range(a, b, &begin, &end);
-    const float slr = stats[b * kNumStats + kSlr];
-    const float c_pol = coefs[b * 3], c_kl = coefs[b * 3 + 1], c_ent = coefs[b * 3 + 2];
-    for (int64_t i = begin; i < end; ++i) {
-      const float m = mask_at<M>(a.mask, i);
-      if (m == 0.f) {
-        g_lp[i] = 0.f;
-        if (g_ent) g_ent[i] = 0.f;
-        continue;
-      }
-      const float A = a.adv_per_seq ? a.adv[b] : a.adv[i];
-      const Token t = policy_token(a, a.lp[i], a.old[i], A, slr, a.sel ? a.sel[i] : 0.f);
-      float g = c_pol * t.dl * (a.isw ? a.isw[i] : 1.f);
-      if (a.ref && c_kl != 0.f) {
-        float v, d;
-        kl_token(a, a.lp[i], a.ref[i], &v, &d);
-        g += c_kl * d;
-      }
-      g_lp[i] = m * g;
-      if (g_ent) g_ent[i] = m * c_ent;
-    }
+#if RLK_X86_SIMD
+template <Loss L>
+RLK_TGT void stats_avx2(const Args& a, float* s, int64_t b0, int64_t b1) { Simd<kAvx2W>::stats_body<L>(a, s, b0, b1); }
+template <Loss L>
+RLK_TGT void grad_avx2(const Args& a, const float* s, const float* c, float* g, float* ge, int64_t b0, int64_t b1) {
+  Simd<kAvx2W>::grad_body<L>(a, s, c, g, ge, b0, b1);
+}
+
+bool simd_ok() {
+  static const bool ok = [] {
+    const char* env = std::getenv("RLKERN_NO_SIMD");
+    if (env && env[0] == '1') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+}
+#endif
+
+template <Loss L>
+std::pair<StatsFn, GradFn> pick() {
+#if RLK_X86_SIMD
+  if (simd_ok()) return {&stats_avx2<L>, &grad_avx2<L>};
+#endif
+  return {&stats_base<L>, &grad_base<L>};
+}
+
+std::pair<StatsFn, GradFn> pick(Loss loss) {
+  switch (loss) {
+    case Loss::kPpo: return pick<Loss::kPpo>();
+    case Loss::kGspo: return pick<Loss::kGspo>();
+    case Loss::kCispo: return pick<Loss::kCispo>();
+    case Loss::kReinforce: return pick<Loss::kReinforce>();
+    case Loss::kSapo: return pick<Loss::kSapo>();
+    case Loss::kDro: return pick<Loss::kDro>();
+    case Loss::kDppoTv: return pick<Loss::kDppoTv>();
+    case Loss::kDppoKl: return pick<Loss::kDppoKl>();
+    case Loss::kClipCov: return pick<Loss::kClipCov>();
+    case Loss::kKlCov: return pick<Loss::kKlCov>();
   }
+  TORCH_CHECK(false, "rlkern.policy_loss: bad loss id");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Aggregation over the B rows (rlkern/ops/policy_loss.py _seq_weights, in double).
+
+struct Norms {
+  Agg agg, ent_agg;
+  bool ent_local;  // entropy_agg given: its own mode over the local batch, dp 1 (TRL)
+  double dp, width_or_lsf;
+  std::optional<double> global_tokens, global_seqs;
+  double tokens = 0, seqs = 0;  // local sums of the mask and of non-empty sequences
+};
+
+double safe(double d) { return d == 0 ? 1.0 : d; }
+
+double seq_weight(Agg agg, double count, double dp, double tokens, double seqs, double scale) {
+  switch (agg) {
+    case Agg::kTokenMean: return dp / safe(tokens);
+    case Agg::kTokenSum: return dp;
+    default: break;
+  }
+  double w = count > 0 ? dp / safe(seqs) : 0.0;
+  if (agg == Agg::kSeqMean) w /= count + kMeanEps;
+  if (agg == Agg::kSeqSumNorm) w /= scale;
+  return w;
+}
+
+// (policy/kl weight, entropy weight) of sequence b.
+std::pair<double, double> weights(const Norms& n, double count) {
+  const double tokens = n.global_tokens ? *n.global_tokens : n.tokens;
+  const double seqs = n.global_seqs ? *n.global_seqs : n.seqs;
+  const double w = seq_weight(n.agg, count, n.dp, tokens, seqs, n.width_or_lsf);
+  if (!n.ent_local) return {w, w};
+  return {w, seq_weight(n.ent_agg, count, 1.0, n.tokens, n.seqs, n.width_or_lsf)};
+}
+
+// A normalizer given as a 0-dim tensor, else as a number in the hyper list, else none.
+std::optional<double> opt_scalar(const std::optional<at::Tensor>& t, std::optional<double> number, const char* name) {
+  if (!t.has_value()) return number;
+  TORCH_CHECK(t->numel() == 1, "rlkern.policy_loss: ", name, " must be a single number, got shape ", t->sizes());
+  return t->item<double>();
+}
+
+Norms make_norms(const Hyper& h, const std::string& agg, const std::string& entropy_agg, int64_t width,
+                 const std::optional<at::Tensor>& global_tokens, const std::optional<at::Tensor>& global_seqs) {
+  Norms n;
+  n.agg = parse_agg(agg, "agg");
+  n.ent_local = !entropy_agg.empty();
+  n.ent_agg = n.ent_local ? parse_agg(entropy_agg, "entropy_agg") : n.agg;
+  n.dp = h.dp;
+  n.width_or_lsf = h.has_lsf ? h.lsf : static_cast<double>(width);
+  n.global_tokens = opt_scalar(global_tokens, h.global_tokens, "global_tokens");
+  n.global_seqs = opt_scalar(global_seqs, h.global_seqs, "global_seqs");
+  return n;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -322,9 +622,9 @@ at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous();
 
 struct Prepared {
   Args a;
+  Loss loss;
   std::vector<at::Tensor> keep;  // owners of the converted buffers
-  at::Tensor mask;
-  int64_t B = 0;
+  int64_t B = 0, width = 1;
 };
 
 Prepared prepare(const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
@@ -361,10 +661,14 @@ Prepared prepare(const at::Tensor& logprobs, const at::Tensor& old_logprobs, con
     p.B = cu.numel() - 1;
     a.T = 0;
     TORCH_CHECK(p.B >= 0 && a.cu[0] == 0 && a.cu[p.B] == n, "rlkern.policy_loss: cu_seqlens must run from 0 to ", n);
+    for (int64_t b = 0; b < p.B; ++b) {
+      TORCH_CHECK(a.cu[b] <= a.cu[b + 1], "rlkern.policy_loss: cu_seqlens must not decrease");
+    }
   } else {
     a.cu = nullptr;
     p.B = logprobs.size(0);
     a.T = logprobs.size(1);
+    p.width = a.T;
   }
   // advantages of the shape of logprobs are per token, [B] per sequence (as rlkern.ops decides)
   a.adv_per_seq = advantages.sizes() != logprobs.sizes();
@@ -376,32 +680,25 @@ Prepared prepare(const at::Tensor& logprobs, const at::Tensor& old_logprobs, con
   } else {
     a.adv = same(advantages, "advantages");
   }
+  a.mask = nullptr;
+  a.mask_kind = MaskKind::kNone;
   if (mask.has_value()) {
     TORCH_CHECK(mask->sizes() == logprobs.sizes(), "rlkern.policy_loss: mask must have the shape of logprobs");
-    const auto st = mask->scalar_type();
-    p.mask = (st == at::kFloat || st == at::kBool || st == at::kByte || st == at::kInt || st == at::kLong)
-                 ? mask->contiguous()
-                 : as_float(*mask);
-    a.mask = p.mask.data_ptr();
-  } else {
-    a.mask = nullptr;
+    at::Tensor m;
+    switch (mask->scalar_type()) {
+      case at::kBool:  // stored as bytes 0 / 1
+      case at::kByte: m = mask->contiguous(); a.mask_kind = MaskKind::kU8; break;
+      case at::kInt: m = mask->contiguous(); a.mask_kind = MaskKind::kI32; break;
+      case at::kLong: m = mask->contiguous(); a.mask_kind = MaskKind::kI64; break;
+      default: m = as_float(*mask); a.mask_kind = MaskKind::kF32; break;
+    }
+    p.keep.push_back(m);
+    a.mask = m.data_ptr();
   }
-  a.loss = parse_loss(loss);
+  p.loss = parse_loss(loss);
   parse_kl(kl_estimator, &a.kl, &a.kl_st);
   a.h = parse_hyper(hyper);
   return p;
-}
-
-template <typename F>
-void dispatch_mask(const Prepared& p, F&& f) {
-  if (!p.a.mask) return f(static_cast<float*>(nullptr));
-  switch (p.mask.scalar_type()) {
-    case at::kBool: return f(static_cast<bool*>(nullptr));
-    case at::kByte: return f(static_cast<uint8_t*>(nullptr));
-    case at::kInt: return f(static_cast<int32_t*>(nullptr));
-    case at::kLong: return f(static_cast<int64_t*>(nullptr));
-    default: return f(static_cast<float*>(nullptr));
-  }
 }
 
 int64_t grain(const Prepared& p, int64_t n) {
@@ -409,65 +706,105 @@ int64_t grain(const Prepared& p, int64_t n) {
   return std::max<int64_t>(1, 8192 / per_seq);
 }
 
-at::Tensor policy_loss_stats_cpu(const at::Tensor& logprobs, const at::Tensor& old_logprobs,
-                                 const at::Tensor& advantages, const std::optional<at::Tensor>& mask,
-                                 const std::optional<at::Tensor>& ref_logprobs, const std::optional<at::Tensor>& entropy,
-                                 const std::optional<at::Tensor>& is_weights, const std::optional<at::Tensor>& select,
-                                 const std::optional<at::Tensor>& cu_seqlens, std::string loss,
-                                 std::string kl_estimator, std::vector<double> hyper) {
-  Prepared p = prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens,
-                       loss, kl_estimator, hyper);
-  at::Tensor stats = at::zeros({p.B, kNumStats}, logprobs.options().dtype(at::kFloat));
-  float* out = stats.data_ptr<float>();
-  dispatch_mask(p, [&](auto* tag) {
-    using M = std::remove_pointer_t<decltype(tag)>;
-    at::parallel_for(0, p.B, grain(p, logprobs.numel()), [&](int64_t b0, int64_t b1) { stats_seqs<M>(p.a, out, b0, b1); });
-  });
-  return stats;
-}
-
-std::tuple<at::Tensor, at::Tensor> policy_loss_grad_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_forward_cpu(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& ref_logprobs,
     const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& is_weights,
-    const std::optional<at::Tensor>& select, const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& stats,
-    const at::Tensor& coefs, std::string loss, std::string kl_estimator, std::vector<double> hyper) {
+    const std::optional<at::Tensor>& select, const std::optional<at::Tensor>& cu_seqlens,
+    const std::optional<at::Tensor>& global_tokens, const std::optional<at::Tensor>& global_seqs, std::string loss,
+    std::string agg, std::string entropy_agg, std::string kl_estimator, std::vector<double> hyper) {
   Prepared p = prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens,
                        loss, kl_estimator, hyper);
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == p.B && stats.size(1) == kNumStats,
-              "rlkern.policy_loss_grad: stats must be [B, 11], got ", stats.sizes());
-  TORCH_CHECK(coefs.dim() == 2 && coefs.size(0) == p.B && coefs.size(1) == 3,
-              "rlkern.policy_loss_grad: coefs must be [B, 3], got ", coefs.sizes());
-  const at::Tensor st = as_float(stats), cf = as_float(coefs);
+  Norms norms = make_norms(p.a.h, agg, entropy_agg, p.width, global_tokens, global_seqs);
+  const auto fopt = logprobs.options().dtype(at::kFloat);
+  at::Tensor stats = at::zeros({p.B + 1, kNumStats}, fopt);
+  float* st = stats.data_ptr<float>();
+  const StatsFn fn = pick(p.loss).first;
+  at::parallel_for(0, p.B, grain(p, logprobs.numel()), [&](int64_t b0, int64_t b1) { fn(p.a, st, b0, b1); });
+
+  double sums[kSums] = {0};
+  for (int64_t b = 0; b < p.B; ++b) {
+    const float* row = st + b * kNumStats;
+    norms.tokens += row[kCount];
+    norms.seqs += row[kCount] > 0 ? 1.0 : 0.0;
+  }
+  const Hyper& h = p.a.h;
+  const bool with_kl = p.a.ref && h.kl_coef != 0, with_ent = p.a.ent && h.ent_coef != 0;
+  double total = 0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const float* row = st + b * kNumStats;
+    for (int k = 0; k < kSums; ++k) sums[k] += row[k];
+    const auto [w, w_ent] = weights(norms, row[kCount]);
+    total += w * row[kPolicy];
+    if (with_kl) total += h.kl_coef * w * row[kKl];
+    if (with_ent) total -= h.ent_coef * w_ent * row[kEntropy];
+  }
+  st[p.B * kNumStats + 0] = static_cast<float>(norms.tokens);
+  st[p.B * kNumStats + 1] = static_cast<float>(norms.seqs);
+  at::Tensor loss_out = at::empty({}, fopt);
+  at::Tensor metrics = at::empty({8}, fopt);
+  loss_out.data_ptr<float>()[0] = static_cast<float>(total);
+  float* mt = metrics.data_ptr<float>();
+  const int cols[8] = {kCf, kLo, kHi, kDcf, kAkl, kRatio, kKl, kEntropy};
+  for (int k = 0; k < 8; ++k) mt[k] = static_cast<float>(sums[cols[k]] / (norms.tokens + kMeanEps));
+  return {loss_out, metrics, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> policy_loss_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& logprobs, const at::Tensor& old_logprobs,
+    const at::Tensor& advantages, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& ref_logprobs,
+    const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& is_weights,
+    const std::optional<at::Tensor>& select, const std::optional<at::Tensor>& cu_seqlens,
+    const std::optional<at::Tensor>& global_tokens, const std::optional<at::Tensor>& global_seqs,
+    const at::Tensor& stats, std::string loss, std::string agg, std::string entropy_agg, std::string kl_estimator,
+    std::vector<double> hyper) {
+  Prepared p = prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens,
+                       loss, kl_estimator, hyper);
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == p.B + 1 && stats.size(1) == kNumStats,
+              "rlkern.policy_loss_backward: stats must be [B + 1, 11] from the forward, got ", stats.sizes());
+  Norms norms = make_norms(p.a.h, agg, entropy_agg, p.width, global_tokens, global_seqs);
+  const at::Tensor st = as_float(stats);
+  const float* s = st.data_ptr<float>();
+  norms.tokens = s[p.B * kNumStats + 0];
+  norms.seqs = s[p.B * kNumStats + 1];
+  const Hyper& h = p.a.h;
+  const double g = grad_loss.item<double>();
+  const double kl = p.a.ref ? h.kl_coef : 0.0, ent = entropy.has_value() ? h.ent_coef : 0.0;
+  std::vector<float> coefs(static_cast<size_t>(3 * p.B));
+  for (int64_t b = 0; b < p.B; ++b) {
+    const auto [w, w_ent] = weights(norms, s[b * kNumStats + kCount]);
+    coefs[3 * b] = static_cast<float>(w * g);
+    coefs[3 * b + 1] = static_cast<float>(w * kl * g);
+    coefs[3 * b + 2] = static_cast<float>(-w_ent * ent * g);
+  }
   const auto fopt = logprobs.options().dtype(at::kFloat);
   at::Tensor g_lp = at::empty(logprobs.sizes(), fopt);
   at::Tensor g_ent = entropy.has_value() ? at::empty(logprobs.sizes(), fopt) : at::empty({0}, fopt);
   float* glp = g_lp.data_ptr<float>();
   float* gent = entropy.has_value() ? g_ent.data_ptr<float>() : nullptr;
-  dispatch_mask(p, [&](auto* tag) {
-    using M = std::remove_pointer_t<decltype(tag)>;
-    at::parallel_for(0, p.B, grain(p, logprobs.numel()), [&](int64_t b0, int64_t b1) {
-      grad_seqs<M>(p.a, st.data_ptr<float>(), cf.data_ptr<float>(), glp, gent, b0, b1);
-    });
-  });
+  const GradFn fn = pick(p.loss).second;
+  at::parallel_for(0, p.B, grain(p, logprobs.numel()),
+                   [&](int64_t b0, int64_t b1) { fn(p.a, s, coefs.data(), glp, gent, b0, b1); });
   if (logprobs.scalar_type() != at::kFloat) g_lp = g_lp.to(logprobs.scalar_type());
   if (entropy.has_value() && entropy->scalar_type() != at::kFloat) g_ent = g_ent.to(entropy->scalar_type());
   return {g_lp, g_ent};
 }
 
-at::Tensor policy_loss_stats_meta(const at::Tensor& logprobs, const at::Tensor&, const at::Tensor&,
-                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>& cu_seqlens,
-                                  std::string, std::string, std::vector<double>) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_forward_meta(
+    const at::Tensor& logprobs, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, std::string, std::string, std::string, std::string, std::vector<double>) {
   const int64_t B = cu_seqlens.has_value() ? cu_seqlens->size(0) - 1 : logprobs.size(0);
-  return at::empty({B, kNumStats}, logprobs.options().dtype(at::kFloat));
+  const auto fopt = logprobs.options().dtype(at::kFloat);
+  return {at::empty({}, fopt), at::empty({8}, fopt), at::empty({B + 1, kNumStats}, fopt)};
 }
 
-std::tuple<at::Tensor, at::Tensor> policy_loss_grad_meta(
-    const at::Tensor& logprobs, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+std::tuple<at::Tensor, at::Tensor> policy_loss_backward_meta(
+    const at::Tensor&, const at::Tensor& logprobs, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>& entropy,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&, std::string, std::string,
     std::string, std::string, std::vector<double>) {
   at::Tensor g_ent = entropy.has_value() ? at::empty(logprobs.sizes(), entropy->options())
                                          : at::empty({0}, logprobs.options().dtype(at::kFloat));
@@ -478,21 +815,23 @@ std::tuple<at::Tensor, at::Tensor> policy_loss_grad_meta(
 
 TORCH_LIBRARY_FRAGMENT(rlkern, m) {
   m.def(
-      "policy_loss_stats(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor? mask, "
+      "policy_loss_forward(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor? mask, "
       "Tensor? ref_logprobs, Tensor? entropy, Tensor? is_weights, Tensor? select, Tensor? cu_seqlens, "
-      "str loss, str kl_estimator, float[] hyper) -> Tensor");
+      "Tensor? global_tokens, Tensor? global_seqs, str loss, str agg, str entropy_agg, str kl_estimator, "
+      "float[] hyper) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "policy_loss_grad(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor? mask, "
-      "Tensor? ref_logprobs, Tensor? entropy, Tensor? is_weights, Tensor? select, Tensor? cu_seqlens, "
-      "Tensor stats, Tensor coefs, str loss, str kl_estimator, float[] hyper) -> (Tensor, Tensor)");
+      "policy_loss_backward(Tensor grad_loss, Tensor logprobs, Tensor old_logprobs, Tensor advantages, "
+      "Tensor? mask, Tensor? ref_logprobs, Tensor? entropy, Tensor? is_weights, Tensor? select, "
+      "Tensor? cu_seqlens, Tensor? global_tokens, Tensor? global_seqs, Tensor stats, str loss, str agg, "
+      "str entropy_agg, str kl_estimator, float[] hyper) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
-  m.impl("policy_loss_stats", &policy_loss_stats_cpu);
-  m.impl("policy_loss_grad", &policy_loss_grad_cpu);
+  m.impl("policy_loss_forward", &policy_loss_forward_cpu);
+  m.impl("policy_loss_backward", &policy_loss_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
-  m.impl("policy_loss_stats", &policy_loss_stats_meta);
-  m.impl("policy_loss_grad", &policy_loss_grad_meta);
+  m.impl("policy_loss_forward", &policy_loss_forward_meta);
+  m.impl("policy_loss_backward", &policy_loss_backward_meta);
 }

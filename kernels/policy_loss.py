@@ -1,18 +1,30 @@
-"""Triton kernels for the fused policy loss: per-sequence partial sums (forward) and gradients.
+"""Triton kernels for the fused policy loss: one launch per token pass, one tiny finalize launch.
 
-The math is ``rlkern.reference.policy_loss`` (the oracle) and the C++ twin csrc/policy_loss.cpp.
+The math is ``rlkern.reference.policy_loss`` (the oracle) and the C++ twin csrc/policy_loss.cpp;
+both backends take and return the same tensors (``rlkern.ops.policy_loss`` calls either).
 
-Forward (``policy_loss_stats``): one program per sequence reads each of its tokens once (twice
-for GSPO, whose ratio is the sequence's mean log-ratio: one extra reduction over the sequence,
-in the same program) and writes 11 partial sums ``[B, 11]``: masked sums of the policy loss (with
-``is_weights``), the entropy, the KL estimate, the mask, the six metric values, and GSPO's mean
-log-ratio. rlkern.ops turns them into the aggregated loss and the metrics with [B]-sized ops.
-No [B, T] intermediate is written.
+Launches (counted by tests/test_policy_loss.py::test_triton_launch_count):
 
-Backward (``policy_loss_grad``): one program per sequence reads the tokens once and writes
-``d loss / d logprobs = m * (c_pol * is_w * dl/dlp + c_kl * dkl/dlp)`` and ``d loss / d entropy =
-m * c_ent``, where ``coefs [B, 3]`` holds the per-sequence aggregation weights times the
-coefficients and the upstream gradient.
+- forward, 2 launches. ``_policy_loss_fwd_kernel``: one program per sequence reads each of its
+  tokens once (twice for GSPO, whose ratio is the sequence's mean log-ratio: one extra reduction
+  over the sequence, in the same program) and writes its partial sums ``stats[b, :11]``: masked
+  sums of the policy loss (times ``is_weights``), the entropy, the KL estimate, the mask, the six
+  metric values, and GSPO's mean log-ratio. ``_policy_loss_finish_kernel`` (one program) reduces
+  the B rows in a fixed order into the aggregated loss ``[]`` and the 8 metrics ``[8]``, and
+  writes ``stats[B, :2]`` = (mask sum, non-empty sequences) for the backward. Why a second
+  launch: the aggregation weights of seq-mean-token-mean and token-mean need totals over all
+  sequences, and Triton has no grid-wide barrier. The one-launch form (an atomic ticket: the last
+  program to finish reduces) needs a counter zeroed before every call (a memset launch) or a
+  persistent buffer shared by every call, stream and CUDA graph; the finalize launch instead
+  reads only the [B, 11] partial sums, in a fixed order (the loss is deterministic).
+- backward, 1 launch. ``_policy_loss_bwd_kernel``: one program per sequence computes its
+  aggregation weight from ``stats`` (its own row and row B), the normalizers and the upstream
+  gradient (all read from device memory: no host sync), reads the tokens once and writes
+  ``d loss / d logprobs = m * (c_pol * is_w * dl/dlp + c_kl * dkl/dlp)`` and ``d loss / d entropy
+  = m * c_ent``.
+
+No [B, T] intermediate is written; the launchers allocate only the outputs (``torch.empty``,
+no memset) and run no other torch op on contiguous inputs.
 
 Not done (yet): a 2-D grid splitting long sequences when B is too small to fill the GPU (B=64
 programs use half an H100); tuning of BLOCK / num_warps on the GPU.
@@ -162,11 +174,52 @@ def _seq_bounds(cu_ptr, pid, T, PACKED: tl.constexpr):
     return start, n
 
 
+AGG_IDS = {"token-mean": 0, "token-sum": 1, "seq-mean-token-sum": 2, "seq-mean-token-mean": 3,
+           "seq-mean-token-sum-norm": 4}
+_MEAN_EPS = tl.constexpr(1e-8)  # verl's masked_mean denominator: sum(mask) + 1e-8
+# Sequences per step of the finalize loop.
+FINISH_BLOCK = 256
+# Warps of the token kernels: at BLOCK 2048, 8 warps keep the ten accumulators of the forward in
+# 151 registers per thread and the backward in 75 (4 warps: 254 and 155; ptxas for sm_90, no
+# spills either way). Chosen from the register counts, not yet from timings on the GPU.
+TOKEN_WARPS = 8
+
+
 @triton.jit
-def _policy_loss_stats_kernel(
+def _seq_weight(count, tokens, seqs, dp, scale, AGG: tl.constexpr):
+    """d agg / d (masked token sum of a sequence) for [BLOCK] sequence counts (ops _seq_weights)."""
+    if AGG == 0:  # token-mean
+        w = dp / tl.where(tokens == 0, 1.0, tokens) + tl.zeros_like(count)
+    elif AGG == 1:  # token-sum
+        w = dp + tl.zeros_like(count)
+    else:  # seq-mean-*: non-empty sequences count
+        w = tl.where(count > 0, dp / tl.where(seqs == 0, 1.0, seqs), 0.0)
+        if AGG == 3:
+            w = w / (count + _MEAN_EPS)
+        if AGG == 4:
+            w = w / scale
+    return w
+
+
+@triton.jit
+def _norms(gtok_ptr, gseq_ptr, gtok, gseq, tokens, seqs, GTOK: tl.constexpr, GSEQ: tl.constexpr):
+    """verl's global normalizers when given (GTOK / GSEQ: 1 a 0-dim tensor, 2 a number), else the local sums."""
+    if GTOK == 1:
+        tokens = tl.load(gtok_ptr).to(tl.float32)
+    if GTOK == 2:
+        tokens = gtok
+    if GSEQ == 1:
+        seqs = tl.load(gseq_ptr).to(tl.float32)
+    if GSEQ == 2:
+        seqs = gseq
+    return tokens, seqs
+
+
+@triton.jit
+def _policy_loss_fwd_kernel(
     lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, isw_ptr, sel_ptr,  # (B, T) rows or packed (total,)
     cu_ptr,  # (B + 1,) when PACKED
-    stats_ptr,  # (B, 11) float32
+    stats_ptr,  # (B + 1, 11) float32: row b written here
     T,  # padded width (unused when PACKED)
     s_lp, s_old, s_adv, s_mask, s_ref, s_ent, s_isw, s_sel,  # row strides (padded)
     clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef,
@@ -264,19 +317,79 @@ def _policy_loss_stats_kernel(
 
 
 @triton.jit
-def _policy_loss_grad_kernel(
+def _policy_loss_finish_kernel(
+    stats_ptr,  # (B + 1, 11) float32: rows 0..B-1 from _policy_loss_fwd_kernel; row B written here
+    gtok_ptr, gseq_ptr,  # 0-dim global normalizers (GTOK / GSEQ == 1)
+    loss_ptr,  # () float32
+    metrics_ptr,  # (8,) float32, rlkern.ops METRIC_KEYS order
+    B,
+    gtok, gseq,  # the global normalizers given as numbers (GTOK / GSEQ == 2)
+    dp, scale, kl_coef, ent_coef,  # scale: loss_scale_factor, else the padded width
+    AGG: tl.constexpr, ENT_AGG: tl.constexpr, ENT_LOCAL: tl.constexpr, GTOK: tl.constexpr,
+    GSEQ: tl.constexpr, WITH_KL: tl.constexpr, WITH_ENT: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    rows = tl.arange(0, BLOCK_B).to(tl.int64)
+    a_tok = tl.zeros([BLOCK_B], tl.float32)
+    a_seq = tl.zeros([BLOCK_B], tl.float32)
+    for off in range(0, B, BLOCK_B):  # the local normalizers first: every weight depends on them
+        b = off + rows
+        count = tl.load(stats_ptr + b * 11 + 3, mask=b < B, other=0.0)
+        a_tok += count
+        a_seq += (count > 0).to(tl.float32)
+    tokens = tl.sum(a_tok, 0)
+    seqs = tl.sum(a_seq, 0)
+    g_tokens, g_seqs = _norms(gtok_ptr, gseq_ptr, gtok, gseq, tokens, seqs, GTOK, GSEQ)
+    cols = tl.arange(0, 16)
+    a_loss = tl.zeros([BLOCK_B], tl.float32)
+    a_sums = tl.zeros([BLOCK_B, 16], tl.float32)  # columns 0..9 of the rows
+    for off in range(0, B, BLOCK_B):
+        b = off + rows
+        live = b < B
+        tile = tl.load(stats_ptr + b[:, None] * 11 + cols[None, :], mask=live[:, None] & (cols[None, :] < 10),
+                       other=0.0)
+        a_sums += tile
+        pol = tl.sum(tl.where(cols[None, :] == 0, tile, 0.0), 1)
+        ent = tl.sum(tl.where(cols[None, :] == 1, tile, 0.0), 1)
+        kl = tl.sum(tl.where(cols[None, :] == 2, tile, 0.0), 1)
+        count = tl.sum(tl.where(cols[None, :] == 3, tile, 0.0), 1)
+        w = tl.where(live, _seq_weight(count, g_tokens, g_seqs, dp, scale, AGG), 0.0)
+        a_loss += w * pol
+        if WITH_KL:
+            a_loss += kl_coef * (w * kl)
+        if WITH_ENT:
+            if ENT_LOCAL:  # an explicit entropy_agg: the local batch, dp 1 (TRL's entropy bonus)
+                w_ent = tl.where(live, _seq_weight(count, tokens, seqs, 1.0, scale, ENT_AGG), 0.0)
+            else:
+                w_ent = w
+            a_loss -= ent_coef * (w_ent * ent)
+    tl.store(loss_ptr, tl.sum(a_loss, 0))
+    # metrics (METRIC_KEYS order) = columns 4..9, 2 (KL), 1 (entropy) over the mask sum
+    sums = tl.sum(a_sums, 0)
+    slot = tl.where(cols >= 4, cols - 4, tl.where(cols == 2, 6, 7))
+    is_metric = ((cols >= 4) & (cols <= 9)) | (cols == 2) | (cols == 1)
+    tl.store(metrics_ptr + slot, sums / (tokens + _MEAN_EPS), mask=is_metric)
+    last = tl.where(cols == 0, tokens, tl.where(cols == 1, seqs, 0.0))
+    tl.store(stats_ptr + B * 11 + cols, last, mask=cols < 11)
+
+
+@triton.jit
+def _policy_loss_bwd_kernel(
+    grad_ptr,  # () upstream gradient of the loss
     lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, isw_ptr, sel_ptr,  # (B, T) rows or packed (total,)
     cu_ptr,  # (B + 1,) when PACKED
-    stats_ptr,  # (B, 11) float32 from the forward (GSPO's mean log-ratio)
-    coef_ptr,  # (B, 3) float32: policy, kl, entropy coefficients
+    gtok_ptr, gseq_ptr,  # 0-dim global normalizers (GTOK / GSEQ == 1)
+    stats_ptr,  # (B + 1, 11) float32 from the forward
     g_lp_ptr,  # like logprobs, contiguous
     g_ent_ptr,  # like logprobs, contiguous (when HAS_ENT)
-    T,
+    B, T,
     s_lp, s_old, s_adv, s_mask, s_ref, s_isw, s_sel,  # row strides (padded)
     clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef,
+    gtok, gseq, dp, scale, kl_coef, ent_coef,
     LOSS: tl.constexpr, KL: tl.constexpr, KL_ST: tl.constexpr, HAS_DUAL: tl.constexpr,
     PACKED: tl.constexpr, ADV_PER_SEQ: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
-    HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, HAS_SEL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, HAS_SEL: tl.constexpr,
+    AGG: tl.constexpr, ENT_AGG: tl.constexpr, ENT_LOCAL: tl.constexpr, GTOK: tl.constexpr,
+    GSEQ: tl.constexpr, WITH_KL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     start, n = _seq_bounds(cu_ptr, pid, T, PACKED)
@@ -286,10 +399,20 @@ def _policy_loss_grad_kernel(
     else:
         r_lp, r_old, r_adv, r_mask = pid * s_lp, pid * s_old, pid * s_adv, pid * s_mask
         r_ref, r_isw, r_sel, r_out = pid * s_ref, pid * s_isw, pid * s_sel, pid * T
+    # this sequence's coefficients (ops _seq_weights x coefficient x upstream gradient)
+    count = tl.load(stats_ptr + pid * 11 + 3)
     slr = tl.load(stats_ptr + pid * 11 + 10)
-    c_pol = tl.load(coef_ptr + pid * 3)
-    c_kl = tl.load(coef_ptr + pid * 3 + 1)
-    c_ent = tl.load(coef_ptr + pid * 3 + 2)
+    tokens = tl.load(stats_ptr + B * 11)
+    seqs = tl.load(stats_ptr + B * 11 + 1)
+    g_tokens, g_seqs = _norms(gtok_ptr, gseq_ptr, gtok, gseq, tokens, seqs, GTOK, GSEQ)
+    grad = tl.load(grad_ptr).to(tl.float32)
+    w = _seq_weight(count, g_tokens, g_seqs, dp, scale, AGG)
+    c_pol = w * grad
+    c_kl = w * kl_coef * grad
+    if ENT_LOCAL:
+        c_ent = -_seq_weight(count, tokens, seqs, 1.0, scale, ENT_AGG) * ent_coef * grad
+    else:
+        c_ent = -w * ent_coef * grad
     if ADV_PER_SEQ:
         adv_seq = tl.load(adv_ptr + pid).to(tl.float32)
     cols = tl.arange(0, BLOCK).to(tl.int64)
@@ -316,7 +439,7 @@ def _policy_loss_grad_kernel(
         g = c_pol * dl
         if HAS_ISW:
             g = g * tl.load(isw_ptr + r_isw + idx, mask=inb, other=0.0).to(tl.float32)
-        if HAS_REF:
+        if WITH_KL:
             ref = tl.load(ref_ptr + r_ref + idx, mask=inb, other=0.0).to(tl.float32)
             _, dkl = _kl_token(lp, ref, KL, KL_ST)
             g += c_kl * dkl
@@ -328,7 +451,7 @@ def _policy_loss_grad_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers
+# Launchers: the signatures of torch.ops.rlkern.policy_loss_forward / policy_loss_backward.
 
 
 def _rows(t: torch.Tensor | None, packed: bool) -> torch.Tensor | None:
@@ -342,8 +465,9 @@ def _rows(t: torch.Tensor | None, packed: bool) -> torch.Tensor | None:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _common(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens, loss,
-            kl_estimator, hyper):
+def _token_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens,
+                loss, kl_estimator, hyper):
+    """Pointers, row strides, sizes, float hyper-parameters and flags shared by both token kernels."""
     packed = cu_seqlens is not None
     straight_through = kl_estimator.endswith("+")
     kl_id = KL_IDS[kl_estimator[:-1] if straight_through else kl_estimator]
@@ -368,7 +492,24 @@ def _common(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_
     return ptrs, strides, cu, n_seqs, width, floats, flags, block
 
 
-def policy_loss_stats(
+def _agg_args(logprobs, global_tokens, global_seqs, agg, entropy_agg, width, hyper):
+    """Normalizer pointers, floats and flags of the aggregation (finish and backward kernels)."""
+    dummy = logprobs
+    scale = float(width) if math.isnan(hyper[6]) else hyper[6]
+    # gtok, gseq, dp, scale, kl_coef, ent_coef
+    floats = (0.0 if math.isnan(hyper[11]) else hyper[11], 0.0 if math.isnan(hyper[12]) else hyper[12], hyper[5],
+              scale, hyper[3], hyper[4])
+
+    def mode(tensor, number):  # 0 not given, 1 a 0-dim tensor, 2 a number
+        return 1 if tensor is not None else (0 if math.isnan(number) else 2)
+
+    flags = dict(AGG=AGG_IDS[agg], ENT_AGG=AGG_IDS[entropy_agg] if entropy_agg else 0, ENT_LOCAL=bool(entropy_agg),
+                 GTOK=mode(global_tokens, hyper[11]), GSEQ=mode(global_seqs, hyper[12]))
+    ptrs = (dummy if global_tokens is None else global_tokens, dummy if global_seqs is None else global_seqs)
+    return ptrs, floats, flags
+
+
+def policy_loss_forward(
     logprobs: torch.Tensor,  # (B, T) or packed (total,), fp32/bf16/fp16
     old_logprobs: torch.Tensor,  # like logprobs
     advantages: torch.Tensor,  # like logprobs, or (B,)
@@ -378,41 +519,60 @@ def policy_loss_stats(
     is_weights: torch.Tensor | None,
     select: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,  # (B + 1,) int32/int64
+    global_tokens: torch.Tensor | None,  # () verl's batch_num_tokens
+    global_seqs: torch.Tensor | None,  # () verl's global_batch_size
     loss: str,
+    agg: str,  # a verl mode (rlkern.ops resolves TRL's presets)
+    entropy_agg: str,  # "": the entropy is aggregated like the loss
     kl_estimator: str,
     hyper: list[float],  # rlkern.ops.policy_loss H_* layout
-) -> torch.Tensor:
-    """Returns the per-sequence partial sums ``[B, 11]`` float32 (rlkern.ops.policy_loss S_*)."""
-    ptrs, strides, cu, n_seqs, width, floats, flags, block = _common(
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(loss [], metrics [8], stats [B + 1, 11])`` float32, in 2 launches."""
+    ptrs, strides, cu, n_seqs, width, floats, flags, block = _token_args(
         logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens, loss,
         kl_estimator, hyper)
-    stats = torch.zeros((n_seqs, N_STATS), dtype=torch.float32, device=logprobs.device)
-    if n_seqs == 0:
-        return stats
-    _policy_loss_stats_kernel[(n_seqs,)](*ptrs, cu, stats, width, *strides, *floats, **flags, BLOCK=block,
-                                         num_warps=4)
-    return stats
+    device = logprobs.device
+    stats = torch.empty((n_seqs + 1, N_STATS), dtype=torch.float32, device=device)
+    total = torch.empty((), dtype=torch.float32, device=device)
+    metrics = torch.empty((8,), dtype=torch.float32, device=device)
+    if n_seqs > 0:
+        _policy_loss_fwd_kernel[(n_seqs,)](*ptrs, cu, stats, width, *strides, *floats, **flags, BLOCK=block,
+                                           num_warps=TOKEN_WARPS)
+    norm_ptrs, norm_floats, norm_flags = _agg_args(logprobs, global_tokens, global_seqs, agg, entropy_agg, width,
+                                                   hyper)
+    _policy_loss_finish_kernel[(1,)](stats, *norm_ptrs, total, metrics, n_seqs, *norm_floats, **norm_flags,
+                                     WITH_KL=ref_logprobs is not None and hyper[3] != 0,
+                                     WITH_ENT=entropy is not None and hyper[4] != 0,
+                                     BLOCK_B=min(FINISH_BLOCK, max(16, triton.next_power_of_2(max(n_seqs, 1)))),
+                                     num_warps=4)
+    return total, metrics, stats
 
 
-def policy_loss_grad(
+def policy_loss_backward(
+    grad_loss: torch.Tensor,  # () upstream gradient
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor | None,
     ref_logprobs: torch.Tensor | None, entropy: torch.Tensor | None, is_weights: torch.Tensor | None,
-    select: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-    stats: torch.Tensor,  # (B, 11) from policy_loss_stats
-    coefs: torch.Tensor,  # (B, 3): policy, kl, entropy coefficient of each sequence
-    loss: str, kl_estimator: str, hyper: list[float],
+    select: torch.Tensor | None, cu_seqlens: torch.Tensor | None, global_tokens: torch.Tensor | None,
+    global_seqs: torch.Tensor | None,
+    stats: torch.Tensor,  # (B + 1, 11) from policy_loss_forward
+    loss: str, agg: str, entropy_agg: str, kl_estimator: str, hyper: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(d loss / d logprobs, d loss / d entropy or [0])`` in the inputs' dtypes, contiguous."""
-    ptrs, strides, cu, n_seqs, width, floats, flags, block = _common(
+    """Returns ``(d loss / d logprobs, d loss / d entropy or [0])`` in the inputs' dtypes, contiguous; 1 launch."""
+    ptrs, strides, cu, n_seqs, width, floats, flags, block = _token_args(
         logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens, loss,
         kl_estimator, hyper)
     g_lp = torch.empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
     g_ent = (torch.empty(entropy.shape, dtype=entropy.dtype, device=entropy.device) if entropy is not None
              else logprobs.new_empty(0, dtype=torch.float32))
-    if n_seqs == 0 or logprobs.numel() == 0:
-        return g_lp.zero_(), g_ent.zero_()
+    if n_seqs == 0:  # then logprobs has no element either
+        return g_lp, g_ent
     del ptrs[5], strides[5]  # the backward does not read the entropy values
-    _policy_loss_grad_kernel[(n_seqs,)](*ptrs, cu, stats.float().contiguous(), coefs.float().contiguous(), g_lp,
-                                        g_ent if entropy is not None else g_lp, width, *strides, *floats, **flags,
-                                        BLOCK=block, num_warps=4)
+    norm_ptrs, norm_floats, norm_flags = _agg_args(logprobs, global_tokens, global_seqs, agg, entropy_agg, width,
+                                                   hyper)
+    kl_coef, ent_coef = (hyper[3] if ref_logprobs is not None else 0.0), (hyper[4] if entropy is not None else 0.0)
+    _policy_loss_bwd_kernel[(n_seqs,)](grad_loss, *ptrs, cu, *norm_ptrs, stats, g_lp,
+                                       g_ent if entropy is not None else g_lp, n_seqs, width, *strides, *floats,
+                                       *norm_floats[:4], kl_coef, ent_coef, **flags, **norm_flags,
+                                       WITH_KL=ref_logprobs is not None and hyper[3] != 0, BLOCK=block,
+                                       num_warps=TOKEN_WARPS)
     return g_lp, g_ent
