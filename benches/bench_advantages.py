@@ -6,7 +6,8 @@ Defaults (the issue's shapes): GAE at B=256, T=8192 (fp32 rewards/values, int64 
 of each row padding, whitened as verl returns it); GRPO over N=65536 samples in groups of 16
 with string uids (a numpy object array of uuid4 strings, as verl's ``uid``) and T=128 response
 tokens, shuffled. The GRPO timings include mapping the strings to groups; that mapping alone
-is a separate row (rlkern's C++ hash vs ``np.unique``, which verl's ``grpo_vectorized`` uses).
+is a separate row (rlkern's C++ hash vs ``np.unique``, which verl's ``grpo_vectorized`` uses),
+and "rlkern (int ids)" is the same call with the dense group numbers already made.
 Bytes counted: GAE reads r, v (4 B) and the mask (8 B) and writes advantages and returns (4 B
 each) per token; GRPO reads the [N, T] rewards and mask and writes [N, T] advantages.
 """
@@ -107,7 +108,9 @@ def run(device: torch.device, batch: int, steps: int, samples: int, group: int, 
     token_rewards = torch.zeros(samples, tokens)
     token_rewards[torch.arange(samples), grpo_mask.cpu().sum(-1) - 1] = scores
     token_rewards = token_rewards.to(device)
-    fns = {"rlkern": lambda: ops.grpo(token_rewards.sum(-1), uids, grpo_mask)}
+    dense_ids = ops.group_index(uids)
+    fns = {"rlkern": lambda: ops.grpo(token_rewards.sum(-1), uids, grpo_mask),
+           "rlkern (int ids)": lambda: ops.grpo(token_rewards.sum(-1), dense_ids, grpo_mask)}
     if core is not None:
         fns["verl grpo"] = lambda: core.compute_grpo_outcome_advantage(token_rewards, grpo_mask, uids)
         fns["verl grpo_vectorized"] = lambda: core.compute_grpo_vectorized_outcome_advantage(
@@ -116,7 +119,7 @@ def run(device: torch.device, batch: int, steps: int, samples: int, group: int, 
         fns["eager"] = lambda: _eager_grpo(token_rewards, grpo_mask, uids)
     with torch.no_grad():
         add("grpo (str uids)", f"N={samples} G={group} T={tokens}",
-            timed(fns, max(3, rounds // 2)), samples * tokens * (4 + 8 + 4))
+            timed(fns, rounds), samples * tokens * (4 + 8 + 4))
 
     # the string -> group mapping alone
     fns = {"rlkern": lambda: ops.group_index(uids),
@@ -136,18 +139,14 @@ def main(argv=None) -> list[common.Row]:
     parser.add_argument("--samples", type=int, default=65536)
     parser.add_argument("--group", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", help="write FILE.json and FILE.md")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(2)
     rows = run(device, args.batch, args.steps, args.samples, args.group, args.tokens, args.rounds)
-    print(f"# {common.device_name(device)}\n")
-    print(common.markdown_table(rows))
-    if args.out:
-        common.write_results(args.out, device, rows, __spec__.name, argv)
-    return rows
+    return common.report(rows, device, args.out, __spec__.name, argv)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,22 @@
 //                 delta_t = r_t + gamma * next_value - v_t
 //                 last_gae = delta_t + gamma * lam * last_gae;  next_value = v_t
 //                 adv_t = last_gae,  ret_t = last_gae + v_t;  masked t: adv_t = ret_t = 0.
-//               next_value starts at bootstrap[b] (EGAE) or 0.
+//               next_value starts at bootstrap[b] (EGAE: V(s_{l-1}) of a truncated row) or 0.
 //   discounted: running = r_t + gamma * running at valid t, carried across masked t;
 //               ret_t = running at valid t, 0 at masked t (verl's REINFORCE++ returns).
 //   group_index: dense group numbers (first-occurrence order) for N keys, each a row of
 //               integers (int64 ids: one; numpy '<U' strings: W UCS4 code points; Python
-//               strings: their UTF-32 code points, concatenated, with offsets). One
-//               sequential pass with an open-addressing table on a 64-bit row hash and exact
-//               row comparison, plus a fast path for a key equal to the previous one (GRPO
-//               batches store each group's samples next to each other).
+//               strings: their UTF-32 code points, concatenated, with offsets). Row hashes
+//               (64-bit) in parallel, then one sequential pass into an open-addressing table
+//               that keeps each slot's hash (rows are compared only on equal hashes), plus a
+//               fast path for a key equal to the previous one (GRPO batches often store each
+//               group's samples next to each other). The joined form
+//               takes N strings concatenated with a 0 separator (ASCII bytes or UTF-32 code
+//               points), so Python hands over one buffer and no per-string lengths.
+//   group_normalize: GRPO-family (s - mean_g) / (std_g + eps) from dense group numbers, with
+//               the per-group sums accumulated serially in double (same order at any thread
+//               count: the numbers do not depend on it) and the per-token broadcast
+//               value * mask (padded [N, T] or packed [total] with cu_seqlens) in parallel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -29,7 +36,12 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace {
 
@@ -41,6 +53,24 @@ void check_float_input(const at::Tensor& t, const char* name) {
 
 // Grain: a few rows per task; each row is a serial scan of T steps.
 int64_t row_grain(int64_t T) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)); }
+
+// Token-shaped outputs are written once, in full, right after allocation: for large ones the
+// first-touch page faults cost more than the kernel's own memory traffic (a 32 MiB fill on the
+// 2-core CPU: ~8 ms of 4 KiB faults, ~2 ms as 2 MiB pages). The 2 MiB-aligned interior of a
+// buffer >= 8 MiB is advised as transparent huge pages (a hint: without THP it is a no-op).
+at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  at::Tensor out = at::empty(shape, opts);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t huge = uintptr_t{2} << 20;
+  const uintptr_t bytes = out.nbytes();
+  if (bytes >= 4 * huge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t begin = (p + huge - 1) & ~(huge - 1), end = (p + bytes) & ~(huge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
 
 template <typename M>
 inline bool valid(const M* m, int64_t t) {
@@ -186,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   rows.v_stride = row_stride(values);
   rows.m_stride = row_stride(mask);
   auto opts = rewards.options().dtype(at::kFloat);
-  at::Tensor adv = at::empty(rewards.sizes(), opts), ret = at::empty(rewards.sizes(), opts);
+  at::Tensor adv = empty_output(rewards.sizes(), opts), ret = empty_output(rewards.sizes(), opts);
   if (rewards.numel() == 0) return {adv, ret};
   at::Tensor holder;
   const float* boot = bootstrap_ptr(bootstrap, rows.B, holder);
@@ -206,7 +236,7 @@ at::Tensor discounted_cpu(const at::Tensor& rewards, const at::Tensor& mask,
   check_like(mask, rewards, "mask");
   rows.r_stride = row_stride(rewards);
   rows.m_stride = row_stride(mask);
-  at::Tensor ret = at::empty(rewards.sizes(), rewards.options().dtype(at::kFloat));
+  at::Tensor ret = empty_output(rewards.sizes(), rewards.options().dtype(at::kFloat));
   if (rewards.numel() == 0) return ret;
   dispatch_value_mask(rewards.scalar_type(), mask.scalar_type(), [&](auto s, auto m) {
     using S = decltype(s);
@@ -292,7 +322,7 @@ at::Tensor whiten_cpu(const at::Tensor& values, const at::Tensor& mask, bool shi
   TORCH_CHECK(values.device().is_cpu() && mask.device().is_cpu(), "rlkern.advantages_whiten_kernel: CPU tensors only");
   const at::Tensor x = values.contiguous();
   const at::Tensor mk = mask.contiguous();
-  at::Tensor out = at::empty(values.sizes(), values.options());
+  at::Tensor out = empty_output(values.sizes(), values.options());
   dispatch_mask(mk.scalar_type(), [&](auto tag) {
     using M = decltype(tag);
     whiten_flat<M>(x.data_ptr<float>(), mk.data_ptr<M>(), x.numel(), shift_mean, zero_masked, out.data_ptr<float>());
@@ -300,28 +330,83 @@ at::Tensor whiten_cpu(const at::Tensor& values, const at::Tensor& mask, bool shi
   return out;
 }
 
-// Outcome score of each row times its mask: out[b, t] = scores[b] * mask[b, t] (verl's
-// scores.unsqueeze(-1) * response_mask, one pass).
-at::Tensor broadcast_cpu(const at::Tensor& scores, const at::Tensor& mask) {
-  TORCH_CHECK(scores.dim() == 1 && scores.scalar_type() == at::kFloat,
-              "rlkern.advantages_broadcast_kernel: scores must be float32 [B], got ", scores.scalar_type(), " ",
-              scores.sizes());
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == scores.size(0),
-              "rlkern.advantages_broadcast_kernel: mask must be [B, T], got ", mask.sizes());
-  const at::Tensor s = scores.contiguous();
-  const at::Tensor mk = mask.contiguous();
-  const int64_t B = mk.size(0), T = mk.size(1);
-  at::Tensor out = at::empty({B, T}, scores.options());
+// Outcome value of each row times its mask: out[b, t] = value[b] * mask[b, t] (verl's
+// scores.unsqueeze(-1) * response_mask, one pass), padded [B, T] (row stride m_stride) or
+// packed [total] (segment b = [cu[b], cu[b + 1])). value is already rounded to O.
+template <typename O, typename M>
+void broadcast_rows(const O* value, const M* m, int64_t B, int64_t T, int64_t m_stride, const int32_t* cu, O* out) {
+  const int64_t grain = cu ? std::max<int64_t>(1, 16384 / std::max<int64_t>(1, cu[B] / std::max<int64_t>(B, 1)))
+                           : row_grain(T);
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t begin = cu ? cu[b] : b * T, n = cu ? cu[b + 1] - cu[b] : T;
+      const M* mm = m + (cu ? begin : b * m_stride);
+      O* oo = out + begin;
+      const O v = value[b];
+      if constexpr (std::is_same_v<M, int64_t>) {
+        // int64 -> float has no SSE/AVX2 conversion: a row of 0/1 goes through int32 (exact)
+        uint64_t above_one = 0;
+        for (int64_t t = 0; t < n; ++t) above_one |= static_cast<uint64_t>(mm[t]) > 1;
+        if (!above_one) {
+          for (int64_t t = 0; t < n; ++t) oo[t] = v * static_cast<O>(static_cast<int32_t>(mm[t]));
+          continue;
+        }
+      }
+      for (int64_t t = 0; t < n; ++t) oo[t] = v * static_cast<O>(mm[t]);
+    }
+  });
+}
+
+// Checks the token layout of an outcome op's mask: padded [B, T] (cu_seqlens None) or packed
+// [total] with cu_seqlens int32 [B + 1]; returns the output shape.
+std::vector<int64_t> token_layout(const at::Tensor& mask, const std::optional<at::Tensor>& cu_seqlens, int64_t B,
+                                  const char* op, at::Tensor& cu_holder) {
+  TORCH_CHECK(mask.device().is_cpu(), op, ": mask must be a CPU tensor");
+  if (cu_seqlens.has_value()) {
+    TORCH_CHECK(mask.dim() == 1, op, ": packed mask must be [total], got ", mask.sizes());
+    TORCH_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->size(0) == B + 1 && cu_seqlens->scalar_type() == at::kInt,
+                op, ": cu_seqlens must be int32 [", B + 1, "], got ", cu_seqlens->scalar_type(), " ",
+                cu_seqlens->sizes());
+    cu_holder = cu_seqlens->contiguous();
+    const int32_t* cu = cu_holder.data_ptr<int32_t>();
+    TORCH_CHECK(cu[0] == 0 && cu[B] == mask.numel(), op, ": cu_seqlens must run from 0 to ", mask.numel());
+    for (int64_t b = 0; b < B; ++b) TORCH_CHECK(cu[b + 1] >= cu[b], op, ": cu_seqlens must be non-decreasing");
+    return {mask.numel()};
+  }
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B, op, ": mask must be [", B, ", T], got ", mask.sizes());
+  return {B, mask.size(1)};
+}
+
+template <typename O>
+void broadcast_dispatch(const O* value, const at::Tensor& mask, const int32_t* cu, int64_t B, O* out) {
+  const at::Tensor mk = mask.dim() == 2 && mask.size(1) > 1 && mask.stride(1) != 1 ? mask.contiguous()
+                        : mask.dim() == 1                                          ? mask.contiguous()
+                                                                                   : mask;
+  const int64_t T = mk.dim() == 2 ? mk.size(1) : 0;
+  const int64_t m_stride = mk.dim() == 2 ? mk.stride(0) : 0;
+  if (mk.numel() == 0) return;
   dispatch_mask(mk.scalar_type(), [&](auto tag) {
     using M = decltype(tag);
-    const M* m = mk.data_ptr<M>();
-    const float* sp = s.data_ptr<float>();
-    float* o = out.data_ptr<float>();
-    at::parallel_for(0, B, row_grain(T), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        for (int64_t t = 0; t < T; ++t) o[b * T + t] = sp[b] * static_cast<float>(m[b * T + t]);
-    });
+    broadcast_rows<O, M>(value, mk.data_ptr<M>(), B, T, m_stride, cu, out);
   });
+}
+
+at::Tensor broadcast_cpu(const at::Tensor& scores, const at::Tensor& mask,
+                         const std::optional<at::Tensor>& cu_seqlens) {
+  TORCH_CHECK(scores.dim() == 1 && (scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble),
+              "rlkern.advantages_broadcast_kernel: scores must be float32/float64 [B], got ", scores.scalar_type(), " ",
+              scores.sizes());
+  TORCH_CHECK(scores.device().is_cpu(), "rlkern.advantages_broadcast_kernel: scores must be a CPU tensor");
+  const int64_t B = scores.size(0);
+  at::Tensor cu_holder;
+  const auto shape = token_layout(mask, cu_seqlens, B, "rlkern.advantages_broadcast_kernel", cu_holder);
+  const at::Tensor s = scores.contiguous();
+  at::Tensor out = empty_output(shape, scores.options());
+  const int32_t* cu = cu_holder.defined() ? cu_holder.data_ptr<int32_t>() : nullptr;
+  if (s.scalar_type() == at::kFloat)
+    broadcast_dispatch<float>(s.data_ptr<float>(), mask, cu, B, out.data_ptr<float>());
+  else
+    broadcast_dispatch<double>(s.data_ptr<double>(), mask, cu, B, out.data_ptr<double>());
   return out;
 }
 
@@ -353,37 +438,47 @@ inline uint64_t hash_bytes(const unsigned char* p, int64_t n) {
 }
 
 // Row i of the keys is keys[start(i), start(i) + len(i)): fixed width W without offsets, else
-// [offsets[i], offsets[i+1]) (strings of any length, concatenated).
+// [offsets[i], offsets[i+1] - gap) (strings of any length, concatenated; gap = 1 when a
+// separator follows each string). Hashes are computed first (in parallel for many rows), then inserted serially
+// into an open-addressing table that keeps each slot's hash, so a probe compares the strings
+// (a random read) only when the 64-bit hashes agree.
 template <typename K>
-void group_index_rows(const K* keys, const int64_t* offsets, int64_t N, int64_t W, int64_t* out) {
+void group_index_rows(const K* keys, const int64_t* offsets, int64_t gap, int64_t N, int64_t W, int64_t* out) {
   auto start = [&](int64_t i) { return offsets ? offsets[i] : i * W; };
-  auto len = [&](int64_t i) { return offsets ? offsets[i + 1] - offsets[i] : W; };
+  auto len = [&](int64_t i) { return offsets ? offsets[i + 1] - offsets[i] - gap : W; };
   auto same = [&](int64_t i, int64_t j) {
     const int64_t n = len(i);
     return n == len(j) && std::memcmp(keys + start(i), keys + start(j), n * sizeof(K)) == 0;
   };
+  std::vector<uint64_t> hash(N);
+  // ~10 ns a row: threads only pay off past ~10^5 rows (below, a parallel region's wake-up
+  // costs more than it saves on the shared 2-core machine)
+  at::parallel_for(0, N, int64_t{1} << 17, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      hash[i] = hash_bytes(reinterpret_cast<const unsigned char*>(keys + start(i)), len(i) * sizeof(K));
+  });
   int64_t cap = 16;
   while (cap < 2 * N) cap <<= 1;
   std::vector<int64_t> slot_rep(cap, -1);  // sample index representing the group in this slot
-  std::vector<int64_t> rep_group(N);       // group number of a representative sample
+  std::vector<uint64_t> slot_hash(cap);
   int64_t groups = 0;
   for (int64_t i = 0; i < N; ++i) {
-    if (i > 0 && same(i, i - 1)) {
+    if (i > 0 && hash[i] == hash[i - 1] && same(i, i - 1)) {
       out[i] = out[i - 1];
       continue;
     }
-    const uint64_t h = hash_bytes(reinterpret_cast<const unsigned char*>(keys + start(i)), len(i) * sizeof(K));
+    const uint64_t h = hash[i];
     int64_t s = static_cast<int64_t>(h & static_cast<uint64_t>(cap - 1));
     while (true) {
       const int64_t rep = slot_rep[s];
       if (rep < 0) {
         slot_rep[s] = i;
-        rep_group[i] = groups;
+        slot_hash[s] = h;
         out[i] = groups++;
         break;
       }
-      if (same(rep, i)) {
-        out[i] = rep_group[rep];
+      if (slot_hash[s] == h && same(rep, i)) {
+        out[i] = out[rep];
         break;
       }
       s = (s + 1) & (cap - 1);
@@ -422,11 +517,176 @@ at::Tensor group_index_cpu(const at::Tensor& keys, const std::optional<at::Tenso
   int64_t* o = out.data_ptr<int64_t>();
   const int64_t* offs = off.defined() ? off.data_ptr<int64_t>() : nullptr;
   switch (k.scalar_type()) {
-    case at::kLong: group_index_rows(k.data_ptr<int64_t>(), offs, N, W, o); break;
-    case at::kInt: group_index_rows(k.data_ptr<int32_t>(), offs, N, W, o); break;
-    case at::kByte: group_index_rows(k.data_ptr<uint8_t>(), offs, N, W, o); break;
+    case at::kLong: group_index_rows(k.data_ptr<int64_t>(), offs, 0, N, W, o); break;
+    case at::kInt: group_index_rows(k.data_ptr<int32_t>(), offs, 0, N, W, o); break;
+    case at::kByte: group_index_rows(k.data_ptr<uint8_t>(), offs, 0, N, W, o); break;
     default: TORCH_CHECK(false, "rlkern.advantages_group_index_kernel: keys must be int64/int32/uint8, got ", k.scalar_type());
   }
+  return out;
+}
+
+// n strings joined with a 0 separator ([total] uint8 ASCII bytes or int32 UTF-32 code points,
+// exactly n - 1 zeros) -> dense group numbers [n]. Another count of zeros (a string holding
+// "\0") raises ValueError: the caller then passes lengths to advantages_group_index_kernel.
+template <typename K>
+void split_joined(const K* keys, int64_t total, int64_t n, int64_t* offsets) {
+  int64_t i = 0;
+  offsets[0] = 0;
+  if constexpr (sizeof(K) == 1) {
+    const K* p = keys;
+    const K* end = keys + total;
+    while (true) {
+      const void* hit = std::memchr(p, 0, static_cast<size_t>(end - p));
+      if (!hit) break;
+      TORCH_CHECK_VALUE(i + 1 < n, "rlkern.advantages_group_index_joined_kernel: more than ", n - 1, " separators");
+      p = static_cast<const K*>(hit) + 1;
+      offsets[++i] = p - keys;
+    }
+  } else {
+    for (int64_t t = 0; t < total; ++t) {
+      if (keys[t] == 0) {
+        TORCH_CHECK_VALUE(i + 1 < n, "rlkern.advantages_group_index_joined_kernel: more than ", n - 1, " separators");
+        offsets[++i] = t + 1;
+      }
+    }
+  }
+  TORCH_CHECK_VALUE(i == n - 1, "rlkern.advantages_group_index_joined_kernel: expected ", n - 1,
+                    " separators, got ", i);
+  offsets[n] = total + 1;  // a virtual separator after the last string
+}
+
+at::Tensor group_index_joined_cpu(const at::Tensor& joined, int64_t n) {
+  TORCH_CHECK(joined.device().is_cpu() && joined.dim() == 1,
+              "rlkern.advantages_group_index_joined_kernel: joined must be a 1-D CPU tensor, got ", joined.sizes());
+  TORCH_CHECK(n >= 0, "rlkern.advantages_group_index_joined_kernel: n must be >= 0, got ", n);
+  at::Tensor out = at::empty({n}, joined.options().dtype(at::kLong));
+  if (n == 0) return out;
+  const at::Tensor k = joined.contiguous();
+  std::vector<int64_t> offsets(n + 1);
+  auto run = [&](auto tag) {
+    using K = decltype(tag);
+    const K* keys = k.data_ptr<K>();
+    split_joined<K>(keys, k.numel(), n, offsets.data());
+    group_index_rows<K>(keys, offsets.data(), 1, n, 0, out.data_ptr<int64_t>());
+  };
+  switch (k.scalar_type()) {
+    case at::kByte: run(uint8_t{}); break;
+    case at::kInt: run(int32_t{}); break;
+    default: TORCH_CHECK(false, "rlkern.advantages_group_index_joined_kernel: joined must be uint8/int32, got ",
+                         k.scalar_type());
+  }
+  return out;
+}
+
+enum class StdMode { kUnbiased, kPopulation, kNone };
+enum class ScaleMode { kGroup, kBatch, kNone };
+
+// Per-sample GRPO-family value in double (the op layer's _group_normalize_op, same formulas):
+//   mean_g = sum_g / n_g,  m2_g = sum_g (x - mean_g)^2 (two passes, no cancellation)
+//   singleton "verl": a group of one has mean 0, std 1;  "zero": its value is 0
+//   spread = sqrt(m2_g / (n_g - 1)) (unbiased) or sqrt(m2_g / n_g) (population), or the batch's
+//   std over all N samples (scale "batch"; 0 for N < 2); value = (x - mean) / (spread + eps),
+//   or x - mean without std / with scale "none".
+template <typename S>
+void group_values(const S* x, const int64_t* inv, int64_t N, double eps, StdMode std_mode, ScaleMode scale,
+                  bool singleton_verl, double* value) {
+  std::vector<double> count(N, 0.0), sum(N, 0.0), m2(N, 0.0);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t g = inv[i];
+    TORCH_CHECK(g >= 0 && g < N, "rlkern.advantages_group_normalize_kernel: group numbers must lie in [0, ", N,
+                "), got ", g);
+    count[g] += 1.0;
+    sum[g] += static_cast<double>(static_cast<float>(x[i]));
+  }
+  for (int64_t g = 0; g < N; ++g) sum[g] /= std::max(count[g], 1.0);  // sum -> mean
+  for (int64_t i = 0; i < N; ++i) {
+    const double d = static_cast<double>(static_cast<float>(x[i])) - sum[inv[i]];
+    m2[inv[i]] += d * d;
+  }
+  const bool divide = std_mode != StdMode::kNone && scale != ScaleMode::kNone;
+  const bool unbiased = std_mode == StdMode::kUnbiased;
+  double batch_spread = 0.0;
+  if (divide && scale == ScaleMode::kBatch && N > 1) {
+    double total = 0.0;
+    for (int64_t i = 0; i < N; ++i) total += static_cast<double>(static_cast<float>(x[i]));
+    const double mean = total / static_cast<double>(N);
+    double ss = 0.0;
+    for (int64_t i = 0; i < N; ++i) {
+      const double d = static_cast<double>(static_cast<float>(x[i])) - mean;
+      ss += d * d;
+    }
+    batch_spread = std::sqrt(ss / static_cast<double>(unbiased ? N - 1 : N));
+  }
+  at::parallel_for(0, N, int64_t{1} << 18, [&](int64_t i0, int64_t i1) {  // a few ns a sample: see group_index_rows
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t g = inv[i];
+      const bool single = count[g] <= 1.0;
+      if (single && !singleton_verl) {
+        value[i] = 0.0;
+        continue;
+      }
+      const double mean = single ? 0.0 : sum[g];
+      const double centered = static_cast<double>(static_cast<float>(x[i])) - mean;
+      if (!divide) {
+        value[i] = centered;
+        continue;
+      }
+      double spread = batch_spread;
+      if (scale == ScaleMode::kGroup)
+        spread = single ? 1.0 : std::sqrt(m2[g] / std::max(unbiased ? count[g] - 1.0 : count[g], 1.0));
+      value[i] = centered / (spread + eps);
+    }
+  });
+}
+
+// scores [N] float32/bfloat16/float16 (float64 runs the op layer's PyTorch path), inverse [N] int64 dense group
+// numbers; without mask -> [N]; with mask [N, T] -> [N, T]; with mask [total] and cu_seqlens
+// int32 [N + 1] -> [total], value * mask.
+at::Tensor group_normalize_cpu(const at::Tensor& scores, const at::Tensor& inverse,
+                               const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens,
+                               double eps, c10::string_view std_name, c10::string_view scale_name,
+                               c10::string_view singleton) {
+  const char* op = "rlkern.advantages_group_normalize_kernel";
+  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 1, op, ": scores must be a 1-D CPU tensor, got ",
+              scores.sizes());
+  TORCH_CHECK(inverse.dim() == 1 && inverse.size(0) == scores.size(0) && inverse.scalar_type() == at::kLong &&
+                  inverse.device().is_cpu(),
+              op, ": inverse must be int64 [", scores.size(0), "], got ", inverse.scalar_type(), " ", inverse.sizes());
+  TORCH_CHECK(!cu_seqlens.has_value() || mask.has_value(), op, ": cu_seqlens needs a packed mask");
+  const StdMode std_mode = std_name == "unbiased"     ? StdMode::kUnbiased
+                           : std_name == "population" ? StdMode::kPopulation
+                                                      : StdMode::kNone;
+  TORCH_CHECK(std_mode != StdMode::kNone || std_name == "none", op, ": std must be unbiased/population/none");
+  const ScaleMode scale = scale_name == "group" ? ScaleMode::kGroup
+                          : scale_name == "batch" ? ScaleMode::kBatch
+                                                  : ScaleMode::kNone;
+  TORCH_CHECK(scale != ScaleMode::kNone || scale_name == "none", op, ": scale must be group/batch/none");
+  TORCH_CHECK(singleton == "verl" || singleton == "zero", op, ": singleton must be verl/zero");
+  const int64_t N = scores.size(0);
+  const at::Tensor x = scores.contiguous();
+  const at::Tensor inv = inverse.contiguous();
+  std::vector<double> value(N);
+  auto values = [&](auto tag) {
+    using S = decltype(tag);
+    group_values<S>(x.data_ptr<S>(), inv.data_ptr<int64_t>(), N, eps, std_mode, scale, singleton == "verl",
+                    value.data());
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: values(float{}); break;
+    case at::kBFloat16: values(at::BFloat16{}); break;
+    case at::kHalf: values(at::Half{}); break;
+    default: TORCH_CHECK(false, op, ": scores must be float32/bfloat16/float16, got ", x.scalar_type());
+  }
+  const auto opts = scores.options().dtype(at::kFloat);
+  at::Tensor per_sample = at::empty({N}, opts);
+  float* rounded = per_sample.data_ptr<float>();
+  for (int64_t i = 0; i < N; ++i) rounded[i] = static_cast<float>(value[i]);
+  if (!mask.has_value()) return per_sample;
+  at::Tensor cu_holder;
+  const auto shape = token_layout(*mask, cu_seqlens, N, op, cu_holder);
+  at::Tensor out = empty_output(shape, opts);
+  broadcast_dispatch<float>(rounded, *mask, cu_holder.defined() ? cu_holder.data_ptr<int32_t>() : nullptr, N,
+                            out.data_ptr<float>());
   return out;
 }
 
@@ -446,8 +706,19 @@ at::Tensor whiten_meta(const at::Tensor& values, const at::Tensor&, bool, bool) 
   return at::empty(values.sizes(), values.options());
 }
 
-at::Tensor broadcast_meta(const at::Tensor& scores, const at::Tensor& mask) {
+at::Tensor broadcast_meta(const at::Tensor& scores, const at::Tensor& mask, const std::optional<at::Tensor>&) {
   return at::empty(mask.sizes(), scores.options());
+}
+
+at::Tensor group_index_joined_meta(const at::Tensor& joined, int64_t n) {
+  return at::empty({n}, joined.options().dtype(at::kLong));
+}
+
+at::Tensor group_normalize_meta(const at::Tensor& scores, const at::Tensor&, const std::optional<at::Tensor>& mask,
+                                const std::optional<at::Tensor>&, double, c10::string_view, c10::string_view,
+                                c10::string_view) {
+  const auto opts = scores.options().dtype(at::kFloat);
+  return mask.has_value() ? at::empty(mask->sizes(), opts) : at::empty(scores.sizes(), opts);
 }
 
 at::Tensor group_index_meta(const at::Tensor& keys, const std::optional<at::Tensor>& offsets) {
@@ -463,7 +734,10 @@ TORCH_LIBRARY_FRAGMENT(rlkern, m) {
   m.def("advantages_discounted_kernel(Tensor rewards, Tensor mask, Tensor? cu_seqlens, float gamma) -> Tensor");
   m.def("advantages_group_index_kernel(Tensor keys, Tensor? offsets) -> Tensor");
   m.def("advantages_whiten_kernel(Tensor values, Tensor mask, bool shift_mean, bool zero_masked) -> Tensor");
-  m.def("advantages_broadcast_kernel(Tensor scores, Tensor mask) -> Tensor");
+  m.def("advantages_broadcast_kernel(Tensor scores, Tensor mask, Tensor? cu_seqlens=None) -> Tensor");
+  m.def("advantages_group_index_joined_kernel(Tensor joined, int n) -> Tensor");
+  m.def("advantages_group_normalize_kernel(Tensor scores, Tensor inverse, Tensor? mask, Tensor? cu_seqlens, "
+        "float eps, str std, str scale, str singleton) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
@@ -472,6 +746,8 @@ TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
   m.impl("advantages_group_index_kernel", &group_index_cpu);
   m.impl("advantages_whiten_kernel", &whiten_cpu);
   m.impl("advantages_broadcast_kernel", &broadcast_cpu);
+  m.impl("advantages_group_index_joined_kernel", &group_index_joined_cpu);
+  m.impl("advantages_group_normalize_kernel", &group_normalize_cpu);
 }
 
 TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
@@ -480,4 +756,6 @@ TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
   m.impl("advantages_group_index_kernel", &group_index_meta);
   m.impl("advantages_whiten_kernel", &whiten_meta);
   m.impl("advantages_broadcast_kernel", &broadcast_meta);
+  m.impl("advantages_group_index_joined_kernel", &group_index_joined_meta);
+  m.impl("advantages_group_normalize_kernel", &group_normalize_meta);
 }

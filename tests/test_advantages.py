@@ -112,17 +112,17 @@ def test_gae_many_blocks_triton(monkeypatch):
     g = _gen(30)
     rewards, values = torch.randn(3, 300, generator=g), torch.randn(3, 300, generator=g)
     mask = _mask(3, 300, "holes", torch.bool)
-    boot = torch.randn(3, generator=g)
-    adv, ret = A.egae(rewards, values, mask, boot, 0.99, 0.95)
-    ref_adv, ref_ret = R.gae(rewards, values, mask, 0.99, 0.95, bootstrap=boot)
+    truncated = torch.tensor([True, False, True])
+    adv, ret = A.egae(rewards, values, mask, truncated, 0.99, 0.95)
+    ref_adv, ref_ret = R.egae(rewards, values, mask, truncated, 0.99, 0.95)
     _close(adv, ref_adv)
     _close(ret, ref_ret)
     _close(A.discounted_returns(rewards, mask, 0.97), R.discounted_returns(rewards, mask, 0.97))
     cu = torch.tensor([0, 100, 100, 900], dtype=torch.int32)
-    adv_p, _ = A.egae(rewards.flatten(), values.flatten(), mask.flatten(), boot, 0.99, 0.95, cu_seqlens=cu)
+    adv_p, _ = A.egae(rewards.flatten(), values.flatten(), mask.flatten(), truncated, 0.99, 0.95, cu_seqlens=cu)
     for b, (s, e) in enumerate([(0, 100), (100, 100), (100, 900)]):
-        r_adv, _ = R.gae(rewards.flatten()[None, s:e], values.flatten()[None, s:e], mask.flatten()[None, s:e],
-                         0.99, 0.95, bootstrap=boot[b:b + 1])
+        r_adv, _ = R.egae(rewards.flatten()[None, s:e], values.flatten()[None, s:e], mask.flatten()[None, s:e],
+                          truncated[b:b + 1], 0.99, 0.95)
         _close(adv_p[s:e], r_adv[0])
 
 
@@ -138,18 +138,42 @@ def test_gae_low_precision_and_fp64_inputs(backend, dtype):
     _close(ret, ref_ret, tol=1e-10 if dtype == torch.float64 else 2e-5)
 
 
-def test_egae_bootstraps_truncated_rows(backend):
+def test_egae_paper_example():
+    # T-PPO's EGAE by hand: r = [0, 1], V = [0.5, 0.3], cut after 2 tokens, so V(s_2) := V(s_1) = 0.3.
+    rewards, values, mask = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.3]]), torch.ones(1, 2)
+    adv, ret = A.egae(rewards, values, mask, torch.tensor([True]), 0.9, 0.8)
+    delta_1 = 1.0 + 0.9 * 0.3 - 0.3  # 0.97
+    delta_0 = 0.0 + 0.9 * 0.3 - 0.5  # -0.23
+    torch.testing.assert_close(adv, torch.tensor([[delta_0 + 0.9 * 0.8 * delta_1, delta_1]]))
+    torch.testing.assert_close(ret, adv + values)
+    # gamma = 1: the last token's residual is its reward alone; a finished row is plain GAE (V after EOS = 0)
+    zero_r = torch.zeros(1, 2)
+    torch.testing.assert_close(A.egae(zero_r, values, mask, torch.tensor([1]))[0], torch.tensor([[-0.2, 0.0]]))
+    torch.testing.assert_close(A.egae(zero_r, values, mask, torch.tensor([0]))[0], torch.tensor([[-0.5, -0.3]]))
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "holes"])
+def test_egae_matches_reference(backend, layout):
+    # The reference writes EGAE as the paper's truncated sum; the kernels run GAE's recurrence
+    # with V(s_l) := V(s_{l-1}) (the value at the last valid token) for truncated rows.
     g = _gen(5)
-    rewards, values = torch.randn(4, 25, generator=g), torch.randn(4, 25, generator=g)
-    mask = _mask(4, 25, "holes")
-    boot = torch.tensor([0.0, 1.5, -2.0, 0.7])
-    adv, ret = A.egae(rewards, values, mask, boot, 0.95, 0.9)
-    ref_adv, ref_ret = R.gae(rewards, values, mask, 0.95, 0.9, bootstrap=boot)
+    rewards, values = torch.randn(5, 25, generator=g), torch.randn(5, 25, generator=g)
+    mask = _mask(5, 25, layout)
+    truncated = torch.tensor([1, 1, 0, 1, 0])  # row 1 is empty
+    adv, ret = A.egae(rewards, values, mask, truncated, 0.95, 0.9)
+    ref_adv, ref_ret = R.egae(rewards, values, mask, truncated, 0.95, 0.9)
     _close(adv, ref_adv)
     _close(ret, ref_ret)
-    # a zero bootstrap is plain GAE
-    torch.testing.assert_close(A.egae(rewards, values, mask, torch.zeros(4), 0.95, 0.9)[0],
-                               A.gae(rewards, values, mask, 0.95, 0.9)[0])
+    plain = A.gae(rewards, values, mask, 0.95, 0.9)[0]
+    torch.testing.assert_close(adv[truncated == 0], plain[truncated == 0])
+    assert not torch.allclose(adv[[0, 3]], plain[[0, 3]])
+    # with the critic's V(s_l): the standard truncated-GAE bootstrap instead of V(s_{l-1})
+    boot = torch.tensor([1.5, -2.0, 0.7, 0.3, 9.0])
+    adv, ret = A.egae(rewards, values, mask, truncated.bool(), 0.95, 0.9, bootstrap_values=boot)
+    ref_adv, ref_ret = R.egae(rewards, values, mask, truncated, 0.95, 0.9, bootstrap=boot)
+    _close(adv, ref_adv)
+    _close(ret, ref_ret)
+    _close(adv, R.gae(rewards, values, mask, 0.95, 0.9, bootstrap=boot * truncated)[0])
 
 
 def test_gae_packed_matches_padded(backend):
@@ -159,11 +183,11 @@ def test_gae_packed_matches_padded(backend):
     total = int(cu[-1])
     rewards, values = torch.randn(total, generator=g), torch.randn(total, generator=g)
     mask = (torch.rand(total, generator=g) > 0.2).to(torch.int64)
-    boot = torch.randn(len(lengths), generator=g)
-    adv, ret = A.egae(rewards, values, mask, boot, 0.9, 0.8, cu_seqlens=cu)
+    truncated = torch.tensor([True, True, False, True, True])
+    adv, ret = A.egae(rewards, values, mask, truncated, 0.9, 0.8, cu_seqlens=cu)
     ret_only = A.discounted_returns(rewards, mask, 0.9, cu_seqlens=cu)
     for b, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        ra, rr = R.gae(rewards[None, s:e], values[None, s:e], mask[None, s:e], 0.9, 0.8, bootstrap=boot[b:b + 1])
+        ra, rr = R.egae(rewards[None, s:e], values[None, s:e], mask[None, s:e], truncated[b:b + 1], 0.9, 0.8)
         _close(adv[s:e], ra[0])
         _close(ret[s:e], rr[0])
         _close(ret_only[s:e], R.discounted_returns(rewards[None, s:e], mask[None, s:e], 0.9)[0])
@@ -222,6 +246,21 @@ def test_input_errors():
         A.group_normalize(torch.randn(3), [0, 0, 1], std="sample")
     with pytest.raises(ValueError, match="at least 2 samples"):
         A.grpo_passk(torch.randn(3), [0, 0, 1])
+    cu = torch.tensor([0, 2, 5, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cu_seqlens must be \[4\]"):
+        A.grpo(torch.randn(3), [0, 0, 1], torch.ones(6), cu_seqlens=cu[:3])
+    with pytest.raises(ValueError, match="response_mask must be packed"):
+        A.rloo(torch.randn(3), [0, 0, 1], torch.ones(3, 2), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="cu_seqlens needs the packed response_mask"):
+        A.grpo(torch.randn(3), [0, 0, 1], cu_seqlens=cu)
+    with pytest.raises(TypeError, match="cu_seqlens must be an int32"):
+        A.opo(torch.randn(3), [0, 0, 1], torch.ones(6), cu_seqlens=cu.long())
+    with pytest.raises(ValueError, match="non-decreasing from 0 to 6"):
+        A.outcome_to_tokens(torch.randn(3), torch.ones(6), cu_seqlens=torch.tensor([0, 2, 5, 7], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"truncated must have shape \(3,\)"):
+        A.egae(x, x, torch.ones(3, 5), torch.ones(2))
+    with pytest.raises(TypeError, match="truncated must be a torch.Tensor"):
+        A.egae(x, x, torch.ones(3, 5), [True, False, True])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +297,19 @@ def test_group_index_every_form_gives_the_same_partition(monkeypatch, backend_na
         assert _same_partition(ints.numpy(), A.group_index(form).numpy())
 
 
+@pytest.mark.parametrize("has_cpp", [True, False])
+def test_group_index_strings_holding_the_separator(monkeypatch, has_cpp):
+    # Lists are joined with "\0" for the C++ hash; a uid holding "\0" must still be its own group
+    # (the kernel sees the wrong separator count and Python passes lengths instead). Without
+    # the C++ build, the Python strings are sorted.
+    monkeypatch.setattr(A._backend, "has_cpp", lambda: has_cpp)
+    for ids in (["a\0", "a", "a\0", "\0", "", "\0", "a"], ["ü\0", "ü", "ü\0", "x"], ["", "", "b", ""]):
+        truth = [{k: i for i, k in enumerate(dict.fromkeys(ids))}[k] for k in ids]
+        assert _same_partition(truth, A.group_index(ids).numpy()), ids
+        assert _same_partition(truth, A.group_index(np.array(ids, dtype=object)).numpy()), ids
+    assert A.group_index([]).shape == (0,)
+
+
 def test_group_index_string_hash_collisions_and_unicode():
     # Many near-identical strings (one code point apart, non-ASCII, different lengths).
     ids = [f"ü{i}" for i in range(3000)] + [f"ü{i}\u2603" for i in range(3000)] + ["ü1"] * 5
@@ -287,9 +339,9 @@ def _group_layout(seed=0):
     return ids[np.random.default_rng(seed).permutation(len(ids))]
 
 
-@pytest.mark.parametrize("group_backend", ["triton", "torch"])
+@pytest.mark.parametrize("group_backend", ["cpp", "triton", "torch"])
 def test_group_statistics_backends(monkeypatch, group_backend):
-    # The group sums run as Triton atomics (GPU path) or PyTorch index_add (CPU, fallback).
+    # Group sums: one C++ kernel (CPU), Triton atomics (GPU path) or PyTorch index_add (fallback).
     monkeypatch.setenv("RLKERN_BACKEND", group_backend)
     ids = _group_layout(12)
     s = _scores(len(ids), 12)
@@ -313,13 +365,20 @@ def test_group_normalize_matches_reference(kind, std, scale, singleton):
     _close(out, ref, tol=2e-5 if kind != "equal" else 1e-3)
 
 
-def test_group_normalize_token_broadcast_and_id_forms():
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32,
+                                        torch.bfloat16])
+def test_group_normalize_token_broadcast_and_id_forms(mask_dtype):
     ids = _group_layout(2)
     s = _scores(len(ids), 2)
-    mask = _mask(len(ids), 9, "holes", torch.float32)
+    mask = _mask(len(ids), 9, "holes", mask_dtype)
+    if mask_dtype in (torch.int64, torch.float32):
+        mask[0, 0], mask[3, 2] = 2, -1  # verl multiplies by the mask's value (the int64 kernel's slow path)
     per_sample = A.group_normalize(s, ids)
     tokens = A.group_normalize(s, ids, response_mask=mask)
-    torch.testing.assert_close(tokens, per_sample[:, None] * mask)
+    assert tokens.dtype == torch.float32
+    torch.testing.assert_close(tokens, per_sample[:, None] * mask.float(), rtol=0, atol=0)
+    sliced = torch.cat([mask, mask], 1)[:, 9:]  # row stride 18
+    torch.testing.assert_close(A.group_normalize(s, ids, response_mask=sliced), tokens, rtol=0, atol=0)
     dense = torch.from_numpy(np.unique(ids.astype(str), return_inverse=True)[1].reshape(-1))
     for form in (ids.astype(str), list(ids), dense):
         torch.testing.assert_close(A.group_normalize(s, form), per_sample)
@@ -406,6 +465,87 @@ def test_remax_and_reinforce_pp_match_reference():
 
 
 # ---------------------------------------------------------------------------------------------
+# Packed layout: [total] tokens + cu_seqlens give the padded layout's numbers
+
+
+def _packed_batch(n, steps, seed, mask_dtype):
+    """A right-padded [n, steps] mask with holes and its packed twin (row i's first length_i
+    tokens, holes included): an empty row, a full-length row. Returns (mask, packed, inside, cu)."""
+    g = _gen(seed)
+    lengths = torch.randint(1, steps + 1, (n,), generator=g)
+    lengths[1], lengths[2] = 0, steps
+    inside = torch.arange(steps)[None, :] < lengths[:, None]
+    mask = (inside & (torch.rand(n, steps, generator=g) > 0.25)).to(mask_dtype)
+    cu = torch.zeros(n + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    return mask, mask[inside], inside, cu
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float16])  # fp16: the PyTorch broadcast
+def test_outcome_estimators_packed_match_padded_and_reference(backend, mask_dtype):
+    ids = _group_layout(20)
+    n = len(ids)
+    s = _scores(n, 20)
+    probs = torch.sigmoid(s)
+    mask, packed, inside, cu = _packed_batch(n, 9, 20, mask_dtype)
+    episodes = np.array([f"ep{i % 3}" for i in range(n)])
+    cases = {
+        "grpo": lambda m, **kw: A.grpo(s, ids, m, **kw),
+        "dr_grpo": lambda m, **kw: A.grpo(s, ids, m, norm_by_std=False, **kw),
+        "trl batch": lambda m, **kw: A.group_normalize(s, ids, eps=1e-4, scale="batch", singleton="zero",
+                                                       response_mask=m, **kw),
+        "rloo": lambda m, **kw: A.rloo(s, ids, m, **kw),
+        "rloo zero": lambda m, **kw: A.rloo(s, ids, m, singleton="zero", **kw),
+        "opo": lambda m, **kw: A.opo(s, ids, m, **kw),
+        "gpg": lambda m, **kw: A.gpg(s, ids, m, f_norm=2.0, **kw),
+        "bnpo": lambda m, **kw: A.bnpo(probs, ids, m, **kw),
+        "gigpo": lambda m, **kw: A.gigpo_step_groups(s, ids, episodes, m, norm_by_std=True, **kw),
+        "reinforce_pp_baseline": lambda m, **kw: A.reinforce_pp_baseline(s, ids, m, **kw),
+        "gdpo": lambda m, **kw: A.gdpo(torch.stack([s, probs], 1), ids, m, weights=[0.5, 2.0], **kw),
+        "outcome_to_tokens": lambda m, **kw: A.outcome_to_tokens(s, m, **kw),
+    }
+    for name, fn in cases.items():
+        padded, ours = fn(mask), fn(packed, cu_seqlens=cu)
+        assert ours.shape == packed.shape and ours.dtype == torch.float32, name
+        torch.testing.assert_close(ours, padded[inside], rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    passk_ids = np.repeat(np.array(["a", "b", "c", "d"]), [2, 5, 16, 3])
+    passk_mask, passk_packed, passk_inside, passk_cu = _packed_batch(26, 7, 21, mask_dtype)
+    torch.testing.assert_close(A.grpo_passk(s[:26], passk_ids, passk_packed, cu_seqlens=passk_cu),
+                               A.grpo_passk(s[:26], passk_ids, passk_mask)[passk_inside])
+    # against the float64 reference, per token
+    seg = torch.repeat_interleave(torch.arange(n), cu.diff().long())
+    m = packed.double()
+    _close(A.grpo(s, ids, packed, cu_seqlens=cu), R.group_normalize(s, list(ids))[seg] * m)
+    _close(A.rloo(s, ids, packed, cu_seqlens=cu), R.rloo(s, list(ids))[seg] * m)
+    lengths = torch.zeros(n, dtype=torch.float64).index_add_(0, seg, m)
+    _close(A.opo(s, ids, packed, cu_seqlens=cu), (s.double() - R.group_baseline(s, list(ids), lengths))[seg] * m)
+    _close(A.gpg(s, ids, packed, f_norm=2.0, cu_seqlens=cu), R.gpg(s, list(ids), 2.0)[seg] * m)
+    _close(A.bnpo(probs, ids, packed, cu_seqlens=cu), R.bnpo(probs, list(ids))[seg] * m, tol=1e-4)
+    _close(A.gigpo_step_groups(s, ids, episodes, packed, norm_by_std=True, cu_seqlens=cu),
+           R.gigpo_step(s, list(ids), list(episodes), 1e-6, True)[seg] * m)
+    tokens = (s.double() - R.group_baseline(s, list(ids)))[seg] * m
+    _close(A.reinforce_pp_baseline(s, ids, packed, cu_seqlens=cu), R.masked_whiten(tokens, packed) * m)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.int64, torch.float32])
+def test_token_estimators_packed_match_padded_and_reference(backend, mask_dtype):
+    n = 7
+    mask, packed, inside, cu = _packed_batch(n, 12, 22, mask_dtype)
+    rewards = torch.randn(n, 12, generator=_gen(22)) * inside
+    base = torch.randn(n, generator=_gen(23))
+    for ours, theirs in zip(A.reinforce_pp(rewards[inside], packed, 0.9, cu_seqlens=cu),
+                            A.reinforce_pp(rewards, mask, 0.9)):
+        torch.testing.assert_close(ours, theirs[inside], rtol=1e-6, atol=1e-6)
+    adv, ret = A.remax(rewards[inside], base, packed, cu_seqlens=cu)
+    padded_adv, padded_ret = A.remax(rewards, base, mask)
+    torch.testing.assert_close(adv, padded_adv[inside], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ret, padded_ret[inside], rtol=1e-6, atol=1e-6)
+    ref_ret = R.reverse_cumsum(rewards, mask)
+    _close(ret, ref_ret[inside])
+    _close(adv, (ref_ret - base.double()[:, None] * mask.double())[inside])
+
+
+# ---------------------------------------------------------------------------------------------
 # Parity with verl 0.9.1 (every ADV_ESTIMATOR_REGISTRY entry) and TRL 1.16
 
 
@@ -475,6 +615,20 @@ def test_verl_outcome_parity(name, norm):
     ours = algos.VERL_ADV_ESTIMATORS[name](**kwargs)
     _assert_verl_close(ours[0], theirs[0], mask, name=name)
     _assert_verl_close(ours[1], theirs[1], mask, name=name)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("name", ["grpo", "rloo", "opo"])
+def test_verl_outcome_parity_packed(name):
+    # verl's padded numbers at the valid tokens == rlkern's packed output
+    core = _verl()
+    rewards, mask, ids = _verl_batch(seed=19)
+    theirs = core.ADV_ESTIMATOR_REGISTRY[name](token_level_rewards=rewards, response_mask=mask, index=ids)[0]
+    inside = mask != 0  # right padding, no holes: the packed tokens are the valid ones
+    cu = torch.zeros(mask.shape[0] + 1, dtype=torch.int32)
+    cu[1:] = mask.sum(-1).cumsum(0)
+    ours = getattr(A, name)(rewards.sum(-1), ids, mask[inside], cu_seqlens=cu)
+    torch.testing.assert_close(ours.double(), theirs[inside].double(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.peer
@@ -594,11 +748,16 @@ def test_opcheck_custom_ops():
         (A._discounted_op, (r, mask, None, 0.9)),
         (A._whiten_op, (r, mask, True)),
         (A._dense_group_ids, (torch.tensor([5, 3, 5, 9]),)),
-        (A._group_normalize_op, (s, inverse, 1e-6, "unbiased", "group", "verl")),
+        (A._group_normalize_op, (s, inverse, None, None, 1e-6, "unbiased", "group", "verl")),
+        (A._group_normalize_op, (s, inverse, _mask(6, 5, "holes"), None, 1e-6, "population", "batch", "zero")),
+        (A._group_normalize_op, (s, inverse, torch.ones(27, dtype=torch.bool),
+                                 torch.tensor([0, 4, 4, 10, 20, 26, 27], dtype=torch.int32), 1e-4, "unbiased",
+                                 "group", "verl")),
         (A._group_baseline_op, (s, inverse, None, "rloo_raw", 0.0)),
         (A._passk_op, (s, A.group_index(["a", "a", "b", "b", "b", "b"]), 1e-6, True)),
         (A._bnpo_op, (torch.rand(6, generator=g), inverse, 0.0, 1.0)),
-        (A._remax_op, (r, torch.randn(3), mask)),
+        (A._remax_op, (r, torch.randn(3), mask, None)),
+        (A._remax_op, (r.flatten(), torch.randn(3), mask.flatten(), cu)),
         (A._otb_op, (r, mask, torch.tensor([0, 0, 1]), -torch.rand(3, 9), torch.rand(3, 9), None, True, 1e-8, True)),
     ]
     for op, args in cases:
@@ -612,11 +771,17 @@ def test_torch_compile_fullgraph():
     mask[:, 0] = 1
     ids = torch.tensor([3, 3, 8, 8])
 
+    cu = torch.tensor([0, 10, 20, 30, 40], dtype=torch.int32)
+
     def step(r, v, mask, ids):
         adv, ret = A.gae(r, v, mask, 0.99, 0.95, whiten=True)
         scores = r.sum(-1)
+        truncated = torch.tensor([True, False, True, False])
         return (adv, ret, A.discounted_returns(r, mask, 0.9), A.grpo(scores, ids, mask), A.rloo(scores, ids),
-                A.masked_whiten(r, mask), A.remax(r, scores, mask)[0], A.bnpo(torch.sigmoid(scores), ids))
+                A.masked_whiten(r, mask), A.remax(r, scores, mask)[0], A.bnpo(torch.sigmoid(scores), ids),
+                A.egae(r, v, mask, truncated, 0.99, 0.95)[0], A.grpo(scores, ids, mask.flatten(), cu_seqlens=cu),
+                A.opo(scores, ids, mask.flatten(), cu_seqlens=cu),
+                A.egae(r.flatten(), v.flatten(), mask.flatten(), truncated, cu_seqlens=cu)[1])
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for ours, ref in zip(compiled(r, v, mask, ids), step(r, v, mask, ids)):

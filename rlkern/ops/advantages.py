@@ -1,16 +1,20 @@
 """Advantage estimators: GAE/EGAE, discounted returns, whitening, GRPO-family group normalization.
 
-Token-level estimators take a padded ``[B, T]`` batch with a response mask (bool, int or float;
-read as ``mask != 0``) or, for ``gae``/``egae``/``discounted_returns``, a packed ``[total]``
-batch with ``cu_seqlens`` (int32, ``[B + 1]``). Outcome estimators take one score per sample and
-group ids; with a ``response_mask`` they return the per-token broadcast ``score * mask``
-(verl's layout), without it one value per sample.
+Token-level estimators (``gae``, ``egae``, ``discounted_returns``, ``reinforce_pp``, ``remax``)
+take a padded ``[B, T]`` batch with a response mask (bool, int or float; read as ``mask != 0``)
+or a packed ``[total]`` batch with ``cu_seqlens`` (int32, ``[B + 1]``). Outcome estimators take
+one score per sample and group ids; with a ``response_mask`` they return the per-token
+broadcast ``score * mask`` (verl's layout): ``[N, T]``, or packed ``[total]`` when
+``cu_seqlens`` is given (sample i owns ``mask[cu[i]:cu[i + 1]]``); without it one value per
+sample. ``optimal_token_baseline`` is padded only.
 
 Group ids: an integer tensor, a numpy array of str (``<U`` or object dtype) or bytes, or a
 list of str (verl passes its ``uid`` array). Strings are compared as strings ("7" and "07"
 are different groups). They are mapped to dense group numbers in one pass of a C++ hash over
-the raw code points (``<U`` arrays are read in place; lists are joined into one UTF-32 buffer),
-never a Python loop per sample; on GPU, integer ids are grouped by a sort (no host sync).
+the raw bytes (``<U`` arrays are read in place; lists and object arrays are joined into one
+buffer, ASCII bytes or UTF-32), never a Python loop per sample; on GPU, integer ids are grouped
+by a sort (no host sync). On CPU, ``group_normalize``/``grpo`` compute the group statistics,
+the normalization and the broadcast to tokens in one C++ kernel.
 
 verl 0.9.1 ``ADV_ESTIMATOR_REGISTRY`` -> rlkern (drop-ins with verl's signatures are in
 ``rlkern.algos.advantages.VERL_ADV_ESTIMATORS``):
@@ -107,23 +111,52 @@ def _out_dtype(t: Tensor) -> torch.dtype:
     return _F64 if t.dtype == _F64 else torch.float32
 
 
+def _check_cu_seqlens(op: str, cu_seqlens, total: int, device: torch.device, batch: int | None = None) -> None:
+    """cu_seqlens: int32 [B + 1] (B = batch when given) on ``device``, from 0 to ``total``, non-decreasing."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.ndim != 1:
+        raise TypeError(f"{op}: cu_seqlens must be an int32 [B + 1] tensor, got "
+                        f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens))} {tuple(getattr(cu_seqlens, 'shape', ()))}")
+    if batch is not None and cu_seqlens.shape[0] != batch + 1:
+        raise ValueError(f"{op}: cu_seqlens must be [{batch + 1}] (one segment per sample), "
+                         f"got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but the packed tensors are on {device}")
+    if (cu_seqlens.device.type == "cpu" or _backend.validate_enabled()) and not torch.compiler.is_compiling():
+        if cu_seqlens.numel() < 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total or bool(
+                (cu_seqlens.diff() < 0).any()):
+            raise ValueError(f"{op}: cu_seqlens must be non-decreasing from 0 to {total}, "
+                             f"got {cu_seqlens.tolist()[:8]}...")
+
+
 def _packed_check(op: str, rewards: Tensor, cu_seqlens: Tensor | None) -> None:
     if cu_seqlens is None:
         if rewards.ndim != 2:
             raise ValueError(f"{op}: rewards must be [B, T] (or [total] with cu_seqlens), got {tuple(rewards.shape)}")
         return
-    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.ndim != 1:
-        raise TypeError(f"{op}: cu_seqlens must be an int32 [B + 1] tensor, got "
-                        f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens))} {tuple(getattr(cu_seqlens, 'shape', ()))}")
     if rewards.ndim != 1:
         raise ValueError(f"{op}: with cu_seqlens, rewards must be packed [total], got {tuple(rewards.shape)}")
-    if cu_seqlens.device != rewards.device:
-        raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but rewards are on {rewards.device}")
-    if cu_seqlens.device.type == "cpu" or _backend.validate_enabled():
-        if cu_seqlens.numel() < 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != rewards.numel() or bool(
-                (cu_seqlens.diff() < 0).any()):
-            raise ValueError(f"{op}: cu_seqlens must be non-decreasing from 0 to {rewards.numel()}, "
-                             f"got {cu_seqlens.tolist()[:8]}...")
+    _check_cu_seqlens(op, cu_seqlens, rewards.numel(), rewards.device)
+
+
+def _token_layout(op: str, n: int, response_mask: Tensor | None, cu_seqlens: Tensor | None) -> None:
+    """An outcome op's token layout: response_mask [N, T], or packed [total] with cu_seqlens [N + 1]."""
+    if cu_seqlens is None:
+        if response_mask is not None and (response_mask.ndim != 2 or response_mask.shape[0] != n):
+            raise ValueError(f"{op}: response_mask must be [{n}, T] (or packed [total] with cu_seqlens), "
+                             f"got {tuple(response_mask.shape)}")
+        return
+    if response_mask is None:
+        raise ValueError(f"{op}: cu_seqlens needs the packed response_mask [total]")
+    if response_mask.ndim != 1:
+        raise ValueError(f"{op}: with cu_seqlens, response_mask must be packed [total], got "
+                         f"{tuple(response_mask.shape)}")
+    _check_cu_seqlens(op, cu_seqlens, response_mask.shape[0], response_mask.device, batch=n)
+
+
+def _segment_ids(cu_seqlens: Tensor, total: int) -> Tensor:
+    """Sequence number of every packed token, [total] int64 (no host sync)."""
+    tokens = torch.arange(total, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:], tokens, right=True)
 
 
 def _lastdim_contiguous(t: Tensor) -> Tensor:
@@ -163,17 +196,31 @@ def _(ids):
 
 
 def _strings_to_index(strings: list) -> Tensor:
-    """A list of str -> dense group numbers [N] int64 (CPU), one C++ pass over UTF-32 code points."""
+    """A list of str -> dense group numbers [N] int64 (CPU), one C++ pass over the joined strings.
+
+    The strings are joined with "\\0" into one buffer: ASCII bytes when every string is ASCII
+    (``str.isascii`` is O(1) and the encoding a copy), else UTF-32 code points; the kernel
+    splits it at the separators, so no per-string lengths are computed in Python. A string
+    that itself holds "\\0" makes the separator count wrong (ValueError): then lengths are passed.
+    """
     n = len(strings)
-    joined = "".join(strings)  # TypeError on a non-str element, handled by the caller
-    codes = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.int32)
-    lengths = np.fromiter(map(len, strings), dtype=np.int64, count=n)
+    joined = "\0".join(strings)  # TypeError on a non-str element, handled by the caller
+    if not _backend.has_cpp():  # sorts the Python strings themselves (no C++ build)
+        return torch.from_numpy(np.unique(np.asarray(strings, dtype=object), return_inverse=True)[1]
+                                .astype(np.int64).reshape(-1))
+    if joined.isascii():
+        keys = torch.frombuffer(bytearray(joined, "ascii"), dtype=torch.uint8) if joined else \
+            torch.zeros(0, dtype=torch.uint8)
+    else:
+        keys = torch.from_numpy(np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.int32).copy())
+    try:
+        return torch.ops.rlkern.advantages_group_index_joined_kernel(keys, n)
+    except ValueError:  # a string holds "\0"
+        pass
+    codes = np.frombuffer("".join(strings).encode("utf-32-le", "surrogatepass"), dtype=np.int32)
     offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    if _backend.has_cpp():
-        return torch.ops.rlkern.advantages_group_index_kernel(torch.from_numpy(codes.copy()), torch.from_numpy(offsets))
-    return torch.from_numpy(np.unique(np.asarray(strings, dtype=object).astype(str), return_inverse=True)[1]
-                            .astype(np.int64).reshape(-1))
+    np.cumsum(np.fromiter(map(len, strings), dtype=np.int64, count=n), out=offsets[1:])
+    return torch.ops.rlkern.advantages_group_index_kernel(torch.from_numpy(codes.copy()), torch.from_numpy(offsets))
 
 
 def group_index(group_ids, n: int | None = None, device: torch.device | str | None = None) -> Tensor:
@@ -323,18 +370,46 @@ def _(rewards, values, mask, bootstrap, cu_seqlens, gamma, lam, whiten):
     return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)
 
 
-def _gae_checked(op, rewards, values, response_mask, bootstrap, cu_seqlens, gamma, lam, whiten):
+def _last_valid_values(values: Tensor, valid: Tensor, cu_seqlens: Tensor | None) -> Tensor:
+    """V(s_{l-1}) of every sequence: the value at its last valid token (0 without one), [B] (no host sync)."""
+    dtype = _out_dtype(values)
+    if cu_seqlens is None:
+        batch, steps = values.shape
+        if steps == 0:
+            return values.new_zeros(batch, dtype=dtype)
+        last = torch.where(valid, torch.arange(steps, device=values.device), -1).amax(-1)
+        at_last = values.gather(-1, last.clamp_min(0)[:, None])[:, 0]
+    else:
+        batch, total = cu_seqlens.shape[0] - 1, values.shape[0]
+        if total == 0:
+            return values.new_zeros(batch, dtype=dtype)
+        positions = torch.where(valid, torch.arange(total, device=values.device), -1)
+        last = torch.full((batch,), -1, dtype=torch.int64, device=values.device).scatter_reduce(
+            0, _segment_ids(cu_seqlens, total), positions, "amax")
+        at_last = values[last.clamp_min(0)]
+    return torch.where(last >= 0, at_last.to(dtype), 0.0)
+
+
+def _gae_checked(op, rewards, values, response_mask, cu_seqlens, gamma, lam, whiten, truncated=None,
+                 bootstrap_values=None):
     _check_advantages(op, "rewards", {"rewards": (rewards, "float"), "values": (values, "float"),
                                       "response_mask": (response_mask, "mask")},
                       shape=tuple(rewards.shape) if isinstance(rewards, Tensor) else None,
                       floats={"gamma": gamma, "lam": lam})
     _packed_check(op, rewards, cu_seqlens)
     batch = rewards.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    if bootstrap is not None:
-        _check_advantages(op, "rewards", {"rewards": (rewards, "float"), "bootstrap_values": (bootstrap, "float")},
-                          shape={"bootstrap_values": (batch,)})
     if values.dtype != rewards.dtype:
         values = values.to(rewards.dtype)
+    bootstrap = None
+    if truncated is not None:
+        if not isinstance(truncated, Tensor):
+            raise TypeError(f"{op}: truncated must be a torch.Tensor [B], got {type(truncated).__name__}")
+        _check_advantages(op, "rewards", {"rewards": (rewards, "float"), "truncated": (truncated, "mask"),
+                                          "bootstrap_values": (bootstrap_values, "float")},
+                          shape={"truncated": (batch,), "bootstrap_values": (batch,)})
+        next_value = _last_valid_values(values, response_mask != 0, cu_seqlens) if bootstrap_values is None else \
+            bootstrap_values.to(_out_dtype(rewards))
+        bootstrap = torch.where(truncated != 0, next_value, 0.0)
     return _gae_op(_lastdim_contiguous(rewards), _lastdim_contiguous(values), _lastdim_contiguous(response_mask),
                    bootstrap, cu_seqlens, float(gamma), float(lam), bool(whiten))
 
@@ -375,42 +450,49 @@ def gae(
         (verl leaves the carried advantage there; no loss reads it). ``whiten=True`` over fewer
         than 2 valid tokens raises ValueError on CPU, gives 0 on GPU.
     """
-    return _gae_checked("gae", rewards, values, response_mask, None, cu_seqlens, gamma, lam, whiten)
+    return _gae_checked("gae", rewards, values, response_mask, cu_seqlens, gamma, lam, whiten)
 
 
 def egae(
     rewards: Tensor,
     values: Tensor,
     response_mask: Tensor,
-    bootstrap_values: Tensor,
+    truncated: Tensor,
     gamma: float = 1.0,
     lam: float = 1.0,
     *,
     whiten: bool = False,
     cu_seqlens: Tensor | None = None,
+    bootstrap_values: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Extended GAE for truncated rollouts (T-PPO, Fan et al. 2025, arXiv:2506.15050, Sec. EGAE).
+    """Extended GAE (EGAE) of T-PPO (Fan et al. 2025, "Truncated Proximal Policy Optimization",
+    arXiv:2506.15050): advantages for responses cut at length l before they finished.
 
-    A response cut at length l before it finished still gets advantages for its l generated
-    tokens; the unfinished tail is bootstrapped by the critic's value at the truncation point:
+    A truncated response has neither its reward nor the state s_l after its last generated
+    token; EGAE keeps the GAE sum up to that token and stands in V(s_{l-1}) for V(s_l):
 
-        A_t = sum_{k=0}^{l-1-t} (gamma * lam)^k * delta_{t+k},
-        delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),   with V(s_l) = bootstrap_values[b]
+        A_t = sum_{k=0}^{l-1-t} (gamma * lam)^k * delta_{t+k},        t = 0 .. l-1
+        delta_t     = r_t + gamma * V(s_{t+1}) - V(s_t),                t < l-1
+        delta_{l-1} = r_{l-1} + gamma * V(s_{l-1}) - V(s_{l-1})         (V(s_l) := V(s_{l-1}))
 
-    i.e. ``gae`` whose last valid token sees ``V_next = bootstrap_values[b]`` instead of 0.
-    Pass 0 for sequences that finished (EOS) and the critic's value of the state after the
-    last generated token for truncated ones.
+    so with gamma = 1 the last token's TD residual is its reward alone. A finished response
+    (``truncated[b] == 0``) gets plain ``gae`` (V after EOS = 0). Positions are the valid tokens
+    (mask != 0), as in ``gae``: s_{t+1} is the next valid token and l-1 the last valid one.
 
     Args:
         rewards, values, response_mask, gamma, lam, whiten, cu_seqlens: as in ``gae``.
-        bootstrap_values: ``[B]`` float, V(s_l) per sequence (0 for finished sequences).
+        truncated: ``[B]`` bool/int/float, nonzero for a response cut before it finished.
+        bootstrap_values: optional ``[B]`` float, the critic's V(s_l) for truncated responses:
+            replaces the paper's V(s_l) := V(s_{l-1}) with the standard bootstrap of truncated
+            GAE (Schulman et al. 2017, PPO); ignored where ``truncated`` is 0.
 
     Returns:
-        ``(advantages, returns)`` as in ``gae``.
+        ``(advantages, returns)`` as in ``gae`` (``returns = advantages + values``).
     """
-    if not isinstance(bootstrap_values, Tensor):
-        raise TypeError(f"egae: bootstrap_values must be a torch.Tensor [B], got {type(bootstrap_values).__name__}")
-    return _gae_checked("egae", rewards, values, response_mask, bootstrap_values, cu_seqlens, gamma, lam, whiten)
+    if not isinstance(truncated, Tensor):
+        raise TypeError(f"egae: truncated must be a torch.Tensor [B], got {type(truncated).__name__}")
+    return _gae_checked("egae", rewards, values, response_mask, cu_seqlens, gamma, lam, whiten, truncated,
+                        bootstrap_values)
 
 
 @torch.library.custom_op("rlkern::advantages_discounted_returns", mutates_args=())
@@ -451,19 +533,22 @@ def discounted_returns(rewards: Tensor, response_mask: Tensor, gamma: float = 1.
     return _discounted_op(_lastdim_contiguous(rewards), _lastdim_contiguous(response_mask), cu_seqlens, float(gamma))
 
 
-def reinforce_pp(rewards: Tensor, response_mask: Tensor, gamma: float = 1.0) -> tuple[Tensor, Tensor]:
+def reinforce_pp(rewards: Tensor, response_mask: Tensor, gamma: float = 1.0, *,
+                 cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """REINFORCE++ (verl ``reinforce_plus_plus``): whitened discounted returns.
 
     Args:
-        rewards: ``[B, T]`` float token-level rewards.
-        response_mask: ``[B, T]`` bool/int/float.
+        rewards: ``[B, T]`` float token-level rewards (or packed ``[total]`` with ``cu_seqlens``).
+        response_mask: rewards' shape, bool/int/float.
         gamma: discount; default 1.0 as verl's ``algorithm.gamma``.
+        cu_seqlens: int32 ``[B + 1]`` for the packed layout.
 
     Returns:
-        ``(advantages, returns)``, ``[B, T]`` float32: ``advantages = masked_whiten(returns) *
-        mask``, ``returns = discounted_returns(rewards, mask, gamma)``.
+        ``(advantages, returns)`` of rewards' shape, float32: ``advantages =
+        masked_whiten(returns) * mask`` (over the whole batch), ``returns =
+        discounted_returns(rewards, mask, gamma)``.
     """
-    returns = discounted_returns(rewards, response_mask, gamma)
+    returns = discounted_returns(rewards, response_mask, gamma, cu_seqlens=cu_seqlens)
     return masked_whiten(returns, response_mask) * (response_mask != 0), returns
 
 
@@ -530,26 +615,34 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tens
     return _whiten_op(values, mask, bool(shift_mean))
 
 
-def outcome_to_tokens(scores: Tensor, response_mask: Tensor) -> Tensor:
+def _broadcast(scores: Tensor, mask: Tensor, cu_seqlens: Tensor | None) -> Tensor:
+    """``scores[b] * mask`` over row b ([B, T]) or segment b (packed [total]), in scores' dtype."""
+    if (scores.dtype == torch.float32 and mask.dtype not in (torch.float16, torch.bfloat16)
+            and _backend.choose(scores.device, ("cpp",), scores.dtype) == "cpp"):
+        return torch.ops.rlkern.advantages_broadcast_kernel(scores, mask, cu_seqlens)
+    per_token = scores[:, None] if cu_seqlens is None else scores[_segment_ids(cu_seqlens, mask.shape[0])]
+    out = per_token * mask  # one pass: the mask is cast inside the multiply
+    return out if out.dtype == scores.dtype else out.to(scores.dtype)
+
+
+def outcome_to_tokens(scores: Tensor, response_mask: Tensor, *, cu_seqlens: Tensor | None = None) -> Tensor:
     """Broadcast one score per sequence to its tokens: ``scores[:, None] * response_mask``.
 
     Args:
         scores: ``[B]`` float.
-        response_mask: ``[B, T]`` bool/int/float.
+        response_mask: ``[B, T]`` bool/int/float, or packed ``[total]`` with ``cu_seqlens``.
+        cu_seqlens: int32 ``[B + 1]``: sequence b is ``response_mask[cu[b]:cu[b + 1]]``.
 
     Returns:
-        ``[B, T]`` in scores' dtype (verl's ``scores.unsqueeze(-1) * response_mask``).
+        response_mask's shape (``[B, T]`` or ``[total]``) in scores' dtype (verl's
+        ``scores.unsqueeze(-1) * response_mask``).
     """
     _check_advantages("outcome_to_tokens", "scores", {"scores": (scores, "float"),
                                                       "response_mask": (response_mask, "mask")})
-    if scores.ndim != 1 or response_mask.ndim != 2 or response_mask.shape[0] != scores.shape[0]:
-        raise ValueError(f"outcome_to_tokens: scores must be [B] and response_mask [B, T], got "
-                         f"{tuple(scores.shape)} and {tuple(response_mask.shape)}")
-    if (scores.dtype == torch.float32 and response_mask.dtype not in (torch.float16, torch.bfloat16)
-            and _backend.choose(scores.device, ("cpp",), scores.dtype) == "cpp"):
-        return torch.ops.rlkern.advantages_broadcast_kernel(scores, response_mask)
-    out = scores[:, None] * response_mask  # one pass: the mask is cast inside the multiply
-    return out if out.dtype == scores.dtype else out.to(scores.dtype)
+    if scores.ndim != 1:
+        raise ValueError(f"outcome_to_tokens: scores must be [B], got {tuple(scores.shape)}")
+    _token_layout("outcome_to_tokens", scores.shape[0], response_mask, cu_seqlens)
+    return _broadcast(scores, response_mask, cu_seqlens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,7 +670,26 @@ def _moments_backend(x: Tensor, inverse: Tensor):
 
 
 @torch.library.custom_op("rlkern::advantages_group_normalize", mutates_args=())
-def _group_normalize_op(scores: Tensor, inverse: Tensor, eps: float, std: str, scale: str, singleton: str) -> Tensor:
+def _group_normalize_op(
+    scores: Tensor,  # [N] float
+    inverse: Tensor,  # [N] int64 dense group numbers in [0, N)
+    mask: Tensor | None,  # None, [N, T], or packed [total] with cu_seqlens
+    cu_seqlens: Tensor | None,  # [N + 1] int32 (packed mask)
+    eps: float,
+    std: str,
+    scale: str,
+    singleton: str,
+) -> Tensor:
+    backend = _backend.choose(scores.device, _KERNELS, scores.dtype)
+    if backend == "cpp" and (mask is None or mask.dtype not in (torch.float16, torch.bfloat16)):
+        # one C++ pass: group sums, the normalization and the broadcast to tokens
+        return torch.ops.rlkern.advantages_group_normalize_kernel(scores, inverse, mask, cu_seqlens, eps, std, scale,
+                                                                   singleton)
+    per_sample = _group_normalize_torch(scores, inverse, eps, std, scale, singleton)
+    return per_sample if mask is None else _broadcast(per_sample, mask, cu_seqlens)
+
+
+def _group_normalize_torch(scores, inverse, eps, std, scale, singleton):
     x = scores.to(_F64)
     count, mean, m2 = _moments_backend(x, inverse)
     single = count <= 1
@@ -604,23 +716,32 @@ def _group_normalize_op(scores: Tensor, inverse: Tensor, eps: float, std: str, s
 
 
 @_group_normalize_op.register_fake
-def _(scores, inverse, eps, std, scale, singleton):
-    return scores.new_empty(scores.shape, dtype=_out_dtype(scores))
+def _(scores, inverse, mask, cu_seqlens, eps, std, scale, singleton):
+    return scores.new_empty(scores.shape if mask is None else mask.shape, dtype=_out_dtype(scores))
 
 
-def _outcome_args(op: str, scores: Tensor, group_ids, response_mask: Tensor | None):
+def _outcome_args(op: str, scores: Tensor, group_ids, response_mask: Tensor | None,
+                  cu_seqlens: Tensor | None = None):
     _check_advantages(op, "scores", {"scores": (scores, "float"), "response_mask": (response_mask, "mask")})
     if scores.ndim != 1:
         raise ValueError(f"{op}: scores must be [N] (one score per sample), got {tuple(scores.shape)}")
-    if response_mask is not None and (response_mask.ndim != 2 or response_mask.shape[0] != scores.shape[0]):
-        raise ValueError(f"{op}: response_mask must be [{scores.shape[0]}, T], got {tuple(response_mask.shape)}")
+    _token_layout(op, scores.shape[0], response_mask, cu_seqlens)
     if isinstance(group_ids, Tensor) and group_ids.device != scores.device and group_ids.device.type != "cpu":
         raise ValueError(f"{op}: group_ids is on {group_ids.device} but scores are on {scores.device}")
     return group_index(group_ids, n=scores.shape[0], device=scores.device)
 
 
-def _to_tokens(per_sample: Tensor, response_mask: Tensor | None) -> Tensor:
-    return per_sample if response_mask is None else outcome_to_tokens(per_sample, response_mask)
+def _to_tokens(per_sample: Tensor, response_mask: Tensor | None, cu_seqlens: Tensor | None) -> Tensor:
+    return per_sample if response_mask is None else _broadcast(per_sample, response_mask, cu_seqlens)
+
+
+def _lengths(response_mask: Tensor, cu_seqlens: Tensor | None) -> Tensor:
+    """Per-sequence sum of the mask (verl's ``response_mask.sum(-1)``), float64 [B]."""
+    if cu_seqlens is None:
+        return ((response_mask != 0).sum(-1) if response_mask.dtype == torch.bool else response_mask.sum(-1)).to(_F64)
+    batch = cu_seqlens.shape[0] - 1
+    segments = _segment_ids(cu_seqlens, response_mask.shape[0])
+    return torch.zeros(batch, dtype=_F64, device=response_mask.device).index_add_(0, segments, response_mask.to(_F64))
 
 
 def group_normalize(
@@ -632,6 +753,7 @@ def group_normalize(
     scale: str = "group",
     singleton: str = "verl",
     response_mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
 ) -> Tensor:
     """GRPO-family group normalization: ``(s - mean_group) / (std + eps)``.
 
@@ -649,30 +771,33 @@ def group_normalize(
         std: "unbiased" (torch.std, verl and TRL), "population", or None (no division).
         scale: "group" (std of the sample's group), "batch" (std of all N scores), "none".
         singleton: "verl" (mean 0, std 1) or "zero" (advantage 0) for a group of one.
-        response_mask: optional ``[N, T]``; then the result is broadcast to tokens.
+        response_mask: optional ``[N, T]`` bool/int/float, or packed ``[total]`` with
+            ``cu_seqlens``; then the result is broadcast to tokens (value * mask, as verl).
+        cu_seqlens: int32 ``[N + 1]``: sample i's tokens are ``response_mask[cu[i]:cu[i + 1]]``.
 
     Returns:
-        ``[N]`` float32 (float64 for float64 scores), or ``[N, T]`` with ``response_mask``.
+        ``[N]`` float32 (float64 for float64 scores), or response_mask's shape (``[N, T]`` or
+        ``[total]``) with ``response_mask``.
     """
     _check_choice("group_normalize", "std", std, _STD_MODES)
     _check_choice("group_normalize", "scale", scale, _SCALES)
     _check_choice("group_normalize", "singleton", singleton, _SINGLETONS)
     _check_advantages("group_normalize", "scores", {"scores": (scores, "float")}, floats={"eps": eps})
-    inverse = _outcome_args("group_normalize", scores, group_ids, response_mask)
-    out = _group_normalize_op(scores, inverse, float(eps), std or "none", scale, singleton)
-    return _to_tokens(out, response_mask)
+    inverse = _outcome_args("group_normalize", scores, group_ids, response_mask, cu_seqlens)
+    return _group_normalize_op(scores, inverse, response_mask, cu_seqlens, float(eps), std or "none", scale, singleton)
 
 
 def grpo(scores: Tensor, group_ids, response_mask: Tensor | None = None, *, eps: float = 1e-6,
-         norm_by_std: bool = True) -> Tensor:
+         norm_by_std: bool = True, cu_seqlens: Tensor | None = None) -> Tensor:
     """verl's GRPO outcome advantage (``grpo`` and ``grpo_vectorized``; Dr.GRPO with
-    ``norm_by_std=False``, verl's ``norm_adv_by_std_in_grpo``). See ``group_normalize``.
+    ``norm_by_std=False``, verl's ``norm_adv_by_std_in_grpo``). See ``group_normalize``
+    (``response_mask`` ``[N, T]``, or packed ``[total]`` with ``cu_seqlens`` ``[N + 1]``).
 
     Returns:
-        ``[N]`` float32, or ``[N, T]`` (``scores[:, None] * response_mask``) with a mask.
+        ``[N]`` float32, or ``scores[:, None] * response_mask`` (``[N, T]`` or packed ``[total]``).
     """
     return group_normalize(scores, group_ids, eps=eps, std="unbiased" if norm_by_std else None,
-                           response_mask=response_mask)
+                           response_mask=response_mask, cu_seqlens=cu_seqlens)
 
 
 @torch.library.custom_op("rlkern::advantages_group_baseline", mutates_args=())
@@ -704,7 +829,8 @@ def _(scores, inverse, weights, mode, param):
     return scores.new_empty(scores.shape, dtype=_out_dtype(scores))
 
 
-def rloo(scores: Tensor, group_ids, response_mask: Tensor | None = None, *, singleton: str = "raw") -> Tensor:
+def rloo(scores: Tensor, group_ids, response_mask: Tensor | None = None, *, singleton: str = "raw",
+         cu_seqlens: Tensor | None = None) -> Tensor:
     """RLOO (Ahmadian et al. 2024): leave-one-out baseline, ``n / (n - 1) * (s - mean_group)``.
 
     verl's two estimators disagree on a group of one: ``rloo`` keeps its raw score
@@ -712,91 +838,111 @@ def rloo(scores: Tensor, group_ids, response_mask: Tensor | None = None, *, sing
 
     Args:
         scores: ``[N]`` float.  group_ids: see ``group_normalize``.
-        response_mask: optional ``[N, T]`` (broadcast to tokens).
+        response_mask: optional ``[N, T]``, or packed ``[total]`` with ``cu_seqlens`` ``[N + 1]``
+            (broadcast to tokens).
         singleton: "raw" or "zero".
 
     Returns:
-        ``[N]`` float32, or ``[N, T]`` with ``response_mask``.
+        ``[N]`` float32, or response_mask's shape with ``response_mask``.
     """
     _check_choice("rloo", "singleton", singleton, ("raw", "zero"))
-    inverse = _outcome_args("rloo", scores, group_ids, response_mask)
-    return _to_tokens(_group_baseline_op(scores, inverse, None, f"rloo_{singleton}", 0.0), response_mask)
+    inverse = _outcome_args("rloo", scores, group_ids, response_mask, cu_seqlens)
+    return _to_tokens(_group_baseline_op(scores, inverse, None, f"rloo_{singleton}", 0.0), response_mask, cu_seqlens)
 
 
-def opo(scores: Tensor, group_ids, response_mask: Tensor) -> Tensor:
+def opo(scores: Tensor, group_ids, response_mask: Tensor, *, cu_seqlens: Tensor | None = None) -> Tensor:
     """OPO (Hao et al. 2025, arXiv:2505.23585; verl ``opo``): length-weighted group baseline
     ``b = sum(len_i * s_i) / sum(len_i)`` with ``len_i = response_mask[i].sum()``; 0 for a
     group of one.
 
     Args:
         scores: ``[N]`` float.  group_ids: see ``group_normalize``.
-        response_mask: ``[N, T]`` (gives the lengths; the result is broadcast to tokens).
+        response_mask: ``[N, T]``, or packed ``[total]`` with ``cu_seqlens`` ``[N + 1]`` (gives
+            the lengths; the result is broadcast to tokens).
 
     Returns:
-        ``[N, T]`` float32: ``(s - b)[:, None] * response_mask``.
+        response_mask's shape, float32: ``(s - b)[:, None] * response_mask``.
     """
     if response_mask is None:
         raise ValueError("opo: response_mask is required (it gives the response lengths)")
-    inverse = _outcome_args("opo", scores, group_ids, response_mask)
-    lengths = (response_mask != 0).sum(-1) if response_mask.dtype == torch.bool else response_mask.sum(-1)
-    return _to_tokens(_group_baseline_op(scores, inverse, lengths.to(_F64), "weighted", 0.0), response_mask)
+    inverse = _outcome_args("opo", scores, group_ids, response_mask, cu_seqlens)
+    lengths = _lengths(response_mask, cu_seqlens)
+    return _to_tokens(_group_baseline_op(scores, inverse, lengths, "weighted", 0.0), response_mask, cu_seqlens)
 
 
-def gpg(scores: Tensor, group_ids, response_mask: Tensor | None = None, *, f_norm: float = 1.0) -> Tensor:
+def gpg(scores: Tensor, group_ids, response_mask: Tensor | None = None, *, f_norm: float = 1.0,
+        cu_seqlens: Tensor | None = None) -> Tensor:
     """GPG (verl ``gpg``): ``alpha * (s - mean_group) / f_norm`` with ``alpha = N / max(#{s != 0}, 1)``
     and mean 0 for a group of one. verl's ``alpha`` argument is ignored by verl itself, so
-    rlkern has none. Default ``f_norm=1.0`` as verl.
+    rlkern has none. Default ``f_norm=1.0`` as verl. ``response_mask``: optional ``[N, T]``, or
+    packed ``[total]`` with ``cu_seqlens`` ``[N + 1]``.
 
     Returns:
-        ``[N]`` float32, or ``[N, T]`` with ``response_mask``.
+        ``[N]`` float32, or response_mask's shape with ``response_mask``.
     """
     _check_advantages("gpg", "scores", {"scores": (scores, "float")}, floats={"f_norm": f_norm})
-    inverse = _outcome_args("gpg", scores, group_ids, response_mask)
-    return _to_tokens(_group_baseline_op(scores, inverse, None, "gpg", float(f_norm)), response_mask)
+    inverse = _outcome_args("gpg", scores, group_ids, response_mask, cu_seqlens)
+    return _to_tokens(_group_baseline_op(scores, inverse, None, "gpg", float(f_norm)), response_mask, cu_seqlens)
 
 
-def reinforce_pp_baseline(scores: Tensor, group_ids, response_mask: Tensor) -> Tensor:
+def reinforce_pp_baseline(scores: Tensor, group_ids, response_mask: Tensor, *,
+                          cu_seqlens: Tensor | None = None) -> Tensor:
     """REINFORCE++-baseline (verl ``reinforce_plus_plus_baseline``): ``s - mean_group`` (0 mean
     for a group of one) broadcast to tokens, whitened over the batch's valid tokens, times mask.
+    ``response_mask``: ``[N, T]``, or packed ``[total]`` with ``cu_seqlens`` ``[N + 1]``.
 
     Returns:
-        ``[N, T]`` float32.
+        response_mask's shape, float32.
     """
     if response_mask is None:
         raise ValueError("reinforce_pp_baseline: response_mask is required")
-    inverse = _outcome_args("reinforce_pp_baseline", scores, group_ids, response_mask)
-    tokens = outcome_to_tokens(_group_baseline_op(scores, inverse, None, "mean", 0.0), response_mask)
+    inverse = _outcome_args("reinforce_pp_baseline", scores, group_ids, response_mask, cu_seqlens)
+    tokens = _broadcast(_group_baseline_op(scores, inverse, None, "mean", 0.0), response_mask, cu_seqlens)
     return masked_whiten(tokens, response_mask) * response_mask.to(tokens.dtype)
 
 
-def remax(rewards: Tensor, reward_baselines: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
+def remax(rewards: Tensor, reward_baselines: Tensor, response_mask: Tensor, *,
+          cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """ReMax (Li et al. 2023; verl ``remax``): ``returns_t = sum_{u >= t} r_u * mask_u`` and
     ``advantages = returns - baseline * mask``, with the greedy rollout's score as baseline.
 
     Args:
-        rewards: ``[B, T]`` float.  reward_baselines: ``[B]`` float.  response_mask: ``[B, T]``.
+        rewards: ``[B, T]`` float (or packed ``[total]`` with ``cu_seqlens``).
+        reward_baselines: ``[B]`` float.
+        response_mask: rewards' shape, bool/int/float.
+        cu_seqlens: int32 ``[B + 1]`` for the packed layout (sums run within each sequence).
 
     Returns:
-        ``(advantages, returns)``, ``[B, T]`` float32 (verl's numbers at every position).
+        ``(advantages, returns)`` of rewards' shape, float32 (verl's numbers at every position).
     """
     _check_advantages("remax", "rewards", {"rewards": (rewards, "float"), "response_mask": (response_mask, "mask")},
                       shape=tuple(rewards.shape) if isinstance(rewards, Tensor) else None)
+    _packed_check("remax", rewards, cu_seqlens)
+    batch = rewards.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     _check_advantages("remax", "rewards", {"rewards": (rewards, "float"),
                                            "reward_baselines": (reward_baselines, "float")},
-                      shape={"reward_baselines": rewards.shape[:1]})
-    return _remax_op(rewards, reward_baselines, response_mask)
+                      shape={"reward_baselines": (batch,)})
+    return _remax_op(rewards, reward_baselines, response_mask, cu_seqlens)
 
 
 @torch.library.custom_op("rlkern::advantages_remax", mutates_args=())
-def _remax_op(rewards: Tensor, reward_baselines: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def _remax_op(rewards: Tensor, reward_baselines: Tensor, mask: Tensor,
+              cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
     dtype = _out_dtype(rewards)
     m = mask.to(dtype)
-    returns = (rewards.to(_F64) * m).flip(-1).cumsum(-1).flip(-1).to(dtype)
-    return returns - reward_baselines.to(dtype)[:, None] * m, returns
+    y = rewards.to(_F64) * m
+    if cu_seqlens is None:
+        returns = y.flip(-1).cumsum(-1).flip(-1).to(dtype)
+        return returns - reward_baselines.to(dtype)[:, None] * m, returns
+    # packed: the batch-wide suffix sum at t minus the one just past t's sequence (float64)
+    segments = _segment_ids(cu_seqlens, y.shape[0])
+    suffix = torch.cat([y.flip(0).cumsum(0).flip(0), y.new_zeros(1)])
+    returns = (suffix[:-1] - suffix[cu_seqlens[1:].long()][segments]).to(dtype)
+    return returns - reward_baselines.to(dtype)[segments] * m, returns
 
 
 @_remax_op.register_fake
-def _(rewards, reward_baselines, mask):
+def _(rewards, reward_baselines, mask, cu_seqlens):
     dtype = _out_dtype(rewards)
     return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)
 
@@ -829,20 +975,21 @@ def _(scores, inverse, eps, norm_by_std):
 
 
 def grpo_passk(scores: Tensor, group_ids, response_mask: Tensor | None = None, *, eps: float = 1e-6,
-               norm_by_std: bool = True) -> Tensor:
+               norm_by_std: bool = True, cu_seqlens: Tensor | None = None) -> Tensor:
     """Pass@k GRPO (Chen et al. 2025, arXiv:2503.19595; verl ``grpo_passk``): only each group's
     best sample gets ``(max - second max) / (std + eps)`` (unbiased std; no division with
     ``norm_by_std=False``), every other sample 0. Ties for the best give 0.
 
     verl reads ``norm_adv_by_std_in_grpo`` from its ``config`` only; rlkern takes it here.
-    A group of one raises ValueError on CPU (as verl) and gives NaN on GPU.
+    A group of one raises ValueError on CPU (as verl) and gives NaN on GPU. ``response_mask``:
+    optional ``[N, T]``, or packed ``[total]`` with ``cu_seqlens`` ``[N + 1]``.
 
     Returns:
-        ``[N]`` float32, or ``[N, T]`` with ``response_mask``.
+        ``[N]`` float32, or response_mask's shape with ``response_mask``.
     """
     _check_advantages("grpo_passk", "scores", {"scores": (scores, "float")}, floats={"eps": eps})
-    inverse = _outcome_args("grpo_passk", scores, group_ids, response_mask)
-    return _to_tokens(_passk_op(scores, inverse, float(eps), bool(norm_by_std)), response_mask)
+    inverse = _outcome_args("grpo_passk", scores, group_ids, response_mask, cu_seqlens)
+    return _to_tokens(_passk_op(scores, inverse, float(eps), bool(norm_by_std)), response_mask, cu_seqlens)
 
 
 @torch.library.custom_op("rlkern::advantages_bnpo", mutates_args=())
@@ -879,7 +1026,7 @@ def _(scores, inverse, min_value, max_value):
 
 
 def bnpo(scores: Tensor, group_ids, response_mask: Tensor | None = None, *, min_value: float = 0.0,
-         max_value: float = 1.0) -> Tensor:
+         max_value: float = 1.0, cu_seqlens: Tensor | None = None) -> Tensor:
     """BNPO (Xiao et al. 2025, "BNPO: Beta Normalization Policy Optimization", arXiv:2506.02864),
     as in the authors' verl recipe (``compute_bnpo_outcome_advantage``):
 
@@ -892,20 +1039,21 @@ def bnpo(scores: Tensor, group_ids, response_mask: Tensor | None = None, *, min_
 
     When every group has the same success rate (var = 0) the fit is undefined (the authors'
     code gives NaN); rlkern uses weight 1 there. Success rates outside [0, 1] raise on CPU.
+    ``response_mask``: optional ``[N, T]``, or packed ``[total]`` with ``cu_seqlens`` ``[N + 1]``.
 
     Returns:
-        ``[N]`` float32, or ``[N, T]`` with ``response_mask``.
+        ``[N]`` float32, or response_mask's shape with ``response_mask``.
     """
     _check_advantages("bnpo", "scores", {"scores": (scores, "float")},
                       floats={"min_value": min_value, "max_value": max_value})
     if not max_value > min_value:
         raise ValueError(f"bnpo: max_value must exceed min_value, got {min_value} and {max_value}")
-    inverse = _outcome_args("bnpo", scores, group_ids, response_mask)
-    return _to_tokens(_bnpo_op(scores, inverse, float(min_value), float(max_value)), response_mask)
+    inverse = _outcome_args("bnpo", scores, group_ids, response_mask, cu_seqlens)
+    return _to_tokens(_bnpo_op(scores, inverse, float(min_value), float(max_value)), response_mask, cu_seqlens)
 
 
 def gdpo(scores: Tensor, group_ids, response_mask: Tensor, *, weights=None, eps: float = 1e-6,
-         norm_by_std: bool = True) -> Tensor:
+         norm_by_std: bool = True, cu_seqlens: Tensor | None = None) -> Tensor:
     """GDPO (arXiv:2601.05242; verl ``gdpo``): GRPO-normalize each reward component within its
     group separately, sum them with ``weights``, whiten over the batch's valid tokens.
 
@@ -913,12 +1061,13 @@ def gdpo(scores: Tensor, group_ids, response_mask: Tensor, *, weights=None, eps:
 
     Args:
         scores: ``[N]`` or ``[N, K]`` float, K reward components (verl's ``gdpo_reward_keys``).
-        group_ids: see ``group_normalize``.  response_mask: ``[N, T]``.
+        group_ids: see ``group_normalize``.
+        response_mask: ``[N, T]``, or packed ``[total]`` with ``cu_seqlens`` ``[N + 1]``.
         weights: K floats (verl's ``gdpo_reward_weights``), default all 1.
         eps, norm_by_std: as in ``grpo``.
 
     Returns:
-        ``[N, T]`` float32.
+        response_mask's shape, float32.
     """
     if response_mask is None:
         raise ValueError("gdpo: response_mask is required")
@@ -930,18 +1079,18 @@ def gdpo(scores: Tensor, group_ids, response_mask: Tensor, *, weights=None, eps:
     weights = [1.0] * k if weights is None else [float(w) for w in weights]
     if len(weights) != k:
         raise ValueError(f"gdpo: weights must have {k} entries (one per reward component), got {len(weights)}")
-    inverse = _outcome_args("gdpo", columns[:, 0], group_ids, response_mask)
+    inverse = _outcome_args("gdpo", columns[:, 0], group_ids, response_mask, cu_seqlens)
     total = None
     for j in range(k):
-        part = _group_normalize_op(columns[:, j].contiguous(), inverse, float(eps),
+        part = _group_normalize_op(columns[:, j].contiguous(), inverse, None, None, float(eps),
                                    "unbiased" if norm_by_std else "none", "group", "verl")
         total = weights[j] * part if total is None else total + weights[j] * part
-    tokens = outcome_to_tokens(total, response_mask)
+    tokens = _broadcast(total, response_mask, cu_seqlens)
     return masked_whiten(tokens, response_mask) * response_mask.to(tokens.dtype)
 
 
 def gigpo_step_groups(step_returns: Tensor, anchor_keys, group_ids, response_mask: Tensor | None = None, *,
-                      eps: float = 1e-6, norm_by_std: bool = False) -> Tensor:
+                      eps: float = 1e-6, norm_by_std: bool = False, cu_seqlens: Tensor | None = None) -> Tensor:
     """GiGPO step-level relative advantage (Feng et al. 2025, arXiv:2505.10978, Eq. 6-7).
 
     Steps of the same episode group (``group_ids``) that start from the same anchor state
@@ -954,19 +1103,20 @@ def gigpo_step_groups(step_returns: Tensor, anchor_keys, group_ids, response_mas
         step_returns: ``[S]`` float, discounted return of each step.
         anchor_keys: ``[S]`` anchor-state keys (str / int forms of ``group_ids``).
         group_ids: ``[S]`` episode-group ids (the prompt uid).
-        response_mask: optional ``[S, T]`` (broadcast to tokens).
+        response_mask: optional ``[S, T]``, or packed ``[total]`` with ``cu_seqlens`` ``[S + 1]``
+            (broadcast to tokens).
 
     Returns:
-        ``[S]`` float32, or ``[S, T]`` with ``response_mask``.
+        ``[S]`` float32, or response_mask's shape with ``response_mask``.
     """
     _check_advantages("gigpo_step_groups", "step_returns", {"step_returns": (step_returns, "float")},
                       floats={"eps": eps})
     n = step_returns.shape[0] if step_returns.ndim == 1 else -1
-    episode = _outcome_args("gigpo_step_groups", step_returns, group_ids, response_mask)
+    episode = _outcome_args("gigpo_step_groups", step_returns, group_ids, response_mask, cu_seqlens)
     anchor = group_index(anchor_keys, n=n, device=step_returns.device)
     inverse = group_index(episode * max(n, 1) + anchor)
-    out = _group_normalize_op(step_returns, inverse, float(eps), "unbiased" if norm_by_std else "none", "group", "zero")
-    return _to_tokens(out, response_mask)
+    return _group_normalize_op(step_returns, inverse, response_mask, cu_seqlens, float(eps),
+                               "unbiased" if norm_by_std else "none", "group", "zero")
 
 
 @torch.library.custom_op("rlkern::advantages_optimal_token_baseline", mutates_args=())

@@ -6,7 +6,8 @@ hashable labels; the reference groups them with a dict, which is what the kernel
 
 Recurrences (valid t: mask[t] != 0; a masked position leaves every carried quantity as is):
 
-    GAE (verl's compute_gae_advantage_return), right to left, next_value = bootstrap or 0:
+    GAE (verl's compute_gae_advantage_return), right to left, next_value = bootstrap or 0
+    (``egae`` below writes T-PPO's EGAE out as the paper's truncated sum instead):
         delta_t  = r_t + gamma * next_value - v_t
         A_t      = delta_t + gamma * lam * A_{next valid}
         next_value = v_t;   R_t = A_t + v_t;   A_t = R_t = 0 at masked t
@@ -47,6 +48,36 @@ def gae(rewards, values, mask, gamma, lam, bootstrap=None):
             adv[b][t] = last
             ret[b][t] = last + v[b][t]
     return torch.tensor(adv, dtype=_F64).reshape(batch, steps), torch.tensor(ret, dtype=_F64).reshape(batch, steps)
+
+
+def egae(rewards, values, mask, truncated, gamma, lam, bootstrap=None):
+    """T-PPO's EGAE (arXiv:2506.15050) as a truncated sum of TD residuals, not a recurrence.
+
+    With j_0 < ... < j_{l-1} the valid positions of a row:
+        delta_i = r_{j_i} + gamma * V_next - v_{j_i},  V_next = v_{j_{i+1}} for i < l - 1, and for
+                  the last token V(s_l) := v_{j_{l-1}} if the row is truncated (bootstrap[b] when
+                  given), 0 if it finished
+        A_{j_i} = sum_{k=0}^{l-1-i} (gamma * lam)^k * delta_{i+k}
+    Returns ``(advantages, returns)`` [B, T] float64, ``returns = A + v``, 0 at masked positions.
+    """
+    r, v, m = rewards.to(_F64).tolist(), values.to(_F64).tolist(), _valid(mask).tolist()
+    batch, steps = rewards.shape
+    adv = torch.zeros(batch, steps, dtype=_F64)
+    ret = torch.zeros(batch, steps, dtype=_F64)
+    for b in range(batch):
+        pos = [t for t in range(steps) if m[b][t]]
+        if not pos:
+            continue
+        if not truncated[b]:
+            v_end = 0.0
+        else:
+            v_end = float(bootstrap[b]) if bootstrap is not None else v[b][pos[-1]]
+        v_next = [v[b][t] for t in pos[1:]] + [v_end]
+        delta = [r[b][t] + gamma * nxt - v[b][t] for t, nxt in zip(pos, v_next)]
+        for i, t in enumerate(pos):
+            adv[b, t] = sum((gamma * lam) ** k * delta[i + k] for k in range(len(pos) - i))
+            ret[b, t] = adv[b, t] + v[b][t]
+    return adv, ret
 
 
 def discounted_returns(rewards, mask, gamma):
