@@ -9,7 +9,8 @@ the whole forest. Rewards are 0/1 (verifiable rewards).
 
 Implementations:
 - rlkern: ``tree_advantages(..., return_values=True)``, values and advantages from one pass (C++
-  on CPU, Triton on CUDA); "rlkern 2 calls": ``tree_values`` then ``tree_advantages``;
+  on CPU, Triton on CUDA); "rlkern 2 calls": ``tree_values`` then ``tree_advantages``; on CUDA
+  also "rlkern max_depth": the same call given the forest's depth bound (12), without host sync;
 - eager: the same level-synchronous passes written with PyTorch ops (pointer doubling for the
   depth, one stable sort, index_add per level) -- what a careful user writes without a kernel;
 - python: a clear per-node Python loop over lists (children lists, breadth-first order, one
@@ -32,7 +33,10 @@ import rlkern.trees as trees
 from rlkern.benches import common
 
 
-def random_forest(num_trees: int, nodes_per_tree: int, seed: int = 0, max_depth: int = 12) -> torch.Tensor:
+MAX_DEPTH = 12  # depth cap of random_forest's trees
+
+
+def random_forest(num_trees: int, nodes_per_tree: int, seed: int = 0, max_depth: int = MAX_DEPTH) -> torch.Tensor:
     """parent [num_trees * nodes_per_tree] int64, shuffled."""
     g = torch.Generator().manual_seed(seed)
     t, n = num_trees, nodes_per_tree
@@ -139,6 +143,9 @@ def run(device: torch.device, num_trees: int, nodes_per_tree: int, rounds: int =
                 "rlkern 2 calls": lambda method=method, mode=mode: (trees.tree_values(parent, reward, mode),
                                                                     trees.tree_advantages(parent, reward, method)),
             }
+            if device.type == "cuda":
+                fns["rlkern max_depth"] = lambda method=method: trees.tree_advantages(
+                    parent, reward, method, return_values=True, max_depth=MAX_DEPTH)
             if method == "spo_rloo":
                 fns["eager"] = lambda: eager_spo(parent, reward)
             add(f"{method} values + advantages", timed(fns, rounds), io_values + io_adv)

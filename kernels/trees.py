@@ -6,8 +6,15 @@ twin); rlkern.ops.trees documents the papers.
 Layout: nodes are sorted once by (depth, parent index), stably, so every level is a contiguous
 range of positions and the children of a node are a contiguous range of the next level, in
 increasing node index (the reference's summation order). Depth and root come from pointer
-doubling (ceil(log2 M) + 1 gathers, no host sync); the level offsets are then read on the host
-(a sync per call: the number of levels decides how many launches follow).
+doubling (ceil(log2 M) + 1 gathers), the level offsets from a count per depth and a cumsum: all
+on the device, nothing read back. Each launch handles one level: its bounds are loaded from the
+offsets on the device, and a fixed grid (a few programs per SM, whatever the level's size)
+strides over it. The host only needs the number of levels, which decides how many launches
+follow: ``max_depth + 1`` when the caller gives ``max_depth`` (no host sync at all: the call can
+be captured in a CUDA graph), else the deepest level is read back once per call (one sync).
+Nodes deeper than ``max_depth`` are never visited: they and every node of their tree (whose
+values depend on theirs) get NaN values and advantages (roots keep A = 0); ``keep`` is False for
+the unvisited ones.
 
 Kernels, one launch per level:
 - bottom-up (deepest level first): a segmented reduction over each node's children range --
@@ -20,11 +27,12 @@ outputs float32 (float64 for float64 rewards). Nodes whose parent chain does not
 (only possible when validation is off) get NaN.
 
 Not done (yet): a single persistent launch over all levels (the per-level launches cost ~5 us
-each, ~12 levels in practice), and CUDA-graph capture (needs the level count without a sync).
+each, ~12 levels in practice; a grid-wide barrier between levels is needed).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -35,7 +43,7 @@ _BLOCK = 128
 _METHODS = {"spo_rloo": 0, "spo_grpo": 1, "treerl": 2, "treepo": 3}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["level"])
 def _bottom_up_kernel(
     value,  # (M,) float64, by position
     leaf_sum,  # (M,) float64
@@ -44,15 +52,25 @@ def _bottom_up_kernel(
     reward_pos,  # (M,) float64, reward by position
     first_child,  # (M,) int64
     num_children,  # (M,) int64
-    level_start,  # first position of the level
-    level_size,  # positions in the level
+    levels,  # (M + 2,) int64: level d occupies positions [levels[d], levels[d + 1])
+    level,  # d, the level this launch handles
     MEAN_LEAVES: tl.constexpr,
     WITH_STD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < level_size
-    q = level_start + offs
+    lo = tl.load(levels + level)
+    hi = tl.load(levels + level + 1)
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    for block_start in range(lo + tl.program_id(0).to(tl.int64) * BLOCK, hi, step):
+        _bottom_up_block(value, leaf_sum, leaf_count, spread, reward_pos, first_child, num_children,
+                         block_start + tl.arange(0, BLOCK), hi, MEAN_LEAVES, WITH_STD, BLOCK)
+
+
+@triton.jit
+def _bottom_up_block(value, leaf_sum, leaf_count, spread, reward_pos, first_child, num_children, q, hi,
+                     MEAN_LEAVES: tl.constexpr, WITH_STD: tl.constexpr, BLOCK: tl.constexpr):
+    # q: (BLOCK,) int64 positions of the level, valid below hi (its end); the rest as in the kernel
+    mask = q < hi
     k = tl.load(num_children + q, mask=mask, other=0)
     f = tl.load(first_child + q, mask=mask, other=0)
     r = tl.load(reward_pos + q, mask=mask, other=0.0)
@@ -92,7 +110,7 @@ def _bottom_up_kernel(
         tl.store(spread + q, tl.sqrt(ss / kf), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["level"])
 def _top_down_kernel(
     adv,  # (M,) float64 by position
     keep,  # (M,) int8 by position
@@ -105,17 +123,29 @@ def _top_down_kernel(
     num_children,  # (M,) int64
     carry_a,  # (M,) float64: TreeRL root value / TreePO subgroup-mean sum, carried down
     carry_b,  # (M,) float64: TreePO subgroup weight sum
-    level_start,
-    level_size,
+    levels,  # (M + 2,) int64, as in _bottom_up_kernel
+    level,
     epsilon,  # SPO grpo: added to the std
     METHOD: tl.constexpr,  # 0 spo_rloo, 1 spo_grpo, 2 treerl, 3 treepo
     LEAF_RLOO: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < level_size
-    q = level_start + offs
+    lo = tl.load(levels + level)
+    hi = tl.load(levels + level + 1)
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    for block_start in range(lo + tl.program_id(0).to(tl.int64) * BLOCK, hi, step):
+        _top_down_block(adv, keep, value, leaf_sum, leaf_count, spread, reward_pos, parent_pos, num_children,
+                        carry_a, carry_b, block_start + tl.arange(0, BLOCK), hi, epsilon, METHOD, LEAF_RLOO,
+                        GROUP_SIZE, BLOCK)
+
+
+@triton.jit
+def _top_down_block(adv, keep, value, leaf_sum, leaf_count, spread, reward_pos, parent_pos, num_children, carry_a,
+                    carry_b, q, hi, epsilon, METHOD: tl.constexpr, LEAF_RLOO: tl.constexpr,
+                    GROUP_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    # q: (BLOCK,) int64 positions of the level, valid below hi (its end); the rest as in the kernel
+    mask = q < hi
     p = tl.load(parent_pos + q, mask=mask, other=-1)
     root = p < 0
     pc = tl.where(root, 0, p)
@@ -163,9 +193,11 @@ def _top_down_kernel(
 
 
 class _Structure:
-    """Positions sorted by (depth, parent): levels and children ranges contiguous."""
+    """Positions sorted by (depth, parent): levels and children ranges contiguous, built on the
+    device. ``num_levels`` is ``max_depth + 1`` when given (nothing read back), else the depth of
+    the deepest node + 1, read back (the one host sync)."""
 
-    def __init__(self, parent: torch.Tensor):  # (M,) int64
+    def __init__(self, parent: torch.Tensor, max_depth: int | None):  # parent (M,) int64
         m = parent.numel()
         device = parent.device
         idx = torch.arange(m, device=device)
@@ -174,8 +206,8 @@ class _Structure:
         for _ in range(math.ceil(math.log2(max(m, 2))) + 1):
             dist = dist + dist[up]
             up = up[up]
-        self.reached = parent[up] == -1 if m else torch.zeros(0, dtype=torch.bool, device=device)
-        depth = torch.where(self.reached, dist, m)  # nodes off a cycle sort last, out of every level
+        reached = parent[up] == -1 if m else torch.zeros(0, dtype=torch.bool, device=device)
+        depth = torch.where(reached, dist, m)  # nodes off a cycle sort last, out of every level
         order = torch.argsort(depth * (m + 1) + (parent + 1), stable=True)
         pos = torch.empty_like(order)
         pos[order] = idx
@@ -188,41 +220,53 @@ class _Structure:
         self.num_children = torch.zeros(m, dtype=torch.int64, device=device).index_add_(0, target, ones)
         self.first_child = torch.full((m,), m, dtype=torch.int64, device=device).scatter_reduce_(
             0, target, torch.where(has_parent, idx, m), "amin")
-        if m:
-            counts = torch.bincount(torch.where(self.reached, depth, 0), weights=self.reached.to(torch.float64))
+        # levels[d]: first position of depth d, for every depth a forest of M nodes can have (and
+        # one past the end); nodes off a cycle are counted in no level.
+        per_depth = torch.zeros(m + 1, dtype=torch.int64, device=device).index_add_(0, depth, reached.to(torch.int64))
+        self.levels = torch.cat([per_depth.new_zeros(1), torch.cumsum(per_depth, 0)])
+        if m == 0:
+            self.num_levels = 0
+        elif max_depth is None:
+            self.num_levels = int(torch.where(reached, depth, 0).max()) + 1  # read back: the one host sync
         else:
-            counts = torch.zeros(1, dtype=torch.float64, device=device)
-        self.levels = [0] + [int(c) for c in torch.cumsum(counts, 0).tolist()]  # read on the host: a sync
+            self.num_levels = min(max_depth, m - 1) + 1
+        # positions the launches visit: reached, and no deeper than max_depth
+        self.visited = idx < self.levels[self.num_levels]
         self.m = m
 
-    def level_ranges(self):
-        return [(self.levels[d], self.levels[d + 1] - self.levels[d]) for d in range(len(self.levels) - 1)]
+
+def _grid(st: _Structure, device: torch.device):
+    return (max(1, min(triton.cdiv(st.m, _BLOCK), _max_programs(device))),)
 
 
-def _grid(size):
-    return (triton.cdiv(max(size, 1), _BLOCK),)
+@functools.cache
+def _max_programs(device: torch.device) -> int:
+    """A few programs per SM: every level is strided over by the same grid."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter runs programs one after another
 
 
 def _bottom_up(st: _Structure, reward: torch.Tensor, mean_leaves: bool, with_std: bool):
     m = st.m
     dev = reward.device
     reward_pos = reward.to(torch.float64)[st.order]
-    value = torch.empty(m, dtype=torch.float64, device=dev)
-    leaf_sum = torch.empty(m, dtype=torch.float64, device=dev)
-    leaf_count = torch.empty(m, dtype=torch.int64, device=dev)
+    # NaN where no launch writes (nodes deeper than max_depth): their ancestors' values become NaN
+    value = torch.full((m,), math.nan, dtype=torch.float64, device=dev)
+    leaf_sum = torch.full((m,), math.nan, dtype=torch.float64, device=dev)
+    leaf_count = torch.ones(m, dtype=torch.int64, device=dev)
     spread = torch.empty(m, dtype=torch.float64, device=dev)
-    for start, size in reversed(st.level_ranges()):
-        if size:
-            _bottom_up_kernel[_grid(size)](value, leaf_sum, leaf_count, spread, reward_pos, st.first_child,
-                                           st.num_children, start, size, MEAN_LEAVES=mean_leaves, WITH_STD=with_std,
-                                           BLOCK=_BLOCK)
+    grid = _grid(st, dev)
+    for level in reversed(range(st.num_levels)):
+        _bottom_up_kernel[grid](value, leaf_sum, leaf_count, spread, reward_pos, st.first_child, st.num_children,
+                                st.levels, level, MEAN_LEAVES=mean_leaves, WITH_STD=with_std, BLOCK=_BLOCK)
     return reward_pos, value, leaf_sum, leaf_count, spread
 
 
 def _to_nodes(st: _Structure, by_position: torch.Tensor, dtype, fill):
-    out = torch.full((st.m,), fill, dtype=dtype, device=by_position.device)
-    out[st.order] = torch.where(st.reached[st.order], by_position.to(dtype), torch.full((), fill, dtype=dtype,
-                                                                                          device=by_position.device))
+    out = torch.empty(st.m, dtype=dtype, device=by_position.device)
+    out[st.order] = torch.where(st.visited, by_position.to(dtype), torch.full((), fill, dtype=dtype,
+                                                                               device=by_position.device))
     return out
 
 
@@ -230,30 +274,33 @@ def _out_dtype(reward):
     return torch.float64 if reward.dtype == torch.float64 else torch.float32
 
 
-def tree_values(parent: torch.Tensor, reward: torch.Tensor, mode: str) -> torch.Tensor:
-    """(M,) values; parent (M,) int64, reward (M,) float, mode mean_children | mean_leaves."""
-    st = _Structure(parent)
+def tree_values(parent: torch.Tensor, reward: torch.Tensor, mode: str, max_depth: int | None = None) -> torch.Tensor:
+    """(M,) values; parent (M,) int64, reward (M,) float, mode mean_children | mean_leaves.
+    No host sync when max_depth is given (see the module docstring)."""
+    st = _Structure(parent, max_depth)
     _, value, *_ = _bottom_up(st, reward, mode == "mean_leaves", False)
     return _to_nodes(st, value, _out_dtype(reward), math.nan)
 
 
-def tree_advantages(parent, reward, method, leaf_rloo, group_size, whiten, leaf_weights, epsilon, with_values):
-    """((M,) advantages, (M,) keep, (M,) values or (0,)); as rlkern.ops.trees.tree_advantages."""
-    st = _Structure(parent)
+def tree_advantages(parent, reward, method, leaf_rloo, group_size, whiten, leaf_weights, epsilon, with_values,
+                    max_depth=None):
+    """((M,) advantages, (M,) keep, (M,) values or (0,)); as rlkern.ops.trees.tree_advantages.
+    No host sync when max_depth is given (see the module docstring)."""
+    st = _Structure(parent, max_depth)
     code = _METHODS[method]
     reward_pos, value, leaf_sum, leaf_count, spread = _bottom_up(st, reward, code >= 2, code == 1)
     m = st.m
     dev = reward.device
     adv = torch.empty(m, dtype=torch.float64, device=dev)
-    keep = torch.empty(m, dtype=torch.int8, device=dev)
+    keep = torch.zeros(m, dtype=torch.int8, device=dev)
     carry_a = torch.empty(m, dtype=torch.float64, device=dev)
     carry_b = torch.empty(m, dtype=torch.float64, device=dev)
-    for start, size in st.level_ranges():
-        if size:
-            _top_down_kernel[_grid(size)](adv, keep, value, leaf_sum, leaf_count, spread, reward_pos, st.parent_pos,
-                                          st.num_children, carry_a, carry_b, start, size, float(epsilon), METHOD=code,
-                                          LEAF_RLOO=bool(leaf_rloo), GROUP_SIZE=bool(group_size), BLOCK=_BLOCK)
-    keep_b = keep.bool() & st.reached[st.order]
+    grid = _grid(st, dev)
+    for level in range(st.num_levels):
+        _top_down_kernel[grid](adv, keep, value, leaf_sum, leaf_count, spread, reward_pos, st.parent_pos,
+                               st.num_children, carry_a, carry_b, st.levels, level, float(epsilon), METHOD=code,
+                               LEAF_RLOO=bool(leaf_rloo), GROUP_SIZE=bool(group_size), BLOCK=_BLOCK)
+    keep_b = keep.bool() & st.visited
     if code == 3 and whiten:
         w = keep_b.to(torch.float64)
         if leaf_weights is not None:

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlkern.trees as trees
 from rlkern import _backend
@@ -175,6 +176,90 @@ def test_edge_forests(backend):
     assert trees.tree_values(empty, torch.zeros(0), "mean_leaves").shape == (0,)
     adv, keep = trees.tree_advantages(empty, torch.zeros(0), "treepo")
     assert adv.shape == (0,) and keep.shape == (0,)
+
+
+def _depths(parent):
+    depth = []
+    for i in range(len(parent)):
+        d, j = 0, int(parent[i])
+        while j != -1:
+            d, j = d + 1, int(parent[j])
+        depth.append(d)
+    return depth
+
+
+def test_max_depth(backend):
+    # chains make the forest 13 levels deep; a bound at the depth or above changes nothing
+    parent = random_forest(6, 5, 3, seed=13, single_nodes=1, chains=3)
+    reward = random_rewards(len(parent), seed=13, kind="normal")
+    depth = _depths(parent)
+    deepest = max(depth)
+    for bound in (deepest, deepest + 4):
+        torch.testing.assert_close(trees.tree_values(parent, reward, "mean_leaves", max_depth=bound),
+                                   trees.tree_values(parent, reward, "mean_leaves"))
+        for method in METHODS:
+            ours = trees.tree_advantages(parent, reward, method, return_values=True, max_depth=bound)
+            for x, y in zip(ours, trees.tree_advantages(parent, reward, method, return_values=True)):
+                torch.testing.assert_close(x, y)
+    for bound in (0, deepest - 1):
+        first = min(i for i, d in enumerate(depth) if d > bound)
+        match = rf"max_depth={bound} but node {first} is at depth {depth[first]}$"
+        with pytest.raises(ValueError, match=match):
+            trees.tree_values(parent, reward, max_depth=bound)
+        with pytest.raises(ValueError, match=match):
+            trees.tree_advantages(parent, reward, "treepo", max_depth=bound)
+    # structure errors come first
+    with pytest.raises(ValueError, match="does not lead to a root"):
+        trees.tree_values(torch.tensor([-1, 2, 1]), torch.zeros(3), max_depth=0)
+
+
+class _NoHostSync(TorchDispatchMode):
+    """Fails on every op that reads tensor values back to the host, or sizes its output by them."""
+
+    aten = torch.ops.aten
+    SYNCS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.bincount.default, aten.masked_select.default,
+             aten.unique_consecutive.default, aten._unique2.default, aten.repeat_interleave.Tensor}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCS:
+            raise AssertionError(f"host sync: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_triton_no_host_sync_with_max_depth(monkeypatch):
+    # The Triton path builds the forest's structure and runs every level without reading anything
+    # back when max_depth is given (what CUDA-graph capture needs); without it, it reads the
+    # number of levels once. Kernel entry points are called directly: the op layer's structure
+    # checks read values by design (on CPU tensors, and on CUDA with RLKERN_VALIDATE=1).
+    if not _backend.triton_interpreted():
+        pytest.skip("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    from rlkern.kernels import trees as triton_trees
+
+    parent = random_forest(4, 4, 3, seed=1, single_nodes=2, chains=1)
+    reward = random_rewards(len(parent), seed=1, kind="normal")
+    deepest = max(_depths(parent))
+    expected = {m: reference.tree_advantages(parent, reward, m, return_values=True) for m in METHODS}
+
+    def no_tolist(self):
+        raise AssertionError("host sync: tolist")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_tolist)
+    with _NoHostSync():
+        got = {m: triton_trees.tree_advantages(parent, reward, m, False, False, True, None, 1e-8, True, deepest + 2)
+               for m in METHODS}
+    with pytest.raises(AssertionError, match="host sync"), _NoHostSync():
+        triton_trees.tree_values(parent, reward, "mean_leaves")
+    monkeypatch.undo()
+    for method in METHODS:
+        adv, keep, values = got[method]
+        _assert_advantages(adv, keep, expected[method][0], expected[method][1], method)
+        torch.testing.assert_close(values.double(), expected[method][2], rtol=1e-6, atol=1e-6)
+    # A bound below the depth of a tree: without validation its nodes get NaN, the others are exact.
+    tree = torch.tensor([-1, 0, 1, -1, 3])  # depths 0 1 2 | 0 1
+    values = triton_trees.tree_values(tree, torch.tensor([9.0, 9.0, 0.5, 9.0, 0.25]), "mean_children", 1)
+    assert values[:3].isnan().all() and values[3:].tolist() == [0.25, 0.25]
+    adv, keep, _ = triton_trees.tree_advantages(tree, torch.ones(5), "treerl", False, False, True, None, 1e-8, False, 1)
+    assert adv[0] == 0 and adv[1:3].isnan().all() and not keep[2] and keep[4] and adv[4] == 0  # roots: A = 0
 
 
 def test_cpp_int64_positions():
@@ -348,6 +433,10 @@ def test_bad_arguments():
         trees.tree_advantages(parent, torch.zeros(3), "grpo")
     with pytest.raises(ValueError, match="subgroup_weighting must be one of"):
         trees.tree_advantages(parent, torch.zeros(3), "treepo", subgroup_weighting="size")
+    with pytest.raises(ValueError, match=r"max_depth must be >= 0 \(roots have depth 0\), got -1"):
+        trees.tree_values(parent, torch.zeros(3), max_depth=-1)
+    with pytest.raises(TypeError, match="max_depth must be an int or None, got float"):
+        trees.tree_advantages(parent, torch.zeros(3), max_depth=2.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,14 +591,17 @@ def test_broadcast_to_tokens():
 def test_opcheck():
     parent = random_forest(3, 4, 3, seed=9)
     reward = random_rewards(len(parent), seed=9, kind="normal")
-    torch.library.opcheck(torch.ops.rlkern.tree_values.default, (parent, reward, "mean_leaves"))
+    torch.library.opcheck(torch.ops.rlkern.tree_values.default, (parent, reward, "mean_leaves", None))
     for method in METHODS:
         for with_values in (False, True):
             torch.library.opcheck(torch.ops.rlkern.tree_advantages.default,
-                                  (parent, reward, method, False, "average", True, None, 1e-8, with_values))
+                                  (parent, reward, method, False, "average", True, None, 1e-8, with_values, None))
+    torch.library.opcheck(torch.ops.rlkern.tree_advantages.default,
+                          (parent, reward, "treerl", True, "average", True, None, 1e-8, True, 12))
     torch.library.opcheck(torch.ops.rlkern.trees_values.default, (parent, reward, 0))
+    torch.library.opcheck(torch.ops.rlkern.trees_values.default, (parent, reward, 1, 12))
     torch.library.opcheck(torch.ops.rlkern.trees_advantages.default,
-                          (parent, reward, 3, False, True, True, reward.abs(), 1e-8, True))
+                          (parent, reward, 3, False, True, True, reward.abs(), 1e-8, True, -1))
     logprobs, cu, _ = _packed([5, 9], seed=2)
     torch.library.opcheck(torch.ops.rlkern.spo_cutpoints.default, (logprobs, cu, 0.9, 2))
     starts = trees.spo_cutpoints(logprobs, cu)
@@ -522,7 +614,7 @@ def test_opcheck():
 
 def test_torch_compile_fullgraph():
     def step(parent, reward, logprobs, cu, cut_values, final):
-        adv, keep = trees.tree_advantages(parent, reward, "treerl")
+        adv, keep = trees.tree_advantages(parent, reward, "treerl", max_depth=8)
         values = trees.tree_values(parent, reward, "mean_children")
         starts = trees.spo_cutpoints(logprobs, cu)
         seg, mask = trees.segment_advantages(starts, cut_values, final, cu, logprobs=logprobs)
@@ -561,3 +653,28 @@ def test_cuda_matches_cpu(monkeypatch):
     monkeypatch.setenv("RLKERN_VALIDATE", "1")
     with pytest.raises(ValueError, match="node 2 does not lead to a root"):
         trees.tree_values(bad, torch.ones(4, device="cuda"))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_with_max_depth():
+    # With max_depth the CUDA path has no host sync: the whole call can be captured and replayed.
+    parent = random_forest(400, 8, 6, seed=22, single_nodes=5, chains=5).cuda()  # depth <= 12
+    reward = random_rewards(len(parent), seed=22).cuda()
+    expected = {m: trees.tree_advantages(parent, reward, m, return_values=True) for m in METHODS}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        for method in METHODS:
+            trees.tree_advantages(parent, reward, method, return_values=True, max_depth=12)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = {m: trees.tree_advantages(parent, reward, m, return_values=True, max_depth=12) for m in METHODS}
+    reward.copy_(random_rewards(len(parent), seed=23).cuda())  # replay reads the new rewards
+    graph.replay()
+    torch.cuda.synchronize()
+    for method in METHODS:
+        fresh = trees.tree_advantages(parent, reward, method, return_values=True)
+        for x, y in zip(captured[method], fresh):
+            torch.testing.assert_close(x, y)
+    assert not all(torch.equal(x, y) for x, y in zip(captured["treerl"], expected["treerl"]))

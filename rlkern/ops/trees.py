@@ -45,11 +45,12 @@ and the choice is named above; each formula is checked against a hand-computed e
 tests/test_trees.py.
 
 Backends: C++ on CPU tensors (breadth-first order built once per call, level-synchronous
-passes parallel within a level, O(M)); Triton on CUDA (the same passes as segmented
-reductions per level; the level offsets are read on the host, a sync per call); the float64 reference
-otherwise. A cycle, a parent out of range or a forest without a root raises ValueError naming
-the first offending node (on CUDA tensors only with ``RLKERN_VALIDATE=1``: otherwise nodes that
-do not reach a root get NaN).
+passes parallel within a level, O(M); keeps up to 256 MiB of scratch memory between calls);
+Triton on CUDA (the same passes as segmented reductions, one launch per level; the structure is
+built on the device, and the only host sync is reading the number of levels back, once per call,
+which ``max_depth=`` removes); the float64 reference otherwise. A cycle, a parent out of range
+or a forest without a root raises ValueError naming the first offending node (on CUDA tensors
+only with ``RLKERN_VALIDATE=1``: otherwise nodes that do not reach a root get NaN).
 """
 
 from __future__ import annotations
@@ -100,6 +101,15 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def _check_max_depth(max_depth) -> None:
+    if max_depth is None:
+        return
+    if not isinstance(max_depth, int) or isinstance(max_depth, bool):
+        raise TypeError(f"max_depth must be an int or None, got {type(max_depth).__name__}")
+    if max_depth < 0:
+        raise ValueError(f"max_depth must be >= 0 (roots have depth 0), got {max_depth}")
+
+
 def _host_checks(t: Tensor) -> bool:
     """Checks that read values: always on CPU tensors, on CUDA only with RLKERN_VALIDATE=1, never
     while torch.compile traces (the forest structure is still checked inside the tree kernels;
@@ -109,7 +119,7 @@ def _host_checks(t: Tensor) -> bool:
     return t.device.type == "cpu" or _backend.validate_enabled()
 
 
-def _validate_structure(parent: Tensor) -> None:
+def _validate_structure(parent: Tensor, max_depth: int | None) -> None:
     """Vectorized check for the Triton path (CPU tensors always, CUDA with RLKERN_VALIDATE=1)."""
     if parent.device.type != "cpu" and not _backend.validate_enabled():
         return
@@ -121,18 +131,25 @@ def _validate_structure(parent: Tensor) -> None:
                          f"or a node in [0, {m})")
     if m and not (parent == -1).any():
         raise ValueError("parent has no root (no entry is -1): every node lies on or below a cycle")
-    reaches = _reaches_root(parent)
-    if not reaches.all():
-        first = int((~reaches).nonzero()[0])
+    depth = _depths(parent)
+    if (depth < 0).any():
+        first = int((depth < 0).nonzero()[0])
         raise ValueError(reference.cycle_message(parent.tolist(), first))
+    if max_depth is not None and (depth > max_depth).any():
+        first = int((depth > max_depth).nonzero()[0])
+        raise ValueError(reference.depth_message(max_depth, first, int(depth[first])))
 
 
-def _reaches_root(parent: Tensor) -> Tensor:
-    """``[M]`` bool by pointer doubling: ceil(log2 M) + 1 gathers, no host sync."""
-    jump = parent.clone()
-    for _ in range(max(1, math.ceil(math.log2(max(parent.numel(), 2)))) + 1):
-        jump = torch.where(jump >= 0, jump[jump.clamp(min=0)], jump)
-    return jump < 0
+def _depths(parent: Tensor) -> Tensor:
+    """``[M]`` int64 depth of every node (roots 0), -1 where the parent chain never reaches a
+    root; by pointer doubling: ceil(log2 M) + 1 rounds of gathers, no host sync."""
+    idx = torch.arange(parent.numel(), device=parent.device)
+    up = torch.where(parent >= 0, parent, idx)
+    dist = (parent >= 0).to(torch.int64)
+    for _ in range(math.ceil(math.log2(max(parent.numel(), 2))) + 1):
+        dist = dist + dist[up]
+        up = up[up]
+    return torch.where(parent[up] == -1, dist, -1)
 
 
 def _out_dtype(reward: Tensor) -> torch.dtype:
@@ -143,20 +160,21 @@ def _out_dtype(reward: Tensor) -> torch.dtype:
 # Custom ops
 
 @torch.library.custom_op("rlkern::tree_values", mutates_args=())
-def _tree_values(parent: Tensor, reward: Tensor, mode: str) -> Tensor:
+def _tree_values(parent: Tensor, reward: Tensor, mode: str, max_depth: int | None) -> Tensor:
     backend = _backend.choose(reward.device, _KERNELS, reward.dtype)
     if backend == "cpp":
-        return torch.ops.rlkern.trees_values(parent, reward, _VALUE_MODES.index(mode))
+        return torch.ops.rlkern.trees_values(parent, reward, _VALUE_MODES.index(mode),
+                                             -1 if max_depth is None else max_depth)
     if backend == "triton":
         from rlkern.kernels import trees as triton_trees
 
-        _validate_structure(parent)
-        return triton_trees.tree_values(parent, reward, mode)
-    return reference.tree_values(parent.cpu(), reward.cpu(), mode).to(reward.device, _out_dtype(reward))
+        _validate_structure(parent, max_depth)
+        return triton_trees.tree_values(parent, reward, mode, max_depth)
+    return reference.tree_values(parent.cpu(), reward.cpu(), mode, max_depth).to(reward.device, _out_dtype(reward))
 
 
 @_tree_values.register_fake
-def _tree_values_fake(parent, reward, mode):
+def _tree_values_fake(parent, reward, mode, max_depth):
     return reward.new_empty(parent.shape, dtype=_out_dtype(reward))
 
 
@@ -171,21 +189,23 @@ def _tree_advantages(
     leaf_weights: Tensor | None,
     epsilon: float,
     with_values: bool,
+    max_depth: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     backend = _backend.choose(reward.device, _KERNELS, reward.dtype)
     group_size = subgroup_weighting == "group_size"
     if backend == "cpp":
         return torch.ops.rlkern.trees_advantages(parent, reward, _METHODS.index(method), leaf_rloo, group_size,
-                                                 whiten, leaf_weights, epsilon, with_values)
+                                                 whiten, leaf_weights, epsilon, with_values,
+                                                 -1 if max_depth is None else max_depth)
     if backend == "triton":
         from rlkern.kernels import trees as triton_trees
 
-        _validate_structure(parent)
+        _validate_structure(parent, max_depth)
         return triton_trees.tree_advantages(parent, reward, method, leaf_rloo, group_size, whiten, leaf_weights,
-                                            epsilon, with_values)
+                                            epsilon, with_values, max_depth)
     adv, keep, values = reference.tree_advantages(parent.cpu(), reward.cpu(), method, leaf_rloo, subgroup_weighting,
                                                   whiten, None if leaf_weights is None else leaf_weights.cpu(), epsilon,
-                                                  return_values=True)
+                                                  return_values=True, max_depth=max_depth)
     dtype = _out_dtype(reward)
     values = values if with_values else values.new_empty(0)
     return adv.to(reward.device, dtype), keep.to(reward.device), values.to(reward.device, dtype)
@@ -193,7 +213,7 @@ def _tree_advantages(
 
 @_tree_advantages.register_fake
 def _tree_advantages_fake(parent, reward, method, leaf_rloo, subgroup_weighting, whiten, leaf_weights, epsilon,
-                          with_values):
+                          with_values, max_depth):
     dtype = _out_dtype(reward)
     return (reward.new_empty(parent.shape, dtype=dtype), reward.new_empty(parent.shape, dtype=torch.bool),
             reward.new_empty(parent.shape if with_values else (0,), dtype=dtype))
@@ -202,7 +222,9 @@ def _tree_advantages_fake(parent, reward, method, leaf_rloo, subgroup_weighting,
 # ---------------------------------------------------------------------------------------------
 # Public tree ops
 
-def tree_values(parent: Tensor, reward: Tensor, mode: str = "mean_children") -> Tensor:
+def tree_values(
+    parent: Tensor, reward: Tensor, mode: str = "mean_children", *, max_depth: int | None = None
+) -> Tensor:
     """Monte Carlo value of every node of a forest.
 
     Args:
@@ -215,13 +237,22 @@ def tree_values(parent: Tensor, reward: Tensor, mode: str = "mean_children") -> 
             child rewards; equal children give their value exactly). ``"mean_leaves"`` --
             TreeRL ("TreeRL: LLM Reinforcement Learning with On-Policy Tree Search"): V(n) = mean
             reward of the leaves in n's subtree. Default: SPO-tree's.
+        max_depth: an upper bound on the depth of every node (roots have depth 0), e.g. the tree
+            search's depth limit; None (default): not known. A node deeper than that raises
+            ValueError naming the smallest such node (on CUDA tensors only with
+            ``RLKERN_VALIDATE=1``: otherwise every node of its tree gets a NaN value). The CUDA
+            path is the one that needs it: given, it runs without any host sync (CUDA-graph
+            capturable) and makes ``max_depth + 1`` launches per pass, one per level, so a tight
+            bound is cheapest; without it, it reads the depth of the forest back once per call
+            (one sync, a single int). Validation (``RLKERN_VALIDATE=1``) syncs by design.
 
     Returns:
         ``[M]`` float32 values (float64 for float64 rewards), in the node order of ``parent``.
     """
     parent, reward = _check_trees(parent, reward)
     _check_choice("mode", mode, _VALUE_MODES)
-    return _tree_values(parent, reward, mode)
+    _check_max_depth(max_depth)
+    return _tree_values(parent, reward, mode, max_depth)
 
 
 def tree_advantages(
@@ -235,6 +266,7 @@ def tree_advantages(
     leaf_weights: Tensor | None = None,
     epsilon: float = 1e-8,
     return_values: bool = False,
+    max_depth: int | None = None,
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Per-node advantages of a forest of tree rollouts, and which nodes to train on.
 
@@ -275,6 +307,10 @@ def tree_advantages(
         return_values: also return the node values the advantages come from (``tree_values``
             with ``mean_children`` for SPO, ``mean_leaves`` for TreeRL/TreePO, raw rewards), from
             the same pass: building the forest's order is most of the cost of either op.
+        max_depth: an upper bound on the depth of every node, as in ``tree_values``: lets the
+            CUDA path run without a host sync. A tree deeper than that raises ValueError, except
+            on CUDA without ``RLKERN_VALIDATE=1``: there its nodes get NaN values and advantages
+            (its root A = 0; ``keep`` False below the bound).
 
     Returns:
         ``(advantages, keep)``: ``[M]`` float32 (float64 for float64 rewards) and ``[M]`` bool;
@@ -287,8 +323,9 @@ def tree_advantages(
         raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
     if leaf_weights is not None:
         _, leaf_weights = _check_trees(parent, leaf_weights, name_reward="leaf_weights")
+    _check_max_depth(max_depth)
     adv, keep, values = _tree_advantages(parent, reward, method, bool(leaf_rloo), subgroup_weighting, bool(whiten),
-                                         leaf_weights, float(epsilon), bool(return_values))
+                                         leaf_weights, float(epsilon), bool(return_values), max_depth)
     return (adv, keep, values) if return_values else (adv, keep)
 
 

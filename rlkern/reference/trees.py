@@ -67,6 +67,30 @@ def cycle_message(parent: list[int], node: int) -> str:
     return f"parent: node {node} does not lead to a root, its parent chain enters the cycle {path}"
 
 
+def check_depth(parent: list[int], max_depth: int) -> None:
+    """Raise ValueError naming the smallest node deeper than ``max_depth`` (roots have depth 0);
+    the forest must have passed ``check_forest``."""
+    depth = [-1] * len(parent)
+    for i in range(len(parent)):
+        chain = []
+        j = i
+        while j != -1 and depth[j] < 0:
+            chain.append(j)
+            j = parent[j]
+        d = -1 if j == -1 else depth[j]
+        for k in reversed(chain):
+            d += 1
+            depth[k] = d
+    deeper = [i for i, d in enumerate(depth) if d > max_depth]
+    if deeper:
+        raise ValueError(depth_message(max_depth, deeper[0], depth[deeper[0]]))
+
+
+def depth_message(max_depth: int, node: int, depth: int) -> str:
+    """Message for a node deeper than ``max_depth`` (shared with the kernels' checks)."""
+    return f"max_depth={max_depth} but node {node} is at depth {depth}"
+
+
 def children_lists(parent: list[int]) -> tuple[list[int], list[list[int]]]:
     """``(roots, children)``: both in increasing node index."""
     check_forest(parent)
@@ -129,9 +153,13 @@ def values_lists(parent: list[int], reward: list[float], mode: str):
     return value, leaf_sum, leaf_count, roots, children
 
 
-def tree_values(parent: torch.Tensor, reward: torch.Tensor, mode: str) -> torch.Tensor:
-    """``[M]`` float64: ``mean_children`` (SPO-tree) or ``mean_leaves`` (TreeRL)."""
-    value, *_ = values_lists(parent.tolist(), reward.double().tolist(), mode)
+def tree_values(parent: torch.Tensor, reward: torch.Tensor, mode: str, max_depth: int | None = None) -> torch.Tensor:
+    """``[M]`` float64: ``mean_children`` (SPO-tree) or ``mean_leaves`` (TreeRL); ``max_depth``:
+    raise ValueError for a node deeper than that."""
+    par = parent.tolist()
+    value, *_ = values_lists(par, reward.double().tolist(), mode)
+    if max_depth is not None:
+        check_depth(par, max_depth)
     return torch.tensor(value, dtype=torch.float64)
 
 
@@ -148,10 +176,14 @@ def tree_advantages(
     leaf_weights: torch.Tensor | None = None,
     epsilon: float = 1e-8,
     return_values: bool = False,
+    max_depth: int | None = None,
 ):
     """``(advantages [M] float64, keep [M] bool)``, plus the node values (float64) with
     ``return_values``; see rlkern.ops.trees.tree_advantages."""
     par = parent.tolist()
+    if max_depth is not None:
+        check_forest(par)
+        check_depth(par, max_depth)
     rew = reward.double().tolist()
     m = len(par)
     adv = [0.0] * m
