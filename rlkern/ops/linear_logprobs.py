@@ -49,7 +49,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # tile big enough for full-speed GEMMs and small next to the 2.5-5 GB of materialized logits.
 _TILE_BYTES = {"cpu": 16 << 20, "cuda": 256 << 20}
 _DET_ROWS = 128  # GEMM rows of every deterministic block
-_W_BLOCK_BYTES = 16 << 20  # fp32 copy of a block of a half-precision W (CPU)
+_W_BLOCK_BYTES = 16 << 20  # fp32 copy of a block of a half-precision W (CPU), widened per use
+# A half-precision W whose fp32 copy fits this is widened once per call instead of once per
+# token chunk (and twice per chunk in the backward); bigger heads stream _W_BLOCK_BYTES blocks.
+_W_COPY_BYTES = 64 << 20
 
 
 def _check_linear(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap,
@@ -194,13 +197,28 @@ def _extras_of(tile: Tensor, labels: Tensor, lse: Tensor, temperature: float, so
 # The custom ops.
 
 
+def _plan(hidden: Tensor, weight: Tensor, chunk_size: int, deterministic: bool):
+    """What both passes share: the accumulation dtype, the token kernels (forward, backward), the
+    token blocks, the reused logits tile buffer, the dtype the GEMMs read hidden rows in, and W
+    as the GEMMs take it (widened to fp32 once here when it is half precision off the tensor
+    cores and small enough; see ``_W_COPY_BYTES``)."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    acc_dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+    kernels = token_ops._kernel_fns(_backend.choose(hidden.device, token_ops._KERNELS, acc_dtype))
+    blocks = _blocks(n, vocab, hidden.device, chunk_size, deterministic)
+    buf = hidden.new_empty((max((r for _, _, r in blocks), default=0), vocab), dtype=acc_dtype)
+    on_cuda_half = _half_on_cuda(hidden) and hidden.dtype == weight.dtype
+    row_dtype = hidden.dtype if on_cuda_half else acc_dtype
+    if not on_cuda_half and weight.dtype not in (torch.float32, torch.float64) and 4 * weight.numel() <= _W_COPY_BYTES:
+        weight = weight.float()
+    return acc_dtype, kernels, blocks, buf, row_dtype, weight
+
+
 def _chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature, ignore_index,
                      with_entropy, want_extras, chunk_size, deterministic, vocab_start=-1):
-    n, vocab = hidden.shape[0], weight.shape[0]
+    n = hidden.shape[0]
     device = hidden.device
-    acc_dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
-    backend = _backend.choose(device, token_ops._KERNELS, acc_dtype)
-    forward, _ = token_ops._kernel_fns(backend)
+    acc_dtype, (forward, _), blocks, buf, row_dtype, gemm_weight = _plan(hidden, weight, chunk_size, deterministic)
     logp = torch.empty(n, dtype=acc_dtype, device=device)
     entropy = torch.empty(n if with_entropy else 0, dtype=acc_dtype, device=device)
     lse = torch.empty(n, dtype=torch.float64, device=device)
@@ -209,11 +227,9 @@ def _chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, tempera
         torch.empty(n if want_extras[1] else 0, dtype=acc_dtype, device=device),
         torch.empty(n if want_extras[2] else 0, dtype=torch.bool, device=device),
     ]
-    blocks = _blocks(n, vocab, device, chunk_size, deterministic)
-    buf = torch.empty((max((r for _, _, r in blocks), default=0), vocab), dtype=acc_dtype, device=device)
     for start, end, rows in blocks:
         tile = buf[:rows]
-        _logits_into(tile, _rows(hidden, start, end, rows), weight, bias, logit_scale)
+        _logits_into(tile, _rows(hidden, start, end, rows).to(row_dtype), gemm_weight, bias, logit_scale)
         tile_labels = _rows(labels, start, end, rows)
         c_logp, c_ent, c_lse = forward(tile, tile_labels, temperature, softcap, ignore_index, with_entropy,
                                        vocab_start=vocab_start)
@@ -233,22 +249,18 @@ def _chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, tempera
 def _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
                       logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic,
                       need_hidden, need_weight, need_bias, vocab_start=-1):
-    n, vocab = hidden.shape[0], weight.shape[0]
+    vocab = weight.shape[0]
     device = hidden.device
-    acc_dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
-    backend = _backend.choose(device, token_ops._KERNELS, acc_dtype)
-    _, backward = token_ops._kernel_fns(backend)
+    acc_dtype, (_, backward), blocks, buf, row_dtype, gemm_weight = _plan(hidden, weight, chunk_size, deterministic)
     grad_hidden = torch.zeros(hidden.shape, dtype=acc_dtype, device=device) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_bias else None
     grad_logp = grad_logp.to(acc_dtype).contiguous()
     grad_entropy = grad_entropy.to(acc_dtype).contiguous() if grad_entropy is not None else None
-    blocks = _blocks(n, vocab, device, chunk_size, deterministic)
-    buf = torch.empty((max((r for _, _, r in blocks), default=0), vocab), dtype=acc_dtype, device=device)
     for start, end, rows in blocks:
         tile = buf[:rows]
-        h = _rows(hidden, start, end, rows)
-        _logits_into(tile, h, weight, bias, logit_scale)
+        h = _rows(hidden, start, end, rows).to(row_dtype)
+        _logits_into(tile, h, gemm_weight, bias, logit_scale)
         # A padded row gets lse = -inf, which every backend reads as "no distribution": its
         # gradient row is exactly 0, so padding adds nothing to the products below.
         backward(
@@ -262,7 +274,7 @@ def _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse
         g_hidden = None
         if grad_hidden is not None:
             g_hidden = grad_hidden.new_zeros((rows, hidden.shape[1])) if padded else grad_hidden[start:end]
-        _grad_products(tile, h, weight, g_hidden, grad_weight, grad_bias, logit_scale)
+        _grad_products(tile, h, gemm_weight, g_hidden, grad_weight, grad_bias, logit_scale)
         if padded and grad_hidden is not None:
             grad_hidden[start:end] = g_hidden[: end - start]
     return grad_hidden, grad_weight, grad_bias
