@@ -99,7 +99,7 @@ print(json.dumps(common.cpu_peak_rss_growth_mib(lambda: b._step(fn, hidden, weig
 
 
 def _cpu_peak_mib(name, n, width, vocab, dtype_name) -> float | None:
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **common.CPU_PROBE_ENV)
     out = subprocess.run([sys.executable, "-c", _CPU_PROBE, str(n), str(width), str(vocab), dtype_name, name],
                          capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None

@@ -96,10 +96,18 @@ def _proc_status_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
+# Environment of a process that runs cpu_peak_rss_growth_mib: glibc raises its mmap threshold
+# (up to 32 MiB) after large frees, and buffers below it then come from a heap that stays
+# resident, so a reused buffer would add nothing to the peak. A fixed 1 MiB threshold keeps
+# every large tensor a fresh mapping that the high-water mark sees.
+CPU_PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
 def cpu_peak_rss_growth_mib(fn) -> float:
     """Peak resident size while fn runs minus the resident size before it (Linux): CPU tensors
     bypass tracemalloc, but every page the allocator touches is resident. The kernel's peak
-    (VmHWM) is reset first (``clear_refs`` 5), so earlier, freed allocations do not hide it."""
+    (VmHWM) is reset first (``clear_refs`` 5), so earlier, freed allocations do not hide it.
+    Run it in a process started with ``CPU_PROBE_ENV``."""
     before = _proc_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")

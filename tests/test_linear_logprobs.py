@@ -13,6 +13,7 @@ import torch
 from conftest import assert_as_close_as_torch, import_peer
 
 import rlkern
+from rlkern.benches.common import CPU_PROBE_ENV
 from rlkern.reference.linear_logprobs import EXTRA_OUTPUTS
 from rlkern.reference.linear_logprobs import linear_logprobs as reference
 
@@ -256,7 +257,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 
 
 def _peak_extra_mib(mode: str) -> float:
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = dict(os.environ, OMP_NUM_THREADS="2", **CPU_PROBE_ENV)
     out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, mode], capture_output=True, text=True, env=env,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_mib"]
