@@ -3,13 +3,17 @@
     python -m rlkern.benches.bench_advantages [--batch B --steps T --samples N --group G] [--out FILE]
 
 Defaults (the issue's shapes): GAE at B=256, T=8192 (fp32 rewards/values, int64 mask, ~1/4
-of each row padding, whitened as verl returns it); GRPO over N=65536 samples in groups of 16
-with string uids (a numpy object array of uuid4 strings, as verl's ``uid``) and T=128 response
+of each row padding, whitened as verl returns it); the Optimal Token Baseline over that batch in
+groups of G (string uids; padded, and packed with cu_seqlens) vs verl's
+``compute_optimal_token_baseline_advantage``; GRPO over N=65536 samples in groups of 16 with
+string uids (a numpy object array of uuid4 strings, as verl's ``uid``) and T=128 response
 tokens, shuffled. The GRPO timings include mapping the strings to groups; that mapping alone
 is a separate row (rlkern's C++ hash vs ``np.unique``, which verl's ``grpo_vectorized`` uses),
 and "rlkern (int ids)" is the same call with the dense group numbers already made.
 Bytes counted: GAE reads r, v (4 B) and the mask (8 B) and writes advantages and returns (4 B
-each) per token; GRPO reads the [N, T] rewards and mask and writes [N, T] advantages.
+each) per token; OTB reads r, old log-probs, sum pi^2 (4 B) and the mask (8 B) and writes two
+outputs (4 B each) per padded token; GRPO reads the [N, T] rewards and mask and writes [N, T]
+advantages.
 """
 
 from __future__ import annotations
@@ -98,6 +102,25 @@ def run(device: torch.device, batch: int, steps: int, samples: int, group: int, 
         fns["eager"] = lambda: _eager_gae(rewards, values, mask, 0.99, 0.95)
     with torch.no_grad():
         add("gae+whiten", f"B={batch} T={steps} fp32", timed(fns, rounds), batch * steps * (4 + 4 + 8 + 4 + 4))
+
+    # Optimal Token Baseline over the same [B, T] batch in groups of `group` (string uids), padded
+    # and packed (the valid tokens of each row, cu_seqlens), vs verl's loop over groups
+    otb_ids = np.array([f"uid-{i}" for i in range(max(batch // group, 1))], dtype=object).repeat(group)[:batch]
+    otb_ids = otb_ids[np.random.default_rng(1).permutation(len(otb_ids))]
+    logp = (-torch.rand(batch, steps, generator=gen) * 3).to(device)
+    spp = (torch.rand(batch, steps, generator=gen) * 0.5).to(device)
+    inside = mask != 0  # right padding: the packed tokens are the valid ones
+    cu = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    cu[1:] = inside.sum(-1).cumsum(0)
+    packed = [t[inside] for t in (rewards, mask, logp, spp)]
+    fns = {"rlkern": lambda: ops.optimal_token_baseline(rewards, mask, otb_ids, logp, spp),
+           "rlkern (packed)": lambda: ops.optimal_token_baseline(packed[0], packed[1], otb_ids, packed[2], packed[3],
+                                                                 cu_seqlens=cu)}
+    if core is not None:
+        fns["verl"] = lambda: core.compute_optimal_token_baseline_advantage(rewards, mask, otb_ids, logp, spp)
+    with torch.no_grad():
+        add("optimal_token_baseline", f"B={batch} T={steps} G={group}", timed(fns, rounds),
+            batch * steps * (4 + 8 + 4 + 4 + 4 + 4))
 
     # GRPO with string uids
     n_groups = samples // group

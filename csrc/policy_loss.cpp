@@ -2,11 +2,14 @@
 //
 // Oracle: rlkern/reference/policy_loss.py; GPU twin: kernels/policy_loss.py (same outputs, same
 // stats layout). One task per sequence (at::parallel_for over B):
-//   forward:  one read of the sequence's tokens (two for GSPO, whose ratio is the sequence mean
-//             log-ratio) -> per-sequence partial sums, stats[b, :] = (policy loss, entropy, KL,
-//             mask count, the six metric sums, GSPO's mean log-ratio); then, on the calling
-//             thread, the aggregation over the B rows: the loss, the 8 metrics, and stats[B, :2]
-//             = (token count, non-empty sequences) for the backward.
+//   forward:  one read of the sequence's tokens (two for GSPO and level="sequence", whose ratio is
+//             the sequence mean log-ratio) -> per-sequence partial sums, stats[b, :] = (policy
+//             loss, entropy, KL, mask count, the six metric sums, the mean log-ratio, and for
+//             level="sequence" ppo / sapo the sum of m is_w d l / d lr that the backward spreads
+//             over the sequence); geo_mean (GMPO) writes its sequence loss -mean(A) exp(mean of
+//             the clipped log-ratios) in column 0. Then, on the calling thread, the aggregation
+//             over the B rows: the loss, the 8 metrics, and stats[B, :2] = (token count,
+//             non-empty sequences) for the backward.
 //   backward: one read, one write: d loss / d logprobs = m * (c_pol * is_w * dl/dlp + c_kl *
 //             dkl/dlp) and d loss / d entropy = m * c_ent, the per-sequence coefficients c_* =
 //             aggregation weight of the sequence x coefficient x upstream gradient.
@@ -47,19 +50,41 @@
 
 namespace {
 
-enum class Loss { kPpo, kGspo, kCispo, kReinforce, kSapo, kDro, kDppoTv, kDppoKl, kClipCov, kKlCov };
+// k*Seq: the loss at level="sequence" (TRL's importance_sampling_level): every token's ratio is
+// exp of its sequence's mean log-ratio, and the gradient goes through that mean.
+enum class Loss {
+  kPpo, kGspo, kCispo, kReinforce, kSapo, kDro, kDppoTv, kDppoKl, kClipCov, kKlCov, kGeoMean, kPpoSeq, kCispoSeq,
+  kSapoSeq
+};
+
+constexpr Loss token_form(Loss l) {
+  return l == Loss::kPpoSeq ? Loss::kPpo : l == Loss::kCispoSeq ? Loss::kCispo : l == Loss::kSapoSeq ? Loss::kSapo : l;
+}
+constexpr bool seq_level(Loss l) { return l == Loss::kPpoSeq || l == Loss::kCispoSeq || l == Loss::kSapoSeq; }
+// The losses whose ratio is a sequence mean of log-ratios, computed in a first read of the sequence.
+constexpr bool two_pass(Loss l) { return l == Loss::kGspo || seq_level(l); }
+// Sequence-level ppo / sapo: the gradient reaches a token only through its sequence's mean
+// log-ratio: d loss / d logprob_t = m_t / max(sum m, 1) * sum_t' m_t' is_w_t' d l_t' / d lr.
+constexpr bool through_mean(Loss l) { return l == Loss::kPpoSeq || l == Loss::kSapoSeq; }
 enum class Kl { kK1, kAbs, kK2, kK3 };
 enum class MaskKind { kNone, kU8, kI32, kI64, kF32 };  // kNone: every token counts (packed)
 
 // Columns of the stats tensor (rlkern/ops/policy_loss.py S_*); row B holds (count, sequences).
 constexpr int kPolicy = 0, kEntropy = 1, kKl = 2, kCount = 3, kCf = 4, kLo = 5, kHi = 6, kDcf = 7, kAkl = 8,
-              kRatio = 9, kSlr = 10, kNumStats = 11;
+              kRatio = 9, kSlr = 10, kDseq = 11, kNumStats = 12;
 constexpr int kSums = 10;  // columns 0..9 are masked sums
 constexpr float kLogRatioBound = 20.f, kGspoMax = 10.f, kK3Bound = 10.f;
 constexpr double kMeanEps = 1e-8;  // verl's masked_mean denominator: sum(mask) + 1e-8
 constexpr int64_t kFlushEvery = 64;  // vectors summed in float before a flush into double
 
-Loss parse_loss(const std::string& s) {
+Loss parse_loss(const std::string& s, const std::string& level) {
+  if (level == "sequence") {
+    if (s == "ppo") return Loss::kPpoSeq;
+    if (s == "cispo") return Loss::kCispoSeq;
+    if (s == "sapo") return Loss::kSapoSeq;
+    TORCH_CHECK(false, "rlkern.policy_loss: level='sequence' applies to ppo, cispo and sapo, got '", s, "'");
+  }
+  TORCH_CHECK(level == "token", "rlkern.policy_loss: level must be 'token' or 'sequence', got '", level, "'");
   if (s == "ppo") return Loss::kPpo;
   if (s == "gspo") return Loss::kGspo;
   if (s == "cispo") return Loss::kCispo;
@@ -70,6 +95,7 @@ Loss parse_loss(const std::string& s) {
   if (s == "dppo_kl") return Loss::kDppoKl;
   if (s == "clip_cov") return Loss::kClipCov;
   if (s == "kl_cov") return Loss::kKlCov;
+  if (s == "geo_mean") return Loss::kGeoMean;
   TORCH_CHECK(false, "rlkern.policy_loss: the C++ kernel has no loss '", s, "'");
 }
 
@@ -128,8 +154,23 @@ Hyper parse_hyper(const std::vector<double>& h) {
   return x;
 }
 
+// A token input: float32, or bfloat16 read in place (no widened copy; other dtypes are widened
+// to float32 first). Null when not given.
+struct In {
+  const void* p = nullptr;
+  bool bf16 = false;
+  explicit operator bool() const { return p != nullptr; }
+};
+
+// A gradient output: float32, or bfloat16 written in place.
+struct Out {
+  void* p = nullptr;
+  bool bf16 = false;
+};
+
 struct Args {
-  const float *lp, *old, *adv, *ref, *ent, *isw, *sel;  // ref/ent/isw/sel may be null
+  In lp, old, adv, ref, ent, isw, sel;  // ref/ent/isw/sel may be null; adv unused when adv_per_seq
+  const float* adv_seq;                 // [B] when adv_per_seq
   const void* mask;
   MaskKind mask_kind;
   const int64_t* cu;  // null: padded
@@ -150,13 +191,17 @@ template <>
 struct Lanes<8> {
   typedef float f __attribute__((vector_size(32)));
   typedef int32_t i __attribute__((vector_size(32)));
+  typedef uint32_t u __attribute__((vector_size(32)));
   typedef int64_t i64 __attribute__((vector_size(64)));
+  typedef uint16_t u16 __attribute__((vector_size(16)));
 };
 template <>
 struct Lanes<4> {
   typedef float f __attribute__((vector_size(16)));
   typedef int32_t i __attribute__((vector_size(16)));
+  typedef uint32_t u __attribute__((vector_size(16)));
   typedef int64_t i64 __attribute__((vector_size(32)));
+  typedef uint16_t u16 __attribute__((vector_size(8)));
 };
 
 template <int W>
@@ -164,6 +209,8 @@ struct Simd {
   using vf = typename Lanes<W>::f;
   using vi = typename Lanes<W>::i;
   using vi64 = typename Lanes<W>::i64;
+  using vu = typename Lanes<W>::u;
+  using vu16 = typename Lanes<W>::u16;
   static constexpr int kW = W;
 
   RLK_VEC vf splat(float x) { return vf{} + x; }
@@ -225,6 +272,30 @@ struct Simd {
     else std::memcpy(p, &v, static_cast<size_t>(n) * sizeof(float));
   }
 
+  // bfloat16 is the top half of a float32
+  RLK_VEC vf load_in(const In& x, int64_t i, int64_t n) {
+    if (x.bf16) {
+      const vu16 h = load_n<uint16_t, vu16>(static_cast<const uint16_t*>(x.p) + i, n);
+      return reinterpret_cast<vf>(__builtin_convertvector(h, vu) << 16);
+    }
+    return load(static_cast<const float*>(x.p) + i, n);
+  }
+
+  RLK_VEC void store_out(const Out& o, int64_t i, vf v, int64_t n) {
+    if (o.bf16) store_bf16(static_cast<uint16_t*>(o.p) + i, v, n);
+    else store(static_cast<float*>(o.p) + i, v, n);
+  }
+
+  // float32 -> bfloat16 rounded to nearest even (as torch's .to(torch.bfloat16)); NaN stays a quiet NaN
+  RLK_VEC void store_bf16(uint16_t* p, vf v, int64_t n) {
+    const vu bits = reinterpret_cast<vu>(v);
+    const vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const vu out = v != v ? vu{} + 0x7fc0u : rounded;
+    const vu16 h = __builtin_convertvector(out, vu16);
+    if (n == kW) std::memcpy(p, &h, sizeof(h));
+    else std::memcpy(p, &h, static_cast<size_t>(n) * sizeof(uint16_t));
+  }
+
   // n <= W bytes -> int32 lanes. Each lane takes the 32-bit word holding its byte and shifts it
   // into place (one variable shift with AVX2); GCC's own byte-vector widening goes lane by lane.
   RLK_VEC vi widen_bytes(const uint8_t* p, int64_t n) {
@@ -272,14 +343,19 @@ struct Simd {
     vf cf, lo, hi, dcf, akl, ratio;    // metric values
   };
 
-  template <Loss L>
+  // slr: the sequence's mean log-ratio (GSPO and the level="sequence" losses). For those the
+  // log-ratio of every token is slr, unclamped, and dl is d l / d slr (cispo: d l / d logprob).
+  // geo_mean: l is the token's sign-clipped log-ratio (its sequence's geometric mean ratio is
+  // exp of their mean), dl its derivative in logprob.
+  template <Loss L0>
   RLK_VEC Token policy_token(const Hyper& h, vf lp, vf old, vf A, float slr, vf sel) {
+    constexpr Loss L = token_form(L0);
     const vf zero = {};
     const float lo_b = 1.f - h.clip_low, hi_b = 1.f + h.clip_high;
-    const vf lr = lp - old;
+    const vf lr = seq_level(L0) ? splat(slr) : lp - old;
     Token t{zero, zero, zero, zero, zero, zero, zero, zero};
-    constexpr bool clamped =
-        L == Loss::kPpo || L == Loss::kCispo || L == Loss::kSapo || L == Loss::kDppoTv || L == Loss::kDppoKl;
+    constexpr bool clamped = !seq_level(L0) && (L == Loss::kPpo || L == Loss::kCispo || L == Loss::kSapo ||
+                                                L == Loss::kDppoTv || L == Loss::kDppoKl);
     const vf lrc = clamped ? vclamp(lr, -kLogRatioBound, kLogRatioBound) : lr;
     vf r, dr;
     if constexpr (L == Loss::kGspo) {  // the sequence ratio, straight-through on the token's own logprob
@@ -356,6 +432,16 @@ struct Simd {
       t.lo = pos ? zero : 1.f - valid;
       t.hi = pos ? 1.f - valid : zero;
       t.dcf = r > h.dual ? valid : zero;
+    } else if constexpr (L == Loss::kGeoMean) {
+      const vf sgn = vsign(A);
+      const vf lrc2 = vclamp(lr, -h.clip_low, h.clip_high);
+      const vi pos = A > 0.f, neg = A < 0.f, clipped = lr != lrc2;
+      t.l = sgn * vmin(sgn * lr, sgn * lrc2);
+      // lr is the min where the clip does not bind for A's sign (the ends of the range included,
+      // as torch.clamp passes the gradient there); 0 where A = 0
+      t.dl = lanes_true((pos & (lr <= h.clip_high)) | (neg & (lr >= -h.clip_low)));
+      t.cf = t.hi = lanes_true(clipped & pos);  // verl: pg_clipfrac counts A > 0 only
+      t.lo = t.dcf = lanes_true(clipped & neg);
     } else {  // kl_cov
       t.l = -A * r + sel * (h.ppo_kl_coef * vabs(lr));
       t.dl = -A * r + sel * h.ppo_kl_coef * vsign(lr);
@@ -404,12 +490,12 @@ struct Simd {
     }
   }
 
-  RLK_VEC float gspo_seq_log_ratio(const Args& a, int64_t begin, int64_t end) {
+  RLK_VEC float seq_log_ratio(const Args& a, int64_t begin, int64_t end) {
     vf num = {}, den = {};
     for (int64_t i = begin; i < end; i += kW) {
       const int64_t n = std::min<int64_t>(kW, end - i);
       const vf m = load_mask(a, i, n);
-      num += m * vand(load(a.lp + i, n) - load(a.old + i, n), m != 0.f);
+      num += m * vand(load_in(a.lp, i, n) - load_in(a.old, i, n), m != 0.f);
       den += m;
     }
     return static_cast<float>(hsum(num) / std::max(hsum(den), 1.0));
@@ -427,13 +513,13 @@ struct Simd {
     Loaded x;
     x.m = load_mask(a, i, n);
     x.live = x.m != 0.f;
-    x.lp = vand(load(a.lp + i, n), x.live);
-    x.old = vand(load(a.old + i, n), x.live);
-    x.A = vand(a.adv_per_seq ? splat(a.adv[b]) : load(a.adv + i, n), x.live);
-    x.sel = a.sel ? vand(load(a.sel + i, n), x.live) : vf{};
-    x.ref = a.ref ? vand(load(a.ref + i, n), x.live) : vf{};
-    x.ent = a.ent ? vand(load(a.ent + i, n), x.live) : vf{};
-    x.isw = a.isw ? vand(load(a.isw + i, n), x.live) : splat(1.f);
+    x.lp = vand(load_in(a.lp, i, n), x.live);
+    x.old = vand(load_in(a.old, i, n), x.live);
+    x.A = vand(a.adv_per_seq ? splat(a.adv_seq[b]) : load_in(a.adv, i, n), x.live);
+    x.sel = a.sel ? vand(load_in(a.sel, i, n), x.live) : vf{};
+    x.ref = a.ref ? vand(load_in(a.ref, i, n), x.live) : vf{};
+    x.ent = a.ent ? vand(load_in(a.ent, i, n), x.live) : vf{};
+    x.isw = a.isw ? vand(load_in(a.isw, i, n), x.live) : splat(1.f);
     return x;
   }
 
@@ -443,16 +529,26 @@ struct Simd {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t begin, end;
       seq_range(a, b, &begin, &end);
-      const float slr = L == Loss::kGspo ? gspo_seq_log_ratio(a, begin, end) : 0.f;
+      const float slr = two_pass(L) ? seq_log_ratio(a, begin, end) : 0.f;
       double sums[kSums] = {0};
       vf acc[kSums];
       for (auto& v : acc) v = zero;
+      // through_mean: sum of m is_w dl; geo_mean: sums of m A and of m log(is_w + 1e-10)
+      double dseq = 0, adv_sum = 0, log_isw_sum = 0;
+      vf acc_dseq = zero, acc_adv = zero, acc_log_isw = zero;
       int64_t pending = 0;
       for (int64_t i = begin; i < end; i += kW) {
         const int64_t n = std::min<int64_t>(kW, end - i);
         const Loaded x = load_token(a, b, i, n);
         const Token t = policy_token<L>(a.h, x.lp, x.old, x.A, slr, x.sel);
-        acc[kPolicy] += x.m * (t.l * x.isw);
+        if constexpr (L == Loss::kGeoMean) {  // the sequence's weights enter through its geometric mean
+          acc[kPolicy] += x.m * t.l;
+          acc_adv += x.m * x.A;
+          if (a.isw) acc_log_isw += x.m * vlog(x.isw + 1e-10f);
+        } else {
+          acc[kPolicy] += x.m * (t.l * x.isw);
+          if constexpr (through_mean(L)) acc_dseq += x.m * (t.dl * x.isw);
+        }
         acc[kCount] += x.m;
         acc[kCf] += x.m * t.cf;
         acc[kLo] += x.m * t.lo;
@@ -471,18 +567,30 @@ struct Simd {
             sums[k] += hsum(acc[k]);
             acc[k] = zero;
           }
+          dseq += hsum(acc_dseq);
+          adv_sum += hsum(acc_adv);
+          log_isw_sum += hsum(acc_log_isw);
+          acc_dseq = acc_adv = acc_log_isw = zero;
           pending = 0;
         }
       }
       float* out = stats + b * kNumStats;
       for (int k = 0; k < kSums; ++k) out[k] = static_cast<float>(sums[k]);
       out[kSlr] = slr;
+      out[kDseq] = static_cast<float>(dseq);
+      if constexpr (L == Loss::kGeoMean) {  // verl: -mean(A) exp(mean clipped lr) [exp(mean log is_w)]
+        const double den = sums[kCount] + kMeanEps;
+        double seq_loss = -(adv_sum / den) * std::exp(sums[kPolicy] / den);
+        if (a.isw) seq_loss *= std::exp(log_isw_sum / den);
+        out[kPolicy] = static_cast<float>(seq_loss);
+        out[kSlr] = static_cast<float>(sums[kPolicy] / den);
+      }
     }
   }
 
   template <Loss L>
-  RLK_VEC void grad_body(const Args& a, const float* stats, const float* coefs, float* g_lp, float* g_ent, int64_t b0,
-                         int64_t b1) {
+  RLK_VEC void grad_body(const Args& a, const float* stats, const float* coefs, const Out& g_lp, const Out& g_ent,
+                         int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t begin, end;
       seq_range(a, b, &begin, &end);
@@ -491,15 +599,20 @@ struct Simd {
       for (int64_t i = begin; i < end; i += kW) {
         const int64_t n = std::min<int64_t>(kW, end - i);
         const Loaded x = load_token(a, b, i, n);
-        const Token t = policy_token<L>(a.h, x.lp, x.old, x.A, slr, x.sel);
-        vf g = c_pol * t.dl * x.isw;
+        vf g;
+        if constexpr (through_mean(L)) {
+          g = splat(c_pol);
+        } else {
+          const Token t = policy_token<L>(a.h, x.lp, x.old, x.A, slr, x.sel);
+          g = L == Loss::kGeoMean ? c_pol * t.dl : c_pol * t.dl * x.isw;
+        }
         if (a.ref && c_kl != 0.f) {
           vf v = {}, d = {};
           kl_token(a, x.lp, x.ref, &v, &d);
           g += c_kl * d;
         }
-        store(g_lp + i, vand(x.m * g, x.live), n);
-        if (g_ent) store(g_ent + i, vand(x.m * c_ent, x.live), n);
+        store_out(g_lp, i, vand(x.m * g, x.live), n);
+        if (g_ent.p) store_out(g_ent, i, vand(x.m * c_ent, x.live), n);
       }
     }
   }
@@ -509,12 +622,12 @@ struct Simd {
 constexpr int kAvx2W = 8;
 constexpr int kBaseW = 4;  // 16-byte vectors: SSE2 on any x86-64, NEON on arm64
 using StatsFn = void (*)(const Args&, float*, int64_t, int64_t);
-using GradFn = void (*)(const Args&, const float*, const float*, float*, float*, int64_t, int64_t);
+using GradFn = void (*)(const Args&, const float*, const float*, const Out&, const Out&, int64_t, int64_t);
 
 template <Loss L>
 void stats_base(const Args& a, float* s, int64_t b0, int64_t b1) { Simd<kBaseW>::stats_body<L>(a, s, b0, b1); }
 template <Loss L>
-void grad_base(const Args& a, const float* s, const float* c, float* g, float* ge, int64_t b0, int64_t b1) {
+void grad_base(const Args& a, const float* s, const float* c, const Out& g, const Out& ge, int64_t b0, int64_t b1) {
   Simd<kBaseW>::grad_body<L>(a, s, c, g, ge, b0, b1);
 }
 
@@ -522,7 +635,8 @@ void grad_base(const Args& a, const float* s, const float* c, float* g, float* g
 template <Loss L>
 RLK_TGT void stats_avx2(const Args& a, float* s, int64_t b0, int64_t b1) { Simd<kAvx2W>::stats_body<L>(a, s, b0, b1); }
 template <Loss L>
-RLK_TGT void grad_avx2(const Args& a, const float* s, const float* c, float* g, float* ge, int64_t b0, int64_t b1) {
+RLK_TGT void grad_avx2(const Args& a, const float* s, const float* c, const Out& g, const Out& ge, int64_t b0,
+                       int64_t b1) {
   Simd<kAvx2W>::grad_body<L>(a, s, c, g, ge, b0, b1);
 }
 
@@ -557,6 +671,10 @@ std::pair<StatsFn, GradFn> pick(Loss loss) {
     case Loss::kDppoKl: return pick<Loss::kDppoKl>();
     case Loss::kClipCov: return pick<Loss::kClipCov>();
     case Loss::kKlCov: return pick<Loss::kKlCov>();
+    case Loss::kGeoMean: return pick<Loss::kGeoMean>();
+    case Loss::kPpoSeq: return pick<Loss::kPpoSeq>();
+    case Loss::kCispoSeq: return pick<Loss::kCispoSeq>();
+    case Loss::kSapoSeq: return pick<Loss::kSapoSeq>();
   }
   TORCH_CHECK(false, "rlkern.policy_loss: bad loss id");
 }
@@ -631,7 +749,8 @@ Prepared prepare(const at::Tensor& logprobs, const at::Tensor& old_logprobs, con
                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& ref_logprobs,
                  const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& is_weights,
                  const std::optional<at::Tensor>& select, const std::optional<at::Tensor>& cu_seqlens,
-                 const std::string& loss, const std::string& kl_estimator, const std::vector<double>& hyper) {
+                 const std::string& loss, const std::string& kl_estimator, const std::string& level,
+                 const std::vector<double>& hyper) {
   Prepared p;
   const bool packed = cu_seqlens.has_value();
   TORCH_CHECK(packed ? logprobs.dim() == 1 : logprobs.dim() == 2,
@@ -640,12 +759,15 @@ Prepared prepare(const at::Tensor& logprobs, const at::Tensor& old_logprobs, con
   auto same = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.sizes() == logprobs.sizes(), "rlkern.policy_loss: ", name, " must have the shape of logprobs ",
                 logprobs.sizes(), ", got ", t.sizes());
-    at::Tensor f = as_float(t);
+    In in;
+    in.bf16 = t.scalar_type() == at::kBFloat16;
+    at::Tensor f = in.bf16 ? t.contiguous() : as_float(t);
     p.keep.push_back(f);
-    return f.data_ptr<float>();
+    in.p = f.data_ptr();
+    return in;
   };
-  auto opt = [&](const std::optional<at::Tensor>& t, const char* name) -> const float* {
-    return t.has_value() ? same(*t, name) : nullptr;
+  auto opt = [&](const std::optional<at::Tensor>& t, const char* name) -> In {
+    return t.has_value() ? same(*t, name) : In{};
   };
   Args& a = p.a;
   a.lp = same(logprobs, "logprobs");
@@ -676,7 +798,7 @@ Prepared prepare(const at::Tensor& logprobs, const at::Tensor& old_logprobs, con
     TORCH_CHECK(advantages.numel() == p.B, "rlkern.policy_loss: per-sequence advantages must be [B]");
     at::Tensor f = as_float(advantages);
     p.keep.push_back(f);
-    a.adv = f.data_ptr<float>();
+    a.adv_seq = f.data_ptr<float>();
   } else {
     a.adv = same(advantages, "advantages");
   }
@@ -695,7 +817,7 @@ Prepared prepare(const at::Tensor& logprobs, const at::Tensor& old_logprobs, con
     p.keep.push_back(m);
     a.mask = m.data_ptr();
   }
-  p.loss = parse_loss(loss);
+  p.loss = parse_loss(loss, level);
   parse_kl(kl_estimator, &a.kl, &a.kl_st);
   a.h = parse_hyper(hyper);
   return p;
@@ -712,9 +834,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_forward_cpu(
     const std::optional<at::Tensor>& entropy, const std::optional<at::Tensor>& is_weights,
     const std::optional<at::Tensor>& select, const std::optional<at::Tensor>& cu_seqlens,
     const std::optional<at::Tensor>& global_tokens, const std::optional<at::Tensor>& global_seqs, std::string loss,
-    std::string agg, std::string entropy_agg, std::string kl_estimator, std::vector<double> hyper) {
+    std::string agg, std::string entropy_agg, std::string kl_estimator, std::string level, std::vector<double> hyper) {
   Prepared p = prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens,
-                       loss, kl_estimator, hyper);
+                       loss, kl_estimator, level, hyper);
   Norms norms = make_norms(p.a.h, agg, entropy_agg, p.width, global_tokens, global_seqs);
   const auto fopt = logprobs.options().dtype(at::kFloat);
   at::Tensor stats = at::zeros({p.B + 1, kNumStats}, fopt);
@@ -735,7 +857,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_forward_cpu(
     const float* row = st + b * kNumStats;
     for (int k = 0; k < kSums; ++k) sums[k] += row[k];
     const auto [w, w_ent] = weights(norms, row[kCount]);
-    total += w * row[kPolicy];
+    // geo_mean: row[kPolicy] is the sequence's loss; verl takes a plain mean over the B rows
+    total += (p.loss == Loss::kGeoMean ? 1.0 / safe(static_cast<double>(p.B)) : w) * row[kPolicy];
     if (with_kl) total += h.kl_coef * w * row[kKl];
     if (with_ent) total -= h.ent_coef * w_ent * row[kEntropy];
   }
@@ -757,11 +880,12 @@ std::tuple<at::Tensor, at::Tensor> policy_loss_backward_cpu(
     const std::optional<at::Tensor>& select, const std::optional<at::Tensor>& cu_seqlens,
     const std::optional<at::Tensor>& global_tokens, const std::optional<at::Tensor>& global_seqs,
     const at::Tensor& stats, std::string loss, std::string agg, std::string entropy_agg, std::string kl_estimator,
-    std::vector<double> hyper) {
+    std::string level, std::vector<double> hyper) {
   Prepared p = prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens,
-                       loss, kl_estimator, hyper);
+                       loss, kl_estimator, level, hyper);
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == p.B + 1 && stats.size(1) == kNumStats,
-              "rlkern.policy_loss_backward: stats must be [B + 1, 11] from the forward, got ", stats.sizes());
+              "rlkern.policy_loss_backward: stats must be [B + 1, ", kNumStats, "] from the forward, got ",
+              stats.sizes());
   Norms norms = make_norms(p.a.h, agg, entropy_agg, p.width, global_tokens, global_seqs);
   const at::Tensor st = as_float(stats);
   const float* s = st.data_ptr<float>();
@@ -772,21 +896,34 @@ std::tuple<at::Tensor, at::Tensor> policy_loss_backward_cpu(
   const double kl = p.a.ref ? h.kl_coef : 0.0, ent = entropy.has_value() ? h.ent_coef : 0.0;
   std::vector<float> coefs(static_cast<size_t>(3 * p.B));
   for (int64_t b = 0; b < p.B; ++b) {
-    const auto [w, w_ent] = weights(norms, s[b * kNumStats + kCount]);
-    coefs[3 * b] = static_cast<float>(w * g);
+    const float* row = s + b * kNumStats;
+    const auto [w, w_ent] = weights(norms, row[kCount]);
+    double c_pol = w * g;
+    if (p.loss == Loss::kGeoMean) {  // d (mean_b seq loss) / d (sum of m * clipped lr) of row b
+      c_pol = g * row[kPolicy] / (safe(static_cast<double>(p.B)) * (row[kCount] + kMeanEps));
+    } else if (through_mean(p.loss)) {  // d loss / d logprob_t = m_t * this
+      c_pol = w * g * row[kDseq] / std::max<double>(row[kCount], 1.0);
+    }
+    coefs[3 * b] = static_cast<float>(c_pol);
     coefs[3 * b + 1] = static_cast<float>(w * kl * g);
     coefs[3 * b + 2] = static_cast<float>(-w_ent * ent * g);
   }
   const auto fopt = logprobs.options().dtype(at::kFloat);
-  at::Tensor g_lp = at::empty(logprobs.sizes(), fopt);
-  at::Tensor g_ent = entropy.has_value() ? at::empty(logprobs.sizes(), fopt) : at::empty({0}, fopt);
-  float* glp = g_lp.data_ptr<float>();
-  float* gent = entropy.has_value() ? g_ent.data_ptr<float>() : nullptr;
+  // gradients in the inputs' dtype: float32 and bfloat16 written by the kernel, others converted
+  auto grad_out = [&](const at::Tensor& like, at::Tensor* t, Out* o) {
+    o->bf16 = like.scalar_type() == at::kBFloat16;
+    *t = at::empty(like.sizes(), o->bf16 ? fopt.dtype(at::kBFloat16) : fopt);
+    o->p = t->data_ptr();
+  };
+  at::Tensor g_lp, g_ent = at::empty({0}, fopt);
+  Out glp, gent;
+  grad_out(logprobs, &g_lp, &glp);
+  if (entropy.has_value()) grad_out(*entropy, &g_ent, &gent);
   const GradFn fn = pick(p.loss).second;
   at::parallel_for(0, p.B, grain(p, logprobs.numel()),
                    [&](int64_t b0, int64_t b1) { fn(p.a, s, coefs.data(), glp, gent, b0, b1); });
-  if (logprobs.scalar_type() != at::kFloat) g_lp = g_lp.to(logprobs.scalar_type());
-  if (entropy.has_value() && entropy->scalar_type() != at::kFloat) g_ent = g_ent.to(entropy->scalar_type());
+  if (g_lp.scalar_type() != logprobs.scalar_type()) g_lp = g_lp.to(logprobs.scalar_type());
+  if (entropy.has_value() && g_ent.scalar_type() != entropy->scalar_type()) g_ent = g_ent.to(entropy->scalar_type());
   return {g_lp, g_ent};
 }
 
@@ -794,7 +931,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_forward_meta(
     const at::Tensor& logprobs, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, std::string, std::string, std::string, std::string, std::vector<double>) {
+    const std::optional<at::Tensor>&, std::string, std::string, std::string, std::string, std::string,
+    std::vector<double>) {
   const int64_t B = cu_seqlens.has_value() ? cu_seqlens->size(0) - 1 : logprobs.size(0);
   const auto fopt = logprobs.options().dtype(at::kFloat);
   return {at::empty({}, fopt), at::empty({8}, fopt), at::empty({B + 1, kNumStats}, fopt)};
@@ -805,7 +943,7 @@ std::tuple<at::Tensor, at::Tensor> policy_loss_backward_meta(
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>& entropy,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&, std::string, std::string,
-    std::string, std::string, std::vector<double>) {
+    std::string, std::string, std::string, std::vector<double>) {
   at::Tensor g_ent = entropy.has_value() ? at::empty(logprobs.sizes(), entropy->options())
                                          : at::empty({0}, logprobs.options().dtype(at::kFloat));
   return {at::empty(logprobs.sizes(), logprobs.options()), g_ent};
@@ -818,12 +956,12 @@ TORCH_LIBRARY_FRAGMENT(rlkern, m) {
       "policy_loss_forward(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor? mask, "
       "Tensor? ref_logprobs, Tensor? entropy, Tensor? is_weights, Tensor? select, Tensor? cu_seqlens, "
       "Tensor? global_tokens, Tensor? global_seqs, str loss, str agg, str entropy_agg, str kl_estimator, "
-      "float[] hyper) -> (Tensor, Tensor, Tensor)");
+      "str level, float[] hyper) -> (Tensor, Tensor, Tensor)");
   m.def(
       "policy_loss_backward(Tensor grad_loss, Tensor logprobs, Tensor old_logprobs, Tensor advantages, "
       "Tensor? mask, Tensor? ref_logprobs, Tensor? entropy, Tensor? is_weights, Tensor? select, "
       "Tensor? cu_seqlens, Tensor? global_tokens, Tensor? global_seqs, Tensor stats, str loss, str agg, "
-      "str entropy_agg, str kl_estimator, float[] hyper) -> (Tensor, Tensor)");
+      "str entropy_agg, str kl_estimator, str level, float[] hyper) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {

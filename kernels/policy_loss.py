@@ -7,16 +7,18 @@ Launches (counted by tests/test_policy_loss.py::test_triton_launch_count):
 
 - forward, 2 launches. ``_policy_loss_fwd_kernel``: one program per sequence reads each of its
   tokens once (twice for GSPO, whose ratio is the sequence's mean log-ratio: one extra reduction
-  over the sequence, in the same program) and writes its partial sums ``stats[b, :11]``: masked
-  sums of the policy loss (times ``is_weights``), the entropy, the KL estimate, the mask, the six
-  metric values, and GSPO's mean log-ratio. ``_policy_loss_finish_kernel`` (one program) reduces
+  over the sequence, in the same program; also at ``level="sequence"``) and writes its partial
+  sums ``stats[b, :12]``: masked sums of the policy loss (times ``is_weights``), the entropy, the
+  KL estimate, the mask, the six metric values, the mean log-ratio, and for sequence-level ppo /
+  sapo the sum of ``m is_w d l / d lr`` that the backward spreads over the sequence (geo_mean:
+  column 0 is the sequence's loss). ``_policy_loss_finish_kernel`` (one program) reduces
   the B rows in a fixed order into the aggregated loss ``[]`` and the 8 metrics ``[8]``, and
   writes ``stats[B, :2]`` = (mask sum, non-empty sequences) for the backward. Why a second
   launch: the aggregation weights of seq-mean-token-mean and token-mean need totals over all
   sequences, and Triton has no grid-wide barrier. The one-launch form (an atomic ticket: the last
   program to finish reduces) needs a counter zeroed before every call (a memset launch) or a
   persistent buffer shared by every call, stream and CUDA graph; the finalize launch instead
-  reads only the [B, 11] partial sums, in a fixed order (the loss is deterministic).
+  reads only the [B, 12] partial sums, in a fixed order (the loss is deterministic).
 - backward, 1 launch. ``_policy_loss_bwd_kernel``: one program per sequence computes its
   aggregation weight from ``stats`` (its own row and row B), the normalizers and the upstream
   gradient (all read from device memory: no host sync), reads the tokens once and writes
@@ -39,9 +41,9 @@ import triton
 import triton.language as tl
 
 LOSS_IDS = {"ppo": 0, "gspo": 1, "cispo": 2, "reinforce": 3, "gpg": 3, "sapo": 4, "dro": 5, "dppo_tv": 6,
-            "dppo_kl": 7, "clip_cov": 8, "kl_cov": 9}
+            "dppo_kl": 7, "clip_cov": 8, "kl_cov": 9, "geo_mean": 10}
 KL_IDS = {"k1": 0, "kl": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
-N_STATS = 11
+N_STATS = 12
 # Largest token block per loop step; the tests lower it to run the block loop several times.
 MAX_BLOCK = 2048
 _BOUND = tl.constexpr(20.0)  # verl's log-ratio clamp before exp
@@ -51,13 +53,21 @@ _K3_BOUND = tl.constexpr(10.0)
 
 @triton.jit
 def _policy_token(lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef,
-                  LOSS: tl.constexpr, HAS_DUAL: tl.constexpr):
-    """Per-token policy loss, its derivative in logprob and the metric values (all [BLOCK])."""
+                  LOSS: tl.constexpr, HAS_DUAL: tl.constexpr, SEQ: tl.constexpr):
+    """Per-token policy loss, its derivative and the metric values (all [BLOCK]).
+
+    SEQ (level="sequence"): every token's log-ratio is ``slr``, its sequence's mean, unclamped;
+    the derivative is then in ``slr`` (cispo: in logprob). geo_mean: the loss is the token's
+    sign-clipped log-ratio (the sequence's ratio is exp of their mean), the derivative in logprob.
+    """
     lo_b = 1.0 - clip_low
     hi_b = 1.0 + clip_high
-    lr = lp - old
     zero = tl.zeros_like(lp)
-    CLAMPED: tl.constexpr = (LOSS == 0) or (LOSS == 2) or (LOSS == 4) or (LOSS == 6) or (LOSS == 7)
+    if SEQ:
+        lr = slr + zero
+    else:
+        lr = lp - old
+    CLAMPED: tl.constexpr = ((LOSS == 0) or (LOSS == 2) or (LOSS == 4) or (LOSS == 6) or (LOSS == 7)) and not SEQ
     if CLAMPED:
         lrc = tl.minimum(tl.maximum(lr, -_BOUND), _BOUND)
         in_bounds = (lr >= -_BOUND) & (lr <= _BOUND)
@@ -130,6 +140,18 @@ def _policy_token(lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, ta
         lo = tl.where(adv <= 0, 1.0 - valid, 0.0)
         hi = tl.where(adv > 0, 1.0 - valid, 0.0)
         dcf = tl.where(r > dual, valid, 0.0)
+    elif LOSS == 10:  # geo_mean
+        sgn = tl.where(adv > 0, 1.0, tl.where(adv < 0, -1.0, 0.0))
+        lr_clip = tl.minimum(tl.maximum(lr, -clip_low), clip_high)
+        loss = sgn * tl.minimum(sgn * lr, sgn * lr_clip)
+        # lr is the min where the clip does not bind for A's sign (range ends included, as
+        # torch.clamp passes the gradient there); 0 where A = 0
+        dl = (((adv > 0) & (lr <= clip_high)) | ((adv < 0) & (lr >= -clip_low))).to(tl.float32)
+        clipped = lr != lr_clip
+        cf = (clipped & (adv > 0)).to(tl.float32)  # verl: pg_clipfrac counts A > 0 only
+        hi = cf
+        lo = (clipped & (adv < 0)).to(tl.float32)
+        dcf = lo
     else:  # kl_cov
         sgn = tl.where(lr > 0, 1.0, tl.where(lr < 0, -1.0, 0.0))
         loss = -adv * r + sel * (ppo_kl_coef * tl.abs(lr))
@@ -219,13 +241,13 @@ def _norms(gtok_ptr, gseq_ptr, gtok, gseq, tokens, seqs, GTOK: tl.constexpr, GSE
 def _policy_loss_fwd_kernel(
     lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, isw_ptr, sel_ptr,  # (B, T) rows or packed (total,)
     cu_ptr,  # (B + 1,) when PACKED
-    stats_ptr,  # (B + 1, 11) float32: row b written here
+    stats_ptr,  # (B + 1, 12) float32: row b written here
     T,  # padded width (unused when PACKED)
     s_lp, s_old, s_adv, s_mask, s_ref, s_ent, s_isw, s_sel,  # row strides (padded)
     clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef,
     LOSS: tl.constexpr, KL: tl.constexpr, KL_ST: tl.constexpr, HAS_DUAL: tl.constexpr,
     PACKED: tl.constexpr, ADV_PER_SEQ: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
-    HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, HAS_SEL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, HAS_SEL: tl.constexpr, SEQ: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     start, n = _seq_bounds(cu_ptr, pid, T, PACKED)
@@ -237,7 +259,9 @@ def _policy_loss_fwd_kernel(
         r_ref, r_ent, r_isw, r_sel = pid * s_ref, pid * s_ent, pid * s_isw, pid * s_sel
     cols = tl.arange(0, BLOCK).to(tl.int64)
     slr = 0.0
-    if LOSS == 1:  # gspo: the sequence's mean log-ratio first
+    # level="sequence" ppo / sapo: the gradient reaches a token only through its sequence's mean
+    THROUGH_MEAN: tl.constexpr = SEQ and ((LOSS == 0) or (LOSS == 4))
+    if (LOSS == 1) or SEQ:  # gspo, level="sequence": the sequence's mean log-ratio first
         num = tl.zeros([BLOCK], tl.float32)
         den = tl.zeros([BLOCK], tl.float32)
         for off in range(0, n, BLOCK):
@@ -264,6 +288,9 @@ def _policy_loss_fwd_kernel(
     a_dcf = tl.zeros([BLOCK], tl.float32)
     a_akl = tl.zeros([BLOCK], tl.float32)
     a_ratio = tl.zeros([BLOCK], tl.float32)
+    a_dseq = tl.zeros([BLOCK], tl.float32)  # THROUGH_MEAN: m is_w dl
+    a_adv = tl.zeros([BLOCK], tl.float32)  # geo_mean: m A
+    a_log_isw = tl.zeros([BLOCK], tl.float32)  # geo_mean: m log(is_w + 1e-10)
     for off in range(0, n, BLOCK):
         idx = off + cols
         inb = idx < n
@@ -283,9 +310,19 @@ def _policy_loss_fwd_kernel(
         else:
             sel = tl.zeros([BLOCK], tl.float32)
         loss, dl, cf, lo, hi, dcf, akl, ratio = _policy_token(
-            lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef, LOSS, HAS_DUAL)
+            lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef, LOSS, HAS_DUAL,
+            SEQ)
         if HAS_ISW:
-            loss = loss * tl.load(isw_ptr + r_isw + idx, mask=inb, other=0.0).to(tl.float32)
+            isw = tl.load(isw_ptr + r_isw + idx, mask=inb, other=0.0).to(tl.float32)
+            if LOSS == 10:
+                a_log_isw += tl.where(live, m * tl.log(isw + 1e-10), 0.0)
+            else:
+                loss = loss * isw
+                dl = dl * isw
+        if LOSS == 10:
+            a_adv += tl.where(live, m * adv, 0.0)
+        if THROUGH_MEAN:
+            a_dseq += tl.where(live, m * dl, 0.0)
         # where() before the product: a NaN/inf at a masked-out token must not leak (verl's masked_sum)
         a_pol += tl.where(live, m * loss, 0.0)
         a_cnt += m
@@ -302,11 +339,19 @@ def _policy_loss_fwd_kernel(
         if HAS_ENT:
             ent = tl.load(ent_ptr + r_ent + idx, mask=inb, other=0.0).to(tl.float32)
             a_ent += tl.where(live, m * ent, 0.0)
-    out = stats_ptr + pid * 11
-    tl.store(out + 0, tl.sum(a_pol, 0))
+    out = stats_ptr + pid * 12
+    count = tl.sum(a_cnt, 0)
+    pol = tl.sum(a_pol, 0)
+    if LOSS == 10:  # geo_mean, as verl: the sequence loss -mean(A) exp(mean clipped lr) [exp(mean log is_w)]
+        den = count + _MEAN_EPS
+        slr = pol / den
+        pol = -(tl.sum(a_adv, 0) / den) * tl.exp(slr)
+        if HAS_ISW:
+            pol = pol * tl.exp(tl.sum(a_log_isw, 0) / den)
+    tl.store(out + 0, pol)
     tl.store(out + 1, tl.sum(a_ent, 0))
     tl.store(out + 2, tl.sum(a_kl, 0))
-    tl.store(out + 3, tl.sum(a_cnt, 0))
+    tl.store(out + 3, count)
     tl.store(out + 4, tl.sum(a_cf, 0))
     tl.store(out + 5, tl.sum(a_lo, 0))
     tl.store(out + 6, tl.sum(a_hi, 0))
@@ -314,11 +359,12 @@ def _policy_loss_fwd_kernel(
     tl.store(out + 8, tl.sum(a_akl, 0))
     tl.store(out + 9, tl.sum(a_ratio, 0))
     tl.store(out + 10, slr)
+    tl.store(out + 11, tl.sum(a_dseq, 0))
 
 
 @triton.jit
 def _policy_loss_finish_kernel(
-    stats_ptr,  # (B + 1, 11) float32: rows 0..B-1 from _policy_loss_fwd_kernel; row B written here
+    stats_ptr,  # (B + 1, 12) float32: rows 0..B-1 from _policy_loss_fwd_kernel; row B written here
     gtok_ptr, gseq_ptr,  # 0-dim global normalizers (GTOK / GSEQ == 1)
     loss_ptr,  # () float32
     metrics_ptr,  # (8,) float32, rlkern.ops METRIC_KEYS order
@@ -326,14 +372,15 @@ def _policy_loss_finish_kernel(
     gtok, gseq,  # the global normalizers given as numbers (GTOK / GSEQ == 2)
     dp, scale, kl_coef, ent_coef,  # scale: loss_scale_factor, else the padded width
     AGG: tl.constexpr, ENT_AGG: tl.constexpr, ENT_LOCAL: tl.constexpr, GTOK: tl.constexpr,
-    GSEQ: tl.constexpr, WITH_KL: tl.constexpr, WITH_ENT: tl.constexpr, BLOCK_B: tl.constexpr,
+    GSEQ: tl.constexpr, WITH_KL: tl.constexpr, WITH_ENT: tl.constexpr, GEO_MEAN: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):
     rows = tl.arange(0, BLOCK_B).to(tl.int64)
     a_tok = tl.zeros([BLOCK_B], tl.float32)
     a_seq = tl.zeros([BLOCK_B], tl.float32)
     for off in range(0, B, BLOCK_B):  # the local normalizers first: every weight depends on them
         b = off + rows
-        count = tl.load(stats_ptr + b * 11 + 3, mask=b < B, other=0.0)
+        count = tl.load(stats_ptr + b * 12 + 3, mask=b < B, other=0.0)
         a_tok += count
         a_seq += (count > 0).to(tl.float32)
     tokens = tl.sum(a_tok, 0)
@@ -345,7 +392,7 @@ def _policy_loss_finish_kernel(
     for off in range(0, B, BLOCK_B):
         b = off + rows
         live = b < B
-        tile = tl.load(stats_ptr + b[:, None] * 11 + cols[None, :], mask=live[:, None] & (cols[None, :] < 10),
+        tile = tl.load(stats_ptr + b[:, None] * 12 + cols[None, :], mask=live[:, None] & (cols[None, :] < 10),
                        other=0.0)
         a_sums += tile
         pol = tl.sum(tl.where(cols[None, :] == 0, tile, 0.0), 1)
@@ -353,7 +400,10 @@ def _policy_loss_finish_kernel(
         kl = tl.sum(tl.where(cols[None, :] == 2, tile, 0.0), 1)
         count = tl.sum(tl.where(cols[None, :] == 3, tile, 0.0), 1)
         w = tl.where(live, _seq_weight(count, g_tokens, g_seqs, dp, scale, AGG), 0.0)
-        a_loss += w * pol
+        if GEO_MEAN:  # pol is the sequence's loss; verl takes a plain mean over the B rows
+            a_loss += tl.where(live, pol / B, 0.0)
+        else:
+            a_loss += w * pol
         if WITH_KL:
             a_loss += kl_coef * (w * kl)
         if WITH_ENT:
@@ -369,7 +419,7 @@ def _policy_loss_finish_kernel(
     is_metric = ((cols >= 4) & (cols <= 9)) | (cols == 2) | (cols == 1)
     tl.store(metrics_ptr + slot, sums / (tokens + _MEAN_EPS), mask=is_metric)
     last = tl.where(cols == 0, tokens, tl.where(cols == 1, seqs, 0.0))
-    tl.store(stats_ptr + B * 11 + cols, last, mask=cols < 11)
+    tl.store(stats_ptr + B * 12 + cols, last, mask=cols < 12)
 
 
 @triton.jit
@@ -378,7 +428,7 @@ def _policy_loss_bwd_kernel(
     lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, isw_ptr, sel_ptr,  # (B, T) rows or packed (total,)
     cu_ptr,  # (B + 1,) when PACKED
     gtok_ptr, gseq_ptr,  # 0-dim global normalizers (GTOK / GSEQ == 1)
-    stats_ptr,  # (B + 1, 11) float32 from the forward
+    stats_ptr,  # (B + 1, 12) float32 from the forward
     g_lp_ptr,  # like logprobs, contiguous
     g_ent_ptr,  # like logprobs, contiguous (when HAS_ENT)
     B, T,
@@ -387,7 +437,7 @@ def _policy_loss_bwd_kernel(
     gtok, gseq, dp, scale, kl_coef, ent_coef,
     LOSS: tl.constexpr, KL: tl.constexpr, KL_ST: tl.constexpr, HAS_DUAL: tl.constexpr,
     PACKED: tl.constexpr, ADV_PER_SEQ: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
-    HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, HAS_SEL: tl.constexpr,
+    HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, HAS_SEL: tl.constexpr, SEQ: tl.constexpr,
     AGG: tl.constexpr, ENT_AGG: tl.constexpr, ENT_LOCAL: tl.constexpr, GTOK: tl.constexpr,
     GSEQ: tl.constexpr, WITH_KL: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -400,14 +450,20 @@ def _policy_loss_bwd_kernel(
         r_lp, r_old, r_adv, r_mask = pid * s_lp, pid * s_old, pid * s_adv, pid * s_mask
         r_ref, r_isw, r_sel, r_out = pid * s_ref, pid * s_isw, pid * s_sel, pid * T
     # this sequence's coefficients (ops _seq_weights x coefficient x upstream gradient)
-    count = tl.load(stats_ptr + pid * 11 + 3)
-    slr = tl.load(stats_ptr + pid * 11 + 10)
-    tokens = tl.load(stats_ptr + B * 11)
-    seqs = tl.load(stats_ptr + B * 11 + 1)
+    count = tl.load(stats_ptr + pid * 12 + 3)
+    slr = tl.load(stats_ptr + pid * 12 + 10)
+    tokens = tl.load(stats_ptr + B * 12)
+    seqs = tl.load(stats_ptr + B * 12 + 1)
     g_tokens, g_seqs = _norms(gtok_ptr, gseq_ptr, gtok, gseq, tokens, seqs, GTOK, GSEQ)
     grad = tl.load(grad_ptr).to(tl.float32)
     w = _seq_weight(count, g_tokens, g_seqs, dp, scale, AGG)
-    c_pol = w * grad
+    THROUGH_MEAN: tl.constexpr = SEQ and ((LOSS == 0) or (LOSS == 4))
+    if LOSS == 10:  # geo_mean: d (mean over B of the sequence losses) / d (sum of m * clipped lr)
+        c_pol = grad * tl.load(stats_ptr + pid * 12) / (B * (count + _MEAN_EPS))
+    elif THROUGH_MEAN:  # d loss / d logprob_t = m_t * c_pol
+        c_pol = w * grad * tl.load(stats_ptr + pid * 12 + 11) / tl.maximum(count, 1.0)
+    else:
+        c_pol = w * grad
     c_kl = w * kl_coef * grad
     if ENT_LOCAL:
         c_ent = -_seq_weight(count, tokens, seqs, 1.0, scale, ENT_AGG) * ent_coef * grad
@@ -434,11 +490,15 @@ def _policy_loss_bwd_kernel(
             sel = tl.load(sel_ptr + r_sel + idx, mask=inb, other=0.0).to(tl.float32)
         else:
             sel = tl.zeros([BLOCK], tl.float32)
-        _, dl, _, _, _, _, _, _ = _policy_token(
-            lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef, LOSS, HAS_DUAL)
-        g = c_pol * dl
-        if HAS_ISW:
-            g = g * tl.load(isw_ptr + r_isw + idx, mask=inb, other=0.0).to(tl.float32)
+        if THROUGH_MEAN:
+            g = c_pol + tl.zeros([BLOCK], tl.float32)
+        else:
+            _, dl, _, _, _, _, _, _ = _policy_token(
+                lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef, LOSS,
+                HAS_DUAL, SEQ)
+            g = c_pol * dl
+            if HAS_ISW and LOSS != 10:
+                g = g * tl.load(isw_ptr + r_isw + idx, mask=inb, other=0.0).to(tl.float32)
         if WITH_KL:
             ref = tl.load(ref_ptr + r_ref + idx, mask=inb, other=0.0).to(tl.float32)
             _, dkl = _kl_token(lp, ref, KL, KL_ST)
@@ -466,7 +526,7 @@ def _rows(t: torch.Tensor | None, packed: bool) -> torch.Tensor | None:
 
 
 def _token_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens,
-                loss, kl_estimator, hyper):
+                loss, kl_estimator, level, hyper):
     """Pointers, row strides, sizes, float hyper-parameters and flags shared by both token kernels."""
     packed = cu_seqlens is not None
     straight_through = kl_estimator.endswith("+")
@@ -486,7 +546,8 @@ def _token_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy,
               0.0 if math.isnan(hyper[9]) else hyper[9], hyper[10])
     flags = dict(LOSS=LOSS_IDS[loss], KL=kl_id, KL_ST=straight_through, HAS_DUAL=has_dual, PACKED=packed,
                  ADV_PER_SEQ=adv_per_seq, HAS_MASK=mask is not None, HAS_REF=ref_logprobs is not None,
-                 HAS_ENT=entropy is not None, HAS_ISW=is_weights is not None, HAS_SEL=select is not None)
+                 HAS_ENT=entropy is not None, HAS_ISW=is_weights is not None, HAS_SEL=select is not None,
+                 SEQ=level == "sequence")
     cu = cu_seqlens if packed else dummy
     block = min(MAX_BLOCK, max(16, triton.next_power_of_2(max(width, 1) if not packed else 1024)))
     return ptrs, strides, cu, n_seqs, width, floats, flags, block
@@ -525,12 +586,13 @@ def policy_loss_forward(
     agg: str,  # a verl mode (rlkern.ops resolves TRL's presets)
     entropy_agg: str,  # "": the entropy is aggregated like the loss
     kl_estimator: str,
+    level: str,  # "token" or "sequence" (ppo, cispo, sapo)
     hyper: list[float],  # rlkern.ops.policy_loss H_* layout
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(loss [], metrics [8], stats [B + 1, 11])`` float32, in 2 launches."""
+    """Returns ``(loss [], metrics [8], stats [B + 1, 12])`` float32, in 2 launches."""
     ptrs, strides, cu, n_seqs, width, floats, flags, block = _token_args(
         logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens, loss,
-        kl_estimator, hyper)
+        kl_estimator, level, hyper)
     device = logprobs.device
     stats = torch.empty((n_seqs + 1, N_STATS), dtype=torch.float32, device=device)
     total = torch.empty((), dtype=torch.float32, device=device)
@@ -542,7 +604,7 @@ def policy_loss_forward(
                                                    hyper)
     _policy_loss_finish_kernel[(1,)](stats, *norm_ptrs, total, metrics, n_seqs, *norm_floats, **norm_flags,
                                      WITH_KL=ref_logprobs is not None and hyper[3] != 0,
-                                     WITH_ENT=entropy is not None and hyper[4] != 0,
+                                     WITH_ENT=entropy is not None and hyper[4] != 0, GEO_MEAN=loss == "geo_mean",
                                      BLOCK_B=min(FINISH_BLOCK, max(16, triton.next_power_of_2(max(n_seqs, 1)))),
                                      num_warps=4)
     return total, metrics, stats
@@ -554,13 +616,13 @@ def policy_loss_backward(
     ref_logprobs: torch.Tensor | None, entropy: torch.Tensor | None, is_weights: torch.Tensor | None,
     select: torch.Tensor | None, cu_seqlens: torch.Tensor | None, global_tokens: torch.Tensor | None,
     global_seqs: torch.Tensor | None,
-    stats: torch.Tensor,  # (B + 1, 11) from policy_loss_forward
-    loss: str, agg: str, entropy_agg: str, kl_estimator: str, hyper: list[float],
+    stats: torch.Tensor,  # (B + 1, 12) from policy_loss_forward
+    loss: str, agg: str, entropy_agg: str, kl_estimator: str, level: str, hyper: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(d loss / d logprobs, d loss / d entropy or [0])`` in the inputs' dtypes, contiguous; 1 launch."""
     ptrs, strides, cu, n_seqs, width, floats, flags, block = _token_args(
         logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens, loss,
-        kl_estimator, hyper)
+        kl_estimator, level, hyper)
     g_lp = torch.empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
     g_ent = (torch.empty(entropy.shape, dtype=entropy.dtype, device=entropy.device) if entropy is not None
              else logprobs.new_empty(0, dtype=torch.float32))

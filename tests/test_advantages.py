@@ -150,6 +150,11 @@ def test_egae_paper_example():
     zero_r = torch.zeros(1, 2)
     torch.testing.assert_close(A.egae(zero_r, values, mask, torch.tensor([1]))[0], torch.tensor([[-0.2, 0.0]]))
     torch.testing.assert_close(A.egae(zero_r, values, mask, torch.tensor([0]))[0], torch.tensor([[-0.5, -0.3]]))
+    # no reward on the cut token (T-PPO gives unfinished responses none): the last residual is
+    # (gamma - 1) V(s_{l-1}), the form of the authors' verl recipe
+    adv = A.egae(zero_r, values, mask, torch.tensor([True]), 0.9, 0.8)[0]
+    torch.testing.assert_close(adv[0, 1], torch.tensor((0.9 - 1) * 0.3))
+    torch.testing.assert_close(adv[0, 0], torch.tensor(0.9 * 0.3 - 0.5 + 0.9 * 0.8 * (0.9 - 1) * 0.3))
 
 
 @pytest.mark.parametrize("layout", ["right", "left", "holes"])
@@ -261,6 +266,15 @@ def test_input_errors():
         A.egae(x, x, torch.ones(3, 5), torch.ones(2))
     with pytest.raises(TypeError, match="truncated must be a torch.Tensor"):
         A.egae(x, x, torch.ones(3, 5), [True, False, True])
+    otb = (x.flatten(), torch.ones(15), [0, 0, 1], -x.flatten().abs(), x.flatten().abs())
+    with pytest.raises(ValueError, match="group_ids must have 2 entries"):
+        A.optimal_token_baseline(*otb, cu_seqlens=torch.tensor([0, 5, 15], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"response_mask must have shape \(15,\)"):
+        A.optimal_token_baseline(otb[0], torch.ones(3, 5), *otb[2:], cu_seqlens=torch.tensor([0, 5, 9, 15],
+                                                                                            dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"with cu_seqlens, rewards must be packed"):
+        A.optimal_token_baseline(x, torch.ones(3, 5), [0, 0, 1], -x.abs(), x.abs(),
+                                 cu_seqlens=torch.tensor([0, 5, 9, 15], dtype=torch.int32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +461,63 @@ def test_optimal_token_baseline_matches_reference(multi_turn, handle_zero_tail):
                                                 compact=multi_turn)
     _close(adv, ref_adv, tol=1e-4)
     _close(ret, ref_ret)
+
+
+def _otb_packed_batch(seed):
+    """Ragged OTB batch, right-padded [B, T] with holes and its packed twin. Groups: "a" has a
+    unique longest response (the zero tail), "b" two equally long ones, "c" is a group of one,
+    "d" holds an empty sequence (no tokens at all), "e" one whose tokens are all masked (left out
+    of its group with multi_turn, so "e" becomes a group of one there)."""
+    g = _gen(seed)
+    ids = np.array(["a", "b", "a", "c", "d", "b", "e", "a", "d", "e"], dtype=object)
+    lengths = torch.tensor([6, 9, 13, 4, 0, 9, 5, 3, 7, 8])
+    n, steps = len(ids), int(lengths.max())
+    inside = torch.arange(steps)[None, :] < lengths[:, None]
+    mask = (inside & (torch.rand(n, steps, generator=g) > 0.25)).to(torch.int64)
+    mask[[1, 5], :9] = 1  # "b": equal numbers of valid tokens
+    mask[2, :13] = 1  # "a": unique longest
+    mask[6] = 0
+    tensors = dict(rewards=torch.randn(n, steps, generator=g) * inside,
+                   old_log_probs=-torch.rand(n, steps, generator=g) * 3,
+                   sum_pi_squared=torch.rand(n, steps, generator=g) * 0.5,
+                   rollout_is_weights=torch.rand(n, steps, generator=g) + 0.5)
+    cu = torch.zeros(n + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    return ids, mask, tensors, inside, cu
+
+
+@pytest.mark.parametrize("multi_turn", [False, True])
+@pytest.mark.parametrize("handle_zero_tail", [True, False])
+def test_optimal_token_baseline_packed_matches_padded_and_reference(multi_turn, handle_zero_tail):
+    ids, mask, tensors, inside, cu = _otb_packed_batch(23)
+    kw = dict(handle_zero_tail=handle_zero_tail, multi_turn=multi_turn)
+    for with_is in (False, True):
+        padded_in = [tensors[k] for k in ("rewards", "old_log_probs", "sum_pi_squared")]
+        padded_in.append(tensors["rollout_is_weights"] if with_is else None)
+        r, lp, spp, isw = [None if t is None else t[inside] for t in padded_in]
+        adv, ret = A.optimal_token_baseline(r, mask[inside], ids, lp, spp, isw, cu_seqlens=cu, **kw)
+        assert adv.shape == (int(cu[-1]),) and adv.dtype == torch.float32
+        padded_adv, padded_ret = A.optimal_token_baseline(padded_in[0], mask, ids, *padded_in[1:], **kw)
+        # the same float64 sums, the packed ones as differences of batch-wide prefix sums
+        torch.testing.assert_close(adv, padded_adv[inside], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ret, padded_ret[inside], rtol=1e-6, atol=1e-6)
+        ref_adv, ref_ret = R.optimal_token_baseline(r, mask[inside], list(ids), lp, spp, isw, handle_zero_tail, 1e-8,
+                                                    compact=multi_turn, cu_seqlens=cu)
+        _close(adv, ref_adv, name="advantages")
+        _close(ret, ref_ret, name="returns")
+    # the cases the batch is built for really happen: zero tail, a group of one
+    tail = adv[int(cu[2]) + 9:int(cu[3])]  # "a"'s longest response beyond the second-longest
+    tail_ret = ret[int(cu[2]) + 9:int(cu[3])]
+    if handle_zero_tail:
+        torch.testing.assert_close(tail, tail_ret)
+    else:
+        assert not torch.allclose(tail, tail_ret)
+    single = slice(int(cu[3]), int(cu[4]))  # "c"
+    torch.testing.assert_close(adv[single], ret[single] * (mask[inside][single] != 0))
+    # response_mask None: every token valid
+    all_valid = torch.ones(int(cu[-1]), dtype=torch.bool)
+    torch.testing.assert_close(A.optimal_token_baseline(r, None, ids, lp, spp, isw, cu_seqlens=cu, **kw),
+                               A.optimal_token_baseline(r, all_valid, ids, lp, spp, isw, cu_seqlens=cu, **kw))
 
 
 def test_remax_and_reinforce_pp_match_reference():
@@ -704,6 +775,18 @@ def test_verl_optimal_token_baseline_parity(name, with_is):
     ours = algos.VERL_ADV_ESTIMATORS[name](**kwargs)
     _assert_verl_close(ours[0], theirs[0], torch.ones_like(mask), 1e-4, "advantages")
     _assert_verl_close(ours[1], theirs[1], torch.ones_like(mask), 1e-4, "returns")
+    # packed: each row cut after its last valid token (holes kept, empty rows empty) gives verl's
+    # padded numbers at those tokens
+    row_len = torch.where(mask != 0, torch.arange(1, steps + 1), 0).amax(-1)
+    inside = torch.arange(steps)[None, :] < row_len[:, None]
+    cu = torch.zeros(batch + 1, dtype=torch.int32)
+    cu[1:] = row_len.cumsum(0)
+    isw = kwargs["rollout_is_weights"]
+    packed = A.optimal_token_baseline(rewards[inside], mask[inside], ids, logp[inside], spp[inside],
+                                      None if isw is None else isw[inside], multi_turn=name.startswith("tir"),
+                                      cu_seqlens=cu)
+    for ours_packed, theirs_padded in zip(packed, theirs):
+        torch.testing.assert_close(ours_packed.double(), theirs_padded[inside].double(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.peer
@@ -758,7 +841,12 @@ def test_opcheck_custom_ops():
         (A._bnpo_op, (torch.rand(6, generator=g), inverse, 0.0, 1.0)),
         (A._remax_op, (r, torch.randn(3), mask, None)),
         (A._remax_op, (r.flatten(), torch.randn(3), mask.flatten(), cu)),
-        (A._otb_op, (r, mask, torch.tensor([0, 0, 1]), -torch.rand(3, 9), torch.rand(3, 9), None, True, 1e-8, True)),
+        (A._otb_op, (r, mask, torch.tensor([0, 0, 1]), -torch.rand(3, 9), torch.rand(3, 9), None, None, True, 1e-8,
+                     True)),
+        (A._otb_op, (r.flatten(), mask.flatten(), torch.tensor([0, 0, 1]), -torch.rand(27), torch.rand(27),
+                     torch.rand(27) + 0.5, cu, True, 1e-8, False)),
+        (A._otb_op, (r.flatten(), None, torch.tensor([0, 1, 1]), -torch.rand(27), torch.rand(27), None, cu, False,
+                     1e-8, True)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -781,7 +869,10 @@ def test_torch_compile_fullgraph():
                 A.masked_whiten(r, mask), A.remax(r, scores, mask)[0], A.bnpo(torch.sigmoid(scores), ids),
                 A.egae(r, v, mask, truncated, 0.99, 0.95)[0], A.grpo(scores, ids, mask.flatten(), cu_seqlens=cu),
                 A.opo(scores, ids, mask.flatten(), cu_seqlens=cu),
-                A.egae(r.flatten(), v.flatten(), mask.flatten(), truncated, cu_seqlens=cu)[1])
+                A.egae(r.flatten(), v.flatten(), mask.flatten(), truncated, cu_seqlens=cu)[1],
+                *A.optimal_token_baseline(r, mask, ids, -v.abs(), v.abs(), multi_turn=True),
+                *A.optimal_token_baseline(r.flatten(), mask.flatten(), ids, -v.abs().flatten(), v.abs().flatten(),
+                                          cu_seqlens=cu))
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for ours, ref in zip(compiled(r, v, mask, ids), step(r, v, mask, ids)):

@@ -50,7 +50,7 @@ def _loss_kwargs(loss):
                 dro_beta=0.2, clip_cov_ratio=0.2, clip_cov_lb=-1.0, kl_cov_ratio=0.1)
 
 
-def _reference(b, loss, agg, est, lsf=None, seed=3, adv=None):
+def _reference(b, loss, agg, est, lsf=None, seed=3, adv=None, level="token"):
     """float64 reference loss, metrics and grads (autograd), with the cov selections drawn as rlkern does."""
     lp = b["lp"].clone().requires_grad_()
     ent = b["ent"].clone().requires_grad_()
@@ -66,12 +66,12 @@ def _reference(b, loss, agg, est, lsf=None, seed=3, adv=None):
     total, metrics = reference.policy_loss(
         lp, b["old"], adv, b["mask"], loss=loss, clip_high=0.28, dual_clip=kw["dual_clip"], ref_logprobs=b["ref"],
         kl_coef=0.3, kl_estimator=est, entropy=ent, entropy_coef=0.05, agg=agg, is_weights=b["isw"], select=select,
-        dro_beta=0.2, loss_scale_factor=lsf)
+        dro_beta=0.2, loss_scale_factor=lsf, level=level)
     total.backward()
     return total.detach(), metrics, lp.grad, ent.grad
 
 
-def _ours(b, loss, agg, est, dtype=torch.float32, packed=False, lsf=None, seed=3, adv=None):
+def _ours(b, loss, agg, est, dtype=torch.float32, packed=False, lsf=None, seed=3, adv=None, level="token"):
     mask = b["mask"]
     adv = b["adv"] if adv is None else adv
     cu = None
@@ -86,7 +86,7 @@ def _ours(b, loss, agg, est, dtype=torch.float32, packed=False, lsf=None, seed=3
     total, metrics = P.policy_loss(
         lp, conv(b["old"]), conv(adv) if adv.ndim == 2 else adv.to(dtype), mask.reshape(lp.shape),
         ref_logprobs=conv(b["ref"]), kl_coef=0.3, kl_estimator=est, entropy=ent, entropy_coef=0.05, agg=agg,
-        is_weights=conv(b["isw"]), cu_seqlens=cu, loss_scale_factor=lsf, **_loss_kwargs(loss))
+        is_weights=conv(b["isw"]), cu_seqlens=cu, loss_scale_factor=lsf, level=level, **_loss_kwargs(loss))
     total.backward()
     shape = b["lp"].shape
     return total.detach(), torch.stack([metrics[k] for k in KEYS]), lp.grad.reshape(shape), ent.grad.reshape(shape)
@@ -114,6 +114,25 @@ def test_matches_reference(backend, loss, agg, packed):
     _close(g, ref_g, name="grad logprobs")
     _close(ge, ref_ge, name="grad entropy")
     assert (g[~b["mask"]] == 0).all() and (ge[~b["mask"]] == 0).all()
+
+
+# TRL's importance_sampling_level="sequence": the ratio is exp of the sequence's mean log-ratio,
+# and the gradient of ppo / sapo reaches every token through that mean (cispo's through its
+# own logprob). The spread of 0.8 clips some sequences and leaves others inside the range.
+@pytest.mark.parametrize("loss", ["ppo", "cispo", "sapo"])
+@pytest.mark.parametrize("agg", P.AGG_MODES)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_sequence_level_matches_reference(backend, loss, agg, packed):
+    est = ESTIMATORS[P.AGG_MODES.index(agg) % len(ESTIMATORS)]
+    b = _batch(B=7, T=11, seed=40 + P.AGG_MODES.index(agg), spread=0.8)
+    lsf = 11.0 if packed else None
+    ref = _reference(b, loss, agg, est, lsf=lsf, level="sequence")
+    ours = _ours(b, loss, agg, est, packed=packed, lsf=lsf, level="sequence")
+    clipped = ref[1][P.METRIC_KEYS.index("clipfrac")]
+    assert 0 < clipped < 1 or loss == "sapo"  # both branches of the clip are exercised
+    for name, x, y in zip(("loss", "metrics", "grad", "grad entropy"), ours, ref):
+        _close(x, y, name=name)
+    assert (ours[2][~b["mask"]] == 0).all()
 
 
 @pytest.mark.parametrize("est", ESTIMATORS)
@@ -146,6 +165,36 @@ def test_per_sequence_advantages_and_bf16(backend):
     ref = _reference(rounded, "ppo", "token-mean", "k3")
     _close(ours[0], ref[0], atol=1e-4, name="bf16 loss")
     _close(ours[2], ref[2], atol=2e-3, rtol=1e-2, name="bf16 grad")  # grads are stored in bf16
+
+
+def test_bf16_read_and_written_in_place(monkeypatch):
+    # The C++ kernel reads bf16 inputs and writes bf16 gradients without a float32 copy: the bf16
+    # run must equal, bit for bit, the float32 run on the same (bf16-valued) inputs with its
+    # gradients rounded by torch (round to nearest even), also with mixed input dtypes and at a
+    # NaN gradient. (The Triton kernels round on the GPU's cvt.rn; the interpreter's numpy
+    # conversion differs in the last bit, so they are covered by the tolerance tests above.)
+    monkeypatch.setenv("RLKERN_BACKEND", "cpp")
+    b = _batch(B=5, T=19, seed=8)
+    b["adv"][0, 0] = float("nan")  # a NaN gradient there
+    b["mask"][0, 0] = True
+    bf = {k: v.to(torch.bfloat16) if v.dtype == torch.float64 else v for k, v in b.items()}
+
+    def run(dtype, old_dtype):
+        lp = bf["lp"].to(dtype).clone().requires_grad_()
+        ent = bf["ent"].to(dtype).clone().requires_grad_()
+        total, metrics = P.policy_loss(lp, bf["old"].to(old_dtype), bf["adv"].to(dtype), bf["mask"], dual_clip=3.0,
+                                       ref_logprobs=bf["ref"].to(old_dtype), kl_coef=0.2, entropy=ent,
+                                       entropy_coef=0.01, is_weights=bf["isw"].to(dtype), agg="seq-mean-token-mean")
+        total.backward(torch.tensor(0.75))
+        return lp.grad, ent.grad
+
+    fp32 = run(torch.float32, torch.float32)
+    for old_dtype in (torch.bfloat16, torch.float32):
+        grads = run(torch.bfloat16, old_dtype)
+        for g, ref in zip(grads, fp32):
+            assert g.dtype == torch.bfloat16
+            torch.testing.assert_close(g, ref.to(torch.bfloat16), atol=0, rtol=0, equal_nan=True)
+    assert grads[0][0, 0].isnan()
 
 
 def test_ragged_packed_matches_padded(backend):
@@ -245,14 +294,11 @@ def test_opcheck():
     lp, old, adv, ent = (b[k].float() for k in ("lp", "old", "adv", "ent"))
     mask = b["mask"]
     hyper = [0.2, 0.28, 3.0, 0.1, 0.01, 1.0, float("nan"), 1.0, 1.05, float("nan"), 0.1, float("nan"), 12.0]
-    # geo_mean: the reference path's forward (its backward is torch.func.vjp, which opcheck's
-    # schema mode cannot trace); ppo/gspo: the kernels' forward and backward.
-    for loss in ("ppo", "gspo", "geo_mean"):
+    # the kernels' forward and backward, GSPO's two-pass and the sequence-level forms included
+    for loss, level in (("ppo", "token"), ("gspo", "token"), ("geo_mean", "token"), ("ppo", "sequence")):
         args = (lp.clone().requires_grad_(), old, adv, mask, b["ref"].float(), ent.clone().requires_grad_(), None,
-                None, None, None, None, loss, "token-mean", "token-mean", "k3", "token", hyper)
+                None, None, None, None, loss, "token-mean", "token-mean", "k3", level, hyper)
         torch.library.opcheck(torch.ops.rlkern.policy_loss_fwd.default, args)
-        if loss == "geo_mean":
-            continue
         _, _, stats = torch.ops.rlkern.policy_loss_fwd(*args)
         plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         torch.library.opcheck(torch.ops.rlkern.policy_loss_bwd.default, (torch.tensor(1.0),) + plain[:11] + (stats,)
@@ -263,7 +309,7 @@ def test_opcheck():
                            float("nan")))
     if _backend.has_cpp():
         inputs = (lp, old, adv, mask, b["ref"].float(), ent, None, None, None, torch.tensor(7.0), None)
-        config = ("ppo", "token-mean", "seq-mean-token-mean", "k3", hyper)
+        config = ("ppo", "token-mean", "seq-mean-token-mean", "k3", "token", hyper)
         torch.library.opcheck(torch.ops.rlkern.policy_loss_forward.default, inputs + config)
         _, _, stats = torch.ops.rlkern.policy_loss_forward(*inputs, *config)
         torch.library.opcheck(torch.ops.rlkern.policy_loss_backward.default,
@@ -785,7 +831,8 @@ def test_sliced_inputs(backend):
 def test_cpp_baseline_isa_matches_reference():
     # The C++ token loops are compiled for AVX2 and for the baseline ISA (chosen once per
     # process); RLKERN_NO_SIMD=1 forces the baseline, which a fresh interpreter checks here
-    # against the fp64 reference on every kernel loss, padded and packed.
+    # against the fp64 reference on every kernel loss, padded and packed, at both levels, and
+    # with bf16 read and written in place.
     if not _backend.has_cpp():
         pytest.fail("rlkern._C did not build")
     script = """
@@ -799,6 +846,13 @@ for loss, packed in itertools.product(T.P.KERNEL_LOSSES, (False, True)):
     ours = T._ours(b, loss, agg, "k3", packed=packed, lsf=21.0)
     for x, y, what in zip(ours, ref, ("loss", "metrics", "grad", "grad entropy")):
         T._close(x, y, name=f"{{loss}} {{what}}")
+for loss in ("ppo", "cispo", "sapo"):
+    b = T._batch(B=5, T=21, seed=9, spread=0.8)
+    ref = T._reference(b, loss, "token-mean", "k1", level="sequence")
+    ours = T._ours(b, loss, "token-mean", "k1", level="sequence")
+    for x, y, what in zip(ours, ref, ("loss", "metrics", "grad", "grad entropy")):
+        T._close(x, y, name=f"sequence {{loss}} {{what}}")
+T.test_bf16_read_and_written_in_place(T.pytest.MonkeyPatch())
 print("ok")
 """.format(tests=os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, RLKERN_NO_SIMD="1", RLKERN_BACKEND="cpp")
@@ -866,22 +920,25 @@ def test_triton_launch_count(monkeypatch):
         assert {op for op, _ in ops} <= aliases | allocations, ops
         return [n for op, n in ops if op in allocations]
 
-    for loss, packed, agg in [("ppo", False, "token-mean"), ("gspo", False, "seq-mean-token-mean"),
-                              ("cispo", True, "seq-mean-token-sum")]:
+    for loss, level, packed, agg in [("ppo", "token", False, "token-mean"),
+                                     ("gspo", "token", False, "seq-mean-token-mean"),
+                                     ("cispo", "token", True, "seq-mean-token-sum"),
+                                     ("geo_mean", "token", True, "token-mean"),
+                                     ("ppo", "sequence", False, "seq-mean-token-sum-norm")]:
         shape = (B * T,) if packed else (B, T)
         conv = lambda t: t.float().reshape(shape).to(device)  # noqa: E731
         cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device) if packed else None
         inputs = (conv(b["lp"]), conv(b["old"]), conv(b["adv"]), b["mask"].reshape(shape).to(device),
                   conv(b["ref"]), conv(b["ent"]), conv(b["isw"]), None, cu,
                   torch.tensor(40.0, device=device), None)
-        config = (loss, agg, "", "k3", hyper)
+        config = (loss, agg, "", "k3", level, hyper)
         grad = torch.tensor(1.0, device=device)
         launches.clear()
         with _RecordOps() as mode:
             recorder.append(mode)
             _, _, stats = kernel.policy_loss_forward(*inputs, *config)
         assert launches == ["_policy_loss_fwd_kernel", "_policy_loss_finish_kernel"], (loss, launches)
-        assert sorted(allocated(mode.ops)) == [1, 8, 11 * (B + 1)], mode.ops  # loss, metrics, stats: no [B, T]
+        assert sorted(allocated(mode.ops)) == [1, 8, P.N_STATS * (B + 1)], mode.ops  # loss, metrics, stats: no [B, T]
         launches.clear()
         with _RecordOps() as mode:
             recorder.append(mode)
@@ -936,17 +993,18 @@ def build(kernel, flags, lp, warps):
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     assert compiled.asm["cubin"], kernel.__name__
 
-for loss in sorted(set(K.LOSS_IDS.values())):
+# every loss at level="token", and ppo / cispo / sapo at level="sequence"
+for loss, seq in [(x, False) for x in sorted(set(K.LOSS_IDS.values()))] + [(0, True), (2, True), (4, True)]:
     lp, packed = ("*bf16", True) if loss % 2 else ("*fp32", False)
     flags = dict(LOSS=loss, KL=loss % 4, KL_ST=loss == 3, HAS_DUAL=loss == 0, PACKED=packed, ADV_PER_SEQ=packed,
-                 HAS_MASK=not packed, HAS_REF=True, HAS_ENT=True, HAS_ISW=True, HAS_SEL=loss in (8, 9),
+                 HAS_MASK=not packed, HAS_REF=True, HAS_ENT=True, HAS_ISW=True, HAS_SEL=loss in (8, 9), SEQ=seq,
                  BLOCK=K.MAX_BLOCK)
     build(K._policy_loss_fwd_kernel, flags, lp, K.TOKEN_WARPS)
     build(K._policy_loss_bwd_kernel, dict(flags, AGG=loss % 5, ENT_AGG=3, ENT_LOCAL=loss % 2 == 0,
                                           GTOK=loss % 3, GSEQ=(loss + 1) % 3, WITH_KL=True), lp, K.TOKEN_WARPS)
 for agg in range(5):
     build(K._policy_loss_finish_kernel, dict(AGG=agg, ENT_AGG=0, ENT_LOCAL=agg == 2, GTOK=agg % 3,
-                                             GSEQ=(agg + 1) % 3, WITH_KL=True, WITH_ENT=True,
+                                             GSEQ=(agg + 1) % 3, WITH_KL=True, WITH_ENT=True, GEO_MEAN=agg == 4,
                                              BLOCK_B=K.FINISH_BLOCK), "*fp32", 4)
 print("ok")
 """

@@ -6,7 +6,8 @@ or a packed ``[total]`` batch with ``cu_seqlens`` (int32, ``[B + 1]``). Outcome 
 one score per sample and group ids; with a ``response_mask`` they return the per-token
 broadcast ``score * mask`` (verl's layout): ``[N, T]``, or packed ``[total]`` when
 ``cu_seqlens`` is given (sample i owns ``mask[cu[i]:cu[i + 1]]``); without it one value per
-sample. ``optimal_token_baseline`` is padded only.
+sample. ``optimal_token_baseline`` takes token-level tensors in either layout (``[B, T]``, or
+``[total]`` with ``cu_seqlens``).
 
 Group ids: an integer tensor, a numpy array of str (``<U`` or object dtype) or bytes, or a
 list of str (verl passes its ``uid`` array). Strings are compared as strings ("7" and "07"
@@ -478,6 +479,19 @@ def egae(
     so with gamma = 1 the last token's TD residual is its reward alone. A finished response
     (``truncated[b] == 0``) gets plain ``gae`` (V after EOS = 0). Positions are the valid tokens
     (mask != 0), as in ``gae``: s_{t+1} is the next valid token and l-1 the last valid one.
+    The (gamma * lam)^k weights are GAE's, unchanged.
+
+    Source: the paper's full text was not reachable here; V(s_l) := V(s_{l-1}) is what the T-PPO
+    recipe for verl computes (open verl pull request #3728, ported from ByteDance Seed's code with
+    T-PPO authors as co-authors; ``compute_truncate_gae_advantage_return`` in
+    ``recipe/tppo/tppo_algos.py``). That code forms an unfinished response's last residual as
+    ``(gamma - 1) * V(s_{l-1})``, without ``r_{l-1}``; its reward manager gives unfinished
+    responses score 0, so the two agree unless a per-token reward (a KL penalty folded into the
+    rewards) sits on the cut token. Outside this op, the recipe also drops the advantages of
+    the last ``window_ignore_token_num`` (8) tokens of an unfinished window (multiply
+    ``response_mask`` accordingly), can use VAPO's length-adaptive lambda, and trains the critic
+    on finished responses only, with Monte-Carlo returns (rlkern's ``returns`` of truncated rows
+    are GAE's ``A + V``).
 
     Args:
         rewards, values, response_mask, gamma, lam, whiten, cu_seqlens: as in ``gae``.
@@ -1119,54 +1133,105 @@ def gigpo_step_groups(step_returns: Tensor, anchor_keys, group_ids, response_mas
                                "unbiased" if norm_by_std else "none", "group", "zero")
 
 
+def _otb_slot_baseline(flat: Tensor, returns: Tensor, weighted: Tensor, slots: int, eps: float) -> Tensor:
+    """sum G W / (sum W + eps) over the tokens that share a slot (group, aligned position), per token."""
+    num = torch.zeros(slots, dtype=_F64, device=flat.device).index_add_(0, flat, (returns * weighted).reshape(-1))
+    den = torch.zeros(slots, dtype=_F64, device=flat.device).index_add_(0, flat, weighted.reshape(-1))
+    return (num / (den + eps)).index_select(0, flat)
+
+
 @torch.library.custom_op("rlkern::advantages_optimal_token_baseline", mutates_args=())
-def _otb_op(rewards: Tensor, mask: Tensor, inverse: Tensor, old_log_probs: Tensor, sum_pi_squared: Tensor,
-            rollout_is_weights: Tensor | None, handle_zero_tail: bool, eps: float,
-            multi_turn: bool) -> tuple[Tensor, Tensor]:
+def _otb_op(
+    rewards: Tensor,  # [B, T] or packed [total], float
+    mask: Tensor | None,  # rewards.shape, bool/int/float; None = every token valid
+    inverse: Tensor,  # [B] int64 dense group numbers in [0, B)
+    old_log_probs: Tensor,  # rewards.shape, float
+    sum_pi_squared: Tensor,  # rewards.shape, float
+    rollout_is_weights: Tensor | None,  # rewards.shape, float
+    cu_seqlens: Tensor | None,  # [B + 1] int32 for the packed layout
+    handle_zero_tail: bool,
+    eps: float,
+    multi_turn: bool,
+) -> tuple[Tensor, Tensor]:
     dtype = _out_dtype(rewards)
-    valid = mask != 0
+    device = rewards.device
+    valid = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask != 0
     m = valid.to(_F64)
-    batch, steps = rewards.shape
-    returns = (rewards.to(_F64) * m).flip(-1).cumsum(-1).flip(-1)
     w = 1 - 2 * old_log_probs.to(_F64).exp() + sum_pi_squared.to(_F64)
     if rollout_is_weights is not None:
         w = w * rollout_is_weights.to(_F64) ** 2
-    big_w = (w * m).cumsum(-1)
-    lengths = valid.sum(-1)
-    # position of each token in the group-aligned sequence: its column, or (multi-turn) its
-    # index among the row's valid tokens
-    pos = (valid.cumsum(-1) - 1).clamp_min(0) if multi_turn else torch.arange(steps, device=rewards.device).expand(
-        batch, steps)
+    y = rewards.to(_F64) * m
+    batch = inverse.shape[0]
+    if cu_seqlens is None:
+        steps = rewards.shape[1]
+        returns = y.flip(-1).cumsum(-1).flip(-1)
+        weighted = (w * m).cumsum(-1) * m
+        lengths = valid.sum(-1)
+        if multi_turn:
+            pos = (valid.cumsum(-1) - 1).clamp_min(0)
+            baseline = _otb_slot_baseline((inverse[:, None] * steps + pos).reshape(-1), returns, weighted,
+                                          rewards.numel(), eps).reshape(batch, steps)
+        else:
+            pos = torch.arange(steps, device=device)[None, :]
+            num = torch.zeros_like(returns).index_add_(0, inverse, returns * weighted)
+            den = torch.zeros_like(returns).index_add_(0, inverse, weighted)
+            baseline = (num / (den + eps))[inverse]
+
+        def per_token(per_row):
+            return per_row[:, None]
+    else:
+        # segment sums as differences of batch-wide float64 prefix/suffix sums (no host sync)
+        total = rewards.shape[0]
+        seq = _segment_ids(cu_seqlens, total)
+
+        def per_token(per_seq):
+            return per_seq.index_select(0, seq)
+
+        starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+        suffix = torch.cat([y.flip(0).cumsum(0).flip(0), y.new_zeros(1)])
+        returns = suffix[:-1] - per_token(suffix[ends])
+        prefix = torch.cat([y.new_zeros(1), (w * m).cumsum(0)])
+        weighted = (prefix[1:] - per_token(prefix[starts])) * m
+        counts = torch.cat([valid.new_zeros(1, dtype=torch.int64), valid.cumsum(0)])
+        lengths = counts[ends] - counts[starts]
+        if multi_turn:
+            pos = (counts[1:] - per_token(counts[starts]) - 1).clamp_min(0)
+        else:
+            pos = torch.arange(total, device=device) - per_token(starts)
+        # group g owns as many slots as its longest sequence has tokens: the widths sum to at
+        # most total, so the per-position sums fit in [total] without a length on the host
+        width = torch.zeros(batch, dtype=torch.int64, device=device).scatter_reduce(
+            0, inverse, cu_seqlens.diff().long(), "amax")
+        baseline = _otb_slot_baseline(per_token((width.cumsum(0) - width)[inverse]) + pos, returns, weighted, total,
+                                      eps)
+    # per sequence, the position from which its baseline is 0: a group of one from the start; with
+    # handle_zero_tail a unique longest response from the group's second-longest length on
     member = (lengths > 0) if multi_turn else torch.ones_like(lengths, dtype=torch.bool)
     count = _group_sum(member.to(_F64), inverse)
-    flat = (inverse[:, None] * steps + pos).reshape(-1)
-    num = torch.zeros(batch * steps, dtype=_F64, device=rewards.device).index_add_(0, flat, (returns * big_w * m).reshape(-1))
-    den = torch.zeros(batch * steps, dtype=_F64, device=rewards.device).index_add_(0, flat, (big_w * m).reshape(-1))
-    baseline = (num[flat] / (den[flat] + eps)).reshape(batch, steps)
-    baseline = torch.where((count > 1)[:, None], baseline, 0.0)
+    zero_from = torch.where(count > 1, max(rewards.numel(), 1), 0)  # a position is < numel
     if handle_zero_tail:
-        length_f = torch.where(member, lengths, -1).to(_F64)
-        longest = torch.full((batch,), -1.0, dtype=_F64, device=rewards.device).scatter_reduce(
-            0, inverse, length_f, "amax")[inverse]
-        is_longest = length_f == longest
+        length = torch.where(member, lengths, -1)
+        longest = torch.full_like(length, -1).scatter_reduce(0, inverse, length, "amax")[inverse]
+        is_longest = length == longest
         n_longest = _group_sum(is_longest.to(_F64), inverse)
-        second = torch.full((batch,), -1.0, dtype=_F64, device=rewards.device).scatter_reduce(
-            0, inverse, torch.where(is_longest, -1.0, length_f), "amax")[inverse]
-        tail_row = is_longest & (n_longest == 1) & (count > 1) & member
-        baseline = torch.where(tail_row[:, None] & (pos >= second[:, None]), 0.0, baseline)
+        second = torch.full_like(length, -1).scatter_reduce(0, inverse, torch.where(is_longest, -1, length),
+                                                            "amax")[inverse]
+        zero_from = torch.where(is_longest & (n_longest == 1) & (count > 1) & member, second, zero_from)
+    baseline = torch.where(pos >= per_token(zero_from), 0.0, baseline)
     adv = torch.where(valid, returns - baseline, 0.0)
     return adv.to(dtype), returns.to(dtype)
 
 
 @_otb_op.register_fake
-def _(rewards, mask, inverse, old_log_probs, sum_pi_squared, rollout_is_weights, handle_zero_tail, eps, multi_turn):
+def _(rewards, mask, inverse, old_log_probs, sum_pi_squared, rollout_is_weights, cu_seqlens, handle_zero_tail, eps,
+      multi_turn):
     dtype = _out_dtype(rewards)
     return rewards.new_empty(rewards.shape, dtype=dtype), rewards.new_empty(rewards.shape, dtype=dtype)
 
 
 def optimal_token_baseline(
     rewards: Tensor,
-    response_mask: Tensor,
+    response_mask: Tensor | None,
     group_ids,
     old_log_probs: Tensor,
     sum_pi_squared: Tensor,
@@ -1175,22 +1240,37 @@ def optimal_token_baseline(
     handle_zero_tail: bool = True,
     eps: float = 1e-8,
     multi_turn: bool = False,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Optimal Token Baseline (verl ``optimal_token_baseline`` / ``tir_optimal_token_baseline``).
 
     Per group and aligned position t: ``B_t = sum_i G_it W_it / (sum_i W_it + eps)`` with
     ``G`` the reward-to-go, ``W_t = sum_{j <= t} (1 - 2 pi_j + sum pi^2) * rho_j^2`` over valid
     tokens; ``A = (G - B) * mask``; a group of one has B = 0; with ``handle_zero_tail`` a unique
-    longest response gets B = 0 beyond the second-longest length. ``multi_turn=True`` (TIR)
-    aligns each response's valid tokens packed to the left and leaves empty responses out of
-    their group. Defaults (``handle_zero_tail=True``, ``eps=1e-8``) as verl.
+    longest response (length = its number of valid tokens) gets B = 0 from the second-longest
+    length on. ``multi_turn=True`` (TIR) aligns each response's valid tokens packed to the left
+    and leaves empty responses out of their group. Defaults (``handle_zero_tail=True``,
+    ``eps=1e-8``) as verl.
+
+    Layouts. Padded: every tensor ``[B, T]``, the position of a token is its column
+    (``multi_turn``: its index among the row's valid tokens). Packed (``cu_seqlens`` given):
+    every tensor ``[total]``, sequence b is ``[cu[b], cu[b + 1])``, the position of a token is its
+    index inside its own sequence (``multi_turn``: among the sequence's valid tokens); the
+    numbers equal the padded layout's with each sequence right-padded into a row (masked padding).
 
     Args:
-        rewards, old_log_probs, sum_pi_squared: ``[B, T]`` float.  response_mask: ``[B, T]``.
-        group_ids: see ``group_normalize``.  rollout_is_weights: optional ``[B, T]`` float.
+        rewards: ``[B, T]`` float token-level rewards, or packed ``[total]``.
+        response_mask: rewards' shape, bool/int/float (nonzero = valid); None = every token valid.
+        group_ids: ``[B]`` group of each sequence; see ``group_normalize``.
+        old_log_probs: rewards' shape, float (log pi of the sampled tokens).
+        sum_pi_squared: rewards' shape, float (sum over the vocabulary of pi^2).
+        rollout_is_weights: optional, rewards' shape, float (rho; W is scaled by rho^2).
+        cu_seqlens: int32 ``[B + 1]`` for the packed layout.
 
     Returns:
-        ``(advantages, returns)``, ``[B, T]`` float32; ``returns`` is verl's reward-to-go.
+        ``(advantages, returns)`` of rewards' shape (``[B, T]`` or ``[total]``), float32 (float64
+        for float64 rewards); ``returns`` is verl's reward-to-go (at every position, as verl),
+        ``advantages`` are 0 at masked positions.
     """
     op = "optimal_token_baseline"
     _check_advantages(op, "rewards", {"rewards": (rewards, "float"), "response_mask": (response_mask, "mask"),
@@ -1198,8 +1278,8 @@ def optimal_token_baseline(
                                       "sum_pi_squared": (sum_pi_squared, "float"),
                                       "rollout_is_weights": (rollout_is_weights, "float")},
                       shape=tuple(rewards.shape) if isinstance(rewards, Tensor) else None, floats={"eps": eps})
-    if rewards.ndim != 2:
-        raise ValueError(f"{op}: rewards must be [B, T], got {tuple(rewards.shape)}")
-    inverse = group_index(group_ids, n=rewards.shape[0], device=rewards.device)
-    return _otb_op(rewards, response_mask, inverse, old_log_probs, sum_pi_squared, rollout_is_weights,
+    _packed_check(op, rewards, cu_seqlens)
+    batch = rewards.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    inverse = group_index(group_ids, n=batch, device=rewards.device)
+    return _otb_op(rewards, response_mask, inverse, old_log_probs, sum_pi_squared, rollout_is_weights, cu_seqlens,
                    bool(handle_zero_tail), float(eps), bool(multi_turn))

@@ -5,10 +5,11 @@
 aggregation and the training metrics in one pass over the ``[B, T]`` (or packed) tensors, and
 its backward writes d loss / d logprobs and d loss / d entropy in one more pass.
 
-Backends: the C++ kernel (CPU) and the Triton kernels (GPU) cover ``ppo``, ``gspo``, ``cispo``,
-``reinforce``/``gpg``, ``sapo``, ``dro``, ``dppo_tv``, ``dppo_kl``, ``clip_cov`` and ``kl_cov``
-at ``level="token"``; ``geo_mean`` and ``level="sequence"`` run the PyTorch reference
-(``rlkern.reference.policy_loss``) on every device, as does float64 input. Both kernel backends
+Backends: the C++ kernel (CPU) and the Triton kernels (GPU) cover every loss, ``level="token"``
+and ``level="sequence"``; float64 input runs the PyTorch reference (``rlkern.reference.policy_loss``).
+The losses whose ratio is a sequence mean (``gspo``, ``level="sequence"``) read each sequence
+twice in the forward (the mean log-ratio first); ``geo_mean`` and sequence-level ``ppo`` / ``sapo``
+get their per-sequence backward factor from the forward's per-sequence sums. Both kernel backends
 compute the loss, the metrics and the per-sequence partial sums themselves (the aggregation
 included): the Triton forward is 2 launches (token pass + a one-program reduction over the B
 rows), its backward 1, with no other torch op in between (kernels/policy_loss.py).
@@ -26,7 +27,7 @@ from rlkern.reference import policy_loss as reference
 
 _KERNELS = ("cpp", "triton")
 KERNEL_LOSSES = ("ppo", "gspo", "cispo", "reinforce", "gpg", "sapo", "dro", "dppo_tv", "dppo_kl", "clip_cov",
-                 "kl_cov")
+                 "kl_cov", "geo_mean")
 METRIC_KEYS = reference.METRIC_KEYS
 AGG_MODES = reference.AGG_MODES
 # TRL 1.16 GRPOTrainer loss_type normalizations, as presets of verl's modes (resolved in _resolve_agg).
@@ -35,10 +36,13 @@ LOSS_NAMES = reference.LOSSES
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64) + _FLOAT_DTYPES
 # Columns of the per-sequence partial sums the kernels emit, stats [B + 1, N_STATS]: row b < B is
-# a sum over sequence b's tokens of mask * value (except SLR, GSPO's sequence mean log-ratio);
-# row B holds (sum of the mask, number of non-empty sequences), the local normalizers.
-S_POLICY, S_ENTROPY, S_KL, S_COUNT, S_CF, S_LO, S_HI, S_DCF, S_AKL, S_RATIO, S_SLR = range(11)
-N_STATS = 11
+# a sum over sequence b's tokens of mask * value, except SLR (the sequence's mean log-ratio, for
+# GSPO and level="sequence"), DSEQ (level="sequence" ppo / sapo: sum of mask * is_weights *
+# d loss / d log-ratio, which the backward spreads over the sequence) and, for geo_mean, POLICY
+# (the sequence's loss); row B holds (sum of the mask, number of non-empty sequences), the local
+# normalizers.
+S_POLICY, S_ENTROPY, S_KL, S_COUNT, S_CF, S_LO, S_HI, S_DCF, S_AKL, S_RATIO, S_SLR, S_DSEQ = range(12)
+N_STATS = 12
 # Indices into the float hyper-parameter list of the custom ops. H_GTOK / H_GSEQ: global_tokens /
 # global_seqs given as numbers (a number stays a kernel argument: a tensor made from it on the GPU
 # would be a host-to-device copy in every step, which CUDA graphs cannot capture); NaN when not
@@ -224,7 +228,7 @@ def _kernel_fns(backend: str):
 
 
 def _backend_for(logprobs: Tensor, loss: str, level: str) -> str:
-    if loss not in KERNEL_LOSSES or level != "token":
+    if loss not in KERNEL_LOSSES:
         return "torch"
     return _backend.choose(logprobs.device, _KERNELS, logprobs.dtype)
 
@@ -295,7 +299,7 @@ def _fwd_impl(
         return total, metrics, logprobs.new_zeros((0, N_STATS), dtype=_out_dtype(logprobs))
     forward, _ = _kernel_fns(backend)
     return forward(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens,
-                   global_tokens, global_seqs, loss, agg, entropy_agg, kl_estimator, hyper)
+                   global_tokens, global_seqs, loss, agg, entropy_agg, kl_estimator, level, hyper)
 
 
 _fwd = torch.library.custom_op("rlkern::policy_loss_fwd", mutates_args=())(_fwd_impl)
@@ -349,7 +353,7 @@ def _bwd_impl(
         return grads[0].to(logprobs.dtype), grad_ent
     _, backward = _kernel_fns(backend)
     return backward(grad_loss, logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select,
-                    cu_seqlens, global_tokens, global_seqs, stats, loss, agg, entropy_agg, kl_estimator, hyper)
+                    cu_seqlens, global_tokens, global_seqs, stats, loss, agg, entropy_agg, kl_estimator, level, hyper)
 
 
 _bwd = torch.library.custom_op("rlkern::policy_loss_bwd", mutates_args=())(_bwd_impl)
@@ -488,8 +492,8 @@ def policy_loss(
                                random draw of high-covariance tokens             (verl); host sync, RNG
     ``kl_cov``    kl_cov       -A r + ppo_kl_coef |lr| at the top-covariance     ratio 2e-4, coef 0.1
                                tokens                                            (verl); host sync
-    ``geo_mean``  geo_mean     per sequence: -mean(A) exp(mean(sign(A)           reference only; policy
-                               min(sign(A) lr, sign(A) clamp(lr, -lo, hi))))     term = mean over B rows
+    ``geo_mean``  geo_mean     per sequence: -mean(A) exp(mean(sign(A)           policy term = plain mean
+                               min(sign(A) lr, sign(A) clamp(lr, -lo, hi))))     over the B rows (verl)
     ``dppo_tv``   dppo_tv      -A sg(min(r, c)) logprob, 0 where p - p_old       c = dual_clip (verl passes
                                leaves [-clip_low, clip_high] against A's sign    clip_ratio_c; None: no cap)
     ``dppo_kl``   dppo_kl      same, trust region by binary KL(p_old || p)
@@ -521,7 +525,8 @@ def policy_loss(
         dual_clip: the dual-clip constant c (> 1) applied where A < 0; None is off. verl always
             applies ``clip_ratio_c=3.0``: pass 3.0 for verl parity.
         level: ``"token"``; ``"sequence"`` is TRL's ``importance_sampling_level="sequence"``
-            (ratio from the sequence mean log-ratio, gradient through the mean; reference path).
+            (ratio from the sequence mean log-ratio, unclamped, gradient through the mean), for
+            ``ppo``, ``cispo`` and ``sapo``.
         ref_logprobs: like ``logprobs``: the reference policy, for the KL penalty.
         kl_coef: weight of the KL penalty (verl's kl_loss_coef 0.001, TRL's beta 0.0).
         kl_estimator: ``k1``/``kl``, ``abs``, ``k2``/``mse``, ``k3``/``low_var_kl`` (clamped as verl:

@@ -257,9 +257,31 @@ def reverse_cumsum(x, mask):
 
 
 def optimal_token_baseline(rewards, mask, ids, old_log_probs, sum_pi_squared, rollout_is_weights=None,
-                           handle_zero_tail=True, eps=1e-8, compact=False):
+                           handle_zero_tail=True, eps=1e-8, compact=False, cu_seqlens=None):
     """verl's OTB (compact=False) and its multi-turn TIR variant (compact=True: valid tokens are
-    packed to the left before positions are aligned across a group). Returns (adv, returns)."""
+    packed to the left before positions are aligned across a group). Returns (adv, returns).
+
+    mask None: every token valid. With ``cu_seqlens`` every tensor is packed ``[total]``: each
+    sequence is right-padded into a row (padding masked out), and the rows' values are packed back.
+    """
+    if mask is None:
+        mask = torch.ones(rewards.shape, dtype=torch.bool)
+    if cu_seqlens is not None:
+        bounds = [int(c) for c in cu_seqlens]
+        steps = max([e - s for s, e in zip(bounds, bounds[1:])], default=0)
+        inside = torch.zeros(len(bounds) - 1, steps, dtype=torch.bool)
+        for b, (s, e) in enumerate(zip(bounds, bounds[1:])):
+            inside[b, :e - s] = True
+
+        def rows(x):
+            out = torch.zeros(inside.shape, dtype=x.dtype)
+            out[inside] = x
+            return out
+
+        adv, ret = optimal_token_baseline(rows(rewards), rows(mask), ids, rows(old_log_probs), rows(sum_pi_squared),
+                                          None if rollout_is_weights is None else rows(rollout_is_weights),
+                                          handle_zero_tail, eps, compact)
+        return adv[inside], ret[inside]
     m = _valid(mask)
     returns = reverse_cumsum(rewards, mask)
     w = 1 - 2 * old_log_probs.to(_F64).exp() + sum_pi_squared.to(_F64)
