@@ -90,39 +90,9 @@ def run(device: torch.device, batch: int, steps: int, samples: int, group: int, 
             rows.append(common.Row(bench, name, shape, med, p20, p80, gbps,
                                    100 * gbps / peak_bw if gbps else None))
 
-    # GAE, whitened (verl's compute_gae_advantage_return output)
-    rewards = torch.randn(batch, steps, generator=gen).to(device)
-    values = torch.randn(batch, steps, generator=gen).to(device)
-    mask = _mask(batch, steps, gen, device)
-    fns = {"rlkern": lambda: ops.gae(rewards, values, mask, 0.99, 0.95, whiten=True),
-           "rlkern (no whiten)": lambda: ops.gae(rewards, values, mask, 0.99, 0.95)}
-    if core is not None:
-        fns["verl"] = lambda: core.compute_gae_advantage_return(rewards, values, mask, 0.99, 0.95)
-    else:
-        fns["eager"] = lambda: _eager_gae(rewards, values, mask, 0.99, 0.95)
-    with torch.no_grad():
-        add("gae+whiten", f"B={batch} T={steps} fp32", timed(fns, rounds), batch * steps * (4 + 4 + 8 + 4 + 4))
-
-    # Optimal Token Baseline over the same [B, T] batch in groups of `group` (string uids), padded
-    # and packed (the valid tokens of each row, cu_seqlens), vs verl's loop over groups
-    otb_ids = np.array([f"uid-{i}" for i in range(max(batch // group, 1))], dtype=object).repeat(group)[:batch]
-    otb_ids = otb_ids[np.random.default_rng(1).permutation(len(otb_ids))]
-    logp = (-torch.rand(batch, steps, generator=gen) * 3).to(device)
-    spp = (torch.rand(batch, steps, generator=gen) * 0.5).to(device)
-    inside = mask != 0  # right padding: the packed tokens are the valid ones
-    cu = torch.zeros(batch + 1, dtype=torch.int32, device=device)
-    cu[1:] = inside.sum(-1).cumsum(0)
-    packed = [t[inside] for t in (rewards, mask, logp, spp)]
-    fns = {"rlkern": lambda: ops.optimal_token_baseline(rewards, mask, otb_ids, logp, spp),
-           "rlkern (packed)": lambda: ops.optimal_token_baseline(packed[0], packed[1], otb_ids, packed[2], packed[3],
-                                                                 cu_seqlens=cu)}
-    if core is not None:
-        fns["verl"] = lambda: core.compute_optimal_token_baseline_advantage(rewards, mask, otb_ids, logp, spp)
-    with torch.no_grad():
-        add("optimal_token_baseline", f"B={batch} T={steps} G={group}", timed(fns, rounds),
-            batch * steps * (4 + 8 + 4 + 4 + 4 + 4))
-
-    # GRPO with string uids
+    # GRPO with string uids, first: after the [B, T] sections below, glibc's dynamic mmap
+    # threshold has grown and its 32 MiB outputs faulted in their pages on some calls (measured
+    # 15 ms alone, 25-45 ms after them)
     n_groups = samples // group
     uids = np.array([str(uuid.uuid4()) for _ in range(n_groups)], dtype=object).repeat(group)
     uids = uids[np.random.default_rng(0).permutation(samples)]
@@ -150,6 +120,38 @@ def run(device: torch.device, batch: int, steps: int, samples: int, group: int, 
            "np.unique": lambda: np.unique(uids, return_inverse=True)}
     uids_u = uids.astype(str)
     add("str uids -> groups", f"N={samples} uuid4", timed(fns, rounds), None)
+    # GAE, whitened (verl's compute_gae_advantage_return output)
+    rewards = torch.randn(batch, steps, generator=gen).to(device)
+    values = torch.randn(batch, steps, generator=gen).to(device)
+    mask = _mask(batch, steps, gen, device)
+    fns = {"rlkern": lambda: ops.gae(rewards, values, mask, 0.99, 0.95, whiten=True),
+           "rlkern (no whiten)": lambda: ops.gae(rewards, values, mask, 0.99, 0.95)}
+    if core is not None:
+        fns["verl"] = lambda: core.compute_gae_advantage_return(rewards, values, mask, 0.99, 0.95)
+    else:
+        fns["eager"] = lambda: _eager_gae(rewards, values, mask, 0.99, 0.95)
+    with torch.no_grad():
+        add("gae+whiten", f"B={batch} T={steps} fp32", timed(fns, rounds), batch * steps * (4 + 4 + 8 + 4 + 4))
+
+    # Optimal Token Baseline over the GAE [B, T] batch in groups of `group` (string uids), padded
+    # and packed (the valid tokens of each row, cu_seqlens), vs verl's loop over groups.
+    otb_ids = np.array([f"uid-{i}" for i in range(max(batch // group, 1))], dtype=object).repeat(group)[:batch]
+    otb_ids = otb_ids[np.random.default_rng(1).permutation(len(otb_ids))]
+    logp = (-torch.rand(batch, steps, generator=gen) * 3).to(device)
+    spp = (torch.rand(batch, steps, generator=gen) * 0.5).to(device)
+    inside = mask != 0  # right padding: the packed tokens are the valid ones
+    cu = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    cu[1:] = inside.sum(-1).cumsum(0)
+    packed = [t[inside] for t in (rewards, mask, logp, spp)]
+    fns = {"rlkern": lambda: ops.optimal_token_baseline(rewards, mask, otb_ids, logp, spp),
+           "rlkern (packed)": lambda: ops.optimal_token_baseline(packed[0], packed[1], otb_ids, packed[2], packed[3],
+                                                                 cu_seqlens=cu)}
+    if core is not None:
+        fns["verl"] = lambda: core.compute_optimal_token_baseline_advantage(rewards, mask, otb_ids, logp, spp)
+    with torch.no_grad():
+        add("optimal_token_baseline", f"B={batch} T={steps} G={group}", timed(fns, rounds),
+            batch * steps * (4 + 8 + 4 + 4 + 4 + 4))
+
     common.fill_ratios(rows)
     return rows
 

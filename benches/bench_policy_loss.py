@@ -1,13 +1,16 @@
 """Fused policy loss (forward + backward): rlkern vs verl 0.9.1's compute_policy_loss_vanilla and
 the eager formula as TRL 1.16's GRPOTrainer writes it, both with autograd.
 
-    python -m rlkern.benches.bench_policy_loss [--b B --t T --dtype fp32|bf16] [--out FILE]
+    python -m rlkern.benches.bench_policy_loss [--b B --t T --dtype fp32|bf16] [--loss ppo|gspo|geo_mean]
+                                              [--out FILE]
 
 Defaults: CPU B=64, T=4096 fp32, 2 threads (the issue's CPU target: >= 3x verl); GPU B=64,
-T=8192. Every implementation computes the PPO clipped surrogate with dual-clip (verl's
-clip_ratio_c=3.0), clip-higher (0.2 / 0.28) and token-mean aggregation over a bool mask, plus
-the k3 KL penalty to a reference policy (kl_coef 0.001, verl's kl_loss) and the entropy bonus;
-the timed step is forward + backward (grads w.r.t. logprobs and entropy).
+T=8192. With ``--loss ppo`` (default) every implementation computes the PPO clipped surrogate
+with dual-clip (verl's clip_ratio_c=3.0), clip-higher (0.2 / 0.28) and token-mean aggregation
+over a bool mask; ``gspo`` and ``geo_mean`` (GMPO) are verl's sequence-ratio losses (the
+kernels read each sequence twice for GSPO), against verl's own functions. Every step adds the
+k3 KL penalty to a reference policy (kl_coef 0.001, verl's kl_loss) and the entropy bonus; the
+timed step is forward + backward (grads w.r.t. logprobs and entropy).
 
 Bytes counted (the minimum traffic of a fused pass): forward reads logprobs, old_logprobs,
 advantages, ref_logprobs, entropy (element size each) and the mask (1 byte); backward reads the
@@ -51,18 +54,26 @@ def _inputs(device, b, t, dtype, seed=0):
     return data
 
 
-def _rlkern_step(d, lp, ent):
-    total, metrics = ops.policy_loss(lp, d["old"], d["adv"], d["mask"], clip_low=CLIP_LOW, clip_high=CLIP_HIGH,
-                                     dual_clip=CLIP_C, ref_logprobs=d["ref"], kl_coef=KL_COEF, kl_estimator="k3",
-                                     entropy=ent, entropy_coef=ENT_COEF, agg="token-mean")
-    return total, metrics
+LOSSES = ("ppo", "gspo", "geo_mean")
+_VERL_FUNCTIONS = {"ppo": "compute_policy_loss_vanilla", "gspo": "compute_policy_loss_gspo",
+                   "geo_mean": "compute_policy_loss_geo_mean"}
 
 
-def _verl_step(core_algos, config):
+def _rlkern_step(loss):
     def step(d, lp, ent):
-        pg_loss, metrics = core_algos.compute_policy_loss_vanilla(
-            old_log_prob=d["old"], log_prob=lp, advantages=d["adv"], response_mask=d["mask"],
-            loss_agg_mode="token-mean", config=config)
+        return ops.policy_loss(lp, d["old"], d["adv"], d["mask"], loss=loss, clip_low=CLIP_LOW, clip_high=CLIP_HIGH,
+                               dual_clip=CLIP_C if loss == "ppo" else None, ref_logprobs=d["ref"], kl_coef=KL_COEF,
+                               kl_estimator="k3", entropy=ent, entropy_coef=ENT_COEF, agg="token-mean")
+
+    return step
+
+
+def _verl_step(core_algos, config, loss):
+    policy = getattr(core_algos, _VERL_FUNCTIONS[loss])
+
+    def step(d, lp, ent):
+        pg_loss, metrics = policy(old_log_prob=d["old"], log_prob=lp, advantages=d["adv"], response_mask=d["mask"],
+                                  loss_agg_mode="token-mean", config=config)
         ent_loss = core_algos.agg_loss(ent, d["mask"], "token-mean")
         kl = core_algos.agg_loss(core_algos.kl_penalty(lp, d["ref"], "low_var_kl"), d["mask"], "token-mean")
         return pg_loss - ENT_COEF * ent_loss + KL_COEF * kl, metrics
@@ -85,20 +96,22 @@ def _trl_eager_step(d, lp, ent):
     return loss, {"clip": (clipped * mask).sum() / n}
 
 
-def implementations():
-    impls = {"rlkern": _rlkern_step}
+def implementations(loss: str = "ppo"):
+    impls = {"rlkern": _rlkern_step(loss)}
     core_algos = _peer("verl.trainer.ppo.core_algos")
     workers_config = _peer("verl.workers.config")
     if core_algos is not None and workers_config is not None:
         config = workers_config.ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1,
                                             clip_ratio=CLIP_LOW, clip_ratio_low=CLIP_LOW, clip_ratio_high=CLIP_HIGH,
                                             clip_ratio_c=CLIP_C)
-        impls["verl"] = _verl_step(core_algos, config)
-    impls["eager (TRL formula)"] = _trl_eager_step
+        impls["verl"] = _verl_step(core_algos, config, loss)
+    if loss == "ppo":
+        impls["eager (TRL formula)"] = _trl_eager_step
     return impls
 
 
-def run(device: torch.device, b: int, t: int, dtype: torch.dtype, rounds: int = 15) -> list[common.Row]:
+def run(device: torch.device, b: int, t: int, dtype: torch.dtype, rounds: int = 15,
+        loss: str = "ppo") -> list[common.Row]:
     d = _inputs(device, b, t, dtype)
     shape = f"B={b} T={t} {str(dtype).removeprefix('torch.')}"
     elt = d["lp"].element_size()
@@ -118,7 +131,7 @@ def run(device: torch.device, b: int, t: int, dtype: torch.dtype, rounds: int = 
             torch.autograd.grad(total, (lp, ent))
         return fn
 
-    fns = {name: make(step) for name, step in implementations().items()}
+    fns = {name: make(step) for name, step in implementations(loss).items()}
     if device.type == "cuda":
         timings = {name: common.time_cuda(fn) for name, fn in fns.items()}
         peaks = {name: common.cuda_peak_mib(fn) for name, fn in fns.items()}
@@ -126,7 +139,9 @@ def run(device: torch.device, b: int, t: int, dtype: torch.dtype, rounds: int = 
         timings, peaks = common.time_alternating(fns, rounds, warmup=2), {}
     for name, (med, p20, p80) in timings.items():
         gbps = bytes_moved / (med * 1e-3) / 1e9
-        rows.append(common.Row("policy_loss fwd+bwd (ppo dual-clip + k3 + entropy, token-mean)", name, shape, med,
+        bench = ("policy_loss fwd+bwd (ppo dual-clip + k3 + entropy, token-mean)" if loss == "ppo"
+                 else f"policy_loss fwd+bwd ({loss} + k3 + entropy)")
+        rows.append(common.Row(bench, name, shape, med,
                                p20, p80, gbps, 100 * gbps / peak_bw, peaks.get(name),
                                extra={"backend": _backend_name(device, dtype) if name == "rlkern" else None}))
     common.fill_ratios(rows)
@@ -151,6 +166,7 @@ def main(argv=None) -> list[common.Row]:
     parser.add_argument("--dtype", choices=sorted(DTYPES))
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (the issue's target: 2)")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--loss", choices=LOSSES, default="ppo")
     parser.add_argument("--out", help="write FILE.json and FILE.md")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -158,7 +174,7 @@ def main(argv=None) -> list[common.Row]:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         torch.set_num_threads(args.threads)
     b, t, dtype = default_shape(device)
-    rows = run(device, args.b or b, args.t or t, DTYPES[args.dtype] if args.dtype else dtype, args.rounds)
+    rows = run(device, args.b or b, args.t or t, DTYPES[args.dtype] if args.dtype else dtype, args.rounds, args.loss)
     print(f"# {common.device_name(device)}\n")
     print(common.markdown_table(rows))
     if args.out:
