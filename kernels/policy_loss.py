@@ -5,31 +5,34 @@ both backends take and return the same tensors (``rlkern.ops.policy_loss`` calls
 
 Launches (counted by tests/test_policy_loss.py::test_triton_launch_count):
 
-- forward, 2 launches. ``_policy_loss_fwd_kernel``: one program per sequence reads each of its
-  tokens once (twice for GSPO, whose ratio is the sequence's mean log-ratio: one extra reduction
-  over the sequence, in the same program; also at ``level="sequence"``) and writes its partial
-  sums ``stats[b, :12]``: masked sums of the policy loss (times ``is_weights``), the entropy, the
-  KL estimate, the mask, the six metric values, the mean log-ratio, and for sequence-level ppo /
-  sapo the sum of ``m is_w d l / d lr`` that the backward spreads over the sequence (geo_mean:
-  column 0 is the sequence's loss). ``_policy_loss_finish_kernel`` (one program) reduces
-  the B rows in a fixed order into the aggregated loss ``[]`` and the 8 metrics ``[8]``, and
-  writes ``stats[B, :2]`` = (mask sum, non-empty sequences) for the backward. Why a second
-  launch: the aggregation weights of seq-mean-token-mean and token-mean need totals over all
-  sequences, and Triton has no grid-wide barrier. The one-launch form (an atomic ticket: the last
-  program to finish reduces) needs a counter zeroed before every call (a memset launch) or a
-  persistent buffer shared by every call, stream and CUDA graph; the finalize launch instead
-  reads only the [B, 12] partial sums, in a fixed order (the loss is deterministic).
-- backward, 1 launch. ``_policy_loss_bwd_kernel``: one program per sequence computes its
-  aggregation weight from ``stats`` (its own row and row B), the normalizers and the upstream
-  gradient (all read from device memory: no host sync), reads the tokens once and writes
-  ``d loss / d logprobs = m * (c_pol * is_w * dl/dlp + c_kl * dkl/dlp)`` and ``d loss / d entropy
-  = m * c_ent``.
+- forward, 2 launches. ``_policy_loss_fwd_kernel``, grid (B, K): program (b, k) reads blocks
+  k, k + K, ... of sequence b once and writes its partial sums ``part[b K + k, :12]``: masked
+  sums of the policy loss (times ``is_weights``), the entropy, the KL estimate, the mask and the
+  six metric values; column 10 the sequence's mean log-ratio and 11, for sequence-level ppo /
+  sapo, the sum of ``m is_w d l / d lr`` that the backward spreads over the sequence (geo_mean:
+  column 0 sums the clipped log-ratios, 10 and 11 sum ``m A`` and ``m log(is_w + 1e-10)``).
+  K > 1 when B alone gives fewer than PROGRAMS_PER_SM programs per SM (B = 64 would fill half
+  an H100); GSPO and ``level="sequence"`` keep K = 1 and read their sequence twice, the mean
+  log-ratio first. ``_policy_loss_finish_kernel`` (one program) reduces the K partial rows of
+  each sequence (forming geo_mean's sequence loss) into ``stats[b]`` for the backward, then the
+  B rows in a fixed order into the aggregated loss ``[]`` and the 8 metrics ``[8]``, and writes
+  ``stats[B, :2]`` = (mask sum, non-empty sequences). When K = 1 and the loss is not geo_mean,
+  ``part`` is ``stats`` itself. Why a second launch: the aggregation weights of
+  seq-mean-token-mean and token-mean need totals over all sequences, and Triton has no
+  grid-wide barrier. The one-launch form (an atomic ticket: the last program to finish
+  reduces) needs a counter zeroed before every call (a memset launch) or a persistent buffer
+  shared by every call, stream and CUDA graph; the finalize launch instead reads only the
+  [B K, 12] partial sums, in a fixed order (the loss is deterministic).
+- backward, 1 launch. ``_policy_loss_bwd_kernel``, grid (B, K): program (b, k) computes its
+  sequence's aggregation weight from ``stats`` (its own row and row B), the normalizers and the
+  upstream gradient (all read from device memory: no host sync), reads blocks k, k + K, ... once
+  and writes ``d loss / d logprobs = m * (c_pol * is_w * dl/dlp + c_kl * dkl/dlp)`` and
+  ``d loss / d entropy = m * c_ent``.
 
 No [B, T] intermediate is written; the launchers allocate only the outputs (``torch.empty``,
 no memset) and run no other torch op on contiguous inputs.
 
-Not done (yet): a 2-D grid splitting long sequences when B is too small to fill the GPU (B=64
-programs use half an H100); tuning of BLOCK / num_warps on the GPU.
+Not done (yet): tuning of BLOCK / num_warps / PROGRAMS_PER_SM on the GPU.
 """
 
 from __future__ import annotations
@@ -241,7 +244,7 @@ def _norms(gtok_ptr, gseq_ptr, gtok, gseq, tokens, seqs, GTOK: tl.constexpr, GSE
 def _policy_loss_fwd_kernel(
     lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, isw_ptr, sel_ptr,  # (B, T) rows or packed (total,)
     cu_ptr,  # (B + 1,) when PACKED
-    stats_ptr,  # (B + 1, 12) float32: row b written here
+    part_ptr,  # (B * K, 12) float32: the partial sums of program (b, k) in row b * K + k
     T,  # padded width (unused when PACKED)
     s_lp, s_old, s_adv, s_mask, s_ref, s_ent, s_isw, s_sel,  # row strides (padded)
     clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef,
@@ -249,7 +252,11 @@ def _policy_loss_fwd_kernel(
     PACKED: tl.constexpr, ADV_PER_SEQ: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, HAS_SEL: tl.constexpr, SEQ: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # grid (B, K): program (b, k) reads blocks k, k + K, k + 2K, ... of sequence b (K = 1 for the
+    # two-pass losses, whose token pass needs the whole sequence's mean log-ratio first)
     pid = tl.program_id(0).to(tl.int64)
+    kid = tl.program_id(1).to(tl.int64)
+    n_split = tl.num_programs(1).to(tl.int64)
     start, n = _seq_bounds(cu_ptr, pid, T, PACKED)
     if PACKED:
         row = start
@@ -291,7 +298,7 @@ def _policy_loss_fwd_kernel(
     a_dseq = tl.zeros([BLOCK], tl.float32)  # THROUGH_MEAN: m is_w dl
     a_adv = tl.zeros([BLOCK], tl.float32)  # geo_mean: m A
     a_log_isw = tl.zeros([BLOCK], tl.float32)  # geo_mean: m log(is_w + 1e-10)
-    for off in range(0, n, BLOCK):
+    for off in range(kid * BLOCK, n, n_split * BLOCK):
         idx = off + cols
         inb = idx < n
         if HAS_MASK:
@@ -339,48 +346,49 @@ def _policy_loss_fwd_kernel(
         if HAS_ENT:
             ent = tl.load(ent_ptr + r_ent + idx, mask=inb, other=0.0).to(tl.float32)
             a_ent += tl.where(live, m * ent, 0.0)
-    out = stats_ptr + pid * 12
-    count = tl.sum(a_cnt, 0)
-    pol = tl.sum(a_pol, 0)
-    if LOSS == 10:  # geo_mean, as verl: the sequence loss -mean(A) exp(mean clipped lr) [exp(mean log is_w)]
-        den = count + _MEAN_EPS
-        slr = pol / den
-        pol = -(tl.sum(a_adv, 0) / den) * tl.exp(slr)
-        if HAS_ISW:
-            pol = pol * tl.exp(tl.sum(a_log_isw, 0) / den)
-    tl.store(out + 0, pol)
+    out = part_ptr + (pid * n_split + kid) * 12
+    tl.store(out + 0, tl.sum(a_pol, 0))  # geo_mean: the sum of m * clipped lr
     tl.store(out + 1, tl.sum(a_ent, 0))
     tl.store(out + 2, tl.sum(a_kl, 0))
-    tl.store(out + 3, count)
+    tl.store(out + 3, tl.sum(a_cnt, 0))
     tl.store(out + 4, tl.sum(a_cf, 0))
     tl.store(out + 5, tl.sum(a_lo, 0))
     tl.store(out + 6, tl.sum(a_hi, 0))
     tl.store(out + 7, tl.sum(a_dcf, 0))
     tl.store(out + 8, tl.sum(a_akl, 0))
     tl.store(out + 9, tl.sum(a_ratio, 0))
-    tl.store(out + 10, slr)
-    tl.store(out + 11, tl.sum(a_dseq, 0))
+    if LOSS == 10:  # geo_mean: sums of m A and m log(is_w + 1e-10); the finalize forms the loss
+        tl.store(out + 10, tl.sum(a_adv, 0))
+        tl.store(out + 11, tl.sum(a_log_isw, 0))
+    else:
+        tl.store(out + 10, slr)
+        tl.store(out + 11, tl.sum(a_dseq, 0))
 
 
 @triton.jit
 def _policy_loss_finish_kernel(
-    stats_ptr,  # (B + 1, 12) float32: rows 0..B-1 from _policy_loss_fwd_kernel; row B written here
+    part_ptr,  # (B * K, 12) float32 from _policy_loss_fwd_kernel
+    stats_ptr,  # (B + 1, 12) float32: rows 0..B-1 reduced over K here (when ROWS), row B written here
     gtok_ptr, gseq_ptr,  # 0-dim global normalizers (GTOK / GSEQ == 1)
     loss_ptr,  # () float32
     metrics_ptr,  # (8,) float32, rlkern.ops METRIC_KEYS order
-    B,
+    B, K,
     gtok, gseq,  # the global normalizers given as numbers (GTOK / GSEQ == 2)
     dp, scale, kl_coef, ent_coef,  # scale: loss_scale_factor, else the padded width
     AGG: tl.constexpr, ENT_AGG: tl.constexpr, ENT_LOCAL: tl.constexpr, GTOK: tl.constexpr,
     GSEQ: tl.constexpr, WITH_KL: tl.constexpr, WITH_ENT: tl.constexpr, GEO_MEAN: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    HAS_ISW: tl.constexpr, ROWS: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
+    # ROWS: part is not stats (K > 1 or geo_mean); the per-sequence rows the backward reads are
+    # written here. Both loops read the partial sums (not the rows written by the other loop).
     rows = tl.arange(0, BLOCK_B).to(tl.int64)
     a_tok = tl.zeros([BLOCK_B], tl.float32)
     a_seq = tl.zeros([BLOCK_B], tl.float32)
     for off in range(0, B, BLOCK_B):  # the local normalizers first: every weight depends on them
         b = off + rows
-        count = tl.load(stats_ptr + b * 12 + 3, mask=b < B, other=0.0)
+        count = tl.zeros([BLOCK_B], tl.float32)
+        for k in range(0, K):
+            count += tl.load(part_ptr + (b * K + k) * 12 + 3, mask=b < B, other=0.0)
         a_tok += count
         a_seq += (count > 0).to(tl.float32)
     tokens = tl.sum(a_tok, 0)
@@ -392,15 +400,26 @@ def _policy_loss_finish_kernel(
     for off in range(0, B, BLOCK_B):
         b = off + rows
         live = b < B
-        tile = tl.load(stats_ptr + b[:, None] * 12 + cols[None, :], mask=live[:, None] & (cols[None, :] < 10),
-                       other=0.0)
-        a_sums += tile
+        tile = tl.zeros([BLOCK_B, 16], tl.float32)
+        for k in range(0, K):
+            tile += tl.load(part_ptr + (b[:, None] * K + k) * 12 + cols[None, :],
+                            mask=live[:, None] & (cols[None, :] < 12), other=0.0)
         pol = tl.sum(tl.where(cols[None, :] == 0, tile, 0.0), 1)
         ent = tl.sum(tl.where(cols[None, :] == 1, tile, 0.0), 1)
         kl = tl.sum(tl.where(cols[None, :] == 2, tile, 0.0), 1)
         count = tl.sum(tl.where(cols[None, :] == 3, tile, 0.0), 1)
+        if GEO_MEAN:  # verl: the sequence loss -mean(A) exp(mean clipped lr) [exp(mean log is_w)]
+            den = count + _MEAN_EPS
+            mean_lr = pol / den
+            pol = -(tl.sum(tl.where(cols[None, :] == 10, tile, 0.0), 1) / den) * tl.exp(mean_lr)
+            if HAS_ISW:
+                pol = pol * tl.exp(tl.sum(tl.where(cols[None, :] == 11, tile, 0.0), 1) / den)
+            tile = tl.where(cols[None, :] == 0, pol[:, None], tl.where(cols[None, :] == 10, mean_lr[:, None], tile))
+        if ROWS:
+            tl.store(stats_ptr + b[:, None] * 12 + cols[None, :], tile, mask=live[:, None] & (cols[None, :] < 12))
+        a_sums += tl.where(cols[None, :] < 10, tile, 0.0)
         w = tl.where(live, _seq_weight(count, g_tokens, g_seqs, dp, scale, AGG), 0.0)
-        if GEO_MEAN:  # pol is the sequence's loss; verl takes a plain mean over the B rows
+        if GEO_MEAN:  # a plain mean over the B rows (verl), whatever the agg mode
             a_loss += tl.where(live, pol / B, 0.0)
         else:
             a_loss += w * pol
@@ -441,7 +460,10 @@ def _policy_loss_bwd_kernel(
     AGG: tl.constexpr, ENT_AGG: tl.constexpr, ENT_LOCAL: tl.constexpr, GTOK: tl.constexpr,
     GSEQ: tl.constexpr, WITH_KL: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # grid (B, K): program (b, k) writes blocks k, k + K, k + 2K, ... of sequence b
     pid = tl.program_id(0).to(tl.int64)
+    kid = tl.program_id(1).to(tl.int64)
+    n_split = tl.num_programs(1).to(tl.int64)
     start, n = _seq_bounds(cu_ptr, pid, T, PACKED)
     if PACKED:
         row = start
@@ -472,7 +494,7 @@ def _policy_loss_bwd_kernel(
     if ADV_PER_SEQ:
         adv_seq = tl.load(adv_ptr + pid).to(tl.float32)
     cols = tl.arange(0, BLOCK).to(tl.int64)
-    for off in range(0, n, BLOCK):
+    for off in range(kid * BLOCK, n, n_split * BLOCK):
         idx = off + cols
         inb = idx < n
         if HAS_MASK:
@@ -523,6 +545,22 @@ def _rows(t: torch.Tensor | None, packed: bool) -> torch.Tensor | None:
     if packed:
         return t.contiguous()
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# Programs per SM the token kernels aim for: when B sequences are too few, each is split into K
+# programs over interleaved blocks (B = 64 alone would fill half an H100). The interpreter has
+# no SMs: CPU_SMS = 0 means no split there, and tests raise it to run the split.
+PROGRAMS_PER_SM = 4
+CPU_SMS = 0
+
+
+def _n_split(n_seqs: int, n_tokens: int, block: int, device: torch.device, two_pass: bool) -> int:
+    """K, the programs per sequence: host values only (shapes and the device's SM count)."""
+    if two_pass or n_seqs == 0:  # GSPO / level="sequence": the token pass needs the whole sequence's mean
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else CPU_SMS
+    blocks = triton.cdiv(max(n_tokens // n_seqs, 1), block)  # blocks of an average sequence
+    return max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, n_seqs), blocks))
 
 
 def _token_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens,
@@ -594,17 +632,22 @@ def policy_loss_forward(
         logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens, loss,
         kl_estimator, level, hyper)
     device = logprobs.device
+    split = _n_split(n_seqs, logprobs.numel(), block, device, flags["LOSS"] == LOSS_IDS["gspo"] or flags["SEQ"])
     stats = torch.empty((n_seqs + 1, N_STATS), dtype=torch.float32, device=device)
+    # the token kernel's partial sums: stats itself unless the finalize has rows to form
+    rows = split > 1 or loss == "geo_mean"
+    part = torch.empty((n_seqs * split, N_STATS), dtype=torch.float32, device=device) if rows else stats
     total = torch.empty((), dtype=torch.float32, device=device)
     metrics = torch.empty((8,), dtype=torch.float32, device=device)
     if n_seqs > 0:
-        _policy_loss_fwd_kernel[(n_seqs,)](*ptrs, cu, stats, width, *strides, *floats, **flags, BLOCK=block,
-                                           num_warps=TOKEN_WARPS)
+        _policy_loss_fwd_kernel[(n_seqs, split)](*ptrs, cu, part, width, *strides, *floats, **flags, BLOCK=block,
+                                                 num_warps=TOKEN_WARPS)
     norm_ptrs, norm_floats, norm_flags = _agg_args(logprobs, global_tokens, global_seqs, agg, entropy_agg, width,
                                                    hyper)
-    _policy_loss_finish_kernel[(1,)](stats, *norm_ptrs, total, metrics, n_seqs, *norm_floats, **norm_flags,
-                                     WITH_KL=ref_logprobs is not None and hyper[3] != 0,
+    _policy_loss_finish_kernel[(1,)](part, stats, *norm_ptrs, total, metrics, n_seqs, split, *norm_floats,
+                                     **norm_flags, WITH_KL=ref_logprobs is not None and hyper[3] != 0,
                                      WITH_ENT=entropy is not None and hyper[4] != 0, GEO_MEAN=loss == "geo_mean",
+                                     HAS_ISW=is_weights is not None, ROWS=rows,
                                      BLOCK_B=min(FINISH_BLOCK, max(16, triton.next_power_of_2(max(n_seqs, 1)))),
                                      num_warps=4)
     return total, metrics, stats
@@ -632,9 +675,10 @@ def policy_loss_backward(
     norm_ptrs, norm_floats, norm_flags = _agg_args(logprobs, global_tokens, global_seqs, agg, entropy_agg, width,
                                                    hyper)
     kl_coef, ent_coef = (hyper[3] if ref_logprobs is not None else 0.0), (hyper[4] if entropy is not None else 0.0)
-    _policy_loss_bwd_kernel[(n_seqs,)](grad_loss, *ptrs, cu, *norm_ptrs, stats, g_lp,
-                                       g_ent if entropy is not None else g_lp, n_seqs, width, *strides, *floats,
-                                       *norm_floats[:4], kl_coef, ent_coef, **flags, **norm_flags,
-                                       WITH_KL=ref_logprobs is not None and hyper[3] != 0, BLOCK=block,
-                                       num_warps=TOKEN_WARPS)
+    split = _n_split(n_seqs, logprobs.numel(), block, logprobs.device, False)
+    _policy_loss_bwd_kernel[(n_seqs, split)](grad_loss, *ptrs, cu, *norm_ptrs, stats, g_lp,
+                                             g_ent if entropy is not None else g_lp, n_seqs, width, *strides,
+                                             *floats, *norm_floats[:4], kl_coef, ent_coef, **flags, **norm_flags,
+                                             WITH_KL=ref_logprobs is not None and hyper[3] != 0, BLOCK=block,
+                                             num_warps=TOKEN_WARPS)
     return g_lp, g_ent

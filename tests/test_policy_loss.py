@@ -950,7 +950,9 @@ def test_triton_launch_count(monkeypatch):
             recorder.append(mode)
             _, _, stats = kernel.policy_loss_forward(*inputs, *config)
         assert launches == ["_policy_loss_fwd_kernel", "_policy_loss_finish_kernel"], (loss, launches)
-        assert sorted(allocated(mode.ops)) == [1, 8, P.N_STATS * (B + 1)], mode.ops  # loss, metrics, stats: no [B, T]
+        # loss, metrics, stats (and geo_mean's per-sequence partial sums): no [B, T]
+        expected = [1, 8, P.N_STATS * (B + 1)] + ([P.N_STATS * B] if loss == "geo_mean" else [])
+        assert sorted(allocated(mode.ops)) == sorted(expected), mode.ops
         launches.clear()
         with _RecordOps() as mode:
             recorder.append(mode)
@@ -990,11 +992,11 @@ FLOATS = {"clip_low", "clip_high", "dual", "tau_pos", "tau_neg", "dro_beta", "pp
 def arg_type(name, lp):
     if name in FLOATS:
         return "fp32"
-    if name in ("B", "T") or name.startswith("s_"):
+    if name in ("B", "T", "K") or name.startswith("s_"):
         return "i32"
     if name in ("cu_ptr", "mask_ptr"):
         return {"cu_ptr": "*i32", "mask_ptr": "*u8"}[name]
-    if name in ("stats_ptr", "loss_ptr", "metrics_ptr", "grad_ptr", "gtok_ptr", "gseq_ptr"):
+    if name in ("stats_ptr", "part_ptr", "loss_ptr", "metrics_ptr", "grad_ptr", "gtok_ptr", "gseq_ptr"):
         return "*fp32"
     assert name.endswith("_ptr"), name
     return lp
@@ -1017,6 +1019,7 @@ for loss, seq in [(x, False) for x in sorted(set(K.LOSS_IDS.values()))] + [(0, T
 for agg in range(5):
     build(K._policy_loss_finish_kernel, dict(AGG=agg, ENT_AGG=0, ENT_LOCAL=agg == 2, GTOK=agg % 3,
                                              GSEQ=(agg + 1) % 3, WITH_KL=True, WITH_ENT=True, GEO_MEAN=agg == 4,
+                                             HAS_ISW=agg > 2, ROWS=agg % 2 == 0,
                                              BLOCK_B=K.FINISH_BLOCK), "*fp32", 4)
 print("ok")
 """
@@ -1035,20 +1038,27 @@ def test_triton_kernels_compile_for_h100():
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
-def test_long_sequences_cross_backend(monkeypatch):
+@pytest.mark.parametrize("sms", [0, 8], ids=["one-program-per-sequence", "split"])
+def test_long_sequences_cross_backend(monkeypatch, sms):
     # T = 37 with the Triton block lowered to 16: the block loop runs 3 times per sequence
     # (2-pass GSPO included), and the finalize loop over B = 7 sequences twice with 4 per step;
-    # cpp and triton must agree with the fp64 reference.
+    # with 8 "SMs" (32 programs wanted) the single-pass losses split each sequence into 3
+    # programs, whose partial sums the finalize reduces. cpp and triton must agree with the fp64
+    # reference.
     from rlkern.kernels import policy_loss as kernel
 
     monkeypatch.setattr(kernel, "MAX_BLOCK", 16)
     monkeypatch.setattr(kernel, "FINISH_BLOCK", 4)
-    b = _batch(B=7, T=37, seed=18)
+    monkeypatch.setattr(kernel, "CPU_SMS", sms)
+    assert kernel._n_split(7, 7 * 37, 16, torch.device("cpu"), False) == (3 if sms else 1)
+    assert kernel._n_split(7, 7 * 37, 16, torch.device("cpu"), True) == 1
+    b = _batch(B=7, T=37, seed=18, spread=0.8)
     for name in ("cpp", "triton"):
         monkeypatch.setenv("RLKERN_BACKEND", name)
-        for loss, agg, packed in itertools.product(("ppo", "gspo"), ("token-mean", "seq-mean-token-sum"),
-                                                   (False, True)):
-            ours = _ours(b, loss, agg, "k3", packed=packed)
-            ref = _reference(b, loss, agg, "k3")
+        for (loss, level), agg, packed in itertools.product(
+                (("ppo", "token"), ("gspo", "token"), ("geo_mean", "token"), ("sapo", "sequence")),
+                ("token-mean", "seq-mean-token-sum"), (False, True)):
+            ours = _ours(b, loss, agg, "k3", packed=packed, level=level)
+            ref = _reference(b, loss, agg, "k3", level=level)
             for x, y, what in zip(ours, ref, ("loss", "metrics", "grad", "grad entropy")):
-                _close(x, y, name=f"{name} {loss} {agg} {what}")
+                _close(x, y, name=f"{name} {loss} {level} {agg} {what}")
