@@ -238,6 +238,59 @@ def test_ragged_packed_matches_padded(backend):
         torch.testing.assert_close(ea.grad, P._unpad(eb.grad, cu, total), atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("config", [
+    dict(rollout_is="token", rollout_is_threshold=1.3, rollout_is_batch_normalize=True),
+    dict(rollout_is="sequence", rollout_is_threshold="0.5_1.6", rollout_is_batch_normalize=True),
+    dict(rollout_is="sequence", rollout_is_threshold=2.0, rollout_rs="seq_max_k2,token_k1",
+         rollout_rs_threshold="0.05,0.7_1.4"),
+    dict(rollout_rs="seq_sum_k1,seq_mean_k3", rollout_rs_threshold="0.2_4.0,0.04"),
+])
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_packed_rollout_correction_matches_padded(config, with_mask):
+    # Packed rollout correction runs segment reductions (no padding, no host read of the longest
+    # sequence); it must give the padded path's weights, rejection mask, loss and gradient.
+    # Lengths include an empty sequence; the mask has holes and a fully masked sequence.
+    lengths = torch.tensor([5, 0, 11, 1, 7, 3])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
+    total, width = int(lengths.sum()), 11
+    g = torch.Generator().manual_seed(4)
+    lp = -torch.rand(total, generator=g) * 2
+    old = lp + torch.randn(total, generator=g) * 0.2
+    rollout = old + torch.randn(total, generator=g) * 0.3
+    adv = torch.randn(total, generator=g)
+    mask = torch.rand(total, generator=g) > 0.2
+    mask[cu[4]:cu[5]] = False
+    if not with_mask:
+        mask = None
+    pad = lambda t: P._pad(t, cu, width)  # noqa: E731
+    padded_mask = pad(torch.ones(total, dtype=torch.bool) if mask is None else mask)
+    kw = dict(loss="ppo", agg="seq-mean-token-sum", dual_clip=3.0, **config)
+    a = lp.clone().requires_grad_()
+    la, ma = P.policy_loss(a, old, adv, mask, cu_seqlens=cu, rollout_logprobs=rollout, **kw)
+    la.backward()
+    b = pad(lp).requires_grad_()
+    lb, mb = P.policy_loss(b, pad(old), pad(adv), padded_mask, rollout_logprobs=pad(rollout), **kw)
+    lb.backward()
+    assert lb != 0
+    torch.testing.assert_close(la, lb, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(list(ma.values())), torch.stack(list(mb.values())), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a.grad, P._unpad(b.grad, cu, total), atol=1e-7, rtol=1e-5)
+    wa, mask_a = P._rollout_correction(old, rollout, mask, cu, config.get("rollout_is"),
+                                       config.get("rollout_is_threshold", 2.0),
+                                       config.get("rollout_is_batch_normalize", False), config.get("rollout_rs"),
+                                       config.get("rollout_rs_threshold"))
+    wb, mask_b = reference.rollout_correction(pad(old), pad(rollout), padded_mask, config.get("rollout_is"),
+                                              config.get("rollout_is_threshold", 2.0),
+                                              config.get("rollout_is_batch_normalize", False),
+                                              config.get("rollout_rs"), config.get("rollout_rs_threshold"))
+    if wb is not None:
+        torch.testing.assert_close(wa, P._unpad(wb, cu, total))
+    if "rollout_rs" in config:
+        kept = P._unpad(mask_b, cu, total).float()
+        assert 0 < kept.sum() < (total if mask is None else mask.sum())  # the rejection does something
+        torch.testing.assert_close(mask_a.float(), kept)
+
+
 @pytest.mark.parametrize("agg", P.AGG_MODES)
 def test_empty_mask_all_clipped_zero_advantage(backend, agg):
     b = _batch(B=3, T=7, seed=9)
