@@ -170,8 +170,8 @@ def _lastdim_contiguous(t: Tensor) -> Tensor:
 
 def _dense_by_sort(ids: Tensor) -> Tensor:
     """Group numbers in [0, N) from any int64 ids by a stable sort (no host sync, any device)."""
-    if ids.numel() == 0:
-        return ids.to(torch.int64)
+    if ids.numel() == 0:  # a new tensor: a custom op's output may not alias its input
+        return torch.empty(0, dtype=torch.int64, device=ids.device)
     sorted_ids, perm = torch.sort(ids.to(torch.int64), stable=True)
     starts = torch.ones_like(sorted_ids, dtype=torch.int64)
     starts[1:] = (sorted_ids[1:] != sorted_ids[:-1]).to(torch.int64)
