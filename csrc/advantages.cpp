@@ -25,15 +25,20 @@
 //               the per-group sums accumulated serially in double (same order at any thread
 //               count: the numbers do not depend on it) and the per-token broadcast
 //               value * mask (padded [N, T] or packed [total] with cu_seqlens) in parallel.
+//   optimal_token_baseline: verl's OTB (and its multi-turn twin) per group of rows, one task
+//               per group: reward-to-go and cumulative path weights per row, per-position group
+//               sums, then advantages; see otb_group.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -690,6 +695,390 @@ at::Tensor group_normalize_cpu(const at::Tensor& scores, const at::Tensor& inver
   return out;
 }
 
+// Optimal Token Baseline (verl's compute_optimal_token_baseline_advantage and its multi-turn
+// twin; the same formulas as the op layer's _otb_torch). In double:
+//   y_t = r_t m_t,  G_t = sum_{j >= t} y_j (reward-to-go, at every position),
+//   w_t = (1 - 2 exp(logp_t) + sum_pi2_t) rho_t^2,  W_t = sum_{j <= t} w_j m_j,  weighted_t = W_t m_t,
+//   slot of a token: its position (padded: column; packed: index in its sequence), with
+//   multi_turn the number of valid tokens before it (its index among the row's valid tokens),
+//   B_s = sum over the group's tokens in slot s of G weighted / (sum of weighted + eps),
+//   adv_t = m_t ? G_t - (slot < zero_from ? B_slot : 0) : 0, where zero_from is 0 in a group
+//   of one (with multi_turn only rows holding a valid token count), the second-longest valid
+//   length for a unique longest row under handle_zero_tail, else unbounded.
+// One task per group (members from a counting sort of the dense group numbers, batch order),
+// so a group's sums run in the same order at any thread count. A task keeps G (double) and the
+// valid flags of its group's tokens (9 bytes a token, L2-sized for GRPO groups) and writes both
+// outputs in a second pass over them. The two recurrences (G backwards, W forwards) are serial
+// per row (four tokens per dependent add); the rest runs in vectorized loops over chunks of a
+// row that stay in L1, exp included.
+
+constexpr int64_t kOtbChunk = 512;
+
+// GCC (12+: x86-64-v3 as a clone target) builds the exp loop for AVX2+FMA and for the baseline
+// ISA and picks one when the library loads, by the CPU's features.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
+#define RLKERN_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define RLKERN_VECTOR_CLONES
+#endif
+
+// out[i] = exp(x[i]) within 1 ulp of std::exp (x = k ln2 + r with a two-part ln2, |r| <= ln2/2,
+// Taylor series of degree 13: truncation < 1e-17) in a loop without branches or float compares,
+// so that it vectorizes (glibc's exp is a call per element, ~3 ns; this loop ~0.9 ns with AVX2).
+// k comes from the mantissa of x / ln2 + 1.5 * 2^52; a k outside [-1022, 1023] (|x| > ~708,
+// inf, NaN) flags the chunk, whose arguments outside [-708, 709] are then redone by std::exp.
+// out must not alias x.
+RLKERN_VECTOR_CLONES void exp_chunk(const double* x, double* out, int64_t n) {
+  uint64_t outside = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = x[i];
+    const double kd = v * 1.4426950408889634 + 0x1.8p52;
+    const double k = kd - 0x1.8p52;
+    const double r = (v - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
+    double p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    uint64_t bits;
+    std::memcpy(&bits, &kd, sizeof(bits));
+    const uint64_t biased = bits - 0x4338000000000000ULL + 1022;  // k + 1022 (mod 2^64)
+    outside |= (biased >> 11) | ((biased + 2) >> 11);
+    bits = (bits << 52) + 0x3ff0000000000000ULL;  // 2^k
+    double scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    out[i] = p * scale;
+  }
+  if (outside)
+    for (int64_t i = 0; i < n; ++i)
+      if (!(x[i] >= -708.0 && x[i] <= 709.0)) out[i] = std::exp(x[i]);
+}
+
+// A float token-shaped input (float32/float64/bfloat16/float16): padded [B, T] with a row
+// stride, or packed [total] (row_stride 0, rows from cu_seqlens).
+struct TokenInput {
+  const void* data = nullptr;
+  at::ScalarType type = at::kFloat;
+  int64_t row_stride = 0;
+};
+
+// n values from element `begin` of `in` -> out, as double.
+void load_chunk(const TokenInput& in, int64_t begin, int64_t n, double* out) {
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* p = static_cast<const T*>(in.data) + begin;
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<double>(p[i]);
+  };
+  switch (in.type) {
+    case at::kFloat: return run(float{});
+    case at::kDouble: return run(double{});
+    case at::kBFloat16: return run(at::BFloat16{});
+    case at::kHalf: return run(at::Half{});
+    default: TORCH_CHECK(false, "rlkern.advantages_optimal_token_baseline_kernel: unsupported dtype ", in.type);
+  }
+}
+
+// Backward pass over one row: g[t] = G_t, flags[t] = valid; returns the number of valid tokens.
+// The running sum advances four tokens per add (the partial sums of a block are off the
+// chain), so the loop is not bound by add latency; G then differs from the strict
+// right-to-left order only in float64 rounding.
+template <typename S, typename Valid>
+int64_t otb_returns(const S* r, Valid valid, int64_t len, double* g, uint8_t* flags) {
+  double running = 0.0;
+  int64_t count = 0, t = len - 1;
+  auto term = [r](int64_t u, bool ok) { return static_cast<double>(static_cast<float>(r[u])) * (ok ? 1.0 : 0.0); };
+  for (; t >= 3; t -= 4) {
+    const bool k3 = valid(t), k2 = valid(t - 1), k1 = valid(t - 2), k0 = valid(t - 3);
+    const double y3 = term(t, k3), y2 = term(t - 1, k2), y1 = term(t - 2, k1), y0 = term(t - 3, k0);
+    const double s2 = y3 + y2, s1 = s2 + y1, s0 = s1 + y0;
+    g[t] = running + y3;
+    g[t - 1] = running + s2;
+    g[t - 2] = running + s1;
+    running += s0;
+    g[t - 3] = running;
+    flags[t] = k3;
+    flags[t - 1] = k2;
+    flags[t - 2] = k1;
+    flags[t - 3] = k0;
+    count += int64_t{k3} + k2 + k1 + k0;
+  }
+  for (; t >= 0; --t) {
+    const bool ok = valid(t);
+    running += term(t, ok);
+    g[t] = running;
+    flags[t] = ok;
+    count += ok;
+  }
+  return count;
+}
+
+struct OtbBatch {
+  Rows rows;
+  at::ScalarType value_type = at::kFloat, mask_type = at::kBool;
+  const void* rewards = nullptr;
+  const void* mask = nullptr;  // nullptr: every token valid
+  TokenInput logp, sum_pi2, rho;
+  bool has_rho = false, multi_turn = false, zero_tail = false;
+  double eps = 0.0;
+};
+
+// G and valid flags of row b (length len) into g / flags; returns its valid count.
+int64_t otb_row_returns(const OtbBatch& p, int64_t b, int64_t len, double* g, uint8_t* flags) {
+  const Rows& rows = p.rows;
+  if (!p.mask) {
+    int64_t count = 0;
+    dispatch_value_mask(p.value_type, at::kBool, [&](auto s, auto) {  // the mask type is unused here
+      using S = decltype(s);
+      const S* r = static_cast<const S*>(p.rewards) + rows.begin(b, rows.r_stride);
+      count = otb_returns(r, [](int64_t) { return true; }, len, g, flags);
+    });
+    return count;
+  }
+  int64_t count = 0;
+  dispatch_value_mask(p.value_type, p.mask_type, [&](auto s, auto m) {
+    using S = decltype(s);
+    using M = decltype(m);
+    const S* r = static_cast<const S*>(p.rewards) + rows.begin(b, rows.r_stride);
+    const M* mk = static_cast<const M*>(p.mask) + rows.begin(b, rows.m_stride);
+    count = otb_returns(r, [mk](int64_t t) { return mk[t] != M(0); }, len, g, flags);
+  });
+  return count;
+}
+
+struct OtbScratch {
+  std::vector<double> returns, num, den, w, q;
+  std::vector<uint8_t> valid;
+  std::vector<int64_t> offset, length, zero_from;
+};
+
+// Per-token baseline terms of row b (tokens [0, len), G in g, flags in v) added to num / den.
+void otb_row_sums(const OtbBatch& p, int64_t b, int64_t len, const double* g, const uint8_t* v, OtbScratch& s) {
+  double* w = s.w.data();
+  double* q = s.q.data();
+  double* num = s.num.data();
+  double* den = s.den.data();
+  double cumulative = 0.0;
+  int64_t seen = 0;
+  for (int64_t c0 = 0; c0 < len; c0 += kOtbChunk) {
+    const int64_t n = std::min(kOtbChunk, len - c0);
+    load_chunk(p.logp, p.rows.begin(b, p.logp.row_stride) + c0, n, q);
+    exp_chunk(q, w, n);
+    load_chunk(p.sum_pi2, p.rows.begin(b, p.sum_pi2.row_stride) + c0, n, q);
+    for (int64_t i = 0; i < n; ++i) w[i] = (1.0 - 2.0 * w[i]) + q[i];
+    if (p.has_rho) {
+      load_chunk(p.rho, p.rows.begin(b, p.rho.row_stride) + c0, n, q);
+      for (int64_t i = 0; i < n; ++i) w[i] *= q[i] * q[i];
+    }
+    // W advances four tokens per add, as G in otb_returns
+    const double* gc = g + c0;
+    const uint8_t* vc = v + c0;
+    auto scan = [&](auto&& add) {
+      int64_t i = 0;
+      for (; i + 4 <= n; i += 4) {
+        const double a0 = w[i] * (vc[i] ? 1.0 : 0.0), a1 = w[i + 1] * (vc[i + 1] ? 1.0 : 0.0);
+        const double a2 = w[i + 2] * (vc[i + 2] ? 1.0 : 0.0), a3 = w[i + 3] * (vc[i + 3] ? 1.0 : 0.0);
+        const double p1 = a0 + a1, p2 = p1 + a2, p3 = p2 + a3;
+        add(i, cumulative + a0);
+        add(i + 1, cumulative + p1);
+        add(i + 2, cumulative + p2);
+        cumulative += p3;
+        add(i + 3, cumulative);
+      }
+      for (; i < n; ++i) {
+        cumulative += w[i] * (vc[i] ? 1.0 : 0.0);
+        add(i, cumulative);
+      }
+    };
+    if (p.multi_turn) {
+      scan([&](int64_t i, double big_w) {
+        const double weighted = big_w * (vc[i] ? 1.0 : 0.0);
+        seen += vc[i];
+        const int64_t slot = seen > 0 ? seen - 1 : 0;
+        num[slot] += gc[i] * weighted;
+        den[slot] += weighted;
+      });
+    } else {
+      double* nc = num + c0;
+      double* dc = den + c0;
+      scan([&](int64_t i, double big_w) {
+        const double weighted = big_w * (vc[i] ? 1.0 : 0.0);
+        nc[i] += gc[i] * weighted;
+        dc[i] += weighted;
+      });
+    }
+  }
+}
+
+// x where valid, else +0 (torch.where(valid, x, 0): also for x = inf / NaN), by a bit mask so
+// that the loops vectorize.
+inline float masked(float x, uint8_t valid) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits &= 0u - static_cast<uint32_t>(valid);
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
+// Outputs of row b: returns G, advantages (G - baseline) at valid tokens, 0 elsewhere; the
+// baseline is 0 from slot `limit` on.
+void otb_row_outputs(bool multi_turn, int64_t len, const double* g, const uint8_t* v, const double* base,
+                     int64_t limit, float* a, float* o) {
+  for (int64_t t = 0; t < len; ++t) o[t] = static_cast<float>(g[t]);
+  if (multi_turn) {
+    int64_t seen = 0;
+    for (int64_t t = 0; t < len; ++t) {
+      seen += v[t];
+      const int64_t slot = seen > 0 ? seen - 1 : 0;
+      a[t] = masked(static_cast<float>(g[t] - (slot < limit ? base[slot] : 0.0)), v[t]);
+    }
+    return;
+  }
+  const int64_t cut = std::min(len, limit);
+  for (int64_t t = 0; t < cut; ++t) a[t] = masked(static_cast<float>(g[t] - base[t]), v[t]);
+  for (int64_t t = cut; t < len; ++t) a[t] = masked(o[t], v[t]);
+}
+
+// One group: members[0, n) (rows in batch order).
+void otb_group(const OtbBatch& p, const int64_t* members, int64_t n, OtbScratch& s, float* adv, float* ret) {
+  const Rows& rows = p.rows;
+  int64_t width = 1, tokens = 0;
+  s.offset.resize(n + 1);
+  for (int64_t k = 0; k < n; ++k) {
+    s.offset[k] = tokens;
+    const int64_t len = rows.length(members[k]);
+    tokens += len;
+    width = std::max(width, len);
+  }
+  s.offset[n] = tokens;
+  s.returns.resize(tokens);
+  s.valid.resize(tokens);
+  s.num.assign(width, 0.0);
+  s.den.assign(width, 0.0);
+  s.length.resize(n);
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t b = members[k], len = rows.length(b);
+    double* g = s.returns.data() + s.offset[k];
+    uint8_t* v = s.valid.data() + s.offset[k];
+    s.length[k] = otb_row_returns(p, b, len, g, v);
+    otb_row_sums(p, b, len, g, v, s);
+  }
+  // zero_from per member: slots >= zero_from get baseline 0
+  int64_t counted = 0, longest = -1;
+  for (int64_t k = 0; k < n; ++k) {
+    if (p.multi_turn && s.length[k] == 0) continue;
+    ++counted;
+    longest = std::max(longest, s.length[k]);
+  }
+  s.zero_from.assign(n, counted > 1 ? std::numeric_limits<int64_t>::max() : 0);
+  if (p.zero_tail && counted > 1) {
+    int64_t n_longest = 0, at = -1, second = -1;
+    for (int64_t k = 0; k < n; ++k) {
+      const bool member = !p.multi_turn || s.length[k] > 0;
+      if (member && s.length[k] == longest) {
+        ++n_longest;
+        at = k;
+      } else if (member) {
+        second = std::max(second, s.length[k]);
+      }
+    }
+    if (n_longest == 1) s.zero_from[at] = second;
+  }
+  double* base = s.num.data();
+  for (int64_t t = 0; t < width; ++t) base[t] /= s.den[t] + p.eps;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t b = members[k], begin = rows.begin(b, rows.T);
+    otb_row_outputs(p.multi_turn, rows.length(b), s.returns.data() + s.offset[k], s.valid.data() + s.offset[k], base,
+                    s.zero_from[k], adv + begin, ret + begin);
+  }
+}
+
+TokenInput float_input(const at::Tensor& t, const at::Tensor& rewards, const char* name) {
+  check_like(t, rewards, name);
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf,
+              "rlkern.advantages_optimal_token_baseline_kernel: ", name, " must be float32/float64/bfloat16/float16, "
+              "got ", s);
+  return {t.data_ptr(), s, row_stride(t)};
+}
+
+// rewards float32/bfloat16/float16 (float64 runs the op layer's PyTorch path) [B, T], or packed
+// [total] with cu_seqlens int32 [B + 1]; mask (None: every token valid; nonzero = valid),
+// old_log_probs, sum_pi_squared, rollout_is_weights (optional): rewards' shape, any float dtype,
+// last dim contiguous; inverse [B] int64 dense group numbers in [0, B). Returns (advantages,
+// returns), float32 of rewards' shape.
+std::tuple<at::Tensor, at::Tensor> otb_cpu(const at::Tensor& rewards, const std::optional<at::Tensor>& mask,
+                                           const at::Tensor& inverse, const at::Tensor& old_log_probs,
+                                           const at::Tensor& sum_pi_squared,
+                                           const std::optional<at::Tensor>& rollout_is_weights,
+                                           const std::optional<at::Tensor>& cu_seqlens, bool handle_zero_tail,
+                                           double eps, bool multi_turn) {
+  const char* op = "rlkern.advantages_optimal_token_baseline_kernel";
+  OtbBatch p;
+  at::Tensor cu_holder, mask_holder;
+  p.rows = make_rows(rewards, cu_seqlens, cu_holder);
+  const int64_t B = p.rows.B;
+  TORCH_CHECK(inverse.dim() == 1 && inverse.size(0) == B && inverse.scalar_type() == at::kLong &&
+                  inverse.device().is_cpu(),
+              op, ": inverse must be int64 [", B, "], got ", inverse.scalar_type(), " ", inverse.sizes());
+  check_like(rewards, rewards, "rewards");
+  p.value_type = rewards.scalar_type();
+  p.rewards = rewards.data_ptr();
+  p.rows.r_stride = row_stride(rewards);
+  if (mask.has_value()) {
+    check_like(*mask, rewards, "mask");
+    // half-precision masks (rare) as bool: the row kernels read bool/int/float32/float64 masks
+    mask_holder = mask->scalar_type() == at::kHalf || mask->scalar_type() == at::kBFloat16 ? mask->ne(0) : *mask;
+    p.mask = mask_holder.data_ptr();
+    p.mask_type = mask_holder.scalar_type();
+    p.rows.m_stride = row_stride(mask_holder);
+  }
+  p.logp = float_input(old_log_probs, rewards, "old_log_probs");
+  p.sum_pi2 = float_input(sum_pi_squared, rewards, "sum_pi_squared");
+  p.has_rho = rollout_is_weights.has_value();
+  if (p.has_rho) p.rho = float_input(*rollout_is_weights, rewards, "rollout_is_weights");
+  p.multi_turn = multi_turn;
+  p.zero_tail = handle_zero_tail;
+  p.eps = eps;
+  const auto opts = rewards.options().dtype(at::kFloat);
+  at::Tensor adv = empty_output(rewards.sizes(), opts), ret = empty_output(rewards.sizes(), opts);
+  if (B == 0) return {adv, ret};
+  // counting sort of the rows by group: group g's members are order[start[g], start[g + 1])
+  const at::Tensor inv = inverse.contiguous();
+  const int64_t* group = inv.data_ptr<int64_t>();
+  std::vector<int64_t> start(B + 1, 0), order(B), groups;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(group[b] >= 0 && group[b] < B, op, ": group numbers must lie in [0, ", B, "), got ", group[b]);
+    ++start[group[b] + 1];
+  }
+  for (int64_t g = 0; g < B; ++g) {
+    if (start[g + 1] > 0) groups.push_back(g);
+    start[g + 1] += start[g];
+  }
+  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  for (int64_t b = 0; b < B; ++b) order[next[group[b]]++] = b;
+  float* a = adv.data_ptr<float>();
+  float* o = ret.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t i0, int64_t i1) {
+    OtbScratch scratch;
+    scratch.w.resize(kOtbChunk);
+    scratch.q.resize(kOtbChunk);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t g = groups[i];
+      otb_group(p, order.data() + start[g], start[g + 1] - start[g], scratch, a, o);
+    }
+  });
+  return {adv, ret};
+}
+
 // Meta: shapes only.
 std::tuple<at::Tensor, at::Tensor> gae_meta(const at::Tensor& rewards, const at::Tensor&, const at::Tensor&,
                                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
@@ -726,6 +1115,14 @@ at::Tensor group_index_meta(const at::Tensor& keys, const std::optional<at::Tens
   return at::empty({N}, keys.options().dtype(at::kLong));
 }
 
+std::tuple<at::Tensor, at::Tensor> otb_meta(const at::Tensor& rewards, const std::optional<at::Tensor>&,
+                                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
+                                            double, bool) {
+  const auto opts = rewards.options().dtype(at::kFloat);
+  return {at::empty(rewards.sizes(), opts), at::empty(rewards.sizes(), opts)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlkern, m) {
@@ -738,6 +1135,9 @@ TORCH_LIBRARY_FRAGMENT(rlkern, m) {
   m.def("advantages_group_index_joined_kernel(Tensor joined, int n) -> Tensor");
   m.def("advantages_group_normalize_kernel(Tensor scores, Tensor inverse, Tensor? mask, Tensor? cu_seqlens, "
         "float eps, str std, str scale, str singleton) -> Tensor");
+  m.def("advantages_optimal_token_baseline_kernel(Tensor rewards, Tensor? mask, Tensor inverse, Tensor old_log_probs, "
+        "Tensor sum_pi_squared, Tensor? rollout_is_weights, Tensor? cu_seqlens, bool handle_zero_tail, float eps, "
+        "bool multi_turn) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
@@ -748,6 +1148,7 @@ TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
   m.impl("advantages_broadcast_kernel", &broadcast_cpu);
   m.impl("advantages_group_index_joined_kernel", &group_index_joined_cpu);
   m.impl("advantages_group_normalize_kernel", &group_normalize_cpu);
+  m.impl("advantages_optimal_token_baseline_kernel", &otb_cpu);
 }
 
 TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
@@ -758,4 +1159,5 @@ TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
   m.impl("advantages_broadcast_kernel", &broadcast_meta);
   m.impl("advantages_group_index_joined_kernel", &group_index_joined_meta);
   m.impl("advantages_group_normalize_kernel", &group_normalize_meta);
+  m.impl("advantages_optimal_token_baseline_kernel", &otb_meta);
 }

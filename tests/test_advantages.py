@@ -444,9 +444,21 @@ def test_gigpo_step_groups_matches_reference(norm_by_std):
     _close(out, R.gigpo_step(step_returns, list(anchors), list(episodes), 1e-6, norm_by_std))
 
 
+def _otb_kernel_ran(fn):
+    """fn() and whether it ran the C++ OTB kernel (seen by the profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, any(e.name == "rlkern::advantages_optimal_token_baseline_kernel" for e in prof.events())
+
+
+# OTB has a C++ kernel and the PyTorch path (no Triton kernel: "triton" would run the C++ one).
+OTB_BACKENDS = pytest.mark.parametrize("backend", ["cpp", "torch"], indirect=True)
+
+
+@OTB_BACKENDS
 @pytest.mark.parametrize("multi_turn", [False, True])
 @pytest.mark.parametrize("handle_zero_tail", [True, False])
-def test_optimal_token_baseline_matches_reference(multi_turn, handle_zero_tail):
+def test_optimal_token_baseline_matches_reference(backend, multi_turn, handle_zero_tail):
     g = _gen(8)
     ids = np.array(["a"] * 4 + ["b"] * 3 + ["c"] + ["d"] * 2)
     batch, steps = len(ids), 14
@@ -455,8 +467,9 @@ def test_optimal_token_baseline_matches_reference(multi_turn, handle_zero_tail):
     logp = -torch.rand(batch, steps, generator=g) * 3
     spp = torch.rand(batch, steps, generator=g) * 0.5
     isw = torch.rand(batch, steps, generator=g) + 0.5
-    adv, ret = A.optimal_token_baseline(rewards, mask, ids, logp, spp, isw, handle_zero_tail=handle_zero_tail,
-                                        multi_turn=multi_turn)
+    (adv, ret), ran = _otb_kernel_ran(lambda: A.optimal_token_baseline(
+        rewards, mask, ids, logp, spp, isw, handle_zero_tail=handle_zero_tail, multi_turn=multi_turn))
+    assert ran == (backend == "cpp")
     ref_adv, ref_ret = R.optimal_token_baseline(rewards, mask, list(ids), logp, spp, isw, handle_zero_tail, 1e-8,
                                                 compact=multi_turn)
     _close(adv, ref_adv, tol=1e-4)
@@ -486,19 +499,22 @@ def _otb_packed_batch(seed):
     return ids, mask, tensors, inside, cu
 
 
+@OTB_BACKENDS
 @pytest.mark.parametrize("multi_turn", [False, True])
 @pytest.mark.parametrize("handle_zero_tail", [True, False])
-def test_optimal_token_baseline_packed_matches_padded_and_reference(multi_turn, handle_zero_tail):
+def test_optimal_token_baseline_packed_matches_padded_and_reference(backend, multi_turn, handle_zero_tail):
     ids, mask, tensors, inside, cu = _otb_packed_batch(23)
     kw = dict(handle_zero_tail=handle_zero_tail, multi_turn=multi_turn)
     for with_is in (False, True):
         padded_in = [tensors[k] for k in ("rewards", "old_log_probs", "sum_pi_squared")]
         padded_in.append(tensors["rollout_is_weights"] if with_is else None)
         r, lp, spp, isw = [None if t is None else t[inside] for t in padded_in]
-        adv, ret = A.optimal_token_baseline(r, mask[inside], ids, lp, spp, isw, cu_seqlens=cu, **kw)
+        (adv, ret), ran = _otb_kernel_ran(
+            lambda: A.optimal_token_baseline(r, mask[inside], ids, lp, spp, isw, cu_seqlens=cu, **kw))
+        assert ran == (backend == "cpp")
         assert adv.shape == (int(cu[-1]),) and adv.dtype == torch.float32
         padded_adv, padded_ret = A.optimal_token_baseline(padded_in[0], mask, ids, *padded_in[1:], **kw)
-        # the same float64 sums, the packed ones as differences of batch-wide prefix sums
+        # the same float64 sums (torch path: the packed ones as differences of batch-wide prefix sums)
         torch.testing.assert_close(adv, padded_adv[inside], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(ret, padded_ret[inside], rtol=1e-6, atol=1e-6)
         ref_adv, ref_ret = R.optimal_token_baseline(r, mask[inside], list(ids), lp, spp, isw, handle_zero_tail, 1e-8,
@@ -518,6 +534,90 @@ def test_optimal_token_baseline_packed_matches_padded_and_reference(multi_turn, 
     all_valid = torch.ones(int(cu[-1]), dtype=torch.bool)
     torch.testing.assert_close(A.optimal_token_baseline(r, None, ids, lp, spp, isw, cu_seqlens=cu, **kw),
                                A.optimal_token_baseline(r, all_valid, ids, lp, spp, isw, cu_seqlens=cu, **kw))
+
+
+def _otb_both(monkeypatch, *args, **kwargs):
+    """(C++ kernel, PyTorch path) results of optimal_token_baseline(*args, **kwargs)."""
+    out = {}
+    for name in ("cpp", "torch"):
+        monkeypatch.setenv("RLKERN_BACKEND", name)
+        out[name], ran = _otb_kernel_ran(lambda: A.optimal_token_baseline(*args, **kwargs))
+        assert ran == (name == "cpp")
+    return out["cpp"], out["torch"]
+
+
+@pytest.mark.parametrize("multi_turn", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_optimal_token_baseline_cpp_matches_torch_path(monkeypatch, multi_turn, packed):
+    """The C++ kernel vs the op's float64 PyTorch path where the small tests above do not reach:
+    rows of up to 1031 tokens (two 512-token chunks plus a tail that is no multiple of the
+    4-token scan blocks), mixed input dtypes, sliced inputs, no mask, log-probs beyond exp's
+    fast range (-inf, -720, 3), one group for the batch and groups of one, 1 vs 2 threads."""
+    g = _gen(31)
+    batch, steps = 19, 1031
+    lengths = torch.randint(0, steps + 1, (batch,), generator=g)
+    lengths[:3] = torch.tensor([steps, 0, 700])
+    inside = torch.arange(steps)[None, :] < lengths[:, None]
+    mask = inside & (torch.rand(batch, steps, generator=g) > 0.2)
+    ids = [f"g{int(i)}" for i in torch.randint(0, 5, (batch,), generator=g)]
+    ids[5] = "alone"
+    wide = torch.randn(batch, steps + 3, generator=g)
+    rewards = wide[:, 1:-2]  # a row stride that is not T
+    logp = -torch.rand(batch, steps, generator=g) * 4
+    logp[0, [3, 9, 11]] = torch.tensor([-float("inf"), -720.0, 3.0])
+    spp = torch.rand(batch, steps, generator=g) * 0.5
+    rho = torch.rand(batch, steps, generator=g) + 0.5
+    cu = torch.zeros(batch + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+
+    def lay(t):
+        return t if t is None or not packed else t[inside]
+
+    kw = dict(multi_turn=multi_turn, cu_seqlens=cu if packed else None)
+    cases = [
+        (rewards, mask.to(torch.int64), ids, logp, spp, rho),
+        (rewards.bfloat16(), mask.half(), ids, logp.double(), spp.half(), None),  # mixed dtypes
+        (rewards, None, ["one"] * batch, logp, spp, rho),  # no mask, one group
+        (rewards, mask.float(), list(map(str, range(batch))), logp, spp, None),  # groups of one
+    ]
+    for r, m, group_ids, lp, sp, isw in cases:
+        for zero_tail in (True, False):
+            ours, torch_path = _otb_both(monkeypatch, lay(r), lay(m), group_ids, lay(lp), lay(sp), lay(isw),
+                                         handle_zero_tail=zero_tail, **kw)
+            for a, b in zip(ours, torch_path):
+                assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    monkeypatch.setenv("RLKERN_BACKEND", "cpp")
+    args = [lay(t) for t in (rewards, mask, None, logp, spp, rho)]
+    args[2] = ids
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = A.optimal_token_baseline(*args, **kw)
+        torch.set_num_threads(2)
+        two = A.optimal_token_baseline(*args, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):  # a group's sums run in one order at any thread count
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (1, 1)])
+def test_optimal_token_baseline_cpp_tiny_batches(monkeypatch, shape):
+    g = _gen(32)
+    r, lp = torch.randn(shape, generator=g), -torch.rand(shape, generator=g)
+    ids = torch.arange(shape[0]) % 2  # int ids: an empty batch goes through the sort path on "torch"
+    for multi_turn in (False, True):
+        ours, torch_path = _otb_both(monkeypatch, r, torch.ones(shape), ids, lp, lp.abs(), multi_turn=multi_turn)
+        for a, b in zip(ours, torch_path):
+            assert a.shape == shape
+            torch.testing.assert_close(a, b)
+        cu = torch.zeros(shape[0] + 1, dtype=torch.int32)
+        cu[1:] = torch.full((shape[0],), shape[1]).cumsum(0)
+        ours, torch_path = _otb_both(monkeypatch, r.flatten(), None, ids, lp.flatten(), lp.abs().flatten(),
+                                     multi_turn=multi_turn, cu_seqlens=cu)
+        for a, b in zip(ours, torch_path):
+            torch.testing.assert_close(a, b)
 
 
 def test_remax_and_reinforce_pp_match_reference():
@@ -754,9 +854,10 @@ def test_verl_reinforce_pp_and_remax_parity(gamma):
 
 
 @pytest.mark.peer
+@OTB_BACKENDS
 @pytest.mark.parametrize("name", ["optimal_token_baseline", "tir_optimal_token_baseline"])
 @pytest.mark.parametrize("with_is", [False, True])
-def test_verl_optimal_token_baseline_parity(name, with_is):
+def test_verl_optimal_token_baseline_parity(backend, name, with_is):
     core = _verl()
     g = _gen(15)
     ids = np.array(["a"] * 4 + ["b"] * 3 + ["c"] + ["d"] * 2 + ["e"] * 2, dtype=object)

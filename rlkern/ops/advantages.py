@@ -15,7 +15,9 @@ are different groups). They are mapped to dense group numbers in one pass of a C
 the raw bytes (``<U`` arrays are read in place; lists and object arrays are joined into one
 buffer, ASCII bytes or UTF-32), never a Python loop per sample; on GPU, integer ids are grouped
 by a sort (no host sync). On CPU, ``group_normalize``/``grpo`` compute the group statistics,
-the normalization and the broadcast to tokens in one C++ kernel.
+the normalization and the broadcast to tokens in one C++ kernel, and ``optimal_token_baseline``
+runs one C++ kernel (a task per group, float64 sums); on GPU and for float64 rewards it is
+float64 PyTorch.
 
 verl 0.9.1 ``ADV_ESTIMATOR_REGISTRY`` -> rlkern (drop-ins with verl's signatures are in
 ``rlkern.algos.advantages.VERL_ADV_ESTIMATORS``):
@@ -1153,6 +1155,20 @@ def _otb_op(
     eps: float,
     multi_turn: bool,
 ) -> tuple[Tensor, Tensor]:
+    if _backend.choose(rewards.device, ("cpp",), rewards.dtype) == "cpp":
+        # one C++ task per group: reward-to-go and path weights per row, per-position sums, outputs
+        return torch.ops.rlkern.advantages_optimal_token_baseline_kernel(
+            _lastdim_contiguous(rewards), None if mask is None else _lastdim_contiguous(mask), inverse,
+            _lastdim_contiguous(old_log_probs), _lastdim_contiguous(sum_pi_squared),
+            None if rollout_is_weights is None else _lastdim_contiguous(rollout_is_weights), cu_seqlens,
+            handle_zero_tail, eps, multi_turn)
+    return _otb_torch(rewards, mask, inverse, old_log_probs, sum_pi_squared, rollout_is_weights, cu_seqlens,
+                      handle_zero_tail, eps, multi_turn)
+
+
+def _otb_torch(rewards, mask, inverse, old_log_probs, sum_pi_squared, rollout_is_weights, cu_seqlens,
+               handle_zero_tail, eps, multi_turn):
+    """The PyTorch path (GPU, float64 rewards, no C++ build): batch-wide float64 tensor ops."""
     dtype = _out_dtype(rewards)
     device = rewards.device
     valid = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask != 0
@@ -1257,6 +1273,12 @@ def optimal_token_baseline(
     every tensor ``[total]``, sequence b is ``[cu[b], cu[b + 1])``, the position of a token is its
     index inside its own sequence (``multi_turn``: among the sequence's valid tokens); the
     numbers equal the padded layout's with each sequence right-padded into a row (masked padding).
+
+    Backends: CPU tensors run a C++ kernel (``RLKERN_BACKEND=cpp``, the default there): one task
+    per group, float64 sums in the group's batch order (the same numbers at any thread count),
+    exp to 1 ulp; other devices, float64 rewards and ``RLKERN_BACKEND=torch`` run float64
+    PyTorch tensor ops (no host sync). The two agree to float64 rounding (the C++ scans add four
+    tokens per step), far below the float32 outputs' rounding.
 
     Args:
         rewards: ``[B, T]`` float token-level rewards, or packed ``[total]``.
