@@ -635,71 +635,30 @@ def policy_loss(
     return total, dict(zip(METRIC_KEYS, metrics.unbind(0)))
 
 
+class _PackedRows:
+    """reference.PaddedRows for packed ``[total]`` tokens: segment reductions over cu_seqlens (no
+    padding, so no host read of the longest sequence)."""
+
+    def __init__(self, cu_seqlens: Tensor, total: int):
+        self.seg = _segment_ids(cu_seqlens, total)
+        self.n_seqs = cu_seqlens.numel() - 1
+
+    def sum(self, x: Tensor) -> Tensor:
+        return x.new_zeros(self.n_seqs).index_add_(0, self.seg, x)
+
+    def amax(self, x: Tensor) -> Tensor:
+        return x.new_full((self.n_seqs,), -math.inf).scatter_reduce(0, self.seg, x, "amax")
+
+    def spread(self, per_seq: Tensor) -> Tensor:
+        return per_seq[self.seg]
+
+
 def _rollout_correction(trained, behaviour, mask, cu_seqlens, rollout_is, is_threshold, batch_normalize,
                         rollout_rs, rs_threshold):
     """Rollout IS weights and rejection mask (reference math, no gradient; no host sync)."""
-    if cu_seqlens is None:
-        return reference.rollout_correction(trained, behaviour, mask, rollout_is, is_threshold, batch_normalize,
-                                            rollout_rs, rs_threshold)
-    return _rollout_correction_packed(trained, behaviour, mask, cu_seqlens, rollout_is, is_threshold,
-                                      batch_normalize, rollout_rs, rs_threshold)
-
-
-def _rollout_correction_packed(trained, behaviour, mask, cu_seqlens, rollout_is, is_threshold, batch_normalize,
-                               rollout_rs, rs_threshold):
-    """reference.rollout_correction on packed [total] tokens: the per-sequence sums, means and
-    maxima are segment reductions over cu_seqlens (no padding, so no host read of the longest
-    sequence)."""
-    with torch.no_grad():
-        cdt = reference.compute_dtype(trained)
-        total, n_seqs = trained.numel(), cu_seqlens.numel() - 1
-        seg = _segment_ids(cu_seqlens, total)
-        lr = trained.to(cdt) - behaviour.to(cdt)
-        m = torch.ones_like(lr) if mask is None else mask.to(cdt)
-
-        def seq_sum(x):  # masked sum per sequence, [B]
-            kept = torch.where(m != 0, x, torch.zeros((), dtype=cdt, device=x.device)) * m
-            return torch.zeros(n_seqs, dtype=cdt, device=x.device).index_add_(0, seg, kept)
-
-        counts = torch.zeros(n_seqs, dtype=cdt, device=lr.device).index_add_(0, seg, m)
-        weights = None
-        if rollout_is is not None:
-            if rollout_is not in ("token", "sequence"):
-                raise ValueError(f"rollout_is must be 'token' or 'sequence', got {rollout_is!r}")
-            upper, lower = reference.parse_is_threshold(is_threshold)
-            bound = reference._LOG_RATIO_BOUND
-            raw = torch.exp(torch.clamp(lr if rollout_is == "token" else seq_sum(lr)[seg], -bound, bound)) * m
-            if lower is None:
-                weights = raw.clamp(max=upper)
-            else:
-                weights = torch.where((raw >= lower) & (raw <= upper), raw, torch.zeros_like(raw))
-            if batch_normalize:
-                if rollout_is == "token":
-                    mean = seq_sum(weights).sum() / (m.sum() + reference._MEAN_EPS)
-                else:
-                    live = (counts > 0).to(cdt)
-                    mean = (seq_sum(weights) / (counts + reference._MEAN_EPS) * live).sum() / live.sum().clamp_min(
-                        1e-8)
-                weights = torch.where(mean > 1e-8, weights / torch.where(mean > 1e-8, mean, 1.0), weights)
-        new_mask = mask
-        if rollout_rs is not None:
-            lrs = torch.clamp(lr, -reference._LOG_RATIO_BOUND, reference._LOG_RATIO_BOUND)
-            stats = {"k1": -lrs, "k2": 0.5 * lrs.square(), "k3": torch.exp(lrs) - 1.0 - lrs}
-            keep = torch.ones_like(lr)
-            for name, lower, upper in reference.parse_rs(rollout_rs, rs_threshold):
-                stat = stats[name[-2:]]
-                if name.startswith("seq_sum"):
-                    stat = seq_sum(stat)[seg]
-                elif name.startswith("seq_mean"):
-                    stat = (seq_sum(stat) / (counts + reference._MEAN_EPS))[seg]
-                elif name.startswith("seq_max"):
-                    peak = torch.full((n_seqs,), -math.inf, dtype=cdt, device=lr.device).scatter_reduce(
-                        0, seg, stat.masked_fill(m == 0, -math.inf), "amax")
-                    stat = torch.where(torch.isneginf(peak), torch.zeros_like(peak), peak)[seg]
-                ok = stat <= upper if lower is None else (stat >= lower) & (stat <= upper)
-                keep = keep * ok.to(cdt)
-            new_mask = m * keep if mask is None else (m * keep).to(mask.dtype)
-    return weights, new_mask
+    rows = reference.PaddedRows if cu_seqlens is None else _PackedRows(cu_seqlens, trained.numel())
+    return reference.rollout_correction(trained, behaviour, mask, rollout_is, is_threshold, batch_normalize,
+                                        rollout_rs, rs_threshold, rows=rows)
 
 
 def _cov_select(loss, logprobs, old_logprobs, advantages, mask, cu_seqlens, clip_low, clip_high, clip_cov_ratio,

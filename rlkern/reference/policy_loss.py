@@ -368,27 +368,48 @@ def parse_rs(options: str, spec) -> list[tuple[str, float | None, float]]:
     return out
 
 
-def rollout_correction(trained, rollout, mask, rollout_is, is_threshold, batch_normalize, rollout_rs, rs_threshold):
-    """IS weights (TIS / IcePop, token or sequence level) and the rejection-sampled mask, [B, T].
+class PaddedRows:
+    """The sequences of a padded ``[B, T]`` layout for ``rollout_correction``: per-sequence sums and
+    maxima ``[B]`` and their broadcast back to the tokens (rlkern.ops has the packed twin)."""
+
+    @staticmethod
+    def sum(x: Tensor) -> Tensor:
+        return x.sum(-1)
+
+    @staticmethod
+    def amax(x: Tensor) -> Tensor:
+        return x.amax(-1)
+
+    @staticmethod
+    def spread(per_seq: Tensor) -> Tensor:
+        return per_seq[:, None]
+
+
+def rollout_correction(trained, rollout, mask, rollout_is, is_threshold, batch_normalize, rollout_rs, rs_threshold,
+                       rows=PaddedRows):
+    """IS weights (TIS / IcePop, token or sequence level) and the rejection-sampled mask.
 
     ``trained`` are the training engine's log-probs, ``rollout`` the inference engine's; both are
-    treated as constants. Returns ``(weights or None, mask)`` (mask keeps its dtype).
+    treated as constants. ``rows`` gives the layout's per-sequence reductions (``PaddedRows`` for
+    ``[B, T]``). ``mask`` None: every token counts. Returns ``(weights or None, mask)``, both of
+    the tokens' shape (mask keeps its dtype; None stays None without ``rollout_rs``).
     """
     with torch.no_grad():
         cdt = compute_dtype(trained)
         lr = trained.to(cdt) - rollout.to(cdt)
-        m = mask.to(cdt)
+        m = torch.ones_like(lr) if mask is None else mask.to(cdt)
+
+        def seq_sum(x):  # masked sum per sequence, [B]
+            return rows.sum(torch.where(m != 0, x, torch.zeros_like(x)) * m)
+
+        counts = rows.sum(m)
         weights = None
         if rollout_is is not None:
             if rollout_is not in ("token", "sequence"):
                 raise ValueError(f"rollout_is must be 'token' or 'sequence', got {rollout_is!r}")
             upper, lower = parse_is_threshold(is_threshold)
-            if rollout_is == "token":
-                raw = torch.exp(torch.clamp(lr, -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND))
-            else:
-                seq = (torch.where(m != 0, lr, torch.zeros_like(lr)) * m).sum(-1, keepdim=True)
-                raw = torch.exp(torch.clamp(seq, -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)).expand_as(lr)
-            raw = raw * m
+            log_ratio = lr if rollout_is == "token" else rows.spread(seq_sum(lr))
+            raw = torch.exp(torch.clamp(log_ratio, -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)) * m
             if lower is None:
                 weights = raw.clamp(max=upper)
             else:
@@ -397,8 +418,8 @@ def rollout_correction(trained, rollout, mask, rollout_is, is_threshold, batch_n
                 if rollout_is == "token":
                     mean = masked_mean(weights, m)
                 else:
-                    live = (m.sum(-1) > 0).to(cdt)
-                    mean = (masked_mean(weights, m, -1) * live).sum() / live.sum().clamp_min(1e-8)
+                    live = (counts > 0).to(cdt)
+                    mean = (seq_sum(weights) / (counts + _MEAN_EPS) * live).sum() / live.sum().clamp_min(1e-8)
                 weights = torch.where(mean > 1e-8, weights / torch.where(mean > 1e-8, mean, 1.0), weights)
         if rollout_rs is not None:
             lrs = torch.clamp(lr, -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
@@ -407,13 +428,13 @@ def rollout_correction(trained, rollout, mask, rollout_is, is_threshold, batch_n
             for name, lower, upper in parse_rs(rollout_rs, rs_threshold):
                 stat = stats[name[-2:]]
                 if name.startswith("seq_sum"):
-                    stat = (torch.where(m != 0, stat, torch.zeros_like(stat)) * m).sum(-1, keepdim=True)
+                    stat = rows.spread(seq_sum(stat))
                 elif name.startswith("seq_mean"):
-                    stat = masked_mean(stat, m, -1)[:, None]
+                    stat = rows.spread(seq_sum(stat) / (counts + _MEAN_EPS))
                 elif name.startswith("seq_max"):
-                    stat = stat.masked_fill(m == 0, -math.inf).max(-1, keepdim=True).values
-                    stat = torch.where(torch.isneginf(stat), torch.zeros_like(stat), stat)
+                    peak = rows.amax(stat.masked_fill(m == 0, -math.inf))
+                    stat = rows.spread(torch.where(torch.isneginf(peak), torch.zeros_like(peak), peak))
                 ok = stat <= upper if lower is None else (stat >= lower) & (stat <= upper)
-                keep = keep * ok.expand_as(lr).to(cdt)
-            mask = (m * keep).to(mask.dtype)
+                keep = keep * ok.to(cdt)
+            mask = m * keep if mask is None else (m * keep).to(mask.dtype)
     return weights, mask
