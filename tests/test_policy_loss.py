@@ -238,6 +238,47 @@ def test_ragged_packed_matches_padded(backend):
         torch.testing.assert_close(ea.grad, P._unpad(eb.grad, cu, total), atol=1e-7, rtol=1e-5)
 
 
+def test_packed_total_equal_to_batch_is_disambiguated(backend):
+    # Two sequences of lengths 2 and 0: total == B, so [B] advantages could be either layout. They
+    # must be named (None raises), and per-sequence ones must reach every token of their sequence.
+    cu = torch.tensor([0, 2, 2])
+    lp = torch.tensor([-1.0, -2.0])
+    adv = torch.tensor([1.0, -5.0])
+    with pytest.raises(ValueError, match="advantages_per_sequence"):
+        P.policy_loss(lp, lp, adv, None, cu_seqlens=cu, loss="reinforce")
+    for per_sequence, token_adv in [(True, torch.tensor([1.0, 1.0])), (False, adv)]:
+        a = lp.clone().requires_grad_()
+        total, _ = P.policy_loss(a, lp, adv, None, cu_seqlens=cu, loss="reinforce",
+                                 advantages_per_sequence=per_sequence)
+        total.backward()
+        r = lp.double()[None].clone().requires_grad_()
+        ref_total, _ = reference.policy_loss(r, lp.double()[None], token_adv.double()[None],
+                                             torch.ones(1, 2, dtype=torch.bool), loss="reinforce")
+        ref_total.backward()
+        _close(total, ref_total, name=f"per_sequence={per_sequence}")
+        _close(a.grad, r.grad[0], name=f"per_sequence={per_sequence}")
+    with pytest.raises(ValueError, match="advantages_per_sequence"):
+        P.policy_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), None, cu_seqlens=torch.tensor([0, 1, 3]),
+                      advantages_per_sequence=True)
+
+
+def test_trl_presets_need_global_seqs_with_data_parallel():
+    # The local B stands in for global_seqs only at dp_size 1; with dp_size > 1 it would scale
+    # the loss by dp_size, so the presets require global_seqs like the verl modes they map to.
+    values, mask = torch.rand(4, 5), torch.ones(4, 5)
+    for agg in ("grpo", "dr_grpo"):
+        with pytest.raises(ValueError, match="global_seqs"):
+            P.aggregate(values, mask, agg, dp_size=2)
+        local = P.aggregate(values, mask, agg)
+        torch.testing.assert_close(P.aggregate(values, mask, agg, dp_size=2, global_seqs=8), local)
+
+
+def test_metrics_are_float32_for_float64_input():
+    b = _batch(seed=6)
+    _, metrics = P.policy_loss(b["lp"], b["old"], b["adv"], b["mask"], dual_clip=3.0)
+    assert b["lp"].dtype == torch.float64 and all(m.dtype == torch.float32 for m in metrics.values())
+
+
 @pytest.mark.parametrize("config", [
     dict(rollout_is="token", rollout_is_threshold=1.3, rollout_is_batch_normalize=True),
     dict(rollout_is="sequence", rollout_is_threshold="0.5_1.6", rollout_is_batch_normalize=True),

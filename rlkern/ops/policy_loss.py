@@ -143,14 +143,17 @@ def _check_norms(agg, dp_size, global_tokens, global_seqs, loss_scale_factor, pa
                          "(padded input defaults to the padded width T, as verl)")
 
 
-def _resolve_agg(agg: str, n_seqs: int, global_seqs, loss_scale_factor):
-    """TRL loss_type presets -> (verl agg mode, global_seqs, loss_scale_factor)."""
+def _resolve_agg(agg: str, n_seqs: int, global_seqs, loss_scale_factor, dp_size: int):
+    """TRL loss_type presets -> (verl agg mode, global_seqs, loss_scale_factor). The local B stands
+    in for global_seqs only without data parallelism: with dp_size > 1 the caller passes it, as
+    for the verl modes (the local B there would scale the loss by dp_size)."""
+    local_seqs = n_seqs if global_seqs is None and dp_size == 1 else global_seqs
     if agg == "grpo":  # per-sequence token mean, averaged over all B rows (empty rows count 0)
-        return "seq-mean-token-mean", n_seqs if global_seqs is None else global_seqs, loss_scale_factor
+        return "seq-mean-token-mean", local_seqs, loss_scale_factor
     if agg == "bnpo":
         return "token-mean", global_seqs, loss_scale_factor
     if agg == "dr_grpo":  # sum / (B * max_completion_length)
-        return "seq-mean-token-sum-norm", n_seqs if global_seqs is None else global_seqs, loss_scale_factor
+        return "seq-mean-token-sum-norm", local_seqs, loss_scale_factor
     if agg == "dapo":  # sum / (num_items_in_batch / num_processes): pass global_tokens and dp_size
         return "token-mean", global_seqs, loss_scale_factor
     return agg, global_seqs, loss_scale_factor
@@ -158,6 +161,26 @@ def _resolve_agg(agg: str, n_seqs: int, global_seqs, loss_scale_factor):
 
 # --------------------------------------------------------------------------------------------
 # Layout helpers
+
+
+def _advantage_layout(advantages: Tensor, logprobs: Tensor, cu_seqlens: Tensor | None,
+                      per_sequence: bool | None) -> Tensor:
+    """The kernels read advantages per sequence when their shape differs from logprobs'. Packed
+    input with total == B leaves ``[B]`` ambiguous: the caller says which, and per-sequence
+    advantages are then spread to the tokens here (total is a host value: no sync)."""
+    ambiguous = cu_seqlens is not None and advantages.shape == logprobs.shape == (cu_seqlens.numel() - 1,)
+    if not ambiguous:
+        inferred = advantages.shape != logprobs.shape
+        if per_sequence is not None and bool(per_sequence) != inferred:
+            raise ValueError(f"advantages_per_sequence={per_sequence} but advantages have shape "
+                             f"{tuple(advantages.shape)} for logprobs {tuple(logprobs.shape)}")
+        return advantages
+    if per_sequence is None:
+        raise ValueError(f"advantages {tuple(advantages.shape)} are ambiguous for packed input with as many tokens as "
+                         "sequences: pass advantages_per_sequence=True (one per sequence) or False (per token)")
+    if not per_sequence:
+        return advantages
+    return torch.repeat_interleave(advantages, cu_seqlens.diff().long(), output_size=logprobs.numel())
 
 
 def _segment_ids(cu_seqlens: Tensor, total: int) -> Tensor:
@@ -449,6 +472,7 @@ def policy_loss(
     dp_size: int = 1,
     loss_scale_factor: float | None = None,
     cu_seqlens: Tensor | None = None,
+    advantages_per_sequence: bool | None = None,
     is_weights: Tensor | None = None,
     rollout_logprobs: Tensor | None = None,
     rollout_is: str | None = None,
@@ -549,6 +573,10 @@ def policy_loss(
         loss_scale_factor: ``seq-mean-token-sum-norm`` divides by it; None uses the padded width
             T (verl); required for packed input.
         cu_seqlens: ``[B + 1]`` int32/int64 offsets of packed sequences.
+        advantages_per_sequence: None infers the advantages' layout from their shape (``[B]``
+            per sequence, the shape of ``logprobs`` per token). Packed input with as many tokens
+            as sequences (total == B) makes ``[B]`` ambiguous: then it must be given (True: one
+            advantage per sequence, False: per token), and None raises ValueError.
         is_weights: like ``logprobs``: rollout-correction weights (stop-gradient) multiplying the
             policy term (verl's ``rollout_is_weights``, TRL's vLLM ``importance_sampling_ratio``).
         rollout_logprobs: like ``logprobs``: the inference engine's log-probs; with ``rollout_is``
@@ -581,8 +609,9 @@ def policy_loss(
         - ``kl_ref``: mean KL estimate to ``ref_logprobs`` (TRL ``kl``; 0 without it).
         - ``entropy``: mean entropy (TRL ``entropy``; verl logs the aggregated ``entropy_loss``).
 
-        An empty mask gives loss 0, metrics 0 and a zero gradient (verl's token-mean gives NaN
-        there); fully masked rows do not count in the sequence means, as in verl.
+        An empty mask gives loss 0, metrics 0 and a zero gradient (verl's token-mean and
+        seq-mean modes give NaN there); fully masked rows do not count in the sequence means, as
+        in verl. Metrics are float32 for every input dtype.
     """
     packed = cu_seqlens is not None
     is_bypass = loss == "bypass_mode"
@@ -598,7 +627,8 @@ def policy_loss(
                        {"ref_logprobs": ref_logprobs, "entropy": entropy, "is_weights": is_weights,
                         "rollout_logprobs": rollout_logprobs}, hyper_in)
     n_seqs = cu_seqlens.numel() - 1 if packed else logprobs.shape[0]
-    agg, global_seqs, loss_scale_factor = _resolve_agg(agg, n_seqs, global_seqs, loss_scale_factor)
+    advantages = _advantage_layout(advantages, logprobs, cu_seqlens, advantages_per_sequence)
+    agg, global_seqs, loss_scale_factor = _resolve_agg(agg, n_seqs, global_seqs, loss_scale_factor, dp_size)
     _check_norms(agg, dp_size, global_tokens, global_seqs, loss_scale_factor, packed)
     if entropy_agg is not None:
         _check_norms(entropy_agg, 1, None, None, loss_scale_factor, packed)
@@ -632,7 +662,7 @@ def policy_loss(
                            cu_seqlens, global_tokens if isinstance(global_tokens, Tensor) else None,
                            global_seqs if isinstance(global_seqs, Tensor) else None, inner_loss, agg, entropy_agg,
                            kl_estimator, level, hyper)
-    return total, dict(zip(METRIC_KEYS, metrics.unbind(0)))
+    return total, dict(zip(METRIC_KEYS, metrics.to(torch.float32).unbind(0)))
 
 
 class _PackedRows:
@@ -858,7 +888,7 @@ def aggregate(
     if agg not in AGG_MODES + TRL_AGG_PRESETS:
         raise ValueError(f"agg must be one of {AGG_MODES + TRL_AGG_PRESETS}, got {agg!r}")
     n_seqs = cu_seqlens.numel() - 1 if packed else values.shape[0]
-    agg, global_seqs, loss_scale_factor = _resolve_agg(agg, n_seqs, global_seqs, loss_scale_factor)
+    agg, global_seqs, loss_scale_factor = _resolve_agg(agg, n_seqs, global_seqs, loss_scale_factor, dp_size)
     _check_norms(agg, dp_size, global_tokens, global_seqs, loss_scale_factor, packed)
     return _agg_fwd(values, mask, cu_seqlens, _scalar(global_tokens, values.device),
                     _scalar(global_seqs, values.device), agg, float(dp_size),
