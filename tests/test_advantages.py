@@ -890,25 +890,89 @@ def test_verl_optimal_token_baseline_parity(backend, name, with_is):
         torch.testing.assert_close(ours_packed.double(), theirs_padded[inside].double(), rtol=1e-4, atol=1e-4)
 
 
+def _verl_edge_mask(case, batch=8):
+    if case == "T1":
+        mask = torch.ones(batch, 1, dtype=torch.int64)
+        mask[1] = 0  # an empty row among one-token rows
+        return mask
+    lengths = torch.tensor([12, 1, 0, 5, 9, 12, 3, 7])[:batch]
+    pos = torch.arange(12)[None, :]
+    if case == "left":
+        return (pos >= 12 - lengths[:, None]).long()
+    return (pos < lengths[:, None]).long()  # "empty": right padding with an empty row (row 2)
+
+
+# every case keeps >= 2 valid tokens in the batch: verl's masked_whiten (GAE, REINFORCE++) is NaN below that,
+# so no all-empty batch is generated
+@pytest.mark.peer
+@pytest.mark.parametrize("case", ["left", "empty", "T1"])
+@pytest.mark.parametrize("estimator", ["gae", "reinforce_plus_plus", "grpo_norm", "grpo_nonorm"])
+def test_verl_edge_case_parity(case, estimator):
+    core = _verl()
+    g = _gen(21)
+    mask = _verl_edge_mask(case)
+    batch, steps = mask.shape
+    rewards = torch.randn(batch, steps, generator=g) * mask
+    assert mask.sum() >= 2
+    if estimator == "gae":
+        values = torch.randn(batch, steps, generator=g)
+        theirs = core.compute_gae_advantage_return(rewards, values, mask, 0.99, 0.95)
+        ours = algos.compute_gae_advantage_return(rewards, values, mask, 0.99, 0.95)
+    elif estimator == "reinforce_plus_plus":
+        cfg = _Cfg(gamma=0.9)
+        theirs = core.compute_reinforce_plus_plus_outcome_advantage(rewards, mask, config=cfg)
+        ours = algos.compute_reinforce_plus_plus_outcome_advantage(rewards, mask, config=cfg)
+    else:
+        ids = np.array(["a", "a", "a", "b", "b", "c", "d", "d"], dtype=object)  # "c": a singleton
+        kwargs = dict(token_level_rewards=rewards, response_mask=mask, index=ids,
+                      norm_adv_by_std_in_grpo=estimator == "grpo_norm")
+        theirs = core.compute_grpo_outcome_advantage(**kwargs)
+        ours = algos.compute_grpo_outcome_advantage(**kwargs)
+    # valid tokens only (rlkern writes 0 at masked GAE positions, verl carries values there)
+    assert (mask != 0).any(-1).sum() >= 2
+    _assert_verl_close(ours[0], theirs[0], mask, 1e-5, f"{estimator} advantages")
+    _assert_verl_close(ours[1], theirs[1], mask, 1e-5, f"{estimator} returns")
+
+
+_TRL_BLOCK_START = 'if self.multi_objective_aggregation == "sum_then_normalize":'
+_TRL_BLOCK_END = "advantages = torch.nan_to_num(advantages, nan=0.0)"
+
+
+def _trl_advantage_block():
+    """TRL's own advantage code, cut from GRPOTrainer._generate_and_score_completions."""
+    import inspect
+    import textwrap
+
+    grpo = import_peer("trl.trainer.grpo_trainer")
+    lines = inspect.getsource(grpo.GRPOTrainer._generate_and_score_completions).splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip().startswith(_TRL_BLOCK_START)]
+    ends = [i for i, line in enumerate(lines) if line.strip() == _TRL_BLOCK_END]
+    if not starts or not ends or ends[-1] < starts[0]:
+        pytest.fail("TRL's code moved: GRPOTrainer._generate_and_score_completions no longer holds the "
+                    f"block {_TRL_BLOCK_START!r} ... {_TRL_BLOCK_END!r}; update this test")
+    end = next(i for i in ends if i > starts[0])
+    return textwrap.dedent("\n".join(lines[starts[0]:end + 1]))
+
+
 @pytest.mark.peer
 @pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
 @pytest.mark.parametrize("num_generations", [1, 4])
 def test_trl_scale_rewards_parity(scale_rewards, num_generations):
-    # TRL computes GRPO advantages inline in GRPOTrainer._generate_and_score_completions; this is
-    # that code path ("sum_then_normalize") with TRL's own nanstd, on contiguous groups.
+    # TRL computes GRPO advantages inline in GRPOTrainer._generate_and_score_completions: run that
+    # source itself ("sum_then_normalize", one reward function) on contiguous groups.
+    import types
+
     trl_utils = import_peer("trl.trainer.utils")
+    code = _trl_advantage_block()
     rewards = _scores(24, 16)
-    grouped = rewards.view(-1, num_generations)
-    mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
-    if scale_rewards == "batch":
-        std = trl_utils.nanstd(rewards).expand_as(rewards)
-    elif num_generations > 1:
-        std = trl_utils.nanstd(grouped, dim=1).repeat_interleave(num_generations)
-    else:
-        std = torch.zeros_like(rewards)
-    theirs = rewards - mean
-    if scale_rewards != "none":
-        theirs = theirs / (std + 1e-4)
+    trainer = types.SimpleNamespace(multi_objective_aggregation="sum_then_normalize", scale_rewards=scale_rewards,
+                                    reward_weights=torch.ones(1), reward_funcs=[None])
+    namespace = dict(torch=torch, nanstd=trl_utils.nanstd, device=torch.device("cpu"),
+                     num_generations=num_generations, rewards_per_func=rewards.clone()[:, None],
+                     unscorable_mask=torch.zeros(24, dtype=torch.bool), self=trainer)
+    exec(compile(code, "<trl GRPOTrainer advantages>", "exec"), namespace)
+    theirs = namespace["advantages"]
+    assert theirs.shape == rewards.shape
     ids = torch.arange(24) // num_generations
     ours = A.group_normalize(rewards, ids, eps=1e-4, scale=scale_rewards, singleton="zero")
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

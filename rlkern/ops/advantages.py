@@ -45,7 +45,11 @@ Beyond verl: ``egae`` (T-PPO), ``bnpo`` (BNPO), ``gigpo_step_groups`` (GiGPO), T
 Where rlkern deliberately differs from verl (documented per op): ``gae`` writes 0 at masked
 positions (verl leaves the carried value there, which nothing reads); ``grpo_passk`` honours
 its ``norm_by_std`` argument (verl reads it from ``config`` only); ``gpg`` has no ``alpha``
-argument (verl ignores its own and uses N / #nonzero scores).
+argument (verl ignores its own and uses N / #nonzero scores); a group of equal scores gets
+advantage exactly 0 (verl's float32 mean can differ from the scores in the last bit, and that
+rounding divided by std + eps = 1e-6 gives |advantages| up to about 0.1 there); a fractional
+mask weight is read as "valid" by the token-level estimators (verl's GAE and whitening weight
+by the mask's value; 0/1 masks give the same numbers).
 
 Accumulation is float64 on CPU kernels and in every group statistic; outputs are float32
 (float64 for float64 input). No op syncs with the host on GPU tensors; the checks that need
