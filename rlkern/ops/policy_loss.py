@@ -180,7 +180,7 @@ def _advantage_layout(advantages: Tensor, logprobs: Tensor, cu_seqlens: Tensor |
                          "sequences: pass advantages_per_sequence=True (one per sequence) or False (per token)")
     if not per_sequence:
         return advantages
-    return torch.repeat_interleave(advantages, cu_seqlens.diff().long(), output_size=logprobs.numel())
+    return advantages[_segment_ids(cu_seqlens, logprobs.numel())]
 
 
 def _segment_ids(cu_seqlens: Tensor, total: int) -> Tensor:
