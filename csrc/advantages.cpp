@@ -592,39 +592,51 @@ enum class ScaleMode { kGroup, kBatch, kNone };
 //   spread = sqrt(m2_g / (n_g - 1)) (unbiased) or sqrt(m2_g / n_g) (population), or the batch's
 //   std over all N samples (scale "batch"; 0 for N < 2); value = (x - mean) / (spread + eps),
 //   or x - mean without std / with scale "none".
+//   skip_nan: a NaN score counts in no group or batch statistic and its value is 0 (TRL).
 template <typename S>
 void group_values(const S* x, const int64_t* inv, int64_t N, double eps, StdMode std_mode, ScaleMode scale,
-                  bool singleton_verl, double* value) {
+                  bool singleton_verl, bool skip_nan, double* value) {
   std::vector<double> count(N, 0.0), sum(N, 0.0), m2(N, 0.0);
+  auto skipped = [&](int64_t i) { return skip_nan && std::isnan(static_cast<float>(x[i])); };
+  int64_t scored = 0;
   for (int64_t i = 0; i < N; ++i) {
     const int64_t g = inv[i];
     TORCH_CHECK(g >= 0 && g < N, "rlkern.advantages_group_normalize_kernel: group numbers must lie in [0, ", N,
                 "), got ", g);
+    if (skipped(i)) continue;
+    ++scored;
     count[g] += 1.0;
     sum[g] += static_cast<double>(static_cast<float>(x[i]));
   }
   for (int64_t g = 0; g < N; ++g) sum[g] /= std::max(count[g], 1.0);  // sum -> mean
   for (int64_t i = 0; i < N; ++i) {
+    if (skipped(i)) continue;
     const double d = static_cast<double>(static_cast<float>(x[i])) - sum[inv[i]];
     m2[inv[i]] += d * d;
   }
   const bool divide = std_mode != StdMode::kNone && scale != ScaleMode::kNone;
   const bool unbiased = std_mode == StdMode::kUnbiased;
   double batch_spread = 0.0;
-  if (divide && scale == ScaleMode::kBatch && N > 1) {
+  if (divide && scale == ScaleMode::kBatch && scored > 1) {
     double total = 0.0;
-    for (int64_t i = 0; i < N; ++i) total += static_cast<double>(static_cast<float>(x[i]));
-    const double mean = total / static_cast<double>(N);
+    for (int64_t i = 0; i < N; ++i)
+      if (!skipped(i)) total += static_cast<double>(static_cast<float>(x[i]));
+    const double mean = total / static_cast<double>(scored);
     double ss = 0.0;
     for (int64_t i = 0; i < N; ++i) {
+      if (skipped(i)) continue;
       const double d = static_cast<double>(static_cast<float>(x[i])) - mean;
       ss += d * d;
     }
-    batch_spread = std::sqrt(ss / static_cast<double>(unbiased ? N - 1 : N));
+    batch_spread = std::sqrt(ss / static_cast<double>(unbiased ? scored - 1 : scored));
   }
   at::parallel_for(0, N, int64_t{1} << 18, [&](int64_t i0, int64_t i1) {  // a few ns a sample: see group_index_rows
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t g = inv[i];
+      if (skipped(i)) {
+        value[i] = 0.0;
+        continue;
+      }
       const bool single = count[g] <= 1.0;
       if (single && !singleton_verl) {
         value[i] = 0.0;
@@ -650,7 +662,7 @@ void group_values(const S* x, const int64_t* inv, int64_t N, double eps, StdMode
 at::Tensor group_normalize_cpu(const at::Tensor& scores, const at::Tensor& inverse,
                                const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens,
                                double eps, c10::string_view std_name, c10::string_view scale_name,
-                               c10::string_view singleton) {
+                               c10::string_view singleton, bool skip_nan) {
   const char* op = "rlkern.advantages_group_normalize_kernel";
   TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 1, op, ": scores must be a 1-D CPU tensor, got ",
               scores.sizes());
@@ -674,7 +686,7 @@ at::Tensor group_normalize_cpu(const at::Tensor& scores, const at::Tensor& inver
   auto values = [&](auto tag) {
     using S = decltype(tag);
     group_values<S>(x.data_ptr<S>(), inv.data_ptr<int64_t>(), N, eps, std_mode, scale, singleton == "verl",
-                    value.data());
+                    skip_nan, value.data());
   };
   switch (x.scalar_type()) {
     case at::kFloat: values(float{}); break;
@@ -1105,7 +1117,7 @@ at::Tensor group_index_joined_meta(const at::Tensor& joined, int64_t n) {
 
 at::Tensor group_normalize_meta(const at::Tensor& scores, const at::Tensor&, const std::optional<at::Tensor>& mask,
                                 const std::optional<at::Tensor>&, double, c10::string_view, c10::string_view,
-                                c10::string_view) {
+                                c10::string_view, bool) {
   const auto opts = scores.options().dtype(at::kFloat);
   return mask.has_value() ? at::empty(mask->sizes(), opts) : at::empty(scores.sizes(), opts);
 }
@@ -1134,7 +1146,7 @@ TORCH_LIBRARY_FRAGMENT(rlkern, m) {
   m.def("advantages_broadcast_kernel(Tensor scores, Tensor mask, Tensor? cu_seqlens=None) -> Tensor");
   m.def("advantages_group_index_joined_kernel(Tensor joined, int n) -> Tensor");
   m.def("advantages_group_normalize_kernel(Tensor scores, Tensor inverse, Tensor? mask, Tensor? cu_seqlens, "
-        "float eps, str std, str scale, str singleton) -> Tensor");
+        "float eps, str std, str scale, str singleton, bool skip_nan=False) -> Tensor");
   m.def("advantages_optimal_token_baseline_kernel(Tensor rewards, Tensor? mask, Tensor inverse, Tensor old_log_probs, "
         "Tensor sum_pi_squared, Tensor? rollout_is_weights, Tensor? cu_seqlens, bool handle_zero_tail, float eps, "
         "bool multi_turn) -> (Tensor, Tensor)");

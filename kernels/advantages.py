@@ -189,9 +189,10 @@ def _group_sum(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
 def group_moments(
     x: torch.Tensor,  # (N,) fp64
     inverse: torch.Tensor,  # (N,) int64 in [0, N)
+    scored: torch.Tensor | None = None,  # (N,) fp64 0/1: only these samples count (x is 0 elsewhere)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per sample: (count, mean, sum of squared deviations) of its group, float64 [N] each."""
-    count = _group_sum(torch.ones_like(x), inverse)
+    count = _group_sum(torch.ones_like(x) if scored is None else scored, inverse)
     mean = _group_sum(x, inverse) / count.clamp_min(1.0)
-    dev = x - mean
+    dev = x - mean if scored is None else (x - mean) * scored
     return count, mean, _group_sum(dev * dev, inverse)

@@ -379,6 +379,37 @@ def test_group_normalize_matches_reference(kind, std, scale, singleton):
     _close(out, ref, tol=2e-5 if kind != "equal" else 1e-3)
 
 
+@pytest.mark.parametrize("group_backend", ["cpp", "triton", "torch"])
+@pytest.mark.parametrize("std", ["unbiased", "population", None])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("singleton", ["verl", "zero"])
+def test_group_normalize_skip_nan(monkeypatch, group_backend, std, scale, singleton):
+    # TRL's unscorable completions: NaN scores leave the statistics; groups shrink (to one scored
+    # sample, to none) and the NaN samples get 0.
+    monkeypatch.setenv("RLKERN_BACKEND", group_backend)
+    ids = _group_layout(3)
+    s = _scores(len(ids), 3)
+    g = _gen(4)
+    s[torch.rand(len(s), generator=g) < 0.3] = float("nan")
+    sizes = {}
+    for i, key in enumerate(ids):
+        sizes.setdefault(key, []).append(i)
+    two = next(m for m in sizes.values() if len(m) == 2)
+    s[two[0]] = float("nan")  # a pair left with one scored sample
+    s[next(m for m in sizes.values() if len(m) == 1)[0]] = float("nan")  # a group with none
+    out = A.group_normalize(s, ids, eps=1e-4, std=std, scale=scale, singleton=singleton, skip_nan=True)
+    ref = R.group_normalize(s, list(ids), 1e-4, std, scale, singleton, skip_nan=True)
+    assert not out.isnan().any() and (out[s.isnan()] == 0).all()
+    _close(out, ref, tol=2e-5)
+    # no NaN among the scores: the same numbers as without skip_nan
+    clean = s.nan_to_num(0.5)
+    torch.testing.assert_close(A.group_normalize(clean, ids, std=std, scale=scale, skip_nan=True),
+                               A.group_normalize(clean, ids, std=std, scale=scale))
+    mask = _mask(len(ids), 7, "holes")
+    torch.testing.assert_close(A.group_normalize(s, ids, skip_nan=True, response_mask=mask),
+                               A.group_normalize(s, ids, skip_nan=True)[:, None] * mask.float())
+
+
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32,
                                         torch.bfloat16])
 def test_group_normalize_token_broadcast_and_id_forms(mask_dtype):
@@ -955,27 +986,60 @@ def _trl_advantage_block():
 
 
 @pytest.mark.peer
+@pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
 @pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
 @pytest.mark.parametrize("num_generations", [1, 4])
-def test_trl_scale_rewards_parity(scale_rewards, num_generations):
+@pytest.mark.parametrize("funcs", [1, 3])
+def test_trl_advantages_parity(aggregation, scale_rewards, num_generations, funcs):
     # TRL computes GRPO advantages inline in GRPOTrainer._generate_and_score_completions: run that
-    # source itself ("sum_then_normalize", one reward function) on contiguous groups.
+    # source itself on per-function rewards with None (NaN) entries and unscorable rows.
     import types
 
     trl_utils = import_peer("trl.trainer.utils")
+    from rlkern.algos.advantages import trl_grpo_advantages
+
     code = _trl_advantage_block()
-    rewards = _scores(24, 16)
-    trainer = types.SimpleNamespace(multi_objective_aggregation="sum_then_normalize", scale_rewards=scale_rewards,
-                                    reward_weights=torch.ones(1), reward_funcs=[None])
+    n = 32
+    g = _gen(16 + funcs)
+    rewards_per_func = torch.randn(n, funcs, generator=g)
+    weights = torch.rand(funcs, generator=g) + 0.5
+    if funcs > 1:
+        rewards_per_func[torch.rand(n, funcs, generator=g) < 0.2] = float("nan")  # one function returned None
+    rewards_per_func[[3, 9, 10, 11]] = float("nan")  # unscorable rows; group 2 keeps one scored row
+    if num_generations > 1:
+        rewards_per_func[[16, 17, 18, 19]] = float("nan")  # a whole group unscorable
+    trainer = types.SimpleNamespace(multi_objective_aggregation=aggregation, scale_rewards=scale_rewards,
+                                    reward_weights=weights, reward_funcs=[None] * funcs)
     namespace = dict(torch=torch, nanstd=trl_utils.nanstd, device=torch.device("cpu"),
-                     num_generations=num_generations, rewards_per_func=rewards.clone()[:, None],
-                     unscorable_mask=torch.zeros(24, dtype=torch.bool), self=trainer)
+                     num_generations=num_generations, rewards_per_func=rewards_per_func.clone(),
+                     unscorable_mask=rewards_per_func.isnan().all(dim=1), self=trainer)
     exec(compile(code, "<trl GRPOTrainer advantages>", "exec"), namespace)
     theirs = namespace["advantages"]
-    assert theirs.shape == rewards.shape
-    ids = torch.arange(24) // num_generations
-    ours = A.group_normalize(rewards, ids, eps=1e-4, scale=scale_rewards, singleton="zero")
+    assert theirs.shape == (n,) and not theirs.isnan().any()
+    assert (theirs != 0).sum() >= n // 2 or num_generations == 1  # a group of one has advantage 0 in TRL
+    ours = trl_grpo_advantages(rewards_per_func, num_generations, weights, scale_rewards=scale_rewards,
+                               multi_objective_aggregation=aggregation)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    if aggregation == "sum_then_normalize" and funcs == 1:  # the op directly, as the docstring says
+        ids = torch.arange(n) // num_generations
+        direct = A.group_normalize(rewards_per_func[:, 0] * weights[0], ids, eps=1e-4, scale=scale_rewards,
+                                   singleton="zero", skip_nan=True)
+        torch.testing.assert_close(direct, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_trl_advantages_rejects_bad_input():
+    from rlkern.algos.advantages import trl_grpo_advantages
+
+    with pytest.raises(ValueError, match="num_generations must be a positive int dividing N=6"):
+        trl_grpo_advantages(torch.zeros(6, 1), 4)
+    with pytest.raises(ValueError, match=r"rewards_per_func must be a \[N, K\] tensor"):
+        trl_grpo_advantages(torch.zeros(6), 3)
+    with pytest.raises(ValueError, match="scale_rewards"):
+        trl_grpo_advantages(torch.zeros(6, 1), 3, scale_rewards="std")
+    with pytest.raises(ValueError, match="multi_objective_aggregation"):
+        trl_grpo_advantages(torch.zeros(6, 1), 3, multi_objective_aggregation="mean")
+    with pytest.raises(ValueError, match=r"reward_weights must have shape \(2,\)"):
+        trl_grpo_advantages(torch.zeros(6, 2), 3, [1.0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -998,6 +1062,8 @@ def test_opcheck_custom_ops():
         (A._dense_group_ids, (torch.tensor([5, 3, 5, 9]),)),
         (A._group_normalize_op, (s, inverse, None, None, 1e-6, "unbiased", "group", "verl")),
         (A._group_normalize_op, (s, inverse, _mask(6, 5, "holes"), None, 1e-6, "population", "batch", "zero")),
+        (A._group_normalize_op, (torch.tensor([1.0, float("nan"), 2.0, 0.5, float("nan"), 3.0]), inverse, None, None,
+                                 1e-4, "unbiased", "batch", "zero", True)),
         (A._group_normalize_op, (s, inverse, torch.ones(27, dtype=torch.bool),
                                  torch.tensor([0, 4, 4, 10, 20, 26, 27], dtype=torch.int32), 1e-4, "unbiased",
                                  "group", "verl")),

@@ -1,10 +1,15 @@
-"""verl 0.9.1 advantage estimators with verl's own signatures, computed by rlkern ops.
+"""verl 0.9.1 advantage estimators with verl's own signatures, and TRL 1.16's GRPO advantage,
+computed by rlkern ops.
 
 ``VERL_ADV_ESTIMATORS[name]`` takes the arguments verl's ``ADV_ESTIMATOR_REGISTRY[name]``
 takes and returns ``(advantages, returns)`` with verl's numbers on every valid token (the
 mapping of names to ops is the table in ``rlkern.ops.advantages``). Differences, all at
 positions no loss reads: ``gae`` writes 0 at masked positions where verl leaves carried values.
 Outcome estimators sum ``token_level_rewards`` over tokens to one score per sample, as verl.
+
+``trl_grpo_advantages`` is the advantage block of TRL's
+``GRPOTrainer._generate_and_score_completions`` (both ``multi_objective_aggregation`` modes,
+every ``scale_rewards``, unscorable completions) as one function.
 """
 
 from __future__ import annotations
@@ -125,3 +130,58 @@ VERL_ADV_ESTIMATORS = {
     "optimal_token_baseline": compute_optimal_token_baseline_advantage,
     "tir_optimal_token_baseline": compute_multi_turn_optimal_token_baseline_advantage,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL 1.16
+
+
+def trl_grpo_advantages(rewards_per_func: torch.Tensor, num_generations: int, reward_weights=None, *,
+                        scale_rewards: str = "group",
+                        multi_objective_aggregation: str = "sum_then_normalize") -> torch.Tensor:
+    """TRL's GRPO advantages from the per-function rewards of the gathered batch.
+
+    Groups are ``num_generations`` consecutive rows, as TRL lays them out. A NaN reward (the
+    function returned None) is left out by TRL's nan-aware sums; a row whose every function
+    returned None is unscorable: it counts in no mean or std and its advantage is 0.
+
+    - "sum_then_normalize" (TRL's default): r = nansum_k(w_k r_k), then
+      ``group_normalize(r, eps=1e-4, scale=scale_rewards, singleton="zero", skip_nan=True)``.
+    - "normalize_then_sum": each function normalized in its group (std + 1e-4), weighted nansum,
+      then the sum normalized over the batch (mean and std of all scored rows, + 1e-4).
+
+    Args:
+        rewards_per_func: ``[N, K]`` float, N a multiple of ``num_generations``.
+        num_generations: TRL's ``num_generations`` (``num_generations_eval`` in eval).
+        reward_weights: ``[K]`` (TRL's ``reward_weights``); None means 1 each.
+        scale_rewards: "group" (TRL's default), "batch" or "none".
+
+    Returns:
+        ``[N]`` float32 advantages (float64 for float64 rewards).
+    """
+    op = "trl_grpo_advantages"
+    if not isinstance(rewards_per_func, torch.Tensor) or rewards_per_func.ndim != 2:
+        raise ValueError(f"{op}: rewards_per_func must be a [N, K] tensor, got "
+                         f"{getattr(rewards_per_func, 'shape', type(rewards_per_func).__name__)}")
+    n, k = rewards_per_func.shape
+    if not isinstance(num_generations, int) or num_generations < 1 or n % num_generations:
+        raise ValueError(f"{op}: num_generations must be a positive int dividing N={n}, got {num_generations!r}")
+    if scale_rewards not in ("group", "batch", "none"):
+        raise ValueError(f"{op}: scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+    weights = torch.ones(k, dtype=rewards_per_func.dtype, device=rewards_per_func.device) if reward_weights is None \
+        else torch.as_tensor(reward_weights, dtype=rewards_per_func.dtype, device=rewards_per_func.device)
+    if weights.shape != (k,):
+        raise ValueError(f"{op}: reward_weights must have shape ({k},), got {tuple(weights.shape)}")
+    ids = torch.arange(n, device=rewards_per_func.device) // num_generations
+    unscorable = rewards_per_func.isnan().all(dim=1)
+    trl = dict(eps=1e-4, singleton="zero", skip_nan=True)
+    if multi_objective_aggregation == "sum_then_normalize":
+        rewards = (rewards_per_func * weights).nansum(dim=1).masked_fill(unscorable, float("nan"))
+        return ops.group_normalize(rewards, ids, scale=scale_rewards, **trl)
+    if multi_objective_aggregation == "normalize_then_sum":
+        per_func = torch.stack([ops.group_normalize(rewards_per_func[:, j].contiguous(), ids, **trl)
+                                for j in range(k)], dim=1)
+        rewards = (per_func * weights.to(per_func.dtype)).sum(dim=1).masked_fill(unscorable, float("nan"))
+        return ops.group_normalize(rewards, torch.zeros_like(ids), **trl)
+    raise ValueError(f"{op}: multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum', "
+                     f"got {multi_objective_aggregation!r}")

@@ -40,7 +40,9 @@ verl 0.9.1 ``ADV_ESTIMATOR_REGISTRY`` -> rlkern (drop-ins with verl's signatures
 | ``tir_optimal_token_baseline`` | ``compute_multi_turn_optimal_token_baseline_advantage`` | ``optimal_token_baseline(..., multi_turn=True)`` |
 
 Beyond verl: ``egae`` (T-PPO), ``bnpo`` (BNPO), ``gigpo_step_groups`` (GiGPO), TRL's
-``scale_rewards`` through ``group_normalize``, ``outcome_to_tokens``, ``group_index``.
+``scale_rewards`` and unscorable completions (``skip_nan``) through ``group_normalize``
+(TRL's whole advantage block, both ``multi_objective_aggregation`` modes:
+``rlkern.algos.advantages.trl_grpo_advantages``), ``outcome_to_tokens``, ``group_index``.
 
 Where rlkern deliberately differs from verl (documented per op): ``gae`` writes 0 at masked
 positions (verl leaves the carried value there, which nothing reads); ``grpo_passk`` honours
@@ -674,19 +676,20 @@ def _group_sum(x: Tensor, inverse: Tensor) -> Tensor:
     return torch.zeros_like(x).index_add_(0, inverse, x)[inverse]
 
 
-def _group_moments(x: Tensor, inverse: Tensor):
-    """count, mean, sum of squared deviations of each sample's group, per sample, float64."""
-    count = _group_sum(torch.ones_like(x), inverse)
+def _group_moments(x: Tensor, inverse: Tensor, scored: Tensor | None = None):
+    """count, mean, sum of squared deviations of each sample's group, per sample, float64; with
+    ``scored`` (float64 0/1 weights, x 0 where 0) only the samples it marks count."""
+    count = _group_sum(torch.ones_like(x) if scored is None else scored, inverse)
     mean = _group_sum(x, inverse) / count.clamp_min(1.0)
-    dev = x - mean
+    dev = x - mean if scored is None else (x - mean) * scored
     return count, mean, _group_sum(dev * dev, inverse)
 
 
-def _moments_backend(x: Tensor, inverse: Tensor):
+def _moments_backend(x: Tensor, inverse: Tensor, scored: Tensor | None = None):
     backend = _backend.choose(x.device, ("triton",), None)
     if backend == "triton":
-        return _triton_advantages().group_moments(x, inverse)
-    return _group_moments(x, inverse)
+        return _triton_advantages().group_moments(x, inverse, scored)
+    return _group_moments(x, inverse, scored)
 
 
 @torch.library.custom_op("rlkern::advantages_group_normalize", mutates_args=())
@@ -699,19 +702,24 @@ def _group_normalize_op(
     std: str,
     scale: str,
     singleton: str,
+    skip_nan: bool = False,
 ) -> Tensor:
     backend = _backend.choose(scores.device, _KERNELS, scores.dtype)
     if backend == "cpp" and (mask is None or mask.dtype not in (torch.float16, torch.bfloat16)):
         # one C++ pass: group sums, the normalization and the broadcast to tokens
         return torch.ops.rlkern.advantages_group_normalize_kernel(scores, inverse, mask, cu_seqlens, eps, std, scale,
-                                                                   singleton)
-    per_sample = _group_normalize_torch(scores, inverse, eps, std, scale, singleton)
+                                                                   singleton, skip_nan)
+    per_sample = _group_normalize_torch(scores, inverse, eps, std, scale, singleton, skip_nan)
     return per_sample if mask is None else _broadcast(per_sample, mask, cu_seqlens)
 
 
-def _group_normalize_torch(scores, inverse, eps, std, scale, singleton):
+def _group_normalize_torch(scores, inverse, eps, std, scale, singleton, skip_nan=False):
     x = scores.to(_F64)
-    count, mean, m2 = _moments_backend(x, inverse)
+    scored = None
+    if skip_nan:
+        scored = (~x.isnan()).to(_F64)
+        x = x.nan_to_num(0.0)
+    count, mean, m2 = _moments_backend(x, inverse, scored)
     single = count <= 1
     if singleton == "verl":
         mean = torch.where(single, 0.0, mean)
@@ -725,18 +733,22 @@ def _group_normalize_torch(scores, inverse, eps, std, scale, singleton):
             if singleton == "verl":
                 spread = torch.where(single, 1.0, spread)
         else:
-            n = torch.tensor(float(x.numel()), dtype=_F64, device=x.device)
-            dev = x - x.mean() if x.numel() else x
+            n = scored.sum() if skip_nan else torch.tensor(float(x.numel()), dtype=_F64, device=x.device)
+            dev = x - (x.sum() / n.clamp_min(1.0)) if x.numel() else x
+            if skip_nan:
+                dev = dev * scored
             spread = torch.sqrt((dev * dev).sum() / ((n - 1) if unbiased else n).clamp_min(1.0))
             spread = torch.where(n > 1, spread, 0.0)
         out = centered / (spread + eps)
     if singleton == "zero":
         out = torch.where(single, 0.0, out)
+    if skip_nan:
+        out = torch.where(scored != 0, out, 0.0)
     return out.to(_out_dtype(scores))
 
 
 @_group_normalize_op.register_fake
-def _(scores, inverse, mask, cu_seqlens, eps, std, scale, singleton):
+def _(scores, inverse, mask, cu_seqlens, eps, std, scale, singleton, skip_nan=False):
     return scores.new_empty(scores.shape if mask is None else mask.shape, dtype=_out_dtype(scores))
 
 
@@ -772,6 +784,7 @@ def group_normalize(
     std: str | None = "unbiased",
     scale: str = "group",
     singleton: str = "verl",
+    skip_nan: bool = False,
     response_mask: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
 ) -> Tensor:
@@ -781,8 +794,10 @@ def group_normalize(
     defaults (eps 1e-6 from verl's ``epsilon``, unbiased std, a group of one gets mean 0 and
     std 1 so its advantage is ``s / (1 + eps)``). Dr.GRPO / verl ``norm_adv_by_std_in_grpo=False``:
     ``std=None``. TRL ``GRPOTrainer`` ``scale_rewards`` = "group" / "batch" / "none":
-    ``eps=1e-4, singleton="zero", scale=<same>`` (TRL divides by the batch std with "batch",
-    and gives 0 to a group of one).
+    ``eps=1e-4, singleton="zero", scale=<same>, skip_nan=True`` (TRL divides by the batch std
+    with "batch", gives 0 to a group of one, and leaves unscorable completions, NaN scores, out
+    of every mean and std with advantage 0); ``rlkern.algos.advantages.trl_grpo_advantages``
+    applies it to TRL's ``rewards_per_func`` for both ``multi_objective_aggregation`` modes.
 
     Args:
         scores: ``[N]`` float, one outcome score per sample.
@@ -791,6 +806,8 @@ def group_normalize(
         std: "unbiased" (torch.std, verl and TRL), "population", or None (no division).
         scale: "group" (std of the sample's group), "batch" (std of all N scores), "none".
         singleton: "verl" (mean 0, std 1) or "zero" (advantage 0) for a group of one.
+        skip_nan: NaN scores count in no group or batch statistic (a group's size is its
+            count of scored samples) and get 0, as TRL 1.16. False (verl): NaN propagates.
         response_mask: optional ``[N, T]`` bool/int/float, or packed ``[total]`` with
             ``cu_seqlens``; then the result is broadcast to tokens (value * mask, as verl).
         cu_seqlens: int32 ``[N + 1]``: sample i's tokens are ``response_mask[cu[i]:cu[i + 1]]``.
@@ -804,7 +821,8 @@ def group_normalize(
     _check_choice("group_normalize", "singleton", singleton, _SINGLETONS)
     _check_advantages("group_normalize", "scores", {"scores": (scores, "float")}, floats={"eps": eps})
     inverse = _outcome_args("group_normalize", scores, group_ids, response_mask, cu_seqlens)
-    return _group_normalize_op(scores, inverse, response_mask, cu_seqlens, float(eps), std or "none", scale, singleton)
+    return _group_normalize_op(scores, inverse, response_mask, cu_seqlens, float(eps), std or "none", scale, singleton,
+                               bool(skip_nan))
 
 
 def grpo(scores: Tensor, group_ids, response_mask: Tensor | None = None, *, eps: float = 1e-6,

@@ -120,16 +120,21 @@ def _std(xs: list[float], unbiased: bool) -> float:
     return math.sqrt(ss / (n - 1)) if unbiased else math.sqrt(ss / n)
 
 
-def group_normalize(scores, ids, eps=1e-6, std="unbiased", scale="group", singleton="verl"):
+def group_normalize(scores, ids, eps=1e-6, std="unbiased", scale="group", singleton="verl", skip_nan=False):
     """(s - group mean) / (std + eps); std over the group, the batch, or none. Returns [N] float64.
 
     singleton="verl": a group of one has mean 0 and std 1 (verl); "zero": its advantage is 0 (TRL).
+    skip_nan: NaN scores count in no mean or std (groups and batch shrink) and get 0 (TRL's
+    unscorable completions).
     """
     s = [float(x) for x in scores.to(_F64)]
     out = torch.zeros(len(s), dtype=_F64)
+    scored = [i for i in range(len(s)) if not (skip_nan and math.isnan(s[i]))]
     divide = std is not None and scale != "none"
-    batch_std = _std(s, std == "unbiased") if divide and scale == "batch" and len(s) > 1 else 0.0
-    for members in _groups(ids).values():
+    batch = [s[i] for i in scored]
+    batch_std = _std(batch, std == "unbiased") if divide and scale == "batch" and len(batch) > 1 else 0.0
+    for members in _groups([ids[i] for i in scored]).values():
+        members = [scored[j] for j in members]
         xs = [s[i] for i in members]
         if len(xs) == 1:
             if singleton == "zero":
