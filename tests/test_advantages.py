@@ -1108,3 +1108,130 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for ours, ref in zip(compiled(r, v, mask, ids), step(r, v, mask, ids)):
         torch.testing.assert_close(ours, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU): the Triton kernels compiled, at the benchmark's shapes, vs the
+# float64 reference; no host sync on any op that promises none.
+
+def _cuda(*tensors):
+    return [t.cuda() if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["right", "left", "holes"])
+def test_cuda_gae_and_returns_long_rows(layout):
+    # T = 20000 (many chained block scans per row), B = 6 with an empty row, padded and packed,
+    # against the op on float64 CPU inputs (the PyTorch float64 path, itself checked against
+    # the reference at T = 20000 above).
+    g = _gen(40)
+    rewards, values = torch.randn(6, 20000, generator=g), torch.randn(6, 20000, generator=g)
+    mask = _mask(6, 20000, layout, torch.bool)
+    r64, v64 = rewards.double(), values.double()
+    for gamma, lam in [(1.0, 1.0), (0.99, 0.95)]:
+        ref_adv, ref_ret = A.gae(r64, v64, mask, gamma, lam)
+        tol = 2e-5 * max(1.0, ref_adv.abs().max().item())
+        adv, ret = A.gae(*_cuda(rewards, values, mask), gamma, lam)
+        assert adv.is_cuda and adv.dtype == torch.float32
+        _close(adv.cpu(), ref_adv, tol=tol, name="advantages")
+        _close(ret.cpu(), ref_ret, tol=tol, name="returns")
+        ref = A.discounted_returns(r64, mask, gamma)
+        _close(A.discounted_returns(*_cuda(rewards, mask), gamma).cpu(), ref,
+               tol=2e-5 * max(1.0, ref.abs().max().item()), name="discounted returns")
+    truncated = torch.tensor([True, False, True, True, False, True])
+    ref_adv, _ = A.egae(r64, v64, mask, truncated, 0.99, 0.95)
+    adv, _ = A.egae(*_cuda(rewards, values, mask, truncated), 0.99, 0.95)
+    _close(adv.cpu(), ref_adv, tol=2e-5 * max(1.0, ref_adv.abs().max().item()), name="egae")
+    lengths = torch.tensor([20000, 0, 7, 19999, 1, 12345])
+    inside = torch.arange(20000)[None, :] < lengths[:, None]
+    cu = torch.zeros(7, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    adv_p, ret_p = A.gae(*_cuda(rewards[inside], values[inside], mask[inside]), 0.99, 0.95, cu_seqlens=cu.cuda())
+    ref_adv, ref_ret = A.gae(r64 * inside, v64 * inside, mask & inside, 0.99, 0.95)
+    tol = 2e-5 * max(1.0, ref_adv.abs().max().item())
+    _close(adv_p.cpu(), ref_adv[inside], tol=tol, name="packed advantages")
+    _close(ret_p.cpu(), ref_ret[inside], tol=tol, name="packed returns")
+
+
+@pytest.mark.gpu
+def test_cuda_whiten_and_gae_whiten():
+    g = _gen(41)
+    rewards, values = torch.randn(32, 1000, generator=g), torch.randn(32, 1000, generator=g)
+    mask = _mask(32, 1000, "holes", torch.bool)
+    _close(A.masked_whiten(*_cuda(rewards, mask)).cpu(), R.masked_whiten(rewards, mask), tol=1e-4)
+    adv, _ = A.gae(*_cuda(rewards, values, mask), 0.99, 0.95, whiten=True)
+    _close(adv.cpu(), R.masked_whiten(R.gae(rewards, values, mask, 0.99, 0.95)[0], mask) * mask, tol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("std", ["unbiased", "population", None])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("singleton", ["verl", "zero"])
+@pytest.mark.parametrize("skip_nan", [False, True])
+def test_cuda_group_normalize(std, scale, singleton, skip_nan):
+    # 65536 samples in shuffled groups of 16 plus singletons and pairs (the Triton atomics path).
+    g = _gen(42)
+    ids = torch.cat([torch.arange(65536) // 16, torch.tensor([10**6, 10**6 + 1, 10**6 + 1])])
+    ids = ids[torch.randperm(len(ids), generator=g)]
+    s = torch.randn(len(ids), generator=g)
+    if skip_nan:
+        s[torch.rand(len(s), generator=g) < 0.1] = float("nan")
+    out = A.group_normalize(*_cuda(s, ids), eps=1e-4, std=std, scale=scale, singleton=singleton, skip_nan=skip_nan)
+    ref = A.group_normalize(s.double(), ids, eps=1e-4, std=std, scale=scale, singleton=singleton, skip_nan=skip_nan)
+    _close(out.cpu(), ref, tol=2e-5)
+    small = torch.tensor([0, 0, 1, 2, 2, 2])
+    x = torch.tensor([1.0, 2.0, 5.0, 0.5, 1.5, float("nan") if skip_nan else 4.0])
+    _close(A.group_normalize(*_cuda(x, small), std=std, scale=scale, singleton=singleton, skip_nan=skip_nan).cpu(),
+           R.group_normalize(x, small.tolist(), 1e-6, std, scale, singleton, skip_nan=skip_nan))
+
+
+@pytest.mark.gpu
+def test_cuda_outcome_estimators_match_reference():
+    ids = _group_layout(43)
+    dense = torch.from_numpy(np.unique(ids.astype(str), return_inverse=True)[1].reshape(-1))
+    s = _scores(len(ids), 43)
+    mask = _mask(len(ids), 50, "holes", torch.bool)
+    cs, cids, cmask = _cuda(s, dense, mask)
+    _close(A.grpo(cs, cids, cmask).cpu(), R.group_normalize(s, list(ids))[:, None] * mask)
+    for singleton in ("raw", "zero"):
+        _close(A.rloo(cs, cids, singleton=singleton).cpu(), R.rloo(s, list(ids), singleton))
+    _close(A.gpg(cs, cids).cpu(), R.gpg(s, list(ids)))
+    _close(A.opo(cs, cids, cmask).cpu(), A.opo(s, dense, mask))
+    _close(A.bnpo(torch.sigmoid(cs), cids).cpu(), R.bnpo(torch.sigmoid(s), list(ids)), tol=1e-4)
+    _close(A.reinforce_pp_baseline(cs, cids, cmask).cpu(), A.reinforce_pp_baseline(s, dense, mask), tol=1e-4)
+    r = torch.randn(len(ids), 50, generator=_gen(44))
+    for out, ref in zip(A.remax(*_cuda(r, s, mask)), A.remax(r, s, mask)):
+        _close(out.cpu(), ref)
+    for out, ref in zip(A.optimal_token_baseline(*_cuda(r, mask, dense, -r.abs(), r.abs())),
+                        A.optimal_token_baseline(r, mask, dense, -r.abs(), r.abs())):
+        _close(out.cpu(), ref, tol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_ops_do_not_sync():
+    # The module docstring promises no host sync on GPU tensors (the value checks are skipped
+    # there): torch raises on any synchronizing call in this mode.
+    g = _gen(45)
+    r, v = _cuda(torch.randn(8, 300, generator=g), torch.randn(8, 300, generator=g))
+    mask = _cuda(_mask(8, 300, "holes", torch.bool))[0]
+    ids = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3], device="cuda")
+    scores = r.sum(-1)
+    cu = torch.arange(0, 2401, 300, dtype=torch.int32, device="cuda")
+    A.gae(r, v, mask, 0.99, 0.95, whiten=True)  # compile the kernels outside the checked region
+    A.group_normalize(scores, ids)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        A.gae(r, v, mask, 0.99, 0.95, whiten=True)
+        A.gae(r.flatten(), v.flatten(), mask.flatten(), 0.99, 0.95, cu_seqlens=cu)
+        A.discounted_returns(r, mask, 0.9)
+        A.masked_whiten(r, mask)
+        A.group_normalize(scores, ids, response_mask=mask)
+        A.group_normalize(scores, ids, scale="batch", singleton="zero", skip_nan=True)
+        A.rloo(scores, ids, mask)
+        A.opo(scores, ids, mask)
+        A.gpg(scores, ids, mask)
+        A.bnpo(torch.sigmoid(scores), ids, mask)
+        A.optimal_token_baseline(r, mask, ids, -v.abs(), v.abs())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
