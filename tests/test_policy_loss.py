@@ -31,8 +31,11 @@ ESTIMATORS = ["k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "k3+", 
 KEYS = P.METRIC_KEYS
 
 
-def _batch(B=5, T=13, seed=0, spread=0.4):
-    """float64 master tensors; row 2 fully masked (an empty sequence), random holes elsewhere."""
+def _batch(B=5, T=13, seed=0, spread=0.4, ragged=False):
+    """float64 master tensors; row 2 fully masked (an empty sequence), random holes elsewhere.
+
+    ragged: rows have lengths (row 0 the full T, row 2 none, the others 1..T), the mask is 0
+    past them, and the packed layout of ``_ours`` holds each row's own tokens only."""
     g = torch.Generator().manual_seed(seed)
     lp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
     old = lp + torch.randn(B, T, generator=g, dtype=torch.float64) * spread
@@ -42,7 +45,14 @@ def _batch(B=5, T=13, seed=0, spread=0.4):
     ent = torch.rand(B, T, generator=g, dtype=torch.float64) * 2
     ref = lp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
     isw = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5
-    return dict(lp=lp, old=old, adv=adv, mask=mask, ent=ent, ref=ref, isw=isw)
+    b = dict(lp=lp, old=old, adv=adv, mask=mask, ent=ent, ref=ref, isw=isw)
+    if ragged:
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        lengths[0] = T
+        lengths[2 % B] = 0
+        b["inside"] = torch.arange(T)[None, :] < lengths[:, None]
+        b["mask"] = mask & b["inside"]
+    return b
 
 
 def _loss_kwargs(loss):
@@ -76,20 +86,27 @@ def _ours(b, loss, agg, est, dtype=torch.float32, packed=False, lsf=None, seed=3
     adv = b["adv"] if adv is None else adv
     cu = None
     conv = lambda t: t.to(dtype)  # noqa: E731
+    inside = b.get("inside", torch.ones_like(mask))
     if packed:
-        lengths = torch.full((mask.shape[0],), mask.shape[1])
-        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
-        conv = lambda t: t.to(dtype).reshape(-1)  # noqa: E731
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), inside.sum(-1).cumsum(0)]).to(torch.int32)
+        conv = lambda t: t.to(dtype)[inside]  # noqa: E731
     lp = conv(b["lp"]).clone().requires_grad_()
     ent = conv(b["ent"]).clone().requires_grad_()
     torch.manual_seed(seed)
     total, metrics = P.policy_loss(
-        lp, conv(b["old"]), conv(adv) if adv.ndim == 2 else adv.to(dtype), mask.reshape(lp.shape),
+        lp, conv(b["old"]), conv(adv) if adv.ndim == 2 else adv.to(dtype), conv(mask) if packed else mask,
         ref_logprobs=conv(b["ref"]), kl_coef=0.3, kl_estimator=est, entropy=ent, entropy_coef=0.05, agg=agg,
-        is_weights=conv(b["isw"]), cu_seqlens=cu, loss_scale_factor=lsf, level=level, **_loss_kwargs(loss))
+        is_weights=conv(b["isw"]), cu_seqlens=cu, loss_scale_factor=lsf, level=level,
+        advantages_per_sequence=(adv.ndim == 1) if packed else None, **_loss_kwargs(loss))
     total.backward()
-    shape = b["lp"].shape
-    return total.detach(), torch.stack([metrics[k] for k in KEYS]), lp.grad.reshape(shape), ent.grad.reshape(shape)
+    if not packed:
+        return total.detach(), torch.stack([metrics[k] for k in KEYS]), lp.grad, ent.grad
+    grads = []
+    for grad in (lp.grad, ent.grad):
+        full = grad.new_zeros(b["lp"].shape)
+        full[inside] = grad
+        grads.append(full)
+    return total.detach(), torch.stack([metrics[k] for k in KEYS]), *grads
 
 
 def _close(ours, ref, atol=2e-5, rtol=2e-5, name=""):
@@ -103,7 +120,7 @@ def _close(ours, ref, atol=2e-5, rtol=2e-5, name=""):
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_matches_reference(backend, loss, agg, packed):
     est = ESTIMATORS[(ALL_LOSSES.index(loss) + P.AGG_MODES.index(agg)) % len(ESTIMATORS)]
-    b = _batch(seed=ALL_LOSSES.index(loss))
+    b = _batch(seed=ALL_LOSSES.index(loss), ragged=packed)
     lsf = 13.0 if packed else None
     ref_total, ref_metrics, ref_g, ref_ge = _reference(b, loss, agg, est, lsf=lsf)
     total, metrics, g, ge = _ours(b, loss, agg, est, packed=packed, lsf=lsf)
@@ -117,15 +134,20 @@ def test_matches_reference(backend, loss, agg, packed):
 
 
 def test_every_loss_estimator_agg_combination(backend):
-    # The full product: 12 losses x 11 estimators x 5 agg modes x padded / packed, one small batch
-    # each (under the interpreter, where a launch costs ~40 ms, the layouts alternate instead).
-    b = _batch(B=4, T=9, seed=30)
-    for i, (loss, agg, est) in enumerate(itertools.product(ALL_LOSSES, P.AGG_MODES, ESTIMATORS)):
-        ref = _reference(b, loss, agg, est, lsf=9.0)
+    # The full product: 12 losses x 11 estimators x 5 agg modes x padded / packed, and the three
+    # losses with TRL's level="sequence" likewise, one small ragged batch each (rows of lengths
+    # 9, 0 and random, packed without padding); under the interpreter, where a launch costs
+    # ~40 ms, the layouts alternate instead.
+    b = _batch(B=4, T=9, seed=30, ragged=True)
+    combos = [(loss, agg, est, "token") for loss, agg, est in itertools.product(ALL_LOSSES, P.AGG_MODES, ESTIMATORS)]
+    combos += [(loss, agg, est, "sequence")
+               for loss, agg, est in itertools.product(("ppo", "cispo", "sapo"), P.AGG_MODES, ESTIMATORS)]
+    for i, (loss, agg, est, level) in enumerate(combos):
+        ref = _reference(b, loss, agg, est, lsf=9.0, level=level)
         for packed in ((i % 2 == 1,) if backend == "triton" else (False, True)):
-            ours = _ours(b, loss, agg, est, packed=packed, lsf=9.0)
+            ours = _ours(b, loss, agg, est, packed=packed, lsf=9.0, level=level)
             for name, x, y in zip(("loss", "metrics", "grad", "grad entropy"), ours, ref):
-                _close(x, y, atol=5e-5, rtol=5e-5, name=f"{loss} {agg} {est} packed={packed} {name}")
+                _close(x, y, atol=5e-5, rtol=5e-5, name=f"{loss} {level} {agg} {est} packed={packed} {name}")
 
 
 # TRL's importance_sampling_level="sequence": the ratio is exp of the sequence's mean log-ratio,
@@ -332,35 +354,58 @@ def test_packed_rollout_correction_matches_padded(config, with_mask):
         torch.testing.assert_close(mask_a.float(), kept)
 
 
-@pytest.mark.parametrize("agg", P.AGG_MODES)
-def test_empty_mask_all_clipped_zero_advantage(backend, agg):
-    b = _batch(B=3, T=7, seed=9)
-    lp = b["lp"].float().requires_grad_()
-    ent = b["ent"].float().requires_grad_()
-    empty = torch.zeros(3, 7, dtype=torch.bool)
-    total, metrics = P.policy_loss(lp, b["old"].float(), b["adv"].float(), empty, agg=agg, entropy=ent,
-                                   entropy_coef=0.1, ref_logprobs=b["ref"].float(), kl_coef=0.1)
-    total.backward()
-    assert total.item() == 0.0 and all(v.item() == 0.0 for v in metrics.values())
-    assert (lp.grad == 0).all() and (ent.grad == 0).all()
+@pytest.mark.parametrize("loss", ALL_LOSSES)
+def test_empty_mask_all_clipped_zero_advantage(backend, loss):
+    # Every loss x agg mode, padded and packed, on three edge batches against the float64
+    # reference (KL, entropy bonus and IS weights on): an empty mask, a batch where every ratio
+    # is outside the clip range (e^1 with A > 0, e^-1 with A < 0, per token and per sequence),
+    # and A = 0. Then the properties themselves, with the policy term alone.
+    base = _batch(B=3, T=7, seed=9, ragged=True)
+    sign = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)[:, None].expand(3, 7)
+    cases = {
+        "empty": dict(base, mask=torch.zeros(3, 7, dtype=torch.bool)),
+        "all clipped": dict(base, adv=sign.clone(), old=base["lp"] - sign, mask=base["inside"].clone()),
+        "A = 0": dict(base, adv=torch.zeros(3, 7, dtype=torch.float64)),
+    }
+    for (case, b), agg in itertools.product(cases.items(), P.AGG_MODES):
+        ref = _reference(b, loss, agg, "k3", lsf=7.0)
+        for packed in (False, True):
+            ours = _ours(b, loss, agg, "k3", packed=packed, lsf=7.0)
+            for name, x, y in zip(("loss", "metrics", "grad", "grad entropy"), ours, ref):
+                assert not x.isnan().any(), f"{case} {agg} packed={packed} {name}"
+                _close(x, y, name=f"{case} {agg} packed={packed} {name}")
 
-    # All clipped: r = e^1 > 1.2 with A > 0, r = e^-1 < 0.8 with A < 0 -> clipfrac 1, no gradient.
-    ones = torch.ones(3, 7, dtype=torch.bool)
-    adv = torch.where(torch.arange(7) % 2 == 0, 1.0, -1.0).expand(3, 7)
-    old = lp.detach() - adv
-    lp.grad = None
-    total, metrics = P.policy_loss(lp, old, adv, ones, agg=agg)
-    total.backward()
-    assert metrics["clipfrac"].item() == pytest.approx(1.0)
-    assert metrics["clipfrac_low"].item() + metrics["clipfrac_high"].item() == pytest.approx(1.0)
-    assert (lp.grad == 0).all()
+    kw = {k: v for k, v in _loss_kwargs(loss).items() if k != "loss"}
+    for agg in P.AGG_MODES:
+        lp = base["lp"].float().requires_grad_()
+        ent = base["ent"].float().requires_grad_()
+        total, metrics = P.policy_loss(lp, base["old"].float(), base["adv"].float(), torch.zeros(3, 7), loss=loss,
+                                       agg=agg, entropy=ent, entropy_coef=0.1, ref_logprobs=base["ref"].float(),
+                                       kl_coef=0.1, **kw)
+        total.backward()
+        assert total.item() == 0.0 and all(v.item() == 0.0 for v in metrics.values()), agg
+        assert (lp.grad == 0).all() and (ent.grad == 0).all(), agg
 
-    # A = 0: zero loss and gradient for the policy term, metrics still measured.
-    lp.grad = None
-    total, metrics = P.policy_loss(lp, b["old"].float(), torch.zeros(3, 7), ones, agg=agg)
-    total.backward()
-    assert total.item() == 0.0 and (lp.grad == 0).all()
-    assert metrics["approx_kl"].item() == pytest.approx((b["old"] - b["lp"]).mean().item(), abs=1e-5)
+        clipped = cases["all clipped"]
+        lp = clipped["lp"].float().requires_grad_()
+        total, metrics = P.policy_loss(lp, clipped["old"].float(), clipped["adv"].float(), clipped["mask"], loss=loss,
+                                       agg=agg, **kw)
+        total.backward()
+        if loss in ("ppo", "gspo", "cispo"):  # (dppo's trust region is on probabilities, not ratios)
+            assert metrics["clipfrac"].item() == pytest.approx(1.0), agg
+            assert metrics["clipfrac_low"].item() + metrics["clipfrac_high"].item() == pytest.approx(1.0), agg
+        if loss in ("ppo", "gspo"):  # the clip cuts the gradient
+            assert (lp.grad == 0).all(), agg
+
+        if loss not in ("kl_cov", "dro"):  # their penalty terms do not scale with A
+            lp = base["lp"].float().requires_grad_()
+            total, metrics = P.policy_loss(lp, base["old"].float(), torch.zeros(3, 7), base["mask"], loss=loss,
+                                           agg=agg, **kw)
+            total.backward()
+            assert total.item() == 0.0 and (lp.grad == 0).all(), agg
+            n = base["mask"].sum()
+            approx_kl = ((base["old"] - base["lp"]) * base["mask"]).sum() / n
+            assert metrics["approx_kl"].item() == pytest.approx(approx_kl.item(), abs=1e-5), agg
 
 
 def test_global_normalizers(backend):
@@ -575,27 +620,35 @@ def test_verl_policy_loss_parity(verl_name, agg):
 
 @pytest.mark.peer
 @pytest.mark.parametrize("loss_type", ["reinforce", "ppo_clip"])
-def test_verl_bypass_mode_parity(loss_type):
+@pytest.mark.parametrize("agg", P.AGG_MODES)
+def test_verl_bypass_mode_parity(loss_type, agg):
+    # verl's bypass mode on a ragged batch; rlkern padded and packed (each row's own tokens).
     core_algos = import_peer("verl.trainer.ppo.core_algos")
     algo_config = import_peer("verl.trainer.config.algorithm")
-    b = _batch(B=6, T=12, seed=8)
-    b["mask"][2] = True
+    b = _batch(B=6, T=12, seed=8, ragged=True)
+    b["mask"][2] = b["inside"][2] = True
     corr = algo_config.RolloutCorrectionConfig(rollout_is="token", rollout_is_threshold=1.5, loss_type=loss_type,
                                                rollout_rs="token_k1,seq_mean_k3", rollout_rs_threshold="0.6_1.5,0.2")
     config = _verl_config(rollout_correction=corr)
     lp_v = b["lp"].clone().requires_grad_()
     verl_loss, _ = core_algos.get_policy_loss_fn("bypass_mode")(
         old_log_prob=b["old"], log_prob=lp_v, advantages=b["adv"], response_mask=b["mask"],
-        loss_agg_mode="seq-mean-token-sum", config=config)
+        loss_agg_mode=agg, config=config)
     verl_loss.backward()
-    lp = b["lp"].clone().requires_grad_()
-    ours_loss, _ = P.policy_loss(lp, b["old"], b["adv"], b["mask"], loss="bypass_mode", bypass_loss=loss_type,
-                                 clip_high=0.28, dual_clip=3.0, agg="seq-mean-token-sum", rollout_is="token",
-                                 rollout_is_threshold=1.5, rollout_rs="token_k1,seq_mean_k3",
-                                 rollout_rs_threshold="0.6_1.5,0.2")
-    ours_loss.backward()
-    torch.testing.assert_close(ours_loss, verl_loss.detach(), rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(lp.grad, lp_v.grad, rtol=1e-9, atol=1e-10)
+    inside = b["inside"]
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), inside.sum(-1).cumsum(0)]).to(torch.int32)
+    for packed in (False, True):
+        conv = (lambda t: t[inside]) if packed else (lambda t: t)  # noqa: E731
+        lp = conv(b["lp"]).clone().requires_grad_()
+        ours_loss, _ = P.policy_loss(lp, conv(b["old"]), conv(b["adv"]), conv(b["mask"]), loss="bypass_mode",
+                                     bypass_loss=loss_type, clip_high=0.28, dual_clip=3.0, agg=agg,
+                                     rollout_is="token", rollout_is_threshold=1.5,
+                                     rollout_rs="token_k1,seq_mean_k3", rollout_rs_threshold="0.6_1.5,0.2",
+                                     cu_seqlens=cu if packed else None, loss_scale_factor=12 if packed else None)
+        ours_loss.backward()
+        # float64 inputs; verl forms seq-mean-token-mean's count + 1e-8 in float32 (of an int tensor)
+        torch.testing.assert_close(ours_loss, verl_loss.detach(), rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(lp.grad, conv(lp_v.grad), rtol=1e-7, atol=1e-10)
 
 
 @pytest.mark.peer
