@@ -935,6 +935,98 @@ def test_openrlhf_gspo_and_is_correction_parity():
         torch.testing.assert_close(lp.grad, lp_o.grad, rtol=1e-7, atol=1e-10, msg=str(theirs_kw))
 
 
+_OPENRLHF_CORRECTIONS = [
+    ("off", "mask", "ratio", (0.5, 5.0)),
+    ("token", "mask", "ratio", (0.7, 1.4)),  # ICEPOP
+    ("token", "clip", "ratio", (0.8, 1.25)),  # TIS clamped on both sides
+    ("token", "clip", "ratio", (0.0, 1.2)),  # TIS
+    ("seq", "mask", "ratio", (0.85, 1.15)),  # seq-mask-tis: rejected rows stay in the normalizer
+    ("seq", "mask", "binary_kl", (0.0, 0.02)),  # FlashREINFORCE trust region
+    ("token", "mask", "tv", (0.0, 0.05)),
+    ("seq", "mask", "tv", (0.0, 0.04)),
+]
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("correction", _OPENRLHF_CORRECTIONS, ids=lambda c: "-".join(map(str, c[:3])))
+@pytest.mark.parametrize("loss_type,token_level,dual_clip", [("ppo", True, None), ("ppo", False, 3.0),
+                                                             ("gspo", True, None)])
+@pytest.mark.parametrize("global_norms", [False, True])
+def test_openrlhf_policy_loss_drop_in_parity(backend, correction, loss_type, token_level, dual_clip, global_norms):
+    # rlkern.algos.policy_loss.PolicyLoss against OpenRLHF's PolicyLoss: every output, and the
+    # gradient, for each correction scheme (rows 2 empty; ragged rows, the band rejects some).
+    from rlkern.algos.policy_loss import PolicyLoss
+
+    loss_mod = _openrlhf_loss_module()
+    level, mode, gating, threshold = correction
+    b = _batch(B=8, T=12, seed=21, ragged=True)
+    g = torch.Generator().manual_seed(5)
+    rollout = b["old"] + torch.randn(8, 12, dtype=torch.float64, generator=g) * 0.3
+    rollout[3] = b["old"][3] + 0.02  # a row every band keeps
+    kw = dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=dual_clip, token_level_loss=token_level,
+              policy_loss_type=loss_type, is_correction_level=level, is_correction_mode=mode,
+              is_correction_gating=gating, is_correction_threshold=threshold)
+    norms = dict(dp_size=4, batch_num_tokens=150.0, global_batch_size=16.0) if global_norms else {}
+    lp_o = b["lp"].float().requires_grad_()
+    theirs = loss_mod.PolicyLoss(**kw)(lp_o, b["old"].float(), b["adv"].float(), action_mask=b["mask"],
+                                       rollout_log_probs=rollout.float(), **norms)
+    theirs[0].backward()
+    lp = b["lp"].float().requires_grad_()
+    ours = PolicyLoss(**kw)(lp, b["old"].float(), b["adv"].float(), action_mask=b["mask"],
+                            rollout_log_probs=rollout.float(), **norms)
+    ours[0].backward()
+    torch.testing.assert_close(ours[0], theirs[0].detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lp.grad, lp_o.grad, rtol=1e-5, atol=1e-7)
+    for name, x, y in zip(("clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"), ours[1:], theirs[1:]):
+        if y is None:
+            assert x is None, name
+        else:
+            assert x.item() == pytest.approx(y.item(), rel=1e-5, abs=1e-6), name
+    if level != "off" and loss_type == "ppo":
+        assert 0 < theirs[4].item() < 1, "the band must reject some units and keep others"
+
+
+@pytest.mark.parametrize("level,mode,gating,threshold", [c for c in _OPENRLHF_CORRECTIONS if c[0] != "off"])
+def test_openrlhf_is_weights_packed_and_float64(level, mode, gating, threshold):
+    # The packed layout gives the padded numbers; the coefficient goes into the kernel as
+    # is_weights: the same loss as the float64 reference with it.
+    from rlkern.algos.policy_loss import openrlhf_is_weights
+
+    b = _batch(B=6, T=10, seed=22, ragged=True)
+    rollout = b["old"] + torch.randn(6, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(6)) * 0.3
+    coef, frac = openrlhf_is_weights(b["old"], rollout, b["mask"], level=level, mode=mode, gating=gating,
+                                     threshold=threshold)
+    inside = b["inside"]
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), inside.sum(-1).cumsum(0)])
+    coef_p, frac_p = openrlhf_is_weights(b["old"][inside], rollout[inside], b["mask"][inside], level=level, mode=mode,
+                                         gating=gating, threshold=threshold, cu_seqlens=cu)
+    torch.testing.assert_close(coef_p, coef[inside])
+    torch.testing.assert_close(frac_p, frac)
+    assert not coef.isnan().any() and coef.shape == b["old"].shape
+    lp = b["lp"].float().requires_grad_()
+    ours, _ = P.policy_loss(lp, b["old"].float(), b["adv"].float(), b["mask"], is_weights=coef.float())
+    ref, _ = reference.policy_loss(b["lp"], b["old"], b["adv"], b["mask"], is_weights=coef)
+    _close(ours, ref, name="loss with the OpenRLHF coefficient")
+
+
+def test_openrlhf_correction_rejects_bad_config():
+    from rlkern.algos.policy_loss import PolicyLoss, openrlhf_is_weights
+
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="clip' requires is_correction_level='token'"):
+        PolicyLoss(is_correction_level="seq", is_correction_mode="clip")
+    with pytest.raises(ValueError, match="upper bound only"):
+        PolicyLoss(is_correction_level="token", is_correction_gating="tv", is_correction_threshold=(0.5, 1.0))
+    with pytest.raises(ValueError, match="is_correction_gating must be one of"):
+        openrlhf_is_weights(x, x, gating="kl")
+    with pytest.raises(ValueError, match="needs rollout_log_probs"):
+        PolicyLoss(is_correction_level="token")(x, x, x, torch.ones(2, 3))
+    with pytest.raises(ValueError, match="must have shape"):
+        openrlhf_is_weights(x, torch.zeros(2, 4))
+    coef, _ = openrlhf_is_weights(x, x - 0.1, threshold=2.0, gating="ratio")  # one number: an upper bound
+    torch.testing.assert_close(coef, torch.full((2, 3), 0.1).exp())
+
+
 @pytest.mark.peer
 @pytest.mark.parametrize("token_level", [True, False])
 def test_openrlhf_value_loss_parity(token_level):

@@ -587,6 +587,8 @@ def policy_loss(
             ``rollout_is_threshold``: a float (TIS: truncate above) or ``(lower, upper)``
             (IcePop: zero outside); ``rollout_rs``: verl's rejection options
             (``token_k1``, ``seq_mean_k3``, ... comma separated) with ``rollout_rs_threshold``.
+            OpenRLHF's correction (rejected tokens stay in the normalizer; binary_kl / tv
+            gates) is ``is_weights=rlkern.algos.policy_loss.openrlhf_is_weights(...)[0]``.
         bypass_loss: with ``loss="bypass_mode"``: ``"ppo_clip"`` or ``"reinforce"`` (verl).
         tau_pos, tau_neg: SAPO gate temperatures (verl 1.0 / 1.05).
         dro_beta: DRO's quadratic penalty (verl ``policy_loss.dro_beta``, required for dro).
@@ -605,7 +607,9 @@ def policy_loss(
           ``clip_ratio/low_mean`` / ``high_mean``).
         - ``dual_clipfrac``: verl ``actor/pg_clipfrac_lower``.
         - ``approx_kl``: verl ``actor/ppo_kl`` (mean of old - new log-prob; mean |lr| for kl_cov).
-        - ``ratio_mean``: mean importance ratio used by the loss.
+        - ``ratio_mean``: mean importance ratio used by the loss (inf in float32 once a ratio
+          passes 3.4e38, log-ratio > 88.7, where the log-ratio is not clamped: reinforce, gpg,
+          dro, clip_cov, kl_cov, geo_mean and ``level="sequence"``, as in verl / TRL).
         - ``kl_ref``: mean KL estimate to ``ref_logprobs`` (TRL ``kl``; 0 without it).
         - ``entropy``: mean entropy (TRL ``entropy``; verl logs the aggregated ``entropy_loss``).
 

@@ -438,3 +438,62 @@ def rollout_correction(trained, rollout, mask, rollout_is, is_threshold, batch_n
                 keep = keep * ok.to(cdt)
             mask = m * keep if mask is None else (m * keep).to(mask.dtype)
     return weights, mask
+
+
+# --- OpenRLHF 0.11.2 train/rollout correction (PolicyLoss is_correction_*) ------------------------
+
+OPENRLHF_LEVELS = ("token", "seq")
+OPENRLHF_MODES = ("mask", "clip")
+OPENRLHF_GATINGS = ("ratio", "binary_kl", "tv")
+
+
+def openrlhf_is_weights(trained, rollout, mask, level, mode, gating, threshold, rows=PaddedRows):
+    """OpenRLHF's correction coefficient per token and its filter fraction.
+
+    A gate reads a statistic per unit (a token, or a sequence's masked mean: the ratio's geometric
+    mean, a divergence's mean) and compares it with ``threshold = (low, high)``. ``mode="mask"``:
+    a unit outside the band gets 0, a survivor its token's IS ratio exp(trained - rollout);
+    ``"clip"`` (token ratio only): the ratio clamped into the band. The coefficient multiplies the
+    per-token loss, so rejected tokens stay in the aggregation's normalizer (OpenRLHF), unlike
+    verl's rejection sampling which takes them out of the mask. Divergences (rollout p, trained q,
+    both clamped to [1e-6, 1 - 1e-6]): binary_kl = p log(p/q) + (1-p) log((1-p)/(1-q)), tv = |p - q|.
+    A sequence without tokens has a NaN statistic (OpenRLHF's 0/0) and counts as filtered.
+    Returns ``(coef like trained, filtered fraction 0-dim)``: the fraction is over sequences at
+    level "seq", over masked tokens at level "token" (0 for an empty mask, where OpenRLHF's is NaN).
+    """
+    low, high = float(threshold[0]), float(threshold[1])
+    with torch.no_grad():
+        cdt = compute_dtype(trained)
+        lr = trained.to(cdt) - rollout.to(cdt)
+        m = torch.ones_like(lr) if mask is None else mask.to(cdt)
+        seq = level == "seq"
+
+        def seq_mean(x):  # OpenRLHF's masked_mean over a row: sum(x m) / sum(m), NaN for an empty row
+            return rows.spread(rows.sum(torch.where(m != 0, x, torch.zeros_like(x)) * m) / rows.sum(m))
+
+        token_is = torch.exp(lr)
+        if gating == "ratio":
+            stat = torch.exp(seq_mean(lr)) if seq else token_is
+        else:
+            p = torch.exp(rollout.to(cdt)).clamp(1e-6, 1 - 1e-6)
+            q = torch.exp(trained.to(cdt)).clamp(1e-6, 1 - 1e-6)
+            div = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q)) if gating == "binary_kl" \
+                else (p - q).abs()
+            stat = seq_mean(div) if seq else div
+        if mode == "clip":
+            coef = stat.clamp(min=low, max=high)
+            filtered = (stat < low) | (stat > high)
+        else:
+            keep = (stat >= low) & (stat <= high)
+            coef = torch.where(keep, token_is, torch.zeros_like(token_is))
+            filtered = ~keep
+        filtered = filtered.to(cdt)
+        if seq:  # one value per sequence (spread values are equal within a row; a row without tokens: 1)
+            per_seq = rows.amax(filtered)
+            per_seq = torch.where(torch.isneginf(per_seq), torch.ones_like(per_seq), per_seq)
+            n_seqs = per_seq.numel()
+            frac = per_seq.sum() / n_seqs if n_seqs else per_seq.sum()
+        else:
+            total = m.sum()
+            frac = torch.where(total > 0, (filtered * m).sum() / torch.where(total > 0, total, 1.0), 0.0)
+    return coef, frac

@@ -1,0 +1,147 @@
+"""OpenRLHF 0.11.2's policy loss, computed by ``rlkern.policy_loss``.
+
+``PolicyLoss`` takes the constructor and forward arguments of ``openrlhf.models.loss.PolicyLoss``
+and returns its five outputs ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``:
+
+- ``policy_loss_type="ppo"``: clipped surrogate (log-ratio clamped to [-20, 20]), dual-clip
+  where A < 0; ``token_level_loss`` True is verl's token-mean, False its seq-mean-token-mean
+  (empty rows left out); ``batch_num_tokens`` / ``global_batch_size`` with ``dp_size`` are verl's
+  global normalizers (OpenRLHF ignores ``dp_size`` without them, and so does this module).
+- ``"gspo"``: rlkern ``level="sequence"`` (exp of each sequence's mean log-ratio, the gradient
+  through the mean), always per-sample; with a correction on, the ratio is against the rollout's
+  log-probs, as OpenRLHF.
+- the train/rollout correction (``is_correction_level`` token / seq, ``mode`` mask / clip,
+  ``gating`` ratio / binary_kl / tv, ``threshold`` (low, high)): ``openrlhf_is_weights`` gives
+  the coefficient, which rlkern's kernel multiplies into the policy term (``is_weights``). Unlike
+  verl's rejection sampling, a rejected token keeps its place in the normalizer (OpenRLHF).
+
+Differences: an empty mask gives loss 0 (OpenRLHF: NaN); ``ppo_kl`` is rlkern's ``approx_kl``
+(log-ratio clamped to [-20, 20] like verl, OpenRLHF's is unclamped) and its masked means have
+verl's + 1e-8 in the denominator.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlkern.ops import policy_loss as ops
+from rlkern.reference import policy_loss as reference
+
+
+def _check_correction(level: str, mode: str, gating: str, threshold) -> tuple[float, float]:
+    if level not in reference.OPENRLHF_LEVELS:
+        raise ValueError(f"is_correction_level must be one of {reference.OPENRLHF_LEVELS}, got {level!r}")
+    if mode not in reference.OPENRLHF_MODES:
+        raise ValueError(f"is_correction_mode must be one of {reference.OPENRLHF_MODES}, got {mode!r}")
+    if gating not in reference.OPENRLHF_GATINGS:
+        raise ValueError(f"is_correction_gating must be one of {reference.OPENRLHF_GATINGS}, got {gating!r}")
+    bounds = (0.0, float(threshold)) if isinstance(threshold, (int, float)) else tuple(float(t) for t in threshold)
+    if len(bounds) == 1:
+        bounds = (0.0, bounds[0])  # OpenRLHF's CLI: a single value is an upper bound only
+    if len(bounds) != 2 or not 0 <= bounds[0] <= bounds[1]:
+        raise ValueError(f"is_correction_threshold must be HIGH or (LOW, HIGH) with 0 <= LOW <= HIGH, got {threshold}")
+    if mode == "clip" and (level == "seq" or gating != "ratio"):
+        raise ValueError("is_correction_mode='clip' requires is_correction_level='token' and gating='ratio' "
+                         "(OpenRLHF: only the token ratio is a weight that can be clamped)")
+    if gating != "ratio" and bounds[0] > 0:
+        raise ValueError(f"is_correction_gating={gating!r} takes an upper bound only (a single delta)")
+    return bounds
+
+
+def openrlhf_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor | None = None, *,
+                        level: str = "token", mode: str = "mask", gating: str = "ratio",
+                        threshold=(0.5, 5.0), cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """OpenRLHF's train/rollout correction coefficient (pass it as ``policy_loss(is_weights=)``).
+
+    Named schemes (OpenRLHF's): TIS = token clip, ICEPOP = token mask, seq-mask-tis = seq mask,
+    the FlashREINFORCE trust region = seq mask with binary_kl gating and one threshold. The formula
+    is ``rlkern.reference.policy_loss.openrlhf_is_weights``. Defaults are OpenRLHF's.
+
+    Args:
+        old_logprobs: ``[B, T]`` or packed ``[total]``: the training engine's log-probs.
+        rollout_logprobs: same shape: the inference engine's.
+        mask: same shape, bool/int/float, or None (every token).
+        level: "token" or "seq" (the sequence's masked mean of the statistic).
+        mode: "mask" (0 outside the band, the token's ratio inside) or "clip" (ratio clamped).
+        gating: "ratio", "binary_kl" or "tv".
+        threshold: ``(low, high)``, or one number (an upper bound, low 0).
+        cu_seqlens: ``[B + 1]`` offsets for packed input.
+
+    Returns:
+        ``(coef, filtered)``: coef like ``old_logprobs`` (float32, float64 for float64 input), no
+        gradient; filtered the fraction of sequences (level "seq") or masked tokens (level
+        "token") outside the band, 0-dim.
+    """
+    bounds = _check_correction(level, mode, gating, threshold)
+    for name, t in (("old_logprobs", old_logprobs), ("rollout_logprobs", rollout_logprobs), ("mask", mask)):
+        if t is not None and t.shape != old_logprobs.shape:
+            raise ValueError(f"openrlhf_is_weights: {name} must have shape {tuple(old_logprobs.shape)}, "
+                             f"got {tuple(t.shape)}")
+    if cu_seqlens is None and old_logprobs.ndim != 2:
+        raise ValueError(f"openrlhf_is_weights: old_logprobs must be [B, T] (or packed [total] with cu_seqlens), "
+                         f"got {tuple(old_logprobs.shape)}")
+    rows = reference.PaddedRows if cu_seqlens is None else ops._PackedRows(cu_seqlens, old_logprobs.numel())
+    coef, filtered = reference.openrlhf_is_weights(old_logprobs, rollout_logprobs, mask, level, mode, gating,
+                                                   bounds, rows=rows)
+    if coef.shape != old_logprobs.shape:  # seq-level mask on [B, T]: the band is per row
+        coef = coef.expand_as(old_logprobs).contiguous()
+    return coef, filtered
+
+
+def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return x.mean()
+    m = mask.to(x.dtype)
+    return (x * m).sum() / (m.sum() + 1e-8)
+
+
+class PolicyLoss(torch.nn.Module):
+    """Drop-in for ``openrlhf.models.loss.PolicyLoss`` (same arguments, same five outputs)."""
+
+    def __init__(self, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, dual_clip: float | None = None,
+                 token_level_loss: bool = True, policy_loss_type: str = "ppo", is_correction_level: str = "off",
+                 is_correction_mode: str = "mask", is_correction_gating: str = "ratio",
+                 is_correction_threshold=(0.5, 5.0)) -> None:
+        super().__init__()
+        if policy_loss_type not in ("ppo", "gspo"):
+            raise ValueError(f"policy_loss_type must be 'ppo' or 'gspo', got {policy_loss_type!r}")
+        if dual_clip is not None and not dual_clip > 1.0:
+            raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
+        if is_correction_level != "off":
+            _check_correction(is_correction_level, is_correction_mode, is_correction_gating, is_correction_threshold)
+        self.clip_eps_low, self.clip_eps_high, self.dual_clip = clip_eps_low, clip_eps_high, dual_clip
+        self.policy_loss_type = policy_loss_type
+        self.token_level_loss = token_level_loss and policy_loss_type != "gspo"  # GSPO: per-sample mean
+        self.is_correction_level, self.is_correction_mode = is_correction_level, is_correction_mode
+        self.is_correction_gating, self.is_correction_threshold = is_correction_gating, is_correction_threshold
+
+    def forward(self, log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor,
+                action_mask: Tensor | None = None, rollout_log_probs: Tensor | None = None, dp_size: int = 1,
+                batch_num_tokens: float | None = None, global_batch_size: float | None = None):
+        correction = self.is_correction_level != "off"
+        if correction and rollout_log_probs is None:
+            raise ValueError("PolicyLoss: is_correction_level != 'off' needs rollout_log_probs")
+        old, is_weights, vllm_kl, filtered = old_log_probs, None, None, None
+        if correction and self.policy_loss_type == "ppo":
+            is_weights, filtered = openrlhf_is_weights(
+                old_log_probs, rollout_log_probs, action_mask, level=self.is_correction_level,
+                mode=self.is_correction_mode, gating=self.is_correction_gating,
+                threshold=self.is_correction_threshold)
+            vllm_kl = _masked_mean((rollout_log_probs - old_log_probs).detach(), action_mask)
+        elif correction:  # GSPO's ratio is against the rollout policy
+            old = rollout_log_probs
+        if self.token_level_loss:
+            agg, norms = "token-mean", dict(global_tokens=batch_num_tokens)
+            global_given = batch_num_tokens is not None
+        else:
+            agg, norms = "seq-mean-token-mean", dict(global_seqs=global_batch_size)
+            global_given = global_batch_size is not None
+        loss, metrics = ops.policy_loss(
+            log_probs, old, advantages, action_mask, clip_low=self.clip_eps_low, clip_high=self.clip_eps_high,
+            dual_clip=self.dual_clip, level="sequence" if self.policy_loss_type == "gspo" else "token", agg=agg,
+            dp_size=dp_size if global_given else 1, is_weights=is_weights, **norms)
+        ppo_kl = metrics["approx_kl"]
+        if old is not old_log_probs:
+            ppo_kl = _masked_mean((old_log_probs - log_probs).detach(), action_mask).float()
+        return loss, metrics["clipfrac"], ppo_kl, vllm_kl, filtered
