@@ -1,4 +1,14 @@
-"""OpenRLHF 0.11.2's policy loss, computed by ``rlkern.policy_loss``.
+"""verl 0.9.1's and OpenRLHF 0.11.2's policy losses with their own signatures, computed by
+``rlkern.policy_loss``.
+
+``VERL_POLICY_LOSSES[name]`` takes what verl's ``POLICY_LOSS_REGISTRY[name]`` takes
+(``old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights``)
+and reads the same config fields (``clip_ratio*``, ``clip_ratio_c``, ``tau_pos`` / ``tau_neg``,
+``policy_loss.*``, ``global_batch_info``); it returns ``(pg_loss, metrics)`` with the metric
+keys verl's function returns (``actor/pg_clipfrac``, ``actor/ppo_kl``,
+``actor/pg_clipfrac_lower``, as floats). ``bypass_mode`` leaves out verl's rollout-correction
+diagnostics (``rollout_corr/*``). Register them with
+``verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY.update(VERL_POLICY_LOSSES)``.
 
 ``PolicyLoss`` takes the constructor and forward arguments of ``openrlhf.models.loss.PolicyLoss``
 and returns its five outputs ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``:
@@ -27,6 +37,97 @@ from torch import Tensor
 
 from rlkern.ops import policy_loss as ops
 from rlkern.reference import policy_loss as reference
+
+# ---------------------------------------------------------------------------------------------
+# verl 0.9.1
+
+
+def _get(config, key, default=None):
+    if config is None:
+        return default
+    getter = getattr(config, "get", None)
+    value = getter(key, default) if getter is not None else getattr(config, key, default)
+    return default if value is None else value
+
+
+def _clip_range(config) -> dict:
+    clip = _get(config, "clip_ratio", 0.2)
+    return dict(clip_low=_get(config, "clip_ratio_low", clip), clip_high=_get(config, "clip_ratio_high", clip))
+
+
+# verl's metric keys -> rlkern's
+_VERL_KEYS = {"actor/pg_clipfrac": "clipfrac", "actor/ppo_kl": "approx_kl", "actor/pg_clipfrac_lower": "dual_clipfrac"}
+_ALL = tuple(_VERL_KEYS)
+
+
+def _policy_config(config, key, default):
+    return _get(_get(config, "policy_loss"), key, default)
+
+
+def _verl_specs() -> dict:
+    """verl name -> (rlkern loss, the metric keys verl returns, config -> policy_loss arguments)."""
+    pl = _policy_config
+    return {
+        "vanilla": ("ppo", _ALL, lambda c: dict(_clip_range(c), dual_clip=_get(c, "clip_ratio_c", 3.0))),
+        "dppo_tv": ("dppo_tv", _ALL, lambda c: dict(_clip_range(c), dual_clip=_get(c, "clip_ratio_c", 20.0))),
+        "dppo_kl": ("dppo_kl", _ALL, lambda c: dict(_clip_range(c), dual_clip=_get(c, "clip_ratio_c", 20.0))),
+        "gspo": ("gspo", _ALL, _clip_range),
+        "sapo": ("sapo", _ALL, lambda c: dict(tau_pos=_get(c, "tau_pos", 1.0), tau_neg=_get(c, "tau_neg", 1.05),
+                                               agg="seq-mean-token-mean")),  # verl's sapo ignores loss_agg_mode
+        "gpg": ("gpg", (), lambda c: {}),
+        "clip_cov": ("clip_cov", ("actor/pg_clipfrac", "actor/ppo_kl"),
+                     lambda c: dict(_clip_range(c), clip_cov_ratio=pl(c, "clip_cov_ratio", 0.0002),
+                                    clip_cov_lb=pl(c, "clip_cov_lb", 1.0), clip_cov_ub=pl(c, "clip_cov_ub", 5.0))),
+        "kl_cov": ("kl_cov", ("actor/ppo_kl",), lambda c: dict(kl_cov_ratio=pl(c, "kl_cov_ratio", 0.0002),
+                                                               ppo_kl_coef=pl(c, "ppo_kl_coef", 1.0))),
+        "geo_mean": ("geo_mean", _ALL, _clip_range),
+        "dro": ("dro", ("actor/ppo_kl",), lambda c: dict(dro_beta=pl(c, "dro_beta", None))),
+        "cispo": ("cispo", _ALL, _clip_range),
+    }
+
+
+def _bypass_kwargs(config) -> tuple[dict, tuple]:
+    corr = _policy_config(config, "rollout_correction", None)
+    if corr is None:
+        raise ValueError("bypass_mode: config.policy_loss.rollout_correction is required (verl)")
+    loss_type = _get(corr, "loss_type", "ppo_clip")
+    kw = dict(bypass_loss=loss_type, rollout_is=_get(corr, "rollout_is"),
+              rollout_is_threshold=_get(corr, "rollout_is_threshold", 2.0),
+              rollout_is_batch_normalize=bool(_get(corr, "rollout_is_batch_normalize", False)),
+              rollout_rs=_get(corr, "rollout_rs"), rollout_rs_threshold=_get(corr, "rollout_rs_threshold"))
+    if loss_type == "ppo_clip":
+        return dict(kw, **_clip_range(config), dual_clip=_get(config, "clip_ratio_c", 3.0)), _ALL
+    return kw, ("actor/ppo_kl",)
+
+
+def _verl_loss(name: str):
+    def policy_loss_fn(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                       loss_agg_mode: str = "token-mean", config=None, rollout_is_weights: Tensor | None = None):
+        if config is None:
+            raise ValueError(f"{name}: config (verl's ActorConfig) is required, as in verl")
+        if name == "bypass_mode":
+            loss = "bypass_mode"
+            kw, keys = _bypass_kwargs(config)
+            rollout_is_weights = None  # verl computes them inside bypass mode and ignores the argument
+        else:
+            loss, keys, extra = _verl_specs()[name]
+            kw = extra(config)
+        info = dict(_get(config, "global_batch_info", {}))
+        kw.setdefault("agg", loss_agg_mode)
+        total, metrics = ops.policy_loss(
+            log_prob, old_log_prob, advantages, response_mask, loss=loss, is_weights=rollout_is_weights,
+            dp_size=int(info.get("dp_size", 1)), global_tokens=info.get("batch_num_tokens"),
+            global_seqs=info.get("global_batch_size"), loss_scale_factor=info.get("loss_scale_factor"), **kw)
+        return total, {key: metrics[_VERL_KEYS[key]].item() for key in keys}
+
+    policy_loss_fn.__name__ = policy_loss_fn.__qualname__ = f"compute_policy_loss_{name}"
+    return policy_loss_fn
+
+
+VERL_POLICY_LOSSES = {name: _verl_loss(name) for name in (*_verl_specs(), "bypass_mode")}
+
+# ---------------------------------------------------------------------------------------------
+# OpenRLHF 0.11.2
 
 
 def _check_correction(level: str, mode: str, gating: str, threshold) -> tuple[float, float]:
