@@ -3,6 +3,7 @@ the eager formula as TRL 1.16's GRPOTrainer writes it, both with autograd.
 
     python -m rlkern.benches.bench_policy_loss [--b B --t T --dtype fp32|bf16] [--loss ppo|gspo|geo_mean]
                                               [--out FILE]
+    python -m rlkern.benches.bench_policy_loss --from-logits [--b B --t L --v V] [--out FILE]
 
 Defaults: CPU B=64, T=4096 fp32, 2 threads (the issue's CPU target: >= 3x verl); GPU B=64,
 T=8192. With ``--loss ppo`` (default) every implementation computes the PPO clipped surrogate
@@ -11,6 +12,14 @@ over a bool mask; ``gspo`` and ``geo_mean`` (GMPO) are verl's sequence-ratio los
 kernels read each sequence twice for GSPO), against verl's own functions. Every step adds the
 k3 KL penalty to a reference policy (kl_coef 0.001, verl's kl_loss) and the entropy bonus; the
 timed step is forward + backward (grads w.r.t. logprobs and entropy).
+
+``--from-logits`` measures the GRPO step from the LM head's logits ``[B, L + 1, V]`` (bf16 on
+GPU), which is what Liger's Triton GRPO loss (``liger_kernel.transformers.grpo_loss
+.triton_grpo_loss``, CUDA only) fuses: rlkern's ``token_logprobs`` (temperature 0.9) then
+``policy_loss`` (clip 0.2 / 0.28, k3 KL with beta 0.04, per-sequence advantages, TRL's "bnpo"
+token mean), against Liger and the eager formula (log_softmax + gather + TRL's loss), all with
+the gradient w.r.t. the logits (not in place). Defaults: GPU B=8 L=1024 V=151936, CPU B=4
+L=256 V=32000. Bytes: the logits read twice and their gradient written once.
 
 Bytes counted (the minimum traffic of a fused pass): forward reads logprobs, old_logprobs,
 advantages, ref_logprobs, entropy (element size each) and the mask (1 byte); backward reads the
@@ -148,6 +157,88 @@ def run(device: torch.device, b: int, t: int, dtype: torch.dtype, rounds: int = 
     return rows
 
 
+# --- from logits: token log-probs + GRPO loss (the step Liger's triton_grpo_loss fuses) -------
+
+TEMPERATURE, BETA = 0.9, 0.04
+
+
+def _logits_inputs(device, b, t, v, dtype, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = (torch.randn(b, t + 1, v, generator=g, device=device) * 2).to(dtype)
+    ids = torch.randint(0, v, (b, t), generator=g, device=device)
+    with torch.no_grad():
+        lp = torch.log_softmax(logits[:, :-1].float() / TEMPERATURE, -1).gather(-1, ids[..., None])[..., 0]
+    lengths = torch.randint(t // 4, t + 1, (b,), generator=g, device=device)
+    return {"logits": logits, "ids": ids, "adv": torch.randn(b, generator=g, device=device),
+            "old": lp + torch.randn(b, t, generator=g, device=device) * 0.2,
+            "ref": lp + torch.randn(b, t, generator=g, device=device) * 0.2,
+            "mask": torch.arange(t, device=device)[None, :] < lengths[:, None]}
+
+
+def _rlkern_logits_step(d, logits):
+    from rlkern.ops.logprobs import token_logprobs
+
+    lp = token_logprobs(logits[:, :-1], d["ids"], temperature=TEMPERATURE)
+    loss, _ = ops.policy_loss(lp, d["old"], d["adv"], d["mask"], clip_low=CLIP_LOW, clip_high=CLIP_HIGH,
+                              ref_logprobs=d["ref"], kl_coef=BETA, kl_estimator="k3", agg="bnpo")
+    return loss
+
+
+def _eager_logits_step(d, logits):
+    lp = torch.log_softmax(logits[:, :-1].float() / TEMPERATURE, -1).gather(-1, d["ids"][..., None])[..., 0]
+    adv = d["adv"][:, None]
+    coef_1 = torch.exp(lp - d["old"])
+    coef_2 = torch.clamp(coef_1, 1 - CLIP_LOW, 1 + CLIP_HIGH)
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv) + BETA * (torch.exp(d["ref"] - lp) - (d["ref"] - lp) - 1)
+    return (per_token * d["mask"]).sum() / d["mask"].sum().clamp(min=1.0)
+
+
+def _liger_logits_step(grpo):
+    def step(d, logits):
+        loss, _ = grpo.triton_grpo_loss(logits, d["old"], d["ref"], d["ids"], d["adv"], d["mask"].to(torch.int32),
+                                        temperature=TEMPERATURE, beta=BETA, eps_low=CLIP_LOW, eps_high=CLIP_HIGH,
+                                        inplace=False, loss_type="bnpo", reduce=True)
+        return loss
+
+    return step
+
+
+def run_from_logits(device: torch.device, b: int, t: int, v: int, dtype: torch.dtype, rounds: int = 10):
+    d = _logits_inputs(device, b, t, v, dtype)
+    impls = {"rlkern": _rlkern_logits_step, "eager (TRL formula)": _eager_logits_step}
+    grpo = _peer("liger_kernel.transformers.grpo_loss") if device.type == "cuda" else None
+    if grpo is not None:
+        impls["liger triton_grpo_loss"] = _liger_logits_step(grpo)
+    shape = f"B={b} L={t} V={v} {str(dtype).removeprefix('torch.')}"
+    bytes_moved = 3 * b * (t + 1) * v * d["logits"].element_size()
+    peak_bw = common.copy_bandwidth_gbps(device)
+    losses = {}
+
+    def make(name, step):
+        logits = d["logits"].detach().clone().requires_grad_()
+
+        def fn():
+            total = step(d, logits)
+            torch.autograd.grad(total, (logits,))
+            return total
+        losses[name] = float(fn().detach())  # the same loss from every implementation, recorded beside the time
+        return fn
+
+    fns = {name: make(name, step) for name, step in impls.items()}
+    if device.type == "cuda":
+        timings = {name: common.time_cuda(fn) for name, fn in fns.items()}
+        peaks = {name: common.cuda_peak_mib(fn) for name, fn in fns.items()}
+    else:
+        timings, peaks = common.time_alternating(fns, rounds, warmup=1), {}
+    rows = []
+    for name, (med, p20, p80) in timings.items():
+        gbps = bytes_moved / (med * 1e-3) / 1e9
+        rows.append(common.Row("grpo step from logits fwd+bwd (log-probs + clip + k3, bnpo)", name, shape, med, p20,
+                               p80, gbps, 100 * gbps / peak_bw, peaks.get(name), extra={"loss": losses[name]}))
+    common.fill_ratios(rows)
+    return rows
+
+
 def _backend_name(device, dtype):
     from rlkern import _backend
 
@@ -167,14 +258,23 @@ def main(argv=None) -> list[common.Row]:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (the issue's target: 2)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--loss", choices=LOSSES, default="ppo")
+    parser.add_argument("--from-logits", action="store_true",
+                        help="the GRPO step from [B, L + 1, V] logits, against Liger's triton_grpo_loss")
+    parser.add_argument("--v", type=int, help="vocabulary size with --from-logits")
     parser.add_argument("--out", help="write FILE.json and FILE.md")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         torch.set_num_threads(args.threads)
-    b, t, dtype = default_shape(device)
-    rows = run(device, args.b or b, args.t or t, DTYPES[args.dtype] if args.dtype else dtype, args.rounds, args.loss)
+    if args.from_logits:
+        b, t, v, dtype = (8, 1024, 151936, torch.bfloat16) if device.type == "cuda" else (4, 256, 32000, torch.float32)
+        rows = run_from_logits(device, args.b or b, args.t or t, args.v or v,
+                               DTYPES[args.dtype] if args.dtype else dtype, args.rounds)
+    else:
+        b, t, dtype = default_shape(device)
+        rows = run(device, args.b or b, args.t or t, DTYPES[args.dtype] if args.dtype else dtype, args.rounds,
+                   args.loss)
     print(f"# {common.device_name(device)}\n")
     print(common.markdown_table(rows))
     if args.out:

@@ -22,6 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlkern.ops.policy_loss as P
+from rlkern.ops.logprobs import token_logprobs
 from rlkern import _backend
 from rlkern.reference import policy_loss as reference
 from conftest import import_peer
@@ -905,6 +906,42 @@ def test_trl_sequence_level_parity():
     gspo.backward()
     torch.testing.assert_close(gspo, ours, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lp2.grad, lp.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_liger_triton_grpo_loss_parity(backend, loss_type, level, beta):
+    # Liger's Triton GRPO loss fuses log-softmax and the loss over [B, L + 1, V] logits; rlkern
+    # composes token_logprobs and policy_loss. Same loss and the same gradient w.r.t. the logits
+    # (Liger's kernel under the Triton interpreter on the CPU, compiled on a GPU).
+    grpo = import_peer("liger_kernel.transformers.grpo_loss")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(24)
+    B, L, V = 3, 9, 301
+    logits = (torch.randn(B, L + 1, V, generator=g) * 2).to(device)
+    ids = torch.randint(0, V, (B, L), generator=g).to(device)
+    mask = (torch.rand(B, L, generator=g) > 0.2).to(device)
+    mask[1] = False  # an empty completion
+    adv = torch.randn(B, generator=g).to(device)
+    with torch.no_grad():
+        lp0 = torch.log_softmax(logits[:, :-1] / 0.9, -1).gather(-1, ids[..., None])[..., 0]
+    old = lp0 + (torch.randn(B, L, generator=g) * 0.3).to(device)
+    ref = lp0 + (torch.randn(B, L, generator=g) * 0.3).to(device)
+    theirs_logits = logits.clone().requires_grad_()
+    theirs, _ = grpo.triton_grpo_loss(theirs_logits, old, ref if beta else None, ids, adv, mask.to(torch.int32),
+                                      temperature=0.9, beta=beta, eps_low=0.2, eps_high=0.28, inplace=False,
+                                      loss_type=loss_type, importance_sampling_level=level, reduce=True)
+    theirs.backward()
+    ours_logits = logits.clone().requires_grad_()
+    lp = token_logprobs(ours_logits[:, :-1], ids, temperature=0.9)
+    ours, _ = P.policy_loss(lp, old, adv, mask, clip_high=0.28, level=level, ref_logprobs=ref if beta else None,
+                            kl_coef=beta, kl_estimator="k3", agg=loss_type,
+                            global_tokens=mask.sum() if loss_type == "dapo" else None)
+    ours.backward()
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_logits.grad, theirs_logits.grad, rtol=1e-4, atol=1e-7)
 
 
 # --- OpenRLHF 0.11.2 parity (optional peer, not installed in CI) ----------------------------------
