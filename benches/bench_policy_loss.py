@@ -19,7 +19,8 @@ GPU), which is what Liger's Triton GRPO loss (``liger_kernel.transformers.grpo_l
 ``policy_loss`` (clip 0.2 / 0.28, k3 KL with beta 0.04, per-sequence advantages, TRL's "bnpo"
 token mean), against Liger and the eager formula (log_softmax + gather + TRL's loss), all with
 the gradient w.r.t. the logits (not in place). Defaults: GPU B=8 L=1024 V=151936, CPU B=4
-L=256 V=32000. Bytes: the logits read twice and their gradient written once.
+L=256 V=32000 (on a GPU, a run without shape arguments, as ``rlkern bench``, adds this table).
+Bytes: the logits read twice and their gradient written once.
 
 Bytes counted (the minimum traffic of a fused pass): forward reads logprobs, old_logprobs,
 advantages, ref_logprobs, entropy (element size each) and the mask (1 byte); backward reads the
@@ -275,6 +276,8 @@ def main(argv=None) -> list[common.Row]:
         b, t, dtype = default_shape(device)
         rows = run(device, args.b or b, args.t or t, DTYPES[args.dtype] if args.dtype else dtype, args.rounds,
                    args.loss)
+        if device.type == "cuda" and not (args.b or args.t or args.dtype or args.v):  # `rlkern bench`: Liger too
+            rows += run_from_logits(device, 8, 1024, 151936, torch.bfloat16)
     print(f"# {common.device_name(device)}\n")
     print(common.markdown_table(rows))
     if args.out:
