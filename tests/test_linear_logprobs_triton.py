@@ -225,7 +225,16 @@ def test_deterministic_bit_identical():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batch_invariance(dtype):
     # A token's forward outputs (and its deterministic d hidden) are the same bits whether it is
-    # computed alone, in a slice that starts mid-block, or in the full batch.
+    # computed alone, in a slice that starts mid-block, or in the full batch. Compiled, that holds
+    # bit for bit; under the interpreter tl.dot is numpy's matmul, whose BLAS (OpenBLAS's
+    # DYNAMIC_ARCH kernels on some CPUs) may round a row differently by its place in the tile, so
+    # there the check is to fp32 rounding.
+    def same(x, y):
+        if DEVICE == "cuda":
+            assert torch.equal(x, y)
+        else:
+            torch.testing.assert_close(x, y, rtol=2e-6, atol=2e-6, check_dtype=True)
+
     n = 37
     hidden, weight, bias, labels = _inputs(n, 40, 257, dtype, ignore_every=6)
     g_l, g_h = _grads_out(n)
@@ -235,10 +244,10 @@ def test_batch_invariance(dtype):
     for part in (slice(0, 1), slice(17, 18), slice(36, 37), slice(5, 29)):
         sub = _forward(hidden[part], weight, bias, labels[part], softcap=20.0)
         for ours, whole in zip(sub, full):
-            assert torch.equal(ours, whole[part])
+            same(ours, whole[part])
         sub_dh = _backward(g_l[part], g_h[part], hidden[part], weight, bias, labels[part], sub[2], sub[1],
                            softcap=20.0, need=(True, False, False), deterministic=True)[0]
-        assert torch.equal(sub_dh, full_dh[part])
+        same(sub_dh, full_dh[part])
 
 
 def test_ignore_and_out_of_range_labels():
