@@ -114,6 +114,23 @@ def run(device: torch.device, batch: int, steps: int, samples: int, group: int, 
         add("grpo (str uids)", f"N={samples} G={group} T={tokens}",
             timed(fns, rounds), samples * tokens * (4 + 8 + 4))
 
+    # the other outcome estimators over the same batch (segment sums over the dense group numbers)
+    outcome = {"rloo (str uids)": (lambda: ops.rloo(token_rewards.sum(-1), uids, grpo_mask),
+                                   ["compute_rloo_outcome_advantage", "compute_rloo_vectorized_outcome_advantage"]),
+               "opo (str uids)": (lambda: ops.opo(token_rewards.sum(-1), uids, grpo_mask),
+                                  ["compute_opo_outcome_advantage"]),
+               "reinforce++ baseline (str uids)": (lambda: ops.reinforce_pp_baseline(token_rewards.sum(-1), uids,
+                                                                                     grpo_mask),
+                                                   ["compute_reinforce_plus_plus_baseline_outcome_advantage"])}
+    for bench, (ours, verl_names) in outcome.items():
+        fns = {"rlkern": ours}
+        for name in verl_names if core is not None else []:
+            fn = getattr(core, name)
+            label = "verl " + name.removeprefix("compute_").removesuffix("_outcome_advantage")
+            fns[label] = lambda fn=fn: fn(token_rewards, grpo_mask, uids)
+        with torch.no_grad():
+            add(bench, f"N={samples} G={group} T={tokens}", timed(fns, rounds), samples * tokens * (4 + 8 + 4))
+
     # the string -> group mapping alone
     fns = {"rlkern": lambda: ops.group_index(uids),
            "rlkern (<U array)": lambda: ops.group_index(uids_u),
