@@ -17,14 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rlkern.algos._config import config_get as _cfg
 from rlkern.ops import advantages as ops
-
-
-def _cfg(config, key, default):
-    if config is None:
-        return default
-    getter = getattr(config, "get", None)
-    return getter(key, default) if getter is not None else getattr(config, key, default)
 
 
 def compute_gae_advantage_return(token_level_rewards, values, response_mask, gamma, lam):

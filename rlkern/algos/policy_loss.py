@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlkern.algos._config import config_get
 from rlkern.ops import policy_loss as ops
 from rlkern.reference import policy_loss as reference
 
@@ -43,11 +44,7 @@ from rlkern.reference import policy_loss as reference
 
 
 def _get(config, key, default=None):
-    if config is None:
-        return default
-    getter = getattr(config, "get", None)
-    value = getter(key, default) if getter is not None else getattr(config, key, default)
-    return default if value is None else value
+    return config_get(config, key, default, none_is_default=True)
 
 
 def _clip_range(config) -> dict:
@@ -191,10 +188,7 @@ def openrlhf_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Te
 
 
 def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
-    if mask is None:
-        return x.mean()
-    m = mask.to(x.dtype)
-    return (x * m).sum() / (m.sum() + 1e-8)
+    return x.mean() if mask is None else reference.masked_mean(x, mask)
 
 
 class PolicyLoss(torch.nn.Module):
