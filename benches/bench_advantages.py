@@ -115,15 +115,15 @@ def run(device: torch.device, batch: int, steps: int, samples: int, group: int, 
             timed(fns, rounds), samples * tokens * (4 + 8 + 4))
 
     # the other outcome estimators over the same batch (segment sums over the dense group numbers)
-    outcome = {"rloo (str uids)": (lambda: ops.rloo(token_rewards.sum(-1), uids, grpo_mask),
+    outcome = {"rloo (str uids)": (lambda ids: ops.rloo(token_rewards.sum(-1), ids, grpo_mask),
                                    ["compute_rloo_outcome_advantage", "compute_rloo_vectorized_outcome_advantage"]),
-               "opo (str uids)": (lambda: ops.opo(token_rewards.sum(-1), uids, grpo_mask),
+               "opo (str uids)": (lambda ids: ops.opo(token_rewards.sum(-1), ids, grpo_mask),
                                   ["compute_opo_outcome_advantage"]),
-               "reinforce++ baseline (str uids)": (lambda: ops.reinforce_pp_baseline(token_rewards.sum(-1), uids,
-                                                                                     grpo_mask),
+               "reinforce++ baseline (str uids)": (lambda ids: ops.reinforce_pp_baseline(token_rewards.sum(-1), ids,
+                                                                                         grpo_mask),
                                                    ["compute_reinforce_plus_plus_baseline_outcome_advantage"])}
     for bench, (ours, verl_names) in outcome.items():
-        fns = {"rlkern": ours}
+        fns = {"rlkern": lambda ours=ours: ours(uids), "rlkern (int ids)": lambda ours=ours: ours(dense_ids)}
         for name in verl_names if core is not None else []:
             fn = getattr(core, name)
             label = "verl " + name.removeprefix("compute_").removesuffix("_outcome_advantage")

@@ -25,6 +25,8 @@
 //               the per-group sums accumulated serially in double (same order at any thread
 //               count: the numbers do not depend on it) and the per-token broadcast
 //               value * mask (padded [N, T] or packed [total] with cu_seqlens) in parallel.
+//   group_baseline: RLOO, OPO (length-weighted), GPG and the plain group-mean baseline, the
+//               same two passes and broadcast.
 //   optimal_token_baseline: verl's OTB (and its multi-turn twin) per group of rows, one task
 //               per group: reward-to-go and cumulative path weights per row, per-position group
 //               sums, then advantages; see otb_group.
@@ -707,6 +709,109 @@ at::Tensor group_normalize_cpu(const at::Tensor& scores, const at::Tensor& inver
   return out;
 }
 
+// Group baselines (the op layer's _group_baseline_op, same formulas, in double), per sample:
+//   rloo:     n / (n - 1) * (x - mean_g) = (n x - sum_g) / (n - 1); a group of one keeps x
+//             ("rloo_raw", verl rloo) or gets 0 ("rloo_zero", verl rloo_vectorized)
+//   mean:     x - mean_g (mean 0 for a group of one)
+//   weighted: x - sum_g(w x) / sum_g(w) (0 baseline for a group of one; OPO with w = lengths)
+//   gpg:      alpha (x - mean_g) / f_norm with alpha = N / max(#{x != 0}, 1)
+// then, with a mask, value * mask broadcast to tokens as group_normalize.
+enum class BaselineMode { kRlooRaw, kRlooZero, kMean, kWeighted, kGpg };
+
+template <typename S>
+void baseline_values(const S* x, const int64_t* inv, const double* w, int64_t N, BaselineMode mode, double f_norm,
+                     double* value) {
+  std::vector<double> count(N, 0.0), sum(N, 0.0), wsum(N, 0.0), wx(N, 0.0);
+  int64_t nonzero = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t g = inv[i];
+    TORCH_CHECK(g >= 0 && g < N, "rlkern.advantages_group_baseline_kernel: group numbers must lie in [0, ", N,
+                "), got ", g);
+    const double xi = static_cast<double>(static_cast<float>(x[i]));
+    count[g] += 1.0;
+    sum[g] += xi;
+    nonzero += xi != 0.0;
+    if (w != nullptr) {
+      wsum[g] += w[i];
+      wx[g] += w[i] * xi;
+    }
+  }
+  const double alpha = static_cast<double>(N) / static_cast<double>(std::max<int64_t>(nonzero, 1));
+  at::parallel_for(0, N, int64_t{1} << 18, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t g = inv[i];
+      const double xi = static_cast<double>(static_cast<float>(x[i]));
+      const bool single = count[g] <= 1.0;
+      switch (mode) {
+        case BaselineMode::kRlooRaw:
+        case BaselineMode::kRlooZero:
+          value[i] = !single ? (count[g] * xi - sum[g]) / (count[g] - 1.0)
+                             : (mode == BaselineMode::kRlooRaw ? xi : 0.0);
+          break;
+        case BaselineMode::kWeighted: value[i] = xi - (single ? 0.0 : wx[g] / wsum[g]); break;
+        case BaselineMode::kMean: value[i] = xi - (single ? 0.0 : sum[g] / count[g]); break;
+        case BaselineMode::kGpg: value[i] = alpha * (xi - (single ? 0.0 : sum[g] / count[g])) / f_norm; break;
+      }
+    }
+  });
+}
+
+// scores [N] float32/bfloat16/float16, inverse [N] int64 dense group numbers, weights [N]
+// (mode "weighted" only, any float dtype); without mask -> [N]; with mask [N, T] or packed
+// [total] with cu_seqlens int32 [N + 1] -> value * mask of the mask's shape.
+at::Tensor group_baseline_cpu(const at::Tensor& scores, const at::Tensor& inverse,
+                              const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& mask,
+                              const std::optional<at::Tensor>& cu_seqlens, c10::string_view mode_name,
+                              double param) {
+  const char* op = "rlkern.advantages_group_baseline_kernel";
+  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 1, op, ": scores must be a 1-D CPU tensor, got ",
+              scores.sizes());
+  TORCH_CHECK(inverse.dim() == 1 && inverse.size(0) == scores.size(0) && inverse.scalar_type() == at::kLong &&
+                  inverse.device().is_cpu(),
+              op, ": inverse must be int64 [", scores.size(0), "], got ", inverse.scalar_type(), " ", inverse.sizes());
+  TORCH_CHECK(!cu_seqlens.has_value() || mask.has_value(), op, ": cu_seqlens needs a packed mask");
+  const BaselineMode mode = mode_name == "rloo_raw"   ? BaselineMode::kRlooRaw
+                            : mode_name == "rloo_zero" ? BaselineMode::kRlooZero
+                            : mode_name == "mean"      ? BaselineMode::kMean
+                            : mode_name == "weighted"  ? BaselineMode::kWeighted
+                                                       : BaselineMode::kGpg;
+  TORCH_CHECK(mode != BaselineMode::kGpg || mode_name == "gpg", op,
+              ": mode must be rloo_raw/rloo_zero/mean/weighted/gpg, got ", mode_name);
+  TORCH_CHECK((mode == BaselineMode::kWeighted) == weights.has_value(), op, ": weights go with mode 'weighted' only");
+  const int64_t N = scores.size(0);
+  at::Tensor w;
+  if (weights.has_value()) {
+    TORCH_CHECK(weights->dim() == 1 && weights->size(0) == N && weights->device().is_cpu(), op,
+                ": weights must be a CPU tensor [", N, "], got ", weights->sizes());
+    w = weights->to(at::kDouble).contiguous();
+  }
+  const at::Tensor x = scores.contiguous();
+  const at::Tensor inv = inverse.contiguous();
+  std::vector<double> value(N);
+  auto values = [&](auto tag) {
+    using S = decltype(tag);
+    baseline_values<S>(x.data_ptr<S>(), inv.data_ptr<int64_t>(), w.defined() ? w.data_ptr<double>() : nullptr, N,
+                       mode, param, value.data());
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: values(float{}); break;
+    case at::kBFloat16: values(at::BFloat16{}); break;
+    case at::kHalf: values(at::Half{}); break;
+    default: TORCH_CHECK(false, op, ": scores must be float32/bfloat16/float16, got ", x.scalar_type());
+  }
+  const auto opts = scores.options().dtype(at::kFloat);
+  at::Tensor per_sample = at::empty({N}, opts);
+  float* rounded = per_sample.data_ptr<float>();
+  for (int64_t i = 0; i < N; ++i) rounded[i] = static_cast<float>(value[i]);
+  if (!mask.has_value()) return per_sample;
+  at::Tensor cu_holder;
+  const auto shape = token_layout(*mask, cu_seqlens, N, op, cu_holder);
+  at::Tensor out = empty_output(shape, opts);
+  broadcast_dispatch<float>(rounded, *mask, cu_holder.defined() ? cu_holder.data_ptr<int32_t>() : nullptr, N,
+                            out.data_ptr<float>());
+  return out;
+}
+
 // Optimal Token Baseline (verl's compute_optimal_token_baseline_advantage and its multi-turn
 // twin; the same formulas as the op layer's _otb_torch). In double:
 //   y_t = r_t m_t,  G_t = sum_{j >= t} y_j (reward-to-go, at every position),
@@ -1122,6 +1227,13 @@ at::Tensor group_normalize_meta(const at::Tensor& scores, const at::Tensor&, con
   return mask.has_value() ? at::empty(mask->sizes(), opts) : at::empty(scores.sizes(), opts);
 }
 
+at::Tensor group_baseline_meta(const at::Tensor& scores, const at::Tensor&, const std::optional<at::Tensor>&,
+                               const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>&,
+                               c10::string_view, double) {
+  const auto opts = scores.options().dtype(at::kFloat);
+  return mask.has_value() ? at::empty(mask->sizes(), opts) : at::empty(scores.sizes(), opts);
+}
+
 at::Tensor group_index_meta(const at::Tensor& keys, const std::optional<at::Tensor>& offsets) {
   const int64_t N = offsets.has_value() ? offsets->size(0) - 1 : keys.size(0);
   return at::empty({N}, keys.options().dtype(at::kLong));
@@ -1147,6 +1259,8 @@ TORCH_LIBRARY_FRAGMENT(rlkern, m) {
   m.def("advantages_group_index_joined_kernel(Tensor joined, int n) -> Tensor");
   m.def("advantages_group_normalize_kernel(Tensor scores, Tensor inverse, Tensor? mask, Tensor? cu_seqlens, "
         "float eps, str std, str scale, str singleton, bool skip_nan=False) -> Tensor");
+  m.def("advantages_group_baseline_kernel(Tensor scores, Tensor inverse, Tensor? weights, Tensor? mask, "
+        "Tensor? cu_seqlens, str mode, float param) -> Tensor");
   m.def("advantages_optimal_token_baseline_kernel(Tensor rewards, Tensor? mask, Tensor inverse, Tensor old_log_probs, "
         "Tensor sum_pi_squared, Tensor? rollout_is_weights, Tensor? cu_seqlens, bool handle_zero_tail, float eps, "
         "bool multi_turn) -> (Tensor, Tensor)");
@@ -1160,6 +1274,7 @@ TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
   m.impl("advantages_broadcast_kernel", &broadcast_cpu);
   m.impl("advantages_group_index_joined_kernel", &group_index_joined_cpu);
   m.impl("advantages_group_normalize_kernel", &group_normalize_cpu);
+  m.impl("advantages_group_baseline_kernel", &group_baseline_cpu);
   m.impl("advantages_optimal_token_baseline_kernel", &otb_cpu);
 }
 
@@ -1171,5 +1286,6 @@ TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
   m.impl("advantages_broadcast_kernel", &broadcast_meta);
   m.impl("advantages_group_index_joined_kernel", &group_index_joined_meta);
   m.impl("advantages_group_normalize_kernel", &group_normalize_meta);
+  m.impl("advantages_group_baseline_kernel", &group_baseline_meta);
   m.impl("advantages_optimal_token_baseline_kernel", &otb_meta);
 }

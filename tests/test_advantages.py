@@ -369,6 +369,39 @@ def test_group_statistics_backends(monkeypatch, group_backend):
     _close(A.bnpo(torch.sigmoid(s), ids), R.bnpo(torch.sigmoid(s), list(ids)), tol=1e-4)
 
 
+@pytest.mark.parametrize("group_backend", ["cpp", "triton", "torch"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32, torch.bfloat16])
+def test_group_baselines_every_backend(monkeypatch, group_backend, mask_dtype):
+    # RLOO (both singleton rules), OPO, GPG and REINFORCE++-baseline: the C++ pass (group sums,
+    # baseline, broadcast), the Triton moments and the PyTorch path against the reference, per
+    # sample and broadcast to padded and packed tokens (bf16 masks take the PyTorch broadcast).
+    monkeypatch.setenv("RLKERN_BACKEND", group_backend)
+    ids = _group_layout(5)
+    s = _scores(len(ids), 5, "binary")
+    s[::7] = 0.5
+    mask, packed, inside, cu = _packed_batch(len(ids), 11, 6, mask_dtype)
+    m = mask.float()
+    lengths = m.sum(-1)
+    per_sample = {
+        "rloo raw": (A.rloo(s, ids), R.rloo(s, list(ids), "raw"), lambda mk, **kw: A.rloo(s, ids, mk, **kw)),
+        "rloo zero": (A.rloo(s, ids, singleton="zero"), R.rloo(s, list(ids), "zero"),
+                      lambda mk, **kw: A.rloo(s, ids, mk, singleton="zero", **kw)),
+        "gpg": (A.gpg(s, ids, f_norm=2.0), R.gpg(s, list(ids), 2.0), lambda mk, **kw: A.gpg(s, ids, mk, f_norm=2.0,
+                                                                                           **kw)),
+    }
+    for name, (ours, ref, tokens) in per_sample.items():
+        _close(ours, ref, name=name)
+        _close(tokens(mask), ref[:, None] * m, name=f"{name} tokens")
+        _close(tokens(packed, cu_seqlens=cu), (ref[:, None] * m)[inside], name=f"{name} packed")
+    opo_ref = (s.double() - R.group_baseline(s, list(ids), lengths))[:, None] * m
+    assert not opo_ref.isnan().any()
+    _close(A.opo(s, ids, mask), opo_ref, name="opo")
+    _close(A.opo(s, ids, packed, cu_seqlens=cu), opo_ref[inside], name="opo packed")
+    rpp_ref = R.masked_whiten((s.double() - R.group_baseline(s, list(ids)))[:, None] * m, mask) * m
+    _close(A.reinforce_pp_baseline(s, ids, mask), rpp_ref, tol=1e-4, name="rpp")
+    _close(A.reinforce_pp_baseline(s, ids, packed, cu_seqlens=cu), rpp_ref[inside], tol=1e-4, name="rpp packed")
+
+
 @pytest.mark.parametrize("kind", ["normal", "binary", "equal"])
 @pytest.mark.parametrize("std", ["unbiased", "population", None])
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
@@ -1070,7 +1103,10 @@ def test_opcheck_custom_ops():
         (A._group_normalize_op, (s, inverse, torch.ones(27, dtype=torch.bool),
                                  torch.tensor([0, 4, 4, 10, 20, 26, 27], dtype=torch.int32), 1e-4, "unbiased",
                                  "group", "verl")),
-        (A._group_baseline_op, (s, inverse, None, "rloo_raw", 0.0)),
+        (A._group_baseline_op, (s, inverse, None, None, None, "rloo_raw", 0.0)),
+        (A._group_baseline_op, (s, inverse, torch.rand(6, generator=g), _mask(6, 5, "holes"), None, "weighted", 0.0)),
+        (A._group_baseline_op, (s, inverse, None, torch.ones(27, dtype=torch.bool),
+                                torch.tensor([0, 4, 4, 10, 20, 26, 27], dtype=torch.int32), "gpg", 2.0)),
         (A._passk_op, (s, A.group_index(["a", "a", "b", "b", "b", "b"]), 1e-6, True)),
         (A._bnpo_op, (torch.rand(6, generator=g), inverse, 0.0, 1.0)),
         (A._remax_op, (r, torch.randn(3), mask, None)),

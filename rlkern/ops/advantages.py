@@ -15,7 +15,8 @@ are different groups). They are mapped to dense group numbers in one pass of a C
 the raw bytes (``<U`` arrays are read in place; lists and object arrays are joined into one
 buffer, ASCII bytes or UTF-32), never a Python loop per sample; on GPU, integer ids are grouped
 by a sort (no host sync). On CPU, ``group_normalize``/``grpo`` compute the group statistics,
-the normalization and the broadcast to tokens in one C++ kernel, and ``optimal_token_baseline``
+the normalization and the broadcast to tokens in one C++ kernel (``rloo``, ``opo``, ``gpg`` and
+``reinforce_pp_baseline``'s group baseline likewise), and ``optimal_token_baseline``
 runs one C++ kernel (a task per group, float64 sums); on GPU and for float64 rewards it is
 float64 PyTorch.
 
@@ -839,9 +840,22 @@ def grpo(scores: Tensor, group_ids, response_mask: Tensor | None = None, *, eps:
 
 
 @torch.library.custom_op("rlkern::advantages_group_baseline", mutates_args=())
-def _group_baseline_op(scores: Tensor, inverse: Tensor, weights: Tensor | None, mode: str, param: float) -> Tensor:
+def _group_baseline_op(
+    scores: Tensor,  # [N] float
+    inverse: Tensor,  # [N] int64 dense group numbers in [0, N)
+    weights: Tensor | None,  # [N] float (mode "weighted")
+    mask: Tensor | None,  # None, [N, T], or packed [total] with cu_seqlens
+    cu_seqlens: Tensor | None,  # [N + 1] int32 (packed mask)
+    mode: str,
+    param: float,
+) -> Tensor:
     """mode: "rloo_raw" / "rloo_zero" / "mean" (s - mean, singleton mean 0) / "weighted" (s -
-    sum(w s)/sum(w), singleton 0) / "gpg" (alpha (s - mean) / param)."""
+    sum(w s)/sum(w), singleton 0) / "gpg" (alpha (s - mean) / param); broadcast to mask's tokens."""
+    backend = _backend.choose(scores.device, _KERNELS, scores.dtype)
+    if backend == "cpp" and (mask is None or mask.dtype not in (torch.float16, torch.bfloat16)):
+        # one C++ pass: group sums, the baseline and the broadcast to tokens
+        return torch.ops.rlkern.advantages_group_baseline_kernel(scores, inverse, weights, mask, cu_seqlens, mode,
+                                                                  param)
     x = scores.to(_F64)
     if mode.startswith("rloo"):
         count = _group_sum(torch.ones_like(x), inverse)
@@ -859,12 +873,13 @@ def _group_baseline_op(scores: Tensor, inverse: Tensor, weights: Tensor | None, 
         if mode == "gpg":
             alpha = x.numel() / torch.count_nonzero(x).clamp_min(1).to(_F64)
             out = alpha * out / param
-    return out.to(_out_dtype(scores))
+    out = out.to(_out_dtype(scores))
+    return out if mask is None else _broadcast(out, mask, cu_seqlens)
 
 
 @_group_baseline_op.register_fake
-def _(scores, inverse, weights, mode, param):
-    return scores.new_empty(scores.shape, dtype=_out_dtype(scores))
+def _(scores, inverse, weights, mask, cu_seqlens, mode, param):
+    return scores.new_empty(scores.shape if mask is None else mask.shape, dtype=_out_dtype(scores))
 
 
 def rloo(scores: Tensor, group_ids, response_mask: Tensor | None = None, *, singleton: str = "raw",
@@ -885,7 +900,7 @@ def rloo(scores: Tensor, group_ids, response_mask: Tensor | None = None, *, sing
     """
     _check_choice("rloo", "singleton", singleton, ("raw", "zero"))
     inverse = _outcome_args("rloo", scores, group_ids, response_mask, cu_seqlens)
-    return _to_tokens(_group_baseline_op(scores, inverse, None, f"rloo_{singleton}", 0.0), response_mask, cu_seqlens)
+    return _group_baseline_op(scores, inverse, None, response_mask, cu_seqlens, f"rloo_{singleton}", 0.0)
 
 
 def opo(scores: Tensor, group_ids, response_mask: Tensor, *, cu_seqlens: Tensor | None = None) -> Tensor:
@@ -905,7 +920,7 @@ def opo(scores: Tensor, group_ids, response_mask: Tensor, *, cu_seqlens: Tensor 
         raise ValueError("opo: response_mask is required (it gives the response lengths)")
     inverse = _outcome_args("opo", scores, group_ids, response_mask, cu_seqlens)
     lengths = _lengths(response_mask, cu_seqlens)
-    return _to_tokens(_group_baseline_op(scores, inverse, lengths, "weighted", 0.0), response_mask, cu_seqlens)
+    return _group_baseline_op(scores, inverse, lengths, response_mask, cu_seqlens, "weighted", 0.0)
 
 
 def gpg(scores: Tensor, group_ids, response_mask: Tensor | None = None, *, f_norm: float = 1.0,
@@ -920,7 +935,7 @@ def gpg(scores: Tensor, group_ids, response_mask: Tensor | None = None, *, f_nor
     """
     _check_advantages("gpg", "scores", {"scores": (scores, "float")}, floats={"f_norm": f_norm})
     inverse = _outcome_args("gpg", scores, group_ids, response_mask, cu_seqlens)
-    return _to_tokens(_group_baseline_op(scores, inverse, None, "gpg", float(f_norm)), response_mask, cu_seqlens)
+    return _group_baseline_op(scores, inverse, None, response_mask, cu_seqlens, "gpg", float(f_norm))
 
 
 def reinforce_pp_baseline(scores: Tensor, group_ids, response_mask: Tensor, *,
@@ -935,7 +950,7 @@ def reinforce_pp_baseline(scores: Tensor, group_ids, response_mask: Tensor, *,
     if response_mask is None:
         raise ValueError("reinforce_pp_baseline: response_mask is required")
     inverse = _outcome_args("reinforce_pp_baseline", scores, group_ids, response_mask, cu_seqlens)
-    tokens = _broadcast(_group_baseline_op(scores, inverse, None, "mean", 0.0), response_mask, cu_seqlens)
+    tokens = _group_baseline_op(scores, inverse, None, response_mask, cu_seqlens, "mean", 0.0)
     return masked_whiten(tokens, response_mask) * response_mask.to(tokens.dtype)
 
 
