@@ -585,6 +585,46 @@ at::Tensor group_index_joined_cpu(const at::Tensor& joined, int64_t n) {
   return out;
 }
 
+// The group kernels' shared edges: input checks, the scores dtype dispatch, and the output
+// (per-sample values rounded to float32, then value * mask broadcast to the tokens if a mask is given).
+void check_group_inputs(const at::Tensor& scores, const at::Tensor& inverse, const std::optional<at::Tensor>& mask,
+                        const std::optional<at::Tensor>& cu_seqlens, const char* op) {
+  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 1, op, ": scores must be a 1-D CPU tensor, got ",
+              scores.sizes());
+  TORCH_CHECK(inverse.dim() == 1 && inverse.size(0) == scores.size(0) && inverse.scalar_type() == at::kLong &&
+                  inverse.device().is_cpu(),
+              op, ": inverse must be int64 [", scores.size(0), "], got ", inverse.scalar_type(), " ", inverse.sizes());
+  TORCH_CHECK(!cu_seqlens.has_value() || mask.has_value(), op, ": cu_seqlens needs a packed mask");
+}
+
+template <typename F>
+void dispatch_scores(const at::Tensor& scores, const char* op, F&& fn) {
+  const at::Tensor x = scores.contiguous();
+  switch (x.scalar_type()) {
+    case at::kFloat: fn(x.data_ptr<float>()); break;
+    case at::kBFloat16: fn(x.data_ptr<at::BFloat16>()); break;
+    case at::kHalf: fn(x.data_ptr<at::Half>()); break;
+    default: TORCH_CHECK(false, op, ": scores must be float32/bfloat16/float16, got ", x.scalar_type());
+  }
+}
+
+at::Tensor group_output(const at::Tensor& scores, const std::vector<double>& value,
+                        const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens,
+                        const char* op) {
+  const int64_t N = static_cast<int64_t>(value.size());
+  const auto opts = scores.options().dtype(at::kFloat);
+  at::Tensor per_sample = at::empty({N}, opts);
+  float* rounded = per_sample.data_ptr<float>();
+  for (int64_t i = 0; i < N; ++i) rounded[i] = static_cast<float>(value[i]);
+  if (!mask.has_value()) return per_sample;
+  at::Tensor cu_holder;
+  const auto shape = token_layout(*mask, cu_seqlens, N, op, cu_holder);
+  at::Tensor out = empty_output(shape, opts);
+  broadcast_dispatch<float>(rounded, *mask, cu_holder.defined() ? cu_holder.data_ptr<int32_t>() : nullptr, N,
+                            out.data_ptr<float>());
+  return out;
+}
+
 enum class StdMode { kUnbiased, kPopulation, kNone };
 enum class ScaleMode { kGroup, kBatch, kNone };
 
@@ -666,12 +706,7 @@ at::Tensor group_normalize_cpu(const at::Tensor& scores, const at::Tensor& inver
                                double eps, c10::string_view std_name, c10::string_view scale_name,
                                c10::string_view singleton, bool skip_nan) {
   const char* op = "rlkern.advantages_group_normalize_kernel";
-  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 1, op, ": scores must be a 1-D CPU tensor, got ",
-              scores.sizes());
-  TORCH_CHECK(inverse.dim() == 1 && inverse.size(0) == scores.size(0) && inverse.scalar_type() == at::kLong &&
-                  inverse.device().is_cpu(),
-              op, ": inverse must be int64 [", scores.size(0), "], got ", inverse.scalar_type(), " ", inverse.sizes());
-  TORCH_CHECK(!cu_seqlens.has_value() || mask.has_value(), op, ": cu_seqlens needs a packed mask");
+  check_group_inputs(scores, inverse, mask, cu_seqlens, op);
   const StdMode std_mode = std_name == "unbiased"     ? StdMode::kUnbiased
                            : std_name == "population" ? StdMode::kPopulation
                                                       : StdMode::kNone;
@@ -682,31 +717,12 @@ at::Tensor group_normalize_cpu(const at::Tensor& scores, const at::Tensor& inver
   TORCH_CHECK(scale != ScaleMode::kNone || scale_name == "none", op, ": scale must be group/batch/none");
   TORCH_CHECK(singleton == "verl" || singleton == "zero", op, ": singleton must be verl/zero");
   const int64_t N = scores.size(0);
-  const at::Tensor x = scores.contiguous();
   const at::Tensor inv = inverse.contiguous();
   std::vector<double> value(N);
-  auto values = [&](auto tag) {
-    using S = decltype(tag);
-    group_values<S>(x.data_ptr<S>(), inv.data_ptr<int64_t>(), N, eps, std_mode, scale, singleton == "verl",
-                    skip_nan, value.data());
-  };
-  switch (x.scalar_type()) {
-    case at::kFloat: values(float{}); break;
-    case at::kBFloat16: values(at::BFloat16{}); break;
-    case at::kHalf: values(at::Half{}); break;
-    default: TORCH_CHECK(false, op, ": scores must be float32/bfloat16/float16, got ", x.scalar_type());
-  }
-  const auto opts = scores.options().dtype(at::kFloat);
-  at::Tensor per_sample = at::empty({N}, opts);
-  float* rounded = per_sample.data_ptr<float>();
-  for (int64_t i = 0; i < N; ++i) rounded[i] = static_cast<float>(value[i]);
-  if (!mask.has_value()) return per_sample;
-  at::Tensor cu_holder;
-  const auto shape = token_layout(*mask, cu_seqlens, N, op, cu_holder);
-  at::Tensor out = empty_output(shape, opts);
-  broadcast_dispatch<float>(rounded, *mask, cu_holder.defined() ? cu_holder.data_ptr<int32_t>() : nullptr, N,
-                            out.data_ptr<float>());
-  return out;
+  dispatch_scores(scores, op, [&](const auto* x) {
+    group_values(x, inv.data_ptr<int64_t>(), N, eps, std_mode, scale, singleton == "verl", skip_nan, value.data());
+  });
+  return group_output(scores, value, mask, cu_seqlens, op);
 }
 
 // Group baselines (the op layer's _group_baseline_op, same formulas, in double), per sample:
@@ -764,12 +780,7 @@ at::Tensor group_baseline_cpu(const at::Tensor& scores, const at::Tensor& invers
                               const std::optional<at::Tensor>& cu_seqlens, c10::string_view mode_name,
                               double param) {
   const char* op = "rlkern.advantages_group_baseline_kernel";
-  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 1, op, ": scores must be a 1-D CPU tensor, got ",
-              scores.sizes());
-  TORCH_CHECK(inverse.dim() == 1 && inverse.size(0) == scores.size(0) && inverse.scalar_type() == at::kLong &&
-                  inverse.device().is_cpu(),
-              op, ": inverse must be int64 [", scores.size(0), "], got ", inverse.scalar_type(), " ", inverse.sizes());
-  TORCH_CHECK(!cu_seqlens.has_value() || mask.has_value(), op, ": cu_seqlens needs a packed mask");
+  check_group_inputs(scores, inverse, mask, cu_seqlens, op);
   const BaselineMode mode = mode_name == "rloo_raw"   ? BaselineMode::kRlooRaw
                             : mode_name == "rloo_zero" ? BaselineMode::kRlooZero
                             : mode_name == "mean"      ? BaselineMode::kMean
@@ -785,31 +796,13 @@ at::Tensor group_baseline_cpu(const at::Tensor& scores, const at::Tensor& invers
                 ": weights must be a CPU tensor [", N, "], got ", weights->sizes());
     w = weights->to(at::kDouble).contiguous();
   }
-  const at::Tensor x = scores.contiguous();
   const at::Tensor inv = inverse.contiguous();
   std::vector<double> value(N);
-  auto values = [&](auto tag) {
-    using S = decltype(tag);
-    baseline_values<S>(x.data_ptr<S>(), inv.data_ptr<int64_t>(), w.defined() ? w.data_ptr<double>() : nullptr, N,
-                       mode, param, value.data());
-  };
-  switch (x.scalar_type()) {
-    case at::kFloat: values(float{}); break;
-    case at::kBFloat16: values(at::BFloat16{}); break;
-    case at::kHalf: values(at::Half{}); break;
-    default: TORCH_CHECK(false, op, ": scores must be float32/bfloat16/float16, got ", x.scalar_type());
-  }
-  const auto opts = scores.options().dtype(at::kFloat);
-  at::Tensor per_sample = at::empty({N}, opts);
-  float* rounded = per_sample.data_ptr<float>();
-  for (int64_t i = 0; i < N; ++i) rounded[i] = static_cast<float>(value[i]);
-  if (!mask.has_value()) return per_sample;
-  at::Tensor cu_holder;
-  const auto shape = token_layout(*mask, cu_seqlens, N, op, cu_holder);
-  at::Tensor out = empty_output(shape, opts);
-  broadcast_dispatch<float>(rounded, *mask, cu_holder.defined() ? cu_holder.data_ptr<int32_t>() : nullptr, N,
-                            out.data_ptr<float>());
-  return out;
+  dispatch_scores(scores, op, [&](const auto* x) {
+    baseline_values(x, inv.data_ptr<int64_t>(), w.defined() ? w.data_ptr<double>() : nullptr, N, mode, param,
+                    value.data());
+  });
+  return group_output(scores, value, mask, cu_seqlens, op);
 }
 
 // Optimal Token Baseline (verl's compute_optimal_token_baseline_advantage and its multi-turn

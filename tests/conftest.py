@@ -1,5 +1,7 @@
 import importlib
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -64,3 +66,31 @@ def assert_as_close_as_torch(ours, reference, torch_result, *, floor, factor=1.0
     bound = max(torch_err * factor, floor)
     worst = ours_err.max().item() if ours_err.numel() else 0.0
     assert worst <= bound, f"{name}: max error {worst:.3g} > bound {bound:.3g} (torch's own {torch_err:.3g})"
+
+
+# Compiling Triton kernels to sm_90 cubins needs no GPU, only Triton's compiler and ptxas: the
+# interpreter runs the kernels' Python, not the compiler, which is stricter (types, constexpr use).
+# A script runs in a fresh interpreter without TRITON_INTERPRET, so the kernels are JITFunctions;
+# it starts with SM90_PRELUDE's build(kernel, signature, constexprs, **options).
+SM90_PRELUDE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+def build(kernel, signature, constexprs, **options):
+    signature = dict(signature, **{name: "constexpr" for name in constexprs})
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options=options)
+    assert compiled.asm["cubin"], kernel.__name__
+"""
+
+
+def compile_for_sm90(script: str, **env) -> None:
+    """Run SM90_PRELUDE + script (which prints "ok" last); skip where triton has no ptxas."""
+    child_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    child_env.update(env)
+    result = subprocess.run([sys.executable, "-c", SM90_PRELUDE + script], capture_output=True, text=True,
+                            env=child_env, timeout=600)
+    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr:
+        pytest.skip(f"this triton install has no ptxas: {result.stderr[-300:]}")
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

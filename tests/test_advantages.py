@@ -4,9 +4,6 @@ Backends: "cpp" (C++ kernels, the CPU default), "triton" (Triton kernels under
 TRITON_INTERPRET=1 on CPU tensors), "torch" (the op layer's PyTorch fallback).
 """
 
-import os
-import subprocess
-import sys
 import uuid
 
 import numpy as np
@@ -17,7 +14,7 @@ import rlkern.algos.advantages as algos
 from rlkern import _backend
 from rlkern.ops import advantages as A
 from rlkern.reference import advantages as R
-from conftest import import_peer
+from conftest import import_peer, compile_for_sm90
 
 
 
@@ -1278,24 +1275,16 @@ def test_cuda_ops_do_not_sync():
 
 _SM90_SCRIPT = """
 import itertools
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from rlkern.kernels import advantages as K
-
-def build(kernel, signature, constexprs, warps=4):
-    signature = dict(signature, **{name: "constexpr" for name in constexprs})
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    assert compiled.asm["cubin"], kernel.__name__
 
 for (values, boot, packed), (lp, mask) in itertools.product(
         itertools.product([True, False], repeat=3), [("*fp32", "*u8"), ("*bf16", "*i64"), ("*fp16", "*fp32")]):
     build(K._gae_kernel, dict(r_ptr=lp, v_ptr=lp, m_ptr=mask, boot_ptr="*fp32", cu_ptr="*i32", adv_ptr="*fp32",
                               ret_ptr="*fp32", r_stride="i64", v_stride="i64", m_stride="i64", T="i32",
                               gamma="fp32", lam="fp32"),
-          dict(HAS_VALUES=values, HAS_BOOT=boot, PACKED=packed, BLOCK=K.MAX_BLOCK))
-build(K._group_add_kernel, dict(x_ptr="*fp64", idx_ptr="*i64", out_ptr="*fp64", N="i32"), dict(BLOCK=1024))
+          dict(HAS_VALUES=values, HAS_BOOT=boot, PACKED=packed, BLOCK=K.MAX_BLOCK), num_warps=4)
+build(K._group_add_kernel, dict(x_ptr="*fp64", idx_ptr="*i64", out_ptr="*fp64", N="i32"), dict(BLOCK=1024),
+      num_warps=4)
 print("ok")
 """
 
@@ -1304,9 +1293,4 @@ def test_triton_kernels_compile_for_h100():
     # The interpreter runs the kernels' Python, not Triton's compiler, which is stricter: every
     # variant of the GAE scan and the group-sum kernel is compiled to an sm_90 cubin (no GPU
     # needed; a fresh interpreter without TRITON_INTERPRET, so that the kernels are JITFunctions).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env,
-                            timeout=600)
-    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr:
-        pytest.skip(f"this triton install has no ptxas: {result.stderr[-300:]}")
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    compile_for_sm90(_SM90_SCRIPT)

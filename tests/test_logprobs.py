@@ -5,16 +5,13 @@ TRITON_INTERPRET=1 on CPU tensors), "torch" (the reference itself, run through t
 """
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import rlkern
 from rlkern.reference import logprobs as reference
-from conftest import assert_as_close_as_torch, import_peer
+from conftest import assert_as_close_as_torch, import_peer, compile_for_sm90
 
 
 
@@ -322,17 +319,7 @@ def test_trl_entropy_and_joint_parity():
 
 
 _SM90_SCRIPT = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from rlkern.kernels import logprobs as K
-
-def build(kernel, signature, constexprs, warps):
-    signature = dict(signature, **{name: "constexpr" for name in constexprs})
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "enable_fp_fusion": False})
-    assert compiled.asm["cubin"], kernel.__name__
 
 # (logits dtype, element size, labels, lse) x (softcap, entropy, shard) at the issue's vocab sizes
 cases = [("*fp32", 4, "*i64", "*fp64", 32000), ("*bf16", 2, "*i64", "*fp64", 151936),
@@ -344,13 +331,14 @@ for (lp, elt, lab, lse, vocab), (softcap, entropy, shard) in zip(cases, flags):
                    inv_softcap="fp32", ignore_index="i64", vocab_start="i64")
     build(K._logprobs_fwd_kernel, dict(logits_ptr=lp, labels_ptr=lab, logp_ptr="*fp32", entropy_ptr="*fp32",
                                        lse_ptr=lse, log_vocab="fp32", **scalars),
-          dict(HAS_SOFTCAP=softcap, WITH_ENTROPY=entropy, SHARD=shard, CHUNKS=chunks, VEC=vec), warps)
+          dict(HAS_SOFTCAP=softcap, WITH_ENTROPY=entropy, SHARD=shard, CHUNKS=chunks, VEC=vec),
+          num_warps=warps, enable_fp_fusion=False)
     build(K._logprobs_bwd_kernel, dict(grad_logp_ptr="*fp32", grad_entropy_ptr="*fp32", logits_ptr=lp,
                                        labels_ptr=lab, lse_ptr=lse, entropy_ptr="*fp32", grad_logits_ptr=lp,
                                        stride_grad_row="i64", stride_gl="i64", stride_ge="i64", stride_lse="i64",
                                        stride_ent="i64", **{k: v for k, v in scalars.items()}),
           dict(HAS_SOFTCAP=softcap, HAS_GRAD_ENTROPY=entropy, SHARD=shard, ROUND_BF16=False, BLOCK=chunks * vec),
-          warps)
+          num_warps=warps, enable_fp_fusion=False)
 print("ok")
 """
 
@@ -360,9 +348,4 @@ def test_triton_kernels_compile_for_h100():
     # and backward are compiled to sm_90 cubins for fp32 / bf16 / fp16 logits at V = 32000 ...
     # 262144 with each flag on somewhere (no GPU needed; a fresh interpreter without
     # TRITON_INTERPRET, so that the kernels are JITFunctions).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env,
-                            timeout=600)
-    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr:
-        pytest.skip(f"this triton install has no ptxas: {result.stderr[-300:]}")
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    compile_for_sm90(_SM90_SCRIPT)

@@ -25,7 +25,7 @@ import rlkern.ops.policy_loss as P
 from rlkern.ops.logprobs import token_logprobs
 from rlkern import _backend
 from rlkern.reference import policy_loss as reference
-from conftest import import_peer
+from conftest import import_peer, compile_for_sm90
 
 ALL_LOSSES = list(reference.LOSSES)
 ESTIMATORS = ["k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "k3+", "low_var_kl+", "abs+"]
@@ -1320,10 +1320,6 @@ def test_triton_launch_count(monkeypatch):
 
 
 _SM90_SCRIPT = """
-import itertools, os, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from rlkern.kernels import policy_loss as K
 
 FLOATS = {"clip_low", "clip_high", "dual", "tau_pos", "tau_neg", "dro_beta", "ppo_kl_coef", "gtok", "gseq", "dp",
@@ -1341,11 +1337,8 @@ def arg_type(name, lp):
     assert name.endswith("_ptr"), name
     return lp
 
-def build(kernel, flags, lp, warps):
-    signature = {n: "constexpr" if n in flags else arg_type(n, lp) for n in kernel.arg_names}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=flags),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    assert compiled.asm["cubin"], kernel.__name__
+def build_loss(kernel, flags, lp, warps):
+    build(kernel, {n: arg_type(n, lp) for n in kernel.arg_names if n not in flags}, flags, num_warps=warps)
 
 # every loss at level="token", and ppo / cispo / sapo at level="sequence"
 for loss, seq in [(x, False) for x in sorted(set(K.LOSS_IDS.values()))] + [(0, True), (2, True), (4, True)]:
@@ -1353,14 +1346,14 @@ for loss, seq in [(x, False) for x in sorted(set(K.LOSS_IDS.values()))] + [(0, T
     flags = dict(LOSS=loss, KL=loss % 4, KL_ST=loss == 3, HAS_DUAL=loss == 0, PACKED=packed, ADV_PER_SEQ=packed,
                  HAS_MASK=not packed, HAS_REF=True, HAS_ENT=True, HAS_ISW=True, HAS_SEL=loss in (8, 9), SEQ=seq,
                  BLOCK=K.MAX_BLOCK)
-    build(K._policy_loss_fwd_kernel, flags, lp, K.TOKEN_WARPS)
-    build(K._policy_loss_bwd_kernel, dict(flags, AGG=loss % 5, ENT_AGG=3, ENT_LOCAL=loss % 2 == 0,
-                                          GTOK=loss % 3, GSEQ=(loss + 1) % 3, WITH_KL=True), lp, K.TOKEN_WARPS)
+    build_loss(K._policy_loss_fwd_kernel, flags, lp, K.TOKEN_WARPS)
+    build_loss(K._policy_loss_bwd_kernel, dict(flags, AGG=loss % 5, ENT_AGG=3, ENT_LOCAL=loss % 2 == 0,
+                                               GTOK=loss % 3, GSEQ=(loss + 1) % 3, WITH_KL=True), lp, K.TOKEN_WARPS)
 for agg in range(5):
-    build(K._policy_loss_finish_kernel, dict(AGG=agg, ENT_AGG=0, ENT_LOCAL=agg == 2, GTOK=agg % 3,
-                                             GSEQ=(agg + 1) % 3, WITH_KL=True, WITH_ENT=True, GEO_MEAN=agg == 4,
-                                             HAS_ISW=agg > 2, ROWS=agg % 2 == 0,
-                                             BLOCK_B=K.FINISH_BLOCK), "*fp32", 4)
+    build_loss(K._policy_loss_finish_kernel, dict(AGG=agg, ENT_AGG=0, ENT_LOCAL=agg == 2, GTOK=agg % 3,
+                                                  GSEQ=(agg + 1) % 3, WITH_KL=True, WITH_ENT=True, GEO_MEAN=agg == 4,
+                                                  HAS_ISW=agg > 2, ROWS=agg % 2 == 0,
+                                                  BLOCK_B=K.FINISH_BLOCK), "*fp32", 4)
 print("ok")
 """
 
@@ -1369,13 +1362,7 @@ def test_triton_kernels_compile_for_h100():
     # The interpreter runs the kernels' Python, not Triton's compiler, which is stricter (types,
     # constexpr use): every kernel variant family is compiled down to an sm_90 cubin here, with no
     # GPU needed (a fresh interpreter, TRITON_INTERPRET unset, so that the kernels are JITFunctions).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env,
-                            timeout=600)
-    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr:
-        pytest.skip(f"this triton install has no ptxas: {result.stderr[-300:]}")
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    compile_for_sm90(_SM90_SCRIPT, TRITON_DEFAULT_FP_FUSION="1")
 
 
 @pytest.mark.parametrize("sms", [0, 8], ids=["one-program-per-sequence", "split"])

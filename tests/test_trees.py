@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import rlkern.trees as trees
 from rlkern import _backend
 from rlkern.reference import trees as reference
-from conftest import import_peer
+from conftest import import_peer, compile_for_sm90
 
 METHODS = ["spo_rloo", "spo_grpo", "treerl", "treepo"]
 
@@ -682,27 +682,18 @@ def test_cuda_graph_capture_with_max_depth():
 
 _SM90_SCRIPT = """
 import itertools
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from rlkern.kernels import trees as K
-
-def build(kernel, signature, constexprs):
-    signature = dict(signature, **{name: "constexpr" for name in constexprs})
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    assert compiled.asm["cubin"], kernel.__name__
 
 f64, i64 = "*fp64", "*i64"
 for mean_leaves, with_std in itertools.product([True, False], repeat=2):
     build(K._bottom_up_kernel, dict(value=f64, leaf_sum=f64, leaf_count=i64, spread=f64, reward_pos=f64,
                                     first_child=i64, num_children=i64, levels=i64, level="i64"),
-          dict(MEAN_LEAVES=mean_leaves, WITH_STD=with_std, BLOCK=K._BLOCK))
+          dict(MEAN_LEAVES=mean_leaves, WITH_STD=with_std, BLOCK=K._BLOCK), num_warps=4)
 for method, leaf_rloo, group_size in itertools.product(range(4), [True, False], [True, False]):
     build(K._top_down_kernel, dict(adv=f64, keep="*i8", value=f64, leaf_sum=f64, leaf_count=i64, spread=f64,
                                    reward_pos=f64, parent_pos=i64, num_children=i64, carry_a=f64, carry_b=f64,
                                    levels=i64, level="i64", epsilon="fp32"),
-          dict(METHOD=method, LEAF_RLOO=leaf_rloo, GROUP_SIZE=group_size, BLOCK=K._BLOCK))
+          dict(METHOD=method, LEAF_RLOO=leaf_rloo, GROUP_SIZE=group_size, BLOCK=K._BLOCK), num_warps=4)
 print("ok")
 """
 
@@ -711,9 +702,4 @@ def test_triton_kernels_compile_for_h100():
     # The interpreter runs the kernels' Python, not Triton's compiler, which is stricter: both
     # level kernels, every method and flag, are compiled to sm_90 cubins (no GPU needed; a fresh
     # interpreter without TRITON_INTERPRET, so that the kernels are JITFunctions).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env,
-                            timeout=600)
-    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr:
-        pytest.skip(f"this triton install has no ptxas: {result.stderr[-300:]}")
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    compile_for_sm90(_SM90_SCRIPT)
