@@ -14,7 +14,8 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # kernels/ and benches/ live at the top level of the repository (one folder per layer) and are
-# installed inside the package, so `rlkern bench` works from a wheel.
+# installed inside the package, so `rlkern bench` works from a wheel. They have no __init__.py
+# (rlkern/_checkout.py says why: a regular package there would shadow Hugging Face's `kernels`).
 PACKAGES = find_packages(include=["rlkern", "rlkern.*"]) + ["rlkern.kernels", "rlkern.benches"]
 PACKAGE_DIR = {"rlkern.kernels": "kernels", "rlkern.benches": "benches"}
 

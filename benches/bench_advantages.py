@@ -19,7 +19,6 @@ advantages.
 from __future__ import annotations
 
 import argparse
-import importlib
 import uuid
 
 import numpy as np
@@ -27,13 +26,6 @@ import torch
 
 from rlkern.benches import common
 from rlkern.ops import advantages as ops
-
-
-def _peer(module: str):
-    try:
-        return importlib.import_module(module)
-    except Exception:  # a missing or broken peer is reported as absent, never fatal
-        return None
 
 
 def _eager_gae(rewards, values, mask, gamma, lam):
@@ -75,20 +67,18 @@ def _mask(batch, steps, gen, device):
 def run(device: torch.device, batch: int, steps: int, samples: int, group: int, tokens: int,
         rounds: int = 5) -> list[common.Row]:
     gen = torch.Generator().manual_seed(0)
-    core = _peer("verl.trainer.ppo.core_algos")
+    core, verl_missing = common.peer("verl.trainer.ppo.core_algos")
     peak_bw = common.copy_bandwidth_gbps(device)
     rows: list[common.Row] = []
 
-    def timed(fns, n_rounds):
-        if device.type == "cuda":
-            return {name: common.time_cuda(fn) for name, fn in fns.items()}
-        return common.time_alternating(fns, n_rounds)
-
-    def add(bench, shape, timings, bytes_moved):
-        for name, (med, p20, p80) in timings.items():
+    def add(bench, shape, fns, bytes_moved, verl=True):
+        """Time the case; verl=True: verl's function is one of its rows (a "not run" row without verl)."""
+        for name, (med, p20, p80) in common.measure(fns, device, rounds, label=f"{bench} {shape}").items():
             gbps = bytes_moved / (med * 1e-3) / 1e9 if bytes_moved else None
             rows.append(common.Row(bench, name, shape, med, p20, p80, gbps,
                                    100 * gbps / peak_bw if gbps else None))
+        if verl and core is None:
+            rows.append(common.missing_row(bench, "verl", shape, verl_missing))
 
     # GRPO with string uids, first: after the [B, T] sections below, glibc's dynamic mmap
     # threshold has grown and its 32 MiB outputs faulted in their pages on some calls (measured
@@ -112,7 +102,7 @@ def run(device: torch.device, batch: int, steps: int, samples: int, group: int, 
         fns["eager"] = lambda: _eager_grpo(token_rewards, grpo_mask, uids)
     with torch.no_grad():
         add("grpo (str uids)", f"N={samples} G={group} T={tokens}",
-            timed(fns, rounds), samples * tokens * (4 + 8 + 4))
+            fns, samples * tokens * (4 + 8 + 4))
 
     # the other outcome estimators over the same batch (segment sums over the dense group numbers)
     outcome = {"rloo (str uids)": (lambda ids: ops.rloo(token_rewards.sum(-1), ids, grpo_mask),
@@ -129,14 +119,14 @@ def run(device: torch.device, batch: int, steps: int, samples: int, group: int, 
             label = "verl " + name.removeprefix("compute_").removesuffix("_outcome_advantage")
             fns[label] = lambda fn=fn: fn(token_rewards, grpo_mask, uids)
         with torch.no_grad():
-            add(bench, f"N={samples} G={group} T={tokens}", timed(fns, rounds), samples * tokens * (4 + 8 + 4))
+            add(bench, f"N={samples} G={group} T={tokens}", fns, samples * tokens * (4 + 8 + 4))
 
     # the string -> group mapping alone
     fns = {"rlkern": lambda: ops.group_index(uids),
            "rlkern (<U array)": lambda: ops.group_index(uids_u),
            "np.unique": lambda: np.unique(uids, return_inverse=True)}
     uids_u = uids.astype(str)
-    add("str uids -> groups", f"N={samples} uuid4", timed(fns, rounds), None)
+    add("str uids -> groups", f"N={samples} uuid4", fns, None, verl=False)
     # GAE, whitened (verl's compute_gae_advantage_return output)
     rewards = torch.randn(batch, steps, generator=gen).to(device)
     values = torch.randn(batch, steps, generator=gen).to(device)
@@ -148,7 +138,7 @@ def run(device: torch.device, batch: int, steps: int, samples: int, group: int, 
     else:
         fns["eager"] = lambda: _eager_gae(rewards, values, mask, 0.99, 0.95)
     with torch.no_grad():
-        add("gae+whiten", f"B={batch} T={steps} fp32", timed(fns, rounds), batch * steps * (4 + 4 + 8 + 4 + 4))
+        add("gae+whiten", f"B={batch} T={steps} fp32", fns, batch * steps * (4 + 4 + 8 + 4 + 4))
 
     # Optimal Token Baseline over the GAE [B, T] batch in groups of `group` (string uids), padded
     # and packed (the valid tokens of each row, cu_seqlens), vs verl's loop over groups.
@@ -166,7 +156,7 @@ def run(device: torch.device, batch: int, steps: int, samples: int, group: int, 
     if core is not None:
         fns["verl"] = lambda: core.compute_optimal_token_baseline_advantage(rewards, mask, otb_ids, logp, spp)
     with torch.no_grad():
-        add("optimal_token_baseline", f"B={batch} T={steps} G={group}", timed(fns, rounds),
+        add("optimal_token_baseline", f"B={batch} T={steps} G={group}", fns,
             batch * steps * (4 + 8 + 4 + 4 + 4 + 4))
 
     common.fill_ratios(rows)

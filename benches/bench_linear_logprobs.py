@@ -15,11 +15,6 @@ Liger and cut-cross-entropy return -logp only (no entropy): their rows compute l
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
-import os
-import subprocess
-import sys
 
 import torch
 
@@ -30,39 +25,41 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRL_CHUNK = 32768  # TRL's trainer value (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
 
 
-def _peer(module: str):
-    try:
-        return importlib.import_module(module)
-    except Exception:  # a missing or broken peer is reported as absent, never fatal
-        return None
-
-
 def _eager(hidden, weight, labels):
     log_p = torch.log_softmax((hidden @ weight.T).float(), -1)
     return log_p.gather(-1, labels[:, None])[:, 0], -(log_p.exp() * log_p).sum(-1)
 
 
-def implementations(device: torch.device) -> dict:
-    """name -> fn(hidden, weight, labels) -> (logp, entropy or None)."""
+def implementations(device: torch.device) -> tuple[dict, dict]:
+    """(name -> fn(hidden, weight, labels) -> (logp, entropy or None), name -> why a peer did not run)."""
     impls = {
         "rlkern": lambda h, w, y: rlkern.linear_token_logprobs(h, w, y, return_entropy=True),
         "eager": _eager,
     }
-    if device.type == "cuda" and _peer("rlkern.kernels.linear_logprobs") is not None:
+    missing = {}
+    if device.type == "cuda" and common.peer("rlkern.kernels.linear_logprobs")[0] is not None:
         impls["rlkern fused"] = lambda h, w, y: rlkern.linear_token_logprobs(h, w, y, return_entropy=True,
                                                                               kernel="fused")
-    trl_kernels = _peer("trl.kernels")
+    trl_kernels, why = common.peer("trl.kernels")
     if trl_kernels is not None:
         impls["trl"] = lambda h, w, y: trl_kernels.ChunkedLogProbFunction.apply(
             h, w, None, y, 1.0, TRL_CHUNK, None, 1.0, ("entropy",))[:2]
-    if device.type == "cuda":
-        liger = _peer("liger_kernel.transformers.functional")
+    else:
+        missing["trl"] = why
+    liger, why = common.peer("liger_kernel.transformers.functional")
+    cce, cce_why = common.peer("cut_cross_entropy")
+    if device.type != "cuda":
+        missing["liger"] = missing["cut-cross-entropy"] = common.NEEDS_CUDA
+    else:
         if liger is not None:
             impls["liger"] = lambda h, w, y: (-liger.liger_fused_linear_cross_entropy(h, w, y, reduction="none"), None)
-        cce = _peer("cut_cross_entropy")
+        else:
+            missing["liger"] = why
         if cce is not None:
             impls["cut-cross-entropy"] = lambda h, w, y: (-cce.linear_cross_entropy(h, w, y, reduction="none"), None)
-    return impls
+        else:
+            missing["cut-cross-entropy"] = cce_why
+    return impls, missing
 
 
 def _inputs(device, n, width, vocab, dtype, seed=0):
@@ -85,24 +82,11 @@ def _bare_gemms(hidden, weight):
     return lambda: (hidden @ weight.T, logits @ weight, logits.T @ hidden)
 
 
-# One fwd+bwd in a fresh process (no allocator cache from other implementations).
-_CPU_PROBE = """
-import json, sys, torch
-from rlkern.benches import bench_linear_logprobs as b, common
-torch.set_num_threads(2)
-n, width, vocab, dtype, name = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), b.DTYPES[sys.argv[4]], sys.argv[5]
-hidden, weight, labels = b._inputs(torch.device("cpu"), n, width, vocab, dtype)
-fn = b.implementations(torch.device("cpu"))[name]
-b._step(fn, hidden[:16], weight, labels[:16])  # load code paths before the baseline
-print(json.dumps(common.cpu_peak_rss_growth_mib(lambda: b._step(fn, hidden, weight, labels))))
-"""
-
-
-def _cpu_peak_mib(name, n, width, vocab, dtype_name) -> float | None:
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **common.CPU_PROBE_ENV)
-    out = subprocess.run([sys.executable, "-c", _CPU_PROBE, str(n), str(width), str(vocab), dtype_name, name],
-                         capture_output=True, text=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+def memory_case(device: torch.device, impl: str, n: int, width: int, vocab: int, dtype_name: str):
+    """One fwd+bwd of implementation ``impl`` on fresh inputs (the memory probes' step)."""
+    hidden, weight, labels = _inputs(device, n, width, vocab, DTYPES[dtype_name])
+    fn = implementations(device)[0][impl]
+    return lambda: _step(fn, hidden, weight, labels)
 
 
 def run(device: torch.device, n: int, width: int, vocab: int, dtype: torch.dtype, rounds: int = 5,
@@ -110,37 +94,45 @@ def run(device: torch.device, n: int, width: int, vocab: int, dtype: torch.dtype
     hidden, weight, labels = _inputs(device, n, width, vocab, dtype)
     dtype_name = str(dtype).removeprefix("torch.")
     shape = f"N={n} H={width} V={vocab} {dtype_name}"
-    impls = implementations(device)
+    impls, missing = implementations(device)
     gemm_flop = 2 * n * width * vocab
     rows: list[common.Row] = []
-
-    def timed(fns):
-        if device.type == "cuda":
-            return {name: common.time_cuda(fn) for name, fn in fns.items()}
-        return common.time_alternating(fns, rounds)
 
     def add(bench, timings, flop, peaks):
         for name, (med, p20, p80) in timings.items():
             rows.append(common.Row(bench, name, shape, med, p20, p80, peak_mem_mib=peaks.get(name),
                                    tflops=flop / (med * 1e-3) / 1e12))
+        rows.extend(common.missing_row(bench, name, shape, why) for name, why in missing.items())
 
     with torch.no_grad():
         fwd = {name: (lambda f=f: f(hidden, weight, labels)) for name, f in impls.items()}
         fwd["bare GEMM"] = lambda: hidden @ weight.T
         peaks = {name: common.cuda_peak_mib(fn) for name, fn in fwd.items()} if device.type == "cuda" else {}
-        add("linear logprobs fwd", timed(fwd), gemm_flop, peaks)
+        add("linear logprobs fwd", common.measure(fwd, device, rounds, label=f"fwd {shape}"), gemm_flop, peaks)
     steps = {name: (lambda f=f: _step(f, hidden, weight, labels)) for name, f in impls.items()}
     steps["bare GEMMs"] = _bare_gemms(hidden, weight)
     if device.type == "cuda":
         peaks = {name: common.cuda_peak_mib(fn) for name, fn in steps.items()}
     elif memory:
-        short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-        peaks = {name: _cpu_peak_mib(name, n, width, vocab, short) for name in impls}
+        short = {v: k for k, v in DTYPES.items()}[dtype]
+        peaks = {name: common.peak_memory_mib(__spec__.name, device, name, n, width, vocab, short) for name in impls}
     else:
         peaks = {}
-    add("linear logprobs fwd+bwd", timed(steps), 3 * gemm_flop, peaks)
+    add("linear logprobs fwd+bwd", common.measure(steps, device, rounds, label=f"fwd+bwd {shape}"), 3 * gemm_flop,
+        peaks)
     common.fill_ratios(rows)
     return rows
+
+
+MEMORY_BENCH = "peak memory fwd+bwd (logp+entropy)"
+
+
+def memory_rows(device: torch.device, ns: list[int], width: int, vocab: int, dtype: torch.dtype) -> list[common.Row]:
+    """Peak memory beyond the inputs against N: rlkern vs materialized logits (eager)."""
+    name = str(dtype).removeprefix("torch.")
+    short = {v: k for k, v in DTYPES.items()}[dtype]
+    return common.memory_sweep(__spec__.name, device, ["rlkern", "eager"], ns, MEMORY_BENCH,
+                               lambda n: f"N={n} H={width} V={vocab} {name}", width, vocab, short)
 
 
 def default_shape(device: torch.device) -> tuple[int, int, int, torch.dtype]:
@@ -158,14 +150,17 @@ def main(argv=None) -> list[common.Row]:
     parser.add_argument("--dtype", choices=sorted(DTYPES))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory probes")
+    parser.add_argument("--memory-n", default="", help="comma-separated N: peak memory of fwd+bwd against N")
     parser.add_argument("--out", help="write FILE.json and FILE.md")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
     n, width, vocab, dtype = default_shape(device)
-    rows = run(device, args.n or n, args.hidden or width, args.vocab or vocab,
-               DTYPES[args.dtype] if args.dtype else dtype, args.rounds, not args.no_memory)
+    width, vocab, dtype = args.hidden or width, args.vocab or vocab, DTYPES[args.dtype] if args.dtype else dtype
+    rows = run(device, args.n or n, width, vocab, dtype, args.rounds, not args.no_memory)
+    if args.memory_n:
+        rows += memory_rows(device, [int(x) for x in args.memory_n.split(",")], width, vocab, dtype)
     return common.report(rows, device, args.out, __spec__.name, argv)
 
 

@@ -4,13 +4,14 @@
 
 Defaults: GPU N=8192, V=151936, bf16 (the issue's H100 target shape); CPU N=4096, V=32000,
 fp32, 2 threads. Bytes counted: forward reads N*V logits; backward reads them and writes N*V
-grads (the [N] vectors are negligible).
+grads (the [N] vectors are negligible). ``--memory-n 1024,2048`` adds the peak memory of one
+fwd+bwd beyond the logits against N (rlkern vs the materialized log-softmax; on the CPU in a
+fresh process per point). Liger (CUDA) and TRL get a "not run" row with the reason when absent.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 
 import torch
 
@@ -33,27 +34,42 @@ def _rlkern_logp_entropy(logits, labels):
     return rlkern.token_logprobs(logits, labels, return_entropy=True)
 
 
-def _peer(module: str):
-    try:
-        return importlib.import_module(module)
-    except Exception:  # a missing or broken peer is reported as absent, never fatal
-        return None
-
-
 def implementations(device: torch.device):
-    """name -> (logp+entropy fn or None, logp-only fn or None); the peers that are importable."""
+    """(name -> (logp+entropy fn or None, logp-only fn or None), name -> why a peer did not run)."""
     impls = {
         "rlkern": (_rlkern_logp_entropy, lambda z, y: rlkern.token_logprobs(z, y)),
         "eager": (_eager_logp_entropy, _eager_logp),
     }
-    trl_utils = _peer("trl.trainer.utils")
+    missing = {}
+    trl_utils, why = common.peer("trl.trainer.utils")
     if trl_utils is not None:
         impls["trl"] = (trl_utils.selective_log_softmax_and_entropy, trl_utils.selective_log_softmax)
-    liger = _peer("liger_kernel.transformers.functional") if device.type == "cuda" else None
-    if liger is not None:
+    else:
+        missing["trl"] = why
+    liger, why = common.peer("liger_kernel.transformers.functional")
+    if device.type != "cuda":
+        missing["liger"] = common.NEEDS_CUDA
+    elif liger is None:
+        missing["liger"] = why
+    else:
         # Liger's CE gives -logp per token and no entropy: it only enters the logp-only rows.
         impls["liger"] = (None, lambda z, y: -liger.liger_cross_entropy(z, y, reduction="none"))
-    return impls
+    return impls, missing
+
+
+def memory_case(device: torch.device, impl: str, n: int, vocab: int, dtype_name: str):
+    """One fwd+bwd of log-probs + entropy on fresh [n, vocab] logits (the memory sweep's step)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn(n, vocab, generator=gen, device=device) * 3).to(DTYPES[dtype_name]).requires_grad_()
+    labels = torch.randint(0, vocab, (n,), generator=gen, device=device)
+    fn = {"rlkern": _rlkern_logp_entropy, "eager": _eager_logp_entropy}[impl]
+
+    def step():
+        logp, entropy = fn(logits, labels)
+        (logp.sum() + 0.01 * entropy.sum()).backward()
+        logits.grad = None
+
+    return step
 
 
 def run(device: torch.device, n: int, vocab: int, dtype: torch.dtype, rounds: int = 7) -> list[common.Row]:
@@ -63,26 +79,27 @@ def run(device: torch.device, n: int, vocab: int, dtype: torch.dtype, rounds: in
     shape = f"N={n} V={vocab} {str(dtype).removeprefix('torch.')}"
     peak_bw = common.copy_bandwidth_gbps(device)
     elt = logits.element_size()
-    impls = implementations(device)
+    impls, missing = implementations(device)
     rows: list[common.Row] = []
 
-    def add(bench, measured, bytes_moved):
+    def add(bench, measured, bytes_moved, logp_only=False):
         timings, peaks = measured
         for name, (med, p20, p80) in timings.items():
             gbps = bytes_moved / (med * 1e-3) / 1e9
             rows.append(common.Row(bench, name, shape, med, p20, p80, gbps, 100 * gbps / peak_bw, peaks.get(name)))
+        for name, why in missing.items():
+            if logp_only or name != "liger":  # Liger has no entropy: only the logp-only rows name it
+                rows.append(common.missing_row(bench, name, shape, why))
 
-    def timed(fns):
-        if device.type == "cuda":
-            peaks = {name: common.cuda_peak_mib(fn) for name, fn in fns.items()}
-            return {name: common.time_cuda(fn) for name, fn in fns.items()}, peaks
-        return common.time_alternating(fns, rounds), {}
+    def timed(fns, bench):
+        peaks = {name: common.cuda_peak_mib(fn) for name, fn in fns.items()} if device.type == "cuda" else {}
+        return common.measure(fns, device, rounds, label=f"{bench} {shape}"), peaks
 
     with torch.no_grad():
         fns = {k: (lambda f=f: f(logits, labels)) for k, (f, _) in impls.items() if f is not None}
-        add("logprobs fwd+entropy", timed(fns), n * vocab * elt)
+        add("logprobs fwd+entropy", timed(fns, "logprobs fwd+entropy"), n * vocab * elt)
         fns = {k: (lambda f=f: f(logits, labels)) for k, (_, f) in impls.items() if f is not None}
-        add("logprobs fwd", timed(fns), n * vocab * elt)
+        add("logprobs fwd", timed(fns, "logprobs fwd"), n * vocab * elt, logp_only=True)
 
     # Backward alone: the graph is kept and re-differentiated, so only the backward is timed.
     grad_fns = {}
@@ -94,10 +111,21 @@ def run(device: torch.device, n: int, vocab: int, dtype: torch.dtype, rounds: in
         logp, entropy = f(leaf, labels)
         loss = (logp * g).sum() + 0.01 * entropy.sum()
         grad_fns[name] = lambda loss=loss, leaf=leaf: torch.autograd.grad(loss, leaf, retain_graph=True)
-    add("logprobs bwd (logp+entropy)", timed(grad_fns), 2 * n * vocab * elt)
+    add("logprobs bwd (logp+entropy)", timed(grad_fns, "logprobs bwd (logp+entropy)"), 2 * n * vocab * elt)
     del grad_fns
     common.fill_ratios(rows)
     return rows
+
+
+MEMORY_BENCH = "peak memory fwd+bwd (logp+entropy)"
+
+
+def memory_rows(device: torch.device, ns: list[int], vocab: int, dtype: torch.dtype) -> list[common.Row]:
+    """Peak memory beyond the logits against N: rlkern vs the materialized log-softmax (eager)."""
+    name = str(dtype).removeprefix("torch.")
+    short = {v: k for k, v in DTYPES.items()}[dtype]
+    return common.memory_sweep(__spec__.name, device, ["rlkern", "eager"], ns, MEMORY_BENCH,
+                               lambda n: f"N={n} V={vocab} {name}", vocab, short)
 
 
 def default_shape(device: torch.device) -> tuple[int, int, torch.dtype]:
@@ -113,11 +141,17 @@ def main(argv=None) -> list[common.Row]:
     parser.add_argument("--vocab", type=int)
     parser.add_argument("--dtype", choices=sorted(DTYPES))
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--memory-n", default="", help="comma-separated N: peak memory of fwd+bwd against N")
     parser.add_argument("--out", help="write FILE.json and FILE.md")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(min(2, torch.get_num_threads()))
     n, vocab, dtype = default_shape(device)
-    rows = run(device, args.n or n, args.vocab or vocab, DTYPES[args.dtype] if args.dtype else dtype, args.rounds)
+    vocab, dtype = args.vocab or vocab, DTYPES[args.dtype] if args.dtype else dtype
+    rows = run(device, args.n or n, vocab, dtype, args.rounds)
+    if args.memory_n:
+        rows += memory_rows(device, [int(x) for x in args.memory_n.split(",")], vocab, dtype)
     return common.report(rows, device, args.out, __spec__.name, argv)
 
 

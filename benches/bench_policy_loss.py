@@ -30,7 +30,6 @@ same and writes d logprobs and d entropy.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 
 import torch
@@ -40,13 +39,6 @@ from rlkern.ops import policy_loss as ops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CLIP_LOW, CLIP_HIGH, CLIP_C, KL_COEF, ENT_COEF = 0.2, 0.28, 3.0, 0.001, 0.01
-
-
-def _peer(module: str):
-    try:
-        return importlib.import_module(module)
-    except Exception:  # a missing or broken peer is reported as absent, never fatal
-        return None
 
 
 def _inputs(device, b, t, dtype, seed=0):
@@ -106,18 +98,21 @@ def _trl_eager_step(d, lp, ent):
     return loss, {"clip": (clipped * mask).sum() / n}
 
 
-def implementations(loss: str = "ppo"):
-    impls = {"rlkern": _rlkern_step(loss)}
-    core_algos = _peer("verl.trainer.ppo.core_algos")
-    workers_config = _peer("verl.workers.config")
+def implementations(loss: str = "ppo") -> tuple[dict, dict]:
+    """(name -> step(d, lp, ent) -> (loss, metrics), name -> why a peer did not run)."""
+    impls, missing = {"rlkern": _rlkern_step(loss)}, {}
+    core_algos, why = common.peer("verl.trainer.ppo.core_algos")
+    workers_config, why_config = common.peer("verl.workers.config")
     if core_algos is not None and workers_config is not None:
         config = workers_config.ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1,
                                             clip_ratio=CLIP_LOW, clip_ratio_low=CLIP_LOW, clip_ratio_high=CLIP_HIGH,
                                             clip_ratio_c=CLIP_C)
         impls["verl"] = _verl_step(core_algos, config, loss)
+    else:
+        missing["verl"] = why or why_config
     if loss == "ppo":
         impls["eager (TRL formula)"] = _trl_eager_step
-    return impls
+    return impls, missing
 
 
 def run(device: torch.device, b: int, t: int, dtype: torch.dtype, rounds: int = 15,
@@ -141,19 +136,18 @@ def run(device: torch.device, b: int, t: int, dtype: torch.dtype, rounds: int = 
             torch.autograd.grad(total, (lp, ent))
         return fn
 
-    fns = {name: make(step) for name, step in implementations(loss).items()}
-    if device.type == "cuda":
-        timings = {name: common.time_cuda(fn) for name, fn in fns.items()}
-        peaks = {name: common.cuda_peak_mib(fn) for name, fn in fns.items()}
-    else:
-        timings, peaks = common.time_alternating(fns, rounds, warmup=2), {}
+    impls, missing = implementations(loss)
+    fns = {name: make(step) for name, step in impls.items()}
+    bench = ("policy_loss fwd+bwd (ppo dual-clip + k3 + entropy, token-mean)" if loss == "ppo"
+             else f"policy_loss fwd+bwd ({loss} + k3 + entropy)")
+    peaks = {name: common.cuda_peak_mib(fn) for name, fn in fns.items()} if device.type == "cuda" else {}
+    timings = common.measure(fns, device, rounds, label=f"{loss} {shape}", warmup=2)
     for name, (med, p20, p80) in timings.items():
         gbps = bytes_moved / (med * 1e-3) / 1e9
-        bench = ("policy_loss fwd+bwd (ppo dual-clip + k3 + entropy, token-mean)" if loss == "ppo"
-                 else f"policy_loss fwd+bwd ({loss} + k3 + entropy)")
         rows.append(common.Row(bench, name, shape, med,
                                p20, p80, gbps, 100 * gbps / peak_bw, peaks.get(name),
                                extra={"backend": _backend_name(device, dtype) if name == "rlkern" else None}))
+    rows.extend(common.missing_row(bench, name, shape, why) for name, why in missing.items())
     common.fill_ratios(rows)
     return rows
 
@@ -207,9 +201,11 @@ def _liger_logits_step(grpo):
 def run_from_logits(device: torch.device, b: int, t: int, v: int, dtype: torch.dtype, rounds: int = 10):
     d = _logits_inputs(device, b, t, v, dtype)
     impls = {"rlkern": _rlkern_logits_step, "eager (TRL formula)": _eager_logits_step}
-    grpo = _peer("liger_kernel.transformers.grpo_loss") if device.type == "cuda" else None
-    if grpo is not None:
+    grpo, why = common.peer("liger_kernel.transformers.grpo_loss")
+    if device.type == "cuda" and grpo is not None:
         impls["liger triton_grpo_loss"] = _liger_logits_step(grpo)
+    missing = {} if "liger triton_grpo_loss" in impls else {
+        "liger triton_grpo_loss": common.NEEDS_CUDA if device.type != "cuda" else why}
     shape = f"B={b} L={t} V={v} {str(dtype).removeprefix('torch.')}"
     bytes_moved = 3 * b * (t + 1) * v * d["logits"].element_size()
     peak_bw = common.copy_bandwidth_gbps(device)
@@ -226,16 +222,15 @@ def run_from_logits(device: torch.device, b: int, t: int, v: int, dtype: torch.d
         return fn
 
     fns = {name: make(name, step) for name, step in impls.items()}
-    if device.type == "cuda":
-        timings = {name: common.time_cuda(fn) for name, fn in fns.items()}
-        peaks = {name: common.cuda_peak_mib(fn) for name, fn in fns.items()}
-    else:
-        timings, peaks = common.time_alternating(fns, rounds, warmup=1), {}
+    peaks = {name: common.cuda_peak_mib(fn) for name, fn in fns.items()} if device.type == "cuda" else {}
+    timings = common.measure(fns, device, rounds, label=f"grpo step from logits {shape}")
     rows = []
+    bench = "grpo step from logits fwd+bwd (log-probs + clip + k3, bnpo)"
     for name, (med, p20, p80) in timings.items():
         gbps = bytes_moved / (med * 1e-3) / 1e9
-        rows.append(common.Row("grpo step from logits fwd+bwd (log-probs + clip + k3, bnpo)", name, shape, med, p20,
+        rows.append(common.Row(bench, name, shape, med, p20,
                                p80, gbps, 100 * gbps / peak_bw, peaks.get(name), extra={"loss": losses[name]}))
+    rows.extend(common.missing_row(bench, name, shape, why) for name, why in missing.items())
     common.fill_ratios(rows)
     return rows
 

@@ -123,16 +123,11 @@ def run(device: torch.device, num_trees: int, nodes_per_tree: int, rounds: int =
     peak_bw = common.copy_bandwidth_gbps(device)
     rows: list[common.Row] = []
 
-    def add(bench, timings, bytes_moved, note=None):
-        for name, (med, p20, p80) in timings.items():
+    def add(bench, fns, bytes_moved, n_rounds=rounds, note=None):
+        for name, (med, p20, p80) in common.measure(fns, device, n_rounds, label=f"{bench} M={m}").items():
             gbps = bytes_moved / (med * 1e-3) / 1e9
             rows.append(common.Row(bench, name, shape, med, p20, p80, gbps, 100 * gbps / peak_bw,
                                    extra={"note": note} if note else {}))
-
-    def timed(fns, n_rounds):
-        if device.type == "cuda":
-            return {name: common.time_cuda(fn) for name, fn in fns.items()}
-        return common.time_alternating(fns, n_rounds)
 
     io_values = m * (8 + 4 + 4)
     io_adv = m * (8 + 4 + 4 + 1)
@@ -148,13 +143,13 @@ def run(device: torch.device, num_trees: int, nodes_per_tree: int, rounds: int =
                     parent, reward, method, return_values=True, max_depth=MAX_DEPTH)
             if method == "spo_rloo":
                 fns["eager"] = lambda: eager_spo(parent, reward)
-            add(f"{method} values + advantages", timed(fns, rounds), io_values + io_adv)
+            add(f"{method} values + advantages", fns, io_values + io_adv)
         for method in ("spo_rloo", "spo_grpo", "treerl", "treepo"):
             fns = {"rlkern": lambda method=method: trees.tree_advantages(parent, reward, method)}
-            add(f"advantages {method}", timed(fns, rounds), io_adv)
+            add(f"advantages {method}", fns, io_adv)
         if device.type == "cpu" and python_rounds > 0:
             fns = {"python": lambda: python_spo(parent, reward)}
-            add("spo_rloo values + advantages", timed(fns, python_rounds), io_values + io_adv,
+            add("spo_rloo values + advantages", fns, io_values + io_adv, python_rounds,
                 note=f"{python_rounds} rounds")
     common.fill_ratios(rows)
     return rows

@@ -4,6 +4,7 @@ Every op takes the tensors a trainer already has and returns the numbers the tra
 code would compute, in float32, through Triton/CUDA kernels on GPU and C++ kernels on CPU.
 """
 
+from rlkern import _checkout  # noqa: F401  (first: in a source checkout, maps kernels/ and benches/)
 from rlkern import _backend  # noqa: F401  (loads rlkern._C once, warns once if it is missing)
 from rlkern import trees
 from rlkern.ops.advantages import (

@@ -26,6 +26,16 @@ try:
 
     _C_ERROR = None
 except ImportError as error:  # a pure-Python install, or a build that failed
+    from rlkern import _checkout
+
+    _installed = _checkout.installed_elsewhere()
+    if _installed is not None:  # never run a source checkout without kernels over a built install
+        raise ImportError(
+            f"rlkern is being imported from the source checkout {_checkout.ROOT} (it is on sys.path, e.g. as the "
+            f"current directory of `python -m` / `python -c`), which has no compiled rlkern._C, instead of the "
+            f"installed rlkern in {_installed}. Run Python from another directory, or install the checkout in "
+            f"place: pip install --no-build-isolation -e {_checkout.ROOT}"
+        ) from error
     _C_ERROR = error
     warnings.warn(
         f"rlkern._C is not available ({error}); CPU ops use the PyTorch reference. "

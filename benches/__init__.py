@@ -1,1 +1,0 @@
-"""rlkern's benchmark suite, installed as ``rlkern.benches``; ``rlkern bench`` runs it."""
