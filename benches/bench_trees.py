@@ -13,6 +13,8 @@ Implementations:
   also "rlkern max_depth": the same call given the forest's depth bound (12), without host sync;
 - eager: the same level-synchronous passes written with PyTorch ops (pointer doubling for the
   depth, one stable sort, index_add per level) -- what a careful user writes without a kernel;
+- float64 rewards: the same call on float64 rewards (float64 outputs), beside float32 rewards
+  and the float64 reference (what float64 ran before the kernels took it);
 - python: a clear per-node Python loop over lists (children lists, breadth-first order, one
   reverse pass for values, one pass for advantages), the way the papers' code walks its trees,
   without any validation; tensors converted with .tolist() (CPU only, a few rounds).
@@ -30,6 +32,7 @@ import math
 import torch
 
 import rlkern.trees as trees
+from rlkern.reference import trees as reference
 from rlkern.benches import common
 
 
@@ -147,6 +150,16 @@ def run(device: torch.device, num_trees: int, nodes_per_tree: int, rounds: int =
         for method in ("spo_rloo", "spo_grpo", "treerl", "treepo"):
             fns = {"rlkern": lambda method=method: trees.tree_advantages(parent, reward, method)}
             add(f"advantages {method}", fns, io_adv)
+        # float64 rewards: the kernels accumulate in float64 either way; the reference is what
+        # float64 ran before the kernels took it.
+        reward64 = reward.double()
+        fns = {"rlkern": lambda: trees.tree_advantages(parent, reward64, "spo_rloo", return_values=True),
+               "rlkern (float32 rewards)": lambda: trees.tree_advantages(parent, reward, "spo_rloo",
+                                                                         return_values=True)}
+        if device.type == "cpu" and python_rounds > 0:
+            fns["reference (float64)"] = lambda: reference.tree_advantages(parent, reward64, "spo_rloo",
+                                                                           return_values=True)
+        add("spo_rloo values + advantages, float64 rewards", fns, io_values + io_adv + 2 * m * 4, python_rounds)
         if device.type == "cpu" and python_rounds > 0:
             fns = {"python": lambda: python_spo(parent, reward)}
             add("spo_rloo values + advantages", fns, io_values + io_adv, python_rounds,

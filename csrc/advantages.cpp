@@ -150,11 +150,15 @@ void dispatch_value_mask(at::ScalarType value_type, at::ScalarType mask_type, F&
     switch (mask_type) {
       case at::kBool: return f(S{}, bool{});
       case at::kByte: return f(S{}, uint8_t{});
+      case at::kChar: return f(S{}, int8_t{});
+      case at::kShort: return f(S{}, int16_t{});
       case at::kInt: return f(S{}, int32_t{});
       case at::kLong: return f(S{}, int64_t{});
+      case at::kHalf: return f(S{}, at::Half{});
+      case at::kBFloat16: return f(S{}, at::BFloat16{});
       case at::kFloat: return f(S{}, float{});
       case at::kDouble: return f(S{}, double{});
-      default: TORCH_CHECK(false, "rlkern.advantages: mask must be bool/uint8/int32/int64/float32/float64, got ",
+      default: TORCH_CHECK(false, "rlkern.advantages: mask must be bool, an integer or a float dtype, got ",
                            mask_type);
     }
   };
@@ -205,7 +209,8 @@ void check_like(const at::Tensor& t, const at::Tensor& rewards, const char* name
   TORCH_CHECK(t.sizes() == rewards.sizes(), "rlkern.advantages: ", name, " must have the shape of rewards ",
               rewards.sizes(), ", got ", t.sizes());
   TORCH_CHECK(t.device().is_cpu(), "rlkern.advantages: ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.numel() <= 1 || t.stride(-1) == 1, "rlkern.advantages: ", name, " needs a contiguous last dim");
+  TORCH_CHECK(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, "rlkern.advantages: ", name,
+              " needs a contiguous last dim");
 }
 
 int64_t row_stride(const at::Tensor& t) { return t.dim() == 2 ? t.stride(0) : 0; }
@@ -312,11 +317,15 @@ void dispatch_mask(at::ScalarType mask_type, F&& f) {
   switch (mask_type) {
     case at::kBool: return f(bool{});
     case at::kByte: return f(uint8_t{});
+    case at::kChar: return f(int8_t{});
+    case at::kShort: return f(int16_t{});
     case at::kInt: return f(int32_t{});
     case at::kLong: return f(int64_t{});
+    case at::kHalf: return f(at::Half{});
+    case at::kBFloat16: return f(at::BFloat16{});
     case at::kFloat: return f(float{});
     case at::kDouble: return f(double{});
-    default: TORCH_CHECK(false, "rlkern.advantages: mask must be bool/uint8/int32/int64/float32/float64, got ",
+    default: TORCH_CHECK(false, "rlkern.advantages: mask must be bool, an integer or a float dtype, got ",
                          mask_type);
   }
 }

@@ -132,7 +132,10 @@ inline void finish_fwd(const FwdArgs& a, int64_t i, int64_t y, int64_t yl, bool 
   }
   if (T != T) lse = logp_raw = T;  // NaN logits (t is NaN whenever some x is)
   a.lse[i] = lse;
-  if (a.ent) a.ent[i] = static_cast<float>(std::log(S) - T / S);
+  if (a.ent) {  // >= 0 (rounding gives -6e-8 on peaked rows); NaN stays NaN
+    const double H = std::log(S) - T / S;
+    a.ent[i] = static_cast<float>(H < 0 ? 0.0 : H);
+  }
   a.logp[i] = ignored ? 0.f : (in_range ? static_cast<float>(logp_raw > 0 ? 0.0 : logp_raw) : outside);
 }
 
@@ -414,7 +417,10 @@ RLK_TGT void fwd_rows_avx2(const FwdArgs& a, int64_t r0, int64_t r1) {
       const float cm = neg ? chunk_max<T, CAP, kBuf, true>(p, nv, rem, buf, vcap, vinvcap)
                            : chunk_max<T, CAP, kBuf, false>(p, nv, rem, buf, vcap, vinvcap);
       nan |= cm != cm;
-      if (!(cm > -kInf)) continue;  // chunk contributes nothing (all -inf), or NaN
+      if (!(cm > -kInf)) {  // chunk contributes nothing (all -inf), or all NaN (the max drops NaN)
+        for (int64_t j = 0; j < n && !nan; ++j) nan = static_cast<float>(p[j]) != static_cast<float>(p[j]);
+        continue;
+      }
       if (cm > vref) {
         const float off_new = -(c.sgn * cm) * k2f;
         if (vref > -kInf) {  // rebase s, t onto the new offset: x' = x + delta

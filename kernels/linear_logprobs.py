@@ -265,8 +265,11 @@ def _fwd_finalize_kernel(
 
     m_row = tl.max(m, axis=0)
     w = tl.exp2((m - m_row) * _LOG2E)
-    dead = m_row <= _FLOOR
-    s_row = tl.where(dead, 1.0, tl.sum(s * w, axis=0))
+    s_sum = tl.sum(s * w, axis=0)
+    # all -inf (or V = 0). A row of NaN logits has m at the floor too (max drops NaN) but a NaN s:
+    # it is not dead, and its lse, log-prob and entropy come out NaN.
+    dead = (m_row <= _FLOOR) & (s_sum == s_sum)
+    s_row = tl.where(dead, 1.0, s_sum)
     log_s = tl.log(s_row)
     # float64 and unrounded: the backward's p at a confident label needs its digits.
     lse = tl.where(dead, float("-inf"), m_row.to(tl.float64) + log_s.to(tl.float64))
@@ -284,6 +287,7 @@ def _fwd_finalize_kernel(
     if WITH_ENTROPY:
         t_row = tl.sum(w * (t + s * (m - m_row)), axis=0)
         entropy = tl.where(dead, log_vocab, log_s - t_row / s_row)
+        entropy = tl.where(entropy < 0.0, 0.0, entropy)  # rounding on peaked rows; NaN stays NaN
         tl.store(entropy_ptr + row, entropy)
 
 

@@ -154,8 +154,11 @@ def _logprobs_fwd_kernel(
     # finite t + s (m - M), so they add exact zeros.
     m_row = tl.max(m, axis=0)
     w = tl.exp2((m - m_row) * _LOG2E)
-    dead = m_row <= _FLOOR
-    s_row = tl.where(dead, 1.0, tl.sum(s * w, axis=0))  # a dead row's s may be 0; not used
+    s_sum = tl.sum(s * w, axis=0)
+    # all -inf (or V = 0). A row of NaN logits has m at the floor too (max drops NaN) but a NaN s:
+    # it is not dead, and its lse, log-prob and entropy come out NaN.
+    dead = (m_row <= _FLOOR) & (s_sum == s_sum)
+    s_row = tl.where(dead, 1.0, s_sum)  # a dead row's s may be 0; not used
     log_s = tl.log(s_row)
     if lse_ptr.dtype.element_ty == tl.float64:
         # The exact sum: the backward then sees p at the max to fp32 precision, not to half an
@@ -192,6 +195,7 @@ def _logprobs_fwd_kernel(
         t_row = tl.sum(w * (t + s * (m - m_row)), axis=0)
         entropy = log_s - t_row / s_row
         entropy = tl.where(dead, log_vocab, entropy)
+        entropy = tl.where(entropy < 0.0, 0.0, entropy)  # rounding on peaked rows; NaN stays NaN
         tl.store(entropy_ptr + row, entropy)
 
 

@@ -2,7 +2,8 @@
 
     CUDA tensors -> "cuda" (CUDA kernels in rlkern._C) where the op has one, else "triton"
     CPU tensors  -> "cpp"  (C++ kernels in rlkern._C) where the op has one, else "torch"
-    anything     -> "torch" (rlkern.reference) as the fallback, and for float64 inputs
+    anything     -> "torch" (rlkern.reference) as the fallback, and for float64 inputs to
+                    the families whose kernels do not take float64 yet (``choose(fp64=...)``)
 
 ``RLKERN_BACKEND=torch|triton|cpp|cuda`` forces a backend for every op that has it (ops
 without it keep their default); the tests use ``RLKERN_BACKEND=triton`` with
@@ -76,13 +77,16 @@ def validate_enabled() -> bool:
     return os.environ.get("RLKERN_VALIDATE", "") not in ("", "0")
 
 
-def choose(device: torch.device, kernels: tuple[str, ...], dtype: torch.dtype | None = None) -> str:
+def choose(device: torch.device, kernels: tuple[str, ...], dtype: torch.dtype | None = None, *,
+           fp64: bool = False) -> str:
     """Pick the backend for one call.
 
     Args:
         device: device of the op's main input.
         kernels: the backends the op has besides "torch" (a subset of "triton", "cpp", "cuda").
-        dtype: main input dtype; float64 always runs the reference.
+        dtype: main input dtype.
+        fp64: the op's kernels take float64 input (and return float64); otherwise float64 runs
+            the reference.
     """
     usable = {"torch"}
     if "cpp" in kernels and has_cpp():
@@ -91,7 +95,7 @@ def choose(device: torch.device, kernels: tuple[str, ...], dtype: torch.dtype | 
         usable.add("cuda")
     if "triton" in kernels and has_triton() and (device.type == "cuda" or triton_interpreted()):
         usable.add("triton")
-    if dtype == torch.float64:
+    if dtype == torch.float64 and not fp64:
         return "torch"
     wanted = forced()
     if wanted in usable and (wanted != "cpp" or device.type == "cpu"):

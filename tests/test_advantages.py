@@ -67,7 +67,8 @@ def test_gae_matches_reference(backend, batch, steps, layout, gamma, lam):
     _close(ret, ref_ret, name="returns")
 
 
-@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int32, torch.float32])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.float16,
+                                        torch.bfloat16, torch.float32])
 def test_gae_mask_dtypes_and_sliced_inputs(backend, mask_dtype):
     g = _gen(2)
     base_r, base_v = torch.randn(6, 40, generator=g), torch.randn(6, 40, generator=g)
@@ -1294,3 +1295,45 @@ def test_triton_kernels_compile_for_h100():
     # variant of the GAE scan and the group-sum kernel is compiled to an sm_90 cubin (no GPU
     # needed; a fresh interpreter without TRITON_INTERPRET, so that the kernels are JITFunctions).
     compile_for_sm90(_SM90_SCRIPT)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float16, torch.bfloat16, torch.int8, torch.int16])
+def test_scan_ops_take_every_documented_mask_dtype(backend, mask_dtype):
+    """The C++ kernels rejected float16/bfloat16 masks ("mask must be bool/uint8/int32/int64/
+    float32/float64") that the docs and the other backends accept; int8/int16 were rejected by
+    the op layer although the docs say "int"."""
+    g = _gen(31)
+    rewards, values = torch.randn(4, 9, generator=g), torch.randn(4, 9, generator=g)
+    mask = _mask(4, 9, "holes", torch.int64)
+    truncated = torch.tensor([True, False, False, True])
+    calls = {
+        "gae": lambda m: A.gae(rewards, values, m, 0.97, 0.9),
+        "egae": lambda m: A.egae(rewards, values, m, truncated, 0.97, 0.9),
+        "discounted_returns": lambda m: (A.discounted_returns(rewards, m, 0.9),),
+        "reinforce_pp": lambda m: A.reinforce_pp(rewards, m, 0.9),
+    }
+    for name, call in calls.items():
+        for ours, expected in zip(call(mask.to(mask_dtype)), call(mask)):
+            torch.testing.assert_close(ours, expected, rtol=0, atol=0, msg=name)
+
+
+def test_single_column_inputs_with_any_last_stride(backend):
+    """[B, 1] tensors whose last stride is not 1 (a transposed [1, B]) passed the op layer's check
+    and were rejected by the C++ kernels ("needs a contiguous last dim")."""
+    g = _gen(32)
+    rewards, values = torch.randn(1, 5, generator=g).t(), torch.randn(1, 5, generator=g).t()
+    assert rewards.shape == (5, 1) and rewards.stride() == (1, 5)
+    mask = torch.ones(5, 1)
+    for ours, expected in zip(A.gae(rewards, values, mask, 0.9, 0.8),
+                              A.gae(rewards.contiguous(), values.contiguous(), mask, 0.9, 0.8)):
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    truncated = torch.tensor([True, False, True, False, False])
+    for ours, expected in zip(A.egae(rewards, values, mask, truncated, 0.9, 0.8),
+                              A.egae(rewards.contiguous(), values.contiguous(), mask, truncated, 0.9, 0.8)):
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    logp, spp = -torch.rand(1, 5, generator=g).t(), torch.rand(1, 5, generator=g).t()
+    ids = np.array(["a", "b", "a", "b", "a"], dtype=object)
+    for ours, expected in zip(A.optimal_token_baseline(rewards, mask, ids, logp, spp),
+                              A.optimal_token_baseline(rewards.contiguous(), mask, ids, logp.contiguous(),
+                                                       spp.contiguous())):
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)

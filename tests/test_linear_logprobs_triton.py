@@ -451,3 +451,14 @@ def test_kernels_compile_for_h100():
         assert (found["wgmma"] > 0) == ("bf16" in name or "tf32" in name), (name, found)
         # The atomic backward adds its tiles with vectorized relaxed fp32 reductions.
         assert (found["red_v4"] > 0) == ("atomic" in name), (name, found)
+
+
+def test_nan_rows_are_nan():
+    """A row whose logits are all NaN (a NaN hidden state) was taken for an all -inf row
+    (uniform: -log V and log V): the max drops NaN. Its lse, log-prob and entropy are NaN."""
+    hidden, weight, bias, labels = _inputs(4, 16, 67, torch.float32)
+    hidden = hidden.clone()
+    hidden[1, 3] = math.nan
+    logp, entropy, lse = _forward(hidden, weight, bias, labels)
+    assert logp[1].isnan() and entropy[1].isnan() and lse[1].isnan()
+    assert logp[[0, 2, 3]].isfinite().all() and entropy[[0, 2, 3]].isfinite().all()

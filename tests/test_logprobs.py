@@ -349,3 +349,66 @@ def test_triton_kernels_compile_for_h100():
     # 262144 with each flag on somewhere (no GPU needed; a fresh interpreter without
     # TRITON_INTERPRET, so that the kernels are JITFunctions).
     compile_for_sm90(_SM90_SCRIPT)
+
+
+# Regressions found by property-based testing against float64 formulas and TRL
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_nan_logit_gives_nan_entropy(backend, dtype):
+    """A NaN logit makes its row's log-prob and entropy NaN, as in TRL and the float64 formula.
+    float64 gave entropy -0. (the reference's p > 0 test dropped the NaN); a row of NaN logits
+    only was taken for an all -inf row by the kernels (uniform: -log V and log V), the max
+    dropping NaN. entropy_from_logits and linear_token_logprobs alike."""
+    z = torch.randn(4, 2053, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    z[1, 2] = math.nan
+    z[2] = math.nan
+    z[3, 1500:] = math.nan  # a finite first part, then NaN only
+    labels = torch.tensor([0, 1, 2, 3])
+    logp, entropy = rlkern.token_logprobs(z.to(dtype), labels, return_entropy=True)
+    assert torch.isnan(entropy[1:]).all() and torch.isnan(logp[1:]).all(), (logp, entropy)
+    assert torch.isfinite(entropy[0]) and torch.isfinite(logp[0])
+    assert torch.isnan(rlkern.entropy_from_logits(z.to(dtype))[1:]).all()
+    hidden = torch.randn(4, 8, dtype=torch.float64)
+    hidden[1, 0] = math.nan
+    weight = torch.randn(2053, 8, dtype=torch.float64)
+    weight[1500:, 0] = 0.0  # rows 2, 3: NaN * 0 is NaN in every column
+    hidden[2, 0] = hidden[3, 0] = math.nan
+    logp, entropy = rlkern.linear_token_logprobs(hidden.to(dtype), weight.to(dtype), labels, return_entropy=True)
+    assert torch.isnan(entropy[1:]).all() and torch.isnan(logp[1:]).all() and torch.isfinite(entropy[0])
+
+
+def test_entropy_is_never_negative(backend):
+    """Peaked rows: the kernels' entropy could round to -6e-8; it is clamped at 0 as log-probs are
+    clamped at 0 (NaN stays NaN)."""
+    g = torch.Generator().manual_seed(5)
+    n, vocab = 257, 1001
+    logits = torch.randn(n, vocab, generator=g) * 0.01
+    logits[torch.arange(n), torch.randint(0, vocab, (n,), generator=g)] = torch.linspace(10, 40, n)
+    _, entropy = rlkern.token_logprobs(logits, torch.zeros(n, dtype=torch.long), return_entropy=True)
+    assert (entropy >= 0).all()
+    _, ref, _ = reference.logprobs_fwd(logits.double(), torch.zeros(n, dtype=torch.long), 1.0, 0.0, -100, True)
+    torch.testing.assert_close(entropy.double(), ref, rtol=0, atol=5e-6)
+
+
+def test_hyper_parameter_and_label_checks():
+    """ignore_index=1.5 was truncated, temperature=True accepted and np.float32(0.5) rejected;
+    TRL drop-ins showed their internal sentinel label in errors; int32 labels with an ignore_index
+    beyond int32 gave NaN instead of an error."""
+    import numpy as np
+
+    logits = torch.randn(3, 11)
+    labels = torch.tensor([1, -100, 4])
+    with pytest.raises(ValueError, match=r"token_logprobs: ignore_index must be an int, got 1.5"):
+        rlkern.token_logprobs(logits, labels, ignore_index=1.5)
+    with pytest.raises(ValueError, match=r"token_logprobs: temperature must be a finite number > 0, got True"):
+        rlkern.token_logprobs(logits, labels, temperature=True)
+    torch.testing.assert_close(rlkern.token_logprobs(logits, labels, temperature=np.float32(0.5)),
+                               rlkern.token_logprobs(logits, labels, temperature=0.5), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"token_logprobs: ignore_index must fit the int32 labels, got 1099511627776"):
+        rlkern.token_logprobs(logits, labels.int(), ignore_index=2**40)
+    with pytest.raises(ValueError, match=r"linear_token_logprobs: ignore_index must be an int, got 2.0"):
+        rlkern.linear_token_logprobs(torch.randn(3, 4), torch.randn(11, 4), labels, ignore_index=2.0)
+    with pytest.raises(ValueError) as error:
+        rlkern.selective_log_softmax(logits, torch.tensor([1, 11, 4]))
+    assert "labels[1] = 11" in str(error.value) and "ignore_index" not in str(error.value)
+    assert str(-(2**62)) not in str(error.value)

@@ -1389,3 +1389,92 @@ def test_long_sequences_cross_backend(monkeypatch, sms):
             ref = _reference(b, loss, agg, "k3", level=level)
             for x, y, what in zip(ours, ref, ("loss", "metrics", "grad", "grad entropy")):
                 _close(x, y, name=f"{name} {loss} {level} {agg} {what}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Regressions found by property-based testing against float64 formulas and verl
+
+@pytest.mark.parametrize("name", ["global_tokens", "global_seqs", "loss_scale_factor"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -2.0, True])
+def test_global_normalizers_given_as_numbers_are_checked(name, bad):
+    """A NaN normalizer was taken as "not given" (NaN was the internal sentinel): 2x the local
+    token mean with dp_size=2 instead of an error."""
+    b = _batch(B=3, T=5)
+    args = (b["lp"].float(), b["old"].float(), b["adv"].float(), b["mask"])
+    norms = {"global_tokens": 7.0, "global_seqs": 3.0, "dp_size": 2, "agg": "token-mean", name: bad}
+    with pytest.raises(ValueError, match=f"policy_loss: {name} must be a finite number > 0, got"):
+        P.policy_loss(*args, **norms)
+    with pytest.raises(ValueError, match=f"aggregate: {name} must be a finite number > 0, got"):
+        P.aggregate(b["lp"].float(), b["mask"], **norms)
+
+
+@pytest.mark.parametrize("dp_size", [0, -1, 2.5, True, float("nan")])
+def test_aggregate_dp_size_is_checked(dp_size):
+    b = _batch(B=3, T=5)
+    with pytest.raises(ValueError, match=f"aggregate: dp_size must be an int >= 1, got {dp_size!r}"):
+        P.aggregate(b["lp"].float(), b["mask"], "token-sum", dp_size=dp_size)
+
+
+@pytest.mark.parametrize("cu", [[1, 4, 7], [0, 4, 5], [0, 5, 4, 6], [0, 4, 7]])
+def test_packed_aggregate_and_value_loss_check_cu_seqlens(cu):
+    """Shifted offsets over 6 values were accepted silently, others gave cryptic torch errors."""
+    values = torch.arange(6.0)
+    cu = torch.tensor(cu, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"aggregate: cu_seqlens must rise from 0 to values.numel\(\) = 6"):
+        P.aggregate(values, None, "token-mean", cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"aggregate: cu_seqlens must rise from 0 to values.numel\(\) = 6"):
+        P.value_loss(values, values, values, None, cu_seqlens=cu)
+    with pytest.raises(TypeError, match="aggregate: cu_seqlens must be int32 or int64"):
+        P.aggregate(values, None, "token-mean", cu_seqlens=cu.float())
+
+
+@pytest.mark.parametrize("agg", ["dr_grpo", "seq-mean-token-sum-norm", "seq-mean-token-mean", "token-mean"])
+def test_zero_width_batch_gives_zero_loss(backend, agg):
+    """Padded T = 0: 0 / 0 width gave NaN for dr_grpo and seq-mean-token-sum-norm on every backend."""
+    lp = torch.zeros(3, 0, requires_grad=True)
+    empty = torch.zeros(3, 0)
+    loss, metrics = P.policy_loss(lp, empty, empty, empty.bool(), agg=agg, entropy=empty, entropy_coef=0.1,
+                                  entropy_agg="seq-mean-token-sum-norm" if agg == "token-mean" else None)
+    loss.backward()
+    assert loss.item() == 0.0 and all(v.item() == 0.0 for v in metrics.values())
+    assert P.aggregate(empty, empty, agg).item() == 0.0
+
+
+def test_zero_width_batch_with_sequence_rejection():
+    """Padded T = 0 with rollout_rs='seq_max_k2' raised IndexError (amax over no token)."""
+    empty = torch.zeros(2, 0)
+    loss, _ = P.policy_loss(empty.clone().requires_grad_(), empty, empty, empty.bool(), rollout_logprobs=empty,
+                            rollout_rs="seq_max_k2", rollout_rs_threshold=2.0)
+    assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_geo_mean_empty_batch_is_zero(dtype):
+    """B = 0: the reference gave NaN (mean of no row), the kernels 0."""
+    empty = torch.zeros(0, 4, dtype=dtype)
+    loss, _ = P.policy_loss(empty.clone().requires_grad_(), empty, empty, empty.bool(), loss="geo_mean")
+    ref, _ = reference.policy_loss(empty, empty, empty, empty.bool(), loss="geo_mean")
+    assert loss.item() == 0.0 and ref.item() == 0.0
+
+
+def test_packed_torch_compile_fullgraph():
+    """Packed input on the CPU: the host-side cu_seqlens check ran while compiling ("Could not
+    guard on data-dependent expression"); it is skipped there now, as in the advantage ops."""
+    b = _batch(B=4, T=9, seed=6, ragged=True)
+    inside = b["inside"]
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), inside.sum(-1).cumsum(0)]).to(torch.int32)
+    old, adv, mask = b["old"].float()[inside], b["adv"].float()[inside], b["mask"][inside]
+
+    def step(lp):
+        total, metrics = P.policy_loss(lp, old, adv, mask, cu_seqlens=cu, agg="seq-mean-token-mean")
+        return total, metrics["clipfrac"]
+
+    lp = b["lp"].float()[inside].requires_grad_()
+    out, frac = torch.compile(step, fullgraph=True, backend="aot_eager")(lp)
+    out.backward()
+    lp2 = b["lp"].float()[inside].requires_grad_()
+    out2, frac2 = step(lp2)
+    out2.backward()
+    torch.testing.assert_close(out, out2)
+    torch.testing.assert_close(frac, frac2)
+    torch.testing.assert_close(lp.grad, lp2.grad)

@@ -233,6 +233,46 @@ def _bad_input(shard_sizes, group):
     rlkern.token_logprobs(local, torch.tensor([0, VOCAB - 1, 2]), process_group=group)
 
 
+def _changing_splits(group):
+    """The split may change between calls: the layout was cached by (group, local size) and a
+    later call under another split reused a stale start ([4, 6], [6, 4], [4, 4] gave wrong
+    log-probs), or left one rank alone in the all_gather ([4, 4] then [4, 6]: a hang)."""
+    rank = dist.get_rank(group)
+    g = torch.Generator().manual_seed(11)
+    full = torch.randn(5, 10, generator=g) * 2
+    labels = torch.tensor([0, 3, 5, 7, 9])
+    for split in ([4, 6], [6, 4], [4, 4], [4, 6], [2, 8]):
+        total = sum(split)
+        logits = full[:, :total]
+        used = torch.where(labels < total, labels, 0)
+        start = sum(split[:rank])
+        ours = rlkern.token_logprobs(logits[:, start:start + split[rank]], used, process_group=group)
+        torch.testing.assert_close(ours, rlkern.token_logprobs(logits, used), rtol=1e-6, atol=1e-6,
+                                   msg=lambda m: f"split {split}: {m}")
+
+
+def _linear_empty_shard(group):
+    """linear_token_logprobs on a rank that owns no vocabulary rows raised "weight must have at
+    least one row" while the other rank waited in the collective."""
+    rank = dist.get_rank(group)
+    g = torch.Generator().manual_seed(12)
+    hidden, weight = torch.randn(6, 8, generator=g), torch.randn(37, 8, generator=g)
+    labels = torch.tensor([0, 5, 36, -100, 12, 30])
+    for split in ([37, 0], [0, 37]):
+        start = sum(split[:rank])
+        h = hidden.clone().requires_grad_()
+        w = weight[start:start + split[rank]].clone().requires_grad_()
+        logp, entropy = rlkern.linear_token_logprobs(h, w, labels, return_entropy=True, process_group=group)
+        (logp.sum() + 0.1 * entropy.sum()).backward()
+        h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        ref_logp, ref_entropy = rlkern.linear_token_logprobs(h_ref, w_ref, labels, return_entropy=True)
+        (ref_logp.sum() + 0.1 * ref_entropy.sum()).backward()
+        torch.testing.assert_close(logp, ref_logp, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(entropy, ref_entropy, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(w.grad, w_ref.grad[start:start + split[rank]], rtol=1e-5, atol=1e-5)
+
+
 def _worker(rank, world_size, rendezvous, backends, expected):
     _init(rank, world_size, rendezvous)
     world = dist.group.WORLD
@@ -240,6 +280,8 @@ def _worker(rank, world_size, rendezvous, backends, expected):
         _check_layout([501, 500], world, backends, expected)
         _inplace_guard([501, 500], world)
         _bad_input([501, 500], world)
+        _changing_splits(world)
+        _linear_empty_shard(world)
     else:
         _check_layout([334, 334, 333], world, backends, expected)
         # a rank with no columns at all

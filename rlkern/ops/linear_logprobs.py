@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from rlkern import _backend
+from rlkern.ops import _checks
 from rlkern.ops import logprobs as token_ops
 from rlkern.ops import vocab_parallel
 from rlkern.reference import linear_logprobs as reference
@@ -56,7 +57,7 @@ _W_COPY_BYTES = 64 << 20
 
 
 def _check_linear(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap,
-                  extra_outputs, chunk_size):
+                  extra_outputs, chunk_size, sharded=False):
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -68,7 +69,7 @@ def _check_linear(hidden, weight, labels, bias, temperature, logit_scale, logit_
     if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]} (hidden's last dim), "
                          f"got shape {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
+    if weight.shape[0] == 0 and not sharded:  # a vocabulary shard may be empty (the others hold it all)
         raise ValueError("weight must have at least one row (V >= 1)")
     if labels.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"labels must be int32 or int64, got {labels.dtype}")
@@ -83,14 +84,12 @@ def _check_linear(hidden, weight, labels, bias, temperature, logit_scale, logit_
     for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale != 0):
-        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale!r}")
-    if logit_softcap is not None and not (
-        isinstance(logit_softcap, (int, float)) and math.isfinite(logit_softcap) and logit_softcap > 0
-    ):
-        raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
+    op = "linear_token_logprobs"
+    _checks.number(op, "temperature", temperature, low=0, low_open=True)
+    if _checks.number(op, "logit_scale", logit_scale) == 0:
+        raise ValueError(f"{op}: logit_scale must be a finite non-zero number, got {logit_scale!r}")
+    if logit_softcap is not None:
+        _checks.number(op, "logit_softcap", logit_softcap, low=0, low_open=True)
     unknown = [name for name in extra_outputs if name not in EXTRA_OUTPUTS]
     if isinstance(extra_outputs, str) or unknown:
         raise ValueError(f"extra_outputs must be a tuple of names among {EXTRA_OUTPUTS}, got {extra_outputs!r}")
@@ -108,7 +107,7 @@ def _blocks(n: int, vocab: int, device: torch.device, chunk_size: int, determini
         return [(s, min(s + _DET_ROWS, n), _DET_ROWS) for s in range(0, n, _DET_ROWS)]
     if chunk_size <= 0:
         budget = _TILE_BYTES["cuda" if device.type == "cuda" else "cpu"]
-        chunk_size = max(16, budget // (4 * vocab) // 16 * 16)
+        chunk_size = max(16, budget // (4 * max(vocab, 1)) // 16 * 16)
     return [(s, min(s + chunk_size, n), min(s + chunk_size, n) - s) for s in range(0, n, chunk_size)]
 
 
@@ -509,7 +508,8 @@ def linear_token_logprobs(
     """
     extra_outputs = tuple(extra_outputs) if not isinstance(extra_outputs, str) else extra_outputs
     _check_linear(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap,
-                  extra_outputs, chunk_size)
+                  extra_outputs, chunk_size, sharded=process_group is not None)
+    ignore_index = token_ops._check_ignore_index("linear_token_logprobs", ignore_index, labels)
     if kernel is None:
         kernel = "chunked"
     if kernel not in ("chunked", "fused"):

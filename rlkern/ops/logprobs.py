@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from rlkern import _backend
+from rlkern.ops import _checks
 from rlkern.ops import vocab_parallel
 from rlkern.reference import logprobs as reference
 
@@ -52,25 +53,31 @@ def _check_logprobs(logits, labels, temperature, logit_softcap, name_labels="lab
         )
     if labels.device != logits.device:
         raise ValueError(f"{name_labels} is on {labels.device} but logits are on {logits.device}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if logit_softcap is not None and not (
-        isinstance(logit_softcap, (int, float)) and math.isfinite(logit_softcap) and logit_softcap > 0
-    ):
-        raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
+    _checks.number("token_logprobs", "temperature", temperature, low=0, low_open=True)
+    if logit_softcap is not None:
+        _checks.number("token_logprobs", "logit_softcap", logit_softcap, low=0, low_open=True)
 
 
-def _check_label_range(labels: Tensor, vocab: int, ignore_index: int) -> None:
+def _check_ignore_index(op: str, ignore_index, labels: Tensor) -> int:
+    """An int (a float such as 1.5 was truncated); with int32 labels, one that int32 holds (a
+    larger one matched no label: the padding labels then gave NaN instead of an error)."""
+    if ignore_index == _MASKED_LABEL:
+        return ignore_index
+    value = _checks.number(op, "ignore_index", ignore_index, integer=True)
+    if labels.dtype == torch.int32 and not -(2**31) <= value < 2**31:
+        raise ValueError(f"{op}: ignore_index must fit the int32 labels, got {value}")
+    return value
+
+
+def _check_label_range(labels: Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
     """Host-side check: always for CPU tensors, for GPU tensors only with RLKERN_VALIDATE=1."""
     if labels.device.type != "cpu" and not _backend.validate_enabled():
         return
     bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
     if bad.any():
         where = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
-            f"labels{list(where)} = {int(labels[where])}"
-        )
+        allowed = "" if ignore_index == _MASKED_LABEL else f" or equal ignore_index={ignore_index}"
+        raise ValueError(f"{name} must be in [0, {vocab}){allowed}; {name}{list(where)} = {int(labels[where])}")
 
 
 def _pieces(logits: Tensor, *per_row: Tensor | None) -> list[tuple]:
@@ -376,6 +383,7 @@ def token_logprobs(
         float64 logits give float64 outputs. A row of all -inf logits counts as uniform.
     """
     _check_logprobs(logits, labels, temperature, logit_softcap)
+    ignore_index = _check_ignore_index("token_logprobs", ignore_index, labels)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     softcap = float(logit_softcap) if logit_softcap is not None else 0.0

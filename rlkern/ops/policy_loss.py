@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from rlkern import _backend
+from rlkern.ops import _checks
 from rlkern.reference import policy_loss as reference
 
 _KERNELS = ("cpp", "triton")
@@ -34,7 +35,7 @@ AGG_MODES = reference.AGG_MODES
 TRL_AGG_PRESETS = ("grpo", "bnpo", "dr_grpo", "dapo")
 LOSS_NAMES = reference.LOSSES
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64) + _FLOAT_DTYPES
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + _FLOAT_DTYPES
 # Columns of the per-sequence partial sums the kernels emit, stats [B + 1, N_STATS]: row b < B is
 # a sum over sequence b's tokens of mask * value, except SLR (the sequence's mean log-ratio, for
 # GSPO and level="sequence"), DSEQ (level="sequence" ppo / sapo: sum of mask * is_weights *
@@ -75,15 +76,10 @@ def _check_policy_loss(logprobs, old_logprobs, advantages, mask, cu_seqlens, los
     tensor("logprobs", logprobs)
     packed = cu_seqlens is not None
     if packed:
-        tensor("cu_seqlens", cu_seqlens, (torch.int32, torch.int64))
-        if logprobs.ndim != 1 or cu_seqlens.ndim != 1 or cu_seqlens.numel() < 1:
-            raise ValueError(f"packed input needs logprobs [total] and cu_seqlens [B + 1], got logprobs "
-                             f"{tuple(logprobs.shape)} and cu_seqlens {tuple(cu_seqlens.shape)}")
-        n_seqs = cu_seqlens.numel() - 1
-        if cu_seqlens.device.type == "cpu" or _backend.validate_enabled():
-            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != logprobs.numel() or (cu_seqlens.diff() < 0).any():
-                raise ValueError(f"cu_seqlens must rise from 0 to logprobs.numel() = {logprobs.numel()}, got "
-                                 f"{cu_seqlens.tolist() if cu_seqlens.numel() < 20 else 'a non-monotone tensor'}")
+        if logprobs.ndim != 1:
+            raise ValueError(f"policy_loss: packed input (cu_seqlens given) needs logprobs [total], got shape "
+                             f"{tuple(logprobs.shape)}")
+        n_seqs = _checks.cu_seqlens("policy_loss", cu_seqlens, logprobs.numel(), logprobs.device, "logprobs")
     else:
         if logprobs.ndim != 2:
             raise ValueError(f"logprobs must be [B, T] (or [total] with cu_seqlens), got shape {tuple(logprobs.shape)}")
@@ -131,6 +127,24 @@ def _check_policy_loss(logprobs, old_logprobs, advantages, mask, cu_seqlens, los
         raise ValueError(f"loss='dro' needs dro_beta > 0 (verl's policy_loss.dro_beta), got {hyper['dro_beta']!r}")
     if not (isinstance(hyper["dp_size"], int) and hyper["dp_size"] >= 1):
         raise ValueError(f"dp_size must be an int >= 1, got {hyper['dp_size']!r}")
+
+
+def _check_numbers(op: str, dp_size, global_tokens, global_seqs, loss_scale_factor) -> None:
+    """The global normalizers as the caller gave them (tensors are not read: no host sync)."""
+    _checks.number(op, "dp_size", dp_size, low=1, integer=True)
+    for name, value in (("global_tokens", global_tokens), ("global_seqs", global_seqs)):
+        if value is not None and not isinstance(value, Tensor):
+            _checks.number(op, name, value, low=0, low_open=True)
+    if loss_scale_factor is not None:
+        _checks.number(op, "loss_scale_factor", loss_scale_factor, low=0, low_open=True)
+
+
+def _empty_width_scale(agg: str, width: int, loss_scale_factor):
+    """seq-mean-token-sum-norm divides by the padded width T: with T = 0 there is no token and
+    the loss is 0, so any positive scale gives it (0 / 0 gave NaN)."""
+    if width == 0 and loss_scale_factor is None and agg in ("seq-mean-token-sum-norm", "dr_grpo"):
+        return 1.0
+    return loss_scale_factor
 
 
 def _check_norms(agg, dp_size, global_tokens, global_seqs, loss_scale_factor, packed):
@@ -630,7 +644,12 @@ def policy_loss(
                        kl_estimator, level,
                        {"ref_logprobs": ref_logprobs, "entropy": entropy, "is_weights": is_weights,
                         "rollout_logprobs": rollout_logprobs}, hyper_in)
+    _check_numbers("policy_loss", dp_size, global_tokens, global_seqs, loss_scale_factor)
     n_seqs = cu_seqlens.numel() - 1 if packed else logprobs.shape[0]
+    if not packed:
+        for mode in (agg, entropy_agg):
+            if mode is not None:
+                loss_scale_factor = _empty_width_scale(mode, logprobs.shape[1], loss_scale_factor)
     advantages = _advantage_layout(advantages, logprobs, cu_seqlens, advantages_per_sequence)
     agg, global_seqs, loss_scale_factor = _resolve_agg(agg, n_seqs, global_seqs, loss_scale_factor, dp_size)
     _check_norms(agg, dp_size, global_tokens, global_seqs, loss_scale_factor, packed)
@@ -880,18 +899,30 @@ def aggregate(
         raise TypeError(f"values must be a floating-point torch.Tensor, got {getattr(values, 'dtype', type(values))}")
     packed = cu_seqlens is not None
     if packed:
-        if values.ndim != 1 or cu_seqlens.ndim != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"packed input needs values [total] and int cu_seqlens [B + 1], got values "
-                             f"{tuple(values.shape)}, cu_seqlens {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
+        if values.ndim != 1:
+            raise ValueError(f"aggregate: packed input (cu_seqlens given) needs values [total], got shape "
+                             f"{tuple(values.shape)}")
+        _checks.cu_seqlens("aggregate", cu_seqlens, values.numel(), values.device, "values")
     elif values.ndim != 2:
-        raise ValueError(f"values must be [B, T] (or [total] with cu_seqlens), got shape {tuple(values.shape)}")
+        raise ValueError(f"aggregate: values must be [B, T] (or [total] with cu_seqlens), got shape "
+                         f"{tuple(values.shape)}")
     if mask is None and not packed:
-        raise ValueError("mask is required for padded [B, T] values")
-    if mask is not None and mask.shape != values.shape:
-        raise ValueError(f"mask must have the shape of values {tuple(values.shape)}, got {tuple(mask.shape)}")
+        raise ValueError("aggregate: mask is required for padded [B, T] values")
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype not in _MASK_DTYPES:
+            raise TypeError(f"aggregate: mask must be a tensor with a dtype in {[str(d) for d in _MASK_DTYPES]}, "
+                            f"got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.shape != values.shape:
+            raise ValueError(f"aggregate: mask must have the shape of values {tuple(values.shape)}, got "
+                             f"{tuple(mask.shape)}")
+        if mask.device != values.device:
+            raise ValueError(f"aggregate: mask is on {mask.device}, expected {values.device}")
     if agg not in AGG_MODES + TRL_AGG_PRESETS:
-        raise ValueError(f"agg must be one of {AGG_MODES + TRL_AGG_PRESETS}, got {agg!r}")
+        raise ValueError(f"aggregate: agg must be one of {AGG_MODES + TRL_AGG_PRESETS}, got {agg!r}")
+    _check_numbers("aggregate", dp_size, global_tokens, global_seqs, loss_scale_factor)
     n_seqs = cu_seqlens.numel() - 1 if packed else values.shape[0]
+    if not packed:
+        loss_scale_factor = _empty_width_scale(agg, values.shape[1], loss_scale_factor)
     agg, global_seqs, loss_scale_factor = _resolve_agg(agg, n_seqs, global_seqs, loss_scale_factor, dp_size)
     _check_norms(agg, dp_size, global_tokens, global_seqs, loss_scale_factor, packed)
     return _agg_fwd(values, mask, cu_seqlens, _scalar(global_tokens, values.device),

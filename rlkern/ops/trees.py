@@ -56,6 +56,7 @@ only with ``RLKERN_VALIDATE=1``: otherwise nodes that do not reach a root get Na
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -161,7 +162,7 @@ def _out_dtype(reward: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("rlkern::tree_values", mutates_args=())
 def _tree_values(parent: Tensor, reward: Tensor, mode: str, max_depth: int | None) -> Tensor:
-    backend = _backend.choose(reward.device, _KERNELS, reward.dtype)
+    backend = _backend.choose(reward.device, _KERNELS, reward.dtype, fp64=True)
     if backend == "cpp":
         return torch.ops.rlkern.trees_values(parent, reward, _VALUE_MODES.index(mode),
                                              -1 if max_depth is None else max_depth)
@@ -191,7 +192,7 @@ def _tree_advantages(
     with_values: bool,
     max_depth: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    backend = _backend.choose(reward.device, _KERNELS, reward.dtype)
+    backend = _backend.choose(reward.device, _KERNELS, reward.dtype, fp64=True)
     group_size = subgroup_weighting == "group_size"
     if backend == "cpp":
         return torch.ops.rlkern.trees_advantages(parent, reward, _METHODS.index(method), leaf_rloo, group_size,
@@ -303,7 +304,8 @@ def tree_advantages(
         whiten: TreePO only: whiten over the forest's leaves (the paper's normalization).
         leaf_weights: TreePO only: ``[M]`` float, read on leaves: the weight of each trajectory
             in the whitening statistics (its token count reproduces token-level whitening).
-        epsilon: SPO ``spo_grpo`` only: added to the std (the official code's 1e-8).
+        epsilon: SPO ``spo_grpo`` only: added to the std (the official code's 1e-8); must be
+            > 0 (a group of equal values would be 0 / 0).
         return_values: also return the node values the advantages come from (``tree_values``
             with ``mean_children`` for SPO, ``mean_leaves`` for TreeRL/TreePO, raw rewards), from
             the same pass: building the forest's order is most of the cost of either op.
@@ -319,10 +321,19 @@ def tree_advantages(
     parent, reward = _check_trees(parent, reward)
     _check_choice("method", method, _METHODS)
     _check_choice("subgroup_weighting", subgroup_weighting, _WEIGHTINGS)
-    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon >= 0):
-        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+    if isinstance(epsilon, bool) or not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
+        # 0 would make a group of equal values 0 / 0 = NaN (and mark it trainable)
+        raise ValueError(f"tree_advantages: epsilon must be a finite number > 0, got {epsilon!r}")
     if leaf_weights is not None:
         _, leaf_weights = _check_trees(parent, leaf_weights, name_reward="leaf_weights")
+        if _host_checks(leaf_weights):
+            is_leaf = torch.ones(parent.numel(), dtype=torch.bool, device=parent.device)
+            is_leaf[parent[(parent >= 0) & (parent < parent.numel())]] = False
+            bad = (is_leaf & ~(leaf_weights >= 0)).nonzero()
+            if bad.numel():
+                node = int(bad[0])
+                raise ValueError(f"tree_advantages: leaf_weights must be >= 0 on leaves (a trajectory's weight in "
+                                 f"the whitening), got {float(leaf_weights[node])} at node {node}")
     _check_max_depth(max_depth)
     adv, keep, values = _tree_advantages(parent, reward, method, bool(leaf_rloo), subgroup_weighting, bool(whiten),
                                          leaf_weights, float(epsilon), bool(return_values), max_depth)
@@ -366,40 +377,60 @@ def from_nested(trees, *, dtype: torch.dtype = torch.float32, device=None) -> Fo
     """
     roots = [trees] if isinstance(trees, dict) else list(trees)
     parent, reward, tree_id, tokens = [], [], [], []
-    seen: dict[int, str] = {}
+    position: list[int] = []  # index of each node among its parent's children (-1: a root)
+    seen: dict[int, int] = {}  # id(dict) -> node index; paths are built only for an error message
+
+    def path(index: int, tail: str = "") -> str:
+        while parent[index] >= 0:
+            tail = f".children[{position[index]}]" + tail
+            index = parent[index]
+        return f"tree {tree_id[index]}" + tail
+
+    def is_ancestor(candidate: int, index: int) -> bool:
+        while index >= 0 and index != candidate:
+            index = parent[index]
+        return index == candidate
+
     for t, root in enumerate(roots):
         if not isinstance(root, dict):
             raise ValueError(f"tree {t} must be a dict, got {type(root).__name__}")
-        stack = [(root, -1, f"tree {t}", frozenset())]
+        stack = [(root, -1, -1)]  # (node, parent index, position among the parent's children)
         while stack:
-            node, par, where, ancestors = stack.pop()
+            node, par, pos = stack.pop()
             key = id(node)
-            if key in ancestors:
-                raise ValueError(f"{where} is its own ancestor (a cycle back to {seen[key]})")
             if key in seen:
-                raise ValueError(f"{where} is the same dict as {seen[key]} (a node may have one parent only)")
-            seen[key] = where
+                where = f"tree {t}" if par < 0 else path(par, f".children[{pos}]")
+                if par >= 0 and is_ancestor(seen[key], par):
+                    raise ValueError(f"{where} is its own ancestor (a cycle back to {path(seen[key])})")
+                raise ValueError(f"{where} is the same dict as {path(seen[key])} (a node may have one parent only)")
             index = len(parent)
+            seen[key] = index
             parent.append(par)
+            position.append(pos)
             tree_id.append(t)
             children = node.get("children") or []
             if not isinstance(children, (list, tuple)) or not all(isinstance(c, dict) for c in children):
-                raise ValueError(f"{where}: 'children' must be a list of dicts")
-            if "reward" in node and node["reward"] is not None:
-                reward.append(float(node["reward"]))
+                raise ValueError(f"{path(index)}: 'children' must be a list of dicts")
+            value = node.get("reward")
+            if value is not None:
+                if isinstance(value, (str, bytes)) or not isinstance(value, numbers.Real):
+                    raise ValueError(f"{path(index)}: 'reward' must be a number, got {value!r}")
+                reward.append(float(value))
             elif not children:
-                raise ValueError(f"{where} is a leaf without a 'reward'")
+                raise ValueError(f"{path(index)} is a leaf without a 'reward'")
             else:
                 reward.append(math.nan)
             if "num_tokens" in node:
-                tokens.append(int(node["num_tokens"]))
+                count = node["num_tokens"]
+                if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+                    raise ValueError(f"{path(index)}: 'num_tokens' must be an int >= 0, got {count!r}")
+                tokens.append(int(count))
             elif "token_ids" in node:
                 tokens.append(len(node["token_ids"]))
             else:
                 tokens.append(None)
-            inner = ancestors | {key}
             for j in range(len(children) - 1, -1, -1):
-                stack.append((children[j], index, f"{where}.children[{j}]", inner))
+                stack.append((children[j], index, j))
     have = [n is not None for n in tokens]
     segment_start = segment_end = None
     if any(have):
@@ -588,6 +619,9 @@ def segment_advantages(
             raise ValueError(f"logprobs must be [T] = [{total}], got {tuple(logprobs.shape)}")
     if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
         raise ValueError(f"threshold must be a probability in (0, 1], got {threshold!r}")
+    if total == 0:  # no token (B empty sequences, or B = 0): nothing to advantage
+        return (cut_values.new_zeros(0, dtype=_out_dtype(cut_values)),
+                torch.zeros(0, dtype=torch.bool, device=cut_values.device))
     return _segment_advantages(segment_start.contiguous(), cut_values.contiguous(), final_reward.contiguous(), cu,
                                None if logprobs is None else logprobs.contiguous(), float(threshold))
 

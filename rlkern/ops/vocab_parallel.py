@@ -38,8 +38,10 @@ so that the saved global lse keeps the digits the backward's ``p = e^{u - lse}``
                times that through each rank's link.
     backward   0 collectives (the forward saves the global lse and entropy, [N] float64 +
                [N] float32).
-    layout     1 all_gather of tp int64 shard sizes, on the first call per (group, local
-               vocab) only; cached afterwards (the one host sync of the path).
+    layout     1 all_gather of tp int64 shard sizes per call, read on the host (the one host
+               sync of the path). It is not cached: a rank's own size does not tell it the
+               others', and a cache keyed by it reused a stale start after the split changed
+               (wrong log-probs) or left one rank alone in the all_gather (a hang).
 
 For comparison, all-gathering bf16 logits costs 2 V bytes per token (304 KB at V = 151936).
 """
@@ -59,11 +61,6 @@ class VocabShard(NamedTuple):
     start: int  # global id of the first local column
     size: int  # local columns, V_r (may differ between ranks, may be 0)
     total: int  # V, the whole vocabulary: sum of every rank's size
-
-
-# (group, local size) -> VocabShard. The sizes never change for a given model, so the all_gather
-# (and its host sync) runs once per group; the group is held so its id cannot be reused.
-_LAYOUTS: dict[tuple[object, int], VocabShard] = {}
 
 
 def check_group(process_group: object, name: str = "process_group") -> None:
@@ -92,25 +89,18 @@ def shard_layout(local_vocab: int, process_group, device: torch.device) -> Vocab
         device: where the all_gather runs (a CUDA device for NCCL, the CPU for gloo).
 
     Returns:
-        ``VocabShard(start, size, total)``. The first call per ``(process_group, local_vocab)``
-        runs one all_gather of ``[world_size]`` int64 and reads it on the host; later calls
-        return the cached layout with no communication. Every rank must call it the same way.
+        ``VocabShard(start, size, total)``, from one all_gather of ``[world_size]`` int64 read on
+        the host (every call: the split may change between calls). Every rank must call it.
     """
     import torch.distributed as dist
 
-    key = (process_group, int(local_vocab))
-    cached = _LAYOUTS.get(key)
-    if cached is not None:
-        return cached
     world = dist.get_world_size(process_group)
     mine = torch.tensor([local_vocab], dtype=torch.int64, device=device)
     sizes = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(sizes, mine, group=process_group)
     sizes = torch.cat(sizes).tolist()
     rank = dist.get_rank(process_group)
-    layout = VocabShard(start=sum(sizes[:rank]), size=int(local_vocab), total=sum(sizes))
-    _LAYOUTS[key] = layout
-    return layout
+    return VocabShard(start=sum(sizes[:rank]), size=int(local_vocab), total=sum(sizes))
 
 
 def label_in_shard(labels: Tensor, shard: VocabShard, ignore_index: int) -> Tensor:
@@ -170,7 +160,7 @@ def combine_forward(
     logp = torch.where(labels64 == ignore_index, 0.0, logp)
     entropy = None
     if local_entropy is not None:
-        entropy = torch.where(dead, log_vocab, log_s + sums[2] / sums[0]).to(out_dtype)
+        entropy = torch.where(dead, log_vocab, (log_s + sums[2] / sums[0]).clamp(min=0.0)).to(out_dtype)
     return logp.to(out_dtype), entropy, lse
 
 

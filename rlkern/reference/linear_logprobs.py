@@ -62,7 +62,7 @@ def linear_logprobs(
     logp = torch.clamp(log_p.gather(1, safe[:, None])[:, 0], max=0.0)
     logp = torch.where(ignored, torch.zeros_like(logp), logp)
     p = log_p.exp()
-    entropy = -(p * torch.where(p > 0, log_p, torch.zeros_like(log_p))).sum(-1)
+    entropy = -torch.where(p == 0, torch.zeros_like(p), p * log_p).sum(-1)  # a NaN logit: NaN
     extras = {}
     for name in extra_outputs:
         if name == "log_sum_sq_probs":

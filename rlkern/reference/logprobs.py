@@ -76,7 +76,8 @@ def logprobs_fwd(
     if with_entropy:
         log_p = shifted - log_s[:, None]
         p = torch.exp(log_p)
-        entropy = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+        entropy = -torch.where(p == 0, torch.zeros_like(p), p * log_p).sum(-1)  # a NaN logit: NaN
+        entropy = entropy.clamp(min=0.0)  # NaN stays NaN
         entropy = torch.where(dead, torch.full_like(entropy, math.log(max(vocab, 1))), entropy)
     else:
         entropy = u.new_empty(0)

@@ -277,8 +277,8 @@ def policy_loss(
                               m, h, sel, w, level)
     norms = {"dp_size": dp_size, "global_tokens": global_tokens, "global_seqs": global_seqs,
              "loss_scale_factor": loss_scale_factor}
-    if loss == "geo_mean":  # verl: a plain mean over the B rows, whatever the agg mode
-        total = tok.mean()
+    if loss == "geo_mean":  # verl: a plain mean over the B rows, whatever the agg mode (B = 0: 0)
+        total = tok.sum() / max(tok.numel(), 1)
     else:
         total = aggregate(tok, m, agg, **norms)
     kl_mean = torch.zeros((), dtype=cdt, device=lp.device)
@@ -378,6 +378,8 @@ class PaddedRows:
 
     @staticmethod
     def amax(x: Tensor) -> Tensor:
+        if x.shape[-1] == 0:  # T = 0: no token, the maximum of nothing
+            return x.new_full(x.shape[:-1], -math.inf)
         return x.amax(-1)
 
     @staticmethod

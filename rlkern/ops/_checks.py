@@ -1,0 +1,65 @@
+"""Argument checks shared by the ops: one rule per kind of argument, one message shape.
+
+Every message starts with the op's name, names the argument and shows what was received
+against what is expected: ``"aggregate: dp_size must be an int >= 1, got 2.5"``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from rlkern import _backend
+
+
+def host_checks(t: Tensor) -> bool:
+    """Whether checks that read tensor values run: always on CPU tensors, on CUDA only with
+    ``RLKERN_VALIDATE=1`` (a host sync), never while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or _backend.validate_enabled()
+
+
+def number(op: str, name: str, value, *, low: float | None = None, high: float | None = None,
+           low_open: bool = False, integer: bool = False) -> float | int:
+    """A finite real number (not a bool, not NaN or inf) within ``[low, high]`` (``(low, high]``
+    with ``low_open``); ``integer``: an int. numpy scalars count as numbers."""
+    kind = "an int" if integer else "a finite number"
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        bounds.append(f"<= {high:g}")
+    wanted = f"{kind}{' ' + ' and '.join(bounds) if bounds else ''}"
+    ok = isinstance(value, (numbers.Integral if integer else numbers.Real)) and not isinstance(value, bool)
+    if ok and not integer:
+        ok = math.isfinite(float(value))
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        raise ValueError(f"{op}: {name} must be {wanted}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def cu_seqlens(op: str, cu: Tensor, total: int, device: torch.device, of: str) -> int:
+    """Packed layout offsets: int32/int64 ``[B + 1]`` on ``device``, rising from 0 to ``total``,
+    the number of packed tokens of the tensor named ``of`` (values read where ``host_checks``
+    allows). Returns B."""
+    if not isinstance(cu, Tensor):
+        raise TypeError(f"{op}: cu_seqlens must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: cu_seqlens must be int32 or int64, got {cu.dtype}")
+    if cu.ndim != 1 or cu.numel() < 1:
+        raise ValueError(f"{op}: cu_seqlens must be [B + 1] with B >= 0, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{op}: cu_seqlens is on {cu.device}, expected {device}")
+    if host_checks(cu):
+        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu.diff() < 0).any()):
+            shown = cu.tolist() if cu.numel() <= 20 else f"[{int(cu[0])}, ..., {int(cu[-1])}] ({cu.numel()} entries)"
+            raise ValueError(f"{op}: cu_seqlens must rise from 0 to {of}.numel() = {total}, got {shown}")
+    return cu.numel() - 1
