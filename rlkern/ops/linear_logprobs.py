@@ -492,7 +492,8 @@ def linear_token_logprobs(
             vocabulary (Megatron / verl tensor parallel): ``weight`` (and ``bias``) are this
             rank's consecutive rows ``[V_r, H]`` in rank order (uneven allowed), ``hidden`` and
             the GLOBAL ``labels`` are the same on every rank. Outputs and gradients equal the
-            unsharded op's; no rank gathers logits. Communication: the forward's two small
+            unsharded op's; no rank gathers logits, and a rank may hold no rows (``[0, H]``).
+            Communication: one all_gather of the shard sizes, the forward's two small
             all-reduces (32 bytes per token with entropy, ``rlkern.ops.vocab_parallel``) and one
             SUM all-reduce of d hidden ``[N, H]`` in the backward (d weight and d bias stay
             local). The upstream gradients must be the same on every rank (a loss computed from

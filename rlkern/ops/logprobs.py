@@ -372,7 +372,7 @@ def token_logprobs(
             gradient of its own columns; the upstream gradients must be the same on every rank
             (a loss computed from the replicated outputs). Cost: two all-reduces of float64
             ``[N]``-sized tensors per forward (32 bytes per token with entropy, 24 without),
-            none in the backward, one all_gather of the shard sizes on the first call (see
+            none in the backward, one all_gather of the shard sizes per call, read on the host (see
             ``rlkern.ops.vocab_parallel``). This path is a ``torch.autograd.Function`` (a
             process group cannot be a custom-op argument): torch.compile does not trace it.
             None (default): the logits hold the whole vocabulary.
