@@ -3,7 +3,7 @@
     python -m rlkern.benches.bench_advantages [--batch B --steps T --samples N --group G] [--out FILE]
 
 Defaults (the issue's shapes): GAE at B=256, T=8192 (fp32 rewards/values, int64 mask, ~1/4
-of each row padding, whitened as verl returns it); the Optimal Token Baseline over that batch in
+of each row padding, whitened as verl returns it), and the same in float64 beside float32; the Optimal Token Baseline over that batch in
 groups of G (string uids; padded, and packed with cu_seqlens) vs verl's
 ``compute_optimal_token_baseline_advantage``; GRPO over N=65536 samples in groups of 16 with
 string uids (a numpy object array of uuid4 strings, as verl's ``uid``) and T=128 response
@@ -139,6 +139,14 @@ def run(device: torch.device, batch: int, steps: int, samples: int, group: int, 
         fns["eager"] = lambda: _eager_gae(rewards, values, mask, 0.99, 0.95)
     with torch.no_grad():
         add("gae+whiten", f"B={batch} T={steps} fp32", fns, batch * steps * (4 + 4 + 8 + 4 + 4))
+    # the same on float64 rewards and values (numpy's default): float64 in, float64 out
+    r64, v64 = rewards.double(), values.double()
+    fns = {"rlkern": lambda: ops.gae(r64, v64, mask, 0.99, 0.95, whiten=True),
+           "rlkern (float32 inputs)": lambda: ops.gae(rewards, values, mask, 0.99, 0.95, whiten=True)}
+    if core is not None:
+        fns["verl"] = lambda: core.compute_gae_advantage_return(r64, v64, mask, 0.99, 0.95)
+    with torch.no_grad():
+        add("gae+whiten, float64", f"B={batch} T={steps} fp64", fns, batch * steps * (8 + 8 + 8 + 8 + 8))
 
     # Optimal Token Baseline over the GAE [B, T] batch in groups of `group` (string uids), padded
     # and packed (the valid tokens of each row, cu_seqlens), vs verl's loop over groups.

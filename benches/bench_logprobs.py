@@ -7,6 +7,7 @@ fp32, 2 threads. Bytes counted: forward reads N*V logits; backward reads them an
 grads (the [N] vectors are negligible). ``--memory-n 1024,2048`` adds the peak memory of one
 fwd+bwd beyond the logits against N (rlkern vs the materialized log-softmax; on the CPU in a
 fresh process per point). Liger (CUDA) and TRL get a "not run" row with the reason when absent.
+The float64 rows time the same call on float64 logits (float64 outputs), beside float32.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def _eager_logp(logits, labels):
     return torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None])[:, 0]
 
 
-def _eager_logp_entropy(logits, labels):
-    logp_all = torch.log_softmax(logits.float(), -1)
+def _eager_logp_entropy(logits, labels, dtype=torch.float32):
+    logp_all = torch.log_softmax(logits.to(dtype), -1)
     return logp_all.gather(-1, labels[:, None])[:, 0], -(logp_all.exp() * logp_all).sum(-1)
 
 
@@ -100,6 +101,19 @@ def run(device: torch.device, n: int, vocab: int, dtype: torch.dtype, rounds: in
         add("logprobs fwd+entropy", timed(fns, "logprobs fwd+entropy"), n * vocab * elt)
         fns = {k: (lambda f=f: f(logits, labels)) for k, (_, f) in impls.items() if f is not None}
         add("logprobs fwd", timed(fns, "logprobs fwd"), n * vocab * elt, logp_only=True)
+
+    # float64 logits (numpy's default): float64 in, float64 out, beside the same call in float32
+    logits64 = logits.double()
+    with torch.no_grad():
+        fns = {"rlkern": lambda: _rlkern_logp_entropy(logits64, labels),
+               "rlkern (float32 logits)": lambda: _rlkern_logp_entropy(logits.float(), labels),
+               "eager": lambda: _eager_logp_entropy(logits64, labels, torch.float64)}
+        shape64 = shape.rsplit(" ", 1)[0] + " float64"
+        timings, _ = timed(fns, f"logprobs fwd+entropy {shape64}")
+        for name, (med, p20, p80) in timings.items():
+            gbps = n * vocab * 8 / (med * 1e-3) / 1e9
+            rows.append(common.Row("logprobs fwd+entropy, float64", name, shape64, med, p20, p80, gbps,
+                                   100 * gbps / peak_bw, None))
 
     # Backward alone: the graph is kept and re-differentiated, so only the backward is timed.
     grad_fns = {}

@@ -54,9 +54,21 @@ namespace {
 
 void check_float_input(const at::Tensor& t, const char* name) {
   const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf, "rlkern.advantages: ", name,
-              " must be float32/bfloat16/float16, got ", s);
+  TORCH_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf || s == at::kDouble, "rlkern.advantages: ", name,
+              " must be float32/bfloat16/float16/float64, got ", s);
 }
+
+// The scans' value and output types: float64 input is read and written as float64; the
+// 16-bit floats and float32 are read as float32 (their exact value) and written as float32.
+template <typename S>
+using OutOf = std::conditional_t<std::is_same<S, double>::value, double, float>;
+
+template <typename S>
+inline double load(S x) {
+  return static_cast<double>(static_cast<OutOf<S>>(x));
+}
+
+at::ScalarType out_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Grain: a few rows per task; each row is a serial scan of T steps.
 int64_t row_grain(int64_t T) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)); }
@@ -93,49 +105,49 @@ struct Rows {
   int64_t length(int64_t b) const { return cu ? cu[b + 1] - cu[b] : T; }
 };
 
-template <typename S, typename M>
-void gae_rows(const Rows& rows, const S* r, const S* v, const M* mk, const float* bootstrap, double gamma, double lam,
-              float* a, float* o) {
+template <typename S, typename M, typename O = OutOf<S>>
+void gae_rows(const Rows& rows, const S* r, const S* v, const M* mk, const double* bootstrap, double gamma, double lam,
+              O* a, O* o) {
   const double gl = gamma * lam;
   at::parallel_for(0, rows.B, row_grain(rows.T), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const S* rr = r + rows.begin(b, rows.r_stride);
       const S* vv = v + rows.begin(b, rows.v_stride);
       const M* mm = mk + rows.begin(b, rows.m_stride);
-      float* aa = a + rows.begin(b, rows.T);
-      float* oo = o + rows.begin(b, rows.T);
-      double next_value = bootstrap ? static_cast<double>(bootstrap[b]) : 0.0;
+      O* aa = a + rows.begin(b, rows.T);
+      O* oo = o + rows.begin(b, rows.T);
+      double next_value = bootstrap ? bootstrap[b] : 0.0;
       double last = 0.0;
       for (int64_t t = rows.length(b) - 1; t >= 0; --t) {
         if (valid(mm, t)) {
-          const double vt = static_cast<double>(static_cast<float>(vv[t]));
-          last = static_cast<double>(static_cast<float>(rr[t])) + gamma * next_value - vt + gl * last;
+          const double vt = load(vv[t]);
+          last = load(rr[t]) + gamma * next_value - vt + gl * last;
           next_value = vt;
-          aa[t] = static_cast<float>(last);
-          oo[t] = static_cast<float>(last + vt);
+          aa[t] = static_cast<O>(last);
+          oo[t] = static_cast<O>(last + vt);
         } else {
-          aa[t] = 0.f;
-          oo[t] = 0.f;
+          aa[t] = O(0);
+          oo[t] = O(0);
         }
       }
     }
   });
 }
 
-template <typename S, typename M>
-void discounted_rows(const Rows& rows, const S* r, const M* mk, double gamma, float* o) {
+template <typename S, typename M, typename O = OutOf<S>>
+void discounted_rows(const Rows& rows, const S* r, const M* mk, double gamma, O* o) {
   at::parallel_for(0, rows.B, row_grain(rows.T), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const S* rr = r + rows.begin(b, rows.r_stride);
       const M* mm = mk + rows.begin(b, rows.m_stride);
-      float* oo = o + rows.begin(b, rows.T);
+      O* oo = o + rows.begin(b, rows.T);
       double running = 0.0;
       for (int64_t t = rows.length(b) - 1; t >= 0; --t) {
         if (valid(mm, t)) {
-          running = static_cast<double>(static_cast<float>(rr[t])) + gamma * running;
-          oo[t] = static_cast<float>(running);
+          running = load(rr[t]) + gamma * running;
+          oo[t] = static_cast<O>(running);
         } else {
-          oo[t] = 0.f;
+          oo[t] = O(0);
         }
       }
     }
@@ -163,6 +175,7 @@ void dispatch_value_mask(at::ScalarType value_type, at::ScalarType mask_type, F&
     }
   };
   switch (value_type) {
+    case at::kDouble: return with_mask(double{});
     case at::kFloat: return with_mask(float{});
     case at::kBFloat16: return with_mask(at::BFloat16{});
     case at::kHalf: return with_mask(at::Half{});
@@ -170,12 +183,14 @@ void dispatch_value_mask(at::ScalarType value_type, at::ScalarType mask_type, F&
   }
 }
 
-const float* bootstrap_ptr(const std::optional<at::Tensor>& bootstrap, int64_t B, at::Tensor& holder) {
+const double* bootstrap_ptr(const std::optional<at::Tensor>& bootstrap, int64_t B, at::Tensor& holder) {
   if (!bootstrap.has_value()) return nullptr;
   TORCH_CHECK(bootstrap->dim() == 1 && bootstrap->size(0) == B, "rlkern.advantages: bootstrap must be [", B,
               "], got ", bootstrap->sizes());
-  holder = bootstrap->to(at::kFloat).contiguous();
-  return holder.data_ptr<float>();
+  // float32 values first (the kernels' precision for every input but float64), then exact in double
+  holder = (bootstrap->scalar_type() == at::kDouble ? *bootstrap : bootstrap->to(at::kFloat)).to(at::kDouble)
+               .contiguous();
+  return holder.data_ptr<double>();
 }
 
 // Layout of rewards: [B, T] (cu_seqlens None) or packed [total] with cu_seqlens int32 [B + 1].
@@ -227,16 +242,17 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   rows.r_stride = row_stride(rewards);
   rows.v_stride = row_stride(values);
   rows.m_stride = row_stride(mask);
-  auto opts = rewards.options().dtype(at::kFloat);
+  auto opts = rewards.options().dtype(out_type(rewards));
   at::Tensor adv = empty_output(rewards.sizes(), opts), ret = empty_output(rewards.sizes(), opts);
   if (rewards.numel() == 0) return {adv, ret};
   at::Tensor holder;
-  const float* boot = bootstrap_ptr(bootstrap, rows.B, holder);
+  const double* boot = bootstrap_ptr(bootstrap, rows.B, holder);
   dispatch_value_mask(rewards.scalar_type(), mask.scalar_type(), [&](auto s, auto m) {
     using S = decltype(s);
     using M = decltype(m);
+    using O = OutOf<S>;
     gae_rows<S, M>(rows, rewards.data_ptr<S>(), values.data_ptr<S>(), mask.data_ptr<M>(), boot, gamma, lam,
-                   adv.data_ptr<float>(), ret.data_ptr<float>());
+                   adv.data_ptr<O>(), ret.data_ptr<O>());
   });
   return {adv, ret};
 }
@@ -248,12 +264,12 @@ at::Tensor discounted_cpu(const at::Tensor& rewards, const at::Tensor& mask,
   check_like(mask, rewards, "mask");
   rows.r_stride = row_stride(rewards);
   rows.m_stride = row_stride(mask);
-  at::Tensor ret = empty_output(rewards.sizes(), rewards.options().dtype(at::kFloat));
+  at::Tensor ret = empty_output(rewards.sizes(), rewards.options().dtype(out_type(rewards)));
   if (rewards.numel() == 0) return ret;
   dispatch_value_mask(rewards.scalar_type(), mask.scalar_type(), [&](auto s, auto m) {
     using S = decltype(s);
     using M = decltype(m);
-    discounted_rows<S, M>(rows, rewards.data_ptr<S>(), mask.data_ptr<M>(), gamma, ret.data_ptr<float>());
+    discounted_rows<S, M>(rows, rewards.data_ptr<S>(), mask.data_ptr<M>(), gamma, ret.data_ptr<OutOf<S>>());
   });
   return ret;
 }
@@ -261,8 +277,8 @@ at::Tensor discounted_cpu(const at::Tensor& rewards, const at::Tensor& mask,
 // Masked whitening (verl's masked_whiten) over all elements of x with float64 statistics:
 // mean = sum / (n + 1e-8), var = sum (x - mean)^2 / (n + 1e-8) * n / (n - 1),
 // out = (x - mean) / sqrt(var + 1e-8) (+ mean unless shift_mean), 0 at masked if zero_masked.
-template <typename M>
-void whiten_flat(const float* x, const M* m, int64_t n, bool shift_mean, bool zero_masked, float* out) {
+template <typename X, typename M>
+void whiten_flat(const X* x, const M* m, int64_t n, bool shift_mean, bool zero_masked, X* out) {
   const int64_t chunk = 1 << 16;
   const int64_t chunks = (n + chunk - 1) / chunk;
   std::vector<double> cnt(chunks, 0.0), sum(chunks, 0.0), sq(chunks, 0.0);
@@ -307,7 +323,7 @@ void whiten_flat(const float* x, const M* m, int64_t n, bool shift_mean, bool ze
   at::parallel_for(0, n, chunk, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const bool keep = !zero_masked || valid(m, i);
-      out[i] = keep ? static_cast<float>((x[i] - mean) * rstd + add) : 0.f;
+      out[i] = keep ? static_cast<X>((x[i] - mean) * rstd + add) : X(0);
     }
   });
 }
@@ -331,8 +347,8 @@ void dispatch_mask(at::ScalarType mask_type, F&& f) {
 }
 
 at::Tensor whiten_cpu(const at::Tensor& values, const at::Tensor& mask, bool shift_mean, bool zero_masked) {
-  TORCH_CHECK(values.scalar_type() == at::kFloat, "rlkern.advantages_whiten_kernel: values must be float32, got ",
-              values.scalar_type());
+  TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble,
+              "rlkern.advantages_whiten_kernel: values must be float32 or float64, got ", values.scalar_type());
   TORCH_CHECK(values.sizes() == mask.sizes(), "rlkern.advantages_whiten_kernel: mask must have the shape of values ",
               values.sizes(), ", got ", mask.sizes());
   TORCH_CHECK(values.device().is_cpu() && mask.device().is_cpu(), "rlkern.advantages_whiten_kernel: CPU tensors only");
@@ -341,7 +357,13 @@ at::Tensor whiten_cpu(const at::Tensor& values, const at::Tensor& mask, bool shi
   at::Tensor out = empty_output(values.sizes(), values.options());
   dispatch_mask(mk.scalar_type(), [&](auto tag) {
     using M = decltype(tag);
-    whiten_flat<M>(x.data_ptr<float>(), mk.data_ptr<M>(), x.numel(), shift_mean, zero_masked, out.data_ptr<float>());
+    if (x.scalar_type() == at::kDouble) {
+      whiten_flat<double, M>(x.data_ptr<double>(), mk.data_ptr<M>(), x.numel(), shift_mean, zero_masked,
+                             out.data_ptr<double>());
+    } else {
+      whiten_flat<float, M>(x.data_ptr<float>(), mk.data_ptr<M>(), x.numel(), shift_mean, zero_masked,
+                            out.data_ptr<float>());
+    }
   });
   return out;
 }
@@ -1202,12 +1224,12 @@ std::tuple<at::Tensor, at::Tensor> otb_cpu(const at::Tensor& rewards, const std:
 std::tuple<at::Tensor, at::Tensor> gae_meta(const at::Tensor& rewards, const at::Tensor&, const at::Tensor&,
                                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
                                             double) {
-  auto opts = rewards.options().dtype(at::kFloat);
+  auto opts = rewards.options().dtype(out_type(rewards));
   return {at::empty(rewards.sizes(), opts), at::empty(rewards.sizes(), opts)};
 }
 
 at::Tensor discounted_meta(const at::Tensor& rewards, const at::Tensor&, const std::optional<at::Tensor>&, double) {
-  return at::empty(rewards.sizes(), rewards.options().dtype(at::kFloat));
+  return at::empty(rewards.sizes(), rewards.options().dtype(out_type(rewards)));
 }
 
 at::Tensor whiten_meta(const at::Tensor& values, const at::Tensor&, bool, bool) {

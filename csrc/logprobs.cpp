@@ -81,26 +81,31 @@ Cfg make_cfg(double temperature, double softcap, int64_t ignore_index, int64_t v
   return c;
 }
 
-struct FwdArgs {
+template <typename O>  // output type: float, or double for float64 logits
+struct FwdArgsT {
   const void* logits;
   int64_t stride, V;
   const void* labels;
   bool labels64;
-  float *logp, *ent;  // ent may be null
+  O *logp, *ent;  // ent may be null
   double* lse;       // float64: the backward's p = exp(u - lse) keeps fp32 accuracy at large |u|
   Cfg c;
 };
 
-struct BwdArgs {
+using FwdArgs = FwdArgsT<float>;
+
+template <typename G>  // upstream gradients and saved entropy: float, or double for float64 logits
+struct BwdArgsT {
   const void* logits;
   void* grad;
   int64_t stride, gstride, V;
   const void* labels;
   bool labels64;
-  const float *gl, *gh, *ent;  // gh / ent null when the entropy has no gradient
+  const G *gl, *gh, *ent;  // gh / ent null when the entropy has no gradient
   const double* lse;
   Cfg c;
 };
+using BwdArgs = BwdArgsT<float>;
 
 inline int64_t label_at(const void* p, bool is64, int64_t i) {
   return is64 ? static_cast<const int64_t*>(p)[i] : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
@@ -112,31 +117,106 @@ inline float scalar_w(float z, const Cfg& c, bool cap) { return cap ? c.cap * st
 // all -inf, V > 0); logp_raw = u_y - lse; S, T: sum e^d and sum e^d d for d = u - (any per-row
 // offset), so H = ln S - T / S; T NaN: the row has a NaN logit, and lse, logp (unless ignored) and
 // H are NaN. A label outside the columns is NaN, or 0 in shard mode (another shard holds it).
-inline void finish_fwd(const FwdArgs& a, int64_t i, int64_t y, int64_t yl, bool live, double lse, double logp_raw,
-                       double S, double T) {
+template <typename O>
+inline void finish_fwd(const FwdArgsT<O>& a, int64_t i, int64_t y, int64_t yl, bool live, double lse,
+                       double logp_raw, double S, double T) {
   const int64_t V = a.V;
   const bool shard = a.c.vstart >= 0;
   const bool ignored = y == a.c.ignore;
   const bool in_range = yl >= 0 && yl < V;
-  const float nan = std::numeric_limits<float>::quiet_NaN();
-  const float outside = shard ? 0.f : nan;
+  const O nan = std::numeric_limits<O>::quiet_NaN();
+  const O outside = shard ? O(0) : nan;
   if (!live && T == T) {  // all -inf row (or V == 0): uniform by convention, lse = -inf
     const double logv = std::log(static_cast<double>(std::max<int64_t>(V, 1)));
     a.lse[i] = -kInf;
     // A shard's all -inf row is not the whole row: its label has probability 0 unless every
     // shard is -inf, which the combine step decides (it ignores this value then).
-    const float dead_logp = shard ? -kInf : static_cast<float>(-logv);
-    a.logp[i] = ignored ? 0.f : (in_range ? dead_logp : outside);
-    if (a.ent) a.ent[i] = static_cast<float>(logv);
+    const O dead_logp = shard ? O(-kInf) : static_cast<O>(-logv);
+    a.logp[i] = ignored ? O(0) : (in_range ? dead_logp : outside);
+    if (a.ent) a.ent[i] = static_cast<O>(logv);
     return;
   }
   if (T != T) lse = logp_raw = T;  // NaN logits (t is NaN whenever some x is)
   a.lse[i] = lse;
   if (a.ent) {  // >= 0 (rounding gives -6e-8 on peaked rows); NaN stays NaN
     const double H = std::log(S) - T / S;
-    a.ent[i] = static_cast<float>(H < 0 ? 0.0 : H);
+    a.ent[i] = static_cast<O>(H < 0 ? 0.0 : H);
   }
-  a.logp[i] = ignored ? 0.f : (in_range ? static_cast<float>(logp_raw > 0 ? 0.0 : logp_raw) : outside);
+  a.logp[i] = ignored ? O(0) : (in_range ? static_cast<O>(logp_raw > 0 ? 0.0 : logp_raw) : outside);
+}
+
+// ---------------------------------------------------------------------------------------------
+// float64 logits: every step in double (outputs and the upstream gradients float64 too), one
+// pass for the row max and one for the sums (the rows are re-read from cache).
+
+inline double w64(double z, double cap) { return cap > 0 ? cap * std::tanh(z / cap) : z; }
+
+void fwd_rows_f64(const FwdArgsT<double>& a, double temperature, double cap, int64_t r0, int64_t r1) {
+  const int64_t V = a.V;
+  const double inv_t = 1.0 / temperature;
+  for (int64_t i = r0; i < r1; ++i) {
+    const double* row = static_cast<const double*>(a.logits) + i * a.stride;
+    double m = -kInf;
+    bool nan = false;
+    for (int64_t j = 0; j < V; ++j) {
+      const double u = w64(row[j], cap) * inv_t;
+      nan |= u != u;
+      m = u > m ? u : m;
+    }
+    double S = 0, T = 0;
+    if (m > -kInf) {
+      for (int64_t j = 0; j < V; ++j) {
+        const double d = w64(row[j], cap) * inv_t - m;
+        const double e = std::exp(d);
+        S += e;
+        if (e > 0) T += e * d;
+      }
+    }
+    const int64_t y = label_at(a.labels, a.labels64, i);
+    const int64_t yl = local_label(a.c, y);
+    double lse = -kInf, logp = 0;
+    if (m > -kInf) {
+      lse = m + std::log(S);
+      if (yl >= 0 && yl < V) logp = (w64(row[yl], cap) * inv_t - m) - std::log(S);
+    }
+    finish_fwd(a, i, y, yl, m > -kInf, lse, logp, S, nan ? std::numeric_limits<double>::quiet_NaN() : T);
+  }
+}
+
+void bwd_rows_f64(const BwdArgsT<double>& a, double temperature, double cap, int64_t r0, int64_t r1) {
+  const Cfg& c = a.c;
+  const int64_t V = a.V;
+  const double inv_t = 1.0 / temperature;
+  for (int64_t i = r0; i < r1; ++i) {
+    const double* zr = static_cast<const double*>(a.logits) + i * a.stride;
+    double* gr = static_cast<double*>(a.grad) + i * a.gstride;
+    const double lse = a.lse[i];
+    if (lse == -kInf) {
+      std::fill(gr, gr + V, 0.0);
+      continue;
+    }
+    const int64_t y = label_at(a.labels, a.labels64, i);
+    const int64_t yl = local_label(c, y);
+    const bool here = y != c.ignore && yl >= 0 && yl < V;  // as in bwd_rows_scalar
+    const bool row_live = here || (c.vstart >= 0 && y != c.ignore);
+    const double gl = row_live ? a.gl[i] : 0.0;
+    const double gh = a.gh ? a.gh[i] : 0.0;
+    const double H = a.gh ? a.ent[i] : 0.0;
+    for (int64_t j = 0; j < V; ++j) {
+      double w = zr[j], sech2 = 1;
+      if (cap > 0) {
+        const double x = zr[j] / cap;
+        w = cap * std::tanh(x);
+        const double e = std::exp(-2.0 * std::abs(x));
+        sech2 = 4 * e / ((1 + e) * (1 + e));
+      }
+      const double d = w * inv_t - lse;
+      const double p = std::exp(d);
+      double g = (j == yl && here) ? gl * -std::expm1(d) : -gl * p;
+      if (p > 0) g -= gh * p * (d + H);
+      gr[j] = g * inv_t * sech2;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -603,11 +683,9 @@ BwdFn pick_bwd(bool cap) {
 
 void check_logits(const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 2, "rlkern.logprobs: logits must be 2-D [N, V], got ", logits.sizes());
-  TORCH_CHECK(logits.scalar_type() != at::kDouble,
-              "rlkern.logprobs: float64 logits are not handled by the C++ kernel (use the reference path)");
   TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16 ||
-                  logits.scalar_type() == at::kHalf,
-              "rlkern.logprobs: logits must be float32, bfloat16 or float16, got ", logits.scalar_type());
+                  logits.scalar_type() == at::kHalf || logits.scalar_type() == at::kDouble,
+              "rlkern.logprobs: logits must be float32, bfloat16, float16 or float64, got ", logits.scalar_type());
   TORCH_CHECK(logits.size(1) <= 1 || logits.stride(1) == 1,
               "rlkern.logprobs: logits must have a contiguous last dim (stride(1) == 1), got strides ",
               logits.strides());
@@ -644,6 +722,23 @@ void parallel_rows(int64_t n, int64_t grain, const F& f) {
   at::parallel_for(0, n, grain, f);
 }
 
+// The forward's arguments; outputs of type O (float, or double for float64 logits).
+template <typename O>
+FwdArgsT<O> fwd_args(const at::Tensor& logits, const at::Tensor& lab, at::Tensor& logp, at::Tensor& ent,
+                     at::Tensor& lse, bool with_entropy, const Cfg& c) {
+  FwdArgsT<O> a;
+  a.logits = logits.data_ptr();
+  a.stride = logits.stride(0);
+  a.V = logits.size(1);
+  a.labels = lab.data_ptr();
+  a.labels64 = lab.scalar_type() == at::kLong;
+  a.logp = logp.data_ptr<O>();
+  a.ent = with_entropy ? ent.data_ptr<O>() : nullptr;
+  a.lse = lse.data_ptr<double>();
+  a.c = c;
+  return a;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
                                                                 double temperature, double softcap,
                                                                 int64_t ignore_index, bool with_entropy,
@@ -654,28 +749,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor
   check_temperature(temperature);
   check_vocab_start(vocab_start);
   TORCH_CHECK(labels.device().type() == at::kCPU, "rlkern.logprobs: labels must be on the CPU like the logits");
-  const auto fopt = logits.options().dtype(at::kFloat);
+  const bool f64 = logits.scalar_type() == at::kDouble;
+  const auto fopt = logits.options().dtype(f64 ? at::kDouble : at::kFloat);
   at::Tensor logp = at::empty({N}, fopt);
   at::Tensor ent = at::empty({with_entropy ? N : 0}, fopt);
   at::Tensor lse = at::empty({N}, logits.options().dtype(at::kDouble));
   if (N == 0) return {logp, ent, lse};
   const at::Tensor lab = labels.contiguous();
-  FwdArgs a;
-  a.logits = logits.data_ptr();
-  a.stride = logits.stride(0);
-  a.V = V;
-  a.labels = lab.data_ptr();
-  a.labels64 = lab.scalar_type() == at::kLong;
-  a.logp = logp.data_ptr<float>();
-  a.ent = with_entropy ? ent.data_ptr<float>() : nullptr;
-  a.lse = lse.data_ptr<double>();
-  a.c = make_cfg(temperature, softcap, ignore_index, vocab_start);
+  const Cfg c = make_cfg(temperature, softcap, ignore_index, vocab_start);
+  if (f64) {
+    const FwdArgsT<double> a = fwd_args<double>(logits, lab, logp, ent, lse, with_entropy, c);
+    parallel_rows(N, grain_for(V), [&](int64_t b, int64_t e) { fwd_rows_f64(a, temperature, softcap, b, e); });
+    return {logp, ent, lse};
+  }
+  const FwdArgs a = fwd_args<float>(logits, lab, logp, ent, lse, with_entropy, c);
   const bool cap = a.c.cap > 0;
   FwdFn fn = logits.scalar_type() == at::kFloat     ? pick_fwd<float>(cap)
              : logits.scalar_type() == at::kBFloat16 ? pick_fwd<BFloat16>(cap)
                                                      : pick_fwd<Half>(cap);
   parallel_rows(N, grain_for(V), [&](int64_t b, int64_t e) { fn(a, b, e); });
   return {logp, ent, lse};
+}
+
+// The backward's arguments: upstream gradients and the saved entropy as G (float, or double for
+// float64 logits), lse as double; converted copies live in ``keep``.
+template <typename G>
+BwdArgsT<G> bwd_args(const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
+                     const at::Tensor& logits, const at::Tensor& lab, const at::Tensor& lse,
+                     const std::optional<at::Tensor>& entropy, at::Tensor& grad_logits, const Cfg& c,
+                     std::vector<at::Tensor>& keep) {
+  const int64_t N = logits.size(0);
+  const auto g_type = std::is_same<G, double>::value ? at::kDouble : at::kFloat;
+  keep.push_back(row_vec(grad_logprobs, N, "grad_logprobs", g_type));
+  keep.push_back(row_vec(lse, N, "lse", at::kDouble));
+  BwdArgsT<G> a;
+  a.logits = logits.data_ptr();
+  a.grad = grad_logits.data_ptr();
+  a.stride = logits.stride(0);
+  a.gstride = grad_logits.stride(0);
+  a.V = logits.size(1);
+  a.labels = lab.data_ptr();
+  a.labels64 = lab.scalar_type() == at::kLong;
+  a.gl = keep[keep.size() - 2].data_ptr<G>();
+  a.lse = keep.back().data_ptr<double>();
+  a.gh = a.ent = nullptr;
+  if (grad_entropy.has_value()) {
+    keep.push_back(row_vec(*grad_entropy, N, "grad_entropy", g_type));
+    keep.push_back(row_vec(*entropy, N, "entropy", g_type));
+    a.gh = keep[keep.size() - 2].data_ptr<G>();
+    a.ent = keep.back().data_ptr<G>();
+  }
+  a.c = c;
+  return a;
 }
 
 void logprobs_bwd_cpu(const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
@@ -696,26 +821,15 @@ void logprobs_bwd_cpu(const at::Tensor& grad_logprobs, const std::optional<at::T
   TORCH_CHECK(labels.device().type() == at::kCPU, "rlkern.logprobs: labels must be on the CPU like the logits");
   if (N == 0 || V == 0) return;
   const at::Tensor lab = labels.contiguous();
-  const at::Tensor gl = row_vec(grad_logprobs, N, "grad_logprobs");
-  const at::Tensor ls = row_vec(lse, N, "lse", at::kDouble);
-  at::Tensor gh, en;
-  if (grad_entropy.has_value()) {
-    gh = row_vec(*grad_entropy, N, "grad_entropy");
-    en = row_vec(*entropy, N, "entropy");
+  const Cfg c = make_cfg(temperature, softcap, ignore_index, vocab_start);
+  std::vector<at::Tensor> keep;
+  if (logits.scalar_type() == at::kDouble) {
+    const BwdArgsT<double> a =
+        bwd_args<double>(grad_logprobs, grad_entropy, logits, lab, lse, entropy, grad_logits, c, keep);
+    parallel_rows(N, grain_for(V), [&](int64_t b, int64_t e) { bwd_rows_f64(a, temperature, softcap, b, e); });
+    return;
   }
-  BwdArgs a;
-  a.logits = logits.data_ptr();
-  a.grad = grad_logits.data_ptr();
-  a.stride = logits.stride(0);
-  a.gstride = grad_logits.stride(0);
-  a.V = V;
-  a.labels = lab.data_ptr();
-  a.labels64 = lab.scalar_type() == at::kLong;
-  a.gl = gl.data_ptr<float>();
-  a.lse = ls.data_ptr<double>();
-  a.gh = gh.defined() ? gh.data_ptr<float>() : nullptr;
-  a.ent = en.defined() ? en.data_ptr<float>() : nullptr;
-  a.c = make_cfg(temperature, softcap, ignore_index, vocab_start);
+  const BwdArgs a = bwd_args<float>(grad_logprobs, grad_entropy, logits, lab, lse, entropy, grad_logits, c, keep);
   const bool cap = a.c.cap > 0;
   BwdFn fn = logits.scalar_type() == at::kFloat     ? pick_bwd<float>(cap)
              : logits.scalar_type() == at::kBFloat16 ? pick_bwd<BFloat16>(cap)
@@ -730,7 +844,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_meta(const at::Tenso
   check_logits(logits);
   const int64_t N = logits.size(0);
   check_labels(labels, N);
-  const auto fopt = logits.options().dtype(at::kFloat);
+  const auto fopt = logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   return {at::empty({N}, fopt), at::empty({with_entropy ? N : 0}, fopt), at::empty({N}, logits.options().dtype(at::kDouble))};
 }
 

@@ -78,15 +78,15 @@ def validate_enabled() -> bool:
 
 
 def choose(device: torch.device, kernels: tuple[str, ...], dtype: torch.dtype | None = None, *,
-           fp64: bool = False) -> str:
+           fp64: tuple[str, ...] = ()) -> str:
     """Pick the backend for one call.
 
     Args:
         device: device of the op's main input.
         kernels: the backends the op has besides "torch" (a subset of "triton", "cpp", "cuda").
         dtype: main input dtype.
-        fp64: the op's kernels take float64 input (and return float64); otherwise float64 runs
-            the reference.
+        fp64: the backends among ``kernels`` that take float64 input (and return float64);
+            float64 runs the reference where the chosen backend is not one of them.
     """
     usable = {"torch"}
     if "cpp" in kernels and has_cpp():
@@ -95,8 +95,8 @@ def choose(device: torch.device, kernels: tuple[str, ...], dtype: torch.dtype | 
         usable.add("cuda")
     if "triton" in kernels and has_triton() and (device.type == "cuda" or triton_interpreted()):
         usable.add("triton")
-    if dtype == torch.float64 and not fp64:
-        return "torch"
+    if dtype == torch.float64:
+        usable &= {"torch", *fp64}
     wanted = forced()
     if wanted in usable and (wanted != "cpp" or device.type == "cpu"):
         return wanted

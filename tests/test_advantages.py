@@ -1337,3 +1337,42 @@ def test_single_column_inputs_with_any_last_stride(backend):
                               A.optimal_token_baseline(rewards.contiguous(), mask, ids, logp.contiguous(),
                                                        spp.contiguous())):
         torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
+def test_float64_scans_run_the_kernels(backend, monkeypatch):
+    """float64 rewards (numpy's default) ran the PyTorch loops, 19x slower than float32 for gae;
+    the C++ scans and whitening now read and write float64 (the Triton scans are float32: on
+    CUDA float64 still runs PyTorch)."""
+    if backend == "torch":
+        pytest.skip("the PyTorch path itself")
+    g = _gen(41)
+    rewards, values = torch.randn(5, 23, generator=g, dtype=torch.float64), torch.randn(5, 23, generator=g,
+                                                                                       dtype=torch.float64)
+    mask = _mask(5, 23, "holes")
+    truncated = torch.tensor([True, False, True, False, False])
+    expected = {
+        "gae": R.gae(rewards, values, mask, 0.97, 0.9),
+        "gae whiten": (R.masked_whiten(R.gae(rewards, values, mask, 0.97, 0.9)[0], mask) * mask,),
+        "discounted_returns": (R.discounted_returns(rewards, mask, 0.9),),
+        "masked_whiten": (R.masked_whiten(rewards, mask),),
+    }
+
+    def boom(*args, **kwargs):
+        raise AssertionError("float64 ran the PyTorch path")
+
+    for name in ("_gae_torch", "_discounted_torch", "_whiten"):
+        monkeypatch.setattr(A, name, boom)
+    ours = {
+        "gae": A.gae(rewards, values, mask, 0.97, 0.9),
+        "gae whiten": (A.gae(rewards, values, mask, 0.97, 0.9, whiten=True)[0],),
+        "discounted_returns": (A.discounted_returns(rewards, mask, 0.9),),
+        "masked_whiten": (A.masked_whiten(rewards, mask),),
+    }
+    for name, outs in ours.items():
+        for out, ref in zip(outs, expected[name]):
+            assert out.dtype == torch.float64, name
+            torch.testing.assert_close(out, ref.to(torch.float64), rtol=1e-12, atol=1e-12, msg=name)
+    egae = A.egae(rewards, values, mask, truncated, 0.97, 0.9)
+    assert egae[0].dtype == torch.float64
+    rpp = A.reinforce_pp(rewards, mask, 0.9)
+    assert rpp[0].dtype == torch.float64

@@ -362,7 +362,7 @@ def _gae_op(
     lam: float,
     whiten: bool,
 ) -> tuple[Tensor, Tensor]:
-    backend = _backend.choose(rewards.device, _KERNELS, rewards.dtype)
+    backend = _backend.choose(rewards.device, _KERNELS, rewards.dtype, fp64=("cpp",))
     if backend == "cpp" and rewards.device.type == "cpu":
         adv, ret = torch.ops.rlkern.advantages_gae_kernel(rewards, values, mask, bootstrap, cu_seqlens, gamma, lam)
     elif backend == "triton":
@@ -520,7 +520,7 @@ def egae(
 
 @torch.library.custom_op("rlkern::advantages_discounted_returns", mutates_args=())
 def _discounted_op(rewards: Tensor, mask: Tensor, cu_seqlens: Tensor | None, gamma: float) -> Tensor:
-    backend = _backend.choose(rewards.device, _KERNELS, rewards.dtype)
+    backend = _backend.choose(rewards.device, _KERNELS, rewards.dtype, fp64=("cpp",))
     if backend == "cpp" and rewards.device.type == "cpu":
         return torch.ops.rlkern.advantages_discounted_kernel(rewards, mask, cu_seqlens, gamma)
     if backend == "triton":
@@ -598,9 +598,9 @@ def _whiten(x: Tensor, valid: Tensor, shift_mean: bool, op: str) -> Tensor:
 
 
 def _whiten_dispatch(values: Tensor, mask: Tensor, shift_mean: bool, zero_masked: bool, op: str) -> Tensor:
-    """C++ kernel for fp32 CPU tensors (three passes, float64 sums), else ``_whiten``."""
-    if (values.dtype == torch.float32 and mask.dtype != torch.float16 and mask.dtype != torch.bfloat16
-            and _backend.choose(values.device, ("cpp",), values.dtype) == "cpp"):
+    """C++ kernel for float32 / float64 CPU tensors (three passes, float64 sums), else ``_whiten``."""
+    if (values.dtype in (torch.float32, torch.float64)
+            and _backend.choose(values.device, ("cpp",), values.dtype, fp64=("cpp",)) == "cpp"):
         return torch.ops.rlkern.advantages_whiten_kernel(values, mask, shift_mean, zero_masked)
     valid = mask != 0
     out = _whiten(values, valid, shift_mean, op)

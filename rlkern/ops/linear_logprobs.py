@@ -203,7 +203,8 @@ def _plan(hidden: Tensor, weight: Tensor, chunk_size: int, deterministic: bool):
     cores and small enough; see ``_W_COPY_BYTES``)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     acc_dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
-    kernels = token_ops._kernel_fns(_backend.choose(hidden.device, token_ops._KERNELS, acc_dtype))
+    kernels = token_ops._kernel_fns(_backend.choose(hidden.device, token_ops._KERNELS, acc_dtype,
+                                                           fp64=token_ops._FP64))
     blocks = _blocks(n, vocab, hidden.device, chunk_size, deterministic)
     buf = hidden.new_empty((max((r for _, _, r in blocks), default=0), vocab), dtype=acc_dtype)
     on_cuda_half = _half_on_cuda(hidden) and hidden.dtype == weight.dtype

@@ -28,6 +28,7 @@ from rlkern.ops import vocab_parallel
 from rlkern.reference import logprobs as reference
 
 _KERNELS = ("cpp", "triton")
+_FP64 = ("cpp",)  # the C++ kernels take float64 logits (all in double); the Triton ones do not yet
 _LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LABEL_DTYPES = (torch.int32, torch.int64)
 # TRL's functions have no ignore_index: rows they mask out get this label, which no real index
@@ -169,7 +170,7 @@ def _fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     vocab = logits.shape[-1]
     _check_label_range(labels, vocab, ignore_index)
-    backend = _backend.choose(logits.device, _KERNELS, logits.dtype)
+    backend = _backend.choose(logits.device, _KERNELS, logits.dtype, fp64=_FP64)
     forward, _ = _kernel_fns(backend)
     parts = [
         forward(rows, row_labels, temperature, softcap, ignore_index, with_entropy)
@@ -194,7 +195,7 @@ def _fwd_fake(logits, labels, temperature, softcap, ignore_index, with_entropy, 
 
 def _bwd_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, softcap,
               ignore_index, grad_logits, vocab_start=-1) -> None:
-    backend = _backend.choose(logits.device, _KERNELS, logits.dtype)
+    backend = _backend.choose(logits.device, _KERNELS, logits.dtype, fp64=_FP64)
     _, backward = _kernel_fns(backend)
     for rows, row_grad_logits, *per_row in _pieces(
         logits, grad_logits, grad_logprobs, grad_entropy, labels, lse, entropy
@@ -285,7 +286,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     def forward(ctx, logits, labels, temperature, softcap, ignore_index, with_entropy, inplace_backward,
                 process_group, shard):
         # logits: (N, V_r) or (B, T, V_r), stride(-1) == 1; labels: logits.shape[:-1], global ids
-        backend = _backend.choose(logits.device, _KERNELS, logits.dtype)
+        backend = _backend.choose(logits.device, _KERNELS, logits.dtype, fp64=_FP64)
         forward, _ = _kernel_fns(backend)
         parts = [
             forward(rows, row_labels, temperature, softcap, ignore_index, with_entropy, vocab_start=shard.start)
@@ -348,8 +349,8 @@ def token_logprobs(
     gradient once, for both outputs.
 
     Args:
-        logits: ``[N, V]`` or ``[B, T, V]``, float16/bfloat16/float32 (float64 runs the
-            reference). Rows may be strided (``logits[:, :-1]``); the last dim must be
+        logits: ``[N, V]`` or ``[B, T, V]``, float16/bfloat16/float32/float64 (float64: the C++
+            kernel in double on the CPU; the reference on GPU). Rows may be strided (``logits[:, :-1]``); the last dim must be
             contiguous. V need not be a multiple of anything.
         labels: ``logits.shape[:-1]``, int32/int64, in ``[0, V)`` or ``ignore_index``.
         temperature: divides the (soft-capped) logits; vLLM/TRL/verl sampling temperature.

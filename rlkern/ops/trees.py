@@ -162,7 +162,7 @@ def _out_dtype(reward: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("rlkern::tree_values", mutates_args=())
 def _tree_values(parent: Tensor, reward: Tensor, mode: str, max_depth: int | None) -> Tensor:
-    backend = _backend.choose(reward.device, _KERNELS, reward.dtype, fp64=True)
+    backend = _backend.choose(reward.device, _KERNELS, reward.dtype, fp64=_KERNELS)
     if backend == "cpp":
         return torch.ops.rlkern.trees_values(parent, reward, _VALUE_MODES.index(mode),
                                              -1 if max_depth is None else max_depth)
@@ -192,7 +192,7 @@ def _tree_advantages(
     with_values: bool,
     max_depth: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    backend = _backend.choose(reward.device, _KERNELS, reward.dtype, fp64=True)
+    backend = _backend.choose(reward.device, _KERNELS, reward.dtype, fp64=_KERNELS)
     group_size = subgroup_weighting == "group_size"
     if backend == "cpp":
         return torch.ops.rlkern.trees_advantages(parent, reward, _METHODS.index(method), leaf_rloo, group_size,
