@@ -151,6 +151,30 @@ inline void finish_fwd(const FwdArgsT<O>& a, int64_t i, int64_t y, int64_t yl, b
 
 inline double w64(double z, double cap) { return cap > 0 ? cap * std::tanh(z / cap) : z; }
 
+// S += sum e^d, T += sum e^d d over columns [j0, V), d = u - m (terms with e^d = 0 add nothing).
+inline void sums_f64(const double* row, int64_t j0, int64_t V, double inv_t, double cap, double m, double& S,
+                     double& T) {
+  for (int64_t j = j0; j < V; ++j) {
+    const double d = w64(row[j], cap) * inv_t - m;
+    const double e = std::exp(d);
+    S += e;
+    if (e > 0) T += e * d;
+  }
+}
+
+// Row i's outputs from its max m (-inf: an all -inf row), sums and NaN flag.
+inline void finish_row_f64(const FwdArgsT<double>& a, int64_t i, const double* row, double inv_t, double cap,
+                           double m, double S, double T, bool nan) {
+  const int64_t y = label_at(a.labels, a.labels64, i);
+  const int64_t yl = local_label(a.c, y);
+  double lse = -kInf, logp = 0;
+  if (m > -kInf) {
+    lse = m + std::log(S);
+    if (yl >= 0 && yl < a.V) logp = (w64(row[yl], cap) * inv_t - m) - std::log(S);
+  }
+  finish_fwd(a, i, y, yl, m > -kInf, lse, logp, S, nan ? std::numeric_limits<double>::quiet_NaN() : T);
+}
+
 void fwd_rows_f64(const FwdArgsT<double>& a, double temperature, double cap, int64_t r0, int64_t r1) {
   const int64_t V = a.V;
   const double inv_t = 1.0 / temperature;
@@ -164,58 +188,65 @@ void fwd_rows_f64(const FwdArgsT<double>& a, double temperature, double cap, int
       m = u > m ? u : m;
     }
     double S = 0, T = 0;
-    if (m > -kInf) {
-      for (int64_t j = 0; j < V; ++j) {
-        const double d = w64(row[j], cap) * inv_t - m;
-        const double e = std::exp(d);
-        S += e;
-        if (e > 0) T += e * d;
-      }
+    if (m > -kInf) sums_f64(row, 0, V, inv_t, cap, m, S, T);
+    finish_row_f64(a, i, row, inv_t, cap, m, S, T, nan);
+  }
+}
+
+// One row of the float64 backward: its logits and gradient, lse and upstream terms, the label's
+// column; live false: an all -inf row, whose gradient is zeroed here.
+struct RowF64 {
+  const double* z;
+  double* g;
+  double lse, gl, gh, H;
+  int64_t yl;
+  bool here, live;
+};
+
+inline RowF64 row_f64(const BwdArgsT<double>& a, int64_t i) {
+  const Cfg& c = a.c;
+  RowF64 r;
+  r.z = static_cast<const double*>(a.logits) + i * a.stride;
+  r.g = static_cast<double*>(a.grad) + i * a.gstride;
+  r.lse = a.lse[i];
+  r.live = r.lse != -kInf;
+  if (!r.live) {
+    std::fill(r.g, r.g + a.V, 0.0);
+    return r;
+  }
+  const int64_t y = label_at(a.labels, a.labels64, i);
+  r.yl = local_label(c, y);
+  r.here = y != c.ignore && r.yl >= 0 && r.yl < a.V;  // as in bwd_rows_scalar
+  const bool row_live = r.here || (c.vstart >= 0 && y != c.ignore);
+  r.gl = row_live ? a.gl[i] : 0.0;
+  r.gh = a.gh ? a.gh[i] : 0.0;
+  r.H = a.gh ? a.ent[i] : 0.0;
+  return r;
+}
+
+// Gradient columns [j0, j1) of a live row (the label's one-hot term with expm1 for 1 - p near 1).
+inline void grad_f64(const RowF64& r, int64_t j0, int64_t j1, double inv_t, double cap) {
+  for (int64_t j = j0; j < j1; ++j) {
+    double w = r.z[j], sech2 = 1;
+    if (cap > 0) {
+      const double x = r.z[j] / cap;
+      w = cap * std::tanh(x);
+      const double e = std::exp(-2.0 * std::abs(x));
+      sech2 = 4 * e / ((1 + e) * (1 + e));
     }
-    const int64_t y = label_at(a.labels, a.labels64, i);
-    const int64_t yl = local_label(a.c, y);
-    double lse = -kInf, logp = 0;
-    if (m > -kInf) {
-      lse = m + std::log(S);
-      if (yl >= 0 && yl < V) logp = (w64(row[yl], cap) * inv_t - m) - std::log(S);
-    }
-    finish_fwd(a, i, y, yl, m > -kInf, lse, logp, S, nan ? std::numeric_limits<double>::quiet_NaN() : T);
+    const double d = w * inv_t - r.lse;
+    const double p = std::exp(d);
+    double g = (j == r.yl && r.here) ? r.gl * -std::expm1(d) : -r.gl * p;
+    if (p > 0) g -= r.gh * p * (d + r.H);
+    r.g[j] = g * inv_t * sech2;
   }
 }
 
 void bwd_rows_f64(const BwdArgsT<double>& a, double temperature, double cap, int64_t r0, int64_t r1) {
-  const Cfg& c = a.c;
-  const int64_t V = a.V;
   const double inv_t = 1.0 / temperature;
   for (int64_t i = r0; i < r1; ++i) {
-    const double* zr = static_cast<const double*>(a.logits) + i * a.stride;
-    double* gr = static_cast<double*>(a.grad) + i * a.gstride;
-    const double lse = a.lse[i];
-    if (lse == -kInf) {
-      std::fill(gr, gr + V, 0.0);
-      continue;
-    }
-    const int64_t y = label_at(a.labels, a.labels64, i);
-    const int64_t yl = local_label(c, y);
-    const bool here = y != c.ignore && yl >= 0 && yl < V;  // as in bwd_rows_scalar
-    const bool row_live = here || (c.vstart >= 0 && y != c.ignore);
-    const double gl = row_live ? a.gl[i] : 0.0;
-    const double gh = a.gh ? a.gh[i] : 0.0;
-    const double H = a.gh ? a.ent[i] : 0.0;
-    for (int64_t j = 0; j < V; ++j) {
-      double w = zr[j], sech2 = 1;
-      if (cap > 0) {
-        const double x = zr[j] / cap;
-        w = cap * std::tanh(x);
-        const double e = std::exp(-2.0 * std::abs(x));
-        sech2 = 4 * e / ((1 + e) * (1 + e));
-      }
-      const double d = w * inv_t - lse;
-      const double p = std::exp(d);
-      double g = (j == yl && here) ? gl * -std::expm1(d) : -gl * p;
-      if (p > 0) g -= gh * p * (d + H);
-      gr[j] = g * inv_t * sech2;
-    }
+    const RowF64 r = row_f64(a, i);
+    if (r.live) grad_f64(r, 0, a.V, inv_t, cap);
   }
 }
 
@@ -643,6 +674,115 @@ RLK_TGT void bwd_rows_avx2(const BwdArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
+// float64 rows (softcap off): e^x for x <= 0 in double, 4 lanes. k = round(x / ln 2), r = x - k ln 2
+// (Cody-Waite, ln 2 in two parts), e^r by its Taylor series to r^12 (|r| <= 0.347: truncation
+// < 2e-16), times 2^k built in the exponent bits. x < -708 (and -inf) gives 0: such terms are
+// below 1e-307 of the row's largest, which is 1. NaN lanes give any value: a NaN row is
+// detected in the max pass and its outputs are NaN whatever the sums.
+RLK_INL __m256d v_exp_pd(__m256d x) {
+  const __m256d lo = _mm256_set1_pd(-708.0);
+  const __m256d under = _mm256_cmp_pd(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_pd(x, lo);
+  const __m256d k = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256d r = _mm256_fnmadd_pd(k, _mm256_set1_pd(6.93145751953125e-1), x);
+  r = _mm256_fnmadd_pd(k, _mm256_set1_pd(1.42860682030941723212e-6), r);
+  static constexpr double kInvFact[13] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
+                                          1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800,
+                                          1.0 / 479001600};
+  __m256d p = _mm256_set1_pd(kInvFact[12]);
+  for (int n = 11; n >= 0; --n) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(kInvFact[n]));
+  const __m256i bits =
+      _mm256_slli_epi64(_mm256_castpd_si256(_mm256_add_pd(k, _mm256_set1_pd(4503599627370496.0 + 1023.0))), 52);
+  return _mm256_andnot_pd(under, _mm256_mul_pd(p, _mm256_castsi256_pd(bits)));
+}
+
+RLK_INL double hsum_pd(__m256d v) {
+  const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+// Row max and NaN flag of u = z * inv_t (4 lanes, then the tail).
+RLK_INL double max_pd(const double* row, int64_t V, double inv_t, bool* nan) {
+  const __m256d it = _mm256_set1_pd(inv_t);
+  __m256d m = _mm256_set1_pd(-kInf), bad = _mm256_setzero_pd();
+  int64_t j = 0;
+  for (; j + 4 <= V; j += 4) {
+    const __m256d u = _mm256_mul_pd(_mm256_loadu_pd(row + j), it);
+    bad = _mm256_or_pd(bad, _mm256_cmp_pd(u, u, _CMP_UNORD_Q));
+    m = _mm256_max_pd(m, u);  // NaN lanes keep m
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, m);
+  double out = std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3]));
+  *nan = _mm256_movemask_pd(bad) != 0;
+  for (; j < V; ++j) {
+    const double u = row[j] * inv_t;
+    *nan |= u != u;
+    out = u > out ? u : out;
+  }
+  return out;
+}
+
+RLK_TGT void fwd_rows_f64_avx2(const FwdArgsT<double>& a, double temperature, int64_t r0, int64_t r1) {
+  const int64_t V = a.V;
+  const double inv_t = 1.0 / temperature;
+  const __m256d it = _mm256_set1_pd(inv_t), zero = _mm256_setzero_pd();
+  for (int64_t i = r0; i < r1; ++i) {
+    const double* row = static_cast<const double*>(a.logits) + i * a.stride;
+    bool nan = false;
+    const double m = max_pd(row, V, inv_t, &nan);
+    double S = 0, T = 0;
+    if (m > -kInf) {
+      const __m256d vm = _mm256_set1_pd(m);
+      __m256d s0 = zero, t0 = zero, s1 = zero, t1 = zero;  // two chains: the adds do not wait on each other
+      int64_t j = 0;
+      for (; j + 8 <= V; j += 8) {
+        const __m256d d0 = _mm256_fmsub_pd(_mm256_loadu_pd(row + j), it, vm);
+        const __m256d d1 = _mm256_fmsub_pd(_mm256_loadu_pd(row + j + 4), it, vm);
+        const __m256d e0 = v_exp_pd(d0), e1 = v_exp_pd(d1);
+        s0 = _mm256_add_pd(s0, e0);
+        s1 = _mm256_add_pd(s1, e1);
+        t0 = _mm256_add_pd(t0, _mm256_and_pd(_mm256_cmp_pd(e0, zero, _CMP_GT_OQ), _mm256_mul_pd(e0, d0)));
+        t1 = _mm256_add_pd(t1, _mm256_and_pd(_mm256_cmp_pd(e1, zero, _CMP_GT_OQ), _mm256_mul_pd(e1, d1)));
+      }
+      for (; j + 4 <= V; j += 4) {
+        const __m256d d = _mm256_fmsub_pd(_mm256_loadu_pd(row + j), it, vm);
+        const __m256d e = v_exp_pd(d);
+        s0 = _mm256_add_pd(s0, e);
+        t0 = _mm256_add_pd(t0, _mm256_and_pd(_mm256_cmp_pd(e, zero, _CMP_GT_OQ), _mm256_mul_pd(e, d)));
+      }
+      S = hsum_pd(_mm256_add_pd(s0, s1));
+      T = hsum_pd(_mm256_add_pd(t0, t1));
+      sums_f64(row, j, V, inv_t, 0.0, m, S, T);
+    }
+    finish_row_f64(a, i, row, inv_t, 0.0, m, S, T, nan);
+  }
+}
+
+RLK_TGT void bwd_rows_f64_avx2(const BwdArgsT<double>& a, double temperature, int64_t r0, int64_t r1) {
+  const int64_t V = a.V;
+  const double inv_t = 1.0 / temperature;
+  const __m256d it = _mm256_set1_pd(inv_t), zero = _mm256_setzero_pd();
+  for (int64_t i = r0; i < r1; ++i) {
+    const RowF64 r = row_f64(a, i);
+    if (!r.live) continue;
+    // g = -(gl + gh (d + H)) p inv_t, p = e^d (the entropy term only where p > 0)
+    const __m256d vl = _mm256_set1_pd(r.lse), vgl = _mm256_set1_pd(r.gl), vgh = _mm256_set1_pd(r.gh),
+                  vh = _mm256_set1_pd(r.H), nit = _mm256_set1_pd(-inv_t);
+    int64_t j = 0;
+    for (; j + 4 <= V; j += 4) {
+      const __m256d d = _mm256_fmsub_pd(_mm256_loadu_pd(r.z + j), it, vl);
+      const __m256d p = v_exp_pd(d);
+      const __m256d ent = _mm256_and_pd(_mm256_cmp_pd(p, zero, _CMP_GT_OQ),
+                                        _mm256_mul_pd(vgh, _mm256_add_pd(d, vh)));
+      _mm256_storeu_pd(r.g + j, _mm256_mul_pd(_mm256_mul_pd(_mm256_add_pd(vgl, ent), p), nit));
+    }
+    grad_f64(r, j, V, inv_t, 0.0);
+    if (r.here && r.yl < j) grad_f64(r, r.yl, r.yl + 1, inv_t, 0.0);  // the label's column, exactly
+  }
+}
+
 bool simd_ok() {
   static const bool ok = [] {
     const char* env = std::getenv("RLKERN_NO_SIMD");
@@ -759,7 +899,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(const at::Tensor
   const Cfg c = make_cfg(temperature, softcap, ignore_index, vocab_start);
   if (f64) {
     const FwdArgsT<double> a = fwd_args<double>(logits, lab, logp, ent, lse, with_entropy, c);
-    parallel_rows(N, grain_for(V), [&](int64_t b, int64_t e) { fwd_rows_f64(a, temperature, softcap, b, e); });
+    parallel_rows(N, grain_for(V), [&](int64_t b, int64_t e) {
+#if RLK_X86_SIMD
+      if (simd_ok() && softcap <= 0) return fwd_rows_f64_avx2(a, temperature, b, e);
+#endif
+      fwd_rows_f64(a, temperature, softcap, b, e);
+    });
     return {logp, ent, lse};
   }
   const FwdArgs a = fwd_args<float>(logits, lab, logp, ent, lse, with_entropy, c);
@@ -826,7 +971,12 @@ void logprobs_bwd_cpu(const at::Tensor& grad_logprobs, const std::optional<at::T
   if (logits.scalar_type() == at::kDouble) {
     const BwdArgsT<double> a =
         bwd_args<double>(grad_logprobs, grad_entropy, logits, lab, lse, entropy, grad_logits, c, keep);
-    parallel_rows(N, grain_for(V), [&](int64_t b, int64_t e) { bwd_rows_f64(a, temperature, softcap, b, e); });
+    parallel_rows(N, grain_for(V), [&](int64_t b, int64_t e) {
+#if RLK_X86_SIMD
+      if (simd_ok() && softcap <= 0) return bwd_rows_f64_avx2(a, temperature, b, e);
+#endif
+      bwd_rows_f64(a, temperature, softcap, b, e);
+    });
     return;
   }
   const BwdArgs a = bwd_args<float>(grad_logprobs, grad_entropy, logits, lab, lse, entropy, grad_logits, c, keep);
