@@ -111,7 +111,7 @@ def run(device: torch.device, n: int, vocab: int, dtype: torch.dtype, rounds: in
         shape64 = shape.rsplit(" ", 1)[0] + " float64"
         timings, _ = timed(fns, f"logprobs fwd+entropy {shape64}")
         for name, (med, p20, p80) in timings.items():
-            gbps = n * vocab * 8 / (med * 1e-3) / 1e9
+            gbps = n * vocab * (4 if "float32" in name else 8) / (med * 1e-3) / 1e9
             rows.append(common.Row("logprobs fwd+entropy, float64", name, shape64, med, p20, p80, gbps,
                                    100 * gbps / peak_bw, None))
 
