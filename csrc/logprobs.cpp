@@ -679,10 +679,8 @@ RLK_TGT void bwd_rows_avx2(const BwdArgs& a, int64_t r0, int64_t r1) {
 // < 2e-16), times 2^k built in the exponent bits. x < -708 (and -inf) gives 0: such terms are
 // below 1e-307 of the row's largest, which is 1. NaN lanes give any value: a NaN row is
 // detected in the max pass and its outputs are NaN whatever the sums.
-RLK_INL __m256d v_exp_pd(__m256d x) {
-  const __m256d lo = _mm256_set1_pd(-708.0);
-  const __m256d under = _mm256_cmp_pd(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_pd(x, lo);
+// e^x for -708 <= x <= 0 (no range handling).
+RLK_INL __m256d v_exp_pd_in_range(__m256d x) {
   const __m256d k = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256d r = _mm256_fnmadd_pd(k, _mm256_set1_pd(6.93145751953125e-1), x);
@@ -694,7 +692,13 @@ RLK_INL __m256d v_exp_pd(__m256d x) {
   for (int n = 11; n >= 0; --n) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(kInvFact[n]));
   const __m256i bits =
       _mm256_slli_epi64(_mm256_castpd_si256(_mm256_add_pd(k, _mm256_set1_pd(4503599627370496.0 + 1023.0))), 52);
-  return _mm256_andnot_pd(under, _mm256_mul_pd(p, _mm256_castsi256_pd(bits)));
+  return _mm256_mul_pd(p, _mm256_castsi256_pd(bits));
+}
+
+RLK_INL __m256d v_exp_pd(__m256d x) {
+  const __m256d lo = _mm256_set1_pd(-708.0);
+  const __m256d under = _mm256_cmp_pd(x, lo, _CMP_LT_OQ);
+  return _mm256_andnot_pd(under, v_exp_pd_in_range(_mm256_max_pd(x, lo)));
 }
 
 RLK_INL double hsum_pd(__m256d v) {
@@ -736,15 +740,23 @@ RLK_TGT void fwd_rows_f64_avx2(const FwdArgsT<double>& a, double temperature, in
     if (m > -kInf) {
       const __m256d vm = _mm256_set1_pd(m);
       __m256d s0 = zero, t0 = zero, s1 = zero, t1 = zero;  // two chains: the adds do not wait on each other
+      // This pass is compute-bound (e^x in double) and reads the row from cache: fetch the next
+      // row into L2 meanwhile (one cache line of 8 doubles per step), so its max pass does not
+      // wait on memory.
+      const char* next = reinterpret_cast<const char*>(i + 1 < r1 ? row + a.stride : row);
       int64_t j = 0;
+      // d clamped at -708 (-inf logits included): its e^d < 1e-307 adds nothing to S or T that the
+      // row's largest term (1) would notice, and e^d d stays finite.
+      const __m256d lo = _mm256_set1_pd(-708.0);
       for (; j + 8 <= V; j += 8) {
-        const __m256d d0 = _mm256_fmsub_pd(_mm256_loadu_pd(row + j), it, vm);
-        const __m256d d1 = _mm256_fmsub_pd(_mm256_loadu_pd(row + j + 4), it, vm);
-        const __m256d e0 = v_exp_pd(d0), e1 = v_exp_pd(d1);
+        _mm_prefetch(next + j * sizeof(double), _MM_HINT_T1);
+        const __m256d d0 = _mm256_max_pd(_mm256_fmsub_pd(_mm256_loadu_pd(row + j), it, vm), lo);
+        const __m256d d1 = _mm256_max_pd(_mm256_fmsub_pd(_mm256_loadu_pd(row + j + 4), it, vm), lo);
+        const __m256d e0 = v_exp_pd_in_range(d0), e1 = v_exp_pd_in_range(d1);
         s0 = _mm256_add_pd(s0, e0);
         s1 = _mm256_add_pd(s1, e1);
-        t0 = _mm256_add_pd(t0, _mm256_and_pd(_mm256_cmp_pd(e0, zero, _CMP_GT_OQ), _mm256_mul_pd(e0, d0)));
-        t1 = _mm256_add_pd(t1, _mm256_and_pd(_mm256_cmp_pd(e1, zero, _CMP_GT_OQ), _mm256_mul_pd(e1, d1)));
+        t0 = _mm256_fmadd_pd(e0, d0, t0);
+        t1 = _mm256_fmadd_pd(e1, d1, t1);
       }
       for (; j + 4 <= V; j += 4) {
         const __m256d d = _mm256_fmsub_pd(_mm256_loadu_pd(row + j), it, vm);
