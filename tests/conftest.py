@@ -59,7 +59,7 @@ def pytest_collection_modifyitems(config, items):
 
 def assert_as_close_as_torch(ours, reference, torch_result, *, floor, factor=1.0, name="value"):
     """Our error against the float64 reference must not exceed PyTorch's own error at the same
-    input dtype (STYLE rule 10), with a floor for cases where PyTorch happens to be exact."""
+    input dtype (CONTRIBUTING.md, Tests), with a floor for cases where PyTorch happens to be exact."""
     reference = reference.double()
     ours_err = (ours.double() - reference).abs().nan_to_num(posinf=float("inf"))
     torch_err = (torch_result.double() - reference).abs().max().item()

@@ -6,7 +6,7 @@ small sizes: the interpreter's block sizes (BLOCK_N 16, BLOCK_V 64, BLOCK_H 16, 
 make these shapes run several token, vocab and H blocks, with tails in each. With CUDA they run
 the compiled kernels on the GPU.
 
-Tolerances (STYLE rule 10): the error PyTorch itself makes at the input dtype against float64
+Tolerances (CONTRIBUTING.md, Tests): the error PyTorch itself makes at the input dtype against float64
 (``F.linear`` in that dtype, softmax in fp32, autograd), measured in each test.
 """
 

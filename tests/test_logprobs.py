@@ -81,7 +81,7 @@ def test_backward_matches_reference(backend, dtype, with_entropy_grad, softcap):
     loss.backward()
     ref = _ref_grad(logits.detach(), labels, g_l, g_h, temperature, softcap or 0.0)
     assert logits.grad.dtype == dtype
-    # PyTorch's own backward of the same formula at this dtype is the bound (STYLE rule 10).
+    # PyTorch's own backward of the same formula at this dtype is the bound (CONTRIBUTING.md, Tests).
     z = logits.detach().clone().requires_grad_()
     u = (softcap * torch.tanh(z / softcap) if softcap else z) / temperature
     lp_t = torch.log_softmax(u, -1)

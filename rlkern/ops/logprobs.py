@@ -255,7 +255,7 @@ def _setup_context(ctx, inputs, output):
     ctx.hyper = (temperature, softcap, ignore_index)
     ctx.with_entropy = with_entropy
     # Writing grads into the logits buffer is only sound in eager mode; compiled graphs keep
-    # the functional backward (STYLE rule 6).
+    # the functional backward (CONTRIBUTING.md, Code).
     ctx.inplace = inplace_backward and not torch.compiler.is_compiling()
     ctx.mark_non_differentiable(lse)
 
