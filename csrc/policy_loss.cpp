@@ -69,9 +69,13 @@ constexpr bool through_mean(Loss l) { return l == Loss::kPpoSeq || l == Loss::kS
 enum class Kl { kK1, kAbs, kK2, kK3 };
 enum class MaskKind { kNone, kU8, kI32, kI64, kF32 };  // kNone: every token counts (packed)
 
-// Columns of the stats tensor (rlkern/ops/policy_loss.py S_*); row B holds (count, sequences).
+// Columns of the stats tensor, named as rlkern/reference/policy_loss.py's STAT_FIELDS (the
+// schema op below reports them; a test compares); row B holds (count, sequences).
 constexpr int kPolicy = 0, kEntropy = 1, kKl = 2, kCount = 3, kCf = 4, kLo = 5, kHi = 6, kDcf = 7, kAkl = 8,
               kRatio = 9, kSlr = 10, kDseq = 11, kNumStats = 12;
+constexpr const char* kStatFields[kNumStats] = {"policy",  "entropy",  "kl",        "count",
+                                                "clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac",
+                                                "approx_kl", "ratio", "seq_log_ratio", "seq_grad"};
 constexpr int kSums = 10;  // columns 0..9 are masked sums
 constexpr float kLogRatioBound = 20.f, kGspoMax = 10.f, kK3Bound = 10.f;
 constexpr double kMeanEps = 1e-8;  // verl's masked_mean denominator: sum(mask) + 1e-8
@@ -121,7 +125,25 @@ Agg parse_agg(const std::string& s, const char* what) {
   TORCH_CHECK(false, "rlkern.policy_loss: unknown ", what, " '", s, "'");
 }
 
-// The float hyper-parameter list (rlkern/ops/policy_loss.py H_*); NaN means "not given".
+// Positions in the float hyper-parameter list, named as rlkern/reference/policy_loss.py's
+// HYPER_FIELDS (the schema op below reports them; a test compares). NaN means "not given".
+enum HyperField {
+  kClipLow, kClipHigh, kDualClip, kKlCoef, kEntropyCoef, kDpSize, kLossScaleFactor, kTauPos, kTauNeg, kDroBeta,
+  kPpoKlCoef, kGlobalTokens, kGlobalSeqs, kNumHyper
+};
+constexpr const char* kHyperFields[kNumHyper] = {
+    "clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef", "dp_size", "loss_scale_factor",
+    "tau_pos", "tau_neg", "dro_beta", "ppo_kl_coef", "global_tokens", "global_seqs"};
+
+// "hyper: f1,f2,...; stats: c1,c2,...": this parser's field orders, for the schema test.
+std::string policy_loss_schema() {
+  std::string out = "hyper:";
+  for (int k = 0; k < kNumHyper; ++k) out += (k ? "," : "") + std::string(kHyperFields[k]);
+  out += "; stats:";
+  for (int k = 0; k < kNumStats; ++k) out += (k ? "," : "") + std::string(kStatFields[k]);
+  return out;
+}
+
 struct Hyper {
   float clip_low, clip_high, dual;
   bool has_dual;
@@ -134,23 +156,23 @@ struct Hyper {
 std::optional<double> given(double x) { return std::isnan(x) ? std::nullopt : std::optional<double>(x); }
 
 Hyper parse_hyper(const std::vector<double>& h) {
-  TORCH_CHECK(h.size() == 13, "rlkern.policy_loss: hyper must have 13 entries, got ", h.size());
+  TORCH_CHECK(h.size() == kNumHyper, "rlkern.policy_loss: hyper must have ", kNumHyper, " entries, got ", h.size());
   Hyper x;
-  x.clip_low = static_cast<float>(h[0]);
-  x.clip_high = static_cast<float>(h[1]);
-  x.has_dual = !std::isnan(h[2]);
-  x.dual = x.has_dual ? static_cast<float>(h[2]) : std::numeric_limits<float>::infinity();
-  x.kl_coef = h[3];
-  x.ent_coef = h[4];
-  x.dp = h[5];
-  x.has_lsf = !std::isnan(h[6]);
-  x.lsf = h[6];
-  x.tau_pos = static_cast<float>(h[7]);
-  x.tau_neg = static_cast<float>(h[8]);
-  x.dro_beta = std::isnan(h[9]) ? 0.f : static_cast<float>(h[9]);
-  x.ppo_kl_coef = static_cast<float>(h[10]);
-  x.global_tokens = given(h[11]);
-  x.global_seqs = given(h[12]);
+  x.clip_low = static_cast<float>(h[kClipLow]);
+  x.clip_high = static_cast<float>(h[kClipHigh]);
+  x.has_dual = !std::isnan(h[kDualClip]);
+  x.dual = x.has_dual ? static_cast<float>(h[kDualClip]) : std::numeric_limits<float>::infinity();
+  x.kl_coef = h[kKlCoef];
+  x.ent_coef = h[kEntropyCoef];
+  x.dp = h[kDpSize];
+  x.has_lsf = !std::isnan(h[kLossScaleFactor]);
+  x.lsf = h[kLossScaleFactor];
+  x.tau_pos = static_cast<float>(h[kTauPos]);
+  x.tau_neg = static_cast<float>(h[kTauNeg]);
+  x.dro_beta = std::isnan(h[kDroBeta]) ? 0.f : static_cast<float>(h[kDroBeta]);
+  x.ppo_kl_coef = static_cast<float>(h[kPpoKlCoef]);
+  x.global_tokens = given(h[kGlobalTokens]);
+  x.global_seqs = given(h[kGlobalSeqs]);
   return x;
 }
 
@@ -952,6 +974,7 @@ std::tuple<at::Tensor, at::Tensor> policy_loss_backward_meta(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlkern, m) {
+  m.def("policy_loss_schema() -> str", &policy_loss_schema);
   m.def(
       "policy_loss_forward(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor? mask, "
       "Tensor? ref_logprobs, Tensor? entropy, Tensor? is_weights, Tensor? select, Tensor? cu_seqlens, "

@@ -43,10 +43,12 @@ import torch
 import triton
 import triton.language as tl
 
+from rlkern.reference.policy_loss import HYPER_FIELDS, STAT_FIELDS
+
 LOSS_IDS = {"ppo": 0, "gspo": 1, "cispo": 2, "reinforce": 3, "gpg": 3, "sapo": 4, "dro": 5, "dppo_tv": 6,
             "dppo_kl": 7, "clip_cov": 8, "kl_cov": 9, "geo_mean": 10}
 KL_IDS = {"k1": 0, "kl": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
-N_STATS = 12
+N_STATS = len(STAT_FIELDS)
 # Largest token block per loop step; the tests lower it to run the block loop several times.
 MAX_BLOCK = 2048
 _BOUND = tl.constexpr(20.0)  # verl's log-ratio clamp before exp
@@ -566,10 +568,11 @@ def _n_split(n_seqs: int, n_tokens: int, block: int, device: torch.device, two_p
 def _token_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens,
                 loss, kl_estimator, level, hyper):
     """Pointers, row strides, sizes, float hyper-parameters and flags shared by both token kernels."""
+    h = dict(zip(HYPER_FIELDS, hyper))  # the named view of the ``hyper`` list
     packed = cu_seqlens is not None
     straight_through = kl_estimator.endswith("+")
     kl_id = KL_IDS[kl_estimator[:-1] if straight_through else kl_estimator]
-    has_dual = not math.isnan(hyper[2])
+    has_dual = not math.isnan(h["dual_clip"])
     tensors = [_rows(t, packed) for t in (logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy,
                                           is_weights, select)]
     adv_per_seq = advantages.shape != logprobs.shape
@@ -580,8 +583,8 @@ def _token_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy,
     strides = [0 if (t is None or packed or (i == 2 and adv_per_seq)) else t.stride(0) for i, t in enumerate(tensors)]
     dummy = tensors[0]
     ptrs = [dummy if t is None else t for t in tensors]
-    floats = (hyper[0], hyper[1], hyper[2] if has_dual else math.inf, hyper[7], hyper[8],
-              0.0 if math.isnan(hyper[9]) else hyper[9], hyper[10])
+    floats = (h["clip_low"], h["clip_high"], h["dual_clip"] if has_dual else math.inf, h["tau_pos"], h["tau_neg"],
+              0.0 if math.isnan(h["dro_beta"]) else h["dro_beta"], h["ppo_kl_coef"])
     flags = dict(LOSS=LOSS_IDS[loss], KL=kl_id, KL_ST=straight_through, HAS_DUAL=has_dual, PACKED=packed,
                  ADV_PER_SEQ=adv_per_seq, HAS_MASK=mask is not None, HAS_REF=ref_logprobs is not None,
                  HAS_ENT=entropy is not None, HAS_ISW=is_weights is not None, HAS_SEL=select is not None,
@@ -593,17 +596,19 @@ def _token_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy,
 
 def _agg_args(logprobs, global_tokens, global_seqs, agg, entropy_agg, width, hyper):
     """Normalizer pointers, floats and flags of the aggregation (finish and backward kernels)."""
+    h = dict(zip(HYPER_FIELDS, hyper))  # the named view of the ``hyper`` list
     dummy = logprobs
-    scale = float(width) if math.isnan(hyper[6]) else hyper[6]
+    scale = float(width) if math.isnan(h["loss_scale_factor"]) else h["loss_scale_factor"]
     # gtok, gseq, dp, scale, kl_coef, ent_coef
-    floats = (0.0 if math.isnan(hyper[11]) else hyper[11], 0.0 if math.isnan(hyper[12]) else hyper[12], hyper[5],
-              scale, hyper[3], hyper[4])
+    given = lambda x: 0.0 if math.isnan(x) else x  # noqa: E731
+    floats = (given(h["global_tokens"]), given(h["global_seqs"]), h["dp_size"], scale, h["kl_coef"],
+              h["entropy_coef"])
 
     def mode(tensor, number):  # 0 not given, 1 a 0-dim tensor, 2 a number
         return 1 if tensor is not None else (0 if math.isnan(number) else 2)
 
     flags = dict(AGG=AGG_IDS[agg], ENT_AGG=AGG_IDS[entropy_agg] if entropy_agg else 0, ENT_LOCAL=bool(entropy_agg),
-                 GTOK=mode(global_tokens, hyper[11]), GSEQ=mode(global_seqs, hyper[12]))
+                 GTOK=mode(global_tokens, h["global_tokens"]), GSEQ=mode(global_seqs, h["global_seqs"]))
     ptrs = (dummy if global_tokens is None else global_tokens, dummy if global_seqs is None else global_seqs)
     return ptrs, floats, flags
 
@@ -628,6 +633,7 @@ def policy_loss_forward(
     hyper: list[float],  # rlkern.ops.policy_loss H_* layout
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(loss [], metrics [8], stats [B + 1, 12])`` float32, in 2 launches."""
+    h = dict(zip(HYPER_FIELDS, hyper))  # the named view of the ``hyper`` list
     ptrs, strides, cu, n_seqs, width, floats, flags, block = _token_args(
         logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens, loss,
         kl_estimator, level, hyper)
@@ -645,8 +651,9 @@ def policy_loss_forward(
     norm_ptrs, norm_floats, norm_flags = _agg_args(logprobs, global_tokens, global_seqs, agg, entropy_agg, width,
                                                    hyper)
     _policy_loss_finish_kernel[(1,)](part, stats, *norm_ptrs, total, metrics, n_seqs, split, *norm_floats,
-                                     **norm_flags, WITH_KL=ref_logprobs is not None and hyper[3] != 0,
-                                     WITH_ENT=entropy is not None and hyper[4] != 0, GEO_MEAN=loss == "geo_mean",
+                                     **norm_flags, WITH_KL=ref_logprobs is not None and h["kl_coef"] != 0,
+                                     WITH_ENT=entropy is not None and h["entropy_coef"] != 0,
+                                     GEO_MEAN=loss == "geo_mean",
                                      HAS_ISW=is_weights is not None, ROWS=rows,
                                      BLOCK_B=min(FINISH_BLOCK, max(16, triton.next_power_of_2(max(n_seqs, 1)))),
                                      num_warps=4)
@@ -663,6 +670,7 @@ def policy_loss_backward(
     loss: str, agg: str, entropy_agg: str, kl_estimator: str, level: str, hyper: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(d loss / d logprobs, d loss / d entropy or [0])`` in the inputs' dtypes, contiguous; 1 launch."""
+    h = dict(zip(HYPER_FIELDS, hyper))  # the named view of the ``hyper`` list
     ptrs, strides, cu, n_seqs, width, floats, flags, block = _token_args(
         logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens, loss,
         kl_estimator, level, hyper)
@@ -674,11 +682,12 @@ def policy_loss_backward(
     del ptrs[5], strides[5]  # the backward does not read the entropy values
     norm_ptrs, norm_floats, norm_flags = _agg_args(logprobs, global_tokens, global_seqs, agg, entropy_agg, width,
                                                    hyper)
-    kl_coef, ent_coef = (hyper[3] if ref_logprobs is not None else 0.0), (hyper[4] if entropy is not None else 0.0)
+    kl_coef = h["kl_coef"] if ref_logprobs is not None else 0.0
+    ent_coef = h["entropy_coef"] if entropy is not None else 0.0
     split = _n_split(n_seqs, logprobs.numel(), block, logprobs.device, False)
     _policy_loss_bwd_kernel[(n_seqs, split)](grad_loss, *ptrs, cu, *norm_ptrs, stats, g_lp,
                                              g_ent if entropy is not None else g_lp, n_seqs, width, *strides,
                                              *floats, *norm_floats[:4], kl_coef, ent_coef, **flags, **norm_flags,
-                                             WITH_KL=ref_logprobs is not None and hyper[3] != 0, BLOCK=block,
+                                             WITH_KL=ref_logprobs is not None and h["kl_coef"] != 0, BLOCK=block,
                                              num_warps=TOKEN_WARPS)
     return g_lp, g_ent

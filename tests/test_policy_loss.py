@@ -110,6 +110,27 @@ def _ours(b, loss, agg, est, dtype=torch.float32, packed=False, lsf=None, seed=3
     return total.detach(), torch.stack([metrics[k] for k in KEYS]), *grads
 
 
+# A hyper list of the custom ops, built by field name (rlkern/reference/policy_loss.py HYPER_FIELDS).
+_HYPER = reference.hyper_list(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.1, entropy_coef=0.01,
+                              dp_size=1.0, loss_scale_factor=None, tau_pos=1.0, tau_neg=1.05, dro_beta=None,
+                              ppo_kl_coef=0.1, global_tokens=None, global_seqs=12.0)
+
+
+def test_hyper_and_stats_schema_is_one_across_python_triton_and_cpp():
+    """The float hyper-parameters travel as a list and the statistics as columns: Python, the Triton
+    launcher and the C++ parser all read them by the names of one schema; reordering a field on
+    one side only would give wrong numbers silently, so the C++ parser's own order is compared."""
+    cpp = torch.ops.rlkern.policy_loss_schema()
+    assert cpp == ("hyper:" + ",".join(reference.HYPER_FIELDS) + "; stats:" + ",".join(reference.STAT_FIELDS))
+    assert [P.H_CLIP_LOW, P.H_DUAL, P.H_LSF, P.H_GTOK, P.H_GSEQ] == [
+        reference.HYPER_FIELDS.index(n) for n in ("clip_low", "dual_clip", "loss_scale_factor", "global_tokens",
+                                                  "global_seqs")]
+    assert P.N_STATS == len(reference.STAT_FIELDS) and P.S_SLR == reference.STAT_FIELDS.index("seq_log_ratio")
+    assert dict(zip(reference.HYPER_FIELDS, _HYPER))["global_seqs"] == 12.0
+    with pytest.raises(TypeError, match="hyper_list: fields"):
+        reference.hyper_list(clip_low=0.2)
+
+
 def _close(ours, ref, atol=2e-5, rtol=2e-5, name=""):
     torch.testing.assert_close(ours.double(), ref.double(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
@@ -445,7 +466,7 @@ def test_opcheck():
     b = _batch(B=3, T=6, seed=2)
     lp, old, adv, ent = (b[k].float() for k in ("lp", "old", "adv", "ent"))
     mask = b["mask"]
-    hyper = [0.2, 0.28, 3.0, 0.1, 0.01, 1.0, float("nan"), 1.0, 1.05, float("nan"), 0.1, float("nan"), 12.0]
+    hyper = _HYPER
     # the kernels' forward and backward, GSPO's two-pass and the sequence-level forms included
     for loss, level in (("ppo", "token"), ("gspo", "token"), ("geo_mean", "token"), ("ppo", "sequence")):
         args = (lp.clone().requires_grad_(), old, adv, mask, b["ref"].float(), ent.clone().requires_grad_(), None,
@@ -1263,7 +1284,7 @@ def test_triton_launch_count(monkeypatch):
         monkeypatch.setattr(kernel, name, Counted(getattr(kernel, name), name))
     b = _batch(B=5, T=13, seed=22)
     B, T = b["lp"].shape
-    hyper = [0.2, 0.28, 3.0, 0.1, 0.01, 1.0, float("nan"), 1.0, 1.05, float("nan"), 0.1, float("nan"), 12.0]
+    hyper = _HYPER
     aliases = {"aten.view.dtype", "aten.detach.default", "aten.alias.default"}  # the bool mask read as uint8
     allocations = {"aten.empty.memory_format", "aten.new_empty.default"}
 

@@ -42,14 +42,19 @@ _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, t
 # d loss / d log-ratio, which the backward spreads over the sequence) and, for geo_mean, POLICY
 # (the sequence's loss); row B holds (sum of the mask, number of non-empty sequences), the local
 # normalizers.
-S_POLICY, S_ENTROPY, S_KL, S_COUNT, S_CF, S_LO, S_HI, S_DCF, S_AKL, S_RATIO, S_SLR, S_DSEQ = range(12)
-N_STATS = 12
+(S_POLICY, S_ENTROPY, S_KL, S_COUNT, S_CF, S_LO, S_HI, S_DCF, S_AKL, S_RATIO, S_SLR, S_DSEQ) = (
+    reference.STAT_FIELDS.index(name) for name in (
+        "policy", "entropy", "kl", "count", "clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac", "approx_kl",
+        "ratio", "seq_log_ratio", "seq_grad"))
+N_STATS = len(reference.STAT_FIELDS)
 # Indices into the float hyper-parameter list of the custom ops. H_GTOK / H_GSEQ: global_tokens /
 # global_seqs given as numbers (a number stays a kernel argument: a tensor made from it on the GPU
 # would be a host-to-device copy in every step, which CUDA graphs cannot capture); NaN when not
 # given or given as a tensor (then the global_tokens / global_seqs tensor arguments).
 (H_CLIP_LOW, H_CLIP_HIGH, H_DUAL, H_KL_COEF, H_ENT_COEF, H_DP, H_LSF, H_TAU_POS, H_TAU_NEG, H_DRO_BETA,
- H_PPO_KL_COEF, H_GTOK, H_GSEQ) = range(13)
+ H_PPO_KL_COEF, H_GTOK, H_GSEQ) = (reference.HYPER_FIELDS.index(name) for name in (
+    "clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef", "dp_size", "loss_scale_factor", "tau_pos",
+    "tau_neg", "dro_beta", "ppo_kl_coef", "global_tokens", "global_seqs"))
 _NONE = math.nan  # "not given" in the float list
 
 
@@ -674,12 +679,12 @@ def policy_loss(
         select = _cov_select(inner_loss, logprobs, old_logprobs, advantages, mask, cu_seqlens, clip_low,
                              clip_low if clip_high is None else clip_high, clip_cov_ratio, clip_cov_lb, clip_cov_ub,
                              kl_cov_ratio)
-    hyper = [float(clip_low), float(clip_low if clip_high is None else clip_high),
-             _NONE if dual_clip is None else float(dual_clip), float(kl_coef), float(entropy_coef), float(dp_size),
-             _NONE if loss_scale_factor is None else float(loss_scale_factor), float(tau_pos), float(tau_neg),
-             _NONE if dro_beta is None else float(dro_beta), float(ppo_kl_coef),
-             _NONE if global_tokens is None or isinstance(global_tokens, Tensor) else float(global_tokens),
-             _NONE if global_seqs is None or isinstance(global_seqs, Tensor) else float(global_seqs)]
+    hyper = reference.hyper_list(
+        clip_low=clip_low, clip_high=clip_low if clip_high is None else clip_high, dual_clip=dual_clip,
+        kl_coef=kl_coef, entropy_coef=entropy_coef, dp_size=dp_size, loss_scale_factor=loss_scale_factor,
+        tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta, ppo_kl_coef=ppo_kl_coef,
+        global_tokens=None if isinstance(global_tokens, Tensor) else global_tokens,
+        global_seqs=None if isinstance(global_seqs, Tensor) else global_seqs)
     op = _EagerPolicyLoss.apply if _use_eager(logprobs) else _fwd
     total, metrics, _ = op(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select,
                            cu_seqlens, global_tokens if isinstance(global_tokens, Tensor) else None,

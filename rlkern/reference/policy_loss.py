@@ -37,6 +37,27 @@ METRIC_KEYS = ("clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac", "ap
                "kl_ref", "entropy")
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+# The float hyper-parameters of the policy-loss custom ops, in the order of their ``hyper`` list,
+# and the columns of the per-sequence statistics the kernels emit: one schema for the op layer
+# (rlkern/ops/policy_loss.py), the Triton launcher (kernels/policy_loss.py) and the C++ parser
+# (csrc/policy_loss.cpp reports its own order through torch.ops.rlkern.policy_loss_schema;
+# tests/test_policy_loss.py compares them). In ``hyper``, NaN marks an optional field that was not
+# given (dual_clip, loss_scale_factor, dro_beta, global_tokens / global_seqs given as tensors or
+# not at all); the public ops reject NaN from callers.
+HYPER_FIELDS = ("clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef", "dp_size", "loss_scale_factor",
+                "tau_pos", "tau_neg", "dro_beta", "ppo_kl_coef", "global_tokens", "global_seqs")
+STAT_FIELDS = ("policy", "entropy", "kl", "count", "clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac",
+               "approx_kl", "ratio", "seq_log_ratio", "seq_grad")
+
+
+def hyper_list(**values) -> list[float]:
+    """The ``hyper`` list from every field of HYPER_FIELDS by name (None: not given, NaN)."""
+    missing = set(HYPER_FIELDS) ^ set(values)
+    if missing:
+        raise TypeError(f"hyper_list: fields {sorted(missing)} missing or unknown")
+    return [math.nan if values[name] is None else float(values[name]) for name in HYPER_FIELDS]
+
+
 LOSSES = ("ppo", "gspo", "cispo", "reinforce", "gpg", "sapo", "clip_cov", "kl_cov", "geo_mean", "dppo_tv",
           "dppo_kl", "dro")
 # verl clamps the log-ratio before exp for these losses; the others use it raw.
