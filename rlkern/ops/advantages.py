@@ -69,6 +69,7 @@ import torch
 from torch import Tensor
 
 from rlkern import _backend
+from rlkern.ops import _checks
 
 _KERNELS = ("cpp", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -131,7 +132,7 @@ def _check_cu_seqlens(op: str, cu_seqlens, total: int, device: torch.device, bat
                          f"got {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but the packed tensors are on {device}")
-    if (cu_seqlens.device.type == "cpu" or _backend.validate_enabled()) and not torch.compiler.is_compiling():
+    if _checks.host_checks(cu_seqlens):
         if cu_seqlens.numel() < 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total or bool(
                 (cu_seqlens.diff() < 0).any()):
             raise ValueError(f"{op}: cu_seqlens must be non-decreasing from 0 to {total}, "

@@ -63,6 +63,7 @@ import torch
 from torch import Tensor
 
 from rlkern import _backend
+from rlkern.ops import _checks
 from rlkern.reference import trees as reference
 
 _KERNELS = ("cpp", "triton")
@@ -109,15 +110,6 @@ def _check_max_depth(max_depth) -> None:
         raise TypeError(f"max_depth must be an int or None, got {type(max_depth).__name__}")
     if max_depth < 0:
         raise ValueError(f"max_depth must be >= 0 (roots have depth 0), got {max_depth}")
-
-
-def _host_checks(t: Tensor) -> bool:
-    """Checks that read values: always on CPU tensors, on CUDA only with RLKERN_VALIDATE=1, never
-    while torch.compile traces (the forest structure is still checked inside the tree kernels;
-    cu_seqlens and segment bounds are then the caller's responsibility)."""
-    if torch.compiler.is_compiling():
-        return False
-    return t.device.type == "cpu" or _backend.validate_enabled()
 
 
 def _validate_structure(parent: Tensor, max_depth: int | None) -> None:
@@ -321,12 +313,11 @@ def tree_advantages(
     parent, reward = _check_trees(parent, reward)
     _check_choice("method", method, _METHODS)
     _check_choice("subgroup_weighting", subgroup_weighting, _WEIGHTINGS)
-    if isinstance(epsilon, bool) or not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
-        # 0 would make a group of equal values 0 / 0 = NaN (and mark it trainable)
-        raise ValueError(f"tree_advantages: epsilon must be a finite number > 0, got {epsilon!r}")
+    # > 0: with 0 a group of equal values would be 0 / 0 = NaN (and marked trainable)
+    epsilon = _checks.number("tree_advantages", "epsilon", epsilon, low=0, low_open=True)
     if leaf_weights is not None:
         _, leaf_weights = _check_trees(parent, leaf_weights, name_reward="leaf_weights")
-        if _host_checks(leaf_weights):
+        if _checks.host_checks(leaf_weights):
             is_leaf = torch.ones(parent.numel(), dtype=torch.bool, device=parent.device)
             is_leaf[parent[(parent >= 0) & (parent < parent.numel())]] = False
             bad = (is_leaf & ~(leaf_weights >= 0)).nonzero()
@@ -468,7 +459,9 @@ def _check_cu_seqlens(cu_seqlens, total: int) -> Tensor:
                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)}")
     if cu_seqlens.numel() < 1:
         raise ValueError("cu_seqlens must have B+1 >= 1 entries")
-    if _host_checks(cu_seqlens):
+    # skipped while compiling, and on CUDA without RLKERN_VALIDATE=1: the bounds are then the caller's
+    # responsibility (the forest structure is still checked inside the tree kernels)
+    if _checks.host_checks(cu_seqlens):
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total or bool((cu_seqlens.diff() < 0).any()):
             raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={total}, "
                              f"got {cu_seqlens.tolist()[:8]}{'...' if cu_seqlens.numel() > 8 else ''}")
@@ -703,7 +696,7 @@ def broadcast_to_tokens(
         if t is not None and t.device != node_values.device:
             raise ValueError(f"{name} is on {t.device} but node_values is on {node_values.device}")
     start, end = segment_start.to(torch.int64).contiguous(), segment_end.to(torch.int64).contiguous()
-    if _host_checks(node_values):
+    if _checks.host_checks(node_values):
         _check_segments(start, end, num_tokens, node_index, node_values.numel())
     return _broadcast_to_tokens(node_values.contiguous(), start, end, num_tokens,
                                 None if node_index is None else node_index.to(torch.int64).contiguous(), float(fill))
