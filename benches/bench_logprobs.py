@@ -109,7 +109,7 @@ def run(device: torch.device, n: int, vocab: int, dtype: torch.dtype, rounds: in
                "rlkern (float32 logits)": lambda: _rlkern_logp_entropy(logits.float(), labels),
                "eager": lambda: _eager_logp_entropy(logits64, labels, torch.float64)}
         shape64 = shape.rsplit(" ", 1)[0] + " float64"
-        timings, _ = timed(fns, f"logprobs fwd+entropy {shape64}")
+        timings = common.measure(fns, device, rounds, label=f"logprobs fwd+entropy {shape64}")
         for name, (med, p20, p80) in timings.items():
             gbps = n * vocab * (4 if "float32" in name else 8) / (med * 1e-3) / 1e9
             rows.append(common.Row("logprobs fwd+entropy, float64", name, shape64, med, p20, p80, gbps,

@@ -127,11 +127,15 @@ class _Progress:
             self.bar.close()
 
 
+def _labelled(label: str) -> str:
+    return f"[{_FAMILY['name']}] {label}" if _FAMILY["name"] else label
+
+
 def measure(fns: dict, device: torch.device, rounds: int, *, label: str, warmup: int = 1
             ) -> dict[str, tuple[float, float, float]]:
     """Time every implementation of one case: ``time_alternating`` on the CPU, ``time_cuda``
     per implementation on a GPU. ``label`` ("bench shape") names the case in the progress bar."""
-    label = f"[{_FAMILY['name']}] {label}" if _FAMILY["name"] else label
+    label = _labelled(label)
     if _COLLECTED is not None:
         _COLLECTED.extend((label, name, fn) for name, fn in fns.items())
         return {name: (1.0, 1.0, 1.0) for name in fns}
@@ -255,7 +259,7 @@ def memory_sweep(module: str, device: torch.device, impls: list[str], ns: list[i
     rows = []
     if _COLLECTED is not None:
         return rows
-    progress = _Progress(f"[{_FAMILY['name']}] {bench}" if _FAMILY["name"] else bench, len(ns) * len(impls))
+    progress = _Progress(_labelled(bench), len(ns) * len(impls))
     try:
         for n in ns:
             for impl in impls:
