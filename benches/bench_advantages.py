@@ -131,8 +131,8 @@ def run(device: torch.device, batch: int, steps: int, samples: int, group: int, 
     rewards = torch.randn(batch, steps, generator=gen).to(device)
     values = torch.randn(batch, steps, generator=gen).to(device)
     mask = _mask(batch, steps, gen, device)
-    fns = {"rlkern": lambda: ops.gae(rewards, values, mask, 0.99, 0.95, whiten=True),
-           "rlkern (no whiten)": lambda: ops.gae(rewards, values, mask, 0.99, 0.95)}
+    fns = {"rlkern": lambda: ops.gae(rewards, values, mask, gamma=0.99, lam=0.95, whiten=True),
+           "rlkern (no whiten)": lambda: ops.gae(rewards, values, mask, gamma=0.99, lam=0.95)}
     if core is not None:
         fns["verl"] = lambda: core.compute_gae_advantage_return(rewards, values, mask, 0.99, 0.95)
     else:
@@ -141,8 +141,8 @@ def run(device: torch.device, batch: int, steps: int, samples: int, group: int, 
         add("gae+whiten", f"B={batch} T={steps} fp32", fns, batch * steps * (4 + 4 + 8 + 4 + 4))
     # the same on float64 rewards and values (numpy's default): float64 in, float64 out
     r64, v64 = rewards.double(), values.double()
-    fns = {"rlkern": lambda: ops.gae(r64, v64, mask, 0.99, 0.95, whiten=True),
-           "rlkern (float32 inputs)": lambda: ops.gae(rewards, values, mask, 0.99, 0.95, whiten=True)}
+    fns = {"rlkern": lambda: ops.gae(r64, v64, mask, gamma=0.99, lam=0.95, whiten=True),
+           "rlkern (float32 inputs)": lambda: ops.gae(rewards, values, mask, gamma=0.99, lam=0.95, whiten=True)}
     if core is not None:
         fns["verl"] = lambda: core.compute_gae_advantage_return(r64, v64, mask, 0.99, 0.95)
     with torch.no_grad():
@@ -158,8 +158,8 @@ def run(device: torch.device, batch: int, steps: int, samples: int, group: int, 
     cu = torch.zeros(batch + 1, dtype=torch.int32, device=device)
     cu[1:] = inside.sum(-1).cumsum(0)
     packed = [t[inside] for t in (rewards, mask, logp, spp)]
-    fns = {"rlkern": lambda: ops.optimal_token_baseline(rewards, mask, otb_ids, logp, spp),
-           "rlkern (packed)": lambda: ops.optimal_token_baseline(packed[0], packed[1], otb_ids, packed[2], packed[3],
+    fns = {"rlkern": lambda: ops.optimal_token_baseline(rewards, otb_ids, mask, logp, spp),
+           "rlkern (packed)": lambda: ops.optimal_token_baseline(packed[0], otb_ids, packed[1], packed[2], packed[3],
                                                                  cu_seqlens=cu)}
     if core is not None:
         fns["verl"] = lambda: core.compute_optimal_token_baseline_advantage(rewards, mask, otb_ids, logp, spp)

@@ -115,3 +115,56 @@ def available() -> dict[str, bool]:
         "cuda": has_cuda_ext(),
         "triton": has_triton() and (torch.cuda.is_available() or triton_interpreted()),
     }
+
+
+class Kernels:
+    """The implementations of one op, one per backend, and the rule that picks one per call.
+
+    Every op family dispatches through one of these (docs/architecture.md, Dispatch)::
+
+        _GAE = _backend.Kernels("gae", cpp="cpp_gae", triton="advantages.gae", torch=fallback.gae,
+                                fp64=("cpp", "triton"))
+        advantages, returns = _GAE.pick(rewards)(rewards, values, mask, ...)
+
+    Every backend of an op takes the same arguments and returns the same outputs.
+
+    Args:
+        op: the op's name (for messages).
+        torch: the PyTorch implementation (the reference, or the family's fallback module).
+        cpp: name of the C++ kernel under ``torch.ops.rlkern`` (CPU tensors).
+        triton: ``"module.function"`` under ``rlkern.kernels`` (CUDA tensors; CPU tensors
+            under ``TRITON_INTERPRET=1`` with ``RLKERN_BACKEND=triton``).
+        cuda: name of a CUDA kernel under ``torch.ops.rlkern`` (CUDA tensors).
+        fp64: the backends that take float64 input (computing in double, returning float64).
+    """
+
+    def __init__(self, op: str, *, torch, cpp: str | None = None, triton: str | None = None,
+                 cuda: str | None = None, fp64: tuple[str, ...] = ()):
+        self.op = op
+        self._names = {"cpp": cpp, "triton": triton, "cuda": cuda}
+        self._resolved = {"torch": torch}
+        self.kernels = tuple(name for name, where in self._names.items() if where is not None)
+        unknown = set(fp64) - set(self.kernels) - {"torch"}
+        if unknown:
+            raise ValueError(f"Kernels({op!r}): fp64 names backends it has not: {sorted(unknown)}")
+        self.fp64 = tuple(fp64)
+
+    def backend(self, tensor: torch.Tensor) -> str:
+        """The backend a call whose main input is ``tensor`` runs on."""
+        return choose(tensor.device, self.kernels, tensor.dtype, fp64=self.fp64)
+
+    def get(self, backend: str):
+        """The implementation of ``backend`` (imported on first use)."""
+        if backend not in self._resolved:
+            where = self._names[backend]
+            if backend == "triton":
+                module, function = where.rsplit(".", 1)
+                impl = getattr(importlib.import_module(f"rlkern.kernels.{module}"), function)
+            else:
+                impl = getattr(torch.ops.rlkern, where)
+            self._resolved[backend] = impl
+        return self._resolved[backend]
+
+    def pick(self, tensor: torch.Tensor):
+        """The implementation for a call whose main input is ``tensor``."""
+        return self.get(self.backend(tensor))

@@ -48,6 +48,22 @@ def backend(request, monkeypatch):
     return name
 
 
+@pytest.fixture
+def kernels_only(monkeypatch):
+    """Fails a test whose ops pick the PyTorch backend (``_backend.Kernels``): for checks that a
+    dtype or layout runs a kernel rather than silently the fallback or the reference."""
+    from rlkern import _backend
+
+    original = _backend.Kernels.get
+
+    def get(self, backend):
+        if backend == "torch":
+            raise AssertionError(f"{self.op} ran the PyTorch backend")
+        return original(self, backend)
+
+    monkeypatch.setattr(_backend.Kernels, "get", get)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

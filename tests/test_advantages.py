@@ -59,7 +59,7 @@ def test_gae_matches_reference(backend, batch, steps, layout, gamma, lam):
     g = _gen(1)
     rewards, values = torch.randn(batch, steps, generator=g), torch.randn(batch, steps, generator=g)
     mask = _mask(batch, steps, layout)
-    adv, ret = A.gae(rewards, values, mask, gamma, lam)
+    adv, ret = A.gae(rewards, values, mask, gamma=gamma, lam=lam)
     ref_adv, ref_ret = R.gae(rewards, values, mask, gamma, lam)
     assert adv.dtype == torch.float32 and ret.dtype == torch.float32
     assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
@@ -74,7 +74,7 @@ def test_gae_mask_dtypes_and_sliced_inputs(backend, mask_dtype):
     base_r, base_v = torch.randn(6, 40, generator=g), torch.randn(6, 40, generator=g)
     rewards, values = base_r[:, 3:33], base_v[::1, 5:35]  # strided rows (row stride 40)
     mask = _mask(6, 30, "holes", mask_dtype)
-    adv, ret = A.gae(rewards, values, mask, 0.97, 0.9)
+    adv, ret = A.gae(rewards, values, mask, gamma=0.97, lam=0.9)
     ref_adv, ref_ret = R.gae(rewards, values, mask, 0.97, 0.9)
     _close(adv, ref_adv)
     _close(ret, ref_ret)
@@ -86,7 +86,7 @@ def test_gae_long_sequence(backend):
     g = _gen(3)
     rewards, values = torch.randn(2, 20000, generator=g), torch.randn(2, 20000, generator=g)
     mask = _mask(2, 20000, "holes")
-    adv, ret = A.gae(rewards, values, mask, 1.0, 1.0)
+    adv, ret = A.gae(rewards, values, mask, gamma=1.0, lam=1.0)
     ref_adv, ref_ret = R.gae(rewards, values, mask, 1.0, 1.0)
     tol = 2e-5 * max(1.0, ref_adv.abs().max().item())
     _close(adv, ref_adv, tol=tol)
@@ -99,7 +99,7 @@ def test_discounted_returns_long_sequence(backend):
     rewards = torch.randn(2, 20000, generator=g)
     mask = _mask(2, 20000, "holes")
     ref = R.discounted_returns(rewards, mask, 1.0)
-    _close(A.discounted_returns(rewards, mask, 1.0), ref, tol=2e-5 * max(1.0, ref.abs().max().item()))
+    _close(A.discounted_returns(rewards, mask, gamma=1.0), ref, tol=2e-5 * max(1.0, ref.abs().max().item()))
 
 
 def test_gae_many_blocks_triton(monkeypatch):
@@ -114,13 +114,13 @@ def test_gae_many_blocks_triton(monkeypatch):
     rewards, values = torch.randn(3, 300, generator=g), torch.randn(3, 300, generator=g)
     mask = _mask(3, 300, "holes", torch.bool)
     truncated = torch.tensor([True, False, True])
-    adv, ret = A.egae(rewards, values, mask, truncated, 0.99, 0.95)
+    adv, ret = A.egae(rewards, values, mask, truncated, gamma=0.99, lam=0.95)
     ref_adv, ref_ret = R.egae(rewards, values, mask, truncated, 0.99, 0.95)
     _close(adv, ref_adv)
     _close(ret, ref_ret)
-    _close(A.discounted_returns(rewards, mask, 0.97), R.discounted_returns(rewards, mask, 0.97))
+    _close(A.discounted_returns(rewards, mask, gamma=0.97), R.discounted_returns(rewards, mask, 0.97))
     cu = torch.tensor([0, 100, 100, 900], dtype=torch.int32)
-    adv_p, _ = A.egae(rewards.flatten(), values.flatten(), mask.flatten(), truncated, 0.99, 0.95, cu_seqlens=cu)
+    adv_p, _ = A.egae(rewards.flatten(), values.flatten(), mask.flatten(), truncated, gamma=0.99, lam=0.95, cu_seqlens=cu)
     for b, (s, e) in enumerate([(0, 100), (100, 100), (100, 900)]):
         r_adv, _ = R.egae(rewards.flatten()[None, s:e], values.flatten()[None, s:e], mask.flatten()[None, s:e],
                           truncated[b:b + 1], 0.99, 0.95)
@@ -132,7 +132,7 @@ def test_gae_low_precision_and_fp64_inputs(backend, dtype):
     g = _gen(4)
     rewards, values = torch.randn(3, 50, generator=g).to(dtype), torch.randn(3, 50, generator=g).to(dtype)
     mask = _mask(3, 50, "right")
-    adv, ret = A.gae(rewards, values, mask, 0.99, 0.95)
+    adv, ret = A.gae(rewards, values, mask, gamma=0.99, lam=0.95)
     ref_adv, ref_ret = R.gae(rewards, values, mask, 0.99, 0.95)  # from the same rounded inputs
     assert adv.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     _close(adv, ref_adv, tol=1e-10 if dtype == torch.float64 else 2e-5)
@@ -142,7 +142,7 @@ def test_gae_low_precision_and_fp64_inputs(backend, dtype):
 def test_egae_paper_example():
     # T-PPO's EGAE by hand: r = [0, 1], V = [0.5, 0.3], cut after 2 tokens, so V(s_2) := V(s_1) = 0.3.
     rewards, values, mask = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.3]]), torch.ones(1, 2)
-    adv, ret = A.egae(rewards, values, mask, torch.tensor([True]), 0.9, 0.8)
+    adv, ret = A.egae(rewards, values, mask, torch.tensor([True]), gamma=0.9, lam=0.8)
     delta_1 = 1.0 + 0.9 * 0.3 - 0.3  # 0.97
     delta_0 = 0.0 + 0.9 * 0.3 - 0.5  # -0.23
     torch.testing.assert_close(adv, torch.tensor([[delta_0 + 0.9 * 0.8 * delta_1, delta_1]]))
@@ -153,7 +153,7 @@ def test_egae_paper_example():
     torch.testing.assert_close(A.egae(zero_r, values, mask, torch.tensor([0]))[0], torch.tensor([[-0.5, -0.3]]))
     # no reward on the cut token (T-PPO gives unfinished responses none): the last residual is
     # (gamma - 1) V(s_{l-1}), the form of the authors' verl recipe
-    adv = A.egae(zero_r, values, mask, torch.tensor([True]), 0.9, 0.8)[0]
+    adv = A.egae(zero_r, values, mask, torch.tensor([True]), gamma=0.9, lam=0.8)[0]
     torch.testing.assert_close(adv[0, 1], torch.tensor((0.9 - 1) * 0.3))
     torch.testing.assert_close(adv[0, 0], torch.tensor(0.9 * 0.3 - 0.5 + 0.9 * 0.8 * (0.9 - 1) * 0.3))
 
@@ -166,16 +166,16 @@ def test_egae_matches_reference(backend, layout):
     rewards, values = torch.randn(5, 25, generator=g), torch.randn(5, 25, generator=g)
     mask = _mask(5, 25, layout)
     truncated = torch.tensor([1, 1, 0, 1, 0])  # row 1 is empty
-    adv, ret = A.egae(rewards, values, mask, truncated, 0.95, 0.9)
+    adv, ret = A.egae(rewards, values, mask, truncated, gamma=0.95, lam=0.9)
     ref_adv, ref_ret = R.egae(rewards, values, mask, truncated, 0.95, 0.9)
     _close(adv, ref_adv)
     _close(ret, ref_ret)
-    plain = A.gae(rewards, values, mask, 0.95, 0.9)[0]
+    plain = A.gae(rewards, values, mask, gamma=0.95, lam=0.9)[0]
     torch.testing.assert_close(adv[truncated == 0], plain[truncated == 0])
     assert not torch.allclose(adv[[0, 3]], plain[[0, 3]])
     # with the critic's V(s_l): the standard truncated-GAE bootstrap instead of V(s_{l-1})
     boot = torch.tensor([1.5, -2.0, 0.7, 0.3, 9.0])
-    adv, ret = A.egae(rewards, values, mask, truncated.bool(), 0.95, 0.9, bootstrap_values=boot)
+    adv, ret = A.egae(rewards, values, mask, truncated.bool(), gamma=0.95, lam=0.9, bootstrap_values=boot)
     ref_adv, ref_ret = R.egae(rewards, values, mask, truncated, 0.95, 0.9, bootstrap=boot)
     _close(adv, ref_adv)
     _close(ret, ref_ret)
@@ -190,8 +190,8 @@ def test_gae_packed_matches_padded(backend):
     rewards, values = torch.randn(total, generator=g), torch.randn(total, generator=g)
     mask = (torch.rand(total, generator=g) > 0.2).to(torch.int64)
     truncated = torch.tensor([True, True, False, True, True])
-    adv, ret = A.egae(rewards, values, mask, truncated, 0.9, 0.8, cu_seqlens=cu)
-    ret_only = A.discounted_returns(rewards, mask, 0.9, cu_seqlens=cu)
+    adv, ret = A.egae(rewards, values, mask, truncated, gamma=0.9, lam=0.8, cu_seqlens=cu)
+    ret_only = A.discounted_returns(rewards, mask, gamma=0.9, cu_seqlens=cu)
     for b, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
         ra, rr = R.egae(rewards[None, s:e], values[None, s:e], mask[None, s:e], truncated[b:b + 1], 0.9, 0.8)
         _close(adv[s:e], ra[0])
@@ -205,7 +205,7 @@ def test_discounted_returns_matches_reference(backend, batch, steps, gamma):
     g = _gen(7)
     rewards = torch.randn(batch, steps, generator=g)
     mask = _mask(batch, steps, "holes")
-    out = A.discounted_returns(rewards, mask, gamma)
+    out = A.discounted_returns(rewards, mask, gamma=gamma)
     ref = R.discounted_returns(rewards, mask, gamma)
     _close(out, ref, tol=2e-5 * max(1.0, ref.abs().max().item()))
 
@@ -214,7 +214,7 @@ def test_gae_whiten_matches_reference(backend):
     g = _gen(8)
     rewards, values = torch.randn(5, 33, generator=g), torch.randn(5, 33, generator=g)
     mask = _mask(5, 33, "holes")
-    adv, _ = A.gae(rewards, values, mask, 0.99, 0.95, whiten=True)
+    adv, _ = A.gae(rewards, values, mask, gamma=0.99, lam=0.95, whiten=True)
     ref_adv, _ = R.gae(rewards, values, mask, 0.99, 0.95)
     ref = R.masked_whiten(ref_adv, mask) * (mask != 0)
     _close(adv, ref)
@@ -225,7 +225,7 @@ def test_masked_whiten_matches_reference_and_raises():
     x = torch.randn(4, 19, generator=g) * 3 + 1
     mask = _mask(4, 19, "holes", torch.float32)
     for shift in (True, False):
-        _close(A.masked_whiten(x, mask, shift), R.masked_whiten(x, mask, shift))
+        _close(A.masked_whiten(x, mask, shift_mean=shift), R.masked_whiten(x, mask, shift))
     one = torch.zeros(4, 19)
     one[0, 3] = 1
     with pytest.raises(ValueError, match="at least 2"):
@@ -240,9 +240,9 @@ def test_input_errors():
         A.gae(x, torch.randn(3, 4), torch.ones(3, 5))
     with pytest.raises(TypeError, match="rewards must be"):
         A.gae(x.long(), x, torch.ones(3, 5))
-    with pytest.raises(TypeError, match="cu_seqlens must be an int32"):
-        A.gae(x.flatten(), x.flatten(), torch.ones(15), cu_seqlens=torch.tensor([0, 15]))
-    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+    with pytest.raises(TypeError, match="gae: cu_seqlens must be int32 or int64, got torch.float32"):
+        A.gae(x.flatten(), x.flatten(), torch.ones(15), cu_seqlens=torch.tensor([0.0, 15.0]))
+    with pytest.raises(ValueError, match=r"gae: cu_seqlens must rise from 0 to rewards.numel\(\) = 15"):
         A.gae(x.flatten(), x.flatten(), torch.ones(15), cu_seqlens=torch.tensor([0, 14], dtype=torch.int32))
     with pytest.raises(ValueError, match="group_ids must have 3 entries"):
         A.grpo(torch.randn(3), ["a", "b"])
@@ -254,27 +254,27 @@ def test_input_errors():
         A.grpo_passk(torch.randn(3), [0, 0, 1])
     cu = torch.tensor([0, 2, 5, 6], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"cu_seqlens must be \[4\]"):
-        A.grpo(torch.randn(3), [0, 0, 1], torch.ones(6), cu_seqlens=cu[:3])
+        A.grpo(torch.randn(3), [0, 0, 1], torch.ones(6), cu_seqlens=torch.tensor([0, 2, 6]))
     with pytest.raises(ValueError, match="response_mask must be packed"):
         A.rloo(torch.randn(3), [0, 0, 1], torch.ones(3, 2), cu_seqlens=cu)
     with pytest.raises(ValueError, match="cu_seqlens needs the packed response_mask"):
         A.grpo(torch.randn(3), [0, 0, 1], cu_seqlens=cu)
-    with pytest.raises(TypeError, match="cu_seqlens must be an int32"):
-        A.opo(torch.randn(3), [0, 0, 1], torch.ones(6), cu_seqlens=cu.long())
-    with pytest.raises(ValueError, match="non-decreasing from 0 to 6"):
+    with pytest.raises(TypeError, match="opo: cu_seqlens must be int32 or int64"):
+        A.opo(torch.randn(3), [0, 0, 1], torch.ones(6), cu_seqlens=cu.double())
+    with pytest.raises(ValueError, match="outcome_to_tokens: cu_seqlens must rise from 0 to response_mask.numel"):
         A.outcome_to_tokens(torch.randn(3), torch.ones(6), cu_seqlens=torch.tensor([0, 2, 5, 7], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"truncated must have shape \(3,\)"):
         A.egae(x, x, torch.ones(3, 5), torch.ones(2))
     with pytest.raises(TypeError, match="truncated must be a torch.Tensor"):
         A.egae(x, x, torch.ones(3, 5), [True, False, True])
-    otb = (x.flatten(), torch.ones(15), [0, 0, 1], -x.flatten().abs(), x.flatten().abs())
+    otb = (x.flatten(), [0, 0, 1], torch.ones(15), -x.flatten().abs(), x.flatten().abs())
     with pytest.raises(ValueError, match="group_ids must have 2 entries"):
         A.optimal_token_baseline(*otb, cu_seqlens=torch.tensor([0, 5, 15], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"response_mask must have shape \(15,\)"):
-        A.optimal_token_baseline(otb[0], torch.ones(3, 5), *otb[2:], cu_seqlens=torch.tensor([0, 5, 9, 15],
+        A.optimal_token_baseline(*otb[:2], torch.ones(3, 5), *otb[3:], cu_seqlens=torch.tensor([0, 5, 9, 15],
                                                                                             dtype=torch.int32))
     with pytest.raises(ValueError, match=r"with cu_seqlens, rewards must be packed"):
-        A.optimal_token_baseline(x, torch.ones(3, 5), [0, 0, 1], -x.abs(), x.abs(),
+        A.optimal_token_baseline(x, [0, 0, 1], torch.ones(3, 5), -x.abs(), x.abs(),
                                  cu_seqlens=torch.tensor([0, 5, 9, 15], dtype=torch.int32))
 
 
@@ -317,7 +317,7 @@ def test_group_index_strings_holding_the_separator(monkeypatch, has_cpp):
     # Lists are joined with "\0" for the C++ hash; a uid holding "\0" must still be its own group
     # (the kernel sees the wrong separator count and Python passes lengths instead). Without
     # the C++ build, the Python strings are sorted.
-    monkeypatch.setattr(A._backend, "has_cpp", lambda: has_cpp)
+    monkeypatch.setattr(_backend, "has_cpp", lambda: has_cpp)
     for ids in (["a\0", "a", "a\0", "\0", "", "\0", "a"], ["ü\0", "ü", "ü\0", "x"], ["", "", "b", ""]):
         truth = [{k: i for i, k in enumerate(dict.fromkeys(ids))}[k] for k in ids]
         assert _same_partition(truth, A.group_index(ids).numpy()), ids
@@ -533,7 +533,7 @@ def test_optimal_token_baseline_matches_reference(backend, multi_turn, handle_ze
     spp = torch.rand(batch, steps, generator=g) * 0.5
     isw = torch.rand(batch, steps, generator=g) + 0.5
     (adv, ret), ran = _otb_kernel_ran(lambda: A.optimal_token_baseline(
-        rewards, mask, ids, logp, spp, isw, handle_zero_tail=handle_zero_tail, multi_turn=multi_turn))
+        rewards, ids, mask, logp, spp, isw, handle_zero_tail=handle_zero_tail, multi_turn=multi_turn))
     assert ran == (backend == "cpp")
     ref_adv, ref_ret = R.optimal_token_baseline(rewards, mask, list(ids), logp, spp, isw, handle_zero_tail, 1e-8,
                                                 compact=multi_turn)
@@ -575,10 +575,10 @@ def test_optimal_token_baseline_packed_matches_padded_and_reference(backend, mul
         padded_in.append(tensors["rollout_is_weights"] if with_is else None)
         r, lp, spp, isw = [None if t is None else t[inside] for t in padded_in]
         (adv, ret), ran = _otb_kernel_ran(
-            lambda: A.optimal_token_baseline(r, mask[inside], ids, lp, spp, isw, cu_seqlens=cu, **kw))
+            lambda: A.optimal_token_baseline(r, ids, mask[inside], lp, spp, isw, cu_seqlens=cu, **kw))
         assert ran == (backend == "cpp")
         assert adv.shape == (int(cu[-1]),) and adv.dtype == torch.float32
-        padded_adv, padded_ret = A.optimal_token_baseline(padded_in[0], mask, ids, *padded_in[1:], **kw)
+        padded_adv, padded_ret = A.optimal_token_baseline(padded_in[0], ids, mask, *padded_in[1:], **kw)
         # the same float64 sums (torch path: the packed ones as differences of batch-wide prefix sums)
         torch.testing.assert_close(adv, padded_adv[inside], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(ret, padded_ret[inside], rtol=1e-6, atol=1e-6)
@@ -597,8 +597,8 @@ def test_optimal_token_baseline_packed_matches_padded_and_reference(backend, mul
     torch.testing.assert_close(adv[single], ret[single] * (mask[inside][single] != 0))
     # response_mask None: every token valid
     all_valid = torch.ones(int(cu[-1]), dtype=torch.bool)
-    torch.testing.assert_close(A.optimal_token_baseline(r, None, ids, lp, spp, isw, cu_seqlens=cu, **kw),
-                               A.optimal_token_baseline(r, all_valid, ids, lp, spp, isw, cu_seqlens=cu, **kw))
+    torch.testing.assert_close(A.optimal_token_baseline(r, ids, None, lp, spp, isw, cu_seqlens=cu, **kw),
+                               A.optimal_token_baseline(r, ids, all_valid, lp, spp, isw, cu_seqlens=cu, **kw))
 
 
 def _otb_both(monkeypatch, *args, **kwargs):
@@ -647,14 +647,14 @@ def test_optimal_token_baseline_cpp_matches_torch_path(monkeypatch, multi_turn, 
     ]
     for r, m, group_ids, lp, sp, isw in cases:
         for zero_tail in (True, False):
-            ours, torch_path = _otb_both(monkeypatch, lay(r), lay(m), group_ids, lay(lp), lay(sp), lay(isw),
+            ours, torch_path = _otb_both(monkeypatch, lay(r), group_ids, lay(m), lay(lp), lay(sp), lay(isw),
                                          handle_zero_tail=zero_tail, **kw)
             for a, b in zip(ours, torch_path):
                 assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     monkeypatch.setenv("RLKERN_BACKEND", "cpp")
-    args = [lay(t) for t in (rewards, mask, None, logp, spp, rho)]
-    args[2] = ids
+    args = [lay(t) for t in (rewards, None, mask, logp, spp, rho)]
+    args[1] = ids
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -673,13 +673,13 @@ def test_optimal_token_baseline_cpp_tiny_batches(monkeypatch, shape):
     r, lp = torch.randn(shape, generator=g), -torch.rand(shape, generator=g)
     ids = torch.arange(shape[0]) % 2  # int ids: an empty batch goes through the sort path on "torch"
     for multi_turn in (False, True):
-        ours, torch_path = _otb_both(monkeypatch, r, torch.ones(shape), ids, lp, lp.abs(), multi_turn=multi_turn)
+        ours, torch_path = _otb_both(monkeypatch, r, ids, torch.ones(shape), lp, lp.abs(), multi_turn=multi_turn)
         for a, b in zip(ours, torch_path):
             assert a.shape == shape
             torch.testing.assert_close(a, b)
         cu = torch.zeros(shape[0] + 1, dtype=torch.int32)
         cu[1:] = torch.full((shape[0],), shape[1]).cumsum(0)
-        ours, torch_path = _otb_both(monkeypatch, r.flatten(), None, ids, lp.flatten(), lp.abs().flatten(),
+        ours, torch_path = _otb_both(monkeypatch, r.flatten(), ids, None, lp.flatten(), lp.abs().flatten(),
                                      multi_turn=multi_turn, cu_seqlens=cu)
         for a, b in zip(ours, torch_path):
             torch.testing.assert_close(a, b)
@@ -694,7 +694,7 @@ def test_remax_and_reinforce_pp_match_reference():
     ref_ret = R.reverse_cumsum(rewards, mask)
     _close(ret, ref_ret)
     _close(adv, ref_ret - base.double()[:, None] * mask)
-    adv, ret = A.reinforce_pp(rewards, mask, 0.9)
+    adv, ret = A.reinforce_pp(rewards, mask, gamma=0.9)
     ref_ret = R.discounted_returns(rewards, mask, 0.9)
     _close(ret, ref_ret)
     _close(adv, R.masked_whiten(ref_ret, mask) * (mask != 0))
@@ -769,8 +769,8 @@ def test_token_estimators_packed_match_padded_and_reference(backend, mask_dtype)
     mask, packed, inside, cu = _packed_batch(n, 12, 22, mask_dtype)
     rewards = torch.randn(n, 12, generator=_gen(22)) * inside
     base = torch.randn(n, generator=_gen(23))
-    for ours, theirs in zip(A.reinforce_pp(rewards[inside], packed, 0.9, cu_seqlens=cu),
-                            A.reinforce_pp(rewards, mask, 0.9)):
+    for ours, theirs in zip(A.reinforce_pp(rewards[inside], packed, gamma=0.9, cu_seqlens=cu),
+                            A.reinforce_pp(rewards, mask, gamma=0.9)):
         torch.testing.assert_close(ours, theirs[inside], rtol=1e-6, atol=1e-6)
     adv, ret = A.remax(rewards[inside], base, packed, cu_seqlens=cu)
     padded_adv, padded_ret = A.remax(rewards, base, mask)
@@ -948,7 +948,7 @@ def test_verl_optimal_token_baseline_parity(backend, name, with_is):
     cu = torch.zeros(batch + 1, dtype=torch.int32)
     cu[1:] = row_len.cumsum(0)
     isw = kwargs["rollout_is_weights"]
-    packed = A.optimal_token_baseline(rewards[inside], mask[inside], ids, logp[inside], spp[inside],
+    packed = A.optimal_token_baseline(rewards[inside], ids, mask[inside], logp[inside], spp[inside],
                                       None if isw is None else isw[inside], multi_turn=name.startswith("tir"),
                                       cu_seqlens=cu)
     for ours_packed, theirs_padded in zip(packed, theirs):
@@ -1088,36 +1088,37 @@ def test_opcheck_custom_ops():
     inverse = A.group_index(["a", "a", "b", "c", "c", "c"])
     s = torch.randn(6, generator=g)
     cu = torch.tensor([0, 4, 4, 27], dtype=torch.int32)
+    O = torch.ops.rlkern  # noqa: E741  (the custom ops, by their registered names)
     cases = [
-        (A._gae_op, (r, v, mask, None, None, 0.9, 0.8, True)),
-        (A._gae_op, (r.flatten(), v.flatten(), mask.flatten(), torch.randn(3), cu, 0.9, 0.8, False)),
-        (A._discounted_op, (r, mask, None, 0.9)),
-        (A._whiten_op, (r, mask, True)),
-        (A._dense_group_ids, (torch.tensor([5, 3, 5, 9]),)),
-        (A._group_normalize_op, (s, inverse, None, None, 1e-6, "unbiased", "group", "verl")),
-        (A._group_normalize_op, (s, inverse, _mask(6, 5, "holes"), None, 1e-6, "population", "batch", "zero")),
-        (A._group_normalize_op, (torch.tensor([1.0, float("nan"), 2.0, 0.5, float("nan"), 3.0]), inverse, None, None,
+        (O.gae, (r, v, mask, None, None, 0.9, 0.8, True)),
+        (O.gae, (r.flatten(), v.flatten(), mask.flatten(), torch.randn(3), cu, 0.9, 0.8, False)),
+        (O.discounted_returns, (r, mask, None, 0.9)),
+        (O.masked_whiten, (r, mask, True)),
+        (O.group_index, (torch.tensor([5, 3, 5, 9]),)),
+        (O.group_normalize, (s, inverse, None, None, 1e-6, "unbiased", "group", "verl")),
+        (O.group_normalize, (s, inverse, _mask(6, 5, "holes"), None, 1e-6, "population", "batch", "zero")),
+        (O.group_normalize, (torch.tensor([1.0, float("nan"), 2.0, 0.5, float("nan"), 3.0]), inverse, None, None,
                                  1e-4, "unbiased", "batch", "zero", True)),
-        (A._group_normalize_op, (s, inverse, torch.ones(27, dtype=torch.bool),
+        (O.group_normalize, (s, inverse, torch.ones(27, dtype=torch.bool),
                                  torch.tensor([0, 4, 4, 10, 20, 26, 27], dtype=torch.int32), 1e-4, "unbiased",
                                  "group", "verl")),
-        (A._group_baseline_op, (s, inverse, None, None, None, "rloo_raw", 0.0)),
-        (A._group_baseline_op, (s, inverse, torch.rand(6, generator=g), _mask(6, 5, "holes"), None, "weighted", 0.0)),
-        (A._group_baseline_op, (s, inverse, None, torch.ones(27, dtype=torch.bool),
+        (O.group_baseline, (s, inverse, None, None, None, "rloo_raw", 0.0)),
+        (O.group_baseline, (s, inverse, torch.rand(6, generator=g), _mask(6, 5, "holes"), None, "weighted", 0.0)),
+        (O.group_baseline, (s, inverse, None, torch.ones(27, dtype=torch.bool),
                                 torch.tensor([0, 4, 4, 10, 20, 26, 27], dtype=torch.int32), "gpg", 2.0)),
-        (A._passk_op, (s, A.group_index(["a", "a", "b", "b", "b", "b"]), 1e-6, True)),
-        (A._bnpo_op, (torch.rand(6, generator=g), inverse, 0.0, 1.0)),
-        (A._remax_op, (r, torch.randn(3), mask, None)),
-        (A._remax_op, (r.flatten(), torch.randn(3), mask.flatten(), cu)),
-        (A._otb_op, (r, mask, torch.tensor([0, 0, 1]), -torch.rand(3, 9), torch.rand(3, 9), None, None, True, 1e-8,
+        (O.grpo_passk, (s, A.group_index(["a", "a", "b", "b", "b", "b"]), 1e-6, True)),
+        (O.bnpo, (torch.rand(6, generator=g), inverse, 0.0, 1.0)),
+        (O.remax, (r, torch.randn(3), mask, None)),
+        (O.remax, (r.flatten(), torch.randn(3), mask.flatten(), cu)),
+        (O.optimal_token_baseline, (r, mask, torch.tensor([0, 0, 1]), -torch.rand(3, 9), torch.rand(3, 9), None, None, True, 1e-8,
                      True)),
-        (A._otb_op, (r.flatten(), mask.flatten(), torch.tensor([0, 0, 1]), -torch.rand(27), torch.rand(27),
+        (O.optimal_token_baseline, (r.flatten(), mask.flatten(), torch.tensor([0, 0, 1]), -torch.rand(27), torch.rand(27),
                      torch.rand(27) + 0.5, cu, True, 1e-8, False)),
-        (A._otb_op, (r.flatten(), None, torch.tensor([0, 1, 1]), -torch.rand(27), torch.rand(27), None, cu, False,
+        (O.optimal_token_baseline, (r.flatten(), None, torch.tensor([0, 1, 1]), -torch.rand(27), torch.rand(27), None, cu, False,
                      1e-8, True)),
     ]
     for op, args in cases:
-        torch.library.opcheck(op, args)
+        torch.library.opcheck(op.default, args)
 
 
 def test_torch_compile_fullgraph():
@@ -1130,16 +1131,16 @@ def test_torch_compile_fullgraph():
     cu = torch.tensor([0, 10, 20, 30, 40], dtype=torch.int32)
 
     def step(r, v, mask, ids):
-        adv, ret = A.gae(r, v, mask, 0.99, 0.95, whiten=True)
+        adv, ret = A.gae(r, v, mask, gamma=0.99, lam=0.95, whiten=True)
         scores = r.sum(-1)
         truncated = torch.tensor([True, False, True, False])
-        return (adv, ret, A.discounted_returns(r, mask, 0.9), A.grpo(scores, ids, mask), A.rloo(scores, ids),
+        return (adv, ret, A.discounted_returns(r, mask, gamma=0.9), A.grpo(scores, ids, mask), A.rloo(scores, ids),
                 A.masked_whiten(r, mask), A.remax(r, scores, mask)[0], A.bnpo(torch.sigmoid(scores), ids),
-                A.egae(r, v, mask, truncated, 0.99, 0.95)[0], A.grpo(scores, ids, mask.flatten(), cu_seqlens=cu),
+                A.egae(r, v, mask, truncated, gamma=0.99, lam=0.95)[0], A.grpo(scores, ids, mask.flatten(), cu_seqlens=cu),
                 A.opo(scores, ids, mask.flatten(), cu_seqlens=cu),
                 A.egae(r.flatten(), v.flatten(), mask.flatten(), truncated, cu_seqlens=cu)[1],
-                *A.optimal_token_baseline(r, mask, ids, -v.abs(), v.abs(), multi_turn=True),
-                *A.optimal_token_baseline(r.flatten(), mask.flatten(), ids, -v.abs().flatten(), v.abs().flatten(),
+                *A.optimal_token_baseline(r, ids, mask, -v.abs(), v.abs(), multi_turn=True),
+                *A.optimal_token_baseline(r.flatten(), ids, mask.flatten(), -v.abs().flatten(), v.abs().flatten(),
                                           cu_seqlens=cu))
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -1166,25 +1167,25 @@ def test_cuda_gae_and_returns_long_rows(layout):
     mask = _mask(6, 20000, layout, torch.bool)
     r64, v64 = rewards.double(), values.double()
     for gamma, lam in [(1.0, 1.0), (0.99, 0.95)]:
-        ref_adv, ref_ret = A.gae(r64, v64, mask, gamma, lam)
+        ref_adv, ref_ret = A.gae(r64, v64, mask, gamma=gamma, lam=lam)
         tol = 2e-5 * max(1.0, ref_adv.abs().max().item())
-        adv, ret = A.gae(*_cuda(rewards, values, mask), gamma, lam)
+        adv, ret = A.gae(*_cuda(rewards, values, mask), gamma=gamma, lam=lam)
         assert adv.is_cuda and adv.dtype == torch.float32
         _close(adv.cpu(), ref_adv, tol=tol, name="advantages")
         _close(ret.cpu(), ref_ret, tol=tol, name="returns")
-        ref = A.discounted_returns(r64, mask, gamma)
-        _close(A.discounted_returns(*_cuda(rewards, mask), gamma).cpu(), ref,
+        ref = A.discounted_returns(r64, mask, gamma=gamma)
+        _close(A.discounted_returns(*_cuda(rewards, mask), gamma=gamma).cpu(), ref,
                tol=2e-5 * max(1.0, ref.abs().max().item()), name="discounted returns")
     truncated = torch.tensor([True, False, True, True, False, True])
-    ref_adv, _ = A.egae(r64, v64, mask, truncated, 0.99, 0.95)
-    adv, _ = A.egae(*_cuda(rewards, values, mask, truncated), 0.99, 0.95)
+    ref_adv, _ = A.egae(r64, v64, mask, truncated, gamma=0.99, lam=0.95)
+    adv, _ = A.egae(*_cuda(rewards, values, mask, truncated), gamma=0.99, lam=0.95)
     _close(adv.cpu(), ref_adv, tol=2e-5 * max(1.0, ref_adv.abs().max().item()), name="egae")
     lengths = torch.tensor([20000, 0, 7, 19999, 1, 12345])
     inside = torch.arange(20000)[None, :] < lengths[:, None]
     cu = torch.zeros(7, dtype=torch.int32)
     cu[1:] = lengths.cumsum(0)
-    adv_p, ret_p = A.gae(*_cuda(rewards[inside], values[inside], mask[inside]), 0.99, 0.95, cu_seqlens=cu.cuda())
-    ref_adv, ref_ret = A.gae(r64 * inside, v64 * inside, mask & inside, 0.99, 0.95)
+    adv_p, ret_p = A.gae(*_cuda(rewards[inside], values[inside], mask[inside]), gamma=0.99, lam=0.95, cu_seqlens=cu.cuda())
+    ref_adv, ref_ret = A.gae(r64 * inside, v64 * inside, mask & inside, gamma=0.99, lam=0.95)
     tol = 2e-5 * max(1.0, ref_adv.abs().max().item())
     _close(adv_p.cpu(), ref_adv[inside], tol=tol, name="packed advantages")
     _close(ret_p.cpu(), ref_ret[inside], tol=tol, name="packed returns")
@@ -1196,7 +1197,7 @@ def test_cuda_whiten_and_gae_whiten():
     rewards, values = torch.randn(32, 1000, generator=g), torch.randn(32, 1000, generator=g)
     mask = _mask(32, 1000, "holes", torch.bool)
     _close(A.masked_whiten(*_cuda(rewards, mask)).cpu(), R.masked_whiten(rewards, mask), tol=1e-4)
-    adv, _ = A.gae(*_cuda(rewards, values, mask), 0.99, 0.95, whiten=True)
+    adv, _ = A.gae(*_cuda(rewards, values, mask), gamma=0.99, lam=0.95, whiten=True)
     _close(adv.cpu(), R.masked_whiten(R.gae(rewards, values, mask, 0.99, 0.95)[0], mask) * mask, tol=1e-4)
 
 
@@ -1239,8 +1240,8 @@ def test_cuda_outcome_estimators_match_reference():
     r = torch.randn(len(ids), 50, generator=_gen(44))
     for out, ref in zip(A.remax(*_cuda(r, s, mask)), A.remax(r, s, mask)):
         _close(out.cpu(), ref)
-    for out, ref in zip(A.optimal_token_baseline(*_cuda(r, mask, dense, -r.abs(), r.abs())),
-                        A.optimal_token_baseline(r, mask, dense, -r.abs(), r.abs())):
+    for out, ref in zip(A.optimal_token_baseline(*_cuda(r, dense, mask, -r.abs(), r.abs())),
+                        A.optimal_token_baseline(r, dense, mask, -r.abs(), r.abs())):
         _close(out.cpu(), ref, tol=1e-4)
 
 
@@ -1254,14 +1255,14 @@ def test_cuda_ops_do_not_sync():
     ids = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3], device="cuda")
     scores = r.sum(-1)
     cu = torch.arange(0, 2401, 300, dtype=torch.int32, device="cuda")
-    A.gae(r, v, mask, 0.99, 0.95, whiten=True)  # compile the kernels outside the checked region
+    A.gae(r, v, mask, gamma=0.99, lam=0.95, whiten=True)  # compile the kernels outside the checked region
     A.group_normalize(scores, ids)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        A.gae(r, v, mask, 0.99, 0.95, whiten=True)
-        A.gae(r.flatten(), v.flatten(), mask.flatten(), 0.99, 0.95, cu_seqlens=cu)
-        A.discounted_returns(r, mask, 0.9)
+        A.gae(r, v, mask, gamma=0.99, lam=0.95, whiten=True)
+        A.gae(r.flatten(), v.flatten(), mask.flatten(), gamma=0.99, lam=0.95, cu_seqlens=cu)
+        A.discounted_returns(r, mask, gamma=0.9)
         A.masked_whiten(r, mask)
         A.group_normalize(scores, ids, response_mask=mask)
         A.group_normalize(scores, ids, scale="batch", singleton="zero", skip_nan=True)
@@ -1269,7 +1270,7 @@ def test_cuda_ops_do_not_sync():
         A.opo(scores, ids, mask)
         A.gpg(scores, ids, mask)
         A.bnpo(torch.sigmoid(scores), ids, mask)
-        A.optimal_token_baseline(r, mask, ids, -v.abs(), v.abs())
+        A.optimal_token_baseline(r, ids, mask, -v.abs(), v.abs())
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -1307,10 +1308,10 @@ def test_scan_ops_take_every_documented_mask_dtype(backend, mask_dtype):
     mask = _mask(4, 9, "holes", torch.int64)
     truncated = torch.tensor([True, False, False, True])
     calls = {
-        "gae": lambda m: A.gae(rewards, values, m, 0.97, 0.9),
-        "egae": lambda m: A.egae(rewards, values, m, truncated, 0.97, 0.9),
-        "discounted_returns": lambda m: (A.discounted_returns(rewards, m, 0.9),),
-        "reinforce_pp": lambda m: A.reinforce_pp(rewards, m, 0.9),
+        "gae": lambda m: A.gae(rewards, values, m, gamma=0.97, lam=0.9),
+        "egae": lambda m: A.egae(rewards, values, m, truncated, gamma=0.97, lam=0.9),
+        "discounted_returns": lambda m: (A.discounted_returns(rewards, m, gamma=0.9),),
+        "reinforce_pp": lambda m: A.reinforce_pp(rewards, m, gamma=0.9),
     }
     for name, call in calls.items():
         for ours, expected in zip(call(mask.to(mask_dtype)), call(mask)):
@@ -1324,22 +1325,22 @@ def test_single_column_inputs_with_any_last_stride(backend):
     rewards, values = torch.randn(1, 5, generator=g).t(), torch.randn(1, 5, generator=g).t()
     assert rewards.shape == (5, 1) and rewards.stride() == (1, 5)
     mask = torch.ones(5, 1)
-    for ours, expected in zip(A.gae(rewards, values, mask, 0.9, 0.8),
-                              A.gae(rewards.contiguous(), values.contiguous(), mask, 0.9, 0.8)):
+    for ours, expected in zip(A.gae(rewards, values, mask, gamma=0.9, lam=0.8),
+                              A.gae(rewards.contiguous(), values.contiguous(), mask, gamma=0.9, lam=0.8)):
         torch.testing.assert_close(ours, expected, rtol=0, atol=0)
     truncated = torch.tensor([True, False, True, False, False])
-    for ours, expected in zip(A.egae(rewards, values, mask, truncated, 0.9, 0.8),
-                              A.egae(rewards.contiguous(), values.contiguous(), mask, truncated, 0.9, 0.8)):
+    for ours, expected in zip(A.egae(rewards, values, mask, truncated, gamma=0.9, lam=0.8),
+                              A.egae(rewards.contiguous(), values.contiguous(), mask, truncated, gamma=0.9, lam=0.8)):
         torch.testing.assert_close(ours, expected, rtol=0, atol=0)
     logp, spp = -torch.rand(1, 5, generator=g).t(), torch.rand(1, 5, generator=g).t()
     ids = np.array(["a", "b", "a", "b", "a"], dtype=object)
-    for ours, expected in zip(A.optimal_token_baseline(rewards, mask, ids, logp, spp),
-                              A.optimal_token_baseline(rewards.contiguous(), mask, ids, logp.contiguous(),
+    for ours, expected in zip(A.optimal_token_baseline(rewards, ids, mask, logp, spp),
+                              A.optimal_token_baseline(rewards.contiguous(), ids, mask, logp.contiguous(),
                                                        spp.contiguous())):
         torch.testing.assert_close(ours, expected, rtol=0, atol=0)
 
 
-def test_float64_scans_run_the_kernels(backend, monkeypatch):
+def test_float64_scans_run_the_kernels(backend, kernels_only):
     """float64 rewards (numpy's default) ran the PyTorch loops, 19x slower than float32 for gae;
     the C++ scans and whitening now read and write float64 (the Triton scans are float32: on
     CUDA float64 still runs PyTorch)."""
@@ -1357,22 +1358,34 @@ def test_float64_scans_run_the_kernels(backend, monkeypatch):
         "masked_whiten": (R.masked_whiten(rewards, mask),),
     }
 
-    def boom(*args, **kwargs):
-        raise AssertionError("float64 ran the PyTorch path")
-
-    for name in ("_gae_torch", "_discounted_torch", "_whiten"):
-        monkeypatch.setattr(A, name, boom)
     ours = {
-        "gae": A.gae(rewards, values, mask, 0.97, 0.9),
-        "gae whiten": (A.gae(rewards, values, mask, 0.97, 0.9, whiten=True)[0],),
-        "discounted_returns": (A.discounted_returns(rewards, mask, 0.9),),
+        "gae": A.gae(rewards, values, mask, gamma=0.97, lam=0.9),
+        "gae whiten": (A.gae(rewards, values, mask, gamma=0.97, lam=0.9, whiten=True)[0],),
+        "discounted_returns": (A.discounted_returns(rewards, mask, gamma=0.9),),
         "masked_whiten": (A.masked_whiten(rewards, mask),),
     }
     for name, outs in ours.items():
         for out, ref in zip(outs, expected[name]):
             assert out.dtype == torch.float64, name
             torch.testing.assert_close(out, ref.to(torch.float64), rtol=1e-12, atol=1e-12, msg=name)
-    egae = A.egae(rewards, values, mask, truncated, 0.97, 0.9)
+    egae = A.egae(rewards, values, mask, truncated, gamma=0.97, lam=0.9)
     assert egae[0].dtype == torch.float64
-    rpp = A.reinforce_pp(rewards, mask, 0.9)
+    rpp = A.reinforce_pp(rewards, mask, gamma=0.9)
     assert rpp[0].dtype == torch.float64
+
+
+def test_cu_seqlens_int64_same_as_int32():
+    # One cu_seqlens rule for every op (rlkern/ops/_checks.py): int32 and int64 give the same numbers.
+    g = _gen(71)
+    cu32 = torch.tensor([0, 4, 4, 11], dtype=torch.int32)
+    r, v, m = torch.randn(11, generator=g), torch.randn(11, generator=g), _mask(1, 11, "holes")[0]
+    m[:2] = 1
+    s = torch.randn(3, generator=g)
+    for cu in (cu32, cu32.long()):
+        outs = [*A.gae(r, v, m, gamma=0.9, lam=0.8, cu_seqlens=cu), A.discounted_returns(r, m, gamma=0.9, cu_seqlens=cu),
+                A.grpo(s, [0, 0, 1], m, cu_seqlens=cu), A.remax(r, s, m, cu_seqlens=cu)[0],
+                A.optimal_token_baseline(r, [0, 0, 1], m, -r.abs(), r.abs(), cu_seqlens=cu)[0]]
+        if cu.dtype == torch.int32:
+            expected = outs
+    for a, b in zip(outs, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -22,7 +22,7 @@ from rlkern.ops import advantages as ops
 
 
 def compute_gae_advantage_return(token_level_rewards, values, response_mask, gamma, lam):
-    return ops.gae(token_level_rewards, values, response_mask, float(gamma), float(lam), whiten=True)
+    return ops.gae(token_level_rewards, values, response_mask, gamma=float(gamma), lam=float(lam), whiten=True)
 
 
 def compute_grpo_outcome_advantage(token_level_rewards, response_mask, index, epsilon=1e-6,
@@ -80,7 +80,7 @@ def compute_opo_outcome_advantage(token_level_rewards, response_mask, index, eps
 def compute_reinforce_plus_plus_outcome_advantage(token_level_rewards, response_mask, config=None, **kwargs):
     if config is None:
         raise ValueError("reinforce_plus_plus: config (with gamma) is required, as in verl")
-    return ops.reinforce_pp(token_level_rewards, response_mask, float(_cfg(config, "gamma", 1.0)))
+    return ops.reinforce_pp(token_level_rewards, response_mask, gamma=float(_cfg(config, "gamma", 1.0)))
 
 
 def compute_remax_outcome_advantage(token_level_rewards, reward_baselines, response_mask, config=None, **kwargs):
@@ -96,14 +96,14 @@ def compute_gpg_outcome_advantage(token_level_rewards, response_mask, index, eps
 def compute_optimal_token_baseline_advantage(token_level_rewards, response_mask, index, old_log_probs,
                                              sum_pi_squared, rollout_is_weights=None, handle_zero_tail=True,
                                              epsilon=1e-8, **kwargs):
-    return ops.optimal_token_baseline(token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared,
+    return ops.optimal_token_baseline(token_level_rewards, index, response_mask, old_log_probs, sum_pi_squared,
                                       rollout_is_weights, handle_zero_tail=handle_zero_tail, eps=epsilon)
 
 
 def compute_multi_turn_optimal_token_baseline_advantage(token_level_rewards, response_mask, index, old_log_probs,
                                                         sum_pi_squared, rollout_is_weights=None,
                                                         handle_zero_tail=True, epsilon=1e-8, **kwargs):
-    return ops.optimal_token_baseline(token_level_rewards, response_mask, index, old_log_probs, sum_pi_squared,
+    return ops.optimal_token_baseline(token_level_rewards, index, response_mask, old_log_probs, sum_pi_squared,
                                       rollout_is_weights, handle_zero_tail=handle_zero_tail, eps=epsilon,
                                       multi_turn=True)
 

@@ -63,3 +63,38 @@ def cu_seqlens(op: str, cu: Tensor, total: int, device: torch.device, of: str) -
             shown = cu.tolist() if cu.numel() <= 20 else f"[{int(cu[0])}, ..., {int(cu[-1])}] ({cu.numel()} entries)"
             raise ValueError(f"{op}: cu_seqlens must rise from 0 to {of}.numel() = {total}, got {shown}")
     return cu.numel() - 1
+
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MASKS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + FLOATS
+INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_KINDS = {"float": FLOATS, "mask": MASKS, "int": INTS}
+
+
+def tensors(op: str, main: str, specs: dict, shape=None) -> None:
+    """Validate ``{name: (tensor or None, kind)}``; kind is "float", "mask" or "int".
+
+    Every tensor must be a Tensor of its kind's dtypes, on ``main``'s device and, when ``shape``
+    is given, of that shape (``shape`` may be a dict name -> expected shape for some names).
+    """
+    ref = specs[main][0]
+    for name, (t, kind) in specs.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        allowed = _KINDS[kind]
+        if t.dtype not in allowed:
+            names = "/".join(str(d).removeprefix("torch.") for d in allowed)
+            raise TypeError(f"{op}: {name} must be {names}, got {t.dtype}")
+        if isinstance(ref, Tensor) and t.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {main} is on {ref.device}")
+        want = shape.get(name) if isinstance(shape, dict) else shape
+        if want is not None and tuple(t.shape) != tuple(want):
+            raise ValueError(f"{op}: {name} must have shape {tuple(want)}, got {tuple(t.shape)}")
+
+
+def choice(op: str, name: str, value, choices) -> None:
+    """``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{op}: {name} must be one of {tuple(choices)}, got {value!r}")
