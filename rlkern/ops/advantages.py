@@ -363,7 +363,7 @@ def _gae_op(
     lam: float,
     whiten: bool,
 ) -> tuple[Tensor, Tensor]:
-    backend = _backend.choose(rewards.device, _KERNELS, rewards.dtype, fp64=("cpp",))
+    backend = _backend.choose(rewards.device, _KERNELS, rewards.dtype, fp64=_KERNELS)
     if backend == "cpp" and rewards.device.type == "cpu":
         adv, ret = torch.ops.rlkern.advantages_gae_kernel(rewards, values, mask, bootstrap, cu_seqlens, gamma, lam)
     elif backend == "triton":
@@ -521,7 +521,7 @@ def egae(
 
 @torch.library.custom_op("rlkern::advantages_discounted_returns", mutates_args=())
 def _discounted_op(rewards: Tensor, mask: Tensor, cu_seqlens: Tensor | None, gamma: float) -> Tensor:
-    backend = _backend.choose(rewards.device, _KERNELS, rewards.dtype, fp64=("cpp",))
+    backend = _backend.choose(rewards.device, _KERNELS, rewards.dtype, fp64=_KERNELS)
     if backend == "cpp" and rewards.device.type == "cpu":
         return torch.ops.rlkern.advantages_discounted_kernel(rewards, mask, cu_seqlens, gamma)
     if backend == "triton":
@@ -641,8 +641,8 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tens
 
 def _broadcast(scores: Tensor, mask: Tensor, cu_seqlens: Tensor | None) -> Tensor:
     """``scores[b] * mask`` over row b ([B, T]) or segment b (packed [total]), in scores' dtype."""
-    if (scores.dtype == torch.float32 and mask.dtype not in (torch.float16, torch.bfloat16)
-            and _backend.choose(scores.device, ("cpp",), scores.dtype) == "cpp"):
+    if (scores.dtype in (torch.float32, _F64)
+            and _backend.choose(scores.device, ("cpp",), scores.dtype, fp64=("cpp",)) == "cpp"):
         return torch.ops.rlkern.advantages_broadcast_kernel(scores, mask, cu_seqlens)
     per_token = scores[:, None] if cu_seqlens is None else scores[_segment_ids(cu_seqlens, mask.shape[0])]
     out = per_token * mask  # one pass: the mask is cast inside the multiply
@@ -706,8 +706,8 @@ def _group_normalize_op(
     singleton: str,
     skip_nan: bool = False,
 ) -> Tensor:
-    backend = _backend.choose(scores.device, _KERNELS, scores.dtype)
-    if backend == "cpp" and (mask is None or mask.dtype not in (torch.float16, torch.bfloat16)):
+    backend = _backend.choose(scores.device, _KERNELS, scores.dtype, fp64=_KERNELS)
+    if backend == "cpp":
         # one C++ pass: group sums, the normalization and the broadcast to tokens
         return torch.ops.rlkern.advantages_group_normalize_kernel(scores, inverse, mask, cu_seqlens, eps, std, scale,
                                                                    singleton, skip_nan)
@@ -852,8 +852,8 @@ def _group_baseline_op(
 ) -> Tensor:
     """mode: "rloo_raw" / "rloo_zero" / "mean" (s - mean, singleton mean 0) / "weighted" (s -
     sum(w s)/sum(w), singleton 0) / "gpg" (alpha (s - mean) / param); broadcast to mask's tokens."""
-    backend = _backend.choose(scores.device, _KERNELS, scores.dtype)
-    if backend == "cpp" and (mask is None or mask.dtype not in (torch.float16, torch.bfloat16)):
+    backend = _backend.choose(scores.device, _KERNELS, scores.dtype, fp64=_KERNELS)
+    if backend == "cpp":
         # one C++ pass: group sums, the baseline and the broadcast to tokens
         return torch.ops.rlkern.advantages_group_baseline_kernel(scores, inverse, weights, mask, cu_seqlens, mode,
                                                                   param)
@@ -982,6 +982,9 @@ def remax(rewards: Tensor, reward_baselines: Tensor, response_mask: Tensor, *,
 @torch.library.custom_op("rlkern::advantages_remax", mutates_args=())
 def _remax_op(rewards: Tensor, reward_baselines: Tensor, mask: Tensor,
               cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
+    if _backend.choose(rewards.device, ("cpp",), rewards.dtype, fp64=("cpp",)) == "cpp":
+        return torch.ops.rlkern.advantages_remax_kernel(_lastdim_contiguous(rewards), reward_baselines,
+                                                        _lastdim_contiguous(mask), cu_seqlens)
     dtype = _out_dtype(rewards)
     m = mask.to(dtype)
     y = rewards.to(_F64) * m
@@ -1003,6 +1006,8 @@ def _(rewards, reward_baselines, mask, cu_seqlens):
 
 @torch.library.custom_op("rlkern::advantages_grpo_passk", mutates_args=())
 def _passk_op(scores: Tensor, inverse: Tensor, eps: float, norm_by_std: bool) -> Tensor:
+    if _backend.choose(scores.device, _KERNELS, scores.dtype, fp64=_KERNELS) == "cpp":
+        return torch.ops.rlkern.advantages_grpo_passk_kernel(scores, inverse, eps, norm_by_std)
     x = scores.to(_F64)
     n = x.numel()
     count, _, m2 = _moments_backend(x, inverse)
@@ -1048,6 +1053,8 @@ def grpo_passk(scores: Tensor, group_ids, response_mask: Tensor | None = None, *
 
 @torch.library.custom_op("rlkern::advantages_bnpo", mutates_args=())
 def _bnpo_op(scores: Tensor, inverse: Tensor, min_value: float, max_value: float) -> Tensor:
+    if _backend.choose(scores.device, _KERNELS, scores.dtype, fp64=_KERNELS) == "cpp":
+        return torch.ops.rlkern.advantages_bnpo_kernel(scores, inverse, min_value, max_value)
     s = (scores.to(_F64) - min_value) / (max_value - min_value)
     n = s.numel()
     count, mean, _ = _moments_backend(s, inverse)
@@ -1193,7 +1200,7 @@ def _otb_op(
     eps: float,
     multi_turn: bool,
 ) -> tuple[Tensor, Tensor]:
-    if _backend.choose(rewards.device, ("cpp",), rewards.dtype) == "cpp":
+    if _backend.choose(rewards.device, ("cpp",), rewards.dtype, fp64=("cpp",)) == "cpp":
         # one C++ task per group: reward-to-go and path weights per row, per-position sums, outputs
         return torch.ops.rlkern.advantages_optimal_token_baseline_kernel(
             _lastdim_contiguous(rewards), None if mask is None else _lastdim_contiguous(mask), inverse,
