@@ -13,7 +13,8 @@ and "rlkern (int ids)" is the same call with the dense group numbers already mad
 Bytes counted: GAE reads r, v (4 B) and the mask (8 B) and writes advantages and returns (4 B
 each) per token; OTB reads r, old log-probs, sum pi^2 (4 B) and the mask (8 B) and writes two
 outputs (4 B each) per padded token; GRPO reads the [N, T] rewards and mask and writes [N, T]
-advantages.
+advantages. The float64 rows time the same call on float64 inputs (float64 outputs) beside the
+float32 call; GRPO's float64 row counts the int64 mask read and the float64 advantages written.
 """
 
 from __future__ import annotations
@@ -103,6 +104,15 @@ def run(device: torch.device, batch: int, steps: int, samples: int, group: int, 
     with torch.no_grad():
         add("grpo (str uids)", f"N={samples} G={group} T={tokens}",
             fns, samples * tokens * (4 + 8 + 4))
+
+    # the same GRPO on float64 scores (numpy's default): float64 in, float64 out, beside float32
+    scores32 = token_rewards.sum(-1)
+    scores64 = scores32.double()
+    fns = {"rlkern": lambda: ops.grpo(scores64, dense_ids, grpo_mask),
+           "rlkern (float32 scores)": lambda: ops.grpo(scores32, dense_ids, grpo_mask)}
+    with torch.no_grad():
+        add("grpo (int ids), float64", f"N={samples} G={group} T={tokens} fp64", fns, samples * tokens * (8 + 8),
+            verl=False)
 
     # the other outcome estimators over the same batch (segment sums over the dense group numbers)
     outcome = {"rloo (str uids)": (lambda ids: ops.rloo(token_rewards.sum(-1), ids, grpo_mask),

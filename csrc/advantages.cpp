@@ -30,6 +30,9 @@
 //   optimal_token_baseline: verl's OTB (and its multi-turn twin) per group of rows, one task
 //               per group: reward-to-go and cumulative path weights per row, per-position group
 //               sums, then advantages; see otb_group.
+//   remax, grpo_passk, bnpo: the op layer's _remax_op / _passk_op / _bnpo_op in double (see
+//               remax_rows, passk_values, bnpo_values).
+// float64 input is read, computed and written in float64; every other float input gives float32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -39,9 +42,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -617,7 +623,8 @@ at::Tensor group_index_joined_cpu(const at::Tensor& joined, int64_t n) {
 }
 
 // The group kernels' shared edges: input checks, the scores dtype dispatch, and the output
-// (per-sample values rounded to float32, then value * mask broadcast to the tokens if a mask is given).
+// (per-sample values rounded to float32, or kept in float64 for float64 scores, then value * mask
+// broadcast to the tokens if a mask is given).
 void check_group_inputs(const at::Tensor& scores, const at::Tensor& inverse, const std::optional<at::Tensor>& mask,
                         const std::optional<at::Tensor>& cu_seqlens, const char* op) {
   TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 1, op, ": scores must be a 1-D CPU tensor, got ",
@@ -633,9 +640,10 @@ void dispatch_scores(const at::Tensor& scores, const char* op, F&& fn) {
   const at::Tensor x = scores.contiguous();
   switch (x.scalar_type()) {
     case at::kFloat: fn(x.data_ptr<float>()); break;
+    case at::kDouble: fn(x.data_ptr<double>()); break;
     case at::kBFloat16: fn(x.data_ptr<at::BFloat16>()); break;
     case at::kHalf: fn(x.data_ptr<at::Half>()); break;
-    default: TORCH_CHECK(false, op, ": scores must be float32/bfloat16/float16, got ", x.scalar_type());
+    default: TORCH_CHECK(false, op, ": scores must be float32/float64/bfloat16/float16, got ", x.scalar_type());
   }
 }
 
@@ -643,17 +651,21 @@ at::Tensor group_output(const at::Tensor& scores, const std::vector<double>& val
                         const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens,
                         const char* op) {
   const int64_t N = static_cast<int64_t>(value.size());
-  const auto opts = scores.options().dtype(at::kFloat);
+  const auto opts = scores.options().dtype(out_type(scores));
   at::Tensor per_sample = at::empty({N}, opts);
-  float* rounded = per_sample.data_ptr<float>();
-  for (int64_t i = 0; i < N; ++i) rounded[i] = static_cast<float>(value[i]);
-  if (!mask.has_value()) return per_sample;
-  at::Tensor cu_holder;
-  const auto shape = token_layout(*mask, cu_seqlens, N, op, cu_holder);
-  at::Tensor out = empty_output(shape, opts);
-  broadcast_dispatch<float>(rounded, *mask, cu_holder.defined() ? cu_holder.data_ptr<int32_t>() : nullptr, N,
-                            out.data_ptr<float>());
-  return out;
+  auto run = [&](auto tag) -> at::Tensor {
+    using O = decltype(tag);
+    O* rounded = per_sample.data_ptr<O>();
+    for (int64_t i = 0; i < N; ++i) rounded[i] = static_cast<O>(value[i]);
+    if (!mask.has_value()) return per_sample;
+    at::Tensor cu_holder;
+    const auto shape = token_layout(*mask, cu_seqlens, N, op, cu_holder);
+    at::Tensor out = empty_output(shape, opts);
+    broadcast_dispatch<O>(rounded, *mask, cu_holder.defined() ? cu_holder.data_ptr<int32_t>() : nullptr, N,
+                          out.data_ptr<O>());
+    return out;
+  };
+  return scores.scalar_type() == at::kDouble ? run(double{}) : run(float{});
 }
 
 enum class StdMode { kUnbiased, kPopulation, kNone };
@@ -670,7 +682,7 @@ template <typename S>
 void group_values(const S* x, const int64_t* inv, int64_t N, double eps, StdMode std_mode, ScaleMode scale,
                   bool singleton_verl, bool skip_nan, double* value) {
   std::vector<double> count(N, 0.0), sum(N, 0.0), m2(N, 0.0);
-  auto skipped = [&](int64_t i) { return skip_nan && std::isnan(static_cast<float>(x[i])); };
+  auto skipped = [&](int64_t i) { return skip_nan && std::isnan(load(x[i])); };
   int64_t scored = 0;
   for (int64_t i = 0; i < N; ++i) {
     const int64_t g = inv[i];
@@ -679,12 +691,12 @@ void group_values(const S* x, const int64_t* inv, int64_t N, double eps, StdMode
     if (skipped(i)) continue;
     ++scored;
     count[g] += 1.0;
-    sum[g] += static_cast<double>(static_cast<float>(x[i]));
+    sum[g] += load(x[i]);
   }
   for (int64_t g = 0; g < N; ++g) sum[g] /= std::max(count[g], 1.0);  // sum -> mean
   for (int64_t i = 0; i < N; ++i) {
     if (skipped(i)) continue;
-    const double d = static_cast<double>(static_cast<float>(x[i])) - sum[inv[i]];
+    const double d = load(x[i]) - sum[inv[i]];
     m2[inv[i]] += d * d;
   }
   const bool divide = std_mode != StdMode::kNone && scale != ScaleMode::kNone;
@@ -693,12 +705,12 @@ void group_values(const S* x, const int64_t* inv, int64_t N, double eps, StdMode
   if (divide && scale == ScaleMode::kBatch && scored > 1) {
     double total = 0.0;
     for (int64_t i = 0; i < N; ++i)
-      if (!skipped(i)) total += static_cast<double>(static_cast<float>(x[i]));
+      if (!skipped(i)) total += load(x[i]);
     const double mean = total / static_cast<double>(scored);
     double ss = 0.0;
     for (int64_t i = 0; i < N; ++i) {
       if (skipped(i)) continue;
-      const double d = static_cast<double>(static_cast<float>(x[i])) - mean;
+      const double d = load(x[i]) - mean;
       ss += d * d;
     }
     batch_spread = std::sqrt(ss / static_cast<double>(unbiased ? scored - 1 : scored));
@@ -716,7 +728,7 @@ void group_values(const S* x, const int64_t* inv, int64_t N, double eps, StdMode
         continue;
       }
       const double mean = single ? 0.0 : sum[g];
-      const double centered = static_cast<double>(static_cast<float>(x[i])) - mean;
+      const double centered = load(x[i]) - mean;
       if (!divide) {
         value[i] = centered;
         continue;
@@ -729,9 +741,10 @@ void group_values(const S* x, const int64_t* inv, int64_t N, double eps, StdMode
   });
 }
 
-// scores [N] float32/bfloat16/float16 (float64 runs the op layer's PyTorch path), inverse [N] int64 dense group
-// numbers; without mask -> [N]; with mask [N, T] -> [N, T]; with mask [total] and cu_seqlens
-// int32 [N + 1] -> [total], value * mask.
+// scores [N] float32/float64/bfloat16/float16, inverse [N] int64 dense group numbers; without
+// mask -> [N]; with mask [N, T] (any mask dtype, multiplied by its value) -> [N, T]; with mask
+// [total] and cu_seqlens int32 [N + 1] -> [total], value * mask. float32 out (float64 for
+// float64 scores).
 at::Tensor group_normalize_cpu(const at::Tensor& scores, const at::Tensor& inverse,
                                const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens,
                                double eps, c10::string_view std_name, c10::string_view scale_name,
@@ -774,7 +787,7 @@ void baseline_values(const S* x, const int64_t* inv, const double* w, int64_t N,
     const int64_t g = inv[i];
     TORCH_CHECK(g >= 0 && g < N, "rlkern.advantages_group_baseline_kernel: group numbers must lie in [0, ", N,
                 "), got ", g);
-    const double xi = static_cast<double>(static_cast<float>(x[i]));
+    const double xi = load(x[i]);
     count[g] += 1.0;
     sum[g] += xi;
     nonzero += xi != 0.0;
@@ -787,7 +800,7 @@ void baseline_values(const S* x, const int64_t* inv, const double* w, int64_t N,
   at::parallel_for(0, N, int64_t{1} << 18, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t g = inv[i];
-      const double xi = static_cast<double>(static_cast<float>(x[i]));
+      const double xi = load(x[i]);
       const bool single = count[g] <= 1.0;
       switch (mode) {
         case BaselineMode::kRlooRaw:
@@ -803,7 +816,7 @@ void baseline_values(const S* x, const int64_t* inv, const double* w, int64_t N,
   });
 }
 
-// scores [N] float32/bfloat16/float16, inverse [N] int64 dense group numbers, weights [N]
+// scores [N] float32/float64/bfloat16/float16, inverse [N] int64 dense group numbers, weights [N]
 // (mode "weighted" only, any float dtype); without mask -> [N]; with mask [N, T] or packed
 // [total] with cu_seqlens int32 [N + 1] -> value * mask of the mask's shape.
 at::Tensor group_baseline_cpu(const at::Tensor& scores, const at::Tensor& inverse,
@@ -936,7 +949,7 @@ template <typename S, typename Valid>
 int64_t otb_returns(const S* r, Valid valid, int64_t len, double* g, uint8_t* flags) {
   double running = 0.0;
   int64_t count = 0, t = len - 1;
-  auto term = [r](int64_t u, bool ok) { return static_cast<double>(static_cast<float>(r[u])) * (ok ? 1.0 : 0.0); };
+  auto term = [r](int64_t u, bool ok) { return load(r[u]) * (ok ? 1.0 : 0.0); };
   for (; t >= 3; t -= 4) {
     const bool k3 = valid(t), k2 = valid(t - 1), k1 = valid(t - 2), k0 = valid(t - 3);
     const double y3 = term(t, k3), y2 = term(t - 1, k2), y1 = term(t - 2, k1), y0 = term(t - 3, k0);
@@ -1069,27 +1082,37 @@ inline float masked(float x, uint8_t valid) {
   return x;
 }
 
+inline double masked(double x, uint8_t valid) {
+  uint64_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits &= 0ull - static_cast<uint64_t>(valid);
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
 // Outputs of row b: returns G, advantages (G - baseline) at valid tokens, 0 elsewhere; the
-// baseline is 0 from slot `limit` on.
+// baseline is 0 from slot `limit` on. O: float, or double for float64 rewards.
+template <typename O>
 void otb_row_outputs(bool multi_turn, int64_t len, const double* g, const uint8_t* v, const double* base,
-                     int64_t limit, float* a, float* o) {
-  for (int64_t t = 0; t < len; ++t) o[t] = static_cast<float>(g[t]);
+                     int64_t limit, O* a, O* o) {
+  for (int64_t t = 0; t < len; ++t) o[t] = static_cast<O>(g[t]);
   if (multi_turn) {
     int64_t seen = 0;
     for (int64_t t = 0; t < len; ++t) {
       seen += v[t];
       const int64_t slot = seen > 0 ? seen - 1 : 0;
-      a[t] = masked(static_cast<float>(g[t] - (slot < limit ? base[slot] : 0.0)), v[t]);
+      a[t] = masked(static_cast<O>(g[t] - (slot < limit ? base[slot] : 0.0)), v[t]);
     }
     return;
   }
   const int64_t cut = std::min(len, limit);
-  for (int64_t t = 0; t < cut; ++t) a[t] = masked(static_cast<float>(g[t] - base[t]), v[t]);
+  for (int64_t t = 0; t < cut; ++t) a[t] = masked(static_cast<O>(g[t] - base[t]), v[t]);
   for (int64_t t = cut; t < len; ++t) a[t] = masked(o[t], v[t]);
 }
 
 // One group: members[0, n) (rows in batch order).
-void otb_group(const OtbBatch& p, const int64_t* members, int64_t n, OtbScratch& s, float* adv, float* ret) {
+template <typename O>
+void otb_group(const OtbBatch& p, const int64_t* members, int64_t n, OtbScratch& s, O* adv, O* ret) {
   const Rows& rows = p.rows;
   int64_t width = 1, tokens = 0;
   s.offset.resize(n + 1);
@@ -1151,11 +1174,11 @@ TokenInput float_input(const at::Tensor& t, const at::Tensor& rewards, const cha
   return {t.data_ptr(), s, row_stride(t)};
 }
 
-// rewards float32/bfloat16/float16 (float64 runs the op layer's PyTorch path) [B, T], or packed
+// rewards float32/float64/bfloat16/float16 [B, T], or packed
 // [total] with cu_seqlens int32 [B + 1]; mask (None: every token valid; nonzero = valid),
 // old_log_probs, sum_pi_squared, rollout_is_weights (optional): rewards' shape, any float dtype,
 // last dim contiguous; inverse [B] int64 dense group numbers in [0, B). Returns (advantages,
-// returns), float32 of rewards' shape.
+// returns) of rewards' shape, float32 (float64 for float64 rewards: read, summed and written in double).
 std::tuple<at::Tensor, at::Tensor> otb_cpu(const at::Tensor& rewards, const std::optional<at::Tensor>& mask,
                                            const at::Tensor& inverse, const at::Tensor& old_log_probs,
                                            const at::Tensor& sum_pi_squared,
@@ -1189,7 +1212,7 @@ std::tuple<at::Tensor, at::Tensor> otb_cpu(const at::Tensor& rewards, const std:
   p.multi_turn = multi_turn;
   p.zero_tail = handle_zero_tail;
   p.eps = eps;
-  const auto opts = rewards.options().dtype(at::kFloat);
+  const auto opts = rewards.options().dtype(out_type(rewards));
   at::Tensor adv = empty_output(rewards.sizes(), opts), ret = empty_output(rewards.sizes(), opts);
   if (B == 0) return {adv, ret};
   // counting sort of the rows by group: group g's members are order[start[g], start[g + 1])
@@ -1206,18 +1229,241 @@ std::tuple<at::Tensor, at::Tensor> otb_cpu(const at::Tensor& rewards, const std:
   }
   std::vector<int64_t> next(start.begin(), start.end() - 1);
   for (int64_t b = 0; b < B; ++b) order[next[group[b]]++] = b;
-  float* a = adv.data_ptr<float>();
-  float* o = ret.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t i0, int64_t i1) {
-    OtbScratch scratch;
-    scratch.w.resize(kOtbChunk);
-    scratch.q.resize(kOtbChunk);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t g = groups[i];
-      otb_group(p, order.data() + start[g], start[g + 1] - start[g], scratch, a, o);
+  auto run = [&](auto tag) {
+    using O = decltype(tag);
+    O* a = adv.data_ptr<O>();
+    O* o = ret.data_ptr<O>();
+    at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t i0, int64_t i1) {
+      OtbScratch scratch;
+      scratch.w.resize(kOtbChunk);
+      scratch.q.resize(kOtbChunk);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t g = groups[i];
+        otb_group<O>(p, order.data() + start[g], start[g + 1] - start[g], scratch, a, o);
+      }
+    });
+  };
+  if (rewards.scalar_type() == at::kDouble)
+    run(double{});
+  else
+    run(float{});
+  return {adv, ret};
+}
+
+// ReMax (the op layer's _remax_op), per row right to left in double, O the output type:
+//   m_t = the mask's value as O (a weight, not mask != 0),  G_t = sum_{u >= t} r_u m_t,
+//   returns_t = O(G_t),  adv_t = returns_t - O(baseline_b) * m_t, rounded in O as the op layer.
+// A packed segment sums within itself (the op layer's PyTorch path takes differences of one
+// batch-wide suffix sum: the same numbers up to float64 rounding of the batch total).
+template <typename S, typename M, typename O = OutOf<S>>
+void remax_rows(const Rows& rows, const S* r, const M* mk, const O* base, O* a, O* o) {
+  at::parallel_for(0, rows.B, row_grain(rows.T), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const S* rr = r + rows.begin(b, rows.r_stride);
+      const M* mm = mk + rows.begin(b, rows.m_stride);
+      O* aa = a + rows.begin(b, rows.T);
+      O* oo = o + rows.begin(b, rows.T);
+      const O bb = base[b];
+      double running = 0.0;
+      for (int64_t t = rows.length(b) - 1; t >= 0; --t) {
+        const O m = static_cast<O>(mm[t]);
+        running += static_cast<double>(rr[t]) * static_cast<double>(m);
+        const O ret = static_cast<O>(running);
+        oo[t] = ret;
+        aa[t] = ret - bb * m;
+      }
     }
   });
+}
+
+// rewards float32/float64/bfloat16/float16 [B, T], or packed [total] with cu_seqlens int32
+// [B + 1]; reward_baselines [B] any float dtype; mask: rewards' shape, any mask dtype. Returns
+// (advantages, returns) of rewards' shape, float32 (float64 for float64 rewards).
+std::tuple<at::Tensor, at::Tensor> remax_cpu(const at::Tensor& rewards, const at::Tensor& reward_baselines,
+                                             const at::Tensor& mask, const std::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "rlkern.advantages_remax_kernel";
+  at::Tensor cu_holder;
+  Rows rows = make_rows(rewards, cu_seqlens, cu_holder);
+  check_like(rewards, rewards, "rewards");
+  check_like(mask, rewards, "mask");
+  TORCH_CHECK(reward_baselines.dim() == 1 && reward_baselines.size(0) == rows.B && reward_baselines.device().is_cpu(),
+              op, ": reward_baselines must be a CPU tensor [", rows.B, "], got ", reward_baselines.sizes());
+  check_float_input(reward_baselines, "reward_baselines");
+  rows.r_stride = row_stride(rewards);
+  rows.m_stride = row_stride(mask);
+  const auto opts = rewards.options().dtype(out_type(rewards));
+  at::Tensor adv = empty_output(rewards.sizes(), opts), ret = empty_output(rewards.sizes(), opts);
+  if (rewards.numel() == 0) return {adv, ret};
+  const at::Tensor base = reward_baselines.to(out_type(rewards)).contiguous();
+  dispatch_value_mask(rewards.scalar_type(), mask.scalar_type(), [&](auto s, auto m) {
+    using S = decltype(s);
+    using M = decltype(m);
+    using O = OutOf<S>;
+    remax_rows<S, M>(rows, rewards.data_ptr<S>(), mask.data_ptr<M>(), base.data_ptr<O>(), adv.data_ptr<O>(),
+                     ret.data_ptr<O>());
+  });
   return {adv, ret};
+}
+
+// Dense group numbers inv [N] -> per-group counts (checked to lie in [0, N)).
+std::vector<double> group_counts(const int64_t* inv, int64_t N, const char* op) {
+  std::vector<double> count(N, 0.0);
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(inv[i] >= 0 && inv[i] < N, op, ": group numbers must lie in [0, ", N, "), got ", inv[i]);
+    count[inv[i]] += 1.0;
+  }
+  return count;
+}
+
+// Pass@k GRPO (the op layer's _passk_op), per group in double: the group's best sample (the
+// first at the maximum) gets gap = max - second max, divided by (unbiased std + eps) with
+// norm_by_std; every other sample 0. Maxima propagate NaN, as torch's amax. A group of fewer than
+// 2 samples raises ValueError (the op layer's message).
+template <typename S>
+void passk_values(const S* x, const int64_t* inv, int64_t N, double eps, bool norm_by_std, double* value) {
+  const std::vector<double> count = group_counts(inv, N, "rlkern.advantages_grpo_passk_kernel");
+  double smallest = std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < N; ++i) smallest = std::min(smallest, count[inv[i]]);
+  TORCH_CHECK_VALUE(N == 0 || smallest >= 2.0, "grpo_passk: every group needs at least 2 samples (Pass@k compares "
+                    "the best two); smallest group has ", static_cast<int64_t>(smallest));
+  const double inf = std::numeric_limits<double>::infinity();
+  std::vector<double> mean(N, 0.0), m2(N, 0.0), best(N, -inf), second(N, -inf);
+  std::vector<int64_t> first(N, N);
+  auto nan_max = [](double a, double b) { return std::isnan(a) || std::isnan(b) ? std::nan("") : std::max(a, b); };
+  for (int64_t i = 0; i < N; ++i) {
+    mean[inv[i]] += load(x[i]);
+    best[inv[i]] = nan_max(best[inv[i]], load(x[i]));
+  }
+  for (int64_t g = 0; g < N; ++g) mean[g] /= std::max(count[g], 1.0);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t g = inv[i];
+    const double xi = load(x[i]), d = xi - mean[g];
+    m2[g] += d * d;
+    if (xi == best[g] && first[g] == N) first[g] = i;
+  }
+  for (int64_t i = 0; i < N; ++i)
+    if (first[inv[i]] != i) second[inv[i]] = nan_max(second[inv[i]], load(x[i]));
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t g = inv[i];
+    double gap = best[g] - second[g];
+    if (norm_by_std) gap /= std::sqrt(m2[g] / std::max(count[g] - 1.0, 1.0)) + eps;
+    value[i] = first[g] == i ? gap : 0.0;
+  }
+}
+
+// scores [N] float32/float64/bfloat16/float16, inverse [N] int64 dense group numbers -> [N]
+// float32 (float64 for float64 scores).
+at::Tensor passk_cpu(const at::Tensor& scores, const at::Tensor& inverse, double eps, bool norm_by_std) {
+  const char* op = "rlkern.advantages_grpo_passk_kernel";
+  check_group_inputs(scores, inverse, std::nullopt, std::nullopt, op);
+  const int64_t N = scores.size(0);
+  const at::Tensor inv = inverse.contiguous();
+  std::vector<double> value(N);
+  dispatch_scores(scores, op, [&](const auto* x) {
+    passk_values(x, inv.data_ptr<int64_t>(), N, eps, norm_by_std, value.data());
+  });
+  return group_output(scores, value, std::nullopt, std::nullopt, op);
+}
+
+// Python's repr of a finite double (the op layer's f-string, so that the C++ message is the same):
+// the shortest digits that read back to x, positional for decimal exponents in [-4, 16), else
+// d.ddde+XX.
+std::string python_repr(double x) {
+  if (x == 0.0) return std::signbit(x) ? "-0.0" : "0.0";
+  char buf[48];
+  for (int digits = 1; digits <= 17; ++digits) {
+    std::snprintf(buf, sizeof(buf), "%.*e", digits - 1, x);
+    if (std::strtod(buf, nullptr) == x) break;
+  }
+  std::string text(buf);
+  const bool negative = text[0] == '-';
+  if (negative) text.erase(0, 1);
+  const size_t e = text.find('e');
+  const int exponent = std::atoi(text.c_str() + e + 1);
+  std::string digits;
+  for (size_t i = 0; i < e; ++i)
+    if (text[i] != '.') digits += text[i];
+  while (digits.size() > 1 && digits.back() == '0') digits.pop_back();
+  std::string out;
+  if (exponent >= 16 || exponent < -4) {
+    out = digits.substr(0, 1) + (digits.size() > 1 ? "." + digits.substr(1) : "");
+    std::snprintf(buf, sizeof(buf), "e%c%02d", exponent < 0 ? '-' : '+', std::abs(exponent));
+    out += buf;
+  } else if (exponent < 0) {
+    out = "0." + std::string(-exponent - 1, '0') + digits;
+  } else if (static_cast<int>(digits.size()) <= exponent + 1) {
+    out = digits + std::string(exponent + 1 - digits.size(), '0') + ".0";
+  } else {
+    out = digits.substr(0, exponent + 1) + "." + digits.substr(exponent + 1);
+  }
+  return negative ? "-" + out : out;
+}
+
+// torch.xlogy: 0 where x == 0 (unless y is NaN), else x log(y).
+inline double xlogy(double x, double y) { return std::isnan(y) ? y : x == 0.0 ? 0.0 : x * std::log(y); }
+
+// BNPO (the op layer's _bnpo_op), in double: s = (x - min_value) / (max_value - min_value),
+// p_g = the group's mean of s (0 for a group of one; outside [0, 1] raises ValueError with the op
+// layer's message), mu / var = mean and unbiased variance of p over the groups (0 / 1 with one
+// group), k = mu (1 - mu) / var - 1, alpha = max(1 + k mu / 3, 1), beta = max(1 + k (1 - mu) / 3, 1),
+// weight_g = clamp(1 / BetaPDF(p_g; alpha, beta), 0, 1e6) (1 where var <= 0), value = weight (s - p).
+template <typename S>
+void bnpo_values(const S* x, const int64_t* inv, int64_t N, double min_value, double max_value, double* value) {
+  const std::vector<double> count = group_counts(inv, N, "rlkern.advantages_bnpo_kernel");
+  const double range = max_value - min_value;
+  std::vector<double> p(N, 0.0), weight(N, 1.0);
+  std::vector<int64_t> reps;  // the groups, in the order of their first samples
+  std::vector<uint8_t> seen(N, 0);
+  for (int64_t i = 0; i < N; ++i) {
+    p[inv[i]] += (load(x[i]) - min_value) / range;
+    if (!seen[inv[i]]) {
+      seen[inv[i]] = 1;
+      reps.push_back(inv[i]);
+    }
+  }
+  bool outside = false;
+  for (const int64_t g : reps) {
+    p[g] = count[g] > 1.0 ? p[g] / count[g] : 0.0;
+    outside |= p[g] < 0.0 || p[g] > 1.0;
+  }
+  TORCH_CHECK_VALUE(!outside, "bnpo: group success rates must lie in [0, 1] after (s - ", python_repr(min_value),
+                    ") / (", python_repr(max_value), " - ", python_repr(min_value), "); adjust min_value/max_value");
+  const double groups = static_cast<double>(reps.size());
+  double mu = 0.0, var = 1.0;
+  if (groups > 1.0) {
+    double total = 0.0, ss = 0.0;
+    for (const int64_t g : reps) total += p[g];
+    mu = total / groups;
+    for (const int64_t g : reps) ss += (p[g] - mu) * (p[g] - mu);
+    var = ss / (groups - 1.0);
+  }
+  if (var > 0.0) {
+    const double k = mu * (1.0 - mu) / var - 1.0;
+    // std::max(NaN, 1) is NaN, as torch.clamp
+    const double alpha = std::max(1.0 + k * mu / 3.0, 1.0), beta = std::max(1.0 + k * (1.0 - mu) / 3.0, 1.0);
+    const double log_norm = std::lgamma(alpha) + std::lgamma(beta) - std::lgamma(alpha + beta);
+    for (const int64_t g : reps) {
+      const double log_pdf = xlogy(alpha - 1.0, p[g]) + xlogy(beta - 1.0, 1.0 - p[g]) - log_norm;
+      const double w = std::exp(-log_pdf);
+      weight[g] = std::isnan(w) ? w : std::min(std::max(w, 0.0), 1e6);
+    }
+  }
+  for (int64_t i = 0; i < N; ++i) value[i] = weight[inv[i]] * ((load(x[i]) - min_value) / range - p[inv[i]]);
+}
+
+// scores [N] float32/float64/bfloat16/float16, inverse [N] int64 dense group numbers -> [N]
+// float32 (float64 for float64 scores).
+at::Tensor bnpo_cpu(const at::Tensor& scores, const at::Tensor& inverse, double min_value, double max_value) {
+  const char* op = "rlkern.advantages_bnpo_kernel";
+  check_group_inputs(scores, inverse, std::nullopt, std::nullopt, op);
+  TORCH_CHECK(max_value > min_value, op, ": max_value must exceed min_value");
+  const int64_t N = scores.size(0);
+  const at::Tensor inv = inverse.contiguous();
+  std::vector<double> value(N);
+  dispatch_scores(scores, op, [&](const auto* x) {
+    bnpo_values(x, inv.data_ptr<int64_t>(), N, min_value, max_value, value.data());
+  });
+  return group_output(scores, value, std::nullopt, std::nullopt, op);
 }
 
 // Meta: shapes only.
@@ -1247,14 +1493,14 @@ at::Tensor group_index_joined_meta(const at::Tensor& joined, int64_t n) {
 at::Tensor group_normalize_meta(const at::Tensor& scores, const at::Tensor&, const std::optional<at::Tensor>& mask,
                                 const std::optional<at::Tensor>&, double, c10::string_view, c10::string_view,
                                 c10::string_view, bool) {
-  const auto opts = scores.options().dtype(at::kFloat);
+  const auto opts = scores.options().dtype(out_type(scores));
   return mask.has_value() ? at::empty(mask->sizes(), opts) : at::empty(scores.sizes(), opts);
 }
 
 at::Tensor group_baseline_meta(const at::Tensor& scores, const at::Tensor&, const std::optional<at::Tensor>&,
                                const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>&,
                                c10::string_view, double) {
-  const auto opts = scores.options().dtype(at::kFloat);
+  const auto opts = scores.options().dtype(out_type(scores));
   return mask.has_value() ? at::empty(mask->sizes(), opts) : at::empty(scores.sizes(), opts);
 }
 
@@ -1267,8 +1513,23 @@ std::tuple<at::Tensor, at::Tensor> otb_meta(const at::Tensor& rewards, const std
                                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
                                             double, bool) {
-  const auto opts = rewards.options().dtype(at::kFloat);
+  const auto opts = rewards.options().dtype(out_type(rewards));
   return {at::empty(rewards.sizes(), opts), at::empty(rewards.sizes(), opts)};
+}
+
+
+std::tuple<at::Tensor, at::Tensor> remax_meta(const at::Tensor& rewards, const at::Tensor&, const at::Tensor&,
+                                              const std::optional<at::Tensor>&) {
+  const auto opts = rewards.options().dtype(out_type(rewards));
+  return {at::empty(rewards.sizes(), opts), at::empty(rewards.sizes(), opts)};
+}
+
+at::Tensor passk_meta(const at::Tensor& scores, const at::Tensor&, double, bool) {
+  return at::empty(scores.sizes(), scores.options().dtype(out_type(scores)));
+}
+
+at::Tensor bnpo_meta(const at::Tensor& scores, const at::Tensor&, double, double) {
+  return at::empty(scores.sizes(), scores.options().dtype(out_type(scores)));
 }
 
 }  // namespace
@@ -1288,6 +1549,10 @@ TORCH_LIBRARY_FRAGMENT(rlkern, m) {
   m.def("advantages_optimal_token_baseline_kernel(Tensor rewards, Tensor? mask, Tensor inverse, Tensor old_log_probs, "
         "Tensor sum_pi_squared, Tensor? rollout_is_weights, Tensor? cu_seqlens, bool handle_zero_tail, float eps, "
         "bool multi_turn) -> (Tensor, Tensor)");
+  m.def("advantages_remax_kernel(Tensor rewards, Tensor reward_baselines, Tensor mask, Tensor? cu_seqlens) -> "
+        "(Tensor, Tensor)");
+  m.def("advantages_grpo_passk_kernel(Tensor scores, Tensor inverse, float eps, bool norm_by_std) -> Tensor");
+  m.def("advantages_bnpo_kernel(Tensor scores, Tensor inverse, float min_value, float max_value) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
@@ -1300,6 +1565,9 @@ TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
   m.impl("advantages_group_normalize_kernel", &group_normalize_cpu);
   m.impl("advantages_group_baseline_kernel", &group_baseline_cpu);
   m.impl("advantages_optimal_token_baseline_kernel", &otb_cpu);
+  m.impl("advantages_remax_kernel", &remax_cpu);
+  m.impl("advantages_grpo_passk_kernel", &passk_cpu);
+  m.impl("advantages_bnpo_kernel", &bnpo_cpu);
 }
 
 TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
@@ -1312,4 +1580,7 @@ TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
   m.impl("advantages_group_normalize_kernel", &group_normalize_meta);
   m.impl("advantages_group_baseline_kernel", &group_baseline_meta);
   m.impl("advantages_optimal_token_baseline_kernel", &otb_meta);
+  m.impl("advantages_remax_kernel", &remax_meta);
+  m.impl("advantages_grpo_passk_kernel", &passk_meta);
+  m.impl("advantages_bnpo_kernel", &bnpo_meta);
 }

@@ -16,6 +16,10 @@ Each program walks its row's blocks from the end, applying the composed maps to 
 state: T steps cost T / BLOCK dependent block steps, not T serial ones. Discounted returns are
 the same scan with ``v = 0`` and ``lam = 1`` (then N stays 0 and A' = gamma A + r).
 
+Precision: float32 state and outputs, or float64 throughout for float64 rewards (the scan's
+type is the output's; gamma and lam then come from a float64 buffer, as a float argument of a
+Triton kernel is float32).
+
 Grid: one program per sequence (padded row or packed segment). Not done yet: splitting one
 long sequence over several programs (a decoupled look-back across blocks) for batches smaller
 than the number of SMs; the block scan would be unchanged.
@@ -40,18 +44,24 @@ def _compose(p1, q1, c1, s1, d1, p2, q2, c2, s2, d2):
 
 @triton.jit
 def _gae_kernel(
-    r_ptr,  # (B, T) rows with stride r_stride, or packed (total,); fp32/bf16/fp16
+    r_ptr,  # (B, T) rows with stride r_stride, or packed (total,); fp32/bf16/fp16/fp64
     v_ptr,  # like r_ptr (unused without HAS_VALUES)
     m_ptr,  # like r_ptr, uint8/int/float mask (nonzero = valid)
-    boot_ptr,  # (B,) fp32 next value after the last token (HAS_BOOT)
+    boot_ptr,  # (B,) fp32 (fp64 with FP64) next value after the last token (HAS_BOOT)
     cu_ptr,  # (B + 1,) int32 (PACKED)
-    adv_ptr,  # (B, T) or (total,) fp32, contiguous
+    adv_ptr,  # (B, T) or (total,) fp32 (fp64 with FP64), contiguous
     ret_ptr,  # like adv_ptr (HAS_VALUES)
+    par_ptr,  # (2,) fp64 gamma, lam (FP64)
     r_stride, v_stride, m_stride,  # row strides in elements (padded layout)
     T,  # padded length
-    gamma, lam,
-    HAS_VALUES: tl.constexpr, HAS_BOOT: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr,
+    gamma, lam,  # fp32 (unused with FP64)
+    HAS_VALUES: tl.constexpr, HAS_BOOT: tl.constexpr, PACKED: tl.constexpr, FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
+    acc = adv_ptr.dtype.element_ty  # the scan's type: fp32, or fp64 with FP64
+    if FP64:
+        gamma = tl.load(par_ptr)
+        lam = tl.load(par_ptr + 1)
     row = tl.program_id(0).to(tl.int64)
     if PACKED:
         begin = tl.load(cu_ptr + row).to(tl.int64)
@@ -66,11 +76,11 @@ def _gae_kernel(
         v_base = row * v_stride
         m_base = row * m_stride
         o_base = row * T
-    carry_a = tl.zeros((), dtype=tl.float32)
+    carry_a = tl.zeros((), dtype=acc)
     if HAS_BOOT:
-        carry_n = tl.load(boot_ptr + row).to(tl.float32)
+        carry_n = tl.load(boot_ptr + row).to(acc)
     else:
-        carry_n = tl.zeros((), dtype=tl.float32)
+        carry_n = tl.zeros((), dtype=acc)
     lane = tl.arange(0, BLOCK)
     gl = gamma * lam
     n_blocks = tl.cdiv(length, BLOCK)
@@ -78,13 +88,13 @@ def _gae_kernel(
         t = length - 1 - blk * BLOCK - lane.to(tl.int64)  # decreasing time along the block
         inside = t >= 0
         valid = (tl.load(m_ptr + m_base + t, mask=inside, other=0) != 0) & inside
-        r = tl.load(r_ptr + r_base + t, mask=inside, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + r_base + t, mask=inside, other=0.0).to(acc)
         if HAS_VALUES:
-            v = tl.load(v_ptr + v_base + t, mask=inside, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + v_base + t, mask=inside, other=0.0).to(acc)
         else:
-            v = tl.zeros((BLOCK,), dtype=tl.float32)
-        one = tl.full((BLOCK,), 1.0, tl.float32)
-        zero = tl.zeros((BLOCK,), dtype=tl.float32)
+            v = tl.zeros((BLOCK,), dtype=acc)
+        one = tl.full((BLOCK,), 1.0, acc)
+        zero = tl.zeros((BLOCK,), dtype=acc)
         p = tl.where(valid, gl * one, one)
         q = tl.where(valid, gamma * one, zero)
         c = tl.where(valid, r - v, zero)
@@ -116,7 +126,9 @@ def _mask_for_triton(mask: torch.Tensor) -> torch.Tensor:
 
 def _launch(rewards, values, mask, bootstrap, cu_seqlens, gamma, lam, with_values):
     packed = cu_seqlens is not None
-    out_adv = torch.empty(rewards.shape, dtype=torch.float32, device=rewards.device)
+    fp64 = rewards.dtype == torch.float64
+    out_dtype = torch.float64 if fp64 else torch.float32
+    out_adv = torch.empty(rewards.shape, dtype=out_dtype, device=rewards.device)
     out_ret = torch.empty_like(out_adv) if with_values else out_adv
     if rewards.numel() == 0:
         return out_adv, out_ret
@@ -127,20 +139,24 @@ def _launch(rewards, values, mask, bootstrap, cu_seqlens, gamma, lam, with_value
     row_stride = (lambda x: 0 if packed else x.stride(0))
     mask = _mask_for_triton(mask)
     values = values if with_values else rewards
+    params = rewards
+    if fp64:  # filled on the device: no host-to-device copy (and no sync)
+        params = torch.full((2,), float(gamma), dtype=torch.float64, device=rewards.device)
+        params[1] = float(lam)
     _gae_kernel[(batch,)](
         rewards, values, mask,
-        bootstrap.to(device=rewards.device, dtype=torch.float32).contiguous() if bootstrap is not None else rewards,
+        bootstrap.to(device=rewards.device, dtype=out_dtype).contiguous() if bootstrap is not None else rewards,
         cu_seqlens if packed else rewards,
-        out_adv, out_ret,
+        out_adv, out_ret, params,
         row_stride(rewards), row_stride(values), row_stride(mask),
         steps, float(gamma), float(lam),
-        HAS_VALUES=with_values, HAS_BOOT=bootstrap is not None, PACKED=packed, BLOCK=block,
+        HAS_VALUES=with_values, HAS_BOOT=bootstrap is not None, PACKED=packed, FP64=fp64, BLOCK=block,
     )
     return out_adv, out_ret
 
 
 def gae(
-    rewards: torch.Tensor,  # (B, T) or (total,) fp32/bf16/fp16, stride(-1) == 1
+    rewards: torch.Tensor,  # (B, T) or (total,) fp32/bf16/fp16/fp64, stride(-1) == 1
     values: torch.Tensor,  # rewards.shape, rewards.dtype
     mask: torch.Tensor,  # rewards.shape, bool/int/float
     bootstrap: torch.Tensor | None,  # (B,) or None
@@ -148,7 +164,8 @@ def gae(
     gamma: float,
     lam: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(advantages, returns)`` float32 of rewards' shape (0 at masked positions)."""
+    """Returns ``(advantages, returns)`` of rewards' shape, float32 (float64 for float64 rewards;
+    0 at masked positions)."""
     return _launch(rewards, values, mask, bootstrap, cu_seqlens, gamma, lam, True)
 
 
@@ -158,7 +175,8 @@ def discounted_returns(
     cu_seqlens: torch.Tensor | None,
     gamma: float,
 ) -> torch.Tensor:
-    """Returns float32 discounted returns of rewards' shape (0 at masked positions)."""
+    """Returns discounted returns of rewards' shape, float32 (float64 for float64 rewards; 0 at
+    masked positions)."""
     return _launch(rewards, None, mask, None, cu_seqlens, gamma, 1.0, False)[0]
 
 

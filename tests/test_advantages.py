@@ -1280,11 +1280,13 @@ import itertools
 from rlkern.kernels import advantages as K
 
 for (values, boot, packed), (lp, mask) in itertools.product(
-        itertools.product([True, False], repeat=3), [("*fp32", "*u8"), ("*bf16", "*i64"), ("*fp16", "*fp32")]):
-    build(K._gae_kernel, dict(r_ptr=lp, v_ptr=lp, m_ptr=mask, boot_ptr="*fp32", cu_ptr="*i32", adv_ptr="*fp32",
-                              ret_ptr="*fp32", r_stride="i64", v_stride="i64", m_stride="i64", T="i32",
+        itertools.product([True, False], repeat=3),
+        [("*fp32", "*u8"), ("*bf16", "*i64"), ("*fp16", "*fp32"), ("*fp64", "*u8"), ("*fp64", "*fp64")]):
+    out = "*fp64" if lp == "*fp64" else "*fp32"
+    build(K._gae_kernel, dict(r_ptr=lp, v_ptr=lp, m_ptr=mask, boot_ptr=out, cu_ptr="*i32", adv_ptr=out,
+                              ret_ptr=out, par_ptr="*fp64", r_stride="i64", v_stride="i64", m_stride="i64", T="i32",
                               gamma="fp32", lam="fp32"),
-          dict(HAS_VALUES=values, HAS_BOOT=boot, PACKED=packed, BLOCK=K.MAX_BLOCK), num_warps=4)
+          dict(HAS_VALUES=values, HAS_BOOT=boot, PACKED=packed, FP64=lp == "*fp64", BLOCK=K.MAX_BLOCK), num_warps=4)
 build(K._group_add_kernel, dict(x_ptr="*fp64", idx_ptr="*i64", out_ptr="*fp64", N="i32"), dict(BLOCK=1024),
       num_warps=4)
 print("ok")
@@ -1389,3 +1391,253 @@ def test_cu_seqlens_int64_same_as_int32():
             expected = outs
     for a, b in zip(outs, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 through every backend, half-precision masks, and no PyTorch path for float64 on CPU
+#
+# float64 scores are read, computed and written in float64 by every kernel (C++ on CPU; the
+# Triton GAE scan; the Triton group moments are float64 for every dtype), so the outputs match
+# the float64 reference to rounding (1e-12 relative to the largest value).
+
+def _close64(ours, ref, name="value", rel=1e-12):
+    assert ours.dtype == torch.float64, f"{name}: dtype {ours.dtype}"
+    ref = ref.to(torch.float64)
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+    torch.testing.assert_close(ours, ref, rtol=rel, atol=rel * scale, msg=lambda m: f"{name}: {m}")
+
+
+def _f64_outcome_cases(s, ids, tokens, weights, **layout):
+    """(name, ours, float64 reference) of every outcome estimator, per sample when tokens is None,
+    else broadcast as value * tokens (weights: the mask's values in float64, in tokens' layout)."""
+    ids_list = list(ids)
+    probs = torch.sigmoid(s)
+    seg = layout.pop("seg", None)
+    per_token = (lambda ref: ref if tokens is None else
+                 (ref[:, None] * weights if seg is None else ref[seg] * weights))
+    kw = {} if tokens is None else dict(layout)
+    cases = [
+        ("grpo", A.grpo(s, ids, tokens, **kw), per_token(R.group_normalize(s, ids_list))),
+        ("dr_grpo", A.grpo(s, ids, tokens, norm_by_std=False, **kw),
+         per_token(R.group_normalize(s, ids_list, std=None))),
+        ("trl batch", A.group_normalize(s, ids, eps=1e-4, scale="batch", singleton="zero", response_mask=tokens, **kw),
+         per_token(R.group_normalize(s, ids_list, 1e-4, "unbiased", "batch", "zero"))),
+        ("population", A.group_normalize(s, ids, std="population", response_mask=tokens, **kw),
+         per_token(R.group_normalize(s, ids_list, 1e-6, "population"))),
+        ("rloo raw", A.rloo(s, ids, tokens, **kw), per_token(R.rloo(s, ids_list, "raw"))),
+        ("rloo zero", A.rloo(s, ids, tokens, singleton="zero", **kw), per_token(R.rloo(s, ids_list, "zero"))),
+        ("gpg", A.gpg(s, ids, tokens, f_norm=2.0, **kw), per_token(R.gpg(s, ids_list, 2.0))),
+        ("bnpo", A.bnpo(probs, ids, tokens, **kw), per_token(R.bnpo(probs, ids_list))),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("layout", ["per_sample", "padded", "packed"])
+def test_float64_outcome_estimators_every_backend(backend, layout):
+    ids = _group_layout(51)  # groups of 1, 2, 3, 5 and 16
+    n = len(ids)
+    s = _scores(n, 51).double()
+    mask, packed, inside, cu = _packed_batch(n, 9, 51, torch.float64)
+    mask = mask * torch.where(torch.rand(n, 9, generator=_gen(52)) > 0.5, 1.0, 0.5).double()  # weights
+    packed = mask[inside]
+    seg = torch.repeat_interleave(torch.arange(n), cu.diff().long())
+    if layout == "per_sample":
+        cases = _f64_outcome_cases(s, ids, None, None)
+    elif layout == "padded":
+        cases = _f64_outcome_cases(s, ids, mask, mask)
+    else:
+        cases = _f64_outcome_cases(s, ids, packed, packed, cu_seqlens=cu, seg=seg)
+    for name, ours, ref in cases:
+        _close64(ours, ref, name=f"{name} {layout}")
+    if layout == "per_sample":
+        return
+    tokens, kw, m = (mask, {}, mask) if layout == "padded" else (packed, {"cu_seqlens": cu}, packed)
+    bound = (lambda ref: ref[:, None] * m) if layout == "padded" else (lambda ref: ref[seg] * m)
+    lengths = mask.sum(-1)
+    _close64(A.opo(s, ids, tokens, **kw), bound(s - R.group_baseline(s, list(ids), lengths)), name="opo")
+    rpp_tokens = bound(s - R.group_baseline(s, list(ids)))
+    _close64(A.reinforce_pp_baseline(s, ids, tokens, **kw), R.masked_whiten(rpp_tokens, tokens) * m, name="rpp")
+    passk_ids = np.repeat(np.array(["a", "b", "c", "d"]), [2, 5, n - 10, 3])[np.random.default_rng(53).permutation(n)]
+    for norm in (True, False):
+        ref = R.grpo_passk(s, list(passk_ids), 1e-6, norm)
+        _close64(A.grpo_passk(s, passk_ids, tokens, norm_by_std=norm, **kw), bound(ref), name=f"passk {norm}")
+
+
+def test_float64_remax_every_backend(backend):
+    # verl's compute_remax_outcome_advantage multiplies by the mask's value: fractional weights
+    # and a float64 baseline, padded and packed (a packed row is its padded row's first tokens).
+    core = _verl()
+    g = _gen(54)
+    n, steps = 7, 13
+    mask, packed, inside, cu = _packed_batch(n, steps, 54, torch.float64)
+    mask = mask * torch.where(torch.rand(n, steps, generator=g) > 0.5, 1.0, 0.25).double()
+    rewards = torch.randn(n, steps, generator=g, dtype=torch.float64)
+    base = torch.randn(n, generator=g, dtype=torch.float64)
+    theirs = core.compute_remax_outcome_advantage(rewards * inside, base, mask)
+    ours = A.remax(rewards, base, mask)
+    for out, ref, name in zip(ours, theirs, ("advantages", "returns")):
+        _close64(out, ref, name=name)
+    ours = A.remax(rewards[inside], base, mask[inside], cu_seqlens=cu)
+    for out, ref, name in zip(ours, theirs, ("advantages", "returns")):
+        _close64(out, ref[inside], name=f"packed {name}")
+    # every mask dtype, against the float64 reference (mask != 0 for 0/1 masks)
+    binary = mask != 0
+    ref_ret = R.reverse_cumsum(rewards, binary)
+    for mask_dtype in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                       torch.bfloat16, torch.float32):
+        adv, ret = A.remax(rewards, base, binary.to(mask_dtype))
+        _close64(ret, ref_ret, name=f"returns {mask_dtype}")
+        _close64(adv, ref_ret - base[:, None] * binary, name=f"advantages {mask_dtype}")
+    empty = A.remax(torch.zeros(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), torch.zeros(0, 5))
+    assert all(x.shape == (0, 5) and x.dtype == torch.float64 for x in empty)
+
+
+@OTB_BACKENDS
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("multi_turn", [False, True])
+def test_float64_optimal_token_baseline(backend, packed, multi_turn):
+    g = _gen(55)
+    batch, steps = 9, 17
+    rewards = torch.randn(batch, steps, generator=g, dtype=torch.float64)
+    logp = -torch.rand(batch, steps, generator=g, dtype=torch.float64)
+    spp = torch.rand(batch, steps, generator=g, dtype=torch.float64)
+    rho = torch.rand(batch, steps, generator=g, dtype=torch.float64) + 0.5
+    lengths = torch.randint(0, steps + 1, (batch,), generator=g)
+    lengths[2] = steps
+    inside = torch.arange(steps)[None, :] < lengths[:, None]
+    mask = inside & (torch.rand(batch, steps, generator=g) > 0.2)
+    ids = [0, 0, 1, 1, 1, 2, 3, 3, 3]  # group 2 has one row
+    if packed:
+        cu = torch.zeros(batch + 1, dtype=torch.int32)
+        cu[1:] = lengths.cumsum(0)
+        args, kw = (rewards[inside], mask[inside], ids, logp[inside], spp[inside], rho[inside]), {"cu_seqlens": cu}
+    else:
+        args, kw = (rewards, mask, ids, logp, spp, rho), {}
+    ref = R.optimal_token_baseline(*args, compact=multi_turn, **kw)
+    for mask_dtype in (torch.bool, torch.float16, torch.bfloat16, torch.float64):
+        ours = A.optimal_token_baseline(args[0], args[2], args[1].to(mask_dtype), *args[3:], multi_turn=multi_turn, **kw)
+        for out, expected, name in zip(ours, ref, ("advantages", "returns")):
+            _close64(out, expected, name=f"{name} {mask_dtype}")
+
+
+@pytest.mark.parametrize("scores_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mask_dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_masks_every_backend(backend, scores_dtype, mask_dtype):
+    """float16/bfloat16 masks (weights 0, 0.5, 1: exact in both) multiply the per-sample value as
+    every other mask dtype; on CPU they run the C++ kernels (they took the PyTorch broadcast)."""
+    ids = _group_layout(56)
+    n = len(ids)
+    s = _scores(n, 56).to(scores_dtype)
+    mask, packed, inside, cu = _packed_batch(n, 10, 56, torch.float64)
+    mask = mask * torch.where(torch.rand(n, 10, generator=_gen(57)) > 0.5, 1.0, 0.5).double()
+    seg = torch.repeat_interleave(torch.arange(n), cu.diff().long())
+    check = _close64 if scores_dtype == torch.float64 else (lambda o, r, name: _close(o, r, name=name))
+    out_dtype = scores_dtype if scores_dtype == torch.float64 else torch.float32
+    for (name, ours, ref), (_, ours_p, ref_p) in zip(_f64_outcome_cases(s, ids, mask.to(mask_dtype), mask),
+                                                     _f64_outcome_cases(s, ids, mask[inside].to(mask_dtype),
+                                                                        mask[inside], cu_seqlens=cu, seg=seg)):
+        assert ours.dtype == ours_p.dtype == out_dtype, name
+        check(ours, ref, name=f"{name} {mask_dtype}")
+        check(ours_p, ref_p, name=f"{name} packed {mask_dtype}")
+    check(A.outcome_to_tokens(s, mask.to(mask_dtype)), s.double()[:, None] * mask, name="outcome_to_tokens")
+
+
+def _kernels_called(fn):
+    """fn() and the names of the rlkern C++ kernels it ran (seen by the profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, {e.name.removeprefix("rlkern::") for e in prof.events() if e.name.endswith("_kernel")}
+
+
+@pytest.mark.parametrize("forced", [None, "cpp"])
+def test_float64_runs_the_cpp_kernels_on_cpu(monkeypatch, forced, kernels_only):
+    """float64 (and half-mask) outcome ops on CPU ran the PyTorch path: now each runs its C++
+    kernel, and the PyTorch helpers they used raise here."""
+    if forced:
+        monkeypatch.setenv("RLKERN_BACKEND", forced)
+    else:
+        monkeypatch.delenv("RLKERN_BACKEND", raising=False)
+
+    ids = _group_layout(58)
+    n = len(ids)
+    s = _scores(n, 58).double()
+    mask, packed, inside, cu = _packed_batch(n, 8, 58, torch.float16)
+    m = mask.double()
+    seg = torch.repeat_interleave(torch.arange(n), cu.diff().long())
+    passk_ids = np.repeat(np.arange(3), [2, 5, n - 7])
+    r = torch.randn(n, 8, generator=_gen(59), dtype=torch.float64)
+    calls = {
+        "advantages_group_normalize_kernel": [
+            (lambda: A.grpo(s, ids, mask), R.group_normalize(s, list(ids))[:, None] * m),
+            (lambda: A.grpo(s, ids, packed, cu_seqlens=cu), R.group_normalize(s, list(ids))[seg] * m[inside])],
+        "advantages_group_baseline_kernel": [
+            (lambda: A.rloo(s, ids, mask), R.rloo(s, list(ids))[:, None] * m),
+            (lambda: A.gpg(s, ids, packed, cu_seqlens=cu), R.gpg(s, list(ids))[seg] * m[inside])],
+        "advantages_grpo_passk_kernel": [
+            (lambda: A.grpo_passk(s, passk_ids), R.grpo_passk(s, list(passk_ids)))],
+        "advantages_bnpo_kernel": [(lambda: A.bnpo(torch.sigmoid(s), ids), R.bnpo(torch.sigmoid(s), list(ids)))],
+        "advantages_broadcast_kernel": [
+            (lambda: A.grpo_passk(s, passk_ids, mask), R.grpo_passk(s, list(passk_ids))[:, None] * m),
+            (lambda: A.bnpo(torch.sigmoid(s), ids, packed, cu_seqlens=cu),
+             R.bnpo(torch.sigmoid(s), list(ids))[seg] * m[inside])],
+        "advantages_remax_kernel": [
+            (lambda: A.remax(r, s, mask)[1], R.reverse_cumsum(r, mask))],
+        "advantages_optimal_token_baseline_kernel": [
+            (lambda: A.optimal_token_baseline(r, ids, mask, -r.abs(), r.abs())[0],
+             R.optimal_token_baseline(r, mask, list(ids), -r.abs(), r.abs())[0])],
+        "advantages_gae_kernel": [(lambda: A.gae(r, r.flip(0), mask, gamma=0.9, lam=0.8)[0],
+                                   R.gae(r, r.flip(0), mask, 0.9, 0.8)[0])],
+    }
+    for kernel, cases in calls.items():
+        for fn, ref in cases:
+            out, ran = _kernels_called(fn)
+            assert kernel in ran, f"{kernel} did not run (ran {sorted(ran)})"
+            _close64(out, ref, name=kernel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_passk_and_bnpo_value_errors_every_backend(backend, dtype):
+    """The C++ kernels raise the op layer's ValueErrors, with the same messages."""
+    with pytest.raises(ValueError, match=r"^grpo_passk: every group needs at least 2 samples \(Pass@k compares the "
+                                         r"best two\); smallest group has 1$"):
+        A.grpo_passk(torch.tensor([0.1, 0.9, 0.3, 0.4, 0.5], dtype=dtype), [0, 0, 1, 2, 2])
+    for lo, hi in [(0.0, 1.0), (-5.0, 1e-05), (0.1, 1e16), (-1e-5, 123456.789), (2.5e-300, 3.0)]:
+        scores = torch.full((4,), lo - 100 * (hi - lo) - 1, dtype=dtype)
+        expected = (f"bnpo: group success rates must lie in [0, 1] after (s - {lo}) / ({hi} - {lo}); "
+                    "adjust min_value/max_value")
+        with pytest.raises(ValueError) as error:
+            A.bnpo(scores, [0, 0, 1, 1], min_value=lo, max_value=hi)
+        assert str(error.value) == expected
+    for fn in (lambda e: A.grpo_passk(e, []), lambda e: A.bnpo(e, [])):  # empty batches
+        out = fn(torch.zeros(0, dtype=dtype))
+        assert out.shape == (0,) and out.dtype == dtype
+
+
+def test_opcheck_float64_and_new_kernels():
+    g = _gen(60)
+    r = torch.randn(3, 9, generator=g, dtype=torch.float64)
+    mask = _mask(3, 9, "holes")
+    mask[0, :3] = 1
+    inverse = A.group_index(["a", "a", "b", "c", "c", "c"])
+    s = torch.randn(6, generator=g, dtype=torch.float64)
+    cu = torch.tensor([0, 4, 4, 27], dtype=torch.int32)
+    half = _mask(6, 5, "holes", torch.float16)
+    O = torch.ops.rlkern  # noqa: E741
+    cases = [
+        (O.group_normalize, (s, inverse, half, None, 1e-6, "unbiased", "group", "verl")),
+        (O.group_baseline, (s, inverse, None, half.to(torch.bfloat16), None, "rloo_raw", 0.0)),
+        (O.grpo_passk, (s, A.group_index(["a", "a", "b", "b", "b", "b"]), 1e-6, True)),
+        (O.bnpo, (torch.rand(6, generator=g, dtype=torch.float64), inverse, 0.0, 1.0)),
+        (O.remax, (r, torch.randn(3, dtype=torch.float64), mask.to(torch.float16), None)),
+        (O.remax, (r.flatten(), torch.randn(3, dtype=torch.float64), mask.flatten(), cu)),
+        (O.optimal_token_baseline, (r, mask, torch.tensor([0, 0, 1]), -torch.rand(3, 9), torch.rand(3, 9), None, None, True, 1e-8,
+                     False)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op.default, args)
+    for name, args in [("advantages_remax_kernel", (r, torch.randn(3), mask, None)),
+                       ("advantages_grpo_passk_kernel", (s, A.group_index(["a", "a", "b", "b", "b", "b"]), 1e-6,
+                                                         False)),
+                       ("advantages_bnpo_kernel", (torch.rand(6, generator=g), inverse, 0.0, 1.0))]:
+        torch.library.opcheck(getattr(torch.ops.rlkern, name).default, args)

@@ -27,22 +27,18 @@ _SINGLETONS = ("verl", "zero")
 _BROADCAST = _backend.Kernels("outcome_to_tokens", cpp="advantages_broadcast_kernel", torch=fallback.broadcast,
                               fp64=("cpp",))
 _NORMALIZE = _backend.Kernels("group_normalize", cpp="advantages_group_normalize_kernel",
-                              torch=fallback.group_normalize)
-_BASELINE = _backend.Kernels("group_baseline", cpp="advantages_group_baseline_kernel", torch=fallback.group_baseline)
-_PASSK = _backend.Kernels("grpo_passk", torch=fallback.grpo_passk)
-_BNPO = _backend.Kernels("bnpo", torch=fallback.bnpo)
-
-
-def _kernel_mask(mask: Tensor | None) -> Tensor | None:
-    """Half-precision masks as float32 (exact) for the C++ kernels, which read 1-, 4- and 8-byte masks."""
-    return mask.float() if mask is not None and mask.dtype in (torch.float16, torch.bfloat16) else mask
+                              torch=fallback.group_normalize, fp64=("cpp",))
+_BASELINE = _backend.Kernels("group_baseline", cpp="advantages_group_baseline_kernel", torch=fallback.group_baseline,
+                             fp64=("cpp",))
+_PASSK = _backend.Kernels("grpo_passk", cpp="advantages_grpo_passk_kernel", torch=fallback.grpo_passk, fp64=("cpp",))
+_BNPO = _backend.Kernels("bnpo", cpp="advantages_bnpo_kernel", torch=fallback.bnpo, fp64=("cpp",))
 
 
 def broadcast(scores: Tensor, mask: Tensor, cu_seqlens: Tensor | None) -> Tensor:
     """``scores[b] * mask`` over row b (``[B, T]``) or segment b (packed ``[total]``), in scores' dtype."""
     if scores.dtype in (torch.float16, torch.bfloat16):
         return broadcast(scores.float(), mask, cu_seqlens).to(scores.dtype)
-    return _BROADCAST.pick(scores)(scores, _kernel_mask(mask), cu_seqlens)
+    return _BROADCAST.pick(scores)(scores, mask, cu_seqlens)
 
 
 def _to_tokens(per_sample: Tensor, response_mask: Tensor | None, cu_seqlens: Tensor | None) -> Tensor:
@@ -95,7 +91,7 @@ def _group_normalize_op(
     singleton: str,
     skip_nan: bool = False,
 ) -> Tensor:
-    return _NORMALIZE.pick(scores)(scores, inverse, _kernel_mask(mask), cu_seqlens, eps, std, scale, singleton,
+    return _NORMALIZE.pick(scores)(scores, inverse, mask, cu_seqlens, eps, std, scale, singleton,
                                    skip_nan)
 
 
@@ -177,7 +173,7 @@ def _group_baseline_op(
 ) -> Tensor:
     """mode: "rloo_raw" / "rloo_zero" / "mean" (s - mean, singleton mean 0) / "weighted" (s -
     sum(w s)/sum(w), singleton 0) / "gpg" (alpha (s - mean) / param); broadcast to mask's tokens."""
-    return _BASELINE.pick(scores)(scores, inverse, weights, _kernel_mask(mask), cu_seqlens, mode, param)
+    return _BASELINE.pick(scores)(scores, inverse, weights, mask, cu_seqlens, mode, param)
 
 
 @_group_baseline_op.register_fake

@@ -15,12 +15,12 @@ from rlkern.ops._layout import int32_offsets, lastdim_contiguous, out_dtype, seg
 from rlkern.ops.advantages import _common, fallback
 
 _GAE = _backend.Kernels("gae", cpp="advantages_gae_kernel", triton="advantages.gae", torch=fallback.gae,
-                        fp64=("cpp",))
+                        fp64=("cpp", "triton"))
 _DISCOUNTED = _backend.Kernels("discounted_returns", cpp="advantages_discounted_kernel",
                                triton="advantages.discounted_returns", torch=fallback.discounted_returns,
-                               fp64=("cpp",))
+                               fp64=("cpp", "triton"))
 _WHITEN = _backend.Kernels("masked_whiten", cpp="advantages_whiten_kernel", torch=fallback.whiten, fp64=("cpp",))
-_REMAX = _backend.Kernels("remax", torch=fallback.remax)
+_REMAX = _backend.Kernels("remax", cpp="advantages_remax_kernel", torch=fallback.remax, fp64=("cpp",))
 
 
 def _whiten(values: Tensor, mask: Tensor, shift_mean: bool, zero_masked: bool) -> Tensor:
@@ -276,7 +276,7 @@ def masked_whiten(values: Tensor, response_mask: Tensor, *, shift_mean: bool = T
 @torch.library.custom_op("rlkern::remax", mutates_args=())
 def _remax_op(rewards: Tensor, reward_baselines: Tensor, mask: Tensor,
               cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
-    return _REMAX.pick(rewards)(rewards, reward_baselines, mask, cu_seqlens)
+    return _REMAX.pick(rewards)(lastdim_contiguous(rewards), reward_baselines, lastdim_contiguous(mask), cu_seqlens)
 
 
 @_remax_op.register_fake

@@ -11,7 +11,7 @@ from rlkern.ops.advantages import _common, fallback
 from rlkern.ops.advantages.groups import dense
 
 _OTB = _backend.Kernels("optimal_token_baseline", cpp="advantages_optimal_token_baseline_kernel",
-                        torch=fallback.optimal_token_baseline)
+                        torch=fallback.optimal_token_baseline, fp64=("cpp",))
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:
@@ -75,8 +75,8 @@ def optimal_token_baseline(
 
     Backends: CPU tensors run a C++ kernel (``RLKERN_BACKEND=cpp``, the default there): one task
     per group, float64 sums in the group's batch order (the same numbers at any thread count),
-    exp to 1 ulp; other devices, float64 rewards and ``RLKERN_BACKEND=torch`` run float64
-    PyTorch tensor ops (no host sync). The two agree to float64 rounding (the C++ scans add four
+    exp to 1 ulp, float32 or float64 rewards; other devices and ``RLKERN_BACKEND=torch`` run
+    float64 PyTorch tensor ops (fallback.py, no host sync). The two agree to float64 rounding (the C++ scans add four
     tokens per step), far below the float32 outputs' rounding.
 
     Args:
