@@ -243,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   Rows rows = make_rows(rewards, cu_seqlens, cu_holder);
   check_like(values, rewards, "values");
   check_like(mask, rewards, "mask");
-  TORCH_CHECK(values.scalar_type() == rewards.scalar_type(), "rlkern.advantages_gae_kernel: values dtype ",
+  TORCH_CHECK(values.scalar_type() == rewards.scalar_type(), "rlkern.cpp_gae: values dtype ",
               values.scalar_type(), " != rewards dtype ", rewards.scalar_type());
   rows.r_stride = row_stride(rewards);
   rows.v_stride = row_stride(values);
@@ -354,10 +354,10 @@ void dispatch_mask(at::ScalarType mask_type, F&& f) {
 
 at::Tensor whiten_cpu(const at::Tensor& values, const at::Tensor& mask, bool shift_mean, bool zero_masked) {
   TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble,
-              "rlkern.advantages_whiten_kernel: values must be float32 or float64, got ", values.scalar_type());
-  TORCH_CHECK(values.sizes() == mask.sizes(), "rlkern.advantages_whiten_kernel: mask must have the shape of values ",
+              "rlkern.cpp_masked_whiten: values must be float32 or float64, got ", values.scalar_type());
+  TORCH_CHECK(values.sizes() == mask.sizes(), "rlkern.cpp_masked_whiten: mask must have the shape of values ",
               values.sizes(), ", got ", mask.sizes());
-  TORCH_CHECK(values.device().is_cpu() && mask.device().is_cpu(), "rlkern.advantages_whiten_kernel: CPU tensors only");
+  TORCH_CHECK(values.device().is_cpu() && mask.device().is_cpu(), "rlkern.cpp_masked_whiten: CPU tensors only");
   const at::Tensor x = values.contiguous();
   const at::Tensor mk = mask.contiguous();
   at::Tensor out = empty_output(values.sizes(), values.options());
@@ -438,12 +438,12 @@ void broadcast_dispatch(const O* value, const at::Tensor& mask, const int32_t* c
 at::Tensor broadcast_cpu(const at::Tensor& scores, const at::Tensor& mask,
                          const std::optional<at::Tensor>& cu_seqlens) {
   TORCH_CHECK(scores.dim() == 1 && (scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble),
-              "rlkern.advantages_broadcast_kernel: scores must be float32/float64 [B], got ", scores.scalar_type(), " ",
+              "rlkern.cpp_outcome_to_tokens: scores must be float32/float64 [B], got ", scores.scalar_type(), " ",
               scores.sizes());
-  TORCH_CHECK(scores.device().is_cpu(), "rlkern.advantages_broadcast_kernel: scores must be a CPU tensor");
+  TORCH_CHECK(scores.device().is_cpu(), "rlkern.cpp_outcome_to_tokens: scores must be a CPU tensor");
   const int64_t B = scores.size(0);
   at::Tensor cu_holder;
-  const auto shape = token_layout(mask, cu_seqlens, B, "rlkern.advantages_broadcast_kernel", cu_holder);
+  const auto shape = token_layout(mask, cu_seqlens, B, "rlkern.cpp_outcome_to_tokens", cu_holder);
   const at::Tensor s = scores.contiguous();
   at::Tensor out = empty_output(shape, scores.options());
   const int32_t* cu = cu_holder.defined() ? cu_holder.data_ptr<int32_t>() : nullptr;
@@ -533,25 +533,25 @@ void group_index_rows(const K* keys, const int64_t* offsets, int64_t gap, int64_
 // keys [N] or [N, W] (one row per sample), or with offsets [N + 1] int64: keys [total], row i
 // = keys[offsets[i]:offsets[i + 1]].
 at::Tensor group_index_cpu(const at::Tensor& keys, const std::optional<at::Tensor>& offsets) {
-  TORCH_CHECK(keys.device().is_cpu(), "rlkern.advantages_group_index_kernel: keys must be a CPU tensor");
+  TORCH_CHECK(keys.device().is_cpu(), "rlkern.cpp_group_index: keys must be a CPU tensor");
   at::Tensor k, off;
   int64_t N, W = 0;
   if (offsets.has_value()) {
-    TORCH_CHECK(keys.dim() == 1, "rlkern.advantages_group_index_kernel: ragged keys must be [total], got ", keys.sizes());
+    TORCH_CHECK(keys.dim() == 1, "rlkern.cpp_group_index: ragged keys must be [total], got ", keys.sizes());
     TORCH_CHECK(offsets->dim() == 1 && offsets->size(0) >= 1 && offsets->scalar_type() == at::kLong,
-                "rlkern.advantages_group_index_kernel: offsets must be int64 [N + 1], got ", offsets->sizes(), " ",
+                "rlkern.cpp_group_index: offsets must be int64 [N + 1], got ", offsets->sizes(), " ",
                 offsets->scalar_type());
     k = keys.contiguous();
     off = offsets->contiguous();
     N = off.size(0) - 1;
     const int64_t* o = off.data_ptr<int64_t>();
-    TORCH_CHECK(o[0] == 0 && o[N] == k.numel(), "rlkern.advantages_group_index_kernel: offsets must run from 0 to ",
+    TORCH_CHECK(o[0] == 0 && o[N] == k.numel(), "rlkern.cpp_group_index: offsets must run from 0 to ",
                 k.numel());
     for (int64_t i = 0; i < N; ++i)
-      TORCH_CHECK(o[i + 1] >= o[i], "rlkern.advantages_group_index_kernel: offsets must be non-decreasing");
+      TORCH_CHECK(o[i + 1] >= o[i], "rlkern.cpp_group_index: offsets must be non-decreasing");
   } else {
     TORCH_CHECK(keys.dim() == 1 || keys.dim() == 2,
-                "rlkern.advantages_group_index_kernel: keys must be [N] or [N, W], got ", keys.sizes());
+                "rlkern.cpp_group_index: keys must be [N] or [N, W], got ", keys.sizes());
     k = keys.dim() == 1 ? keys.reshape({-1, 1}).contiguous() : keys.contiguous();
     N = k.size(0);
     W = k.size(1);
@@ -564,14 +564,14 @@ at::Tensor group_index_cpu(const at::Tensor& keys, const std::optional<at::Tenso
     case at::kLong: group_index_rows(k.data_ptr<int64_t>(), offs, 0, N, W, o); break;
     case at::kInt: group_index_rows(k.data_ptr<int32_t>(), offs, 0, N, W, o); break;
     case at::kByte: group_index_rows(k.data_ptr<uint8_t>(), offs, 0, N, W, o); break;
-    default: TORCH_CHECK(false, "rlkern.advantages_group_index_kernel: keys must be int64/int32/uint8, got ", k.scalar_type());
+    default: TORCH_CHECK(false, "rlkern.cpp_group_index: keys must be int64/int32/uint8, got ", k.scalar_type());
   }
   return out;
 }
 
 // n strings joined with a 0 separator ([total] uint8 ASCII bytes or int32 UTF-32 code points,
 // exactly n - 1 zeros) -> dense group numbers [n]. Another count of zeros (a string holding
-// "\0") raises ValueError: the caller then passes lengths to advantages_group_index_kernel.
+// "\0") raises ValueError: the caller then passes lengths to cpp_group_index.
 template <typename K>
 void split_joined(const K* keys, int64_t total, int64_t n, int64_t* offsets) {
   int64_t i = 0;
@@ -582,27 +582,27 @@ void split_joined(const K* keys, int64_t total, int64_t n, int64_t* offsets) {
     while (true) {
       const void* hit = std::memchr(p, 0, static_cast<size_t>(end - p));
       if (!hit) break;
-      TORCH_CHECK_VALUE(i + 1 < n, "rlkern.advantages_group_index_joined_kernel: more than ", n - 1, " separators");
+      TORCH_CHECK_VALUE(i + 1 < n, "rlkern.cpp_group_index_joined: more than ", n - 1, " separators");
       p = static_cast<const K*>(hit) + 1;
       offsets[++i] = p - keys;
     }
   } else {
     for (int64_t t = 0; t < total; ++t) {
       if (keys[t] == 0) {
-        TORCH_CHECK_VALUE(i + 1 < n, "rlkern.advantages_group_index_joined_kernel: more than ", n - 1, " separators");
+        TORCH_CHECK_VALUE(i + 1 < n, "rlkern.cpp_group_index_joined: more than ", n - 1, " separators");
         offsets[++i] = t + 1;
       }
     }
   }
-  TORCH_CHECK_VALUE(i == n - 1, "rlkern.advantages_group_index_joined_kernel: expected ", n - 1,
+  TORCH_CHECK_VALUE(i == n - 1, "rlkern.cpp_group_index_joined: expected ", n - 1,
                     " separators, got ", i);
   offsets[n] = total + 1;  // a virtual separator after the last string
 }
 
 at::Tensor group_index_joined_cpu(const at::Tensor& joined, int64_t n) {
   TORCH_CHECK(joined.device().is_cpu() && joined.dim() == 1,
-              "rlkern.advantages_group_index_joined_kernel: joined must be a 1-D CPU tensor, got ", joined.sizes());
-  TORCH_CHECK(n >= 0, "rlkern.advantages_group_index_joined_kernel: n must be >= 0, got ", n);
+              "rlkern.cpp_group_index_joined: joined must be a 1-D CPU tensor, got ", joined.sizes());
+  TORCH_CHECK(n >= 0, "rlkern.cpp_group_index_joined: n must be >= 0, got ", n);
   at::Tensor out = at::empty({n}, joined.options().dtype(at::kLong));
   if (n == 0) return out;
   const at::Tensor k = joined.contiguous();
@@ -616,7 +616,7 @@ at::Tensor group_index_joined_cpu(const at::Tensor& joined, int64_t n) {
   switch (k.scalar_type()) {
     case at::kByte: run(uint8_t{}); break;
     case at::kInt: run(int32_t{}); break;
-    default: TORCH_CHECK(false, "rlkern.advantages_group_index_joined_kernel: joined must be uint8/int32, got ",
+    default: TORCH_CHECK(false, "rlkern.cpp_group_index_joined: joined must be uint8/int32, got ",
                          k.scalar_type());
   }
   return out;
@@ -686,7 +686,7 @@ void group_values(const S* x, const int64_t* inv, int64_t N, double eps, StdMode
   int64_t scored = 0;
   for (int64_t i = 0; i < N; ++i) {
     const int64_t g = inv[i];
-    TORCH_CHECK(g >= 0 && g < N, "rlkern.advantages_group_normalize_kernel: group numbers must lie in [0, ", N,
+    TORCH_CHECK(g >= 0 && g < N, "rlkern.cpp_group_normalize: group numbers must lie in [0, ", N,
                 "), got ", g);
     if (skipped(i)) continue;
     ++scored;
@@ -749,7 +749,7 @@ at::Tensor group_normalize_cpu(const at::Tensor& scores, const at::Tensor& inver
                                const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens,
                                double eps, c10::string_view std_name, c10::string_view scale_name,
                                c10::string_view singleton, bool skip_nan) {
-  const char* op = "rlkern.advantages_group_normalize_kernel";
+  const char* op = "rlkern.cpp_group_normalize";
   check_group_inputs(scores, inverse, mask, cu_seqlens, op);
   const StdMode std_mode = std_name == "unbiased"     ? StdMode::kUnbiased
                            : std_name == "population" ? StdMode::kPopulation
@@ -785,7 +785,7 @@ void baseline_values(const S* x, const int64_t* inv, const double* w, int64_t N,
   int64_t nonzero = 0;
   for (int64_t i = 0; i < N; ++i) {
     const int64_t g = inv[i];
-    TORCH_CHECK(g >= 0 && g < N, "rlkern.advantages_group_baseline_kernel: group numbers must lie in [0, ", N,
+    TORCH_CHECK(g >= 0 && g < N, "rlkern.cpp_group_baseline: group numbers must lie in [0, ", N,
                 "), got ", g);
     const double xi = load(x[i]);
     count[g] += 1.0;
@@ -823,7 +823,7 @@ at::Tensor group_baseline_cpu(const at::Tensor& scores, const at::Tensor& invers
                               const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& mask,
                               const std::optional<at::Tensor>& cu_seqlens, c10::string_view mode_name,
                               double param) {
-  const char* op = "rlkern.advantages_group_baseline_kernel";
+  const char* op = "rlkern.cpp_group_baseline";
   check_group_inputs(scores, inverse, mask, cu_seqlens, op);
   const BaselineMode mode = mode_name == "rloo_raw"   ? BaselineMode::kRlooRaw
                             : mode_name == "rloo_zero" ? BaselineMode::kRlooZero
@@ -937,7 +937,7 @@ void load_chunk(const TokenInput& in, int64_t begin, int64_t n, double* out) {
     case at::kDouble: return run(double{});
     case at::kBFloat16: return run(at::BFloat16{});
     case at::kHalf: return run(at::Half{});
-    default: TORCH_CHECK(false, "rlkern.advantages_optimal_token_baseline_kernel: unsupported dtype ", in.type);
+    default: TORCH_CHECK(false, "rlkern.cpp_optimal_token_baseline: unsupported dtype ", in.type);
   }
 }
 
@@ -1169,7 +1169,7 @@ TokenInput float_input(const at::Tensor& t, const at::Tensor& rewards, const cha
   check_like(t, rewards, name);
   const auto s = t.scalar_type();
   TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf,
-              "rlkern.advantages_optimal_token_baseline_kernel: ", name, " must be float32/float64/bfloat16/float16, "
+              "rlkern.cpp_optimal_token_baseline: ", name, " must be float32/float64/bfloat16/float16, "
               "got ", s);
   return {t.data_ptr(), s, row_stride(t)};
 }
@@ -1185,7 +1185,7 @@ std::tuple<at::Tensor, at::Tensor> otb_cpu(const at::Tensor& rewards, const std:
                                            const std::optional<at::Tensor>& rollout_is_weights,
                                            const std::optional<at::Tensor>& cu_seqlens, bool handle_zero_tail,
                                            double eps, bool multi_turn) {
-  const char* op = "rlkern.advantages_optimal_token_baseline_kernel";
+  const char* op = "rlkern.cpp_optimal_token_baseline";
   OtbBatch p;
   at::Tensor cu_holder, mask_holder;
   p.rows = make_rows(rewards, cu_seqlens, cu_holder);
@@ -1281,7 +1281,7 @@ void remax_rows(const Rows& rows, const S* r, const M* mk, const O* base, O* a, 
 // (advantages, returns) of rewards' shape, float32 (float64 for float64 rewards).
 std::tuple<at::Tensor, at::Tensor> remax_cpu(const at::Tensor& rewards, const at::Tensor& reward_baselines,
                                              const at::Tensor& mask, const std::optional<at::Tensor>& cu_seqlens) {
-  const char* op = "rlkern.advantages_remax_kernel";
+  const char* op = "rlkern.cpp_remax";
   at::Tensor cu_holder;
   Rows rows = make_rows(rewards, cu_seqlens, cu_holder);
   check_like(rewards, rewards, "rewards");
@@ -1321,7 +1321,7 @@ std::vector<double> group_counts(const int64_t* inv, int64_t N, const char* op) 
 // 2 samples raises ValueError (the op layer's message).
 template <typename S>
 void passk_values(const S* x, const int64_t* inv, int64_t N, double eps, bool norm_by_std, double* value) {
-  const std::vector<double> count = group_counts(inv, N, "rlkern.advantages_grpo_passk_kernel");
+  const std::vector<double> count = group_counts(inv, N, "rlkern.cpp_grpo_passk");
   double smallest = std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < N; ++i) smallest = std::min(smallest, count[inv[i]]);
   TORCH_CHECK_VALUE(N == 0 || smallest >= 2.0, "grpo_passk: every group needs at least 2 samples (Pass@k compares "
@@ -1354,7 +1354,7 @@ void passk_values(const S* x, const int64_t* inv, int64_t N, double eps, bool no
 // scores [N] float32/float64/bfloat16/float16, inverse [N] int64 dense group numbers -> [N]
 // float32 (float64 for float64 scores).
 at::Tensor passk_cpu(const at::Tensor& scores, const at::Tensor& inverse, double eps, bool norm_by_std) {
-  const char* op = "rlkern.advantages_grpo_passk_kernel";
+  const char* op = "rlkern.cpp_grpo_passk";
   check_group_inputs(scores, inverse, std::nullopt, std::nullopt, op);
   const int64_t N = scores.size(0);
   const at::Tensor inv = inverse.contiguous();
@@ -1409,7 +1409,7 @@ inline double xlogy(double x, double y) { return std::isnan(y) ? y : x == 0.0 ? 
 // weight_g = clamp(1 / BetaPDF(p_g; alpha, beta), 0, 1e6) (1 where var <= 0), value = weight (s - p).
 template <typename S>
 void bnpo_values(const S* x, const int64_t* inv, int64_t N, double min_value, double max_value, double* value) {
-  const std::vector<double> count = group_counts(inv, N, "rlkern.advantages_bnpo_kernel");
+  const std::vector<double> count = group_counts(inv, N, "rlkern.cpp_bnpo");
   const double range = max_value - min_value;
   std::vector<double> p(N, 0.0), weight(N, 1.0);
   std::vector<int64_t> reps;  // the groups, in the order of their first samples
@@ -1454,7 +1454,7 @@ void bnpo_values(const S* x, const int64_t* inv, int64_t N, double min_value, do
 // scores [N] float32/float64/bfloat16/float16, inverse [N] int64 dense group numbers -> [N]
 // float32 (float64 for float64 scores).
 at::Tensor bnpo_cpu(const at::Tensor& scores, const at::Tensor& inverse, double min_value, double max_value) {
-  const char* op = "rlkern.advantages_bnpo_kernel";
+  const char* op = "rlkern.cpp_bnpo";
   check_group_inputs(scores, inverse, std::nullopt, std::nullopt, op);
   TORCH_CHECK(max_value > min_value, op, ": max_value must exceed min_value");
   const int64_t N = scores.size(0);
@@ -1535,52 +1535,52 @@ at::Tensor bnpo_meta(const at::Tensor& scores, const at::Tensor&, double, double
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlkern, m) {
-  m.def("advantages_gae_kernel(Tensor rewards, Tensor values, Tensor mask, Tensor? bootstrap, Tensor? cu_seqlens, "
+  m.def("cpp_gae(Tensor rewards, Tensor values, Tensor mask, Tensor? bootstrap, Tensor? cu_seqlens, "
         "float gamma, float lam) -> (Tensor, Tensor)");
-  m.def("advantages_discounted_kernel(Tensor rewards, Tensor mask, Tensor? cu_seqlens, float gamma) -> Tensor");
-  m.def("advantages_group_index_kernel(Tensor keys, Tensor? offsets) -> Tensor");
-  m.def("advantages_whiten_kernel(Tensor values, Tensor mask, bool shift_mean, bool zero_masked) -> Tensor");
-  m.def("advantages_broadcast_kernel(Tensor scores, Tensor mask, Tensor? cu_seqlens=None) -> Tensor");
-  m.def("advantages_group_index_joined_kernel(Tensor joined, int n) -> Tensor");
-  m.def("advantages_group_normalize_kernel(Tensor scores, Tensor inverse, Tensor? mask, Tensor? cu_seqlens, "
+  m.def("cpp_discounted_returns(Tensor rewards, Tensor mask, Tensor? cu_seqlens, float gamma) -> Tensor");
+  m.def("cpp_group_index(Tensor keys, Tensor? offsets) -> Tensor");
+  m.def("cpp_masked_whiten(Tensor values, Tensor mask, bool shift_mean, bool zero_masked) -> Tensor");
+  m.def("cpp_outcome_to_tokens(Tensor scores, Tensor mask, Tensor? cu_seqlens=None) -> Tensor");
+  m.def("cpp_group_index_joined(Tensor joined, int n) -> Tensor");
+  m.def("cpp_group_normalize(Tensor scores, Tensor inverse, Tensor? mask, Tensor? cu_seqlens, "
         "float eps, str std, str scale, str singleton, bool skip_nan=False) -> Tensor");
-  m.def("advantages_group_baseline_kernel(Tensor scores, Tensor inverse, Tensor? weights, Tensor? mask, "
+  m.def("cpp_group_baseline(Tensor scores, Tensor inverse, Tensor? weights, Tensor? mask, "
         "Tensor? cu_seqlens, str mode, float param) -> Tensor");
-  m.def("advantages_optimal_token_baseline_kernel(Tensor rewards, Tensor? mask, Tensor inverse, Tensor old_log_probs, "
+  m.def("cpp_optimal_token_baseline(Tensor rewards, Tensor? mask, Tensor inverse, Tensor old_logprobs, "
         "Tensor sum_pi_squared, Tensor? rollout_is_weights, Tensor? cu_seqlens, bool handle_zero_tail, float eps, "
         "bool multi_turn) -> (Tensor, Tensor)");
-  m.def("advantages_remax_kernel(Tensor rewards, Tensor reward_baselines, Tensor mask, Tensor? cu_seqlens) -> "
+  m.def("cpp_remax(Tensor rewards, Tensor reward_baselines, Tensor mask, Tensor? cu_seqlens) -> "
         "(Tensor, Tensor)");
-  m.def("advantages_grpo_passk_kernel(Tensor scores, Tensor inverse, float eps, bool norm_by_std) -> Tensor");
-  m.def("advantages_bnpo_kernel(Tensor scores, Tensor inverse, float min_value, float max_value) -> Tensor");
+  m.def("cpp_grpo_passk(Tensor scores, Tensor inverse, float eps, bool norm_by_std) -> Tensor");
+  m.def("cpp_bnpo(Tensor scores, Tensor inverse, float min_value, float max_value) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
-  m.impl("advantages_gae_kernel", &gae_cpu);
-  m.impl("advantages_discounted_kernel", &discounted_cpu);
-  m.impl("advantages_group_index_kernel", &group_index_cpu);
-  m.impl("advantages_whiten_kernel", &whiten_cpu);
-  m.impl("advantages_broadcast_kernel", &broadcast_cpu);
-  m.impl("advantages_group_index_joined_kernel", &group_index_joined_cpu);
-  m.impl("advantages_group_normalize_kernel", &group_normalize_cpu);
-  m.impl("advantages_group_baseline_kernel", &group_baseline_cpu);
-  m.impl("advantages_optimal_token_baseline_kernel", &otb_cpu);
-  m.impl("advantages_remax_kernel", &remax_cpu);
-  m.impl("advantages_grpo_passk_kernel", &passk_cpu);
-  m.impl("advantages_bnpo_kernel", &bnpo_cpu);
+  m.impl("cpp_gae", &gae_cpu);
+  m.impl("cpp_discounted_returns", &discounted_cpu);
+  m.impl("cpp_group_index", &group_index_cpu);
+  m.impl("cpp_masked_whiten", &whiten_cpu);
+  m.impl("cpp_outcome_to_tokens", &broadcast_cpu);
+  m.impl("cpp_group_index_joined", &group_index_joined_cpu);
+  m.impl("cpp_group_normalize", &group_normalize_cpu);
+  m.impl("cpp_group_baseline", &group_baseline_cpu);
+  m.impl("cpp_optimal_token_baseline", &otb_cpu);
+  m.impl("cpp_remax", &remax_cpu);
+  m.impl("cpp_grpo_passk", &passk_cpu);
+  m.impl("cpp_bnpo", &bnpo_cpu);
 }
 
 TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
-  m.impl("advantages_gae_kernel", &gae_meta);
-  m.impl("advantages_discounted_kernel", &discounted_meta);
-  m.impl("advantages_group_index_kernel", &group_index_meta);
-  m.impl("advantages_whiten_kernel", &whiten_meta);
-  m.impl("advantages_broadcast_kernel", &broadcast_meta);
-  m.impl("advantages_group_index_joined_kernel", &group_index_joined_meta);
-  m.impl("advantages_group_normalize_kernel", &group_normalize_meta);
-  m.impl("advantages_group_baseline_kernel", &group_baseline_meta);
-  m.impl("advantages_optimal_token_baseline_kernel", &otb_meta);
-  m.impl("advantages_remax_kernel", &remax_meta);
-  m.impl("advantages_grpo_passk_kernel", &passk_meta);
-  m.impl("advantages_bnpo_kernel", &bnpo_meta);
+  m.impl("cpp_gae", &gae_meta);
+  m.impl("cpp_discounted_returns", &discounted_meta);
+  m.impl("cpp_group_index", &group_index_meta);
+  m.impl("cpp_masked_whiten", &whiten_meta);
+  m.impl("cpp_outcome_to_tokens", &broadcast_meta);
+  m.impl("cpp_group_index_joined", &group_index_joined_meta);
+  m.impl("cpp_group_normalize", &group_normalize_meta);
+  m.impl("cpp_group_baseline", &group_baseline_meta);
+  m.impl("cpp_optimal_token_baseline", &otb_meta);
+  m.impl("cpp_remax", &remax_meta);
+  m.impl("cpp_grpo_passk", &passk_meta);
+  m.impl("cpp_bnpo", &bnpo_meta);
 }

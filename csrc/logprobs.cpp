@@ -970,11 +970,11 @@ void logprobs_bwd_cpu(const at::Tensor& grad_logprobs, const std::optional<at::T
   check_temperature(temperature);
   check_vocab_start(vocab_start);
   TORCH_CHECK(!grad_entropy.has_value() || entropy.has_value(),
-              "rlkern.logprobs_bwd: grad_entropy needs the forward's entropy (both given or both None)");
+              "rlkern.cpp_token_logprobs_backward: grad_entropy needs the forward's entropy (both given or both None)");
   TORCH_CHECK(grad_logits.sizes() == logits.sizes() && grad_logits.scalar_type() == logits.scalar_type(),
-              "rlkern.logprobs_bwd: grad_logits must match logits in shape and dtype");
-  TORCH_CHECK(V <= 1 || grad_logits.stride(1) == 1, "rlkern.logprobs_bwd: grad_logits needs a contiguous last dim");
-  TORCH_CHECK(grad_logits.device().type() == at::kCPU, "rlkern.logprobs_bwd: grad_logits must be on the CPU");
+              "rlkern.cpp_token_logprobs_backward: grad_logits must match logits in shape and dtype");
+  TORCH_CHECK(V <= 1 || grad_logits.stride(1) == 1, "rlkern.cpp_token_logprobs_backward: grad_logits needs a contiguous last dim");
+  TORCH_CHECK(grad_logits.device().type() == at::kCPU, "rlkern.cpp_token_logprobs_backward: grad_logits must be on the CPU");
   TORCH_CHECK(labels.device().type() == at::kCPU, "rlkern.logprobs: labels must be on the CPU like the logits");
   if (N == 0 || V == 0) return;
   const at::Tensor lab = labels.contiguous();
@@ -1014,27 +1014,27 @@ void logprobs_bwd_meta(const at::Tensor&, const std::optional<at::Tensor>&, cons
                        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double, int64_t,
                        at::Tensor& grad_logits, int64_t) {
   TORCH_CHECK(grad_logits.sizes() == logits.sizes() && grad_logits.scalar_type() == logits.scalar_type(),
-              "rlkern.logprobs_bwd: grad_logits must match logits in shape and dtype");
+              "rlkern.cpp_token_logprobs_backward: grad_logits must match logits in shape and dtype");
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlkern, m) {
   m.def(
-      "logprobs_fwd(Tensor logits, Tensor labels, float temperature, float softcap, int ignore_index, "
+      "cpp_token_logprobs(Tensor logits, Tensor labels, float temperature, float softcap, int ignore_index, "
       "bool with_entropy, int vocab_start=-1) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "logprobs_bwd(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor labels, Tensor lse, "
+      "cpp_token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor labels, Tensor lse, "
       "Tensor? entropy, float temperature, float softcap, int ignore_index, Tensor(a!) grad_logits, "
       "int vocab_start=-1) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
-  m.impl("logprobs_fwd", &logprobs_fwd_cpu);
-  m.impl("logprobs_bwd", &logprobs_bwd_cpu);
+  m.impl("cpp_token_logprobs", &logprobs_fwd_cpu);
+  m.impl("cpp_token_logprobs_backward", &logprobs_bwd_cpu);
 }
 
 TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
-  m.impl("logprobs_fwd", &logprobs_fwd_meta);
-  m.impl("logprobs_bwd", &logprobs_bwd_meta);
+  m.impl("cpp_token_logprobs", &logprobs_fwd_meta);
+  m.impl("cpp_token_logprobs_backward", &logprobs_bwd_meta);
 }

@@ -1,4 +1,4 @@
-// rlkern CPU kernel: fused policy loss (torch.ops.rlkern.policy_loss_forward / policy_loss_backward).
+// rlkern CPU kernel: fused policy loss (torch.ops.rlkern.cpp_policy_loss / policy_loss_backward).
 //
 // Oracle: rlkern/reference/policy_loss.py; GPU twin: kernels/policy_loss.py (same outputs, same
 // stats layout). One task per sequence (at::parallel_for over B):
@@ -906,7 +906,7 @@ std::tuple<at::Tensor, at::Tensor> policy_loss_backward_cpu(
   Prepared p = prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens,
                        loss, kl_estimator, level, hyper);
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == p.B + 1 && stats.size(1) == kNumStats,
-              "rlkern.policy_loss_backward: stats must be [B + 1, ", kNumStats, "] from the forward, got ",
+              "rlkern.cpp_policy_loss_backward: stats must be [B + 1, ", kNumStats, "] from the forward, got ",
               stats.sizes());
   Norms norms = make_norms(p.a.h, agg, entropy_agg, p.width, global_tokens, global_seqs);
   const at::Tensor st = as_float(stats);
@@ -974,25 +974,25 @@ std::tuple<at::Tensor, at::Tensor> policy_loss_backward_meta(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlkern, m) {
-  m.def("policy_loss_schema() -> str", &policy_loss_schema);
+  m.def("cpp_policy_loss_schema() -> str", &policy_loss_schema);
   m.def(
-      "policy_loss_forward(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor? mask, "
+      "cpp_policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor? mask, "
       "Tensor? ref_logprobs, Tensor? entropy, Tensor? is_weights, Tensor? select, Tensor? cu_seqlens, "
       "Tensor? global_tokens, Tensor? global_seqs, str loss, str agg, str entropy_agg, str kl_estimator, "
       "str level, float[] hyper) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "policy_loss_backward(Tensor grad_loss, Tensor logprobs, Tensor old_logprobs, Tensor advantages, "
+      "cpp_policy_loss_backward(Tensor grad_loss, Tensor logprobs, Tensor old_logprobs, Tensor advantages, "
       "Tensor? mask, Tensor? ref_logprobs, Tensor? entropy, Tensor? is_weights, Tensor? select, "
       "Tensor? cu_seqlens, Tensor? global_tokens, Tensor? global_seqs, Tensor stats, str loss, str agg, "
       "str entropy_agg, str kl_estimator, str level, float[] hyper) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
-  m.impl("policy_loss_forward", &policy_loss_forward_cpu);
-  m.impl("policy_loss_backward", &policy_loss_backward_cpu);
+  m.impl("cpp_policy_loss", &policy_loss_forward_cpu);
+  m.impl("cpp_policy_loss_backward", &policy_loss_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
-  m.impl("policy_loss_forward", &policy_loss_forward_meta);
-  m.impl("policy_loss_backward", &policy_loss_backward_meta);
+  m.impl("cpp_policy_loss", &policy_loss_forward_meta);
+  m.impl("cpp_policy_loss_backward", &policy_loss_backward_meta);
 }

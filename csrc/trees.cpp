@@ -1,5 +1,5 @@
 // rlkern CPU kernels: values and advantages over a forest given as parent indices
-// (torch.ops.rlkern.trees_values / trees_advantages; oracle: rlkern/reference/trees.py).
+// (torch.ops.rlkern.cpp_tree_values / trees_advantages; oracle: rlkern/reference/trees.py).
 //
 // One O(M) structure pass orders the nodes breadth-first, level by level, so that the children of
 // every position occupy a contiguous range of positions (in increasing node index, the summation
@@ -778,19 +778,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> trees_advantages_meta(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlkern, m) {
-  m.def("trees_values(Tensor parent, Tensor reward, int mode, int max_depth=-1) -> Tensor");
+  m.def("cpp_tree_values(Tensor parent, Tensor reward, int mode, int max_depth=-1) -> Tensor");
   m.def(
-      "trees_advantages(Tensor parent, Tensor reward, int method, bool leaf_rloo, bool group_size_weighting, "
+      "cpp_tree_advantages(Tensor parent, Tensor reward, int method, bool leaf_rloo, bool group_size_weighting, "
       "bool whiten, Tensor? leaf_weights, float epsilon, bool with_values, int max_depth=-1) "
       "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
-  m.impl("trees_values", &trees_values_cpu);
-  m.impl("trees_advantages", &trees_advantages_cpu);
+  m.impl("cpp_tree_values", &trees_values_cpu);
+  m.impl("cpp_tree_advantages", &trees_advantages_cpu);
 }
 
 TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
-  m.impl("trees_values", &trees_values_meta);
-  m.impl("trees_advantages", &trees_advantages_meta);
+  m.impl("cpp_tree_values", &trees_values_meta);
+  m.impl("cpp_tree_advantages", &trees_advantages_meta);
 }

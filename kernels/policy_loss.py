@@ -535,7 +535,7 @@ def _policy_loss_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers: the signatures of torch.ops.rlkern.policy_loss_forward / policy_loss_backward.
+# Launchers: the signatures of torch.ops.rlkern.cpp_policy_loss / cpp_policy_loss_backward.
 
 
 def _rows(t: torch.Tensor | None, packed: bool) -> torch.Tensor | None:

@@ -513,7 +513,7 @@ def _otb_kernel_ran(fn):
     """fn() and whether it ran the C++ OTB kernel (seen by the profiler)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         out = fn()
-    return out, any(e.name == "rlkern::advantages_optimal_token_baseline_kernel" for e in prof.events())
+    return out, any(e.name == "rlkern::cpp_optimal_token_baseline" for e in prof.events())
 
 
 # OTB has a C++ kernel and the PyTorch path (no Triton kernel: "triton" would run the C++ one).
@@ -1568,25 +1568,25 @@ def test_float64_runs_the_cpp_kernels_on_cpu(monkeypatch, forced, kernels_only):
     passk_ids = np.repeat(np.arange(3), [2, 5, n - 7])
     r = torch.randn(n, 8, generator=_gen(59), dtype=torch.float64)
     calls = {
-        "advantages_group_normalize_kernel": [
+        "cpp_group_normalize": [
             (lambda: A.grpo(s, ids, mask), R.group_normalize(s, list(ids))[:, None] * m),
             (lambda: A.grpo(s, ids, packed, cu_seqlens=cu), R.group_normalize(s, list(ids))[seg] * m[inside])],
-        "advantages_group_baseline_kernel": [
+        "cpp_group_baseline": [
             (lambda: A.rloo(s, ids, mask), R.rloo(s, list(ids))[:, None] * m),
             (lambda: A.gpg(s, ids, packed, cu_seqlens=cu), R.gpg(s, list(ids))[seg] * m[inside])],
-        "advantages_grpo_passk_kernel": [
+        "cpp_grpo_passk": [
             (lambda: A.grpo_passk(s, passk_ids), R.grpo_passk(s, list(passk_ids)))],
-        "advantages_bnpo_kernel": [(lambda: A.bnpo(torch.sigmoid(s), ids), R.bnpo(torch.sigmoid(s), list(ids)))],
-        "advantages_broadcast_kernel": [
+        "cpp_bnpo": [(lambda: A.bnpo(torch.sigmoid(s), ids), R.bnpo(torch.sigmoid(s), list(ids)))],
+        "cpp_outcome_to_tokens": [
             (lambda: A.grpo_passk(s, passk_ids, mask), R.grpo_passk(s, list(passk_ids))[:, None] * m),
             (lambda: A.bnpo(torch.sigmoid(s), ids, packed, cu_seqlens=cu),
              R.bnpo(torch.sigmoid(s), list(ids))[seg] * m[inside])],
-        "advantages_remax_kernel": [
+        "cpp_remax": [
             (lambda: A.remax(r, s, mask)[1], R.reverse_cumsum(r, mask))],
-        "advantages_optimal_token_baseline_kernel": [
+        "cpp_optimal_token_baseline": [
             (lambda: A.optimal_token_baseline(r, ids, mask, -r.abs(), r.abs())[0],
              R.optimal_token_baseline(r, mask, list(ids), -r.abs(), r.abs())[0])],
-        "advantages_gae_kernel": [(lambda: A.gae(r, r.flip(0), mask, gamma=0.9, lam=0.8)[0],
+        "cpp_gae": [(lambda: A.gae(r, r.flip(0), mask, gamma=0.9, lam=0.8)[0],
                                    R.gae(r, r.flip(0), mask, 0.9, 0.8)[0])],
     }
     for kernel, cases in calls.items():
@@ -1636,8 +1636,8 @@ def test_opcheck_float64_and_new_kernels():
     ]
     for op, args in cases:
         torch.library.opcheck(op.default, args)
-    for name, args in [("advantages_remax_kernel", (r, torch.randn(3), mask, None)),
-                       ("advantages_grpo_passk_kernel", (s, A.group_index(["a", "a", "b", "b", "b", "b"]), 1e-6,
+    for name, args in [("cpp_remax", (r, torch.randn(3), mask, None)),
+                       ("cpp_grpo_passk", (s, A.group_index(["a", "a", "b", "b", "b", "b"]), 1e-6,
                                                          False)),
-                       ("advantages_bnpo_kernel", (torch.rand(6, generator=g), inverse, 0.0, 1.0))]:
+                       ("cpp_bnpo", (torch.rand(6, generator=g), inverse, 0.0, 1.0))]:
         torch.library.opcheck(getattr(torch.ops.rlkern, name).default, args)

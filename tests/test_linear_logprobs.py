@@ -272,7 +272,7 @@ def test_no_n_by_v_tensor_is_allocated():
 
 def test_opcheck_and_compile():
     hidden, weight, bias, labels = _inputs(9, 16, 70, torch.float32, bias=True)
-    fwd = torch.ops.rlkern.linear_logprobs_fwd.default
+    fwd = torch.ops.rlkern.linear_token_logprobs.default
     args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), labels, 1.2, 3.0, 0.9, -100,
             True, [True, True, True], 4, False, "chunked")
     torch.library.opcheck(fwd, args)

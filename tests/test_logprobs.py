@@ -243,21 +243,21 @@ def test_kernel_writes_nan_for_out_of_range_label(backend_name):
         from rlkern.kernels import logprobs as kernel
         logp, _, _ = kernel.logprobs_forward(logits, labels, 1.0, 0.0, -100, False)
     else:
-        logp, _, _ = torch.ops.rlkern.logprobs_fwd(logits, labels, 1.0, 0.0, -100, False)
+        logp, _, _ = torch.ops.rlkern.cpp_token_logprobs(logits, labels, 1.0, 0.0, -100, False)
     assert logp[0].isfinite() and logp[1].isnan() and logp[2].isnan()
 
 
 def test_opcheck():
     logits = torch.randn(5, 37)
     labels = torch.randint(0, 37, (5,))
-    fwd = torch.ops.rlkern.token_logprobs_fwd.default
+    fwd = torch.ops.rlkern.token_logprobs.default
     for with_entropy in (False, True):
         torch.library.opcheck(fwd, (logits.clone().requires_grad_(), labels, 0.9, 0.0, -100, with_entropy, False))
     logp, entropy, lse = fwd(logits, labels, 0.9, 0.0, -100, True, False)
     args = (torch.randn(5), torch.randn(5), logits, labels, lse, entropy, 0.9, 0.0, -100)
-    torch.library.opcheck(torch.ops.rlkern.token_logprobs_bwd.default, args)
-    torch.library.opcheck(torch.ops.rlkern.token_logprobs_bwd_inplace.default, args[:2] + (logits.clone(),) + args[3:])
-    torch.library.opcheck(torch.ops.rlkern.logprobs_fwd.default, (logits, labels, 0.9, 0.0, -100, True))
+    torch.library.opcheck(torch.ops.rlkern.token_logprobs_backward.default, args)
+    torch.library.opcheck(torch.ops.rlkern.token_logprobs_backward_inplace.default, args[:2] + (logits.clone(),) + args[3:])
+    torch.library.opcheck(torch.ops.rlkern.cpp_token_logprobs.default, (logits, labels, 0.9, 0.0, -100, True))
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])

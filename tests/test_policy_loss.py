@@ -22,6 +22,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rlkern.ops.policy_loss as P
+import rlkern.ops.policy_loss._autograd as PA
+import rlkern.ops.policy_loss.corrections as PC
+from rlkern.ops import _layout
 from rlkern.ops.logprobs import token_logprobs
 from rlkern import _backend
 from rlkern.reference import policy_loss as reference
@@ -120,12 +123,12 @@ def test_hyper_and_stats_schema_is_one_across_python_triton_and_cpp():
     """The float hyper-parameters travel as a list and the statistics as columns: Python, the Triton
     launcher and the C++ parser all read them by the names of one schema; reordering a field on
     one side only would give wrong numbers silently, so the C++ parser's own order is compared."""
-    cpp = torch.ops.rlkern.policy_loss_schema()
+    cpp = torch.ops.rlkern.cpp_policy_loss_schema()
     assert cpp == ("hyper:" + ",".join(reference.HYPER_FIELDS) + "; stats:" + ",".join(reference.STAT_FIELDS))
-    assert [P.H_CLIP_LOW, P.H_DUAL, P.H_LSF, P.H_GTOK, P.H_GSEQ] == [
+    assert [PA.H_CLIP_LOW, PA.H_DUAL, PA.H_LSF, PA.H_GTOK, PA.H_GSEQ] == [
         reference.HYPER_FIELDS.index(n) for n in ("clip_low", "dual_clip", "loss_scale_factor", "global_tokens",
                                                   "global_seqs")]
-    assert P.N_STATS == len(reference.STAT_FIELDS) and P.S_SLR == reference.STAT_FIELDS.index("seq_log_ratio")
+    assert P.N_STATS == len(reference.STAT_FIELDS) and PA.S_SLR == reference.STAT_FIELDS.index("seq_log_ratio")
     assert dict(zip(reference.HYPER_FIELDS, _HYPER))["global_seqs"] == 12.0
     with pytest.raises(TypeError, match="hyper_list: fields"):
         reference.hyper_list(clip_low=0.2)
@@ -263,7 +266,7 @@ def test_ragged_packed_matches_padded(backend):
     old = lp + torch.randn(total, generator=g) * 0.3
     adv = torch.randn(5, generator=g)
     ent = torch.rand(total, generator=g)
-    pad = lambda t: P._pad(t, cu, 9)  # noqa: E731
+    pad = lambda t: _layout.pad(t, cu, 9)  # noqa: E731
     mask = pad(torch.ones(total, dtype=torch.bool))
     for loss, agg in [("ppo", "seq-mean-token-mean"), ("gspo", "token-mean"), ("cispo", "seq-mean-token-sum-norm")]:
         kw = dict(loss=loss, agg=agg, entropy_coef=0.1, dual_clip=3.0 if loss == "ppo" else None, loss_scale_factor=9)
@@ -278,8 +281,8 @@ def test_ragged_packed_matches_padded(backend):
         torch.testing.assert_close(la, lb, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(torch.stack(list(ma.values())), torch.stack(list(mb.values())), atol=1e-6,
                                    rtol=1e-5)
-        torch.testing.assert_close(a.grad, P._unpad(bb.grad, cu, total), atol=1e-7, rtol=1e-5)
-        torch.testing.assert_close(ea.grad, P._unpad(eb.grad, cu, total), atol=1e-7, rtol=1e-5)
+        torch.testing.assert_close(a.grad, _layout.unpad(bb.grad, cu, total), atol=1e-7, rtol=1e-5)
+        torch.testing.assert_close(ea.grad, _layout.unpad(eb.grad, cu, total), atol=1e-7, rtol=1e-5)
 
 
 def test_packed_total_equal_to_batch_is_disambiguated(backend):
@@ -312,9 +315,9 @@ def test_trl_presets_need_global_seqs_with_data_parallel():
     values, mask = torch.rand(4, 5), torch.ones(4, 5)
     for agg in ("grpo", "dr_grpo"):
         with pytest.raises(ValueError, match="global_seqs"):
-            P.aggregate(values, mask, agg, dp_size=2)
-        local = P.aggregate(values, mask, agg)
-        torch.testing.assert_close(P.aggregate(values, mask, agg, dp_size=2, global_seqs=8), local)
+            P.aggregate(values, mask, agg=agg, dp_size=2)
+        local = P.aggregate(values, mask, agg=agg)
+        torch.testing.assert_close(P.aggregate(values, mask, agg=agg, dp_size=2, global_seqs=8), local)
 
 
 def test_metrics_are_float32_for_float64_input():
@@ -347,7 +350,7 @@ def test_packed_rollout_correction_matches_padded(config, with_mask):
     mask[cu[4]:cu[5]] = False
     if not with_mask:
         mask = None
-    pad = lambda t: P._pad(t, cu, width)  # noqa: E731
+    pad = lambda t: _layout.pad(t, cu, width)  # noqa: E731
     padded_mask = pad(torch.ones(total, dtype=torch.bool) if mask is None else mask)
     kw = dict(loss="ppo", agg="seq-mean-token-sum", dual_clip=3.0, **config)
     a = lp.clone().requires_grad_()
@@ -359,8 +362,8 @@ def test_packed_rollout_correction_matches_padded(config, with_mask):
     assert lb != 0
     torch.testing.assert_close(la, lb, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(torch.stack(list(ma.values())), torch.stack(list(mb.values())), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(a.grad, P._unpad(b.grad, cu, total), atol=1e-7, rtol=1e-5)
-    wa, mask_a = P._rollout_correction(old, rollout, mask, cu, config.get("rollout_is"),
+    torch.testing.assert_close(a.grad, _layout.unpad(b.grad, cu, total), atol=1e-7, rtol=1e-5)
+    wa, mask_a = PC._rollout_correction(old, rollout, mask, cu, config.get("rollout_is"),
                                        config.get("rollout_is_threshold", 2.0),
                                        config.get("rollout_is_batch_normalize", False), config.get("rollout_rs"),
                                        config.get("rollout_rs_threshold"))
@@ -369,9 +372,9 @@ def test_packed_rollout_correction_matches_padded(config, with_mask):
                                               config.get("rollout_is_batch_normalize", False),
                                               config.get("rollout_rs"), config.get("rollout_rs_threshold"))
     if wb is not None:
-        torch.testing.assert_close(wa, P._unpad(wb, cu, total))
+        torch.testing.assert_close(wa, _layout.unpad(wb, cu, total))
     if "rollout_rs" in config:
-        kept = P._unpad(mask_b, cu, total).float()
+        kept = _layout.unpad(mask_b, cu, total).float()
         assert 0 < kept.sum() < (total if mask is None else mask.sum())  # the rejection does something
         torch.testing.assert_close(mask_a.float(), kept)
 
@@ -458,8 +461,8 @@ def test_gradcheck_float64():
 
         assert torch.autograd.gradcheck(f, (b["lp"].clone().requires_grad_(), b["ent"].clone().requires_grad_()))
     x = b["lp"].clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: P.kl_penalty(t, b["ref"], "k3"), (x,))
-    assert torch.autograd.gradcheck(lambda t: P.aggregate(t, b["mask"], "seq-mean-token-mean"), (x,))
+    assert torch.autograd.gradcheck(lambda t: P.kl_penalty(t, b["ref"], kl_estimator="k3"), (x,))
+    assert torch.autograd.gradcheck(lambda t: P.aggregate(t, b["mask"], agg="seq-mean-token-mean"), (x,))
 
 
 def test_opcheck():
@@ -471,10 +474,10 @@ def test_opcheck():
     for loss, level in (("ppo", "token"), ("gspo", "token"), ("geo_mean", "token"), ("ppo", "sequence")):
         args = (lp.clone().requires_grad_(), old, adv, mask, b["ref"].float(), ent.clone().requires_grad_(), None,
                 None, None, None, None, loss, "token-mean", "token-mean", "k3", level, hyper)
-        torch.library.opcheck(torch.ops.rlkern.policy_loss_fwd.default, args)
-        _, _, stats = torch.ops.rlkern.policy_loss_fwd(*args)
+        torch.library.opcheck(torch.ops.rlkern.policy_loss.default, args)
+        _, _, stats = torch.ops.rlkern.policy_loss(*args)
         plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        torch.library.opcheck(torch.ops.rlkern.policy_loss_bwd.default, (torch.tensor(1.0),) + plain[:11] + (stats,)
+        torch.library.opcheck(torch.ops.rlkern.policy_loss_backward.default, (torch.tensor(1.0),) + plain[:11] + (stats,)
                               + plain[11:])
     torch.library.opcheck(torch.ops.rlkern.kl_penalty.default, (lp.clone().requires_grad_(), old, "k3+"))
     torch.library.opcheck(torch.ops.rlkern.aggregate.default,
@@ -483,9 +486,9 @@ def test_opcheck():
     if _backend.has_cpp():
         inputs = (lp, old, adv, mask, b["ref"].float(), ent, None, None, None, torch.tensor(7.0), None)
         config = ("ppo", "token-mean", "seq-mean-token-mean", "k3", "token", hyper)
-        torch.library.opcheck(torch.ops.rlkern.policy_loss_forward.default, inputs + config)
-        _, _, stats = torch.ops.rlkern.policy_loss_forward(*inputs, *config)
-        torch.library.opcheck(torch.ops.rlkern.policy_loss_backward.default,
+        torch.library.opcheck(torch.ops.rlkern.cpp_policy_loss.default, inputs + config)
+        _, _, stats = torch.ops.rlkern.cpp_policy_loss(*inputs, *config)
+        torch.library.opcheck(torch.ops.rlkern.cpp_policy_loss_backward.default,
                               (torch.tensor(0.5),) + inputs + (stats,) + config)
 
 
@@ -497,7 +500,7 @@ def test_torch_compile_fullgraph(loss):
         total, metrics = P.policy_loss(lp, b["old"].float(), b["adv"][:, 0].float(), b["mask"], loss=loss,
                                        dual_clip=3.0, entropy=ent, entropy_coef=0.01, ref_logprobs=b["ref"].float(),
                                        kl_coef=0.1, agg="seq-mean-token-mean", global_seqs=torch.tensor(4.0))
-        kl = P.aggregate(P.kl_penalty(lp, b["ref"].float(), "k1+"), b["mask"], "token-mean")
+        kl = P.aggregate(P.kl_penalty(lp, b["ref"].float(), kl_estimator="k1+"), b["mask"], agg="token-mean")
         return total + kl, metrics["clipfrac"]
 
     lp = b["lp"].float().requires_grad_()
@@ -534,25 +537,25 @@ def test_torch_func_grad(monkeypatch, name):
 def test_bad_input():
     lp, old, adv = torch.randn(2, 5), torch.randn(2, 5), torch.randn(2)
     mask = torch.ones(2, 5)
-    with pytest.raises(ValueError, match=r"old_logprobs must have the shape of logprobs \(2, 5\), got \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"policy_loss: old_logprobs must have shape \(2, 5\), got \(2, 4\)"):
         P.policy_loss(lp, old[:, :4], adv, mask)
-    with pytest.raises(ValueError, match=r"advantages must be \(2, 5\) \(per token\) or \(2,\)"):
+    with pytest.raises(ValueError, match=r"policy_loss: advantages must be \(2, 5\) \(per token\) or \(2,\)"):
         P.policy_loss(lp, old, torch.randn(3), mask)
-    with pytest.raises(TypeError, match="logprobs must have a dtype"):
+    with pytest.raises(TypeError, match="policy_loss: logprobs must be float16/bfloat16/float32/float64, got torch.int64"):
         P.policy_loss(lp.long(), old, adv, mask)
-    with pytest.raises(ValueError, match="loss must be one of"):
+    with pytest.raises(ValueError, match="policy_loss: loss must be one of"):
         P.policy_loss(lp, old, adv, mask, loss="ppo2")
-    with pytest.raises(ValueError, match="agg must be one of"):
+    with pytest.raises(ValueError, match="policy_loss: agg must be one of"):
         P.policy_loss(lp, old, adv, mask, agg="mean")
-    with pytest.raises(ValueError, match="kl_estimator must be one of"):
+    with pytest.raises(ValueError, match="policy_loss: kl_estimator must be one of"):
         P.policy_loss(lp, old, adv, mask, kl_estimator="k4")
-    with pytest.raises(ValueError, match="dual_clip must be None or > 1.0"):
+    with pytest.raises(ValueError, match="policy_loss: dual_clip must be a finite number > 1, got 0.5"):
         P.policy_loss(lp, old, adv, mask, dual_clip=0.5)
     with pytest.raises(ValueError, match="dro_beta"):
         P.policy_loss(lp, old, adv, mask, loss="dro")
-    with pytest.raises(ValueError, match="global_tokens .* is required when dp_size > 1"):
+    with pytest.raises(ValueError, match="policy_loss: global_tokens .* is required when dp_size > 1"):
         P.policy_loss(lp, old, adv, mask, dp_size=2)
-    with pytest.raises(ValueError, match="mask is required"):
+    with pytest.raises(ValueError, match="policy_loss: response_mask is required"):
         P.policy_loss(lp, old, adv, None)
     cu = torch.tensor([0, 4, 10])
     with pytest.raises(ValueError, match="loss_scale_factor is required"):
@@ -561,9 +564,9 @@ def test_bad_input():
         P.policy_loss(lp.reshape(-1), old.reshape(-1), adv, None, cu_seqlens=torch.tensor([0, 4, 9]))
     with pytest.raises(ValueError, match="is on meta"):
         P.policy_loss(lp, old.to("meta"), adv, mask)
-    with pytest.raises(ValueError, match="estimator must be one of"):
-        P.kl_penalty(lp, old, "k5")
-    with pytest.raises(ValueError, match="mask must have the shape of values"):
+    with pytest.raises(ValueError, match="kl_penalty: kl_estimator must be one of"):
+        P.kl_penalty(lp, old, kl_estimator="k5")
+    with pytest.raises(ValueError, match=r"aggregate: response_mask must have shape \(2, 5\), got \(2, 3\)"):
         P.aggregate(lp, mask[:, :3])
 
 
@@ -572,19 +575,20 @@ def test_value_loss_and_aggregate_layouts():
     v, ret, old = (torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(3))
     mask = torch.rand(4, 6, generator=g) > 0.3
     vp = v.clone().requires_grad_()
-    loss, frac = P.value_loss(vp, ret, old, mask, 0.2, "seq-mean-token-mean")
+    loss, metrics = P.value_loss(vp, ret, old, mask, cliprange_value=0.2, agg="seq-mean-token-mean")
+    frac = metrics["clipfrac"]
     ref_vp = v.clone().requires_grad_()
     ref_loss, ref_frac = reference.value_loss(ref_vp, ret, old, mask, 0.2, "seq-mean-token-mean")
     loss.backward()
     ref_loss.backward()
     torch.testing.assert_close(loss, ref_loss)
-    torch.testing.assert_close(frac, ref_frac)
+    torch.testing.assert_close(frac, ref_frac.float())  # metrics are float32 (CONTRIBUTING.md, API conventions)
     torch.testing.assert_close(vp.grad, ref_vp.grad)
     # packed aggregate == padded aggregate when the rows are full
     cu = torch.arange(0, 25, 6)
     for agg in P.AGG_MODES + P.TRL_AGG_PRESETS:
-        padded = P.aggregate(v, torch.ones(4, 6), agg, loss_scale_factor=6.0, global_tokens=24)
-        packed = P.aggregate(v.reshape(-1), None, agg, cu_seqlens=cu, loss_scale_factor=6.0, global_tokens=24)
+        padded = P.aggregate(v, torch.ones(4, 6), agg=agg, loss_scale_factor=6.0, global_tokens=24)
+        packed = P.aggregate(v.reshape(-1), None, agg=agg, cu_seqlens=cu, loss_scale_factor=6.0, global_tokens=24)
         torch.testing.assert_close(padded, packed)
 
 
@@ -795,7 +799,7 @@ def test_verl_kl_penalty_parity(est):
     ref = b["ref"].clone()
     ref[0, :2] += torch.tensor([30.0, -30.0], dtype=torch.float64)
     x, y = b["lp"].clone().requires_grad_(), b["lp"].clone().requires_grad_()
-    ours, theirs = P.kl_penalty(x, ref, est), core_algos.kl_penalty(y, ref, est)
+    ours, theirs = P.kl_penalty(x, ref, kl_estimator=est), core_algos.kl_penalty(y, ref, est)
     g = torch.randn(ours.shape, dtype=torch.float64)
     (ours * g).sum().backward()
     (theirs * g).sum().backward()
@@ -814,14 +818,15 @@ def test_verl_agg_loss_and_value_loss_parity(agg, norms):
     kw = dict(dp_size=norms.get("dp_size", 1), global_tokens=norms.get("batch_num_tokens"),
               global_seqs=norms.get("global_batch_size"), loss_scale_factor=norms.get("loss_scale_factor"))
     x, y = b["lp"].clone().requires_grad_(), b["lp"].clone().requires_grad_()
-    ours = P.aggregate(x, b["mask"], agg, **kw)
+    ours = P.aggregate(x, b["mask"], agg=agg, **kw)
     theirs = core_algos.agg_loss(y, b["mask"], agg, **norms)
     ours.backward()
     theirs.backward()
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(x.grad, y.grad)
     v, vv = b["ent"].clone().requires_grad_(), b["ent"].clone().requires_grad_()
-    ours_v, ours_frac = P.value_loss(v, b["ref"], b["old"], b["mask"], 0.3, agg, **kw)
+    ours_v, ours_metrics = P.value_loss(v, b["ref"], b["old"], b["mask"], cliprange_value=0.3, agg=agg, **kw)
+    ours_frac = ours_metrics["clipfrac"]
     theirs_v, theirs_frac = core_algos.compute_value_loss(vv, b["ref"], b["old"], b["mask"], 0.3, agg,
                                                           dp_size=kw["dp_size"], batch_num_tokens=kw["global_tokens"],
                                                           global_batch_size=kw["global_seqs"],
@@ -1158,7 +1163,7 @@ def test_openrlhf_value_loss_parity(token_level):
     theirs = loss_mod.ValueLoss(clip_eps=0.3, token_level_loss=token_level)(vv, b["old"], b["ref"],
                                                                             action_mask=b["mask"])
     agg = "token-mean" if token_level else "seq-mean-token-mean"
-    ours, _ = P.value_loss(v, b["ref"], b["old"], b["mask"], 0.3, agg)
+    ours, _ = P.value_loss(v, b["ref"], b["old"], b["mask"], cliprange_value=0.3, agg=agg)
     theirs.backward()
     ours.backward()
     torch.testing.assert_close(ours, theirs.detach())
@@ -1433,7 +1438,7 @@ def test_global_normalizers_given_as_numbers_are_checked(name, bad):
 def test_aggregate_dp_size_is_checked(dp_size):
     b = _batch(B=3, T=5)
     with pytest.raises(ValueError, match=f"aggregate: dp_size must be an int >= 1, got {dp_size!r}"):
-        P.aggregate(b["lp"].float(), b["mask"], "token-sum", dp_size=dp_size)
+        P.aggregate(b["lp"].float(), b["mask"], agg="token-sum", dp_size=dp_size)
 
 
 @pytest.mark.parametrize("cu", [[1, 4, 7], [0, 4, 5], [0, 5, 4, 6], [0, 4, 7]])
@@ -1442,11 +1447,11 @@ def test_packed_aggregate_and_value_loss_check_cu_seqlens(cu):
     values = torch.arange(6.0)
     cu = torch.tensor(cu, dtype=torch.int32)
     with pytest.raises(ValueError, match=r"aggregate: cu_seqlens must rise from 0 to values.numel\(\) = 6"):
-        P.aggregate(values, None, "token-mean", cu_seqlens=cu)
+        P.aggregate(values, None, agg="token-mean", cu_seqlens=cu)
     with pytest.raises(ValueError, match=r"aggregate: cu_seqlens must rise from 0 to values.numel\(\) = 6"):
         P.value_loss(values, values, values, None, cu_seqlens=cu)
     with pytest.raises(TypeError, match="aggregate: cu_seqlens must be int32 or int64"):
-        P.aggregate(values, None, "token-mean", cu_seqlens=cu.float())
+        P.aggregate(values, None, agg="token-mean", cu_seqlens=cu.float())
 
 
 @pytest.mark.parametrize("agg", ["dr_grpo", "seq-mean-token-sum-norm", "seq-mean-token-mean", "token-mean"])
@@ -1458,7 +1463,7 @@ def test_zero_width_batch_gives_zero_loss(backend, agg):
                                   entropy_agg="seq-mean-token-sum-norm" if agg == "token-mean" else None)
     loss.backward()
     assert loss.item() == 0.0 and all(v.item() == 0.0 for v in metrics.values())
-    assert P.aggregate(empty, empty, agg).item() == 0.0
+    assert P.aggregate(empty, empty, agg=agg).item() == 0.0
 
 
 def test_zero_width_batch_with_sequence_rejection():

@@ -598,9 +598,9 @@ def test_opcheck():
                                   (parent, reward, method, False, "average", True, None, 1e-8, with_values, None))
     torch.library.opcheck(torch.ops.rlkern.tree_advantages.default,
                           (parent, reward, "treerl", True, "average", True, None, 1e-8, True, 12))
-    torch.library.opcheck(torch.ops.rlkern.trees_values.default, (parent, reward, 0))
-    torch.library.opcheck(torch.ops.rlkern.trees_values.default, (parent, reward, 1, 12))
-    torch.library.opcheck(torch.ops.rlkern.trees_advantages.default,
+    torch.library.opcheck(torch.ops.rlkern.cpp_tree_values.default, (parent, reward, 0))
+    torch.library.opcheck(torch.ops.rlkern.cpp_tree_values.default, (parent, reward, 1, 12))
+    torch.library.opcheck(torch.ops.rlkern.cpp_tree_advantages.default,
                           (parent, reward, 3, False, True, True, reward.abs(), 1e-8, True, -1))
     logprobs, cu, _ = _packed([5, 9], seed=2)
     torch.library.opcheck(torch.ops.rlkern.spo_cutpoints.default, (logprobs, cu, 0.9, 2))

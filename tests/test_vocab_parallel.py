@@ -444,17 +444,17 @@ def test_opcheck_shard_mode():
     # The C++ schema's trailing vocab_start, through the dispatcher's fake/meta checks.
     logits, labels = torch.randn(5, 37), torch.tensor([3, 40, -100, 36, 100])
     args = (logits, labels, 0.9, 0.0, -100, True, 30)
-    torch.library.opcheck(torch.ops.rlkern.logprobs_fwd.default, args)
-    _, entropy, lse = torch.ops.rlkern.logprobs_fwd(*args)
+    torch.library.opcheck(torch.ops.rlkern.cpp_token_logprobs.default, args)
+    _, entropy, lse = torch.ops.rlkern.cpp_token_logprobs(*args)
     grad = torch.empty_like(logits)
-    torch.library.opcheck(torch.ops.rlkern.logprobs_bwd.default,
+    torch.library.opcheck(torch.ops.rlkern.cpp_token_logprobs_backward.default,
                           (torch.randn(5), torch.randn(5), logits, labels, lse, entropy, 0.9, 0.0, -100, grad, 30))
 
 
 def test_kernel_rejects_bad_vocab_start():
     logits, labels = torch.randn(2, 10), torch.tensor([1, 2])
     with pytest.raises(RuntimeError, match="vocab_start must be -1"):
-        torch.ops.rlkern.logprobs_fwd(logits, labels, 1.0, 0.0, -100, False, -2)
+        torch.ops.rlkern.cpp_token_logprobs(logits, labels, 1.0, 0.0, -100, False, -2)
     from rlkern.kernels import logprobs as triton_logprobs
     with pytest.raises(ValueError, match="vocab_start must be -1"):
         triton_logprobs.logprobs_forward(logits, labels, 1.0, 0.0, -100, False, vocab_start=-2)

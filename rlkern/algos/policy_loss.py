@@ -37,6 +37,7 @@ from torch import Tensor
 
 from rlkern.algos._config import config_get
 from rlkern.ops import policy_loss as ops
+from rlkern.ops.policy_loss.corrections import PackedRows
 from rlkern.reference import policy_loss as reference
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def openrlhf_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Te
     if cu_seqlens is None and old_logprobs.ndim != 2:
         raise ValueError(f"openrlhf_is_weights: old_logprobs must be [B, T] (or packed [total] with cu_seqlens), "
                          f"got {tuple(old_logprobs.shape)}")
-    rows = reference.PaddedRows if cu_seqlens is None else ops._PackedRows(cu_seqlens, old_logprobs.numel())
+    rows = reference.PaddedRows if cu_seqlens is None else PackedRows(cu_seqlens, old_logprobs.numel())
     coef, filtered = reference.openrlhf_is_weights(old_logprobs, rollout_logprobs, mask, level, mode, gating,
                                                    bounds, rows=rows)
     if coef.shape != old_logprobs.shape:  # seq-level mask on [B, T]: the band is per row

@@ -286,7 +286,7 @@ def _fused_kernels():
     return fused
 
 
-@torch.library.custom_op("rlkern::linear_logprobs_fwd", mutates_args=())
+@torch.library.custom_op("rlkern::linear_token_logprobs", mutates_args=())
 def _fwd(
     hidden: Tensor,  # (N, H)
     weight: Tensor,  # (V, H)
@@ -326,7 +326,7 @@ def _fwd_fake(hidden, weight, bias, labels, logit_scale, softcap, temperature, i
             vec(want_extras[1]), vec(want_extras[2], torch.bool))
 
 
-@torch.library.custom_op("rlkern::linear_logprobs_bwd", mutates_args=())
+@torch.library.custom_op("rlkern::linear_token_logprobs_backward", mutates_args=())
 def _bwd(
     grad_logp: Tensor,  # (N,)
     grad_entropy: Tensor | None,  # (N,)

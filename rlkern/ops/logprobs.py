@@ -115,7 +115,7 @@ def _kernel_fns(backend: str):
     """(forward, backward) of one backend; both take a trailing ``vocab_start=-1`` (shard mode
     when >= 0: see ``kernels/logprobs.py``)."""
     if backend == "cpp":
-        return torch.ops.rlkern.logprobs_fwd, torch.ops.rlkern.logprobs_bwd
+        return torch.ops.rlkern.cpp_token_logprobs, torch.ops.rlkern.cpp_token_logprobs_backward
     if backend == "triton":
         from rlkern.kernels import logprobs as triton_logprobs
 
@@ -158,7 +158,7 @@ def _out_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("rlkern::token_logprobs_fwd", mutates_args=())
+@torch.library.custom_op("rlkern::token_logprobs", mutates_args=())
 def _fwd(
     logits: Tensor,  # (N, V) or (B, T, V), stride(-1) == 1
     labels: Tensor,  # logits.shape[:-1], int32/int64
@@ -209,7 +209,7 @@ def _bwd_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, tempera
         )
 
 
-@torch.library.custom_op("rlkern::token_logprobs_bwd", mutates_args=())
+@torch.library.custom_op("rlkern::token_logprobs_backward", mutates_args=())
 def _bwd(
     grad_logprobs: Tensor,  # logits.shape[:-1]
     grad_entropy: Tensor | None,  # logits.shape[:-1] or None
@@ -232,7 +232,7 @@ def _bwd_fake(grad_logprobs, grad_entropy, logits, labels, lse, entropy, tempera
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("rlkern::token_logprobs_bwd_inplace", mutates_args=("logits",))
+@torch.library.custom_op("rlkern::token_logprobs_backward_inplace", mutates_args=("logits",))
 def _bwd_inplace(
     grad_logprobs: Tensor,
     grad_entropy: Tensor | None,

@@ -156,7 +156,7 @@ def _out_dtype(reward: Tensor) -> torch.dtype:
 def _tree_values(parent: Tensor, reward: Tensor, mode: str, max_depth: int | None) -> Tensor:
     backend = _backend.choose(reward.device, _KERNELS, reward.dtype, fp64=_KERNELS)
     if backend == "cpp":
-        return torch.ops.rlkern.trees_values(parent, reward, _VALUE_MODES.index(mode),
+        return torch.ops.rlkern.cpp_tree_values(parent, reward, _VALUE_MODES.index(mode),
                                              -1 if max_depth is None else max_depth)
     if backend == "triton":
         from rlkern.kernels import trees as triton_trees
@@ -187,7 +187,7 @@ def _tree_advantages(
     backend = _backend.choose(reward.device, _KERNELS, reward.dtype, fp64=_KERNELS)
     group_size = subgroup_weighting == "group_size"
     if backend == "cpp":
-        return torch.ops.rlkern.trees_advantages(parent, reward, _METHODS.index(method), leaf_rloo, group_size,
+        return torch.ops.rlkern.cpp_tree_advantages(parent, reward, _METHODS.index(method), leaf_rloo, group_size,
                                                  whiten, leaf_weights, epsilon, with_values,
                                                  -1 if max_depth is None else max_depth)
     if backend == "triton":

@@ -7,7 +7,7 @@ every rank holds the same global labels. Each rank reduces its own columns to th
 numbers, the group combines them with two small all-reduces, and no rank ever gathers logits.
 
 Per row, with ``u = softcap(z) / T`` over the shard's columns (the kernels' shard mode,
-``vocab_start >= 0`` in ``torch.ops.rlkern.logprobs_fwd`` / ``rlkern.kernels.logprobs``):
+``vocab_start >= 0`` in ``torch.ops.rlkern.cpp_token_logprobs`` / ``rlkern.kernels.logprobs``):
 
     lse_r   = log sum_{j in r} e^{u_j}                       (-inf when the shard is all -inf)
     H_r     = lse_r - sum_{j in r} e^{u_j - lse_r} u_j       (the shard's own softmax entropy)

@@ -40,7 +40,7 @@ KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
 # The float hyper-parameters of the policy-loss custom ops, in the order of their ``hyper`` list,
 # and the columns of the per-sequence statistics the kernels emit: one schema for the op layer
 # (rlkern/ops/policy_loss.py), the Triton launcher (kernels/policy_loss.py) and the C++ parser
-# (csrc/policy_loss.cpp reports its own order through torch.ops.rlkern.policy_loss_schema;
+# (csrc/policy_loss.cpp reports its own order through torch.ops.rlkern.cpp_policy_loss_schema;
 # tests/test_policy_loss.py compares them). In ``hyper``, NaN marks an optional field that was not
 # given (dual_clip, loss_scale_factor, dro_beta, global_tokens / global_seqs given as tensors or
 # not at all); the public ops reject NaN from callers.

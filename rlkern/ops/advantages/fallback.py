@@ -43,7 +43,7 @@ def _padded(packed: tuple, cu_seqlens: Tensor) -> tuple[list[Tensor], Tensor]:
 
 
 def gae(rewards, values, mask, bootstrap, cu_seqlens, gamma, lam):
-    """advantages_gae_kernel's contract: ``(advantages, returns)``, 0 at masked positions."""
+    """cpp_gae's contract: ``(advantages, returns)``, 0 at masked positions."""
     dtype = out_dtype(rewards)
     if cu_seqlens is not None:
         (r, v, m), keep = _padded((rewards, values, mask), cu_seqlens)
@@ -55,7 +55,7 @@ def gae(rewards, values, mask, bootstrap, cu_seqlens, gamma, lam):
 
 
 def discounted_returns(rewards, mask, cu_seqlens, gamma):
-    """advantages_discounted_kernel's contract: returns, 0 at masked positions."""
+    """cpp_discounted_returns's contract: returns, 0 at masked positions."""
     if cu_seqlens is not None:
         (r, m), keep = _padded((rewards, mask), cu_seqlens)
         return discounted_returns(r, m, None, gamma)[keep]
@@ -133,7 +133,7 @@ def _batch_spread(x: Tensor, scored: Tensor | None, unbiased: bool) -> Tensor:
 
 
 def group_normalize(scores, inverse, mask, cu_seqlens, eps, std, scale, singleton, skip_nan):
-    """advantages_group_normalize_kernel's contract (see rlkern.ops.advantages.group_normalize)."""
+    """cpp_group_normalize's contract (see rlkern.ops.advantages.group_normalize)."""
     x = scores.to(_F64)
     scored = None
     if skip_nan:
@@ -161,7 +161,7 @@ def group_normalize(scores, inverse, mask, cu_seqlens, eps, std, scale, singleto
 
 
 def group_baseline(scores, inverse, weights, mask, cu_seqlens, mode, param):
-    """advantages_group_baseline_kernel's contract: mode "rloo_raw" / "rloo_zero" / "mean" /
+    """cpp_group_baseline's contract: mode "rloo_raw" / "rloo_zero" / "mean" /
     "weighted" / "gpg" (see rlkern/ops/advantages/outcome.py)."""
     x = scores.to(_F64)
     if mode.startswith("rloo"):
@@ -323,7 +323,7 @@ def _otb_zero_from(lengths, inverse, numel, handle_zero_tail, multi_turn):
 
 def optimal_token_baseline(rewards, mask, inverse, old_logprobs, sum_pi_squared, rollout_is_weights, cu_seqlens,
                            handle_zero_tail, eps, multi_turn):
-    """advantages_optimal_token_baseline_kernel's contract: ``(advantages, returns)``."""
+    """cpp_optimal_token_baseline's contract: ``(advantages, returns)``."""
     valid = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask != 0
     w = 1 - 2 * old_logprobs.to(_F64).exp() + sum_pi_squared.to(_F64)
     if rollout_is_weights is not None:

@@ -37,7 +37,7 @@ def _dense_torch(ids: Tensor) -> Tensor:
     return _dense_by_sort(ids)
 
 
-_DENSE = _backend.Kernels("group_index", cpp="advantages_group_index_kernel", torch=_dense_torch, fp64=())
+_DENSE = _backend.Kernels("group_index", cpp="cpp_group_index", torch=_dense_torch, fp64=())
 
 
 @torch.library.custom_op("rlkern::group_index", mutates_args=())
@@ -72,13 +72,13 @@ def _strings_to_index(strings: list) -> Tensor:
     else:
         keys = torch.from_numpy(np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.int32).copy())
     try:
-        return torch.ops.rlkern.advantages_group_index_joined_kernel(keys, n)
+        return torch.ops.rlkern.cpp_group_index_joined(keys, n)
     except ValueError:  # a string holds "\0"
         pass
     codes = np.frombuffer("".join(strings).encode("utf-32-le", "surrogatepass"), dtype=np.int32)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.fromiter(map(len, strings), dtype=np.int64, count=n), out=offsets[1:])
-    return torch.ops.rlkern.advantages_group_index_kernel(torch.from_numpy(codes.copy()), torch.from_numpy(offsets))
+    return torch.ops.rlkern.cpp_group_index(torch.from_numpy(codes.copy()), torch.from_numpy(offsets))
 
 
 def _from_tensor(op: str, group_ids: Tensor) -> Tensor:

@@ -24,14 +24,14 @@ _STD_MODES = ("unbiased", "population", None)
 _SCALES = ("group", "batch", "none")
 _SINGLETONS = ("verl", "zero")
 
-_BROADCAST = _backend.Kernels("outcome_to_tokens", cpp="advantages_broadcast_kernel", torch=fallback.broadcast,
+_BROADCAST = _backend.Kernels("outcome_to_tokens", cpp="cpp_outcome_to_tokens", torch=fallback.broadcast,
                               fp64=("cpp",))
-_NORMALIZE = _backend.Kernels("group_normalize", cpp="advantages_group_normalize_kernel",
+_NORMALIZE = _backend.Kernels("group_normalize", cpp="cpp_group_normalize",
                               torch=fallback.group_normalize, fp64=("cpp",))
-_BASELINE = _backend.Kernels("group_baseline", cpp="advantages_group_baseline_kernel", torch=fallback.group_baseline,
+_BASELINE = _backend.Kernels("group_baseline", cpp="cpp_group_baseline", torch=fallback.group_baseline,
                              fp64=("cpp",))
-_PASSK = _backend.Kernels("grpo_passk", cpp="advantages_grpo_passk_kernel", torch=fallback.grpo_passk, fp64=("cpp",))
-_BNPO = _backend.Kernels("bnpo", cpp="advantages_bnpo_kernel", torch=fallback.bnpo, fp64=("cpp",))
+_PASSK = _backend.Kernels("grpo_passk", cpp="cpp_grpo_passk", torch=fallback.grpo_passk, fp64=("cpp",))
+_BNPO = _backend.Kernels("bnpo", cpp="cpp_bnpo", torch=fallback.bnpo, fp64=("cpp",))
 
 
 def broadcast(scores: Tensor, mask: Tensor, cu_seqlens: Tensor | None) -> Tensor:

@@ -14,13 +14,13 @@ from rlkern.ops import _checks
 from rlkern.ops._layout import int32_offsets, lastdim_contiguous, out_dtype, segment_ids
 from rlkern.ops.advantages import _common, fallback
 
-_GAE = _backend.Kernels("gae", cpp="advantages_gae_kernel", triton="advantages.gae", torch=fallback.gae,
+_GAE = _backend.Kernels("gae", cpp="cpp_gae", triton="advantages.gae", torch=fallback.gae,
                         fp64=("cpp", "triton"))
-_DISCOUNTED = _backend.Kernels("discounted_returns", cpp="advantages_discounted_kernel",
+_DISCOUNTED = _backend.Kernels("discounted_returns", cpp="cpp_discounted_returns",
                                triton="advantages.discounted_returns", torch=fallback.discounted_returns,
                                fp64=("cpp", "triton"))
-_WHITEN = _backend.Kernels("masked_whiten", cpp="advantages_whiten_kernel", torch=fallback.whiten, fp64=("cpp",))
-_REMAX = _backend.Kernels("remax", cpp="advantages_remax_kernel", torch=fallback.remax, fp64=("cpp",))
+_WHITEN = _backend.Kernels("masked_whiten", cpp="cpp_masked_whiten", torch=fallback.whiten, fp64=("cpp",))
+_REMAX = _backend.Kernels("remax", cpp="cpp_remax", torch=fallback.remax, fp64=("cpp",))
 
 
 def _whiten(values: Tensor, mask: Tensor, shift_mean: bool, zero_masked: bool) -> Tensor:

@@ -10,7 +10,7 @@ from rlkern.ops._layout import int32_offsets, lastdim_contiguous, out_dtype
 from rlkern.ops.advantages import _common, fallback
 from rlkern.ops.advantages.groups import dense
 
-_OTB = _backend.Kernels("optimal_token_baseline", cpp="advantages_optimal_token_baseline_kernel",
+_OTB = _backend.Kernels("optimal_token_baseline", cpp="cpp_optimal_token_baseline",
                         torch=fallback.optimal_token_baseline, fp64=("cpp",))
 
 
