@@ -151,14 +151,30 @@ inline void finish_fwd(const FwdArgsT<O>& a, int64_t i, int64_t y, int64_t yl, b
 
 inline double w64(double z, double cap) { return cap > 0 ? cap * std::tanh(z / cap) : z; }
 
-// S += sum e^d, T += sum e^d d over columns [j0, V), d = u - m (terms with e^d = 0 add nothing).
+// a * b rounded to double and never fused into a following add: C++ lets GCC contract
+// a * b - c into an FMA, which keeps the rounding residual of a * b. d = u - m must be 0 at the
+// row max (the residual reaches 1e292 at |u| ~ 1e308, where e^d overflows), and every float64
+// path must form the same u = z * inv_t.
+inline double mul_rounded(double a, double b) {
+  double u = a * b;
+#if RLK_X86_SIMD
+  __asm__("" : "+x"(u));
+#elif defined(__GNUC__) || defined(__clang__)
+  __asm__("" : "+m"(u));
+#endif
+  return u;
+}
+
+// S += sum e^d, T += sum e^d d over columns [j0, V), d = max(u - m, -708) as in the AVX2 pass (a
+// NaN d, from a NaN logit or +inf - +inf, reaches T).
 inline void sums_f64(const double* row, int64_t j0, int64_t V, double inv_t, double cap, double m, double& S,
                      double& T) {
   for (int64_t j = j0; j < V; ++j) {
-    const double d = w64(row[j], cap) * inv_t - m;
+    double d = mul_rounded(w64(row[j], cap), inv_t) - m;
+    d = d < -708.0 ? -708.0 : d;  // NaN stays NaN
     const double e = std::exp(d);
     S += e;
-    if (e > 0) T += e * d;
+    T += e * d;
   }
 }
 
@@ -170,7 +186,7 @@ inline void finish_row_f64(const FwdArgsT<double>& a, int64_t i, const double* r
   double lse = -kInf, logp = 0;
   if (m > -kInf) {
     lse = m + std::log(S);
-    if (yl >= 0 && yl < a.V) logp = (w64(row[yl], cap) * inv_t - m) - std::log(S);
+    if (yl >= 0 && yl < a.V) logp = (mul_rounded(w64(row[yl], cap), inv_t) - m) - std::log(S);
   }
   finish_fwd(a, i, y, yl, m > -kInf, lse, logp, S, nan ? std::numeric_limits<double>::quiet_NaN() : T);
 }
@@ -183,7 +199,7 @@ void fwd_rows_f64(const FwdArgsT<double>& a, double temperature, double cap, int
     double m = -kInf;
     bool nan = false;
     for (int64_t j = 0; j < V; ++j) {
-      const double u = w64(row[j], cap) * inv_t;
+      const double u = mul_rounded(w64(row[j], cap), inv_t);
       nan |= u != u;
       m = u > m ? u : m;
     }
@@ -234,7 +250,7 @@ inline void grad_f64(const RowF64& r, int64_t j0, int64_t j1, double inv_t, doub
       const double e = std::exp(-2.0 * std::abs(x));
       sech2 = 4 * e / ((1 + e) * (1 + e));
     }
-    const double d = w * inv_t - r.lse;
+    const double d = mul_rounded(w, inv_t) - r.lse;
     const double p = std::exp(d);
     double g = (j == r.yl && r.here) ? r.gl * -std::expm1(d) : -r.gl * p;
     if (p > 0) g -= r.gh * p * (d + r.H);
@@ -674,27 +690,37 @@ RLK_TGT void bwd_rows_avx2(const BwdArgs& a, int64_t r0, int64_t r1) {
   }
 }
 
-// float64 rows (softcap off): e^x for x <= 0 in double, 4 lanes. k = round(x / ln 2), r = x - k ln 2
-// (Cody-Waite, ln 2 in two parts), e^r by its Taylor series to r^12 (|r| <= 0.347: truncation
-// < 2e-16), times 2^k built in the exponent bits. x < -708 (and -inf) gives 0: such terms are
-// below 1e-307 of the row's largest, which is 1. NaN lanes give any value: a NaN row is
-// detected in the max pass and its outputs are NaN whatever the sums.
-// e^x for -708 <= x <= 0 (no range handling).
+// float64 rows (softcap off), 4 lanes. e^x for -708 <= x <= 0: n = round(x / ln 2) by the
+// 1.5 * 2^52 shifter (whose low bits then hold n + 1023, the exponent field of 2^n), r = x - n ln 2
+// (Cody-Waite, ln 2 in two parts: r is exact to ~1 ulp for every n), e^r by a degree-11 minimax
+// polynomial on |r| <= ln2/2 (relative error 3e-18; fit by Remez on the relative error), times 2^n.
+// Measured against a long double exp: under 0.7 ulp (the Taylor series to r^12 it replaces: 1.6).
+// NaN in, NaN out (callers rely on it: a NaN logit reaches T).
 RLK_INL __m256d v_exp_pd_in_range(__m256d x) {
-  const __m256d k = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256d r = _mm256_fnmadd_pd(k, _mm256_set1_pd(6.93145751953125e-1), x);
-  r = _mm256_fnmadd_pd(k, _mm256_set1_pd(1.42860682030941723212e-6), r);
-  static constexpr double kInvFact[13] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
-                                          1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800,
-                                          1.0 / 479001600};
-  __m256d p = _mm256_set1_pd(kInvFact[12]);
-  for (int n = 11; n >= 0; --n) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(kInvFact[n]));
-  const __m256i bits =
-      _mm256_slli_epi64(_mm256_castpd_si256(_mm256_add_pd(k, _mm256_set1_pd(4503599627370496.0 + 1023.0))), 52);
+  const __m256d shifter = _mm256_set1_pd(6755399441055744.0 + 1023.0);  // 1.5 * 2^52 + bias
+  const __m256d nf = _mm256_fmadd_pd(x, _mm256_set1_pd(1.4426950408889634), shifter);
+  const __m256d n = _mm256_sub_pd(nf, shifter);
+  __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93147180369123816490e-01), x);
+  r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.90821492927058770002e-10), r);
+  static constexpr double kC[12] = {1.0,
+                                    1.0,
+                                    0.5000000000000018,
+                                    0.1666666666666617,
+                                    0.04166666666649277,
+                                    0.00833333333355927,
+                                    0.0013888888951223987,
+                                    0.00019841269432679237,
+                                    2.4801486521427463e-05,
+                                    2.7557622530872255e-06,
+                                    2.7632293279459877e-07,
+                                    2.4994304884817207e-08};
+  __m256d p = _mm256_set1_pd(kC[11]);
+  for (int k = 10; k >= 0; --k) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(kC[k]));
+  const __m256i bits = _mm256_slli_epi64(_mm256_castpd_si256(nf), 52);  // n + 1023 in [1, 1023]
   return _mm256_mul_pd(p, _mm256_castsi256_pd(bits));
 }
 
+// e^x for any x <= 0 (x < -708 and -inf give 0).
 RLK_INL __m256d v_exp_pd(__m256d x) {
   const __m256d lo = _mm256_set1_pd(-708.0);
   const __m256d under = _mm256_cmp_pd(x, lo, _CMP_LT_OQ);
@@ -706,75 +732,98 @@ RLK_INL double hsum_pd(__m256d v) {
   return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
 
-// Row max and NaN flag of u = z * inv_t (4 lanes, then the tail).
-RLK_INL double max_pd(const double* row, int64_t V, double inv_t, bool* nan) {
-  const __m256d it = _mm256_set1_pd(inv_t);
-  __m256d m = _mm256_set1_pd(-kInf), bad = _mm256_setzero_pd();
+// u = z * inv_t rounded once, as every float64 path forms it; UNIT: inv_t == 1, u = z. d = u - m
+// is then rounded separately (no FMA: z * inv_t - m would keep the rounding residual of m, which
+// is not 0 at the max and reaches 1e292 at |u| ~ 1e308, where e^d overflows).
+// (GCC would contract _mm256_mul_pd then _mm256_sub_pd into an FMA too: the empty asm stops it.)
+template <bool UNIT>
+RLK_INL __m256d v_u(__m256d z, __m256d it) {
+  if (UNIT) return z;
+  __m256d u = _mm256_mul_pd(z, it);
+  __asm__("" : "+x"(u));
+  return u;
+}
+
+// max z of a row (NEG: min z, for a negative temperature), so max u = fl(that z * inv_t). NaN
+// never enters: max_pd returns its second operand, the running value, when the first is NaN.
+template <bool NEG>
+RLK_INL __m256d v_ext(__m256d z, __m256d m) {
+  return NEG ? _mm256_min_pd(z, m) : _mm256_max_pd(z, m);
+}
+
+template <bool NEG>
+RLK_INL double ext_pd(const double* row, int64_t V) {
+  const double init = NEG ? kInf : -kInf;
+  __m256d m0 = _mm256_set1_pd(init), m1 = m0;
   int64_t j = 0;
-  for (; j + 4 <= V; j += 4) {
-    const __m256d u = _mm256_mul_pd(_mm256_loadu_pd(row + j), it);
-    bad = _mm256_or_pd(bad, _mm256_cmp_pd(u, u, _CMP_UNORD_Q));
-    m = _mm256_max_pd(m, u);  // NaN lanes keep m
+  for (; j + 8 <= V; j += 8) {
+    m0 = v_ext<NEG>(_mm256_loadu_pd(row + j), m0);
+    m1 = v_ext<NEG>(_mm256_loadu_pd(row + j + 4), m1);
   }
   alignas(32) double lanes[4];
-  _mm256_store_pd(lanes, m);
-  double out = std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3]));
-  *nan = _mm256_movemask_pd(bad) != 0;
-  for (; j < V; ++j) {
-    const double u = row[j] * inv_t;
-    *nan |= u != u;
-    out = u > out ? u : out;
-  }
+  _mm256_store_pd(lanes, v_ext<NEG>(m0, m1));
+  double out = init;
+  for (int k = 0; k < 4; ++k) out = NEG ? std::min(out, lanes[k]) : std::max(out, lanes[k]);
+  for (; j < V; ++j) out = NEG ? (row[j] < out ? row[j] : out) : (row[j] > out ? row[j] : out);  // NaN: kept out
   return out;
 }
 
-RLK_TGT void fwd_rows_f64_avx2(const FwdArgsT<double>& a, double temperature, int64_t r0, int64_t r1) {
+// The forward: a max pass (one max per 4 doubles, at memory speed), then a pass accumulating
+// S = sum e^d and T = sum e^d d, d = max(u - m, -708) (NaN-propagating: a NaN logit, or +inf
+// - +inf, makes T NaN, which finish_fwd turns into NaN outputs; terms below e^-708 add nothing
+// the row's largest, 1, would notice). The sum pass is compute-bound on the row in L2; it
+// prefetches the next row into L2 meanwhile, so that row's max pass does not wait on memory.
+template <bool NEG, bool UNIT>
+RLK_TGT void fwd_rows_f64_avx2_t(const FwdArgsT<double>& a, double inv_t, int64_t r0, int64_t r1) {
   const int64_t V = a.V;
-  const double inv_t = 1.0 / temperature;
-  const __m256d it = _mm256_set1_pd(inv_t), zero = _mm256_setzero_pd();
+  const __m256d it = _mm256_set1_pd(inv_t), zero = _mm256_setzero_pd(), lo = _mm256_set1_pd(-708.0);
   for (int64_t i = r0; i < r1; ++i) {
     const double* row = static_cast<const double*>(a.logits) + i * a.stride;
-    bool nan = false;
-    const double m = max_pd(row, V, inv_t, &nan);
+    const double m = mul_rounded(ext_pd<NEG>(row, V), inv_t);
     double S = 0, T = 0;
+    bool nan = false;
     if (m > -kInf) {
       const __m256d vm = _mm256_set1_pd(m);
       __m256d s0 = zero, t0 = zero, s1 = zero, t1 = zero;  // two chains: the adds do not wait on each other
-      // This pass is compute-bound (e^x in double) and reads the row from cache: fetch the next
-      // row into L2 meanwhile (one cache line of 8 doubles per step), so its max pass does not
-      // wait on memory.
       const char* next = reinterpret_cast<const char*>(i + 1 < r1 ? row + a.stride : row);
       int64_t j = 0;
-      // d clamped at -708 (-inf logits included): its e^d < 1e-307 adds nothing to S or T that the
-      // row's largest term (1) would notice, and e^d d stays finite.
-      const __m256d lo = _mm256_set1_pd(-708.0);
       for (; j + 8 <= V; j += 8) {
         _mm_prefetch(next + j * sizeof(double), _MM_HINT_T1);
-        const __m256d d0 = _mm256_max_pd(_mm256_fmsub_pd(_mm256_loadu_pd(row + j), it, vm), lo);
-        const __m256d d1 = _mm256_max_pd(_mm256_fmsub_pd(_mm256_loadu_pd(row + j + 4), it, vm), lo);
+        const __m256d d0 = _mm256_max_pd(lo, _mm256_sub_pd(v_u<UNIT>(_mm256_loadu_pd(row + j), it), vm));
+        const __m256d d1 = _mm256_max_pd(lo, _mm256_sub_pd(v_u<UNIT>(_mm256_loadu_pd(row + j + 4), it), vm));
         const __m256d e0 = v_exp_pd_in_range(d0), e1 = v_exp_pd_in_range(d1);
         s0 = _mm256_add_pd(s0, e0);
         s1 = _mm256_add_pd(s1, e1);
         t0 = _mm256_fmadd_pd(e0, d0, t0);
         t1 = _mm256_fmadd_pd(e1, d1, t1);
       }
-      for (; j + 4 <= V; j += 4) {
-        const __m256d d = _mm256_fmsub_pd(_mm256_loadu_pd(row + j), it, vm);
-        const __m256d e = v_exp_pd(d);
-        s0 = _mm256_add_pd(s0, e);
-        t0 = _mm256_add_pd(t0, _mm256_and_pd(_mm256_cmp_pd(e, zero, _CMP_GT_OQ), _mm256_mul_pd(e, d)));
-      }
       S = hsum_pd(_mm256_add_pd(s0, s1));
       T = hsum_pd(_mm256_add_pd(t0, t1));
-      sums_f64(row, j, V, inv_t, 0.0, m, S, T);
+      for (; j < V; ++j) {
+        double d = mul_rounded(row[j], inv_t) - m;
+        d = d < -708.0 ? -708.0 : d;  // NaN stays NaN
+        const double e = std::exp(d);
+        S += e;
+        T += e * d;
+      }
+      nan = T != T;
+    } else {  // all -inf, all NaN or a mix (the max skips NaN), or V == 0
+      for (int64_t j = 0; j < V && !nan; ++j) nan = row[j] != row[j];
     }
     finish_row_f64(a, i, row, inv_t, 0.0, m, S, T, nan);
   }
 }
 
-RLK_TGT void bwd_rows_f64_avx2(const BwdArgsT<double>& a, double temperature, int64_t r0, int64_t r1) {
-  const int64_t V = a.V;
+RLK_TGT void fwd_rows_f64_avx2(const FwdArgsT<double>& a, double temperature, int64_t r0, int64_t r1) {
   const double inv_t = 1.0 / temperature;
+  if (inv_t == 1.0) return fwd_rows_f64_avx2_t<false, true>(a, inv_t, r0, r1);
+  if (inv_t > 0) return fwd_rows_f64_avx2_t<false, false>(a, inv_t, r0, r1);
+  fwd_rows_f64_avx2_t<true, false>(a, inv_t, r0, r1);
+}
+
+template <bool UNIT>
+RLK_TGT void bwd_rows_f64_avx2_t(const BwdArgsT<double>& a, double inv_t, int64_t r0, int64_t r1) {
+  const int64_t V = a.V;
   const __m256d it = _mm256_set1_pd(inv_t), zero = _mm256_setzero_pd();
   for (int64_t i = r0; i < r1; ++i) {
     const RowF64 r = row_f64(a, i);
@@ -784,7 +833,7 @@ RLK_TGT void bwd_rows_f64_avx2(const BwdArgsT<double>& a, double temperature, in
                   vh = _mm256_set1_pd(r.H), nit = _mm256_set1_pd(-inv_t);
     int64_t j = 0;
     for (; j + 4 <= V; j += 4) {
-      const __m256d d = _mm256_fmsub_pd(_mm256_loadu_pd(r.z + j), it, vl);
+      const __m256d d = _mm256_sub_pd(v_u<UNIT>(_mm256_loadu_pd(r.z + j), it), vl);
       const __m256d p = v_exp_pd(d);
       const __m256d ent = _mm256_and_pd(_mm256_cmp_pd(p, zero, _CMP_GT_OQ),
                                         _mm256_mul_pd(vgh, _mm256_add_pd(d, vh)));
@@ -793,6 +842,12 @@ RLK_TGT void bwd_rows_f64_avx2(const BwdArgsT<double>& a, double temperature, in
     grad_f64(r, j, V, inv_t, 0.0);
     if (r.here && r.yl < j) grad_f64(r, r.yl, r.yl + 1, inv_t, 0.0);  // the label's column, exactly
   }
+}
+
+RLK_TGT void bwd_rows_f64_avx2(const BwdArgsT<double>& a, double temperature, int64_t r0, int64_t r1) {
+  const double inv_t = 1.0 / temperature;
+  if (inv_t == 1.0) return bwd_rows_f64_avx2_t<true>(a, inv_t, r0, r1);
+  bwd_rows_f64_avx2_t<false>(a, inv_t, r0, r1);
 }
 
 bool simd_ok() {

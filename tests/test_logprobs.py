@@ -450,3 +450,39 @@ def test_float64_runs_the_cpp_kernel(monkeypatch, softcap):
     for name, x, ref in zip(("logp", "entropy", "grad"), ours, expected):
         assert x.dtype == torch.float64, name
         torch.testing.assert_close(x, ref, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("vocab", [1, 8, 13, 4099])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 3.0])
+def test_float64_extreme_logits_match_the_reference(monkeypatch, vocab, temperature):
+    """float64 rows of huge logits (|z| ~ 1e300, -1e308), +inf, NaN and -inf, with a vocabulary
+    tail and temperatures != 1. The C++ kernel formed d = z / T - max with an FMA, which kept the
+    rounding residual of the max (up to 1e292 here, e^d = inf): lse came out inf and entropy NaN
+    or log V. A +inf logit makes the row NaN, as in the formula."""
+    if not _backend.has_cpp():
+        pytest.fail("rlkern._C did not build")
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(8, vocab, generator=g, dtype=torch.float64) * 1e300
+    logits[1] = -1e308
+    logits[2, ::2] = -math.inf
+    logits[3, 0] = 1.7e308
+    logits[4, -1] = math.nan
+    logits[5, vocab // 2] = math.inf
+    logits[6] = torch.randn(vocab, generator=g, dtype=torch.float64) * 1e4
+    logits[7] = -math.inf
+    labels = torch.randint(0, vocab, (8,), generator=g)
+    labels[0] = -100
+    g_l, g_h = torch.randn(8, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64)
+
+    def run(z):
+        leaf = z.clone().requires_grad_()
+        logp, entropy = rlkern.token_logprobs(leaf, labels, temperature=temperature, return_entropy=True)
+        ((logp * g_l).sum() + (entropy * g_h).sum()).backward()
+        return logp.detach(), entropy.detach(), leaf.grad
+
+    monkeypatch.setenv("RLKERN_BACKEND", "torch")
+    expected = run(logits)
+    monkeypatch.setenv("RLKERN_BACKEND", "cpp")
+    ours = run(logits)
+    for name, x, ref in zip(("logp", "entropy", "grad"), ours, expected):
+        torch.testing.assert_close(x, ref, rtol=1e-12, atol=1e-12, equal_nan=True, msg=name)
