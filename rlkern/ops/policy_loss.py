@@ -272,7 +272,7 @@ def _kernel_fns(backend: str):
 def _backend_for(logprobs: Tensor, loss: str, level: str) -> str:
     if loss not in KERNEL_LOSSES:
         return "torch"
-    return _backend.choose(logprobs.device, _KERNELS, logprobs.dtype)
+    return _backend.choose(logprobs.device, _KERNELS, logprobs.dtype, fp64=_KERNELS)
 
 
 def _hyper_dict(hyper: list[float]) -> dict:
