@@ -22,6 +22,9 @@ the gradient w.r.t. the logits (not in place). Defaults: GPU B=8 L=1024 V=151936
 L=256 V=32000 (on a GPU, a run without shape arguments, as ``rlkern bench``, adds this table).
 Bytes: the logits read twice and their gradient written once.
 
+The float64 rows (runs in fp32) time the same step on float64 tensors (float64 loss and
+gradients, computed in double by the kernels) beside the float32 step, alternately.
+
 Bytes counted (the minimum traffic of a fused pass): forward reads logprobs, old_logprobs,
 advantages, ref_logprobs, entropy (element size each) and the mask (1 byte); backward reads the
 same and writes d logprobs and d entropy.
@@ -148,7 +151,40 @@ def run(device: torch.device, b: int, t: int, dtype: torch.dtype, rounds: int = 
                                p20, p80, gbps, 100 * gbps / peak_bw, peaks.get(name),
                                extra={"backend": _backend_name(device, dtype) if name == "rlkern" else None}))
     rows.extend(common.missing_row(bench, name, shape, why) for name, why in missing.items())
+    if dtype == torch.float32:
+        rows += _float64_rows(device, b, t, rounds, loss, shape, peak_bw)
     common.fill_ratios(rows)
+    return rows
+
+
+def _float64_rows(device, b, t, rounds, loss, shape, peak_bw) -> list[common.Row]:
+    """float64 inputs (float64 out), beside the same step on float32 inputs, timed alternately."""
+    d64, d32 = _inputs(device, b, t, torch.float64), _inputs(device, b, t, torch.float32)
+    steps = {"rlkern": (_rlkern_step(loss), d64), "rlkern (float32 inputs)": (_rlkern_step(loss), d32)}
+    if loss == "ppo":
+        steps["eager (TRL formula)"] = (_trl_eager_step, d64)
+
+    def make(step, d):
+        lp = d["lp"].detach().clone().requires_grad_()
+        ent = d["ent"].detach().clone().requires_grad_()
+
+        def fn():
+            total, _ = step(d, lp, ent)
+            torch.autograd.grad(total, (lp, ent))
+        return fn
+
+    fns = {name: make(step, d) for name, (step, d) in steps.items()}
+    shape64 = shape.rsplit(" ", 1)[0] + " float64"
+    timings = common.measure(fns, device, rounds, label=f"{loss} {shape64}", warmup=2)
+    bench = ("policy_loss fwd+bwd, float64 (ppo dual-clip + k3 + entropy, token-mean)" if loss == "ppo"
+             else f"policy_loss fwd+bwd, float64 ({loss} + k3 + entropy)")
+    rows = []
+    for name, (med, p20, p80) in timings.items():
+        elt = 4 if "float32" in name else 8
+        gbps = (2 * b * t * (5 * elt + 1) + 2 * b * t * elt) / (med * 1e-3) / 1e9
+        dtype = torch.float32 if "float32" in name else torch.float64
+        rows.append(common.Row(bench, name, shape64, med, p20, p80, gbps, 100 * gbps / peak_bw, None,
+                               extra={"backend": _backend_name(device, dtype) if name.startswith("rlkern") else None}))
     return rows
 
 
@@ -238,7 +274,7 @@ def run_from_logits(device: torch.device, b: int, t: int, v: int, dtype: torch.d
 def _backend_name(device, dtype):
     from rlkern import _backend
 
-    return _backend.choose(device, ("cpp", "triton"), dtype)
+    return _backend.choose(device, ops._KERNELS, dtype, fp64=ops._KERNELS)
 
 
 def default_shape(device: torch.device) -> tuple[int, int, torch.dtype]:

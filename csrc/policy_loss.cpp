@@ -18,7 +18,9 @@
 // masked-out tokens so the sums need no select. The same source is compiled twice: 8 lanes for
 // AVX2+FMA (chosen at runtime, as csrc/logprobs.cpp) and 4 lanes for the baseline ISA (SSE2,
 // NEON); RLKERN_NO_SIMD=1 forces the baseline. Token math in float, as the fp32 reference; sums
-// in float over 64-vector chunks, then in double.
+// in float over 64-vector chunks, then in double. float64 input runs the same loops on double
+// vectors (4 lanes AVX2, 2 baseline; Simd<T, W>) with a double exp, and returns float64 loss,
+// metrics, stats and gradients; every other dtype computes in float.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -34,6 +36,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -67,7 +70,8 @@ constexpr bool two_pass(Loss l) { return l == Loss::kGspo || seq_level(l); }
 // log-ratio: d loss / d logprob_t = m_t / max(sum m, 1) * sum_t' m_t' is_w_t' d l_t' / d lr.
 constexpr bool through_mean(Loss l) { return l == Loss::kPpoSeq || l == Loss::kSapoSeq; }
 enum class Kl { kK1, kAbs, kK2, kK3 };
-enum class MaskKind { kNone, kU8, kI32, kI64, kF32 };  // kNone: every token counts (packed)
+// kNone: every token counts (packed); kReal: a float mask in the loops' float type
+enum class MaskKind { kNone, kU8, kI32, kI64, kReal };
 
 // Columns of the stats tensor, named as rlkern/reference/policy_loss.py's STAT_FIELDS (the
 // schema op below reports them; a test compares); row B holds (count, sequences).
@@ -145,9 +149,9 @@ std::string policy_loss_schema() {
 }
 
 struct Hyper {
-  float clip_low, clip_high, dual;
+  double clip_low, clip_high, dual;  // read by the token loops as their float type
   bool has_dual;
-  float tau_pos, tau_neg, dro_beta, ppo_kl_coef;
+  double tau_pos, tau_neg, dro_beta, ppo_kl_coef;
   double kl_coef, ent_coef, dp, lsf;
   bool has_lsf;
   std::optional<double> global_tokens, global_seqs;  // when given as numbers
@@ -158,33 +162,33 @@ std::optional<double> given(double x) { return std::isnan(x) ? std::nullopt : st
 Hyper parse_hyper(const std::vector<double>& h) {
   TORCH_CHECK(h.size() == kNumHyper, "rlkern.policy_loss: hyper must have ", kNumHyper, " entries, got ", h.size());
   Hyper x;
-  x.clip_low = static_cast<float>(h[kClipLow]);
-  x.clip_high = static_cast<float>(h[kClipHigh]);
+  x.clip_low = h[kClipLow];
+  x.clip_high = h[kClipHigh];
   x.has_dual = !std::isnan(h[kDualClip]);
-  x.dual = x.has_dual ? static_cast<float>(h[kDualClip]) : std::numeric_limits<float>::infinity();
+  x.dual = x.has_dual ? h[kDualClip] : std::numeric_limits<double>::infinity();
   x.kl_coef = h[kKlCoef];
   x.ent_coef = h[kEntropyCoef];
   x.dp = h[kDpSize];
   x.has_lsf = !std::isnan(h[kLossScaleFactor]);
   x.lsf = h[kLossScaleFactor];
-  x.tau_pos = static_cast<float>(h[kTauPos]);
-  x.tau_neg = static_cast<float>(h[kTauNeg]);
-  x.dro_beta = std::isnan(h[kDroBeta]) ? 0.f : static_cast<float>(h[kDroBeta]);
-  x.ppo_kl_coef = static_cast<float>(h[kPpoKlCoef]);
+  x.tau_pos = h[kTauPos];
+  x.tau_neg = h[kTauNeg];
+  x.dro_beta = std::isnan(h[kDroBeta]) ? 0.0 : h[kDroBeta];
+  x.ppo_kl_coef = h[kPpoKlCoef];
   x.global_tokens = given(h[kGlobalTokens]);
   x.global_seqs = given(h[kGlobalSeqs]);
   return x;
 }
 
 // A token input: float32, or bfloat16 read in place (no widened copy; other dtypes are widened
-// to float32 first). Null when not given.
+// to float32 first); float64 in the double loops. Null when not given.
 struct In {
   const void* p = nullptr;
   bool bf16 = false;
   explicit operator bool() const { return p != nullptr; }
 };
 
-// A gradient output: float32, or bfloat16 written in place.
+// A gradient output: float32, or bfloat16 written in place; float64 in the double loops.
 struct Out {
   void* p = nullptr;
   bool bf16 = false;
@@ -192,7 +196,7 @@ struct Out {
 
 struct Args {
   In lp, old, adv, ref, ent, isw, sel;  // ref/ent/isw/sel may be null; adv unused when adv_per_seq
-  const float* adv_seq;                 // [B] when adv_per_seq
+  const void* adv_seq;                  // [B] when adv_per_seq, in the loops' float type
   const void* mask;
   MaskKind mask_kind;
   const int64_t* cu;  // null: padded
@@ -204,46 +208,75 @@ struct Args {
 };
 
 // ---------------------------------------------------------------------------------------------
-// The token loops on W-lane float vectors (W = 8: AVX2, W = 4: SSE2 / NEON), as static members
-// of Simd<W>. Comparisons give int lanes of 0 / -1; `m ? a : b` selects per lane.
+// The token loops on W-lane vectors of T = float (W = 8: AVX2, W = 4: SSE2 / NEON) or T = double
+// (W = 4, 2), as static members of Simd<T, W>. Comparisons give int lanes (of T's width) of
+// 0 / -1; `m ? a : b` selects per lane.
 
-template <int W>
-struct Lanes;  // float, int32 and int64 vectors of W lanes
+template <typename T, int W>
+struct Lanes;  // T vectors of W lanes; the integer lanes of their comparisons (i, u) and of the loads
 template <>
-struct Lanes<8> {
+struct Lanes<float, 8> {
   typedef float f __attribute__((vector_size(32)));
   typedef int32_t i __attribute__((vector_size(32)));
   typedef uint32_t u __attribute__((vector_size(32)));
+  typedef int32_t i32 __attribute__((vector_size(32)));
   typedef int64_t i64 __attribute__((vector_size(64)));
+  typedef uint8_t u8 __attribute__((vector_size(8)));
   typedef uint16_t u16 __attribute__((vector_size(16)));
 };
 template <>
-struct Lanes<4> {
+struct Lanes<float, 4> {
   typedef float f __attribute__((vector_size(16)));
   typedef int32_t i __attribute__((vector_size(16)));
   typedef uint32_t u __attribute__((vector_size(16)));
+  typedef int32_t i32 __attribute__((vector_size(16)));
   typedef int64_t i64 __attribute__((vector_size(32)));
+  typedef uint8_t u8 __attribute__((vector_size(4)));
   typedef uint16_t u16 __attribute__((vector_size(8)));
 };
+template <>
+struct Lanes<double, 4> {
+  typedef double f __attribute__((vector_size(32)));
+  typedef int64_t i __attribute__((vector_size(32)));
+  typedef uint64_t u __attribute__((vector_size(32)));
+  typedef int32_t i32 __attribute__((vector_size(16)));
+  typedef int64_t i64 __attribute__((vector_size(32)));
+  typedef uint8_t u8 __attribute__((vector_size(4)));
+  typedef uint16_t u16 __attribute__((vector_size(8)));
+};
+template <>
+struct Lanes<double, 2> {
+  typedef double f __attribute__((vector_size(16)));
+  typedef int64_t i __attribute__((vector_size(16)));
+  typedef uint64_t u __attribute__((vector_size(16)));
+  typedef int32_t i32 __attribute__((vector_size(8)));
+  typedef int64_t i64 __attribute__((vector_size(16)));
+  typedef uint8_t u8 __attribute__((vector_size(2)));
+  typedef uint16_t u16 __attribute__((vector_size(4)));
+};
 
-template <int W>
+template <typename T, int W>
 struct Simd {
-  using vf = typename Lanes<W>::f;
-  using vi = typename Lanes<W>::i;
-  using vi64 = typename Lanes<W>::i64;
-  using vu = typename Lanes<W>::u;
-  using vu16 = typename Lanes<W>::u16;
+  using vf = typename Lanes<T, W>::f;
+  using vi = typename Lanes<T, W>::i;
+  using vi32 = typename Lanes<T, W>::i32;
+  using vi64 = typename Lanes<T, W>::i64;
+  using vu = typename Lanes<T, W>::u;
+  using vu8 = typename Lanes<T, W>::u8;
+  using vu16 = typename Lanes<T, W>::u16;
+  using I = std::conditional_t<std::is_same_v<T, float>, int32_t, int64_t>;  // a lane of vi
+  static constexpr bool kF32 = std::is_same_v<T, float>;
   static constexpr int kW = W;
 
-  RLK_VEC vf splat(float x) { return vf{} + x; }
-  RLK_VEC vf lanes_true(vi m) { return reinterpret_cast<vf>(m & reinterpret_cast<vi>(splat(1.f))); }  // 1.f / 0.f
+  RLK_VEC vf splat(T x) { return vf{} + x; }
+  RLK_VEC vf lanes_true(vi m) { return reinterpret_cast<vf>(m & reinterpret_cast<vi>(splat(T(1)))); }  // 1 / 0
   // std::max / std::min semantics (a NaN first argument comes back), as the reference's clamps.
   RLK_VEC vf vmax(vf a, vf b) { return a < b ? b : a; }
   RLK_VEC vf vmin(vf a, vf b) { return b < a ? b : a; }
-  RLK_VEC vf vclamp(vf x, float lo, float hi) { return vmin(vmax(x, splat(lo)), splat(hi)); }
+  RLK_VEC vf vclamp(vf x, T lo, T hi) { return vmin(vmax(x, splat(lo)), splat(hi)); }
   RLK_VEC vf vand(vf x, vi m) { return reinterpret_cast<vf>(reinterpret_cast<vi>(x) & m); }  // x or +0
-  RLK_VEC vf vabs(vf x) { return reinterpret_cast<vf>(reinterpret_cast<vi>(x) & 0x7fffffff); }
-  RLK_VEC vf vsign(vf x) { return x > 0.f ? splat(1.f) : (x < 0.f ? splat(-1.f) : splat(0.f)); }
+  RLK_VEC vf vabs(vf x) { return reinterpret_cast<vf>(reinterpret_cast<vi>(x) & std::numeric_limits<I>::max()); }
+  RLK_VEC vf vsign(vf x) { return x > T(0) ? splat(T(1)) : (x < T(0) ? splat(T(-1)) : splat(T(0))); }
 
   // e^x: x = n ln2 + r (|r| <= ln2 / 2, ln2 split in two so n ln2 is exact), e^r by its Taylor
   // series to r^7 (truncation < 1e-8 relative), 2^n applied as two exponent-field factors so
@@ -251,6 +284,7 @@ struct Simd {
   // the clamp), x > ln(FLT_MAX) overflows to inf in the last product, x < -103.97 rounds to 0, and
   // NaN stays NaN (whatever 2^n its garbage n gives).
   RLK_VEC vf vexp(vf x) {
+    if constexpr (!kF32) return vexp_double(x);
     const vf shifter = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
     const vf xc = vmin(vmax(x, splat(-104.f)), splat(88.8f));
     const vf fn = (xc * 1.44269504088896341f + shifter) - shifter;
@@ -268,9 +302,36 @@ struct Simd {
     return p * s1 * s2;
   }
 
+  // e^x in double, as vexp: ln2 split as fdlibm's ln2_hi (32 significant bits, so n ln2_hi is
+  // exact) and ln2_lo, e^r by its Taylor series to r^13 (truncation < 1e-17 relative for
+  // |r| <= ln2 / 2), n read from the low bits of x log2(e) + 1.5 * 2^52 (no double -> int64
+  // conversion before AVX-512), 2^n as two exponent-field factors. x clamped to [-746, 710]:
+  // above ln(DBL_MAX) the last product overflows to inf, below -745.2 it rounds to 0.
+  RLK_VEC vf vexp_double(vf x) {
+    const vf shifter = splat(T(6755399441055744.0));  // 1.5 * 2^52
+    const vf xc = vmin(vmax(x, splat(T(-746.0))), splat(T(710.0)));
+    const vf t = xc * T(1.4426950408889634) + shifter;
+    const vf fn = t - shifter;
+    vf r = xc - fn * T(6.93147180369123816490e-01);
+    r = r - fn * T(1.90821492927058770002e-10);
+    const vf r2 = r * r, r4 = r2 * r2, r8 = r4 * r4;
+    // Estrin's scheme over the coefficients 1 / k!
+    const vf p01 = r + T(1), p23 = r * T(1.0 / 6) + T(0.5);
+    const vf p45 = r * T(1.0 / 120) + T(1.0 / 24), p67 = r * T(1.0 / 5040) + T(1.0 / 720);
+    const vf p89 = r * T(1.0 / 362880) + T(1.0 / 40320), p1011 = r * T(1.0 / 39916800) + T(1.0 / 3628800);
+    const vf p1213 = r * T(1.0 / 6227020800.0) + T(1.0 / 479001600);
+    const vf q0 = p23 * r2 + p01, q1 = p67 * r2 + p45, q2 = p1011 * r2 + p89;
+    const vf p = (q1 * r4 + q0) + (p1213 * r4 + q2) * r8;
+    const vi n = reinterpret_cast<vi>(t) - reinterpret_cast<vi>(shifter);
+    const vi n1 = n >> 1;
+    const vi n2 = n - n1;
+    const vf s1 = reinterpret_cast<vf>((n1 + 1023) << 52), s2 = reinterpret_cast<vf>((n2 + 1023) << 52);
+    return p * s1 * s2;
+  }
+
   // ln, lane by lane (only dppo_kl's binary KL needs it).
   RLK_VEC vf vlog(vf x) {
-    float buf[kW];
+    T buf[kW];
     std::memcpy(buf, &x, sizeof(buf));
     for (int j = 0; j < kW; ++j) buf[j] = std::log(buf[j]);
     std::memcpy(&x, buf, sizeof(buf));
@@ -279,33 +340,40 @@ struct Simd {
 
   // Loads and stores of n <= W elements (lanes past n read as 0). The full-vector case is a
   // separate branch so that its copies have a constant size (one vector move, not a memcpy call).
-  template <typename T, typename V>
-  RLK_VEC V load_n(const T* p, int64_t n) {
+  template <typename E, typename V>
+  RLK_VEC V load_n(const E* p, int64_t n) {
     V v = {};
-    if (n == kW) std::memcpy(&v, p, kW * sizeof(T));
-    else std::memcpy(&v, p, static_cast<size_t>(n) * sizeof(T));
+    if (n == kW) std::memcpy(&v, p, kW * sizeof(E));
+    else std::memcpy(&v, p, static_cast<size_t>(n) * sizeof(E));
     return v;
   }
 
-  RLK_VEC vf load(const float* p, int64_t n) { return load_n<float, vf>(p, n); }
+  RLK_VEC vf load(const T* p, int64_t n) { return load_n<T, vf>(p, n); }
 
-  RLK_VEC void store(float* p, vf v, int64_t n) {
+  RLK_VEC void store(T* p, vf v, int64_t n) {
     if (n == kW) std::memcpy(p, &v, sizeof(v));
-    else std::memcpy(p, &v, static_cast<size_t>(n) * sizeof(float));
+    else std::memcpy(p, &v, static_cast<size_t>(n) * sizeof(T));
   }
 
-  // bfloat16 is the top half of a float32
+  // bfloat16 is the top half of a float32 (float loops only: the double loops read float64)
   RLK_VEC vf load_in(const In& x, int64_t i, int64_t n) {
-    if (x.bf16) {
-      const vu16 h = load_n<uint16_t, vu16>(static_cast<const uint16_t*>(x.p) + i, n);
-      return reinterpret_cast<vf>(__builtin_convertvector(h, vu) << 16);
+    if constexpr (kF32) {
+      if (x.bf16) {
+        const vu16 h = load_n<uint16_t, vu16>(static_cast<const uint16_t*>(x.p) + i, n);
+        return reinterpret_cast<vf>(__builtin_convertvector(h, vu) << 16);
+      }
     }
-    return load(static_cast<const float*>(x.p) + i, n);
+    return load(static_cast<const T*>(x.p) + i, n);
   }
 
   RLK_VEC void store_out(const Out& o, int64_t i, vf v, int64_t n) {
-    if (o.bf16) store_bf16(static_cast<uint16_t*>(o.p) + i, v, n);
-    else store(static_cast<float*>(o.p) + i, v, n);
+    if constexpr (kF32) {
+      if (o.bf16) {
+        store_bf16(static_cast<uint16_t*>(o.p) + i, v, n);
+        return;
+      }
+    }
+    store(static_cast<T*>(o.p) + i, v, n);
   }
 
   // float32 -> bfloat16 rounded to nearest even (as torch's .to(torch.bfloat16)); NaN stays a quiet NaN
@@ -337,17 +405,25 @@ struct Simd {
       case MaskKind::kNone: {
         vi lane = {};
         for (int j = 0; j < kW; ++j) lane[j] = j;
-        return lanes_true(lane < static_cast<int32_t>(n));
+        return lanes_true(lane < static_cast<I>(n));
       }
       case MaskKind::kU8:
-        return __builtin_convertvector(widen_bytes(static_cast<const uint8_t*>(a.mask) + i, n), vf);
+        if constexpr (kF32) {
+          return __builtin_convertvector(widen_bytes(static_cast<const uint8_t*>(a.mask) + i, n), vf);
+        } else {
+          return __builtin_convertvector((load_n<uint8_t, vu8>(static_cast<const uint8_t*>(a.mask) + i, n)), vf);
+        }
       case MaskKind::kI32:
-        return __builtin_convertvector((load_n<int32_t, vi>(static_cast<const int32_t*>(a.mask) + i, n)), vf);
-      case MaskKind::kI64:  // via int32 lanes (GCC converts int64 -> float lane by lane); |weight| < 2^31
-        return __builtin_convertvector(
-            __builtin_convertvector((load_n<int64_t, vi64>(static_cast<const int64_t*>(a.mask) + i, n)), vi), vf);
+        return __builtin_convertvector((load_n<int32_t, vi32>(static_cast<const int32_t*>(a.mask) + i, n)), vf);
+      case MaskKind::kI64:
+        if constexpr (kF32) {  // via int32 lanes (GCC converts int64 -> float lane by lane); |weight| < 2^31
+          return __builtin_convertvector(
+              __builtin_convertvector((load_n<int64_t, vi64>(static_cast<const int64_t*>(a.mask) + i, n)), vi), vf);
+        } else {
+          return __builtin_convertvector((load_n<int64_t, vi64>(static_cast<const int64_t*>(a.mask) + i, n)), vf);
+        }
       default:
-        return load(static_cast<const float*>(a.mask) + i, n);
+        return load(static_cast<const T*>(a.mask) + i, n);
     }
   }
 
@@ -370,10 +446,13 @@ struct Simd {
   // geo_mean: l is the token's sign-clipped log-ratio (its sequence's geometric mean ratio is
   // exp of their mean), dl its derivative in logprob.
   template <Loss L0>
-  RLK_VEC Token policy_token(const Hyper& h, vf lp, vf old, vf A, float slr, vf sel) {
+  RLK_VEC Token policy_token(const Hyper& h, vf lp, vf old, vf A, T slr, vf sel) {
     constexpr Loss L = token_form(L0);
     const vf zero = {};
-    const float lo_b = 1.f - h.clip_low, hi_b = 1.f + h.clip_high;
+    const T clip_low = static_cast<T>(h.clip_low), clip_high = static_cast<T>(h.clip_high);
+    const T dual = static_cast<T>(h.dual), tau_pos = static_cast<T>(h.tau_pos), tau_neg = static_cast<T>(h.tau_neg);
+    const T dro_beta = static_cast<T>(h.dro_beta), ppo_kl_coef = static_cast<T>(h.ppo_kl_coef);
+    const T lo_b = T(1) - clip_low, hi_b = T(1) + clip_high;
     const vf lr = seq_level(L0) ? splat(slr) : lp - old;
     Token t{zero, zero, zero, zero, zero, zero, zero, zero};
     constexpr bool clamped = !seq_level(L0) && (L == Loss::kPpo || L == Loss::kCispo || L == Loss::kSapo ||
@@ -381,9 +460,9 @@ struct Simd {
     const vf lrc = clamped ? vclamp(lr, -kLogRatioBound, kLogRatioBound) : lr;
     vf r, dr;
     if constexpr (L == Loss::kGspo) {  // the sequence ratio, straight-through on the token's own logprob
-      const float rs = std::exp(std::min(slr, kGspoMax));
+      const T rs = std::exp(std::min(slr, T(kGspoMax)));
       r = splat(rs);
-      dr = splat(slr <= kGspoMax ? rs : 0.f);
+      dr = splat(slr <= kGspoMax ? rs : T(0));
     } else if constexpr (L != Loss::kReinforce && L != Loss::kDro) {
       r = vexp(lrc);
       // clamp passes the gradient on the closed interval, as torch.clamp does
@@ -399,21 +478,21 @@ struct Simd {
       t.l = vmax(l1, l2);
       t.dl = clipped ? zero : -A * dr;
       t.cf = lanes_true(clipped);
-      t.lo = lanes_true(clipped & (A < 0.f));
-      t.hi = lanes_true(clipped & (A > 0.f));
+      t.lo = lanes_true(clipped & (A < T(0)));
+      t.hi = lanes_true(clipped & (A > T(0)));
       if constexpr (L == Loss::kPpo) {
         if (h.has_dual) {
-          const vf l3 = -A * h.dual;
-          const vi neg = A < 0.f;
+          const vf l3 = -A * dual;
+          const vi neg = A < T(0);
           const vi over = neg & (t.l > l3);
-          t.dl = over ? zero : ((neg & (t.l == l3)) ? t.dl * 0.5f : t.dl);  // torch.minimum splits a tie
+          t.dl = over ? zero : ((neg & (t.l == l3)) ? t.dl * T(0.5) : t.dl);  // torch.minimum splits a tie
           t.l = over ? l3 : t.l;
           t.dcf = lanes_true(over);
         }
       }
       if constexpr (L == Loss::kClipCov) {
-        t.l *= 1.f - sel;
-        t.dl *= 1.f - sel;
+        t.l *= T(1) - sel;
+        t.dl *= T(1) - sel;
         t.cf = sel;
       }
     } else if constexpr (L == Loss::kCispo) {
@@ -427,46 +506,46 @@ struct Simd {
       t.l = -A * lp;
       t.dl = -A;
     } else if constexpr (L == Loss::kSapo) {
-      const vf tau = A > 0.f ? splat(h.tau_pos) : splat(h.tau_neg);
-      const vf s = 1.f / (1.f + vexp(-tau * (r - 1.f)));
-      t.l = -s * (4.f / tau) * A;
-      t.dl = -A * 4.f * s * (1.f - s) * dr;
+      const vf tau = A > T(0) ? splat(tau_pos) : splat(tau_neg);
+      const vf s = T(1) / (T(1) + vexp(-tau * (r - T(1))));
+      t.l = -s * (T(4) / tau) * A;
+      t.dl = -A * T(4) * s * (T(1) - s) * dr;
     } else if constexpr (L == Loss::kDro) {
-      t.l = -(lp * A - 0.5f * h.dro_beta * lr * lr);
-      t.dl = -(A - h.dro_beta * lr);
+      t.l = -(lp * A - T(0.5) * dro_beta * lr * lr);
+      t.dl = -(A - dro_beta * lr);
     } else if constexpr (L == Loss::kDppoTv || L == Loss::kDppoKl) {
-      const vf tr = vmin(r, splat(h.dual));
+      const vf tr = vmin(r, splat(dual));
       const vf p = vexp(lp), po = vexp(old);
       vi up_ok, down_ok;
       if constexpr (L == Loss::kDppoTv) {
-        up_ok = (p - po) <= h.clip_high;
-        down_ok = (p - po) >= -h.clip_low;
+        up_ok = (p - po) <= clip_high;
+        down_ok = (p - po) >= -clip_low;
       } else {
-        const vf bkl = po * (old - lp) + (1.f - po) * vlog((1.f - po + 1e-8f) / (1.f - p + 1e-8f));
-        up_ok = (bkl <= h.clip_high) | (p <= po);
-        down_ok = (bkl <= h.clip_low) | (p >= po);
+        const vf bkl = po * (old - lp) + (T(1) - po) * vlog((T(1) - po + T(1e-8)) / (T(1) - p + T(1e-8)));
+        up_ok = (bkl <= clip_high) | (p <= po);
+        down_ok = (bkl <= clip_low) | (p >= po);
       }
-      const vi pos = A > 0.f;
+      const vi pos = A > T(0);
       const vf valid = lanes_true(pos ? up_ok : down_ok);
       t.l = -A * tr * lp * valid;
       t.dl = -A * tr * valid;
-      t.cf = 1.f - valid;
-      t.lo = pos ? zero : 1.f - valid;
-      t.hi = pos ? 1.f - valid : zero;
-      t.dcf = r > h.dual ? valid : zero;
+      t.cf = T(1) - valid;
+      t.lo = pos ? zero : T(1) - valid;
+      t.hi = pos ? T(1) - valid : zero;
+      t.dcf = r > dual ? valid : zero;
     } else if constexpr (L == Loss::kGeoMean) {
       const vf sgn = vsign(A);
-      const vf lrc2 = vclamp(lr, -h.clip_low, h.clip_high);
-      const vi pos = A > 0.f, neg = A < 0.f, clipped = lr != lrc2;
+      const vf lrc2 = vclamp(lr, -clip_low, clip_high);
+      const vi pos = A > T(0), neg = A < T(0), clipped = lr != lrc2;
       t.l = sgn * vmin(sgn * lr, sgn * lrc2);
       // lr is the min where the clip does not bind for A's sign (the ends of the range included,
       // as torch.clamp passes the gradient there); 0 where A = 0
-      t.dl = lanes_true((pos & (lr <= h.clip_high)) | (neg & (lr >= -h.clip_low)));
+      t.dl = lanes_true((pos & (lr <= clip_high)) | (neg & (lr >= -clip_low)));
       t.cf = t.hi = lanes_true(clipped & pos);  // verl: pg_clipfrac counts A > 0 only
       t.lo = t.dcf = lanes_true(clipped & neg);
     } else {  // kl_cov
-      t.l = -A * r + sel * (h.ppo_kl_coef * vabs(lr));
-      t.dl = -A * r + sel * h.ppo_kl_coef * vsign(lr);
+      t.l = -A * r + sel * (ppo_kl_coef * vabs(lr));
+      t.dl = -A * r + sel * ppo_kl_coef * vsign(lr);
       t.akl = vabs(lr);
     }
     t.ratio = r;
@@ -479,23 +558,23 @@ struct Simd {
     switch (a.kl) {
       case Kl::kK1:
         *value = diff;
-        *deriv = splat(1.f);
+        *deriv = splat(T(1));
         break;
       case Kl::kAbs:
         *value = vabs(diff);
         *deriv = vsign(diff);
         break;
       case Kl::kK2:
-        *value = 0.5f * diff * diff;
+        *value = T(0.5) * diff * diff;
         *deriv = diff;
         break;
       case Kl::kK3: {
         const vf x = vclamp(-diff, -kLogRatioBound, kLogRatioBound);
         const vf e = vexp(x);
-        const vf v = e - x - 1.f;
+        const vf v = e - x - T(1);
         *value = vclamp(v, -kK3Bound, kK3Bound);
         const vi live = (-diff >= -kLogRatioBound) & (-diff <= kLogRatioBound) & (v >= -kK3Bound) & (v <= kK3Bound);
-        *deriv = live ? 1.f - e : splat(0.f);
+        *deriv = live ? T(1) - e : splat(T(0));
         break;
       }
     }
@@ -512,15 +591,15 @@ struct Simd {
     }
   }
 
-  RLK_VEC float seq_log_ratio(const Args& a, int64_t begin, int64_t end) {
+  RLK_VEC T seq_log_ratio(const Args& a, int64_t begin, int64_t end) {
     vf num = {}, den = {};
     for (int64_t i = begin; i < end; i += kW) {
       const int64_t n = std::min<int64_t>(kW, end - i);
       const vf m = load_mask(a, i, n);
-      num += m * vand(load_in(a.lp, i, n) - load_in(a.old, i, n), m != 0.f);
+      num += m * vand(load_in(a.lp, i, n) - load_in(a.old, i, n), m != T(0));
       den += m;
     }
-    return static_cast<float>(hsum(num) / std::max(hsum(den), 1.0));
+    return static_cast<T>(hsum(num) / std::max(hsum(den), 1.0));
   }
 
   // The inputs of n tokens, 0 at masked-out ones (and past n): every token value is then finite
@@ -534,24 +613,24 @@ struct Simd {
   RLK_VEC Loaded load_token(const Args& a, int64_t b, int64_t i, int64_t n) {
     Loaded x;
     x.m = load_mask(a, i, n);
-    x.live = x.m != 0.f;
+    x.live = x.m != T(0);
     x.lp = vand(load_in(a.lp, i, n), x.live);
     x.old = vand(load_in(a.old, i, n), x.live);
-    x.A = vand(a.adv_per_seq ? splat(a.adv_seq[b]) : load_in(a.adv, i, n), x.live);
+    x.A = vand(a.adv_per_seq ? splat(static_cast<const T*>(a.adv_seq)[b]) : load_in(a.adv, i, n), x.live);
     x.sel = a.sel ? vand(load_in(a.sel, i, n), x.live) : vf{};
     x.ref = a.ref ? vand(load_in(a.ref, i, n), x.live) : vf{};
     x.ent = a.ent ? vand(load_in(a.ent, i, n), x.live) : vf{};
-    x.isw = a.isw ? vand(load_in(a.isw, i, n), x.live) : splat(1.f);
+    x.isw = a.isw ? vand(load_in(a.isw, i, n), x.live) : splat(T(1));
     return x;
   }
 
   template <Loss L>
-  RLK_VEC void stats_body(const Args& a, float* stats, int64_t b0, int64_t b1) {
+  RLK_VEC void stats_body(const Args& a, T* stats, int64_t b0, int64_t b1) {
     const vf zero = {};
     for (int64_t b = b0; b < b1; ++b) {
       int64_t begin, end;
       seq_range(a, b, &begin, &end);
-      const float slr = two_pass(L) ? seq_log_ratio(a, begin, end) : 0.f;
+      const T slr = two_pass(L) ? seq_log_ratio(a, begin, end) : T(0);
       double sums[kSums] = {0};
       vf acc[kSums];
       for (auto& v : acc) v = zero;
@@ -566,7 +645,7 @@ struct Simd {
         if constexpr (L == Loss::kGeoMean) {  // the sequence's weights enter through its geometric mean
           acc[kPolicy] += x.m * t.l;
           acc_adv += x.m * x.A;
-          if (a.isw) acc_log_isw += x.m * vlog(x.isw + 1e-10f);
+          if (a.isw) acc_log_isw += x.m * vlog(x.isw + T(1e-10));
         } else {
           acc[kPolicy] += x.m * (t.l * x.isw);
           if constexpr (through_mean(L)) acc_dseq += x.m * (t.dl * x.isw);
@@ -596,28 +675,28 @@ struct Simd {
           pending = 0;
         }
       }
-      float* out = stats + b * kNumStats;
-      for (int k = 0; k < kSums; ++k) out[k] = static_cast<float>(sums[k]);
+      T* out = stats + b * kNumStats;
+      for (int k = 0; k < kSums; ++k) out[k] = static_cast<T>(sums[k]);
       out[kSlr] = slr;
-      out[kDseq] = static_cast<float>(dseq);
+      out[kDseq] = static_cast<T>(dseq);
       if constexpr (L == Loss::kGeoMean) {  // verl: -mean(A) exp(mean clipped lr) [exp(mean log is_w)]
         const double den = sums[kCount] + kMeanEps;
         double seq_loss = -(adv_sum / den) * std::exp(sums[kPolicy] / den);
         if (a.isw) seq_loss *= std::exp(log_isw_sum / den);
-        out[kPolicy] = static_cast<float>(seq_loss);
-        out[kSlr] = static_cast<float>(sums[kPolicy] / den);
+        out[kPolicy] = static_cast<T>(seq_loss);
+        out[kSlr] = static_cast<T>(sums[kPolicy] / den);
       }
     }
   }
 
   template <Loss L>
-  RLK_VEC void grad_body(const Args& a, const float* stats, const float* coefs, const Out& g_lp, const Out& g_ent,
+  RLK_VEC void grad_body(const Args& a, const T* stats, const T* coefs, const Out& g_lp, const Out& g_ent,
                          int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t begin, end;
       seq_range(a, b, &begin, &end);
-      const float slr = stats[b * kNumStats + kSlr];
-      const float c_pol = coefs[b * 3], c_kl = coefs[b * 3 + 1], c_ent = coefs[b * 3 + 2];
+      const T slr = stats[b * kNumStats + kSlr];
+      const T c_pol = coefs[b * 3], c_kl = coefs[b * 3 + 1], c_ent = coefs[b * 3 + 2];
       for (int64_t i = begin; i < end; i += kW) {
         const int64_t n = std::min<int64_t>(kW, end - i);
         const Loaded x = load_token(a, b, i, n);
@@ -628,7 +707,7 @@ struct Simd {
           const Token t = policy_token<L>(a.h, x.lp, x.old, x.A, slr, x.sel);
           g = L == Loss::kGeoMean ? c_pol * t.dl : c_pol * t.dl * x.isw;
         }
-        if (a.ref && c_kl != 0.f) {
+        if (a.ref && c_kl != T(0)) {
           vf v = {}, d = {};
           kl_token(a, x.lp, x.ref, &v, &d);
           g += c_kl * d;
@@ -640,26 +719,33 @@ struct Simd {
   }
 };  // struct Simd
 
-// The two compilations of each loop, and the runtime choice between them.
-constexpr int kAvx2W = 8;
-constexpr int kBaseW = 4;  // 16-byte vectors: SSE2 on any x86-64, NEON on arm64
-using StatsFn = void (*)(const Args&, float*, int64_t, int64_t);
-using GradFn = void (*)(const Args&, const float*, const float*, const Out&, const Out&, int64_t, int64_t);
+// The two compilations of each loop (per float type), and the runtime choice between them.
+template <typename T>
+constexpr int kAvx2W = 32 / sizeof(T);
+template <typename T>
+constexpr int kBaseW = 16 / sizeof(T);  // 16-byte vectors: SSE2 on any x86-64, NEON on arm64
+template <typename T>
+using StatsFn = void (*)(const Args&, T*, int64_t, int64_t);
+template <typename T>
+using GradFn = void (*)(const Args&, const T*, const T*, const Out&, const Out&, int64_t, int64_t);
 
-template <Loss L>
-void stats_base(const Args& a, float* s, int64_t b0, int64_t b1) { Simd<kBaseW>::stats_body<L>(a, s, b0, b1); }
-template <Loss L>
-void grad_base(const Args& a, const float* s, const float* c, const Out& g, const Out& ge, int64_t b0, int64_t b1) {
-  Simd<kBaseW>::grad_body<L>(a, s, c, g, ge, b0, b1);
+template <typename T, Loss L>
+void stats_base(const Args& a, T* s, int64_t b0, int64_t b1) {
+  Simd<T, kBaseW<T>>::template stats_body<L>(a, s, b0, b1);
+}
+template <typename T, Loss L>
+void grad_base(const Args& a, const T* s, const T* c, const Out& g, const Out& ge, int64_t b0, int64_t b1) {
+  Simd<T, kBaseW<T>>::template grad_body<L>(a, s, c, g, ge, b0, b1);
 }
 
 #if RLK_X86_SIMD
-template <Loss L>
-RLK_TGT void stats_avx2(const Args& a, float* s, int64_t b0, int64_t b1) { Simd<kAvx2W>::stats_body<L>(a, s, b0, b1); }
-template <Loss L>
-RLK_TGT void grad_avx2(const Args& a, const float* s, const float* c, const Out& g, const Out& ge, int64_t b0,
-                       int64_t b1) {
-  Simd<kAvx2W>::grad_body<L>(a, s, c, g, ge, b0, b1);
+template <typename T, Loss L>
+RLK_TGT void stats_avx2(const Args& a, T* s, int64_t b0, int64_t b1) {
+  Simd<T, kAvx2W<T>>::template stats_body<L>(a, s, b0, b1);
+}
+template <typename T, Loss L>
+RLK_TGT void grad_avx2(const Args& a, const T* s, const T* c, const Out& g, const Out& ge, int64_t b0, int64_t b1) {
+  Simd<T, kAvx2W<T>>::template grad_body<L>(a, s, c, g, ge, b0, b1);
 }
 
 bool simd_ok() {
@@ -673,30 +759,31 @@ bool simd_ok() {
 }
 #endif
 
-template <Loss L>
-std::pair<StatsFn, GradFn> pick() {
+template <typename T, Loss L>
+std::pair<StatsFn<T>, GradFn<T>> pick() {
 #if RLK_X86_SIMD
-  if (simd_ok()) return {&stats_avx2<L>, &grad_avx2<L>};
+  if (simd_ok()) return {&stats_avx2<T, L>, &grad_avx2<T, L>};
 #endif
-  return {&stats_base<L>, &grad_base<L>};
+  return {&stats_base<T, L>, &grad_base<T, L>};
 }
 
-std::pair<StatsFn, GradFn> pick(Loss loss) {
+template <typename T>
+std::pair<StatsFn<T>, GradFn<T>> pick(Loss loss) {
   switch (loss) {
-    case Loss::kPpo: return pick<Loss::kPpo>();
-    case Loss::kGspo: return pick<Loss::kGspo>();
-    case Loss::kCispo: return pick<Loss::kCispo>();
-    case Loss::kReinforce: return pick<Loss::kReinforce>();
-    case Loss::kSapo: return pick<Loss::kSapo>();
-    case Loss::kDro: return pick<Loss::kDro>();
-    case Loss::kDppoTv: return pick<Loss::kDppoTv>();
-    case Loss::kDppoKl: return pick<Loss::kDppoKl>();
-    case Loss::kClipCov: return pick<Loss::kClipCov>();
-    case Loss::kKlCov: return pick<Loss::kKlCov>();
-    case Loss::kGeoMean: return pick<Loss::kGeoMean>();
-    case Loss::kPpoSeq: return pick<Loss::kPpoSeq>();
-    case Loss::kCispoSeq: return pick<Loss::kCispoSeq>();
-    case Loss::kSapoSeq: return pick<Loss::kSapoSeq>();
+    case Loss::kPpo: return pick<T, Loss::kPpo>();
+    case Loss::kGspo: return pick<T, Loss::kGspo>();
+    case Loss::kCispo: return pick<T, Loss::kCispo>();
+    case Loss::kReinforce: return pick<T, Loss::kReinforce>();
+    case Loss::kSapo: return pick<T, Loss::kSapo>();
+    case Loss::kDro: return pick<T, Loss::kDro>();
+    case Loss::kDppoTv: return pick<T, Loss::kDppoTv>();
+    case Loss::kDppoKl: return pick<T, Loss::kDppoKl>();
+    case Loss::kClipCov: return pick<T, Loss::kClipCov>();
+    case Loss::kKlCov: return pick<T, Loss::kKlCov>();
+    case Loss::kGeoMean: return pick<T, Loss::kGeoMean>();
+    case Loss::kPpoSeq: return pick<T, Loss::kPpoSeq>();
+    case Loss::kCispoSeq: return pick<T, Loss::kCispoSeq>();
+    case Loss::kSapoSeq: return pick<T, Loss::kSapoSeq>();
   }
   TORCH_CHECK(false, "rlkern.policy_loss: bad loss id");
 }
@@ -758,7 +845,13 @@ Norms make_norms(const Hyper& h, const std::string& agg, const std::string& entr
 // ---------------------------------------------------------------------------------------------
 // Tensor plumbing.
 
-at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+// The loops' float type: double for float64 logprobs, float for every other dtype (the dtype of
+// the loss, metrics and stats, as rlkern/ops/policy_loss.py _out_dtype).
+at::ScalarType compute_type(const at::Tensor& logprobs) {
+  return logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor as_type(const at::Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
 
 struct Prepared {
   Args a;
@@ -774,6 +867,7 @@ Prepared prepare(const at::Tensor& logprobs, const at::Tensor& old_logprobs, con
                  const std::string& loss, const std::string& kl_estimator, const std::string& level,
                  const std::vector<double>& hyper) {
   Prepared p;
+  const at::ScalarType ct = compute_type(logprobs);
   const bool packed = cu_seqlens.has_value();
   TORCH_CHECK(packed ? logprobs.dim() == 1 : logprobs.dim() == 2,
               "rlkern.policy_loss: logprobs must be [B, T] or packed [total] with cu_seqlens, got ", logprobs.sizes());
@@ -782,8 +876,8 @@ Prepared prepare(const at::Tensor& logprobs, const at::Tensor& old_logprobs, con
     TORCH_CHECK(t.sizes() == logprobs.sizes(), "rlkern.policy_loss: ", name, " must have the shape of logprobs ",
                 logprobs.sizes(), ", got ", t.sizes());
     In in;
-    in.bf16 = t.scalar_type() == at::kBFloat16;
-    at::Tensor f = in.bf16 ? t.contiguous() : as_float(t);
+    in.bf16 = ct == at::kFloat && t.scalar_type() == at::kBFloat16;
+    at::Tensor f = in.bf16 ? t.contiguous() : as_type(t, ct);
     p.keep.push_back(f);
     in.p = f.data_ptr();
     return in;
@@ -818,9 +912,9 @@ Prepared prepare(const at::Tensor& logprobs, const at::Tensor& old_logprobs, con
   a.adv_per_seq = advantages.sizes() != logprobs.sizes();
   if (a.adv_per_seq) {
     TORCH_CHECK(advantages.numel() == p.B, "rlkern.policy_loss: per-sequence advantages must be [B]");
-    at::Tensor f = as_float(advantages);
+    at::Tensor f = as_type(advantages, ct);
     p.keep.push_back(f);
-    a.adv_seq = f.data_ptr<float>();
+    a.adv_seq = f.data_ptr();
   } else {
     a.adv = same(advantages, "advantages");
   }
@@ -834,7 +928,7 @@ Prepared prepare(const at::Tensor& logprobs, const at::Tensor& old_logprobs, con
       case at::kByte: m = mask->contiguous(); a.mask_kind = MaskKind::kU8; break;
       case at::kInt: m = mask->contiguous(); a.mask_kind = MaskKind::kI32; break;
       case at::kLong: m = mask->contiguous(); a.mask_kind = MaskKind::kI64; break;
-      default: m = as_float(*mask); a.mask_kind = MaskKind::kF32; break;
+      default: m = as_type(*mask, ct); a.mask_kind = MaskKind::kReal; break;
     }
     p.keep.push_back(m);
     a.mask = m.data_ptr();
@@ -850,6 +944,44 @@ int64_t grain(const Prepared& p, int64_t n) {
   return std::max<int64_t>(1, 8192 / per_seq);
 }
 
+// The forward after prepare: the token loops in T, the aggregation over the B rows in double.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(Prepared& p, Norms& norms, const at::Tensor& logprobs) {
+  const auto fopt = logprobs.options().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor stats = at::zeros({p.B + 1, kNumStats}, fopt);
+  T* st = stats.data_ptr<T>();
+  const StatsFn<T> fn = pick<T>(p.loss).first;
+  at::parallel_for(0, p.B, grain(p, logprobs.numel()), [&](int64_t b0, int64_t b1) { fn(p.a, st, b0, b1); });
+
+  double sums[kSums] = {0};
+  for (int64_t b = 0; b < p.B; ++b) {
+    const T* row = st + b * kNumStats;
+    norms.tokens += row[kCount];
+    norms.seqs += row[kCount] > 0 ? 1.0 : 0.0;
+  }
+  const Hyper& h = p.a.h;
+  const bool with_kl = p.a.ref && h.kl_coef != 0, with_ent = p.a.ent && h.ent_coef != 0;
+  double total = 0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const T* row = st + b * kNumStats;
+    for (int k = 0; k < kSums; ++k) sums[k] += row[k];
+    const auto [w, w_ent] = weights(norms, row[kCount]);
+    // geo_mean: row[kPolicy] is the sequence's loss; verl takes a plain mean over the B rows
+    total += (p.loss == Loss::kGeoMean ? 1.0 / safe(static_cast<double>(p.B)) : w) * row[kPolicy];
+    if (with_kl) total += h.kl_coef * w * row[kKl];
+    if (with_ent) total -= h.ent_coef * w_ent * row[kEntropy];
+  }
+  st[p.B * kNumStats + 0] = static_cast<T>(norms.tokens);
+  st[p.B * kNumStats + 1] = static_cast<T>(norms.seqs);
+  at::Tensor loss_out = at::empty({}, fopt);
+  at::Tensor metrics = at::empty({8}, fopt);
+  loss_out.data_ptr<T>()[0] = static_cast<T>(total);
+  T* mt = metrics.data_ptr<T>();
+  const int cols[8] = {kCf, kLo, kHi, kDcf, kAkl, kRatio, kKl, kEntropy};
+  for (int k = 0; k < 8; ++k) mt[k] = static_cast<T>(sums[cols[k]] / (norms.tokens + kMeanEps));
+  return {loss_out, metrics, stats};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_forward_cpu(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& ref_logprobs,
@@ -860,39 +992,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_forward_cpu(
   Prepared p = prepare(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens,
                        loss, kl_estimator, level, hyper);
   Norms norms = make_norms(p.a.h, agg, entropy_agg, p.width, global_tokens, global_seqs);
-  const auto fopt = logprobs.options().dtype(at::kFloat);
-  at::Tensor stats = at::zeros({p.B + 1, kNumStats}, fopt);
-  float* st = stats.data_ptr<float>();
-  const StatsFn fn = pick(p.loss).first;
-  at::parallel_for(0, p.B, grain(p, logprobs.numel()), [&](int64_t b0, int64_t b1) { fn(p.a, st, b0, b1); });
+  if (compute_type(logprobs) == at::kDouble) return forward_impl<double>(p, norms, logprobs);
+  return forward_impl<float>(p, norms, logprobs);
+}
 
-  double sums[kSums] = {0};
-  for (int64_t b = 0; b < p.B; ++b) {
-    const float* row = st + b * kNumStats;
-    norms.tokens += row[kCount];
-    norms.seqs += row[kCount] > 0 ? 1.0 : 0.0;
-  }
+// The backward after prepare: per-sequence coefficients in double, the token loops in T.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> backward_impl(Prepared& p, Norms& norms, const at::Tensor& grad_loss,
+                                                 const at::Tensor& logprobs, const std::optional<at::Tensor>& entropy,
+                                                 const at::Tensor& stats) {
+  const auto fopt = logprobs.options().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor st = as_type(stats, c10::CppTypeToScalarType<T>::value);
+  const T* s = st.data_ptr<T>();
+  norms.tokens = s[p.B * kNumStats + 0];
+  norms.seqs = s[p.B * kNumStats + 1];
   const Hyper& h = p.a.h;
-  const bool with_kl = p.a.ref && h.kl_coef != 0, with_ent = p.a.ent && h.ent_coef != 0;
-  double total = 0;
+  const double g = grad_loss.item<double>();
+  const double kl = p.a.ref ? h.kl_coef : 0.0, ent = entropy.has_value() ? h.ent_coef : 0.0;
+  std::vector<T> coefs(static_cast<size_t>(3 * p.B));
   for (int64_t b = 0; b < p.B; ++b) {
-    const float* row = st + b * kNumStats;
-    for (int k = 0; k < kSums; ++k) sums[k] += row[k];
+    const T* row = s + b * kNumStats;
     const auto [w, w_ent] = weights(norms, row[kCount]);
-    // geo_mean: row[kPolicy] is the sequence's loss; verl takes a plain mean over the B rows
-    total += (p.loss == Loss::kGeoMean ? 1.0 / safe(static_cast<double>(p.B)) : w) * row[kPolicy];
-    if (with_kl) total += h.kl_coef * w * row[kKl];
-    if (with_ent) total -= h.ent_coef * w_ent * row[kEntropy];
+    double c_pol = w * g;
+    if (p.loss == Loss::kGeoMean) {  // d (mean_b seq loss) / d (sum of m * clipped lr) of row b
+      c_pol = g * row[kPolicy] / (safe(static_cast<double>(p.B)) * (row[kCount] + kMeanEps));
+    } else if (through_mean(p.loss)) {  // d loss / d logprob_t = m_t * this
+      c_pol = w * g * row[kDseq] / std::max<double>(row[kCount], 1.0);
+    }
+    coefs[3 * b] = static_cast<T>(c_pol);
+    coefs[3 * b + 1] = static_cast<T>(w * kl * g);
+    coefs[3 * b + 2] = static_cast<T>(-w_ent * ent * g);
   }
-  st[p.B * kNumStats + 0] = static_cast<float>(norms.tokens);
-  st[p.B * kNumStats + 1] = static_cast<float>(norms.seqs);
-  at::Tensor loss_out = at::empty({}, fopt);
-  at::Tensor metrics = at::empty({8}, fopt);
-  loss_out.data_ptr<float>()[0] = static_cast<float>(total);
-  float* mt = metrics.data_ptr<float>();
-  const int cols[8] = {kCf, kLo, kHi, kDcf, kAkl, kRatio, kKl, kEntropy};
-  for (int k = 0; k < 8; ++k) mt[k] = static_cast<float>(sums[cols[k]] / (norms.tokens + kMeanEps));
-  return {loss_out, metrics, stats};
+  // gradients in the inputs' dtype: float32 / float64 and bfloat16 written by the kernel, others converted
+  auto grad_out = [&](const at::Tensor& like, at::Tensor* t, Out* o) {
+    o->bf16 = std::is_same_v<T, float> && like.scalar_type() == at::kBFloat16;
+    *t = at::empty(like.sizes(), o->bf16 ? fopt.dtype(at::kBFloat16) : fopt);
+    o->p = t->data_ptr();
+  };
+  at::Tensor g_lp, g_ent = at::empty({0}, fopt);
+  Out glp, gent;
+  grad_out(logprobs, &g_lp, &glp);
+  if (entropy.has_value()) grad_out(*entropy, &g_ent, &gent);
+  const GradFn<T> fn = pick<T>(p.loss).second;
+  at::parallel_for(0, p.B, grain(p, logprobs.numel()),
+                   [&](int64_t b0, int64_t b1) { fn(p.a, s, coefs.data(), glp, gent, b0, b1); });
+  if (g_lp.scalar_type() != logprobs.scalar_type()) g_lp = g_lp.to(logprobs.scalar_type());
+  if (entropy.has_value() && g_ent.scalar_type() != entropy->scalar_type()) g_ent = g_ent.to(entropy->scalar_type());
+  return {g_lp, g_ent};
 }
 
 std::tuple<at::Tensor, at::Tensor> policy_loss_backward_cpu(
@@ -909,44 +1055,10 @@ std::tuple<at::Tensor, at::Tensor> policy_loss_backward_cpu(
               "rlkern.cpp_policy_loss_backward: stats must be [B + 1, ", kNumStats, "] from the forward, got ",
               stats.sizes());
   Norms norms = make_norms(p.a.h, agg, entropy_agg, p.width, global_tokens, global_seqs);
-  const at::Tensor st = as_float(stats);
-  const float* s = st.data_ptr<float>();
-  norms.tokens = s[p.B * kNumStats + 0];
-  norms.seqs = s[p.B * kNumStats + 1];
-  const Hyper& h = p.a.h;
-  const double g = grad_loss.item<double>();
-  const double kl = p.a.ref ? h.kl_coef : 0.0, ent = entropy.has_value() ? h.ent_coef : 0.0;
-  std::vector<float> coefs(static_cast<size_t>(3 * p.B));
-  for (int64_t b = 0; b < p.B; ++b) {
-    const float* row = s + b * kNumStats;
-    const auto [w, w_ent] = weights(norms, row[kCount]);
-    double c_pol = w * g;
-    if (p.loss == Loss::kGeoMean) {  // d (mean_b seq loss) / d (sum of m * clipped lr) of row b
-      c_pol = g * row[kPolicy] / (safe(static_cast<double>(p.B)) * (row[kCount] + kMeanEps));
-    } else if (through_mean(p.loss)) {  // d loss / d logprob_t = m_t * this
-      c_pol = w * g * row[kDseq] / std::max<double>(row[kCount], 1.0);
-    }
-    coefs[3 * b] = static_cast<float>(c_pol);
-    coefs[3 * b + 1] = static_cast<float>(w * kl * g);
-    coefs[3 * b + 2] = static_cast<float>(-w_ent * ent * g);
+  if (compute_type(logprobs) == at::kDouble) {
+    return backward_impl<double>(p, norms, grad_loss, logprobs, entropy, stats);
   }
-  const auto fopt = logprobs.options().dtype(at::kFloat);
-  // gradients in the inputs' dtype: float32 and bfloat16 written by the kernel, others converted
-  auto grad_out = [&](const at::Tensor& like, at::Tensor* t, Out* o) {
-    o->bf16 = like.scalar_type() == at::kBFloat16;
-    *t = at::empty(like.sizes(), o->bf16 ? fopt.dtype(at::kBFloat16) : fopt);
-    o->p = t->data_ptr();
-  };
-  at::Tensor g_lp, g_ent = at::empty({0}, fopt);
-  Out glp, gent;
-  grad_out(logprobs, &g_lp, &glp);
-  if (entropy.has_value()) grad_out(*entropy, &g_ent, &gent);
-  const GradFn fn = pick(p.loss).second;
-  at::parallel_for(0, p.B, grain(p, logprobs.numel()),
-                   [&](int64_t b0, int64_t b1) { fn(p.a, s, coefs.data(), glp, gent, b0, b1); });
-  if (g_lp.scalar_type() != logprobs.scalar_type()) g_lp = g_lp.to(logprobs.scalar_type());
-  if (entropy.has_value() && g_ent.scalar_type() != entropy->scalar_type()) g_ent = g_ent.to(entropy->scalar_type());
-  return {g_lp, g_ent};
+  return backward_impl<float>(p, norms, grad_loss, logprobs, entropy, stats);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_forward_meta(
@@ -956,7 +1068,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_loss_forward_meta(
     const std::optional<at::Tensor>&, std::string, std::string, std::string, std::string, std::string,
     std::vector<double>) {
   const int64_t B = cu_seqlens.has_value() ? cu_seqlens->size(0) - 1 : logprobs.size(0);
-  const auto fopt = logprobs.options().dtype(at::kFloat);
+  const auto fopt = logprobs.options().dtype(compute_type(logprobs));
   return {at::empty({}, fopt), at::empty({8}, fopt), at::empty({B + 1, kNumStats}, fopt)};
 }
 
@@ -967,7 +1079,7 @@ std::tuple<at::Tensor, at::Tensor> policy_loss_backward_meta(
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&, std::string, std::string,
     std::string, std::string, std::string, std::vector<double>) {
   at::Tensor g_ent = entropy.has_value() ? at::empty(logprobs.sizes(), entropy->options())
-                                         : at::empty({0}, logprobs.options().dtype(at::kFloat));
+                                         : at::empty({0}, logprobs.options().dtype(compute_type(logprobs)));
   return {at::empty(logprobs.sizes(), logprobs.options()), g_ent};
 }
 

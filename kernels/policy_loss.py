@@ -95,14 +95,14 @@ def _policy_token(lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, ta
         clipped = l2 > l1
         loss = tl.maximum(l1, l2)
         dl = tl.where(clipped, 0.0, -adv * dr)
-        cf = clipped.to(tl.float32)
-        lo = (clipped & (adv < 0)).to(tl.float32)
-        hi = (clipped & (adv > 0)).to(tl.float32)
+        cf = clipped.to(lp.dtype)
+        lo = (clipped & (adv < 0)).to(lp.dtype)
+        hi = (clipped & (adv > 0)).to(lp.dtype)
         if LOSS == 0:
             if HAS_DUAL:
                 l3 = -adv * dual
                 neg = adv < 0
-                dcf = (neg & (loss > l3)).to(tl.float32)
+                dcf = (neg & (loss > l3)).to(lp.dtype)
                 dl = tl.where(neg & (loss > l3), 0.0, tl.where(neg & (loss == l3), 0.5 * dl, dl))
                 loss = tl.where(neg, tl.minimum(loss, l3), loss)
         if LOSS == 8:  # clip_cov: selected tokens lose their gradient
@@ -113,9 +113,9 @@ def _policy_token(lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, ta
         cr = tl.minimum(tl.maximum(r, lo_b), hi_b)
         loss = -cr * adv * lp
         dl = -cr * adv
-        cf = (r != cr).to(tl.float32)
-        lo = (r < lo_b).to(tl.float32)
-        hi = (r > hi_b).to(tl.float32)
+        cf = (r != cr).to(lp.dtype)
+        lo = (r < lo_b).to(lp.dtype)
+        hi = (r > hi_b).to(lp.dtype)
     elif LOSS == 3:  # reinforce / gpg
         loss = -adv * lp
         dl = -adv + zero
@@ -138,7 +138,7 @@ def _policy_token(lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, ta
             bkl = po * (old - lp) + (1.0 - po) * tl.log((1.0 - po + 1e-8) / (1.0 - p + 1e-8))
             up_ok = (bkl <= clip_high) | (p <= po)
             down_ok = (bkl <= clip_low) | (p >= po)
-        valid = tl.where(adv > 0, up_ok, down_ok).to(tl.float32)
+        valid = tl.where(adv > 0, up_ok, down_ok).to(lp.dtype)
         loss = -adv * tr * lp * valid
         dl = -adv * tr * valid
         cf = 1.0 - valid
@@ -151,11 +151,11 @@ def _policy_token(lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, ta
         loss = sgn * tl.minimum(sgn * lr, sgn * lr_clip)
         # lr is the min where the clip does not bind for A's sign (range ends included, as
         # torch.clamp passes the gradient there); 0 where A = 0
-        dl = (((adv > 0) & (lr <= clip_high)) | ((adv < 0) & (lr >= -clip_low))).to(tl.float32)
+        dl = (((adv > 0) & (lr <= clip_high)) | ((adv < 0) & (lr >= -clip_low))).to(lp.dtype)
         clipped = lr != lr_clip
-        cf = (clipped & (adv > 0)).to(tl.float32)  # verl: pg_clipfrac counts A > 0 only
+        cf = (clipped & (adv > 0)).to(lp.dtype)  # verl: pg_clipfrac counts A > 0 only
         hi = cf
-        lo = (clipped & (adv < 0)).to(tl.float32)
+        lo = (clipped & (adv < 0)).to(lp.dtype)
         dcf = lo
     else:  # kl_cov
         sgn = tl.where(lr > 0, 1.0, tl.where(lr < 0, -1.0, 0.0))
@@ -171,7 +171,7 @@ def _kl_token(lp, ref, KL: tl.constexpr, KL_ST: tl.constexpr):
     diff = lp - ref
     if KL == 0:
         value = diff
-        deriv = tl.full(diff.shape, 1.0, tl.float32)
+        deriv = tl.full(diff.shape, 1.0, diff.dtype)
     elif KL == 1:
         value = tl.abs(diff)
         deriv = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
@@ -232,11 +232,11 @@ def _seq_weight(count, tokens, seqs, dp, scale, AGG: tl.constexpr):
 def _norms(gtok_ptr, gseq_ptr, gtok, gseq, tokens, seqs, GTOK: tl.constexpr, GSEQ: tl.constexpr):
     """verl's global normalizers when given (GTOK / GSEQ: 1 a 0-dim tensor, 2 a number), else the local sums."""
     if GTOK == 1:
-        tokens = tl.load(gtok_ptr).to(tl.float32)
+        tokens = tl.load(gtok_ptr).to(tokens.dtype)
     if GTOK == 2:
         tokens = gtok
     if GSEQ == 1:
-        seqs = tl.load(gseq_ptr).to(tl.float32)
+        seqs = tl.load(gseq_ptr).to(tokens.dtype)
     if GSEQ == 2:
         seqs = gseq
     return tokens, seqs
@@ -246,16 +246,24 @@ def _norms(gtok_ptr, gseq_ptr, gtok, gseq, tokens, seqs, GTOK: tl.constexpr, GSE
 def _policy_loss_fwd_kernel(
     lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, isw_ptr, sel_ptr,  # (B, T) rows or packed (total,)
     cu_ptr,  # (B + 1,) when PACKED
-    part_ptr,  # (B * K, 12) float32: the partial sums of program (b, k) in row b * K + k
+    part_ptr,  # (B * K, 12) float32 (float64 for float64 input): the partial sums of program (b, k) in row b * K + k
     T,  # padded width (unused when PACKED)
     s_lp, s_old, s_adv, s_mask, s_ref, s_ent, s_isw, s_sel,  # row strides (padded)
-    clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef,
+    clip_low: tl.float64, clip_high: tl.float64, dual: tl.float64, tau_pos: tl.float64, tau_neg: tl.float64,
+    dro_beta: tl.float64, ppo_kl_coef: tl.float64,
     LOSS: tl.constexpr, KL: tl.constexpr, KL_ST: tl.constexpr, HAS_DUAL: tl.constexpr,
     PACKED: tl.constexpr, ADV_PER_SEQ: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, HAS_SEL: tl.constexpr, SEQ: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # grid (B, K): program (b, k) reads blocks k, k + K, k + 2K, ... of sequence b (K = 1 for the
     # two-pass losses, whose token pass needs the whole sequence's mean log-ratio first)
+    CDT = part_ptr.dtype.element_ty  # the compute type: float64 for float64 input, else float32
+    # the float hyper-parameters come as float64 arguments (a Python float would be passed as
+    # float32; float64 input needs them exact), read in the compute type (float32: rounded as the
+    # float32 arguments were); under the interpreter they are Python floats, which tl.full keeps exact
+    clip_low, clip_high, dual = tl.full((), clip_low, CDT), tl.full((), clip_high, CDT), tl.full((), dual, CDT)
+    tau_pos, tau_neg = tl.full((), tau_pos, CDT), tl.full((), tau_neg, CDT)
+    dro_beta, ppo_kl_coef = tl.full((), dro_beta, CDT), tl.full((), ppo_kl_coef, CDT)
     pid = tl.program_id(0).to(tl.int64)
     kid = tl.program_id(1).to(tl.int64)
     n_split = tl.num_programs(1).to(tl.int64)
@@ -271,58 +279,58 @@ def _policy_loss_fwd_kernel(
     # level="sequence" ppo / sapo: the gradient reaches a token only through its sequence's mean
     THROUGH_MEAN: tl.constexpr = SEQ and ((LOSS == 0) or (LOSS == 4))
     if (LOSS == 1) or SEQ:  # gspo, level="sequence": the sequence's mean log-ratio first
-        num = tl.zeros([BLOCK], tl.float32)
-        den = tl.zeros([BLOCK], tl.float32)
+        num = tl.zeros([BLOCK], CDT)
+        den = tl.zeros([BLOCK], CDT)
         for off in range(0, n, BLOCK):
             idx = off + cols
             inb = idx < n
             if HAS_MASK:
-                m = tl.load(mask_ptr + r_mask + idx, mask=inb, other=0).to(tl.float32)
+                m = tl.load(mask_ptr + r_mask + idx, mask=inb, other=0).to(CDT)
             else:
-                m = inb.to(tl.float32)
-            lp = tl.load(lp_ptr + r_lp + idx, mask=inb, other=0.0).to(tl.float32)
-            old = tl.load(old_ptr + r_old + idx, mask=inb, other=0.0).to(tl.float32)
+                m = inb.to(CDT)
+            lp = tl.load(lp_ptr + r_lp + idx, mask=inb, other=0.0).to(CDT)
+            old = tl.load(old_ptr + r_old + idx, mask=inb, other=0.0).to(CDT)
             num += tl.where(m != 0, m * (lp - old), 0.0)
             den += m
         slr = tl.sum(num, 0) / tl.maximum(tl.sum(den, 0), 1.0)
     if ADV_PER_SEQ:
-        adv_seq = tl.load(adv_ptr + pid).to(tl.float32)
-    a_pol = tl.zeros([BLOCK], tl.float32)
-    a_ent = tl.zeros([BLOCK], tl.float32)
-    a_kl = tl.zeros([BLOCK], tl.float32)
-    a_cnt = tl.zeros([BLOCK], tl.float32)
-    a_cf = tl.zeros([BLOCK], tl.float32)
-    a_lo = tl.zeros([BLOCK], tl.float32)
-    a_hi = tl.zeros([BLOCK], tl.float32)
-    a_dcf = tl.zeros([BLOCK], tl.float32)
-    a_akl = tl.zeros([BLOCK], tl.float32)
-    a_ratio = tl.zeros([BLOCK], tl.float32)
-    a_dseq = tl.zeros([BLOCK], tl.float32)  # THROUGH_MEAN: m is_w dl
-    a_adv = tl.zeros([BLOCK], tl.float32)  # geo_mean: m A
-    a_log_isw = tl.zeros([BLOCK], tl.float32)  # geo_mean: m log(is_w + 1e-10)
+        adv_seq = tl.load(adv_ptr + pid).to(CDT)
+    a_pol = tl.zeros([BLOCK], CDT)
+    a_ent = tl.zeros([BLOCK], CDT)
+    a_kl = tl.zeros([BLOCK], CDT)
+    a_cnt = tl.zeros([BLOCK], CDT)
+    a_cf = tl.zeros([BLOCK], CDT)
+    a_lo = tl.zeros([BLOCK], CDT)
+    a_hi = tl.zeros([BLOCK], CDT)
+    a_dcf = tl.zeros([BLOCK], CDT)
+    a_akl = tl.zeros([BLOCK], CDT)
+    a_ratio = tl.zeros([BLOCK], CDT)
+    a_dseq = tl.zeros([BLOCK], CDT)  # THROUGH_MEAN: m is_w dl
+    a_adv = tl.zeros([BLOCK], CDT)  # geo_mean: m A
+    a_log_isw = tl.zeros([BLOCK], CDT)  # geo_mean: m log(is_w + 1e-10)
     for off in range(kid * BLOCK, n, n_split * BLOCK):
         idx = off + cols
         inb = idx < n
         if HAS_MASK:
-            m = tl.load(mask_ptr + r_mask + idx, mask=inb, other=0).to(tl.float32)
+            m = tl.load(mask_ptr + r_mask + idx, mask=inb, other=0).to(CDT)
         else:
-            m = inb.to(tl.float32)
+            m = inb.to(CDT)
         live = m != 0
-        lp = tl.load(lp_ptr + r_lp + idx, mask=inb, other=0.0).to(tl.float32)
-        old = tl.load(old_ptr + r_old + idx, mask=inb, other=0.0).to(tl.float32)
+        lp = tl.load(lp_ptr + r_lp + idx, mask=inb, other=0.0).to(CDT)
+        old = tl.load(old_ptr + r_old + idx, mask=inb, other=0.0).to(CDT)
         if ADV_PER_SEQ:
-            adv = adv_seq + tl.zeros([BLOCK], tl.float32)
+            adv = adv_seq + tl.zeros([BLOCK], CDT)
         else:
-            adv = tl.load(adv_ptr + r_adv + idx, mask=inb, other=0.0).to(tl.float32)
+            adv = tl.load(adv_ptr + r_adv + idx, mask=inb, other=0.0).to(CDT)
         if HAS_SEL:
-            sel = tl.load(sel_ptr + r_sel + idx, mask=inb, other=0.0).to(tl.float32)
+            sel = tl.load(sel_ptr + r_sel + idx, mask=inb, other=0.0).to(CDT)
         else:
-            sel = tl.zeros([BLOCK], tl.float32)
+            sel = tl.zeros([BLOCK], CDT)
         loss, dl, cf, lo, hi, dcf, akl, ratio = _policy_token(
             lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef, LOSS, HAS_DUAL,
             SEQ)
         if HAS_ISW:
-            isw = tl.load(isw_ptr + r_isw + idx, mask=inb, other=0.0).to(tl.float32)
+            isw = tl.load(isw_ptr + r_isw + idx, mask=inb, other=0.0).to(CDT)
             if LOSS == 10:
                 a_log_isw += tl.where(live, m * tl.log(isw + 1e-10), 0.0)
             else:
@@ -342,11 +350,11 @@ def _policy_loss_fwd_kernel(
         a_akl += tl.where(live, m * akl, 0.0)
         a_ratio += tl.where(live, m * ratio, 0.0)
         if HAS_REF:
-            ref = tl.load(ref_ptr + r_ref + idx, mask=inb, other=0.0).to(tl.float32)
+            ref = tl.load(ref_ptr + r_ref + idx, mask=inb, other=0.0).to(CDT)
             kl, _ = _kl_token(lp, ref, KL, KL_ST)
             a_kl += tl.where(live, m * kl, 0.0)
         if HAS_ENT:
-            ent = tl.load(ent_ptr + r_ent + idx, mask=inb, other=0.0).to(tl.float32)
+            ent = tl.load(ent_ptr + r_ent + idx, mask=inb, other=0.0).to(CDT)
             a_ent += tl.where(live, m * ent, 0.0)
     out = part_ptr + (pid * n_split + kid) * 12
     tl.store(out + 0, tl.sum(a_pol, 0))  # geo_mean: the sum of m * clipped lr
@@ -369,40 +377,43 @@ def _policy_loss_fwd_kernel(
 
 @triton.jit
 def _policy_loss_finish_kernel(
-    part_ptr,  # (B * K, 12) float32 from _policy_loss_fwd_kernel
-    stats_ptr,  # (B + 1, 12) float32: rows 0..B-1 reduced over K here (when ROWS), row B written here
+    part_ptr,  # (B * K, 12) float32 / float64 from _policy_loss_fwd_kernel
+    stats_ptr,  # (B + 1, 12) like part: rows 0..B-1 reduced over K here (when ROWS), row B written here
     gtok_ptr, gseq_ptr,  # 0-dim global normalizers (GTOK / GSEQ == 1)
-    loss_ptr,  # () float32
-    metrics_ptr,  # (8,) float32, rlkern.ops METRIC_KEYS order
+    loss_ptr,  # () like stats
+    metrics_ptr,  # (8,) like stats, rlkern.ops METRIC_KEYS order
     B, K,
-    gtok, gseq,  # the global normalizers given as numbers (GTOK / GSEQ == 2)
-    dp, scale, kl_coef, ent_coef,  # scale: loss_scale_factor, else the padded width
+    gtok: tl.float64, gseq: tl.float64,  # the global normalizers given as numbers (GTOK / GSEQ == 2)
+    dp: tl.float64, scale: tl.float64, kl_coef: tl.float64, ent_coef: tl.float64,  # scale: lsf, else the width
     AGG: tl.constexpr, ENT_AGG: tl.constexpr, ENT_LOCAL: tl.constexpr, GTOK: tl.constexpr,
     GSEQ: tl.constexpr, WITH_KL: tl.constexpr, WITH_ENT: tl.constexpr, GEO_MEAN: tl.constexpr,
     HAS_ISW: tl.constexpr, ROWS: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     # ROWS: part is not stats (K > 1 or geo_mean); the per-sequence rows the backward reads are
     # written here. Both loops read the partial sums (not the rows written by the other loop).
+    CDT = stats_ptr.dtype.element_ty
+    gtok, gseq, dp = tl.full((), gtok, CDT), tl.full((), gseq, CDT), tl.full((), dp, CDT)
+    scale, kl_coef, ent_coef = tl.full((), scale, CDT), tl.full((), kl_coef, CDT), tl.full((), ent_coef, CDT)
     rows = tl.arange(0, BLOCK_B).to(tl.int64)
-    a_tok = tl.zeros([BLOCK_B], tl.float32)
-    a_seq = tl.zeros([BLOCK_B], tl.float32)
+    a_tok = tl.zeros([BLOCK_B], CDT)
+    a_seq = tl.zeros([BLOCK_B], CDT)
     for off in range(0, B, BLOCK_B):  # the local normalizers first: every weight depends on them
         b = off + rows
-        count = tl.zeros([BLOCK_B], tl.float32)
+        count = tl.zeros([BLOCK_B], CDT)
         for k in range(0, K):
             count += tl.load(part_ptr + (b * K + k) * 12 + 3, mask=b < B, other=0.0)
         a_tok += count
-        a_seq += (count > 0).to(tl.float32)
+        a_seq += (count > 0).to(CDT)
     tokens = tl.sum(a_tok, 0)
     seqs = tl.sum(a_seq, 0)
     g_tokens, g_seqs = _norms(gtok_ptr, gseq_ptr, gtok, gseq, tokens, seqs, GTOK, GSEQ)
     cols = tl.arange(0, 16)
-    a_loss = tl.zeros([BLOCK_B], tl.float32)
-    a_sums = tl.zeros([BLOCK_B, 16], tl.float32)  # columns 0..9 of the rows
+    a_loss = tl.zeros([BLOCK_B], CDT)
+    a_sums = tl.zeros([BLOCK_B, 16], CDT)  # columns 0..9 of the rows
     for off in range(0, B, BLOCK_B):
         b = off + rows
         live = b < B
-        tile = tl.zeros([BLOCK_B, 16], tl.float32)
+        tile = tl.zeros([BLOCK_B, 16], CDT)
         for k in range(0, K):
             tile += tl.load(part_ptr + (b[:, None] * K + k) * 12 + cols[None, :],
                             mask=live[:, None] & (cols[None, :] < 12), other=0.0)
@@ -449,13 +460,15 @@ def _policy_loss_bwd_kernel(
     lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, isw_ptr, sel_ptr,  # (B, T) rows or packed (total,)
     cu_ptr,  # (B + 1,) when PACKED
     gtok_ptr, gseq_ptr,  # 0-dim global normalizers (GTOK / GSEQ == 1)
-    stats_ptr,  # (B + 1, 12) float32 from the forward
+    stats_ptr,  # (B + 1, 12) float32 / float64 from the forward (its dtype is the compute type)
     g_lp_ptr,  # like logprobs, contiguous
     g_ent_ptr,  # like logprobs, contiguous (when HAS_ENT)
     B, T,
     s_lp, s_old, s_adv, s_mask, s_ref, s_isw, s_sel,  # row strides (padded)
-    clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef,
-    gtok, gseq, dp, scale, kl_coef, ent_coef,
+    clip_low: tl.float64, clip_high: tl.float64, dual: tl.float64, tau_pos: tl.float64, tau_neg: tl.float64,
+    dro_beta: tl.float64, ppo_kl_coef: tl.float64,
+    gtok: tl.float64, gseq: tl.float64, dp: tl.float64, scale: tl.float64, kl_coef: tl.float64,
+    ent_coef: tl.float64,
     LOSS: tl.constexpr, KL: tl.constexpr, KL_ST: tl.constexpr, HAS_DUAL: tl.constexpr,
     PACKED: tl.constexpr, ADV_PER_SEQ: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, HAS_SEL: tl.constexpr, SEQ: tl.constexpr,
@@ -463,6 +476,15 @@ def _policy_loss_bwd_kernel(
     GSEQ: tl.constexpr, WITH_KL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # grid (B, K): program (b, k) writes blocks k, k + K, k + 2K, ... of sequence b
+    CDT = stats_ptr.dtype.element_ty
+    # the float hyper-parameters come as float64 arguments (a Python float would be passed as
+    # float32; float64 input needs them exact), read in the compute type (float32: rounded as the
+    # float32 arguments were); under the interpreter they are Python floats, which tl.full keeps exact
+    clip_low, clip_high, dual = tl.full((), clip_low, CDT), tl.full((), clip_high, CDT), tl.full((), dual, CDT)
+    tau_pos, tau_neg = tl.full((), tau_pos, CDT), tl.full((), tau_neg, CDT)
+    dro_beta, ppo_kl_coef = tl.full((), dro_beta, CDT), tl.full((), ppo_kl_coef, CDT)
+    gtok, gseq, dp = tl.full((), gtok, CDT), tl.full((), gseq, CDT), tl.full((), dp, CDT)
+    scale, kl_coef, ent_coef = tl.full((), scale, CDT), tl.full((), kl_coef, CDT), tl.full((), ent_coef, CDT)
     pid = tl.program_id(0).to(tl.int64)
     kid = tl.program_id(1).to(tl.int64)
     n_split = tl.num_programs(1).to(tl.int64)
@@ -479,7 +501,7 @@ def _policy_loss_bwd_kernel(
     tokens = tl.load(stats_ptr + B * 12)
     seqs = tl.load(stats_ptr + B * 12 + 1)
     g_tokens, g_seqs = _norms(gtok_ptr, gseq_ptr, gtok, gseq, tokens, seqs, GTOK, GSEQ)
-    grad = tl.load(grad_ptr).to(tl.float32)
+    grad = tl.load(grad_ptr).to(CDT)
     w = _seq_weight(count, g_tokens, g_seqs, dp, scale, AGG)
     THROUGH_MEAN: tl.constexpr = SEQ and ((LOSS == 0) or (LOSS == 4))
     if LOSS == 10:  # geo_mean: d (mean over B of the sequence losses) / d (sum of m * clipped lr)
@@ -494,37 +516,37 @@ def _policy_loss_bwd_kernel(
     else:
         c_ent = -w * ent_coef * grad
     if ADV_PER_SEQ:
-        adv_seq = tl.load(adv_ptr + pid).to(tl.float32)
+        adv_seq = tl.load(adv_ptr + pid).to(CDT)
     cols = tl.arange(0, BLOCK).to(tl.int64)
     for off in range(kid * BLOCK, n, n_split * BLOCK):
         idx = off + cols
         inb = idx < n
         if HAS_MASK:
-            m = tl.load(mask_ptr + r_mask + idx, mask=inb, other=0).to(tl.float32)
+            m = tl.load(mask_ptr + r_mask + idx, mask=inb, other=0).to(CDT)
         else:
-            m = inb.to(tl.float32)
+            m = inb.to(CDT)
         live = m != 0
-        lp = tl.load(lp_ptr + r_lp + idx, mask=inb, other=0.0).to(tl.float32)
-        old = tl.load(old_ptr + r_old + idx, mask=inb, other=0.0).to(tl.float32)
+        lp = tl.load(lp_ptr + r_lp + idx, mask=inb, other=0.0).to(CDT)
+        old = tl.load(old_ptr + r_old + idx, mask=inb, other=0.0).to(CDT)
         if ADV_PER_SEQ:
-            adv = adv_seq + tl.zeros([BLOCK], tl.float32)
+            adv = adv_seq + tl.zeros([BLOCK], CDT)
         else:
-            adv = tl.load(adv_ptr + r_adv + idx, mask=inb, other=0.0).to(tl.float32)
+            adv = tl.load(adv_ptr + r_adv + idx, mask=inb, other=0.0).to(CDT)
         if HAS_SEL:
-            sel = tl.load(sel_ptr + r_sel + idx, mask=inb, other=0.0).to(tl.float32)
+            sel = tl.load(sel_ptr + r_sel + idx, mask=inb, other=0.0).to(CDT)
         else:
-            sel = tl.zeros([BLOCK], tl.float32)
+            sel = tl.zeros([BLOCK], CDT)
         if THROUGH_MEAN:
-            g = c_pol + tl.zeros([BLOCK], tl.float32)
+            g = c_pol + tl.zeros([BLOCK], CDT)
         else:
             _, dl, _, _, _, _, _, _ = _policy_token(
                 lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef, LOSS,
                 HAS_DUAL, SEQ)
             g = c_pol * dl
             if HAS_ISW and LOSS != 10:
-                g = g * tl.load(isw_ptr + r_isw + idx, mask=inb, other=0.0).to(tl.float32)
+                g = g * tl.load(isw_ptr + r_isw + idx, mask=inb, other=0.0).to(CDT)
         if WITH_KL:
-            ref = tl.load(ref_ptr + r_ref + idx, mask=inb, other=0.0).to(tl.float32)
+            ref = tl.load(ref_ptr + r_ref + idx, mask=inb, other=0.0).to(CDT)
             _, dkl = _kl_token(lp, ref, KL, KL_ST)
             g += c_kl * dkl
         g = tl.where(live, m * g, 0.0)
@@ -536,6 +558,11 @@ def _policy_loss_bwd_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # Launchers: the signatures of torch.ops.rlkern.cpp_policy_loss / cpp_policy_loss_backward.
+
+
+def _compute_dtype(logprobs: torch.Tensor) -> torch.dtype:
+    """float64 for float64 logprobs, else float32: the dtype of stats, which the kernels compute in."""
+    return torch.float64 if logprobs.dtype == torch.float64 else torch.float32
 
 
 def _rows(t: torch.Tensor | None, packed: bool) -> torch.Tensor | None:
@@ -614,7 +641,7 @@ def _agg_args(logprobs, global_tokens, global_seqs, agg, entropy_agg, width, hyp
 
 
 def policy_loss_forward(
-    logprobs: torch.Tensor,  # (B, T) or packed (total,), fp32/bf16/fp16
+    logprobs: torch.Tensor,  # (B, T) or packed (total,), fp32/bf16/fp16/fp64
     old_logprobs: torch.Tensor,  # like logprobs
     advantages: torch.Tensor,  # like logprobs, or (B,)
     mask: torch.Tensor | None,  # like logprobs, bool/int/float; None when packed: all tokens
@@ -632,19 +659,21 @@ def policy_loss_forward(
     level: str,  # "token" or "sequence" (ppo, cispo, sapo)
     hyper: list[float],  # rlkern.ops.policy_loss H_* layout
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(loss [], metrics [8], stats [B + 1, 12])`` float32, in 2 launches."""
+    """Returns ``(loss [], metrics [8], stats [B + 1, 12])`` float32 (float64 for float64 logprobs: the
+    kernels then compute in float64), in 2 launches."""
     h = dict(zip(HYPER_FIELDS, hyper))  # the named view of the ``hyper`` list
     ptrs, strides, cu, n_seqs, width, floats, flags, block = _token_args(
         logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens, loss,
         kl_estimator, level, hyper)
     device = logprobs.device
     split = _n_split(n_seqs, logprobs.numel(), block, device, flags["LOSS"] == LOSS_IDS["gspo"] or flags["SEQ"])
-    stats = torch.empty((n_seqs + 1, N_STATS), dtype=torch.float32, device=device)
+    cdt = _compute_dtype(logprobs)
+    stats = torch.empty((n_seqs + 1, N_STATS), dtype=cdt, device=device)
     # the token kernel's partial sums: stats itself unless the finalize has rows to form
     rows = split > 1 or loss == "geo_mean"
-    part = torch.empty((n_seqs * split, N_STATS), dtype=torch.float32, device=device) if rows else stats
-    total = torch.empty((), dtype=torch.float32, device=device)
-    metrics = torch.empty((8,), dtype=torch.float32, device=device)
+    part = torch.empty((n_seqs * split, N_STATS), dtype=cdt, device=device) if rows else stats
+    total = torch.empty((), dtype=cdt, device=device)
+    metrics = torch.empty((8,), dtype=cdt, device=device)
     if n_seqs > 0:
         _policy_loss_fwd_kernel[(n_seqs, split)](*ptrs, cu, part, width, *strides, *floats, **flags, BLOCK=block,
                                                  num_warps=TOKEN_WARPS)
@@ -676,7 +705,7 @@ def policy_loss_backward(
         kl_estimator, level, hyper)
     g_lp = torch.empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
     g_ent = (torch.empty(entropy.shape, dtype=entropy.dtype, device=entropy.device) if entropy is not None
-             else logprobs.new_empty(0, dtype=torch.float32))
+             else logprobs.new_empty(0, dtype=_compute_dtype(logprobs)))
     if n_seqs == 0:  # then logprobs has no element either
         return g_lp, g_ent
     del ptrs[5], strides[5]  # the backward does not read the entropy values

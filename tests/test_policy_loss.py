@@ -1352,8 +1352,8 @@ FLOATS = {"clip_low", "clip_high", "dual", "tau_pos", "tau_neg", "dro_beta", "pp
           "scale", "kl_coef", "ent_coef"}
 
 def arg_type(name, lp):
-    if name in FLOATS:
-        return "fp32"
+    if name in FLOATS:  # annotated tl.float64 in kernels/policy_loss.py
+        return "fp64"
     if name in ("B", "T", "K") or name.startswith("s_"):
         return "i32"
     if name in ("cu_ptr", "mask_ptr"):
@@ -1504,3 +1504,172 @@ def test_packed_torch_compile_fullgraph():
     torch.testing.assert_close(out, out2)
     torch.testing.assert_close(frac, frac2)
     torch.testing.assert_close(lp.grad, lp2.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 runs the kernels (csrc/policy_loss.cpp's Simd<double, W> loops, kernels/policy_loss.py's
+# float64 compute type), not the reference: loss, metrics and gradients in float64, within 1e-10
+# of the float64 reference.
+
+_FP64_TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def _fp64_metrics(monkeypatch):
+    """The float64 metrics of each forward (the public dict holds float32 copies, CONTRIBUTING.md)."""
+    seen, forward = [], PA._fwd_impl
+
+    def recorded(*args):
+        out = forward(*args)
+        seen.append(out[1])
+        return out
+
+    monkeypatch.setattr(PA, "_fwd_impl", recorded)
+    return seen
+
+
+def _check_fp64(ours, ref, metrics, name):
+    total, _, g, ge = ours
+    assert total.dtype == g.dtype == ge.dtype == metrics.dtype == torch.float64, name
+    for x, y, what in zip((total, metrics, g, ge), (ref[0], ref[1], ref[2], ref[3]),
+                          ("loss", "metrics", "grad", "grad entropy")):
+        _close(x, y, name=f"{name} {what}", **_FP64_TOL)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_float64_matches_reference_to_1e10(backend, monkeypatch, packed):
+    # Every loss x agg mode (and level="sequence"), one estimator per combination as in
+    # test_matches_reference, on float64 tensors through the public op.
+    metrics = _fp64_metrics(monkeypatch)
+    cases = [(loss, "token") for loss in ALL_LOSSES] + [(loss, "sequence") for loss in ("ppo", "cispo", "sapo")]
+    for (loss, level), agg in itertools.product(cases, P.AGG_MODES):
+        est = ESTIMATORS[(ALL_LOSSES.index(loss) + P.AGG_MODES.index(agg)) % len(ESTIMATORS)]
+        b = _batch(seed=ALL_LOSSES.index(loss), ragged=packed, spread=0.8 if level == "sequence" else 0.4)
+        lsf = 13.0 if packed else None
+        ref = _reference(b, loss, agg, est, lsf=lsf, level=level)
+        ours = _ours(b, loss, agg, est, dtype=torch.float64, packed=packed, lsf=lsf, level=level)
+        _check_fp64(ours, ref, metrics[-1], f"{backend} {loss} {level} {agg} {est}")
+
+
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+def test_float64_does_not_run_the_reference(monkeypatch, name):
+    # The op layer lets float64 reach both kernels (choose(..., fp64=...)); with the reference
+    # made to raise, every kernel loss still runs forward and backward in float64.
+    if name == "triton" and not _backend.triton_interpreted():
+        pytest.skip("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    monkeypatch.setenv("RLKERN_BACKEND", name)
+    lp64 = torch.zeros(2, 3, dtype=torch.float64)
+    assert all(PA.backend(lp64, loss) == name for loss in P.KERNEL_LOSSES)
+    assert _backend.choose(lp64.device, ("cpp", "triton"), torch.float64) == "torch"  # what fp64= changes
+    b = _batch(B=4, T=11, seed=31)
+    expected = {loss: _reference(b, loss, "token-mean", "k3") for loss in P.KERNEL_LOSSES}
+
+    def reference_ran(*args, **kwargs):
+        raise AssertionError("float64 ran the PyTorch reference")
+
+    monkeypatch.setattr(PA, "_reference_loss", reference_ran)
+    monkeypatch.setattr(reference, "policy_loss", reference_ran)
+    metrics = _fp64_metrics(monkeypatch)
+    for loss in P.KERNEL_LOSSES:
+        _check_fp64(_ours(b, loss, "token-mean", "k3", dtype=torch.float64), expected[loss], metrics[-1],
+                    f"{name} {loss}")
+
+
+def test_float64_mask_dtypes_and_mixed_inputs(backend, monkeypatch):
+    # The double loops' own mask reads (bytes, int32, int64, float64 weights) and float32
+    # companions of float64 logprobs (read as float64, as the reference's .to(float64)). T = 21:
+    # five 4-lane double vectors and a tail of 1 in the C++ kernel.
+    metrics = _fp64_metrics(monkeypatch)
+    b = _batch(B=4, T=21, seed=21)
+    w = torch.tensor([0.0, 0.5, 1.0, 2.0], dtype=torch.float64)[
+        torch.randint(0, 4, (4, 21), generator=torch.Generator().manual_seed(5))]
+    for mask in (b["mask"], b["mask"].to(torch.uint8), b["mask"].to(torch.int32), b["mask"].to(torch.int64), w):
+        bm = dict(b, mask=mask)
+        ref = _reference(bm, "ppo", "seq-mean-token-mean", "k3")
+        _check_fp64(_ours(bm, "ppo", "seq-mean-token-mean", "k3", dtype=torch.float64), ref, metrics[-1],
+                    f"{backend} mask {mask.dtype}")
+    rounded = {k: (v.float().double() if k in ("old", "adv", "ref", "isw") else v) for k, v in b.items()}
+    ref = _reference(rounded, "cispo", "token-mean", "k2")
+    lp = b["lp"].clone().requires_grad_()
+    ent = b["ent"].clone().requires_grad_()
+    total, _ = P.policy_loss(lp, b["old"].float(), b["adv"].float(), b["mask"], ref_logprobs=b["ref"].float(),
+                             kl_coef=0.3, kl_estimator="k2", entropy=ent, entropy_coef=0.05,
+                             is_weights=b["isw"].float(), **_loss_kwargs("cispo"))
+    total.backward()
+    _check_fp64((total.detach(), None, lp.grad, ent.grad), ref, metrics[-1], f"{backend} mixed")
+
+
+@pytest.mark.parametrize("sms", [0, 8], ids=["one-program-per-sequence", "split"])
+def test_float64_long_sequences(monkeypatch, sms):
+    # T = 601: the C++ loop flushes its vector sums into double every 64 vectors (256 tokens in
+    # double); the Triton block is lowered to 64 so that its loop runs 10 times, and with 8 "SMs"
+    # the finalize reduces several programs' partial sums per sequence.
+    from rlkern.kernels import policy_loss as kernel
+
+    monkeypatch.setattr(kernel, "MAX_BLOCK", 64)
+    monkeypatch.setattr(kernel, "FINISH_BLOCK", 4)
+    monkeypatch.setattr(kernel, "CPU_SMS", sms)
+    metrics = _fp64_metrics(monkeypatch)
+    b = _batch(B=5, T=601, seed=19, spread=0.8)
+    names = ["cpp", "triton"] if _backend.triton_interpreted() else ["cpp"]
+    for name, (loss, level), agg in itertools.product(
+            names, (("ppo", "token"), ("gspo", "token"), ("geo_mean", "token"), ("sapo", "sequence")),
+            ("token-mean", "seq-mean-token-sum")):
+        monkeypatch.setenv("RLKERN_BACKEND", name)
+        ref = _reference(b, loss, agg, "k3", level=level)
+        ours = _ours(b, loss, agg, "k3", dtype=torch.float64, packed=loss == "gspo", level=level)
+        _check_fp64(ours, ref, metrics[-1], f"{name} {loss} {level} {agg}")
+
+
+def test_float64_cpp_baseline_isa_and_opcheck():
+    # The double loops compiled for the baseline ISA (2 lanes; RLKERN_NO_SIMD=1 in a fresh
+    # interpreter) against the float64 reference, and the float64 custom ops' fake outputs
+    # (float64 stats [B + 1, 12]) against the kernels'.
+    if not _backend.has_cpp():
+        pytest.fail("rlkern._C did not build")
+    script = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+import test_policy_loss as T
+for loss, level in [(x, "token") for x in T.P.KERNEL_LOSSES] + [("ppo", "sequence"), ("sapo", "sequence")]:
+    b = T._batch(B=5, T=21, seed=T.ALL_LOSSES.index(loss))
+    ref = T._reference(b, loss, "seq-mean-token-mean", "k3", level=level)
+    ours = T._ours(b, loss, "seq-mean-token-mean", "k3", dtype=torch.float64, packed=True, level=level)
+    assert ours[0].dtype == torch.float64
+    for x, y, what in zip(ours, ref, ("loss", "metrics", "grad", "grad entropy")):
+        if what != "metrics":
+            T._close(x, y, name=f"{{loss}} {{level}} {{what}}", **T._FP64_TOL)
+print("ok")
+""".format(tests=os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, RLKERN_NO_SIMD="1", RLKERN_BACKEND="cpp")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    b = _batch(B=3, T=6, seed=2)
+    for loss, level in (("ppo", "token"), ("gspo", "token"), ("geo_mean", "token"), ("ppo", "sequence")):
+        args = (b["lp"].clone().requires_grad_(), b["old"], b["adv"], b["mask"], b["ref"],
+                b["ent"].clone().requires_grad_(), None, None, None, None, None, loss, "token-mean", "token-mean",
+                "k3", level, _HYPER)
+        torch.library.opcheck(torch.ops.rlkern.policy_loss.default, args)
+        total, metrics, stats = torch.ops.rlkern.policy_loss(*args)
+        assert total.dtype == metrics.dtype == stats.dtype == torch.float64 and stats.shape == (4, P.N_STATS)
+        plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(torch.ops.rlkern.policy_loss_backward.default, (torch.tensor(1.0, dtype=torch.float64),)
+                              + plain[:11] + (stats,) + plain[11:])
+    inputs = (b["lp"], b["old"], b["adv"], b["mask"], b["ref"], None, None, None, None, torch.tensor(7.0), None)
+    config = ("ppo", "token-mean", "", "k3", "token", _HYPER)
+    torch.library.opcheck(torch.ops.rlkern.cpp_policy_loss.default, inputs + config)
+    _, _, stats = torch.ops.rlkern.cpp_policy_loss(*inputs, *config)
+    torch.library.opcheck(torch.ops.rlkern.cpp_policy_loss_backward.default,
+                          (torch.tensor(0.5, dtype=torch.float64),) + inputs + (stats,) + config)
+
+
+def test_float64_triton_kernels_compile_for_h100():
+    # The float64 variants of every kernel (float64 inputs, stats and compute type) down to sm_90
+    # cubins, as test_triton_kernels_compile_for_h100 does for float32 / bf16.
+    script = _SM90_SCRIPT
+    for old, new in (('return "*fp32"\n', 'return "*fp64"\n'),
+                     ('("*bf16", True) if loss % 2 else ("*fp32", False)', '("*fp64", loss % 2 == 1)'),
+                     ('BLOCK_B=K.FINISH_BLOCK), "*fp32", 4)', 'BLOCK_B=K.FINISH_BLOCK), "*fp64", 4)')):
+        assert script.count(old) == 1, old
+        script = script.replace(old, new)
+    compile_for_sm90(script, TRITON_DEFAULT_FP_FUSION="1")

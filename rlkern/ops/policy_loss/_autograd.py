@@ -127,9 +127,9 @@ def _reference_backward(grad_loss, logprobs, old_logprobs, advantages, mask, ref
 
 
 _FORWARD = _backend.Kernels("policy_loss", cpp="cpp_policy_loss", triton="policy_loss.policy_loss_forward",
-                            torch=_reference_forward)
+                            torch=_reference_forward, fp64=("cpp", "triton"))
 _BACKWARD = _backend.Kernels("policy_loss", cpp="cpp_policy_loss_backward", triton="policy_loss.policy_loss_backward",
-                             torch=_reference_backward)
+                             torch=_reference_backward, fp64=("cpp", "triton"))
 
 
 def backend(logprobs: Tensor, loss: str) -> str:
