@@ -274,7 +274,7 @@ def run_from_logits(device: torch.device, b: int, t: int, v: int, dtype: torch.d
 def _backend_name(device, dtype):
     from rlkern import _backend
 
-    return _backend.choose(device, ops._KERNELS, dtype, fp64=ops._KERNELS)
+    return _backend.REGISTRY["policy_loss"].backend_at(device, dtype)
 
 
 def default_shape(device: torch.device) -> tuple[int, int, torch.dtype]:

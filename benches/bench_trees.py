@@ -137,24 +137,24 @@ def run(device: torch.device, num_trees: int, nodes_per_tree: int, rounds: int =
     with torch.no_grad():
         for method, mode in (("spo_rloo", "mean_children"), ("treerl", "mean_leaves"), ("treepo", "mean_leaves")):
             fns = {
-                "rlkern": lambda method=method: trees.tree_advantages(parent, reward, method, return_values=True),
-                "rlkern 2 calls": lambda method=method, mode=mode: (trees.tree_values(parent, reward, mode),
-                                                                    trees.tree_advantages(parent, reward, method)),
+                "rlkern": lambda method=method: trees.tree_advantages(parent, reward, method=method, return_values=True),
+                "rlkern 2 calls": lambda method=method, mode=mode: (trees.tree_values(parent, reward, mode=mode),
+                                                                    trees.tree_advantages(parent, reward, method=method)),
             }
             if device.type == "cuda":
                 fns["rlkern max_depth"] = lambda method=method: trees.tree_advantages(
-                    parent, reward, method, return_values=True, max_depth=MAX_DEPTH)
+                    parent, reward, method=method, return_values=True, max_depth=MAX_DEPTH)
             if method == "spo_rloo":
                 fns["eager"] = lambda: eager_spo(parent, reward)
             add(f"{method} values + advantages", fns, io_values + io_adv)
         for method in ("spo_rloo", "spo_grpo", "treerl", "treepo"):
-            fns = {"rlkern": lambda method=method: trees.tree_advantages(parent, reward, method)}
+            fns = {"rlkern": lambda method=method: trees.tree_advantages(parent, reward, method=method)}
             add(f"advantages {method}", fns, io_adv)
         # float64 rewards: the kernels accumulate in float64 either way; the reference is what
         # float64 ran before the kernels took it.
         reward64 = reward.double()
-        fns = {"rlkern": lambda: trees.tree_advantages(parent, reward64, "spo_rloo", return_values=True),
-               "rlkern (float32 rewards)": lambda: trees.tree_advantages(parent, reward, "spo_rloo",
+        fns = {"rlkern": lambda: trees.tree_advantages(parent, reward64, method="spo_rloo", return_values=True),
+               "rlkern (float32 rewards)": lambda: trees.tree_advantages(parent, reward, method="spo_rloo",
                                                                          return_values=True)}
         if device.type == "cpu" and python_rounds > 0:
             fns["reference (float64)"] = lambda: reference.tree_advantages(parent, reward64, "spo_rloo",

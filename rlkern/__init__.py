@@ -7,29 +7,11 @@ code would compute, in float32, through Triton/CUDA kernels on GPU and C++ kerne
 from rlkern import _checkout  # noqa: F401  (first: in a source checkout, maps kernels/ and benches/)
 from rlkern import _backend  # noqa: F401  (loads rlkern._C once, warns once if it is missing)
 from rlkern import trees
-from rlkern.ops.advantages import (
-    bnpo,
-    discounted_returns,
-    egae,
-    gae,
-    gdpo,
-    gigpo_step_groups,
-    gpg,
-    group_index,
-    group_normalize,
-    grpo,
-    grpo_passk,
-    masked_whiten,
-    opo,
-    optimal_token_baseline,
-    outcome_to_tokens,
-    reinforce_pp,
-    reinforce_pp_baseline,
-    remax,
-    rloo,
-)
+from rlkern.ops import advantages as _advantages
+from rlkern.ops.advantages import *  # noqa: F401,F403  (the names of its __all__)
 from rlkern.ops.linear_logprobs import linear_token_logprobs
 from rlkern.ops.logprobs import (
+    LogprobsEntropy,
     entropy_from_logits,
     selective_log_softmax,
     selective_log_softmax_and_entropy,
@@ -48,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # log-probs
+    "LogprobsEntropy",
     "entropy_from_logits",
     "linear_token_logprobs",
     "selective_log_softmax",
@@ -58,26 +41,6 @@ __all__ = [
     "kl_penalty",
     "policy_loss",
     "value_loss",
-    # advantages
-    "bnpo",
-    "discounted_returns",
-    "egae",
-    "gae",
-    "gdpo",
-    "gigpo_step_groups",
-    "gpg",
-    "group_index",
-    "group_normalize",
-    "grpo",
-    "grpo_passk",
-    "masked_whiten",
-    "opo",
-    "optimal_token_baseline",
-    "outcome_to_tokens",
-    "reinforce_pp",
-    "reinforce_pp_baseline",
-    "remax",
-    "rloo",
     # trees
     "broadcast_to_tokens",
     "segment_advantages",
@@ -86,3 +49,4 @@ __all__ = [
     "tree_values",
     "trees",
 ]
+__all__ += _advantages.__all__  # advantages

@@ -117,6 +117,9 @@ def available() -> dict[str, bool]:
     }
 
 
+REGISTRY: dict[str, "Kernels"] = {}  # op name -> its Kernels, for `rlkern info` and the benches
+
+
 class Kernels:
     """The implementations of one op, one per backend, and the rule that picks one per call.
 
@@ -131,15 +134,15 @@ class Kernels:
     Args:
         op: the op's name (for messages).
         torch: the PyTorch implementation (the reference, or the family's fallback module).
-        cpp: name of the C++ kernel under ``torch.ops.rlkern`` (CPU tensors).
+        cpp: name of the C++ kernel under ``torch.ops.rlkern`` (CPU tensors), or a function
+            that converts the arguments and calls it.
         triton: ``"module.function"`` under ``rlkern.kernels`` (CUDA tensors; CPU tensors
-            under ``TRITON_INTERPRET=1`` with ``RLKERN_BACKEND=triton``).
+            under ``TRITON_INTERPRET=1`` with ``RLKERN_BACKEND=triton``), or such a function.
         cuda: name of a CUDA kernel under ``torch.ops.rlkern`` (CUDA tensors).
         fp64: the backends that take float64 input (computing in double, returning float64).
     """
 
-    def __init__(self, op: str, *, torch, cpp: str | None = None, triton: str | None = None,
-                 cuda: str | None = None, fp64: tuple[str, ...] = ()):
+    def __init__(self, op: str, *, torch, cpp=None, triton=None, cuda=None, fp64: tuple[str, ...] = ()):
         self.op = op
         self._names = {"cpp": cpp, "triton": triton, "cuda": cuda}
         self._resolved = {"torch": torch}
@@ -148,16 +151,23 @@ class Kernels:
         if unknown:
             raise ValueError(f"Kernels({op!r}): fp64 names backends it has not: {sorted(unknown)}")
         self.fp64 = tuple(fp64)
+        REGISTRY.setdefault(op, self)  # the first (forward) registration names the op's backends
 
     def backend(self, tensor: torch.Tensor) -> str:
         """The backend a call whose main input is ``tensor`` runs on."""
-        return choose(tensor.device, self.kernels, tensor.dtype, fp64=self.fp64)
+        return self.backend_at(tensor.device, tensor.dtype)
+
+    def backend_at(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The backend for a main input on ``device`` computed in ``dtype``."""
+        return choose(device, self.kernels, dtype, fp64=self.fp64)
 
     def get(self, backend: str):
         """The implementation of ``backend`` (imported on first use)."""
         if backend not in self._resolved:
             where = self._names[backend]
-            if backend == "triton":
+            if callable(where):  # an adapter (argument conversion) in front of the kernel
+                impl = where
+            elif backend == "triton":
                 module, function = where.rsplit(".", 1)
                 impl = getattr(importlib.import_module(f"rlkern.kernels.{module}"), function)
             else:

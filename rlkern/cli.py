@@ -32,9 +32,11 @@ def _info() -> int:
     print(f"forced      RLKERN_BACKEND={forced}" if forced else "forced      none (RLKERN_BACKEND unset)")
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    token_backend = _backend.choose(device, ("cpp", "triton"), dtype)
-    print(f"token_logprobs on {device.type} runs: {token_backend}")
+    print(f"backend per op on {device.type} ({str(dtype).removeprefix('torch.')} / float64 inputs):")
+    for name, kernels in sorted(_backend.REGISTRY.items()):
+        print(f"  {name:<24} {kernels.backend_at(device, dtype):<7} / {kernels.backend_at(device, torch.float64)}")
     gemm = "cuBLAS" if cuda else "ATen CPU"
+    token_backend = _backend.REGISTRY["token_logprobs"].backend_at(device, dtype)
     print(f"linear_token_logprobs on {device.type} runs: chunked ({gemm} GEMM tiles + {token_backend} log-prob kernel)")
     return 0
 

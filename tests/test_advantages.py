@@ -1547,7 +1547,7 @@ def _kernels_called(fn):
     """fn() and the names of the rlkern C++ kernels it ran (seen by the profiler)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         out = fn()
-    return out, {e.name.removeprefix("rlkern::") for e in prof.events() if e.name.endswith("_kernel")}
+    return out, {e.name.removeprefix("rlkern::") for e in prof.events() if e.name.startswith("rlkern::cpp_")}
 
 
 @pytest.mark.parametrize("forced", [None, "cpp"])

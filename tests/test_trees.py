@@ -95,7 +95,7 @@ def test_values_match_reference(backend, mode, kind):
     for parent, what in _forests(backend):
         reward = random_rewards(len(parent), seed=len(parent), kind=kind)
         reward[~_is_leaf(parent)] = float("nan")  # internal entries are never read
-        values = trees.tree_values(parent, reward, mode)
+        values = trees.tree_values(parent, reward, mode=mode)
         expected = reference.tree_values(parent, reward, mode)
         assert values.dtype == torch.float32 and values.shape == parent.shape
         # float64 accumulation, one rounding to float32 at the end
@@ -121,26 +121,26 @@ def test_advantages_match_reference(backend, method, kind):
             weights = torch.randint(1, 50, (len(parent),), generator=torch.Generator().manual_seed(1)).float()
             options += [{"subgroup_weighting": "group_size"}, {"whiten": False}, {"leaf_weights": weights}]
         for opts in options:
-            adv, keep = trees.tree_advantages(parent, reward, method, **opts)
+            adv, keep = trees.tree_advantages(parent, reward, method=method, **opts)
             expected, expected_keep = reference.tree_advantages(parent, reward, method, **opts)
             assert adv.dtype == torch.float32 and keep.dtype == torch.bool
             _assert_advantages(adv, keep, expected, expected_keep, f"{what} {opts}")
             assert not keep[parent == -1].any()
-        adv2, keep2, values = trees.tree_advantages(parent, reward, method, return_values=True)
+        adv2, keep2, values = trees.tree_advantages(parent, reward, method=method, return_values=True)
         mode = "mean_children" if method.startswith("spo") else "mean_leaves"
-        torch.testing.assert_close(values, trees.tree_values(parent, reward, mode))
-        torch.testing.assert_close(adv2, trees.tree_advantages(parent, reward, method)[0])
+        torch.testing.assert_close(values, trees.tree_values(parent, reward, mode=mode))
+        torch.testing.assert_close(adv2, trees.tree_advantages(parent, reward, method=method)[0])
 
 
 def test_float64_and_half_rewards(backend):
     parent = random_forest(6, 5, 4, seed=11)
     reward = random_rewards(len(parent), seed=3, kind="normal")
-    adv64, _ = trees.tree_advantages(parent, reward.double(), "treerl")
+    adv64, _ = trees.tree_advantages(parent, reward.double(), method="treerl")
     assert adv64.dtype == torch.float64
     expected, _ = reference.tree_advantages(parent, reward.double(), "treerl")
     torch.testing.assert_close(adv64, expected, rtol=1e-12, atol=1e-12)
     for dtype in (torch.bfloat16, torch.float16):
-        values = trees.tree_values(parent, reward.to(dtype), "mean_leaves")
+        values = trees.tree_values(parent, reward.to(dtype), mode="mean_leaves")
         assert values.dtype == torch.float32
         torch.testing.assert_close(values.double(), reference.tree_values(parent, reward.to(dtype), "mean_leaves"),
                                    rtol=1e-6, atol=1e-6)
@@ -155,8 +155,8 @@ def test_shuffling_does_not_change_results(backend):
     moved = parent[perm]
     shuffled = torch.where(moved >= 0, inverse[moved.clamp(min=0)], moved)
     for method in METHODS:
-        a, k = trees.tree_advantages(parent, reward, method)
-        b, kb = trees.tree_advantages(shuffled, reward[perm], method)
+        a, k = trees.tree_advantages(parent, reward, method=method)
+        b, kb = trees.tree_advantages(shuffled, reward[perm], method=method)
         torch.testing.assert_close(b, a[perm], rtol=1e-6, atol=1e-6)
 
 
@@ -164,17 +164,17 @@ def test_edge_forests(backend):
     # A single node, a forest of single nodes, one long chain, and the empty forest.
     one = torch.tensor([-1])
     for method in METHODS:  # a lone root is a prompt without any continuation
-        adv, keep = trees.tree_advantages(one, torch.tensor([0.7]), method)
+        adv, keep = trees.tree_advantages(one, torch.tensor([0.7]), method=method)
         assert adv.tolist() == [0.0] and keep.tolist() == [False]
-    assert trees.tree_values(torch.full((5,), -1), torch.arange(5.0), "mean_children").tolist() == [0, 1, 2, 3, 4]
+    assert trees.tree_values(torch.full((5,), -1), torch.arange(5.0), mode="mean_children").tolist() == [0, 1, 2, 3, 4]
     chain = torch.tensor([-1] + list(range(199)))
-    values = trees.tree_values(chain, torch.full((200,), 0.25), "mean_children")
+    values = trees.tree_values(chain, torch.full((200,), 0.25), mode="mean_children")
     assert (values == 0.25).all()
-    adv, keep = trees.tree_advantages(chain, torch.full((200,), 0.25), "spo_rloo")
+    adv, keep = trees.tree_advantages(chain, torch.full((200,), 0.25), method="spo_rloo")
     assert (adv == 0).all() and not keep.any()
     empty = torch.zeros(0, dtype=torch.int64)
-    assert trees.tree_values(empty, torch.zeros(0), "mean_leaves").shape == (0,)
-    adv, keep = trees.tree_advantages(empty, torch.zeros(0), "treepo")
+    assert trees.tree_values(empty, torch.zeros(0), mode="mean_leaves").shape == (0,)
+    adv, keep = trees.tree_advantages(empty, torch.zeros(0), method="treepo")
     assert adv.shape == (0,) and keep.shape == (0,)
 
 
@@ -195,11 +195,11 @@ def test_max_depth(backend):
     depth = _depths(parent)
     deepest = max(depth)
     for bound in (deepest, deepest + 4):
-        torch.testing.assert_close(trees.tree_values(parent, reward, "mean_leaves", max_depth=bound),
-                                   trees.tree_values(parent, reward, "mean_leaves"))
+        torch.testing.assert_close(trees.tree_values(parent, reward, mode="mean_leaves", max_depth=bound),
+                                   trees.tree_values(parent, reward, mode="mean_leaves"))
         for method in METHODS:
-            ours = trees.tree_advantages(parent, reward, method, return_values=True, max_depth=bound)
-            for x, y in zip(ours, trees.tree_advantages(parent, reward, method, return_values=True)):
+            ours = trees.tree_advantages(parent, reward, method=method, return_values=True, max_depth=bound)
+            for x, y in zip(ours, trees.tree_advantages(parent, reward, method=method, return_values=True)):
                 torch.testing.assert_close(x, y)
     for bound in (0, deepest - 1):
         first = min(i for i, d in enumerate(depth) if d > bound)
@@ -207,7 +207,7 @@ def test_max_depth(backend):
         with pytest.raises(ValueError, match=match):
             trees.tree_values(parent, reward, max_depth=bound)
         with pytest.raises(ValueError, match=match):
-            trees.tree_advantages(parent, reward, "treepo", max_depth=bound)
+            trees.tree_advantages(parent, reward, method="treepo", max_depth=bound)
     # structure errors come first
     with pytest.raises(ValueError, match="does not lead to a root"):
         trees.tree_values(torch.tensor([-1, 2, 1]), torch.zeros(3), max_depth=0)
@@ -274,7 +274,7 @@ def test_cpp_int64_positions():
         "parent = torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, 400)])\n"
         "reward = torch.randint(0, 2, (400,), generator=g).float()\n"
         "for method in ('spo_rloo', 'spo_grpo', 'treerl', 'treepo'):\n"
-        "    a, k = t.tree_advantages(parent, reward, method)\n"
+        "    a, k = t.tree_advantages(parent, reward, method=method)\n"
         "    b, kb = ref.tree_advantages(parent, reward, method)\n"
         "    assert (a.double() - b).abs().max() < 1e-6 and (k == kb).all(), method\n"
         "v = t.tree_values(parent, reward).double()\n"
@@ -302,58 +302,58 @@ def _example_tree():
 
 def test_spo_tree_example(backend):
     parent, reward, at = _example_tree()
-    values = trees.tree_values(parent, reward, "mean_children")
+    values = trees.tree_values(parent, reward, mode="mean_children")
     # V(x) = mean(1, 1, 0) = 2/3; V(root) = mean(1, 2/3, 0) = 5/9
     assert values[at["x"]].item() == pytest.approx(2 / 3)
     assert values[at["root"]].item() == pytest.approx(5 / 9)
-    adv, keep = trees.tree_advantages(parent, reward, "spo_rloo")
+    adv, keep = trees.tree_advantages(parent, reward, method="spo_rloo")
     assert adv[at["a"]].item() == pytest.approx(1 - 5 / 9)
     assert adv[at["x"]].item() == pytest.approx(2 / 3 - 5 / 9)
     assert adv[at["e"]].item() == pytest.approx(-5 / 9)
     assert adv[at["b"]].item() == pytest.approx(1 / 3) and adv[at["d"]].item() == pytest.approx(-2 / 3)
     assert keep.tolist() == [n != "root" for n in sorted(at, key=at.get)]
-    adv, _ = trees.tree_advantages(parent, reward, "spo_grpo")
+    adv, _ = trees.tree_advantages(parent, reward, method="spo_grpo")
     std_root = math.sqrt(((1 - 5 / 9) ** 2 + (2 / 3 - 5 / 9) ** 2 + (5 / 9) ** 2) / 3)  # np.std
     assert adv[at["a"]].item() == pytest.approx((1 - 5 / 9) / (std_root + 1e-8), rel=1e-6)
     std_x = math.sqrt(((1 / 3) ** 2 * 2 + (2 / 3) ** 2) / 3)
     assert adv[at["d"]].item() == pytest.approx(-(2 / 3) / (std_x + 1e-8), rel=1e-6)
     # Equal siblings: no advantage, filtered out (the paper's A != 0).
     parent2 = torch.tensor([-1, 0, 0, 1, 1, 2, 2])
-    adv, keep = trees.tree_advantages(parent2, torch.tensor([0, 0, 0, 1, 0, 0, 1.0]), "spo_rloo")
+    adv, keep = trees.tree_advantages(parent2, torch.tensor([0, 0, 0, 1, 0, 0, 1.0]), method="spo_rloo")
     assert adv[1] == 0 and adv[2] == 0 and keep.tolist() == [False, False, False, True, True, True, True]
 
 
 def test_treerl_example(backend):
     parent, reward, at = _example_tree()
-    values = trees.tree_values(parent, reward, "mean_leaves")
+    values = trees.tree_values(parent, reward, mode="mean_leaves")
     # leaves 1, 1, 1, 0, 0: V(root) = 3/5; V(x) = 2/3 over 3 leaves
     assert values[at["root"]].item() == pytest.approx(3 / 5)
-    adv, keep = trees.tree_advantages(parent, reward, "treerl")
+    adv, keep = trees.tree_advantages(parent, reward, method="treerl")
     assert adv[at["x"]].item() == pytest.approx(((2 / 3 - 3 / 5) + (2 / 3 - 3 / 5)) / math.sqrt(3))
     assert adv[at["a"]].item() == pytest.approx((1 - 3 / 5) + (1 - 3 / 5))
     assert adv[at["d"]].item() == pytest.approx((0 - 3 / 5) + (0 - 2 / 3))
     assert adv[at["root"]].item() == 0 and not keep[at["root"]] and keep.sum() == 6
-    adv_rloo, _ = trees.tree_advantages(parent, reward, "treerl", leaf_rloo=True)
+    adv_rloo, _ = trees.tree_advantages(parent, reward, method="treerl", leaf_rloo=True)
     torch.testing.assert_close(adv_rloo, adv * 5 / 4)  # n / (n - 1) with n = 5 leaves
 
 
 def test_treepo_example(backend):
     parent, reward, at = _example_tree()
-    adv, keep = trees.tree_advantages(parent, reward, "treepo", whiten=False)
+    adv, keep = trees.tree_advantages(parent, reward, method="treepo", whiten=False)
     # subgroups: root (1, 1, 1, 0, 0; mean 3/5) and x (1, 1, 0; mean 2/3)
     assert adv[at["a"]].item() == pytest.approx(1 - 3 / 5)
     assert adv[at["b"]].item() == pytest.approx(((1 - 3 / 5) + (1 - 2 / 3)) / 2)
     assert adv[at["d"]].item() == pytest.approx(((0 - 3 / 5) + (0 - 2 / 3)) / 2)
     assert keep.tolist() == [n in "abcde" for n in sorted(at, key=at.get)]
-    adv_gs, _ = trees.tree_advantages(parent, reward, "treepo", whiten=False, subgroup_weighting="group_size")
+    adv_gs, _ = trees.tree_advantages(parent, reward, method="treepo", whiten=False, subgroup_weighting="group_size")
     assert adv_gs[at["b"]].item() == pytest.approx(((1 - 3 / 5) * 5 + (1 - 2 / 3) * 3) / 8)
-    white, _ = trees.tree_advantages(parent, reward, "treepo")
+    white, _ = trees.tree_advantages(parent, reward, method="treepo")
     leaves = adv[keep].double()
     expected = (leaves - leaves.mean()) / torch.sqrt(leaves.var() + 1e-8)  # unbiased, like verl
     torch.testing.assert_close(white[keep].double(), expected, rtol=1e-6, atol=1e-6)
     # a chain node (one leaf below) forms no subgroup of its own
     chain = torch.tensor([-1, 0, 1, 0])  # root -> 1 -> 2 (r=1), root -> 3 (r=0)
-    adv, _ = trees.tree_advantages(chain, torch.tensor([9.0, 9.0, 1.0, 0.0]), "treepo", whiten=False)
+    adv, _ = trees.tree_advantages(chain, torch.tensor([9.0, 9.0, 1.0, 0.0]), method="treepo", whiten=False)
     assert adv[2].item() == pytest.approx(0.5) and adv[3].item() == pytest.approx(-0.5)
 
 
@@ -384,14 +384,14 @@ def test_depth_one_forests_match_verl(backend):
     token_rewards[torch.arange(len(token_rewards)), torch.tensor(lengths)[leaves] - 1] = reward[leaves]
 
     theirs, _ = core_algos.compute_grpo_outcome_advantage(token_rewards, mask, index, norm_adv_by_std_in_grpo=False)
-    ours, _ = trees.tree_advantages(parent, reward, "treepo", whiten=False)
+    ours, _ = trees.tree_advantages(parent, reward, method="treepo", whiten=False)
     torch.testing.assert_close(ours[leaves][:, None] * mask, theirs, rtol=1e-6, atol=1e-6)
-    spo, _ = trees.tree_advantages(parent, reward, "spo_rloo")
+    spo, _ = trees.tree_advantages(parent, reward, method="spo_rloo")
     multi = torch.tensor([group_sizes[int(i)] > 1 for i in index])
     torch.testing.assert_close((spo[leaves][:, None] * mask)[multi], theirs[multi], rtol=1e-6, atol=1e-6)
 
     theirs, _ = core_algos.compute_reinforce_plus_plus_baseline_outcome_advantage(token_rewards, mask, index)
-    ours, _ = trees.tree_advantages(parent, reward, "treepo", leaf_weights=torch.tensor(lengths, dtype=torch.float32))
+    ours, _ = trees.tree_advantages(parent, reward, method="treepo", leaf_weights=torch.tensor(lengths, dtype=torch.float32))
     torch.testing.assert_close(ours[leaves][:, None] * mask, theirs, rtol=1e-5, atol=1e-5)
 
 
@@ -414,9 +414,9 @@ def test_bad_structures_rejected(backend, parent, error, match):
     parent = torch.tensor(parent)
     reward = torch.zeros(len(parent))
     with pytest.raises(error, match=match):
-        trees.tree_values(parent, reward, "mean_children")
+        trees.tree_values(parent, reward, mode="mean_children")
     with pytest.raises(error, match=match):
-        trees.tree_advantages(parent, reward, "treepo")
+        trees.tree_advantages(parent, reward, method="treepo")
 
 
 def test_bad_arguments():
@@ -428,11 +428,11 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"reward must have the shape of parent \(3,\), got \(4,\)"):
         trees.tree_values(parent, torch.zeros(4))
     with pytest.raises(ValueError, match="mode must be one of"):
-        trees.tree_values(parent, torch.zeros(3), "mean")
+        trees.tree_values(parent, torch.zeros(3), mode="mean")
     with pytest.raises(ValueError, match="method must be one of"):
-        trees.tree_advantages(parent, torch.zeros(3), "grpo")
+        trees.tree_advantages(parent, torch.zeros(3), method="grpo")
     with pytest.raises(ValueError, match="subgroup_weighting must be one of"):
-        trees.tree_advantages(parent, torch.zeros(3), "treepo", subgroup_weighting="size")
+        trees.tree_advantages(parent, torch.zeros(3), method="treepo", subgroup_weighting="size")
     with pytest.raises(ValueError, match=r"max_depth must be >= 0 \(roots have depth 0\), got -1"):
         trees.tree_values(parent, torch.zeros(3), max_depth=-1)
     with pytest.raises(TypeError, match="max_depth must be an int or None, got float"):
@@ -453,8 +453,8 @@ def test_from_nested_matches_hand_built_forest(backend):
     assert forest.segment_end.tolist() == [5, 7, 10, 12, 16, 18, 19, 19]
     assert math.isnan(forest.reward[0]) and forest.reward[7] == 0.5
     parent, reward, at = _example_tree()
-    ours, _ = trees.tree_advantages(forest.parent, forest.reward, "treerl")
-    ref, _ = trees.tree_advantages(parent, reward, "treerl")
+    ours, _ = trees.tree_advantages(forest.parent, forest.reward, method="treerl")
+    ref, _ = trees.tree_advantages(parent, reward, method="treerl")
     for name, i in zip("root a x b c d e".split(), range(7)):
         assert ours[i].item() == pytest.approx(ref[at[name]].item())
 
@@ -560,7 +560,7 @@ def test_broadcast_to_tokens():
     forest = trees.from_nested({"num_tokens": 2, "children": [{"reward": 1.0, "num_tokens": 3},
                                                               {"reward": 0.0, "num_tokens": 0},
                                                               {"reward": 0.0, "num_tokens": 2}]})
-    adv, _ = trees.tree_advantages(forest.parent, forest.reward, "spo_rloo")
+    adv, _ = trees.tree_advantages(forest.parent, forest.reward, method="spo_rloo")
     tokens = trees.broadcast_to_tokens(adv, forest.segment_start, forest.segment_end, 9, fill=-7.0)
     assert tokens.tolist() == pytest.approx([0, 0] + [2 / 3] * 3 + [-1 / 3] * 2 + [-7.0, -7.0])
     # trajectory layout: two paths root->1 and root->3, segments given per (path, node)
@@ -614,8 +614,8 @@ def test_opcheck():
 
 def test_torch_compile_fullgraph():
     def step(parent, reward, logprobs, cu, cut_values, final):
-        adv, keep = trees.tree_advantages(parent, reward, "treerl", max_depth=8)
-        values = trees.tree_values(parent, reward, "mean_children")
+        adv, keep = trees.tree_advantages(parent, reward, method="treerl", max_depth=8)
+        values = trees.tree_values(parent, reward, mode="mean_children")
         starts = trees.spo_cutpoints(logprobs, cu)
         seg, mask = trees.segment_advantages(starts, cut_values, final, cu, logprobs=logprobs)
         tokens = trees.broadcast_to_tokens(adv * keep, torch.arange(parent.numel()), torch.arange(parent.numel()) + 1,
@@ -639,10 +639,10 @@ def test_cuda_matches_cpu(monkeypatch):
     parent = random_forest(400, 8, 6, seed=21, single_nodes=5, chains=5)
     reward = random_rewards(len(parent), seed=21)
     monkeypatch.setenv("RLKERN_BACKEND", "cpp")
-    cpu = {m: trees.tree_advantages(parent, reward, m, return_values=True) for m in METHODS}
+    cpu = {m: trees.tree_advantages(parent, reward, method=m, return_values=True) for m in METHODS}
     monkeypatch.delenv("RLKERN_BACKEND")
     for method in METHODS:
-        adv, keep, values = trees.tree_advantages(parent.cuda(), reward.cuda(), method, return_values=True)
+        adv, keep, values = trees.tree_advantages(parent.cuda(), reward.cuda(), method=method, return_values=True)
         torch.testing.assert_close(adv.cpu(), cpu[method][0], rtol=1e-6, atol=1e-6)
         assert (keep.cpu() == cpu[method][1]).all()
         torch.testing.assert_close(values.cpu(), cpu[method][2])
@@ -660,21 +660,21 @@ def test_cuda_graph_capture_with_max_depth():
     # With max_depth the CUDA path has no host sync: the whole call can be captured and replayed.
     parent = random_forest(400, 8, 6, seed=22, single_nodes=5, chains=5).cuda()  # depth <= 12
     reward = random_rewards(len(parent), seed=22).cuda()
-    expected = {m: trees.tree_advantages(parent, reward, m, return_values=True) for m in METHODS}
+    expected = {m: trees.tree_advantages(parent, reward, method=m, return_values=True) for m in METHODS}
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compile and warm up outside the capture
         for method in METHODS:
-            trees.tree_advantages(parent, reward, method, return_values=True, max_depth=12)
+            trees.tree_advantages(parent, reward, method=method, return_values=True, max_depth=12)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = {m: trees.tree_advantages(parent, reward, m, return_values=True, max_depth=12) for m in METHODS}
+        captured = {m: trees.tree_advantages(parent, reward, method=m, return_values=True, max_depth=12) for m in METHODS}
     reward.copy_(random_rewards(len(parent), seed=23).cuda())  # replay reads the new rewards
     graph.replay()
     torch.cuda.synchronize()
     for method in METHODS:
-        fresh = trees.tree_advantages(parent, reward, method, return_values=True)
+        fresh = trees.tree_advantages(parent, reward, method=method, return_values=True)
         for x, y in zip(captured[method], fresh):
             torch.testing.assert_close(x, y)
     assert not all(torch.equal(x, y) for x, y in zip(captured["treerl"], expected["treerl"]))
@@ -731,24 +731,24 @@ def test_from_nested_rejects_bad_counts_and_rewards():
         trees.from_nested([{"reward": 0}, {"children": [{"reward": 1}, {"reward": "1.0"}]}])
 
 
-def test_spo_grpo_epsilon_must_be_positive():
-    """epsilon = 0 gave 0 / 0 = NaN advantages marked trainable for a group of equal values."""
+def test_spo_grpo_eps_must_be_positive():
+    """eps = 0 gave 0 / 0 = NaN advantages marked trainable for a group of equal values."""
     parent, reward = torch.tensor([-1, 0, 0]), torch.tensor([0.0, 1.0, 1.0])
-    for epsilon in (0.0, -1e-8, math.nan, True):
-        with pytest.raises(ValueError, match="tree_advantages: epsilon must be a finite number > 0"):
-            trees.tree_advantages(parent, reward, "spo_grpo", epsilon=epsilon)
-    adv, keep = trees.tree_advantages(parent, reward, "spo_grpo")
+    for eps in (0.0, -1e-8, math.nan, True):
+        with pytest.raises(ValueError, match="tree_advantages: eps must be a finite number > 0"):
+            trees.tree_advantages(parent, reward, method="spo_grpo", eps=eps)
+    adv, keep = trees.tree_advantages(parent, reward, method="spo_grpo")
     assert torch.equal(adv, torch.zeros(3)) and not keep.any()
 
 
 def test_treepo_rejects_negative_leaf_weights():
     parent, reward = torch.tensor([-1, 0, 0]), torch.tensor([0.0, 1.0, 0.0])
     weights = torch.tensor([-5.0, 2.0, 3.0])  # read on leaves only: the root's -5 is ignored
-    adv, _ = trees.tree_advantages(parent, reward, "treepo", leaf_weights=weights)
+    adv, _ = trees.tree_advantages(parent, reward, method="treepo", leaf_weights=weights)
     assert torch.isfinite(adv).all()
     for bad in (-1.0, math.nan):
         with pytest.raises(ValueError, match="leaf_weights must be >= 0 on leaves"):
-            trees.tree_advantages(parent, reward, "treepo", leaf_weights=torch.tensor([1.0, 2.0, bad]))
+            trees.tree_advantages(parent, reward, method="treepo", leaf_weights=torch.tensor([1.0, 2.0, bad]))
 
 
 @pytest.mark.parametrize("n_seqs", [0, 3])
@@ -779,11 +779,11 @@ def test_float64_runs_the_kernels(backend, monkeypatch):
 
     monkeypatch.setattr(ops_trees.reference, "tree_values", boom)
     monkeypatch.setattr(ops_trees.reference, "tree_advantages", boom)
-    values = trees.tree_values(parent, reward, "mean_children")
+    values = trees.tree_values(parent, reward, mode="mean_children")
     assert values.dtype == torch.float64
     torch.testing.assert_close(values, expected_values, rtol=1e-12, atol=1e-12)
     for method, (adv, keep, values) in expected.items():
-        ours = trees.tree_advantages(parent, reward, method, return_values=True)
+        ours = trees.tree_advantages(parent, reward, method=method, return_values=True)
         assert ours[0].dtype == ours[2].dtype == torch.float64
         torch.testing.assert_close(ours[0], adv, rtol=1e-12, atol=1e-12, msg=method)
         assert torch.equal(ours[1], keep), method

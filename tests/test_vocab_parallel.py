@@ -370,7 +370,7 @@ def _by_hand(parts, labels, splits, ignore_index):
 @pytest.mark.parametrize("vocab,splits", [(1001, [0, 334, 668, 1001]), (4100, [0, 4096, 4100])])
 @pytest.mark.parametrize("temperature,softcap", [(1.0, 0.0), (0.7, 30.0)])
 def test_kernel_shard_mode(backend, dtype, vocab, splits, temperature, softcap):
-    forward, backward = ops_logprobs._kernel_fns(backend)
+    forward, backward = ops_logprobs.kernel_fns(backend)
     g = torch.Generator().manual_seed(0)
     n = 6
     logits = (torch.randn(n, vocab, generator=g) * 4).to(dtype)
@@ -417,7 +417,7 @@ def test_kernel_shard_mode(backend, dtype, vocab, splits, temperature, softcap):
 
 def test_kernel_vocab_start_default_unchanged(backend):
     # vocab_start=-1 is today's behaviour: NaN for labels outside [0, V), bit-identical outputs.
-    forward, _ = ops_logprobs._kernel_fns(backend)
+    forward, _ = ops_logprobs.kernel_fns(backend)
     logits = torch.randn(4, 301)
     labels = torch.tensor([3, 301, -5, -100])
     plain = forward(logits, labels, 0.9, 0.0, -100, True)
@@ -431,7 +431,7 @@ def test_kernel_vocab_start_default_unchanged(backend):
 
 def test_kernel_empty_shard(backend):
     # A rank may hold no columns (uneven layouts): every label is another shard's.
-    forward, backward = ops_logprobs._kernel_fns(backend)
+    forward, backward = ops_logprobs.kernel_fns(backend)
     logits, labels = torch.zeros(3, 0), torch.tensor([4, -100, 0])
     logp, entropy, lse = forward(logits, labels, 1.0, 0.0, -100, True, vocab_start=5)
     assert logp.tolist() == [0.0, 0.0, 0.0] and torch.isneginf(lse).all()

@@ -128,23 +128,23 @@ VERL_POLICY_LOSSES = {name: _verl_loss(name) for name in (*_verl_specs(), "bypas
 # OpenRLHF 0.11.2
 
 
-def _check_correction(level: str, mode: str, gating: str, threshold) -> tuple[float, float]:
+def _check_correction(level: str, mode: str, gating: str, threshold, op: str = "PolicyLoss") -> tuple[float, float]:
     if level not in reference.OPENRLHF_LEVELS:
-        raise ValueError(f"is_correction_level must be one of {reference.OPENRLHF_LEVELS}, got {level!r}")
+        raise ValueError(f"{op}: is_correction_level must be one of {reference.OPENRLHF_LEVELS}, got {level!r}")
     if mode not in reference.OPENRLHF_MODES:
-        raise ValueError(f"is_correction_mode must be one of {reference.OPENRLHF_MODES}, got {mode!r}")
+        raise ValueError(f"{op}: is_correction_mode must be one of {reference.OPENRLHF_MODES}, got {mode!r}")
     if gating not in reference.OPENRLHF_GATINGS:
-        raise ValueError(f"is_correction_gating must be one of {reference.OPENRLHF_GATINGS}, got {gating!r}")
+        raise ValueError(f"{op}: is_correction_gating must be one of {reference.OPENRLHF_GATINGS}, got {gating!r}")
     bounds = (0.0, float(threshold)) if isinstance(threshold, (int, float)) else tuple(float(t) for t in threshold)
     if len(bounds) == 1:
         bounds = (0.0, bounds[0])  # OpenRLHF's CLI: a single value is an upper bound only
     if len(bounds) != 2 or not 0 <= bounds[0] <= bounds[1]:
-        raise ValueError(f"is_correction_threshold must be HIGH or (LOW, HIGH) with 0 <= LOW <= HIGH, got {threshold}")
+        raise ValueError(f"{op}: is_correction_threshold must be HIGH or (LOW, HIGH) with 0 <= LOW <= HIGH, got {threshold}")
     if mode == "clip" and (level == "seq" or gating != "ratio"):
-        raise ValueError("is_correction_mode='clip' requires is_correction_level='token' and gating='ratio' "
+        raise ValueError(f"{op}: is_correction_mode='clip' requires is_correction_level='token' and gating='ratio' "
                          "(OpenRLHF: only the token ratio is a weight that can be clamped)")
     if gating != "ratio" and bounds[0] > 0:
-        raise ValueError(f"is_correction_gating={gating!r} takes an upper bound only (a single delta)")
+        raise ValueError(f"{op}: is_correction_gating={gating!r} takes an upper bound only (a single delta)")
     return bounds
 
 
@@ -172,7 +172,7 @@ def openrlhf_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Te
         gradient; filtered the fraction of sequences (level "seq") or masked tokens (level
         "token") outside the band, 0-dim.
     """
-    bounds = _check_correction(level, mode, gating, threshold)
+    bounds = _check_correction(level, mode, gating, threshold, op="openrlhf_is_weights")
     for name, t in (("old_logprobs", old_logprobs), ("rollout_logprobs", rollout_logprobs), ("mask", mask)):
         if t is not None and t.shape != old_logprobs.shape:
             raise ValueError(f"openrlhf_is_weights: {name} must have shape {tuple(old_logprobs.shape)}, "
@@ -201,9 +201,9 @@ class PolicyLoss(torch.nn.Module):
                  is_correction_threshold=(0.5, 5.0)) -> None:
         super().__init__()
         if policy_loss_type not in ("ppo", "gspo"):
-            raise ValueError(f"policy_loss_type must be 'ppo' or 'gspo', got {policy_loss_type!r}")
+            raise ValueError(f"PolicyLoss: policy_loss_type must be 'ppo' or 'gspo', got {policy_loss_type!r}")
         if dual_clip is not None and not dual_clip > 1.0:
-            raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
+            raise ValueError(f"PolicyLoss: dual_clip must be > 1.0, got {dual_clip}")
         if is_correction_level != "off":
             _check_correction(is_correction_level, is_correction_mode, is_correction_gating, is_correction_threshold)
         self.clip_eps_low, self.clip_eps_high, self.dual_clip = clip_eps_low, clip_eps_high, dual_clip

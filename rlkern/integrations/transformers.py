@@ -66,9 +66,9 @@ def patch_causal_lm(model, *, temperature: float = 1.0, return_entropy: bool = F
         the LM head (tied embeddings included).
     """
     if hasattr(model, "_rlkern_original_forward"):
-        raise ValueError("model is already patched by rlkern.integrations.transformers.patch_causal_lm")
+        raise ValueError("patch_causal_lm: model is already patched by rlkern.integrations.transformers.patch_causal_lm")
     if model.get_output_embeddings() is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (not a causal LM head model)")
+        raise ValueError(f"patch_causal_lm: {type(model).__name__} has no output embeddings (not a causal LM head model)")
     original = model.forward
     defaults = dict(temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size,
                     deterministic=deterministic)
@@ -78,7 +78,7 @@ def patch_causal_lm(model, *, temperature: float = 1.0, return_entropy: bool = F
         if logprob_labels is None and shift_labels is None:
             return original(*args, **kwargs)
         if logprob_labels is not None and shift_labels is not None:
-            raise ValueError("pass logprob_labels (unshifted) or shift_labels (shifted), not both")
+            raise ValueError("patch_causal_lm: pass logprob_labels (unshifted) or shift_labels (shifted), not both")
         options = {**defaults, **{k: kwargs.pop(k) for k in list(kwargs) if k in defaults}}
         kwargs["use_cache"] = False
         hidden = model.base_model(*args, **kwargs).last_hidden_state
@@ -101,7 +101,7 @@ def patch_causal_lm(model, *, temperature: float = 1.0, return_entropy: bool = F
 def unpatch_causal_lm(model):
     """Undo :func:`patch_causal_lm`; returns the model."""
     if not hasattr(model, "_rlkern_original_forward"):
-        raise ValueError("model is not patched by rlkern.integrations.transformers.patch_causal_lm")
+        raise ValueError("unpatch_causal_lm: model is not patched by rlkern.integrations.transformers.patch_causal_lm")
     model.forward = model._rlkern_original_forward
     del model._rlkern_original_forward
     return model

@@ -33,6 +33,7 @@ is then ignored.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -60,41 +61,41 @@ def _check_linear(hidden, weight, labels, bias, temperature, logit_scale, logit_
                   extra_outputs, chunk_size, sharded=False):
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"linear_token_logprobs: {name} must be a torch.Tensor, got {type(t).__name__}")
     if hidden.dtype not in _FLOAT_DTYPES or weight.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"hidden and weight must be float16/bfloat16/float32/float64, got "
+        raise TypeError(f"linear_token_logprobs: hidden and weight must be float16/bfloat16/float32/float64, got "
                         f"{hidden.dtype} and {weight.dtype}")
     if hidden.ndim not in (2, 3):
-        raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
+        raise ValueError(f"linear_token_logprobs: hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
     if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]} (hidden's last dim), "
+        raise ValueError(f"linear_token_logprobs: weight must be [V, H] with H = {hidden.shape[-1]} (hidden's last dim), "
                          f"got shape {tuple(weight.shape)}")
     if weight.shape[0] == 0 and not sharded:  # a vocabulary shard may be empty (the others hold it all)
-        raise ValueError("weight must have at least one row (V >= 1)")
+        raise ValueError("linear_token_logprobs: weight must have at least one row (V >= 1)")
     if labels.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"labels must be int32 or int64, got {labels.dtype}")
+        raise TypeError(f"linear_token_logprobs: labels must be int32 or int64, got {labels.dtype}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
+        raise ValueError(f"linear_token_logprobs: labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(labels.shape)}")
     if bias is not None:
         if not isinstance(bias, Tensor) or bias.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"bias must be None or a float tensor, got {getattr(bias, 'dtype', type(bias))}")
+            raise TypeError(f"linear_token_logprobs: bias must be None or a float tensor, got {getattr(bias, 'dtype', type(bias))}")
         if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must be [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+            raise ValueError(f"linear_token_logprobs: bias must be [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
     for name, t in (("weight", weight), ("labels", labels), ("bias", bias)):
         if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+            raise ValueError(f"linear_token_logprobs: {name} is on {t.device} but hidden is on {hidden.device}")
     op = "linear_token_logprobs"
     _checks.number(op, "temperature", temperature, low=0, low_open=True)
     if _checks.number(op, "logit_scale", logit_scale) == 0:
-        raise ValueError(f"{op}: logit_scale must be a finite non-zero number, got {logit_scale!r}")
+        raise ValueError(f"linear_token_logprobs: {op}: logit_scale must be a finite non-zero number, got {logit_scale!r}")
     if logit_softcap is not None:
         _checks.number(op, "logit_softcap", logit_softcap, low=0, low_open=True)
     unknown = [name for name in extra_outputs if name not in EXTRA_OUTPUTS]
     if isinstance(extra_outputs, str) or unknown:
-        raise ValueError(f"extra_outputs must be a tuple of names among {EXTRA_OUTPUTS}, got {extra_outputs!r}")
+        raise ValueError(f"linear_token_logprobs: extra_outputs must be a tuple of names among {EXTRA_OUTPUTS}, got {extra_outputs!r}")
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"chunk_size must be None or an int > 0 (tokens per tile), got {chunk_size!r}")
+        raise ValueError(f"linear_token_logprobs: chunk_size must be None or an int > 0 (tokens per tile), got {chunk_size!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,8 +204,7 @@ def _plan(hidden: Tensor, weight: Tensor, chunk_size: int, deterministic: bool):
     cores and small enough; see ``_W_COPY_BYTES``)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     acc_dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
-    kernels = token_ops._kernel_fns(_backend.choose(hidden.device, token_ops._KERNELS, acc_dtype,
-                                                           fp64=token_ops._FP64))
+    kernels = token_ops.kernel_fns(token_ops.FORWARD.backend_at(hidden.device, acc_dtype))
     blocks = _blocks(n, vocab, hidden.device, chunk_size, deterministic)
     buf = hidden.new_empty((max((r for _, _, r in blocks), default=0), vocab), dtype=acc_dtype)
     on_cuda_half = _half_on_cuda(hidden) and hidden.dtype == weight.dtype
@@ -302,7 +302,7 @@ def _fwd(
     deterministic: bool,
     kernel: str,  # "chunked" | "fused"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    token_ops._check_label_range(labels, weight.shape[0], ignore_index)
+    token_ops.check_label_range(labels, weight.shape[0], ignore_index, op="linear_token_logprobs")
     want = tuple(bool(w) for w in want_extras)
     if kernel == "fused":
         logp, entropy, lse = _fused_kernels().linear_logprobs_forward(
@@ -404,7 +404,7 @@ class _VocabParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, hyper, with_entropy, process_group, shard):
         logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic = hyper
-        token_ops._check_label_range(labels, shard.total, ignore_index)
+        token_ops.check_label_range(labels, shard.total, ignore_index, op="linear_token_logprobs")
         logp, entropy, lse, *_ = _chunked_forward(
             hidden, weight, bias, labels, logit_scale, softcap, temperature, ignore_index, with_entropy,
             (False, False, False), chunk_size, deterministic, vocab_start=shard.start)
@@ -456,7 +456,7 @@ def linear_token_logprobs(
     deterministic: bool = False,
     kernel: str | None = None,
     process_group=None,
-) -> Tensor | tuple:
+) -> Tensor | tuple[Tensor, ...]:
     """Log-prob of each label (and optionally the entropy) under the LM head, without logits.
 
     Equals ``token_logprobs(logits, labels, ...)`` for ``logits = logit_scale * (hidden @
@@ -504,47 +504,70 @@ def linear_token_logprobs(
 
     Returns:
         ``logprobs`` float32 of shape ``hidden.shape[:-1]`` (never > 0; 0 at ignored labels;
-        float64 when hidden or weight is float64); then ``entropy`` (same shape) if
-        ``return_entropy``; then a dict ``{name: tensor of shape hidden.shape[:-1]}`` if
-        ``extra_outputs`` is not empty (``is_top1`` bool, the others float32).
+        float64 when hidden or weight is float64); with ``return_entropy`` a
+        ``LogprobsEntropy(logprobs, entropy)``; with ``extra_outputs`` a ``LogprobsExtras(logprobs,
+        extras)`` or ``LogprobsEntropyExtras(logprobs, entropy, extras)``, ``extras`` a dict
+        ``{name: tensor of shape hidden.shape[:-1]}`` (``is_top1`` bool, the others float32).
     """
     extra_outputs = tuple(extra_outputs) if not isinstance(extra_outputs, str) else extra_outputs
     _check_linear(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap,
                   extra_outputs, chunk_size, sharded=process_group is not None)
-    ignore_index = token_ops._check_ignore_index("linear_token_logprobs", ignore_index, labels)
-    if kernel is None:
-        kernel = "chunked"
-    if kernel not in ("chunked", "fused"):
-        raise ValueError(f"kernel must be None, 'chunked' or 'fused', got {kernel!r}")
-    if kernel == "fused" and extra_outputs:
-        raise ValueError("extra_outputs are computed by the chunked kernel only: pass kernel='chunked'")
-    if kernel == "fused" and not (hidden.device.type == "cuda" or _backend.triton_interpreted()):
-        raise ValueError("kernel='fused' is a Triton kernel: it needs CUDA tensors (or TRITON_INTERPRET=1)")
+    ignore_index = token_ops.check_ignore_index("linear_token_logprobs", ignore_index, labels)
+    kernel = _check_kernel(kernel, extra_outputs, hidden, process_group)
     lead = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
-    if weight.stride(-1) != 1:
-        weight = weight.contiguous()
+    flat = flat if flat.stride(-1) == 1 else flat.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     softcap = float(logit_softcap) if logit_softcap is not None else 0.0
     if process_group is not None:
-        vocab_parallel.check_group(process_group)
-        if extra_outputs or kernel != "chunked":
-            raise ValueError("process_group runs the chunked kernel without extra_outputs")
         shard = vocab_parallel.shard_layout(weight.shape[0], process_group, hidden.device)
         hyper = (float(logit_scale), softcap, float(temperature), int(ignore_index), int(chunk_size or 0),
                  bool(deterministic))
         logp, entropy = _VocabParallel.apply(flat, weight, bias, labels.reshape(-1), hyper, bool(return_entropy),
                                              process_group, shard)
-        return (logp.view(lead), entropy.view(lead)) if return_entropy else logp.view(lead)
+        return token_ops.LogprobsEntropy(logp.view(lead), entropy.view(lead)) if return_entropy else logp.view(lead)
     want = [name in extra_outputs for name in EXTRA_OUTPUTS]
     logp, entropy, _, *extras = _fwd(
         flat, weight, bias, labels.reshape(-1), float(logit_scale), softcap, float(temperature),
         int(ignore_index), bool(return_entropy), want, int(chunk_size or 0), bool(deterministic), kernel)
-    out: list = [logp.view(lead)]
+    named = dict(zip(EXTRA_OUTPUTS, extras))
+    extras = {name: named[name].view(lead) for name in extra_outputs}
+    if not extra_outputs:
+        return token_ops.LogprobsEntropy(logp.view(lead), entropy.view(lead)) if return_entropy else logp.view(lead)
     if return_entropy:
-        out.append(entropy.view(lead))
-    if extra_outputs:
-        named = dict(zip(EXTRA_OUTPUTS, extras))
-        out.append({name: named[name].view(lead) for name in extra_outputs})
-    return out[0] if len(out) == 1 else tuple(out)
+        return LogprobsEntropyExtras(logp.view(lead), entropy.view(lead), extras)
+    return LogprobsExtras(logp.view(lead), extras)
+
+
+def _check_kernel(kernel, extra_outputs, hidden: Tensor, process_group) -> str:
+    """The kernel a call runs ("chunked" by default) and the options it can serve."""
+    op = "linear_token_logprobs"
+    kernel = "chunked" if kernel is None else kernel
+    _checks.choice(op, "kernel", kernel, (None, "chunked", "fused"))
+    if kernel == "fused" and extra_outputs:
+        raise ValueError(f"{op}: extra_outputs are computed by the chunked kernel only: pass kernel='chunked', "
+                         f"got kernel='fused' with extra_outputs={extra_outputs}")
+    if kernel == "fused" and not (hidden.device.type == "cuda" or _backend.triton_interpreted()):
+        raise ValueError(f"{op}: kernel='fused' is a Triton kernel: it needs CUDA tensors (or TRITON_INTERPRET=1), "
+                         f"got hidden on {hidden.device}")
+    if process_group is not None:
+        vocab_parallel.check_group(process_group, op="linear_token_logprobs")
+        if extra_outputs or kernel != "chunked":
+            raise ValueError(f"{op}: process_group runs the chunked kernel without extra_outputs, got "
+                             f"kernel={kernel!r}, extra_outputs={extra_outputs}")
+    return kernel
+
+
+class LogprobsExtras(NamedTuple):
+    """``linear_token_logprobs(..., extra_outputs=...)``: log-probs and ``{name: tensor}``."""
+
+    logprobs: Tensor
+    extras: dict
+
+
+class LogprobsEntropyExtras(NamedTuple):
+    """``linear_token_logprobs(..., return_entropy=True, extra_outputs=...)``."""
+
+    logprobs: Tensor
+    entropy: Tensor
+    extras: dict

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -27,8 +28,6 @@ from rlkern.ops import _checks
 from rlkern.ops import vocab_parallel
 from rlkern.reference import logprobs as reference
 
-_KERNELS = ("cpp", "triton")
-_FP64 = ("cpp",)  # the C++ kernels take float64 logits (all in double); the Triton ones do not yet
 _LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LABEL_DTYPES = (torch.int32, torch.int64)
 # TRL's functions have no ignore_index: rows they mask out get this label, which no real index
@@ -36,30 +35,37 @@ _LABEL_DTYPES = (torch.int32, torch.int64)
 _MASKED_LABEL = -(2**62)
 
 
-def _check_logprobs(logits, labels, temperature, logit_softcap, name_labels="labels"):
+class LogprobsEntropy(NamedTuple):
+    """``(logprobs, entropy)``: what the log-prob ops return with ``return_entropy=True``."""
+
+    logprobs: Tensor
+    entropy: Tensor
+
+
+def _check_logprobs(op, logits, labels, temperature, logit_softcap, name_labels="labels"):
     if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+        raise TypeError(f"{op}: logits must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(labels, Tensor):
-        raise TypeError(f"{name_labels} must be a torch.Tensor, got {type(labels).__name__}")
+        raise TypeError(f"{op}: {name_labels} must be a torch.Tensor, got {type(labels).__name__}")
     if logits.dtype not in _LOGIT_DTYPES:
-        raise TypeError(f"logits must be float16/bfloat16/float32/float64, got {logits.dtype}")
+        raise TypeError(f"{op}: logits must be float16/bfloat16/float32/float64, got {logits.dtype}")
     if logits.ndim not in (2, 3):
-        raise ValueError(f"logits must be [N, V] or [B, T, V], got shape {tuple(logits.shape)}")
+        raise ValueError(f"{op}: logits must be [N, V] or [B, T, V], got shape {tuple(logits.shape)}")
     if labels.dtype not in _LABEL_DTYPES:
-        raise TypeError(f"{name_labels} must be int32 or int64, got {labels.dtype}")
+        raise TypeError(f"{op}: {name_labels} must be int32 or int64, got {labels.dtype}")
     if tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
-            f"{name_labels} must have the leading shape of logits {tuple(logits.shape[:-1])}, "
+            f"{op}: {name_labels} must have the leading shape of logits {tuple(logits.shape[:-1])}, "
             f"got {tuple(labels.shape)}"
         )
     if labels.device != logits.device:
-        raise ValueError(f"{name_labels} is on {labels.device} but logits are on {logits.device}")
-    _checks.number("token_logprobs", "temperature", temperature, low=0, low_open=True)
+        raise ValueError(f"{op}: {name_labels} is on {labels.device} but logits are on {logits.device}")
+    _checks.number(op, "temperature", temperature, low=0, low_open=True)
     if logit_softcap is not None:
-        _checks.number("token_logprobs", "logit_softcap", logit_softcap, low=0, low_open=True)
+        _checks.number(op, "logit_softcap", logit_softcap, low=0, low_open=True)
 
 
-def _check_ignore_index(op: str, ignore_index, labels: Tensor) -> int:
+def check_ignore_index(op: str, ignore_index, labels: Tensor) -> int:
     """An int (a float such as 1.5 was truncated); with int32 labels, one that int32 holds (a
     larger one matched no label: the padding labels then gave NaN instead of an error)."""
     if ignore_index == _MASKED_LABEL:
@@ -70,7 +76,8 @@ def _check_ignore_index(op: str, ignore_index, labels: Tensor) -> int:
     return value
 
 
-def _check_label_range(labels: Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
+def check_label_range(labels: Tensor, vocab: int, ignore_index: int, name: str = "labels",
+                      op: str = "token_logprobs") -> None:
     """Host-side check: always for CPU tensors, for GPU tensors only with RLKERN_VALIDATE=1."""
     if labels.device.type != "cpu" and not _backend.validate_enabled():
         return
@@ -78,7 +85,7 @@ def _check_label_range(labels: Tensor, vocab: int, ignore_index: int, name: str 
     if bad.any():
         where = tuple(int(i) for i in bad.nonzero()[0])
         allowed = "" if ignore_index == _MASKED_LABEL else f" or equal ignore_index={ignore_index}"
-        raise ValueError(f"{name} must be in [0, {vocab}){allowed}; {name}{list(where)} = {int(labels[where])}")
+        raise ValueError(f"{op}: {name} must be in [0, {vocab}){allowed}; {name}{list(where)} = {int(labels[where])}")
 
 
 def _pieces(logits: Tensor, *per_row: Tensor | None) -> list[tuple]:
@@ -109,18 +116,6 @@ def _flatten_rows(t: Tensor | None, logits_ndim: int, rows: int) -> Tensor | Non
         return None
     lead = t.ndim - (logits_ndim - 1)  # 0 for per-row tensors, 1 for (..., V) tensors
     return t.reshape(rows, *t.shape[t.ndim - lead:]) if lead else t.reshape(rows)
-
-
-def _kernel_fns(backend: str):
-    """(forward, backward) of one backend; both take a trailing ``vocab_start=-1`` (shard mode
-    when >= 0: see ``kernels/logprobs.py``)."""
-    if backend == "cpp":
-        return torch.ops.rlkern.cpp_token_logprobs, torch.ops.rlkern.cpp_token_logprobs_backward
-    if backend == "triton":
-        from rlkern.kernels import logprobs as triton_logprobs
-
-        return triton_logprobs.logprobs_forward, triton_logprobs.logprobs_backward
-    return _reference_fwd, _reference_bwd_into
 
 
 def _reference_fwd(logits, labels, temperature, softcap, ignore_index, with_entropy, vocab_start=-1):
@@ -154,6 +149,19 @@ def _reference_bwd_into(grad_logprobs, grad_entropy, logits, labels, lse, entrop
     grad_logits.copy_(grad[:, : grad_logits.shape[1]])
 
 
+# The token kernels, forward and backward; both take a trailing ``vocab_start=-1`` (shard mode
+# when >= 0: see kernels/logprobs.py). linear_logprobs.py runs them on its logits tiles.
+FORWARD = _backend.Kernels("token_logprobs", cpp="cpp_token_logprobs", triton="logprobs.logprobs_forward",
+                           torch=_reference_fwd, fp64=("cpp",))
+BACKWARD = _backend.Kernels("token_logprobs", cpp="cpp_token_logprobs_backward", triton="logprobs.logprobs_backward",
+                            torch=_reference_bwd_into, fp64=("cpp",))
+
+
+def kernel_fns(backend: str):
+    """(forward, backward) of one backend."""
+    return FORWARD.get(backend), BACKWARD.get(backend)
+
+
 def _out_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
@@ -169,9 +177,8 @@ def _fwd(
     inplace_backward: bool,  # read by the autograd formula only
 ) -> tuple[Tensor, Tensor, Tensor]:
     vocab = logits.shape[-1]
-    _check_label_range(labels, vocab, ignore_index)
-    backend = _backend.choose(logits.device, _KERNELS, logits.dtype, fp64=_FP64)
-    forward, _ = _kernel_fns(backend)
+    check_label_range(labels, vocab, ignore_index)
+    forward = FORWARD.pick(logits)
     parts = [
         forward(rows, row_labels, temperature, softcap, ignore_index, with_entropy)
         for rows, row_labels in _pieces(logits, labels)
@@ -195,8 +202,7 @@ def _fwd_fake(logits, labels, temperature, softcap, ignore_index, with_entropy, 
 
 def _bwd_into(grad_logprobs, grad_entropy, logits, labels, lse, entropy, temperature, softcap,
               ignore_index, grad_logits, vocab_start=-1) -> None:
-    backend = _backend.choose(logits.device, _KERNELS, logits.dtype, fp64=_FP64)
-    _, backward = _kernel_fns(backend)
+    backward = BACKWARD.pick(logits)
     for rows, row_grad_logits, *per_row in _pieces(
         logits, grad_logits, grad_logprobs, grad_entropy, labels, lse, entropy
     ):
@@ -286,8 +292,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     def forward(ctx, logits, labels, temperature, softcap, ignore_index, with_entropy, inplace_backward,
                 process_group, shard):
         # logits: (N, V_r) or (B, T, V_r), stride(-1) == 1; labels: logits.shape[:-1], global ids
-        backend = _backend.choose(logits.device, _KERNELS, logits.dtype, fp64=_FP64)
-        forward, _ = _kernel_fns(backend)
+        forward = FORWARD.pick(logits)
         parts = [
             forward(rows, row_labels, temperature, softcap, ignore_index, with_entropy, vocab_start=shard.start)
             for rows, row_labels in _pieces(logits, labels)
@@ -341,7 +346,7 @@ def token_logprobs(
     logit_softcap: float | None = None,
     inplace_backward: bool = False,
     process_group=None,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor | LogprobsEntropy:
     """Log-probability of each label under softmax(logits / temperature), and optionally entropy.
 
     One pass over the vocabulary per row (online log-sum-exp with the label gather and the
@@ -380,37 +385,37 @@ def token_logprobs(
 
     Returns:
         ``logprobs`` float32 of shape ``logits.shape[:-1]`` (never > 0; 0 at ignored labels);
-        with ``return_entropy``, ``(logprobs, entropy)``, entropy float32 of the same shape.
+        with ``return_entropy``, ``LogprobsEntropy(logprobs, entropy)``, entropy float32 of the same shape.
         float64 logits give float64 outputs. A row of all -inf logits counts as uniform.
     """
-    _check_logprobs(logits, labels, temperature, logit_softcap)
-    ignore_index = _check_ignore_index("token_logprobs", ignore_index, labels)
+    _check_logprobs("token_logprobs", logits, labels, temperature, logit_softcap)
+    ignore_index = check_ignore_index("token_logprobs", ignore_index, labels)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     softcap = float(logit_softcap) if logit_softcap is not None else 0.0
     if process_group is not None:
-        vocab_parallel.check_group(process_group)
+        vocab_parallel.check_group(process_group, op="token_logprobs")
         shard = vocab_parallel.shard_layout(logits.shape[-1], process_group, logits.device)
-        _check_label_range(labels, shard.total, int(ignore_index))
+        check_label_range(labels, shard.total, int(ignore_index))
         logp, entropy = _VocabParallelLogprobs.apply(
             logits, labels, float(temperature), softcap, int(ignore_index), bool(return_entropy),
             bool(inplace_backward), process_group, shard,
         )
-        return (logp, entropy) if return_entropy else logp
+        return LogprobsEntropy(logp, entropy) if return_entropy else logp
     logp, entropy, _ = _fwd(logits, labels, float(temperature), softcap, int(ignore_index),
                             bool(return_entropy), bool(inplace_backward))
-    return (logp, entropy) if return_entropy else logp
+    return LogprobsEntropy(logp, entropy) if return_entropy else logp
 
 
-def _trl_rows(logits: Tensor, index: Tensor, row_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+def _trl_rows(op: str, logits: Tensor, index: Tensor, row_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """TRL accepts logits of any rank (..., V): flatten to [N, V] with the matching labels."""
     if not isinstance(index, Tensor) or index.dtype not in _LABEL_DTYPES:
-        raise TypeError(f"index must be an int32/int64 tensor, got {getattr(index, 'dtype', type(index))}")
+        raise TypeError(f"{op}: index must be an int32/int64 tensor, got {getattr(index, 'dtype', type(index))}")
     flat_logits = logits if logits.ndim in (2, 3) else logits.reshape(-1, logits.shape[-1])
     labels = index.long()
     if row_mask is not None:
         if tuple(row_mask.shape) != tuple(index.shape):
-            raise ValueError(f"row_mask must have the shape of index {tuple(index.shape)}, got {tuple(row_mask.shape)}")
+            raise ValueError(f"{op}: row_mask must have the shape of index {tuple(index.shape)}, got {tuple(row_mask.shape)}")
         labels = torch.where(row_mask != 0, labels, torch.full_like(labels, _MASKED_LABEL))
     return flat_logits, labels.reshape(flat_logits.shape[:-1])
 
@@ -434,14 +439,14 @@ def selective_log_softmax(
         Log-probabilities with the shape of ``index``, float32 (float64 for float64 logits).
     """
     if temperature <= 0:
-        raise ValueError("temperature must be positive")
+        raise ValueError(f"selective_log_softmax: temperature must be positive, got {temperature!r}")
     if index.ndim == logits.ndim - 1:
-        flat_logits, labels = _trl_rows(logits, index, row_mask)
+        flat_logits, labels = _trl_rows("selective_log_softmax", logits, index, row_mask)
         logp = token_logprobs(flat_logits, labels, temperature=temperature, ignore_index=_MASKED_LABEL)
         return logp.reshape(index.shape)
     if index.ndim != logits.ndim or index.shape[:-1] != logits.shape[:-1]:
         raise ValueError(
-            f"index must have shape {tuple(logits.shape[:-1])} or {tuple(logits.shape[:-1])} + (K,), "
+            f"selective_log_softmax: index must have shape {tuple(logits.shape[:-1])} or {tuple(logits.shape[:-1])} + (K,), "
             f"got {tuple(index.shape)}"
         )
     scaled = logits.to(_out_dtype(logits)) / temperature
@@ -490,10 +495,10 @@ def selective_log_softmax_and_entropy(
         ``(logprobs, entropy)``, both of shape ``index.shape``, float32.
     """
     if temperature <= 0:
-        raise ValueError("temperature must be positive")
+        raise ValueError(f"selective_log_softmax_and_entropy: temperature must be positive, got {temperature!r}")
     if index.ndim != logits.ndim - 1:
-        raise ValueError(f"index must have shape {tuple(logits.shape[:-1])}, got {tuple(index.shape)}")
-    flat_logits, labels = _trl_rows(logits, index, row_mask)
+        raise ValueError(f"selective_log_softmax_and_entropy: index must have shape {tuple(logits.shape[:-1])}, got {tuple(index.shape)}")
+    flat_logits, labels = _trl_rows("selective_log_softmax_and_entropy", logits, index, row_mask)
     logp, entropy = token_logprobs(flat_logits, labels, temperature=temperature,
                                    ignore_index=_MASKED_LABEL, return_entropy=True)
     logp, entropy = logp.reshape(index.shape), entropy.reshape(index.shape)

@@ -63,17 +63,17 @@ class VocabShard(NamedTuple):
     total: int  # V, the whole vocabulary: sum of every rank's size
 
 
-def check_group(process_group: object, name: str = "process_group") -> None:
+def check_group(process_group: object, name: str = "process_group", *, op: str = "token_logprobs") -> None:
     """TypeError / ValueError unless ``process_group`` is a usable ``torch.distributed`` group."""
     import torch.distributed as dist
 
     if not dist.is_available():
-        raise ValueError(f"{name} was given but this torch build has no torch.distributed")
+        raise ValueError(f"{op}: {name} was given but this torch build has no torch.distributed")
     if not dist.is_initialized():
-        raise ValueError(f"{name} was given but torch.distributed is not initialized "
+        raise ValueError(f"{op}: {name} was given but torch.distributed is not initialized "
                          "(call torch.distributed.init_process_group first)")
     if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"{name} must be a torch.distributed.ProcessGroup (e.g. "
+        raise TypeError(f"{op}: {name} must be a torch.distributed.ProcessGroup (e.g. "
                         f"torch.distributed.group.WORLD), got {type(process_group).__name__}")
 
 

@@ -37,7 +37,7 @@ def _dense_torch(ids: Tensor) -> Tensor:
     return _dense_by_sort(ids)
 
 
-_DENSE = _backend.Kernels("group_index", cpp="cpp_group_index", torch=_dense_torch, fp64=())
+_DENSE = _backend.Kernels("group_index", cpp="cpp_group_index", torch=_dense_torch, fp64=("cpp",))  # ids are ints
 
 
 @torch.library.custom_op("rlkern::group_index", mutates_args=())

@@ -140,10 +140,15 @@ def group_normalize(
         ``[N]`` float32 (float64 for float64 scores), or response_mask's shape (``[N, T]`` or
         ``[total]``) with ``response_mask``.
     """
-    _checks.choice("group_normalize", "std", std, _STD_MODES)
-    _checks.choice("group_normalize", "scale", scale, _SCALES)
-    _checks.choice("group_normalize", "singleton", singleton, _SINGLETONS)
-    inverse = _outcome_args("group_normalize", scores, group_ids, response_mask, cu_seqlens, eps=eps)
+    return _normalize("group_normalize", scores, group_ids, eps, std, scale, singleton, skip_nan, response_mask,
+                      cu_seqlens)
+
+
+def _normalize(op, scores, group_ids, eps, std, scale, singleton, skip_nan, response_mask, cu_seqlens) -> Tensor:
+    _checks.choice(op, "std", std, _STD_MODES)
+    _checks.choice(op, "scale", scale, _SCALES)
+    _checks.choice(op, "singleton", singleton, _SINGLETONS)
+    inverse = _outcome_args(op, scores, group_ids, response_mask, cu_seqlens, eps=eps)
     return _group_normalize_op(scores, inverse, response_mask, int32_offsets(cu_seqlens), float(eps), std or "none",
                                scale, singleton, bool(skip_nan))
 
@@ -157,8 +162,8 @@ def grpo(scores: Tensor, group_ids, response_mask: Tensor | None = None, *, eps:
     Returns:
         ``[N]`` float32, or ``scores[:, None] * response_mask`` (``[N, T]`` or packed ``[total]``).
     """
-    return group_normalize(scores, group_ids, eps=eps, std="unbiased" if norm_by_std else None,
-                           response_mask=response_mask, cu_seqlens=cu_seqlens)
+    return _normalize("grpo", scores, group_ids, eps, "unbiased" if norm_by_std else None, "group", "verl", False,
+                      response_mask, cu_seqlens)
 
 
 @torch.library.custom_op("rlkern::group_baseline", mutates_args=())

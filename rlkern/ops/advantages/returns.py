@@ -215,7 +215,10 @@ def discounted_returns(rewards: Tensor, response_mask: Tensor, *, gamma: float =
     Returns:
         ``returns`` of rewards' shape, float32 (float64 for float64 input).
     """
-    op = "discounted_returns"
+    return _discounted("discounted_returns", rewards, response_mask, gamma, cu_seqlens)
+
+
+def _discounted(op, rewards, response_mask, gamma, cu_seqlens) -> Tensor:
     _common.token_tensors(op, rewards, {"response_mask": (response_mask, "mask")}, gamma=gamma)
     _common.packed(op, rewards, cu_seqlens)
     return _discounted_op(lastdim_contiguous(rewards), lastdim_contiguous(response_mask), int32_offsets(cu_seqlens),
@@ -237,7 +240,7 @@ def reinforce_pp(rewards: Tensor, response_mask: Tensor, *, gamma: float = 1.0,
         masked_whiten(returns) * mask`` (over the whole batch), ``returns =
         discounted_returns(rewards, mask, gamma)``.
     """
-    returns = discounted_returns(rewards, response_mask, gamma=gamma, cu_seqlens=cu_seqlens)
+    returns = _discounted("reinforce_pp", rewards, response_mask, gamma, cu_seqlens)
     return masked_whiten(returns, response_mask) * (response_mask != 0), returns
 
 

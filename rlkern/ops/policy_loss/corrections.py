@@ -34,8 +34,11 @@ def _rollout_correction(trained, behaviour, mask, cu_seqlens, rollout_is, rollou
                         rollout_is_batch_normalize, rollout_rs, rollout_rs_threshold):
     """Rollout IS weights and rejection mask (reference math, no gradient; no host sync)."""
     rows = reference.PaddedRows if cu_seqlens is None else PackedRows(cu_seqlens, trained.numel())
-    return reference.rollout_correction(trained, behaviour, mask, rollout_is, rollout_is_threshold,
-                                        rollout_is_batch_normalize, rollout_rs, rollout_rs_threshold, rows=rows)
+    try:
+        return reference.rollout_correction(trained, behaviour, mask, rollout_is, rollout_is_threshold,
+                                            rollout_is_batch_normalize, rollout_rs, rollout_rs_threshold, rows=rows)
+    except (TypeError, ValueError) as error:  # the reference checks the options: name the op
+        raise type(error)(f"policy_loss: {error}") from None
 
 
 def _cov_select(loss, logprobs, old_logprobs, advantages, mask, cu_seqlens, clip_low, clip_high, clip_cov_ratio,

@@ -1,0 +1,130 @@
+"""The API conventions of CONTRIBUTING.md, checked over every public op: keyword-only
+hyper-parameters, one name per concept, NamedTuple results, error messages that start with the op
+name, custom-op names, and float64 on the kernels."""
+
+import inspect
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import rlkern
+from rlkern import _backend
+
+# TRL's drop-ins keep TRL's signatures (CONTRIBUTING.md, API conventions 1).
+TRAINER_SIGNATURES = {"selective_log_softmax", "entropy_from_logits", "selective_log_softmax_and_entropy"}
+# Arguments that are tensors (or group ids given as tensors / arrays / lists) and may be positional.
+TENSOR_LIKE = {"group_ids", "anchor_keys", "num_tokens", "trees"}
+RETIRED = {"mask": "response_mask", "old_log_probs": "old_logprobs", "ref_log_probs": "ref_logprobs",
+           "epsilon": "eps", "estimator": "kl_estimator"}
+
+
+def _public_ops():
+    return {name: getattr(rlkern, name) for name in rlkern.__all__
+            if inspect.isfunction(getattr(rlkern, name)) and name not in TRAINER_SIGNATURES}
+
+
+def _is_tensor(param: inspect.Parameter) -> bool:
+    return "Tensor" in str(param.annotation) or param.name in TENSOR_LIKE
+
+
+@pytest.mark.parametrize("name", sorted(_public_ops()))
+def test_hyper_parameters_are_keyword_only_and_names_are_the_shared_ones(name):
+    params = inspect.signature(_public_ops()[name]).parameters.values()
+    for p in params:
+        assert p.name not in RETIRED, f"{name}: {p.name} is spelled {RETIRED[p.name]} across rlkern"
+        if p.kind is p.POSITIONAL_OR_KEYWORD:
+            assert _is_tensor(p), f"{name}: hyper-parameter {p.name} must be keyword-only"
+
+
+def test_default_kl_estimator_is_spelled_once():
+    defaults = {name: inspect.signature(fn).parameters["kl_estimator"].default
+                for name, fn in _public_ops().items() if "kl_estimator" in inspect.signature(fn).parameters}
+    assert set(defaults) >= {"policy_loss", "kl_penalty"} and len(set(defaults.values())) == 1, defaults
+
+
+def test_several_outputs_are_named_tuples():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(5, 11, generator=g), torch.randint(0, 11, (5,), generator=g)
+    out = rlkern.token_logprobs(logits, labels, return_entropy=True)
+    assert out._fields == ("logprobs", "entropy")
+    h, w = torch.randn(5, 7, generator=g), torch.randn(11, 7, generator=g)
+    assert rlkern.linear_token_logprobs(h, w, labels, return_entropy=True)._fields == ("logprobs", "entropy")
+    assert rlkern.linear_token_logprobs(h, w, labels, extra_outputs=("is_top1",))._fields == ("logprobs", "extras")
+    parent, reward = torch.tensor([-1, 0, 0]), torch.tensor([0.0, 1.0, 0.0])
+    assert rlkern.tree_advantages(parent, reward)._fields == ("advantages", "keep")
+    assert rlkern.tree_advantages(parent, reward, return_values=True)._fields == ("advantages", "keep", "values")
+    lp = torch.randn(2, 5, generator=g)
+    loss, metrics = rlkern.value_loss(lp, lp, lp, torch.ones(2, 5))
+    assert loss.ndim == 0 and metrics["clipfrac"].dtype == torch.float32
+
+
+def _bad_calls():
+    x, m = torch.randn(3, 5), torch.ones(3, 5)
+    s = torch.randn(4)
+    ids = [0, 0, 1, 1]
+    parent = torch.tensor([-1, 0, 0])
+    cu = torch.tensor([0, 2, 5])
+    return {
+        "gae": lambda: rlkern.gae(x, x, m, gamma=float("nan")),
+        "egae": lambda: rlkern.egae(x, x, m, torch.ones(2)),
+        "discounted_returns": lambda: rlkern.discounted_returns(x, m[:, :2]),
+        "reinforce_pp": lambda: rlkern.reinforce_pp(x.long(), m),
+        "masked_whiten": lambda: rlkern.masked_whiten(x, m[:2]),
+        "remax": lambda: rlkern.remax(x, torch.randn(2), m),
+        "group_normalize": lambda: rlkern.group_normalize(s, ids, std="sample"),
+        "grpo": lambda: rlkern.grpo(s, ids[:3]),
+        "rloo": lambda: rlkern.rloo(s, ids, singleton="none"),
+        "opo": lambda: rlkern.opo(s, ids, None),
+        "gpg": lambda: rlkern.gpg(s, ids, f_norm=float("inf")),
+        "reinforce_pp_baseline": lambda: rlkern.reinforce_pp_baseline(s, ids, None),
+        "grpo_passk": lambda: rlkern.grpo_passk(s, [0, 1, 2, 3]),
+        "bnpo": lambda: rlkern.bnpo(s, ids, min_value=1.0, max_value=0.0),
+        "gdpo": lambda: rlkern.gdpo(s, ids, torch.ones(4, 2), weights=[1.0, 2.0]),
+        "gigpo_step_groups": lambda: rlkern.gigpo_step_groups(s, ids, ids, eps="x"),
+        "outcome_to_tokens": lambda: rlkern.outcome_to_tokens(s, torch.ones(3, 2)),
+        "group_index": lambda: rlkern.group_index(np.zeros((2, 2))),
+        "optimal_token_baseline": lambda: rlkern.optimal_token_baseline(x, [0, 1], m, x, x),
+        "token_logprobs": lambda: rlkern.token_logprobs(x, torch.tensor([0, 1, 9])),
+        "linear_token_logprobs": lambda: rlkern.linear_token_logprobs(x, torch.randn(7, 4), torch.tensor([0, 1, 2])),
+        "policy_loss": lambda: rlkern.policy_loss(x, x, x, m, loss="ppo2"),
+        "kl_penalty": lambda: rlkern.kl_penalty(x, x, kl_estimator="k4"),
+        "aggregate": lambda: rlkern.aggregate(x, m, dp_size=2.5),
+        "value_loss": lambda: rlkern.value_loss(x, x[:2], x, m),
+        "tree_values": lambda: rlkern.tree_values(parent, torch.zeros(3), mode="mean"),
+        "tree_advantages": lambda: rlkern.tree_advantages(parent, torch.zeros(3), eps=0.0),
+        "spo_cutpoints": lambda: rlkern.spo_cutpoints(torch.randn(5), cu, interval=0),
+        "segment_advantages": lambda: rlkern.segment_advantages(torch.zeros(5, dtype=torch.bool), torch.randn(5),
+                                                                torch.randn(3), cu),
+        "broadcast_to_tokens": lambda: rlkern.broadcast_to_tokens(torch.randn(2), torch.tensor([0, 3]),
+                                                                  torch.tensor([4, 6]), 6),
+    }
+
+
+def test_every_public_op_has_a_bad_call_here():
+    assert set(_public_ops()) <= set(_bad_calls()), set(_public_ops()) - set(_bad_calls())
+
+
+@pytest.mark.parametrize("name", sorted(_bad_calls()))
+def test_error_messages_start_with_the_op_name(name):
+    with pytest.raises((TypeError, ValueError)) as info:
+        _bad_calls()[name]()
+    assert str(info.value).startswith(f"{name}: "), str(info.value)
+
+
+def test_custom_op_names_follow_the_scheme():
+    public = set(rlkern.__all__) | {"group_baseline", "token_logprobs_backward_inplace"}
+    names = [n.removeprefix("rlkern::") for n in torch._C._dispatch_get_all_op_names() if n.startswith("rlkern::")]
+    assert names
+    for name in names:
+        base = re.sub(r"_backward(_inplace)?$", "", name.removeprefix("cpp_"))
+        assert base in public or name.startswith("_") or name.startswith("cpp_"), name
+        assert not re.search(r"_(fwd|bwd|kernel)$", name), name
+
+
+def test_every_family_runs_float64_on_its_cpp_kernel():
+    assert _backend.REGISTRY
+    for name, kernels in _backend.REGISTRY.items():
+        if "cpp" in kernels.kernels:
+            assert "cpp" in kernels.fp64, f"{name}: float64 would run the PyTorch backend on CPU"
