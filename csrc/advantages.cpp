@@ -39,6 +39,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -52,9 +54,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace {
 
@@ -79,23 +78,7 @@ at::ScalarType out_type(const at::Tensor& t) { return t.scalar_type() == at::kDo
 // Grain: a few rows per task; each row is a serial scan of T steps.
 int64_t row_grain(int64_t T) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)); }
 
-// Token-shaped outputs are written once, in full, right after allocation: for large ones the
-// first-touch page faults cost more than the kernel's own memory traffic (a 32 MiB fill on the
-// 2-core CPU: ~8 ms of 4 KiB faults, ~2 ms as 2 MiB pages). The 2 MiB-aligned interior of a
-// buffer >= 8 MiB is advised as transparent huge pages (a hint: without THP it is a no-op).
-at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
-  at::Tensor out = at::empty(shape, opts);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t huge = uintptr_t{2} << 20;
-  const uintptr_t bytes = out.nbytes();
-  if (bytes >= 4 * huge) {
-    const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t begin = (p + huge - 1) & ~(huge - 1), end = (p + bytes) & ~(huge - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-  }
-#endif
-  return out;
-}
+using rlkern::empty_output;
 
 template <typename M>
 inline bool valid(const M* m, int64_t t) {
@@ -165,20 +148,7 @@ template <typename F>
 void dispatch_value_mask(at::ScalarType value_type, at::ScalarType mask_type, F&& f) {
   auto with_mask = [&](auto value_tag) {
     using S = decltype(value_tag);
-    switch (mask_type) {
-      case at::kBool: return f(S{}, bool{});
-      case at::kByte: return f(S{}, uint8_t{});
-      case at::kChar: return f(S{}, int8_t{});
-      case at::kShort: return f(S{}, int16_t{});
-      case at::kInt: return f(S{}, int32_t{});
-      case at::kLong: return f(S{}, int64_t{});
-      case at::kHalf: return f(S{}, at::Half{});
-      case at::kBFloat16: return f(S{}, at::BFloat16{});
-      case at::kFloat: return f(S{}, float{});
-      case at::kDouble: return f(S{}, double{});
-      default: TORCH_CHECK(false, "rlkern.advantages: mask must be bool, an integer or a float dtype, got ",
-                           mask_type);
-    }
+    rlkern::dispatch_mask(mask_type, "rlkern.advantages", [&](auto mask_tag) { f(S{}, mask_tag); });
   };
   switch (value_type) {
     case at::kDouble: return with_mask(double{});
@@ -334,23 +304,6 @@ void whiten_flat(const X* x, const M* m, int64_t n, bool shift_mean, bool zero_m
   });
 }
 
-template <typename F>
-void dispatch_mask(at::ScalarType mask_type, F&& f) {
-  switch (mask_type) {
-    case at::kBool: return f(bool{});
-    case at::kByte: return f(uint8_t{});
-    case at::kChar: return f(int8_t{});
-    case at::kShort: return f(int16_t{});
-    case at::kInt: return f(int32_t{});
-    case at::kLong: return f(int64_t{});
-    case at::kHalf: return f(at::Half{});
-    case at::kBFloat16: return f(at::BFloat16{});
-    case at::kFloat: return f(float{});
-    case at::kDouble: return f(double{});
-    default: TORCH_CHECK(false, "rlkern.advantages: mask must be bool, an integer or a float dtype, got ",
-                         mask_type);
-  }
-}
 
 at::Tensor whiten_cpu(const at::Tensor& values, const at::Tensor& mask, bool shift_mean, bool zero_masked) {
   TORCH_CHECK(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble,
@@ -361,7 +314,7 @@ at::Tensor whiten_cpu(const at::Tensor& values, const at::Tensor& mask, bool shi
   const at::Tensor x = values.contiguous();
   const at::Tensor mk = mask.contiguous();
   at::Tensor out = empty_output(values.sizes(), values.options());
-  dispatch_mask(mk.scalar_type(), [&](auto tag) {
+  rlkern::dispatch_mask(mk.scalar_type(), "rlkern.advantages", [&](auto tag) {
     using M = decltype(tag);
     if (x.scalar_type() == at::kDouble) {
       whiten_flat<double, M>(x.data_ptr<double>(), mk.data_ptr<M>(), x.numel(), shift_mean, zero_masked,
@@ -429,7 +382,7 @@ void broadcast_dispatch(const O* value, const at::Tensor& mask, const int32_t* c
   const int64_t T = mk.dim() == 2 ? mk.size(1) : 0;
   const int64_t m_stride = mk.dim() == 2 ? mk.stride(0) : 0;
   if (mk.numel() == 0) return;
-  dispatch_mask(mk.scalar_type(), [&](auto tag) {
+  rlkern::dispatch_mask(mk.scalar_type(), "rlkern.advantages", [&](auto tag) {
     using M = decltype(tag);
     broadcast_rows<O, M>(value, mk.data_ptr<M>(), B, T, m_stride, cu, out);
   });
@@ -870,11 +823,6 @@ constexpr int64_t kOtbChunk = 512;
 
 // GCC (12+: x86-64-v3 as a clone target) builds the exp loop for AVX2+FMA and for the baseline
 // ISA and picks one when the library loads, by the CPU's features.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
-#define RLKERN_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define RLKERN_VECTOR_CLONES
-#endif
 
 // out[i] = exp(x[i]) within 1 ulp of std::exp (x = k ln2 + r with a two-part ln2, |r| <= ln2/2,
 // Taylor series of degree 13: truncation < 1e-17) in a loop without branches or float compares,

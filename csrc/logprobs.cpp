@@ -24,6 +24,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -35,14 +37,6 @@
 #include <type_traits>
 #include <vector>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define RLK_X86_SIMD 1
-#include <immintrin.h>
-#define RLK_TGT __attribute__((target("avx2,fma,f16c")))
-#define RLK_INL __attribute__((target("avx2,fma,f16c"), always_inline)) inline
-#else
-#define RLK_X86_SIMD 0
-#endif
 
 namespace {
 
@@ -850,19 +844,9 @@ RLK_TGT void bwd_rows_f64_avx2(const BwdArgsT<double>& a, double temperature, in
   bwd_rows_f64_avx2_t<false>(a, inv_t, r0, r1);
 }
 
-bool simd_ok() {
-  static const bool ok = [] {
-    const char* env = std::getenv("RLKERN_NO_SIMD");
-    if (env && env[0] == '1') return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  return ok;
-}
-
-#else
-bool simd_ok() { return false; }
 #endif  // RLK_X86_SIMD
+
+using rlkern::simd_ok;
 
 // ---------------------------------------------------------------------------------------------
 // Dispatch.

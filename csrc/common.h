@@ -1,0 +1,91 @@
+// What the C++ kernels share: the x86 SIMD target macros, the run-time SIMD check, the mask
+// dtype dispatch and the token-shaped output allocation (docs/architecture.md, Adding an op
+// family: a second use of a helper moves it here).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstdlib>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+// x86 with GCC or Clang: hand-written AVX2 paths, compiled for that target only and chosen at run
+// time (rlkern_simd_ok); everything else runs the portable scalar loops.
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define RLK_X86_SIMD 1
+#include <immintrin.h>
+#define RLK_TGT __attribute__((target("avx2,fma,f16c")))
+#define RLK_INL __attribute__((target("avx2,fma,f16c"), always_inline)) inline
+#else
+#define RLK_X86_SIMD 0
+#endif
+
+// GCC >= 12 on x86-64 Linux: loops the compiler vectorizes itself, cloned for x86-64-v3 (AVX2)
+// and the baseline, picked by the loader.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
+#define RLKERN_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define RLKERN_VECTOR_CLONES
+#endif
+
+namespace rlkern {
+
+// Whether the AVX2 paths run: the CPU has AVX2, FMA and F16C, and RLKERN_NO_SIMD=1 is not set
+// (the tests use it to run the baseline loops).
+inline bool simd_ok() {
+#if RLK_X86_SIMD
+  static const bool ok = [] {
+    const char* env = std::getenv("RLKERN_NO_SIMD");
+    if (env && env[0] == '1') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// f(M{}) with M the C++ type of a mask dtype: bool, every integer, every float dtype.
+template <typename F>
+void dispatch_mask(at::ScalarType mask_type, const char* op, F&& f) {
+  switch (mask_type) {
+    case at::kBool: return f(bool{});
+    case at::kByte: return f(uint8_t{});
+    case at::kChar: return f(int8_t{});
+    case at::kShort: return f(int16_t{});
+    case at::kInt: return f(int32_t{});
+    case at::kLong: return f(int64_t{});
+    case at::kHalf: return f(at::Half{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    default: TORCH_CHECK(false, op, ": mask must be bool, an integer or a float dtype, got ", mask_type);
+  }
+}
+
+// Token-shaped outputs are written once, in full, right after allocation: for large ones the
+// first-touch page faults cost more than the kernel's own memory traffic (a 32 MiB fill on a
+// 2-core CPU: ~8 ms of 4 KiB faults, ~2 ms as 2 MiB pages). The 2 MiB-aligned interior of a
+// buffer >= 8 MiB is advised as transparent huge pages (a hint: without THP it is a no-op).
+inline at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  at::Tensor out = at::empty(shape, opts);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t huge = uintptr_t{2} << 20;
+  const uintptr_t bytes = out.nbytes();
+  if (bytes >= 4 * huge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t begin = (p + huge - 1) & ~(huge - 1), end = (p + bytes) & ~(huge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
+}  // namespace rlkern
