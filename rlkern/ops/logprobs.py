@@ -28,7 +28,7 @@ from rlkern.ops import vocab_parallel
 from rlkern.reference import logprobs as reference
 
 _KERNELS = ("cpp", "triton")
-_FP64 = ("cpp",)  # the C++ kernels take float64 logits (all in double); the Triton ones do not yet
+_FP64 = ("cpp", "triton")  # the C++ and Triton kernels take float64 logits (all in double)
 _LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LABEL_DTYPES = (torch.int32, torch.int64)
 # TRL's functions have no ignore_index: rows they mask out get this label, which no real index
