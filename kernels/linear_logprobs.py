@@ -60,6 +60,12 @@ patterns (the interpreter stores bf16 as uint16), so ``INTERPRET`` widens the op
 first (exact: a product of two bf16 values fits in fp32) and rounds fp32 -> bf16 casts to
 nearest by hand; the GPU never traces that branch.
 
+float64 hidden states and weight: every kernel computes in the compute dtype ``CDT`` float64
+(float32 otherwise): the GEMM tiles are ``tl.dot`` of float64 operands with a float64
+accumulator (DMMA on sm_90; exact products under the interpreter), the scratch partials,
+log-probs, entropy and gradients are float64, the float hyper-parameters come as float64
+arguments, and the exponentials, tanh, floor and clamps are kernels/logprobs.py's float64 ones.
+
 Not done (yet): extra outputs (log_sum_sq_probs, mean_logits, is_top1); skipping tiles whose
 gradient is negligible (cut-cross-entropy's filter); a persistent / TMA version; tuning on H100.
 """
@@ -73,9 +79,9 @@ import torch
 import triton
 import triton.language as tl
 
-from rlkern.kernels.logprobs import _f32, _f32_recip, _tanh_and_sech2, _to_out
+from rlkern.kernels.logprobs import (_D_MIN64, _FLOOR64, _exp, _f32, _f32_recip, _tanh_and_sech2,
+                                     _to_out)
 
-_LOG2E = tl.constexpr(1.4426950408889634)
 # As in kernels/logprobs.py: logits are clamped to this before the online update, so every
 # difference of maxima stays finite; a row whose logits are all <= -1e30 counts as all -inf.
 _FLOOR = tl.constexpr(-1.0e30)
@@ -91,9 +97,20 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _hyper(logit_scale, softcap, inv_softcap, inv_temp, CDT: tl.constexpr):
+    """The float64 hyper-parameter arguments read in the compute dtype (exact for float32: the
+    launcher rounded them to float32); under the interpreter they are Python floats, which
+    tl.full keeps exact."""
+    return (tl.full((), logit_scale, CDT), tl.full((), softcap, CDT), tl.full((), inv_softcap, CDT),
+            tl.full((), inv_temp, CDT))
+
+
+@triton.jit
 def _dot(a, b, acc, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a @ b with fp32 accumulation."""
-    if INTERPRET:
+    """acc + a @ b with fp32 accumulation (float64 for float64 operands)."""
+    if a.dtype == tl.float64:
+        return tl.dot(a, b, acc)
+    elif INTERPRET:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision=PRECISION)
@@ -123,7 +140,8 @@ def _logits_tile(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Returns ``(softcap(logit_scale * (h W^T + b)), sech^2 of the softcap argument)``, both
-    (BLOCK_N, BLOCK_V) fp32 (the second is only meaningful with HAS_SOFTCAP).
+    (BLOCK_N, BLOCK_V) fp32, or fp64 for fp64 inputs (the second is only meaningful with
+    HAS_SOFTCAP).
 
     ``rows`` (BLOCK_N,) and ``cols`` (BLOCK_V,) are int64 indices already clamped into
     [0, N) and [0, V): tails load real rows (no masks in the K loop, no padding copy) and the
@@ -131,7 +149,10 @@ def _logits_tile(
     offs_k = tl.arange(0, BLOCK_H)
     h_ptrs = hidden_ptr + rows[:, None] * stride_h + offs_k[None, :]  # (BLOCK_N, BLOCK_H)
     w_ptrs = weight_ptr + cols[None, :] * stride_w + offs_k[:, None]  # (BLOCK_H, BLOCK_V) = W^T
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    if hidden_ptr.dtype.element_ty == tl.float64:
+        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for k in range(0, H, BLOCK_H):
         if EVEN_H:
             a = tl.load(h_ptrs)
@@ -144,7 +165,7 @@ def _logits_tile(
         h_ptrs += BLOCK_H
         w_ptrs += BLOCK_H
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols * stride_b).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols * stride_b).to(acc.dtype)[None, :]
     y = acc * logit_scale
     sech2 = y
     if HAS_SOFTCAP:
@@ -160,14 +181,14 @@ def _logits_tile(
 
 @triton.jit
 def _fwd_partials_kernel(
-    hidden_ptr,  # (N, H) fp32/bf16/fp16, strides (stride_h, 1)
+    hidden_ptr,  # (N, H) fp32/bf16/fp16/fp64, strides (stride_h, 1)
     weight_ptr,  # (V, H) hidden's dtype, strides (stride_w, 1)
     bias_ptr,  # (V,) float, stride stride_b; read only when HAS_BIAS
     labels_ptr,  # (N,) int32/int64, stride stride_label
-    m_ptr,  # (N, NVB) fp32 out, strides (stride_part, 1): max of z over the tile's columns
-    s_ptr,  # (N, NVB) fp32 out: sum e^(z - m) over the tile
-    t_ptr,  # (N, NVB) fp32 out: sum e^(z - m) (z - m); only written when WITH_ENTROPY
-    label_z_ptr,  # (N,) fp32 out: z at the label; written by the program whose block holds it
+    m_ptr,  # (N, NVB) CDT (fp32; fp64 for fp64 hidden) out, strides (stride_part, 1): max of z over the tile's columns
+    s_ptr,  # (N, NVB) CDT out: sum e^(z - m) over the tile
+    t_ptr,  # (N, NVB) CDT out: sum e^(z - m) (z - m); only written when WITH_ENTROPY
+    label_z_ptr,  # (N,) CDT out: z at the label; written by the program whose block holds it
     N,  # () tokens
     V,  # () vocab size
     H,  # () hidden size
@@ -176,10 +197,10 @@ def _fwd_partials_kernel(
     stride_b,  # () bias.stride(0)
     stride_label,  # () labels.stride(0)
     stride_part,  # () NVB
-    logit_scale,  # () fp32
-    softcap,  # () c; read only when HAS_SOFTCAP
-    inv_softcap,  # () 1 / c
-    inv_temp,  # () fp32(1 / fp32(T))
+    logit_scale: tl.float64,  # () fp32-rounded (exact for fp64 inputs)
+    softcap: tl.float64,  # () c; read only when HAS_SOFTCAP
+    inv_softcap: tl.float64,  # () 1 / c
+    inv_temp: tl.float64,  # () fp32(1 / fp32(T)) (1 / T for fp64 inputs)
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
@@ -191,6 +212,11 @@ def _fwd_partials_kernel(
     BLOCK_H: tl.constexpr,
     GROUP_N: tl.constexpr,
 ):
+    if hidden_ptr.dtype.element_ty == tl.float64:
+        CDT: tl.constexpr = tl.float64  # the compute dtype (module docstring)
+    else:
+        CDT: tl.constexpr = tl.float32
+    logit_scale, softcap, inv_softcap, inv_temp = _hyper(logit_scale, softcap, inv_softcap, inv_temp, CDT)
     pid_n, pid_v = _tile_ids(tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col0 = pid_v.to(tl.int64) * BLOCK_V
@@ -211,10 +237,16 @@ def _fwd_partials_kernel(
 
     # NaN survives the clamp and reaches s through e. Columns past V hold copies of column
     # V - 1 (clamped loads): harmless in the max, and their e is zeroed.
-    zc = tl.maximum(z, _FLOOR, propagate_nan=tl.PropagateNan.ALL)
+    if CDT == tl.float64:
+        zc = tl.maximum(z, _FLOOR64, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        zc = tl.maximum(z, _FLOOR, propagate_nan=tl.PropagateNan.ALL)
     m = tl.max(zc, axis=1)
     d = zc - m[:, None]
-    e = tl.where(col_ok[None, :], tl.exp2(d * _LOG2E), 0.0)
+    if CDT == tl.float64:
+        # -DBL_MAX - m may overflow to -inf, and e * d would be 0 * -inf (kernels/logprobs.py)
+        d = tl.maximum(d, _D_MIN64, propagate_nan=tl.PropagateNan.ALL)
+    e = tl.where(col_ok[None, :], _exp(d), 0.0)
     part = rows * stride_part + pid_v
     tl.store(m_ptr + part, m, mask=row_ok)
     tl.store(s_ptr + part, tl.sum(e, axis=1), mask=row_ok)
@@ -224,51 +256,66 @@ def _fwd_partials_kernel(
 
 @triton.jit
 def _fwd_finalize_kernel(
-    m_ptr,  # (N, NVB) fp32 from _fwd_partials_kernel, strides (stride_part, 1)
-    s_ptr,  # (N, NVB) fp32
-    t_ptr,  # (N, NVB) fp32; read only when WITH_ENTROPY
-    label_z_ptr,  # (N,) fp32 from _fwd_partials_kernel (only where the label is in range)
+    m_ptr,  # (N, NVB) CDT (fp32; fp64 for fp64 hidden) from _fwd_partials_kernel, strides (stride_part, 1)
+    s_ptr,  # (N, NVB) CDT
+    t_ptr,  # (N, NVB) CDT; read only when WITH_ENTROPY
+    label_z_ptr,  # (N,) CDT from _fwd_partials_kernel (only where the label is in range)
     labels_ptr,  # (N,) int32/int64, stride stride_label
-    logp_ptr,  # (N,) fp32 out
-    entropy_ptr,  # (N,) fp32 out; only written when WITH_ENTROPY
+    logp_ptr,  # (N,) CDT out
+    entropy_ptr,  # (N,) CDT out; only written when WITH_ENTROPY
     lse_ptr,  # (N,) fp64 out: natural-log lse of z, -inf for an all -inf row
     V,  # () vocab size
     NVB,  # () vocab blocks
     stride_label,  # () labels.stride(0)
     stride_part,  # () NVB
     ignore_index,  # () label with logp 0
-    log_vocab,  # () log(V): logp and entropy of an all -inf (uniform) row
+    log_vocab: tl.float64,  # () log(V): logp and entropy of an all -inf (uniform) row
     WITH_ENTROPY: tl.constexpr,
     BLOCK_J: tl.constexpr,  # vocab blocks merged per step (power of 2)
 ):
+    if m_ptr.dtype.element_ty == tl.float64:
+        CDT: tl.constexpr = tl.float64  # the compute dtype (module docstring)
+        FLOOR: tl.constexpr = _FLOOR64
+    else:
+        CDT: tl.constexpr = tl.float32
+        FLOOR: tl.constexpr = _FLOOR
+    log_vocab = tl.full((), log_vocab, CDT)
     row = tl.program_id(0).to(tl.int64)
     base = row * stride_part
     offs = tl.arange(0, BLOCK_J)
-    m = tl.full([BLOCK_J], _FLOOR, tl.float32)
-    s = tl.zeros([BLOCK_J], tl.float32)
-    t = tl.zeros([BLOCK_J], tl.float32)
+    m = tl.full([BLOCK_J], FLOOR, CDT)
+    s = tl.zeros([BLOCK_J], CDT)
+    t = tl.zeros([BLOCK_J], CDT)
     # Lane j merges vocab blocks j, j + BLOCK_J, ... in order, then the lanes merge once: the
     # order depends on V and BLOCK_V only, so the result is deterministic and batch invariant.
     for j in range(0, NVB, BLOCK_J):
         ok = offs < NVB - j
-        m_j = tl.load(m_ptr + base + j + offs, mask=ok, other=_FLOOR)
+        m_j = tl.load(m_ptr + base + j + offs, mask=ok, other=FLOOR)
         s_j = tl.load(s_ptr + base + j + offs, mask=ok, other=0.0)
         m_new = tl.maximum(m, m_j)
-        w_old = tl.exp2((m - m_new) * _LOG2E)
-        w_j = tl.exp2((m_j - m_new) * _LOG2E)
+        d_old = m - m_new
+        d_j = m_j - m_new
+        if CDT == tl.float64:  # -DBL_MAX - m' may overflow (see _fwd_partials_kernel)
+            d_old = tl.maximum(d_old, _D_MIN64, propagate_nan=tl.PropagateNan.ALL)
+            d_j = tl.maximum(d_j, _D_MIN64, propagate_nan=tl.PropagateNan.ALL)
+        w_old = _exp(d_old)
+        w_j = _exp(d_j)
         if WITH_ENTROPY:
             # e^(z-m') (z-m') = w e^(z-m) ((z-m) + (m-m')): shift both t to the new max.
             t_j = tl.load(t_ptr + base + j + offs, mask=ok, other=0.0)
-            t = w_old * tl.fma(s, m - m_new, t) + w_j * tl.fma(s_j, m_j - m_new, t_j)
+            t = w_old * tl.fma(s, d_old, t) + w_j * tl.fma(s_j, d_j, t_j)
         s = s * w_old + s_j * w_j
         m = m_new
 
     m_row = tl.max(m, axis=0)
-    w = tl.exp2((m - m_row) * _LOG2E)
+    dm = m - m_row
+    if CDT == tl.float64:
+        dm = tl.maximum(dm, _D_MIN64, propagate_nan=tl.PropagateNan.ALL)
+    w = _exp(dm)
     s_sum = tl.sum(s * w, axis=0)
     # all -inf (or V = 0). A row of NaN logits has m at the floor too (max drops NaN) but a NaN s:
     # it is not dead, and its lse, log-prob and entropy come out NaN.
-    dead = (m_row <= _FLOOR) & (s_sum == s_sum)
+    dead = (m_row <= FLOOR) & (s_sum == s_sum)
     s_row = tl.where(dead, 1.0, s_sum)
     log_s = tl.log(s_row)
     # float64 and unrounded: the backward's p at a confident label needs its digits.
@@ -285,7 +332,7 @@ def _fwd_finalize_kernel(
     logp = tl.where(label == ignore_index, 0.0, logp)
     tl.store(logp_ptr + row, logp)
     if WITH_ENTROPY:
-        t_row = tl.sum(w * (t + s * (m - m_row)), axis=0)
+        t_row = tl.sum(w * (t + s * dm), axis=0)
         entropy = tl.where(dead, log_vocab, log_s - t_row / s_row)
         entropy = tl.where(entropy < 0.0, 0.0, entropy)  # rounding on peaked rows; NaN stays NaN
         tl.store(entropy_ptr + row, entropy)
@@ -300,7 +347,7 @@ def _fwd_finalize_kernel(
 def _row_coefs(
     rows, row_ok, grad_logp_ptr, grad_entropy_ptr, labels_ptr, lse_ptr, entropy_ptr, V,
     stride_gl, stride_ge, stride_label, stride_lse, stride_ent, ignore_index, grad_scale,
-    HAS_GRAD_ENTROPY: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr, CDT: tl.constexpr,
 ):
     """Per-token constants of ``G_j = p_j (a + b (z_j - lse)) + [j == y] g_y`` (all (BLOCK_N,)),
     with 1/T and logit_scale folded into ``grad_scale``; zero for rows past N. ``rows`` is
@@ -309,20 +356,27 @@ def _row_coefs(
     lse = tl.load(lse_ptr + rows * stride_lse).to(tl.float64)
     dead = lse == float("-inf")
     # As hi + lo in fp32 (lo = 0 for an fp32 lse): z - hi is exact near the max, lo adds the
-    # digits fp32 drops. lse = +inf makes p exactly 0 in a dead row.
+    # digits fp32 drops (float64 compute: hi = lse, lo = 0). lse = +inf makes p exactly 0 in a
+    # dead row.
     lse = tl.where(dead, 0.0, lse)
-    lse_hi = lse.to(tl.float32)
-    lse_lo = (lse - lse_hi.to(tl.float64)).to(tl.float32)
+    lse_hi = lse.to(CDT)
+    lse_lo = (lse - lse_hi.to(tl.float64)).to(CDT)
     lse_hi = tl.where(dead, float("inf"), lse_hi)
     label = tl.load(labels_ptr + rows * stride_label).to(tl.int64)
     live = (label != ignore_index) & (label >= 0) & (label < V) & (~dead) & row_ok
-    g_l = tl.load(grad_logp_ptr + rows * stride_gl).to(tl.float32)
+    if CDT == tl.float64:
+        # Applied by _grad_tile after the products: folded into b, b (z - lse) overflows where
+        # logit_scale ~ 1e306 (and p = 0 then makes it NaN).
+        grad_scale = tl.full((), 1.0, CDT)
+    else:
+        grad_scale = tl.full((), grad_scale, CDT)
+    g_l = tl.load(grad_logp_ptr + rows * stride_gl).to(CDT)
     g_l = tl.where(live, g_l, 0.0)
     g_y = g_l * grad_scale
     if HAS_GRAD_ENTROPY:
-        g_h = tl.load(grad_entropy_ptr + rows * stride_ge).to(tl.float32)
+        g_h = tl.load(grad_entropy_ptr + rows * stride_ge).to(CDT)
         g_h = tl.where(dead | (~row_ok), 0.0, g_h)
-        entropy = tl.load(entropy_ptr + rows * stride_ent).to(tl.float32)
+        entropy = tl.load(entropy_ptr + rows * stride_ent).to(CDT)
         a = -(g_l + g_h * entropy) * grad_scale
         b = -g_h * grad_scale
     else:
@@ -335,13 +389,16 @@ def _row_coefs(
 
 @triton.jit
 def _grad_tile(
-    y, sech2, cols, valid, lse_hi, lse_lo, label, g_y, a, b, inv_temp,
+    y, sech2, cols, valid, lse_hi, lse_lo, label, g_y, a, b, inv_temp, grad_scale,
     HAS_SOFTCAP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
 ):
-    """d loss / d (h W^T + b) of one tile, (BLOCK_N, BLOCK_V) fp32, 0 outside ``valid``."""
+    """d loss / d (h W^T + b) of one tile, (BLOCK_N, BLOCK_V) in y's dtype, 0 outside ``valid``."""
     d = (y * inv_temp - lse_hi[:, None]) - lse_lo[:, None]  # z - lse, z as in the forward
-    d = tl.maximum(d, _D_MIN, propagate_nan=tl.PropagateNan.ALL)
-    p = tl.exp2(d * _LOG2E)
+    if y.dtype == tl.float64:
+        d = tl.maximum(d, _D_MIN64, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        d = tl.maximum(d, _D_MIN, propagate_nan=tl.PropagateNan.ALL)
+    p = _exp(d)
     if HAS_GRAD_ENTROPY:
         g = p * tl.fma(b[:, None], d, a[:, None])
     else:
@@ -349,6 +406,8 @@ def _grad_tile(
     g = tl.where(cols[None, :] == label[:, None], g + g_y[:, None], g)
     if HAS_SOFTCAP:
         g = g * sech2
+    if y.dtype == tl.float64:
+        g = g * grad_scale  # not folded into a, b, g_y in float64 (see _row_coefs)
     return tl.where(valid, g, 0.0)
 
 
@@ -361,14 +420,14 @@ def _bwd_atomic_kernel(
     bias_ptr,  # (V,) stride stride_b; read only when HAS_BIAS
     labels_ptr,  # (N,) int32/int64, stride stride_label
     lse_ptr,  # (N,) fp64 (or fp32) from the forward, stride stride_lse
-    entropy_ptr,  # (N,) fp32 from the forward, stride stride_ent; only with HAS_GRAD_ENTROPY
-    grad_hidden_ptr,  # (N, H) fp32, contiguous, zeroed; added to when NEED_DH
-    grad_weight_ptr,  # (V, H) fp32, contiguous, zeroed; added to when NEED_DW
-    grad_bias_ptr,  # (V,) fp32, zeroed; added to when NEED_DB
+    entropy_ptr,  # (N,) fp32 (fp64 for fp64 hidden) from the forward, stride stride_ent; only with HAS_GRAD_ENTROPY
+    grad_hidden_ptr,  # (N, H) CDT (fp32; fp64 for fp64 hidden), contiguous, zeroed; added to when NEED_DH
+    grad_weight_ptr,  # (V, H) CDT, contiguous, zeroed; added to when NEED_DW
+    grad_bias_ptr,  # (V,) CDT, zeroed; added to when NEED_DB
     N, V, H,
     stride_h, stride_w, stride_b, stride_label, stride_gl, stride_ge, stride_lse, stride_ent,
-    logit_scale, softcap, inv_softcap, inv_temp,
-    grad_scale,  # () fp32(logit_scale / T)
+    logit_scale: tl.float64, softcap: tl.float64, inv_softcap: tl.float64, inv_temp: tl.float64,
+    grad_scale: tl.float64,  # () fp32(logit_scale / T) (unrounded for fp64 hidden)
     ignore_index,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -387,6 +446,11 @@ def _bwd_atomic_kernel(
     BLOCK_HO: tl.constexpr,  # H columns of dh / dW per product step
     GROUP_N: tl.constexpr,
 ):
+    if hidden_ptr.dtype.element_ty == tl.float64:
+        CDT: tl.constexpr = tl.float64  # the compute dtype (module docstring)
+    else:
+        CDT: tl.constexpr = tl.float32
+    logit_scale, softcap, inv_softcap, inv_temp = _hyper(logit_scale, softcap, inv_softcap, inv_temp, CDT)
     pid_n, pid_v = _tile_ids(tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -397,14 +461,14 @@ def _bwd_atomic_kernel(
     lse_hi, lse_lo, label, g_y, a, b, any_grad = _row_coefs(
         rows_c, row_ok, grad_logp_ptr, grad_entropy_ptr, labels_ptr, lse_ptr, entropy_ptr, V,
         stride_gl, stride_ge, stride_label, stride_lse, stride_ent, ignore_index, grad_scale,
-        HAS_GRAD_ENTROPY)
+        HAS_GRAD_ENTROPY, CDT)
     if any_grad:
         y, sech2 = _logits_tile(
             hidden_ptr, weight_ptr, bias_ptr, rows_c, cols_c, H, stride_h, stride_w, stride_b,
             logit_scale, softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, INTERPRET,
             PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         g = _grad_tile(y, sech2, cols, row_ok[:, None] & col_ok[None, :], lse_hi, lse_lo, label,
-                       g_y, a, b, inv_temp, HAS_SOFTCAP, HAS_GRAD_ENTROPY)
+                       g_y, a, b, inv_temp, grad_scale, HAS_SOFTCAP, HAS_GRAD_ENTROPY)
         if NEED_DB:
             tl.atomic_add(grad_bias_ptr + cols, tl.sum(g, axis=0), mask=col_ok, sem="relaxed")
         # The products take G in the input dtype (tensor cores), as PyTorch's bf16 backward does.
@@ -418,7 +482,7 @@ def _bwd_atomic_kernel(
                     w = tl.load(w_ptrs)
                 else:
                     w = tl.load(w_ptrs, mask=in_k[None, :], other=0.0)
-                dh = _dot(g, w, tl.zeros((BLOCK_N, BLOCK_HO), tl.float32), INTERPRET, PRECISION)
+                dh = _dot(g, w, tl.zeros((BLOCK_N, BLOCK_HO), CDT), INTERPRET, PRECISION)
                 tl.atomic_add(grad_hidden_ptr + rows[:, None] * H + k + offs_o[None, :], dh,
                               mask=row_ok[:, None] & in_k[None, :], sem="relaxed")
             if NEED_DW:
@@ -427,7 +491,7 @@ def _bwd_atomic_kernel(
                     x = tl.load(x_ptrs)
                 else:
                     x = tl.load(x_ptrs, mask=in_k[None, :], other=0.0)
-                dw = _dot(tl.trans(g), x, tl.zeros((BLOCK_V, BLOCK_HO), tl.float32), INTERPRET,
+                dw = _dot(tl.trans(g), x, tl.zeros((BLOCK_V, BLOCK_HO), CDT), INTERPRET,
                           PRECISION)
                 tl.atomic_add(grad_weight_ptr + cols[:, None] * H + k + offs_o[None, :], dw,
                               mask=col_ok[:, None] & in_k[None, :], sem="relaxed")
@@ -442,11 +506,12 @@ def _bwd_dh_kernel(
     bias_ptr,  # (V,) stride stride_b; read only when HAS_BIAS
     labels_ptr,  # (N,) int32/int64
     lse_ptr,  # (N,) fp64 (or fp32) from the forward
-    entropy_ptr,  # (N,) fp32 from the forward; only with HAS_GRAD_ENTROPY
-    grad_hidden_ptr,  # (N, H) fp32, contiguous, zeroed; each program owns its BLOCK_N rows
+    entropy_ptr,  # (N,) fp32 (fp64 for fp64 hidden) from the forward; only with HAS_GRAD_ENTROPY
+    grad_hidden_ptr,  # (N, H) CDT (fp32; fp64 for fp64 hidden), contiguous, zeroed; each program owns its BLOCK_N rows
     N, V, H,
     stride_h, stride_w, stride_b, stride_label, stride_gl, stride_ge, stride_lse, stride_ent,
-    logit_scale, softcap, inv_softcap, inv_temp, grad_scale, ignore_index,
+    logit_scale: tl.float64, softcap: tl.float64, inv_softcap: tl.float64, inv_temp: tl.float64,
+    grad_scale: tl.float64, ignore_index,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
@@ -460,13 +525,18 @@ def _bwd_dh_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_HO: tl.constexpr,
 ):
+    if hidden_ptr.dtype.element_ty == tl.float64:
+        CDT: tl.constexpr = tl.float64  # the compute dtype (module docstring)
+    else:
+        CDT: tl.constexpr = tl.float32
+    logit_scale, softcap, inv_softcap, inv_temp = _hyper(logit_scale, softcap, inv_softcap, inv_temp, CDT)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows_c = tl.minimum(rows, N - 1)
     lse_hi, lse_lo, label, g_y, a, b, any_grad = _row_coefs(
         rows_c, row_ok, grad_logp_ptr, grad_entropy_ptr, labels_ptr, lse_ptr, entropy_ptr, V,
         stride_gl, stride_ge, stride_label, stride_lse, stride_ent, ignore_index, grad_scale,
-        HAS_GRAD_ENTROPY)
+        HAS_GRAD_ENTROPY, CDT)
     offs_o = tl.arange(0, BLOCK_HO)
     if any_grad:
         for v0 in range(0, V, BLOCK_V):
@@ -478,7 +548,7 @@ def _bwd_dh_kernel(
                 stride_w, stride_b, logit_scale, softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP,
                 EVEN_H, INTERPRET, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
             g = _grad_tile(y, sech2, cols, row_ok[:, None] & col_ok[None, :], lse_hi, lse_lo,
-                           label, g_y, a, b, inv_temp, HAS_SOFTCAP, HAS_GRAD_ENTROPY)
+                           label, g_y, a, b, inv_temp, grad_scale, HAS_SOFTCAP, HAS_GRAD_ENTROPY)
             g = _to_out(g, hidden_ptr.dtype.element_ty, ROUND_BF16)
             for k in range(0, H, BLOCK_HO):
                 in_k = offs_o < H - k
@@ -504,12 +574,13 @@ def _bwd_dw_kernel(
     bias_ptr,  # (V,) stride stride_b; read only when HAS_BIAS
     labels_ptr,  # (N,) int32/int64
     lse_ptr,  # (N,) fp64 (or fp32) from the forward
-    entropy_ptr,  # (N,) fp32 from the forward; only with HAS_GRAD_ENTROPY
-    grad_weight_ptr,  # (V, H) fp32, contiguous, zeroed; each program owns its BLOCK_V rows
-    grad_bias_ptr,  # (V,) fp32 out when NEED_DB
+    entropy_ptr,  # (N,) fp32 (fp64 for fp64 hidden) from the forward; only with HAS_GRAD_ENTROPY
+    grad_weight_ptr,  # (V, H) CDT (fp32; fp64 for fp64 hidden), contiguous, zeroed; each program owns its BLOCK_V rows
+    grad_bias_ptr,  # (V,) CDT out when NEED_DB
     N, V, H,
     stride_h, stride_w, stride_b, stride_label, stride_gl, stride_ge, stride_lse, stride_ent,
-    logit_scale, softcap, inv_softcap, inv_temp, grad_scale, ignore_index,
+    logit_scale: tl.float64, softcap: tl.float64, inv_softcap: tl.float64, inv_temp: tl.float64,
+    grad_scale: tl.float64, ignore_index,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
@@ -525,11 +596,16 @@ def _bwd_dw_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_HO: tl.constexpr,
 ):
+    if hidden_ptr.dtype.element_ty == tl.float64:
+        CDT: tl.constexpr = tl.float64  # the compute dtype (module docstring)
+    else:
+        CDT: tl.constexpr = tl.float32
+    logit_scale, softcap, inv_softcap, inv_temp = _hyper(logit_scale, softcap, inv_softcap, inv_temp, CDT)
     cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < V
     cols_c = tl.minimum(cols, V - 1)
     offs_o = tl.arange(0, BLOCK_HO)
-    db = tl.zeros((BLOCK_V,), tl.float32)
+    db = tl.zeros((BLOCK_V,), CDT)
     for n0 in range(0, N, BLOCK_N):
         rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_ok = rows < N
@@ -537,14 +613,14 @@ def _bwd_dw_kernel(
         lse_hi, lse_lo, label, g_y, a, b, any_grad = _row_coefs(
             rows_c, row_ok, grad_logp_ptr, grad_entropy_ptr, labels_ptr, lse_ptr, entropy_ptr, V,
             stride_gl, stride_ge, stride_label, stride_lse, stride_ent, ignore_index, grad_scale,
-            HAS_GRAD_ENTROPY)
+            HAS_GRAD_ENTROPY, CDT)
         if any_grad:
             y, sech2 = _logits_tile(
                 hidden_ptr, weight_ptr, bias_ptr, rows_c, cols_c, H, stride_h, stride_w, stride_b,
                 logit_scale, softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, INTERPRET,
                 PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
             g = _grad_tile(y, sech2, cols, row_ok[:, None] & col_ok[None, :], lse_hi, lse_lo,
-                           label, g_y, a, b, inv_temp, HAS_SOFTCAP, HAS_GRAD_ENTROPY)
+                           label, g_y, a, b, inv_temp, grad_scale, HAS_SOFTCAP, HAS_GRAD_ENTROPY)
             if NEED_DB:
                 db += tl.sum(g, axis=0)
             if NEED_DW:
@@ -585,7 +661,7 @@ if _INTERPRET:
         dh=dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=16, BLOCK_HO=32, num_warps=1, num_stages=1),
         dw=dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=16, BLOCK_HO=32, num_warps=1, num_stages=1),
         atomic=dict(BLOCK_H=16, BLOCK_HO=32),
-    ) for size in (2, 4)}
+    ) for size in (2, 4, 8)}
 else:
     _LAUNCH = {
         2: dict(  # bf16 / fp16: wgmma tiles
@@ -599,6 +675,12 @@ else:
             dh=dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, BLOCK_HO=32, num_warps=8, num_stages=3),
             dw=dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, BLOCK_HO=32, num_warps=8, num_stages=3),
             atomic=dict(BLOCK_H=32, BLOCK_HO=32),
+        ),
+        8: dict(  # fp64: DMMA tiles (mma.sync m8n8k4), fp64 accumulators; small tiles for registers
+            fwd=dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, GROUP_N=8, num_warps=4, num_stages=2),
+            dh=dict(BLOCK_N=32, BLOCK_V=64, BLOCK_H=16, BLOCK_HO=32, num_warps=4, num_stages=2),
+            dw=dict(BLOCK_N=64, BLOCK_V=32, BLOCK_H=16, BLOCK_HO=32, num_warps=4, num_stages=2),
+            atomic=dict(BLOCK_H=16, BLOCK_HO=32),
         ),
     }
 
@@ -616,10 +698,17 @@ else:
 # with 8 warps and BLOCK_HO 32 do not spill, 4 warps or BLOCK_HO 64 do).
 _ATOMIC_FP32_IEEE = _ATOMIC_CONFIGS[:1] if _INTERPRET else [
     triton.Config(dict(BLOCK_N=64, BLOCK_V=64, GROUP_N=8), num_warps=8, num_stages=3)]
+# fp64 tiles hold twice the registers of fp32 ones: the smaller shapes only.
+_ATOMIC_FP64 = _ATOMIC_CONFIGS[:1] if _INTERPRET else [
+    triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, GROUP_N=8), num_warps=4, num_stages=2)
+    for bn, bv in [(64, 64), (32, 64)]]
 
 
 def _prune_atomic(configs, named_args, **kwargs):
-    fp32_ieee = named_args["hidden_ptr"].dtype == torch.float32 and kwargs.get("PRECISION") == "ieee"
+    dtype = named_args["hidden_ptr"].dtype
+    if dtype == torch.float64:
+        return _ATOMIC_FP64
+    fp32_ieee = dtype == torch.float32 and kwargs.get("PRECISION") == "ieee"
     return _ATOMIC_FP32_IEEE if fp32_ieee else configs
 
 
@@ -649,8 +738,8 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     n, h = hidden.shape
     if weight.ndim != 2 or weight.shape[1] != h:
         raise ValueError(f"weight must be [V, {h}], got shape {tuple(weight.shape)}")
-    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"hidden must be float32/bfloat16/float16, got {hidden.dtype}")
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise TypeError(f"hidden must be float32/bfloat16/float16/float64, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
     for name, x in (("hidden", hidden), ("weight", weight)):
@@ -669,13 +758,17 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")
 
 
-def _scalar_args(bias, logit_scale, softcap, temperature) -> dict:
+def _scalar_args(bias, logit_scale, softcap, temperature, fp64: bool) -> dict:
+    """The kernels' float hyper-parameters: float32 values (PyTorch's fp32 roundings), or the
+    exact float64 ones for float64 inputs."""
     has_softcap = softcap > 0
+    f32 = (lambda x: x) if fp64 else _f32
+    recip = (lambda x: 1.0 / x) if fp64 else _f32_recip
     return dict(
-        logit_scale=_f32(logit_scale),
-        softcap=_f32(softcap) if has_softcap else 0.0,
-        inv_softcap=_f32_recip(softcap) if has_softcap else 0.0,
-        inv_temp=_f32_recip(temperature),
+        logit_scale=f32(logit_scale),
+        softcap=f32(softcap) if has_softcap else 0.0,
+        inv_softcap=recip(softcap) if has_softcap else 0.0,
+        inv_temp=recip(temperature),
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=has_softcap,
         INTERPRET=_INTERPRET,
@@ -684,7 +777,7 @@ def _scalar_args(bias, logit_scale, softcap, temperature) -> dict:
 
 
 def linear_logprobs_forward(
-    hidden: torch.Tensor,  # (N, H) fp32/bf16/fp16, stride(1) == 1
+    hidden: torch.Tensor,  # (N, H) fp32/bf16/fp16/fp64, stride(1) == 1
     weight: torch.Tensor,  # (V, H) hidden's dtype, stride(1) == 1
     bias: torch.Tensor | None,  # (V,) float or None
     labels: torch.Tensor,  # (N,) int32/int64
@@ -694,16 +787,18 @@ def linear_logprobs_forward(
     ignore_index: int,
     with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(logprobs [N] fp32, entropy [N] fp32 or [0], lse [N] fp64)`` on hidden.device,
-    with ``lse`` the log-sum-exp of ``z = softcap(logit_scale * (h W^T + b)) / T`` (what
-    ``linear_logprobs_backward`` needs). Extra memory: a ``[3, N, cdiv(V, BLOCK_V)]`` fp32
-    scratch and an ``[N]`` fp32 vector."""
+    """Returns ``(logprobs [N] fp32, entropy [N] fp32 or [0], lse [N] fp64)`` on hidden.device
+    (logprobs and entropy fp64 for fp64 inputs), with ``lse`` the log-sum-exp of ``z =
+    softcap(logit_scale * (h W^T + b)) / T`` (what ``linear_logprobs_backward`` needs). Extra
+    memory: a ``[3, N, cdiv(V, BLOCK_V)]`` scratch and an ``[N]`` vector, fp32 (fp64)."""
     _check(hidden, weight, bias, labels)
     n, h = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    logp = torch.empty(n, dtype=torch.float32, device=device)
-    entropy = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=device)
+    fp64 = hidden.dtype == torch.float64
+    cdt = torch.float64 if fp64 else torch.float32
+    logp = torch.empty(n, dtype=cdt, device=device)
+    entropy = torch.empty(n if with_entropy else 0, dtype=cdt, device=device)
     lse = torch.empty(n, dtype=torch.float64, device=device)
     if n == 0:
         return logp, entropy, lse
@@ -715,15 +810,15 @@ def linear_logprobs_forward(
         return logp, entropy, lse
     launch = _LAUNCH[hidden.element_size()]["fwd"]
     nvb = triton.cdiv(vocab, launch["BLOCK_V"])
-    partials = torch.empty((3 if with_entropy else 2, n, nvb), dtype=torch.float32, device=device)
+    partials = torch.empty((3 if with_entropy else 2, n, nvb), dtype=cdt, device=device)
     m, s, t = partials[0], partials[1], partials[-1]
-    label_z = torch.empty(n, dtype=torch.float32, device=device)
+    label_z = torch.empty(n, dtype=cdt, device=device)
     _fwd_partials_kernel[(triton.cdiv(n, launch["BLOCK_N"]) * nvb,)](
         hidden, weight, weight if bias is None else bias, labels, m, s, t, label_z,
         n, vocab, h, hidden.stride(0), weight.stride(0), 1 if bias is None else bias.stride(0),
         labels.stride(0), nvb,
         WITH_ENTROPY=bool(with_entropy), EVEN_H=h % launch["BLOCK_H"] == 0, enable_fp_fusion=False,
-        **_scalar_args(bias, logit_scale, softcap, temperature), **launch,
+        **_scalar_args(bias, logit_scale, softcap, temperature, fp64), **launch,
     )
     _fwd_finalize_kernel[(n,)](
         m, s, t, label_z, labels, logp, entropy if with_entropy else logp, lse,
@@ -742,7 +837,7 @@ def linear_logprobs_backward(
     bias: torch.Tensor | None,  # (V,) or None
     labels: torch.Tensor,  # (N,) int32/int64
     lse: torch.Tensor,  # (N,) fp64 (or fp32) from the forward
-    entropy: torch.Tensor | None,  # (N,) fp32 from the forward; needed with grad_entropy
+    entropy: torch.Tensor | None,  # (N,) fp32 (fp64) from the forward; needed with grad_entropy
     logit_scale: float,
     softcap: float,
     temperature: float,
@@ -752,8 +847,8 @@ def linear_logprobs_backward(
     need_bias: bool,
     deterministic: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Returns ``(grad_hidden [N, H], grad_weight [V, H], grad_bias [V])`` in fp32 (each None
-    when not needed; grad_bias None without a bias).
+    """Returns ``(grad_hidden [N, H], grad_weight [V, H], grad_bias [V])`` in fp32, fp64 for fp64
+    inputs (each None when not needed; grad_bias None without a bias).
 
     ``deterministic=False`` accumulates with fp32 atomics (3 GEMMs of work); ``True`` uses no
     atomics and fixed summation orders, at the cost of a fourth GEMM and fp32 read-modify-write
@@ -769,16 +864,18 @@ def linear_logprobs_backward(
         raise ValueError(f"grad_entropy needs the forward's entropy of shape ({n},)")
     need_bias = need_bias and bias is not None
     device = hidden.device
-    grad_hidden = torch.zeros((n, h), dtype=torch.float32, device=device) if need_hidden else None
-    grad_weight = torch.zeros((vocab, h), dtype=torch.float32, device=device) if need_weight else None
-    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias else None
+    fp64 = hidden.dtype == torch.float64
+    cdt = torch.float64 if fp64 else torch.float32
+    grad_hidden = torch.zeros((n, h), dtype=cdt, device=device) if need_hidden else None
+    grad_weight = torch.zeros((vocab, h), dtype=cdt, device=device) if need_weight else None
+    grad_bias = torch.zeros(vocab, dtype=cdt, device=device) if need_bias else None
     if n == 0 or vocab == 0 or not (need_hidden or need_weight or need_bias):
         return grad_hidden, grad_weight, grad_bias
     launch = _LAUNCH[hidden.element_size()]
     has_grad_entropy = grad_entropy is not None
     # Unused pointers get a valid tensor the kernels never read or write; the empty one is
     # what the autotuner zeroes for grads that are not needed.
-    unused = torch.empty(0, dtype=torch.float32, device=device)
+    unused = torch.empty(0, dtype=cdt, device=device)
     grad_entropy_arg = grad_entropy if has_grad_entropy else grad_logp
     entropy_arg = entropy if has_grad_entropy else lse
     inputs = (grad_logp, grad_entropy_arg, hidden, weight, weight if bias is None else bias,
@@ -789,12 +886,12 @@ def linear_logprobs_backward(
         entropy_arg.stride(0),
     )
     scalars = dict(
-        grad_scale=_f32(logit_scale / temperature),
+        grad_scale=logit_scale / temperature if fp64 else _f32(logit_scale / temperature),
         ignore_index=ignore_index,
         HAS_GRAD_ENTROPY=has_grad_entropy,
         ROUND_BF16=_INTERPRET and hidden.dtype == torch.bfloat16,
         enable_fp_fusion=False,
-        **_scalar_args(bias, logit_scale, softcap, temperature),
+        **_scalar_args(bias, logit_scale, softcap, temperature, fp64),
     )
 
     def even(cfg):

@@ -31,6 +31,15 @@ the backward's u are the forward's bit for bit, so p at the row max is e^-log(s)
 storage rounding (see ``lse_dtype``), and the error against the float64 reference tracks
 PyTorch's fp32 error.
 
+float64 logits: the compute dtype ``CDT`` of both kernels is float64 (float32 for every other
+input dtype): u = z * (1/T) in double, the exponentials by ``tl.exp`` (not ``exp2(x * log2 e)``,
+whose rounded product costs |x| ulps), a double tanh (``_tanh_and_sech2_f64``), float64 log-prob,
+entropy and gradient. The float hyper-parameters come as float64 arguments (a Python float
+would be passed as float32) and are read in CDT. Logits span the whole double range there, so
+no floor keeps differences of maxima finite: the floor is -DBL_MAX (it only replaces -inf), and
+the differences ``u - m`` are clamped at ``_D_MIN64`` where e^d is 0 anyway (an overflow to -inf
+would give 0 * -inf = NaN).
+
 Not done (yet): a 2-D grid splitting the vocabulary when N is too small to fill the GPU (a few
 rows of a huge vocab run on a few SMs only); it needs a second pass to merge the partial states.
 """
@@ -55,17 +64,66 @@ _FLOOR = tl.constexpr(-1.0e30)
 _D_MIN = tl.constexpr(-200.0)
 # Below this |x| tanh comes from an odd polynomial: 1 - 2 / (e^2x + 1) cancels near 0.
 _TANH_SMALL = tl.constexpr(0.55)
+# float64 compute (float64 logits): -inf becomes -DBL_MAX (the clamp only keeps -inf - -inf out);
+# u - m, m_old - m_new and u - lse are clamped at -1000 (e^-1000 is 0 in float64, as e^-200 is in
+# float32): they may overflow to -inf at |logits| ~ 1e308, and 0 * -inf is NaN.
+_FLOOR64 = tl.constexpr(-1.7976931348623157e308)
+_D_MIN64 = tl.constexpr(-1000.0)
+
+
+@triton.jit
+def _expm1_small_f64(y):
+    """expm1(y) for float64 0 <= y <= 1.1, to a few ulp (e^y - 1 would cancel near 0).
+
+    y / 16 (exact) keeps the Taylor series short: to a^9 / 9! the remainder is < 1e-17
+    relative; then expm1(2a) = expm1(a) (expm1(a) + 2) four times, each a product of positive
+    numbers (no cancellation, about an ulp each)."""
+    a = y * 0.0625
+    p = tl.fma(a, 1.0 / 9.0, 1.0)
+    p = tl.fma(a * (1.0 / 8.0), p, 1.0)
+    p = tl.fma(a * (1.0 / 7.0), p, 1.0)
+    p = tl.fma(a * (1.0 / 6.0), p, 1.0)
+    p = tl.fma(a * (1.0 / 5.0), p, 1.0)
+    p = tl.fma(a * 0.25, p, 1.0)
+    p = tl.fma(a * (1.0 / 3.0), p, 1.0)
+    p = tl.fma(a * 0.5, p, 1.0)
+    e = a * p
+    e = e * (e + 2.0)
+    e = e * (e + 2.0)
+    e = e * (e + 2.0)
+    e = e * (e + 2.0)
+    return e
+
+
+@triton.jit
+def _tanh_and_sech2_f64(x):
+    """float64 (tanh(x), 1 - tanh(x)^2) to a few ulp, from ``tl.exp`` only (runs under
+    TRITON_INTERPRET). Large |x|: t = e^-2|x|, tanh = (1 - t) / (1 + t), sech^2 = 4 t / (1 + t)^2
+    (1 - t >= 0.66: no cancellation). Small |x|: with E = expm1(2|x|), tanh = E / (E + 2)."""
+    ax = tl.abs(x)
+    t = tl.exp(ax * -2.0)
+    r = 1.0 / (1.0 + t)
+    big = (1.0 - t) * r
+    is_small = ax < _TANH_SMALL  # False for NaN: NaN flows through the exp branch
+    e = _expm1_small_f64(tl.where(is_small, ax * 2.0, 0.0))
+    small = e / (e + 2.0)
+    th = tl.where(is_small, small, big)
+    sech2 = tl.where(is_small, tl.fma(-small, small, 1.0), 4.0 * t * r * r)
+    return tl.where(x < 0, -th, th), sech2
 
 
 @triton.jit
 def _tanh_and_sech2(x):
-    """Returns (tanh(x), 1 - tanh(x)^2), both to a few fp32 ulp.
+    """Returns (tanh(x), 1 - tanh(x)^2), both to a few fp32 ulp (a few float64 ulp for float64
+    x: ``_tanh_and_sech2_f64``).
 
     libdevice.tanh does not run under TRITON_INTERPRET, so the CPU tests could not cover it.
     Large |x|: t = e^-2|x| in (0, 1] never overflows, tanh = (1 - t) / (1 + t), and sech^2 =
     4 t / (1 + t)^2 stays accurate where tanh saturates and 1 - tanh^2 would keep only its
     rounding error. Small |x|, where 1 - t cancels (most logits / c): an odd polynomial.
     """
+    if x.dtype == tl.float64:
+        return _tanh_and_sech2_f64(x)
     ax = tl.abs(x)
     t = tl.exp2(ax * (-2.0 * _LOG2E))
     r = 1.0 / (1.0 + t)
@@ -86,39 +144,59 @@ def _tanh_and_sech2(x):
 
 
 @triton.jit
+def _exp(x):
+    """e^x: exp2 of x log2(e) in float32 (the fast path); ``tl.exp`` in float64, where the
+    rounding of x log2(e) would cost |x| ulps."""
+    if x.dtype == tl.float64:
+        return tl.exp(x)
+    else:
+        return tl.exp2(x * _LOG2E)
+
+
+@triton.jit
 def _fwd_update(u, m, s, t, WITH_ENTROPY: tl.constexpr):
     """One [CHUNKS, VEC] block of u into the per-chunk online state (m, s, t), all [CHUNKS]."""
+    FP64: tl.constexpr = u.dtype == tl.float64
     if WITH_ENTROPY:
         # e * d below is 0 * -inf = NaN at u = -inf; finite u makes it 0 (e underflows). Without
         # the entropy, -inf just gives e = 0 (m starts finite). NaN survives the clamp (GPU fmax
         # would drop it) and reaches s through e either way.
-        u = tl.maximum(u, _FLOOR, propagate_nan=tl.PropagateNan.ALL)
+        if FP64:
+            u = tl.maximum(u, _FLOOR64, propagate_nan=tl.PropagateNan.ALL)
+        else:
+            u = tl.maximum(u, _FLOOR, propagate_nan=tl.PropagateNan.ALL)
     m_new = tl.maximum(m, tl.max(u, axis=1))
-    alpha = tl.exp2((m - m_new) * _LOG2E)  # one exp per chunk, 1 while the max holds
+    dm = m - m_new
     d = u - m_new[:, None]
-    e = tl.exp2(d * _LOG2E)
+    if FP64:
+        if WITH_ENTROPY:
+            # float64 differences may overflow to -inf (module docstring); e and alpha stay 0.
+            dm = tl.maximum(dm, _D_MIN64, propagate_nan=tl.PropagateNan.ALL)
+            d = tl.maximum(d, _D_MIN64, propagate_nan=tl.PropagateNan.ALL)
+    alpha = _exp(dm)  # one exp per chunk, 1 while the max holds
+    e = _exp(d)
     if WITH_ENTROPY:
         # e^(u-m') (u-m') = alpha e^(u-m) ((u-m) + (m-m')): shift the old t to the new max.
-        t = tl.fma(alpha, tl.fma(s, m - m_new, t), tl.sum(e * d, axis=1))
+        t = tl.fma(alpha, tl.fma(s, dm, t), tl.sum(e * d, axis=1))
     s = tl.fma(s, alpha, tl.sum(e, axis=1))
     return m_new, s, t
 
 
 @triton.jit
 def _logprobs_fwd_kernel(
-    logits_ptr,  # (N, V) fp32/bf16/fp16, strides (stride_row, 1)
+    logits_ptr,  # (N, V) fp32/bf16/fp16/fp64, strides (stride_row, 1)
     labels_ptr,  # (N,) int32/int64, stride stride_label
-    logp_ptr,  # (N,) fp32, out
-    entropy_ptr,  # (N,) fp32, out; only written when WITH_ENTROPY
+    logp_ptr,  # (N,) fp32 (fp64 for fp64 logits), out
+    entropy_ptr,  # (N,) logp's dtype, out; only written when WITH_ENTROPY
     lse_ptr,  # (N,) fp32 or fp64, out: natural-log lse of u, -inf for an all -inf row
     V,  # () vocab size
     stride_row,  # () logits.stride(0), in elements
     stride_label,  # () labels.stride(0)
-    inv_temp,  # () fp32(1 / fp32(T)): u = z * inv_temp, bit for bit PyTorch's z / T
-    softcap,  # () c of c * tanh(z / c); read only when HAS_SOFTCAP
-    inv_softcap,  # () 1 / c
+    inv_temp: tl.float64,  # () fp32(1 / fp32(T)) (1 / T for fp64): u = z * inv_temp, PyTorch's z / T
+    softcap: tl.float64,  # () c of c * tanh(z / c); read only when HAS_SOFTCAP
+    inv_softcap: tl.float64,  # () 1 / c
     ignore_index,  # () label with logp 0
-    log_vocab,  # () log(V): logp and entropy of an all -inf (uniform) row
+    log_vocab: tl.float64,  # () log(V): logp and entropy of an all -inf (uniform) row
     vocab_start,  # () global id of column 0; read only when SHARD
     HAS_SOFTCAP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
@@ -127,37 +205,53 @@ def _logprobs_fwd_kernel(
     VEC: tl.constexpr,  # elements per chunk: 16 bytes / element size
 ):
     BLOCK: tl.constexpr = CHUNKS * VEC
+    # The compute dtype: float64 for float64 logits, else float32 (module docstring).
+    if logits_ptr.dtype.element_ty == tl.float64:
+        CDT: tl.constexpr = tl.float64
+        FLOOR: tl.constexpr = _FLOOR64
+    else:
+        CDT: tl.constexpr = tl.float32
+        FLOOR: tl.constexpr = _FLOOR
+    # float64 arguments read in CDT (exact for float32: the launcher rounded them to float32);
+    # under the interpreter they are Python floats, which tl.full keeps exact.
+    inv_temp = tl.full((), inv_temp, CDT)
+    softcap = tl.full((), softcap, CDT)
+    inv_softcap = tl.full((), inv_softcap, CDT)
+    log_vocab = tl.full((), log_vocab, CDT)
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     offs = tl.arange(0, CHUNKS)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # (CHUNKS, VEC)
 
-    m = tl.full([CHUNKS], _FLOOR, tl.float32)
-    s = tl.zeros([CHUNKS], tl.float32)
-    t = tl.zeros([CHUNKS], tl.float32)
+    m = tl.full([CHUNKS], FLOOR, CDT)
+    s = tl.zeros([CHUNKS], CDT)
+    t = tl.zeros([CHUNKS], CDT)
     v_full = (V // BLOCK) * BLOCK
     # Full blocks without masks; the vocab tail is one masked block below (no padding copy).
     for start in range(0, v_full, BLOCK):
-        z = tl.load(row_ptr + start + offs).to(tl.float32)
+        z = tl.load(row_ptr + start + offs).to(CDT)
         if HAS_SOFTCAP:
             z = softcap * _tanh_and_sech2(z * inv_softcap)[0]
         m, s, t = _fwd_update(z * inv_temp, m, s, t, WITH_ENTROPY)
     in_row = offs < V - v_full
     if HAS_SOFTCAP:
         # softcap(-inf) = -c: mask after the cap so lanes past V still count for nothing.
-        z = tl.load(row_ptr + v_full + offs, mask=in_row, other=0.0).to(tl.float32)
+        z = tl.load(row_ptr + v_full + offs, mask=in_row, other=0.0).to(CDT)
         z = tl.where(in_row, softcap * _tanh_and_sech2(z * inv_softcap)[0], float("-inf"))
     else:
-        z = tl.load(row_ptr + v_full + offs, mask=in_row, other=float("-inf")).to(tl.float32)
+        z = tl.load(row_ptr + v_full + offs, mask=in_row, other=float("-inf")).to(CDT)
     m, s, t = _fwd_update(z * inv_temp, m, s, t, WITH_ENTROPY)
 
-    # Merge the chunk lanes once per row. Lanes that only saw -inf have m = _FLOOR, w = 0 and
+    # Merge the chunk lanes once per row. Lanes that only saw -inf have m = FLOOR, w = 0 and
     # finite t + s (m - M), so they add exact zeros.
     m_row = tl.max(m, axis=0)
-    w = tl.exp2((m - m_row) * _LOG2E)
+    dm = m - m_row
+    if CDT == tl.float64:
+        dm = tl.maximum(dm, _D_MIN64, propagate_nan=tl.PropagateNan.ALL)  # -DBL_MAX - M may be -inf
+    w = _exp(dm)
     s_sum = tl.sum(s * w, axis=0)
     # all -inf (or V = 0). A row of NaN logits has m at the floor too (max drops NaN) but a NaN s:
     # it is not dead, and its lse, log-prob and entropy come out NaN.
-    dead = (m_row <= _FLOOR) & (s_sum == s_sum)
+    dead = (m_row <= FLOOR) & (s_sum == s_sum)
     s_row = tl.where(dead, 1.0, s_sum)  # a dead row's s may be 0; not used
     log_s = tl.log(s_row)
     if lse_ptr.dtype.element_ty == tl.float64:
@@ -173,7 +267,7 @@ def _logprobs_fwd_kernel(
     else:
         col = label
     in_range = (col >= 0) & (col < V)
-    z_y = tl.load(row_ptr + col, mask=in_range, other=0.0).to(tl.float32)
+    z_y = tl.load(row_ptr + col, mask=in_range, other=0.0).to(CDT)
     if HAS_SOFTCAP:
         z_y = softcap * _tanh_and_sech2(z_y * inv_softcap)[0]
     # u_y - m is exact near the max: logp keeps its digits when |logits| ~ 1e4 and lse does
@@ -192,7 +286,7 @@ def _logprobs_fwd_kernel(
     tl.store(logp_ptr + row, logp)
     tl.store(lse_ptr + row, lse)
     if WITH_ENTROPY:
-        t_row = tl.sum(w * (t + s * (m - m_row)), axis=0)
+        t_row = tl.sum(w * (t + s * dm), axis=0)
         entropy = log_s - t_row / s_row
         entropy = tl.where(dead, log_vocab, entropy)
         entropy = tl.where(entropy < 0.0, 0.0, entropy)  # rounding on peaked rows; NaN stays NaN
@@ -215,21 +309,24 @@ def _to_out(g, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
 def _bwd_block(
     block_ptr, grad_block_ptr, offs, in_row, label, lse_eff, lse_lo, g_label, a, b, inv_temp,
     softcap, inv_softcap, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
-    ROUND_BF16: tl.constexpr, MASKED: tl.constexpr,
+    ROUND_BF16: tl.constexpr, MASKED: tl.constexpr, CDT: tl.constexpr,
 ):
     """One block of the row; pointers and label are relative to the block start, so the
     per-element work is the arange compare alone (no per-element index add)."""
     if MASKED:
         # -inf past V: p = 0 there (0 could exceed lse and overflow e^(u - lse); not stored).
-        z = tl.load(block_ptr + offs, mask=in_row, other=float("-inf")).to(tl.float32)
+        z = tl.load(block_ptr + offs, mask=in_row, other=float("-inf")).to(CDT)
     else:
-        z = tl.load(block_ptr + offs).to(tl.float32)
+        z = tl.load(block_ptr + offs).to(CDT)
     if HAS_SOFTCAP:
         th, sech2 = _tanh_and_sech2(z * inv_softcap)
         z = softcap * th
     d = (z * inv_temp - lse_eff) - lse_lo  # u - lse; exact near the max
-    d = tl.maximum(d, _D_MIN, propagate_nan=tl.PropagateNan.ALL)
-    p = tl.exp2(d * _LOG2E)
+    if CDT == tl.float64:
+        d = tl.maximum(d, _D_MIN64, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        d = tl.maximum(d, _D_MIN, propagate_nan=tl.PropagateNan.ALL)
+    p = _exp(d)
     if HAS_GRAD_ENTROPY:
         g = p * tl.fma(b, d, a)
     else:
@@ -248,10 +345,10 @@ def _bwd_block(
 def _logprobs_bwd_kernel(
     grad_logp_ptr,  # (N,) float, stride stride_gl
     grad_entropy_ptr,  # (N,) float, stride stride_ge; read only when HAS_GRAD_ENTROPY
-    logits_ptr,  # (N, V) fp32/bf16/fp16, strides (stride_row, 1)
+    logits_ptr,  # (N, V) fp32/bf16/fp16/fp64, strides (stride_row, 1)
     labels_ptr,  # (N,) int32/int64, stride stride_label
     lse_ptr,  # (N,) fp32 or fp64 from the forward, stride stride_lse
-    entropy_ptr,  # (N,) fp32 from the forward, stride stride_ent; only with HAS_GRAD_ENTROPY
+    entropy_ptr,  # (N,) fp32 (fp64 for fp64 logits) from the forward, stride stride_ent; only with HAS_GRAD_ENTROPY
     grad_logits_ptr,  # (N, V) logits' dtype, strides (stride_grad_row, 1); may alias logits
     V,  # () vocab size
     stride_row,  # () logits.stride(0)
@@ -261,9 +358,9 @@ def _logprobs_bwd_kernel(
     stride_ge,  # () grad_entropy.stride(0)
     stride_lse,  # () lse.stride(0)
     stride_ent,  # () entropy.stride(0)
-    inv_temp,  # () fp32(1 / fp32(T))
-    softcap,  # () c; read only when HAS_SOFTCAP
-    inv_softcap,  # () 1 / c
+    inv_temp: tl.float64,  # () fp32(1 / fp32(T)) (1 / T for fp64 logits)
+    softcap: tl.float64,  # () c; read only when HAS_SOFTCAP
+    inv_softcap: tl.float64,  # () 1 / c
     ignore_index,  # () label with no gradient
     vocab_start,  # () global id of column 0; read only when SHARD
     HAS_SOFTCAP: tl.constexpr,
@@ -272,12 +369,23 @@ def _logprobs_bwd_kernel(
     ROUND_BF16: tl.constexpr,  # round fp32 -> bf16 by hand (the interpreter truncates)
     BLOCK: tl.constexpr,
 ):
+    if logits_ptr.dtype.element_ty == tl.float64:
+        CDT: tl.constexpr = tl.float64
+    else:
+        CDT: tl.constexpr = tl.float32
+    inv_temp = tl.full((), inv_temp, CDT)
+    softcap = tl.full((), softcap, CDT)
+    inv_softcap = tl.full((), inv_softcap, CDT)
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     grad_row_ptr = grad_logits_ptr + row * stride_grad_row
     lse = tl.load(lse_ptr + row * stride_lse)
     dead = lse == float("-inf")
-    if lse_ptr.dtype.element_ty == tl.float64:
+    if CDT == tl.float64:
+        # u - lse in float64 directly: no split needed.
+        lse_hi = lse.to(tl.float64)
+        lse_lo = 0.0
+    elif lse_ptr.dtype.element_ty == tl.float64:
         # hi + lo in fp32: u - hi is exact near the max, lo then adds the digits fp32 drops.
         lse = tl.where(dead, 0.0, lse)
         lse_hi = lse.to(tl.float32)
@@ -302,15 +410,15 @@ def _logprobs_bwd_kernel(
         live = here
     # int32 for the per-element compare; g_label is 0 unless here, so -1 never matters.
     label = tl.where(in_range, col, -1).to(tl.int32)
-    g_l = tl.load(grad_logp_ptr + row * stride_gl).to(tl.float32)
+    g_l = tl.load(grad_logp_ptr + row * stride_gl).to(CDT)
     g_l = tl.where(live, g_l, 0.0)
     # dL/dz = [j == y] g_l / T + p (a + b (u - lse)), the 1/T folded into the row scalars.
     g_soft = g_l * inv_temp
     g_label = tl.where(here, g_soft, 0.0)
     if HAS_GRAD_ENTROPY:
-        g_h = tl.load(grad_entropy_ptr + row * stride_ge).to(tl.float32)
+        g_h = tl.load(grad_entropy_ptr + row * stride_ge).to(CDT)
         g_h = tl.where(dead, 0.0, g_h)
-        entropy = tl.load(entropy_ptr + row * stride_ent).to(tl.float32)
+        entropy = tl.load(entropy_ptr + row * stride_ent).to(CDT)
         a = -(g_l + g_h * entropy) * inv_temp
         b = -g_h * inv_temp
     else:
@@ -324,10 +432,10 @@ def _logprobs_bwd_kernel(
     for start in range(0, v_full, BLOCK):
         _bwd_block(row_ptr + start, grad_row_ptr + start, offs, None, label - start, lse_eff,
                    lse_lo, g_label, a, b, inv_temp, softcap, inv_softcap, HAS_SOFTCAP,
-                   HAS_GRAD_ENTROPY, ROUND_BF16, False)
+                   HAS_GRAD_ENTROPY, ROUND_BF16, False, CDT)
     _bwd_block(row_ptr + v_full, grad_row_ptr + v_full, offs, offs < V - v_full, label - v_full,
                lse_eff, lse_lo, g_label, a, b, inv_temp, softcap, inv_softcap, HAS_SOFTCAP,
-               HAS_GRAD_ENTROPY, ROUND_BF16, True)
+               HAS_GRAD_ENTROPY, ROUND_BF16, True, CDT)
 
 
 # Both kernels launch with enable_fp_fusion=False: a mul-add contracted into an FMA skips the
@@ -364,12 +472,22 @@ def _f32_recip(x: float) -> float:
     return _f32(1.0 / _f32(x))
 
 
+def _scalars(temperature: float, softcap: float, fp64: bool) -> tuple[float, float, float]:
+    """(inv_temp, softcap, inv_softcap) as the kernels take them (0 for an absent softcap):
+    float32 values for float32 compute (see ``_f32_recip``), float64 ones for float64 logits."""
+    if softcap <= 0:
+        cap, inv_cap = 0.0, 0.0
+    else:
+        cap, inv_cap = (softcap, 1.0 / softcap) if fp64 else (_f32(softcap), _f32_recip(softcap))
+    return (1.0 / temperature if fp64 else _f32_recip(temperature)), cap, inv_cap
+
+
 def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
     # Shape/layout checks only: they read metadata, never device memory (no host sync).
     if logits.ndim != 2:
         raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"logits must be float32/bfloat16/float16, got {logits.dtype}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise TypeError(f"logits must be float32/bfloat16/float16/float64, got {logits.dtype}")
     if logits.shape[1] > 1 and logits.stride(1) != 1:
         raise ValueError("logits must have a contiguous last dim")
     if labels.shape != logits.shape[:1] or labels.dtype not in (torch.int32, torch.int64):
@@ -382,7 +500,7 @@ def _check_vocab_start(vocab_start: int) -> None:
 
 
 def logprobs_forward(
-    logits: torch.Tensor,  # (N, V) fp32/bf16/fp16, stride(1) == 1, any stride(0)
+    logits: torch.Tensor,  # (N, V) fp32/bf16/fp16/fp64, stride(1) == 1, any stride(0)
     labels: torch.Tensor,  # (N,) int32/int64
     temperature: float,
     softcap: float,  # <= 0: off
@@ -392,8 +510,9 @@ def logprobs_forward(
     vocab_start: int = -1,  # -1: logits are the whole vocabulary; >= 0: shard mode
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(logprobs [N], entropy [N] or [0], lse [N])`` on logits.device: float32
-    outputs and a float64 lse (rlkern's convention on every backend). With ``vocab_start >= 0``
-    they are the shard's partial statistics (module docstring).
+    outputs (float64 for float64 logits, computed in float64) and a float64 lse (rlkern's
+    convention on every backend). With ``vocab_start >= 0`` they are the shard's partial
+    statistics (module docstring).
 
     The float64 lse is stored unrounded (u_max + log s exactly): with it the fp32 backward is as
     precise as PyTorch's at confident labels; ``lse_dtype=torch.float32`` halves that [N] vector
@@ -405,8 +524,10 @@ def logprobs_forward(
         raise ValueError(f"lse_dtype must be float32 or float64, got {lse_dtype}")
     n, vocab = logits.shape
     device = logits.device
-    logp = torch.empty(n, dtype=torch.float32, device=device)
-    entropy = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=device)
+    fp64 = logits.dtype == torch.float64
+    out_dtype = torch.float64 if fp64 else torch.float32
+    logp = torch.empty(n, dtype=out_dtype, device=device)
+    entropy = torch.empty(n if with_entropy else 0, dtype=out_dtype, device=device)
     lse = torch.empty(n, dtype=lse_dtype, device=device)
     if n == 0:
         return logp, entropy, lse
@@ -423,8 +544,7 @@ def logprobs_forward(
     _logprobs_fwd_kernel[(n,)](
         logits, labels, logp, entropy if with_entropy else lse, lse,
         vocab, logits.stride(0), labels.stride(0),
-        _f32_recip(temperature),
-        _f32(softcap) if has_softcap else 0.0, _f32_recip(softcap) if has_softcap else 0.0,
+        *_scalars(temperature, softcap, fp64),
         ignore_index, math.log(vocab), max(vocab_start, 0),
         HAS_SOFTCAP=has_softcap, WITH_ENTROPY=bool(with_entropy), SHARD=vocab_start >= 0,
         CHUNKS=chunks, VEC=vec,
@@ -439,7 +559,7 @@ def logprobs_backward(
     logits: torch.Tensor,  # (N, V) as in the forward
     labels: torch.Tensor,  # (N,) int32/int64
     lse: torch.Tensor,  # (N,) fp32 or fp64 from the forward
-    entropy: torch.Tensor | None,  # (N,) fp32 from the forward; needed with grad_entropy
+    entropy: torch.Tensor | None,  # (N,) fp32 (fp64 for fp64 logits) from the forward; needed with grad_entropy
     temperature: float,
     softcap: float,
     ignore_index: int,
@@ -468,8 +588,7 @@ def logprobs_backward(
         grad_logprobs, grad_entropy_arg, logits, labels, lse, entropy_arg, grad_logits,
         vocab, logits.stride(0), grad_logits.stride(0), labels.stride(0),
         grad_logprobs.stride(0), grad_entropy_arg.stride(0), lse.stride(0), entropy_arg.stride(0),
-        _f32_recip(temperature),
-        _f32(softcap) if has_softcap else 0.0, _f32_recip(softcap) if has_softcap else 0.0,
+        *_scalars(temperature, softcap, logits.dtype == torch.float64),
         ignore_index, max(vocab_start, 0),
         HAS_SOFTCAP=has_softcap, HAS_GRAD_ENTROPY=has_grad_entropy, SHARD=vocab_start >= 0,
         ROUND_BF16=logits.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",

@@ -462,3 +462,146 @@ def test_nan_rows_are_nan():
     logp, entropy, lse = _forward(hidden, weight, bias, labels)
     assert logp[1].isnan() and entropy[1].isnan() and lse[1].isnan()
     assert logp[[0, 2, 3]].isfinite().all() and entropy[[0, 2, 3]].isfinite().all()
+
+
+# --- float64 -------------------------------------------------------------------------------------
+
+def _float64_expected(hidden, weight, bias, labels, g_l, g_h, *, temperature, logit_scale, softcap, ignore_index):
+    """(logp, entropy, lse, d hidden, d weight, d bias) from the float64 token reference on the
+    float64 logits: its dL/dy times logit_scale, then the two products (exact formulas; defined
+    for -inf logits and all -inf rows, where autograd through log_softmax is not)."""
+    from rlkern.reference import logprobs as token_reference
+
+    y = reference.logits64(hidden, weight, bias, logit_scale)
+    logp, entropy, lse = token_reference.logprobs_fwd(y, labels, temperature, softcap or 0.0, ignore_index, True)
+    g = token_reference.logprobs_bwd(g_l, g_h, y, labels, lse, entropy, temperature, softcap or 0.0,
+                                     ignore_index) * logit_scale
+    return logp, entropy, lse, g @ weight, g.T @ hidden, None if bias is None else g.sum(0)
+
+
+def _float64_check(hidden, weight, bias, labels, *, deterministic, ignore_index=IGNORE, **hyper):
+    g_l, g_h = (x.double() for x in _grads_out(hidden.shape[0]))
+    logp, entropy, lse = _forward(hidden, weight, bias, labels, ignore_index=ignore_index, **hyper)
+    grads = _backward(g_l, g_h, hidden, weight, bias, labels, lse, entropy, ignore_index=ignore_index,
+                      deterministic=deterministic, **hyper)
+    expected = _float64_expected(hidden.cpu(), weight.cpu(), None if bias is None else bias.cpu(), labels.cpu(),
+                                 g_l.cpu(), g_h.cpu(), ignore_index=ignore_index, **hyper)
+    for name, ours, ref in zip(("logp", "entropy", "lse", "d hidden", "d weight", "d bias"),
+                               (logp, entropy, lse, *grads), expected):
+        if ref is None:
+            assert ours is None, name
+            continue
+        assert ours.dtype == torch.float64, name
+        # Sums over H (logits) and over V or N (gradients): a few ulp of the largest term.
+        scale = ref.nan_to_num(0, 0, 0).abs().max().item() if ref.numel() else 0.0
+        torch.testing.assert_close(ours.cpu(), ref, rtol=1e-12, atol=1e-12 * max(scale, 1.0), equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
+    return logp, entropy, lse, grads
+
+
+# (5, 16, 1): V = 1; (1, 16, 67) and (37, 40, 257): vocab tails, token tails, masked K steps.
+@pytest.mark.parametrize("n,h,vocab", [(5, 16, 1), (1, 16, 67), (37, 40, 257)])
+@pytest.mark.parametrize("hyper", HYPER, ids=["plain", "T-scale-softcap"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_float64_matches_reference(n, h, vocab, hyper, deterministic):
+    """float64 hidden states and weight were rejected (TypeError): the kernels now compute in
+    float64 (fp64 tl.dot tiles and accumulators, float64 softmax and tanh), outputs and
+    gradients within 1e-12 of the float64 formula."""
+    hidden, weight, bias, labels = _inputs(n, h, vocab, torch.float64, ignore_every=4)
+    _float64_check(hidden, weight, bias, labels, deterministic=deterministic, **hyper)
+
+
+def test_float64_ignore_index():
+    # A valid-looking ignore_index (0): log-prob 0 and no log-prob gradient there.
+    hidden, weight, bias, labels = _inputs(9, 16, 67, torch.float64)
+    labels[[1, 4, 7]] = 0
+    logp, *_ = _float64_check(hidden, weight, bias, labels, deterministic=False, ignore_index=0,
+                              temperature=1.3, logit_scale=1.0, softcap=None)
+    assert (logp[labels == 0] == 0).all() and (logp[labels != 0] < 0).all()
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_float64_extreme_logits(deterministic):
+    """Logits near DBL_MAX (logit_scale 1e306) with -inf columns (a -inf bias): the floor
+    (-DBL_MAX) minus a row max of ~1e306 overflows to -inf, which must not reach 0 * -inf; a
+    NaN hidden row gives a NaN row; V = 1 with a -inf bias makes every row all -inf (uniform:
+    log-prob 0, entropy 0, lse -inf, zero gradient)."""
+    hidden, weight, bias, labels = _inputs(21, 16, 67, torch.float64, ignore_every=5)
+    bias = bias.clone()
+    bias[::7] = -math.inf
+    labels[3] = 7  # a label at a -inf column: log-prob -inf
+    hyper = dict(temperature=0.7, logit_scale=1e306, softcap=None)
+    logp, entropy, _, _ = _float64_check(hidden, weight, bias, labels, deterministic=deterministic, **hyper)
+    assert logp[3] == -math.inf and entropy.isfinite().all()
+
+    nan_hidden = hidden.clone()
+    nan_hidden[2, 5] = math.nan
+    logp, entropy, lse = _forward(nan_hidden, weight, bias, labels, **hyper)
+    ref = _float64_expected(nan_hidden, weight, bias, labels, *(x.double() for x in _grads_out(21)), ignore_index=IGNORE,
+                            **hyper)
+    assert logp[2].isnan() and entropy[2].isnan() and lse[2].isnan()
+    for ours, r in zip((logp, entropy, lse), ref):
+        torch.testing.assert_close(ours, r, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+    dead_bias = torch.full((1,), -math.inf, dtype=torch.float64, device=DEVICE)
+    logp, _, lse, grads = _float64_check(hidden, weight[:1], dead_bias, torch.zeros_like(labels),
+                                         deterministic=deterministic, **hyper)
+    assert (logp == 0).all() and (lse == -math.inf).all() and all((g == 0).all() for g in grads)
+
+
+_SM90_FP64_SCRIPT = _SM90_SCRIPT.split("out = {}")[0] + r"""
+FLOATS64 = FLOATS | {"grad_scale"}
+
+
+def ptx64(fn, consts):
+    consts = dict(consts)
+    warps, stages = consts.pop("num_warps", 4), consts.pop("num_stages", 3)
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):  # every float buffer is float64, labels int64
+            sig[name] = "*i64" if name == "labels_ptr" else "*fp64"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp64" if name in FLOATS64 else "i32"
+            if name in ("H", "stride_h", "stride_w"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    options = backend.parse_options(dict(num_warps=warps, num_stages=stages, enable_fp_fusion=False))
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=options.__dict__).asm["ptx"]
+
+
+launch = K._LAUNCH[8]
+flags = dict(HAS_BIAS=True, HAS_SOFTCAP=True, INTERPRET=False, PRECISION="ieee")
+bwd = dict(flags, HAS_GRAD_ENTROPY=True, ROUND_BF16=False, EVEN_H=True, EVEN_HO=True)
+out = {}
+for atomic in K._ATOMIC_FP64:
+    out[f"atomic-{atomic.kwargs['BLOCK_N']}"] = ptx64(K._bwd_atomic_kernel, dict(
+        bwd, NEED_DH=True, NEED_DW=True, NEED_DB=True, num_warps=atomic.num_warps, num_stages=atomic.num_stages,
+        **atomic.kwargs, **launch["atomic"]))
+out["fwd"] = ptx64(K._fwd_partials_kernel, dict(flags, WITH_ENTROPY=True, EVEN_H=True, **launch["fwd"]))
+out["fwd_plain_odd_h"] = ptx64(K._fwd_partials_kernel, dict(flags, HAS_BIAS=False, HAS_SOFTCAP=False,
+                                                            WITH_ENTROPY=False, EVEN_H=False, **launch["fwd"]))
+out["dh"] = ptx64(K._bwd_dh_kernel, dict(bwd, **launch["dh"]))
+out["dw"] = ptx64(K._bwd_dw_kernel, dict(bwd, NEED_DW=True, NEED_DB=True, **launch["dw"]))
+for with_entropy in (False, True):
+    ptx64(K._fwd_finalize_kernel, dict(WITH_ENTROPY=with_entropy, BLOCK_J=512, num_warps=4))
+print(json.dumps({name: dict(dmma=code.count("mma.sync.aligned.m8n8k4.row.col.f64"),
+                             red=code.count("red.global.gpu.relaxed.add.f64") + code.count("atom.global.gpu.relaxed.add.f64"))
+                  for name, code in out.items()}))
+"""
+
+
+def test_float64_kernels_compile_for_h100():
+    # The float64 variants through Triton's compiler to sm_90: the tiles on fp64 tensor cores
+    # (DMMA, mma.sync m8n8k4), float64 atomics in the atomic backward.
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _SM90_FP64_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(found) == 6, found
+    for name, counts in found.items():
+        assert counts["dmma"] > 0, (name, counts)
+        assert (counts["red"] > 0) == name.startswith("atomic"), (name, counts)

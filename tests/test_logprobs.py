@@ -8,11 +8,14 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import rlkern
 from rlkern import _backend
 from rlkern.reference import logprobs as reference
 from conftest import assert_as_close_as_torch, import_peer, compile_for_sm90
+from rlkern.kernels.logprobs import _tanh_and_sech2
 
 
 
@@ -329,10 +332,11 @@ cases = [("*fp32", 4, "*i64", "*fp64", 32000), ("*bf16", 2, "*i64", "*fp64", 151
 flags = [(False, True, False), (True, True, False), (False, False, True), (True, True, True)]
 for (lp, elt, lab, lse, vocab), (softcap, entropy, shard) in zip(cases, flags):
     chunks, vec, warps = K._config(vocab, elt)
-    scalars = dict(V="i32", stride_row="i64", stride_label="i64", inv_temp="fp32", softcap="fp32",
-                   inv_softcap="fp32", ignore_index="i64", vocab_start="i64")
+    # the float hyper-parameters are float64 arguments (annotated), read in the compute dtype
+    scalars = dict(V="i32", stride_row="i64", stride_label="i64", inv_temp="fp64", softcap="fp64",
+                   inv_softcap="fp64", ignore_index="i64", vocab_start="i64")
     build(K._logprobs_fwd_kernel, dict(logits_ptr=lp, labels_ptr=lab, logp_ptr="*fp32", entropy_ptr="*fp32",
-                                       lse_ptr=lse, log_vocab="fp32", **scalars),
+                                       lse_ptr=lse, log_vocab="fp64", **scalars),
           dict(HAS_SOFTCAP=softcap, WITH_ENTROPY=entropy, SHARD=shard, CHUNKS=chunks, VEC=vec),
           num_warps=warps, enable_fp_fusion=False)
     build(K._logprobs_bwd_kernel, dict(grad_logp_ptr="*fp32", grad_entropy_ptr="*fp32", logits_ptr=lp,
@@ -486,3 +490,160 @@ def test_float64_extreme_logits_match_the_reference(monkeypatch, vocab, temperat
     ours = run(logits)
     for name, x, ref in zip(("logp", "entropy", "grad"), ours, expected):
         torch.testing.assert_close(x, ref, rtol=1e-12, atol=1e-12, equal_nan=True, msg=name)
+
+
+# --- float64 through the Triton kernels -----------------------------------------------------------
+
+def _float64_run(logits, labels, *, temperature, softcap=None, ignore_index=-100, with_entropy=True, seed=0):
+    """(logp, entropy or None, d logits) of token_logprobs on float64 logits, the gradient of
+    sum(g_l logp + g_H entropy) for fixed float64 upstream gradients."""
+    g = torch.Generator().manual_seed(seed)
+    g_l = torch.randn(logits.shape[0], generator=g, dtype=torch.float64)
+    g_h = torch.randn(logits.shape[0], generator=g, dtype=torch.float64)
+    leaf = logits.clone().requires_grad_()
+    out = rlkern.token_logprobs(leaf, labels, temperature=temperature, logit_softcap=softcap,
+                                ignore_index=ignore_index, return_entropy=with_entropy)
+    logp, entropy = out if with_entropy else (out, None)
+    loss = (logp * g_l).sum() + ((entropy * g_h).sum() if with_entropy else 0.0)
+    loss.backward()
+    return logp.detach(), None if entropy is None else entropy.detach(), leaf.grad
+
+
+def _float64_triton_vs_reference(monkeypatch, logits, labels, **kwargs):
+    """The float64 reference (RLKERN_BACKEND=torch through the same op), then the Triton kernels
+    with the reference disabled: float64 outputs within 1e-12 of it, NaN where it is NaN."""
+    monkeypatch.setenv("RLKERN_BACKEND", "torch")
+    expected = _float64_run(logits, labels, **kwargs)
+    monkeypatch.setenv("RLKERN_BACKEND", "triton")
+
+    def boom(*args, **kw):
+        raise AssertionError("float64 ran the reference")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(reference, "logprobs_fwd", boom)
+        patch.setattr(reference, "logprobs_bwd", boom)
+        ours = _float64_run(logits, labels, **kwargs)
+    for name, x, ref in zip(("logp", "entropy", "grad"), ours, expected):
+        if ref is None:
+            assert x is None, name
+            continue
+        assert x.dtype == torch.float64, name
+        torch.testing.assert_close(x, ref, rtol=1e-12, atol=1e-12, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture
+def triton_interpreted():
+    if not _backend.has_triton():
+        pytest.fail("triton is not installed (it is in the test extra)")
+    if not _backend.triton_interpreted():
+        pytest.skip("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+
+
+# V = 1 and 13: one block, 2053: one full float64 block (2048) plus a 5-column tail; N odd.
+@pytest.mark.parametrize("n,vocab", [(3, 1), (5, 13), (3, 2053)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("softcap", [None, 4.0])
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_float64_triton_matches_reference(monkeypatch, triton_interpreted, n, vocab, temperature, softcap,
+                                          with_entropy):
+    """float64 logits ran the reference on the GPU: the Triton kernels now compute in float64,
+    forward (log-prob, entropy) and backward within 1e-12 of the float64 formula."""
+    g = torch.Generator().manual_seed(vocab + n)
+    logits = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 4
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[1] = -100
+    labels[-1] = logits[-1].argmax()  # a confident label: 1 - p needs every digit of lse
+    _float64_triton_vs_reference(monkeypatch, logits, labels, temperature=temperature, softcap=softcap,
+                                 with_entropy=with_entropy)
+
+
+def test_float64_triton_ignore_index(monkeypatch, triton_interpreted):
+    # A valid-looking ignore_index (3): log-prob 0 and no log-prob gradient at those rows only.
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(7, 37, generator=g, dtype=torch.float64) * 3
+    labels = torch.tensor([3, 0, 36, 3, 5, 3, 1])
+    _float64_triton_vs_reference(monkeypatch, logits, labels, temperature=1.3, ignore_index=3)
+    monkeypatch.setenv("RLKERN_BACKEND", "triton")
+    logp = rlkern.token_logprobs(logits, labels, ignore_index=3)
+    assert logp.dtype == torch.float64 and (logp[labels == 3] == 0).all() and (logp[labels != 3] < 0).all()
+
+
+@pytest.mark.parametrize("vocab", [1, 13, 2053])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 3.0])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_float64_triton_extreme_logits(monkeypatch, triton_interpreted, vocab, temperature, softcap):
+    """float64 rows of huge logits (|z| ~ 1e300, -1e308), +inf, NaN, -inf entries and an all
+    -inf row: float32's floor (-1e30) and its exp(-200) clamp would have changed these rows, and
+    differences of maxima overflow to -inf at this range (0 * -inf = NaN in the entropy)."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(9, vocab, generator=g, dtype=torch.float64) * 1e300
+    logits[1] = -1e308
+    logits[2, ::2] = -math.inf
+    logits[3, 0] = 1.7e308
+    logits[4, -1] = math.nan
+    logits[5, vocab // 2] = math.inf
+    logits[6] = torch.randn(vocab, generator=g, dtype=torch.float64) * 1e4
+    logits[7] = -math.inf
+    logits[8, ::3] = -1e300
+    logits[8, -1] = 1e300
+    labels = torch.randint(0, vocab, (9,), generator=g)
+    labels[0] = -100
+    for with_entropy in (True, False):
+        _float64_triton_vs_reference(monkeypatch, logits, labels, temperature=temperature, softcap=softcap,
+                                     with_entropy=with_entropy)
+
+
+@triton.jit
+def _tanh_probe(x_ptr, tanh_ptr, sech2_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    th, sech2 = _tanh_and_sech2(x)
+    tl.store(tanh_ptr + offs, th, mask=offs < n)
+    tl.store(sech2_ptr + offs, sech2, mask=offs < n)
+
+
+def test_float64_tanh_matches_torch(triton_interpreted):
+    """The softcap's tanh in float64 (kernels/logprobs.py, _tanh_and_sech2_f64): within a few
+    ulp of torch.tanh on both branches, at the branch point, near 0 (where 1 - 2 / (e^2x + 1)
+    would cancel) and where it saturates; sech^2 within a few ulp of 1 / cosh^2."""
+    x = torch.cat([
+        torch.linspace(-3, 3, 1201, dtype=torch.float64),
+        torch.logspace(-300, 2.8, 1501, dtype=torch.float64),
+        -torch.logspace(-17, 0, 301, dtype=torch.float64),
+        torch.tensor([0.55, math.nextafter(0.55, 0), 0.0, 20.0, 400.0, math.inf, -math.inf, math.nan],
+                     dtype=torch.float64),
+    ])
+    th, sech2 = torch.empty_like(x), torch.empty_like(x)
+    _tanh_probe[(1,)](x, th, sech2, x.numel(), BLOCK=4096)
+    ref = torch.tanh(x)
+    torch.testing.assert_close(th, ref, rtol=1.5e-15, atol=0, equal_nan=True)
+    ref_sech2 = torch.cosh(x).reciprocal() ** 2
+    torch.testing.assert_close(sech2, ref_sech2, rtol=2e-15, atol=1e-300, equal_nan=True)
+
+
+_SM90_FP64_SCRIPT = """
+from rlkern.kernels import logprobs as K
+
+# float64 logits (float64 compute), each flag on somewhere, at a Llama-3 vocabulary
+chunks, vec, warps = K._config(128256, 8)
+scalars = dict(V="i32", stride_row="i64", stride_label="i64", inv_temp="fp64", softcap="fp64",
+               inv_softcap="fp64", ignore_index="i64", vocab_start="i64")
+for softcap, entropy, shard in [(False, True, False), (True, True, False), (True, False, True)]:
+    build(K._logprobs_fwd_kernel, dict(logits_ptr="*fp64", labels_ptr="*i64", logp_ptr="*fp64",
+                                       entropy_ptr="*fp64", lse_ptr="*fp64", log_vocab="fp64", **scalars),
+          dict(HAS_SOFTCAP=softcap, WITH_ENTROPY=entropy, SHARD=shard, CHUNKS=chunks, VEC=vec),
+          num_warps=warps, enable_fp_fusion=False)
+    build(K._logprobs_bwd_kernel, dict(grad_logp_ptr="*fp64", grad_entropy_ptr="*fp64", logits_ptr="*fp64",
+                                       labels_ptr="*i64", lse_ptr="*fp64", entropy_ptr="*fp64",
+                                       grad_logits_ptr="*fp64", stride_grad_row="i64", stride_gl="i64",
+                                       stride_ge="i64", stride_lse="i64", stride_ent="i64", **scalars),
+          dict(HAS_SOFTCAP=softcap, HAS_GRAD_ENTROPY=entropy, SHARD=shard, ROUND_BF16=False,
+               BLOCK=chunks * vec),
+          num_warps=warps, enable_fp_fusion=False)
+print("ok")
+"""
+
+
+def test_triton_float64_kernels_compile_for_h100():
+    # The float64 variants (double tanh, tl.exp, -DBL_MAX floor) through Triton's compiler to sm_90.
+    compile_for_sm90(_SM90_FP64_SCRIPT)

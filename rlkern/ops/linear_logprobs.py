@@ -464,7 +464,7 @@ def linear_token_logprobs(
     and the backward recomputes each chunk (see the module docstring for the memory bound).
 
     Args:
-        hidden: ``[N, H]`` or ``[B, T, H]``, float16/bfloat16/float32 (float64 on CPU: exact).
+        hidden: ``[N, H]`` or ``[B, T, H]``, float16/bfloat16/float32/float64 (float64: computed in double).
         weight: ``[V, H]``, the LM head (``lm_head.weight``, possibly tied to the embeddings).
             Its gradient is accumulated into ``weight.grad`` like any parameter's.
         labels: ``hidden.shape[:-1]``, int32/int64, in ``[0, V)`` or ``ignore_index``.

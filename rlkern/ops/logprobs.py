@@ -152,9 +152,9 @@ def _reference_bwd_into(grad_logprobs, grad_entropy, logits, labels, lse, entrop
 # The token kernels, forward and backward; both take a trailing ``vocab_start=-1`` (shard mode
 # when >= 0: see kernels/logprobs.py). linear_logprobs.py runs them on its logits tiles.
 FORWARD = _backend.Kernels("token_logprobs", cpp="cpp_token_logprobs", triton="logprobs.logprobs_forward",
-                           torch=_reference_fwd, fp64=("cpp",))
+                           torch=_reference_fwd, fp64=("cpp", "triton"))
 BACKWARD = _backend.Kernels("token_logprobs", cpp="cpp_token_logprobs_backward", triton="logprobs.logprobs_backward",
-                            torch=_reference_bwd_into, fp64=("cpp",))
+                            torch=_reference_bwd_into, fp64=("cpp", "triton"))
 
 
 def kernel_fns(backend: str):
@@ -354,9 +354,9 @@ def token_logprobs(
     gradient once, for both outputs.
 
     Args:
-        logits: ``[N, V]`` or ``[B, T, V]``, float16/bfloat16/float32/float64 (float64: the C++
-            kernel in double on the CPU; the reference on GPU). Rows may be strided (``logits[:, :-1]``); the last dim must be
-            contiguous. V need not be a multiple of anything.
+        logits: ``[N, V]`` or ``[B, T, V]``, float16/bfloat16/float32/float64 (float64: the
+            kernels compute in double). Rows may be strided (``logits[:, :-1]``); the last dim
+            must be contiguous. V need not be a multiple of anything.
         labels: ``logits.shape[:-1]``, int32/int64, in ``[0, V)`` or ``ignore_index``.
         temperature: divides the (soft-capped) logits; vLLM/TRL/verl sampling temperature.
             Default 1.0 as in TRL's ``selective_log_softmax``.
