@@ -79,14 +79,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlkern.kernels.logprobs import (_D_MIN64, _FLOOR64, _exp, _f32, _f32_recip, _tanh_and_sech2,
-                                     _to_out)
-
-# As in kernels/logprobs.py: logits are clamped to this before the online update, so every
-# difference of maxima stays finite; a row whose logits are all <= -1e30 counts as all -inf.
-_FLOOR = tl.constexpr(-1.0e30)
-# exp(-200) is 0 in fp32: p is exactly 0 below it, and the clamp keeps p * (a + b d) finite.
-_D_MIN = tl.constexpr(-200.0)
+from rlkern.kernels._common import D_MIN, D_MIN64, FLOOR, FLOOR64, exp_, f32, f32_recip, tanh_and_sech2, to_out
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -169,7 +162,7 @@ def _logits_tile(
     y = acc * logit_scale
     sech2 = y
     if HAS_SOFTCAP:
-        th, sech2 = _tanh_and_sech2(y * inv_softcap)
+        th, sech2 = tanh_and_sech2(y * inv_softcap)
         y = softcap * th
     return y, sech2
 
@@ -238,15 +231,15 @@ def _fwd_partials_kernel(
     # NaN survives the clamp and reaches s through e. Columns past V hold copies of column
     # V - 1 (clamped loads): harmless in the max, and their e is zeroed.
     if CDT == tl.float64:
-        zc = tl.maximum(z, _FLOOR64, propagate_nan=tl.PropagateNan.ALL)
+        zc = tl.maximum(z, FLOOR64, propagate_nan=tl.PropagateNan.ALL)
     else:
-        zc = tl.maximum(z, _FLOOR, propagate_nan=tl.PropagateNan.ALL)
+        zc = tl.maximum(z, FLOOR, propagate_nan=tl.PropagateNan.ALL)
     m = tl.max(zc, axis=1)
     d = zc - m[:, None]
     if CDT == tl.float64:
         # -DBL_MAX - m may overflow to -inf, and e * d would be 0 * -inf (kernels/logprobs.py)
-        d = tl.maximum(d, _D_MIN64, propagate_nan=tl.PropagateNan.ALL)
-    e = tl.where(col_ok[None, :], _exp(d), 0.0)
+        d = tl.maximum(d, D_MIN64, propagate_nan=tl.PropagateNan.ALL)
+    e = tl.where(col_ok[None, :], exp_(d), 0.0)
     part = rows * stride_part + pid_v
     tl.store(m_ptr + part, m, mask=row_ok)
     tl.store(s_ptr + part, tl.sum(e, axis=1), mask=row_ok)
@@ -275,31 +268,31 @@ def _fwd_finalize_kernel(
 ):
     if m_ptr.dtype.element_ty == tl.float64:
         CDT: tl.constexpr = tl.float64  # the compute dtype (module docstring)
-        FLOOR: tl.constexpr = _FLOOR64
+        ROW_FLOOR: tl.constexpr = FLOOR64
     else:
         CDT: tl.constexpr = tl.float32
-        FLOOR: tl.constexpr = _FLOOR
+        ROW_FLOOR: tl.constexpr = FLOOR
     log_vocab = tl.full((), log_vocab, CDT)
     row = tl.program_id(0).to(tl.int64)
     base = row * stride_part
     offs = tl.arange(0, BLOCK_J)
-    m = tl.full([BLOCK_J], FLOOR, CDT)
+    m = tl.full([BLOCK_J], ROW_FLOOR, CDT)
     s = tl.zeros([BLOCK_J], CDT)
     t = tl.zeros([BLOCK_J], CDT)
     # Lane j merges vocab blocks j, j + BLOCK_J, ... in order, then the lanes merge once: the
     # order depends on V and BLOCK_V only, so the result is deterministic and batch invariant.
     for j in range(0, NVB, BLOCK_J):
         ok = offs < NVB - j
-        m_j = tl.load(m_ptr + base + j + offs, mask=ok, other=FLOOR)
+        m_j = tl.load(m_ptr + base + j + offs, mask=ok, other=ROW_FLOOR)
         s_j = tl.load(s_ptr + base + j + offs, mask=ok, other=0.0)
         m_new = tl.maximum(m, m_j)
         d_old = m - m_new
         d_j = m_j - m_new
         if CDT == tl.float64:  # -DBL_MAX - m' may overflow (see _fwd_partials_kernel)
-            d_old = tl.maximum(d_old, _D_MIN64, propagate_nan=tl.PropagateNan.ALL)
-            d_j = tl.maximum(d_j, _D_MIN64, propagate_nan=tl.PropagateNan.ALL)
-        w_old = _exp(d_old)
-        w_j = _exp(d_j)
+            d_old = tl.maximum(d_old, D_MIN64, propagate_nan=tl.PropagateNan.ALL)
+            d_j = tl.maximum(d_j, D_MIN64, propagate_nan=tl.PropagateNan.ALL)
+        w_old = exp_(d_old)
+        w_j = exp_(d_j)
         if WITH_ENTROPY:
             # e^(z-m') (z-m') = w e^(z-m) ((z-m) + (m-m')): shift both t to the new max.
             t_j = tl.load(t_ptr + base + j + offs, mask=ok, other=0.0)
@@ -310,12 +303,12 @@ def _fwd_finalize_kernel(
     m_row = tl.max(m, axis=0)
     dm = m - m_row
     if CDT == tl.float64:
-        dm = tl.maximum(dm, _D_MIN64, propagate_nan=tl.PropagateNan.ALL)
-    w = _exp(dm)
+        dm = tl.maximum(dm, D_MIN64, propagate_nan=tl.PropagateNan.ALL)
+    w = exp_(dm)
     s_sum = tl.sum(s * w, axis=0)
     # all -inf (or V = 0). A row of NaN logits has m at the floor too (max drops NaN) but a NaN s:
     # it is not dead, and its lse, log-prob and entropy come out NaN.
-    dead = (m_row <= FLOOR) & (s_sum == s_sum)
+    dead = (m_row <= ROW_FLOOR) & (s_sum == s_sum)
     s_row = tl.where(dead, 1.0, s_sum)
     log_s = tl.log(s_row)
     # float64 and unrounded: the backward's p at a confident label needs its digits.
@@ -395,10 +388,10 @@ def _grad_tile(
     """d loss / d (h W^T + b) of one tile, (BLOCK_N, BLOCK_V) in y's dtype, 0 outside ``valid``."""
     d = (y * inv_temp - lse_hi[:, None]) - lse_lo[:, None]  # z - lse, z as in the forward
     if y.dtype == tl.float64:
-        d = tl.maximum(d, _D_MIN64, propagate_nan=tl.PropagateNan.ALL)
+        d = tl.maximum(d, D_MIN64, propagate_nan=tl.PropagateNan.ALL)
     else:
-        d = tl.maximum(d, _D_MIN, propagate_nan=tl.PropagateNan.ALL)
-    p = _exp(d)
+        d = tl.maximum(d, D_MIN, propagate_nan=tl.PropagateNan.ALL)
+    p = exp_(d)
     if HAS_GRAD_ENTROPY:
         g = p * tl.fma(b[:, None], d, a[:, None])
     else:
@@ -472,7 +465,7 @@ def _bwd_atomic_kernel(
         if NEED_DB:
             tl.atomic_add(grad_bias_ptr + cols, tl.sum(g, axis=0), mask=col_ok, sem="relaxed")
         # The products take G in the input dtype (tensor cores), as PyTorch's bf16 backward does.
-        g = _to_out(g, hidden_ptr.dtype.element_ty, ROUND_BF16)
+        g = to_out(g, hidden_ptr.dtype.element_ty, ROUND_BF16)
         offs_o = tl.arange(0, BLOCK_HO)
         for k in range(0, H, BLOCK_HO):
             in_k = offs_o < H - k
@@ -549,7 +542,7 @@ def _bwd_dh_kernel(
                 EVEN_H, INTERPRET, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
             g = _grad_tile(y, sech2, cols, row_ok[:, None] & col_ok[None, :], lse_hi, lse_lo,
                            label, g_y, a, b, inv_temp, grad_scale, HAS_SOFTCAP, HAS_GRAD_ENTROPY)
-            g = _to_out(g, hidden_ptr.dtype.element_ty, ROUND_BF16)
+            g = to_out(g, hidden_ptr.dtype.element_ty, ROUND_BF16)
             for k in range(0, H, BLOCK_HO):
                 in_k = offs_o < H - k
                 w_ptrs = weight_ptr + cols_c[:, None] * stride_w + k + offs_o[None, :]  # (BV, BHO)
@@ -624,7 +617,7 @@ def _bwd_dw_kernel(
             if NEED_DB:
                 db += tl.sum(g, axis=0)
             if NEED_DW:
-                g = _to_out(g, hidden_ptr.dtype.element_ty, ROUND_BF16)
+                g = to_out(g, hidden_ptr.dtype.element_ty, ROUND_BF16)
                 gt = tl.trans(g)
                 for k in range(0, H, BLOCK_HO):
                     in_k = offs_o < H - k
@@ -762,11 +755,11 @@ def _scalar_args(bias, logit_scale, softcap, temperature, fp64: bool) -> dict:
     """The kernels' float hyper-parameters: float32 values (PyTorch's fp32 roundings), or the
     exact float64 ones for float64 inputs."""
     has_softcap = softcap > 0
-    f32 = (lambda x: x) if fp64 else _f32
-    recip = (lambda x: 1.0 / x) if fp64 else _f32_recip
+    round32 = (lambda x: x) if fp64 else f32
+    recip = (lambda x: 1.0 / x) if fp64 else f32_recip
     return dict(
-        logit_scale=f32(logit_scale),
-        softcap=f32(softcap) if has_softcap else 0.0,
+        logit_scale=round32(logit_scale),
+        softcap=round32(softcap) if has_softcap else 0.0,
         inv_softcap=recip(softcap) if has_softcap else 0.0,
         inv_temp=recip(temperature),
         HAS_BIAS=bias is not None,
@@ -886,7 +879,7 @@ def linear_logprobs_backward(
         entropy_arg.stride(0),
     )
     scalars = dict(
-        grad_scale=logit_scale / temperature if fp64 else _f32(logit_scale / temperature),
+        grad_scale=logit_scale / temperature if fp64 else f32(logit_scale / temperature),
         ignore_index=ignore_index,
         HAS_GRAD_ENTROPY=has_grad_entropy,
         ROUND_BF16=_INTERPRET and hidden.dtype == torch.bfloat16,

@@ -33,11 +33,11 @@ PyTorch's fp32 error.
 
 float64 logits: the compute dtype ``CDT`` of both kernels is float64 (float32 for every other
 input dtype): u = z * (1/T) in double, the exponentials by ``tl.exp`` (not ``exp2(x * log2 e)``,
-whose rounded product costs |x| ulps), a double tanh (``_tanh_and_sech2_f64``), float64 log-prob,
+whose rounded product costs |x| ulps), a double tanh (``tanh_and_sech2_f64``), float64 log-prob,
 entropy and gradient. The float hyper-parameters come as float64 arguments (a Python float
 would be passed as float32) and are read in CDT. Logits span the whole double range there, so
 no floor keeps differences of maxima finite: the floor is -DBL_MAX (it only replaces -inf), and
-the differences ``u - m`` are clamped at ``_D_MIN64`` where e^d is 0 anyway (an overflow to -inf
+the differences ``u - m`` are clamped at ``D_MIN64`` where e^d is 0 anyway (an overflow to -inf
 would give 0 * -inf = NaN).
 
 Not done (yet): a 2-D grid splitting the vocabulary when N is too small to fill the GPU (a few
@@ -48,109 +48,24 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 
 import torch
 import triton
 import triton.language as tl
 
-_LOG2E = tl.constexpr(1.4426950408889634)
-# Logits are clamped to this before the online update: keeps every difference of maxima
-# finite (no -inf - -inf = NaN, no 0 * -inf), and s * (m_old - m_new) stays < 3e38 for any
-# realistic count. A row whose (soft-capped) logits are all <= -1e30 is treated as all -inf.
-_FLOOR = tl.constexpr(-1.0e30)
-# exp(-200) is 0 in fp32: below this, p is exactly 0 and clamping keeps p * (a + b d) finite
-# when u = -inf.
-_D_MIN = tl.constexpr(-200.0)
-# Below this |x| tanh comes from an odd polynomial: 1 - 2 / (e^2x + 1) cancels near 0.
-_TANH_SMALL = tl.constexpr(0.55)
-# float64 compute (float64 logits): -inf becomes -DBL_MAX (the clamp only keeps -inf - -inf out);
-# u - m, m_old - m_new and u - lse are clamped at -1000 (e^-1000 is 0 in float64, as e^-200 is in
-# float32): they may overflow to -inf at |logits| ~ 1e308, and 0 * -inf is NaN.
-_FLOOR64 = tl.constexpr(-1.7976931348623157e308)
-_D_MIN64 = tl.constexpr(-1000.0)
+from rlkern.kernels._common import (D_MIN, D_MIN64, FLOOR, FLOOR64, LOG2E, TANH_SMALL, exp_, f32, f32_recip,
+                                     tanh_and_sech2, to_out)
 
 
 @triton.jit
-def _expm1_small_f64(y):
-    """expm1(y) for float64 0 <= y <= 1.1, to a few ulp (e^y - 1 would cancel near 0).
-
-    y / 16 (exact) keeps the Taylor series short: to a^9 / 9! the remainder is < 1e-17
-    relative; then expm1(2a) = expm1(a) (expm1(a) + 2) four times, each a product of positive
-    numbers (no cancellation, about an ulp each)."""
-    a = y * 0.0625
-    p = tl.fma(a, 1.0 / 9.0, 1.0)
-    p = tl.fma(a * (1.0 / 8.0), p, 1.0)
-    p = tl.fma(a * (1.0 / 7.0), p, 1.0)
-    p = tl.fma(a * (1.0 / 6.0), p, 1.0)
-    p = tl.fma(a * (1.0 / 5.0), p, 1.0)
-    p = tl.fma(a * 0.25, p, 1.0)
-    p = tl.fma(a * (1.0 / 3.0), p, 1.0)
-    p = tl.fma(a * 0.5, p, 1.0)
-    e = a * p
-    e = e * (e + 2.0)
-    e = e * (e + 2.0)
-    e = e * (e + 2.0)
-    e = e * (e + 2.0)
-    return e
-
-
-@triton.jit
-def _tanh_and_sech2_f64(x):
-    """float64 (tanh(x), 1 - tanh(x)^2) to a few ulp, from ``tl.exp`` only (runs under
-    TRITON_INTERPRET). Large |x|: t = e^-2|x|, tanh = (1 - t) / (1 + t), sech^2 = 4 t / (1 + t)^2
-    (1 - t >= 0.66: no cancellation). Small |x|: with E = expm1(2|x|), tanh = E / (E + 2)."""
-    ax = tl.abs(x)
-    t = tl.exp(ax * -2.0)
-    r = 1.0 / (1.0 + t)
-    big = (1.0 - t) * r
-    is_small = ax < _TANH_SMALL  # False for NaN: NaN flows through the exp branch
-    e = _expm1_small_f64(tl.where(is_small, ax * 2.0, 0.0))
-    small = e / (e + 2.0)
-    th = tl.where(is_small, small, big)
-    sech2 = tl.where(is_small, tl.fma(-small, small, 1.0), 4.0 * t * r * r)
-    return tl.where(x < 0, -th, th), sech2
-
-
-@triton.jit
-def _tanh_and_sech2(x):
-    """Returns (tanh(x), 1 - tanh(x)^2), both to a few fp32 ulp (a few float64 ulp for float64
-    x: ``_tanh_and_sech2_f64``).
-
-    libdevice.tanh does not run under TRITON_INTERPRET, so the CPU tests could not cover it.
-    Large |x|: t = e^-2|x| in (0, 1] never overflows, tanh = (1 - t) / (1 + t), and sech^2 =
-    4 t / (1 + t)^2 stays accurate where tanh saturates and 1 - tanh^2 would keep only its
-    rounding error. Small |x|, where 1 - t cancels (most logits / c): an odd polynomial.
-    """
-    if x.dtype == tl.float64:
-        return _tanh_and_sech2_f64(x)
-    ax = tl.abs(x)
-    t = tl.exp2(ax * (-2.0 * _LOG2E))
-    r = 1.0 / (1.0 + t)
-    big = (1.0 - t) * r
-    big = tl.where(x < 0, -big, big)
-    is_small = ax < _TANH_SMALL  # False for NaN: NaN flows through the exp branch
-    xs = tl.where(is_small, x, 0.0)  # keeps the unused polynomial from overflowing
-    x2 = xs * xs
-    # Least-squares fit of (tanh(x)/x - 1)/x^2 on [0, 0.55] in x^2: max rel. error 6.4e-8.
-    poly = tl.fma(x2, -0.006272607482969761, 0.02107025310397148)
-    poly = tl.fma(poly, x2, -0.053851865231990814)
-    poly = tl.fma(poly, x2, 0.13332580029964447)
-    poly = tl.fma(poly, x2, -0.33333316445350647)
-    small = tl.fma(xs * x2, poly, xs)
-    th = tl.where(is_small, small, big)
-    sech2 = tl.where(is_small, tl.fma(-small, small, 1.0), 4.0 * t * r * r)
-    return th, sech2
-
-
-@triton.jit
-def _exp(x):
-    """e^x: exp2 of x log2(e) in float32 (the fast path); ``tl.exp`` in float64, where the
-    rounding of x log2(e) would cost |x| ulps."""
-    if x.dtype == tl.float64:
-        return tl.exp(x)
+def _label_column(labels_ptr, row, stride_label, vocab_start, V, SHARD: tl.constexpr):
+    """A row's label, its column in this (shard of the) vocabulary, and whether that column is here."""
+    label = tl.load(labels_ptr + row * stride_label)
+    if SHARD:
+        col = label.to(tl.int64) - vocab_start
     else:
-        return tl.exp2(x * _LOG2E)
+        col = label
+    return label, col, (col >= 0) & (col < V)
 
 
 @triton.jit
@@ -162,19 +77,19 @@ def _fwd_update(u, m, s, t, WITH_ENTROPY: tl.constexpr):
         # the entropy, -inf just gives e = 0 (m starts finite). NaN survives the clamp (GPU fmax
         # would drop it) and reaches s through e either way.
         if FP64:
-            u = tl.maximum(u, _FLOOR64, propagate_nan=tl.PropagateNan.ALL)
+            u = tl.maximum(u, FLOOR64, propagate_nan=tl.PropagateNan.ALL)
         else:
-            u = tl.maximum(u, _FLOOR, propagate_nan=tl.PropagateNan.ALL)
+            u = tl.maximum(u, FLOOR, propagate_nan=tl.PropagateNan.ALL)
     m_new = tl.maximum(m, tl.max(u, axis=1))
     dm = m - m_new
     d = u - m_new[:, None]
     if FP64:
         if WITH_ENTROPY:
             # float64 differences may overflow to -inf (module docstring); e and alpha stay 0.
-            dm = tl.maximum(dm, _D_MIN64, propagate_nan=tl.PropagateNan.ALL)
-            d = tl.maximum(d, _D_MIN64, propagate_nan=tl.PropagateNan.ALL)
-    alpha = _exp(dm)  # one exp per chunk, 1 while the max holds
-    e = _exp(d)
+            dm = tl.maximum(dm, D_MIN64, propagate_nan=tl.PropagateNan.ALL)
+            d = tl.maximum(d, D_MIN64, propagate_nan=tl.PropagateNan.ALL)
+    alpha = exp_(dm)  # one exp per chunk, 1 while the max holds
+    e = exp_(d)
     if WITH_ENTROPY:
         # e^(u-m') (u-m') = alpha e^(u-m) ((u-m) + (m-m')): shift the old t to the new max.
         t = tl.fma(alpha, tl.fma(s, dm, t), tl.sum(e * d, axis=1))
@@ -208,10 +123,10 @@ def _logprobs_fwd_kernel(
     # The compute dtype: float64 for float64 logits, else float32 (module docstring).
     if logits_ptr.dtype.element_ty == tl.float64:
         CDT: tl.constexpr = tl.float64
-        FLOOR: tl.constexpr = _FLOOR64
+        ROW_FLOOR: tl.constexpr = FLOOR64
     else:
         CDT: tl.constexpr = tl.float32
-        FLOOR: tl.constexpr = _FLOOR
+        ROW_FLOOR: tl.constexpr = FLOOR
     # float64 arguments read in CDT (exact for float32: the launcher rounded them to float32);
     # under the interpreter they are Python floats, which tl.full keeps exact.
     inv_temp = tl.full((), inv_temp, CDT)
@@ -222,7 +137,7 @@ def _logprobs_fwd_kernel(
     row_ptr = logits_ptr + row * stride_row
     offs = tl.arange(0, CHUNKS)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # (CHUNKS, VEC)
 
-    m = tl.full([CHUNKS], FLOOR, CDT)
+    m = tl.full([CHUNKS], ROW_FLOOR, CDT)
     s = tl.zeros([CHUNKS], CDT)
     t = tl.zeros([CHUNKS], CDT)
     v_full = (V // BLOCK) * BLOCK
@@ -230,28 +145,28 @@ def _logprobs_fwd_kernel(
     for start in range(0, v_full, BLOCK):
         z = tl.load(row_ptr + start + offs).to(CDT)
         if HAS_SOFTCAP:
-            z = softcap * _tanh_and_sech2(z * inv_softcap)[0]
+            z = softcap * tanh_and_sech2(z * inv_softcap)[0]
         m, s, t = _fwd_update(z * inv_temp, m, s, t, WITH_ENTROPY)
     in_row = offs < V - v_full
     if HAS_SOFTCAP:
         # softcap(-inf) = -c: mask after the cap so lanes past V still count for nothing.
         z = tl.load(row_ptr + v_full + offs, mask=in_row, other=0.0).to(CDT)
-        z = tl.where(in_row, softcap * _tanh_and_sech2(z * inv_softcap)[0], float("-inf"))
+        z = tl.where(in_row, softcap * tanh_and_sech2(z * inv_softcap)[0], float("-inf"))
     else:
         z = tl.load(row_ptr + v_full + offs, mask=in_row, other=float("-inf")).to(CDT)
     m, s, t = _fwd_update(z * inv_temp, m, s, t, WITH_ENTROPY)
 
-    # Merge the chunk lanes once per row. Lanes that only saw -inf have m = FLOOR, w = 0 and
+    # Merge the chunk lanes once per row. Lanes that only saw -inf have m = ROW_FLOOR, w = 0 and
     # finite t + s (m - M), so they add exact zeros.
     m_row = tl.max(m, axis=0)
     dm = m - m_row
     if CDT == tl.float64:
-        dm = tl.maximum(dm, _D_MIN64, propagate_nan=tl.PropagateNan.ALL)  # -DBL_MAX - M may be -inf
-    w = _exp(dm)
+        dm = tl.maximum(dm, D_MIN64, propagate_nan=tl.PropagateNan.ALL)  # -DBL_MAX - M may be -inf
+    w = exp_(dm)
     s_sum = tl.sum(s * w, axis=0)
     # all -inf (or V = 0). A row of NaN logits has m at the floor too (max drops NaN) but a NaN s:
     # it is not dead, and its lse, log-prob and entropy come out NaN.
-    dead = (m_row <= FLOOR) & (s_sum == s_sum)
+    dead = (m_row <= ROW_FLOOR) & (s_sum == s_sum)
     s_row = tl.where(dead, 1.0, s_sum)  # a dead row's s may be 0; not used
     log_s = tl.log(s_row)
     if lse_ptr.dtype.element_ty == tl.float64:
@@ -261,15 +176,10 @@ def _logprobs_fwd_kernel(
     else:
         lse = tl.where(dead, float("-inf"), m_row + log_s)
 
-    label = tl.load(labels_ptr + row * stride_label)
-    if SHARD:
-        col = label.to(tl.int64) - vocab_start
-    else:
-        col = label
-    in_range = (col >= 0) & (col < V)
+    label, col, in_range = _label_column(labels_ptr, row, stride_label, vocab_start, V, SHARD)
     z_y = tl.load(row_ptr + col, mask=in_range, other=0.0).to(CDT)
     if HAS_SOFTCAP:
-        z_y = softcap * _tanh_and_sech2(z_y * inv_softcap)[0]
+        z_y = softcap * tanh_and_sech2(z_y * inv_softcap)[0]
     # u_y - m is exact near the max: logp keeps its digits when |logits| ~ 1e4 and lse does
     # not; the min absorbs rounding that would make it positive.
     logp = (z_y * inv_temp - m_row) - log_s
@@ -294,18 +204,6 @@ def _logprobs_fwd_kernel(
 
 
 @triton.jit
-def _to_out(g, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
-    if ROUND_BF16:
-        # TRITON_INTERPRET's fp32 -> bf16 cast truncates (the GPU's rounds to nearest even), so
-        # the CPU tests would see bf16 grads an ulp off. Round the bits first; the cast is then
-        # exact. Only traced under the interpreter.
-        bits = g.to(tl.uint32, bitcast=True)
-        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-        g = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return g.to(dtype)
-
-
-@triton.jit
 def _bwd_block(
     block_ptr, grad_block_ptr, offs, in_row, label, lse_eff, lse_lo, g_label, a, b, inv_temp,
     softcap, inv_softcap, HAS_SOFTCAP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
@@ -319,14 +217,14 @@ def _bwd_block(
     else:
         z = tl.load(block_ptr + offs).to(CDT)
     if HAS_SOFTCAP:
-        th, sech2 = _tanh_and_sech2(z * inv_softcap)
+        th, sech2 = tanh_and_sech2(z * inv_softcap)
         z = softcap * th
     d = (z * inv_temp - lse_eff) - lse_lo  # u - lse; exact near the max
     if CDT == tl.float64:
-        d = tl.maximum(d, _D_MIN64, propagate_nan=tl.PropagateNan.ALL)
+        d = tl.maximum(d, D_MIN64, propagate_nan=tl.PropagateNan.ALL)
     else:
-        d = tl.maximum(d, _D_MIN, propagate_nan=tl.PropagateNan.ALL)
-    p = _exp(d)
+        d = tl.maximum(d, D_MIN, propagate_nan=tl.PropagateNan.ALL)
+    p = exp_(d)
     if HAS_GRAD_ENTROPY:
         g = p * tl.fma(b, d, a)
     else:
@@ -334,7 +232,7 @@ def _bwd_block(
     g = tl.where(offs == label, g + g_label, g)
     if HAS_SOFTCAP:
         g = g * sech2
-    g = _to_out(g, grad_block_ptr.dtype.element_ty, ROUND_BF16)
+    g = to_out(g, grad_block_ptr.dtype.element_ty, ROUND_BF16)
     if MASKED:
         tl.store(grad_block_ptr + offs, g, mask=in_row)
     else:
@@ -395,12 +293,7 @@ def _logprobs_bwd_kernel(
         lse_lo = 0.0
     # lse = +inf makes p exactly 0 in a dead row, whatever its logits.
     lse_eff = tl.where(dead, float("inf"), lse_hi)
-    label = tl.load(labels_ptr + row * stride_label)
-    if SHARD:
-        col = label.to(tl.int64) - vocab_start
-    else:
-        col = label
-    in_range = (col >= 0) & (col < V)
+    label, col, in_range = _label_column(labels_ptr, row, stride_label, vocab_start, V, SHARD)
     # here: the one-hot term lands in this row; live: the softmax terms apply (in shard mode
     # every non-ignored row, wherever its label lives).
     here = (label != ignore_index) & in_range & (~dead)
@@ -460,26 +353,14 @@ def _config(vocab: int, element_size: int) -> tuple[int, int, int]:
     return chunks, vec, num_warps
 
 
-def _f32(x: float) -> float:
-    return struct.unpack("f", struct.pack("f", x))[0]
-
-
-def _f32_recip(x: float) -> float:
-    """fp32(1 / fp32(x)), the reciprocal PyTorch multiplies by when it divides a float tensor by
-    a Python scalar: the kernels' u = z * (1/T) are then PyTorch's fp32 z / T bit for bit, and
-    their error against the float64 reference tracks PyTorch's own. (Rounding the float64
-    quotient to fp32 is the correctly rounded fp32 quotient: 53 >= 2 * 24 + 2.)"""
-    return _f32(1.0 / _f32(x))
-
-
 def _scalars(temperature: float, softcap: float, fp64: bool) -> tuple[float, float, float]:
     """(inv_temp, softcap, inv_softcap) as the kernels take them (0 for an absent softcap):
-    float32 values for float32 compute (see ``_f32_recip``), float64 ones for float64 logits."""
+    float32 values for float32 compute (see ``f32_recip``), float64 ones for float64 logits."""
     if softcap <= 0:
         cap, inv_cap = 0.0, 0.0
     else:
-        cap, inv_cap = (softcap, 1.0 / softcap) if fp64 else (_f32(softcap), _f32_recip(softcap))
-    return (1.0 / temperature if fp64 else _f32_recip(temperature)), cap, inv_cap
+        cap, inv_cap = (softcap, 1.0 / softcap) if fp64 else (f32(softcap), f32_recip(softcap))
+    return (1.0 / temperature if fp64 else f32_recip(temperature)), cap, inv_cap
 
 
 def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ import rlkern
 from rlkern import _backend
 from rlkern.reference import logprobs as reference
 from conftest import assert_as_close_as_torch, import_peer, compile_for_sm90
-from rlkern.kernels.logprobs import _tanh_and_sech2
+from rlkern.kernels._common import tanh_and_sech2
 
 
 
@@ -597,13 +597,13 @@ def test_float64_triton_extreme_logits(monkeypatch, triton_interpreted, vocab, t
 def _tanh_probe(x_ptr, tanh_ptr, sech2_ptr, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
-    th, sech2 = _tanh_and_sech2(x)
+    th, sech2 = tanh_and_sech2(x)
     tl.store(tanh_ptr + offs, th, mask=offs < n)
     tl.store(sech2_ptr + offs, sech2, mask=offs < n)
 
 
 def test_float64_tanh_matches_torch(triton_interpreted):
-    """The softcap's tanh in float64 (kernels/logprobs.py, _tanh_and_sech2_f64): within a few
+    """The softcap's tanh in float64 (kernels/_common.py, tanh_and_sech2_f64): within a few
     ulp of torch.tanh on both branches, at the branch point, near 0 (where 1 - 2 / (e^2x + 1)
     would cancel) and where it saturates; sech^2 within a few ulp of 1 / cosh^2."""
     x = torch.cat([
