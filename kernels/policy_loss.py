@@ -243,6 +243,24 @@ def _norms(gtok_ptr, gseq_ptr, gtok, gseq, tokens, seqs, GTOK: tl.constexpr, GSE
 
 
 @triton.jit
+def _local_norms(part_ptr, B, K, COLS: tl.constexpr, COUNT: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(mask sum, non-empty sequences) of the B sequences whose K partial rows each are in
+    part [B K, COLS], the mask sum in column COUNT, reduced in a fixed order."""
+    CDT = part_ptr.dtype.element_ty
+    rows = tl.arange(0, BLOCK_B).to(tl.int64)
+    a_tok = tl.zeros([BLOCK_B], CDT)
+    a_seq = tl.zeros([BLOCK_B], CDT)
+    for off in range(0, B, BLOCK_B):
+        b = off + rows
+        count = tl.zeros([BLOCK_B], CDT)
+        for k in range(0, K):
+            count += tl.load(part_ptr + (b * K + k) * COLS + COUNT, mask=b < B, other=0.0)
+        a_tok += count
+        a_seq += (count > 0).to(CDT)
+    return tl.sum(a_tok, 0), tl.sum(a_seq, 0)
+
+
+@triton.jit
 def _policy_loss_fwd_kernel(
     lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, isw_ptr, sel_ptr,  # (B, T) rows or packed (total,)
     cu_ptr,  # (B + 1,) when PACKED
@@ -395,17 +413,7 @@ def _policy_loss_finish_kernel(
     gtok, gseq, dp = tl.full((), gtok, CDT), tl.full((), gseq, CDT), tl.full((), dp, CDT)
     scale, kl_coef, ent_coef = tl.full((), scale, CDT), tl.full((), kl_coef, CDT), tl.full((), ent_coef, CDT)
     rows = tl.arange(0, BLOCK_B).to(tl.int64)
-    a_tok = tl.zeros([BLOCK_B], CDT)
-    a_seq = tl.zeros([BLOCK_B], CDT)
-    for off in range(0, B, BLOCK_B):  # the local normalizers first: every weight depends on them
-        b = off + rows
-        count = tl.zeros([BLOCK_B], CDT)
-        for k in range(0, K):
-            count += tl.load(part_ptr + (b * K + k) * 12 + 3, mask=b < B, other=0.0)
-        a_tok += count
-        a_seq += (count > 0).to(CDT)
-    tokens = tl.sum(a_tok, 0)
-    seqs = tl.sum(a_seq, 0)
+    tokens, seqs = _local_norms(part_ptr, B, K, 12, 3, BLOCK_B)  # first: every weight depends on them
     g_tokens, g_seqs = _norms(gtok_ptr, gseq_ptr, gtok, gseq, tokens, seqs, GTOK, GSEQ)
     cols = tl.arange(0, 16)
     a_loss = tl.zeros([BLOCK_B], CDT)
@@ -751,6 +759,33 @@ def _load_as(ptr, idx, inb, CDT: tl.constexpr):
 
 
 @triton.jit
+def _agg_program(cu_ptr, T, s_a, s_b, PACKED: tl.constexpr):
+    """Program (b, k) of a (B, K) grid over sequences: (b, k, K, the sequence's length, the start
+    of its row in two tensors of row strides s_a / s_b; packed: its first token in both)."""
+    pid = tl.program_id(0).to(tl.int64)
+    kid = tl.program_id(1).to(tl.int64)
+    n_split = tl.num_programs(1).to(tl.int64)
+    start, n = _seq_bounds(cu_ptr, pid, T, PACKED)
+    if PACKED:
+        r_a = start
+        r_b = start
+    else:
+        r_a = pid * s_a
+        r_b = pid * s_b
+    return pid, kid, n_split, n, r_a, r_b
+
+
+@triton.jit
+def _agg_mask(mask_ptr, idx, inb, HAS_MASK: tl.constexpr, CDT: tl.constexpr):
+    """The mask of [BLOCK] tokens as weights in the compute type (without a mask: 1 inside the sequence)."""
+    if HAS_MASK:
+        m = _load_as(mask_ptr, idx, inb, CDT)
+    else:
+        m = inb.to(CDT)
+    return m
+
+
+@triton.jit
 def _kl_penalty_kernel(
     lp_ptr,  # (N,) logprobs, contiguous, fp16/bf16/fp32/fp64
     ref_ptr,  # (N,) ref_logprobs, contiguous, any float dtype
@@ -780,26 +815,14 @@ def _aggregate_sums_kernel(
     WITH_VALUES: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     CDT = part_ptr.dtype.element_ty
-    pid = tl.program_id(0).to(tl.int64)
-    kid = tl.program_id(1).to(tl.int64)
-    n_split = tl.num_programs(1).to(tl.int64)
-    start, n = _seq_bounds(cu_ptr, pid, T, PACKED)
-    if PACKED:
-        r_v = start
-        r_mask = start
-    else:
-        r_v = pid * s_v
-        r_mask = pid * s_mask
+    pid, kid, n_split, n, r_v, r_mask = _agg_program(cu_ptr, T, s_v, s_mask, PACKED)
     cols = tl.arange(0, BLOCK).to(tl.int64)
     a_kept = tl.zeros([BLOCK], CDT)
     a_cnt = tl.zeros([BLOCK], CDT)
     for off in range(kid * BLOCK, n, n_split * BLOCK):
         idx = off + cols
         inb = idx < n
-        if HAS_MASK:
-            m = _load_as(mask_ptr + r_mask, idx, inb, CDT)
-        else:
-            m = inb.to(CDT)
+        m = _agg_mask(mask_ptr + r_mask, idx, inb, HAS_MASK, CDT)
         if WITH_VALUES:
             # where() before the sum: a NaN / inf value at a masked-out token must not leak
             a_kept += tl.where(m != 0, m * _load_as(v_ptr + r_v, idx, inb, CDT), 0.0)
@@ -822,17 +845,7 @@ def _aggregate_finish_kernel(
     CDT = out_ptr.dtype.element_ty
     dp, scale = tl.full((), dp, CDT), tl.full((), scale, CDT)
     rows = tl.arange(0, BLOCK_B).to(tl.int64)
-    a_tok = tl.zeros([BLOCK_B], CDT)
-    a_seq = tl.zeros([BLOCK_B], CDT)
-    for off in range(0, B, BLOCK_B):  # the local normalizers first: every weight depends on them
-        b = off + rows
-        count = tl.zeros([BLOCK_B], CDT)
-        for k in range(0, K):
-            count += tl.load(part_ptr + (b * K + k) * 2 + 1, mask=b < B, other=0.0)
-        a_tok += count
-        a_seq += (count > 0).to(CDT)
-    tokens = tl.sum(a_tok, 0)
-    seqs = tl.sum(a_seq, 0)
+    tokens, seqs = _local_norms(part_ptr, B, K, 2, 1, BLOCK_B)  # first: every weight depends on them
     tokens, seqs = _norms(gtok_ptr, gseq_ptr, tokens, seqs, tokens, seqs, GTOK, GSEQ)
     if BACKWARD:
         grad = tl.load(grad_ptr).to(CDT)
@@ -850,9 +863,7 @@ def _aggregate_finish_kernel(
             tl.store(out_ptr + b, w * grad, mask=live)
         else:
             a_loss += w * kept
-    if BACKWARD:
-        pass
-    else:
+    if not BACKWARD:
         tl.store(out_ptr, tl.sum(a_loss, 0))
 
 
@@ -870,16 +881,7 @@ def _aggregate_bwd_kernel(
     AGG: tl.constexpr, GTOK: tl.constexpr, W_BUF: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
     CDT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    kid = tl.program_id(1).to(tl.int64)
-    n_split = tl.num_programs(1).to(tl.int64)
-    start, n = _seq_bounds(cu_ptr, pid, T, PACKED)
-    if PACKED:
-        r_mask = start
-        r_out = start
-    else:
-        r_mask = pid * s_mask
-        r_out = pid * T
+    pid, kid, n_split, n, r_mask, r_out = _agg_program(cu_ptr, T, s_mask, T, PACKED)
     if W_BUF:
         w = tl.load(w_ptr + pid).to(CDT)
     else:  # token-sum, or token-mean over global_tokens: no mask sum needed
@@ -890,10 +892,7 @@ def _aggregate_bwd_kernel(
     for off in range(kid * BLOCK, n, n_split * BLOCK):
         idx = off + cols
         inb = idx < n
-        if HAS_MASK:
-            m = _load_as(mask_ptr + r_mask, idx, inb, CDT)
-        else:
-            m = inb.to(CDT)
+        m = _agg_mask(mask_ptr + r_mask, idx, inb, HAS_MASK, CDT)
         g = tl.where(m != 0, m * w, 0.0)
         tl.store(out_ptr + r_out + idx, g.to(out_ptr.dtype.element_ty), mask=inb)
 
