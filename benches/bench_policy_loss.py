@@ -4,6 +4,7 @@ the eager formula as TRL 1.16's GRPOTrainer writes it, both with autograd.
     python -m rlkern.benches.bench_policy_loss [--b B --t T --dtype fp32|bf16] [--loss ppo|gspo|geo_mean]
                                               [--out FILE]
     python -m rlkern.benches.bench_policy_loss --from-logits [--b B --t L --v V] [--out FILE]
+    python -m rlkern.benches.bench_policy_loss --kl-aggregate [--b B --t T] [--out FILE]
 
 Defaults: CPU B=64, T=4096 fp32, 2 threads (the issue's CPU target: >= 3x verl); GPU B=64,
 T=8192. With ``--loss ppo`` (default) every implementation computes the PPO clipped surrogate
@@ -22,6 +23,12 @@ the gradient w.r.t. the logits (not in place). Defaults: GPU B=8 L=1024 V=151936
 L=256 V=32000 (on a GPU, a run without shape arguments, as ``rlkern bench``, adds this table).
 Bytes: the logits read twice and their gradient written once.
 
+``--kl-aggregate`` times the KL term alone, forward + backward w.r.t. logprobs:
+``aggregate(kl_penalty(lp, ref, kl_estimator="k3"), mask, agg="token-mean")`` against verl's
+``agg_loss(kl_penalty(lp, ref, "low_var_kl"), mask, "token-mean")``, on float32 and on float64
+tensors (bytes: lp, ref and the mask read, the [B, T] estimate written and read back, and the
+gradient written).
+
 The float64 rows (runs in fp32) time the same step on float64 tensors (float64 loss and
 gradients, computed in double by the kernels) beside the float32 step, alternately.
 
@@ -33,6 +40,7 @@ same and writes d logprobs and d entropy.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 
 import torch
@@ -188,6 +196,47 @@ def _float64_rows(device, b, t, rounds, loss, shape, peak_bw) -> list[common.Row
     return rows
 
 
+# --- the KL term alone: kl_penalty + aggregate ------------------------------------------------
+
+
+def run_kl_aggregate(device: torch.device, b: int, t: int, rounds: int = 15) -> list[common.Row]:
+    # the module (the package exports a function of the same name)
+    kl_module = importlib.import_module("rlkern.ops.policy_loss.aggregate")
+    core_algos, why = common.peer("verl.trainer.ppo.core_algos")
+    peak_bw = common.copy_bandwidth_gbps(device)
+    rows = []
+    for dtype in (torch.float32, torch.float64):
+        bench = f"kl_penalty (k3) + aggregate (token-mean) fwd+bwd, {str(dtype).removeprefix('torch.')}"
+        d = _inputs(device, b, t, dtype)
+        shape = f"B={b} T={t} {str(dtype).removeprefix('torch.')}"
+        elt = d["lp"].element_size()
+        bytes_moved = b * t * (5 * elt + 2)  # lp, ref, mask (twice), the estimate out and back, the gradient
+
+        def make(step):
+            lp = d["lp"].detach().clone().requires_grad_()
+
+            def fn():
+                torch.autograd.grad(step(lp), (lp,))
+            return fn
+
+        steps = {"rlkern": lambda lp: ops.aggregate(ops.kl_penalty(lp, d["ref"], kl_estimator="k3"), d["mask"],
+                                                    agg="token-mean")}
+        if core_algos is not None:
+            steps["verl"] = lambda lp: core_algos.agg_loss(core_algos.kl_penalty(lp, d["ref"], "low_var_kl"),
+                                                           d["mask"], "token-mean")
+        fns = {name: make(step) for name, step in steps.items()}
+        timings = common.measure(fns, device, rounds, label=f"kl_penalty + aggregate {shape}", warmup=2)
+        for name, (med, p20, p80) in timings.items():
+            gbps = bytes_moved / (med * 1e-3) / 1e9
+            backend = kl_module._KL.backend(d["lp"]) if name == "rlkern" else None
+            rows.append(common.Row(bench, name, shape, med, p20, p80, gbps, 100 * gbps / peak_bw, None,
+                                   extra={"backend": backend}))
+        if core_algos is None:
+            rows.append(common.missing_row(bench, "verl", shape, why))
+    common.fill_ratios(rows)
+    return rows
+
+
 # --- from logits: token log-probs + GRPO loss (the step Liger's triton_grpo_loss fuses) -------
 
 TEMPERATURE, BETA = 0.9, 0.04
@@ -293,13 +342,18 @@ def main(argv=None) -> list[common.Row]:
     parser.add_argument("--from-logits", action="store_true",
                         help="the GRPO step from [B, L + 1, V] logits, against Liger's triton_grpo_loss")
     parser.add_argument("--v", type=int, help="vocabulary size with --from-logits")
+    parser.add_argument("--kl-aggregate", action="store_true",
+                        help="kl_penalty + aggregate alone, float32 and float64, against verl's kl_penalty + agg_loss")
     parser.add_argument("--out", help="write FILE.json and FILE.md")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         torch.set_num_threads(args.threads)
-    if args.from_logits:
+    if args.kl_aggregate:
+        b, t, _ = default_shape(device)
+        rows = run_kl_aggregate(device, args.b or b, args.t or t, args.rounds)
+    elif args.from_logits:
         b, t, v, dtype = (8, 1024, 151936, torch.bfloat16) if device.type == "cuda" else (4, 256, 32000, torch.float32)
         rows = run_from_logits(device, args.b or b, args.t or t, args.v or v,
                                DTYPES[args.dtype] if args.dtype else dtype, args.rounds)

@@ -24,6 +24,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -39,12 +40,8 @@
 #include <type_traits>
 #include <vector>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define RLK_X86_SIMD 1
-#define RLK_TGT __attribute__((target("avx2,fma")))
-#else
-#define RLK_X86_SIMD 0
-#endif
+#include "common.h"
+
 // No target of its own: inlined into both the AVX2 and the baseline entry points.
 #define RLK_VEC __attribute__((always_inline)) static inline
 // GCC notes that functions taking or returning 32/64-byte vectors have an ABI that depends on
@@ -107,7 +104,7 @@ Loss parse_loss(const std::string& s, const std::string& level) {
   TORCH_CHECK(false, "rlkern.policy_loss: the C++ kernel has no loss '", s, "'");
 }
 
-void parse_kl(const std::string& s, Kl* kind, bool* straight_through) {
+void parse_kl(const std::string& s, Kl* kind, bool* straight_through, const char* op = "rlkern.policy_loss") {
   std::string base = s;
   *straight_through = !s.empty() && s.back() == '+';
   if (*straight_through) base.pop_back();
@@ -115,18 +112,18 @@ void parse_kl(const std::string& s, Kl* kind, bool* straight_through) {
   else if (base == "abs") *kind = Kl::kAbs;
   else if (base == "k2" || base == "mse") *kind = Kl::kK2;
   else if (base == "k3" || base == "low_var_kl") *kind = Kl::kK3;
-  else TORCH_CHECK(false, "rlkern.policy_loss: unknown kl_estimator '", s, "'");
+  else TORCH_CHECK(false, op, ": unknown kl_estimator '", s, "'");
 }
 
 enum class Agg { kTokenMean, kTokenSum, kSeqSum, kSeqMean, kSeqSumNorm };
 
-Agg parse_agg(const std::string& s, const char* what) {
+Agg parse_agg(const std::string& s, const char* what, const char* op = "rlkern.policy_loss") {
   if (s == "token-mean") return Agg::kTokenMean;
   if (s == "token-sum") return Agg::kTokenSum;
   if (s == "seq-mean-token-sum") return Agg::kSeqSum;
   if (s == "seq-mean-token-mean") return Agg::kSeqMean;
   if (s == "seq-mean-token-sum-norm") return Agg::kSeqSumNorm;
-  TORCH_CHECK(false, "rlkern.policy_loss: unknown ", what, " '", s, "'");
+  TORCH_CHECK(false, op, ": unknown ", what, " '", s, "'");
 }
 
 // Positions in the float hyper-parameter list, named as rlkern/reference/policy_loss.py's
@@ -717,6 +714,61 @@ struct Simd {
       }
     }
   }
+
+  // ---------------------------------------------------------------------------------------------
+  // kl_penalty and aggregate (rlkern/ops/policy_loss/aggregate.py): the same loads and KL math.
+
+  // Tokens [i0, i1) of a flat kl_penalty: the estimate, or with `grad` its derivative in logprob
+  // times the upstream gradient.
+  RLK_VEC void kl_body(const Args& a, const In& grad, const Out& out, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i += kW) {
+      const int64_t n = std::min<int64_t>(kW, i1 - i);
+      vf v = {}, d = {};
+      kl_token(a, load_in(a.lp, i, n), load_in(a.ref, i, n), &v, &d);
+      store_out(out, i, grad ? d * load_in(grad, i, n) : v, n);
+    }
+  }
+
+  // Sequences [b0, b1): sums[2 b] = sum of m * v over the tokens where m != 0 (a NaN / inf value
+  // at a masked-out token never leaks, as the reference's where), sums[2 b + 1] = sum of m.
+  // Without a.lp (the backward needs the counts only) the values are not read.
+  RLK_VEC void agg_sums_body(const Args& a, double* sums, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t begin, end;
+      seq_range(a, b, &begin, &end);
+      double kept = 0, count = 0;
+      vf acc_kept = {}, acc_count = {};
+      int64_t pending = 0;
+      for (int64_t i = begin; i < end; i += kW) {
+        const int64_t n = std::min<int64_t>(kW, end - i);
+        const vf m = load_mask(a, i, n);
+        if (a.lp) acc_kept += m * vand(load_in(a.lp, i, n), m != T(0));
+        acc_count += m;
+        if (++pending == kFlushEvery || i + kW >= end) {
+          kept += hsum(acc_kept);
+          count += hsum(acc_count);
+          acc_kept = acc_count = vf{};
+          pending = 0;
+        }
+      }
+      sums[2 * b] = kept;
+      sums[2 * b + 1] = count;
+    }
+  }
+
+  // Sequences [b0, b1) of aggregate_backward: d loss / d v = (m != 0 ? m : 0) * coefs[b].
+  RLK_VEC void agg_grad_body(const Args& a, const T* coefs, const Out& out, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t begin, end;
+      seq_range(a, b, &begin, &end);
+      const vf c = splat(coefs[b]);
+      for (int64_t i = begin; i < end; i += kW) {
+        const int64_t n = std::min<int64_t>(kW, end - i);
+        const vf m = load_mask(a, i, n);
+        store_out(out, i, vand(m * c, m != T(0)), n);
+      }
+    }
+  }
 };  // struct Simd
 
 // The two compilations of each loop (per float type), and the runtime choice between them.
@@ -748,16 +800,8 @@ RLK_TGT void grad_avx2(const Args& a, const T* s, const T* c, const Out& g, cons
   Simd<T, kAvx2W<T>>::template grad_body<L>(a, s, c, g, ge, b0, b1);
 }
 
-bool simd_ok() {
-  static const bool ok = [] {
-    const char* env = std::getenv("RLKERN_NO_SIMD");
-    if (env && env[0] == '1') return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return ok;
-}
 #endif
+using rlkern::simd_ok;
 
 template <typename T, Loss L>
 std::pair<StatsFn<T>, GradFn<T>> pick() {
@@ -786,6 +830,49 @@ std::pair<StatsFn<T>, GradFn<T>> pick(Loss loss) {
     case Loss::kSapoSeq: return pick<T, Loss::kSapoSeq>();
   }
   TORCH_CHECK(false, "rlkern.policy_loss: bad loss id");
+}
+
+// The kl_penalty / aggregate loops, compiled as the policy loss's.
+template <typename T>
+struct AggFns {
+  void (*kl)(const Args&, const In&, const Out&, int64_t, int64_t);
+  void (*sums)(const Args&, double*, int64_t, int64_t);
+  void (*grad)(const Args&, const T*, const Out&, int64_t, int64_t);
+};
+
+template <typename T, int W>
+struct AggLoops {
+  static void kl(const Args& a, const In& g, const Out& o, int64_t i0, int64_t i1) {
+    Simd<T, W>::kl_body(a, g, o, i0, i1);
+  }
+  static void sums(const Args& a, double* s, int64_t b0, int64_t b1) { Simd<T, W>::agg_sums_body(a, s, b0, b1); }
+  static void grad(const Args& a, const T* c, const Out& o, int64_t b0, int64_t b1) {
+    Simd<T, W>::agg_grad_body(a, c, o, b0, b1);
+  }
+};
+
+#if RLK_X86_SIMD
+template <typename T>
+struct AggLoopsAvx2 {
+  RLK_TGT static void kl(const Args& a, const In& g, const Out& o, int64_t i0, int64_t i1) {
+    Simd<T, kAvx2W<T>>::kl_body(a, g, o, i0, i1);
+  }
+  RLK_TGT static void sums(const Args& a, double* s, int64_t b0, int64_t b1) {
+    Simd<T, kAvx2W<T>>::agg_sums_body(a, s, b0, b1);
+  }
+  RLK_TGT static void grad(const Args& a, const T* c, const Out& o, int64_t b0, int64_t b1) {
+    Simd<T, kAvx2W<T>>::agg_grad_body(a, c, o, b0, b1);
+  }
+};
+#endif
+
+template <typename T>
+AggFns<T> pick_agg() {
+#if RLK_X86_SIMD
+  if (simd_ok()) return {&AggLoopsAvx2<T>::kl, &AggLoopsAvx2<T>::sums, &AggLoopsAvx2<T>::grad};
+#endif
+  using Base = AggLoops<T, kBaseW<T>>;
+  return {&Base::kl, &Base::sums, &Base::grad};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -853,6 +940,43 @@ at::ScalarType compute_type(const at::Tensor& logprobs) {
 
 at::Tensor as_type(const at::Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
 
+// A token input as the loops read it: bfloat16 in place in the float loops, else converted to
+// the compute type (contiguous); `keep` owns the converted buffer.
+In read_in(const at::Tensor& t, at::ScalarType ct, std::vector<at::Tensor>* keep) {
+  In in;
+  in.bf16 = ct == at::kFloat && t.scalar_type() == at::kBFloat16;
+  at::Tensor f = in.bf16 ? t.contiguous() : as_type(t, ct);
+  keep->push_back(f);
+  in.p = f.data_ptr();
+  return in;
+}
+
+// A mask: bytes, int32 and int64 read as they are, every other dtype as a weight in the compute type.
+void read_mask(const at::Tensor& mask, at::ScalarType ct, Args* a, std::vector<at::Tensor>* keep) {
+  at::Tensor m;
+  switch (mask.scalar_type()) {
+    case at::kBool:  // stored as bytes 0 / 1
+    case at::kByte: m = mask.contiguous(); a->mask_kind = MaskKind::kU8; break;
+    case at::kInt: m = mask.contiguous(); a->mask_kind = MaskKind::kI32; break;
+    case at::kLong: m = mask.contiguous(); a->mask_kind = MaskKind::kI64; break;
+    default: m = as_type(mask, ct); a->mask_kind = MaskKind::kReal; break;
+  }
+  keep->push_back(m);
+  a->mask = m.data_ptr();
+}
+
+// Packed offsets, checked to run from 0 to n without decreasing; returns B.
+int64_t read_cu(const at::Tensor& cu_seqlens, int64_t n, Args* a, std::vector<at::Tensor>* keep, const char* op) {
+  at::Tensor cu = cu_seqlens.to(at::kLong).contiguous();
+  keep->push_back(cu);
+  a->cu = cu.data_ptr<int64_t>();
+  a->T = 0;
+  const int64_t B = cu.numel() - 1;
+  TORCH_CHECK(B >= 0 && a->cu[0] == 0 && a->cu[B] == n, op, ": cu_seqlens must run from 0 to ", n);
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(a->cu[b] <= a->cu[b + 1], op, ": cu_seqlens must not decrease");
+  return B;
+}
+
 struct Prepared {
   Args a;
   Loss loss;
@@ -875,12 +999,7 @@ Prepared prepare(const at::Tensor& logprobs, const at::Tensor& old_logprobs, con
   auto same = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.sizes() == logprobs.sizes(), "rlkern.policy_loss: ", name, " must have the shape of logprobs ",
                 logprobs.sizes(), ", got ", t.sizes());
-    In in;
-    in.bf16 = ct == at::kFloat && t.scalar_type() == at::kBFloat16;
-    at::Tensor f = in.bf16 ? t.contiguous() : as_type(t, ct);
-    p.keep.push_back(f);
-    in.p = f.data_ptr();
-    return in;
+    return read_in(t, ct, &p.keep);
   };
   auto opt = [&](const std::optional<at::Tensor>& t, const char* name) -> In {
     return t.has_value() ? same(*t, name) : In{};
@@ -893,15 +1012,7 @@ Prepared prepare(const at::Tensor& logprobs, const at::Tensor& old_logprobs, con
   a.isw = opt(is_weights, "is_weights");
   a.sel = opt(select, "select");
   if (packed) {
-    at::Tensor cu = cu_seqlens->to(at::kLong).contiguous();
-    p.keep.push_back(cu);
-    a.cu = cu.data_ptr<int64_t>();
-    p.B = cu.numel() - 1;
-    a.T = 0;
-    TORCH_CHECK(p.B >= 0 && a.cu[0] == 0 && a.cu[p.B] == n, "rlkern.policy_loss: cu_seqlens must run from 0 to ", n);
-    for (int64_t b = 0; b < p.B; ++b) {
-      TORCH_CHECK(a.cu[b] <= a.cu[b + 1], "rlkern.policy_loss: cu_seqlens must not decrease");
-    }
+    p.B = read_cu(*cu_seqlens, n, &a, &p.keep, "rlkern.policy_loss");
   } else {
     a.cu = nullptr;
     p.B = logprobs.size(0);
@@ -922,16 +1033,7 @@ Prepared prepare(const at::Tensor& logprobs, const at::Tensor& old_logprobs, con
   a.mask_kind = MaskKind::kNone;
   if (mask.has_value()) {
     TORCH_CHECK(mask->sizes() == logprobs.sizes(), "rlkern.policy_loss: mask must have the shape of logprobs");
-    at::Tensor m;
-    switch (mask->scalar_type()) {
-      case at::kBool:  // stored as bytes 0 / 1
-      case at::kByte: m = mask->contiguous(); a.mask_kind = MaskKind::kU8; break;
-      case at::kInt: m = mask->contiguous(); a.mask_kind = MaskKind::kI32; break;
-      case at::kLong: m = mask->contiguous(); a.mask_kind = MaskKind::kI64; break;
-      default: m = as_type(*mask, ct); a.mask_kind = MaskKind::kReal; break;
-    }
-    p.keep.push_back(m);
-    a.mask = m.data_ptr();
+    read_mask(*mask, ct, &a, &p.keep);
   }
   p.loss = parse_loss(loss, level);
   parse_kl(kl_estimator, &a.kl, &a.kl_st);
@@ -1083,6 +1185,226 @@ std::tuple<at::Tensor, at::Tensor> policy_loss_backward_meta(
   return {at::empty(logprobs.sizes(), logprobs.options()), g_ent};
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// kl_penalty and aggregate: the bodies of rlkern/ops/policy_loss/aggregate.py's custom ops
+// (torch.ops.rlkern.cpp_kl_penalty, cpp_kl_penalty_backward, cpp_aggregate,
+// cpp_aggregate_backward; GPU twins in kernels/policy_loss.py, oracle
+// rlkern/reference/policy_loss.py). Compute type as the policy loss: double for float64 input,
+// else float (half inputs converted, bfloat16 read in place).
+
+// An output of `like`'s shape and dtype `dt` as the loops write it: contiguous, bfloat16 in place
+// in the float loops, else the compute type.
+Out out_buffer(const at::Tensor& like, at::ScalarType dt, at::ScalarType ct, at::Tensor* buf) {
+  Out o;
+  o.bf16 = ct == at::kFloat && dt == at::kBFloat16;
+  *buf = at::empty(like.sizes(), like.options().dtype(o.bf16 ? at::kBFloat16 : ct));
+  o.p = buf->data_ptr();
+  return o;
+}
+
+// The buffer in dtype `dt` and in the layout of at::empty_like(like) (the fake implementations'),
+// which differs from the buffer's only for a dense non-contiguous `like` (a transpose).
+at::Tensor finish_out(const at::Tensor& like, const at::Tensor& buf, at::ScalarType dt) {
+  if (like.is_contiguous()) return buf.scalar_type() == dt ? buf : buf.to(dt);
+  return at::empty_like(like, like.options().dtype(dt)).copy_(buf);
+}
+
+constexpr int64_t kKlGrain = 16384;  // tokens per parallel task
+
+at::Tensor kl_run(const char* op, const at::Tensor* grad, const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+                  const std::string& kl_estimator) {
+  TORCH_CHECK(ref_logprobs.sizes() == logprobs.sizes(), op, ": ref_logprobs must have the shape of logprobs ",
+              logprobs.sizes(), ", got ", ref_logprobs.sizes());
+  const at::ScalarType ct = compute_type(logprobs);
+  std::vector<at::Tensor> keep;
+  Args a{};
+  parse_kl(kl_estimator, &a.kl, &a.kl_st, op);
+  a.lp = read_in(logprobs, ct, &keep);
+  a.ref = read_in(ref_logprobs, ct, &keep);
+  In g;
+  if (grad) {
+    TORCH_CHECK(grad->sizes() == logprobs.sizes(), op, ": grad must have the shape of logprobs ", logprobs.sizes(),
+                ", got ", grad->sizes());
+    g = read_in(*grad, ct, &keep);
+  }
+  // the estimate in the compute type; its gradient in logprobs' dtype
+  const at::ScalarType dt = grad ? logprobs.scalar_type() : ct;
+  at::Tensor buf;
+  const Out o = out_buffer(logprobs, dt, ct, &buf);
+  const int64_t n = logprobs.numel();
+  if (ct == at::kDouble) {
+    const auto fn = pick_agg<double>().kl;
+    at::parallel_for(0, n, kKlGrain, [&](int64_t i0, int64_t i1) { fn(a, g, o, i0, i1); });
+  } else {
+    const auto fn = pick_agg<float>().kl;
+    at::parallel_for(0, n, kKlGrain, [&](int64_t i0, int64_t i1) { fn(a, g, o, i0, i1); });
+  }
+  return finish_out(logprobs, buf, dt);
+}
+
+at::Tensor kl_penalty_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, std::string kl_estimator) {
+  return kl_run("rlkern.cpp_kl_penalty", nullptr, logprobs, ref_logprobs, kl_estimator);
+}
+
+at::Tensor kl_penalty_backward_cpu(const at::Tensor& grad, const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+                                   std::string kl_estimator) {
+  return kl_run("rlkern.cpp_kl_penalty_backward", &grad, logprobs, ref_logprobs, kl_estimator);
+}
+
+at::Tensor kl_penalty_meta(const at::Tensor& logprobs, const at::Tensor&, std::string) {
+  return at::empty_like(logprobs, logprobs.options().dtype(compute_type(logprobs)));
+}
+
+at::Tensor kl_penalty_backward_meta(const at::Tensor&, const at::Tensor& logprobs, const at::Tensor&, std::string) {
+  return at::empty_like(logprobs);
+}
+
+// One aggregate call: values [B, T] with a mask, or packed [total] with cu_seqlens (mask optional).
+struct AggCall {
+  Args a{};
+  std::vector<at::Tensor> keep;
+  int64_t B = 0;
+  double width = 1;  // seq-mean-token-sum-norm's divisor without loss_scale_factor: T padded, 1 packed
+  Agg agg = Agg::kTokenMean;
+  double dp = 1, scale = 1;
+  std::optional<double> global_tokens, global_seqs;
+};
+
+std::optional<double> agg_scalar(const char* op, const std::optional<at::Tensor>& t, const char* name) {
+  if (!t.has_value()) return std::nullopt;
+  TORCH_CHECK(t->numel() == 1, op, ": ", name, " must be a single number, got shape ", t->sizes());
+  return t->item<double>();
+}
+
+AggCall agg_prepare(const char* op, const at::Tensor& values, const std::optional<at::Tensor>& mask,
+                    const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>& global_tokens,
+                    const std::optional<at::Tensor>& global_seqs, const std::string& agg, double dp_size,
+                    double loss_scale_factor, bool read_values) {
+  AggCall c;
+  const at::ScalarType ct = compute_type(values);
+  const bool packed = cu_seqlens.has_value();
+  TORCH_CHECK(packed ? values.dim() == 1 : values.dim() == 2, op,
+              ": values must be [B, T] or packed [total] with cu_seqlens, got ", values.sizes());
+  TORCH_CHECK(packed || mask.has_value(), op, ": mask is required for padded [B, T] values");
+  Args& a = c.a;
+  if (read_values) a.lp = read_in(values, ct, &c.keep);
+  a.mask_kind = MaskKind::kNone;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->sizes() == values.sizes(), op, ": mask must have the shape of values ", values.sizes(),
+                ", got ", mask->sizes());
+    read_mask(*mask, ct, &a, &c.keep);
+  }
+  if (packed) {
+    c.B = read_cu(*cu_seqlens, values.numel(), &a, &c.keep, op);
+  } else {
+    c.B = values.size(0);
+    a.T = values.size(1);
+    c.width = static_cast<double>(a.T);
+  }
+  c.agg = parse_agg(agg, "agg", op);
+  c.dp = dp_size;
+  c.scale = std::isnan(loss_scale_factor) ? c.width : loss_scale_factor;
+  c.global_tokens = agg_scalar(op, global_tokens, "global_tokens");
+  c.global_seqs = agg_scalar(op, global_seqs, "global_seqs");
+  return c;
+}
+
+// The modes whose weights need the mask's sums (token-sum, and token-mean over a given global_tokens, do not).
+bool needs_counts(const AggCall& c) {
+  return c.agg != Agg::kTokenSum && !(c.agg == Agg::kTokenMean && c.global_tokens.has_value());
+}
+
+// sums [B, 2] (masked value sum, mask sum) per sequence, in double.
+template <typename T>
+std::vector<double> agg_sums(const AggCall& c, int64_t n) {
+  std::vector<double> sums(static_cast<size_t>(2 * c.B), 0.0);
+  const auto fn = pick_agg<T>().sums;
+  const int64_t per_seq = std::max<int64_t>(1, n / std::max<int64_t>(c.B, 1));
+  at::parallel_for(0, c.B, std::max<int64_t>(1, 8192 / per_seq),
+                   [&](int64_t b0, int64_t b1) { fn(c.a, sums.data(), b0, b1); });
+  return sums;
+}
+
+// d loss / d (masked token sum of sequence b), as rlkern/ops/policy_loss/_autograd.py seq_weights.
+std::vector<double> agg_weights(const AggCall& c, const std::vector<double>& sums) {
+  double tokens = 0, seqs = 0;
+  for (int64_t b = 0; b < c.B && !sums.empty(); ++b) {
+    tokens += sums[2 * b + 1];
+    seqs += sums[2 * b + 1] > 0 ? 1.0 : 0.0;
+  }
+  if (c.global_tokens) tokens = *c.global_tokens;
+  if (c.global_seqs) seqs = *c.global_seqs;
+  std::vector<double> w(static_cast<size_t>(c.B));
+  for (int64_t b = 0; b < c.B; ++b) {
+    w[b] = seq_weight(c.agg, sums.empty() ? 0.0 : sums[2 * b + 1], c.dp, tokens, seqs, c.scale);
+  }
+  return w;
+}
+
+template <typename T>
+at::Tensor aggregate_impl(const AggCall& c, const at::Tensor& values) {
+  const std::vector<double> sums = agg_sums<T>(c, values.numel());
+  const std::vector<double> w = agg_weights(c, sums);
+  double total = 0;
+  for (int64_t b = 0; b < c.B; ++b) total += w[b] * sums[2 * b];
+  at::Tensor out = at::empty({}, values.options().dtype(c10::CppTypeToScalarType<T>::value));
+  out.data_ptr<T>()[0] = static_cast<T>(total);
+  return out;
+}
+
+at::Tensor aggregate_cpu(const at::Tensor& values, const std::optional<at::Tensor>& mask,
+                         const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>& global_tokens,
+                         const std::optional<at::Tensor>& global_seqs, std::string agg, double dp_size,
+                         double loss_scale_factor) {
+  const AggCall c = agg_prepare("rlkern.cpp_aggregate", values, mask, cu_seqlens, global_tokens, global_seqs, agg,
+                                dp_size, loss_scale_factor, true);
+  if (compute_type(values) == at::kDouble) return aggregate_impl<double>(c, values);
+  return aggregate_impl<float>(c, values);
+}
+
+template <typename T>
+at::Tensor aggregate_backward_impl(const AggCall& c, const at::Tensor& grad, const at::Tensor& values) {
+  const std::vector<double> sums = needs_counts(c) ? agg_sums<T>(c, values.numel()) : std::vector<double>{};
+  const std::vector<double> w = agg_weights(c, sums);
+  const double g = grad.item<double>();
+  std::vector<T> coefs(static_cast<size_t>(c.B));
+  for (int64_t b = 0; b < c.B; ++b) coefs[b] = static_cast<T>(w[b] * g);
+  constexpr at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
+  at::Tensor buf;
+  const Out o = out_buffer(values, values.scalar_type(), ct, &buf);
+  const auto fn = pick_agg<T>().grad;
+  const int64_t per_seq = std::max<int64_t>(1, values.numel() / std::max<int64_t>(c.B, 1));
+  at::parallel_for(0, c.B, std::max<int64_t>(1, 8192 / per_seq),
+                   [&](int64_t b0, int64_t b1) { fn(c.a, coefs.data(), o, b0, b1); });
+  return finish_out(values, buf, values.scalar_type());
+}
+
+at::Tensor aggregate_backward_cpu(const at::Tensor& grad, const at::Tensor& values,
+                                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens,
+                                  const std::optional<at::Tensor>& global_tokens,
+                                  const std::optional<at::Tensor>& global_seqs, std::string agg, double dp_size,
+                                  double loss_scale_factor) {
+  const char* op = "rlkern.cpp_aggregate_backward";
+  TORCH_CHECK(grad.numel() == 1, op, ": grad must be a single number, got shape ", grad.sizes());
+  const AggCall c = agg_prepare(op, values, mask, cu_seqlens, global_tokens, global_seqs, agg, dp_size,
+                                loss_scale_factor, false);
+  if (compute_type(values) == at::kDouble) return aggregate_backward_impl<double>(c, grad, values);
+  return aggregate_backward_impl<float>(c, grad, values);
+}
+
+at::Tensor aggregate_meta(const at::Tensor& values, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, std::string, double,
+                          double) {
+  return at::empty({}, values.options().dtype(compute_type(values)));
+}
+
+at::Tensor aggregate_backward_meta(const at::Tensor&, const at::Tensor& values, const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&, std::string, double, double) {
+  return at::empty_like(values);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlkern, m) {
@@ -1097,14 +1419,30 @@ TORCH_LIBRARY_FRAGMENT(rlkern, m) {
       "Tensor? mask, Tensor? ref_logprobs, Tensor? entropy, Tensor? is_weights, Tensor? select, "
       "Tensor? cu_seqlens, Tensor? global_tokens, Tensor? global_seqs, Tensor stats, str loss, str agg, "
       "str entropy_agg, str kl_estimator, str level, float[] hyper) -> (Tensor, Tensor)");
+  m.def("cpp_kl_penalty(Tensor logprobs, Tensor ref_logprobs, str kl_estimator) -> Tensor");
+  m.def("cpp_kl_penalty_backward(Tensor grad, Tensor logprobs, Tensor ref_logprobs, str kl_estimator) -> Tensor");
+  m.def(
+      "cpp_aggregate(Tensor values, Tensor? mask, Tensor? cu_seqlens, Tensor? global_tokens, Tensor? global_seqs, "
+      "str agg, float dp_size, float loss_scale_factor) -> Tensor");
+  m.def(
+      "cpp_aggregate_backward(Tensor grad, Tensor values, Tensor? mask, Tensor? cu_seqlens, Tensor? global_tokens, "
+      "Tensor? global_seqs, str agg, float dp_size, float loss_scale_factor) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
   m.impl("cpp_policy_loss", &policy_loss_forward_cpu);
   m.impl("cpp_policy_loss_backward", &policy_loss_backward_cpu);
+  m.impl("cpp_kl_penalty", &kl_penalty_cpu);
+  m.impl("cpp_kl_penalty_backward", &kl_penalty_backward_cpu);
+  m.impl("cpp_aggregate", &aggregate_cpu);
+  m.impl("cpp_aggregate_backward", &aggregate_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
   m.impl("cpp_policy_loss", &policy_loss_forward_meta);
   m.impl("cpp_policy_loss_backward", &policy_loss_backward_meta);
+  m.impl("cpp_kl_penalty", &kl_penalty_meta);
+  m.impl("cpp_kl_penalty_backward", &kl_penalty_backward_meta);
+  m.impl("cpp_aggregate", &aggregate_meta);
+  m.impl("cpp_aggregate_backward", &aggregate_backward_meta);
 }

@@ -243,6 +243,24 @@ def _norms(gtok_ptr, gseq_ptr, gtok, gseq, tokens, seqs, GTOK: tl.constexpr, GSE
 
 
 @triton.jit
+def _local_norms(part_ptr, B, K, COLS: tl.constexpr, COUNT: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(mask sum, non-empty sequences) of the B sequences whose K partial rows each are in
+    part [B K, COLS], the mask sum in column COUNT, reduced in a fixed order."""
+    CDT = part_ptr.dtype.element_ty
+    rows = tl.arange(0, BLOCK_B).to(tl.int64)
+    a_tok = tl.zeros([BLOCK_B], CDT)
+    a_seq = tl.zeros([BLOCK_B], CDT)
+    for off in range(0, B, BLOCK_B):
+        b = off + rows
+        count = tl.zeros([BLOCK_B], CDT)
+        for k in range(0, K):
+            count += tl.load(part_ptr + (b * K + k) * COLS + COUNT, mask=b < B, other=0.0)
+        a_tok += count
+        a_seq += (count > 0).to(CDT)
+    return tl.sum(a_tok, 0), tl.sum(a_seq, 0)
+
+
+@triton.jit
 def _policy_loss_fwd_kernel(
     lp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, isw_ptr, sel_ptr,  # (B, T) rows or packed (total,)
     cu_ptr,  # (B + 1,) when PACKED
@@ -395,17 +413,7 @@ def _policy_loss_finish_kernel(
     gtok, gseq, dp = tl.full((), gtok, CDT), tl.full((), gseq, CDT), tl.full((), dp, CDT)
     scale, kl_coef, ent_coef = tl.full((), scale, CDT), tl.full((), kl_coef, CDT), tl.full((), ent_coef, CDT)
     rows = tl.arange(0, BLOCK_B).to(tl.int64)
-    a_tok = tl.zeros([BLOCK_B], CDT)
-    a_seq = tl.zeros([BLOCK_B], CDT)
-    for off in range(0, B, BLOCK_B):  # the local normalizers first: every weight depends on them
-        b = off + rows
-        count = tl.zeros([BLOCK_B], CDT)
-        for k in range(0, K):
-            count += tl.load(part_ptr + (b * K + k) * 12 + 3, mask=b < B, other=0.0)
-        a_tok += count
-        a_seq += (count > 0).to(CDT)
-    tokens = tl.sum(a_tok, 0)
-    seqs = tl.sum(a_seq, 0)
+    tokens, seqs = _local_norms(part_ptr, B, K, 12, 3, BLOCK_B)  # first: every weight depends on them
     g_tokens, g_seqs = _norms(gtok_ptr, gseq_ptr, gtok, gseq, tokens, seqs, GTOK, GSEQ)
     cols = tl.arange(0, 16)
     a_loss = tl.zeros([BLOCK_B], CDT)
@@ -720,3 +728,279 @@ def policy_loss_backward(
                                              WITH_KL=ref_logprobs is not None and h["kl_coef"] != 0, BLOCK=block,
                                              num_warps=TOKEN_WARPS)
     return g_lp, g_ent
+
+
+# ---------------------------------------------------------------------------------------------
+# kl_penalty and aggregate (the bodies of rlkern/ops/policy_loss/aggregate.py's custom ops; C++
+# twins in csrc/policy_loss.cpp): the launchers take the arguments of torch.ops.rlkern.cpp_kl_penalty,
+# cpp_kl_penalty_backward, cpp_aggregate and cpp_aggregate_backward and return the same tensors.
+#
+# - kl_penalty, 1 launch: ``_kl_penalty_kernel`` over blocks of the flat tokens writes the estimate
+#   (float32, float64 for float64 input) or, backward, the upstream gradient times its derivative
+#   in logprobs (logprobs' dtype).
+# - aggregate forward, 2 launches: ``_aggregate_sums_kernel``, grid (B, K) as the policy loss's
+#   token kernel, writes the (masked value sum, mask sum) of program (b, k); ``_aggregate_finish_kernel``
+#   (one program) reduces them in a fixed order to the normalizers and the loss.
+# - aggregate backward: the same two launches give every sequence's weight times the upstream
+#   gradient [B] where the weights need the mask sums (not for token-sum, nor token-mean with
+#   global_tokens), then ``_aggregate_bwd_kernel``, grid (B, K), writes m * weight.
+
+KL_BLOCK = 1024
+
+
+@triton.jit
+def _load_as(ptr, idx, inb, CDT: tl.constexpr):
+    """[BLOCK] elements read in the compute type (0 past ``inb``); bfloat16 goes through float32,
+    which is exact (the interpreter converts bfloat16 straight to float64 wrongly)."""
+    x = tl.load(ptr + idx, mask=inb, other=0)
+    if ptr.dtype.element_ty == tl.bfloat16:
+        x = x.to(tl.float32)
+    return x.to(CDT)
+
+
+@triton.jit
+def _agg_program(cu_ptr, T, s_a, s_b, PACKED: tl.constexpr):
+    """Program (b, k) of a (B, K) grid over sequences: (b, k, K, the sequence's length, the start
+    of its row in two tensors of row strides s_a / s_b; packed: its first token in both)."""
+    pid = tl.program_id(0).to(tl.int64)
+    kid = tl.program_id(1).to(tl.int64)
+    n_split = tl.num_programs(1).to(tl.int64)
+    start, n = _seq_bounds(cu_ptr, pid, T, PACKED)
+    if PACKED:
+        r_a = start
+        r_b = start
+    else:
+        r_a = pid * s_a
+        r_b = pid * s_b
+    return pid, kid, n_split, n, r_a, r_b
+
+
+@triton.jit
+def _agg_mask(mask_ptr, idx, inb, HAS_MASK: tl.constexpr, CDT: tl.constexpr):
+    """The mask of [BLOCK] tokens as weights in the compute type (without a mask: 1 inside the sequence)."""
+    if HAS_MASK:
+        m = _load_as(mask_ptr, idx, inb, CDT)
+    else:
+        m = inb.to(CDT)
+    return m
+
+
+@triton.jit
+def _kl_penalty_kernel(
+    lp_ptr,  # (N,) logprobs, contiguous, fp16/bf16/fp32/fp64
+    ref_ptr,  # (N,) ref_logprobs, contiguous, any float dtype
+    grad_ptr,  # (N,) upstream gradient, contiguous (BACKWARD)
+    out_ptr,  # (N,) the estimate (compute type), or BACKWARD d / d logprobs (logprobs' dtype)
+    N,
+    KL: tl.constexpr, KL_ST: tl.constexpr, BACKWARD: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    inb = idx < N
+    lp = _load_as(lp_ptr, idx, inb, CDT)
+    ref = _load_as(ref_ptr, idx, inb, CDT)
+    value, deriv = _kl_token(lp, ref, KL, KL_ST)
+    if BACKWARD:
+        value = deriv * _load_as(grad_ptr, idx, inb, CDT)
+    tl.store(out_ptr + idx, value.to(out_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _aggregate_sums_kernel(
+    v_ptr,  # (B, T) rows or packed (total,) values, any float dtype (WITH_VALUES)
+    mask_ptr,  # like values: uint8 (bool) / int / float weights (HAS_MASK)
+    cu_ptr,  # (B + 1,) int32 / int64 when PACKED
+    part_ptr,  # (B * K, 2) compute type: row b K + k = (sum of m v where m != 0, sum of m) of program (b, k)
+    T,  # padded width (unused when PACKED)
+    s_v, s_mask,  # row strides (padded)
+    WITH_VALUES: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    CDT = part_ptr.dtype.element_ty
+    pid, kid, n_split, n, r_v, r_mask = _agg_program(cu_ptr, T, s_v, s_mask, PACKED)
+    cols = tl.arange(0, BLOCK).to(tl.int64)
+    a_kept = tl.zeros([BLOCK], CDT)
+    a_cnt = tl.zeros([BLOCK], CDT)
+    for off in range(kid * BLOCK, n, n_split * BLOCK):
+        idx = off + cols
+        inb = idx < n
+        m = _agg_mask(mask_ptr + r_mask, idx, inb, HAS_MASK, CDT)
+        if WITH_VALUES:
+            # where() before the sum: a NaN / inf value at a masked-out token must not leak
+            a_kept += tl.where(m != 0, m * _load_as(v_ptr + r_v, idx, inb, CDT), 0.0)
+        a_cnt += m
+    out = part_ptr + (pid * n_split + kid) * 2
+    tl.store(out, tl.sum(a_kept, 0))
+    tl.store(out + 1, tl.sum(a_cnt, 0))
+
+
+@triton.jit
+def _aggregate_finish_kernel(
+    part_ptr,  # (B * K, 2) from _aggregate_sums_kernel
+    gtok_ptr, gseq_ptr,  # () global_tokens / global_seqs (GTOK / GSEQ == 1)
+    grad_ptr,  # () upstream gradient (BACKWARD)
+    out_ptr,  # () the loss, or BACKWARD (B,) every sequence's weight times the gradient; compute type
+    B, K,
+    dp: tl.float64, scale: tl.float64,  # scale: loss_scale_factor, else the padded width (1 packed)
+    AGG: tl.constexpr, GTOK: tl.constexpr, GSEQ: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    CDT = out_ptr.dtype.element_ty
+    dp, scale = tl.full((), dp, CDT), tl.full((), scale, CDT)
+    rows = tl.arange(0, BLOCK_B).to(tl.int64)
+    tokens, seqs = _local_norms(part_ptr, B, K, 2, 1, BLOCK_B)  # first: every weight depends on them
+    tokens, seqs = _norms(gtok_ptr, gseq_ptr, tokens, seqs, tokens, seqs, GTOK, GSEQ)
+    if BACKWARD:
+        grad = tl.load(grad_ptr).to(CDT)
+    a_loss = tl.zeros([BLOCK_B], CDT)
+    for off in range(0, B, BLOCK_B):
+        b = off + rows
+        live = b < B
+        kept = tl.zeros([BLOCK_B], CDT)
+        count = tl.zeros([BLOCK_B], CDT)
+        for k in range(0, K):
+            kept += tl.load(part_ptr + (b * K + k) * 2, mask=live, other=0.0)
+            count += tl.load(part_ptr + (b * K + k) * 2 + 1, mask=live, other=0.0)
+        w = tl.where(live, _seq_weight(count, tokens, seqs, dp, scale, AGG), 0.0)
+        if BACKWARD:
+            tl.store(out_ptr + b, w * grad, mask=live)
+        else:
+            a_loss += w * kept
+    if not BACKWARD:
+        tl.store(out_ptr, tl.sum(a_loss, 0))
+
+
+@triton.jit
+def _aggregate_bwd_kernel(
+    mask_ptr,  # (B, T) rows or packed (total,): uint8 (bool) / int / float weights (HAS_MASK)
+    cu_ptr,  # (B + 1,) int32 / int64 when PACKED
+    w_ptr,  # (B,) compute type: weight times gradient from _aggregate_finish_kernel (W_BUF)
+    gtok_ptr,  # () global_tokens (GTOK == 1, token-mean without W_BUF)
+    grad_ptr,  # () upstream gradient (without W_BUF)
+    out_ptr,  # like values, contiguous, values' dtype: d loss / d values
+    T,  # padded width (unused when PACKED)
+    s_mask,  # mask row stride (padded)
+    dp: tl.float64,
+    AGG: tl.constexpr, GTOK: tl.constexpr, W_BUF: tl.constexpr, HAS_MASK: tl.constexpr, PACKED: tl.constexpr,
+    CDT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid, kid, n_split, n, r_mask, r_out = _agg_program(cu_ptr, T, s_mask, T, PACKED)
+    if W_BUF:
+        w = tl.load(w_ptr + pid).to(CDT)
+    else:  # token-sum, or token-mean over global_tokens: no mask sum needed
+        zero = tl.zeros((), CDT)
+        tokens, _ = _norms(gtok_ptr, gtok_ptr, zero, zero, zero, zero, GTOK, 0)
+        w = _seq_weight(zero, tokens, zero, tl.full((), dp, CDT), zero, AGG) * tl.load(grad_ptr).to(CDT)
+    cols = tl.arange(0, BLOCK).to(tl.int64)
+    for off in range(kid * BLOCK, n, n_split * BLOCK):
+        idx = off + cols
+        inb = idx < n
+        m = _agg_mask(mask_ptr + r_mask, idx, inb, HAS_MASK, CDT)
+        g = tl.where(m != 0, m * w, 0.0)
+        tl.store(out_ptr + r_out + idx, g.to(out_ptr.dtype.element_ty), mask=inb)
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _output(like: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, work): ``out`` in the layout of ``torch.empty_like(like)`` (the custom ops' fake
+    outputs); the kernels write ``work``, contiguous: ``out`` itself unless ``like`` is a dense
+    non-contiguous layout (a transpose), then copied into ``out``."""
+    out = torch.empty_like(like, dtype=dtype)
+    return out, out if out.is_contiguous() else torch.empty(like.shape, dtype=dtype, device=like.device)
+
+
+def _kl_launch(grad, logprobs, ref_logprobs, kl_estimator):
+    straight_through = kl_estimator.endswith("+")
+    kl_id = KL_IDS[kl_estimator[:-1] if straight_through else kl_estimator]
+    cdt = _compute_dtype(logprobs)
+    out, work = _output(logprobs, cdt if grad is None else logprobs.dtype)
+    n = logprobs.numel()
+    if n:
+        lp, ref = logprobs.contiguous(), ref_logprobs.contiguous()
+        g = lp if grad is None else grad.contiguous()
+        _kl_penalty_kernel[(triton.cdiv(n, KL_BLOCK),)](lp, ref, g, work, n, KL=kl_id, KL_ST=straight_through,
+                                                        BACKWARD=grad is not None, CDT=_tl_dtype(cdt),
+                                                        BLOCK=KL_BLOCK, num_warps=4)
+    if work is not out:
+        out.copy_(work)
+    return out
+
+
+def kl_penalty(
+    logprobs: torch.Tensor,  # any shape, fp16/bf16/fp32/fp64
+    ref_logprobs: torch.Tensor,  # like logprobs
+    kl_estimator: str,  # k1 / kl, abs, k2 / mse, k3 / low_var_kl, each optionally with "+"
+) -> torch.Tensor:
+    """The estimate, shape of logprobs, float32 (float64 for float64 logprobs); 1 launch."""
+    return _kl_launch(None, logprobs, ref_logprobs, kl_estimator)
+
+
+def kl_penalty_backward(grad: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                        kl_estimator: str) -> torch.Tensor:
+    """grad (shape of logprobs) times d estimate / d logprobs, in logprobs' dtype; 1 launch."""
+    return _kl_launch(grad, logprobs, ref_logprobs, kl_estimator)
+
+
+def _agg_launch(grad, values, mask, cu_seqlens, global_tokens, global_seqs, agg, dp_size, loss_scale_factor):
+    packed = cu_seqlens is not None
+    cdt = _compute_dtype(values)
+    device = values.device
+    n_seqs = cu_seqlens.numel() - 1 if packed else values.shape[0]
+    width = 0 if packed else values.shape[1]
+    scale = (1.0 if packed else float(width)) if math.isnan(loss_scale_factor) else loss_scale_factor
+    v, m = _rows(values, packed), _rows(mask, packed)
+    cu = cu_seqlens if packed else v
+    block = min(MAX_BLOCK, max(16, triton.next_power_of_2(max(width, 1) if not packed else 1024)))
+    split = _n_split(n_seqs, values.numel(), block, device, False)
+    gtok = global_tokens if global_tokens is not None else v
+    gseq = global_seqs if global_seqs is not None else v
+    flags = dict(AGG=AGG_IDS[agg], GTOK=int(global_tokens is not None), GSEQ=int(global_seqs is not None))
+    backward = grad is not None
+    w_buf = not backward or (agg != "token-sum" and not (agg == "token-mean" and global_tokens is not None))
+    out = torch.empty((n_seqs,) if backward else (), dtype=cdt, device=device) if w_buf else None
+    if w_buf:
+        part = torch.empty((n_seqs * split, 2), dtype=cdt, device=device)
+        if n_seqs > 0:
+            _aggregate_sums_kernel[(n_seqs, split)](
+                v, v if m is None else m, cu, part, width, 0 if packed else v.stride(0),
+                0 if (packed or m is None) else m.stride(0), WITH_VALUES=not backward, HAS_MASK=m is not None,
+                PACKED=packed, BLOCK=block, num_warps=TOKEN_WARPS)
+        _aggregate_finish_kernel[(1,)](part, gtok, gseq, out if grad is None else grad, out, n_seqs, split,
+                                       float(dp_size), scale, **flags, BACKWARD=backward,
+                                       BLOCK_B=min(FINISH_BLOCK, max(16, triton.next_power_of_2(max(n_seqs, 1)))),
+                                       num_warps=4)
+    if not backward:
+        return out
+    g_out, work = _output(values, values.dtype)
+    if values.numel():
+        _aggregate_bwd_kernel[(n_seqs, split)](
+            v if m is None else m, cu, out if w_buf else grad, gtok, grad, work, width,
+            0 if (packed or m is None) else m.stride(0), float(dp_size), AGG=flags["AGG"], GTOK=flags["GTOK"],
+            W_BUF=w_buf, HAS_MASK=m is not None, PACKED=packed, CDT=_tl_dtype(cdt), BLOCK=block,
+            num_warps=TOKEN_WARPS)
+    if work is not g_out:
+        g_out.copy_(work)
+    return g_out
+
+
+def aggregate(
+    values: torch.Tensor,  # (B, T) or packed (total,), any float dtype
+    mask: torch.Tensor | None,  # like values, bool/int/float; None when packed: all tokens
+    cu_seqlens: torch.Tensor | None,  # (B + 1,) int32/int64
+    global_tokens: torch.Tensor | None,  # () verl's batch_num_tokens
+    global_seqs: torch.Tensor | None,  # () verl's global_batch_size
+    agg: str,  # a verl mode (rlkern.ops resolves TRL's presets)
+    dp_size: float,
+    loss_scale_factor: float,  # NaN: not given
+) -> torch.Tensor:
+    """The aggregated loss ``[]`` float32 (float64 for float64 values); 2 launches."""
+    return _agg_launch(None, values, mask, cu_seqlens, global_tokens, global_seqs, agg, dp_size, loss_scale_factor)
+
+
+def aggregate_backward(grad: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                       cu_seqlens: torch.Tensor | None, global_tokens: torch.Tensor | None,
+                       global_seqs: torch.Tensor | None, agg: str, dp_size: float,
+                       loss_scale_factor: float) -> torch.Tensor:
+    """d loss / d values, values' shape and dtype; 3 launches (1 for token-sum and for token-mean
+    over global_tokens)."""
+    return _agg_launch(grad, values, mask, cu_seqlens, global_tokens, global_seqs, agg, dp_size, loss_scale_factor)

@@ -1673,3 +1673,293 @@ def test_float64_triton_kernels_compile_for_h100():
         assert script.count(old) == 1, old
         script = script.replace(old, new)
     compile_for_sm90(script, TRITON_DEFAULT_FP_FUSION="1")
+
+
+# ---------------------------------------------------------------------------------------------
+# kl_penalty and aggregate on the kernels (csrc/policy_loss.cpp's cpp_kl_penalty / cpp_aggregate and
+# their backwards, kernels/policy_loss.py's launchers of the same names): every backend against the
+# float64 reference, float32 / bfloat16 within PyTorch's own error at that dtype, float64 within 1e-10.
+
+PG = importlib.import_module("rlkern.ops.policy_loss.aggregate")  # the package exports a function of that name
+from conftest import assert_as_close_as_torch  # noqa: E402
+
+_KL_ALL = ESTIMATORS + ["k2+", "mse+"]
+_LOW = [torch.float32, torch.bfloat16]
+
+
+def _kl_inputs(seed=40, shape=(5, 37)):
+    """float64 log-probs and references with log-ratios past the k3 clamps (|ref - lp| 30, 20.5,
+    exactly 20, and where e^x - x - 1 crosses 10) and a spread of 1.5 elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(shape, generator=g, dtype=torch.float64) * 3
+    ref = lp + torch.randn(shape, generator=g, dtype=torch.float64) * 1.5
+    flat = ref.view(-1)
+    shifts = torch.tensor([30.0, -30.0, 20.5, -20.5, 20.0, -20.0, 2.53, 2.54, -11.0, -10.9], dtype=torch.float64)
+    flat[:len(shifts)] = lp.view(-1)[:len(shifts)] + shifts
+    grad = torch.randn(shape, generator=g, dtype=torch.float64)
+    return lp, ref, grad
+
+
+def _kl_expected(lp, ref, grad, est):
+    """float64 value and gradient of the reference on the given (already rounded) inputs."""
+    x = lp.double().clone().requires_grad_()
+    value = reference.kl_penalty(x, ref.double(), est)
+    value.backward(grad.double())
+    return value.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("est", _KL_ALL)
+def test_kl_penalty_kernels_match_reference(backend, est, dtype):
+    # odd sizes: 185 tokens (no vector width or block divides them) and a 3-d [3, 5, 7]
+    for shape in ((5, 37), (3, 5, 7)):
+        lp64, ref64, grad64 = _kl_inputs(shape=shape)
+        lp, ref, grad = (t.to(dtype) for t in (lp64, ref64, grad64))
+        want, want_grad = _kl_expected(lp, ref, grad, est)
+        x = lp.clone().requires_grad_()
+        value = P.kl_penalty(x, ref, kl_estimator=est)
+        value.backward(grad.to(value.dtype))
+        assert value.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert x.grad.dtype == dtype and value.shape == x.grad.shape == shape
+        name = f"{backend} {est} {dtype} {shape}"
+        if dtype == torch.float64:
+            _close(value, want, name=f"{name} value", **_FP64_TOL)
+            _close(x.grad, want_grad, name=f"{name} grad", **_FP64_TOL)
+            continue
+        torch_value = PG._kl_reference(lp, ref, est)
+        torch_grad = PG._kl_reference_backward(grad.to(torch_value.dtype), lp, ref, est)
+        scale = want_grad.abs().max().item()
+        assert_as_close_as_torch(value, want, torch_value, floor=4e-6, factor=4.0, name=f"{name} value")
+        # bf16 gradients: one rounding to bf16 each (the interpreter truncates where the GPU rounds to nearest)
+        assert_as_close_as_torch(x.grad, want_grad, torch_grad, floor=4e-6 * scale, factor=4.0,
+                                 name=f"{name} grad")
+
+
+def _agg_case(seed=41, B=5, T=13, dtype=torch.float32):
+    """Ragged rows (row 2 empty, rows of 1..T tokens), NaN and inf values at masked-out tokens."""
+    b = _batch(B=B, T=T, seed=seed, ragged=True)
+    values = b["ent"] - 1.0
+    values[~b["mask"] & (torch.arange(T) % 2 == 0)] = float("nan")
+    values[~b["mask"] & (torch.arange(T) % 2 == 1)] = float("inf")
+    return values.to(dtype), b["mask"], b["inside"]
+
+
+def _agg_expected(values, mask, agg, grad=1.5, **norms):
+    x = values.double().clone().requires_grad_()
+    loss = reference.aggregate(x, mask.double(), agg, **norms)
+    (loss * grad).backward()
+    return loss.detach(), x.grad
+
+
+def _agg_ours(values, mask, inside, agg, packed, grad=1.5, **norms):
+    """The public op (padded, or packed with the ragged rows' own tokens), loss and d loss / d values as [B, T]."""
+    x = (values[inside] if packed else values).clone().requires_grad_()
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), inside.sum(-1).cumsum(0)]) if packed else None
+    loss = P.aggregate(x, mask[inside] if packed else mask, agg=agg, cu_seqlens=cu, **norms)
+    (loss * grad).backward()
+    if not packed:
+        return loss.detach(), x.grad
+    full = x.grad.new_zeros(values.shape)
+    full[inside] = x.grad
+    return loss.detach(), full
+
+
+_NORMS = [{}, {"dp_size": 2, "global_tokens": 40, "global_seqs": 7},
+          {"dp_size": 4, "global_tokens": torch.tensor(33.0), "global_seqs": torch.tensor(9.0, dtype=torch.float64)}]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("agg", P.AGG_MODES)
+def test_aggregate_kernels_match_reference(backend, agg, packed, dtype):
+    values, mask, inside = _agg_case(dtype=dtype)
+    for i, norms in enumerate(_NORMS):
+        lsf = 13.0 if packed or i == 2 else None  # packed seq-mean-token-sum-norm needs it; padded: T or given
+        ref_norms = dict(norms, loss_scale_factor=lsf)
+        loss, grad = _agg_ours(values, mask, inside, agg, packed, **ref_norms)
+        want, want_grad = _agg_expected(values, mask, agg, **ref_norms)
+        name = f"{backend} {agg} {'packed' if packed else 'padded'} {dtype} norms {i}"
+        assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and grad.dtype == dtype
+        assert torch.isfinite(grad).all(), name
+        if dtype == torch.float64:
+            _close(loss, want, name=f"{name} loss", **_FP64_TOL)
+            _close(grad, want_grad, name=f"{name} grad", **_FP64_TOL)
+            continue
+        x = values.clone()
+        m = mask
+        gt, gs = (norms.get(k) for k in ("global_tokens", "global_seqs"))
+        as_t = lambda v: v if v is None or isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64)  # noqa: E731
+        lsf_arg = float("nan") if ref_norms["loss_scale_factor"] is None else ref_norms["loss_scale_factor"]
+        args = (m, None, as_t(gt), as_t(gs), agg, float(norms.get("dp_size", 1)), lsf_arg)
+        torch_loss = PG._agg_reference(x, *args)
+        torch_grad = PG._agg_reference_backward(torch.tensor(1.5), x, *args)
+        assert_as_close_as_torch(loss, want, torch_loss, floor=1e-6 * max(want.abs().item(), 1.0), factor=4.0,
+                                 name=f"{name} loss")
+        assert_as_close_as_torch(grad, want_grad, torch_grad, floor=1e-6 * want_grad.abs().max().item(), factor=4.0,
+                                 name=f"{name} grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_aggregate_kernels_mask_dtypes(backend, dtype):
+    # every mask dtype the op takes; float masks weight the tokens by value (0, 0.5, 1, 2, -1)
+    values, mask, inside = _agg_case(seed=42, B=4, T=21, dtype=dtype)
+    g = torch.Generator().manual_seed(6)
+    weights = torch.tensor([0.0, 0.5, 1.0, 2.0, -1.0])[torch.randint(0, 5, mask.shape, generator=g)] * mask
+    masks = [mask] + [mask.to(d) for d in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)]
+    masks += [weights.to(d) for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)]
+    tol = _FP64_TOL if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
+    for m, agg in itertools.product(masks, P.AGG_MODES):
+        want, want_grad = _agg_expected(values, m, agg)
+        for packed in (False, True):
+            loss, grad = _agg_ours(values, m, inside, agg, packed, loss_scale_factor=21.0 if packed else None)
+            name = f"{backend} mask {m.dtype} {agg} packed={packed}"
+            _close(loss, want, name=name, **tol)
+            _close(grad, want_grad, name=f"{name} grad", **tol)
+
+
+def test_kl_penalty_and_aggregate_empty_and_long(backend, monkeypatch):
+    # empty masks give a loss of 0 and a zero gradient in every mode; no token at all (B = 0
+    # packed, T = 0 padded, an empty kl_penalty); T = 601 runs the C++ flush into double (every
+    # 64 vectors) and, with the Triton block at 64 and 8 "SMs", several programs per sequence.
+    from rlkern.kernels import policy_loss as kernel
+
+    monkeypatch.setattr(kernel, "MAX_BLOCK", 64)
+    monkeypatch.setattr(kernel, "FINISH_BLOCK", 4)
+    monkeypatch.setattr(kernel, "CPU_SMS", 8)
+    for dtype, agg in itertools.product((torch.float32, torch.float64), P.AGG_MODES):
+        values = torch.randn(3, 7, dtype=dtype).requires_grad_()
+        loss = P.aggregate(values, torch.zeros(3, 7, dtype=torch.bool), agg=agg)
+        loss.backward()
+        assert loss.item() == 0.0 and loss.dtype == values.dtype and (values.grad == 0).all()
+        none = torch.zeros(0, dtype=dtype, requires_grad=True)
+        loss = P.aggregate(none, None, agg=agg, cu_seqlens=torch.zeros(1, dtype=torch.int32), loss_scale_factor=1.0)
+        loss.backward()
+        assert loss.item() == 0.0 and none.grad.shape == (0,)
+        assert P.aggregate(torch.zeros(4, 0, dtype=dtype), torch.zeros(4, 0), agg=agg).item() == 0.0
+    empty = torch.zeros(2, 0, requires_grad=True)
+    out = P.kl_penalty(empty, empty.detach(), kl_estimator="k3")
+    out.sum().backward()
+    assert out.shape == (2, 0) and empty.grad.shape == (2, 0)
+    for dtype in (torch.float32, torch.float64):
+        values, mask, inside = _agg_case(seed=43, B=5, T=601, dtype=dtype)
+        tol = _FP64_TOL if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+        for agg, packed in itertools.product(("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+                                             (False, True)):
+            loss, grad = _agg_ours(values, mask, inside, agg, packed)
+            want, want_grad = _agg_expected(values, mask, agg)
+            _close(loss, want, name=f"{backend} T=601 {agg} {dtype}", **tol)
+            _close(grad, want_grad, name=f"{backend} T=601 {agg} {dtype} grad", **tol)
+        lp, ref, grad = _kl_inputs(shape=(3, 601))
+        x = lp.to(dtype).clone().requires_grad_()
+        value = P.kl_penalty(x, ref.to(dtype), kl_estimator="k3")
+        value.backward(grad.to(dtype))
+        want, want_grad = _kl_expected(lp.to(dtype), ref.to(dtype), grad.to(dtype), "k3")
+        _close(value, want, name=f"{backend} kl T=601 {dtype}", **tol)
+        _close(x.grad, want_grad, name=f"{backend} kl T=601 {dtype} grad", **tol)
+
+
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+def test_kl_penalty_and_aggregate_run_kernels(kernels_only, monkeypatch, name):
+    # float16 / bfloat16 / float32 / float64 inputs, padded and packed, forward and backward: a
+    # kernel every time (kernels_only fails on the PyTorch backend), with the reference's numbers.
+    if name == "triton" and not _backend.triton_interpreted():
+        pytest.skip("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    if name == "cpp":
+        monkeypatch.delenv("RLKERN_BACKEND", raising=False)  # the CPU default
+    else:
+        monkeypatch.setenv("RLKERN_BACKEND", name)
+    lp64, ref64, grad64 = _kl_inputs(seed=44, shape=(4, 9))
+    values, mask, inside = _agg_case(seed=44, B=4, T=9)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        assert PG._KL.backend(lp64.to(dtype)) == PG._AGG_BACKWARD.backend(lp64.to(dtype)) == name
+        lp, ref, grad = lp64.to(dtype), ref64.to(dtype), grad64.to(dtype)
+        x = lp.clone().requires_grad_()
+        value = P.kl_penalty(x, ref, kl_estimator="k3")
+        value.backward(grad.to(value.dtype))
+        want, want_grad = _kl_expected(lp, ref, grad, "k3")
+        tol = _FP64_TOL if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+        _close(value, want, name=f"{name} kl {dtype}", **tol)
+        _close(x.grad, want_grad, name=f"{name} kl grad {dtype}",
+               **(tol if dtype in (torch.float32, torch.float64) else dict(rtol=1e-2, atol=1e-2)))
+        for packed in (False, True):
+            loss, g = _agg_ours(values.to(dtype), mask, inside, "seq-mean-token-mean", packed)
+            want, want_grad = _agg_expected(values.to(dtype), mask, "seq-mean-token-mean")
+            _close(loss, want, name=f"{name} aggregate {dtype} packed={packed}", rtol=1e-5, atol=1e-6)
+            _close(g, want_grad, name=f"{name} aggregate grad {dtype} packed={packed}", rtol=1e-2, atol=1e-6)
+
+
+def test_kl_penalty_and_aggregate_cpp_opcheck():
+    # the C++ ops' Meta outputs (shape, dtype, strides: a transposed input gives a transposed
+    # output, as torch.empty_like in the fake implementations) against their CPU outputs
+    if not _backend.has_cpp():
+        pytest.fail("rlkern._C did not build")
+    ops = torch.ops.rlkern
+    lp64, ref64, grad64 = _kl_inputs(seed=45, shape=(6, 5))
+    values, mask, inside = _agg_case(seed=45, B=4, T=9)
+    values = values.nan_to_num(posinf=5.0)  # the last case counts every token (NaN != NaN in the comparison)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), inside.sum(-1).cumsum(0)])
+    for dtype, est in ((torch.float32, "k3"), (torch.float64, "abs+"), (torch.bfloat16, "k2")):
+        lp, ref, grad = lp64.to(dtype), ref64.to(dtype), grad64.to(dtype)
+        for a, b, g in ((lp, ref, grad), (lp.t(), ref.t(), grad.t())):
+            torch.library.opcheck(ops.cpp_kl_penalty.default, (a, b, est))
+            torch.library.opcheck(ops.cpp_kl_penalty_backward.default, (g, a, b, est))
+            torch.library.opcheck(ops.kl_penalty.default, (a.clone().requires_grad_(), b, est))
+        assert ops.cpp_kl_penalty(lp.t(), ref.t(), est).stride() == torch.empty_like(lp.t()).stride()
+        v = values.to(dtype)
+        for args in ((v, mask, None, None, None, "seq-mean-token-mean", 1.0, float("nan")),
+                     (v, mask.float(), None, torch.tensor(30.0), torch.tensor(6.0), "seq-mean-token-sum-norm", 2.0,
+                      float("nan")),
+                     (v[inside], mask[inside], cu, None, None, "token-mean", 1.0, float("nan")),
+                     (v[inside], None, cu.int(), torch.tensor(20.0, dtype=torch.float64), None, "token-sum", 3.0,
+                      4.0)):
+            torch.library.opcheck(ops.cpp_aggregate.default, args)
+            torch.library.opcheck(ops.cpp_aggregate_backward.default,
+                                  (torch.tensor(0.5, dtype=PA.out_dtype(v)),) + args)
+            torch.library.opcheck(ops.aggregate.default, (args[0].clone().requires_grad_(),) + args[1:])
+        with pytest.raises(RuntimeError, match="rlkern.cpp_aggregate: mask must have the shape of values"):
+            ops.cpp_aggregate(v, mask[:, :3], None, None, None, "token-mean", 1.0, float("nan"))
+        with pytest.raises(RuntimeError, match="rlkern.cpp_kl_penalty: ref_logprobs must have the shape of logprobs"):
+            ops.cpp_kl_penalty(lp, ref[:, :2], est)
+
+
+_SM90_AGG_SCRIPT = """
+import triton.language as tl
+from rlkern.kernels import policy_loss as K
+
+for cdt, io in ((tl.float32, "*bf16"), (tl.float32, "*fp32"), (tl.float32, "*fp16"), (tl.float64, "*fp64")):
+    for kl, st, backward in ((0, False, False), (1, False, True), (2, True, True), (3, False, False),
+                             (3, False, True), (3, True, True)):
+        flags = dict(KL=kl, KL_ST=st, BACKWARD=backward, CDT=cdt, BLOCK=K.KL_BLOCK)
+        sig = {n: io for n in ("lp_ptr", "ref_ptr", "grad_ptr")}
+        sig["out_ptr"] = io if backward else ("*fp64" if cdt == tl.float64 else "*fp32")
+        sig["N"] = "i64"
+        build(K._kl_penalty_kernel, sig, flags, num_warps=4)
+    part = "*fp64" if cdt == tl.float64 else "*fp32"
+    for packed, has_mask, mask_t in ((False, True, "*u8"), (True, False, "*u8"), (True, True, "*fp32"),
+                                     (False, True, "*i64")):
+        for with_values in (True, False):
+            flags = dict(WITH_VALUES=with_values, HAS_MASK=has_mask, PACKED=packed, BLOCK=K.MAX_BLOCK)
+            sig = dict(v_ptr=io, mask_ptr=mask_t, cu_ptr="*i64" if packed else "*i32", part_ptr=part, T="i32",
+                       s_v="i32", s_mask="i32")
+            build(K._aggregate_sums_kernel, sig, flags, num_warps=K.TOKEN_WARPS)
+        for agg, gtok, w_buf in ((0, 1, False), (1, 0, False), (3, 0, True), (4, 1, True)):
+            flags = dict(AGG=agg, GTOK=gtok, W_BUF=w_buf, HAS_MASK=has_mask, PACKED=packed, CDT=cdt,
+                         BLOCK=K.MAX_BLOCK)
+            sig = dict(mask_ptr=mask_t, cu_ptr="*i32", w_ptr=part, gtok_ptr="*fp64", grad_ptr=part, out_ptr=io,
+                       T="i32", s_mask="i32", dp="fp64")
+            build(K._aggregate_bwd_kernel, sig, flags, num_warps=K.TOKEN_WARPS)
+    for agg in range(5):
+        for backward in (False, True):
+            flags = dict(AGG=agg, GTOK=agg % 2, GSEQ=(agg + 1) % 2, BACKWARD=backward, BLOCK_B=K.FINISH_BLOCK)
+            sig = dict(part_ptr=part, gtok_ptr="*fp64", gseq_ptr="*fp32", grad_ptr=part, out_ptr=part, B="i32",
+                       K="i32", dp="fp64", scale="fp64")
+            build(K._aggregate_finish_kernel, sig, flags, num_warps=4)
+print("ok")
+"""
+
+
+def test_kl_penalty_and_aggregate_triton_kernels_compile_for_h100():
+    # the kl_penalty and aggregate kernels (every estimator family, forward and backward, each
+    # token dtype with its compute type, padded / packed, mask dtypes, every agg mode) down to
+    # sm_90 cubins, as test_triton_kernels_compile_for_h100 does for the policy loss
+    compile_for_sm90(_SM90_AGG_SCRIPT, TRITON_DEFAULT_FP_FUSION="1")

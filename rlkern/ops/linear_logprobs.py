@@ -45,7 +45,6 @@ from rlkern.ops import vocab_parallel
 from rlkern.reference import linear_logprobs as reference
 
 EXTRA_OUTPUTS = reference.EXTRA_OUTPUTS
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Bytes of fp32 logits per chunk when chunk_size is None: on the CPU a tile that stays in the
 # last-level cache between the GEMM that writes it and the kernel that reads it; on the GPU a
 # tile big enough for full-speed GEMMs and small next to the 2.5-5 GB of materialized logits.
@@ -62,7 +61,7 @@ def _check_linear(hidden, weight, labels, bias, temperature, logit_scale, logit_
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, Tensor):
             raise TypeError(f"linear_token_logprobs: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if hidden.dtype not in _FLOAT_DTYPES or weight.dtype not in _FLOAT_DTYPES:
+    if hidden.dtype not in _checks.FLOATS or weight.dtype not in _checks.FLOATS:
         raise TypeError(f"linear_token_logprobs: hidden and weight must be float16/bfloat16/float32/float64, got "
                         f"{hidden.dtype} and {weight.dtype}")
     if hidden.ndim not in (2, 3):
@@ -78,7 +77,7 @@ def _check_linear(hidden, weight, labels, bias, temperature, logit_scale, logit_
         raise ValueError(f"linear_token_logprobs: labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(labels.shape)}")
     if bias is not None:
-        if not isinstance(bias, Tensor) or bias.dtype not in _FLOAT_DTYPES:
+        if not isinstance(bias, Tensor) or bias.dtype not in _checks.FLOATS:
             raise TypeError(f"linear_token_logprobs: bias must be None or a float tensor, got {getattr(bias, 'dtype', type(bias))}")
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"linear_token_logprobs: bias must be [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")

@@ -25,10 +25,11 @@ from torch import Tensor
 
 from rlkern import _backend
 from rlkern.ops import _checks
+from rlkern.ops._layout import out_dtype
 from rlkern.ops import vocab_parallel
 from rlkern.reference import logprobs as reference
 
-_LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LOGIT_DTYPES = _checks.FLOATS
 _LABEL_DTYPES = (torch.int32, torch.int64)
 # TRL's functions have no ignore_index: rows they mask out get this label, which no real index
 # can equal, so an invalid index still raises instead of silently returning 0.
@@ -162,10 +163,6 @@ def kernel_fns(backend: str):
     return FORWARD.get(backend), BACKWARD.get(backend)
 
 
-def _out_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("rlkern::token_logprobs", mutates_args=())
 def _fwd(
     logits: Tensor,  # (N, V) or (B, T, V), stride(-1) == 1
@@ -195,7 +192,7 @@ def _fwd(
 @_fwd.register_fake
 def _fwd_fake(logits, labels, temperature, softcap, ignore_index, with_entropy, inplace_backward):
     lead = logits.shape[:-1]
-    dtype = _out_dtype(logits)
+    dtype = out_dtype(logits)
     entropy = logits.new_empty(lead if with_entropy else (0,), dtype=dtype)
     return logits.new_empty(lead, dtype=dtype), entropy, logits.new_empty(lead, dtype=torch.float64)
 
@@ -449,7 +446,7 @@ def selective_log_softmax(
             f"selective_log_softmax: index must have shape {tuple(logits.shape[:-1])} or {tuple(logits.shape[:-1])} + (K,), "
             f"got {tuple(index.shape)}"
         )
-    scaled = logits.to(_out_dtype(logits)) / temperature
+    scaled = logits.to(out_dtype(logits)) / temperature
     lse = torch.stack([torch.logsumexp(row, dim=-1) for row in scaled.reshape(-1, logits.shape[-1])])
     logp = scaled.gather(-1, index.long()) - lse.reshape(index.shape[:-1])[..., None]
     if row_mask is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlkern import _backend
 from rlkern.ops import _checks
 from rlkern.ops._layout import out_dtype, segment_ids
 from rlkern.ops.policy_loss import _config
@@ -16,10 +17,31 @@ from rlkern.reference import policy_loss as reference
 # --- kl_penalty ------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("rlkern::kl_penalty", mutates_args=())
-def _kl_fwd(logprobs: Tensor, ref_logprobs: Tensor, kl_estimator: str) -> Tensor:
+# Every backend takes the custom ops' arguments and returns their outputs: the C++ kernels
+# (csrc/policy_loss.cpp), the Triton kernels (kernels/policy_loss.py) and the reference below.
+
+
+def _kl_reference(logprobs: Tensor, ref_logprobs: Tensor, kl_estimator: str) -> Tensor:
     cdt = out_dtype(logprobs)
     return reference.kl_penalty(logprobs.to(cdt), ref_logprobs.to(cdt), kl_estimator)
+
+
+def _kl_reference_backward(grad: Tensor, logprobs: Tensor, ref_logprobs: Tensor, kl_estimator: str) -> Tensor:
+    cdt = out_dtype(logprobs)
+    value, vjp = torch.func.vjp(lambda lp: reference.kl_penalty(lp, ref_logprobs.to(cdt), kl_estimator), logprobs.to(cdt))
+    # .clone(): for k1 the vjp hands back the cotangent itself, and an op's output may not alias an input
+    return vjp(grad.to(value.dtype))[0].to(logprobs.dtype).clone()
+
+
+_KL = _backend.Kernels("kl_penalty", cpp="cpp_kl_penalty", triton="policy_loss.kl_penalty", torch=_kl_reference,
+                       fp64=("cpp", "triton"))
+_KL_BACKWARD = _backend.Kernels("kl_penalty", cpp="cpp_kl_penalty_backward", triton="policy_loss.kl_penalty_backward",
+                                torch=_kl_reference_backward, fp64=("cpp", "triton"))
+
+
+@torch.library.custom_op("rlkern::kl_penalty", mutates_args=())
+def _kl_fwd(logprobs: Tensor, ref_logprobs: Tensor, kl_estimator: str) -> Tensor:
+    return _KL.pick(logprobs)(logprobs, ref_logprobs, kl_estimator)
 
 
 @_kl_fwd.register_fake
@@ -29,10 +51,7 @@ def _kl_fake(logprobs, ref_logprobs, kl_estimator):
 
 @torch.library.custom_op("rlkern::kl_penalty_backward", mutates_args=())
 def _kl_bwd(grad: Tensor, logprobs: Tensor, ref_logprobs: Tensor, kl_estimator: str) -> Tensor:
-    cdt = out_dtype(logprobs)
-    value, vjp = torch.func.vjp(lambda lp: reference.kl_penalty(lp, ref_logprobs.to(cdt), kl_estimator), logprobs.to(cdt))
-    # .clone(): for k1 the vjp hands back the cotangent itself, and an op's output may not alias an input
-    return vjp(grad.to(value.dtype))[0].to(logprobs.dtype).clone()
+    return _KL_BACKWARD.pick(logprobs)(grad, logprobs, ref_logprobs, kl_estimator)
 
 
 @_kl_bwd.register_fake
@@ -97,11 +116,33 @@ def _agg_parts(values, mask, cu_seqlens, agg, dp_size, global_tokens, global_seq
     return kept, m, w
 
 
+def _agg_reference(values: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None, global_tokens: Tensor | None,
+                   global_seqs: Tensor | None, agg: str, dp_size: float, loss_scale_factor: float) -> Tensor:
+    kept, _, w = _agg_parts(values, mask, cu_seqlens, agg, dp_size, global_tokens, global_seqs, loss_scale_factor)
+    return (w * _segment_sums(kept, cu_seqlens)).sum()
+
+
+def _agg_reference_backward(grad: Tensor, values: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None,
+                            global_tokens: Tensor | None, global_seqs: Tensor | None, agg: str, dp_size: float,
+                            loss_scale_factor: float) -> Tensor:
+    _, m, w = _agg_parts(values, mask, cu_seqlens, agg, dp_size, global_tokens, global_seqs, loss_scale_factor)
+    if cu_seqlens is None:
+        per_token = w[:, None].expand_as(m)
+    else:
+        per_token = w[segment_ids(cu_seqlens, values.numel())]
+    return (torch.where(m != 0, m, torch.zeros_like(m)) * per_token * grad).to(values.dtype)
+
+
+_AGG = _backend.Kernels("aggregate", cpp="cpp_aggregate", triton="policy_loss.aggregate", torch=_agg_reference,
+                        fp64=("cpp", "triton"))
+_AGG_BACKWARD = _backend.Kernels("aggregate", cpp="cpp_aggregate_backward", triton="policy_loss.aggregate_backward",
+                                 torch=_agg_reference_backward, fp64=("cpp", "triton"))
+
+
 @torch.library.custom_op("rlkern::aggregate", mutates_args=())
 def _agg_fwd(values: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None, global_tokens: Tensor | None,
              global_seqs: Tensor | None, agg: str, dp_size: float, loss_scale_factor: float) -> Tensor:
-    kept, _, w = _agg_parts(values, mask, cu_seqlens, agg, dp_size, global_tokens, global_seqs, loss_scale_factor)
-    return (w * _segment_sums(kept, cu_seqlens)).sum()
+    return _AGG.pick(values)(values, mask, cu_seqlens, global_tokens, global_seqs, agg, dp_size, loss_scale_factor)
 
 
 @_agg_fwd.register_fake
@@ -113,12 +154,8 @@ def _agg_fake(values, mask, cu_seqlens, global_tokens, global_seqs, agg, dp_size
 def _agg_bwd(grad: Tensor, values: Tensor, mask: Tensor | None, cu_seqlens: Tensor | None,
              global_tokens: Tensor | None, global_seqs: Tensor | None, agg: str, dp_size: float,
              loss_scale_factor: float) -> Tensor:
-    _, m, w = _agg_parts(values, mask, cu_seqlens, agg, dp_size, global_tokens, global_seqs, loss_scale_factor)
-    if cu_seqlens is None:
-        per_token = w[:, None].expand_as(m)
-    else:
-        per_token = w[segment_ids(cu_seqlens, values.numel())]
-    return (torch.where(m != 0, m, torch.zeros_like(m)) * per_token * grad).to(values.dtype)
+    return _AGG_BACKWARD.pick(values)(grad, values, mask, cu_seqlens, global_tokens, global_seqs, agg, dp_size,
+                                      loss_scale_factor)
 
 
 @_agg_bwd.register_fake
