@@ -978,3 +978,25 @@ print("ok")
 
 def test_segments_triton_kernels_compile_for_h100():
     compile_for_sm90(_SM90_SEGMENTS_SCRIPT)
+
+
+def test_broadcast_to_tokens_overlap_check_without_sort():
+    """Segments in order of their starts are checked without a sort: the same verdict as a
+    pairwise check, empty segments inside others included; the error names the same pair."""
+    g = torch.Generator().manual_seed(36)
+    for case in range(300):
+        n = int(torch.randint(1, 7, (), generator=g))
+        start = torch.randint(0, 12, (n,), generator=g).sort().values
+        end = start + torch.randint(0, 4, (n,), generator=g) * (torch.rand(n, generator=g) < 0.8)
+        overlap = any(min(end[i], end[j]) > max(start[i], start[j]) for i in range(n) for j in range(i)
+                      if end[i] > start[i] and end[j] > start[j])
+        assert ops_segments._sorted_without_overlap(start, end) == (not overlap), (start, end)
+        values = torch.randn(n)
+        if overlap:
+            with pytest.raises(ValueError, match="broadcast_to_tokens: segments .* overlap"):
+                trees.broadcast_to_tokens(values, start, end, 20)
+        else:
+            expected = reference.broadcast_to_tokens(values, start, end, 20, None, 0.0)
+            torch.testing.assert_close(trees.broadcast_to_tokens(values, start, end, 20).double(), expected)
+    with pytest.raises(ValueError, match=r"segments 0 and 2 overlap: \[0, 4\) and \[3, 5\)"):
+        trees.broadcast_to_tokens(torch.ones(3), torch.tensor([0, 3, 3]), torch.tensor([4, 3, 5]), 6)
