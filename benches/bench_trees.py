@@ -19,6 +19,12 @@ Implementations:
   reverse pass for values, one pass for advantages), the way the papers' code walks its trees,
   without any validation; tensors converted with .tolist() (CPU only, a few rounds).
 
+Token layout (``--trees`` sequences of ``--nodes`` * 4 tokens on average, float32 and float64):
+``segment_advantages`` with the probability mask, and ``broadcast_to_tokens`` of the forest's
+node values over a node-packed layout (0..7 tokens a node, in node order): rlkern (the public op:
+checks, then the C++ / Triton kernel) against "torch", the vectorized PyTorch these ops ran
+before their kernels (now their torch backend, rlkern/ops/segments.py), called directly.
+
 Bytes counted: the int64 parent array and the float32 reward array read once, the float32
 outputs (and bool keep) written once, per op; the kernels touch more (the order they build),
 so GB/s here is a lower bound of the traffic.
@@ -32,6 +38,7 @@ import math
 import torch
 
 import rlkern.trees as trees
+from rlkern.ops import segments as ops_segments
 from rlkern.reference import trees as reference
 from rlkern.benches import common
 
@@ -164,8 +171,46 @@ def run(device: torch.device, num_trees: int, nodes_per_tree: int, rounds: int =
             fns = {"python": lambda: python_spo(parent, reward)}
             add("spo_rloo values + advantages", fns, io_values + io_adv, python_rounds,
                 note=f"{python_rounds} rounds")
+        segment_rows(device, num_trees, nodes_per_tree, m, reward, rows, rounds, peak_bw)
     common.fill_ratios(rows)
     return rows
+
+
+def segment_rows(device, batch: int, nodes_per_tree: int, m: int, node_values: torch.Tensor, rows: list,
+                 rounds: int, peak_bw: float) -> None:
+    """The token-layout rows (see the module docstring) for float32 and float64 inputs."""
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.randint(0, 8 * nodes_per_tree + 1, (batch,), generator=g)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(device)
+    total = int(lengths.sum())
+    probs = torch.where(torch.rand(total, generator=g) < 0.4, torch.rand(total, generator=g) * 0.9, 0.95)
+    logprobs = probs.log().to(device)
+    starts = (torch.rand(total, generator=g) < 0.02).to(device)
+    counts = torch.randint(0, 8, (m,), generator=g)
+    seg_end = counts.cumsum(0).to(device)
+    seg_start = seg_end - counts.to(device)
+    num_tokens = int(counts.sum())
+    for dtype in (torch.float32, torch.float64):
+        size = torch.finfo(dtype).bits // 8
+        cut_values = torch.rand(total, generator=g).to(device=device, dtype=dtype)
+        final = torch.rand(batch, generator=g).to(device=device, dtype=dtype)
+        values = node_values.to(dtype)
+        name = "float32" if dtype == torch.float32 else "float64"
+        benches = {
+            (f"segment_advantages {name}", f"T={total} (B={batch})", total * (1 + size + 4 + size + 1)): {
+                "rlkern": lambda: trees.segment_advantages(starts, cut_values, final, cu, logprobs=logprobs),
+                "torch": lambda: ops_segments._torch_segment_advantages(starts, cut_values, final, cu, logprobs, 0.9),
+            },
+            (f"broadcast_to_tokens {name}", f"T={num_tokens} (S={m} node-packed)", num_tokens * size + m * (size + 16)): {
+                "rlkern": lambda: trees.broadcast_to_tokens(values, seg_start, seg_end, num_tokens),
+                "torch": lambda: ops_segments._torch_broadcast_to_tokens(values, seg_start, seg_end, num_tokens, None,
+                                                                         0.0),
+            },
+        }
+        for (bench, shape, bytes_moved), fns in benches.items():
+            for impl, (med, p20, p80) in common.measure(fns, device, rounds, label=f"{bench} {shape}").items():
+                gbps = bytes_moved / (med * 1e-3) / 1e9
+                rows.append(common.Row(bench, impl, shape, med, p20, p80, gbps, 100 * gbps / peak_bw))
 
 
 def main(argv=None) -> list[common.Row]:

@@ -788,3 +788,215 @@ def test_float64_runs_the_kernels(backend, monkeypatch):
         torch.testing.assert_close(ours[0], adv, rtol=1e-12, atol=1e-12, msg=method)
         assert torch.equal(ours[1], keep), method
         torch.testing.assert_close(ours[2], values, rtol=1e-12, atol=1e-12, msg=method)
+
+
+# ---------------------------------------------------------------------------------------------
+# SPO-chain kernels (csrc/segments.cpp, kernels/segments.py): every backend against the float64
+# reference, at every input dtype, with empty sequences, B = 0, T = 0 and many blocks per sequence
+
+import rlkern.ops.segments as ops_segments  # noqa: E402
+from conftest import assert_as_close_as_torch  # noqa: E402
+
+CHAIN_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+# empty sequences first, inside and last; a long one crossing many blocks; odd sizes
+CHAIN_LENGTHS = [0, 1, 17, 0, 301, 2, 0, 45, 0]
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Triton blocks of 16 tokens: the carried state crosses many blocks at these sizes."""
+    from rlkern.kernels import segments as segment_kernels
+
+    monkeypatch.setattr(segment_kernels, "MAX_BLOCK", 16)
+
+
+def _chain_inputs(lengths, seed, dtype):
+    logprobs, cu, g = _packed(lengths, seed)
+    total = int(cu[-1])
+    starts = torch.rand(total, generator=g) < 0.15
+    starts[cu[:-1][torch.tensor(lengths) > 0][::2]] = True  # some sequences open at their first token
+    starts[-3:] = True  # consecutive starts, the last token opening a segment
+    cut_values = torch.randn(total, generator=g).to(dtype)
+    final = torch.randn(len(lengths), generator=g).to(dtype)
+    return logprobs.to(dtype), cu, starts, cut_values, final
+
+
+@pytest.mark.parametrize("dtype", CHAIN_DTYPES, ids=str)
+@pytest.mark.parametrize("interval", [1, 3])
+def test_spo_cutpoints_kernels_match_reference(backend, small_blocks, dtype, interval):
+    logprobs, cu, *_ = _chain_inputs(CHAIN_LENGTHS, 31, dtype)
+    for threshold in (0.9, 0.5):
+        starts = trees.spo_cutpoints(logprobs, cu, threshold=threshold, interval=interval)
+        expected = reference.spo_cutpoints(logprobs, cu, threshold, interval)
+        assert starts.dtype == torch.bool and torch.equal(starts, expected), (threshold, interval)
+        assert expected.sum() > 10
+    for cu_type in (torch.int32, torch.int64):
+        starts = trees.spo_cutpoints(logprobs, cu.to(cu_type), interval=interval)
+        assert torch.equal(starts, reference.spo_cutpoints(logprobs, cu, 0.9, interval))
+
+
+@pytest.mark.parametrize("dtype", CHAIN_DTYPES, ids=str)
+def test_segment_advantages_kernels_match_reference(backend, small_blocks, dtype):
+    logprobs, cu, starts, cut_values, final = _chain_inputs(CHAIN_LENGTHS, 32, dtype)
+    out = ops_segments.out_dtype(cut_values)
+    for lp in (None, logprobs, logprobs.double()):
+        adv, mask = trees.segment_advantages(starts, cut_values, final, cu, logprobs=lp)
+        ref_adv, ref_mask = reference.segment_advantages(starts, cut_values, final, cu, lp, 0.9)
+        assert adv.dtype == out and mask.dtype == torch.bool
+        assert torch.equal(mask, ref_mask)
+        # the PyTorch backend at this dtype (the error PyTorch itself makes: one rounding)
+        torch_adv, _ = ops_segments._torch_segment_advantages(starts, cut_values, final, cu, lp, 0.9)
+        assert_as_close_as_torch(adv, ref_adv, torch_adv, floor=1e-15 if dtype == torch.float64 else 1e-7,
+                                 name="advantages")
+        assert (adv[~ref_mask] == 0).all() and (ref_adv != 0).sum() > 50
+    # a chain of the official trainer: cut points from the log-probs, then advantages
+    starts = trees.spo_cutpoints(logprobs, cu, interval=2)
+    adv, mask = trees.segment_advantages(starts, cut_values, final, cu, logprobs=logprobs)
+    ref_adv, ref_mask = reference.segment_advantages(starts, cut_values, final, cu, logprobs, 0.9)
+    torch.testing.assert_close(adv.double(), ref_adv, rtol=0, atol=2e-7 if out == torch.float32 else 0)
+    assert torch.equal(mask, ref_mask)
+
+
+def test_segment_advantages_kernels_edge_layouts(backend, small_blocks):
+    # one sequence without a start, one that is all starts, one opening only at its last token
+    cu = torch.tensor([0, 0, 5, 9, 9, 14, 14])
+    starts = torch.tensor([False] * 5 + [True] * 4 + [False] * 4 + [True])
+    cut_values, final = torch.arange(14, dtype=torch.float64) * 0.5, torch.tensor([7.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    adv, mask = trees.segment_advantages(starts, cut_values, final, cu)
+    ref_adv, _ = reference.segment_advantages(starts, cut_values, final, cu, None, 0.9)
+    assert torch.equal(adv, ref_adv) and mask.all()
+    assert adv[:5].eq(0).all() and adv[5:8].eq(0.5).all() and adv[8] == 2.0 - 4.0 and adv[13] == 4.0 - 6.5
+
+
+@pytest.mark.parametrize("dtype", CHAIN_DTYPES, ids=str)
+def test_broadcast_to_tokens_kernels_match_reference(backend, small_blocks, dtype):
+    g = torch.Generator().manual_seed(33)
+    lengths = torch.randint(0, 40, (61,), generator=g)
+    lengths[::7] = 0  # empty segments
+    gaps = torch.randint(0, 3, (61,), generator=g)
+    end = (lengths + gaps).cumsum(0)
+    start = end - lengths
+    perm = torch.randperm(61, generator=g)
+    start, end = start[perm], end[perm]
+    total = int(end.max()) + 5
+    values = torch.randn(61, generator=g).to(dtype)
+    out = ops_segments.out_dtype(values)
+    for index_type in (None, torch.int64, torch.int32):
+        index = None if index_type is None else torch.randint(0, 61, (61,), generator=g).to(index_type)
+        for fill in (0.0, -7.25):
+            ours = trees.broadcast_to_tokens(values, start, end, total, node_index=index, fill=fill)
+            ref = reference.broadcast_to_tokens(values, start, end, total, index, fill)
+            assert ours.dtype == out and ours.shape == (total,)
+            torch.testing.assert_close(ours.double(), ref, rtol=0, atol=0)  # copies: exact
+    # int32 offsets, S = 0, T = 0, segments all empty
+    ours = trees.broadcast_to_tokens(values, start.int(), end.int(), total)
+    torch.testing.assert_close(ours.double(), reference.broadcast_to_tokens(values, start, end, total, None, 0.0),
+                               rtol=0, atol=0)
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert torch.equal(trees.broadcast_to_tokens(values[:0], empty, empty, 9, fill=2.5), torch.full((9,), 2.5, dtype=out))
+    assert trees.broadcast_to_tokens(values, torch.zeros(61, dtype=torch.int64), torch.zeros(61, dtype=torch.int64),
+                                     0).shape == (0,)
+    assert torch.equal(trees.broadcast_to_tokens(values[:2], torch.tensor([1, 3]), torch.tensor([1, 3]), 4, fill=1.5),
+                       torch.full((4,), 1.5, dtype=out))
+
+
+@pytest.mark.parametrize("n_seqs", [0, 4])
+def test_spo_chain_kernels_with_no_token(backend, n_seqs):
+    cu = torch.zeros(n_seqs + 1, dtype=torch.int64)
+    for dtype in CHAIN_DTYPES:
+        starts = trees.spo_cutpoints(torch.zeros(0, dtype=dtype), cu)
+        assert starts.shape == (0,) and starts.dtype == torch.bool
+    if backend == "torch":
+        return  # the op layer returns early for segment_advantages without tokens: kernels only below
+    none = torch.zeros(0)
+    adv, mask = ops_segments._SEGMENT_ADVANTAGES.get(backend)(torch.zeros(0, dtype=torch.bool), none,
+                                                               torch.ones(n_seqs), cu, none, 0.9)
+    assert adv.shape == mask.shape == (0,) and adv.dtype == torch.float32 and mask.dtype == torch.bool
+
+
+def test_spo_chain_ops_run_the_kernels_on_cpu(kernels_only, monkeypatch):
+    """On CPU tensors, float32, float64 and bfloat16 inputs run csrc/segments.cpp."""
+    monkeypatch.delenv("RLKERN_BACKEND", raising=False)
+    for dtype in CHAIN_DTYPES:
+        logprobs, cu, starts, cut_values, final = _chain_inputs([3, 0, 40], 34, dtype)
+        for op in (ops_segments._SPO, ops_segments._SEGMENT_ADVANTAGES, ops_segments._BROADCAST):
+            assert op.backend(cut_values) == "cpp", (op.op, dtype)
+        assert torch.equal(trees.spo_cutpoints(logprobs, cu), reference.spo_cutpoints(logprobs, cu, 0.9, 5))
+        adv, mask = trees.segment_advantages(starts, cut_values, final, cu, logprobs=logprobs)
+        ref_adv, ref_mask = reference.segment_advantages(starts, cut_values, final, cu, logprobs, 0.9)
+        torch.testing.assert_close(adv.double(), ref_adv, rtol=0, atol=2e-7 if dtype != torch.float64 else 0)
+        assert torch.equal(mask, ref_mask)
+        offsets = torch.tensor([0, 5, 9])
+        tokens = trees.broadcast_to_tokens(cut_values[:2], offsets[:2], offsets[1:], 12, fill=-1.0)
+        assert torch.equal(tokens.double(),
+                           reference.broadcast_to_tokens(cut_values[:2], offsets[:2], offsets[1:], 12, None, -1.0))
+
+
+def test_spo_chain_cpp_opcheck_and_errors():
+    logprobs, cu, starts, cut_values, final = _chain_inputs([5, 0, 9], 35, torch.float32)
+    ops = torch.ops.rlkern
+    for lp, cv, fr in ((logprobs, cut_values, final), (logprobs.double(), cut_values.double(), final.double())):
+        torch.library.opcheck(ops.cpp_spo_cutpoints.default, (lp, cu, 0.9, 2))
+        torch.library.opcheck(ops.cpp_segment_advantages.default, (starts, cv, fr, cu, lp, 0.9))
+        torch.library.opcheck(ops.cpp_segment_advantages.default, (starts, cv, fr, cu, None, 0.9))
+        offsets = torch.tensor([0, 4, 6])
+        torch.library.opcheck(ops.cpp_broadcast_to_tokens.default, (cv[:2], offsets[:2], offsets[1:], 8, None, 0.5))
+        torch.library.opcheck(ops.cpp_broadcast_to_tokens.default,
+                              (cv[:3], offsets[:2], offsets[1:], 8, torch.tensor([2, 0]), 0.5))
+    # called directly, the C++ kernels raise instead of reading out of bounds
+    with pytest.raises(ValueError, match="spo_cutpoints: cu_seqlens must start at 0 and end at 14"):
+        ops.cpp_spo_cutpoints(logprobs, torch.tensor([0, 5, 20]), 0.9, 2)
+    with pytest.raises(ValueError, match="segment_advantages: cu_seqlens must be non-decreasing"):
+        ops.cpp_segment_advantages(starts, cut_values, final, torch.tensor([0, 10, 9, 14]), None, 0.9)
+    with pytest.raises(ValueError, match=r"broadcast_to_tokens: segment 1 = \[3, 9\) is not within"):
+        ops.cpp_broadcast_to_tokens(final[:2], torch.tensor([0, 3]), torch.tensor([2, 9]), 6, None, 0.0)
+    with pytest.raises(ValueError, match=r"broadcast_to_tokens: node_index\[0\] = 5 is not a node in \[0, 2\)"):
+        ops.cpp_broadcast_to_tokens(final[:2], torch.tensor([0, 3]), torch.tensor([2, 4]), 6, torch.tensor([5, 0]), 0.0)
+
+
+_SM90_SEGMENTS_SCRIPT = """
+import itertools
+from rlkern.kernels import segments as K
+
+floats = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "fp64": "*fp64"}
+for name, ptr in floats.items():
+    fp64 = name == "fp64"
+    build(K._spo_cutpoints_kernel, dict(lp_ptr=ptr, cu_ptr="*i64", thr_ptr="*fp64", out_ptr="*u8", threshold="fp32",
+                                        interval="i32"), dict(FP64=fp64, BLOCK=K.MAX_BLOCK), num_warps=4)
+    for has_lp in (True, False):
+        build(K._segment_advantages_kernel,
+              dict(start_ptr="*u8", cut_ptr=ptr, reward_ptr="*fp64" if fp64 else "*fp32", cu_ptr="*i64",
+                   lp_ptr=ptr, thr_ptr="*fp64", adv_ptr="*fp64" if fp64 else "*fp32", mask_ptr="*u8",
+                   threshold="fp32"), dict(HAS_LP=has_lp, FP64=fp64, BLOCK=K.MAX_BLOCK), num_warps=4)
+    for has_index in (True, False):
+        build(K._broadcast_kernel, dict(values_ptr=ptr, start_ptr="*i64", end_ptr="*i64", index_ptr="*i64",
+                                        out_ptr="*fp64" if fp64 else "*fp32"),
+              dict(HAS_INDEX=has_index, BLOCK=64), num_warps=4)
+print("ok")
+"""
+
+
+def test_segments_triton_kernels_compile_for_h100():
+    compile_for_sm90(_SM90_SEGMENTS_SCRIPT)
+
+
+def test_broadcast_to_tokens_overlap_check_without_sort():
+    """Segments in order of their starts are checked without a sort: the same verdict as a
+    pairwise check, empty segments inside others included; the error names the same pair."""
+    g = torch.Generator().manual_seed(36)
+    for case in range(300):
+        n = int(torch.randint(1, 7, (), generator=g))
+        start = torch.randint(0, 12, (n,), generator=g).sort().values
+        end = start + torch.randint(0, 4, (n,), generator=g) * (torch.rand(n, generator=g) < 0.8)
+        overlap = any(min(end[i], end[j]) > max(start[i], start[j]) for i in range(n) for j in range(i)
+                      if end[i] > start[i] and end[j] > start[j])
+        assert ops_segments._sorted_without_overlap(start, end) == (not overlap), (start, end)
+        values = torch.randn(n)
+        if overlap:
+            with pytest.raises(ValueError, match="broadcast_to_tokens: segments .* overlap"):
+                trees.broadcast_to_tokens(values, start, end, 20)
+        else:
+            expected = reference.broadcast_to_tokens(values, start, end, 20, None, 0.0)
+            torch.testing.assert_close(trees.broadcast_to_tokens(values, start, end, 20).double(), expected)
+    with pytest.raises(ValueError, match=r"segments 0 and 2 overlap: \[0, 4\) and \[3, 5\)"):
+        trees.broadcast_to_tokens(torch.ones(3), torch.tensor([0, 3, 3]), torch.tensor([4, 3, 5]), 6)

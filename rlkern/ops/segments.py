@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlkern import _backend
 from rlkern.ops import _checks
 from rlkern.ops._layout import out_dtype, segment_ids
 
@@ -31,14 +32,25 @@ def _probability(op: str, name: str, value) -> float:
     return _checks.number(op, name, value, low=0, low_open=True, high=1)
 
 
-@torch.library.custom_op("rlkern::spo_cutpoints", mutates_args=())
-def _spo_cutpoints(logprobs: Tensor, cu_seqlens: Tensor, threshold: float, interval: int) -> Tensor:
+# The PyTorch backend of each op (vectorized; the kernels are csrc/segments.cpp and
+# kernels/segments.py): same arguments and outputs as the kernels.
+
+def _torch_spo_cutpoints(logprobs: Tensor, cu_seqlens: Tensor, threshold: float, interval: int) -> Tensor:
     total = logprobs.numel()
     low = logprobs.to(out_dtype(logprobs)).exp() < threshold
     before = torch.cumsum(low, 0) - low.long()  # low-probability tokens before t, whole batch
     before_seq = torch.cat([before, low.sum().reshape(1)])[cu_seqlens[:-1]]  # an empty last sequence starts at T
     seq = segment_ids(cu_seqlens, total)
     return low & ((before - before_seq[seq]) % interval == 0)
+
+
+_SPO = _backend.Kernels("spo_cutpoints", cpp="cpp_spo_cutpoints", triton="segments.spo_cutpoints",
+                        torch=_torch_spo_cutpoints, fp64=("cpp", "triton"))
+
+
+@torch.library.custom_op("rlkern::spo_cutpoints", mutates_args=())
+def _spo_cutpoints(logprobs: Tensor, cu_seqlens: Tensor, threshold: float, interval: int) -> Tensor:
+    return _SPO.pick(logprobs)(logprobs, cu_seqlens, threshold, interval)
 
 
 @_spo_cutpoints.register_fake
@@ -73,8 +85,7 @@ def spo_cutpoints(logprobs: Tensor, cu_seqlens: Tensor, *, threshold: float = 0.
     return _spo_cutpoints(logprobs.contiguous(), cu, float(threshold), int(interval))
 
 
-@torch.library.custom_op("rlkern::segment_advantages", mutates_args=())
-def _segment_advantages(
+def _torch_segment_advantages(
     segment_start: Tensor,
     cut_values: Tensor,
     final_reward: Tensor,
@@ -104,6 +115,24 @@ def _segment_advantages(
         mask = logprobs.to(dtype).exp() < threshold
         adv = torch.where(mask, adv, torch.zeros((), dtype=dtype, device=device))
     return adv, mask
+
+
+_SEGMENT_ADVANTAGES = _backend.Kernels("segment_advantages", cpp="cpp_segment_advantages",
+                                       triton="segments.segment_advantages", torch=_torch_segment_advantages,
+                                       fp64=("cpp", "triton"))
+
+
+@torch.library.custom_op("rlkern::segment_advantages", mutates_args=())
+def _segment_advantages(
+    segment_start: Tensor,
+    cut_values: Tensor,
+    final_reward: Tensor,
+    cu_seqlens: Tensor,
+    logprobs: Tensor | None,
+    threshold: float,
+) -> tuple[Tensor, Tensor]:
+    return _SEGMENT_ADVANTAGES.pick(cut_values)(segment_start, cut_values, final_reward, cu_seqlens, logprobs,
+                                                threshold)
 
 
 @_segment_advantages.register_fake
@@ -174,9 +203,8 @@ def segment_advantages(
 # ---------------------------------------------------------------------------------------------
 # Node values -> packed tokens
 
-@torch.library.custom_op("rlkern::broadcast_to_tokens", mutates_args=())
-def _broadcast_to_tokens(node_values: Tensor, segment_start: Tensor, segment_end: Tensor, num_tokens: int,
-                         node_index: Tensor | None, fill: float) -> Tensor:
+def _torch_broadcast_to_tokens(node_values: Tensor, segment_start: Tensor, segment_end: Tensor, num_tokens: int,
+                               node_index: Tensor | None, fill: float) -> Tensor:
     device = node_values.device
     dtype = out_dtype(node_values)
     tag = torch.arange(1, segment_start.numel() + 1, device=device)
@@ -189,6 +217,17 @@ def _broadcast_to_tokens(node_values: Tensor, segment_start: Tensor, segment_end
         values = values[node_index]
     gathered = values[owner.clamp(min=0)] if values.numel() else values.new_zeros(num_tokens)
     return torch.where(owner >= 0, gathered, torch.full((), fill, dtype=dtype, device=device))
+
+
+_BROADCAST = _backend.Kernels("broadcast_to_tokens", cpp="cpp_broadcast_to_tokens",
+                              triton="segments.broadcast_to_tokens", torch=_torch_broadcast_to_tokens,
+                              fp64=("cpp", "triton"))
+
+
+@torch.library.custom_op("rlkern::broadcast_to_tokens", mutates_args=())
+def _broadcast_to_tokens(node_values: Tensor, segment_start: Tensor, segment_end: Tensor, num_tokens: int,
+                         node_index: Tensor | None, fill: float) -> Tensor:
+    return _BROADCAST.pick(node_values)(node_values, segment_start, segment_end, num_tokens, node_index, fill)
 
 
 @_broadcast_to_tokens.register_fake
@@ -255,6 +294,8 @@ def _check_segments(start: Tensor, end: Tensor, num_tokens: int, node_index: Ten
     if node_index is not None and node_index.numel() and bool(((node_index < 0) | (node_index >= m)).any()):
         k = int(((node_index < 0) | (node_index >= m)).nonzero()[0])
         raise ValueError(f"broadcast_to_tokens: node_index[{k}] = {int(node_index[k])} is not a node in [0, {m})")
+    if _sorted_without_overlap(start, end):
+        return
     nonempty = (end > start).nonzero().flatten()
     order = nonempty[start[nonempty].argsort(stable=True)]
     overlap = end[order[:-1]] > start[order[1:]]
@@ -263,3 +304,14 @@ def _check_segments(start: Tensor, end: Tensor, num_tokens: int, node_index: Ten
         a, b = sorted((int(order[j]), int(order[j + 1])))
         raise ValueError(f"broadcast_to_tokens: segments {a} and {b} overlap: [{int(start[a])}, {int(end[a])}) and "
                          f"[{int(start[b])}, {int(end[b])})")
+
+
+def _sorted_without_overlap(start: Tensor, end: Tensor) -> bool:
+    """True for segments in order of their starts that do not overlap (node-packed layouts, from
+    ``from_nested``): then no sort is needed (the sort cost 4x the kernel). With sorted starts,
+    non-empty segments i < j overlap iff end[i] > start[j]."""
+    if start.numel() < 2 or not bool((start[1:] >= start[:-1]).all()):
+        return start.numel() < 2
+    nonempty = end > start
+    reach = torch.where(nonempty, end, 0).cummax(0).values  # furthest end of the non-empty segments so far
+    return not bool((nonempty[1:] & (reach[:-1] > start[1:])).any())
