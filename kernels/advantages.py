@@ -1,4 +1,6 @@
-"""Triton kernels of the advantage family: GAE / discounted returns as a chunked scan, group sums.
+"""Triton kernels of the advantage family: GAE / discounted returns as a chunked scan, group sums,
+and the outcome ops (broadcast to tokens, group normalization and baselines, ReMax; see the
+section "Outcome ops" below).
 
 The math is that of ``rlkern.reference.advantages`` (the oracle).
 
@@ -43,6 +45,20 @@ def _compose(p1, q1, c1, s1, d1, p2, q2, c2, s2, d2):
 
 
 @triton.jit
+def _span(cu_ptr, row, T, PACKED: tl.constexpr):
+    """(start, length) of sequence ``row`` (int64): the packed segment ``[cu[row], cu[row + 1])``, or
+    a padded row (start 0, length T). The launchers pass row strides of 0 and T = 0 for the packed
+    layout, so a row's offsets are ``start * col_stride + row * row_stride`` in both layouts."""
+    if PACKED:
+        start = tl.load(cu_ptr + row).to(tl.int64)
+        length = tl.load(cu_ptr + row + 1).to(tl.int64) - start
+    else:
+        start = row * 0
+        length = T.to(tl.int64)
+    return start, length
+
+
+@triton.jit
 def _gae_kernel(
     r_ptr,  # (B, T) rows with stride r_stride, or packed (total,); fp32/bf16/fp16/fp64
     v_ptr,  # like r_ptr (unused without HAS_VALUES)
@@ -53,7 +69,7 @@ def _gae_kernel(
     ret_ptr,  # like adv_ptr (HAS_VALUES)
     par_ptr,  # (2,) fp64 gamma, lam (FP64)
     r_stride, v_stride, m_stride,  # row strides in elements (padded layout)
-    T,  # padded length
+    T,  # padded length (0 when packed)
     gamma, lam,  # fp32 (unused with FP64)
     HAS_VALUES: tl.constexpr, HAS_BOOT: tl.constexpr, PACKED: tl.constexpr, FP64: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -63,19 +79,11 @@ def _gae_kernel(
         gamma = tl.load(par_ptr)
         lam = tl.load(par_ptr + 1)
     row = tl.program_id(0).to(tl.int64)
-    if PACKED:
-        begin = tl.load(cu_ptr + row).to(tl.int64)
-        length = tl.load(cu_ptr + row + 1).to(tl.int64) - begin
-        r_base = begin
-        v_base = begin
-        m_base = begin
-        o_base = begin
-    else:
-        length = T.to(tl.int64)
-        r_base = row * r_stride
-        v_base = row * v_stride
-        m_base = row * m_stride
-        o_base = row * T
+    start, length = _span(cu_ptr, row, T, PACKED)
+    r_base = start + row * r_stride
+    v_base = start + row * v_stride
+    m_base = start + row * m_stride
+    o_base = start + row * T
     carry_a = tl.zeros((), dtype=acc)
     if HAS_BOOT:
         carry_n = tl.load(boot_ptr + row).to(acc)
@@ -214,3 +222,334 @@ def group_moments(
     mean = _group_sum(x, inverse) / count.clamp_min(1.0)
     dev = x - mean if scored is None else (x - mean) * scored
     return count, mean, _group_sum(dev * dev, inverse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outcome ops: per-sample values broadcast to tokens, group normalization and baselines, ReMax.
+#
+# Group statistics are float64 atomic sums into a zeroed (3, N) buffer indexed by the dense group
+# number (< N), batch-wide ones into a (4,) buffer (one atomic per program of a block-wide sum);
+# a second pass adds the centred squares about those means; a last pass computes each sample's
+# value from its group's sums, in float64, and rounds it to the output dtype. The broadcast to
+# tokens is then ``value * mask`` (one program per row or packed segment), in the dtype PyTorch
+# would promote the product to (float64 when the value or the mask is float64, else float32), so
+# the tokens are those of rlkern/ops/advantages/fallback.py bit for bit.
+#
+# Hyper-parameters (eps, GPG's f_norm) come from a float64 device buffer: a float argument of a
+# Triton kernel is float32. No launcher reads a value back to the host.
+
+GROUP_BLOCK = 1024
+
+# _baseline_finish_kernel's MODE, by fallback.group_baseline's mode string
+BASELINE_MODES = {"rloo_raw": 0, "rloo_zero": 1, "mean": 2, "weighted": 3, "gpg": 4}
+
+
+@triton.jit
+def _broadcast_kernel(
+    s_ptr,  # (B,) per-sequence values, any float, stride s_stride
+    m_ptr,  # (B, T) strides (m_row, m_col), or packed (total,) stride m_col; uint8 (bool)/int/float
+    cu_ptr,  # (B + 1,) int32 (PACKED)
+    out_ptr,  # (B, T) or (total,) contiguous, scores' dtype
+    s_stride, m_row, m_col,  # strides in elements
+    T,  # padded length (0 when packed)
+    PACKED: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    start, length = _span(cu_ptr, row, T, PACKED)
+    m_base = start * m_col + row * m_row
+    o_base = start + row * T
+    if FP64:
+        s = tl.load(s_ptr + row * s_stride).to(tl.float64)
+    else:
+        s = tl.load(s_ptr + row * s_stride).to(tl.float32)
+    lane = tl.arange(0, BLOCK).to(tl.int64)
+    for start in range(0, length, BLOCK):
+        t = start + lane
+        inside = t < length
+        m = tl.load(m_ptr + m_base + t * m_col, mask=inside, other=0).to(s.dtype)
+        tl.store(out_ptr + o_base + t, (s * m).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def broadcast(
+    scores: torch.Tensor,  # (B,) float
+    mask: torch.Tensor,  # (B, T), or packed (total,) with cu_seqlens; bool/int/float
+    cu_seqlens: torch.Tensor | None,  # (B + 1,) int32 or None
+) -> torch.Tensor:
+    """``scores[b] * mask`` over row b or packed segment b, in scores' dtype (fallback.broadcast)."""
+    out = torch.empty(mask.shape, dtype=scores.dtype, device=scores.device)
+    packed = cu_seqlens is not None
+    batch = cu_seqlens.shape[0] - 1 if packed else mask.shape[0]
+    if out.numel() == 0 or batch == 0:
+        return out
+    steps = 0 if packed else mask.shape[1]
+    m = _mask_for_triton(mask)
+    _broadcast_kernel[(batch,)](
+        scores, m, cu_seqlens if packed else scores, out,
+        scores.stride(0), 0 if packed else m.stride(0), m.stride(-1), steps,
+        PACKED=packed, FP64=torch.float64 in (scores.dtype, mask.dtype),
+        BLOCK=_block(mask.numel() // batch if packed else steps),
+    )
+    return out
+
+
+@triton.jit
+def _group_sums_kernel(
+    x_ptr,  # (N,) scores, fp32/bf16/fp16/fp64
+    w_ptr,  # (N,) weights, any float (HAS_W)
+    idx_ptr,  # (N,) int64 dense group numbers in [0, N)
+    sums_ptr,  # (3, N) fp64 zeroed: per group count, sum of x (of w x with HAS_W), sum of w (HAS_W)
+    batch_ptr,  # (4,) fp64 zeroed: [0] count, [1] sum of x, [2] count of x != 0 (BATCH)
+    N,
+    SKIP_NAN: tl.constexpr, HAS_W: tl.constexpr, BATCH: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < N
+    x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float64)
+    g = tl.load(idx_ptr + offs, mask=inside, other=0)
+    scored = tl.where(inside, 1.0, 0.0).to(tl.float64)
+    if SKIP_NAN:  # a NaN score counts in no sum
+        scored = tl.where(x == x, scored, 0.0)
+        x = tl.where(x == x, x, 0.0)
+    tl.atomic_add(sums_ptr + g, scored, mask=inside)
+    if HAS_W:
+        w = tl.load(w_ptr + offs, mask=inside, other=0.0).to(tl.float64)
+        tl.atomic_add(sums_ptr + N + g, w * x, mask=inside)
+        tl.atomic_add(sums_ptr + 2 * N + g, w, mask=inside)
+    else:
+        tl.atomic_add(sums_ptr + N + g, x, mask=inside)
+    if BATCH:
+        tl.atomic_add(batch_ptr, tl.sum(scored, axis=0))
+        tl.atomic_add(batch_ptr + 1, tl.sum(x, axis=0))
+        tl.atomic_add(batch_ptr + 2, tl.sum(tl.where(inside & (x != 0), 1.0, 0.0).to(tl.float64), axis=0))
+
+
+@triton.jit
+def _group_dev_kernel(
+    x_ptr,  # (N,) scores, fp32/bf16/fp16/fp64
+    idx_ptr,  # (N,) int64 dense group numbers in [0, N)
+    sums_ptr,  # (3, N) fp64 from _group_sums_kernel; row 2 gets the group sums of squared deviations (GROUP)
+    batch_ptr,  # (4,) fp64 from _group_sums_kernel; [3] gets the batch sum of squared deviations (BATCH)
+    N,
+    SKIP_NAN: tl.constexpr, GROUP: tl.constexpr, BATCH: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < N
+    x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float64)
+    scored = tl.where(inside, 1.0, 0.0).to(tl.float64)
+    if SKIP_NAN:
+        scored = tl.where(x == x, scored, 0.0)
+        x = tl.where(x == x, x, 0.0)
+    if GROUP:
+        g = tl.load(idx_ptr + offs, mask=inside, other=0)
+        count = tl.load(sums_ptr + g, mask=inside, other=1.0)
+        mean = tl.load(sums_ptr + N + g, mask=inside, other=0.0) / tl.maximum(count, 1.0)
+        dev = (x - mean) * scored
+        tl.atomic_add(sums_ptr + 2 * N + g, dev * dev, mask=inside)
+    if BATCH:
+        mean = tl.load(batch_ptr + 1) / tl.maximum(tl.load(batch_ptr), 1.0)
+        dev = (x - mean) * scored
+        tl.atomic_add(batch_ptr + 3, tl.sum(dev * dev, axis=0))
+
+
+@triton.jit
+def _normalize_finish_kernel(
+    x_ptr,  # (N,) scores, fp32/bf16/fp16/fp64
+    idx_ptr,  # (N,) int64 dense group numbers in [0, N)
+    sums_ptr,  # (3, N) fp64 group count, sum, sum of squared deviations
+    batch_ptr,  # (4,) fp64 batch count, sum, -, sum of squared deviations
+    par_ptr,  # (1,) fp64 eps
+    out_ptr,  # (N,) fp32 (fp64 for fp64 scores)
+    N,
+    SKIP_NAN: tl.constexpr, DIVIDE: tl.constexpr, BATCH_SCALE: tl.constexpr, UNBIASED: tl.constexpr,
+    VERL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < N
+    x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float64)
+    scored = x == x
+    if SKIP_NAN:
+        x = tl.where(scored, x, 0.0)
+    g = tl.load(idx_ptr + offs, mask=inside, other=0)
+    count = tl.load(sums_ptr + g, mask=inside, other=1.0)
+    mean = tl.load(sums_ptr + N + g, mask=inside, other=0.0) / tl.maximum(count, 1.0)
+    single = count <= 1.0
+    if VERL:  # a group of one: mean 0, std 1
+        mean = tl.where(single, 0.0, mean)
+    out = x - mean
+    if DIVIDE:
+        if BATCH_SCALE:
+            n = tl.load(batch_ptr)
+            if UNBIASED:
+                denom = n - 1.0
+            else:
+                denom = n
+            spread = tl.sqrt(tl.load(batch_ptr + 3) / tl.maximum(denom, 1.0))
+            spread = tl.where(n > 1.0, spread, 0.0)
+        else:
+            if UNBIASED:
+                denom = count - 1.0
+            else:
+                denom = count
+            spread = tl.sqrt(tl.load(sums_ptr + 2 * N + g, mask=inside, other=0.0) / tl.maximum(denom, 1.0))
+            if VERL:
+                spread = tl.where(single, 1.0, spread)
+        out = out / (spread + tl.load(par_ptr))
+    if not VERL:  # singleton "zero"
+        out = tl.where(single, 0.0, out)
+    if SKIP_NAN:
+        out = tl.where(scored, out, 0.0)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _baseline_finish_kernel(
+    x_ptr,  # (N,) scores, fp32/bf16/fp16/fp64
+    idx_ptr,  # (N,) int64 dense group numbers in [0, N)
+    sums_ptr,  # (3, N) fp64 group count, sum of x (of w x for "weighted"), sum of w ("weighted")
+    batch_ptr,  # (4,) fp64; [2] count of nonzero scores ("gpg")
+    par_ptr,  # (1,) fp64 f_norm ("gpg")
+    out_ptr,  # (N,) fp32 (fp64 for fp64 scores)
+    N,
+    MODE: tl.constexpr,  # BASELINE_MODES
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < N
+    x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float64)
+    g = tl.load(idx_ptr + offs, mask=inside, other=0)
+    count = tl.load(sums_ptr + g, mask=inside, other=1.0)
+    total = tl.load(sums_ptr + N + g, mask=inside, other=0.0)
+    if MODE <= 1:  # RLOO: n / (n - 1) (s - mean) = (n s - sum) / (n - 1)
+        loo = (count * x - total) / tl.maximum(count - 1.0, 1.0)
+        if MODE == 0:
+            out = tl.where(count > 1.0, loo, x)
+        else:
+            out = tl.where(count > 1.0, loo, 0.0)
+    elif MODE == 3:  # weighted: s - sum(w s) / sum(w)
+        weight = tl.load(sums_ptr + 2 * N + g, mask=inside, other=1.0)
+        out = x - tl.where(count > 1.0, total / weight, 0.0)
+    else:
+        out = x - tl.where(count > 1.0, total / tl.maximum(count, 1.0), 0.0)
+        if MODE == 4:  # GPG: alpha = N / max(#{s != 0}, 1)
+            alpha = N.to(tl.float64) / tl.maximum(tl.load(batch_ptr + 2), 1.0)
+            out = alpha * out / tl.load(par_ptr)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _per_sample(scores, inverse, mask, cu_seqlens, param, launch):
+    """Calls ``launch(x, idx, sums, batch, par, values, grid)`` for N > 0 samples (x, idx: scores and
+    group numbers, contiguous; sums (3, N) and batch (4,) float64 zeroed; par (1,) float64 param;
+    values (N,) float32, float64 for float64 scores); returns values, or values * mask per token."""
+    n, device = scores.shape[0], scores.device
+    values = torch.empty(n, dtype=torch.float64 if scores.dtype == torch.float64 else torch.float32, device=device)
+    if n:
+        launch(scores.contiguous(), inverse.contiguous(), torch.zeros((3, n), dtype=torch.float64, device=device),
+               torch.zeros(4, dtype=torch.float64, device=device),
+               torch.full((1,), float(param), dtype=torch.float64, device=device), values,
+               (triton.cdiv(n, GROUP_BLOCK),))
+    return values if mask is None else broadcast(values, mask, cu_seqlens)
+
+
+def group_normalize(
+    scores: torch.Tensor,  # (N,) fp32/bf16/fp16/fp64
+    inverse: torch.Tensor,  # (N,) int64 dense group numbers in [0, N)
+    mask: torch.Tensor | None,  # None, (N, T), or packed (total,) with cu_seqlens
+    cu_seqlens: torch.Tensor | None,  # (N + 1,) int32 or None
+    eps: float, std: str, scale: str, singleton: str, skip_nan: bool,
+) -> torch.Tensor:
+    """fallback.group_normalize's contract: (N,) or mask's shape, float32 (float64 for float64 scores)."""
+    skip_nan = bool(skip_nan)
+    divide = std != "none" and scale != "none"
+    batch_scale = divide and scale == "batch"
+
+    def launch(x, idx, sums, batch, par, values, grid):
+        n = x.shape[0]
+        _group_sums_kernel[grid](x, x, idx, sums, batch, n, SKIP_NAN=skip_nan, HAS_W=False, BATCH=batch_scale,
+                                 BLOCK=GROUP_BLOCK)
+        if divide:
+            _group_dev_kernel[grid](x, idx, sums, batch, n, SKIP_NAN=skip_nan, GROUP=not batch_scale,
+                                    BATCH=batch_scale, BLOCK=GROUP_BLOCK)
+        _normalize_finish_kernel[grid](x, idx, sums, batch, par, values, n, SKIP_NAN=skip_nan, DIVIDE=divide,
+                                       BATCH_SCALE=batch_scale, UNBIASED=std == "unbiased",
+                                       VERL=singleton == "verl", BLOCK=GROUP_BLOCK)
+
+    return _per_sample(scores, inverse, mask, cu_seqlens, eps, launch)
+
+
+def group_baseline(
+    scores: torch.Tensor,  # (N,) fp32/bf16/fp16/fp64
+    inverse: torch.Tensor,  # (N,) int64 dense group numbers in [0, N)
+    weights: torch.Tensor | None,  # (N,) float (mode "weighted")
+    mask: torch.Tensor | None,  # None, (N, T), or packed (total,) with cu_seqlens
+    cu_seqlens: torch.Tensor | None,  # (N + 1,) int32 or None
+    mode: str, param: float,
+) -> torch.Tensor:
+    """fallback.group_baseline's contract: (N,) or mask's shape, float32 (float64 for float64 scores)."""
+    weighted = mode == "weighted"
+
+    def launch(x, idx, sums, batch, par, values, grid):
+        n = x.shape[0]
+        _group_sums_kernel[grid](x, weights.contiguous() if weighted else x, idx, sums, batch, n, SKIP_NAN=False,
+                                 HAS_W=weighted, BATCH=mode == "gpg", BLOCK=GROUP_BLOCK)
+        _baseline_finish_kernel[grid](x, idx, sums, batch, par, values, n, MODE=BASELINE_MODES[mode],
+                                      BLOCK=GROUP_BLOCK)
+
+    return _per_sample(scores, inverse, mask, cu_seqlens, param, launch)
+
+
+@triton.jit
+def _remax_kernel(
+    r_ptr,  # (B, T) rows with stride r_stride, or packed (total,); fp32/bf16/fp16/fp64
+    m_ptr,  # like r_ptr (m_stride), uint8 (bool)/int/float mask (multiplied by value)
+    b_ptr,  # (B,) baselines, any float, stride b_stride
+    cu_ptr,  # (B + 1,) int32 (PACKED)
+    adv_ptr,  # (B, T) or (total,) fp32 (fp64 for fp64 rewards), contiguous
+    ret_ptr,  # like adv_ptr
+    r_stride, m_stride, b_stride,  # strides in elements
+    T,  # padded length (0 when packed)
+    PACKED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    out_ty = adv_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    start, length = _span(cu_ptr, row, T, PACKED)
+    r_base = start + row * r_stride
+    m_base = start + row * m_stride
+    o_base = start + row * T
+    base = tl.load(b_ptr + row * b_stride).to(out_ty)
+    lane = tl.arange(0, BLOCK).to(tl.int64)
+    carry = tl.zeros((), dtype=tl.float64)  # sum of r * mask after the block
+    for blk in range(0, tl.cdiv(length, BLOCK)):
+        t = length - 1 - blk * BLOCK - lane  # decreasing time along the block: the cumsum is a suffix sum
+        inside = t >= 0
+        # the mask's value rounded to the output dtype first, as fallback.remax's mask.to(dtype)
+        m = tl.load(m_ptr + m_base + t, mask=inside, other=0).to(out_ty)
+        y = tl.load(r_ptr + r_base + t, mask=inside, other=0.0).to(tl.float64) * m.to(tl.float64)
+        ret = (carry + tl.cumsum(y, 0)).to(out_ty)
+        tl.store(ret_ptr + o_base + t, ret, mask=inside)
+        tl.store(adv_ptr + o_base + t, ret - base * m, mask=inside)
+        carry += tl.sum(y, axis=0)
+
+
+def remax(
+    rewards: torch.Tensor,  # (B, T) or packed (total,); fp32/bf16/fp16/fp64, stride(-1) == 1
+    reward_baselines: torch.Tensor,  # (B,) float
+    mask: torch.Tensor,  # rewards.shape, bool/int/float, stride(-1) == 1
+    cu_seqlens: torch.Tensor | None,  # (B + 1,) int32 or None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fallback.remax's contract: ``(returns - baseline * mask, returns)``, float32 (float64 for float64
+    rewards), reward-to-go of ``rewards * mask`` summed in float64."""
+    out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    adv = torch.empty(rewards.shape, dtype=out_dtype, device=rewards.device)
+    ret = torch.empty_like(adv)
+    packed = cu_seqlens is not None
+    batch = cu_seqlens.shape[0] - 1 if packed else rewards.shape[0]
+    if rewards.numel() == 0 or batch == 0:
+        return adv, ret
+    steps = 0 if packed else rewards.shape[1]
+    m = _mask_for_triton(mask)
+    _remax_kernel[(batch,)](
+        rewards, m, reward_baselines, cu_seqlens if packed else rewards, adv, ret,
+        0 if packed else rewards.stride(0), 0 if packed else m.stride(0), reward_baselines.stride(0), steps,
+        PACKED=packed, BLOCK=_block(rewards.numel() // batch if packed else steps),
+    )
+    return adv, ret

@@ -1641,3 +1641,363 @@ def test_opcheck_float64_and_new_kernels():
                                                          False)),
                        ("cpp_bnpo", (torch.rand(6, generator=g), inverse, 0.0, 1.0))]:
         torch.library.opcheck(getattr(torch.ops.rlkern, name).default, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton outcome kernels (kernels/advantages.py): the broadcast to tokens, group normalization,
+# group baselines and ReMax, under TRITON_INTERPRET=1 on CPU tensors, against the float64
+# reference and verl
+
+TRITON_ONLY = pytest.mark.parametrize("backend", ["triton"], indirect=True)
+ALL_MASK_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                   torch.bfloat16, torch.float32, torch.float64]
+_TRITON_OPS = ("outcome_to_tokens", "group_normalize", "group_baseline", "remax")
+
+
+@pytest.fixture
+def triton_ran(monkeypatch, kernels_only):
+    """The backends the outcome ops ran ({op: set of backends}); kernels_only fails a PyTorch pick."""
+    ran = {}
+    original = _backend.Kernels.get
+
+    def get(self, name):
+        ran.setdefault(self.op, set()).add(name)
+        return original(self, name)
+
+    monkeypatch.setattr(_backend.Kernels, "get", get)
+    return ran
+
+
+def _assert_triton_ran(ran, ops=_TRITON_OPS):
+    for op in ops:
+        assert ran.get(op) == {"triton"}, f"{op} ran {sorted(ran.get(op, ()))}, not the Triton kernel"
+
+
+def _weighted_mask(n, steps, seed, mask_dtype):
+    """_packed_batch's mask in mask_dtype with values other than 0/1 where the dtype holds them (the
+    ops multiply by the mask's value, as verl): 2 and -1 for signed ints, 2 for uint8, 0.5 and -1 for
+    floats. Returns (mask, packed, inside, cu, float64 mask)."""
+    mask, _, inside, cu = _packed_batch(n, steps, seed, torch.float64)
+    g = _gen(seed + 1)
+    pick = torch.rand(n, steps, generator=g)
+    if mask_dtype.is_floating_point:
+        mask = mask * torch.where(pick < 0.3, 0.5, torch.where(pick < 0.4, -1.0, 1.0)).double()
+    elif mask_dtype != torch.bool:
+        low = 2.0 if mask_dtype == torch.uint8 else -1.0
+        mask = mask * torch.where(pick < 0.2, 2.0, torch.where(pick < 0.3, low, 1.0)).double()
+    typed = mask.to(mask_dtype)
+    return typed, typed[inside], inside, cu, typed.double()
+
+
+def _check_dtype(scores_dtype):
+    """Output dtype and closeness check of an outcome op for scores of scores_dtype."""
+    if scores_dtype == torch.float64:
+        return torch.float64, _close64
+    return torch.float32, lambda ours, ref, name: _close(ours, ref, name=name)
+
+
+@TRITON_ONLY
+@pytest.mark.parametrize("scores_dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["per_sample", "padded", "packed"])
+def test_triton_outcome_ops_match_reference(backend, triton_ran, scores_dtype, layout):
+    # Groups of 1, 1, 2, 3, 5, 16, 16 (shuffled), 13 odd-length rows with an empty one; the float64
+    # reference of the scores' values (bf16 scores are exact in float64).
+    ids = _group_layout(61)
+    n = len(ids)
+    s = _scores(n, 61).to(scores_dtype)
+    s[::9] = 0.0  # GPG's alpha counts the nonzero scores
+    out_dtype, check = _check_dtype(scores_dtype)
+    mask, packed, inside, cu, m = _weighted_mask(n, 13, 61, torch.float32)
+    seg = torch.repeat_interleave(torch.arange(n), cu.diff().long())
+    if layout == "per_sample":
+        tokens, kw, bound = None, {}, (lambda ref: ref)
+    elif layout == "padded":
+        tokens, kw, bound = mask, {}, (lambda ref: ref[:, None] * m)
+    else:
+        tokens, kw, bound = packed, {"cu_seqlens": cu}, (lambda ref: ref[seg] * m[inside])
+    ids_list = list(ids)
+    lengths = m.sum(-1)  # verl's response_mask.sum(-1): the mask's values
+    cases = [
+        ("grpo", A.grpo(s, ids, tokens, **kw), R.group_normalize(s, ids_list)),
+        ("dr_grpo", A.grpo(s, ids, tokens, norm_by_std=False, **kw), R.group_normalize(s, ids_list, std=None)),
+        ("trl group", A.group_normalize(s, ids, eps=1e-4, singleton="zero", response_mask=tokens, **kw),
+         R.group_normalize(s, ids_list, 1e-4, "unbiased", "group", "zero")),
+        ("trl batch", A.group_normalize(s, ids, eps=1e-4, scale="batch", singleton="zero", response_mask=tokens, **kw),
+         R.group_normalize(s, ids_list, 1e-4, "unbiased", "batch", "zero")),
+        ("population batch", A.group_normalize(s, ids, std="population", scale="batch", response_mask=tokens, **kw),
+         R.group_normalize(s, ids_list, 1e-6, "population", "batch")),
+        ("population", A.group_normalize(s, ids, std="population", response_mask=tokens, **kw),
+         R.group_normalize(s, ids_list, 1e-6, "population")),
+        ("scale none", A.group_normalize(s, ids, scale="none", singleton="zero", response_mask=tokens, **kw),
+         R.group_normalize(s, ids_list, 1e-6, "unbiased", "none", "zero")),
+        ("rloo raw", A.rloo(s, ids, tokens, **kw), R.rloo(s, ids_list, "raw")),
+        ("rloo zero", A.rloo(s, ids, tokens, singleton="zero", **kw), R.rloo(s, ids_list, "zero")),
+        ("gpg", A.gpg(s, ids, tokens, f_norm=3.0, **kw), R.gpg(s, ids_list, 3.0)),
+    ]
+    if tokens is not None:
+        cases += [
+            ("opo", A.opo(s, ids, tokens, **kw), s.double() - R.group_baseline(s, ids_list, lengths)),
+            ("outcome_to_tokens", A.outcome_to_tokens(s.double(), tokens, **kw), s.double()),
+        ]
+    for name, ours, ref in cases:
+        if name == "outcome_to_tokens":  # float64 scores: a float64 product
+            _close64(ours, bound(ref), name=name)
+        else:
+            assert ours.dtype == out_dtype, name
+            check(ours, bound(ref), name=name)
+    _assert_triton_ran(triton_ran, ("group_normalize", "group_baseline") +
+                       (() if tokens is None else ("outcome_to_tokens",)))
+
+
+@TRITON_ONLY
+@pytest.mark.parametrize("mask_dtype", ALL_MASK_DTYPES)
+@pytest.mark.parametrize("scores_dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_triton_broadcast_every_mask_dtype(backend, triton_ran, mask_dtype, scores_dtype):
+    # verl's scores.unsqueeze(-1) * response_mask, bit for bit (PyTorch's type promotion: a float64
+    # mask multiplies float32 scores in float64), padded, sliced (row stride 2T) and packed.
+    n, steps = 9, 17
+    mask, packed, inside, cu, m = _weighted_mask(n, steps, 62, mask_dtype)
+    s = torch.randn(n, generator=_gen(62)).to(scores_dtype)
+    expected = (s[:, None] * mask).to(scores_dtype)
+    ours = A.outcome_to_tokens(s, mask)
+    assert ours.dtype == scores_dtype
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    sliced = torch.cat([mask, mask], 1)[:, steps:]
+    torch.testing.assert_close(A.outcome_to_tokens(s, sliced), expected, rtol=0, atol=0)
+    torch.testing.assert_close(A.outcome_to_tokens(s, packed, cu_seqlens=cu), expected[inside], rtol=0, atol=0)
+    torch.testing.assert_close(A.outcome_to_tokens(s, packed, cu_seqlens=cu.long()), expected[inside], rtol=0,
+                               atol=0)
+    # group ops: the per-sample values times the mask's value, against the float64 reference
+    ids = np.array(["a", "b", "a", "c", "b", "b", "d", "a", "c"], dtype=object)  # "d": a group of one
+    out_dtype, check = _check_dtype(scores_dtype)
+    seg = torch.repeat_interleave(torch.arange(n), cu.diff().long())
+    for name, fn, ref in [
+        ("grpo", lambda mk, **kw: A.grpo(s, ids, mk, **kw), R.group_normalize(s, list(ids))),
+        ("rloo", lambda mk, **kw: A.rloo(s, ids, mk, **kw), R.rloo(s, list(ids))),
+        ("gpg", lambda mk, **kw: A.gpg(s, ids, mk, **kw), R.gpg(s, list(ids))),
+    ]:
+        padded, packed_out = fn(mask), fn(packed, cu_seqlens=cu)
+        assert padded.dtype == packed_out.dtype == out_dtype, name
+        check(padded, ref[:, None] * m, name=f"{name} padded")
+        check(packed_out, ref[seg] * m[inside], name=f"{name} packed")
+    _assert_triton_ran(triton_ran, ("outcome_to_tokens", "group_normalize", "group_baseline"))
+
+
+@TRITON_ONLY
+@pytest.mark.parametrize("std", ["unbiased", "population", None])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("singleton", ["verl", "zero"])
+def test_triton_group_normalize_nan_scores(backend, triton_ran, std, scale, singleton):
+    # skip_nan (TRL): NaN scores leave every statistic (a pair left with one scored sample, a group
+    # with none) and get 0; without it (verl) a NaN propagates to its group, or to the whole batch
+    # with scale="batch", as in the float64 reference.
+    ids = _group_layout(63)
+    s = _scores(len(ids), 63).double()
+    s[torch.rand(len(s), generator=_gen(64)) < 0.25] = float("nan")
+    members = {}
+    for i, key in enumerate(ids):
+        members.setdefault(key, []).append(i)
+    s[next(v for v in members.values() if len(v) == 2)[0]] = float("nan")
+    s[next(v for v in members.values() if len(v) == 1)[0]] = float("nan")
+    mask, packed, inside, cu, m = _weighted_mask(len(ids), 6, 63, torch.bool)
+    seg = torch.repeat_interleave(torch.arange(len(ids)), cu.diff().long())
+    for dtype in (torch.float32, torch.float64):
+        x = s.to(dtype)
+        _, check = _check_dtype(dtype)
+        for skip_nan in (True, False):
+            kw = dict(eps=1e-4, std=std, scale=scale, singleton=singleton, skip_nan=skip_nan)
+            ref = R.group_normalize(x, list(ids), 1e-4, std, scale, singleton, skip_nan=skip_nan)
+            ours = A.group_normalize(x, ids, **kw)
+            assert torch.equal(ours.isnan(), ref.isnan()), f"NaN positions, skip_nan={skip_nan}"
+            if skip_nan:
+                assert not ours.isnan().any() and (ours[s.isnan()] == 0).all()
+            keep = ~ref.isnan()
+            check(ours[keep], ref[keep], name=f"skip_nan={skip_nan}")
+            if skip_nan:  # NaN * 0 stays NaN at masked tokens, so only skip_nan broadcasts cleanly
+                check(A.group_normalize(x, ids, response_mask=mask, **kw), ref[:, None] * m, name="padded")
+                check(A.group_normalize(x, ids, response_mask=packed, cu_seqlens=cu, **kw), ref[seg] * m[inside],
+                      name="packed")
+    _assert_triton_ran(triton_ran, ("group_normalize",))
+
+
+@TRITON_ONLY
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_outcome_ops_empty_and_tiny_batches(backend, triton_ran, dtype):
+    # N = 0 (per sample, [0, T], packed with no tokens), one sample, and packed batches whose
+    # segments are all empty.
+    empty = torch.zeros(0, dtype=dtype)
+    for fn in (lambda mk, **kw: A.grpo(empty, [], mk, **kw), lambda mk, **kw: A.rloo(empty, [], mk, **kw),
+               lambda mk, **kw: A.gpg(empty, [], mk, **kw), lambda mk, **kw: A.outcome_to_tokens(empty, mk, **kw)):
+        for mk, kw, shape in [(torch.zeros(0, 5, dtype=torch.bool), {}, (0, 5)),
+                              (torch.zeros(0, dtype=torch.bool), {"cu_seqlens": torch.zeros(1, dtype=torch.int32)},
+                               (0,))]:
+            out = fn(mk, **kw)
+            assert out.shape == shape and out.dtype == dtype
+    assert A.grpo(empty, []).shape == (0,) and A.rloo(empty, []).dtype == dtype
+    one = torch.tensor([0.7], dtype=dtype)
+    _, check = _check_dtype(dtype)
+    check(A.grpo(one, [3]), R.group_normalize(one, [3]), name="grpo of one")
+    check(A.rloo(one, [3]), R.rloo(one, [3]), name="rloo of one")
+    s = torch.tensor([0.5, -1.0, 2.0], dtype=dtype)
+    cu = torch.zeros(4, dtype=torch.int32)
+    out = A.grpo(s, [0, 0, 1], torch.zeros(0, dtype=torch.int64), cu_seqlens=cu)
+    assert out.shape == (0,) and out.dtype == dtype
+    adv, ret = A.remax(torch.zeros(0, dtype=dtype), s, torch.zeros(0), cu_seqlens=cu)
+    assert adv.shape == ret.shape == (0,) and adv.dtype == dtype
+    for shape in [(0, 5), (3, 0)]:
+        adv, ret = A.remax(torch.zeros(shape, dtype=dtype), torch.zeros(shape[0], dtype=dtype), torch.ones(shape))
+        assert adv.shape == ret.shape == shape and adv.dtype == ret.dtype == dtype
+    _assert_triton_ran(triton_ran, ("group_normalize", "group_baseline", "outcome_to_tokens", "remax"))
+
+
+@TRITON_ONLY
+@pytest.mark.parametrize("rewards_dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mask_dtype", ALL_MASK_DTYPES)
+def test_triton_remax_matches_reference(backend, triton_ran, rewards_dtype, mask_dtype):
+    # sum_{u >= t} r_u mask_u (the mask's value, rounded to the output dtype as PyTorch's
+    # mask.to(dtype)) and returns - baseline * mask, padded (sliced rows) and packed.
+    n, steps = 7, 23
+    mask, packed, inside, cu, _ = _weighted_mask(n, steps, 65, mask_dtype)
+    g = _gen(66)
+    rewards = torch.randn(n, steps, generator=g).to(rewards_dtype)
+    base = torch.randn(n, generator=g, dtype=torch.float64)
+    out_dtype, check = _check_dtype(rewards_dtype)
+    m = mask.to(out_dtype).double()
+    ret_ref = (rewards.double() * m).flip(-1).cumsum(-1).flip(-1)
+    adv_ref = ret_ref - base.to(out_dtype).double()[:, None] * m
+    adv, ret = A.remax(rewards, base, mask)
+    assert adv.dtype == ret.dtype == out_dtype
+    check(ret, ret_ref, name="returns")
+    check(adv, adv_ref, name="advantages")
+    wide = torch.cat([rewards, rewards], 1)[:, :steps]  # row stride 2T
+    for ours, ref in zip(A.remax(wide, base, mask), (adv_ref, ret_ref)):
+        check(ours, ref, name="sliced rows")
+    # packed: a row's valid tokens are a prefix of it (_packed_batch), so its sums are the padded ones
+    for ours, ref, name in zip(A.remax(rewards[inside], base, packed, cu_seqlens=cu), (adv_ref, ret_ref),
+                               ("advantages", "returns")):
+        check(ours, ref[inside], name=f"packed {name}")
+    if mask_dtype == torch.bool:
+        _close(ret.double(), R.reverse_cumsum(rewards, mask), name="reference")
+    _assert_triton_ran(triton_ran, ("remax",))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_remax_and_broadcast_many_blocks(monkeypatch, triton_ran, dtype):
+    # Blocks of 16: 300 tokens run 19 blocks (the carried suffix sum of the ReMax scan, the token
+    # loop of the broadcast), packed with an empty segment.
+    if not _backend.has_triton():
+        pytest.fail("triton is not installed (it is in the test extra)")
+    from rlkern.kernels import advantages as triton_advantages
+
+    monkeypatch.setattr(triton_advantages, "MAX_BLOCK", 16)
+    monkeypatch.setenv("RLKERN_BACKEND", "triton")
+    g = _gen(67)
+    rewards = torch.randn(3, 300, generator=g, dtype=dtype)
+    mask = _mask(3, 300, "holes", torch.bool)
+    base = torch.randn(3, generator=g, dtype=dtype)
+    _, check = _check_dtype(dtype)
+    ret_ref = R.reverse_cumsum(rewards, mask)
+    adv, ret = A.remax(rewards, base, mask)
+    check(ret, ret_ref, name="returns")
+    check(adv, ret_ref - base.double()[:, None] * mask, name="advantages")
+    cu = torch.tensor([0, 100, 100, 900], dtype=torch.int32)
+    adv_p, ret_p = A.remax(rewards.flatten(), base, mask.flatten(), cu_seqlens=cu)
+    for b, (start, end) in enumerate([(0, 100), (100, 100), (100, 900)]):
+        ref = R.reverse_cumsum(rewards.flatten()[None, start:end], mask.flatten()[None, start:end])[0]
+        check(ret_p[start:end], ref, name=f"packed returns {b}")
+        check(adv_p[start:end], ref - base[b].double() * mask.flatten()[start:end], name=f"packed advantages {b}")
+    torch.testing.assert_close(A.outcome_to_tokens(base, mask), base[:, None] * mask, rtol=0, atol=0)
+    tokens = A.outcome_to_tokens(base, mask.flatten(), cu_seqlens=cu)
+    torch.testing.assert_close(tokens, base[torch.repeat_interleave(torch.arange(3), cu.diff().long())]
+                               * mask.flatten(), rtol=0, atol=0)
+    _assert_triton_ran(triton_ran, ("remax", "outcome_to_tokens"))
+
+
+@pytest.mark.peer
+@TRITON_ONLY
+@pytest.mark.parametrize("name,norm", OUTCOME_CASES)
+def test_triton_verl_outcome_parity(backend, triton_ran, name, norm):
+    # verl's estimators against rlkern's drop-ins on the Triton kernels: the padded parity test, and
+    # the packed one for the estimators it covers.
+    test_verl_outcome_parity(name, norm)
+    if name in ("grpo", "rloo", "opo"):
+        test_verl_outcome_parity_packed(name)
+    ran = "group_baseline" if name.startswith(("rloo", "opo", "gpg", "reinforce")) else "group_normalize"
+    _assert_triton_ran(triton_ran, (ran,))
+
+
+@pytest.mark.peer
+@TRITON_ONLY
+def test_triton_verl_remax_parity(backend, triton_ran):
+    core = _verl()
+    g = _gen(69)
+    mask = _mask(12, 31, "holes")
+    mask[:, 0] = 1
+    rewards = torch.randn(12, 31, generator=g) * mask
+    base = torch.randn(12, generator=g)
+    for dtype in (torch.float32, torch.float64):
+        theirs = core.compute_remax_outcome_advantage(rewards.to(dtype), base.to(dtype), mask)
+        ours = algos.compute_remax_outcome_advantage(rewards.to(dtype), base.to(dtype), mask)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        _assert_verl_close(ours[0], theirs[0], torch.ones_like(mask), tol, "advantages")  # every position
+        _assert_verl_close(ours[1], theirs[1], torch.ones_like(mask), tol, "returns")
+    _assert_triton_ran(triton_ran, ("remax",))
+
+
+def test_outcome_ops_pick_triton_under_the_interpreter(monkeypatch):
+    # RLKERN_BACKEND=triton with TRITON_INTERPRET=1 on CPU tensors, and CUDA tensors by default, run
+    # the Triton kernels for float32, float64 and bf16 (these ops' GPU path was PyTorch).
+    from rlkern.ops.advantages import outcome, returns
+
+    monkeypatch.setenv("RLKERN_BACKEND", "triton")
+    kernels = {"outcome_to_tokens": outcome._BROADCAST, "group_normalize": outcome._NORMALIZE,
+               "group_baseline": outcome._BASELINE, "remax": returns._REMAX}
+    for op, k in kernels.items():
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            if _backend.triton_interpreted():
+                assert k.backend(torch.zeros(1, dtype=dtype)) == "triton", (op, dtype)
+            if _backend.has_triton():
+                assert k.backend_at(torch.device("cuda"), dtype) == "triton", (op, dtype)
+        assert k.get("triton").__module__.endswith("kernels.advantages"), op
+
+
+_SM90_OUTCOME_SCRIPT = """
+import itertools
+from rlkern.kernels import advantages as K
+
+for packed, (scores, mask) in itertools.product(
+        [True, False], [("*fp32", "*u8"), ("*fp32", "*i64"), ("*fp32", "*bf16"), ("*fp32", "*fp64"),
+                        ("*fp64", "*fp16"), ("*fp64", "*u8"), ("*bf16", "*i8")]):
+    build(K._broadcast_kernel, dict(s_ptr=scores, m_ptr=mask, cu_ptr="*i32", out_ptr=scores, s_stride="i64",
+                                    m_row="i64", m_col="i64", T="i32"),
+          dict(PACKED=packed, FP64="fp64" in scores + mask, BLOCK=K.MAX_BLOCK), num_warps=4)
+for x in ("*fp32", "*bf16", "*fp64"):
+    out = "*fp64" if x == "*fp64" else "*fp32"
+    for skip_nan, has_w, batch in itertools.product([True, False], repeat=3):
+        build(K._group_sums_kernel, dict(x_ptr=x, w_ptr="*fp32", idx_ptr="*i64", sums_ptr="*fp64",
+                                         batch_ptr="*fp64", N="i32"),
+              dict(SKIP_NAN=skip_nan, HAS_W=has_w, BATCH=batch, BLOCK=K.GROUP_BLOCK), num_warps=4)
+    for skip_nan, group in itertools.product([True, False], repeat=2):
+        build(K._group_dev_kernel, dict(x_ptr=x, idx_ptr="*i64", sums_ptr="*fp64", batch_ptr="*fp64", N="i32"),
+              dict(SKIP_NAN=skip_nan, GROUP=group, BATCH=not group, BLOCK=K.GROUP_BLOCK), num_warps=4)
+    for skip_nan, divide, batch_scale, unbiased, verl in itertools.product([True, False], repeat=5):
+        build(K._normalize_finish_kernel, dict(x_ptr=x, idx_ptr="*i64", sums_ptr="*fp64", batch_ptr="*fp64",
+                                               par_ptr="*fp64", out_ptr=out, N="i32"),
+              dict(SKIP_NAN=skip_nan, DIVIDE=divide, BATCH_SCALE=batch_scale, UNBIASED=unbiased, VERL=verl,
+                   BLOCK=K.GROUP_BLOCK), num_warps=4)
+    for mode in K.BASELINE_MODES.values():
+        build(K._baseline_finish_kernel, dict(x_ptr=x, idx_ptr="*i64", sums_ptr="*fp64", batch_ptr="*fp64",
+                                              par_ptr="*fp64", out_ptr=out, N="i32"),
+              dict(MODE=mode, BLOCK=K.GROUP_BLOCK), num_warps=4)
+    for packed, mask in itertools.product([True, False], ["*u8", "*i64", "*fp16", "*fp64"]):
+        build(K._remax_kernel, dict(r_ptr=x, m_ptr=mask, b_ptr="*fp32", cu_ptr="*i32", adv_ptr=out, ret_ptr=out,
+                                    r_stride="i64", m_stride="i64", b_stride="i64", T="i32"),
+              dict(PACKED=packed, BLOCK=K.MAX_BLOCK), num_warps=4)
+print("ok")
+"""
+
+
+def test_triton_outcome_kernels_compile_for_h100():
+    # Every variant of the broadcast, group-sum, deviation, finishing and ReMax kernels, compiled to
+    # sm_90 cubins (the interpreter does not run Triton's compiler).
+    compile_for_sm90(_SM90_OUTCOME_SCRIPT)

@@ -1,11 +1,14 @@
 """The PyTorch backend of the advantage family: batch-wide float64 tensor ops, no host sync.
 
-What runs where no kernel of an op applies (docs/architecture.md, Dispatch): CUDA tensors of
-the ops without a Triton kernel yet, installs without the C++ extension, and
-``RLKERN_BACKEND=torch``. Each function takes the arguments of the op's C++ kernel
-(csrc/advantages.cpp) and returns the same outputs. The token scans (GAE, discounted returns)
-have no vectorized form here: they run the reference (rlkern/reference/advantages.py), which is
-what their torch backend is. Every op has this one PyTorch implementation besides the reference.
+What runs where no kernel of an op applies (docs/architecture.md, Dispatch): installs without
+the C++ extension, ``RLKERN_BACKEND=torch``, and on CUDA tensors the ops without a Triton kernel
+yet: ``grpo_passk``, ``bnpo``, ``optimal_token_baseline`` and ``masked_whiten`` (GAE, discounted
+returns, the broadcast to tokens, ``group_normalize``, ``group_baseline`` and ``remax`` run
+kernels/advantages.py there, float64 included). Each function takes the arguments of the op's
+C++ kernel (csrc/advantages.cpp) and returns the same outputs. The token scans (GAE, discounted
+returns) have no vectorized form here: they run the reference (rlkern/reference/advantages.py),
+which is what their torch backend is. Every op has this one PyTorch implementation besides the
+reference.
 """
 
 from __future__ import annotations

@@ -24,12 +24,12 @@ _STD_MODES = ("unbiased", "population", None)
 _SCALES = ("group", "batch", "none")
 _SINGLETONS = ("verl", "zero")
 
-_BROADCAST = _backend.Kernels("outcome_to_tokens", cpp="cpp_outcome_to_tokens", torch=fallback.broadcast,
-                              fp64=("cpp",))
-_NORMALIZE = _backend.Kernels("group_normalize", cpp="cpp_group_normalize",
-                              torch=fallback.group_normalize, fp64=("cpp",))
-_BASELINE = _backend.Kernels("group_baseline", cpp="cpp_group_baseline", torch=fallback.group_baseline,
-                             fp64=("cpp",))
+_BROADCAST = _backend.Kernels("outcome_to_tokens", cpp="cpp_outcome_to_tokens", triton="advantages.broadcast",
+                              torch=fallback.broadcast, fp64=("cpp", "triton"))
+_NORMALIZE = _backend.Kernels("group_normalize", cpp="cpp_group_normalize", triton="advantages.group_normalize",
+                              torch=fallback.group_normalize, fp64=("cpp", "triton"))
+_BASELINE = _backend.Kernels("group_baseline", cpp="cpp_group_baseline", triton="advantages.group_baseline",
+                             torch=fallback.group_baseline, fp64=("cpp", "triton"))
 _PASSK = _backend.Kernels("grpo_passk", cpp="cpp_grpo_passk", torch=fallback.grpo_passk, fp64=("cpp",))
 _BNPO = _backend.Kernels("bnpo", cpp="cpp_bnpo", torch=fallback.bnpo, fp64=("cpp",))
 

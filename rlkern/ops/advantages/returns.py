@@ -20,7 +20,8 @@ _DISCOUNTED = _backend.Kernels("discounted_returns", cpp="cpp_discounted_returns
                                triton="advantages.discounted_returns", torch=fallback.discounted_returns,
                                fp64=("cpp", "triton"))
 _WHITEN = _backend.Kernels("masked_whiten", cpp="cpp_masked_whiten", torch=fallback.whiten, fp64=("cpp",))
-_REMAX = _backend.Kernels("remax", cpp="cpp_remax", torch=fallback.remax, fp64=("cpp",))
+_REMAX = _backend.Kernels("remax", cpp="cpp_remax", triton="advantages.remax", torch=fallback.remax,
+                          fp64=("cpp", "triton"))
 
 
 def _whiten(values: Tensor, mask: Tensor, shift_mean: bool, zero_masked: bool) -> Tensor:
