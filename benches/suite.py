@@ -25,7 +25,7 @@ _FULL = {
                         ("linear_logprobs_bf16", ["--rounds", "3", "--dtype", "bf16"])],
     "policy_loss": [("policy_loss", []), ("policy_loss_bf16", ["--dtype", "bf16"]),
                     ("policy_loss_gspo", ["--loss", "gspo"]), ("policy_loss_geo_mean", ["--loss", "geo_mean"]),
-                    ("policy_loss_from_logits", ["--from-logits"])],
+                    ("policy_loss_from_logits", ["--from-logits"]), ("policy_loss_kl_aggregate", ["--kl-aggregate"])],
     "advantages": [("advantages", [])],
     "trees": [("trees", [])],
 }

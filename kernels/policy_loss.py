@@ -166,6 +166,30 @@ def _policy_token(lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, ta
 
 
 @triton.jit
+def _load_tokens(idx, n, mask_row, lp_row, old_row, adv_row, sel_row, adv_seq, HAS_MASK: tl.constexpr,
+                 ADV_PER_SEQ: tl.constexpr, HAS_SEL: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):
+    """One block of a sequence's tokens, as the forward and the backward read them: (in bounds,
+    mask weight, mask != 0, logprobs, old logprobs, advantages, clip_cov / kl_cov selection), [BLOCK]
+    each in CDT (the row pointers already point at the sequence's first token)."""
+    inb = idx < n
+    if HAS_MASK:
+        m = tl.load(mask_row + idx, mask=inb, other=0).to(CDT)
+    else:
+        m = inb.to(CDT)
+    lp = tl.load(lp_row + idx, mask=inb, other=0.0).to(CDT)
+    old = tl.load(old_row + idx, mask=inb, other=0.0).to(CDT)
+    if ADV_PER_SEQ:
+        adv = adv_seq + tl.zeros([BLOCK], CDT)
+    else:
+        adv = tl.load(adv_row + idx, mask=inb, other=0.0).to(CDT)
+    if HAS_SEL:
+        sel = tl.load(sel_row + idx, mask=inb, other=0.0).to(CDT)
+    else:
+        sel = tl.zeros([BLOCK], CDT)
+    return inb, m, m != 0, lp, old, adv, sel
+
+
+@triton.jit
 def _kl_token(lp, ref, KL: tl.constexpr, KL_ST: tl.constexpr):
     """KL estimate and its derivative in logprob (verl's kl_penalty; KL_ST: k2's gradient)."""
     diff = lp - ref
@@ -313,6 +337,8 @@ def _policy_loss_fwd_kernel(
         slr = tl.sum(num, 0) / tl.maximum(tl.sum(den, 0), 1.0)
     if ADV_PER_SEQ:
         adv_seq = tl.load(adv_ptr + pid).to(CDT)
+    else:
+        adv_seq = tl.zeros([], CDT)  # unused: advantages per token
     a_pol = tl.zeros([BLOCK], CDT)
     a_ent = tl.zeros([BLOCK], CDT)
     a_kl = tl.zeros([BLOCK], CDT)
@@ -328,22 +354,9 @@ def _policy_loss_fwd_kernel(
     a_log_isw = tl.zeros([BLOCK], CDT)  # geo_mean: m log(is_w + 1e-10)
     for off in range(kid * BLOCK, n, n_split * BLOCK):
         idx = off + cols
-        inb = idx < n
-        if HAS_MASK:
-            m = tl.load(mask_ptr + r_mask + idx, mask=inb, other=0).to(CDT)
-        else:
-            m = inb.to(CDT)
-        live = m != 0
-        lp = tl.load(lp_ptr + r_lp + idx, mask=inb, other=0.0).to(CDT)
-        old = tl.load(old_ptr + r_old + idx, mask=inb, other=0.0).to(CDT)
-        if ADV_PER_SEQ:
-            adv = adv_seq + tl.zeros([BLOCK], CDT)
-        else:
-            adv = tl.load(adv_ptr + r_adv + idx, mask=inb, other=0.0).to(CDT)
-        if HAS_SEL:
-            sel = tl.load(sel_ptr + r_sel + idx, mask=inb, other=0.0).to(CDT)
-        else:
-            sel = tl.zeros([BLOCK], CDT)
+        inb, m, live, lp, old, adv, sel = _load_tokens(
+            idx, n, mask_ptr + r_mask, lp_ptr + r_lp, old_ptr + r_old, adv_ptr + r_adv, sel_ptr + r_sel, adv_seq,
+            HAS_MASK, ADV_PER_SEQ, HAS_SEL, BLOCK, CDT)
         loss, dl, cf, lo, hi, dcf, akl, ratio = _policy_token(
             lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef, LOSS, HAS_DUAL,
             SEQ)
@@ -525,25 +538,14 @@ def _policy_loss_bwd_kernel(
         c_ent = -w * ent_coef * grad
     if ADV_PER_SEQ:
         adv_seq = tl.load(adv_ptr + pid).to(CDT)
+    else:
+        adv_seq = tl.zeros([], CDT)  # unused: advantages per token
     cols = tl.arange(0, BLOCK).to(tl.int64)
     for off in range(kid * BLOCK, n, n_split * BLOCK):
         idx = off + cols
-        inb = idx < n
-        if HAS_MASK:
-            m = tl.load(mask_ptr + r_mask + idx, mask=inb, other=0).to(CDT)
-        else:
-            m = inb.to(CDT)
-        live = m != 0
-        lp = tl.load(lp_ptr + r_lp + idx, mask=inb, other=0.0).to(CDT)
-        old = tl.load(old_ptr + r_old + idx, mask=inb, other=0.0).to(CDT)
-        if ADV_PER_SEQ:
-            adv = adv_seq + tl.zeros([BLOCK], CDT)
-        else:
-            adv = tl.load(adv_ptr + r_adv + idx, mask=inb, other=0.0).to(CDT)
-        if HAS_SEL:
-            sel = tl.load(sel_ptr + r_sel + idx, mask=inb, other=0.0).to(CDT)
-        else:
-            sel = tl.zeros([BLOCK], CDT)
+        inb, m, live, lp, old, adv, sel = _load_tokens(
+            idx, n, mask_ptr + r_mask, lp_ptr + r_lp, old_ptr + r_old, adv_ptr + r_adv, sel_ptr + r_sel, adv_seq,
+            HAS_MASK, ADV_PER_SEQ, HAS_SEL, BLOCK, CDT)
         if THROUGH_MEAN:
             g = c_pol + tl.zeros([BLOCK], CDT)
         else:
