@@ -21,7 +21,7 @@ import torch
 import rlkern
 from rlkern.benches import common
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 TRL_CHUNK = 32768  # TRL's trainer value (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
 
 
@@ -104,6 +104,10 @@ def run(device: torch.device, n: int, width: int, vocab: int, dtype: torch.dtype
                                    tflops=flop / (med * 1e-3) / 1e12))
         rows.extend(common.missing_row(bench, name, shape, why) for name, why in missing.items())
 
+    if dtype == torch.float64:  # float64 beside the same call in float32, timed in the same rounds
+        h32, w32 = hidden.float(), weight.float()
+        impls = {**impls, "rlkern (float32 inputs)": lambda h, w, y, f=impls["rlkern"]: f(
+            h32.detach().requires_grad_(h.requires_grad), w32.detach().requires_grad_(w.requires_grad), y)}
     with torch.no_grad():
         fwd = {name: (lambda f=f: f(hidden, weight, labels)) for name, f in impls.items()}
         fwd["bare GEMM"] = lambda: hidden @ weight.T

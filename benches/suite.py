@@ -22,7 +22,8 @@ _CPU_QUICK = {
 _FULL = {
     "logprobs": [("logprobs", ["--memory-n", "1024,2048,4096,8192"])],
     "linear_logprobs": [("linear_logprobs", ["--rounds", "3", "--memory-n", "1024,2048,4096,8192"]),
-                        ("linear_logprobs_bf16", ["--rounds", "3", "--dtype", "bf16"])],
+                        ("linear_logprobs_bf16", ["--rounds", "3", "--dtype", "bf16"]),
+                        ("linear_logprobs_fp64", ["--rounds", "3", "--dtype", "fp64", "--n", "2048", "--no-memory"])],
     "policy_loss": [("policy_loss", []), ("policy_loss_bf16", ["--dtype", "bf16"]),
                     ("policy_loss_gspo", ["--loss", "gspo"]), ("policy_loss_geo_mean", ["--loss", "geo_mean"]),
                     ("policy_loss_from_logits", ["--from-logits"]), ("policy_loss_kl_aggregate", ["--kl-aggregate"])],
