@@ -53,8 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlkern.kernels._common import (D_MIN, D_MIN64, FLOOR, FLOOR64, LOG2E, TANH_SMALL, exp_, f32, f32_recip,
-                                     tanh_and_sech2, to_out)
+from rlkern.kernels._common import D_MIN, D_MIN64, FLOOR, FLOOR64, exp_, f32, f32_recip, tanh_and_sech2, to_out
 
 
 @triton.jit

@@ -12,10 +12,10 @@ from rlkern.ops._layout import segment_ids
 F64 = torch.float64
 
 
-def token_tensors(op: str, rewards, specs: dict, shape_of_rewards: bool = True, **numbers) -> None:
+def token_tensors(op: str, rewards, specs: dict, **numbers) -> None:
     """A token-level op's tensors (``{name: (tensor, kind)}`` with "rewards" first) share rewards'
     shape and device; ``numbers`` are finite floats."""
-    shape = tuple(rewards.shape) if shape_of_rewards and isinstance(rewards, Tensor) else None
+    shape = tuple(rewards.shape) if isinstance(rewards, Tensor) else None
     _checks.tensors(op, "rewards", {"rewards": (rewards, "float"), **specs}, shape=shape)
     for name, value in numbers.items():
         _checks.number(op, name, value)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from rlkern import _backend
 from rlkern.ops import _checks
-from rlkern.ops._layout import out_dtype, segment_ids
+from rlkern.ops._layout import out_dtype, pad, segment_ids, unpad
 from rlkern.reference import advantages as reference
 
 _F64 = torch.float64
@@ -30,28 +30,19 @@ _F64 = torch.float64
 # Token scans: the reference, on padded rows
 
 
-def _padded(packed: tuple, cu_seqlens: Tensor) -> tuple[list[Tensor], Tensor]:
-    """Packed ``[total]`` tensors -> padded ``[B, T_max]`` (host-side lengths: fallback only), and
-    the ``[B, T_max]`` keep mask that packs them back."""
-    lengths = cu_seqlens.diff().tolist()
-    steps = max(lengths, default=0)
-    keep = torch.arange(steps, device=packed[0].device)[None, :] < torch.tensor(
-        lengths, device=packed[0].device, dtype=torch.int64).reshape(-1, 1)
-    rows = []
-    for x in packed:
-        out = x.new_zeros(len(lengths), steps)
-        out[keep] = x
-        rows.append(out)
-    return rows, keep
+def _width(cu_seqlens: Tensor) -> int:
+    """The longest sequence (a host read: the fallback's packed path pads to it)."""
+    return int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
 
 
 def gae(rewards, values, mask, bootstrap, cu_seqlens, gamma, lam):
     """cpp_gae's contract: ``(advantages, returns)``, 0 at masked positions."""
     dtype = out_dtype(rewards)
     if cu_seqlens is not None:
-        (r, v, m), keep = _padded((rewards, values, mask), cu_seqlens)
+        width = _width(cu_seqlens)
+        r, v, m = (pad(x, cu_seqlens, width) for x in (rewards, values, mask))
         adv, ret = gae(r, v, m, bootstrap, None, gamma, lam)
-        return adv[keep], ret[keep]
+        return unpad(adv, cu_seqlens, rewards.numel()), unpad(ret, cu_seqlens, rewards.numel())
     boot = None if bootstrap is None else bootstrap.cpu()
     adv, ret = reference.gae(rewards.cpu(), values.cpu(), mask.cpu(), gamma, lam, bootstrap=boot)
     return adv.to(rewards.device, dtype), ret.to(rewards.device, dtype)
@@ -60,8 +51,9 @@ def gae(rewards, values, mask, bootstrap, cu_seqlens, gamma, lam):
 def discounted_returns(rewards, mask, cu_seqlens, gamma):
     """cpp_discounted_returns's contract: returns, 0 at masked positions."""
     if cu_seqlens is not None:
-        (r, m), keep = _padded((rewards, mask), cu_seqlens)
-        return discounted_returns(r, m, None, gamma)[keep]
+        width = _width(cu_seqlens)
+        returns = discounted_returns(pad(rewards, cu_seqlens, width), pad(mask, cu_seqlens, width), None, gamma)
+        return unpad(returns, cu_seqlens, rewards.numel())
     out = reference.discounted_returns(rewards.cpu(), mask.cpu(), gamma)
     return out.to(rewards.device, out_dtype(rewards))
 

@@ -72,10 +72,6 @@ def seq_weights(counts: Tensor, agg: str, width: int, dp_size: float, global_tok
     return w
 
 
-def _width(logprobs: Tensor, cu_seqlens: Tensor | None) -> int:
-    return 1 if cu_seqlens is not None else logprobs.shape[-1]
-
-
 def _reference_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens,
                     global_tokens, global_seqs, loss, agg, entropy_agg, kl_estimator, level, hyper):
     """The reference on padded tensors (packed input is padded first); differentiable."""
