@@ -54,6 +54,11 @@ fp32 accumulation: no tensor cores, so slow) unless PyTorch allows TF32
 cores as cuBLAS would (10-bit mantissa products: about 1e-3 relative error in the logits).
 All kernels launch with ``enable_fp_fusion=False`` and every logits tile uses the same K step
 ``BLOCK_H``, so the backward forms ``z`` with the forward's roundings (see kernels/logprobs.py).
+``ROUND_LOGITS`` (``linear_token_logprobs(logits_dtype=bf16/fp16)``, inputs already cast to
+that dtype): the fp32 accumulator of each logits tile is rounded to the inputs' dtype, the
+rounded bias added and the sum rounded again, before logit_scale (TRL's GEMM with a
+half-precision output under autocast); in the backward the d-logits tile is rounded to that
+dtype before the bias sum as well as before the products (which take it in that dtype anyway).
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) bf16/fp16 ``tl.dot`` would multiply the raw bit
 patterns (the interpreter stores bf16 as uint16), so ``INTERPRET`` widens the operands to fp32
@@ -112,6 +117,12 @@ def _dot(a, b, acc, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _round_to(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (bf16/fp16, nearest even) and read back in fp32."""
+    return to_out(x, dtype, ROUND_BF16).to(tl.float32)
+
+
+@triton.jit
 def _tile_ids(num_n_blocks, num_v_blocks, GROUP_N: tl.constexpr):
     """(token block, vocab block) of this program: GROUP_N token blocks walk the vocabulary
     together, token block fastest, so consecutive programs share a W tile."""
@@ -131,10 +142,13 @@ def _logits_tile(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_H: tl.constexpr,
     INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    ROUND_LOGITS: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """Returns ``(softcap(logit_scale * (h W^T + b)), sech^2 of the softcap argument)``, both
     (BLOCK_N, BLOCK_V) fp32, or fp64 for fp64 inputs (the second is only meaningful with
-    HAS_SOFTCAP).
+    HAS_SOFTCAP). ``ROUND_LOGITS`` (bf16/fp16 inputs, ``logits_dtype``): the fp32 accumulator is
+    rounded to the input dtype, and so is its sum with the rounded bias, before logit_scale: a
+    GEMM whose output is in that dtype, as TRL's under autocast.
 
     ``rows`` (BLOCK_N,) and ``cols`` (BLOCK_V,) are int64 indices already clamped into
     [0, N) and [0, V): tails load real rows (no masks in the K loop, no padding copy) and the
@@ -157,7 +171,13 @@ def _logits_tile(
         acc = _dot(a, b, acc, INTERPRET, PRECISION)
         h_ptrs += BLOCK_H
         w_ptrs += BLOCK_H
-    if HAS_BIAS:
+    if ROUND_LOGITS:
+        acc = _round_to(acc, hidden_ptr.dtype.element_ty, ROUND_BF16)
+        if HAS_BIAS:
+            bias = _round_to(tl.load(bias_ptr + cols * stride_b).to(tl.float32), hidden_ptr.dtype.element_ty,
+                             ROUND_BF16)
+            acc = _round_to(acc + bias[None, :], hidden_ptr.dtype.element_ty, ROUND_BF16)
+    elif HAS_BIAS:
         acc += tl.load(bias_ptr + cols * stride_b).to(acc.dtype)[None, :]
     y = acc * logit_scale
     sech2 = y
@@ -198,6 +218,8 @@ def _fwd_partials_kernel(
     HAS_SOFTCAP: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     EVEN_H: tl.constexpr,  # H % BLOCK_H == 0
+    ROUND_LOGITS: tl.constexpr,  # bf16/fp16 inputs: logits tiles rounded to their dtype (logits_dtype)
+    ROUND_BF16: tl.constexpr,  # interpreter only: round the bf16 casts by hand
     INTERPRET: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" | "tf32", for fp32 inputs
     BLOCK_N: tl.constexpr,
@@ -219,7 +241,8 @@ def _fwd_partials_kernel(
     y, _ = _logits_tile(
         hidden_ptr, weight_ptr, bias_ptr, tl.minimum(rows, N - 1), tl.minimum(cols, V - 1), H,
         stride_h, stride_w, stride_b, logit_scale, softcap, inv_softcap,
-        HAS_BIAS, HAS_SOFTCAP, EVEN_H, INTERPRET, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        HAS_BIAS, HAS_SOFTCAP, EVEN_H, INTERPRET, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H,
+        ROUND_LOGITS, ROUND_BF16)
     z = y * inv_temp  # PyTorch's rounding of y / T (see kernels/logprobs.py)
 
     label = tl.load(labels_ptr + tl.minimum(rows, N - 1) * stride_label).to(tl.int64)
@@ -384,8 +407,11 @@ def _row_coefs(
 def _grad_tile(
     y, sech2, cols, valid, lse_hi, lse_lo, label, g_y, a, b, inv_temp, grad_scale,
     HAS_SOFTCAP: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+    ROUND_LOGITS: tl.constexpr, DT: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
-    """d loss / d (h W^T + b) of one tile, (BLOCK_N, BLOCK_V) in y's dtype, 0 outside ``valid``."""
+    """d loss / d (h W^T + b) of one tile, (BLOCK_N, BLOCK_V) in y's dtype, 0 outside ``valid``;
+    with ``ROUND_LOGITS`` rounded to the inputs' dtype ``DT`` (TRL's d-logits tile under
+    autocast), the bias gradient included."""
     d = (y * inv_temp - lse_hi[:, None]) - lse_lo[:, None]  # z - lse, z as in the forward
     if y.dtype == tl.float64:
         d = tl.maximum(d, D_MIN64, propagate_nan=tl.PropagateNan.ALL)
@@ -401,6 +427,8 @@ def _grad_tile(
         g = g * sech2
     if y.dtype == tl.float64:
         g = g * grad_scale  # not folded into a, b, g_y in float64 (see _row_coefs)
+    if ROUND_LOGITS:
+        g = _round_to(g, DT, ROUND_BF16)
     return tl.where(valid, g, 0.0)
 
 
@@ -431,6 +459,7 @@ def _bwd_atomic_kernel(
     EVEN_H: tl.constexpr,  # H % BLOCK_H == 0
     EVEN_HO: tl.constexpr,  # H % BLOCK_HO == 0
     ROUND_BF16: tl.constexpr,  # interpreter only: round the bf16 cast of G by hand
+    ROUND_LOGITS: tl.constexpr,  # bf16/fp16 inputs: logits and d-logits tiles rounded to their dtype
     INTERPRET: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -459,9 +488,10 @@ def _bwd_atomic_kernel(
         y, sech2 = _logits_tile(
             hidden_ptr, weight_ptr, bias_ptr, rows_c, cols_c, H, stride_h, stride_w, stride_b,
             logit_scale, softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, INTERPRET,
-            PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+            PRECISION, BLOCK_N, BLOCK_V, BLOCK_H, ROUND_LOGITS, ROUND_BF16)
         g = _grad_tile(y, sech2, cols, row_ok[:, None] & col_ok[None, :], lse_hi, lse_lo, label,
-                       g_y, a, b, inv_temp, grad_scale, HAS_SOFTCAP, HAS_GRAD_ENTROPY)
+                       g_y, a, b, inv_temp, grad_scale, HAS_SOFTCAP, HAS_GRAD_ENTROPY,
+                       ROUND_LOGITS, hidden_ptr.dtype.element_ty, ROUND_BF16)
         if NEED_DB:
             tl.atomic_add(grad_bias_ptr + cols, tl.sum(g, axis=0), mask=col_ok, sem="relaxed")
         # The products take G in the input dtype (tensor cores), as PyTorch's bf16 backward does.
@@ -511,6 +541,7 @@ def _bwd_dh_kernel(
     EVEN_H: tl.constexpr,
     EVEN_HO: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    ROUND_LOGITS: tl.constexpr,
     INTERPRET: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -539,9 +570,10 @@ def _bwd_dh_kernel(
             y, sech2 = _logits_tile(
                 hidden_ptr, weight_ptr, bias_ptr, rows_c, cols_c, H, stride_h,
                 stride_w, stride_b, logit_scale, softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP,
-                EVEN_H, INTERPRET, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+                EVEN_H, INTERPRET, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H, ROUND_LOGITS, ROUND_BF16)
             g = _grad_tile(y, sech2, cols, row_ok[:, None] & col_ok[None, :], lse_hi, lse_lo,
-                           label, g_y, a, b, inv_temp, grad_scale, HAS_SOFTCAP, HAS_GRAD_ENTROPY)
+                           label, g_y, a, b, inv_temp, grad_scale, HAS_SOFTCAP, HAS_GRAD_ENTROPY,
+                           ROUND_LOGITS, hidden_ptr.dtype.element_ty, ROUND_BF16)
             g = to_out(g, hidden_ptr.dtype.element_ty, ROUND_BF16)
             for k in range(0, H, BLOCK_HO):
                 in_k = offs_o < H - k
@@ -582,6 +614,7 @@ def _bwd_dw_kernel(
     EVEN_H: tl.constexpr,
     EVEN_HO: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    ROUND_LOGITS: tl.constexpr,
     INTERPRET: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,  # fixed per dtype: it sets the order of the dW / db sums
@@ -611,9 +644,10 @@ def _bwd_dw_kernel(
             y, sech2 = _logits_tile(
                 hidden_ptr, weight_ptr, bias_ptr, rows_c, cols_c, H, stride_h, stride_w, stride_b,
                 logit_scale, softcap, inv_softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, INTERPRET,
-                PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+                PRECISION, BLOCK_N, BLOCK_V, BLOCK_H, ROUND_LOGITS, ROUND_BF16)
             g = _grad_tile(y, sech2, cols, row_ok[:, None] & col_ok[None, :], lse_hi, lse_lo,
-                           label, g_y, a, b, inv_temp, grad_scale, HAS_SOFTCAP, HAS_GRAD_ENTROPY)
+                           label, g_y, a, b, inv_temp, grad_scale, HAS_SOFTCAP, HAS_GRAD_ENTROPY,
+                           ROUND_LOGITS, hidden_ptr.dtype.element_ty, ROUND_BF16)
             if NEED_DB:
                 db += tl.sum(g, axis=0)
             if NEED_DW:
@@ -707,7 +741,7 @@ def _prune_atomic(configs, named_args, **kwargs):
 
 _bwd_atomic = triton.autotune(
     _ATOMIC_CONFIGS,
-    key=["V", "H", "HAS_BIAS", "HAS_SOFTCAP", "HAS_GRAD_ENTROPY", "NEED_DH", "NEED_DW", "NEED_DB"],
+    key=["V", "H", "HAS_BIAS", "HAS_SOFTCAP", "HAS_GRAD_ENTROPY", "NEED_DH", "NEED_DW", "NEED_DB", "ROUND_LOGITS"],
     prune_configs_by={"early_config_prune": _prune_atomic},
     reset_to_zero=["grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr"],
 )(_bwd_atomic_kernel)
@@ -724,7 +758,7 @@ def _precision() -> str:
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           labels: torch.Tensor) -> None:
+           labels: torch.Tensor, round_logits: bool = False) -> None:
     # Shapes, dtypes and layout only: metadata, never device memory (no host sync).
     if hidden.ndim != 2:
         raise ValueError(f"hidden must be [N, H], got shape {tuple(hidden.shape)}")
@@ -735,6 +769,8 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise TypeError(f"hidden must be float32/bfloat16/float16/float64, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if round_logits and hidden.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"round_logits rounds to the inputs' dtype: it needs bfloat16/float16, got {hidden.dtype}")
     for name, x in (("hidden", hidden), ("weight", weight)):
         if x.shape[1] > 1 and x.stride(1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim, got strides {x.stride()}")
@@ -784,8 +820,10 @@ def linear_logprobs_forward(
     """Returns ``(logprobs [N] fp32, entropy [N] fp32 or [0], lse [N] fp64)`` on hidden.device
     (logprobs and entropy fp64 for fp64 inputs), with ``lse`` the log-sum-exp of ``z =
     softcap(logit_scale * (h W^T + b)) / T`` (what ``linear_logprobs_backward`` needs). Extra
-    memory: a ``[3, N, cdiv(V, BLOCK_V)]`` scratch and an ``[N]`` vector, fp32 (fp64)."""
-    _check(hidden, weight, bias, labels)
+    memory: a ``[3, N, cdiv(V, BLOCK_V)]`` scratch and an ``[N]`` vector, fp32 (fp64).
+    ``round_logits`` (bf16/fp16 inputs): every logits tile rounded to the inputs' dtype, bias
+    added in it (``linear_token_logprobs(logits_dtype=...)``)."""
+    _check(hidden, weight, bias, labels, round_logits)
     n, h = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
@@ -812,6 +850,7 @@ def linear_logprobs_forward(
         n, vocab, h, hidden.stride(0), weight.stride(0), 1 if bias is None else bias.stride(0),
         labels.stride(0), nvb,
         WITH_ENTROPY=bool(with_entropy), EVEN_H=h % launch["BLOCK_H"] == 0, enable_fp_fusion=False,
+        ROUND_LOGITS=round_logits, ROUND_BF16=_INTERPRET and hidden.dtype == torch.bfloat16,
         **_scalar_args(bias, logit_scale, softcap, temperature, fp64), **launch,
     )
     _fwd_finalize_kernel[(n,)](
@@ -847,8 +886,10 @@ def linear_logprobs_backward(
 
     ``deterministic=False`` accumulates with fp32 atomics (3 GEMMs of work); ``True`` uses no
     atomics and fixed summation orders, at the cost of a fourth GEMM and fp32 read-modify-write
-    traffic (see the module docstring); grad_hidden is then also batch invariant."""
-    _check(hidden, weight, bias, labels)
+    traffic (see the module docstring); grad_hidden is then also batch invariant.
+    ``round_logits``: as in the forward, and every d-logits tile rounded to the inputs' dtype
+    (bias gradient included) before the products."""
+    _check(hidden, weight, bias, labels, round_logits)
     n, h = hidden.shape
     vocab = weight.shape[0]
     if grad_logp.shape != (n,) or (grad_entropy is not None and grad_entropy.shape != (n,)):
@@ -885,6 +926,7 @@ def linear_logprobs_backward(
         ignore_index=ignore_index,
         HAS_GRAD_ENTROPY=has_grad_entropy,
         ROUND_BF16=_INTERPRET and hidden.dtype == torch.bfloat16,
+        ROUND_LOGITS=round_logits,
         enable_fp_fusion=False,
         **_scalar_args(bias, logit_scale, softcap, temperature, fp64),
     )

@@ -408,7 +408,8 @@ def ptx(fn, dtype, consts):
 out = {}
 for dtype, size, precision in (("bf16", 2, "ieee"), ("fp32", 4, "ieee"), ("fp32", 4, "tf32")):
     launch = K._LAUNCH[size]
-    flags = dict(HAS_BIAS=True, HAS_SOFTCAP=True, INTERPRET=False, PRECISION=precision)
+    flags = dict(HAS_BIAS=True, HAS_SOFTCAP=True, INTERPRET=False, PRECISION=precision, ROUND_LOGITS=False,
+                 ROUND_BF16=False)
     bwd = dict(flags, HAS_GRAD_ENTROPY=True, ROUND_BF16=False, EVEN_H=True, EVEN_HO=True)
     atomic = K._ATOMIC_CONFIGS[0] if dtype == "bf16" or precision == "tf32" else K._ATOMIC_FP32_IEEE[0]
     variants = {
@@ -420,6 +421,13 @@ for dtype, size, precision in (("bf16", 2, "ieee"), ("fp32", 4, "ieee"), ("fp32"
                                                **atomic.kwargs, **launch["atomic"])),
         "dh": (K._bwd_dh_kernel, dict(bwd, **launch["dh"])),
         "dw": (K._bwd_dw_kernel, dict(bwd, NEED_DW=True, NEED_DB=True, **launch["dw"])),
+        # logits_dtype: logits and d-logits tiles rounded to bf16 in the epilogues.
+        "fwd_round": (K._fwd_partials_kernel, dict(flags, ROUND_LOGITS=True, WITH_ENTROPY=True, EVEN_H=True,
+                                                   **launch["fwd"])),
+        "atomic_round": (K._bwd_atomic_kernel, dict(bwd, ROUND_LOGITS=True, NEED_DH=True, NEED_DW=True,
+                                                     NEED_DB=True, num_warps=atomic.num_warps,
+                                                     num_stages=atomic.num_stages, **atomic.kwargs,
+                                                     **launch["atomic"])),
         # N = V = 1 and unit strides: Triton turns ints equal to 1 into constants.
         "atomic_n1_v1": (K._bwd_atomic_kernel, dict(bwd, NEED_DH=True, NEED_DW=True, NEED_DB=True, N=1, V=1,
                                                      stride_label=1, stride_lse=1, **atomic.kwargs,
@@ -445,7 +453,7 @@ def test_kernels_compile_for_h100():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     kernels_ptx = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(kernels_ptx) == 11
+    assert len(kernels_ptx) == 13
     for name, found in kernels_ptx.items():
         # bf16 and TF32 tiles on tensor cores (wgmma); exact fp32 ("ieee") on FMA units.
         assert (found["wgmma"] > 0) == ("bf16" in name or "tf32" in name), (name, found)
@@ -572,7 +580,7 @@ def ptx64(fn, consts):
 
 
 launch = K._LAUNCH[8]
-flags = dict(HAS_BIAS=True, HAS_SOFTCAP=True, INTERPRET=False, PRECISION="ieee")
+flags = dict(HAS_BIAS=True, HAS_SOFTCAP=True, INTERPRET=False, PRECISION="ieee", ROUND_LOGITS=False, ROUND_BF16=False)
 bwd = dict(flags, HAS_GRAD_ENTROPY=True, ROUND_BF16=False, EVEN_H=True, EVEN_HO=True)
 out = {}
 for atomic in K._ATOMIC_FP64:
@@ -605,3 +613,55 @@ def test_float64_kernels_compile_for_h100():
     for name, counts in found.items():
         assert counts["dmma"] > 0, (name, counts)
         assert (counts["red"] > 0) == name.startswith("atomic"), (name, counts)
+
+
+# round_logits (linear_token_logprobs(logits_dtype=bf16/fp16)): the launchers on half inputs vs
+# the float64 reference that rounds each logit and each d-logit to that dtype
+# (reference.linear_logprobs(logits_dtype=...)). Where an fp32 accumulation order differs from
+# the exact product a logit can round the other way (one ulp of the dtype): the bound is what
+# the chunked op (torch GEMM per chunk, its own orders) achieves on the same inputs, times 2,
+# with a floor of 2 fp32 ulps (forward) / 4e-6 (gradients) of the values' scale. Unrounded
+# tiles (round_logits=False) must be much farther (mean error 20 times).
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_round_logits_matches_rounded_reference(dtype, deterministic):
+    import rlkern
+
+    n, h, vocab = 37, 40, 257
+    hyper = HYPER[1]
+    hidden, weight, bias, labels = _inputs(n, h, vocab, dtype, bias=True, ignore_every=5)
+    g_l, g_h = _grads_out(n)
+    leaves = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
+    r_logp, r_entropy, _ = reference.linear_logprobs(
+        *leaves, labels, temperature=hyper["temperature"], logit_scale=hyper["logit_scale"],
+        logit_softcap=hyper["softcap"], ignore_index=IGNORE, logits_dtype=dtype)
+    (r_logp * g_l.double() + r_entropy * g_h.double()).sum().backward()
+    ref = [r_logp, r_entropy] + [x.grad for x in leaves]
+
+    def fused(round_logits):
+        logp, entropy, lse = kernels.linear_logprobs_forward(
+            hidden, weight, bias, labels, hyper["logit_scale"], hyper["softcap"], hyper["temperature"], IGNORE,
+            True, round_logits=round_logits)
+        grads = kernels.linear_logprobs_backward(
+            g_l, g_h, hidden, weight, bias, labels, lse, entropy, hyper["logit_scale"], hyper["softcap"],
+            hyper["temperature"], IGNORE, True, True, True, deterministic, round_logits=round_logits)
+        return [logp, entropy, *grads]
+
+    op_leaves = [x.detach().clone().requires_grad_() for x in (hidden, weight, bias)]
+    logp, entropy = rlkern.linear_token_logprobs(
+        op_leaves[0], op_leaves[1], labels, bias=op_leaves[2], return_entropy=True, kernel="chunked",
+        temperature=hyper["temperature"], logit_scale=hyper["logit_scale"], logit_softcap=hyper["softcap"],
+        logits_dtype=dtype)
+    (logp * g_l + entropy * g_h).sum().backward()
+    chunked = [logp.detach(), entropy.detach()] + [x.grad for x in op_leaves]
+    ours, unrounded = fused(True), fused(False)
+    for i, name in enumerate(("logp", "entropy", "hidden", "weight", "bias")):
+        r = ref[i].cpu()
+        diff = lambda x: (x.cpu().double() - r).abs()  # noqa: E731
+        floor = (2.4e-7 if i < 2 else 4e-6) * r.abs().max().item()
+        bound = 2 * max(diff(chunked[i]).max().item(), floor)
+        assert diff(ours[i]).max().item() <= bound, (name, diff(ours[i]).max().item(), bound)
+        assert diff(unrounded[i]).mean().item() > 20 * diff(ours[i]).mean().item(), name
+    with pytest.raises(TypeError, match="round_logits"):
+        kernels.linear_logprobs_forward(hidden.float(), weight.float(), None, labels, 1.0, 0.0, 1.0, IGNORE,
+                                        False, round_logits=True)

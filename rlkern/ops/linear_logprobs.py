@@ -627,8 +627,6 @@ def linear_token_logprobs(
     ignore_index = token_ops.check_ignore_index("linear_token_logprobs", ignore_index, labels)
     kernel = _check_kernel(kernel, extra_outputs, hidden, process_group)
     logits_dtype = _check_logits_dtype(logits_dtype, hidden, weight)
-    if logits_dtype is not None and kernel == "fused":
-        raise ValueError("linear_token_logprobs: logits_dtype is not available with kernel='fused' yet")
     lead = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
     flat = flat if flat.stride(-1) == 1 else flat.contiguous()
