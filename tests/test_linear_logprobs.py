@@ -598,3 +598,23 @@ def test_logits_dtype_float32_is_the_default():
     h64, w64 = hidden.double(), weight.double()
     assert torch.equal(rlkern.linear_token_logprobs(h64, w64, labels),
                        rlkern.linear_token_logprobs(h64, w64, labels, logits_dtype=torch.float64))
+
+
+def test_fused_kernel_mixed_input_dtypes_read_in_the_common_dtype():
+    """kernel='fused' with bf16 hidden and an fp32 head (logits_dtype=None) reads both in fp32, as
+    the chunked kernel does, instead of failing inside the launcher; gradients keep each input's
+    dtype."""
+    if not rlkern._backend.has_triton() or not (torch.cuda.is_available() or rlkern._backend.triton_interpreted()):
+        pytest.skip("needs triton on CUDA or TRITON_INTERPRET=1")
+    hidden, weight, _, labels = _inputs(13, 24, 301, torch.float32, bias=False, ignore=(2,), seed=5)
+    hidden = hidden.bfloat16()
+    leaves = {}
+    for kernel in ("chunked", "fused"):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, entropy = rlkern.linear_token_logprobs(h, w, labels, return_entropy=True, kernel=kernel)
+        (logp - 0.5 * entropy).sum().backward()
+        leaves[kernel] = (logp.detach(), entropy.detach(), h.grad, w.grad)
+    for a, b in zip(leaves["chunked"], leaves["fused"]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-4, atol=1e-5 if a.dtype == torch.float32 else 1e-2)
+    assert leaves["fused"][2].dtype == torch.bfloat16 and leaves["fused"][3].dtype == torch.float32

@@ -370,9 +370,11 @@ def _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse
 
 def _fused_operands(hidden: Tensor, weight: Tensor, logits_dtype) -> tuple[Tensor, Tensor]:
     """hidden and W as the fused kernel takes them: in ``logits_dtype`` when it is given (TRL's
-    casts to the compute dtype), else as they are (the kernel needs one dtype for both)."""
+    casts to the compute dtype), else in their common dtype (the kernel needs one dtype for both;
+    bf16 hidden with an fp32 head is read in fp32, as the chunked kernel reads it)."""
     if logits_dtype is None:
-        return hidden, weight
+        common = torch.promote_types(hidden.dtype, weight.dtype)
+        return hidden.to(common), weight.to(common)
     return hidden.to(logits_dtype), weight.to(logits_dtype)
 
 
