@@ -120,7 +120,7 @@ def _counted(name: str, fn):
 
 def _round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """rlkern's float32 result in the dtype verl returns (unless output_dtype="float32")."""
-    if _State.output_dtype == "float32" or t.dtype == torch.float64:
+    if _State.output_dtype == "float32":
         return t
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -262,13 +262,26 @@ def vocab_parallel_entropy_with_chunking(vocab_parallel_logits, chunk_size=2048)
 
 def agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
              loss_scale_factor=None):
-    """verl's ``agg_loss`` (its five modes and global normalizers) on ``rlkern.aggregate``, in
-    ``loss_mat``'s dtype. An empty mask with a local normalizer gives 0 (verl: NaN)."""
+    """verl's ``agg_loss`` (its five modes and global normalizers) on ``rlkern.aggregate``, in the
+    dtype verl's returns. An empty mask with a local normalizer gives 0 (verl: NaN)."""
     if loss_agg_mode not in _VERL_AGG_MODES:
         raise ValueError(f"agg_loss: loss_agg_mode must be one of {_VERL_AGG_MODES}, got {loss_agg_mode!r}")
     out = ops.aggregate(loss_mat, loss_mask, agg=loss_agg_mode, global_tokens=batch_num_tokens,
                         global_seqs=global_batch_size, dp_size=dp_size, loss_scale_factor=loss_scale_factor)
-    return _round(out, loss_mat.dtype)
+    return _round(out, _agg_dtype(loss_mat.dtype, loss_mask, loss_agg_mode, batch_num_tokens, global_batch_size))
+
+
+def _agg_dtype(dtype, mask, mode, batch_num_tokens, global_batch_size) -> torch.dtype:
+    """The dtype of verl's ``agg_loss``: the loss times the mask (a float mask promotes it), the
+    seq-mean modes through a float32 sequence mask, then a tensor normalizer."""
+    if mask is not None and mask.is_floating_point():
+        dtype = torch.promote_types(dtype, mask.dtype)
+    if mode.startswith("seq-mean"):
+        dtype = torch.promote_types(dtype, torch.float32)
+    norm = batch_num_tokens if mode == "token-mean" else global_batch_size if mode.startswith("seq-mean") else None
+    if isinstance(norm, torch.Tensor) and norm.is_floating_point():
+        dtype = torch.promote_types(dtype, norm.dtype)
+    return dtype
 
 
 def kl_penalty(logprob, ref_logprob, kl_penalty):
@@ -284,14 +297,19 @@ def kl_penalty(logprob, ref_logprob, kl_penalty):
 
 def compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode="token-mean",
                        dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
-    """verl's clipped value loss on ``rlkern.value_loss``: ``(vf_loss in vpreds' dtype,
-    vf_clipfrac float32 0-dim)``."""
+    """verl's clipped value loss on ``rlkern.value_loss``: ``(vf_loss, vf_clipfrac)`` 0-dim, in
+    the dtypes verl's returns."""
     if loss_agg_mode not in _VERL_AGG_MODES:
         raise ValueError(f"compute_value_loss: loss_agg_mode must be one of {_VERL_AGG_MODES}, got {loss_agg_mode!r}")
     loss, metrics = ops.value_loss(vpreds, returns, values, response_mask, cliprange_value=cliprange_value,
                                    agg=loss_agg_mode, global_tokens=batch_num_tokens, global_seqs=global_batch_size,
                                    dp_size=dp_size, loss_scale_factor=loss_scale_factor)
-    return _round(loss, vpreds.dtype), metrics["clipfrac"]
+    losses = torch.promote_types(torch.promote_types(vpreds.dtype, returns.dtype), values.dtype)
+    clipfrac = torch.float32
+    if response_mask.is_floating_point():
+        clipfrac = torch.promote_types(clipfrac, response_mask.dtype)
+    return (_round(loss, _agg_dtype(losses, response_mask, loss_agg_mode, batch_num_tokens, global_batch_size)),
+            _round(metrics["clipfrac"], clipfrac))
 
 
 _VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
