@@ -413,7 +413,7 @@ def _tiny_qwen2():
     return Qwen2ForCausalLM(config).float()
 
 
-def _engine(model, group, use_remove_padding):
+def _engine(model, group, use_remove_padding, autocast):
     fsdp_impl = import_peer("verl.workers.engine.fsdp.transformer_impl")
     FSDPEngineConfig = import_peer("verl.workers.config").FSDPEngineConfig
 
@@ -424,7 +424,7 @@ def _engine(model, group, use_remove_padding):
     with mock.patch.object(fsdp_impl.FSDPEngine, "_init_device_mesh", no_mesh):
         engine = fsdp_impl.FSDPEngineWithLMHead(model_config, FSDPEngineConfig(use_torch_compile=False), None, None)
     engine.module = model
-    engine._autocast_dtype = torch.float32  # CUDA autocast does not apply to CPU tensors
+    engine._autocast_dtype = autocast  # forward_step's autocast, on the CPU here
     engine.get_data_parallel_group = lambda: group
     engine.get_data_parallel_size = lambda: 1
     return engine
@@ -455,7 +455,7 @@ def _micro_batches(use_remove_padding, use_fused_kernels):
     return data
 
 
-def _run_engine(use_remove_padding, fused_backend, group):
+def _run_engine(use_remove_padding, fused_backend, group, autocast=torch.float32):
     """verl's compute_log_prob (forward only) and update step (forward + backward over two
     micro-batches), as the actor worker runs them; returns the outputs and the gradients."""
     fsdp_impl = import_peer("verl.workers.engine.fsdp.transformer_impl")
@@ -469,7 +469,7 @@ def _run_engine(use_remove_padding, fused_backend, group):
     try:
         if fused_backend is not None:
             monkey_patch.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend=fused_backend)
-        engine = _engine(model, group, use_remove_padding)
+        engine = _engine(model, group, use_remove_padding, autocast)
         with mock.patch.object(fsdp_impl, "get_device_id", lambda: "cpu"), \
                 mock.patch.object(fsdp_impl, "get_device_name", lambda: "cpu"):
             infer = engine.forward_backward_batch(_micro_batches(use_remove_padding, fused_backend is not None),
@@ -516,3 +516,92 @@ def test_fsdp_engine_micro_batches_run_rlkern_with_verls_numbers(one_process_gro
     assert ours.keys() == theirs.keys()
     for key in theirs:
         torch.testing.assert_close(ours[key].double(), theirs[key].double(), rtol=1e-4, atol=2e-6, msg=key)
+
+
+@pytest.mark.parametrize("fused", [None, "torch"])
+def test_fsdp_engine_bf16_autocast_keeps_verls_dtypes(one_process_group, fused):
+    """Under bf16 autocast verl's unfused path returns bf16 log-probs and entropy (no flash-attn:
+    ``logprobs_from_logits_v2`` on bf16 logits) and its fused path float32 log-probs and entropy
+    in the hidden states' dtype (float32: Qwen2's residual stream stays float32 under autocast);
+    rlkern computes in float32 and rounds to those dtypes. Tolerance: bf16 (verl itself
+    computes the log-softmax in bf16; rlkern is the more exact of the two)."""
+    rv.unpatch()
+    _, theirs = _run_engine(True, fused, one_process_group, autocast=torch.bfloat16)
+    rv.patch()
+    try:
+        rv.reset_calls()
+        _, ours = _run_engine(True, fused, one_process_group, autocast=torch.bfloat16)
+        assert rv.calls().get("FusedLinearForPPO" if fused else "logprobs_from_logits", 0) > 0
+    finally:
+        rv.unpatch()
+    expected = {None: (torch.bfloat16, torch.bfloat16), "torch": (torch.float32, torch.float32)}[fused]
+    assert (theirs["log_probs"].dtype, theirs["entropy"].dtype) == expected
+    for key in ("log_probs", "entropy", "loss"):
+        assert ours[key].dtype == theirs[key].dtype, key
+        torch.testing.assert_close(ours[key].double(), theirs[key].double(), rtol=3e-2, atol=3e-2, msg=key)
+
+
+# --- Megatron (vocabulary-parallel logits): a module imported after patch() ------------------
+
+def _megatron_worker(rank, world_size, rendezvous, shard_sizes):
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="file://" + rendezvous, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=120))
+    # verl.utils.megatron.tensor_parallel reads the TP group from Megatron's parallel_state; there
+    # is no megatron-core here, so that lookup (only it) answers the WORLD group.
+    parallel_state = types.ModuleType("megatron.core.parallel_state")
+    parallel_state.get_tensor_model_parallel_group = lambda: dist.group.WORLD
+    core = types.ModuleType("megatron.core")
+    core.parallel_state = parallel_state
+    sys.modules.update({"megatron": types.ModuleType("megatron"), "megatron.core": core,
+                        "megatron.core.parallel_state": parallel_state})
+    torch.compile = lambda fn=None, **kwargs: fn if fn is not None else (lambda f: f)  # verl's mul_reduce, eagerly
+    from rlkern.integrations import verl as rv_child
+    import verl.utils.torch_functional as verl_F_child
+
+    rv_child.patch()
+    tp = __import__("verl.utils.megatron.tensor_parallel", fromlist=["_"])  # imported after patch(): the hook
+    verl_fns = {getattr(o, "__name__", ""): o for o in rv_child.originals()}
+    assert tp.vocab_parallel_entropy is rv_child._WRAPPED["vocab_parallel_entropy"]
+    assert verl_fns["vocab_parallel_entropy"] is not tp.vocab_parallel_entropy
+    start, size = sum(shard_sizes[:rank]), shard_sizes[rank]
+    gen = torch.Generator().manual_seed(8)
+    full = torch.randn(2, 7, sum(shard_sizes), generator=gen) * 3
+    labels = torch.randint(0, sum(shard_sizes), (2, 7), generator=gen)
+    g = torch.randn(2, 7, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        shard = full[..., start:start + size].to(dtype)
+        ours_in, theirs_in = shard.clone().requires_grad_(), shard.clone().requires_grad_()
+        ours = tp.vocab_parallel_entropy(ours_in)
+        theirs = verl_fns["vocab_parallel_entropy"](theirs_in)
+        (ours.float() * g).sum().backward()
+        (theirs.float() * g).sum().backward()
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+        assert ours.dtype == theirs.dtype == dtype
+        torch.testing.assert_close(ours.float(), theirs.float(), **tol)
+        torch.testing.assert_close(ours_in.grad.float(), theirs_in.grad.float(), **tol)
+        chunked = tp.vocab_parallel_entropy_with_chunking(shard, chunk_size=3)
+        assert chunked.dtype == verl_fns["vocab_parallel_entropy_with_chunking"](shard.clone(), chunk_size=3).dtype
+        torch.testing.assert_close(chunked.float(), theirs.float(), **tol)
+        # megatron-core's cross-entropy is not here: the log-probs are checked against verl's
+        # unsharded PyTorch log-probs of the whole logits (float32 as megatron-core's)
+        logp = tp.vocab_parallel_log_probs_from_logits(shard, labels)
+        assert logp.dtype == torch.float32
+        torch.testing.assert_close(logp, verl_F_child.logprobs_from_logits_v2(full.to(dtype).float(), labels),
+                                   rtol=1e-5, atol=1e-5)
+    assert rv_child.calls()["vocab_parallel_entropy"] == 2
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # gloo's teardown can abort a finished rank (tests/test_vocab_parallel.py)
+
+
+def test_megatron_vocab_parallel_functions_are_patched_on_import():
+    import torch.multiprocessing as mp
+
+    import_peer("verl")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_megatron_worker, args=(2, os.path.join(tmp, "rdv"), [151, 150]), nprocs=2)

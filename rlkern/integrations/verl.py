@@ -49,8 +49,8 @@ returns the dtype verl's function returns (``output_dtype="verl"``, the default)
   ``VERL_DISABLE_FLASH_ATTN_CE=1``), else the logits' dtype (verl's ``logprobs_from_logits_v2``);
 - ``entropy_from_logits``: the logits' dtype; ``entropy_from_logits_with_chunking``: torch's
   default float dtype (float32);
-- ``FusedLinearForPPO``: log-probs float32, entropy in the dtype of ``hidden @ weight.T`` (the
-  autocast dtype under autocast); ``linear_cross_entropy``: both float32, flattened to ``[N]``;
+- ``FusedLinearForPPO``: log-probs float32, entropy in ``hidden_states``' dtype;
+  ``linear_cross_entropy``: both float32, flattened to ``[N]``;
 - Megatron: log-probs float32 (megatron-core upcasts), entropy the logits' dtype, chunked
   entropy float32.
 
@@ -176,20 +176,13 @@ def entropy_from_logits_with_chunking(logits, chunk_size=2048):
 # Fused kernels (use_fused_kernels=True): the LM head and the log-probs in one op
 
 
-def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype of ``hidden @ weight.T`` where verl computes it (autocast included)."""
-    device = hidden.device.type
-    if torch.is_autocast_enabled(device) and hidden.dtype != torch.float64:
-        return torch.get_autocast_dtype(device)
-    return torch.promote_types(hidden.dtype, weight.dtype)
-
-
 class FusedLinearForPPO(torch.nn.Module):
     """verl's ``FusedLinearForPPO`` (both ``impl_backend``s) on :func:`rlkern.linear_token_logprobs`.
 
     ``forward(hidden_states [.., H], vocab_weights [V, H], input_ids [..], temperature)`` returns
-    ``(log_probs float32, entropy)`` of shape ``input_ids.shape``, entropy in the dtype of the
-    logits verl would form (``hidden @ weight.T``).
+    ``(log_probs float32, entropy)`` of shape ``input_ids.shape``, entropy in ``hidden_states``'
+    dtype (verl's output buffer; verl's values also pass through the dtype of ``hidden @
+    weight.T``, bf16 under autocast, rlkern's stay float32 until that last rounding).
     """
 
     def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
@@ -205,7 +198,7 @@ class FusedLinearForPPO(torch.nn.Module):
             raise ValueError(f"FusedLinearForPPO: hidden_states must be 2D or 3D, got {tuple(hidden_states.shape)}")
         logp, entropy = linear_token_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64),
                                               temperature=float(temperature), return_entropy=True)
-        return logp, _round(entropy, _matmul_dtype(hidden_states, vocab_weights))
+        return logp, _round(entropy, hidden_states.dtype)
 
 
 def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
