@@ -592,6 +592,26 @@ def _megatron_worker(rank, world_size, rendezvous, shard_sizes):
         assert logp.dtype == torch.float32
         torch.testing.assert_close(logp, verl_F_child.logprobs_from_logits_v2(full.to(dtype).float(), labels),
                                    rtol=1e-5, atol=1e-5)
+    # the Megatron fused forward: verl's Triton kernel (CUDA) is checked by what Megatron reads,
+    # the outputs and the sum over ranks of d hidden, against verl's unsharded FusedLinearForPPO
+    hidden0 = torch.randn(2, 5, 16, generator=gen)
+    weight0 = torch.randn(sum(shard_sizes), 16, generator=gen) / 4
+    ids = torch.randint(0, sum(shard_sizes), (2, 5), generator=gen)
+    g_lp, g_ent = torch.randn(10, generator=gen), torch.randn(10, generator=gen)
+    h, w = hidden0.clone().requires_grad_(), weight0[start:start + size].clone().requires_grad_()
+    mcore_lce = __import__("verl.utils.kernel.linear_cross_entropy", fromlist=["_"]).linear_cross_entropy
+    logp, ent = mcore_lce(h, w, ids, 0.9, "none", dist.group.WORLD)
+    ((logp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    h_ref, w_ref = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
+    fused_cls = verl_fns["FusedLinearForPPO"]
+    ref_lp, ref_ent = fused_cls()(h_ref.reshape(10, 16), w_ref, ids.reshape(10), 0.9)
+    ((ref_lp * g_lp).sum() + (ref_ent * g_ent).sum()).backward()
+    torch.testing.assert_close(logp, ref_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+    d_hidden = h.grad.clone()
+    dist.all_reduce(d_hidden)
+    torch.testing.assert_close(d_hidden, h_ref.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad, w_ref.grad[start:start + size], rtol=1e-4, atol=1e-5)
     assert rv_child.calls()["vocab_parallel_entropy"] == 2
     dist.barrier()
     sys.stdout.flush()
@@ -605,3 +625,20 @@ def test_megatron_vocab_parallel_functions_are_patched_on_import():
     import_peer("verl")
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_megatron_worker, args=(2, os.path.join(tmp, "rdv"), [151, 150]), nprocs=2)
+
+
+def test_verl_use_external_modules_patches_at_import_verl():
+    """The route for Ray workers: verl imports VERL_USE_EXTERNAL_MODULES during ``import verl``."""
+    import subprocess
+
+    import_peer("verl")
+    code = ("import verl, verl.utils.torch_functional as F, verl.trainer.ppo.core_algos as c\n"
+            "import verl.workers.engine.fsdp.transformer_impl as fsdp\n"
+            "from rlkern.integrations import verl as rv\n"
+            "assert rv.is_patched()\n"
+            "assert fsdp.logprobs_from_logits is F.logprobs_from_logits is rv._WRAPPED['logprobs_from_logits']\n"
+            "assert c.POLICY_LOSS_REGISTRY['vanilla'].__rlkern_verl__ == 'policy_loss:vanilla'\n")
+    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="rlkern.integrations.verl_autopatch",
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]

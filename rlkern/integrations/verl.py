@@ -201,13 +201,36 @@ class FusedLinearForPPO(torch.nn.Module):
         return logp, _round(entropy, hidden_states.dtype)
 
 
+class _ShareHiddenGrad(torch.autograd.Function):
+    """Identity whose backward divides d hidden by the group size.
+
+    verl's sharded kernel returns each rank's partial d hidden (this rank's vocabulary rows only)
+    and leaves the sum over ranks to Megatron's region ops around it; rlkern's sharded op returns
+    the summed d hidden on every rank. An equal share of that sum on each rank makes the sum over
+    ranks (the only thing Megatron reads) verl's."""
+
+    @staticmethod
+    def forward(ctx, hidden, group):
+        import torch.distributed as dist
+
+        ctx.scale = 1.0 / dist.get_world_size(group)
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
 def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
     """verl's Triton ``linear_cross_entropy``: ``(logprobs, entropy)`` float32 ``[N]`` (the token
     dims flattened); ``reduction`` "sum" / "mean" reduce the log-probs to a scalar.
-    ``dist_process_group``: the LM head sharded by vocabulary over that group, as verl's."""
+    ``dist_process_group``: the LM head sharded by vocabulary over that group, as verl's; each
+    rank's d hidden is then its share of the sum over ranks (``_ShareHiddenGrad``)."""
     if reduction not in ("none", "sum", "mean"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
     flat = hidden.reshape(-1, hidden.shape[-1])
+    if dist_process_group is not None:
+        flat = _ShareHiddenGrad.apply(flat, dist_process_group)
     logp, entropy = linear_token_logprobs(flat, weight, labels.reshape(-1), temperature=float(temperature),
                                           return_entropy=True, process_group=dist_process_group)
     if reduction == "sum":
