@@ -58,7 +58,12 @@ returns the dtype verl's function returns (``output_dtype="verl"``, the default)
 float32 log-probs and entropy: more precise than verl, not bit-compatible with it). Labels equal
 to -100 give log-prob 0 (flash-attn's and Liger's convention; verl's PyTorch fallback raises).
 
-``calls()`` counts the calls that reached rlkern through this module, by name; tests read it.
+``logprobs_from_logits(..., inplace_backward=True)`` (verl's default) lets rlkern's backward write
+d logits into the logits buffer, as verl's flash-attn path does; verl's engines pass False where
+they take the entropy of the same logits first.
+
+``calls()`` counts the calls that reached rlkern through this module, by name (under
+``torch.compile`` a call is counted when it is traced); tests read it.
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ from rlkern.ops import policy_loss as ops
 from rlkern.ops.linear_logprobs import linear_token_logprobs
 from rlkern.ops.logprobs import token_logprobs
 
-__all__ = ["calls", "is_patched", "patch", "register", "reset_calls", "unpatch"]
+__all__ = ["calls", "is_patched", "originals", "patch", "register", "reset_calls", "unpatch"]
 
 _OUTPUT_DTYPES = ("verl", "float32")
 _IGNORE = -100  # flash-attn's, Liger's and rlkern's ignore_index
