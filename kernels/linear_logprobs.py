@@ -779,6 +779,7 @@ def linear_logprobs_forward(
     temperature: float,
     ignore_index: int,
     with_entropy: bool,
+    round_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(logprobs [N] fp32, entropy [N] fp32 or [0], lse [N] fp64)`` on hidden.device
     (logprobs and entropy fp64 for fp64 inputs), with ``lse`` the log-sum-exp of ``z =
@@ -839,6 +840,7 @@ def linear_logprobs_backward(
     need_weight: bool,
     need_bias: bool,
     deterministic: bool = False,
+    round_logits: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Returns ``(grad_hidden [N, H], grad_weight [V, H], grad_bias [V])`` in fp32, fp64 for fp64
     inputs (each None when not needed; grad_bias None without a bias).

@@ -98,3 +98,28 @@ def test_patched_model_refuses_trls_fused_head_protocol():
     trl_utils.add_fused_lm_head(model)
     with pytest.raises(ValueError, match="^patch_causal_lm: TRL's add_fused_lm_head wrapped"):
         model(input_ids=input_ids)
+
+
+def test_logits_dtype_reaches_the_op():
+    """LinearLogprobs and patch_causal_lm forward logits_dtype (defaults and per call) to
+    linear_token_logprobs: the same numbers as the op called with it, not those without it."""
+    head = torch.nn.Linear(16, 97, bias=True)
+    module = LinearLogprobs(head, logits_dtype=torch.bfloat16)
+    hidden, labels = torch.randn(2, 5, 16), torch.randint(0, 97, (2, 5))
+    rounded = rlkern.linear_token_logprobs(hidden, head.weight, labels, bias=head.bias, logits_dtype=torch.bfloat16)
+    exact = rlkern.linear_token_logprobs(hidden, head.weight, labels, bias=head.bias)
+    assert not torch.equal(rounded, exact)
+    assert torch.equal(module(hidden, labels), rounded)
+    assert torch.equal(module(hidden, labels, logits_dtype=None), exact)
+
+    model = _tiny("llama")
+    input_ids = torch.randint(0, 301, (2, 9))
+    with torch.no_grad():
+        last = model.base_model(input_ids=input_ids).last_hidden_state[:, :-1]
+        head = model.get_output_embeddings()
+        rounded = rlkern.linear_token_logprobs(last, head.weight, input_ids[:, 1:], logits_dtype=torch.bfloat16)
+        exact = rlkern.linear_token_logprobs(last, head.weight, input_ids[:, 1:])
+        patch_causal_lm(model, logits_dtype=torch.bfloat16)
+        assert torch.equal(model(input_ids=input_ids, logprob_labels=input_ids).logprobs, rounded)
+        assert torch.equal(model(input_ids=input_ids, logprob_labels=input_ids, logits_dtype=None).logprobs, exact)
+    unpatch_causal_lm(model)

@@ -4,11 +4,12 @@
   in-place writes on outputs that require grad, gradients; their numbers are at least as close
   to the float64 reference as TRL's.
 - The fused-head adapter (``rt.ChunkedLogProbFunction``) against ``trl.kernels.ChunkedLogProbFunction``
-  in every precision TRL offers, every ``outputs`` subset, bias / softcap / logit_scale /
-  temperature. Tolerances: in float32 compute, a small multiple of TRL-vs-TRL noise (TRL itself
-  with another ``chunk_size``); in bf16 compute TRL-vs-TRL is bit-identical (the bf16 tile does
-  not depend on the vocabulary chunking), so the scale there is TRL's own error against the
-  float64 reference of the same bf16-rounded inputs, and rlkern must be no further from it.
+  in every precision TRL offers (fp32, bf16 autocast, bf16 hidden with an fp32 weight, bf16
+  everything, GRPO's cast_lm_head_to_fp32), every ``outputs`` subset, bias / softcap /
+  logit_scale / temperature: outputs and gradients within 4x TRL-vs-TRL noise (TRL itself with
+  another ``chunk_size``) plus a few fp32 ulps (plus, for gradients under a bf16 compute dtype,
+  one bf16 rounding of the d-logits tile). Measured: both ~5e-7 on log-probs, ~1e-6 on
+  gradients, in bf16 compute too (rounded tiles through ``logits_dtype``).
 - patch() / unpatch(): every name TRL binds, whatever the import order, restored with ``is``.
 """
 
@@ -274,46 +275,35 @@ def test_fused_head_adapter_matches_trls_function(case, transform):
         assert [o is None for o in our_out] == [o is None for o in trl_out], outputs
         assert [o.dtype for o in our_out if o is not None] == [o.dtype for o in trl_out if o is not None]
         assert [g is None or g.dtype for g in our_grads] == [g is None or g.dtype for g in trl_grads]
-        half = spec["autocast"] is not None or spec["h"] == torch.bfloat16
         names = ("logprobs", *rt.OPTIONAL_OUTPUTS)
-        if not half:
-            for name, ours, theirs, again in zip(names, our_out, trl_out, trl2_out):
-                if ours is not None and ours.dtype == torch.bool:
-                    assert _max_diff(ours, theirs) <= 0.05, (name, outputs)  # near-ties of the top logit
-                    continue
-                noise = _max_diff(theirs, again)
-                tol = 4 * noise + 8 * torch.finfo(torch.float32).eps * (1 + (theirs.abs().max().item() if theirs is not None else 0))
-                assert _max_diff(ours, theirs) <= tol, (name, outputs, _max_diff(ours, theirs), noise)
-            for name, ours, theirs, again in zip(("hidden", "weight", "bias"), our_grads, trl_grads, trl2_grads):
-                if ours is None:
-                    continue
-                noise = _max_diff(theirs, again)
-                tol = 4 * noise + 16 * torch.finfo(torch.float32).eps * (1 + theirs.abs().max().item())
-                assert _max_diff(ours, theirs) <= tol, (name, outputs, _max_diff(ours, theirs), noise)
-        else:
-            # TRL vs TRL is bit-identical here: the scale is TRL's own error against the float64
-            # reference of the bf16-rounded inputs, which rlkern must not exceed.
-            hidden, weight, b, targets, ups = inputs
-            rh, rw = hidden.detach().bfloat16().double().requires_grad_(), weight.detach().bfloat16().double().requires_grad_()
-            rb = b.detach().bfloat16().double().requires_grad_() if b is not None else None
-            extras = tuple(n for n in rt.OPTIONAL_OUTPUTS[1:] if n in outputs)
-            logp, entropy, ext = linear_reference.linear_logprobs(
-                rh, rw, rb, targets, temperature=options["temperature"], logit_scale=options["scale"],
-                logit_softcap=options["softcap"], extra_outputs=extras)
-            ((logp * ups[0].double()).sum() + ((entropy * ups[1].double()).sum() if "entropy" in outputs else 0)).backward()
-            refs = [logp, entropy if "entropy" in outputs else None, *(ext.get(n) for n in rt.OPTIONAL_OUTPUTS[1:])]
-            for name, ours, theirs, ref in zip(names, our_out, trl_out, refs):
-                if ours is None or ours.dtype == torch.bool:
-                    continue
-                ours_err, trl_err = _max_diff(ours, ref), _max_diff(theirs, ref)
-                assert ours_err <= max(trl_err, 1e-5), (name, outputs, ours_err, trl_err)
-                assert _max_diff(ours, theirs) <= 2 * trl_err + 1e-5, (name, outputs)
-            for name, ours, theirs, ref in zip(("hidden", "weight", "bias"), our_grads, trl_grads, (rh, rw, rb)):
-                if ours is None:
-                    continue
-                ours_err, trl_err = _max_diff(ours, ref.grad), _max_diff(theirs, ref.grad)
-                floor = _ulp(ours.dtype, ref.grad)
-                assert ours_err <= max(trl_err, floor), (name, outputs, ours_err, trl_err)
+        half = spec["autocast"] is not None or spec["h"] == torch.bfloat16
+        for name, ours, theirs, again in zip(names, our_out, trl_out, trl2_out):
+            if ours is not None and ours.dtype == torch.bool:
+                assert _max_diff(ours, theirs) <= 0.05, (name, outputs)  # near-ties of the top logit
+                continue
+            noise = _max_diff(theirs, again)
+            tol = 4 * noise + 8 * torch.finfo(torch.float32).eps * (1 + (theirs.abs().max().item() if theirs is not None else 0))
+            assert _max_diff(ours, theirs) <= tol, (name, outputs, _max_diff(ours, theirs), noise)
+        for name, ours, theirs, again in zip(("hidden", "weight", "bias"), our_grads, trl_grads, trl2_grads):
+            if ours is None:
+                continue
+            noise = _max_diff(theirs, again)
+            tol = 4 * noise + 16 * torch.finfo(ours.dtype).eps * (1 + theirs.abs().max().item())
+            if half:
+                # The d-logits tile is rounded to bf16 from fp32 values whose last bits depend on
+                # the GEMM shapes: one element may round the other way (one bf16 ulp of it).
+                tol += torch.finfo(torch.bfloat16).eps * theirs.abs().max().item()
+            assert _max_diff(ours, theirs) <= tol, (name, outputs, _max_diff(ours, theirs), noise)
+    # precision="trl" is TRL's numbers, roundings included: under a bf16 compute dtype the
+    # rounded tiles put both runs at the same distance from the float64 reference of the
+    # bf16-rounded inputs, far above the noise between them (checked in the half cases).
+    if half:
+        hidden, weight, b, targets, _ = inputs
+        logp, _, _ = linear_reference.linear_logprobs(
+            hidden.detach().bfloat16().double(), weight.detach().bfloat16().double(),
+            None if b is None else b.detach().bfloat16().double(), targets, temperature=options["temperature"],
+            logit_scale=options["scale"], logit_softcap=options["softcap"])
+        assert _max_diff(trl_out[0], logp) > 10 * _max_diff(our_out[0], trl_out[0])
 
 
 @pytest.mark.peer

@@ -3,6 +3,7 @@ its memory bound, batch invariance and the custom-op contract. The fused Triton 
 own file (test_linear_logprobs_triton.py)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -274,20 +275,26 @@ def test_opcheck_and_compile():
     hidden, weight, bias, labels = _inputs(9, 16, 70, torch.float32, bias=True)
     fwd = torch.ops.rlkern.linear_token_logprobs.default
     args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), labels, 1.2, 3.0, 0.9, -100,
-            True, [True, True, True], 4, False, "chunked")
+            True, [True, True, True], 4, False, "chunked", None)
     torch.library.opcheck(fwd, args)
+    torch.library.opcheck(fwd, args[:-1] + (torch.bfloat16,))
 
     def step(h, w, b):
         logp, entropy = rlkern.linear_token_logprobs(h, w, labels, bias=b, return_entropy=True, temperature=0.9)
         return (logp + 0.5 * entropy).sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
-    compiled(*leaves).backward()
-    eager = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
-    step(*eager).backward()
-    for a, b in zip(leaves, eager):
-        torch.testing.assert_close(a.grad, b.grad)
+    def rounded_step(h, w, b):
+        logp = rlkern.linear_token_logprobs(h, w, labels, bias=b, logits_dtype=torch.bfloat16)
+        return logp.sum()
+
+    for fn in (step, rounded_step):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+        compiled(*leaves).backward()
+        eager = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+        fn(*eager).backward()
+        for a, b in zip(leaves, eager):
+            torch.testing.assert_close(a.grad, b.grad)
 
 
 @pytest.mark.parametrize(
@@ -342,6 +349,7 @@ _TP_CASES = [
     dict(dtype=torch.float32, kw=dict(temperature=0.7, logit_softcap=5.0, logit_scale=1.2)),
     dict(dtype=torch.float32, kw=dict(deterministic=True, chunk_size=3)),
     dict(dtype=torch.bfloat16, kw=dict(chunk_size=8)),
+    dict(dtype=torch.float32, kw=dict(logits_dtype=torch.bfloat16, logit_scale=1.2, chunk_size=5)),
 ]
 
 
@@ -408,3 +416,153 @@ def test_fused_kernel_through_the_op(deterministic):
     torch.testing.assert_close(entropy.double(), r_entropy, rtol=0, atol=2e-5)
     for leaf, r in zip(leaves, r_grads):
         torch.testing.assert_close(leaf.grad.double(), r, rtol=1e-4, atol=1e-5 * r.abs().max().item())
+
+
+# logits_dtype: TRL's fused head under autocast (or with half inputs) rounds every logit and every
+# logits-gradient element to the compute dtype. With logits_dtype set, rlkern must land as close
+# to TRL as TRL is to itself at another chunk_size (the same roundings, other accumulation
+# orders; max error, times 4), and with None much farther: a mean error 20 times ours (so the
+# test fails if the option does nothing). Floors: 2 fp32 ulps of the output's scale for the
+# forward outputs; for gradients, fp32-level differences in p (TRL's fp32 lse vs rlkern's
+# float64 one) flip the rounding of a few d-logits elements, each by one ulp of the compute
+# dtype: 4e-6 of the gradient's scale; and one ulp of a half-precision gradient's own dtype.
+_PRECISION_OUTPUTS = ("logprobs", "entropy", "log_sum_sq_probs", "mean_logits", "hidden", "weight", "bias")
+
+
+def _trl_run(hidden, weight, bias, labels, upstream, chunk_size, autocast_dtype, **opts):
+    trl_kernels = import_peer("trl.kernels")
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        out = trl_kernels.ChunkedLogProbFunction.apply(
+            leaves[0], leaves[1], leaves[2], labels, opts.get("temperature", 1.0), chunk_size,
+            opts.get("logit_softcap"), opts.get("logit_scale", 1.0), ("entropy",) + ALL_EXTRAS)
+    logp = out[0].masked_fill(labels == -100, 0.0)  # TRL has no ignore_index
+    (logp * upstream[0] + out[1] * upstream[1]).sum().backward()
+    return [logp.detach(), out[1].detach(), out[2], out[3]] + [t.grad for t in leaves], out[4]
+
+
+def _rlkern_run(hidden, weight, bias, labels, upstream, **kwargs):
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    logp, entropy, extras = rlkern.linear_token_logprobs(
+        leaves[0], leaves[1], labels, bias=leaves[2], return_entropy=True, extra_outputs=ALL_EXTRAS, **kwargs)
+    (logp * upstream[0] + entropy * upstream[1]).sum().backward()
+    outs = [logp.detach(), entropy.detach(), extras["log_sum_sq_probs"], extras["mean_logits"]]
+    return outs + [t.grad for t in leaves], extras["is_top1"]
+
+
+def _max_diff(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _mean_diff(a, b):
+    return (a.double() - b.double()).abs().mean().item()
+
+
+def _floor(name, t):
+    mag = t.double().abs().max().item()
+    floor = (4e-6 if name in ("hidden", "weight", "bias") else 2.4e-7) * mag
+    if t.dtype in (torch.float16, torch.bfloat16) and mag > 0:
+        floor = max(floor, 2.0 ** math.floor(math.log2(mag)) * torch.finfo(t.dtype).eps)
+    return floor
+
+
+def _assert_matches_trl_rounding(ours, ours_exact, trl, trl_other):
+    for name, o, e, t, t2 in zip(_PRECISION_OUTPUTS, ours, ours_exact, trl, trl_other):
+        tol = 4 * max(_max_diff(t, t2), _floor(name, t))
+        assert o.dtype == t.dtype, name
+        assert _max_diff(o, t) <= tol, f"{name}: {_max_diff(o, t):.3g} > {tol:.3g}"
+        assert _mean_diff(e, t) > 20 * _mean_diff(o, t), f"{name}: logits_dtype=None is about as close"
+
+
+_PRECISION_CASES = [
+    dict(),
+    dict(temperature=0.9, logit_softcap=6.0, logit_scale=1.3),
+]
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("mode", ["autocast", "half inputs"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", range(len(_PRECISION_CASES)))
+def test_logits_dtype_matches_trl(backend, mode, dtype, case):
+    """logits_dtype=bf16/fp16 reproduces trl.kernels.ChunkedLogProbFunction under
+    torch.autocast (fp32 inputs) and with inputs of that dtype (no autocast): log-probs, entropy,
+    extras and the three gradients; logits_dtype=None does not."""
+    opts = _PRECISION_CASES[case]
+    hidden, weight, bias, labels = _inputs(37, 40, 1531, torch.float32, bias=True, ignore=(3,), seed=11)
+    if mode == "half inputs":
+        hidden, weight, bias = hidden.to(dtype), weight.to(dtype), bias.to(dtype)
+    autocast = dtype if mode == "autocast" else None
+    gen = torch.Generator().manual_seed(2)
+    upstream = torch.randn(37, generator=gen), torch.randn(37, generator=gen)
+    trl, trl_top1 = _trl_run(hidden, weight, bias, labels, upstream, 512, autocast, **opts)
+    trl_other, _ = _trl_run(hidden, weight, bias, labels, upstream, 256, autocast, **opts)
+    ours, top1 = _rlkern_run(hidden, weight, bias, labels, upstream, logits_dtype=dtype, chunk_size=8, **opts)
+    exact, _ = _rlkern_run(hidden, weight, bias, labels, upstream, **opts)
+    _assert_matches_trl_rounding(ours, exact, trl, trl_other)
+    assert torch.equal(top1, trl_top1)
+
+
+@pytest.mark.peer
+def test_logits_dtype_mixed_input_dtypes_and_deterministic():
+    """bf16 hidden with an fp32 head: TRL (no autocast) computes in hidden's dtype and casts W to
+    it; logits_dtype=bf16 does the same, in the deterministic mode too. Gradients keep each
+    input's dtype."""
+    hidden, weight, bias, labels = _inputs(37, 40, 1531, torch.float32, bias=True, ignore=(3,), seed=12)
+    hidden = hidden.bfloat16()
+    gen = torch.Generator().manual_seed(3)
+    upstream = torch.randn(37, generator=gen), torch.randn(37, generator=gen)
+    trl, trl_top1 = _trl_run(hidden, weight, bias, labels, upstream, 512, None, logit_scale=0.8)
+    trl_other, _ = _trl_run(hidden, weight, bias, labels, upstream, 128, None, logit_scale=0.8)
+    exact, _ = _rlkern_run(hidden, weight, bias, labels, upstream, logit_scale=0.8)
+    for deterministic in (False, True):
+        ours, top1 = _rlkern_run(hidden, weight, bias, labels, upstream, logits_dtype=torch.bfloat16,
+                                 logit_scale=0.8, deterministic=deterministic)
+        assert ours[4].dtype == torch.bfloat16 and ours[5].dtype == ours[6].dtype == torch.float32
+        _assert_matches_trl_rounding(ours, exact, trl, trl_other)
+        assert torch.equal(top1, trl_top1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logits_dtype_matches_rounded_reference(backend, dtype):
+    """Against the float64 reference with the same roundings (reference/linear_logprobs.py): as
+    close as TRL itself is to it (float32 accumulation order flips an occasional rounding), and
+    closer than logits_dtype=None."""
+    trl_kernels = import_peer("trl.kernels")
+    opts = dict(temperature=0.8, logit_softcap=5.0, logit_scale=1.2)
+    hidden, weight, bias, labels = _inputs(29, 33, 777, torch.float32, bias=True, ignore=(0,), seed=13)
+    gen = torch.Generator().manual_seed(4)
+    upstream = torch.randn(29, generator=gen), torch.randn(29, generator=gen)
+    leaves = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    r_logp, r_entropy, r_extras = reference(*leaves[:2], leaves[2], labels, extra_outputs=ALL_EXTRAS,
+                                            logits_dtype=dtype, **opts)
+    (r_logp * upstream[0].double() + r_entropy * upstream[1].double()).sum().backward()
+    ref = [r_logp, r_entropy, r_extras["log_sum_sq_probs"], r_extras["mean_logits"]] + [t.grad for t in leaves]
+    ours, top1 = _rlkern_run(hidden, weight, bias, labels, upstream, logits_dtype=dtype, chunk_size=7, **opts)
+    exact, _ = _rlkern_run(hidden, weight, bias, labels, upstream, **opts)
+    trl, _ = _trl_run(hidden, weight, bias, labels, upstream, 256, dtype, **opts)
+    assert torch.equal(top1, r_extras["is_top1"])
+    for name, o, e, t, r in zip(_PRECISION_OUTPUTS, ours, exact, trl, ref):
+        tol = 2 * max(_max_diff(t, r), _floor(name, t))
+        assert _max_diff(o, r) <= tol, f"{name}: {_max_diff(o, r):.3g} > {tol:.3g}"
+        assert _mean_diff(e, r) > 20 * _mean_diff(o, r), f"{name}: logits_dtype=None is about as close"
+
+
+@pytest.mark.parametrize("value", [torch.int32, "bfloat16", torch.float64, torch.complex64])
+def test_logits_dtype_bad_values(value):
+    hidden, weight, _, labels = _inputs(3, 4, 9, torch.float32)
+    with pytest.raises(ValueError, match="linear_token_logprobs: logits_dtype must be"):
+        rlkern.linear_token_logprobs(hidden, weight, labels, logits_dtype=value)
+    with pytest.raises(ValueError, match="linear_token_logprobs: logits_dtype must be"):
+        rlkern.linear_token_logprobs(hidden.double(), weight, labels, logits_dtype=torch.bfloat16)
+
+
+def test_logits_dtype_float32_is_the_default():
+    hidden, weight, bias, labels = _inputs(9, 8, 101, torch.bfloat16, bias=True)
+    base = rlkern.linear_token_logprobs(hidden, weight, labels, bias=bias, return_entropy=True)
+    same = rlkern.linear_token_logprobs(hidden, weight, labels, bias=bias, return_entropy=True,
+                                        logits_dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(base, same))
+    h64, w64 = hidden.double(), weight.double()
+    assert torch.equal(rlkern.linear_token_logprobs(h64, w64, labels),
+                       rlkern.linear_token_logprobs(h64, w64, labels, logits_dtype=torch.float64))

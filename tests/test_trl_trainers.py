@@ -10,18 +10,18 @@ Plain SGD (``optim="sgd"``): an update is linear in the gradient, so a parameter
 lr x a gradient difference; Adam's normalisation would blow a 1e-7 gradient difference on a
 near-zero gradient up to a full lr step and hide what is compared.
 
-Tolerances, measured per case (printed with -s):
-- float32 compute (fp32, and GRPO's cast_lm_head_to_fp32 under bf16 autocast): TRL against TRL
-  itself with another ``chunk_size`` (97 vocabulary columns instead of 32768) is the noise of
-  the fp32 arithmetic (0 to 1e-7 relative on losses and grad norms, <= 1.5e-8 on parameters);
-  rlkern must stay within 20x that noise + 2e-6 (the noise is often exactly 0). Measured:
-  rlkern-vs-TRL 0 to 1.2e-7 relative, parameters <= 7.5e-9.
-- bf16 compute: TRL-vs-TRL(chunk 97) is 0 to 2.4e-7 on the losses and 0 to 8e-4 on the grad
-  norms (the GEMM shapes change the fp32 sums a bf16 tile is rounded from), but rlkern's tiles are fp32 products of the bf16-rounded inputs where TRL rounds the tile to
-  bf16 (rlkern/integrations/trl.py, Precision), so rlkern-vs-TRL is 2e-4 to 2e-3 relative on
-  grad norms: the size of the bf16 error TRL itself makes against its fp32 run (3e-4 to 2e-3).
-  Asserted: rlkern bf16 is no further from TRL's fp32 run than 2x TRL bf16's distance to it,
-  and (triangle bound) no further from TRL bf16 than 3x that distance.
+Tolerances, measured per case (printed with -s): TRL against TRL itself with another
+``chunk_size`` (97 vocabulary columns instead of 32768) is the noise; rlkern must stay within
+20x that noise + 2e-6 (the noise is often exactly 0), relative on losses and grad norms,
+absolute on parameters. Under bf16 a tenth of TRL's own bf16 error (TRL bf16 against TRL fp32,
+3e-4 to 2e-3 on grad norms) is added: one bf16 rounding of a tile element that goes the other
+way (the fp32 sums it is rounded from depend on GEMM shapes) moves a run by that order.
+Measured (TRL 1.16, torch 2.13 CPU):
+- fp32 and cast_lm_head_to_fp32: noise 0 to 8e-8 on losses and grad norms, <= 1.5e-8 on
+  parameters; rlkern-vs-TRL 0 to 1.2e-7, parameters <= 7.5e-9.
+- bf16: noise 0 to 2.4e-7 on losses, 0 to 8e-4 on grad norms, <= 1.1e-5 on parameters;
+  rlkern-vs-TRL at or below it (0 to 2.4e-7, 0 to 8e-4, <= 1.1e-5): the rounded tiles of
+  ``linear_token_logprobs(logits_dtype=bf16)``.
 """
 
 import functools
@@ -134,16 +134,11 @@ def test_trainer_with_rlkern_matches_trl(name, precision, tmp_root):
     assert all(math.isfinite(x) for x in ours[0] + ours[1])
     gap = _gaps(trl_run, ours)
     noise = _gaps(trl_run, _train(name, precision, "trl-chunk97", tmp_root))
+    slack = {key: 0.0 for key in gap}
     if precision == "bf16":
-        trl32 = _train(name, "fp32", "trl", tmp_root)
-        scale = _gaps(trl32, trl_run)  # TRL's own bf16 rounding against its fp32 run
-        to_fp32 = _gaps(trl32, ours)
-        print(f"{name} bf16: rlkern-vs-TRL {gap}, TRL-vs-TRL(chunk 97) {noise}, TRL bf16-vs-fp32 {scale}, "
-              f"rlkern bf16-vs-TRL fp32 {to_fp32}")
-        for key in gap:
-            assert to_fp32[key] <= 2 * scale[key] + 1e-6, (key, to_fp32, scale)
-            assert gap[key] <= 3 * scale[key] + 1e-6, (key, gap, scale)
-    else:
-        print(f"{name} {precision}: rlkern-vs-TRL {gap}, TRL-vs-TRL(chunk 97) {noise}")
-        for key in gap:
-            assert gap[key] <= 20 * noise[key] + 2e-6, (key, gap, noise)
+        # One bf16 rounding that goes the other way moves a run by a fraction of TRL's own bf16
+        # error (TRL bf16 against TRL fp32): a tenth of it is allowed on top of the noise.
+        slack = {key: 0.1 * value for key, value in _gaps(_train(name, "fp32", "trl", tmp_root), trl_run).items()}
+    print(f"{name} {precision}: rlkern-vs-TRL {gap}, TRL-vs-TRL(chunk 97) {noise}, bf16 slack {slack}")
+    for key in gap:
+        assert gap[key] <= 20 * noise[key] + slack[key] + 2e-6, (key, gap, noise, slack)

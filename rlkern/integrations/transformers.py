@@ -49,13 +49,14 @@ def head_transform(config) -> dict:
 
 
 def patch_causal_lm(model, *, temperature: float = 1.0, return_entropy: bool = False,
-                    chunk_size: int | None = None, deterministic: bool = False):
+                    chunk_size: int | None = None, deterministic: bool = False,
+                    logits_dtype: torch.dtype | None = None):
     """Make ``model(..., logprob_labels=labels)`` return token log-probs without full logits.
 
     Args:
         model: a transformers causal LM (``*ForCausalLM``): ``model.base_model`` gives the last
             hidden states, ``model.get_output_embeddings()`` the LM head.
-        temperature, return_entropy, chunk_size, deterministic: defaults of every patched call,
+        temperature, return_entropy, chunk_size, deterministic, logits_dtype: defaults of every patched call,
             as in :func:`rlkern.linear_token_logprobs`; each can be overridden per call by the
             keyword of the same name.
 
@@ -72,7 +73,7 @@ def patch_causal_lm(model, *, temperature: float = 1.0, return_entropy: bool = F
         raise ValueError(f"patch_causal_lm: {type(model).__name__} has no output embeddings (not a causal LM head model)")
     original = model.forward
     defaults = dict(temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size,
-                    deterministic=deterministic)
+                    deterministic=deterministic, logits_dtype=logits_dtype)
 
     @functools.wraps(original)
     def forward(*args, logprob_labels=None, shift_labels=None, **kwargs):

@@ -22,10 +22,11 @@ Precision (``patch(precision=...)``):
 - ``"trl"`` (default): what TRL computes under each precision it offers. TRL's compute dtype is
   the autocast dtype when autocast is on (TRL's default ``bf16=True``), else ``hidden.dtype``;
   ``cast_lm_head_to_fp32`` (GRPO) turns autocast off and hands fp32 hidden states. Inputs wider
-  than the compute dtype are rounded to it, as TRL does (a bf16 tile GEMM reads bf16 hidden and
-  weight); outputs are float32; gradients come back in the inputs' dtypes from float32
-  accumulators. Within a bf16 compute dtype the logits tile itself stays float32 (the exact
-  product of the rounded inputs), where TRL rounds it to bf16: rlkern's error is the smaller one.
+  than the compute dtype are rounded to it, as TRL does. A bf16/fp16 compute dtype runs
+  ``linear_token_logprobs(logits_dtype=...)``: each logits tile is a GEMM output rounded to that
+  dtype (bias added in it), folded in fp32, and its gradient tile is rounded to it, as in TRL;
+  the gradient GEMMs accumulate in fp32. Outputs are float32; gradients come back in the
+  inputs' dtypes.
 - ``"fp32"``: rlkern's explicit opt-in, more accurate than TRL: autocast is ignored and the
   tiles are float32 products of the inputs as they are (float64 for float64 inputs).
 
@@ -82,12 +83,21 @@ def _compute_dtype(hidden: torch.Tensor, precision: str) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
-def _to_compute(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """TRL casts hidden, weight and bias to the compute dtype; widening is exact, so only a
-    narrowing cast changes numbers and only it is done here (the kernels widen themselves)."""
-    if t is None or _WIDTH[t.dtype] <= _WIDTH[dtype]:
-        return t
-    return t.to(dtype)
+def _logits_dtype(compute_dtype: torch.dtype) -> torch.dtype | None:
+    """A half-precision compute dtype rounds every logits tile (and its gradient) to it, as TRL's
+    GEMM in that dtype does: ``linear_token_logprobs(logits_dtype=)``, which also casts hidden,
+    weight and bias to it."""
+    return compute_dtype if compute_dtype in _HALF else None
+
+
+def _operands(hidden, weight, bias, compute_dtype):
+    """hidden, weight, bias as the kernel takes them. TRL casts them to the compute dtype. With a
+    half compute dtype ``logits_dtype`` does it; otherwise widening is exact (the kernels widen
+    themselves), so only a narrowing cast (an fp64 weight under fp32 compute) is done here."""
+    if compute_dtype in _HALF:
+        return hidden, weight, bias
+    return tuple(t if t is None or _WIDTH[t.dtype] <= _WIDTH[compute_dtype] else t.to(compute_dtype)
+                 for t in (hidden, weight, bias))
 
 
 class _FusedHead(torch.autograd.Function):
@@ -100,12 +110,13 @@ class _FusedHead(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         device = hidden.device.type
         with torch.autocast(device, enabled=False):  # rlkern's GEMMs pick their own dtypes
-            h, w, b = (_to_compute(t, compute_dtype) for t in (hidden, weight, bias))
+            h, w, b = _operands(hidden, weight, bias, compute_dtype)
             _token.check_label_range(targets, weight.shape[0], _NO_IGNORE, name="targets",
                                      op="ChunkedLogProbFunction")
             logp, entropy, lse, *extras = _linear._chunked_forward(
                 h, w, b, targets, float(logit_scale), softcap, float(temperature), _NO_IGNORE, want["entropy"],
-                (want["log_sum_sq_probs"], want["mean_logits"], want["is_top1"]), 0, False)
+                (want["log_sum_sq_probs"], want["mean_logits"], want["is_top1"]), 0, False,
+                logits_dtype=_logits_dtype(compute_dtype))
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if want["entropy"] else None)
         ctx.hyper = (float(temperature), softcap, float(logit_scale), compute_dtype)
         outs = [logp.to(out_dtype)]
@@ -130,10 +141,10 @@ class _FusedHead(torch.autograd.Function):
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse, dtype=torch.float32)
         with trl_utils.maybe_gather_lm_head_ctx(weight, bias), torch.autocast(hidden.device.type, enabled=False):
-            h, w, b = (_to_compute(t, compute_dtype) for t in (hidden, weight, bias))
+            h, w, b = _operands(hidden, weight, bias, compute_dtype)
             grads = _linear._chunked_backward(
                 grad_logp, grad_entropy, h, w, b, targets, lse, entropy, logit_scale, softcap, temperature,
-                _NO_IGNORE, 0, False, *needs)
+                _NO_IGNORE, 0, False, *needs, logits_dtype=_logits_dtype(compute_dtype))
         # float32 (float64) accumulators, returned in the inputs' dtypes as TRL does.
         out = [g.to(x.dtype) if g is not None and need else None
                for g, x, need in zip(grads, (hidden, weight, bias), needs)]

@@ -18,6 +18,16 @@ On CUDA the GEMMs take the inputs' dtype (bf16/fp16 tensor cores) and write fp32
 fp32 output, PyTorch >= 2.8); the gradient tile enters the backward GEMMs in that dtype as in
 Liger and TRL. On the CPU every product is fp32 (bf16 inputs are widened): TRL's CPU path
 rounds bf16 logits to bf16 and is off by up to 4e-2 in log-prob, rlkern by < 1e-3.
+hidden and weight may differ in dtype (bf16 activations, fp32 head): both are then read in fp32.
+
+``logits_dtype=torch.bfloat16`` (or float16) follows TRL's ``ChunkedLogProbFunction`` under
+autocast (its compute dtype) instead: hidden and W are cast to that dtype, each tile is a GEMM
+whose output is in that dtype (fp32 accumulation, one rounding per logit), the bias is added in
+that dtype, and the tile is then read in fp32 (logit_scale, softcap, temperature, log-sum-exp);
+the backward rounds d loss / d logits (logit_scale included) to that dtype before the two
+gradient GEMMs, which accumulate in fp32. The tile buffer is then half-precision (half the
+memory), and the CPU forward GEMM runs in bf16 (AMX / AVX512-BF16 where present); the CPU
+backward GEMMs widen their (rounded) operands to fp32, as TRL's do.
 
 ``kernel="fused"`` (CUDA) runs the Triton kernel of ``kernels/linear_logprobs.py`` instead,
 whose matmul tiles live inside Triton (``tl.dot``).
@@ -196,16 +206,23 @@ def _extras_of(tile: Tensor, labels: Tensor, lse: Tensor, temperature: float, so
 # The custom ops.
 
 
-def _plan(hidden: Tensor, weight: Tensor, chunk_size: int, deterministic: bool):
+def _plan(hidden: Tensor, weight: Tensor, chunk_size: int, deterministic: bool, logits_dtype=None):
     """What both passes share: the accumulation dtype, the token kernels (forward, backward), the
     token blocks, the reused logits tile buffer, the dtype the GEMMs read hidden rows in, and W
     as the GEMMs take it (widened to fp32 once here when it is half precision off the tensor
-    cores and small enough; see ``_W_COPY_BYTES``)."""
+    cores and small enough; see ``_W_COPY_BYTES``).
+
+    With ``logits_dtype`` (bf16/fp16, see ``_rounded_tiles``) the buffer is of that dtype, the
+    rows are read in it and W is cast to it once per call (as TRL casts each chunk of it)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     acc_dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
     kernels = token_ops.kernel_fns(token_ops.FORWARD.backend_at(hidden.device, acc_dtype))
     blocks = _blocks(n, vocab, hidden.device, chunk_size, deterministic)
-    buf = hidden.new_empty((max((r for _, _, r in blocks), default=0), vocab), dtype=acc_dtype)
+    rows = max((r for _, _, r in blocks), default=0)
+    if logits_dtype is not None:
+        buf = hidden.new_empty((rows, vocab), dtype=logits_dtype)
+        return acc_dtype, kernels, blocks, buf, logits_dtype, weight.to(logits_dtype)
+    buf = hidden.new_empty((rows, vocab), dtype=acc_dtype)
     on_cuda_half = _half_on_cuda(hidden) and hidden.dtype == weight.dtype
     row_dtype = hidden.dtype if on_cuda_half else acc_dtype
     if not on_cuda_half and weight.dtype not in (torch.float32, torch.float64) and 4 * weight.numel() <= _W_COPY_BYTES:
@@ -213,11 +230,54 @@ def _plan(hidden: Tensor, weight: Tensor, chunk_size: int, deterministic: bool):
     return acc_dtype, kernels, blocks, buf, row_dtype, weight
 
 
+# ---------------------------------------------------------------------------------------------
+# Rounded tiles (logits_dtype=bf16/fp16): TRL's numerics under autocast.
+#
+# trl.kernels.ChunkedLogProbFunction computes in the autocast dtype (else hidden's dtype): h and
+# W are cast to it, each tile is a GEMM whose output is in that dtype (products accumulated in
+# fp32, the sum rounded once), the bias is added in that dtype, and only then is the tile read
+# in fp32 (logit_scale, softcap, temperature, log-sum-exp). Its backward rounds d loss / d logits
+# (logit_scale included) to that dtype and accumulates the two gradient GEMMs in fp32. The
+# functions below reproduce those roundings on every device; the token kernels read the
+# half-precision tile directly, so it is never widened unless logit_scale != 1 (the scale is
+# applied to the rounded logits in fp32, where the token kernels have no scale argument).
+
+
+def _rounded_logits_into(tile: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """``tile`` (logits dtype) = round(round(h W^T) + round(b)); h and W already in that dtype.
+    The GEMM accumulates in fp32 and writes the rounded sum (cuBLAS, oneDNN)."""
+    torch.mm(h, weight.T, out=tile)
+    if bias is not None:
+        tile.add_(bias.to(tile.dtype))
+
+
+def _scaled(tile: Tensor, wide: Tensor | None, logit_scale: float) -> Tensor:
+    """The rounded tile as the token kernels read it: itself, or ``logit_scale * tile`` in fp32."""
+    if logit_scale == 1.0:
+        return tile
+    return wide.copy_(tile).mul_(logit_scale)
+
+
+def _rounded_grad_products(tile: Tensor, wide: Tensor | None, h: Tensor, weight: Tensor,
+                           grad_hidden, grad_weight, grad_bias) -> None:
+    """The gradient GEMMs of a rounded d loss / d logits tile (logits dtype), fp32 accumulation:
+    on CUDA the half-precision operands go to the tensor cores with an fp32 output; the CPU has
+    no such GEMM (``out_dtype``), so the tile and the operands are widened (exactly) to fp32."""
+    if _half_on_cuda(h):
+        _grad_products(tile, h, weight, grad_hidden, grad_weight, grad_bias, 1.0)
+        return
+    _grad_products(wide.copy_(tile), h, weight, grad_hidden, grad_weight, grad_bias, 1.0)
+
+
 def _chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature, ignore_index,
-                     with_entropy, want_extras, chunk_size, deterministic, vocab_start=-1):
+                     with_entropy, want_extras, chunk_size, deterministic, vocab_start=-1, logits_dtype=None):
     n = hidden.shape[0]
     device = hidden.device
-    acc_dtype, (forward, _), blocks, buf, row_dtype, gemm_weight = _plan(hidden, weight, chunk_size, deterministic)
+    acc_dtype, (forward, _), blocks, buf, row_dtype, gemm_weight = _plan(
+        hidden, weight, chunk_size, deterministic, logits_dtype)
+    # fp32 room for the scaled rounded tile (and the extras, which TRL reads in fp32).
+    wide = (torch.empty_like(buf, dtype=acc_dtype)
+            if logits_dtype is not None and (logit_scale != 1.0 or any(want_extras)) else None)
     logp = torch.empty(n, dtype=acc_dtype, device=device)
     entropy = torch.empty(n if with_entropy else 0, dtype=acc_dtype, device=device)
     lse = torch.empty(n, dtype=torch.float64, device=device)
@@ -228,7 +288,12 @@ def _chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, tempera
     ]
     for start, end, rows in blocks:
         tile = buf[:rows]
-        _logits_into(tile, _rows(hidden, start, end, rows).to(row_dtype), gemm_weight, bias, logit_scale)
+        h = _rows(hidden, start, end, rows).to(row_dtype)
+        if logits_dtype is None:
+            _logits_into(tile, h, gemm_weight, bias, logit_scale)
+        else:
+            _rounded_logits_into(tile, h, gemm_weight, bias)
+            tile = _scaled(tile, None if wide is None else wide[:rows], logit_scale)
         tile_labels = _rows(labels, start, end, rows)
         c_logp, c_ent, c_lse = forward(tile, tile_labels, temperature, softcap, ignore_index, with_entropy,
                                        vocab_start=vocab_start)
@@ -238,6 +303,8 @@ def _chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, tempera
         if with_entropy:
             entropy[start:end] = c_ent[:k]
         if any(want_extras):
+            if tile.dtype != acc_dtype:
+                tile = wide[:rows].copy_(tile)
             for dst, val in zip(extras, _extras_of(tile, tile_labels, c_lse, temperature, softcap,
                                                    ignore_index, want_extras)):
                 if val is not None:
@@ -247,10 +314,21 @@ def _chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, tempera
 
 def _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
                       logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic,
-                      need_hidden, need_weight, need_bias, vocab_start=-1):
+                      need_hidden, need_weight, need_bias, vocab_start=-1, logits_dtype=None):
     vocab = weight.shape[0]
     device = hidden.device
-    acc_dtype, (_, backward), blocks, buf, row_dtype, gemm_weight = _plan(hidden, weight, chunk_size, deterministic)
+    acc_dtype, (_, backward), blocks, buf, row_dtype, gemm_weight = _plan(
+        hidden, weight, chunk_size, deterministic, logits_dtype)
+    wide = None
+    if logits_dtype is not None:
+        on_cuda = hidden.device.type == "cuda"  # the rows and W are then half-precision CUDA tensors
+        if logit_scale != 1.0 or not on_cuda:
+            wide = torch.empty_like(buf, dtype=acc_dtype)
+        if not on_cuda and 4 * gemm_weight.numel() <= _W_COPY_BYTES:
+            # The CPU gradient GEMMs read the rounded W in fp32 (exact): widened once per call.
+            product_weight = gemm_weight.float()
+        else:
+            product_weight = gemm_weight
     grad_hidden = torch.zeros(hidden.shape, dtype=acc_dtype, device=device) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_bias else None
@@ -259,24 +337,43 @@ def _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse
     for start, end, rows in blocks:
         tile = buf[:rows]
         h = _rows(hidden, start, end, rows).to(row_dtype)
-        _logits_into(tile, h, gemm_weight, bias, logit_scale)
+        if logits_dtype is None:
+            _logits_into(tile, h, gemm_weight, bias, logit_scale)
+            kernel_tile = tile
+        else:
+            _rounded_logits_into(tile, h, gemm_weight, bias)
+            kernel_tile = _scaled(tile, None if wide is None else wide[:rows], logit_scale)
         # A padded row gets lse = -inf, which every backend reads as "no distribution": its
         # gradient row is exactly 0, so padding adds nothing to the products below.
         backward(
             _rows(grad_logp, start, end, rows),
             _rows(grad_entropy, start, end, rows) if grad_entropy is not None else None,
-            tile, _rows(labels, start, end, rows), _rows(lse, start, end, rows, -math.inf),
+            kernel_tile, _rows(labels, start, end, rows), _rows(lse, start, end, rows, -math.inf),
             _rows(entropy, start, end, rows) if entropy is not None else None,
-            temperature, softcap, ignore_index, tile, vocab_start=vocab_start,
+            temperature, softcap, ignore_index, kernel_tile, vocab_start=vocab_start,
         )
         padded = rows != end - start
         g_hidden = None
         if grad_hidden is not None:
             g_hidden = grad_hidden.new_zeros((rows, hidden.shape[1])) if padded else grad_hidden[start:end]
-        _grad_products(tile, h, gemm_weight, g_hidden, grad_weight, grad_bias, logit_scale)
+        if logits_dtype is None:
+            _grad_products(tile, h, gemm_weight, g_hidden, grad_weight, grad_bias, logit_scale)
+        else:
+            if kernel_tile is not tile:  # TRL scales the fp32 gradient, then rounds it
+                tile.copy_(kernel_tile.mul_(logit_scale))
+            _rounded_grad_products(tile, None if wide is None else wide[:rows], h, product_weight,
+                                   g_hidden, grad_weight, grad_bias)
         if padded and grad_hidden is not None:
             grad_hidden[start:end] = g_hidden[: end - start]
     return grad_hidden, grad_weight, grad_bias
+
+
+def _fused_operands(hidden: Tensor, weight: Tensor, logits_dtype) -> tuple[Tensor, Tensor]:
+    """hidden and W as the fused kernel takes them: in ``logits_dtype`` when it is given (TRL's
+    casts to the compute dtype), else as they are (the kernel needs one dtype for both)."""
+    if logits_dtype is None:
+        return hidden, weight
+    return hidden.to(logits_dtype), weight.to(logits_dtype)
 
 
 def _fused_kernels():
@@ -300,21 +397,24 @@ def _fwd(
     chunk_size: int,  # 0 = from _TILE_BYTES
     deterministic: bool,
     kernel: str,  # "chunked" | "fused"
+    logits_dtype: torch.dtype | None,  # bf16/fp16: rounded tiles (see _rounded_logits_into); None: fp32
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     token_ops.check_label_range(labels, weight.shape[0], ignore_index, op="linear_token_logprobs")
     want = tuple(bool(w) for w in want_extras)
     if kernel == "fused":
         logp, entropy, lse = _fused_kernels().linear_logprobs_forward(
-            hidden, weight, bias, labels, logit_scale, softcap, temperature, ignore_index, with_entropy)
+            *_fused_operands(hidden, weight, logits_dtype), bias, labels, logit_scale, softcap, temperature,
+            ignore_index, with_entropy, round_logits=logits_dtype is not None)
         empty = logp.new_empty(0)
         return logp, entropy, lse, empty, empty.clone(), torch.empty(0, dtype=torch.bool, device=logp.device)
     return tuple(_chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature,
-                                  ignore_index, with_entropy, want, chunk_size, deterministic))
+                                  ignore_index, with_entropy, want, chunk_size, deterministic,
+                                  logits_dtype=logits_dtype))
 
 
 @_fwd.register_fake
 def _fwd_fake(hidden, weight, bias, labels, logit_scale, softcap, temperature, ignore_index,
-              with_entropy, want_extras, chunk_size, deterministic, kernel):
+              with_entropy, want_extras, chunk_size, deterministic, kernel, logits_dtype):
     n = hidden.shape[0]
     dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
 
@@ -343,22 +443,24 @@ def _bwd(
     deterministic: bool,
     kernel: str,
     needs: list[bool],  # hidden, weight, bias
+    logits_dtype: torch.dtype | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if kernel == "fused":
         grads = _fused_kernels().linear_logprobs_backward(
-            grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, logit_scale,
-            softcap, temperature, ignore_index, needs[0], needs[1], needs[2], deterministic)
+            grad_logp, grad_entropy, *_fused_operands(hidden, weight, logits_dtype), bias, labels, lse,
+            entropy, logit_scale, softcap, temperature, ignore_index, needs[0], needs[1], needs[2],
+            deterministic, round_logits=logits_dtype is not None)
     else:
         grads = _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
                                   logit_scale, softcap, temperature, ignore_index, chunk_size,
-                                  deterministic, *needs)
+                                  deterministic, *needs, logits_dtype=logits_dtype)
     like = (hidden, weight, bias)
     return tuple(g.to(x.dtype) if g is not None else hidden.new_empty(0) for g, x in zip(grads, like))
 
 
 @_bwd.register_fake
 def _bwd_fake(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, logit_scale,
-              softcap, temperature, ignore_index, chunk_size, deterministic, kernel, needs):
+              softcap, temperature, ignore_index, chunk_size, deterministic, kernel, needs, logits_dtype):
     like = (hidden, weight, bias)
     return tuple(torch.empty_like(x) if need and x is not None else hidden.new_empty(0)
                  for need, x in zip(needs, like))
@@ -366,11 +468,11 @@ def _bwd_fake(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entrop
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, labels, logit_scale, softcap, temperature, ignore_index, with_entropy,
-     _, chunk_size, deterministic, kernel) = inputs
+     _, chunk_size, deterministic, kernel, logits_dtype) = inputs
     _, entropy, lse, *extras = output
     # A copy of the entropy: the caller may write the returned one in place (logprobs._setup_context).
     ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy.clone() if with_entropy else None)
-    ctx.hyper = (logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic, kernel)
+    ctx.hyper = (logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic, kernel, logits_dtype)
     ctx.with_entropy = with_entropy
     ctx.mark_non_differentiable(lse, *extras)
     ctx.set_materialize_grads(False)
@@ -381,15 +483,16 @@ def _backward(ctx, grad_logp, grad_entropy, *_):
     needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
              bias is not None and bool(ctx.needs_input_grad[2])]
     if not any(needs) or (grad_logp is None and (grad_entropy is None or not ctx.with_entropy)):
-        return (None,) * 13
+        return (None,) * 14
     if grad_logp is None:
         grad_logp = lse.new_zeros(lse.shape, dtype=torch.float32)
     g_entropy = grad_entropy if ctx.with_entropy else None
-    logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic, kernel = ctx.hyper
+    logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic, kernel, logits_dtype = ctx.hyper
     g_h, g_w, g_b = _bwd(grad_logp, g_entropy, hidden, weight, bias, labels, lse, entropy, logit_scale,
-                         softcap, temperature, ignore_index, chunk_size, deterministic, kernel, needs)
+                         softcap, temperature, ignore_index, chunk_size, deterministic, kernel, needs,
+                         logits_dtype)
     return (g_h if needs[0] else None, g_w if needs[1] else None, g_b if needs[2] else None,
-            *(None,) * 10)
+            *(None,) * 11)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -403,11 +506,11 @@ class _VocabParallel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, hyper, with_entropy, process_group, shard):
-        logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic = hyper
+        logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic, logits_dtype = hyper
         token_ops.check_label_range(labels, shard.total, ignore_index, op="linear_token_logprobs")
         logp, entropy, lse, *_ = _chunked_forward(
             hidden, weight, bias, labels, logit_scale, softcap, temperature, ignore_index, with_entropy,
-            (False, False, False), chunk_size, deterministic, vocab_start=shard.start)
+            (False, False, False), chunk_size, deterministic, vocab_start=shard.start, logits_dtype=logits_dtype)
         logp, entropy, lse = vocab_parallel.combine_forward(
             logp, entropy if with_entropy else None, lse, labels, shard, ignore_index, process_group)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy.clone() if with_entropy else None)
@@ -420,7 +523,7 @@ class _VocabParallel(torch.autograd.Function):
         import torch.distributed as dist
 
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-        logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic = ctx.hyper
+        logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic, logits_dtype = ctx.hyper
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         if entropy is None:
             grad_entropy = None
@@ -432,7 +535,7 @@ class _VocabParallel(torch.autograd.Function):
         g_h, g_w, g_b = _chunked_backward(
             grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, logit_scale, softcap,
             temperature, ignore_index, chunk_size, deterministic, True, needs[1], needs[2],
-            vocab_start=ctx.shard.start)
+            vocab_start=ctx.shard.start, logits_dtype=logits_dtype)
         # d hidden is needed for the all-reduce on every rank alike, whatever this rank needs.
         dist.all_reduce(g_h, op=dist.ReduceOp.SUM, group=ctx.group)
         grads = [g.to(x.dtype) if g is not None and need else None
@@ -456,6 +559,7 @@ def linear_token_logprobs(
     deterministic: bool = False,
     kernel: str | None = None,
     process_group=None,
+    logits_dtype: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, ...]:
     """Log-prob of each label (and optionally the entropy) under the LM head, without logits.
 
@@ -489,6 +593,15 @@ def linear_token_logprobs(
         kernel: ``"chunked"`` (GEMM per chunk + the token log-prob kernel; every device) or
             ``"fused"`` (Triton ``tl.dot`` kernel, GPU or TRITON_INTERPRET); None picks
             ``"chunked"``.
+        logits_dtype: None (default): logits tiles in fp32 (float64 for float64 inputs), the
+            more accurate choice. ``torch.bfloat16`` / ``torch.float16``: round each logits tile
+            and each logits-gradient tile to that dtype as TRL's fused LM head does under
+            autocast (see the module docstring), so that results match a TRL run with
+            ``torch.autocast(dtype=...)`` (or with inputs of that dtype) rather than the exact
+            values. hidden and weight are cast to it whatever their dtypes; the outputs stay
+            float32 and the gradients take the inputs' dtypes. ``torch.float32`` (``float64``
+            for float64 inputs) is the same as None; half dtypes with float64 inputs raise.
+            Every kernel and process_group support it.
         process_group: a ``torch.distributed`` group over which the LM head is sharded by
             vocabulary (Megatron / verl tensor parallel): ``weight`` (and ``bias``) are this
             rank's consecutive rows ``[V_r, H]`` in rank order (uneven allowed), ``hidden`` and
@@ -514,6 +627,9 @@ def linear_token_logprobs(
                   extra_outputs, chunk_size, sharded=process_group is not None)
     ignore_index = token_ops.check_ignore_index("linear_token_logprobs", ignore_index, labels)
     kernel = _check_kernel(kernel, extra_outputs, hidden, process_group)
+    logits_dtype = _check_logits_dtype(logits_dtype, hidden, weight)
+    if logits_dtype is not None and kernel == "fused":
+        raise ValueError("linear_token_logprobs: logits_dtype is not available with kernel='fused' yet")
     lead = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
     flat = flat if flat.stride(-1) == 1 else flat.contiguous()
@@ -522,14 +638,15 @@ def linear_token_logprobs(
     if process_group is not None:
         shard = vocab_parallel.shard_layout(weight.shape[0], process_group, hidden.device)
         hyper = (float(logit_scale), softcap, float(temperature), int(ignore_index), int(chunk_size or 0),
-                 bool(deterministic))
+                 bool(deterministic), logits_dtype)
         logp, entropy = _VocabParallel.apply(flat, weight, bias, labels.reshape(-1), hyper, bool(return_entropy),
                                              process_group, shard)
         return token_ops.LogprobsEntropy(logp.view(lead), entropy.view(lead)) if return_entropy else logp.view(lead)
     want = [name in extra_outputs for name in EXTRA_OUTPUTS]
     logp, entropy, _, *extras = _fwd(
         flat, weight, bias, labels.reshape(-1), float(logit_scale), softcap, float(temperature),
-        int(ignore_index), bool(return_entropy), want, int(chunk_size or 0), bool(deterministic), kernel)
+        int(ignore_index), bool(return_entropy), want, int(chunk_size or 0), bool(deterministic), kernel,
+        logits_dtype)
     named = dict(zip(EXTRA_OUTPUTS, extras))
     extras = {name: named[name].view(lead) for name in extra_outputs}
     if not extra_outputs:
@@ -537,6 +654,21 @@ def linear_token_logprobs(
     if return_entropy:
         return LogprobsEntropyExtras(logp.view(lead), entropy.view(lead), extras)
     return LogprobsExtras(logp.view(lead), extras)
+
+
+def _check_logits_dtype(logits_dtype, hidden: Tensor, weight: Tensor) -> torch.dtype | None:
+    """The dtype logits tiles are rounded to, or None for tiles in the accumulation dtype (fp32,
+    fp64 for float64 inputs), which is also what passing that dtype itself means."""
+    if logits_dtype is None:
+        return None
+    acc = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+    allowed = (torch.float64,) if acc == torch.float64 else (torch.bfloat16, torch.float16, torch.float32)
+    if not isinstance(logits_dtype, torch.dtype) or logits_dtype not in allowed:
+        raise ValueError(
+            "linear_token_logprobs: logits_dtype must be None, torch.bfloat16, torch.float16 or torch.float32 "
+            f"(None or torch.float64 for float64 hidden/weight, which compute in float64), got {logits_dtype!r} "
+            f"with hidden {hidden.dtype} and weight {weight.dtype}")
+    return None if logits_dtype == acc else logits_dtype
 
 
 def _check_kernel(kernel, extra_outputs, hidden: Tensor, process_group) -> str:

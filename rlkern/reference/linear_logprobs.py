@@ -17,6 +17,12 @@ and the optional per-token outputs TRL offers:
 It materializes the ``[N, V]`` logits in float64: exact, and only for small sizes. The log-prob
 and entropy math (and its all -inf and ignore_index conventions) is the token log-prob
 reference applied to ``logit_scale * (h W^T + b)``, with the softcap and temperature.
+
+``logits_dtype`` (bfloat16/float16) models a GEMM in that dtype, as TRL's fused head runs
+under autocast: ``h`` and ``W`` are rounded to it, ``x = round(round(h W^T) + round(b))`` (the
+product exact in float64, then rounded once), ``logit_scale * x`` and the rest in float64; in
+the backward ``d loss / d x`` is rounded to it before the exact products with the rounded ``h``
+and ``W``. Each rounding passes the gradient straight through otherwise.
 """
 
 from __future__ import annotations
@@ -28,13 +34,38 @@ from rlkern.reference import logprobs as token_reference
 EXTRA_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")
 
 
+def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` rounded to ``dtype`` (nearest even), as float64; the gradient passes unchanged."""
+    return x + (x.detach().to(dtype).to(torch.float64) - x.detach())
+
+
+class _RoundGrad(torch.autograd.Function):
+    """Identity whose backward rounds the incoming gradient to ``dtype``."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype).to(grad.dtype), None
+
+
 def logits64(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-             logit_scale: float) -> torch.Tensor:
-    """``logit_scale * (h W^T + b)`` in float64, ``[N, V]`` (before softcap and temperature)."""
-    y = hidden.to(torch.float64) @ weight.to(torch.float64).T
+             logit_scale: float, logits_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``logit_scale * (h W^T + b)`` in float64, ``[N, V]`` (before softcap and temperature);
+    with ``logits_dtype``, the rounded GEMM of the module docstring."""
+    h, w = hidden.to(torch.float64), weight.to(torch.float64)
+    if logits_dtype is None:
+        y = h @ w.T
+        if bias is not None:
+            y = y + bias.to(torch.float64)
+        return y * logit_scale
+    y = _round(_round(h, logits_dtype) @ _round(w, logits_dtype).T, logits_dtype)
     if bias is not None:
-        y = y + bias.to(torch.float64)
-    return y * logit_scale
+        y = _round(y + _round(bias.to(torch.float64), logits_dtype), logits_dtype)
+    return _RoundGrad.apply(y, logits_dtype) * logit_scale
 
 
 def linear_logprobs(
@@ -48,12 +79,14 @@ def linear_logprobs(
     logit_softcap: float | None = None,
     ignore_index: int = -100,
     extra_outputs: tuple[str, ...] = (),
+    logits_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Returns ``(logprobs [N], entropy [N], extras)`` in float64, differentiable w.r.t.
     hidden, weight and bias (autograd through the materialized logits); ``extras`` maps each
-    name of ``extra_outputs`` to its ``[N]`` tensor (``is_top1`` bool)."""
+    name of ``extra_outputs`` to its ``[N]`` tensor (``is_top1`` bool). ``logits_dtype``: the
+    rounded GEMM of the module docstring (None: exact)."""
     softcap = float(logit_softcap or 0.0)
-    y = logits64(hidden, weight, bias, logit_scale)
+    y = logits64(hidden, weight, bias, logit_scale, logits_dtype)
     z = token_reference._scaled(y, temperature, softcap)
     labels = labels.long()
     log_p = torch.log_softmax(z, dim=-1)
