@@ -252,6 +252,8 @@ HEAD_CASES = {
     "bf16-hidden-fp32-weight": dict(h=torch.bfloat16, w=torch.float32, autocast=None),
     "bf16-everything": dict(h=torch.bfloat16, w=torch.bfloat16, autocast=None),
     "cast-lm-head-to-fp32": dict(h=torch.float32, w=torch.float32, autocast=None),  # GRPO: fp32, autocast off
+    "fp16-autocast": dict(h=torch.float32, w=torch.float32, autocast=torch.float16),
+    "fp64": dict(h=torch.float64, w=torch.float64, autocast=None),
 }
 OUTPUT_SUBSETS = [("entropy",), (), ("is_top1",), ("log_sum_sq_probs", "mean_logits"), rt.OPTIONAL_OUTPUTS]
 
@@ -277,6 +279,25 @@ def test_fused_head_adapter_matches_trls_function(case, transform):
         assert [g is None or g.dtype for g in our_grads] == [g is None or g.dtype for g in trl_grads]
         names = ("logprobs", *rt.OPTIONAL_OUTPUTS)
         half = spec["autocast"] is not None or spec["h"] == torch.bfloat16
+        half_eps = torch.finfo(spec["autocast"] or torch.bfloat16).eps
+        if spec["h"] == torch.float64:
+            # TRL folds float64 tiles in float32; rlkern computes in float64: no further from the
+            # float64 reference than TRL (float32 outputs, float64 gradients, as TRL's).
+            hidden, weight, b, targets, ups = inputs
+            refs_in = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, b)]
+            extras = tuple(n for n in rt.OPTIONAL_OUTPUTS[1:] if n in outputs)
+            logp, entropy, ext = linear_reference.linear_logprobs(
+                *refs_in, targets, temperature=options["temperature"], logit_scale=options["scale"],
+                logit_softcap=options["softcap"], extra_outputs=extras)
+            ((logp * ups[0]).sum() + ((entropy * ups[1]).sum() if "entropy" in outputs else 0)).backward()
+            refs = [logp, entropy if "entropy" in outputs else None, *(ext.get(n) for n in rt.OPTIONAL_OUTPUTS[1:])]
+            for name, ours, theirs, ref in zip(names, our_out, trl_out, refs):
+                if ours is not None and ours.dtype != torch.bool:
+                    assert _max_diff(ours, ref) <= max(_max_diff(theirs, ref), 1e-6), (name, outputs)
+            for name, ours, theirs, ref in zip(("hidden", "weight", "bias"), our_grads, trl_grads, refs_in):
+                if ours is not None:
+                    assert _max_diff(ours, ref.grad) <= max(_max_diff(theirs, ref.grad), 1e-12), (name, outputs)
+            continue
         for name, ours, theirs, again in zip(names, our_out, trl_out, trl2_out):
             if ours is not None and ours.dtype == torch.bool:
                 assert _max_diff(ours, theirs) <= 0.05, (name, outputs)  # near-ties of the top logit
@@ -292,16 +313,17 @@ def test_fused_head_adapter_matches_trls_function(case, transform):
             if half:
                 # The d-logits tile is rounded to bf16 from fp32 values whose last bits depend on
                 # the GEMM shapes: one element may round the other way (one bf16 ulp of it).
-                tol += torch.finfo(torch.bfloat16).eps * theirs.abs().max().item()
+                tol += half_eps * theirs.abs().max().item()
             assert _max_diff(ours, theirs) <= tol, (name, outputs, _max_diff(ours, theirs), noise)
     # precision="trl" is TRL's numbers, roundings included: under a bf16 compute dtype the
     # rounded tiles put both runs at the same distance from the float64 reference of the
     # bf16-rounded inputs, far above the noise between them (checked in the half cases).
     if half:
         hidden, weight, b, targets, _ = inputs
+        half_dtype = spec["autocast"] or torch.bfloat16
         logp, _, _ = linear_reference.linear_logprobs(
-            hidden.detach().bfloat16().double(), weight.detach().bfloat16().double(),
-            None if b is None else b.detach().bfloat16().double(), targets, temperature=options["temperature"],
+            hidden.detach().to(half_dtype).double(), weight.detach().to(half_dtype).double(),
+            None if b is None else b.detach().to(half_dtype).double(), targets, temperature=options["temperature"],
             logit_scale=options["scale"], logit_softcap=options["softcap"])
         assert _max_diff(trl_out[0], logp) > 10 * _max_diff(our_out[0], trl_out[0])
 
