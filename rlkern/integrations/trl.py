@@ -26,7 +26,8 @@ Precision (``patch(precision=...)``):
   ``linear_token_logprobs(logits_dtype=...)``: each logits tile is a GEMM output rounded to that
   dtype (bias added in it), folded in fp32, and its gradient tile is rounded to it, as in TRL;
   the gradient GEMMs accumulate in fp32. Outputs are float32; gradients come back in the
-  inputs' dtypes.
+  inputs' dtypes. (float64 inputs: TRL folds its float64 tiles in float32, rlkern computes in
+  float64 and returns float32 outputs as TRL does.)
 - ``"fp32"``: rlkern's explicit opt-in, more accurate than TRL: autocast is ignored and the
   tiles are float32 products of the inputs as they are (float64 for float64 inputs).
 
