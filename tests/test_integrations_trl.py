@@ -177,6 +177,23 @@ def test_outputs_take_in_place_writes_like_trls(dtype):
     assert (grads["ours"].double() - ref).abs().max().item() <= max(slack, 4 * torch.finfo(dtype).eps * ref.abs().max().item())
 
 
+@pytest.mark.gpu
+@pytest.mark.peer
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropins_take_trls_dtype_on_cuda(dtype):
+    """On CUDA TRL runs its Triton kernel for fp16/bf16/fp32 (float32 outputs) and its PyTorch
+    path for float64 and top-K: the drop-ins return the same dtypes and numbers as close."""
+    logits = _logits((2, 5, 64), dtype).cuda()
+    index = torch.randint(0, 64, (2, 5), device="cuda")
+    ref = torch.log_softmax(logits.double(), -1)
+    for name, args, expected in (
+        ("selective_log_softmax", (index,), ref.gather(-1, index[..., None])[..., 0]),
+        ("selective_log_softmax", (index[..., None].repeat(1, 1, 3),), ref.gather(-1, index[..., None].repeat(1, 1, 3))),
+        ("entropy_from_logits", (), -(ref.exp() * ref).sum(-1)),
+    ):
+        _check_closer(getattr(rlkern, name)(logits, *args), _trl_fn(name)(logits, *args), expected, name)
+
+
 def test_token_logprobs_outputs_are_writable():
     """In-place writes on rlkern's own outputs give the gradient of the same out-of-place edit."""
     g = torch.Generator().manual_seed(8)
