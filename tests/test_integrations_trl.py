@@ -498,3 +498,25 @@ def test_patch_loss_with_the_real_overrides():
     for (owner, attr, _), original in zip(overrides, originals):
         assert vars(owner).get(attr) is original, (owner, attr)
 
+
+
+@pytest.mark.peer
+def test_patch_after_trl_wrapped_the_model():
+    """A trainer wraps its model in __init__; patch() afterwards still reaches the fused head
+    (TRL looks the function up at call time), and the outputs are TRL's."""
+    from _tiny_models import tiny_qwen2, tiny_tokenizer
+
+    model = tiny_qwen2(tiny_tokenizer(n_words=90), hidden_size=32)
+    trl_utils.add_fused_lm_head(model, temperature=0.9, outputs=("log_probs", "entropy", "is_top1"))
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    theirs = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    rt.patch()
+    before = rt.calls["ChunkedLogProbFunction"]
+    ours = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert rt.calls["ChunkedLogProbFunction"] == before + 1
+    torch.testing.assert_close(ours.log_probs, theirs.log_probs, rtol=0, atol=2e-6)
+    torch.testing.assert_close(ours.entropy, theirs.entropy, rtol=0, atol=2e-6)
+    assert torch.equal(ours.label_mask, theirs.label_mask) and torch.equal(ours.is_top1, theirs.is_top1)
+    assert (ours.log_probs[0, :2] == 0).all()  # TRL zeroes the -100 positions
