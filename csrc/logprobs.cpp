@@ -234,22 +234,26 @@ inline RowF64 row_f64(const BwdArgsT<double>& a, int64_t i) {
   return r;
 }
 
-// Gradient columns [j0, j1) of a live row (the label's one-hot term with expm1 for 1 - p near 1).
-inline void grad_f64(const RowF64& r, int64_t j0, int64_t j1, double inv_t, double cap) {
-  for (int64_t j = j0; j < j1; ++j) {
-    double w = r.z[j], sech2 = 1;
-    if (cap > 0) {
-      const double x = r.z[j] / cap;
-      w = cap * std::tanh(x);
-      const double e = std::exp(-2.0 * std::abs(x));
-      sech2 = 4 * e / ((1 + e) * (1 + e));
-    }
-    const double d = mul_rounded(w, inv_t) - r.lse;
-    const double p = std::exp(d);
-    double g = (j == r.yl && r.here) ? r.gl * -std::expm1(d) : -r.gl * p;
-    if (p > 0) g -= r.gh * p * (d + r.H);
-    r.g[j] = g * inv_t * sech2;
+// Gradient of column j of a live row whose logit is z (the label's one-hot term with expm1 for
+// 1 - p near 1).
+inline double grad_at_f64(const RowF64& r, int64_t j, double z, double inv_t, double cap) {
+  double w = z, sech2 = 1;
+  if (cap > 0) {
+    const double x = z / cap;
+    w = cap * std::tanh(x);
+    const double e = std::exp(-2.0 * std::abs(x));
+    sech2 = 4 * e / ((1 + e) * (1 + e));
   }
+  const double d = mul_rounded(w, inv_t) - r.lse;
+  const double p = std::exp(d);
+  double g = (j == r.yl && r.here) ? r.gl * -std::expm1(d) : -r.gl * p;
+  if (p > 0) g -= r.gh * p * (d + r.H);
+  return g * inv_t * sech2;
+}
+
+// Gradient columns [j0, j1) of a live row (column by column: g may alias z, in-place backward).
+inline void grad_f64(const RowF64& r, int64_t j0, int64_t j1, double inv_t, double cap) {
+  for (int64_t j = j0; j < j1; ++j) r.g[j] = grad_at_f64(r, j, r.z[j], inv_t, cap);
 }
 
 void bwd_rows_f64(const BwdArgsT<double>& a, double temperature, double cap, int64_t r0, int64_t r1) {
@@ -825,8 +829,13 @@ RLK_TGT void bwd_rows_f64_avx2_t(const BwdArgsT<double>& a, double inv_t, int64_
     // g = -(gl + gh (d + H)) p inv_t, p = e^d (the entropy term only where p > 0)
     const __m256d vl = _mm256_set1_pd(r.lse), vgl = _mm256_set1_pd(r.gl), vgh = _mm256_set1_pd(r.gh),
                   vh = _mm256_set1_pd(r.H), nit = _mm256_set1_pd(-inv_t);
+    // The label's column, exactly, from its logit read before the vector loop overwrites it
+    // (g aliases z in the in-place backward, which linear_token_logprobs' tiles use).
+    const int64_t vec_end = V / 4 * 4;
+    const bool label_in_vec = r.here && r.yl < vec_end;
+    const double label_grad = label_in_vec ? grad_at_f64(r, r.yl, r.z[r.yl], inv_t, 0.0) : 0.0;
     int64_t j = 0;
-    for (; j + 4 <= V; j += 4) {
+    for (; j < vec_end; j += 4) {
       const __m256d d = _mm256_sub_pd(v_u<UNIT>(_mm256_loadu_pd(r.z + j), it), vl);
       const __m256d p = v_exp_pd(d);
       const __m256d ent = _mm256_and_pd(_mm256_cmp_pd(p, zero, _CMP_GT_OQ),
@@ -834,7 +843,7 @@ RLK_TGT void bwd_rows_f64_avx2_t(const BwdArgsT<double>& a, double inv_t, int64_
       _mm256_storeu_pd(r.g + j, _mm256_mul_pd(_mm256_mul_pd(_mm256_add_pd(vgl, ent), p), nit));
     }
     grad_f64(r, j, V, inv_t, 0.0);
-    if (r.here && r.yl < j) grad_f64(r, r.yl, r.yl + 1, inv_t, 0.0);  // the label's column, exactly
+    if (label_in_vec) r.g[r.yl] = label_grad;
   }
 }
 

@@ -4,6 +4,8 @@ Every op takes the tensors a trainer already has and returns the numbers the tra
 code would compute, in float32, through Triton/CUDA kernels on GPU and C++ kernels on CPU.
 """
 
+import os as _os
+
 from rlkern import _checkout  # noqa: F401  (first: in a source checkout, maps kernels/ and benches/)
 from rlkern import _backend  # noqa: F401  (loads rlkern._C once, warns once if it is missing)
 from rlkern import trees
@@ -50,3 +52,6 @@ __all__ = [
     "trees",
 ]
 __all__ += _advantages.__all__  # advantages
+
+if _os.environ.get("RLKERN_PATCH_TRL") == "1":  # TRL on rlkern's kernels: rlkern/integrations/trl.py
+    import rlkern.integrations.trl  # noqa: E402,F401

@@ -81,6 +81,25 @@ def test_linear_logprobs_module_shares_the_head():
         LinearLogprobs(torch.nn.Embedding(3, 4))
 
 
+def test_patched_model_refuses_trls_fused_head_protocol():
+    """TRL's trainers call model(..., fused_lm_head=True) and read .log_probs: a patched model says
+    so instead of silently running another head (rlkern.integrations.trl.patch() is the tool there)."""
+    model = patch_causal_lm(_tiny("llama"))
+    input_ids = torch.randint(0, 301, (2, 7))
+    with pytest.raises(ValueError, match="^patch_causal_lm: got fused_lm_head=.*rlkern.integrations.trl.patch"):
+        model(input_ids=input_ids, labels=input_ids, fused_lm_head=True)
+    with pytest.raises(ValueError, match="^patch_causal_lm: got fused_lm_head="):
+        model(input_ids=input_ids, labels=input_ids, fused_lm_head=False)
+    # Wrapped by TRL afterwards (a trainer's init): TRL's fused calls would bypass the patch, so
+    # every call that still reaches it says so.
+    from conftest import import_peer
+
+    trl_utils = import_peer("trl.trainer.utils")
+    trl_utils.add_fused_lm_head(model)
+    with pytest.raises(ValueError, match="^patch_causal_lm: TRL's add_fused_lm_head wrapped"):
+        model(input_ids=input_ids)
+
+
 def test_logits_dtype_reaches_the_op():
     """LinearLogprobs and patch_causal_lm forward logits_dtype (defaults and per call) to
     linear_token_logprobs: the same numbers as the op called with it, not those without it."""

@@ -5,7 +5,8 @@ aligned with ``input_ids``, shifted inside like HF's ``labels``) or ``shift_labe
 (already shifted) runs the backbone, then :func:`rlkern.linear_token_logprobs` on the last
 hidden states and the output embeddings (the LM head), and returns a
 :class:`CausalLMLogprobsOutput`. Any other call goes to the original forward unchanged
-(generation keeps working).
+(generation keeps working), except TRL's ``fused_lm_head=``, which raises: this patch is for
+hand-written loops; TRL trainers use ``rlkern.integrations.trl.patch()``.
 
 The LM head's logit transform is read from the model's text config, so the log-probs are the
 model's own: ``final_logit_softcapping`` (Gemma 2/3), ``logit_scale`` (Cohere, multiplies),
@@ -76,6 +77,19 @@ def patch_causal_lm(model, *, temperature: float = 1.0, return_entropy: bool = F
 
     @functools.wraps(original)
     def forward(*args, logprob_labels=None, shift_labels=None, **kwargs):
+        if "fused_lm_head" in kwargs:
+            # TRL's protocol (trl.trainer.utils.add_fused_lm_head): passing it on would run TRL's
+            # own head, or the plain forward, while the caller believes rlkern runs.
+            raise ValueError(
+                "patch_causal_lm: got fused_lm_head=, TRL's fused-head protocol; this patch serves "
+                "hand-written loops (logprob_labels= / shift_labels=). In TRL trainers call "
+                "rlkern.integrations.trl.patch() instead, which runs TRL's fused head on rlkern, and "
+                "leave the model unpatched")
+        if _wrapped_by_trl(model, forward):
+            raise ValueError(
+                "patch_causal_lm: TRL's add_fused_lm_head wrapped this patched model; its fused calls "
+                "bypass this patch and run TRL's head. In TRL trainers call rlkern.integrations.trl.patch() "
+                "instead and leave the model unpatched (unpatch_causal_lm)")
         if logprob_labels is None and shift_labels is None:
             return original(*args, **kwargs)
         if logprob_labels is not None and shift_labels is not None:
@@ -97,6 +111,17 @@ def patch_causal_lm(model, *, temperature: float = 1.0, return_entropy: bool = F
     model._rlkern_original_forward = original
     model.forward = forward
     return model
+
+
+def _wrapped_by_trl(model, ours) -> bool:
+    """Whether ``model.forward`` is now a wrapper defined in a ``trl`` module (TRL's
+    ``add_fused_lm_head`` replaces it, keeping the wrapped function's name through functools.wraps,
+    but not its module globals)."""
+    current = model.__dict__.get("forward")
+    if current is None or current is ours:
+        return False
+    func = getattr(current, "__func__", current)
+    return str(getattr(func, "__globals__", {}).get("__name__", "")).split(".")[0] == "trl"
 
 
 def unpatch_causal_lm(model):

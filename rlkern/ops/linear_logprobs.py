@@ -472,7 +472,8 @@ def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, labels, logit_scale, softcap, temperature, ignore_index, with_entropy,
      _, chunk_size, deterministic, kernel, logits_dtype) = inputs
     _, entropy, lse, *extras = output
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy if with_entropy else None)
+    # A copy of the entropy: the caller may write the returned one in place (logprobs._setup_context).
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy.clone() if with_entropy else None)
     ctx.hyper = (logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic, kernel, logits_dtype)
     ctx.with_entropy = with_entropy
     ctx.mark_non_differentiable(lse, *extras)
@@ -514,7 +515,7 @@ class _VocabParallel(torch.autograd.Function):
             (False, False, False), chunk_size, deterministic, vocab_start=shard.start, logits_dtype=logits_dtype)
         logp, entropy, lse = vocab_parallel.combine_forward(
             logp, entropy if with_entropy else None, lse, labels, shard, ignore_index, process_group)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy.clone() if with_entropy else None)
         ctx.hyper, ctx.group, ctx.shard = hyper, process_group, shard
         ctx.set_materialize_grads(False)
         return logp, entropy if with_entropy else logp.new_empty(0)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from rlkern import _backend
 from rlkern.ops import _checks
-from rlkern.ops._layout import out_dtype
+from rlkern.ops._layout import out_dtype as out_dtype_of
 from rlkern.ops import vocab_parallel
 from rlkern.reference import logprobs as reference
 
@@ -163,6 +163,16 @@ def kernel_fns(backend: str):
     return FORWARD.get(backend), BACKWARD.get(backend)
 
 
+def _joined(parts: list[Tensor], shape) -> Tensor:
+    """The pieces' outputs as ONE tensor of ``shape`` that is not a view. An op output that is a
+    view (``cat(...).view(lead)``) is taken by autograd for one of several views of a shared
+    base, and then TRL's in-place writes on the log-probs (``lp[0, 2] = 0``, ``masked_fill_``)
+    raise; cat into a fresh tensor costs the same copy."""
+    out = parts[0].new_empty(shape)
+    torch.cat(parts, out=out.view(-1))
+    return out
+
+
 @torch.library.custom_op("rlkern::token_logprobs", mutates_args=())
 def _fwd(
     logits: Tensor,  # (N, V) or (B, T, V), stride(-1) == 1
@@ -181,9 +191,9 @@ def _fwd(
         for rows, row_labels in _pieces(logits, labels)
     ]
     lead = logits.shape[:-1]
-    logp = torch.cat([p[0] for p in parts]).view(lead)
-    lse = torch.cat([p[2] for p in parts]).view(lead)
-    entropy = torch.cat([p[1] for p in parts]).view(lead) if with_entropy else logp.new_empty(0)
+    logp = _joined([p[0] for p in parts], lead)
+    lse = _joined([p[2] for p in parts], lead)
+    entropy = _joined([p[1] for p in parts], lead) if with_entropy else logp.new_empty(0)
     if _backend.validate_enabled() and logits.device.type != "cpu" and logp.isnan().any():
         raise ValueError("token_logprobs produced NaN: check labels and logits (RLKERN_VALIDATE=1)")
     return logp, entropy, lse
@@ -192,7 +202,7 @@ def _fwd(
 @_fwd.register_fake
 def _fwd_fake(logits, labels, temperature, softcap, ignore_index, with_entropy, inplace_backward):
     lead = logits.shape[:-1]
-    dtype = out_dtype(logits)
+    dtype = out_dtype_of(logits)
     entropy = logits.new_empty(lead if with_entropy else (0,), dtype=dtype)
     return logits.new_empty(lead, dtype=dtype), entropy, logits.new_empty(lead, dtype=torch.float64)
 
@@ -254,7 +264,9 @@ def _bwd_inplace(
 def _setup_context(ctx, inputs, output):
     logits, labels, temperature, softcap, ignore_index, with_entropy, inplace_backward = inputs
     _, entropy, lse = output
-    ctx.save_for_backward(logits, labels, lse, entropy if with_entropy else None)
+    # The entropy the caller gets may be written in place (TRL masks it with masked_fill_): the
+    # backward reads its own copy ([N] floats) instead of the returned tensor.
+    ctx.save_for_backward(logits, labels, lse, entropy.clone() if with_entropy else None)
     ctx.hyper = (temperature, softcap, ignore_index)
     ctx.with_entropy = with_entropy
     # Writing grads into the logits buffer is only sound in eager mode; compiled graphs keep
@@ -300,11 +312,11 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             labels.reshape(-1), shard, ignore_index, process_group,
         )
         lead = logits.shape[:-1]
-        logp, lse = logp.view(lead), lse.view(lead)
-        entropy = entropy.view(lead) if with_entropy else logp.new_empty(0)
+        logp, lse = _joined([logp], lead), _joined([lse], lead)
+        entropy = _joined([entropy], lead) if with_entropy else logp.new_empty(0)
         if _backend.validate_enabled() and logits.device.type != "cpu" and logp.isnan().any():
             raise ValueError("token_logprobs produced NaN: check labels and logits (RLKERN_VALIDATE=1)")
-        ctx.save_for_backward(logits, labels, lse, entropy if with_entropy else None)
+        ctx.save_for_backward(logits, labels, lse, entropy.clone() if with_entropy else None)  # see _setup_context
         ctx.hyper = (temperature, softcap, ignore_index)
         ctx.with_entropy = with_entropy
         ctx.inplace = inplace_backward
@@ -417,59 +429,100 @@ def _trl_rows(op: str, logits: Tensor, index: Tensor, row_mask: Tensor | None) -
     return flat_logits, labels.reshape(flat_logits.shape[:-1])
 
 
+def _trl_out_dtype(op: str, out_dtype, logits: Tensor, index: Tensor | None = None,
+                   row_mask: Tensor | None = None) -> torch.dtype:
+    """The dtype TRL 1.16 returns for these logits, unless ``out_dtype`` names one.
+
+    TRL's Triton kernel (``trl.kernels.logprob_entropy``, taken on CUDA/XPU for fp16/bf16/fp32
+    logits of 1-3 dims with a contiguous last dim, one index per row) returns float32; its
+    PyTorch path (CPU, top-K indices, float64, strided rows) returns the logits' dtype
+    (``trl.trainer.utils._supports_trl_loss_kernel`` decides)."""
+    if out_dtype is not None:
+        if out_dtype not in _checks.FLOATS:
+            raise TypeError(f"{op}: out_dtype must be None (TRL's dtype) or a float dtype, got {out_dtype!r}")
+        return out_dtype
+    kernel = (
+        _backend.has_triton()
+        and logits.device.type in ("cuda", "xpu")
+        and logits.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and 1 <= logits.ndim <= 3
+        and logits.stride(-1) == 1
+        and logits.shape[-1] > 0
+        and (index is None or (index.shape == logits.shape[:-1] and index.device == logits.device))
+        and (row_mask is None or (row_mask.dtype in (torch.bool, torch.int32, torch.int64)
+                                  and row_mask.device == logits.device))
+    )
+    return torch.float32 if kernel else logits.dtype
+
+
 def selective_log_softmax(
     logits: Tensor,
     index: Tensor,
     temperature: float = 1.0,
     row_mask: Tensor | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Drop-in for TRL 1.16's ``trl.trainer.utils.selective_log_softmax``.
+    """Drop-in for TRL 1.16's ``trl.trainer.utils.selective_log_softmax``: TRL's shapes, dtype
+    and autograd behaviour, rlkern's arithmetic (fp32 accumulation, one rounding at the end).
 
     Args:
         logits: ``(..., V)``.
         index: ``(...)`` (one log-prob per row, the fused kernel) or ``(..., K)`` (K per row,
-            e.g. top-K; PyTorch log-sum-exp per row, as TRL does).
+            e.g. top-K; PyTorch log-sum-exp per row in float32, as TRL does).
         temperature: divides the logits (TRL default 1.0).
-        row_mask: shape of ``index``; positions where it is 0 return 0.
+        row_mask: shape of ``index``; positions where it is 0 return 0 (and no gradient).
+        out_dtype: None returns TRL's dtype: the logits' dtype (TRL's PyTorch path), float32
+            where TRL runs its Triton kernel (CUDA, fp16/bf16/fp32 logits, one index per row).
+            ``torch.float32`` keeps rlkern's float32 result unrounded (float64 logits stay exact
+            either way).
 
     Returns:
-        Log-probabilities with the shape of ``index``, float32 (float64 for float64 logits).
+        Log-probabilities with the shape of ``index``; a tensor of its own (in-place writes are
+        fine, also while it requires grad).
     """
     if temperature <= 0:
         raise ValueError(f"selective_log_softmax: temperature must be positive, got {temperature!r}")
     if index.ndim == logits.ndim - 1:
+        dtype = _trl_out_dtype("selective_log_softmax", out_dtype, logits, index, row_mask)
         flat_logits, labels = _trl_rows("selective_log_softmax", logits, index, row_mask)
         logp = token_logprobs(flat_logits, labels, temperature=temperature, ignore_index=_MASKED_LABEL)
-        return logp.reshape(index.shape)
+        return logp.reshape(index.shape).to(dtype)
     if index.ndim != logits.ndim or index.shape[:-1] != logits.shape[:-1]:
         raise ValueError(
             f"selective_log_softmax: index must have shape {tuple(logits.shape[:-1])} or {tuple(logits.shape[:-1])} + (K,), "
             f"got {tuple(index.shape)}"
         )
-    scaled = logits.to(out_dtype(logits)) / temperature
+    # Top-K indices take TRL's PyTorch path everywhere: the logits' dtype.
+    dtype = logits.dtype if out_dtype is None else _trl_out_dtype("selective_log_softmax", out_dtype, logits)
+    scaled = logits.to(out_dtype_of(logits)) / temperature
     lse = torch.stack([torch.logsumexp(row, dim=-1) for row in scaled.reshape(-1, logits.shape[-1])])
     logp = scaled.gather(-1, index.long()) - lse.reshape(index.shape[:-1])[..., None]
     if row_mask is not None:
         logp = logp.masked_fill(row_mask == 0, 0.0)
-    return logp
+    return logp.to(dtype)
 
 
-def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
-    """Drop-in for TRL 1.16's ``trl.trainer.utils.entropy_from_logits``.
+def entropy_from_logits(logits: Tensor, chunk_size: int = 128, *, out_dtype: torch.dtype | None = None) -> Tensor:
+    """Drop-in for TRL 1.16's ``trl.trainer.utils.entropy_from_logits`` (TRL's shape and dtype,
+    rlkern's fp32 arithmetic).
 
     Args:
         logits: ``(..., V)``.
         chunk_size: accepted for compatibility; the fused kernel needs no chunking (its memory
             is O(rows) whatever the chunk).
+        out_dtype: None returns TRL's dtype (see :func:`selective_log_softmax`);
+            ``torch.float32`` the unrounded float32 entropy.
 
     Returns:
-        Entropy (nats) of shape ``logits.shape[:-1]``, float32 (float64 for float64 logits).
+        Entropy (nats) of shape ``logits.shape[:-1]``, a tensor of its own.
     """
     del chunk_size
+    dtype = _trl_out_dtype("entropy_from_logits", out_dtype, logits)
     flat = logits if logits.ndim in (2, 3) else logits.reshape(-1, logits.shape[-1])
     labels = torch.full(flat.shape[:-1], _MASKED_LABEL, dtype=torch.int64, device=logits.device)
     _, entropy = token_logprobs(flat, labels, ignore_index=_MASKED_LABEL, return_entropy=True)
-    return entropy.reshape(logits.shape[:-1])
+    return entropy.reshape(logits.shape[:-1]).to(dtype)
 
 
 def selective_log_softmax_and_entropy(
@@ -478,8 +531,11 @@ def selective_log_softmax_and_entropy(
     entropy_requires_grad: bool = True,
     temperature: float = 1.0,
     row_mask: Tensor | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Drop-in for TRL 1.16's ``trl.trainer.utils.selective_log_softmax_and_entropy``.
+    """Drop-in for TRL 1.16's ``trl.trainer.utils.selective_log_softmax_and_entropy`` (one
+    pass over the logits for both outputs).
 
     Args:
         logits: ``(..., V)``.
@@ -487,18 +543,21 @@ def selective_log_softmax_and_entropy(
         entropy_requires_grad: when False the entropy is returned detached (TRL default True).
         temperature: divides the logits (TRL default 1.0).
         row_mask: shape of ``index``; rows where it is 0 return 0 log-prob and 0 entropy.
+        out_dtype: None returns TRL's dtype (see :func:`selective_log_softmax`).
 
     Returns:
-        ``(logprobs, entropy)``, both of shape ``index.shape``, float32.
+        ``(logprobs, entropy)``, both of shape ``index.shape``, each a tensor of its own.
     """
     if temperature <= 0:
         raise ValueError(f"selective_log_softmax_and_entropy: temperature must be positive, got {temperature!r}")
     if index.ndim != logits.ndim - 1:
         raise ValueError(f"selective_log_softmax_and_entropy: index must have shape {tuple(logits.shape[:-1])}, got {tuple(index.shape)}")
+    dtype = _trl_out_dtype("selective_log_softmax_and_entropy", out_dtype, logits, index, row_mask)
     flat_logits, labels = _trl_rows("selective_log_softmax_and_entropy", logits, index, row_mask)
     logp, entropy = token_logprobs(flat_logits, labels, temperature=temperature,
                                    ignore_index=_MASKED_LABEL, return_entropy=True)
-    logp, entropy = logp.reshape(index.shape), entropy.reshape(index.shape)
+    logp, entropy = logp.reshape(index.shape).to(dtype), entropy.reshape(index.shape)
     if row_mask is not None:
         entropy = entropy.masked_fill(row_mask == 0, 0.0)
+    entropy = entropy.to(dtype)
     return logp, entropy if entropy_requires_grad else entropy.detach()

@@ -1,0 +1,279 @@
+"""TRL 1.16 on rlkern's kernels: ``import rlkern.integrations.trl as rt; rt.patch()``.
+
+What ``patch()`` replaces, before the first forward and whatever the import order:
+
+- the fused LM head every TRL trainer scores tokens with (GRPO, RLOO, DPO, KTO, SFT, ...:
+  ``trl.trainer.utils.add_fused_lm_head`` calls the module global ``_ChunkedLogProbFunction``,
+  i.e. ``trl.kernels.ChunkedLogProbFunction``) by :data:`ChunkedLogProbFunction`, an adapter with
+  TRL's ``.apply`` signature on :func:`rlkern.linear_token_logprobs`' chunked kernel;
+- ``selective_log_softmax``, ``entropy_from_logits`` and ``selective_log_softmax_and_entropy``
+  of ``trl.trainer.utils`` by rlkern's drop-ins (``rlkern.ops.logprobs``), wherever a TRL module
+  holds them under any name (the experimental a2po, cpo, orpo, sdft, sdpo and tpo trainers import
+  them by name).
+
+How: the originals are read from ``trl.trainer.utils`` (imported here), then every loaded
+``trl.*`` module attribute that IS one of them (identity, not name) is replaced. Modules imported
+later bind the replacement, because ``from ...trainer.utils import selective_log_softmax`` reads
+the already patched module. ``unpatch()`` restores every replaced attribute, including those of
+modules imported after ``patch()`` (found again by identity), so no import hook is needed.
+
+Precision (``patch(precision=...)``):
+
+- ``"trl"`` (default): what TRL computes under each precision it offers. TRL's compute dtype is
+  the autocast dtype when autocast is on (TRL's default ``bf16=True``), else ``hidden.dtype``;
+  ``cast_lm_head_to_fp32`` (GRPO) turns autocast off and hands fp32 hidden states. Inputs wider
+  than the compute dtype are rounded to it, as TRL does. A bf16/fp16 compute dtype runs
+  ``linear_token_logprobs(logits_dtype=...)``: each logits tile is a GEMM output rounded to that
+  dtype (bias added in it), folded in fp32, and its gradient tile is rounded to it, as in TRL;
+  the gradient GEMMs accumulate in fp32. Outputs are float32; gradients come back in the
+  inputs' dtypes. (float64 inputs: TRL folds its float64 tiles in float32, rlkern computes in
+  float64 and returns float32 outputs as TRL does.)
+- ``"fp32"``: rlkern's explicit opt-in, more accurate than TRL: autocast is ignored and the
+  tiles are float32 products of the inputs as they are (float64 for float64 inputs).
+
+Not covered: TRL's ``chunk_size`` counts vocabulary columns per tile; the adapter accepts it and
+sizes its own token tiles (``rlkern.ops.linear_logprobs``: 16 MiB of fp32 logits on CPU, 256 MiB
+on GPU). Targets must be in ``[0, V)`` (TRL clamps its labels before the call); another value
+raises. ``patch(loss=True)`` also installs rlkern's trainer losses
+(``rlkern.integrations._trl_loss.loss_overrides()``).
+
+``RLKERN_PATCH_TRL=1`` in the environment makes importing this module (and ``import rlkern``)
+call ``patch()``. :data:`calls` counts the calls that ran on rlkern, per replaced name.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import importlib
+import os
+import sys
+
+import torch
+
+from rlkern.ops import _checks
+from rlkern.ops import linear_logprobs as _linear
+from rlkern.ops import logprobs as _token
+
+PRECISIONS = ("trl", "fp32")
+# TRL's per-token outputs besides the log-probs (trl/kernels/chunked_logprob.py OPTIONAL_OUTPUTS).
+OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+_HALF = (torch.float16, torch.bfloat16)
+_WIDTH = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}
+# Targets never equal it, so no row is ignored (TRL has no ignore_index: it clamps its labels).
+_NO_IGNORE = -(2**62)
+
+calls: collections.Counter = collections.Counter()
+_state = {"precision": "trl", "patched": [], "loss": [], "replacements": {}}
+
+
+def call_count() -> int:
+    """How many calls ran on rlkern through the patched names since import (all names)."""
+    return sum(calls.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused-head adapter.
+
+
+def _compute_dtype(hidden: torch.Tensor, precision: str) -> torch.dtype:
+    """TRL's compute dtype (``trl.kernels.ChunkedLogProbFunction.forward``), or fp32 / fp64."""
+    if precision == "fp32":
+        return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
+def _logits_dtype(compute_dtype: torch.dtype) -> torch.dtype | None:
+    """A half-precision compute dtype rounds every logits tile (and its gradient) to it, as TRL's
+    GEMM in that dtype does: ``linear_token_logprobs(logits_dtype=)``, which also casts hidden,
+    weight and bias to it."""
+    return compute_dtype if compute_dtype in _HALF else None
+
+
+def _operands(hidden, weight, bias, compute_dtype):
+    """hidden, weight, bias as the kernel takes them. TRL casts them to the compute dtype. With a
+    half compute dtype ``logits_dtype`` does it; otherwise widening is exact (the kernels widen
+    themselves), so only a narrowing cast (an fp64 weight under fp32 compute) is done here."""
+    if compute_dtype in _HALF:
+        return hidden, weight, bias
+    return tuple(t if t is None or _WIDTH[t.dtype] <= _WIDTH[compute_dtype] else t.to(compute_dtype)
+                 for t in (hidden, weight, bias))
+
+
+class _FusedHead(torch.autograd.Function):
+    """rlkern's chunked linear log-prob kernel with TRL's outputs, saved state and backward
+    context (``maybe_gather_lm_head_ctx``: ZeRO-3 gathers the head again for the recompute)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, softcap, logit_scale, want, compute_dtype,
+                out_dtype):
+        ctx.set_materialize_grads(False)
+        device = hidden.device.type
+        with torch.autocast(device, enabled=False):  # rlkern's GEMMs pick their own dtypes
+            h, w, b = _operands(hidden, weight, bias, compute_dtype)
+            _token.check_label_range(targets, weight.shape[0], _NO_IGNORE, name="targets",
+                                     op="ChunkedLogProbFunction")
+            logp, entropy, lse, *extras = _linear._chunked_forward(
+                h, w, b, targets, float(logit_scale), softcap, float(temperature), _NO_IGNORE, want["entropy"],
+                (want["log_sum_sq_probs"], want["mean_logits"], want["is_top1"]), 0, False,
+                logits_dtype=_logits_dtype(compute_dtype))
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if want["entropy"] else None)
+        ctx.hyper = (float(temperature), softcap, float(logit_scale), compute_dtype)
+        outs = [logp.to(out_dtype)]
+        outs.append(entropy.to(out_dtype) if want["entropy"] else None)
+        for name, value in zip(OPTIONAL_OUTPUTS[1:], extras):
+            outs.append((value if value.dtype == torch.bool else value.to(out_dtype)) if want[name] else None)
+        ctx.mark_non_differentiable(*(x for x in outs[2:] if x is not None))
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, *_):
+        from trl.trainer import utils as trl_utils  # looked up at call time, as TRL's own backward does
+
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        temperature, softcap, logit_scale, compute_dtype = ctx.hyper
+        needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
+                 bias is not None and bool(ctx.needs_input_grad[2])]
+        if entropy is None:
+            grad_entropy = None
+        if not any(needs) or (grad_logp is None and grad_entropy is None):
+            return (None,) * 10
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse, dtype=torch.float32)
+        with trl_utils.maybe_gather_lm_head_ctx(weight, bias), torch.autocast(hidden.device.type, enabled=False):
+            h, w, b = _operands(hidden, weight, bias, compute_dtype)
+            grads = _linear._chunked_backward(
+                grad_logp, grad_entropy, h, w, b, targets, lse, entropy, logit_scale, softcap, temperature,
+                _NO_IGNORE, 0, False, *needs, logits_dtype=_logits_dtype(compute_dtype))
+        # float32 (float64) accumulators, returned in the inputs' dtypes as TRL does.
+        out = [g.to(x.dtype) if g is not None and need else None
+               for g, x, need in zip(grads, (hidden, weight, bias), needs)]
+        return (*out, *(None,) * 7)
+
+
+class ChunkedLogProbFunction:
+    """Stands in for ``trl.kernels.ChunkedLogProbFunction`` (TRL 1.16) on rlkern's kernel.
+
+    ``ChunkedLogProbFunction.apply(hidden [N, H], weight [V, H], bias [V] | None, targets [N],
+    temperature, chunk_size, final_logit_softcapping=None, logit_scale=1.0, outputs=(...))``
+    returns TRL's 5-tuple ``(logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1)``, None in
+    the slots ``outputs`` does not request; float32, ``is_top1`` bool. ``logprobs`` and
+    ``entropy`` are differentiable wrt hidden, weight and bias (gradients in their dtypes). TRL's
+    ``chunk_size`` (vocabulary columns per tile) is accepted; rlkern sizes its own token tiles.
+    The precision follows ``patch(precision=...)`` (module docstring).
+    """
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=OPTIONAL_OUTPUTS):
+        op = "ChunkedLogProbFunction"
+        if not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise ValueError(f"{op}: chunk_size must be an int > 0 (TRL's vocabulary columns per tile), "
+                             f"got {chunk_size!r}")
+        if isinstance(outputs, str):
+            raise ValueError(f"{op}: outputs must be a tuple of names among {OPTIONAL_OUTPUTS}, got {outputs!r}")
+        calls["ChunkedLogProbFunction"] += 1
+        precision = _state["precision"]
+        compute_dtype = _compute_dtype(hidden, precision)
+        # TRL returns float32 whatever the compute dtype; rlkern's fp32 mode keeps float64 exact.
+        out_dtype = torch.float64 if precision == "fp32" and compute_dtype == torch.float64 else torch.float32
+        softcap = float(final_logit_softcapping) if final_logit_softcapping is not None else 0.0
+        if softcap < 0 or softcap != softcap:
+            raise ValueError(f"{op}: final_logit_softcapping must be None or > 0, got {final_logit_softcapping!r}")
+        want = {name: name in outputs for name in OPTIONAL_OUTPUTS}
+        return _FusedHead.apply(hidden, weight, bias, targets, temperature, softcap, logit_scale, want,
+                                compute_dtype, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Patching.
+
+
+def _counted(name: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+_REPLACEMENTS = {
+    "selective_log_softmax": _counted("selective_log_softmax", _token.selective_log_softmax),
+    "entropy_from_logits": _counted("entropy_from_logits", _token.entropy_from_logits),
+    "selective_log_softmax_and_entropy": _counted("selective_log_softmax_and_entropy",
+                                                  _token.selective_log_softmax_and_entropy),
+    "_ChunkedLogProbFunction": ChunkedLogProbFunction,
+}
+
+
+def _trl_modules():
+    return [m for name, m in list(sys.modules.items())
+            if m is not None and (name == "trl" or name.startswith("trl."))]
+
+
+def _module_vars(module) -> dict:
+    try:
+        return dict(vars(module))
+    except TypeError:
+        return {}
+
+
+def patch(*, loss: bool = False, precision: str = "trl") -> None:
+    """Run TRL's token scoring (and with ``loss=True`` its losses) on rlkern. Call it before the
+    first forward; calling it again changes ``precision`` (and adds the losses)."""
+    _checks.choice("patch", "precision", precision, PRECISIONS)
+    _state["precision"] = precision
+    if not _state["patched"]:
+        from trl.trainer import utils as trl_utils
+
+        by_id = {id(getattr(trl_utils, name)): (getattr(trl_utils, name), repl) for name, repl in _REPLACEMENTS.items()}
+        _state["replacements"] = {id(repl): original for original, repl in by_id.values()}
+        for module in _trl_modules():
+            for attr, value in _module_vars(module).items():
+                hit = by_id.get(id(value))
+                if hit is not None and hit[0] is value:
+                    setattr(module, attr, hit[1])
+                    _state["patched"].append((module, attr, value))
+    if loss and not _state["loss"]:
+        _patch_losses()
+
+
+def _patch_losses() -> None:
+    try:
+        _trl_loss = importlib.import_module("rlkern.integrations._trl_loss")
+    except ModuleNotFoundError as error:
+        if error.name != "rlkern.integrations._trl_loss":
+            raise
+        raise ImportError("patch: loss=True needs rlkern.integrations._trl_loss, which this install lacks") from None
+    for owner, attr, replacement in _trl_loss.loss_overrides():
+        had = attr in _module_vars(owner)
+        _state["loss"].append((owner, attr, _module_vars(owner).get(attr), had))
+        setattr(owner, attr, replacement)
+
+
+def unpatch() -> None:
+    """Restore every object ``patch()`` replaced (the same objects: ``is`` holds)."""
+    originals = _state["replacements"]
+    for module, attr, original in reversed(_state["patched"]):
+        setattr(module, attr, original)
+    # Modules imported after patch() bound the replacements: find them by identity.
+    for module in _trl_modules():
+        for attr, value in _module_vars(module).items():
+            if id(value) in originals and any(value is r for r in _REPLACEMENTS.values()):
+                setattr(module, attr, originals[id(value)])
+    for owner, attr, original, had in reversed(_state["loss"]):
+        if had:
+            setattr(owner, attr, original)
+        else:
+            delattr(owner, attr)
+    _state.update(patched=[], loss=[], replacements={}, precision="trl")
+
+
+def is_patched() -> bool:
+    return bool(_state["patched"])
+
+
+if os.environ.get("RLKERN_PATCH_TRL") == "1":
+    patch()
