@@ -19,6 +19,7 @@ import importlib.machinery
 import importlib.util
 import inspect
 import os
+import pickle
 import sys
 from unittest.mock import MagicMock
 
@@ -254,7 +255,7 @@ def test_value_loss_parity(patched, clip_eps, token_level, norms, dtype):
     kw = dict(dp_size=2, batch_num_tokens=torch.tensor(30.0), global_batch_size=torch.tensor(7.0)) if norms else {}
 
     def run(cls, d):
-        v = values.to(d).requires_grad_()
+        v = values.to(d, copy=True).requires_grad_()
         loss = cls(clip_eps, token_level)(v, old.to(d), returns.to(d), action_mask=mask, **kw)
         loss.backward()
         return loss.detach(), v.grad
@@ -340,7 +341,7 @@ def test_log_probs_from_logits_parity(patched, temperature, dtype):
     labels = torch.randint(0, 41, (3, 7), generator=g)
 
     def run(fn, d):
-        leaf = master.to(d).requires_grad_()
+        leaf = master.to(d, copy=True).requires_grad_()
         logits = leaf * 1.0  # OpenRLHF divides in place: not a leaf
         out = fn(logits, labels, temperature)
         out.float().sum().backward()
@@ -364,7 +365,7 @@ def test_compute_entropy_parity(patched, dtype):
     master = (torch.randn(2, 9, 53, generator=g, dtype=torch.float64) * 2).to(dtype)
 
     def run(fn, d):
-        leaf = master.to(d).requires_grad_()
+        leaf = master.to(d, copy=True).requires_grad_()
         out = fn(leaf)
         out.float().sum().backward()
         return out.detach(), leaf.grad
@@ -461,6 +462,8 @@ def test_patch_before_import_and_direct_file_loads(orl):
                 assert ro.patch_module(module) == 3
             assert hasattr(module.compute_approx_kl, "_rlkern_original")
             direct.append(module)
+        copy = pickle.loads(pickle.dumps(direct[0].__spec__.loader))  # dill / multiprocessing pickle loaders
+        assert copy.get_filename() == direct[0].__file__
         ro.unpatch()
         utils, loss = fresh["openrlhf.models.utils"], fresh["openrlhf.models.loss"]
         for (m, name), value in _attrs(fresh).items():
@@ -524,3 +527,40 @@ def test_actor_forward_patched_equals_unpatched(orl, monkeypatch):
         assert (x is None) == (y is None)
         if x is not None:
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+# --- the pytest plugin (.ci/peer-tests-openrlhf runs OpenRLHF's own tests with it) --------------
+
+_PLUGIN_TEST = '''
+import importlib.machinery, importlib.util, os, sys, types
+import torch
+
+def test_kl():
+    # as OpenRLHF's tests load models/utils.py: straight from the file, under another name
+    if importlib.util.find_spec("deepspeed") is None:
+        stub = types.ModuleType("deepspeed")
+        stub.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)
+        sys.modules["deepspeed"] = stub
+    root = os.path.dirname(importlib.util.find_spec("openrlhf").origin)
+    spec = importlib.util.spec_from_file_location("_plugin_utils", os.path.join(root, "models", "utils.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if os.environ.get("CALL_KL") == "1":
+        x = torch.randn(3)
+        assert module.compute_approx_kl(x, x).abs().max() == 0
+'''
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("call,expect,ok", [("1", "compute_approx_kl", True), ("0", "", False)])
+def test_pytest_plugin_fails_when_rlkern_never_ran(orl, tmp_path, call, expect, ok):
+    import subprocess
+
+    (tmp_path / "test_plugin_case.py").write_text(_PLUGIN_TEST)
+    env = dict(os.environ, CALL_KL=call, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "rlkern.integrations._pytest_openrlhf",
+           "--rlkern-expect", expect, str(tmp_path / "test_plugin_case.py")]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert (result.returncode == 0) == ok, result.stdout + result.stderr
+    assert "1 passed" in result.stdout, result.stdout
+    assert f"compute_approx_kl={call}" in result.stdout

@@ -23,7 +23,7 @@ addition: float32 outputs, float64 for float64 inputs, instead of OpenRLHF's dty
   through ``rlkern.value_loss`` / ``rlkern.aggregate``; an empty mask gives 0 (OpenRLHF: NaN).
 - ``PolicyLoss``: ``rlkern.algos.policy_loss.PolicyLoss``, re-exported.
 
-OpenRLHF's DPO / KTO losses are not here yet (rlkern's preference ops will cover them).
+OpenRLHF's ``DPOLoss`` is not here yet (TODO: rlkern's preference ops).
 """
 
 from __future__ import annotations

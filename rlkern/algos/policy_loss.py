@@ -190,10 +190,6 @@ def openrlhf_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Te
     return coef, filtered
 
 
-def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
-    return x.mean() if mask is None else reference.masked_mean(x, mask)
-
-
 def _plain_masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
     # OpenRLHF's models/utils.py masked_mean: no epsilon in the denominator (NaN for an empty
     # mask) and the dtype its type promotion gives; metrics only, so the extra pass is cheap.

@@ -23,7 +23,10 @@ plugin ``rlkern.integrations._pytest_openrlhf`` does the former for OpenRLHF's o
 the calls that went to rlkern, per name.
 
 Not covered: ``aggregate_loss`` / ``masked_mean`` (cheap reductions OpenRLHF keeps), the SFT /
-reward-model losses. TODO (preference ops): OpenRLHF's ``DPOLoss`` and ``KTOLoss``.
+reward-model losses (``GPTLMLoss``, ``SFTLoss``, ``PairWiseLoss``, ``LogExpLoss``).
+
+TODO (preference ops issue): OpenRLHF's ``DPOLoss`` (DPO, IPO, cDPO label smoothing; 0.11.2
+ships no KTO loss) once rlkern has its preference-loss kernels.
 """
 
 from __future__ import annotations
@@ -173,6 +176,8 @@ class _Loader:
         patch_module(module)
 
     def __getattr__(self, name):
+        if name == "_loader":  # not set yet: an unpickled copy (dill pickles module loaders)
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
 
