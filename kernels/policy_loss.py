@@ -206,6 +206,12 @@ def _kl_token(lp, ref, KL: tl.constexpr, KL_ST: tl.constexpr):
         x = tl.minimum(tl.maximum(-diff, -_BOUND), _BOUND)
         e = tl.exp(x)
         v = e - x - 1.0
+        if x.dtype == tl.float32:
+            # e - x - 1 cancels for small |x|; below 0.5 the Taylor series to x^9 / 9! keeps k3
+            # within a few ulp (csrc/policy_loss.cpp, kl_token). float64 needs no series.
+            series = x * x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (
+                1.0 / 720 + x * (1.0 / 5040 + x * (1.0 / 40320 + x * (1.0 / 362880))))))))
+            v = tl.where(tl.abs(x) < 0.5, series, v)
         value = tl.minimum(tl.maximum(v, -_K3_BOUND), _K3_BOUND)
         live = (-diff >= -_BOUND) & (-diff <= _BOUND) & (v <= _K3_BOUND)
         deriv = tl.where(live, 1.0 - e, 0.0)

@@ -25,9 +25,11 @@ and returns its five outputs ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_rat
   the coefficient, which rlkern's kernel multiplies into the policy term (``is_weights``). Unlike
   verl's rejection sampling, a rejected token keeps its place in the normalizer (OpenRLHF).
 
-Differences: an empty mask gives loss 0 (OpenRLHF: NaN); ``ppo_kl`` is rlkern's ``approx_kl``
-(log-ratio clamped to [-20, 20] like verl, OpenRLHF's is unclamped) and its masked means have
-verl's + 1e-8 in the denominator.
+Outputs have OpenRLHF's dtypes (its type promotion of the inputs: float32 for float32 inputs,
+bfloat16 for an all-bfloat16 token-level loss; rlkern computes in float32 and rounds), or
+rlkern's (float32, float64 for float64 inputs) with ``fp32=True``. ``ppo_kl`` and ``vllm_kl``
+are OpenRLHF's plain masked means of the unclamped log-ratio (an empty mask gives NaN there, as
+in OpenRLHF). Difference: an empty mask gives loss 0 (OpenRLHF: NaN).
 """
 
 from __future__ import annotations
@@ -188,17 +190,57 @@ def openrlhf_is_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Te
     return coef, filtered
 
 
-def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
-    return x.mean() if mask is None else reference.masked_mean(x, mask)
+def _plain_masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    # OpenRLHF's models/utils.py masked_mean: no epsilon in the denominator (NaN for an empty
+    # mask) and the dtype its type promotion gives; metrics only, so the extra pass is cheap.
+    return x.mean() if mask is None else (x * mask).sum() / mask.sum()
+
+
+def promote(*dtypes: torch.dtype) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def mask_dtypes(mask: Tensor | None) -> tuple:
+    """The mask's dtype where it takes part in OpenRLHF's promotion (a float mask), else none."""
+    return (mask.dtype,) if mask is not None and mask.is_floating_point() else ()
+
+
+def openrlhf_agg_dtype(per_token: torch.dtype, mask: Tensor | None, token_level: bool, norm) -> torch.dtype:
+    """The dtype of OpenRLHF 0.11.2's ``aggregate_loss`` for a per-token loss of dtype ``per_token``.
+
+    Its sample mode divides by ``token_counts + 1e-8`` (default dtype for an integer mask) and
+    multiplies by a float32 row mask; a 0-dim tensor normalizer (``batch_num_tokens`` /
+    ``global_batch_size`` as its get_loss_batch_info returns them) promotes the 0-dim sum.
+    """
+    out = promote(per_token, *mask_dtypes(mask))
+    if not token_level:
+        out = promote(out, torch.get_default_dtype(), torch.float32)
+    if isinstance(norm, Tensor) and norm.is_floating_point():
+        out = promote(out, norm.dtype)
+    return out
+
+
+def to_peer_dtype(x: Tensor | None, dtype: torch.dtype, fp32: bool) -> Tensor | None:
+    """Round rlkern's float32 result to the peer's dtype, or keep rlkern's (``fp32``)."""
+    if x is None or fp32 or x.dtype == dtype:
+        return x
+    return x.to(dtype)
 
 
 class PolicyLoss(torch.nn.Module):
-    """Drop-in for ``openrlhf.models.loss.PolicyLoss`` (same arguments, same five outputs)."""
+    """Drop-in for ``openrlhf.models.loss.PolicyLoss`` (same arguments, same five outputs).
+
+    ``fp32`` (keyword-only, rlkern's addition): return float32 (float64 for float64 inputs)
+    instead of OpenRLHF's dtypes.
+    """
 
     def __init__(self, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, dual_clip: float | None = None,
                  token_level_loss: bool = True, policy_loss_type: str = "ppo", is_correction_level: str = "off",
                  is_correction_mode: str = "mask", is_correction_gating: str = "ratio",
-                 is_correction_threshold=(0.5, 5.0)) -> None:
+                 is_correction_threshold=(0.5, 5.0), *, fp32: bool = False) -> None:
         super().__init__()
         if policy_loss_type not in ("ppo", "gspo"):
             raise ValueError(f"PolicyLoss: policy_loss_type must be 'ppo' or 'gspo', got {policy_loss_type!r}")
@@ -211,6 +253,21 @@ class PolicyLoss(torch.nn.Module):
         self.token_level_loss = token_level_loss and policy_loss_type != "gspo"  # GSPO: per-sample mean
         self.is_correction_level, self.is_correction_mode = is_correction_level, is_correction_mode
         self.is_correction_gating, self.is_correction_threshold = is_correction_gating, is_correction_threshold
+        self.fp32 = fp32
+
+    def _metric_input(self, x: Tensor) -> Tensor:
+        # fp32: the metrics in float32 (float64 stays) instead of OpenRLHF's input dtype
+        return x.float() if self.fp32 and x.dtype in (torch.float16, torch.bfloat16) else x
+
+    def _loss_dtype(self, log_probs, old, advantages, action_mask, rollout_log_probs, correction, norm):
+        masks = mask_dtypes(action_mask)
+        if self.policy_loss_type == "gspo":
+            per_token = promote(log_probs.dtype, old.dtype, *masks, advantages.dtype)
+        else:
+            per_token = promote(log_probs.dtype, old.dtype, advantages.dtype)
+            if correction:  # the correction coefficient comes from old - rollout
+                per_token = promote(per_token, rollout_log_probs.dtype)
+        return openrlhf_agg_dtype(per_token, action_mask, self.token_level_loss, norm)
 
     def forward(self, log_probs: Tensor, old_log_probs: Tensor, advantages: Tensor,
                 action_mask: Tensor | None = None, rollout_log_probs: Tensor | None = None, dp_size: int = 1,
@@ -218,26 +275,34 @@ class PolicyLoss(torch.nn.Module):
         correction = self.is_correction_level != "off"
         if correction and rollout_log_probs is None:
             raise ValueError("PolicyLoss: is_correction_level != 'off' needs rollout_log_probs")
+        mask = action_mask if action_mask is not None else torch.ones_like(log_probs, dtype=torch.bool)
         old, is_weights, vllm_kl, filtered = old_log_probs, None, None, None
         if correction and self.policy_loss_type == "ppo":
             is_weights, filtered = openrlhf_is_weights(
                 old_log_probs, rollout_log_probs, action_mask, level=self.is_correction_level,
                 mode=self.is_correction_mode, gating=self.is_correction_gating,
                 threshold=self.is_correction_threshold)
-            vllm_kl = _masked_mean((rollout_log_probs - old_log_probs).detach(), action_mask)
+            with torch.no_grad():
+                vllm_kl = _plain_masked_mean(self._metric_input(rollout_log_probs) - self._metric_input(old_log_probs),
+                                             action_mask)
+            token = self.is_correction_level == "token"
+            filtered = to_peer_dtype(filtered, promote(torch.float32, *mask_dtypes(action_mask)) if token
+                                     else torch.float32, self.fp32)
         elif correction:  # GSPO's ratio is against the rollout policy
             old = rollout_log_probs
         if self.token_level_loss:
-            agg, norms = "token-mean", dict(global_tokens=batch_num_tokens)
-            global_given = batch_num_tokens is not None
+            agg, norms, norm = "token-mean", dict(global_tokens=batch_num_tokens), batch_num_tokens
         else:
-            agg, norms = "seq-mean-token-mean", dict(global_seqs=global_batch_size)
-            global_given = global_batch_size is not None
+            agg, norms, norm = "seq-mean-token-mean", dict(global_seqs=global_batch_size), global_batch_size
         loss, metrics = ops.policy_loss(
-            log_probs, old, advantages, action_mask, clip_low=self.clip_eps_low, clip_high=self.clip_eps_high,
+            log_probs, old, advantages, mask, clip_low=self.clip_eps_low, clip_high=self.clip_eps_high,
             dual_clip=self.dual_clip, level="sequence" if self.policy_loss_type == "gspo" else "token", agg=agg,
-            dp_size=dp_size if global_given else 1, is_weights=is_weights, **norms)
-        ppo_kl = metrics["approx_kl"]
-        if old is not old_log_probs:
-            ppo_kl = _masked_mean((old_log_probs - log_probs).detach(), action_mask).float()
-        return loss, metrics["clipfrac"], ppo_kl, vllm_kl, filtered
+            dp_size=dp_size if norm is not None else 1, is_weights=is_weights, **norms)
+        # ppo_kl: OpenRLHF's unclamped masked mean of old - new (rlkern's approx_kl clamps the
+        # log-ratio to [-20, 20], as verl's ppo_kl does)
+        with torch.no_grad():
+            ppo_kl = _plain_masked_mean(self._metric_input(old_log_probs) - self._metric_input(log_probs), action_mask)
+        loss_dtype = self._loss_dtype(log_probs, old, advantages, action_mask, rollout_log_probs, correction, norm)
+        clip_dtype = promote(torch.float32, *mask_dtypes(action_mask))
+        return (to_peer_dtype(loss, loss_dtype, self.fp32), to_peer_dtype(metrics["clipfrac"], clip_dtype, self.fp32),
+                ppo_kl, vllm_kl, filtered)

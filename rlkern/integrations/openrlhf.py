@@ -1,0 +1,245 @@
+"""OpenRLHF 0.11.2 runs rlkern: ``import rlkern.integrations.openrlhf as ro; ro.patch()``.
+
+``patch()`` replaces, in every OpenRLHF module, the objects OpenRLHF computes its RL hot path
+with, by the twins of :mod:`rlkern.algos.openrlhf` (same signatures, same outputs, OpenRLHF's
+dtypes):
+
+- ``openrlhf.models.utils``: ``log_probs_from_logits``, ``compute_entropy``,
+  ``compute_approx_kl``;
+- ``openrlhf.models.loss``: ``PolicyLoss``, ``ValueLoss``;
+- every module that imports one of them by name (``openrlhf.models``, ``models.actor``,
+  ``trainer.ray.ppo_actor``, ``trainer.ray.ppo_critic``, ``trainer.ppo_utils.experience_maker``).
+
+An OpenRLHF module is recognised by its file (inside the installed ``openrlhf`` package, whatever
+the module's name): the ones already imported are patched at once; an import hook
+(``sys.meta_path``) patches the ones imported later, whatever the import order. Call ``patch()``
+before OpenRLHF builds its actor and loss modules (``PolicyLoss(...)`` objects made before keep
+OpenRLHF's class). A module loaded straight from its file
+(``importlib.util.spec_from_file_location(...).loader.exec_module``) bypasses every import hook:
+pass its spec through :func:`wrap_spec` first, or call :func:`patch_module` on it (the pytest
+plugin ``rlkern.integrations._pytest_openrlhf`` does the former for OpenRLHF's own tests).
+
+``unpatch()`` puts every original back (the same objects) and removes the hook. ``calls`` counts
+the calls that went to rlkern, per name.
+
+Not covered: ``aggregate_loss`` / ``masked_mean`` (cheap reductions OpenRLHF keeps), the SFT /
+reward-model losses (``GPTLMLoss``, ``SFTLoss``, ``PairWiseLoss``, ``LogExpLoss``).
+
+TODO (preference ops issue): OpenRLHF's ``DPOLoss`` (DPO, IPO, cDPO label smoothing; 0.11.2
+ships no KTO loss) once rlkern has its preference-loss kernels.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import importlib.util
+import inspect
+import os
+import sys
+
+from rlkern.algos import openrlhf as twins
+
+NAMES = ("PolicyLoss", "ValueLoss", "log_probs_from_logits", "compute_entropy", "compute_approx_kl")
+_CLASSES = ("PolicyLoss", "ValueLoss")
+
+calls: collections.Counter = collections.Counter()
+"""Calls that ran rlkern, per name in ``NAMES`` (``PolicyLoss`` / ``ValueLoss``: forward calls)."""
+
+_state = {"root": None, "fp32": False, "finder": None}
+_replacements: dict[int, tuple[object, object]] = {}  # id(original) -> (original, replacement)
+
+
+def _find_root() -> str:
+    spec = importlib.util.find_spec("openrlhf")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("rlkern.integrations.openrlhf: openrlhf is not installed (pip install openrlhf==0.11.2)")
+    return os.path.realpath(list(spec.submodule_search_locations)[0])
+
+
+@functools.lru_cache(maxsize=8192)
+def _real(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def _inside(path) -> bool:
+    root = _state["root"]
+    if root is None or not isinstance(path, str):
+        return False
+    real = _real(path)
+    return real == root or real.startswith(root + os.sep)
+
+
+def _code_file(obj) -> str | None:
+    if isinstance(obj, type):
+        obj = vars(obj).get("forward")
+    code = getattr(inspect.unwrap(obj), "__code__", None) if callable(obj) else None
+    return code.co_filename if code is not None else None
+
+
+def _original_of(obj):
+    return getattr(obj, "__dict__", {}).get("_rlkern_original")
+
+
+def _is_original(name: str, obj) -> bool:
+    if _original_of(obj) is not None or (name in _CLASSES) != isinstance(obj, type):
+        return False
+    return _inside(_code_file(obj))
+
+
+def _function(name: str, original, fp32: bool):
+    twin = getattr(twins, name)
+    # OpenRLHF's exact signatures (rlkern's fp32 keyword fixed by patch())
+    if name == "log_probs_from_logits":
+        def replacement(logits, labels, temperature=1.0):
+            calls[name] += 1
+            return twin(logits, labels, temperature, fp32=fp32)
+    elif name == "compute_entropy":
+        def replacement(logits):
+            calls[name] += 1
+            return twin(logits, fp32=fp32)
+    else:
+        def replacement(log_probs, log_probs_base, log_probs_old=None, kl_estimator="k1", unbiased_gradient=False):
+            calls[name] += 1
+            return twin(log_probs, log_probs_base, log_probs_old, kl_estimator, unbiased_gradient)
+    replacement.__name__ = replacement.__qualname__ = name
+    replacement.__module__, replacement.__doc__ = original.__module__, twin.__doc__
+    return replacement
+
+
+def _class(name: str, original, fp32: bool):
+    twin = getattr(twins, name)
+
+    def __init__(self, *args, **kwargs):
+        twin.__init__(self, *args, fp32=fp32, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        calls[name] += 1
+        return twin.forward(self, *args, **kwargs)
+
+    sig = inspect.signature(twin.__init__)
+    __init__.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "fp32"])
+    forward.__signature__ = inspect.signature(twin.forward)
+    return type(name, (twin,), {"__init__": __init__, "forward": forward, "__module__": original.__module__,
+                                "__qualname__": original.__qualname__, "__doc__": twin.__doc__})
+
+
+def _replacement(name: str, original):
+    entry = _replacements.get(id(original))
+    if entry is None:
+        make = _class if name in _CLASSES else _function
+        replacement = make(name, original, _state["fp32"])
+        replacement._rlkern_original = original
+        entry = _replacements[id(original)] = (original, replacement)
+    return entry[1]
+
+
+def patch_module(module) -> int:
+    """Replace OpenRLHF's objects (``NAMES``) in ``module``'s namespace; returns how many.
+
+    Only objects defined in OpenRLHF's files are replaced; does nothing unless patched.
+    """
+    if _state["finder"] is None:
+        return 0
+    namespace, count = vars(module), 0
+    for name in NAMES:
+        obj = namespace.get(name)
+        if obj is not None and _is_original(name, obj):
+            namespace[name] = _replacement(name, obj)
+            count += 1
+    return count
+
+
+def _restore_module(module) -> None:
+    namespace = vars(module)
+    for name in NAMES:
+        original = _original_of(namespace.get(name))
+        if original is not None:
+            namespace[name] = original
+
+
+def _openrlhf_modules() -> list:
+    return [m for m in list(sys.modules.values()) if _inside(getattr(m, "__file__", None))]
+
+
+class _Loader:
+    """Runs the wrapped loader, then patches the module it executed."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        patch_module(module)
+
+    def __getattr__(self, name):
+        if name == "_loader":  # not set yet: an unpickled copy (dill pickles module loaders)
+            raise AttributeError(name)
+        return getattr(self._loader, name)
+
+
+def wrap_spec(spec):
+    """Make ``spec``'s loader patch the module once executed, when ``spec`` is an OpenRLHF file."""
+    if (spec is not None and _inside(spec.origin) and hasattr(spec.loader, "exec_module")
+            and not isinstance(spec.loader, _Loader)):
+        spec.loader = _Loader(spec.loader)
+    return spec
+
+
+class _Finder:
+    """``sys.meta_path`` hook: the spec the other finders give, its loader wrapped for OpenRLHF files."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] != "openrlhf" and not (path and any(_inside(p) for p in path)):
+            return None
+        for finder in list(sys.meta_path):
+            if isinstance(finder, _Finder) or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                return wrap_spec(spec)
+        return None
+
+    def invalidate_caches(self):
+        pass
+
+
+def patch(*, fp32: bool = False) -> None:
+    """Route OpenRLHF's log-probs, entropy, KL estimate, policy and value losses through rlkern.
+
+    Args:
+        fp32: outputs in float32 (float64 for float64 inputs), rlkern's convention, instead of
+            OpenRLHF's dtypes (which follow its inputs: bfloat16 logits give bfloat16 log-probs).
+
+    Raises ImportError when openrlhf is not installed, ValueError when already patched with a
+    different ``fp32``. Patching twice with the same options does nothing more.
+    """
+    if _state["finder"] is not None:
+        if _state["fp32"] != fp32:
+            raise ValueError(f"patch: already patched with fp32={_state['fp32']}, got fp32={fp32}; unpatch() first")
+        return
+    _state["root"], _state["fp32"] = _find_root(), bool(fp32)
+    _state["finder"] = _Finder()
+    sys.meta_path.insert(0, _state["finder"])
+    for module in _openrlhf_modules():
+        patch_module(module)
+
+
+def unpatch() -> None:
+    """Put every original back in every OpenRLHF module and remove the import hook."""
+    finder = _state["finder"]
+    if finder is None:
+        return
+    if finder in sys.meta_path:
+        sys.meta_path.remove(finder)
+    _state["finder"] = None
+    for module in _openrlhf_modules():
+        _restore_module(module)
+    _replacements.clear()
+
+
+def is_patched() -> bool:
+    return _state["finder"] is not None
