@@ -71,7 +71,9 @@ def compute_entropy(logits: Tensor, *, fp32: bool = False) -> Tensor:
     """OpenRLHF's ``compute_entropy``: entropy of softmax(logits), ``logits.shape[:-1]``, dtype of
     ``logits`` (``fp32``: float32, float64 for float64 logits)."""
     rows, lead = _rows(logits)
-    return to_peer_dtype(entropy_from_logits(rows).reshape(lead), logits.dtype, fp32)
+    # rlkern's unrounded result (fp32, fp64 for fp64 logits), then OpenRLHF's dtype unless fp32.
+    wide = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return to_peer_dtype(entropy_from_logits(rows, out_dtype=wide).reshape(lead), logits.dtype, fp32)
 
 
 def compute_approx_kl(log_probs: Tensor, log_probs_base: Tensor, log_probs_old: Tensor | None = None,
