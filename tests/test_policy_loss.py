@@ -116,7 +116,8 @@ def _ours(b, loss, agg, est, dtype=torch.float32, packed=False, lsf=None, seed=3
 # A hyper list of the custom ops, built by field name (rlkern/reference/policy_loss.py HYPER_FIELDS).
 _HYPER = reference.hyper_list(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.1, entropy_coef=0.01,
                               dp_size=1.0, loss_scale_factor=None, tau_pos=1.0, tau_neg=1.05, dro_beta=None,
-                              ppo_kl_coef=0.1, global_tokens=None, global_seqs=12.0)
+                              ppo_kl_coef=0.1, global_tokens=None, global_seqs=12.0,
+                              kl_bias_correction=False)
 
 
 def test_hyper_and_stats_schema_is_one_across_python_triton_and_cpp():
