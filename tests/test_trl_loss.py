@@ -176,7 +176,7 @@ def test_loss_types_and_levels(loss_type, level):
     options = {**_loss_type_options(loss_type), "importance_sampling_level": level, "spread": 1.3}
     if loss_type == "cispo":
         options["epsilon_high"] = 1.5
-    logged = _compare(options)
+    logged = _compare(options, seed=18)  # a seed whose sequence ratios cross both clip bounds
     clipped = [v[-1] for k, v in logged.items() if k in ("clip_ratio/region_mean", "cispo_clip_ratio")]
     assert all(0 < c < 1 for c in clipped), logged
 
