@@ -66,7 +66,7 @@ constexpr bool two_pass(Loss l) { return l == Loss::kGspo || seq_level(l); }
 // Sequence-level ppo / sapo: the gradient reaches a token only through its sequence's mean
 // log-ratio: d loss / d logprob_t = m_t / max(sum m, 1) * sum_t' m_t' is_w_t' d l_t' / d lr.
 constexpr bool through_mean(Loss l) { return l == Loss::kPpoSeq || l == Loss::kSapoSeq; }
-enum class Kl { kK1, kAbs, kK2, kK3 };
+enum class Kl { kK1, kAbs, kK2, kK3, kK3Unclamped };
 // kNone: every token counts (packed); kReal: a float mask in the loops' float type
 enum class MaskKind { kNone, kU8, kI32, kI64, kReal };
 
@@ -112,6 +112,7 @@ void parse_kl(const std::string& s, Kl* kind, bool* straight_through, const char
   else if (base == "abs") *kind = Kl::kAbs;
   else if (base == "k2" || base == "mse") *kind = Kl::kK2;
   else if (base == "k3" || base == "low_var_kl") *kind = Kl::kK3;
+  else if (base == "k3_unclamped") *kind = Kl::kK3Unclamped;
   else TORCH_CHECK(false, op, ": unknown kl_estimator '", s, "'");
 }
 
@@ -575,6 +576,12 @@ struct Simd {
         *value = vclamp(v, -kK3Bound, kK3Bound);
         const vi live = (-diff >= -kLogRatioBound) & (-diff <= kLogRatioBound) & (v >= -kK3Bound) & (v <= kK3Bound);
         *deriv = live ? T(1) - e : splat(T(0));
+        break;
+      }
+      case Kl::kK3Unclamped: {  // TRL's beta term: no bounds
+        const vf e = vexp(-diff);
+        *value = e + diff - T(1);
+        *deriv = T(1) - e;
         break;
       }
     }

@@ -47,7 +47,7 @@ from rlkern.reference.policy_loss import HYPER_FIELDS, STAT_FIELDS
 
 LOSS_IDS = {"ppo": 0, "gspo": 1, "cispo": 2, "reinforce": 3, "gpg": 3, "sapo": 4, "dro": 5, "dppo_tv": 6,
             "dppo_kl": 7, "clip_cov": 8, "kl_cov": 9, "geo_mean": 10}
-KL_IDS = {"k1": 0, "kl": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
+KL_IDS = {"k1": 0, "kl": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3, "k3_unclamped": 4}
 N_STATS = len(STAT_FIELDS)
 # Largest token block per loop step; the tests lower it to run the block loop several times.
 MAX_BLOCK = 2048
@@ -203,6 +203,10 @@ def _kl_token(lp, ref, KL: tl.constexpr, KL_ST: tl.constexpr):
     elif KL == 2:
         value = 0.5 * diff * diff
         deriv = diff
+    elif KL == 4:  # k3_unclamped (TRL's beta term)
+        e = tl.exp(-diff)
+        value = e + diff - 1.0
+        deriv = 1.0 - e
     else:
         x = tl.minimum(tl.maximum(-diff, -_BOUND), _BOUND)
         e = tl.exp(x)

@@ -231,6 +231,30 @@ def test_kl_bias_correction_matches_reference(backend, loss, level, est, packed)
             _close(x, y, atol=t, rtol=t, name=f"{dtype} {name}")
 
 
+@pytest.mark.parametrize("est", ["k3_unclamped", "k3_unclamped+"])
+def test_k3_unclamped_matches_reference(backend, est):
+    """TRL's beta term: k3 past verl's bounds (values > 10 here), in policy_loss and kl_penalty."""
+    b = _batch(B=5, T=13, seed=26)
+    g = torch.Generator().manual_seed(3)
+    b["ref"] = b["lp"] + torch.randn(b["lp"].shape, generator=g, dtype=torch.float64) * 3
+    unclamped = reference.kl_penalty(b["lp"], b["ref"], est)
+    assert unclamped.max() > 10 and not torch.equal(unclamped, reference.kl_penalty(b["lp"], b["ref"], "k3"))
+    for level, extra in (("token", None), ("sequence", {"kl_bias_correction": True})):
+        ref = _reference(b, "ppo", "token-mean", est, level=level, extra=extra)
+        ours = _ours(b, "ppo", "token-mean", est, level=level, extra=extra)
+        for name, x, y in zip(("loss", "metrics", "grad", "grad entropy"), ours, ref):
+            _close(x, y, atol=1e-4, name=f"{level} {name}")  # e^|x| ~ e^9 times fp32 eps
+    lp = b["lp"].clone().requires_grad_()
+    want = reference.kl_penalty(lp, b["ref"], est)
+    want.sum().backward()
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-9)):
+        x = b["lp"].to(dtype).requires_grad_()
+        got = P.kl_penalty(x, b["ref"].to(dtype), kl_estimator=est)
+        got.sum().backward()
+        _close(got, want.detach(), atol=tol, rtol=tol, name=f"kl_penalty {dtype}")
+        _close(x.grad, lp.grad, atol=tol, rtol=tol, name=f"kl_penalty grad {dtype}")
+
+
 def test_kl_bias_correction_bf16(backend):
     # bf16 inputs read by the kernels, computed in fp32: the reference on the bf16-rounded values bounds them
     b = _batch(B=6, T=17, seed=22)

@@ -40,7 +40,7 @@ def _config_defaults(module, name):
     return out
 
 
-def _batch(seed=0, dtype=torch.float32, empty_row=True, spread=0.35):
+def _batch(seed=0, dtype=torch.float32, empty_row=True, spread=0.35, ref_spread=0.3):
     g = torch.Generator().manual_seed(seed)
     lp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2.5
     mask = (torch.rand(B, T, generator=g) > 0.25).long()
@@ -51,7 +51,7 @@ def _batch(seed=0, dtype=torch.float32, empty_row=True, spread=0.35):
         mask[3] = 0
     old = lp + torch.randn(B, T, generator=g, dtype=torch.float64) * spread
     sampling = old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.2
-    ref = lp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
+    ref = lp + torch.randn(B, T, generator=g, dtype=torch.float64) * ref_spread
     ent = torch.rand(B, T, generator=g, dtype=torch.float64) * 2
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     cast = lambda t: t.to(dtype)  # noqa: E731
@@ -136,7 +136,8 @@ def _run(compute, trainer, inputs):
 def _compare(options, seed=0, dtype=torch.float32, training=True, rtol=2e-5, atol=2e-6):
     trl_loss_mod = pytest.importorskip("rlkern.integrations._trl_loss")
     grpo = import_peer("trl.trainer.grpo_trainer")
-    b = _batch(seed, dtype, empty_row=options.pop("empty_row", True), spread=options.pop("spread", 0.35))
+    b = _batch(seed, dtype, empty_row=options.pop("empty_row", True), spread=options.pop("spread", 0.35),
+               ref_spread=options.pop("ref_spread", 0.3))
     inputs = _inputs(b, options)
     theirs, lp_t, ent_t = _grpo(options, b, training)
     ours, lp_o, ent_o = _grpo(options, b, training)
@@ -191,6 +192,16 @@ def test_kl_term_with_and_without_bias_correction(loss_type, level, bias):
     logged = _compare({**_loss_type_options(loss_type), "importance_sampling_level": level, "beta": 0.04,
                        "use_bias_correction_kl": bias}, seed=1)
     assert "kl" in logged
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_large_kl(level):
+    # reference log-probs far from the policy's: TRL's k3 has no bound (verl's clamps at 10)
+    b = _batch(12, ref_spread=3.0)
+    assert (torch.exp(b["ref"] - b["lp"]) - (b["ref"] - b["lp"]) - 1).max() > 10
+    _compare({"loss_type": "grpo", "epsilon_high": 0.28, "beta": 0.04, "importance_sampling_level": level,
+              "ref_spread": 3.0}, seed=12, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.peer
@@ -278,6 +289,25 @@ def test_inexpressible_configurations_run_trl(options):
     assert trl_loss_mod.CALLS == before  # TRL's own method ran
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(lp_o.grad, lp_t.grad)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("options", [
+    {"loss_type": "dapo", "beta": 0.04, "importance_sampling_level": "sequence"},
+    {"loss_type": "grpo", "beta": 0.04, "ref_spread": 3.0, "off_policy_mask_threshold": 0.02},
+    {"loss_type": "cispo", "epsilon_high": 1.5, "spread": 1.3, "beta": 0.04, "entropy_coef": 0.01},
+], ids=["dapo-seq-kl", "grpo-large-kl-opsm", "cispo-entropy"])
+def test_other_backends(monkeypatch, backend_name, options):
+    # the Triton kernels (interpreted on CPU tensors) and the reference backend give TRL's numbers too
+    from rlkern import _backend
+
+    if backend_name == "triton" and not _backend.has_triton():
+        pytest.fail("triton is not installed")
+    if backend_name == "triton" and not _backend.triton_interpreted():
+        pytest.skip("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    monkeypatch.setenv("RLKERN_BACKEND", backend_name)
+    _compare(dict(options), seed=13, rtol=1e-5, atol=1e-5)
 
 
 # --- RLOO ------------------------------------------------------------------------------------------

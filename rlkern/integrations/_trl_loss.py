@@ -168,7 +168,7 @@ def grpo_compute_loss(self, model, inputs):
     loss, metrics = rlkern.policy_loss(
         per_token_logps, old, advantages, mask, **kwargs,
         ref_logprobs=inputs["ref_per_token_logps"] if self.beta != 0.0 else None, kl_coef=self.beta,
-        kl_estimator="k3", kl_bias_correction=bool(args.use_bias_correction_kl),
+        kl_estimator="k3_unclamped", kl_bias_correction=bool(args.use_bias_correction_kl),
         entropy=entropies, entropy_coef=bonus_coef if fused_bonus else 0.0, entropy_agg="token-mean",
         is_weights=weights, rollout_logprobs=inputs.get("sampling_per_token_logps"),
         off_policy_mask_threshold=self.off_policy_mask_threshold, sequence_metrics=True)

@@ -36,7 +36,7 @@ from torch import Tensor
 METRIC_KEYS = ("clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac", "approx_kl", "ratio_mean",
                "kl_ref", "entropy")
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k3_unclamped")
 # The float hyper-parameters of the policy-loss custom ops, in the order of their ``hyper`` list,
 # and the columns of the per-sequence statistics the kernels emit: one schema for the op layer
 # (rlkern/ops/policy_loss.py), the Triton launcher (kernels/policy_loss.py) and the C++ parser
@@ -123,6 +123,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor
     elif base in ("k3", "low_var_kl"):
         x = torch.clamp(-diff, -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
         value = torch.clamp(torch.exp(x) - x - 1, -_K3_BOUND, _K3_BOUND)
+    elif base == "k3_unclamped":  # TRL 1.16's beta term: k3 without verl's bounds
+        value = torch.exp(-diff) + diff - 1
     else:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS} (optionally with '+'), got {estimator!r}")
     if not straight_through:

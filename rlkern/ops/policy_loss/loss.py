@@ -119,8 +119,10 @@ def policy_loss(
         ref_logprobs: like ``logprobs``: the reference policy, for the KL penalty.
         kl_coef: weight of the KL penalty (verl's kl_loss_coef 0.001, TRL's beta 0.0).
         kl_estimator: ``k1``/``kl``, ``abs``, ``k2``/``mse``, ``k3``/``low_var_kl`` (clamped as verl:
-            log-ratio to [-20, 20], value to [-10, 10]), and any of them with ``+`` (value of the
-            estimator, gradient of k2). Default k3 as verl's ``low_var_kl`` and TRL's beta term.
+            log-ratio to [-20, 20], value to [-10, 10]), ``k3_unclamped`` (k3 without those bounds:
+            TRL 1.16's beta term, exactly), and any of them with ``+`` (value of the estimator,
+            gradient of k2). Default k3 as verl's ``low_var_kl`` (TRL's beta term where the k3
+            value stays below 10).
         entropy: like ``logprobs``: per-token entropy (differentiable) for the bonus and metric.
         entropy_coef: weight of the entropy bonus (verl's entropy_coeff 0, TRL's entropy_coef 0).
         agg: ``token-mean`` (verl default), ``token-sum``, ``seq-mean-token-sum``,
