@@ -147,10 +147,10 @@ def _compare(options, seed=0, dtype=torch.float32, training=True, rtol=2e-5, ato
     assert trl_loss_mod.CALLS == before + 1, "rlkern did not compute the loss"
     torch.testing.assert_close(our_loss.double(), ref_loss.double(), rtol=rtol, atol=atol)
     torch.testing.assert_close(lp_o.grad.double(), lp_t.grad.double(), rtol=rtol, atol=atol)
-    if ent_t.grad is not None or ent_o.grad is not None:
-        g_t = ent_t.grad if ent_t.grad is not None else torch.zeros_like(ent_o.grad)
-        g_o = ent_o.grad if ent_o.grad is not None else torch.zeros_like(ent_t.grad)
-        torch.testing.assert_close(g_o.double(), g_t.double(), rtol=rtol, atol=atol)
+    # the entropies reach the graph exactly where TRL's do (the bonus), no zero gradient elsewhere
+    assert (ent_o.grad is None) == (ent_t.grad is None)
+    if ent_t.grad is not None:
+        torch.testing.assert_close(ent_o.grad.double(), ent_t.grad.double(), rtol=rtol, atol=atol)
     mode = "train" if training else "eval"
     want, got = dict(theirs._metrics[mode]), dict(ours._metrics[mode])
     assert sorted(got) == sorted(want)
@@ -351,7 +351,7 @@ def test_rloo_loss(options):
     assert 0 < want["clip_ratio/region_mean"][-1] < 1  # the clip is exercised
 
 
-def test_loss_overrides_name_both_trainers():
+def test_loss_overrides_name_both_trainers(monkeypatch):
     trl_loss_mod = pytest.importorskip("rlkern.integrations._trl_loss")
     grpo = import_peer("trl.trainer.grpo_trainer")
     rloo = import_peer("trl.trainer.rloo_trainer")
@@ -361,3 +361,17 @@ def test_loss_overrides_name_both_trainers():
     assert [r for _, _, r in overrides] == [trl_loss_mod.grpo_compute_loss, trl_loss_mod.rloo_compute_loss]
     # the originals stay reachable for the configurations rlkern leaves to TRL
     assert trl_loss_mod._original(grpo.GRPOTrainer) is grpo.GRPOTrainer.__dict__["_compute_loss"]
+    # patched as rlkern.integrations.trl.patch(loss=True) does: the fallback still reaches TRL's own
+    for owner, name, fn in overrides:
+        monkeypatch.setattr(owner, name, fn)
+    assert trl_loss_mod._original(grpo.GRPOTrainer) is not trl_loss_mod.grpo_compute_loss
+    options = {"loss_type": "grpo", "delta": 1.1}
+    b = _batch(14)
+    trainer, lp, _ = _grpo(dict(options), b)
+    before = trl_loss_mod.CALLS
+    grpo.GRPOTrainer._compute_loss(trainer, None, _inputs(b, options)).backward()
+    assert trl_loss_mod.CALLS == before and lp.grad is not None
+    options = {"loss_type": "grpo"}
+    trainer, lp, _ = _grpo(dict(options), b)
+    grpo.GRPOTrainer._compute_loss(trainer, None, _inputs(b, options)).backward()
+    assert trl_loss_mod.CALLS == before + 1

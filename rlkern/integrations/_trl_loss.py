@@ -63,10 +63,22 @@ def _logps_and_entropies(self, model, inputs):
     )
 
 
+def _save_originals() -> None:
+    """Keep TRL's own ``_compute_loss`` of each trainer (the fallback) before anything patches it."""
+    for owner in _trl():
+        current = owner.__dict__["_compute_loss"]
+        if current not in (grpo_compute_loss, rloo_compute_loss):
+            _ORIGINAL[(owner, "_compute_loss")] = current
+
+
 def _original(owner):
-    """TRL's own ``_compute_loss`` of ``owner`` (saved by loss_overrides before the patch)."""
-    current = owner.__dict__["_compute_loss"]
-    return _ORIGINAL.get((owner, "_compute_loss"), current)
+    """TRL's own ``_compute_loss`` of ``owner``."""
+    if (owner, "_compute_loss") not in _ORIGINAL:
+        _save_originals()
+    original = _ORIGINAL.get((owner, "_compute_loss"))
+    if original is None:
+        raise RuntimeError(f"rlkern TRL loss: {owner.__name__}._compute_loss was replaced before TRL's own was saved")
+    return original
 
 
 def _expressible(self) -> bool:
@@ -169,7 +181,10 @@ def grpo_compute_loss(self, model, inputs):
         per_token_logps, old, advantages, mask, **kwargs,
         ref_logprobs=inputs["ref_per_token_logps"] if self.beta != 0.0 else None, kl_coef=self.beta,
         kl_estimator="k3_unclamped", kl_bias_correction=bool(args.use_bias_correction_kl),
-        entropy=entropies, entropy_coef=bonus_coef if fused_bonus else 0.0, entropy_agg="token-mean",
+        # without the bonus the entropies only feed the metric: detached, so that the backward does
+        # not run through the model's entropy computation (TRL leaves them out of the graph there)
+        entropy=entropies if fused_bonus else entropies.detach(), entropy_coef=bonus_coef if fused_bonus else 0.0,
+        entropy_agg="token-mean",
         is_weights=weights, rollout_logprobs=inputs.get("sampling_per_token_logps"),
         off_policy_mask_threshold=self.off_policy_mask_threshold, sequence_metrics=True)
     CALLS += 1
@@ -270,8 +285,11 @@ def rloo_compute_loss(self, model, inputs):
 def loss_overrides() -> list[tuple[object, str, object]]:
     """``(owner class, attribute name, replacement)`` for each trainer whose loss rlkern computes."""
     grpo, rloo = _trl()
-    for owner in (grpo, rloo):
-        current = owner.__dict__["_compute_loss"]
-        if current not in (grpo_compute_loss, rloo_compute_loss):
-            _ORIGINAL[(owner, "_compute_loss")] = current
+    _save_originals()
     return [(grpo, "_compute_loss", grpo_compute_loss), (rloo, "_compute_loss", rloo_compute_loss)]
+
+
+try:  # TRL's own methods, saved at import: a patch applied later cannot hide them from the fallback
+    _save_originals()
+except ImportError:  # TRL not installed: loss_overrides() raises then
+    pass
