@@ -66,7 +66,7 @@ constexpr bool two_pass(Loss l) { return l == Loss::kGspo || seq_level(l); }
 // Sequence-level ppo / sapo: the gradient reaches a token only through its sequence's mean
 // log-ratio: d loss / d logprob_t = m_t / max(sum m, 1) * sum_t' m_t' is_w_t' d l_t' / d lr.
 constexpr bool through_mean(Loss l) { return l == Loss::kPpoSeq || l == Loss::kSapoSeq; }
-enum class Kl { kK1, kAbs, kK2, kK3 };
+enum class Kl { kK1, kAbs, kK2, kK3, kK3Unclamped };
 // kNone: every token counts (packed); kReal: a float mask in the loops' float type
 enum class MaskKind { kNone, kU8, kI32, kI64, kReal };
 
@@ -112,6 +112,7 @@ void parse_kl(const std::string& s, Kl* kind, bool* straight_through, const char
   else if (base == "abs") *kind = Kl::kAbs;
   else if (base == "k2" || base == "mse") *kind = Kl::kK2;
   else if (base == "k3" || base == "low_var_kl") *kind = Kl::kK3;
+  else if (base == "k3_unclamped") *kind = Kl::kK3Unclamped;
   else TORCH_CHECK(false, op, ": unknown kl_estimator '", s, "'");
 }
 
@@ -130,11 +131,11 @@ Agg parse_agg(const std::string& s, const char* what, const char* op = "rlkern.p
 // HYPER_FIELDS (the schema op below reports them; a test compares). NaN means "not given".
 enum HyperField {
   kClipLow, kClipHigh, kDualClip, kKlCoef, kEntropyCoef, kDpSize, kLossScaleFactor, kTauPos, kTauNeg, kDroBeta,
-  kPpoKlCoef, kGlobalTokens, kGlobalSeqs, kNumHyper
+  kPpoKlCoef, kGlobalTokens, kGlobalSeqs, kKlBias, kNumHyper
 };
 constexpr const char* kHyperFields[kNumHyper] = {
     "clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef", "dp_size", "loss_scale_factor",
-    "tau_pos", "tau_neg", "dro_beta", "ppo_kl_coef", "global_tokens", "global_seqs"};
+    "tau_pos", "tau_neg", "dro_beta", "ppo_kl_coef", "global_tokens", "global_seqs", "kl_bias_correction"};
 
 // "hyper: f1,f2,...; stats: c1,c2,...": this parser's field orders, for the schema test.
 std::string policy_loss_schema() {
@@ -151,6 +152,7 @@ struct Hyper {
   double tau_pos, tau_neg, dro_beta, ppo_kl_coef;
   double kl_coef, ent_coef, dp, lsf;
   bool has_lsf;
+  bool kl_bias;  // TRL's use_bias_correction_kl: the KL estimate times the (unclamped) importance ratio
   std::optional<double> global_tokens, global_seqs;  // when given as numbers
 };
 
@@ -174,6 +176,7 @@ Hyper parse_hyper(const std::vector<double>& h) {
   x.ppo_kl_coef = h[kPpoKlCoef];
   x.global_tokens = given(h[kGlobalTokens]);
   x.global_seqs = given(h[kGlobalSeqs]);
+  x.kl_bias = h[kKlBias] != 0.0;
   return x;
 }
 
@@ -497,8 +500,9 @@ struct Simd {
       t.l = -cr * A * lp;
       t.dl = -cr * A;
       t.cf = lanes_true(r != cr);
-      t.lo = lanes_true(r < lo_b);
-      t.hi = lanes_true(r > hi_b);
+      // the halves: the clip against A's sign (TRL's cispo_clip_ratio is the A > 0 half)
+      t.lo = lanes_true((r < lo_b) & (A < T(0)));
+      t.hi = lanes_true((r > hi_b) & (A > T(0)));
     } else if constexpr (L == Loss::kReinforce) {
       t.l = -A * lp;
       t.dl = -A;
@@ -582,6 +586,12 @@ struct Simd {
         *deriv = live ? T(1) - e : splat(T(0));
         break;
       }
+      case Kl::kK3Unclamped: {  // TRL's beta term: no bounds
+        const vf e = vexp(-diff);
+        *value = e + diff - T(1);
+        *deriv = T(1) - e;
+        break;
+      }
     }
     if (a.kl_st) *deriv = diff;
   }
@@ -629,6 +639,14 @@ struct Simd {
     return x;
   }
 
+  // kl_bias_correction's ratio: exp of the raw log-ratio (TRL's coef_1, unclamped), or at
+  // level="sequence" of the sequence mean log-ratio.
+  template <Loss L>
+  RLK_VEC vf kl_ratio(const Loaded& x, T slr) {
+    if constexpr (seq_level(L)) return splat(std::exp(slr));
+    return vexp(x.lp - x.old);
+  }
+
   template <Loss L>
   RLK_VEC void stats_body(const Args& a, T* stats, int64_t b0, int64_t b1) {
     const vf zero = {};
@@ -665,6 +683,7 @@ struct Simd {
         if (a.ref) {
           vf v = {}, d = {};
           kl_token(a, x.lp, x.ref, &v, &d);
+          if (a.h.kl_bias) v *= kl_ratio<L>(x, slr);
           acc[kKl] += x.m * v;
         }
         acc[kEntropy] += x.m * x.ent;
@@ -701,6 +720,7 @@ struct Simd {
       int64_t begin, end;
       seq_range(a, b, &begin, &end);
       const T slr = stats[b * kNumStats + kSlr];
+      const T kl_seq = stats[b * kNumStats + kKl] / std::max(stats[b * kNumStats + kCount], T(1));
       const T c_pol = coefs[b * 3], c_kl = coefs[b * 3 + 1], c_ent = coefs[b * 3 + 2];
       for (int64_t i = begin; i < end; i += kW) {
         const int64_t n = std::min<int64_t>(kW, end - i);
@@ -715,7 +735,15 @@ struct Simd {
         if (a.ref && c_kl != T(0)) {
           vf v = {}, d = {};
           kl_token(a, x.lp, x.ref, &v, &d);
-          g += c_kl * d;
+          if (!a.h.kl_bias) {
+            g += c_kl * d;
+          } else if constexpr (seq_level(L)) {
+            // d/d lp_t of r_b sum_s m_s kl_s, r_b = exp(mean lr): m_t (r_b dkl_t + (sum_s m_s kl_s r_b) / max(n, 1)),
+            // the second sum being the forward's corrected KL column
+            g += c_kl * (kl_ratio<L>(x, slr) * d + kl_seq);
+          } else {  // d (r kl) / d lp = r (dkl + kl), r = exp(lr)
+            g += c_kl * kl_ratio<L>(x, slr) * (d + v);
+          }
         }
         store_out(g_lp, i, vand(x.m * g, x.live), n);
         if (g_ent.p) store_out(g_ent, i, vand(x.m * c_ent, x.live), n);

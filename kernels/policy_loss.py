@@ -47,7 +47,7 @@ from rlkern.reference.policy_loss import HYPER_FIELDS, STAT_FIELDS
 
 LOSS_IDS = {"ppo": 0, "gspo": 1, "cispo": 2, "reinforce": 3, "gpg": 3, "sapo": 4, "dro": 5, "dppo_tv": 6,
             "dppo_kl": 7, "clip_cov": 8, "kl_cov": 9, "geo_mean": 10}
-KL_IDS = {"k1": 0, "kl": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
+KL_IDS = {"k1": 0, "kl": 0, "abs": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3, "k3_unclamped": 4}
 N_STATS = len(STAT_FIELDS)
 # Largest token block per loop step; the tests lower it to run the block loop several times.
 MAX_BLOCK = 2048
@@ -114,8 +114,9 @@ def _policy_token(lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, ta
         loss = -cr * adv * lp
         dl = -cr * adv
         cf = (r != cr).to(lp.dtype)
-        lo = (r < lo_b).to(lp.dtype)
-        hi = (r > hi_b).to(lp.dtype)
+        # the halves: the clip against A's sign (TRL's cispo_clip_ratio is the A > 0 half)
+        lo = ((r < lo_b) & (adv < 0)).to(lp.dtype)
+        hi = ((r > hi_b) & (adv > 0)).to(lp.dtype)
     elif LOSS == 3:  # reinforce / gpg
         loss = -adv * lp
         dl = -adv + zero
@@ -202,6 +203,10 @@ def _kl_token(lp, ref, KL: tl.constexpr, KL_ST: tl.constexpr):
     elif KL == 2:
         value = 0.5 * diff * diff
         deriv = diff
+    elif KL == 4:  # k3_unclamped (TRL's beta term)
+        e = tl.exp(-diff)
+        value = e + diff - 1.0
+        deriv = 1.0 - e
     else:
         x = tl.minimum(tl.maximum(-diff, -_BOUND), _BOUND)
         e = tl.exp(x)
@@ -301,7 +306,8 @@ def _policy_loss_fwd_kernel(
     dro_beta: tl.float64, ppo_kl_coef: tl.float64,
     LOSS: tl.constexpr, KL: tl.constexpr, KL_ST: tl.constexpr, HAS_DUAL: tl.constexpr,
     PACKED: tl.constexpr, ADV_PER_SEQ: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
-    HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, HAS_SEL: tl.constexpr, SEQ: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, HAS_SEL: tl.constexpr, SEQ: tl.constexpr, KL_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # grid (B, K): program (b, k) reads blocks k, k + K, k + 2K, ... of sequence b (K = 1 for the
     # two-pass losses, whose token pass needs the whole sequence's mean log-ratio first)
@@ -389,6 +395,11 @@ def _policy_loss_fwd_kernel(
         if HAS_REF:
             ref = tl.load(ref_ptr + r_ref + idx, mask=inb, other=0.0).to(CDT)
             kl, _ = _kl_token(lp, ref, KL, KL_ST)
+            if KL_BIAS:  # TRL's use_bias_correction_kl: times the unclamped ratio (the sequence's at SEQ)
+                if SEQ:
+                    kl = kl * tl.exp(slr)
+                else:
+                    kl = kl * tl.exp(lp - old)
             a_kl += tl.where(live, m * kl, 0.0)
         if HAS_ENT:
             ent = tl.load(ent_ptr + r_ent + idx, mask=inb, other=0.0).to(CDT)
@@ -498,7 +509,7 @@ def _policy_loss_bwd_kernel(
     ent_coef: tl.float64,
     LOSS: tl.constexpr, KL: tl.constexpr, KL_ST: tl.constexpr, HAS_DUAL: tl.constexpr,
     PACKED: tl.constexpr, ADV_PER_SEQ: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
-    HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, HAS_SEL: tl.constexpr, SEQ: tl.constexpr,
+    HAS_ENT: tl.constexpr, HAS_ISW: tl.constexpr, HAS_SEL: tl.constexpr, SEQ: tl.constexpr, KL_BIAS: tl.constexpr,
     AGG: tl.constexpr, ENT_AGG: tl.constexpr, ENT_LOCAL: tl.constexpr, GTOK: tl.constexpr,
     GSEQ: tl.constexpr, WITH_KL: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -563,8 +574,14 @@ def _policy_loss_bwd_kernel(
                 g = g * tl.load(isw_ptr + r_isw + idx, mask=inb, other=0.0).to(CDT)
         if WITH_KL:
             ref = tl.load(ref_ptr + r_ref + idx, mask=inb, other=0.0).to(CDT)
-            _, dkl = _kl_token(lp, ref, KL, KL_ST)
-            g += c_kl * dkl
+            kl, dkl = _kl_token(lp, ref, KL, KL_ST)
+            if KL_BIAS:
+                if SEQ:  # m_t (r_b dkl_t + (sum_s m_s kl_s r_b) / max(n, 1)), the sum being the forward's KL column
+                    g += c_kl * (tl.exp(slr) * dkl + tl.load(stats_ptr + pid * 12 + 2) / tl.maximum(count, 1.0))
+                else:  # d (r kl) / d lp = r (dkl + kl), r = exp(lr)
+                    g += c_kl * tl.exp(lp - old) * (dkl + kl)
+            else:
+                g += c_kl * dkl
         g = tl.where(live, m * g, 0.0)
         tl.store(g_lp_ptr + r_out + idx, g.to(g_lp_ptr.dtype.element_ty), mask=inb)
         if HAS_ENT:
@@ -631,7 +648,7 @@ def _token_args(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy,
     flags = dict(LOSS=LOSS_IDS[loss], KL=kl_id, KL_ST=straight_through, HAS_DUAL=has_dual, PACKED=packed,
                  ADV_PER_SEQ=adv_per_seq, HAS_MASK=mask is not None, HAS_REF=ref_logprobs is not None,
                  HAS_ENT=entropy is not None, HAS_ISW=is_weights is not None, HAS_SEL=select is not None,
-                 SEQ=level == "sequence")
+                 SEQ=level == "sequence", KL_BIAS=h["kl_bias_correction"] != 0)
     cu = cu_seqlens if packed else dummy
     block = min(MAX_BLOCK, max(16, triton.next_power_of_2(max(width, 1) if not packed else 1024)))
     return ptrs, strides, cu, n_seqs, width, floats, flags, block

@@ -64,7 +64,7 @@ def _loss_kwargs(loss):
                 dro_beta=0.2, clip_cov_ratio=0.2, clip_cov_lb=-1.0, kl_cov_ratio=0.1)
 
 
-def _reference(b, loss, agg, est, lsf=None, seed=3, adv=None, level="token"):
+def _reference(b, loss, agg, est, lsf=None, seed=3, adv=None, level="token", extra=None):
     """float64 reference loss, metrics and grads (autograd), with the cov selections drawn as rlkern does."""
     lp = b["lp"].clone().requires_grad_()
     ent = b["ent"].clone().requires_grad_()
@@ -80,12 +80,13 @@ def _reference(b, loss, agg, est, lsf=None, seed=3, adv=None, level="token"):
     total, metrics = reference.policy_loss(
         lp, b["old"], adv, b["mask"], loss=loss, clip_high=0.28, dual_clip=kw["dual_clip"], ref_logprobs=b["ref"],
         kl_coef=0.3, kl_estimator=est, entropy=ent, entropy_coef=0.05, agg=agg, is_weights=b["isw"], select=select,
-        dro_beta=0.2, loss_scale_factor=lsf, level=level)
+        dro_beta=0.2, loss_scale_factor=lsf, level=level, **(extra or {}))
     total.backward()
     return total.detach(), metrics, lp.grad, ent.grad
 
 
-def _ours(b, loss, agg, est, dtype=torch.float32, packed=False, lsf=None, seed=3, adv=None, level="token"):
+def _ours(b, loss, agg, est, dtype=torch.float32, packed=False, lsf=None, seed=3, adv=None, level="token",
+          extra=None):
     mask = b["mask"]
     adv = b["adv"] if adv is None else adv
     cu = None
@@ -101,7 +102,7 @@ def _ours(b, loss, agg, est, dtype=torch.float32, packed=False, lsf=None, seed=3
         lp, conv(b["old"]), conv(adv) if adv.ndim == 2 else adv.to(dtype), conv(mask) if packed else mask,
         ref_logprobs=conv(b["ref"]), kl_coef=0.3, kl_estimator=est, entropy=ent, entropy_coef=0.05, agg=agg,
         is_weights=conv(b["isw"]), cu_seqlens=cu, loss_scale_factor=lsf, level=level,
-        advantages_per_sequence=(adv.ndim == 1) if packed else None, **_loss_kwargs(loss))
+        advantages_per_sequence=(adv.ndim == 1) if packed else None, **_loss_kwargs(loss), **(extra or {}))
     total.backward()
     if not packed:
         return total.detach(), torch.stack([metrics[k] for k in KEYS]), lp.grad, ent.grad
@@ -116,7 +117,8 @@ def _ours(b, loss, agg, est, dtype=torch.float32, packed=False, lsf=None, seed=3
 # A hyper list of the custom ops, built by field name (rlkern/reference/policy_loss.py HYPER_FIELDS).
 _HYPER = reference.hyper_list(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.1, entropy_coef=0.01,
                               dp_size=1.0, loss_scale_factor=None, tau_pos=1.0, tau_neg=1.05, dro_beta=None,
-                              ppo_kl_coef=0.1, global_tokens=None, global_seqs=12.0)
+                              ppo_kl_coef=0.1, global_tokens=None, global_seqs=12.0,
+                              kl_bias_correction=False)
 
 
 def test_hyper_and_stats_schema_is_one_across_python_triton_and_cpp():
@@ -204,6 +206,131 @@ def test_estimators(backend, est, loss):
     ours = _ours(b, loss, "token-mean", est)
     for name, x, y in zip(("loss", "metrics", "grad", "grad entropy"), ours, ref):
         _close(x, y, atol=1e-4, name=name)  # k3 at |log-ratio| ~ 20: e^20 * fp32 eps
+
+
+# --- TRL 1.16 options: the bias-corrected KL, the off-policy sequence mask, per-sequence metrics ---
+
+@pytest.mark.parametrize("loss,level", [("ppo", "token"), ("ppo", "sequence"), ("cispo", "token"),
+                                        ("cispo", "sequence"), ("sapo", "sequence"), ("sapo", "token"),
+                                        ("gspo", "token"), ("reinforce", "token")])
+@pytest.mark.parametrize("est", ["k3", "k1", "k2+"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_kl_bias_correction_matches_reference(backend, loss, level, est, packed):
+    """KL x ratio, the gradient through the ratio (at level="sequence" through the sequence mean):
+    loss, metrics (kl_ref is the corrected estimate) and both gradients against the float64 reference."""
+    b = _batch(B=5, T=13, seed=21, ragged=packed)
+    extra = {"kl_bias_correction": True}
+    agg = "seq-mean-token-mean" if level == "sequence" else "token-mean"
+    ref = _reference(b, loss, agg, est, level=level, extra=extra)
+    plain = _reference(b, loss, agg, est, level=level)
+    assert (ref[1][KEYS.index("kl_ref")] - plain[1][KEYS.index("kl_ref")]).abs() > 1e-4  # the option matters
+    for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10)):
+        ours = _ours(b, loss, agg, est, dtype=dtype, packed=packed, level=level, extra=extra)
+        for name, x, y in zip(("loss", "metrics", "grad", "grad entropy"), ours, ref):
+            t = 2e-5 if name == "metrics" else tol  # metrics are float32 for every input dtype
+            _close(x, y, atol=t, rtol=t, name=f"{dtype} {name}")
+
+
+@pytest.mark.parametrize("est", ["k3_unclamped", "k3_unclamped+"])
+def test_k3_unclamped_matches_reference(backend, est):
+    """TRL's beta term: k3 past verl's bounds (values > 10 here), in policy_loss and kl_penalty."""
+    b = _batch(B=5, T=13, seed=26)
+    g = torch.Generator().manual_seed(3)
+    b["ref"] = b["lp"] + torch.randn(b["lp"].shape, generator=g, dtype=torch.float64) * 3
+    unclamped = reference.kl_penalty(b["lp"], b["ref"], est)
+    assert unclamped.max() > 10 and not torch.equal(unclamped, reference.kl_penalty(b["lp"], b["ref"], "k3"))
+    for level, extra in (("token", None), ("sequence", {"kl_bias_correction": True})):
+        ref = _reference(b, "ppo", "token-mean", est, level=level, extra=extra)
+        ours = _ours(b, "ppo", "token-mean", est, level=level, extra=extra)
+        for name, x, y in zip(("loss", "metrics", "grad", "grad entropy"), ours, ref):
+            _close(x, y, atol=1e-4, name=f"{level} {name}")  # e^|x| ~ e^9 times fp32 eps
+    lp = b["lp"].clone().requires_grad_()
+    want = reference.kl_penalty(lp, b["ref"], est)
+    want.sum().backward()
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-9)):
+        x = b["lp"].to(dtype).requires_grad_()
+        got = P.kl_penalty(x, b["ref"].to(dtype), kl_estimator=est)
+        got.sum().backward()
+        _close(got, want.detach(), atol=tol, rtol=tol, name=f"kl_penalty {dtype}")
+        _close(x.grad, lp.grad, atol=tol, rtol=tol, name=f"kl_penalty grad {dtype}")
+
+
+def test_kl_bias_correction_bf16(backend):
+    # bf16 inputs read by the kernels, computed in fp32: the reference on the bf16-rounded values bounds them
+    b = _batch(B=6, T=17, seed=22)
+    rounded = {k: (v.to(torch.bfloat16).double() if v.dtype == torch.float64 else v) for k, v in b.items()}
+    for level in ("token", "sequence"):
+        extra = {"kl_bias_correction": True}
+        ours = _ours(b, "ppo", "token-mean", "k3", dtype=torch.bfloat16, level=level, extra=extra)
+        ref = _reference(rounded, "ppo", "token-mean", "k3", level=level, extra=extra)
+        _close(ours[0], ref[0], atol=1e-4, name="bf16 loss")
+        _close(ours[2], ref[2], atol=2e-3, rtol=1e-2, name="bf16 grad")
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("behaviour", ["old", "rollout"])
+def test_off_policy_mask_matches_reference(backend, packed, behaviour):
+    """The off-policy sequence mask equals the reference run with its weights as is_weights."""
+    b = _batch(B=7, T=11, seed=23, ragged=packed)
+    g = torch.Generator().manual_seed(1)
+    rollout = b["old"] + torch.randn(b["old"].shape, generator=g, dtype=torch.float64) * 0.3
+    seq_adv = torch.randn(7, generator=g, dtype=torch.float64)
+    behaviour_lp = rollout if behaviour == "rollout" else b["old"]
+    keep = reference.off_policy_mask(b["lp"], behaviour_lp, seq_adv, b["mask"], 0.05)
+    assert 0 < keep[b["mask"]].mean() < 1  # some sequences dropped, some kept
+    ref = _reference(dict(b, isw=b["isw"] * keep), "ppo", "token-mean", "k3", adv=seq_adv)
+    inside = b.get("inside", torch.ones_like(b["mask"]))
+    extra = {"off_policy_mask_threshold": 0.05}
+    if behaviour == "rollout":
+        extra["rollout_logprobs"] = rollout.float()[inside] if packed else rollout.float()
+    ours = _ours(b, "ppo", "token-mean", "k3", packed=packed, adv=seq_adv, extra=extra)
+    for name, x, y in zip(("loss", "metrics", "grad", "grad entropy"), ours, ref):
+        _close(x, y, name=name)
+
+
+@pytest.mark.peer
+def test_off_policy_mask_matches_trl():
+    grpo = import_peer("trl.trainer.grpo_trainer")
+    b = _batch(B=7, T=11, seed=24)
+    g = torch.Generator().manual_seed(2)
+    sampling = b["old"] + torch.randn(b["old"].shape, generator=g, dtype=torch.float64) * 0.3
+    sampling[1, 3] = float("nan")  # a token vLLM could not score
+    for adv in (torch.randn(7, 1, generator=g, dtype=torch.float64), b["adv"]):
+        theirs = grpo.GRPOTrainer.get_off_policy_mask(adv, b["lp"], sampling, b["mask"].long(), 0.04)
+        ours = reference.off_policy_mask(b["lp"], sampling, adv.squeeze(1) if adv.shape[1] == 1 else adv,
+                                         b["mask"].long(), 0.04)
+        torch.testing.assert_close(ours, theirs.expand_as(ours).double())
+
+
+@pytest.mark.parametrize("loss,level", [("ppo", "token"), ("ppo", "sequence"), ("cispo", "token"),
+                                        ("gspo", "token"), ("cispo", "sequence")])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_sequence_metrics(backend, loss, level, packed):
+    """clipfrac_low_min / clipfrac_high_max / seq_clipfrac* from the kernels' per-sequence sums
+    (the reference's on the torch backend) against the float64 reference; the other metrics unchanged."""
+    b = _batch(B=7, T=11, seed=25, spread=0.8, ragged=packed)
+    sums = reference.sequence_sums(b["lp"], b["old"], b["adv"], b["mask"], loss=loss, clip_high=0.28,
+                                   dual_clip=3.0 if loss == "ppo" else None, level=level)
+    want = reference.sequence_metrics(sums)
+    assert want[0] < want[1] and (want[2:] > 0).all()  # per-sequence fractions that differ
+    # by hand: the per-sequence fractions of the clipped tokens of the live rows
+    live = sums[:, 0] > 0
+    frac_low = sums[live, 2] / sums[live, 0]
+    torch.testing.assert_close(want[0], frac_low.min())
+    torch.testing.assert_close(want[3], frac_low.sum() / 7)
+    extra = {"sequence_metrics": True}
+    mask, inside = b["mask"], b.get("inside", torch.ones_like(b["mask"]))
+    conv = (lambda t: t.float()[inside]) if packed else (lambda t: t.float())  # noqa: E731
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), inside.sum(-1).cumsum(0)]) if packed else None
+    _, metrics = P.policy_loss(conv(b["lp"]), conv(b["old"]), conv(b["adv"]), conv(mask) if packed else mask,
+                               loss=loss, clip_high=0.28, dual_clip=3.0 if loss == "ppo" else None,
+                               level=level, cu_seqlens=cu, **extra)
+    got = torch.stack([metrics[k] for k in reference.SEQUENCE_METRIC_KEYS])
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
+    _, plain = P.policy_loss(conv(b["lp"]), conv(b["old"]), conv(b["adv"]), conv(mask) if packed else mask,
+                             loss=loss, clip_high=0.28, dual_clip=3.0 if loss == "ppo" else None,
+                             level=level, cu_seqlens=cu)
+    assert set(plain) == set(KEYS) and all(torch.equal(plain[k], metrics[k]) for k in KEYS)
 
 
 def test_per_sequence_advantages_and_bf16(backend):
@@ -564,6 +691,12 @@ def test_bad_input():
         P.policy_loss(lp.reshape(-1), old.reshape(-1), adv, None, cu_seqlens=torch.tensor([0, 4, 9]))
     with pytest.raises(ValueError, match="is on meta"):
         P.policy_loss(lp, old.to("meta"), adv, mask)
+    with pytest.raises(TypeError, match="policy_loss: kl_bias_correction must be a bool, got 'yes'"):
+        P.policy_loss(lp, old, adv, mask, kl_bias_correction="yes")
+    with pytest.raises(TypeError, match="policy_loss: sequence_metrics must be a bool, got 1"):
+        P.policy_loss(lp, old, adv, mask, sequence_metrics=1)
+    with pytest.raises(ValueError, match="policy_loss: off_policy_mask_threshold must be a finite number, got nan"):
+        P.policy_loss(lp, old, adv, mask, off_policy_mask_threshold=float("nan"))
     with pytest.raises(ValueError, match="kl_penalty: kl_estimator must be one of"):
         P.kl_penalty(lp, old, kl_estimator="k5")
     with pytest.raises(ValueError, match=r"aggregate: response_mask must have shape \(2, 5\), got \(2, 3\)"):
@@ -1371,7 +1504,7 @@ for loss, seq in [(x, False) for x in sorted(set(K.LOSS_IDS.values()))] + [(0, T
     lp, packed = ("*bf16", True) if loss % 2 else ("*fp32", False)
     flags = dict(LOSS=loss, KL=loss % 4, KL_ST=loss == 3, HAS_DUAL=loss == 0, PACKED=packed, ADV_PER_SEQ=packed,
                  HAS_MASK=not packed, HAS_REF=True, HAS_ENT=True, HAS_ISW=True, HAS_SEL=loss in (8, 9), SEQ=seq,
-                 BLOCK=K.MAX_BLOCK)
+                 KL_BIAS=loss % 2 == 0, BLOCK=K.MAX_BLOCK)
     build_loss(K._policy_loss_fwd_kernel, flags, lp, K.TOKEN_WARPS)
     build_loss(K._policy_loss_bwd_kernel, dict(flags, AGG=loss % 5, ENT_AGG=3, ENT_LOCAL=loss % 2 == 0,
                                                GTOK=loss % 3, GSEQ=(loss + 1) % 3, WITH_KL=True), lp, K.TOKEN_WARPS)
@@ -1639,6 +1772,14 @@ for loss, level in [(x, "token") for x in T.P.KERNEL_LOSSES] + [("ppo", "sequenc
     for x, y, what in zip(ours, ref, ("loss", "metrics", "grad", "grad entropy")):
         if what != "metrics":
             T._close(x, y, name=f"{{loss}} {{level}} {{what}}", **T._FP64_TOL)
+for level in ("token", "sequence"):  # TRL's bias-corrected KL in the double loops
+    b = T._batch(B=5, T=21, seed=4)
+    extra = {{"kl_bias_correction": True}}
+    ref = T._reference(b, "ppo", "token-mean", "k3", level=level, extra=extra)
+    ours = T._ours(b, "ppo", "token-mean", "k3", dtype=torch.float64, packed=True, level=level, extra=extra)
+    for x, y, what in zip(ours, ref, ("loss", "metrics", "grad", "grad entropy")):
+        if what != "metrics":
+            T._close(x, y, name=f"kl_bias_correction {{level}} {{what}}", **T._FP64_TOL)
 print("ok")
 """.format(tests=os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, RLKERN_NO_SIMD="1", RLKERN_BACKEND="cpp")

@@ -36,7 +36,7 @@ from torch import Tensor
 METRIC_KEYS = ("clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac", "approx_kl", "ratio_mean",
                "kl_ref", "entropy")
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k3_unclamped")
 # The float hyper-parameters of the policy-loss custom ops, in the order of their ``hyper`` list,
 # and the columns of the per-sequence statistics the kernels emit: one schema for the op layer
 # (rlkern/ops/policy_loss.py), the Triton launcher (kernels/policy_loss.py) and the C++ parser
@@ -45,7 +45,7 @@ KL_ESTIMATORS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
 # given (dual_clip, loss_scale_factor, dro_beta, global_tokens / global_seqs given as tensors or
 # not at all); the public ops reject NaN from callers.
 HYPER_FIELDS = ("clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef", "dp_size", "loss_scale_factor",
-                "tau_pos", "tau_neg", "dro_beta", "ppo_kl_coef", "global_tokens", "global_seqs")
+                "tau_pos", "tau_neg", "dro_beta", "ppo_kl_coef", "global_tokens", "global_seqs", "kl_bias_correction")
 STAT_FIELDS = ("policy", "entropy", "kl", "count", "clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac",
                "approx_kl", "ratio", "seq_log_ratio", "seq_grad")
 
@@ -123,6 +123,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor
     elif base in ("k3", "low_var_kl"):
         x = torch.clamp(-diff, -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
         value = torch.clamp(torch.exp(x) - x - 1, -_K3_BOUND, _K3_BOUND)
+    elif base == "k3_unclamped":  # TRL 1.16's beta term: k3 without verl's bounds
+        value = torch.exp(-diff) + diff - 1
     else:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS} (optionally with '+'), got {estimator!r}")
     if not straight_through:
@@ -205,7 +207,9 @@ def _token_terms(loss, lp, old, adv, mask, h, select, is_weights, level):
     elif loss == "cispo":
         cr = torch.clamp(r, 1 - lo, 1 + hi)
         tok = -cr.detach() * adv * lp
-        out["cf"], out["lo"], out["hi"] = r != cr, r < 1 - lo, r > 1 + hi
+        # verl's pg_clipfrac counts either side; the halves are the clip against A's sign (TRL's
+        # cispo_clip_ratio is the A > 0 half)
+        out["cf"], out["lo"], out["hi"] = r != cr, (r < 1 - lo) & (adv < 0), (r > 1 + hi) & (adv > 0)
     elif loss in ("reinforce", "gpg"):
         tok = -adv * lp
     elif loss == "sapo":
@@ -250,6 +254,7 @@ def _token_terms(loss, lp, old, adv, mask, h, select, is_weights, level):
     if is_weights is not None and loss != "geo_mean":
         tok = tok * is_weights
     out["ratio"] = r
+    out["lr"] = lr  # unclamped (the sequence mean at level="sequence"): kl_bias_correction weighs KL by e^lr
     return tok, out
 
 
@@ -281,8 +286,13 @@ def policy_loss(
     tau_neg: float = 1.05,
     dro_beta: float | None = None,
     ppo_kl_coef: float = 0.1,
+    kl_bias_correction: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Returns ``(loss [], metrics [8])`` in the compute dtype; metrics follow METRIC_KEYS."""
+    """Returns ``(loss [], metrics [8])`` in the compute dtype; metrics follow METRIC_KEYS.
+
+    ``kl_bias_correction``: the KL estimate is multiplied by the importance ratio exp(lr), unclamped (at
+    level="sequence" exp of the sequence mean log-ratio), with the gradient through the ratio:
+    TRL 1.16's ``use_bias_correction_kl``. The ``kl_ref`` metric is then the corrected value."""
     cdt = compute_dtype(logprobs)
     lp = logprobs.to(cdt)
     old = old_logprobs.to(cdt)
@@ -305,6 +315,8 @@ def policy_loss(
     kl_mean = torch.zeros((), dtype=cdt, device=lp.device)
     if ref_logprobs is not None:
         kld = kl_penalty(lp, ref_logprobs.to(cdt), kl_estimator)
+        if kl_bias_correction:
+            kld = kld * torch.exp(terms["lr"])
         if kl_coef != 0:
             total = total + kl_coef * aggregate(kld, m, agg, **norms)
         kl_mean = masked_mean(kld.detach(), m)
@@ -319,6 +331,49 @@ def policy_loss(
     metrics = [masked_mean(torch.as_tensor(s).to(cdt).detach().expand_as(lp), m) for s in stats]
     metrics = torch.stack(metrics + [kl_mean, ent_mean])
     return total, metrics
+
+
+def sequence_sums(logprobs, old_logprobs, advantages, mask, *, loss="ppo", clip_low=0.2, clip_high=None,
+                  dual_clip=None, level="token", tau_pos=1.0, tau_neg=1.05, dro_beta=None, ppo_kl_coef=0.1,
+                  select=None) -> Tensor:
+    """Per-sequence masked sums ``[B, 4]`` of (mask, clipfrac, clipfrac_low, clipfrac_high): the
+    kernels' stats columns count / clipfrac / clipfrac_low / clipfrac_high."""
+    cdt = compute_dtype(logprobs)
+    lp, old, m = logprobs.to(cdt), old_logprobs.to(cdt), mask.to(cdt)
+    adv = advantages.to(cdt)
+    adv = (adv[:, None] if adv.ndim == 1 else adv).expand_as(lp)
+    h = {"clip_low": clip_low, "clip_high": clip_low if clip_high is None else clip_high, "dual_clip": dual_clip,
+         "tau_pos": tau_pos, "tau_neg": tau_neg, "dro_beta": dro_beta, "ppo_kl_coef": ppo_kl_coef}
+    with torch.no_grad():
+        _, terms = _token_terms(loss, lp, old, adv, m, h, None if select is None else select.to(cdt), None, level)
+        cols = [torch.ones_like(lp)] + [torch.as_tensor(terms[k]).to(cdt).expand_as(lp) for k in ("cf", "lo", "hi")]
+        kept = [torch.where(m != 0, c, torch.zeros_like(c)) * m for c in cols]
+    return torch.stack([k.sum(-1) for k in kept], -1)
+
+
+SEQUENCE_METRIC_KEYS = ("clipfrac_low_min", "clipfrac_high_max", "seq_clipfrac", "seq_clipfrac_low",
+                        "seq_clipfrac_high")
+
+
+def sequence_metrics(sums: Tensor) -> Tensor:
+    """From per-sequence sums ``[B, 4]`` (mask, clipfrac, low, high): the SEQUENCE_METRIC_KEYS.
+
+    Each sequence's fraction is its masked mean; ``*_min`` / ``*_max`` run over the sequences with
+    a token (TRL's ``clip_ratio/low_min`` / ``high_max``: nanmin / nanmax of the per-sequence
+    means), ``seq_*`` are plain means over all B rows, an empty row counting 0 (TRL's clip metrics
+    at importance_sampling_level="sequence"). 0 where there is no sequence with a token."""
+    count = sums[:, 0]
+    live = count > 0
+    frac = sums[:, 1:] / torch.where(live, count, torch.ones_like(count))[:, None]
+    frac = torch.where(live[:, None], frac, torch.zeros_like(frac))
+    any_live = live.any()
+    inf = torch.full_like(frac[:, 1], math.inf)
+    low_min = torch.where(live, frac[:, 1], inf).amin() if count.numel() else count.new_zeros(())
+    high_max = torch.where(live, frac[:, 2], -inf).amax() if count.numel() else count.new_zeros(())
+    zero = count.new_zeros(())
+    low_min, high_max = torch.where(any_live, low_min, zero), torch.where(any_live, high_max, zero)
+    means = frac.sum(0) / max(count.numel(), 1)
+    return torch.stack([low_min, high_max, means[0], means[1], means[2]])
 
 
 def value_loss(vpreds, returns, values, mask, cliprange_value, agg="token-mean", **norms):
@@ -461,6 +516,24 @@ def rollout_correction(trained, rollout, mask, rollout_is, is_threshold, batch_n
                 keep = keep * ok.to(cdt)
             mask = m * keep if mask is None else (m * keep).to(mask.dtype)
     return weights, mask
+
+
+def off_policy_mask(trained, behaviour, advantages, mask, threshold, rows=PaddedRows):
+    """DeepSeek-V3.2's off-policy sequence mask (TRL 1.16 ``off_policy_mask_threshold``): 0 on the
+    tokens of a sequence whose mean KL(behaviour || trained) estimate, mean of ``behaviour -
+    trained`` over its tokens (NaN counted 0, denominator ``max(sum m, 1)``), exceeds
+    ``threshold`` where the token's advantage is negative; else 1. Both log-probs are constants.
+    ``advantages``: per token (the tokens' shape) or ``[B]``. Returns the weights, tokens' shape."""
+    with torch.no_grad():
+        cdt = compute_dtype(trained)
+        diff = torch.nan_to_num(behaviour.to(cdt) - trained.to(cdt), nan=0.0)
+        m = torch.ones_like(diff) if mask is None else mask.to(cdt)
+        total = rows.sum(torch.where(m != 0, diff, torch.zeros_like(diff)) * m)
+        mean_kl = total / rows.sum(m).clamp(min=1.0)
+        adv = advantages.to(cdt)
+        adv = rows.spread(adv) if adv.shape != diff.shape else adv
+        keep = (adv >= 0) | (rows.spread(mean_kl) <= threshold)
+    return keep.expand_as(diff).to(cdt).contiguous()
 
 
 # --- OpenRLHF 0.11.2 train/rollout correction (PolicyLoss is_correction_*) ------------------------

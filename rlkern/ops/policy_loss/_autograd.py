@@ -38,9 +38,9 @@ N_STATS = len(reference.STAT_FIELDS)
 # would be a host-to-device copy in every step, which CUDA graphs cannot capture); NaN when not
 # given or given as a tensor (then the global_tokens / global_seqs tensor arguments).
 (H_CLIP_LOW, H_CLIP_HIGH, H_DUAL, H_KL_COEF, H_ENT_COEF, H_DP, H_LSF, H_TAU_POS, H_TAU_NEG, H_DRO_BETA,
- H_PPO_KL_COEF, H_GTOK, H_GSEQ) = (reference.HYPER_FIELDS.index(name) for name in (
+ H_PPO_KL_COEF, H_GTOK, H_GSEQ, H_KL_BIAS) = (reference.HYPER_FIELDS.index(name) for name in (
     "clip_low", "clip_high", "dual_clip", "kl_coef", "entropy_coef", "dp_size", "loss_scale_factor", "tau_pos",
-    "tau_neg", "dro_beta", "ppo_kl_coef", "global_tokens", "global_seqs"))
+    "tau_neg", "dro_beta", "ppo_kl_coef", "global_tokens", "global_seqs", "kl_bias_correction"))
 NONE = math.nan  # "not given" in the float list
 
 
@@ -92,7 +92,7 @@ def _reference_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs, entr
         global_seqs=global_seqs if global_seqs is not None else opt(hyper[H_GSEQ]),
         dp_size=int(hyper[H_DP]), loss_scale_factor=opt(hyper[H_LSF]), is_weights=is_weights, select=select,
         tau_pos=hyper[H_TAU_POS], tau_neg=hyper[H_TAU_NEG], dro_beta=opt(hyper[H_DRO_BETA]),
-        ppo_kl_coef=hyper[H_PPO_KL_COEF])
+        ppo_kl_coef=hyper[H_PPO_KL_COEF], kl_bias_correction=bool(hyper[H_KL_BIAS]))
 
 
 def _reference_forward(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select,
@@ -265,9 +265,10 @@ def _use_eager(logprobs: Tensor) -> bool:
 
 
 def run(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select, cu_seqlens, global_tokens,
-        global_seqs, loss, agg, entropy_agg, kl_estimator, level, hyper) -> tuple[Tensor, Tensor]:
-    """(loss, metrics [8]) through the custom ops (eager calls skip the dispatcher: see _EagerPolicyLoss)."""
+        global_seqs, loss, agg, entropy_agg, kl_estimator, level, hyper) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, metrics [8], per-sequence stats [B + 1, N_STATS], or [0, N_STATS] from the reference)
+    through the custom ops (eager calls skip the dispatcher: see _EagerPolicyLoss)."""
     op = _EagerPolicyLoss.apply if _use_eager(logprobs) else _fwd
-    total, metrics, _ = op(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select,
+    total, metrics, stats = op(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, is_weights, select,
                            cu_seqlens, global_tokens, global_seqs, loss, agg, entropy_agg, kl_estimator, level, hyper)
-    return total, metrics
+    return total, metrics, stats

@@ -81,6 +81,12 @@ def check_hyper(loss: str, clip_low, clip_high, dual_clip, dro_beta) -> None:
         raise ValueError(f"{_OP}: loss='dro' needs dro_beta > 0 (verl's policy_loss.dro_beta), got {dro_beta!r}")
 
 
+def check_flags(**flags) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{_OP}: {name} must be a bool, got {value!r}")
+
+
 def check_numbers(op: str, dp_size, global_tokens, global_seqs, loss_scale_factor) -> None:
     """The global normalizers as the caller gave them (tensors are not read: no host sync)."""
     _checks.number(op, "dp_size", dp_size, low=1, integer=True)

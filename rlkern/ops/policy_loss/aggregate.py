@@ -80,9 +80,10 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, *, kl_estimator: str = "k
         ref_logprobs: same shape as ``logprobs``.
         kl_estimator: ``k1``/``kl`` (lp - ref), ``abs``, ``k2``/``mse`` (0.5 (lp - ref)^2),
             ``k3``/``low_var_kl`` (e^(ref - lp) - (ref - lp) - 1 with the log-ratio clamped to
-            [-20, 20] and the value to [-10, 10], as verl), each optionally with ``+`` (the value
-            of the estimator with the gradient of k2, verl's straight-through form). Default k3,
-            as ``policy_loss`` (verl's ``kl_loss_type="low_var_kl"``, TRL's beta term).
+            [-20, 20] and the value to [-10, 10], as verl), ``k3_unclamped`` (the same without
+            bounds: TRL 1.16's beta term), each optionally with ``+`` (the value of the estimator
+            with the gradient of k2, verl's straight-through form). Default k3, as ``policy_loss``
+            (verl's ``kl_loss_type="low_var_kl"``).
 
     Returns:
         The estimate, shape of ``logprobs``, float32 (float64 for float64 input).

@@ -62,9 +62,22 @@ def _cov_select(loss, logprobs, old_logprobs, advantages, mask, cu_seqlens, clip
     return unpad(select, cu_seqlens, logprobs.numel()) if cu_seqlens is not None else select
 
 
+def off_policy_weights(logprobs, old_logprobs, rollout_logprobs, advantages, response_mask, cu_seqlens,
+                       threshold: float) -> Tensor:
+    """The off-policy sequence mask as weights on the policy term (no host sync): the behaviour
+    policy is the rollout's when given (TRL's sampling_per_token_logps), else old_logprobs."""
+    rows = reference.PaddedRows if cu_seqlens is None else PackedRows(cu_seqlens, logprobs.numel())
+    behaviour = old_logprobs if rollout_logprobs is None else rollout_logprobs
+    return reference.off_policy_mask(logprobs.detach(), behaviour, advantages, response_mask, threshold, rows=rows)
+
+
 def apply(loss: str, inner: str, logprobs, old_logprobs, advantages, response_mask, cu_seqlens, is_weights,
-          rollout_logprobs, rollout: dict, cov: dict):
+          rollout_logprobs, rollout: dict, cov: dict, off_policy_mask_threshold: float | None = None):
     """The corrections of one call: ``(is_weights, response_mask, select)`` for the kernels."""
+    if off_policy_mask_threshold is not None:
+        keep = off_policy_weights(logprobs, old_logprobs, rollout_logprobs, advantages, response_mask, cu_seqlens,
+                                  off_policy_mask_threshold)
+        is_weights = keep if is_weights is None else is_weights * keep
     is_bypass = loss == "bypass_mode"
     if is_bypass or rollout["rollout_is"] is not None or rollout["rollout_rs"] is not None:
         behaviour = old_logprobs if is_bypass else rollout_logprobs

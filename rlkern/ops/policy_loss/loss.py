@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlkern.ops import _checks
+from rlkern.ops._layout import pad
 from rlkern.ops.policy_loss import _autograd, _config, corrections
 from rlkern.reference import policy_loss as reference
 
@@ -49,6 +51,9 @@ def policy_loss(
     clip_cov_ub: float = 5.0,
     kl_cov_ratio: float = 0.0002,
     ppo_kl_coef: float = 0.1,
+    kl_bias_correction: bool = False,
+    off_policy_mask_threshold: float | None = None,
+    sequence_metrics: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Policy-gradient loss + KL penalty - entropy bonus, aggregated, with metrics, in one pass.
 
@@ -114,8 +119,10 @@ def policy_loss(
         ref_logprobs: like ``logprobs``: the reference policy, for the KL penalty.
         kl_coef: weight of the KL penalty (verl's kl_loss_coef 0.001, TRL's beta 0.0).
         kl_estimator: ``k1``/``kl``, ``abs``, ``k2``/``mse``, ``k3``/``low_var_kl`` (clamped as verl:
-            log-ratio to [-20, 20], value to [-10, 10]), and any of them with ``+`` (value of the
-            estimator, gradient of k2). Default k3 as verl's ``low_var_kl`` and TRL's beta term.
+            log-ratio to [-20, 20], value to [-10, 10]), ``k3_unclamped`` (k3 without those bounds:
+            TRL 1.16's beta term, exactly), and any of them with ``+`` (value of the estimator,
+            gradient of k2). Default k3 as verl's ``low_var_kl`` (TRL's beta term where the k3
+            value stays below 10).
         entropy: like ``logprobs``: per-token entropy (differentiable) for the bonus and metric.
         entropy_coef: weight of the entropy bonus (verl's entropy_coeff 0, TRL's entropy_coef 0).
         agg: ``token-mean`` (verl default), ``token-sum``, ``seq-mean-token-sum``,
@@ -154,6 +161,16 @@ def policy_loss(
         dro_beta: DRO's quadratic penalty (verl ``policy_loss.dro_beta``, required for dro).
         clip_cov_ratio, clip_cov_lb, clip_cov_ub, kl_cov_ratio, ppo_kl_coef: verl's
             ``PolicyLossConfig`` defaults for clip_cov / kl_cov.
+        kl_bias_correction: multiply the KL estimate by the importance ratio ``exp(lr)``
+            (unclamped; at ``level="sequence"`` the sequence ratio), with the gradient through the
+            ratio: TRL 1.16's ``use_bias_correction_kl`` (TRL's default True; off here, as verl).
+            ``kl_ref`` then reports the corrected estimate, as TRL's ``kl``.
+        off_policy_mask_threshold: DeepSeek-V3.2's off-policy sequence mask (TRL 1.16
+            ``off_policy_mask_threshold``, default None: off): the policy term of a token with a
+            negative advantage is dropped (weight 0, the token stays in the normalizers) when its
+            sequence's mean of ``behaviour - sg(logprobs)`` exceeds the threshold; the behaviour
+            log-probs are ``rollout_logprobs`` when given, else ``old_logprobs``.
+        sequence_metrics: add per-sequence clip statistics to ``metrics`` (see Returns).
 
     Returns:
         ``(loss, metrics)``: ``loss`` a 0-dim float32 tensor (float64 for float64 input);
@@ -173,6 +190,12 @@ def policy_loss(
         - ``kl_ref``: mean KL estimate to ``ref_logprobs`` (TRL ``kl``; 0 without it).
         - ``entropy``: mean entropy (TRL ``entropy``; verl logs the aggregated ``entropy_loss``).
 
+        With ``sequence_metrics=True`` also, over each sequence's clip fractions (its masked
+        means): ``clipfrac_low_min`` / ``clipfrac_high_max``, the min / max over the sequences with
+        a token (TRL ``clip_ratio/low_min`` / ``high_max``), and ``seq_clipfrac``,
+        ``seq_clipfrac_low``, ``seq_clipfrac_high``, plain means over all B rows (an empty row
+        counts 0): TRL's clip metrics at ``importance_sampling_level="sequence"``.
+
         An empty mask gives loss 0, metrics 0 and a zero gradient (verl's token-mean and
         seq-mean modes give NaN there); fully masked rows do not count in the sequence means, as
         in verl. Metrics are float32 for every input dtype.
@@ -184,6 +207,9 @@ def policy_loss(
     n_seqs = _config.check_tensors(logprobs, old_logprobs, advantages, response_mask, cu_seqlens, optional)
     _config.check_modes(inner, agg, entropy_agg, kl_estimator, level)
     _config.check_hyper(inner, clip_low, clip_high, dual_clip, dro_beta)
+    _config.check_flags(kl_bias_correction=kl_bias_correction, sequence_metrics=sequence_metrics)
+    if off_policy_mask_threshold is not None:
+        _checks.number("policy_loss", "off_policy_mask_threshold", off_policy_mask_threshold)
     # config
     clip_high = clip_low if clip_high is None else clip_high
     packed = cu_seqlens is not None
@@ -196,7 +222,7 @@ def policy_loss(
         dp_size=dp_size, loss_scale_factor=resolved.loss_scale_factor, tau_pos=tau_pos, tau_neg=tau_neg,
         dro_beta=dro_beta, ppo_kl_coef=ppo_kl_coef,
         global_tokens=None if isinstance(global_tokens, Tensor) else global_tokens,
-        global_seqs=None if isinstance(global_seqs, Tensor) else global_seqs)
+        global_seqs=None if isinstance(global_seqs, Tensor) else global_seqs, kl_bias_correction=kl_bias_correction)
     # corrections
     rollout = dict(rollout_is=rollout_is, rollout_is_threshold=rollout_is_threshold,
                    rollout_is_batch_normalize=rollout_is_batch_normalize, rollout_rs=rollout_rs,
@@ -205,11 +231,37 @@ def policy_loss(
                clip_cov_ub=clip_cov_ub, kl_cov_ratio=kl_cov_ratio)
     is_weights, response_mask, select = corrections.apply(loss, inner, logprobs, old_logprobs, advantages,
                                                           response_mask, cu_seqlens, is_weights, rollout_logprobs,
-                                                          rollout, cov)
+                                                          rollout, cov, off_policy_mask_threshold)
     # dispatch
-    total, metrics = _autograd.run(
+    total, metrics, stats = _autograd.run(
         logprobs, old_logprobs, advantages, response_mask, ref_logprobs, entropy, is_weights, select, cu_seqlens,
         global_tokens if isinstance(global_tokens, Tensor) else None,
         global_seqs if isinstance(global_seqs, Tensor) else None, inner, resolved.agg, resolved.entropy_agg,
         kl_estimator, level, hyper)
-    return total, dict(zip(_autograd.METRIC_KEYS, metrics.to(torch.float32).unbind(0)))
+    out = dict(zip(_autograd.METRIC_KEYS, metrics.to(torch.float32).unbind(0)))
+    if sequence_metrics:
+        if stats.shape[0]:  # the kernels' per-sequence sums (row B holds the local normalizers)
+            sums = stats[:-1, [_autograd.S_COUNT, _autograd.S_CF, _autograd.S_LO, _autograd.S_HI]]
+        else:
+            sums = _sequence_sums_reference(logprobs, old_logprobs, advantages, response_mask, cu_seqlens, select,
+                                            inner, level, clip_low, clip_high, dual_clip, tau_pos, tau_neg,
+                                            dro_beta, ppo_kl_coef)
+        extra = reference.sequence_metrics(sums.detach()).to(torch.float32)
+        out.update(zip(reference.SEQUENCE_METRIC_KEYS, extra.unbind(0)))
+    return total, out
+
+
+def _sequence_sums_reference(logprobs, old_logprobs, advantages, mask, cu_seqlens, select, loss, level, clip_low,
+                             clip_high, dual_clip, tau_pos, tau_neg, dro_beta, ppo_kl_coef) -> Tensor:
+    """reference.sequence_sums on the torch backend (packed input padded first)."""
+    lp = logprobs.detach()
+    if cu_seqlens is not None:
+        width = max(int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0, 1)
+        padded = lambda t: None if t is None else pad(t, cu_seqlens, width)  # noqa: E731
+        mask = padded(torch.ones_like(lp) if mask is None else mask.to(lp.dtype))
+        if advantages.shape == lp.shape:
+            advantages = padded(advantages)
+        lp, old_logprobs, select = padded(lp), padded(old_logprobs), padded(select)
+    return reference.sequence_sums(lp, old_logprobs, advantages, mask, loss=loss, clip_low=clip_low,
+                                   clip_high=clip_high, dual_clip=dual_clip, level=level, tau_pos=tau_pos,
+                                   tau_neg=tau_neg, dro_beta=dro_beta, ppo_kl_coef=ppo_kl_coef, select=select)

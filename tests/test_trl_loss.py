@@ -1,0 +1,377 @@
+"""rlkern/integrations/_trl_loss.py against TRL 1.16's own GRPOTrainer._compute_loss and
+RLOOTrainer._compute_loss, option by option: the loss, its gradient in the log-probs and the
+entropies, and every entry each appends to ``self._metrics``.
+
+The trainers are built without a model (``object.__new__``) with the attributes the losses read
+set by hand (defaults from GRPOConfig's own fields) and ``_get_per_token_logps_and_entropies``
+returning fixed log-probs / entropies that require grad; a single-process accelerator stub
+(gather / reduce are the identity, as accelerate's for one process).
+"""
+
+import dataclasses
+import math
+import types
+from collections import defaultdict
+
+import pytest
+import torch
+
+from conftest import import_peer
+
+B, T = 6, 13
+
+
+def _accelerator():
+    def identity(x, **_):
+        return x
+
+    return types.SimpleNamespace(gather=identity, gather_for_metrics=identity, reduce=identity,
+                                 pad_across_processes=identity, num_processes=1, sync_gradients=True)
+
+
+def _config_defaults(module, name):
+    cls = getattr(import_peer(module), name)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _batch(seed=0, dtype=torch.float32, empty_row=True, spread=0.35, ref_spread=0.3):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2.5
+    mask = (torch.rand(B, T, generator=g) > 0.25).long()
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = mask * (torch.arange(T)[None, :] < lengths[:, None]).long()
+    mask[0, :3] = 1
+    if empty_row:
+        mask[3] = 0
+    old = lp + torch.randn(B, T, generator=g, dtype=torch.float64) * spread
+    sampling = old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.2
+    ref = lp + torch.randn(B, T, generator=g, dtype=torch.float64) * ref_spread
+    ent = torch.rand(B, T, generator=g, dtype=torch.float64) * 2
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    return dict(lp=cast(lp), old=cast(old), sampling=cast(sampling), ref=cast(ref), ent=cast(ent), adv=cast(adv),
+                mask=mask, tool_mask=(torch.rand(B, T, generator=g) > 0.1).long())
+
+
+def _grpo(options, b, training=True):
+    grpo = import_peer("trl.trainer.grpo_trainer")
+    args = types.SimpleNamespace(**_config_defaults("trl.trainer.grpo_config", "GRPOConfig"))
+    args.steps_per_generation = 4
+    for k, v in options.items():
+        setattr(args, k, v)
+    trainer = object.__new__(grpo.GRPOTrainer)
+    trainer.args = args
+    trainer.accelerator = _accelerator()
+    trainer.model = types.SimpleNamespace(training=training)
+    trainer.loss_type = args.loss_type
+    trainer.beta = args.beta
+    trainer.epsilon_low = args.epsilon
+    trainer.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+    trainer.importance_sampling_level = args.importance_sampling_level
+    trainer.top_entropy_quantile = args.top_entropy_quantile
+    trainer.off_policy_mask_threshold = args.off_policy_mask_threshold
+    trainer.use_vllm = options.get("use_vllm", False)
+    trainer.vllm_importance_sampling_correction = args.vllm_importance_sampling_correction
+    trainer.max_completion_length = T + 3
+    trainer.current_gradient_accumulation_steps = 2
+    trainer.entropy_coef = args.entropy_coef
+    trainer.use_adaptive_entropy = args.use_adaptive_entropy
+    trainer._entropy_bonus_enabled = trainer.entropy_coef != 0.0 or trainer.use_adaptive_entropy
+    trainer._entropy_window_stats = None
+    trainer._last_world_entropy = options.get("_last_world_entropy", float("inf"))
+    trainer.aux_loss_enabled = options.get("aux", False)
+    trainer.router_aux_loss_coef = 0.01
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    lp = b["lp"].clone().requires_grad_()
+    ent = b["ent"].clone().requires_grad_()
+    aux = torch.tensor(0.7)
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (lp, ent, aux)
+    return trainer, lp, ent
+
+
+def _inputs(b, options):
+    n = b["mask"].shape[0]
+    inputs = {"prompt_ids": torch.zeros(n, 2, dtype=torch.long), "prompt_mask": torch.ones(n, 2, dtype=torch.long),
+              "completion_ids": torch.zeros(n, T, dtype=torch.long), "completion_mask": b["mask"],
+              "advantages": b["adv"], "num_items_in_batch": b["mask"].sum().float() * 3}
+    if options.get("old", True):
+        inputs["old_per_token_logps"] = b["old"]
+    if options.get("beta", 0.0):
+        inputs["ref_per_token_logps"] = b["ref"]
+    if options.get("sampling"):
+        inputs["sampling_per_token_logps"] = b["sampling"]
+    if options.get("tool_mask"):
+        inputs["tool_mask"] = b["tool_mask"]
+    if options.get("per_token_adv"):
+        inputs["advantages"] = b["adv"][:, None] * (1 + 0.1 * torch.arange(T, dtype=b["adv"].dtype))
+    mode = options.get("vllm_importance_sampling_mode")
+    if options.get("use_vllm"):  # the ratio as TRL's generation step forms it for each mode
+        m = b["mask"] if "tool_mask" not in inputs else b["mask"] * inputs["tool_mask"]
+        diff = (b["old"] - b["sampling"]) * m
+        if mode.startswith("sequence"):
+            diff = diff.sum(-1, keepdim=True)
+        ratio = torch.exp(diff)
+        lo = options.get("vllm_importance_sampling_clip_min")
+        hi = options.get("vllm_importance_sampling_clip_max", 3.0)
+        if mode.endswith("truncate"):
+            ratio = ratio.clamp(min=lo, max=hi)
+        else:
+            ratio = ratio.masked_fill((ratio < (lo if lo is not None else -math.inf)) | (ratio > hi), 0.0)
+        inputs["importance_sampling_ratio"] = ratio
+    return inputs
+
+
+def _run(compute, trainer, inputs):
+    loss = compute(trainer, None, inputs)
+    loss.backward()
+    return loss.detach()
+
+
+def _compare(options, seed=0, dtype=torch.float32, training=True, rtol=2e-5, atol=2e-6):
+    trl_loss_mod = pytest.importorskip("rlkern.integrations._trl_loss")
+    grpo = import_peer("trl.trainer.grpo_trainer")
+    b = _batch(seed, dtype, empty_row=options.pop("empty_row", True), spread=options.pop("spread", 0.35),
+               ref_spread=options.pop("ref_spread", 0.3))
+    inputs = _inputs(b, options)
+    theirs, lp_t, ent_t = _grpo(options, b, training)
+    ours, lp_o, ent_o = _grpo(options, b, training)
+    before = trl_loss_mod.CALLS
+    ref_loss = _run(trl_loss_mod._original(grpo.GRPOTrainer), theirs, inputs)
+    our_loss = _run(trl_loss_mod.grpo_compute_loss, ours, inputs)
+    assert trl_loss_mod.CALLS == before + 1, "rlkern did not compute the loss"
+    torch.testing.assert_close(our_loss.double(), ref_loss.double(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(lp_o.grad.double(), lp_t.grad.double(), rtol=rtol, atol=atol)
+    # the entropies reach the graph exactly where TRL's do (the bonus), no zero gradient elsewhere
+    assert (ent_o.grad is None) == (ent_t.grad is None)
+    if ent_t.grad is not None:
+        torch.testing.assert_close(ent_o.grad.double(), ent_t.grad.double(), rtol=rtol, atol=atol)
+    mode = "train" if training else "eval"
+    want, got = dict(theirs._metrics[mode]), dict(ours._metrics[mode])
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=rtol, abs=atol, nan_ok=True), key
+    assert ours.entropy_coef == pytest.approx(theirs.entropy_coef)
+    return want
+
+
+LOSS_TYPES = ["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
+
+
+def _loss_type_options(loss_type):
+    return {"loss_type": loss_type, "epsilon_high": 5.0 if loss_type == "cispo" else 0.28}
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_loss_types_and_levels(loss_type, level):
+    if loss_type == "vespo" and level == "sequence":
+        level = "token"  # VESPO ignores the level (no ratio of its own)
+    # a wide spread of log-ratios, so that sequence means and CISPO's cap of 5 are clipped too
+    options = {**_loss_type_options(loss_type), "importance_sampling_level": level, "spread": 1.3}
+    if loss_type == "cispo":
+        options["epsilon_high"] = 1.5
+    logged = _compare(options, seed=18)  # a seed whose sequence ratios cross both clip bounds
+    clipped = [v[-1] for k, v in logged.items() if k in ("clip_ratio/region_mean", "cispo_clip_ratio")]
+    assert all(0 < c < 1 for c in clipped), logged
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias_kl", "plain_kl"])
+def test_kl_term_with_and_without_bias_correction(loss_type, level, bias):
+    if loss_type == "vespo" and level == "sequence" and bias:
+        pytest.skip("runs TRL's own method (test_inexpressible_configurations_run_trl)")
+    logged = _compare({**_loss_type_options(loss_type), "importance_sampling_level": level, "beta": 0.04,
+                       "use_bias_correction_kl": bias}, seed=1)
+    assert "kl" in logged
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_large_kl(level):
+    # reference log-probs far from the policy's: TRL's k3 has no bound (verl's clamps at 10)
+    b = _batch(12, ref_spread=3.0)
+    assert (torch.exp(b["ref"] - b["lp"]) - (b["ref"] - b["lp"]) - 1).max() > 10
+    _compare({"loss_type": "grpo", "epsilon_high": 0.28, "beta": 0.04, "importance_sampling_level": level,
+              "ref_spread": 3.0}, seed=12, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "luspo"])
+def test_two_sided_clip_delta(loss_type):
+    _compare({**_loss_type_options(loss_type), "delta": 1.4}, seed=2, )
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "vespo"])
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.01])
+def test_top_entropy_quantile(loss_type, entropy_coef):
+    _compare({**_loss_type_options(loss_type), "top_entropy_quantile": 0.4, "entropy_coef": entropy_coef}, seed=3)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "sapo"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_entropy_bonus(loss_type, adaptive):
+    options = {**_loss_type_options(loss_type), "entropy_coef": 0.02}
+    if adaptive:
+        options.update(use_adaptive_entropy=True, entropy_target=5.0, _last_world_entropy=0.1)
+    _compare(options, seed=4)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "vespo"])
+@pytest.mark.parametrize("sampling", [False, True], ids=["old", "sampling"])
+def test_off_policy_mask(loss_type, sampling):
+    _compare({**_loss_type_options(loss_type), "off_policy_mask_threshold": 0.02, "sampling": sampling}, seed=5)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "vespo"])
+def test_vllm_importance_sampling_modes(mode, loss_type):
+    if loss_type == "vespo" and mode.startswith("sequence"):
+        pytest.skip("TRL rejects VESPO with sequence-level vLLM correction")
+    _compare({**_loss_type_options(loss_type), "use_vllm": True, "vllm_importance_sampling_correction": True,
+              "vllm_importance_sampling_mode": mode, "vllm_importance_sampling_clip_min": 0.5,
+              "vllm_importance_sampling_clip_max": 1.6, "sampling": True}, seed=6)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("options", [
+    {"loss_type": "grpo", "tool_mask": True, "beta": 0.02},
+    {"loss_type": "dapo", "per_token_adv": True},
+    {"loss_type": "grpo", "old": False},
+    {"loss_type": "bnpo", "aux": True, "entropy_coef": 0.01},
+    {"loss_type": "grpo", "empty_row": False, "importance_sampling_level": "sequence"},
+], ids=["tool_mask", "per_token_adv", "no_old_logps", "aux_loss", "no_empty_row"])
+def test_other_inputs(options):
+    _compare(dict(options, epsilon_high=0.28), seed=7)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_eval_mode(loss_type):
+    _compare({**_loss_type_options(loss_type), "beta": 0.04, "entropy_coef": 0.01}, seed=8, training=False)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo"])
+def test_bf16_inputs(loss_type):
+    # TRL computes in bfloat16 and rlkern in float32: the bound is bf16's own rounding
+    _compare({**_loss_type_options(loss_type), "beta": 0.04}, seed=9, dtype=torch.bfloat16, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("options", [
+    {"loss_type": "grpo", "delta": 1.1},  # below 1 + epsilon_high
+    {"loss_type": "cispo", "epsilon_high": 0.28},  # a cap below 1
+    {"loss_type": "vespo", "importance_sampling_level": "sequence", "beta": 0.04},
+], ids=["delta_below_clip", "cispo_cap_below_1", "vespo_sequence_bias_kl"])
+def test_inexpressible_configurations_run_trl(options):
+    trl_loss_mod = pytest.importorskip("rlkern.integrations._trl_loss")
+    grpo = import_peer("trl.trainer.grpo_trainer")
+    b = _batch(10)
+    inputs = _inputs(b, options)
+    theirs, lp_t, _ = _grpo(dict(options), b)
+    ours, lp_o, _ = _grpo(dict(options), b)
+    ref = _run(trl_loss_mod._original(grpo.GRPOTrainer), theirs, inputs)
+    before = trl_loss_mod.CALLS
+    got = _run(trl_loss_mod.grpo_compute_loss, ours, inputs)
+    assert trl_loss_mod.CALLS == before  # TRL's own method ran
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(lp_o.grad, lp_t.grad)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+@pytest.mark.parametrize("options", [
+    {"loss_type": "dapo", "beta": 0.04, "importance_sampling_level": "sequence"},
+    {"loss_type": "grpo", "beta": 0.04, "ref_spread": 3.0, "off_policy_mask_threshold": 0.02},
+    {"loss_type": "cispo", "epsilon_high": 1.5, "spread": 1.3, "beta": 0.04, "entropy_coef": 0.01},
+], ids=["dapo-seq-kl", "grpo-large-kl-opsm", "cispo-entropy"])
+def test_other_backends(monkeypatch, backend_name, options):
+    # the Triton kernels (interpreted on CPU tensors) and the reference backend give TRL's numbers too
+    from rlkern import _backend
+
+    if backend_name == "triton" and not _backend.has_triton():
+        pytest.fail("triton is not installed")
+    if backend_name == "triton" and not _backend.triton_interpreted():
+        pytest.skip("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    monkeypatch.setenv("RLKERN_BACKEND", backend_name)
+    _compare(dict(options), seed=13, rtol=1e-5, atol=1e-5)
+
+
+# --- RLOO ------------------------------------------------------------------------------------------
+
+def _rloo(options, b):
+    rloo = import_peer("trl.trainer.rloo_trainer")
+    trainer = object.__new__(rloo.RLOOTrainer)
+    trainer.accelerator = _accelerator()
+    trainer.model = types.SimpleNamespace(training=True)
+    trainer.epsilon_low = options.get("epsilon", 0.2)
+    trainer.epsilon_high = options.get("epsilon_high", 0.2)
+    trainer.aux_loss_enabled = options.get("aux", False)
+    trainer.router_aux_loss_coef = 0.01
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    lp = b["lp"].clone().requires_grad_()
+    ent = b["ent"].clone().requires_grad_()
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (lp, ent, torch.tensor(0.3))
+    return trainer, lp
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("options", [{}, {"epsilon_high": 0.28}, {"aux": True}], ids=["default", "eps_high", "aux"])
+def test_rloo_loss(options):
+    trl_loss_mod = pytest.importorskip("rlkern.integrations._trl_loss")
+    rloo = import_peer("trl.trainer.rloo_trainer")
+    b = _batch(11, spread=0.1)
+    inputs = _inputs(b, {})
+    inputs["old_logps"] = (b["old"] * b["mask"]).sum(1)
+    theirs, lp_t = _rloo(options, b)
+    ours, lp_o = _rloo(options, b)
+    ref = _run(trl_loss_mod._original(rloo.RLOOTrainer), theirs, inputs)
+    before = trl_loss_mod.CALLS
+    got = _run(trl_loss_mod.rloo_compute_loss, ours, inputs)
+    assert trl_loss_mod.CALLS == before + 1
+    torch.testing.assert_close(got, ref, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(lp_o.grad, lp_t.grad, rtol=2e-5, atol=2e-6)
+    want, have = dict(theirs._metrics["train"]), dict(ours._metrics["train"])
+    assert sorted(have) == sorted(want)
+    for key in want:
+        assert have[key] == pytest.approx(want[key], rel=2e-5, abs=2e-6), key
+    assert 0 < want["clip_ratio/region_mean"][-1] < 1  # the clip is exercised
+
+
+def test_loss_overrides_name_both_trainers(monkeypatch):
+    trl_loss_mod = pytest.importorskip("rlkern.integrations._trl_loss")
+    grpo = import_peer("trl.trainer.grpo_trainer")
+    rloo = import_peer("trl.trainer.rloo_trainer")
+    overrides = trl_loss_mod.loss_overrides()
+    assert [(o, a) for o, a, _ in overrides] == [(grpo.GRPOTrainer, "_compute_loss"),
+                                                 (rloo.RLOOTrainer, "_compute_loss")]
+    assert [r for _, _, r in overrides] == [trl_loss_mod.grpo_compute_loss, trl_loss_mod.rloo_compute_loss]
+    # the originals stay reachable for the configurations rlkern leaves to TRL
+    assert trl_loss_mod._original(grpo.GRPOTrainer) is grpo.GRPOTrainer.__dict__["_compute_loss"]
+    # patched as rlkern.integrations.trl.patch(loss=True) does: the fallback still reaches TRL's own
+    for owner, name, fn in overrides:
+        monkeypatch.setattr(owner, name, fn)
+    assert trl_loss_mod._original(grpo.GRPOTrainer) is not trl_loss_mod.grpo_compute_loss
+    options = {"loss_type": "grpo", "delta": 1.1}
+    b = _batch(14)
+    trainer, lp, _ = _grpo(dict(options), b)
+    before = trl_loss_mod.CALLS
+    grpo.GRPOTrainer._compute_loss(trainer, None, _inputs(b, options)).backward()
+    assert trl_loss_mod.CALLS == before and lp.grad is not None
+    options = {"loss_type": "grpo"}
+    trainer, lp, _ = _grpo(dict(options), b)
+    grpo.GRPOTrainer._compute_loss(trainer, None, _inputs(b, options)).backward()
+    assert trl_loss_mod.CALLS == before + 1
