@@ -569,8 +569,10 @@ struct Simd {
         *value = T(0.5) * diff * diff;
         *deriv = diff;
         break;
-      case Kl::kK3: {
-        const vf x = vclamp(-diff, -kLogRatioBound, kLogRatioBound);
+      case Kl::kK3:
+      case Kl::kK3Unclamped: {  // k3 (verl's bounds) / k3_unclamped (TRL's beta term: none)
+        const bool bounded = a.kl == Kl::kK3;
+        const vf x = bounded ? vclamp(-diff, -kLogRatioBound, kLogRatioBound) : -diff;
         const vf e = vexp(x);
         vf v = e - x - T(1);
         if constexpr (std::is_same_v<T, float>) {
@@ -581,15 +583,14 @@ struct Simd {
                             x * (T(1. / 720) + x * (T(1. / 5040) + x * (T(1. / 40320) + x * T(1. / 362880))))))));
           v = vabs(x) < T(0.5) ? series : v;
         }
+        if (!bounded) {
+          *value = v;
+          *deriv = T(1) - e;
+          break;
+        }
         *value = vclamp(v, -kK3Bound, kK3Bound);
         const vi live = (-diff >= -kLogRatioBound) & (-diff <= kLogRatioBound) & (v >= -kK3Bound) & (v <= kK3Bound);
         *deriv = live ? T(1) - e : splat(T(0));
-        break;
-      }
-      case Kl::kK3Unclamped: {  // TRL's beta term: no bounds
-        const vf e = vexp(-diff);
-        *value = e + diff - T(1);
-        *deriv = T(1) - e;
         break;
       }
     }

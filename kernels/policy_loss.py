@@ -203,12 +203,11 @@ def _kl_token(lp, ref, KL: tl.constexpr, KL_ST: tl.constexpr):
     elif KL == 2:
         value = 0.5 * diff * diff
         deriv = diff
-    elif KL == 4:  # k3_unclamped (TRL's beta term)
-        e = tl.exp(-diff)
-        value = e + diff - 1.0
-        deriv = 1.0 - e
-    else:
-        x = tl.minimum(tl.maximum(-diff, -_BOUND), _BOUND)
+    else:  # 3: k3 (verl's bounds); 4: k3_unclamped (TRL's beta term, no bounds)
+        if KL == 4:
+            x = -diff
+        else:
+            x = tl.minimum(tl.maximum(-diff, -_BOUND), _BOUND)
         e = tl.exp(x)
         v = e - x - 1.0
         if x.dtype == tl.float32:
@@ -217,9 +216,13 @@ def _kl_token(lp, ref, KL: tl.constexpr, KL_ST: tl.constexpr):
             series = x * x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (
                 1.0 / 720 + x * (1.0 / 5040 + x * (1.0 / 40320 + x * (1.0 / 362880))))))))
             v = tl.where(tl.abs(x) < 0.5, series, v)
-        value = tl.minimum(tl.maximum(v, -_K3_BOUND), _K3_BOUND)
-        live = (-diff >= -_BOUND) & (-diff <= _BOUND) & (v <= _K3_BOUND)
-        deriv = tl.where(live, 1.0 - e, 0.0)
+        if KL == 4:
+            value = v
+            deriv = 1.0 - e
+        else:
+            value = tl.minimum(tl.maximum(v, -_K3_BOUND), _K3_BOUND)
+            live = (-diff >= -_BOUND) & (-diff <= _BOUND) & (v <= _K3_BOUND)
+            deriv = tl.where(live, 1.0 - e, 0.0)
     if KL_ST:
         deriv = diff
     return value, deriv

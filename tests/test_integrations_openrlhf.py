@@ -311,7 +311,8 @@ def test_compute_approx_kl_parity(patched, estimator, unbiased, with_old, dtype)
 
 
 @pytest.mark.parametrize("backend_name", ["cpp", "triton"])
-def test_k3_is_accurate_for_small_log_ratios(backend_name, monkeypatch):
+@pytest.mark.parametrize("kl_estimator", ["k3", "k3_unclamped"])
+def test_k3_is_accurate_for_small_log_ratios(backend_name, kl_estimator, monkeypatch):
     # e^x - x - 1 in float32 cancels for small |x| (OpenRLHF's and verl's formula: relative error
     # ~1e-7 / (x^2 / 2)); the kernels switch to its Taylor series below |x| = 0.5.
     from rlkern import _backend
@@ -321,7 +322,7 @@ def test_k3_is_accurate_for_small_log_ratios(backend_name, monkeypatch):
     monkeypatch.setenv("RLKERN_BACKEND", backend_name)
     x = torch.cat([torch.logspace(-4, 0.3, 300), -torch.logspace(-4, 0.3, 300)])  # values below the clamp at 10
     ref_lp = torch.zeros_like(x)
-    ours = rlkern.kl_penalty(-x, ref_lp, kl_estimator="k3").double()  # x = ref - logprobs
+    ours = rlkern.kl_penalty(-x, ref_lp, kl_estimator=kl_estimator).double()  # x = ref - logprobs
     xd = x.double()
     exact = torch.expm1(xd) - xd
     rel = ((ours - exact).abs() / exact).max().item()
