@@ -503,6 +503,16 @@ def test_patch_loss_installs_and_restores_the_overrides(monkeypatch):
 
 
 @pytest.mark.peer
+def test_patch_that_fails_half_way_leaves_trl_unpatched(monkeypatch):
+    original = trl_utils.selective_log_softmax
+    monkeypatch.setitem(sys.modules, "rlkern.integrations._trl_loss", None)  # its import fails
+    with pytest.raises(ImportError, match="^patch: loss=True needs rlkern.integrations._trl_loss"):
+        rt.patch(loss=True)
+    assert not rt.is_patched() and trl_utils.selective_log_softmax is original
+    rt.patch()  # then any options go
+
+
+@pytest.mark.peer
 def test_patch_loss_with_the_real_overrides():
     try:
         _trl_loss = importlib.import_module("rlkern.integrations._trl_loss")
