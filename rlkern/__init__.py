@@ -53,5 +53,7 @@ __all__ = [
 ]
 __all__ += _advantages.__all__  # advantages
 
-if _os.environ.get("RLKERN_PATCH_TRL") == "1":  # TRL on rlkern's kernels: rlkern/integrations/trl.py
+# RLKERN_PATCH_TRL=1: TRL on rlkern's kernels, rlkern.integrations.trl.patch() with its default
+# options (fp32=False, loss=False), run when that module is imported (rlkern/integrations/trl.py).
+if _os.environ.get("RLKERN_PATCH_TRL") == "1":
     import rlkern.integrations.trl  # noqa: E402,F401

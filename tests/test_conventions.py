@@ -2,6 +2,8 @@
 hyper-parameters, one name per concept, NamedTuple results, error messages that start with the op
 name, custom-op names, and float64 on the kernels."""
 
+import collections
+import importlib
 import inspect
 import re
 
@@ -18,6 +20,10 @@ TRAINER_SIGNATURES = {"selective_log_softmax", "entropy_from_logits", "selective
 TENSOR_LIKE = {"group_ids", "anchor_keys", "num_tokens", "trees"}
 RETIRED = {"mask": "response_mask", "old_log_probs": "old_logprobs", "ref_log_probs": "ref_logprobs",
            "epsilon": "eps", "estimator": "kl_estimator"}
+# The trainer integrations share one API: patch(*, fp32=False, ...), unpatch(), is_patched(), calls.
+INTEGRATIONS = ("trl", "verl", "openrlhf")
+# Spellings the integrations and drop-ins used before they shared one (CHANGELOG.md).
+RETIRED_INTEGRATION_NAMES = ("precision", "output_dtype", "call_count", "reset_calls", "PRECISIONS")
 
 
 def _public_ops():
@@ -128,3 +134,45 @@ def test_every_family_runs_float64_on_its_cpp_kernel():
     for name, kernels in _backend.REGISTRY.items():
         if "cpp" in kernels.kernels:
             assert "cpp" in kernels.fp64, f"{name}: float64 would run the PyTorch backend on CPU"
+
+
+@pytest.mark.parametrize("name", INTEGRATIONS)
+def test_trainer_integrations_share_one_api(name):
+    module = importlib.import_module(f"rlkern.integrations.{name}")
+    params = inspect.signature(module.patch).parameters
+    assert all(p.kind is p.KEYWORD_ONLY for p in params.values()), f"{name}.patch: options are keyword-only"
+    assert "fp32" in params and params["fp32"].default is False, f"{name}.patch: fp32=False"
+    assert callable(module.unpatch) and callable(module.is_patched)
+    assert isinstance(module.calls, collections.Counter), f"{name}.calls must be a collections.Counter"
+    for old in RETIRED_INTEGRATION_NAMES:
+        assert not hasattr(module, old) and old not in params, f"{name}: {old} is retired"
+    was = module.is_patched()
+    with pytest.raises((TypeError, ValueError)) as info:
+        module.patch(fp32="x")
+    assert str(info.value).startswith("patch: fp32"), str(info.value)
+    assert module.is_patched() == was
+
+
+def _drop_ins():
+    from rlkern.algos import openrlhf
+
+    found = {name: getattr(rlkern, name) for name in TRAINER_SIGNATURES}
+    found.update({f"algos.openrlhf.{name}": getattr(openrlhf, name) for name in openrlhf.__all__})
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(_drop_ins()))
+def test_trainer_drop_ins_spell_their_dtype_option_out_dtype(name):
+    # TRL's and OpenRLHF's drop-ins: the trainer's dtype by default, out_dtype=<float dtype> opts
+    # into rlkern's unrounded result in that dtype (CONTRIBUTING.md, API conventions 6)
+    obj = _drop_ins()[name]
+    params = inspect.signature(obj.__init__ if isinstance(obj, type) else obj).parameters
+    for old in ("fp32", "output_dtype", "precision", "dtype"):
+        assert old not in params, f"{name}: {old} is spelled out_dtype across rlkern"
+    if "out_dtype" in params:
+        assert params["out_dtype"].kind is inspect.Parameter.KEYWORD_ONLY and params["out_dtype"].default is None
+        logits, index = torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64)
+        args = {"entropy_from_logits": (logits,), "compute_entropy": (logits,), "PolicyLoss": (),
+                "ValueLoss": ()}.get(name.rpartition(".")[2], (logits, index))
+        with pytest.raises(TypeError, match=f"^{name.rpartition('.')[2]}: out_dtype must be None"):
+            obj(*args, out_dtype="float32")

@@ -384,7 +384,8 @@ def test_fp32_option(orl):
     modules, originals = orl
     ro.patch(fp32=True)
     try:
-        with pytest.raises(ValueError, match="already patched with fp32=True"):
+        ro.patch(fp32=True)  # the same options: nothing happens
+        with pytest.raises(ValueError, match=r"^patch: already patched with fp32=True; call unpatch\(\) first"):
             ro.patch()
         logits = torch.randn(2, 5, 17, dtype=torch.bfloat16)
         labels = torch.randint(0, 17, (2, 5))
@@ -393,11 +394,68 @@ def test_fp32_option(orl):
         exact = originals["log_probs_from_logits"](logits.double(), labels)
         torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5)
         assert modules["openrlhf.models.utils"].compute_entropy(logits).dtype == torch.float32
+        # float64 inputs stay float64 (rlkern's unrounded dtype, per call)
+        assert modules["openrlhf.models.actor"].log_probs_from_logits(logits.double(), labels).dtype == torch.float64
+        policy_loss = modules["openrlhf.trainer.ray.ppo_actor"].PolicyLoss()
         b = _policy_batch(torch.bfloat16)
-        loss = modules["openrlhf.trainer.ray.ppo_actor"].PolicyLoss()(b["lp"], b["old"], b["adv"], action_mask=b["mask"])
-        assert all(x.dtype == torch.float32 for x in loss[:3])
+        assert all(x.dtype == torch.float32 for x in policy_loss(b["lp"], b["old"], b["adv"], action_mask=b["mask"])[:3])
+        b = _policy_batch(torch.float64)
+        assert all(x.dtype == torch.float64 for x in policy_loss(b["lp"], b["old"], b["adv"], action_mask=b["mask"])[:3])
+        value_loss = modules["openrlhf.trainer.ray.ppo_critic"].ValueLoss(0.2)
+        values = torch.randn(3, 4, dtype=torch.bfloat16)
+        assert value_loss(values, values, values, torch.ones(3, 4)).dtype == torch.float32
     finally:
         ro.unpatch()
+    with pytest.raises(TypeError, match="^patch: fp32 must be a bool, got 'x'"):
+        ro.patch(fp32="x")
+    assert not ro.is_patched()
+
+
+@pytest.mark.peer
+def test_twins_out_dtype_matches_trls_drop_ins(orl):
+    """``out_dtype`` as in rlkern.selective_log_softmax: None is OpenRLHF's dtype, a float dtype
+    is rlkern's unrounded result rounded once to it."""
+    from rlkern.algos import openrlhf as twins
+
+    _, originals = orl
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(2, 6, 33, generator=g) * 3).to(torch.bfloat16)
+    labels = torch.randint(0, 33, (2, 6), generator=g)
+    exact_lp = originals["log_probs_from_logits"](logits.double(), labels)
+    exact_ent = originals["compute_entropy"](logits.double())
+    assert twins.log_probs_from_logits(logits, labels).dtype == torch.bfloat16
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        lp = twins.log_probs_from_logits(logits, labels, out_dtype=dtype)
+        ent = twins.compute_entropy(logits, out_dtype=dtype)
+        assert lp.dtype == ent.dtype == dtype
+        # computed in float32, rounded once to dtype
+        tol = 2e-5 + torch.finfo(dtype).eps * float(exact_lp.abs().max()) if dtype == torch.float16 else 2e-5
+        torch.testing.assert_close(lp.double(), exact_lp, rtol=0, atol=tol)
+        torch.testing.assert_close(ent.double(), exact_ent, rtol=0, atol=tol * 2)
+    b = _policy_batch(torch.bfloat16)
+    kw = dict(is_correction_level="token", is_correction_mode="clip", is_correction_threshold=(0.0, 1.2))
+    ours = twins.PolicyLoss(**kw, out_dtype=torch.float32)(b["lp"], b["old"], b["adv"], action_mask=b["mask"],
+                                                           rollout_log_probs=b["rollout"])
+    assert all(x.dtype == torch.float32 for x in ours)
+    # OpenRLHF's float32 numbers of the same (exactly widened) inputs: the clip fractions are
+    # counts whose boundary tokens follow the compute dtype
+    wide = originals["PolicyLoss"](**kw)(b["lp"].float(), b["old"].float(), b["adv"].float(),
+                                         action_mask=b["mask"], rollout_log_probs=b["rollout"].float())
+    for name, x, y in zip(("loss", "clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"), ours, wide):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+    values, returns = (torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    vloss = twins.ValueLoss(0.2, out_dtype=torch.float32)(values, values + 0.1, returns, torch.ones(3, 4))
+    assert vloss.dtype == torch.float32
+    torch.testing.assert_close(vloss.double(), originals["ValueLoss"](0.2)(values, values + 0.1, returns,
+                                                                          torch.ones(3, 4)), rtol=1e-6, atol=0)
+    before = logits.clone()
+    for name, call in {"log_probs_from_logits": lambda: twins.log_probs_from_logits(logits, labels, 0.5, out_dtype="fp32"),
+                       "compute_entropy": lambda: twins.compute_entropy(logits, out_dtype=torch.int64),
+                       "PolicyLoss": lambda: twins.PolicyLoss(out_dtype=True),
+                       "ValueLoss": lambda: twins.ValueLoss(out_dtype="float32")}.items():
+        with pytest.raises(TypeError, match=f"^{name}: out_dtype must be None \\(OpenRLHF's dtype\\) or a float dtype"):
+            call()
+    assert torch.equal(logits, before)  # checked before the in-place temperature division
 
 
 # --- patch / unpatch ---------------------------------------------------------------------------

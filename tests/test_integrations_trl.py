@@ -10,7 +10,8 @@
   another ``chunk_size``) plus a few fp32 ulps (plus, for gradients under a bf16 compute dtype,
   one bf16 rounding of the d-logits tile). Measured: both ~5e-7 on log-probs, ~1e-6 on
   gradients, in bf16 compute too (rounded tiles through ``logits_dtype``).
-- patch() / unpatch(): every name TRL binds, whatever the import order, restored with ``is``.
+- patch() / unpatch(): every name TRL binds, whatever the import order, restored with ``is``;
+  patch() again: a no-op with the same options, an error with others.
 """
 
 import contextlib
@@ -332,7 +333,7 @@ def test_fused_head_adapter_matches_trls_function(case, transform):
                 # the GEMM shapes: one element may round the other way (one bf16 ulp of it).
                 tol += half_eps * theirs.abs().max().item()
             assert _max_diff(ours, theirs) <= tol, (name, outputs, _max_diff(ours, theirs), noise)
-    # precision="trl" is TRL's numbers, roundings included: under a bf16 compute dtype the
+    # fp32=False is TRL's numbers, roundings included: under a bf16 compute dtype the
     # rounded tiles put both runs at the same distance from the float64 reference of the
     # bf16-rounded inputs, far above the noise between them (checked in the half cases).
     if half:
@@ -346,11 +347,11 @@ def test_fused_head_adapter_matches_trls_function(case, transform):
 
 
 @pytest.mark.peer
-def test_fused_head_fp32_precision_is_more_accurate_than_trl_under_autocast():
+def test_fused_head_fp32_is_more_accurate_than_trl_under_autocast():
     inputs = _head_inputs(torch.float32, torch.float32, False, seed=3)
     options = dict(temperature=1.0, chunk=64, softcap=None, scale=1.0, outputs=("entropy",))
     trl_out, _ = _run_head(TRL_FUSED, inputs, autocast=torch.bfloat16, **options)
-    rt.patch(precision="fp32")
+    rt.patch(fp32=True)
     our_out, our_grads = _run_head(rt.ChunkedLogProbFunction, inputs, autocast=torch.bfloat16, **options)
     hidden, weight, _, targets, ups = inputs
     logp, entropy, _ = linear_reference.linear_logprobs(hidden.detach(), weight.detach(), None, targets)
@@ -385,8 +386,28 @@ def test_fused_head_checks():
         rt.ChunkedLogProbFunction.apply(hidden, weight, None, targets - 400, 1.0, 64)
     with pytest.raises(ValueError, match="^ChunkedLogProbFunction: chunk_size"):
         rt.ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 0)
-    with pytest.raises(ValueError, match="^patch: precision"):
-        rt.patch(precision="bf16")
+    with pytest.raises(TypeError, match="^patch: fp32 must be a bool, got 'bf16'"):
+        rt.patch(fp32="bf16")
+    with pytest.raises(TypeError, match="^patch: loss must be a bool, got 1"):
+        rt.patch(loss=1)
+    assert not rt.is_patched()
+
+
+@pytest.mark.peer
+def test_patch_again_is_a_no_op_with_the_same_options_and_raises_with_others():
+    rt.patch(fp32=True)
+    replaced = trl_utils.selective_log_softmax
+    rt.patch(fp32=True)
+    assert rt.is_patched() and trl_utils.selective_log_softmax is replaced
+    with pytest.raises(ValueError, match=r"^patch: already patched with fp32=True, loss=False; call unpatch\(\) first"):
+        rt.patch()
+    with pytest.raises(ValueError, match="^patch: already patched with fp32=True"):
+        rt.patch(fp32=True, loss=True)
+    rt.unpatch()
+    assert not rt.is_patched() and trl_utils.selective_log_softmax is not replaced
+    rt.patch()  # after unpatch() any options go
+    with pytest.raises(ValueError, match="^patch: already patched with fp32=False, loss=False;"):
+        rt.patch(fp32=True)
 
 
 # --- patch / unpatch -------------------------------------------------------------------------------
@@ -479,6 +500,16 @@ def test_patch_loss_installs_and_restores_the_overrides(monkeypatch):
     assert Child().own() == "rl-own" and Child().inherited() == "rl-inh"
     rt.unpatch()
     assert Child.__dict__["own"] is original_own and "inherited" not in Child.__dict__ and Child().inherited() == "base"
+
+
+@pytest.mark.peer
+def test_patch_that_fails_half_way_leaves_trl_unpatched(monkeypatch):
+    original = trl_utils.selective_log_softmax
+    monkeypatch.setitem(sys.modules, "rlkern.integrations._trl_loss", None)  # its import fails
+    with pytest.raises(ImportError, match="^patch: loss=True needs rlkern.integrations._trl_loss"):
+        rt.patch(loss=True)
+    assert not rt.is_patched() and trl_utils.selective_log_softmax is original
+    rt.patch()  # then any options go
 
 
 @pytest.mark.peer

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import os
 import sys
 import tempfile
@@ -78,7 +79,7 @@ def _import_users():
 def patched():
     rv.unpatch()
     rv.patch()
-    rv.reset_calls()
+    rv.calls.clear()
     yield rv
     rv.unpatch()
 
@@ -113,14 +114,14 @@ def test_register_adds_rlkern_names_and_unpatch_removes_them():
         assert "rlkern_vanilla" in core_algos.POLICY_LOSS_REGISTRY and "rlkern_grpo" in core_algos.ADV_ESTIMATOR_REGISTRY
         for name, fn in builtin_losses.items():  # override=False leaves verl's own entries
             assert core_algos.POLICY_LOSS_REGISTRY[name] is fn
-        rv.reset_calls()
+        rv.calls.clear()
         config = import_peer("verl.workers.config").ActorConfig(strategy="fsdp", rollout_n=1,
                                                                 ppo_micro_batch_size_per_gpu=1)
         old, logp, adv = -torch.rand(3, 7), -torch.rand(3, 7), torch.randn(3, 7)
         mask = torch.ones(3, 7, dtype=torch.bool)
         ours, ours_m = core_algos.get_policy_loss_fn("rlkern_vanilla")(old, logp, adv, mask, "token-mean", config)
         theirs, theirs_m = core_algos.get_policy_loss_fn("vanilla")(old, logp, adv, mask, "token-mean", config)
-        assert rv.calls() == {"policy_loss:vanilla": 1}
+        assert rv.calls == {"policy_loss:vanilla": 1}
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
         assert ours_m.keys() == theirs_m.keys()
         rlkern_grpo = core_algos.get_adv_estimator_fn("rlkern_grpo")
@@ -193,10 +194,10 @@ def test_logprobs_and_entropy_match_verl(dtype, shape):
     theirs = (lp_verl(logits, labels), ent_verl(logits), ent_chunk_verl(logits.reshape(-1, shape[-1]), chunk_size=4))
     rv.patch()
     try:
-        rv.reset_calls()
+        rv.calls.clear()
         ours = (verl_F.logprobs_from_logits(logits, labels), verl_F.entropy_from_logits(logits),
                 verl_F.entropy_from_logits_with_chunking(logits.reshape(-1, shape[-1]), chunk_size=4))
-        assert rv.calls() == {"logprobs_from_logits": 1, "entropy_from_logits": 1,
+        assert rv.calls == {"logprobs_from_logits": 1, "entropy_from_logits": 1,
                               "entropy_from_logits_with_chunking": 1}
     finally:
         rv.unpatch()
@@ -207,14 +208,31 @@ def test_logprobs_and_entropy_match_verl(dtype, shape):
         assert_as_close_as_torch(o, r, t, floor=1e-5, name=name)
 
 
-def test_output_dtype_float32_keeps_rlkern_precision(patched):
-    rv.patch(output_dtype="float32")
+def test_fp32_keeps_rlkern_precision(patched):
+    with pytest.raises(ValueError, match=r"^patch: already patched with fp32=False; call unpatch\(\) first"):
+        rv.patch(fp32=True)
+    rv.patch()  # the same options: nothing happens
+    rv.unpatch()
+    rv.patch(fp32=True)
     logits = _logits(torch.bfloat16)
     labels = torch.randint(0, 257, (3, 5))
+    lp, ent = verl_F.logprobs_from_logits(logits, labels), verl_F.entropy_from_logits(logits)
+    assert lp.dtype == ent.dtype == torch.float32
+    assert rv.calls["logprobs_from_logits"] == rv.calls["entropy_from_logits"] == 1
+    # rlkern's float32 result, unrounded: within fp32 accumulation error of the float64 reference
+    # of the same bf16 logits (verl's bf16 output is a bf16 rounding away from it)
+    ref_logp = logits.double().log_softmax(-1)
+    ref_lp = ref_logp.gather(-1, labels[..., None]).squeeze(-1)
+    ref_ent = -(ref_logp.exp() * ref_logp).sum(-1)
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=0, atol=2e-5)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="^patch: already patched with fp32=True"):
+        rv.patch()
+    # verl_autopatch (imported by `import verl` in workers) keeps a patch already in force
+    importlib.reload(importlib.import_module("rlkern.integrations.verl_autopatch"))
     assert verl_F.logprobs_from_logits(logits, labels).dtype == torch.float32
-    assert verl_F.entropy_from_logits(logits).dtype == torch.float32
-    with pytest.raises(ValueError, match="patch: output_dtype"):
-        rv.patch(output_dtype="bf16")
+    with pytest.raises(TypeError, match="^patch: fp32 must be a bool, got 'bf16'"):
+        rv.patch(fp32="bf16")
 
 
 @pytest.mark.parametrize("inplace_backward", [True, False])
@@ -255,9 +273,9 @@ def test_fused_linear_for_ppo_matches_verl(dtype, ndim):
     theirs = run(verl_exp.FusedLinearForPPO)
     rv.patch()
     try:
-        rv.reset_calls()
+        rv.calls.clear()
         ours = run(verl_exp.FusedLinearForPPO)
-        assert rv.calls() == {"FusedLinearForPPO": 1}
+        assert rv.calls == {"FusedLinearForPPO": 1}
     finally:
         rv.unpatch()
     tol = dict(rtol=1e-4, atol=2e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
@@ -274,7 +292,7 @@ def test_linear_cross_entropy_has_verl_layout(patched, reduction):
     hidden, weight = torch.randn(2, 6, 32, generator=gen), torch.randn(301, 32, generator=gen) / 4
     labels = torch.randint(0, 301, (2, 6), generator=gen)
     logp, ent = verl_lce.linear_cross_entropy(hidden, weight, labels, 0.9, reduction)
-    assert rv.calls() == {"linear_cross_entropy": 1}
+    assert rv.calls == {"linear_cross_entropy": 1}
     ref_lp, ref_ent = core_fused(hidden, weight, labels, 0.9)
     assert logp.dtype == ent.dtype == torch.float32 and ent.shape == (12,)
     expected = {"none": ref_lp.reshape(-1), "sum": ref_lp.sum(), "mean": ref_lp.mean()}[reduction]
@@ -312,9 +330,9 @@ def test_loss_reductions_match_verl(dtype):
     theirs = run()
     rv.patch()
     try:
-        rv.reset_calls()
+        rv.calls.clear()
         ours = run()
-        assert rv.calls() == {"agg_loss": 10, "kl_penalty": len(kls), "compute_value_loss": 1}
+        assert rv.calls == {"agg_loss": 10, "kl_penalty": len(kls), "compute_value_loss": 1}
         with pytest.raises(NotImplementedError):
             core_algos.kl_penalty(lp, ref, "full")
     finally:
@@ -346,9 +364,9 @@ def test_compute_advantage_runs_rlkern_with_verls_numbers(estimator):
     theirs = ray_trainer.compute_advantage(_data_proto(), **kw)
     rv.patch()
     try:
-        rv.reset_calls()
+        rv.calls.clear()
         ours = ray_trainer.compute_advantage(_data_proto(), **kw)
-        assert rv.calls() == {f"adv_estimator:{estimator}": 1}
+        assert rv.calls == {f"adv_estimator:{estimator}": 1}
     finally:
         rv.unpatch()
     mask = theirs.batch["response_mask"].bool()
@@ -374,9 +392,9 @@ def test_get_policy_loss_fn_runs_rlkern_with_verls_numbers(loss_mode):
     theirs = run()
     rv.patch()
     try:
-        rv.reset_calls()
+        rv.calls.clear()
         ours = run()
-        assert rv.calls() == {f"policy_loss:{loss_mode}": 1}
+        assert rv.calls == {f"policy_loss:{loss_mode}": 1}
     finally:
         rv.unpatch()
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
@@ -503,9 +521,9 @@ def test_fsdp_engine_micro_batches_run_rlkern_with_verls_numbers(one_process_gro
     before, theirs = _run_engine(use_remove_padding, "torch" if fused == "triton" else fused, one_process_group)
     rv.patch()
     try:
-        rv.reset_calls()
+        rv.calls.clear()
         _, ours = _run_engine(use_remove_padding, fused, one_process_group)
-        counts = rv.calls()
+        counts = dict(rv.calls)
         # an engine built before patch() keeps verl's entropy function (the order rule)
         assert before.compute_entropy_from_logits is not rv._WRAPPED["entropy_from_logits"]
     finally:
@@ -530,9 +548,9 @@ def test_fsdp_engine_bf16_autocast_keeps_verls_dtypes(one_process_group, fused):
     _, theirs = _run_engine(True, fused, one_process_group, autocast=torch.bfloat16)
     rv.patch()
     try:
-        rv.reset_calls()
+        rv.calls.clear()
         _, ours = _run_engine(True, fused, one_process_group, autocast=torch.bfloat16)
-        assert rv.calls().get("FusedLinearForPPO" if fused else "logprobs_from_logits", 0) > 0
+        assert rv.calls.get("FusedLinearForPPO" if fused else "logprobs_from_logits", 0) > 0
     finally:
         rv.unpatch()
     expected = {None: (torch.bfloat16, torch.bfloat16), "torch": (torch.float32, torch.float32)}[fused]
@@ -613,7 +631,7 @@ def _megatron_worker(rank, world_size, rendezvous, shard_sizes):
     dist.all_reduce(d_hidden)
     torch.testing.assert_close(d_hidden, h_ref.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w.grad, w_ref.grad[start:start + size], rtol=1e-4, atol=1e-5)
-    assert rv_child.calls()["vocab_parallel_entropy"] == 2
+    assert rv_child.calls["vocab_parallel_entropy"] == 2
     dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,8 +1,10 @@
 """OpenRLHF 0.11.2's log-prob, entropy, KL and loss functions with its own signatures, computed by
 rlkern's kernels.
 
-Each name matches OpenRLHF's and takes the same arguments (``fp32`` is rlkern's keyword-only
-addition: float32 outputs, float64 for float64 inputs, instead of OpenRLHF's dtypes):
+Each name matches OpenRLHF's and takes the same arguments. ``out_dtype`` is rlkern's
+keyword-only addition, spelled and meant as in TRL's drop-ins (``rlkern.selective_log_softmax``):
+None (default) returns OpenRLHF's dtypes; a float dtype returns that dtype, computed unrounded
+(float32, float64 for float64 inputs) and rounded once. A bad value raises TypeError.
 
 - ``log_probs_from_logits(logits, labels, temperature=1.0)`` (``openrlhf.models.utils``):
   ``rlkern.token_logprobs``; dtype of the logits (OpenRLHF computes bfloat16/float16 logits in
@@ -31,7 +33,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlkern.algos.policy_loss import PolicyLoss, openrlhf_agg_dtype, promote, to_peer_dtype
+from rlkern.algos.policy_loss import PolicyLoss, openrlhf_agg_dtype, promote, to_peer_dtype, wide_dtype
+from rlkern.ops import _checks
+from rlkern.ops._layout import out_dtype as wide_of
 from rlkern.ops.logprobs import entropy_from_logits, token_logprobs
 from rlkern.ops.policy_loss import aggregate, kl_penalty, value_loss
 
@@ -54,26 +58,29 @@ def _rows(logits: Tensor) -> tuple[Tensor, tuple]:
     return logits, lead
 
 
-def log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0, *, fp32: bool = False) -> Tensor:
+def log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0, *,
+                          out_dtype: torch.dtype | None = None) -> Tensor:
     """OpenRLHF's ``log_probs_from_logits``: log softmax(logits) at ``labels``, shape of ``labels``.
 
     ``logits`` ``[..., V]`` float16/bfloat16/float32/float64, ``labels`` int64 ``logits.shape[:-1]``.
-    Returns the dtype of ``logits`` (``fp32``: float32, float64 for float64 logits).
+    Returns the dtype of ``logits`` (``out_dtype``: that dtype).
     """
+    _checks.out_dtype("log_probs_from_logits", out_dtype, "OpenRLHF")
     if temperature != 1.0:
         logits.div_(temperature)
     rows, lead = _rows(logits)
     out = token_logprobs(rows, labels.reshape(rows.shape[:-1])).reshape(lead)
-    return to_peer_dtype(out, logits.dtype, fp32)
+    return to_peer_dtype(out, logits.dtype, out_dtype)
 
 
-def compute_entropy(logits: Tensor, *, fp32: bool = False) -> Tensor:
+def compute_entropy(logits: Tensor, *, out_dtype: torch.dtype | None = None) -> Tensor:
     """OpenRLHF's ``compute_entropy``: entropy of softmax(logits), ``logits.shape[:-1]``, dtype of
-    ``logits`` (``fp32``: float32, float64 for float64 logits)."""
+    ``logits`` (``out_dtype``: that dtype)."""
+    _checks.out_dtype("compute_entropy", out_dtype, "OpenRLHF")
     rows, lead = _rows(logits)
-    # rlkern's unrounded result (fp32, fp64 for fp64 logits), then OpenRLHF's dtype unless fp32.
-    wide = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return to_peer_dtype(entropy_from_logits(rows, out_dtype=wide).reshape(lead), logits.dtype, fp32)
+    # rlkern's unrounded result (fp32, fp64 for fp64 logits), rounded once.
+    entropy = entropy_from_logits(rows, out_dtype=wide_of(logits)).reshape(lead)
+    return to_peer_dtype(entropy, logits.dtype, out_dtype)
 
 
 def compute_approx_kl(log_probs: Tensor, log_probs_base: Tensor, log_probs_old: Tensor | None = None,
@@ -110,13 +117,19 @@ class ValueLoss(torch.nn.Module):
     """Drop-in for ``openrlhf.models.loss.ValueLoss``: ``0.5 * aggregate(max((v - R)^2,
     (v_old + clamp(v - v_old, -c, c) - R)^2))`` (no clip when ``clip_eps`` is None), token mean
     or per-sample mean with OpenRLHF's global normalizers. Returns the loss in OpenRLHF's dtype
-    (``fp32``: float32, float64 for float64 inputs)."""
+    (``out_dtype``: that dtype)."""
 
-    def __init__(self, clip_eps: float | None = None, token_level_loss: bool = True, *, fp32: bool = False) -> None:
+    def __init__(self, clip_eps: float | None = None, token_level_loss: bool = True, *,
+                 out_dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        _checks.out_dtype("ValueLoss", out_dtype, "OpenRLHF")
         self.clip_eps = clip_eps
         self.token_level_loss = token_level_loss
-        self.fp32 = fp32
+        self.out_dtype = out_dtype
+
+    def _out_dtype(self, wide: torch.dtype) -> torch.dtype | None:
+        """As ``PolicyLoss._out_dtype`` (``rlkern.algos.policy_loss``)."""
+        return self.out_dtype
 
     def forward(self, values: Tensor, old_values: Tensor, returns: Tensor, action_mask: Tensor | None = None,
                 dp_size: int = 1, batch_num_tokens: float | None = None,
@@ -134,5 +147,6 @@ class ValueLoss(torch.nn.Module):
             diff = values.float() - returns.float() if values.dtype in (torch.float16, torch.bfloat16) else values - returns
             loss = 0.5 * aggregate(diff.square(), mask, **kw)
             per_token = promote(values.dtype, returns.dtype)
-        return to_peer_dtype(loss, openrlhf_agg_dtype(per_token, action_mask, self.token_level_loss, norm), self.fp32)
+        out_dtype = self._out_dtype(wide_dtype(values, old_values, returns))
+        return to_peer_dtype(loss, openrlhf_agg_dtype(per_token, action_mask, self.token_level_loss, norm), out_dtype)
 

@@ -26,10 +26,11 @@ and returns its five outputs ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_rat
   verl's rejection sampling, a rejected token keeps its place in the normalizer (OpenRLHF).
 
 Outputs have OpenRLHF's dtypes (its type promotion of the inputs: float32 for float32 inputs,
-bfloat16 for an all-bfloat16 token-level loss; rlkern computes in float32 and rounds), or
-rlkern's (float32, float64 for float64 inputs) with ``fp32=True``. ``ppo_kl`` and ``vllm_kl``
-are OpenRLHF's plain masked means of the unclamped log-ratio (an empty mask gives NaN there, as
-in OpenRLHF). Difference: an empty mask gives loss 0 (OpenRLHF: NaN).
+bfloat16 for an all-bfloat16 token-level loss; rlkern computes in float32 and rounds), or, with
+``out_dtype=`` a float dtype, that dtype for every output (rlkern's unrounded float32 / float64
+result rounded once, as the ``out_dtype`` of TRL's drop-ins in ``rlkern.ops.logprobs``).
+``ppo_kl`` and ``vllm_kl`` are OpenRLHF's plain masked means of the unclamped log-ratio (an empty
+mask gives NaN there, as in OpenRLHF). Difference: an empty mask gives loss 0 (OpenRLHF: NaN).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor
 
 from rlkern.algos._config import config_get
+from rlkern.ops import _checks
 from rlkern.ops import policy_loss as ops
 from rlkern.ops.policy_loss.corrections import PackedRows
 from rlkern.reference import policy_loss as reference
@@ -223,25 +225,34 @@ def openrlhf_agg_dtype(per_token: torch.dtype, mask: Tensor | None, token_level:
     return out
 
 
-def to_peer_dtype(x: Tensor | None, dtype: torch.dtype, fp32: bool) -> Tensor | None:
-    """Round rlkern's float32 result to the peer's dtype, or keep rlkern's (``fp32``)."""
-    if x is None or fp32 or x.dtype == dtype:
+def to_peer_dtype(x: Tensor | None, dtype: torch.dtype, out_dtype: torch.dtype | None) -> Tensor | None:
+    """Round rlkern's unrounded result to the peer's dtype ``dtype``, or to ``out_dtype`` when
+    the caller names one (a drop-in's ``out_dtype`` keyword)."""
+    target = dtype if out_dtype is None else out_dtype
+    if x is None or x.dtype == target:
         return x
-    return x.to(dtype)
+    return x.to(target)
+
+
+def wide_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """rlkern's unrounded dtype for these inputs: float64 if one is float64, else float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 class PolicyLoss(torch.nn.Module):
     """Drop-in for ``openrlhf.models.loss.PolicyLoss`` (same arguments, same five outputs).
 
-    ``fp32`` (keyword-only, rlkern's addition): return float32 (float64 for float64 inputs)
-    instead of OpenRLHF's dtypes.
+    ``out_dtype`` (keyword-only, rlkern's addition, as in TRL's drop-ins): None returns
+    OpenRLHF's dtypes; a float dtype returns every output in it, computed unrounded (float32,
+    float64 for float64 inputs, the metrics too) and rounded once.
     """
 
     def __init__(self, clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, dual_clip: float | None = None,
                  token_level_loss: bool = True, policy_loss_type: str = "ppo", is_correction_level: str = "off",
                  is_correction_mode: str = "mask", is_correction_gating: str = "ratio",
-                 is_correction_threshold=(0.5, 5.0), *, fp32: bool = False) -> None:
+                 is_correction_threshold=(0.5, 5.0), *, out_dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        _checks.out_dtype("PolicyLoss", out_dtype, "OpenRLHF")
         if policy_loss_type not in ("ppo", "gspo"):
             raise ValueError(f"PolicyLoss: policy_loss_type must be 'ppo' or 'gspo', got {policy_loss_type!r}")
         if dual_clip is not None and not dual_clip > 1.0:
@@ -253,11 +264,18 @@ class PolicyLoss(torch.nn.Module):
         self.token_level_loss = token_level_loss and policy_loss_type != "gspo"  # GSPO: per-sample mean
         self.is_correction_level, self.is_correction_mode = is_correction_level, is_correction_mode
         self.is_correction_gating, self.is_correction_threshold = is_correction_gating, is_correction_threshold
-        self.fp32 = fp32
+        self.out_dtype = out_dtype
 
-    def _metric_input(self, x: Tensor) -> Tensor:
-        # fp32: the metrics in float32 (float64 stays) instead of OpenRLHF's input dtype
-        return x.float() if self.fp32 and x.dtype in (torch.float16, torch.bfloat16) else x
+    def _out_dtype(self, wide: torch.dtype) -> torch.dtype | None:
+        """The dtype every output is rounded to (None: OpenRLHF's). ``wide`` is rlkern's
+        unrounded dtype for the inputs of this call: rlkern.integrations.openrlhf's
+        ``patch(fp32=True)`` returns it."""
+        return self.out_dtype
+
+    @staticmethod
+    def _metric_input(x: Tensor, out_dtype: torch.dtype | None) -> Tensor:
+        # An out_dtype: the metrics unrounded (float32, float64 stays) instead of OpenRLHF's input dtype
+        return x.float() if out_dtype is not None and x.dtype in (torch.float16, torch.bfloat16) else x
 
     def _loss_dtype(self, log_probs, old, advantages, action_mask, rollout_log_probs, correction, norm):
         masks = mask_dtypes(action_mask)
@@ -275,6 +293,8 @@ class PolicyLoss(torch.nn.Module):
         correction = self.is_correction_level != "off"
         if correction and rollout_log_probs is None:
             raise ValueError("PolicyLoss: is_correction_level != 'off' needs rollout_log_probs")
+        out_dtype = self._out_dtype(wide_dtype(log_probs, old_log_probs, advantages, rollout_log_probs))
+        metric = self._metric_input
         mask = action_mask if action_mask is not None else torch.ones_like(log_probs, dtype=torch.bool)
         old, is_weights, vllm_kl, filtered = old_log_probs, None, None, None
         if correction and self.policy_loss_type == "ppo":
@@ -283,11 +303,12 @@ class PolicyLoss(torch.nn.Module):
                 mode=self.is_correction_mode, gating=self.is_correction_gating,
                 threshold=self.is_correction_threshold)
             with torch.no_grad():
-                vllm_kl = _plain_masked_mean(self._metric_input(rollout_log_probs) - self._metric_input(old_log_probs),
+                vllm_kl = _plain_masked_mean(metric(rollout_log_probs, out_dtype) - metric(old_log_probs, out_dtype),
                                              action_mask)
+            vllm_kl = to_peer_dtype(vllm_kl, vllm_kl.dtype, out_dtype)
             token = self.is_correction_level == "token"
             filtered = to_peer_dtype(filtered, promote(torch.float32, *mask_dtypes(action_mask)) if token
-                                     else torch.float32, self.fp32)
+                                     else torch.float32, out_dtype)
         elif correction:  # GSPO's ratio is against the rollout policy
             old = rollout_log_probs
         if self.token_level_loss:
@@ -301,8 +322,8 @@ class PolicyLoss(torch.nn.Module):
         # ppo_kl: OpenRLHF's unclamped masked mean of old - new (rlkern's approx_kl clamps the
         # log-ratio to [-20, 20], as verl's ppo_kl does)
         with torch.no_grad():
-            ppo_kl = _plain_masked_mean(self._metric_input(old_log_probs) - self._metric_input(log_probs), action_mask)
+            ppo_kl = _plain_masked_mean(metric(old_log_probs, out_dtype) - metric(log_probs, out_dtype), action_mask)
         loss_dtype = self._loss_dtype(log_probs, old, advantages, action_mask, rollout_log_probs, correction, norm)
         clip_dtype = promote(torch.float32, *mask_dtypes(action_mask))
-        return (to_peer_dtype(loss, loss_dtype, self.fp32), to_peer_dtype(metrics["clipfrac"], clip_dtype, self.fp32),
-                ppo_kl, vllm_kl, filtered)
+        return (to_peer_dtype(loss, loss_dtype, out_dtype), to_peer_dtype(metrics["clipfrac"], clip_dtype, out_dtype),
+                to_peer_dtype(ppo_kl, ppo_kl.dtype, out_dtype), vllm_kl, filtered)

@@ -13,18 +13,18 @@ from rlkern.integrations import verl as rlkern_verl
 
 def pytest_configure(config):
     rlkern_verl.patch()
-    rlkern_verl.reset_calls()
+    rlkern_verl.calls.clear()
 
 
 def pytest_sessionfinish(session, exitstatus):
-    counts = rlkern_verl.calls()
+    counts = dict(rlkern_verl.calls)
     session.config._rlkern_verl_calls = counts
     if sum(counts.values()) == 0 and session.testscollected:
         session.exitstatus = 1
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    counts = getattr(config, "_rlkern_verl_calls", rlkern_verl.calls())
+    counts = getattr(config, "_rlkern_verl_calls", dict(rlkern_verl.calls))
     total = sum(counts.values())
     terminalreporter.section("rlkern.integrations.verl")
     terminalreporter.write_line(f"calls that reached rlkern: {total}")

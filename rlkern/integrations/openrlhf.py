@@ -19,8 +19,12 @@ OpenRLHF's class). A module loaded straight from its file
 pass its spec through :func:`wrap_spec` first, or call :func:`patch_module` on it (the pytest
 plugin ``rlkern.integrations._pytest_openrlhf`` does the former for OpenRLHF's own tests).
 
-``unpatch()`` puts every original back (the same objects) and removes the hook. ``calls`` counts
-the calls that went to rlkern, per name.
+``patch(fp32=True)`` returns rlkern's float32 results (float64 for float64 inputs) instead of
+OpenRLHF's dtypes (the twins' ``out_dtype``). ``patch()`` again with the same options does
+nothing; with other options it raises (``unpatch()`` first). ``unpatch()`` puts every original
+back (the same objects) and removes the hook. :data:`calls` (a ``collections.Counter``) counts
+the calls that went to rlkern, per name; ``calls.clear()`` resets it. The same API as
+``rlkern.integrations.trl`` and ``rlkern.integrations.verl``.
 
 Not covered: ``aggregate_loss`` / ``masked_mean`` (cheap reductions OpenRLHF keeps), the SFT /
 reward-model losses (``GPTLMLoss``, ``SFTLoss``, ``PairWiseLoss``, ``LogExpLoss``).
@@ -39,6 +43,8 @@ import os
 import sys
 
 from rlkern.algos import openrlhf as twins
+from rlkern.ops import _checks
+from rlkern.ops._layout import out_dtype as wide_of
 
 NAMES = ("PolicyLoss", "ValueLoss", "log_probs_from_logits", "compute_entropy", "compute_approx_kl")
 _CLASSES = ("PolicyLoss", "ValueLoss")
@@ -89,15 +95,16 @@ def _is_original(name: str, obj) -> bool:
 
 def _function(name: str, original, fp32: bool):
     twin = getattr(twins, name)
-    # OpenRLHF's exact signatures (rlkern's fp32 keyword fixed by patch())
+    # OpenRLHF's exact signatures (the twins' out_dtype set by patch(fp32=...): None is OpenRLHF's
+    # dtype, fp32 rlkern's unrounded float32 / float64)
     if name == "log_probs_from_logits":
         def replacement(logits, labels, temperature=1.0):
             calls[name] += 1
-            return twin(logits, labels, temperature, fp32=fp32)
+            return twin(logits, labels, temperature, out_dtype=wide_of(logits) if fp32 else None)
     elif name == "compute_entropy":
         def replacement(logits):
             calls[name] += 1
-            return twin(logits, fp32=fp32)
+            return twin(logits, out_dtype=wide_of(logits) if fp32 else None)
     else:
         def replacement(log_probs, log_probs_base, log_probs_old=None, kl_estimator="k1", unbiased_gradient=False):
             calls[name] += 1
@@ -111,17 +118,23 @@ def _class(name: str, original, fp32: bool):
     twin = getattr(twins, name)
 
     def __init__(self, *args, **kwargs):
-        twin.__init__(self, *args, fp32=fp32, **kwargs)
+        twin.__init__(self, *args, **kwargs)
 
     def forward(self, *args, **kwargs):
         calls[name] += 1
         return twin.forward(self, *args, **kwargs)
 
+    def _out_dtype(self, wide):
+        return wide  # patch(fp32=True): rlkern's unrounded dtype for each call's inputs
+
     sig = inspect.signature(twin.__init__)
-    __init__.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "fp32"])
+    __init__.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "out_dtype"])
     forward.__signature__ = inspect.signature(twin.forward)
-    return type(name, (twin,), {"__init__": __init__, "forward": forward, "__module__": original.__module__,
-                                "__qualname__": original.__qualname__, "__doc__": twin.__doc__})
+    body = {"__init__": __init__, "forward": forward, "__module__": original.__module__,
+            "__qualname__": original.__qualname__, "__doc__": twin.__doc__}
+    if fp32:
+        body["_out_dtype"] = _out_dtype
+    return type(name, (twin,), body)
 
 
 def _replacement(name: str, original):
@@ -214,14 +227,15 @@ def patch(*, fp32: bool = False) -> None:
         fp32: outputs in float32 (float64 for float64 inputs), rlkern's convention, instead of
             OpenRLHF's dtypes (which follow its inputs: bfloat16 logits give bfloat16 log-probs).
 
-    Raises ImportError when openrlhf is not installed, ValueError when already patched with a
-    different ``fp32``. Patching twice with the same options does nothing more.
+    Raises ImportError when openrlhf is not installed. Calling it again with the same options does
+    nothing; with other options it raises ValueError (``unpatch()`` first).
     """
+    _checks.flag("patch", "fp32", fp32)
     if _state["finder"] is not None:
         if _state["fp32"] != fp32:
-            raise ValueError(f"patch: already patched with fp32={_state['fp32']}, got fp32={fp32}; unpatch() first")
+            raise ValueError(f"patch: already patched with fp32={_state['fp32']}; call unpatch() first")
         return
-    _state["root"], _state["fp32"] = _find_root(), bool(fp32)
+    _state["root"], _state["fp32"] = _find_root(), fp32
     _state["finder"] = _Finder()
     sys.meta_path.insert(0, _state["finder"])
     for module in _openrlhf_modules():
@@ -239,6 +253,7 @@ def unpatch() -> None:
     for module in _openrlhf_modules():
         _restore_module(module)
     _replacements.clear()
+    _state["fp32"] = False
 
 
 def is_patched() -> bool:

@@ -17,10 +17,11 @@ later bind the replacement, because ``from ...trainer.utils import selective_log
 the already patched module. ``unpatch()`` restores every replaced attribute, including those of
 modules imported after ``patch()`` (found again by identity), so no import hook is needed.
 
-Precision (``patch(precision=...)``):
+Precision (``patch(fp32=...)``):
 
-- ``"trl"`` (default): what TRL computes under each precision it offers. TRL's compute dtype is
-  the autocast dtype when autocast is on (TRL's default ``bf16=True``), else ``hidden.dtype``;
+- ``fp32=False`` (default): what TRL computes under each precision it offers. TRL's compute
+  dtype is the autocast dtype when autocast is on (TRL's default ``bf16=True``), else
+  ``hidden.dtype``;
   ``cast_lm_head_to_fp32`` (GRPO) turns autocast off and hands fp32 hidden states. Inputs wider
   than the compute dtype are rounded to it, as TRL does. A bf16/fp16 compute dtype runs
   ``linear_token_logprobs(logits_dtype=...)``: each logits tile is a GEMM output rounded to that
@@ -28,7 +29,7 @@ Precision (``patch(precision=...)``):
   the gradient GEMMs accumulate in fp32. Outputs are float32; gradients come back in the
   inputs' dtypes. (float64 inputs: TRL folds its float64 tiles in float32, rlkern computes in
   float64 and returns float32 outputs as TRL does.)
-- ``"fp32"``: rlkern's explicit opt-in, more accurate than TRL: autocast is ignored and the
+- ``fp32=True``: rlkern's explicit opt-in, more accurate than TRL: autocast is ignored and the
   tiles are float32 products of the inputs as they are (float64 for float64 inputs).
 
 Not covered: TRL's ``chunk_size`` counts vocabulary columns per tile; the adapter accepts it and
@@ -38,7 +39,10 @@ raises. ``patch(loss=True)`` also installs rlkern's trainer losses
 (``rlkern.integrations._trl_loss.loss_overrides()``).
 
 ``RLKERN_PATCH_TRL=1`` in the environment makes importing this module (and ``import rlkern``)
-call ``patch()``. :data:`calls` counts the calls that ran on rlkern, per replaced name.
+call ``patch()`` (default options). ``patch()`` again with the same options does nothing; with
+other options it raises (``unpatch()`` first). :data:`calls` (a ``collections.Counter``) counts
+the calls that ran on rlkern, per replaced name; ``calls.clear()`` resets it. The same API as
+``rlkern.integrations.verl`` and ``rlkern.integrations.openrlhf``.
 """
 
 from __future__ import annotations
@@ -55,7 +59,6 @@ from rlkern.ops import _checks
 from rlkern.ops import linear_logprobs as _linear
 from rlkern.ops import logprobs as _token
 
-PRECISIONS = ("trl", "fp32")
 # TRL's per-token outputs besides the log-probs (trl/kernels/chunked_logprob.py OPTIONAL_OUTPUTS).
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _HALF = (torch.float16, torch.bfloat16)
@@ -64,21 +67,19 @@ _WIDTH = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float6
 _NO_IGNORE = -(2**62)
 
 calls: collections.Counter = collections.Counter()
-_state = {"precision": "trl", "patched": [], "loss": [], "replacements": {}}
+"""Calls that ran on rlkern, per replaced name (``ChunkedLogProbFunction``, ``selective_log_softmax``, ...)."""
 
-
-def call_count() -> int:
-    """How many calls ran on rlkern through the patched names since import (all names)."""
-    return sum(calls.values())
+# options: the patch() options in force (None while unpatched)
+_state = {"options": None, "fp32": False, "patched": [], "loss": [], "replacements": {}}
 
 
 # ---------------------------------------------------------------------------------------------
 # The fused-head adapter.
 
 
-def _compute_dtype(hidden: torch.Tensor, precision: str) -> torch.dtype:
+def _compute_dtype(hidden: torch.Tensor, fp32: bool) -> torch.dtype:
     """TRL's compute dtype (``trl.kernels.ChunkedLogProbFunction.forward``), or fp32 / fp64."""
-    if precision == "fp32":
+    if fp32:
         return torch.float64 if hidden.dtype == torch.float64 else torch.float32
     device = hidden.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
@@ -161,7 +162,7 @@ class ChunkedLogProbFunction:
     the slots ``outputs`` does not request; float32, ``is_top1`` bool. ``logprobs`` and
     ``entropy`` are differentiable wrt hidden, weight and bias (gradients in their dtypes). TRL's
     ``chunk_size`` (vocabulary columns per tile) is accepted; rlkern sizes its own token tiles.
-    The precision follows ``patch(precision=...)`` (module docstring).
+    The precision follows ``patch(fp32=...)`` (module docstring).
     """
 
     @staticmethod
@@ -174,10 +175,10 @@ class ChunkedLogProbFunction:
         if isinstance(outputs, str):
             raise ValueError(f"{op}: outputs must be a tuple of names among {OPTIONAL_OUTPUTS}, got {outputs!r}")
         calls["ChunkedLogProbFunction"] += 1
-        precision = _state["precision"]
-        compute_dtype = _compute_dtype(hidden, precision)
+        fp32 = _state["fp32"]
+        compute_dtype = _compute_dtype(hidden, fp32)
         # TRL returns float32 whatever the compute dtype; rlkern's fp32 mode keeps float64 exact.
-        out_dtype = torch.float64 if precision == "fp32" and compute_dtype == torch.float64 else torch.float32
+        out_dtype = torch.float64 if fp32 and compute_dtype == torch.float64 else torch.float32
         softcap = float(final_logit_softcapping) if final_logit_softcapping is not None else 0.0
         if softcap < 0 or softcap != softcap:
             raise ValueError(f"{op}: final_logit_softcapping must be None or > 0, got {final_logit_softcapping!r}")
@@ -220,14 +221,29 @@ def _module_vars(module) -> dict:
         return {}
 
 
-def patch(*, loss: bool = False, precision: str = "trl") -> None:
+def patch(*, fp32: bool = False, loss: bool = False) -> None:
     """Run TRL's token scoring (and with ``loss=True`` its losses) on rlkern. Call it before the
-    first forward; calling it again changes ``precision`` (and adds the losses)."""
-    _checks.choice("patch", "precision", precision, PRECISIONS)
-    _state["precision"] = precision
-    if not _state["patched"]:
-        from trl.trainer import utils as trl_utils
+    first forward.
 
+    Args:
+        fp32: False (default): TRL's numbers under each precision it offers; True: fp32 tiles
+            whatever the autocast (module docstring).
+        loss: also install rlkern's trainer losses (``rlkern.integrations._trl_loss``).
+
+    Calling it again with the same options does nothing; with other options it raises
+    ValueError (``unpatch()`` first).
+    """
+    options = {"fp32": _checks.flag("patch", "fp32", fp32), "loss": _checks.flag("patch", "loss", loss)}
+    if _state["options"] is not None:
+        if _state["options"] != options:
+            done = ", ".join(f"{k}={v}" for k, v in _state["options"].items())
+            raise ValueError(f"patch: already patched with {done}; call unpatch() first")
+        return
+    from trl.trainer import utils as trl_utils
+
+    _state["fp32"] = fp32
+    _state["options"] = options
+    try:
         by_id = {id(getattr(trl_utils, name)): (getattr(trl_utils, name), repl) for name, repl in _REPLACEMENTS.items()}
         _state["replacements"] = {id(repl): original for original, repl in by_id.values()}
         for module in _trl_modules():
@@ -236,8 +252,11 @@ def patch(*, loss: bool = False, precision: str = "trl") -> None:
                 if hit is not None and hit[0] is value:
                     setattr(module, attr, hit[1])
                     _state["patched"].append((module, attr, value))
-    if loss and not _state["loss"]:
-        _patch_losses()
+        if loss:
+            _patch_losses()
+    except BaseException:
+        unpatch()  # no half-patched TRL
+        raise
 
 
 def _patch_losses() -> None:
@@ -268,11 +287,11 @@ def unpatch() -> None:
             setattr(owner, attr, original)
         else:
             delattr(owner, attr)
-    _state.update(patched=[], loss=[], replacements={}, precision="trl")
+    _state.update(options=None, fp32=False, patched=[], loss=[], replacements={})
 
 
 def is_patched() -> bool:
-    return bool(_state["patched"])
+    return _state["options"] is not None
 
 
 if os.environ.get("RLKERN_PATCH_TRL") == "1":

@@ -43,7 +43,7 @@ makes ``import verl`` call it there). An object captured before ``patch()`` keep
 from the registry earlier).
 
 Numbers and dtypes are verl's: rlkern accumulates in float32 (float64 for float64 input) and
-returns the dtype verl's function returns (``output_dtype="verl"``, the default):
+returns the dtype verl's function returns (``fp32=False``, the default):
 
 - ``logprobs_from_logits``: float32 where verl uses flash-attn's cross-entropy (installed and not
   ``VERL_DISABLE_FLASH_ATTN_CE=1``), else the logits' dtype (verl's ``logprobs_from_logits_v2``);
@@ -54,16 +54,20 @@ returns the dtype verl's function returns (``output_dtype="verl"``, the default)
 - Megatron: log-probs float32 (megatron-core upcasts), entropy the logits' dtype, chunked
   entropy float32.
 
-``patch(output_dtype="float32")`` keeps rlkern's float32 outputs everywhere (bf16 logits then give
-float32 log-probs and entropy: more precise than verl, not bit-compatible with it). Labels equal
+``patch(fp32=True)`` keeps rlkern's float32 outputs everywhere (float64 for float64 inputs; bf16
+logits then give float32 log-probs and entropy: more precise than verl, not bit-compatible with
+it). Labels equal
 to -100 give log-prob 0 (flash-attn's and Liger's convention; verl's PyTorch fallback raises).
 
 ``logprobs_from_logits(..., inplace_backward=True)`` (verl's default) lets rlkern's backward write
 d logits into the logits buffer, as verl's flash-attn path does; verl's engines pass False where
 they take the entropy of the same logits first.
 
-``calls()`` counts the calls that reached rlkern through this module, by name (under
-``torch.compile`` a call is counted when it is traced); tests read it.
+``patch()`` again with the same options does nothing; with other options it raises
+(``unpatch()`` first). :data:`calls` (a ``collections.Counter``) counts the calls that reached
+rlkern through this module, by name (under ``torch.compile`` a call is counted when it is
+traced); ``calls.clear()`` resets it. The same API as ``rlkern.integrations.trl`` and
+``rlkern.integrations.openrlhf``.
 """
 
 from __future__ import annotations
@@ -80,30 +84,23 @@ import torch
 
 from rlkern.algos.advantages import VERL_ADV_ESTIMATORS
 from rlkern.algos.policy_loss import VERL_POLICY_LOSSES
+from rlkern.ops import _checks
 from rlkern.ops import policy_loss as ops
 from rlkern.ops.linear_logprobs import linear_token_logprobs
 from rlkern.ops.logprobs import token_logprobs
 
-__all__ = ["calls", "is_patched", "originals", "patch", "register", "reset_calls", "unpatch"]
+__all__ = ["calls", "is_patched", "originals", "patch", "register", "unpatch"]
 
-_OUTPUT_DTYPES = ("verl", "float32")
 _IGNORE = -100  # flash-attn's, Liger's and rlkern's ignore_index
 
-_CALLS: collections.Counter = collections.Counter()
+calls: collections.Counter = collections.Counter()
+"""Calls that reached rlkern through the verl drop-ins, by drop-in name (``logprobs_from_logits``,
+``policy_loss:vanilla``, ``adv_estimator:grpo``, ...)."""
 _LOCK = threading.RLock()
 
 
-def calls() -> dict[str, int]:
-    """How many calls reached rlkern through the verl drop-ins, by drop-in name."""
-    return dict(_CALLS)
-
-
-def reset_calls() -> None:
-    _CALLS.clear()
-
-
 class _State:
-    output_dtype = "verl"
+    fp32 = False
     patched = False
     hook = None
     # id(original) -> (original, replacement); the original is kept alive so its id stays valid
@@ -116,7 +113,7 @@ class _State:
 def _counted(name: str, fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        _CALLS[name] += 1
+        calls[name] += 1
         return fn(*args, **kwargs)
 
     wrapper.__rlkern_verl__ = name
@@ -124,8 +121,8 @@ def _counted(name: str, fn):
 
 
 def _round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """rlkern's float32 result in the dtype verl returns (unless output_dtype="float32")."""
-    if _State.output_dtype == "float32":
+    """rlkern's float32 result in the dtype verl returns (unless patch(fp32=True))."""
+    if _State.fp32:
         return t
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -198,7 +195,7 @@ class FusedLinearForPPO(torch.nn.Module):
         self.impl_backend = impl_backend
 
     def forward(self, hidden_states, vocab_weights, input_ids, temperature: float = 1.0):
-        _CALLS["FusedLinearForPPO"] += 1
+        calls["FusedLinearForPPO"] += 1
         if hidden_states.ndim not in (2, 3):
             raise ValueError(f"FusedLinearForPPO: hidden_states must be 2D or 3D, got {tuple(hidden_states.shape)}")
         logp, entropy = linear_token_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64),
@@ -480,20 +477,24 @@ def register(*, override: bool = False) -> list[str]:
     return added
 
 
-def patch(*, output_dtype: str = "verl") -> None:
+def patch(*, fp32: bool = False) -> None:
     """Point verl 0.9.1's log-prob, entropy, fused-kernel, policy-loss and advantage hot path at
     rlkern (see the module docstring for what is replaced and the order rule).
 
     Args:
-        output_dtype: "verl" (default): each drop-in returns the dtype verl's function returns;
-            "float32": rlkern's float32 (float64 for float64 input) everywhere.
+        fp32: False (default): each drop-in returns the dtype verl's function returns; True:
+            rlkern's float32 (float64 for float64 input) everywhere.
+
+    Calling it again with the same options does nothing; with other options it raises
+    ValueError (``unpatch()`` first).
     """
-    if output_dtype not in _OUTPUT_DTYPES:
-        raise ValueError(f"patch: output_dtype must be one of {_OUTPUT_DTYPES}, got {output_dtype!r}")
+    _checks.flag("patch", "fp32", fp32)
     with _LOCK:
-        _State.output_dtype = output_dtype
         if _State.patched:
+            if _State.fp32 != fp32:
+                raise ValueError(f"patch: already patched with fp32={_State.fp32}; call unpatch() first")
             return
+        _State.fp32 = fp32
         for name in _EAGER:
             importlib.import_module(name)
         register(override=True)
@@ -537,7 +538,7 @@ def unpatch() -> None:
         _State.registered.clear()
         _State.originals.clear()
         _State.patched = False
-        _State.output_dtype = "verl"
+        _State.fp32 = False
 
 
 def is_patched() -> bool:

@@ -94,6 +94,21 @@ def tensors(op: str, main: str, specs: dict, shape=None) -> None:
             raise ValueError(f"{op}: {name} must have shape {tuple(want)}, got {tuple(t.shape)}")
 
 
+def flag(op: str, name: str, value) -> bool:
+    """A bool (not 0 / 1 or a string: ``fp32="false"`` would be truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {value!r}")
+    return value
+
+
+def out_dtype(op: str, value, peer: str) -> torch.dtype | None:
+    """A trainer drop-in's ``out_dtype``: None (the trainer's dtype, ``peer`` names the trainer)
+    or a float dtype (rlkern's unrounded result in that dtype)."""
+    if value is not None and value not in FLOATS:
+        raise TypeError(f"{op}: out_dtype must be None ({peer}'s dtype) or a float dtype, got {value!r}")
+    return value
+
+
 def choice(op: str, name: str, value, choices) -> None:
     """``value`` is one of ``choices``."""
     if value not in choices:

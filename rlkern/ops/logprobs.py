@@ -437,9 +437,7 @@ def _trl_out_dtype(op: str, out_dtype, logits: Tensor, index: Tensor | None = No
     logits of 1-3 dims with a contiguous last dim, one index per row) returns float32; its
     PyTorch path (CPU, top-K indices, float64, strided rows) returns the logits' dtype
     (``trl.trainer.utils._supports_trl_loss_kernel`` decides)."""
-    if out_dtype is not None:
-        if out_dtype not in _checks.FLOATS:
-            raise TypeError(f"{op}: out_dtype must be None (TRL's dtype) or a float dtype, got {out_dtype!r}")
+    if _checks.out_dtype(op, out_dtype, "TRL") is not None:
         return out_dtype
     kernel = (
         _backend.has_triton()
