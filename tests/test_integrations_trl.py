@@ -551,3 +551,27 @@ def test_patch_after_trl_wrapped_the_model():
     torch.testing.assert_close(ours.entropy, theirs.entropy, rtol=0, atol=2e-6)
     assert torch.equal(ours.label_mask, theirs.label_mask) and torch.equal(ours.is_top1, theirs.is_top1)
     assert (ours.log_probs[0, :2] == 0).all()  # TRL zeroes the -100 positions
+
+
+@pytest.mark.peer
+def test_patch_fp32_gives_trls_functions_rlkerns_unrounded_results():
+    """patch(fp32=True): TRL's logits functions, reached through trl.trainer.utils, return
+    float32 (float64 for float64 logits) as the verl and OpenRLHF patches do; without it, TRL's
+    dtype."""
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(3, 5, 67, generator=gen).bfloat16()
+    index = torch.randint(0, 67, (3, 5), generator=gen)
+    exact = torch.log_softmax(logits.double(), -1).gather(-1, index[..., None])[..., 0]
+    rt.patch()
+    assert trl_utils.selective_log_softmax(logits, index).dtype == torch.bfloat16
+    rt.unpatch()
+    rt.patch(fp32=True)
+    try:
+        logp = trl_utils.selective_log_softmax(logits, index)
+        entropy = trl_utils.entropy_from_logits(logits)
+        assert logp.dtype == entropy.dtype == torch.float32
+        assert _max_diff(logp, exact) <= 1e-5
+        assert trl_utils.entropy_from_logits(logits.double()).dtype == torch.float64
+        assert trl_utils.selective_log_softmax(logits, index, out_dtype=torch.bfloat16).dtype == torch.bfloat16
+    finally:
+        rt.unpatch()

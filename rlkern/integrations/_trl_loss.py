@@ -23,7 +23,15 @@ import torch
 
 import rlkern
 
-CALLS = 0  # calls computed by rlkern (tests assert it moved)
+CALLS = 0  # calls computed by rlkern (tests assert it moved); also in rlkern.integrations.trl.calls
+
+
+def _count(name: str) -> None:
+    global CALLS
+    CALLS += 1
+    from rlkern.integrations import trl as rt
+
+    rt.calls[name] += 1
 
 _PPO_FAMILY = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 _SUM_NORMALIZED = ("cispo", "dapo", "vespo")  # normalized by num_items_in_batch, not divided by GA afterwards
@@ -104,7 +112,6 @@ def _global_mean(self, mean, count):
 
 def grpo_compute_loss(self, model, inputs):
     """``GRPOTrainer._compute_loss`` through rlkern.policy_loss (same loss, gradient and metrics)."""
-    global CALLS
     if not _expressible(self):
         return _original(_trl()[0])(self, model, inputs)
     from trl.trainer.utils import nanmax, nanmin
@@ -187,7 +194,7 @@ def grpo_compute_loss(self, model, inputs):
         entropy_agg="token-mean",
         is_weights=weights, rollout_logprobs=inputs.get("sampling_per_token_logps"),
         off_policy_mask_threshold=self.off_policy_mask_threshold, sequence_metrics=True)
-    CALLS += 1
+    _count("GRPOTrainer._compute_loss")
     policy_loss = loss.detach()
     if fused_bonus:
         policy_loss = policy_loss + bonus_coef * metrics["entropy"].to(policy_loss.dtype)
@@ -252,7 +259,6 @@ def grpo_compute_loss(self, model, inputs):
 def rloo_compute_loss(self, model, inputs):
     """``RLOOTrainer._compute_loss`` through rlkern.policy_loss: the PPO clip on each sequence's
     summed log-ratio (one "token" per sequence, ratio unclamped as ``level="sequence"``)."""
-    global CALLS
     from trl.trainer.utils import nanmax, nanmin
 
     completion_mask = inputs["completion_mask"]
@@ -262,7 +268,7 @@ def rloo_compute_loss(self, model, inputs):
     loss, metrics = rlkern.policy_loss(logps, inputs["old_logps"][:, None], inputs["advantages"], ones, loss="ppo",
                                        clip_low=self.epsilon_low, clip_high=self.epsilon_high, level="sequence",
                                        agg="token-mean", sequence_metrics=True)
-    CALLS += 1
+    _count("RLOOTrainer._compute_loss")
     mode = "train" if self.model.training else "eval"
     if self.aux_loss_enabled:
         loss = loss + self.router_aux_loss_coef * aux_loss

@@ -195,6 +195,11 @@ def _counted(name: str, fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         calls[name] += 1
+        if _state["fp32"] and kwargs.get("out_dtype") is None:
+            # patch(fp32=True): rlkern's unrounded result, as the verl and OpenRLHF patches give
+            # (float64 for float64 logits: nothing is narrowed)
+            logits = args[0] if args else kwargs["logits"]
+            kwargs["out_dtype"] = torch.float64 if logits.dtype == torch.float64 else torch.float32
         return fn(*args, **kwargs)
 
     return wrapper
@@ -226,8 +231,9 @@ def patch(*, fp32: bool = False, loss: bool = False) -> None:
     first forward.
 
     Args:
-        fp32: False (default): TRL's numbers under each precision it offers; True: fp32 tiles
-            whatever the autocast (module docstring).
+        fp32: False (default): TRL's numbers and dtypes under each precision it offers; True:
+            fp32 tiles whatever the autocast (module docstring), and TRL's logits functions
+            return rlkern's unrounded float32 (float64 for float64 logits).
         loss: also install rlkern's trainer losses (``rlkern.integrations._trl_loss``).
 
     Calling it again with the same options does nothing; with other options it raises
