@@ -1,7 +1,7 @@
 """Fused linear log-probs (hidden states -> token log-probs + entropy): rlkern vs materialized
 logits (eager), TRL 1.16's ChunkedLogProbFunction, Liger's fused-linear CE, cut-cross-entropy.
 
-    python -m rlkern.benches.bench_linear_logprobs [--n N --hidden H --vocab V --dtype bf16] [--out FILE]
+    python -m rlkern.benches.bench_linear_logprobs [--n N --hidden H --vocab V --dtype bf16] [--autocast] [--out FILE]
 
 Defaults: GPU N=8192, H=4096, V=151936, bf16 (the issue's H100 shape); CPU N=8192, H=256,
 V=32000, fp32, 2 threads. TFLOP/s count 2*N*H*V per GEMM: 1 in the forward, 3 in forward +
@@ -10,6 +10,10 @@ backward (what a materialized-logits step needs), whatever an implementation rec
 Peak memory beyond the inputs: the CUDA allocator's peak on GPU; on the CPU the growth of the
 peak resident size of a fresh process running one fwd+bwd (the allocator bypasses Python).
 Liger and cut-cross-entropy return -logp only (no entropy): their rows compute log-probs only.
+``--autocast``: fp32 hidden and head under bf16 autocast, TRL's default (``bf16=True``): TRL's
+fused head (bf16 tiles) against rlkern's TRL adapter (the "rlkern" rows:
+``rlkern.integrations.trl``, the same rounded tiles) and ``linear_token_logprobs`` with its
+default fp32 tiles ("rlkern fp32 tiles", what ``patch(fp32=True)`` runs).
 """
 
 from __future__ import annotations
@@ -62,6 +66,31 @@ def implementations(device: torch.device) -> tuple[dict, dict]:
     return impls, missing
 
 
+def autocast_implementations(device: torch.device) -> tuple[dict, dict]:
+    """Under bf16 autocast: TRL's fused head, what ``rlkern.integrations.trl.patch()`` runs in its
+    place (bf16 tiles, as TRL), and rlkern's fp32 tiles (``patch(fp32=True)``)."""
+    trl_kernels, why = common.peer("trl.kernels")
+    if trl_kernels is None:
+        return {"rlkern fp32 tiles": implementations(device)[0]["rlkern"]}, {"trl": why, "rlkern": why}
+    from rlkern.integrations import trl as rt
+
+    def head(fn):
+        return lambda h, w, y: fn.apply(h, w, None, y, 1.0, TRL_CHUNK, None, 1.0, ("entropy",))[:2]
+
+    impls = {"rlkern": head(rt.ChunkedLogProbFunction),  # the TRL adapter: what patch() runs
+             "trl": head(trl_kernels.ChunkedLogProbFunction),
+             "rlkern fp32 tiles": implementations(device)[0]["rlkern"], "eager": _eager}
+    return {name: _under_autocast(device, fn) for name, fn in impls.items()}, {}
+
+
+def _under_autocast(device, fn):
+    def run(h, w, y):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn(h, w, y)
+
+    return run
+
+
 def _inputs(device, n, width, vocab, dtype, seed=0):
     gen = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn(n, width, generator=gen, device=device).to(dtype)
@@ -90,11 +119,12 @@ def memory_case(device: torch.device, impl: str, n: int, width: int, vocab: int,
 
 
 def run(device: torch.device, n: int, width: int, vocab: int, dtype: torch.dtype, rounds: int = 5,
-        memory: bool = True) -> list[common.Row]:
+        memory: bool = True, autocast: bool = False) -> list[common.Row]:
     hidden, weight, labels = _inputs(device, n, width, vocab, dtype)
     dtype_name = str(dtype).removeprefix("torch.")
-    shape = f"N={n} H={width} V={vocab} {dtype_name}"
-    impls, missing = implementations(device)
+    shape = f"N={n} H={width} V={vocab} {dtype_name}" + (" bf16 autocast" if autocast else "")
+    impls, missing = autocast_implementations(device) if autocast else implementations(device)
+    memory = memory and not autocast  # the memory probes run the plain implementations
     gemm_flop = 2 * n * width * vocab
     rows: list[common.Row] = []
 
@@ -110,11 +140,13 @@ def run(device: torch.device, n: int, width: int, vocab: int, dtype: torch.dtype
             h32.detach().requires_grad_(h.requires_grad), w32.detach().requires_grad_(w.requires_grad), y)}
     with torch.no_grad():
         fwd = {name: (lambda f=f: f(hidden, weight, labels)) for name, f in impls.items()}
-        fwd["bare GEMM"] = lambda: hidden @ weight.T
+        if not autocast:
+            fwd["bare GEMM"] = lambda: hidden @ weight.T
         peaks = {name: common.cuda_peak_mib(fn) for name, fn in fwd.items()} if device.type == "cuda" else {}
         add("linear logprobs fwd", common.measure(fwd, device, rounds, label=f"fwd {shape}"), gemm_flop, peaks)
     steps = {name: (lambda f=f: _step(f, hidden, weight, labels)) for name, f in impls.items()}
-    steps["bare GEMMs"] = _bare_gemms(hidden, weight)
+    if not autocast:
+        steps["bare GEMMs"] = _bare_gemms(hidden, weight)
     if device.type == "cuda":
         peaks = {name: common.cuda_peak_mib(fn) for name, fn in steps.items()}
     elif memory:
@@ -154,6 +186,7 @@ def main(argv=None) -> list[common.Row]:
     parser.add_argument("--dtype", choices=sorted(DTYPES))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory probes")
+    parser.add_argument("--autocast", action="store_true", help="fp32 inputs under bf16 autocast (TRL's default)")
     parser.add_argument("--memory-n", default="", help="comma-separated N: peak memory of fwd+bwd against N")
     parser.add_argument("--out", help="write FILE.json and FILE.md")
     args = parser.parse_args(argv)
@@ -162,7 +195,7 @@ def main(argv=None) -> list[common.Row]:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     n, width, vocab, dtype = default_shape(device)
     width, vocab, dtype = args.hidden or width, args.vocab or vocab, DTYPES[args.dtype] if args.dtype else dtype
-    rows = run(device, args.n or n, width, vocab, dtype, args.rounds, not args.no_memory)
+    rows = run(device, args.n or n, width, vocab, dtype, args.rounds, not args.no_memory, args.autocast)
     if args.memory_n:
         rows += memory_rows(device, [int(x) for x in args.memory_n.split(",")], width, vocab, dtype)
     return common.report(rows, device, args.out, __spec__.name, argv)
