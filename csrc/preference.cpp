@@ -49,6 +49,15 @@ inline T sigmoid(T x) {
   return e / (T(1) + e);
 }
 
+// softplus(-x) and sigmoid(-x) from one exp: the sigmoid loss and its derivative.
+template <typename T>
+inline void softplus_sigmoid_neg(T x, T& sp, T& sg) {
+  const T e = std::exp(-std::abs(x));
+  const T inv = T(1) / (T(1) + e);
+  sp = std::max(-x, T(0)) + std::log1p(e);
+  sg = x >= 0 ? e * inv : inv;
+}
+
 template <typename T>
 struct Hyper {
   T beta, ls, alpha, tau, clamp;
@@ -104,10 +113,12 @@ inline T pair_loss(int type, T lc, T lr, T nc, T nr, const Hyper<T>& h, T& gc, T
   T loss = 0;
   gc = gr = 0;
   switch (type) {
-    case SIGMOID:
-      loss = softplus(-x);
-      dx = -sigmoid(-x);
+    case SIGMOID: {
+      T sg;
+      softplus_sigmoid_neg(x, loss, sg);
+      dx = -sg;
       break;
+    }
     case HINGE:
       loss = std::max(T(1) - x, T(0));
       dx = T(1) - x > 0 ? T(-1) : T(0);
@@ -213,7 +224,8 @@ void preference_kernel(const at::Tensor& chosen, const at::Tensor& rejected, con
 
   // sft: one token-mean NLL for every pair, and the mean of the pair weights it is scaled by.
   double sum_c = 0, sum_len = 0, sum_w = 0;
-  for (int64_t i = 0; i < n; ++i) {
+  const bool has_sft = std::find(types.begin(), types.end(), int64_t(SFT)) != types.end();
+  for (int64_t i = 0; has_sft && i < n; ++i) {
     sum_c += double(T(c[i]));
     sum_len += double(lenc[i]);
     sum_w += double(pw[i]);

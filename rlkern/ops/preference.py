@@ -49,12 +49,14 @@ _KERNELS = _backend.Kernels(_OP, cpp="cpp_preference_loss", triton="preference.p
                             torch=_torch_preference_loss, fp64=("cpp", "triton"))
 
 
-@torch.library.custom_op("rlkern::preference_loss", mutates_args=())
-def _preference_op(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
-                   chosen_lengths: Tensor, rejected_lengths: Tensor, pair_weights: Tensor, loss_types: list[int],
-                   loss_weights: list[float], hyper: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _preference_impl(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+                     chosen_lengths: Tensor, rejected_lengths: Tensor, pair_weights: Tensor, loss_types: list[int],
+                     loss_weights: list[float], hyper: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _KERNELS.pick(chosen)(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
                                  pair_weights, loss_types, loss_weights, hyper)
+
+
+_preference_op = torch.library.custom_op("rlkern::preference_loss", mutates_args=())(_preference_impl)
 
 
 @_preference_op.register_fake
@@ -78,6 +80,25 @@ def _backward(ctx, grad_loss, _grad_c, _grad_r, _grad_metrics):
 
 
 _preference_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerPreferenceLoss(torch.autograd.Function):
+    """The same forward, backward and saved state as the rlkern::preference_loss custom op, called
+    without the dispatcher (CONTRIBUTING.md, Code): the custom op's autograd wrapper costs several
+    times the C++ kernel at a preference batch's size. The forward takes ctx (no setup_context):
+    torch 2.13 binds a setup_context Function's arguments through inspect.signature on every call.
+    torch.compile, torch.func and tensor subclasses go through the custom op."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _preference_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
 
 
 def _loss_types(loss_type) -> list[str]:
@@ -125,7 +146,7 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
 
     Returns:
         ``(loss, metrics)``: the 0-dim loss (mean over pairs, float32; float64 for float64
-        input) and TRL's logged ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+        input) and a dict of 0-dim float32 tensors: TRL's logged ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
         ``rewards/accuracies`` (rewards = beta * (logps - ref_logps), means over pairs),
         ``logps/chosen`` and ``logps/rejected``. B = 0 gives a loss and metrics of 0.
         Sorting ties (aot) are ordered stably. Forms that cannot overflow are used throughout
@@ -186,15 +207,23 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
 
     dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
 
+    zeros = ones = None
+    if ref_chosen_logps is None:
+        zeros = chosen.new_zeros(chosen.shape, dtype=dtype)
+    if chosen_lengths is None or rejected_lengths is None or pair_weights is None:
+        ones = chosen.new_ones(chosen.shape, dtype=dtype)
+
     def aux(t, default):
         if t is None:
-            return torch.full(chosen.shape, default, dtype=dtype, device=chosen.device)
+            return default
         return t.detach().to(dtype).contiguous()
 
     hyper = [beta, ls, float(reference.F_DIVERGENCES.index(f_divergence_type)), alpha, tau,
              reference.alpha_clamp(chosen.dtype)]
-    loss, _, _, metrics = _preference_op(
-        chosen, rejected, aux(ref_chosen_logps, 0.0), aux(ref_rejected_logps, 0.0), aux(chosen_lengths, 1.0),
-        aux(rejected_lengths, 1.0), aux(pair_weights, 1.0), [LOSS_TYPES.index(t) for t in types], weights, hyper)
-    values = metrics.detach().unbind(0)
-    return loss, {k: v.clone() for k, v in zip(METRIC_KEYS, values)}
+    eager = (type(chosen) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+             and not torch._C._functorch.is_functorch_wrapped_tensor(chosen))
+    op = _EagerPreferenceLoss.apply if eager else _preference_op
+    loss, _, _, metrics = op(
+        chosen, rejected, aux(ref_chosen_logps, zeros), aux(ref_rejected_logps, zeros), aux(chosen_lengths, ones),
+        aux(rejected_lengths, ones), aux(pair_weights, ones), [LOSS_TYPES.index(t) for t in types], weights, hyper)
+    return loss, dict(zip(METRIC_KEYS, metrics.detach().to(torch.float32).unbind(0)))
