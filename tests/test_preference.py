@@ -325,11 +325,13 @@ def _check_against_trl(per_token, mask, ref_c, ref_r, *, pair_weights=None, log_
         assert math.isclose(float(metrics[key]), trl_metrics[key], rel_tol=2e-5, abs_tol=2e-6), key
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_every_loss_type_matches_trl(backend, loss_type):
     _check_against_trl(*_trl_case(), **_kwargs(loss_type))
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("f_divergence_type,coef", [("forward_kl", 1.0), ("js_divergence", 1.0),
                                                     ("alpha_divergence", 0.5), ("alpha_divergence", 1.5)])
 def test_f_divergences_match_trl(backend, f_divergence_type, coef):
@@ -341,6 +343,7 @@ def test_f_divergences_match_trl(backend, f_divergence_type, coef):
                        label_smoothing=0.05, f_divergence_type=f_divergence_type, f_alpha_divergence_coef=coef)
 
 
+@pytest.mark.peer
 def test_mpo_loss_list_and_wpo_weighting_match_trl(backend):
     per_token, mask, ref_c, ref_r = _trl_case(seed=2)
     lss = per_token - torch.rand(per_token.shape) * 0.5  # log sum_v p_v^2 <= log p of the label
@@ -389,3 +392,49 @@ def test_triton_on_cuda_matches_the_reference(dtype, n):
         want = (want[0], want[1].to(dtype).double(), want[2].to(dtype).double(), want[3])
         tol = dict(rtol=1e-2, atol=1e-5)
     _compare((loss.cpu(), gc.cpu(), gr.cpu(), {k: v.cpu() for k, v in metrics.items()}), want, **tol)
+
+
+# ------------------------------------------------------------------------------------------------
+# Liger's and OpenRLHF's own sequence-level DPO losses
+
+LIGER_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+               "discopop")
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("loss_type", LIGER_TYPES)
+def test_matches_liger_dpo_loss_fn(backend, loss_type):
+    liger = import_peer("liger_kernel.chunked_loss.dpo_loss")
+    c, r, rc, rr, *_ = _pairs(n=7, seed=10, dtype=torch.float32, spread=2.0)
+    kw = _kwargs(loss_type)
+    leaves = [c.clone().requires_grad_(), r.clone().requires_grad_()]
+    loss, chosen_rewards, rejected_rewards = liger.LigerFusedLinearDPOFunction.preference_loss_fn(
+        *leaves, torch.zeros(14, 3), rc, rr, **kw)
+    want = torch.autograd.grad(loss, leaves)
+    ours, gc, gr, metrics = _ours(c, r, rc, rr, **kw)
+    torch.testing.assert_close(ours, loss, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(gc, want[0], rtol=2e-5, atol=2e-7)
+    torch.testing.assert_close(gr, want[1], rtol=2e-5, atol=2e-7)
+    torch.testing.assert_close(metrics["rewards/chosen"], chosen_rewards.mean(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(metrics["rewards/rejected"], rejected_rewards.mean(), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("ipo", [False, True])
+def test_matches_openrlhf_dpo_loss(backend, ipo):
+    from test_policy_loss import _openrlhf_loss_module  # loads openrlhf/models/loss.py without flash_attn
+
+    loss_module = _openrlhf_loss_module()
+    c, r, rc, rr, *_ = _pairs(n=7, seed=11, dtype=torch.float32, spread=2.0)
+    leaves = [c.clone().requires_grad_(), r.clone().requires_grad_()]
+    loss, chosen_rewards, rejected_rewards = loss_module.DPOLoss(0.3, ipo=ipo)(*leaves, rc, rr)
+    want = torch.autograd.grad(loss, leaves)
+    # OpenRLHF's IPO is TRL's without the length normalization: lengths of 1
+    ones = torch.ones(7)
+    ours, gc, gr, metrics = _ours(c, r, rc, rr, loss_type="ipo" if ipo else "sigmoid", beta=0.3, chosen_lengths=ones,
+                                  rejected_lengths=ones)
+    torch.testing.assert_close(ours, loss, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(gc, want[0], rtol=2e-5, atol=2e-7)
+    torch.testing.assert_close(gr, want[1], rtol=2e-5, atol=2e-7)
+    torch.testing.assert_close(metrics["rewards/margins"], (chosen_rewards - rejected_rewards).mean(), rtol=2e-5,
+                               atol=2e-6)
