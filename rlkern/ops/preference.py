@@ -146,25 +146,21 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
 
     Returns:
         ``(loss, metrics)``: the 0-dim loss (mean over pairs, float32; float64 for float64
-        input) and a dict of 0-dim float32 tensors: TRL's logged ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
-        ``rewards/accuracies`` (rewards = beta * (logps - ref_logps), means over pairs),
+        input) and a dict of 0-dim float32 tensors: TRL's logged ``rewards/chosen``,
+        ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies`` (rewards = beta * (logps - ref_logps), means over pairs),
         ``logps/chosen`` and ``logps/rejected``. B = 0 gives a loss and metrics of 0.
         Sorting ties (aot) are ordered stably. Forms that cannot overflow are used throughout
         (softplus for -logsigmoid; discopop's exponential in log space).
     """
     chosen, rejected = chosen_logps, rejected_logps
-    _checks.tensors(_OP, "chosen_logps", {
-        "chosen_logps": (chosen, "float"), "rejected_logps": (rejected, "float"),
-        "ref_chosen_logps": (ref_chosen_logps, "float"), "ref_rejected_logps": (ref_rejected_logps, "float"),
-        "chosen_lengths": (chosen_lengths, "mask"), "rejected_lengths": (rejected_lengths, "mask"),
-        "pair_weights": (pair_weights, "float")})
+    specs = {"chosen_logps": (chosen, "float"), "rejected_logps": (rejected, "float"),
+             "ref_chosen_logps": (ref_chosen_logps, "float"), "ref_rejected_logps": (ref_rejected_logps, "float"),
+             "chosen_lengths": (chosen_lengths, "mask"), "rejected_lengths": (rejected_lengths, "mask"),
+             "pair_weights": (pair_weights, "float")}
+    _checks.tensors(_OP, "chosen_logps", specs)
     if chosen.ndim != 1:
         raise ValueError(f"{_OP}: chosen_logps must be [B], got shape {tuple(chosen.shape)}")
-    _checks.tensors(_OP, "chosen_logps", {
-        "rejected_logps": (rejected, "float"), "ref_chosen_logps": (ref_chosen_logps, "float"),
-        "ref_rejected_logps": (ref_rejected_logps, "float"), "chosen_lengths": (chosen_lengths, "mask"),
-        "rejected_lengths": (rejected_lengths, "mask"), "pair_weights": (pair_weights, "float"),
-        "chosen_logps": (chosen, "float")}, shape=chosen.shape)
+    _checks.tensors(_OP, "chosen_logps", specs, shape=chosen.shape)
     if rejected.dtype != chosen.dtype:
         raise TypeError(f"{_OP}: rejected_logps must have chosen_logps' dtype {chosen.dtype}, got {rejected.dtype}")
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
