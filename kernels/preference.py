@@ -12,8 +12,8 @@ others is not generated. aot / aot_unpaired pair the i-th smallest values of two
 launcher sorts (torch.sort, stable, on the device: no host sync) and passes each element's rank
 and the order of the other side, so each pair's gradient is a gather, never a scatter.
 
-Compute type: float64 for float64 input, float32 otherwise; the hyper-parameters come from a
-buffer of that dtype (a float argument of a Triton kernel is float32).
+Compute type: float64 for float64 input, float32 otherwise; the hyper-parameters are float64
+kernel arguments read in that type (no buffer made on the host: no host-to-device copy, no sync).
 """
 
 from __future__ import annotations
@@ -27,12 +27,9 @@ import triton.language as tl
 from rlkern.reference.preference import F_DIVERGENCES, LOSS_TYPES
 
 MAX_BLOCK = 1024
-# Loss type codes (the bit of each in TYPES, its weight's slot in params): LOSS_TYPES' order.
+# Loss type codes (the bit of each in TYPES): LOSS_TYPES' order.
 (SIGMOID, HINGE, IPO, EXO_PAIR, NCA_PAIR, ROBUST, BCO_PAIR, SPPO_HARD, AOT, AOT_UNPAIRED, APO_ZERO, APO_DOWN,
  DISCOPOP, SFT, SIGMOID_NORM) = (tl.constexpr(code) for code in range(len(LOSS_TYPES)))
-# The params buffer: beta, label_smoothing, alpha, discopop tau, alpha clamp, log(1 - ls), log(ls),
-# then one summed weight per loss type.
-N_PARAMS = tl.constexpr(7)
 _AOT_BITS = (1 << LOSS_TYPES.index("aot")) | (1 << LOSS_TYPES.index("aot_unpaired"))
 
 
@@ -89,28 +86,46 @@ def _preference_kernel(
     pw_ptr,  # (B,) compute dtype, pair weights
     perm_ptr,  # (6, B) int64: aot rank of c - r, aot order of ref_c - ref_r, aot_unpaired rank / order of
     #             the chosen log-ratios, rank / order of the rejected ones ((6, 1) dummy without aot)
-    par_ptr,  # (N_PARAMS + 15,) compute dtype, see N_PARAMS
     loss_ptr,  # (1,) compute dtype
     gc_ptr,  # (B,) compute dtype, d loss / d chosen
     gr_ptr,  # (B,) compute dtype, d loss / d rejected
     met_ptr,  # (6,) compute dtype, the metrics in METRIC_KEYS order
     B,
+    # the float hyper-parameters come as float64 arguments (a Python float would be passed as
+    # float32; float64 input needs them exact), read in the compute type; the weight of each loss
+    # type (0 where absent), then log(1 - label_smoothing) and log(label_smoothing) for exo_pair
+    beta: tl.float64,
+    ls: tl.float64,
+    alpha: tl.float64,
+    tau: tl.float64,
+    clamp: tl.float64,
+    log_pw: tl.float64,
+    log_pl: tl.float64,
+    w_sigmoid: tl.float64,
+    w_hinge: tl.float64,
+    w_ipo: tl.float64,
+    w_exo_pair: tl.float64,
+    w_nca_pair: tl.float64,
+    w_robust: tl.float64,
+    w_bco_pair: tl.float64,
+    w_sppo_hard: tl.float64,
+    w_aot: tl.float64,
+    w_aot_unpaired: tl.float64,
+    w_apo_zero: tl.float64,
+    w_apo_down: tl.float64,
+    w_discopop: tl.float64,
+    w_sft: tl.float64,
+    w_sigmoid_norm: tl.float64,
     TYPES: tl.constexpr,  # bit set of the loss types present
     FDIV: tl.constexpr,
     FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    beta = tl.load(par_ptr)
-    ls = tl.load(par_ptr + 1)
-    alpha = tl.load(par_ptr + 2)
-    tau = tl.load(par_ptr + 3)
-    clamp = tl.load(par_ptr + 4)
-    log_pw = tl.load(par_ptr + 5)
-    log_pl = tl.load(par_ptr + 6)
-    if FP64:
-        zero = tl.zeros([BLOCK], tl.float64)
-    else:
-        zero = tl.zeros([BLOCK], tl.float32)
+    CDT = gc_ptr.dtype.element_ty  # the compute type: float64 for float64 input, else float32
+    beta, ls, alpha = tl.full((), beta, CDT), tl.full((), ls, CDT), tl.full((), alpha, CDT)
+    tau, clamp = tl.full((), tau, CDT), tl.full((), clamp, CDT)
+    log_pw, log_pl = tl.full((), log_pw, CDT), tl.full((), log_pl, CDT)
+    zero = tl.zeros([BLOCK], CDT)
     inv_n = 1.0 / (tl.sum(zero, 0) + tl.maximum(B, 1))
     lane = tl.arange(0, BLOCK).to(tl.int64)
 
@@ -127,7 +142,7 @@ def _preference_kernel(
             s_n += _load(nc_ptr, i, inside, FP64)
             s_w += _load(pw_ptr, i, inside, FP64)
         total_len = tl.maximum(tl.sum(s_n, 0), 1.0)
-        w_sft = tl.load(par_ptr + N_PARAMS + SFT)
+        w_sft = tl.full((), w_sft, CDT)
         mean_w = tl.sum(s_w, 0) * inv_n
         sft_loss = w_sft * (-tl.sum(s_c, 0) / total_len) * mean_w
         sft_g = w_sft * (-1.0 / total_len) * mean_w
@@ -157,25 +172,25 @@ def _preference_kernel(
         gc = zero
         gr = zero
         if TYPES // (2 ** SIGMOID) % 2 == 1:
-            w = tl.load(par_ptr + N_PARAMS + SIGMOID)
+            w = tl.full((), w_sigmoid, CDT)
             loss += w * _softplus(-x)
             dx += w * -_sigmoid(-x)
         if TYPES // (2 ** HINGE) % 2 == 1:
-            w = tl.load(par_ptr + N_PARAMS + HINGE)
+            w = tl.full((), w_hinge, CDT)
             loss += w * tl.maximum(1.0 - x, 0.0)
             dx += w * tl.where(1.0 - x > 0, -1.0, 0.0)
         if TYPES // (2 ** ROBUST) % 2 == 1:
-            w = tl.load(par_ptr + N_PARAMS + ROBUST)
+            w = tl.full((), w_robust, CDT)
             loss += w * ((1.0 - ls) * _softplus(-x) - ls * _softplus(x)) / (1.0 - 2.0 * ls)
             dx += w * (-(1.0 - ls) * _sigmoid(-x) - ls * _sigmoid(x)) / (1.0 - 2.0 * ls)
         if TYPES // (2 ** EXO_PAIR) % 2 == 1:
-            w = tl.load(par_ptr + N_PARAMS + EXO_PAIR)
+            w = tl.full((), w_exo_pair, CDT)
             q = _sigmoid(x)
             p = _sigmoid(-x)
             loss += w * (q * (-_softplus(-x) - log_pw) + p * (-_softplus(x) - log_pl))
             dx += w * q * p * (x - log_pw + log_pl)
         if TYPES // (2 ** DISCOPOP) % 2 == 1:
-            w = tl.load(par_ptr + N_PARAMS + DISCOPOP)
+            w = tl.full((), w_discopop, CDT)
             m = _sigmoid(x / tau)
             sp = _softplus(-x)
             e = tl.exp(-x - _softplus(-x / tau))  # exp(-x) * m without inf * 0
@@ -189,46 +204,46 @@ def _preference_kernel(
             u = sc / nc - sr / nr
             du = zero
             if TYPES // (2 ** IPO) % 2 == 1:
-                w = tl.load(par_ptr + N_PARAMS + IPO)
+                w = tl.full((), w_ipo, CDT)
                 v = u - 1.0 / (2.0 * beta)
                 loss += w * v * v
                 du += w * 2.0 * v
             if TYPES // (2 ** SIGMOID_NORM) % 2 == 1:
-                w = tl.load(par_ptr + N_PARAMS + SIGMOID_NORM)
+                w = tl.full((), w_sigmoid_norm, CDT)
                 loss += w * _softplus(-beta * u)
                 du += w * -beta * _sigmoid(-beta * u)
             gc += du * dsc / nc
             gr -= du * dsr / nr
         if TYPES // (2 ** NCA_PAIR) % 2 == 1:
-            w = tl.load(par_ptr + N_PARAMS + NCA_PAIR)
+            w = tl.full((), w_nca_pair, CDT)
             a = beta * lc
             b = beta * lr
             loss += w * (_softplus(-a) + 0.5 * _softplus(a) + 0.5 * _softplus(b))
             gc += w * beta * (-_sigmoid(-a) + 0.5 * _sigmoid(a))
             gr += w * beta * 0.5 * _sigmoid(b)
         if TYPES // (2 ** BCO_PAIR) % 2 == 1:
-            w = tl.load(par_ptr + N_PARAMS + BCO_PAIR)
+            w = tl.full((), w_bco_pair, CDT)
             a = beta * lc
             b = beta * lr
             loss += w * (_softplus(-a) + _softplus(b))
             gc += w * -beta * _sigmoid(-a)
             gr += w * beta * _sigmoid(b)
         if TYPES // (2 ** SPPO_HARD) % 2 == 1:
-            w = tl.load(par_ptr + N_PARAMS + SPPO_HARD)
+            w = tl.full((), w_sppo_hard, CDT)
             a = lc - 0.5 / beta
             b = lr + 0.5 / beta
             loss += w * (a * a + b * b)
             gc += w * 2.0 * a
             gr += w * 2.0 * b
         if TYPES // (2 ** APO_ZERO) % 2 == 1:
-            w = tl.load(par_ptr + N_PARAMS + APO_ZERO)
+            w = tl.full((), w_apo_zero, CDT)
             a = _sigmoid(beta * lc)
             b = _sigmoid(beta * lr)
             loss += w * (1.0 - a + b)
             gc += w * -beta * a * (1.0 - a)
             gr += w * beta * b * (1.0 - b)
         if TYPES // (2 ** APO_DOWN) % 2 == 1:
-            w = tl.load(par_ptr + N_PARAMS + APO_DOWN)
+            w = tl.full((), w_apo_down, CDT)
             a = _sigmoid(beta * lc)
             b = _sigmoid(beta * (lc - lr))
             loss += w * (a + 1.0 - b)
@@ -240,7 +255,7 @@ def _preference_kernel(
         gr = gr * pw
         if TYPES // (2 ** AOT) % 2 == 1:
             # element i of a = c - r has rank j; its partner is the j-th smallest of b = ref_c - ref_r
-            w = tl.load(par_ptr + N_PARAMS + AOT)
+            w = tl.full((), w_aot, CDT)
             j = tl.load(perm_ptr + i, mask=inside, other=0)
             ib = tl.load(perm_ptr + B + j, mask=inside, other=0)
             kb = _load(rc_ptr, ib, inside, FP64) - _load(rr_ptr, ib, inside, FP64)
@@ -250,7 +265,7 @@ def _preference_kernel(
             gc += d
             gr -= d
         if TYPES // (2 ** AOT_UNPAIRED) % 2 == 1:
-            w = tl.load(par_ptr + N_PARAMS + AOT_UNPAIRED)
+            w = tl.full((), w_aot_unpaired, CDT)
             # chosen side: element i of lc has rank j; partner: the j-th smallest rejected log-ratio
             j = tl.load(perm_ptr + 2 * B + i, mask=inside, other=0)
             ib = tl.load(perm_ptr + 5 * B + j, mask=inside, other=0)
@@ -309,7 +324,6 @@ def preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, 
         bits |= 1 << t
     log_pw = math.log1p(-ls) if ls < 1 else 0.0
     log_pl = math.log(ls) if ls > 0 else 0.0
-    params = torch.tensor([beta, ls, alpha, tau, clamp_max, log_pw, log_pl, *weights], dtype=dtype, device=device)
     c = chosen.contiguous()
     r = rejected.contiguous()
     if bits & _AOT_BITS:
@@ -330,6 +344,7 @@ def preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, 
     block = max(16, min(MAX_BLOCK, triton.next_power_of_2(max(n, 1))))
     _preference_kernel[(1,)](
         c, r, ref_chosen.contiguous(), ref_rejected.contiguous(), chosen_lengths.contiguous(),
-        rejected_lengths.contiguous(), pair_weights.contiguous(), perm, params, loss, grad_c, grad_r, metrics, n,
+        rejected_lengths.contiguous(), pair_weights.contiguous(), perm, loss, grad_c, grad_r, metrics, n,
+        float(beta), float(ls), float(alpha), float(tau), float(clamp_max), log_pw, log_pl, *map(float, weights),
         TYPES=bits, FDIV=fdiv, FP64=dtype == torch.float64, BLOCK=block)
     return loss, grad_c, grad_r, metrics

@@ -361,13 +361,11 @@ def test_mpo_loss_list_and_wpo_weighting_match_trl(backend):
 def test_triton_kernel_compiles_for_sm90():
     compile_for_sm90("""
 from rlkern.kernels import preference as k
-sig = {n: "*fp32" for n in ("c_ptr", "r_ptr", "rc_ptr", "rr_ptr", "nc_ptr", "nr_ptr", "pw_ptr", "par_ptr",
-                             "loss_ptr", "gc_ptr", "gr_ptr", "met_ptr")}
-sig.update(perm_ptr="*i64", B="i32")
+ptrs = ("rc_ptr", "rr_ptr", "nc_ptr", "nr_ptr", "pw_ptr", "loss_ptr", "gc_ptr", "gr_ptr", "met_ptr")
+sig = {"c_ptr": "", "r_ptr": "", "perm_ptr": "*i64", "B": "i32"}
+scalars = ["beta", "ls", "alpha", "tau", "clamp", "log_pw", "log_pl"] + ["w_" + t for t in k.LOSS_TYPES]
 for types, fdiv, fp64, dt in ((0x7FFF, 0, False, "bf16"), (0x50FF, 3, False, "fp32"), (0x7FFF, 2, True, "fp64")):
-    s = dict(sig)
-    for n in ("rc_ptr", "rr_ptr", "nc_ptr", "nr_ptr", "pw_ptr", "par_ptr", "loss_ptr", "gc_ptr", "gr_ptr", "met_ptr"):
-        s[n] = "*fp64" if fp64 else "*fp32"
+    s = dict(sig, **{n: "*fp64" if fp64 else "*fp32" for n in ptrs}, **{n: "fp64" for n in scalars})
     s["c_ptr"] = s["r_ptr"] = "*" + dt
     build(k._preference_kernel, s, {"TYPES": types, "FDIV": fdiv, "FP64": fp64, "BLOCK": 128})
 print("ok")
