@@ -20,6 +20,7 @@ from rlkern.ops.logprobs import (
     token_logprobs,
 )
 from rlkern.ops.policy_loss import aggregate, kl_penalty, policy_loss, value_loss
+from rlkern.ops.preference import preference_loss
 from rlkern.trees import (
     broadcast_to_tokens,
     segment_advantages,
@@ -43,6 +44,8 @@ __all__ = [
     "kl_penalty",
     "policy_loss",
     "value_loss",
+    # preference optimization
+    "preference_loss",
     # trees
     "broadcast_to_tokens",
     "segment_advantages",

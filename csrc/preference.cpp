@@ -1,0 +1,383 @@
+// rlkern CPU kernel of the sequence-level preference loss (torch.ops.rlkern.cpp_preference_loss;
+// the op and its semantics: rlkern/ops/preference.py; oracle: rlkern/reference/preference.py).
+//
+// One pass over the B pairs computes the loss (TRL 1.16's DPO loss of every loss type, summed over
+// the loss types with their weights), its gradient in the chosen and rejected log-probs, and the
+// metrics; the backward of the op only scales the saved gradient. aot / aot_unpaired pair sorted
+// values: their pass walks the stable sort orders. Compute type: double for float64 input, float
+// otherwise (half types are widened); sums over pairs in double.
+#include "common.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+
+template <typename S>
+using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+// Loss type codes: the order of LOSS_TYPES in rlkern/reference/preference.py.
+enum LossType {
+  SIGMOID, HINGE, IPO, EXO_PAIR, NCA_PAIR, ROBUST, BCO_PAIR, SPPO_HARD, AOT, AOT_UNPAIRED, APO_ZERO, APO_DOWN,
+  DISCOPOP, SFT, SIGMOID_NORM, N_LOSS_TYPES
+};
+// f-divergence codes: the order of F_DIVERGENCES there.
+enum FDiv { REVERSE_KL, FORWARD_KL, JS, ALPHA };
+// Hyper-parameter list: beta, label_smoothing, f-divergence code, alpha, discopop tau, alpha clamp.
+constexpr int N_HYPER = 6;
+constexpr int N_METRICS = 6;
+
+// softplus(x) = log(1 + e^x) = -logsigmoid(-x), without overflow at any |x|.
+template <typename T>
+inline T softplus(T x) {
+  return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));
+}
+
+template <typename T>
+inline T sigmoid(T x) {
+  if (x >= 0) return T(1) / (T(1) + std::exp(-x));
+  const T e = std::exp(x);
+  return e / (T(1) + e);
+}
+
+// softplus(-x) and sigmoid(-x) from one exp: the sigmoid loss and its derivative.
+template <typename T>
+inline void softplus_sigmoid_neg(T x, T& sp, T& sg) {
+  const T e = std::exp(-std::abs(x));
+  const T inv = T(1) / (T(1) + e);
+  sp = std::max(-x, T(0)) + std::log1p(e);
+  sg = x >= 0 ? e * inv : inv;
+}
+
+template <typename T>
+struct Hyper {
+  T beta, ls, alpha, tau, clamp;
+  int fdiv;
+};
+
+// f'(pi / ref) as a function of the log-ratio, and its derivative.
+template <typename T>
+inline void score(T lr, const Hyper<T>& h, T& s, T& ds) {
+  switch (h.fdiv) {
+    case FORWARD_KL: {
+      const T e = std::exp(-lr);
+      s = T(1) - e;
+      ds = e;
+      return;
+    }
+    case JS:
+      s = T(M_LN2) - softplus(-lr);
+      ds = sigmoid(-lr);
+      return;
+    case ALPHA:
+      if (std::abs(h.alpha - T(1)) >= T(1e-6)) {
+        const T t = (h.alpha - T(1)) * lr;
+        const T tc = std::min(t, h.clamp);
+        const T e = std::exp(tc);
+        s = (e - T(1)) / (h.alpha - T(1));
+        ds = t <= h.clamp ? e : T(0);  // torch.clamp passes the gradient at the bound
+        return;
+      }
+      [[fallthrough]];
+    default:
+      s = lr;
+      ds = T(1);
+  }
+}
+
+// d/dx of (1 - ls) * softplus(-x) + ls * softplus(x): the smoothed logistic loss of aot / robust.
+template <typename T>
+inline T smoothed_grad(T x, T ls) {
+  return -(T(1) - ls) * sigmoid(-x) + ls * sigmoid(x);
+}
+
+// One pair's loss of one (non-sorting, non-sft) loss type and its derivatives in the chosen and
+// rejected log-ratios lc, lr; nc, nr the completion lengths clamped to >= 1.
+template <typename T>
+inline T pair_loss(int type, T lc, T lr, T nc, T nr, const Hyper<T>& h, T& gc, T& gr) {
+  T sc, dsc, sr, dsr;
+  score(lc, h, sc, dsc);
+  score(lr, h, sr, dsr);
+  const T beta = h.beta;
+  const T x = beta * (sc - sr);
+  T dx = 0;  // d loss / d x for the losses of x = beta * (sc - sr)
+  T loss = 0;
+  gc = gr = 0;
+  switch (type) {
+    case SIGMOID: {
+      T sg;
+      softplus_sigmoid_neg(x, loss, sg);
+      dx = -sg;
+      break;
+    }
+    case HINGE:
+      loss = std::max(T(1) - x, T(0));
+      dx = T(1) - x > 0 ? T(-1) : T(0);
+      break;
+    case IPO:
+    case SIGMOID_NORM: {
+      const T u = sc / nc - sr / nr;
+      T du;
+      if (type == IPO) {
+        const T v = u - T(1) / (T(2) * beta);
+        loss = v * v;
+        du = T(2) * v;
+      } else {
+        loss = softplus(-beta * u);
+        du = -beta * sigmoid(-beta * u);
+      }
+      gc = du * dsc / nc;
+      gr = -du * dsr / nr;
+      return loss;
+    }
+    case EXO_PAIR: {
+      const T q = sigmoid(x), p = sigmoid(-x);
+      const T log_pw = std::log1p(-h.ls), log_pl = std::log(h.ls);
+      loss = q * (-softplus(-x) - log_pw) + p * (-softplus(x) - log_pl);
+      dx = q * p * (x - log_pw + log_pl);
+      break;
+    }
+    case ROBUST:
+      loss = ((T(1) - h.ls) * softplus(-x) - h.ls * softplus(x)) / (T(1) - T(2) * h.ls);
+      dx = (-(T(1) - h.ls) * sigmoid(-x) - h.ls * sigmoid(x)) / (T(1) - T(2) * h.ls);
+      break;
+    case DISCOPOP: {
+      const T m = sigmoid(x / h.tau);
+      const T sp = softplus(-x);
+      const T e = std::exp(-x - softplus(-x / h.tau));  // exp(-x) * m without inf * 0
+      loss = sp * (T(1) - m) + e;
+      dx = -sigmoid(-x) * (T(1) - m) - sp * m * (T(1) - m) / h.tau + e * (-T(1) + (T(1) - m) / h.tau);
+      break;
+    }
+    case NCA_PAIR: {
+      const T a = beta * lc, b = beta * lr;
+      loss = softplus(-a) + T(0.5) * softplus(a) + T(0.5) * softplus(b);
+      gc = beta * (-sigmoid(-a) + T(0.5) * sigmoid(a));
+      gr = beta * T(0.5) * sigmoid(b);
+      return loss;
+    }
+    case BCO_PAIR: {
+      const T a = beta * lc, b = beta * lr;
+      loss = softplus(-a) + softplus(b);
+      gc = -beta * sigmoid(-a);
+      gr = beta * sigmoid(b);
+      return loss;
+    }
+    case SPPO_HARD: {
+      const T a = lc - T(0.5) / beta, b = lr + T(0.5) / beta;
+      gc = T(2) * a;
+      gr = T(2) * b;
+      return a * a + b * b;
+    }
+    case APO_ZERO: {
+      const T a = sigmoid(beta * lc), b = sigmoid(beta * lr);
+      gc = -beta * a * (T(1) - a);
+      gr = beta * b * (T(1) - b);
+      return T(1) - a + b;
+    }
+    case APO_DOWN: {
+      const T a = sigmoid(beta * lc), b = sigmoid(beta * (lc - lr));
+      gc = beta * a * (T(1) - a) - beta * b * (T(1) - b);
+      gr = beta * b * (T(1) - b);
+      return a + T(1) - b;
+    }
+    default:
+      break;
+  }
+  gc = beta * dx * dsc;
+  gr = -beta * dx * dsr;
+  return loss;
+}
+
+template <typename S>
+void preference_kernel(const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& ref_chosen,
+                       const at::Tensor& ref_rejected, const at::Tensor& chosen_lengths,
+                       const at::Tensor& rejected_lengths, const at::Tensor& pair_weights,
+                       const std::vector<int64_t>& types, const std::vector<double>& weights,
+                       const std::vector<double>& hyper, at::Tensor& loss_out, at::Tensor& grad_c_out,
+                       at::Tensor& grad_r_out, at::Tensor& metrics_out) {
+  using T = Acc<S>;
+  const int64_t n = chosen.numel();
+  const S* c = chosen.data_ptr<S>();
+  const S* r = rejected.data_ptr<S>();
+  const T* rc = ref_chosen.data_ptr<T>();
+  const T* rr = ref_rejected.data_ptr<T>();
+  const T* lenc = chosen_lengths.data_ptr<T>();
+  const T* lenr = rejected_lengths.data_ptr<T>();
+  const T* pw = pair_weights.data_ptr<T>();
+  T* gc = grad_c_out.data_ptr<T>();
+  T* gr = grad_r_out.data_ptr<T>();
+  const Hyper<T> h{T(hyper[0]), T(hyper[1]), T(hyper[3]), T(hyper[4]), T(hyper[5]), int(hyper[2])};
+  const double inv_n = 1.0 / double(std::max<int64_t>(n, 1));
+  std::fill(gc, gc + n, T(0));
+  std::fill(gr, gr + n, T(0));
+  double total = 0;
+
+  // sft: one token-mean NLL for every pair, and the mean of the pair weights it is scaled by.
+  double sum_c = 0, sum_len = 0, sum_w = 0;
+  const bool has_sft = std::find(types.begin(), types.end(), int64_t(SFT)) != types.end();
+  for (int64_t i = 0; has_sft && i < n; ++i) {
+    sum_c += double(T(c[i]));
+    sum_len += double(lenc[i]);
+    sum_w += double(pw[i]);
+  }
+  sum_len = std::max(sum_len, 1.0);
+
+  std::vector<int64_t> order_a, order_b;
+  std::vector<T> key_a, key_b;
+  for (size_t k = 0; k < types.size(); ++k) {
+    const int type = int(types[k]);
+    const double w = weights[k];
+    if (type == SFT) {
+      total += w * (-sum_c / sum_len) * sum_w * inv_n;
+      const T g = T(w * (-1.0 / sum_len) * sum_w * inv_n);
+      for (int64_t i = 0; i < n; ++i) gc[i] += g;
+    } else if (type == AOT || type == AOT_UNPAIRED) {
+      // loss at sorted position j: smoothed logistic of beta * (sort(a)[j] - sort(b)[j]); a's element
+      // of rank j gets +d, b's element of rank j gets -d. aot: a = c - r, b = ref_c - ref_r, so b is a
+      // constant; aot_unpaired: a = c - ref_c, b = r - ref_r.
+      key_a.resize(n);
+      key_b.resize(n);
+      for (int64_t i = 0; i < n; ++i) {
+        const T tc = T(c[i]), tr = T(r[i]);
+        key_a[i] = type == AOT ? tc - tr : tc - rc[i];
+        key_b[i] = type == AOT ? rc[i] - rr[i] : tr - rr[i];
+      }
+      order_a.resize(n);
+      order_b.resize(n);
+      std::iota(order_a.begin(), order_a.end(), 0);
+      std::iota(order_b.begin(), order_b.end(), 0);
+      // NaN-last stable order, as torch.sort(stable=True)
+      auto less = [](const std::vector<T>& key) {
+        return [&key](int64_t i, int64_t j) {
+          const T a = key[i], b = key[j];
+          if (std::isnan(a)) return false;
+          if (std::isnan(b)) return true;
+          return a < b;
+        };
+      };
+      std::stable_sort(order_a.begin(), order_a.end(), less(key_a));
+      std::stable_sort(order_b.begin(), order_b.end(), less(key_b));
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t ia = order_a[j], ib = order_b[j];
+        const T x = h.beta * (key_a[ia] - key_b[ib]);
+        const T pj = pw[j];  // aot rejects pair weights in the op; the position's weight otherwise
+        total += w * double((T(1) - h.ls) * softplus(-x) + h.ls * softplus(x)) * double(pj) * inv_n;
+        const T d = T(w * inv_n) * pj * h.beta * smoothed_grad(x, h.ls);
+        if (type == AOT) {
+          gc[ia] += d;
+          gr[ia] -= d;
+        } else {
+          gc[ia] += d;
+          gr[ib] -= d;
+        }
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const T lc = T(c[i]) - rc[i], lr = T(r[i]) - rr[i];
+        T dc, dr;
+        const T l = pair_loss<T>(type, lc, lr, std::max(lenc[i], T(1)), std::max(lenr[i], T(1)), h, dc, dr);
+        const T scale = T(w * inv_n) * pw[i];
+        total += double(l) * double(pw[i]) * w * inv_n;
+        gc[i] += scale * dc;
+        gr[i] += scale * dr;
+      }
+    }
+  }
+
+  double m[N_METRICS] = {0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < n; ++i) {
+    const T cr = h.beta * (T(c[i]) - rc[i]), rj = h.beta * (T(r[i]) - rr[i]);
+    m[0] += cr;
+    m[1] += rj;
+    m[2] += cr - rj;
+    m[3] += cr > rj ? 1.0 : 0.0;
+    m[4] += T(c[i]);
+    m[5] += T(r[i]);
+  }
+  T* mo = metrics_out.data_ptr<T>();
+  for (int k = 0; k < N_METRICS; ++k) mo[k] = T(m[k] * inv_n);
+  loss_out.data_ptr<T>()[0] = T(total);
+}
+
+void check_aux(const at::Tensor& t, const at::Tensor& chosen, at::ScalarType acc, const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == chosen.sizes(), "preference_loss: ", name, " must have shape ", chosen.sizes(),
+                    ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == acc, "preference_loss: ", name, " must be ", acc, ", got ", t.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_cpu(
+    const at::Tensor& chosen, const at::Tensor& rejected, const at::Tensor& ref_chosen,
+    const at::Tensor& ref_rejected, const at::Tensor& chosen_lengths, const at::Tensor& rejected_lengths,
+    const at::Tensor& pair_weights, at::IntArrayRef loss_types, at::ArrayRef<double> loss_weights,
+    at::ArrayRef<double> hyper) {
+  TORCH_CHECK_VALUE(chosen.dim() == 1, "preference_loss: chosen_logps must be [B], got shape ", chosen.sizes());
+  TORCH_CHECK_VALUE(rejected.sizes() == chosen.sizes(), "preference_loss: rejected_logps must have shape ",
+                    chosen.sizes(), ", got ", rejected.sizes());
+  TORCH_CHECK_TYPE(rejected.scalar_type() == chosen.scalar_type(),
+                   "preference_loss: rejected_logps must have chosen_logps' dtype ", chosen.scalar_type(), ", got ",
+                   rejected.scalar_type());
+  TORCH_CHECK_VALUE(loss_types.size() == loss_weights.size() && !loss_types.empty(),
+                    "preference_loss: loss_types and loss_weights must be non-empty and of one length");
+  TORCH_CHECK_VALUE(hyper.size() == N_HYPER, "preference_loss: hyper must have ", N_HYPER, " entries");
+  for (int64_t t : loss_types) {
+    TORCH_CHECK_VALUE(t >= 0 && t < N_LOSS_TYPES, "preference_loss: unknown loss type code ", t);
+  }
+  const at::ScalarType acc = chosen.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_aux(ref_chosen, chosen, acc, "ref_chosen_logps");
+  check_aux(ref_rejected, chosen, acc, "ref_rejected_logps");
+  check_aux(chosen_lengths, chosen, acc, "chosen_lengths");
+  check_aux(rejected_lengths, chosen, acc, "rejected_lengths");
+  check_aux(pair_weights, chosen, acc, "pair_weights");
+  const auto opts = chosen.options().dtype(acc);
+  at::Tensor loss = at::empty({}, opts);
+  at::Tensor grad_c = at::empty(chosen.sizes(), opts);
+  at::Tensor grad_r = at::empty(chosen.sizes(), opts);
+  at::Tensor metrics = at::empty({N_METRICS}, opts);
+  const std::vector<int64_t> types(loss_types.begin(), loss_types.end());
+  const std::vector<double> weights(loss_weights.begin(), loss_weights.end());
+  const std::vector<double> hyp(hyper.begin(), hyper.end());
+  const at::Tensor c = chosen.contiguous(), r = rejected.contiguous();
+  const at::Tensor rc = ref_chosen.contiguous(), rr = ref_rejected.contiguous();
+  const at::Tensor lc = chosen_lengths.contiguous(), lr = rejected_lengths.contiguous();
+  const at::Tensor pw = pair_weights.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, chosen.scalar_type(), "preference_loss", [&] {
+    preference_kernel<scalar_t>(c, r, rc, rr, lc, lr, pw, types, weights, hyp, loss, grad_c, grad_r, metrics);
+  });
+  return {loss, grad_c, grad_r, metrics};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_meta(
+    const at::Tensor& chosen, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::ArrayRef<double>, at::ArrayRef<double>) {
+  const at::ScalarType acc = chosen.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = chosen.options().dtype(acc);
+  return {at::empty({}, opts), at::empty(chosen.sizes(), opts), at::empty(chosen.sizes(), opts),
+          at::empty({N_METRICS}, opts)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rlkern, m) {
+  m.def(
+      "cpp_preference_loss(Tensor chosen_logps, Tensor rejected_logps, Tensor ref_chosen_logps, "
+      "Tensor ref_rejected_logps, Tensor chosen_lengths, Tensor rejected_lengths, Tensor pair_weights, "
+      "int[] loss_types, float[] loss_weights, float[] hyper) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
+  m.impl("cpp_preference_loss", &preference_loss_cpu);
+}
+
+TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
+  m.impl("cpp_preference_loss", &preference_loss_meta);
+}

@@ -1,0 +1,350 @@
+"""Triton kernel of the sequence-level preference loss (TRL 1.16's DPO loss types).
+
+The op and its semantics are in rlkern/ops/preference.py, the oracle in
+rlkern/reference/preference.py, the CPU twin in csrc/preference.cpp.
+
+Grid: one program. It walks the B pairs in blocks of BLOCK and, in that one pass, accumulates the
+loss and the metrics and writes each pair's gradient in its chosen and rejected log-probs (a
+preference batch is a few hundred pairs at most: one program keeps the sums deterministic with no
+second reduction). sft first sums the chosen log-probs, lengths and pair weights (a pass over
+the pairs before the main one). The loss types present are a constexpr bit set: the code of the
+others is not generated. aot / aot_unpaired pair the i-th smallest values of two sequences: the
+launcher sorts (torch.sort, stable, on the device: no host sync) and passes each element's rank
+and the order of the other side, so each pair's gradient is a gather, never a scatter.
+
+Compute type: float64 for float64 input, float32 otherwise; the hyper-parameters are float64
+kernel arguments read in that type (no buffer made on the host: no host-to-device copy, no sync).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from rlkern.reference.preference import F_DIVERGENCES, LOSS_TYPES
+
+MAX_BLOCK = 1024
+# Loss type codes (the bit of each in TYPES): LOSS_TYPES' order.
+(SIGMOID, HINGE, IPO, EXO_PAIR, NCA_PAIR, ROBUST, BCO_PAIR, SPPO_HARD, AOT, AOT_UNPAIRED, APO_ZERO, APO_DOWN,
+ DISCOPOP, SFT, SIGMOID_NORM) = (tl.constexpr(code) for code in range(len(LOSS_TYPES)))
+_AOT_BITS = (1 << LOSS_TYPES.index("aot")) | (1 << LOSS_TYPES.index("aot_unpaired"))
+
+
+@triton.jit
+def _log1p_pos(e):
+    """log(1 + e) for 0 <= e <= 1, accurate where e is tiny (u - 1 recovers the rounding of 1 + e)."""
+    u = 1.0 + e
+    return tl.log(u) - ((u - 1.0) - e) / u
+
+
+@triton.jit
+def _softplus(x):
+    return tl.maximum(x, 0.0) + _log1p_pos(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _score(lr, alpha, clamp, FDIV: tl.constexpr):
+    """f'(pi / ref) of the f-divergence as a function of the log-ratio, and its derivative."""
+    if FDIV == 1:  # forward KL
+        e = tl.exp(-lr)
+        return 1.0 - e, e
+    elif FDIV == 2:  # Jensen-Shannon
+        return 0.6931471805599453 - _softplus(-lr), _sigmoid(-lr)
+    elif FDIV == 3:  # alpha divergence (alpha != 1: the launcher maps alpha = 1 to reverse KL)
+        t = (alpha - 1.0) * lr
+        e = tl.exp(tl.minimum(t, clamp))
+        return (e - 1.0) / (alpha - 1.0), tl.where(t <= clamp, e, 0.0)
+    else:
+        return lr, tl.full(lr.shape, 1.0, lr.dtype)
+
+
+@triton.jit
+def _load(ptr, idx, inside, FP64: tl.constexpr):
+    if FP64:
+        return tl.load(ptr + idx, mask=inside, other=0.0).to(tl.float64)
+    else:
+        return tl.load(ptr + idx, mask=inside, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _preference_kernel(
+    c_ptr,  # (B,) fp32/bf16/fp16/fp64 chosen log-probs
+    r_ptr,  # (B,) same dtype, rejected log-probs
+    rc_ptr,  # (B,) compute dtype, reference chosen log-probs
+    rr_ptr,  # (B,) compute dtype, reference rejected log-probs
+    nc_ptr,  # (B,) compute dtype, chosen lengths
+    nr_ptr,  # (B,) compute dtype, rejected lengths
+    pw_ptr,  # (B,) compute dtype, pair weights
+    perm_ptr,  # (6, B) int64: aot rank of c - r, aot order of ref_c - ref_r, aot_unpaired rank / order of
+    #             the chosen log-ratios, rank / order of the rejected ones ((6, 1) dummy without aot)
+    loss_ptr,  # (1,) compute dtype
+    gc_ptr,  # (B,) compute dtype, d loss / d chosen
+    gr_ptr,  # (B,) compute dtype, d loss / d rejected
+    met_ptr,  # (6,) compute dtype, the metrics in METRIC_KEYS order
+    B,
+    # the float hyper-parameters come as float64 arguments (a Python float would be passed as
+    # float32; float64 input needs them exact), read in the compute type; the weight of each loss
+    # type (0 where absent), then log(1 - label_smoothing) and log(label_smoothing) for exo_pair
+    beta: tl.float64,
+    ls: tl.float64,
+    alpha: tl.float64,
+    tau: tl.float64,
+    clamp: tl.float64,
+    log_pw: tl.float64,
+    log_pl: tl.float64,
+    w_sigmoid: tl.float64,
+    w_hinge: tl.float64,
+    w_ipo: tl.float64,
+    w_exo_pair: tl.float64,
+    w_nca_pair: tl.float64,
+    w_robust: tl.float64,
+    w_bco_pair: tl.float64,
+    w_sppo_hard: tl.float64,
+    w_aot: tl.float64,
+    w_aot_unpaired: tl.float64,
+    w_apo_zero: tl.float64,
+    w_apo_down: tl.float64,
+    w_discopop: tl.float64,
+    w_sft: tl.float64,
+    w_sigmoid_norm: tl.float64,
+    TYPES: tl.constexpr,  # bit set of the loss types present
+    FDIV: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    CDT = gc_ptr.dtype.element_ty  # the compute type: float64 for float64 input, else float32
+    beta, ls, alpha = tl.full((), beta, CDT), tl.full((), ls, CDT), tl.full((), alpha, CDT)
+    tau, clamp = tl.full((), tau, CDT), tl.full((), clamp, CDT)
+    log_pw, log_pl = tl.full((), log_pw, CDT), tl.full((), log_pl, CDT)
+    zero = tl.zeros([BLOCK], CDT)
+    inv_n = 1.0 / (tl.sum(zero, 0) + tl.maximum(B, 1))
+    lane = tl.arange(0, BLOCK).to(tl.int64)
+
+    sft_g = tl.sum(zero, 0)
+    sft_loss = tl.sum(zero, 0)
+    if TYPES // (2 ** SFT) % 2 == 1:
+        s_c = zero
+        s_n = zero
+        s_w = zero
+        for first in range(0, B, BLOCK):
+            i = first + lane
+            inside = i < B
+            s_c += _load(c_ptr, i, inside, FP64)
+            s_n += _load(nc_ptr, i, inside, FP64)
+            s_w += _load(pw_ptr, i, inside, FP64)
+        total_len = tl.maximum(tl.sum(s_n, 0), 1.0)
+        w_sft = tl.full((), w_sft, CDT)
+        mean_w = tl.sum(s_w, 0) * inv_n
+        sft_loss = w_sft * (-tl.sum(s_c, 0) / total_len) * mean_w
+        sft_g = w_sft * (-1.0 / total_len) * mean_w
+
+    acc_loss = zero
+    m0 = zero
+    m1 = zero
+    m2 = zero
+    m3 = zero
+    m4 = zero
+    m5 = zero
+    for first in range(0, B, BLOCK):
+        i = first + lane
+        inside = i < B
+        c = _load(c_ptr, i, inside, FP64)
+        r = _load(r_ptr, i, inside, FP64)
+        rc = _load(rc_ptr, i, inside, FP64)
+        rr = _load(rr_ptr, i, inside, FP64)
+        pw = _load(pw_ptr, i, inside, FP64)
+        lc = c - rc
+        lr = r - rr
+        sc, dsc = _score(lc, alpha, clamp, FDIV)
+        sr, dsr = _score(lr, alpha, clamp, FDIV)
+        x = beta * (sc - sr)
+        loss = zero
+        dx = zero  # d loss / d x of the losses of x = beta * (sc - sr)
+        gc = zero
+        gr = zero
+        if TYPES // (2 ** SIGMOID) % 2 == 1:
+            w = tl.full((), w_sigmoid, CDT)
+            loss += w * _softplus(-x)
+            dx += w * -_sigmoid(-x)
+        if TYPES // (2 ** HINGE) % 2 == 1:
+            w = tl.full((), w_hinge, CDT)
+            loss += w * tl.maximum(1.0 - x, 0.0)
+            dx += w * tl.where(1.0 - x > 0, -1.0, 0.0)
+        if TYPES // (2 ** ROBUST) % 2 == 1:
+            w = tl.full((), w_robust, CDT)
+            loss += w * ((1.0 - ls) * _softplus(-x) - ls * _softplus(x)) / (1.0 - 2.0 * ls)
+            dx += w * (-(1.0 - ls) * _sigmoid(-x) - ls * _sigmoid(x)) / (1.0 - 2.0 * ls)
+        if TYPES // (2 ** EXO_PAIR) % 2 == 1:
+            w = tl.full((), w_exo_pair, CDT)
+            q = _sigmoid(x)
+            p = _sigmoid(-x)
+            loss += w * (q * (-_softplus(-x) - log_pw) + p * (-_softplus(x) - log_pl))
+            dx += w * q * p * (x - log_pw + log_pl)
+        if TYPES // (2 ** DISCOPOP) % 2 == 1:
+            w = tl.full((), w_discopop, CDT)
+            m = _sigmoid(x / tau)
+            sp = _softplus(-x)
+            e = tl.exp(-x - _softplus(-x / tau))  # exp(-x) * m without inf * 0
+            loss += w * (sp * (1.0 - m) + e)
+            dx += w * (-_sigmoid(-x) * (1.0 - m) - sp * m * (1.0 - m) / tau + e * (-1.0 + (1.0 - m) / tau))
+        gc += beta * dx * dsc
+        gr -= beta * dx * dsr
+        if TYPES // (2 ** IPO) % 2 + TYPES // (2 ** SIGMOID_NORM) % 2 > 0:
+            nc = tl.maximum(_load(nc_ptr, i, inside, FP64), 1.0)
+            nr = tl.maximum(_load(nr_ptr, i, inside, FP64), 1.0)
+            u = sc / nc - sr / nr
+            du = zero
+            if TYPES // (2 ** IPO) % 2 == 1:
+                w = tl.full((), w_ipo, CDT)
+                v = u - 1.0 / (2.0 * beta)
+                loss += w * v * v
+                du += w * 2.0 * v
+            if TYPES // (2 ** SIGMOID_NORM) % 2 == 1:
+                w = tl.full((), w_sigmoid_norm, CDT)
+                loss += w * _softplus(-beta * u)
+                du += w * -beta * _sigmoid(-beta * u)
+            gc += du * dsc / nc
+            gr -= du * dsr / nr
+        if TYPES // (2 ** NCA_PAIR) % 2 == 1:
+            w = tl.full((), w_nca_pair, CDT)
+            a = beta * lc
+            b = beta * lr
+            loss += w * (_softplus(-a) + 0.5 * _softplus(a) + 0.5 * _softplus(b))
+            gc += w * beta * (-_sigmoid(-a) + 0.5 * _sigmoid(a))
+            gr += w * beta * 0.5 * _sigmoid(b)
+        if TYPES // (2 ** BCO_PAIR) % 2 == 1:
+            w = tl.full((), w_bco_pair, CDT)
+            a = beta * lc
+            b = beta * lr
+            loss += w * (_softplus(-a) + _softplus(b))
+            gc += w * -beta * _sigmoid(-a)
+            gr += w * beta * _sigmoid(b)
+        if TYPES // (2 ** SPPO_HARD) % 2 == 1:
+            w = tl.full((), w_sppo_hard, CDT)
+            a = lc - 0.5 / beta
+            b = lr + 0.5 / beta
+            loss += w * (a * a + b * b)
+            gc += w * 2.0 * a
+            gr += w * 2.0 * b
+        if TYPES // (2 ** APO_ZERO) % 2 == 1:
+            w = tl.full((), w_apo_zero, CDT)
+            a = _sigmoid(beta * lc)
+            b = _sigmoid(beta * lr)
+            loss += w * (1.0 - a + b)
+            gc += w * -beta * a * (1.0 - a)
+            gr += w * beta * b * (1.0 - b)
+        if TYPES // (2 ** APO_DOWN) % 2 == 1:
+            w = tl.full((), w_apo_down, CDT)
+            a = _sigmoid(beta * lc)
+            b = _sigmoid(beta * (lc - lr))
+            loss += w * (a + 1.0 - b)
+            gc += w * (beta * a * (1.0 - a) - beta * b * (1.0 - b))
+            gr += w * beta * b * (1.0 - b)
+        # the losses above are scaled by the pair's weight; aot / aot_unpaired take none (the op refuses)
+        loss = loss * pw
+        gc = gc * pw
+        gr = gr * pw
+        if TYPES // (2 ** AOT) % 2 == 1:
+            # element i of a = c - r has rank j; its partner is the j-th smallest of b = ref_c - ref_r
+            w = tl.full((), w_aot, CDT)
+            j = tl.load(perm_ptr + i, mask=inside, other=0)
+            ib = tl.load(perm_ptr + B + j, mask=inside, other=0)
+            kb = _load(rc_ptr, ib, inside, FP64) - _load(rr_ptr, ib, inside, FP64)
+            y = beta * ((c - r) - kb)
+            loss += w * ((1.0 - ls) * _softplus(-y) + ls * _softplus(y))
+            d = w * beta * (-(1.0 - ls) * _sigmoid(-y) + ls * _sigmoid(y))
+            gc += d
+            gr -= d
+        if TYPES // (2 ** AOT_UNPAIRED) % 2 == 1:
+            w = tl.full((), w_aot_unpaired, CDT)
+            # chosen side: element i of lc has rank j; partner: the j-th smallest rejected log-ratio
+            j = tl.load(perm_ptr + 2 * B + i, mask=inside, other=0)
+            ib = tl.load(perm_ptr + 5 * B + j, mask=inside, other=0)
+            kb = _load(r_ptr, ib, inside, FP64) - _load(rr_ptr, ib, inside, FP64)
+            y = beta * (lc - kb)
+            loss += w * ((1.0 - ls) * _softplus(-y) + ls * _softplus(y))
+            gc += w * beta * (-(1.0 - ls) * _sigmoid(-y) + ls * _sigmoid(y))
+            # rejected side: element i of lr has rank j; partner: the j-th smallest chosen log-ratio
+            j = tl.load(perm_ptr + 4 * B + i, mask=inside, other=0)
+            ia = tl.load(perm_ptr + 3 * B + j, mask=inside, other=0)
+            ka = _load(c_ptr, ia, inside, FP64) - _load(rc_ptr, ia, inside, FP64)
+            y = beta * (ka - lr)
+            gr -= w * beta * (-(1.0 - ls) * _sigmoid(-y) + ls * _sigmoid(y))
+        acc_loss += tl.where(inside, loss, 0.0)
+        tl.store(gc_ptr + i, gc * inv_n + sft_g, mask=inside)
+        tl.store(gr_ptr + i, gr * inv_n, mask=inside)
+        cw = beta * lc
+        rw = beta * lr
+        m0 += tl.where(inside, cw, 0.0)
+        m1 += tl.where(inside, rw, 0.0)
+        m2 += tl.where(inside, cw - rw, 0.0)
+        m3 += tl.where(inside & (cw > rw), 1.0, 0.0)
+        m4 += c
+        m5 += r
+    tl.store(loss_ptr, tl.sum(acc_loss, 0) * inv_n + sft_loss)
+    tl.store(met_ptr, tl.sum(m0, 0) * inv_n)
+    tl.store(met_ptr + 1, tl.sum(m1, 0) * inv_n)
+    tl.store(met_ptr + 2, tl.sum(m2, 0) * inv_n)
+    tl.store(met_ptr + 3, tl.sum(m3, 0) * inv_n)
+    tl.store(met_ptr + 4, tl.sum(m4, 0) * inv_n)
+    tl.store(met_ptr + 5, tl.sum(m5, 0) * inv_n)
+
+
+def _rank_and_order(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.sort(key, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=key.device)
+    return rank, order
+
+
+def preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, pair_weights,
+                    loss_types, loss_weights, hyper):
+    """The op's Triton backend: (loss, grad_chosen, grad_rejected, metrics), the contract of
+    rlkern/ops/preference.py."""
+    dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
+    device = chosen.device
+    n = chosen.numel()
+    beta, ls, fdiv, alpha, tau, clamp_max = hyper
+    fdiv = int(fdiv)
+    if F_DIVERGENCES[fdiv] == "alpha_divergence" and abs(alpha - 1.0) < 1e-6:
+        fdiv = 0  # the alpha -> 1 limit is reverse KL
+    weights = [0.0] * len(LOSS_TYPES)
+    bits = 0
+    for t, w in zip(loss_types, loss_weights):
+        weights[t] += w
+        bits |= 1 << t
+    log_pw = math.log1p(-ls) if ls < 1 else 0.0
+    log_pl = math.log(ls) if ls > 0 else 0.0
+    c = chosen.contiguous()
+    r = rejected.contiguous()
+    if bits & _AOT_BITS:
+        cd, rd = c.to(dtype), r.to(dtype)
+        rows = []
+        rank_a, _ = _rank_and_order(cd - rd)
+        _, order_b = _rank_and_order(ref_chosen - ref_rejected)
+        rank_ua, order_ua = _rank_and_order(cd - ref_chosen)
+        rank_ub, order_ub = _rank_and_order(rd - ref_rejected)
+        rows = [rank_a, order_b, rank_ua, order_ua, rank_ub, order_ub]
+        perm = torch.stack(rows).contiguous()
+    else:
+        perm = torch.zeros((6, 1), dtype=torch.int64, device=device)
+    loss = torch.empty((), dtype=dtype, device=device)
+    grad_c = torch.empty(chosen.shape, dtype=dtype, device=device)
+    grad_r = torch.empty(chosen.shape, dtype=dtype, device=device)
+    metrics = torch.empty(6, dtype=dtype, device=device)
+    block = max(16, min(MAX_BLOCK, triton.next_power_of_2(max(n, 1))))
+    _preference_kernel[(1,)](
+        c, r, ref_chosen.contiguous(), ref_rejected.contiguous(), chosen_lengths.contiguous(),
+        rejected_lengths.contiguous(), pair_weights.contiguous(), perm, loss, grad_c, grad_r, metrics, n,
+        float(beta), float(ls), float(alpha), float(tau), float(clamp_max), log_pw, log_pl, *map(float, weights),
+        TYPES=bits, FDIV=fdiv, FP64=dtype == torch.float64, BLOCK=block)
+    return loss, grad_c, grad_r, metrics

@@ -1,0 +1,225 @@
+"""Sequence-level preference optimization: TRL 1.16's DPO loss over per-pair log-probs.
+
+``preference_loss`` is the loss ``trl.DPOTrainer._compute_loss`` builds from the four summed
+log-prob tensors, with every ``loss_type`` TRL 1.16 has. Backends (same arguments, same
+outputs): the C++ kernel (csrc/preference.cpp, CPU), the Triton kernel (kernels/preference.py,
+GPU) and the reference (rlkern/reference/preference.py, differentiated by torch.func.vjp). Each
+kernel computes the loss, its gradient in the chosen and rejected log-probs and the metrics in one
+pass over the pairs; the backward scales the saved gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlkern import _backend
+from rlkern.ops import _checks
+from rlkern.reference import preference as reference
+
+__all__ = ["preference_loss"]
+
+_OP = "preference_loss"
+LOSS_TYPES = reference.LOSS_TYPES
+METRIC_KEYS = reference.METRIC_KEYS
+
+
+def _torch_preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
+                           pair_weights, loss_types, loss_weights, hyper):
+    """The torch backend: the reference and its vjp (works inside a custom op's kernel, where the
+    dispatcher has the Autograd keys excluded)."""
+    beta, ls, fdiv, alpha, tau, clamp_max = hyper
+    dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
+
+    def objective(c, r):
+        return reference.preference_loss(
+            c, r, ref_chosen, ref_rejected, loss_type=[LOSS_TYPES[t] for t in loss_types], beta=beta,
+            label_smoothing=ls, f_divergence_type=reference.F_DIVERGENCES[int(fdiv)], f_alpha_divergence_coef=alpha,
+            discopop_tau=tau, loss_weights=loss_weights, chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths, pair_weights=pair_weights, clamp_max=clamp_max)
+
+    c, r = chosen.to(dtype), rejected.to(dtype)
+    loss, vjp, metrics = torch.func.vjp(objective, c, r, has_aux=True)
+    grad_c, grad_r = vjp(torch.ones((), dtype=dtype))
+    stacked = torch.stack([metrics[k] for k in METRIC_KEYS]).to(dtype)
+    return loss.detach().clone(), grad_c.detach().clone(), grad_r.detach().clone(), stacked
+
+
+_KERNELS = _backend.Kernels(_OP, cpp="cpp_preference_loss", triton="preference.preference_loss",
+                            torch=_torch_preference_loss, fp64=("cpp", "triton"))
+
+
+def _preference_impl(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+                     chosen_lengths: Tensor, rejected_lengths: Tensor, pair_weights: Tensor, loss_types: list[int],
+                     loss_weights: list[float], hyper: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _KERNELS.pick(chosen)(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
+                                 pair_weights, loss_types, loss_weights, hyper)
+
+
+_preference_op = torch.library.custom_op("rlkern::preference_loss", mutates_args=())(_preference_impl)
+
+
+@_preference_op.register_fake
+def _preference_fake(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, pair_weights,
+                     loss_types, loss_weights, hyper):
+    dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
+    return (chosen.new_empty((), dtype=dtype), chosen.new_empty(chosen.shape, dtype=dtype),
+            chosen.new_empty(chosen.shape, dtype=dtype), chosen.new_empty((len(METRIC_KEYS),), dtype=dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _backward(ctx, grad_loss, _grad_c, _grad_r, _grad_metrics):
+    grad_c, grad_r = ctx.saved_tensors
+    g = grad_loss.to(grad_c.dtype)
+    return ((g * grad_c).to(ctx.dtypes[0]), (g * grad_r).to(ctx.dtypes[1]), None, None, None, None, None, None,
+            None, None)
+
+
+_preference_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerPreferenceLoss(torch.autograd.Function):
+    """The same forward, backward and saved state as the rlkern::preference_loss custom op, called
+    without the dispatcher (CONTRIBUTING.md, Code): the custom op's autograd wrapper costs several
+    times the C++ kernel at a preference batch's size. The forward takes ctx (no setup_context):
+    torch 2.13 binds a setup_context Function's arguments through inspect.signature on every call.
+    torch.compile, torch.func and tensor subclasses go through the custom op."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _preference_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
+
+
+def _loss_types(loss_type) -> list[str]:
+    types = [loss_type] if isinstance(loss_type, str) else loss_type
+    if not isinstance(types, (list, tuple)) or not types or not all(isinstance(t, str) for t in types):
+        raise TypeError(f"{_OP}: loss_type must be a string or a non-empty list of strings, got {loss_type!r}")
+    for t in types:
+        _checks.choice(_OP, "loss_type", t, LOSS_TYPES)
+    return list(types)
+
+
+def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor | None = None,
+                    ref_rejected_logps: Tensor | None = None, *, loss_type="sigmoid", beta: float = 0.1,
+                    label_smoothing: float = 0.0, f_divergence_type: str = "reverse_kl",
+                    f_alpha_divergence_coef: float = 1.0, discopop_tau: float = 0.05, loss_weights=None,
+                    chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
+                    pair_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """TRL 1.16's DPO loss (``DPOTrainer._compute_loss``) over per-sequence log-probs.
+
+    Args:
+        chosen_logps, rejected_logps: ``[B]`` float16/bfloat16/float32/float64, one dtype: the
+            policy's log-probs of the chosen and rejected completions, summed over their tokens
+            by the caller (TRL's ``per_token_logps.sum(1)``; LD-DPO's ``ld_alpha`` weighting of
+            the tail tokens is also the caller's). Differentiable.
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` float, the reference model's, constants
+            (a tensor that requires grad is refused: compute them under ``torch.no_grad()``).
+            None: reference-free, taken as 0 (TRL's ``reference_free`` / SimPO-style).
+        loss_type: one of ``rlkern.ops.preference.LOSS_TYPES`` (sigmoid, hinge, ipo, exo_pair,
+            nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down,
+            discopop, sft, sigmoid_norm) or a list of them (MPO), summed with ``loss_weights``
+            (default all 1.0). Defaults from TRL 1.16's DPOConfig, as every keyword here.
+        beta: the DPO temperature (0.1). label_smoothing: read by robust, exo_pair (must be > 0
+            there, as TRL requires), aot and aot_unpaired only, in [0, 0.5] (robust: < 0.5).
+        f_divergence_type: reverse_kl, forward_kl, js_divergence or alpha_divergence (with
+            ``f_alpha_divergence_coef``; TRL's clamp of (alpha - 1) * log-ratio at 80, 11 for
+            float16 input), only with sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust,
+            discopop, sft, as in TRL. discopop_tau: discopop's temperature (0.05).
+        chosen_lengths, rejected_lengths: ``[B]`` int or float, the completions' token counts
+            (TRL's completion_mask sums); required by ipo and sigmoid_norm (both) and sft
+            (chosen), which normalize by them (per pair clamped to >= 1; sft divides the
+            chosen log-probs' total by the chosen lengths' total).
+        pair_weights: ``[B]`` float constants multiplying each pair's loss: WPO
+            (``use_weighting=True``) passes TRL's ``chosen_weights * rejected_weights``. Not with
+            aot / aot_unpaired (TRL refuses: they sort the pairs).
+
+    Returns:
+        ``(loss, metrics)``: the 0-dim loss (mean over pairs, float32; float64 for float64
+        input) and a dict of 0-dim float32 tensors: TRL's logged ``rewards/chosen``,
+        ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies`` (rewards = beta * (logps - ref_logps), means over pairs),
+        ``logps/chosen`` and ``logps/rejected``. B = 0 gives a loss and metrics of 0.
+        Sorting ties (aot) are ordered stably. Forms that cannot overflow are used throughout
+        (softplus for -logsigmoid; discopop's exponential in log space).
+    """
+    chosen, rejected = chosen_logps, rejected_logps
+    specs = {"chosen_logps": (chosen, "float"), "rejected_logps": (rejected, "float"),
+             "ref_chosen_logps": (ref_chosen_logps, "float"), "ref_rejected_logps": (ref_rejected_logps, "float"),
+             "chosen_lengths": (chosen_lengths, "mask"), "rejected_lengths": (rejected_lengths, "mask"),
+             "pair_weights": (pair_weights, "float")}
+    _checks.tensors(_OP, "chosen_logps", specs)
+    if chosen.ndim != 1:
+        raise ValueError(f"{_OP}: chosen_logps must be [B], got shape {tuple(chosen.shape)}")
+    _checks.tensors(_OP, "chosen_logps", specs, shape=chosen.shape)
+    if rejected.dtype != chosen.dtype:
+        raise TypeError(f"{_OP}: rejected_logps must have chosen_logps' dtype {chosen.dtype}, got {rejected.dtype}")
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError(f"{_OP}: ref_chosen_logps and ref_rejected_logps must be given together (or both None for "
+                         "reference-free), got only one")
+    for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps),
+                    ("pair_weights", pair_weights)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{_OP}: {name} requires grad, but it is a constant of the loss; compute it under "
+                             "torch.no_grad() or pass .detach()")
+    types = _loss_types(loss_type)
+    if loss_weights is None:
+        weights = [1.0] * len(types)
+    else:
+        if not isinstance(loss_weights, (list, tuple)) or len(loss_weights) != len(types):
+            raise ValueError(f"{_OP}: loss_weights must be a list of {len(types)} numbers (one per loss_type), "
+                             f"got {loss_weights!r}")
+        weights = [_checks.number(_OP, "loss_weights", w) for w in loss_weights]
+    beta = _checks.number(_OP, "beta", beta, low=0, low_open=True)
+    ls = _checks.number(_OP, "label_smoothing", label_smoothing, low=0, high=0.5)
+    _checks.choice(_OP, "f_divergence_type", f_divergence_type, reference.F_DIVERGENCES)
+    alpha = _checks.number(_OP, "f_alpha_divergence_coef", f_alpha_divergence_coef)
+    tau = _checks.number(_OP, "discopop_tau", discopop_tau, low=0, low_open=True)
+    if f_divergence_type != "reverse_kl":
+        bad = sorted(set(types) - set(reference.F_DIVERGENCE_LOSS_TYPES))
+        if bad:
+            raise ValueError(f"{_OP}: f_divergence_type={f_divergence_type!r} is only valid with loss types "
+                             f"{reference.F_DIVERGENCE_LOSS_TYPES}, got {bad}")
+    if "exo_pair" in types and ls == 0.0:
+        raise ValueError(f"{_OP}: label_smoothing must be > 0 with loss_type 'exo_pair' (EXO recommends 1e-3), got 0.0")
+    if "robust" in types and ls >= 0.5:
+        raise ValueError(f"{_OP}: label_smoothing must be < 0.5 with loss_type 'robust', got {ls!r}")
+    if pair_weights is not None and {"aot", "aot_unpaired"} & set(types):
+        raise ValueError(f"{_OP}: pair_weights cannot be used with aot / aot_unpaired (they sort the pairs)")
+    for name, t, needed in (("chosen_lengths", chosen_lengths, {"ipo", "sigmoid_norm", "sft"}),
+                            ("rejected_lengths", rejected_lengths, {"ipo", "sigmoid_norm"})):
+        if t is None and needed & set(types):
+            raise ValueError(f"{_OP}: loss_type {sorted(needed & set(types))} needs {name} (the completions' "
+                             "token counts), got None")
+
+    dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
+
+    zeros = ones = None
+    if ref_chosen_logps is None:
+        zeros = chosen.new_zeros(chosen.shape, dtype=dtype)
+    if chosen_lengths is None or rejected_lengths is None or pair_weights is None:
+        ones = chosen.new_ones(chosen.shape, dtype=dtype)
+
+    def aux(t, default):
+        if t is None:
+            return default
+        return t.detach().to(dtype).contiguous()
+
+    hyper = [beta, ls, float(reference.F_DIVERGENCES.index(f_divergence_type)), alpha, tau,
+             reference.alpha_clamp(chosen.dtype)]
+    eager = (type(chosen) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+             and not torch._C._functorch.is_functorch_wrapped_tensor(chosen))
+    op = _EagerPreferenceLoss.apply if eager else _preference_op
+    loss, _, _, metrics = op(
+        chosen, rejected, aux(ref_chosen_logps, zeros), aux(ref_rejected_logps, zeros), aux(chosen_lengths, ones),
+        aux(rejected_lengths, ones), aux(pair_weights, ones), [LOSS_TYPES.index(t) for t in types], weights, hyper)
+    return loss, dict(zip(METRIC_KEYS, metrics.detach().to(torch.float32).unbind(0)))

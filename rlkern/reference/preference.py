@@ -1,0 +1,148 @@
+"""Reference of ``rlkern.preference_loss``: TRL 1.16's DPOTrainer loss over per-sequence log-probs.
+
+Plain PyTorch, float64-capable, differentiable by autograd: the oracle of the C++ kernel
+(csrc/preference.cpp) and the Triton kernel (kernels/preference.py). Semantics and defaults are
+those of TRL 1.16's ``DPOTrainer._compute_loss`` and ``DPOConfig`` (the loss of every
+``loss_type``, the list of loss types with ``loss_weights``, ``f_divergence_type``,
+``label_smoothing``, WPO's ``use_weighting`` as per-pair weights); the per-token parts of that
+method (summing token log-probs, ``ld_alpha``, the WPO weights themselves) are the caller's.
+
+Two places are written in forms that cannot overflow where TRL's can: ``-logsigmoid`` is a
+softplus everywhere, and discopop's ``exp(-x) * sigmoid(x / tau)`` is ``exp(-x - softplus(-x /
+tau))`` (TRL's product is ``inf * 0 = nan`` once ``-x`` passes the float's exp range).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# The loss types whose f-divergence generalization is valid (TRL 1.16's DPOTrainer.__init__ list).
+F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+# Loss types that read the completion lengths (TRL: completion_mask sums).
+LENGTH_LOSS_TYPES = ("ipo", "sigmoid_norm", "sft")
+METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+               "logps/rejected")
+
+
+def alpha_clamp(dtype: torch.dtype) -> float:
+    """TRL's clamp of (alpha - 1) * log-ratio before exp in alpha_divergence, by the input dtype
+    (float16: exp must fit after TRL casts back). TRL has no entry for float64; 80 is used."""
+    return 11.0 if dtype == torch.float16 else 80.0
+
+
+def _sp(x: Tensor) -> Tensor:
+    return F.softplus(x)
+
+
+def scores(logratios: Tensor, f_divergence_type: str, alpha: float, clamp_max: float) -> Tensor:
+    """f'(pi / ref) of the f-divergence, as a function of the log-ratio (TRL's *_scores)."""
+    if f_divergence_type == "reverse_kl":
+        return logratios
+    if f_divergence_type == "forward_kl":  # f'(t) = 1 - 1/t
+        return 1 - torch.exp(-logratios)
+    if f_divergence_type == "js_divergence":  # f'(t) = log 2 + logsigmoid(log t)
+        return math.log(2) - _sp(-logratios)
+    if abs(alpha - 1.0) < 1e-6:  # the alpha -> 1 limit is reverse KL
+        return logratios
+    t = torch.clamp((alpha - 1.0) * logratios, max=clamp_max)
+    return (torch.exp(t) - 1.0) / (alpha - 1.0)
+
+
+def per_pair_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, loss_type, beta,
+                    label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, chosen_lengths,
+                    rejected_lengths, clamp_max) -> Tensor:
+    """One loss type's per-pair loss [B] (for aot / aot_unpaired: per sorted position)."""
+    lc = chosen_logps - ref_chosen_logps
+    lr = rejected_logps - ref_rejected_logps
+    sc = scores(lc, f_divergence_type, f_alpha_divergence_coef, clamp_max)
+    sr = scores(lr, f_divergence_type, f_alpha_divergence_coef, clamp_max)
+    x = beta * (sc - sr)
+    ls = label_smoothing
+    if loss_type == "sigmoid":
+        return _sp(-x)
+    if loss_type == "hinge":
+        return torch.relu(1 - x)
+    if loss_type in ("ipo", "sigmoid_norm"):
+        nc = chosen_lengths.clamp(min=1.0)
+        nr = rejected_lengths.clamp(min=1.0)
+        u = sc / nc - sr / nr
+        return (u - 1 / (2 * beta)) ** 2 if loss_type == "ipo" else _sp(-beta * u)
+    if loss_type == "exo_pair":  # EXO (arXiv 2402.00856, Eq. 16): KL(sigmoid(x) || (1 - eps, eps))
+        return torch.sigmoid(x) * (-_sp(-x) - math.log1p(-ls)) + torch.sigmoid(-x) * (-_sp(x) - math.log(ls))
+    if loss_type == "nca_pair":
+        return _sp(-beta * lc) + 0.5 * _sp(beta * lc) + 0.5 * _sp(beta * lr)
+    if loss_type == "robust":
+        return ((1 - ls) * _sp(-x) - ls * _sp(x)) / (1 - 2 * ls)
+    if loss_type == "bco_pair":
+        return _sp(-beta * lc) + _sp(beta * lr)
+    if loss_type == "sppo_hard":
+        return (lc - 0.5 / beta) ** 2 + (lr + 0.5 / beta) ** 2
+    if loss_type in ("aot", "aot_unpaired"):
+        if loss_type == "aot":
+            a, b = chosen_logps - rejected_logps, ref_chosen_logps - ref_rejected_logps
+        else:
+            a, b = lc, lr
+        # stable sorts: tied values get a fixed order, the same in every backend
+        delta = torch.sort(a, dim=0, stable=True)[0] - torch.sort(b, dim=0, stable=True)[0]
+        return (1 - ls) * _sp(-beta * delta) + ls * _sp(beta * delta)
+    if loss_type == "apo_zero":  # APO (arXiv 2408.06266, Eq. 7)
+        return 1 - torch.sigmoid(beta * lc) + torch.sigmoid(beta * lr)
+    if loss_type == "apo_down":  # APO Eq. 8
+        return torch.sigmoid(beta * lc) + 1 - torch.sigmoid(beta * (lc - lr))
+    if loss_type == "discopop":  # DiscoPOP (arXiv 2406.08414, Eq. 5)
+        mod = torch.sigmoid(x / discopop_tau)
+        return _sp(-x) * (1 - mod) + torch.exp(-x - _sp(-x / discopop_tau))
+    if loss_type == "sft":  # the chosen completions' token-mean NLL, one number for every pair
+        total = chosen_lengths.sum().clamp(min=1.0)
+        return (-chosen_logps.sum() / total).expand_as(chosen_logps)
+    raise ValueError(f"preference_loss: unknown loss_type {loss_type!r}")
+
+
+def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor | None = None,
+                    ref_rejected_logps: Tensor | None = None, *, loss_type="sigmoid", beta: float = 0.1,
+                    label_smoothing: float = 0.0, f_divergence_type: str = "reverse_kl",
+                    f_alpha_divergence_coef: float = 1.0, discopop_tau: float = 0.05, loss_weights=None,
+                    chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
+                    pair_weights: Tensor | None = None, clamp_max: float | None = None):
+    """TRL 1.16 DPO loss (mean over pairs, summed over loss types with their weights) and its
+    metrics, computed in float32 (float64 for float64 input). No argument checks: the op checks."""
+    dtype = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
+    if clamp_max is None:
+        clamp_max = alpha_clamp(chosen_logps.dtype)
+    c = chosen_logps.to(dtype)
+    r = rejected_logps.to(dtype)
+    rc = torch.zeros_like(c) if ref_chosen_logps is None else ref_chosen_logps.to(dtype)
+    rr = torch.zeros_like(c) if ref_rejected_logps is None else ref_rejected_logps.to(dtype)
+    nc = torch.ones_like(c) if chosen_lengths is None else chosen_lengths.to(dtype)
+    nr = torch.ones_like(c) if rejected_lengths is None else rejected_lengths.to(dtype)
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
+    n = max(c.numel(), 1)
+    loss = c.new_zeros(())
+    for t, w in zip(types, weights):
+        per_pair = per_pair_losses(c, r, rc, rr, loss_type=t, beta=beta, label_smoothing=label_smoothing,
+                                   f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+                                   discopop_tau=discopop_tau, chosen_lengths=nc, rejected_lengths=nr,
+                                   clamp_max=clamp_max)
+        if pair_weights is not None:
+            per_pair = per_pair * pair_weights.to(dtype)
+        loss = loss + per_pair.sum() / n * w
+    with torch.no_grad():
+        cr = beta * (c - rc)
+        rj = beta * (r - rr)
+        metrics = {
+            "rewards/chosen": cr.sum() / n,
+            "rewards/rejected": rj.sum() / n,
+            "rewards/margins": (cr - rj).sum() / n,
+            "rewards/accuracies": (cr > rj).to(dtype).sum() / n,
+            "logps/chosen": c.sum() / n,
+            "logps/rejected": r.sum() / n,
+        }
+    return loss, {k: v.detach().to(dtype) for k, v in metrics.items()}

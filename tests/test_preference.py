@@ -1,0 +1,438 @@
+"""rlkern.preference_loss: every backend against the float64 reference (loss, gradients, metrics,
+gradcheck), against TRL 1.16's own DPOTrainer._compute_loss for every loss type and modifier, and
+the edge cases (margins of +-1e4, equal log-probs, one pair, no pair, reference-free).
+
+TRL's loss is a method that runs the model: the trainer is built without one
+(``object.__new__``, the attributes the method reads set by hand, as tests/test_trl_loss.py does
+for GRPO) and called with a stub model whose ``log_probs`` are fixed per-token log-probs that
+require grad, and precomputed reference log-probs.
+"""
+
+import math
+import types
+from collections import defaultdict
+
+import pytest
+import torch
+
+import rlkern
+from conftest import compile_for_sm90, import_peer
+from rlkern.ops.preference import METRIC_KEYS
+from rlkern.reference import preference as reference
+from rlkern.reference.preference import F_DIVERGENCE_LOSS_TYPES, LOSS_TYPES
+
+SMOOTHED = ("exo_pair", "robust", "aot", "aot_unpaired")  # the loss types that read label_smoothing
+
+
+def _smoothing(loss_type):
+    return 0.15 if loss_type in SMOOTHED else 0.0
+
+
+def _pairs(n=7, seed=0, dtype=torch.float64, spread=3.0):
+    g = torch.Generator().manual_seed(seed)
+    c = -torch.rand(n, generator=g, dtype=torch.float64) * 20
+    r = -torch.rand(n, generator=g, dtype=torch.float64) * 20
+    rc = c + torch.randn(n, generator=g, dtype=torch.float64) * spread
+    rr = r + torch.randn(n, generator=g, dtype=torch.float64) * spread
+    nc = torch.randint(0, 12, (n,), generator=g)
+    nr = torch.randint(1, 12, (n,), generator=g)
+    pw = torch.rand(n, generator=g, dtype=torch.float64) + 0.2
+    return c.to(dtype), r.to(dtype), rc.to(dtype), rr.to(dtype), nc, nr, pw
+
+
+def _kwargs(loss_type, **extra):
+    kw = dict(loss_type=loss_type, beta=0.3, label_smoothing=_smoothing(loss_type))
+    kw.update(extra)
+    return kw
+
+
+def _ours(c, r, rc, rr, **kw):
+    c = c.detach().clone().requires_grad_()
+    r = r.detach().clone().requires_grad_()
+    loss, metrics = rlkern.preference_loss(c, r, rc, rr, **kw)
+    gc, gr = torch.autograd.grad(loss, (c, r), allow_unused=True, materialize_grads=True)
+    return loss, gc, gr, metrics
+
+
+def _oracle(c, r, rc, rr, **kw):
+    c = c.detach().double().requires_grad_()
+    r = r.detach().double().requires_grad_()
+    rc = None if rc is None else rc.double()
+    rr = None if rr is None else rr.double()
+    kw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    loss, metrics = reference.preference_loss(c, r, rc, rr, **kw)
+    gc, gr = torch.autograd.grad(loss, (c, r), allow_unused=True, materialize_grads=True)
+    return loss, gc, gr, metrics
+
+
+def _compare(ours, oracle, *, rtol, atol):
+    loss, gc, gr, metrics = ours
+    want_loss, want_gc, want_gr, want_metrics = oracle
+    torch.testing.assert_close(loss.double(), want_loss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gc.double(), want_gc, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gr.double(), want_gr, rtol=rtol, atol=atol)
+    assert set(metrics) == set(METRIC_KEYS)
+    for key in METRIC_KEYS:
+        assert metrics[key].ndim == 0 and metrics[key].dtype == torch.float32
+        torch.testing.assert_close(metrics[key].double(), want_metrics[key], rtol=max(rtol, 2e-6), atol=max(atol, 1e-6),
+                                   msg=key)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_every_loss_type_matches_the_reference(backend, loss_type, dtype):
+    c, r, rc, rr, nc, nr, pw = _pairs(dtype=dtype)
+    weights = None if loss_type in ("aot", "aot_unpaired") else pw.to(dtype)
+    kw = _kwargs(loss_type, chosen_lengths=nc, rejected_lengths=nr, pair_weights=weights)
+    ours = _ours(c, r, rc, rr, **kw)
+    assert ours[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    _compare(ours, _oracle(c, r, rc, rr, **kw), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_many_blocks_and_every_loss_type_at_once(backend, dtype, monkeypatch):
+    if backend == "triton":  # 37 pairs in blocks of 16: the carried sums and the aot gathers across blocks
+        from rlkern.kernels import preference as kernel
+
+        monkeypatch.setattr(kernel, "MAX_BLOCK", 16)
+    c, r, rc, rr, nc, nr, _ = _pairs(n=37, seed=9, dtype=dtype, spread=1.0)
+    kw = dict(loss_type=list(LOSS_TYPES), loss_weights=[0.2 + 0.05 * k for k in range(len(LOSS_TYPES))], beta=0.3,
+              label_smoothing=0.1, chosen_lengths=nc, rejected_lengths=nr)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    _compare(_ours(c, r, rc, rr, **kw), _oracle(c, r, rc, rr, **kw), **tol)
+
+
+@pytest.mark.parametrize("f_divergence_type,coef", [("reverse_kl", 1.0), ("forward_kl", 1.0), ("js_divergence", 1.0),
+                                                    ("alpha_divergence", 0.5), ("alpha_divergence", 1.0),
+                                                    ("alpha_divergence", 1.7)])
+def test_f_divergences_with_a_weighted_loss_list(backend, f_divergence_type, coef):
+    c, r, rc, rr, nc, nr, pw = _pairs(n=9, seed=1, spread=0.7)
+    types_ = list(F_DIVERGENCE_LOSS_TYPES)
+    weights = [0.5 + 0.25 * k for k in range(len(types_))]
+    kw = dict(loss_type=types_, loss_weights=weights, beta=0.2, label_smoothing=0.1,
+              f_divergence_type=f_divergence_type, f_alpha_divergence_coef=coef, chosen_lengths=nc,
+              rejected_lengths=nr, pair_weights=pw)
+    _compare(_ours(c, r, rc, rr, **kw), _oracle(c, r, rc, rr, **kw), rtol=1e-10, atol=1e-12)
+    # float32: the reference's float32 clamp (80) applies, the float64 oracle sees the same numbers
+    c32, r32, rc32, rr32 = (t.float() for t in (c, r, rc, rr))
+    _compare(_ours(c32, r32, rc32, rr32, **kw), _oracle(c32, r32, rc32, rr32, **kw), rtol=2e-5, atol=2e-6)
+
+
+def test_gradcheck_every_loss_type_float64(backend):
+    c, r, rc, rr, nc, nr, _ = _pairs(n=5, seed=2, spread=1.0)
+    c.requires_grad_()
+    r.requires_grad_()
+    weights = [0.3 + 0.1 * k for k in range(len(LOSS_TYPES))]
+
+    def f(a, b):
+        return rlkern.preference_loss(a, b, rc, rr, loss_type=list(LOSS_TYPES), loss_weights=weights, beta=0.7,
+                                      label_smoothing=0.2, chosen_lengths=nc, rejected_lengths=nr)[0]
+
+    assert torch.autograd.gradcheck(f, (c, r))
+
+
+@pytest.mark.parametrize("f_divergence_type", ["forward_kl", "js_divergence", "alpha_divergence"])
+def test_gradcheck_f_divergences_float64(backend, f_divergence_type):
+    c, r, rc, rr, nc, nr, pw = _pairs(n=6, seed=3, spread=0.5)
+    c.requires_grad_()
+    r.requires_grad_()
+
+    def f(a, b):
+        return rlkern.preference_loss(a, b, rc, rr, loss_type=list(F_DIVERGENCE_LOSS_TYPES), beta=0.4,
+                                      label_smoothing=0.1, f_divergence_type=f_divergence_type,
+                                      f_alpha_divergence_coef=0.6, chosen_lengths=nc, rejected_lengths=nr,
+                                      pair_weights=pw)[0]
+
+    assert torch.autograd.gradcheck(f, (c, r))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_compute_in_float32(backend, dtype):
+    c, r, rc, rr, nc, nr, pw = _pairs(n=11, seed=4, dtype=dtype, spread=1.0)
+    kw = dict(loss_type=["sigmoid", "ipo", "aot", "discopop"], beta=0.2, label_smoothing=0.1, chosen_lengths=nc,
+              rejected_lengths=nr, f_divergence_type="reverse_kl")
+    ours = _ours(c, r, rc.float(), rr.float(), **kw)
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == dtype
+    loss, gc, gr, metrics = _oracle(c, r, rc, rr, **kw)
+    # the kernels see the same half values as the oracle: only the gradient's rounding to dtype differs
+    _compare((ours[0], ours[1].float(), ours[2].float(), ours[3]), (loss, gc.to(dtype).double(), gr.to(dtype).double(),
+             metrics), rtol=2e-5, atol=2e-6)
+
+
+SAFE = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "aot", "aot_unpaired", "apo_zero",
+        "apo_down", "discopop", "sigmoid_norm")
+
+
+@pytest.mark.parametrize("margin", [1e4, -1e4])
+def test_huge_margins_stay_finite(backend, margin):
+    c = torch.tensor([-1.0, -2.0, -5.0])
+    r = c - margin
+    rc = torch.zeros(3)
+    ones = torch.ones(3)
+    for loss_type in SAFE:
+        kw = _kwargs(loss_type, chosen_lengths=ones, rejected_lengths=ones, beta=1.0)
+        ours = _ours(c, r, rc, rc, **kw)
+        for t in (ours[0], ours[1], ours[2], *ours[3].values()):
+            assert torch.isfinite(t).all(), (loss_type, t)
+        _compare(ours, _oracle(c, r, rc, rc, **kw), rtol=2e-5, atol=2e-6)
+
+
+def test_equal_logps_one_pair_and_no_pair(backend):
+    c = torch.tensor([-3.5, -1.25, -7.0])
+    ones = torch.ones(3)
+    for loss_type in LOSS_TYPES:
+        kw = _kwargs(loss_type, chosen_lengths=ones, rejected_lengths=ones)
+        ours = _ours(c, c, c, c, **kw)
+        _compare(ours, _oracle(c, c, c, c, **kw), rtol=2e-5, atol=2e-6)
+        assert float(ours[3]["rewards/accuracies"]) == 0.0  # ties are not wins, as in TRL
+        one = _ours(c[:1], c[:1] - 2, c[:1] + 1, c[:1], **dict(kw, chosen_lengths=ones[:1], rejected_lengths=ones[:1]))
+        _compare(one, _oracle(c[:1], c[:1] - 2, c[:1] + 1, c[:1],
+                              **dict(kw, chosen_lengths=ones[:1], rejected_lengths=ones[:1])), rtol=2e-5, atol=2e-6)
+        empty = torch.zeros(0)
+        loss, gc, gr, metrics = _ours(empty, empty, empty, empty, **dict(kw, chosen_lengths=empty,
+                                                                         rejected_lengths=empty))
+        assert float(loss.detach()) == 0.0 and gc.shape == (0,) and all(float(v) == 0.0 for v in metrics.values())
+
+
+def test_reference_free_is_a_zero_reference(backend):
+    c, r, *_ = _pairs(n=5, seed=5, dtype=torch.float32)
+    zeros = torch.zeros(5)
+    for loss_type in ("sigmoid", "aot", "apo_zero", "sppo_hard"):
+        kw = _kwargs(loss_type)
+        free = _ours(c, r, None, None, **kw)
+        _compare(free, _oracle(c, r, zeros, zeros, **kw), rtol=2e-5, atol=2e-6)
+
+
+def test_metrics_are_independent_and_backward_scales():
+    c, r, rc, rr, *_ = _pairs(n=4, seed=6, dtype=torch.float32)
+    c.requires_grad_()
+    loss, metrics = rlkern.preference_loss(c, r, rc, rr)
+    assert all(not v.requires_grad and v.dtype == torch.float32 for v in metrics.values())
+    metrics["rewards/chosen"].zero_()  # a caller's in-place write reaches no other output
+    assert float(metrics["rewards/rejected"]) != 0.0 and loss.grad_fn is not None
+    (3.0 * loss).backward()
+    _, want, _, _ = _oracle(c, r, rc, rr, loss_type="sigmoid", beta=0.1)
+    torch.testing.assert_close(c.grad.double(), 3.0 * want, rtol=2e-5, atol=2e-7)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(loss_type="dpo"), "loss_type must be one of"),
+    (dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0]), "loss_weights must be a list of 2"),
+    (dict(beta=0.0), "beta must be"),
+    (dict(label_smoothing=0.7), "label_smoothing must be"),
+    (dict(loss_type="exo_pair"), "label_smoothing must be > 0"),
+    (dict(loss_type="robust", label_smoothing=0.5), "label_smoothing must be < 0.5"),
+    (dict(loss_type="ipo"), "needs chosen_lengths"),
+    (dict(loss_type="aot", f_divergence_type="js_divergence"), "only valid with"),
+    (dict(f_divergence_type="kl"), "f_divergence_type must be one of"),
+    (dict(loss_type="aot", pair_weights=torch.ones(3)), "pair_weights cannot"),
+    (dict(chosen_lengths=torch.ones(2)), "chosen_lengths must have shape"),
+])
+def test_bad_calls(bad, message):
+    c = torch.randn(3)
+    with pytest.raises((TypeError, ValueError), match=message) as info:
+        rlkern.preference_loss(c, c, c, c, **bad)
+    assert str(info.value).startswith("preference_loss: ")
+
+
+def test_bad_tensors():
+    c = torch.randn(3)
+    with pytest.raises(TypeError, match="rejected_logps must have chosen_logps' dtype"):
+        rlkern.preference_loss(c, c.double())
+    with pytest.raises(ValueError, match="must be \\[B\\]"):
+        rlkern.preference_loss(c[None], c[None])
+    with pytest.raises(ValueError, match="given together"):
+        rlkern.preference_loss(c, c, c)
+    with pytest.raises(ValueError, match="ref_chosen_logps requires grad"):
+        rlkern.preference_loss(c, c, c.clone().requires_grad_(), c)
+
+
+def test_torch_compile_and_opcheck():
+    c, r, rc, rr, nc, nr, pw = _pairs(n=6, seed=7, dtype=torch.float32)
+    kw = dict(loss_type=["sigmoid", "ipo", "aot"], loss_weights=[1.0, 0.5, 0.25], label_smoothing=0.1,
+              chosen_lengths=nc, rejected_lengths=nr)
+    eager = rlkern.preference_loss(c, r, rc, rr, **kw)
+    compiled = torch.compile(lambda *a: rlkern.preference_loss(*a, **kw), fullgraph=True, backend="eager")(
+        c, r, rc, rr)
+    torch.testing.assert_close(compiled[0], eager[0])
+    from rlkern.ops import preference as op
+
+    args = (c.requires_grad_(), r.requires_grad_(), rc, rr, nc.float(), nr.float(), pw.float(), [0, 2, 8],
+            [1.0, 0.5, 0.25], [0.1, 0.1, 0.0, 1.0, 0.05, 80.0])
+    torch.library.opcheck(op._preference_op, args)
+
+
+# ------------------------------------------------------------------------------------------------
+# TRL 1.16's own DPOTrainer._compute_loss
+
+def _trl_loss(per_token, mask, ref_c, ref_r, *, loss_type="sigmoid", beta=0.1, label_smoothing=0.0,
+              f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0, discopop_tau=0.05, loss_weights=None,
+              log_sum_sq_probs=None):
+    dpo = import_peer("trl.trainer.dpo_trainer")
+    trainer = object.__new__(dpo.DPOTrainer)
+    pairs2, width = per_token.shape
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    identity = lambda x, **_: x  # noqa: E731  (one process: accelerate's gathers are the identity)
+    trainer.__dict__.update(
+        model=types.SimpleNamespace(training=True), aux_loss_enabled=False, beta=beta, loss_types=loss_types,
+        loss_weights=loss_weights or [1.0] * len(loss_types), ld_alpha=None, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, label_smoothing=label_smoothing,
+        use_weighting=log_sum_sq_probs is not None, precompute_ref_logps=True,
+        args=types.SimpleNamespace(discopop_tau=discopop_tau), _total_train_tokens=0, _tp_size=1,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        accelerator=types.SimpleNamespace(gather=identity, gather_for_metrics=identity, device=torch.device("cpu")))
+    # the completion starts after one prompt token: TRL's unshifted (ipo, sigmoid_norm) and shifted
+    # (sft, WPO) completion masks then count the same tokens
+    completion_mask = torch.cat([torch.zeros(pairs2, 1, dtype=torch.long), mask.long()], 1)
+    zeros = torch.zeros(pairs2, width)
+
+    def model(**_):
+        return types.SimpleNamespace(
+            log_probs=per_token * mask, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(),
+            log_sum_sq_probs=zeros if log_sum_sq_probs is None else log_sum_sq_probs)
+
+    inputs = dict(input_ids=torch.zeros(pairs2, width + 1, dtype=torch.long), completion_mask=completion_mask,
+                  attention_mask=torch.ones(pairs2, width + 1, dtype=torch.long), ref_chosen_logps=ref_c,
+                  ref_rejected_logps=ref_r)
+    loss = trainer._compute_loss(model, inputs, False)
+    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+def _trl_case(seed=0, n=6, width=9):
+    g = torch.Generator().manual_seed(seed)
+    per_token = -torch.rand(2 * n, width, generator=g) * 3
+    mask = torch.rand(2 * n, width, generator=g) > 0.3
+    mask[:, 0] = True
+    ref = (per_token * mask).sum(1) + torch.randn(2 * n, generator=g) * 1.5
+    return per_token, mask, ref[:n].contiguous(), ref[n:].contiguous()
+
+
+def _check_against_trl(per_token, mask, ref_c, ref_r, *, pair_weights=None, log_sum_sq_probs=None, **kw):
+    n = ref_c.numel()
+    leaf = per_token.clone().requires_grad_()
+    trl_loss, trl_metrics = _trl_loss(leaf, mask, ref_c, ref_r, log_sum_sq_probs=log_sum_sq_probs, **kw)
+    trl_grad = torch.autograd.grad(trl_loss, leaf)[0]
+    lengths = mask.sum(1)
+    logps = (per_token * mask).sum(1)
+    loss, gc, gr, metrics = _ours(logps[:n], logps[n:], ref_c, ref_r, chosen_lengths=lengths[:n],
+                                  rejected_lengths=lengths[n:], pair_weights=pair_weights, **kw)
+    torch.testing.assert_close(loss, trl_loss.float(), rtol=2e-5, atol=2e-6)
+    # every token of a completion gets its sequence's gradient (TRL sums the token log-probs)
+    ours_grad = torch.cat([gc, gr])[:, None].expand_as(trl_grad)
+    torch.testing.assert_close(ours_grad[mask], trl_grad[mask], rtol=2e-5, atol=2e-7)
+    for key in METRIC_KEYS:
+        assert math.isclose(float(metrics[key]), trl_metrics[key], rel_tol=2e-5, abs_tol=2e-6), key
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_every_loss_type_matches_trl(backend, loss_type):
+    _check_against_trl(*_trl_case(), **_kwargs(loss_type))
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("f_divergence_type,coef", [("forward_kl", 1.0), ("js_divergence", 1.0),
+                                                    ("alpha_divergence", 0.5), ("alpha_divergence", 1.5)])
+def test_f_divergences_match_trl(backend, f_divergence_type, coef):
+    per_token, mask, ref_c, ref_r = _trl_case(seed=1)
+    # log-ratios of order 1: forward_kl's exp(-log-ratio) stays in range
+    logps = (per_token * mask).sum(1)
+    ref_c, ref_r = logps[:6] + 0.8 * torch.randn(6), logps[6:] + 0.8 * torch.randn(6)
+    _check_against_trl(per_token, mask, ref_c, ref_r, loss_type=list(F_DIVERGENCE_LOSS_TYPES), beta=0.25,
+                       label_smoothing=0.05, f_divergence_type=f_divergence_type, f_alpha_divergence_coef=coef)
+
+
+@pytest.mark.peer
+def test_mpo_loss_list_and_wpo_weighting_match_trl(backend):
+    per_token, mask, ref_c, ref_r = _trl_case(seed=2)
+    lss = per_token - torch.rand(per_token.shape) * 0.5  # log sum_v p_v^2 <= log p of the label
+    _check_against_trl(per_token, mask, ref_c, ref_r, loss_type=["sigmoid", "bco_pair", "sft"],
+                       loss_weights=[0.8, 0.2, 1.0], beta=0.2)
+    # WPO: the caller's weights are TRL's exp(mean aligned log-prob) of chosen times rejected
+    lengths = mask.sum(1).clamp(min=1)
+    weights = torch.exp(((per_token - lss) * mask).sum(1) / lengths)
+    pair_weights = weights[:6] * weights[6:]
+    # (not with sft: TRL 1.16 scales its expanded sft loss in place, which raises)
+    _check_against_trl(per_token, mask, ref_c, ref_r, loss_type=["sigmoid", "ipo", "apo_zero"],
+                       loss_weights=[1.0, 0.5, 0.3], pair_weights=pair_weights, log_sum_sq_probs=lss)
+
+
+def test_triton_kernel_compiles_for_sm90():
+    compile_for_sm90("""
+from rlkern.kernels import preference as k
+ptrs = ("rc_ptr", "rr_ptr", "nc_ptr", "nr_ptr", "pw_ptr", "loss_ptr", "gc_ptr", "gr_ptr", "met_ptr")
+sig = {"c_ptr": "", "r_ptr": "", "perm_ptr": "*i64", "B": "i32"}
+scalars = ["beta", "ls", "alpha", "tau", "clamp", "log_pw", "log_pl"] + ["w_" + t for t in k.LOSS_TYPES]
+for types, fdiv, fp64, dt in ((0x7FFF, 0, False, "bf16"), (0x50FF, 3, False, "fp32"), (0x7FFF, 2, True, "fp64")):
+    s = dict(sig, **{n: "*fp64" if fp64 else "*fp32" for n in ptrs}, **{n: "fp64" for n in scalars})
+    s["c_ptr"] = s["r_ptr"] = "*" + dt
+    build(k._preference_kernel, s, {"TYPES": types, "FDIV": fdiv, "FP64": fp64, "BLOCK": 128})
+print("ok")
+""")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 37, 3001])
+def test_triton_on_cuda_matches_the_reference(dtype, n):
+    c, r, rc, rr, nc, nr, _ = _pairs(n=n, seed=8, dtype=dtype, spread=1.0)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    rc, rr = rc.to(compute), rr.to(compute)
+    kw = dict(loss_type=list(LOSS_TYPES), loss_weights=[0.2 + 0.05 * k for k in range(len(LOSS_TYPES))], beta=0.3,
+              label_smoothing=0.1, chosen_lengths=nc, rejected_lengths=nr)
+    cuda = [t.cuda() for t in (c, r, rc, rr)]
+    ours = _ours(*cuda, **dict(kw, chosen_lengths=nc.cuda(), rejected_lengths=nr.cuda()))
+    want = _oracle(c, r, rc, rr, **kw)
+    loss, gc, gr, metrics = ours
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    if dtype == torch.bfloat16:  # the gradient is rounded to the input dtype
+        want = (want[0], want[1].to(dtype).double(), want[2].to(dtype).double(), want[3])
+        tol = dict(rtol=1e-2, atol=1e-5)
+    _compare((loss.cpu(), gc.cpu(), gr.cpu(), {k: v.cpu() for k, v in metrics.items()}), want, **tol)
+
+
+# ------------------------------------------------------------------------------------------------
+# Liger's and OpenRLHF's own sequence-level DPO losses
+
+LIGER_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+               "discopop")
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("loss_type", LIGER_TYPES)
+def test_matches_liger_dpo_loss_fn(backend, loss_type):
+    liger = import_peer("liger_kernel.chunked_loss.dpo_loss")
+    c, r, rc, rr, *_ = _pairs(n=7, seed=10, dtype=torch.float32, spread=2.0)
+    kw = _kwargs(loss_type)
+    leaves = [c.clone().requires_grad_(), r.clone().requires_grad_()]
+    loss, chosen_rewards, rejected_rewards = liger.LigerFusedLinearDPOFunction.preference_loss_fn(
+        *leaves, torch.zeros(14, 3), rc, rr, **kw)
+    want = torch.autograd.grad(loss, leaves)
+    ours, gc, gr, metrics = _ours(c, r, rc, rr, **kw)
+    torch.testing.assert_close(ours, loss, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(gc, want[0], rtol=2e-5, atol=2e-7)
+    torch.testing.assert_close(gr, want[1], rtol=2e-5, atol=2e-7)
+    torch.testing.assert_close(metrics["rewards/chosen"], chosen_rewards.mean(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(metrics["rewards/rejected"], rejected_rewards.mean(), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("ipo", [False, True])
+def test_matches_openrlhf_dpo_loss(backend, ipo):
+    from test_policy_loss import _openrlhf_loss_module  # loads openrlhf/models/loss.py without flash_attn
+
+    loss_module = _openrlhf_loss_module()
+    c, r, rc, rr, *_ = _pairs(n=7, seed=11, dtype=torch.float32, spread=2.0)
+    leaves = [c.clone().requires_grad_(), r.clone().requires_grad_()]
+    loss, chosen_rewards, rejected_rewards = loss_module.DPOLoss(0.3, ipo=ipo)(*leaves, rc, rr)
+    want = torch.autograd.grad(loss, leaves)
+    # OpenRLHF's IPO is TRL's without the length normalization: lengths of 1
+    ones = torch.ones(7)
+    ours, gc, gr, metrics = _ours(c, r, rc, rr, loss_type="ipo" if ipo else "sigmoid", beta=0.3, chosen_lengths=ones,
+                                  rejected_lengths=ones)
+    torch.testing.assert_close(ours, loss, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(gc, want[0], rtol=2e-5, atol=2e-7)
+    torch.testing.assert_close(gr, want[1], rtol=2e-5, atol=2e-7)
+    torch.testing.assert_close(metrics["rewards/margins"], (chosen_rewards - rejected_rewards).mean(), rtol=2e-5,
+                               atol=2e-6)
