@@ -28,12 +28,13 @@ using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
 // Loss type codes: the order of LOSS_TYPES in rlkern/reference/preference.py.
 enum LossType {
   SIGMOID, HINGE, IPO, EXO_PAIR, NCA_PAIR, ROBUST, BCO_PAIR, SPPO_HARD, AOT, AOT_UNPAIRED, APO_ZERO, APO_DOWN,
-  DISCOPOP, SFT, SIGMOID_NORM, N_LOSS_TYPES
+  DISCOPOP, SFT, SIGMOID_NORM, SIMPO, ORPO, N_LOSS_TYPES
 };
 // f-divergence codes: the order of F_DIVERGENCES there.
 enum FDiv { REVERSE_KL, FORWARD_KL, JS, ALPHA };
-// Hyper-parameter list: beta, label_smoothing, f-divergence code, alpha, discopop tau, alpha clamp.
-constexpr int N_HYPER = 6;
+// Hyper-parameter list: beta, label_smoothing, f-divergence code, alpha, discopop tau, alpha clamp,
+// simpo gamma.
+constexpr int N_HYPER = 7;
 constexpr int N_METRICS = 6;
 
 // softplus(x) = log(1 + e^x) = -logsigmoid(-x), without overflow at any |x|.
@@ -60,7 +61,7 @@ inline void softplus_sigmoid_neg(T x, T& sp, T& sg) {
 
 template <typename T>
 struct Hyper {
-  T beta, ls, alpha, tau, clamp;
+  T beta, ls, alpha, tau, clamp, gamma;
   int fdiv;
 };
 
@@ -92,6 +93,12 @@ inline void score(T lr, const Hyper<T>& h, T& s, T& ds) {
       s = lr;
       ds = T(1);
   }
+}
+
+// log(1 - e^x) for x < 0, accurate on both sides of -ln 2 (as the reference's log1mexp).
+template <typename T>
+inline T log1mexp(T x) {
+  return x < -T(M_LN2) ? std::log1p(-std::exp(x)) : std::log(-std::expm1(x));
 }
 
 // d/dx of (1 - ls) * softplus(-x) + ls * softplus(x): the smoothed logistic loss of aot / robust.
@@ -158,6 +165,25 @@ inline T pair_loss(int type, T lc, T lr, T nc, T nr, const Hyper<T>& h, T& gc, T
       dx = -sigmoid(-x) * (T(1) - m) - sp * m * (T(1) - m) / h.tau + e * (-T(1) + (T(1) - m) / h.tau);
       break;
     }
+    case SIMPO: {  // CPO's simpo: smoothed logistic of beta * (length-averaged margin) - gamma
+      const T y = beta * (lc / nc - lr / nr) - h.gamma;
+      loss = (T(1) - h.ls) * softplus(-y) + h.ls * softplus(y);
+      const T dy = beta * smoothed_grad(y, h.ls);
+      gc = dy / nc;
+      gr = -dy / nr;
+      return loss;
+    }
+    case ORPO: {  // beta * softplus(-log odds ratio) of the length-averaged log-probs a, b
+      const T a = lc / nc, b = lr / nr;
+      const T lo = (a - b) - (log1mexp(a) - log1mexp(b));
+      T sg;
+      softplus_sigmoid_neg(lo, loss, sg);
+      loss *= beta;
+      // d lo / d a = 1 / (1 - e^a) = -1 / expm1(a)
+      gc = beta * sg / std::expm1(a) / nc;
+      gr = -beta * sg / std::expm1(b) / nr;
+      return loss;
+    }
     case NCA_PAIR: {
       const T a = beta * lc, b = beta * lr;
       loss = softplus(-a) + T(0.5) * softplus(a) + T(0.5) * softplus(b);
@@ -216,7 +242,7 @@ void preference_kernel(const at::Tensor& chosen, const at::Tensor& rejected, con
   const T* pw = pair_weights.data_ptr<T>();
   T* gc = grad_c_out.data_ptr<T>();
   T* gr = grad_r_out.data_ptr<T>();
-  const Hyper<T> h{T(hyper[0]), T(hyper[1]), T(hyper[3]), T(hyper[4]), T(hyper[5]), int(hyper[2])};
+  const Hyper<T> h{T(hyper[0]), T(hyper[1]), T(hyper[3]), T(hyper[4]), T(hyper[5]), T(hyper[6]), int(hyper[2])};
   const double inv_n = 1.0 / double(std::max<int64_t>(n, 1));
   std::fill(gc, gc + n, T(0));
   std::fill(gr, gr + n, T(0));
@@ -294,15 +320,19 @@ void preference_kernel(const at::Tensor& chosen, const at::Tensor& rejected, con
     }
   }
 
+  // simpo / orpo (reference-free): the CPO / ORPO trainers log length-averaged log-probs
+  const bool averaged = std::any_of(types.begin(), types.end(), [](int64_t t) { return t == SIMPO || t == ORPO; });
   double m[N_METRICS] = {0, 0, 0, 0, 0, 0};
   for (int64_t i = 0; i < n; ++i) {
-    const T cr = h.beta * (T(c[i]) - rc[i]), rj = h.beta * (T(r[i]) - rr[i]);
+    const T ci = averaged ? T(c[i]) / std::max(lenc[i], T(1)) : T(c[i]);
+    const T ri = averaged ? T(r[i]) / std::max(lenr[i], T(1)) : T(r[i]);
+    const T cr = h.beta * (ci - rc[i]), rj = h.beta * (ri - rr[i]);
     m[0] += cr;
     m[1] += rj;
     m[2] += cr - rj;
     m[3] += cr > rj ? 1.0 : 0.0;
-    m[4] += T(c[i]);
-    m[5] += T(r[i]);
+    m[4] += ci;
+    m[5] += ri;
   }
   T* mo = metrics_out.data_ptr<T>();
   for (int k = 0; k < N_METRICS; ++k) mo[k] = T(m[k] * inv_n);

@@ -29,7 +29,7 @@ from rlkern.reference.preference import F_DIVERGENCES, LOSS_TYPES
 MAX_BLOCK = 1024
 # Loss type codes (the bit of each in TYPES): LOSS_TYPES' order.
 (SIGMOID, HINGE, IPO, EXO_PAIR, NCA_PAIR, ROBUST, BCO_PAIR, SPPO_HARD, AOT, AOT_UNPAIRED, APO_ZERO, APO_DOWN,
- DISCOPOP, SFT, SIGMOID_NORM) = (tl.constexpr(code) for code in range(len(LOSS_TYPES)))
+ DISCOPOP, SFT, SIGMOID_NORM, SIMPO, ORPO) = (tl.constexpr(code) for code in range(len(LOSS_TYPES)))
 _AOT_BITS = (1 << LOSS_TYPES.index("aot")) | (1 << LOSS_TYPES.index("aot_unpaired"))
 
 
@@ -43,6 +43,23 @@ def _log1p_pos(e):
 @triton.jit
 def _softplus(x):
     return tl.maximum(x, 0.0) + _log1p_pos(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 without cancellation near 0 (Kahan: (u - 1) * x / log(u), u = exp(x) rounded);
+    below -ln 2 there is no cancellation, and u may underflow to 0 (where Kahan's form is 0 / inf)."""
+    u = tl.exp(x)
+    return tl.where(x < -0.6931471805599453, u - 1.0, tl.where(u == 1.0, x, (u - 1.0) * x / tl.log(u)))
+
+
+@triton.jit
+def _log1mexp(x):
+    """log(1 - e^x) for x < 0, accurate on both sides of -ln 2 (as the reference's log1mexp)."""
+    e = tl.exp(x)
+    u = 1.0 - e
+    low = tl.log(u) - ((1.0 - u) - e) / u  # log1p(-e): u's rounding recovered
+    return tl.where(x < -0.6931471805599453, low, tl.log(-_expm1(x)))
 
 
 @triton.jit
@@ -116,6 +133,9 @@ def _preference_kernel(
     w_discopop: tl.float64,
     w_sft: tl.float64,
     w_sigmoid_norm: tl.float64,
+    w_simpo: tl.float64,
+    w_orpo: tl.float64,
+    gamma: tl.float64,
     TYPES: tl.constexpr,  # bit set of the loss types present
     FDIV: tl.constexpr,
     FP64: tl.constexpr,
@@ -125,6 +145,7 @@ def _preference_kernel(
     beta, ls, alpha = tl.full((), beta, CDT), tl.full((), ls, CDT), tl.full((), alpha, CDT)
     tau, clamp = tl.full((), tau, CDT), tl.full((), clamp, CDT)
     log_pw, log_pl = tl.full((), log_pw, CDT), tl.full((), log_pl, CDT)
+    gamma = tl.full((), gamma, CDT)
     zero = tl.zeros([BLOCK], CDT)
     inv_n = 1.0 / (tl.sum(zero, 0) + tl.maximum(B, 1))
     lane = tl.arange(0, BLOCK).to(tl.int64)
@@ -214,6 +235,26 @@ def _preference_kernel(
                 du += w * -beta * _sigmoid(-beta * u)
             gc += du * dsc / nc
             gr -= du * dsr / nr
+        if TYPES // (2 ** SIMPO) % 2 + TYPES // (2 ** ORPO) % 2 > 0:
+            nc = tl.maximum(_load(nc_ptr, i, inside, FP64), 1.0)
+            nr = tl.maximum(_load(nr_ptr, i, inside, FP64), 1.0)
+            a = lc / nc  # reference-free: the length-averaged log-probs
+            b = lr / nr
+            if TYPES // (2 ** SIMPO) % 2 == 1:
+                w = tl.full((), w_simpo, CDT)
+                y = beta * (a - b) - gamma
+                loss += w * ((1.0 - ls) * _softplus(-y) + ls * _softplus(y))
+                dy = w * beta * (-(1.0 - ls) * _sigmoid(-y) + ls * _sigmoid(y))
+                gc += dy / nc
+                gr -= dy / nr
+            if TYPES // (2 ** ORPO) % 2 == 1:
+                w = tl.full((), w_orpo, CDT)
+                lo = (a - b) - (_log1mexp(a) - _log1mexp(b))
+                loss += w * beta * _softplus(-lo)
+                sg = w * beta * _sigmoid(-lo)
+                # d lo / d a = -1 / expm1(a)
+                gc += sg / _expm1(a) / nc
+                gr -= sg / _expm1(b) / nr
         if TYPES // (2 ** NCA_PAIR) % 2 == 1:
             w = tl.full((), w_nca_pair, CDT)
             a = beta * lc
@@ -282,6 +323,11 @@ def _preference_kernel(
         acc_loss += tl.where(inside, loss, 0.0)
         tl.store(gc_ptr + i, gc * inv_n + sft_g, mask=inside)
         tl.store(gr_ptr + i, gr * inv_n, mask=inside)
+        if (TYPES // (2 ** SIMPO) % 2 + TYPES // (2 ** ORPO) % 2) > 0:
+            c = c / tl.maximum(_load(nc_ptr, i, inside, FP64), 1.0)
+            r = r / tl.maximum(_load(nr_ptr, i, inside, FP64), 1.0)
+            lc = c - rc
+            lr = r - rr
         cw = beta * lc
         rw = beta * lr
         m0 += tl.where(inside, cw, 0.0)
@@ -313,7 +359,7 @@ def preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, 
     dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
     device = chosen.device
     n = chosen.numel()
-    beta, ls, fdiv, alpha, tau, clamp_max = hyper
+    beta, ls, fdiv, alpha, tau, clamp_max, gamma = hyper
     fdiv = int(fdiv)
     if F_DIVERGENCES[fdiv] == "alpha_divergence" and abs(alpha - 1.0) < 1e-6:
         fdiv = 0  # the alpha -> 1 limit is reverse KL
@@ -345,6 +391,6 @@ def preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, 
     _preference_kernel[(1,)](
         c, r, ref_chosen.contiguous(), ref_rejected.contiguous(), chosen_lengths.contiguous(),
         rejected_lengths.contiguous(), pair_weights.contiguous(), perm, loss, grad_c, grad_r, metrics, n,
-        float(beta), float(ls), float(alpha), float(tau), float(clamp_max), log_pw, log_pl, *map(float, weights),
+        float(beta), float(ls), float(alpha), float(tau), float(clamp_max), log_pw, log_pl, *map(float, weights), float(gamma),
         TYPES=bits, FDIV=fdiv, FP64=dtype == torch.float64, BLOCK=block)
     return loss, grad_c, grad_r, metrics

@@ -19,7 +19,10 @@ import rlkern
 from conftest import compile_for_sm90, import_peer
 from rlkern.ops.preference import METRIC_KEYS
 from rlkern.reference import preference as reference
-from rlkern.reference.preference import F_DIVERGENCE_LOSS_TYPES, LOSS_TYPES
+from rlkern.reference.preference import DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES
+
+# the DPOTrainer's loss types (with reference log-probs); CPO's simpo and ORPO's orpo have their own tests below
+LOSS_TYPES = DPO_LOSS_TYPES
 
 SMOOTHED = ("exo_pair", "robust", "aot", "aot_unpaired")  # the loss types that read label_smoothing
 
@@ -259,7 +262,7 @@ def test_torch_compile_and_opcheck():
     from rlkern.ops import preference as op
 
     args = (c.requires_grad_(), r.requires_grad_(), rc, rr, nc.float(), nr.float(), pw.float(), [0, 2, 8],
-            [1.0, 0.5, 0.25], [0.1, 0.1, 0.0, 1.0, 0.05, 80.0])
+            [1.0, 0.5, 0.25], [0.1, 0.1, 0.0, 1.0, 0.05, 80.0, 0.5])
     torch.library.opcheck(op._preference_op, args)
 
 
@@ -363,8 +366,8 @@ def test_triton_kernel_compiles_for_sm90():
 from rlkern.kernels import preference as k
 ptrs = ("rc_ptr", "rr_ptr", "nc_ptr", "nr_ptr", "pw_ptr", "loss_ptr", "gc_ptr", "gr_ptr", "met_ptr")
 sig = {"c_ptr": "", "r_ptr": "", "perm_ptr": "*i64", "B": "i32"}
-scalars = ["beta", "ls", "alpha", "tau", "clamp", "log_pw", "log_pl"] + ["w_" + t for t in k.LOSS_TYPES]
-for types, fdiv, fp64, dt in ((0x7FFF, 0, False, "bf16"), (0x50FF, 3, False, "fp32"), (0x7FFF, 2, True, "fp64")):
+scalars = ["beta", "ls", "alpha", "tau", "clamp", "log_pw", "log_pl"] + ["w_" + t for t in k.LOSS_TYPES] + ["gamma"]
+for types, fdiv, fp64, dt in ((0x1FFFF, 0, False, "bf16"), (0x50FF, 3, False, "fp32"), (0x1FFFF, 2, True, "fp64")):
     s = dict(sig, **{n: "*fp64" if fp64 else "*fp32" for n in ptrs}, **{n: "fp64" for n in scalars})
     s["c_ptr"] = s["r_ptr"] = "*" + dt
     build(k._preference_kernel, s, {"TYPES": types, "FDIV": fdiv, "FP64": fp64, "BLOCK": 128})
@@ -436,3 +439,220 @@ def test_matches_openrlhf_dpo_loss(backend, ipo):
     torch.testing.assert_close(gr, want[1], rtol=2e-5, atol=2e-7)
     torch.testing.assert_close(metrics["rewards/margins"], (chosen_rewards - rejected_rewards).mean(), rtol=2e-5,
                                atol=2e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# TRL 1.16's experimental CPO (simpo) and ORPO (orpo) losses: reference-free, length-averaged
+
+FREE_TYPES = ("simpo", "orpo")
+
+
+def _free_pairs(n=7, seed=12, dtype=torch.float64):
+    c, r, _, _, nc, nr, pw = _pairs(n=n, seed=seed, dtype=dtype)
+    return c, r, nc, nr, pw
+
+
+@pytest.mark.parametrize("loss_type", FREE_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_simpo_and_orpo_match_the_reference(backend, loss_type, dtype):
+    c, r, nc, nr, pw = _free_pairs(dtype=dtype)
+    kw = dict(loss_type=loss_type, beta=0.7, label_smoothing=0.15, simpo_gamma=0.3, chosen_lengths=nc,
+              rejected_lengths=nr, pair_weights=pw.to(dtype))
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    _compare(_ours(c, r, None, None, **kw), _oracle(c, r, None, None, **kw), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpo_and_orpo_lists_in_many_blocks(backend, dtype, monkeypatch):
+    if backend == "triton":
+        from rlkern.kernels import preference as kernel
+
+        monkeypatch.setattr(kernel, "MAX_BLOCK", 16)
+    c, r, nc, nr, _ = _free_pairs(n=37, seed=13, dtype=dtype)
+    # every loss type CPO's trainer can build (reference-free) and ORPO's, with the NLL (sft)
+    kw = dict(loss_type=["simpo", "orpo", "sft", "sigmoid", "hinge", "ipo"], loss_weights=[1.0, 0.7, 0.4, 0.3, 0.2, 0.1],
+              beta=0.3, label_smoothing=0.1, simpo_gamma=0.8, chosen_lengths=nc, rejected_lengths=nr)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    _compare(_ours(c, r, None, None, **kw), _oracle(c, r, None, None, **kw), **tol)
+
+
+def test_gradcheck_simpo_orpo_float64(backend):
+    c, r, nc, nr, pw = _free_pairs(n=5, seed=14)
+    c.requires_grad_()
+    r.requires_grad_()
+
+    def f(a, b):
+        return rlkern.preference_loss(a, b, loss_type=["simpo", "orpo", "sft"], loss_weights=[1.0, 0.6, 0.3],
+                                      beta=0.9, label_smoothing=0.2, simpo_gamma=0.4, chosen_lengths=nc,
+                                      rejected_lengths=nr, pair_weights=pw)[0]
+
+    assert torch.autograd.gradcheck(f, (c, r))
+
+
+def test_simpo_orpo_edge_cases(backend):
+    ones = torch.ones(3)
+    for loss_type in FREE_TYPES:
+        kw = dict(loss_type=loss_type, beta=1.0, label_smoothing=0.1, chosen_lengths=ones, rejected_lengths=ones)
+        # margins of +-1e4 (log-probs stay < 0); orpo near log-prob 0 (odds of a certain completion)
+        for c, r in ((torch.tensor([-1.0, -2.0, -1e-6]), torch.tensor([-1e4, -1e4, -3.0])),
+                     (torch.tensor([-1e4, -1e4, -3.0]), torch.tensor([-1.0, -2.0, -1e-6]))):
+            ours = _ours(c, r, None, None, **kw)
+            for t in (ours[0], ours[1], ours[2], *ours[3].values()):
+                assert torch.isfinite(t).all(), (loss_type, t)
+            _compare(ours, _oracle(c, r, None, None, **kw), rtol=2e-5, atol=2e-6)
+        c = torch.tensor([-3.5, -1.25, -7.0])
+        ours = _ours(c, c, None, None, **kw)  # equal log-probs
+        _compare(ours, _oracle(c, c, None, None, **kw), rtol=2e-5, atol=2e-6)
+        assert float(ours[3]["rewards/accuracies"]) == 0.0
+        one = dict(kw, chosen_lengths=ones[:1] * 4, rejected_lengths=ones[:1] * 2)
+        _compare(_ours(c[:1], c[:1] - 2, None, None, **one), _oracle(c[:1], c[:1] - 2, None, None, **one), rtol=2e-5,
+                 atol=2e-6)
+        empty = torch.zeros(0)
+        loss, gc, _, metrics = _ours(empty, empty, None, None, **dict(kw, chosen_lengths=empty, rejected_lengths=empty))
+        assert float(loss.detach()) == 0.0 and gc.shape == (0,) and all(float(v) == 0.0 for v in metrics.values())
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(loss_type="simpo"), "needs chosen_lengths"),
+    (dict(loss_type="orpo", chosen_lengths=torch.ones(3)), "needs rejected_lengths"),
+    (dict(loss_type="simpo", simpo_gamma="a"), "simpo_gamma must be"),
+])
+def test_simpo_orpo_bad_calls(bad, message):
+    c = -torch.rand(3)
+    with pytest.raises((TypeError, ValueError), match=message) as info:
+        rlkern.preference_loss(c, c, **bad)
+    assert str(info.value).startswith("preference_loss: ")
+    with pytest.raises(ValueError, match="reference-free") as info:
+        rlkern.preference_loss(c, c, c, c, loss_type="orpo", chosen_lengths=torch.ones(3), rejected_lengths=torch.ones(3))
+
+
+def _trl_free_case(seed=15, n=5, width=8, vocab=11):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2 * n, width, vocab, generator=g) * 2
+    ids = torch.randint(0, vocab, (2 * n, width), generator=g)
+    attention = torch.ones(2 * n, width, dtype=torch.long)
+    attention[torch.arange(2 * n), torch.randint(4, width + 1, (2 * n,), generator=g).clamp(max=width - 1)] = 0
+    attention = attention.cummin(1).values  # right padding
+    labels = torch.where(attention == 1, ids, -100)
+    return logits, ids, attention, labels
+
+
+def _trl_free_trainer(module, cls, **attrs):
+    trainer = object.__new__(getattr(import_peer(module), cls))
+    identity = lambda x, **_: x  # noqa: E731  (one process: accelerate's gathers are the identity)
+    trainer.__dict__.update(is_encoder_decoder=False, pad_token_id=0, padding_value=0, aux_loss_enabled=False,
+                            accelerator=types.SimpleNamespace(gather_for_metrics=identity, device=torch.device("cpu")),
+                            **attrs)
+    return trainer
+
+
+def _ours_from_logits(logits, labels, **kw):
+    """rlkern on the sequences' summed log-probs and token counts (TRL's get_batch_logps shift)."""
+    n = logits.shape[0] // 2
+    target = labels[:, 1:]
+    mask = target != -100
+    token = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+    sums = (token * mask).sum(1)
+    lengths = mask.sum(1)
+    return rlkern.preference_loss(sums[:n], sums[n:], chosen_lengths=lengths[:n], rejected_lengths=lengths[n:], **kw)
+
+
+def _run_trl(trainer, logits, ids, attention, labels):
+    n = logits.shape[0] // 2
+    leaf = logits.clone().requires_grad_()
+    model = lambda *a, **k: types.SimpleNamespace(logits=leaf)  # noqa: E731
+    batch = {"chosen_input_ids": ids[:n], "chosen_attention_mask": attention[:n], "chosen_labels": labels[:n],
+             "rejected_input_ids": ids[n:], "rejected_attention_mask": attention[n:], "rejected_labels": labels[n:]}
+    loss, metrics = trainer.get_batch_loss_metrics(model, batch)
+    return loss, torch.autograd.grad(loss, leaf)[0], metrics
+
+
+def _check_free(trl, ours_fn, logits):
+    trl_loss, trl_grad, trl_metrics = trl
+    leaf = logits.clone().requires_grad_()
+    loss, metrics = ours_fn(leaf)
+    grad = torch.autograd.grad(loss, leaf)[0]
+    torch.testing.assert_close(loss, trl_loss.float(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(grad, trl_grad, rtol=2e-5, atol=2e-7)
+    for key in METRIC_KEYS:
+        assert math.isclose(float(metrics[key]), float(trl_metrics[key]), rel_tol=2e-5, abs_tol=2e-6), key
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("loss_type", ["simpo", "sigmoid", "hinge", "ipo"])
+@pytest.mark.parametrize("cpo_alpha", [0.0, 0.7])
+def test_cpo_trainer_loss_matches_trl(backend, loss_type, cpo_alpha):
+    logits, ids, attention, labels = _trl_free_case()
+    smoothing = 0.1 if loss_type in ("simpo", "sigmoid") else 0.0
+    trainer = _trl_free_trainer("trl.experimental.cpo.cpo_trainer", "CPOTrainer", loss_type=loss_type, beta=0.4,
+                                label_smoothing=smoothing, simpo_gamma=0.6, cpo_alpha=cpo_alpha, alpha=0.0)
+    trl = _run_trl(trainer, logits, ids, attention, labels)
+    # CPO's sigmoid with label smoothing is simpo at gamma 0 on the summed log-probs (lengths of one);
+    # its ipo and simpo read length-averaged log-probs
+    ours_type = {"sigmoid": "simpo"}.get(loss_type, loss_type)
+    kw = dict(loss_type=[ours_type, "sft"], loss_weights=[1.0, cpo_alpha], beta=0.4, label_smoothing=smoothing,
+              simpo_gamma=0.0 if loss_type == "sigmoid" else 0.6)
+
+    def ours(leaf):
+        if loss_type != "sigmoid":
+            return _ours_from_logits(leaf, labels, **kw)
+        # simpo at gamma 0 with lengths of one, and the NLL (sft) with the true lengths: two calls
+        n = leaf.shape[0] // 2
+        target = labels[:, 1:]
+        mask = target != -100
+        token = torch.log_softmax(leaf[:, :-1].float(), -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+        sums = (token * mask).sum(1)
+        ones = torch.ones(n)
+        loss, metrics = rlkern.preference_loss(sums[:n], sums[n:], chosen_lengths=ones, rejected_lengths=ones,
+                                               **dict(kw, loss_type="simpo", loss_weights=None))
+        nll, _ = rlkern.preference_loss(sums[:n], sums[n:], loss_type="sft", chosen_lengths=mask.sum(1)[:n],
+                                        rejected_lengths=mask.sum(1)[n:])
+        return loss + cpo_alpha * nll, metrics
+
+    if loss_type == "ipo":  # CPO logs beta * averaged log-probs, DPO's ipo metrics are of sums: loss and grad only
+        leaf = logits.clone().requires_grad_()
+        loss, _ = ours(leaf)
+        torch.testing.assert_close(loss, trl[0].float(), rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(torch.autograd.grad(loss, leaf)[0], trl[1], rtol=2e-5, atol=2e-7)
+        return
+    _check_free(trl, ours, logits)
+
+
+@pytest.mark.peer
+def test_orpo_trainer_loss_matches_trl(backend):
+    logits, ids, attention, labels = _trl_free_case(seed=16)
+    logits = logits * 0.3  # averaged log-probs near log(1/vocab): odds of order one
+    trainer = _trl_free_trainer("trl.experimental.orpo.orpo_trainer", "ORPOTrainer", beta=0.25)
+    trl = _run_trl(trainer, logits, ids, attention, labels)
+    # ORPO's NLL covers the tokens of input_ids under the attention mask: the labels here (no prompt
+    # masked), so it is sft of the same sums and lengths
+    _check_free(trl, lambda leaf: _ours_from_logits(leaf, labels, loss_type=["orpo", "sft"], beta=0.25), logits)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("name", ["cpo", "simpo", "orpo"])
+def test_matches_liger_cpo_simpo_orpo_loss_fn(backend, name):
+    module = import_peer(f"liger_kernel.chunked_loss.{name}_loss")
+    cls = {"cpo": "LigerFusedLinearCPOFunction", "simpo": "LigerFusedLinearSimPOFunction",
+           "orpo": "LigerFusedLinearORPOFunction"}[name]
+    c, r, nc, nr, _ = _free_pairs(n=7, seed=17, dtype=torch.float32)
+    nc = nc.clamp(min=1)
+    leaves = [(c / nc).requires_grad_(), (r / nr).requires_grad_()]  # Liger takes averaged log-probs
+    extra = {"cpo": dict(label_smoothing=0.1), "simpo": dict(gamma=0.3, label_smoothing=0.1), "orpo": {}}[name]
+    out = getattr(module, cls).preference_loss_fn(*leaves, torch.zeros(14, 3), beta=0.4, **extra)
+    want = torch.autograd.grad(out[0], leaves)
+    ones = torch.ones(7)
+    if name == "cpo":  # CPO's sigmoid with label smoothing: simpo at gamma 0, lengths of one
+        kw = dict(loss_type="simpo", simpo_gamma=0.0, label_smoothing=0.1, chosen_lengths=ones, rejected_lengths=ones)
+        c, r = leaves[0].detach(), leaves[1].detach()
+        scale_c = scale_r = ones
+    else:
+        kw = dict(loss_type=name, simpo_gamma=0.3, label_smoothing=0.1 if name == "simpo" else 0.0, chosen_lengths=nc,
+                  rejected_lengths=nr)
+        scale_c, scale_r = nc.float(), nr.float()
+    loss, gc, gr, metrics = _ours(c, r, None, None, beta=0.4, **kw)
+    torch.testing.assert_close(loss, out[0], rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(gc * scale_c, want[0], rtol=2e-5, atol=2e-7)  # d/d(c / n) = n * d/dc
+    torch.testing.assert_close(gr * scale_r, want[1], rtol=2e-5, atol=2e-7)
+    torch.testing.assert_close(metrics["rewards/chosen"], out[1].mean(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(metrics["rewards/rejected"], out[2].mean(), rtol=2e-5, atol=2e-6)

@@ -28,7 +28,7 @@ def _torch_preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_le
                            pair_weights, loss_types, loss_weights, hyper):
     """The torch backend: the reference and its vjp (works inside a custom op's kernel, where the
     dispatcher has the Autograd keys excluded)."""
-    beta, ls, fdiv, alpha, tau, clamp_max = hyper
+    beta, ls, fdiv, alpha, tau, clamp_max, gamma = hyper
     dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
 
     def objective(c, r):
@@ -36,7 +36,7 @@ def _torch_preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_le
             c, r, ref_chosen, ref_rejected, loss_type=[LOSS_TYPES[t] for t in loss_types], beta=beta,
             label_smoothing=ls, f_divergence_type=reference.F_DIVERGENCES[int(fdiv)], f_alpha_divergence_coef=alpha,
             discopop_tau=tau, loss_weights=loss_weights, chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths, pair_weights=pair_weights, clamp_max=clamp_max)
+            rejected_lengths=rejected_lengths, pair_weights=pair_weights, clamp_max=clamp_max, simpo_gamma=gamma)
 
     c, r = chosen.to(dtype), rejected.to(dtype)
     loss, vjp, metrics = torch.func.vjp(objective, c, r, has_aux=True)
@@ -115,8 +115,9 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
                     label_smoothing: float = 0.0, f_divergence_type: str = "reverse_kl",
                     f_alpha_divergence_coef: float = 1.0, discopop_tau: float = 0.05, loss_weights=None,
                     chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
-                    pair_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """TRL 1.16's DPO loss (``DPOTrainer._compute_loss``) over per-sequence log-probs.
+                    pair_weights: Tensor | None = None, simpo_gamma: float = 0.5) -> tuple[Tensor, dict[str, Tensor]]:
+    """TRL 1.16's DPO loss (``DPOTrainer._compute_loss``) over per-sequence log-probs, and the
+    losses of its experimental CPO (with SimPO) and ORPO trainers (reference-free).
 
     Args:
         chosen_logps, rejected_logps: ``[B]`` float16/bfloat16/float32/float64, one dtype: the
@@ -128,10 +129,24 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
             None: reference-free, taken as 0 (TRL's ``reference_free`` / SimPO-style).
         loss_type: one of ``rlkern.ops.preference.LOSS_TYPES`` (sigmoid, hinge, ipo, exo_pair,
             nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down,
-            discopop, sft, sigmoid_norm) or a list of them (MPO), summed with ``loss_weights``
-            (default all 1.0). Defaults from TRL 1.16's DPOConfig, as every keyword here.
+            discopop, sft, sigmoid_norm, simpo, orpo) or a list of them (MPO), summed with
+            ``loss_weights`` (default all 1.0). Defaults from TRL 1.16's DPOConfig, as every
+            keyword here. simpo and orpo are reference-free (no ref tensors), read both lengths
+            and make the metrics those of length-averaged log-probs, as the trainers log them:
+            - simpo: TRL's ``CPOTrainer`` loss_type simpo (SimPO): per pair, with u = c / n_c -
+              r / n_r the length-averaged margin and y = beta * u - simpo_gamma,
+              ``(1 - label_smoothing) * softplus(-y) + label_smoothing * softplus(y)``.
+            - orpo: TRL's ``ORPOTrainer`` odds-ratio term: ``beta * softplus(-log_odds)`` with
+              log_odds = (a - b) - (log(1 - e^a) - log(1 - e^b)), a, b the length-averaged
+              chosen / rejected log-probs (beta is ORPO's lambda).
+            The trainers' NLL term (cross-entropy over the chosen tokens, a token mean) is sft:
+            CPO = ``loss_type=[t, "sft"], loss_weights=[1, cpo_alpha]``, ORPO =
+            ``loss_type=["orpo", "sft"]``. CPO's other loss types: hinge = hinge reference-free;
+            ipo = ipo reference-free with the lengths; sigmoid = sigmoid reference-free, and
+            with CPO's label smoothing = simpo with ``simpo_gamma=0`` and lengths of ones.
+        simpo_gamma: simpo's target margin (CPOConfig's 0.5).
         beta: the DPO temperature (0.1). label_smoothing: read by robust, exo_pair (must be > 0
-            there, as TRL requires), aot and aot_unpaired only, in [0, 0.5] (robust: < 0.5).
+            there, as TRL requires), aot, aot_unpaired and simpo only, in [0, 0.5] (robust: < 0.5).
         f_divergence_type: reverse_kl, forward_kl, js_divergence or alpha_divergence (with
             ``f_alpha_divergence_coef``; TRL's clamp of (alpha - 1) * log-ratio at 80, 11 for
             float16 input), only with sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust,
@@ -193,10 +208,15 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
         raise ValueError(f"{_OP}: label_smoothing must be > 0 with loss_type 'exo_pair' (EXO recommends 1e-3), got 0.0")
     if "robust" in types and ls >= 0.5:
         raise ValueError(f"{_OP}: label_smoothing must be < 0.5 with loss_type 'robust', got {ls!r}")
+    free = sorted(set(types) & set(reference.AVERAGED_LOSS_TYPES))
+    if free and ref_chosen_logps is not None:
+        raise ValueError(f"{_OP}: loss_type {free} is reference-free (TRL's CPO / ORPO trainers), got reference "
+                         "log-probs")
+    gamma = _checks.number(_OP, "simpo_gamma", simpo_gamma)
     if pair_weights is not None and {"aot", "aot_unpaired"} & set(types):
         raise ValueError(f"{_OP}: pair_weights cannot be used with aot / aot_unpaired (they sort the pairs)")
-    for name, t, needed in (("chosen_lengths", chosen_lengths, {"ipo", "sigmoid_norm", "sft"}),
-                            ("rejected_lengths", rejected_lengths, {"ipo", "sigmoid_norm"})):
+    for name, t, needed in (("chosen_lengths", chosen_lengths, {"ipo", "sigmoid_norm", "sft", "simpo", "orpo"}),
+                            ("rejected_lengths", rejected_lengths, {"ipo", "sigmoid_norm", "simpo", "orpo"})):
         if t is None and needed & set(types):
             raise ValueError(f"{_OP}: loss_type {sorted(needed & set(types))} needs {name} (the completions' "
                              "token counts), got None")
@@ -215,7 +235,7 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
         return t.detach().to(dtype).contiguous()
 
     hyper = [beta, ls, float(reference.F_DIVERGENCES.index(f_divergence_type)), alpha, tau,
-             reference.alpha_clamp(chosen.dtype)]
+             reference.alpha_clamp(chosen.dtype), gamma]
     eager = (type(chosen) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
              and not torch._C._functorch.is_functorch_wrapped_tensor(chosen))
     op = _EagerPreferenceLoss.apply if eager else _preference_op

@@ -20,13 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+# TRL 1.16 DPOTrainer's loss types, then the reference-free ones of its experimental CPO / ORPO trainers.
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+LOSS_TYPES = DPO_LOSS_TYPES + ("simpo", "orpo")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # The loss types whose f-divergence generalization is valid (TRL 1.16's DPOTrainer.__init__ list).
 F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 # Loss types that read the completion lengths (TRL: completion_mask sums).
-LENGTH_LOSS_TYPES = ("ipo", "sigmoid_norm", "sft")
+LENGTH_LOSS_TYPES = ("ipo", "sigmoid_norm", "sft", "simpo", "orpo")
+# The reference-free loss types of TRL 1.16's experimental CPO (simpo) and ORPO (orpo) trainers:
+# they read length-averaged log-probs, and with them the metrics are of length-averaged log-probs
+# (those trainers log beta * mean token log-prob as the rewards).
+AVERAGED_LOSS_TYPES = ("simpo", "orpo")
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                "logps/rejected")
 
@@ -55,9 +61,14 @@ def scores(logratios: Tensor, f_divergence_type: str, alpha: float, clamp_max: f
     return (torch.exp(t) - 1.0) / (alpha - 1.0)
 
 
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -ln 2."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
 def per_pair_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, loss_type, beta,
                     label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, chosen_lengths,
-                    rejected_lengths, clamp_max) -> Tensor:
+                    rejected_lengths, clamp_max, simpo_gamma=0.5) -> Tensor:
     """One loss type's per-pair loss [B] (for aot / aot_unpaired: per sorted position)."""
     lc = chosen_logps - ref_chosen_logps
     lr = rejected_logps - ref_rejected_logps
@@ -99,6 +110,15 @@ def per_pair_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
     if loss_type == "discopop":  # DiscoPOP (arXiv 2406.08414, Eq. 5)
         mod = torch.sigmoid(x / discopop_tau)
         return _sp(-x) * (1 - mod) + torch.exp(-x - _sp(-x / discopop_tau))
+    if loss_type == "simpo":  # CPO's simpo (SimPO, arXiv 2405.14734, Eq. 6, with CPO's label smoothing)
+        u = chosen_logps / chosen_lengths.clamp(min=1.0) - rejected_logps / rejected_lengths.clamp(min=1.0)
+        y = beta * u - simpo_gamma
+        return (1 - ls) * _sp(-y) + ls * _sp(y)
+    if loss_type == "orpo":  # ORPO (arXiv 2403.07691, Eqs. 4 and 7): -beta * logsigmoid(log odds ratio)
+        a = chosen_logps / chosen_lengths.clamp(min=1.0)
+        b = rejected_logps / rejected_lengths.clamp(min=1.0)
+        log_odds = (a - b) - (log1mexp(a) - log1mexp(b))
+        return beta * _sp(-log_odds)
     if loss_type == "sft":  # the chosen completions' token-mean NLL, one number for every pair
         total = chosen_lengths.sum().clamp(min=1.0)
         return (-chosen_logps.sum() / total).expand_as(chosen_logps)
@@ -110,7 +130,7 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
                     label_smoothing: float = 0.0, f_divergence_type: str = "reverse_kl",
                     f_alpha_divergence_coef: float = 1.0, discopop_tau: float = 0.05, loss_weights=None,
                     chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
-                    pair_weights: Tensor | None = None, clamp_max: float | None = None):
+                    pair_weights: Tensor | None = None, clamp_max: float | None = None, simpo_gamma: float = 0.5):
     """TRL 1.16 DPO loss (mean over pairs, summed over loss types with their weights) and its
     metrics, computed in float32 (float64 for float64 input). No argument checks: the op checks."""
     dtype = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
@@ -130,11 +150,14 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
         per_pair = per_pair_losses(c, r, rc, rr, loss_type=t, beta=beta, label_smoothing=label_smoothing,
                                    f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
                                    discopop_tau=discopop_tau, chosen_lengths=nc, rejected_lengths=nr,
-                                   clamp_max=clamp_max)
+                                   clamp_max=clamp_max, simpo_gamma=simpo_gamma)
         if pair_weights is not None:
             per_pair = per_pair * pair_weights.to(dtype)
         loss = loss + per_pair.sum() / n * w
     with torch.no_grad():
+        if set(types) & set(AVERAGED_LOSS_TYPES):  # CPO / ORPO log length-averaged log-probs
+            c = c / nc.clamp(min=1.0)
+            r = r / nr.clamp(min=1.0)
         cr = beta * (c - rc)
         rj = beta * (r - rr)
         metrics = {
