@@ -394,3 +394,97 @@ def preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, 
         float(beta), float(ls), float(alpha), float(tau), float(clamp_max), log_pw, log_pl, *map(float, weights), float(gamma),
         TYPES=bits, FDIV=fdiv, FP64=dtype == torch.float64, BLOCK=block)
     return loss, grad_c, grad_r, metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# KTO (TRL 1.16 KTOTrainer; the op: rlkern/ops/preference.py kto_loss)
+
+@triton.jit
+def _kto_kernel(
+    x_ptr,  # (B,) fp32/bf16/fp16/fp64 policy log-probs
+    ref_ptr,  # (B,) compute dtype, reference log-probs
+    lab_ptr,  # (B,) compute dtype, 1 = desirable
+    kx_ptr,  # (M,) compute dtype, the KL completions' policy log-probs
+    kr_ptr,  # (M,) compute dtype, their reference log-probs
+    loss_ptr,  # (1,) compute dtype
+    g_ptr,  # (B,) compute dtype, d loss / d policy log-probs
+    met_ptr,  # (6,) compute dtype, KTO_METRIC_KEYS order
+    B,
+    M,
+    beta: tl.float64,
+    dw: tl.float64,
+    uw: tl.float64,
+    KL: tl.constexpr,  # loss type kto (a KL reference point) rather than apo_zero_unpaired
+    FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    CDT = g_ptr.dtype.element_ty
+    beta, dw, uw = tl.full((), beta, CDT), tl.full((), dw, CDT), tl.full((), uw, CDT)
+    zero = tl.zeros([BLOCK], CDT)
+    lane = tl.arange(0, BLOCK).to(tl.int64)
+    kl = tl.sum(zero, 0)
+    if KL:  # the detached reference point: max(mean(kl_logps - ref_kl_logps), 0)
+        s_k = zero
+        for first in range(0, M, BLOCK):
+            j = first + lane
+            inside = j < M
+            s_k += _load(kx_ptr, j, inside, FP64) - _load(kr_ptr, j, inside, FP64)
+        kl = tl.where(M > 0, tl.maximum(tl.sum(s_k, 0) / tl.maximum(M, 1), 0.0), 0.0)
+    inv_n = 1.0 / (tl.sum(zero, 0) + tl.maximum(B, 1))
+    acc = zero
+    rc = zero
+    rr = zero
+    lc = zero
+    lrj = zero
+    nc = zero
+    nr = zero
+    for first in range(0, B, BLOCK):
+        i = first + lane
+        inside = i < B
+        x = _load(x_ptr, i, inside, FP64)
+        lr = x - _load(ref_ptr, i, inside, FP64)
+        good = _load(lab_ptr, i, inside, FP64) != 0.0
+        s = _sigmoid(beta * (lr - kl))
+        ds = beta * s * (1.0 - s)
+        # desirable 1 - sigmoid(z), undesirable sigmoid(z) = 1 - sigmoid(-z), z = beta * (lr - kl)
+        loss = tl.where(good, dw * (1.0 - s), uw * s)
+        d = tl.where(good, -dw * ds, uw * ds)
+        acc += tl.where(inside, loss, 0.0)
+        tl.store(g_ptr + i, d * inv_n, mask=inside)
+        gi = inside & good
+        bi = inside & (~good)
+        rc += tl.where(gi, beta * lr, 0.0)
+        rr += tl.where(bi, beta * lr, 0.0)
+        lc += tl.where(gi, x, 0.0)
+        lrj += tl.where(bi, x, 0.0)
+        nc += tl.where(gi, 1.0, 0.0)
+        nr += tl.where(bi, 1.0, 0.0)
+    n_c = tl.sum(nc, 0)
+    n_r = tl.sum(nr, 0)
+    m_rc = tl.sum(rc, 0) / tl.maximum(n_c, 1.0)
+    m_rr = tl.sum(rr, 0) / tl.maximum(n_r, 1.0)
+    tl.store(loss_ptr, tl.sum(acc, 0) * inv_n)
+    tl.store(met_ptr, kl)
+    tl.store(met_ptr + 1, m_rc)
+    tl.store(met_ptr + 2, m_rr)
+    tl.store(met_ptr + 3, tl.where((n_c > 0) & (n_r > 0), m_rc - m_rr, 0.0))
+    tl.store(met_ptr + 4, tl.sum(lc, 0) / tl.maximum(n_c, 1.0))
+    tl.store(met_ptr + 5, tl.sum(lrj, 0) / tl.maximum(n_r, 1.0))
+
+
+def kto_loss(policy, ref, labels, kl_logps, ref_kl_logps, loss_type, hyper):
+    """The kto_loss op's Triton backend: (loss, grad, metrics), the contract of rlkern/ops/preference.py."""
+    dtype = torch.float64 if policy.dtype == torch.float64 else torch.float32
+    device = policy.device
+    n, m = policy.numel(), kl_logps.numel()
+    beta, dw, uw = hyper
+    loss = torch.empty((), dtype=dtype, device=device)
+    grad = torch.empty(policy.shape, dtype=dtype, device=device)
+    metrics = torch.empty(6, dtype=dtype, device=device)
+    block = max(16, min(MAX_BLOCK, triton.next_power_of_2(max(n, m, 1))))
+    # empty KL tensors: a 1-element dummy keeps the pointer valid (M = 0 reads nothing)
+    kx = kl_logps.contiguous() if m else torch.zeros(1, dtype=dtype, device=device)
+    kr = ref_kl_logps.contiguous() if m else torch.zeros(1, dtype=dtype, device=device)
+    _kto_kernel[(1,)](policy.contiguous(), ref.contiguous(), labels.contiguous(), kx, kr, loss, grad, metrics, n, m,
+                      float(beta), float(dw), float(uw), KL=loss_type == 0, FP64=dtype == torch.float64, BLOCK=block)
+    return loss, grad, metrics

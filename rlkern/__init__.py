@@ -20,7 +20,7 @@ from rlkern.ops.logprobs import (
     token_logprobs,
 )
 from rlkern.ops.policy_loss import aggregate, kl_penalty, policy_loss, value_loss
-from rlkern.ops.preference import preference_loss
+from rlkern.ops.preference import kto_loss, preference_loss
 from rlkern.trees import (
     broadcast_to_tokens,
     segment_advantages,
@@ -46,6 +46,7 @@ __all__ = [
     "value_loss",
     # preference optimization
     "preference_loss",
+    "kto_loss",
     # trees
     "broadcast_to_tokens",
     "segment_advantages",

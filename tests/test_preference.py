@@ -656,3 +656,216 @@ def test_matches_liger_cpo_simpo_orpo_loss_fn(backend, name):
     torch.testing.assert_close(gr * scale_r, want[1], rtol=2e-5, atol=2e-7)
     torch.testing.assert_close(metrics["rewards/chosen"], out[1].mean(), rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(metrics["rewards/rejected"], out[2].mean(), rtol=2e-5, atol=2e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# rlkern.kto_loss: TRL 1.16's KTOTrainer loss over unpaired completions
+
+from rlkern.ops.preference import KTO_METRIC_KEYS  # noqa: E402
+
+
+def _kto_case(n=9, m=6, seed=20, dtype=torch.float64, spread=2.0):
+    g = torch.Generator().manual_seed(seed)
+    x = -torch.rand(n, generator=g, dtype=torch.float64) * 20
+    ref = x + torch.randn(n, generator=g, dtype=torch.float64) * spread
+    labels = torch.rand(n, generator=g) > 0.4
+    kx = -torch.rand(m, generator=g, dtype=torch.float64) * 20
+    kr = kx - torch.rand(m, generator=g, dtype=torch.float64) * spread  # a positive KL point
+    return x.to(dtype), ref.to(dtype), labels, kx.to(dtype), kr.to(dtype)
+
+
+def _kto_ours(x, ref, labels, kx, kr, **kw):
+    x = x.detach().clone().requires_grad_()
+    loss, metrics = rlkern.kto_loss(x, ref, labels, kx, kr, **kw)
+    (g,) = torch.autograd.grad(loss, (x,), allow_unused=True, materialize_grads=True)
+    return loss, g, metrics
+
+
+def _kto_oracle(x, ref, labels, kx, kr, **kw):
+    x = x.detach().double().requires_grad_()
+    dbl = (lambda t: None if t is None else t.double())
+    loss, metrics = reference.kto_loss(x, dbl(ref), labels, dbl(kx), dbl(kr), **kw)
+    (g,) = torch.autograd.grad(loss, (x,), allow_unused=True, materialize_grads=True)
+    return loss, g, metrics
+
+
+def _kto_compare(ours, oracle, *, rtol, atol):
+    torch.testing.assert_close(ours[0].double(), oracle[0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(ours[1].double(), oracle[1], rtol=rtol, atol=atol)
+    assert set(ours[2]) == set(KTO_METRIC_KEYS)
+    for key in KTO_METRIC_KEYS:
+        assert ours[2][key].ndim == 0 and ours[2][key].dtype == torch.float32
+        torch.testing.assert_close(ours[2][key].double(), oracle[2][key], rtol=max(rtol, 2e-6), atol=max(atol, 1e-6),
+                                   msg=key)
+
+
+def _kto_kw(loss_type):
+    return dict(loss_type=loss_type, beta=0.3, desirable_weight=1.3, undesirable_weight=0.7)
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kto_matches_the_reference(backend, loss_type, dtype, monkeypatch):
+    if backend == "triton":  # blocks of 16 over 37 completions and 21 KL completions
+        from rlkern.kernels import preference as kernel
+
+        monkeypatch.setattr(kernel, "MAX_BLOCK", 16)
+    for n, m in ((9, 6), (37, 21)):
+        x, ref, labels, kx, kr = _kto_case(n=n, m=m, dtype=dtype)
+        if loss_type != "kto":
+            kx = kr = None
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+        ours = _kto_ours(x, ref, labels, kx, kr, **_kto_kw(loss_type))
+        assert ours[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        _kto_compare(ours, _kto_oracle(x, ref, labels, kx, kr, **_kto_kw(loss_type)), **tol)
+
+
+def test_kto_gradcheck_float64_and_half_inputs(backend):
+    x, ref, labels, kx, kr = _kto_case(n=6, seed=21, spread=1.0)
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: rlkern.kto_loss(a, ref, labels, kx, kr, **_kto_kw("kto"))[0], (x,))
+    for dtype in (torch.bfloat16, torch.float16):
+        h = x.detach().to(dtype)
+        loss, g, metrics = _kto_ours(h, ref.float(), labels, kx.float(), kr.float(), beta=0.2)
+        assert loss.dtype == torch.float32 and g.dtype == dtype
+        want = _kto_oracle(h, ref, labels, kx, kr, beta=0.2)
+        _kto_compare((loss, g.float(), metrics), (want[0], want[1].to(dtype).double(), want[2]), rtol=2e-5, atol=2e-6)
+
+
+def test_kto_edge_cases(backend):
+    for loss_type in ("kto", "apo_zero_unpaired"):
+        kw = _kto_kw(loss_type)
+        for margin in (1e4, -1e4):
+            x = torch.tensor([-1.0, -2.0, -5.0, -3.0])
+            labels = torch.tensor([True, False, True, False])
+            kx, kr = (torch.tensor([-2.0, -4.0]), torch.tensor([-3.0, -9.0])) if loss_type == "kto" else (None, None)
+            ours = _kto_ours(x, x - margin, labels, kx, kr, **kw)
+            assert all(torch.isfinite(t).all() for t in (ours[0], ours[1], *ours[2].values()))
+            _kto_compare(ours, _kto_oracle(x, x - margin, labels, kx, kr, **kw), rtol=2e-5, atol=2e-6)
+        kx, kr = (torch.tensor([-2.0]), torch.tensor([-1.0])) if loss_type == "kto" else (None, None)  # KL < 0 -> 0
+        for labels in (torch.tensor([True]), torch.tensor([False]), torch.tensor([True, True])):  # one group only
+            x = -torch.arange(1.0, labels.numel() + 1)
+            ours = _kto_ours(x, x + 0.5, labels, kx, kr, **kw)
+            _kto_compare(ours, _kto_oracle(x, x + 0.5, labels, kx, kr, **kw), rtol=2e-5, atol=2e-6)
+            assert float(ours[2]["rewards/margins"]) == 0.0 and float(ours[2]["kl"]) == 0.0
+        empty = torch.zeros(0)
+        kx, kr = (empty, empty) if loss_type == "kto" else (None, None)
+        loss, g, metrics = _kto_ours(empty, empty, empty.bool(), kx, kr, **kw)
+        assert float(loss.detach()) == 0.0 and g.shape == (0,) and all(float(v) == 0.0 for v in metrics.values())
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(loss_type="bco"), "loss_type must be one of"),
+    (dict(beta=-1.0), "beta must be"),
+    (dict(kl=False), "needs kl_logps"),
+    (dict(loss_type="apo_zero_unpaired"), "has no KL term"),
+    (dict(labels=torch.ones(2, dtype=torch.bool)), "labels must have shape"),
+    (dict(desirable_weight=float("nan")), "desirable_weight must be"),
+])
+def test_kto_bad_calls(bad, message):
+    x = -torch.rand(3)
+    labels = bad.pop("labels", torch.tensor([True, False, True]))
+    kl = (None, None) if bad.pop("kl", True) is False else (x, x)
+    with pytest.raises((TypeError, ValueError), match=message) as info:
+        rlkern.kto_loss(x, x, labels, *kl, **bad)
+    assert str(info.value).startswith("kto_loss: ")
+    with pytest.raises(ValueError, match="ref_logps requires grad"):
+        rlkern.kto_loss(x, x.clone().requires_grad_(), x > -0.5, x, x)
+
+
+def test_kto_torch_compile_and_opcheck():
+    x, ref, labels, kx, kr = _kto_case(n=6, seed=22, dtype=torch.float32)
+    eager = rlkern.kto_loss(x, ref, labels, kx, kr, beta=0.2)
+    compiled = torch.compile(lambda *a: rlkern.kto_loss(*a, beta=0.2), fullgraph=True, backend="eager")(
+        x, ref, labels, kx, kr)
+    torch.testing.assert_close(compiled[0], eager[0])
+    from rlkern.ops import preference as op
+
+    torch.library.opcheck(op._kto_op, (x.requires_grad_(), ref, labels.float(), kx, kr, 0, [0.2, 1.0, 1.0]))
+
+
+def _trl_kto(per_token, mask, labels, ref_logps, kl_per_token, kl_mask, ref_kl_logps, *, loss_type, beta,
+             desirable_weight, undesirable_weight):
+    kto = import_peer("trl.trainer.kto_trainer")
+    trainer = object.__new__(kto.KTOTrainer)
+    identity = lambda x, **_: x  # noqa: E731  (one process: accelerate's gathers are the identity)
+    trainer.__dict__.update(
+        model=types.SimpleNamespace(training=True), aux_loss_enabled=False, beta=beta, loss_type=loss_type,
+        desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, calculate_KL=loss_type == "kto",
+        precompute_ref_logps=True, _total_train_tokens=0, _tp_size=1,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        accelerator=types.SimpleNamespace(gather_for_metrics=identity, device=torch.device("cpu")))
+    b, width = per_token.shape
+    ids = torch.zeros(b, width + 1, dtype=torch.long)
+    kl_ids = torch.ones(kl_per_token.shape[0], width + 1, dtype=torch.long)
+    zeros = torch.zeros(b, width)
+
+    def model(input_ids=None, **_):
+        if input_ids is kl_ids:
+            return types.SimpleNamespace(log_probs=kl_per_token * kl_mask)
+        return types.SimpleNamespace(log_probs=per_token * mask, entropy=zeros, mean_logits=zeros)
+
+    pad = torch.zeros(b, 1, dtype=torch.long)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), completion_mask=torch.cat([pad, mask.long()], 1),
+                  label=labels, ref_logps=ref_logps, KL_input_ids=kl_ids, KL_attention_mask=torch.ones_like(kl_ids),
+                  KL_completion_mask=torch.cat([pad[: kl_ids.shape[0]], kl_mask.long()], 1), ref_KL_logps=ref_kl_logps)
+    loss = trainer._compute_loss(model, inputs, False)
+    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_kto_matches_trl(backend, loss_type):
+    g = torch.Generator().manual_seed(23)
+    b, width = 8, 7
+    per_token = -torch.rand(b, width, generator=g) * 3
+    mask = torch.rand(b, width, generator=g) > 0.3
+    kl_per_token = -torch.rand(b, width, generator=g) * 3
+    kl_mask = torch.rand(b, width, generator=g) > 0.3
+    labels = torch.tensor([True, False, True, True, False, False, True, False])
+    sums = (per_token * mask).sum(1)
+    kl_sums = (kl_per_token * kl_mask).sum(1)
+    ref = sums + torch.randn(b, generator=g)
+    ref_kl = kl_sums - torch.rand(b, generator=g)
+    kw = _kto_kw(loss_type)
+    leaf = per_token.clone().requires_grad_()
+    trl_loss, trl_metrics = _trl_kto(leaf, mask, labels, ref, kl_per_token, kl_mask, ref_kl, **kw)
+    trl_grad = torch.autograd.grad(trl_loss, leaf)[0]
+    kl = (kl_sums, ref_kl) if loss_type == "kto" else (None, None)
+    loss, grad, metrics = _kto_ours(sums, ref, labels, *kl, **kw)
+    torch.testing.assert_close(loss, trl_loss.float(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(grad[:, None].expand_as(trl_grad)[mask], trl_grad[mask], rtol=2e-5, atol=2e-7)
+    for key in KTO_METRIC_KEYS:
+        assert math.isclose(float(metrics[key]), trl_metrics[key], rel_tol=2e-5, abs_tol=2e-6), key
+    if loss_type == "kto":
+        assert trl_metrics["kl"] > 0  # the case exercises the reference point
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_kto_matches_liger_preference_loss_fn(backend, loss_type):
+    liger = import_peer("liger_kernel.chunked_loss.kto_loss")
+    x, ref, labels, kx, kr = _kto_case(n=9, seed=24, dtype=torch.float32)
+    kl = (kx - kr).mean().clamp(min=0) if loss_type == "kto" else None
+    leaf = x.clone().requires_grad_()
+    loss, chosen_sum, rejected_sum = liger.LigerFusedLinearKTOFunction.preference_loss_fn(
+        leaf, labels, torch.zeros(9, 3), ref, beta=0.3, kl=kl)
+    (want,) = torch.autograd.grad(loss, leaf)
+    args = (kx, kr) if loss_type == "kto" else (None, None)
+    ours, g, metrics = _kto_ours(x, ref, labels, *args, loss_type=loss_type, beta=0.3)
+    torch.testing.assert_close(ours, loss, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(g, want, rtol=2e-5, atol=2e-7)
+    torch.testing.assert_close(metrics["rewards/chosen"], chosen_sum / labels.sum(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(metrics["rewards/rejected"], rejected_sum / (~labels).sum(), rtol=2e-5, atol=2e-6)
+
+
+def test_kto_triton_kernel_compiles_for_sm90():
+    compile_for_sm90("""
+from rlkern.kernels import preference as k
+for kl, fp64, dt in ((True, False, "bf16"), (False, False, "fp32"), (True, True, "fp64")):
+    f = "*fp64" if fp64 else "*fp32"
+    s = {"x_ptr": "*" + dt, "ref_ptr": f, "lab_ptr": f, "kx_ptr": f, "kr_ptr": f, "loss_ptr": f, "g_ptr": f,
+         "met_ptr": f, "B": "i32", "M": "i32", "beta": "fp64", "dw": "fp64", "uw": "fp64"}
+    build(k._kto_kernel, s, {"KL": kl, "FP64": fp64, "BLOCK": 128})
+print("ok")
+""")

@@ -17,7 +17,7 @@ from rlkern import _backend
 from rlkern.ops import _checks
 from rlkern.reference import preference as reference
 
-__all__ = ["preference_loss"]
+__all__ = ["preference_loss", "kto_loss"]
 
 _OP = "preference_loss"
 LOSS_TYPES = reference.LOSS_TYPES
@@ -243,3 +243,144 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
         chosen, rejected, aux(ref_chosen_logps, zeros), aux(ref_rejected_logps, zeros), aux(chosen_lengths, ones),
         aux(rejected_lengths, ones), aux(pair_weights, ones), [LOSS_TYPES.index(t) for t in types], weights, hyper)
     return loss, dict(zip(METRIC_KEYS, metrics.detach().to(torch.float32).unbind(0)))
+
+
+# ------------------------------------------------------------------------------------------------
+# KTO: unpaired completions, TRL 1.16's KTOTrainer
+
+_KTO = "kto_loss"
+KTO_LOSS_TYPES = reference.KTO_LOSS_TYPES
+KTO_METRIC_KEYS = reference.KTO_METRIC_KEYS
+
+
+def _torch_kto_loss(policy, ref, labels, kl_logps, ref_kl_logps, loss_type, hyper):
+    beta, dw, uw = hyper
+    dtype = torch.float64 if policy.dtype == torch.float64 else torch.float32
+
+    def objective(x):
+        return reference.kto_loss(x, ref, labels, kl_logps, ref_kl_logps, loss_type=KTO_LOSS_TYPES[loss_type],
+                                  beta=beta, desirable_weight=dw, undesirable_weight=uw)
+
+    loss, vjp, metrics = torch.func.vjp(objective, policy.to(dtype), has_aux=True)
+    (grad,) = vjp(torch.ones((), dtype=dtype))
+    stacked = torch.stack([metrics[k] for k in KTO_METRIC_KEYS]).to(dtype)
+    return loss.detach().clone(), grad.detach().clone(), stacked
+
+
+_KTO_KERNELS = _backend.Kernels(_KTO, cpp="cpp_kto_loss", triton="preference.kto_loss", torch=_torch_kto_loss,
+                                fp64=("cpp", "triton"))
+
+
+def _kto_impl(policy: Tensor, ref: Tensor, labels: Tensor, kl_logps: Tensor, ref_kl_logps: Tensor, loss_type: int,
+              hyper: list[float]) -> tuple[Tensor, Tensor, Tensor]:
+    return _KTO_KERNELS.pick(policy)(policy, ref, labels, kl_logps, ref_kl_logps, loss_type, hyper)
+
+
+_kto_op = torch.library.custom_op("rlkern::kto_loss", mutates_args=())(_kto_impl)
+
+
+@_kto_op.register_fake
+def _kto_fake(policy, ref, labels, kl_logps, ref_kl_logps, loss_type, hyper):
+    dtype = torch.float64 if policy.dtype == torch.float64 else torch.float32
+    return (policy.new_empty((), dtype=dtype), policy.new_empty(policy.shape, dtype=dtype),
+            policy.new_empty((len(KTO_METRIC_KEYS),), dtype=dtype))
+
+
+def _kto_setup_context(ctx, inputs, output):
+    ctx.dtype = inputs[0].dtype
+    ctx.save_for_backward(output[1])
+
+
+def _kto_backward(ctx, grad_loss, _grad, _grad_metrics):
+    (grad,) = ctx.saved_tensors
+    return (grad_loss.to(grad.dtype) * grad).to(ctx.dtype), None, None, None, None, None, None
+
+
+_kto_op.register_autograd(_kto_backward, setup_context=_kto_setup_context)
+
+
+class _EagerKTOLoss(torch.autograd.Function):
+    """rlkern::kto_loss without the dispatcher (as _EagerPreferenceLoss)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _kto_impl(*inputs)
+        _kto_setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _kto_backward(ctx, *grads)
+
+
+def kto_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl_logps: Tensor | None = None,
+             ref_kl_logps: Tensor | None = None, *, loss_type: str = "kto", beta: float = 0.1,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """TRL 1.16's KTO loss (``KTOTrainer._compute_loss``) over unpaired per-sequence log-probs.
+
+    A sibling of ``preference_loss``: KTO's batch is not made of pairs (each completion is
+    desirable or not), and its reference point is a batch statistic.
+
+    Args:
+        policy_logps: ``[B]`` float16/bfloat16/float32/float64: the policy's log-probs of the
+            completions, summed over their tokens by the caller. Differentiable.
+        ref_logps: ``[B]`` float, the reference model's (constants).
+        labels: ``[B]`` bool (or 0/1 ints): True for a desirable completion (TRL's ``label``).
+        kl_logps, ref_kl_logps: ``[M]`` float constants: the policy's and the reference's summed
+            log-probs of the KL completions (TRL's mismatched ``KL_completion_ids``, computed by
+            TRL under no_grad). The reference point is TRL's
+            ``kl = (kl_logps - ref_kl_logps).mean().clamp(min=0)``, detached, one per call (TRL
+            then averages it over processes: pass the gathered tensors for that). Required with
+            ``loss_type="kto"``, not taken with ``"apo_zero_unpaired"`` (TRL computes none). M = 0
+            gives kl = 0.
+        loss_type: ``"kto"`` (KTO, arXiv 2402.01306, Eq. 7: desirable ``1 - sigmoid(beta *
+            (log-ratio - kl))``, undesirable ``1 - sigmoid(beta * (kl - log-ratio))``) or
+            ``"apo_zero_unpaired"`` (``1 - sigmoid(beta * log-ratio)`` and ``sigmoid(beta *
+            log-ratio)``). KTOConfig's names and defaults, as every keyword here.
+        beta: 0.1. desirable_weight, undesirable_weight: the two groups' loss weights (1.0).
+
+    Returns:
+        ``(loss, metrics)``: the 0-dim loss, the mean over the B completions (float32; float64
+        for float64 input; B = 0 gives 0), and 0-dim float32 metrics with TRL's logged keys:
+        ``kl``, ``rewards/chosen`` / ``rewards/rejected`` (beta * log-ratio, means over the
+        desirable / undesirable completions), ``rewards/margins`` (their difference),
+        ``logps/chosen``, ``logps/rejected``. A group that is empty gives 0 for its means and
+        the margin (TRL logs nothing then).
+    """
+    specs = {"policy_logps": (policy_logps, "float"), "ref_logps": (ref_logps, "float"), "labels": (labels, "mask")}
+    _checks.tensors(_KTO, "policy_logps", specs)
+    if policy_logps.ndim != 1:
+        raise ValueError(f"{_KTO}: policy_logps must be [B], got shape {tuple(policy_logps.shape)}")
+    _checks.tensors(_KTO, "policy_logps", specs, shape=policy_logps.shape)
+    _checks.choice(_KTO, "loss_type", loss_type, KTO_LOSS_TYPES)
+    kl_specs = {"policy_logps": (policy_logps, "float"), "kl_logps": (kl_logps, "float"),
+                "ref_kl_logps": (ref_kl_logps, "float")}
+    _checks.tensors(_KTO, "policy_logps", kl_specs)
+    if loss_type == "kto":
+        if kl_logps is None or ref_kl_logps is None:
+            raise ValueError(f"{_KTO}: loss_type 'kto' needs kl_logps and ref_kl_logps (the KL completions' log-probs "
+                             "of the policy and the reference), got None")
+        if kl_logps.ndim != 1 or ref_kl_logps.shape != kl_logps.shape:
+            raise ValueError(f"{_KTO}: kl_logps and ref_kl_logps must be [M] of one shape, got "
+                             f"{tuple(kl_logps.shape)} and {tuple(ref_kl_logps.shape)}")
+    elif kl_logps is not None or ref_kl_logps is not None:
+        raise ValueError(f"{_KTO}: loss_type 'apo_zero_unpaired' has no KL term; kl_logps and ref_kl_logps must be None")
+    for name, t in (("ref_logps", ref_logps), ("kl_logps", kl_logps), ("ref_kl_logps", ref_kl_logps)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{_KTO}: {name} requires grad, but it is a constant of the loss; compute it under "
+                             "torch.no_grad() or pass .detach()")
+    beta = _checks.number(_KTO, "beta", beta, low=0, low_open=True)
+    dw = _checks.number(_KTO, "desirable_weight", desirable_weight)
+    uw = _checks.number(_KTO, "undesirable_weight", undesirable_weight)
+    dtype = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
+
+    def aux(t):
+        return policy_logps.new_zeros((0,), dtype=dtype) if t is None else t.detach().to(dtype).contiguous()
+
+    eager = (type(policy_logps) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+             and not torch._C._functorch.is_functorch_wrapped_tensor(policy_logps))
+    op = _EagerKTOLoss.apply if eager else _kto_op
+    loss, _, metrics = op(policy_logps, aux(ref_logps), labels.detach().to(dtype).contiguous(), aux(kl_logps),
+                          aux(ref_kl_logps), KTO_LOSS_TYPES.index(loss_type), [beta, dw, uw])
+    return loss, dict(zip(KTO_METRIC_KEYS, metrics.detach().to(torch.float32).unbind(0)))

@@ -169,3 +169,50 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
             "logps/rejected": r.sum() / n,
         }
     return loss, {k: v.detach().to(dtype) for k, v in metrics.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# KTO: TRL 1.16's KTOTrainer loss over unpaired completions
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+KTO_METRIC_KEYS = ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+def kto_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl_logps: Tensor | None = None,
+             ref_kl_logps: Tensor | None = None, *, loss_type: str = "kto", beta: float = 0.1,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """TRL 1.16 ``KTOTrainer._compute_loss``'s loss (mean over the batch) and metrics, in float32
+    (float64 for float64 input). No argument checks: the op checks."""
+    dtype = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
+    x = policy_logps.to(dtype)
+    lr = x - ref_logps.to(dtype)
+    good = labels.to(torch.bool)
+    if loss_type == "kto" and kl_logps is not None and kl_logps.numel() > 0:
+        # the batch's KL reference point: mean log-ratio of the mismatched KL completions, >= 0, detached
+        kl = (kl_logps.to(dtype) - ref_kl_logps.to(dtype)).mean().clamp(min=0).detach()
+    else:
+        kl = x.new_zeros(())
+    if loss_type == "kto":  # KTO (arXiv 2402.01306, Eq. 7)
+        chosen = 1 - torch.sigmoid(beta * (lr - kl))
+        rejected = 1 - torch.sigmoid(beta * (kl - lr))
+    else:  # APO-zero unpaired (arXiv 2408.06266)
+        chosen = 1 - torch.sigmoid(beta * lr)
+        rejected = torch.sigmoid(beta * lr)
+    per = torch.where(good, desirable_weight * chosen, undesirable_weight * rejected)
+    loss = per.sum() / max(x.numel(), 1)
+    with torch.no_grad():
+        n_good = good.sum().to(dtype)
+        n_bad = (~good).sum().to(dtype)
+        zero = x.new_zeros(())
+        rc = torch.where(good, beta * lr, zero).sum() / n_good.clamp(min=1)
+        rr = torch.where(good, zero, beta * lr).sum() / n_bad.clamp(min=1)
+        metrics = {
+            "kl": kl,
+            "rewards/chosen": rc,
+            "rewards/rejected": rr,
+            # TRL logs a margin only when both groups are present
+            "rewards/margins": torch.where((n_good > 0) & (n_bad > 0), rc - rr, zero),
+            "logps/chosen": torch.where(good, x, zero).sum() / n_good.clamp(min=1),
+            "logps/rejected": torch.where(good, zero, x).sum() / n_bad.clamp(min=1),
+        }
+    return loss, {k: v.detach().to(dtype) for k, v in metrics.items()}
