@@ -398,12 +398,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> preference_loss_meta(
 
 // KTO (TRL 1.16 KTOTrainer, rlkern/ops/preference.py kto_loss): one pass over the M KL completions
 // for the detached reference point kl = max(mean(kl_logps - ref_kl_logps), 0), one over the B
-// completions for the loss, its gradient and the metrics. loss_type 0: kto, 1: apo_zero_unpaired.
-// hyper: beta, desirable_weight, undesirable_weight.
+// completions for the loss, its gradient and the metrics. loss_type 0: kto, 1: apo_zero_unpaired,
+// 2: bco (rlkern/ops/preference.py bco_loss: the reference point is the caller's running mean of the
+// rewards delta, given as the mean of kl_logps - ref_kl_logps without the clamp, in reward units).
+// hyper: beta, desirable_weight, undesirable_weight; weights: the undesirable completions' extra
+// per-completion weights (BCO's UDM density ratios; ones otherwise).
 constexpr int N_KTO_METRICS = 6;
 
 template <typename S>
-void kto_kernel(const at::Tensor& policy, const at::Tensor& ref, const at::Tensor& labels, const at::Tensor& kl_logps,
+void kto_kernel(const at::Tensor& policy, const at::Tensor& ref, const at::Tensor& labels, const at::Tensor& weights,
+                const at::Tensor& kl_logps,
                 const at::Tensor& ref_kl_logps, int64_t loss_type, const std::vector<double>& hyper,
                 at::Tensor& loss_out, at::Tensor& grad_out, at::Tensor& metrics_out) {
   using T = Acc<S>;
@@ -411,13 +415,15 @@ void kto_kernel(const at::Tensor& policy, const at::Tensor& ref, const at::Tenso
   const S* x = policy.data_ptr<S>();
   const T* rf = ref.data_ptr<T>();
   const T* lab = labels.data_ptr<T>();
+  const T* pw = weights.data_ptr<T>();
   const T* kx = kl_logps.data_ptr<T>();
   const T* kr = ref_kl_logps.data_ptr<T>();
   T* g = grad_out.data_ptr<T>();
   const T beta = T(hyper[0]), dw = T(hyper[1]), uw = T(hyper[2]);
   double kl_sum = 0;
-  for (int64_t j = 0; loss_type == 0 && j < m; ++j) kl_sum += double(kx[j] - kr[j]);
-  const T kl = m > 0 && loss_type == 0 ? T(std::max(kl_sum / double(m), 0.0)) : T(0);
+  for (int64_t j = 0; loss_type != 1 && j < m; ++j) kl_sum += double(kx[j] - kr[j]);
+  const double point = m > 0 && loss_type != 1 ? kl_sum / double(m) : 0.0;
+  const T kl = T(loss_type == 2 ? point : std::max(point, 0.0));
   const double inv_n = 1.0 / double(std::max<int64_t>(n, 1));
   double total = 0, rc = 0, rr = 0, lc = 0, lrj = 0, nc = 0, nr = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -426,19 +432,28 @@ void kto_kernel(const at::Tensor& policy, const at::Tensor& ref, const at::Tenso
     const bool good = lab[i] != T(0);
     // kto: desirable 1 - sigmoid(z), undesirable 1 - sigmoid(-z) = sigmoid(z), z = beta * (lr - kl);
     // apo_zero_unpaired: the same with kl = 0
-    const T z = beta * (lr - kl);
-    const T s = sigmoid(z);
-    const T ds = beta * s * (T(1) - s);
     T l, d;
+    if (loss_type == 2) {  // bco: softplus(-z) / softplus(z), z = beta * lr - delta
+      const T z = beta * lr - kl;
+      if (good) {
+        l = dw * softplus(-z);
+        d = -dw * beta * sigmoid(-z);
+      } else {
+        l = uw * pw[i] * softplus(z);
+        d = uw * pw[i] * beta * sigmoid(z);
+      }
+    } else {
+      const T z = beta * (lr - kl);
+      const T s = sigmoid(z);
+      const T ds = beta * s * (T(1) - s);
+      l = good ? dw * (T(1) - s) : uw * pw[i] * s;
+      d = good ? -dw * ds : uw * pw[i] * ds;
+    }
     if (good) {
-      l = dw * (T(1) - s);
-      d = -dw * ds;
       rc += double(beta * lr);
       lc += double(xi);
       nc += 1;
     } else {
-      l = uw * s;
-      d = uw * ds;
       rr += double(beta * lr);
       lrj += double(xi);
       nr += 1;
@@ -463,15 +478,17 @@ void check_kto(const at::Tensor& t, at::IntArrayRef sizes, at::ScalarType acc, c
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kto_loss_cpu(const at::Tensor& policy, const at::Tensor& ref,
-                                                            const at::Tensor& labels, const at::Tensor& kl_logps,
+                                                            const at::Tensor& labels, const at::Tensor& weights,
+                                                            const at::Tensor& kl_logps,
                                                             const at::Tensor& ref_kl_logps, int64_t loss_type,
                                                             at::ArrayRef<double> hyper) {
   TORCH_CHECK_VALUE(policy.dim() == 1, "kto_loss: policy_logps must be [B], got shape ", policy.sizes());
-  TORCH_CHECK_VALUE(loss_type == 0 || loss_type == 1, "kto_loss: unknown loss type code ", loss_type);
+  TORCH_CHECK_VALUE(loss_type >= 0 && loss_type <= 2, "kto_loss: unknown loss type code ", loss_type);
   TORCH_CHECK_VALUE(hyper.size() == 3, "kto_loss: hyper must have 3 entries");
   const at::ScalarType acc = policy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   check_kto(ref, policy.sizes(), acc, "ref_logps");
   check_kto(labels, policy.sizes(), acc, "labels");
+  check_kto(weights, policy.sizes(), acc, "weights");
   TORCH_CHECK_VALUE(kl_logps.dim() == 1, "kto_loss: kl_logps must be [M], got shape ", kl_logps.sizes());
   check_kto(kl_logps, kl_logps.sizes(), acc, "kl_logps");
   check_kto(ref_kl_logps, kl_logps.sizes(), acc, "ref_kl_logps");
@@ -480,16 +497,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kto_loss_cpu(const at::Tensor& po
   at::Tensor grad = at::empty(policy.sizes(), opts);
   at::Tensor metrics = at::empty({N_KTO_METRICS}, opts);
   const std::vector<double> hyp(hyper.begin(), hyper.end());
-  const at::Tensor x = policy.contiguous(), rf = ref.contiguous(), lab = labels.contiguous();
+  const at::Tensor x = policy.contiguous(), rf = ref.contiguous(), lab = labels.contiguous(), pw = weights.contiguous();
   const at::Tensor kx = kl_logps.contiguous(), kr = ref_kl_logps.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, policy.scalar_type(), "kto_loss", [&] {
-    kto_kernel<scalar_t>(x, rf, lab, kx, kr, loss_type, hyp, loss, grad, metrics);
+    kto_kernel<scalar_t>(x, rf, lab, pw, kx, kr, loss_type, hyp, loss, grad, metrics);
   });
   return {loss, grad, metrics};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kto_loss_meta(const at::Tensor& policy, const at::Tensor&,
                                                              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                             const at::Tensor&,
                                                              int64_t, at::ArrayRef<double>) {
   const at::ScalarType acc = policy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = policy.options().dtype(acc);
@@ -504,7 +522,8 @@ TORCH_LIBRARY_FRAGMENT(rlkern, m) {
       "Tensor ref_rejected_logps, Tensor chosen_lengths, Tensor rejected_lengths, Tensor pair_weights, "
       "int[] loss_types, float[] loss_weights, float[] hyper) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "cpp_kto_loss(Tensor policy_logps, Tensor ref_logps, Tensor labels, Tensor kl_logps, Tensor ref_kl_logps, "
+      "cpp_kto_loss(Tensor policy_logps, Tensor ref_logps, Tensor labels, Tensor weights, Tensor kl_logps, "
+      "Tensor ref_kl_logps, "
       "int loss_type, float[] hyper) -> (Tensor, Tensor, Tensor)");
 }
 

@@ -404,6 +404,7 @@ def _kto_kernel(
     x_ptr,  # (B,) fp32/bf16/fp16/fp64 policy log-probs
     ref_ptr,  # (B,) compute dtype, reference log-probs
     lab_ptr,  # (B,) compute dtype, 1 = desirable
+    w_ptr,  # (B,) compute dtype, the undesirable completions' extra weights (BCO's UDM; ones otherwise)
     kx_ptr,  # (M,) compute dtype, the KL completions' policy log-probs
     kr_ptr,  # (M,) compute dtype, their reference log-probs
     loss_ptr,  # (1,) compute dtype
@@ -414,7 +415,7 @@ def _kto_kernel(
     beta: tl.float64,
     dw: tl.float64,
     uw: tl.float64,
-    KL: tl.constexpr,  # loss type kto (a KL reference point) rather than apo_zero_unpaired
+    LOSS: tl.constexpr,  # 0 kto, 1 apo_zero_unpaired, 2 bco (reference point: delta = mean(kx - kr), unclamped)
     FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -423,13 +424,15 @@ def _kto_kernel(
     zero = tl.zeros([BLOCK], CDT)
     lane = tl.arange(0, BLOCK).to(tl.int64)
     kl = tl.sum(zero, 0)
-    if KL:  # the detached reference point: max(mean(kl_logps - ref_kl_logps), 0)
+    if LOSS != 1:  # the detached reference point: kto max(mean(kl_logps - ref_kl_logps), 0); bco delta
         s_k = zero
         for first in range(0, M, BLOCK):
             j = first + lane
             inside = j < M
             s_k += _load(kx_ptr, j, inside, FP64) - _load(kr_ptr, j, inside, FP64)
-        kl = tl.where(M > 0, tl.maximum(tl.sum(s_k, 0) / tl.maximum(M, 1), 0.0), 0.0)
+        kl = tl.where(M > 0, tl.sum(s_k, 0) / tl.maximum(M, 1), 0.0)
+        if LOSS == 0:
+            kl = tl.maximum(kl, 0.0)
     inv_n = 1.0 / (tl.sum(zero, 0) + tl.maximum(B, 1))
     acc = zero
     rc = zero
@@ -444,11 +447,17 @@ def _kto_kernel(
         x = _load(x_ptr, i, inside, FP64)
         lr = x - _load(ref_ptr, i, inside, FP64)
         good = _load(lab_ptr, i, inside, FP64) != 0.0
-        s = _sigmoid(beta * (lr - kl))
-        ds = beta * s * (1.0 - s)
-        # desirable 1 - sigmoid(z), undesirable sigmoid(z) = 1 - sigmoid(-z), z = beta * (lr - kl)
-        loss = tl.where(good, dw * (1.0 - s), uw * s)
-        d = tl.where(good, -dw * ds, uw * ds)
+        uwi = uw * _load(w_ptr, i, inside, FP64)
+        if LOSS == 2:  # bco: softplus(-z) / softplus(z), z = beta * lr - delta
+            z = beta * lr - kl
+            loss = tl.where(good, dw * _softplus(-z), uwi * _softplus(z))
+            d = tl.where(good, -dw * beta * _sigmoid(-z), uwi * beta * _sigmoid(z))
+        else:
+            s = _sigmoid(beta * (lr - kl))
+            ds = beta * s * (1.0 - s)
+            # desirable 1 - sigmoid(z), undesirable sigmoid(z) = 1 - sigmoid(-z), z = beta * (lr - kl)
+            loss = tl.where(good, dw * (1.0 - s), uwi * s)
+            d = tl.where(good, -dw * ds, uwi * ds)
         acc += tl.where(inside, loss, 0.0)
         tl.store(g_ptr + i, d * inv_n, mask=inside)
         gi = inside & good
@@ -472,7 +481,7 @@ def _kto_kernel(
     tl.store(met_ptr + 5, tl.sum(lrj, 0) / tl.maximum(n_r, 1.0))
 
 
-def kto_loss(policy, ref, labels, kl_logps, ref_kl_logps, loss_type, hyper):
+def kto_loss(policy, ref, labels, weights, kl_logps, ref_kl_logps, loss_type, hyper):
     """The kto_loss op's Triton backend: (loss, grad, metrics), the contract of rlkern/ops/preference.py."""
     dtype = torch.float64 if policy.dtype == torch.float64 else torch.float32
     device = policy.device
@@ -485,6 +494,7 @@ def kto_loss(policy, ref, labels, kl_logps, ref_kl_logps, loss_type, hyper):
     # empty KL tensors: a 1-element dummy keeps the pointer valid (M = 0 reads nothing)
     kx = kl_logps.contiguous() if m else torch.zeros(1, dtype=dtype, device=device)
     kr = ref_kl_logps.contiguous() if m else torch.zeros(1, dtype=dtype, device=device)
-    _kto_kernel[(1,)](policy.contiguous(), ref.contiguous(), labels.contiguous(), kx, kr, loss, grad, metrics, n, m,
-                      float(beta), float(dw), float(uw), KL=loss_type == 0, FP64=dtype == torch.float64, BLOCK=block)
+    _kto_kernel[(1,)](policy.contiguous(), ref.contiguous(), labels.contiguous(), weights.contiguous(), kx, kr, loss,
+                      grad, metrics, n, m, float(beta), float(dw), float(uw), LOSS=int(loss_type),
+                      FP64=dtype == torch.float64, BLOCK=block)
     return loss, grad, metrics

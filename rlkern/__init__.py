@@ -20,7 +20,7 @@ from rlkern.ops.logprobs import (
     token_logprobs,
 )
 from rlkern.ops.policy_loss import aggregate, kl_penalty, policy_loss, value_loss
-from rlkern.ops.preference import kto_loss, preference_loss
+from rlkern.ops.preference import bco_loss, kto_loss, preference_loss
 from rlkern.trees import (
     broadcast_to_tokens,
     segment_advantages,
@@ -47,6 +47,7 @@ __all__ = [
     # preference optimization
     "preference_loss",
     "kto_loss",
+    "bco_loss",
     # trees
     "broadcast_to_tokens",
     "segment_advantages",

@@ -781,7 +781,8 @@ def test_kto_torch_compile_and_opcheck():
     torch.testing.assert_close(compiled[0], eager[0])
     from rlkern.ops import preference as op
 
-    torch.library.opcheck(op._kto_op, (x.requires_grad_(), ref, labels.float(), kx, kr, 0, [0.2, 1.0, 1.0]))
+    torch.library.opcheck(op._kto_op, (x.requires_grad_(), ref, labels.float(), torch.ones(6), kx, kr, 0,
+                                       [0.2, 1.0, 1.0]))
 
 
 def _trl_kto(per_token, mask, labels, ref_logps, kl_per_token, kl_mask, ref_kl_logps, *, loss_type, beta,
@@ -862,10 +863,103 @@ def test_kto_matches_liger_preference_loss_fn(backend, loss_type):
 def test_kto_triton_kernel_compiles_for_sm90():
     compile_for_sm90("""
 from rlkern.kernels import preference as k
-for kl, fp64, dt in ((True, False, "bf16"), (False, False, "fp32"), (True, True, "fp64")):
+for loss, fp64, dt in ((0, False, "bf16"), (1, False, "fp32"), (2, False, "fp16"), (0, True, "fp64"), (2, True, "fp64")):
     f = "*fp64" if fp64 else "*fp32"
-    s = {"x_ptr": "*" + dt, "ref_ptr": f, "lab_ptr": f, "kx_ptr": f, "kr_ptr": f, "loss_ptr": f, "g_ptr": f,
+    s = {"x_ptr": "*" + dt, "ref_ptr": f, "lab_ptr": f, "w_ptr": f, "kx_ptr": f, "kr_ptr": f, "loss_ptr": f, "g_ptr": f,
          "met_ptr": f, "B": "i32", "M": "i32", "beta": "fp64", "dw": "fp64", "uw": "fp64"}
-    build(k._kto_kernel, s, {"KL": kl, "FP64": fp64, "BLOCK": 128})
+    build(k._kto_kernel, s, {"LOSS": loss, "FP64": fp64, "BLOCK": 128})
 print("ok")
 """)
+
+
+# ------------------------------------------------------------------------------------------------
+# rlkern.bco_loss: BCO (TRL's BCOTrainer.bco_loss; the trainer is gone from TRL 1.16)
+
+from rlkern.ops.preference import BCO_METRIC_KEYS  # noqa: E402
+
+
+def _bco_ours(x, ref, labels, delta, **kw):
+    x = x.detach().clone().requires_grad_()
+    loss, metrics = rlkern.bco_loss(x, ref, labels, delta, **kw)
+    (g,) = torch.autograd.grad(loss, (x,), allow_unused=True, materialize_grads=True)
+    return loss, g, metrics
+
+
+def _bco_oracle(x, ref, labels, delta, **kw):
+    x = x.detach().double().requires_grad_()
+    kw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    loss, metrics = reference.bco_loss(x, ref.double(), labels, delta.double(), **kw)
+    (g,) = torch.autograd.grad(loss, (x,), allow_unused=True, materialize_grads=True)
+    return loss, g, {k.replace("delta", "kl"): v for k, v in metrics.items()}
+
+
+def _bco_compare(ours, oracle, **tol):
+    assert set(ours[2]) == set(BCO_METRIC_KEYS)
+    _kto_compare((ours[0], ours[1], {k.replace("delta", "kl"): v for k, v in ours[2].items()}), oracle, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bco_matches_the_reference(backend, dtype, monkeypatch):
+    if backend == "triton":
+        from rlkern.kernels import preference as kernel
+
+        monkeypatch.setattr(kernel, "MAX_BLOCK", 16)
+    for n in (9, 37):
+        x, ref, labels, _, _ = _kto_case(n=n, seed=30, dtype=dtype)
+        udm = torch.rand(n, generator=torch.Generator().manual_seed(31), dtype=dtype) * 2
+        for delta, weights in ((torch.tensor(0.4, dtype=dtype), None), (torch.tensor([-0.7], dtype=dtype), udm)):
+            kw = dict(beta=0.3, udm_weights=weights)
+            tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+            _bco_compare(_bco_ours(x, ref, labels, delta, **kw), _bco_oracle(x, ref, labels, delta, **kw), **tol)
+
+
+def test_bco_gradcheck_float64_and_edge_cases(backend):
+    x, ref, labels, _, _ = _kto_case(n=6, seed=32, spread=1.0)
+    udm = torch.rand(6, dtype=torch.float64) + 0.5
+    delta = torch.tensor(0.2, dtype=torch.float64)
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: rlkern.bco_loss(a, ref, labels, delta, beta=0.7, udm_weights=udm)[0],
+                                    (x,))
+    for margin in (1e4, -1e4):
+        x = torch.tensor([-1.0, -2.0, -5.0, -3.0])
+        labels = torch.tensor([True, False, True, False])
+        ours = _bco_ours(x, x - margin, labels, torch.tensor(0.5), beta=1.0)
+        assert all(torch.isfinite(t).all() for t in (ours[0], ours[1], *ours[2].values()))
+        _bco_compare(ours, _bco_oracle(x, x - margin, labels, torch.tensor(0.5), beta=1.0), rtol=2e-5, atol=2e-6)
+    for labels in (torch.tensor([True]), torch.tensor([False, False])):
+        x = -torch.arange(1.0, labels.numel() + 1)
+        ours = _bco_ours(x, x + 0.5, labels, torch.tensor(-0.1))
+        _bco_compare(ours, _bco_oracle(x, x + 0.5, labels, torch.tensor(-0.1)), rtol=2e-5, atol=2e-6)
+        assert float(ours[2]["rewards/margins"]) == 0.0
+    empty = torch.zeros(0)
+    loss, g, metrics = _bco_ours(empty, empty, empty.bool(), torch.tensor(0.3))
+    assert float(loss.detach()) == 0.0 and g.shape == (0,) and float(metrics["delta"]) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(beta=0.0), "beta must be"),
+    (dict(delta=torch.zeros(2)), "delta must be a 1-element tensor"),
+    (dict(udm_weights=torch.ones(2)), "udm_weights must have shape"),
+    (dict(delta=torch.zeros((), requires_grad=True)), "delta requires grad"),
+])
+def test_bco_bad_calls(bad, message):
+    x = -torch.rand(3)
+    delta = bad.pop("delta", torch.zeros(()))
+    with pytest.raises((TypeError, ValueError), match=message) as info:
+        rlkern.bco_loss(x, x, x > -0.5, delta, **bad)
+    assert str(info.value).startswith("bco_loss: ")
+
+
+@pytest.mark.peer
+def test_bco_at_zero_delta_is_half_trls_bco_pair(backend):
+    # TRL 1.16's DPO bco_pair is BCO's two terms per pair without the running mean: over the 2B
+    # completions with delta = 0, bco_loss is half of it (a mean over 2B instead of B)
+    per_token, mask, ref_c, ref_r = _trl_case(seed=33)
+    leaf = per_token.clone().requires_grad_()
+    trl_loss, _ = _trl_loss(leaf, mask, ref_c, ref_r, loss_type="bco_pair", beta=0.3)
+    trl_grad = torch.autograd.grad(trl_loss, leaf)[0]
+    sums = (per_token * mask).sum(1)
+    labels = torch.arange(12) < 6
+    loss, g, metrics = _bco_ours(sums, torch.cat([ref_c, ref_r]), labels, torch.zeros(()), beta=0.3)
+    torch.testing.assert_close(2 * loss, trl_loss.float(), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close((2 * g)[:, None].expand_as(trl_grad)[mask], trl_grad[mask], rtol=2e-5, atol=2e-7)

@@ -17,7 +17,7 @@ from rlkern import _backend
 from rlkern.ops import _checks
 from rlkern.reference import preference as reference
 
-__all__ = ["preference_loss", "kto_loss"]
+__all__ = ["preference_loss", "kto_loss", "bco_loss"]
 
 _OP = "preference_loss"
 LOSS_TYPES = reference.LOSS_TYPES
@@ -253,17 +253,22 @@ KTO_LOSS_TYPES = reference.KTO_LOSS_TYPES
 KTO_METRIC_KEYS = reference.KTO_METRIC_KEYS
 
 
-def _torch_kto_loss(policy, ref, labels, kl_logps, ref_kl_logps, loss_type, hyper):
+_BCO_CODE = len(KTO_LOSS_TYPES)  # the kernels' loss type code of bco_loss
+
+
+def _torch_kto_loss(policy, ref, labels, weights, kl_logps, ref_kl_logps, loss_type, hyper):
     beta, dw, uw = hyper
     dtype = torch.float64 if policy.dtype == torch.float64 else torch.float32
 
     def objective(x):
+        if loss_type == _BCO_CODE:  # bco_loss passes delta as kl_logps = [delta], ref_kl_logps = [0]
+            return reference.bco_loss(x, ref, labels, kl_logps[0] - ref_kl_logps[0], beta=beta, udm_weights=weights)
         return reference.kto_loss(x, ref, labels, kl_logps, ref_kl_logps, loss_type=KTO_LOSS_TYPES[loss_type],
                                   beta=beta, desirable_weight=dw, undesirable_weight=uw)
 
     loss, vjp, metrics = torch.func.vjp(objective, policy.to(dtype), has_aux=True)
     (grad,) = vjp(torch.ones((), dtype=dtype))
-    stacked = torch.stack([metrics[k] for k in KTO_METRIC_KEYS]).to(dtype)
+    stacked = torch.stack(list(metrics.values())).to(dtype)
     return loss.detach().clone(), grad.detach().clone(), stacked
 
 
@@ -271,16 +276,16 @@ _KTO_KERNELS = _backend.Kernels(_KTO, cpp="cpp_kto_loss", triton="preference.kto
                                 fp64=("cpp", "triton"))
 
 
-def _kto_impl(policy: Tensor, ref: Tensor, labels: Tensor, kl_logps: Tensor, ref_kl_logps: Tensor, loss_type: int,
-              hyper: list[float]) -> tuple[Tensor, Tensor, Tensor]:
-    return _KTO_KERNELS.pick(policy)(policy, ref, labels, kl_logps, ref_kl_logps, loss_type, hyper)
+def _kto_impl(policy: Tensor, ref: Tensor, labels: Tensor, weights: Tensor, kl_logps: Tensor, ref_kl_logps: Tensor,
+              loss_type: int, hyper: list[float]) -> tuple[Tensor, Tensor, Tensor]:
+    return _KTO_KERNELS.pick(policy)(policy, ref, labels, weights, kl_logps, ref_kl_logps, loss_type, hyper)
 
 
 _kto_op = torch.library.custom_op("rlkern::kto_loss", mutates_args=())(_kto_impl)
 
 
 @_kto_op.register_fake
-def _kto_fake(policy, ref, labels, kl_logps, ref_kl_logps, loss_type, hyper):
+def _kto_fake(policy, ref, labels, weights, kl_logps, ref_kl_logps, loss_type, hyper):
     dtype = torch.float64 if policy.dtype == torch.float64 else torch.float32
     return (policy.new_empty((), dtype=dtype), policy.new_empty(policy.shape, dtype=dtype),
             policy.new_empty((len(KTO_METRIC_KEYS),), dtype=dtype))
@@ -293,7 +298,7 @@ def _kto_setup_context(ctx, inputs, output):
 
 def _kto_backward(ctx, grad_loss, _grad, _grad_metrics):
     (grad,) = ctx.saved_tensors
-    return (grad_loss.to(grad.dtype) * grad).to(ctx.dtype), None, None, None, None, None, None
+    return (grad_loss.to(grad.dtype) * grad).to(ctx.dtype), None, None, None, None, None, None, None
 
 
 _kto_op.register_autograd(_kto_backward, setup_context=_kto_setup_context)
@@ -381,6 +386,69 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl_logps: 
     eager = (type(policy_logps) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
              and not torch._C._functorch.is_functorch_wrapped_tensor(policy_logps))
     op = _EagerKTOLoss.apply if eager else _kto_op
-    loss, _, metrics = op(policy_logps, aux(ref_logps), labels.detach().to(dtype).contiguous(), aux(kl_logps),
-                          aux(ref_kl_logps), KTO_LOSS_TYPES.index(loss_type), [beta, dw, uw])
+    loss, _, metrics = op(policy_logps, aux(ref_logps), labels.detach().to(dtype).contiguous(),
+                          policy_logps.new_ones(policy_logps.shape, dtype=dtype), aux(kl_logps), aux(ref_kl_logps),
+                          KTO_LOSS_TYPES.index(loss_type), [beta, dw, uw])
     return loss, dict(zip(KTO_METRIC_KEYS, metrics.detach().to(torch.float32).unbind(0)))
+
+
+BCO_METRIC_KEYS = reference.BCO_METRIC_KEYS
+
+
+def bco_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, delta: Tensor, *, beta: float = 0.1,
+             udm_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """BCO's loss (binary classifier optimization, arXiv 2404.04656) over unpaired per-sequence
+    log-probs, as TRL's ``BCOTrainer.bco_loss`` computed it (TRL 1.16 no longer ships the trainer;
+    its DPO loss type ``bco_pair`` is ``preference_loss``'s).
+
+    With rewards r = beta * (policy_logps - ref_logps): desirable completions lose
+    ``softplus(-(r - delta))``, undesirable ones ``udm_weight * softplus(r - delta)``; the loss is
+    the mean over the B completions. Shares kto_loss's kernels (one pass: loss, gradient, metrics).
+
+    Args:
+        policy_logps: ``[B]`` float16/bfloat16/float32/float64, summed over the completions'
+            tokens by the caller. Differentiable.
+        ref_logps: ``[B]`` float constants, the reference model's.
+        labels: ``[B]`` bool (or 0/1): True for a desirable completion.
+        delta: 0-dim (or 1-element) float tensor, a constant: the running mean of the rewards
+            (TRL's ``RunningMoments`` mean). The training loop owns it: TRL updates it with this
+            batch's detached rewards ``beta * (policy_logps - ref_logps)`` (both groups) before
+            the loss, and not in evaluation. A tensor, so that no host sync is needed.
+        beta: 0.1 (BCOConfig's default).
+        udm_weights: ``[B]`` float constants or None: the undesirable completions' density-ratio
+            weights of BCO's underlying-distribution matching (TRL's ``_get_udm_weight`` of the
+            prompt embeddings, clamped to its min/max density ratio); entries of desirable
+            completions are ignored (their weight is 1).
+
+    Returns:
+        ``(loss, metrics)``: the 0-dim loss (float32; float64 for float64 input; B = 0 gives 0)
+        and 0-dim float32 metrics as TRL logged them: ``delta``, ``rewards/chosen``,
+        ``rewards/rejected``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` (means
+        over each group; 0 for an empty group).
+    """
+    op_name = "bco_loss"
+    specs = {"policy_logps": (policy_logps, "float"), "ref_logps": (ref_logps, "float"), "labels": (labels, "mask"),
+             "udm_weights": (udm_weights, "float")}
+    _checks.tensors(op_name, "policy_logps", specs)
+    if policy_logps.ndim != 1:
+        raise ValueError(f"{op_name}: policy_logps must be [B], got shape {tuple(policy_logps.shape)}")
+    _checks.tensors(op_name, "policy_logps", specs, shape=policy_logps.shape)
+    _checks.tensors(op_name, "policy_logps", {"policy_logps": (policy_logps, "float"), "delta": (delta, "float")})
+    if delta is None or delta.numel() != 1:
+        raise ValueError(f"{op_name}: delta must be a 1-element tensor (the running mean of the rewards), got "
+                         f"{None if delta is None else tuple(delta.shape)}")
+    for name, t in (("ref_logps", ref_logps), ("delta", delta), ("udm_weights", udm_weights)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{op_name}: {name} requires grad, but it is a constant of the loss; compute it under "
+                             "torch.no_grad() or pass .detach()")
+    beta = _checks.number(op_name, "beta", beta, low=0, low_open=True)
+    dtype = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
+    weights = (policy_logps.new_ones(policy_logps.shape, dtype=dtype) if udm_weights is None
+               else udm_weights.detach().to(dtype).contiguous())
+    eager = (type(policy_logps) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+             and not torch._C._functorch.is_functorch_wrapped_tensor(policy_logps))
+    op = _EagerKTOLoss.apply if eager else _kto_op
+    loss, _, metrics = op(policy_logps, ref_logps.detach().to(dtype).contiguous(), labels.detach().to(dtype).contiguous(),
+                          weights, delta.detach().to(dtype).reshape(1), policy_logps.new_zeros((1,), dtype=dtype),
+                          _BCO_CODE, [beta, 1.0, 1.0])
+    return loss, dict(zip(BCO_METRIC_KEYS, metrics.detach().to(torch.float32).unbind(0)))

@@ -216,3 +216,38 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl_logps: 
             "logps/rejected": torch.where(good, zero, x).sum() / n_bad.clamp(min=1),
         }
     return loss, {k: v.detach().to(dtype) for k, v in metrics.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# BCO: binary classifier optimization (TRL's BCOTrainer before 1.16 removed it)
+
+BCO_METRIC_KEYS = ("delta",) + KTO_METRIC_KEYS[1:]
+
+
+def bco_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, delta: Tensor, *, beta: float = 0.1,
+             udm_weights: Tensor | None = None):
+    """BCO's loss (mean over the batch) and metrics, in float32 (float64 for float64 input).
+    No argument checks: the op checks."""
+    dtype = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
+    x = policy_logps.to(dtype)
+    rewards = beta * (x - ref_logps.to(dtype))
+    good = labels.to(torch.bool)
+    d = delta.to(dtype).reshape(())
+    w = torch.ones_like(x) if udm_weights is None else udm_weights.to(dtype)
+    per = torch.where(good, _sp(-(rewards - d)), w * _sp(rewards - d))
+    loss = per.sum() / max(x.numel(), 1)
+    with torch.no_grad():
+        n_good = good.sum().to(dtype)
+        n_bad = (~good).sum().to(dtype)
+        zero = x.new_zeros(())
+        rc = torch.where(good, rewards, zero).sum() / n_good.clamp(min=1)
+        rr = torch.where(good, zero, rewards).sum() / n_bad.clamp(min=1)
+        metrics = {
+            "delta": d,
+            "rewards/chosen": rc,
+            "rewards/rejected": rr,
+            "rewards/margins": torch.where((n_good > 0) & (n_bad > 0), rc - rr, zero),
+            "logps/chosen": torch.where(good, x, zero).sum() / n_good.clamp(min=1),
+            "logps/rejected": torch.where(good, zero, x).sum() / n_bad.clamp(min=1),
+        }
+    return loss, {k: v.detach().to(dtype) for k, v in metrics.items()}
