@@ -391,7 +391,8 @@ def preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, 
     _preference_kernel[(1,)](
         c, r, ref_chosen.contiguous(), ref_rejected.contiguous(), chosen_lengths.contiguous(),
         rejected_lengths.contiguous(), pair_weights.contiguous(), perm, loss, grad_c, grad_r, metrics, n,
-        float(beta), float(ls), float(alpha), float(tau), float(clamp_max), log_pw, log_pl, *map(float, weights), float(gamma),
+        float(beta), float(ls), float(alpha), float(tau), float(clamp_max), log_pw, log_pl, *map(float, weights),
+        float(gamma),
         TYPES=bits, FDIV=fdiv, FP64=dtype == torch.float64, BLOCK=block)
     return loss, grad_c, grad_r, metrics
 

@@ -470,7 +470,8 @@ def test_cpo_and_orpo_lists_in_many_blocks(backend, dtype, monkeypatch):
         monkeypatch.setattr(kernel, "MAX_BLOCK", 16)
     c, r, nc, nr, _ = _free_pairs(n=37, seed=13, dtype=dtype)
     # every loss type CPO's trainer can build (reference-free) and ORPO's, with the NLL (sft)
-    kw = dict(loss_type=["simpo", "orpo", "sft", "sigmoid", "hinge", "ipo"], loss_weights=[1.0, 0.7, 0.4, 0.3, 0.2, 0.1],
+    kw = dict(loss_type=["simpo", "orpo", "sft", "sigmoid", "hinge", "ipo"],
+              loss_weights=[1.0, 0.7, 0.4, 0.3, 0.2, 0.1],
               beta=0.3, label_smoothing=0.1, simpo_gamma=0.8, chosen_lengths=nc, rejected_lengths=nr)
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
     _compare(_ours(c, r, None, None, **kw), _oracle(c, r, None, None, **kw), **tol)
@@ -523,7 +524,8 @@ def test_simpo_orpo_bad_calls(bad, message):
         rlkern.preference_loss(c, c, **bad)
     assert str(info.value).startswith("preference_loss: ")
     with pytest.raises(ValueError, match="reference-free") as info:
-        rlkern.preference_loss(c, c, c, c, loss_type="orpo", chosen_lengths=torch.ones(3), rejected_lengths=torch.ones(3))
+        rlkern.preference_loss(c, c, c, c, loss_type="orpo", chosen_lengths=torch.ones(3),
+                               rejected_lengths=torch.ones(3))
 
 
 def _trl_free_case(seed=15, n=5, width=8, vocab=11):
@@ -863,7 +865,8 @@ def test_kto_matches_liger_preference_loss_fn(backend, loss_type):
 def test_kto_triton_kernel_compiles_for_sm90():
     compile_for_sm90("""
 from rlkern.kernels import preference as k
-for loss, fp64, dt in ((0, False, "bf16"), (1, False, "fp32"), (2, False, "fp16"), (0, True, "fp64"), (2, True, "fp64")):
+for loss, fp64, dt in ((0, False, "bf16"), (1, False, "fp32"), (2, False, "fp16"), (0, True, "fp64"),
+                      (2, True, "fp64")):
     f = "*fp64" if fp64 else "*fp32"
     s = {"x_ptr": "*" + dt, "ref_ptr": f, "lab_ptr": f, "w_ptr": f, "kx_ptr": f, "kr_ptr": f, "loss_ptr": f, "g_ptr": f,
          "met_ptr": f, "B": "i32", "M": "i32", "beta": "fp64", "dw": "fp64", "uw": "fp64"}
@@ -963,3 +966,38 @@ def test_bco_at_zero_delta_is_half_trls_bco_pair(backend):
     loss, g, metrics = _bco_ours(sums, torch.cat([ref_c, ref_r]), labels, torch.zeros(()), beta=0.3)
     torch.testing.assert_close(2 * loss, trl_loss.float(), rtol=2e-5, atol=2e-6)
     torch.testing.assert_close((2 * g)[:, None].expand_as(trl_grad)[mask], trl_grad[mask], rtol=2e-5, atol=2e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 37, 3001])
+def test_cpo_orpo_kto_bco_triton_on_cuda_match_the_reference(dtype, n):
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def on_cpu(out):
+        return tuple(({k: v.cpu() for k, v in t.items()} if isinstance(t, dict) else t.cpu()) for t in out)
+
+    def rounded(want):  # the gradient is rounded to the input dtype
+        if dtype != torch.bfloat16:
+            return want, tol
+        return (want[0], *(t.to(dtype).double() for t in want[1:-1]), want[-1]), dict(rtol=1e-2, atol=1e-5)
+
+    c, r, nc, nr, pw = _free_pairs(n=n, seed=40, dtype=dtype)
+    kw = dict(loss_type=["simpo", "orpo", "sft"], loss_weights=[1.0, 0.5, 0.2], beta=0.3, label_smoothing=0.1,
+              chosen_lengths=nc, rejected_lengths=nr)
+    ours = _ours(c.cuda(), r.cuda(), None, None, **dict(kw, chosen_lengths=nc.cuda(), rejected_lengths=nr.cuda()))
+    want, t = rounded(_oracle(c, r, None, None, **kw))
+    _compare(on_cpu(ours), want, **t)
+    x, ref, labels, kx, kr = _kto_case(n=n, m=max(n // 2, 1), seed=41, dtype=dtype)
+    ref, kx, kr = ref.to(compute), kx.to(compute), kr.to(compute)
+    for loss_type in ("kto", "apo_zero_unpaired"):
+        kl = (kx, kr) if loss_type == "kto" else (None, None)
+        ours = _kto_ours(x.cuda(), ref.cuda(), labels.cuda(), *(None if k is None else k.cuda() for k in kl),
+                         **_kto_kw(loss_type))
+        want, t = rounded(_kto_oracle(x, ref, labels, *kl, **_kto_kw(loss_type)))
+        _kto_compare(on_cpu(ours), want, **t)
+    delta = torch.tensor(0.3, dtype=compute)
+    ours = _bco_ours(x.cuda(), ref.cuda(), labels.cuda(), delta.cuda(), beta=0.3, udm_weights=pw.to(compute).cuda())
+    want, t = rounded(_bco_oracle(x, ref, labels, delta, beta=0.3, udm_weights=pw.to(compute)))
+    _bco_compare(on_cpu(ours), want, **t)

@@ -370,7 +370,8 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl_logps: 
             raise ValueError(f"{_KTO}: kl_logps and ref_kl_logps must be [M] of one shape, got "
                              f"{tuple(kl_logps.shape)} and {tuple(ref_kl_logps.shape)}")
     elif kl_logps is not None or ref_kl_logps is not None:
-        raise ValueError(f"{_KTO}: loss_type 'apo_zero_unpaired' has no KL term; kl_logps and ref_kl_logps must be None")
+        raise ValueError(f"{_KTO}: loss_type 'apo_zero_unpaired' has no KL term; kl_logps and ref_kl_logps must be "
+                         "None")
     for name, t in (("ref_logps", ref_logps), ("kl_logps", kl_logps), ("ref_kl_logps", ref_kl_logps)):
         if t is not None and t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{_KTO}: {name} requires grad, but it is a constant of the loss; compute it under "
@@ -448,7 +449,7 @@ def bco_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, delta: Ten
     eager = (type(policy_logps) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
              and not torch._C._functorch.is_functorch_wrapped_tensor(policy_logps))
     op = _EagerKTOLoss.apply if eager else _kto_op
-    loss, _, metrics = op(policy_logps, ref_logps.detach().to(dtype).contiguous(), labels.detach().to(dtype).contiguous(),
-                          weights, delta.detach().to(dtype).reshape(1), policy_logps.new_zeros((1,), dtype=dtype),
+    loss, _, metrics = op(policy_logps, ref_logps.detach().to(dtype).contiguous(),
+                          labels.detach().to(dtype).contiguous(), weights, delta.detach().to(dtype).reshape(1), policy_logps.new_zeros((1,), dtype=dtype),
                           _BCO_CODE, [beta, 1.0, 1.0])
     return loss, dict(zip(BCO_METRIC_KEYS, metrics.detach().to(torch.float32).unbind(0)))
