@@ -141,7 +141,11 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
               chosen / rejected log-probs (beta is ORPO's lambda).
             The trainers' NLL term (cross-entropy over the chosen tokens, a token mean) is sft:
             CPO = ``loss_type=[t, "sft"], loss_weights=[1, cpo_alpha]``, ORPO =
-            ``loss_type=["orpo", "sft"]``. CPO's other loss types: hinge = hinge reference-free;
+            ``loss_type=["orpo", "sft"]`` (ORPO's NLL runs over the prompt tokens too: sft equals
+            it only where the summed tokens are those; else add the caller's own NLL). orpo needs
+            log-probs < 0 (an averaged log-prob of 0 has infinite odds, as in TRL). Not covered:
+            CPO's AlphaPO ``alpha`` reward transform; ORPO's extra logged ``log_odds_ratio`` /
+            ``log_odds_chosen``; CPO's ipo logs averaged log-probs, this op's ipo metrics are sums. CPO's other loss types: hinge = hinge reference-free;
             ipo = ipo reference-free with the lengths; sigmoid = sigmoid reference-free, and
             with CPO's label smoothing = simpo with ``simpo_gamma=0`` and lengths of ones.
         simpo_gamma: simpo's target margin (CPOConfig's 0.5).
