@@ -43,6 +43,7 @@ import os
 import sys
 
 from rlkern.algos import openrlhf as twins
+from rlkern.integrations._import_hook import PatchingLoader
 from rlkern.ops import _checks
 from rlkern.ops._layout import out_dtype as wide_of
 
@@ -175,30 +176,12 @@ def _openrlhf_modules() -> list:
     return [m for m in list(sys.modules.values()) if _inside(getattr(m, "__file__", None))]
 
 
-class _Loader:
-    """Runs the wrapped loader, then patches the module it executed."""
-
-    def __init__(self, loader):
-        self._loader = loader
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        patch_module(module)
-
-    def __getattr__(self, name):
-        if name == "_loader":  # not set yet: an unpickled copy (dill pickles module loaders)
-            raise AttributeError(name)
-        return getattr(self._loader, name)
-
 
 def wrap_spec(spec):
     """Make ``spec``'s loader patch the module once executed, when ``spec`` is an OpenRLHF file."""
     if (spec is not None and _inside(spec.origin) and hasattr(spec.loader, "exec_module")
-            and not isinstance(spec.loader, _Loader)):
-        spec.loader = _Loader(spec.loader)
+            and not (isinstance(spec.loader, PatchingLoader) and spec.loader._after is patch_module)):
+        spec.loader = PatchingLoader(spec.loader, patch_module)
     return spec
 
 

@@ -84,6 +84,7 @@ import torch
 
 from rlkern.algos.advantages import VERL_ADV_ESTIMATORS
 from rlkern.algos.policy_loss import VERL_POLICY_LOSSES
+from rlkern.integrations._import_hook import PatchingLoader
 from rlkern.ops import _checks
 from rlkern.ops import policy_loss as ops
 from rlkern.ops.linear_logprobs import linear_token_logprobs
@@ -405,24 +406,12 @@ def _verl_modules():
             if m is not None and (name == "verl" or name.startswith("verl."))]
 
 
-class _PatchingLoader(importlib.abc.Loader):
-    """Runs the real loader, then swaps the new module's globals (modules imported after patch())."""
-
-    def __init__(self, loader):
-        self._loader = loader
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        with _LOCK:
-            if _State.patched:
-                _learn_module(module)
-                _swap_globals(module)
-
-    def __getattr__(self, name):  # get_source, is_package, resource readers: the real loader's
-        return getattr(self._loader, name)
+def _patch_imported(module) -> None:
+    """Swap the globals of a verl module imported after patch() (run by its PatchingLoader)."""
+    with _LOCK:
+        if _State.patched:
+            _learn_module(module)
+            _swap_globals(module)
 
 
 class _ImportHook(importlib.abc.MetaPathFinder):
@@ -445,7 +434,7 @@ class _ImportHook(importlib.abc.MetaPathFinder):
         finally:
             self._busy.on = False
         if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _PatchingLoader(spec.loader)
+            spec.loader = PatchingLoader(spec.loader, _patch_imported)
         return spec
 
 

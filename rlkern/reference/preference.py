@@ -200,14 +200,20 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl_logps: 
         rejected = torch.sigmoid(beta * lr)
     per = torch.where(good, desirable_weight * chosen, undesirable_weight * rejected)
     loss = per.sum() / max(x.numel(), 1)
+    return loss, _unpaired_metrics("kl", kl, x, beta * lr, good)
+
+
+def _unpaired_metrics(first_key: str, first_value: Tensor, x: Tensor, rewards: Tensor, good: Tensor) -> dict:
+    """KTO's and BCO's logged metrics: ``first_key`` (the KL reference point / the running reward
+    mean), then the means of the rewards and log-probs over the desirable and undesirable groups."""
     with torch.no_grad():
-        n_good = good.sum().to(dtype)
-        n_bad = (~good).sum().to(dtype)
+        n_good = good.sum().to(x.dtype)
+        n_bad = (~good).sum().to(x.dtype)
         zero = x.new_zeros(())
-        rc = torch.where(good, beta * lr, zero).sum() / n_good.clamp(min=1)
-        rr = torch.where(good, zero, beta * lr).sum() / n_bad.clamp(min=1)
+        rc = torch.where(good, rewards, zero).sum() / n_good.clamp(min=1)
+        rr = torch.where(good, zero, rewards).sum() / n_bad.clamp(min=1)
         metrics = {
-            "kl": kl,
+            first_key: first_value,
             "rewards/chosen": rc,
             "rewards/rejected": rr,
             # TRL logs a margin only when both groups are present
@@ -215,7 +221,7 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl_logps: 
             "logps/chosen": torch.where(good, x, zero).sum() / n_good.clamp(min=1),
             "logps/rejected": torch.where(good, zero, x).sum() / n_bad.clamp(min=1),
         }
-    return loss, {k: v.detach().to(dtype) for k, v in metrics.items()}
+    return {k: v.detach().to(x.dtype) for k, v in metrics.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,18 +242,4 @@ def bco_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, delta: Ten
     w = torch.ones_like(x) if udm_weights is None else udm_weights.to(dtype)
     per = torch.where(good, _sp(-(rewards - d)), w * _sp(rewards - d))
     loss = per.sum() / max(x.numel(), 1)
-    with torch.no_grad():
-        n_good = good.sum().to(dtype)
-        n_bad = (~good).sum().to(dtype)
-        zero = x.new_zeros(())
-        rc = torch.where(good, rewards, zero).sum() / n_good.clamp(min=1)
-        rr = torch.where(good, zero, rewards).sum() / n_bad.clamp(min=1)
-        metrics = {
-            "delta": d,
-            "rewards/chosen": rc,
-            "rewards/rejected": rr,
-            "rewards/margins": torch.where((n_good > 0) & (n_bad > 0), rc - rr, zero),
-            "logps/chosen": torch.where(good, x, zero).sum() / n_good.clamp(min=1),
-            "logps/rejected": torch.where(good, zero, x).sum() / n_bad.clamp(min=1),
-        }
-    return loss, {k: v.detach().to(dtype) for k, v in metrics.items()}
+    return loss, _unpaired_metrics("delta", d, x, rewards, good)
