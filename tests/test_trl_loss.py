@@ -356,12 +356,14 @@ def test_loss_overrides_name_the_trainers(monkeypatch):
     grpo = import_peer("trl.trainer.grpo_trainer")
     rloo = import_peer("trl.trainer.rloo_trainer")
     dpo = import_peer("trl.trainer.dpo_trainer")
+    kto = import_peer("trl.trainer.kto_trainer")
     overrides = trl_loss_mod.loss_overrides()
     assert [(o, a) for o, a, _ in overrides] == [(grpo.GRPOTrainer, "_compute_loss"),
                                                  (rloo.RLOOTrainer, "_compute_loss"),
-                                                 (dpo.DPOTrainer, "_compute_loss")]
+                                                 (dpo.DPOTrainer, "_compute_loss"),
+                                                 (kto.KTOTrainer, "_compute_loss")]
     assert [r for _, _, r in overrides] == [trl_loss_mod.grpo_compute_loss, trl_loss_mod.rloo_compute_loss,
-                                            trl_loss_mod.dpo_compute_loss]
+                                            trl_loss_mod.dpo_compute_loss, trl_loss_mod.kto_compute_loss]
     # the originals stay reachable for the configurations rlkern leaves to TRL
     assert trl_loss_mod._original(grpo.GRPOTrainer) is grpo.GRPOTrainer.__dict__["_compute_loss"]
     # patched as rlkern.integrations.trl.patch(loss=True) does: the fallback still reaches TRL's own
@@ -576,3 +578,132 @@ def test_dpo_sft_with_weighting_where_trl_raises():
     sigmoid_loss = _dpo_compare({"loss_type": "sigmoid", "use_weighting": True}, seed=28)[1]
     want = sigmoid_loss + float(nll * (w[:P] * w[P:]).mean())
     torch.testing.assert_close(float(loss), want, rtol=1e-5, atol=1e-6)
+
+
+# --- KTO -------------------------------------------------------------------------------------------
+
+N_KTO = 8
+
+
+def _kto_batch(seed=0, dtype=torch.float32, labels=None):
+    g = torch.Generator().manual_seed(seed)
+    width = T + 1
+    pos = torch.arange(width)[None, :]
+
+    def mask(n):
+        start = torch.randint(1, 4, (n,), generator=g)
+        end = start + torch.randint(2, T - 2, (n,), generator=g)
+        return ((pos >= start[:, None]) & (pos < end[:, None])).long()
+
+    completion_mask, kl_mask = mask(N_KTO), mask(N_KTO)
+
+    def per_token(m, spread=None, base=None):
+        noise = -torch.rand(N_KTO, T, generator=g, dtype=torch.float64) * 2.0 if base is None else \
+            base.double() + torch.randn(N_KTO, T, generator=g, dtype=torch.float64) * spread
+        return noise.to(dtype) * m[:, 1:].to(dtype)
+
+    lp, kl_lp = per_token(completion_mask), per_token(kl_mask)
+    ref, ref_kl = per_token(completion_mask, 0.3, lp), per_token(kl_mask, 0.3, kl_lp) - 0.05 * kl_mask[:, 1:]
+    if labels is None:
+        labels = torch.tensor([True, False, True, True, False, False, True, False])
+    extra = dict(entropy=torch.rand(N_KTO, T, generator=g) * 3, mean_logits=torch.randn(N_KTO, T, generator=g))
+    return dict(lp=lp, ref=ref, kl_lp=kl_lp, ref_kl=ref_kl, completion_mask=completion_mask, kl_mask=kl_mask,
+                labels=labels, extra=extra, input_ids=torch.zeros(N_KTO, width, dtype=torch.long),
+                kl_ids=torch.ones(N_KTO, width, dtype=torch.long))
+
+
+def _kto(options, b, training=True):
+    kto = import_peer("trl.trainer.kto_trainer")
+    args = types.SimpleNamespace(**_config_defaults("trl.trainer.kto_config", "KTOConfig"))
+    for k, v in options.items():
+        setattr(args, k, v)
+    trainer = object.__new__(kto.KTOTrainer)
+    trainer.args = args
+    trainer.accelerator = _accelerator()
+    trainer.accelerator.device = torch.device("cpu")
+    trainer.model = torch.nn.Module().train(training)
+    trainer.model.is_gradient_checkpointing = False
+    trainer.beta = args.beta
+    trainer.precompute_ref_logps = args.precompute_ref_log_probs
+    trainer.loss_type = args.loss_type
+    trainer.desirable_weight = args.desirable_weight
+    trainer.undesirable_weight = args.undesirable_weight
+    trainer.calculate_KL = options.get("calculate_KL", args.loss_type == "kto")
+    trainer.aux_loss_enabled = options.get("aux", False)
+    trainer.router_aux_loss_coef = 0.01
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    trainer._total_train_tokens = 0
+    trainer._tp_size = 1
+    lp = b["lp"].clone().requires_grad_()
+
+    def run(per_token, kl_per_token, **kwargs):
+        shift = (kwargs["labels"][:, 1:] != -100).to(per_token.dtype)
+        if kwargs["input_ids"] is b["kl_ids"]:
+            return types.SimpleNamespace(log_probs=kl_per_token * shift)
+        return types.SimpleNamespace(log_probs=per_token * shift, aux_loss=torch.tensor(0.3), **b["extra"])
+
+    def reference(**kwargs):
+        assert not torch.is_grad_enabled()
+        return run(b["ref"], b["ref_kl"], **kwargs)
+
+    trainer.ref_model = reference
+    return trainer, (lambda **kwargs: run(lp, b["kl_lp"], **kwargs)), lp
+
+
+def _kto_inputs(b, trainer):
+    inputs = {"input_ids": b["input_ids"], "attention_mask": torch.ones_like(b["input_ids"]),
+              "completion_mask": b["completion_mask"], "label": b["labels"]}
+    if trainer.calculate_KL:
+        inputs.update(KL_input_ids=b["kl_ids"], KL_attention_mask=torch.ones_like(b["kl_ids"]),
+                      KL_completion_mask=b["kl_mask"])
+    if trainer.precompute_ref_logps:
+        inputs["ref_logps"] = (b["ref"] * b["completion_mask"][:, 1:]).sum(-1)
+        if trainer.calculate_KL:
+            inputs["ref_KL_logps"] = (b["ref_kl"] * b["kl_mask"][:, 1:]).sum(-1)
+    return inputs
+
+
+def _kto_compare(options, seed=0, dtype=torch.float32, training=True, labels=None, rtol=2e-5, atol=2e-6):
+    trl_loss_mod = pytest.importorskip("rlkern.integrations._trl_loss")
+    kto = import_peer("trl.trainer.kto_trainer")
+    b = _kto_batch(seed, dtype, labels)
+    theirs, model_t, lp_t = _kto(options, b, training)
+    ours, model_o, lp_o = _kto(options, b, training)
+    inputs = _kto_inputs(b, theirs)
+    ref_loss = trl_loss_mod._original(kto.KTOTrainer)(theirs, model_t, inputs, False)
+    ref_loss.backward()
+    before = trl_loss_mod.CALLS
+    our_loss = trl_loss_mod.kto_compute_loss(ours, model_o, inputs, False)
+    our_loss.backward()
+    assert trl_loss_mod.CALLS == before + 1, "rlkern did not compute the loss"
+    torch.testing.assert_close(our_loss.double(), ref_loss.double(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(lp_o.grad.double(), lp_t.grad.double(), rtol=rtol, atol=atol)
+    mode = "train" if training else "eval"
+    want, got = dict(theirs._metrics[mode]), dict(ours._metrics[mode])
+    assert list(got) == list(want)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=rtol, abs=atol), key
+    return want
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("options", [
+    {"loss_type": "kto"},
+    {"loss_type": "kto", "desirable_weight": 1.33, "undesirable_weight": 0.7, "beta": 0.3},
+    {"loss_type": "apo_zero_unpaired", "desirable_weight": 0.8},
+    {"loss_type": "kto", "calculate_KL": False},
+    {"loss_type": "kto", "precompute_ref_log_probs": True},
+    {"loss_type": "apo_zero_unpaired", "precompute_ref_log_probs": True, "aux": True},
+], ids=["kto", "kto_weights", "apo_zero_unpaired", "kto_no_kl", "kto_precompute", "apo_precompute_aux"])
+def test_kto_loss(options):
+    logged = _kto_compare(dict(options), seed=30)
+    if options["loss_type"] == "kto" and options.get("calculate_KL", True):
+        assert logged["kl"][-1] > 0  # the reference point is exercised
+
+
+@pytest.mark.peer
+def test_kto_one_group_eval_and_bf16():
+    _kto_compare({"loss_type": "kto"}, seed=31, labels=torch.ones(N_KTO, dtype=torch.bool))
+    _kto_compare({"loss_type": "kto", "undesirable_weight": 1.5}, seed=32, labels=torch.zeros(N_KTO, dtype=torch.bool),
+                 training=False)
+    _kto_compare({"loss_type": "kto"}, seed=33, dtype=torch.bfloat16, rtol=2e-2, atol=2e-2)

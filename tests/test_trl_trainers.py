@@ -1,4 +1,5 @@
-"""TRL 1.16's own trainers, two optimizer steps, plain and with ``rlkern.integrations.trl.patch()``.
+"""TRL 1.16's own trainers, two optimizer steps, plain and with ``rlkern.integrations.trl.patch()``
+(and DPO / KTO with ``patch(loss=True)``: their losses on rlkern too).
 
 GRPO, RLOO, DPO, KTO and SFT on a tiny in-process Qwen2 (tests/_tiny_models.py), CPU, offline,
 from the same seed, in float32 and under bf16 autocast (``bf16=True, use_cpu=True``: accelerate
@@ -98,7 +99,8 @@ def _train(name, precision, mode, tmp_root):
     if mode.startswith("rlkern"):
         rt.patch(loss=mode == "rlkern-loss")
     before = rt.calls["ChunkedLogProbFunction"]
-    loss_key = {"grpo": "GRPOTrainer", "rloo": "RLOOTrainer", "dpo": "DPOTrainer"}.get(name, "") + "._compute_loss"
+    loss_key = {"grpo": "GRPOTrainer", "rloo": "RLOOTrainer", "dpo": "DPOTrainer",
+                "kto": "KTOTrainer"}.get(name, "") + "._compute_loss"
     loss_before = rt.calls[loss_key]
     try:
         trainer = _trainer(name, precision, f"{tmp_root}/{name}-{precision}-{mode}", tmp_root)
@@ -148,17 +150,19 @@ def test_trainer_with_rlkern_matches_trl(name, precision, tmp_root):
 
 
 @pytest.mark.peer
+@pytest.mark.parametrize("name", ["dpo", "kto"])
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_dpo_trainer_loss_through_rlkern(precision, tmp_root):
-    # patch(loss=True): DPOTrainer._compute_loss runs rlkern.preference_loss on every step
-    trl_run = _train("dpo", precision, "trl", tmp_root)
-    ours = _train("dpo", precision, "rlkern-loss", tmp_root)
+def test_preference_trainer_loss_through_rlkern(name, precision, tmp_root):
+    # patch(loss=True): DPOTrainer._compute_loss / KTOTrainer._compute_loss run rlkern's
+    # preference_loss / kto_loss on every step
+    trl_run = _train(name, precision, "trl", tmp_root)
+    ours = _train(name, precision, "rlkern-loss", tmp_root)
     assert trl_run[4] == 0 and ours[4] > 0 and ours[3] > 0, (trl_run[4], ours[3], ours[4])
     gap = _gaps(trl_run, ours)
-    noise = _gaps(trl_run, _train("dpo", precision, "trl-chunk97", tmp_root))
+    noise = _gaps(trl_run, _train(name, precision, "trl-chunk97", tmp_root))
     slack = {key: 0.0 for key in gap}
     if precision == "bf16":  # as in test_trainer_with_rlkern_matches_trl
-        slack = {key: 0.1 * value for key, value in _gaps(_train("dpo", "fp32", "trl", tmp_root), trl_run).items()}
-    print(f"dpo {precision} loss=True: rlkern-vs-TRL {gap}, TRL-vs-TRL(chunk 97) {noise}, bf16 slack {slack}")
+        slack = {key: 0.1 * value for key, value in _gaps(_train(name, "fp32", "trl", tmp_root), trl_run).items()}
+    print(f"{name} {precision} loss=True: rlkern-vs-TRL {gap}, TRL-vs-TRL(chunk 97) {noise}, bf16 slack {slack}")
     for key in gap:
         assert gap[key] <= 20 * noise[key] + slack[key] + 2e-6, (key, gap, noise, slack)

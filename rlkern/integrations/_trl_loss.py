@@ -29,6 +29,11 @@ log-probs). Where TRL 1.16 fails, rlkern computes: ``use_weighting`` with sft or
 in-place product on sft's expanded loss / on relu's saved output raises), alpha_divergence on
 float64 log-probs (TRL has no clamp for float64; rlkern's is 80). Empty completions: sft's
 token mean is 0 (TRL: NaN).
+
+``kto_compute_loss`` replaces ``KTOTrainer._compute_loss``: both loss types (kto,
+apo_zero_unpaired), the desirable / undesirable weights, the KL reference point (with or
+without KL completions), precomputed / PEFT references and the aux loss, through
+``rlkern.kto_loss``.
 """
 
 from __future__ import annotations
@@ -55,8 +60,9 @@ _ORIGINAL: dict = {}  # (class, attribute) -> TRL's own method, for the configur
 def _trl():
     from trl.trainer.dpo_trainer import DPOTrainer
     from trl.trainer.grpo_trainer import GRPOTrainer
+    from trl.trainer.kto_trainer import KTOTrainer
     from trl.trainer.rloo_trainer import RLOOTrainer
-    return GRPOTrainer, RLOOTrainer, DPOTrainer
+    return GRPOTrainer, RLOOTrainer, DPOTrainer, KTOTrainer
 
 
 def _logps_and_entropies(self, model, inputs):
@@ -90,7 +96,7 @@ def _save_originals() -> None:
     """Keep TRL's own ``_compute_loss`` of each trainer (the fallback) before anything patches it."""
     for owner in _trl():
         current = owner.__dict__["_compute_loss"]
-        if current not in (grpo_compute_loss, rloo_compute_loss, dpo_compute_loss):
+        if current not in (grpo_compute_loss, rloo_compute_loss, dpo_compute_loss, kto_compute_loss):
             _ORIGINAL[(owner, "_compute_loss")] = current
 
 
@@ -464,12 +470,115 @@ def dpo_compute_loss(self, model, inputs, return_outputs):
     return loss
 
 
+# --- KTO ---------------------------------------------------------------------------------------
+
+
+def kto_compute_loss(self, model, inputs, return_outputs):
+    """``KTOTrainer._compute_loss`` through rlkern.kto_loss (same loss, gradient and metrics).
+
+    TRL's glue stays: the KL completions' log-probs (its own ``_compute_kl_logps``), the policy
+    and reference forwards, the reference point averaged over processes (TRL's gathered mean,
+    clamped at 0, passed to kto_loss as one KL log-prob), the aux loss and the token metrics. The
+    loss over the desirable and undesirable completions with their weights, and the logged
+    rewards / log-probs, are rlkern's. TRL's own method runs for ``return_outputs=True``, a loss
+    type TRL does not know, or ``beta <= 0``. No completion at all gives 0 (TRL: NaN).
+    """
+    from trl.trainer import kto_trainer as trl_kto
+
+    from rlkern.reference.preference import KTO_LOSS_TYPES
+
+    if return_outputs or self.loss_type not in KTO_LOSS_TYPES or not self.beta > 0:
+        return _original(_trl()[3])(self, model, inputs, return_outputs)
+    mode = "train" if self.model.training else "eval"
+    device = self.accelerator.device
+    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    labels = batch["label"]
+    num_chosen = labels.sum().to(device)
+    num_rejected = (len(labels) - num_chosen).to(device)
+    kl_logps = self._compute_kl_logps(model, batch)
+
+    skip = ("completion_mask", "KL_input_ids", "KL_attention_mask", "KL_completion_mask", "KL_token_type_ids",
+            "KL_mm_token_type_ids", "label", "ref_logps", "ref_KL_logps")
+    model_kwargs = {k: v for k, v in batch.items() if k not in skip}
+    model_kwargs["use_cache"] = False
+    if self.aux_loss_enabled:
+        model_kwargs["output_router_logits"] = True
+    completion_labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    outputs = model(**model_kwargs, labels=completion_labels, fused_lm_head=True)
+    seq_len = batch["input_ids"].size(1) - 1
+    logps = outputs.log_probs[:, -seq_len:].sum(-1)
+    if logps.shape[0] != len(labels):
+        return _original(_trl()[3])(self, model, inputs, return_outputs)  # TRL raises its own error
+    bool_labels = torch.as_tensor(labels, dtype=torch.bool, device=logps.device)
+
+    if self.precompute_ref_logps:
+        ref_logps = batch["ref_logps"]
+        ref_kl_logps = batch["ref_KL_logps"] if self.calculate_KL else None
+    else:
+        ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+        with torch.no_grad(), trl_kto.disable_gradient_checkpointing(self.model,
+                                                                     self.args.gradient_checkpointing_kwargs):
+            if trl_kto.is_peft_model(self.model) and self.ref_model is None:
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                with trl_kto.use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                    ref_kl_logps = self._compute_kl_logps(self.model, batch)
+                    ref_outputs = self.model(**ref_kwargs, labels=completion_labels, fused_lm_head=True)
+            else:
+                ref_kl_logps = self._compute_kl_logps(self.ref_model, batch)
+                ref_outputs = self.ref_model(**ref_kwargs, labels=completion_labels, fused_lm_head=True)
+        ref_logps = ref_outputs.log_probs[:, -seq_len:].sum(-1)
+
+    kw = dict(loss_type=self.loss_type, beta=self.beta, desirable_weight=self.desirable_weight,
+              undesirable_weight=self.undesirable_weight)
+    if self.loss_type == "kto":
+        if self.calculate_KL:  # TRL's reference point: the processes' mean KL estimates, averaged, >= 0
+            point = (kl_logps - ref_kl_logps).mean().detach()
+            point = self.accelerator.gather_for_metrics(point).mean().reshape(1)
+        else:
+            point = logps.new_zeros((0,)).detach()  # no KL completions: kl = 0
+        loss, metrics = rlkern.kto_loss(logps, ref_logps, bool_labels, point, torch.zeros_like(point), **kw)
+    else:
+        loss, metrics = rlkern.kto_loss(logps, ref_logps, bool_labels, **kw)
+    _count("KTOTrainer._compute_loss")
+
+    self._metrics[mode]["kl"].append(metrics["kl"].item())
+    gather = self.accelerator.gather_for_metrics
+    entropy = outputs.entropy[:, -seq_len:].detach()
+    shift_completion_mask = batch["completion_mask"][:, 1:]
+    entropy_sum = gather((entropy * shift_completion_mask).sum()).sum()
+    tokens = gather(shift_completion_mask.sum()).sum()
+    self._metrics[mode]["entropy"].append((entropy_sum / tokens).item() if tokens > 0 else 0.0)
+    if mode == "train":
+        self._total_train_tokens += gather(batch["attention_mask"].sum()).sum().item() // self._tp_size
+    self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+    mean_logits = outputs.mean_logits[:, -seq_len:]
+    token_mask = shift_completion_mask.bool()
+    for name, rows in (("chosen", bool_labels), ("rejected", ~bool_labels)):
+        mask = token_mask & rows[:, None]
+        total, count = gather(mean_logits[mask].sum()).sum().item(), gather(mask.sum()).sum().item()
+        if count > 0:
+            self._metrics[mode][f"logits/{name}"].append(total / count)
+    all_chosen, all_rejected = gather(num_chosen).sum().item(), gather(num_rejected).sum().item()
+    # rlkern's group means times the local group sizes: the sums TRL gathers
+    for name, local, total in (("chosen", num_chosen, all_chosen), ("rejected", num_rejected, all_rejected)):
+        if total > 0:
+            for key in (f"rewards/{name}", f"logps/{name}"):
+                self._metrics[mode][key].append(gather(metrics[key] * local).sum().item() / total)
+    if all_chosen > 0 and all_rejected > 0:
+        self._metrics[mode]["rewards/margins"].append(
+            self._metrics[mode]["rewards/chosen"][-1] - self._metrics[mode]["rewards/rejected"][-1])
+    if self.aux_loss_enabled:
+        loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+        self._metrics[mode]["aux_loss"].append(gather(outputs.aux_loss).mean().item())
+    return loss
+
+
 def loss_overrides() -> list[tuple[object, str, object]]:
     """``(owner class, attribute name, replacement)`` for each trainer whose loss rlkern computes."""
-    grpo, rloo, dpo = _trl()
+    grpo, rloo, dpo, kto = _trl()
     _save_originals()
     return [(grpo, "_compute_loss", grpo_compute_loss), (rloo, "_compute_loss", rloo_compute_loss),
-            (dpo, "_compute_loss", dpo_compute_loss)]
+            (dpo, "_compute_loss", dpo_compute_loss), (kto, "_compute_loss", kto_compute_loss)]
 
 
 try:  # TRL's own methods, saved at import: a patch applied later cannot hide them from the fallback
