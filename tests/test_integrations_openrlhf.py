@@ -418,6 +418,58 @@ def test_preference_twins_out_dtype_and_patched_trainer_modules(orl):
     assert modules["openrlhf.trainer.dpo_trainer"].DPOLoss is originals["DPOLoss"]
 
 
+@pytest.mark.peer
+@pytest.mark.parametrize("trainer_name,margin", [("dpo", False), ("rm", False), ("rm", True)])
+def test_openrlhf_preference_evaluate_patched_equals_unpatched(orl, trainer_name, margin):
+    """OpenRLHF's own DPOTrainer.evaluate / RewardModelTrainer.evaluate with the loss its module
+    builds: patched, the loss runs on rlkern (counted) and logs OpenRLHF's numbers. (OpenRLHF's
+    packaged test_preference_eval compiles the class from its source, which no patch reaches.)"""
+    import types
+
+    modules, _ = orl
+    module = importlib.import_module(f"openrlhf.trainer.{trainer_name}_trainer")
+    cls = module.DPOTrainer if trainer_name == "dpo" else module.RewardModelTrainer
+    g = torch.Generator().manual_seed(25)
+    chosen, rejected = torch.randn(7, 1, generator=g) * 3, torch.randn(7, 1, generator=g) * 3
+    margins = torch.rand(7, generator=g)
+    last = torch.zeros(7) if trainer_name == "dpo" else margins
+    data = torch.utils.data.TensorDataset(chosen[:, None], torch.ones(7, 1, 1), rejected[:, None],
+                                          torch.ones(7, 1, 1), last)
+    model, reference = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    model.config = types.SimpleNamespace()
+
+    def forward(current, chosen_ids, c_mask, reject_ids, r_mask, *args):
+        c, r = chosen_ids[:, 0].float(), reject_ids[:, 0].float()
+        if current is reference:
+            c, r = 0.3 * c, -0.2 * r
+        return (c, r, None) if trainer_name == "rm" else (c, r, None, None)
+
+    def evaluate():
+        logged = []
+        strategy = types.SimpleNamespace(is_rank_0=lambda: True, all_reduce=lambda v: v, all_gather=lambda v: v,
+                                         _unwrap_model=lambda v: v, print=lambda *a: None)
+        loss_fn = module.DPOLoss(0.5, 0.1) if trainer_name == "dpo" else module.PairWiseLoss()
+        trainer = types.SimpleNamespace(model=model, ref_model=reference, strategy=strategy, margin_loss=margin,
+                                        loss_fn=loss_fn, concatenated_forward=forward, _wandb=types.SimpleNamespace(
+                                            log=logged.append), _tensorboard=None)
+        cls.evaluate(trainer, torch.utils.data.DataLoader(data, batch_size=3), steps=1)
+        return logged[0], loss_fn
+
+    theirs, their_fn = evaluate()
+    name = "DPOLoss" if trainer_name == "dpo" else "PairWiseLoss"
+    calls = ro.calls[name]
+    ro.patch()
+    try:
+        ours, our_fn = evaluate()
+    finally:
+        ro.unpatch()
+    assert hasattr(type(our_fn), "_rlkern_original") and not hasattr(type(their_fn), "_rlkern_original")
+    assert ro.calls[name] == calls + 3  # three batches
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-6), key
+
+
 # --- KTOLoss (OpenRLHF before 0.11) ------------------------------------------------------------------
 
 

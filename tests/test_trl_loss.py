@@ -554,8 +554,8 @@ def test_dpo_other_backends(monkeypatch, backend_name):
     monkeypatch.setenv("RLKERN_BACKEND", backend_name)
     _dpo_compare({"loss_type": ["sigmoid", "ipo", "sft"], "loss_weights": [1.0, 0.5, 0.2], "ld_alpha": 0.6},
                  seed=26, rtol=1e-5, atol=1e-5)
-    _dpo_compare({"loss_type": ["discopop", "sigmoid_norm"], "use_weighting": True, "f_divergence_type": "js_divergence"},
-                 seed=27, rtol=1e-5, atol=1e-5)
+    _dpo_compare({"loss_type": ["discopop", "sigmoid_norm"], "use_weighting": True,
+                  "f_divergence_type": "js_divergence"}, seed=27, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.peer
