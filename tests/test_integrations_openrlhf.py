@@ -348,6 +348,7 @@ def test_dpo_loss_bad_calls():
     x = torch.zeros(3)
     with pytest.raises(ValueError, match=r"^DPOLoss: label_smoothing must be in \[0, 1\]"):
         DPOLoss(0.1, label_smoothing=1.5)(x, x, x, x)
+    DPOLoss(0.1, label_smoothing=1.5, ipo=True)(x, x, x, x)  # IPO ignores label_smoothing, as OpenRLHF
     with pytest.raises(ValueError, match="^DPOLoss: reference_rejected_logps requires grad"):
         DPOLoss(0.1)(x, x, x, x.clone().requires_grad_())
     with pytest.raises(TypeError, match=r"^DPOLoss: out_dtype must be None \(OpenRLHF's dtype\)"):

@@ -195,7 +195,7 @@ class DPOLoss(torch.nn.Module):
     ``pr - rr`` (TRL 1.16's DPO ``sigmoid`` ignores label_smoothing and its ``robust`` is the
     unbiased estimator, another formula). label_smoothing in (0.5, 1] is the same loss with
     chosen and rejected swapped and ``1 - label_smoothing`` (the formula is symmetric so);
-    outside [0, 1] it raises ValueError. Computed in float32 (float64 for float64 inputs) and
+    outside [0, 1] it raises ValueError (not with ``ipo=True``, which ignores it). Computed in float32 (float64 for float64 inputs) and
     rounded once, where OpenRLHF computes in the inputs' dtype. The reference log-probs are
     constants (one that requires grad raises; OpenRLHF's trainer computes them under no_grad).
     B = 0 gives a loss of 0 (OpenRLHF: NaN).
@@ -220,7 +220,7 @@ class DPOLoss(torch.nn.Module):
         _constant("DPOLoss", "reference_chosen_logps", rc)
         _constant("DPOLoss", "reference_rejected_logps", rr)
         ls = float(self.label_smoothing)
-        if not 0.0 <= ls <= 1.0:
+        if not self.ipo and not 0.0 <= ls <= 1.0:  # IPO ignores it, as OpenRLHF
             raise ValueError(f"DPOLoss: label_smoothing must be in [0, 1] (cDPO's probability of a flipped label), "
                              f"got {self.label_smoothing!r}")
         wide = wide_dtype(pc, pr, rc, rr)
