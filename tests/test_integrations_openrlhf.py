@@ -471,7 +471,7 @@ def test_openrlhf_preference_evaluate_patched_equals_unpatched(orl, trainer_name
         assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-6), key
 
 
-# --- KTOLoss (OpenRLHF before 0.11) ------------------------------------------------------------------
+# --- KTOLoss (OpenRLHF 0.1.10 to 0.9.5) ---------------------------------------------------------
 
 
 def _kto_batch(dtype, seed=23):

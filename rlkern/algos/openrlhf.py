@@ -31,7 +31,7 @@ None (default) returns OpenRLHF's dtypes; a float dtype returns that dtype, comp
   ``rlkern.preference_loss`` sigmoid, reference-free, beta 1 (PairWiseLoss's margin as the
   chosen side's reference log-prob).
 - ``KTOLoss(beta, desirable_weight, undesirable_weight, world_size, device)``: the KTO loss of
-  OpenRLHF releases before 0.11 (0.11.2 ships none), through ``rlkern.kto_loss``.
+  OpenRLHF 0.1.10 to 0.9.5 (removed in 0.9.6; 0.11.2 ships none), through ``rlkern.kto_loss``.
 """
 
 from __future__ import annotations
@@ -318,9 +318,9 @@ class LogExpLoss(torch.nn.Module):
 
 
 class KTOLoss(torch.nn.Module):
-    """The KTO loss of OpenRLHF releases before 0.11 (``openrlhf.models.loss.KTOLoss``, "KTO loss
-    for uneven sampling"; OpenRLHF 0.11.2 ships no KTO loss), with that class's constructor and
-    forward, through ``rlkern.kto_loss``.
+    """The KTO loss of OpenRLHF 0.1.10 to 0.9.5 (``openrlhf.models.loss.KTOLoss``, "KTO loss for
+    uneven sampling"; removed in 0.9.6, OpenRLHF 0.11.2 ships no KTO loss), with that class's
+    constructor, forward and return values, through ``rlkern.kto_loss``.
 
     ``KTOLoss(beta, desirable_weight, undesirable_weight, world_size, device)``;
     ``forward(policy_chosen_logps, policy_rejected_logps, policy_KL_logps,

@@ -30,8 +30,8 @@ the calls that went to rlkern, per name; ``calls.clear()`` resets it. The same A
 ``rlkern.integrations.trl`` and ``rlkern.integrations.verl``.
 
 Not covered: ``aggregate_loss`` / ``masked_mean`` (cheap reductions OpenRLHF keeps), the SFT
-losses (``GPTLMLoss``, ``SFTLoss``). OpenRLHF 0.11.2 has no KTO trainer or loss: the former
-releases' ``KTOLoss`` is :class:`rlkern.algos.openrlhf.KTOLoss`, a class to use directly (there is
+losses (``GPTLMLoss``, ``SFTLoss``). OpenRLHF 0.11.2 has no KTO trainer or loss: the ``KTOLoss``
+of 0.1.10 to 0.9.5 is :class:`rlkern.algos.openrlhf.KTOLoss`, a class to use directly (there is
 nothing in 0.11.2 to patch). The DPO trainer's sequence log-prob sums (its
 ``_get_batch_logps``) stay OpenRLHF's; their token log-probs come from the patched
 ``log_probs_from_logits``.
