@@ -559,25 +559,36 @@ def test_dpo_other_backends(monkeypatch, backend_name):
 
 
 @pytest.mark.peer
-def test_dpo_sft_with_weighting_where_trl_raises():
-    # TRL 1.16 multiplies sft's expanded (stride-0) per-pair loss in place by the WPO weights and
-    # raises; rlkern computes the weighted loss: sft's token mean times each pair's weight, meaned
+@pytest.mark.parametrize("loss_type", [["sigmoid", "sft"], ["hinge"]], ids=["sigmoid_sft", "hinge"])
+def test_dpo_weighting_where_trl_raises(loss_type):
+    # TRL 1.16 multiplies the per-pair loss in place by the WPO weights: sft's is an expanded
+    # (stride-0) tensor, hinge's is relu's output, which its backward needs; TRL raises. rlkern
+    # computes the weighted loss, checked here in float64 from the batch
     trl_loss_mod = pytest.importorskip("rlkern.integrations._trl_loss")
     dpo = import_peer("trl.trainer.dpo_trainer")
     b = _dpo_batch(28)
-    options = {"loss_type": ["sigmoid", "sft"], "use_weighting": True}
+    options = {"loss_type": loss_type, "use_weighting": True, "beta": 0.2}
     theirs, model_t, _ = _dpo(options, b)
-    ours, model_o, _ = _dpo(options, b)
-    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
-        trl_loss_mod._original(dpo.DPOTrainer)(theirs, model_t, _dpo_inputs(b, theirs), False)
+    ours, model_o, lp = _dpo(options, b)
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor|modified by an inplace"):
+        trl_loss_mod._original(dpo.DPOTrainer)(theirs, model_t, _dpo_inputs(b, theirs), False).backward()
+    before = trl_loss_mod.CALLS
     loss = trl_loss_mod.dpo_compute_loss(ours, model_o, _dpo_inputs(b, ours), False)
+    loss.backward()
+    assert trl_loss_mod.CALLS == before + 1 and lp.grad is not None
     shift = b["completion_mask"][:, 1:].double()
-    aligned = (b["lp"].double() - b["extra"]["log_sum_sq_probs"].double()) * shift
+    lp64, ref64 = b["lp"].double() * shift, b["ref"].double() * shift
+    aligned = (lp64 - b["extra"]["log_sum_sq_probs"].double()) * shift
     w = torch.exp(aligned.sum(1) / shift.sum(1).clamp(min=1))
-    nll = -(b["lp"].double() * shift)[:P].sum() / shift[:P].sum()
-    sigmoid_loss = _dpo_compare({"loss_type": "sigmoid", "use_weighting": True}, seed=28)[1]
-    want = sigmoid_loss + float(nll * (w[:P] * w[P:]).mean())
-    torch.testing.assert_close(float(loss), want, rtol=1e-5, atol=1e-6)
+    pair_w = w[:P] * w[P:]
+    ratio = lp64.sum(1) - ref64.sum(1)
+    x = 0.2 * (ratio[:P] - ratio[P:])
+    if loss_type == ["hinge"]:
+        want = (torch.relu(1 - x) * pair_w).mean()
+    else:
+        nll = -lp64[:P].sum() / shift[:P].sum()
+        want = (torch.nn.functional.softplus(-x) * pair_w).mean() + (nll * pair_w).mean()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
 
 
 # --- KTO -------------------------------------------------------------------------------------------

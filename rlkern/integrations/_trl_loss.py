@@ -1,5 +1,5 @@
-"""TRL 1.16's GRPO / RLOO loss through ``rlkern.policy_loss``, its DPO loss through
-``rlkern.preference_loss``.
+"""TRL 1.16's GRPO / RLOO loss through ``rlkern.policy_loss``, its DPO and KTO losses through
+``rlkern.preference_loss`` and ``rlkern.kto_loss``.
 
 ``grpo_compute_loss`` and ``rloo_compute_loss`` replace ``GRPOTrainer._compute_loss`` and
 ``RLOOTrainer._compute_loss``: the log-probs and entropies come from the trainer's own
