@@ -15,6 +15,8 @@
 // tensors (reference log-probs, WPO adjustment, token rewards, old log-probs) have the log-probs'
 // dtype or the compute type (the op converts others). Compute type: double for float64 input,
 // float otherwise; the per-row sums run in double.
+#include "common.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -92,6 +94,64 @@ struct Weights {
   double ld_alpha, shared, tg_alpha_signed;
 };
 
+// Masked sums of a row in kLanes independent accumulators of the compute type (a select, never
+// x * 0: a masked NaN stays out), so the loop needs no reassociation to vectorize (cloned for
+// AVX2 where GCC can); the lanes are added in double at the end.
+constexpr int kLanes = 16;
+
+template <typename T, typename U, bool HAS_MASK, bool HAS_REF, bool HAS_ADJ>
+RLKERN_VECTOR_CLONES void plain_sums_impl(const T* x, const U* ref, const U* adj, const bool* m, int64_t len,
+                                          double* out) {
+  using A = Acc<T>;
+  A ls[kLanes] = {}, lr[kLanes] = {}, la[kLanes] = {}, lc[kLanes] = {};
+  const int64_t full = len - len % kLanes;
+  for (int64_t j = 0; j < full; j += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const bool v = HAS_MASK ? m[j + k] : true;
+      const A xv = v ? static_cast<A>(x[j + k]) : A(0);
+      ls[k] += xv;
+      lc[k] += v ? A(1) : A(0);
+      if (HAS_REF) lr[k] += v ? static_cast<A>(ref[j + k]) : A(0);
+      if (HAS_ADJ) la[k] += v ? xv - static_cast<A>(adj[j + k]) : A(0);
+    }
+  }
+  for (int64_t j = full; j < len; ++j) {
+    const bool v = HAS_MASK ? m[j] : true;
+    const A xv = v ? static_cast<A>(x[j]) : A(0);
+    ls[0] += xv;
+    lc[0] += v ? A(1) : A(0);
+    if (HAS_REF) lr[0] += v ? static_cast<A>(ref[j]) : A(0);
+    if (HAS_ADJ) la[0] += v ? xv - static_cast<A>(adj[j]) : A(0);
+  }
+  for (int k = 0; k < kLanes; ++k) {
+    out[0] += ls[k];
+    out[1] += lr[k];
+    out[2] += la[k];
+    out[3] += lc[k];
+  }
+}
+
+template <typename T, typename U>
+void plain_sums(const T* x, const U* ref, const U* adj, const bool* m, int64_t len, double& s, double& sref,
+                double& saln, double& count) {
+  double out[4] = {0, 0, 0, 0};
+  const int code = (m ? 4 : 0) | (ref ? 2 : 0) | (adj ? 1 : 0);
+  switch (code) {
+    case 0: plain_sums_impl<T, U, false, false, false>(x, ref, adj, m, len, out); break;
+    case 1: plain_sums_impl<T, U, false, false, true>(x, ref, adj, m, len, out); break;
+    case 2: plain_sums_impl<T, U, false, true, false>(x, ref, adj, m, len, out); break;
+    case 3: plain_sums_impl<T, U, false, true, true>(x, ref, adj, m, len, out); break;
+    case 4: plain_sums_impl<T, U, true, false, false>(x, ref, adj, m, len, out); break;
+    case 5: plain_sums_impl<T, U, true, false, true>(x, ref, adj, m, len, out); break;
+    case 6: plain_sums_impl<T, U, true, true, false>(x, ref, adj, m, len, out); break;
+    default: plain_sums_impl<T, U, true, true, true>(x, ref, adj, m, len, out); break;
+  }
+  s = out[0];
+  sref = out[1];
+  saln = out[2];
+  count = out[3];
+}
+
 template <typename T, typename U>
 void sums_kernel(const at::Tensor& lp, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& ref,
                  const std::optional<at::Tensor>& adj, const std::optional<at::Tensor>& rewards, const Layout& l,
@@ -136,6 +196,16 @@ void sums_kernel(const at::Tensor& lp, const std::optional<at::Tensor>& mask, co
         const double sign_alpha = side == 0 ? tg_alpha : -tg_alpha;
         const int64_t len = l.len(r);
         double s = 0, sr = 0, sref = 0, saln = 0, pos = 0;
+        if (!ld && !tr) {  // every weight is the mask: branch-free lane sums the compiler vectorizes
+          plain_sums(xr, rr, ar, m, len, s, sref, saln, pos);
+          sr = s;
+          o_sum[r] = A(s);
+          o_raw[r] = A(sr);
+          o_ref[r] = A(sref);
+          o_len[r] = A(pos);
+          wpo_mean[side] = saln / std::max(pos, 1.0);
+          continue;
+        }
         for (int64_t j = 0; j < len; ++j) {
           if (m && !m[j]) continue;
           pos += 1;
@@ -244,6 +314,14 @@ void sums_backward_kernel(const at::Tensor& g_sums, const at::Tensor& g_raw, con
       const double sign_alpha = r < B ? tg_alpha : -tg_alpha;
       const double a = gs[r], b = gr[r];
       const int64_t len = l.len(r);
+      if (!ld && !tr) {  // weight = mask: one value per row, a select the compiler vectorizes
+        const T g = T(A(a + b)), zero = T(0);
+        if (m)
+          for (int64_t j = 0; j < len; ++j) o[j] = m[j] ? g : zero;
+        else
+          for (int64_t j = 0; j < len; ++j) o[j] = g;
+        continue;
+      }
       double pos = 0;
       for (int64_t j = 0; j < len; ++j) {
         if (m && !m[j]) {

@@ -23,9 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_BLOCK = 1024
-
-
 @triton.jit
 def _span(cu_ptr, row, T, PACKED: tl.constexpr):
     """(start, length) of row ``row`` (int64): packed ``[cu[row], cu[row + 1])``, or padded (0, T)."""
@@ -217,10 +214,6 @@ def _rewards_kernel(
         tl.store(out_ptr + start + row * T + t, tl.where(valid, v, 0.0), mask=inside)
 
 
-def _block(length: int) -> int:
-    return max(16, min(MAX_BLOCK, triton.next_power_of_2(max(length, 1))))
-
-
 def _u8(mask):
     return mask.view(torch.uint8) if mask is not None and mask.dtype == torch.bool else mask
 
@@ -235,13 +228,16 @@ def _params(fp64: bool, values, device):
     return out
 
 
+# One block size for both layouts: a row's tokens are then summed in the same order padded or
+# packed (bitwise the same sums), and the packed launcher needs no longest-row length (a sync).
+SUM_BLOCK = 512
+
+
 def _geometry(logprobs, cu_seqlens):
     packed = cu_seqlens is not None
     rows = cu_seqlens.shape[0] - 1 if packed else logprobs.shape[0]
     steps = 0 if packed else logprobs.shape[1]
-    # packed: the longest row is unknown without a sync; a block sized to the mean length
-    block = _block(logprobs.numel() // max(rows, 1) if packed else steps)
-    return packed, rows, steps, block
+    return packed, rows, steps, SUM_BLOCK
 
 
 def _stride(t, packed):

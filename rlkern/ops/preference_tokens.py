@@ -230,16 +230,19 @@ def token_preference_loss(logprobs: Tensor, response_mask: Tensor | None = None,
             max(n, 1))`` (detached). Not with aot / aot_unpaired.
         token_rewards, tgdpo_alpha: TGDPO ("TGDPO: Harnessing Token-Level Reward Guidance for
             Enhancing Direct Preference Optimization", Zhu et al., ICML 2025): a token-level
-            reward r_t (logprobs' shape, constants, e.g. the implicit token reward of a DPO model,
-            ``dpo_token_rewards``) makes the DPO temperature per token:
+            reward r_t (logprobs' shape, constants) makes the DPO temperature per token. The
+            paper's practical guidance (its Eq. with f(r) = 1 +- alpha * r, and its official
+            trainer's sigmoid loss) is
             ``L = -log sigmoid( sum_t beta * (1 + alpha * r^w_t) * log(pi/pi_ref)(y^w_t)
-            - sum_t beta * (1 - alpha * r^l_t) * log(pi/pi_ref)(y^l_t) )``,
-            i.e. chosen tokens weigh ``1 + tgdpo_alpha * r_t``, rejected ones
-            ``1 - tgdpo_alpha * r_t`` inside the log-ratio sums of any loss type (sigmoid is the
-            paper's). The paper's guidance is ``f(r) = 1 +- alpha * r``; rlkern takes r as given
-            (no clamp or normalization: those are the caller's, as the choice of the token reward
-            model is) and needs a token-level ``ref_logprobs`` (or none) since the weights apply
-            per token. ``tgdpo_alpha`` has no paper-wide default (it is tuned per task): 1.0.
+            - sum_t beta * (1 - alpha * r^l_t) * log(pi/pi_ref)(y^l_t) )``
+            with r_t = beta * log(pi_r / pi_ref)(y_t) the implicit token reward of a DPO-trained
+            model pi_r: pass ``token_rewards=rlkern.dpo_token_rewards(logprobs_r, ref_logprobs,
+            response_mask, beta=beta)``. Here chosen tokens weigh ``1 + tgdpo_alpha * r_t``,
+            rejected ones ``1 - tgdpo_alpha * r_t``, inside the log-ratio sums of any loss type
+            (sigmoid is the paper's). r is taken as given (no clamp or normalization, as in the
+            official code); a token-level ``ref_logprobs`` (or none) is needed since the weights
+            apply per token. The metrics are those of the weighted sums (the official trainer
+            logs unweighted rewards). ``tgdpo_alpha`` is tuned per task in the paper: 1.0.
         loss_type, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
             discopop_tau, loss_weights, pair_weights, simpo_gamma: as ``rlkern.preference_loss``
             (every loss type it has, with the lengths counted here: ipo, sigmoid_norm, sft, simpo,
