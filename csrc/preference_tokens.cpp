@@ -24,6 +24,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 
@@ -99,6 +100,19 @@ struct Weights {
 // AVX2 where GCC can); the lanes are added in double at the end.
 constexpr int kLanes = 16;
 
+// v ? x : 0 as an AND of x's bits with an all-ones / all-zeros word: integer lanes every SIMD
+// level has (a blend on a bool loaded from memory kept the loop scalar), and a masked NaN or inf
+// still becomes +0.
+template <typename A>
+inline A keep_if(A x, bool v) {
+  using Bits = std::conditional_t<sizeof(A) == 8, uint64_t, uint32_t>;
+  Bits b;
+  std::memcpy(&b, &x, sizeof(A));
+  b &= Bits(0) - Bits(v);
+  std::memcpy(&x, &b, sizeof(A));
+  return x;
+}
+
 template <typename T, typename U, bool HAS_MASK, bool HAS_REF, bool HAS_ADJ>
 RLKERN_VECTOR_CLONES void plain_sums_impl(const T* x, const U* ref, const U* adj, const bool* m, int64_t len,
                                           double* out) {
@@ -108,11 +122,11 @@ RLKERN_VECTOR_CLONES void plain_sums_impl(const T* x, const U* ref, const U* adj
   for (int64_t j = 0; j < full; j += kLanes) {
     for (int k = 0; k < kLanes; ++k) {
       const bool v = HAS_MASK ? m[j + k] : true;
-      const A xv = v ? static_cast<A>(x[j + k]) : A(0);
+      const A xv = keep_if(static_cast<A>(x[j + k]), v);
       ls[k] += xv;
-      lc[k] += v ? A(1) : A(0);
-      if (HAS_REF) lr[k] += v ? static_cast<A>(ref[j + k]) : A(0);
-      if (HAS_ADJ) la[k] += v ? xv - static_cast<A>(adj[j + k]) : A(0);
+      lc[k] += A(v);
+      if (HAS_REF) lr[k] += keep_if(static_cast<A>(ref[j + k]), v);
+      if (HAS_ADJ) la[k] += keep_if(xv - static_cast<A>(adj[j + k]), v);
     }
   }
   for (int64_t j = full; j < len; ++j) {
@@ -131,10 +145,74 @@ RLKERN_VECTOR_CLONES void plain_sums_impl(const T* x, const U* ref, const U* adj
   }
 }
 
+#if RLK_X86_SIMD
+// AVX2: eight tokens a step, the mask as an AND with all-ones / all-zeros lanes (a masked NaN never
+// reaches a sum), float lanes added in double at the end (the float compute type only).
+RLK_INL __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+RLK_INL __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+RLK_INL __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+RLK_INL __m256 mask8(const bool* m) {
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m)));
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(w, _mm256_setzero_si256()));
+}
+RLK_INL double hsum8(__m256 v) {
+  alignas(32) float f[8];
+  _mm256_store_ps(f, v);
+  double t = 0;
+  for (float x : f) t += x;
+  return t;
+}
+
+template <typename T, typename U>
+RLK_TGT void plain_sums_avx2(const T* x, const U* ref, const U* adj, const bool* m, int64_t len, double* out) {
+  __m256 s = _mm256_setzero_ps(), r = s, a = s, c = s;
+  const __m256 ones = _mm256_set1_ps(1.0f);
+  const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  const int64_t full = len - len % 8;
+  for (int64_t j = 0; j < full; j += 8) {
+    const __m256 mk = m ? mask8(m + j) : all;
+    const __m256 xv = load8(x + j);
+    s = _mm256_add_ps(s, _mm256_and_ps(xv, mk));
+    c = _mm256_add_ps(c, _mm256_and_ps(ones, mk));
+    if (ref) r = _mm256_add_ps(r, _mm256_and_ps(load8(ref + j), mk));
+    if (adj) a = _mm256_add_ps(a, _mm256_and_ps(_mm256_sub_ps(xv, load8(adj + j)), mk));
+  }
+  out[0] += hsum8(s);
+  out[1] += hsum8(r);
+  out[2] += hsum8(a);
+  out[3] += hsum8(c);
+  for (int64_t j = full; j < len; ++j) {
+    if (m && !m[j]) continue;
+    const double xv = double(static_cast<float>(x[j]));
+    out[0] += xv;
+    if (ref) out[1] += double(static_cast<float>(ref[j]));
+    if (adj) out[2] += xv - double(static_cast<float>(adj[j]));
+    out[3] += 1.0;
+  }
+}
+#endif
+
 template <typename T, typename U>
 void plain_sums(const T* x, const U* ref, const U* adj, const bool* m, int64_t len, double& s, double& sref,
                 double& saln, double& count) {
   double out[4] = {0, 0, 0, 0};
+#if RLK_X86_SIMD
+  if constexpr (std::is_same_v<Acc<T>, float>) {
+    if (rlkern::simd_ok()) {
+      plain_sums_avx2(x, ref, adj, m, len, out);
+      s = out[0];
+      sref = out[1];
+      saln = out[2];
+      count = out[3];
+      return;
+    }
+  }
+#endif
   const int code = (m ? 4 : 0) | (ref ? 2 : 0) | (adj ? 1 : 0);
   switch (code) {
     case 0: plain_sums_impl<T, U, false, false, false>(x, ref, adj, m, len, out); break;

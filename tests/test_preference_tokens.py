@@ -8,6 +8,9 @@ does), hand-computed TGDPO and RTO examples, and RTO's rewards through ``rlkern.
 
 import contextlib
 import math
+import os
+import subprocess
+import sys
 import types
 from collections import defaultdict
 
@@ -138,6 +141,50 @@ def test_mixed_dtypes_and_int_mask(backend):
     ours = _ours(lp, mask.long(), ref.double(), kw)
     want = _reference(lp, mask, ref.double(), kw)
     torch.testing.assert_close(ours[0].double(), want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_row_strided_inputs(backend):
+    # TRL slices its outputs (log_probs[:, -seq_len:], completion_mask[..., 1:]): rows with a stride
+    lp, mask, ref, adj, rewards = _case(seed=12, n=3, width=40)
+    wide = lambda x: torch.cat([torch.zeros_like(x[:, :3]), x], 1)[:, 3:]  # noqa: E731
+    kw = dict(ld_alpha=0.5, token_rewards=wide(rewards), wpo_adjustment=wide(adj), loss_type=["sigmoid", "sft"])
+    assert wide(lp).stride(0) != wide(lp).shape[1]
+    ours = _ours(wide(lp), wide(mask), wide(ref), kw)
+    _check(ours, _reference(lp, mask, ref, dict(kw, token_rewards=rewards, wpo_adjustment=adj)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_every_layout_and_dtype_runs_a_kernel(kernels_only, monkeypatch, dtype):
+    lp, mask, ref, adj, rewards = _case(seed=13, n=2, width=20, dtype=dtype)
+    kw = dict(ld_alpha=0.5, token_rewards=rewards, wpo_adjustment=adj)
+    for backend in ("cpp", "triton"):
+        monkeypatch.setenv("RLKERN_BACKEND", backend)
+        padded = _ours(lp, mask, ref, kw)
+        p_lp, p_mask, cu, (p_ref, p_adj, p_tr) = _packed(lp, mask, ref, adj, rewards)
+        packed = _ours(p_lp, p_mask, p_ref, dict(kw, token_rewards=p_tr, wpo_adjustment=p_adj), cu=cu)
+        torch.testing.assert_close(packed[0], padded[0], rtol=0, atol=0)
+        out = rlkern.dpo_token_rewards(p_lp, p_ref, p_mask, cu_seqlens=cu)
+        assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def test_cpp_baseline_isa_matches_reference():
+    # The C++ sums have an AVX2 path (float compute) chosen once per process; RLKERN_NO_SIMD=1
+    # forces the portable lane loops, which a fresh interpreter checks against the reference.
+    script = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import test_preference_tokens as T
+for variant in sorted(T.VARIANTS):
+    for dtype in (torch.float32, torch.bfloat16):
+        lp, mask, ref, adj, rewards = T._case(seed=len(variant), n=3, width=37, dtype=dtype)
+        r, kw = T._args(variant, lp, mask, ref, adj, rewards)
+        T._check(T._ours(lp, mask, r, kw), T._reference(lp, mask, r, kw), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                 atol=1e-6 if dtype == torch.float32 else 1e-2)
+print("ok")
+""".format(tests=os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, RLKERN_NO_SIMD="1", RLKERN_BACKEND="cpp")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 def test_edges_one_pair_empty_rows_and_no_pairs(backend):
