@@ -74,7 +74,7 @@ def _torch_token_sums_backward(grad_sums, grad_raw, logprobs, mask, rewards, cu_
 
 _SUMS = _backend.Kernels(_OP, cpp="cpp_preference_token_sums", triton="preference_tokens.token_sums",
                          torch=_torch_token_sums, fp64=("cpp", "triton"))
-_SUMS_BACKWARD = _backend.Kernels(_OP + "_backward", cpp="cpp_preference_token_sums_backward",
+_SUMS_BACKWARD = _backend.Kernels(_OP, cpp="cpp_preference_token_sums_backward",
                                   triton="preference_tokens.token_sums_backward", torch=_torch_token_sums_backward,
                                   fp64=("cpp", "triton"))
 
