@@ -128,22 +128,24 @@ _sums_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerTokenSums(torch.autograd.Function):
     """rlkern::_preference_token_sums without the dispatcher (as rlkern/ops/preference.py's
-    _EagerPreferenceLoss): the same forward, backward and saved state."""
+    _EagerPreferenceLoss): the same forward, backward and saved state; the backend is chosen once
+    for both passes."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _sums_impl(*inputs)
+        backend = _SUMS.backend(inputs[0])
+        output = _SUMS.get(backend)(*inputs)
         _setup_context(ctx, inputs, output)
+        ctx.backend = backend
         ctx.mark_non_differentiable(*output[2:])
         return output
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx, grad_sums, grad_raw, *_):
         logprobs, mask, rewards, cu_seqlens, lengths = ctx.saved_tensors
-        grad_sums, grad_raw = grads[0], grads[1]
-        grad = _SUMS_BACKWARD.pick(logprobs)(grad_sums.to(lengths.dtype).contiguous(),
-                                             grad_raw.to(lengths.dtype).contiguous(), logprobs, mask, rewards,
-                                             cu_seqlens, lengths, *ctx.hyper)
+        grad = _SUMS_BACKWARD.get(ctx.backend)(grad_sums.to(lengths.dtype).contiguous(),
+                                               grad_raw.to(lengths.dtype).contiguous(), logprobs, mask, rewards,
+                                               cu_seqlens, lengths, *ctx.hyper)
         return grad, None, None, None, None, None, None, None, None
 
 
@@ -152,18 +154,26 @@ def _eager(t: Tensor) -> bool:
             and not torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
-def _mask(op: str, response_mask: Tensor | None, logprobs: Tensor) -> Tensor | None:
+def _mask(response_mask: Tensor | None) -> Tensor | None:
+    """The mask as the bool the kernels read (checked by _layout)."""
     if response_mask is None:
         return None
-    _checks.tensors(op, "logprobs", {"logprobs": (logprobs, "float"), "response_mask": (response_mask, "mask")},
-                    shape={"response_mask": logprobs.shape})
     m = response_mask if response_mask.dtype == torch.bool else response_mask != 0
     return lastdim_contiguous(m.detach())
 
 
-def _layout(op: str, logprobs: Tensor, response_mask: Tensor | None, cu_seqlens: Tensor | None) -> int:
-    """Checks the token layout; returns the number of rows."""
-    _checks.tensors(op, "logprobs", {"logprobs": (logprobs, "float")})
+def _layout(op: str, logprobs: Tensor, response_mask: Tensor | None, cu_seqlens: Tensor | None,
+            constants: dict) -> int:
+    """Checks the token layout, the mask and the token-shaped ``constants`` (name -> tensor or
+    None: float, logprobs' shape and device, no grad); returns the number of rows."""
+    specs = {"logprobs": (logprobs, "float"), "response_mask": (response_mask, "mask")}
+    specs.update((name, (t, "float")) for name, t in constants.items())
+    shapes = {name: None if name == "logprobs" else getattr(logprobs, "shape", None) for name in specs}
+    _checks.tensors(op, "logprobs", specs, shape=shapes)
+    for name, t in constants.items():
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{op}: {name} requires grad, but it is a constant of the loss; compute it under "
+                             "torch.no_grad() or pass .detach()")
     if cu_seqlens is not None:
         if logprobs.ndim != 1:
             raise ValueError(f"{op}: packed input (cu_seqlens given) needs logprobs [total], got shape "
@@ -178,17 +188,10 @@ def _layout(op: str, logprobs: Tensor, response_mask: Tensor | None, cu_seqlens:
     return logprobs.shape[0]
 
 
-def _aux(op: str, logprobs: Tensor, named: dict) -> dict:
-    """Token-shaped constants in the dtype the kernels read: the log-probs' where all have it,
-    else the compute type (float32, float64 for float64 log-probs)."""
-    present = {k: v for k, v in named.items() if v is not None}
-    for name, t in present.items():
-        _checks.tensors(op, "logprobs", {"logprobs": (logprobs, "float"), name: (t, "float")},
-                        shape={name: logprobs.shape})
-        if t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{op}: {name} requires grad, but it is a constant of the loss; compute it under "
-                             "torch.no_grad() or pass .detach()")
-    same = all(t.dtype == logprobs.dtype for t in present.values())
+def _aux(logprobs: Tensor, named: dict) -> dict:
+    """Token-shaped constants (checked by _layout) in the dtype the kernels read: the log-probs'
+    where all have it, else the compute type (float32, float64 for float64 log-probs)."""
+    same = all(t is None or t.dtype == logprobs.dtype for t in named.values())
     dtype = logprobs.dtype if same else (torch.float64 if logprobs.dtype == torch.float64 else torch.float32)
     return {k: None if v is None else lastdim_contiguous(v.detach().to(dtype)) for k, v in named.items()}
 
@@ -253,12 +256,15 @@ def token_preference_loss(logprobs: Tensor, response_mask: Tensor | None = None,
         B = 0 gives 0; a row with no valid token has sums 0 and length 0 (no NaN).
     """
     op = _OP
-    rows = _layout(op, logprobs, response_mask, cu_seqlens)
+    per_sequence_ref = (isinstance(ref_logprobs, Tensor) and isinstance(logprobs, Tensor)
+                        and ref_logprobs.shape != logprobs.shape)
+    named = {"ref_logprobs": None if per_sequence_ref else ref_logprobs, "wpo_adjustment": wpo_adjustment,
+             "token_rewards": token_rewards}
+    rows = _layout(op, logprobs, response_mask, cu_seqlens, named)
     if rows % 2:
         raise ValueError(f"{op}: logprobs must have 2B rows (chosen rows, then rejected rows), got {rows}")
     n = rows // 2
-    mask = _mask(op, response_mask, logprobs)
-    per_sequence_ref = ref_logprobs is not None and ref_logprobs.shape != logprobs.shape
+    mask = _mask(response_mask)
     if per_sequence_ref:
         _checks.tensors(op, "logprobs", {"logprobs": (logprobs, "float"), "ref_logprobs": (ref_logprobs, "float")})
         if tuple(ref_logprobs.shape) != (rows,):
@@ -270,8 +276,7 @@ def token_preference_loss(logprobs: Tensor, response_mask: Tensor | None = None,
         if token_rewards is not None:
             raise ValueError(f"{op}: token_rewards (TGDPO) weight each token's log-ratio and need token-level "
                              f"ref_logprobs {tuple(logprobs.shape)}, got per-sequence {tuple(ref_logprobs.shape)}")
-    aux = _aux(op, logprobs, {"ref_logprobs": None if per_sequence_ref else ref_logprobs,
-                              "wpo_adjustment": wpo_adjustment, "token_rewards": token_rewards})
+    aux = _aux(logprobs, named)
     ld = ld_alpha is not None
     ld_value = _checks.number(op, "ld_alpha", ld_alpha, low=0, high=1) if ld else 1.0
     tg = _checks.number(op, "tgdpo_alpha", tgdpo_alpha)
@@ -380,11 +385,13 @@ def dpo_token_rewards(logprobs: Tensor, ref_logprobs: Tensor, response_mask: Ten
         logprobs' shape, float32 (float64 for float64 log-probs).
     """
     op = _REWARDS
-    rows = _layout(op, logprobs, response_mask, cu_seqlens)
-    mask = _mask(op, response_mask, logprobs)
     if ref_logprobs is None:
         raise ValueError(f"{op}: ref_logprobs is required (the reference model's token log-probs), got None")
-    aux = _aux(op, logprobs, {"ref_logprobs": ref_logprobs, "old_logprobs": old_logprobs})
+    named = {"ref_logprobs": ref_logprobs, "old_logprobs": old_logprobs}
+    with torch.no_grad():  # rewards are constants: inputs that require grad are read, not refused
+        rows = _layout(op, logprobs, response_mask, cu_seqlens, named)
+    mask = _mask(response_mask)
+    aux = _aux(logprobs, named)
     dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     seq = None
     if sequence_rewards is not None:
