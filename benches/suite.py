@@ -31,7 +31,7 @@ _FULL = {
                     ("policy_loss_from_logits", ["--from-logits"]), ("policy_loss_kl_aggregate", ["--kl-aggregate"])],
     "advantages": [("advantages", [])],
     "trees": [("trees", [])],
-    "preference": [("preference", [])],
+    "preference": [("preference", []), ("preference_large", ["--pairs", "64", "--t", "4096", "--rounds", "9"])],
 }
 
 _GPU_QUICK = {
