@@ -222,6 +222,11 @@ def test_compile_and_opcheck():
     compiled = torch.compile(lambda x: rlkern.token_preference_loss(x, mask, ref, **kw)[0], fullgraph=True,
                              backend="eager")(lp)
     torch.testing.assert_close(compiled, eager)
+    p_lp, p_mask, cu, (p_ref,) = _packed(lp, mask, ref)
+    packed = lambda x: rlkern.token_preference_loss(x, p_mask, p_ref, cu_seqlens=cu, ld_alpha=0.5)[0]  # noqa: E731
+    torch.testing.assert_close(torch.compile(packed, fullgraph=True, backend="eager")(p_lp), packed(p_lp))
+    rewards_fn = lambda x: rlkern.dpo_token_rewards(x, p_ref, p_mask, cu_seqlens=cu, beta=0.3)  # noqa: E731
+    torch.testing.assert_close(torch.compile(rewards_fn, fullgraph=True, backend="eager")(p_lp), rewards_fn(p_lp))
     from rlkern.ops import preference_tokens as op
 
     torch.library.opcheck(op._sums_op, (lp.clone().requires_grad_(), mask, ref, adj, rewards, None, 0.5, True, 0.7))
