@@ -431,7 +431,8 @@ at::Tensor token_sums_backward_cpu(const at::Tensor& g_sums, const at::Tensor& g
   at::Tensor grad = at::empty(logprobs.sizes(), logprobs.options());
   const at::Tensor gs = g_sums.contiguous(), gr = g_raw.contiguous(), n = lengths.contiguous();
   const bool is_acc = aux_is_acc(logprobs, {&rewards});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logprobs.scalar_type(), "cpp_preference_token_sums_backward", [&] {
+  const at::ScalarType type = logprobs.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "cpp_preference_token_sums_backward", [&] {
     using A = Acc<scalar_t>;
     if (is_acc)
       sums_backward_kernel<scalar_t, A>(gs, gr, mask, rewards, n, l, ld, ld_alpha, tg_alpha, grad);

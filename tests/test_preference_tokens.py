@@ -208,8 +208,8 @@ def test_gradcheck(backend):
 
     def f(x):
         # (not WPO: its weights are constants by definition, detached from the log-probs)
-        return rlkern.token_preference_loss(x, mask, ref, ld_alpha=0.6, token_rewards=rewards, pair_weights=adj[::2, 0].exp(),
-                                            loss_type=["sigmoid", "ipo", "sft"])[0]
+        return rlkern.token_preference_loss(x, mask, ref, ld_alpha=0.6, token_rewards=rewards,
+                                            pair_weights=adj[::2, 0].exp(), loss_type=["sigmoid", "ipo", "sft"])[0]
 
     assert torch.autograd.gradcheck(f, (lp.clone().requires_grad_(),))
 
@@ -400,7 +400,9 @@ def test_dpo_token_rewards_hand_computed_and_gae(backend):
     seq = torch.tensor([2.0, -1.0])
     beta, kl, c3 = 0.5, 0.1, 0.25
     out = rlkern.dpo_token_rewards(lp, ref, mask, old, seq, beta=beta, kl_coef=kl, sequence_reward_coef=c3)
-    tok = lambda b, t: beta * (float(lp[b, t]) - float(ref[b, t])) - kl * (float(old[b, t]) - float(ref[b, t]))  # noqa: E731
+    def tok(b, t):
+        return beta * (float(lp[b, t]) - float(ref[b, t])) - kl * (float(old[b, t]) - float(ref[b, t]))
+
     want = torch.tensor([[tok(0, 0), tok(0, 1), tok(0, 2) + c3 * 2.0, 0.0],
                          [tok(1, 0), 0.0, tok(1, 2) + c3 * -1.0, 0.0]])
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-7)

@@ -92,7 +92,8 @@ _sums_op = torch.library.custom_op("rlkern::_preference_token_sums", mutates_arg
 def _sums_fake(logprobs, mask, ref, adj, rewards, cu_seqlens, ld_alpha, ld, tg_alpha):
     dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     rows = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else logprobs.shape[0]
-    return (*(logprobs.new_empty((rows,), dtype=dtype) for _ in range(4)), logprobs.new_empty((rows // 2,), dtype=dtype))
+    per_row = [logprobs.new_empty((rows,), dtype=dtype) for _ in range(4)]
+    return (*per_row, logprobs.new_empty((rows // 2,), dtype=dtype))
 
 
 @torch.library.custom_op("rlkern::_preference_token_sums_backward", mutates_args=())
@@ -395,8 +396,8 @@ def dpo_token_rewards(logprobs: Tensor, ref_logprobs: Tensor, response_mask: Ten
     dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     seq = None
     if sequence_rewards is not None:
-        _checks.tensors(op, "logprobs", {"logprobs": (logprobs, "float"), "sequence_rewards": (sequence_rewards, "float")},
-                        shape={"sequence_rewards": (rows,)})
+        specs = {"logprobs": (logprobs, "float"), "sequence_rewards": (sequence_rewards, "float")}
+        _checks.tensors(op, "logprobs", specs, shape={"sequence_rewards": (rows,)})
         seq = sequence_rewards.detach().to(dtype).contiguous()
     beta = _checks.number(op, "beta", beta)
     kl_coef = _checks.number(op, "kl_coef", kl_coef)
