@@ -222,7 +222,8 @@ def token_preference_loss(logprobs: Tensor, response_mask: Tensor | None = None,
         ref_logprobs: None (reference-free), the reference model's token log-probs (logprobs'
             shape, weighted like the policy's), or per-sequence ``[2B]`` sums (TRL's
             ``precompute_ref_log_probs``: the caller's sums, LD-DPO weighting included).
-            Constants.
+            Constants. A tensor of logprobs' shape is token-level (packed rows of one token
+            each, where ``[total] == [2B]``, included).
         cu_seqlens: ``[2B + 1]`` int32/int64 offsets of the packed rows.
         ld_alpha: LD-DPO (TRL's ``ld_alpha``, default None = off): in each pair, the first
             ``min(n_chosen, n_rejected)`` completion tokens of both rows weigh 1, later ones
