@@ -313,7 +313,7 @@ def _trl_batch(seed, n=3, width=8, vocab=11):
 
 @pytest.mark.peer
 @pytest.mark.parametrize("case", ["sigmoid", "ipo_ld", "wpo_precompute", "mpo_sft_ld", "sigmoid_norm_wpo_ld",
-                                  "robust_precompute_ld"])
+                                  "robust_precompute_ld", "every_other_type_ld"])
 def test_matches_trl_dpo_trainer(backend, case):
     opts = {
         "sigmoid": dict(loss_type="sigmoid", beta=0.3, ld_alpha=None, use_weighting=False, precompute=False),
@@ -326,6 +326,10 @@ def test_matches_trl_dpo_trainer(backend, case):
                                     precompute=False),
         "robust_precompute_ld": dict(loss_type="robust", beta=0.25, ld_alpha=0.2, use_weighting=False, precompute=True,
                                      label_smoothing=0.1),
+        "every_other_type_ld": dict(loss_type=["hinge", "exo_pair", "nca_pair", "sppo_hard", "aot", "aot_unpaired",
+                                               "apo_down", "discopop"], beta=0.3, ld_alpha=0.6, use_weighting=False,
+                                    precompute=False, label_smoothing=0.05,
+                                    loss_weights=[0.5, 1.0, 0.7, 0.01, 1.0, 0.3, 0.2, 0.9]),
     }[case]
     logits, ref_logits, ids, completion = _trl_batch(seed=len(case))
     labels = ids.masked_fill(completion == 0, -100)
