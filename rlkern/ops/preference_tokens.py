@@ -228,7 +228,8 @@ def token_preference_loss(logprobs: Tensor, response_mask: Tensor | None = None,
         ld_alpha: LD-DPO (TRL's ``ld_alpha``, default None = off): in each pair, the first
             ``min(n_chosen, n_rejected)`` completion tokens of both rows weigh 1, later ones
             ``ld_alpha``; applied to the policy's and the token-level reference's sums (TRL
-            applies it to both). ``sft`` reads the unweighted sums, as TRL's does.
+            applies it to both). ``sft`` reads the unweighted sums, as TRL's does (with TGDPO's
+            weights too: sft is the chosen tokens' NLL).
         wpo_adjustment: WPO (TRL's ``use_weighting=True``): logprobs' shape, constants: TRL's
             ``log_sum_sq_probs`` = logsumexp(2 * log_softmax(logits)) per token. Each pair's loss
             is multiplied by ``w_c * w_r``, ``w = exp(sum_t mask * (logprobs - wpo_adjustment) /
