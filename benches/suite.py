@@ -7,7 +7,7 @@ each file records its command). On a GPU both use the GPU shapes of each bench's
 
 from __future__ import annotations
 
-FAMILIES = ("logprobs", "linear_logprobs", "policy_loss", "advantages", "trees")
+FAMILIES = ("logprobs", "linear_logprobs", "policy_loss", "advantages", "trees", "preference")
 
 _CPU_QUICK = {
     "logprobs": [("logprobs", ["--n", "1024", "--rounds", "5", "--memory-n", "512,1024,2048"])],
@@ -17,6 +17,7 @@ _CPU_QUICK = {
                     ("policy_loss_from_logits", ["--from-logits", "--b", "2", "--t", "128", "--rounds", "5"])],
     "advantages": [("advantages", ["--batch", "64", "--steps", "2048", "--samples", "8192", "--rounds", "3"])],
     "trees": [("trees", ["--trees", "512", "--rounds", "3", "--python-rounds", "1"])],
+    "preference": [("preference", ["--rounds", "9"])],
 }
 
 _FULL = {
@@ -30,6 +31,7 @@ _FULL = {
                     ("policy_loss_from_logits", ["--from-logits"]), ("policy_loss_kl_aggregate", ["--kl-aggregate"])],
     "advantages": [("advantages", [])],
     "trees": [("trees", [])],
+    "preference": [("preference", []), ("preference_large", ["--pairs", "64", "--t", "4096", "--rounds", "9"])],
 }
 
 _GPU_QUICK = {
@@ -38,6 +40,7 @@ _GPU_QUICK = {
     "policy_loss": [("policy_loss", [])],  # on a GPU it adds the from-logits table (Liger's GRPO loss)
     "advantages": [("advantages", [])],
     "trees": [("trees", [])],
+    "preference": [("preference", [])],
 }
 
 

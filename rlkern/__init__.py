@@ -21,6 +21,7 @@ from rlkern.ops.logprobs import (
 )
 from rlkern.ops.policy_loss import aggregate, kl_penalty, policy_loss, value_loss
 from rlkern.ops.preference import bco_loss, kto_loss, preference_loss
+from rlkern.ops.preference_tokens import dpo_token_rewards, token_preference_loss
 from rlkern.trees import (
     broadcast_to_tokens,
     segment_advantages,
@@ -48,6 +49,8 @@ __all__ = [
     "preference_loss",
     "kto_loss",
     "bco_loss",
+    "token_preference_loss",
+    "dpo_token_rewards",
     # trees
     "broadcast_to_tokens",
     "segment_advantages",
