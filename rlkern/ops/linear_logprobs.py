@@ -269,8 +269,52 @@ def _rounded_grad_products(tile: Tensor, wide: Tensor | None, h: Tensor, weight:
     _grad_products(wide.copy_(tile), h, weight, grad_hidden, grad_weight, grad_bias, 1.0)
 
 
+# ---------------------------------------------------------------------------------------------
+# LoRA on the head (PEFT's lora.Linear): logits = h W^T + b + s (x A^T) B^T, x = dropout(h).
+#
+# The merged weight W + s B A is never formed: xa = x A^T ([N, r], r the rank) is computed once
+# per pass, and each logits tile gets s * xa_rows B^T added by one [rows, r] x [r, V] GEMM. In the
+# backward the tile's d loss / d logits G gives d B += s G^T xa_rows ([V, r]) and d xa_rows =
+# s G B ([rows, r]); after the loop d A = d xa^T x and d x = d xa A (both O(N r H) work).
+
+
+def _lora_operands(x: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float, acc_dtype, logits_dtype):
+    """``(xa [N, r], B [V, r], scaling)`` as the tiles take them: in the accumulation dtype
+    (fp32/fp64), or with ``logits_dtype`` in that dtype with xa rounded once (the A GEMM's output
+    in that dtype, as PEFT's ``lora_A(x)`` under autocast)."""
+    dtype = acc_dtype if logits_dtype is None else logits_dtype
+    xa = torch.mm(x.to(dtype), lora_a.to(dtype).T)
+    return xa, lora_b.to(dtype), float(scaling)
+
+
+def _add_lora(tile: Tensor, lora, start: int, end: int, rows: int, logit_scale: float) -> None:
+    """``tile += logit_scale * s * xa_rows B^T`` (in place, the tile's dtype)."""
+    if lora is None:
+        return
+    xa, lora_b, scaling = lora
+    tile.addmm_(_rows(xa, start, end, rows), lora_b.T, alpha=scaling * logit_scale)
+
+
+def _lora_grads(grad_tile: Tensor, lora, grad_xa: Tensor | None, grad_lb: Tensor | None,
+                start: int, end: int, rows: int, logit_scale: float) -> None:
+    """d B += a G^T xa_rows, d xa_rows += a G B, with ``a = logit_scale * s`` (fp32/fp64)."""
+    if lora is None:
+        return
+    xa, lora_b, scaling = lora
+    alpha = scaling * logit_scale
+    dtype = grad_tile.dtype
+    if grad_lb is not None:
+        grad_lb.addmm_(grad_tile.T, _rows(xa, start, end, rows).to(dtype), alpha=alpha)
+    if grad_xa is not None:
+        block = torch.mm(grad_tile, lora_b.to(dtype))
+        grad_xa[start:end].add_(block[: end - start], alpha=alpha)
+
+
 def _chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature, ignore_index,
-                     with_entropy, want_extras, chunk_size, deterministic, vocab_start=-1, logits_dtype=None):
+                     with_entropy, want_extras, chunk_size, deterministic, vocab_start=-1, logits_dtype=None,
+                     lora=None):
+    """``lora``: None or ``(xa [N, r], B [V, r], scaling)`` from ``_lora_operands``; each tile then
+    gets ``scaling * xa_rows B^T`` added before logit_scale (one [rows, r] x [r, V] GEMM)."""
     n = hidden.shape[0]
     device = hidden.device
     acc_dtype, (forward, _), blocks, buf, row_dtype, gemm_weight = _plan(
@@ -291,8 +335,10 @@ def _chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, tempera
         h = _rows(hidden, start, end, rows).to(row_dtype)
         if logits_dtype is None:
             _logits_into(tile, h, gemm_weight, bias, logit_scale)
+            _add_lora(tile, lora, start, end, rows, logit_scale)
         else:
             _rounded_logits_into(tile, h, gemm_weight, bias)
+            _add_lora(tile, lora, start, end, rows, 1.0)
             tile = _scaled(tile, None if wide is None else wide[:rows], logit_scale)
         tile_labels = _rows(labels, start, end, rows)
         c_logp, c_ent, c_lse = forward(tile, tile_labels, temperature, softcap, ignore_index, with_entropy,
@@ -314,7 +360,11 @@ def _chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, tempera
 
 def _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
                       logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic,
-                      need_hidden, need_weight, need_bias, vocab_start=-1, logits_dtype=None):
+                      need_hidden, need_weight, need_bias, vocab_start=-1, logits_dtype=None,
+                      lora=None, lora_needs=(False, False)):
+    """``lora`` as in ``_chunked_forward``; ``lora_needs``: (d xa, d B). Returns ``(d hidden, d W,
+    d b)``, and with ``lora`` also ``(d xa [N, r], d B [V, r])`` (None where not needed), all in
+    the accumulation dtype."""
     vocab = weight.shape[0]
     device = hidden.device
     acc_dtype, (_, backward), blocks, buf, row_dtype, gemm_weight = _plan(
@@ -332,6 +382,10 @@ def _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse
     grad_hidden = torch.zeros(hidden.shape, dtype=acc_dtype, device=device) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_bias else None
+    grad_xa = grad_lb = None
+    if lora is not None:
+        grad_xa = torch.zeros(lora[0].shape, dtype=acc_dtype, device=device) if lora_needs[0] else None
+        grad_lb = torch.zeros(lora[1].shape, dtype=acc_dtype, device=device) if lora_needs[1] else None
     grad_logp = grad_logp.to(acc_dtype).contiguous()
     grad_entropy = grad_entropy.to(acc_dtype).contiguous() if grad_entropy is not None else None
     for start, end, rows in blocks:
@@ -339,9 +393,11 @@ def _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse
         h = _rows(hidden, start, end, rows).to(row_dtype)
         if logits_dtype is None:
             _logits_into(tile, h, gemm_weight, bias, logit_scale)
+            _add_lora(tile, lora, start, end, rows, logit_scale)
             kernel_tile = tile
         else:
             _rounded_logits_into(tile, h, gemm_weight, bias)
+            _add_lora(tile, lora, start, end, rows, 1.0)
             kernel_tile = _scaled(tile, None if wide is None else wide[:rows], logit_scale)
         # A padded row gets lse = -inf, which every backend reads as "no distribution": its
         # gradient row is exactly 0, so padding adds nothing to the products below.
@@ -358,13 +414,18 @@ def _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse
             g_hidden = grad_hidden.new_zeros((rows, hidden.shape[1])) if padded else grad_hidden[start:end]
         if logits_dtype is None:
             _grad_products(tile, h, gemm_weight, g_hidden, grad_weight, grad_bias, logit_scale)
+            _lora_grads(tile, lora, grad_xa, grad_lb, start, end, rows, logit_scale)
         else:
             if kernel_tile is not tile:  # TRL scales the fp32 gradient, then rounds it
                 tile.copy_(kernel_tile.mul_(logit_scale))
             _rounded_grad_products(tile, None if wide is None else wide[:rows], h, product_weight,
                                    g_hidden, grad_weight, grad_bias)
+            if lora is not None:
+                _lora_grads(tile.to(acc_dtype), lora, grad_xa, grad_lb, start, end, rows, 1.0)
         if padded and grad_hidden is not None:
             grad_hidden[start:end] = g_hidden[: end - start]
+    if lora is not None:
+        return grad_hidden, grad_weight, grad_bias, grad_xa, grad_lb
     return grad_hidden, grad_weight, grad_bias
 
 
@@ -545,6 +606,103 @@ class _VocabParallel(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
+class _LoraHead(torch.autograd.Function):
+    """The chunked kernel with a LoRA adapter on the head (see ``_lora_operands``): eager autograd
+    (saved: the inputs, lse and entropy; xa is recomputed in the backward, O(N r H))."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, lora_a, lora_b, lora_hidden, hyper, with_entropy, want):
+        logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic, logits_dtype, scaling = hyper
+        token_ops.check_label_range(labels, weight.shape[0], ignore_index, op="linear_token_logprobs")
+        acc = _acc_dtype(hidden, weight)
+        x = hidden if lora_hidden is None else lora_hidden
+        lora = _lora_operands(x, lora_a, lora_b, scaling, acc, logits_dtype)
+        logp, entropy, lse, *extras = _chunked_forward(
+            hidden, weight, bias, labels, logit_scale, softcap, temperature, ignore_index, with_entropy, want,
+            chunk_size, deterministic, logits_dtype=logits_dtype, lora=lora)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy.clone() if with_entropy else None,
+                              lora_a, lora_b, lora_hidden)
+        ctx.hyper = hyper
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(lse, *extras)
+        return logp, entropy, lse, *extras
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, *_):
+        hidden, weight, bias, labels, lse, entropy, lora_a, lora_b, lora_hidden = ctx.saved_tensors
+        logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic, logits_dtype, scaling = ctx.hyper
+        need = ctx.needs_input_grad
+        needs = (need[0], need[1], bias is not None and need[2])
+        need_a, need_b, need_x = need[4], need[5], lora_hidden is not None and need[6]
+        need_xa = need_a or need_x or (lora_hidden is None and need[0])
+        if entropy is None:
+            grad_entropy = None
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 10
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse, dtype=torch.float32)
+        acc = _acc_dtype(hidden, weight)
+        x = hidden if lora_hidden is None else lora_hidden
+        lora = _lora_operands(x, lora_a, lora_b, scaling, acc, logits_dtype)
+        g_h, g_w, g_b, g_xa, g_lb = _chunked_backward(
+            grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, logit_scale, softcap,
+            temperature, ignore_index, chunk_size, deterministic, *needs, logits_dtype=logits_dtype,
+            lora=lora, lora_needs=(need_xa, need_b))
+        g_a = g_x = None
+        if need_xa:
+            # The operands as the A GEMM read them (rounded to logits_dtype when it is given).
+            op_dtype = acc if logits_dtype is None else logits_dtype
+            if need_a:
+                g_a = torch.mm(g_xa.T, x.to(op_dtype).to(acc))
+            if lora_hidden is not None and need_x:
+                g_x = torch.mm(g_xa, lora_a.to(op_dtype).to(acc))
+            elif lora_hidden is None and need[0]:
+                g_h.addmm_(g_xa, lora_a.to(op_dtype).to(acc))
+        grads = [g.to(t.dtype) if g is not None and ok else None
+                 for g, t, ok in zip((g_h, g_w, g_b, g_a, g_lb, g_x),
+                                     (hidden, weight, bias, lora_a, lora_b, lora_hidden),
+                                     (needs[0], needs[1], needs[2], need_a, need_b, need_x))]
+        g_h, g_w, g_b, g_a, g_lb, g_x = grads
+        return g_h, g_w, g_b, None, g_a, g_lb, g_x, None, None, None
+
+
+def _acc_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_lora(lora_a, lora_b, lora_scaling, lora_hidden, hidden: Tensor, weight: Tensor, kernel, process_group):
+    """None, or the validated adapter (LoRA on the head)."""
+    op = "linear_token_logprobs"
+    if lora_a is None and lora_b is None:
+        if lora_hidden is not None:
+            raise ValueError(f"{op}: lora_hidden was given without lora_A and lora_B")
+        return None
+    if lora_a is None or lora_b is None:
+        raise ValueError(f"{op}: lora_A and lora_B go together (PEFT's lora_A / lora_B weights), got "
+                         f"lora_A={'a tensor' if lora_a is not None else None}, "
+                         f"lora_B={'a tensor' if lora_b is not None else None}")
+    for name, t in (("lora_A", lora_a), ("lora_B", lora_b), ("lora_hidden", lora_hidden)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.dtype not in _checks.FLOATS:
+            raise TypeError(f"{op}: {name} must be a float tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.device != hidden.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but hidden is on {hidden.device}")
+    rank = lora_a.shape[0] if lora_a.ndim == 2 else -1
+    if lora_a.ndim != 2 or lora_a.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{op}: lora_A must be [r, H] with H = {hidden.shape[-1]}, got shape {tuple(lora_a.shape)}")
+    if tuple(lora_b.shape) != (weight.shape[0], rank):
+        raise ValueError(f"{op}: lora_B must be [V, r] = ({weight.shape[0]}, {rank}), got shape {tuple(lora_b.shape)}")
+    if lora_hidden is not None and tuple(lora_hidden.shape) != tuple(hidden.shape):
+        raise ValueError(f"{op}: lora_hidden must have hidden's shape {tuple(hidden.shape)}, "
+                         f"got {tuple(lora_hidden.shape)}")
+    _checks.number(op, "lora_scaling", lora_scaling)
+    if kernel != "chunked" or process_group is not None:
+        raise ValueError(f"{op}: lora_A/lora_B run on the chunked kernel without process_group, got "
+                         f"kernel={kernel!r}, process_group={process_group!r}")
+    return True
+
+
 def linear_token_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -562,6 +720,10 @@ def linear_token_logprobs(
     kernel: str | None = None,
     process_group=None,
     logits_dtype: torch.dtype | None = None,
+    lora_A: Tensor | None = None,  # noqa: N803 (PEFT's names)
+    lora_B: Tensor | None = None,  # noqa: N803
+    lora_scaling: float = 1.0,
+    lora_hidden: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, ...]:
     """Log-prob of each label (and optionally the entropy) under the LM head, without logits.
 
@@ -616,6 +778,27 @@ def linear_token_logprobs(
             the replicated log-probs). Runs the chunked kernel through a
             ``torch.autograd.Function`` (a group cannot be a custom-op argument: not traceable by
             ``torch.compile``); ``extra_outputs`` are not available with it.
+        lora_A, lora_B: a LoRA adapter on the head, PEFT's ``lora_A[name].weight`` ``[r, H]`` and
+            ``lora_B[name].weight`` ``[V, r]`` (``peft.tuners.lora.Linear``): the logits are then
+            ``logit_scale * (h W^T + b + lora_scaling * (x A^T) B^T)``, computed tile by tile
+            WITHOUT the merged weight: ``xa = x A^T`` ``[N, r]`` once per pass, then one
+            ``[rows, r] x [r, V]`` GEMM added to each logits tile; the backward takes d B and
+            d xa from each tile's d logits, then d A = d xa^T x and d x = d xa A. Gradients go to
+            A, B, hidden (and x), and to W only if W requires it (PEFT freezes it: none). Extra
+            memory per call: xa ``[N, r]`` and d xa ``[N, r]`` fp32, d B ``[V, r]`` fp32 and an fp32
+            copy of B for half-precision B (``V r`` each), i.e. O(N r + V r), nothing per tile.
+            Runs the chunked kernel (``kernel="fused"`` and ``process_group`` raise) through an
+            eager ``torch.autograd.Function``; every ``logits_dtype`` (with a half one, xa is
+            rounded to it and the tile's adapter GEMM outputs in it, like PEFT under autocast up
+            to one rounding of the sum).
+        lora_scaling: PEFT's ``scaling[name]`` (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA).
+            Default 1.0.
+        lora_hidden: ``x``, the input of the A path, ``hidden``'s shape: PEFT applies
+            ``lora_dropout`` there (``lora_B(lora_A(dropout(h)))``), so with dropout pass
+            ``torch.nn.functional.dropout(hidden, p, training=True)`` (differentiable: the
+            gradient reaches hidden through it). None (default): ``hidden`` itself (p = 0 or
+            eval mode). To reproduce a PEFT forward's mask, seed the generator before each as
+            PEFT's dropout is the first random draw of ``lora.Linear.forward``.
 
     Returns:
         ``logprobs`` float32 of shape ``hidden.shape[:-1]`` (never > 0; 0 at ignored labels;
@@ -630,6 +813,7 @@ def linear_token_logprobs(
     ignore_index = token_ops.check_ignore_index("linear_token_logprobs", ignore_index, labels)
     kernel = _check_kernel(kernel, extra_outputs, hidden, process_group)
     logits_dtype = _check_logits_dtype(logits_dtype, hidden, weight)
+    with_lora = _check_lora(lora_A, lora_B, lora_scaling, lora_hidden, hidden, weight, kernel, process_group)
     lead = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
     flat = flat if flat.stride(-1) == 1 else flat.contiguous()
@@ -643,10 +827,17 @@ def linear_token_logprobs(
                                              process_group, shard)
         return token_ops.LogprobsEntropy(logp.view(lead), entropy.view(lead)) if return_entropy else logp.view(lead)
     want = [name in extra_outputs for name in EXTRA_OUTPUTS]
-    logp, entropy, _, *extras = _fwd(
-        flat, weight, bias, labels.reshape(-1), float(logit_scale), softcap, float(temperature),
-        int(ignore_index), bool(return_entropy), want, int(chunk_size or 0), bool(deterministic), kernel,
-        logits_dtype)
+    if with_lora:
+        hyper = (float(logit_scale), softcap, float(temperature), int(ignore_index), int(chunk_size or 0),
+                 bool(deterministic), logits_dtype, float(lora_scaling))
+        x = None if lora_hidden is None else lora_hidden.reshape(flat.shape)
+        logp, entropy, _, *extras = _LoraHead.apply(
+            flat, weight, bias, labels.reshape(-1), lora_A, lora_B, x, hyper, bool(return_entropy), tuple(want))
+    else:
+        logp, entropy, _, *extras = _fwd(
+            flat, weight, bias, labels.reshape(-1), float(logit_scale), softcap, float(temperature),
+            int(ignore_index), bool(return_entropy), want, int(chunk_size or 0), bool(deterministic), kernel,
+            logits_dtype)
     named = dict(zip(EXTRA_OUTPUTS, extras))
     extras = {name: named[name].view(lead) for name in extra_outputs}
     if not extra_outputs:

@@ -1,0 +1,265 @@
+"""LM heads as trainers hold them (issue 17): a LoRA adapter on the head (vs PEFT's own
+``lora.Linear``), FSDP2 DTensor shards and DDP (gloo, 2 CPU processes) for
+``rlkern.linear_token_logprobs``."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import assert_as_close_as_torch, import_peer
+
+import rlkern
+from rlkern.reference.linear_logprobs import linear_logprobs as reference
+
+# ---------------------------------------------------------------------------------------------
+# LoRA on the head.
+
+
+def _peft_head(width, vocab, rank, alpha, dropout, dtype, *, bias=False, seed=0):
+    """PEFT 0.21's lora.Linear around a tiny nn.Linear head, with non-zero A and B."""
+    peft = import_peer("peft")
+    torch.manual_seed(seed)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(width, vocab, bias=bias)
+
+        def forward(self, x):
+            return self.lm_head(x)
+
+    tiny = Tiny()
+    with torch.no_grad():
+        tiny.lm_head.weight.mul_(3.0)  # log-probs spanning 0 .. -10
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=["lm_head"],
+                             init_lora_weights=False)
+    model = peft.get_peft_model(tiny, config).to(dtype)
+    head = model.base_model.model.lm_head
+    assert isinstance(head, peft.tuners.lora.Linear)
+    with torch.no_grad():  # B is zero-initialized by default elsewhere: make the adapter count
+        head.lora_B["default"].weight.normal_(0, 0.5)
+    return model, head
+
+
+def _adapter(head):
+    return head.lora_A["default"].weight, head.lora_B["default"].weight, head.scaling["default"]
+
+
+def _peft_logprobs(model, hidden, labels, *, temperature=1.0):
+    log_p = torch.log_softmax(model(hidden).float() / temperature, -1)
+    ignored = labels == -100
+    return log_p.gather(1, labels.clamp(min=0)[:, None])[:, 0].masked_fill(ignored, 0)
+
+
+def _zero_grads(*tensors):
+    for t in tensors:
+        t.grad = None
+
+
+LORA_CASES = [
+    dict(n=37, width=24, vocab=301, rank=4, alpha=8, bias=False, chunk_size=8),
+    dict(n=13, width=17, vocab=129, rank=3, alpha=5, bias=True, chunk_size=None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(LORA_CASES)))
+def test_lora_head_matches_peft(backend, dtype, case):
+    spec = LORA_CASES[case]
+    model, head = _peft_head(spec["width"], spec["vocab"], spec["rank"], spec["alpha"], 0.0, dtype,
+                             bias=spec["bias"], seed=case)
+    lora_a, lora_b, scaling = _adapter(head)
+    weight, bias = head.base_layer.weight, head.base_layer.bias
+    assert not weight.requires_grad  # PEFT freezes the base head
+    if bias is not None:
+        bias.requires_grad_(True)  # a trainable head bias (PEFT's bias="all"), to check its gradient
+    gen = torch.Generator().manual_seed(10 + case)
+    hidden = torch.randn(spec["n"], spec["width"], generator=gen).to(dtype).requires_grad_()
+    labels = torch.randint(0, spec["vocab"], (spec["n"],), generator=gen)
+    labels[1] = -100
+    upstream = torch.randn(spec["n"], generator=gen)
+    trainable = (hidden, lora_a, lora_b) + ((bias,) if bias is not None else ())
+
+    peft_logp = _peft_logprobs(model, hidden, labels)
+    (peft_logp * upstream).sum().backward()
+    peft_grads = [t.grad.clone() for t in trainable]
+    _zero_grads(*trainable)
+
+    ours = rlkern.linear_token_logprobs(hidden, weight, labels, bias=bias, lora_A=lora_a, lora_B=lora_b,
+                                        lora_scaling=scaling, chunk_size=spec["chunk_size"])
+    (ours * upstream).sum().backward()
+    grads = [t.grad for t in trainable]
+    assert weight.grad is None  # the frozen base head gets no gradient
+
+    leaves = [t.detach().double().requires_grad_() for t in trainable]
+    b64 = leaves[3] if bias is not None else None
+    ref, _, _ = reference(leaves[0], weight.detach(), b64, labels,
+                          lora=(leaves[1], leaves[2], scaling, None))
+    (ref * upstream.double()).sum().backward()
+    assert ours.dtype == torch.float32
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, peft_logp, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.double(), ref, rtol=0, atol=1e-5)
+        for name, g, p, leaf in zip(("hidden", "lora_A", "lora_B", "bias"), grads, peft_grads, leaves):
+            scale = leaf.grad.abs().max().item()
+            torch.testing.assert_close(g, p, rtol=1e-4, atol=1e-5 * scale, msg=name)
+            torch.testing.assert_close(g.double(), leaf.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    else:  # PEFT computes in bf16; rlkern accumulates in fp32: no worse than PEFT against float64
+        assert_as_close_as_torch(ours, ref, peft_logp, floor=1e-3, name="logprobs")
+        for name, g, p, leaf in zip(("hidden", "lora_A", "lora_B", "bias"), grads, peft_grads, leaves):
+            assert g.dtype == dtype
+            assert_as_close_as_torch(g, leaf.grad, p, floor=1e-2 * leaf.grad.abs().max().item(), factor=1.5,
+                                     name=name)
+
+
+def test_lora_head_dropout_matches_peft(backend):
+    """p > 0: the caller applies the dropout and passes its output as ``lora_hidden`` (PEFT's
+    ``lora_A(dropout(x))``). Protocol: the same seed before PEFT's forward and before
+    ``torch.nn.functional.dropout`` draws the same mask (PEFT's dropout is the first random draw
+    of its forward), so the two runs see one mask and must agree exactly in fp32."""
+    model, head = _peft_head(20, 157, 4, 16, 0.3, torch.float32, seed=3)
+    model.train()
+    lora_a, lora_b, scaling = _adapter(head)
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(29, 20, generator=gen).requires_grad_()
+    labels = torch.randint(0, 157, (29,), generator=gen)
+    upstream = torch.randn(29, generator=gen)
+    torch.manual_seed(1234)
+    peft_logp = _peft_logprobs(model, hidden, labels)
+    (peft_logp * upstream).sum().backward()
+    peft_grads = [t.grad.clone() for t in (hidden, lora_a, lora_b)]
+    _zero_grads(hidden, lora_a, lora_b)
+
+    torch.manual_seed(1234)
+    dropped = torch.nn.functional.dropout(hidden, p=0.3, training=True)
+    ours = rlkern.linear_token_logprobs(hidden, head.base_layer.weight, labels, lora_A=lora_a, lora_B=lora_b,
+                                        lora_scaling=scaling, lora_hidden=dropped, chunk_size=7)
+    (ours * upstream).sum().backward()
+    # the dropout did something: without it the A path differs
+    plain = rlkern.linear_token_logprobs(hidden.detach(), head.base_layer.weight, labels, lora_A=lora_a.detach(),
+                                         lora_B=lora_b.detach(), lora_scaling=scaling)
+    assert (plain - peft_logp).abs().max() > 1e-3
+    torch.testing.assert_close(ours, peft_logp, rtol=0, atol=1e-5)
+    for name, g, p in zip(("hidden", "lora_A", "lora_B"), (hidden.grad, lora_a.grad, lora_b.grad), peft_grads):
+        torch.testing.assert_close(g, p, rtol=1e-4, atol=1e-5 * p.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_lora_head_transforms_vs_reference(backend, deterministic):
+    """logit_scale, softcap, temperature, entropy and the extras with the adapter, vs float64."""
+    gen = torch.Generator().manual_seed(5)
+    n, width, vocab, rank = 23, 19, 211, 5
+    hidden = torch.randn(n, width, generator=gen)
+    weight = torch.randn(vocab, width, generator=gen) * 0.6
+    lora_a, lora_b = torch.randn(rank, width, generator=gen) * 0.3, torch.randn(vocab, rank, generator=gen) * 0.3
+    x = torch.randn(n, width, generator=gen)
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels[4] = -100
+    hyper = dict(temperature=0.8, logit_scale=1.3, logit_softcap=6.0)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, lora_a, lora_b, x)]
+    out = rlkern.linear_token_logprobs(leaves[0], leaves[1], labels, lora_A=leaves[2], lora_B=leaves[3],
+                                       lora_scaling=0.7, lora_hidden=leaves[4], return_entropy=True,
+                                       extra_outputs=("mean_logits", "is_top1"), chunk_size=6,
+                                       deterministic=deterministic, **hyper)
+    g_l, g_e = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    (out.logprobs * g_l + out.entropy * g_e).sum().backward()
+    refs = [t.double().requires_grad_() for t in (hidden, weight, lora_a, lora_b, x)]
+    r_logp, r_ent, r_extras = reference(refs[0], refs[1], None, labels, lora=(refs[2], refs[3], 0.7, refs[4]),
+                                        extra_outputs=("mean_logits", "is_top1"), **hyper)
+    (r_logp * g_l.double() + r_ent * g_e.double()).sum().backward()
+    torch.testing.assert_close(out.logprobs.double(), r_logp, rtol=0, atol=2e-5)
+    torch.testing.assert_close(out.entropy.double(), r_ent, rtol=0, atol=2e-5)
+    torch.testing.assert_close(out.extras["mean_logits"].double(), r_extras["mean_logits"], rtol=0, atol=2e-5)
+    assert torch.equal(out.extras["is_top1"], r_extras["is_top1"])
+    for name, leaf, ref in zip(("hidden", "weight", "lora_A", "lora_B", "lora_hidden"), leaves, refs):
+        torch.testing.assert_close(leaf.grad.double(), ref.grad, rtol=1e-4, atol=1e-5 * ref.grad.abs().max().item(),
+                                   msg=name)
+
+
+def test_lora_head_gradcheck():
+    gen = torch.Generator().manual_seed(6)
+    n, width, vocab, rank = 5, 4, 9, 2
+    tensors = [torch.randn(n, width, generator=gen, dtype=torch.float64),
+               torch.randn(rank, width, generator=gen, dtype=torch.float64),
+               torch.randn(vocab, rank, generator=gen, dtype=torch.float64),
+               torch.randn(n, width, generator=gen, dtype=torch.float64)]
+    weight = torch.randn(vocab, width, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+
+    def fn(h, a, b, x):
+        out = rlkern.linear_token_logprobs(h, weight, labels, lora_A=a, lora_B=b, lora_scaling=1.5, lora_hidden=x,
+                                           return_entropy=True, chunk_size=2, logit_softcap=3.0)
+        return out.logprobs, out.entropy
+
+    assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in tensors])
+
+    def fn_no_x(h, a, b):  # the A path reads hidden itself: d hidden sums both paths
+        return rlkern.linear_token_logprobs(h, weight, labels, lora_A=a, lora_B=b, lora_scaling=0.5)
+
+    assert torch.autograd.gradcheck(fn_no_x, tensors[:3])
+
+
+def test_lora_head_logits_dtype_bf16_vs_reference(backend):
+    """logits_dtype=bf16 (TRL under autocast): xa and each tile rounded to bf16; the error is
+    bf16-sized against the exact float64 value."""
+    gen = torch.Generator().manual_seed(7)
+    n, width, vocab, rank = 17, 16, 203, 4
+    hidden = torch.randn(n, width, generator=gen)
+    weight = torch.randn(vocab, width, generator=gen) * 0.5
+    lora_a, lora_b = torch.randn(rank, width, generator=gen) * 0.5, torch.randn(vocab, rank, generator=gen) * 0.5
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    leaves = [t.clone().requires_grad_() for t in (hidden, lora_a, lora_b)]
+    ours = rlkern.linear_token_logprobs(leaves[0], weight, labels, lora_A=leaves[1], lora_B=leaves[2],
+                                        lora_scaling=2.0, logits_dtype=torch.bfloat16, chunk_size=5)
+    ours.sum().backward()
+    refs = [t.double().requires_grad_() for t in (hidden, lora_a, lora_b)]
+    ref, _, _ = reference(refs[0], weight, None, labels, lora=(refs[1], refs[2], 2.0, None))
+    ref.sum().backward()
+    # |logit| ~ 6: a bf16 rounding of a logit is ~ 2e-2; each log-prob sees a few of them.
+    torch.testing.assert_close(ours.double(), ref, rtol=0, atol=0.1)
+    for leaf, r in zip(leaves, refs):
+        torch.testing.assert_close(leaf.grad.double(), r.grad, rtol=0.05, atol=0.05 * r.grad.abs().max().item())
+
+
+def test_lora_head_bad_calls():
+    h, w, labels = torch.randn(3, 4), torch.randn(7, 4), torch.tensor([0, 1, 2])
+    a, b = torch.randn(2, 4), torch.randn(7, 2)
+    with pytest.raises(ValueError, match="^linear_token_logprobs: lora_A and lora_B go together"):
+        rlkern.linear_token_logprobs(h, w, labels, lora_A=a)
+    with pytest.raises(ValueError, match=r"^linear_token_logprobs: lora_B must be \[V, r\] = \(7, 2\)"):
+        rlkern.linear_token_logprobs(h, w, labels, lora_A=a, lora_B=b[:, :1])
+    with pytest.raises(ValueError, match=r"^linear_token_logprobs: lora_A must be \[r, H\]"):
+        rlkern.linear_token_logprobs(h, w, labels, lora_A=a[:, :3], lora_B=b)
+    with pytest.raises(ValueError, match="^linear_token_logprobs: lora_hidden must have hidden's shape"):
+        rlkern.linear_token_logprobs(h, w, labels, lora_A=a, lora_B=b, lora_hidden=h[:2])
+    with pytest.raises(ValueError, match="^linear_token_logprobs: lora_hidden was given without"):
+        rlkern.linear_token_logprobs(h, w, labels, lora_hidden=h)
+    with pytest.raises(ValueError, match="^linear_token_logprobs: lora_scaling"):
+        rlkern.linear_token_logprobs(h, w, labels, lora_A=a, lora_B=b, lora_scaling=float("nan"))
+    with pytest.raises(TypeError, match="^linear_token_logprobs: lora_A must be a float tensor"):
+        rlkern.linear_token_logprobs(h, w, labels, lora_A=a.long(), lora_B=b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_lora_head_vs_reference(dtype):
+    gen = torch.Generator().manual_seed(8)
+    n, width, vocab, rank = 300, 64, 5003, 8
+    hidden = torch.randn(n, width, generator=gen)
+    weight = torch.randn(vocab, width, generator=gen) * 0.3
+    lora_a, lora_b = torch.randn(rank, width, generator=gen) * 0.3, torch.randn(vocab, rank, generator=gen) * 0.3
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    leaves = [t.cuda().to(dtype).requires_grad_() for t in (hidden, lora_a, lora_b)]
+    ours = rlkern.linear_token_logprobs(leaves[0], weight.cuda().to(dtype), labels.cuda(), lora_A=leaves[1],
+                                        lora_B=leaves[2], lora_scaling=2.0, chunk_size=64)
+    ours.sum().backward()
+    refs = [t.to(dtype).double().requires_grad_() for t in (hidden, lora_a, lora_b)]
+    ref, _, _ = reference(refs[0], weight.to(dtype), None, labels, lora=(refs[1], refs[2], 2.0, None))
+    ref.sum().backward()
+    torch.testing.assert_close(ours.double().cpu(), ref, rtol=0, atol=5e-2 if dtype == torch.bfloat16 else 1e-3)
+    for leaf, r in zip(leaves, refs):
+        tol = (5e-2 if dtype == torch.bfloat16 else 1e-3) * r.grad.abs().max().item()
+        torch.testing.assert_close(leaf.grad.double().cpu(), r.grad, rtol=0, atol=tol)
