@@ -263,3 +263,102 @@ def test_cuda_lora_head_vs_reference(dtype):
     for leaf, r in zip(leaves, refs):
         tol = (5e-2 if dtype == torch.bfloat16 else 1e-3) * r.grad.abs().max().item()
         torch.testing.assert_close(leaf.grad.double().cpu(), r.grad, rtol=0, atol=tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL's fused head (add_fused_lm_head, what every TRL trainer scores tokens with) on a PEFT model
+# whose lm_head carries a LoRA adapter.
+
+
+@pytest.fixture
+def trl_patched():
+    rt = pytest.importorskip("rlkern.integrations.trl")
+    rt.unpatch()
+    yield rt
+    rt.unpatch()
+
+
+def _lora_lm(dropout):
+    from _tiny_models import tiny_qwen2, tiny_tokenizer
+
+    peft = import_peer("peft")
+    trl_utils = import_peer("trl.trainer.utils")
+    model = tiny_qwen2(tiny_tokenizer(n_words=90), hidden_size=32)
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy"))  # before PEFT, as TRL does
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["lm_head", "q_proj"],
+                             init_lora_weights=False)
+    model = peft.get_peft_model(model, config)
+    head = model.get_output_embeddings()
+    assert isinstance(head, peft.tuners.lora.Linear)
+    with torch.no_grad():
+        head.lora_B["default"].weight.normal_(0, 0.5)
+    return model, head
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_trl_fused_head_with_lora_head(trl_patched, dropout):
+    """rlkern's TRL fused head adds the adapter (TRL's own reads lm_head.weight, the frozen base,
+    and drops it): loss and every LoRA gradient equal the unfused forward's (the model's own
+    logits through PEFT's lora.Linear, HF's cross-entropy). With dropout > 0 the model is in eval
+    mode (PEFT's dropout off), as the unfused reference needs one mask for both."""
+    model, head = _lora_lm(dropout)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 96, (2, 9), generator=gen)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert head.lora_B["default"].weight.requires_grad and not head.base_layer.weight.requires_grad
+
+    unfused = model(input_ids=ids, labels=labels)
+    unfused.loss.backward()
+    ref_grads = [p.grad.clone() for p in params]
+    model.zero_grad()
+
+    trl_own = model(input_ids=ids, labels=labels, fused_lm_head=True).loss
+    assert abs(trl_own.item() - unfused.loss.item()) > 1e-3  # TRL's fused head skips the adapter
+
+    trl_patched.patch()
+    before = trl_patched.calls["ChunkedLogProbFunction[lora]"]
+    fused = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert trl_patched.calls["ChunkedLogProbFunction[lora]"] == before + 1
+    fused.loss.backward()
+    torch.testing.assert_close(fused.loss, unfused.loss, rtol=0, atol=2e-6)
+    for p, r in zip(params, ref_grads):
+        torch.testing.assert_close(p.grad, r, rtol=1e-4, atol=1e-6 * max(r.abs().max().item(), 1.0))
+    assert head.base_layer.weight.grad is None
+
+
+class _ElementwiseDrop(torch.nn.Module):
+    """A dropout stand-in whose mask is a function of each element (x > 0, scaled by 2): the
+    unfused forward ([B, T, H]) and TRL's compact fused forward ([n_valid, H]) then see the same
+    mask, which a random one cannot give."""
+
+    def forward(self, x):
+        return torch.where(x > 0, 2 * x, torch.zeros_like(x))
+
+
+def test_trl_fused_head_lora_dropout_in_training(trl_patched):
+    """In training mode the adapter's dropout module is applied to the A path's input only
+    (PEFT's lora_B(lora_A(dropout(x)))), and its gradient reaches the backbone through it."""
+    model, head = _lora_lm(0.3)
+    head.lora_dropout["default"] = _ElementwiseDrop()
+    model.train()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 96, (2, 9), generator=gen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(5)  # the q_proj adapters' dropouts draw the same masks in both forwards
+    unfused = model(input_ids=ids, labels=ids)
+    unfused.loss.backward()
+    ref_grads = [p.grad.clone() for p in params]
+    model.zero_grad()
+    trl_patched.patch()
+    before = trl_patched.calls["ChunkedLogProbFunction[lora]"]
+    torch.manual_seed(5)
+    out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+    assert trl_patched.calls["ChunkedLogProbFunction[lora]"] == before + 1
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, unfused.loss, rtol=0, atol=2e-6)
+    for p, r in zip(params, ref_grads):
+        torch.testing.assert_close(p.grad, r, rtol=1e-4, atol=1e-6 * max(r.abs().max().item(), 1.0))
+    assert head.base_layer.weight.grad is None

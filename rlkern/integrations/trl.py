@@ -32,6 +32,16 @@ Precision (``patch(fp32=...)``):
 - ``fp32=True``: rlkern's explicit opt-in, more accurate than TRL: autocast is ignored and the
   tiles are float32 products of the inputs as they are (float64 for float64 inputs).
 
+LoRA on the head: TRL's fused forward reads ``lm_head.weight``, which under PEFT is the frozen
+base weight, so TRL's own fused head silently drops an adapter on ``lm_head`` (its trainers
+refuse such a model in ``__init__``). Patched, when the head TRL projects through is a PEFT
+``lora.Linear`` with one active plain LoRA adapter, the adapter is applied tile by tile without
+the merged weight (``linear_token_logprobs(lora_A=, lora_B=)``), its dropout on the A path's
+input as PEFT applies it, and A and B get their gradients (``calls["ChunkedLogProbFunction[lora]"]``
+counts those calls). Under bf16 autocast the adapter's GEMMs output bf16 (xa rounded, the tile's
+sum rounded once: PEFT rounds three times). DoRA and other variants, ``lora_bias`` and several
+active adapters raise.
+
 Not covered: TRL's ``chunk_size`` counts vocabulary columns per tile; the adapter accepts it and
 sizes its own token tiles (``rlkern.ops.linear_logprobs``: 16 MiB of fp32 logits on CPU, 256 MiB
 on GPU). Targets must be in ``[0, V)`` (TRL clamps its labels before the call); another value
@@ -102,24 +112,57 @@ def _operands(hidden, weight, bias, compute_dtype):
                  for t in (hidden, weight, bias))
 
 
+def _lora_of_head():
+    """The LoRA adapter on the head TRL's fused forward is projecting through, or None.
+
+    TRL 1.16's ``add_fused_lm_head`` forward (``_fused_forward`` in ``trl/trainer/utils.py``)
+    reads ``lm_head.weight``, which for a PEFT ``lora.Linear`` is the frozen base weight: the
+    adapter would be silently skipped (TRL's trainers refuse such a head for that reason). The
+    module is a local of that frame (``lm_head``), the caller of ``ChunkedLogProbFunction.apply``;
+    it is looked up there, whatever order TRL, PEFT and ``patch()`` were applied in.
+    Returns ``(A [r, H], B [V, r], scaling, dropout module)`` of the one active adapter."""
+    frame = sys._getframe(2)  # _lora_of_head <- ChunkedLogProbFunction.apply <- TRL's caller
+    if frame.f_code.co_name != "_fused_forward" or frame.f_globals.get("__name__") != "trl.trainer.utils":
+        return None
+    head = frame.f_locals.get("lm_head")
+    lora_a = getattr(head, "lora_A", None)
+    if lora_a is None or getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
+        return None  # no adapter, adapters off, or merged into the base weight: the weight is right
+    active = [name for name in head.active_adapters if name in lora_a]
+    if not active:
+        return None
+    op = "ChunkedLogProbFunction"
+    if len(active) > 1 or active[0] in getattr(head, "lora_variant", {}) or head.lora_B[active[0]].bias is not None:
+        raise ValueError(f"{op}: the LM head carries PEFT adapters {active}: rlkern's fused head takes one plain "
+                         "LoRA adapter (no DoRA or other variant, no lora_bias); merge or disable the others")
+    name = active[0]
+    return lora_a[name].weight, head.lora_B[name].weight, float(head.scaling[name]), head.lora_dropout[name]
+
+
 class _FusedHead(torch.autograd.Function):
     """rlkern's chunked linear log-prob kernel with TRL's outputs, saved state and backward
-    context (``maybe_gather_lm_head_ctx``: ZeRO-3 gathers the head again for the recompute)."""
+    context (``maybe_gather_lm_head_ctx``: ZeRO-3 gathers the head again for the recompute).
+    With a LoRA adapter on the head (``lora_a`` ...), the adapter's term is added tile by tile
+    (``rlkern.ops.linear_logprobs._lora_operands``) and A, B (and the dropout's input) get
+    gradients."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, softcap, logit_scale, want, compute_dtype,
-                out_dtype):
+                out_dtype, lora_a=None, lora_b=None, lora_x=None, lora_scaling=1.0):
         ctx.set_materialize_grads(False)
         device = hidden.device.type
         with torch.autocast(device, enabled=False):  # rlkern's GEMMs pick their own dtypes
             h, w, b = _operands(hidden, weight, bias, compute_dtype)
             _token.check_label_range(targets, weight.shape[0], _NO_IGNORE, name="targets",
                                      op="ChunkedLogProbFunction")
+            lora = _head_lora(h, w, lora_a, lora_b, lora_x, lora_scaling, compute_dtype)
             logp, entropy, lse, *extras = _linear._chunked_forward(
                 h, w, b, targets, float(logit_scale), softcap, float(temperature), _NO_IGNORE, want["entropy"],
                 (want["log_sum_sq_probs"], want["mean_logits"], want["is_top1"]), 0, False,
-                logits_dtype=_logits_dtype(compute_dtype))
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if want["entropy"] else None)
+                logits_dtype=_logits_dtype(compute_dtype), lora=lora)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if want["entropy"] else None,
+                              lora_a, lora_b, lora_x)
+        ctx.lora_scaling = lora_scaling
         ctx.hyper = (float(temperature), softcap, float(logit_scale), compute_dtype)
         outs = [logp.to(out_dtype)]
         outs.append(entropy.to(out_dtype) if want["entropy"] else None)
@@ -132,25 +175,63 @@ class _FusedHead(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy, *_):
         from trl.trainer import utils as trl_utils  # looked up at call time, as TRL's own backward does
 
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, entropy, lora_a, lora_b, lora_x = ctx.saved_tensors
         temperature, softcap, logit_scale, compute_dtype = ctx.hyper
-        needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
-                 bias is not None and bool(ctx.needs_input_grad[2])]
+        need = ctx.needs_input_grad
+        needs = [bool(need[0]), bool(need[1]), bias is not None and bool(need[2])]
+        lora_needs = [lora_a is not None and bool(need[10]), lora_b is not None and bool(need[11]),
+                      lora_x is not None and bool(need[12])]
         if entropy is None:
             grad_entropy = None
-        if not any(needs) or (grad_logp is None and grad_entropy is None):
-            return (None,) * 10
+        if not any(needs + lora_needs) or (grad_logp is None and grad_entropy is None):
+            return (None,) * 14
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse, dtype=torch.float32)
         with trl_utils.maybe_gather_lm_head_ctx(weight, bias), torch.autocast(hidden.device.type, enabled=False):
             h, w, b = _operands(hidden, weight, bias, compute_dtype)
+            lora = _head_lora(h, w, lora_a, lora_b, lora_x, ctx.lora_scaling, compute_dtype)
+            # d xa feeds d A, and d x (the dropout's output, or hidden itself without dropout).
+            need_xa = lora is not None and (lora_needs[0] or lora_needs[2] or (lora_x is None and needs[0]))
             grads = _linear._chunked_backward(
                 grad_logp, grad_entropy, h, w, b, targets, lse, entropy, logit_scale, softcap, temperature,
-                _NO_IGNORE, 0, False, *needs, logits_dtype=_logits_dtype(compute_dtype))
+                _NO_IGNORE, 0, False, *needs, logits_dtype=_logits_dtype(compute_dtype),
+                lora=lora, lora_needs=(need_xa, lora_needs[1]))
         # float32 (float64) accumulators, returned in the inputs' dtypes as TRL does.
+        grads = list(grads)
+        lora_out = [None, None, None]
+        if lora is not None:
+            g_xa, g_b = grads[3], grads[4]
+            x = _lora_input(h, w, lora_x, compute_dtype)
+            op_dtype = lora[0].dtype
+            a_wide = lora_a.to(op_dtype).to(g_xa.dtype) if need_xa else None
+            if lora_needs[0]:
+                lora_out[0] = torch.mm(g_xa.T, x.to(op_dtype).to(g_xa.dtype)).to(lora_a.dtype)
+            if lora_needs[1]:
+                lora_out[1] = g_b.to(lora_b.dtype)
+            if lora_needs[2]:
+                lora_out[2] = torch.mm(g_xa, a_wide).to(lora_x.dtype)
+            elif lora_x is None and needs[0]:
+                grads[0].addmm_(g_xa, a_wide)
         out = [g.to(x.dtype) if g is not None and need else None
-               for g, x, need in zip(grads, (hidden, weight, bias), needs)]
-        return (*out, *(None,) * 7)
+               for g, x, need in zip(grads[:3], (hidden, weight, bias), needs)]
+        return (*out, *(None,) * 7, *lora_out, None)
+
+
+def _lora_input(h, w, lora_x, compute_dtype):
+    """The A path's input as the kernel reads it (TRL's casts, as for hidden)."""
+    if lora_x is None:
+        return h
+    return _operands(lora_x, w, None, compute_dtype)[0]
+
+
+def _head_lora(h, w, lora_a, lora_b, lora_x, scaling, compute_dtype):
+    """``(xa, B, scaling)`` for the tiles, or None without an adapter."""
+    if lora_a is None:
+        return None
+    acc = torch.float64 if torch.float64 in (h.dtype, w.dtype) else torch.float32
+    a, b = _operands(lora_a, lora_b, None, compute_dtype)[:2]
+    return _linear._lora_operands(_lora_input(h, w, lora_x, compute_dtype), a, b, scaling, acc,
+                                  _logits_dtype(compute_dtype))
 
 
 class ChunkedLogProbFunction:
@@ -183,8 +264,16 @@ class ChunkedLogProbFunction:
         if softcap < 0 or softcap != softcap:
             raise ValueError(f"{op}: final_logit_softcapping must be None or > 0, got {final_logit_softcapping!r}")
         want = {name: name in outputs for name in OPTIONAL_OUTPUTS}
+        lora = _lora_of_head()
+        if lora is None:
+            return _FusedHead.apply(hidden, weight, bias, targets, temperature, softcap, logit_scale, want,
+                                    compute_dtype, out_dtype)
+        calls["ChunkedLogProbFunction[lora]"] += 1
+        lora_a, lora_b, scaling, dropout = lora
+        # PEFT applies the adapter's dropout to the A path's input only (lora_B(lora_A(dropout(x)))).
+        lora_x = None if isinstance(dropout, torch.nn.Identity) or not dropout.training else dropout(hidden)
         return _FusedHead.apply(hidden, weight, bias, targets, temperature, softcap, logit_scale, want,
-                                compute_dtype, out_dtype)
+                                compute_dtype, out_dtype, lora_a, lora_b, lora_x, scaling)
 
 
 # ---------------------------------------------------------------------------------------------
