@@ -666,6 +666,61 @@ class _LoraHead(torch.autograd.Function):
         return g_h, g_w, g_b, None, g_a, g_lb, g_x, None, None, None
 
 
+# ---------------------------------------------------------------------------------------------
+# FSDP2 (torch.distributed.fsdp.fully_shard): the head's parameters are DTensors sharded on dim 0
+# over the data-parallel mesh, and every rank holds DIFFERENT tokens.
+
+
+class _GatheredParameter(torch.autograd.Function):
+    """A sharded DTensor parameter -> its full plain tensor, with FSDP2's gradient reduction.
+
+    Forward: ``full_tensor()`` (an all-gather over the mesh). Backward: this rank's full gradient
+    (from its own tokens) becomes a Partial(sum) DTensor redistributed to the parameter's
+    placements (a reduce-scatter for Shard(0), plus an all-reduce for HSDP's Replicate dim),
+    divided by the mesh size: the sum over ranks of every rank's gradient / world, i.e. the
+    average FSDP2 reduce-scatters for the module's own forward by default
+    (``_get_gradient_divide_factors``: ReduceOp.AVG over the data-parallel size) and what DDP's
+    all-reduce gives. A plain ``full_tensor()`` differentiates to a local slice instead (no
+    reduction: each rank would keep only its own batch's gradient)."""
+
+    @staticmethod
+    def forward(ctx, param):
+        ctx.mesh, ctx.placements = param.device_mesh, param.placements
+        return param.full_tensor()
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torch.distributed.tensor import DTensor, Partial
+
+        if grad is None:
+            return None
+        mesh = ctx.mesh
+        partial = DTensor.from_local(grad.contiguous(), mesh, [Partial("sum")] * mesh.ndim, run_check=False)
+        return partial.redistribute(mesh, ctx.placements).div_(mesh.size())
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without torch.distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _gather_dtensors(op: str, hidden, tensors: dict, process_group) -> dict:
+    """Replace every FSDP2 DTensor among ``tensors`` by its gathered plain tensor (see
+    ``_GatheredParameter``); hidden and labels must be plain (they are the rank's own tokens)."""
+    sharded = [name for name, t in tensors.items() if _is_dtensor(t)]
+    if not sharded:
+        return tensors
+    if _is_dtensor(hidden):
+        raise TypeError(f"{op}: hidden must be a plain torch.Tensor (this rank's tokens), got a DTensor")
+    if process_group is not None:
+        raise ValueError(f"{op}: a DTensor {sharded[0]} (FSDP2) and process_group (vocabulary-parallel plain "
+                         "shards) are two layouts: pass one")
+    return {name: _GatheredParameter.apply(t) if name in sharded else t for name, t in tensors.items()}
+
+
 def _acc_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -808,6 +863,9 @@ def linear_token_logprobs(
         ``{name: tensor of shape hidden.shape[:-1]}`` (``is_top1`` bool, the others float32).
     """
     extra_outputs = tuple(extra_outputs) if not isinstance(extra_outputs, str) else extra_outputs
+    gathered = _gather_dtensors("linear_token_logprobs", hidden,
+                                dict(weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B), process_group)
+    weight, bias, lora_A, lora_B = (gathered[k] for k in ("weight", "bias", "lora_A", "lora_B"))  # noqa: N806
     _check_linear(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap,
                   extra_outputs, chunk_size, sharded=process_group is not None)
     ignore_index = token_ops.check_ignore_index("linear_token_logprobs", ignore_index, labels)

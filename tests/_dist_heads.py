@@ -1,0 +1,136 @@
+"""2-process gloo (CPU) runs for tests/test_lm_heads.py: ``python tests/_dist_heads.py OUT``.
+
+Each rank holds its own tokens (data parallel). A tiny model (a ``body`` Linear + tanh, and a
+bias-free ``head`` Linear) scores them with ``rlkern.linear_token_logprobs(hidden,
+head.weight, labels)``, runs backward and one SGD step, in three set-ups, and rank 0 saves the
+full weights after the step to OUT (``torch.save``) under:
+
+- ``fsdp2``: ``fully_shard`` on body, head and the root; ``head.weight`` is the sharded DTensor.
+- ``fsdp2_naive``: the same, the op called on ``head.weight.full_tensor()`` (the trap of issue 17).
+- ``ddp``: ``DistributedDataParallel`` around a module whose forward calls the op.
+
+plus ``fsdp2_grad_placements`` (the head gradient's placements) and ``error`` (a traceback, if a
+set-up raised). ``single_process_reference()`` is the unsharded run they must match: the mean of
+the ranks' losses, one process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import rlkern
+
+H, V, WORLD = 16, 37, 2  # V odd: FSDP2's dim-0 shards are uneven (19 + 18 rows)
+TOKENS = (11, 7)  # uneven batches
+LR = 0.5
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(H, H)
+        self.head = nn.Linear(H, V, bias=False)
+
+    def forward(self, x):
+        return torch.tanh(self.body(x))
+
+
+class WithLogprobs(Tiny):
+    """The op inside the wrapped module's forward (DDP's hooks see every parameter used)."""
+
+    def forward(self, x, labels):
+        return rlkern.linear_token_logprobs(torch.tanh(self.body(x)), self.head.weight, labels)
+
+
+def build(cls=Tiny):
+    torch.manual_seed(0)
+    model = cls()
+    with torch.no_grad():
+        model.head.weight.mul_(4.0)
+    return model
+
+
+def batch(rank: int):
+    gen = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(TOKENS[rank], H, generator=gen)
+    labels = torch.randint(0, V, (TOKENS[rank],), generator=gen)
+    labels[0] = -100
+    return x, labels
+
+
+def _loss(logp, labels):
+    return -logp.sum() / (labels != -100).sum()
+
+
+def single_process_reference() -> dict:
+    """The unsharded run: loss = mean over ranks of each rank's loss (DDP/FSDP2 average the
+    gradients), one SGD step."""
+    model = build()
+    loss = sum(_loss(rlkern.linear_token_logprobs(model(x), model.head.weight, labels), labels)
+               for x, labels in map(batch, range(WORLD))) / WORLD
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=LR).step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _full_state(model) -> dict:
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}
+
+
+def _fsdp2(rank: int, naive: bool):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = build()
+    fully_shard(model.body, mesh=mesh)
+    fully_shard(model.head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    x, labels = batch(rank)
+    weight = model.head.weight.full_tensor() if naive else model.head.weight
+    _loss(rlkern.linear_token_logprobs(model(x), weight, labels), labels).backward()
+    placements = tuple(repr(p) for p in model.head.weight.grad.placements)
+    opt.step()
+    return _full_state(model), placements
+
+
+def _ddp(rank: int):
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(build(WithLogprobs))
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    x, labels = batch(rank)
+    _loss(model(x, labels), labels).backward()
+    opt.step()
+    return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+
+
+def worker(rank: int, init_file: str, out: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    result = {}
+    try:
+        result["fsdp2"], result["fsdp2_grad_placements"] = _fsdp2(rank, naive=False)
+        result["fsdp2_naive"], _ = _fsdp2(rank, naive=True)
+        result["ddp"] = _ddp(rank)
+    except Exception:
+        result["error"] = traceback.format_exc()
+    finally:
+        if rank == 0:
+            torch.save(result, out)
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(os.path.join(tmp, "init"), sys.argv[1]), nprocs=WORLD, join=True)
