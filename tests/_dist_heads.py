@@ -5,13 +5,16 @@ bias-free ``head`` Linear) scores them with ``rlkern.linear_token_logprobs(hidde
 head.weight, labels)``, runs backward and one SGD step, in three set-ups, and rank 0 saves the
 full weights after the step to OUT (``torch.save``) under:
 
-- ``fsdp2``: ``fully_shard`` on body, head and the root; ``head.weight`` is the sharded DTensor.
-- ``fsdp2_naive``: the same, the op called on ``head.weight.full_tensor()`` (the trap of issue 17).
+- ``fsdp2``: ``fully_shard`` on body, head and the root; ``head.weight`` is the sharded DTensor
+  (computed per shard: ``per_shard_calls`` counts the calls that took that path).
+- ``fsdp2_gather``: the same with W gathered (``linear_logprobs._PER_SHARD = "never"``).
+- ``fsdp2_lora``: a LoRA adapter (A, B parameters, frozen W) on the sharded head (gathered).
+- ``fsdp2_naive``: the op called on ``head.weight.full_tensor()`` (the trap of issue 17).
 - ``ddp``: ``DistributedDataParallel`` around a module whose forward calls the op.
 
 plus ``fsdp2_grad_placements`` (the head gradient's placements) and ``error`` (a traceback, if a
-set-up raised). ``single_process_reference()`` is the unsharded run they must match: the mean of
-the ranks' losses, one process.
+set-up raised). ``single_process_reference(lora)`` is the unsharded run they must match: the mean
+of the ranks' losses, one process. The loss uses the log-probs and the entropy.
 """
 
 from __future__ import annotations
@@ -43,11 +46,26 @@ class Tiny(nn.Module):
         return torch.tanh(self.body(x))
 
 
+class TinyLora(Tiny):
+    """A LoRA adapter on the head (PEFT's lora_A / lora_B weights); the base head frozen."""
+
+    def __init__(self):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.randn(3, H) * 0.3)
+        self.lora_B = nn.Parameter(torch.randn(V, 3) * 0.3)
+        self.head.weight.requires_grad_(False)
+
+
 class WithLogprobs(Tiny):
     """The op inside the wrapped module's forward (DDP's hooks see every parameter used)."""
 
     def forward(self, x, labels):
-        return rlkern.linear_token_logprobs(torch.tanh(self.body(x)), self.head.weight, labels)
+        return _op(self, torch.tanh(self.body(x)), self.head.weight, labels)
+
+
+def _op(model, hidden, weight, labels):
+    lora = dict(lora_A=model.lora_A, lora_B=model.lora_B, lora_scaling=2.0) if isinstance(model, TinyLora) else {}
+    return rlkern.linear_token_logprobs(hidden, weight, labels, return_entropy=True, **lora)
 
 
 def build(cls=Tiny):
@@ -66,15 +84,15 @@ def batch(rank: int):
     return x, labels
 
 
-def _loss(logp, labels):
-    return -logp.sum() / (labels != -100).sum()
+def _loss(out, labels):
+    return -(out.logprobs.sum() - 0.1 * out.entropy.sum()) / (labels != -100).sum()
 
 
-def single_process_reference() -> dict:
+def single_process_reference(lora: bool = False) -> dict:
     """The unsharded run: loss = mean over ranks of each rank's loss (DDP/FSDP2 average the
     gradients), one SGD step."""
-    model = build()
-    loss = sum(_loss(rlkern.linear_token_logprobs(model(x), model.head.weight, labels), labels)
+    model = build(TinyLora if lora else Tiny)
+    loss = sum(_loss(_op(model, model(x), model.head.weight, labels), labels)
                for x, labels in map(batch, range(WORLD))) / WORLD
     loss.backward()
     torch.optim.SGD(model.parameters(), lr=LR).step()
@@ -86,21 +104,26 @@ def _full_state(model) -> dict:
             for k, v in model.state_dict().items()}
 
 
-def _fsdp2(rank: int, naive: bool):
+def _fsdp2(rank: int, naive: bool = False, per_shard: str = "auto", lora: bool = False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from rlkern.ops import linear_logprobs
+
+    linear_logprobs._PER_SHARD = per_shard
     mesh = init_device_mesh("cpu", (WORLD,))
-    model = build()
+    model = build(TinyLora if lora else Tiny)
     fully_shard(model.body, mesh=mesh)
     fully_shard(model.head, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     x, labels = batch(rank)
     weight = model.head.weight.full_tensor() if naive else model.head.weight
-    _loss(rlkern.linear_token_logprobs(model(x), weight, labels), labels).backward()
-    placements = tuple(repr(p) for p in model.head.weight.grad.placements)
+    _loss(_op(model, model(x), weight, labels), labels).backward()
+    grad = (model.lora_B if lora else model.head.weight).grad
+    placements = tuple(repr(p) for p in grad.placements)
     opt.step()
+    linear_logprobs._PER_SHARD = "auto"
     return _full_state(model), placements
 
 
@@ -118,9 +141,23 @@ def _ddp(rank: int):
 def worker(rank: int, init_file: str, out: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    from rlkern.ops import linear_logprobs
+
+    calls = []
+    per_shard = linear_logprobs._fsdp_per_shard
+
+    def counted(*args, **kwargs):
+        out = per_shard(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    linear_logprobs._fsdp_per_shard = counted
     result = {}
     try:
-        result["fsdp2"], result["fsdp2_grad_placements"] = _fsdp2(rank, naive=False)
+        result["fsdp2"], result["fsdp2_grad_placements"] = _fsdp2(rank)
+        result["per_shard_calls"] = sum(calls)
+        result["fsdp2_gather"], _ = _fsdp2(rank, per_shard="never")
+        result["fsdp2_lora"], result["fsdp2_lora_grad_placements"] = _fsdp2(rank, lora=True)
         result["fsdp2_naive"], _ = _fsdp2(rank, naive=True)
         result["ddp"] = _ddp(rank)
     except Exception:

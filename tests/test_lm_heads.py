@@ -384,7 +384,7 @@ def dist_runs(tmp_path_factory):
     sys.path.insert(0, here)
     import _dist_heads
 
-    return runs, _dist_heads.single_process_reference()
+    return runs, _dist_heads.single_process_reference(), _dist_heads.single_process_reference(lora=True)
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -393,17 +393,31 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def test_fsdp2_sharded_head_matches_single_process(dist_runs):
-    """fully_shard'ed head: the op takes head.weight (a Shard(0) DTensor), gathers it and
-    reduce-scatters the averaged gradient as FSDP2 does for the module's own forward; after one
-    SGD step every weight equals the unsharded run's."""
-    runs, single = dist_runs
+    """fully_shard'ed head: the op takes head.weight (a Shard(0) DTensor) and returns its
+    gradient in that placement, averaged over the ranks as FSDP2 reduces the module's own
+    gradients; after one SGD step every weight equals the unsharded run's, computed per shard
+    (tokens gathered, the vocabulary-parallel path) and with W gathered."""
+    runs, single, _ = dist_runs
     assert runs["fsdp2_grad_placements"] == ("Shard(dim=0)",)
+    assert runs["per_shard_calls"] == 1
     assert single["head.weight"].shape == (37, 16)
     assert _max_diff(runs["fsdp2"], single) <= 1e-6
+    assert _max_diff(runs["fsdp2_gather"], single) <= 1e-6
     # the trap the op avoids: full_tensor() differentiates to a local slice, no reduction
     assert _max_diff(runs["fsdp2_naive"], single) > 1e-3
 
 
+def test_fsdp2_sharded_lora_head_matches_single_process(dist_runs):
+    """FSDP2 + a LoRA adapter on the head: A and B are DTensors too (the mixed Tensor/DTensor
+    error users report); the frozen W does not move, A and B match the unsharded step."""
+    runs, _, single = dist_runs
+    assert runs["fsdp2_lora_grad_placements"] == ("Shard(dim=0)",)
+    assert _max_diff(runs["fsdp2_lora"], single) <= 1e-6
+    import _dist_heads
+
+    assert torch.equal(runs["fsdp2_lora"]["head.weight"], _dist_heads.build(_dist_heads.TinyLora).head.weight)
+
+
 def test_ddp_wrapped_op_matches_single_process(dist_runs):
-    runs, single = dist_runs
+    runs, single, _ = dist_runs
     assert _max_diff(runs["ddp"], single) <= 1e-6

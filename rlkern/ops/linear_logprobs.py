@@ -699,6 +699,134 @@ class _GatheredParameter(torch.autograd.Function):
         return partial.redistribute(mesh, ctx.placements).div_(mesh.size())
 
 
+# Per shard or gathered (see _fsdp_per_shard): "auto" computes per shard when the 1-D Shard(0)
+# layout allows it and the gathered tokens (world * max N rows of H) are fewer than W's V rows;
+# "always" / "never" force one path (the distributed tests run both).
+_PER_SHARD = "auto"
+
+
+class _GatherTokens(torch.autograd.Function):
+    """Every rank's ``[n_r, H]`` rows, zero-padded to ``n_max``, stacked ``[world * n_max, H]``.
+    Backward: this rank's rows of the incoming gradient, which the vocabulary-parallel backward
+    has already SUM-all-reduced over the group (every rank's W rows contribute): no collective."""
+
+    @staticmethod
+    def forward(ctx, rows, group, rank, n_max):
+        import torch.distributed as dist
+
+        padded = rows.new_zeros((n_max, *rows.shape[1:]))
+        padded[: rows.shape[0]] = rows
+        parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, padded, group=group)
+        ctx.span = (rank * n_max, rank * n_max + rows.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        start, end = ctx.span
+        return grad[start:end].clone(), None, None, None
+
+
+class _OwnRows(torch.autograd.Function):
+    """This rank's rows of the gathered tokens' outputs (log-probs, entropy). Backward: every
+    rank's upstream gradients are all-gathered, since the vocabulary-parallel backward needs
+    the gradient of every token on every rank (it holds every token's W-shard columns)."""
+
+    @staticmethod
+    def forward(ctx, logp, entropy, group, rank, n_max, n):
+        ctx.group, ctx.n_max = group, n_max
+        ctx.n = n
+        ctx.set_materialize_grads(True)  # every rank runs the same all_gathers
+        ctx.with_entropy = entropy is not None
+        start = rank * n_max
+        if entropy is None:
+            return logp[start:start + n].clone(), logp.new_empty(0)
+        return logp[start:start + n].clone(), entropy[start:start + n].clone()
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        import torch.distributed as dist
+
+        world = dist.get_world_size(ctx.group)
+        k = 2 if ctx.with_entropy else 1
+        grads = torch.zeros((k, ctx.n_max), dtype=grad_logp.dtype, device=grad_logp.device)
+        grads[0, : ctx.n] = grad_logp
+        if ctx.with_entropy:
+            grads[1, : ctx.n] = grad_entropy
+        parts = [torch.empty_like(grads) for _ in range(world)]
+        dist.all_gather(parts, grads, group=ctx.group)
+        full = torch.cat(parts, dim=1)
+        return full[0], full[1] if ctx.with_entropy else None, None, None, None, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by ``scale`` (FSDP2's 1 / world)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def _per_shard_group(weight, bias, lora_a, lora_b, extra_outputs, kernel, process_group):
+    """The mesh's group when the FSDP2 layout is one the vocabulary-parallel path computes per
+    shard (a 1-D mesh, W (and b) Shard(0), no LoRA / extras / fused kernel), else None."""
+    from torch.distributed.tensor import Shard
+
+    if _PER_SHARD == "never" or process_group is not None or lora_a is not None or lora_b is not None:
+        return None
+    if extra_outputs or kernel not in (None, "chunked") or weight.device_mesh.ndim != 1:
+        return None
+    if tuple(weight.placements) != (Shard(0),):
+        return None
+    if bias is not None and (not _is_dtensor(bias) or tuple(bias.placements) != (Shard(0),)
+                             or bias.device_mesh != weight.device_mesh):
+        return None
+    return weight.device_mesh.get_group(0)
+
+
+def _fsdp_per_shard(hidden, weight, labels, bias, group, with_entropy, kwargs):
+    """``linear_token_logprobs`` on an FSDP2 Shard(0) head without gathering W, or None when
+    gathering W is cheaper (``_PER_SHARD``).
+
+    Under FSDP2 rank r holds the rows ``[start_r, start_r + V_r)`` of W (a vocabulary split)
+    and its OWN tokens. The tokens are all-gathered (hidden ``[world * n_max, H]``, labels),
+    each rank runs the vocabulary-parallel op (``process_group``) on its W rows for every token,
+    keeps its own tokens' outputs, and in the backward all-gathers the upstream gradients
+    (``_OwnRows``), gets d W_r summed over every rank's tokens (FSDP2's reduce-scatter, done by
+    the computation itself) scaled by 1 / world (FSDP2's average) and its rows of the
+    all-reduced d hidden (``_GatherTokens``)."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    n = flat.shape[0]
+    counts = [torch.zeros(1, dtype=torch.int64, device=hidden.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([n], dtype=torch.int64, device=hidden.device), group=group)
+    n_max = int(torch.cat(counts).max())  # the one host sync of the layout, as shard_layout's
+    if _PER_SHARD == "auto" and world * n_max >= weight.shape[0]:
+        return None
+    ignore_index = kwargs.get("ignore_index", -100)
+    hidden_all = _GatherTokens.apply(flat, group, rank, n_max)
+    padded = flat_labels.new_full((n_max,), ignore_index)
+    padded[:n] = flat_labels
+    label_parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(label_parts, padded, group=group)
+    w_local = _ScaleGrad.apply(weight.to_local(), 1.0 / world)
+    b_local = None if bias is None else _ScaleGrad.apply(bias.to_local(), 1.0 / world)
+    out = linear_token_logprobs(hidden_all, w_local, torch.cat(label_parts), bias=b_local,
+                                return_entropy=with_entropy, process_group=group, **kwargs)
+    logp, entropy = _OwnRows.apply(*(out if with_entropy else (out, None)), group, rank, n_max, n)
+    lead = hidden.shape[:-1]
+    return (token_ops.LogprobsEntropy(logp.view(lead), entropy.view(lead)) if with_entropy
+            else logp.view(lead))
+
+
 def _is_dtensor(t) -> bool:
     try:
         from torch.distributed.tensor import DTensor
@@ -863,6 +991,16 @@ def linear_token_logprobs(
         ``{name: tensor of shape hidden.shape[:-1]}`` (``is_top1`` bool, the others float32).
     """
     extra_outputs = tuple(extra_outputs) if not isinstance(extra_outputs, str) else extra_outputs
+    group = None
+    if _is_dtensor(weight) and not _is_dtensor(hidden) and isinstance(labels, Tensor):
+        group = _per_shard_group(weight, bias, lora_A, lora_B, extra_outputs, kernel, process_group)
+    if group is not None:
+        kwargs = dict(temperature=temperature, logit_scale=logit_scale, logit_softcap=logit_softcap,
+                      ignore_index=ignore_index, chunk_size=chunk_size, deterministic=deterministic,
+                      logits_dtype=logits_dtype)
+        per_shard = _fsdp_per_shard(hidden, weight, labels, bias, group, bool(return_entropy), kwargs)
+        if per_shard is not None:
+            return per_shard
     gathered = _gather_dtensors("linear_token_logprobs", hidden,
                                 dict(weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B), process_group)
     weight, bias, lora_A, lora_B = (gathered[k] for k in ("weight", "bias", "lora_A", "lora_B"))  # noqa: N806
