@@ -295,38 +295,42 @@ def _lora_lm(dropout):
     return model, head
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_trl_fused_head_with_lora_head(trl_patched, dropout):
-    """rlkern's TRL fused head adds the adapter (TRL's own reads lm_head.weight, the frozen base,
-    and drops it): loss and every LoRA gradient equal the unfused forward's (the model's own
-    logits through PEFT's lora.Linear, HF's cross-entropy). With dropout > 0 the model is in eval
-    mode (PEFT's dropout off), as the unfused reference needs one mask for both."""
-    model, head = _lora_lm(dropout)
-    model.eval()
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 96, (2, 9), generator=gen)
-    labels = ids.clone()
-    labels[0, :3] = -100
+def _check_fused_matches_unfused(rt, model, head, ids, labels, *, seed=5, trl_drops_adapter=False):
+    """Loss and every trainable gradient of TRL's fused forward, patched, equal the unfused
+    forward's (the model's own logits through PEFT's lora.Linear, HF's cross-entropy); the same
+    seed before each forward gives the backbone's adapters the same dropout masks."""
     params = [p for p in model.parameters() if p.requires_grad]
     assert head.lora_B["default"].weight.requires_grad and not head.base_layer.weight.requires_grad
-
+    torch.manual_seed(seed)
     unfused = model(input_ids=ids, labels=labels)
     unfused.loss.backward()
     ref_grads = [p.grad.clone() for p in params]
     model.zero_grad()
-
-    trl_own = model(input_ids=ids, labels=labels, fused_lm_head=True).loss
-    assert abs(trl_own.item() - unfused.loss.item()) > 1e-3  # TRL's fused head skips the adapter
-
-    trl_patched.patch()
-    before = trl_patched.calls["ChunkedLogProbFunction[lora]"]
+    if trl_drops_adapter:
+        trl_own = model(input_ids=ids, labels=labels, fused_lm_head=True).loss
+        assert abs(trl_own.item() - unfused.loss.item()) > 1e-3  # TRL's fused head skips the adapter
+    rt.patch()
+    before = rt.calls["ChunkedLogProbFunction[lora]"]
+    torch.manual_seed(seed)
     fused = model(input_ids=ids, labels=labels, fused_lm_head=True)
-    assert trl_patched.calls["ChunkedLogProbFunction[lora]"] == before + 1
+    assert rt.calls["ChunkedLogProbFunction[lora]"] == before + 1
     fused.loss.backward()
     torch.testing.assert_close(fused.loss, unfused.loss, rtol=0, atol=2e-6)
     for p, r in zip(params, ref_grads):
         torch.testing.assert_close(p.grad, r, rtol=1e-4, atol=1e-6 * max(r.abs().max().item(), 1.0))
     assert head.base_layer.weight.grad is None
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_trl_fused_head_with_lora_head(trl_patched, dropout):
+    """rlkern's TRL fused head adds the adapter (TRL's own reads lm_head.weight, the frozen base,
+    and drops it). With dropout > 0 the model is in eval mode (PEFT's dropout off)."""
+    model, head = _lora_lm(dropout)
+    model.eval()
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    _check_fused_matches_unfused(trl_patched, model, head, ids, labels, trl_drops_adapter=True)
 
 
 class _ElementwiseDrop(torch.nn.Module):
@@ -344,24 +348,8 @@ def test_trl_fused_head_lora_dropout_in_training(trl_patched):
     model, head = _lora_lm(0.3)
     head.lora_dropout["default"] = _ElementwiseDrop()
     model.train()
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 96, (2, 9), generator=gen)
-    params = [p for p in model.parameters() if p.requires_grad]
-    torch.manual_seed(5)  # the q_proj adapters' dropouts draw the same masks in both forwards
-    unfused = model(input_ids=ids, labels=ids)
-    unfused.loss.backward()
-    ref_grads = [p.grad.clone() for p in params]
-    model.zero_grad()
-    trl_patched.patch()
-    before = trl_patched.calls["ChunkedLogProbFunction[lora]"]
-    torch.manual_seed(5)
-    out = model(input_ids=ids, labels=ids, fused_lm_head=True)
-    assert trl_patched.calls["ChunkedLogProbFunction[lora]"] == before + 1
-    out.loss.backward()
-    torch.testing.assert_close(out.loss, unfused.loss, rtol=0, atol=2e-6)
-    for p, r in zip(params, ref_grads):
-        torch.testing.assert_close(p.grad, r, rtol=1e-4, atol=1e-6 * max(r.abs().max().item(), 1.0))
-    assert head.base_layer.weight.grad is None
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    _check_fused_matches_unfused(trl_patched, model, head, ids, ids)
 
 
 # ---------------------------------------------------------------------------------------------

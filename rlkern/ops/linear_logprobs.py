@@ -14,6 +14,12 @@ each chunk's logits, turns them into d loss / d logits in place (the same kernel
 (plus, for half-precision weights on the CPU, an fp32 copy of one vocabulary block of W), so
 ``O(chunk * V)``, never ``O(N * V)``.
 
+The head as trainers hold it (``linear_token_logprobs``' ``weight`` and ``lora_*`` arguments):
+a LoRA adapter adds one ``[rows, r] x [r, V]`` GEMM per tile (never the merged weight, extra
+memory O((N + V) r)); an FSDP2 DTensor head is computed per shard (tokens gathered) or gathered
+once per call, its gradient reduced as FSDP2 reduces the module's own; DDP needs nothing; ZeRO-3
+goes through TRL's gather context (``rlkern.integrations.trl``).
+
 On CUDA the GEMMs take the inputs' dtype (bf16/fp16 tensor cores) and write fp32 (cuBLAS's
 fp32 output, PyTorch >= 2.8); the gradient tile enters the backward GEMMs in that dtype as in
 Liger and TRL. On the CPU every product is fp32 (bf16 inputs are widened): TRL's CPU path
@@ -917,7 +923,43 @@ def linear_token_logprobs(
     Args:
         hidden: ``[N, H]`` or ``[B, T, H]``, float16/bfloat16/float32/float64 (float64: computed in double).
         weight: ``[V, H]``, the LM head (``lm_head.weight``, possibly tied to the embeddings).
-            Its gradient is accumulated into ``weight.grad`` like any parameter's.
+            Its gradient is accumulated into ``weight.grad`` like any parameter's. The head as
+            data-parallel engines hold it:
+
+            - FSDP2 (``fully_shard``): ``weight`` (and ``bias``, ``lora_A``, ``lora_B``) may be
+              the sharded DTensor parameter, read outside the head's own forward (as TRL's fused
+              head reads it); hidden and labels are this rank's own tokens (plain tensors). The
+              gradient comes back as a DTensor with the parameter's placements, equal to what
+              FSDP2 gives the module's own forward: the sum over ranks of every rank's gradient
+              divided by the mesh size (FSDP2's default average, and DDP's; a custom
+              ``set_gradient_divide_factor`` is not followed). Two ways, chosen per call from the
+              sizes (every rank decides alike), same results:
+
+              * per shard (1-D mesh, W and b ``Shard(0)``, no LoRA, no ``extra_outputs``, and
+                ``world * n_max < V``, ``n_max`` the largest rank's token count): the rank's W
+                rows are a vocabulary split, so the tokens are all-gathered and the
+                ``process_group`` path runs on this rank's rows; no ``[V, H]`` copy exists.
+                Extra bytes per rank: the gathered hidden ``world n_max H`` (hidden's dtype, kept
+                for the backward) and its fp32 gradient ``4 world n_max H`` (backward only), plus
+                ``O(world n_max)`` statistics. Communication: forward all-gathers of the token
+                counts, hidden and labels and the two small all-reduces of ``process_group``;
+                backward an all-gather of the upstream gradients (4-8 bytes per token) and a SUM
+                all-reduce of d hidden (``4 world n_max H`` bytes).
+              * gathered otherwise: ``full_tensor()`` in the forward (the gathered W, W's dtype,
+                ``(V - V_r) H`` extra elements per rank, kept until the backward), and in the
+                backward the fp32 d W ``[V, H]`` (as the unsharded op) reduce-scattered to the
+                shard. A plain ``weight.full_tensor()`` passed by the caller would instead keep
+                only this rank's gradient (no reduction: the error of issue 17).
+            - DDP: nothing to do; the op inside (or outside) the wrapped module accumulates into
+              ``weight.grad`` and DDP's all-reduce averages it.
+            - DeepSpeed ZeRO-3: the parameter is partitioned (numel 0 outside its module's
+              forward). Gather it for the forward AND for the backward, which recomputes the
+              tiles from W: TRL's recipe, ``with trl.trainer.utils.maybe_gather_lm_head_ctx(W,
+              b): ...``, entered again inside a custom backward. rlkern's TRL adapter
+              (``rlkern.integrations.trl.ChunkedLogProbFunction``, installed by ``patch()``)
+              does exactly that, so under ZeRO-3 call the op through TRL's fused head (or that
+              adapter inside the context), not directly. Needs deepspeed and GPUs: not tested in
+              this repository's CPU CI.
         labels: ``hidden.shape[:-1]``, int32/int64, in ``[0, V)`` or ``ignore_index``.
         bias: ``[V]`` or None (LM heads usually have none).
         temperature: divides the (soft-capped) logits; the sampling temperature (TRL/verl).
