@@ -352,6 +352,52 @@ def test_trl_fused_head_lora_dropout_in_training(trl_patched):
     _check_fused_matches_unfused(trl_patched, model, head, ids, ids)
 
 
+def test_trl_sft_trainer_with_lora_head(trl_patched, tmp_path):
+    """A tiny TRL SFTTrainer whose lm_head carries a LoRA adapter. TRL 1.16's trainers refuse
+    such a model in __init__ (their fused head would drop the adapter), so the adapter is
+    injected after __init__ (peft.inject_adapter_in_model). Patched, the trainer's own
+    compute_loss (its fused head) equals the unfused forward's loss with the adapter, with the
+    same gradients, and a training step runs on rlkern and moves the adapter."""
+    from _tiny_models import prompts, tiny_qwen2, tiny_tokenizer
+
+    trl = import_peer("trl")
+    peft = import_peer("peft")
+    datasets = import_peer("datasets")
+    tokenizer = tiny_tokenizer(n_words=90)
+    args = trl.SFTConfig(output_dir=str(tmp_path), report_to="none", save_strategy="no", max_steps=1,
+                         per_device_train_batch_size=4, use_cpu=True, seed=0, optim="sgd", learning_rate=0.05,
+                         disable_tqdm=True, dataloader_num_workers=0)
+    data = datasets.Dataset.from_dict({"text": prompts(8, length=(6, 12))})
+    trainer = trl.SFTTrainer(model=tiny_qwen2(tokenizer, hidden_size=32), args=args, train_dataset=data,
+                             processing_class=tokenizer)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], init_lora_weights=False)
+    model = peft.inject_adapter_in_model(config, trainer.model)
+    head = model.get_output_embeddings()
+    assert isinstance(head, peft.tuners.lora.Linear)
+    lora_b = head.lora_B["default"].weight
+    with torch.no_grad():
+        lora_b.normal_(0, 0.5)
+    batch = next(iter(trainer.get_train_dataloader()))
+    params = [p for p in model.parameters() if p.requires_grad]
+    unfused = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    unfused.loss.backward()
+    ref_grads = [p.grad.clone() for p in params]
+    model.zero_grad()
+    trl_patched.patch()
+    before = trl_patched.calls["ChunkedLogProbFunction[lora]"]
+    loss = trainer.compute_loss(model, batch)
+    assert trl_patched.calls["ChunkedLogProbFunction[lora]"] == before + 1
+    loss.backward()
+    torch.testing.assert_close(loss, unfused.loss, rtol=0, atol=2e-6)
+    for p, r in zip(params, ref_grads):
+        torch.testing.assert_close(p.grad, r, rtol=1e-4, atol=1e-6 * max(r.abs().max().item(), 1.0))
+    model.zero_grad()
+    start = lora_b.detach().clone()
+    trainer.train()
+    assert trl_patched.calls["ChunkedLogProbFunction[lora]"] > before + 1
+    assert (lora_b.detach() - start).abs().max() > 1e-4
+
+
 # ---------------------------------------------------------------------------------------------
 # FSDP2 and DDP: 2 gloo CPU processes (tests/_dist_heads.py) vs the single-process run.
 
