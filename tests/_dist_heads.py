@@ -11,6 +11,11 @@ full weights after the step to OUT (``torch.save``) under:
 - ``fsdp2_lora``: a LoRA adapter (A, B parameters, frozen W) on the sharded head (gathered).
 - ``fsdp2_naive``: the op called on ``head.weight.full_tensor()`` (the trap of issue 17).
 - ``ddp``: ``DistributedDataParallel`` around a module whose forward calls the op.
+- ``trl_fsdp2`` / ``trl_fsdp2_unpatched``: a tiny Qwen2 with TRL's fused head
+  (``add_fused_lm_head``), each layer, ``lm_head`` and the root ``fully_shard``ed, its fused
+  loss backward and one SGD step, with ``rlkern.integrations.trl.patch()`` and without (TRL's
+  own ``full_tensor()`` of the DTensor head); ``trl_single_process_reference()`` is the
+  unfused (HF loss) unsharded run.
 
 plus ``fsdp2_grad_placements`` (the head gradient's placements) and ``error`` (a traceback, if a
 set-up raised). ``single_process_reference(lora)`` is the unsharded run they must match: the mean
@@ -127,6 +132,62 @@ def _fsdp2(rank: int, naive: bool = False, per_shard: str = "auto", lora: bool =
     return _full_state(model), placements
 
 
+def _qwen2():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _tiny_models import tiny_qwen2, tiny_tokenizer
+
+    return tiny_qwen2(tiny_tokenizer(n_words=90), hidden_size=32)
+
+
+def qwen2_batch(rank: int):
+    gen = torch.Generator().manual_seed(200 + rank)
+    ids = torch.randint(0, 96, (2, 7 + 2 * rank), generator=gen)
+    labels = ids.clone()
+    labels[0, :2] = -100
+    return ids, labels
+
+
+def _params(model) -> dict:
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.named_parameters()}
+
+
+def trl_single_process_reference() -> dict:
+    model = _qwen2()
+    loss = sum(model(input_ids=ids, labels=labels).loss for ids, labels in map(qwen2_batch, range(WORLD))) / WORLD
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=LR).step()
+    return _params(model)
+
+
+def _trl_fsdp2(rank: int, patched: bool):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from trl.trainer import utils as trl_utils
+
+    import rlkern.integrations.trl as rt
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = _qwen2()
+    trl_utils.add_fused_lm_head(model)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model.lm_head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    ids, labels = qwen2_batch(rank)
+    if patched:
+        rt.patch()
+    try:
+        before = rt.calls["ChunkedLogProbFunction"]
+        model(input_ids=ids, labels=labels, fused_lm_head=True).loss.backward()
+        calls = rt.calls["ChunkedLogProbFunction"] - before
+    finally:
+        rt.unpatch()
+    opt.step()
+    return _params(model), calls
+
+
 def _ddp(rank: int):
     from torch.nn.parallel import DistributedDataParallel
 
@@ -160,6 +221,8 @@ def worker(rank: int, init_file: str, out: str):
         result["fsdp2_lora"], result["fsdp2_lora_grad_placements"] = _fsdp2(rank, lora=True)
         result["fsdp2_naive"], _ = _fsdp2(rank, naive=True)
         result["ddp"] = _ddp(rank)
+        result["trl_fsdp2"], result["trl_fsdp2_calls"] = _trl_fsdp2(rank, patched=True)
+        result["trl_fsdp2_unpatched"], _ = _trl_fsdp2(rank, patched=False)
     except Exception:
         result["error"] = traceback.format_exc()
     finally:

@@ -418,7 +418,8 @@ def dist_runs(tmp_path_factory):
     sys.path.insert(0, here)
     import _dist_heads
 
-    return runs, _dist_heads.single_process_reference(), _dist_heads.single_process_reference(lora=True)
+    return (runs, _dist_heads.single_process_reference(), _dist_heads.single_process_reference(lora=True),
+            _dist_heads.trl_single_process_reference())
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -431,7 +432,7 @@ def test_fsdp2_sharded_head_matches_single_process(dist_runs):
     gradient in that placement, averaged over the ranks as FSDP2 reduces the module's own
     gradients; after one SGD step every weight equals the unsharded run's, computed per shard
     (tokens gathered, the vocabulary-parallel path) and with W gathered."""
-    runs, single, _ = dist_runs
+    runs, single, _, _ = dist_runs
     assert runs["fsdp2_grad_placements"] == ("Shard(dim=0)",)
     assert runs["per_shard_calls"] == 1
     assert single["head.weight"].shape == (37, 16)
@@ -444,7 +445,7 @@ def test_fsdp2_sharded_head_matches_single_process(dist_runs):
 def test_fsdp2_sharded_lora_head_matches_single_process(dist_runs):
     """FSDP2 + a LoRA adapter on the head: A and B are DTensors too (the mixed Tensor/DTensor
     error users report); the frozen W does not move, A and B match the unsharded step."""
-    runs, _, single = dist_runs
+    runs, _, single, _ = dist_runs
     assert runs["fsdp2_lora_grad_placements"] == ("Shard(dim=0)",)
     assert _max_diff(runs["fsdp2_lora"], single) <= 1e-6
     import _dist_heads
@@ -453,5 +454,16 @@ def test_fsdp2_sharded_lora_head_matches_single_process(dist_runs):
 
 
 def test_ddp_wrapped_op_matches_single_process(dist_runs):
-    runs, single, _ = dist_runs
+    runs, single, _, _ = dist_runs
     assert _max_diff(runs["ddp"], single) <= 1e-6
+
+
+def test_trl_fused_head_under_fsdp2_matches_single_process(dist_runs):
+    """TRL's fused head on a fully_shard'ed lm_head (TRL turns the DTensor into
+    ``weight.full_tensor()``, which keeps each rank's own gradient): patched, rlkern gathers
+    the sharded parameter itself and averages its gradient as FSDP2 does, so one SGD step
+    equals the unsharded, unfused run."""
+    runs, _, _, single = dist_runs
+    assert runs["trl_fsdp2_calls"] == 1
+    assert _max_diff(runs["trl_fsdp2"], single) <= 2e-6
+    assert _max_diff(runs["trl_fsdp2_unpatched"], single) > 1e-4  # TRL's own: lm_head off

@@ -42,6 +42,12 @@ counts those calls). Under bf16 autocast the adapter's GEMMs output bf16 (xa rou
 sum rounded once: PEFT rounds three times). DoRA and other variants, ``lora_bias`` and several
 active adapters raise.
 
+FSDP2: when the head is a ``fully_shard``ed DTensor outside its module's forward, TRL's fused
+forward hands ``weight.full_tensor()``, whose gradient is each rank's own, unreduced (one SGD step
+of a 2-rank tiny Qwen2 was off by 7e-2). Patched, the adapter gathers the sharded parameter
+itself and its gradient is averaged over the mesh as FSDP2 reduces the module's own
+(``rlkern.ops.linear_logprobs._GatheredParameter``); LoRA A and B DTensors likewise.
+
 Not covered: TRL's ``chunk_size`` counts vocabulary columns per tile; the adapter accepts it and
 sizes its own token tiles (``rlkern.ops.linear_logprobs``: 16 MiB of fp32 logits on CPU, 256 MiB
 on GPU). Targets must be in ``[0, V)`` (TRL clamps its labels before the call); another value
@@ -112,19 +118,40 @@ def _operands(hidden, weight, bias, compute_dtype):
                  for t in (hidden, weight, bias))
 
 
-def _lora_of_head():
-    """The LoRA adapter on the head TRL's fused forward is projecting through, or None.
+def _trl_head():
+    """The LM head module TRL's fused forward is projecting through, or None.
 
     TRL 1.16's ``add_fused_lm_head`` forward (``_fused_forward`` in ``trl/trainer/utils.py``)
-    reads ``lm_head.weight``, which for a PEFT ``lora.Linear`` is the frozen base weight: the
-    adapter would be silently skipped (TRL's trainers refuse such a head for that reason). The
-    module is a local of that frame (``lm_head``), the caller of ``ChunkedLogProbFunction.apply``;
-    it is looked up there, whatever order TRL, PEFT and ``patch()`` were applied in.
-    Returns ``(A [r, H], B [V, r], scaling, dropout module)`` of the one active adapter."""
-    frame = sys._getframe(2)  # _lora_of_head <- ChunkedLogProbFunction.apply <- TRL's caller
+    hands ``lm_head.weight`` to ``ChunkedLogProbFunction.apply``; the module itself is a local of
+    that frame (``lm_head``), looked up there whatever order TRL, PEFT, FSDP and ``patch()`` were
+    applied in."""
+    frame = sys._getframe(2)  # _trl_head <- ChunkedLogProbFunction.apply <- TRL's caller
     if frame.f_code.co_name != "_fused_forward" or frame.f_globals.get("__name__") != "trl.trainer.utils":
         return None
-    head = frame.f_locals.get("lm_head")
+    return frame.f_locals.get("lm_head")
+
+
+def _fsdp2_head(head, weight, bias):
+    """W and b as rlkern reduces them under FSDP2. TRL's fused forward replaces a DTensor head
+    by ``weight.full_tensor()``, whose gradient is this rank's own (no reduction over the ranks:
+    rlkern.ops.linear_logprobs._GatheredParameter); the sharded parameter is gathered here
+    instead, its gradient averaged over the mesh as FSDP2 does."""
+    base = getattr(head, "base_layer", head)  # a PEFT lora.Linear's base layer holds W and b
+    params = getattr(base, "weight", None), getattr(base, "bias", None)
+    if not _linear._is_dtensor(params[0]) or weight is params[0]:
+        return weight, bias
+    gathered = [_linear._GatheredParameter.apply(p) if _linear._is_dtensor(p) else t
+                for p, t in zip(params, (weight, bias))]
+    return gathered[0], gathered[1] if bias is not None else None
+
+
+def _lora_of_head(head):
+    """The LoRA adapter on ``head`` (TRL's fused forward's ``lm_head``), or None.
+
+    TRL's fused forward reads ``lm_head.weight``, which for a PEFT ``lora.Linear`` is the frozen
+    base weight: the adapter would be silently skipped (TRL's trainers refuse such a head for
+    that reason). Returns ``(A [r, H], B [V, r], scaling, dropout module)`` of the one active
+    adapter (A and B gathered if they are FSDP2 DTensors)."""
     lora_a = getattr(head, "lora_A", None)
     if lora_a is None or getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
         return None  # no adapter, adapters off, or merged into the base weight: the weight is right
@@ -136,7 +163,9 @@ def _lora_of_head():
         raise ValueError(f"{op}: the LM head carries PEFT adapters {active}: rlkern's fused head takes one plain "
                          "LoRA adapter (no DoRA or other variant, no lora_bias); merge or disable the others")
     name = active[0]
-    return lora_a[name].weight, head.lora_B[name].weight, float(head.scaling[name]), head.lora_dropout[name]
+    a, b = (_linear._GatheredParameter.apply(p) if _linear._is_dtensor(p) else p
+            for p in (lora_a[name].weight, head.lora_B[name].weight))
+    return a, b, float(head.scaling[name]), head.lora_dropout[name]
 
 
 class _FusedHead(torch.autograd.Function):
@@ -264,7 +293,9 @@ class ChunkedLogProbFunction:
         if softcap < 0 or softcap != softcap:
             raise ValueError(f"{op}: final_logit_softcapping must be None or > 0, got {final_logit_softcapping!r}")
         want = {name: name in outputs for name in OPTIONAL_OUTPUTS}
-        lora = _lora_of_head()
+        head = _trl_head()
+        weight, bias = _fsdp2_head(head, weight, bias)
+        lora = _lora_of_head(head)
         if lora is None:
             return _FusedHead.apply(hidden, weight, bias, targets, temperature, softcap, logit_scale, want,
                                     compute_dtype, out_dtype)
