@@ -2,6 +2,7 @@
 ``lora.Linear``), FSDP2 DTensor shards and DDP (gloo, 2 CPU processes) for
 ``rlkern.linear_token_logprobs``."""
 
+import json
 import os
 import subprocess
 import sys
@@ -241,6 +242,47 @@ def test_lora_head_bad_calls():
         rlkern.linear_token_logprobs(h, w, labels, lora_A=a, lora_B=b, lora_scaling=float("nan"))
     with pytest.raises(TypeError, match="^linear_token_logprobs: lora_A must be a float tensor"):
         rlkern.linear_token_logprobs(h, w, labels, lora_A=a.long(), lora_B=b)
+
+
+# Memory in a fresh process (peak resident size, as tests/test_linear_logprobs.py measures it):
+# with V x H = 32000 x 1024 the merged weight W + s B A is 125 MiB fp32 (its gradient as much
+# again), far above what the LoRA path adds: the 16 MiB tile, xa / d xa [N, r], d B [V, r].
+_LORA_MEMORY_SCRIPT = textwrap.dedent("""
+    import json, sys, torch, rlkern
+    from rlkern.benches.common import cpu_peak_rss_growth_mib
+    torch.manual_seed(0)
+    n, width, vocab, rank = 256, 1024, 32000, 8
+    hidden = torch.randn(n, width, requires_grad=True)
+    weight = torch.randn(vocab, width) / 32  # frozen
+    lora_a = (torch.randn(rank, width) / 32).requires_grad_()
+    lora_b = (torch.randn(vocab, rank) / 4).requires_grad_()
+    labels = torch.randint(0, vocab, (n,))
+    def step(merged):
+        if merged:
+            logp = rlkern.linear_token_logprobs(hidden, weight + 2.0 * lora_b @ lora_a, labels)
+        else:
+            logp = rlkern.linear_token_logprobs(hidden, weight, labels, lora_A=lora_a, lora_B=lora_b,
+                                                lora_scaling=2.0)
+        logp.sum().backward()
+    step(False)  # warm up code paths
+    hidden.grad = lora_a.grad = lora_b.grad = None
+    print(json.dumps({"extra_mib": cpu_peak_rss_growth_mib(lambda: step(sys.argv[1] == "merged"))}))
+""")
+
+
+def test_lora_head_never_forms_the_merged_weight():
+    from rlkern.benches.common import CPU_PROBE_ENV
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", **CPU_PROBE_ENV)
+
+    def peak(mode):
+        out = subprocess.run([sys.executable, "-c", _LORA_MEMORY_SCRIPT, mode], capture_output=True, text=True,
+                             env=env, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])["extra_mib"]
+
+    merged, lora = peak("merged"), peak("lora")
+    assert merged > 125, f"the probe must see the merged weight, saw only {merged:.0f} MiB"
+    assert lora < 60, f"LoRA fwd+bwd peaked {lora:.0f} MiB above its inputs"
 
 
 @pytest.mark.gpu
