@@ -375,6 +375,28 @@ def test_trl_fused_head_with_lora_head(trl_patched, dropout):
     _check_fused_matches_unfused(trl_patched, model, head, ids, labels, trl_drops_adapter=True)
 
 
+def test_trl_fused_lora_head_under_bf16_autocast(trl_patched):
+    """TRL's default bf16=True runs the head under autocast: rlkern's adapter GEMMs output bf16
+    (logits_dtype); its loss is no further from the fp32 unfused loss than PEFT's own unfused
+    bf16 forward is (with a floor of one bf16 rounding of the loss)."""
+    model, head = _lora_lm(0.0)
+    model.eval()
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        exact = model(input_ids=ids, labels=ids).loss.item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            peft_bf16 = model(input_ids=ids, labels=ids).loss.item()
+    trl_patched.patch()
+    before = trl_patched.calls["ChunkedLogProbFunction[lora]"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+    ours.backward()
+    assert trl_patched.calls["ChunkedLogProbFunction[lora]"] == before + 1
+    assert head.lora_A["default"].weight.grad.abs().max() > 0
+    print(f"bf16 loss error: rlkern {abs(ours.item() - exact):.2e}, PEFT unfused {abs(peft_bf16 - exact):.2e}")
+    assert abs(ours.item() - exact) <= max(1.5 * abs(peft_bf16 - exact), 2 ** -8 * abs(exact))
+
+
 class _ElementwiseDrop(torch.nn.Module):
     """A dropout stand-in whose mask is a function of each element (x > 0, scaled by 2): the
     unfused forward ([B, T, H]) and TRL's compact fused forward ([n_valid, H]) then see the same
