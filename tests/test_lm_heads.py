@@ -203,7 +203,8 @@ def test_lora_head_gradcheck():
     assert torch.autograd.gradcheck(fn_no_x, tensors[:3])
 
 
-def test_lora_head_logits_dtype_bf16_vs_reference(backend):
+@pytest.mark.parametrize("logit_scale", [1.0, 1.3])
+def test_lora_head_logits_dtype_bf16_vs_reference(backend, logit_scale):
     """logits_dtype=bf16 (TRL under autocast): xa and each tile rounded to bf16; the error is
     bf16-sized against the exact float64 value."""
     gen = torch.Generator().manual_seed(7)
@@ -214,10 +215,11 @@ def test_lora_head_logits_dtype_bf16_vs_reference(backend):
     labels = torch.randint(0, vocab, (n,), generator=gen)
     leaves = [t.clone().requires_grad_() for t in (hidden, lora_a, lora_b)]
     ours = rlkern.linear_token_logprobs(leaves[0], weight, labels, lora_A=leaves[1], lora_B=leaves[2],
-                                        lora_scaling=2.0, logits_dtype=torch.bfloat16, chunk_size=5)
+                                        lora_scaling=2.0, logits_dtype=torch.bfloat16, chunk_size=5,
+                                        logit_scale=logit_scale)
     ours.sum().backward()
     refs = [t.double().requires_grad_() for t in (hidden, lora_a, lora_b)]
-    ref, _, _ = reference(refs[0], weight, None, labels, lora=(refs[1], refs[2], 2.0, None))
+    ref, _, _ = reference(refs[0], weight, None, labels, lora=(refs[1], refs[2], 2.0, None), logit_scale=logit_scale)
     ref.sum().backward()
     # |logit| ~ 6: a bf16 rounding of a logit is ~ 2e-2; each log-prob sees a few of them.
     torch.testing.assert_close(ours.double(), ref, rtol=0, atol=0.1)

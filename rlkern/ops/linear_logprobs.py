@@ -427,7 +427,11 @@ def _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse
             _rounded_grad_products(tile, None if wide is None else wide[:rows], h, product_weight,
                                    g_hidden, grad_weight, grad_bias)
             if lora is not None:
-                _lora_grads(tile.to(acc_dtype), lora, grad_xa, grad_lb, start, end, rows, 1.0)
+                # The CPU product above left the tile's fp32 copy in ``wide``; CUDA widens it here
+                # (one transient fp32 tile).
+                on_cpu_wide = wide is not None and hidden.device.type != "cuda"
+                g32 = wide[:rows] if on_cpu_wide else tile.to(acc_dtype)
+                _lora_grads(g32, lora, grad_xa, grad_lb, start, end, rows, 1.0)
         if padded and grad_hidden is not None:
             grad_hidden[start:end] = g_hidden[: end - start]
     if lora is not None:
@@ -1011,7 +1015,8 @@ def linear_token_logprobs(
             d xa from each tile's d logits, then d A = d xa^T x and d x = d xa A. Gradients go to
             A, B, hidden (and x), and to W only if W requires it (PEFT freezes it: none). Extra
             memory per call: xa ``[N, r]`` and d xa ``[N, r]`` fp32, d B ``[V, r]`` fp32 and an fp32
-            copy of B for half-precision B (``V r`` each), i.e. O(N r + V r), nothing per tile.
+            copy of B for half-precision B (``V r`` each), i.e. O(N r + V r); per tile nothing,
+            except with a half ``logits_dtype`` on CUDA one transient fp32 copy of the tile.
             Runs the chunked kernel (``kernel="fused"`` and ``process_group`` raise) through an
             eager ``torch.autograd.Function``; every ``logits_dtype`` (with a half one, xa is
             rounded to it and the tile's adapter GEMM outputs in it, like PEFT under autocast up
