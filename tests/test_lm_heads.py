@@ -464,6 +464,47 @@ def test_trl_sft_trainer_with_lora_head(trl_patched, tmp_path):
     assert (lora_b.detach() - start).abs().max() > 1e-4
 
 
+def test_patch_causal_lm_applies_a_lora_head():
+    """rlkern.integrations.transformers.patch_causal_lm reads model.get_output_embeddings().weight:
+    under PEFT the frozen base weight, so the adapter must be passed along (it was dropped)."""
+    from _tiny_models import tiny_qwen2, tiny_tokenizer
+
+    peft = import_peer("peft")
+    from rlkern.integrations.transformers import patch_causal_lm
+
+    model = patch_causal_lm(tiny_qwen2(tiny_tokenizer(n_words=90), hidden_size=32))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], init_lora_weights=False)
+    model = peft.get_peft_model(model, config).eval()
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.lora_B["default"].weight.normal_(0, 0.5)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    logits = model(input_ids=ids).logits  # the unpatched path: PEFT's lora.Linear on full logits
+    expected = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    expected.sum().backward()
+    ref = head.lora_A["default"].weight.grad.clone()
+    head.lora_A["default"].weight.grad = None
+    ours = model(input_ids=ids, logprob_labels=ids).logprobs
+    ours.sum().backward()
+    torch.testing.assert_close(ours, expected, rtol=0, atol=2e-5)
+    torch.testing.assert_close(head.lora_A["default"].weight.grad, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+def test_peft_lora_of_refuses_what_the_op_cannot_apply():
+    peft = import_peer("peft")
+    model, head = _peft_head(8, 31, 2, 4, 0.0, torch.float32)
+    from rlkern.ops.linear_logprobs import peft_lora_of
+
+    assert peft_lora_of(head.base_layer, "op") is None  # a plain nn.Linear
+    assert peft_lora_of(head, "op")[2] == 2.0
+    model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["lm_head"]))
+    head.set_adapter(["default", "second"])
+    with pytest.raises(ValueError, match=r"^op: the LM head carries PEFT adapters \['default', 'second'\]"):
+        peft_lora_of(head, "op")
+    with model.disable_adapter():
+        assert peft_lora_of(head, "op") is None
+
+
 # ---------------------------------------------------------------------------------------------
 # FSDP2 and DDP: 2 gloo CPU processes (tests/_dist_heads.py) vs the single-process run.
 

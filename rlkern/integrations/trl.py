@@ -146,26 +146,13 @@ def _fsdp2_head(head, weight, bias):
 
 
 def _lora_of_head(head):
-    """The LoRA adapter on ``head`` (TRL's fused forward's ``lm_head``), or None.
-
-    TRL's fused forward reads ``lm_head.weight``, which for a PEFT ``lora.Linear`` is the frozen
-    base weight: the adapter would be silently skipped (TRL's trainers refuse such a head for
-    that reason). Returns ``(A [r, H], B [V, r], scaling, dropout module)`` of the one active
-    adapter (A and B gathered if they are FSDP2 DTensors)."""
-    lora_a = getattr(head, "lora_A", None)
-    if lora_a is None or getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
-        return None  # no adapter, adapters off, or merged into the base weight: the weight is right
-    active = [name for name in head.active_adapters if name in lora_a]
-    if not active:
+    """The LoRA adapter on ``head`` (TRL's fused forward's ``lm_head``), or None:
+    ``rlkern.ops.linear_logprobs.peft_lora_of``, A and B gathered if they are FSDP2 DTensors."""
+    lora = _linear.peft_lora_of(head, "ChunkedLogProbFunction")
+    if lora is None:
         return None
-    op = "ChunkedLogProbFunction"
-    if len(active) > 1 or active[0] in getattr(head, "lora_variant", {}) or head.lora_B[active[0]].bias is not None:
-        raise ValueError(f"{op}: the LM head carries PEFT adapters {active}: rlkern's fused head takes one plain "
-                         "LoRA adapter (no DoRA or other variant, no lora_bias); merge or disable the others")
-    name = active[0]
-    a, b = (_linear._GatheredParameter.apply(p) if _linear._is_dtensor(p) else p
-            for p in (lora_a[name].weight, head.lora_B[name].weight))
-    return a, b, float(head.scaling[name]), head.lora_dropout[name]
+    a, b = (_linear._GatheredParameter.apply(p) if _linear._is_dtensor(p) else p for p in lora[:2])
+    return a, b, lora[2], lora[3]
 
 
 class _FusedHead(torch.autograd.Function):
@@ -302,7 +289,7 @@ class ChunkedLogProbFunction:
         calls["ChunkedLogProbFunction[lora]"] += 1
         lora_a, lora_b, scaling, dropout = lora
         # PEFT applies the adapter's dropout to the A path's input only (lora_B(lora_A(dropout(x)))).
-        lora_x = None if isinstance(dropout, torch.nn.Identity) or not dropout.training else dropout(hidden)
+        lora_x = None if dropout is None else dropout(hidden)
         return _FusedHead.apply(hidden, weight, bias, targets, temperature, softcap, logit_scale, want,
                                 compute_dtype, out_dtype, lora_a, lora_b, lora_x, scaling)
 

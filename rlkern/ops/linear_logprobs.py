@@ -859,6 +859,34 @@ def _gather_dtensors(op: str, hidden, tensors: dict, process_group) -> dict:
     return {name: _GatheredParameter.apply(t) if name in sharded else t for name, t in tensors.items()}
 
 
+def peft_lora_of(head, op: str):
+    """The LoRA adapter a PEFT ``lora.Linear`` head applies, as ``linear_token_logprobs`` takes it.
+
+    For code that reads ``head.weight`` to call the op (TRL's fused head, ``patch_causal_lm``):
+    under PEFT that weight is the frozen base one, and the adapter would be dropped silently.
+    Returns None when ``head`` carries no active adapter (not a PEFT layer, adapters disabled, or
+    merged into the base weight, which is then right as it is), else ``(A [r, H], B [V, r],
+    scaling, dropout)`` of the one active adapter, ``dropout`` the module PEFT applies to the A
+    path's input (``lora_B(lora_A(dropout(x)))``) or None when it is inactive. Raises a
+    ValueError (message starting with ``op``) for what the op cannot apply: DoRA and other LoRA
+    variants, ``lora_bias``, several active adapters.
+    """
+    lora_a = getattr(head, "lora_A", None)
+    if lora_a is None or getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
+        return None
+    active = [name for name in head.active_adapters if name in lora_a]
+    if not active:
+        return None
+    if len(active) > 1 or active[0] in getattr(head, "lora_variant", {}) or head.lora_B[active[0]].bias is not None:
+        raise ValueError(f"{op}: the LM head carries PEFT adapters {active}: rlkern's fused head takes one plain "
+                         "LoRA adapter (no DoRA or other variant, no lora_bias); merge or disable the others")
+    name = active[0]
+    dropout = head.lora_dropout[name]
+    if isinstance(dropout, torch.nn.Identity) or not dropout.training:
+        dropout = None
+    return lora_a[name].weight, head.lora_B[name].weight, float(head.scaling[name]), dropout
+
+
 def _acc_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
