@@ -300,7 +300,7 @@ def test_cuda_lora_head_vs_reference(dtype):
     ours = rlkern.linear_token_logprobs(leaves[0], weight.cuda().to(dtype), labels.cuda(), lora_A=leaves[1],
                                         lora_B=leaves[2], lora_scaling=2.0, chunk_size=64)
     ours.sum().backward()
-    refs = [t.to(dtype).double().requires_grad_() for t in (hidden, lora_a, lora_b)]
+    refs = [t.detach().to(dtype).double().requires_grad_() for t in (hidden, lora_a, lora_b)]
     ref, _, _ = reference(refs[0], weight.to(dtype), None, labels, lora=(refs[1], refs[2], 2.0, None))
     ref.sum().backward()
     torch.testing.assert_close(ours.double().cpu(), ref, rtol=0, atol=5e-2 if dtype == torch.bfloat16 else 1e-3)
