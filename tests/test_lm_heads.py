@@ -180,6 +180,28 @@ def test_lora_head_transforms_vs_reference(backend, deterministic):
                                    msg=name)
 
 
+def test_lora_head_batched_hidden_equals_flat():
+    """[B, T, H] hidden and lora_hidden (a non-contiguous slice, as a causal LM's hidden[:, :-1])
+    give the flat call's outputs and gradients."""
+    gen = torch.Generator().manual_seed(9)
+    hidden = torch.randn(2, 6, 12, generator=gen)[:, :-1]
+    x = torch.randn(2, 5, 12, generator=gen)
+    weight, lora_a = torch.randn(41, 12, generator=gen), torch.randn(3, 12, generator=gen)
+    lora_b = torch.randn(41, 3, generator=gen)
+    labels = torch.randint(0, 41, (2, 5), generator=gen)
+    outs = []
+    for shape in ((2, 5, 12), (10, 12)):
+        leaves = [t.reshape(shape).detach().clone().requires_grad_() for t in (hidden, x)]
+        a, b = lora_a.clone().requires_grad_(), lora_b.clone().requires_grad_()
+        logp = rlkern.linear_token_logprobs(leaves[0], weight, labels.reshape(shape[:-1]), lora_A=a, lora_B=b,
+                                            lora_scaling=0.5, lora_hidden=leaves[1])
+        assert logp.shape == shape[:-1]
+        logp.sum().backward()
+        outs.append([logp.reshape(-1), leaves[0].grad.reshape(10, 12), leaves[1].grad.reshape(10, 12), a.grad, b.grad])
+    for ours, flat in zip(*outs):
+        torch.testing.assert_close(ours, flat, rtol=0, atol=1e-6)
+
+
 def test_lora_head_gradcheck():
     gen = torch.Generator().manual_seed(6)
     n, width, vocab, rank = 5, 4, 9, 2
