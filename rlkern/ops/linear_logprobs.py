@@ -980,7 +980,7 @@ def linear_token_logprobs(
               * gathered otherwise: ``full_tensor()`` in the forward (the gathered W, W's dtype,
                 ``(V - V_r) H`` extra elements per rank, kept until the backward), and in the
                 backward the fp32 d W ``[V, H]`` (as the unsharded op) reduce-scattered to the
-                shard. A plain ``weight.full_tensor()`` passed by the caller would instead keep
+                shard: what FSDP2's own unshard of the head costs (it gathers the full W too). A plain ``weight.full_tensor()`` passed by the caller would instead keep
                 only this rank's gradient (no reduction: the error of issue 17).
             - DDP: nothing to do; the op inside (or outside) the wrapped module accumulates into
               ``weight.grad`` and DDP's all-reduce averages it.
