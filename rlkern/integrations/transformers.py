@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import ModelOutput
 
-from rlkern.ops.linear_logprobs import linear_token_logprobs
+from rlkern.ops.linear_logprobs import linear_token_logprobs, peft_lora_of
 
 
 @dataclass
@@ -102,7 +102,13 @@ def patch_causal_lm(model, *, temperature: float = 1.0, return_entropy: bool = F
         else:
             labels = shift_labels
         head = model.get_output_embeddings()
-        out = linear_token_logprobs(hidden.to(head.weight.device), head.weight, labels.to(head.weight.device),
+        hidden = hidden.to(head.weight.device)
+        # A PEFT LoRA adapter on the head: head.weight is then the frozen base weight alone.
+        lora = peft_lora_of(head, "patch_causal_lm")
+        if lora is not None:
+            options.update(lora_A=lora[0], lora_B=lora[1], lora_scaling=lora[2],
+                           lora_hidden=None if lora[3] is None else lora[3](hidden))
+        out = linear_token_logprobs(hidden, head.weight, labels.to(head.weight.device),
                                     bias=head.bias, **head_transform(model.config), **options)
         if options["return_entropy"]:
             return CausalLMLogprobsOutput(logprobs=out[0], entropy=out[1])

@@ -32,6 +32,22 @@ Precision (``patch(fp32=...)``):
 - ``fp32=True``: rlkern's explicit opt-in, more accurate than TRL: autocast is ignored and the
   tiles are float32 products of the inputs as they are (float64 for float64 inputs).
 
+LoRA on the head: TRL's fused forward reads ``lm_head.weight``, which under PEFT is the frozen
+base weight, so TRL's own fused head silently drops an adapter on ``lm_head`` (its trainers
+refuse such a model in ``__init__``). Patched, when the head TRL projects through is a PEFT
+``lora.Linear`` with one active plain LoRA adapter, the adapter is applied tile by tile without
+the merged weight (``linear_token_logprobs(lora_A=, lora_B=)``), its dropout on the A path's
+input as PEFT applies it, and A and B get their gradients (``calls["ChunkedLogProbFunction[lora]"]``
+counts those calls). Under bf16 autocast the adapter's GEMMs output bf16 (xa rounded, the tile's
+sum rounded once: PEFT rounds three times). DoRA and other variants, ``lora_bias`` and several
+active adapters raise.
+
+FSDP2: when the head is a ``fully_shard``ed DTensor outside its module's forward, TRL's fused
+forward hands ``weight.full_tensor()``, whose gradient is each rank's own, unreduced (one SGD step
+of a 2-rank tiny Qwen2 was off by 7e-2). Patched, the adapter gathers the sharded parameter
+itself and its gradient is averaged over the mesh as FSDP2 reduces the module's own
+(``rlkern.ops.linear_logprobs._GatheredParameter``); LoRA A and B DTensors likewise.
+
 Not covered: TRL's ``chunk_size`` counts vocabulary columns per tile; the adapter accepts it and
 sizes its own token tiles (``rlkern.ops.linear_logprobs``: 16 MiB of fp32 logits on CPU, 256 MiB
 on GPU). Targets must be in ``[0, V)`` (TRL clamps its labels before the call); another value
@@ -103,24 +119,67 @@ def _operands(hidden, weight, bias, compute_dtype):
                  for t in (hidden, weight, bias))
 
 
+def _trl_head():
+    """The LM head module TRL's fused forward is projecting through, or None.
+
+    TRL 1.16's ``add_fused_lm_head`` forward (``_fused_forward`` in ``trl/trainer/utils.py``)
+    hands ``lm_head.weight`` to ``ChunkedLogProbFunction.apply``; the module itself is a local of
+    that frame (``lm_head``), looked up there whatever order TRL, PEFT, FSDP and ``patch()`` were
+    applied in."""
+    frame = sys._getframe(2)  # _trl_head <- ChunkedLogProbFunction.apply <- TRL's caller
+    if frame.f_code.co_name != "_fused_forward" or frame.f_globals.get("__name__") != "trl.trainer.utils":
+        return None
+    return frame.f_locals.get("lm_head")
+
+
+def _fsdp2_head(head, weight, bias):
+    """W and b as rlkern reduces them under FSDP2. TRL's fused forward replaces a DTensor head
+    by ``weight.full_tensor()``, whose gradient is this rank's own (no reduction over the ranks:
+    rlkern.ops.linear_logprobs._GatheredParameter); the sharded parameter is gathered here
+    instead, its gradient averaged over the mesh as FSDP2 does."""
+    base = getattr(head, "base_layer", head)  # a PEFT lora.Linear's base layer holds W and b
+    params = getattr(base, "weight", None), getattr(base, "bias", None)
+    if not _linear._is_dtensor(params[0]) or weight is params[0]:
+        return weight, bias
+    gathered = [_linear._GatheredParameter.apply(p) if _linear._is_dtensor(p) else t
+                for p, t in zip(params, (weight, bias))]
+    return gathered[0], gathered[1] if bias is not None else None
+
+
+def _lora_of_head(head):
+    """The LoRA adapter on ``head`` (TRL's fused forward's ``lm_head``), or None:
+    ``rlkern.ops.linear_logprobs.peft_lora_of``, A and B gathered if they are FSDP2 DTensors."""
+    lora = _linear.peft_lora_of(head, "ChunkedLogProbFunction")
+    if lora is None:
+        return None
+    a, b = (_linear._GatheredParameter.apply(p) if _linear._is_dtensor(p) else p for p in lora[:2])
+    return a, b, lora[2], lora[3]
+
+
 class _FusedHead(torch.autograd.Function):
     """rlkern's chunked linear log-prob kernel with TRL's outputs, saved state and backward
-    context (``maybe_gather_lm_head_ctx``: ZeRO-3 gathers the head again for the recompute)."""
+    context (``maybe_gather_lm_head_ctx``: ZeRO-3 gathers the head again for the recompute).
+    With a LoRA adapter on the head (``lora_a`` ...), the adapter's term is added tile by tile
+    (``rlkern.ops.linear_logprobs._lora_operands``) and A, B (and the dropout's input) get
+    gradients."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, softcap, logit_scale, want, compute_dtype,
-                out_dtype):
+                out_dtype, lora_a=None, lora_b=None, lora_x=None, lora_scaling=1.0):
         ctx.set_materialize_grads(False)
         device = hidden.device.type
         with torch.autocast(device, enabled=False):  # rlkern's GEMMs pick their own dtypes
             h, w, b = _operands(hidden, weight, bias, compute_dtype)
             _token.check_label_range(targets, weight.shape[0], _NO_IGNORE, name="targets",
                                      op="ChunkedLogProbFunction")
+            lora = _head_lora(h, w, lora_a, lora_b, lora_x, lora_scaling, compute_dtype)
             logp, entropy, lse, *extras = _linear._chunked_forward(
                 h, w, b, targets, float(logit_scale), softcap, float(temperature), _NO_IGNORE, want["entropy"],
                 (want["log_sum_sq_probs"], want["mean_logits"], want["is_top1"]), 0, False,
-                logits_dtype=_logits_dtype(compute_dtype))
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if want["entropy"] else None)
+                logits_dtype=_logits_dtype(compute_dtype), lora=lora)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if want["entropy"] else None,
+                              lora_a, lora_b, lora_x)
+        ctx.lora_scaling = lora_scaling
         ctx.hyper = (float(temperature), softcap, float(logit_scale), compute_dtype)
         outs = [logp.to(out_dtype)]
         outs.append(entropy.to(out_dtype) if want["entropy"] else None)
@@ -133,25 +192,63 @@ class _FusedHead(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy, *_):
         from trl.trainer import utils as trl_utils  # looked up at call time, as TRL's own backward does
 
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, entropy, lora_a, lora_b, lora_x = ctx.saved_tensors
         temperature, softcap, logit_scale, compute_dtype = ctx.hyper
-        needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
-                 bias is not None and bool(ctx.needs_input_grad[2])]
+        need = ctx.needs_input_grad
+        needs = [bool(need[0]), bool(need[1]), bias is not None and bool(need[2])]
+        lora_needs = [lora_a is not None and bool(need[10]), lora_b is not None and bool(need[11]),
+                      lora_x is not None and bool(need[12])]
         if entropy is None:
             grad_entropy = None
-        if not any(needs) or (grad_logp is None and grad_entropy is None):
-            return (None,) * 10
+        if not any(needs + lora_needs) or (grad_logp is None and grad_entropy is None):
+            return (None,) * 14
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse, dtype=torch.float32)
         with trl_utils.maybe_gather_lm_head_ctx(weight, bias), torch.autocast(hidden.device.type, enabled=False):
             h, w, b = _operands(hidden, weight, bias, compute_dtype)
+            lora = _head_lora(h, w, lora_a, lora_b, lora_x, ctx.lora_scaling, compute_dtype)
+            # d xa feeds d A, and d x (the dropout's output, or hidden itself without dropout).
+            need_xa = lora is not None and (lora_needs[0] or lora_needs[2] or (lora_x is None and needs[0]))
             grads = _linear._chunked_backward(
                 grad_logp, grad_entropy, h, w, b, targets, lse, entropy, logit_scale, softcap, temperature,
-                _NO_IGNORE, 0, False, *needs, logits_dtype=_logits_dtype(compute_dtype))
+                _NO_IGNORE, 0, False, *needs, logits_dtype=_logits_dtype(compute_dtype),
+                lora=lora, lora_needs=(need_xa, lora_needs[1]))
         # float32 (float64) accumulators, returned in the inputs' dtypes as TRL does.
+        grads = list(grads)
+        lora_out = [None, None, None]
+        if lora is not None:
+            g_xa, g_b = grads[3], grads[4]
+            x = _lora_input(h, w, lora_x, compute_dtype)
+            op_dtype = lora[0].dtype
+            a_wide = lora_a.to(op_dtype).to(g_xa.dtype) if need_xa else None
+            if lora_needs[0]:
+                lora_out[0] = torch.mm(g_xa.T, x.to(op_dtype).to(g_xa.dtype)).to(lora_a.dtype)
+            if lora_needs[1]:
+                lora_out[1] = g_b.to(lora_b.dtype)
+            if lora_needs[2]:
+                lora_out[2] = torch.mm(g_xa, a_wide).to(lora_x.dtype)
+            elif lora_x is None and needs[0]:
+                grads[0].addmm_(g_xa, a_wide)
         out = [g.to(x.dtype) if g is not None and need else None
-               for g, x, need in zip(grads, (hidden, weight, bias), needs)]
-        return (*out, *(None,) * 7)
+               for g, x, need in zip(grads[:3], (hidden, weight, bias), needs)]
+        return (*out, *(None,) * 7, *lora_out, None)
+
+
+def _lora_input(h, w, lora_x, compute_dtype):
+    """The A path's input as the kernel reads it (TRL's casts, as for hidden)."""
+    if lora_x is None:
+        return h
+    return _operands(lora_x, w, None, compute_dtype)[0]
+
+
+def _head_lora(h, w, lora_a, lora_b, lora_x, scaling, compute_dtype):
+    """``(xa, B, scaling)`` for the tiles, or None without an adapter."""
+    if lora_a is None:
+        return None
+    acc = torch.float64 if torch.float64 in (h.dtype, w.dtype) else torch.float32
+    a, b = _operands(lora_a, lora_b, None, compute_dtype)[:2]
+    return _linear._lora_operands(_lora_input(h, w, lora_x, compute_dtype), a, b, scaling, acc,
+                                  _logits_dtype(compute_dtype))
 
 
 class ChunkedLogProbFunction:
@@ -184,8 +281,18 @@ class ChunkedLogProbFunction:
         if softcap < 0 or softcap != softcap:
             raise ValueError(f"{op}: final_logit_softcapping must be None or > 0, got {final_logit_softcapping!r}")
         want = {name: name in outputs for name in OPTIONAL_OUTPUTS}
+        head = _trl_head()
+        weight, bias = _fsdp2_head(head, weight, bias)
+        lora = _lora_of_head(head)
+        if lora is None:
+            return _FusedHead.apply(hidden, weight, bias, targets, temperature, softcap, logit_scale, want,
+                                    compute_dtype, out_dtype)
+        calls["ChunkedLogProbFunction[lora]"] += 1
+        lora_a, lora_b, scaling, dropout = lora
+        # PEFT applies the adapter's dropout to the A path's input only (lora_B(lora_A(dropout(x)))).
+        lora_x = None if dropout is None else dropout(hidden)
         return _FusedHead.apply(hidden, weight, bias, targets, temperature, softcap, logit_scale, want,
-                                compute_dtype, out_dtype)
+                                compute_dtype, out_dtype, lora_a, lora_b, lora_x, scaling)
 
 
 # ---------------------------------------------------------------------------------------------

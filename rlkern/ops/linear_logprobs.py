@@ -14,6 +14,12 @@ each chunk's logits, turns them into d loss / d logits in place (the same kernel
 (plus, for half-precision weights on the CPU, an fp32 copy of one vocabulary block of W), so
 ``O(chunk * V)``, never ``O(N * V)``.
 
+The head as trainers hold it (``linear_token_logprobs``' ``weight`` and ``lora_*`` arguments):
+a LoRA adapter adds one ``[rows, r] x [r, V]`` GEMM per tile (never the merged weight, extra
+memory O((N + V) r)); an FSDP2 DTensor head is computed per shard (tokens gathered) or gathered
+once per call, its gradient reduced as FSDP2 reduces the module's own; DDP needs nothing; ZeRO-3
+goes through TRL's gather context (``rlkern.integrations.trl``).
+
 On CUDA the GEMMs take the inputs' dtype (bf16/fp16 tensor cores) and write fp32 (cuBLAS's
 fp32 output, PyTorch >= 2.8); the gradient tile enters the backward GEMMs in that dtype as in
 Liger and TRL. On the CPU every product is fp32 (bf16 inputs are widened): TRL's CPU path
@@ -269,8 +275,52 @@ def _rounded_grad_products(tile: Tensor, wide: Tensor | None, h: Tensor, weight:
     _grad_products(wide.copy_(tile), h, weight, grad_hidden, grad_weight, grad_bias, 1.0)
 
 
+# ---------------------------------------------------------------------------------------------
+# LoRA on the head (PEFT's lora.Linear): logits = h W^T + b + s (x A^T) B^T, x = dropout(h).
+#
+# The merged weight W + s B A is never formed: xa = x A^T ([N, r], r the rank) is computed once
+# per pass, and each logits tile gets s * xa_rows B^T added by one [rows, r] x [r, V] GEMM. In the
+# backward the tile's d loss / d logits G gives d B += s G^T xa_rows ([V, r]) and d xa_rows =
+# s G B ([rows, r]); after the loop d A = d xa^T x and d x = d xa A (both O(N r H) work).
+
+
+def _lora_operands(x: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float, acc_dtype, logits_dtype):
+    """``(xa [N, r], B [V, r], scaling)`` as the tiles take them: in the accumulation dtype
+    (fp32/fp64), or with ``logits_dtype`` in that dtype with xa rounded once (the A GEMM's output
+    in that dtype, as PEFT's ``lora_A(x)`` under autocast)."""
+    dtype = acc_dtype if logits_dtype is None else logits_dtype
+    xa = torch.mm(x.to(dtype), lora_a.to(dtype).T)
+    return xa, lora_b.to(dtype), float(scaling)
+
+
+def _add_lora(tile: Tensor, lora, start: int, end: int, rows: int, logit_scale: float) -> None:
+    """``tile += logit_scale * s * xa_rows B^T`` (in place, the tile's dtype)."""
+    if lora is None:
+        return
+    xa, lora_b, scaling = lora
+    tile.addmm_(_rows(xa, start, end, rows), lora_b.T, alpha=scaling * logit_scale)
+
+
+def _lora_grads(grad_tile: Tensor, lora, grad_xa: Tensor | None, grad_lb: Tensor | None,
+                start: int, end: int, rows: int, logit_scale: float) -> None:
+    """d B += a G^T xa_rows, d xa_rows += a G B, with ``a = logit_scale * s`` (fp32/fp64)."""
+    if lora is None:
+        return
+    xa, lora_b, scaling = lora
+    alpha = scaling * logit_scale
+    dtype = grad_tile.dtype
+    if grad_lb is not None:
+        grad_lb.addmm_(grad_tile.T, _rows(xa, start, end, rows).to(dtype), alpha=alpha)
+    if grad_xa is not None:
+        block = torch.mm(grad_tile, lora_b.to(dtype))
+        grad_xa[start:end].add_(block[: end - start], alpha=alpha)
+
+
 def _chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature, ignore_index,
-                     with_entropy, want_extras, chunk_size, deterministic, vocab_start=-1, logits_dtype=None):
+                     with_entropy, want_extras, chunk_size, deterministic, vocab_start=-1, logits_dtype=None,
+                     lora=None):
+    """``lora``: None or ``(xa [N, r], B [V, r], scaling)`` from ``_lora_operands``; each tile then
+    gets ``scaling * xa_rows B^T`` added before logit_scale (one [rows, r] x [r, V] GEMM)."""
     n = hidden.shape[0]
     device = hidden.device
     acc_dtype, (forward, _), blocks, buf, row_dtype, gemm_weight = _plan(
@@ -291,8 +341,10 @@ def _chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, tempera
         h = _rows(hidden, start, end, rows).to(row_dtype)
         if logits_dtype is None:
             _logits_into(tile, h, gemm_weight, bias, logit_scale)
+            _add_lora(tile, lora, start, end, rows, logit_scale)
         else:
             _rounded_logits_into(tile, h, gemm_weight, bias)
+            _add_lora(tile, lora, start, end, rows, 1.0)
             tile = _scaled(tile, None if wide is None else wide[:rows], logit_scale)
         tile_labels = _rows(labels, start, end, rows)
         c_logp, c_ent, c_lse = forward(tile, tile_labels, temperature, softcap, ignore_index, with_entropy,
@@ -314,7 +366,11 @@ def _chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, tempera
 
 def _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy,
                       logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic,
-                      need_hidden, need_weight, need_bias, vocab_start=-1, logits_dtype=None):
+                      need_hidden, need_weight, need_bias, vocab_start=-1, logits_dtype=None,
+                      lora=None, lora_needs=(False, False)):
+    """``lora`` as in ``_chunked_forward``; ``lora_needs``: (d xa, d B). Returns ``(d hidden, d W,
+    d b)``, and with ``lora`` also ``(d xa [N, r], d B [V, r])`` (None where not needed), all in
+    the accumulation dtype."""
     vocab = weight.shape[0]
     device = hidden.device
     acc_dtype, (_, backward), blocks, buf, row_dtype, gemm_weight = _plan(
@@ -332,6 +388,10 @@ def _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse
     grad_hidden = torch.zeros(hidden.shape, dtype=acc_dtype, device=device) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_bias else None
+    grad_xa = grad_lb = None
+    if lora is not None:
+        grad_xa = torch.zeros(lora[0].shape, dtype=acc_dtype, device=device) if lora_needs[0] else None
+        grad_lb = torch.zeros(lora[1].shape, dtype=acc_dtype, device=device) if lora_needs[1] else None
     grad_logp = grad_logp.to(acc_dtype).contiguous()
     grad_entropy = grad_entropy.to(acc_dtype).contiguous() if grad_entropy is not None else None
     for start, end, rows in blocks:
@@ -339,9 +399,11 @@ def _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse
         h = _rows(hidden, start, end, rows).to(row_dtype)
         if logits_dtype is None:
             _logits_into(tile, h, gemm_weight, bias, logit_scale)
+            _add_lora(tile, lora, start, end, rows, logit_scale)
             kernel_tile = tile
         else:
             _rounded_logits_into(tile, h, gemm_weight, bias)
+            _add_lora(tile, lora, start, end, rows, 1.0)
             kernel_tile = _scaled(tile, None if wide is None else wide[:rows], logit_scale)
         # A padded row gets lse = -inf, which every backend reads as "no distribution": its
         # gradient row is exactly 0, so padding adds nothing to the products below.
@@ -358,13 +420,22 @@ def _chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, lse
             g_hidden = grad_hidden.new_zeros((rows, hidden.shape[1])) if padded else grad_hidden[start:end]
         if logits_dtype is None:
             _grad_products(tile, h, gemm_weight, g_hidden, grad_weight, grad_bias, logit_scale)
+            _lora_grads(tile, lora, grad_xa, grad_lb, start, end, rows, logit_scale)
         else:
             if kernel_tile is not tile:  # TRL scales the fp32 gradient, then rounds it
                 tile.copy_(kernel_tile.mul_(logit_scale))
             _rounded_grad_products(tile, None if wide is None else wide[:rows], h, product_weight,
                                    g_hidden, grad_weight, grad_bias)
+            if lora is not None:
+                # The CPU product above left the tile's fp32 copy in ``wide``; CUDA widens it here
+                # (one transient fp32 tile).
+                on_cpu_wide = wide is not None and hidden.device.type != "cuda"
+                g32 = wide[:rows] if on_cpu_wide else tile.to(acc_dtype)
+                _lora_grads(g32, lora, grad_xa, grad_lb, start, end, rows, 1.0)
         if padded and grad_hidden is not None:
             grad_hidden[start:end] = g_hidden[: end - start]
+    if lora is not None:
+        return grad_hidden, grad_weight, grad_bias, grad_xa, grad_lb
     return grad_hidden, grad_weight, grad_bias
 
 
@@ -545,6 +616,314 @@ class _VocabParallel(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
+class _LoraHead(torch.autograd.Function):
+    """The chunked kernel with a LoRA adapter on the head (see ``_lora_operands``): eager autograd
+    (saved: the inputs, lse and entropy; xa is recomputed in the backward, O(N r H))."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, lora_a, lora_b, lora_hidden, hyper, with_entropy, want):
+        logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic, logits_dtype, scaling = hyper
+        token_ops.check_label_range(labels, weight.shape[0], ignore_index, op="linear_token_logprobs")
+        acc = _acc_dtype(hidden, weight)
+        x = hidden if lora_hidden is None else lora_hidden
+        lora = _lora_operands(x, lora_a, lora_b, scaling, acc, logits_dtype)
+        logp, entropy, lse, *extras = _chunked_forward(
+            hidden, weight, bias, labels, logit_scale, softcap, temperature, ignore_index, with_entropy, want,
+            chunk_size, deterministic, logits_dtype=logits_dtype, lora=lora)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy.clone() if with_entropy else None,
+                              lora_a, lora_b, lora_hidden)
+        ctx.hyper = hyper
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(lse, *extras)
+        return logp, entropy, lse, *extras
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, *_):
+        hidden, weight, bias, labels, lse, entropy, lora_a, lora_b, lora_hidden = ctx.saved_tensors
+        logit_scale, softcap, temperature, ignore_index, chunk_size, deterministic, logits_dtype, scaling = ctx.hyper
+        need = ctx.needs_input_grad
+        needs = (need[0], need[1], bias is not None and need[2])
+        need_a, need_b, need_x = need[4], need[5], lora_hidden is not None and need[6]
+        need_xa = need_a or need_x or (lora_hidden is None and need[0])
+        if entropy is None:
+            grad_entropy = None
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 10
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse, dtype=torch.float32)
+        acc = _acc_dtype(hidden, weight)
+        x = hidden if lora_hidden is None else lora_hidden
+        lora = _lora_operands(x, lora_a, lora_b, scaling, acc, logits_dtype)
+        g_h, g_w, g_b, g_xa, g_lb = _chunked_backward(
+            grad_logp, grad_entropy, hidden, weight, bias, labels, lse, entropy, logit_scale, softcap,
+            temperature, ignore_index, chunk_size, deterministic, *needs, logits_dtype=logits_dtype,
+            lora=lora, lora_needs=(need_xa, need_b))
+        g_a = g_x = None
+        if need_xa:
+            # The operands as the A GEMM read them (rounded to logits_dtype when it is given).
+            op_dtype = acc if logits_dtype is None else logits_dtype
+            if need_a:
+                g_a = torch.mm(g_xa.T, x.to(op_dtype).to(acc))
+            if lora_hidden is not None and need_x:
+                g_x = torch.mm(g_xa, lora_a.to(op_dtype).to(acc))
+            elif lora_hidden is None and need[0]:
+                g_h.addmm_(g_xa, lora_a.to(op_dtype).to(acc))
+        grads = [g.to(t.dtype) if g is not None and ok else None
+                 for g, t, ok in zip((g_h, g_w, g_b, g_a, g_lb, g_x),
+                                     (hidden, weight, bias, lora_a, lora_b, lora_hidden),
+                                     (needs[0], needs[1], needs[2], need_a, need_b, need_x))]
+        g_h, g_w, g_b, g_a, g_lb, g_x = grads
+        return g_h, g_w, g_b, None, g_a, g_lb, g_x, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2 (torch.distributed.fsdp.fully_shard): the head's parameters are DTensors sharded on dim 0
+# over the data-parallel mesh, and every rank holds DIFFERENT tokens.
+
+
+class _GatheredParameter(torch.autograd.Function):
+    """A sharded DTensor parameter -> its full plain tensor, with FSDP2's gradient reduction.
+
+    Forward: ``full_tensor()`` (an all-gather over the mesh). Backward: this rank's full gradient
+    (from its own tokens) becomes a Partial(sum) DTensor redistributed to the parameter's
+    placements (a reduce-scatter for Shard(0), plus an all-reduce for HSDP's Replicate dim),
+    divided by the mesh size: the sum over ranks of every rank's gradient / world, i.e. the
+    average FSDP2 reduce-scatters for the module's own forward by default
+    (``_get_gradient_divide_factors``: ReduceOp.AVG over the data-parallel size) and what DDP's
+    all-reduce gives. A plain ``full_tensor()`` differentiates to a local slice instead (no
+    reduction: each rank would keep only its own batch's gradient)."""
+
+    @staticmethod
+    def forward(ctx, param):
+        ctx.mesh, ctx.placements = param.device_mesh, param.placements
+        return param.full_tensor()
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torch.distributed.tensor import DTensor, Partial
+
+        if grad is None:
+            return None
+        mesh = ctx.mesh
+        partial = DTensor.from_local(grad.contiguous(), mesh, [Partial("sum")] * mesh.ndim, run_check=False)
+        return partial.redistribute(mesh, ctx.placements).div_(mesh.size())
+
+
+# Per shard or gathered (see _fsdp_per_shard): "auto" computes per shard when the 1-D Shard(0)
+# layout allows it and the gathered tokens (world * max N rows of H) are fewer than W's V rows;
+# "always" / "never" force one path (the distributed tests run both).
+_PER_SHARD = "auto"
+
+
+class _GatherTokens(torch.autograd.Function):
+    """Every rank's ``[n_r, H]`` rows, zero-padded to ``n_max``, stacked ``[world * n_max, H]``.
+    Backward: this rank's rows of the incoming gradient, which the vocabulary-parallel backward
+    has already SUM-all-reduced over the group (every rank's W rows contribute): no collective."""
+
+    @staticmethod
+    def forward(ctx, rows, group, rank, n_max):
+        import torch.distributed as dist
+
+        padded = rows.new_zeros((n_max, *rows.shape[1:]))
+        padded[: rows.shape[0]] = rows
+        parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, padded, group=group)
+        ctx.span = (rank * n_max, rank * n_max + rows.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        start, end = ctx.span
+        return grad[start:end].clone(), None, None, None
+
+
+class _OwnRows(torch.autograd.Function):
+    """This rank's rows of the gathered tokens' outputs (log-probs, entropy). Backward: every
+    rank's upstream gradients are all-gathered, since the vocabulary-parallel backward needs
+    the gradient of every token on every rank (it holds every token's W-shard columns)."""
+
+    @staticmethod
+    def forward(ctx, logp, entropy, group, rank, n_max, n):
+        ctx.group, ctx.n_max = group, n_max
+        ctx.n = n
+        ctx.set_materialize_grads(True)  # every rank runs the same all_gathers
+        ctx.with_entropy = entropy is not None
+        start = rank * n_max
+        if entropy is None:
+            return logp[start:start + n].clone(), logp.new_empty(0)
+        return logp[start:start + n].clone(), entropy[start:start + n].clone()
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        import torch.distributed as dist
+
+        world = dist.get_world_size(ctx.group)
+        k = 2 if ctx.with_entropy else 1
+        grads = torch.zeros((k, ctx.n_max), dtype=grad_logp.dtype, device=grad_logp.device)
+        grads[0, : ctx.n] = grad_logp
+        if ctx.with_entropy:
+            grads[1, : ctx.n] = grad_entropy
+        parts = [torch.empty_like(grads) for _ in range(world)]
+        dist.all_gather(parts, grads, group=ctx.group)
+        full = torch.cat(parts, dim=1)
+        return full[0], full[1] if ctx.with_entropy else None, None, None, None, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by ``scale`` (FSDP2's 1 / world)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def _per_shard_group(weight, bias, lora_a, lora_b, extra_outputs, kernel, process_group):
+    """The mesh's group when the FSDP2 layout is one the vocabulary-parallel path computes per
+    shard (a 1-D mesh, W (and b) Shard(0), no LoRA / extras / fused kernel), else None."""
+    from torch.distributed.tensor import Shard
+
+    if _PER_SHARD == "never" or process_group is not None or lora_a is not None or lora_b is not None:
+        return None
+    if extra_outputs or kernel not in (None, "chunked") or weight.device_mesh.ndim != 1:
+        return None
+    if tuple(weight.placements) != (Shard(0),):
+        return None
+    if bias is not None and (not _is_dtensor(bias) or tuple(bias.placements) != (Shard(0),)
+                             or bias.device_mesh != weight.device_mesh):
+        return None
+    return weight.device_mesh.get_group(0)
+
+
+def _fsdp_per_shard(hidden, weight, labels, bias, group, with_entropy, kwargs):
+    """``linear_token_logprobs`` on an FSDP2 Shard(0) head without gathering W, or None when
+    gathering W is cheaper (``_PER_SHARD``).
+
+    Under FSDP2 rank r holds the rows ``[start_r, start_r + V_r)`` of W (a vocabulary split)
+    and its OWN tokens. The tokens are all-gathered (hidden ``[world * n_max, H]``, labels),
+    each rank runs the vocabulary-parallel op (``process_group``) on its W rows for every token,
+    keeps its own tokens' outputs, and in the backward all-gathers the upstream gradients
+    (``_OwnRows``), gets d W_r summed over every rank's tokens (FSDP2's reduce-scatter, done by
+    the computation itself) scaled by 1 / world (FSDP2's average) and its rows of the
+    all-reduced d hidden (``_GatherTokens``)."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    n = flat.shape[0]
+    counts = [torch.zeros(1, dtype=torch.int64, device=hidden.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([n], dtype=torch.int64, device=hidden.device), group=group)
+    n_max = int(torch.cat(counts).max())  # the one host sync of the layout, as shard_layout's
+    if _PER_SHARD == "auto" and world * n_max >= weight.shape[0]:
+        return None
+    ignore_index = kwargs.get("ignore_index", -100)
+    hidden_all = _GatherTokens.apply(flat, group, rank, n_max)
+    padded = flat_labels.new_full((n_max,), ignore_index)
+    padded[:n] = flat_labels
+    label_parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(label_parts, padded, group=group)
+    w_local = _ScaleGrad.apply(weight.to_local(), 1.0 / world)
+    b_local = None if bias is None else _ScaleGrad.apply(bias.to_local(), 1.0 / world)
+    out = linear_token_logprobs(hidden_all, w_local, torch.cat(label_parts), bias=b_local,
+                                return_entropy=with_entropy, process_group=group, **kwargs)
+    logp, entropy = _OwnRows.apply(*(out if with_entropy else (out, None)), group, rank, n_max, n)
+    lead = hidden.shape[:-1]
+    return (token_ops.LogprobsEntropy(logp.view(lead), entropy.view(lead)) if with_entropy
+            else logp.view(lead))
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without torch.distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _gather_dtensors(op: str, hidden, tensors: dict, process_group) -> dict:
+    """Replace every FSDP2 DTensor among ``tensors`` by its gathered plain tensor (see
+    ``_GatheredParameter``); hidden and labels must be plain (they are the rank's own tokens)."""
+    sharded = [name for name, t in tensors.items() if _is_dtensor(t)]
+    if not sharded:
+        return tensors
+    if _is_dtensor(hidden):
+        raise TypeError(f"{op}: hidden must be a plain torch.Tensor (this rank's tokens), got a DTensor")
+    if process_group is not None:
+        raise ValueError(f"{op}: a DTensor {sharded[0]} (FSDP2) and process_group (vocabulary-parallel plain "
+                         "shards) are two layouts: pass one")
+    return {name: _GatheredParameter.apply(t) if name in sharded else t for name, t in tensors.items()}
+
+
+def peft_lora_of(head, op: str):
+    """The LoRA adapter a PEFT ``lora.Linear`` head applies, as ``linear_token_logprobs`` takes it.
+
+    For code that reads ``head.weight`` to call the op (TRL's fused head, ``patch_causal_lm``):
+    under PEFT that weight is the frozen base one, and the adapter would be dropped silently.
+    Returns None when ``head`` carries no active adapter (not a PEFT layer, adapters disabled, or
+    merged into the base weight, which is then right as it is), else ``(A [r, H], B [V, r],
+    scaling, dropout)`` of the one active adapter, ``dropout`` the module PEFT applies to the A
+    path's input (``lora_B(lora_A(dropout(x)))``) or None when it is inactive. Raises a
+    ValueError (message starting with ``op``) for what the op cannot apply: DoRA and other LoRA
+    variants, ``lora_bias``, several active adapters.
+    """
+    lora_a = getattr(head, "lora_A", None)
+    if lora_a is None or getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
+        return None
+    active = [name for name in head.active_adapters if name in lora_a]
+    if not active:
+        return None
+    if len(active) > 1 or active[0] in getattr(head, "lora_variant", {}) or head.lora_B[active[0]].bias is not None:
+        raise ValueError(f"{op}: the LM head carries PEFT adapters {active}: rlkern's fused head takes one plain "
+                         "LoRA adapter (no DoRA or other variant, no lora_bias); merge or disable the others")
+    name = active[0]
+    dropout = head.lora_dropout[name]
+    if isinstance(dropout, torch.nn.Identity) or not dropout.training:
+        dropout = None
+    return lora_a[name].weight, head.lora_B[name].weight, float(head.scaling[name]), dropout
+
+
+def _acc_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_lora(lora_a, lora_b, lora_scaling, lora_hidden, hidden: Tensor, weight: Tensor, kernel, process_group):
+    """None, or the validated adapter (LoRA on the head)."""
+    op = "linear_token_logprobs"
+    if lora_a is None and lora_b is None:
+        if lora_hidden is not None:
+            raise ValueError(f"{op}: lora_hidden was given without lora_A and lora_B")
+        return None
+    if lora_a is None or lora_b is None:
+        raise ValueError(f"{op}: lora_A and lora_B go together (PEFT's lora_A / lora_B weights), got "
+                         f"lora_A={'a tensor' if lora_a is not None else None}, "
+                         f"lora_B={'a tensor' if lora_b is not None else None}")
+    for name, t in (("lora_A", lora_a), ("lora_B", lora_b), ("lora_hidden", lora_hidden)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.dtype not in _checks.FLOATS:
+            raise TypeError(f"{op}: {name} must be a float tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.device != hidden.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but hidden is on {hidden.device}")
+    rank = lora_a.shape[0] if lora_a.ndim == 2 else -1
+    if lora_a.ndim != 2 or lora_a.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{op}: lora_A must be [r, H] with H = {hidden.shape[-1]}, got shape {tuple(lora_a.shape)}")
+    if tuple(lora_b.shape) != (weight.shape[0], rank):
+        raise ValueError(f"{op}: lora_B must be [V, r] = ({weight.shape[0]}, {rank}), got shape {tuple(lora_b.shape)}")
+    if lora_hidden is not None and tuple(lora_hidden.shape) != tuple(hidden.shape):
+        raise ValueError(f"{op}: lora_hidden must have hidden's shape {tuple(hidden.shape)}, "
+                         f"got {tuple(lora_hidden.shape)}")
+    _checks.number(op, "lora_scaling", lora_scaling)
+    if kernel != "chunked" or process_group is not None:
+        raise ValueError(f"{op}: lora_A/lora_B run on the chunked kernel without process_group, got "
+                         f"kernel={kernel!r}, process_group={process_group!r}")
+    return True
+
+
 def linear_token_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -562,6 +941,10 @@ def linear_token_logprobs(
     kernel: str | None = None,
     process_group=None,
     logits_dtype: torch.dtype | None = None,
+    lora_A: Tensor | None = None,  # noqa: N803 (PEFT's names)
+    lora_B: Tensor | None = None,  # noqa: N803
+    lora_scaling: float = 1.0,
+    lora_hidden: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, ...]:
     """Log-prob of each label (and optionally the entropy) under the LM head, without logits.
 
@@ -572,7 +955,43 @@ def linear_token_logprobs(
     Args:
         hidden: ``[N, H]`` or ``[B, T, H]``, float16/bfloat16/float32/float64 (float64: computed in double).
         weight: ``[V, H]``, the LM head (``lm_head.weight``, possibly tied to the embeddings).
-            Its gradient is accumulated into ``weight.grad`` like any parameter's.
+            Its gradient is accumulated into ``weight.grad`` like any parameter's. The head as
+            data-parallel engines hold it:
+
+            - FSDP2 (``fully_shard``): ``weight`` (and ``bias``, ``lora_A``, ``lora_B``) may be
+              the sharded DTensor parameter, read outside the head's own forward (as TRL's fused
+              head reads it); hidden and labels are this rank's own tokens (plain tensors). The
+              gradient comes back as a DTensor with the parameter's placements, equal to what
+              FSDP2 gives the module's own forward: the sum over ranks of every rank's gradient
+              divided by the mesh size (FSDP2's default average, and DDP's; a custom
+              ``set_gradient_divide_factor`` is not followed). Two ways, chosen per call from the
+              sizes (every rank decides alike), same results:
+
+              * per shard (1-D mesh, W and b ``Shard(0)``, no LoRA, no ``extra_outputs``, and
+                ``world * n_max < V``, ``n_max`` the largest rank's token count): the rank's W
+                rows are a vocabulary split, so the tokens are all-gathered and the
+                ``process_group`` path runs on this rank's rows; no ``[V, H]`` copy exists.
+                Extra bytes per rank: the gathered hidden ``world n_max H`` (hidden's dtype, kept
+                for the backward) and its fp32 gradient ``4 world n_max H`` (backward only), plus
+                ``O(world n_max)`` statistics. Communication: forward all-gathers of the token
+                counts, hidden and labels and the two small all-reduces of ``process_group``;
+                backward an all-gather of the upstream gradients (4-8 bytes per token) and a SUM
+                all-reduce of d hidden (``4 world n_max H`` bytes).
+              * gathered otherwise: ``full_tensor()`` in the forward (the gathered W, W's dtype,
+                ``(V - V_r) H`` extra elements per rank, kept until the backward), and in the
+                backward the fp32 d W ``[V, H]`` (as the unsharded op) reduce-scattered to the
+                shard: what FSDP2's own unshard of the head costs (it gathers the full W too). A plain ``weight.full_tensor()`` passed by the caller would instead keep
+                only this rank's gradient (no reduction: the error of issue 17).
+            - DDP: nothing to do; the op inside (or outside) the wrapped module accumulates into
+              ``weight.grad`` and DDP's all-reduce averages it.
+            - DeepSpeed ZeRO-3: the parameter is partitioned (numel 0 outside its module's
+              forward). Gather it for the forward AND for the backward, which recomputes the
+              tiles from W: TRL's recipe, ``with trl.trainer.utils.maybe_gather_lm_head_ctx(W,
+              b): ...``, entered again inside a custom backward. rlkern's TRL adapter
+              (``rlkern.integrations.trl.ChunkedLogProbFunction``, installed by ``patch()``)
+              does exactly that, so under ZeRO-3 call the op through TRL's fused head (or that
+              adapter inside the context), not directly. Needs deepspeed and GPUs: not tested in
+              this repository's CPU CI.
         labels: ``hidden.shape[:-1]``, int32/int64, in ``[0, V)`` or ``ignore_index``.
         bias: ``[V]`` or None (LM heads usually have none).
         temperature: divides the (soft-capped) logits; the sampling temperature (TRL/verl).
@@ -616,6 +1035,28 @@ def linear_token_logprobs(
             the replicated log-probs). Runs the chunked kernel through a
             ``torch.autograd.Function`` (a group cannot be a custom-op argument: not traceable by
             ``torch.compile``); ``extra_outputs`` are not available with it.
+        lora_A, lora_B: a LoRA adapter on the head, PEFT's ``lora_A[name].weight`` ``[r, H]`` and
+            ``lora_B[name].weight`` ``[V, r]`` (``peft.tuners.lora.Linear``): the logits are then
+            ``logit_scale * (h W^T + b + lora_scaling * (x A^T) B^T)``, computed tile by tile
+            WITHOUT the merged weight: ``xa = x A^T`` ``[N, r]`` once per pass, then one
+            ``[rows, r] x [r, V]`` GEMM added to each logits tile; the backward takes d B and
+            d xa from each tile's d logits, then d A = d xa^T x and d x = d xa A. Gradients go to
+            A, B, hidden (and x), and to W only if W requires it (PEFT freezes it: none). Extra
+            memory per call: xa ``[N, r]`` and d xa ``[N, r]`` fp32, d B ``[V, r]`` fp32 and an fp32
+            copy of B for half-precision B (``V r`` each), i.e. O(N r + V r); per tile nothing,
+            except with a half ``logits_dtype`` on CUDA one transient fp32 copy of the tile.
+            Runs the chunked kernel (``kernel="fused"`` and ``process_group`` raise) through an
+            eager ``torch.autograd.Function``; every ``logits_dtype`` (with a half one, xa is
+            rounded to it and the tile's adapter GEMM outputs in it, like PEFT under autocast up
+            to one rounding of the sum).
+        lora_scaling: PEFT's ``scaling[name]`` (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA).
+            Default 1.0.
+        lora_hidden: ``x``, the input of the A path, ``hidden``'s shape: PEFT applies
+            ``lora_dropout`` there (``lora_B(lora_A(dropout(h)))``), so with dropout pass
+            ``torch.nn.functional.dropout(hidden, p, training=True)`` (differentiable: the
+            gradient reaches hidden through it). None (default): ``hidden`` itself (p = 0 or
+            eval mode). To reproduce a PEFT forward's mask, seed the generator before each as
+            PEFT's dropout is the first random draw of ``lora.Linear.forward``.
 
     Returns:
         ``logprobs`` float32 of shape ``hidden.shape[:-1]`` (never > 0; 0 at ignored labels;
@@ -625,11 +1066,25 @@ def linear_token_logprobs(
         ``{name: tensor of shape hidden.shape[:-1]}`` (``is_top1`` bool, the others float32).
     """
     extra_outputs = tuple(extra_outputs) if not isinstance(extra_outputs, str) else extra_outputs
+    group = None
+    if _is_dtensor(weight) and not _is_dtensor(hidden) and isinstance(labels, Tensor):
+        group = _per_shard_group(weight, bias, lora_A, lora_B, extra_outputs, kernel, process_group)
+    if group is not None:
+        kwargs = dict(temperature=temperature, logit_scale=logit_scale, logit_softcap=logit_softcap,
+                      ignore_index=ignore_index, chunk_size=chunk_size, deterministic=deterministic,
+                      logits_dtype=logits_dtype)
+        per_shard = _fsdp_per_shard(hidden, weight, labels, bias, group, bool(return_entropy), kwargs)
+        if per_shard is not None:
+            return per_shard
+    gathered = _gather_dtensors("linear_token_logprobs", hidden,
+                                dict(weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B), process_group)
+    weight, bias, lora_A, lora_B = (gathered[k] for k in ("weight", "bias", "lora_A", "lora_B"))  # noqa: N806
     _check_linear(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap,
                   extra_outputs, chunk_size, sharded=process_group is not None)
     ignore_index = token_ops.check_ignore_index("linear_token_logprobs", ignore_index, labels)
     kernel = _check_kernel(kernel, extra_outputs, hidden, process_group)
     logits_dtype = _check_logits_dtype(logits_dtype, hidden, weight)
+    with_lora = _check_lora(lora_A, lora_B, lora_scaling, lora_hidden, hidden, weight, kernel, process_group)
     lead = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
     flat = flat if flat.stride(-1) == 1 else flat.contiguous()
@@ -643,10 +1098,17 @@ def linear_token_logprobs(
                                              process_group, shard)
         return token_ops.LogprobsEntropy(logp.view(lead), entropy.view(lead)) if return_entropy else logp.view(lead)
     want = [name in extra_outputs for name in EXTRA_OUTPUTS]
-    logp, entropy, _, *extras = _fwd(
-        flat, weight, bias, labels.reshape(-1), float(logit_scale), softcap, float(temperature),
-        int(ignore_index), bool(return_entropy), want, int(chunk_size or 0), bool(deterministic), kernel,
-        logits_dtype)
+    if with_lora:
+        hyper = (float(logit_scale), softcap, float(temperature), int(ignore_index), int(chunk_size or 0),
+                 bool(deterministic), logits_dtype, float(lora_scaling))
+        x = None if lora_hidden is None else lora_hidden.reshape(flat.shape)
+        logp, entropy, _, *extras = _LoraHead.apply(
+            flat, weight, bias, labels.reshape(-1), lora_A, lora_B, x, hyper, bool(return_entropy), tuple(want))
+    else:
+        logp, entropy, _, *extras = _fwd(
+            flat, weight, bias, labels.reshape(-1), float(logit_scale), softcap, float(temperature),
+            int(ignore_index), bool(return_entropy), want, int(chunk_size or 0), bool(deterministic), kernel,
+            logits_dtype)
     named = dict(zip(EXTRA_OUTPUTS, extras))
     extras = {name: named[name].view(lead) for name in extra_outputs}
     if not extra_outputs:

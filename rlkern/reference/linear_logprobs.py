@@ -23,6 +23,10 @@ under autocast: ``h`` and ``W`` are rounded to it, ``x = round(round(h W^T) + ro
 product exact in float64, then rounded once), ``logit_scale * x`` and the rest in float64; in
 the backward ``d loss / d x`` is rounded to it before the exact products with the rounded ``h``
 and ``W``. Each rounding passes the gradient straight through otherwise.
+
+``lora=(A, B, scaling, x)``: a LoRA adapter on the head (PEFT's ``lora.Linear``) adds
+``scaling * (x A^T) B^T`` to ``h W^T + b`` before ``logit_scale``; ``x`` is the input of the A
+path (PEFT's ``dropout(h)``), ``h`` itself when None. Always exact (no rounding model).
 """
 
 from __future__ import annotations
@@ -53,14 +57,19 @@ class _RoundGrad(torch.autograd.Function):
 
 
 def logits64(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-             logit_scale: float, logits_dtype: torch.dtype | None = None) -> torch.Tensor:
+             logit_scale: float, logits_dtype: torch.dtype | None = None, lora=None) -> torch.Tensor:
     """``logit_scale * (h W^T + b)`` in float64, ``[N, V]`` (before softcap and temperature);
-    with ``logits_dtype``, the rounded GEMM of the module docstring."""
+    with ``logits_dtype``, the rounded GEMM of the module docstring; with ``lora``, the adapter's
+    term added (exact)."""
     h, w = hidden.to(torch.float64), weight.to(torch.float64)
-    if logits_dtype is None:
+    if logits_dtype is None or lora is not None:
         y = h @ w.T
         if bias is not None:
             y = y + bias.to(torch.float64)
+        if lora is not None:
+            a, b, scaling, x = lora
+            x = h if x is None else x.to(torch.float64)
+            y = y + scaling * ((x @ a.to(torch.float64).T) @ b.to(torch.float64).T)
         return y * logit_scale
     y = _round(_round(h, logits_dtype) @ _round(w, logits_dtype).T, logits_dtype)
     if bias is not None:
@@ -80,13 +89,15 @@ def linear_logprobs(
     ignore_index: int = -100,
     extra_outputs: tuple[str, ...] = (),
     logits_dtype: torch.dtype | None = None,
+    lora: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Returns ``(logprobs [N], entropy [N], extras)`` in float64, differentiable w.r.t.
     hidden, weight and bias (autograd through the materialized logits); ``extras`` maps each
     name of ``extra_outputs`` to its ``[N]`` tensor (``is_top1`` bool). ``logits_dtype``: the
-    rounded GEMM of the module docstring (None: exact)."""
+    rounded GEMM of the module docstring (None: exact). ``lora``: ``(A [r, H], B [V, r], scaling,
+    x [N, H] or None)``, differentiable w.r.t. A, B and x too."""
     softcap = float(logit_softcap or 0.0)
-    y = logits64(hidden, weight, bias, logit_scale, logits_dtype)
+    y = logits64(hidden, weight, bias, logit_scale, logits_dtype, lora)
     z = token_reference._scaled(y, temperature, softcap)
     labels = labels.long()
     log_p = torch.log_softmax(z, dim=-1)
