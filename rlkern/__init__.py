@@ -11,6 +11,7 @@ from rlkern import _backend  # noqa: F401  (loads rlkern._C once, warns once if 
 from rlkern import trees
 from rlkern.ops import advantages as _advantages
 from rlkern.ops.advantages import *  # noqa: F401,F403  (the names of its __all__)
+from rlkern.ops.advantages.dynamic_sampling import dynamic_sampling_mask
 from rlkern.ops.linear_logprobs import linear_token_logprobs
 from rlkern.ops.logprobs import (
     LogprobsEntropy,
@@ -60,6 +61,7 @@ __all__ = [
     "trees",
 ]
 __all__ += _advantages.__all__  # advantages
+__all__ += ["dynamic_sampling_mask"]  # DAPO's group filter (rlkern/ops/advantages/dynamic_sampling.py)
 
 # RLKERN_PATCH_TRL=1: TRL on rlkern's kernels, rlkern.integrations.trl.patch() with its default
 # options (fp32=False, loss=False), run when that module is imported (rlkern/integrations/trl.py).

@@ -87,6 +87,7 @@ def _bad_calls():
         "reinforce_pp_baseline": lambda: rlkern.reinforce_pp_baseline(s, ids, None),
         "grpo_passk": lambda: rlkern.grpo_passk(s, [0, 1, 2, 3]),
         "bnpo": lambda: rlkern.bnpo(s, ids, min_value=1.0, max_value=0.0),
+        "dynamic_sampling_mask": lambda: rlkern.dynamic_sampling_mask(s, ids[:3]),
         "gdpo": lambda: rlkern.gdpo(s, ids, torch.ones(4, 2), weights=[1.0, 2.0]),
         "gigpo_step_groups": lambda: rlkern.gigpo_step_groups(s, ids, ids, eps="x"),
         "outcome_to_tokens": lambda: rlkern.outcome_to_tokens(s, torch.ones(3, 2)),
