@@ -1,5 +1,5 @@
 // rlkern CPU kernels of the group preference family (torch.ops.rlkern.cpp_group_preference_stats,
-// cpp_group_weights; the ops and their formulas: rlkern/ops/preference_groups.py; oracle:
+// cpp_group_weights, cpp_srpo_loss; the ops and their formulas: rlkern/ops/preference_groups.py; oracle:
 // rlkern/reference/preference_groups.py).
 //
 // The samples are bucketed by their dense group number (a counting sort, stable: members keep
@@ -274,6 +274,78 @@ at::Tensor group_weights_meta(const at::Tensor& scores, const at::Tensor&, const
   return at::empty({inverse.size(0)}, scores.options());
 }
 
+// SRPO (rlkern/ops/preference_groups.py srpo_loss): per pair, h = beta * (logps - ref) over the six
+// columns (chosen, rejected, chosen | rejected, rejected | rejected, chosen | chosen, rejected | chosen);
+// self-improvement (1/2 - (h2 - h3))^2 + (1/2 - (h4 - h5))^2, generative (h2 + h0 - h5 - h1 - 1)^2, the
+// loss the mean of (1 - alpha) generative + alpha self-improvement; one pass writes the loss, the
+// gradient and the metrics (mean self-improvement, mean generative, mean h0 - h1).
+constexpr int N_SRPO_METRICS = 3;
+
+template <typename S>
+void srpo_kernel(const at::Tensor& logps, const at::Tensor& ref, double beta_d, double alpha_d, at::Tensor& loss_out,
+                 at::Tensor& grad_out, at::Tensor& metrics_out) {
+  using T = Acc<S>;
+  const int64_t n = logps.size(0);
+  const S* x = logps.data_ptr<S>();
+  const T* rf = ref.data_ptr<T>();
+  T* g = grad_out.data_ptr<T>();
+  const T beta = T(beta_d), alpha = T(alpha_d);
+  const double inv_n = 1.0 / double(std::max<int64_t>(n, 1));
+  double total = 0, improve_sum = 0, gen_sum = 0, margin_sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    T h[6];
+    for (int k = 0; k < 6; ++k) h[k] = beta * (T(x[6 * i + k]) - rf[6 * i + k]);
+    const T u = T(0.5) - (h[2] - h[3]), v = T(0.5) - (h[4] - h[5]);
+    const T w = h[2] + h[0] - h[5] - h[1] - T(1);
+    const T improve = u * u + v * v, gen = w * w;
+    total += double((T(1) - alpha) * gen + alpha * improve);
+    improve_sum += double(improve);
+    gen_sum += double(gen);
+    margin_sum += double(h[0] - h[1]);
+    // d/dh of the pair's loss, times beta (dh/dlogps), over n (the mean)
+    const T s = beta * T(inv_n);
+    const T dw = T(2) * (T(1) - alpha) * w * s, du = -T(2) * alpha * u * s, dv = -T(2) * alpha * v * s;
+    T* gi = g + 6 * i;
+    gi[0] = dw;
+    gi[1] = -dw;
+    gi[2] = dw + du;
+    gi[3] = -du;
+    gi[4] = dv;
+    gi[5] = -dw - dv;
+  }
+  loss_out.data_ptr<T>()[0] = T(total * inv_n);
+  T* mo = metrics_out.data_ptr<T>();
+  mo[0] = T(improve_sum * inv_n);
+  mo[1] = T(gen_sum * inv_n);
+  mo[2] = T(margin_sum * inv_n);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> srpo_loss_cpu(const at::Tensor& logps, const at::Tensor& ref,
+                                                             double beta, double alpha) {
+  TORCH_CHECK_VALUE(logps.dim() == 2 && logps.size(1) == 6, "srpo_loss: logps must be [B, 6], got shape ",
+                    logps.sizes());
+  const at::ScalarType acc = logps.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(ref.sizes() == logps.sizes(), "srpo_loss: ref_logps must have shape ", logps.sizes(), ", got ",
+                    ref.sizes());
+  TORCH_CHECK_TYPE(ref.scalar_type() == acc, "srpo_loss: ref_logps must be ", acc, ", got ", ref.scalar_type());
+  const auto opts = logps.options().dtype(acc);
+  at::Tensor loss = at::empty({}, opts);
+  at::Tensor grad = at::empty(logps.sizes(), opts);
+  at::Tensor metrics = at::empty({N_SRPO_METRICS}, opts);
+  const at::Tensor x = logps.contiguous(), rf = ref.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logps.scalar_type(), "srpo_loss", [&] {
+    srpo_kernel<scalar_t>(x, rf, beta, alpha, loss, grad, metrics);
+  });
+  return {loss, grad, metrics};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> srpo_loss_meta(const at::Tensor& logps, const at::Tensor&, double,
+                                                              double) {
+  const at::ScalarType acc = logps.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = logps.options().dtype(acc);
+  return {at::empty({}, opts), at::empty(logps.sizes(), opts), at::empty({N_SRPO_METRICS}, opts)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlkern, m) {
@@ -283,14 +355,17 @@ TORCH_LIBRARY_FRAGMENT(rlkern, m) {
   m.def(
       "cpp_group_weights(Tensor scores, Tensor ref_logps, Tensor old_logps, Tensor inverse, int method, float beta) "
       "-> Tensor");
+  m.def("cpp_srpo_loss(Tensor logps, Tensor ref_logps, float beta, float alpha) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
   m.impl("cpp_group_preference_stats", &group_preference_stats_cpu);
   m.impl("cpp_group_weights", &group_weights_cpu);
+  m.impl("cpp_srpo_loss", &srpo_loss_cpu);
 }
 
 TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
   m.impl("cpp_group_preference_stats", &group_preference_stats_meta);
   m.impl("cpp_group_weights", &group_weights_meta);
+  m.impl("cpp_srpo_loss", &srpo_loss_meta);
 }

@@ -302,3 +302,78 @@ def group_weights(scores, ref, old, inverse, method, beta):
     _group_weights_kernel[(n,)](scores.contiguous(), ref.contiguous(), old.contiguous(), inverse.contiguous(), out,
                                 n, float(beta), METHOD=int(method), BLOCK=_block(n))
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# SRPO (the op: rlkern/ops/preference_groups.py srpo_loss): one program walks the B pairs in blocks
+# (a preference batch: deterministic sums with no second reduction), as kernels/preference.py does.
+
+@triton.jit
+def _srpo_kernel(
+    x_ptr,  # (B, 6) fp32/bf16/fp16/fp64 log-probs, SRPO_COLUMNS order
+    ref_ptr,  # (B, 6) compute dtype, the reference's
+    loss_ptr,  # (1,) compute dtype
+    g_ptr,  # (B, 6) compute dtype, d loss / d logps
+    met_ptr,  # (3,) compute dtype, SRPO_METRIC_KEYS order
+    B,
+    beta: tl.float64,
+    alpha: tl.float64,
+    BLOCK: tl.constexpr,
+):
+    CDT: tl.constexpr = g_ptr.dtype.element_ty
+    b = tl.full((), beta, CDT)
+    a = tl.full((), alpha, CDT)
+    lane = tl.arange(0, BLOCK).to(tl.int64)
+    zero = tl.zeros([BLOCK], CDT)
+    inv_n = 1.0 / (tl.sum(zero, 0) + tl.maximum(B, 1))
+    acc = zero
+    imp = zero
+    gen = zero
+    mar = zero
+    for first in range(0, B, BLOCK):
+        row = first + lane
+        inside = row < B
+        base = row * 6
+        h0 = b * (_ld(x_ptr, base, inside, CDT) - _ld(ref_ptr, base, inside, CDT))
+        h1 = b * (_ld(x_ptr, base + 1, inside, CDT) - _ld(ref_ptr, base + 1, inside, CDT))
+        h2 = b * (_ld(x_ptr, base + 2, inside, CDT) - _ld(ref_ptr, base + 2, inside, CDT))
+        h3 = b * (_ld(x_ptr, base + 3, inside, CDT) - _ld(ref_ptr, base + 3, inside, CDT))
+        h4 = b * (_ld(x_ptr, base + 4, inside, CDT) - _ld(ref_ptr, base + 4, inside, CDT))
+        h5 = b * (_ld(x_ptr, base + 5, inside, CDT) - _ld(ref_ptr, base + 5, inside, CDT))
+        u = 0.5 - (h2 - h3)
+        v = 0.5 - (h4 - h5)
+        w = h2 + h0 - h5 - h1 - 1.0
+        improve = u * u + v * v
+        generative = w * w
+        acc += tl.where(inside, (1.0 - a) * generative + a * improve, 0.0)
+        imp += tl.where(inside, improve, 0.0)
+        gen += tl.where(inside, generative, 0.0)
+        mar += tl.where(inside, h0 - h1, 0.0)
+        s = b * inv_n
+        dw = 2.0 * (1.0 - a) * w * s
+        du = -2.0 * a * u * s
+        dv = -2.0 * a * v * s
+        tl.store(g_ptr + base, dw, mask=inside)
+        tl.store(g_ptr + base + 1, -dw, mask=inside)
+        tl.store(g_ptr + base + 2, dw + du, mask=inside)
+        tl.store(g_ptr + base + 3, -du, mask=inside)
+        tl.store(g_ptr + base + 4, dv, mask=inside)
+        tl.store(g_ptr + base + 5, -dw - dv, mask=inside)
+    tl.store(loss_ptr, tl.sum(acc, 0) * inv_n)
+    tl.store(met_ptr, tl.sum(imp, 0) * inv_n)
+    tl.store(met_ptr + 1, tl.sum(gen, 0) * inv_n)
+    tl.store(met_ptr + 2, tl.sum(mar, 0) * inv_n)
+
+
+def srpo_loss(logps, ref, beta, alpha):
+    """The srpo_loss op's Triton backend: (loss, grad, metrics), the contract of cpp_srpo_loss."""
+    dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
+    n = logps.shape[0]
+    loss = torch.empty((), dtype=dtype, device=logps.device)
+    grad = torch.empty(logps.shape, dtype=dtype, device=logps.device)
+    metrics = torch.empty(3, dtype=dtype, device=logps.device)
+    if n == 0:  # no pair: a loss and metrics of 0 (no launch over empty buffers)
+        return loss.zero_(), grad, metrics.zero_()
+    _srpo_kernel[(1,)](logps.contiguous(), ref.contiguous(), loss, grad, metrics, n, float(beta), float(alpha),
+                       BLOCK=_block(n))
+    return loss, grad, metrics

@@ -153,6 +153,23 @@ def test_rso_acceptance_by_hand(backend):
     assert w.tolist() == pytest.approx([1.0, math.exp(-1.0), math.exp(-2.0), 1.0, 1.0], rel=1e-12)
 
 
+def test_srpo_by_hand(backend):
+    # beta 1, alpha 0.8, no reference; columns chosen, rejected, c|r, r|r, c|c, r|c
+    x = torch.tensor([[-1.0, -2.0, -0.5, -1.5, -0.25, -2.0]], dtype=torch.float64)
+    xg = x.clone().requires_grad_()
+    loss, metrics = rlkern.srpo_loss(xg, torch.zeros_like(x), beta=1.0, alpha=0.8)
+    (grad,) = torch.autograd.grad(loss, xg)
+    u = 0.5 - (-0.5 - -1.5)  # -0.5
+    v = 0.5 - (-0.25 - -2.0)  # -1.25
+    w = (-0.5 + -1.0) - (-2.0 + -2.0) - 1  # 1.5
+    assert loss.item() == pytest.approx(0.2 * w * w + 0.8 * (u * u + v * v), rel=1e-12)  # 1.9
+    dw, du, dv = 2 * 0.2 * w, -2 * 0.8 * u, -2 * 0.8 * v
+    assert grad[0].tolist() == pytest.approx([dw, -dw, dw + du, -du, dv, -dw - dv], rel=1e-12)
+    assert metrics["loss/self_improvement"].item() == pytest.approx(u * u + v * v)
+    assert metrics["loss/generative"].item() == pytest.approx(w * w)
+    assert metrics["rewards/margins"].item() == pytest.approx(1.0)
+
+
 # ------------------------------------------------------------------------------------------------
 # every backend against the reference
 
@@ -335,3 +352,83 @@ def test_triton_on_cuda_matches_the_reference(dtype):
         w = rlkern.group_weights((s * 3).cuda(), ids.cuda(), ref.cuda(), old.cuda(), method=method, beta=0.7)
         want = reference.group_weights(s * 3, rlkern.group_index(ids), ref, old, method=method, beta=0.7)
         torch.testing.assert_close(w.cpu(), want, rtol=1e-10, atol=1e-12)
+
+
+def _srpo_batch(n, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = -torch.rand(n, 6, generator=g, dtype=torch.float64) * 20
+    ref = x + torch.randn(n, 6, generator=g, dtype=torch.float64)
+    return x.to(dtype), ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n", [0, 1, 37])
+def test_srpo_matches_the_reference(backend, dtype, n, monkeypatch):
+    if backend == "triton":  # 37 pairs in blocks of 16
+        monkeypatch.setattr("rlkern.kernels.preference_groups.MAX_BLOCK", 16)
+    x, ref = _srpo_batch(n, seed=n, dtype=dtype)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    xg = x.clone().requires_grad_()
+    loss, metrics = rlkern.srpo_loss(xg, ref.to(compute), beta=0.2, alpha=0.6)
+    (grad,) = torch.autograd.grad(loss, xg)
+    x64 = x.double().requires_grad_()
+    want, want_metrics = reference.srpo_loss(x64, ref, beta=0.2, alpha=0.6)
+    (want_grad,) = torch.autograd.grad(want, x64)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    assert loss.dtype == compute and grad.dtype == dtype
+    torch.testing.assert_close(loss.double(), want.detach(), **tol)
+    torch.testing.assert_close(grad.double(), want_grad.to(dtype).double(),
+                               **(tol if dtype != torch.bfloat16 else dict(rtol=1e-2, atol=1e-4)))
+    for key in reference.SRPO_METRIC_KEYS:
+        torch.testing.assert_close(metrics[key].double(), want_metrics[key].double(), rtol=2e-5, atol=1e-6)
+
+
+def test_srpo_gradcheck_float64(backend):
+    x, ref = _srpo_batch(5, seed=11)
+    x = x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: rlkern.srpo_loss(t, ref, beta=0.3, alpha=0.7)[0], (x,), eps=1e-6,
+                                    atol=1e-7)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda x: rlkern.srpo_loss(x[:, :5], x[:, :5]), "logps must be [B, 6]"),
+    (lambda x: rlkern.srpo_loss(x, x[:2]), "ref_logps must have shape"),
+    (lambda x: rlkern.srpo_loss(x, None), "ref_logps must be a torch.Tensor"),
+    (lambda x: rlkern.srpo_loss(x, x, alpha=1.5), "alpha must be"),
+    (lambda x: rlkern.srpo_loss(x, x, beta=-0.1), "beta must be"),
+    (lambda x: rlkern.srpo_loss(x, x.clone().requires_grad_()), "ref_logps requires grad"),
+])
+def test_srpo_bad_calls(call, message):
+    with pytest.raises((ValueError, TypeError), match="^srpo_loss: ") as info:
+        call(torch.randn(3, 6))
+    assert message in str(info.value)
+
+
+def test_srpo_opcheck_and_triton_compiles_for_sm90():
+    x, ref = _srpo_batch(7, seed=12)
+    from rlkern.ops import preference_groups as ops
+
+    torch.library.opcheck(ops._srpo_op, (x.clone().requires_grad_(), ref, 0.2, 0.6))
+    compile_for_sm90("""
+from rlkern.kernels import preference_groups as k
+for dt, c in (("bf16", "*fp32"), ("fp32", "*fp32"), ("fp64", "*fp64")):
+    build(k._srpo_kernel, {"x_ptr": "*" + dt, "ref_ptr": c, "loss_ptr": c, "g_ptr": c, "met_ptr": c, "B": "i32",
+                           "beta": "fp64", "alpha": "fp64"}, {"BLOCK": 128})
+print("ok")
+""")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_srpo_triton_on_cuda_matches_the_reference(dtype):
+    x, ref = _srpo_batch(3001, seed=13, dtype=dtype)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    xg = x.cuda().requires_grad_()
+    loss, _ = rlkern.srpo_loss(xg, ref.to(compute).cuda(), beta=0.2, alpha=0.6)
+    (grad,) = torch.autograd.grad(loss, xg)
+    x64 = x.double().requires_grad_()
+    want, _ = reference.srpo_loss(x64, ref, beta=0.2, alpha=0.6)
+    (want_grad,) = torch.autograd.grad(want, x64)
+    tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss.double().cpu(), want.detach(), **tol)
+    torch.testing.assert_close(grad.double().cpu(), want_grad, **tol)

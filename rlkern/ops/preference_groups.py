@@ -24,7 +24,7 @@ from rlkern.ops import _checks
 from rlkern.ops.advantages.groups import dense
 from rlkern.reference import preference_groups as reference
 
-__all__ = ["group_preference_loss", "group_weights"]
+__all__ = ["group_preference_loss", "group_weights", "srpo_loss"]
 
 _OP = "group_preference_loss"
 LOSS_TYPES = reference.LOSS_TYPES
@@ -339,3 +339,119 @@ def group_weights(scores: Tensor, group_ids, ref_logps: Tensor | None = None, ol
     old = zeros if old_logps is None else old_logps.detach().to(dtype).contiguous()
     code = _SPO_MATRIX if matrix else WEIGHT_METHODS.index(method)
     return _weights_op(scores.detach().to(dtype).contiguous(), ref, old, inverse, code, beta)
+
+
+# ------------------------------------------------------------------------------------------------
+# SRPO: one preference pair with the self-improvement policy's revisions
+
+_SOP = "srpo_loss"
+SRPO_COLUMNS = reference.SRPO_COLUMNS
+SRPO_METRIC_KEYS = reference.SRPO_METRIC_KEYS
+
+
+def _torch_srpo(logps, ref, beta, alpha):
+    dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
+
+    def objective(x):
+        return reference.srpo_loss(x, ref, beta=beta, alpha=alpha)
+
+    loss, vjp, metrics = torch.func.vjp(objective, logps.to(dtype), has_aux=True)
+    (grad,) = vjp(torch.ones((), dtype=dtype))
+    stacked = torch.stack([metrics[k] for k in SRPO_METRIC_KEYS]).to(dtype)
+    return loss.detach().clone(), grad.detach().clone(), stacked
+
+
+_SRPO = _backend.Kernels(_SOP, cpp="cpp_srpo_loss", triton="preference_groups.srpo_loss", torch=_torch_srpo,
+                         fp64=("cpp", "triton"))
+
+
+def _srpo_impl(logps: Tensor, ref: Tensor, beta: float, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _SRPO.pick(logps)(logps, ref, beta, alpha)
+
+
+_srpo_op = torch.library.custom_op("rlkern::srpo_loss", mutates_args=())(_srpo_impl)
+
+
+@_srpo_op.register_fake
+def _srpo_fake(logps, ref, beta, alpha):
+    dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
+    return (logps.new_empty((), dtype=dtype), logps.new_empty(logps.shape, dtype=dtype),
+            logps.new_empty((len(SRPO_METRIC_KEYS),), dtype=dtype))
+
+
+def _srpo_backward(ctx, grad_loss, _grad, _grad_metrics):
+    (grad,) = ctx.saved_tensors
+    return (grad_loss.to(grad.dtype) * grad).to(ctx.dtype), None, None, None
+
+
+_srpo_op.register_autograd(_srpo_backward, setup_context=_setup_context)
+
+
+class _EagerSRPOLoss(torch.autograd.Function):
+    """rlkern::srpo_loss without the dispatcher (as _EagerGroupLoss)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _srpo_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _srpo_backward(ctx, *grads)
+
+
+def srpo_loss(logps: Tensor, ref_logps: Tensor, *, beta: float = 0.1,
+              alpha: float = 0.8) -> tuple[Tensor, dict[str, Tensor]]:
+    """SRPO's offline loss, "Self-Improving Robust Preference Optimization" (Choi et al., ICLR
+    2025): the self-improvement policy pi(y' | x, y) (revise y into y') and the generative policy
+    pi(y | x) are one model, trained jointly on (x, y_w, y_l) preference pairs by a
+    non-adversarial least-squares loss.
+
+    Per pair, with h_k = beta * (logps[:, k] - ref_logps[:, k]) over the columns
+    ``SRPO_COLUMNS`` = (chosen log pi(y_w | x), rejected log pi(y_l | x), chosen_given_rejected
+    log pi(y_w | x, y_l) (the improvement of the rejected into the chosen), rejected_given_rejected
+    log pi(y_l | x, y_l), chosen_given_chosen log pi(y_w | x, y_w), rejected_given_chosen
+    log pi(y_l | x, y_w)):
+
+    - self-improvement: ``(1/2 - (h_cgr - h_rgr))^2 + (1/2 - (h_cgc - h_rgc))^2`` (the revision
+      policy's log-ratio margin of the preferred revision, from either draft, regressed on
+      p(y_w > y_l) - 1/2 = 1/2);
+    - generative (robust): ``((h_cgr + h_c) - (h_rgc + h_r) - 1)^2`` (target 2 p - 1 = 1);
+    - ``L = mean over pairs of (1 - alpha) * generative + alpha * self-improvement``.
+
+    Choices: the preference labels are deterministic (p(y_w > y_l) = 1, as in the paper's offline
+    datasets); alpha = 0.8 is the weight of the TRL SRPO implementation proposal (SRPOTrainer,
+    never released in TRL; the paper sweeps alpha); beta 0.1 (DPO's). The training loop builds
+    the six sequences of each pair (the revision prompts embed the draft y in the context),
+    sums their token log-probs under the policy (grad) and the reference (no grad), and steps on
+    the loss; at inference the model drafts, then revises its draft with the revision prompt.
+
+    Args:
+        logps: ``[B, 6]`` float16/bfloat16/float32/float64, the policy's summed log-probs, one
+            column per ``SRPO_COLUMNS`` entry. Differentiable.
+        ref_logps: ``[B, 6]`` float constants, the reference's.
+        beta: the KL coefficient (0.1). alpha: the self-improvement weight in [0, 1] (0.8).
+
+    Returns:
+        ``(loss, metrics)``: the 0-dim loss (float32; float64 for float64 input; B = 0 gives 0)
+        and 0-dim float32 metrics ``loss/self_improvement``, ``loss/generative`` (their means)
+        and ``rewards/margins`` (mean h_c - h_r).
+    """
+    _checks.tensors(_SOP, "logps", {"logps": (logps, "float"), "ref_logps": (ref_logps, "float")})
+    if not isinstance(ref_logps, Tensor):
+        raise TypeError(f"{_SOP}: ref_logps must be a torch.Tensor, got {type(ref_logps).__name__}")
+    if logps.ndim != 2 or logps.shape[1] != len(SRPO_COLUMNS):
+        raise ValueError(f"{_SOP}: logps must be [B, 6] (columns {SRPO_COLUMNS}), got shape {tuple(logps.shape)}")
+    _checks.tensors(_SOP, "logps", {"logps": (logps, "float"), "ref_logps": (ref_logps, "float")},
+                    shape=logps.shape)
+    _constants(_SOP, ref_logps=ref_logps)
+    beta = _checks.number(_SOP, "beta", beta, low=0, low_open=True)
+    alpha = _checks.number(_SOP, "alpha", alpha, low=0, high=1)
+    dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
+    eager = (type(logps) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+             and not torch._C._functorch.is_functorch_wrapped_tensor(logps))
+    op = _EagerSRPOLoss.apply if eager else _srpo_op
+    loss, _, metrics = op(logps, ref_logps.detach().to(dtype).contiguous(), beta, alpha)
+    return loss, dict(zip(SRPO_METRIC_KEYS, metrics.detach().to(torch.float32).unbind(0)))

@@ -140,3 +140,26 @@ def group_weights(scores: Tensor, inverse: Tensor, ref_logps: Tensor | None = No
             raise ValueError(f"unknown method {method!r}")
         out[idx] = w.to(dtype)
     return out
+
+
+# SRPO's six log-probs per preference pair (the columns of srpo_loss's [B, 6] inputs): the generative
+# policy's log pi(y_w | x), log pi(y_l | x), then the self-improvement policy's revisions log pi(y' | x, y)
+# of y = y_l into y' = y_w, y_l and of y = y_w into y' = y_w, y_l.
+SRPO_COLUMNS = ("chosen", "rejected", "chosen_given_rejected", "rejected_given_rejected", "chosen_given_chosen",
+                "rejected_given_chosen")
+SRPO_METRIC_KEYS = ("loss/self_improvement", "loss/generative", "rewards/margins")
+
+
+def srpo_loss(logps: Tensor, ref_logps: Tensor, *, beta: float, alpha: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """With h = beta * (logps - ref_logps) per column (SRPO_COLUMNS):
+    self-improvement (1/2 - (h_cgr - h_rgr))^2 + (1/2 - (h_cgc - h_rgc))^2, generative
+    ((h_cgr + h_c) - (h_rgc + h_r) - 1)^2, loss = mean over pairs of (1 - alpha) gen + alpha self."""
+    h = beta * (logps - ref_logps.to(logps.dtype))
+    c, r, cgr, rgr, cgc, rgc = h.unbind(-1)
+    improve = (0.5 - (cgr - rgr)) ** 2 + (0.5 - (cgc - rgc)) ** 2
+    generative = ((cgr + c) - (rgc + r) - 1.0) ** 2
+    n = max(logps.shape[0], 1)
+    loss = ((1.0 - alpha) * generative + alpha * improve).sum() / n
+    metrics = {"loss/self_improvement": improve.detach().sum() / n, "loss/generative": generative.detach().sum() / n,
+               "rewards/margins": (c - r).detach().sum() / n}
+    return loss, metrics
