@@ -9,6 +9,8 @@
 // kernel's: rows 0 loss part, 1 its derivative in logps_i, 2 n_i - 1, 3 wins (s_i > s_j), 4 wins
 // ranked right (also r_i > r_j), 5 clipped ordered pairs (p3o), 6 the k3 term (trpa), 7 its
 // derivative. Compute type: double for float64 input, float otherwise.
+#include "common.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -31,17 +33,8 @@ enum LossType { TPO, P3O, TRPA, BRAIN, N_LOSS_TYPES };
 enum Method { W_SPO, W_RSO, W_BRAIN, W_SPO_MATRIX };
 constexpr int N_STATS = 8;
 
-template <typename T>
-inline T softplus(T x) {
-  return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));
-}
-
-template <typename T>
-inline T sigmoid(T x) {
-  if (x >= 0) return T(1) / (T(1) + std::exp(-x));
-  const T e = std::exp(x);
-  return e / (T(1) + e);
-}
+using rlkern::sigmoid;
+using rlkern::softplus;
 
 // Members of each group, in batch order: members[start[g] .. start[g + 1]).
 struct Buckets {

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rlkern.kernels._common import sigmoid, softplus
 from rlkern.reference.preference_groups import LOSS_TYPES, WEIGHT_METHODS
 
 MAX_BLOCK = 1024
@@ -32,26 +33,14 @@ W_SPO_MATRIX = tl.constexpr(len(WEIGHT_METHODS))  # spo with the caller's [N, N]
 
 
 @triton.jit
-def _log1p_pos(e):
-    """log(1 + e) for 0 <= e <= 1, accurate where e is tiny (u - 1 recovers the rounding of 1 + e)."""
-    u = 1.0 + e
-    return tl.log(u) - ((u - 1.0) - e) / u
-
-
-@triton.jit
-def _softplus(x):
-    return tl.maximum(x, 0.0) + _log1p_pos(tl.exp(-tl.abs(x)))
-
-
-@triton.jit
-def _sigmoid(x):
-    e = tl.exp(-tl.abs(x))
-    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
-@triton.jit
 def _ld(ptr, idx, inside, CDT: tl.constexpr):
     return tl.load(ptr + idx, mask=inside, other=0.0).to(CDT)
+
+
+@triton.jit
+def _in_group(inv_ptr, j, inside, gi):
+    """Which of the lanes j (inside: j < N) belong to the group gi."""
+    return inside & (tl.load(inv_ptr + j, mask=inside, other=-1) == gi)
 
 
 @triton.jit
@@ -74,7 +63,7 @@ def _rank_kernel(
     for first in range(0, N, BLOCK):
         j = first + lane
         inside = j < N
-        same = inside & (tl.load(inv_ptr + j, mask=inside, other=-1) == gi) & (j != i)
+        same = _in_group(inv_ptr, j, inside, gi) & (j != i)
         rj = b * (_ld(x_ptr, j, inside, CDT) - _ld(ref_ptr, j, inside, CDT))
         above += tl.where(same & ((rj > ri) | ((rj == ri) & (j < i))), 1.0, 0.0)
     tl.store(out_ptr + i, 1.0 / tl.log2(2.0 + tl.sum(above, 0)))
@@ -130,7 +119,7 @@ def _group_loss_kernel(
         for first in range(0, N, BLOCK):
             j = first + lane
             inside = j < N
-            same = inside & (tl.load(inv_ptr + j, mask=inside, other=-1) == gi)
+            same = _in_group(inv_ptr, j, inside, gi)
             oj = _ld(old_ptr, j, inside, CDT)
             aj = _ld(ref_ptr, j, inside, CDT) - oj + _ld(s_ptr, j, inside, CDT) / b
             bj = _ld(x_ptr, j, inside, CDT) - oj
@@ -143,7 +132,7 @@ def _group_loss_kernel(
         for first in range(0, N, BLOCK):
             j = first + lane
             inside = j < N
-            same = inside & (tl.load(inv_ptr + j, mask=inside, other=-1) == gi)
+            same = _in_group(inv_ptr, j, inside, gi)
             oj = _ld(old_ptr, j, inside, CDT)
             aj = _ld(ref_ptr, j, inside, CDT) - oj + _ld(s_ptr, j, inside, CDT) / b
             bj = _ld(x_ptr, j, inside, CDT) - oj
@@ -165,7 +154,7 @@ def _group_loss_kernel(
     for first in range(0, N, BLOCK):
         j = first + lane
         inside = j < N
-        same = inside & (tl.load(inv_ptr + j, mask=inside, other=-1) == gi) & (j != i)
+        same = _in_group(inv_ptr, j, inside, gi) & (j != i)
         xj = _ld(x_ptr, j, inside, CDT)
         sj = _ld(s_ptr, j, inside, CDT)
         d = ri - b * (xj - _ld(ref_ptr, j, inside, CDT))
@@ -179,8 +168,8 @@ def _group_loss_kernel(
                 lam = tl.abs(gain_i - tl.exp2(sj)) * tl.abs(disc_i - _ld(disc_ptr, j, inside, CDT))
             else:
                 lam = tl.full([BLOCK], 1.0, CDT)
-            loss += tl.where(win, lam * _softplus(-d), 0.0)
-            grad += tl.where(win, -lam * b * _sigmoid(-d), tl.where(lose, lam * b * _sigmoid(d), 0.0))
+            loss += tl.where(win, lam * softplus(-d), 0.0)
+            grad += tl.where(win, -lam * b * sigmoid(-d), tl.where(lose, lam * b * sigmoid(d), 0.0))
         if LOSS == P3O:
             adv = si - sj
             xoj = xj - _ld(old_ptr, j, inside, CDT)
@@ -257,7 +246,7 @@ def _group_weights_kernel(
         for first in range(0, N, BLOCK):
             j = first + lane
             inside = j < N
-            same = inside & (tl.load(inv_ptr + j, mask=inside, other=-1) == gi) & (j != i)
+            same = _in_group(inv_ptr, j, inside, gi) & (j != i)
             if METHOD == W_SPO:
                 sj = _ld(s_ptr, j, inside, CDT)
                 p = tl.where(si > sj, 1.0, tl.where(si == sj, 0.5, 0.0))
@@ -272,7 +261,7 @@ def _group_weights_kernel(
         for first in range(0, N, BLOCK):
             j = first + lane
             inside = j < N
-            same = inside & (tl.load(inv_ptr + j, mask=inside, other=-1) == gi)
+            same = _in_group(inv_ptr, j, inside, gi)
             sj = _ld(s_ptr, j, inside, CDT)
             if METHOD == W_BRAIN:
                 sj = _ld(ref_ptr, j, inside, CDT) - _ld(old_ptr, j, inside, CDT) + sj / b
@@ -286,7 +275,7 @@ def _group_weights_kernel(
             for first in range(0, N, BLOCK):
                 j = first + lane
                 inside = j < N
-                same = inside & (tl.load(inv_ptr + j, mask=inside, other=-1) == gi)
+                same = _in_group(inv_ptr, j, inside, gi)
                 aj = _ld(ref_ptr, j, inside, CDT) - _ld(old_ptr, j, inside, CDT) + _ld(s_ptr, j, inside, CDT) / b
                 total += tl.where(same, tl.exp(aj - m), 0.0)
             ai = tl.load(ref_ptr + i).to(CDT) - tl.load(old_ptr + i).to(CDT) + si / b

@@ -58,6 +58,53 @@ def _finish(stats: Tensor, logps: Tensor, ref: Tensor, inverse: Tensor, loss_typ
     return loss, grad, torch.stack([rewards, accuracy, clip])
 
 
+def _reference_vjp(objective, logps: Tensor, keys) -> tuple[Tensor, Tensor, Tensor]:
+    """A torch backend: the reference ``objective`` (-> loss, metrics dict) and its vjp in ``logps``
+    (works inside a custom op's kernel, where the dispatcher has the Autograd keys excluded)."""
+    dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
+    loss, vjp, metrics = torch.func.vjp(objective, logps.to(dtype), has_aux=True)
+    (grad,) = vjp(torch.ones((), dtype=dtype))
+    stacked = torch.stack([metrics[k] for k in keys]).to(dtype)
+    return loss.detach().clone(), grad.detach().clone(), stacked
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.dtype = inputs[0].dtype
+    ctx.save_for_backward(output[1])
+
+
+def _backward_of(n_inputs: int):
+    """The backward of a (loss, grad, metrics) op with ``n_inputs`` inputs, the first differentiable:
+    the saved gradient scaled by the loss's."""
+
+    def backward(ctx, grad_loss, _grad, _grad_metrics):
+        (grad,) = ctx.saved_tensors
+        return ((grad_loss.to(grad.dtype) * grad).to(ctx.dtype),) + (None,) * (n_inputs - 1)
+
+    return backward
+
+
+def _eager_function(impl, backward, name: str):
+    """The custom op's forward, backward and saved state as an autograd.Function, called without the
+    dispatcher (as rlkern/ops/preference.py's _EagerPreferenceLoss: the custom op's autograd wrapper
+    costs more than these kernels at a preference batch's size)."""
+
+    def forward(ctx, *inputs):
+        output = impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
+        return output
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                   "backward": staticmethod(backward)})
+
+
+def _eager(t: Tensor) -> bool:
+    """Whether a call may bypass the dispatcher: a plain tensor, not while compiling or under torch.func."""
+    return (type(t) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
 def _cpp_loss(logps, ref, old, scores, inverse, loss_type, hyper):
     stats = torch.ops.rlkern.cpp_group_preference_stats(logps, ref, old, scores, inverse, loss_type, hyper[:2])
     return _finish(stats, logps, ref, inverse, loss_type, hyper)
@@ -70,18 +117,13 @@ def _triton_loss(logps, ref, old, scores, inverse, loss_type, hyper):
 
 
 def _torch_loss(logps, ref, old, scores, inverse, loss_type, hyper):
-    """The torch backend: the reference and its vjp (works inside a custom op's kernel)."""
     beta, eps, kl_coef = hyper
-    dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
 
     def objective(x):
         return reference.group_preference_loss(x, inverse, scores, ref, old, loss_type=LOSS_TYPES[loss_type],
                                                beta=beta, clip_eps=eps, kl_coef=kl_coef)
 
-    loss, vjp, metrics = torch.func.vjp(objective, logps.to(dtype), has_aux=True)
-    (grad,) = vjp(torch.ones((), dtype=dtype))
-    stacked = torch.stack([metrics[k] for k in METRIC_KEYS]).to(dtype)
-    return loss.detach().clone(), grad.detach().clone(), stacked
+    return _reference_vjp(objective, logps, METRIC_KEYS)
 
 
 _KERNELS = _backend.Kernels(_OP, cpp=_cpp_loss, triton=_triton_loss, torch=_torch_loss, fp64=("cpp", "triton"))
@@ -102,33 +144,8 @@ def _loss_fake(logps, ref, old, scores, inverse, loss_type, hyper):
             logps.new_empty((len(METRIC_KEYS),), dtype=dtype))
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.dtype = inputs[0].dtype
-    ctx.save_for_backward(output[1])
-
-
-def _backward(ctx, grad_loss, _grad, _grad_metrics):
-    (grad,) = ctx.saved_tensors
-    return (grad_loss.to(grad.dtype) * grad).to(ctx.dtype), None, None, None, None, None, None
-
-
-_loss_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerGroupLoss(torch.autograd.Function):
-    """rlkern::group_preference_loss without the dispatcher (as rlkern/ops/preference.py's
-    _EagerPreferenceLoss: the same forward, backward and saved state)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _loss_impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(*output[1:])
-        return output
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads)
+_loss_op.register_autograd(_backward_of(7), setup_context=_setup_context)
+_EagerGroupLoss = _eager_function(_loss_impl, _backward_of(7), "_EagerGroupLoss")
 
 
 def _constants(op: str, **tensors) -> None:
@@ -176,7 +193,7 @@ def group_preference_loss(logps: Tensor, group_ids, scores: Tensor, ref_logps: T
       ``beta`` and ``ref_logps`` are not read (besides the metrics). ``old_logps`` None: the
       on-policy ratio 1.
     - ``"trpa"``: TRPA, "Trust Region Preference Approximation: A simple and stable
-      reinforcement learning algorithm for LLM reasoning" (Su et al., 2025): the preference
+      reinforcement learning algorithm for LLM reasoning" (2025): the preference
       pairs are all pairs of a group whose rule-based rewards (``scores``: the preference
       levels the caller's rules give) differ, each a DPO-style term, plus the KL trust region:
       ``L = mean over pairs s_i > s_j of -log sigmoid(r_i - r_j) + kl_coef * mean over samples
@@ -244,9 +261,7 @@ def group_preference_loss(logps: Tensor, group_ids, scores: Tensor, ref_logps: T
     old = aux(old_logps, None)
     if old is None:
         old = logps.detach().to(dtype).clone()
-    eager = (type(logps) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
-             and not torch._C._functorch.is_functorch_wrapped_tensor(logps))
-    op = _EagerGroupLoss.apply if eager else _loss_op
+    op = _EagerGroupLoss.apply if _eager(logps) else _loss_op
     loss, _, metrics = op(logps, ref, old, aux(scores, None), inverse, LOSS_TYPES.index(loss_type),
                           [beta, eps, kl_coef])
     return loss, dict(zip(METRIC_KEYS, metrics.detach().to(torch.float32).unbind(0)))
@@ -350,15 +365,7 @@ SRPO_METRIC_KEYS = reference.SRPO_METRIC_KEYS
 
 
 def _torch_srpo(logps, ref, beta, alpha):
-    dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
-
-    def objective(x):
-        return reference.srpo_loss(x, ref, beta=beta, alpha=alpha)
-
-    loss, vjp, metrics = torch.func.vjp(objective, logps.to(dtype), has_aux=True)
-    (grad,) = vjp(torch.ones((), dtype=dtype))
-    stacked = torch.stack([metrics[k] for k in SRPO_METRIC_KEYS]).to(dtype)
-    return loss.detach().clone(), grad.detach().clone(), stacked
+    return _reference_vjp(lambda x: reference.srpo_loss(x, ref, beta=beta, alpha=alpha), logps, SRPO_METRIC_KEYS)
 
 
 _SRPO = _backend.Kernels(_SOP, cpp="cpp_srpo_loss", triton="preference_groups.srpo_loss", torch=_torch_srpo,
@@ -379,27 +386,8 @@ def _srpo_fake(logps, ref, beta, alpha):
             logps.new_empty((len(SRPO_METRIC_KEYS),), dtype=dtype))
 
 
-def _srpo_backward(ctx, grad_loss, _grad, _grad_metrics):
-    (grad,) = ctx.saved_tensors
-    return (grad_loss.to(grad.dtype) * grad).to(ctx.dtype), None, None, None
-
-
-_srpo_op.register_autograd(_srpo_backward, setup_context=_setup_context)
-
-
-class _EagerSRPOLoss(torch.autograd.Function):
-    """rlkern::srpo_loss without the dispatcher (as _EagerGroupLoss)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _srpo_impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(*output[1:])
-        return output
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _srpo_backward(ctx, *grads)
+_srpo_op.register_autograd(_backward_of(4), setup_context=_setup_context)
+_EagerSRPOLoss = _eager_function(_srpo_impl, _backward_of(4), "_EagerSRPOLoss")
 
 
 def srpo_loss(logps: Tensor, ref_logps: Tensor, *, beta: float = 0.1,
@@ -422,8 +410,8 @@ def srpo_loss(logps: Tensor, ref_logps: Tensor, *, beta: float = 0.1,
     - ``L = mean over pairs of (1 - alpha) * generative + alpha * self-improvement``.
 
     Choices: the preference labels are deterministic (p(y_w > y_l) = 1, as in the paper's offline
-    datasets); alpha = 0.8 is the weight of the TRL SRPO implementation proposal (SRPOTrainer,
-    never released in TRL; the paper sweeps alpha); beta 0.1 (DPO's). The training loop builds
+    datasets); alpha = 0.8 is the weight of the SRPOTrainer proposed to TRL (a pull request that
+    was closed; the paper sweeps alpha); beta 0.1 (DPO's). The training loop builds
     the six sequences of each pair (the revision prompts embed the draft y in the context),
     sums their token log-probs under the policy (grad) and the reference (no grad), and steps on
     the loss; at inference the model drafts, then revises its draft with the revision prompt.
@@ -450,8 +438,6 @@ def srpo_loss(logps: Tensor, ref_logps: Tensor, *, beta: float = 0.1,
     beta = _checks.number(_SOP, "beta", beta, low=0, low_open=True)
     alpha = _checks.number(_SOP, "alpha", alpha, low=0, high=1)
     dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
-    eager = (type(logps) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
-             and not torch._C._functorch.is_functorch_wrapped_tensor(logps))
-    op = _EagerSRPOLoss.apply if eager else _srpo_op
+    op = _EagerSRPOLoss.apply if _eager(logps) else _srpo_op
     loss, _, metrics = op(logps, ref_logps.detach().to(dtype).contiguous(), beta, alpha)
     return loss, dict(zip(SRPO_METRIC_KEYS, metrics.detach().to(torch.float32).unbind(0)))
