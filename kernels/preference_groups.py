@@ -4,13 +4,14 @@
 The ops and their formulas are in rlkern/ops/preference_groups.py, the oracle in
 rlkern/reference/preference_groups.py, the CPU twin in csrc/preference_groups.cpp.
 
-Grid: one program per sample i. It walks all N samples in blocks of BLOCK and keeps those of its
-own group (same dense group number), so no group layout is built on the host and no group size is
-read back (no host sync); the work is O(N^2 / BLOCK) per program, which a preference batch (a few
-thousand responses) affords. Each program writes only its own sample's outputs: the loss kernel
-its per-sample statistics (the rows of csrc/preference_groups.cpp), which the op reduces, and its
-own derivative, gathered from every pair it is in (never a scatter: deterministic). TPO's ranks
-come from a first kernel (each sample's descending rank of r within its group).
+Grid: one program per sample i. The launcher sorts the samples by group on the device (a stable
+torch.sort and two searchsorted: no host sync, no group size read back), and program i walks its
+own group's members, positions [lo_i, hi_i) of that order, in steps of BLOCK lanes: the work is
+O(sum of n_g^2), as the C++ kernel's. Each program writes only its own sample's outputs: the loss
+kernel its per-sample statistics (the rows of csrc/preference_groups.cpp), which the op reduces,
+and its own derivative, gathered from every pair it is in (never a scatter: deterministic). TPO's
+ranks come from a first kernel (each sample's descending rank of r within its group; ties by batch
+index, as the C++ kernel and the reference).
 
 Compute type: float64 for float64 input, float32 otherwise; hyper-parameters are float64 kernel
 arguments read in that type.
@@ -26,6 +27,7 @@ from rlkern.kernels._common import sigmoid, softplus
 from rlkern.reference.preference_groups import LOSS_TYPES, WEIGHT_METHODS
 
 MAX_BLOCK = 1024
+GROUP_BLOCK = 64  # lanes per step of a group scan: a prompt's responses are a few to a few dozen
 N_STATS = 8
 TPO, P3O, TRPA, BRAIN = (tl.constexpr(LOSS_TYPES.index(t)) for t in ("tpo", "p3o", "trpa", "brain"))
 W_SPO, W_RSO, W_BRAIN = (tl.constexpr(WEIGHT_METHODS.index(m)) for m in ("spo", "rso", "brain"))
@@ -38,16 +40,20 @@ def _ld(ptr, idx, inside, CDT: tl.constexpr):
 
 
 @triton.jit
-def _in_group(inv_ptr, j, inside, gi):
-    """Which of the lanes j (inside: j < N) belong to the group gi."""
-    return inside & (tl.load(inv_ptr + j, mask=inside, other=-1) == gi)
+def _members(order_ptr, p, hi):
+    """The samples at positions p of the group-sorted order, and which lanes are in the group (p < hi,
+    the group's end)."""
+    inside = p < hi
+    return tl.load(order_ptr + p, mask=inside, other=0), inside
 
 
 @triton.jit
 def _rank_kernel(
     x_ptr,  # (N,) fp32/bf16/fp16/fp64 log-probs
     ref_ptr,  # (N,) compute dtype, reference log-probs
-    inv_ptr,  # (N,) int64 dense group numbers
+    order_ptr,  # (N,) int64, the samples sorted by group (stable)
+    lo_ptr,  # (N,) int64, where sample i's group starts in order
+    hi_ptr,  # (N,) int64, where it ends
     out_ptr,  # (N,) compute dtype: 1 / log2(1 + tau), tau the descending rank of r in the group
     N,
     beta: tl.float64,
@@ -57,13 +63,13 @@ def _rank_kernel(
     i = tl.program_id(0).to(tl.int64)
     lane = tl.arange(0, BLOCK).to(tl.int64)
     b = tl.full((), beta, CDT)
-    gi = tl.load(inv_ptr + i)
+    lo = tl.load(lo_ptr + i)
+    hi = tl.load(hi_ptr + i)
     ri = b * (tl.load(x_ptr + i).to(CDT) - tl.load(ref_ptr + i).to(CDT))
     above = tl.zeros([BLOCK], CDT)
-    for first in range(0, N, BLOCK):
-        j = first + lane
-        inside = j < N
-        same = _in_group(inv_ptr, j, inside, gi) & (j != i)
+    for first in range(lo, hi, BLOCK):
+        j, inside = _members(order_ptr, first + lane, hi)
+        same = inside & (j != i)
         rj = b * (_ld(x_ptr, j, inside, CDT) - _ld(ref_ptr, j, inside, CDT))
         above += tl.where(same & ((rj > ri) | ((rj == ri) & (j < i))), 1.0, 0.0)
     tl.store(out_ptr + i, 1.0 / tl.log2(2.0 + tl.sum(above, 0)))
@@ -85,7 +91,9 @@ def _group_loss_kernel(
     ref_ptr,  # (N,) compute dtype, reference log-probs (zeros: none)
     old_ptr,  # (N,) compute dtype, sampling-policy log-probs
     s_ptr,  # (N,) compute dtype, scores
-    inv_ptr,  # (N,) int64 dense group numbers
+    order_ptr,  # (N,) int64, the samples sorted by group (stable)
+    lo_ptr,  # (N,) int64, where sample i's group starts in order
+    hi_ptr,  # (N,) int64, where it ends
     disc_ptr,  # (N,) compute dtype, TPO's 1 / log2(1 + tau) (_rank_kernel; unread otherwise)
     out_ptr,  # (8, N) compute dtype, the per-sample statistics (module docstring)
     N,
@@ -99,7 +107,8 @@ def _group_loss_kernel(
     lane = tl.arange(0, BLOCK).to(tl.int64)
     b = tl.full((), beta, CDT)
     ep = tl.full((), eps, CDT)
-    gi = tl.load(inv_ptr + i)
+    lo = tl.load(lo_ptr + i)
+    hi = tl.load(hi_ptr + i)
     xi = tl.load(x_ptr + i).to(CDT)
     refi = tl.load(ref_ptr + i).to(CDT)
     oldi = tl.load(old_ptr + i).to(CDT)
@@ -116,10 +125,9 @@ def _group_loss_kernel(
     if LOSS == BRAIN:  # the group's maxima of a = ref - old + s / beta and of x - old
         amax = tl.full([BLOCK], float("-inf"), CDT)
         bmax = tl.full([BLOCK], float("-inf"), CDT)
-        for first in range(0, N, BLOCK):
-            j = first + lane
-            inside = j < N
-            same = _in_group(inv_ptr, j, inside, gi)
+        for first in range(lo, hi, BLOCK):
+            j, inside = _members(order_ptr, first + lane, hi)
+            same = inside
             oj = _ld(old_ptr, j, inside, CDT)
             aj = _ld(ref_ptr, j, inside, CDT) - oj + _ld(s_ptr, j, inside, CDT) / b
             bj = _ld(x_ptr, j, inside, CDT) - oj
@@ -129,10 +137,9 @@ def _group_loss_kernel(
         bm = tl.max(bmax, 0)
         asum = zero
         bsum = zero
-        for first in range(0, N, BLOCK):
-            j = first + lane
-            inside = j < N
-            same = _in_group(inv_ptr, j, inside, gi)
+        for first in range(lo, hi, BLOCK):
+            j, inside = _members(order_ptr, first + lane, hi)
+            same = inside
             oj = _ld(old_ptr, j, inside, CDT)
             aj = _ld(ref_ptr, j, inside, CDT) - oj + _ld(s_ptr, j, inside, CDT) / b
             bj = _ld(x_ptr, j, inside, CDT) - oj
@@ -151,10 +158,9 @@ def _group_loss_kernel(
     if LOSS == TPO:
         disc_i = tl.load(disc_ptr + i).to(CDT)
         gain_i = tl.exp2(si)
-    for first in range(0, N, BLOCK):
-        j = first + lane
-        inside = j < N
-        same = _in_group(inv_ptr, j, inside, gi) & (j != i)
+    for first in range(lo, hi, BLOCK):
+        j, inside = _members(order_ptr, first + lane, hi)
+        same = inside & (j != i)
         xj = _ld(x_ptr, j, inside, CDT)
         sj = _ld(s_ptr, j, inside, CDT)
         d = ri - b * (xj - _ld(ref_ptr, j, inside, CDT))
@@ -199,7 +205,17 @@ def _group_loss_kernel(
 
 
 def _block(n: int) -> int:
-    return max(16, min(MAX_BLOCK, triton.next_power_of_2(max(n, 1))))
+    return max(min(16, MAX_BLOCK), min(MAX_BLOCK, triton.next_power_of_2(max(n, 1))))
+
+
+def _group_layout(inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order, lo, hi): the samples sorted by group number (stable: batch order within a group) and
+    each sample's group as the positions [lo, hi) of order. One sort and two binary searches on the
+    device: no host sync, and no group size is read back."""
+    sorted_ids, order = torch.sort(inverse, stable=True)
+    lo = torch.searchsorted(sorted_ids, inverse, right=False)
+    hi = torch.searchsorted(sorted_ids, inverse, right=True)
+    return order.contiguous(), lo.contiguous(), hi.contiguous()
 
 
 def group_preference_stats(logps, ref, old, scores, inverse, loss_type, hyper):
@@ -211,13 +227,14 @@ def group_preference_stats(logps, ref, old, scores, inverse, loss_type, hyper):
     out = torch.empty((N_STATS, n), dtype=dtype, device=logps.device)
     if n == 0:
         return out
-    x, ref, old, scores, inverse = (t.contiguous() for t in (logps, ref, old, scores, inverse))
-    block = _block(n)
+    x, ref, old, scores = (t.contiguous() for t in (logps, ref, old, scores))
+    layout = _group_layout(inverse)
+    block = _block(GROUP_BLOCK)
     disc = ref  # a valid pointer; read only by TPO
     if loss_type == LOSS_TYPES.index("tpo"):
         disc = torch.empty(n, dtype=dtype, device=logps.device)
-        _rank_kernel[(n,)](x, ref, inverse, disc, n, beta, BLOCK=block)
-    _group_loss_kernel[(n,)](x, ref, old, scores, inverse, disc, out, n, beta, eps, LOSS=int(loss_type), BLOCK=block)
+        _rank_kernel[(n,)](x, ref, *layout, disc, n, beta, BLOCK=block)
+    _group_loss_kernel[(n,)](x, ref, old, scores, *layout, disc, out, n, beta, eps, LOSS=int(loss_type), BLOCK=block)
     return out
 
 
@@ -226,7 +243,9 @@ def _group_weights_kernel(
     s_ptr,  # (N,) compute dtype scores, or (N, N) the preference matrix (METHOD W_SPO_MATRIX)
     ref_ptr,  # (N,) compute dtype, reference log-probs (zeros: none)
     old_ptr,  # (N,) compute dtype, sampling-policy log-probs (zeros: none)
-    inv_ptr,  # (N,) int64 dense group numbers
+    order_ptr,  # (N,) int64, the samples sorted by group (stable)
+    lo_ptr,  # (N,) int64, where sample i's group starts in order
+    hi_ptr,  # (N,) int64, where it ends
     out_ptr,  # (N,) compute dtype
     N,
     beta: tl.float64,
@@ -237,16 +256,16 @@ def _group_weights_kernel(
     i = tl.program_id(0).to(tl.int64)
     lane = tl.arange(0, BLOCK).to(tl.int64)
     b = tl.full((), beta, CDT)
-    gi = tl.load(inv_ptr + i)
+    lo = tl.load(lo_ptr + i)
+    hi = tl.load(hi_ptr + i)
     if METHOD == W_SPO or METHOD == W_SPO_MATRIX:
         won = tl.zeros([BLOCK], CDT)
         size = tl.zeros([BLOCK], CDT)
         if METHOD == W_SPO:
             si = tl.load(s_ptr + i).to(CDT)
-        for first in range(0, N, BLOCK):
-            j = first + lane
-            inside = j < N
-            same = _in_group(inv_ptr, j, inside, gi) & (j != i)
+        for first in range(lo, hi, BLOCK):
+            j, inside = _members(order_ptr, first + lane, hi)
+            same = inside & (j != i)
             if METHOD == W_SPO:
                 sj = _ld(s_ptr, j, inside, CDT)
                 p = tl.where(si > sj, 1.0, tl.where(si == sj, 0.5, 0.0))
@@ -258,10 +277,9 @@ def _group_weights_kernel(
         tl.store(out_ptr + i, tl.where(others > 0, tl.sum(won, 0) / tl.maximum(others, 1.0), 0.5))
     else:
         top = tl.full([BLOCK], float("-inf"), CDT)
-        for first in range(0, N, BLOCK):
-            j = first + lane
-            inside = j < N
-            same = _in_group(inv_ptr, j, inside, gi)
+        for first in range(lo, hi, BLOCK):
+            j, inside = _members(order_ptr, first + lane, hi)
+            same = inside
             sj = _ld(s_ptr, j, inside, CDT)
             if METHOD == W_BRAIN:
                 sj = _ld(ref_ptr, j, inside, CDT) - _ld(old_ptr, j, inside, CDT) + sj / b
@@ -272,10 +290,9 @@ def _group_weights_kernel(
             tl.store(out_ptr + i, tl.exp((si - m) / b))
         else:
             total = tl.zeros([BLOCK], CDT)
-            for first in range(0, N, BLOCK):
-                j = first + lane
-                inside = j < N
-                same = _in_group(inv_ptr, j, inside, gi)
+            for first in range(lo, hi, BLOCK):
+                j, inside = _members(order_ptr, first + lane, hi)
+                same = inside
                 aj = _ld(ref_ptr, j, inside, CDT) - _ld(old_ptr, j, inside, CDT) + _ld(s_ptr, j, inside, CDT) / b
                 total += tl.where(same, tl.exp(aj - m), 0.0)
             ai = tl.load(ref_ptr + i).to(CDT) - tl.load(old_ptr + i).to(CDT) + si / b
@@ -288,8 +305,8 @@ def group_weights(scores, ref, old, inverse, method, beta):
     out = torch.empty(n, dtype=scores.dtype, device=scores.device)
     if n == 0:
         return out
-    _group_weights_kernel[(n,)](scores.contiguous(), ref.contiguous(), old.contiguous(), inverse.contiguous(), out,
-                                n, float(beta), METHOD=int(method), BLOCK=_block(n))
+    _group_weights_kernel[(n,)](scores.contiguous(), ref.contiguous(), old.contiguous(), *_group_layout(inverse),
+                                out, n, float(beta), METHOD=int(method), BLOCK=_block(GROUP_BLOCK))
     return out
 
 

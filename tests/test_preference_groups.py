@@ -192,8 +192,8 @@ def test_matches_the_reference(backend, loss_type, dtype):
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_many_blocks_unsorted_groups_and_defaults(backend, loss_type, monkeypatch):
-    if backend == "triton":  # 37 samples in blocks of 16: the scans carry across blocks
-        monkeypatch.setattr("rlkern.kernels.preference_groups.MAX_BLOCK", 16)
+    if backend == "triton":  # group scans in steps of 4 lanes: groups of up to 12 carry across steps
+        monkeypatch.setattr("rlkern.kernels.preference_groups.MAX_BLOCK", 4)
     x, ids, s, _, _ = _batch(n=37, seed=3)
     loss, grad, _ = _loss(x, ids, s, loss_type=loss_type)  # no ref, on-policy old
     want_loss, want_grad, _ = _oracle(x, ids, s, loss_type=loss_type)
@@ -216,8 +216,8 @@ def test_gradcheck_float64(backend, loss_type):
 @pytest.mark.parametrize("method", ["spo", "spo_matrix", "rso", "brain"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_weights_match_the_reference(backend, method, dtype, monkeypatch):
-    if backend == "triton":
-        monkeypatch.setattr("rlkern.kernels.preference_groups.MAX_BLOCK", 16)
+    if backend == "triton":  # group scans in steps of 4 lanes
+        monkeypatch.setattr("rlkern.kernels.preference_groups.MAX_BLOCK", 4)
     x, ids, s, ref, old = _batch(n=37, seed=7)
     scores = torch.rand(ids.numel(), ids.numel(), dtype=torch.float64) if method == "spo_matrix" else s * 3
     m = "spo" if method == "spo_matrix" else method
@@ -246,6 +246,18 @@ def test_no_sample_groups_of_one_and_equal_scores(backend, loss_type):
             assert loss.item() == 0.0 and not grad.any()
     assert rlkern.group_weights(torch.rand(9), alone, method="spo").eq(0.5).all()
     assert rlkern.group_weights(torch.rand(9), alone, method="rso").eq(1.0).all()
+
+
+def test_tpo_tied_rewards_rank_by_batch_order(backend):
+    # every r equal: TPO's ranks (and so lambda) come from the tie-break alone, batch order in every backend
+    ids = torch.tensor([1, 0, 1, 0, 1, 1, 0])
+    s = torch.tensor([0.0, 2.0, 1.0, 0.5, 3.0, 2.0, 1.0], dtype=torch.float64)
+    x = torch.full((7,), -3.0, dtype=torch.float64)
+    loss, grad, _ = _loss(x, ids, s, loss_type="tpo", beta=0.5)
+    want_loss, want_grad, _ = _oracle(x, ids, s, loss_type="tpo", beta=0.5)
+    torch.testing.assert_close(loss, want_loss.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-14)
+    assert loss.item() > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -317,17 +329,18 @@ def test_opcheck_and_compile():
 def test_triton_kernels_compile_for_sm90():
     compile_for_sm90("""
 from rlkern.kernels import preference_groups as k
+layout = {"order_ptr": "*i64", "lo_ptr": "*i64", "hi_ptr": "*i64"}
 for fp64, dt in ((False, "bf16"), (False, "fp32"), (True, "fp64")):
     c = "*fp64" if fp64 else "*fp32"
-    build(k._rank_kernel, {"x_ptr": "*" + dt, "ref_ptr": c, "inv_ptr": "*i64", "out_ptr": c, "N": "i32",
-                           "beta": "fp64"}, {"BLOCK": 128})
+    build(k._rank_kernel, {"x_ptr": "*" + dt, "ref_ptr": c, **layout, "out_ptr": c, "N": "i32", "beta": "fp64"},
+          {"BLOCK": 64})
     for loss in range(4):
-        build(k._group_loss_kernel, {"x_ptr": "*" + dt, "ref_ptr": c, "old_ptr": c, "s_ptr": c, "inv_ptr": "*i64",
+        build(k._group_loss_kernel, {"x_ptr": "*" + dt, "ref_ptr": c, "old_ptr": c, "s_ptr": c, **layout,
                                      "disc_ptr": c, "out_ptr": c, "N": "i32", "beta": "fp64", "eps": "fp64"},
-              {"LOSS": loss, "BLOCK": 128})
+              {"LOSS": loss, "BLOCK": 64})
     for method in range(4):
-        build(k._group_weights_kernel, {"s_ptr": c, "ref_ptr": c, "old_ptr": c, "inv_ptr": "*i64", "out_ptr": c,
-                                        "N": "i32", "beta": "fp64"}, {"METHOD": method, "BLOCK": 128})
+        build(k._group_weights_kernel, {"s_ptr": c, "ref_ptr": c, "old_ptr": c, **layout, "out_ptr": c, "N": "i32",
+                                        "beta": "fp64"}, {"METHOD": method, "BLOCK": 64})
 print("ok")
 """)
 
