@@ -272,6 +272,21 @@ def test_half_inputs_compute_in_float32(backend, dtype):
         torch.testing.assert_close(grad.double(), want_grad.to(dtype).double(), rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_every_dtype_runs_a_kernel(backend, dtype, kernels_only):
+    if backend == "torch":
+        pytest.skip("the reference is the torch backend")
+    x, ids, s, ref, old = _batch(n=9, seed=1)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    for loss_type in LOSS_TYPES:
+        loss, grad, _ = _loss((x / 10).to(dtype), ids, s, ref.to(compute) / 10, old.to(compute) / 10,
+                              loss_type=loss_type)
+        assert loss.dtype == compute and grad.dtype == dtype
+    assert rlkern.group_weights(s.to(compute), ids, method="rso").dtype == compute
+    srpo, _ = rlkern.srpo_loss(torch.zeros(2, 6, dtype=dtype), torch.zeros(2, 6, dtype=compute))
+    assert srpo.dtype == compute
+
+
 def test_string_group_ids_and_numpy():
     np = pytest.importorskip("numpy")
     x, ids, s, ref, old = _batch(seed=6)

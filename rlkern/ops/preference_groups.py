@@ -2,14 +2,16 @@
 weights of the research-list papers whose math runs over all responses of a prompt rather than
 over one (chosen, rejected) pair (issue 18; the pair losses are rlkern/ops/preference.py's).
 
-``group_preference_loss`` (a ``loss_type`` per paper: TPO, P3O, TRPA, BRAIn) and
+``group_preference_loss`` (a ``loss_type`` per paper: TPO, P3O, TRPA, BRAIn),
 ``group_weights`` (a ``method`` per paper: SPO's win rates, RSO's acceptance probabilities,
-BRAIn's posterior weights). Samples are grouped by ``group_ids`` as the outcome ops group them
-(rlkern/ops/advantages/groups.py). Backends (same arguments, same outputs): the C++ kernels
-(csrc/preference_groups.cpp, CPU), the Triton kernels (kernels/preference_groups.py, GPU) and the
-reference (rlkern/reference/preference_groups.py, differentiated by torch.func.vjp). The kernels
-compute per-sample statistics (each sample's share of the loss, its derivative gathered over the
-pairs it is in, its pair counts) in one pass; ``_finish`` reduces them, the same for both.
+BRAIn's posterior weights) and ``srpo_loss`` (SRPO: a preference pair with the model's revisions
+of either response, six log-probs per pair). Samples are grouped by ``group_ids`` as the outcome
+ops group them (rlkern/ops/advantages/groups.py). Backends (same arguments, same outputs): the C++
+kernels (csrc/preference_groups.cpp, CPU), the Triton kernels (kernels/preference_groups.py, GPU)
+and the reference (rlkern/reference/preference_groups.py, differentiated by torch.func.vjp). The
+group loss kernels compute per-sample statistics (each sample's share of the loss, its derivative
+gathered over the pairs it is in, its pair counts) in one pass; ``_finish`` reduces them, the
+same for both.
 """
 
 from __future__ import annotations
