@@ -200,8 +200,10 @@ def group_preference_loss(logps: Tensor, group_ids, scores: Tensor, ref_logps: T
       levels the caller's rules give) differ, each a DPO-style term, plus the KL trust region:
       ``L = mean over pairs s_i > s_j of -log sigmoid(r_i - r_j) + kl_coef * mean over samples
       of k3``, ``k3 = e^(ref - x) - (ref - x) - 1`` (KL(pi || pi_ref) estimated on the sampled
-      sequences; ``ref_logps`` is the trust region's centre, the previous policy or the
-      reference). kl_coef (0.01) is our default, not the paper's.
+      sequences, ``rlkern.kl_penalty``'s ``k3_unclamped``; ``ref_logps`` is the trust region's
+      centre, the previous policy or the reference). kl_coef (0.01) is our default, not the
+      paper's; the pair construction and the KL term follow the paper's description, its exact
+      equations could not be checked here.
     - ``"brain"``: BRAIn, "BRAIn: Bayesian Reward-conditioned Amortized Inference for natural
       language generation from feedback" (Pandey et al., ICML 2024): the posterior
       p(y | x, good) ∝ pi_ref(y | x) exp(s(x, y) / beta) over the group's samples from the
