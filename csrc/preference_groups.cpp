@@ -13,6 +13,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -32,6 +33,7 @@ using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
 enum LossType { TPO, P3O, TRPA, BRAIN, N_LOSS_TYPES };
 enum Method { W_SPO, W_RSO, W_BRAIN, W_SPO_MATRIX };
 constexpr int N_STATS = 8;
+constexpr int64_t kGroupGrain = 64;  // groups per parallel task: a group is a few to a few dozen samples
 
 using rlkern::sigmoid;
 using rlkern::softplus;
@@ -86,82 +88,85 @@ void stats_kernel(const at::Tensor& logps, const at::Tensor& ref, const at::Tens
     r[i] = beta * (T(x[i]) - rf[i]);
     xo[i] = T(x[i]) - ol[i];
   }
-  for (int64_t g = 0; g < n; ++g) {
-    const int64_t lo = b.start[g], hi = b.start[g + 1], size = hi - lo;
-    if (size == 0) continue;
-    const int64_t* m = b.members.data() + lo;
-    if (loss_type == TPO) {  // aux: 1 / log2(1 + tau), tau the descending rank of r (ties: batch order)
-      for (int64_t a = 0; a < size; ++a) {
-        int64_t above = 0;
-        for (int64_t c = 0; c < size; ++c)
-          above += r[m[c]] > r[m[a]] || (r[m[c]] == r[m[a]] && c < a);
-        aux[m[a]] = T(1) / std::log2(T(2 + above));
-      }
-    }
-    T amax = -std::numeric_limits<T>::infinity(), bmax = amax;
-    double asum = 0, bsum = 0;
-    if (loss_type == BRAIN) {  // the group's log-sum-exps of the posterior weights and of e^(x - old)
-      for (int64_t a = 0; a < size; ++a) {
-        const int64_t i = m[a];
-        aux[i] = rf[i] - ol[i] + sc[i] / beta;
-        amax = std::max(amax, aux[i]);
-        bmax = std::max(bmax, xo[i]);
-      }
-      for (int64_t a = 0; a < size; ++a) {
-        asum += std::exp(double(aux[m[a]] - amax));
-        bsum += std::exp(double(xo[m[a]] - bmax));
-      }
-    }
-    for (int64_t a = 0; a < size; ++a) {
-      const int64_t i = m[a];
-      double loss = 0, grad = 0;
-      int64_t wins = 0, right = 0, clipped = 0;
-      for (int64_t c = 0; c < size; ++c) {
-        const int64_t j = m[c];
-        if (j == i) continue;
-        const bool win = sc[i] > sc[j], lose = sc[j] > sc[i];
-        const T d = r[i] - r[j];
-        wins += win;
-        right += win && d > 0;
-        if (loss_type == TPO || loss_type == TRPA) {
-          T lam = T(1);
-          if (loss_type == TPO) lam = std::abs(std::exp2(sc[i]) - std::exp2(sc[j])) * std::abs(aux[i] - aux[j]);
-          if (win) {
-            loss += double(lam * softplus(-d));
-            grad -= double(lam * beta * sigmoid(-d));
-          } else if (lose) {
-            grad += double(lam * beta * sigmoid(d));
-          }
-        } else if (loss_type == P3O) {
-          const T adv = sc[i] - sc[j];
-          T dij, dji;
-          bool cij, cji;
-          loss += double(p3o_term(adv, xo[i] - xo[j], eps, dij, cij));
-          p3o_term(-adv, xo[j] - xo[i], eps, dji, cji);
-          grad += double(dij) - double(dji);
-          clipped += cij;
+  // groups in parallel: each writes only its own members' outputs and aux entries
+  at::parallel_for(0, n, kGroupGrain, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t lo = b.start[g], hi = b.start[g + 1], size = hi - lo;
+      if (size == 0) continue;
+      const int64_t* m = b.members.data() + lo;
+      if (loss_type == TPO) {  // aux: 1 / log2(1 + tau), tau the descending rank of r (ties: batch order)
+        for (int64_t a = 0; a < size; ++a) {
+          int64_t above = 0;
+          for (int64_t c = 0; c < size; ++c)
+            above += r[m[c]] > r[m[a]] || (r[m[c]] == r[m[a]] && c < a);
+          aux[m[a]] = T(1) / std::log2(T(2 + above));
         }
       }
-      if (loss_type == BRAIN) {
-        const double alpha = std::exp(double(aux[i] - amax)) / asum;
-        const double base = std::exp(double(xo[i] - bmax)) / bsum;
-        loss = -alpha * double(x[i]) + (double(bmax) + std::log(bsum) - std::log(double(size))) / double(size);
-        grad = base - alpha;
+      T amax = -std::numeric_limits<T>::infinity(), bmax = amax;
+      double asum = 0, bsum = 0;
+      if (loss_type == BRAIN) {  // the group's log-sum-exps of the posterior weights and of e^(x - old)
+        for (int64_t a = 0; a < size; ++a) {
+          const int64_t i = m[a];
+          aux[i] = rf[i] - ol[i] + sc[i] / beta;
+          amax = std::max(amax, aux[i]);
+          bmax = std::max(bmax, xo[i]);
+        }
+        for (int64_t a = 0; a < size; ++a) {
+          asum += std::exp(double(aux[m[a]] - amax));
+          bsum += std::exp(double(xo[m[a]] - bmax));
+        }
       }
-      o[i] = T(loss);
-      o[n + i] = T(grad);
-      o[2 * n + i] = T(size - 1);
-      o[3 * n + i] = T(wins);
-      o[4 * n + i] = T(right);
-      o[5 * n + i] = T(clipped);
-      if (loss_type == TRPA) {  // k3 = e^(ref - x) - (ref - x) - 1 and its derivative 1 - e^(ref - x)
-        const T lr = rf[i] - T(x[i]);
-        const T e = std::exp(lr);
-        o[6 * n + i] = e - lr - T(1);
-        o[7 * n + i] = T(1) - e;
+      for (int64_t a = 0; a < size; ++a) {
+        const int64_t i = m[a];
+        double loss = 0, grad = 0;
+        int64_t wins = 0, right = 0, clipped = 0;
+        for (int64_t c = 0; c < size; ++c) {
+          const int64_t j = m[c];
+          if (j == i) continue;
+          const bool win = sc[i] > sc[j], lose = sc[j] > sc[i];
+          const T d = r[i] - r[j];
+          wins += win;
+          right += win && d > 0;
+          if (loss_type == TPO || loss_type == TRPA) {
+            T lam = T(1);
+            if (loss_type == TPO) lam = std::abs(std::exp2(sc[i]) - std::exp2(sc[j])) * std::abs(aux[i] - aux[j]);
+            if (win) {
+              loss += double(lam * softplus(-d));
+              grad -= double(lam * beta * sigmoid(-d));
+            } else if (lose) {
+              grad += double(lam * beta * sigmoid(d));
+            }
+          } else if (loss_type == P3O) {
+            const T adv = sc[i] - sc[j];
+            T dij, dji;
+            bool cij, cji;
+            loss += double(p3o_term(adv, xo[i] - xo[j], eps, dij, cij));
+            p3o_term(-adv, xo[j] - xo[i], eps, dji, cji);
+            grad += double(dij) - double(dji);
+            clipped += cij;
+          }
+        }
+        if (loss_type == BRAIN) {
+          const double alpha = std::exp(double(aux[i] - amax)) / asum;
+          const double base = std::exp(double(xo[i] - bmax)) / bsum;
+          loss = -alpha * double(x[i]) + (double(bmax) + std::log(bsum) - std::log(double(size))) / double(size);
+          grad = base - alpha;
+        }
+        o[i] = T(loss);
+        o[n + i] = T(grad);
+        o[2 * n + i] = T(size - 1);
+        o[3 * n + i] = T(wins);
+        o[4 * n + i] = T(right);
+        o[5 * n + i] = T(clipped);
+        if (loss_type == TRPA) {  // k3 = e^(ref - x) - (ref - x) - 1 and its derivative 1 - e^(ref - x)
+          const T lr = rf[i] - T(x[i]);
+          const T e = std::exp(lr);
+          o[6 * n + i] = e - lr - T(1);
+          o[7 * n + i] = T(1) - e;
+        }
       }
     }
-  }
+  });
 }
 
 void check_aux(const at::Tensor& t, int64_t n, at::ScalarType acc, const char* name) {
@@ -206,39 +211,41 @@ template <typename T>
 void weights_kernel(const T* sc, const T* rf, const T* ol, const int64_t* inv, int64_t n, int64_t method, T beta,
                     T* out) {
   const Buckets b = bucket(inv, n);
-  for (int64_t g = 0; g < n; ++g) {
-    const int64_t lo = b.start[g], hi = b.start[g + 1], size = hi - lo;
-    if (size == 0) continue;
-    const int64_t* m = b.members.data() + lo;
-    if (method == W_SPO || method == W_SPO_MATRIX) {
+  at::parallel_for(0, n, kGroupGrain, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t lo = b.start[g], hi = b.start[g + 1], size = hi - lo;
+      if (size == 0) continue;
+      const int64_t* m = b.members.data() + lo;
+      if (method == W_SPO || method == W_SPO_MATRIX) {
+        for (int64_t a = 0; a < size; ++a) {
+          const int64_t i = m[a];
+          double won = 0;
+          for (int64_t c = 0; c < size; ++c) {
+            const int64_t j = m[c];
+            if (j == i) continue;
+            won += method == W_SPO_MATRIX ? double(sc[i * n + j]) : sc[i] > sc[j] ? 1.0 : sc[i] == sc[j] ? 0.5 : 0.0;
+          }
+          out[i] = size > 1 ? T(won / double(size - 1)) : T(0.5);
+        }
+        continue;
+      }
+      // rso: exp((s - max s) / beta); brain: softmax of ref - old + s / beta
+      T top = -std::numeric_limits<T>::infinity();
       for (int64_t a = 0; a < size; ++a) {
         const int64_t i = m[a];
-        double won = 0;
-        for (int64_t c = 0; c < size; ++c) {
-          const int64_t j = m[c];
-          if (j == i) continue;
-          won += method == W_SPO_MATRIX ? double(sc[i * n + j]) : sc[i] > sc[j] ? 1.0 : sc[i] == sc[j] ? 0.5 : 0.0;
-        }
-        out[i] = size > 1 ? T(won / double(size - 1)) : T(0.5);
+        top = std::max(top, method == W_RSO ? sc[i] : rf[i] - ol[i] + sc[i] / beta);
       }
-      continue;
+      double sum = 0;
+      for (int64_t a = 0; a < size; ++a) {
+        const int64_t i = m[a];
+        const T v = method == W_RSO ? (sc[i] - top) / beta : rf[i] - ol[i] + sc[i] / beta - top;
+        out[i] = std::exp(v);
+        sum += double(out[i]);
+      }
+      if (method == W_BRAIN)
+        for (int64_t a = 0; a < size; ++a) out[m[a]] = T(double(out[m[a]]) / sum);
     }
-    // rso: exp((s - max s) / beta); brain: softmax of ref - old + s / beta
-    T top = -std::numeric_limits<T>::infinity();
-    for (int64_t a = 0; a < size; ++a) {
-      const int64_t i = m[a];
-      top = std::max(top, method == W_RSO ? sc[i] : rf[i] - ol[i] + sc[i] / beta);
-    }
-    double sum = 0;
-    for (int64_t a = 0; a < size; ++a) {
-      const int64_t i = m[a];
-      const T v = method == W_RSO ? (sc[i] - top) / beta : rf[i] - ol[i] + sc[i] / beta - top;
-      out[i] = std::exp(v);
-      sum += double(out[i]);
-    }
-    if (method == W_BRAIN)
-      for (int64_t a = 0; a < size; ++a) out[m[a]] = T(double(out[m[a]]) / sum);
-  }
+  });
 }
 
 at::Tensor group_weights_cpu(const at::Tensor& scores, const at::Tensor& ref, const at::Tensor& old,

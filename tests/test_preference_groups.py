@@ -260,6 +260,26 @@ def test_tpo_tied_rewards_rank_by_batch_order(backend):
     assert loss.item() > 0
 
 
+def test_cpp_groups_in_parallel_match_the_reference():
+    # 150 groups: more than one parallel task of 64 groups, on two threads
+    g = torch.Generator().manual_seed(21)
+    ids = torch.randint(0, 150, (600,), generator=g)
+    x = -torch.rand(600, generator=g, dtype=torch.float64) * 20
+    s = torch.randint(0, 4, (600,), generator=g).double()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = [_loss(x, ids, s, x + 1, loss_type=t) for t in LOSS_TYPES]
+        weights = rlkern.group_weights(s, ids, method="spo")
+    finally:
+        torch.set_num_threads(threads)
+    for loss_type, (loss, grad, _) in zip(LOSS_TYPES, got):
+        want_loss, want_grad, _ = _oracle(x, ids, s, x + 1, loss_type=loss_type)
+        torch.testing.assert_close(loss, want_loss.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(weights, reference.group_weights(s, rlkern.group_index(ids), method="spo", beta=0.1))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_compute_in_float32(backend, dtype):
     x, ids, s, ref, old = _batch(seed=4)
