@@ -29,9 +29,9 @@ template <typename S>
 using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
 // Loss type codes: LOSS_TYPES in rlkern/reference/preference_groups.py; weight methods: WEIGHT_METHODS
-// there, with SPO_MATRIX for spo given a preference matrix.
+// there, with W_WIN_RATE_MATRIX for win_rate given a preference matrix.
 enum LossType { TPO, P3O, TRPA, BRAIN, N_LOSS_TYPES };
-enum Method { W_SPO, W_RSO, W_BRAIN, W_SPO_MATRIX };
+enum Method { W_WIN_RATE, W_RSO, W_BRAIN, W_WIN_RATE_MATRIX };
 constexpr int N_STATS = 8;
 constexpr int64_t kGroupGrain = 64;  // groups per parallel task: a group is a few to a few dozen samples
 
@@ -205,7 +205,7 @@ at::Tensor group_preference_stats_meta(const at::Tensor& logps, const at::Tensor
   return at::empty({N_STATS, logps.size(0)}, logps.options().dtype(acc));
 }
 
-// group_weights: scores [N] (or the [N, N] preference matrix with W_SPO_MATRIX), ref / old [N] in the
+// group_weights: scores [N] (or the [N, N] preference matrix with W_WIN_RATE_MATRIX), ref / old [N] in the
 // compute type (zeros when the caller has none).
 template <typename T>
 void weights_kernel(const T* sc, const T* rf, const T* ol, const int64_t* inv, int64_t n, int64_t method, T beta,
@@ -216,14 +216,17 @@ void weights_kernel(const T* sc, const T* rf, const T* ol, const int64_t* inv, i
       const int64_t lo = b.start[g], hi = b.start[g + 1], size = hi - lo;
       if (size == 0) continue;
       const int64_t* m = b.members.data() + lo;
-      if (method == W_SPO || method == W_SPO_MATRIX) {
+      if (method == W_WIN_RATE || method == W_WIN_RATE_MATRIX) {
         for (int64_t a = 0; a < size; ++a) {
           const int64_t i = m[a];
           double won = 0;
           for (int64_t c = 0; c < size; ++c) {
             const int64_t j = m[c];
             if (j == i) continue;
-            won += method == W_SPO_MATRIX ? double(sc[i * n + j]) : sc[i] > sc[j] ? 1.0 : sc[i] == sc[j] ? 0.5 : 0.0;
+            won += method == W_WIN_RATE_MATRIX ? double(sc[i * n + j])
+                   : sc[i] > sc[j]              ? 1.0
+                   : sc[i] == sc[j]             ? 0.5
+                                                : 0.0;
           }
           out[i] = size > 1 ? T(won / double(size - 1)) : T(0.5);
         }
@@ -251,10 +254,10 @@ void weights_kernel(const T* sc, const T* rf, const T* ol, const int64_t* inv, i
 at::Tensor group_weights_cpu(const at::Tensor& scores, const at::Tensor& ref, const at::Tensor& old,
                              const at::Tensor& inverse, int64_t method, double beta) {
   const int64_t n = inverse.numel();
-  TORCH_CHECK_VALUE(method >= W_SPO && method <= W_SPO_MATRIX, "group_weights: unknown method code ", method);
+  TORCH_CHECK_VALUE(method >= W_WIN_RATE && method <= W_WIN_RATE_MATRIX, "group_weights: unknown method code ", method);
   TORCH_CHECK_VALUE(inverse.dim() == 1 && inverse.scalar_type() == at::kLong, "group_weights: group numbers must be "
                     "int64 [N]");
-  TORCH_CHECK_VALUE(method == W_SPO_MATRIX ? scores.sizes() == at::IntArrayRef({n, n}) : scores.sizes() ==
+  TORCH_CHECK_VALUE(method == W_WIN_RATE_MATRIX ? scores.sizes() == at::IntArrayRef({n, n}) : scores.sizes() ==
                     at::IntArrayRef({n}), "group_weights: scores has shape ", scores.sizes());
   const at::ScalarType acc = scores.scalar_type();
   TORCH_CHECK_TYPE(acc == at::kFloat || acc == at::kDouble, "group_weights: scores must be float32/float64");

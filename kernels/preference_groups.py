@@ -30,8 +30,8 @@ MAX_BLOCK = 1024
 GROUP_BLOCK = 64  # lanes per step of a group scan: a prompt's responses are a few to a few dozen
 N_STATS = 8
 TPO, P3O, TRPA, BRAIN = (tl.constexpr(LOSS_TYPES.index(t)) for t in ("tpo", "p3o", "trpa", "brain"))
-W_SPO, W_RSO, W_BRAIN = (tl.constexpr(WEIGHT_METHODS.index(m)) for m in ("spo", "rso", "brain"))
-W_SPO_MATRIX = tl.constexpr(len(WEIGHT_METHODS))  # spo with the caller's [N, N] preference matrix
+W_WIN_RATE, W_RSO, W_BRAIN = (tl.constexpr(WEIGHT_METHODS.index(m)) for m in ("win_rate", "rso", "brain"))
+W_WIN_RATE_MATRIX = tl.constexpr(len(WEIGHT_METHODS))  # win_rate with the caller's [N, N] preference matrix
 
 
 @triton.jit
@@ -240,7 +240,7 @@ def group_preference_stats(logps, ref, old, scores, inverse, loss_type, hyper):
 
 @triton.jit
 def _group_weights_kernel(
-    s_ptr,  # (N,) compute dtype scores, or (N, N) the preference matrix (METHOD W_SPO_MATRIX)
+    s_ptr,  # (N,) compute dtype scores, or (N, N) the preference matrix (METHOD W_WIN_RATE_MATRIX)
     ref_ptr,  # (N,) compute dtype, reference log-probs (zeros: none)
     old_ptr,  # (N,) compute dtype, sampling-policy log-probs (zeros: none)
     order_ptr,  # (N,) int64, the samples sorted by group (stable)
@@ -258,15 +258,15 @@ def _group_weights_kernel(
     b = tl.full((), beta, CDT)
     lo = tl.load(lo_ptr + i)
     hi = tl.load(hi_ptr + i)
-    if METHOD == W_SPO or METHOD == W_SPO_MATRIX:
+    if METHOD == W_WIN_RATE or METHOD == W_WIN_RATE_MATRIX:
         won = tl.zeros([BLOCK], CDT)
         size = tl.zeros([BLOCK], CDT)
-        if METHOD == W_SPO:
+        if METHOD == W_WIN_RATE:
             si = tl.load(s_ptr + i).to(CDT)
         for first in range(lo, hi, BLOCK):
             j, inside = _members(order_ptr, first + lane, hi)
             same = inside & (j != i)
-            if METHOD == W_SPO:
+            if METHOD == W_WIN_RATE:
                 sj = _ld(s_ptr, j, inside, CDT)
                 p = tl.where(si > sj, 1.0, tl.where(si == sj, 0.5, 0.0))
             else:

@@ -99,7 +99,7 @@ def _bad_calls():
         "kto_loss": lambda: rlkern.kto_loss(s, s, s > 0, loss_type="bco"),
         "bco_loss": lambda: rlkern.bco_loss(s, s, s > 0, torch.zeros(2)),
         "group_preference_loss": lambda: rlkern.group_preference_loss(s, ids, s, loss_type="dpo"),
-        "group_weights": lambda: rlkern.group_weights(s, ids, method="win_rate"),
+        "group_weights": lambda: rlkern.group_weights(s, ids, method="winrate"),
         "srpo_loss": lambda: rlkern.srpo_loss(s, s),
         "kl_penalty": lambda: rlkern.kl_penalty(x, x, kl_estimator="k4"),
         "aggregate": lambda: rlkern.aggregate(x, m, dp_size=2.5),

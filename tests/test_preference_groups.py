@@ -138,12 +138,12 @@ def test_brain_by_hand(backend):
 
 def test_spo_win_rates_by_hand(backend):
     s = torch.tensor([3.0, 1.0, 3.0, 0.0, 9.0])
-    w = rlkern.group_weights(s, ["a", "a", "a", "a", "b"], method="spo")
+    w = rlkern.group_weights(s, ["a", "a", "a", "a", "b"], method="win_rate")
     assert w.tolist() == pytest.approx([2.5 / 3, 1 / 3, 2.5 / 3, 0.0, 0.5], rel=1e-6)
     # a judge's matrix P[i, j] = P(i beats j), intransitive (0 > 1 > 2 > 0); row 3 is another prompt
     p = torch.tensor([[0.5, 0.9, 0.2, 0.7], [0.1, 0.5, 0.8, 0.7], [0.8, 0.2, 0.5, 0.7], [0.3, 0.3, 0.3, 0.5]],
                      dtype=torch.float64)
-    w = rlkern.group_weights(p, [0, 0, 0, 1], method="spo")
+    w = rlkern.group_weights(p, [0, 0, 0, 1], method="win_rate")
     assert w.tolist() == pytest.approx([(0.9 + 0.2) / 2, (0.1 + 0.8) / 2, (0.8 + 0.2) / 2, 0.5], rel=1e-12)
 
 
@@ -213,14 +213,14 @@ def test_gradcheck_float64(backend, loss_type):
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("method", ["spo", "spo_matrix", "rso", "brain"])
+@pytest.mark.parametrize("method", ["win_rate", "win_rate_matrix", "rso", "brain"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_weights_match_the_reference(backend, method, dtype, monkeypatch):
     if backend == "triton":  # group scans in steps of 4 lanes
         monkeypatch.setattr("rlkern.kernels.preference_groups.MAX_BLOCK", 4)
     x, ids, s, ref, old = _batch(n=37, seed=7)
-    scores = torch.rand(ids.numel(), ids.numel(), dtype=torch.float64) if method == "spo_matrix" else s * 3
-    m = "spo" if method == "spo_matrix" else method
+    scores = torch.rand(ids.numel(), ids.numel(), dtype=torch.float64) if method == "win_rate_matrix" else s * 3
+    m = "win_rate" if method == "win_rate_matrix" else method
     w = rlkern.group_weights(scores.to(dtype), ids, ref.to(dtype), old.to(dtype), method=m, beta=0.7)
     want = reference.group_weights(scores.to(dtype), rlkern.group_index(ids), ref.to(dtype), old.to(dtype), method=m,
                                    beta=0.7)
@@ -233,7 +233,7 @@ def test_no_sample_groups_of_one_and_equal_scores(backend, loss_type):
     empty = torch.zeros(0, dtype=torch.float64)
     loss, grad, metrics = _loss(empty, torch.zeros(0, dtype=torch.int64), empty, loss_type=loss_type)
     assert loss.item() == 0.0 and grad.shape == (0,) and all(v.item() == 0.0 for v in metrics.values())
-    assert rlkern.group_weights(empty, [], method="spo").shape == (0,)
+    assert rlkern.group_weights(empty, [], method="win_rate").shape == (0,)
     x, _, _, ref, _ = _batch(n=9, seed=2)
     alone = torch.arange(9)
     equal = torch.full((9,), 0.5, dtype=torch.float64)
@@ -244,7 +244,7 @@ def test_no_sample_groups_of_one_and_equal_scores(backend, loss_type):
         torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
         if loss_type in ("tpo", "p3o"):  # no pair with a score difference: nothing to learn
             assert loss.item() == 0.0 and not grad.any()
-    assert rlkern.group_weights(torch.rand(9), alone, method="spo").eq(0.5).all()
+    assert rlkern.group_weights(torch.rand(9), alone, method="win_rate").eq(0.5).all()
     assert rlkern.group_weights(torch.rand(9), alone, method="rso").eq(1.0).all()
 
 
@@ -270,14 +270,15 @@ def test_cpp_groups_in_parallel_match_the_reference():
     torch.set_num_threads(2)
     try:
         got = [_loss(x, ids, s, x + 1, loss_type=t) for t in LOSS_TYPES]
-        weights = rlkern.group_weights(s, ids, method="spo")
+        weights = rlkern.group_weights(s, ids, method="win_rate")
     finally:
         torch.set_num_threads(threads)
     for loss_type, (loss, grad, _) in zip(LOSS_TYPES, got):
         want_loss, want_grad, _ = _oracle(x, ids, s, x + 1, loss_type=loss_type)
         torch.testing.assert_close(loss, want_loss.detach(), rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(weights, reference.group_weights(s, rlkern.group_index(ids), method="spo", beta=0.1))
+    want = reference.group_weights(s, rlkern.group_index(ids), method="win_rate", beta=0.1)
+    torch.testing.assert_close(weights, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -396,7 +397,7 @@ def test_triton_on_cuda_matches_the_reference(dtype):
                                    **(tol if dtype != torch.bfloat16 else dict(rtol=1e-2, atol=1e-4)))
         for key in METRIC_KEYS:
             torch.testing.assert_close(metrics[key].double().cpu(), want_metrics[key].double(), rtol=1e-4, atol=1e-5)
-    for method in ("spo", "rso", "brain"):
+    for method in ("win_rate", "rso", "brain"):
         w = rlkern.group_weights((s * 3).cuda(), ids.cuda(), ref.cuda(), old.cuda(), method=method, beta=0.7)
         want = reference.group_weights(s * 3, rlkern.group_index(ids), ref, old, method=method, beta=0.7)
         torch.testing.assert_close(w.cpu(), want, rtol=1e-10, atol=1e-12)

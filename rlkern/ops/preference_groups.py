@@ -275,11 +275,11 @@ def group_preference_loss(logps: Tensor, group_ids, scores: Tensor, ref_logps: T
 # Per-sample weights / rewards within a group
 
 _WOP = "group_weights"
-_SPO_MATRIX = len(WEIGHT_METHODS)  # the kernels' method code of spo with a preference matrix
+_WIN_RATE_MATRIX = len(WEIGHT_METHODS)  # the kernels' method code of win_rate with a preference matrix
 
 
 def _torch_weights(scores, ref, old, inverse, method, beta):
-    m = "spo" if method == _SPO_MATRIX else WEIGHT_METHODS[method]
+    m = "win_rate" if method == _WIN_RATE_MATRIX else WEIGHT_METHODS[method]
     return reference.group_weights(scores, inverse, ref, old, method=m, beta=beta)
 
 
@@ -303,14 +303,15 @@ def _(scores, ref, old, inverse, method, beta):
 
 
 def group_weights(scores: Tensor, group_ids, ref_logps: Tensor | None = None, old_logps: Tensor | None = None, *,
-                  method: str = "spo", beta: float = 0.1) -> Tensor:
+                  method: str = "win_rate", beta: float = 0.1) -> Tensor:
     """Per-response numbers in [0, 1] computed within each prompt's group that the training loop
     uses as a reward, a sample weight or an acceptance probability. One op: each is a function of
     the group's scores only (no gradient), with the same grouping and kernels.
 
-    - ``"spo"``: SPO, "A Minimaximalist Approach to Reinforcement Learning from Human Feedback"
-      (Swamy et al., ICML 2024): the self-play reward of each response is its win rate against
-      the other responses of its group, ``w_i = mean_{j != i in group} P(i beats j)``. ``scores``
+    - ``"win_rate"``: SPO (Self-Play Preference Optimization, not the Segment Policy Optimization
+      of ``spo_cutpoints``), "A Minimaximalist Approach to Reinforcement Learning from Human
+      Feedback" (Swamy et al., ICML 2024): the self-play reward of each response is its win rate
+      against the other responses of its group, ``w_i = mean_{j != i in group} P(i beats j)``. ``scores``
       ``[N]``: scalar scores judged pairwise, P = 1 if s_i > s_j, 1/2 if equal, 0 else (the paper's
       preference from a score, ties split); ``scores`` ``[N, N]``: the caller's preference matrix P
       (entry [i, j] = P(i beats j), e.g. a judge's pairwise verdicts or probabilities; only the
@@ -328,10 +329,10 @@ def group_weights(scores: Tensor, group_ids, ref_logps: Tensor | None = None, ol
       beta)``, summing to 1 per group (for logging, or an effective sample size).
 
     Args:
-        scores: ``[N]`` float (or ``[N, N]`` with ``method="spo"``): the responses' scores.
+        scores: ``[N]`` float (or ``[N, N]`` with ``method="win_rate"``): the responses' scores.
         group_ids: ``[N]`` the prompt of each response (as ``group_preference_loss``).
         ref_logps, old_logps: ``[N]`` float, read by brain only (None: 0).
-        method: "spo", "rso" or "brain".
+        method: "win_rate", "rso" or "brain".
         beta: rso's and brain's temperature (0.1, DPO's beta, as ``group_preference_loss``).
 
     Returns:
@@ -343,8 +344,9 @@ def group_weights(scores: Tensor, group_ids, ref_logps: Tensor | None = None, ol
                                      "old_logps": (old_logps, "float")})
     _checks.choice(_WOP, "method", method, WEIGHT_METHODS)
     matrix = scores.ndim == 2
-    if scores.ndim not in (1, 2) or (matrix and (method != "spo" or scores.shape[0] != scores.shape[1])):
-        raise ValueError(f"{_WOP}: scores must be [N] (or [N, N] with method 'spo'), got shape {tuple(scores.shape)}")
+    if scores.ndim not in (1, 2) or (matrix and (method != "win_rate" or scores.shape[0] != scores.shape[1])):
+        raise ValueError(f"{_WOP}: scores must be [N] (or [N, N] with method 'win_rate'), got shape "
+                         f"{tuple(scores.shape)}")
     n = scores.shape[0]
     _checks.tensors(_WOP, "scores", {"scores": (scores, "float"), "ref_logps": (ref_logps, "float"),
                                      "old_logps": (old_logps, "float")}, shape={"ref_logps": (n,), "old_logps": (n,)})
@@ -356,7 +358,7 @@ def group_weights(scores: Tensor, group_ids, ref_logps: Tensor | None = None, ol
         zeros = scores.new_zeros((n,), dtype=dtype)
     ref = zeros if ref_logps is None else ref_logps.detach().to(dtype).contiguous()
     old = zeros if old_logps is None else old_logps.detach().to(dtype).contiguous()
-    code = _SPO_MATRIX if matrix else WEIGHT_METHODS.index(method)
+    code = _WIN_RATE_MATRIX if matrix else WEIGHT_METHODS.index(method)
     return _weights_op(scores.detach().to(dtype).contiguous(), ref, old, inverse, code, beta)
 
 

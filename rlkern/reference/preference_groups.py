@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 LOSS_TYPES = ("tpo", "p3o", "trpa", "brain")
-WEIGHT_METHODS = ("spo", "rso", "brain")
+WEIGHT_METHODS = ("win_rate", "rso", "brain")
 METRIC_KEYS = ("rewards/mean", "pair_accuracy", "clip_fraction")
 
 
@@ -110,7 +110,7 @@ def group_weights(scores: Tensor, inverse: Tensor, ref_logps: Tensor | None = No
                   *, method: str, beta: float) -> Tensor:
     """Per sample, within its group:
 
-    - spo: the mean over the other members j of P(i beats j): ``scores`` [N] gives 1 / 0.5 / 0
+    - win_rate (SPO): the mean over the other members j of P(i beats j): ``scores`` [N] gives 1 / 0.5 / 0
       for s_i > / == / < s_j; ``scores`` [N, N] is P itself. A group of one gets 0.5.
     - rso: exp((s_i - max_group s) / beta).
     - brain: softmax_group(ref - old + s / beta) (ref, old None: 0).
@@ -121,7 +121,7 @@ def group_weights(scores: Tensor, inverse: Tensor, ref_logps: Tensor | None = No
     s_all = scores.to(torch.float64)
     for idx in _members(inverse):
         n = idx.numel()
-        if method == "spo":
+        if method == "win_rate":
             if s_all.ndim == 2:
                 p = s_all[idx][:, idx]
             else:
