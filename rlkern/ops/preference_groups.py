@@ -283,13 +283,8 @@ def _torch_weights(scores, ref, old, inverse, method, beta):
     return reference.group_weights(scores, inverse, ref, old, method=m, beta=beta)
 
 
-def _triton_weights(scores, ref, old, inverse, method, beta):
-    kernels = importlib.import_module("rlkern.kernels.preference_groups")
-    return kernels.group_weights(scores, ref, old, inverse, method, beta)
-
-
-_WEIGHTS = _backend.Kernels(_WOP, cpp="cpp_group_weights", triton=_triton_weights, torch=_torch_weights,
-                            fp64=("cpp", "triton"))
+_WEIGHTS = _backend.Kernels(_WOP, cpp="cpp_group_weights", triton="preference_groups.group_weights",
+                            torch=_torch_weights, fp64=("cpp", "triton"))
 
 
 @torch.library.custom_op("rlkern::group_weights", mutates_args=())
