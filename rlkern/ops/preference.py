@@ -24,59 +24,69 @@ LOSS_TYPES = reference.LOSS_TYPES
 METRIC_KEYS = reference.METRIC_KEYS
 
 
-def _torch_preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
-                           pair_weights, loss_types, loss_weights, hyper):
+N_HYPER = 12  # beta, ls, f-divergence code, alpha, discopop tau, alpha clamp, simpo gamma, xpo alpha, vpo alpha,
+#               inpo tau, inpo eta, cpl lambda
+
+
+def _torch_preference_loss(chosen, rejected, extra, ref_chosen, ref_rejected, aux_chosen, aux_rejected, extra_lengths,
+                           chosen_lengths, rejected_lengths, pair_weights, loss_types, loss_weights, hyper):
     """The torch backend: the reference and its vjp (works inside a custom op's kernel, where the
     dispatcher has the Autograd keys excluded)."""
-    beta, ls, fdiv, alpha, tau, clamp_max, gamma = hyper
+    beta, ls, fdiv, alpha, tau, clamp_max, gamma, xpo_alpha, vpo_alpha, inpo_tau, inpo_eta, cpl_lambda = hyper
     dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
 
-    def objective(c, r):
-        return reference.preference_loss(
-            c, r, ref_chosen, ref_rejected, loss_type=[LOSS_TYPES[t] for t in loss_types], beta=beta,
-            label_smoothing=ls, f_divergence_type=reference.F_DIVERGENCES[int(fdiv)], f_alpha_divergence_coef=alpha,
-            discopop_tau=tau, loss_weights=loss_weights, chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths, pair_weights=pair_weights, clamp_max=clamp_max, simpo_gamma=gamma)
+    def objective(c, r, e):
+        return reference.slot_loss(
+            c, r, e, ref_chosen, ref_rejected, aux_chosen, aux_rejected, extra_lengths,
+            loss_type=[LOSS_TYPES[t] for t in loss_types], beta=beta, label_smoothing=ls,
+            f_divergence_type=reference.F_DIVERGENCES[int(fdiv)], f_alpha_divergence_coef=alpha, discopop_tau=tau,
+            loss_weights=loss_weights, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+            pair_weights=pair_weights, clamp_max=clamp_max, simpo_gamma=gamma, xpo_alpha=xpo_alpha,
+            vpo_alpha=vpo_alpha, inpo_tau=inpo_tau, inpo_eta=inpo_eta, cpl_lambda=cpl_lambda)
 
-    c, r = chosen.to(dtype), rejected.to(dtype)
-    loss, vjp, metrics = torch.func.vjp(objective, c, r, has_aux=True)
-    grad_c, grad_r = vjp(torch.ones((), dtype=dtype))
+    c, r, e = chosen.to(dtype), rejected.to(dtype), extra.to(dtype)
+    loss, vjp, metrics = torch.func.vjp(objective, c, r, e, has_aux=True)
+    grad_c, grad_r, grad_e = vjp(torch.ones((), dtype=dtype))
     stacked = torch.stack([metrics[k] for k in METRIC_KEYS]).to(dtype)
-    return loss.detach().clone(), grad_c.detach().clone(), grad_r.detach().clone(), stacked
+    return (loss.detach().clone(), grad_c.detach().clone(), grad_r.detach().clone(), grad_e.detach().clone(),
+            stacked)
 
 
 _KERNELS = _backend.Kernels(_OP, cpp="cpp_preference_loss", triton="preference.preference_loss",
                             torch=_torch_preference_loss, fp64=("cpp", "triton"))
 
 
-def _preference_impl(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
-                     chosen_lengths: Tensor, rejected_lengths: Tensor, pair_weights: Tensor, loss_types: list[int],
-                     loss_weights: list[float], hyper: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _KERNELS.pick(chosen)(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
-                                 pair_weights, loss_types, loss_weights, hyper)
+def _preference_impl(chosen: Tensor, rejected: Tensor, extra: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+                     aux_chosen: Tensor, aux_rejected: Tensor, extra_lengths: Tensor, chosen_lengths: Tensor,
+                     rejected_lengths: Tensor, pair_weights: Tensor, loss_types: list[int], loss_weights: list[float],
+                     hyper: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _KERNELS.pick(chosen)(chosen, rejected, extra, ref_chosen, ref_rejected, aux_chosen, aux_rejected,
+                                 extra_lengths, chosen_lengths, rejected_lengths, pair_weights, loss_types,
+                                 loss_weights, hyper)
 
 
 _preference_op = torch.library.custom_op("rlkern::preference_loss", mutates_args=())(_preference_impl)
 
 
 @_preference_op.register_fake
-def _preference_fake(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, pair_weights,
-                     loss_types, loss_weights, hyper):
+def _preference_fake(chosen, rejected, extra, ref_chosen, ref_rejected, aux_chosen, aux_rejected, extra_lengths,
+                     chosen_lengths, rejected_lengths, pair_weights, loss_types, loss_weights, hyper):
     dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
     return (chosen.new_empty((), dtype=dtype), chosen.new_empty(chosen.shape, dtype=dtype),
-            chosen.new_empty(chosen.shape, dtype=dtype), chosen.new_empty((len(METRIC_KEYS),), dtype=dtype))
+            chosen.new_empty(chosen.shape, dtype=dtype), chosen.new_empty(chosen.shape, dtype=dtype),
+            chosen.new_empty((len(METRIC_KEYS),), dtype=dtype))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
-    ctx.save_for_backward(output[1], output[2])
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype, inputs[2].dtype)
+    ctx.save_for_backward(output[1], output[2], output[3])
 
 
-def _backward(ctx, grad_loss, _grad_c, _grad_r, _grad_metrics):
-    grad_c, grad_r = ctx.saved_tensors
+def _backward(ctx, grad_loss, _grad_c, _grad_r, _grad_e, _grad_metrics):
+    grad_c, grad_r, grad_e = ctx.saved_tensors
     g = grad_loss.to(grad_c.dtype)
-    return ((g * grad_c).to(ctx.dtypes[0]), (g * grad_r).to(ctx.dtypes[1]), None, None, None, None, None, None,
-            None, None)
+    return ((g * grad_c).to(ctx.dtypes[0]), (g * grad_r).to(ctx.dtypes[1]), (g * grad_e).to(ctx.dtypes[2]), None,
+            None, None, None, None, None, None, None, None, None, None)
 
 
 _preference_op.register_autograd(_backward, setup_context=_setup_context)
@@ -115,7 +125,15 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
                     label_smoothing: float = 0.0, f_divergence_type: str = "reverse_kl",
                     f_alpha_divergence_coef: float = 1.0, discopop_tau: float = 0.05, loss_weights=None,
                     chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
-                    pair_weights: Tensor | None = None, simpo_gamma: float = 0.5) -> tuple[Tensor, dict[str, Tensor]]:
+                    pair_weights: Tensor | None = None, simpo_gamma: float = 0.5,
+                    chosen_win_rates: Tensor | None = None, rejected_win_rates: Tensor | None = None,
+                    sampled_logps: Tensor | None = None, xpo_alpha: float = 1e-5, vpo_alpha: float = 0.1,
+                    prev_ref_chosen_logps: Tensor | None = None, prev_ref_rejected_logps: Tensor | None = None,
+                    apo_momentum: float = 0.3, iterate_chosen_logps: Tensor | None = None,
+                    iterate_rejected_logps: Tensor | None = None, inpo_tau: float = 0.1, inpo_eta: float = 0.1,
+                    cpl_lambda: float = 0.5, chosen_advantages: Tensor | None = None,
+                    rejected_advantages: Tensor | None = None, gold_logps: Tensor | None = None,
+                    gold_lengths: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """TRL 1.16's DPO loss (``DPOTrainer._compute_loss``) over per-sequence log-probs, and the
     losses of its experimental CPO (with SimPO) and ORPO trainers (reference-free).
 
@@ -163,6 +181,76 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
             (``use_weighting=True``) passes TRL's ``chosen_weights * rejected_weights``. Not with
             aot / aot_unpaired (TRL refuses: they sort the pairs).
 
+    The research list's pair losses (issue 18; loss types after orpo in LOSS_TYPES). Below,
+    lc = chosen_logps - ref_chosen_logps and lr = rejected_logps - ref_rejected_logps (the
+    reference log-probs being those of the model the paper uses as reference), c / r the policy's
+    log-probs, each formula a pair's loss (averaged over pairs, times pair_weights, like the rest):
+
+    - ``"sppo"``: "Self-Play Preference Optimization for Language Model Alignment" (SPPO),
+      ``(lc - eta * (P_c - 1/2))**2 + (lr - eta * (P_r - 1/2))**2`` with eta = 1 / beta (TRL's
+      convention) and P_c, P_r = ``chosen_win_rates``, ``rejected_win_rates``: ``[B]`` float
+      constants in [0, 1], the estimated win rates P-hat(y > pi_t) of each completion against the
+      current policy (TRL's ``sppo_hard`` is P_c = 1, P_r = 0). The reference is pi_t, the policy
+      of the previous iteration. The loop around it (the caller's): each iteration samples K
+      responses per prompt from pi_t, scores every pair with a preference model (PairRM in the
+      paper), sets P-hat(y > pi_t) = the mean of P(y > y_k) over the K samples, keeps a pair
+      (e.g. the best and the worst), trains with this loss, and makes the result pi_{t+1}.
+    - RSO ("Statistical Rejection Sampling Improves Preference Optimization") names its losses
+      sigmoid-norm, hinge-norm and hinge: sigmoid-norm ``-log sigmoid(beta * (lc - lr))`` is
+      ``"sigmoid"``; hinge-norm ``max(0, 1 - beta * (lc - lr))`` is ``"hinge"`` (TRL's hinge is
+      SLiC's on the normalized likelihood); SLiC's hinge ``max(0, 1 - beta * (c - r))`` is
+      ``"hinge"`` reference-free (no ref tensors). (TRL's ``"sigmoid_norm"`` is another loss: the
+      length-normalized sigmoid.) The rejection sampler that builds RSO's pairs is a group op,
+      not part of this loss.
+    - ``"xpo"``: "Exploratory Preference Optimization" (XPO, Algorithm 1): DPO plus the
+      exploration term, ``-log sigmoid(beta * (lc - lr)) + xpo_alpha * s`` with s =
+      ``sampled_logps``: ``[B]`` the policy's log-probs (summed, differentiable) of one response
+      per prompt sampled from the reference model (TRL's former XPOTrainer:
+      ``alpha * model_logprobs_ref.sum(1)``). In TRL's loop that reference sample is also one side
+      of the pair (the judge picks chosen between the policy's sample and the reference's): pass
+      the same tensor in both places. ``xpo_alpha``: XPOConfig's default 1e-5.
+    - ``"vpo"``: "Value-Incentivized Preference Optimization" (VPO), offline (pessimistic) sign:
+      ``-log sigmoid(beta * (lc - lr)) - vpo_alpha * beta * s`` with s = ``sampled_logps``, the
+      policy's log-probs of a response from the calibration distribution pi_cal (offline: a
+      response of the data set, e.g. the chosen one: pass chosen_logps). It is the value
+      regularizer alpha * J(r) with the DPO reward, J(r) = -beta * E_{pi_cal}[log pi / pi_ref] up
+      to a constant (the constant log pi_ref term is dropped: no gradient). Online VPO
+      (optimism) flips the sign: that is ``"xpo"`` with ``xpo_alpha = vpo_alpha * beta``.
+      ``vpo_alpha``: 0.1 (a choice; the paper tunes it).
+    - APO: "Accelerated Preference Optimization for Large Language Model Alignment", a modifier of
+      any loss type: with ``prev_ref_chosen_logps`` / ``prev_ref_rejected_logps`` (``[B]``
+      constants) the reference log-probs become Nesterov's extrapolation
+      ``(1 + apo_momentum) * ref - apo_momentum * prev_ref`` (log pi-hat_t = log pi_t +
+      alpha * (log pi_t - log pi_{t-1}), its normalizer dropped: exact for the losses of lc - lr,
+      e.g. sigmoid, hinge, ipo with equal lengths). The loop: iteration t trains pi_{t+1} from
+      the data against that reference, where ref = pi_t (the previous iterate) and prev_ref =
+      pi_{t-1} (the one before); the momentum runs across iterations. ``apo_momentum``: alpha,
+      0.3 (a choice). Its metrics are those against the extrapolated reference.
+    - ``"inpo"``: "Iterative Nash Policy Optimization" (INPO): ``(h - eta / 2)**2`` with
+      h = (c - r) - eta * tau * (ref_c - ref_r) - (1 - eta * tau) * (pi_t_c - pi_t_r), where the
+      ref tensors are pi_ref's and pi_t_c / pi_t_r = ``iterate_chosen_logps`` /
+      ``iterate_rejected_logps`` are the current iterate pi_t's (``[B]`` constants); tau =
+      ``inpo_tau`` (the KL regularization to pi_ref), eta = ``inpo_eta`` (the no-regret step);
+      0.1 each (a choice). The loop: sample two responses from pi_t, label them with the
+      preference oracle, train with this loss, pi_{t+1} is the result.
+    - ``"cpl"``: "Contrastive Prefence Learning: Learning from Human Feedback without RL" (CPL,
+      Eq. 5): ``-log sigmoid(beta * c - cpl_lambda * beta * r)``, reference-free; beta is CPL's
+      temperature alpha, ``cpl_lambda`` its conservative bias lambda (0.5). CPL's discounted sums
+      of token log-probs are the caller's summed log-probs: gamma = 1.
+    - ``"step_apo"``: Step-APO of "CPL: Critical Plan Step Learning Boosts LLM Generalization in
+      Reasoning Tasks": ``-log sigmoid(beta * (A_c * lc - A_r * lr))``, the log-ratios of the
+      chosen / rejected plan steps weighted by their MCTS advantages A_c, A_r =
+      ``chosen_advantages``, ``rejected_advantages`` (``[B]`` constants; the tree search is the
+      caller's).
+    - ``"tpo_nll"``: "Triple Preference Optimization" (TPO): the NLL of the gold response, the
+      token mean ``-sum(g) / sum(n_g)`` over the batch (one number, as sft) of ``gold_logps`` g
+      (``[B]``, summed, differentiable) and ``gold_lengths`` n_g. TPO's weight tpo_alpha is its
+      loss weight. TPO (TRL 1.16's experimental TPOTrainer, reference-free) = its preference term
+      + tpo_nll: sigmoid (with label smoothing) = ``"simpo"`` at ``simpo_gamma=0`` with lengths
+      of ones; tpo-l = ``"simpo"`` with lengths and simpo_gamma = tpo_l_gamma; hinge / ipo =
+      ``"hinge"`` / ``"ipo"`` reference-free. A new tensor, not ``"sft"``: the gold response is
+      a third completion, not the chosen one.
+
     Returns:
         ``(loss, metrics)``: the 0-dim loss (mean over pairs, float32; float64 for float64
         input) and a dict of 0-dim float32 tensors: TRL's logged ``rewards/chosen``,
@@ -172,21 +260,29 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
         (softplus for -logsigmoid; discopop's exponential in log space).
     """
     chosen, rejected = chosen_logps, rejected_logps
+    constants = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps,
+                 "pair_weights": pair_weights, "chosen_win_rates": chosen_win_rates,
+                 "rejected_win_rates": rejected_win_rates, "prev_ref_chosen_logps": prev_ref_chosen_logps,
+                 "prev_ref_rejected_logps": prev_ref_rejected_logps, "iterate_chosen_logps": iterate_chosen_logps,
+                 "iterate_rejected_logps": iterate_rejected_logps, "chosen_advantages": chosen_advantages,
+                 "rejected_advantages": rejected_advantages}
     specs = {"chosen_logps": (chosen, "float"), "rejected_logps": (rejected, "float"),
-             "ref_chosen_logps": (ref_chosen_logps, "float"), "ref_rejected_logps": (ref_rejected_logps, "float"),
+             "sampled_logps": (sampled_logps, "float"), "gold_logps": (gold_logps, "float"),
              "chosen_lengths": (chosen_lengths, "mask"), "rejected_lengths": (rejected_lengths, "mask"),
-             "pair_weights": (pair_weights, "float")}
+             "gold_lengths": (gold_lengths, "mask"), **{k: (v, "float") for k, v in constants.items()}}
     _checks.tensors(_OP, "chosen_logps", specs)
     if chosen.ndim != 1:
         raise ValueError(f"{_OP}: chosen_logps must be [B], got shape {tuple(chosen.shape)}")
     _checks.tensors(_OP, "chosen_logps", specs, shape=chosen.shape)
-    if rejected.dtype != chosen.dtype:
-        raise TypeError(f"{_OP}: rejected_logps must have chosen_logps' dtype {chosen.dtype}, got {rejected.dtype}")
-    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
-        raise ValueError(f"{_OP}: ref_chosen_logps and ref_rejected_logps must be given together (or both None for "
-                         "reference-free), got only one")
-    for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps),
-                    ("pair_weights", pair_weights)):
+    for name, t in (("rejected_logps", rejected), ("sampled_logps", sampled_logps), ("gold_logps", gold_logps)):
+        if t is not None and t.dtype != chosen.dtype:
+            raise TypeError(f"{_OP}: {name} must have chosen_logps' dtype {chosen.dtype}, got {t.dtype}")
+    for a, b in (("ref_chosen_logps", "ref_rejected_logps"), ("prev_ref_chosen_logps", "prev_ref_rejected_logps"),
+                 ("chosen_win_rates", "rejected_win_rates"), ("iterate_chosen_logps", "iterate_rejected_logps"),
+                 ("chosen_advantages", "rejected_advantages")):
+        if (constants[a] is None) != (constants[b] is None):
+            raise ValueError(f"{_OP}: {a} and {b} must be given together (or both None), got only one")
+    for name, t in constants.items():
         if t is not None and t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{_OP}: {name} requires grad, but it is a constant of the loss; compute it under "
                              "torch.no_grad() or pass .detach()")
@@ -212,39 +308,72 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
         raise ValueError(f"{_OP}: label_smoothing must be > 0 with loss_type 'exo_pair' (EXO recommends 1e-3), got 0.0")
     if "robust" in types and ls >= 0.5:
         raise ValueError(f"{_OP}: label_smoothing must be < 0.5 with loss_type 'robust', got {ls!r}")
-    free = sorted(set(types) & set(reference.AVERAGED_LOSS_TYPES))
+    free = sorted(set(types) & set(reference.REFERENCE_FREE_LOSS_TYPES))
     if free and ref_chosen_logps is not None:
-        raise ValueError(f"{_OP}: loss_type {free} is reference-free (TRL's CPO / ORPO trainers), got reference "
+        raise ValueError(f"{_OP}: loss_type {free} is reference-free (TRL's CPO / ORPO trainers, CPL), got reference "
                          "log-probs")
     gamma = _checks.number(_OP, "simpo_gamma", simpo_gamma)
+    xpo_alpha = _checks.number(_OP, "xpo_alpha", xpo_alpha)
+    vpo_alpha = _checks.number(_OP, "vpo_alpha", vpo_alpha)
+    apo_momentum = _checks.number(_OP, "apo_momentum", apo_momentum, low=0)
+    inpo_tau = _checks.number(_OP, "inpo_tau", inpo_tau, low=0)
+    inpo_eta = _checks.number(_OP, "inpo_eta", inpo_eta, low=0, low_open=True)
+    cpl_lambda = _checks.number(_OP, "cpl_lambda", cpl_lambda, low=0)
     if pair_weights is not None and {"aot", "aot_unpaired"} & set(types):
         raise ValueError(f"{_OP}: pair_weights cannot be used with aot / aot_unpaired (they sort the pairs)")
     for name, t, needed in (("chosen_lengths", chosen_lengths, {"ipo", "sigmoid_norm", "sft", "simpo", "orpo"}),
-                            ("rejected_lengths", rejected_lengths, {"ipo", "sigmoid_norm", "simpo", "orpo"})):
+                            ("rejected_lengths", rejected_lengths, {"ipo", "sigmoid_norm", "simpo", "orpo"}),
+                            ("gold_lengths", gold_lengths, {"tpo_nll"})):
         if t is None and needed & set(types):
             raise ValueError(f"{_OP}: loss_type {sorted(needed & set(types))} needs {name} (the completions' "
                              "token counts), got None")
+    # the paper loss types' tensors: each read by its loss types only, one meaning per call
+    readers = {"sampled_logps": ("xpo", "vpo"), "gold_logps": ("tpo_nll",), "gold_lengths": ("tpo_nll",),
+               "iterate_chosen_logps": ("inpo",), "chosen_win_rates": ("sppo",), "chosen_advantages": ("step_apo",)}
+    given = {"sampled_logps": sampled_logps, "gold_logps": gold_logps, "gold_lengths": gold_lengths,
+             "iterate_chosen_logps": iterate_chosen_logps, "chosen_win_rates": chosen_win_rates,
+             "chosen_advantages": chosen_advantages}
+    for name, users in readers.items():
+        if given[name] is None and set(users) & set(types):
+            raise ValueError(f"{_OP}: loss_type {sorted(set(users) & set(types))} needs {name}, got None")
+        if given[name] is not None and not set(users) & set(types):
+            raise ValueError(f"{_OP}: {name} is read by loss_type {list(users)} only, got loss_type {types}")
+    for group in ((("sppo", "inpo", "step_apo")), ("xpo", "tpo_nll"), ("vpo", "tpo_nll")):
+        if len(set(group) & set(types)) > 1:
+            raise ValueError(f"{_OP}: loss_type {sorted(set(group) & set(types))} cannot be combined in one call "
+                             "(they read different per-pair tensors); call the op once per loss type")
+    if prev_ref_chosen_logps is not None and ref_chosen_logps is None:
+        raise ValueError(f"{_OP}: prev_ref_chosen_logps (APO) needs ref_chosen_logps and ref_rejected_logps, got "
+                         "None")
 
     dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
 
-    zeros = ones = None
-    if ref_chosen_logps is None:
-        zeros = chosen.new_zeros(chosen.shape, dtype=dtype)
-    if chosen_lengths is None or rejected_lengths is None or pair_weights is None:
-        ones = chosen.new_ones(chosen.shape, dtype=dtype)
+    zeros = chosen.new_zeros(chosen.shape, dtype=dtype)
+    ones = chosen.new_ones(chosen.shape, dtype=dtype)
 
     def aux(t, default):
         if t is None:
             return default
         return t.detach().to(dtype).contiguous()
 
+    ref_c, ref_r = aux(ref_chosen_logps, zeros), aux(ref_rejected_logps, zeros)
+    if prev_ref_chosen_logps is not None:  # APO: Nesterov's extrapolated reference, constants of the loss
+        ref_c = ((1 + apo_momentum) * ref_c - apo_momentum * aux(prev_ref_chosen_logps, zeros)).contiguous()
+        ref_r = ((1 + apo_momentum) * ref_r - apo_momentum * aux(prev_ref_rejected_logps, zeros)).contiguous()
+    aux_c = aux(chosen_win_rates if "sppo" in types else iterate_chosen_logps if "inpo" in types
+                else chosen_advantages, zeros)
+    aux_r = aux(rejected_win_rates if "sppo" in types else iterate_rejected_logps if "inpo" in types
+                else rejected_advantages, zeros)
+    extra = gold_logps if "tpo_nll" in types else sampled_logps
+    if extra is None:  # the kernels read the extra slot in chosen_logps' dtype
+        extra = chosen.new_zeros(chosen.shape)
     hyper = [beta, ls, float(reference.F_DIVERGENCES.index(f_divergence_type)), alpha, tau,
-             reference.alpha_clamp(chosen.dtype), gamma]
+             reference.alpha_clamp(chosen.dtype), gamma, xpo_alpha, vpo_alpha, inpo_tau, inpo_eta, cpl_lambda]
     eager = (type(chosen) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
              and not torch._C._functorch.is_functorch_wrapped_tensor(chosen))
     op = _EagerPreferenceLoss.apply if eager else _preference_op
-    loss, _, _, metrics = op(
-        chosen, rejected, aux(ref_chosen_logps, zeros), aux(ref_rejected_logps, zeros), aux(chosen_lengths, ones),
+    loss, _, _, _, metrics = op(
+        chosen, rejected, extra, ref_c, ref_r, aux_c, aux_r, aux(gold_lengths, ones), aux(chosen_lengths, ones),
         aux(rejected_lengths, ones), aux(pair_weights, ones), [LOSS_TYPES.index(t) for t in types], weights, hyper)
     return loss, dict(zip(METRIC_KEYS, metrics.detach().to(torch.float32).unbind(0)))
 
