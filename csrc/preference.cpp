@@ -33,9 +33,10 @@ enum LossType {
 // f-divergence codes: the order of F_DIVERGENCES there.
 enum FDiv { REVERSE_KL, FORWARD_KL, JS, ALPHA };
 // Hyper-parameter list: beta, label_smoothing, f-divergence code, alpha, discopop tau, alpha clamp,
-// simpo gamma, xpo alpha, vpo alpha, inpo tau, inpo eta, cpl lambda.
-constexpr int N_HYPER = 12;
-constexpr int N_METRICS = 6;
+// simpo gamma, xpo alpha, vpo alpha, inpo tau, inpo eta, cpl lambda, AlphaPO alpha, averaged metrics flag.
+constexpr int N_HYPER = 14;
+// METRIC_KEYS, then ORPO's log_odds_ratio and log_odds_chosen (0 without orpo).
+constexpr int N_METRICS = 8;
 
 // softplus(x) = log(1 + e^x) = -logsigmoid(-x), without overflow at any |x|.
 template <typename T>
@@ -61,9 +62,21 @@ inline void softplus_sigmoid_neg(T x, T& sp, T& sg) {
 
 template <typename T>
 struct Hyper {
-  T beta, ls, alpha, tau, clamp, gamma, xpo_alpha, vpo_alpha, inpo_tau, inpo_eta, cpl_lambda;
+  T beta, ls, alpha, tau, clamp, gamma, xpo_alpha, vpo_alpha, inpo_tau, inpo_eta, cpl_lambda, alpha_po;
   int fdiv;
 };
+
+// AlphaPO's reward (1 - e^(-alpha x)) / alpha of a log-prob x and its derivative e^(-alpha x)
+// (rlkern/reference/preference.py alphapo); the identity at alpha = 0.
+template <typename T>
+inline T alphapo(T x, T alpha, T& d) {
+  if (alpha == T(0)) {
+    d = T(1);
+    return x;
+  }
+  d = std::exp(-alpha * x);
+  return -std::expm1(-alpha * x) / alpha;
+}
 
 // The research list's pair losses (rlkern/ops/preference.py docstring): a pair's loss and its
 // derivatives in the chosen, rejected and extra log-probs. c, r: the policy's log-probs; lc, lr: the
@@ -165,6 +178,10 @@ inline T pair_loss(int type, T lc, T lr, T nc, T nr, const Hyper<T>& h, T& gc, T
   T sc, dsc, sr, dsr;
   score(lc, h, sc, dsc);
   score(lr, h, sr, dsr);
+  if (h.alpha_po != T(0) && (type == SIGMOID || type == HINGE)) {  // AlphaPO on the summed log-probs
+    sc = alphapo(lc, h.alpha_po, dsc);
+    sr = alphapo(lr, h.alpha_po, dsr);
+  }
   const T beta = h.beta;
   const T x = beta * (sc - sr);
   T dx = 0;  // d loss / d x for the losses of x = beta * (sc - sr)
@@ -183,7 +200,14 @@ inline T pair_loss(int type, T lc, T lr, T nc, T nr, const Hyper<T>& h, T& gc, T
       break;
     case IPO:
     case SIGMOID_NORM: {
-      const T u = sc / nc - sr / nr;
+      T u = sc / nc - sr / nr;
+      T dac = dsc / nc, dar = dsr / nr;  // du / dlc, -du / dlr
+      if (type == IPO && h.alpha_po != T(0)) {  // AlphaPO on the averaged log-probs
+        T fa, fb;
+        u = alphapo(lc / nc, h.alpha_po, fa) - alphapo(lr / nr, h.alpha_po, fb);
+        dac = fa / nc;
+        dar = fb / nr;
+      }
       T du;
       if (type == IPO) {
         const T v = u - T(1) / (T(2) * beta);
@@ -193,8 +217,8 @@ inline T pair_loss(int type, T lc, T lr, T nc, T nr, const Hyper<T>& h, T& gc, T
         loss = softplus(-beta * u);
         du = -beta * sigmoid(-beta * u);
       }
-      gc = du * dsc / nc;
-      gr = -du * dsr / nr;
+      gc = du * dac;
+      gr = -du * dar;
       return loss;
     }
     case EXO_PAIR: {
@@ -217,11 +241,12 @@ inline T pair_loss(int type, T lc, T lr, T nc, T nr, const Hyper<T>& h, T& gc, T
       break;
     }
     case SIMPO: {  // CPO's simpo: smoothed logistic of beta * (length-averaged margin) - gamma
-      const T y = beta * (lc / nc - lr / nr) - h.gamma;
+      T fa, fb;
+      const T y = beta * (alphapo(lc / nc, h.alpha_po, fa) - alphapo(lr / nr, h.alpha_po, fb)) - h.gamma;
       loss = (T(1) - h.ls) * softplus(-y) + h.ls * softplus(y);
       const T dy = beta * smoothed_grad(y, h.ls);
-      gc = dy / nc;
-      gr = -dy / nr;
+      gc = dy * fa / nc;
+      gr = -dy * fb / nr;
       return loss;
     }
     case ORPO: {  // beta * softplus(-log odds ratio) of the length-averaged log-probs a, b
@@ -301,7 +326,8 @@ void preference_kernel(const at::Tensor& chosen, const at::Tensor& rejected, con
   T* gr = grad_r_out.data_ptr<T>();
   T* ge = grad_e_out.data_ptr<T>();
   const Hyper<T> h{T(hyper[0]), T(hyper[1]), T(hyper[3]),  T(hyper[4]),  T(hyper[5]),  T(hyper[6]),
-                   T(hyper[7]), T(hyper[8]), T(hyper[9]),  T(hyper[10]), T(hyper[11]), int(hyper[2])};
+                   T(hyper[7]), T(hyper[8]), T(hyper[9]),  T(hyper[10]), T(hyper[11]), T(hyper[12]),
+                   int(hyper[2])};
   const double inv_n = 1.0 / double(std::max<int64_t>(n, 1));
   std::fill(gc, gc + n, T(0));
   std::fill(gr, gr + n, T(0));
@@ -403,19 +429,29 @@ void preference_kernel(const at::Tensor& chosen, const at::Tensor& rejected, con
     }
   }
 
-  // simpo / orpo (reference-free): the CPO / ORPO trainers log length-averaged log-probs
-  const bool averaged = std::any_of(types.begin(), types.end(), [](int64_t t) { return t == SIMPO || t == ORPO; });
-  double m[N_METRICS] = {0, 0, 0, 0, 0, 0};
+  // simpo / orpo / a reference-free ipo: the CPO / ORPO / TPO trainers log length-averaged log-probs
+  // (the op decides: hyper[13])
+  const bool averaged = hyper[13] != 0.0;
+  const bool has_orpo = std::find(types.begin(), types.end(), int64_t(ORPO)) != types.end();
+  double m[N_METRICS] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (int64_t i = 0; i < n; ++i) {
     const T ci = averaged ? T(c[i]) / std::max(lenc[i], T(1)) : T(c[i]);
     const T ri = averaged ? T(r[i]) / std::max(lenr[i], T(1)) : T(r[i]);
-    const T cr = h.beta * (ci - rc[i]), rj = h.beta * (ri - rr[i]);
+    T unused;
+    // AlphaPO logs beta times its rewards (reference-free: the ref slots are 0)
+    const T cr = h.beta * alphapo(ci - rc[i], h.alpha_po, unused);
+    const T rj = h.beta * alphapo(ri - rr[i], h.alpha_po, unused);
     m[0] += cr;
     m[1] += rj;
     m[2] += cr - rj;
     m[3] += cr > rj ? 1.0 : 0.0;
     m[4] += ci;
     m[5] += ri;
+    if (has_orpo) {  // ORPO's log odds ratio of the averaged log-probs
+      const T lo = (ci - ri) - (log1mexp(ci) - log1mexp(ri));
+      m[6] -= softplus(-lo);
+      m[7] += lo;
+    }
   }
   T* mo = metrics_out.data_ptr<T>();
   for (int k = 0; k < N_METRICS; ++k) mo[k] = T(m[k] * inv_n);

@@ -64,6 +64,12 @@ def _log1mexp(x):
 
 
 @triton.jit
+def _alphapo(x, a):
+    """AlphaPO's reward (1 - e^(-a x)) / a and its derivative e^(-a x) (a != 0; the reference's alphapo)."""
+    return -_expm1(-a * x) / a, tl.exp(-a * x)
+
+
+@triton.jit
 def _sigmoid(x):
     e = tl.exp(-tl.abs(x))
     return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
@@ -112,7 +118,7 @@ def _preference_kernel(
     gc_ptr,  # (B,) compute dtype, d loss / d chosen
     gr_ptr,  # (B,) compute dtype, d loss / d rejected
     ge_ptr,  # (B,) compute dtype, d loss / d extra
-    met_ptr,  # (6,) compute dtype, the metrics in METRIC_KEYS order
+    met_ptr,  # (8,) compute dtype, the metrics: METRIC_KEYS, then ORPO_METRIC_KEYS
     B,
     # the float hyper-parameters come as float64 arguments (a Python float would be passed as
     # float32; float64 input needs them exact), read in the compute type; the weight of each loss
@@ -154,8 +160,11 @@ def _preference_kernel(
     inpo_tau: tl.float64,
     inpo_eta: tl.float64,
     cpl_lambda: tl.float64,
+    alpha_po: tl.float64,  # AlphaPO's alpha (read when ALPHAPO)
     TYPES: tl.constexpr,  # bit set of the loss types present
     FDIV: tl.constexpr,
+    ALPHAPO: tl.constexpr,  # CPO's AlphaPO reward transform is on (the op allows it with CPO's types only)
+    AVG: tl.constexpr,  # the metrics are of length-averaged log-probs (simpo, orpo, reference-free ipo)
     FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -164,6 +173,7 @@ def _preference_kernel(
     tau, clamp = tl.full((), tau, CDT), tl.full((), clamp, CDT)
     log_pw, log_pl = tl.full((), log_pw, CDT), tl.full((), log_pl, CDT)
     gamma = tl.full((), gamma, CDT)
+    a_po = tl.full((), alpha_po, CDT)
     zero = tl.zeros([BLOCK], CDT)
     inv_n = 1.0 / (tl.sum(zero, 0) + tl.maximum(B, 1))
     lane = tl.arange(0, BLOCK).to(tl.int64)
@@ -209,6 +219,8 @@ def _preference_kernel(
     m3 = zero
     m4 = zero
     m5 = zero
+    m6 = zero
+    m7 = zero
     for first in range(0, B, BLOCK):
         i = first + lane
         inside = i < B
@@ -221,6 +233,9 @@ def _preference_kernel(
         lr = r - rr
         sc, dsc = _score(lc, alpha, clamp, FDIV)
         sr, dsr = _score(lr, alpha, clamp, FDIV)
+        if ALPHAPO:  # AlphaPO on the summed log-probs (CPO's sigmoid and hinge; reverse KL)
+            sc, dsc = _alphapo(lc, a_po)
+            sr, dsr = _alphapo(lr, a_po)
         x = beta * (sc - sr)
         loss = zero
         dx = zero  # d loss / d x of the losses of x = beta * (sc - sr)
@@ -258,6 +273,14 @@ def _preference_kernel(
             nc = tl.maximum(_load(nc_ptr, i, inside, FP64), 1.0)
             nr = tl.maximum(_load(nr_ptr, i, inside, FP64), 1.0)
             u = sc / nc - sr / nr
+            dac = dsc / nc  # du / dlc
+            dar = dsr / nr  # -du / dlr
+            if ALPHAPO:  # CPO's ipo: AlphaPO on the averaged log-probs
+                fa, dfa = _alphapo(lc / nc, a_po)
+                fb, dfb = _alphapo(lr / nr, a_po)
+                u = fa - fb
+                dac = dfa / nc
+                dar = dfb / nr
             du = zero
             if TYPES // (2 ** IPO) % 2 == 1:
                 w = tl.full((), w_ipo, CDT)
@@ -268,8 +291,8 @@ def _preference_kernel(
                 w = tl.full((), w_sigmoid_norm, CDT)
                 loss += w * _softplus(-beta * u)
                 du += w * -beta * _sigmoid(-beta * u)
-            gc += du * dsc / nc
-            gr -= du * dsr / nr
+            gc += du * dac
+            gr -= du * dar
         if TYPES // (2 ** SIMPO) % 2 + TYPES // (2 ** ORPO) % 2 > 0:
             nc = tl.maximum(_load(nc_ptr, i, inside, FP64), 1.0)
             nr = tl.maximum(_load(nr_ptr, i, inside, FP64), 1.0)
@@ -277,11 +300,18 @@ def _preference_kernel(
             b = lr / nr
             if TYPES // (2 ** SIMPO) % 2 == 1:
                 w = tl.full((), w_simpo, CDT)
-                y = beta * (a - b) - gamma
+                fa = a
+                fb = b
+                dfa = tl.full(a.shape, 1.0, CDT)
+                dfb = tl.full(a.shape, 1.0, CDT)
+                if ALPHAPO:
+                    fa, dfa = _alphapo(a, a_po)
+                    fb, dfb = _alphapo(b, a_po)
+                y = beta * (fa - fb) - gamma
                 loss += w * ((1.0 - ls) * _softplus(-y) + ls * _softplus(y))
                 dy = w * beta * (-(1.0 - ls) * _sigmoid(-y) + ls * _sigmoid(y))
-                gc += dy / nc
-                gr -= dy / nr
+                gc += dy * dfa / nc
+                gr -= dy * dfb / nr
             if TYPES // (2 ** ORPO) % 2 == 1:
                 w = tl.full((), w_orpo, CDT)
                 lo = (a - b) - (_log1mexp(a) - _log1mexp(b))
@@ -411,13 +441,24 @@ def _preference_kernel(
         tl.store(gc_ptr + i, gc * inv_n + sft_g, mask=inside)
         tl.store(gr_ptr + i, gr * inv_n, mask=inside)
         tl.store(ge_ptr + i, ge * inv_n + tpo_g, mask=inside)
-        if (TYPES // (2 ** SIMPO) % 2 + TYPES // (2 ** ORPO) % 2) > 0:
+        if AVG:
             c = c / tl.maximum(_load(nc_ptr, i, inside, FP64), 1.0)
             r = r / tl.maximum(_load(nr_ptr, i, inside, FP64), 1.0)
             lc = c - rc
             lr = r - rr
         cw = beta * lc
         rw = beta * lr
+        if ALPHAPO:  # AlphaPO logs beta times its rewards
+            fcw, _ = _alphapo(lc, a_po)
+            frw, _ = _alphapo(lr, a_po)
+            cw = beta * fcw
+            rw = beta * frw
+        if TYPES // (2 ** ORPO) % 2 == 1:  # ORPO's log odds ratio of the averaged log-probs
+            ca = tl.where(inside, c, -1.0)  # the padded lanes' 0 has infinite odds: keep them finite
+            ra = tl.where(inside, r, -1.0)
+            lo = (ca - ra) - (_log1mexp(ca) - _log1mexp(ra))
+            m6 -= tl.where(inside, _softplus(-lo), 0.0)
+            m7 += tl.where(inside, lo, 0.0)
         m0 += tl.where(inside, cw, 0.0)
         m1 += tl.where(inside, rw, 0.0)
         m2 += tl.where(inside, cw - rw, 0.0)
@@ -431,6 +472,8 @@ def _preference_kernel(
     tl.store(met_ptr + 3, tl.sum(m3, 0) * inv_n)
     tl.store(met_ptr + 4, tl.sum(m4, 0) * inv_n)
     tl.store(met_ptr + 5, tl.sum(m5, 0) * inv_n)
+    tl.store(met_ptr + 6, tl.sum(m6, 0) * inv_n)
+    tl.store(met_ptr + 7, tl.sum(m7, 0) * inv_n)
 
 
 def _rank_and_order(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,7 +490,8 @@ def preference_loss(chosen, rejected, extra, ref_chosen, ref_rejected, aux_chose
     dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
     device = chosen.device
     n = chosen.numel()
-    beta, ls, fdiv, alpha, tau, clamp_max, gamma, xpo_alpha, vpo_alpha, inpo_tau, inpo_eta, cpl_lambda = hyper
+    (beta, ls, fdiv, alpha, tau, clamp_max, gamma, xpo_alpha, vpo_alpha, inpo_tau, inpo_eta, cpl_lambda, alpha_po,
+     averaged) = hyper
     fdiv = int(fdiv)
     if F_DIVERGENCES[fdiv] == "alpha_divergence" and abs(alpha - 1.0) < 1e-6:
         fdiv = 0  # the alpha -> 1 limit is reverse KL
@@ -475,7 +519,7 @@ def preference_loss(chosen, rejected, extra, ref_chosen, ref_rejected, aux_chose
     grad_c = torch.empty(chosen.shape, dtype=dtype, device=device)
     grad_r = torch.empty(chosen.shape, dtype=dtype, device=device)
     grad_e = torch.empty(chosen.shape, dtype=dtype, device=device)
-    metrics = torch.empty(6, dtype=dtype, device=device)
+    metrics = torch.empty(8, dtype=dtype, device=device)
     block = max(16, min(MAX_BLOCK, triton.next_power_of_2(max(n, 1))))
     _preference_kernel[(1,)](
         c, r, extra.contiguous(), ref_chosen.contiguous(), ref_rejected.contiguous(), aux_chosen.contiguous(),
@@ -483,7 +527,8 @@ def preference_loss(chosen, rejected, extra, ref_chosen, ref_rejected, aux_chose
         rejected_lengths.contiguous(), pair_weights.contiguous(), perm, loss, grad_c, grad_r, grad_e, metrics, n,
         float(beta), float(ls), float(alpha), float(tau), float(clamp_max), log_pw, log_pl, *map(float, weights),
         float(gamma), float(xpo_alpha), float(vpo_alpha), float(inpo_tau), float(inpo_eta), float(cpl_lambda),
-        TYPES=bits, FDIV=fdiv, FP64=dtype == torch.float64, BLOCK=block)
+        float(alpha_po), TYPES=bits, FDIV=fdiv, ALPHAPO=alpha_po != 0.0, AVG=averaged != 0.0,
+        FP64=dtype == torch.float64, BLOCK=block)
     return loss, grad_c, grad_r, grad_e, metrics
 
 

@@ -74,8 +74,9 @@ def _compare(ours, oracle, *, rtol, atol):
     torch.testing.assert_close(loss.double(), want_loss, rtol=rtol, atol=atol)
     torch.testing.assert_close(gc.double(), want_gc, rtol=rtol, atol=atol)
     torch.testing.assert_close(gr.double(), want_gr, rtol=rtol, atol=atol)
-    assert set(metrics) == set(METRIC_KEYS)
-    for key in METRIC_KEYS:
+    # TRL's keys; with orpo also ORPO's log_odds_ratio / log_odds_chosen (the oracle has them too)
+    assert set(metrics) == set(want_metrics) and set(METRIC_KEYS) <= set(metrics)
+    for key in want_metrics:
         assert metrics[key].ndim == 0 and metrics[key].dtype == torch.float32
         torch.testing.assert_close(metrics[key].double(), want_metrics[key], rtol=max(rtol, 2e-6), atol=max(atol, 1e-6),
                                    msg=key)
@@ -263,7 +264,7 @@ def test_torch_compile_and_opcheck():
 
     zeros = torch.zeros(6)
     args = (c.requires_grad_(), r.requires_grad_(), zeros, rc, rr, zeros, zeros, zeros + 1, nc.float(), nr.float(),
-            pw.float(), [0, 2, 8], [1.0, 0.5, 0.25], [0.1, 0.1, 0.0, 1.0, 0.05, 80.0, 0.5, 1e-5, 0.1, 0.1, 0.1, 0.5])
+            pw.float(), [0, 2, 8], [1.0, 0.5, 0.25], [0.1, 0.1, 0.0, 1.0, 0.05, 80.0, 0.5, 1e-5, 0.1, 0.1, 0.1, 0.5, 0.0, 0.0])
     torch.library.opcheck(op._preference_op, args)
 
 
@@ -369,11 +370,12 @@ ptrs = ("rc_ptr", "rr_ptr", "ac_ptr", "ar_ptr", "ne_ptr", "nc_ptr", "nr_ptr", "p
         "gr_ptr", "ge_ptr", "met_ptr")
 sig = {"c_ptr": "", "r_ptr": "", "ex_ptr": "", "perm_ptr": "*i64", "B": "i32"}
 scalars = (["beta", "ls", "alpha", "tau", "clamp", "log_pw", "log_pl"] + ["w_" + t for t in k.LOSS_TYPES]
-           + ["gamma", "xpo_alpha", "vpo_alpha", "inpo_tau", "inpo_eta", "cpl_lambda"])
+           + ["gamma", "xpo_alpha", "vpo_alpha", "inpo_tau", "inpo_eta", "cpl_lambda", "alpha_po"])
 for types, fdiv, fp64, dt in ((0x1FFFF, 0, False, "bf16"), (0x50FF, 3, False, "fp32"), (0x1FFFF, 2, True, "fp64")):
     s = dict(sig, **{n: "*fp64" if fp64 else "*fp32" for n in ptrs}, **{n: "fp64" for n in scalars})
     s["c_ptr"] = s["r_ptr"] = s["ex_ptr"] = "*" + dt
-    build(k._preference_kernel, s, {"TYPES": types, "FDIV": fdiv, "FP64": fp64, "BLOCK": 128})
+    build(k._preference_kernel, s, {"TYPES": types, "FDIV": fdiv, "FP64": fp64, "BLOCK": 128, "ALPHAPO": fdiv == 0,
+                                    "AVG": types & 1 == 1})
 print("ok")
 """)
 
@@ -585,18 +587,19 @@ def _check_free(trl, ours_fn, logits):
 
 @pytest.mark.peer
 @pytest.mark.parametrize("loss_type", ["simpo", "sigmoid", "hinge", "ipo"])
-@pytest.mark.parametrize("cpo_alpha", [0.0, 0.7])
-def test_cpo_trainer_loss_matches_trl(backend, loss_type, cpo_alpha):
+@pytest.mark.parametrize("cpo_alpha,alpha", [(0.0, 0.0), (0.7, 0.0), (0.7, 0.3)])
+def test_cpo_trainer_loss_matches_trl(backend, loss_type, cpo_alpha, alpha):
     logits, ids, attention, labels = _trl_free_case()
     smoothing = 0.1 if loss_type in ("simpo", "sigmoid") else 0.0
+    # alpha: AlphaPO's reward transform
     trainer = _trl_free_trainer("trl.experimental.cpo.cpo_trainer", "CPOTrainer", loss_type=loss_type, beta=0.4,
-                                label_smoothing=smoothing, simpo_gamma=0.6, cpo_alpha=cpo_alpha, alpha=0.0)
+                                label_smoothing=smoothing, simpo_gamma=0.6, cpo_alpha=cpo_alpha, alpha=alpha)
     trl = _run_trl(trainer, logits, ids, attention, labels)
     # CPO's sigmoid with label smoothing is simpo at gamma 0 on the summed log-probs (lengths of one);
     # its ipo and simpo read length-averaged log-probs
     ours_type = {"sigmoid": "simpo"}.get(loss_type, loss_type)
     kw = dict(loss_type=[ours_type, "sft"], loss_weights=[1.0, cpo_alpha], beta=0.4, label_smoothing=smoothing,
-              simpo_gamma=0.0 if loss_type == "sigmoid" else 0.6)
+              simpo_gamma=0.0 if loss_type == "sigmoid" else 0.6, alpha=alpha)
 
     def ours(leaf):
         if loss_type != "sigmoid":
@@ -614,12 +617,7 @@ def test_cpo_trainer_loss_matches_trl(backend, loss_type, cpo_alpha):
                                         rejected_lengths=mask.sum(1)[n:])
         return loss + cpo_alpha * nll, metrics
 
-    if loss_type == "ipo":  # CPO logs beta * averaged log-probs, DPO's ipo metrics are of sums: loss and grad only
-        leaf = logits.clone().requires_grad_()
-        loss, _ = ours(leaf)
-        torch.testing.assert_close(loss, trl[0].float(), rtol=2e-5, atol=2e-6)
-        torch.testing.assert_close(torch.autograd.grad(loss, leaf)[0], trl[1], rtol=2e-5, atol=2e-7)
-        return
+    # (a reference-free ipo's metrics are of averaged log-probs, as CPO logs them)
     _check_free(trl, ours, logits)
 
 
@@ -632,6 +630,9 @@ def test_orpo_trainer_loss_matches_trl(backend):
     # ORPO's NLL covers the tokens of input_ids under the attention mask: the labels here (no prompt
     # masked), so it is sft of the same sums and lengths
     _check_free(trl, lambda leaf: _ours_from_logits(leaf, labels, loss_type=["orpo", "sft"], beta=0.25), logits)
+    _, metrics = _ours_from_logits(logits, labels, loss_type=["orpo", "sft"], beta=0.25)
+    for key in ("log_odds_ratio", "log_odds_chosen"):  # ORPO's two extra logged metrics
+        assert math.isclose(float(metrics[key]), float(trl[2][key]), rel_tol=2e-5, abs_tol=2e-6), key
 
 
 @pytest.mark.peer
@@ -1320,7 +1321,7 @@ def test_paper_torch_compile_and_opcheck():
     codes = [reference.LOSS_TYPES.index(t) for t in ("sppo", "xpo", "tpo_nll")]
     args = (c.requires_grad_(), r.requires_grad_(), s.clone().requires_grad_(), rc, rr, ex["win"][0].float(),
             ex["win"][1].float(), ex["gold_lengths"].float(), nc.float(), nr.float(), pw.float(), codes,
-            [1.0, 0.5, 0.25], [0.1, 0.0, 0.0, 1.0, 0.05, 80.0, 0.5, 0.3, 0.1, 0.1, 0.1, 0.5])
+            [1.0, 0.5, 0.25], [0.1, 0.0, 0.0, 1.0, 0.05, 80.0, 0.5, 0.3, 0.1, 0.1, 0.1, 0.5, 0.0, 0.0])
     torch.library.opcheck(op._preference_op, args)
 
 
@@ -1331,13 +1332,14 @@ ptrs = ("rc_ptr", "rr_ptr", "ac_ptr", "ar_ptr", "ne_ptr", "nc_ptr", "nr_ptr", "p
         "gr_ptr", "ge_ptr", "met_ptr")
 sig = {"c_ptr": "", "r_ptr": "", "ex_ptr": "", "perm_ptr": "*i64", "B": "i32"}
 scalars = (["beta", "ls", "alpha", "tau", "clamp", "log_pw", "log_pl"] + ["w_" + t for t in k.LOSS_TYPES]
-           + ["gamma", "xpo_alpha", "vpo_alpha", "inpo_tau", "inpo_eta", "cpl_lambda"])
+           + ["gamma", "xpo_alpha", "vpo_alpha", "inpo_tau", "inpo_eta", "cpl_lambda", "alpha_po"])
 paper = sum(1 << k.LOSS_TYPES.index(t) for t in ("sppo", "xpo", "vpo", "cpl", "tpo_nll"))
 for types, fdiv, fp64, dt in ((paper | 1, 0, False, "bf16"), (1 << k.LOSS_TYPES.index("inpo"), 0, False, "fp32"),
                               (1 << k.LOSS_TYPES.index("step_apo") | paper, 0, True, "fp64")):
     s = dict(sig, **{n: "*fp64" if fp64 else "*fp32" for n in ptrs}, **{n: "fp64" for n in scalars})
     s["c_ptr"] = s["r_ptr"] = s["ex_ptr"] = "*" + dt
-    build(k._preference_kernel, s, {"TYPES": types, "FDIV": fdiv, "FP64": fp64, "BLOCK": 128})
+    build(k._preference_kernel, s, {"TYPES": types, "FDIV": fdiv, "FP64": fp64, "BLOCK": 128, "ALPHAPO": fdiv == 0,
+                                    "AVG": types & 1 == 1})
 print("ok")
 """)
 
@@ -1404,7 +1406,8 @@ def test_tpo_trainer_loss_matches_trl(backend, loss_type):
     lengths = mask.sum(1)
     ones = torch.ones(n)
     pref = {"sigmoid": dict(loss_type="simpo", simpo_gamma=0.0, chosen_lengths=ones, rejected_lengths=ones),
-            "tpo-l": dict(loss_type="simpo", simpo_gamma=0.4, chosen_lengths=lengths[:n], rejected_lengths=lengths[n:2 * n]),
+            "tpo-l": dict(loss_type="simpo", simpo_gamma=0.4, chosen_lengths=lengths[:n],
+                          rejected_lengths=lengths[n:2 * n]),
             "hinge": dict(loss_type="hinge"),
             "ipo": dict(loss_type="ipo", chosen_lengths=lengths[:n], rejected_lengths=lengths[n:2 * n])}[loss_type]
     loss, metrics = rlkern.preference_loss(
@@ -1413,7 +1416,56 @@ def test_tpo_trainer_loss_matches_trl(backend, loss_type):
     grad = torch.autograd.grad(loss, leaf)[0]
     torch.testing.assert_close(loss, trl_loss, rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(grad, trl_grad, rtol=2e-5, atol=2e-7)
-    if loss_type == "ipo":  # TRL's TPO logs beta * averaged log-probs there; the op's ipo metrics are of sums
-        return
-    for key in METRIC_KEYS:
+    for key in METRIC_KEYS:  # (ipo: TPO logs averaged log-probs, as a reference-free ipo does)
         assert math.isclose(float(metrics[key]), trl_metrics[key], rel_tol=2e-5, abs_tol=2e-6), key
+
+
+# ------------------------------------------------------------------------------------------------
+# CPO's AlphaPO reward transform (alpha) and ORPO's log-odds metrics vs the float64 reference
+
+@pytest.mark.parametrize("types_", [["simpo", "sft"], ["sigmoid"], ["hinge"], ["ipo", "sft"]], ids="+".join)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_alphapo_matches_the_reference(backend, types_, dtype, monkeypatch):
+    if backend == "triton":
+        from rlkern.kernels import preference as kernel
+
+        monkeypatch.setattr(kernel, "MAX_BLOCK", 16)
+    c, r, nc, nr, pw = _free_pairs(n=37, seed=40, dtype=dtype)
+    c, r = c / 10, r / 10  # log-probs of a few nats: AlphaPO's e^(-alpha x) stays moderate
+    kw = dict(loss_type=types_, beta=0.5, label_smoothing=0.1 if types_[0] in ("simpo", "sigmoid") else 0.0,
+              simpo_gamma=0.3, chosen_lengths=nc, rejected_lengths=nr, pair_weights=pw.to(dtype), alpha=0.4)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    _compare(_ours(c, r, None, None, **kw), _oracle(c, r, None, None, **kw), **tol)
+
+
+def test_gradcheck_alphapo_float64(backend):
+    c, r, nc, nr, pw = _free_pairs(n=5, seed=41)
+    c, r = (c / 10).requires_grad_(), (r / 10).requires_grad_()
+    for types_ in (["simpo", "hinge", "sigmoid", "sft"], ["ipo"]):
+        def f(a, b):
+            return rlkern.preference_loss(a, b, loss_type=types_, beta=0.7, label_smoothing=0.1, chosen_lengths=nc,
+                                          rejected_lengths=nr, pair_weights=pw, alpha=-0.3)[0]
+
+        assert torch.autograd.gradcheck(f, (c, r))
+
+
+def test_orpo_log_odds_metrics_match_the_reference(backend):
+    c, r, nc, nr, pw = _free_pairs(n=9, seed=42, dtype=torch.float32)
+    kw = dict(loss_type=["orpo", "sft"], beta=0.3, chosen_lengths=nc, rejected_lengths=nr)
+    ours = _ours(c, r, None, None, **kw)
+    want = _oracle(c, r, None, None, **kw)
+    assert set(ours[3]) == set(METRIC_KEYS) | {"log_odds_ratio", "log_odds_chosen"}
+    for key in ("log_odds_ratio", "log_odds_chosen"):
+        torch.testing.assert_close(ours[3][key].double(), want[3][key], rtol=2e-5, atol=2e-6, msg=key)
+    assert "log_odds_ratio" not in _ours(c, r, None, None, **dict(kw, loss_type="simpo"))[3]
+
+
+@pytest.mark.parametrize("bad", [dict(loss_type="orpo"), dict(loss_type="sigmoid", f_divergence_type="js_divergence"),
+                                 dict(loss_type="sigmoid", reference=True)])
+def test_alphapo_bad_calls(bad):
+    c = -torch.rand(3)
+    refs = (c, c) if bad.pop("reference", False) else ()
+    with pytest.raises(ValueError, match="alpha \\(AlphaPO\\) applies to") as info:
+        rlkern.preference_loss(c, c, *refs, alpha=0.5, chosen_lengths=torch.ones(3), rejected_lengths=torch.ones(3),
+                               **bad)
+    assert str(info.value).startswith("preference_loss: ")

@@ -22,17 +22,20 @@ __all__ = ["preference_loss", "kto_loss", "bco_loss"]
 _OP = "preference_loss"
 LOSS_TYPES = reference.LOSS_TYPES
 METRIC_KEYS = reference.METRIC_KEYS
+ORPO_METRIC_KEYS = reference.ORPO_METRIC_KEYS
+_ALL_METRICS = METRIC_KEYS + ORPO_METRIC_KEYS  # the kernels' metric slots
 
 
-N_HYPER = 12  # beta, ls, f-divergence code, alpha, discopop tau, alpha clamp, simpo gamma, xpo alpha, vpo alpha,
-#               inpo tau, inpo eta, cpl lambda
+N_HYPER = 14  # beta, ls, f-divergence code, alpha, discopop tau, alpha clamp, simpo gamma, xpo alpha, vpo alpha,
+#               inpo tau, inpo eta, cpl lambda, AlphaPO alpha, averaged metrics (1.0 / 0.0)
 
 
 def _torch_preference_loss(chosen, rejected, extra, ref_chosen, ref_rejected, aux_chosen, aux_rejected, extra_lengths,
                            chosen_lengths, rejected_lengths, pair_weights, loss_types, loss_weights, hyper):
     """The torch backend: the reference and its vjp (works inside a custom op's kernel, where the
     dispatcher has the Autograd keys excluded)."""
-    beta, ls, fdiv, alpha, tau, clamp_max, gamma, xpo_alpha, vpo_alpha, inpo_tau, inpo_eta, cpl_lambda = hyper
+    (beta, ls, fdiv, alpha, tau, clamp_max, gamma, xpo_alpha, vpo_alpha, inpo_tau, inpo_eta, cpl_lambda, alpha_po,
+     averaged) = hyper
     dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
 
     def objective(c, r, e):
@@ -42,12 +45,14 @@ def _torch_preference_loss(chosen, rejected, extra, ref_chosen, ref_rejected, au
             f_divergence_type=reference.F_DIVERGENCES[int(fdiv)], f_alpha_divergence_coef=alpha, discopop_tau=tau,
             loss_weights=loss_weights, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
             pair_weights=pair_weights, clamp_max=clamp_max, simpo_gamma=gamma, xpo_alpha=xpo_alpha,
-            vpo_alpha=vpo_alpha, inpo_tau=inpo_tau, inpo_eta=inpo_eta, cpl_lambda=cpl_lambda)
+            vpo_alpha=vpo_alpha, inpo_tau=inpo_tau, inpo_eta=inpo_eta, cpl_lambda=cpl_lambda, alpha=alpha_po,
+            averaged_metrics=averaged != 0.0)
 
     c, r, e = chosen.to(dtype), rejected.to(dtype), extra.to(dtype)
     loss, vjp, metrics = torch.func.vjp(objective, c, r, e, has_aux=True)
     grad_c, grad_r, grad_e = vjp(torch.ones((), dtype=dtype))
-    stacked = torch.stack([metrics[k] for k in METRIC_KEYS]).to(dtype)
+    zero = c.new_zeros(())
+    stacked = torch.stack([metrics.get(k, zero) for k in _ALL_METRICS]).to(dtype)
     return (loss.detach().clone(), grad_c.detach().clone(), grad_r.detach().clone(), grad_e.detach().clone(),
             stacked)
 
@@ -74,7 +79,7 @@ def _preference_fake(chosen, rejected, extra, ref_chosen, ref_rejected, aux_chos
     dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
     return (chosen.new_empty((), dtype=dtype), chosen.new_empty(chosen.shape, dtype=dtype),
             chosen.new_empty(chosen.shape, dtype=dtype), chosen.new_empty(chosen.shape, dtype=dtype),
-            chosen.new_empty((len(METRIC_KEYS),), dtype=dtype))
+            chosen.new_empty((len(_ALL_METRICS),), dtype=dtype))
 
 
 def _setup_context(ctx, inputs, output):
@@ -133,7 +138,7 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
                     iterate_rejected_logps: Tensor | None = None, inpo_tau: float = 0.1, inpo_eta: float = 0.1,
                     cpl_lambda: float = 0.5, chosen_advantages: Tensor | None = None,
                     rejected_advantages: Tensor | None = None, gold_logps: Tensor | None = None,
-                    gold_lengths: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                    gold_lengths: Tensor | None = None, alpha: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """TRL 1.16's DPO loss (``DPOTrainer._compute_loss``) over per-sequence log-probs, and the
     losses of its experimental CPO (with SimPO) and ORPO trainers (reference-free).
 
@@ -161,11 +166,18 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
             CPO = ``loss_type=[t, "sft"], loss_weights=[1, cpo_alpha]``, ORPO =
             ``loss_type=["orpo", "sft"]`` (ORPO's NLL runs over the prompt tokens too: sft equals
             it only where the summed tokens are those; else add the caller's own NLL). orpo needs
-            log-probs < 0 (an averaged log-prob of 0 has infinite odds, as in TRL). Not covered:
-            CPO's AlphaPO ``alpha`` reward transform; ORPO's extra logged ``log_odds_ratio`` /
-            ``log_odds_chosen``; CPO's ipo logs averaged log-probs, this op's ipo metrics are sums. CPO's other loss types: hinge = hinge reference-free;
-            ipo = ipo reference-free with the lengths; sigmoid = sigmoid reference-free, and
-            with CPO's label smoothing = simpo with ``simpo_gamma=0`` and lengths of ones.
+            log-probs < 0 (an averaged log-prob of 0 has infinite odds, as in TRL); with orpo the
+            metrics also hold ORPO's ``log_odds_ratio`` / ``log_odds_chosen`` (means over pairs of
+            logsigmoid(log_odds) and log_odds). CPO's other loss types: hinge = hinge
+            reference-free; ipo = ipo reference-free with the lengths (its metrics, as CPO's and
+            TPO's, are of averaged log-probs: a reference-free ipo averages them); sigmoid =
+            sigmoid reference-free, and with CPO's label smoothing = simpo with ``simpo_gamma=0``
+            and lengths of ones.
+        alpha: CPO's AlphaPO reward transform (TRL's experimental CPOConfig ``alpha``, 0.0 = off):
+            the log-probs x that CPO's loss compares (length-averaged for simpo and ipo, summed for
+            sigmoid and hinge) become ``(1 - e^(-alpha * x)) / alpha``, in the loss and in the
+            rewards metrics (``beta`` times them; logps metrics stay raw). Only with CPO's loss
+            types (simpo, sigmoid, hinge, ipo, and sft), reference-free, reverse_kl.
         simpo_gamma: simpo's target margin (CPOConfig's 0.5).
         beta: the DPO temperature (0.1). label_smoothing: read by robust, exo_pair (must be > 0
             there, as TRL requires), aot, aot_unpaired and simpo only, in [0, 0.5] (robust: < 0.5).
@@ -255,8 +267,8 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
         ``(loss, metrics)``: the 0-dim loss (mean over pairs, float32; float64 for float64
         input) and a dict of 0-dim float32 tensors: TRL's logged ``rewards/chosen``,
         ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies`` (rewards = beta * (logps - ref_logps), means over pairs),
-        ``logps/chosen`` and ``logps/rejected``. B = 0 gives a loss and metrics of 0.
-        Sorting ties (aot) are ordered stably. Forms that cannot overflow are used throughout
+        ``logps/chosen`` and ``logps/rejected`` (with orpo also ``log_odds_ratio`` and
+        ``log_odds_chosen``). B = 0 gives a loss and metrics of 0. Sorting ties (aot) are ordered stably. Forms that cannot overflow are used throughout
         (softplus for -logsigmoid; discopop's exponential in log space).
     """
     chosen, rejected = chosen_logps, rejected_logps
@@ -297,7 +309,7 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
     beta = _checks.number(_OP, "beta", beta, low=0, low_open=True)
     ls = _checks.number(_OP, "label_smoothing", label_smoothing, low=0, high=0.5)
     _checks.choice(_OP, "f_divergence_type", f_divergence_type, reference.F_DIVERGENCES)
-    alpha = _checks.number(_OP, "f_alpha_divergence_coef", f_alpha_divergence_coef)
+    f_alpha = _checks.number(_OP, "f_alpha_divergence_coef", f_alpha_divergence_coef)
     tau = _checks.number(_OP, "discopop_tau", discopop_tau, low=0, low_open=True)
     if f_divergence_type != "reverse_kl":
         bad = sorted(set(types) - set(reference.F_DIVERGENCE_LOSS_TYPES))
@@ -342,6 +354,14 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
         if len(set(group) & set(types)) > 1:
             raise ValueError(f"{_OP}: loss_type {sorted(set(group) & set(types))} cannot be combined in one call "
                              "(they read different per-pair tensors); call the op once per loss type")
+    alpha = _checks.number(_OP, "alpha", alpha)
+    if alpha != 0.0:
+        bad = sorted(set(types) - set(reference.ALPHAPO_LOSS_TYPES))
+        if bad or ref_chosen_logps is not None or f_divergence_type != "reverse_kl":
+            raise ValueError(f"{_OP}: alpha (AlphaPO) applies to CPO's reference-free loss types "
+                             f"{reference.ALPHAPO_LOSS_TYPES} with reverse_kl only, got loss_type {types}, "
+                             f"{'reference log-probs' if ref_chosen_logps is not None else 'no reference'}, "
+                             f"f_divergence_type={f_divergence_type!r}")
     if prev_ref_chosen_logps is not None and ref_chosen_logps is None:
         raise ValueError(f"{_OP}: prev_ref_chosen_logps (APO) needs ref_chosen_logps and ref_rejected_logps, got "
                          "None")
@@ -367,15 +387,17 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
     extra = gold_logps if "tpo_nll" in types else sampled_logps
     if extra is None:  # the kernels read the extra slot in chosen_logps' dtype
         extra = chosen.new_zeros(chosen.shape)
-    hyper = [beta, ls, float(reference.F_DIVERGENCES.index(f_divergence_type)), alpha, tau,
-             reference.alpha_clamp(chosen.dtype), gamma, xpo_alpha, vpo_alpha, inpo_tau, inpo_eta, cpl_lambda]
+    hyper = [beta, ls, float(reference.F_DIVERGENCES.index(f_divergence_type)), f_alpha, tau,
+             reference.alpha_clamp(chosen.dtype), gamma, xpo_alpha, vpo_alpha, inpo_tau, inpo_eta, cpl_lambda, alpha,
+             float(reference.averaged_metrics(types, ref_chosen_logps is None))]
     eager = (type(chosen) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
              and not torch._C._functorch.is_functorch_wrapped_tensor(chosen))
     op = _EagerPreferenceLoss.apply if eager else _preference_op
     loss, _, _, _, metrics = op(
         chosen, rejected, extra, ref_c, ref_r, aux_c, aux_r, aux(gold_lengths, ones), aux(chosen_lengths, ones),
         aux(rejected_lengths, ones), aux(pair_weights, ones), [LOSS_TYPES.index(t) for t in types], weights, hyper)
-    return loss, dict(zip(METRIC_KEYS, metrics.detach().to(torch.float32).unbind(0)))
+    keys = _ALL_METRICS if "orpo" in types else METRIC_KEYS
+    return loss, dict(zip(keys, metrics.detach().to(torch.float32).unbind(0)))
 
 
 # ------------------------------------------------------------------------------------------------

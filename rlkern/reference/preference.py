@@ -46,6 +46,11 @@ AVERAGED_LOSS_TYPES = ("simpo", "orpo")
 REFERENCE_FREE_LOSS_TYPES = AVERAGED_LOSS_TYPES + ("cpl",)
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                "logps/rejected")
+# TRL's ORPOTrainer also logs these two (means over pairs of logsigmoid(log odds ratio) and of the log
+# odds ratio): the metrics have them when orpo is among the loss types.
+ORPO_METRIC_KEYS = ("log_odds_ratio", "log_odds_chosen")
+# The loss types AlphaPO's reward transform (TRL's experimental CPOConfig ``alpha``) applies to: CPO's.
+ALPHAPO_LOSS_TYPES = ("simpo", "sigmoid", "hinge", "ipo", "sft")
 
 
 def alpha_clamp(dtype: torch.dtype) -> float:
@@ -72,6 +77,12 @@ def scores(logratios: Tensor, f_divergence_type: str, alpha: float, clamp_max: f
     return (torch.exp(t) - 1.0) / (alpha - 1.0)
 
 
+def alphapo(x: Tensor, alpha: float) -> Tensor:
+    """AlphaPO's reward of a log-prob x: (1 - p^-alpha) / alpha with p = e^x (TRL's CPOTrainer), as
+    -expm1(-alpha * x) / alpha (no cancellation for small alpha * x)."""
+    return -torch.expm1(-alpha * x) / alpha
+
+
 def log1mexp(x: Tensor) -> Tensor:
     """log(1 - exp(x)) for x < 0, accurate on both sides of -ln 2."""
     return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
@@ -81,7 +92,7 @@ def per_pair_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
                     label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, chosen_lengths,
                     rejected_lengths, clamp_max, simpo_gamma=0.5, extra=None, extra_lengths=None, aux_chosen=None,
                     aux_rejected=None, xpo_alpha=1e-5, vpo_alpha=0.1, inpo_tau=0.1, inpo_eta=0.1,
-                    cpl_lambda=0.5) -> Tensor:
+                    cpl_lambda=0.5, alpha=0.0) -> Tensor:
     """One loss type's per-pair loss [B] (for aot / aot_unpaired: per sorted position). extra: the
     third log-prob of each pair (xpo / vpo: sampled_logps, tpo_nll: gold_logps, with extra_lengths);
     aux_chosen / aux_rejected: the paper loss types' per-pair constants (AUX_LOSS_TYPES)."""
@@ -89,6 +100,8 @@ def per_pair_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
     lr = rejected_logps - ref_rejected_logps
     sc = scores(lc, f_divergence_type, f_alpha_divergence_coef, clamp_max)
     sr = scores(lr, f_divergence_type, f_alpha_divergence_coef, clamp_max)
+    if alpha != 0.0 and loss_type in ("sigmoid", "hinge"):  # AlphaPO: rewards of the summed log-probs
+        sc, sr = alphapo(lc, alpha), alphapo(lr, alpha)
     x = beta * (sc - sr)
     ls = label_smoothing
     if loss_type == "sigmoid":
@@ -99,6 +112,8 @@ def per_pair_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
         nc = chosen_lengths.clamp(min=1.0)
         nr = rejected_lengths.clamp(min=1.0)
         u = sc / nc - sr / nr
+        if alpha != 0.0 and loss_type == "ipo":  # AlphaPO: rewards of the averaged log-probs
+            u = alphapo(lc / nc, alpha) - alphapo(lr / nr, alpha)
         return (u - 1 / (2 * beta)) ** 2 if loss_type == "ipo" else _sp(-beta * u)
     if loss_type == "exo_pair":  # EXO (arXiv 2402.00856, Eq. 16): KL(sigmoid(x) || (1 - eps, eps))
         return torch.sigmoid(x) * (-_sp(-x) - math.log1p(-ls)) + torch.sigmoid(-x) * (-_sp(x) - math.log(ls))
@@ -126,8 +141,11 @@ def per_pair_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
         mod = torch.sigmoid(x / discopop_tau)
         return _sp(-x) * (1 - mod) + torch.exp(-x - _sp(-x / discopop_tau))
     if loss_type == "simpo":  # CPO's simpo (SimPO, arXiv 2405.14734, Eq. 6, with CPO's label smoothing)
-        u = chosen_logps / chosen_lengths.clamp(min=1.0) - rejected_logps / rejected_lengths.clamp(min=1.0)
-        y = beta * u - simpo_gamma
+        a = chosen_logps / chosen_lengths.clamp(min=1.0)
+        b = rejected_logps / rejected_lengths.clamp(min=1.0)
+        if alpha != 0.0:  # AlphaPO
+            a, b = alphapo(a, alpha), alphapo(b, alpha)
+        y = beta * (a - b) - simpo_gamma
         return (1 - ls) * _sp(-y) + ls * _sp(y)
     if loss_type == "orpo":  # ORPO (arXiv 2403.07691, Eqs. 4 and 7): -beta * logsigmoid(log odds ratio)
         a = chosen_logps / chosen_lengths.clamp(min=1.0)
@@ -168,7 +186,7 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
                     vpo_alpha: float = 0.1, prev_ref_chosen_logps=None, prev_ref_rejected_logps=None,
                     apo_momentum: float = 0.3, iterate_chosen_logps=None, iterate_rejected_logps=None,
                     inpo_tau: float = 0.1, inpo_eta: float = 0.1, cpl_lambda: float = 0.5, chosen_advantages=None,
-                    rejected_advantages=None, gold_logps=None, gold_lengths=None):
+                    rejected_advantages=None, gold_logps=None, gold_lengths=None, alpha: float = 0.0):
     """TRL 1.16 DPO loss (mean over pairs, summed over loss types with their weights) and its
     metrics, computed in float32 (float64 for float64 input), and the research list's pair losses
     (the op's docstring has their formulas). No argument checks: the op checks."""
@@ -192,13 +210,21 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
                      f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau,
                      loss_weights=loss_weights, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
                      pair_weights=pair_weights, clamp_max=clamp_max, simpo_gamma=simpo_gamma, xpo_alpha=xpo_alpha,
-                     vpo_alpha=vpo_alpha, inpo_tau=inpo_tau, inpo_eta=inpo_eta, cpl_lambda=cpl_lambda)
+                     vpo_alpha=vpo_alpha, inpo_tau=inpo_tau, inpo_eta=inpo_eta, cpl_lambda=cpl_lambda, alpha=alpha,
+                     averaged_metrics=averaged_metrics(types, ref_chosen_logps is None))
+
+
+def averaged_metrics(types, reference_free: bool) -> bool:
+    """Whether the metrics are of length-averaged log-probs: with CPO's simpo and ORPO's orpo, and
+    with a reference-free ipo (CPO's and TPO's ipo average; TRL 1.16's DPO has no reference-free
+    mode)."""
+    return bool(set(types) & set(AVERAGED_LOSS_TYPES)) or ("ipo" in types and reference_free)
 
 
 def slot_loss(chosen_logps, rejected_logps, extra, ref_chosen_logps, ref_rejected_logps, aux_chosen, aux_rejected,
               extra_lengths, *, loss_type, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
               discopop_tau, loss_weights, chosen_lengths, rejected_lengths, pair_weights, clamp_max, simpo_gamma,
-              xpo_alpha, vpo_alpha, inpo_tau, inpo_eta, cpl_lambda):
+              xpo_alpha, vpo_alpha, inpo_tau, inpo_eta, cpl_lambda, alpha=0.0, averaged_metrics=False):
     """preference_loss over the kernels' slots: the third log-prob ``extra`` (with its lengths) and
     the per-pair constants ``aux_chosen`` / ``aux_rejected`` mean what the loss types make them."""
     dtype = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
@@ -228,16 +254,18 @@ def slot_loss(chosen_logps, rejected_logps, extra, ref_chosen_logps, ref_rejecte
                                    discopop_tau=discopop_tau, chosen_lengths=nc, rejected_lengths=nr,
                                    clamp_max=clamp_max, simpo_gamma=simpo_gamma, extra=e, extra_lengths=ne,
                                    aux_chosen=ac, aux_rejected=ar, xpo_alpha=xpo_alpha, vpo_alpha=vpo_alpha,
-                                   inpo_tau=inpo_tau, inpo_eta=inpo_eta, cpl_lambda=cpl_lambda)
+                                   inpo_tau=inpo_tau, inpo_eta=inpo_eta, cpl_lambda=cpl_lambda, alpha=alpha)
         if pair_weights is not None:
             per_pair = per_pair * pair_weights.to(dtype)
         loss = loss + per_pair.sum() / n * w
     with torch.no_grad():
-        if set(types) & set(AVERAGED_LOSS_TYPES):  # CPO / ORPO log length-averaged log-probs
+        if averaged_metrics:  # CPO / ORPO / TPO log length-averaged log-probs
             c = c / nc.clamp(min=1.0)
             r = r / nr.clamp(min=1.0)
         cr = beta * (c - rc)
         rj = beta * (r - rr)
+        if alpha != 0.0:  # AlphaPO logs beta times its rewards (reference-free)
+            cr, rj = beta * alphapo(c, alpha), beta * alphapo(r, alpha)
         metrics = {
             "rewards/chosen": cr.sum() / n,
             "rewards/rejected": rj.sum() / n,
@@ -246,6 +274,10 @@ def slot_loss(chosen_logps, rejected_logps, extra, ref_chosen_logps, ref_rejecte
             "logps/chosen": c.sum() / n,
             "logps/rejected": r.sum() / n,
         }
+        if "orpo" in types:  # of the averaged log-probs (orpo makes the metrics averaged)
+            log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
+            metrics["log_odds_ratio"] = -_sp(-log_odds).sum() / n
+            metrics["log_odds_chosen"] = log_odds.sum() / n
     return loss, {k: v.detach().to(dtype) for k, v in metrics.items()}
 
 
