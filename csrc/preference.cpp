@@ -10,9 +10,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <numeric>
@@ -37,6 +39,9 @@ enum FDiv { REVERSE_KL, FORWARD_KL, JS, ALPHA };
 constexpr int N_HYPER = 14;
 // METRIC_KEYS, then ORPO's log_odds_ratio and log_odds_chosen (0 without orpo).
 constexpr int N_METRICS = 8;
+// Pairs per chunk of the parallel passes: threads take whole chunks and the chunks' partial sums are
+// added in chunk order, so the result does not depend on the number of threads.
+constexpr int64_t CHUNK = 1024;
 
 // softplus(x) = log(1 + e^x) = -logsigmoid(-x), without overflow at any |x|.
 template <typename T>
@@ -353,6 +358,39 @@ void preference_kernel(const at::Tensor& chosen, const at::Tensor& rejected, con
   }
   sum_elen = std::max(sum_elen, 1.0);
 
+  // The per-pair loss types: one pass over the pairs, every such type per pair (in the list's order).
+  std::vector<std::pair<int, double>> per_pair;
+  for (size_t k = 0; k < types.size(); ++k) {
+    const int type = int(types[k]);
+    if (type != SFT && type != TPO_NLL && type != AOT && type != AOT_UNPAIRED) per_pair.emplace_back(type, weights[k]);
+  }
+  const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+  if (!per_pair.empty()) {
+    std::vector<double> part(chunks, 0.0);
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        double acc = 0;
+        for (int64_t i = ch * CHUNK, e = std::min(n, (ch + 1) * CHUNK); i < e; ++i) {
+          const T ci = T(c[i]), ri = T(r[i]);
+          const T lc = ci - rc[i], lr = ri - rr[i];
+          const T nci = std::max(lenc[i], T(1)), nri = std::max(lenr[i], T(1));
+          for (const auto& [type, w] : per_pair) {
+            T dc, dr, de = 0;
+            const T l = type >= SPPO ? paper_loss<T>(type, ci, ri, rc[i], rr[i], T(ex[i]), ac[i], ar[i], h, dc, dr, de)
+                                     : pair_loss<T>(type, lc, lr, nci, nri, h, dc, dr);
+            const T scale = T(w * inv_n) * pw[i];
+            acc += double(l) * double(pw[i]) * w * inv_n;
+            gc[i] += scale * dc;
+            gr[i] += scale * dr;
+            ge[i] += scale * de;
+          }
+        }
+        part[ch] = acc;
+      }
+    });
+    for (int64_t ch = 0; ch < chunks; ++ch) total += part[ch];
+  }
+
   std::vector<int64_t> order_a, order_b;
   std::vector<T> key_a, key_b;
   for (size_t k = 0; k < types.size(); ++k) {
@@ -366,16 +404,6 @@ void preference_kernel(const at::Tensor& chosen, const at::Tensor& rejected, con
       total += w * (-sum_e / sum_elen) * sum_ew * inv_n;
       const T g = T(w * (-1.0 / sum_elen) * sum_ew * inv_n);
       for (int64_t i = 0; i < n; ++i) ge[i] += g;
-    } else if (type >= SPPO) {
-      for (int64_t i = 0; i < n; ++i) {
-        T dc, dr, de;
-        const T l = paper_loss<T>(type, T(c[i]), T(r[i]), rc[i], rr[i], T(ex[i]), ac[i], ar[i], h, dc, dr, de);
-        const T scale = T(w * inv_n) * pw[i];
-        total += double(l) * double(pw[i]) * w * inv_n;
-        gc[i] += scale * dc;
-        gr[i] += scale * dr;
-        ge[i] += scale * de;
-      }
     } else if (type == AOT || type == AOT_UNPAIRED) {
       // loss at sorted position j: smoothed logistic of beta * (sort(a)[j] - sort(b)[j]); a's element
       // of rank j gets +d, b's element of rank j gets -d. aot: a = c - r, b = ref_c - ref_r, so b is a
@@ -416,16 +444,6 @@ void preference_kernel(const at::Tensor& chosen, const at::Tensor& rejected, con
           gr[ib] -= d;
         }
       }
-    } else {
-      for (int64_t i = 0; i < n; ++i) {
-        const T lc = T(c[i]) - rc[i], lr = T(r[i]) - rr[i];
-        T dc, dr;
-        const T l = pair_loss<T>(type, lc, lr, std::max(lenc[i], T(1)), std::max(lenr[i], T(1)), h, dc, dr);
-        const T scale = T(w * inv_n) * pw[i];
-        total += double(l) * double(pw[i]) * w * inv_n;
-        gc[i] += scale * dc;
-        gr[i] += scale * dr;
-      }
     }
   }
 
@@ -433,25 +451,35 @@ void preference_kernel(const at::Tensor& chosen, const at::Tensor& rejected, con
   // (the op decides: hyper[13])
   const bool averaged = hyper[13] != 0.0;
   const bool has_orpo = std::find(types.begin(), types.end(), int64_t(ORPO)) != types.end();
-  double m[N_METRICS] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t i = 0; i < n; ++i) {
-    const T ci = averaged ? T(c[i]) / std::max(lenc[i], T(1)) : T(c[i]);
-    const T ri = averaged ? T(r[i]) / std::max(lenr[i], T(1)) : T(r[i]);
-    T unused;
-    // AlphaPO logs beta times its rewards (reference-free: the ref slots are 0)
-    const T cr = h.beta * alphapo(ci - rc[i], h.alpha_po, unused);
-    const T rj = h.beta * alphapo(ri - rr[i], h.alpha_po, unused);
-    m[0] += cr;
-    m[1] += rj;
-    m[2] += cr - rj;
-    m[3] += cr > rj ? 1.0 : 0.0;
-    m[4] += ci;
-    m[5] += ri;
-    if (has_orpo) {  // ORPO's log odds ratio of the averaged log-probs
-      const T lo = (ci - ri) - (log1mexp(ci) - log1mexp(ri));
-      m[6] -= softplus(-lo);
-      m[7] += lo;
+  std::vector<std::array<double, N_METRICS>> mpart(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      std::array<double, N_METRICS> m{};
+      for (int64_t i = ch * CHUNK, e = std::min(n, (ch + 1) * CHUNK); i < e; ++i) {
+        const T ci = averaged ? T(c[i]) / std::max(lenc[i], T(1)) : T(c[i]);
+        const T ri = averaged ? T(r[i]) / std::max(lenr[i], T(1)) : T(r[i]);
+        T unused;
+        // AlphaPO logs beta times its rewards (reference-free: the ref slots are 0)
+        const T cr = h.beta * alphapo(ci - rc[i], h.alpha_po, unused);
+        const T rj = h.beta * alphapo(ri - rr[i], h.alpha_po, unused);
+        m[0] += cr;
+        m[1] += rj;
+        m[2] += cr - rj;
+        m[3] += cr > rj ? 1.0 : 0.0;
+        m[4] += ci;
+        m[5] += ri;
+        if (has_orpo) {  // ORPO's log odds ratio of the averaged log-probs
+          const T lo = (ci - ri) - (log1mexp(ci) - log1mexp(ri));
+          m[6] -= softplus(-lo);
+          m[7] += lo;
+        }
+      }
+      mpart[ch] = m;
     }
+  });
+  double m[N_METRICS] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    for (int k = 0; k < N_METRICS; ++k) m[k] += mpart[ch][k];
   }
   T* mo = metrics_out.data_ptr<T>();
   for (int k = 0; k < N_METRICS; ++k) mo[k] = T(m[k] * inv_n);

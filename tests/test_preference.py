@@ -1469,3 +1469,41 @@ def test_alphapo_bad_calls(bad):
         rlkern.preference_loss(c, c, *refs, alpha=0.5, chosen_lengths=torch.ones(3), rejected_lengths=torch.ones(3),
                                **bad)
     assert str(info.value).startswith("preference_loss: ")
+
+
+def test_xpo_with_trls_ipo_variant(backend):
+    # TRL's XPOTrainer with loss_type="ipo": (logits - 1 / (2 beta))^2 + alpha * s
+    c, r, rc, rr, *_ = _pairs(n=6, seed=43)
+    s = -torch.rand(6, dtype=torch.float64) * 10
+    ones = torch.ones(6)
+    loss, gc, gr, ge, _ = _ours3(c, r, s, rc, rr, "sampled_logps", loss_type=["ipo", "xpo", "sigmoid"],
+                                 loss_weights=[1.0, 1.0, -1.0], beta=0.3, xpo_alpha=0.2, chosen_lengths=ones,
+                                 rejected_lengths=ones)
+    leaves = [t.clone().requires_grad_() for t in (c, r, s)]
+    logits = (leaves[0] - rc) - (leaves[1] - rr)
+    want = ((logits - 1 / (2 * 0.3)) ** 2 + 0.2 * leaves[2]).mean()
+    grads = torch.autograd.grad(want, leaves)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-12, atol=1e-12)
+    for ours, theirs in zip((gc, gr, ge), grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_cpp_kernel_does_not_depend_on_the_thread_count(monkeypatch):
+    # the C++ kernel's parallel passes add fixed chunks' partial sums in chunk order
+    monkeypatch.setenv("RLKERN_BACKEND", "cpp")
+    c, r, rc, rr, nc, nr, pw, ex = _paper_case(n=3 * 1024 + 5, seed=44, dtype=torch.float32)
+    kw = dict(loss_type=["sigmoid", "ipo", "xpo", "sppo", "sft"], beta=0.3, chosen_lengths=nc, rejected_lengths=nr,
+              pair_weights=pw.float(), sampled_logps=ex["sampled"], chosen_win_rates=ex["win"][0],
+              rejected_win_rates=ex["win"][1])
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n_threads in (1, 3):
+            torch.set_num_threads(n_threads)
+            leaf = c.clone().requires_grad_()
+            loss, metrics = rlkern.preference_loss(leaf, r, rc, rr, **kw)
+            results.append((loss.detach(), torch.autograd.grad(loss, leaf)[0], torch.stack(list(metrics.values()))))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

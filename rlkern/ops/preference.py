@@ -214,13 +214,15 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
       ``"hinge"`` reference-free (no ref tensors). (TRL's ``"sigmoid_norm"`` is another loss: the
       length-normalized sigmoid.) The rejection sampler that builds RSO's pairs is a group op,
       not part of this loss.
-    - ``"xpo"``: "Exploratory Preference Optimization" (XPO, Algorithm 1): DPO plus the
+    - ``"xpo"``: "Exploratory Preference Optimization" (XPO): DPO plus the
       exploration term, ``-log sigmoid(beta * (lc - lr)) + xpo_alpha * s`` with s =
       ``sampled_logps``: ``[B]`` the policy's log-probs (summed, differentiable) of one response
       per prompt sampled from the reference model (TRL's former XPOTrainer:
       ``alpha * model_logprobs_ref.sum(1)``). In TRL's loop that reference sample is also one side
       of the pair (the judge picks chosen between the policy's sample and the reference's): pass
-      the same tensor in both places. ``xpo_alpha``: XPOConfig's default 1e-5.
+      the same tensor in both places. ``xpo_alpha``: XPOConfig's default 1e-5. TRL's XPO with
+      its ``loss_type="ipo"`` (the unnormalized ipo): ``loss_type=["ipo", "xpo", "sigmoid"],
+      loss_weights=[1, 1, -1]`` with lengths of ones (the sigmoid terms cancel exactly).
     - ``"vpo"``: "Value-Incentivized Preference Optimization" (VPO), offline (pessimistic) sign:
       ``-log sigmoid(beta * (lc - lr)) - vpo_alpha * beta * s`` with s = ``sampled_logps``, the
       policy's log-probs of a response from the calibration distribution pi_cal (offline: a
@@ -245,8 +247,8 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
       ``inpo_tau`` (the KL regularization to pi_ref), eta = ``inpo_eta`` (the no-regret step);
       0.1 each (a choice). The loop: sample two responses from pi_t, label them with the
       preference oracle, train with this loss, pi_{t+1} is the result.
-    - ``"cpl"``: "Contrastive Prefence Learning: Learning from Human Feedback without RL" (CPL,
-      Eq. 5): ``-log sigmoid(beta * c - cpl_lambda * beta * r)``, reference-free; beta is CPL's
+    - ``"cpl"``: "Contrastive Prefence Learning: Learning from Human Feedback without RL" (CPL):
+      ``-log sigmoid(beta * c - cpl_lambda * beta * r)``, reference-free; beta is CPL's
       temperature alpha, ``cpl_lambda`` its conservative bias lambda (0.5). CPL's discounted sums
       of token log-probs are the caller's summed log-probs: gamma = 1.
     - ``"step_apo"``: Step-APO of "CPL: Critical Plan Step Learning Boosts LLM Generalization in

@@ -152,20 +152,20 @@ def per_pair_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
         b = rejected_logps / rejected_lengths.clamp(min=1.0)
         log_odds = (a - b) - (log1mexp(a) - log1mexp(b))
         return beta * _sp(-log_odds)
-    if loss_type == "sppo":  # SPPO (arXiv 2405.00675, Eq. 4.4 with eta = 1 / beta): estimated win rates
+    if loss_type == "sppo":  # SPPO (arXiv 2405.00675), eta = 1 / beta: estimated win rates
         return (lc - (aux_chosen - 0.5) / beta) ** 2 + (lr - (aux_rejected - 0.5) / beta) ** 2
-    if loss_type == "xpo":  # XPO (arXiv 2405.21046, Alg. 1): DPO + alpha * log pi(y~), y~ sampled from pi_ref
+    if loss_type == "xpo":  # XPO (arXiv 2405.21046): DPO + alpha * log pi(y~), y~ sampled from pi_ref
         return _sp(-beta * (lc - lr)) + xpo_alpha * extra
-    if loss_type == "vpo":  # VPO offline (arXiv 2405.19320): DPO - alpha * beta * log pi(y), y ~ pi_cal
+    if loss_type == "vpo":  # VPO, offline sign: DPO - alpha * beta * log pi(y), y ~ pi_cal
         return _sp(-beta * (lc - lr)) - vpo_alpha * beta * extra
-    if loss_type == "inpo":  # INPO (arXiv 2406.11985): (h_t - eta / 2)^2
+    if loss_type == "inpo":  # INPO (arXiv 2407.00617): (h_t - eta / 2)^2
         e = inpo_eta * inpo_tau
         h = (chosen_logps - rejected_logps) - e * (ref_chosen_logps - ref_rejected_logps) \
             - (1 - e) * (aux_chosen - aux_rejected)
         return (h - inpo_eta / 2) ** 2
-    if loss_type == "cpl":  # CPL (arXiv 2310.13639, Eq. 5): -log sigmoid(alpha * c - lambda * alpha * r)
+    if loss_type == "cpl":  # CPL (contrastive preference learning): -log sigmoid(alpha * c - lambda * alpha * r)
         return _sp(-beta * (chosen_logps - cpl_lambda * rejected_logps))
-    if loss_type == "step_apo":  # Step-APO (arXiv 2409.08642): advantage-weighted log-ratios
+    if loss_type == "step_apo":  # Step-APO (critical plan step learning): advantage-weighted log-ratios
         return _sp(-beta * (aux_chosen * lc - aux_rejected * lr))
     if loss_type == "tpo_nll":  # TPO (arXiv 2405.16681): the gold responses' token-mean NLL, one number
         total = extra_lengths.sum().clamp(min=1.0)
