@@ -1507,3 +1507,19 @@ def test_cpp_kernel_does_not_depend_on_the_thread_count(monkeypatch):
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("types_", PAPER_LISTS, ids="+".join)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_paper_half_inputs_compute_in_float32(backend, types_, dtype):
+    c, r, rc, rr, nc, nr, pw, ex = _paper_case(n=11, seed=45, dtype=dtype)
+    rc, rr = _paper_refs(types_, None if rc is None else rc.float(), None if rr is None else rr.float())
+    kw = _paper_kw(types_, ex, loss_type=types_, beta=0.4, label_smoothing=0.1, chosen_lengths=nc,
+                   rejected_lengths=nr, xpo_alpha=0.3, vpo_alpha=0.5, inpo_tau=0.2, inpo_eta=1.5, cpl_lambda=0.8)
+    name = _extra_name(types_)
+    ours = _ours3(c, r, ex["sampled"], rc, rr, name, **kw)
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == dtype and ours[3].dtype == dtype
+    want = _oracle3(c, r, ex["sampled"], rc, rr, name, **kw)
+    # the kernels see the same half values as the oracle: only the gradients' rounding to dtype differs
+    _compare3((ours[0], *(g.float() for g in ours[1:4]), ours[4]),
+              (want[0], *(g.to(dtype).double() for g in want[1:4]), want[4]), rtol=2e-5, atol=2e-6)
