@@ -264,7 +264,8 @@ def test_torch_compile_and_opcheck():
 
     zeros = torch.zeros(6)
     args = (c.requires_grad_(), r.requires_grad_(), zeros, rc, rr, zeros, zeros, zeros + 1, nc.float(), nr.float(),
-            pw.float(), [0, 2, 8], [1.0, 0.5, 0.25], [0.1, 0.1, 0.0, 1.0, 0.05, 80.0, 0.5, 1e-5, 0.1, 0.1, 0.1, 0.5, 0.0, 0.0])
+            pw.float(), [0, 2, 8], [1.0, 0.5, 0.25],
+            [0.1, 0.1, 0.0, 1.0, 0.05, 80.0, 0.5, 1e-5, 0.1, 0.1, 0.1, 0.5, 0.0, 0.0])
     torch.library.opcheck(op._preference_op, args)
 
 

@@ -26,8 +26,8 @@ ORPO_METRIC_KEYS = reference.ORPO_METRIC_KEYS
 _ALL_METRICS = METRIC_KEYS + ORPO_METRIC_KEYS  # the kernels' metric slots
 
 
-N_HYPER = 14  # beta, ls, f-divergence code, alpha, discopop tau, alpha clamp, simpo gamma, xpo alpha, vpo alpha,
-#               inpo tau, inpo eta, cpl lambda, AlphaPO alpha, averaged metrics (1.0 / 0.0)
+# The kernels' hyper list (14): beta, label smoothing, f-divergence code, f alpha, discopop tau, alpha clamp,
+# simpo gamma, xpo alpha, vpo alpha, inpo tau, inpo eta, cpl lambda, AlphaPO alpha, averaged metrics (1.0 / 0.0).
 
 
 def _torch_preference_loss(chosen, rejected, extra, ref_chosen, ref_rejected, aux_chosen, aux_rejected, extra_lengths,
@@ -270,7 +270,8 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
         input) and a dict of 0-dim float32 tensors: TRL's logged ``rewards/chosen``,
         ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies`` (rewards = beta * (logps - ref_logps), means over pairs),
         ``logps/chosen`` and ``logps/rejected`` (with orpo also ``log_odds_ratio`` and
-        ``log_odds_chosen``). B = 0 gives a loss and metrics of 0. Sorting ties (aot) are ordered stably. Forms that cannot overflow are used throughout
+        ``log_odds_chosen``). B = 0 gives a loss and metrics of 0. Sorting ties (aot) are
+        ordered stably. Forms that cannot overflow are used throughout
         (softplus for -logsigmoid; discopop's exponential in log space).
     """
     chosen, rejected = chosen_logps, rejected_logps
@@ -370,22 +371,23 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
 
     dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
 
-    zeros = chosen.new_zeros(chosen.shape, dtype=dtype)
-    ones = chosen.new_ones(chosen.shape, dtype=dtype)
+    filled = {}  # the default slots, made once each and only when a slot needs one
 
-    def aux(t, default):
+    def aux(t, fill):
         if t is None:
-            return default
+            if fill not in filled:
+                filled[fill] = torch.full(chosen.shape, fill, dtype=dtype, device=chosen.device)
+            return filled[fill]
         return t.detach().to(dtype).contiguous()
 
-    ref_c, ref_r = aux(ref_chosen_logps, zeros), aux(ref_rejected_logps, zeros)
+    ref_c, ref_r = aux(ref_chosen_logps, 0.0), aux(ref_rejected_logps, 0.0)
     if prev_ref_chosen_logps is not None:  # APO: Nesterov's extrapolated reference, constants of the loss
-        ref_c = ((1 + apo_momentum) * ref_c - apo_momentum * aux(prev_ref_chosen_logps, zeros)).contiguous()
-        ref_r = ((1 + apo_momentum) * ref_r - apo_momentum * aux(prev_ref_rejected_logps, zeros)).contiguous()
+        ref_c = ((1 + apo_momentum) * ref_c - apo_momentum * aux(prev_ref_chosen_logps, 0.0)).contiguous()
+        ref_r = ((1 + apo_momentum) * ref_r - apo_momentum * aux(prev_ref_rejected_logps, 0.0)).contiguous()
     aux_c = aux(chosen_win_rates if "sppo" in types else iterate_chosen_logps if "inpo" in types
-                else chosen_advantages, zeros)
+                else chosen_advantages, 0.0)
     aux_r = aux(rejected_win_rates if "sppo" in types else iterate_rejected_logps if "inpo" in types
-                else rejected_advantages, zeros)
+                else rejected_advantages, 0.0)
     extra = gold_logps if "tpo_nll" in types else sampled_logps
     if extra is None:  # the kernels read the extra slot in chosen_logps' dtype
         extra = chosen.new_zeros(chosen.shape)
@@ -396,8 +398,8 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
              and not torch._C._functorch.is_functorch_wrapped_tensor(chosen))
     op = _EagerPreferenceLoss.apply if eager else _preference_op
     loss, _, _, _, metrics = op(
-        chosen, rejected, extra, ref_c, ref_r, aux_c, aux_r, aux(gold_lengths, ones), aux(chosen_lengths, ones),
-        aux(rejected_lengths, ones), aux(pair_weights, ones), [LOSS_TYPES.index(t) for t in types], weights, hyper)
+        chosen, rejected, extra, ref_c, ref_r, aux_c, aux_r, aux(gold_lengths, 1.0), aux(chosen_lengths, 1.0),
+        aux(rejected_lengths, 1.0), aux(pair_weights, 1.0), [LOSS_TYPES.index(t) for t in types], weights, hyper)
     keys = _ALL_METRICS if "orpo" in types else METRIC_KEYS
     return loss, dict(zip(keys, metrics.detach().to(torch.float32).unbind(0)))
 
