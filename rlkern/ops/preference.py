@@ -24,6 +24,7 @@ LOSS_TYPES = reference.LOSS_TYPES
 METRIC_KEYS = reference.METRIC_KEYS
 ORPO_METRIC_KEYS = reference.ORPO_METRIC_KEYS
 _ALL_METRICS = METRIC_KEYS + ORPO_METRIC_KEYS  # the kernels' metric slots
+_PAPER_TYPES = frozenset(reference.PAPER_LOSS_TYPES)
 
 
 # The kernels' hyper list (14): beta, label smoothing, f-divergence code, f alpha, discopop tau, alpha clamp,
@@ -90,8 +91,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_c, _grad_r, _grad_e, _grad_metrics):
     grad_c, grad_r, grad_e = ctx.saved_tensors
     g = grad_loss.to(grad_c.dtype)
-    return ((g * grad_c).to(ctx.dtypes[0]), (g * grad_r).to(ctx.dtypes[1]), (g * grad_e).to(ctx.dtypes[2]), None,
-            None, None, None, None, None, None, None, None, None, None)
+    # the extra slot is a zero placeholder unless a paper loss type reads it: no work for its gradient then
+    ge = (g * grad_e).to(ctx.dtypes[2]) if ctx.needs_input_grad[2] else None
+    return ((g * grad_c).to(ctx.dtypes[0]), (g * grad_r).to(ctx.dtypes[1]), ge, None, None, None, None, None, None,
+            None, None, None, None, None)
 
 
 _preference_op.register_autograd(_backward, setup_context=_setup_context)
@@ -275,16 +278,27 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
         (softplus for -logsigmoid; discopop's exponential in log space).
     """
     chosen, rejected = chosen_logps, rejected_logps
+    types = _loss_types(loss_type)
+    tset = set(types)
+    # the paper loss types' tensors and hyper-parameters: checked only when one of those tensors is given or
+    # a paper type is asked for (the common call pays nothing for them)
+    paper = not tset.isdisjoint(_PAPER_TYPES) or any(
+        t is not None for t in (chosen_win_rates, rejected_win_rates, prev_ref_chosen_logps, prev_ref_rejected_logps,
+                                iterate_chosen_logps, iterate_rejected_logps, chosen_advantages, rejected_advantages,
+                                sampled_logps, gold_logps, gold_lengths))
     constants = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps,
-                 "pair_weights": pair_weights, "chosen_win_rates": chosen_win_rates,
-                 "rejected_win_rates": rejected_win_rates, "prev_ref_chosen_logps": prev_ref_chosen_logps,
-                 "prev_ref_rejected_logps": prev_ref_rejected_logps, "iterate_chosen_logps": iterate_chosen_logps,
-                 "iterate_rejected_logps": iterate_rejected_logps, "chosen_advantages": chosen_advantages,
-                 "rejected_advantages": rejected_advantages}
+                 "pair_weights": pair_weights}
+    if paper:
+        constants.update(chosen_win_rates=chosen_win_rates, rejected_win_rates=rejected_win_rates,
+                         prev_ref_chosen_logps=prev_ref_chosen_logps, prev_ref_rejected_logps=prev_ref_rejected_logps,
+                         iterate_chosen_logps=iterate_chosen_logps, iterate_rejected_logps=iterate_rejected_logps,
+                         chosen_advantages=chosen_advantages, rejected_advantages=rejected_advantages)
     specs = {"chosen_logps": (chosen, "float"), "rejected_logps": (rejected, "float"),
-             "sampled_logps": (sampled_logps, "float"), "gold_logps": (gold_logps, "float"),
              "chosen_lengths": (chosen_lengths, "mask"), "rejected_lengths": (rejected_lengths, "mask"),
-             "gold_lengths": (gold_lengths, "mask"), **{k: (v, "float") for k, v in constants.items()}}
+             **{k: (v, "float") for k, v in constants.items()}}
+    if paper:
+        specs.update(sampled_logps=(sampled_logps, "float"), gold_logps=(gold_logps, "float"),
+                     gold_lengths=(gold_lengths, "mask"))
     _checks.tensors(_OP, "chosen_logps", specs)
     if chosen.ndim != 1:
         raise ValueError(f"{_OP}: chosen_logps must be [B], got shape {tuple(chosen.shape)}")
@@ -292,16 +306,17 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
     for name, t in (("rejected_logps", rejected), ("sampled_logps", sampled_logps), ("gold_logps", gold_logps)):
         if t is not None and t.dtype != chosen.dtype:
             raise TypeError(f"{_OP}: {name} must have chosen_logps' dtype {chosen.dtype}, got {t.dtype}")
-    for a, b in (("ref_chosen_logps", "ref_rejected_logps"), ("prev_ref_chosen_logps", "prev_ref_rejected_logps"),
-                 ("chosen_win_rates", "rejected_win_rates"), ("iterate_chosen_logps", "iterate_rejected_logps"),
-                 ("chosen_advantages", "rejected_advantages")):
+    pairs = (("ref_chosen_logps", "ref_rejected_logps"),)
+    if paper:
+        pairs += (("prev_ref_chosen_logps", "prev_ref_rejected_logps"), ("chosen_win_rates", "rejected_win_rates"),
+                  ("iterate_chosen_logps", "iterate_rejected_logps"), ("chosen_advantages", "rejected_advantages"))
+    for a, b in pairs:
         if (constants[a] is None) != (constants[b] is None):
             raise ValueError(f"{_OP}: {a} and {b} must be given together (or both None), got only one")
     for name, t in constants.items():
         if t is not None and t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{_OP}: {name} requires grad, but it is a constant of the loss; compute it under "
                              "torch.no_grad() or pass .detach()")
-    types = _loss_types(loss_type)
     if loss_weights is None:
         weights = [1.0] * len(types)
     else:
@@ -315,51 +330,53 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
     f_alpha = _checks.number(_OP, "f_alpha_divergence_coef", f_alpha_divergence_coef)
     tau = _checks.number(_OP, "discopop_tau", discopop_tau, low=0, low_open=True)
     if f_divergence_type != "reverse_kl":
-        bad = sorted(set(types) - set(reference.F_DIVERGENCE_LOSS_TYPES))
+        bad = sorted(tset - set(reference.F_DIVERGENCE_LOSS_TYPES))
         if bad:
             raise ValueError(f"{_OP}: f_divergence_type={f_divergence_type!r} is only valid with loss types "
                              f"{reference.F_DIVERGENCE_LOSS_TYPES}, got {bad}")
-    if "exo_pair" in types and ls == 0.0:
+    if "exo_pair" in tset and ls == 0.0:
         raise ValueError(f"{_OP}: label_smoothing must be > 0 with loss_type 'exo_pair' (EXO recommends 1e-3), got 0.0")
-    if "robust" in types and ls >= 0.5:
+    if "robust" in tset and ls >= 0.5:
         raise ValueError(f"{_OP}: label_smoothing must be < 0.5 with loss_type 'robust', got {ls!r}")
-    free = sorted(set(types) & set(reference.REFERENCE_FREE_LOSS_TYPES))
+    free = sorted(tset & set(reference.REFERENCE_FREE_LOSS_TYPES))
     if free and ref_chosen_logps is not None:
         raise ValueError(f"{_OP}: loss_type {free} is reference-free (TRL's CPO / ORPO trainers, CPL), got reference "
                          "log-probs")
     gamma = _checks.number(_OP, "simpo_gamma", simpo_gamma)
-    xpo_alpha = _checks.number(_OP, "xpo_alpha", xpo_alpha)
-    vpo_alpha = _checks.number(_OP, "vpo_alpha", vpo_alpha)
-    apo_momentum = _checks.number(_OP, "apo_momentum", apo_momentum, low=0)
-    inpo_tau = _checks.number(_OP, "inpo_tau", inpo_tau, low=0)
-    inpo_eta = _checks.number(_OP, "inpo_eta", inpo_eta, low=0, low_open=True)
-    cpl_lambda = _checks.number(_OP, "cpl_lambda", cpl_lambda, low=0)
-    if pair_weights is not None and {"aot", "aot_unpaired"} & set(types):
+    if pair_weights is not None and {"aot", "aot_unpaired"} & tset:
         raise ValueError(f"{_OP}: pair_weights cannot be used with aot / aot_unpaired (they sort the pairs)")
     for name, t, needed in (("chosen_lengths", chosen_lengths, {"ipo", "sigmoid_norm", "sft", "simpo", "orpo"}),
                             ("rejected_lengths", rejected_lengths, {"ipo", "sigmoid_norm", "simpo", "orpo"}),
                             ("gold_lengths", gold_lengths, {"tpo_nll"})):
-        if t is None and needed & set(types):
-            raise ValueError(f"{_OP}: loss_type {sorted(needed & set(types))} needs {name} (the completions' "
+        if t is None and needed & tset:
+            raise ValueError(f"{_OP}: loss_type {sorted(needed & tset)} needs {name} (the completions' "
                              "token counts), got None")
-    # the paper loss types' tensors: each read by its loss types only, one meaning per call
-    readers = {"sampled_logps": ("xpo", "vpo"), "gold_logps": ("tpo_nll",), "gold_lengths": ("tpo_nll",),
-               "iterate_chosen_logps": ("inpo",), "chosen_win_rates": ("sppo",), "chosen_advantages": ("step_apo",)}
-    given = {"sampled_logps": sampled_logps, "gold_logps": gold_logps, "gold_lengths": gold_lengths,
-             "iterate_chosen_logps": iterate_chosen_logps, "chosen_win_rates": chosen_win_rates,
-             "chosen_advantages": chosen_advantages}
-    for name, users in readers.items():
-        if given[name] is None and set(users) & set(types):
-            raise ValueError(f"{_OP}: loss_type {sorted(set(users) & set(types))} needs {name}, got None")
-        if given[name] is not None and not set(users) & set(types):
-            raise ValueError(f"{_OP}: {name} is read by loss_type {list(users)} only, got loss_type {types}")
-    for group in ((("sppo", "inpo", "step_apo")), ("xpo", "tpo_nll"), ("vpo", "tpo_nll")):
-        if len(set(group) & set(types)) > 1:
-            raise ValueError(f"{_OP}: loss_type {sorted(set(group) & set(types))} cannot be combined in one call "
-                             "(they read different per-pair tensors); call the op once per loss type")
-    alpha = _checks.number(_OP, "alpha", alpha)
-    if alpha != 0.0:
-        bad = sorted(set(types) - set(reference.ALPHAPO_LOSS_TYPES))
+    if paper:  # the paper loss types' hyper-parameters (unread otherwise) and tensors
+        xpo_alpha = _checks.number(_OP, "xpo_alpha", xpo_alpha)
+        vpo_alpha = _checks.number(_OP, "vpo_alpha", vpo_alpha)
+        apo_momentum = _checks.number(_OP, "apo_momentum", apo_momentum, low=0)
+        inpo_tau = _checks.number(_OP, "inpo_tau", inpo_tau, low=0)
+        inpo_eta = _checks.number(_OP, "inpo_eta", inpo_eta, low=0, low_open=True)
+        cpl_lambda = _checks.number(_OP, "cpl_lambda", cpl_lambda, low=0)
+        # each tensor is read by its loss types only, with one meaning per call
+        readers = {"sampled_logps": ("xpo", "vpo"), "gold_logps": ("tpo_nll",), "gold_lengths": ("tpo_nll",),
+                   "iterate_chosen_logps": ("inpo",), "chosen_win_rates": ("sppo",),
+                   "chosen_advantages": ("step_apo",)}
+        given = {"sampled_logps": sampled_logps, "gold_logps": gold_logps, "gold_lengths": gold_lengths,
+                 "iterate_chosen_logps": iterate_chosen_logps, "chosen_win_rates": chosen_win_rates,
+                 "chosen_advantages": chosen_advantages}
+        for name, users in readers.items():
+            if given[name] is None and set(users) & tset:
+                raise ValueError(f"{_OP}: loss_type {sorted(set(users) & tset)} needs {name}, got None")
+            if given[name] is not None and not set(users) & tset:
+                raise ValueError(f"{_OP}: {name} is read by loss_type {list(users)} only, got loss_type {types}")
+        for group in (("sppo", "inpo", "step_apo"), ("xpo", "tpo_nll"), ("vpo", "tpo_nll")):
+            if len(set(group) & tset) > 1:
+                raise ValueError(f"{_OP}: loss_type {sorted(set(group) & tset)} cannot be combined in one call "
+                                 "(they read different per-pair tensors); call the op once per loss type")
+    if alpha != 0.0:  # (anything but a number is != 0.0: the check below refuses it)
+        alpha = _checks.number(_OP, "alpha", alpha)
+        bad = sorted(tset - set(reference.ALPHAPO_LOSS_TYPES))
         if bad or ref_chosen_logps is not None or f_divergence_type != "reverse_kl":
             raise ValueError(f"{_OP}: alpha (AlphaPO) applies to CPO's reference-free loss types "
                              f"{reference.ALPHAPO_LOSS_TYPES} with reverse_kl only, got loss_type {types}, "
@@ -371,12 +388,12 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
 
     dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
 
-    filled = {}  # the default slots, made once each and only when a slot needs one
+    filled = {}  # the default slots (zeros, ones), made once each and only when a slot needs one
 
     def aux(t, fill):
         if t is None:
             if fill not in filled:
-                filled[fill] = torch.full(chosen.shape, fill, dtype=dtype, device=chosen.device)
+                filled[fill] = (chosen.new_zeros if fill == 0.0 else chosen.new_ones)(chosen.shape, dtype=dtype)
             return filled[fill]
         return t.detach().to(dtype).contiguous()
 
@@ -384,22 +401,30 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
     if prev_ref_chosen_logps is not None:  # APO: Nesterov's extrapolated reference, constants of the loss
         ref_c = ((1 + apo_momentum) * ref_c - apo_momentum * aux(prev_ref_chosen_logps, 0.0)).contiguous()
         ref_r = ((1 + apo_momentum) * ref_r - apo_momentum * aux(prev_ref_rejected_logps, 0.0)).contiguous()
-    aux_c = aux(chosen_win_rates if "sppo" in types else iterate_chosen_logps if "inpo" in types
-                else chosen_advantages, 0.0)
-    aux_r = aux(rejected_win_rates if "sppo" in types else iterate_rejected_logps if "inpo" in types
-                else rejected_advantages, 0.0)
-    extra = gold_logps if "tpo_nll" in types else sampled_logps
+    lengths_c, lengths_r, weights_t = aux(chosen_lengths, 1.0), aux(rejected_lengths, 1.0), aux(pair_weights, 1.0)
+    if paper:
+        aux_c = aux(chosen_win_rates if "sppo" in tset else iterate_chosen_logps if "inpo" in tset
+                    else chosen_advantages, 0.0)
+        aux_r = aux(rejected_win_rates if "sppo" in tset else iterate_rejected_logps if "inpo" in tset
+                    else rejected_advantages, 0.0)
+        lengths_e = aux(gold_lengths, 1.0)
+        extra = gold_logps if "tpo_nll" in tset else sampled_logps
+    else:  # no loss type reads these slots: any tensor of the slot's shape and dtype does
+        aux_c = aux_r = lengths_e = lengths_c
+        extra = None
     if extra is None:  # the kernels read the extra slot in chosen_logps' dtype
-        extra = chosen.new_zeros(chosen.shape)
+        extra = lengths_c if chosen.dtype == dtype and not paper else chosen.new_zeros(chosen.shape)
+    # the paper hyper-parameters are checked (and read) only with the paper types / tensors: 0 otherwise
+    paper_hyper = [xpo_alpha, vpo_alpha, inpo_tau, inpo_eta, cpl_lambda] if paper else [0.0] * 5
     hyper = [beta, ls, float(reference.F_DIVERGENCES.index(f_divergence_type)), f_alpha, tau,
-             reference.alpha_clamp(chosen.dtype), gamma, xpo_alpha, vpo_alpha, inpo_tau, inpo_eta, cpl_lambda, alpha,
+             reference.alpha_clamp(chosen.dtype), gamma, *paper_hyper, float(alpha),
              float(reference.averaged_metrics(types, ref_chosen_logps is None))]
     eager = (type(chosen) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
              and not torch._C._functorch.is_functorch_wrapped_tensor(chosen))
     op = _EagerPreferenceLoss.apply if eager else _preference_op
     loss, _, _, _, metrics = op(
-        chosen, rejected, extra, ref_c, ref_r, aux_c, aux_r, aux(gold_lengths, 1.0), aux(chosen_lengths, 1.0),
-        aux(rejected_lengths, 1.0), aux(pair_weights, 1.0), [LOSS_TYPES.index(t) for t in types], weights, hyper)
+        chosen, rejected, extra, ref_c, ref_r, aux_c, aux_r, lengths_e, lengths_c, lengths_r, weights_t,
+        [LOSS_TYPES.index(t) for t in types], weights, hyper)
     keys = _ALL_METRICS if "orpo" in types else METRIC_KEYS
     return loss, dict(zip(keys, metrics.detach().to(torch.float32).unbind(0)))
 
