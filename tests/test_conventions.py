@@ -176,6 +176,7 @@ def test_trainer_drop_ins_spell_their_dtype_option_out_dtype(name):
         assert params["out_dtype"].kind is inspect.Parameter.KEYWORD_ONLY and params["out_dtype"].default is None
         logits, index = torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64)
         args = {"entropy_from_logits": (logits,), "compute_entropy": (logits,), "PolicyLoss": (),
-                "ValueLoss": ()}.get(name.rpartition(".")[2], (logits, index))
+                "ValueLoss": (), "PairWiseLoss": (), "LogExpLoss": (),
+                "KTOLoss": (0.1, 1.0, 1.0, 1, "cpu")}.get(name.rpartition(".")[2], (logits, index))
         with pytest.raises(TypeError, match=f"^{name.rpartition('.')[2]}: out_dtype must be None"):
             obj(*args, out_dtype="float32")

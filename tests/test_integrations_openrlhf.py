@@ -18,6 +18,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import inspect
+import math
 import os
 import pickle
 import sys
@@ -37,12 +38,14 @@ _STUBBED_MODULES = ("flash_attn", "flash_attn.bert_padding", "flash_attn.utils",
 # OpenRLHF's modules that import a patched object by name (and the two that define them)
 _BY_NAME = {
     "openrlhf.models.utils": ("log_probs_from_logits", "compute_entropy", "compute_approx_kl"),
-    "openrlhf.models.loss": ("PolicyLoss", "ValueLoss"),
-    "openrlhf.models": ("PolicyLoss", "ValueLoss"),
+    "openrlhf.models.loss": ("PolicyLoss", "ValueLoss", "DPOLoss", "PairWiseLoss", "LogExpLoss"),
+    "openrlhf.models": ("PolicyLoss", "ValueLoss", "DPOLoss", "PairWiseLoss", "LogExpLoss"),
     "openrlhf.models.actor": ("log_probs_from_logits", "compute_entropy"),
     "openrlhf.trainer.ray.ppo_actor": ("PolicyLoss", "compute_approx_kl"),
     "openrlhf.trainer.ray.ppo_critic": ("ValueLoss",),
     "openrlhf.trainer.ppo_utils.experience_maker": ("compute_approx_kl",),
+    "openrlhf.trainer.dpo_trainer": ("DPOLoss",),
+    "openrlhf.trainer.rm_trainer": ("PairWiseLoss", "LogExpLoss"),
 }
 
 
@@ -89,7 +92,8 @@ def orl():
     try:
         modules = _import_openrlhf()
         originals = {name: getattr(modules["openrlhf.models.utils"], name) for name in _BY_NAME["openrlhf.models.utils"]}
-        originals.update({name: getattr(modules["openrlhf.models.loss"], name) for name in ("PolicyLoss", "ValueLoss")})
+        originals.update({name: getattr(modules["openrlhf.models.loss"], name)
+                          for name in _BY_NAME["openrlhf.models.loss"]})
         yield modules, originals
     finally:
         ro.unpatch()
@@ -267,6 +271,324 @@ def test_value_loss_parity(patched, clip_eps, token_level, norms, dtype):
     # OpenRLHF clips as old + clamp(v - old), rlkern as clamp(v, old - c, old + c): one rounding apart
     _close_or_as_close_as_torch(ours[0], theirs[0], reference[0], "loss")
     _close_or_as_close_as_torch(ours[1], theirs[1], reference[1], "grad")
+
+
+# --- DPOLoss, PairWiseLoss, LogExpLoss (preference losses) ------------------------------------------
+
+_DPO_CONFIGS = [dict(beta=0.1), dict(beta=0.3, label_smoothing=0.2), dict(beta=0.1, label_smoothing=0.7),
+                dict(beta=0.1, label_smoothing=1.0), dict(beta=0.2, label_smoothing=0.5), dict(beta=0.1, ipo=True),
+                dict(beta=0.5, label_smoothing=0.3, ipo=True)]
+
+
+def _dpo_batch(dtype, B=9, seed=20):
+    # summed log-probs of ~20-token completions; log-ratio margins spread across the sigmoid
+    g = torch.Generator().manual_seed(seed)
+    rc = -torch.rand(B, generator=g, dtype=torch.float64) * 40 - 5
+    rr = -torch.rand(B, generator=g, dtype=torch.float64) * 40 - 5
+    pc = rc + torch.randn(B, generator=g, dtype=torch.float64) * 8
+    pr = rr + torch.randn(B, generator=g, dtype=torch.float64) * 8
+    return [t.to(dtype) for t in (pc, pr, rc, rr)]
+
+
+def _run_dpo(cls, kw, batch, dtype=None):
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    pc, pr, rc, rr = (cast(t) for t in batch)
+    pc, pr = pc.clone().requires_grad_(), pr.clone().requires_grad_()
+    out = cls(**kw)(pc, pr, rc, rr)
+    out[0].backward()
+    return out, pc.grad, pr.grad
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("config", _DPO_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dpo_loss_parity(patched, config, dtype):
+    new, orig = _replaced(patched, "DPOLoss")
+    batch = _dpo_batch(dtype)
+    calls = ro.calls["DPOLoss"]
+    ours, g_c, g_r = _run_dpo(new, config, batch)
+    theirs, t_c, t_r = _run_dpo(orig, config, batch)
+    assert ro.calls["DPOLoss"] == calls + 1
+    reference = _run_dpo(orig, config, batch, torch.float64) if _low(dtype) else ([None] * 3, None, None)
+    for name, x, y, r in zip(("loss", "chosen_rewards", "rejected_rewards"), ours, theirs, reference[0]):
+        assert x.shape == y.shape and x.requires_grad == y.requires_grad == (name == "loss"), name
+        _close_or_as_close_as_torch(x.detach(), y.detach(), None if r is None else r.detach(), name)
+    _close_or_as_close_as_torch(g_c, t_c, reference[1], "grad chosen")
+    _close_or_as_close_as_torch(g_r, t_r, reference[2], "grad rejected")
+    assert 0.05 < float(theirs[0].detach()) and t_c.abs().max() > 1e-3  # neither saturated nor flat
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("config", [dict(beta=1.0), dict(beta=1.0, label_smoothing=0.1), dict(beta=0.1, ipo=True)],
+                         ids=["dpo", "cdpo", "ipo"])
+def test_dpo_loss_edge_cases(orl, config):
+    from rlkern.algos.openrlhf import DPOLoss
+
+    _, originals = orl
+    # saturated pairs (|beta x| = 300 both ways), ties, a single pair: OpenRLHF's numbers in float32
+    pc = torch.tensor([-10.0, -400.0, -5.0, -7.0])
+    pr = torch.tensor([-310.0, -100.0, -5.0, -7.0])
+    rc, rr = torch.zeros(4), torch.zeros(4)
+    for sl in (slice(None), slice(0, 1)):
+        batch = [t[sl] for t in (pc, pr, rc, rr)]
+        ours, g_c, g_r = _run_dpo(DPOLoss, config, batch)
+        theirs, t_c, t_r = _run_dpo(originals["DPOLoss"], config, batch)
+        for x, y in zip(ours + (g_c, g_r), theirs + (t_c, t_r)):
+            torch.testing.assert_close(x.detach(), y.detach(), rtol=1e-5, atol=1e-6)
+    # no pairs: rlkern's preference losses give 0 (OpenRLHF's mean of nothing is NaN)
+    empty = torch.zeros(0, requires_grad=True)
+    loss, chosen, rejected = DPOLoss(**config)(empty, empty, torch.zeros(0), torch.zeros(0))
+    assert float(loss) == 0.0 and chosen.shape == rejected.shape == (0,)
+    assert originals["DPOLoss"](**config)(empty, empty, torch.zeros(0), torch.zeros(0))[0].isnan()
+
+
+def test_dpo_loss_bad_calls():
+    from rlkern.algos.openrlhf import DPOLoss
+
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"^DPOLoss: label_smoothing must be in \[0, 1\]"):
+        DPOLoss(0.1, label_smoothing=1.5)(x, x, x, x)
+    DPOLoss(0.1, label_smoothing=1.5, ipo=True)(x, x, x, x)  # IPO ignores label_smoothing, as OpenRLHF
+    with pytest.raises(ValueError, match="^DPOLoss: reference_rejected_logps requires grad"):
+        DPOLoss(0.1)(x, x, x, x.clone().requires_grad_())
+    with pytest.raises(TypeError, match=r"^DPOLoss: out_dtype must be None \(OpenRLHF's dtype\)"):
+        DPOLoss(0.1, out_dtype="fp32")
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("name", ["PairWiseLoss", "LogExpLoss"])
+@pytest.mark.parametrize("margin", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_reward_model_losses_parity(patched, name, margin, dtype):
+    new, orig = _replaced(patched, name)
+    g = torch.Generator().manual_seed(21)
+    # rounded to dtype first: the float64 reference runs on the same inputs
+    chosen, rejected = ((torch.randn(11, generator=g, dtype=torch.float64) * 3).to(dtype) for _ in range(2))
+    # as OpenRLHF's RewardModelTrainer passes it: torch.tensor(list of floats), float32
+    m = (torch.rand(11, generator=g) * 2).float() if margin else None
+
+    def run(cls, d):
+        c, r = chosen.to(d).requires_grad_(), rejected.to(d).requires_grad_()
+        loss = cls()(c, r, m)
+        loss.backward()
+        return loss.detach(), c.grad, r.grad
+
+    calls = ro.calls[name]
+    ours, theirs = run(new, dtype), run(orig, dtype)
+    assert ro.calls[name] == calls + 1
+    reference = run(orig, torch.float64) if _low(dtype) else (None, None, None)
+    for label, x, y, r in zip(("loss", "grad chosen", "grad rejected"), ours, theirs, reference):
+        _close_or_as_close_as_torch(x, y, r, label)
+
+
+def test_log_exp_loss_does_not_overflow(orl):
+    from rlkern.algos.openrlhf import LogExpLoss, PairWiseLoss
+
+    _, originals = orl
+    chosen, rejected = torch.tensor([0.0, 1.0]), torch.tensor([120.0, 0.5])
+    assert originals["LogExpLoss"]()(chosen, rejected).isinf()  # log(1 + exp(120)) in float32
+    exact = originals["PairWiseLoss"]()(chosen.double(), rejected.double())
+    torch.testing.assert_close(LogExpLoss()(chosen, rejected).double(), exact, rtol=1e-6, atol=0)
+    torch.testing.assert_close(PairWiseLoss()(chosen, rejected).double(), exact, rtol=1e-6, atol=0)
+
+
+@pytest.mark.peer
+def test_preference_twins_out_dtype_and_patched_trainer_modules(orl):
+    from rlkern.algos import openrlhf as twins
+
+    modules, originals = orl
+    batch = _dpo_batch(torch.bfloat16, seed=22)
+    exact = originals["DPOLoss"](0.1, 0.2)(*(t.double() for t in batch))
+    ours = twins.DPOLoss(0.1, 0.2, out_dtype=torch.float32)(*batch)
+    assert all(x.dtype == torch.float32 for x in ours)
+    for x, y in zip(ours, exact):
+        torch.testing.assert_close(x.double(), y, rtol=1e-6, atol=1e-6)
+    ro.patch(fp32=True)
+    try:
+        dpo = modules["openrlhf.trainer.dpo_trainer"].DPOLoss(0.1, 0.0, True)
+        rm = modules["openrlhf.trainer.rm_trainer"].PairWiseLoss()
+        assert isinstance(dpo, twins.DPOLoss) and isinstance(rm, twins.PairWiseLoss)
+        calls = dict(ro.calls)
+        assert all(x.dtype == torch.float32 for x in dpo(*batch))
+        assert rm(batch[0], batch[1]).dtype == torch.float32
+        assert modules["openrlhf.trainer.rm_trainer"].LogExpLoss()(batch[0], batch[1]).dtype == torch.float32
+        for name in ("DPOLoss", "PairWiseLoss", "LogExpLoss"):
+            assert ro.calls[name] == calls.get(name, 0) + 1, name
+    finally:
+        ro.unpatch()
+    assert modules["openrlhf.trainer.dpo_trainer"].DPOLoss is originals["DPOLoss"]
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("trainer_name,margin", [("dpo", False), ("rm", False), ("rm", True)])
+def test_openrlhf_preference_evaluate_patched_equals_unpatched(orl, trainer_name, margin):
+    """OpenRLHF's own DPOTrainer.evaluate / RewardModelTrainer.evaluate with the loss its module
+    builds: patched, the loss runs on rlkern (counted) and logs OpenRLHF's numbers. (OpenRLHF's
+    packaged test_preference_eval compiles the class from its source, which no patch reaches.)"""
+    import types
+
+    modules, _ = orl
+    module = importlib.import_module(f"openrlhf.trainer.{trainer_name}_trainer")
+    cls = module.DPOTrainer if trainer_name == "dpo" else module.RewardModelTrainer
+    g = torch.Generator().manual_seed(25)
+    chosen, rejected = torch.randn(7, 1, generator=g) * 3, torch.randn(7, 1, generator=g) * 3
+    margins = torch.rand(7, generator=g)
+    last = torch.zeros(7) if trainer_name == "dpo" else margins
+    data = torch.utils.data.TensorDataset(chosen[:, None], torch.ones(7, 1, 1), rejected[:, None],
+                                          torch.ones(7, 1, 1), last)
+    model, reference = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    model.config = types.SimpleNamespace()
+
+    def forward(current, chosen_ids, c_mask, reject_ids, r_mask, *args):
+        c, r = chosen_ids[:, 0].float(), reject_ids[:, 0].float()
+        if current is reference:
+            c, r = 0.3 * c, -0.2 * r
+        return (c, r, None) if trainer_name == "rm" else (c, r, None, None)
+
+    def evaluate():
+        logged = []
+        strategy = types.SimpleNamespace(is_rank_0=lambda: True, all_reduce=lambda v: v, all_gather=lambda v: v,
+                                         _unwrap_model=lambda v: v, print=lambda *a: None)
+        loss_fn = module.DPOLoss(0.5, 0.1) if trainer_name == "dpo" else module.PairWiseLoss()
+        trainer = types.SimpleNamespace(model=model, ref_model=reference, strategy=strategy, margin_loss=margin,
+                                        loss_fn=loss_fn, concatenated_forward=forward, _wandb=types.SimpleNamespace(
+                                            log=logged.append), _tensorboard=None)
+        cls.evaluate(trainer, torch.utils.data.DataLoader(data, batch_size=3), steps=1)
+        return logged[0], loss_fn
+
+    theirs, their_fn = evaluate()
+    name = "DPOLoss" if trainer_name == "dpo" else "PairWiseLoss"
+    calls = ro.calls[name]
+    ro.patch()
+    try:
+        ours, our_fn = evaluate()
+    finally:
+        ro.unpatch()
+    assert hasattr(type(our_fn), "_rlkern_original") and not hasattr(type(their_fn), "_rlkern_original")
+    assert ro.calls[name] == calls + 3  # three batches
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-6), key
+
+
+# --- KTOLoss (OpenRLHF 0.1.10 to 0.9.5) ---------------------------------------------------------
+
+
+def _kto_batch(dtype, seed=23):
+    g = torch.Generator().manual_seed(seed)
+    n_c, n_r, n_kl = 5, 4, 9
+    rc = -torch.rand(n_c, generator=g, dtype=torch.float64) * 30 - 2
+    rr = -torch.rand(n_r, generator=g, dtype=torch.float64) * 30 - 2
+    pc = rc + torch.randn(n_c, generator=g, dtype=torch.float64) * 6
+    pr = rr + torch.randn(n_r, generator=g, dtype=torch.float64) * 6
+    rkl = -torch.rand(n_kl, generator=g, dtype=torch.float64) * 30 - 2
+    pkl = rkl + torch.randn(n_kl, generator=g, dtype=torch.float64) + 1.0  # a positive reference point
+    return [t.to(dtype) for t in (pc, pr, pkl, rc, rr, rkl)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.33, 0.7)])
+def test_kto_loss_twin_matches_the_float64_reference(dtype, weights):
+    from rlkern.algos.openrlhf import KTOLoss
+    from rlkern.reference import preference as reference
+
+    pc, pr, pkl, rc, rr, rkl = _kto_batch(dtype)
+    leaf_c, leaf_r = pc.clone().requires_grad_(), pr.clone().requires_grad_()
+    loss, chosen, rejected, kl = KTOLoss(0.2, *weights, 1, torch.device("cpu"))(leaf_c, leaf_r, pkl, rc, rr, rkl)
+    loss.backward()
+    assert loss.dtype == chosen.dtype == rejected.dtype == kl.dtype == dtype
+    # the float64 reference on the same (rounded) inputs: rlkern.reference.preference.kto_loss
+    # over the chosen then rejected completions, the KL completions' mean as the reference point
+    x = torch.cat([pc, pr]).double().requires_grad_()
+    labels = torch.cat([torch.ones(5, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)])
+    want, metrics = reference.kto_loss(x, torch.cat([rc, rr]).double(), labels, pkl.double(), rkl.double(),
+                                       beta=0.2, desirable_weight=weights[0], undesirable_weight=weights[1])
+    want.backward()
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loss.double(), want, **tol)
+    torch.testing.assert_close(torch.cat([leaf_c.grad, leaf_r.grad]).double(), x.grad, **tol)
+    torch.testing.assert_close(kl.double(), metrics["kl"], **tol)
+    assert metrics["kl"] > 0
+    torch.testing.assert_close(chosen.double(), 0.2 * (pc.double() - rc.double()), **tol)
+    torch.testing.assert_close(rejected.double(), 0.2 * (pr.double() - rr.double()), **tol)
+    # out_dtype: float32 outputs of bfloat16 inputs, computed unrounded
+    if dtype == torch.bfloat16:
+        wide = KTOLoss(0.2, *weights, 1, "cpu", out_dtype=torch.float32)(pc, pr, pkl, rc, rr, rkl)
+        assert all(t.dtype == torch.float32 for t in wide)
+        torch.testing.assert_close(wide[0].double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_kto_loss_twin_edges():
+    from rlkern.algos.openrlhf import KTOLoss
+
+    pc, pr, pkl, rc, rr, rkl = _kto_batch(torch.float32)
+    loss_fn = KTOLoss(0.1, 1.0, 1.0, 1, "cpu")
+    # a negative KL mean is clamped to 0: the loss is that of reference point 0
+    low = loss_fn(pc, pr, rkl - 1.0, rc, rr, rkl)
+    zero = loss_fn(pc, pr, rkl, rc, rr, rkl)
+    assert float(low[3]) == 0.0 and float(zero[3]) == 0.0
+    torch.testing.assert_close(low[0], zero[0])
+    only_chosen = loss_fn(pc, pr[:0], pkl, rc, rr[:0], rkl)
+    assert only_chosen[2].shape == (0,) and torch.isfinite(only_chosen[0])
+    assert float(loss_fn(pc[:0], pr[:0], pkl, rc[:0], rr[:0], rkl)[0]) == 0.0
+    with pytest.raises(ValueError, match="^KTOLoss: world_size=2 needs torch.distributed initialized"):
+        KTOLoss(0.1, 1.0, 1.0, 2, "cpu")(pc, pr, pkl, rc, rr, rkl)
+
+
+@pytest.mark.peer
+def test_kto_loss_twin_matches_trl_kto():
+    """The old OpenRLHF KTOLoss on one process is TRL 1.16's KTO loss (same reference point, same
+    weighted mean): the twin against TRL's own KTOTrainer._compute_loss."""
+    import types
+    from collections import defaultdict
+
+    from conftest import import_peer
+    from rlkern.algos.openrlhf import KTOLoss
+
+    kto = import_peer("trl.trainer.kto_trainer")
+    g = torch.Generator().manual_seed(24)
+    n, width = 8, 6
+    labels = torch.tensor([True, False, True, True, False, False, True, False])
+    per_token = -torch.rand(n, width, generator=g) * 3
+    mask = (torch.rand(n, width, generator=g) > 0.3).float()
+    kl_per_token = -torch.rand(n, width, generator=g) * 3
+    kl_mask = (torch.rand(n, width, generator=g) > 0.3).float()
+    sums, kl_sums = (per_token * mask).sum(1), (kl_per_token * kl_mask).sum(1)
+    ref, ref_kl = sums + torch.randn(n, generator=g), kl_sums - torch.rand(n, generator=g) - 0.2
+
+    trainer = object.__new__(kto.KTOTrainer)
+    identity = lambda x, **_: x  # noqa: E731  (one process: accelerate's gathers are the identity)
+    trainer.__dict__.update(
+        model=types.SimpleNamespace(training=True), aux_loss_enabled=False, beta=0.2, loss_type="kto",
+        desirable_weight=1.3, undesirable_weight=0.8, calculate_KL=True, precompute_ref_logps=True,
+        _total_train_tokens=0, _tp_size=1, _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        accelerator=types.SimpleNamespace(gather_for_metrics=identity, device=torch.device("cpu")))
+    leaf = per_token.clone().requires_grad_()
+    ids, kl_ids = torch.zeros(n, width + 1, dtype=torch.long), torch.ones(n, width + 1, dtype=torch.long)
+    zeros = torch.zeros(n, width)
+
+    def model(input_ids=None, **_):
+        if input_ids is kl_ids:
+            return types.SimpleNamespace(log_probs=kl_per_token * kl_mask)
+        return types.SimpleNamespace(log_probs=leaf * mask, entropy=zeros, mean_logits=zeros)
+
+    pad = torch.zeros(n, 1, dtype=torch.long)
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), completion_mask=torch.cat([pad, mask.long()], 1),
+                  label=labels, ref_logps=ref, KL_input_ids=kl_ids, KL_attention_mask=torch.ones_like(kl_ids),
+                  KL_completion_mask=torch.cat([pad, kl_mask.long()], 1), ref_KL_logps=ref_kl)
+    trl_loss = trainer._compute_loss(model, inputs, False)
+    trl_grad = torch.autograd.grad(trl_loss, leaf)[0]
+    trl_kl = trainer._metrics["train"]["kl"][-1]
+
+    x = sums.clone().requires_grad_()
+    loss, _, _, kl = KTOLoss(0.2, 1.3, 0.8, 1, "cpu")(x[labels], x[~labels], kl_sums, ref[labels], ref[~labels],
+                                                      ref_kl)
+    loss.backward()
+    assert trl_kl > 0
+    torch.testing.assert_close(loss, trl_loss, rtol=2e-5, atol=2e-6)
+    assert math.isclose(float(kl), trl_kl, rel_tol=2e-5)
+    # d loss / d token = d loss / d sum on every unmasked token
+    torch.testing.assert_close(x.grad[:, None].expand_as(trl_grad) * mask, trl_grad, rtol=2e-5, atol=2e-7)
 
 
 # --- compute_approx_kl ---------------------------------------------------------------------------

@@ -351,14 +351,19 @@ def test_rloo_loss(options):
     assert 0 < want["clip_ratio/region_mean"][-1] < 1  # the clip is exercised
 
 
-def test_loss_overrides_name_both_trainers(monkeypatch):
+def test_loss_overrides_name_the_trainers(monkeypatch):
     trl_loss_mod = pytest.importorskip("rlkern.integrations._trl_loss")
     grpo = import_peer("trl.trainer.grpo_trainer")
     rloo = import_peer("trl.trainer.rloo_trainer")
+    dpo = import_peer("trl.trainer.dpo_trainer")
+    kto = import_peer("trl.trainer.kto_trainer")
     overrides = trl_loss_mod.loss_overrides()
     assert [(o, a) for o, a, _ in overrides] == [(grpo.GRPOTrainer, "_compute_loss"),
-                                                 (rloo.RLOOTrainer, "_compute_loss")]
-    assert [r for _, _, r in overrides] == [trl_loss_mod.grpo_compute_loss, trl_loss_mod.rloo_compute_loss]
+                                                 (rloo.RLOOTrainer, "_compute_loss"),
+                                                 (dpo.DPOTrainer, "_compute_loss"),
+                                                 (kto.KTOTrainer, "_compute_loss")]
+    assert [r for _, _, r in overrides] == [trl_loss_mod.grpo_compute_loss, trl_loss_mod.rloo_compute_loss,
+                                            trl_loss_mod.dpo_compute_loss, trl_loss_mod.kto_compute_loss]
     # the originals stay reachable for the configurations rlkern leaves to TRL
     assert trl_loss_mod._original(grpo.GRPOTrainer) is grpo.GRPOTrainer.__dict__["_compute_loss"]
     # patched as rlkern.integrations.trl.patch(loss=True) does: the fallback still reaches TRL's own
@@ -375,3 +380,341 @@ def test_loss_overrides_name_both_trainers(monkeypatch):
     trainer, lp, _ = _grpo(dict(options), b)
     grpo.GRPOTrainer._compute_loss(trainer, None, _inputs(b, options)).backward()
     assert trl_loss_mod.CALLS == before + 1
+
+
+# --- DPO -------------------------------------------------------------------------------------------
+# DPOTrainer built without a model as GRPO's above: the policy and the reference are stubs that
+# return the fused head's per-token outputs (log-probs 0 where the label is -100, as TRL's head).
+
+P = 5  # pairs
+
+
+def _dpo_batch(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    n, width = 2 * P, T + 1
+    start = torch.randint(0, 4, (n,), generator=g)
+    start[1] = start[P + 3] = 0  # completions from position 0: the shifted mask has one token less
+    end = start + torch.randint(3, T - 2, (n,), generator=g)
+    pos = torch.arange(width)[None, :]
+    completion_mask = ((pos >= start[:, None]) & (pos < end[:, None])).long()
+    shift = completion_mask[:, 1:].to(dtype)
+    lp = (-torch.rand(n, T, generator=g, dtype=torch.float64) * 2.0).to(dtype) * shift
+    ref = (lp.double() + torch.randn(n, T, generator=g, dtype=torch.float64) * 0.3).to(dtype) * shift
+    extra = dict(entropy=torch.rand(n, T, generator=g) * 3, mean_logits=torch.randn(n, T, generator=g),
+                 is_top1=torch.rand(n, T, generator=g) > 0.5,
+                 log_sum_sq_probs=(-torch.rand(n, T, generator=g, dtype=torch.float64) * 1.5).to(dtype))
+    return dict(lp=lp, ref=ref, completion_mask=completion_mask, extra=extra,
+                input_ids=torch.zeros(n, width, dtype=torch.long),
+                attention_mask=torch.ones(n, width, dtype=torch.long))
+
+
+def _dpo(options, b, training=True):
+    dpo = import_peer("trl.trainer.dpo_trainer")
+    args = types.SimpleNamespace(**_config_defaults("trl.trainer.dpo_config", "DPOConfig"))
+    for k, v in options.items():
+        setattr(args, k, v)
+    if isinstance(args.loss_type, str):
+        args.loss_type = [args.loss_type]
+    trainer = object.__new__(dpo.DPOTrainer)
+    trainer.args = args
+    trainer.accelerator = _accelerator()
+    trainer.accelerator.device = torch.device("cpu")
+    trainer.model = torch.nn.Module().train(training)  # accelerate's is_peft_model reads a Module
+    trainer.model.is_gradient_checkpointing = False
+    trainer.beta = args.beta
+    trainer.precompute_ref_logps = args.precompute_ref_log_probs
+    trainer.loss_types = args.loss_type
+    trainer.loss_weights = args.loss_weights or [1.0] * len(args.loss_type)
+    trainer.ld_alpha = args.ld_alpha
+    trainer.f_divergence_type = args.f_divergence_type
+    trainer.f_alpha_divergence_coef = args.f_alpha_divergence_coef
+    trainer.label_smoothing = args.label_smoothing
+    trainer.use_weighting = args.use_weighting
+    trainer.aux_loss_enabled = options.get("aux", False)
+    trainer.router_aux_loss_coef = 0.01
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    trainer._total_train_tokens = 0
+    trainer._tp_size = 1
+    lp = b["lp"].clone().requires_grad_()
+
+    def policy(**kwargs):
+        assert kwargs["fused_lm_head"] and kwargs["labels"].shape == b["input_ids"].shape
+        assert ("output_router_logits" in kwargs) == trainer.aux_loss_enabled
+        # the head's log-probs are 0, with no gradient, where the label is -100
+        shift = (kwargs["labels"][:, 1:] != -100).to(lp.dtype)
+        return types.SimpleNamespace(log_probs=lp * shift, aux_loss=torch.tensor(0.4), **b["extra"])
+
+    def reference(**kwargs):
+        assert not torch.is_grad_enabled() and "output_router_logits" not in kwargs
+        return types.SimpleNamespace(log_probs=b["ref"])
+
+    trainer.ref_model = reference
+    return trainer, policy, lp
+
+
+def _dpo_inputs(b, trainer):
+    inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
+              "completion_mask": b["completion_mask"]}
+    if trainer.precompute_ref_logps:  # as TRL's precompute: the reference's sums (LD-weighted too)
+        from rlkern.integrations._trl_loss import _sequence_logps
+
+        sums, _ = _sequence_logps(trainer, b["ref"], b["completion_mask"][:, 1:])
+        inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = sums.chunk(2)
+    return inputs
+
+
+def _dpo_compare(options, seed=0, dtype=torch.float32, training=True, rtol=2e-5, atol=2e-6, fallback=False):
+    trl_loss_mod = pytest.importorskip("rlkern.integrations._trl_loss")
+    dpo = import_peer("trl.trainer.dpo_trainer")
+    b = _dpo_batch(seed, dtype)
+    theirs, model_t, lp_t = _dpo(options, b, training)
+    ours, model_o, lp_o = _dpo(options, b, training)
+    inputs = _dpo_inputs(b, theirs)
+    ref_loss = trl_loss_mod._original(dpo.DPOTrainer)(theirs, model_t, inputs, False)
+    ref_loss.backward()
+    before = trl_loss_mod.CALLS
+    our_loss = trl_loss_mod.dpo_compute_loss(ours, model_o, inputs, False)
+    our_loss.backward()
+    assert trl_loss_mod.CALLS == before + (0 if fallback else 1), "rlkern did not compute the loss"
+    torch.testing.assert_close(our_loss.double(), ref_loss.double(), rtol=rtol, atol=atol, equal_nan=fallback)
+    torch.testing.assert_close(lp_o.grad.double(), lp_t.grad.double(), rtol=rtol, atol=atol, equal_nan=fallback)
+    mode = "train" if training else "eval"
+    want, got = dict(theirs._metrics[mode]), dict(ours._metrics[mode])
+    assert list(got) == list(want)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=rtol, abs=atol, nan_ok=True), key
+    return want, float(ref_loss.detach())
+
+
+DPO_LOSS_TYPES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_dpo_loss_types(loss_type):
+    options = {"loss_type": loss_type, "beta": 0.3}
+    if loss_type in ("exo_pair", "robust", "aot", "aot_unpaired"):
+        options["label_smoothing"] = 0.15
+    logged, _ = _dpo_compare(options, seed=20)
+    assert 0 < logged["rewards/accuracies"][-1] < 1  # the pairs go both ways
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("f_divergence", ["forward_kl", "js_divergence", "alpha_divergence"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "discopop"])
+def test_dpo_f_divergences(f_divergence, loss_type):
+    _dpo_compare({"loss_type": loss_type, "f_divergence_type": f_divergence, "f_alpha_divergence_coef": 0.6,
+                  "beta": 0.5}, seed=21)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("options", [
+    {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},  # MPO
+    {"loss_type": ["ipo", "sft"], "loss_weights": [1.0, 0.5]},  # sft's shifted lengths, ipo's unshifted
+    {"loss_type": ["sigmoid_norm", "sft", "sft"], "loss_weights": [1.0, 0.3, 0.2]},
+    {"loss_type": "sigmoid", "ld_alpha": 0.5},
+    {"loss_type": ["sigmoid", "sft"], "ld_alpha": 0.3},  # sft on the plain sums, sigmoid on LD's
+    {"loss_type": ["ipo", "robust"], "ld_alpha": 0.7, "label_smoothing": 0.1},
+    {"loss_type": "sigmoid", "use_weighting": True},
+    {"loss_type": ["ipo", "sigmoid_norm"], "use_weighting": True},
+    {"loss_type": ["aot", "apo_zero"], "label_smoothing": 0.3, "precompute_ref_log_probs": True},
+    {"loss_type": "sigmoid", "precompute_ref_log_probs": True, "ld_alpha": 0.5},
+    {"loss_type": ["sigmoid", "exo_pair"], "label_smoothing": 0.5, "aux": True},
+], ids=["mpo", "ipo_sft", "sigmoid_norm_sft2", "ld_alpha", "ld_alpha_sft", "ld_alpha_ipo_robust", "wpo",
+        "wpo_ipo_sigmoid_norm", "aot_precompute", "precompute_ld", "aux_loss"])
+def test_dpo_options(options):
+    _dpo_compare(dict(options), seed=22)
+
+
+@pytest.mark.peer
+def test_dpo_eval_mode_and_bf16():
+    _dpo_compare({"loss_type": ["sigmoid", "sft"]}, seed=23, training=False)
+    # TRL computes in bfloat16, rlkern in float32: the bound is bf16's rounding
+    _dpo_compare({"loss_type": ["sigmoid", "ipo"]}, seed=24, dtype=torch.bfloat16, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("options", [
+    {"loss_type": "robust", "label_smoothing": 0.6},  # TRL only warns; rlkern takes < 0.5
+    {"loss_type": "aot", "label_smoothing": 0.7},
+    {"loss_type": "sft", "ld_alpha": 0.5},  # logged sums LD-weighted, the loss of plain ones
+], ids=["robust_ls_0.6", "aot_ls_0.7", "sft_only_ld_alpha"])
+def test_dpo_inexpressible_configurations_run_trl(options):
+    _dpo_compare(dict(options), seed=25, fallback=True)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_dpo_other_backends(monkeypatch, backend_name):
+    from rlkern import _backend
+
+    if backend_name == "triton" and not _backend.triton_interpreted():
+        pytest.skip("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    monkeypatch.setenv("RLKERN_BACKEND", backend_name)
+    _dpo_compare({"loss_type": ["sigmoid", "ipo", "sft"], "loss_weights": [1.0, 0.5, 0.2], "ld_alpha": 0.6},
+                 seed=26, rtol=1e-5, atol=1e-5)
+    _dpo_compare({"loss_type": ["discopop", "sigmoid_norm"], "use_weighting": True,
+                  "f_divergence_type": "js_divergence"}, seed=27, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("loss_type", [["sigmoid", "sft"], ["hinge"]], ids=["sigmoid_sft", "hinge"])
+def test_dpo_weighting_where_trl_raises(loss_type):
+    # TRL 1.16 multiplies the per-pair loss in place by the WPO weights: sft's is an expanded
+    # (stride-0) tensor, hinge's is relu's output, which its backward needs; TRL raises. rlkern
+    # computes the weighted loss, checked here in float64 from the batch
+    trl_loss_mod = pytest.importorskip("rlkern.integrations._trl_loss")
+    dpo = import_peer("trl.trainer.dpo_trainer")
+    b = _dpo_batch(28)
+    options = {"loss_type": loss_type, "use_weighting": True, "beta": 0.2}
+    theirs, model_t, _ = _dpo(options, b)
+    ours, model_o, lp = _dpo(options, b)
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor|modified by an inplace"):
+        trl_loss_mod._original(dpo.DPOTrainer)(theirs, model_t, _dpo_inputs(b, theirs), False).backward()
+    before = trl_loss_mod.CALLS
+    loss = trl_loss_mod.dpo_compute_loss(ours, model_o, _dpo_inputs(b, ours), False)
+    loss.backward()
+    assert trl_loss_mod.CALLS == before + 1 and lp.grad is not None
+    shift = b["completion_mask"][:, 1:].double()
+    lp64, ref64 = b["lp"].double() * shift, b["ref"].double() * shift
+    aligned = (lp64 - b["extra"]["log_sum_sq_probs"].double()) * shift
+    w = torch.exp(aligned.sum(1) / shift.sum(1).clamp(min=1))
+    pair_w = w[:P] * w[P:]
+    ratio = lp64.sum(1) - ref64.sum(1)
+    x = 0.2 * (ratio[:P] - ratio[P:])
+    if loss_type == ["hinge"]:
+        want = (torch.relu(1 - x) * pair_w).mean()
+    else:
+        nll = -lp64[:P].sum() / shift[:P].sum()
+        want = (torch.nn.functional.softplus(-x) * pair_w).mean() + (nll * pair_w).mean()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+
+
+# --- KTO -------------------------------------------------------------------------------------------
+
+N_KTO = 8
+
+
+def _kto_batch(seed=0, dtype=torch.float32, labels=None):
+    g = torch.Generator().manual_seed(seed)
+    width = T + 1
+    pos = torch.arange(width)[None, :]
+
+    def mask(n):
+        start = torch.randint(1, 4, (n,), generator=g)
+        end = start + torch.randint(2, T - 2, (n,), generator=g)
+        return ((pos >= start[:, None]) & (pos < end[:, None])).long()
+
+    completion_mask, kl_mask = mask(N_KTO), mask(N_KTO)
+
+    def per_token(m, spread=None, base=None):
+        noise = -torch.rand(N_KTO, T, generator=g, dtype=torch.float64) * 2.0 if base is None else \
+            base.double() + torch.randn(N_KTO, T, generator=g, dtype=torch.float64) * spread
+        return noise.to(dtype) * m[:, 1:].to(dtype)
+
+    lp, kl_lp = per_token(completion_mask), per_token(kl_mask)
+    ref, ref_kl = per_token(completion_mask, 0.3, lp), per_token(kl_mask, 0.3, kl_lp) - 0.05 * kl_mask[:, 1:]
+    if labels is None:
+        labels = torch.tensor([True, False, True, True, False, False, True, False])
+    extra = dict(entropy=torch.rand(N_KTO, T, generator=g) * 3, mean_logits=torch.randn(N_KTO, T, generator=g))
+    return dict(lp=lp, ref=ref, kl_lp=kl_lp, ref_kl=ref_kl, completion_mask=completion_mask, kl_mask=kl_mask,
+                labels=labels, extra=extra, input_ids=torch.zeros(N_KTO, width, dtype=torch.long),
+                kl_ids=torch.ones(N_KTO, width, dtype=torch.long))
+
+
+def _kto(options, b, training=True):
+    kto = import_peer("trl.trainer.kto_trainer")
+    args = types.SimpleNamespace(**_config_defaults("trl.trainer.kto_config", "KTOConfig"))
+    for k, v in options.items():
+        setattr(args, k, v)
+    trainer = object.__new__(kto.KTOTrainer)
+    trainer.args = args
+    trainer.accelerator = _accelerator()
+    trainer.accelerator.device = torch.device("cpu")
+    trainer.model = torch.nn.Module().train(training)
+    trainer.model.is_gradient_checkpointing = False
+    trainer.beta = args.beta
+    trainer.precompute_ref_logps = args.precompute_ref_log_probs
+    trainer.loss_type = args.loss_type
+    trainer.desirable_weight = args.desirable_weight
+    trainer.undesirable_weight = args.undesirable_weight
+    trainer.calculate_KL = options.get("calculate_KL", args.loss_type == "kto")
+    trainer.aux_loss_enabled = options.get("aux", False)
+    trainer.router_aux_loss_coef = 0.01
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    trainer._total_train_tokens = 0
+    trainer._tp_size = 1
+    lp = b["lp"].clone().requires_grad_()
+
+    def run(per_token, kl_per_token, **kwargs):
+        shift = (kwargs["labels"][:, 1:] != -100).to(per_token.dtype)
+        if kwargs["input_ids"] is b["kl_ids"]:
+            return types.SimpleNamespace(log_probs=kl_per_token * shift)
+        return types.SimpleNamespace(log_probs=per_token * shift, aux_loss=torch.tensor(0.3), **b["extra"])
+
+    def reference(**kwargs):
+        assert not torch.is_grad_enabled()
+        return run(b["ref"], b["ref_kl"], **kwargs)
+
+    trainer.ref_model = reference
+    return trainer, (lambda **kwargs: run(lp, b["kl_lp"], **kwargs)), lp
+
+
+def _kto_inputs(b, trainer):
+    inputs = {"input_ids": b["input_ids"], "attention_mask": torch.ones_like(b["input_ids"]),
+              "completion_mask": b["completion_mask"], "label": b["labels"]}
+    if trainer.calculate_KL:
+        inputs.update(KL_input_ids=b["kl_ids"], KL_attention_mask=torch.ones_like(b["kl_ids"]),
+                      KL_completion_mask=b["kl_mask"])
+    if trainer.precompute_ref_logps:
+        inputs["ref_logps"] = (b["ref"] * b["completion_mask"][:, 1:]).sum(-1)
+        if trainer.calculate_KL:
+            inputs["ref_KL_logps"] = (b["ref_kl"] * b["kl_mask"][:, 1:]).sum(-1)
+    return inputs
+
+
+def _kto_compare(options, seed=0, dtype=torch.float32, training=True, labels=None, rtol=2e-5, atol=2e-6):
+    trl_loss_mod = pytest.importorskip("rlkern.integrations._trl_loss")
+    kto = import_peer("trl.trainer.kto_trainer")
+    b = _kto_batch(seed, dtype, labels)
+    theirs, model_t, lp_t = _kto(options, b, training)
+    ours, model_o, lp_o = _kto(options, b, training)
+    inputs = _kto_inputs(b, theirs)
+    ref_loss = trl_loss_mod._original(kto.KTOTrainer)(theirs, model_t, inputs, False)
+    ref_loss.backward()
+    before = trl_loss_mod.CALLS
+    our_loss = trl_loss_mod.kto_compute_loss(ours, model_o, inputs, False)
+    our_loss.backward()
+    assert trl_loss_mod.CALLS == before + 1, "rlkern did not compute the loss"
+    torch.testing.assert_close(our_loss.double(), ref_loss.double(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(lp_o.grad.double(), lp_t.grad.double(), rtol=rtol, atol=atol)
+    mode = "train" if training else "eval"
+    want, got = dict(theirs._metrics[mode]), dict(ours._metrics[mode])
+    assert list(got) == list(want)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=rtol, abs=atol), key
+    return want
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("options", [
+    {"loss_type": "kto"},
+    {"loss_type": "kto", "desirable_weight": 1.33, "undesirable_weight": 0.7, "beta": 0.3},
+    {"loss_type": "apo_zero_unpaired", "desirable_weight": 0.8},
+    {"loss_type": "kto", "calculate_KL": False},
+    {"loss_type": "kto", "precompute_ref_log_probs": True},
+    {"loss_type": "apo_zero_unpaired", "precompute_ref_log_probs": True, "aux": True},
+], ids=["kto", "kto_weights", "apo_zero_unpaired", "kto_no_kl", "kto_precompute", "apo_precompute_aux"])
+def test_kto_loss(options):
+    logged = _kto_compare(dict(options), seed=30)
+    if options["loss_type"] == "kto" and options.get("calculate_KL", True):
+        assert logged["kl"][-1] > 0  # the reference point is exercised
+
+
+@pytest.mark.peer
+def test_kto_one_group_eval_and_bf16():
+    _kto_compare({"loss_type": "kto"}, seed=31, labels=torch.ones(N_KTO, dtype=torch.bool))
+    _kto_compare({"loss_type": "kto", "undesirable_weight": 1.5}, seed=32, labels=torch.zeros(N_KTO, dtype=torch.bool),
+                 training=False)
+    _kto_compare({"loss_type": "kto"}, seed=33, dtype=torch.bfloat16, rtol=2e-2, atol=2e-2)

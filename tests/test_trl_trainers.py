@@ -1,4 +1,5 @@
-"""TRL 1.16's own trainers, two optimizer steps, plain and with ``rlkern.integrations.trl.patch()``.
+"""TRL 1.16's own trainers, two optimizer steps, plain and with ``rlkern.integrations.trl.patch()``
+(and DPO / KTO with ``patch(loss=True)``: their losses on rlkern too).
 
 GRPO, RLOO, DPO, KTO and SFT on a tiny in-process Qwen2 (tests/_tiny_models.py), CPU, offline,
 from the same seed, in float32 and under bf16 autocast (``bf16=True, use_cpu=True``: accelerate
@@ -88,15 +89,19 @@ def _trainer(name, precision, output_dir, tmp_root):
 
 @functools.cache
 def _train(name, precision, mode, tmp_root):
-    """mode: "trl" (TRL as shipped), "trl-chunk97" (TRL, another chunk_size), "rlkern" (patched).
-    Returns (losses, grad norms, final parameters, rlkern fused-head calls)."""
+    """mode: "trl" (TRL as shipped), "trl-chunk97" (TRL, another chunk_size), "rlkern" (patched),
+    "rlkern-loss" (``patch(loss=True)``: the trainer's loss too). Returns (losses, grad norms,
+    final parameters, rlkern fused-head calls, rlkern trainer-loss calls)."""
     rt.unpatch()
     saved_chunk = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
     if mode == "trl-chunk97":
         trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = 97
-    if mode == "rlkern":
-        rt.patch()
+    if mode.startswith("rlkern"):
+        rt.patch(loss=mode == "rlkern-loss")
     before = rt.calls["ChunkedLogProbFunction"]
+    loss_key = {"grpo": "GRPOTrainer", "rloo": "RLOOTrainer", "dpo": "DPOTrainer",
+                "kto": "KTOTrainer"}.get(name, "") + "._compute_loss"
+    loss_before = rt.calls[loss_key]
     try:
         trainer = _trainer(name, precision, f"{tmp_root}/{name}-{precision}-{mode}", tmp_root)
         trainer.train()
@@ -107,7 +112,7 @@ def _train(name, precision, mode, tmp_root):
     assert len(logs) == 2, trainer.state.log_history
     params = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}
     return ([float(h["loss"]) for h in logs], [float(h["grad_norm"]) for h in logs], params,
-            rt.calls["ChunkedLogProbFunction"] - before)
+            rt.calls["ChunkedLogProbFunction"] - before, rt.calls[loss_key] - loss_before)
 
 
 @pytest.fixture(scope="module")
@@ -140,5 +145,24 @@ def test_trainer_with_rlkern_matches_trl(name, precision, tmp_root):
         # error (TRL bf16 against TRL fp32): a tenth of it is allowed on top of the noise.
         slack = {key: 0.1 * value for key, value in _gaps(_train(name, "fp32", "trl", tmp_root), trl_run).items()}
     print(f"{name} {precision}: rlkern-vs-TRL {gap}, TRL-vs-TRL(chunk 97) {noise}, bf16 slack {slack}")
+    for key in gap:
+        assert gap[key] <= 20 * noise[key] + slack[key] + 2e-6, (key, gap, noise, slack)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("name", ["dpo", "kto"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_preference_trainer_loss_through_rlkern(name, precision, tmp_root):
+    # patch(loss=True): DPOTrainer._compute_loss / KTOTrainer._compute_loss run rlkern's
+    # preference_loss / kto_loss on every step
+    trl_run = _train(name, precision, "trl", tmp_root)
+    ours = _train(name, precision, "rlkern-loss", tmp_root)
+    assert trl_run[4] == 0 and ours[4] > 0 and ours[3] > 0, (trl_run[4], ours[3], ours[4])
+    gap = _gaps(trl_run, ours)
+    noise = _gaps(trl_run, _train(name, precision, "trl-chunk97", tmp_root))
+    slack = {key: 0.0 for key in gap}
+    if precision == "bf16":  # as in test_trainer_with_rlkern_matches_trl
+        slack = {key: 0.1 * value for key, value in _gaps(_train(name, "fp32", "trl", tmp_root), trl_run).items()}
+    print(f"{name} {precision} loss=True: rlkern-vs-TRL {gap}, TRL-vs-TRL(chunk 97) {noise}, bf16 slack {slack}")
     for key in gap:
         assert gap[key] <= 20 * noise[key] + slack[key] + 2e-6, (key, gap, noise, slack)

@@ -1,4 +1,5 @@
-"""TRL 1.16's GRPO / RLOO loss through ``rlkern.policy_loss``.
+"""TRL 1.16's GRPO / RLOO loss through ``rlkern.policy_loss``, its DPO and KTO losses through
+``rlkern.preference_loss`` and ``rlkern.kto_loss``.
 
 ``grpo_compute_loss`` and ``rloo_compute_loss`` replace ``GRPOTrainer._compute_loss`` and
 ``RLOOTrainer._compute_loss``: the log-probs and entropies come from the trainer's own
@@ -15,6 +16,24 @@ A configuration rlkern cannot express exactly (``delta < 1 + epsilon_high``: TRL
 clip then also caps positive advantages; ``cispo`` with ``epsilon_high < 1``; ``vespo`` with
 ``importance_sampling_level="sequence"`` and a bias-corrected KL) runs TRL's own method,
 unchanged and uncounted.
+
+``dpo_compute_loss`` replaces ``DPOTrainer._compute_loss`` (see its docstring): every loss type
+TRL 1.16 has, the loss-type list with ``loss_weights`` (MPO), every ``f_divergence_type``,
+``label_smoothing``, ``discopop_tau``, WPO's ``use_weighting``, LD-DPO's ``ld_alpha``,
+``precompute_ref_log_probs``, the PEFT reference and the MoE aux loss. TRL's own method runs
+(uncounted) for ``return_outputs=True`` (deprecated in TRL, an extra forward), a loss type or
+f-divergence TRL does not know (TRL raises), ``beta <= 0``, ``label_smoothing`` outside [0, 0.5]
+with robust / exo_pair / aot / aot_unpaired, or >= 0.5 with robust (TRL only warns there), and
+``loss_type=["sft"]`` alone with ``ld_alpha`` (TRL logs LD-weighted sums but averages plain token
+log-probs). Where TRL 1.16 fails, rlkern computes: ``use_weighting`` with sft or hinge (TRL's
+in-place product on sft's expanded loss / on relu's saved output raises), alpha_divergence on
+float64 log-probs (TRL has no clamp for float64; rlkern's is 80). Empty completions: sft's
+token mean is 0 (TRL: NaN).
+
+``kto_compute_loss`` replaces ``KTOTrainer._compute_loss``: both loss types (kto,
+apo_zero_unpaired), the desirable / undesirable weights, the KL reference point (with or
+without KL completions), precomputed / PEFT references and the aux loss, through
+``rlkern.kto_loss``.
 """
 
 from __future__ import annotations
@@ -39,9 +58,11 @@ _ORIGINAL: dict = {}  # (class, attribute) -> TRL's own method, for the configur
 
 
 def _trl():
+    from trl.trainer.dpo_trainer import DPOTrainer
     from trl.trainer.grpo_trainer import GRPOTrainer
+    from trl.trainer.kto_trainer import KTOTrainer
     from trl.trainer.rloo_trainer import RLOOTrainer
-    return GRPOTrainer, RLOOTrainer
+    return GRPOTrainer, RLOOTrainer, DPOTrainer, KTOTrainer
 
 
 def _logps_and_entropies(self, model, inputs):
@@ -75,7 +96,7 @@ def _save_originals() -> None:
     """Keep TRL's own ``_compute_loss`` of each trainer (the fallback) before anything patches it."""
     for owner in _trl():
         current = owner.__dict__["_compute_loss"]
-        if current not in (grpo_compute_loss, rloo_compute_loss):
+        if current not in (grpo_compute_loss, rloo_compute_loss, dpo_compute_loss, kto_compute_loss):
             _ORIGINAL[(owner, "_compute_loss")] = current
 
 
@@ -288,11 +309,276 @@ def rloo_compute_loss(self, model, inputs):
     return loss
 
 
+# --- DPO ---------------------------------------------------------------------------------------
+
+# loss types that read label_smoothing (rlkern takes it in [0, 0.5]; robust < 0.5, exo_pair > 0)
+_DPO_SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")
+_DPO_NORMALIZED = ("ipo", "sigmoid_norm")  # divide by the unshifted completion_mask's sums
+
+
+def _dpo_expressible(self) -> bool:
+    from rlkern.reference.preference import DPO_LOSS_TYPES, F_DIVERGENCES
+
+    types = list(self.loss_types)
+    if not types or not set(types) <= set(DPO_LOSS_TYPES) or self.f_divergence_type not in F_DIVERGENCES:
+        return False  # TRL raises its own errors
+    if not self.beta > 0 or len(self.loss_weights) != len(types):
+        return False
+    ls = self.label_smoothing
+    if set(types) & set(_DPO_SMOOTHED) and not 0.0 <= ls <= 0.5:
+        return False
+    if "robust" in types and ls >= 0.5:
+        return False  # TRL divides by 1 - 2 * label_smoothing (it only warns)
+    if set(types) == {"sft"} and self.ld_alpha is not None:
+        return False  # the logged rewards / log-probs are of LD-weighted sums, the loss of plain ones
+    return True
+
+
+def _sequence_logps(self, per_token_logps, shift_completion_mask, masks=None):
+    """TRL's per-sequence sums: plain (the fused head's log-probs are 0 where the label is -100),
+    or LD-DPO's (``ld_alpha``) shared-prefix sum plus ld_alpha times the tail's. Returns the sums
+    and the (shared, tail) masks, which the reference's sums reuse."""
+    if self.ld_alpha is None:
+        return per_token_logps.sum(dim=1), None
+    if masks is None:
+        position = shift_completion_mask.cumsum(dim=1)
+        lengths = shift_completion_mask.sum(dim=1).long()
+        chosen, rejected = lengths.chunk(2, dim=0)
+        shared = torch.minimum(chosen, rejected)
+        shared = torch.cat([shared, shared], dim=0).to(per_token_logps.device)[:, None]
+        masks = ((position > 0) & (position <= shared), position > shared)
+    shared_mask, tail_mask = masks
+    sums = (per_token_logps * shared_mask).sum(dim=1) + self.ld_alpha * (per_token_logps * tail_mask).sum(dim=1)
+    return sums, masks
+
+
+def _dpo_reference_logps(self, model_kwargs, labels, seq_len, shift_completion_mask, masks):
+    """TRL's reference forward (under no_grad, without router logits, PEFT: the adapter off or the
+    "ref" adapter), summed as the policy's."""
+    from trl.trainer import dpo_trainer as trl_dpo
+
+    kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+    with torch.no_grad(), trl_dpo.disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        if trl_dpo.is_peft_model(self.model) and self.ref_model is None:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            with trl_dpo.use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                outputs = self.model(**kwargs, labels=labels, fused_lm_head=True)
+        else:
+            outputs = self.ref_model(**kwargs, labels=labels, fused_lm_head=True)
+    return _sequence_logps(self, outputs.log_probs[:, -seq_len:], shift_completion_mask, masks)[0]
+
+
+def _dpo_token_metrics(self, mode, outputs, seq_len, shift_completion_mask, inputs):
+    """TRL's logged entropy, token count, mean logits and token accuracy (from the fused head's
+    per-token outputs; no loss math)."""
+    gather = self.accelerator.gather_for_metrics
+    entropy = outputs.entropy[:, -seq_len:].detach()
+    tokens = gather(shift_completion_mask.sum()).sum()
+    entropy_sum = gather((entropy * shift_completion_mask).sum()).sum()
+    self._metrics[mode]["entropy"].append((entropy_sum / tokens).item() if tokens > 0 else 0.0)
+    if mode == "train":
+        self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+    self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+    chosen_mask, rejected_mask = shift_completion_mask.bool().chunk(2, dim=0)
+    chosen_logits, rejected_logits = outputs.mean_logits[:, -seq_len:].chunk(2, dim=0)
+    for name, logits, mask in (("chosen", chosen_logits, chosen_mask), ("rejected", rejected_logits, rejected_mask)):
+        total = gather(logits[mask].sum()).sum().item()
+        count = gather(mask.sum()).sum().item()
+        self._metrics[mode][f"logits/{name}"].append(total / count if count > 0 else 0.0)
+    top1, _ = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)
+    correct = gather((top1 & chosen_mask).sum()).sum()
+    count = gather(chosen_mask.sum()).sum()
+    self._metrics[mode]["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
+
+
+def dpo_compute_loss(self, model, inputs, return_outputs):
+    """``DPOTrainer._compute_loss`` through rlkern.preference_loss (same loss, gradient and metrics).
+
+    TRL's glue stays: the policy (and reference) forward through the fused head, the per-sequence
+    sums (LD-DPO's ``ld_alpha`` weighting), the precomputed reference log-probs, WPO's
+    ``use_weighting`` pair weights, the MoE aux loss and the token metrics. Every loss type, the
+    loss-type list with ``loss_weights``, ``f_divergence_type`` / ``f_alpha_divergence_coef``,
+    ``label_smoothing`` and ``discopop_tau`` are rlkern's; the logged rewards and log-probs are
+    its metrics (means over the pairs, averaged over processes by their pair counts). sft with
+    LD-DPO or with ipo / sigmoid_norm takes its own call (it averages the plain token log-probs
+    over the shifted mask, the others read LD-weighted sums / the unshifted lengths).
+    """
+    trainer_cls = _trl()[2]
+    if return_outputs or not _dpo_expressible(self):
+        return _original(trainer_cls)(self, model, inputs, return_outputs)
+    mode = "train" if self.model.training else "eval"
+    model_kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps",
+                                                                 "ref_rejected_logps")}
+    model_kwargs["use_cache"] = False
+    if self.aux_loss_enabled:
+        model_kwargs["output_router_logits"] = True
+    completion_mask = inputs["completion_mask"]
+    shift_completion_mask = completion_mask[..., 1:]
+    labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+    outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+    seq_len = shift_completion_mask.size(1)
+    per_token_logps = outputs.log_probs[:, -seq_len:]
+    logps, masks = _sequence_logps(self, per_token_logps, shift_completion_mask)
+    chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+    if self.precompute_ref_logps:
+        ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+    else:
+        ref_logps = _dpo_reference_logps(self, model_kwargs, labels, seq_len, shift_completion_mask, masks)
+        ref_chosen, ref_rejected = ref_logps.chunk(2, dim=0)
+
+    pair_weights = None
+    if self.use_weighting:  # WPO (arXiv 2406.11827, Eq. 2): exp of the mean aligned log-prob, constants
+        with torch.no_grad():
+            aligned = (per_token_logps - outputs.log_sum_sq_probs[:, -seq_len:]) * shift_completion_mask
+            weights = torch.exp(aligned.sum(dim=1) / shift_completion_mask.sum(dim=1).clamp_min(1))
+            chosen_w, rejected_w = weights.chunk(2, dim=0)
+            pair_weights = chosen_w * rejected_w
+
+    types, loss_weights = list(self.loss_types), [float(w) for w in self.loss_weights]
+    smoothed = bool(set(types) & set(_DPO_SMOOTHED))
+    kw = dict(beta=self.beta, label_smoothing=self.label_smoothing if smoothed else 0.0,
+              f_divergence_type=self.f_divergence_type, f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+              discopop_tau=self.args.discopop_tau, pair_weights=pair_weights)
+    chosen_mask, rejected_mask = completion_mask.chunk(2, dim=0)
+    shift_chosen, shift_rejected = shift_completion_mask.chunk(2, dim=0)
+    split_sft = "sft" in types and (self.ld_alpha is not None or bool(set(types) & set(_DPO_NORMALIZED)))
+    main = [(t, w) for t, w in zip(types, loss_weights) if not (split_sft and t == "sft")]
+    # sft's lengths are the shifted mask's token counts, ipo's / sigmoid_norm's the unshifted mask's
+    lengths = (shift_chosen, shift_rejected) if "sft" in types and not split_sft else (chosen_mask, rejected_mask)
+    loss, metrics = rlkern.preference_loss(
+        chosen_logps, rejected_logps, ref_chosen, ref_rejected, loss_type=[t for t, _ in main],
+        loss_weights=[w for _, w in main], chosen_lengths=lengths[0].sum(dim=1),
+        rejected_lengths=lengths[1].sum(dim=1), **kw)
+    if split_sft:
+        sft = [w for t, w in zip(types, loss_weights) if t == "sft"]
+        plain = (per_token_logps * shift_completion_mask).sum(dim=1) if self.ld_alpha is not None else logps
+        plain_chosen, plain_rejected = plain.chunk(2, dim=0)
+        sft_loss, _ = rlkern.preference_loss(
+            plain_chosen, plain_rejected, loss_type=["sft"] * len(sft), loss_weights=sft,
+            chosen_lengths=shift_chosen.sum(dim=1), rejected_lengths=shift_rejected.sum(dim=1), **kw)
+        loss = loss + sft_loss
+    _count("DPOTrainer._compute_loss")
+
+    if self.aux_loss_enabled:
+        loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+        self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+    _dpo_token_metrics(self, mode, outputs, seq_len, shift_completion_mask, inputs)
+    n_pairs = chosen_logps.shape[0]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected"):
+        self._metrics[mode][key].append(_global_mean(self, metrics[key], n_pairs))
+    return loss
+
+
+# --- KTO ---------------------------------------------------------------------------------------
+
+
+def kto_compute_loss(self, model, inputs, return_outputs):
+    """``KTOTrainer._compute_loss`` through rlkern.kto_loss (same loss, gradient and metrics).
+
+    TRL's glue stays: the KL completions' log-probs (its own ``_compute_kl_logps``), the policy
+    and reference forwards, the reference point averaged over processes (TRL's gathered mean,
+    clamped at 0, passed to kto_loss as one KL log-prob), the aux loss and the token metrics. The
+    loss over the desirable and undesirable completions with their weights, and the logged
+    rewards / log-probs, are rlkern's. TRL's own method runs for ``return_outputs=True``, a loss
+    type TRL does not know, or ``beta <= 0``. No completion at all gives 0 (TRL: NaN).
+    """
+    from trl.trainer import kto_trainer as trl_kto
+
+    from rlkern.reference.preference import KTO_LOSS_TYPES
+
+    if return_outputs or self.loss_type not in KTO_LOSS_TYPES or not self.beta > 0:
+        return _original(_trl()[3])(self, model, inputs, return_outputs)
+    mode = "train" if self.model.training else "eval"
+    device = self.accelerator.device
+    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    labels = batch["label"]
+    num_chosen = labels.sum().to(device)
+    num_rejected = (len(labels) - num_chosen).to(device)
+    kl_logps = self._compute_kl_logps(model, batch)
+
+    skip = ("completion_mask", "KL_input_ids", "KL_attention_mask", "KL_completion_mask", "KL_token_type_ids",
+            "KL_mm_token_type_ids", "label", "ref_logps", "ref_KL_logps")
+    model_kwargs = {k: v for k, v in batch.items() if k not in skip}
+    model_kwargs["use_cache"] = False
+    if self.aux_loss_enabled:
+        model_kwargs["output_router_logits"] = True
+    completion_labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    outputs = model(**model_kwargs, labels=completion_labels, fused_lm_head=True)
+    seq_len = batch["input_ids"].size(1) - 1
+    logps = outputs.log_probs[:, -seq_len:].sum(-1)
+    if logps.shape[0] != len(labels):
+        return _original(_trl()[3])(self, model, inputs, return_outputs)  # TRL raises its own error
+    bool_labels = torch.as_tensor(labels, dtype=torch.bool, device=logps.device)
+
+    if self.precompute_ref_logps:
+        ref_logps = batch["ref_logps"]
+        ref_kl_logps = batch["ref_KL_logps"] if self.calculate_KL else None
+    else:
+        ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+        with torch.no_grad(), trl_kto.disable_gradient_checkpointing(self.model,
+                                                                     self.args.gradient_checkpointing_kwargs):
+            if trl_kto.is_peft_model(self.model) and self.ref_model is None:
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                with trl_kto.use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                    ref_kl_logps = self._compute_kl_logps(self.model, batch)
+                    ref_outputs = self.model(**ref_kwargs, labels=completion_labels, fused_lm_head=True)
+            else:
+                ref_kl_logps = self._compute_kl_logps(self.ref_model, batch)
+                ref_outputs = self.ref_model(**ref_kwargs, labels=completion_labels, fused_lm_head=True)
+        ref_logps = ref_outputs.log_probs[:, -seq_len:].sum(-1)
+
+    kw = dict(loss_type=self.loss_type, beta=self.beta, desirable_weight=self.desirable_weight,
+              undesirable_weight=self.undesirable_weight)
+    if self.loss_type == "kto":
+        if self.calculate_KL:  # TRL's reference point: the processes' mean KL estimates, averaged, >= 0
+            point = (kl_logps - ref_kl_logps).mean().detach()
+            point = self.accelerator.gather_for_metrics(point).mean().reshape(1)
+        else:
+            point = logps.new_zeros((0,)).detach()  # no KL completions: kl = 0
+        loss, metrics = rlkern.kto_loss(logps, ref_logps, bool_labels, point, torch.zeros_like(point), **kw)
+    else:
+        loss, metrics = rlkern.kto_loss(logps, ref_logps, bool_labels, **kw)
+    _count("KTOTrainer._compute_loss")
+
+    self._metrics[mode]["kl"].append(metrics["kl"].item())
+    gather = self.accelerator.gather_for_metrics
+    entropy = outputs.entropy[:, -seq_len:].detach()
+    shift_completion_mask = batch["completion_mask"][:, 1:]
+    entropy_sum = gather((entropy * shift_completion_mask).sum()).sum()
+    tokens = gather(shift_completion_mask.sum()).sum()
+    self._metrics[mode]["entropy"].append((entropy_sum / tokens).item() if tokens > 0 else 0.0)
+    if mode == "train":
+        self._total_train_tokens += gather(batch["attention_mask"].sum()).sum().item() // self._tp_size
+    self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+    mean_logits = outputs.mean_logits[:, -seq_len:]
+    token_mask = shift_completion_mask.bool()
+    for name, rows in (("chosen", bool_labels), ("rejected", ~bool_labels)):
+        mask = token_mask & rows[:, None]
+        total, count = gather(mean_logits[mask].sum()).sum().item(), gather(mask.sum()).sum().item()
+        if count > 0:
+            self._metrics[mode][f"logits/{name}"].append(total / count)
+    all_chosen, all_rejected = gather(num_chosen).sum().item(), gather(num_rejected).sum().item()
+    # rlkern's group means times the local group sizes: the sums TRL gathers
+    for name, local, total in (("chosen", num_chosen, all_chosen), ("rejected", num_rejected, all_rejected)):
+        if total > 0:
+            for key in (f"rewards/{name}", f"logps/{name}"):
+                self._metrics[mode][key].append(gather(metrics[key] * local).sum().item() / total)
+    if all_chosen > 0 and all_rejected > 0:
+        self._metrics[mode]["rewards/margins"].append(
+            self._metrics[mode]["rewards/chosen"][-1] - self._metrics[mode]["rewards/rejected"][-1])
+    if self.aux_loss_enabled:
+        loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+        self._metrics[mode]["aux_loss"].append(gather(outputs.aux_loss).mean().item())
+    return loss
+
+
 def loss_overrides() -> list[tuple[object, str, object]]:
     """``(owner class, attribute name, replacement)`` for each trainer whose loss rlkern computes."""
-    grpo, rloo = _trl()
+    grpo, rloo, dpo, kto = _trl()
     _save_originals()
-    return [(grpo, "_compute_loss", grpo_compute_loss), (rloo, "_compute_loss", rloo_compute_loss)]
+    return [(grpo, "_compute_loss", grpo_compute_loss), (rloo, "_compute_loss", rloo_compute_loss),
+            (dpo, "_compute_loss", dpo_compute_loss), (kto, "_compute_loss", kto_compute_loss)]
 
 
 try:  # TRL's own methods, saved at import: a patch applied later cannot hide them from the fallback

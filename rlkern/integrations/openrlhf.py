@@ -6,9 +6,12 @@ dtypes):
 
 - ``openrlhf.models.utils``: ``log_probs_from_logits``, ``compute_entropy``,
   ``compute_approx_kl``;
-- ``openrlhf.models.loss``: ``PolicyLoss``, ``ValueLoss``;
+- ``openrlhf.models.loss``: ``PolicyLoss``, ``ValueLoss``, and the preference losses ``DPOLoss``
+  (DPO, cDPO label smoothing, IPO: ``rlkern.preference_loss``), ``PairWiseLoss`` and
+  ``LogExpLoss`` (the reward model's losses, with PairWiseLoss's margin);
 - every module that imports one of them by name (``openrlhf.models``, ``models.actor``,
-  ``trainer.ray.ppo_actor``, ``trainer.ray.ppo_critic``, ``trainer.ppo_utils.experience_maker``).
+  ``trainer.ray.ppo_actor``, ``trainer.ray.ppo_critic``, ``trainer.ppo_utils.experience_maker``,
+  ``trainer.dpo_trainer``, ``trainer.rm_trainer``).
 
 An OpenRLHF module is recognised by its file (inside the installed ``openrlhf`` package, whatever
 the module's name): the ones already imported are patched at once; an import hook
@@ -26,11 +29,12 @@ back (the same objects) and removes the hook. :data:`calls` (a ``collections.Cou
 the calls that went to rlkern, per name; ``calls.clear()`` resets it. The same API as
 ``rlkern.integrations.trl`` and ``rlkern.integrations.verl``.
 
-Not covered: ``aggregate_loss`` / ``masked_mean`` (cheap reductions OpenRLHF keeps), the SFT /
-reward-model losses (``GPTLMLoss``, ``SFTLoss``, ``PairWiseLoss``, ``LogExpLoss``).
-
-TODO (preference ops issue): OpenRLHF's ``DPOLoss`` (DPO, IPO, cDPO label smoothing; 0.11.2
-ships no KTO loss) once rlkern has its preference-loss kernels.
+Not covered: ``aggregate_loss`` / ``masked_mean`` (cheap reductions OpenRLHF keeps), the SFT
+losses (``GPTLMLoss``, ``SFTLoss``). OpenRLHF 0.11.2 has no KTO trainer or loss: the ``KTOLoss``
+of 0.1.10 to 0.9.5 is :class:`rlkern.algos.openrlhf.KTOLoss`, a class to use directly (there is
+nothing in 0.11.2 to patch). The DPO trainer's sequence log-prob sums (its
+``_get_batch_logps``) stay OpenRLHF's; their token log-probs come from the patched
+``log_probs_from_logits``.
 """
 
 from __future__ import annotations
@@ -47,8 +51,9 @@ from rlkern.integrations._import_hook import PatchingLoader
 from rlkern.ops import _checks
 from rlkern.ops._layout import out_dtype as wide_of
 
-NAMES = ("PolicyLoss", "ValueLoss", "log_probs_from_logits", "compute_entropy", "compute_approx_kl")
-_CLASSES = ("PolicyLoss", "ValueLoss")
+NAMES = ("PolicyLoss", "ValueLoss", "log_probs_from_logits", "compute_entropy", "compute_approx_kl", "DPOLoss",
+         "PairWiseLoss", "LogExpLoss")
+_CLASSES = ("PolicyLoss", "ValueLoss", "DPOLoss", "PairWiseLoss", "LogExpLoss")
 
 calls: collections.Counter = collections.Counter()
 """Calls that ran rlkern, per name in ``NAMES`` (``PolicyLoss`` / ``ValueLoss``: forward calls)."""
@@ -128,8 +133,9 @@ def _class(name: str, original, fp32: bool):
     def _out_dtype(self, wide):
         return wide  # patch(fp32=True): rlkern's unrounded dtype for each call's inputs
 
-    sig = inspect.signature(twin.__init__)
-    __init__.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "out_dtype"])
+    # OpenRLHF's constructor signature (the twins add only the keyword-only out_dtype; PairWiseLoss
+    # and LogExpLoss have nn.Module's)
+    __init__.__signature__ = inspect.signature(original.__init__)
     forward.__signature__ = inspect.signature(twin.forward)
     body = {"__init__": __init__, "forward": forward, "__module__": original.__module__,
             "__qualname__": original.__qualname__, "__doc__": twin.__doc__}
@@ -204,7 +210,8 @@ class _Finder:
 
 
 def patch(*, fp32: bool = False) -> None:
-    """Route OpenRLHF's log-probs, entropy, KL estimate, policy and value losses through rlkern.
+    """Route OpenRLHF's log-probs, entropy, KL estimate, policy, value, DPO and reward-model losses
+    through rlkern.
 
     Args:
         fp32: outputs in float32 (float64 for float64 inputs), rlkern's convention, instead of

@@ -36,7 +36,8 @@ Not covered: TRL's ``chunk_size`` counts vocabulary columns per tile; the adapte
 sizes its own token tiles (``rlkern.ops.linear_logprobs``: 16 MiB of fp32 logits on CPU, 256 MiB
 on GPU). Targets must be in ``[0, V)`` (TRL clamps its labels before the call); another value
 raises. ``patch(loss=True)`` also installs rlkern's trainer losses
-(``rlkern.integrations._trl_loss.loss_overrides()``).
+(``rlkern.integrations._trl_loss.loss_overrides()``): ``GRPOTrainer`` and ``RLOOTrainer`` on
+``rlkern.policy_loss``, ``DPOTrainer`` on ``rlkern.preference_loss``, ``KTOTrainer`` on ``rlkern.kto_loss``.
 
 ``RLKERN_PATCH_TRL=1`` in the environment makes importing this module (and ``import rlkern``)
 call ``patch()`` (default options). ``patch()`` again with the same options does nothing; with
