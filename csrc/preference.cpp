@@ -88,7 +88,7 @@ inline T alphapo(T x, T alpha, T& d) {
 // log-ratios; rc, rr: the reference's; e: the extra log-prob (xpo / vpo: sampled); ac, ar: the
 // per-pair constants (sppo win rates, inpo iterate log-probs, step_apo advantages).
 template <typename T>
-inline T paper_loss(int type, T c, T r, T rc, T rr, T e, T ac, T ar, const Hyper<T>& h, T& gc, T& gr, T& ge) {
+__attribute__((always_inline)) inline T paper_loss(int type, T c, T r, T rc, T rr, T e, T ac, T ar, const Hyper<T>& h, T& gc, T& gr, T& ge) {
   const T beta = h.beta;
   const T lc = c - rc, lr = r - rr;
   gc = gr = ge = 0;
@@ -136,7 +136,7 @@ inline T paper_loss(int type, T c, T r, T rc, T rr, T e, T ac, T ar, const Hyper
 
 // f'(pi / ref) as a function of the log-ratio, and its derivative.
 template <typename T>
-inline void score(T lr, const Hyper<T>& h, T& s, T& ds) {
+__attribute__((always_inline)) inline void score(T lr, const Hyper<T>& h, T& s, T& ds) {
   switch (h.fdiv) {
     case FORWARD_KL: {
       const T e = std::exp(-lr);
@@ -179,7 +179,7 @@ inline T smoothed_grad(T x, T ls) {
 // One pair's loss of one (non-sorting, non-sft) loss type and its derivatives in the chosen and
 // rejected log-ratios lc, lr; nc, nr the completion lengths clamped to >= 1.
 template <typename T>
-inline T pair_loss(int type, T lc, T lr, T nc, T nr, const Hyper<T>& h, T& gc, T& gr) {
+__attribute__((always_inline)) inline T pair_loss(int type, T lc, T lr, T nc, T nr, const Hyper<T>& h, T& gc, T& gr) {
   T sc, dsc, sr, dsr;
   score(lc, h, sc, dsc);
   score(lr, h, sr, dsr);
@@ -367,27 +367,56 @@ void preference_kernel(const at::Tensor& chosen, const at::Tensor& rejected, con
   const int64_t chunks = (n + CHUNK - 1) / CHUNK;
   if (!per_pair.empty()) {
     std::vector<double> part(chunks, 0.0);
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t ch = c0; ch < c1; ++ch) {
-        double acc = 0;
-        for (int64_t i = ch * CHUNK, e = std::min(n, (ch + 1) * CHUNK); i < e; ++i) {
-          const T ci = T(c[i]), ri = T(r[i]);
-          const T lc = ci - rc[i], lr = ri - rr[i];
-          const T nci = std::max(lenc[i], T(1)), nri = std::max(lenr[i], T(1));
-          for (const auto& [type, w] : per_pair) {
-            T dc, dr, de = 0;
-            const T l = type >= SPPO ? paper_loss<T>(type, ci, ri, rc[i], rr[i], T(ex[i]), ac[i], ar[i], h, dc, dr, de)
-                                     : pair_loss<T>(type, lc, lr, nci, nri, h, dc, dr);
-            const T scale = T(w * inv_n) * pw[i];
-            acc += double(l) * double(pw[i]) * w * inv_n;
-            gc[i] += scale * dc;
-            gr[i] += scale * dr;
-            ge[i] += scale * de;
-          }
+    // One chunk's pairs. kind: a loss type code known at compile time (a one-type list, the common call:
+    // the switches of pair_loss / paper_loss fold away), or -1 for a list walked per pair.
+    auto chunk_sum = [&](auto kind, int64_t ch) -> double {
+      constexpr int K = decltype(kind)::value;
+      double acc = 0;
+      for (int64_t i = ch * CHUNK, e = std::min(n, (ch + 1) * CHUNK); i < e; ++i) {
+        const T ci = T(c[i]), ri = T(r[i]);
+        const T lc = ci - rc[i], lr = ri - rr[i];
+        const T nci = std::max(lenc[i], T(1)), nri = std::max(lenr[i], T(1));
+        auto one = [&](int type, double w) {
+          T dc, dr, de = 0;
+          const T l = type >= SPPO ? paper_loss<T>(type, ci, ri, rc[i], rr[i], T(ex[i]), ac[i], ar[i], h, dc, dr, de)
+                                   : pair_loss<T>(type, lc, lr, nci, nri, h, dc, dr);
+          const T scale = T(w * inv_n) * pw[i];
+          acc += double(l) * double(pw[i]) * w * inv_n;
+          gc[i] += scale * dc;
+          gr[i] += scale * dr;
+          ge[i] += scale * de;
+        };
+        if constexpr (K >= 0) {
+          one(K, per_pair[0].second);
+        } else {
+          for (const auto& [type, w] : per_pair) one(type, w);
         }
-        part[ch] = acc;
       }
-    });
+      return acc;
+    };
+    auto run = [&](auto kind) {
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t ch = c0; ch < c1; ++ch) part[ch] = chunk_sum(kind, ch);
+      });
+    };
+#define RLK_ONE_TYPE(K) \
+  case K:               \
+    run(std::integral_constant<int, K>{}); \
+    break;
+    if (per_pair.size() == 1) {
+      switch (per_pair[0].first) {
+        RLK_ONE_TYPE(SIGMOID) RLK_ONE_TYPE(HINGE) RLK_ONE_TYPE(IPO) RLK_ONE_TYPE(EXO_PAIR) RLK_ONE_TYPE(NCA_PAIR)
+        RLK_ONE_TYPE(ROBUST) RLK_ONE_TYPE(BCO_PAIR) RLK_ONE_TYPE(SPPO_HARD) RLK_ONE_TYPE(APO_ZERO)
+        RLK_ONE_TYPE(APO_DOWN) RLK_ONE_TYPE(DISCOPOP) RLK_ONE_TYPE(SIGMOID_NORM) RLK_ONE_TYPE(SIMPO)
+        RLK_ONE_TYPE(ORPO) RLK_ONE_TYPE(SPPO) RLK_ONE_TYPE(XPO) RLK_ONE_TYPE(VPO) RLK_ONE_TYPE(INPO) RLK_ONE_TYPE(CPL)
+        RLK_ONE_TYPE(STEP_APO)
+        default:
+          run(std::integral_constant<int, -1>{});
+      }
+    } else {
+      run(std::integral_constant<int, -1>{});
+    }
+#undef RLK_ONE_TYPE
     for (int64_t ch = 0; ch < chunks; ++ch) total += part[ch];
   }
 
