@@ -88,7 +88,8 @@ inline T alphapo(T x, T alpha, T& d) {
 // log-ratios; rc, rr: the reference's; e: the extra log-prob (xpo / vpo: sampled); ac, ar: the
 // per-pair constants (sppo win rates, inpo iterate log-probs, step_apo advantages).
 template <typename T>
-__attribute__((always_inline)) inline T paper_loss(int type, T c, T r, T rc, T rr, T e, T ac, T ar, const Hyper<T>& h, T& gc, T& gr, T& ge) {
+__attribute__((always_inline)) inline T paper_loss(int type, T c, T r, T rc, T rr, T e, T ac, T ar, const Hyper<T>& h,
+                                                   T& gc, T& gr, T& ge) {
   const T beta = h.beta;
   const T lc = c - rc, lr = r - rr;
   gc = gr = ge = 0;
