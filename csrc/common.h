@@ -8,6 +8,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 
@@ -86,6 +88,21 @@ inline at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& o
   }
 #endif
   return out;
+}
+
+// softplus(x) = log(1 + e^x) = -logsigmoid(-x) without overflow at any |x|, and the logistic
+// sigmoid from one exp of -|x|: the preference losses' building blocks (csrc/preference_groups.cpp;
+// csrc/preference.cpp has its own copies in its anonymous namespace).
+template <typename T>
+inline T softplus(T x) {
+  return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));
+}
+
+template <typename T>
+inline T sigmoid(T x) {
+  if (x >= 0) return T(1) / (T(1) + std::exp(-x));
+  const T e = std::exp(x);
+  return e / (T(1) + e);
 }
 
 }  // namespace rlkern

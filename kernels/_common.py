@@ -122,6 +122,22 @@ def to_out(g, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
     return g.to(dtype)
 
 
+@triton.jit
+def softplus(x):
+    """log(1 + e^x) without overflow at any |x|; the log1p of e = e^-|x| <= 1 recovers the rounding of
+    1 + e (u - 1 - e), accurate where e is tiny (float32 and float64)."""
+    e = tl.exp(-tl.abs(x))
+    u = 1.0 + e
+    return tl.maximum(x, 0.0) + tl.log(u) - ((u - 1.0) - e) / u
+
+
+@triton.jit
+def sigmoid(x):
+    """The logistic function from one exp of -|x| (no overflow)."""
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
 def f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 

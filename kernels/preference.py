@@ -29,7 +29,8 @@ from rlkern.reference.preference import F_DIVERGENCES, LOSS_TYPES
 MAX_BLOCK = 1024
 # Loss type codes (the bit of each in TYPES): LOSS_TYPES' order.
 (SIGMOID, HINGE, IPO, EXO_PAIR, NCA_PAIR, ROBUST, BCO_PAIR, SPPO_HARD, AOT, AOT_UNPAIRED, APO_ZERO, APO_DOWN,
- DISCOPOP, SFT, SIGMOID_NORM, SIMPO, ORPO) = (tl.constexpr(code) for code in range(len(LOSS_TYPES)))
+ DISCOPOP, SFT, SIGMOID_NORM, SIMPO, ORPO, SPPO, XPO, VPO, INPO, CPL, STEP_APO,
+ TPO_NLL) = (tl.constexpr(code) for code in range(len(LOSS_TYPES)))
 _AOT_BITS = (1 << LOSS_TYPES.index("aot")) | (1 << LOSS_TYPES.index("aot_unpaired"))
 
 
@@ -60,6 +61,12 @@ def _log1mexp(x):
     u = 1.0 - e
     low = tl.log(u) - ((1.0 - u) - e) / u  # log1p(-e): u's rounding recovered
     return tl.where(x < -0.6931471805599453, low, tl.log(-_expm1(x)))
+
+
+@triton.jit
+def _alphapo(x, a):
+    """AlphaPO's reward (1 - e^(-a x)) / a and its derivative e^(-a x) (a != 0; the reference's alphapo)."""
+    return -_expm1(-a * x) / a, tl.exp(-a * x)
 
 
 @triton.jit
@@ -96,8 +103,12 @@ def _load(ptr, idx, inside, FP64: tl.constexpr):
 def _preference_kernel(
     c_ptr,  # (B,) fp32/bf16/fp16/fp64 chosen log-probs
     r_ptr,  # (B,) same dtype, rejected log-probs
+    ex_ptr,  # (B,) same dtype, the extra log-probs (xpo / vpo: sampled, tpo_nll: gold)
     rc_ptr,  # (B,) compute dtype, reference chosen log-probs
     rr_ptr,  # (B,) compute dtype, reference rejected log-probs
+    ac_ptr,  # (B,) compute dtype, the paper losses' chosen constants (sppo win rates, inpo iterate, step_apo A)
+    ar_ptr,  # (B,) compute dtype, their rejected constants
+    ne_ptr,  # (B,) compute dtype, the extra completions' lengths (tpo_nll)
     nc_ptr,  # (B,) compute dtype, chosen lengths
     nr_ptr,  # (B,) compute dtype, rejected lengths
     pw_ptr,  # (B,) compute dtype, pair weights
@@ -106,7 +117,8 @@ def _preference_kernel(
     loss_ptr,  # (1,) compute dtype
     gc_ptr,  # (B,) compute dtype, d loss / d chosen
     gr_ptr,  # (B,) compute dtype, d loss / d rejected
-    met_ptr,  # (6,) compute dtype, the metrics in METRIC_KEYS order
+    ge_ptr,  # (B,) compute dtype, d loss / d extra
+    met_ptr,  # (8,) compute dtype, the metrics: METRIC_KEYS, then ORPO_METRIC_KEYS
     B,
     # the float hyper-parameters come as float64 arguments (a Python float would be passed as
     # float32; float64 input needs them exact), read in the compute type; the weight of each loss
@@ -135,9 +147,24 @@ def _preference_kernel(
     w_sigmoid_norm: tl.float64,
     w_simpo: tl.float64,
     w_orpo: tl.float64,
+    w_sppo: tl.float64,
+    w_xpo: tl.float64,
+    w_vpo: tl.float64,
+    w_inpo: tl.float64,
+    w_cpl: tl.float64,
+    w_step_apo: tl.float64,
+    w_tpo_nll: tl.float64,
     gamma: tl.float64,
+    xpo_alpha: tl.float64,
+    vpo_alpha: tl.float64,
+    inpo_tau: tl.float64,
+    inpo_eta: tl.float64,
+    cpl_lambda: tl.float64,
+    alpha_po: tl.float64,  # AlphaPO's alpha (read when ALPHAPO)
     TYPES: tl.constexpr,  # bit set of the loss types present
     FDIV: tl.constexpr,
+    ALPHAPO: tl.constexpr,  # CPO's AlphaPO reward transform is on (the op allows it with CPO's types only)
+    AVG: tl.constexpr,  # the metrics are of length-averaged log-probs (simpo, orpo, reference-free ipo)
     FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -146,6 +173,7 @@ def _preference_kernel(
     tau, clamp = tl.full((), tau, CDT), tl.full((), clamp, CDT)
     log_pw, log_pl = tl.full((), log_pw, CDT), tl.full((), log_pl, CDT)
     gamma = tl.full((), gamma, CDT)
+    a_po = tl.full((), alpha_po, CDT)
     zero = tl.zeros([BLOCK], CDT)
     inv_n = 1.0 / (tl.sum(zero, 0) + tl.maximum(B, 1))
     lane = tl.arange(0, BLOCK).to(tl.int64)
@@ -167,6 +195,22 @@ def _preference_kernel(
         mean_w = tl.sum(s_w, 0) * inv_n
         sft_loss = w_sft * (-tl.sum(s_c, 0) / total_len) * mean_w
         sft_g = w_sft * (-1.0 / total_len) * mean_w
+    tpo_g = tl.sum(zero, 0)
+    if TYPES // (2 ** TPO_NLL) % 2 == 1:  # TPO's gold NLL: sft's pass over the extra log-probs
+        s_e = zero
+        s_n = zero
+        s_w = zero
+        for first in range(0, B, BLOCK):
+            i = first + lane
+            inside = i < B
+            s_e += _load(ex_ptr, i, inside, FP64)
+            s_n += _load(ne_ptr, i, inside, FP64)
+            s_w += _load(pw_ptr, i, inside, FP64)
+        total_len = tl.maximum(tl.sum(s_n, 0), 1.0)
+        w_tpo = tl.full((), w_tpo_nll, CDT)
+        mean_w = tl.sum(s_w, 0) * inv_n
+        sft_loss += w_tpo * (-tl.sum(s_e, 0) / total_len) * mean_w
+        tpo_g = w_tpo * (-1.0 / total_len) * mean_w
 
     acc_loss = zero
     m0 = zero
@@ -175,6 +219,8 @@ def _preference_kernel(
     m3 = zero
     m4 = zero
     m5 = zero
+    m6 = zero
+    m7 = zero
     for first in range(0, B, BLOCK):
         i = first + lane
         inside = i < B
@@ -187,11 +233,15 @@ def _preference_kernel(
         lr = r - rr
         sc, dsc = _score(lc, alpha, clamp, FDIV)
         sr, dsr = _score(lr, alpha, clamp, FDIV)
+        if ALPHAPO:  # AlphaPO on the summed log-probs (CPO's sigmoid and hinge; reverse KL)
+            sc, dsc = _alphapo(lc, a_po)
+            sr, dsr = _alphapo(lr, a_po)
         x = beta * (sc - sr)
         loss = zero
         dx = zero  # d loss / d x of the losses of x = beta * (sc - sr)
         gc = zero
         gr = zero
+        ge = zero
         if TYPES // (2 ** SIGMOID) % 2 == 1:
             w = tl.full((), w_sigmoid, CDT)
             loss += w * _softplus(-x)
@@ -223,6 +273,14 @@ def _preference_kernel(
             nc = tl.maximum(_load(nc_ptr, i, inside, FP64), 1.0)
             nr = tl.maximum(_load(nr_ptr, i, inside, FP64), 1.0)
             u = sc / nc - sr / nr
+            dac = dsc / nc  # du / dlc
+            dar = dsr / nr  # -du / dlr
+            if ALPHAPO:  # CPO's ipo: AlphaPO on the averaged log-probs
+                fa, dfa = _alphapo(lc / nc, a_po)
+                fb, dfb = _alphapo(lr / nr, a_po)
+                u = fa - fb
+                dac = dfa / nc
+                dar = dfb / nr
             du = zero
             if TYPES // (2 ** IPO) % 2 == 1:
                 w = tl.full((), w_ipo, CDT)
@@ -233,8 +291,8 @@ def _preference_kernel(
                 w = tl.full((), w_sigmoid_norm, CDT)
                 loss += w * _softplus(-beta * u)
                 du += w * -beta * _sigmoid(-beta * u)
-            gc += du * dsc / nc
-            gr -= du * dsr / nr
+            gc += du * dac
+            gr -= du * dar
         if TYPES // (2 ** SIMPO) % 2 + TYPES // (2 ** ORPO) % 2 > 0:
             nc = tl.maximum(_load(nc_ptr, i, inside, FP64), 1.0)
             nr = tl.maximum(_load(nr_ptr, i, inside, FP64), 1.0)
@@ -242,11 +300,18 @@ def _preference_kernel(
             b = lr / nr
             if TYPES // (2 ** SIMPO) % 2 == 1:
                 w = tl.full((), w_simpo, CDT)
-                y = beta * (a - b) - gamma
+                fa = a
+                fb = b
+                dfa = tl.full(a.shape, 1.0, CDT)
+                dfb = tl.full(a.shape, 1.0, CDT)
+                if ALPHAPO:
+                    fa, dfa = _alphapo(a, a_po)
+                    fb, dfb = _alphapo(b, a_po)
+                y = beta * (fa - fb) - gamma
                 loss += w * ((1.0 - ls) * _softplus(-y) + ls * _softplus(y))
                 dy = w * beta * (-(1.0 - ls) * _sigmoid(-y) + ls * _sigmoid(y))
-                gc += dy / nc
-                gr -= dy / nr
+                gc += dy * dfa / nc
+                gr -= dy * dfb / nr
             if TYPES // (2 ** ORPO) % 2 == 1:
                 w = tl.full((), w_orpo, CDT)
                 lo = (a - b) - (_log1mexp(a) - _log1mexp(b))
@@ -290,10 +355,62 @@ def _preference_kernel(
             loss += w * (a + 1.0 - b)
             gc += w * (beta * a * (1.0 - a) - beta * b * (1.0 - b))
             gr += w * beta * b * (1.0 - b)
+        if TYPES // (2 ** SPPO) % 2 == 1:  # estimated win rates: (lc - (P_c - 1/2) / beta)^2 + ...
+            w = tl.full((), w_sppo, CDT)
+            a = lc - (_load(ac_ptr, i, inside, FP64) - 0.5) / beta
+            b = lr - (_load(ar_ptr, i, inside, FP64) - 0.5) / beta
+            loss += w * (a * a + b * b)
+            gc += w * 2.0 * a
+            gr += w * 2.0 * b
+        if TYPES // (2 ** XPO) % 2 + TYPES // (2 ** VPO) % 2 > 0:
+            e = _load(ex_ptr, i, inside, FP64)
+            y = beta * (lc - lr)
+            sg = _sigmoid(-y)
+            if TYPES // (2 ** XPO) % 2 == 1:  # DPO + xpo_alpha * e
+                w = tl.full((), w_xpo, CDT)
+                k = tl.full((), xpo_alpha, CDT)
+                loss += w * (_softplus(-y) + k * e)
+                gc -= w * beta * sg
+                gr += w * beta * sg
+                ge += w * k
+            if TYPES // (2 ** VPO) % 2 == 1:  # DPO - vpo_alpha * beta * e
+                w = tl.full((), w_vpo, CDT)
+                k = -tl.full((), vpo_alpha, CDT) * beta
+                loss += w * (_softplus(-y) + k * e)
+                gc -= w * beta * sg
+                gr += w * beta * sg
+                ge += w * k
+        if TYPES // (2 ** INPO) % 2 == 1:  # (h - eta / 2)^2
+            w = tl.full((), w_inpo, CDT)
+            eta = tl.full((), inpo_eta, CDT)
+            et = eta * tl.full((), inpo_tau, CDT)
+            v = (c - r) - et * (rc - rr) - (1.0 - et) * (_load(ac_ptr, i, inside, FP64) - _load(ar_ptr, i, inside,
+                                                                                                   FP64)) - eta / 2.0
+            loss += w * v * v
+            gc += w * 2.0 * v
+            gr -= w * 2.0 * v
+        if TYPES // (2 ** CPL) % 2 == 1:  # softplus(-beta (c - lambda r)), reference-free
+            w = tl.full((), w_cpl, CDT)
+            lam = tl.full((), cpl_lambda, CDT)
+            y = beta * (c - lam * r)
+            sg = _sigmoid(-y)
+            loss += w * _softplus(-y)
+            gc -= w * beta * sg
+            gr += w * beta * lam * sg
+        if TYPES // (2 ** STEP_APO) % 2 == 1:  # softplus(-beta (A_c lc - A_r lr))
+            w = tl.full((), w_step_apo, CDT)
+            a_c = _load(ac_ptr, i, inside, FP64)
+            a_r = _load(ar_ptr, i, inside, FP64)
+            y = beta * (a_c * lc - a_r * lr)
+            sg = _sigmoid(-y)
+            loss += w * _softplus(-y)
+            gc -= w * beta * a_c * sg
+            gr += w * beta * a_r * sg
         # the losses above are scaled by the pair's weight; aot / aot_unpaired take none (the op refuses)
         loss = loss * pw
         gc = gc * pw
         gr = gr * pw
+        ge = ge * pw
         if TYPES // (2 ** AOT) % 2 == 1:
             # element i of a = c - r has rank j; its partner is the j-th smallest of b = ref_c - ref_r
             w = tl.full((), w_aot, CDT)
@@ -323,13 +440,25 @@ def _preference_kernel(
         acc_loss += tl.where(inside, loss, 0.0)
         tl.store(gc_ptr + i, gc * inv_n + sft_g, mask=inside)
         tl.store(gr_ptr + i, gr * inv_n, mask=inside)
-        if (TYPES // (2 ** SIMPO) % 2 + TYPES // (2 ** ORPO) % 2) > 0:
+        tl.store(ge_ptr + i, ge * inv_n + tpo_g, mask=inside)
+        if AVG:
             c = c / tl.maximum(_load(nc_ptr, i, inside, FP64), 1.0)
             r = r / tl.maximum(_load(nr_ptr, i, inside, FP64), 1.0)
             lc = c - rc
             lr = r - rr
         cw = beta * lc
         rw = beta * lr
+        if ALPHAPO:  # AlphaPO logs beta times its rewards
+            fcw, _ = _alphapo(lc, a_po)
+            frw, _ = _alphapo(lr, a_po)
+            cw = beta * fcw
+            rw = beta * frw
+        if TYPES // (2 ** ORPO) % 2 == 1:  # ORPO's log odds ratio of the averaged log-probs
+            ca = tl.where(inside, c, -1.0)  # the padded lanes' 0 has infinite odds: keep them finite
+            ra = tl.where(inside, r, -1.0)
+            lo = (ca - ra) - (_log1mexp(ca) - _log1mexp(ra))
+            m6 -= tl.where(inside, _softplus(-lo), 0.0)
+            m7 += tl.where(inside, lo, 0.0)
         m0 += tl.where(inside, cw, 0.0)
         m1 += tl.where(inside, rw, 0.0)
         m2 += tl.where(inside, cw - rw, 0.0)
@@ -343,6 +472,8 @@ def _preference_kernel(
     tl.store(met_ptr + 3, tl.sum(m3, 0) * inv_n)
     tl.store(met_ptr + 4, tl.sum(m4, 0) * inv_n)
     tl.store(met_ptr + 5, tl.sum(m5, 0) * inv_n)
+    tl.store(met_ptr + 6, tl.sum(m6, 0) * inv_n)
+    tl.store(met_ptr + 7, tl.sum(m7, 0) * inv_n)
 
 
 def _rank_and_order(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,14 +483,15 @@ def _rank_and_order(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rank, order
 
 
-def preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, pair_weights,
-                    loss_types, loss_weights, hyper):
+def preference_loss(chosen, rejected, extra, ref_chosen, ref_rejected, aux_chosen, aux_rejected, extra_lengths,
+                    chosen_lengths, rejected_lengths, pair_weights, loss_types, loss_weights, hyper):
     """The op's Triton backend: (loss, grad_chosen, grad_rejected, metrics), the contract of
     rlkern/ops/preference.py."""
     dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
     device = chosen.device
     n = chosen.numel()
-    beta, ls, fdiv, alpha, tau, clamp_max, gamma = hyper
+    (beta, ls, fdiv, alpha, tau, clamp_max, gamma, xpo_alpha, vpo_alpha, inpo_tau, inpo_eta, cpl_lambda, alpha_po,
+     averaged) = hyper
     fdiv = int(fdiv)
     if F_DIVERGENCES[fdiv] == "alpha_divergence" and abs(alpha - 1.0) < 1e-6:
         fdiv = 0  # the alpha -> 1 limit is reverse KL
@@ -386,15 +518,18 @@ def preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, 
     loss = torch.empty((), dtype=dtype, device=device)
     grad_c = torch.empty(chosen.shape, dtype=dtype, device=device)
     grad_r = torch.empty(chosen.shape, dtype=dtype, device=device)
-    metrics = torch.empty(6, dtype=dtype, device=device)
+    grad_e = torch.empty(chosen.shape, dtype=dtype, device=device)
+    metrics = torch.empty(8, dtype=dtype, device=device)
     block = max(16, min(MAX_BLOCK, triton.next_power_of_2(max(n, 1))))
     _preference_kernel[(1,)](
-        c, r, ref_chosen.contiguous(), ref_rejected.contiguous(), chosen_lengths.contiguous(),
-        rejected_lengths.contiguous(), pair_weights.contiguous(), perm, loss, grad_c, grad_r, metrics, n,
+        c, r, extra.contiguous(), ref_chosen.contiguous(), ref_rejected.contiguous(), aux_chosen.contiguous(),
+        aux_rejected.contiguous(), extra_lengths.contiguous(), chosen_lengths.contiguous(),
+        rejected_lengths.contiguous(), pair_weights.contiguous(), perm, loss, grad_c, grad_r, grad_e, metrics, n,
         float(beta), float(ls), float(alpha), float(tau), float(clamp_max), log_pw, log_pl, *map(float, weights),
-        float(gamma),
-        TYPES=bits, FDIV=fdiv, FP64=dtype == torch.float64, BLOCK=block)
-    return loss, grad_c, grad_r, metrics
+        float(gamma), float(xpo_alpha), float(vpo_alpha), float(inpo_tau), float(inpo_eta), float(cpl_lambda),
+        float(alpha_po), TYPES=bits, FDIV=fdiv, ALPHAPO=alpha_po != 0.0, AVG=averaged != 0.0,
+        FP64=dtype == torch.float64, BLOCK=block)
+    return loss, grad_c, grad_r, grad_e, metrics
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from rlkern.ops.logprobs import (
 from rlkern.ops.policy_loss import aggregate, kl_penalty, policy_loss, value_loss
 from rlkern.ops.preference import bco_loss, kto_loss, preference_loss
 from rlkern.ops.preference_tokens import dpo_token_rewards, token_preference_loss
+from rlkern.ops.preference_groups import group_preference_loss, group_weights, srpo_loss
 from rlkern.trees import (
     broadcast_to_tokens,
     segment_advantages,
@@ -52,6 +53,9 @@ __all__ = [
     "bco_loss",
     "token_preference_loss",
     "dpo_token_rewards",
+    "group_preference_loss",
+    "group_weights",
+    "srpo_loss",
     # trees
     "broadcast_to_tokens",
     "segment_advantages",

@@ -74,8 +74,9 @@ def _compare(ours, oracle, *, rtol, atol):
     torch.testing.assert_close(loss.double(), want_loss, rtol=rtol, atol=atol)
     torch.testing.assert_close(gc.double(), want_gc, rtol=rtol, atol=atol)
     torch.testing.assert_close(gr.double(), want_gr, rtol=rtol, atol=atol)
-    assert set(metrics) == set(METRIC_KEYS)
-    for key in METRIC_KEYS:
+    # TRL's keys; with orpo also ORPO's log_odds_ratio / log_odds_chosen (the oracle has them too)
+    assert set(metrics) == set(want_metrics) and set(METRIC_KEYS) <= set(metrics)
+    for key in want_metrics:
         assert metrics[key].ndim == 0 and metrics[key].dtype == torch.float32
         torch.testing.assert_close(metrics[key].double(), want_metrics[key], rtol=max(rtol, 2e-6), atol=max(atol, 1e-6),
                                    msg=key)
@@ -261,8 +262,10 @@ def test_torch_compile_and_opcheck():
     torch.testing.assert_close(compiled[0], eager[0])
     from rlkern.ops import preference as op
 
-    args = (c.requires_grad_(), r.requires_grad_(), rc, rr, nc.float(), nr.float(), pw.float(), [0, 2, 8],
-            [1.0, 0.5, 0.25], [0.1, 0.1, 0.0, 1.0, 0.05, 80.0, 0.5])
+    zeros = torch.zeros(6)
+    args = (c.requires_grad_(), r.requires_grad_(), zeros, rc, rr, zeros, zeros, zeros + 1, nc.float(), nr.float(),
+            pw.float(), [0, 2, 8], [1.0, 0.5, 0.25],
+            [0.1, 0.1, 0.0, 1.0, 0.05, 80.0, 0.5, 1e-5, 0.1, 0.1, 0.1, 0.5, 0.0, 0.0])
     torch.library.opcheck(op._preference_op, args)
 
 
@@ -364,13 +367,16 @@ def test_mpo_loss_list_and_wpo_weighting_match_trl(backend):
 def test_triton_kernel_compiles_for_sm90():
     compile_for_sm90("""
 from rlkern.kernels import preference as k
-ptrs = ("rc_ptr", "rr_ptr", "nc_ptr", "nr_ptr", "pw_ptr", "loss_ptr", "gc_ptr", "gr_ptr", "met_ptr")
-sig = {"c_ptr": "", "r_ptr": "", "perm_ptr": "*i64", "B": "i32"}
-scalars = ["beta", "ls", "alpha", "tau", "clamp", "log_pw", "log_pl"] + ["w_" + t for t in k.LOSS_TYPES] + ["gamma"]
+ptrs = ("rc_ptr", "rr_ptr", "ac_ptr", "ar_ptr", "ne_ptr", "nc_ptr", "nr_ptr", "pw_ptr", "loss_ptr", "gc_ptr",
+        "gr_ptr", "ge_ptr", "met_ptr")
+sig = {"c_ptr": "", "r_ptr": "", "ex_ptr": "", "perm_ptr": "*i64", "B": "i32"}
+scalars = (["beta", "ls", "alpha", "tau", "clamp", "log_pw", "log_pl"] + ["w_" + t for t in k.LOSS_TYPES]
+           + ["gamma", "xpo_alpha", "vpo_alpha", "inpo_tau", "inpo_eta", "cpl_lambda", "alpha_po"])
 for types, fdiv, fp64, dt in ((0x1FFFF, 0, False, "bf16"), (0x50FF, 3, False, "fp32"), (0x1FFFF, 2, True, "fp64")):
     s = dict(sig, **{n: "*fp64" if fp64 else "*fp32" for n in ptrs}, **{n: "fp64" for n in scalars})
-    s["c_ptr"] = s["r_ptr"] = "*" + dt
-    build(k._preference_kernel, s, {"TYPES": types, "FDIV": fdiv, "FP64": fp64, "BLOCK": 128})
+    s["c_ptr"] = s["r_ptr"] = s["ex_ptr"] = "*" + dt
+    build(k._preference_kernel, s, {"TYPES": types, "FDIV": fdiv, "FP64": fp64, "BLOCK": 128, "ALPHAPO": fdiv == 0,
+                                    "AVG": types & 1 == 1})
 print("ok")
 """)
 
@@ -582,18 +588,19 @@ def _check_free(trl, ours_fn, logits):
 
 @pytest.mark.peer
 @pytest.mark.parametrize("loss_type", ["simpo", "sigmoid", "hinge", "ipo"])
-@pytest.mark.parametrize("cpo_alpha", [0.0, 0.7])
-def test_cpo_trainer_loss_matches_trl(backend, loss_type, cpo_alpha):
+@pytest.mark.parametrize("cpo_alpha,alpha", [(0.0, 0.0), (0.7, 0.0), (0.7, 0.3)])
+def test_cpo_trainer_loss_matches_trl(backend, loss_type, cpo_alpha, alpha):
     logits, ids, attention, labels = _trl_free_case()
     smoothing = 0.1 if loss_type in ("simpo", "sigmoid") else 0.0
+    # alpha: AlphaPO's reward transform
     trainer = _trl_free_trainer("trl.experimental.cpo.cpo_trainer", "CPOTrainer", loss_type=loss_type, beta=0.4,
-                                label_smoothing=smoothing, simpo_gamma=0.6, cpo_alpha=cpo_alpha, alpha=0.0)
+                                label_smoothing=smoothing, simpo_gamma=0.6, cpo_alpha=cpo_alpha, alpha=alpha)
     trl = _run_trl(trainer, logits, ids, attention, labels)
     # CPO's sigmoid with label smoothing is simpo at gamma 0 on the summed log-probs (lengths of one);
     # its ipo and simpo read length-averaged log-probs
     ours_type = {"sigmoid": "simpo"}.get(loss_type, loss_type)
     kw = dict(loss_type=[ours_type, "sft"], loss_weights=[1.0, cpo_alpha], beta=0.4, label_smoothing=smoothing,
-              simpo_gamma=0.0 if loss_type == "sigmoid" else 0.6)
+              simpo_gamma=0.0 if loss_type == "sigmoid" else 0.6, alpha=alpha)
 
     def ours(leaf):
         if loss_type != "sigmoid":
@@ -611,12 +618,7 @@ def test_cpo_trainer_loss_matches_trl(backend, loss_type, cpo_alpha):
                                         rejected_lengths=mask.sum(1)[n:])
         return loss + cpo_alpha * nll, metrics
 
-    if loss_type == "ipo":  # CPO logs beta * averaged log-probs, DPO's ipo metrics are of sums: loss and grad only
-        leaf = logits.clone().requires_grad_()
-        loss, _ = ours(leaf)
-        torch.testing.assert_close(loss, trl[0].float(), rtol=2e-5, atol=2e-6)
-        torch.testing.assert_close(torch.autograd.grad(loss, leaf)[0], trl[1], rtol=2e-5, atol=2e-7)
-        return
+    # (a reference-free ipo's metrics are of averaged log-probs, as CPO logs them)
     _check_free(trl, ours, logits)
 
 
@@ -629,6 +631,9 @@ def test_orpo_trainer_loss_matches_trl(backend):
     # ORPO's NLL covers the tokens of input_ids under the attention mask: the labels here (no prompt
     # masked), so it is sft of the same sums and lengths
     _check_free(trl, lambda leaf: _ours_from_logits(leaf, labels, loss_type=["orpo", "sft"], beta=0.25), logits)
+    _, metrics = _ours_from_logits(logits, labels, loss_type=["orpo", "sft"], beta=0.25)
+    for key in ("log_odds_ratio", "log_odds_chosen"):  # ORPO's two extra logged metrics
+        assert math.isclose(float(metrics[key]), float(trl[2][key]), rel_tol=2e-5, abs_tol=2e-6), key
 
 
 @pytest.mark.peer
@@ -1001,3 +1006,521 @@ def test_cpo_orpo_kto_bco_triton_on_cuda_match_the_reference(dtype, n):
     ours = _bco_ours(x.cuda(), ref.cuda(), labels.cuda(), delta.cuda(), beta=0.3, udm_weights=pw.to(compute).cuda())
     want, t = rounded(_bco_oracle(x, ref, labels, delta, beta=0.3, udm_weights=pw.to(compute)))
     _bco_compare(on_cpu(ours), want, **t)
+
+
+# ------------------------------------------------------------------------------------------------
+# The research list's pair losses (issue 18): SPPO, RSO's names, XPO, VPO, APO, INPO, CPL, Step-APO,
+# TPO. Each: every backend vs the float64 reference (with the third, differentiable log-prob where
+# the loss has one), gradcheck, a hand-computed example, and TRL's own TPOTrainer for TPO.
+
+from rlkern.reference.preference import PAPER_LOSS_TYPES  # noqa: E402
+
+
+def _paper_case(n=7, seed=30, dtype=torch.float64):
+    c, r, rc, rr, nc, nr, pw = _pairs(n=n, seed=seed, dtype=dtype, spread=1.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    extra = dict(
+        sampled=(-torch.rand(n, generator=g, dtype=torch.float64) * 20).to(dtype),
+        win=(torch.rand(n, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)),
+        iterate=(rc + torch.randn(n, generator=g, dtype=torch.float64),
+                 rr + torch.randn(n, generator=g, dtype=torch.float64)),
+        adv=(torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)),
+        gold_lengths=torch.randint(0, 9, (n,), generator=g))
+    return c, r, rc, rr, nc, nr, pw, extra
+
+
+def _paper_kw(types_, ex, **kw):
+    """The tensors the paper loss types in types_ read (the extra log-prob is passed by the caller)."""
+    types_ = [types_] if isinstance(types_, str) else types_
+    if "sppo" in types_:
+        kw.update(chosen_win_rates=ex["win"][0], rejected_win_rates=ex["win"][1])
+    if "inpo" in types_:
+        kw.update(iterate_chosen_logps=ex["iterate"][0], iterate_rejected_logps=ex["iterate"][1])
+    if "step_apo" in types_:
+        kw.update(chosen_advantages=ex["adv"][0], rejected_advantages=ex["adv"][1])
+    if "tpo_nll" in types_:
+        kw.update(gold_lengths=ex["gold_lengths"])
+    return kw
+
+
+def _extra_name(types_):
+    types_ = [types_] if isinstance(types_, str) else types_
+    if "tpo_nll" in types_:
+        return "gold_logps"
+    return "sampled_logps" if {"xpo", "vpo"} & set(types_) else None
+
+
+def _ours3(c, r, e, rc, rr, name, **kw):
+    c = c.detach().clone().requires_grad_()
+    r = r.detach().clone().requires_grad_()
+    e = e.detach().clone().requires_grad_()
+    if name is not None:
+        kw[name] = e
+    loss, metrics = rlkern.preference_loss(c, r, rc, rr, **kw)
+    grads = torch.autograd.grad(loss, (c, r, e), allow_unused=True, materialize_grads=True)
+    return loss, *grads, metrics
+
+
+def _oracle3(c, r, e, rc, rr, name, **kw):
+    c = c.detach().double().requires_grad_()
+    r = r.detach().double().requires_grad_()
+    e = e.detach().double().requires_grad_()
+    if name is not None:
+        kw[name] = e
+    kw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    rc = None if rc is None else rc.double()
+    rr = None if rr is None else rr.double()
+    loss, metrics = reference.preference_loss(c, r, rc, rr, **kw)
+    grads = torch.autograd.grad(loss, (c, r, e), allow_unused=True, materialize_grads=True)
+    return loss, *grads, metrics
+
+
+def _compare3(ours, oracle, *, rtol, atol):
+    _compare((ours[0], ours[1], ours[2], ours[4]), (oracle[0], oracle[1], oracle[2], oracle[4]), rtol=rtol, atol=atol)
+    torch.testing.assert_close(ours[3].double(), oracle[3], rtol=rtol, atol=atol)
+
+
+def _paper_refs(types_, rc, rr):
+    types_ = [types_] if isinstance(types_, str) else types_
+    return (None, None) if "cpl" in types_ else (rc, rr)
+
+
+@pytest.mark.parametrize("loss_type", PAPER_LOSS_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_paper_loss_types_match_the_reference(backend, loss_type, dtype):
+    c, r, rc, rr, nc, nr, pw, ex = _paper_case(dtype=dtype)
+    rc, rr = _paper_refs(loss_type, rc, rr)
+    kw = _paper_kw(loss_type, ex, loss_type=loss_type, beta=0.3, pair_weights=pw.to(dtype), xpo_alpha=0.2,
+                   vpo_alpha=0.7, inpo_tau=0.4, inpo_eta=0.9, cpl_lambda=0.6)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    name = _extra_name(loss_type)
+    ours = _ours3(c, r, ex["sampled"], rc, rr, name, **kw)
+    assert ours[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    _compare3(ours, _oracle3(c, r, ex["sampled"], rc, rr, name, **kw), **tol)
+
+
+# the combinations one call may hold (the aux slots: one of sppo / inpo / step_apo; the extra slot:
+# xpo and vpo share sampled_logps, tpo_nll reads gold_logps), with the DPO types
+PAPER_LISTS = (["sigmoid", "sppo", "xpo", "vpo", "ipo", "sft"], ["inpo", "xpo", "hinge"],
+               ["step_apo", "tpo_nll", "apo_zero"], ["cpl", "tpo_nll", "simpo"])
+
+
+@pytest.mark.parametrize("types_", PAPER_LISTS, ids="+".join)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_paper_loss_lists_in_many_blocks(backend, types_, dtype, monkeypatch):
+    if backend == "triton":  # 37 pairs in blocks of 16: the tpo_nll pre-pass and the carried sums
+        from rlkern.kernels import preference as kernel
+
+        monkeypatch.setattr(kernel, "MAX_BLOCK", 16)
+    c, r, rc, rr, nc, nr, pw, ex = _paper_case(n=37, seed=31, dtype=dtype)
+    rc, rr = _paper_refs(types_, rc, rr)
+    kw = _paper_kw(types_, ex, loss_type=types_, loss_weights=[1.0 - 0.15 * k for k in range(len(types_))],
+                   beta=0.4, label_smoothing=0.1, chosen_lengths=nc, rejected_lengths=nr, pair_weights=pw.to(dtype),
+                   xpo_alpha=0.3, vpo_alpha=0.5, inpo_tau=0.2, inpo_eta=1.5, cpl_lambda=0.8)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    name = _extra_name(types_)
+    _compare3(_ours3(c, r, ex["sampled"], rc, rr, name, **kw), _oracle3(c, r, ex["sampled"], rc, rr, name, **kw),
+              **tol)
+
+
+@pytest.mark.parametrize("types_", PAPER_LISTS, ids="+".join)
+def test_gradcheck_paper_loss_types_float64(backend, types_):
+    c, r, rc, rr, nc, nr, pw, ex = _paper_case(n=5, seed=32)
+    rc, rr = _paper_refs(types_, rc, rr)
+    kw = _paper_kw(types_, ex, loss_type=types_, loss_weights=[0.5 + 0.2 * k for k in range(len(types_))],
+                   beta=0.6, label_smoothing=0.2, chosen_lengths=nc, rejected_lengths=nr, pair_weights=pw,
+                   xpo_alpha=0.3, vpo_alpha=0.5, inpo_tau=0.2, inpo_eta=1.5, cpl_lambda=0.8)
+    name = _extra_name(types_)
+    leaves = [t.clone().requires_grad_() for t in (c, r, ex["sampled"])]
+
+    def f(a, b, e):
+        extra = {name: e} if name else {}
+        return rlkern.preference_loss(a, b, rc, rr, **kw, **extra)[0]
+
+    assert torch.autograd.gradcheck(f, tuple(leaves))
+
+
+def _hand(loss_type, c, r, rc, rr, want_loss, want_gc, want_gr, want_ge=None, **kw):
+    """One pair, float64: the loss and its gradient against the values worked out by hand."""
+    t = lambda x: torch.tensor([x], dtype=torch.float64)  # noqa: E731
+    e = t(kw.pop("extra", 0.0))
+    name = kw.pop("name", None)
+    for k in list(kw):
+        if isinstance(kw[k], float) and k.endswith(("rates", "logps", "advantages")):
+            kw[k] = t(kw[k])
+    ours = _ours3(t(c), t(r), e, None if rc is None else t(rc), None if rr is None else t(rr), name,
+                  loss_type=loss_type, **kw)
+    ours = [v.detach() for v in ours[:4]]
+    assert math.isclose(float(ours[0]), want_loss, rel_tol=1e-12, abs_tol=1e-14), (float(ours[0]), want_loss)
+    assert math.isclose(float(ours[1]), want_gc, rel_tol=1e-12, abs_tol=1e-14), (float(ours[1]), want_gc)
+    assert math.isclose(float(ours[2]), want_gr, rel_tol=1e-12, abs_tol=1e-14), (float(ours[2]), want_gr)
+    if want_ge is not None:
+        assert math.isclose(float(ours[3]), want_ge, rel_tol=1e-12, abs_tol=1e-14), (float(ours[3]), want_ge)
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_sppo_hand_computed(backend):
+    # beta = 0.5 (eta = 2); lc = -1 - (-1.5) = 0.5, lr = -2 - (-1) = -1; P_c = 0.8, P_r = 0.3:
+    # targets eta * (P - 1/2) = 0.6 and -0.4; loss (0.5 - 0.6)^2 + (-1 + 0.4)^2 = 0.01 + 0.36
+    _hand("sppo", -1.0, -2.0, -1.5, -1.0, 0.01 + 0.36, 2 * (0.5 - 0.6), 2 * (-1.0 + 0.4), beta=0.5,
+          chosen_win_rates=0.8, rejected_win_rates=0.3)
+    # win rates 1 and 0 are TRL's sppo_hard
+    c, r, rc, rr, *_ = _pairs(n=6, seed=33)
+    hard = _ours(c, r, rc, rr, loss_type="sppo_hard", beta=0.3)
+    hard = (*hard[:3], {k: v.double() for k, v in hard[3].items()})
+    soft = _ours(c, r, rc, rr, loss_type="sppo", beta=0.3, chosen_win_rates=torch.ones(6, dtype=torch.float64),
+                 rejected_win_rates=torch.zeros(6, dtype=torch.float64))
+    _compare(soft, hard, rtol=1e-12, atol=1e-12)
+
+
+def test_rso_loss_names_hand_computed(backend):
+    # RSO's hinge-norm is "hinge" with the reference: beta = 2, lc - lr = (-1 + 1.2) - (-3 + 2.9) = 0.3,
+    # max(0, 1 - 2 * 0.3) = 0.4, d/dc = -2, d/dr = 2
+    _hand("hinge", -1.0, -3.0, -1.2, -2.9, 1 - 2 * 0.3, -2.0, 2.0, beta=2.0)
+    # SLiC's hinge (no reference): max(0, 1 - 2 * (-1 + 3)) = 0, zero gradient
+    _hand("hinge", -1.0, -3.0, None, None, 0.0, 0.0, 0.0, beta=2.0)
+    # sigmoid-norm is "sigmoid": -log sigmoid(2 * 0.3) = log(1 + e^-0.6)
+    _hand("sigmoid", -1.0, -3.0, -1.2, -2.9, math.log1p(math.exp(-0.6)), -2 * _sig(-0.6), 2 * _sig(-0.6), beta=2.0)
+
+
+def test_xpo_hand_computed(backend):
+    # beta = 0.5: y = 0.5 * ((-1 + 1.5) - (-2 + 1)) = 0.75; DPO softplus(-0.75) + alpha * s, alpha = 0.1, s = -4
+    y = 0.75
+    _hand("xpo", -1.0, -2.0, -1.5, -1.0, math.log1p(math.exp(-y)) + 0.1 * -4.0, -0.5 * _sig(-y), 0.5 * _sig(-y),
+          0.1, beta=0.5, xpo_alpha=0.1, extra=-4.0, name="sampled_logps")
+
+
+def test_xpo_with_the_reference_sample_as_one_side_of_the_pair(backend):
+    # TRL's XPO loop: the reference model's sample is also the chosen (or rejected) completion; the
+    # same tensor in both places collects both gradients
+    c, r, rc, rr, *_ = _pairs(n=5, seed=34)
+    leaf = c.clone().requires_grad_()
+    loss, _ = rlkern.preference_loss(leaf, r, rc, rr, loss_type="xpo", beta=0.3, xpo_alpha=0.25, sampled_logps=leaf)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    _, gc, _, ge, _ = _ours3(c, r, c, rc, rr, "sampled_logps", loss_type="xpo", beta=0.3, xpo_alpha=0.25)
+    torch.testing.assert_close(grad, gc + ge, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ge, torch.full_like(ge, 0.25 / 5), rtol=1e-12, atol=1e-14)
+
+
+def test_vpo_hand_computed(backend):
+    # offline VPO: DPO - alpha * beta * log pi(y_cal); beta = 0.5, alpha = 0.2, y_cal's log-prob -3
+    y = 0.75
+    _hand("vpo", -1.0, -2.0, -1.5, -1.0, math.log1p(math.exp(-y)) - 0.2 * 0.5 * -3.0, -0.5 * _sig(-y),
+          0.5 * _sig(-y), -0.2 * 0.5, beta=0.5, vpo_alpha=0.2, extra=-3.0, name="sampled_logps")
+
+
+def test_apo_momentum_hand_computed(backend):
+    # APO, alpha = 0.5: ref-hat = 1.5 * ref - 0.5 * prev: chosen 1.5 * -1.5 - 0.5 * -1 = -1.75,
+    # rejected 1.5 * -1 - 0.5 * -2 = -0.5; sigmoid with beta = 1: y = (-1 + 1.75) - (-2 + 0.5) = 2.25
+    y = 2.25
+    _hand("sigmoid", -1.0, -2.0, -1.5, -1.0, math.log1p(math.exp(-y)), -_sig(-y), _sig(-y), beta=1.0,
+          apo_momentum=0.5, prev_ref_chosen_logps=-1.0, prev_ref_rejected_logps=-2.0)
+    # any loss type sees the extrapolated reference, metrics included
+    c, r, rc, rr, nc, nr, *_ = _pairs(n=6, seed=35)
+    pc, pr = rc + 0.3, rr - 0.2
+    kw = dict(loss_type=["sigmoid", "ipo", "sppo_hard"], beta=0.3, chosen_lengths=nc, rejected_lengths=nr)
+    _compare(_ours(c, r, rc, rr, prev_ref_chosen_logps=pc, prev_ref_rejected_logps=pr, apo_momentum=0.4, **kw),
+             _oracle(c, r, 1.4 * rc - 0.4 * pc, 1.4 * rr - 0.4 * pr, **kw), rtol=1e-10, atol=1e-12)
+
+
+def test_inpo_hand_computed(backend):
+    # tau = 0.5, eta = 0.4 (eta tau = 0.2): h = (c - r) - 0.2 (ref_c - ref_r) - 0.8 (pi_t_c - pi_t_r)
+    #   = 1 - 0.2 * 0.5 - 0.8 * (-1) = 1.7; loss (1.7 - 0.2)^2 = 2.25, d/dc = 2 * 1.5, d/dr = -3
+    _hand("inpo", -1.0, -2.0, -1.5, -2.0, (1.7 - 0.2) ** 2, 3.0, -3.0, inpo_tau=0.5, inpo_eta=0.4,
+          iterate_chosen_logps=-3.0, iterate_rejected_logps=-2.0)
+
+
+def test_cpl_hand_computed(backend):
+    # alpha (beta) = 0.5, lambda = 0.5: -log sigmoid(0.5 * -1 - 0.5 * 0.5 * -4) = softplus(-0.5)
+    y = 0.5
+    _hand("cpl", -1.0, -4.0, None, None, math.log1p(math.exp(-y)), -0.5 * _sig(-y), 0.25 * _sig(-y), beta=0.5,
+          cpl_lambda=0.5)
+
+
+def test_step_apo_hand_computed(backend):
+    # beta = 0.5, A_c = 2, A_r = -1: y = 0.5 * (2 * 0.5 - (-1) * (-1)) = 0 -> log 2, d/dc = -0.5 * 2 / 2
+    _hand("step_apo", -1.0, -2.0, -1.5, -1.0, math.log(2.0), -0.5, -0.25, beta=0.5, chosen_advantages=2.0,
+          rejected_advantages=-1.0)
+
+
+def test_tpo_nll_hand_computed(backend):
+    # two pairs, gold log-probs -6 and -2 over 4 and 0 tokens: NLL = 8 / 4 = 2, d/dg = -1 / 4 each
+    t = lambda *x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    loss, gc, gr, ge, _ = _ours3(t(-1.0, -2.0), t(-3.0, -1.0), t(-6.0, -2.0), None, None, "gold_logps",
+                                 loss_type="tpo_nll", gold_lengths=torch.tensor([4, 0]))
+    assert float(loss.detach()) == 2.0 and ge.tolist() == [-0.25, -0.25] and gc.abs().sum() == 0 and gr.abs().sum() == 0
+
+
+def test_paper_edge_cases(backend):
+    ones = torch.ones(3)
+    for types_ in PAPER_LISTS:
+        c, r, rc, rr, nc, nr, pw, ex = _paper_case(n=3, seed=36, dtype=torch.float32)
+        rc, rr = _paper_refs(types_, rc, rr)
+        kw = _paper_kw(types_, ex, loss_type=types_, beta=1.0, chosen_lengths=ones, rejected_lengths=ones,
+                       label_smoothing=0.1)
+        name = _extra_name(types_)
+        for cc, rj in ((torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-1e4, -1e4, -3.0])),
+                       (torch.tensor([-1e4, -1e4, -3.0]), torch.tensor([-1.0, -2.0, -3.0]))):
+            ours = _ours3(cc, rj, ex["sampled"], rc, rr, name, **kw)
+            for v in (*ours[:4], *ours[4].values()):
+                assert torch.isfinite(v).all(), (types_, v)
+            _compare3(ours, _oracle3(cc, rj, ex["sampled"], rc, rr, name, **kw), rtol=2e-5, atol=2e-6)
+        empty = torch.zeros(0)
+        kw0 = {k: (v[:0] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        loss, gc, gr, ge, metrics = _ours3(empty, empty, empty, None if rc is None else empty,
+                                           None if rr is None else empty, name, **kw0)
+        assert float(loss.detach()) == 0.0 and gc.shape == (0,) and ge.shape == (0,)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(loss_type="sppo"), "needs chosen_win_rates"),
+    (dict(loss_type="sppo", chosen_win_rates=torch.ones(3)), "given together"),
+    (dict(loss_type="xpo"), "needs sampled_logps"),
+    (dict(sampled_logps=torch.ones(3)), "sampled_logps is read by"),
+    (dict(loss_type="tpo_nll", gold_logps=torch.ones(3)), "needs gold_lengths"),
+    (dict(loss_type=["xpo", "tpo_nll"], sampled_logps=torch.ones(3), gold_logps=torch.ones(3),
+          gold_lengths=torch.ones(3)), "cannot be combined"),
+    (dict(loss_type=["sppo", "inpo"], chosen_win_rates=torch.ones(3), rejected_win_rates=torch.ones(3),
+          iterate_chosen_logps=torch.ones(3), iterate_rejected_logps=torch.ones(3)), "cannot be combined"),
+    (dict(loss_type="cpl"), "reference-free"),
+    (dict(loss_type="inpo", inpo_eta=0.0, iterate_chosen_logps=torch.ones(3), iterate_rejected_logps=torch.ones(3)),
+     "inpo_eta must be"),
+    (dict(apo_momentum=-1.0, prev_ref_chosen_logps=torch.ones(3), prev_ref_rejected_logps=torch.ones(3)),
+     "apo_momentum must be"),
+    (dict(loss_type="step_apo", chosen_advantages=torch.ones(3).requires_grad_(), rejected_advantages=torch.ones(3)),
+     "chosen_advantages requires grad"),
+    (dict(loss_type="xpo", sampled_logps=torch.ones(3).double()), "sampled_logps must have chosen_logps' dtype"),
+    (dict(loss_type="xpo", sampled_logps=torch.ones(2)), "sampled_logps must have shape"),
+])
+def test_paper_bad_calls(bad, message):
+    c = -torch.rand(3)
+    with pytest.raises((TypeError, ValueError), match=message) as info:
+        rlkern.preference_loss(c, c, c, c, **bad)
+    assert str(info.value).startswith("preference_loss: ")
+
+
+def test_apo_without_a_reference_is_refused():
+    c = -torch.rand(3)
+    with pytest.raises(ValueError, match="needs ref_chosen_logps"):
+        rlkern.preference_loss(c, c, prev_ref_chosen_logps=c, prev_ref_rejected_logps=c)
+
+
+def test_paper_torch_compile_and_opcheck():
+    c, r, rc, rr, nc, nr, pw, ex = _paper_case(n=6, seed=37, dtype=torch.float32)
+    kw = _paper_kw(["sppo", "xpo"], ex, loss_type=["sppo", "xpo"], loss_weights=[1.0, 0.5], xpo_alpha=0.3)
+    kw = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
+    s = ex["sampled"].float()
+    eager = rlkern.preference_loss(c, r, rc, rr, sampled_logps=s, **kw)
+    compiled = torch.compile(lambda *a: rlkern.preference_loss(*a, sampled_logps=s, **kw), fullgraph=True,
+                             backend="eager")(c, r, rc, rr)
+    torch.testing.assert_close(compiled[0], eager[0])
+    from rlkern.ops import preference as op
+
+    codes = [reference.LOSS_TYPES.index(t) for t in ("sppo", "xpo", "tpo_nll")]
+    args = (c.requires_grad_(), r.requires_grad_(), s.clone().requires_grad_(), rc, rr, ex["win"][0].float(),
+            ex["win"][1].float(), ex["gold_lengths"].float(), nc.float(), nr.float(), pw.float(), codes,
+            [1.0, 0.5, 0.25], [0.1, 0.0, 0.0, 1.0, 0.05, 80.0, 0.5, 0.3, 0.1, 0.1, 0.1, 0.5, 0.0, 0.0])
+    torch.library.opcheck(op._preference_op, args)
+
+
+def test_paper_triton_kernel_compiles_for_sm90():
+    compile_for_sm90("""
+from rlkern.kernels import preference as k
+ptrs = ("rc_ptr", "rr_ptr", "ac_ptr", "ar_ptr", "ne_ptr", "nc_ptr", "nr_ptr", "pw_ptr", "loss_ptr", "gc_ptr",
+        "gr_ptr", "ge_ptr", "met_ptr")
+sig = {"c_ptr": "", "r_ptr": "", "ex_ptr": "", "perm_ptr": "*i64", "B": "i32"}
+scalars = (["beta", "ls", "alpha", "tau", "clamp", "log_pw", "log_pl"] + ["w_" + t for t in k.LOSS_TYPES]
+           + ["gamma", "xpo_alpha", "vpo_alpha", "inpo_tau", "inpo_eta", "cpl_lambda", "alpha_po"])
+paper = sum(1 << k.LOSS_TYPES.index(t) for t in ("sppo", "xpo", "vpo", "cpl", "tpo_nll"))
+for types, fdiv, fp64, dt in ((paper | 1, 0, False, "bf16"), (1 << k.LOSS_TYPES.index("inpo"), 0, False, "fp32"),
+                              (1 << k.LOSS_TYPES.index("step_apo") | paper, 0, True, "fp64")):
+    s = dict(sig, **{n: "*fp64" if fp64 else "*fp32" for n in ptrs}, **{n: "fp64" for n in scalars})
+    s["c_ptr"] = s["r_ptr"] = s["ex_ptr"] = "*" + dt
+    build(k._preference_kernel, s, {"TYPES": types, "FDIV": fdiv, "FP64": fp64, "BLOCK": 128, "ALPHAPO": fdiv == 0,
+                                    "AVG": types & 1 == 1})
+print("ok")
+""")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("types_", PAPER_LISTS, ids="+".join)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 37, 3001])
+def test_paper_triton_on_cuda_matches_the_reference(types_, dtype, n):
+    c, r, rc, rr, nc, nr, pw, ex = _paper_case(n=n, seed=38, dtype=dtype)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    rc, rr = _paper_refs(types_, rc.to(compute), rr.to(compute))
+    kw = _paper_kw(types_, ex, loss_type=types_, beta=0.4, label_smoothing=0.1, chosen_lengths=nc,
+                   rejected_lengths=nr, pair_weights=pw.to(compute), xpo_alpha=0.3, vpo_alpha=0.5, inpo_tau=0.2,
+                   inpo_eta=1.5, cpl_lambda=0.8)
+    kw = {k: (v.to(compute) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
+    name = _extra_name(types_)
+    cuda_kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    ours = _ours3(c.cuda(), r.cuda(), ex["sampled"].cuda(), None if rc is None else rc.cuda(),
+                  None if rr is None else rr.cuda(), name, **cuda_kw)
+    want = _oracle3(c, r, ex["sampled"], rc, rr, name, **kw)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    if dtype == torch.bfloat16:  # the gradients are rounded to the input dtype
+        want = (want[0], *(g.to(dtype).double() for g in want[1:4]), want[4])
+        tol = dict(rtol=1e-2, atol=1e-5)
+    _compare3((ours[0].cpu(), *(g.cpu() for g in ours[1:4]), {k: v.cpu() for k, v in ours[4].items()}), want, **tol)
+
+
+def _tpo_case(seed=39, n=4, width=9, vocab=11):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3 * n, width, vocab, generator=g) * 1.5
+    ids = torch.randint(0, vocab, (3 * n, width), generator=g)
+    completion = torch.zeros(3 * n, width, dtype=torch.long)
+    for row in range(3 * n):  # two prompt tokens, then a completion of 1 .. width - 2 tokens, then padding
+        completion[row, 2:2 + int(torch.randint(1, width - 1, (1,), generator=g))] = 1
+    return logits, ids, completion
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("loss_type", ["sigmoid", "tpo-l", "hinge", "ipo"])
+def test_tpo_trainer_loss_matches_trl(backend, loss_type):
+    tpo = import_peer("trl.experimental.tpo.tpo_trainer")
+    logits, ids, completion = _tpo_case()
+    n = logits.shape[0] // 3
+    trainer = object.__new__(tpo.TPOTrainer)
+    identity = lambda x, **_: x  # noqa: E731  (one process: accelerate's gathers are the identity)
+    smoothing = 0.1 if loss_type in ("sigmoid", "tpo-l") else 0.0
+    trainer.__dict__.update(
+        model=types.SimpleNamespace(training=True), loss_type=loss_type, beta=0.3, label_smoothing=smoothing,
+        tpo_alpha=0.7, tpo_l_gamma=0.4, _total_train_tokens=0, _tp_size=1,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        accelerator=types.SimpleNamespace(gather=identity, gather_for_metrics=identity, device=torch.device("cpu")))
+    leaf = logits.clone().requires_grad_()
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), completion_mask=completion)
+    trl_loss = trainer._compute_loss(lambda **_: types.SimpleNamespace(logits=leaf), inputs, False)
+    trl_grad = torch.autograd.grad(trl_loss, leaf)[0]
+    trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    # TPO = its preference term (a DPO-family loss type, reference-free) + tpo_nll on the gold rows
+    leaf = logits.clone().requires_grad_()
+    mask = completion[:, 1:].bool()
+    token = torch.log_softmax(leaf[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    sums = (token * mask).sum(1)
+    lengths = mask.sum(1)
+    ones = torch.ones(n)
+    pref = {"sigmoid": dict(loss_type="simpo", simpo_gamma=0.0, chosen_lengths=ones, rejected_lengths=ones),
+            "tpo-l": dict(loss_type="simpo", simpo_gamma=0.4, chosen_lengths=lengths[:n],
+                          rejected_lengths=lengths[n:2 * n]),
+            "hinge": dict(loss_type="hinge"),
+            "ipo": dict(loss_type="ipo", chosen_lengths=lengths[:n], rejected_lengths=lengths[n:2 * n])}[loss_type]
+    loss, metrics = rlkern.preference_loss(
+        sums[:n], sums[n:2 * n], **dict(pref, loss_type=[pref["loss_type"], "tpo_nll"]), loss_weights=[1.0, 0.7],
+        beta=0.3, label_smoothing=smoothing, gold_logps=sums[2 * n:], gold_lengths=lengths[2 * n:])
+    grad = torch.autograd.grad(loss, leaf)[0]
+    torch.testing.assert_close(loss, trl_loss, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(grad, trl_grad, rtol=2e-5, atol=2e-7)
+    for key in METRIC_KEYS:  # (ipo: TPO logs averaged log-probs, as a reference-free ipo does)
+        assert math.isclose(float(metrics[key]), trl_metrics[key], rel_tol=2e-5, abs_tol=2e-6), key
+
+
+# ------------------------------------------------------------------------------------------------
+# CPO's AlphaPO reward transform (alpha) and ORPO's log-odds metrics vs the float64 reference
+
+@pytest.mark.parametrize("types_", [["simpo", "sft"], ["sigmoid"], ["hinge"], ["ipo", "sft"]], ids="+".join)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_alphapo_matches_the_reference(backend, types_, dtype, monkeypatch):
+    if backend == "triton":
+        from rlkern.kernels import preference as kernel
+
+        monkeypatch.setattr(kernel, "MAX_BLOCK", 16)
+    c, r, nc, nr, pw = _free_pairs(n=37, seed=40, dtype=dtype)
+    c, r = c / 10, r / 10  # log-probs of a few nats: AlphaPO's e^(-alpha x) stays moderate
+    kw = dict(loss_type=types_, beta=0.5, label_smoothing=0.1 if types_[0] in ("simpo", "sigmoid") else 0.0,
+              simpo_gamma=0.3, chosen_lengths=nc, rejected_lengths=nr, pair_weights=pw.to(dtype), alpha=0.4)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    _compare(_ours(c, r, None, None, **kw), _oracle(c, r, None, None, **kw), **tol)
+
+
+def test_gradcheck_alphapo_float64(backend):
+    c, r, nc, nr, pw = _free_pairs(n=5, seed=41)
+    c, r = (c / 10).requires_grad_(), (r / 10).requires_grad_()
+    for types_ in (["simpo", "hinge", "sigmoid", "sft"], ["ipo"]):
+        def f(a, b):
+            return rlkern.preference_loss(a, b, loss_type=types_, beta=0.7, label_smoothing=0.1, chosen_lengths=nc,
+                                          rejected_lengths=nr, pair_weights=pw, alpha=-0.3)[0]
+
+        assert torch.autograd.gradcheck(f, (c, r))
+
+
+def test_orpo_log_odds_metrics_match_the_reference(backend):
+    c, r, nc, nr, pw = _free_pairs(n=9, seed=42, dtype=torch.float32)
+    kw = dict(loss_type=["orpo", "sft"], beta=0.3, chosen_lengths=nc, rejected_lengths=nr)
+    ours = _ours(c, r, None, None, **kw)
+    want = _oracle(c, r, None, None, **kw)
+    assert set(ours[3]) == set(METRIC_KEYS) | {"log_odds_ratio", "log_odds_chosen"}
+    for key in ("log_odds_ratio", "log_odds_chosen"):
+        torch.testing.assert_close(ours[3][key].double(), want[3][key], rtol=2e-5, atol=2e-6, msg=key)
+    assert "log_odds_ratio" not in _ours(c, r, None, None, **dict(kw, loss_type="simpo"))[3]
+
+
+@pytest.mark.parametrize("bad", [dict(loss_type="orpo"), dict(loss_type="sigmoid", f_divergence_type="js_divergence"),
+                                 dict(loss_type="sigmoid", reference=True)])
+def test_alphapo_bad_calls(bad):
+    c = -torch.rand(3)
+    refs = (c, c) if bad.pop("reference", False) else ()
+    with pytest.raises(ValueError, match="alpha \\(AlphaPO\\) applies to") as info:
+        rlkern.preference_loss(c, c, *refs, alpha=0.5, chosen_lengths=torch.ones(3), rejected_lengths=torch.ones(3),
+                               **bad)
+    assert str(info.value).startswith("preference_loss: ")
+
+
+def test_xpo_with_trls_ipo_variant(backend):
+    # TRL's XPOTrainer with loss_type="ipo": (logits - 1 / (2 beta))^2 + alpha * s
+    c, r, rc, rr, *_ = _pairs(n=6, seed=43)
+    s = -torch.rand(6, dtype=torch.float64) * 10
+    ones = torch.ones(6)
+    loss, gc, gr, ge, _ = _ours3(c, r, s, rc, rr, "sampled_logps", loss_type=["ipo", "xpo", "sigmoid"],
+                                 loss_weights=[1.0, 1.0, -1.0], beta=0.3, xpo_alpha=0.2, chosen_lengths=ones,
+                                 rejected_lengths=ones)
+    leaves = [t.clone().requires_grad_() for t in (c, r, s)]
+    logits = (leaves[0] - rc) - (leaves[1] - rr)
+    want = ((logits - 1 / (2 * 0.3)) ** 2 + 0.2 * leaves[2]).mean()
+    grads = torch.autograd.grad(want, leaves)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-12, atol=1e-12)
+    for ours, theirs in zip((gc, gr, ge), grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_cpp_kernel_does_not_depend_on_the_thread_count(monkeypatch):
+    # the C++ kernel's parallel passes add fixed chunks' partial sums in chunk order
+    monkeypatch.setenv("RLKERN_BACKEND", "cpp")
+    c, r, rc, rr, nc, nr, pw, ex = _paper_case(n=3 * 1024 + 5, seed=44, dtype=torch.float32)
+    kw = dict(loss_type=["sigmoid", "ipo", "xpo", "sppo", "sft"], beta=0.3, chosen_lengths=nc, rejected_lengths=nr,
+              pair_weights=pw.float(), sampled_logps=ex["sampled"], chosen_win_rates=ex["win"][0],
+              rejected_win_rates=ex["win"][1])
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n_threads in (1, 3):
+            torch.set_num_threads(n_threads)
+            leaf = c.clone().requires_grad_()
+            loss, metrics = rlkern.preference_loss(leaf, r, rc, rr, **kw)
+            results.append((loss.detach(), torch.autograd.grad(loss, leaf)[0], torch.stack(list(metrics.values()))))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("types_", PAPER_LISTS, ids="+".join)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_paper_half_inputs_compute_in_float32(backend, types_, dtype):
+    c, r, rc, rr, nc, nr, pw, ex = _paper_case(n=11, seed=45, dtype=dtype)
+    rc, rr = _paper_refs(types_, None if rc is None else rc.float(), None if rr is None else rr.float())
+    kw = _paper_kw(types_, ex, loss_type=types_, beta=0.4, label_smoothing=0.1, chosen_lengths=nc,
+                   rejected_lengths=nr, xpo_alpha=0.3, vpo_alpha=0.5, inpo_tau=0.2, inpo_eta=1.5, cpl_lambda=0.8)
+    name = _extra_name(types_)
+    ours = _ours3(c, r, ex["sampled"], rc, rr, name, **kw)
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == dtype and ours[3].dtype == dtype
+    want = _oracle3(c, r, ex["sampled"], rc, rr, name, **kw)
+    # the kernels see the same half values as the oracle: only the gradients' rounding to dtype differs
+    _compare3((ours[0], *(g.float() for g in ours[1:4]), ours[4]),
+              (want[0], *(g.to(dtype).double() for g in want[1:4]), want[4]), rtol=2e-5, atol=2e-6)

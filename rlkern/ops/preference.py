@@ -22,61 +22,79 @@ __all__ = ["preference_loss", "kto_loss", "bco_loss"]
 _OP = "preference_loss"
 LOSS_TYPES = reference.LOSS_TYPES
 METRIC_KEYS = reference.METRIC_KEYS
+ORPO_METRIC_KEYS = reference.ORPO_METRIC_KEYS
+_ALL_METRICS = METRIC_KEYS + ORPO_METRIC_KEYS  # the kernels' metric slots
+_PAPER_TYPES = frozenset(reference.PAPER_LOSS_TYPES)
 
 
-def _torch_preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
-                           pair_weights, loss_types, loss_weights, hyper):
+# The kernels' hyper list (14): beta, label smoothing, f-divergence code, f alpha, discopop tau, alpha clamp,
+# simpo gamma, xpo alpha, vpo alpha, inpo tau, inpo eta, cpl lambda, AlphaPO alpha, averaged metrics (1.0 / 0.0).
+
+
+def _torch_preference_loss(chosen, rejected, extra, ref_chosen, ref_rejected, aux_chosen, aux_rejected, extra_lengths,
+                           chosen_lengths, rejected_lengths, pair_weights, loss_types, loss_weights, hyper):
     """The torch backend: the reference and its vjp (works inside a custom op's kernel, where the
     dispatcher has the Autograd keys excluded)."""
-    beta, ls, fdiv, alpha, tau, clamp_max, gamma = hyper
+    (beta, ls, fdiv, alpha, tau, clamp_max, gamma, xpo_alpha, vpo_alpha, inpo_tau, inpo_eta, cpl_lambda, alpha_po,
+     averaged) = hyper
     dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
 
-    def objective(c, r):
-        return reference.preference_loss(
-            c, r, ref_chosen, ref_rejected, loss_type=[LOSS_TYPES[t] for t in loss_types], beta=beta,
-            label_smoothing=ls, f_divergence_type=reference.F_DIVERGENCES[int(fdiv)], f_alpha_divergence_coef=alpha,
-            discopop_tau=tau, loss_weights=loss_weights, chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths, pair_weights=pair_weights, clamp_max=clamp_max, simpo_gamma=gamma)
+    def objective(c, r, e):
+        return reference.slot_loss(
+            c, r, e, ref_chosen, ref_rejected, aux_chosen, aux_rejected, extra_lengths,
+            loss_type=[LOSS_TYPES[t] for t in loss_types], beta=beta, label_smoothing=ls,
+            f_divergence_type=reference.F_DIVERGENCES[int(fdiv)], f_alpha_divergence_coef=alpha, discopop_tau=tau,
+            loss_weights=loss_weights, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+            pair_weights=pair_weights, clamp_max=clamp_max, simpo_gamma=gamma, xpo_alpha=xpo_alpha,
+            vpo_alpha=vpo_alpha, inpo_tau=inpo_tau, inpo_eta=inpo_eta, cpl_lambda=cpl_lambda, alpha=alpha_po,
+            averaged_metrics=averaged != 0.0)
 
-    c, r = chosen.to(dtype), rejected.to(dtype)
-    loss, vjp, metrics = torch.func.vjp(objective, c, r, has_aux=True)
-    grad_c, grad_r = vjp(torch.ones((), dtype=dtype))
-    stacked = torch.stack([metrics[k] for k in METRIC_KEYS]).to(dtype)
-    return loss.detach().clone(), grad_c.detach().clone(), grad_r.detach().clone(), stacked
+    c, r, e = chosen.to(dtype), rejected.to(dtype), extra.to(dtype)
+    loss, vjp, metrics = torch.func.vjp(objective, c, r, e, has_aux=True)
+    grad_c, grad_r, grad_e = vjp(torch.ones((), dtype=dtype))
+    zero = c.new_zeros(())
+    stacked = torch.stack([metrics.get(k, zero) for k in _ALL_METRICS]).to(dtype)
+    return (loss.detach().clone(), grad_c.detach().clone(), grad_r.detach().clone(), grad_e.detach().clone(),
+            stacked)
 
 
 _KERNELS = _backend.Kernels(_OP, cpp="cpp_preference_loss", triton="preference.preference_loss",
                             torch=_torch_preference_loss, fp64=("cpp", "triton"))
 
 
-def _preference_impl(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
-                     chosen_lengths: Tensor, rejected_lengths: Tensor, pair_weights: Tensor, loss_types: list[int],
-                     loss_weights: list[float], hyper: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _KERNELS.pick(chosen)(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
-                                 pair_weights, loss_types, loss_weights, hyper)
+def _preference_impl(chosen: Tensor, rejected: Tensor, extra: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+                     aux_chosen: Tensor, aux_rejected: Tensor, extra_lengths: Tensor, chosen_lengths: Tensor,
+                     rejected_lengths: Tensor, pair_weights: Tensor, loss_types: list[int], loss_weights: list[float],
+                     hyper: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _KERNELS.pick(chosen)(chosen, rejected, extra, ref_chosen, ref_rejected, aux_chosen, aux_rejected,
+                                 extra_lengths, chosen_lengths, rejected_lengths, pair_weights, loss_types,
+                                 loss_weights, hyper)
 
 
 _preference_op = torch.library.custom_op("rlkern::preference_loss", mutates_args=())(_preference_impl)
 
 
 @_preference_op.register_fake
-def _preference_fake(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, pair_weights,
-                     loss_types, loss_weights, hyper):
+def _preference_fake(chosen, rejected, extra, ref_chosen, ref_rejected, aux_chosen, aux_rejected, extra_lengths,
+                     chosen_lengths, rejected_lengths, pair_weights, loss_types, loss_weights, hyper):
     dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
     return (chosen.new_empty((), dtype=dtype), chosen.new_empty(chosen.shape, dtype=dtype),
-            chosen.new_empty(chosen.shape, dtype=dtype), chosen.new_empty((len(METRIC_KEYS),), dtype=dtype))
+            chosen.new_empty(chosen.shape, dtype=dtype), chosen.new_empty(chosen.shape, dtype=dtype),
+            chosen.new_empty((len(_ALL_METRICS),), dtype=dtype))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
-    ctx.save_for_backward(output[1], output[2])
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype, inputs[2].dtype)
+    ctx.save_for_backward(output[1], output[2], output[3])
 
 
-def _backward(ctx, grad_loss, _grad_c, _grad_r, _grad_metrics):
-    grad_c, grad_r = ctx.saved_tensors
+def _backward(ctx, grad_loss, _grad_c, _grad_r, _grad_e, _grad_metrics):
+    grad_c, grad_r, grad_e = ctx.saved_tensors
     g = grad_loss.to(grad_c.dtype)
-    return ((g * grad_c).to(ctx.dtypes[0]), (g * grad_r).to(ctx.dtypes[1]), None, None, None, None, None, None,
-            None, None)
+    # the extra slot is a zero placeholder unless a paper loss type reads it: no work for its gradient then
+    ge = (g * grad_e).to(ctx.dtypes[2]) if ctx.needs_input_grad[2] else None
+    return ((g * grad_c).to(ctx.dtypes[0]), (g * grad_r).to(ctx.dtypes[1]), ge, None, None, None, None, None, None,
+            None, None, None, None, None)
 
 
 _preference_op.register_autograd(_backward, setup_context=_setup_context)
@@ -115,7 +133,15 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
                     label_smoothing: float = 0.0, f_divergence_type: str = "reverse_kl",
                     f_alpha_divergence_coef: float = 1.0, discopop_tau: float = 0.05, loss_weights=None,
                     chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
-                    pair_weights: Tensor | None = None, simpo_gamma: float = 0.5) -> tuple[Tensor, dict[str, Tensor]]:
+                    pair_weights: Tensor | None = None, simpo_gamma: float = 0.5,
+                    chosen_win_rates: Tensor | None = None, rejected_win_rates: Tensor | None = None,
+                    sampled_logps: Tensor | None = None, xpo_alpha: float = 1e-5, vpo_alpha: float = 0.1,
+                    prev_ref_chosen_logps: Tensor | None = None, prev_ref_rejected_logps: Tensor | None = None,
+                    apo_momentum: float = 0.3, iterate_chosen_logps: Tensor | None = None,
+                    iterate_rejected_logps: Tensor | None = None, inpo_tau: float = 0.1, inpo_eta: float = 0.1,
+                    cpl_lambda: float = 0.5, chosen_advantages: Tensor | None = None,
+                    rejected_advantages: Tensor | None = None, gold_logps: Tensor | None = None,
+                    gold_lengths: Tensor | None = None, alpha: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """TRL 1.16's DPO loss (``DPOTrainer._compute_loss``) over per-sequence log-probs, and the
     losses of its experimental CPO (with SimPO) and ORPO trainers (reference-free).
 
@@ -143,11 +169,18 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
             CPO = ``loss_type=[t, "sft"], loss_weights=[1, cpo_alpha]``, ORPO =
             ``loss_type=["orpo", "sft"]`` (ORPO's NLL runs over the prompt tokens too: sft equals
             it only where the summed tokens are those; else add the caller's own NLL). orpo needs
-            log-probs < 0 (an averaged log-prob of 0 has infinite odds, as in TRL). Not covered:
-            CPO's AlphaPO ``alpha`` reward transform; ORPO's extra logged ``log_odds_ratio`` /
-            ``log_odds_chosen``; CPO's ipo logs averaged log-probs, this op's ipo metrics are sums. CPO's other loss types: hinge = hinge reference-free;
-            ipo = ipo reference-free with the lengths; sigmoid = sigmoid reference-free, and
-            with CPO's label smoothing = simpo with ``simpo_gamma=0`` and lengths of ones.
+            log-probs < 0 (an averaged log-prob of 0 has infinite odds, as in TRL); with orpo the
+            metrics also hold ORPO's ``log_odds_ratio`` / ``log_odds_chosen`` (means over pairs of
+            logsigmoid(log_odds) and log_odds). CPO's other loss types: hinge = hinge
+            reference-free; ipo = ipo reference-free with the lengths (its metrics, as CPO's and
+            TPO's, are of averaged log-probs: a reference-free ipo averages them); sigmoid =
+            sigmoid reference-free, and with CPO's label smoothing = simpo with ``simpo_gamma=0``
+            and lengths of ones.
+        alpha: CPO's AlphaPO reward transform (TRL's experimental CPOConfig ``alpha``, 0.0 = off):
+            the log-probs x that CPO's loss compares (length-averaged for simpo and ipo, summed for
+            sigmoid and hinge) become ``(1 - e^(-alpha * x)) / alpha``, in the loss and in the
+            rewards metrics (``beta`` times them; logps metrics stay raw). Only with CPO's loss
+            types (simpo, sigmoid, hinge, ipo, and sft), reference-free, reverse_kl.
         simpo_gamma: simpo's target margin (CPOConfig's 0.5).
         beta: the DPO temperature (0.1). label_smoothing: read by robust, exo_pair (must be > 0
             there, as TRL requires), aot, aot_unpaired and simpo only, in [0, 0.5] (robust: < 0.5).
@@ -163,34 +196,127 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
             (``use_weighting=True``) passes TRL's ``chosen_weights * rejected_weights``. Not with
             aot / aot_unpaired (TRL refuses: they sort the pairs).
 
+    The research list's pair losses (issue 18; loss types after orpo in LOSS_TYPES). Below,
+    lc = chosen_logps - ref_chosen_logps and lr = rejected_logps - ref_rejected_logps (the
+    reference log-probs being those of the model the paper uses as reference), c / r the policy's
+    log-probs, each formula a pair's loss (averaged over pairs, times pair_weights, like the rest):
+
+    - ``"sppo"``: "Self-Play Preference Optimization for Language Model Alignment" (SPPO),
+      ``(lc - eta * (P_c - 1/2))**2 + (lr - eta * (P_r - 1/2))**2`` with eta = 1 / beta (TRL's
+      convention) and P_c, P_r = ``chosen_win_rates``, ``rejected_win_rates``: ``[B]`` float
+      constants in [0, 1], the estimated win rates P-hat(y > pi_t) of each completion against the
+      current policy (TRL's ``sppo_hard`` is P_c = 1, P_r = 0). The reference is pi_t, the policy
+      of the previous iteration. The loop around it (the caller's): each iteration samples K
+      responses per prompt from pi_t, scores every pair with a preference model (PairRM in the
+      paper), sets P-hat(y > pi_t) = the mean of P(y > y_k) over the K samples, keeps a pair
+      (e.g. the best and the worst), trains with this loss, and makes the result pi_{t+1}.
+    - RSO ("Statistical Rejection Sampling Improves Preference Optimization") names its losses
+      sigmoid-norm, hinge-norm and hinge: sigmoid-norm ``-log sigmoid(beta * (lc - lr))`` is
+      ``"sigmoid"``; hinge-norm ``max(0, 1 - beta * (lc - lr))`` is ``"hinge"`` (TRL's hinge is
+      SLiC's on the normalized likelihood); SLiC's hinge ``max(0, 1 - beta * (c - r))`` is
+      ``"hinge"`` reference-free (no ref tensors). (TRL's ``"sigmoid_norm"`` is another loss: the
+      length-normalized sigmoid.) The rejection sampler that builds RSO's pairs is a group op,
+      not part of this loss.
+    - ``"xpo"``: "Exploratory Preference Optimization" (XPO): DPO plus the
+      exploration term, ``-log sigmoid(beta * (lc - lr)) + xpo_alpha * s`` with s =
+      ``sampled_logps``: ``[B]`` the policy's log-probs (summed, differentiable) of one response
+      per prompt sampled from the reference model (TRL's former XPOTrainer:
+      ``alpha * model_logprobs_ref.sum(1)``). In TRL's loop that reference sample is also one side
+      of the pair (the judge picks chosen between the policy's sample and the reference's): pass
+      the same tensor in both places. ``xpo_alpha``: XPOConfig's default 1e-5. TRL's XPO with
+      its ``loss_type="ipo"`` (the unnormalized ipo): ``loss_type=["ipo", "xpo", "sigmoid"],
+      loss_weights=[1, 1, -1]`` with lengths of ones (the sigmoid terms cancel exactly).
+    - ``"vpo"``: "Value-Incentivized Preference Optimization" (VPO), offline (pessimistic) sign:
+      ``-log sigmoid(beta * (lc - lr)) - vpo_alpha * beta * s`` with s = ``sampled_logps``, the
+      policy's log-probs of a response from the calibration distribution pi_cal (offline: a
+      response of the data set, e.g. the chosen one: pass chosen_logps). It is the value
+      regularizer alpha * J(r) with the DPO reward, J(r) = -beta * E_{pi_cal}[log pi / pi_ref] up
+      to a constant (the constant log pi_ref term is dropped: no gradient). Online VPO
+      (optimism) flips the sign: that is ``"xpo"`` with ``xpo_alpha = vpo_alpha * beta``.
+      ``vpo_alpha``: 0.1 (a choice; the paper tunes it).
+    - APO: "Accelerated Preference Optimization for Large Language Model Alignment", a modifier of
+      any loss type: with ``prev_ref_chosen_logps`` / ``prev_ref_rejected_logps`` (``[B]``
+      constants) the reference log-probs become Nesterov's extrapolation
+      ``(1 + apo_momentum) * ref - apo_momentum * prev_ref`` (log pi-hat_t = log pi_t +
+      alpha * (log pi_t - log pi_{t-1}), its normalizer dropped: exact for the losses of lc - lr,
+      e.g. sigmoid, hinge, ipo with equal lengths). The loop: iteration t trains pi_{t+1} from
+      the data against that reference, where ref = pi_t (the previous iterate) and prev_ref =
+      pi_{t-1} (the one before); the momentum runs across iterations. ``apo_momentum``: alpha,
+      0.3 (a choice). Its metrics are those against the extrapolated reference.
+    - ``"inpo"``: "Iterative Nash Policy Optimization" (INPO): ``(h - eta / 2)**2`` with
+      h = (c - r) - eta * tau * (ref_c - ref_r) - (1 - eta * tau) * (pi_t_c - pi_t_r), where the
+      ref tensors are pi_ref's and pi_t_c / pi_t_r = ``iterate_chosen_logps`` /
+      ``iterate_rejected_logps`` are the current iterate pi_t's (``[B]`` constants); tau =
+      ``inpo_tau`` (the KL regularization to pi_ref), eta = ``inpo_eta`` (the no-regret step);
+      0.1 each (a choice). The loop: sample two responses from pi_t, label them with the
+      preference oracle, train with this loss, pi_{t+1} is the result.
+    - ``"cpl"``: "Contrastive Prefence Learning: Learning from Human Feedback without RL" (CPL):
+      ``-log sigmoid(beta * c - cpl_lambda * beta * r)``, reference-free; beta is CPL's
+      temperature alpha, ``cpl_lambda`` its conservative bias lambda (0.5). CPL's discounted sums
+      of token log-probs are the caller's summed log-probs: gamma = 1.
+    - ``"step_apo"``: Step-APO of "CPL: Critical Plan Step Learning Boosts LLM Generalization in
+      Reasoning Tasks": ``-log sigmoid(beta * (A_c * lc - A_r * lr))``, the log-ratios of the
+      chosen / rejected plan steps weighted by their MCTS advantages A_c, A_r =
+      ``chosen_advantages``, ``rejected_advantages`` (``[B]`` constants; the tree search is the
+      caller's).
+    - ``"tpo_nll"``: "Triple Preference Optimization" (TPO): the NLL of the gold response, the
+      token mean ``-sum(g) / sum(n_g)`` over the batch (one number, as sft) of ``gold_logps`` g
+      (``[B]``, summed, differentiable) and ``gold_lengths`` n_g. TPO's weight tpo_alpha is its
+      loss weight. TPO (TRL 1.16's experimental TPOTrainer, reference-free) = its preference term
+      + tpo_nll: sigmoid (with label smoothing) = ``"simpo"`` at ``simpo_gamma=0`` with lengths
+      of ones; tpo-l = ``"simpo"`` with lengths and simpo_gamma = tpo_l_gamma; hinge / ipo =
+      ``"hinge"`` / ``"ipo"`` reference-free. A new tensor, not ``"sft"``: the gold response is
+      a third completion, not the chosen one.
+
     Returns:
         ``(loss, metrics)``: the 0-dim loss (mean over pairs, float32; float64 for float64
         input) and a dict of 0-dim float32 tensors: TRL's logged ``rewards/chosen``,
         ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies`` (rewards = beta * (logps - ref_logps), means over pairs),
-        ``logps/chosen`` and ``logps/rejected``. B = 0 gives a loss and metrics of 0.
-        Sorting ties (aot) are ordered stably. Forms that cannot overflow are used throughout
+        ``logps/chosen`` and ``logps/rejected`` (with orpo also ``log_odds_ratio`` and
+        ``log_odds_chosen``). B = 0 gives a loss and metrics of 0. Sorting ties (aot) are
+        ordered stably. Forms that cannot overflow are used throughout
         (softplus for -logsigmoid; discopop's exponential in log space).
     """
     chosen, rejected = chosen_logps, rejected_logps
+    types = _loss_types(loss_type)
+    tset = set(types)
+    # the paper loss types' tensors and hyper-parameters: checked only when one of those tensors is given or
+    # a paper type is asked for (the common call pays nothing for them)
+    paper = not tset.isdisjoint(_PAPER_TYPES) or any(
+        t is not None for t in (chosen_win_rates, rejected_win_rates, prev_ref_chosen_logps, prev_ref_rejected_logps,
+                                iterate_chosen_logps, iterate_rejected_logps, chosen_advantages, rejected_advantages,
+                                sampled_logps, gold_logps, gold_lengths))
+    constants = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps,
+                 "pair_weights": pair_weights}
+    if paper:
+        constants.update(chosen_win_rates=chosen_win_rates, rejected_win_rates=rejected_win_rates,
+                         prev_ref_chosen_logps=prev_ref_chosen_logps, prev_ref_rejected_logps=prev_ref_rejected_logps,
+                         iterate_chosen_logps=iterate_chosen_logps, iterate_rejected_logps=iterate_rejected_logps,
+                         chosen_advantages=chosen_advantages, rejected_advantages=rejected_advantages)
     specs = {"chosen_logps": (chosen, "float"), "rejected_logps": (rejected, "float"),
-             "ref_chosen_logps": (ref_chosen_logps, "float"), "ref_rejected_logps": (ref_rejected_logps, "float"),
              "chosen_lengths": (chosen_lengths, "mask"), "rejected_lengths": (rejected_lengths, "mask"),
-             "pair_weights": (pair_weights, "float")}
+             **{k: (v, "float") for k, v in constants.items()}}
+    if paper:
+        specs.update(sampled_logps=(sampled_logps, "float"), gold_logps=(gold_logps, "float"),
+                     gold_lengths=(gold_lengths, "mask"))
     _checks.tensors(_OP, "chosen_logps", specs)
     if chosen.ndim != 1:
         raise ValueError(f"{_OP}: chosen_logps must be [B], got shape {tuple(chosen.shape)}")
     _checks.tensors(_OP, "chosen_logps", specs, shape=chosen.shape)
-    if rejected.dtype != chosen.dtype:
-        raise TypeError(f"{_OP}: rejected_logps must have chosen_logps' dtype {chosen.dtype}, got {rejected.dtype}")
-    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
-        raise ValueError(f"{_OP}: ref_chosen_logps and ref_rejected_logps must be given together (or both None for "
-                         "reference-free), got only one")
-    for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps),
-                    ("pair_weights", pair_weights)):
+    for name, t in (("rejected_logps", rejected), ("sampled_logps", sampled_logps), ("gold_logps", gold_logps)):
+        if t is not None and t.dtype != chosen.dtype:
+            raise TypeError(f"{_OP}: {name} must have chosen_logps' dtype {chosen.dtype}, got {t.dtype}")
+    pairs = (("ref_chosen_logps", "ref_rejected_logps"),)
+    if paper:
+        pairs += (("prev_ref_chosen_logps", "prev_ref_rejected_logps"), ("chosen_win_rates", "rejected_win_rates"),
+                  ("iterate_chosen_logps", "iterate_rejected_logps"), ("chosen_advantages", "rejected_advantages"))
+    for a, b in pairs:
+        if (constants[a] is None) != (constants[b] is None):
+            raise ValueError(f"{_OP}: {a} and {b} must be given together (or both None), got only one")
+    for name, t in constants.items():
         if t is not None and t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{_OP}: {name} requires grad, but it is a constant of the loss; compute it under "
                              "torch.no_grad() or pass .detach()")
-    types = _loss_types(loss_type)
     if loss_weights is None:
         weights = [1.0] * len(types)
     else:
@@ -201,52 +327,106 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
     beta = _checks.number(_OP, "beta", beta, low=0, low_open=True)
     ls = _checks.number(_OP, "label_smoothing", label_smoothing, low=0, high=0.5)
     _checks.choice(_OP, "f_divergence_type", f_divergence_type, reference.F_DIVERGENCES)
-    alpha = _checks.number(_OP, "f_alpha_divergence_coef", f_alpha_divergence_coef)
+    f_alpha = _checks.number(_OP, "f_alpha_divergence_coef", f_alpha_divergence_coef)
     tau = _checks.number(_OP, "discopop_tau", discopop_tau, low=0, low_open=True)
     if f_divergence_type != "reverse_kl":
-        bad = sorted(set(types) - set(reference.F_DIVERGENCE_LOSS_TYPES))
+        bad = sorted(tset - set(reference.F_DIVERGENCE_LOSS_TYPES))
         if bad:
             raise ValueError(f"{_OP}: f_divergence_type={f_divergence_type!r} is only valid with loss types "
                              f"{reference.F_DIVERGENCE_LOSS_TYPES}, got {bad}")
-    if "exo_pair" in types and ls == 0.0:
+    if "exo_pair" in tset and ls == 0.0:
         raise ValueError(f"{_OP}: label_smoothing must be > 0 with loss_type 'exo_pair' (EXO recommends 1e-3), got 0.0")
-    if "robust" in types and ls >= 0.5:
+    if "robust" in tset and ls >= 0.5:
         raise ValueError(f"{_OP}: label_smoothing must be < 0.5 with loss_type 'robust', got {ls!r}")
-    free = sorted(set(types) & set(reference.AVERAGED_LOSS_TYPES))
+    free = sorted(tset & set(reference.REFERENCE_FREE_LOSS_TYPES))
     if free and ref_chosen_logps is not None:
-        raise ValueError(f"{_OP}: loss_type {free} is reference-free (TRL's CPO / ORPO trainers), got reference "
+        raise ValueError(f"{_OP}: loss_type {free} is reference-free (TRL's CPO / ORPO trainers, CPL), got reference "
                          "log-probs")
     gamma = _checks.number(_OP, "simpo_gamma", simpo_gamma)
-    if pair_weights is not None and {"aot", "aot_unpaired"} & set(types):
+    if pair_weights is not None and {"aot", "aot_unpaired"} & tset:
         raise ValueError(f"{_OP}: pair_weights cannot be used with aot / aot_unpaired (they sort the pairs)")
     for name, t, needed in (("chosen_lengths", chosen_lengths, {"ipo", "sigmoid_norm", "sft", "simpo", "orpo"}),
-                            ("rejected_lengths", rejected_lengths, {"ipo", "sigmoid_norm", "simpo", "orpo"})):
-        if t is None and needed & set(types):
-            raise ValueError(f"{_OP}: loss_type {sorted(needed & set(types))} needs {name} (the completions' "
+                            ("rejected_lengths", rejected_lengths, {"ipo", "sigmoid_norm", "simpo", "orpo"}),
+                            ("gold_lengths", gold_lengths, {"tpo_nll"})):
+        if t is None and needed & tset:
+            raise ValueError(f"{_OP}: loss_type {sorted(needed & tset)} needs {name} (the completions' "
                              "token counts), got None")
+    if paper:  # the paper loss types' hyper-parameters (unread otherwise) and tensors
+        xpo_alpha = _checks.number(_OP, "xpo_alpha", xpo_alpha)
+        vpo_alpha = _checks.number(_OP, "vpo_alpha", vpo_alpha)
+        apo_momentum = _checks.number(_OP, "apo_momentum", apo_momentum, low=0)
+        inpo_tau = _checks.number(_OP, "inpo_tau", inpo_tau, low=0)
+        inpo_eta = _checks.number(_OP, "inpo_eta", inpo_eta, low=0, low_open=True)
+        cpl_lambda = _checks.number(_OP, "cpl_lambda", cpl_lambda, low=0)
+        # each tensor is read by its loss types only, with one meaning per call
+        readers = {"sampled_logps": ("xpo", "vpo"), "gold_logps": ("tpo_nll",), "gold_lengths": ("tpo_nll",),
+                   "iterate_chosen_logps": ("inpo",), "chosen_win_rates": ("sppo",),
+                   "chosen_advantages": ("step_apo",)}
+        given = {"sampled_logps": sampled_logps, "gold_logps": gold_logps, "gold_lengths": gold_lengths,
+                 "iterate_chosen_logps": iterate_chosen_logps, "chosen_win_rates": chosen_win_rates,
+                 "chosen_advantages": chosen_advantages}
+        for name, users in readers.items():
+            if given[name] is None and set(users) & tset:
+                raise ValueError(f"{_OP}: loss_type {sorted(set(users) & tset)} needs {name}, got None")
+            if given[name] is not None and not set(users) & tset:
+                raise ValueError(f"{_OP}: {name} is read by loss_type {list(users)} only, got loss_type {types}")
+        for group in (("sppo", "inpo", "step_apo"), ("xpo", "tpo_nll"), ("vpo", "tpo_nll")):
+            if len(set(group) & tset) > 1:
+                raise ValueError(f"{_OP}: loss_type {sorted(set(group) & tset)} cannot be combined in one call "
+                                 "(they read different per-pair tensors); call the op once per loss type")
+    if alpha != 0.0:  # (anything but a number is != 0.0: the check below refuses it)
+        alpha = _checks.number(_OP, "alpha", alpha)
+        bad = sorted(tset - set(reference.ALPHAPO_LOSS_TYPES))
+        if bad or ref_chosen_logps is not None or f_divergence_type != "reverse_kl":
+            raise ValueError(f"{_OP}: alpha (AlphaPO) applies to CPO's reference-free loss types "
+                             f"{reference.ALPHAPO_LOSS_TYPES} with reverse_kl only, got loss_type {types}, "
+                             f"{'reference log-probs' if ref_chosen_logps is not None else 'no reference'}, "
+                             f"f_divergence_type={f_divergence_type!r}")
+    if prev_ref_chosen_logps is not None and ref_chosen_logps is None:
+        raise ValueError(f"{_OP}: prev_ref_chosen_logps (APO) needs ref_chosen_logps and ref_rejected_logps, got "
+                         "None")
 
     dtype = torch.float64 if chosen.dtype == torch.float64 else torch.float32
 
-    zeros = ones = None
-    if ref_chosen_logps is None:
-        zeros = chosen.new_zeros(chosen.shape, dtype=dtype)
-    if chosen_lengths is None or rejected_lengths is None or pair_weights is None:
-        ones = chosen.new_ones(chosen.shape, dtype=dtype)
+    filled = {}  # the default slots (zeros, ones), made once each and only when a slot needs one
 
-    def aux(t, default):
+    def aux(t, fill):
         if t is None:
-            return default
+            if fill not in filled:
+                filled[fill] = (chosen.new_zeros if fill == 0.0 else chosen.new_ones)(chosen.shape, dtype=dtype)
+            return filled[fill]
         return t.detach().to(dtype).contiguous()
 
-    hyper = [beta, ls, float(reference.F_DIVERGENCES.index(f_divergence_type)), alpha, tau,
-             reference.alpha_clamp(chosen.dtype), gamma]
+    ref_c, ref_r = aux(ref_chosen_logps, 0.0), aux(ref_rejected_logps, 0.0)
+    if prev_ref_chosen_logps is not None:  # APO: Nesterov's extrapolated reference, constants of the loss
+        ref_c = ((1 + apo_momentum) * ref_c - apo_momentum * aux(prev_ref_chosen_logps, 0.0)).contiguous()
+        ref_r = ((1 + apo_momentum) * ref_r - apo_momentum * aux(prev_ref_rejected_logps, 0.0)).contiguous()
+    lengths_c, lengths_r, weights_t = aux(chosen_lengths, 1.0), aux(rejected_lengths, 1.0), aux(pair_weights, 1.0)
+    if paper:
+        aux_c = aux(chosen_win_rates if "sppo" in tset else iterate_chosen_logps if "inpo" in tset
+                    else chosen_advantages, 0.0)
+        aux_r = aux(rejected_win_rates if "sppo" in tset else iterate_rejected_logps if "inpo" in tset
+                    else rejected_advantages, 0.0)
+        lengths_e = aux(gold_lengths, 1.0)
+        extra = gold_logps if "tpo_nll" in tset else sampled_logps
+    else:  # no loss type reads these slots: any tensor of the slot's shape and dtype does
+        aux_c = aux_r = lengths_e = lengths_c
+        extra = None
+    if extra is None:  # the kernels read the extra slot in chosen_logps' dtype
+        extra = lengths_c if chosen.dtype == dtype and not paper else chosen.new_zeros(chosen.shape)
+    # the paper hyper-parameters are checked (and read) only with the paper types / tensors: 0 otherwise
+    paper_hyper = [xpo_alpha, vpo_alpha, inpo_tau, inpo_eta, cpl_lambda] if paper else [0.0] * 5
+    hyper = [beta, ls, float(reference.F_DIVERGENCES.index(f_divergence_type)), f_alpha, tau,
+             reference.alpha_clamp(chosen.dtype), gamma, *paper_hyper, float(alpha),
+             float(reference.averaged_metrics(types, ref_chosen_logps is None))]
     eager = (type(chosen) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
              and not torch._C._functorch.is_functorch_wrapped_tensor(chosen))
     op = _EagerPreferenceLoss.apply if eager else _preference_op
-    loss, _, _, metrics = op(
-        chosen, rejected, aux(ref_chosen_logps, zeros), aux(ref_rejected_logps, zeros), aux(chosen_lengths, ones),
-        aux(rejected_lengths, ones), aux(pair_weights, ones), [LOSS_TYPES.index(t) for t in types], weights, hyper)
-    return loss, dict(zip(METRIC_KEYS, metrics.detach().to(torch.float32).unbind(0)))
+    loss, _, _, _, metrics = op(
+        chosen, rejected, extra, ref_c, ref_r, aux_c, aux_r, lengths_e, lengths_c, lengths_r, weights_t,
+        [LOSS_TYPES.index(t) for t in types], weights, hyper)
+    keys = _ALL_METRICS if "orpo" in types else METRIC_KEYS
+    return loss, dict(zip(keys, metrics.detach().to(torch.float32).unbind(0)))
 
 
 # ------------------------------------------------------------------------------------------------

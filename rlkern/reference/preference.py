@@ -23,7 +23,16 @@ from torch import Tensor
 # TRL 1.16 DPOTrainer's loss types, then the reference-free ones of its experimental CPO / ORPO trainers.
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-LOSS_TYPES = DPO_LOSS_TYPES + ("simpo", "orpo")
+# The research list's pair losses (issue 18): SPPO with estimated win rates, XPO, VPO (offline), INPO, CPL,
+# Step-APO, and TPO's NLL on the gold response.
+PAPER_LOSS_TYPES = ("sppo", "xpo", "vpo", "inpo", "cpl", "step_apo", "tpo_nll")
+LOSS_TYPES = DPO_LOSS_TYPES + ("simpo", "orpo") + PAPER_LOSS_TYPES
+# The per-pair constants each paper loss type reads (the op's aux slots: chosen / rejected).
+AUX_LOSS_TYPES = {"sppo": ("chosen_win_rates", "rejected_win_rates"),
+                  "inpo": ("iterate_chosen_logps", "iterate_rejected_logps"),
+                  "step_apo": ("chosen_advantages", "rejected_advantages")}
+# The loss types that read a third, differentiable log-prob per pair (the op's extra slot).
+EXTRA_LOSS_TYPES = {"xpo": "sampled_logps", "vpo": "sampled_logps", "tpo_nll": "gold_logps"}
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # The loss types whose f-divergence generalization is valid (TRL 1.16's DPOTrainer.__init__ list).
 F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
@@ -33,8 +42,15 @@ LENGTH_LOSS_TYPES = ("ipo", "sigmoid_norm", "sft", "simpo", "orpo")
 # they read length-averaged log-probs, and with them the metrics are of length-averaged log-probs
 # (those trainers log beta * mean token log-prob as the rewards).
 AVERAGED_LOSS_TYPES = ("simpo", "orpo")
+# Reference-free loss types: reference log-probs are refused with them.
+REFERENCE_FREE_LOSS_TYPES = AVERAGED_LOSS_TYPES + ("cpl",)
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                "logps/rejected")
+# TRL's ORPOTrainer also logs these two (means over pairs of logsigmoid(log odds ratio) and of the log
+# odds ratio): the metrics have them when orpo is among the loss types.
+ORPO_METRIC_KEYS = ("log_odds_ratio", "log_odds_chosen")
+# The loss types AlphaPO's reward transform (TRL's experimental CPOConfig ``alpha``) applies to: CPO's.
+ALPHAPO_LOSS_TYPES = ("simpo", "sigmoid", "hinge", "ipo", "sft")
 
 
 def alpha_clamp(dtype: torch.dtype) -> float:
@@ -61,6 +77,12 @@ def scores(logratios: Tensor, f_divergence_type: str, alpha: float, clamp_max: f
     return (torch.exp(t) - 1.0) / (alpha - 1.0)
 
 
+def alphapo(x: Tensor, alpha: float) -> Tensor:
+    """AlphaPO's reward of a log-prob x: (1 - p^-alpha) / alpha with p = e^x (TRL's CPOTrainer), as
+    -expm1(-alpha * x) / alpha (no cancellation for small alpha * x)."""
+    return -torch.expm1(-alpha * x) / alpha
+
+
 def log1mexp(x: Tensor) -> Tensor:
     """log(1 - exp(x)) for x < 0, accurate on both sides of -ln 2."""
     return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
@@ -68,12 +90,18 @@ def log1mexp(x: Tensor) -> Tensor:
 
 def per_pair_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, loss_type, beta,
                     label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, chosen_lengths,
-                    rejected_lengths, clamp_max, simpo_gamma=0.5) -> Tensor:
-    """One loss type's per-pair loss [B] (for aot / aot_unpaired: per sorted position)."""
+                    rejected_lengths, clamp_max, simpo_gamma=0.5, extra=None, extra_lengths=None, aux_chosen=None,
+                    aux_rejected=None, xpo_alpha=1e-5, vpo_alpha=0.1, inpo_tau=0.1, inpo_eta=0.1,
+                    cpl_lambda=0.5, alpha=0.0) -> Tensor:
+    """One loss type's per-pair loss [B] (for aot / aot_unpaired: per sorted position). extra: the
+    third log-prob of each pair (xpo / vpo: sampled_logps, tpo_nll: gold_logps, with extra_lengths);
+    aux_chosen / aux_rejected: the paper loss types' per-pair constants (AUX_LOSS_TYPES)."""
     lc = chosen_logps - ref_chosen_logps
     lr = rejected_logps - ref_rejected_logps
     sc = scores(lc, f_divergence_type, f_alpha_divergence_coef, clamp_max)
     sr = scores(lr, f_divergence_type, f_alpha_divergence_coef, clamp_max)
+    if alpha != 0.0 and loss_type in ("sigmoid", "hinge"):  # AlphaPO: rewards of the summed log-probs
+        sc, sr = alphapo(lc, alpha), alphapo(lr, alpha)
     x = beta * (sc - sr)
     ls = label_smoothing
     if loss_type == "sigmoid":
@@ -84,6 +112,8 @@ def per_pair_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
         nc = chosen_lengths.clamp(min=1.0)
         nr = rejected_lengths.clamp(min=1.0)
         u = sc / nc - sr / nr
+        if alpha != 0.0 and loss_type == "ipo":  # AlphaPO: rewards of the averaged log-probs
+            u = alphapo(lc / nc, alpha) - alphapo(lr / nr, alpha)
         return (u - 1 / (2 * beta)) ** 2 if loss_type == "ipo" else _sp(-beta * u)
     if loss_type == "exo_pair":  # EXO (arXiv 2402.00856, Eq. 16): KL(sigmoid(x) || (1 - eps, eps))
         return torch.sigmoid(x) * (-_sp(-x) - math.log1p(-ls)) + torch.sigmoid(-x) * (-_sp(x) - math.log(ls))
@@ -111,14 +141,35 @@ def per_pair_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected
         mod = torch.sigmoid(x / discopop_tau)
         return _sp(-x) * (1 - mod) + torch.exp(-x - _sp(-x / discopop_tau))
     if loss_type == "simpo":  # CPO's simpo (SimPO, arXiv 2405.14734, Eq. 6, with CPO's label smoothing)
-        u = chosen_logps / chosen_lengths.clamp(min=1.0) - rejected_logps / rejected_lengths.clamp(min=1.0)
-        y = beta * u - simpo_gamma
+        a = chosen_logps / chosen_lengths.clamp(min=1.0)
+        b = rejected_logps / rejected_lengths.clamp(min=1.0)
+        if alpha != 0.0:  # AlphaPO
+            a, b = alphapo(a, alpha), alphapo(b, alpha)
+        y = beta * (a - b) - simpo_gamma
         return (1 - ls) * _sp(-y) + ls * _sp(y)
     if loss_type == "orpo":  # ORPO (arXiv 2403.07691, Eqs. 4 and 7): -beta * logsigmoid(log odds ratio)
         a = chosen_logps / chosen_lengths.clamp(min=1.0)
         b = rejected_logps / rejected_lengths.clamp(min=1.0)
         log_odds = (a - b) - (log1mexp(a) - log1mexp(b))
         return beta * _sp(-log_odds)
+    if loss_type == "sppo":  # SPPO (arXiv 2405.00675), eta = 1 / beta: estimated win rates
+        return (lc - (aux_chosen - 0.5) / beta) ** 2 + (lr - (aux_rejected - 0.5) / beta) ** 2
+    if loss_type == "xpo":  # XPO (arXiv 2405.21046): DPO + alpha * log pi(y~), y~ sampled from pi_ref
+        return _sp(-beta * (lc - lr)) + xpo_alpha * extra
+    if loss_type == "vpo":  # VPO, offline sign: DPO - alpha * beta * log pi(y), y ~ pi_cal
+        return _sp(-beta * (lc - lr)) - vpo_alpha * beta * extra
+    if loss_type == "inpo":  # INPO (arXiv 2407.00617): (h_t - eta / 2)^2
+        e = inpo_eta * inpo_tau
+        h = (chosen_logps - rejected_logps) - e * (ref_chosen_logps - ref_rejected_logps) \
+            - (1 - e) * (aux_chosen - aux_rejected)
+        return (h - inpo_eta / 2) ** 2
+    if loss_type == "cpl":  # CPL (contrastive preference learning): -log sigmoid(alpha * c - lambda * alpha * r)
+        return _sp(-beta * (chosen_logps - cpl_lambda * rejected_logps))
+    if loss_type == "step_apo":  # Step-APO (critical plan step learning): advantage-weighted log-ratios
+        return _sp(-beta * (aux_chosen * lc - aux_rejected * lr))
+    if loss_type == "tpo_nll":  # TPO (arXiv 2405.16681): the gold responses' token-mean NLL, one number
+        total = extra_lengths.sum().clamp(min=1.0)
+        return (-extra.sum() / total).expand_as(chosen_logps)
     if loss_type == "sft":  # the chosen completions' token-mean NLL, one number for every pair
         total = chosen_lengths.sum().clamp(min=1.0)
         return (-chosen_logps.sum() / total).expand_as(chosen_logps)
@@ -130,18 +181,69 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
                     label_smoothing: float = 0.0, f_divergence_type: str = "reverse_kl",
                     f_alpha_divergence_coef: float = 1.0, discopop_tau: float = 0.05, loss_weights=None,
                     chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
-                    pair_weights: Tensor | None = None, clamp_max: float | None = None, simpo_gamma: float = 0.5):
+                    pair_weights: Tensor | None = None, clamp_max: float | None = None, simpo_gamma: float = 0.5,
+                    chosen_win_rates=None, rejected_win_rates=None, sampled_logps=None, xpo_alpha: float = 1e-5,
+                    vpo_alpha: float = 0.1, prev_ref_chosen_logps=None, prev_ref_rejected_logps=None,
+                    apo_momentum: float = 0.3, iterate_chosen_logps=None, iterate_rejected_logps=None,
+                    inpo_tau: float = 0.1, inpo_eta: float = 0.1, cpl_lambda: float = 0.5, chosen_advantages=None,
+                    rejected_advantages=None, gold_logps=None, gold_lengths=None, alpha: float = 0.0):
     """TRL 1.16 DPO loss (mean over pairs, summed over loss types with their weights) and its
-    metrics, computed in float32 (float64 for float64 input). No argument checks: the op checks."""
+    metrics, computed in float32 (float64 for float64 input), and the research list's pair losses
+    (the op's docstring has their formulas). No argument checks: the op checks."""
+    dtype = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    rc, rr = ref_chosen_logps, ref_rejected_logps
+    if prev_ref_chosen_logps is not None:  # APO: the extrapolated reference
+        rc = (1 + apo_momentum) * rc.to(dtype) - apo_momentum * prev_ref_chosen_logps.to(dtype)
+        rr = (1 + apo_momentum) * rr.to(dtype) - apo_momentum * prev_ref_rejected_logps.to(dtype)
+    aux_c = aux_r = None
+    for t in types:
+        if t == "sppo":
+            aux_c, aux_r = chosen_win_rates, rejected_win_rates
+        elif t == "inpo":
+            aux_c, aux_r = iterate_chosen_logps, iterate_rejected_logps
+        elif t == "step_apo":
+            aux_c, aux_r = chosen_advantages, rejected_advantages
+    extra = gold_logps if "tpo_nll" in types else sampled_logps
+    return slot_loss(chosen_logps, rejected_logps, extra, rc, rr, aux_c, aux_r, gold_lengths, loss_type=types,
+                     beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
+                     f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau,
+                     loss_weights=loss_weights, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                     pair_weights=pair_weights, clamp_max=clamp_max, simpo_gamma=simpo_gamma, xpo_alpha=xpo_alpha,
+                     vpo_alpha=vpo_alpha, inpo_tau=inpo_tau, inpo_eta=inpo_eta, cpl_lambda=cpl_lambda, alpha=alpha,
+                     averaged_metrics=averaged_metrics(types, ref_chosen_logps is None))
+
+
+def averaged_metrics(types, reference_free: bool) -> bool:
+    """Whether the metrics are of length-averaged log-probs: with CPO's simpo and ORPO's orpo, and
+    with a reference-free ipo (CPO's and TPO's ipo average; TRL 1.16's DPO has no reference-free
+    mode)."""
+    return bool(set(types) & set(AVERAGED_LOSS_TYPES)) or ("ipo" in types and reference_free)
+
+
+def slot_loss(chosen_logps, rejected_logps, extra, ref_chosen_logps, ref_rejected_logps, aux_chosen, aux_rejected,
+              extra_lengths, *, loss_type, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
+              discopop_tau, loss_weights, chosen_lengths, rejected_lengths, pair_weights, clamp_max, simpo_gamma,
+              xpo_alpha, vpo_alpha, inpo_tau, inpo_eta, cpl_lambda, alpha=0.0, averaged_metrics=False):
+    """preference_loss over the kernels' slots: the third log-prob ``extra`` (with its lengths) and
+    the per-pair constants ``aux_chosen`` / ``aux_rejected`` mean what the loss types make them."""
     dtype = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
     if clamp_max is None:
         clamp_max = alpha_clamp(chosen_logps.dtype)
     c = chosen_logps.to(dtype)
     r = rejected_logps.to(dtype)
-    rc = torch.zeros_like(c) if ref_chosen_logps is None else ref_chosen_logps.to(dtype)
-    rr = torch.zeros_like(c) if ref_rejected_logps is None else ref_rejected_logps.to(dtype)
-    nc = torch.ones_like(c) if chosen_lengths is None else chosen_lengths.to(dtype)
-    nr = torch.ones_like(c) if rejected_lengths is None else rejected_lengths.to(dtype)
+
+    def slot(t, fill):
+        return torch.full_like(c, fill) if t is None else t.to(dtype)
+
+    rc = slot(ref_chosen_logps, 0.0)
+    rr = slot(ref_rejected_logps, 0.0)
+    nc = slot(chosen_lengths, 1.0)
+    nr = slot(rejected_lengths, 1.0)
+    e = slot(extra, 0.0)
+    ne = slot(extra_lengths, 1.0)
+    ac = slot(aux_chosen, 0.0)
+    ar = slot(aux_rejected, 0.0)
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
     n = max(c.numel(), 1)
@@ -150,16 +252,20 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
         per_pair = per_pair_losses(c, r, rc, rr, loss_type=t, beta=beta, label_smoothing=label_smoothing,
                                    f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
                                    discopop_tau=discopop_tau, chosen_lengths=nc, rejected_lengths=nr,
-                                   clamp_max=clamp_max, simpo_gamma=simpo_gamma)
+                                   clamp_max=clamp_max, simpo_gamma=simpo_gamma, extra=e, extra_lengths=ne,
+                                   aux_chosen=ac, aux_rejected=ar, xpo_alpha=xpo_alpha, vpo_alpha=vpo_alpha,
+                                   inpo_tau=inpo_tau, inpo_eta=inpo_eta, cpl_lambda=cpl_lambda, alpha=alpha)
         if pair_weights is not None:
             per_pair = per_pair * pair_weights.to(dtype)
         loss = loss + per_pair.sum() / n * w
     with torch.no_grad():
-        if set(types) & set(AVERAGED_LOSS_TYPES):  # CPO / ORPO log length-averaged log-probs
+        if averaged_metrics:  # CPO / ORPO / TPO log length-averaged log-probs
             c = c / nc.clamp(min=1.0)
             r = r / nr.clamp(min=1.0)
         cr = beta * (c - rc)
         rj = beta * (r - rr)
+        if alpha != 0.0:  # AlphaPO logs beta times its rewards (reference-free)
+            cr, rj = beta * alphapo(c, alpha), beta * alphapo(r, alpha)
         metrics = {
             "rewards/chosen": cr.sum() / n,
             "rewards/rejected": rj.sum() / n,
@@ -168,6 +274,10 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
             "logps/chosen": c.sum() / n,
             "logps/rejected": r.sum() / n,
         }
+        if "orpo" in types:  # of the averaged log-probs (orpo makes the metrics averaged)
+            log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
+            metrics["log_odds_ratio"] = -_sp(-log_odds).sum() / n
+            metrics["log_odds_chosen"] = log_odds.sum() / n
     return loss, {k: v.detach().to(dtype) for k, v in metrics.items()}
 
 
