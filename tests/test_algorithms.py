@@ -73,7 +73,26 @@ def _pair_batch():
                  chosen_lengths=torch.tensor([3, 4, 5, 6, 7]), rejected_lengths=torch.tensor([2, 5, 5, 8, 3]),
                  seq_logps=rand().requires_grad_(), ref_seq_logps=rand(),
                  labels=torch.tensor([True, False, True, True, False]), kl_logps=rand(), ref_kl_logps=rand(),
-                 delta=torch.tensor(0.05))
+                 delta=torch.tensor(0.05), chosen_win_rates=torch.rand(p, generator=g),
+                 rejected_win_rates=torch.rand(p, generator=g), sampled_logps=rand().requires_grad_(),
+                 prev_ref_chosen_logps=rand(), prev_ref_rejected_logps=rand(), iterate_chosen_logps=rand(),
+                 iterate_rejected_logps=rand(), chosen_advantages=torch.rand(p, generator=g),
+                 rejected_advantages=torch.rand(p, generator=g), gold_logps=rand().requires_grad_(),
+                 gold_lengths=torch.tensor([4, 4, 6, 2, 3]))
+
+
+def _group_batch():
+    g = torch.Generator().manual_seed(8)
+    n = 7
+    return Batch(seq_logps=(-torch.rand(n, generator=g) * 5).requires_grad_(), ref_seq_logps=-torch.rand(n, generator=g) * 5,
+                 old_seq_logps=-torch.rand(n, generator=g) * 5, scores=torch.tensor([1.0, 0.0, 0.5, 1.0, 0.2, 0.2, 0.9]),
+                 group_ids=[0, 0, 0, 1, 1, 2, 2])
+
+
+def _srpo_batch():
+    g = torch.Generator().manual_seed(9)
+    return Batch(seq_logps=(-torch.rand(3, 6, generator=g) * 5).requires_grad_(),
+                 ref_seq_logps=-torch.rand(3, 6, generator=g) * 5)
 
 
 def _tgdpo_batch():
@@ -203,6 +222,53 @@ CASES = {
     "tgdpo": (_tgdpo_batch, None, lambda b, c: rlkern.token_preference_loss(
         b.logprobs, b.response_mask, b.ref_logprobs, token_rewards=b.token_rewards, tgdpo_alpha=c.tgdpo_alpha,
         loss_type=c.loss_type, beta=c.beta, label_smoothing=c.label_smoothing), dict(tgdpo_alpha=0.5)),
+    "sppo": (_pair_batch, None, lambda b, c: rlkern.preference_loss(
+        b.chosen_logps, b.rejected_logps, b.ref_chosen_logps, b.ref_rejected_logps, loss_type="sppo", beta=c.beta,
+        chosen_win_rates=b.chosen_win_rates, rejected_win_rates=b.rejected_win_rates), dict(beta=0.3)),
+    "xpo": (_pair_batch, None, lambda b, c: rlkern.preference_loss(
+        b.chosen_logps, b.rejected_logps, b.ref_chosen_logps, b.ref_rejected_logps, loss_type="xpo", beta=c.beta,
+        sampled_logps=b.sampled_logps, xpo_alpha=c.xpo_alpha), dict(xpo_alpha=0.1)),
+    "vpo": (_pair_batch, None, lambda b, c: rlkern.preference_loss(
+        b.chosen_logps, b.rejected_logps, b.ref_chosen_logps, b.ref_rejected_logps, loss_type="vpo", beta=c.beta,
+        sampled_logps=b.sampled_logps, vpo_alpha=c.vpo_alpha), dict(vpo_alpha=0.5)),
+    "accelerated_po": (_pair_batch, None, lambda b, c: rlkern.preference_loss(
+        b.chosen_logps, b.rejected_logps, b.ref_chosen_logps, b.ref_rejected_logps, loss_type=c.loss_type,
+        beta=c.beta, label_smoothing=c.label_smoothing, prev_ref_chosen_logps=b.prev_ref_chosen_logps,
+        prev_ref_rejected_logps=b.prev_ref_rejected_logps, apo_momentum=c.apo_momentum),
+        dict(apo_momentum=0.6, loss_type="hinge")),
+    "inpo": (_pair_batch, None, lambda b, c: rlkern.preference_loss(
+        b.chosen_logps, b.rejected_logps, b.ref_chosen_logps, b.ref_rejected_logps, loss_type="inpo", beta=c.beta,
+        iterate_chosen_logps=b.iterate_chosen_logps, iterate_rejected_logps=b.iterate_rejected_logps,
+        inpo_tau=c.inpo_tau, inpo_eta=c.inpo_eta), dict(inpo_tau=0.2, inpo_eta=0.3)),
+    "cpl": (_pair_batch, None, lambda b, c: rlkern.preference_loss(
+        b.chosen_logps, b.rejected_logps, loss_type="cpl", beta=c.beta, cpl_lambda=c.cpl_lambda),
+        dict(cpl_lambda=0.9)),
+    "step_apo": (_pair_batch, None, lambda b, c: rlkern.preference_loss(
+        b.chosen_logps, b.rejected_logps, b.ref_chosen_logps, b.ref_rejected_logps, loss_type="step_apo",
+        beta=c.beta, chosen_advantages=b.chosen_advantages, rejected_advantages=b.rejected_advantages),
+        dict(beta=0.4)),
+    "triple_po": (_pair_batch, None, lambda b, c: rlkern.preference_loss(
+        b.chosen_logps, b.rejected_logps,
+        chosen_lengths=b.chosen_lengths if c.length_normalized else None,
+        rejected_lengths=b.rejected_lengths if c.length_normalized else None,
+        loss_type=["simpo" if c.length_normalized else "sigmoid", "tpo_nll"], loss_weights=[1.0, c.tpo_alpha],
+        beta=c.beta, label_smoothing=c.label_smoothing, simpo_gamma=c.tpo_l_gamma, gold_logps=b.gold_logps,
+        gold_lengths=b.gold_lengths), dict(length_normalized=True, tpo_alpha=0.5)),
+    "tpo_tree": (_group_batch, None, lambda b, c: rlkern.group_preference_loss(
+        b.seq_logps, b.group_ids, b.scores, b.ref_seq_logps, b.old_seq_logps, loss_type="tpo", beta=c.beta),
+        dict(beta=0.5)),
+    "p3o": (_group_batch, None, lambda b, c: rlkern.group_preference_loss(
+        b.seq_logps, b.group_ids, b.scores, b.ref_seq_logps, b.old_seq_logps, loss_type="p3o", clip_eps=c.clip_eps),
+        dict(clip_eps=0.05)),
+    "trpa": (_group_batch, None, lambda b, c: rlkern.group_preference_loss(
+        b.seq_logps, b.group_ids, b.scores, b.ref_seq_logps, b.old_seq_logps, loss_type="trpa", beta=c.beta,
+        kl_coef=c.kl_coef), dict(kl_coef=0.5)),
+    "brain": (_group_batch, None, lambda b, c: rlkern.group_preference_loss(
+        b.seq_logps, b.group_ids, b.scores, b.ref_seq_logps, b.old_seq_logps, loss_type="brain", beta=c.beta),
+        dict(beta=0.7)),
+    "srpo": (_srpo_batch, None, lambda b, c: rlkern.srpo_loss(b.seq_logps, b.ref_seq_logps, beta=c.beta,
+                                                              alpha=c.alpha), dict(alpha=0.3, beta=0.2)),
+    "self_play": (TOKEN, None, _policy("ppo"), dict(clip_low=0.1)),
     "rto": (TOKEN, _rto_adv, _policy("ppo"), dict(beta=0.2, dpo_kl_coef=0.1, reward_coef=0.5, lam=0.9)),
 }
 
@@ -280,9 +346,22 @@ def test_ppo_value_loss_and_spo_cutpoints_extras():
     ours = algos.get("ppo").extra["value_loss"](b, cfg)
     want = rlkern.value_loss(b.vpreds, b.returns, b.values, b.response_mask, cliprange_value=cfg.cliprange_value)
     _assert_same(ours, want, "ppo.value_loss")
+    for name in ("tppo", "rto"):
+        _assert_same(algos.get(name).extra["value_loss"](b), want, f"{name}.value_loss")
     c = _chain_batch()
     _assert_same(algos.get("spo_chain").extra["cutpoints"](c),
                  rlkern.spo_cutpoints(c.old_logprobs, c.cu_seqlens, threshold=0.9, interval=5), "cutpoints")
+
+
+def test_group_weights_extras():
+    b = _group_batch()
+    _assert_same(algos.get("self_play").extra["rewards"](b),
+                 rlkern.group_weights(b.scores, b.group_ids, method="win_rate"), "self_play.rewards")
+    _assert_same(algos.get("rso").extra["acceptance"](b),
+                 rlkern.group_weights(b.scores, b.group_ids, method="rso", beta=0.1), "rso.acceptance")
+    _assert_same(algos.get("brain").extra["weights"](b),
+                 rlkern.group_weights(b.scores, b.group_ids, b.ref_seq_logps, b.old_seq_logps, method="brain",
+                                      beta=0.1), "brain.weights")
 
 
 def test_missing_fields_and_unknown_names_raise():

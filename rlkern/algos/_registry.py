@@ -50,7 +50,15 @@ class Batch:
         chosen_logps, rejected_logps: ``[P]`` summed policy log-probs of each pair's completions.
         ref_chosen_logps, ref_rejected_logps: ``[P]`` the reference model's (constants).
         chosen_lengths, rejected_lengths: ``[P]`` completion token counts.
-        seq_logps, ref_seq_logps: ``[B]`` unpaired summed log-probs (KTO, BCO).
+        seq_logps, ref_seq_logps: ``[B]`` unpaired summed log-probs (KTO, BCO; the group losses TPO-tree,
+            P3O, TRPA, BRAIn with ``group_ids`` and ``scores``); SRPO: ``[B, 6]`` (``SRPO_COLUMNS``).
+        old_seq_logps: ``[B]`` the sampling policy's summed log-probs (P3O, BRAIn).
+        chosen_win_rates, rejected_win_rates: ``[P]`` SPPO's estimated win rates.
+        sampled_logps: ``[P]`` XPO / VPO: the policy's summed log-probs of a reference / calibration sample.
+        prev_ref_chosen_logps, prev_ref_rejected_logps: ``[P]`` APO (accelerated): the iterate before the reference.
+        iterate_chosen_logps, iterate_rejected_logps: ``[P]`` INPO: the current iterate's.
+        chosen_advantages, rejected_advantages: ``[P]`` Step-APO: the plan steps' MCTS advantages.
+        gold_logps, gold_lengths: ``[P]`` Triple PO: the gold response's summed log-probs and length.
         labels: ``[B]`` bool, desirable completion (KTO, BCO).
         kl_logps, ref_kl_logps: ``[M]`` KTO's mismatched KL completions' summed log-probs.
         delta: 0-dim BCO running reward mean.
@@ -88,6 +96,18 @@ class Batch:
     seq_logps: Tensor | None = None
     ref_seq_logps: Tensor | None = None
     labels: Tensor | None = None
+    old_seq_logps: Tensor | None = None
+    chosen_win_rates: Tensor | None = None
+    rejected_win_rates: Tensor | None = None
+    sampled_logps: Tensor | None = None
+    prev_ref_chosen_logps: Tensor | None = None
+    prev_ref_rejected_logps: Tensor | None = None
+    iterate_chosen_logps: Tensor | None = None
+    iterate_rejected_logps: Tensor | None = None
+    chosen_advantages: Tensor | None = None
+    rejected_advantages: Tensor | None = None
+    gold_logps: Tensor | None = None
+    gold_lengths: Tensor | None = None
     kl_logps: Tensor | None = None
     ref_kl_logps: Tensor | None = None
     delta: Tensor | None = None
