@@ -84,8 +84,9 @@ def _pair_batch():
 def _group_batch():
     g = torch.Generator().manual_seed(8)
     n = 7
-    return Batch(seq_logps=(-torch.rand(n, generator=g) * 5).requires_grad_(), ref_seq_logps=-torch.rand(n, generator=g) * 5,
-                 old_seq_logps=-torch.rand(n, generator=g) * 5, scores=torch.tensor([1.0, 0.0, 0.5, 1.0, 0.2, 0.2, 0.9]),
+    rand = lambda: -torch.rand(n, generator=g) * 5  # noqa: E731
+    return Batch(seq_logps=rand().requires_grad_(), ref_seq_logps=rand(), old_seq_logps=rand(),
+                 scores=torch.tensor([1.0, 0.0, 0.5, 1.0, 0.2, 0.2, 0.9]),
                  group_ids=[0, 0, 0, 1, 1, 2, 2])
 
 
@@ -99,7 +100,8 @@ def _tgdpo_batch():
     g = torch.Generator().manual_seed(6)
     mask = torch.ones(4, 3)
     mask[3, 2] = 0
-    return Batch(logprobs=(-torch.rand(4, 3, generator=g)).requires_grad_(), ref_logprobs=-torch.rand(4, 3, generator=g),
+    return Batch(logprobs=(-torch.rand(4, 3, generator=g)).requires_grad_(),
+                 ref_logprobs=-torch.rand(4, 3, generator=g),
                  response_mask=mask, token_rewards=torch.randn(4, 3, generator=g))
 
 
@@ -439,7 +441,8 @@ def test_every_name_the_doc_uses_exists():
     assert names and names <= set(algos.available()), names - set(algos.available())
     for name in algos.available():
         assert f"| `{name}` |" in doc, name  # the registered-algorithms table
-    ops = set(re.findall(r"`([a-z_]+)\(", doc)) - {"get"} | {m for m in re.findall(r"`([a-z_]+)`", doc) if m in rlkern.__all__}
+    called = set(re.findall(r"`([a-z_]+)\(", doc)) - {"get"}
+    ops = called | {m for m in re.findall(r"`([a-z_]+)`", doc) if m in rlkern.__all__}
     assert {"gae", "grpo", "dynamic_sampling_mask"} <= ops
     assert ops <= set(rlkern.__all__), ops - set(rlkern.__all__)
 

@@ -7,8 +7,9 @@ Registered: ``dpo``, ``ipo``, ``rso``, ``sppo_hard``, ``apo_zero``, ``simpo``, `
 ``p3o``, ``trpa``, ``brain``; ``srpo``; ``self_play`` (SPO's win rates). Each ``loss`` calls one op
 (``rlkern.preference_loss``, ``kto_loss``, ``bco_loss``, ``token_preference_loss``,
 ``group_preference_loss``, ``srpo_loss``); ``rto``'s ``advantages`` calls ``dpo_token_rewards``
-and ``gae``; ``rso`` / ``brain`` / ``self_play`` have ``group_weights`` in ``extra``. Defaults are TRL 1.16's configs (DPOConfig, CPOConfig,
-ORPOConfig, KTOConfig, BCOConfig), which follow the papers, unless a docstring says otherwise.
+and ``gae``; ``rso`` / ``brain`` / ``self_play`` have ``group_weights`` in ``extra``. Defaults are
+TRL 1.16's configs (DPOConfig, CPOConfig, ORPOConfig, KTOConfig, BCOConfig), which follow the
+papers, unless a docstring says otherwise.
 """
 
 from __future__ import annotations
@@ -432,7 +433,8 @@ register("accelerated_po", AcceleratedPOConfig, loss=accelerated_po_loss,
          paper="Accelerated Preference Optimization for Large Language Model Alignment")
 register("inpo", INPOConfig, loss=inpo_loss,
          paper="Iterative Nash Policy Optimization: Aligning LLMs with General Preferences via No-Regret Learning")
-register("cpl", CPLConfig, loss=cpl_loss, paper="Contrastive Prefence Learning: Learning from Human Feedback without RL")
+register("cpl", CPLConfig, loss=cpl_loss,
+         paper="Contrastive Prefence Learning: Learning from Human Feedback without RL")
 register("step_apo", StepAPOConfig, loss=step_apo_loss,
          paper="CPL: Critical Plan Step Learning Boosts LLM Generalization in Reasoning Tasks")
 register("triple_po", TriplePOConfig, loss=triple_po_loss,
