@@ -462,3 +462,38 @@ def test_the_doc_has_an_example_per_family():
 def test_doc_examples_run(index):
     blocks = _python_blocks()
     exec(compile(blocks[index], f"docs/algorithms.md block {index}", "exec"), {})
+
+
+# --- hand-computed examples (the papers' formulas on numbers small enough to do by hand) ------------
+
+
+def test_hand_computed_grpo_dr_grpo_rloo():
+    b = Batch(scores=torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64), group_ids=[0, 0, 1, 1])
+    std = (0.5 ** 2 * 2 / 1) ** 0.5  # unbiased std of {1, 0}
+    want = torch.tensor([0.5 / (std + 1e-6), -0.5 / (std + 1e-6), 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(algos.get("grpo").advantages(b), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(algos.get("dr_grpo").advantages(b), torch.tensor([0.5, -0.5, 0, 0]).double())
+    torch.testing.assert_close(algos.get("rloo").advantages(b), torch.tensor([1.0, -1.0, 0, 0]).double())
+
+
+def test_hand_computed_ppo_remax_spo_tree_dpo():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)
+    b = Batch(rewards=rewards, values=torch.full((1, 3), 0.5, dtype=torch.float64), response_mask=torch.ones(1, 3))
+    cfg = dataclasses.replace(algos.get("ppo").config(), whiten=False)
+    adv, ret = algos.get("ppo").advantages(b, cfg)  # gamma = lam = 1: A_t = sum_{u >= t} r_u - V_t
+    torch.testing.assert_close(adv, torch.full((1, 3), 0.5, dtype=torch.float64))
+    torch.testing.assert_close(ret, torch.ones(1, 3, dtype=torch.float64))
+    b = Batch(rewards=torch.tensor([[0.0, 1.0], [0.0, 0.0]]), reward_baselines=torch.tensor([0.5, 0.25]),
+              response_mask=torch.ones(2, 2))
+    adv, _ = algos.get("remax").advantages(b)  # reward-to-go minus the greedy baseline
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.5], [-0.25, -0.25]]))
+    tree = Batch(parent=torch.tensor([-1, 0, 0]), node_rewards=torch.tensor([0.0, 1.0, 0.0]))
+    adv, keep = algos.get("spo_tree").advantages(tree)  # V(root) = mean(1, 0) = 0.5; A = V(n) - V(root)
+    torch.testing.assert_close(adv, torch.tensor([0.0, 0.5, -0.5]))
+    c, r = torch.tensor([-1.0, -2.0], dtype=torch.float64), torch.tensor([-3.0, -1.0], dtype=torch.float64)
+    rc, rr = torch.tensor([-1.5, -2.0], dtype=torch.float64), torch.tensor([-2.5, -1.5], dtype=torch.float64)
+    loss, _ = algos.get("dpo").loss(Batch(chosen_logps=c, rejected_logps=r, ref_chosen_logps=rc,
+                                          ref_rejected_logps=rr))
+    margins = [(-1.0 + 1.5) - (-3.0 + 2.5), (-2.0 + 2.0) - (-1.0 + 1.5)]  # 1.0, -0.5
+    want = sum(torch.nn.functional.softplus(torch.tensor(-0.1 * m, dtype=torch.float64)) for m in margins) / 2
+    torch.testing.assert_close(loss, want)
