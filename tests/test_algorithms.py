@@ -169,6 +169,9 @@ CASES = {
     "dapo": (TOKEN, _grpo_adv, _dapo_loss, dict(dynamic_sampling=False, clip_high=0.4)),
     "gspo": (TOKEN, _grpo_adv, _policy("gspo"), dict(clip_low=1e-3, clip_high=2e-3)),
     "cispo": (TOKEN, _grpo_adv, _policy("cispo"), dict(clip_high=2.0, agg="seq-mean-token-mean")),
+    "lite_ppo": (TOKEN, lambda b, c: rlkern.group_normalize(b.scores, b.group_ids, eps=c.eps, std=c.std, scale="batch",
+                                                            response_mask=b.response_mask),
+                 _policy("ppo"), dict(std="population", eps=1e-4)),
     "bnpo": (TOKEN, lambda b, c: rlkern.bnpo(b.scores, b.group_ids, b.response_mask, min_value=c.min_value,
                                              max_value=c.max_value), _policy("ppo"), dict(max_value=2.0)),
     "grpo_passk": (TOKEN, lambda b, c: rlkern.grpo_passk(b.scores, b.group_ids, b.response_mask, eps=c.eps,
@@ -474,6 +477,13 @@ def test_hand_computed_grpo_dr_grpo_rloo():
     torch.testing.assert_close(algos.get("grpo").advantages(b), want, rtol=0, atol=1e-12)
     torch.testing.assert_close(algos.get("dr_grpo").advantages(b), torch.tensor([0.5, -0.5, 0, 0]).double())
     torch.testing.assert_close(algos.get("rloo").advantages(b), torch.tensor([1.0, -1.0, 0, 0]).double())
+
+
+def test_hand_computed_lite_ppo():
+    b = Batch(scores=torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64), group_ids=[0, 0, 1, 1])
+    batch_std = (sum((s - 0.75) ** 2 for s in (1.0, 0.0, 1.0, 1.0)) / 3) ** 0.5  # unbiased, over the batch
+    want = torch.tensor([0.5, -0.5, 0.0, 0.0], dtype=torch.float64) / (batch_std + 1e-6)  # minus the group mean
+    torch.testing.assert_close(algos.get("lite_ppo").advantages(b), want, rtol=0, atol=1e-12)
 
 
 def test_hand_computed_ppo_remax_spo_tree_dpo():

@@ -1,6 +1,6 @@
 """The GRPO family and the outcome-baseline estimators: one score per sample, a group baseline.
 
-Registered: ``grpo``, ``dr_grpo``, ``dapo``, ``gspo``, ``cispo``, ``bnpo``, ``grpo_passk``,
+Registered: ``grpo``, ``dr_grpo``, ``dapo``, ``gspo``, ``cispo``, ``lite_ppo``, ``bnpo``, ``grpo_passk``,
 ``gpg``, ``opo``, ``rloo``, ``reinforce_pp``, ``reinforce_pp_baseline``, ``remax``, ``gigpo``.
 Each ``advantages`` calls one advantage op; each ``loss`` calls ``rlkern.policy_loss`` with the
 config's loss type, clip range, KL and aggregation (the paper's).
@@ -19,6 +19,7 @@ from rlkern.ops.advantages import (
     bnpo,
     gigpo_step_groups,
     gpg,
+    group_normalize,
     grpo,
     grpo_passk,
     opo,
@@ -175,6 +176,28 @@ class CISPOConfig(GRPOConfig):
     clip_high: float | None = 5.0
     kl_coef: float = 0.0
     agg: str = "token-mean"
+
+
+@dataclass(frozen=True)
+class LitePPOConfig(PolicyConfig):
+    """Lite PPO ("Part I: Tricks or Traps? A Deep Dive into RL for LLM Reasoning", Liu et al. 2025):
+    critic-free PPO with two tricks, the group-level mean and the batch-level std in the advantage
+    normalization, and token-level loss aggregation.
+
+    Defaults: std "unbiased" and eps 1e-6 (``group_normalize``'s, verl's GRPO statistics; the paper
+    does not fix them), agg token-mean, clip 0.2, kl_coef 0.0.
+    """
+
+    eps: float = 1e-6
+    std: str = "unbiased"
+
+
+def lite_ppo_advantages(batch: Batch, cfg: LitePPOConfig | None = None):
+    """``group_normalize(scores, group_ids, scale="batch")``: (s - mean_group) / (std_batch + eps)."""
+    cfg = cfg or LitePPOConfig()
+    _outcome("lite_ppo", batch)
+    return group_normalize(batch.scores, batch.group_ids, eps=cfg.eps, std=cfg.std, scale="batch",
+                           response_mask=batch.response_mask, cu_seqlens=batch.cu_seqlens)
 
 
 # --- other outcome estimators -------------------------------------------------------------------
@@ -348,8 +371,8 @@ def gigpo_advantages(batch: Batch, cfg: GiGPOConfig | None = None) -> GiGPOAdvan
     return GiGPOAdvantages(episode, step)
 
 
-_CONFIGS.update(grpo=GRPOConfig, dr_grpo=DrGRPOConfig, dapo=DAPOConfig, gspo=GSPOConfig, cispo=CISPOConfig,
-                bnpo=BNPOConfig, grpo_passk=PassKConfig, gpg=GPGConfig, opo=OPOConfig, rloo=RLOOConfig,
+_CONFIGS.update(lite_ppo=LitePPOConfig, grpo=GRPOConfig, dr_grpo=DrGRPOConfig, dapo=DAPOConfig, gspo=GSPOConfig,
+                cispo=CISPOConfig, bnpo=BNPOConfig, grpo_passk=PassKConfig, gpg=GPGConfig, opo=OPOConfig, rloo=RLOOConfig,
                 reinforce_pp=ReinforcePPConfig, reinforce_pp_baseline=ReinforcePPBaselineConfig, remax=ReMaxConfig,
                 gigpo=GiGPOConfig)
 
@@ -363,6 +386,8 @@ register("gspo", GSPOConfig, advantages=grpo_advantages, loss=_loss("gspo", "gsp
          paper="Group Sequence Policy Optimization")
 register("cispo", CISPOConfig, advantages=grpo_advantages, loss=_loss("cispo", "cispo"),
          paper="MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention")
+register("lite_ppo", LitePPOConfig, advantages=lite_ppo_advantages, loss=_loss("lite_ppo"),
+         paper="Part I: Tricks or Traps? A Deep Dive into RL for LLM Reasoning")
 register("bnpo", BNPOConfig, advantages=bnpo_advantages, loss=_loss("bnpo"),
          paper="BNPO: Beta Normalization Policy Optimization")
 register("grpo_passk", PassKConfig, advantages=grpo_passk_advantages, loss=_loss("grpo_passk"),
