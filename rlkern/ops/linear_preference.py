@@ -308,7 +308,6 @@ class _LinearPreference(torch.autograd.Function):
         for i, (g, like) in enumerate(zip(ctx.grads, ctx.like)):
             if g is not None and like is not None:
                 out[i] = (g * grad_loss.to(g.dtype)).to(like[1]).view(like[0])
-        ctx.grads = None
         return tuple(out)
 
 
@@ -398,8 +397,8 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
     Returns:
         ``(loss, metrics)`` as ``rlkern.token_preference_loss``: ``loss`` a 0-dim float32 tensor
         (float64 for float64 inputs) differentiable w.r.t. hidden, weight and bias; ``metrics``
-        detached. The forward keeps the finished gradients (hidden's, W's and b's sizes, fp32);
-        calling backward twice on one result is not supported (they are freed after the first).
+        detached. The forward keeps the finished gradients (hidden's, W's and b's sizes, fp32)
+        until the graph is freed.
     """
     rows = _check(hidden, weight, labels, response_mask, cu_seqlens, bias, ignore_index, chunk_size, chunking,
                   temperature, logit_scale, logit_softcap)
