@@ -186,7 +186,7 @@ def test_empty_masks_and_empty_batch():
     assert all(torch.count_nonzero(g) == 0 for g in grads)
     h0 = hidden[:0]
     loss, _, grads = _ours(h0, weight, None, labels[:0], mask[:0], ref[:0])
-    assert float(loss) == 0 and torch.count_nonzero(grads[1]) == 0
+    assert float(loss.detach()) == 0 and torch.count_nonzero(grads[1]) == 0
 
 
 def test_deterministic_is_repeatable_and_chunk_invariant():
@@ -311,11 +311,20 @@ def test_bad_calls(case):
 
 
 def test_benchmark_runs_at_a_tiny_shape():
+    """The benchmark's implementations compute the same loss (the table compares like with like)
+    and its run gives a row per implementation."""
     from rlkern.benches import bench_linear_preference as bench
 
-    rows = bench.run(pairs=1, length=16, width=8, vocab=64, repeats=1, ops=("rlkern", "composition", "eager"))
-    assert {r["op"] for r in rows} == {"rlkern", "composition", "eager"}
-    assert all(r["ms"] > 0 for r in rows)
+    device = torch.device("cpu")
+    hidden, weight, labels, mask = bench._inputs(device, 2, 12, 8, 97, torch.float32)
+    impls, missing = bench.implementations(device)
+    assert {"rlkern", "rlkern global", "composition", "eager", "liger"} <= set(impls) and not missing
+    losses = {name: fn(hidden, weight, labels, mask) for name, fn in impls.items()}
+    for name, loss in losses.items():
+        torch.testing.assert_close(loss.detach(), losses["eager"].detach(), rtol=1e-5, atol=1e-6, msg=name)
+    rows = bench.run(device, 1, 16, 8, 64, torch.float32, rounds=1, memory=False)
+    assert {r.impl for r in rows} == set(impls) | {"bare GEMMs"}
+    assert all(r.median_ms > 0 for r in rows)
 
 
 @pytest.mark.gpu
