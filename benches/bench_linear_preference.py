@@ -5,7 +5,8 @@ vs Liger 0.8.5's LigerFusedLinearDPOLoss, rlkern's composition and materialized 
 
 Defaults: CPU 8 pairs x 1024 positions (16 rows, chosen then rejected), H=256, V=32000, fp32,
 2 threads; GPU 8 pairs x 4096 positions, H=4096, V=151936, bf16. The completion mask marks a
-random length in [T/2, T] of each row (the rest is padding, label -100). The loss is the
+random length in [T/2, T] of each row (the rest is padding, label -100; ``--dense``: every
+position). The loss is the
 reference-free sigmoid DPO loss (beta 0.1) for every implementation: Liger's fused DPO would
 otherwise run the reference model's head itself, while rlkern takes the reference log-probs as
 constants (as TRL does); with ``use_ref_model=False`` every row computes the same numbers.
@@ -40,13 +41,15 @@ BENCH = "DPO loss from hidden states fwd+bwd (sigmoid, ref-free)"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _inputs(device, pairs, length, width, vocab, dtype, seed=0):
+def _inputs(device, pairs, length, width, vocab, dtype, seed=0, dense=False):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     rows = 2 * pairs
     hidden = torch.randn(rows, length, width, generator=gen).to(device=device, dtype=dtype)
     weight = (torch.randn(vocab, width, generator=gen) * 2 / width**0.5).to(device=device, dtype=dtype)
     labels = torch.randint(0, vocab, (rows, length), generator=gen)
     lengths = torch.randint(length // 2, length + 1, (rows,), generator=gen)
+    if dense:  # every position a completion token: the same GEMM work for every row of the table
+        lengths.fill_(length)
     mask = torch.arange(length) < lengths[:, None]
     labels = torch.where(mask, labels, torch.full_like(labels, -100))
     return hidden, weight, labels.to(device), mask.to(device)
@@ -89,16 +92,17 @@ def _step(fn, hidden, weight, labels, mask):
     fn(h, w, labels, mask).backward()
 
 
-def memory_case(device: torch.device, impl: str, length: int, pairs: int, width: int, vocab: int, dtype_name: str):
+def memory_case(device: torch.device, impl: str, length: int, pairs: int, width: int, vocab: int, dtype_name: str,
+                dense: bool = False):
     """One fwd+bwd of ``impl`` on fresh inputs (the memory probes' step)."""
-    hidden, weight, labels, mask = _inputs(device, pairs, length, width, vocab, DTYPES[dtype_name])
+    hidden, weight, labels, mask = _inputs(device, pairs, length, width, vocab, DTYPES[dtype_name], dense=dense)
     fn = implementations(device)[0][impl]
     return lambda: _step(fn, hidden, weight, labels, mask)
 
 
 def run(device: torch.device, pairs: int, length: int, width: int, vocab: int, dtype: torch.dtype,
-        rounds: int = 3, memory: bool = True, ops=None) -> list[common.Row]:
-    hidden, weight, labels, mask = _inputs(device, pairs, length, width, vocab, dtype)
+        rounds: int = 3, memory: bool = True, ops=None, dense: bool = False) -> list[common.Row]:
+    hidden, weight, labels, mask = _inputs(device, pairs, length, width, vocab, dtype, dense=dense)
     name = {v: k for k, v in DTYPES.items()}[dtype]
     tokens = int(mask.sum())
     shape = f"{pairs} pairs x T={length} ({tokens} completion tokens) H={width} V={vocab} {name}"
@@ -113,7 +117,7 @@ def run(device: torch.device, pairs: int, length: int, width: int, vocab: int, d
     if device.type == "cuda":
         peaks = {k: common.cuda_peak_mib(fn) for k, fn in steps.items()}
     elif memory:
-        peaks = {k: common.peak_memory_mib(__spec__.name, device, k, length, pairs, width, vocab, name)
+        peaks = {k: common.peak_memory_mib(__spec__.name, device, k, length, pairs, width, vocab, name, dense)
                  for k in impls}
     else:
         peaks = {}
@@ -143,6 +147,7 @@ def main(argv=None) -> list[common.Row]:
     parser.add_argument("--dtype", choices=sorted(DTYPES))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory probes")
+    parser.add_argument("--dense", action="store_true", help="every position a completion token (no padding)")
     parser.add_argument("--out", help="write FILE.json and FILE.md")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -150,7 +155,7 @@ def main(argv=None) -> list[common.Row]:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     pairs, length, width, vocab, dtype = default_shape(device)
     rows = run(device, args.pairs or pairs, args.t or length, args.hidden or width, args.vocab or vocab,
-               DTYPES[args.dtype] if args.dtype else dtype, args.rounds, not args.no_memory)
+               DTYPES[args.dtype] if args.dtype else dtype, args.rounds, not args.no_memory, dense=args.dense)
     return common.report(rows, device, args.out, __spec__.name, argv)
 
 

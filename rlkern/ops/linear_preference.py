@@ -52,6 +52,14 @@ Numerics follow ``linear_token_logprobs``' chunked kernel (its helpers are reuse
 and tiles (bf16 inputs are widened on the CPU; on CUDA half inputs go to the tensor cores with
 fp32 output), fp64 log-sum-exp, gradients accumulated in fp32 and cast to the inputs' dtypes.
 
+Backends: the GEMMs are torch's (cuBLAS / the CPU BLAS); the token kernels are those of
+``token_logprobs`` (C++ on the CPU, Triton on CUDA) and the sums / sequence-level kernels are
+``token_preference_loss``'s, each picked by ``rlkern._backend.Kernels`` (``RLKERN_BACKEND``). No
+kernel of its own. On CUDA the plan (which tokens are completion tokens, how pairs group into
+tiles) is read on the host: a few syncs per call, before any GEMM (the tiles' shapes depend on
+the token counts, as a varlen attention's plan does); not traceable by ``torch.compile``
+(an eager ``torch.autograd.Function``).
+
 ``deterministic=True``: every GEMM runs on fixed blocks of ``_DET_ROWS`` tokens (the last one
 zero-padded) and the tiles are accumulated in a fixed order without atomics: a token's
 log-prob is bit-identical however the batch is composed and chunked, and runs repeat bit for
