@@ -154,6 +154,12 @@ def test_pairs_plan_runs_three_gemms_and_global_four(monkeypatch):
     calls.update(logits=0, grads=0)
     _close(_ours(hidden, weight, None, labels, mask, ref, chunk_size=budget - 1), expected, 2e-5)
     assert calls["logits"] == 2 * calls["grads"]
+    # Under no_grad only the forward GEMMs run (leaves that require grad or not).
+    calls.update(logits=0, grads=0)
+    with torch.no_grad():
+        loss, _ = rlkern.linear_preference_loss(hidden.requires_grad_(), weight, labels, mask, ref, chunk_size=budget)
+    torch.testing.assert_close(loss.double(), expected[0].detach(), rtol=0, atol=2e-5)
+    assert calls["grads"] == 0 and calls["logits"] == tiles
 
 
 def test_gradcheck_float64():

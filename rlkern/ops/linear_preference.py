@@ -296,8 +296,10 @@ class _LinearPreference(torch.autograd.Function):
     """Forward: the loss and the finished gradients; backward: those times the upstream gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, tokens, batch, hyper, chunking, chunk_rows, keys):
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+    def forward(ctx, hidden, weight, bias, labels, tokens, batch, hyper, chunking, chunk_rows, keys, grad_enabled):
+        # needs_input_grad is True under torch.no_grad too: the caller's grad mode decides
+        needs = tuple(grad_enabled and bool(x) for x in
+                      (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]))
         flat = hidden.reshape(-1, hidden.shape[-1])
         loss, metrics, grads = _run(flat, weight, bias, labels.reshape(-1), tokens, batch, hyper, needs, chunking,
                                     chunk_rows)
@@ -310,7 +312,7 @@ class _LinearPreference(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        out = [None] * 10
+        out = [None] * 11
         if ctx.grads is None:
             return tuple(out)
         for i, (g, like) in enumerate(zip(ctx.grads, ctx.like)):
@@ -481,7 +483,7 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
     keys: list = []
     try:
         loss, *values = _LinearPreference.apply(hidden, weight, bias, labels, tokens, batch, hyper, plan,
-                                                int(chunk_rows), keys)
+                                                int(chunk_rows), keys, torch.is_grad_enabled())
     except (ValueError, TypeError) as error:  # the loss' checks, under this op's name
         message = str(error)
         if message.startswith("token_preference_loss: "):
