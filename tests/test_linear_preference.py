@@ -322,6 +322,13 @@ BAD = [
     (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, chunk_size=1, chunking="pairs"), "fit"),
     (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, pair_weights=torch.ones(5)), "pair_weights"),
     (lambda h, w, lab, m: rlkern.linear_preference_loss(h.reshape(-1, 4), w, lab.reshape(-1), None), "cu_seqlens"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, wpo_adjustment=torch.zeros(4, 3)),
+     "wpo_adjustment must have"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, torch.zeros(4, 5, requires_grad=True)),
+     "constant"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, torch.zeros(4), token_rewards=torch.zeros(4, 5)),
+     "token_rewards"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, ld_alpha=2.0), "ld_alpha"),
 ]
 
 

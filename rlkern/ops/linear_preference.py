@@ -424,6 +424,8 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
             raise TypeError(f"{_OP}: {name} must be None or a float tensor, got {getattr(t, 'dtype', type(t))}")
         if t.device != hidden.device:
             raise ValueError(f"{_OP}: {name} is on {t.device} but hidden is on {hidden.device}")
+        if tuple(t.shape) != lead:
+            raise ValueError(f"{_OP}: {name} must have labels' shape {lead}, got {tuple(t.shape)}")
         if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{_OP}: {name} requires grad, but it is a constant of the loss; compute it under "
                              "torch.no_grad() or pass .detach()")
@@ -460,9 +462,10 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
     batch = _Batch(tokens, None if per_sequence_ref else constant(ref_logprobs),
                    ref_logprobs.detach() if per_sequence_ref else None, constant(wpo_adjustment),
                    constant(token_rewards), None if pair_weights is None else pair_weights.detach(), kwargs)
-    if pair_weights is not None and (not isinstance(pair_weights, Tensor) or tuple(pair_weights.shape) != (rows // 2,)):
-        raise ValueError(f"{_OP}: pair_weights must be None or a [B] = [{rows // 2}] tensor, got "
-                         f"{getattr(pair_weights, 'shape', type(pair_weights))}")
+    if pair_weights is not None and (not isinstance(pair_weights, Tensor) or not pair_weights.dtype.is_floating_point
+                                     or tuple(pair_weights.shape) != (rows // 2,)):
+        raise ValueError(f"{_OP}: pair_weights must be None or a float [B] = [{rows // 2}] tensor, got "
+                         f"{getattr(pair_weights, 'shape', type(pair_weights))} {getattr(pair_weights, 'dtype', '')}")
     pair_local = not set(_types(loss_type)) & set(GLOBAL_LOSS_TYPES)
     vocab = max(weight.shape[0], 1)
     budget_key = "cuda" if device.type == "cuda" else "cpu"
