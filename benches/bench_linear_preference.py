@@ -4,12 +4,12 @@ vs Liger 0.8.5's LigerFusedLinearDPOLoss, rlkern's composition and materialized 
     python -m rlkern.benches.bench_linear_preference [--pairs P --t T --hidden H --vocab V] [--out FILE]
 
 Defaults: CPU 8 pairs x 1024 positions (16 rows, chosen then rejected), H=256, V=32000, fp32,
-2 threads; GPU 8 pairs x 4096 positions, H=4096, V=151936, bf16. The completion mask marks a
-random length in [T/2, T] of each row (the rest is padding, label -100; ``--dense``: every
-position). The loss is the
-reference-free sigmoid DPO loss (beta 0.1) for every implementation: Liger's fused DPO would
-otherwise run the reference model's head itself, while rlkern takes the reference log-probs as
-constants (as TRL does); with ``use_ref_model=False`` every row computes the same numbers.
+2 threads; GPU 4 pairs x 1024 positions (N = 8192), H=4096, V=151936, bf16. The completion
+mask marks a random length in [T/2, T] of each row (the rest is padding, label -100;
+``--dense``: every position). The loss is the reference-free sigmoid DPO loss (beta 0.1) for
+every implementation: Liger's fused DPO would otherwise run the reference model's head itself,
+while rlkern takes the reference log-probs as constants (as TRL does); with
+``use_ref_model=False`` every row computes the same numbers.
 
 - rlkern: ``linear_preference_loss`` (default plan: whole pairs per tile, 3 GEMMs per
   completion token); "rlkern global": ``chunking="global"`` (4 GEMMs).
@@ -133,7 +133,7 @@ def run(device: torch.device, pairs: int, length: int, width: int, vocab: int, d
 
 def default_shape(device: torch.device) -> tuple[int, int, int, int, torch.dtype]:
     if device.type == "cuda":
-        return 8, 4096, 4096, 151936, torch.bfloat16
+        return 4, 1024, 4096, 151936, torch.bfloat16  # N = 8192 positions, the issue's GPU shape
     return 8, 1024, 256, 32000, torch.float32
 
 

@@ -432,7 +432,8 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
     if per_sequence_ref:
         if not ref_logprobs.dtype.is_floating_point or tuple(ref_logprobs.shape) != (rows,):
             raise ValueError(f"{_OP}: ref_logprobs must have labels' shape {lead} (token-level) or be [2B] = "
-                             f"[{rows}] float (per-sequence sums), got {tuple(ref_logprobs.shape)} {ref_logprobs.dtype}")
+                             f"[{rows}] float (per-sequence sums), got {tuple(ref_logprobs.shape)} "
+                             f"{ref_logprobs.dtype}")
         if ref_logprobs.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{_OP}: ref_logprobs requires grad, but it is a constant of the loss; compute it under "
                              "torch.no_grad() or pass .detach()")

@@ -28,7 +28,8 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
     flat = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1).long()
     if response_mask is not None:
-        flat_labels = torch.where(response_mask.reshape(-1) != 0, flat_labels, torch.full_like(flat_labels, ignore_index))
+        ignored = torch.full_like(flat_labels, ignore_index)
+        flat_labels = torch.where(response_mask.reshape(-1) != 0, flat_labels, ignored)
     logp, _, _ = heads.linear_logprobs(flat, weight, bias, flat_labels, temperature=temperature,
                                        logit_scale=logit_scale, logit_softcap=logit_softcap,
                                        ignore_index=ignore_index)
