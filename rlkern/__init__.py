@@ -13,6 +13,7 @@ from rlkern.ops import advantages as _advantages
 from rlkern.ops.advantages import *  # noqa: F401,F403  (the names of its __all__)
 from rlkern.ops.advantages.dynamic_sampling import dynamic_sampling_mask
 from rlkern.ops.linear_logprobs import linear_token_logprobs
+from rlkern.ops.linear_preference import linear_preference_loss
 from rlkern.ops.logprobs import (
     LogprobsEntropy,
     entropy_from_logits,
@@ -52,6 +53,7 @@ __all__ = [
     "kto_loss",
     "bco_loss",
     "token_preference_loss",
+    "linear_preference_loss",
     "dpo_token_rewards",
     "group_preference_loss",
     "group_weights",

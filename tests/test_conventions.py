@@ -100,6 +100,8 @@ def _bad_calls():
         "kto_loss": lambda: rlkern.kto_loss(s, s, s > 0, loss_type="bco"),
         "bco_loss": lambda: rlkern.bco_loss(s, s, s > 0, torch.zeros(2)),
         "token_preference_loss": lambda: rlkern.token_preference_loss(x, m),
+        "linear_preference_loss": lambda: rlkern.linear_preference_loss(torch.randn(3, 5, 4), torch.randn(7, 4),
+                                                                        torch.zeros(3, 5, dtype=torch.long), m),
         "dpo_token_rewards": lambda: rlkern.dpo_token_rewards(x, x, m, beta=float("inf")),
         "group_preference_loss": lambda: rlkern.group_preference_loss(s, ids, s, loss_type="dpo"),
         "group_weights": lambda: rlkern.group_weights(s, ids, method="winrate"),

@@ -1,0 +1,496 @@
+"""Preference losses straight from hidden states: the LM head fused, the gradient formed in the
+forward, never ``[N, V]`` logits.
+
+``linear_preference_loss(hidden, weight, labels, response_mask, ref_logprobs, ...)`` returns
+what ``token_preference_loss(linear_token_logprobs(hidden, weight, labels), response_mask,
+ref_logprobs, ...)`` returns (TRL 1.16's ``DPOTrainer`` loss of every loss type, LD-DPO, WPO,
+TGDPO, CPO's simpo, ORPO), with ``z = softcap(logit_scale * (h W^T + b)) / T`` as in
+``linear_token_logprobs``. The batch is TRL's concatenated one: rows ``[0, B)`` chosen, rows
+``[B, 2B)`` rejected, pair i = rows i and B + i.
+
+Why the gradient can be formed in the forward: a preference loss reads the token log-probs only
+through per-sequence sums (weighted sums, plain sums, token counts, WPO's weights), so d loss /
+d logprob_t is known as soon as the sums of t's pair (or of the whole batch) are. With that,
+``d loss / d z = d loss / d logprob_t * (onehot(y_t) - softmax(z_t))`` (the token log-prob
+kernel's backward, in place on the logits tile) goes straight into the two gradient GEMMs
+(d hidden ``= G W``, d weight ``+= G^T h``). The forward returns the loss and keeps the finished
+d hidden, d weight (and d bias) in the accumulation dtype (fp32; fp64 for fp64 inputs), i.e. one
+extra copy of hidden's and W's sizes; the backward only multiplies them by the upstream
+gradient (no GEMM, no logits).
+
+Only completion tokens (``response_mask != 0``) are computed: prompt and padding rows never enter
+a GEMM (their gradient is exactly 0), which TRL and Liger pay for in full.
+
+Two plans (``chunking``):
+
+* ``"pairs"``: 3 GEMMs per token. Tokens are cut into chunks of whole PAIRS (a chunk holds the
+  chosen and the rejected row of each of its pairs). Per chunk: one GEMM writes the chunk's
+  logits tile, the token kernel folds it into log-probs and log-sum-exp, the chunk's pairs'
+  losses (``token_preference_loss`` on the chunk, autograd over the tiny per-token vector) give
+  d loss / d logprob, the kernel turns the SAME tile into d logits, and the two gradient GEMMs
+  consume it. Exact because every per-pair loss and its gradient depend on that pair alone and
+  the batch loss is ``sum_i w_i l_i / B`` (the chunk's mean is rescaled by ``B_chunk / B``): true
+  of every loss type except ``aot`` / ``aot_unpaired`` (they sort log-ratios over the whole
+  batch) and ``sft`` (it divides by the total chosen length of the batch). Extra memory: one
+  tile of the chunk's tokens, and a chunk holds at least one whole pair, so a pair's completion
+  tokens must fit the tile budget.
+* ``"global"``: 4 GEMMs per token. Pass 1 computes every completion token's log-prob chunk by
+  chunk (GEMM + log-sum-exp, the ``[M]`` log-probs and float64 log-sum-exps kept); the
+  sequence-level loss and d loss / d logprob follow for the whole batch; pass 2 recomputes each
+  tile (the 4th GEMM) and forms d logits into the gradient GEMMs. Needed where the per-sequence
+  gradient is unknown until every token of the batch is seen (aot, aot_unpaired, sft), or where
+  a pair does not fit the tile budget; tiles of ``chunk_size`` tokens whatever the pairs.
+
+``None`` (default) takes ``"pairs"`` when the loss types allow it and every pair's completion
+tokens fit the tile (``chunk_size`` tokens, or by default ``_PAIR_TILE_BYTES`` of fp32 logits),
+else ``"global"``. Both give the same numbers up to fp32 summation order.
+
+Loss and metrics: after the tiles, ``token_preference_loss`` runs once more (no grad) on all the
+log-probs, so the returned loss and metrics are exactly the composition's (O(M) work).
+
+Numerics follow ``linear_token_logprobs``' chunked kernel (its helpers are reused): fp32 GEMMs
+and tiles (bf16 inputs are widened on the CPU; on CUDA half inputs go to the tensor cores with
+fp32 output), fp64 log-sum-exp, gradients accumulated in fp32 and cast to the inputs' dtypes.
+
+Backends: the GEMMs are torch's (cuBLAS / the CPU BLAS); the token kernels are those of
+``token_logprobs`` (C++ on the CPU, Triton on CUDA) and the sums / sequence-level kernels are
+``token_preference_loss``'s, each picked by ``rlkern._backend.Kernels`` (``RLKERN_BACKEND``). No
+kernel of its own. On CUDA the plan (which tokens are completion tokens, how pairs group into
+tiles) is read on the host: a few syncs per call, before any GEMM (the tiles' shapes depend on
+the token counts, as a varlen attention's plan does); not traceable by ``torch.compile``
+(an eager ``torch.autograd.Function``).
+
+``deterministic=True``: every GEMM runs on fixed blocks of ``_DET_ROWS`` tokens (the last one
+zero-padded) and the tiles are accumulated in a fixed order without atomics: a token's
+log-prob is bit-identical however the batch is composed and chunked, and runs repeat bit for
+bit. ``chunk_size`` still sets the chunk (pairs) size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlkern.ops import _checks
+from rlkern.ops import linear_logprobs as head
+from rlkern.ops import logprobs as token_ops
+from rlkern.ops.preference_tokens import token_preference_loss
+
+__all__ = ["linear_preference_loss"]
+
+_OP = "linear_preference_loss"
+# Loss types whose per-pair gradient depends on the whole batch (see the module docstring).
+GLOBAL_LOSS_TYPES = ("aot", "aot_unpaired", "sft")
+# Bytes of fp32 logits a pair chunk may hold when chunk_size is None: a tile of whole pairs
+# (2 x 1024 completion tokens at V = 32k on the CPU; 4 x 4096 tokens at V = 152k on the GPU).
+_PAIR_TILE_BYTES = {"cpu": 256 << 20, "cuda": 10 << 30}
+_DET_ROWS = head._DET_ROWS
+
+
+def _types(loss_type) -> list:
+    return [loss_type] if isinstance(loss_type, str) else list(loss_type) if isinstance(loss_type, (list, tuple)) \
+        else [loss_type]
+
+
+class _Tokens:
+    """The completion tokens of the batch, row by row: ``flat`` their indices in the flattened
+    hidden (row-major, so each row's tokens are consecutive and in order), ``starts`` and
+    ``counts`` per row (offsets into ``flat``)."""
+
+    def __init__(self, mask_flat: Tensor, row_of: Tensor, rows: int):
+        self.flat = torch.nonzero(mask_flat, as_tuple=True)[0]
+        self.counts = torch.bincount(row_of[self.flat], minlength=rows)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        self.rows = rows
+
+    def of_rows(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """``(ids, valid)``: the indices (into ``flat``) of the tokens of ``rows``, row after row,
+        and the ``[len(rows), L]`` bool layout of them (``L`` = the longest of those rows, >= 1)."""
+        counts = self.counts[rows]
+        width = max(int(counts.max()) if counts.numel() else 0, 1)
+        pos = torch.arange(width, device=counts.device)
+        valid = pos < counts[:, None]
+        ids = (self.starts[rows][:, None] + pos)[valid]
+        return ids, valid
+
+
+def _padded(values: Tensor, valid: Tensor) -> Tensor:
+    """``values`` (one per True of ``valid``, row-major) laid out as ``valid``'s shape, 0 elsewhere
+    (differentiable in ``values``)."""
+    return values.new_zeros(valid.shape).masked_scatter(valid, values)
+
+
+class _Batch:
+    """What every chunk's loss reads: the completion tokens' constants (in the ``flat`` order of
+    ``_Tokens``), the per-sequence reference, the pair weights and the loss keywords."""
+
+    def __init__(self, tokens: _Tokens, ref_tokens, ref_rows, wpo, rewards, pair_weights, kwargs):
+        self.tokens, self.ref_tokens, self.ref_rows = tokens, ref_tokens, ref_rows
+        self.wpo, self.rewards, self.pair_weights, self.kwargs = wpo, rewards, pair_weights, kwargs
+
+    def loss(self, logp: Tensor, pairs: Tensor, ids: Tensor, valid: Tensor):
+        """token_preference_loss of ``pairs`` (their rows: chosen then rejected) from ``logp``, the
+        log-probs of tokens ``ids`` laid out by ``valid`` (from ``_Tokens.of_rows``)."""
+        n = self.tokens.rows // 2
+        rows = torch.cat([pairs, pairs + n])
+        if self.ref_tokens is not None:
+            ref = _padded(self.ref_tokens[ids], valid)
+        elif self.ref_rows is not None:
+            ref = self.ref_rows[rows]
+        else:
+            ref = None
+        extra = dict(
+            wpo_adjustment=None if self.wpo is None else _padded(self.wpo[ids], valid),
+            token_rewards=None if self.rewards is None else _padded(self.rewards[ids], valid),
+            pair_weights=None if self.pair_weights is None else self.pair_weights[pairs])
+        return token_preference_loss(_padded(logp, valid), valid, ref, **extra, **self.kwargs)
+
+
+def _pair_chunks(tokens: _Tokens, budget: int) -> list[Tensor] | None:
+    """Consecutive pairs grouped so that each group's completion tokens fit ``budget`` rows; None
+    when one pair alone does not."""
+    n = tokens.rows // 2
+    per_pair = (tokens.counts[:n] + tokens.counts[n:]).tolist()
+    if any(c > budget for c in per_pair):
+        return None
+    chunks, start, used = [], 0, 0
+    for i, c in enumerate(per_pair):
+        if used + c > budget and i > start:
+            chunks.append(torch.arange(start, i, device=tokens.counts.device))
+            start, used = i, 0
+        used += c
+    if start < n:
+        chunks.append(torch.arange(start, n, device=tokens.counts.device))
+    return chunks
+
+
+class _Head:
+    """The LM head as the tiles read it (linear_logprobs' chunked-kernel helpers): hidden rows
+    gathered per chunk, logits tiles in the accumulation dtype, gradient accumulators."""
+
+    def __init__(self, hidden, weight, bias, labels, tokens, logit_scale, softcap, temperature, ignore_index,
+                 deterministic, needs, max_rows):
+        self.hidden, self.bias, self.labels, self.tokens = hidden, bias, labels, tokens
+        self.scale, self.softcap, self.temperature, self.ignore = logit_scale, softcap, temperature, ignore_index
+        self.deterministic = deterministic
+        acc = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+        self.acc = acc
+        self.forward_kernel, self.backward_kernel = token_ops.kernel_fns(
+            token_ops.FORWARD.backend_at(hidden.device, acc))
+        on_cuda_half = head._half_on_cuda(hidden) and hidden.dtype == weight.dtype
+        self.row_dtype = hidden.dtype if on_cuda_half else acc
+        if (not on_cuda_half and weight.dtype not in (torch.float32, torch.float64)
+                and 4 * weight.numel() <= head._W_COPY_BYTES):
+            weight = weight.float()  # widened once per call, not once per tile (as linear_logprobs)
+        self.weight = weight
+        if deterministic:
+            max_rows = -(-max_rows // _DET_ROWS) * _DET_ROWS
+        self.buf = hidden.new_empty((max_rows, weight.shape[0]), dtype=acc)
+        device = hidden.device
+        self.grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=device) if needs[0] else None
+        self.grad_weight = torch.zeros(weight.shape, dtype=acc, device=device) if needs[1] else None
+        self.grad_bias = (torch.zeros(weight.shape[0], dtype=acc, device=device)
+                          if needs[2] and bias is not None else None)
+
+    def _blocks(self, rows: int):
+        step = _DET_ROWS if self.deterministic else max(rows, 1)
+        return [(s, min(s + step, rows)) for s in range(0, rows, step)]
+
+    def logits(self, ids: Tensor):
+        """The tile of tokens ``ids`` (into ``tokens.flat``): ``(tile, h, labels, flat index)``."""
+        flat = self.tokens.flat[ids]
+        h = self.hidden[flat].to(self.row_dtype)
+        labels = self.labels[flat]
+        k = flat.numel()
+        if self.deterministic:  # padded rows: zero hidden, ignored label
+            rows = -(-k // _DET_ROWS) * _DET_ROWS
+            h = head._rows(h, 0, k, rows)
+            labels = head._rows(labels, 0, k, rows, self.ignore)
+        tile = self.buf[: h.shape[0]]
+        for s, e in self._blocks(h.shape[0]):
+            head._logits_into(tile[s:e], h[s:e], self.weight, self.bias, self.scale)
+        return tile, h, labels, flat
+
+    def logprobs(self, tile: Tensor, labels: Tensor):
+        logp, _, lse = self.forward_kernel(tile, labels, self.temperature, self.softcap, self.ignore, False)
+        return logp, lse
+
+    def accumulate(self, tile, h, labels, lse, grad_logp, flat):
+        """d logits = d logprob * (onehot - softmax) in place on ``tile``, then the two GEMMs."""
+        k = flat.numel()
+        g = grad_logp.to(self.acc)
+        if g.numel() != tile.shape[0]:
+            g = head._rows(g, 0, k, tile.shape[0])
+        self.backward_kernel(g.contiguous(), None, tile, labels, lse, None, self.temperature, self.softcap,
+                             self.ignore, tile)
+        gh = None if self.grad_hidden is None else torch.zeros((tile.shape[0], h.shape[1]), dtype=self.acc,
+                                                                  device=h.device)
+        for s, e in self._blocks(tile.shape[0]):
+            head._grad_products(tile[s:e], h[s:e], self.weight, None if gh is None else gh[s:e], self.grad_weight,
+                                self.grad_bias, self.scale)
+        if gh is not None:
+            self.grad_hidden[flat] = gh[:k]
+
+
+def _run(hidden, weight, bias, labels, tokens: _Tokens, batch: _Batch, hyper, needs, chunking, chunk_rows):
+    """The forward: ``(loss, metrics, grads or None)``; see the module docstring."""
+    logit_scale, softcap, temperature, ignore_index, deterministic = hyper
+    n = tokens.rows // 2
+    total = tokens.flat.numel()
+    chunks = _pair_chunks(tokens, chunk_rows) if chunking != "global" else None
+    if chunking == "pairs" and chunks is None:
+        raise ValueError(f"{_OP}: chunking='pairs' needs every pair's completion tokens to fit a tile of "
+                         f"{chunk_rows} tokens (chunk_size), got a pair of "
+                         f"{int((tokens.counts[:n] + tokens.counts[n:]).max())}")
+    any_grad = any(needs)
+    max_rows = max(chunk_rows if chunks is None else max((int(tokens.counts[c].sum() + tokens.counts[c + n].sum())
+                                                           for c in chunks), default=1), 1)
+    max_rows = min(max_rows, max(total, 1))
+    hd = _Head(hidden, weight, bias, labels, tokens, logit_scale, softcap, temperature, ignore_index,
+               deterministic, needs, max_rows)
+    logp_all = torch.zeros(total, dtype=hd.acc, device=hidden.device)
+    all_pairs = torch.arange(n, device=hidden.device)
+    all_ids, all_valid = tokens.of_rows(torch.cat([all_pairs, all_pairs + n]))
+    if chunks is not None:
+        for pairs in chunks:
+            ids, valid = tokens.of_rows(torch.cat([pairs, pairs + n]))
+            if ids.numel() == 0:
+                continue
+            tile, h, lab, flat = hd.logits(ids)
+            logp, lse = hd.logprobs(tile, lab)
+            k = ids.numel()
+            logp_all[ids] = logp[:k]
+            if not any_grad:
+                continue
+            leaf = logp[:k].detach().requires_grad_()
+            with torch.enable_grad():
+                loss, _ = batch.loss(leaf, pairs, ids, valid)
+                (grad,) = torch.autograd.grad(loss * (pairs.numel() / n), leaf, allow_unused=True)
+            if grad is not None:
+                hd.accumulate(tile, h, lab, lse, grad, flat)
+    else:
+        lse_all = torch.empty(total, dtype=torch.float64, device=hidden.device)
+        bounds = [(s, min(s + chunk_rows, total)) for s in range(0, total, chunk_rows)]
+        for s, e in bounds:
+            tile, h, lab, _ = hd.logits(torch.arange(s, e, device=hidden.device))
+            logp, lse = hd.logprobs(tile, lab)
+            logp_all[s:e] = logp[: e - s]
+            lse_all[s:e] = lse[: e - s]
+        if any_grad and total:
+            leaf = logp_all.detach().requires_grad_()
+            with torch.enable_grad():
+                loss, _ = batch.loss(leaf[all_ids], all_pairs, all_ids, all_valid)
+                (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+            if grad is not None:
+                for s, e in bounds:  # the 4th GEMM: the tile again, now with its gradient known
+                    tile, h, lab, flat = hd.logits(torch.arange(s, e, device=hidden.device))
+                    hd.accumulate(tile, h, lab, head._rows(lse_all, s, e, tile.shape[0], float("-inf")),
+                                  grad[s:e], flat)
+    with torch.no_grad():
+        loss, metrics = batch.loss(logp_all[all_ids], all_pairs, all_ids, all_valid)
+    grads = (hd.grad_hidden, hd.grad_weight, hd.grad_bias) if any_grad else None
+    return loss, metrics, grads
+
+
+class _LinearPreference(torch.autograd.Function):
+    """Forward: the loss and the finished gradients; backward: those times the upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, tokens, batch, hyper, chunking, chunk_rows, keys, grad_enabled):
+        # needs_input_grad is True under torch.no_grad too: the caller's grad mode decides
+        needs = tuple(grad_enabled and bool(x) for x in
+                      (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]))
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        loss, metrics, grads = _run(flat, weight, bias, labels.reshape(-1), tokens, batch, hyper, needs, chunking,
+                                    chunk_rows)
+        ctx.like = [(t.shape, t.dtype) if t is not None else None for t in (hidden, weight, bias)]
+        ctx.grads = grads
+        keys.extend(metrics)
+        values = [v.detach() for v in metrics.values()]
+        ctx.mark_non_differentiable(*values)
+        return (loss.detach(), *values)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        out = [None] * 11
+        if ctx.grads is None:
+            return tuple(out)
+        for i, (g, like) in enumerate(zip(ctx.grads, ctx.like)):
+            if g is not None and like is not None:
+                out[i] = (g * grad_loss.to(g.dtype)).to(like[1]).view(like[0])
+        return tuple(out)
+
+
+def _check(hidden, weight, labels, response_mask, cu_seqlens, bias, ignore_index, chunk_size, chunking,
+           temperature, logit_scale, logit_softcap):
+    for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    try:
+        head._check_linear(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap, (), chunk_size)
+    except (TypeError, ValueError) as error:
+        message = str(error).replace("linear_token_logprobs: ", "")
+        raise type(error)(f"{_OP}: {message}") from None
+    _checks.choice(_OP, "chunking", chunking, (None, "pairs", "global"))
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{_OP}: ignore_index must be an int, got {ignore_index!r}")
+    if cu_seqlens is not None:
+        if hidden.ndim != 2:
+            raise ValueError(f"{_OP}: packed input (cu_seqlens given) needs hidden [total, H], got shape "
+                             f"{tuple(hidden.shape)}")
+        rows = _checks.cu_seqlens(_OP, cu_seqlens, hidden.shape[0], hidden.device, "hidden")
+    else:
+        if hidden.ndim != 3:
+            raise ValueError(f"{_OP}: hidden must be [2B, T, H] (padded, with response_mask) or [total, H] with "
+                             f"cu_seqlens, got shape {tuple(hidden.shape)}")
+        if response_mask is None:
+            raise ValueError(f"{_OP}: response_mask is required for padded [2B, T, H] input (None only with "
+                             "cu_seqlens), got None")
+        rows = hidden.shape[0]
+    if response_mask is not None:
+        _checks.tensors(_OP, "labels", {"labels": (labels, "int"), "response_mask": (response_mask, "mask")},
+                        shape={"labels": None, "response_mask": tuple(labels.shape)})
+    if rows % 2:
+        raise ValueError(f"{_OP}: hidden must have 2B rows (chosen rows, then rejected rows), got {rows}")
+    return rows
+
+
+def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, response_mask: Tensor | None = None,
+                           ref_logprobs: Tensor | None = None, *, cu_seqlens: Tensor | None = None,
+                           bias: Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
+                           logit_softcap: float | None = None, ignore_index: int = -100,
+                           chunk_size: int | None = None, deterministic: bool = False, chunking: str | None = None,
+                           ld_alpha: float | None = None, wpo_adjustment: Tensor | None = None,
+                           token_rewards: Tensor | None = None, tgdpo_alpha: float = 1.0, loss_type="sigmoid",
+                           beta: float = 0.1, label_smoothing: float = 0.0, f_divergence_type: str = "reverse_kl",
+                           f_alpha_divergence_coef: float = 1.0, discopop_tau: float = 0.05, loss_weights=None,
+                           pair_weights: Tensor | None = None,
+                           simpo_gamma: float = 0.5) -> tuple[Tensor, dict[str, Tensor]]:
+    """TRL 1.16's DPO loss (every ``token_preference_loss`` option) from the policy's hidden
+    states and LM head, the gradient formed in the forward (3 GEMMs per completion token for
+    pair-local loss types, 4 for aot / aot_unpaired / sft; see the module docstring).
+
+    Equals ``token_preference_loss(linear_token_logprobs(hidden, weight, labels, ...),
+    response_mask, ref_logprobs, ...)`` with
+    ``logprob_t = log softmax(softcap(logit_scale * (h_t W^T + b)) / T)[y_t]``.
+
+    Args:
+        hidden: padded ``[2B, T, H]`` (with ``response_mask``) or packed ``[total, H]`` (with
+            ``cu_seqlens`` ``[2B + 1]``): the policy's last hidden states at the positions that
+            predict ``labels`` (TRL's shifted layout); rows ``[0, B)`` chosen, ``[B, 2B)``
+            rejected. float16/bfloat16/float32/float64.
+        weight: the LM head ``[V, H]``. bias: ``[V]`` or None.
+        labels: ``hidden.shape[:-1]``, int32/int64: the completion tokens; read only where
+            ``response_mask`` is nonzero (prompt and padding labels may be anything).
+            ``ignore_index`` there gives log-prob 0, as in ``linear_token_logprobs``.
+        response_mask: ``hidden.shape[:-1]``, bool/int/float, nonzero = a completion token.
+            Required when padded; None when packed: every token. Masked tokens enter no GEMM.
+        ref_logprobs: None (reference-free: simpo, orpo, or the DPO types' ref-free form), token
+            log-probs of the reference model (``labels``' shape), or per-sequence ``[2B]`` sums
+            (TRL's ``precompute_ref_log_probs``). Constants.
+        cu_seqlens: ``[2B + 1]`` int32/int64 offsets of the packed rows.
+        temperature, logit_scale, logit_softcap, ignore_index: as ``linear_token_logprobs``.
+        chunk_size: tokens per logits tile (``"global"``) or the most completion tokens of the
+            pairs of one tile (``"pairs"``). None: 16 MiB of fp32 logits per tile on the CPU,
+            256 MiB on the GPU (as linear_token_logprobs) for ``"global"``, and
+            ``_PAIR_TILE_BYTES`` (256 MiB CPU, 10 GiB GPU) for ``"pairs"``.
+        deterministic: fixed ``_DET_ROWS``-token GEMM blocks and a fixed accumulation order: a
+            token's log-prob is batch invariant and repeated runs are bit-identical.
+        chunking: None (default: ``"pairs"`` when the loss types are pair-local and every pair
+            fits the tile, else ``"global"``), ``"pairs"`` (3 GEMMs; raises for aot /
+            aot_unpaired / sft and for a pair larger than the tile) or ``"global"`` (4 GEMMs).
+        ld_alpha, wpo_adjustment, token_rewards, tgdpo_alpha, loss_type, beta, label_smoothing,
+            f_divergence_type, f_alpha_divergence_coef, discopop_tau, loss_weights,
+            pair_weights, simpo_gamma: as ``rlkern.token_preference_loss`` (token-shaped
+            constants have ``labels``' shape).
+
+    Returns:
+        ``(loss, metrics)`` as ``rlkern.token_preference_loss``: ``loss`` a 0-dim float32 tensor
+        (float64 for float64 inputs) differentiable w.r.t. hidden, weight and bias; ``metrics``
+        detached. The forward keeps the finished gradients (hidden's, W's and b's sizes, fp32)
+        until the graph is freed.
+    """
+    rows = _check(hidden, weight, labels, response_mask, cu_seqlens, bias, ignore_index, chunk_size, chunking,
+                  temperature, logit_scale, logit_softcap)
+    lead = tuple(labels.shape)
+    named = {"wpo_adjustment": wpo_adjustment, "token_rewards": token_rewards}
+    per_sequence_ref = isinstance(ref_logprobs, Tensor) and tuple(ref_logprobs.shape) != lead
+    if not per_sequence_ref:
+        named["ref_logprobs"] = ref_logprobs
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.dtype not in _checks.FLOATS:
+            raise TypeError(f"{_OP}: {name} must be None or a float tensor, got {getattr(t, 'dtype', type(t))}")
+        if t.device != hidden.device:
+            raise ValueError(f"{_OP}: {name} is on {t.device} but hidden is on {hidden.device}")
+        if tuple(t.shape) != lead:
+            raise ValueError(f"{_OP}: {name} must have labels' shape {lead}, got {tuple(t.shape)}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{_OP}: {name} requires grad, but it is a constant of the loss; compute it under "
+                             "torch.no_grad() or pass .detach()")
+    if per_sequence_ref:
+        if not ref_logprobs.dtype.is_floating_point or tuple(ref_logprobs.shape) != (rows,):
+            raise ValueError(f"{_OP}: ref_logprobs must have labels' shape {lead} (token-level) or be [2B] = "
+                             f"[{rows}] float (per-sequence sums), got {tuple(ref_logprobs.shape)} "
+                             f"{ref_logprobs.dtype}")
+        if ref_logprobs.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{_OP}: ref_logprobs requires grad, but it is a constant of the loss; compute it under "
+                             "torch.no_grad() or pass .detach()")
+    if chunking == "pairs" and set(_types(loss_type)) & set(GLOBAL_LOSS_TYPES):
+        raise ValueError(f"{_OP}: chunking='pairs' is exact only for pair-local loss types; {GLOBAL_LOSS_TYPES} "
+                         f"read the whole batch: use chunking='global' or None, got loss_type={loss_type!r}")
+    device = hidden.device
+    total = labels.numel()
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=device, dtype=torch.long)
+        row_of = torch.repeat_interleave(torch.arange(rows, device=device), cu.diff(), output_size=total)
+    else:
+        row_of = torch.arange(rows, device=device).repeat_interleave(labels.shape[1])
+    mask_flat = (torch.ones(total, dtype=torch.bool, device=device) if response_mask is None
+                 else (response_mask.reshape(-1) != 0).to(device))
+    tokens = _Tokens(mask_flat, row_of, rows)
+    # Labels of completion tokens must be in range (masked ones are never read).
+    token_ops.check_label_range(labels.reshape(-1)[tokens.flat], weight.shape[0], ignore_index, op=_OP)
+
+    def constant(t):
+        return None if t is None else t.detach().reshape(-1)[tokens.flat]
+
+    kwargs = dict(ld_alpha=ld_alpha, tgdpo_alpha=tgdpo_alpha, loss_type=loss_type, beta=beta,
+                  label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
+                  f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau,
+                  loss_weights=loss_weights, simpo_gamma=simpo_gamma)
+    batch = _Batch(tokens, None if per_sequence_ref else constant(ref_logprobs),
+                   ref_logprobs.detach() if per_sequence_ref else None, constant(wpo_adjustment),
+                   constant(token_rewards), None if pair_weights is None else pair_weights.detach(), kwargs)
+    if pair_weights is not None and (not isinstance(pair_weights, Tensor) or not pair_weights.dtype.is_floating_point
+                                     or tuple(pair_weights.shape) != (rows // 2,)):
+        raise ValueError(f"{_OP}: pair_weights must be None or a float [B] = [{rows // 2}] tensor, got "
+                         f"{getattr(pair_weights, 'shape', type(pair_weights))} {getattr(pair_weights, 'dtype', '')}")
+    pair_local = not set(_types(loss_type)) & set(GLOBAL_LOSS_TYPES)
+    vocab = max(weight.shape[0], 1)
+    budget_key = "cuda" if device.type == "cuda" else "cpu"
+    if chunking == "global" or not pair_local:
+        plan = "global"
+        chunk_rows = chunk_size or max(16, head._TILE_BYTES[budget_key] // (4 * vocab) // 16 * 16)
+    else:
+        plan = chunking  # None or "pairs"
+        chunk_rows = chunk_size or max(16, _PAIR_TILE_BYTES[budget_key] // (4 * vocab))
+    if plan is None:
+        n = rows // 2
+        largest = int((tokens.counts[:n] + tokens.counts[n:]).max()) if n else 0
+        if largest > chunk_rows:
+            plan = "global"
+            chunk_rows = chunk_size or max(16, head._TILE_BYTES[budget_key] // (4 * vocab) // 16 * 16)
+    hyper = (float(logit_scale), float(logit_softcap) if logit_softcap is not None else 0.0, float(temperature),
+             int(ignore_index), bool(deterministic))
+    keys: list = []
+    try:
+        loss, *values = _LinearPreference.apply(hidden, weight, bias, labels, tokens, batch, hyper, plan,
+                                                int(chunk_rows), keys, torch.is_grad_enabled())
+    except (ValueError, TypeError) as error:  # the loss' checks, under this op's name
+        message = str(error)
+        if message.startswith("token_preference_loss: "):
+            raise type(error)(f"{_OP}: " + message.removeprefix("token_preference_loss: ")) from None
+        raise
+    return loss, dict(zip(keys, values))

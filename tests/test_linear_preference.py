@@ -1,0 +1,369 @@
+"""linear_preference_loss vs the float64 composition (materialized logits -> token log-probs ->
+token_preference_loss), both plans (pairs: 3 GEMMs, global: 4), Liger 0.8.5's fused linear
+preference losses, and the op's contract."""
+
+import pytest
+import torch
+from conftest import assert_as_close_as_torch, import_peer
+
+import rlkern
+from rlkern.ops import linear_logprobs as head
+from rlkern.reference.linear_preference import linear_preference_loss as reference
+
+
+def _batch(pairs, length, width, vocab, *, seed=0, dtype=torch.float32, bias=False, empty_rows=()):
+    """Padded concatenated batch [2B, T, H]: random prompt/pad masks, some rows with no token."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = 2 * pairs
+    hidden = torch.randn(rows, length, width, generator=gen).to(dtype)
+    weight = (torch.randn(vocab, width, generator=gen) * 2 / width**0.5).to(dtype)
+    b = torch.randn(vocab, generator=gen).to(dtype) if bias else None
+    labels = torch.randint(0, vocab, (rows, length), generator=gen)
+    starts = torch.randint(0, max(length // 2, 1), (rows,), generator=gen)
+    ends = torch.randint(0, length + 1, (rows,), generator=gen).clamp(min=starts + 1)
+    pos = torch.arange(length)
+    mask = (pos >= starts[:, None]) & (pos < ends[:, None])
+    for r in empty_rows:
+        mask[r] = False
+    labels = torch.where(mask, labels, torch.full_like(labels, -100))  # TRL's prompt/pad labels
+    ref = (torch.randn(rows, length, generator=gen) - 3).clamp(max=0)
+    return hidden, weight, b, labels, mask, ref
+
+
+def _packed(hidden, labels, mask, ref):
+    """The same batch packed: each row's tokens from its first to its last position kept."""
+    lengths = torch.full((hidden.shape[0],), hidden.shape[1])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), mask.reshape(-1), ref.reshape(-1), cu
+
+
+def _ours(hidden, weight, bias, labels, mask, ref, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
+    loss, metrics = rlkern.linear_preference_loss(leaves[0], leaves[1], labels, mask, ref,
+                                                  bias=leaves[2] if bias is not None else None, **kw)
+    loss.backward()
+    return loss, metrics, [t.grad for t in leaves]
+
+
+def _theirs(hidden, weight, bias, labels, mask, ref, **kw):
+    kw = {k: v for k, v in kw.items() if k not in ("chunk_size", "chunking", "deterministic")}
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
+    r = None if ref is None else ref.double()
+    for k in ("wpo_adjustment", "token_rewards", "pair_weights"):
+        if kw.get(k) is not None:
+            kw[k] = kw[k].double()
+    loss, metrics = reference(leaves[0], leaves[1], labels, mask, r, bias=leaves[2] if bias is not None else None,
+                              **kw)
+    loss.backward()
+    return loss, metrics, [t.grad for t in leaves]
+
+
+def _close(ours, theirs, atol):
+    loss, metrics, grads = ours
+    r_loss, r_metrics, r_grads = theirs
+    scale = max(1.0, abs(float(r_loss.detach())))
+    torch.testing.assert_close(loss.double(), r_loss.detach(), rtol=0, atol=atol * scale)
+    assert set(metrics) == set(r_metrics)
+    for k in r_metrics:
+        torch.testing.assert_close(metrics[k].double(), r_metrics[k].detach(), rtol=1e-5, atol=atol, msg=k)
+    for g, r in zip(grads, r_grads):
+        gscale = max(float(r.abs().max()), 1e-3)
+        torch.testing.assert_close(g.double().reshape(r.shape), r, rtol=0, atol=atol * gscale)
+
+
+# Odd sizes, every option family: (loss kwargs, batch kwargs, head kwargs)
+CASES = [
+    (dict(loss_type="sigmoid"), dict(pairs=3, length=9, width=11, vocab=101, bias=True), {}),
+    (dict(loss_type="ipo", beta=0.3), dict(pairs=2, length=7, width=8, vocab=67), dict(temperature=0.7)),
+    (dict(loss_type="sigmoid_norm"), dict(pairs=2, length=8, width=9, vocab=53, empty_rows=(1,)), {}),
+    (dict(loss_type=["sigmoid", "sft", "bco_pair"], loss_weights=[1.0, 0.5, 0.25]),
+     dict(pairs=3, length=6, width=5, vocab=37), dict(logit_softcap=4.0, logit_scale=1.3)),
+    (dict(loss_type="aot"), dict(pairs=4, length=5, width=6, vocab=29), {}),
+    (dict(loss_type="sigmoid", ld_alpha=0.4), dict(pairs=3, length=8, width=7, vocab=41, bias=True), {}),
+    (dict(loss_type="simpo", simpo_gamma=0.3, beta=2.0, ref=False), dict(pairs=2, length=9, width=8, vocab=43), {}),
+    (dict(loss_type="orpo", ref=False), dict(pairs=3, length=6, width=7, vocab=31), {}),
+    (dict(loss_type="hinge", f_divergence_type="js_divergence"), dict(pairs=2, length=7, width=6, vocab=47), {}),
+]
+
+
+@pytest.mark.parametrize("chunking", [None, "global"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_matches_float64_composition(backend, case, chunking):
+    loss_kw, batch_kw, head_kw = (dict(x) for x in CASES[case])
+    use_ref = loss_kw.pop("ref", True)
+    hidden, weight, b, labels, mask, ref = _batch(**batch_kw)
+    ref = ref if use_ref else None
+    kw = dict(loss_kw, **head_kw, chunk_size=12, chunking=chunking)
+    _close(_ours(hidden, weight, b, labels, mask, ref, **kw), _theirs(hidden, weight, b, labels, mask, ref, **kw),
+           2e-5)
+
+
+def test_packed_layout_and_options_match(backend):
+    hidden, weight, b, labels, mask, ref = _batch(3, 8, 9, 61, bias=True, seed=3)
+    gen = torch.Generator().manual_seed(5)
+    wpo = torch.randn(mask.shape, generator=gen) * 0.1 - 4
+    rewards = torch.randn(mask.shape, generator=gen) * 0.2
+    pair_w = torch.rand(3, generator=gen) + 0.5
+    kw = dict(wpo_adjustment=wpo, token_rewards=rewards, tgdpo_alpha=0.5, pair_weights=pair_w, ld_alpha=0.6,
+              chunk_size=20)
+    expected = _theirs(hidden, weight, b, labels, mask, ref, **kw)
+    _close(_ours(hidden, weight, b, labels, mask, ref, **kw), expected, 2e-5)
+    h, lab, m, r, cu = _packed(hidden, labels, mask, ref)
+    kw.update(wpo_adjustment=wpo.reshape(-1), token_rewards=rewards.reshape(-1))
+    _close(_ours(h, weight, b, lab, m, r, cu_seqlens=cu, **kw), expected, 2e-5)
+
+
+def test_per_sequence_reference():
+    hidden, weight, _, labels, mask, ref = _batch(3, 7, 8, 45, seed=4)
+    ref_rows = torch.where(mask, ref, 0).sum(1)
+    for lt in ("sigmoid", "apo_down", "aot_unpaired"):
+        kw = dict(loss_type=lt, chunk_size=16)
+        _close(_ours(hidden, weight, None, labels, mask, ref_rows, **kw),
+               _theirs(hidden, weight, None, labels, mask, ref_rows, **kw), 2e-5)
+
+
+def test_pairs_plan_runs_three_gemms_and_global_four(monkeypatch):
+    """Count the tile GEMMs: pairs = forward GEMM + 2 gradient GEMMs per tile; global adds the
+    recompute. Both equal the reference."""
+    calls = {"logits": 0, "grads": 0}
+    logits_into, grad_products = head._logits_into, head._grad_products
+
+    def count_logits(*a, **k):
+        calls["logits"] += 1
+        return logits_into(*a, **k)
+
+    def count_grads(*a, **k):
+        calls["grads"] += 1
+        return grad_products(*a, **k)
+
+    monkeypatch.setattr(head, "_logits_into", count_logits)
+    monkeypatch.setattr(head, "_grad_products", count_grads)
+    hidden, weight, _, labels, mask, ref = _batch(4, 6, 5, 33, seed=6)
+    per_pair = (mask[:4].sum(1) + mask[4:].sum(1)).tolist()
+    budget = max(per_pair)
+    expected = _theirs(hidden, weight, None, labels, mask, ref)
+    _close(_ours(hidden, weight, None, labels, mask, ref, chunk_size=budget, chunking="pairs"), expected, 2e-5)
+    assert calls["logits"] == calls["grads"] >= 1  # one logits GEMM per tile, none again in the backward
+    tiles = calls["logits"]
+    assert tiles <= len(per_pair)
+    calls.update(logits=0, grads=0)
+    _close(_ours(hidden, weight, None, labels, mask, ref, chunk_size=budget, chunking="global"), expected, 2e-5)
+    total = int(mask.sum())
+    assert calls["logits"] == 2 * calls["grads"] == 2 * -(-total // budget)
+    # The default falls back to the global plan when a pair does not fit the tile.
+    calls.update(logits=0, grads=0)
+    _close(_ours(hidden, weight, None, labels, mask, ref, chunk_size=budget - 1), expected, 2e-5)
+    assert calls["logits"] == 2 * calls["grads"]
+    # Under no_grad only the forward GEMMs run (leaves that require grad or not).
+    calls.update(logits=0, grads=0)
+    with torch.no_grad():
+        loss, _ = rlkern.linear_preference_loss(hidden.requires_grad_(), weight, labels, mask, ref, chunk_size=budget)
+    torch.testing.assert_close(loss.double(), expected[0].detach(), rtol=0, atol=2e-5)
+    assert calls["grads"] == 0 and calls["logits"] == tiles
+
+
+def test_gradcheck_float64():
+    hidden, weight, b, labels, mask, ref = _batch(2, 4, 3, 7, bias=True, seed=7)
+    leaves = [t.double().requires_grad_() for t in (hidden, weight, b)]
+
+    def fn(h, w, bb):
+        return rlkern.linear_preference_loss(h, w, labels, mask, ref.double(), bias=bb, chunk_size=5,
+                                             loss_type=["sigmoid", "ipo"], beta=0.5)[0]
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def _torch_at_bf16(hidden, weight, bias, labels, mask, ref):
+    """PyTorch's own result at bf16 (materialized bf16 logits, fp32 log-softmax and loss): the
+    error yardstick of CONTRIBUTING.md."""
+    from rlkern.reference.preference_tokens import token_preference_loss as token_loss
+
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    logits = leaves[0] @ leaves[1].T + leaves[2]
+    log_p = torch.log_softmax(logits.float(), -1)
+    logp = log_p.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    loss, _ = token_loss(logp, mask, ref)
+    loss.backward()
+    return loss, [t.grad for t in leaves]
+
+
+def test_bf16_inputs_as_close_as_torch():
+    hidden, weight, b, labels, mask, ref = _batch(3, 8, 16, 97, dtype=torch.bfloat16, bias=True, seed=8)
+    loss, metrics, grads = _ours(hidden, weight, b, labels, mask, ref, chunk_size=24)
+    r_loss, _, r_grads = _theirs(hidden, weight, b, labels, mask, ref)
+    t_loss, t_grads = _torch_at_bf16(hidden, weight, b, labels, mask, ref)
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads)
+    # products in fp32: the loss is fp32-accurate, far inside torch's bf16 error
+    torch.testing.assert_close(loss.double(), r_loss.detach(), rtol=0, atol=1e-5)
+    assert_as_close_as_torch(loss.detach(), r_loss.detach(), t_loss.detach(), floor=1e-6, name="loss")
+    for name, g, r, t in zip(("hidden", "weight", "bias"), grads, r_grads, t_grads):
+        assert_as_close_as_torch(g, r, t, floor=1e-6, name=name)
+
+
+def test_empty_masks_and_empty_batch():
+    hidden, weight, _, labels, mask, ref = _batch(2, 5, 4, 19, seed=9)
+    none = torch.zeros_like(mask)
+    loss, metrics, grads = _ours(hidden, weight, None, labels, none, ref)
+    r_loss, _, _ = _theirs(hidden, weight, None, labels, none, ref)
+    torch.testing.assert_close(loss.double(), r_loss.detach())
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+    h0 = hidden[:0]
+    loss, _, grads = _ours(h0, weight, None, labels[:0], mask[:0], ref[:0])
+    assert float(loss.detach()) == 0 and torch.count_nonzero(grads[1]) == 0
+
+
+def test_deterministic_is_repeatable_and_chunk_invariant():
+    hidden, weight, _, labels, mask, ref = _batch(4, 40, 8, 57, seed=10)
+    runs = [_ours(hidden, weight, None, labels, mask, ref, deterministic=True, chunk_size=c, chunking="global")
+            for c in (50, 50, 130)]
+    assert torch.equal(runs[0][0], runs[1][0]) and all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[1][2]))
+    assert torch.equal(runs[0][0], runs[2][0])  # per-token log-probs are batch invariant
+    _close(runs[0], _theirs(hidden, weight, None, labels, mask, ref), 2e-5)
+    pairs = _ours(hidden, weight, None, labels, mask, ref, deterministic=True, chunk_size=200, chunking="pairs")
+    assert torch.equal(pairs[0], runs[0][0])  # the same token log-probs whatever the plan
+    _close(pairs, _theirs(hidden, weight, None, labels, mask, ref), 2e-5)
+
+
+def test_upstream_gradient_scales_the_stored_gradients():
+    hidden, weight, _, labels, mask, ref = _batch(2, 6, 5, 23, seed=11)
+    h = hidden.clone().requires_grad_()
+    loss, _ = rlkern.linear_preference_loss(h, weight, labels, mask, ref)
+    (loss * -2.5).backward()
+    h2 = hidden.clone().requires_grad_()
+    rlkern.linear_preference_loss(h2, weight, labels, mask, ref)[0].backward()
+    torch.testing.assert_close(h.grad, -2.5 * h2.grad)
+
+
+def test_matches_rlkern_composition():
+    """linear_token_logprobs + token_preference_loss (4 GEMMs, rlkern's own pieces)."""
+    hidden, weight, b, labels, mask, ref = _batch(3, 10, 12, 77, bias=True, seed=12)
+    ours = _ours(hidden, weight, b, labels, mask, ref, loss_type="robust", label_smoothing=0.1)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    logp = rlkern.linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2])
+    loss, metrics = rlkern.token_preference_loss(logp, mask, ref, loss_type="robust", label_smoothing=0.1)
+    loss.backward()
+    torch.testing.assert_close(ours[0], loss.detach(), rtol=1e-6, atol=1e-6)
+    for g, r in zip(ours[2], leaves):
+        torch.testing.assert_close(g, r.grad, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Liger 0.8.5's fused linear preference losses (their own code, on the CPU)
+
+def _liger_case(seed=13, pairs=3, length=9, width=16, vocab=83):
+    hidden, weight, b, labels, mask, _ = _batch(pairs, length, width, vocab, seed=seed, bias=True)
+    gen = torch.Generator().manual_seed(seed + 1)
+    ref_hidden = hidden + 0.3 * torch.randn(hidden.shape, generator=gen)
+    ref_weight = weight + 0.05 * torch.randn(weight.shape, generator=gen)
+    with torch.no_grad():  # the reference model's token log-probs, as the caller computes them
+        ref = rlkern.linear_token_logprobs(ref_hidden, ref_weight, labels, bias=b)
+    return hidden, weight, b, labels, mask, ref, ref_hidden, ref_weight
+
+
+def _liger(module, hidden, weight, b, labels, **refs):
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    loss = module(leaves[1], leaves[0], labels, leaves[2], **refs)[0]
+    loss.backward()
+    return loss, [t.grad for t in leaves]
+
+
+def _assert_liger(ours, theirs):
+    torch.testing.assert_close(ours[0].double(), theirs[0].detach().double(), rtol=1e-5, atol=1e-6)
+    for g, r in zip(ours[2], theirs[1]):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6 + 1e-4 * float(r.abs().max()))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                                       "apo_zero", "apo_down", "discopop", "exo_pair"])
+def test_parity_with_liger_dpo(loss_type):
+    chunked = import_peer("liger_kernel.chunked_loss")
+    hidden, weight, b, labels, mask, ref, ref_hidden, ref_weight = _liger_case()
+    ls = 0.1 if loss_type in ("robust", "exo_pair") else 0.0
+    module = chunked.LigerFusedLinearDPOLoss(beta=0.2, compiled=False, loss_type=loss_type, label_smoothing=ls)
+    theirs = _liger(module, hidden, weight, b, labels, ref_input=ref_hidden, ref_weight=ref_weight, ref_bias=b)
+    ours = _ours(hidden, weight, b, labels, mask, ref, loss_type=loss_type, beta=0.2, label_smoothing=ls)
+    _assert_liger(ours, theirs)
+
+
+def test_parity_with_liger_simpo_orpo_cpo():
+    chunked = import_peer("liger_kernel.chunked_loss")
+    hidden, weight, b, labels, mask, *_ = _liger_case(seed=14)
+    simpo = chunked.LigerFusedLinearSimPOLoss(beta=2.0, gamma=0.4, label_smoothing=0.1, compute_nll_loss=False,
+                                              compiled=False)
+    _assert_liger(_ours(hidden, weight, b, labels, mask, None, loss_type="simpo", beta=2.0, simpo_gamma=0.4,
+                        label_smoothing=0.1), _liger(simpo, hidden, weight, b, labels))
+    # ORPO = the chosen tokens' NLL (rlkern's "sft") + the odds-ratio term
+    orpo = chunked.LigerFusedLinearORPOLoss(beta=0.3, compiled=False)
+    _assert_liger(_ours(hidden, weight, b, labels, mask, None, loss_type=["orpo", "sft"], beta=0.3),
+                  _liger(orpo, hidden, weight, b, labels))
+    # CPO (sigmoid, summed log-probs, no reference) = reference-free sigmoid + alpha * NLL
+    cpo = chunked.LigerFusedLinearCPOLoss(beta=0.2, alpha=0.7, compiled=False)
+    _assert_liger(_ours(hidden, weight, b, labels, mask, None, loss_type=["sigmoid", "sft"], beta=0.2,
+                        loss_weights=[1.0, 0.7]), _liger(cpo, hidden, weight, b, labels))
+
+
+# ------------------------------------------------------------------------------------------------
+# Contract
+
+BAD = [
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h[:3], w, lab[:3], m[:3]), "2B rows"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, None), "response_mask is required"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w[:, :2], lab, m), "weight must be"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab.float(), m), "labels must be int"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m[:, :2]), "response_mask"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab.clamp(min=0) + 100, m), "label"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, torch.zeros(3)), "ref_logprobs must"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, loss_type="aot", chunking="pairs"),
+     "pair-local"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, chunking="tiles"), "chunking"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, chunk_size=0), "chunk_size"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, loss_type="nope"), "loss_type"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, temperature=0.0), "temperature"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, chunk_size=1, chunking="pairs"), "fit"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, pair_weights=torch.ones(5)), "pair_weights"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h.reshape(-1, 4), w, lab.reshape(-1), None), "cu_seqlens"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, wpo_adjustment=torch.zeros(4, 3)),
+     "wpo_adjustment must have"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, torch.zeros(4, 5, requires_grad=True)),
+     "constant"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, torch.zeros(4), token_rewards=torch.zeros(4, 5)),
+     "token_rewards"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, ld_alpha=2.0), "ld_alpha"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD)))
+def test_bad_calls(case):
+    hidden, weight, _, labels, mask, _ = _batch(2, 5, 4, 13, seed=15)
+    call, match = BAD[case]
+    with pytest.raises((ValueError, TypeError), match=match) as info:
+        call(hidden, weight, labels, mask)
+    assert str(info.value).startswith("linear_preference_loss: "), str(info.value)
+
+
+def test_benchmark_runs_at_a_tiny_shape():
+    """The benchmark's implementations compute the same loss (the table compares like with like)
+    and its run gives a row per implementation."""
+    from rlkern.benches import bench_linear_preference as bench
+
+    device = torch.device("cpu")
+    hidden, weight, labels, mask = bench._inputs(device, 2, 12, 8, 97, torch.float32)
+    impls, missing = bench.implementations(device)
+    assert {"rlkern", "rlkern global", "composition", "eager", "liger"} <= set(impls) and not missing
+    losses = {name: fn(hidden, weight, labels, mask) for name, fn in impls.items()}
+    for name, loss in losses.items():
+        torch.testing.assert_close(loss.detach(), losses["eager"].detach(), rtol=1e-5, atol=1e-6, msg=name)
+    rows = bench.run(device, 1, 16, 8, 64, torch.float32, rounds=1, memory=False)
+    assert {r.impl for r in rows} == set(impls) | {"bare GEMMs"}
+    assert all(r.median_ms > 0 for r in rows)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_reference():
+    hidden, weight, b, labels, mask, ref = _batch(4, 33, 64, 1001, bias=True, seed=16)
+    for chunking in (None, "global"):
+        ours = _ours(*(t.cuda() if t is not None else None for t in (hidden, weight, b, labels, mask, ref)),
+                     chunking=chunking, chunk_size=80)
+        expected = _theirs(hidden, weight, b, labels, mask, ref)
+        _close((ours[0].cpu(), {k: v.cpu() for k, v in ours[1].items()}, [g.cpu() for g in ours[2]]), expected,
+               1e-4)
