@@ -210,6 +210,33 @@ def test_soft_bellman_bad_calls(case):
 
 
 # ------------------------------------------------------------------------------------------------
+# ArCHer: the utterance-level TD critic and token-level advantages are compositions of existing
+# ops (rlkern.gae with lam=0 over per-turn tensors, rlkern.value_loss, rlkern.broadcast_to_tokens)
+
+def test_archer_is_gae_lam0_over_turns_then_broadcast(backend):
+    # one trajectory of three turns: rewards per turn, the target critic's V(s_h) per turn
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    target_v = torch.tensor([[0.2, 0.5, 0.7]])
+    turns = torch.ones(1, 3, dtype=torch.bool)
+    gamma = 0.9
+    # TD target y_h = r_h + gamma * V(s_{h+1}) (0 after the last turn); advantage y_h - V(s_h)
+    adv, y = rlkern.gae(rewards, target_v, turns, gamma=gamma, lam=0.0)
+    want_y = [0.0 + gamma * 0.5, 0.0 + gamma * 0.7, 1.0]
+    assert y[0].tolist() == pytest.approx(want_y, rel=1e-6)
+    assert adv[0].tolist() == pytest.approx([want_y[0] - 0.2, want_y[1] - 0.5, want_y[2] - 0.7], rel=1e-6)
+    # the critic's loss: 0.5 * mean_h (Q_h - y_h)^2 (no clipping)
+    q = torch.tensor([[0.4, 0.6, 0.9]], requires_grad=True)
+    loss, _ = rlkern.value_loss(q, y, q.detach(), turns, cliprange_value=1e9)
+    want = 0.5 * sum((a - b) ** 2 for a, b in zip([0.4, 0.6, 0.9], want_y)) / 3
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    # token-level advantages: each utterance's tokens take its turn's advantage, the environment's
+    # observation tokens (2 and 5) none
+    tokens = rlkern.broadcast_to_tokens(adv[0], torch.tensor([0, 3, 6]), torch.tensor([2, 5, 9]), 9)
+    a = adv[0].tolist()
+    assert tokens.tolist() == pytest.approx([a[0], a[0], 0.0, a[1], a[1], 0.0, a[2], a[2], a[2]], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
 # PPO-max: running_reward_norm
 
 def test_running_reward_norm_hand_computed(backend):
