@@ -9,6 +9,7 @@
 // scales these saved gradients.
 //
 // cpp_running_reward_norm: PPO-max's reward normalization with running statistics (below).
+// cpp_step_advantage_loss: Direct Advantage Policy Optimization's step-level loss (below).
 // cpp_constrained_rewards: CGPO's constrained reward (CRPG) and per-group selections (CRRAFT, CODPO).
 //
 // Layout: padded [R, T] contiguous or packed [total] with cu_seqlens int32 [R + 1]. The token
@@ -270,6 +271,94 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> constrained_rewards_meta(const at
           at::empty(rewards.sizes(), rewards.options().dtype(at::kBool))};
 }
 
+// Direct Advantage Policy Optimization's step loss, one task per row. A step ends at a valid
+// token with step_ends set, or at the row's last valid token. Pass 0 finds the last valid token and
+// counts the steps (K); pass 1 sums each step's log-ratio and writes g_k = 2 beta e_k / K,
+// e_k = beta * sum - A_k, at the step's end token; pass 2 (reverse) copies each end's g_k to the
+// step's other tokens (masked tokens get 0).
+template <typename S>
+void step_loss_kernel(const S* lp, const S* ref, const S* adv, const bool* ends, const bool* mask, const Rows& l,
+                      double beta_d, Acc<S>* sq, Acc<S>* ratio, Acc<S>* steps, Acc<S>* grad) {
+  using A = Acc<S>;
+  const A beta = A(beta_d);
+  at::parallel_for(0, l.rows, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t s = l.start(r), n = l.len(r);
+      int64_t last = -1, count = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        if (mask && !mask[s + j]) continue;
+        last = j;
+        count += ends[s + j] ? 1 : 0;
+      }
+      if (last >= 0 && !ends[s + last]) ++count;
+      const A inv = count > 0 ? A(1) / A(count) : A(0);
+      A acc = 0;
+      double sq_sum = 0, ratio_sum = 0;
+      for (int64_t j = 0; j <= last; ++j) {
+        const int64_t i = s + j;
+        if (mask && !mask[i]) continue;
+        acc += A(lp[i]) - A(ref[i]);
+        if (ends[i] || j == last) {
+          const A e = beta * acc - A(adv[i]);
+          grad[i] = A(2) * beta * e * inv;
+          sq_sum += double(e) * double(e);
+          ratio_sum += double(beta * acc);
+          acc = 0;
+        }
+      }
+      A cur = 0;
+      for (int64_t j = n - 1; j >= 0; --j) {
+        const int64_t i = s + j;
+        const bool valid = (!mask || mask[i]) && j <= last;
+        if (valid && (ends[i] || j == last)) cur = grad[i];
+        grad[i] = valid ? cur : A(0);
+      }
+      sq[r] = A(sq_sum * double(inv));
+      ratio[r] = A(ratio_sum * double(inv));
+      steps[r] = A(count);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_advantage_loss_cpu(
+    const at::Tensor& logprobs, const at::Tensor& ref, const at::Tensor& adv, const at::Tensor& ends,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens, double beta) {
+  const char* op = "cpp_step_advantage_loss";
+  at::Tensor holder;
+  const Rows l = make_rows(logprobs, cu_seqlens, holder, op);
+  check_same(logprobs, ref, op, "ref_logprobs");
+  check_same(logprobs, adv, op, "advantages");
+  TORCH_CHECK(logprobs.is_contiguous() && ref.is_contiguous() && adv.is_contiguous(), op,
+              ": token tensors must be contiguous");
+  TORCH_CHECK(ends.scalar_type() == at::kBool && ends.sizes() == logprobs.sizes() && ends.is_contiguous(), op,
+              ": step_ends must be contiguous bool of logprobs' shape");
+  const bool* m = nullptr;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->sizes() == logprobs.sizes() && mask->is_contiguous(), op,
+                ": mask must be contiguous bool of logprobs' shape");
+    m = mask->data_ptr<bool>();
+  }
+  const auto opts = logprobs.options().dtype(acc_type(logprobs));
+  at::Tensor sq = at::empty({l.rows}, opts), ratio = at::empty({l.rows}, opts), steps = at::empty({l.rows}, opts);
+  at::Tensor grad = rlkern::empty_output(logprobs.sizes(), opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logprobs.scalar_type(), "cpp_step_advantage_loss", [&] {
+    using A = Acc<scalar_t>;
+    step_loss_kernel<scalar_t>(logprobs.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(), adv.data_ptr<scalar_t>(),
+                               ends.data_ptr<bool>(), m, l, beta, sq.data_ptr<A>(), ratio.data_ptr<A>(),
+                               steps.data_ptr<A>(), grad.data_ptr<A>());
+  });
+  return {sq, ratio, steps, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_advantage_loss_meta(
+    const at::Tensor& logprobs, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>& cu_seqlens, double) {
+  const auto opts = logprobs.options().dtype(acc_type(logprobs));
+  const int64_t rows = cu_seqlens.has_value() ? cu_seqlens->size(0) - 1 : logprobs.size(0);
+  return {at::empty({rows}, opts), at::empty({rows}, opts), at::empty({rows}, opts),
+          at::empty(logprobs.sizes(), opts)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlkern, m) {
@@ -280,16 +369,21 @@ TORCH_LIBRARY_FRAGMENT(rlkern, m) {
   m.def(
       "cpp_constrained_rewards(Tensor rewards, Tensor groups, Tensor judges, Tensor? baseline_rewards) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cpp_step_advantage_loss(Tensor logprobs, Tensor ref_logprobs, Tensor advantages, Tensor step_ends, "
+      "Tensor? mask, Tensor? cu_seqlens, float beta) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
   m.impl("cpp_soft_bellman", &soft_bellman_cpu);
   m.impl("cpp_running_reward_norm", &running_reward_norm_cpu);
   m.impl("cpp_constrained_rewards", &constrained_rewards_cpu);
+  m.impl("cpp_step_advantage_loss", &step_advantage_loss_cpu);
 }
 
 TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
   m.impl("cpp_soft_bellman", &soft_bellman_meta);
   m.impl("cpp_running_reward_norm", &running_reward_norm_meta);
   m.impl("cpp_constrained_rewards", &constrained_rewards_meta);
+  m.impl("cpp_step_advantage_loss", &step_advantage_loss_meta);
 }

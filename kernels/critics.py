@@ -265,3 +265,118 @@ def constrained_rewards(rewards, groups, judges, baseline):
     _select_kernel[(triton.cdiv(n, 64),)](c, sat, groups, chosen.view(torch.uint8), rejected.view(torch.uint8), n,
                                           BI=64, BJ=64)
     return out, chosen, rejected
+
+
+@triton.jit
+def _seg_add(av, af, bv, bf):
+    # segmented sum: a flag starts a new segment (the combine of a segmented scan)
+    return tl.where(bf != 0, bv, av + bv), af | bf
+
+
+@triton.jit
+def _min_i64(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _step_loss_kernel(
+    lp_ptr, ref_ptr, adv_ptr,  # (R, T) contiguous or packed (total,); one dtype: fp32/bf16/fp16/fp64
+    e_ptr,  # like lp_ptr, uint8 (bool): step_ends
+    m_ptr,  # like lp_ptr, uint8 (bool) mask (HAS_MASK)
+    cu_ptr,  # (R + 1,) int32 (PACKED)
+    sq_ptr, ratio_ptr, steps_ptr,  # (R,) fp32 (fp64 with FP64)
+    g_ptr,  # like lp_ptr, fp32 (fp64 with FP64): the gradient of each row's term
+    par_ptr,  # (1,) fp64 beta (FP64)
+    T,  # padded length (0 when packed)
+    beta,  # fp32 (unused with FP64)
+    HAS_MASK: tl.constexpr, PACKED: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    acc = g_ptr.dtype.element_ty
+    if FP64:
+        beta = tl.load(par_ptr)
+    row = tl.program_id(0).to(tl.int64)
+    start, length = _span(cu_ptr, row, T.to(tl.int64), PACKED)
+    lane = tl.arange(0, BLOCK).to(tl.int64)
+    nblk = tl.cdiv(length, BLOCK)
+    # pass 0: the last valid token and the number of step ends among valid tokens
+    last = tl.full((), -1, dtype=tl.int64)
+    n_ends = tl.zeros((), dtype=tl.int64)
+    for blk in range(0, nblk):
+        t = blk * BLOCK + lane
+        inside = t < length
+        valid = inside
+        if HAS_MASK:
+            valid = (tl.load(m_ptr + start + t, mask=inside, other=0) != 0) & inside
+        end = (tl.load(e_ptr + start + t, mask=valid, other=0) != 0) & valid
+        last = tl.maximum(last, tl.max(tl.where(valid, t, -1), axis=0))
+        n_ends += tl.sum(end.to(tl.int64), axis=0)
+    last_end = tl.load(e_ptr + start + tl.maximum(last, 0), mask=last >= 0, other=1) != 0
+    count = n_ends + tl.where(last_end, 0, 1)
+    inv = tl.where(count > 0, 1.0 / tl.maximum(count, 1).to(acc), 0.0).to(acc)
+    # pass 1: segmented prefix sums of the log-ratio; each step's g_k at its end token
+    carry = tl.zeros((), dtype=acc)
+    sq = tl.zeros((), dtype=tl.float64)
+    ratio = tl.zeros((), dtype=tl.float64)
+    for blk in range(0, nblk):
+        t = blk * BLOCK + lane
+        inside = t <= last
+        valid = inside
+        if HAS_MASK:
+            valid = (tl.load(m_ptr + start + t, mask=inside, other=0) != 0) & inside
+        is_end = (((tl.load(e_ptr + start + t, mask=valid, other=0) != 0) | (t == last)) & valid)
+        prev = t - 1
+        prev_ok = (prev >= 0) & (prev <= last)
+        prev_valid = prev_ok
+        if HAS_MASK:
+            prev_valid = (tl.load(m_ptr + start + prev, mask=prev_ok, other=0) != 0) & prev_ok
+        starts = (tl.load(e_ptr + start + prev, mask=prev_valid, other=0) != 0) & prev_valid
+        # a select, not a product: masked tokens' values never reach a sum
+        a = tl.where(valid, tl.load(lp_ptr + start + t, mask=valid, other=0.0).to(acc), 0.0)
+        b = tl.where(valid, tl.load(ref_ptr + start + t, mask=valid, other=0.0).to(acc), 0.0)
+        seg, seen = tl.associative_scan((a - b, starts.to(tl.int32)), 0, _seg_add)
+        ps = tl.where(seen != 0, seg, seg + carry)
+        carry = tl.sum(tl.where(lane == BLOCK - 1, ps, 0.0), axis=0)
+        adv = tl.load(adv_ptr + start + t, mask=is_end, other=0.0).to(acc)
+        e = beta * ps - adv
+        tl.store(g_ptr + start + t, (2.0 * beta * e * inv).to(acc), mask=is_end)
+        sq += tl.sum(tl.where(is_end, e * e, 0.0).to(tl.float64), axis=0)
+        ratio += tl.sum(tl.where(is_end, beta * ps, 0.0).to(tl.float64), axis=0)
+    # pass 2 (reverse): every valid token takes the g of the first step end at or after it (end
+    # tokens keep theirs: the blocks already rewritten are read back unchanged)
+    big = length + BLOCK
+    nxt = big + tl.zeros((), dtype=tl.int64)
+    for i in range(0, nblk):
+        t = (nblk - 1 - i) * BLOCK + lane
+        inside = t < length
+        valid = inside & (t <= last)
+        if HAS_MASK:
+            valid = (tl.load(m_ptr + start + t, mask=inside, other=0) != 0) & valid
+        is_end = (((tl.load(e_ptr + start + t, mask=valid, other=0) != 0) | (t == last)) & valid)
+        idx = tl.minimum(tl.associative_scan(tl.where(is_end, t, big), 0, _min_i64, reverse=True), nxt)
+        nxt = tl.minimum(nxt, tl.min(tl.where(is_end, t, big), axis=0))
+        g = tl.load(g_ptr + start + tl.minimum(idx, length - 1), mask=valid & (idx < big), other=0.0)
+        tl.store(g_ptr + start + t, tl.where(valid, g, 0.0).to(acc), mask=inside)
+    tl.store(sq_ptr + row, (sq * inv.to(tl.float64)).to(acc))
+    tl.store(ratio_ptr + row, (ratio * inv.to(tl.float64)).to(acc))
+    tl.store(steps_ptr + row, count.to(acc))
+
+
+def step_advantage_loss(logprobs, ref, adv, ends, mask, cu_seqlens, beta):
+    """cpp_step_advantage_loss' contract: ``(sq [R], ratio [R], steps [R], grad)``."""
+    packed = cu_seqlens is not None
+    rows = cu_seqlens.shape[0] - 1 if packed else logprobs.shape[0]
+    steps_t = 0 if packed else logprobs.shape[1]
+    fp64 = logprobs.dtype == torch.float64
+    dtype = torch.float64 if fp64 else torch.float32
+    dev = logprobs.device
+    sq, ratio, steps = (torch.empty(rows, dtype=dtype, device=dev) for _ in range(3))
+    grad = torch.empty(logprobs.shape, dtype=dtype, device=dev)
+    if rows == 0:
+        return sq, ratio, steps, grad
+    par = _params(fp64, (beta,), dev)
+    m = mask.view(torch.uint8) if mask is not None else None
+    _step_loss_kernel[(rows,)](
+        logprobs, ref, adv, ends.view(torch.uint8), logprobs if m is None else m, cu_seqlens if packed else logprobs,
+        sq, ratio, steps, grad, logprobs if par is None else par, steps_t, float(beta),
+        HAS_MASK=m is not None, PACKED=packed, FP64=fp64, BLOCK=BLOCK)
+    return sq, ratio, steps, grad

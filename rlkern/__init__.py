@@ -17,6 +17,7 @@ from rlkern.ops.critics import (
     constrained_rewards,
     running_reward_norm,
     soft_bellman_loss,
+    step_advantage_loss,
 )
 from rlkern.ops.linear_logprobs import linear_token_logprobs
 from rlkern.ops.logprobs import (
@@ -64,6 +65,7 @@ __all__ = [
     "RewardNorm",
     "constrained_rewards",
     "ConstrainedRewards",
+    "step_advantage_loss",
     # trees
     "broadcast_to_tokens",
     "segment_advantages",

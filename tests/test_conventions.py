@@ -113,6 +113,7 @@ def _bad_calls():
         "soft_bellman_loss": lambda: rlkern.soft_bellman_loss(x, m, x, x, torch.randn(3), beta=0.1, kl_coef=-1.0),
         "running_reward_norm": lambda: rlkern.running_reward_norm(s, clip=0.0),
         "constrained_rewards": lambda: rlkern.constrained_rewards(s, ids, torch.ones(3, 2)),
+        "step_advantage_loss": lambda: rlkern.step_advantage_loss(x, m, x, x, m, beta=float("nan")),
     }
 
 

@@ -180,8 +180,9 @@ def test_soft_bellman_compile_and_opcheck():
     torch.library.opcheck(op._soft_bellman_op, (lp.requires_grad_(), ref, values.requires_grad_(), mask,
                                                 rewards.float(), None, 0.3))
     x = torch.randn(12, dtype=torch.float64)
-    torch.library.opcheck(op._soft_bellman_op, (x.requires_grad_(), x.detach() + 0.1, torch.randn(12, dtype=torch.float64),
-                                                None, torch.randn(4, dtype=torch.float64), cu, 0.2))
+    v = torch.randn(12, dtype=torch.float64)
+    torch.library.opcheck(op._soft_bellman_op, (x.requires_grad_(), x.detach() + 0.1, v, None,
+                                                torch.randn(4, dtype=torch.float64), cu, 0.2))
 
 
 BAD = [
@@ -304,6 +305,130 @@ def test_running_reward_norm_bad_calls(case):
 
 
 # ------------------------------------------------------------------------------------------------
+# Direct Advantage Policy Optimization: step_advantage_loss
+
+def test_step_advantage_loss_hand_computed(backend):
+    lr = [0.5, -1.0, 0.25, 0.0, 1.0]
+    ref = torch.tensor([[-1.0, -2.0, -0.5, -1.5, -3.0]])
+    lp = (ref + torch.tensor([lr])).requires_grad_()
+    ends = torch.tensor([[0, 1, 0, 1, 0]])  # steps {0, 1}, {2, 3}; the last valid token closes {4}
+    adv = torch.tensor([[9.0, 0.1, 9.0, -0.2, 0.3]])  # read at the step ends only
+    beta = 0.5
+    loss, metrics = rlkern.step_advantage_loss(lp, torch.ones(1, 5), ref, adv, ends, beta=beta)
+    e = [beta * -0.5 - 0.1, beta * 0.25 + 0.2, beta * 1.0 - 0.3]  # -0.35, 0.325, 0.2
+    assert loss.item() == pytest.approx(sum(x * x for x in e) / 3, rel=1e-6)
+    assert metrics["step_log_ratio"].item() == pytest.approx(beta * (-0.5 + 0.25 + 1.0) / 3, rel=1e-6)
+    loss.backward()
+    g = [2 * beta * x / 3 for x in e]
+    assert lp.grad[0].tolist() == pytest.approx([g[0], g[0], g[1], g[1], g[2]], rel=1e-5)
+
+
+def _step_case(seed, rows, width, dtype):
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(rows, width, generator=g, dtype=torch.float64) * 2
+    ref = lp + torch.randn(rows, width, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.randn(rows, width, generator=g, dtype=torch.float64)
+    mask = torch.rand(rows, width, generator=g) > 0.25
+    ends = torch.rand(rows, width, generator=g) > 0.8
+    if rows > 1:
+        mask[1] = False
+    lp = torch.where(mask, lp, float("nan"))
+    return lp.to(dtype), mask, ref.to(dtype), adv.to(dtype), ends
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("width", [1, 13, 600])
+def test_step_advantage_loss_matches_reference(backend, dtype, packed, width):
+    lp, mask, ref, adv, ends = _step_case(width, 3, width, dtype)
+    extra = {}
+    if packed:
+        cu, (mask, lp, ref, adv, ends) = _packed(mask, lp, ref, adv, ends)
+        extra = dict(cu_seqlens=cu)
+    x = lp.clone().requires_grad_()
+    loss, metrics = rlkern.step_advantage_loss(x, mask, ref, adv, ends, beta=0.8, **extra)
+    loss.backward()
+    y = lp.double().requires_grad_()
+    want, want_metrics = reference.step_advantage_loss(y, ref, adv, ends, mask, beta=0.8,
+                                                       cu_seqlens=extra.get("cu_seqlens"))
+    want.backward()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss.double(), want.detach(), **tol)
+    torch.testing.assert_close(metrics["step_log_ratio"].double(), want_metrics["step_log_ratio"], rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(torch.where(mask, x.grad, 0.0).double(), torch.where(mask, y.grad, 0.0), **tol)
+    assert not x.grad[~mask].any()
+
+
+def test_step_advantage_loss_bf16_runs_a_kernel(backend, request):
+    if backend == "torch":
+        pytest.skip("the PyTorch backend is the reference")
+    request.getfixturevalue("kernels_only")
+    lp, mask, ref, adv, ends = _step_case(4, 3, 45, torch.bfloat16)
+    x = lp.clone().requires_grad_()
+    loss, _ = rlkern.step_advantage_loss(x, mask, ref, adv, ends, beta=0.3)
+    loss.backward()
+    y = lp.double().requires_grad_()
+    want, _ = reference.step_advantage_loss(y, ref, adv, ends, mask, beta=0.3)
+    want.backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.where(mask, x.grad, 0).double(), torch.where(mask, y.grad, 0), rtol=1e-2,
+                               atol=1e-2)
+
+
+def test_step_advantage_loss_empty_and_gradcheck(backend):
+    lp, mask, ref, adv, ends = _step_case(7, 3, 5, torch.float64)
+    ends[0, 1] = True  # row 0: at least two steps
+    x = lp.clone().requires_grad_()
+    loss, _ = rlkern.step_advantage_loss(x, torch.zeros_like(mask), ref, adv, ends, beta=0.5)
+    loss.backward()
+    assert loss.item() == 0.0 and not x.grad.any()
+    lp = lp.nan_to_num(-0.7)
+    cu, (p_mask, p_lp, p_ref, p_adv, p_ends) = _packed(mask, lp, ref, adv, ends)
+    assert torch.autograd.gradcheck(lambda z: rlkern.step_advantage_loss(z, mask, ref, adv, ends, beta=0.5)[0],
+                                    (lp.clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda z: rlkern.step_advantage_loss(z, p_mask, p_ref, p_adv, p_ends, beta=0.5, cu_seqlens=cu)[0],
+        (p_lp.clone().requires_grad_(),))
+
+
+def test_step_advantage_loss_compile_and_opcheck():
+    lp, mask, ref, adv, ends = _step_case(8, 3, 7, torch.float32)
+    lp = lp.nan_to_num(-0.5)
+    fn = lambda z: rlkern.step_advantage_loss(z, mask, ref, adv, ends, beta=0.4)[0]  # noqa: E731
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="eager")(lp), fn(lp))
+    from rlkern.ops import critics as op
+
+    torch.library.opcheck(op._step_op, (lp.requires_grad_(), ref, adv, ends, mask, None, 0.4))
+    cu = torch.tensor([0, 3, 5, 9, 12], dtype=torch.int32)
+    x = torch.randn(12, dtype=torch.float64)
+    torch.library.opcheck(op._step_op, (x.requires_grad_(), x.detach() - 0.2, torch.randn(12, dtype=torch.float64),
+                                        torch.rand(12) > 0.5, None, cu, 0.3))
+
+
+STEP_BAD = [
+    (lambda lp, m: rlkern.step_advantage_loss(lp, None, lp, lp, m, beta=0.1), "response_mask is required"),
+    (lambda lp, m: rlkern.step_advantage_loss(lp, m, lp, lp, None, beta=0.1), "step_ends is required"),
+    (lambda lp, m: rlkern.step_advantage_loss(lp, m, lp, lp[:, :2], m, beta=0.1), "advantages must have shape"),
+    (lambda lp, m: rlkern.step_advantage_loss(lp, m, lp, lp, m, beta=float("inf")), "beta must be"),
+    (lambda lp, m: rlkern.step_advantage_loss(lp, m, lp, lp.clone().requires_grad_(), m, beta=0.1),
+     "requires grad"),
+    (lambda lp, m: rlkern.step_advantage_loss(lp.flatten(), None, lp.flatten(), lp.flatten(), m.flatten(),
+                                              beta=0.1, cu_seqlens=torch.tensor([0, 4])), "cu_seqlens must rise"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(STEP_BAD)))
+def test_step_advantage_loss_bad_calls(case):
+    call, match = STEP_BAD[case]
+    with pytest.raises((ValueError, TypeError), match=match) as info:
+        call(torch.randn(3, 5), torch.ones(3, 5))
+    assert str(info.value).startswith("step_advantage_loss: "), str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
 # CGPO: constrained_rewards
 
 def test_constrained_rewards_hand_computed(backend):
@@ -391,6 +516,10 @@ for fp64, dt in ((False, "bf16"), (False, "fp32"), (True, "fp64")):
     build(k._calibrate_kernel, s, {"HAS_BASE": True, "BLOCK": 128, "JBLOCK": 16})
     s = {"c_ptr": acc, "sat_ptr": "*u8", "g_ptr": "*i64", "chosen_ptr": "*u8", "rejected_ptr": "*u8", "B": "i64"}
     build(k._select_kernel, s, {"BI": 64, "BJ": 64})
+    s = {"lp_ptr": t, "ref_ptr": t, "adv_ptr": t, "e_ptr": "*u8", "m_ptr": "*u8", "cu_ptr": "*i32", "sq_ptr": acc,
+         "ratio_ptr": acc, "steps_ptr": acc, "g_ptr": acc, "par_ptr": "*fp64", "T": "i64", "beta": "fp32"}
+    for packed in (False, True):
+        build(k._step_loss_kernel, s, {"HAS_MASK": True, "PACKED": packed, "FP64": fp64, "BLOCK": 256})
 print("ok")
 """)
 

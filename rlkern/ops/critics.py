@@ -1,7 +1,8 @@
 """Critic / value-based losses of the research list as ops: OREO's soft Bellman losses
 (``soft_bellman_loss``), PPO-max's running reward
 normalization (``running_reward_norm``), CGPO's constrained rewards over a mixture of judges
-(``constrained_rewards``).
+(``constrained_rewards``), Direct Advantage Policy Optimization's step loss
+(``step_advantage_loss``).
 
 Backends (same arguments, same outputs): C++ (csrc/critics.cpp), Triton (kernels/critics.py) and
 PyTorch (below, over rlkern/reference/critics.py's residuals). One forward kernel computes each
@@ -22,7 +23,8 @@ from rlkern.ops import _checks
 from rlkern.ops._layout import int32_offsets, out_dtype, segment_ids
 from rlkern.reference import critics as reference
 
-__all__ = ["soft_bellman_loss", "running_reward_norm", "RewardNorm", "constrained_rewards", "ConstrainedRewards"]
+__all__ = ["soft_bellman_loss", "running_reward_norm", "RewardNorm", "constrained_rewards", "ConstrainedRewards",
+           "step_advantage_loss"]
 
 _OP = "soft_bellman_loss"
 
@@ -363,3 +365,154 @@ def constrained_rewards(rewards: Tensor, group_ids, judges: Tensor, baseline_rew
     r = rewards.detach().contiguous()
     base = None if baseline_rewards is None else baseline_rewards.detach().to(r.dtype).contiguous()
     return ConstrainedRewards(*_constrained_op(r, groups.contiguous(), j, base))
+
+
+# ------------------------------------------------------------------------------------------------
+# Direct Advantage Policy Optimization: the step-level loss
+
+_STEP = "step_advantage_loss"
+
+
+def _torch_step_loss(logprobs, ref, adv, ends, mask, cu_seqlens, beta):
+    """The PyTorch backend of cpp_step_advantage_loss: a float64 Python loop over each row's steps
+    (the reference's rule), with the gradient written out (2 beta e_k / K on step k's tokens)."""
+    dtype = out_dtype(logprobs)
+    rows = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else logprobs.shape[0]
+    cu = None if cu_seqlens is None else cu_seqlens.long().tolist()
+    sq, ratio, steps = (torch.zeros(rows, dtype=torch.float64) for _ in range(3))
+    grad = torch.zeros(logprobs.shape, dtype=torch.float64)
+    lr_all = logprobs.double().cpu() - ref.double().cpu()
+    a_all, e_all = adv.double().cpu(), ends.cpu()
+    valid_all = torch.ones(logprobs.shape, dtype=torch.bool) if mask is None else mask.cpu()
+    for b in range(rows):
+        sl = (b,) if cu is None else (slice(cu[b], cu[b + 1]),)
+        lr, a, e, valid = lr_all[sl], a_all[sl], e_all[sl], valid_all[sl]
+        idx = torch.nonzero(valid).flatten().tolist()
+        if not idx:
+            continue
+        groups, members, acc = [], [], 0.0
+        for t in idx:
+            acc += float(lr[t])
+            members.append(t)
+            if bool(e[t]) or t == idx[-1]:
+                groups.append((members, beta * acc, beta * acc - float(a[t])))
+                members, acc = [], 0.0
+        k = len(groups)
+        row_grad = grad[sl]
+        for toks, _, err in groups:
+            row_grad[toks] = 2.0 * beta * err / k
+        sq[b] = sum(err * err for _, _, err in groups) / k
+        ratio[b] = sum(r for _, r, _ in groups) / k
+        steps[b] = k
+    dev = logprobs.device
+    return sq.to(dev, dtype), ratio.to(dev, dtype), steps.to(dev, dtype), grad.to(dev, dtype)
+
+
+_STEP_KERNELS = _backend.Kernels(_STEP, cpp="cpp_step_advantage_loss", triton="critics.step_advantage_loss",
+                                 torch=_torch_step_loss, fp64=("cpp", "triton"))
+
+
+@torch.library.custom_op("rlkern::step_advantage_loss", mutates_args=())
+def _step_op(logprobs: Tensor, ref: Tensor, adv: Tensor, ends: Tensor, mask: Tensor | None,
+             cu_seqlens: Tensor | None, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _STEP_KERNELS.pick(logprobs)(logprobs, ref, adv, ends, mask, cu_seqlens, beta)
+
+
+@_step_op.register_fake
+def _step_fake(logprobs, ref, adv, ends, mask, cu_seqlens, beta):
+    dtype = out_dtype(logprobs)
+    rows = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else logprobs.shape[0]
+    return (*[logprobs.new_empty((rows,), dtype=dtype) for _ in range(3)], logprobs.new_empty(logprobs.shape,
+                                                                                               dtype=dtype))
+
+
+def _step_setup(ctx, inputs, output):
+    ctx.dtype = inputs[0].dtype
+    ctx.save_for_backward(inputs[5], output[3])
+
+
+def _step_backward(ctx, g_sq, *_):
+    cu_seqlens, grad = ctx.saved_tensors
+    if g_sq is None:
+        return None, None, None, None, None, None, None
+    g = g_sq.to(grad.dtype)
+    g = g[:, None] if cu_seqlens is None else g[segment_ids(cu_seqlens.long(), grad.shape[0])]
+    return (g * grad).to(ctx.dtype), None, None, None, None, None, None
+
+
+_step_op.register_autograd(_step_backward, setup_context=_step_setup)
+
+
+def step_advantage_loss(logprobs: Tensor, response_mask: Tensor | None, ref_logprobs: Tensor, advantages: Tensor,
+                        step_ends: Tensor, *, beta: float,
+                        cu_seqlens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Direct Advantage Policy Optimization's step-level actor loss from a step critic's advantages.
+
+    "Improving Multi-Step Reasoning Abilities of Large Language Models with Direct Advantage Policy
+    Optimization" (DAPO, Liu et al., 2024): an offline critic V(s) predicts, at each reasoning
+    step, the chance of reaching a correct answer; a step's advantage is
+    ``A_k = V(s_{k+1}) - V(s_k)`` (the last step's next value is the outcome reward: compute it
+    with ``rlkern.gae(step_rewards, step_values, step_mask, gamma=1.0, lam=0.0)`` over the steps,
+    the outcome as the last step's reward). The actor then fits the step's log-ratio to the
+    advantage (the KL-regularized optimum ``beta * log(pi / pi_ref)(a_k | s_k) = A_k``, the
+    state's normalizer taken as 0 -- the choice made here, where the paper's objective admits a
+    per-state baseline):
+
+        loss = mean_b 1/K_b sum_k ( beta * sum_{t in step k} (logprobs_t - ref_logprobs_t) - A_k )^2
+
+    Steps: a step ends at a valid token with ``step_ends`` set, or at the row's last valid
+    token; its tokens are the valid tokens since the previous end. ``A_k`` is read at the step's
+    end token (the value elsewhere is ignored). Rows are weighted equally; rows with no valid
+    token are left out (none: 0 and a zero gradient).
+
+    Args:
+        logprobs: padded ``[B, T]`` with ``response_mask``, or packed ``[total]`` with
+            ``cu_seqlens``; float16/bfloat16/float32/float64. Differentiable.
+        response_mask: logprobs' shape, bool/int/float (required when padded; None when packed).
+        ref_logprobs: logprobs' shape, float: the reference policy's (constants).
+        advantages: logprobs' shape, float: A_k at each step's end token (constants).
+        step_ends: logprobs' shape, bool/int/float, nonzero = the last token of a step.
+        beta: the KL temperature (required: the paper tunes it).
+        cu_seqlens: ``[B + 1]`` int32/int64 offsets of the packed layout.
+
+    Returns:
+        ``(loss, metrics)``; metrics ``step_log_ratio``: the mean of ``beta * sum lr`` over the
+        steps (row mean, then batch mean), 0-dim float32.
+    """
+    op = _STEP
+    for name, t in (("ref_logprobs", ref_logprobs), ("advantages", advantages), ("step_ends", step_ends)):
+        if t is None:
+            raise ValueError(f"{op}: {name} is required, got None")
+    specs = {"logprobs": (logprobs, "float"), "response_mask": (response_mask, "mask"),
+             "ref_logprobs": (ref_logprobs, "float"), "advantages": (advantages, "float"),
+             "step_ends": (step_ends, "mask")}
+    shapes = {name: None if name == "logprobs" else getattr(logprobs, "shape", None) for name in specs}
+    _checks.tensors(op, "logprobs", specs, shape=shapes)
+    if cu_seqlens is not None:
+        if logprobs.ndim != 1:
+            raise ValueError(f"{op}: packed input (cu_seqlens given) needs logprobs [total], got shape "
+                             f"{tuple(logprobs.shape)}")
+        _checks.cu_seqlens(op, cu_seqlens, logprobs.numel(), logprobs.device, "logprobs")
+    else:
+        if logprobs.ndim != 2:
+            raise ValueError(f"{op}: logprobs must be [B, T] (or [total] with cu_seqlens), got shape "
+                             f"{tuple(logprobs.shape)}")
+        if response_mask is None:
+            raise ValueError(f"{op}: response_mask is required for padded [B, T] input (None only with "
+                             "cu_seqlens), got None")
+    for name, t in (("ref_logprobs", ref_logprobs), ("advantages", advantages)):
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{op}: {name} requires grad, but it is a constant of the loss; compute it under "
+                             "torch.no_grad() or pass .detach()")
+    beta = _checks.number(op, "beta", beta)
+    dtype = out_dtype(logprobs)
+    same = ref_logprobs.dtype == logprobs.dtype == advantages.dtype
+    tok = logprobs.dtype if same else dtype
+    as_bool = lambda m: (m if m.dtype == torch.bool else m != 0).contiguous()  # noqa: E731
+    mask = None if response_mask is None else as_bool(response_mask)
+    cu = None if cu_seqlens is None else int32_offsets(cu_seqlens)
+    sq, ratio, steps, _ = _step_op(logprobs.to(tok).contiguous(), ref_logprobs.detach().to(tok).contiguous(),
+                                   advantages.detach().to(tok).contiguous(), as_bool(step_ends), mask, cu, beta)
+    n = (steps > 0).sum().clamp(min=1).to(dtype)
+    loss = sq.sum() / n
+    return loss, {"step_log_ratio": (ratio.sum() / n).detach().float()}

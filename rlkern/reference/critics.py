@@ -133,3 +133,33 @@ def constrained_rewards(rewards: Tensor, groups: Tensor, judges: Tensor,
     chosen[list(best.values())] = True
     rejected[list(worst.values())] = True
     return out, chosen, rejected
+
+
+def step_advantage_loss(logprobs: Tensor, ref_logprobs: Tensor, advantages: Tensor, step_ends: Tensor,
+                        mask: Tensor | None, *, beta: float,
+                        cu_seqlens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Direct Advantage Policy Optimization's step-level loss, float64, differentiable:
+    ``mean_b 1/K_b sum_k (beta * sum_{t in step k} lr_t - A_k)^2``; a step ends at a valid token
+    with step_ends != 0 or at the row's last valid token; A_k is ``advantages`` at that token."""
+    lp = logprobs.double()
+    lr_all = lp - ref_logprobs.double()
+    terms, ratios = [], []
+    for (lr, valid), (adv, _), (ends, _) in zip(_rows(lr_all, mask, cu_seqlens),
+                                                _rows(advantages.double(), mask, cu_seqlens),
+                                                _rows(step_ends, mask, cu_seqlens)):
+        idx = torch.nonzero(valid).flatten().tolist()
+        if not idx:
+            continue
+        row_terms, row_ratios, acc = [], [], 0.0
+        for t in idx:
+            acc = acc + lr[t]
+            if ends[t] != 0 or t == idx[-1]:
+                row_terms.append((beta * acc - adv[t]) ** 2)
+                row_ratios.append(beta * acc)
+                acc = 0.0
+        terms.append(torch.stack(row_terms).mean())
+        ratios.append(torch.stack(row_ratios).mean().detach())
+    if not terms:
+        zero = lp.sum() * 0.0
+        return zero, {"step_log_ratio": zero.detach()}
+    return torch.stack(terms).mean(), {"step_log_ratio": torch.stack(ratios).mean()}
