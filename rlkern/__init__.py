@@ -11,14 +11,7 @@ from rlkern import _backend  # noqa: F401  (loads rlkern._C once, warns once if 
 from rlkern import trees
 from rlkern.ops import advantages as _advantages
 from rlkern.ops.advantages import *  # noqa: F401,F403  (the names of its __all__)
-from rlkern.ops.critics import (
-    ConstrainedRewards,
-    RewardNorm,
-    constrained_rewards,
-    running_reward_norm,
-    soft_bellman_loss,
-    step_advantage_loss,
-)
+from rlkern.ops.critics import constrained_rewards, running_reward_norm, soft_bellman_loss, step_advantage_loss
 from rlkern.ops.linear_logprobs import linear_token_logprobs
 from rlkern.ops.logprobs import (
     LogprobsEntropy,
@@ -62,9 +55,7 @@ __all__ = [
     # critics (value-based / soft Bellman losses of the research list)
     "soft_bellman_loss",
     "running_reward_norm",
-    "RewardNorm",
     "constrained_rewards",
-    "ConstrainedRewards",
     "step_advantage_loss",
     # trees
     "broadcast_to_tokens",

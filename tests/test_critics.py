@@ -537,3 +537,30 @@ def test_cuda_matches_reference(dtype):
     torch.testing.assert_close(ours[0].cpu().double(), want[0], rtol=tol, atol=tol)
     torch.testing.assert_close(torch.where(cuda(mask), ours[3], 0).cpu().double(), torch.where(mask, want[3], 0),
                                rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_cuda_reward_norm_constrained_and_step_loss():
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(5000, generator=g)
+    out = rlkern.running_reward_norm(r.cuda(), torch.tensor([10.0, 0.3, 7.0], dtype=torch.float64).cuda(), clip=3.0)
+    want, want_stats = reference.running_reward_norm(r, torch.tensor([10.0, 0.3, 7.0]), clip=3.0)
+    torch.testing.assert_close(out.rewards.cpu().double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.stats.cpu(), want_stats, rtol=1e-12, atol=1e-9)
+    rewards = torch.randint(0, 7, (3000,), generator=g).float()
+    ids = torch.randint(0, 300, (3000,), generator=g)
+    judges = torch.rand(3000, 5, generator=g) > 0.1
+    got = rlkern.constrained_rewards(rewards.cuda(), ids.cuda(), judges.cuda())
+    want = reference.constrained_rewards(rewards, ids, judges)
+    torch.testing.assert_close(got.rewards.cpu().double(), want[0])
+    assert torch.equal(got.chosen.cpu(), want[1]) and torch.equal(got.rejected.cpu(), want[2])
+    lp, mask, ref, adv, ends = _step_case(5, 8, 3001, torch.float32)
+    x = lp.cuda().requires_grad_()
+    loss, _ = rlkern.step_advantage_loss(x, mask.cuda(), ref.cuda(), adv.cuda(), ends.cuda(), beta=0.2)
+    loss.backward()
+    y = lp.double().requires_grad_()
+    want_loss, _ = reference.step_advantage_loss(y, ref, adv, ends, mask, beta=0.2)
+    want_loss.backward()
+    torch.testing.assert_close(loss.cpu().double(), want_loss.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.where(mask, x.grad.cpu(), 0).double(), torch.where(mask, y.grad, 0), rtol=1e-4,
+                               atol=1e-4)
