@@ -30,27 +30,28 @@ _OP = "soft_bellman_loss"
 
 
 def _torch_soft_bellman(logprobs, ref, values, mask, rewards, cu_seqlens, beta):
-    """The PyTorch backend of cpp_soft_bellman (vectorized over the reference's residuals)."""
-    dtype = out_dtype(logprobs)
-    cu = None if cu_seqlens is None else cu_seqlens.long()
+    """The PyTorch backend of cpp_soft_bellman (over the reference's residuals, on the CPU)."""
+    dtype, dev = out_dtype(logprobs), logprobs.device
+    logprobs, ref, values, rewards = (t.cpu() for t in (logprobs, ref, values, rewards))
+    mask = None if mask is None else mask.cpu()
+    cu = None if cu_seqlens is None else cu_seqlens.cpu().long()
     e = reference.soft_bellman_residuals(logprobs, ref, values, rewards, mask, beta=beta, cu_seqlens=cu)
     valid = torch.ones(logprobs.shape, dtype=torch.bool) if mask is None else mask != 0
     d = torch.where(valid, ref.double() - logprobs.double(), 0.0)
     rows = rewards.shape[0]
     if cu is None:
-        per_row = lambda x: x.sum(-1) if rows else x.new_zeros(0)  # noqa: E731
-        lengths = per_row(valid.double())
+        per_row = lambda x: x.sum(-1)  # noqa: E731
     else:
         seg = segment_ids(cu, logprobs.shape[0])
         per_row = lambda x: torch.zeros(rows, dtype=torch.float64).index_add_(0, seg, x)  # noqa: E731
-        lengths = per_row(valid.double())
+    lengths = per_row(valid.double())
     inv = torch.where(lengths > 0, 1.0 / lengths.clamp(min=1), 0.0)
     inv_tok = inv[:, None] if cu is None else inv[seg]
     k3 = torch.where(valid, torch.exp(d) - d - 1.0, 0.0)
     gv = torch.where(valid, 2.0 * e * inv_tok, 0.0)
     gk = torch.where(valid, (1.0 - torch.exp(d)) * inv_tok, 0.0)
-    return ((per_row(e * e) * inv).to(dtype), (per_row(k3) * inv).to(dtype), lengths.to(dtype), gv.to(dtype),
-            gk.to(dtype))
+    outs = (per_row(e * e) * inv, per_row(k3) * inv, lengths, gv, gk)
+    return tuple(t.to(dev, dtype) for t in outs)
 
 
 _KERNELS = _backend.Kernels(_OP, cpp="cpp_soft_bellman", triton="critics.soft_bellman", torch=_torch_soft_bellman,
