@@ -6,6 +6,15 @@ rlkern/reference/critics.py; CPU twin csrc/critics.cpp).
   suffix sum of ``logprobs - ref_logprobs`` (a reverse block cumsum plus the carry), and writes the
   residual's scaled gradients ``2 e_t / T_b`` and ``(1 - exp(ref - logprobs)) / T_b`` and the
   row's ``sum e^2 / T_b`` and ``sum k3 / T_b``.
+- ``_reward_norm_kernel``: PPO-max's running reward normalization, one program: float64 batch sums
+  (two passes), Chan's merge with the running (count, mean, M2), then the normalized, clipped
+  rewards.
+- ``_calibrate_kernel`` / ``_select_kernel``: CGPO's calibrated, judge-gated reward (elementwise,
+  a loop over the judges), then each group's chosen / rejected sample by a pairwise tile loop
+  (deterministic, no atomics).
+- ``_step_loss_kernel``: Direct Advantage Policy Optimization's step loss, one program per row:
+  last valid token and step count; a segmented associative scan of the log-ratios writing each
+  step's gradient at its end token; a reverse min-scan copying it to the step's tokens.
 
 Layouts: padded contiguous ``[R, T]`` (row r at r * T) or packed ``[total]`` with cu_seqlens.
 Compute type float32 (float64 with FP64: the hyper-parameters are then read from a float64 buffer

@@ -1,13 +1,14 @@
-"""Critic / value-based losses of the research list as ops: OREO's soft Bellman losses
-(``soft_bellman_loss``), PPO-max's running reward
-normalization (``running_reward_norm``), CGPO's constrained rewards over a mixture of judges
-(``constrained_rewards``), Direct Advantage Policy Optimization's step loss
-(``step_advantage_loss``).
+"""Critic / value-based and constrained RL math of the research list as ops: OREO's soft Bellman
+losses (``soft_bellman_loss``), PPO-max's running reward normalization (``running_reward_norm``),
+CGPO's constrained rewards over a mixture of judges (``constrained_rewards``) and Direct Advantage
+Policy Optimization's step loss (``step_advantage_loss``). ArCHer needs no op of its own: its
+utterance-level TD critic is ``rlkern.gae(..., lam=0.0)`` over per-turn tensors plus
+``rlkern.value_loss``, its token advantages ``rlkern.broadcast_to_tokens`` (tests/test_critics.py).
 
 Backends (same arguments, same outputs): C++ (csrc/critics.cpp), Triton (kernels/critics.py) and
-PyTorch (below, over rlkern/reference/critics.py's residuals). One forward kernel computes each
-row's loss terms and the per-token gradients of the residual; the backward scales those saved
-gradients by the rows' upstream gradients (elementwise).
+PyTorch (below, over rlkern/reference/critics.py). For the two losses one forward kernel computes
+each row's loss terms and the per-token gradients; the backward scales those saved gradients by
+the rows' upstream gradients (elementwise).
 """
 
 from __future__ import annotations
