@@ -125,8 +125,9 @@ def soft_bellman_loss(logprobs: Tensor, response_mask: Tensor | None, ref_logpro
     policy with ``alpha * KL[pi || pi_ref]`` per state; from the sampled tokens' log-probs this op
     estimates it with k3 (rlkern's default ``kl_estimator``; pass full-vocabulary KLs through
     ``rlkern.kl_penalty`` instead where the logits are at hand). The rows are weighted equally
-    (the paper's 1/T per trajectory, then the batch mean). The step-level variant (one action per
-    reasoning step) is the same formula over step-end tokens: pass a mask of the step ends.
+    (the paper's 1/T per trajectory, then the batch mean). This is the token-level form (one action
+    per token); a step-level form (one action per reasoning step, its log-ratio the sum over the
+    step's tokens) is not covered by this op.
 
     Args:
         logprobs: padded ``[B, T]`` with ``response_mask``, or packed ``[total]`` with
