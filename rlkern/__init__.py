@@ -12,6 +12,7 @@ from rlkern import trees
 from rlkern.ops import advantages as _advantages
 from rlkern.ops.advantages import *  # noqa: F401,F403  (the names of its __all__)
 from rlkern.ops.advantages.dynamic_sampling import dynamic_sampling_mask
+from rlkern.ops.critics import constrained_rewards, running_reward_norm, soft_bellman_loss, step_advantage_loss
 from rlkern.ops.linear_logprobs import linear_token_logprobs
 from rlkern.ops.linear_preference import linear_preference_loss
 from rlkern.ops.logprobs import (
@@ -58,6 +59,11 @@ __all__ = [
     "group_preference_loss",
     "group_weights",
     "srpo_loss",
+    # critics (value-based / soft Bellman losses of the research list)
+    "soft_bellman_loss",
+    "running_reward_norm",
+    "constrained_rewards",
+    "step_advantage_loss",
     # trees
     "broadcast_to_tokens",
     "segment_advantages",

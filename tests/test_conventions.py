@@ -116,6 +116,10 @@ def _bad_calls():
                                                                 torch.randn(3), cu),
         "broadcast_to_tokens": lambda: rlkern.broadcast_to_tokens(torch.randn(2), torch.tensor([0, 3]),
                                                                   torch.tensor([4, 6]), 6),
+        "soft_bellman_loss": lambda: rlkern.soft_bellman_loss(x, m, x, x, torch.randn(3), beta=0.1, kl_coef=-1.0),
+        "running_reward_norm": lambda: rlkern.running_reward_norm(s, clip=0.0),
+        "constrained_rewards": lambda: rlkern.constrained_rewards(s, ids, torch.ones(3, 2)),
+        "step_advantage_loss": lambda: rlkern.step_advantage_loss(x, m, x, x, m, beta=float("nan")),
     }
 
 
