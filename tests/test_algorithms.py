@@ -81,6 +81,15 @@ def _pair_batch():
                  gold_lengths=torch.tensor([4, 4, 6, 2, 3]))
 
 
+def _critic_batch():
+    g = torch.Generator().manual_seed(12)
+    b = _with_advantages(_token_batch())
+    return b.replace(scores=torch.tensor([1.0, 0.0, 1.0, 1.0]),
+                     step_ends=torch.tensor([[0, 1, 0, 0, 1], [0, 0, 1, 0, 0], [1, 0, 0, 0, 1], [0, 0, 0, 1, 0]]),
+                     judges=torch.tensor([[1, 1], [1, 0], [1, 1], [0, 1]]),
+                     baseline_rewards=torch.randn(4, generator=g))
+
+
 def _group_batch():
     g = torch.Generator().manual_seed(8)
     n = 7
@@ -274,6 +283,17 @@ CASES = {
     "srpo": (_srpo_batch, None, lambda b, c: rlkern.srpo_loss(b.seq_logps, b.ref_seq_logps, beta=c.beta,
                                                               alpha=c.alpha), dict(alpha=0.3, beta=0.2)),
     "self_play": (TOKEN, None, _policy("ppo"), dict(clip_low=0.1)),
+    "oreo": (_critic_batch, None, lambda b, c: rlkern.soft_bellman_loss(
+        b.logprobs, b.response_mask, b.ref_logprobs, b.values, b.scores, beta=c.beta, kl_coef=c.kl_coef),
+        dict(beta=0.3, kl_coef=0.1)),
+    "direct_advantage_po": (_critic_batch, None, lambda b, c: rlkern.step_advantage_loss(
+        b.logprobs, b.response_mask, b.ref_logprobs, b.advantages, b.step_ends, beta=c.beta), dict(beta=0.5)),
+    "ppo_max": (_critic_batch, lambda b, c: rlkern.gae(b.rewards, b.values, b.response_mask, gamma=c.gamma,
+                                                        lam=c.lam, whiten=c.whiten),
+                _policy("ppo"), dict(lam=0.9)),
+    "cgpo": (_critic_batch, lambda b, c: rlkern.grpo(rlkern.constrained_rewards(
+        b.scores, b.group_ids, b.judges, b.baseline_rewards).rewards, b.group_ids, b.response_mask, eps=c.eps,
+        norm_by_std=c.norm_by_std), _policy("ppo"), dict(norm_by_std=False)),
     "rto": (TOKEN, _rto_adv, _policy("ppo"), dict(beta=0.2, dpo_kl_coef=0.1, reward_coef=0.5, lam=0.9)),
 }
 

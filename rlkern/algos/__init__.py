@@ -7,16 +7,17 @@ Two layers:
   OpenRLHF's ``PolicyLoss``), ``rlkern.algos.openrlhf``;
 - the algorithm registry, one module per family: ``ppo`` (PPO, T-PPO), ``grpo`` (the GRPO family
   and the outcome-baseline estimators), ``trees`` (SPO, TreeRL, TreePO), ``preference`` (DPO and
-  its relatives). ``get(name)`` returns an ``Algorithm`` (a frozen config with the paper's
-  defaults and ``advantages(batch, cfg)`` / ``loss(batch, cfg)`` over a ``Batch``);
-  ``available()`` lists the names. docs/algorithms.md maps every paper of the research list.
+  its relatives), ``critics`` (OREO, Direct Advantage PO, PPO-max, CGPO). ``get(name)`` returns an
+  ``Algorithm`` (a frozen config with the paper's defaults and ``advantages(batch, cfg)`` /
+  ``loss(batch, cfg)`` over a ``Batch``); ``available()`` lists the names. docs/algorithms.md maps
+  every paper of the research list.
 """
 
 from __future__ import annotations
 
 import importlib
 
-_FAMILIES = ("ppo", "grpo", "trees", "preference")
+_FAMILIES = ("ppo", "grpo", "trees", "preference", "critics")
 
 
 def _load():

@@ -63,6 +63,10 @@ class Batch:
         kl_logps, ref_kl_logps: ``[M]`` KTO's mismatched KL completions' summed log-probs.
         delta: 0-dim BCO running reward mean.
         dpo_logprobs: ``[B, T]`` RTO: a DPO-trained model's token log-probs.
+        step_ends: ``[B, T]`` Direct Advantage PO: nonzero at each reasoning step's last token.
+        reward_stats: ``[3]`` float64 PPO-max: running (count, mean, M2) of the rewards.
+        judges: ``[B, J]`` CGPO: nonzero = judge j passes sample i.
+        baseline_rewards: ``[B]`` CGPO: the baseline response's reward (calibration).
         token_rewards: ``[2P, T]`` token rewards (TGDPO), rows [0, P) chosen, [P, 2P) rejected.
     """
 
@@ -113,6 +117,10 @@ class Batch:
     delta: Tensor | None = None
     dpo_logprobs: Tensor | None = None
     token_rewards: Tensor | None = None
+    step_ends: Tensor | None = None
+    reward_stats: Tensor | None = None
+    judges: Tensor | None = None
+    baseline_rewards: Tensor | None = None
 
     def replace(self, **changes) -> "Batch":
         """A copy with ``changes`` (e.g. ``batch.replace(advantages=adv)``)."""

@@ -372,7 +372,8 @@ def gigpo_advantages(batch: Batch, cfg: GiGPOConfig | None = None) -> GiGPOAdvan
 
 
 _CONFIGS.update(lite_ppo=LitePPOConfig, grpo=GRPOConfig, dr_grpo=DrGRPOConfig, dapo=DAPOConfig, gspo=GSPOConfig,
-                cispo=CISPOConfig, bnpo=BNPOConfig, grpo_passk=PassKConfig, gpg=GPGConfig, opo=OPOConfig, rloo=RLOOConfig,
+                cispo=CISPOConfig, bnpo=BNPOConfig, grpo_passk=PassKConfig, gpg=GPGConfig, opo=OPOConfig,
+                rloo=RLOOConfig,
                 reinforce_pp=ReinforcePPConfig, reinforce_pp_baseline=ReinforcePPBaselineConfig, remax=ReMaxConfig,
                 gigpo=GiGPOConfig)
 
