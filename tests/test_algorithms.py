@@ -477,11 +477,11 @@ def _python_blocks():
 def test_the_doc_has_an_example_per_family():
     blocks = _python_blocks()
     assert len(blocks) >= 4
-    for name in ("ppo", "dapo", "treerl", "dpo"):
+    for name in ("ppo", "dapo", "treerl", "dpo", "oreo"):
         assert any(f'get("{name}")' in b for b in blocks), name
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(len(_python_blocks())))
 def test_doc_examples_run(index):
     blocks = _python_blocks()
     exec(compile(blocks[index], f"docs/algorithms.md block {index}", "exec"), {})
