@@ -89,6 +89,8 @@ def _bad_calls():
         "bnpo": lambda: rlkern.bnpo(s, ids, min_value=1.0, max_value=0.0),
         "gdpo": lambda: rlkern.gdpo(s, ids, torch.ones(4, 2), weights=[1.0, 2.0]),
         "gigpo_step_groups": lambda: rlkern.gigpo_step_groups(s, ids, ids, eps="x"),
+        "ensemble_rewards": lambda: rlkern.ensemble_rewards(x, method="uwo"),
+        "shape_rewards": lambda: rlkern.shape_rewards(s, ids, method="otc", lengths=s),
         "outcome_to_tokens": lambda: rlkern.outcome_to_tokens(s, torch.ones(3, 2)),
         "group_index": lambda: rlkern.group_index(np.zeros((2, 2))),
         "optimal_token_baseline": lambda: rlkern.optimal_token_baseline(x, [0, 1], m, x, x),

@@ -1,0 +1,197 @@
+// rlkern CPU kernels of the reward-shaping family (the ops, their formulas and the papers:
+// rlkern/ops/shaping.py; oracle: rlkern/reference/shaping.py).
+//
+// cpp_ensemble_rewards: one task per row of [B, K] reward-model scores (mean, WCO min, UWO mean -
+// coef * population variance, weighted sum). cpp_shape_rewards: samples are bucketed by their dense
+// group number (a counting sort, O(N)); each group is one task that reads its members' scores and
+// the method's auxiliary value (length, log-likelihood, exit position, tool calls) and writes the
+// shaped rewards. Inputs arrive contiguous in the compute type (double for float64 input, float
+// otherwise; the op converts); group statistics run in double.
+#include "common.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr double kPi = 3.14159265358979323846;
+
+// method codes: the order of rlkern.reference.shaping.ENSEMBLE_METHODS / SHAPE_METHODS
+enum Ensemble : int64_t { kMean = 0, kWco = 1, kUwo = 2, kWeighted = 3 };
+enum Shape : int64_t { kGrpoLambda = 0, kUnlikeliness = 1, kSGrpo = 2, kOtc = 3 };
+
+template <typename S>
+void ensemble_rows(const S* r, const S* w, S* out, int64_t B, int64_t K, int64_t method, double coef) {
+  at::parallel_for(0, B, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const S* row = r + b * K;
+      double acc = 0.0;
+      if (method == kWco) {
+        // NaN wins (as torch.min): a comparison with NaN is false, so it is tested explicitly
+        acc = K ? std::numeric_limits<double>::infinity() : std::numeric_limits<double>::quiet_NaN();
+        for (int64_t k = 0; k < K; ++k) {
+          const double v = row[k];
+          if (std::isnan(v) || v < acc) acc = v;
+          if (std::isnan(v)) break;
+        }
+      } else if (method == kWeighted) {
+        for (int64_t k = 0; k < K; ++k) acc += static_cast<double>(row[k]) * static_cast<double>(w[k]);
+      } else {
+        for (int64_t k = 0; k < K; ++k) acc += row[k];
+        const double mean = acc / static_cast<double>(K);  // K = 0: NaN, as torch.mean of nothing
+        acc = mean;
+        if (method == kUwo) {
+          // two passes: the variance of close scores would cancel as E[x^2] - E[x]^2
+          double var = 0.0;
+          for (int64_t k = 0; k < K; ++k) var += (row[k] - mean) * (row[k] - mean);
+          acc = mean - coef * var / static_cast<double>(K);
+        }
+      }
+      out[b] = static_cast<S>(acc);
+    }
+  });
+}
+
+at::Tensor ensemble_cpu(const at::Tensor& rewards, const std::optional<at::Tensor>& weights, int64_t method,
+                        double coef) {
+  TORCH_CHECK(rewards.dim() == 2 && rewards.is_contiguous(), "cpp_ensemble_rewards: rewards must be contiguous [B, K]");
+  const int64_t B = rewards.size(0), K = rewards.size(1);
+  at::Tensor out = at::empty({B}, rewards.options());
+  AT_DISPATCH_FLOATING_TYPES(rewards.scalar_type(), "cpp_ensemble_rewards", [&] {
+    const scalar_t* w = nullptr;
+    if (method == kWeighted) {
+      TORCH_CHECK(weights.has_value() && weights->numel() == K && weights->scalar_type() == rewards.scalar_type() &&
+                      weights->is_contiguous(),
+                  "cpp_ensemble_rewards: weights must be contiguous [K] of rewards' dtype");
+      w = weights->data_ptr<scalar_t>();
+    }
+    ensemble_rows<scalar_t>(rewards.data_ptr<scalar_t>(), w, out.data_ptr<scalar_t>(), B, K, method, coef);
+  });
+  return out;
+}
+
+// One group: `idx` holds its members' sample numbers in rising order.
+template <typename S>
+void shape_group(const S* s, const S* a, S* out, const int64_t* idx, int64_t g, int64_t method, double p0, double p1,
+                 double p2) {
+  std::vector<int64_t> correct;
+  for (int64_t t = 0; t < g; ++t)
+    if (s[idx[t]] > 0) correct.push_back(idx[t]);  // NaN is not > 0
+  for (int64_t t = 0; t < g; ++t) out[idx[t]] = s[idx[t]];
+  const int64_t k = static_cast<int64_t>(correct.size());
+  if (method == kGrpoLambda) {
+    if (k == 0 || static_cast<double>(k) / static_cast<double>(g) < p0) return;
+    double mean = 0.0, var = 0.0;
+    for (int64_t i : correct) mean += a[i];
+    mean /= static_cast<double>(k);
+    for (int64_t i : correct) var += (a[i] - mean) * (a[i] - mean);
+    const double std = std::sqrt(var / static_cast<double>(k));
+    for (int64_t i : correct) {
+      const double z = (a[i] - mean) / (std + p2);
+      out[i] = static_cast<S>(s[i] * (1.0 - p1 / (1.0 + std::exp(-z))));
+    }
+  } else if (method == kUnlikeliness || method == kSGrpo) {
+    // rank among the correct members: by log-likelihood falling (unlikeliness) or exit position
+    // rising (S-GRPO); ties by sample number (stable_sort keeps the rising order of idx)
+    std::stable_sort(correct.begin(), correct.end(), [&](int64_t x, int64_t y) {
+      return method == kUnlikeliness ? a[x] > a[y] : a[x] < a[y];
+    });
+    for (int64_t r = 0; r < k; ++r) {
+      const int64_t i = correct[r];
+      const double factor = method == kUnlikeliness
+                                ? 1.0 - p0 * static_cast<double>(g - r) / static_cast<double>(g)
+                                : std::pow(p0, static_cast<double>(r));
+      out[i] = static_cast<S>(s[i] * factor);
+    }
+  } else {  // kOtc
+    double n = 0.0;
+    if (k) {
+      n = std::numeric_limits<double>::infinity();
+      for (int64_t i : correct) n = std::min(n, static_cast<double>(a[i]));
+    }
+    for (int64_t t = 0; t < g; ++t) {
+      const int64_t i = idx[t];
+      const double m = a[i];
+      double tool;
+      if (n == 0.0 && m == 0.0) tool = 1.0;
+      else if (n == 0.0) tool = std::cos(m * kPi / (2.0 * m + p0));
+      else tool = std::sin(2.0 * n * m / (m + n) * kPi / (2.0 * n));
+      out[i] = static_cast<S>(p1 * tool * s[i]);
+    }
+  }
+}
+
+at::Tensor shape_cpu(const at::Tensor& scores, const std::optional<at::Tensor>& aux, const at::Tensor& inverse,
+                     int64_t method, double p0, double p1, double p2) {
+  TORCH_CHECK(scores.dim() == 1 && scores.is_contiguous(), "cpp_shape_rewards: scores must be contiguous [N]");
+  TORCH_CHECK(inverse.scalar_type() == at::kLong && inverse.numel() == scores.numel() && inverse.is_contiguous(),
+              "cpp_shape_rewards: inverse must be contiguous int64 [N]");
+  const int64_t N = scores.numel();
+  at::Tensor out = at::empty({N}, scores.options());
+  if (N == 0) return out;
+  // counting sort by group: starts[g] .. starts[g + 1] are group g's members, rising
+  const int64_t* inv = inverse.data_ptr<int64_t>();
+  std::vector<int64_t> starts(N + 1, 0), members(N);
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(inv[i] >= 0 && inv[i] < N, "cpp_shape_rewards: group numbers must be in [0, N)");
+    ++starts[inv[i] + 1];
+  }
+  for (int64_t g = 0; g < N; ++g) starts[g + 1] += starts[g];
+  std::vector<int64_t> fill(starts.begin(), starts.end() - 1);
+  for (int64_t i = 0; i < N; ++i) members[fill[inv[i]]++] = i;
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "cpp_shape_rewards", [&] {
+    const scalar_t* a = nullptr;
+    std::vector<scalar_t> zeros;
+    if (aux.has_value()) {
+      TORCH_CHECK(aux->numel() == N && aux->scalar_type() == scores.scalar_type() && aux->is_contiguous(),
+                  "cpp_shape_rewards: aux must be contiguous [N] of scores' dtype");
+      a = aux->data_ptr<scalar_t>();
+    } else {
+      zeros.assign(N, scalar_t(0));
+      a = zeros.data();
+    }
+    const scalar_t* s = scores.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g)
+        if (starts[g + 1] > starts[g])
+          shape_group<scalar_t>(s, a, o, members.data() + starts[g], starts[g + 1] - starts[g], method, p0, p1, p2);
+    });
+  });
+  return out;
+}
+
+at::Tensor ensemble_meta(const at::Tensor& rewards, const std::optional<at::Tensor>&, int64_t, double) {
+  return at::empty({rewards.size(0)}, rewards.options());
+}
+
+at::Tensor shape_meta(const at::Tensor& scores, const std::optional<at::Tensor>&, const at::Tensor&, int64_t, double,
+                      double, double) {
+  return at::empty_like(scores);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(rlkern, m) {
+  m.def("cpp_ensemble_rewards(Tensor rewards, Tensor? weights, int method, float coef) -> Tensor");
+  m.def("cpp_shape_rewards(Tensor scores, Tensor? aux, Tensor inverse, int method, float p0, float p1, float p2) "
+        "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
+  m.impl("cpp_ensemble_rewards", &ensemble_cpu);
+  m.impl("cpp_shape_rewards", &shape_cpu);
+}
+
+TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
+  m.impl("cpp_ensemble_rewards", &ensemble_meta);
+  m.impl("cpp_shape_rewards", &shape_meta);
+}

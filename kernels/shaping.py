@@ -1,0 +1,171 @@
+"""Triton kernels of the reward-shaping family (the ops and formulas: rlkern/ops/shaping.py;
+oracle: rlkern/reference/shaping.py).
+
+``ensemble_rewards``: one program per block of rows of the ``[B, K]`` reward-model scores, the
+whole K in one tile (K is a handful of models). ``shape_rewards``: the samples are sorted by dense
+group number on the device (a stable sort, no host sync); one program per sample walks its
+group's members in tiles and reduces what its method needs (count of correct members, the
+correct members' mean and spread of the auxiliary value, the sample's rank among them, their
+fewest tool calls), in float64, then writes its reward. That is O(group size) work per sample:
+groups are a rollout's samples per prompt (tens), so the walk is a few tiles.
+
+Hyper-parameters come from a device buffer in the compute dtype: a float argument of a Triton
+kernel is float32, which would round float64 calls' parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# the method codes: the order of rlkern.reference.shaping.ENSEMBLE_METHODS / SHAPE_METHODS
+ENSEMBLE_CODES = {"mean": 0, "wco": 1, "uwo": 2, "weighted": 3}
+SHAPE_CODES = {"grpo_lambda": 0, "unlikeliness": 1, "s_grpo": 2, "otc": 3}
+PI = tl.constexpr(3.141592653589793)
+
+
+@triton.jit
+def _ensemble_kernel(
+    r_ptr,  # (B, K) contiguous, fp32/fp64
+    w_ptr,  # (K,) rewards' dtype (METHOD 3), else any pointer
+    par_ptr,  # (1,) rewards' dtype: UWO's coef
+    out_ptr,  # (B,) rewards' dtype
+    B, K,
+    METHOD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K).to(tl.int64)
+    inside = (rows[:, None] < B) & (cols[None, :] < K)
+    r = tl.load(r_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0.0).to(tl.float64)
+    if METHOD == 1:
+        low = tl.min(tl.where(inside, r, float("inf")), axis=1)
+        nan = tl.sum((inside & (r != r)).to(tl.int32), axis=1) > 0  # NaN wins, as torch.min
+        value = tl.where(nan, float("nan"), low)
+    elif METHOD == 3:
+        w = tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float64)
+        value = tl.sum(r * w[None, :], axis=1)
+    else:
+        mean = tl.sum(r, axis=1) / K
+        value = mean
+        if METHOD == 2:
+            coef = tl.load(par_ptr).to(tl.float64)
+            dev = tl.where(inside, r - mean[:, None], 0.0)
+            value = mean - coef * (tl.sum(dev * dev, axis=1) / K)
+    tl.store(out_ptr + rows, value.to(out_ptr.dtype.element_ty), mask=rows < B)
+
+
+def ensemble_rewards(
+    rewards: torch.Tensor,  # (B, K) contiguous fp32/fp64
+    weights: torch.Tensor | None,  # (K,) rewards' dtype (method 3)
+    method: int,
+    coef: float,
+) -> torch.Tensor:
+    batch, k = rewards.shape
+    out = torch.empty(batch, dtype=rewards.dtype, device=rewards.device)
+    if batch == 0:
+        return out
+    par = torch.tensor([coef], dtype=rewards.dtype, device=rewards.device)
+    block_k = triton.next_power_of_2(max(k, 1))
+    block_b = max(1, min(128, 4096 // block_k))
+    _ensemble_kernel[(triton.cdiv(batch, block_b),)](
+        rewards, rewards if weights is None else weights, par, out, batch, k,
+        METHOD=method, BLOCK_B=block_b, BLOCK_K=block_k,
+    )
+    return out
+
+
+@triton.jit
+def _shape_kernel(
+    s_ptr,  # (N,) scores fp32/fp64
+    a_ptr,  # (N,) auxiliary value, scores' dtype
+    inv_ptr,  # (N,) int64 dense group numbers in [0, N)
+    perm_ptr,  # (N,) int64 sample numbers sorted by group (stable: rising within a group)
+    starts_ptr,  # (N + 1,) int64: group g's members are perm[starts[g]:starts[g + 1]]
+    par_ptr,  # (3,) scores' dtype: the method's parameters
+    out_ptr,  # (N,) scores' dtype
+    METHOD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64)
+    si = tl.load(s_ptr + i).to(tl.float64)
+    ai = tl.load(a_ptr + i).to(tl.float64)
+    grp = tl.load(inv_ptr + i)
+    start = tl.load(starts_ptr + grp)
+    end = tl.load(starts_ptr + grp + 1)
+    p0 = tl.load(par_ptr).to(tl.float64)
+    p1 = tl.load(par_ptr + 1).to(tl.float64)
+    p2 = tl.load(par_ptr + 2).to(tl.float64)
+    g = (end - start).to(tl.float64)
+    lane = tl.arange(0, BLOCK).to(tl.int64)
+    k = tl.full([], 0.0, tl.float64)  # correct members
+    total = tl.full([], 0.0, tl.float64)  # their auxiliary values' sum
+    rank = tl.full([], 0.0, tl.float64)  # correct members ranked before sample i
+    fewest = tl.full([], float("inf"), tl.float64)  # their fewest tool calls
+    for off in range(start, end, BLOCK):
+        t = off + lane
+        inb = t < end
+        j = tl.load(perm_ptr + t, mask=inb, other=0)
+        sj = tl.load(s_ptr + j, mask=inb, other=0.0).to(tl.float64)
+        aj = tl.load(a_ptr + j, mask=inb, other=0.0).to(tl.float64)
+        cj = inb & (sj > 0)  # NaN is not > 0
+        k += tl.sum(cj.to(tl.float64), axis=0)
+        total += tl.sum(tl.where(cj, aj, 0.0), axis=0)
+        if METHOD == 1:  # unlikeliness: rank 0 is the most likely correct member
+            before = cj & ((aj > ai) | ((aj == ai) & (j < i)))
+            rank += tl.sum(before.to(tl.float64), axis=0)
+        if METHOD == 2:  # S-GRPO: rank 0 is the earliest correct exit
+            before = cj & ((aj < ai) | ((aj == ai) & (j < i)))
+            rank += tl.sum(before.to(tl.float64), axis=0)
+        if METHOD == 3:
+            fewest = tl.minimum(fewest, tl.min(tl.where(cj, aj, float("inf")), axis=0))
+    correct = si > 0
+    out = si
+    if METHOD == 0:
+        mean = total / tl.maximum(k, 1.0)
+        var = tl.full([], 0.0, tl.float64)
+        for off in range(start, end, BLOCK):  # centred second pass: no E[x^2] - E[x]^2 cancellation
+            t = off + lane
+            inb = t < end
+            j = tl.load(perm_ptr + t, mask=inb, other=0)
+            sj = tl.load(s_ptr + j, mask=inb, other=0.0).to(tl.float64)
+            aj = tl.load(a_ptr + j, mask=inb, other=0.0).to(tl.float64)
+            d = tl.where(inb & (sj > 0), aj - mean, 0.0)
+            var += tl.sum(d * d, axis=0)
+        std = tl.sqrt(var / tl.maximum(k, 1.0))
+        gated = correct & (k > 0) & (k / g >= p0)
+        z = tl.where(gated, (ai - mean) / (std + p2), 0.0)  # no overflowing exp off the gate
+        out = tl.where(gated, si * (1.0 - p1 / (1.0 + tl.exp(-z))), si)
+    elif METHOD == 1:
+        out = tl.where(correct, si * (1.0 - p0 * (g - rank) / g), si)
+    elif METHOD == 2:
+        # p0 ** rank; rank 0 is 1 even for a decay of 0 (0 * log 0 would be NaN)
+        power = tl.where(rank == 0.0, 1.0, tl.exp(rank * tl.log(p0)))
+        out = tl.where(correct, si * power, si)
+    else:
+        n = tl.where(k > 0, fewest, 0.0)
+        m = ai
+        if_none = tl.where(m == 0.0, 1.0, tl.cos(m * PI / (2.0 * m + p0)))
+        f = 2.0 * n * m / tl.where(n > 0, m + n, 1.0)
+        if_some = tl.sin(f * PI / tl.where(n > 0, 2.0 * n, 1.0))
+        out = p1 * tl.where(n > 0, if_some, if_none) * si
+    tl.store(out_ptr + i, out.to(out_ptr.dtype.element_ty))
+
+
+def shape_rewards(
+    scores: torch.Tensor,  # (N,) contiguous fp32/fp64
+    aux: torch.Tensor | None,  # (N,) scores' dtype
+    inverse: torch.Tensor,  # (N,) int64 dense group numbers in [0, N)
+    method: int,
+    p0: float, p1: float, p2: float,
+) -> torch.Tensor:
+    n = scores.numel()
+    out = torch.empty_like(scores)
+    if n == 0:
+        return out
+    perm = torch.sort(inverse, stable=True).indices
+    starts = torch.zeros(n + 1, dtype=torch.int64, device=scores.device)
+    starts[1:] = torch.bincount(inverse, minlength=n).cumsum(0)
+    par = torch.tensor([p0, p1, p2], dtype=scores.dtype, device=scores.device)
+    _shape_kernel[(n,)](scores, scores if aux is None else aux, inverse, perm, starts, par, out,
+                        METHOD=method, BLOCK=64)
+    return out

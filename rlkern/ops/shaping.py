@@ -1,0 +1,263 @@
+"""Reward shaping: the research list's reward transforms, applied before the advantage op.
+
+Two ops, one per concept (CONTRIBUTING.md, API conventions 2):
+
+- ``ensemble_rewards``: K reward models' scores of each sample -> one reward (an ensemble's mean,
+  worst case, uncertainty-weighted mean, or a multi-objective weighted sum).
+- ``shape_rewards``: one score per sample plus one per-sample quantity (length, log-likelihood,
+  exit position, tool calls) -> a shaped reward, computed within the sample's group (GRPO-lambda,
+  unlikeliness reward, S-GRPO, OTC-GRPO). The result goes into an outcome op (``grpo``,
+  ``group_normalize``, ``rloo``) as its scores.
+
+Both return rewards, not advantages, so they compose with every outcome op; both are constants of
+the policy update (no gradient flows through them: the inputs are detached). Backends (same
+arguments, same outputs): C++ (csrc/shaping.cpp, CPU), Triton (kernels/shaping.py, GPU), and the
+float64 reference (rlkern/reference/shaping.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlkern import _backend
+from rlkern.ops import _checks
+from rlkern.ops._layout import out_dtype
+from rlkern.ops.advantages.groups import dense
+from rlkern.reference import shaping as reference
+
+__all__ = ["ensemble_rewards", "shape_rewards"]
+
+ENSEMBLE_METHODS = reference.ENSEMBLE_METHODS
+SHAPE_METHODS = reference.SHAPE_METHODS
+# the per-sample tensor each shape_rewards method reads
+SHAPE_AUX = {"grpo_lambda": "lengths", "unlikeliness": "logprobs", "s_grpo": "exit_positions", "otc": "tool_calls"}
+
+
+def _torch_ensemble(rewards, weights, method, coef):
+    return reference.ensemble_rewards(rewards, ENSEMBLE_METHODS[method], coef, weights).to(rewards.dtype)
+
+
+def _torch_shape(scores, aux, inverse, method, p0, p1, p2):
+    method = SHAPE_METHODS[method]
+    params = {"grpo_lambda": [p0, p1, p2], "unlikeliness": [p0], "s_grpo": [p0], "otc": [p0, p1]}[method]
+    return reference.shape_rewards(scores, inverse, aux, method, params).to(scores.dtype).to(scores.device)
+
+
+_ENSEMBLE = _backend.Kernels("ensemble_rewards", cpp="cpp_ensemble_rewards", triton="shaping.ensemble_rewards",
+                             torch=_torch_ensemble, fp64=("cpp", "triton"))
+_SHAPE = _backend.Kernels("shape_rewards", cpp="cpp_shape_rewards", triton="shaping.shape_rewards",
+                          torch=_torch_shape, fp64=("cpp", "triton"))
+
+
+@torch.library.custom_op("rlkern::ensemble_rewards", mutates_args=())
+def _ensemble_op(rewards: Tensor, weights: Tensor | None, method: int, coef: float) -> Tensor:
+    # rewards [B, K] contiguous fp32/fp64; weights [K] rewards' dtype (method "weighted")
+    return _ENSEMBLE.pick(rewards)(rewards, weights, method, coef)
+
+
+@_ensemble_op.register_fake
+def _(rewards, weights, method, coef):
+    return rewards.new_empty(rewards.shape[:1])
+
+
+@torch.library.custom_op("rlkern::shape_rewards", mutates_args=())
+def _shape_op(scores: Tensor, aux: Tensor, inverse: Tensor, method: int, p0: float, p1: float, p2: float) -> Tensor:
+    # scores, aux [N] contiguous fp32/fp64 (same dtype); inverse [N] int64 dense group numbers in [0, N)
+    return _SHAPE.pick(scores)(scores, aux, inverse, method, p0, p1, p2)
+
+
+@_shape_op.register_fake
+def _(scores, aux, inverse, method, p0, p1, p2):
+    return torch.empty_like(scores)
+
+
+def _compute(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` detached, contiguous, in the kernels' compute dtype (float32, or float64)."""
+    return t.detach().to(dtype).contiguous()
+
+
+def ensemble_rewards(rewards: Tensor, *, method: str = "mean", coef: float | None = None, weights=None) -> Tensor:
+    """One reward from K reward models' scores of each sample.
+
+    "Reward Model Ensembles Help Mitigate Overoptimization" (Coste et al., ICLR 2024), with
+    ``r_k`` the k-th of K ensemble members' reward for the sample:
+
+    - ``"mean"``: ``R = 1/K sum_k r_k`` (the paper's mean-ensemble baseline);
+    - ``"wco"``, worst-case optimization: ``R = min_k r_k``;
+    - ``"uwo"``, uncertainty-weighted optimization: ``R = 1/K sum_k r_k - coef * 1/K sum_k
+      (r_k - mean)^2``, the intra-ensemble variance in its population form (divided by K, as the
+      paper writes it) and ``coef`` the paper's lambda. The paper tunes lambda per setup and gives
+      no one default, so ``coef`` has none: it must be passed with "uwo".
+    - ``"weighted"``: ``R = sum_k weights[k] r_k``, the multi-aspect combination of
+      "Optimizing Safe and Aligned Language Generation: A Multi-Objective GRPO Approach" (Li et
+      al. 2025): the paper combines the reward model's K aspect scores (safety, helpfulness, ...)
+      into one scalar first and runs GRPO's group normalization on that scalar, so its advantage
+      is ``group_normalize(ensemble_rewards(r, method="weighted", weights=w), group_ids)``.
+      Normalizing each aspect within its group before the weighted sum is GDPO (``rlkern.gdpo``).
+
+    NaN in a row makes that row's reward NaN (for "wco" too, as ``torch.min``).
+
+    Args:
+        rewards: ``[B, K]`` float (K >= 1 models or aspects); bf16/fp16 are computed in float32.
+        method: "mean", "wco", "uwo" or "weighted".
+        coef: UWO's lambda (>= 0); only with method "uwo".
+        weights: K finite floats (a sequence or a tensor), only with method "weighted".
+
+    Returns:
+        ``[B]`` float32 (float64 for float64 rewards), without gradient.
+    """
+    op = "ensemble_rewards"
+    _checks.tensors(op, "rewards", {"rewards": (rewards, "float")})
+    _checks.choice(op, "method", method, ENSEMBLE_METHODS)
+    if rewards.ndim != 2 or rewards.shape[1] < 1:
+        raise ValueError(f"{op}: rewards must be [B, K] with K >= 1 reward models, got {tuple(rewards.shape)}")
+    if method == "uwo":
+        if coef is None:
+            raise ValueError(f"{op}: coef (UWO's lambda) must be given with method='uwo', got None")
+        coef = _checks.number(op, "coef", coef, low=0.0)
+    elif coef is not None:
+        raise ValueError(f"{op}: coef is UWO's lambda and is only read with method='uwo', got {coef!r} with {method!r}")
+    dtype = out_dtype(rewards)
+    w = None
+    if method == "weighted":
+        if weights is None:
+            raise ValueError(f"{op}: weights (K floats) must be given with method='weighted', got None")
+        values = weights.detach().cpu().tolist() if isinstance(weights, Tensor) else weights
+        if not isinstance(values, (list, tuple)) or len(values) != rewards.shape[1]:
+            raise ValueError(f"{op}: weights must have {rewards.shape[1]} entries (one per reward model), "
+                             f"got {weights!r}")
+        values = [_checks.number(op, "weights", v) for v in values]
+        w = torch.tensor(values, dtype=dtype, device=rewards.device)
+    elif weights is not None:
+        raise ValueError(f"{op}: weights are only read with method='weighted', got them with {method!r}")
+    return _ensemble_op(_compute(rewards, dtype), w, ENSEMBLE_METHODS.index(method), float(coef or 0.0))
+
+
+def shape_rewards(
+    scores: Tensor,
+    group_ids,
+    *,
+    method: str,
+    lengths: Tensor | None = None,
+    logprobs: Tensor | None = None,
+    exit_positions: Tensor | None = None,
+    tool_calls: Tensor | None = None,
+    threshold: float = 0.5,
+    length_coef: float = 0.2,
+    eps: float = 1e-6,
+    rank_coef: float = 0.25,
+    decay: float = 0.5,
+    tool_c: float = 1.0,
+    tool_coef: float = 1.0,
+) -> Tensor:
+    """Group-aware reward shaping of one outcome score per sample.
+
+    A sample is *correct* when its score is > 0 (a NaN score is not: its reward stays NaN). Each
+    method reads one more per-sample tensor and leaves the rewards of incorrect samples as their
+    scores, except OTC (see there). ``g`` is the size of the sample's group.
+
+    - ``"grpo_lambda"`` ("Stable Reinforcement Learning for Efficient Reasoning", GRPO-lambda),
+      reads ``lengths`` ``[N]``: a group whose correctness ratio ``k / g`` (k correct samples) is
+      ``>= threshold`` gets the length penalty, any other group keeps its 0/1 (score) reward::
+
+          r_i = s_i * (1 - length_coef * sigmoid((len_i - mean_c) / (std_c + eps)))   correct i
+          r_i = s_i                                                                   otherwise
+
+      with ``mean_c`` / ``std_c`` the mean and population std of the correct samples' lengths in
+      the group. Choices: the paper gates a length penalty taken from prior work (the
+      sigmoid-of-z-score penalty of Arora & Zanette, "Training Language Models to Reason
+      Efficiently", which is the form above, their alpha = ``length_coef``, 0.2 one of their
+      values); the paper picks the top-lambda fraction of a batch's groups by correctness ratio,
+      which is this gate with ``threshold`` at that batch quantile; as a fixed threshold it has
+      no paper value, and 0.5 (a majority of correct samples) is our default.
+    - ``"unlikeliness"`` ("Rewarding the Unlikely: Lifting GRPO Beyond Distribution
+      Sharpening"), reads ``logprobs`` ``[N]`` (each sample's sequence log-likelihood under the
+      policy): the correct samples of a group are ranked by likelihood, rank 0 the most likely
+      (ties: the lower sample number first), and::
+
+          r_i = s_i * (1 - rank_coef * (g - rank_i) / g)   correct i
+
+      so the most likely correct sample loses ``rank_coef`` of its reward and rare correct ones
+      keep more; ``rank_coef`` is the paper's beta_rank (0.25, its default).
+    - ``"s_grpo"`` ("S-GRPO: Early Exit via Reinforcement Learning in Reasoning Models"), reads
+      ``exit_positions`` ``[N]``: a group is one serial group (the answers produced by exiting one
+      reasoning path at several positions); its correct answers, ordered by exit position (ties:
+      sample number), get exponentially decaying rewards::
+
+          r_i = s_i * decay ** (number of correct answers exiting before i)   correct i
+
+      i.e. ``1 / 2^(N_right - 1)`` with the paper's ``decay = 0.5``; incorrect answers keep their
+      score (0 in the paper).
+    - ``"otc"`` ("OTC: Optimal Tool Calls via Reinforcement Learning", OTC-GRPO), reads
+      ``tool_calls`` ``[N]`` (``m`` calls per sample, >= 0): ``n`` is the fewest calls among the
+      group's correct samples (0 if none is correct), and every sample gets
+      ``r_i = tool_coef * r_tool(m_i, n) * s_i`` with::
+
+          r_tool = 1                          m = n = 0
+                 = cos(m pi / (2 m + tool_c)) n = 0 < m
+                 = sin(f(m, n) pi / (2 n))    n > 0,   f(m, n) = 2 n m / (m + n)
+
+      (``f = n`` at ``m = n``: reward 1; fewer or more calls than the group's optimum earn less).
+      ``tool_coef`` is the paper's alpha and ``tool_c`` its smoothing constant c; the paper's text
+      does not fix c's value, so 1.0 is our default.
+
+    Args:
+        scores: ``[N]`` float, one outcome score per sample (0/1 correctness in the papers).
+        group_ids: ``[N]`` group of each sample (see ``group_normalize``).
+        method: "grpo_lambda", "unlikeliness", "s_grpo" or "otc".
+        lengths, logprobs, exit_positions, tool_calls: ``[N]`` float or int, the one ``method``
+            reads (finite; tool calls >= 0); bf16/fp16 scores compute in float32.
+        threshold: GRPO-lambda's correctness ratio gate, in [0, 1].
+        length_coef: GRPO-lambda's penalty weight, in [0, 1].
+        eps: added to the length std.
+        rank_coef: the unlikeliness reward's beta_rank, in [0, 1].
+        decay: S-GRPO's decay, in (0, 1].
+        tool_c: OTC's c, > 0.
+        tool_coef: OTC's alpha.
+
+    Returns:
+        ``[N]`` float32 (float64 for float64 scores), without gradient.
+    """
+    op = "shape_rewards"
+    _checks.choice(op, "method", method, SHAPE_METHODS)
+    given = {"lengths": lengths, "logprobs": logprobs, "exit_positions": exit_positions, "tool_calls": tool_calls}
+    wanted = SHAPE_AUX[method]
+    for name, value in given.items():
+        if name != wanted and value is not None:
+            raise ValueError(f"{op}: method={method!r} reads {wanted}, not {name}")
+    aux = given[wanted]
+    if aux is None:
+        raise ValueError(f"{op}: method={method!r} needs {wanted} ([N]), got None")
+    _checks.tensors(op, "scores", {"scores": (scores, "float")})
+    if not isinstance(aux, Tensor) or not (aux.dtype.is_floating_point or aux.dtype in _checks.INTS):
+        raise TypeError(f"{op}: {wanted} must be a float or int torch.Tensor, got "
+                        f"{getattr(aux, 'dtype', type(aux).__name__)}")
+    if scores.ndim != 1:
+        raise ValueError(f"{op}: scores must be [N] (one score per sample), got {tuple(scores.shape)}")
+    if tuple(aux.shape) != tuple(scores.shape):
+        raise ValueError(f"{op}: {wanted} must have shape {tuple(scores.shape)}, got {tuple(aux.shape)}")
+    if aux.device != scores.device:
+        raise ValueError(f"{op}: {wanted} is on {aux.device} but scores are on {scores.device}")
+    params = (0.0, 0.0, 0.0)
+    if method == "grpo_lambda":
+        params = (_checks.number(op, "threshold", threshold, low=0.0, high=1.0),
+                  _checks.number(op, "length_coef", length_coef, low=0.0, high=1.0),
+                  _checks.number(op, "eps", eps, low=0.0))
+    elif method == "unlikeliness":
+        params = (_checks.number(op, "rank_coef", rank_coef, low=0.0, high=1.0), 0.0, 0.0)
+    elif method == "s_grpo":
+        params = (_checks.number(op, "decay", decay, low=0.0, high=1.0, low_open=True), 0.0, 0.0)
+    else:
+        params = (_checks.number(op, "tool_c", tool_c, low=0.0, low_open=True),
+                  _checks.number(op, "tool_coef", tool_coef), 0.0)
+    if _checks.host_checks(aux) and aux.numel():
+        values = aux.detach().double()
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"{op}: {wanted} must be finite, got {aux.tolist() if aux.numel() <= 20 else 'a NaN/inf'}")
+        if method == "otc" and bool((values < 0).any()):
+            raise ValueError(f"{op}: tool_calls must be >= 0, got min {values.min().item():g}")
+    inverse = dense(op, group_ids, n=scores.shape[0], device=scores.device)
+    dtype = out_dtype(scores)
+    return _shape_op(_compute(scores, dtype), _compute(aux, dtype), inverse, SHAPE_METHODS.index(method), *params)
+

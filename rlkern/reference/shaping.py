@@ -1,0 +1,81 @@
+"""Float64 references of the reward-shaping family (rlkern/ops/shaping.py): plain Python loops
+over each group, short and obviously right; the oracle the C++ and Triton kernels are tested
+against. Every formula and the choices it makes are documented on the public ops."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+ENSEMBLE_METHODS = ("mean", "wco", "uwo", "weighted")
+SHAPE_METHODS = ("grpo_lambda", "unlikeliness", "s_grpo", "otc")
+
+
+def ensemble_rewards(rewards: Tensor, method: str, coef: float = 0.0, weights: Tensor | None = None) -> Tensor:
+    """``[B, K]`` -> ``[B]``: mean, min (WCO), mean - coef * population variance (UWO), or sum_k w_k r_k."""
+    r = rewards.double()
+    if method == "mean":
+        return r.mean(dim=1) if r.shape[1] else r.new_full((r.shape[0],), float("nan"))
+    if method == "wco":
+        return r.min(dim=1).values
+    if method == "uwo":
+        mean = r.mean(dim=1, keepdim=True)
+        return mean[:, 0] - coef * ((r - mean) ** 2).mean(dim=1)
+    if method == "weighted":
+        return r @ weights.double()
+    raise ValueError(method)
+
+
+def _groups(inverse: Tensor) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, g in enumerate(inverse.tolist()):
+        groups.setdefault(g, []).append(i)
+    return groups
+
+
+def shape_rewards(scores: Tensor, inverse: Tensor, aux: Tensor | None, method: str, params: list[float]) -> Tensor:
+    """``[N]`` float64 shaped rewards; ``aux`` is the method's second per-sample tensor (lengths,
+    log-likelihoods, exit positions, tool calls); ``params`` as in rlkern/ops/shaping.py."""
+    s = [float(v) for v in scores.double().tolist()]
+    a = [float(v) for v in aux.double().tolist()] if aux is not None else [0.0] * len(s)
+    out = list(s)
+    for members in _groups(inverse).values():
+        correct = [j for j in members if s[j] > 0]
+        if method == "grpo_lambda":
+            threshold, alpha, eps = params
+            if not correct or len(correct) / len(members) < threshold:
+                continue  # a low correctness ratio: the plain 0/1 reward
+            mean = sum(a[j] for j in correct) / len(correct)
+            std = math.sqrt(sum((a[j] - mean) ** 2 for j in correct) / len(correct))
+            for i in correct:
+                z = (a[i] - mean) / (std + eps)
+                out[i] = s[i] * (1.0 - alpha / (1.0 + math.exp(-z)))
+        elif method == "unlikeliness":
+            (beta,) = params
+            g = len(members)
+            ranked = sorted(correct, key=lambda j: (-a[j], j))  # rank 0: the most likely
+            for rank, i in enumerate(ranked):
+                out[i] = s[i] * (1.0 - beta * (g - rank) / g)
+        elif method == "s_grpo":
+            (decay,) = params
+            ordered = sorted(correct, key=lambda j: (a[j], j))  # earliest exit first
+            for k, i in enumerate(ordered):
+                out[i] = s[i] * decay**k
+        elif method == "otc":
+            c, coef = params
+            n = min((a[j] for j in correct), default=0.0)
+            for i in members:
+                m = a[i]
+                if n == 0 and m == 0:
+                    tool = 1.0
+                elif n == 0:
+                    tool = math.cos(m * math.pi / (2 * m + c))
+                else:
+                    f = 2 * n * m / (m + n)
+                    tool = math.sin(f * math.pi / (2 * n))
+                out[i] = coef * tool * s[i]
+        else:
+            raise ValueError(method)
+    return torch.tensor(out, dtype=torch.float64)

@@ -1,0 +1,326 @@
+"""Reward shaping (rlkern/ops/shaping.py): ensemble_rewards and shape_rewards.
+
+Each paper's formula is checked on a hand-computed example (the expected numbers written out from
+the formula with Python floats), then every backend (C++, Triton interpreted, torch) against the
+float64 reference (rlkern/reference/shaping.py) on odd sizes, groups of one, equal rewards and
+empty batches; then the bad calls, torch.compile / opcheck, a GPU run and the sm_90 compile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rlkern
+from rlkern.ops import shaping as S
+from rlkern.reference import shaping as R
+from conftest import compile_for_sm90
+
+# ---------------------------------------------------------------------------------------------
+# Hand-computed examples, one per paper (run on every backend)
+
+
+def test_ensemble_rewards_hand_computed(backend):
+    # "Reward Model Ensembles Help Mitigate Overoptimization": three reward models, two samples
+    r = torch.tensor([[1.0, 3.0, 2.0], [0.0, -3.0, 0.0]])
+    mean = [(1.0 + 3.0 + 2.0) / 3, (0.0 - 3.0 + 0.0) / 3]
+    assert rlkern.ensemble_rewards(r).tolist() == pytest.approx(mean, abs=1e-6)
+    assert rlkern.ensemble_rewards(r, method="wco").tolist() == pytest.approx([1.0, -3.0], abs=1e-6)
+    var0 = ((1.0 - 2.0) ** 2 + (3.0 - 2.0) ** 2 + (2.0 - 2.0) ** 2) / 3
+    var1 = ((0.0 + 1.0) ** 2 + (-3.0 + 1.0) ** 2 + (0.0 + 1.0) ** 2) / 3
+    uwo = rlkern.ensemble_rewards(r, method="uwo", coef=0.5)
+    assert uwo.tolist() == pytest.approx([2.0 - 0.5 * var0, -1.0 - 0.5 * var1], abs=1e-6)
+
+
+def test_multi_objective_grpo_hand_computed(backend):
+    # "Optimizing Safe and Aligned Language Generation: A Multi-Objective GRPO Approach": the aspect
+    # scores are combined first, GRPO normalizes the combined reward within each group
+    r = torch.tensor([[1.0, 3.0, 2.0], [0.0, -3.0, 0.0], [2.0, 2.0, 2.0], [1.0, 0.0, 0.0]])
+    w = [0.5, 0.25, 0.25]
+    combined = [0.5 * 1 + 0.25 * 3 + 0.25 * 2, 0.25 * -3, 0.5 * 2 + 0.25 * 2 + 0.25 * 2, 0.5 * 1]
+    got = rlkern.ensemble_rewards(r, method="weighted", weights=w)
+    assert got.tolist() == pytest.approx(combined, abs=1e-6)
+    adv = rlkern.grpo(got, [0, 0, 1, 1])
+    m0, m1 = (combined[0] + combined[1]) / 2, (combined[2] + combined[3]) / 2
+    sd0 = math.sqrt(((combined[0] - m0) ** 2 + (combined[1] - m0) ** 2) / 1)  # unbiased std of 2
+    sd1 = math.sqrt(((combined[2] - m1) ** 2 + (combined[3] - m1) ** 2) / 1)
+    want = [(combined[0] - m0) / (sd0 + 1e-6), (combined[1] - m0) / (sd0 + 1e-6),
+            (combined[2] - m1) / (sd1 + 1e-6), (combined[3] - m1) / (sd1 + 1e-6)]
+    assert adv.tolist() == pytest.approx(want, abs=1e-5)
+
+
+def test_grpo_lambda_hand_computed(backend):
+    # group 0: 3 of 4 correct (ratio 0.75 >= 0.5): length penalty on the correct ones;
+    # group 1: 1 of 4 correct (0.25 < 0.5): the plain 0/1 reward
+    scores = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    lengths = torch.tensor([100, 200, 300, 50, 10, 20, 30, 40])
+    got = rlkern.shape_rewards(scores, [0, 0, 0, 0, 1, 1, 1, 1], method="grpo_lambda", lengths=lengths)
+    std = math.sqrt(((100 - 200) ** 2 + 0.0 + (300 - 200) ** 2) / 3)
+
+    def penalized(length):
+        return 1.0 - 0.2 / (1.0 + math.exp(-(length - 200) / (std + 1e-6)))
+
+    want = [penalized(100), penalized(200), penalized(300), 0.0, 1.0, 0.0, 0.0, 0.0]
+    assert penalized(200) == pytest.approx(0.9)
+    assert got.tolist() == pytest.approx(want, abs=1e-6)
+
+
+def test_unlikeliness_reward_hand_computed(backend):
+    # correct samples 0, 2, 3 ranked by likelihood: 2 (-2, rank 0), 0 (-5, rank 1), 3 (-9, rank 2)
+    scores = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    logprobs = torch.tensor([-5.0, -1.0, -2.0, -9.0])
+    got = rlkern.shape_rewards(scores, [7, 7, 7, 7], method="unlikeliness", logprobs=logprobs)
+    g, beta = 4, 0.25
+    want = [1 - beta * (g - 1) / g, 0.0, 1 - beta * (g - 0) / g, 1 - beta * (g - 2) / g]
+    assert want == [0.8125, 0.0, 0.75, 0.875]
+    assert got.tolist() == pytest.approx(want, abs=1e-7)
+
+
+def test_s_grpo_hand_computed(backend):
+    # one serial group: correct exits at positions 300, 200, 400 -> 1/2, 1, 1/4 (earliest first)
+    scores = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])
+    positions = torch.tensor([100, 300, 200, 50, 400])
+    got = rlkern.shape_rewards(scores, [0] * 5, method="s_grpo", exit_positions=positions)
+    assert got.tolist() == [0.0, 1 / 2 ** 1, 1 / 2 ** 0, 0.0, 1 / 2 ** 2]
+
+
+def test_otc_hand_computed(backend):
+    # group 0: fewest calls among correct n = 2; group 1: n = 0; group 2: no correct sample
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    calls = torch.tensor([2, 4, 0, 0, 3, 1, 2])
+    got = rlkern.shape_rewards(scores, [0, 0, 0, 1, 1, 2, 2], method="otc", tool_calls=calls)
+    f = 2 * 2 * 4 / (4 + 2)
+    want = [math.sin(2 * math.pi / (2 * 2)), math.sin(f * math.pi / (2 * 2)), 0.0,
+            1.0, math.cos(3 * math.pi / (2 * 3 + 1.0)), 0.0, 0.0]
+    assert got.tolist() == pytest.approx(want, abs=1e-6)
+    scaled = rlkern.shape_rewards(scores, [0, 0, 0, 1, 1, 2, 2], method="otc", tool_calls=calls, tool_coef=2.0)
+    assert scaled.tolist() == pytest.approx([2 * v for v in want], abs=1e-6)
+
+
+def test_lite_ppo_is_group_normalize_with_batch_std(backend):
+    # "Part I: Tricks or Traps? A Deep Dive into RL for LLM Reasoning": Lite PPO's advantage is the
+    # group mean with the batch std, group_normalize(scale="batch") -- no new op
+    scores = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    got = rlkern.group_normalize(torch.tensor(scores), [0] * 4 + [1] * 4, scale="batch")
+    means = [0.75] * 4 + [0.25] * 4
+    batch_mean = sum(scores) / 8
+    batch_std = math.sqrt(sum((s - batch_mean) ** 2 for s in scores) / 7)
+    want = [(s - m) / (batch_std + 1e-6) for s, m in zip(scores, means)]
+    assert got.tolist() == pytest.approx(want, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every backend against the float64 reference
+
+
+def _ensemble_case(b, k, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(b, k, generator=g, dtype=torch.float64) * 2
+    if b > 2:
+        r[1] = 0.7  # equal rewards: variance 0
+    return r.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("b,k", [(0, 3), (1, 1), (7, 5), (37, 3), (130, 2)])
+def test_ensemble_rewards_matches_reference(backend, dtype, b, k):
+    r = _ensemble_case(b, k, b * 31 + k, dtype)
+    w = [0.5 * (i + 1) - 1.0 for i in range(k)]
+    for method, kw in (("mean", {}), ("wco", {}), ("uwo", {"coef": 0.7}), ("weighted", {"weights": w})):
+        got = rlkern.ensemble_rewards(r, method=method, **kw)
+        want = R.ensemble_rewards(r, method, kw.get("coef", 0.0), torch.tensor(w) if method == "weighted" else None)
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert got.shape == (b,)
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, msg=method)
+    assert S._ENSEMBLE.backend(r.float() if dtype == torch.bfloat16 else r) == backend  # no silent fallback
+
+
+def test_ensemble_rewards_nan_row(backend):
+    r = torch.tensor([[1.0, float("nan"), 2.0], [1.0, 2.0, 3.0]])
+    for method, kw in (("mean", {}), ("wco", {}), ("uwo", {"coef": 1.0}), ("weighted", {"weights": [1, 1, 1]})):
+        got = rlkern.ensemble_rewards(r, method=method, **kw)
+        assert math.isnan(got[0].item()) and not math.isnan(got[1].item()), method
+
+
+def _shape_case(n, seed, method, dtype=torch.float32):
+    """Random groups (sizes 1..7, ids shuffled) with ties in the auxiliary values and one group of
+    equal rewards."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, max(1, n // 4), (n,), generator=g)
+    scores = (torch.rand(n, generator=g, dtype=torch.float64) > 0.4).double()
+    if method in ("grpo_lambda", "otc"):
+        scores = scores * (0.5 + torch.rand(n, generator=g, dtype=torch.float64))  # soft scores
+    if n > 3:
+        ids[:3] = 10_000  # one group of equal rewards
+        scores[:3] = 1.0
+    aux = {"grpo_lambda": lambda: torch.randint(10, 50, (n,), generator=g).double(),
+           "unlikeliness": lambda: -torch.randint(0, 6, (n,), generator=g).double() / 2,
+           "s_grpo": lambda: torch.randint(0, 6, (n,), generator=g).double() * 100,
+           "otc": lambda: torch.randint(0, 4, (n,), generator=g).double()}[method]()
+    return scores.to(dtype), ids, aux
+
+
+@pytest.mark.parametrize("method", R.SHAPE_METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [0, 1, 5, 33, 150])
+def test_shape_rewards_matches_reference(backend, method, dtype, n):
+    scores, ids, aux = _shape_case(n, n * 7 + len(method), method, dtype)
+    kw = {S.SHAPE_AUX[method]: aux}
+    got = rlkern.shape_rewards(scores, ids, method=method, **kw)
+    params = {"grpo_lambda": [0.5, 0.2, 1e-6], "unlikeliness": [0.25], "s_grpo": [0.5], "otc": [1.0, 1.0]}[method]
+    want = R.shape_rewards(scores, S.dense("t", ids), aux, method, params)
+    assert got.dtype == dtype and got.shape == (n,)
+    assert S._SHAPE.backend(scores) == backend  # no silent fallback
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_shape_rewards_options_and_singletons(backend):
+    # every sample its own group (groups of one), and non-default hyper-parameters
+    scores = torch.tensor([1.0, 0.0, 0.3, 1.0, 2.0], dtype=torch.float64)
+    aux = torch.tensor([3.0, 1.0, 0.0, 2.0, 5.0], dtype=torch.float64)
+    ids = [4, 3, 2, 1, 0]
+    cases = [("grpo_lambda", {"lengths": aux, "threshold": 1.0, "length_coef": 0.5, "eps": 0.1}, [1.0, 0.5, 0.1]),
+             ("unlikeliness", {"logprobs": aux, "rank_coef": 0.5}, [0.5]),
+             ("s_grpo", {"exit_positions": aux, "decay": 0.25}, [0.25]),
+             ("otc", {"tool_calls": aux, "tool_c": 2.0, "tool_coef": -1.5}, [2.0, -1.5])]
+    for method, kw, params in cases:
+        got = rlkern.shape_rewards(scores, ids, method=method, **kw)
+        want = R.shape_rewards(scores, torch.tensor(ids), aux, method, params)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=method)
+        # the same batch in one group, with a NaN score: it stays NaN, the others are finite
+        nan = scores.clone()
+        nan[1] = float("nan")
+        got = rlkern.shape_rewards(nan, [0] * 5, method=method, **kw)
+        want = R.shape_rewards(nan, torch.zeros(5, dtype=torch.long), aux, method, params)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True, msg=method)
+        assert math.isnan(got[1].item()) and bool(torch.isfinite(got[[0, 2, 3, 4]]).all()), method
+
+
+def test_shape_rewards_half_precision_and_string_ids():
+    scores, _, aux = _shape_case(21, 3, "otc", torch.float32)
+    ids = [f"prompt-{i % 5}" for i in range(21)]
+    got = rlkern.shape_rewards(scores.bfloat16(), ids, method="otc", tool_calls=aux.int())
+    want = R.shape_rewards(scores.bfloat16(), S.dense("t", ids), aux, "otc", [1.0, 1.0])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=2e-6)
+
+
+def test_outputs_carry_no_gradient():
+    r = torch.randn(4, 3, requires_grad=True)
+    assert not rlkern.ensemble_rewards(r).requires_grad
+    s = torch.ones(4, requires_grad=True)
+    assert not rlkern.shape_rewards(s, [0, 0, 1, 1], method="s_grpo", exit_positions=torch.arange(4)).requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad calls
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: rlkern.ensemble_rewards(torch.ones(3)), "rewards must be [B, K]"),
+    (lambda: rlkern.ensemble_rewards(torch.ones(3, 0)), "rewards must be [B, K]"),
+    (lambda: rlkern.ensemble_rewards(torch.ones(3, 2), method="max"), "method must be one of"),
+    (lambda: rlkern.ensemble_rewards(torch.ones(3, 2), method="uwo"), "coef (UWO's lambda) must be given"),
+    (lambda: rlkern.ensemble_rewards(torch.ones(3, 2), method="uwo", coef=-1.0), "coef must be"),
+    (lambda: rlkern.ensemble_rewards(torch.ones(3, 2), coef=1.0), "coef is UWO's lambda"),
+    (lambda: rlkern.ensemble_rewards(torch.ones(3, 2), method="weighted"), "weights (K floats) must be given"),
+    (lambda: rlkern.ensemble_rewards(torch.ones(3, 2), method="weighted", weights=[1.0]), "weights must have 2"),
+    (lambda: rlkern.ensemble_rewards(torch.ones(3, 2), method="weighted", weights=[1.0, float("nan")]),
+     "weights must be a finite number"),
+    (lambda: rlkern.ensemble_rewards(torch.ones(3, 2), weights=[1.0, 2.0]), "weights are only read"),
+    (lambda: rlkern.ensemble_rewards(torch.ones(3, 2, dtype=torch.long)), "rewards must be"),
+    (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="dapo", lengths=torch.ones(4)), "method must be"),
+    (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="otc"), "needs tool_calls"),
+    (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="otc", lengths=torch.ones(4)), "reads tool_calls"),
+    (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 3, method="s_grpo", exit_positions=torch.ones(4)),
+     "group_ids must have 4"),
+    (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="s_grpo", exit_positions=torch.ones(3)),
+     "exit_positions must have shape (4,)"),
+    (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="s_grpo", exit_positions=torch.ones(4) > 0),
+     "exit_positions must be a float or int"),
+    (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="s_grpo", exit_positions=torch.ones(4), decay=0.0),
+     "decay must be"),
+    (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="unlikeliness",
+                                  logprobs=torch.tensor([0.0, float("nan"), 1.0, 2.0])), "logprobs must be finite"),
+    (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="otc", tool_calls=torch.tensor([0, -1, 1, 2])),
+     "tool_calls must be >= 0"),
+    (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="otc", tool_calls=torch.ones(4), tool_c=0.0),
+     "tool_c must be"),
+    (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="grpo_lambda", lengths=torch.ones(4), threshold=1.5),
+     "threshold must be"),
+    (lambda: rlkern.shape_rewards(torch.ones(2, 2), [0] * 2, method="grpo_lambda", lengths=torch.ones(2, 2)),
+     "scores must be [N]"),
+])
+def test_bad_calls(call, message):
+    with pytest.raises((TypeError, ValueError)) as info:
+        call()
+    text = str(info.value)
+    assert text.startswith(("ensemble_rewards: ", "shape_rewards: ")) and message in text, text
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library and torch.compile
+
+
+def test_opcheck():
+    r = torch.randn(5, 3)
+    for method in range(4):
+        w = torch.randn(3) if method == 3 else None
+        torch.library.opcheck(S._ensemble_op, (r, w, method, 0.5))
+    s, ids, aux = _shape_case(9, 1, "otc")
+    inverse = S.dense("t", ids)
+    for method in range(4):
+        torch.library.opcheck(S._shape_op, (s, aux.float(), inverse, method, 0.5, 0.2, 1e-6))
+
+
+def test_torch_compile_fullgraph():
+    def step(r, ids, positions):
+        combined = rlkern.ensemble_rewards(r, method="uwo", coef=0.5)
+        shaped = rlkern.shape_rewards(combined, ids, method="s_grpo", exit_positions=positions)
+        return rlkern.grpo(shaped, ids)
+
+    r = torch.randn(8, 3)
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    positions = torch.arange(8)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(r, ids, positions), step(r, ids, positions))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU and sm_90
+
+
+@pytest.mark.gpu
+def test_cuda_matches_reference():
+    r = _ensemble_case(301, 4, 0).cuda()
+    for method, kw in (("mean", {}), ("wco", {}), ("uwo", {"coef": 0.3}), ("weighted", {"weights": [1, 2, 3, 4]})):
+        got = rlkern.ensemble_rewards(r, method=method, **kw)
+        want = R.ensemble_rewards(r.cpu(), method, kw.get("coef", 0.0), torch.tensor([1.0, 2, 3, 4]))
+        torch.testing.assert_close(got.cpu().double(), want, rtol=2e-6, atol=2e-6)
+    for method in R.SHAPE_METHODS:
+        for dtype in (torch.float32, torch.float64):
+            scores, ids, aux = _shape_case(517, 5, method, dtype)
+            got = rlkern.shape_rewards(scores.cuda(), ids.cuda(), method=method, **{S.SHAPE_AUX[method]: aux.cuda()})
+            params = {"grpo_lambda": [0.5, 0.2, 1e-6], "unlikeliness": [0.25], "s_grpo": [0.5],
+                      "otc": [1.0, 1.0]}[method]
+            want = R.shape_rewards(scores, S.dense("t", ids), aux, method, params)
+            tol = 1e-12 if dtype == torch.float64 else 2e-6
+            torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol)
+
+
+def test_triton_kernels_compile_for_sm90():
+    compile_for_sm90("""
+from rlkern.kernels import shaping as k
+for dt in ("fp32", "fp64"):
+    p = "*" + dt
+    for method in range(4):
+        build(k._ensemble_kernel, {"r_ptr": p, "w_ptr": p, "par_ptr": p, "out_ptr": p, "B": "i32", "K": "i32"},
+              {"METHOD": method, "BLOCK_B": 128, "BLOCK_K": 4})
+        build(k._shape_kernel, {"s_ptr": p, "a_ptr": p, "inv_ptr": "*i64", "perm_ptr": "*i64", "starts_ptr": "*i64",
+                                "par_ptr": p, "out_ptr": p}, {"METHOD": method, "BLOCK": 64})
+print("ok")
+""")
