@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -129,8 +130,19 @@ void shape_group(const S* s, const S* a, S* out, const int64_t* idx, int64_t g, 
   }
 }
 
+// GRPO-lambda's top-lambda selection as a threshold: the correctness ratio of the
+// ceil(fraction * G)-th best of the batch's G groups (inf when that count is 0; ties at the cut all
+// pass). The 1e-9 keeps a product like 0.3 * 10 = 3.0000000000000004 from rounding up.
+double top_fraction_cut(const std::vector<double>& ratios, double fraction) {
+  const auto count = static_cast<int64_t>(std::ceil(fraction * static_cast<double>(ratios.size()) - 1e-9));
+  if (count < 1) return std::numeric_limits<double>::infinity();
+  std::vector<double> sorted(ratios);
+  std::nth_element(sorted.begin(), sorted.begin() + (count - 1), sorted.end(), std::greater<double>());
+  return sorted[count - 1];
+}
+
 at::Tensor shape_cpu(const at::Tensor& scores, const std::optional<at::Tensor>& aux, const at::Tensor& inverse,
-                     int64_t method, double p0, double p1, double p2) {
+                     int64_t method, double p0, double p1, double p2, double p3) {
   TORCH_CHECK(scores.dim() == 1 && scores.is_contiguous(), "cpp_shape_rewards: scores must be contiguous [N]");
   TORCH_CHECK(inverse.scalar_type() == at::kLong && inverse.numel() == scores.numel() && inverse.is_contiguous(),
               "cpp_shape_rewards: inverse must be contiguous int64 [N]");
@@ -160,10 +172,22 @@ at::Tensor shape_cpu(const at::Tensor& scores, const std::optional<at::Tensor>& 
     }
     const scalar_t* s = scores.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
+    double threshold = p0;
+    if (method == kGrpoLambda && p3 >= 0) {
+      std::vector<double> ratios;
+      for (int64_t g = 0; g < N; ++g) {
+        if (starts[g + 1] == starts[g]) continue;
+        int64_t k = 0;
+        for (int64_t t = starts[g]; t < starts[g + 1]; ++t) k += s[members[t]] > 0;
+        ratios.push_back(static_cast<double>(k) / static_cast<double>(starts[g + 1] - starts[g]));
+      }
+      threshold = top_fraction_cut(ratios, p3);
+    }
     at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g)
         if (starts[g + 1] > starts[g])
-          shape_group<scalar_t>(s, a, o, members.data() + starts[g], starts[g + 1] - starts[g], method, p0, p1, p2);
+          shape_group<scalar_t>(s, a, o, members.data() + starts[g], starts[g + 1] - starts[g], method, threshold, p1,
+                                    p2);
     });
   });
   return out;
@@ -174,7 +198,7 @@ at::Tensor ensemble_meta(const at::Tensor& rewards, const std::optional<at::Tens
 }
 
 at::Tensor shape_meta(const at::Tensor& scores, const std::optional<at::Tensor>&, const at::Tensor&, int64_t, double,
-                      double, double) {
+                      double, double, double) {
   return at::empty_like(scores);
 }
 
@@ -182,8 +206,8 @@ at::Tensor shape_meta(const at::Tensor& scores, const std::optional<at::Tensor>&
 
 TORCH_LIBRARY_FRAGMENT(rlkern, m) {
   m.def("cpp_ensemble_rewards(Tensor rewards, Tensor? weights, int method, float coef) -> Tensor");
-  m.def("cpp_shape_rewards(Tensor scores, Tensor? aux, Tensor inverse, int method, float p0, float p1, float p2) "
-        "-> Tensor");
+  m.def("cpp_shape_rewards(Tensor scores, Tensor? aux, Tensor inverse, int method, float p0, float p1, float p2, "
+        "float p3) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {

@@ -9,8 +9,10 @@ correct members' mean and spread of the auxiliary value, the sample's rank among
 fewest tool calls), in float64, then writes its reward. That is O(group size) work per sample:
 groups are a rollout's samples per prompt (tens), so the walk is a few tiles.
 
-Hyper-parameters come from a device buffer in the compute dtype: a float argument of a Triton
-kernel is float32, which would round float64 calls' parameters.
+Hyper-parameters come from a float64 device buffer: a float argument of a Triton kernel is
+float32, which would round float64 calls' parameters and GRPO-lambda's threshold (a ratio such as
+1/3, compared with the group's k / g computed in float64). GRPO-lambda's top-lambda cut is
+computed into that buffer on the device.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ PI = tl.constexpr(3.141592653589793)
 def _ensemble_kernel(
     r_ptr,  # (B, K) contiguous, fp32/fp64
     w_ptr,  # (K,) rewards' dtype (METHOD 3), else any pointer
-    par_ptr,  # (1,) rewards' dtype: UWO's coef
+    par_ptr,  # (1,) fp64: UWO's coef
     out_ptr,  # (B,) rewards' dtype
     B, K,
     METHOD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -65,7 +67,7 @@ def ensemble_rewards(
     out = torch.empty(batch, dtype=rewards.dtype, device=rewards.device)
     if batch == 0:
         return out
-    par = torch.tensor([coef], dtype=rewards.dtype, device=rewards.device)
+    par = torch.tensor([coef], dtype=torch.float64, device=rewards.device)
     block_k = triton.next_power_of_2(max(k, 1))
     block_b = max(1, min(128, 4096 // block_k))
     _ensemble_kernel[(triton.cdiv(batch, block_b),)](
@@ -82,7 +84,7 @@ def _shape_kernel(
     inv_ptr,  # (N,) int64 dense group numbers in [0, N)
     perm_ptr,  # (N,) int64 sample numbers sorted by group (stable: rising within a group)
     starts_ptr,  # (N + 1,) int64: group g's members are perm[starts[g]:starts[g + 1]]
-    par_ptr,  # (3,) scores' dtype: the method's parameters
+    par_ptr,  # (3,) fp64: the method's parameters (GRPO-lambda's threshold compared with k / g in fp64)
     out_ptr,  # (N,) scores' dtype
     METHOD: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -151,21 +153,39 @@ def _shape_kernel(
     tl.store(out_ptr + i, out.to(out_ptr.dtype.element_ty))
 
 
+def _top_fraction_cut(scores, inverse, counts, fraction):
+    """GRPO-lambda's top-lambda selection as a threshold, on the device (no host sync): the
+    correctness ratio of the ceil(fraction * G)-th best of the G groups present (inf when that
+    count is 0). The ratios are k / g in float64, the very division the kernel gates on."""
+    correct = torch.zeros(counts.shape[0], dtype=torch.float64, device=scores.device)
+    correct.index_add_(0, inverse, (scores > 0).to(torch.float64))
+    present = counts > 0
+    ratios = torch.where(present, correct / counts.clamp_min(1).to(torch.float64), -1.0)
+    ordered = torch.sort(ratios, descending=True).values
+    groups = present.sum().to(torch.float64)
+    count = torch.ceil(fraction * groups - 1e-9).to(torch.int64)
+    cut = ordered[(count - 1).clamp_min(0)]
+    return torch.where(count >= 1, cut, torch.full_like(cut, float("inf")))
+
+
 def shape_rewards(
     scores: torch.Tensor,  # (N,) contiguous fp32/fp64
     aux: torch.Tensor | None,  # (N,) scores' dtype
     inverse: torch.Tensor,  # (N,) int64 dense group numbers in [0, N)
     method: int,
-    p0: float, p1: float, p2: float,
+    p0: float, p1: float, p2: float, p3: float,
 ) -> torch.Tensor:
     n = scores.numel()
     out = torch.empty_like(scores)
     if n == 0:
         return out
     perm = torch.sort(inverse, stable=True).indices
+    counts = torch.bincount(inverse, minlength=n)
     starts = torch.zeros(n + 1, dtype=torch.int64, device=scores.device)
-    starts[1:] = torch.bincount(inverse, minlength=n).cumsum(0)
-    par = torch.tensor([p0, p1, p2], dtype=scores.dtype, device=scores.device)
+    starts[1:] = counts.cumsum(0)
+    par = torch.tensor([p0, p1, p2], dtype=torch.float64, device=scores.device)
+    if method == SHAPE_CODES["grpo_lambda"] and p3 >= 0:
+        par[0] = _top_fraction_cut(scores, inverse, counts, p3)
     _shape_kernel[(n,)](scores, scores if aux is None else aux, inverse, perm, starts, par, out,
                         METHOD=method, BLOCK=64)
     return out

@@ -67,6 +67,42 @@ def test_grpo_lambda_hand_computed(backend):
     assert got.tolist() == pytest.approx(want, abs=1e-6)
 
 
+def test_grpo_lambda_top_fraction_hand_computed(backend):
+    # the paper's batch-wise gate: groups with ratios 1, 0.75, 0.5, 0.25, 0; lambda = 0.4 selects
+    # ceil(0.4 * 5) = 2 groups (ratios 1 and 0.75); group 2 (0.5) keeps its 0/1 reward although it
+    # would pass the fixed default threshold 0.5
+    scores = torch.tensor([1.0, 1, 1, 1] + [1, 1, 1, 0] + [1, 1, 0, 0] + [1, 0, 0, 0] + [0, 0, 0, 0])
+    lengths = torch.tensor([10, 20, 30, 40] + [10, 20, 30, 99] + [10, 20, 30, 40] * 3)
+    ids = [g for g in range(5) for _ in range(4)]
+    got = rlkern.shape_rewards(scores, ids, method="grpo_lambda", lengths=lengths, top_fraction=0.4)
+    std0, std1 = math.sqrt((15 ** 2 + 5 ** 2 + 5 ** 2 + 15 ** 2) / 4), math.sqrt((10 ** 2 + 0 + 10 ** 2) / 3)
+
+    def penalized(length, mean, std):
+        return 1.0 - 0.2 / (1.0 + math.exp(-(length - mean) / (std + 1e-6)))
+
+    want = ([penalized(n, 25, std0) for n in (10, 20, 30, 40)] + [penalized(n, 20, std1) for n in (10, 20, 30)]
+            + [0.0] + [1.0, 1.0, 0.0, 0.0] + [1.0, 0.0, 0.0, 0.0] + [0.0] * 4)
+    assert got.tolist() == pytest.approx(want, abs=1e-6)
+    fixed = rlkern.shape_rewards(scores, ids, method="grpo_lambda", lengths=lengths)
+    assert fixed[8:10].tolist() != [1.0, 1.0]  # the fixed 0.5 gate penalizes group 2
+    none = rlkern.shape_rewards(scores, ids, method="grpo_lambda", lengths=lengths, top_fraction=0.0)
+    assert none.tolist() == scores.tolist()
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 1.0])
+def test_grpo_lambda_top_fraction_matches_reference(backend, fraction):
+    # ten groups of four (0.3 * 10 rounds to 3.0000000000000004: three groups, not four), and
+    # 23 samples in odd groups with ties in the ratios
+    for n, dtype in ((40, torch.float32), (23, torch.float64)):
+        scores, _, lengths = _shape_case(n, 11, "grpo_lambda", dtype)
+        ids = torch.arange(n) // 4 if n == 40 else torch.arange(n) % 6
+        got = rlkern.shape_rewards(scores, ids, method="grpo_lambda", lengths=lengths, top_fraction=fraction)
+        want = R.shape_rewards(scores, S.dense("t", ids), lengths, "grpo_lambda", [0.5, 0.2, 1e-6, fraction])
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    assert R.top_fraction_cut([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1], 0.3) == 0.8
+
+
 def test_unlikeliness_reward_hand_computed(backend):
     # correct samples 0, 2, 3 ranked by likelihood: 2 (-2, rank 0), 0 (-5, rank 1), 3 (-9, rank 2)
     scores = torch.tensor([1.0, 0.0, 1.0, 1.0])
@@ -170,7 +206,7 @@ def test_shape_rewards_matches_reference(backend, method, dtype, n):
     scores, ids, aux = _shape_case(n, n * 7 + len(method), method, dtype)
     kw = {S.SHAPE_AUX[method]: aux}
     got = rlkern.shape_rewards(scores, ids, method=method, **kw)
-    params = {"grpo_lambda": [0.5, 0.2, 1e-6], "unlikeliness": [0.25], "s_grpo": [0.5], "otc": [1.0, 1.0]}[method]
+    params = {"grpo_lambda": [0.5, 0.2, 1e-6, -1.0], "unlikeliness": [0.25], "s_grpo": [0.5], "otc": [1.0, 1.0]}[method]
     want = R.shape_rewards(scores, S.dense("t", ids), aux, method, params)
     assert got.dtype == dtype and got.shape == (n,)
     assert S._SHAPE.backend(scores) == backend  # no silent fallback
@@ -183,7 +219,8 @@ def test_shape_rewards_options_and_singletons(backend):
     scores = torch.tensor([1.0, 0.0, 0.3, 1.0, 2.0], dtype=torch.float64)
     aux = torch.tensor([3.0, 1.0, 0.0, 2.0, 5.0], dtype=torch.float64)
     ids = [4, 3, 2, 1, 0]
-    cases = [("grpo_lambda", {"lengths": aux, "threshold": 1.0, "length_coef": 0.5, "eps": 0.1}, [1.0, 0.5, 0.1]),
+    cases = [("grpo_lambda", {"lengths": aux, "threshold": 1.0, "length_coef": 0.5, "eps": 0.1}, [1.0, 0.5, 0.1, -1]),
+             ("grpo_lambda", {"lengths": aux, "top_fraction": 0.4, "eps": 0.1}, [0.5, 0.2, 0.1, 0.4]),
              ("unlikeliness", {"logprobs": aux, "rank_coef": 0.5}, [0.5]),
              ("s_grpo", {"exit_positions": aux, "decay": 0.25}, [0.25]),
              ("otc", {"tool_calls": aux, "tool_c": 2.0, "tool_coef": -1.5}, [2.0, -1.5])]
@@ -252,6 +289,10 @@ def test_outputs_carry_no_gradient():
      "tool_c must be"),
     (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="grpo_lambda", lengths=torch.ones(4), threshold=1.5),
      "threshold must be"),
+    (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="otc", tool_calls=torch.ones(4), top_fraction=0.5),
+     "top_fraction is GRPO-lambda's"),
+    (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="grpo_lambda", lengths=torch.ones(4),
+                                  top_fraction=1.5), "top_fraction must be"),
     (lambda: rlkern.shape_rewards(torch.ones(2, 2), [0] * 2, method="grpo_lambda", lengths=torch.ones(2, 2)),
      "scores must be [N]"),
 ])
@@ -274,7 +315,8 @@ def test_opcheck():
     s, ids, aux = _shape_case(9, 1, "otc")
     inverse = S.dense("t", ids)
     for method in range(4):
-        torch.library.opcheck(S._shape_op, (s, aux.float(), inverse, method, 0.5, 0.2, 1e-6))
+        torch.library.opcheck(S._shape_op, (s, aux.float(), inverse, method, 0.5, 0.2, 1e-6, -1.0))
+    torch.library.opcheck(S._shape_op, (s, aux.float(), inverse, 0, 0.5, 0.2, 1e-6, 0.3))
 
 
 def test_torch_compile_fullgraph():
@@ -305,7 +347,7 @@ def test_cuda_matches_reference():
         for dtype in (torch.float32, torch.float64):
             scores, ids, aux = _shape_case(517, 5, method, dtype)
             got = rlkern.shape_rewards(scores.cuda(), ids.cuda(), method=method, **{S.SHAPE_AUX[method]: aux.cuda()})
-            params = {"grpo_lambda": [0.5, 0.2, 1e-6], "unlikeliness": [0.25], "s_grpo": [0.5],
+            params = {"grpo_lambda": [0.5, 0.2, 1e-6, -1.0], "unlikeliness": [0.25], "s_grpo": [0.5],
                       "otc": [1.0, 1.0]}[method]
             want = R.shape_rewards(scores, S.dense("t", ids), aux, method, params)
             tol = 1e-12 if dtype == torch.float64 else 2e-6
@@ -318,9 +360,9 @@ from rlkern.kernels import shaping as k
 for dt in ("fp32", "fp64"):
     p = "*" + dt
     for method in range(4):
-        build(k._ensemble_kernel, {"r_ptr": p, "w_ptr": p, "par_ptr": p, "out_ptr": p, "B": "i32", "K": "i32"},
+        build(k._ensemble_kernel, {"r_ptr": p, "w_ptr": p, "par_ptr": "*fp64", "out_ptr": p, "B": "i32", "K": "i32"},
               {"METHOD": method, "BLOCK_B": 128, "BLOCK_K": 4})
         build(k._shape_kernel, {"s_ptr": p, "a_ptr": p, "inv_ptr": "*i64", "perm_ptr": "*i64", "starts_ptr": "*i64",
-                                "par_ptr": p, "out_ptr": p}, {"METHOD": method, "BLOCK": 64})
+                                "par_ptr": "*fp64", "out_ptr": p}, {"METHOD": method, "BLOCK": 64})
 print("ok")
 """)

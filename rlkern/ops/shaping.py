@@ -38,9 +38,9 @@ def _torch_ensemble(rewards, weights, method, coef):
     return reference.ensemble_rewards(rewards, ENSEMBLE_METHODS[method], coef, weights).to(rewards.dtype)
 
 
-def _torch_shape(scores, aux, inverse, method, p0, p1, p2):
+def _torch_shape(scores, aux, inverse, method, p0, p1, p2, p3):
     method = SHAPE_METHODS[method]
-    params = {"grpo_lambda": [p0, p1, p2], "unlikeliness": [p0], "s_grpo": [p0], "otc": [p0, p1]}[method]
+    params = {"grpo_lambda": [p0, p1, p2, p3], "unlikeliness": [p0], "s_grpo": [p0], "otc": [p0, p1]}[method]
     return reference.shape_rewards(scores, inverse, aux, method, params).to(scores.dtype).to(scores.device)
 
 
@@ -62,13 +62,15 @@ def _(rewards, weights, method, coef):
 
 
 @torch.library.custom_op("rlkern::shape_rewards", mutates_args=())
-def _shape_op(scores: Tensor, aux: Tensor, inverse: Tensor, method: int, p0: float, p1: float, p2: float) -> Tensor:
-    # scores, aux [N] contiguous fp32/fp64 (same dtype); inverse [N] int64 dense group numbers in [0, N)
-    return _SHAPE.pick(scores)(scores, aux, inverse, method, p0, p1, p2)
+def _shape_op(scores: Tensor, aux: Tensor, inverse: Tensor, method: int, p0: float, p1: float, p2: float,
+              p3: float) -> Tensor:
+    # scores, aux [N] contiguous fp32/fp64 (same dtype); inverse [N] int64 dense group numbers in [0, N);
+    # p0..p3: the method's parameters (GRPO-lambda: threshold, length_coef, eps, top_fraction or -1)
+    return _SHAPE.pick(scores)(scores, aux, inverse, method, p0, p1, p2, p3)
 
 
 @_shape_op.register_fake
-def _(scores, aux, inverse, method, p0, p1, p2):
+def _(scores, aux, inverse, method, p0, p1, p2, p3):
     return torch.empty_like(scores)
 
 
@@ -144,6 +146,7 @@ def shape_rewards(
     exit_positions: Tensor | None = None,
     tool_calls: Tensor | None = None,
     threshold: float = 0.5,
+    top_fraction: float | None = None,
     length_coef: float = 0.2,
     eps: float = 1e-6,
     rank_coef: float = 0.25,
@@ -159,7 +162,11 @@ def shape_rewards(
 
     - ``"grpo_lambda"`` ("Stable Reinforcement Learning for Efficient Reasoning", GRPO-lambda),
       reads ``lengths`` ``[N]``: a group whose correctness ratio ``k / g`` (k correct samples) is
-      ``>= threshold`` gets the length penalty, any other group keeps its 0/1 (score) reward::
+      ``>= threshold`` gets the length penalty, any other group keeps its 0/1 (score) reward.
+      The paper's own gate is batch-wise: the top-lambda fraction of the batch's groups by
+      correctness ratio get the penalty; ``top_fraction=lambda`` does that (the threshold is then
+      the ratio of the ``ceil(lambda * G)``-th best of the batch's G groups, found on the device;
+      groups tied with it are selected too), and replaces ``threshold``::
 
           r_i = s_i * (1 - length_coef * sigmoid((len_i - mean_c) / (std_c + eps)))   correct i
           r_i = s_i                                                                   otherwise
@@ -167,10 +174,10 @@ def shape_rewards(
       with ``mean_c`` / ``std_c`` the mean and population std of the correct samples' lengths in
       the group. Choices: the paper gates a length penalty taken from prior work (the
       sigmoid-of-z-score penalty of Arora & Zanette, "Training Language Models to Reason
-      Efficiently", which is the form above, their alpha = ``length_coef``, 0.2 one of their
-      values); the paper picks the top-lambda fraction of a batch's groups by correctness ratio,
-      which is this gate with ``threshold`` at that batch quantile; as a fixed threshold it has
-      no paper value, and 0.5 (a majority of correct samples) is our default.
+      Efficiently", which is the form above as we read the paper, their alpha =
+      ``length_coef``, 0.2 one of their values); a fixed ``threshold`` has no paper value, and
+      0.5 (a majority of correct samples) is our default; ``top_fraction`` has no default (the
+      paper tunes lambda), so the fixed gate is the default.
     - ``"unlikeliness"`` ("Rewarding the Unlikely: Lifting GRPO Beyond Distribution
       Sharpening"), reads ``logprobs`` ``[N]`` (each sample's sequence log-likelihood under the
       policy): the correct samples of a group are ranked by likelihood, rank 0 the most likely
@@ -209,6 +216,8 @@ def shape_rewards(
         lengths, logprobs, exit_positions, tool_calls: ``[N]`` float or int, the one ``method``
             reads (finite; tool calls >= 0); bf16/fp16 scores compute in float32.
         threshold: GRPO-lambda's correctness ratio gate, in [0, 1].
+        top_fraction: GRPO-lambda's lambda, in [0, 1]: gate the top fraction of the batch's
+            groups instead of a fixed ``threshold``.
         length_coef: GRPO-lambda's penalty weight, in [0, 1].
         eps: added to the length std.
         rank_coef: the unlikeliness reward's beta_rank, in [0, 1].
@@ -239,18 +248,22 @@ def shape_rewards(
         raise ValueError(f"{op}: {wanted} must have shape {tuple(scores.shape)}, got {tuple(aux.shape)}")
     if aux.device != scores.device:
         raise ValueError(f"{op}: {wanted} is on {aux.device} but scores are on {scores.device}")
-    params = (0.0, 0.0, 0.0)
+    if top_fraction is not None and method != "grpo_lambda":
+        raise ValueError(f"{op}: top_fraction is GRPO-lambda's and is only read with method='grpo_lambda', "
+                         f"got {top_fraction!r} with {method!r}")
     if method == "grpo_lambda":
         params = (_checks.number(op, "threshold", threshold, low=0.0, high=1.0),
                   _checks.number(op, "length_coef", length_coef, low=0.0, high=1.0),
-                  _checks.number(op, "eps", eps, low=0.0))
+                  _checks.number(op, "eps", eps, low=0.0),
+                  -1.0 if top_fraction is None else _checks.number(op, "top_fraction", top_fraction, low=0.0,
+                                                                   high=1.0))
     elif method == "unlikeliness":
-        params = (_checks.number(op, "rank_coef", rank_coef, low=0.0, high=1.0), 0.0, 0.0)
+        params = (_checks.number(op, "rank_coef", rank_coef, low=0.0, high=1.0), 0.0, 0.0, 0.0)
     elif method == "s_grpo":
-        params = (_checks.number(op, "decay", decay, low=0.0, high=1.0, low_open=True), 0.0, 0.0)
+        params = (_checks.number(op, "decay", decay, low=0.0, high=1.0, low_open=True), 0.0, 0.0, 0.0)
     else:
         params = (_checks.number(op, "tool_c", tool_c, low=0.0, low_open=True),
-                  _checks.number(op, "tool_coef", tool_coef), 0.0)
+                  _checks.number(op, "tool_coef", tool_coef), 0.0, 0.0)
     if _checks.host_checks(aux) and aux.numel():
         values = aux.detach().double()
         if not bool(torch.isfinite(values).all()):

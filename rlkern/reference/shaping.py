@@ -35,16 +35,28 @@ def _groups(inverse: Tensor) -> dict[int, list[int]]:
     return groups
 
 
+def top_fraction_cut(ratios: list[float], fraction: float) -> float:
+    """The correctness ratio of the ceil(fraction * G)-th best of G groups (inf when that is 0):
+    GRPO-lambda's top-lambda selection as a threshold (ties at the cut are all selected)."""
+    count = math.ceil(fraction * len(ratios) - 1e-9)
+    return sorted(ratios, reverse=True)[count - 1] if count >= 1 else math.inf
+
+
 def shape_rewards(scores: Tensor, inverse: Tensor, aux: Tensor | None, method: str, params: list[float]) -> Tensor:
     """``[N]`` float64 shaped rewards; ``aux`` is the method's second per-sample tensor (lengths,
-    log-likelihoods, exit positions, tool calls); ``params`` as in rlkern/ops/shaping.py."""
+    log-likelihoods, exit positions, tool calls); ``params`` as in rlkern/ops/shaping.py
+    (GRPO-lambda: threshold, length_coef, eps, top_fraction or -1)."""
     s = [float(v) for v in scores.double().tolist()]
     a = [float(v) for v in aux.double().tolist()] if aux is not None else [0.0] * len(s)
     out = list(s)
-    for members in _groups(inverse).values():
+    groups = _groups(inverse)
+    if method == "grpo_lambda" and params[3] >= 0:
+        ratios = [sum(s[j] > 0 for j in members) / len(members) for members in groups.values()]
+        params = [top_fraction_cut(ratios, params[3])] + list(params[1:])
+    for members in groups.values():
         correct = [j for j in members if s[j] > 0]
         if method == "grpo_lambda":
-            threshold, alpha, eps = params
+            threshold, alpha, eps, _ = params
             if not correct or len(correct) / len(members) < threshold:
                 continue  # a low correctness ratio: the plain 0/1 reward
             mean = sum(a[j] for j in correct) / len(correct)
