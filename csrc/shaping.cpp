@@ -4,8 +4,8 @@
 // cpp_ensemble_rewards: one task per row of [B, K] reward-model scores (mean, WCO min, UWO mean -
 // coef * population variance, weighted sum). cpp_shape_rewards: samples are bucketed by their dense
 // group number (a counting sort, O(N)); each group is one task that reads its members' scores and
-// the method's auxiliary value (length, log-likelihood, exit position, tool calls) and writes the
-// shaped rewards. Inputs arrive contiguous in the compute type (double for float64 input, float
+// the method's auxiliary value (length, log-likelihood, exit position, tool calls, budget; HBPO's
+// reward also reads the budgets as aux2) and writes the shaped rewards, or HBPO's advantages. Inputs arrive contiguous in the compute type (double for float64 input, float
 // otherwise; the op converts); group statistics run in double.
 #include "common.h"
 
@@ -27,7 +27,7 @@ constexpr double kPi = 3.14159265358979323846;
 
 // method codes: the order of rlkern.reference.shaping.ENSEMBLE_METHODS / SHAPE_METHODS
 enum Ensemble : int64_t { kMean = 0, kWco = 1, kUwo = 2, kWeighted = 3 };
-enum Shape : int64_t { kGrpoLambda = 0, kUnlikeliness = 1, kSGrpo = 2, kOtc = 3 };
+enum Shape : int64_t { kGrpoLambda = 0, kUnlikeliness = 1, kSGrpo = 2, kOtc = 3, kHbpo = 4, kHbpoAdvantage = 5 };
 
 template <typename S>
 void ensemble_rows(const S* r, const S* w, S* out, int64_t B, int64_t K, int64_t method, double coef) {
@@ -79,10 +79,41 @@ at::Tensor ensemble_cpu(const at::Tensor& rewards, const std::optional<at::Tenso
   return out;
 }
 
-// One group: `idx` holds its members' sample numbers in rising order.
+// One group: `idx` holds its members' sample numbers in rising order; `b` the budgets (HBPO).
 template <typename S>
-void shape_group(const S* s, const S* a, S* out, const int64_t* idx, int64_t g, int64_t method, double p0, double p1,
-                 double p2) {
+void shape_group(const S* s, const S* a, const S* b, S* out, const int64_t* idx, int64_t g, int64_t method, double p0,
+                 double p1, double p2) {
+  if (method == kHbpo) {  // per sample: p0 = L_max, p1 = beta, p2 = alpha
+    for (int64_t t = 0; t < g; ++t) {
+      const int64_t i = idx[t];
+      const double si = s[i], n = a[i], budget = b[i];
+      double r = std::isnan(si) ? si : 0.0;
+      if (si > 0 && n <= p0)
+        r = n > budget ? p1 * std::cos(kPi * n / (2.0 * p0)) - p2 * std::fabs(n - budget)
+                       : p1 * std::cos(kPi * budget / (2.0 * p0));
+      out[i] = static_cast<S>(r);
+    }
+    return;
+  }
+  if (method == kHbpoAdvantage) {  // s = rewards, a = budgets; p0 = L_max, p1 = beta, p2 = eps
+    if (g == 1) {  // verl's group of one: mean 0, std 1, no subgroup term
+      out[idx[0]] = static_cast<S>(s[idx[0]] / (1.0 + p2));
+      return;
+    }
+    double mean = 0.0, var = 0.0;
+    for (int64_t t = 0; t < g; ++t) mean += s[idx[t]];
+    mean /= static_cast<double>(g);
+    for (int64_t t = 0; t < g; ++t) var += (s[idx[t]] - mean) * (s[idx[t]] - mean);
+    const double std = std::sqrt(var / static_cast<double>(g - 1));  // unbiased, as torch.std
+    for (int64_t t = 0; t < g; ++t) {
+      const int64_t i = idx[t];
+      double sub = 0.0, count = 0.0;
+      for (int64_t u = 0; u < g; ++u)
+        if (a[idx[u]] == a[i]) sub += s[idx[u]], count += 1.0;
+      out[i] = static_cast<S>((s[i] - mean) / (std + p2) + sub / count - p1 * std::cos(kPi * a[i] / (2.0 * p0)));
+    }
+    return;
+  }
   std::vector<int64_t> correct;
   for (int64_t t = 0; t < g; ++t)
     if (s[idx[t]] > 0) correct.push_back(idx[t]);  // NaN is not > 0
@@ -141,8 +172,8 @@ double top_fraction_cut(const std::vector<double>& ratios, double fraction) {
   return sorted[count - 1];
 }
 
-at::Tensor shape_cpu(const at::Tensor& scores, const std::optional<at::Tensor>& aux, const at::Tensor& inverse,
-                     int64_t method, double p0, double p1, double p2, double p3) {
+at::Tensor shape_cpu(const at::Tensor& scores, const std::optional<at::Tensor>& aux, const std::optional<at::Tensor>& aux2,
+                     const at::Tensor& inverse, int64_t method, double p0, double p1, double p2, double p3) {
   TORCH_CHECK(scores.dim() == 1 && scores.is_contiguous(), "cpp_shape_rewards: scores must be contiguous [N]");
   TORCH_CHECK(inverse.scalar_type() == at::kLong && inverse.numel() == scores.numel() && inverse.is_contiguous(),
               "cpp_shape_rewards: inverse must be contiguous int64 [N]");
@@ -170,6 +201,13 @@ at::Tensor shape_cpu(const at::Tensor& scores, const std::optional<at::Tensor>& 
       zeros.assign(N, scalar_t(0));
       a = zeros.data();
     }
+    const scalar_t* b = a;
+    if (method == kHbpo) {
+      TORCH_CHECK(aux2.has_value() && aux2->numel() == N && aux2->scalar_type() == scores.scalar_type() &&
+                      aux2->is_contiguous(),
+                  "cpp_shape_rewards: aux2 (budgets) must be contiguous [N] of scores' dtype");
+      b = aux2->data_ptr<scalar_t>();
+    }
     const scalar_t* s = scores.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     double threshold = p0;
@@ -186,7 +224,7 @@ at::Tensor shape_cpu(const at::Tensor& scores, const std::optional<at::Tensor>& 
     at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g)
         if (starts[g + 1] > starts[g])
-          shape_group<scalar_t>(s, a, o, members.data() + starts[g], starts[g + 1] - starts[g], method, threshold, p1,
+          shape_group<scalar_t>(s, a, b, o, members.data() + starts[g], starts[g + 1] - starts[g], method, threshold, p1,
                                     p2);
     });
   });
@@ -197,8 +235,8 @@ at::Tensor ensemble_meta(const at::Tensor& rewards, const std::optional<at::Tens
   return at::empty({rewards.size(0)}, rewards.options());
 }
 
-at::Tensor shape_meta(const at::Tensor& scores, const std::optional<at::Tensor>&, const at::Tensor&, int64_t, double,
-                      double, double, double) {
+at::Tensor shape_meta(const at::Tensor& scores, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                      const at::Tensor&, int64_t, double, double, double, double) {
   return at::empty_like(scores);
 }
 
@@ -206,7 +244,7 @@ at::Tensor shape_meta(const at::Tensor& scores, const std::optional<at::Tensor>&
 
 TORCH_LIBRARY_FRAGMENT(rlkern, m) {
   m.def("cpp_ensemble_rewards(Tensor rewards, Tensor? weights, int method, float coef) -> Tensor");
-  m.def("cpp_shape_rewards(Tensor scores, Tensor? aux, Tensor inverse, int method, float p0, float p1, float p2, "
+  m.def("cpp_shape_rewards(Tensor scores, Tensor? aux, Tensor? aux2, Tensor inverse, int method, float p0, float p1, float p2, "
         "float p3) -> Tensor");
 }
 

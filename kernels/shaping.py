@@ -6,7 +6,9 @@ whole K in one tile (K is a handful of models). ``shape_rewards``: the samples a
 group number on the device (a stable sort, no host sync); one program per sample walks its
 group's members in tiles and reduces what its method needs (count of correct members, the
 correct members' mean and spread of the auxiliary value, the sample's rank among them, their
-fewest tool calls), in float64, then writes its reward. That is O(group size) work per sample:
+fewest tool calls), in float64, then writes its reward. HBPO has its own kernel: its reward is
+per sample, its advantage walks the group for the mean, the unbiased std and the sample's budget
+subgroup's mean. That is O(group size) work per sample:
 groups are a rollout's samples per prompt (tens), so the walk is a few tiles.
 
 Hyper-parameters come from a float64 device buffer: a float argument of a Triton kernel is
@@ -23,7 +25,7 @@ import triton.language as tl
 
 # the method codes: the order of rlkern.reference.shaping.ENSEMBLE_METHODS / SHAPE_METHODS
 ENSEMBLE_CODES = {"mean": 0, "wco": 1, "uwo": 2, "weighted": 3}
-SHAPE_CODES = {"grpo_lambda": 0, "unlikeliness": 1, "s_grpo": 2, "otc": 3}
+SHAPE_CODES = {"grpo_lambda": 0, "unlikeliness": 1, "s_grpo": 2, "otc": 3, "hbpo": 4, "hbpo_advantage": 5}
 PI = tl.constexpr(3.141592653589793)
 
 
@@ -153,6 +155,65 @@ def _shape_kernel(
     tl.store(out_ptr + i, out.to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _hbpo_kernel(
+    s_ptr,  # (N,) scores (METHOD 4) or rewards (METHOD 5), fp32/fp64
+    a_ptr,  # (N,) lengths (METHOD 4) or budgets (METHOD 5), scores' dtype
+    b_ptr,  # (N,) budgets, scores' dtype (METHOD 4), else any pointer
+    inv_ptr,  # (N,) int64 dense group numbers in [0, N)
+    perm_ptr,  # (N,) int64 sample numbers sorted by group
+    starts_ptr,  # (N + 1,) int64 group starts in perm
+    par_ptr,  # (3,) fp64: L_max, beta, alpha (METHOD 4) or eps (METHOD 5)
+    out_ptr,  # (N,) scores' dtype
+    METHOD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """HBPO (rlkern/ops/shaping.py): METHOD 4 the budget-aware reward of sample i; METHOD 5 its
+    advantage: group z-score (unbiased std) + its budget subgroup's mean reward - f2(b)."""
+    i = tl.program_id(0).to(tl.int64)
+    si = tl.load(s_ptr + i).to(tl.float64)
+    ai = tl.load(a_ptr + i).to(tl.float64)
+    p0 = tl.load(par_ptr).to(tl.float64)
+    p1 = tl.load(par_ptr + 1).to(tl.float64)
+    p2 = tl.load(par_ptr + 2).to(tl.float64)
+    if METHOD == 4:
+        budget = tl.load(b_ptr + i).to(tl.float64)
+        over = p1 * tl.cos(ai * PI / (2.0 * p0)) - p2 * tl.abs(ai - budget)
+        within = p1 * tl.cos(budget * PI / (2.0 * p0))
+        r = tl.where(ai > budget, over, within)
+        out = tl.where((si > 0) & (ai <= p0), r, tl.where(si != si, si, 0.0))
+    else:
+        grp = tl.load(inv_ptr + i)
+        start = tl.load(starts_ptr + grp)
+        end = tl.load(starts_ptr + grp + 1)
+        g = (end - start).to(tl.float64)
+        lane = tl.arange(0, BLOCK).to(tl.int64)
+        total = tl.full([], 0.0, tl.float64)
+        sub = tl.full([], 0.0, tl.float64)
+        count = tl.full([], 0.0, tl.float64)
+        for off in range(start, end, BLOCK):
+            t = off + lane
+            inb = t < end
+            j = tl.load(perm_ptr + t, mask=inb, other=0)
+            sj = tl.load(s_ptr + j, mask=inb, other=0.0).to(tl.float64)
+            aj = tl.load(a_ptr + j, mask=inb, other=0.0).to(tl.float64)
+            same = inb & (aj == ai)
+            total += tl.sum(sj, axis=0)
+            sub += tl.sum(tl.where(same, sj, 0.0), axis=0)
+            count += tl.sum(same.to(tl.float64), axis=0)
+        mean = total / g
+        var = tl.full([], 0.0, tl.float64)
+        for off in range(start, end, BLOCK):
+            t = off + lane
+            inb = t < end
+            j = tl.load(perm_ptr + t, mask=inb, other=0)
+            d = tl.where(inb, tl.load(s_ptr + j, mask=inb, other=0.0).to(tl.float64) - mean, 0.0)
+            var += tl.sum(d * d, axis=0)
+        std = tl.sqrt(var / tl.maximum(g - 1.0, 1.0))
+        grouped = (si - mean) / (std + p2) + sub / count - p1 * tl.cos(ai * PI / (2.0 * p0))
+        out = tl.where(g > 1.0, grouped, si / (1.0 + p2))  # a group of one: verl's mean 0, std 1
+    tl.store(out_ptr + i, out.to(out_ptr.dtype.element_ty))
+
+
 def _top_fraction_cut(scores, inverse, counts, fraction):
     """GRPO-lambda's top-lambda selection as a threshold, on the device (no host sync): the
     correctness ratio of the ceil(fraction * G)-th best of the G groups present (inf when that
@@ -171,6 +232,7 @@ def _top_fraction_cut(scores, inverse, counts, fraction):
 def shape_rewards(
     scores: torch.Tensor,  # (N,) contiguous fp32/fp64
     aux: torch.Tensor | None,  # (N,) scores' dtype
+    aux2: torch.Tensor | None,  # (N,) scores' dtype: budgets (HBPO's reward)
     inverse: torch.Tensor,  # (N,) int64 dense group numbers in [0, N)
     method: int,
     p0: float, p1: float, p2: float, p3: float,
@@ -186,6 +248,10 @@ def shape_rewards(
     par = torch.tensor([p0, p1, p2], dtype=torch.float64, device=scores.device)
     if method == SHAPE_CODES["grpo_lambda"] and p3 >= 0:
         par[0] = _top_fraction_cut(scores, inverse, counts, p3)
-    _shape_kernel[(n,)](scores, scores if aux is None else aux, inverse, perm, starts, par, out,
-                        METHOD=method, BLOCK=64)
+    if method >= SHAPE_CODES["hbpo"]:
+        _hbpo_kernel[(n,)](scores, aux, scores if aux2 is None else aux2, inverse, perm, starts, par, out,
+                           METHOD=method, BLOCK=64)
+    else:
+        _shape_kernel[(n,)](scores, scores if aux is None else aux, inverse, perm, starts, par, out,
+                            METHOD=method, BLOCK=64)
     return out

@@ -22,7 +22,7 @@ from rlkern.ops.logprobs import (
 from rlkern.ops.policy_loss import aggregate, kl_penalty, policy_loss, value_loss
 from rlkern.ops.preference import bco_loss, kto_loss, preference_loss
 from rlkern.ops.preference_tokens import dpo_token_rewards, token_preference_loss
-from rlkern.ops.shaping import ensemble_rewards, shape_rewards
+from rlkern.ops.shaping import ensemble_rewards, hbpo_advantages, shape_rewards
 from rlkern.trees import (
     broadcast_to_tokens,
     segment_advantages,
@@ -55,6 +55,7 @@ __all__ = [
     # reward shaping (before an outcome op)
     "ensemble_rewards",
     "shape_rewards",
+    "hbpo_advantages",
     # trees
     "broadcast_to_tokens",
     "segment_advantages",

@@ -90,6 +90,7 @@ def _bad_calls():
         "gdpo": lambda: rlkern.gdpo(s, ids, torch.ones(4, 2), weights=[1.0, 2.0]),
         "gigpo_step_groups": lambda: rlkern.gigpo_step_groups(s, ids, ids, eps="x"),
         "ensemble_rewards": lambda: rlkern.ensemble_rewards(x, method="uwo"),
+        "hbpo_advantages": lambda: rlkern.hbpo_advantages(s, ids, s, max_length=0),
         "shape_rewards": lambda: rlkern.shape_rewards(s, ids, method="otc", lengths=s),
         "outcome_to_tokens": lambda: rlkern.outcome_to_tokens(s, torch.ones(3, 2)),
         "group_index": lambda: rlkern.group_index(np.zeros((2, 2))),

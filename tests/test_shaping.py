@@ -103,6 +103,54 @@ def test_grpo_lambda_top_fraction_matches_reference(backend, fraction):
     assert R.top_fraction_cut([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1], 0.3) == 0.8
 
 
+def test_hbpo_hand_computed(backend):
+    # "Hierarchical Budget Policy Optimization for Adaptive Reasoning": L = 4096, beta = 4,
+    # alpha = 1/4096; one prompt, budgets 512 (samples 0-2) and 2048 (samples 3-5)
+    L, beta, alpha = 4096, 4.0, 1 / 4096
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    lengths = torch.tensor([300, 1000, 200, 1500, 3000, 5000])
+    budgets = torch.tensor([512, 512, 512, 2048, 2048, 2048])
+    ids = [0] * 6
+    got = rlkern.shape_rewards(scores, ids, method="hbpo", lengths=lengths, budgets=budgets)
+
+    def f2(b):
+        return beta * math.cos(math.pi * b / (2 * L))
+
+    rewards = [f2(512),  # within its budget
+               beta * math.cos(math.pi * 1000 / (2 * L)) - alpha * (1000 - 512),  # over the budget
+               0.0,  # incorrect
+               f2(2048),
+               beta * math.cos(math.pi * 3000 / (2 * L)) - alpha * (3000 - 2048),
+               0.0]  # longer than L
+    assert got.tolist() == pytest.approx(rewards, abs=1e-6)
+    adv = rlkern.hbpo_advantages(torch.tensor(rewards, dtype=torch.float64), ids, budgets)
+    mean = sum(rewards) / 6
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / 5)
+    sub = [sum(rewards[:3]) / 3] * 3 + [sum(rewards[3:]) / 3] * 3
+    want = [(r - mean) / (std + 1e-6) + m - f2(b) for r, m, b in zip(rewards, sub, budgets.tolist())]
+    assert adv.tolist() == pytest.approx(want, abs=1e-12)
+    # a group of one: verl's mean 0, std 1, no subgroup term
+    one = rlkern.hbpo_advantages(torch.tensor([2.5], dtype=torch.float64), [0], torch.tensor([512]))
+    assert one.tolist() == [2.5 / (1 + 1e-6)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [0, 1, 7, 61])
+def test_hbpo_advantages_match_reference(backend, dtype, n):
+    g = torch.Generator().manual_seed(n)
+    rewards = (torch.rand(n, generator=g, dtype=torch.float64) * 4).to(dtype)
+    ids = torch.randint(0, max(1, n // 5), (n,), generator=g)
+    if n > 3:
+        rewards[:3] = 1.5  # a group of equal rewards, one budget: std 0
+        ids[:3] = 99
+    budgets = _budgets(n, n + 1)
+    got = rlkern.hbpo_advantages(rewards, ids, budgets, max_length=3000, budget_scale=2.0, eps=1e-4)
+    want = R.hbpo_advantages(rewards, S.dense("t", ids), budgets, 3000.0, 2.0, 1e-4)
+    assert got.dtype == dtype and got.shape == (n,)
+    tol = 1e-12 if dtype == torch.float64 else 5e-6
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
 def test_unlikeliness_reward_hand_computed(backend):
     # correct samples 0, 2, 3 ranked by likelihood: 2 (-2, rank 0), 0 (-5, rank 1), 3 (-9, rank 2)
     scores = torch.tensor([1.0, 0.0, 1.0, 1.0])
@@ -195,8 +243,22 @@ def _shape_case(n, seed, method, dtype=torch.float32):
     aux = {"grpo_lambda": lambda: torch.randint(10, 50, (n,), generator=g).double(),
            "unlikeliness": lambda: -torch.randint(0, 6, (n,), generator=g).double() / 2,
            "s_grpo": lambda: torch.randint(0, 6, (n,), generator=g).double() * 100,
-           "otc": lambda: torch.randint(0, 4, (n,), generator=g).double()}[method]()
+           "otc": lambda: torch.randint(0, 4, (n,), generator=g).double(),
+           "hbpo": lambda: torch.randint(100, 5000, (n,), generator=g).double()}[method]()
     return scores.to(dtype), ids, aux
+
+
+def _budgets(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.tensor([512, 1024, 2048, 2560])[torch.randint(0, 4, (n,), generator=g)]
+
+
+PARAMS = {"grpo_lambda": [0.5, 0.2, 1e-6, -1.0], "unlikeliness": [0.25], "s_grpo": [0.5], "otc": [1.0, 1.0],
+          "hbpo": [4096.0, 4.0, 1 / 4096]}
+
+
+def _kw(method, aux, budgets):
+    return {S.SHAPE_AUX[method]: aux, **({"budgets": budgets} if method == "hbpo" else {})}
 
 
 @pytest.mark.parametrize("method", R.SHAPE_METHODS)
@@ -204,10 +266,9 @@ def _shape_case(n, seed, method, dtype=torch.float32):
 @pytest.mark.parametrize("n", [0, 1, 5, 33, 150])
 def test_shape_rewards_matches_reference(backend, method, dtype, n):
     scores, ids, aux = _shape_case(n, n * 7 + len(method), method, dtype)
-    kw = {S.SHAPE_AUX[method]: aux}
-    got = rlkern.shape_rewards(scores, ids, method=method, **kw)
-    params = {"grpo_lambda": [0.5, 0.2, 1e-6, -1.0], "unlikeliness": [0.25], "s_grpo": [0.5], "otc": [1.0, 1.0]}[method]
-    want = R.shape_rewards(scores, S.dense("t", ids), aux, method, params)
+    budgets = _budgets(n, n)
+    got = rlkern.shape_rewards(scores, ids, method=method, **_kw(method, aux, budgets))
+    want = R.shape_rewards(scores, S.dense("t", ids), aux, method, PARAMS[method], budgets)
     assert got.dtype == dtype and got.shape == (n,)
     assert S._SHAPE.backend(scores) == backend  # no silent fallback
     tol = 1e-12 if dtype == torch.float64 else 2e-6
@@ -223,16 +284,19 @@ def test_shape_rewards_options_and_singletons(backend):
              ("grpo_lambda", {"lengths": aux, "top_fraction": 0.4, "eps": 0.1}, [0.5, 0.2, 0.1, 0.4]),
              ("unlikeliness", {"logprobs": aux, "rank_coef": 0.5}, [0.5]),
              ("s_grpo", {"exit_positions": aux, "decay": 0.25}, [0.25]),
-             ("otc", {"tool_calls": aux, "tool_c": 2.0, "tool_coef": -1.5}, [2.0, -1.5])]
+             ("otc", {"tool_calls": aux, "tool_c": 2.0, "tool_coef": -1.5}, [2.0, -1.5]),
+             ("hbpo", {"lengths": aux * 100, "budgets": aux * 80 + 10, "max_length": 450, "budget_scale": 2.0,
+                       "deviation_coef": 0.01}, [450.0, 2.0, 0.01])]
     for method, kw, params in cases:
         got = rlkern.shape_rewards(scores, ids, method=method, **kw)
-        want = R.shape_rewards(scores, torch.tensor(ids), aux, method, params)
+        first = kw.get("lengths", kw.get("logprobs", kw.get("exit_positions", kw.get("tool_calls"))))
+        want = R.shape_rewards(scores, torch.tensor(ids), first, method, params, kw.get("budgets"))
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=method)
         # the same batch in one group, with a NaN score: it stays NaN, the others are finite
         nan = scores.clone()
         nan[1] = float("nan")
         got = rlkern.shape_rewards(nan, [0] * 5, method=method, **kw)
-        want = R.shape_rewards(nan, torch.zeros(5, dtype=torch.long), aux, method, params)
+        want = R.shape_rewards(nan, torch.zeros(5, dtype=torch.long), first, method, params, kw.get("budgets"))
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True, msg=method)
         assert math.isnan(got[1].item()) and bool(torch.isfinite(got[[0, 2, 3, 4]]).all()), method
 
@@ -271,7 +335,7 @@ def test_outputs_carry_no_gradient():
     (lambda: rlkern.ensemble_rewards(torch.ones(3, 2), weights=[1.0, 2.0]), "weights are only read"),
     (lambda: rlkern.ensemble_rewards(torch.ones(3, 2, dtype=torch.long)), "rewards must be"),
     (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="dapo", lengths=torch.ones(4)), "method must be"),
-    (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="otc"), "needs tool_calls"),
+    (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="otc"), "tool_calls ([N]) must be given"),
     (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="otc", lengths=torch.ones(4)), "reads tool_calls"),
     (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 3, method="s_grpo", exit_positions=torch.ones(4)),
      "group_ids must have 4"),
@@ -293,6 +357,16 @@ def test_outputs_carry_no_gradient():
      "top_fraction is GRPO-lambda's"),
     (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="grpo_lambda", lengths=torch.ones(4),
                                   top_fraction=1.5), "top_fraction must be"),
+    (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="hbpo", lengths=torch.ones(4)),
+     "budgets ([N]) must be given"),
+    (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="otc", tool_calls=torch.ones(4), budgets=torch.ones(4)),
+     "reads tool_calls, not budgets"),
+    (lambda: rlkern.shape_rewards(torch.ones(4), [0] * 4, method="hbpo", lengths=torch.ones(4), budgets=torch.ones(4),
+                                  max_length=0.5), "max_length must be an int"),
+    (lambda: rlkern.hbpo_advantages(torch.ones(4), [0] * 4, torch.ones(3)), "budgets must have shape (4,)"),
+    (lambda: rlkern.hbpo_advantages(torch.ones(4), [0] * 4, torch.tensor([1.0, 2, 3, float("inf")])),
+     "budgets must be finite"),
+    (lambda: rlkern.hbpo_advantages(torch.ones(4), [0] * 4, torch.ones(4), eps=-1.0), "eps must be"),
     (lambda: rlkern.shape_rewards(torch.ones(2, 2), [0] * 2, method="grpo_lambda", lengths=torch.ones(2, 2)),
      "scores must be [N]"),
 ])
@@ -300,7 +374,7 @@ def test_bad_calls(call, message):
     with pytest.raises((TypeError, ValueError)) as info:
         call()
     text = str(info.value)
-    assert text.startswith(("ensemble_rewards: ", "shape_rewards: ")) and message in text, text
+    assert text.startswith(("ensemble_rewards: ", "shape_rewards: ", "hbpo_advantages: ")) and message in text, text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,8 +389,11 @@ def test_opcheck():
     s, ids, aux = _shape_case(9, 1, "otc")
     inverse = S.dense("t", ids)
     for method in range(4):
-        torch.library.opcheck(S._shape_op, (s, aux.float(), inverse, method, 0.5, 0.2, 1e-6, -1.0))
-    torch.library.opcheck(S._shape_op, (s, aux.float(), inverse, 0, 0.5, 0.2, 1e-6, 0.3))
+        torch.library.opcheck(S._shape_op, (s, aux.float(), None, inverse, method, 0.5, 0.2, 1e-6, -1.0))
+    torch.library.opcheck(S._shape_op, (s, aux.float(), None, inverse, 0, 0.5, 0.2, 1e-6, 0.3))
+    budgets = _budgets(9).float()
+    torch.library.opcheck(S._shape_op, (s, aux.float() * 1000, budgets, inverse, 4, 4096.0, 4.0, 1 / 4096, 0.0))
+    torch.library.opcheck(S._shape_op, (s, budgets, None, inverse, 5, 4096.0, 4.0, 1e-6, 0.0))
 
 
 def test_torch_compile_fullgraph():
@@ -346,12 +423,15 @@ def test_cuda_matches_reference():
     for method in R.SHAPE_METHODS:
         for dtype in (torch.float32, torch.float64):
             scores, ids, aux = _shape_case(517, 5, method, dtype)
-            got = rlkern.shape_rewards(scores.cuda(), ids.cuda(), method=method, **{S.SHAPE_AUX[method]: aux.cuda()})
-            params = {"grpo_lambda": [0.5, 0.2, 1e-6, -1.0], "unlikeliness": [0.25], "s_grpo": [0.5],
-                      "otc": [1.0, 1.0]}[method]
-            want = R.shape_rewards(scores, S.dense("t", ids), aux, method, params)
+            budgets = _budgets(517)
+            got = rlkern.shape_rewards(scores.cuda(), ids.cuda(), method=method, **{
+                k: v.cuda() for k, v in _kw(method, aux, budgets).items()})
+            want = R.shape_rewards(scores, S.dense("t", ids), aux, method, PARAMS[method], budgets)
             tol = 1e-12 if dtype == torch.float64 else 2e-6
             torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol)
+            adv = rlkern.hbpo_advantages(scores.cuda(), ids.cuda(), budgets.cuda())
+            want = R.hbpo_advantages(scores, S.dense("t", ids), budgets, 4096.0, 4.0, 1e-6)
+            torch.testing.assert_close(adv.cpu().double(), want, rtol=tol, atol=tol)
 
 
 def test_triton_kernels_compile_for_sm90():
@@ -364,5 +444,8 @@ for dt in ("fp32", "fp64"):
               {"METHOD": method, "BLOCK_B": 128, "BLOCK_K": 4})
         build(k._shape_kernel, {"s_ptr": p, "a_ptr": p, "inv_ptr": "*i64", "perm_ptr": "*i64", "starts_ptr": "*i64",
                                 "par_ptr": "*fp64", "out_ptr": p}, {"METHOD": method, "BLOCK": 64})
+    for method in (4, 5):
+        build(k._hbpo_kernel, {"s_ptr": p, "a_ptr": p, "b_ptr": p, "inv_ptr": "*i64", "perm_ptr": "*i64",
+                               "starts_ptr": "*i64", "par_ptr": "*fp64", "out_ptr": p}, {"METHOD": method, "BLOCK": 64})
 print("ok")
 """)

@@ -1,16 +1,18 @@
 """Reward shaping: the research list's reward transforms, applied before the advantage op.
 
-Two ops, one per concept (CONTRIBUTING.md, API conventions 2):
+Three ops, one per concept (CONTRIBUTING.md, API conventions 2):
 
 - ``ensemble_rewards``: K reward models' scores of each sample -> one reward (an ensemble's mean,
   worst case, uncertainty-weighted mean, or a multi-objective weighted sum).
-- ``shape_rewards``: one score per sample plus one per-sample quantity (length, log-likelihood,
-  exit position, tool calls) -> a shaped reward, computed within the sample's group (GRPO-lambda,
-  unlikeliness reward, S-GRPO, OTC-GRPO). The result goes into an outcome op (``grpo``,
-  ``group_normalize``, ``rloo``) as its scores.
+- ``shape_rewards``: one score per sample plus a per-sample quantity (length, log-likelihood,
+  exit position, tool calls, token budget) -> a shaped reward, computed within the sample's group
+  (GRPO-lambda, unlikeliness reward, S-GRPO, OTC-GRPO, HBPO). The result goes into an outcome op
+  (``grpo``, ``group_normalize``, ``rloo``) as its scores.
+- ``hbpo_advantages``: HBPO's advantage, which no outcome op expresses (a group z-score plus the
+  budget subgroup's mean reward against the budget's own reward).
 
-Both return rewards, not advantages, so they compose with every outcome op; both are constants of
-the policy update (no gradient flows through them: the inputs are detached). Backends (same
+The first two return rewards, not advantages, so they compose with every outcome op. All are
+constants of the policy update (no gradient flows through them: the inputs are detached). Backends (same
 arguments, same outputs): C++ (csrc/shaping.cpp, CPU), Triton (kernels/shaping.py, GPU), and the
 float64 reference (rlkern/reference/shaping.py).
 """
@@ -26,22 +28,29 @@ from rlkern.ops._layout import out_dtype
 from rlkern.ops.advantages.groups import dense
 from rlkern.reference import shaping as reference
 
-__all__ = ["ensemble_rewards", "shape_rewards"]
+__all__ = ["ensemble_rewards", "shape_rewards", "hbpo_advantages"]
 
 ENSEMBLE_METHODS = reference.ENSEMBLE_METHODS
 SHAPE_METHODS = reference.SHAPE_METHODS
 # the per-sample tensor each shape_rewards method reads
-SHAPE_AUX = {"grpo_lambda": "lengths", "unlikeliness": "logprobs", "s_grpo": "exit_positions", "otc": "tool_calls"}
+SHAPE_AUX = {"grpo_lambda": "lengths", "unlikeliness": "logprobs", "s_grpo": "exit_positions", "otc": "tool_calls",
+             "hbpo": "lengths"}
+_HBPO_ADVANTAGE = len(SHAPE_METHODS)  # the kernels' code of hbpo_advantages
 
 
 def _torch_ensemble(rewards, weights, method, coef):
     return reference.ensemble_rewards(rewards, ENSEMBLE_METHODS[method], coef, weights).to(rewards.dtype)
 
 
-def _torch_shape(scores, aux, inverse, method, p0, p1, p2, p3):
-    method = SHAPE_METHODS[method]
-    params = {"grpo_lambda": [p0, p1, p2, p3], "unlikeliness": [p0], "s_grpo": [p0], "otc": [p0, p1]}[method]
-    return reference.shape_rewards(scores, inverse, aux, method, params).to(scores.dtype).to(scores.device)
+def _torch_shape(scores, aux, aux2, inverse, method, p0, p1, p2, p3):
+    if method == _HBPO_ADVANTAGE:
+        out = reference.hbpo_advantages(scores, inverse, aux, p0, p1, p2)
+    else:
+        method = SHAPE_METHODS[method]
+        params = {"grpo_lambda": [p0, p1, p2, p3], "unlikeliness": [p0], "s_grpo": [p0], "otc": [p0, p1],
+                  "hbpo": [p0, p1, p2]}[method]
+        out = reference.shape_rewards(scores, inverse, aux, method, params, aux2)
+    return out.to(scores.dtype).to(scores.device)
 
 
 _ENSEMBLE = _backend.Kernels("ensemble_rewards", cpp="cpp_ensemble_rewards", triton="shaping.ensemble_rewards",
@@ -62,15 +71,16 @@ def _(rewards, weights, method, coef):
 
 
 @torch.library.custom_op("rlkern::shape_rewards", mutates_args=())
-def _shape_op(scores: Tensor, aux: Tensor, inverse: Tensor, method: int, p0: float, p1: float, p2: float,
-              p3: float) -> Tensor:
-    # scores, aux [N] contiguous fp32/fp64 (same dtype); inverse [N] int64 dense group numbers in [0, N);
-    # p0..p3: the method's parameters (GRPO-lambda: threshold, length_coef, eps, top_fraction or -1)
-    return _SHAPE.pick(scores)(scores, aux, inverse, method, p0, p1, p2, p3)
+def _shape_op(scores: Tensor, aux: Tensor, aux2: Tensor | None, inverse: Tensor, method: int, p0: float, p1: float,
+              p2: float, p3: float) -> Tensor:
+    # scores, aux, aux2 [N] contiguous fp32/fp64 (same dtype; aux2: HBPO's budgets); inverse [N] int64
+    # dense group numbers in [0, N); p0..p3: the method's parameters (GRPO-lambda: threshold,
+    # length_coef, eps, top_fraction or -1; HBPO: max_length, budget_scale, deviation_coef or eps)
+    return _SHAPE.pick(scores)(scores, aux, aux2, inverse, method, p0, p1, p2, p3)
 
 
 @_shape_op.register_fake
-def _(scores, aux, inverse, method, p0, p1, p2, p3):
+def _(scores, aux, aux2, inverse, method, p0, p1, p2, p3):
     return torch.empty_like(scores)
 
 
@@ -145,6 +155,7 @@ def shape_rewards(
     logprobs: Tensor | None = None,
     exit_positions: Tensor | None = None,
     tool_calls: Tensor | None = None,
+    budgets: Tensor | None = None,
     threshold: float = 0.5,
     top_fraction: float | None = None,
     length_coef: float = 0.2,
@@ -153,6 +164,9 @@ def shape_rewards(
     decay: float = 0.5,
     tool_c: float = 1.0,
     tool_coef: float = 1.0,
+    max_length: int = 4096,
+    budget_scale: float = 4.0,
+    deviation_coef: float | None = None,
 ) -> Tensor:
     """Group-aware reward shaping of one outcome score per sample.
 
@@ -209,6 +223,19 @@ def shape_rewards(
       ``tool_coef`` is the paper's alpha and ``tool_c`` its smoothing constant c; the paper's text
       does not fix c's value, so 1.0 is our default.
 
+    - ``"hbpo"`` ("Hierarchical Budget Policy Optimization for Adaptive Reasoning", its Eq. for
+      R(n_gen | b)), reads ``lengths`` (n = generated tokens) and ``budgets`` (b = the token budget
+      of the sample's subgroup, from the prompt "I will answer the question within b tokens")::
+
+          r_i = budget_scale * cos(pi n / (2 L)) - deviation_coef * |n - b|   correct, b < n <= L
+              = budget_scale * cos(pi b / (2 L))                             correct, n <= b, n <= L
+              = 0                                                            otherwise
+
+      with ``L = max_length``; ``budget_scale`` (the paper's beta) 4, ``L`` 4096 and
+      ``deviation_coef`` (alpha) ``1 / L`` are the values of the authors' code (their
+      ``rllm/rewards/math_reward.py``: ``4 cos(pi n / 8192)``, ``1/4096``), which the paper's text
+      leaves open. The advantage is ``hbpo_advantages``.
+
     Args:
         scores: ``[N]`` float, one outcome score per sample (0/1 correctness in the papers).
         group_ids: ``[N]`` group of each sample (see ``group_normalize``).
@@ -224,30 +251,29 @@ def shape_rewards(
         decay: S-GRPO's decay, in (0, 1].
         tool_c: OTC's c, > 0.
         tool_coef: OTC's alpha.
+        budgets: ``[N]`` float or int, HBPO's budget of each sample (with ``lengths``).
+        max_length: HBPO's L_max (an int >= 1).
+        budget_scale: HBPO's beta.
+        deviation_coef: HBPO's alpha (>= 0); None is ``1 / max_length``.
 
     Returns:
         ``[N]`` float32 (float64 for float64 scores), without gradient.
     """
     op = "shape_rewards"
     _checks.choice(op, "method", method, SHAPE_METHODS)
-    given = {"lengths": lengths, "logprobs": logprobs, "exit_positions": exit_positions, "tool_calls": tool_calls}
-    wanted = SHAPE_AUX[method]
+    given = {"lengths": lengths, "logprobs": logprobs, "exit_positions": exit_positions, "tool_calls": tool_calls,
+             "budgets": budgets}
+    wanted = [SHAPE_AUX[method]] + (["budgets"] if method == "hbpo" else [])
     for name, value in given.items():
-        if name != wanted and value is not None:
-            raise ValueError(f"{op}: method={method!r} reads {wanted}, not {name}")
-    aux = given[wanted]
-    if aux is None:
-        raise ValueError(f"{op}: method={method!r} needs {wanted} ([N]), got None")
+        if name not in wanted and value is not None:
+            raise ValueError(f"{op}: method={method!r} reads {' and '.join(wanted)}, not {name}")
     _checks.tensors(op, "scores", {"scores": (scores, "float")})
-    if not isinstance(aux, Tensor) or not (aux.dtype.is_floating_point or aux.dtype in _checks.INTS):
-        raise TypeError(f"{op}: {wanted} must be a float or int torch.Tensor, got "
-                        f"{getattr(aux, 'dtype', type(aux).__name__)}")
     if scores.ndim != 1:
         raise ValueError(f"{op}: scores must be [N] (one score per sample), got {tuple(scores.shape)}")
-    if tuple(aux.shape) != tuple(scores.shape):
-        raise ValueError(f"{op}: {wanted} must have shape {tuple(scores.shape)}, got {tuple(aux.shape)}")
-    if aux.device != scores.device:
-        raise ValueError(f"{op}: {wanted} is on {aux.device} but scores are on {scores.device}")
+    for name in wanted:
+        _per_sample(op, name, given[name], scores)
+    aux, aux2 = given[wanted[0]], given.get("budgets") if method == "hbpo" else None
+    wanted = wanted[0]
     if top_fraction is not None and method != "grpo_lambda":
         raise ValueError(f"{op}: top_fraction is GRPO-lambda's and is only read with method='grpo_lambda', "
                          f"got {top_fraction!r} with {method!r}")
@@ -261,16 +287,76 @@ def shape_rewards(
         params = (_checks.number(op, "rank_coef", rank_coef, low=0.0, high=1.0), 0.0, 0.0, 0.0)
     elif method == "s_grpo":
         params = (_checks.number(op, "decay", decay, low=0.0, high=1.0, low_open=True), 0.0, 0.0, 0.0)
+    elif method == "hbpo":
+        length = _checks.number(op, "max_length", max_length, low=1, integer=True)
+        params = (float(length), _checks.number(op, "budget_scale", budget_scale),
+                  1.0 / length if deviation_coef is None else _checks.number(op, "deviation_coef", deviation_coef,
+                                                                              low=0.0), 0.0)
     else:
         params = (_checks.number(op, "tool_c", tool_c, low=0.0, low_open=True),
                   _checks.number(op, "tool_coef", tool_coef), 0.0, 0.0)
     if _checks.host_checks(aux) and aux.numel():
-        values = aux.detach().double()
+        values = aux.detach().double()  # finite: the C++ kernels sort by it
         if not bool(torch.isfinite(values).all()):
             raise ValueError(f"{op}: {wanted} must be finite, got {aux.tolist() if aux.numel() <= 20 else 'a NaN/inf'}")
         if method == "otc" and bool((values < 0).any()):
             raise ValueError(f"{op}: tool_calls must be >= 0, got min {values.min().item():g}")
+    if method == "hbpo" and _checks.host_checks(aux2) and aux2.numel() and not bool(torch.isfinite(aux2).all()):
+        raise ValueError(f"{op}: budgets must be finite")
     inverse = dense(op, group_ids, n=scores.shape[0], device=scores.device)
     dtype = out_dtype(scores)
-    return _shape_op(_compute(scores, dtype), _compute(aux, dtype), inverse, SHAPE_METHODS.index(method), *params)
+    return _shape_op(_compute(scores, dtype), _compute(aux, dtype), None if aux2 is None else _compute(aux2, dtype),
+                     inverse, SHAPE_METHODS.index(method), *params)
+
+
+def _per_sample(op: str, name: str, t, scores: Tensor) -> None:
+    """``t`` is a float or int ``[N]`` tensor on scores' device."""
+    if t is None:
+        raise ValueError(f"{op}: {name} ([N]) must be given, got None")
+    if not isinstance(t, Tensor) or not (t.dtype.is_floating_point or t.dtype in _checks.INTS):
+        raise TypeError(f"{op}: {name} must be a float or int torch.Tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if tuple(t.shape) != tuple(scores.shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(scores.shape)}, got {tuple(t.shape)}")
+    if t.device != scores.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but scores are on {scores.device}")
+
+
+def hbpo_advantages(rewards: Tensor, group_ids, budgets: Tensor, *, max_length: int = 4096,
+                    budget_scale: float = 4.0, eps: float = 1e-6) -> Tensor:
+    """HBPO's advantage ("Hierarchical Budget Policy Optimization for Adaptive Reasoning", its
+    Algorithm 1): a group (one prompt's n rollouts) is split into subgroups by budget b_i, and::
+
+        A_ij = A_i^intra + A_ij^inter
+        A_i^intra = mean(R over subgroup i) - f2(b_i),  f2(b) = budget_scale * cos(pi b / (2 L))
+        A_ij^inter = (R_ij - mean(R over the group)) / (std(R over the group) + eps)
+
+    ``R`` is ``shape_rewards(..., method="hbpo")``. Choices the paper leaves open: std is the
+    unbiased one and ``eps`` 1e-6 (verl's GRPO, which the authors' code extends); a group of one
+    gets ``R / (1 + eps)`` (verl's mean 0, std 1) and no subgroup term. The authors' code
+    (``verl/trainer/ppo/core_algos.py``) adds A^intra a second time; we follow the paper's single
+    sum. ``max_length`` and ``budget_scale`` as in ``shape_rewards``.
+
+    Args:
+        rewards: ``[N]`` float, HBPO's rewards.
+        group_ids: ``[N]`` prompt of each sample (see ``group_normalize``).
+        budgets: ``[N]`` float or int, each sample's budget (equal budgets form a subgroup).
+
+    Returns:
+        ``[N]`` float32 (float64 for float64 rewards), without gradient; broadcast to tokens with
+        ``outcome_to_tokens``.
+    """
+    op = "hbpo_advantages"
+    _checks.tensors(op, "rewards", {"rewards": (rewards, "float")})
+    if rewards.ndim != 1:
+        raise ValueError(f"{op}: rewards must be [N] (one reward per sample), got {tuple(rewards.shape)}")
+    _per_sample(op, "budgets", budgets, rewards)
+    if _checks.host_checks(budgets) and budgets.numel() and not bool(torch.isfinite(budgets).all()):
+        raise ValueError(f"{op}: budgets must be finite")
+    length = _checks.number(op, "max_length", max_length, low=1, integer=True)
+    scale = _checks.number(op, "budget_scale", budget_scale)
+    eps = _checks.number(op, "eps", eps, low=0.0)
+    inverse = dense(op, group_ids, n=rewards.shape[0], device=rewards.device)
+    dtype = out_dtype(rewards)
+    return _shape_op(_compute(rewards, dtype), _compute(budgets, dtype), None, inverse, _HBPO_ADVANTAGE,
+                     float(length), scale, eps, 0.0)
 

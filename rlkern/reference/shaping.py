@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 ENSEMBLE_METHODS = ("mean", "wco", "uwo", "weighted")
-SHAPE_METHODS = ("grpo_lambda", "unlikeliness", "s_grpo", "otc")
+SHAPE_METHODS = ("grpo_lambda", "unlikeliness", "s_grpo", "otc", "hbpo")
 
 
 def ensemble_rewards(rewards: Tensor, method: str, coef: float = 0.0, weights: Tensor | None = None) -> Tensor:
@@ -42,13 +42,24 @@ def top_fraction_cut(ratios: list[float], fraction: float) -> float:
     return sorted(ratios, reverse=True)[count - 1] if count >= 1 else math.inf
 
 
-def shape_rewards(scores: Tensor, inverse: Tensor, aux: Tensor | None, method: str, params: list[float]) -> Tensor:
+def shape_rewards(scores: Tensor, inverse: Tensor, aux: Tensor | None, method: str, params: list[float],
+                  aux2: Tensor | None = None) -> Tensor:
     """``[N]`` float64 shaped rewards; ``aux`` is the method's second per-sample tensor (lengths,
     log-likelihoods, exit positions, tool calls); ``params`` as in rlkern/ops/shaping.py
     (GRPO-lambda: threshold, length_coef, eps, top_fraction or -1)."""
     s = [float(v) for v in scores.double().tolist()]
     a = [float(v) for v in aux.double().tolist()] if aux is not None else [0.0] * len(s)
     out = list(s)
+    if method == "hbpo":  # per sample; aux = lengths, aux2 = budgets
+        max_length, beta, alpha = params
+        for i, (score, n, b) in enumerate(zip(s, a, aux2.double().tolist())):
+            if math.isnan(score):
+                continue
+            out[i] = 0.0
+            if score > 0 and n <= max_length:
+                out[i] = (beta * math.cos(math.pi * n / (2 * max_length)) - alpha * abs(n - b) if n > b
+                          else beta * math.cos(math.pi * b / (2 * max_length)))
+        return torch.tensor(out, dtype=torch.float64)
     groups = _groups(inverse)
     if method == "grpo_lambda" and params[3] >= 0:
         ratios = [sum(s[j] > 0 for j in members) / len(members) for members in groups.values()]
@@ -90,4 +101,24 @@ def shape_rewards(scores: Tensor, inverse: Tensor, aux: Tensor | None, method: s
                 out[i] = coef * tool * s[i]
         else:
             raise ValueError(method)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def hbpo_advantages(rewards: Tensor, inverse: Tensor, budgets: Tensor, max_length: float, beta: float,
+                    eps: float) -> Tensor:
+    """``[N]`` float64: (R - mean_group) / (unbiased std_group + eps) + mean_subgroup(R) - f2(b)
+    (a group of one: R / (1 + eps))."""
+    r = [float(v) for v in rewards.double().tolist()]
+    b = [float(v) for v in budgets.double().tolist()]
+    out = [0.0] * len(r)
+    for members in _groups(inverse).values():
+        if len(members) == 1:
+            out[members[0]] = r[members[0]] / (1.0 + eps)
+            continue
+        mean = sum(r[j] for j in members) / len(members)
+        std = math.sqrt(sum((r[j] - mean) ** 2 for j in members) / (len(members) - 1))
+        for i in members:
+            same = [r[j] for j in members if b[j] == b[i]]
+            f2 = beta * math.cos(math.pi * b[i] / (2 * max_length))
+            out[i] = (r[i] - mean) / (std + eps) + sum(same) / len(same) - f2
     return torch.tensor(out, dtype=torch.float64)
