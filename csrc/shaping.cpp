@@ -231,6 +231,93 @@ at::Tensor shape_cpu(const at::Tensor& scores, const std::optional<at::Tensor>& 
   return out;
 }
 
+// TW-GRPO token weights: one task per (group, position t) sums, over the vocabulary, the members'
+// exp(d) - d - 1 with d = clamp(mean log-prob - log-prob, -11, 11) (masked positions read as the
+// uniform -log V); then per group the min-max normalization over t. Log-probs are read in their
+// dtype (bf16/fp16/fp32/fp64), every sum runs in double.
+template <typename S>
+void token_weights_impl(const S* lp, const uint8_t* mask, double* out, const std::vector<int64_t>& starts,
+                        const std::vector<int64_t>& members, const std::vector<int64_t>& groups, int64_t T, int64_t V,
+                        double max_weight) {
+  const double uniform = -std::log(static_cast<double>(V));
+  const int64_t G = static_cast<int64_t>(groups.size());
+  std::vector<double> kl(static_cast<size_t>(G * T));
+  at::parallel_for(0, G * T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> mean(static_cast<size_t>(V));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t gi = task / T, t = task % T, g = groups[gi];
+      const int64_t first = starts[g], last = starts[g + 1];
+      const double size = static_cast<double>(last - first);
+      std::fill(mean.begin(), mean.end(), 0.0);
+      for (int64_t u = first; u < last; ++u) {
+        const int64_t i = members[u];
+        const S* row = lp + (i * T + t) * V;
+        if (mask[i * T + t]) {
+          for (int64_t v = 0; v < V; ++v) mean[v] += static_cast<double>(row[v]);
+        } else {
+          for (int64_t v = 0; v < V; ++v) mean[v] += uniform;
+        }
+      }
+      for (int64_t v = 0; v < V; ++v) mean[v] /= size;
+      double acc = 0.0;
+      for (int64_t u = first; u < last; ++u) {
+        const int64_t i = members[u];
+        const S* row = lp + (i * T + t) * V;
+        const bool keep = mask[i * T + t] != 0;
+        for (int64_t v = 0; v < V; ++v) {
+          const double d = std::min(11.0, std::max(-11.0, mean[v] - (keep ? static_cast<double>(row[v]) : uniform)));
+          acc += std::exp(d) - d - 1.0;
+        }
+      }
+      kl[static_cast<size_t>(task)] = acc / size;
+    }
+  });
+  for (int64_t gi = 0; gi < G; ++gi) {
+    const double* k = kl.data() + gi * T;
+    double lo = k[0], hi = k[0];
+    for (int64_t t = 1; t < T; ++t) lo = std::min(lo, k[t]), hi = std::max(hi, k[t]);
+    const int64_t g = groups[gi];
+    for (int64_t u = starts[g]; u < starts[g + 1]; ++u) {
+      const int64_t i = members[u];
+      for (int64_t t = 0; t < T; ++t)
+        out[i * T + t] = mask[i * T + t] ? 1.0 + (max_weight - 1.0) * (k[t] - lo) / (hi - lo + 1e-8) : 0.0;
+    }
+  }
+}
+
+at::Tensor token_weights_cpu(const at::Tensor& logprobs, const at::Tensor& mask, const at::Tensor& inverse,
+                             double max_weight) {
+  TORCH_CHECK(logprobs.dim() == 3 && logprobs.is_contiguous(), "cpp_token_weights: logprobs must be contiguous [N, T, V]");
+  const int64_t N = logprobs.size(0), T = logprobs.size(1), V = logprobs.size(2);
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.numel() == N * T,
+              "cpp_token_weights: mask must be contiguous bool [N, T]");
+  TORCH_CHECK(inverse.scalar_type() == at::kLong && inverse.numel() == N, "cpp_token_weights: inverse must be int64 [N]");
+  at::Tensor acc = at::zeros({N, T}, logprobs.options().dtype(at::kDouble));
+  if (N == 0 || T == 0 || V == 0) return acc.to(logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const int64_t* inv = inverse.data_ptr<int64_t>();
+  std::vector<int64_t> starts(N + 1, 0), members(N);
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(inv[i] >= 0 && inv[i] < N, "cpp_token_weights: group numbers must be in [0, N)");
+    ++starts[inv[i] + 1];
+  }
+  for (int64_t g = 0; g < N; ++g) starts[g + 1] += starts[g];
+  std::vector<int64_t> fill(starts.begin(), starts.end() - 1), groups;
+  for (int64_t i = 0; i < N; ++i) members[fill[inv[i]]++] = i;
+  for (int64_t g = 0; g < N; ++g)
+    if (starts[g + 1] > starts[g]) groups.push_back(g);
+  const auto* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logprobs.scalar_type(), "cpp_token_weights", [&] {
+    token_weights_impl<scalar_t>(logprobs.data_ptr<scalar_t>(), m, acc.data_ptr<double>(), starts, members, groups, T,
+                                 V, max_weight);
+  });
+  return logprobs.scalar_type() == at::kDouble ? acc : acc.to(at::kFloat);
+}
+
+at::Tensor token_weights_meta(const at::Tensor& logprobs, const at::Tensor&, const at::Tensor&, double) {
+  return at::empty({logprobs.size(0), logprobs.size(1)},
+                   logprobs.options().dtype(logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+}
+
 at::Tensor ensemble_meta(const at::Tensor& rewards, const std::optional<at::Tensor>&, int64_t, double) {
   return at::empty({rewards.size(0)}, rewards.options());
 }
@@ -244,6 +331,7 @@ at::Tensor shape_meta(const at::Tensor& scores, const std::optional<at::Tensor>&
 
 TORCH_LIBRARY_FRAGMENT(rlkern, m) {
   m.def("cpp_ensemble_rewards(Tensor rewards, Tensor? weights, int method, float coef) -> Tensor");
+  m.def("cpp_token_weights(Tensor logprobs, Tensor mask, Tensor inverse, float max_weight) -> Tensor");
   m.def("cpp_shape_rewards(Tensor scores, Tensor? aux, Tensor? aux2, Tensor inverse, int method, float p0, float p1, float p2, "
         "float p3) -> Tensor");
 }
@@ -251,9 +339,11 @@ TORCH_LIBRARY_FRAGMENT(rlkern, m) {
 TORCH_LIBRARY_IMPL(rlkern, CPU, m) {
   m.impl("cpp_ensemble_rewards", &ensemble_cpu);
   m.impl("cpp_shape_rewards", &shape_cpu);
+  m.impl("cpp_token_weights", &token_weights_cpu);
 }
 
 TORCH_LIBRARY_IMPL(rlkern, Meta, m) {
   m.impl("cpp_ensemble_rewards", &ensemble_meta);
   m.impl("cpp_shape_rewards", &shape_meta);
+  m.impl("cpp_token_weights", &token_weights_meta);
 }

@@ -19,6 +19,8 @@ computed into that buffer on the device.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -254,4 +256,108 @@ def shape_rewards(
     else:
         _shape_kernel[(n,)](scores, scores if aux is None else aux, inverse, perm, starts, par, out,
                             METHOD=method, BLOCK=64)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# TW-GRPO token weights (rlkern/ops/shaping.py, token_weights). _token_kl_kernel: one program per
+# (group number, position t) walks the vocabulary in tiles; per tile it reads every member's row
+# twice (the group's mean log-prob, then the sum of exp(d) - d - 1), so the [N, T, V] log-probs are
+# never copied or upcast in memory. Programs of group numbers no sample has write an unread 0.
+# _token_weights_kernel: one program per sample row normalizes its group's KL over the positions.
+
+
+@triton.jit
+def _token_kl_kernel(
+    lp_ptr,  # (N, T, V) log-probs, last dim contiguous, bf16/fp16/fp32/fp64
+    m_ptr,  # (N, T) uint8 mask, contiguous
+    perm_ptr,  # (N,) int64 sample numbers sorted by group
+    starts_ptr,  # (N + 1,) int64 group starts in perm
+    kl_ptr,  # (N, T) fp32/fp64: row g holds group g's divergence per position
+    par_ptr,  # (2,) fp64: max_weight, -log V (a masked position's log-prob)
+    s_n, s_t,  # log-probs' strides (elements)
+    T, V,
+    FP64: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    g = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1).to(tl.int64)
+    start = tl.load(starts_ptr + g)
+    end = tl.load(starts_ptr + g + 1)
+    dt = tl.float64 if FP64 else tl.float32
+    size = tl.maximum(end - start, 1).to(dt)
+    flat = tl.load(par_ptr + 1).to(dt)
+    lanes = tl.arange(0, BLOCK_V).to(tl.int64)
+    acc = tl.zeros([BLOCK_V], dtype=dt)
+    for v0 in range(0, V, BLOCK_V):
+        v = v0 + lanes
+        inside = v < V
+        mean = tl.zeros([BLOCK_V], dtype=dt)
+        for u in range(start, end):
+            i = tl.load(perm_ptr + u)
+            keep = (tl.load(m_ptr + i * T + t) + tl.zeros([BLOCK_V], dtype=tl.int32)) != 0
+            lp = tl.load(lp_ptr + i * s_n + t * s_t + v, mask=inside & keep, other=0.0).to(dt)
+            mean += tl.where(keep, lp, flat)
+        mean = tl.where(inside, mean / size, 0.0)
+        for u in range(start, end):
+            i = tl.load(perm_ptr + u)
+            keep = (tl.load(m_ptr + i * T + t) + tl.zeros([BLOCK_V], dtype=tl.int32)) != 0
+            lp = tl.load(lp_ptr + i * s_n + t * s_t + v, mask=inside & keep, other=0.0).to(dt)
+            d = tl.where(inside, mean - tl.where(keep, lp, flat), 0.0)
+            d = tl.minimum(tl.maximum(d, -11.0), 11.0)
+            acc += tl.exp(d) - d - 1.0
+    tl.store(kl_ptr + g * T + t, tl.sum(acc, axis=0) / size)
+
+
+@triton.jit
+def _token_weights_kernel(
+    kl_ptr,  # (N, T) fp32/fp64 from _token_kl_kernel
+    m_ptr,  # (N, T) uint8 mask
+    inv_ptr,  # (N,) int64 dense group numbers
+    out_ptr,  # (N, T) fp32/fp64
+    par_ptr,  # (2,) fp64: max_weight, -log V
+    T,
+    BLOCK_T: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64)
+    max_weight = tl.load(par_ptr).to(out_ptr.dtype.element_ty)
+    g = tl.load(inv_ptr + i)
+    lanes = tl.arange(0, BLOCK_T).to(tl.int64)
+    first = tl.load(kl_ptr + g * T)
+    lo = first
+    hi = first
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + lanes
+        k = tl.load(kl_ptr + g * T + t, mask=t < T, other=first)
+        lo = tl.minimum(lo, tl.min(k, axis=0))
+        hi = tl.maximum(hi, tl.max(k, axis=0))
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + lanes
+        inside = t < T
+        k = tl.load(kl_ptr + g * T + t, mask=inside, other=first)
+        keep = tl.load(m_ptr + i * T + t, mask=inside, other=0) != 0
+        w = 1.0 + (max_weight - 1.0) * (k - lo) / (hi - lo + 1e-8)
+        tl.store(out_ptr + i * T + t, tl.where(keep, w, 0.0).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def token_weights(
+    logprobs: torch.Tensor,  # (N, T, V), last dim contiguous, bf16/fp16/fp32/fp64
+    mask: torch.Tensor,  # (N, T) bool, contiguous
+    inverse: torch.Tensor,  # (N,) int64 dense group numbers in [0, N)
+    max_weight: float,
+) -> torch.Tensor:
+    n, steps, vocab = logprobs.shape
+    fp64 = logprobs.dtype == torch.float64
+    dtype = torch.float64 if fp64 else torch.float32
+    out = torch.zeros(n, steps, dtype=dtype, device=logprobs.device)
+    if n == 0 or steps == 0 or vocab == 0:
+        return out
+    perm = torch.sort(inverse, stable=True).indices
+    starts = torch.zeros(n + 1, dtype=torch.int64, device=logprobs.device)
+    starts[1:] = torch.bincount(inverse, minlength=n).cumsum(0)
+    kl = torch.empty(n, steps, dtype=dtype, device=logprobs.device)
+    m = mask.view(torch.uint8)
+    par = torch.tensor([max_weight, -math.log(vocab)], dtype=torch.float64, device=logprobs.device)
+    _token_kl_kernel[(n, steps)](logprobs, m, perm, starts, kl, par, logprobs.stride(0), logprobs.stride(1), steps,
+                                 vocab, FP64=fp64, BLOCK_V=min(1024, triton.next_power_of_2(vocab)))
+    _token_weights_kernel[(n,)](kl, m, inverse, out, par, steps, BLOCK_T=min(1024, triton.next_power_of_2(steps)))
     return out

@@ -22,7 +22,7 @@ from rlkern.ops.logprobs import (
 from rlkern.ops.policy_loss import aggregate, kl_penalty, policy_loss, value_loss
 from rlkern.ops.preference import bco_loss, kto_loss, preference_loss
 from rlkern.ops.preference_tokens import dpo_token_rewards, token_preference_loss
-from rlkern.ops.shaping import ensemble_rewards, hbpo_advantages, shape_rewards
+from rlkern.ops.shaping import ensemble_rewards, hbpo_advantages, shape_rewards, token_weights
 from rlkern.trees import (
     broadcast_to_tokens,
     segment_advantages,
@@ -56,6 +56,7 @@ __all__ = [
     "ensemble_rewards",
     "shape_rewards",
     "hbpo_advantages",
+    "token_weights",
     # trees
     "broadcast_to_tokens",
     "segment_advantages",

@@ -91,6 +91,7 @@ def _bad_calls():
         "gigpo_step_groups": lambda: rlkern.gigpo_step_groups(s, ids, ids, eps="x"),
         "ensemble_rewards": lambda: rlkern.ensemble_rewards(x, method="uwo"),
         "hbpo_advantages": lambda: rlkern.hbpo_advantages(s, ids, s, max_length=0),
+        "token_weights": lambda: rlkern.token_weights(x, [0, 0, 1]),
         "shape_rewards": lambda: rlkern.shape_rewards(s, ids, method="otc", lengths=s),
         "outcome_to_tokens": lambda: rlkern.outcome_to_tokens(s, torch.ones(3, 2)),
         "group_index": lambda: rlkern.group_index(np.zeros((2, 2))),

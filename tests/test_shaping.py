@@ -318,6 +318,61 @@ def test_outputs_carry_no_gradient():
 
 
 # ---------------------------------------------------------------------------------------------
+# TW-GRPO token weights
+
+
+def test_token_weights_hand_computed(backend):
+    # "Reinforcing Video Reasoning with Focused Thinking": one group of two completions, V = 2;
+    # t0: the same distribution (D = 0), t1: opposite ones, t2: completion 1 is masked (uniform);
+    # a second group of one completion (every D = 0: weights 1)
+    p = [[[0.5, 0.5], [0.9, 0.1], [0.7, 0.3]], [[0.5, 0.5], [0.1, 0.9], [0.2, 0.8]]]
+    logprobs = torch.tensor(p + [[[0.6, 0.4], [0.3, 0.7], [0.5, 0.5]]], dtype=torch.float64).log()
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]])
+    got = rlkern.token_weights(logprobs, [0, 0, 1], mask)
+
+    def divergence(rows):  # rows: the members' log-prob lists at one position
+        mean = [sum(r[v] for r in rows) / len(rows) for v in range(2)]
+        total = 0.0
+        for r in rows:
+            for v in range(2):
+                d = min(11.0, max(-11.0, mean[v] - r[v]))
+                total += math.exp(d) - d - 1
+        return total / len(rows)
+
+    log = math.log
+    d = [divergence([[log(0.5), log(0.5)]] * 2),
+         divergence([[log(0.9), log(0.1)], [log(0.1), log(0.9)]]),
+         divergence([[log(0.7), log(0.3)], [-log(2), -log(2)]])]
+    assert d[0] == 0.0 and d[1] > d[2] > 0
+    lo, hi = min(d), max(d)
+    w = [1.0 + 0.4 * (x - lo) / (hi - lo + 1e-8) for x in d]
+    want = [w, [w[0], w[1], 0.0], [1.0, 1.0, 1.0]]
+    assert got.tolist() == [pytest.approx(row, abs=1e-12) for row in want]
+    assert got.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n,t,v", [(0, 3, 5), (3, 0, 5), (1, 4, 3), (7, 5, 11), (10, 6, 37)])
+def test_token_weights_match_reference(backend, dtype, n, t, v):
+    g = torch.Generator().manual_seed(n * 100 + t * 10 + v)
+    logprobs = (torch.randn(n, t, v, generator=g, dtype=torch.float64) * 2).log_softmax(-1).to(dtype)
+    ids = torch.randint(0, max(1, n // 3), (n,), generator=g)
+    lengths = torch.randint(0, t + 1, (n,), generator=g)
+    mask = torch.arange(t)[None, :] < lengths[:, None]  # ragged, some rows empty
+    got = rlkern.token_weights(logprobs, ids, mask.int(), max_weight=1.7)
+    want = R.token_weights(logprobs, S.dense("t", ids), mask, 1.7)
+    assert got.shape == (n, t) and got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    if n:
+        assert S._TOKEN_WEIGHTS.backend(logprobs) == backend  # no silent fallback
+    # no mask: every position counts; a non-contiguous view reads the same numbers
+    view = torch.cat([logprobs, logprobs], dim=2)[:, :, :v]
+    torch.testing.assert_close(rlkern.token_weights(view, ids).double(),
+                               R.token_weights(logprobs, S.dense("t", ids), torch.ones(n, t), 1.4), rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad calls
 
 
@@ -367,6 +422,10 @@ def test_outputs_carry_no_gradient():
     (lambda: rlkern.hbpo_advantages(torch.ones(4), [0] * 4, torch.tensor([1.0, 2, 3, float("inf")])),
      "budgets must be finite"),
     (lambda: rlkern.hbpo_advantages(torch.ones(4), [0] * 4, torch.ones(4), eps=-1.0), "eps must be"),
+    (lambda: rlkern.token_weights(torch.randn(2, 3), [0, 0]), "logprobs must be [N, T, V]"),
+    (lambda: rlkern.token_weights(torch.randn(2, 3, 4), [0, 0], torch.ones(2, 4)), "response_mask must have shape"),
+    (lambda: rlkern.token_weights(torch.randn(2, 3, 4), [0, 0], max_weight=float("nan")), "max_weight must be"),
+    (lambda: rlkern.token_weights(torch.randn(2, 3, 4), [0]), "group_ids must have 2"),
     (lambda: rlkern.shape_rewards(torch.ones(2, 2), [0] * 2, method="grpo_lambda", lengths=torch.ones(2, 2)),
      "scores must be [N]"),
 ])
@@ -374,7 +433,7 @@ def test_bad_calls(call, message):
     with pytest.raises((TypeError, ValueError)) as info:
         call()
     text = str(info.value)
-    assert text.startswith(("ensemble_rewards: ", "shape_rewards: ", "hbpo_advantages: ")) and message in text, text
+    assert text.startswith(("ensemble_rewards: ", "shape_rewards: ", "hbpo_advantages: ", "token_weights: ")) and message in text, text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,6 +453,8 @@ def test_opcheck():
     budgets = _budgets(9).float()
     torch.library.opcheck(S._shape_op, (s, aux.float() * 1000, budgets, inverse, 4, 4096.0, 4.0, 1 / 4096, 0.0))
     torch.library.opcheck(S._shape_op, (s, budgets, None, inverse, 5, 4096.0, 4.0, 1e-6, 0.0))
+    lp = torch.randn(9, 4, 6).log_softmax(-1)
+    torch.library.opcheck(S._token_weights_op, (lp, torch.rand(9, 4) > 0.3, inverse, 1.5))
 
 
 def test_torch_compile_fullgraph():
@@ -429,6 +490,11 @@ def test_cuda_matches_reference():
             want = R.shape_rewards(scores, S.dense("t", ids), aux, method, PARAMS[method], budgets)
             tol = 1e-12 if dtype == torch.float64 else 2e-6
             torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol)
+            lp = torch.randn(517, 9, 300, dtype=dtype).log_softmax(-1)
+            mask = torch.rand(517, 9) > 0.2
+            tw = rlkern.token_weights(lp.cuda(), ids.cuda(), mask.cuda())
+            torch.testing.assert_close(tw.cpu().double(), R.token_weights(lp, S.dense("t", ids), mask, 1.4),
+                                       rtol=10 * tol, atol=10 * tol)
             adv = rlkern.hbpo_advantages(scores.cuda(), ids.cuda(), budgets.cuda())
             want = R.hbpo_advantages(scores, S.dense("t", ids), budgets, 4096.0, 4.0, 1e-6)
             torch.testing.assert_close(adv.cpu().double(), want, rtol=tol, atol=tol)
@@ -444,6 +510,11 @@ for dt in ("fp32", "fp64"):
               {"METHOD": method, "BLOCK_B": 128, "BLOCK_K": 4})
         build(k._shape_kernel, {"s_ptr": p, "a_ptr": p, "inv_ptr": "*i64", "perm_ptr": "*i64", "starts_ptr": "*i64",
                                 "par_ptr": "*fp64", "out_ptr": p}, {"METHOD": method, "BLOCK": 64})
+    build(k._token_kl_kernel, {"lp_ptr": "*" + ("bf16" if dt == "fp32" else dt), "m_ptr": "*u8", "perm_ptr": "*i64",
+                               "starts_ptr": "*i64", "kl_ptr": p, "par_ptr": "*fp64", "s_n": "i64", "s_t": "i64",
+                               "T": "i32", "V": "i32"}, {"FP64": dt == "fp64", "BLOCK_V": 1024})
+    build(k._token_weights_kernel, {"kl_ptr": p, "m_ptr": "*u8", "inv_ptr": "*i64", "out_ptr": p, "par_ptr": "*fp64",
+                                    "T": "i32"}, {"BLOCK_T": 256})
     for method in (4, 5):
         build(k._hbpo_kernel, {"s_ptr": p, "a_ptr": p, "b_ptr": p, "inv_ptr": "*i64", "perm_ptr": "*i64",
                                "starts_ptr": "*i64", "par_ptr": "*fp64", "out_ptr": p}, {"METHOD": method, "BLOCK": 64})

@@ -1,6 +1,6 @@
 """Reward shaping: the research list's reward transforms, applied before the advantage op.
 
-Three ops, one per concept (CONTRIBUTING.md, API conventions 2):
+Four ops, one per concept (CONTRIBUTING.md, API conventions 2):
 
 - ``ensemble_rewards``: K reward models' scores of each sample -> one reward (an ensemble's mean,
   worst case, uncertainty-weighted mean, or a multi-objective weighted sum).
@@ -10,6 +10,8 @@ Three ops, one per concept (CONTRIBUTING.md, API conventions 2):
   (``grpo``, ``group_normalize``, ``rloo``) as its scores.
 - ``hbpo_advantages``: HBPO's advantage, which no outcome op expresses (a group z-score plus the
   budget subgroup's mean reward against the budget's own reward).
+
+- ``token_weights``: TW-GRPO's per-token loss weights from the group's token distributions.
 
 The first two return rewards, not advantages, so they compose with every outcome op. All are
 constants of the policy update (no gradient flows through them: the inputs are detached). Backends (same
@@ -28,7 +30,7 @@ from rlkern.ops._layout import out_dtype
 from rlkern.ops.advantages.groups import dense
 from rlkern.reference import shaping as reference
 
-__all__ = ["ensemble_rewards", "shape_rewards", "hbpo_advantages"]
+__all__ = ["ensemble_rewards", "shape_rewards", "hbpo_advantages", "token_weights"]
 
 ENSEMBLE_METHODS = reference.ENSEMBLE_METHODS
 SHAPE_METHODS = reference.SHAPE_METHODS
@@ -360,3 +362,75 @@ def hbpo_advantages(rewards: Tensor, group_ids, budgets: Tensor, *, max_length: 
     return _shape_op(_compute(rewards, dtype), _compute(budgets, dtype), None, inverse, _HBPO_ADVANTAGE,
                      float(length), scale, eps, 0.0)
 
+
+
+def _torch_token_weights(logprobs, mask, inverse, max_weight):
+    out = reference.token_weights(logprobs, inverse, mask, max_weight)
+    return out.to(out_dtype(logprobs)).to(logprobs.device)
+
+
+_TOKEN_WEIGHTS = _backend.Kernels("token_weights", cpp="cpp_token_weights", triton="shaping.token_weights",
+                                  torch=_torch_token_weights, fp64=("cpp", "triton"))
+
+
+@torch.library.custom_op("rlkern::token_weights", mutates_args=())
+def _token_weights_op(logprobs: Tensor, mask: Tensor, inverse: Tensor, max_weight: float) -> Tensor:
+    # logprobs [N, T, V] contiguous, any float; mask [N, T] bool contiguous; inverse [N] int64 in [0, N)
+    return _TOKEN_WEIGHTS.pick(logprobs)(logprobs, mask, inverse, max_weight)
+
+
+@_token_weights_op.register_fake
+def _(logprobs, mask, inverse, max_weight):
+    return logprobs.new_empty(logprobs.shape[:2], dtype=out_dtype(logprobs))
+
+
+def token_weights(logprobs: Tensor, group_ids, response_mask: Tensor | None = None, *,
+                  max_weight: float = 1.4) -> Tensor:
+    """TW-GRPO's token weights ("Reinforcing Video Reasoning with Focused Thinking"): tokens where
+    a group's completions disagree (high intra-group divergence of the token distributions) weigh
+    more in the policy loss.
+
+    With ``p_i,t`` completion i's log-probabilities over the vocabulary at position t (a masked
+    position reads as the uniform ``-log V``) and ``m_t`` their mean over the G completions of
+    the group, ``d = clamp(m_t - p_i,t, -11, 11)``::
+
+        D_t = 1/G sum_i sum_v (exp(d) - d - 1)                 (divergence from the group mean)
+        w_i,t = (1 + (max_weight - 1) * (D_t - min_t D) / (max_t D - min_t D + 1e-8)) * mask_i,t
+
+    the same weights for every completion of the group; the loss is then
+    ``sum(per_token_loss * w * mask) / sum(mask)`` (``policy_loss``'s ``token-mean`` of the
+    weighted per-token loss). The paper states the idea (an intra-group variance / entropy
+    estimate); the formula, the clamp at 11, the 1e-8, the min-max over every position of the
+    padded batch (a position past every completion's end has D = 0) and ``max_weight`` 1.4
+    (``alpha``; their released run uses 1.7) are those of the authors' TW-GRPO trainer
+    (``compute_token_importance_kl_logs_uniform``), which we follow. A -inf log-prob makes its
+    group's weights NaN there, as in theirs.
+
+    The paper's soft multi-level reward (a multi-choice answer earns ``|P| / |A|`` when its option
+    set P is a subset of the answer set A, else 0) is computed where the answer text is parsed,
+    in the reward function; it needs no kernel.
+
+    Args:
+        logprobs: ``[N, T, V]`` float (log-softmax over the vocabulary; bf16/fp16/fp32/fp64, read
+            in place, accumulated in fp32, float64 in double).
+        group_ids: ``[N]`` group (prompt) of each completion (see ``group_normalize``).
+        response_mask: ``[N, T]`` bool/int/float, or None (every position counts).
+        max_weight: the weight of the most divergent position (the least gets 1).
+
+    Returns:
+        ``[N, T]`` float32 (float64 for float64 log-probs), without gradient.
+    """
+    op = "token_weights"
+    _checks.tensors(op, "logprobs", {"logprobs": (logprobs, "float"), "response_mask": (response_mask, "mask")})
+    if logprobs.ndim != 3 or logprobs.shape[2] < 1:
+        raise ValueError(f"{op}: logprobs must be [N, T, V] (log-probs over a vocabulary of V >= 1), "
+                         f"got {tuple(logprobs.shape)}")
+    if response_mask is not None and tuple(response_mask.shape) != tuple(logprobs.shape[:2]):
+        raise ValueError(f"{op}: response_mask must have shape {tuple(logprobs.shape[:2])}, "
+                         f"got {tuple(response_mask.shape)}")
+    weight = _checks.number(op, "max_weight", max_weight)
+    inverse = dense(op, group_ids, n=logprobs.shape[0], device=logprobs.device)
+    mask = (torch.ones(logprobs.shape[:2], dtype=torch.bool, device=logprobs.device) if response_mask is None
+            else (response_mask != 0).contiguous())
+    lp = logprobs.detach()
+    return _token_weights_op(lp if lp.is_contiguous() else lp.contiguous(), mask, inverse, weight)

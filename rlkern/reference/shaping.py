@@ -122,3 +122,23 @@ def hbpo_advantages(rewards: Tensor, inverse: Tensor, budgets: Tensor, max_lengt
             f2 = beta * math.cos(math.pi * b[i] / (2 * max_length))
             out[i] = (r[i] - mean) / (std + eps) + sum(same) / len(same) - f2
     return torch.tensor(out, dtype=torch.float64)
+
+
+def token_weights(logprobs: Tensor, inverse: Tensor, mask: Tensor, max_weight: float) -> Tensor:
+    """``[N, T]`` float64 TW-GRPO token weights from ``[N, T, V]`` log-probabilities (see
+    rlkern/ops/shaping.py): masked positions count as the uniform distribution, the KL-like
+    divergence of each member from the group's mean log-probs at position t, min-max normalized
+    over the positions, mapped to ``[1, max_weight]``, times the mask."""
+    n, t, v = logprobs.shape
+    keep = mask.bool()
+    lp = torch.where(keep[..., None], logprobs.double(), torch.full((), -math.log(v), dtype=torch.float64))
+    out = torch.zeros(n, t, dtype=torch.float64)
+    if t == 0:
+        return out
+    for members in _groups(inverse).values():
+        g = lp[members]  # [G, T, V]
+        d = (g.mean(dim=0, keepdim=True) - g).clamp(-11.0, 11.0)
+        kl = (d.exp() - d - 1).sum(dim=-1).mean(dim=0)  # [T]
+        norm = (kl - kl.min()) / (kl.max() - kl.min() + 1e-8)
+        out[members] = (1.0 + (max_weight - 1.0) * norm)[None, :] * keep[members].double()
+    return out
