@@ -79,6 +79,27 @@ at::Tensor ensemble_cpu(const at::Tensor& rewards, const std::optional<at::Tenso
   return out;
 }
 
+// Samples bucketed by dense group number (a counting sort, O(N)): group g's members are
+// members[starts[g] .. starts[g + 1]), in rising sample order.
+struct Groups {
+  std::vector<int64_t> starts, members;
+};
+
+Groups bucket_by_group(const at::Tensor& inverse, int64_t N, const char* op) {
+  TORCH_CHECK(inverse.scalar_type() == at::kLong && inverse.numel() == N && inverse.is_contiguous(), op,
+              ": inverse must be contiguous int64 [N]");
+  Groups out{std::vector<int64_t>(N + 1, 0), std::vector<int64_t>(N)};
+  const int64_t* inv = inverse.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(inv[i] >= 0 && inv[i] < N, op, ": group numbers must be in [0, N)");
+    ++out.starts[inv[i] + 1];
+  }
+  for (int64_t g = 0; g < N; ++g) out.starts[g + 1] += out.starts[g];
+  std::vector<int64_t> fill(out.starts.begin(), out.starts.end() - 1);
+  for (int64_t i = 0; i < N; ++i) out.members[fill[inv[i]]++] = i;
+  return out;
+}
+
 // One group: `idx` holds its members' sample numbers in rising order; `b` the budgets (HBPO).
 template <typename S>
 void shape_group(const S* s, const S* a, const S* b, S* out, const int64_t* idx, int64_t g, int64_t method, double p0,
@@ -175,21 +196,12 @@ double top_fraction_cut(const std::vector<double>& ratios, double fraction) {
 at::Tensor shape_cpu(const at::Tensor& scores, const std::optional<at::Tensor>& aux, const std::optional<at::Tensor>& aux2,
                      const at::Tensor& inverse, int64_t method, double p0, double p1, double p2, double p3) {
   TORCH_CHECK(scores.dim() == 1 && scores.is_contiguous(), "cpp_shape_rewards: scores must be contiguous [N]");
-  TORCH_CHECK(inverse.scalar_type() == at::kLong && inverse.numel() == scores.numel() && inverse.is_contiguous(),
-              "cpp_shape_rewards: inverse must be contiguous int64 [N]");
   const int64_t N = scores.numel();
+  const Groups grouped = bucket_by_group(inverse, N, "cpp_shape_rewards");
+  const std::vector<int64_t>& starts = grouped.starts;
+  const std::vector<int64_t>& members = grouped.members;
   at::Tensor out = at::empty({N}, scores.options());
   if (N == 0) return out;
-  // counting sort by group: starts[g] .. starts[g + 1] are group g's members, rising
-  const int64_t* inv = inverse.data_ptr<int64_t>();
-  std::vector<int64_t> starts(N + 1, 0), members(N);
-  for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK(inv[i] >= 0 && inv[i] < N, "cpp_shape_rewards: group numbers must be in [0, N)");
-    ++starts[inv[i] + 1];
-  }
-  for (int64_t g = 0; g < N; ++g) starts[g + 1] += starts[g];
-  std::vector<int64_t> fill(starts.begin(), starts.end() - 1);
-  for (int64_t i = 0; i < N; ++i) members[fill[inv[i]]++] = i;
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "cpp_shape_rewards", [&] {
     const scalar_t* a = nullptr;
     std::vector<scalar_t> zeros;
@@ -291,24 +303,17 @@ at::Tensor token_weights_cpu(const at::Tensor& logprobs, const at::Tensor& mask,
   const int64_t N = logprobs.size(0), T = logprobs.size(1), V = logprobs.size(2);
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.numel() == N * T,
               "cpp_token_weights: mask must be contiguous bool [N, T]");
-  TORCH_CHECK(inverse.scalar_type() == at::kLong && inverse.numel() == N, "cpp_token_weights: inverse must be int64 [N]");
+  const Groups grouped = bucket_by_group(inverse, N, "cpp_token_weights");
+  const std::vector<int64_t>& starts = grouped.starts;
   at::Tensor acc = at::zeros({N, T}, logprobs.options().dtype(at::kDouble));
   if (N == 0 || T == 0 || V == 0) return acc.to(logprobs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  const int64_t* inv = inverse.data_ptr<int64_t>();
-  std::vector<int64_t> starts(N + 1, 0), members(N);
-  for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK(inv[i] >= 0 && inv[i] < N, "cpp_token_weights: group numbers must be in [0, N)");
-    ++starts[inv[i] + 1];
-  }
-  for (int64_t g = 0; g < N; ++g) starts[g + 1] += starts[g];
-  std::vector<int64_t> fill(starts.begin(), starts.end() - 1), groups;
-  for (int64_t i = 0; i < N; ++i) members[fill[inv[i]]++] = i;
+  std::vector<int64_t> groups;
   for (int64_t g = 0; g < N; ++g)
     if (starts[g + 1] > starts[g]) groups.push_back(g);
   const auto* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logprobs.scalar_type(), "cpp_token_weights", [&] {
-    token_weights_impl<scalar_t>(logprobs.data_ptr<scalar_t>(), m, acc.data_ptr<double>(), starts, members, groups, T,
-                                 V, max_weight);
+    token_weights_impl<scalar_t>(logprobs.data_ptr<scalar_t>(), m, acc.data_ptr<double>(), starts, grouped.members,
+                                 groups, T, V, max_weight);
   });
   return logprobs.scalar_type() == at::kDouble ? acc : acc.to(at::kFloat);
 }

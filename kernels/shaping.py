@@ -216,6 +216,16 @@ def _hbpo_kernel(
     tl.store(out_ptr + i, out.to(out_ptr.dtype.element_ty))
 
 
+def _group_order(inverse: torch.Tensor, n: int):
+    """The kernels' view of the groups, on the device (no host sync): perm (samples sorted by group,
+    stable), counts per group number, starts (group g is perm[starts[g]:starts[g + 1]])."""
+    perm = torch.sort(inverse, stable=True).indices
+    counts = torch.bincount(inverse, minlength=n)
+    starts = torch.zeros(n + 1, dtype=torch.int64, device=inverse.device)
+    starts[1:] = counts.cumsum(0)
+    return perm, counts, starts
+
+
 def _top_fraction_cut(scores, inverse, counts, fraction):
     """GRPO-lambda's top-lambda selection as a threshold, on the device (no host sync): the
     correctness ratio of the ceil(fraction * G)-th best of the G groups present (inf when that
@@ -243,10 +253,7 @@ def shape_rewards(
     out = torch.empty_like(scores)
     if n == 0:
         return out
-    perm = torch.sort(inverse, stable=True).indices
-    counts = torch.bincount(inverse, minlength=n)
-    starts = torch.zeros(n + 1, dtype=torch.int64, device=scores.device)
-    starts[1:] = counts.cumsum(0)
+    perm, counts, starts = _group_order(inverse, n)
     par = torch.tensor([p0, p1, p2], dtype=torch.float64, device=scores.device)
     if method == SHAPE_CODES["grpo_lambda"] and p3 >= 0:
         par[0] = _top_fraction_cut(scores, inverse, counts, p3)
@@ -351,9 +358,7 @@ def token_weights(
     out = torch.zeros(n, steps, dtype=dtype, device=logprobs.device)
     if n == 0 or steps == 0 or vocab == 0:
         return out
-    perm = torch.sort(inverse, stable=True).indices
-    starts = torch.zeros(n + 1, dtype=torch.int64, device=logprobs.device)
-    starts[1:] = torch.bincount(inverse, minlength=n).cumsum(0)
+    perm, _, starts = _group_order(inverse, n)
     kl = torch.empty(n, steps, dtype=dtype, device=logprobs.device)
     m = mask.view(torch.uint8)
     par = torch.tensor([max_weight, -math.log(vocab)], dtype=torch.float64, device=logprobs.device)

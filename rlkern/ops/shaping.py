@@ -174,7 +174,7 @@ def shape_rewards(
 
     A sample is *correct* when its score is > 0 (a NaN score is not: its reward stays NaN). Each
     method reads one more per-sample tensor and leaves the rewards of incorrect samples as their
-    scores, except OTC (see there). ``g`` is the size of the sample's group.
+    scores, except OTC and HBPO (see there). ``g`` is the size of the sample's group.
 
     - ``"grpo_lambda"`` ("Stable Reinforcement Learning for Efficient Reasoning", GRPO-lambda),
       reads ``lengths`` ``[N]``: a group whose correctness ratio ``k / g`` (k correct samples) is
