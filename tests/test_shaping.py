@@ -469,6 +469,16 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(r, ids, positions), step(r, ids, positions))
 
+    def hbpo_and_weights(scores, ids, lengths, budgets, logprobs, mask):
+        rewards = rlkern.shape_rewards(scores, ids, method="hbpo", lengths=lengths, budgets=budgets)
+        return rlkern.hbpo_advantages(rewards, ids, budgets), rlkern.token_weights(logprobs, ids, mask)
+
+    args = (torch.tensor([1.0, 0, 1, 1, 1, 0, 1, 1]), ids, torch.arange(8) * 500, torch.tensor([512, 2048] * 4),
+            torch.randn(8, 3, 7).log_softmax(-1), torch.rand(8, 3) > 0.3)
+    compiled = torch.compile(hbpo_and_weights, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(*args), hbpo_and_weights(*args)):
+        torch.testing.assert_close(got, want)
+
 
 # ---------------------------------------------------------------------------------------------
 # GPU and sm_90
