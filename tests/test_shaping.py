@@ -351,7 +351,7 @@ def test_token_weights_hand_computed(backend):
     assert got.dtype == torch.float64
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,t,v", [(0, 3, 5), (3, 0, 5), (1, 4, 3), (7, 5, 11), (10, 6, 37)])
 def test_token_weights_match_reference(backend, dtype, n, t, v):
     g = torch.Generator().manual_seed(n * 100 + t * 10 + v)
