@@ -26,6 +26,7 @@ from rlkern.ops.policy_loss import aggregate, kl_penalty, policy_loss, value_los
 from rlkern.ops.preference import bco_loss, kto_loss, preference_loss
 from rlkern.ops.preference_tokens import dpo_token_rewards, token_preference_loss
 from rlkern.ops.preference_groups import group_preference_loss, group_weights, srpo_loss
+from rlkern.ops.shaping import ensemble_rewards, hbpo_advantages, shape_rewards, token_weights
 from rlkern.trees import (
     broadcast_to_tokens,
     segment_advantages,
@@ -64,6 +65,11 @@ __all__ = [
     "running_reward_norm",
     "constrained_rewards",
     "step_advantage_loss",
+    # reward shaping (before an outcome op)
+    "ensemble_rewards",
+    "shape_rewards",
+    "hbpo_advantages",
+    "token_weights",
     # trees
     "broadcast_to_tokens",
     "segment_advantages",
