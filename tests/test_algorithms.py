@@ -81,6 +81,19 @@ def _pair_batch():
                  gold_lengths=torch.tensor([4, 4, 6, 2, 3]))
 
 
+def _shaping_batch():
+    g = torch.Generator().manual_seed(12)
+    b = _with_advantages(_token_batch())
+    return b.replace(scores=torch.tensor([1.0, 0.0, 1.0, 1.0]), lengths=torch.tensor([10.0, 30.0, 20.0, 40.0]),
+                     seq_logps=-torch.rand(4, generator=g) * 9, exit_positions=torch.tensor([3, 1, 2, 5]),
+                     tool_calls=torch.tensor([2, 0, 1, 3]), budgets=torch.tensor([512, 512, 1024, 1024]),
+                     rm_scores=torch.randn(4, 3, generator=g),
+                     vocab_logprobs=torch.log_softmax(torch.randn(4, 5, 7, generator=g), -1),
+                     step_ends=torch.tensor([[0, 1, 0, 0, 1], [0, 0, 1, 0, 0], [1, 0, 0, 0, 1], [0, 0, 0, 1, 0]]),
+                     judges=torch.tensor([[1, 1], [1, 0], [1, 1], [0, 1]]),
+                     baseline_rewards=torch.randn(4, generator=g))
+
+
 def _critic_batch():
     g = torch.Generator().manual_seed(12)
     b = _with_advantages(_token_batch())
@@ -283,6 +296,35 @@ CASES = {
     "srpo": (_srpo_batch, None, lambda b, c: rlkern.srpo_loss(b.seq_logps, b.ref_seq_logps, beta=c.beta,
                                                               alpha=c.alpha), dict(alpha=0.3, beta=0.2)),
     "self_play": (TOKEN, None, _policy("ppo"), dict(clip_low=0.1)),
+    "grpo_lambda": (_shaping_batch, lambda b, c: rlkern.grpo(rlkern.shape_rewards(
+        b.scores, b.group_ids, method="grpo_lambda", lengths=b.lengths, threshold=c.threshold,
+        top_fraction=c.top_fraction, length_coef=c.length_coef, eps=c.length_eps), b.group_ids, b.response_mask,
+        eps=c.eps, norm_by_std=c.norm_by_std), _policy("ppo"), dict(threshold=0.9, length_coef=0.5)),
+    "unlikeliness": (_shaping_batch, lambda b, c: rlkern.grpo(rlkern.shape_rewards(
+        b.scores, b.group_ids, method="unlikeliness", logprobs=b.seq_logps, rank_coef=c.rank_coef), b.group_ids,
+        b.response_mask, eps=c.eps, norm_by_std=c.norm_by_std), _policy("ppo"), dict(rank_coef=0.5)),
+    "s_grpo": (_shaping_batch, lambda b, c: rlkern.grpo(rlkern.shape_rewards(
+        b.scores, b.group_ids, method="s_grpo", exit_positions=b.exit_positions, decay=c.decay), b.group_ids,
+        b.response_mask, eps=c.eps, norm_by_std=c.norm_by_std), _policy("ppo"), dict(decay=0.8)),
+    "otc": (_shaping_batch, lambda b, c: rlkern.grpo(rlkern.shape_rewards(
+        b.scores, b.group_ids, method="otc", tool_calls=b.tool_calls, tool_c=c.tool_c, tool_coef=c.tool_coef),
+        b.group_ids, b.response_mask, eps=c.eps, norm_by_std=c.norm_by_std), _policy("ppo"), dict(tool_c=2.0)),
+    "hbpo": (_shaping_batch, lambda b, c: rlkern.outcome_to_tokens(rlkern.hbpo_advantages(rlkern.shape_rewards(
+        b.scores, b.group_ids, method="hbpo", lengths=b.lengths, budgets=b.budgets, max_length=c.max_length,
+        budget_scale=c.budget_scale, deviation_coef=c.deviation_coef), b.group_ids, b.budgets,
+        max_length=c.max_length, budget_scale=c.budget_scale, eps=c.eps), b.response_mask),
+        _policy("ppo"), dict(max_length=2048, budget_scale=2.0)),
+    "rm_ensemble": (_shaping_batch, None, _policy("ppo"), dict(clip_low=0.1)),
+    "mo_grpo": (_shaping_batch, lambda b, c: rlkern.grpo(
+        rlkern.ensemble_rewards(b.rm_scores, method="mean") if c.weights is None else
+        rlkern.ensemble_rewards(b.rm_scores, method="weighted", weights=list(c.weights)),
+        b.group_ids, b.response_mask, eps=c.eps, norm_by_std=c.norm_by_std), _policy("ppo"),
+        dict(weights=(0.5, 0.3, 0.2))),
+    "tw_grpo": (_shaping_batch, _grpo_adv, lambda b, c: rlkern.policy_loss(
+        b.logprobs, b.old_logprobs, b.advantages, b.response_mask, clip_low=c.clip_low, clip_high=c.clip_high,
+        dual_clip=c.dual_clip, ref_logprobs=b.ref_logprobs, kl_coef=c.kl_coef, kl_estimator=c.kl_estimator,
+        agg=c.agg, is_weights=rlkern.token_weights(b.vocab_logprobs, b.group_ids, b.response_mask,
+                                                   max_weight=c.max_weight)), dict(max_weight=1.7)),
     "oreo": (_critic_batch, None, lambda b, c: rlkern.soft_bellman_loss(
         b.logprobs, b.response_mask, b.ref_logprobs, b.values, b.scores, beta=c.beta, kl_coef=c.kl_coef),
         dict(beta=0.3, kl_coef=0.1)),
@@ -477,7 +519,7 @@ def _python_blocks():
 def test_the_doc_has_an_example_per_family():
     blocks = _python_blocks()
     assert len(blocks) >= 4
-    for name in ("ppo", "dapo", "treerl", "dpo", "oreo"):
+    for name in ("ppo", "dapo", "treerl", "dpo", "oreo", "grpo_lambda"):
         assert any(f'get("{name}")' in b for b in blocks), name
 
 

@@ -7,7 +7,8 @@ Two layers:
   OpenRLHF's ``PolicyLoss``), ``rlkern.algos.openrlhf``;
 - the algorithm registry, one module per family: ``ppo`` (PPO, T-PPO), ``grpo`` (the GRPO family
   and the outcome-baseline estimators), ``trees`` (SPO, TreeRL, TreePO), ``preference`` (DPO and
-  its relatives), ``critics`` (OREO, Direct Advantage PO, PPO-max, CGPO). ``get(name)`` returns an
+  its relatives), ``critics`` (OREO, Direct Advantage PO, PPO-max, CGPO), ``shaping`` (GRPO-lambda,
+  unlikeliness, S-GRPO, OTC, HBPO, RM ensembles, MO-GRPO, TW-GRPO). ``get(name)`` returns an
   ``Algorithm`` (a frozen config with the paper's defaults and ``advantages(batch, cfg)`` /
   ``loss(batch, cfg)`` over a ``Batch``); ``available()`` lists the names. docs/algorithms.md maps
   every paper of the research list.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 
-_FAMILIES = ("ppo", "grpo", "trees", "preference", "critics")
+_FAMILIES = ("ppo", "grpo", "trees", "preference", "critics", "shaping")
 
 
 def _load():

@@ -63,6 +63,12 @@ class Batch:
         kl_logps, ref_kl_logps: ``[M]`` KTO's mismatched KL completions' summed log-probs.
         delta: 0-dim BCO running reward mean.
         dpo_logprobs: ``[B, T]`` RTO: a DPO-trained model's token log-probs.
+        lengths: ``[B]`` response lengths (GRPO-lambda, HBPO).
+        exit_positions: ``[B]`` S-GRPO: where each answer exited its reasoning path.
+        tool_calls: ``[B]`` OTC: tool calls of each response.
+        budgets: ``[B]`` HBPO: each sample's token budget.
+        rm_scores: ``[B, K]`` K reward models' (or aspects') scores (ensembles, MO-GRPO).
+        vocab_logprobs: ``[B, T, V]`` TW-GRPO: the full log-softmax at each position.
         step_ends: ``[B, T]`` Direct Advantage PO: nonzero at each reasoning step's last token.
         reward_stats: ``[3]`` float64 PPO-max: running (count, mean, M2) of the rewards.
         judges: ``[B, J]`` CGPO: nonzero = judge j passes sample i.
@@ -117,6 +123,12 @@ class Batch:
     delta: Tensor | None = None
     dpo_logprobs: Tensor | None = None
     token_rewards: Tensor | None = None
+    lengths: Tensor | None = None
+    exit_positions: Tensor | None = None
+    tool_calls: Tensor | None = None
+    budgets: Tensor | None = None
+    rm_scores: Tensor | None = None
+    vocab_logprobs: Tensor | None = None
     step_ends: Tensor | None = None
     reward_stats: Tensor | None = None
     judges: Tensor | None = None
