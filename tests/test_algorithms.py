@@ -506,6 +506,10 @@ def test_every_name_the_doc_uses_exists():
     assert names and names <= set(algos.available()), names - set(algos.available())
     for name in algos.available():
         assert f"| `{name}` |" in doc, name  # the registered-algorithms table
+        row = next(line for line in doc.splitlines() if line.startswith(f"| `{name}` |"))
+        cfg = algos.get(name).config()
+        for field in dataclasses.fields(cfg):  # the documented defaults are the config's
+            assert f"{field.name}={getattr(cfg, field.name)!r}" in row, (name, field.name)
     called = set(re.findall(r"`([a-z_]+)\(", doc)) - {"get"}
     ops = called | {m for m in re.findall(r"`([a-z_]+)`", doc) if m in rlkern.__all__}
     assert {"gae", "grpo", "dynamic_sampling_mask"} <= ops
