@@ -12,6 +12,7 @@ from rlkern import trees
 from rlkern.ops import advantages as _advantages
 from rlkern.ops.advantages import *  # noqa: F401,F403  (the names of its __all__)
 from rlkern.ops.linear_logprobs import linear_token_logprobs
+from rlkern.ops.linear_losses import linear_policy_loss
 from rlkern.ops.logprobs import (
     LogprobsEntropy,
     entropy_from_logits,
@@ -43,6 +44,7 @@ __all__ = [
     # policy losses
     "aggregate",
     "kl_penalty",
+    "linear_policy_loss",
     "policy_loss",
     "value_loss",
     # preference optimization

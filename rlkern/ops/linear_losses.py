@@ -46,6 +46,7 @@ results are bit-for-bit the same run after run (``chunk_size`` is then ignored).
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -98,7 +99,6 @@ class _StoredGrads(torch.autograd.Function):
             out.append(None if g is None else (g * grad_loss.to(g.dtype)).to(dtype))
         if out[0] is not None:
             out[0] = out[0].reshape(ctx.shape)
-        ctx.grads = None
         return (None, *out, None, None, None)
 
 
@@ -211,6 +211,17 @@ def _linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, respon
                         rollout_rs, off_policy_mask_threshold, sequence_metrics, options):
     _check(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap, chunk_size, deterministic,
            cu_seqlens, options)
+    per_token = {"old_logprobs": old_logprobs, "response_mask": response_mask, "ref_logprobs": ref_logprobs,
+                 "is_weights": is_weights, "rollout_logprobs": rollout_logprobs}
+    for name, t in per_token.items():
+        if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != tuple(labels.shape)):
+            raise ValueError(f"{_OP}: {name} must have the shape of labels {tuple(labels.shape)}, got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    # The modes before any GEMM (policy_loss checks the rest of its options on its own call).
+    defaults = inspect.signature(policy_loss).parameters
+    option = lambda name: options.get(name, defaults[name].default)  # noqa: E731
+    _config.check_modes(_config.inner_loss(loss, option("bypass_loss")), agg, entropy_agg, option("kl_estimator"),
+                        level)
     softcap = float(logit_softcap or 0.0)
     shape = tuple(labels.shape)
     n = labels.numel()
