@@ -7,7 +7,7 @@ each file records its command). On a GPU both use the GPU shapes of each bench's
 
 from __future__ import annotations
 
-FAMILIES = ("logprobs", "linear_logprobs", "policy_loss", "advantages", "trees", "preference")
+FAMILIES = ("logprobs", "linear_logprobs", "policy_loss", "advantages", "trees", "preference", "linear_losses")
 
 _CPU_QUICK = {
     "logprobs": [("logprobs", ["--n", "1024", "--rounds", "5", "--memory-n", "512,1024,2048"])],
@@ -18,6 +18,8 @@ _CPU_QUICK = {
     "advantages": [("advantages", ["--batch", "64", "--steps", "2048", "--samples", "8192", "--rounds", "3"])],
     "trees": [("trees", ["--trees", "512", "--rounds", "3", "--python-rounds", "1"])],
     "preference": [("preference", ["--rounds", "9"])],
+    "linear_losses": [("linear_losses", ["--n", "1024", "--t", "128", "--vocab", "4000", "--rounds", "3",
+                                         "--no-memory"])],
 }
 
 _FULL = {
@@ -32,6 +34,7 @@ _FULL = {
     "advantages": [("advantages", [])],
     "trees": [("trees", [])],
     "preference": [("preference", []), ("preference_large", ["--pairs", "64", "--t", "4096", "--rounds", "9"])],
+    "linear_losses": [("linear_losses", []), ("linear_losses_bf16", ["--dtype", "bf16", "--rounds", "1"])],
 }
 
 _GPU_QUICK = {
@@ -41,6 +44,7 @@ _GPU_QUICK = {
     "advantages": [("advantages", [])],
     "trees": [("trees", [])],
     "preference": [("preference", [])],
+    "linear_losses": [("linear_losses", [])],
 }
 
 
