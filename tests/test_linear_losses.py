@@ -261,15 +261,38 @@ def test_deterministic_is_bit_for_bit_with_itself(loss):
 
 
 @pytest.mark.parametrize("loss", ["ppo", "gspo"])
-def test_gradcheck_float64(loss):
+def test_gradient_matches_finite_differences_float64(loss):
+    # The op forms its gradient in the forward and hands it to the first backward, so
+    # torch.autograd.gradcheck (which reuses one graph) does not apply: a central difference of
+    # the loss along random directions against <gradient, direction> instead.
     t = _inputs()
+    kw = dict(loss=loss, kl_coef=0.1, entropy_coef=0.1, chunk_size=4)
 
     def f(h, w, b):
-        return rlkern.linear_policy_loss(h, w, t["labels"], t["old"], t["adv"], t["mask"], bias=b, loss=loss,
-                                         ref_logprobs=t["ref"], kl_coef=0.1, entropy_coef=0.1, chunk_size=4)[0]
+        return rlkern.linear_policy_loss(h, w, t["labels"], t["old"], t["adv"], t["mask"], bias=b,
+                                         ref_logprobs=t["ref"], **kw)[0]
 
     args = [t[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias")]
-    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, fast_mode=True)
+    grads = torch.autograd.grad(f(*args), args)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        u = [torch.randn(a.shape, generator=g, dtype=a.dtype) for a in args]
+        eps = 1e-6
+        with torch.no_grad():
+            plus = f(*[a + eps * d for a, d in zip(args, u)])
+            minus = f(*[a - eps * d for a, d in zip(args, u)])
+        numeric = (plus - minus) / (2 * eps)
+        analytic = sum((gr * d).sum() for gr, d in zip(grads, u))
+        torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_a_second_backward_through_one_call_is_refused():
+    t = _inputs()
+    h = t["hidden"].clone().requires_grad_()
+    loss, _ = rlkern.linear_policy_loss(h, t["weight"], t["labels"], t["old"], t["adv"], t["mask"], chunk_size=4)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="^linear_policy_loss: a second backward"):
+        loss.backward()
 
 
 # Liger 0.8.5's GRPO loss types as rlkern options: (liger loss_type, rlkern agg, extra options).

@@ -83,7 +83,9 @@ def fused_path(loss: str = "ppo", *, level: str = "token", rollout_is=None, roll
 
 
 class _StoredGrads(torch.autograd.Function):
-    """The loss, whose backward scales the gradients the forward already formed."""
+    """The loss, whose backward scales the gradients the forward already formed. They are scaled
+    in place and handed over (no second copy of d weight at the peak, and autograd may take them
+    as ``.grad`` as they are), so a second backward through the same call is refused."""
 
     @staticmethod
     def forward(ctx, total, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
@@ -94,9 +96,14 @@ class _StoredGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError(f"{_OP}: a second backward through one call (retain_graph=True): its gradients, "
+                               "formed in the forward, went to the first; call the op again")
+        grads, ctx.grads = ctx.grads, None
         out = []
-        for g, dtype in zip(ctx.grads, ctx.dtypes):
-            out.append(None if g is None else (g * grad_loss.to(g.dtype)).to(dtype))
+        for g, dtype in zip(grads, ctx.dtypes):
+            out.append(None if g is None else g.mul_(grad_loss.to(g.dtype)).to(dtype))
+        del grads
         if out[0] is not None:
             out[0] = out[0].reshape(ctx.shape)
         return (None, *out, None, None, None)
