@@ -295,39 +295,57 @@ def test_a_second_backward_through_one_call_is_refused():
         loss.backward()
 
 
-# Liger 0.8.5's GRPO loss types as rlkern options: (liger loss_type, rlkern agg, extra options).
+# Liger 0.8.5's GRPO loss types as rlkern options: (liger loss_type, rlkern options). Liger's
+# epsilon_low / epsilon_high are 0.1 / 0.05, tight enough that ratios clip on both sides here
+# (cispo: its cap r <= epsilon_high = 1.05, rlkern's 1 + clip_high).
 LIGER_TYPES = [
-    ("grpo", "grpo", {}),
-    ("bnpo", "bnpo", {}),
-    ("dr_grpo", "dr_grpo", {"loss_scale_factor": float(T)}),
-    ("dapo", "dapo", {"global_tokens": None}),
+    ("grpo", dict(agg="grpo")),
+    ("bnpo", dict(agg="bnpo")),
+    ("dr_grpo", dict(agg="dr_grpo", loss_scale_factor=float(T))),
+    ("dapo", dict(agg="dapo", global_tokens="mask sum")),
+    ("cispo", dict(loss="cispo", clip_low=1.0, clip_high=0.05, agg="dapo", global_tokens="mask sum")),
+    ("sapo", dict(loss="sapo", agg="grpo")),
 ]
 
 
-@pytest.mark.parametrize("liger_type,agg,extra", LIGER_TYPES, ids=[c[0] for c in LIGER_TYPES])
-def test_parity_with_liger_fused_linear_grpo(liger_type, agg, extra):
+@pytest.mark.parametrize("liger_type,options", LIGER_TYPES, ids=[c[0] for c in LIGER_TYPES])
+def test_parity_with_liger_fused_linear_grpo(liger_type, options):
     chunked = import_peer("liger_kernel.chunked_loss")
     t = _inputs(torch.float32, ignore=False)
     mask = t["mask"].clone()
     mask[1, :2] = True  # Liger's grpo divides an empty row by clamp(0, 1): keep every row non-empty here
     t["mask"] = mask
-    extra = dict(extra)
-    if "global_tokens" in extra:  # Liger's dapo normalizer: the batch's mask sum (num_items_in_batch None)
-        extra["global_tokens"] = float(mask.sum())
+    t["adv"] = torch.tensor([0.8, -0.5, -1.3])  # both signs: each side of the clip matters somewhere
     beta, temp = 0.04, 0.9
+    with torch.no_grad():  # old log-probs near the new ones at this temperature
+        logits = (t["hidden"].double() @ t["weight"].double().T + t["bias"].double()) / temp
+        lp = torch.log_softmax(logits, -1).gather(-1, t["labels"][..., None])[..., 0]
+    t["old"] = (lp + 0.2 * torch.randn(B, T, generator=torch.Generator().manual_seed(11))).float()
+    options = dict(dict(loss="ppo", clip_low=0.1, clip_high=0.05), **options)
+    if options.get("global_tokens") == "mask sum":  # Liger's dapo normalizer without num_items_in_batch
+        options["global_tokens"] = float(mask.sum())
     peer = chunked.LigerFusedLinearGRPOLoss(beta=beta, compiled=False, use_ref_model=True, chunk_size=2,
-                                            epsilon_low=0.2, epsilon_high=0.28, loss_type=liger_type,
-                                            max_completion_length=T, temperature=temp)
+                                            epsilon_low=0.1, epsilon_high=1.05 if liger_type == "cispo" else 0.05,
+                                            loss_type=liger_type, max_completion_length=T, temperature=temp)
     leaves = [t[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias")]
-    peer_loss, _ = peer(leaves[0], leaves[1], t["labels"], mask.long(), t["adv"].float(), bias=leaves[2],
+    peer_loss, _ = peer(leaves[0], leaves[1], t["labels"], mask.long(), t["adv"], bias=leaves[2],
                         ref_per_token_logps=t["ref"], old_per_token_logps=t["old"])
     peer_loss.backward()
-    t["adv"] = t["adv"].float()
-    ours = _ours(t, loss="ppo", clip_low=0.2, clip_high=0.28, kl_coef=beta, kl_estimator="k3_unclamped",
-                 temperature=temp, agg=agg, chunk_size=4, **extra)
+    assert min(_clipped_tokens(t, 0.9, 1.05, temp)) > 0  # each side of the clip acts on some token
+    ours = _ours(t, kl_coef=beta, kl_estimator="k3_unclamped", temperature=temp, chunk_size=4, **options)
     torch.testing.assert_close(ours[0], peer_loss.detach(), rtol=2e-5, atol=1e-6)
     for name, a, b in zip(("hidden", "weight", "bias"), ours[2], [x.grad for x in leaves]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"d {name}: {m}")
+
+
+def _clipped_tokens(t, low, high, temperature):
+    """(tokens with r > high and A > 0, tokens with r < low and A < 0): where each side of the clip acts."""
+    with torch.no_grad():
+        logits = (t["hidden"].double() @ t["weight"].double().T + t["bias"].double()) / temperature
+        lp = torch.log_softmax(logits, -1).gather(-1, t["labels"][..., None])[..., 0]
+        r = (lp - t["old"].double()).exp()
+        adv = t["adv"][:, None].expand_as(r)
+    return int(((r > high) & (adv > 0) & t["mask"]).sum()), int(((r < low) & (adv < 0) & t["mask"]).sum())
 
 
 def _bad(**kw):
