@@ -390,3 +390,16 @@ def test_cuda_matches_the_composition():
         torch.testing.assert_close(ours[0], comp[0], rtol=1e-3, atol=1e-4)
         for a, b in zip(ours[2], comp[2]):
             torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("loss", ["ppo", "gspo"])
+def test_output_dtypes_follow_the_composition(loss):
+    # float32 for float16/bfloat16/float32 heads, float64 for float64; metrics always float32
+    for dtype, expected in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                            (torch.float64, torch.float64)):
+        t = _inputs(dtype)
+        value, metrics, grads = _ours(t, loss=loss, chunk_size=4)
+        comp = _composition(t, loss=loss, chunk_size=4)
+        assert value.dtype == comp[0].dtype == expected
+        assert all(m.dtype == torch.float32 for m in metrics.values())
+        assert [g.dtype for g in grads] == [dtype] * 3

@@ -321,7 +321,7 @@ def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mas
 
     acc_dtype, (forward, backward), blocks, buf, row_dtype, gemm_weight = _ll._plan(
         hidden, weight, chunk_size, deterministic)
-    cdt = torch.float64 if torch.float64 in (acc_dtype, old_logprobs.dtype) else torch.float32
+    cdt = acc_dtype  # the log-probs' dtype: policy_loss's output dtype follows it, as in the composition
     seq_of = (segment_ids(cu_seqlens, n) if packed
               else torch.arange(n_seqs, device=device).repeat_interleave(shape[1]))
     mask_flat = (torch.ones(n, dtype=cdt, device=device) if mask is None else mask.reshape(n).to(cdt))
@@ -389,5 +389,4 @@ def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mas
     values = metric_sums / denom
     values[_autograd.METRIC_KEYS.index("entropy")] = ent_sum / denom
     metrics = dict(zip(_autograd.METRIC_KEYS, values.to(torch.float32).unbind(0)))
-    out_dtype = torch.float64 if cdt == torch.float64 else torch.float32
-    return total.to(out_dtype), metrics, (grad_hidden, grad_weight, grad_bias)
+    return total.to(cdt), metrics, (grad_hidden, grad_weight, grad_bias)
