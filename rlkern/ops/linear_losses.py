@@ -56,6 +56,7 @@ from rlkern.ops import linear_logprobs as _ll
 from rlkern.ops._layout import segment_ids
 from rlkern.ops.policy_loss import _autograd, _config
 from rlkern.ops.policy_loss.loss import policy_loss
+from rlkern.reference import policy_loss as _policy_reference
 
 _OP = "linear_policy_loss"
 # policy_loss's losses whose token gradient depends on that token alone (given the global
@@ -330,8 +331,23 @@ def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mas
     ent_weights = weights if not resolved.entropy_agg else _token_weights(
         mask_flat, n_seqs, seq_of, width, cdt, resolved.entropy_agg, 1, None, None, resolved.loss_scale_factor)
     adv_flat = advantages.reshape(-1)
-    adv_tok = adv_flat if advantages.shape == old_logprobs.shape else adv_flat[seq_of]
-    old_flat, ref_flat, isw_flat = (_flat(t, n) for t in (old_logprobs, ref_logprobs, is_weights))
+    adv_tok = (adv_flat if advantages.shape == old_logprobs.shape else adv_flat[seq_of]).contiguous()
+    old_flat, ref_flat, isw_flat = (None if t is None else _flat(t, n).contiguous()
+                                    for t in (old_logprobs, ref_logprobs, is_weights))
+    # Each chunk calls policy_loss's kernels directly (rlkern::policy_loss's implementation, the
+    # arguments checked above): the public op's checks and dispatch cost ~0.8 ms a call on the
+    # CPU, more than its kernels at a chunk's size, and a step has two calls per chunk.
+    defaults = inspect.signature(policy_loss).parameters
+    option = lambda name: kw.get(name, defaults[name].default)  # noqa: E731
+    clip_low = option("clip_low")
+    hyper = _policy_reference.hyper_list(
+        clip_low=clip_low, clip_high=clip_low if option("clip_high") is None else option("clip_high"),
+        dual_clip=option("dual_clip"), kl_coef=option("kl_coef"), entropy_coef=0.0, dp_size=1,
+        loss_scale_factor=None, tau_pos=option("tau_pos"), tau_neg=option("tau_neg"), dro_beta=option("dro_beta"),
+        ppo_kl_coef=option("ppo_kl_coef"), global_tokens=None, global_seqs=None,
+        kl_bias_correction=option("kl_bias_correction"))
+    config = (loss_name, "token-sum", "", option("kl_estimator"), "token", hyper)
+    one = torch.ones((), dtype=cdt, device=device)
 
     grad_hidden = torch.zeros(hidden.shape, dtype=acc_dtype, device=device) if need[0] else None
     grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need[1] else None
@@ -351,21 +367,20 @@ def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mas
         ent = c_ent[:k]
         m = mask_flat[start:end]
         piece = lambda t: None if t is None else t[start:end].reshape(1, k)  # noqa: E731
-        common = dict(loss=loss_name, agg="token-sum", ref_logprobs=piece(ref_flat), is_weights=piece(isw_flat), **kw)
+        tensors = (piece(old_flat), piece(adv_tok))
+        extra = (piece(ref_flat), None, piece(isw_flat), None, None, None, None)
         # The chunk's share of the loss and d loss / d logprob: the global weights in the mask.
-        lp_leaf = lp.detach().requires_grad_(any_grad)
-        with torch.enable_grad():
-            part, _ = policy_loss(lp_leaf, piece(old_flat), piece(adv_tok), (m * weights[start:end]).reshape(1, k),
-                                  **common)
-            g_lp = torch.autograd.grad(part, lp_leaf)[0].reshape(k) if any_grad else None
+        weighted = (m * weights[start:end]).reshape(1, k)
+        part, _, stats = _autograd._fwd_impl(lp, *tensors, weighted, *extra, *config)
+        if any_grad:
+            g_lp = _autograd._bwd_impl(one, lp, *tensors, weighted, *extra, stats, *config)[0].reshape(k)
         # The chunk's masked metric sums: policy_loss's masked means times their denominator.
-        _, chunk_metrics = policy_loss(lp.detach(), piece(old_flat), piece(adv_tok), m.reshape(1, k),
-                                       **common)
+        chunk_metrics = _autograd._fwd_impl(lp, *tensors, m.reshape(1, k), *extra, *config)[1]
         m_sum = m.sum(dtype=torch.float64)
-        metric_sums += torch.stack(list(chunk_metrics.values())).double() * (m_sum + _METRIC_EPS)
+        metric_sums += chunk_metrics.double() * (m_sum + _METRIC_EPS)
         ent64 = ent.double()
         ent_sum += (ent64 * m).sum()
-        total += part.detach().double()
+        total += part.double()
         if entropy_coef != 0:
             total -= entropy_coef * (ent64 * m * ent_weights[start:end]).sum()
         if not any_grad:
