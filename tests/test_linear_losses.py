@@ -176,8 +176,8 @@ def _composition(t, **kw):
 @pytest.mark.parametrize("case", [
     dict(loss="clip_cov", clip_cov_ratio=0.2, kl_coef=0.1),
     dict(loss="kl_cov", kl_cov_ratio=0.2),
-    dict(loss="bypass_mode", bypass_loss="reinforce", rollout_is="token", rollout_is_threshold=1.5, rollout_rs="token_k1",
-         rollout_rs_threshold=2.0, use_rollout=True),
+    dict(loss="bypass_mode", bypass_loss="reinforce", rollout_is="token", rollout_is_threshold=1.5,
+         rollout_rs="token_k1", rollout_rs_threshold=2.0, use_rollout=True),
     dict(loss="ppo", rollout_is="sequence", use_rollout=True, rollout_is_batch_normalize=True),
     dict(loss="ppo", off_policy_mask_threshold=0.05, agg="grpo"),
     dict(loss="ppo", sequence_metrics=True, dual_clip=3.0),

@@ -294,7 +294,6 @@ def _token_weights(mask_flat: Tensor, n_seqs: int, seq_of: Tensor, width: int | 
 def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mask, tiles, need, pl_kwargs):
     """The fused pass: per chunk GEMM 1, token kernel, policy_loss forward + backward on the
     chunk with the global weights, token backward, GEMMs 2 and 3."""
-    temperature, softcap, ignore_index, logit_scale, chunk_size, deterministic = tiles
     kw = dict(pl_kwargs)
     cu_seqlens = kw.pop("cu_seqlens")
     entropy_coef = kw.pop("entropy_coef")
@@ -320,9 +319,9 @@ def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mas
                                    norms["global_tokens"], norms["global_seqs"], norms["loss_scale_factor"])
     advantages = _config.advantage_layout(advantages, old_logprobs, cu_seqlens, per_seq_flag)
 
-    acc_dtype, (forward, backward), blocks, buf, row_dtype, gemm_weight = _ll._plan(
-        hidden, weight, chunk_size, deterministic)
-    cdt = acc_dtype  # the log-probs' dtype: policy_loss's output dtype follows it, as in the composition
+    # the log-probs' dtype (linear_logprobs._plan's accumulation dtype): policy_loss's output
+    # dtype follows it, as in the composition
+    cdt = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
     seq_of = (segment_ids(cu_seqlens, n) if packed
               else torch.arange(n_seqs, device=device).repeat_interleave(shape[1]))
     mask_flat = (torch.ones(n, dtype=cdt, device=device) if mask is None else mask.reshape(n).to(cdt))
@@ -349,22 +348,15 @@ def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mas
     config = (loss_name, "token-sum", "", option("kl_estimator"), "token", hyper)
     one = torch.ones((), dtype=cdt, device=device)
 
-    grad_hidden = torch.zeros(hidden.shape, dtype=acc_dtype, device=device) if need[0] else None
-    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need[1] else None
-    grad_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=device) if need[2] else None
     total = torch.zeros((), dtype=torch.float64, device=device)
     metric_sums = torch.zeros(len(_autograd.METRIC_KEYS), dtype=torch.float64, device=device)
     ent_sum = torch.zeros((), dtype=torch.float64, device=device)
     any_grad = any(need)
-    for start, end, rows in blocks:
+
+    def token_grads(start, end, logp, entropy):
         k = end - start
-        tile = buf[:rows]
-        h = _ll._rows(hidden, start, end, rows).to(row_dtype)
-        _ll._logits_into(tile, h, gemm_weight, bias, logit_scale)  # GEMM 1
-        tile_labels = _ll._rows(labels, start, end, rows)
-        c_logp, c_ent, c_lse = forward(tile, tile_labels, temperature, softcap, ignore_index, True, vocab_start=-1)
-        lp = c_logp[:k].reshape(1, k)
-        ent = c_ent[:k]
+        nonlocal total
+        lp = logp.reshape(1, k)
         m = mask_flat[start:end]
         piece = lambda t: None if t is None else t[start:end].reshape(1, k)  # noqa: E731
         tensors = (piece(old_flat), piece(adv_tok))
@@ -372,27 +364,63 @@ def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mas
         # The chunk's share of the loss and d loss / d logprob: the global weights in the mask.
         weighted = (m * weights[start:end]).reshape(1, k)
         part, _, stats = _autograd._fwd_impl(lp, *tensors, weighted, *extra, *config)
-        if any_grad:
-            g_lp = _autograd._bwd_impl(one, lp, *tensors, weighted, *extra, stats, *config)[0].reshape(k)
+        g_lp = _autograd._bwd_impl(one, lp, *tensors, weighted, *extra, stats, *config)[0] if any_grad else None
         # The chunk's masked metric sums: policy_loss's masked means times their denominator.
         chunk_metrics = _autograd._fwd_impl(lp, *tensors, m.reshape(1, k), *extra, *config)[1]
-        m_sum = m.sum(dtype=torch.float64)
-        metric_sums += chunk_metrics.double() * (m_sum + _METRIC_EPS)
-        ent64 = ent.double()
-        ent_sum += (ent64 * m).sum()
-        total += part.double()
-        if entropy_coef != 0:
-            total -= entropy_coef * (ent64 * m * ent_weights[start:end]).sum()
-        if not any_grad:
-            continue
+        metric_sums.add_(chunk_metrics.double() * (m.sum(dtype=torch.float64) + _METRIC_EPS))
+        ent64 = entropy.double()
+        ent_sum.add_((ent64 * m).sum())
+        total = total + part.double()
         g_ent = None
         if entropy_coef != 0:
-            g_ent = (-entropy_coef * m * ent_weights[start:end]).to(acc_dtype)
-        backward(_ll._rows(g_lp.to(acc_dtype), 0, k, rows),
-                 None if g_ent is None else _ll._rows(g_ent, 0, k, rows),
-                 tile, tile_labels, _ll._rows(c_lse, 0, k, rows, -math.inf) if rows != k else c_lse,
-                 None if g_ent is None else _ll._rows(c_ent, 0, k, rows),
-                 temperature, softcap, ignore_index, tile, vocab_start=-1)
+            total = total - entropy_coef * (ent64 * m * ent_weights[start:end]).sum()
+            g_ent = -entropy_coef * m * ent_weights[start:end]
+        return g_lp, g_ent
+
+    grads = fused_chunks(hidden, weight, bias, labels, token_grads, tiles=tiles, need=need)
+    denom = mask_flat.sum(dtype=torch.float64) + _METRIC_EPS
+    values = metric_sums / denom
+    values[_autograd.METRIC_KEYS.index("entropy")] = ent_sum / denom
+    metrics = dict(zip(_autograd.METRIC_KEYS, values.to(torch.float32).unbind(0)))
+    return total.to(cdt), metrics, grads
+
+
+def fused_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, token_grads, *, tiles: tuple,
+                 need: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The one-pass chunk loop of a fused linear loss, for any loss whose d loss / d logprob (and
+    d loss / d entropy) of a token is known once its chunk's log-probs are.
+
+    ``hidden [N, H]``, ``weight [V, H]``, ``bias [V]`` or None, ``labels [N]``; ``tiles``:
+    ``(temperature, softcap, ignore_index, logit_scale, chunk_size or 0, deterministic)``;
+    ``need``: which of d hidden, d weight, d bias to form. Per chunk of tokens ``[start, end)``:
+    GEMM 1 (the fp32 logits tile), the token log-prob kernel, then
+    ``token_grads(start, end, logp [k], entropy [k]) -> (d loss / d logp [k] or None,
+    d loss / d entropy [k] or None)`` (the caller accumulates its loss there), the token
+    backward kernel in place, GEMMs 2 and 3. Returns ``(d hidden, d weight, d bias)`` in the
+    accumulation dtype (fp32, fp64 for fp64 input), None where not needed."""
+    temperature, softcap, ignore_index, logit_scale, chunk_size, deterministic = tiles
+    device = hidden.device
+    acc_dtype, (forward, backward), blocks, buf, row_dtype, gemm_weight = _ll._plan(
+        hidden, weight, chunk_size, deterministic)
+    grad_hidden = torch.zeros(hidden.shape, dtype=acc_dtype, device=device) if need[0] else None
+    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need[1] else None
+    grad_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=device) if need[2] else None
+    for start, end, rows in blocks:
+        k = end - start
+        tile = buf[:rows]
+        h = _ll._rows(hidden, start, end, rows).to(row_dtype)
+        _ll._logits_into(tile, h, gemm_weight, bias, logit_scale)  # GEMM 1
+        tile_labels = _ll._rows(labels, start, end, rows)
+        c_logp, c_ent, c_lse = forward(tile, tile_labels, temperature, softcap, ignore_index, True, vocab_start=-1)
+        g_lp, g_ent = token_grads(start, end, c_logp[:k], c_ent[:k])
+        if not any(need) or (g_lp is None and g_ent is None):
+            continue
+        g_lp = c_logp.new_zeros(k) if g_lp is None else g_lp.reshape(k).to(acc_dtype)
+        # A padded row (deterministic blocks) gets lse = -inf: its gradient row is exactly 0.
+        backward(_ll._rows(g_lp, 0, k, rows),
+                 None if g_ent is None else _ll._rows(g_ent.reshape(k).to(acc_dtype), 0, k, rows),
+                 tile, tile_labels, _ll._rows(c_lse, 0, k, rows, -math.inf),
+                 None if g_ent is None else c_ent, temperature, softcap, ignore_index, tile, vocab_start=-1)
         padded = rows != k
         g_hidden = None
         if grad_hidden is not None:
@@ -400,8 +428,4 @@ def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mas
         _ll._grad_products(tile, h, gemm_weight, g_hidden, grad_weight, grad_bias, logit_scale)  # GEMMs 2, 3
         if padded and grad_hidden is not None:
             grad_hidden[start:end] = g_hidden[:k]
-    denom = mask_flat.sum(dtype=torch.float64) + _METRIC_EPS
-    values = metric_sums / denom
-    values[_autograd.METRIC_KEYS.index("entropy")] = ent_sum / denom
-    metrics = dict(zip(_autograd.METRIC_KEYS, values.to(torch.float32).unbind(0)))
-    return total.to(cdt), metrics, (grad_hidden, grad_weight, grad_bias)
+    return grad_hidden, grad_weight, grad_bias
