@@ -25,7 +25,8 @@ op, so for every token-local loss that gradient is known tile by tile in the for
 5. GEMMs 2 and 3: d hidden ``+= dZ W``, d weight ``+= dZ^T h`` (and d bias), fp32 accumulators
    (``linear_logprobs._grad_products``).
 
-It is a composition of existing kernels per chunk (no new C++ or Triton kernel). The forward
+It is a composition of existing kernels per chunk (no new C++ or Triton kernel); the loop is
+``fused_chunks``, for any loss whose per-token gradient is known once a chunk's log-probs are. The forward
 keeps the finished d hidden ``[N, H]``, d weight ``[V, H]`` (and d bias) in fp32 (fp64 for
 fp64 input); the backward only scales them by the incoming gradient. Extra memory beyond the
 inputs, those gradients and ``[N]`` vectors: one logits tile ``[chunk, V]``.
