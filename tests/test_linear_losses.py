@@ -403,3 +403,21 @@ def test_output_dtypes_follow_the_composition(loss):
         assert value.dtype == comp[0].dtype == expected
         assert all(m.dtype == torch.float32 for m in metrics.values())
         assert [g.dtype for g in grads] == [dtype] * 3
+
+
+def test_runs_under_torch_compile():
+    t = _inputs(torch.float32)
+
+    def step(h, w):
+        loss, metrics = rlkern.linear_policy_loss(h * 1.0, w, t["labels"], t["old"], t["adv"], t["mask"],
+                                                  ref_logprobs=t["ref"], kl_coef=0.1, chunk_size=4)
+        return 2 * loss, metrics["clipfrac"]
+
+    results = []
+    for fn in (step, torch.compile(step, backend="eager")):
+        h, w = t["hidden"].clone().requires_grad_(), t["weight"].clone().requires_grad_()
+        loss, clipfrac = fn(h, w)
+        loss.backward()
+        results.append((loss.detach(), clipfrac, h.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -115,6 +115,9 @@ def _flat(t: Tensor | None, n: int) -> Tensor | None:
     return None if t is None else t.reshape(n)
 
 
+# torch.compile runs the op as it is, between graphs: its chunk loop is Python over host-side
+# block bounds, and the gradient it forms in the forward would otherwise be traced tile by tile.
+@torch.compiler.disable
 def linear_policy_loss(
     hidden: Tensor,
     weight: Tensor,
