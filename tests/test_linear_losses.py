@@ -163,7 +163,7 @@ def test_empty_mask_gives_zero_loss_and_gradient():
 def _composition(t, **kw):
     """rlkern's own linear_token_logprobs + policy_loss (the same options)."""
     kw = dict(kw)
-    head = {k: kw.pop(k) for k in ("temperature", "logit_scale", "logit_softcap", "chunk_size") if k in kw}
+    head = {k: kw.pop(k) for k in ("temperature", "logit_scale", "logit_softcap", "chunk_size", "logits_dtype") if k in kw}
     leaves = [t["hidden"].detach().clone().requires_grad_(), t["weight"].detach().clone().requires_grad_(),
               t["bias"].detach().clone().requires_grad_()]
     out = rlkern.linear_token_logprobs(leaves[0], leaves[1], t["labels"], bias=leaves[2], return_entropy=True, **head)
@@ -368,6 +368,7 @@ def _bad(**kw):
     (dict(hidden=torch.randn(B * T, H)), "hidden"),
     (dict(temperature=0.0), "temperature"),
     (dict(chunk_size=0), "chunk_size"),
+    (dict(logits_dtype=torch.int32), "logits_dtype"),
     (dict(deterministic=1), "deterministic"),
     (dict(logprobs=torch.zeros(B, T)), "logprobs"),
     (dict(clip_lo=0.2), "unexpected"),
@@ -421,3 +422,23 @@ def test_runs_under_torch_compile():
         results.append((loss.detach(), clipfrac, h.grad, w.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss", ["ppo", "gspo"])
+@pytest.mark.parametrize("logit_scale", [1.0, 1.3])
+def test_rounded_tiles_match_the_composition_and_the_rounding_model(loss, logit_scale, backend):
+    # logits_dtype=bf16 (TRL's numerics under autocast): the same roundings as
+    # linear_token_logprobs(logits_dtype=bf16), and the float64 model of those roundings
+    t = _inputs(torch.float32)
+    kw = dict(loss=loss, kl_coef=0.1, entropy_coef=0.05, chunk_size=4, logit_scale=logit_scale,
+              logits_dtype=torch.bfloat16)
+    ours = _ours(t, **kw)
+    comp = _composition(t, **kw)
+    torch.testing.assert_close(ours[0], comp[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours[2], comp[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    ref = _reference(t, **kw)
+    plain = _ours(t, **{k: v for k, v in kw.items() if k != "logits_dtype"})
+    # nearer the bf16 rounding model than the fp32 tiles are (the roundings are real)
+    assert (ours[0].double() - ref[0]).abs() < (plain[0].double() - ref[0]).abs()
+    torch.testing.assert_close(ours[0].double(), ref[0], rtol=1e-3, atol=1e-4)

@@ -133,6 +133,7 @@ def linear_policy_loss(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     deterministic: bool = False,
+    logits_dtype: torch.dtype | None = None,
     loss: str = "ppo",
     ref_logprobs: Tensor | None = None,
     entropy_coef: float = 0.0,
@@ -173,6 +174,10 @@ def linear_policy_loss(
         chunk_size: tokens per tile (None: a tile of ~16 MB fp32 on the CPU, 256 MB on CUDA, as
             ``linear_token_logprobs``).
         deterministic: fixed blocks and order: bit-for-bit the same result every run.
+        logits_dtype: None (default): fp32 logits tiles (float64 for float64 inputs);
+            ``torch.bfloat16`` / ``torch.float16``: TRL's numerics under autocast, as
+            ``linear_token_logprobs(logits_dtype=...)`` rounds them (h and W cast to it, each tile
+            rounded once, d logits rounded before the two gradient GEMMs).
         loss, agg, entropy_agg, level, kl / clip / correction options (``**options``: every
             other keyword of ``policy_loss``, with its defaults: ``clip_low``, ``clip_high``,
             ``dual_clip``, ``kl_coef``, ``kl_estimator``, ``tau_pos``, ...): as ``policy_loss``.
@@ -185,7 +190,7 @@ def linear_policy_loss(
         return _linear_policy_loss(
             hidden, weight, labels, old_logprobs, advantages, response_mask, bias=bias, temperature=temperature,
             logit_scale=logit_scale, logit_softcap=logit_softcap, ignore_index=ignore_index, chunk_size=chunk_size,
-            deterministic=deterministic, loss=loss, ref_logprobs=ref_logprobs, entropy_coef=entropy_coef,
+            deterministic=deterministic, logits_dtype=logits_dtype, loss=loss, ref_logprobs=ref_logprobs, entropy_coef=entropy_coef,
             cu_seqlens=cu_seqlens, advantages_per_sequence=advantages_per_sequence, agg=agg, entropy_agg=entropy_agg,
             global_tokens=global_tokens, global_seqs=global_seqs, dp_size=dp_size,
             loss_scale_factor=loss_scale_factor, level=level, is_weights=is_weights,
@@ -217,7 +222,8 @@ def _check(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap
 
 
 def _linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, response_mask, *, bias, temperature,
-                        logit_scale, logit_softcap, ignore_index, chunk_size, deterministic, loss, ref_logprobs,
+                        logit_scale, logit_softcap, ignore_index, chunk_size, deterministic, logits_dtype, loss,
+                        ref_logprobs,
                         entropy_coef, cu_seqlens, advantages_per_sequence, agg, entropy_agg, global_tokens,
                         global_seqs, dp_size, loss_scale_factor, level, is_weights, rollout_logprobs, rollout_is,
                         rollout_rs, off_policy_mask_threshold, sequence_metrics, options):
@@ -234,6 +240,7 @@ def _linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, respon
     option = lambda name: options.get(name, defaults[name].default)  # noqa: E731
     _config.check_modes(_config.inner_loss(loss, option("bypass_loss")), agg, entropy_agg, option("kl_estimator"),
                         level)
+    logits_dtype = _ll._check_logits_dtype(logits_dtype, hidden, weight)
     softcap = float(logit_softcap or 0.0)
     shape = tuple(labels.shape)
     n = labels.numel()
@@ -241,7 +248,8 @@ def _linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, respon
     flat_labels = labels.reshape(n)
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     need = tuple(x and torch.is_grad_enabled() for x in need)
-    tiles = (temperature, softcap, ignore_index, logit_scale, 0 if chunk_size is None else chunk_size, deterministic)
+    tiles = (temperature, softcap, ignore_index, logit_scale, 0 if chunk_size is None else chunk_size, deterministic,
+             logits_dtype)
     pl_kwargs = dict(loss=loss, ref_logprobs=ref_logprobs, entropy_coef=entropy_coef, cu_seqlens=cu_seqlens,
                      advantages_per_sequence=advantages_per_sequence, agg=agg, entropy_agg=entropy_agg,
                      global_tokens=global_tokens, global_seqs=global_seqs, dp_size=dp_size,
@@ -265,10 +273,10 @@ def _linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, respon
 def _two_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mask, tiles, need, pl_kwargs):
     """Log-probs first (GEMM + token kernel), policy_loss on the whole batch, then the gradient
     pass (GEMM + token backward + 2 GEMMs): for the losses that need whole sequences."""
-    temperature, softcap, ignore_index, logit_scale, chunk_size, deterministic = tiles
+    temperature, softcap, ignore_index, logit_scale, chunk_size, deterministic, logits_dtype = tiles
     logp, entropy, lse, *_ = _ll._chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature,
                                                   ignore_index, True, (False, False, False), chunk_size,
-                                                  deterministic)
+                                                  deterministic, logits_dtype=logits_dtype)
     lp = logp.reshape(shape).requires_grad_(any(need))
     ent = entropy.reshape(shape).requires_grad_(any(need) and pl_kwargs["entropy_coef"] != 0)
     with torch.enable_grad():
@@ -281,7 +289,7 @@ def _two_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mas
     g_ent = grads[1].reshape(-1) if len(grads) > 1 and grads[1] is not None else None
     g = _ll._chunked_backward(g_lp.reshape(-1), g_ent, hidden, weight, bias, labels, lse,
                               entropy if g_ent is not None else None, logit_scale, softcap, temperature,
-                              ignore_index, chunk_size, deterministic, *need)
+                              ignore_index, chunk_size, deterministic, *need, logits_dtype=logits_dtype)
     return total.detach(), metrics, g
 
 
@@ -395,17 +403,26 @@ def fused_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Te
     d loss / d entropy) of a token is known once its chunk's log-probs are.
 
     ``hidden [N, H]``, ``weight [V, H]``, ``bias [V]`` or None, ``labels [N]``; ``tiles``:
-    ``(temperature, softcap, ignore_index, logit_scale, chunk_size or 0, deterministic)``;
+    ``(temperature, softcap, ignore_index, logit_scale, chunk_size or 0, deterministic,
+    logits_dtype or None)`` (``logits_dtype``: linear_logprobs' rounded tiles);
     ``need``: which of d hidden, d weight, d bias to form. Per chunk of tokens ``[start, end)``:
     GEMM 1 (the fp32 logits tile), the token log-prob kernel, then
     ``token_grads(start, end, logp [k], entropy [k]) -> (d loss / d logp [k] or None,
     d loss / d entropy [k] or None)`` (the caller accumulates its loss there), the token
     backward kernel in place, GEMMs 2 and 3. Returns ``(d hidden, d weight, d bias)`` in the
     accumulation dtype (fp32, fp64 for fp64 input), None where not needed."""
-    temperature, softcap, ignore_index, logit_scale, chunk_size, deterministic = tiles
+    temperature, softcap, ignore_index, logit_scale, chunk_size, deterministic, logits_dtype = tiles
     device = hidden.device
     acc_dtype, (forward, backward), blocks, buf, row_dtype, gemm_weight = _ll._plan(
-        hidden, weight, chunk_size, deterministic)
+        hidden, weight, chunk_size, deterministic, logits_dtype)
+    rounded = logits_dtype is not None
+    wide = product_weight = None
+    if rounded:  # as linear_logprobs._chunked_backward: fp32 room for the scaled tile / CPU products
+        on_cuda = device.type == "cuda"
+        if logit_scale != 1.0 or not on_cuda:
+            wide = torch.empty_like(buf, dtype=acc_dtype)
+        small = not on_cuda and 4 * gemm_weight.numel() <= _ll._W_COPY_BYTES
+        product_weight = gemm_weight.float() if small else gemm_weight
     grad_hidden = torch.zeros(hidden.shape, dtype=acc_dtype, device=device) if need[0] else None
     grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need[1] else None
     grad_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=device) if need[2] else None
@@ -413,9 +430,15 @@ def fused_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Te
         k = end - start
         tile = buf[:rows]
         h = _ll._rows(hidden, start, end, rows).to(row_dtype)
-        _ll._logits_into(tile, h, gemm_weight, bias, logit_scale)  # GEMM 1
+        if rounded:  # GEMM 1, rounded to logits_dtype; the kernels read logit_scale * tile in fp32
+            _ll._rounded_logits_into(tile, h, gemm_weight, bias)
+            kernel_tile = _ll._scaled(tile, None if wide is None else wide[:rows], logit_scale)
+        else:
+            _ll._logits_into(tile, h, gemm_weight, bias, logit_scale)  # GEMM 1
+            kernel_tile = tile
         tile_labels = _ll._rows(labels, start, end, rows)
-        c_logp, c_ent, c_lse = forward(tile, tile_labels, temperature, softcap, ignore_index, True, vocab_start=-1)
+        c_logp, c_ent, c_lse = forward(kernel_tile, tile_labels, temperature, softcap, ignore_index, True,
+                                       vocab_start=-1)
         g_lp, g_ent = token_grads(start, end, c_logp[:k], c_ent[:k])
         if not any(need) or (g_lp is None and g_ent is None):
             continue
@@ -423,13 +446,19 @@ def fused_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Te
         # A padded row (deterministic blocks) gets lse = -inf: its gradient row is exactly 0.
         backward(_ll._rows(g_lp, 0, k, rows),
                  None if g_ent is None else _ll._rows(g_ent.reshape(k).to(acc_dtype), 0, k, rows),
-                 tile, tile_labels, _ll._rows(c_lse, 0, k, rows, -math.inf),
-                 None if g_ent is None else c_ent, temperature, softcap, ignore_index, tile, vocab_start=-1)
+                 kernel_tile, tile_labels, _ll._rows(c_lse, 0, k, rows, -math.inf),
+                 None if g_ent is None else c_ent, temperature, softcap, ignore_index, kernel_tile, vocab_start=-1)
         padded = rows != k
         g_hidden = None
         if grad_hidden is not None:
             g_hidden = grad_hidden.new_zeros((rows, hidden.shape[1])) if padded else grad_hidden[start:end]
-        _ll._grad_products(tile, h, gemm_weight, g_hidden, grad_weight, grad_bias, logit_scale)  # GEMMs 2, 3
+        if rounded:  # TRL scales the fp32 gradient, rounds it, then the fp32-accumulated GEMMs 2, 3
+            if kernel_tile is not tile:
+                tile.copy_(kernel_tile.mul_(logit_scale))
+            _ll._rounded_grad_products(tile, None if wide is None else wide[:rows], h, product_weight, g_hidden,
+                                       grad_weight, grad_bias)
+        else:
+            _ll._grad_products(tile, h, gemm_weight, g_hidden, grad_weight, grad_bias, logit_scale)  # GEMMs 2, 3
         if padded and grad_hidden is not None:
             grad_hidden[start:end] = g_hidden[:k]
     return grad_hidden, grad_weight, grad_bias

@@ -8,7 +8,8 @@ For hidden states ``h``, LM head ``W``, bias ``b`` and sampled tokens ``y``:
 
 so the loss is ``agg(policy * is_weights) + kl_coef * agg(kl) - entropy_coef *
 entropy_agg(H)``, and its gradients w.r.t. ``h``, ``W``, ``b`` come from autograd through the
-materialized logits. Float64 throughout, small sizes only. Packed input (``cu_seqlens``) is
+materialized logits. Float64 throughout (``logits_dtype``: the rounding model of
+rlkern.reference.linear_logprobs), small sizes only. Packed input (``cu_seqlens``) is
 padded to ``[B, max_len]`` first; the padding is masked.
 """
 
@@ -35,6 +36,7 @@ def linear_policy_loss(
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
     ignore_index: int = -100,
+    logits_dtype: torch.dtype | None = None,
     cu_seqlens: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
     is_weights: Tensor | None = None,
@@ -46,7 +48,7 @@ def linear_policy_loss(
     n = labels.numel()
     logp, entropy, _ = _linear.linear_logprobs(
         hidden.reshape(n, hidden.shape[-1]), weight, bias, labels.reshape(n), temperature=temperature,
-        logit_scale=logit_scale, logit_softcap=logit_softcap, ignore_index=ignore_index)
+        logit_scale=logit_scale, logit_softcap=logit_softcap, ignore_index=ignore_index, logits_dtype=logits_dtype)
     tensors = [logp.reshape(labels.shape), entropy.reshape(labels.shape), old_logprobs.double(),
                None if ref_logprobs is None else ref_logprobs.double(),
                None if is_weights is None else is_weights.double()]
