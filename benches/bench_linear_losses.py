@@ -41,19 +41,23 @@ def _inputs(device, n, t, width, vocab, dtype, seed=0):
     return hidden, weight, labels, mask, old, ref, adv
 
 
-def implementations(device: torch.device) -> tuple[dict, dict]:
-    """(name -> fn(hidden, weight, labels, mask, old, ref, adv) -> loss, name -> why a peer did not run)."""
+def implementations(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
+    """(name -> fn(hidden, weight, labels, mask, old, ref, adv) -> loss, name -> why a peer did not run).
+    For bf16 inputs also "rlkern bf16 tiles": ``logits_dtype=torch.bfloat16`` (TRL's rounded
+    tiles; the GEMMs run in bf16, on the CPU the forward one)."""
     options = dict(loss="ppo", clip_low=CLIP_LOW, clip_high=CLIP_HIGH, kl_coef=BETA, kl_estimator="k3_unclamped",
                    agg="bnpo")
 
-    def fused(h, w, y, m, old, ref, adv):
-        return rlkern.linear_policy_loss(h, w, y, old, adv, m, ref_logprobs=ref, **options)[0]
+    def fused(h, w, y, m, old, ref, adv, **extra):
+        return rlkern.linear_policy_loss(h, w, y, old, adv, m, ref_logprobs=ref, **options, **extra)[0]
 
     def composition(h, w, y, m, old, ref, adv):
         lp = rlkern.linear_token_logprobs(h, w, y)
         return rlkern.policy_loss(lp, old, adv, m, ref_logprobs=ref, **options)[0]
 
     impls = {"rlkern": fused, "rlkern composition": composition}
+    if dtype == torch.bfloat16:
+        impls["rlkern bf16 tiles"] = lambda *args: fused(*args, logits_dtype=torch.bfloat16)
     missing = {}
     chunked, why = common.peer("liger_kernel.chunked_loss")
     if chunked is None:
@@ -82,7 +86,7 @@ def memory_case(device: torch.device, impl: str, n: int, t: int, width: int, voc
     inputs = _inputs(device, n, min(t, n), width, vocab, DTYPES[dtype_name])
     if impl == "bare GEMMs":
         return _bare_gemms(*inputs[:2])
-    fn = implementations(device)[0][impl]
+    fn = implementations(device, DTYPES[dtype_name])[0][impl]
     return lambda: _step(fn, *inputs)
 
 
@@ -91,7 +95,7 @@ def run(device: torch.device, n: int, t: int, width: int, vocab: int, dtype: tor
     inputs = _inputs(device, n, t, width, vocab, dtype)
     dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
     shape = f"N={n} (B={inputs[0].shape[0]} T={t}) H={width} V={vocab} {dtype_name}"
-    impls, missing = implementations(device)
+    impls, missing = implementations(device, dtype)
     steps = {name: (lambda f=f: _step(f, *inputs)) for name, f in impls.items()}
     steps["bare GEMMs"] = _bare_gemms(*inputs[:2])
     if device.type == "cuda":
