@@ -442,3 +442,15 @@ def test_rounded_tiles_match_the_composition_and_the_rounding_model(loss, logit_
     # nearer the bf16 rounding model than the fp32 tiles are (the roundings are real)
     assert (ours[0].double() - ref[0]).abs() < (plain[0].double() - ref[0]).abs()
     torch.testing.assert_close(ours[0].double(), ref[0], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["ppo", "gspo"])
+def test_a_frozen_head_gets_no_gradient_and_hidden_the_same_one(loss):
+    t = _inputs()
+    full = _ours(t, loss=loss, chunk_size=4, kl_coef=0.1)
+    h = t["hidden"].clone().requires_grad_()
+    value, _ = rlkern.linear_policy_loss(h, t["weight"], t["labels"], t["old"], t["adv"], t["mask"], bias=t["bias"],
+                                         ref_logprobs=t["ref"], loss=loss, chunk_size=4, kl_coef=0.1)
+    value.backward()
+    torch.testing.assert_close(h.grad, full[2][0], rtol=1e-12, atol=0)
+    assert t["weight"].grad is None and t["bias"].grad is None
