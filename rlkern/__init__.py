@@ -14,6 +14,7 @@ from rlkern.ops.advantages import *  # noqa: F401,F403  (the names of its __all_
 from rlkern.ops.critics import constrained_rewards, running_reward_norm, soft_bellman_loss, step_advantage_loss
 from rlkern.ops.linear_logprobs import linear_token_logprobs
 from rlkern.ops.linear_preference import linear_preference_loss
+from rlkern.ops.linear_losses import linear_policy_loss
 from rlkern.ops.logprobs import (
     LogprobsEntropy,
     entropy_from_logits,
@@ -47,6 +48,7 @@ __all__ = [
     # policy losses
     "aggregate",
     "kl_penalty",
+    "linear_policy_loss",
     "policy_loss",
     "value_loss",
     # preference optimization
