@@ -7,7 +7,8 @@ each file records its command). On a GPU both use the GPU shapes of each bench's
 
 from __future__ import annotations
 
-FAMILIES = ("logprobs", "linear_logprobs", "policy_loss", "advantages", "trees", "preference", "linear_preference")
+FAMILIES = ("logprobs", "linear_logprobs", "policy_loss", "advantages", "trees", "preference", "linear_losses",
+            "linear_preference")
 
 _CPU_QUICK = {
     "logprobs": [("logprobs", ["--n", "1024", "--rounds", "5", "--memory-n", "512,1024,2048"])],
@@ -18,7 +19,10 @@ _CPU_QUICK = {
     "advantages": [("advantages", ["--batch", "64", "--steps", "2048", "--samples", "8192", "--rounds", "3"])],
     "trees": [("trees", ["--trees", "512", "--rounds", "3", "--python-rounds", "1"])],
     "preference": [("preference", ["--rounds", "9"])],
-    "linear_preference": [("linear_preference", ["--pairs", "2", "--t", "512", "--rounds", "3", "--no-memory"])],
+    "linear_preference": [("linear_preference", ["--pairs", "2", "--t", "256", "--vocab", "4000", "--rounds", "3",
+                                                  "--no-memory"])],
+    "linear_losses": [("linear_losses", ["--n", "1024", "--t", "128", "--vocab", "4000", "--rounds", "3",
+                                         "--no-memory"])],
 }
 
 _FULL = {
@@ -35,6 +39,7 @@ _FULL = {
     "preference": [("preference", []), ("preference_large", ["--pairs", "64", "--t", "4096", "--rounds", "9"])],
     # the CPU's DPO batch: 2 pairs x 512 positions (4 x 1024 takes minutes per implementation on 2 cores)
     "linear_preference": [("linear_preference", ["--pairs", "2", "--t", "512", "--rounds", "3"])],
+    "linear_losses": [("linear_losses", []), ("linear_losses_bf16", ["--dtype", "bf16", "--rounds", "1"])],
 }
 
 _GPU_QUICK = {
@@ -45,6 +50,7 @@ _GPU_QUICK = {
     "trees": [("trees", [])],
     "preference": [("preference", [])],
     "linear_preference": [("linear_preference", [])],
+    "linear_losses": [("linear_losses", [])],
 }
 
 

@@ -15,6 +15,7 @@ from rlkern.ops.advantages.dynamic_sampling import dynamic_sampling_mask
 from rlkern.ops.critics import constrained_rewards, running_reward_norm, soft_bellman_loss, step_advantage_loss
 from rlkern.ops.linear_logprobs import linear_token_logprobs
 from rlkern.ops.linear_preference import linear_preference_loss
+from rlkern.ops.linear_losses import linear_policy_loss
 from rlkern.ops.logprobs import (
     LogprobsEntropy,
     entropy_from_logits,
@@ -48,6 +49,7 @@ __all__ = [
     # policy losses
     "aggregate",
     "kl_penalty",
+    "linear_policy_loss",
     "policy_loss",
     "value_loss",
     # preference optimization

@@ -1,0 +1,464 @@
+"""Policy losses straight from hidden states, the gradient formed in the forward: no [N, V] logits.
+
+``linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, response_mask, ...)``
+returns what ``policy_loss(linear_token_logprobs(hidden, weight, labels), old_logprobs, ...)``
+returns, with the logits ``z = softcap(logit_scale * (h W^T + b)) / temperature`` of
+``linear_token_logprobs``, and costs three GEMMs instead of that composition's four.
+
+How: ``linear_token_logprobs`` must recompute every logits tile in its backward, because its
+upstream gradient d loss / d logprob is unknown in its forward. Here the loss is part of the
+op, so for every token-local loss that gradient is known tile by tile in the forward:
+
+1. GEMM 1: the chunk's fp32 logits tile (``linear_logprobs._logits_into``);
+2. the token log-prob kernel (C++ on CPU, Triton on GPU: ``rlkern.ops.logprobs``) folds it into
+   log-prob, entropy and log-sum-exp;
+3. ``policy_loss`` (its C++ / Triton kernels, forward and backward) on the chunk's log-probs
+   with the tokens weighted by the GLOBAL aggregation weights: every aggregation mode is linear
+   in the per-sequence masked sums (``policy_loss._autograd.seq_weights``), so
+   ``agg(loss) = sum_t w_{seq(t)} * mask_t * loss_t`` with ``w`` known up front from the mask
+   (token-mean's token count, seq-mean-token-mean's per-sequence counts, TRL's normalizers,
+   verl's global_tokens / global_seqs / dp_size). The chunk call takes ``mask * w`` as a float
+   mask with ``agg="token-sum"`` (a float mask weights the tokens: rlkern.reference.policy_loss
+   ``aggregate``), which gives the chunk's share of the loss and d loss / d logprob exactly. A
+   second, forward-only call with the caller's mask gives the chunk's masked metric sums;
+4. the token kernel's backward turns (d logprob, d entropy) into d logits in place;
+5. GEMMs 2 and 3: d hidden ``+= dZ W``, d weight ``+= dZ^T h`` (and d bias), fp32 accumulators
+   (``linear_logprobs._grad_products``).
+
+It is a composition of existing kernels per chunk (no new C++ or Triton kernel); the loop is
+``fused_chunks``, for any loss whose per-token gradient is known once a chunk's log-probs are. The forward
+keeps the finished d hidden ``[N, H]``, d weight ``[V, H]`` (and d bias) in fp32 (fp64 for
+fp64 input); the backward only scales them by the incoming gradient. Extra memory beyond the
+inputs, those gradients and ``[N]`` vectors: one logits tile ``[chunk, V]``.
+
+The losses that need a whole sequence (or the whole batch) before any token's gradient is known
+take two passes instead: ``gspo``, ``geo_mean``, ``level="sequence"``, ``clip_cov`` /
+``kl_cov`` (a batch-wide top-k), bypass mode, ``rollout_is`` / ``rollout_rs``,
+``off_policy_mask_threshold`` and ``sequence_metrics=True``. A cheap first pass computes the
+log-probs and entropy only (GEMM + the token kernel, no gradient), ``policy_loss`` runs once on
+the whole batch (its forward and backward: every option exactly as it computes it), and a
+second pass recomputes each tile and forms its gradient (GEMM + the two gradient GEMMs): four
+GEMMs, as the composition, at O(chunk) memory. ``fused_path(...)`` says which a call takes.
+
+``deterministic=True``: every GEMM and kernel runs on fixed blocks of
+``linear_logprobs._DET_ROWS`` tokens and the chunks are accumulated in a fixed order, so the
+results are bit-for-bit the same run after run (``chunk_size`` is then ignored).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from torch import Tensor
+
+from rlkern.ops import linear_logprobs as _ll
+from rlkern.ops._layout import segment_ids
+from rlkern.ops.policy_loss import _autograd, _config
+from rlkern.ops.policy_loss.loss import policy_loss
+from rlkern.reference import policy_loss as _policy_reference
+
+_OP = "linear_policy_loss"
+# policy_loss's losses whose token gradient depends on that token alone (given the global
+# aggregation weights): one fused pass. The rest take two passes (module docstring).
+LOCAL_LOSSES = ("ppo", "cispo", "reinforce", "gpg", "sapo", "dro", "dppo_tv", "dppo_kl")
+_METRIC_EPS = 1e-8  # policy_loss's masked-mean denominator: sum(mask) + 1e-8 (reference.masked_mean)
+
+
+def _renamed(error: Exception) -> Exception:
+    """An error of the ops this one composes, under this op's name (CONTRIBUTING.md, Errors)."""
+    text = str(error)
+    for name in ("linear_token_logprobs: ", "policy_loss: "):
+        if text.startswith(name):
+            text = f"{_OP}: " + text[len(name):]
+            break
+    return type(error)(text)
+
+
+def fused_path(loss: str = "ppo", *, level: str = "token", rollout_is=None, rollout_rs=None,
+               rollout_logprobs=None, off_policy_mask_threshold=None, sequence_metrics: bool = False) -> bool:
+    """True when a call computes the loss and its gradient in one pass of three GEMMs; False when
+    it takes the two passes (four GEMMs) of the module docstring."""
+    return (loss in LOCAL_LOSSES and level == "token" and rollout_is is None and rollout_rs is None
+            and rollout_logprobs is None and off_policy_mask_threshold is None and not sequence_metrics)
+
+
+class _StoredGrads(torch.autograd.Function):
+    """The loss, whose backward scales the gradients the forward already formed. They are scaled
+    in place and handed over (no second copy of d weight at the peak, and autograd may take them
+    as ``.grad`` as they are), so a second backward through the same call is refused."""
+
+    @staticmethod
+    def forward(ctx, total, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.shape = hidden.shape
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError(f"{_OP}: a second backward through one call (retain_graph=True): its gradients, "
+                               "formed in the forward, went to the first; call the op again")
+        grads, ctx.grads = ctx.grads, None
+        out = []
+        for g, dtype in zip(grads, ctx.dtypes):
+            out.append(None if g is None else g.mul_(grad_loss.to(g.dtype)).to(dtype))
+        del grads
+        if out[0] is not None:
+            out[0] = out[0].reshape(ctx.shape)
+        return (None, *out, None, None, None)
+
+
+def _flat(t: Tensor | None, n: int) -> Tensor | None:
+    return None if t is None else t.reshape(n)
+
+
+# torch.compile runs the op as it is, between graphs: its chunk loop is Python over host-side
+# block bounds, and the gradient it forms in the forward would otherwise be traced tile by tile.
+@torch.compiler.disable
+def linear_policy_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor | None,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    deterministic: bool = False,
+    logits_dtype: torch.dtype | None = None,
+    loss: str = "ppo",
+    ref_logprobs: Tensor | None = None,
+    entropy_coef: float = 0.0,
+    cu_seqlens: Tensor | None = None,
+    advantages_per_sequence: bool | None = None,
+    agg: str = "token-mean",
+    entropy_agg: str | None = None,
+    global_tokens: int | float | Tensor | None = None,
+    global_seqs: int | float | Tensor | None = None,
+    dp_size: int = 1,
+    loss_scale_factor: float | None = None,
+    level: str = "token",
+    is_weights: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
+    rollout_is: str | None = None,
+    rollout_rs: str | None = None,
+    off_policy_mask_threshold: float | None = None,
+    sequence_metrics: bool = False,
+    **options,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``policy_loss`` of the log-probs of ``hidden @ weight.T``, without the ``[N, V]`` logits.
+
+    Equal to ``policy_loss(linear_token_logprobs(hidden, weight, labels, ...), old_logprobs,
+    advantages, response_mask, entropy=<the head's entropy>, ...)`` (``entropy`` is always the
+    head's own: the ``entropy`` metric and, with ``entropy_coef``, the entropy bonus
+    ``- entropy_coef * entropy_agg(H)``, verl's ``entropy_coeff``, TRL's ``entropy_coef``).
+    The gradients of hidden, weight and bias are formed in the forward (module docstring).
+
+    Args:
+        hidden: ``[B, T, H]`` (padded, with ``response_mask [B, T]``) or ``[N, H]`` (packed, with
+            ``cu_seqlens``), float16/bfloat16/float32/float64.
+        weight: ``[V, H]``, the LM head. ``bias``: ``[V]`` or None.
+        labels: hidden's leading shape, int32/int64: the sampled tokens (``ignore_index`` gives
+            log-prob 0: mask those tokens).
+        old_logprobs, advantages, response_mask, ref_logprobs, is_weights, rollout_logprobs:
+            as ``policy_loss`` takes them, in the layout of ``labels``.
+        temperature, logit_scale, logit_softcap, ignore_index: as ``linear_token_logprobs``.
+        chunk_size: tokens per tile (None: a tile of ~16 MB fp32 on the CPU, 256 MB on CUDA, as
+            ``linear_token_logprobs``).
+        deterministic: fixed blocks and order: bit-for-bit the same result every run.
+        logits_dtype: None (default): fp32 logits tiles (float64 for float64 inputs);
+            ``torch.bfloat16`` / ``torch.float16``: TRL's numerics under autocast, as
+            ``linear_token_logprobs(logits_dtype=...)`` rounds them (h and W cast to it, each tile
+            rounded once, d logits rounded before the two gradient GEMMs).
+        loss, agg, entropy_agg, level, kl / clip / correction options (``**options``: every
+            other keyword of ``policy_loss``, with its defaults: ``clip_low``, ``clip_high``,
+            ``dual_clip``, ``kl_coef``, ``kl_estimator``, ``tau_pos``, ...): as ``policy_loss``.
+
+    Returns:
+        ``(loss, metrics)`` as ``policy_loss``: a 0-dim float32 loss (float64 for float64
+        input) and its metrics dict.
+    """
+    try:
+        return _linear_policy_loss(
+            hidden, weight, labels, old_logprobs, advantages, response_mask, bias=bias, temperature=temperature,
+            logit_scale=logit_scale, logit_softcap=logit_softcap, ignore_index=ignore_index, chunk_size=chunk_size,
+            deterministic=deterministic, logits_dtype=logits_dtype, loss=loss, ref_logprobs=ref_logprobs, entropy_coef=entropy_coef,
+            cu_seqlens=cu_seqlens, advantages_per_sequence=advantages_per_sequence, agg=agg, entropy_agg=entropy_agg,
+            global_tokens=global_tokens, global_seqs=global_seqs, dp_size=dp_size,
+            loss_scale_factor=loss_scale_factor, level=level, is_weights=is_weights,
+            rollout_logprobs=rollout_logprobs, rollout_is=rollout_is, rollout_rs=rollout_rs,
+            off_policy_mask_threshold=off_policy_mask_threshold, sequence_metrics=sequence_metrics, options=options)
+    except (TypeError, ValueError) as error:
+        raise _renamed(error) from None
+
+
+def _check(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap, chunk_size, deterministic,
+           cu_seqlens, options):
+    _ll._check_linear(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap, (), chunk_size)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"{_OP}: deterministic must be a bool, got {deterministic!r}")
+    if cu_seqlens is None and hidden.ndim != 3:
+        raise ValueError(f"{_OP}: hidden must be [B, T, H] for padded input (or [N, H] with cu_seqlens), got shape "
+                         f"{tuple(hidden.shape)}")
+    if cu_seqlens is not None and hidden.ndim != 2:
+        raise ValueError(f"{_OP}: packed input (cu_seqlens given) needs hidden [N, H], got shape "
+                         f"{tuple(hidden.shape)}")
+    for name in ("logprobs", "entropy", "select"):
+        if name in options:
+            raise TypeError(f"{_OP}: {name} is computed from hidden and weight, it is not an argument")
+    known = set(policy_loss.__code__.co_varnames[:policy_loss.__code__.co_argcount
+                                                 + policy_loss.__code__.co_kwonlyargcount])
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"{_OP}: unexpected keyword argument(s) {unknown}")
+
+
+def _linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, response_mask, *, bias, temperature,
+                        logit_scale, logit_softcap, ignore_index, chunk_size, deterministic, logits_dtype, loss,
+                        ref_logprobs,
+                        entropy_coef, cu_seqlens, advantages_per_sequence, agg, entropy_agg, global_tokens,
+                        global_seqs, dp_size, loss_scale_factor, level, is_weights, rollout_logprobs, rollout_is,
+                        rollout_rs, off_policy_mask_threshold, sequence_metrics, options):
+    _check(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap, chunk_size, deterministic,
+           cu_seqlens, options)
+    per_token = {"old_logprobs": old_logprobs, "response_mask": response_mask, "ref_logprobs": ref_logprobs,
+                 "is_weights": is_weights, "rollout_logprobs": rollout_logprobs}
+    for name, t in per_token.items():
+        if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != tuple(labels.shape)):
+            raise ValueError(f"{_OP}: {name} must have the shape of labels {tuple(labels.shape)}, got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    # The modes before any GEMM (policy_loss checks the rest of its options on its own call).
+    defaults = inspect.signature(policy_loss).parameters
+    option = lambda name: options.get(name, defaults[name].default)  # noqa: E731
+    _config.check_modes(_config.inner_loss(loss, option("bypass_loss")), agg, entropy_agg, option("kl_estimator"),
+                        level)
+    logits_dtype = _ll._check_logits_dtype(logits_dtype, hidden, weight)
+    softcap = float(logit_softcap or 0.0)
+    shape = tuple(labels.shape)
+    n = labels.numel()
+    h2 = hidden.reshape(n, hidden.shape[-1])
+    flat_labels = labels.reshape(n)
+    need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    need = tuple(x and torch.is_grad_enabled() for x in need)
+    tiles = (temperature, softcap, ignore_index, logit_scale, 0 if chunk_size is None else chunk_size, deterministic,
+             logits_dtype)
+    pl_kwargs = dict(loss=loss, ref_logprobs=ref_logprobs, entropy_coef=entropy_coef, cu_seqlens=cu_seqlens,
+                     advantages_per_sequence=advantages_per_sequence, agg=agg, entropy_agg=entropy_agg,
+                     global_tokens=global_tokens, global_seqs=global_seqs, dp_size=dp_size,
+                     loss_scale_factor=loss_scale_factor, level=level, is_weights=is_weights,
+                     rollout_logprobs=rollout_logprobs, rollout_is=rollout_is, rollout_rs=rollout_rs,
+                     off_policy_mask_threshold=off_policy_mask_threshold, sequence_metrics=sequence_metrics, **options)
+    with torch.no_grad():
+        if fused_path(loss, level=level, rollout_is=rollout_is, rollout_rs=rollout_rs,
+                      rollout_logprobs=rollout_logprobs, off_policy_mask_threshold=off_policy_mask_threshold,
+                      sequence_metrics=sequence_metrics):
+            total, metrics, grads = _one_pass(h2, weight, bias, flat_labels, shape, old_logprobs, advantages,
+                                              response_mask, tiles, need, pl_kwargs)
+        else:
+            total, metrics, grads = _two_pass(h2, weight, bias, flat_labels, shape, old_logprobs, advantages,
+                                              response_mask, tiles, need, pl_kwargs)
+    if any(need):
+        total = _StoredGrads.apply(total, hidden, weight, bias, *grads)
+    return total, metrics
+
+
+def _two_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mask, tiles, need, pl_kwargs):
+    """Log-probs first (GEMM + token kernel), policy_loss on the whole batch, then the gradient
+    pass (GEMM + token backward + 2 GEMMs): for the losses that need whole sequences."""
+    temperature, softcap, ignore_index, logit_scale, chunk_size, deterministic, logits_dtype = tiles
+    logp, entropy, lse, *_ = _ll._chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature,
+                                                  ignore_index, True, (False, False, False), chunk_size,
+                                                  deterministic, logits_dtype=logits_dtype)
+    lp = logp.reshape(shape).requires_grad_(any(need))
+    ent = entropy.reshape(shape).requires_grad_(any(need) and pl_kwargs["entropy_coef"] != 0)
+    with torch.enable_grad():
+        total, metrics = policy_loss(lp, old_logprobs, advantages, mask, entropy=ent, **pl_kwargs)
+        if not any(need):
+            return total.detach(), metrics, None
+        wrt = [lp] + ([ent] if ent.requires_grad else [])
+        grads = torch.autograd.grad(total, wrt, allow_unused=True)
+    g_lp = grads[0] if grads[0] is not None else torch.zeros_like(lp)
+    g_ent = grads[1].reshape(-1) if len(grads) > 1 and grads[1] is not None else None
+    g = _ll._chunked_backward(g_lp.reshape(-1), g_ent, hidden, weight, bias, labels, lse,
+                              entropy if g_ent is not None else None, logit_scale, softcap, temperature,
+                              ignore_index, chunk_size, deterministic, *need, logits_dtype=logits_dtype)
+    return total.detach(), metrics, g
+
+
+def _token_weights(mask_flat: Tensor, n_seqs: int, seq_of: Tensor, width: int | None, dtype: torch.dtype,
+                   agg: str, dp_size, global_tokens, global_seqs, loss_scale_factor) -> Tensor:
+    """``[N]``: d agg / d (mask_t * value_t) for every token (policy_loss._autograd.seq_weights)."""
+    counts = torch.zeros(n_seqs, dtype=dtype, device=mask_flat.device).index_add_(0, seq_of, mask_flat)
+    as_tensor = lambda x: None if x is None else torch.as_tensor(x, dtype=dtype, device=mask_flat.device)  # noqa: E731
+    w = _autograd.seq_weights(counts, agg, width or 1, float(dp_size), as_tensor(global_tokens),
+                              as_tensor(global_seqs), loss_scale_factor)
+    return w[seq_of]
+
+
+def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mask, tiles, need, pl_kwargs):
+    """The fused pass: per chunk GEMM 1, token kernel, policy_loss forward + backward on the
+    chunk with the global weights, token backward, GEMMs 2 and 3."""
+    kw = dict(pl_kwargs)
+    cu_seqlens = kw.pop("cu_seqlens")
+    entropy_coef = kw.pop("entropy_coef")
+    entropy_agg = kw.pop("entropy_agg")
+    agg = kw.pop("agg")
+    norms = {k: kw.pop(k) for k in ("global_tokens", "global_seqs", "dp_size", "loss_scale_factor")}
+    per_seq_flag = kw.pop("advantages_per_sequence")
+    for k in ("rollout_logprobs", "rollout_is", "rollout_rs", "off_policy_mask_threshold", "sequence_metrics"):
+        kw.pop(k)
+    ref_logprobs, is_weights = kw.pop("ref_logprobs"), kw.pop("is_weights")
+    loss_name = kw.pop("loss")
+    n = labels.numel()
+    device = hidden.device
+    # Validate every policy_loss option once, on the whole batch, with the old log-probs standing
+    # in for the new (a token-local loss: no RNG, no batch-wide state), and resolve TRL's presets.
+    policy_loss(old_logprobs.detach(), old_logprobs, advantages, mask, cu_seqlens=cu_seqlens, agg=agg,
+                entropy_agg=entropy_agg, advantages_per_sequence=per_seq_flag, ref_logprobs=ref_logprobs,
+                is_weights=is_weights, entropy_coef=entropy_coef, loss=loss_name, **norms, **kw)
+    packed = cu_seqlens is not None
+    n_seqs = cu_seqlens.numel() - 1 if packed else shape[0]
+    width = None if packed else shape[1]
+    resolved = _config.aggregation(_OP, agg, entropy_agg, n_seqs, width, packed, norms["dp_size"],
+                                   norms["global_tokens"], norms["global_seqs"], norms["loss_scale_factor"])
+    advantages = _config.advantage_layout(advantages, old_logprobs, cu_seqlens, per_seq_flag)
+
+    # the log-probs' dtype (linear_logprobs._plan's accumulation dtype): policy_loss's output
+    # dtype follows it, as in the composition
+    cdt = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+    seq_of = (segment_ids(cu_seqlens, n) if packed
+              else torch.arange(n_seqs, device=device).repeat_interleave(shape[1]))
+    mask_flat = (torch.ones(n, dtype=cdt, device=device) if mask is None else mask.reshape(n).to(cdt))
+    weights = _token_weights(mask_flat, n_seqs, seq_of, width, cdt, resolved.agg, norms["dp_size"],
+                             norms["global_tokens"], resolved.global_seqs, resolved.loss_scale_factor)
+    ent_weights = weights if not resolved.entropy_agg else _token_weights(
+        mask_flat, n_seqs, seq_of, width, cdt, resolved.entropy_agg, 1, None, None, resolved.loss_scale_factor)
+    adv_flat = advantages.reshape(-1)
+    adv_tok = (adv_flat if advantages.shape == old_logprobs.shape else adv_flat[seq_of]).contiguous()
+    old_flat, ref_flat, isw_flat = (None if t is None else _flat(t, n).contiguous()
+                                    for t in (old_logprobs, ref_logprobs, is_weights))
+    # Each chunk calls policy_loss's kernels directly (rlkern::policy_loss's implementation, the
+    # arguments checked above): the public op's checks and dispatch cost ~0.8 ms a call on the
+    # CPU, more than its kernels at a chunk's size, and a step has two calls per chunk.
+    defaults = inspect.signature(policy_loss).parameters
+    option = lambda name: kw.get(name, defaults[name].default)  # noqa: E731
+    clip_low = option("clip_low")
+    hyper = _policy_reference.hyper_list(
+        clip_low=clip_low, clip_high=clip_low if option("clip_high") is None else option("clip_high"),
+        dual_clip=option("dual_clip"), kl_coef=option("kl_coef"), entropy_coef=0.0, dp_size=1,
+        loss_scale_factor=None, tau_pos=option("tau_pos"), tau_neg=option("tau_neg"), dro_beta=option("dro_beta"),
+        ppo_kl_coef=option("ppo_kl_coef"), global_tokens=None, global_seqs=None,
+        kl_bias_correction=option("kl_bias_correction"))
+    config = (loss_name, "token-sum", "", option("kl_estimator"), "token", hyper)
+    one = torch.ones((), dtype=cdt, device=device)
+
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    metric_sums = torch.zeros(len(_autograd.METRIC_KEYS), dtype=torch.float64, device=device)
+    ent_sum = torch.zeros((), dtype=torch.float64, device=device)
+    any_grad = any(need)
+
+    def token_grads(start, end, logp, entropy):
+        k = end - start
+        nonlocal total
+        lp = logp.reshape(1, k)
+        m = mask_flat[start:end]
+        piece = lambda t: None if t is None else t[start:end].reshape(1, k)  # noqa: E731
+        tensors = (piece(old_flat), piece(adv_tok))
+        extra = (piece(ref_flat), None, piece(isw_flat), None, None, None, None)
+        # The chunk's share of the loss and d loss / d logprob: the global weights in the mask.
+        weighted = (m * weights[start:end]).reshape(1, k)
+        part, _, stats = _autograd._fwd_impl(lp, *tensors, weighted, *extra, *config)
+        g_lp = _autograd._bwd_impl(one, lp, *tensors, weighted, *extra, stats, *config)[0] if any_grad else None
+        # The chunk's masked metric sums: policy_loss's masked means times their denominator.
+        chunk_metrics = _autograd._fwd_impl(lp, *tensors, m.reshape(1, k), *extra, *config)[1]
+        metric_sums.add_(chunk_metrics.double() * (m.sum(dtype=torch.float64) + _METRIC_EPS))
+        ent64 = entropy.double()
+        ent_sum.add_((ent64 * m).sum())
+        total = total + part.double()
+        g_ent = None
+        if entropy_coef != 0:
+            total = total - entropy_coef * (ent64 * m * ent_weights[start:end]).sum()
+            g_ent = -entropy_coef * m * ent_weights[start:end]
+        return g_lp, g_ent
+
+    grads = fused_chunks(hidden, weight, bias, labels, token_grads, tiles=tiles, need=need)
+    denom = mask_flat.sum(dtype=torch.float64) + _METRIC_EPS
+    values = metric_sums / denom
+    values[_autograd.METRIC_KEYS.index("entropy")] = ent_sum / denom
+    metrics = dict(zip(_autograd.METRIC_KEYS, values.to(torch.float32).unbind(0)))
+    return total.to(cdt), metrics, grads
+
+
+def fused_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, token_grads, *, tiles: tuple,
+                 need: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The one-pass chunk loop of a fused linear loss, for any loss whose d loss / d logprob (and
+    d loss / d entropy) of a token is known once its chunk's log-probs are.
+
+    ``hidden [N, H]``, ``weight [V, H]``, ``bias [V]`` or None, ``labels [N]``; ``tiles``:
+    ``(temperature, softcap, ignore_index, logit_scale, chunk_size or 0, deterministic,
+    logits_dtype or None)`` (``logits_dtype``: linear_logprobs' rounded tiles);
+    ``need``: which of d hidden, d weight, d bias to form. Per chunk of tokens ``[start, end)``:
+    GEMM 1 (the fp32 logits tile), the token log-prob kernel, then
+    ``token_grads(start, end, logp [k], entropy [k]) -> (d loss / d logp [k] or None,
+    d loss / d entropy [k] or None)`` (the caller accumulates its loss there), the token
+    backward kernel in place, GEMMs 2 and 3. Returns ``(d hidden, d weight, d bias)`` in the
+    accumulation dtype (fp32, fp64 for fp64 input), None where not needed."""
+    temperature, softcap, ignore_index, logit_scale, chunk_size, deterministic, logits_dtype = tiles
+    device = hidden.device
+    acc_dtype, (forward, backward), blocks, buf, row_dtype, gemm_weight = _ll._plan(
+        hidden, weight, chunk_size, deterministic, logits_dtype)
+    rounded = logits_dtype is not None
+    wide = product_weight = None
+    if rounded:  # as linear_logprobs._chunked_backward: fp32 room for the scaled tile / CPU products
+        on_cuda = device.type == "cuda"
+        if logit_scale != 1.0 or not on_cuda:
+            wide = torch.empty_like(buf, dtype=acc_dtype)
+        small = not on_cuda and 4 * gemm_weight.numel() <= _ll._W_COPY_BYTES
+        product_weight = gemm_weight.float() if small else gemm_weight
+    grad_hidden = torch.zeros(hidden.shape, dtype=acc_dtype, device=device) if need[0] else None
+    grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need[1] else None
+    grad_bias = torch.zeros(weight.shape[0], dtype=acc_dtype, device=device) if need[2] else None
+    for start, end, rows in blocks:
+        k = end - start
+        tile = buf[:rows]
+        h = _ll._rows(hidden, start, end, rows).to(row_dtype)
+        if rounded:  # GEMM 1, rounded to logits_dtype; the kernels read logit_scale * tile in fp32
+            _ll._rounded_logits_into(tile, h, gemm_weight, bias)
+            kernel_tile = _ll._scaled(tile, None if wide is None else wide[:rows], logit_scale)
+        else:
+            _ll._logits_into(tile, h, gemm_weight, bias, logit_scale)  # GEMM 1
+            kernel_tile = tile
+        tile_labels = _ll._rows(labels, start, end, rows)
+        c_logp, c_ent, c_lse = forward(kernel_tile, tile_labels, temperature, softcap, ignore_index, True,
+                                       vocab_start=-1)
+        g_lp, g_ent = token_grads(start, end, c_logp[:k], c_ent[:k])
+        if not any(need) or (g_lp is None and g_ent is None):
+            continue
+        g_lp = c_logp.new_zeros(k) if g_lp is None else g_lp.reshape(k).to(acc_dtype)
+        # A padded row (deterministic blocks) gets lse = -inf: its gradient row is exactly 0.
+        backward(_ll._rows(g_lp, 0, k, rows),
+                 None if g_ent is None else _ll._rows(g_ent.reshape(k).to(acc_dtype), 0, k, rows),
+                 kernel_tile, tile_labels, _ll._rows(c_lse, 0, k, rows, -math.inf),
+                 None if g_ent is None else c_ent, temperature, softcap, ignore_index, kernel_tile, vocab_start=-1)
+        padded = rows != k
+        g_hidden = None
+        if grad_hidden is not None:
+            g_hidden = grad_hidden.new_zeros((rows, hidden.shape[1])) if padded else grad_hidden[start:end]
+        if rounded:  # TRL scales the fp32 gradient, rounds it, then the fp32-accumulated GEMMs 2, 3
+            if kernel_tile is not tile:
+                tile.copy_(kernel_tile.mul_(logit_scale))
+            _ll._rounded_grad_products(tile, None if wide is None else wide[:rows], h, product_weight, g_hidden,
+                                       grad_weight, grad_bias)
+        else:
+            _ll._grad_products(tile, h, gemm_weight, g_hidden, grad_weight, grad_bias, logit_scale)  # GEMMs 2, 3
+        if padded and grad_hidden is not None:
+            grad_hidden[start:end] = g_hidden[:k]
+    return grad_hidden, grad_weight, grad_bias
