@@ -91,8 +91,8 @@ inline at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& o
 }
 
 // softplus(x) = log(1 + e^x) = -logsigmoid(-x) without overflow at any |x|, and the logistic
-// sigmoid from one exp of -|x|: the preference losses' building blocks (csrc/preference_groups.cpp;
-// csrc/preference.cpp has its own copies in its anonymous namespace).
+// sigmoid from one exp of -|x|: the preference losses' building blocks (csrc/preference.cpp,
+// csrc/preference_groups.cpp).
 template <typename T>
 inline T softplus(T x) {
   return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));

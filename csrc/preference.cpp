@@ -43,18 +43,8 @@ constexpr int N_METRICS = 8;
 // added in chunk order, so the result does not depend on the number of threads.
 constexpr int64_t CHUNK = 1024;
 
-// softplus(x) = log(1 + e^x) = -logsigmoid(-x), without overflow at any |x|.
-template <typename T>
-inline T softplus(T x) {
-  return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));
-}
-
-template <typename T>
-inline T sigmoid(T x) {
-  if (x >= 0) return T(1) / (T(1) + std::exp(-x));
-  const T e = std::exp(x);
-  return e / (T(1) + e);
-}
+using rlkern::sigmoid;  // csrc/common.h: overflow-free softplus / sigmoid, shared with the group losses
+using rlkern::softplus;
 
 // softplus(-x) and sigmoid(-x) from one exp: the sigmoid loss and its derivative.
 template <typename T>

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rlkern.kernels._common import sigmoid, softplus
 from rlkern.reference.preference import F_DIVERGENCES, LOSS_TYPES
 
 MAX_BLOCK = 1024
@@ -32,18 +33,6 @@ MAX_BLOCK = 1024
  DISCOPOP, SFT, SIGMOID_NORM, SIMPO, ORPO, SPPO, XPO, VPO, INPO, CPL, STEP_APO,
  TPO_NLL) = (tl.constexpr(code) for code in range(len(LOSS_TYPES)))
 _AOT_BITS = (1 << LOSS_TYPES.index("aot")) | (1 << LOSS_TYPES.index("aot_unpaired"))
-
-
-@triton.jit
-def _log1p_pos(e):
-    """log(1 + e) for 0 <= e <= 1, accurate where e is tiny (u - 1 recovers the rounding of 1 + e)."""
-    u = 1.0 + e
-    return tl.log(u) - ((u - 1.0) - e) / u
-
-
-@triton.jit
-def _softplus(x):
-    return tl.maximum(x, 0.0) + _log1p_pos(tl.exp(-tl.abs(x)))
 
 
 @triton.jit
@@ -70,19 +59,13 @@ def _alphapo(x, a):
 
 
 @triton.jit
-def _sigmoid(x):
-    e = tl.exp(-tl.abs(x))
-    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
-@triton.jit
 def _score(lr, alpha, clamp, FDIV: tl.constexpr):
     """f'(pi / ref) of the f-divergence as a function of the log-ratio, and its derivative."""
     if FDIV == 1:  # forward KL
         e = tl.exp(-lr)
         return 1.0 - e, e
     elif FDIV == 2:  # Jensen-Shannon
-        return 0.6931471805599453 - _softplus(-lr), _sigmoid(-lr)
+        return 0.6931471805599453 - softplus(-lr), sigmoid(-lr)
     elif FDIV == 3:  # alpha divergence (alpha != 1: the launcher maps alpha = 1 to reverse KL)
         t = (alpha - 1.0) * lr
         e = tl.exp(tl.minimum(t, clamp))
@@ -244,29 +227,29 @@ def _preference_kernel(
         ge = zero
         if TYPES // (2 ** SIGMOID) % 2 == 1:
             w = tl.full((), w_sigmoid, CDT)
-            loss += w * _softplus(-x)
-            dx += w * -_sigmoid(-x)
+            loss += w * softplus(-x)
+            dx += w * -sigmoid(-x)
         if TYPES // (2 ** HINGE) % 2 == 1:
             w = tl.full((), w_hinge, CDT)
             loss += w * tl.maximum(1.0 - x, 0.0)
             dx += w * tl.where(1.0 - x > 0, -1.0, 0.0)
         if TYPES // (2 ** ROBUST) % 2 == 1:
             w = tl.full((), w_robust, CDT)
-            loss += w * ((1.0 - ls) * _softplus(-x) - ls * _softplus(x)) / (1.0 - 2.0 * ls)
-            dx += w * (-(1.0 - ls) * _sigmoid(-x) - ls * _sigmoid(x)) / (1.0 - 2.0 * ls)
+            loss += w * ((1.0 - ls) * softplus(-x) - ls * softplus(x)) / (1.0 - 2.0 * ls)
+            dx += w * (-(1.0 - ls) * sigmoid(-x) - ls * sigmoid(x)) / (1.0 - 2.0 * ls)
         if TYPES // (2 ** EXO_PAIR) % 2 == 1:
             w = tl.full((), w_exo_pair, CDT)
-            q = _sigmoid(x)
-            p = _sigmoid(-x)
-            loss += w * (q * (-_softplus(-x) - log_pw) + p * (-_softplus(x) - log_pl))
+            q = sigmoid(x)
+            p = sigmoid(-x)
+            loss += w * (q * (-softplus(-x) - log_pw) + p * (-softplus(x) - log_pl))
             dx += w * q * p * (x - log_pw + log_pl)
         if TYPES // (2 ** DISCOPOP) % 2 == 1:
             w = tl.full((), w_discopop, CDT)
-            m = _sigmoid(x / tau)
-            sp = _softplus(-x)
-            e = tl.exp(-x - _softplus(-x / tau))  # exp(-x) * m without inf * 0
+            m = sigmoid(x / tau)
+            sp = softplus(-x)
+            e = tl.exp(-x - softplus(-x / tau))  # exp(-x) * m without inf * 0
             loss += w * (sp * (1.0 - m) + e)
-            dx += w * (-_sigmoid(-x) * (1.0 - m) - sp * m * (1.0 - m) / tau + e * (-1.0 + (1.0 - m) / tau))
+            dx += w * (-sigmoid(-x) * (1.0 - m) - sp * m * (1.0 - m) / tau + e * (-1.0 + (1.0 - m) / tau))
         gc += beta * dx * dsc
         gr -= beta * dx * dsr
         if TYPES // (2 ** IPO) % 2 + TYPES // (2 ** SIGMOID_NORM) % 2 > 0:
@@ -289,8 +272,8 @@ def _preference_kernel(
                 du += w * 2.0 * v
             if TYPES // (2 ** SIGMOID_NORM) % 2 == 1:
                 w = tl.full((), w_sigmoid_norm, CDT)
-                loss += w * _softplus(-beta * u)
-                du += w * -beta * _sigmoid(-beta * u)
+                loss += w * softplus(-beta * u)
+                du += w * -beta * sigmoid(-beta * u)
             gc += du * dac
             gr -= du * dar
         if TYPES // (2 ** SIMPO) % 2 + TYPES // (2 ** ORPO) % 2 > 0:
@@ -308,15 +291,15 @@ def _preference_kernel(
                     fa, dfa = _alphapo(a, a_po)
                     fb, dfb = _alphapo(b, a_po)
                 y = beta * (fa - fb) - gamma
-                loss += w * ((1.0 - ls) * _softplus(-y) + ls * _softplus(y))
-                dy = w * beta * (-(1.0 - ls) * _sigmoid(-y) + ls * _sigmoid(y))
+                loss += w * ((1.0 - ls) * softplus(-y) + ls * softplus(y))
+                dy = w * beta * (-(1.0 - ls) * sigmoid(-y) + ls * sigmoid(y))
                 gc += dy * dfa / nc
                 gr -= dy * dfb / nr
             if TYPES // (2 ** ORPO) % 2 == 1:
                 w = tl.full((), w_orpo, CDT)
                 lo = (a - b) - (_log1mexp(a) - _log1mexp(b))
-                loss += w * beta * _softplus(-lo)
-                sg = w * beta * _sigmoid(-lo)
+                loss += w * beta * softplus(-lo)
+                sg = w * beta * sigmoid(-lo)
                 # d lo / d a = -1 / expm1(a)
                 gc += sg / _expm1(a) / nc
                 gr -= sg / _expm1(b) / nr
@@ -324,16 +307,16 @@ def _preference_kernel(
             w = tl.full((), w_nca_pair, CDT)
             a = beta * lc
             b = beta * lr
-            loss += w * (_softplus(-a) + 0.5 * _softplus(a) + 0.5 * _softplus(b))
-            gc += w * beta * (-_sigmoid(-a) + 0.5 * _sigmoid(a))
-            gr += w * beta * 0.5 * _sigmoid(b)
+            loss += w * (softplus(-a) + 0.5 * softplus(a) + 0.5 * softplus(b))
+            gc += w * beta * (-sigmoid(-a) + 0.5 * sigmoid(a))
+            gr += w * beta * 0.5 * sigmoid(b)
         if TYPES // (2 ** BCO_PAIR) % 2 == 1:
             w = tl.full((), w_bco_pair, CDT)
             a = beta * lc
             b = beta * lr
-            loss += w * (_softplus(-a) + _softplus(b))
-            gc += w * -beta * _sigmoid(-a)
-            gr += w * beta * _sigmoid(b)
+            loss += w * (softplus(-a) + softplus(b))
+            gc += w * -beta * sigmoid(-a)
+            gr += w * beta * sigmoid(b)
         if TYPES // (2 ** SPPO_HARD) % 2 == 1:
             w = tl.full((), w_sppo_hard, CDT)
             a = lc - 0.5 / beta
@@ -343,15 +326,15 @@ def _preference_kernel(
             gr += w * 2.0 * b
         if TYPES // (2 ** APO_ZERO) % 2 == 1:
             w = tl.full((), w_apo_zero, CDT)
-            a = _sigmoid(beta * lc)
-            b = _sigmoid(beta * lr)
+            a = sigmoid(beta * lc)
+            b = sigmoid(beta * lr)
             loss += w * (1.0 - a + b)
             gc += w * -beta * a * (1.0 - a)
             gr += w * beta * b * (1.0 - b)
         if TYPES // (2 ** APO_DOWN) % 2 == 1:
             w = tl.full((), w_apo_down, CDT)
-            a = _sigmoid(beta * lc)
-            b = _sigmoid(beta * (lc - lr))
+            a = sigmoid(beta * lc)
+            b = sigmoid(beta * (lc - lr))
             loss += w * (a + 1.0 - b)
             gc += w * (beta * a * (1.0 - a) - beta * b * (1.0 - b))
             gr += w * beta * b * (1.0 - b)
@@ -365,18 +348,18 @@ def _preference_kernel(
         if TYPES // (2 ** XPO) % 2 + TYPES // (2 ** VPO) % 2 > 0:
             e = _load(ex_ptr, i, inside, FP64)
             y = beta * (lc - lr)
-            sg = _sigmoid(-y)
+            sg = sigmoid(-y)
             if TYPES // (2 ** XPO) % 2 == 1:  # DPO + xpo_alpha * e
                 w = tl.full((), w_xpo, CDT)
                 k = tl.full((), xpo_alpha, CDT)
-                loss += w * (_softplus(-y) + k * e)
+                loss += w * (softplus(-y) + k * e)
                 gc -= w * beta * sg
                 gr += w * beta * sg
                 ge += w * k
             if TYPES // (2 ** VPO) % 2 == 1:  # DPO - vpo_alpha * beta * e
                 w = tl.full((), w_vpo, CDT)
                 k = -tl.full((), vpo_alpha, CDT) * beta
-                loss += w * (_softplus(-y) + k * e)
+                loss += w * (softplus(-y) + k * e)
                 gc -= w * beta * sg
                 gr += w * beta * sg
                 ge += w * k
@@ -393,8 +376,8 @@ def _preference_kernel(
             w = tl.full((), w_cpl, CDT)
             lam = tl.full((), cpl_lambda, CDT)
             y = beta * (c - lam * r)
-            sg = _sigmoid(-y)
-            loss += w * _softplus(-y)
+            sg = sigmoid(-y)
+            loss += w * softplus(-y)
             gc -= w * beta * sg
             gr += w * beta * lam * sg
         if TYPES // (2 ** STEP_APO) % 2 == 1:  # softplus(-beta (A_c lc - A_r lr))
@@ -402,8 +385,8 @@ def _preference_kernel(
             a_c = _load(ac_ptr, i, inside, FP64)
             a_r = _load(ar_ptr, i, inside, FP64)
             y = beta * (a_c * lc - a_r * lr)
-            sg = _sigmoid(-y)
-            loss += w * _softplus(-y)
+            sg = sigmoid(-y)
+            loss += w * softplus(-y)
             gc -= w * beta * a_c * sg
             gr += w * beta * a_r * sg
         # the losses above are scaled by the pair's weight; aot / aot_unpaired take none (the op refuses)
@@ -418,8 +401,8 @@ def _preference_kernel(
             ib = tl.load(perm_ptr + B + j, mask=inside, other=0)
             kb = _load(rc_ptr, ib, inside, FP64) - _load(rr_ptr, ib, inside, FP64)
             y = beta * ((c - r) - kb)
-            loss += w * ((1.0 - ls) * _softplus(-y) + ls * _softplus(y))
-            d = w * beta * (-(1.0 - ls) * _sigmoid(-y) + ls * _sigmoid(y))
+            loss += w * ((1.0 - ls) * softplus(-y) + ls * softplus(y))
+            d = w * beta * (-(1.0 - ls) * sigmoid(-y) + ls * sigmoid(y))
             gc += d
             gr -= d
         if TYPES // (2 ** AOT_UNPAIRED) % 2 == 1:
@@ -429,14 +412,14 @@ def _preference_kernel(
             ib = tl.load(perm_ptr + 5 * B + j, mask=inside, other=0)
             kb = _load(r_ptr, ib, inside, FP64) - _load(rr_ptr, ib, inside, FP64)
             y = beta * (lc - kb)
-            loss += w * ((1.0 - ls) * _softplus(-y) + ls * _softplus(y))
-            gc += w * beta * (-(1.0 - ls) * _sigmoid(-y) + ls * _sigmoid(y))
+            loss += w * ((1.0 - ls) * softplus(-y) + ls * softplus(y))
+            gc += w * beta * (-(1.0 - ls) * sigmoid(-y) + ls * sigmoid(y))
             # rejected side: element i of lr has rank j; partner: the j-th smallest chosen log-ratio
             j = tl.load(perm_ptr + 4 * B + i, mask=inside, other=0)
             ia = tl.load(perm_ptr + 3 * B + j, mask=inside, other=0)
             ka = _load(c_ptr, ia, inside, FP64) - _load(rc_ptr, ia, inside, FP64)
             y = beta * (ka - lr)
-            gr -= w * beta * (-(1.0 - ls) * _sigmoid(-y) + ls * _sigmoid(y))
+            gr -= w * beta * (-(1.0 - ls) * sigmoid(-y) + ls * sigmoid(y))
         acc_loss += tl.where(inside, loss, 0.0)
         tl.store(gc_ptr + i, gc * inv_n + sft_g, mask=inside)
         tl.store(gr_ptr + i, gr * inv_n, mask=inside)
@@ -457,7 +440,7 @@ def _preference_kernel(
             ca = tl.where(inside, c, -1.0)  # the padded lanes' 0 has infinite odds: keep them finite
             ra = tl.where(inside, r, -1.0)
             lo = (ca - ra) - (_log1mexp(ca) - _log1mexp(ra))
-            m6 -= tl.where(inside, _softplus(-lo), 0.0)
+            m6 -= tl.where(inside, softplus(-lo), 0.0)
             m7 += tl.where(inside, lo, 0.0)
         m0 += tl.where(inside, cw, 0.0)
         m1 += tl.where(inside, rw, 0.0)
@@ -586,10 +569,10 @@ def _kto_kernel(
         uwi = uw * _load(w_ptr, i, inside, FP64)
         if LOSS == 2:  # bco: softplus(-z) / softplus(z), z = beta * lr - delta
             z = beta * lr - kl
-            loss = tl.where(good, dw * _softplus(-z), uwi * _softplus(z))
-            d = tl.where(good, -dw * beta * _sigmoid(-z), uwi * beta * _sigmoid(z))
+            loss = tl.where(good, dw * softplus(-z), uwi * softplus(z))
+            d = tl.where(good, -dw * beta * sigmoid(-z), uwi * beta * sigmoid(z))
         else:
-            s = _sigmoid(beta * (lr - kl))
+            s = sigmoid(beta * (lr - kl))
             ds = beta * s * (1.0 - s)
             # desirable 1 - sigmoid(z), undesirable sigmoid(z) = 1 - sigmoid(-z), z = beta * (lr - kl)
             loss = tl.where(good, dw * (1.0 - s), uwi * s)
