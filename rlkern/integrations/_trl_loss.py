@@ -96,7 +96,8 @@ def _save_originals() -> None:
     """Keep TRL's own ``_compute_loss`` of each trainer (the fallback) before anything patches it."""
     for owner in _trl():
         current = owner.__dict__["_compute_loss"]
-        if current not in (grpo_compute_loss, rloo_compute_loss, dpo_compute_loss, kto_compute_loss):
+        if current not in (grpo_compute_loss, grpo_fused_compute_loss, rloo_compute_loss, dpo_compute_loss,
+                           kto_compute_loss):
             _ORIGINAL[(owner, "_compute_loss")] = current
 
 
@@ -131,7 +132,47 @@ def _global_mean(self, mean, count):
     return (totals[0] / totals[1].clamp(min=1.0)).item()
 
 
-def grpo_compute_loss(self, model, inputs):
+def _fusable(self) -> bool:
+    """What ``patch(loss="fused")`` takes: every GRPO loss type grpo_compute_loss takes but those
+    that read the per-token log-probs or entropies outside the loss (VESPO's gamma weights, the
+    entropy-quantile mask, the adaptive entropy controller) and the MoE aux loss (its output
+    comes with the log-probs)."""
+    adaptive = self._entropy_bonus_enabled and self.use_adaptive_entropy
+    return (self.loss_type != "vespo" and self.top_entropy_quantile >= 1.0 and not adaptive
+            and not self.aux_loss_enabled)
+
+
+def _fused_operands(inputs, head):
+    """hidden ``[B, K, H]`` and labels ``[B, K]`` (-100 where TRL scores nothing) of the K
+    completion positions, from the operands TRL's fused head handed the adapter: the rows of
+    ``last_hidden_state[:, :-1]`` whose shifted label is not -100 (TRL's compact layout on Triton
+    devices) or all of them (elsewhere), as ``_fused_forward`` in trl/trainer/utils.py takes them."""
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    k = inputs["completion_ids"].size(1)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :-k] = -100
+    labels = labels[:, 1:].to(head["hidden"].device)
+    valid = labels != -100
+    hidden = head["hidden"]
+    if hidden.shape[0] == valid.numel():
+        full = hidden.reshape(*valid.shape, hidden.shape[-1])
+    elif hidden.shape[0] == int(valid.sum()):
+        full = hidden.new_zeros(*valid.shape, hidden.shape[-1]).masked_scatter(valid[..., None], hidden)
+    else:
+        raise RuntimeError(f"rlkern TRL loss: the fused head got {hidden.shape[0]} rows, expected "
+                           f"{valid.numel()} or {int(valid.sum())}")
+    return full[:, -k:], labels[:, -k:]
+
+
+def grpo_fused_compute_loss(self, model, inputs):
+    """``GRPOTrainer._compute_loss`` through rlkern.linear_policy_loss (``patch(loss="fused")``):
+    the policy's last hidden states and LM head, no per-token log-probs tensor; what it cannot
+    take (``_fusable``, a LoRA or FSDP2 head) runs grpo_compute_loss."""
+    return grpo_compute_loss(self, model, inputs, fused=True)
+
+
+def grpo_compute_loss(self, model, inputs, fused=False):
     """``GRPOTrainer._compute_loss`` through rlkern.policy_loss (same loss, gradient and metrics)."""
     if not _expressible(self):
         return _original(_trl()[0])(self, model, inputs)
@@ -139,7 +180,19 @@ def grpo_compute_loss(self, model, inputs):
 
     completion_mask = inputs["completion_mask"]
     mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-    per_token_logps, entropies, aux_loss = _logps_and_entropies(self, model, inputs)
+    head = None
+    if fused and _fusable(self):
+        from rlkern.integrations import trl as rt
+
+        # TRL's own forward (autocast, PEFT, DDP wrappers as it runs them); the adapter records
+        # the hidden states and head it is handed instead of projecting them
+        with rt.capture() as heads:
+            per_token_logps, entropies, aux_loss = _logps_and_entropies(self, model, inputs)
+        if len(heads) > 1:
+            raise RuntimeError("rlkern TRL loss: one fused-head call expected per _compute_loss")
+        head = heads[0] if heads else None  # none: a LoRA / FSDP2 head, scored by the adapter
+    else:
+        per_token_logps, entropies, aux_loss = _logps_and_entropies(self, model, inputs)
     args, loss_type = self.args, self.loss_type
     sequence = self.importance_sampling_level == "sequence"
     mode = "train" if self.model.training else "eval"
@@ -205,16 +258,28 @@ def grpo_compute_loss(self, model, inputs):
     fused_bonus = self._entropy_bonus_enabled and entropy_mask is None
     bonus_coef = apply_coef / (accumulation if loss_type in _SUM_NORMALIZED else 1.0)
 
-    loss, metrics = rlkern.policy_loss(
-        per_token_logps, old, advantages, mask, **kwargs,
-        ref_logprobs=inputs["ref_per_token_logps"] if self.beta != 0.0 else None, kl_coef=self.beta,
-        kl_estimator="k3_unclamped", kl_bias_correction=bool(args.use_bias_correction_kl),
+    common = dict(ref_logprobs=inputs["ref_per_token_logps"] if self.beta != 0.0 else None, kl_coef=self.beta,
+                  kl_estimator="k3_unclamped", kl_bias_correction=bool(args.use_bias_correction_kl),
+                  entropy_coef=bonus_coef if fused_bonus else 0.0, entropy_agg="token-mean", is_weights=weights,
+                  rollout_logprobs=inputs.get("sampling_per_token_logps"),
+                  off_policy_mask_threshold=self.off_policy_mask_threshold, sequence_metrics=True)
+    if head is not None:
+        hidden, labels = _fused_operands(inputs, head)
+        tiles = dict(bias=head["bias"], temperature=head["temperature"], logit_scale=head["logit_scale"],
+                     logit_softcap=head["softcap"] or None, logits_dtype=head["logits_dtype"])
+        if inputs.get("old_per_token_logps") is None:  # on-policy: the ratio is 1, old = the new log-probs
+            with torch.no_grad():
+                old = rlkern.linear_token_logprobs(hidden.detach(), head["weight"].detach(), labels, **tiles)
+            old = old.to(per_token_logps.dtype) if old.dtype != torch.float64 else old
+        loss, metrics = rlkern.linear_policy_loss(hidden, head["weight"], labels, old, advantages, mask, **tiles,
+                                                  **kwargs, **common)
+        _count("GRPOTrainer._compute_loss[fused]")
+    else:
         # without the bonus the entropies only feed the metric: detached, so that the backward does
         # not run through the model's entropy computation (TRL leaves them out of the graph there)
-        entropy=entropies if fused_bonus else entropies.detach(), entropy_coef=bonus_coef if fused_bonus else 0.0,
-        entropy_agg="token-mean",
-        is_weights=weights, rollout_logprobs=inputs.get("sampling_per_token_logps"),
-        off_policy_mask_threshold=self.off_policy_mask_threshold, sequence_metrics=True)
+        loss, metrics = rlkern.policy_loss(
+            per_token_logps, old, advantages, mask, **kwargs, **common,
+            entropy=entropies if fused_bonus else entropies.detach())
     _count("GRPOTrainer._compute_loss")
     policy_loss = loss.detach()
     if fused_bonus:
@@ -573,11 +638,12 @@ def kto_compute_loss(self, model, inputs, return_outputs):
     return loss
 
 
-def loss_overrides() -> list[tuple[object, str, object]]:
-    """``(owner class, attribute name, replacement)`` for each trainer whose loss rlkern computes."""
+def loss_overrides(fused: bool = False) -> list[tuple[object, str, object]]:
+    """``(owner class, attribute name, replacement)`` for each trainer whose loss rlkern computes
+    (``fused``: GRPO's through rlkern.linear_policy_loss)."""
     grpo, rloo, dpo, kto = _trl()
     _save_originals()
-    return [(grpo, "_compute_loss", grpo_compute_loss), (rloo, "_compute_loss", rloo_compute_loss),
+    return [(grpo, "_compute_loss", grpo_fused_compute_loss if fused else grpo_compute_loss), (rloo, "_compute_loss", rloo_compute_loss),
             (dpo, "_compute_loss", dpo_compute_loss), (kto, "_compute_loss", kto_compute_loss)]
 
 
