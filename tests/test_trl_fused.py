@@ -169,3 +169,26 @@ def test_patch_loss_option():
     finally:
         rt.unpatch()
     assert grpo_mod.GRPOTrainer._compute_loss is _trl_loss._original(grpo_mod.GRPOTrainer)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_grpo_trainer_steps_through_the_fused_loss(precision, tmp_path):
+    # TRL's own GRPOTrainer, two SGD steps (tests/test_trl_trainers.py's setup), with
+    # patch(loss="fused") against TRL unpatched: every step's loss ran linear_policy_loss
+    from test_trl_trainers import _gaps, _train
+
+    root = str(tmp_path)
+    fused_before = rt.calls["GRPOTrainer._compute_loss[fused]"]
+    trl_run = _train("grpo", precision, "trl", root)
+    ours = _train("grpo", precision, "rlkern-fused", root)
+    assert rt.calls["GRPOTrainer._compute_loss[fused]"] - fused_before >= 2  # one per optimizer step at least
+    assert ours[4] > 0 and trl_run[4] == 0
+    gap = _gaps(trl_run, ours)
+    noise = _gaps(trl_run, _train("grpo", precision, "trl-chunk97", root))
+    slack = {key: 0.0 for key in gap}
+    if precision == "bf16":  # as tests/test_trl_trainers.py: a tenth of TRL's own bf16 error on top
+        slack = {key: 0.1 * value for key, value in _gaps(_train("grpo", "fp32", "trl", root), trl_run).items()}
+    print(f"grpo {precision} loss=fused: rlkern-vs-TRL {gap}, TRL-vs-TRL(chunk 97) {noise}, bf16 slack {slack}")
+    for key in gap:
+        assert gap[key] <= 20 * noise[key] + slack[key] + 2e-6, (key, gap, noise, slack)
