@@ -157,6 +157,131 @@ def test_grpo_fused_falls_back_to_loss_true(options):
     torch.testing.assert_close(ours[0], ref[0], rtol=2e-5, atol=2e-6)
 
 
+# --- DPO ---------------------------------------------------------------------------------------
+
+dpo_mod = import_peer("trl.trainer.dpo_trainer")
+NP, L = 3, 11  # pairs, sequence length
+
+
+def _dpo_models(use_weighting):
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if use_weighting else ())
+    policy, ref = tiny_qwen2(tiny_tokenizer(), seed=0), tiny_qwen2(tiny_tokenizer(), seed=1)
+    trl_utils.add_fused_lm_head(policy, outputs=outputs)
+    trl_utils.add_fused_lm_head(ref)
+    return policy, ref
+
+
+def _dpo_trainer(policy, ref, options):
+    args = types.SimpleNamespace(**_config_defaults("trl.trainer.dpo_config", "DPOConfig"))
+    for k, v in options.items():
+        setattr(args, k, v)
+    if isinstance(args.loss_type, str):
+        args.loss_type = [args.loss_type]
+    t = object.__new__(dpo_mod.DPOTrainer)
+    t.args = args
+    t.accelerator = _accelerator()
+    t.accelerator.device = torch.device("cpu")
+    t.accelerator.unwrap_model = lambda m: m
+    t.model, t.ref_model = policy, ref
+    t.beta = args.beta
+    t.precompute_ref_logps = False
+    t.loss_types = args.loss_type
+    t.loss_weights = args.loss_weights or [1.0] * len(args.loss_type)
+    t.ld_alpha = args.ld_alpha
+    t.f_divergence_type = args.f_divergence_type
+    t.f_alpha_divergence_coef = args.f_alpha_divergence_coef
+    t.label_smoothing = args.label_smoothing
+    t.use_weighting = args.use_weighting
+    t.aux_loss_enabled = False
+    t._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    t._total_train_tokens = 0
+    t._tp_size = 1
+    return t
+
+
+def _dpo_inputs(vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = 2 * NP
+    input_ids = torch.randint(5, vocab, (n, L), generator=g)
+    start = torch.tensor([3, 4, 2, 3, 5, 4])
+    end = torch.tensor([L, 8, 9, 6, L, 10])
+    pos = torch.arange(L)[None]
+    completion_mask = ((pos >= start[:, None]) & (pos < end[:, None])).long()
+    attention_mask = (pos < end[:, None]).long()
+    return dict(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask)
+
+
+def _dpo_step(compute, options, precision):
+    policy, ref = _dpo_models(options.get("use_weighting", False))
+    trainer = _dpo_trainer(policy, ref, options)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = compute(trainer, policy, _dpo_inputs(policy.config.vocab_size), False)
+    loss.backward()
+    grads = {n: p.grad.double().clone() for n, p in policy.named_parameters() if p.grad is not None}
+    return loss.detach().double(), grads, dict(trainer._metrics["train"])
+
+
+DPO_CASES = [
+    dict(loss_type="sigmoid"),
+    dict(loss_type="ipo"),
+    dict(loss_type="robust", label_smoothing=0.1),
+    dict(loss_type=["sigmoid", "bco_pair"], loss_weights=[0.7, 0.3]),
+    dict(loss_type="aot"),  # a batch-wide loss type: linear_preference_loss's global chunking
+    dict(loss_type="hinge", ld_alpha=0.5),
+    dict(loss_type="sigmoid", use_weighting=True),
+    dict(loss_type="sigmoid", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.4),
+]
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("options", DPO_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_dpo_fused_loss_matches_trl(options, precision):
+    # Under bf16 autocast TRL rounds every logits tile to bf16; linear_preference_loss has no
+    # logits_dtype (its tiles are fp32: up to 3e-3 off TRL's bf16 metrics), so that step runs
+    # the loss=True path (preference_loss on TRL's log-probs), still on rlkern.
+    rt.unpatch()
+    ref = _dpo_step(_trl_loss._original(dpo_mod.DPOTrainer), dict(options), precision)
+    rt.patch(loss="fused")
+    try:
+        before = rt.calls["DPOTrainer._compute_loss[fused]"], rt.calls["DPOTrainer._compute_loss"]
+        ours = _dpo_step(dpo_mod.DPOTrainer._compute_loss, dict(options), precision)
+        fused = int(precision == "fp32")
+        assert rt.calls["DPOTrainer._compute_loss[fused]"] == before[0] + fused
+        assert rt.calls["DPOTrainer._compute_loss"] == before[1] + 1, "rlkern did not compute the loss"
+    finally:
+        rt.unpatch()
+    # Measured (TRL 1.16, torch 2.13 CPU), fp32: losses within 4.5e-7 relative, gradients 2.2e-6
+    # of each parameter's largest (TRL against itself with chunk_size 97: 3e-6). bf16: the
+    # loss=True path, gradients up to 5.6e-3 (one bf16 ulp flipped, TRL's chunk 97: 4.8e-3)
+    rtol, atol = 2e-5, 2e-6
+    grad_rtol = 2e-5 if precision == "fp32" else 1e-2
+    torch.testing.assert_close(ours[0], ref[0], rtol=rtol, atol=atol)
+    assert sorted(ours[1]) == sorted(ref[1])
+    for name in ref[1]:
+        scale = ref[1][name].abs().max().item()
+        gap = (ours[1][name] - ref[1][name]).abs().max().item()
+        assert gap <= grad_rtol * scale + 1e-9, (name, gap, scale)
+    assert list(ours[2]) == list(ref[2])
+    for key in ref[2]:
+        assert ours[2][key] == pytest.approx(ref[2][key], rel=rtol, abs=atol, nan_ok=True), key
+
+
+@pytest.mark.peer
+def test_dpo_fused_falls_back_to_loss_true_for_sft():
+    options = dict(loss_type=["sigmoid", "sft"])
+    rt.patch(loss="fused")
+    try:
+        fused, plain = rt.calls["DPOTrainer._compute_loss[fused]"], rt.calls["DPOTrainer._compute_loss"]
+        ours = _dpo_step(dpo_mod.DPOTrainer._compute_loss, dict(options), "fp32")
+        assert rt.calls["DPOTrainer._compute_loss[fused]"] == fused
+        assert rt.calls["DPOTrainer._compute_loss"] == plain + 1
+    finally:
+        rt.unpatch()
+    ref = _dpo_step(_trl_loss._original(dpo_mod.DPOTrainer), dict(options), "fp32")
+    torch.testing.assert_close(ours[0], ref[0], rtol=2e-5, atol=2e-6)
+
+
 def test_patch_loss_option():
     with pytest.raises(TypeError, match="^patch: loss"):
         rt.patch(loss="yes")
@@ -164,11 +289,13 @@ def test_patch_loss_option():
     rt.patch(loss="fused")
     try:
         assert grpo_mod.GRPOTrainer._compute_loss is _trl_loss.grpo_fused_compute_loss
+        assert dpo_mod.DPOTrainer._compute_loss is _trl_loss.dpo_fused_compute_loss
         with pytest.raises(ValueError, match="^patch: already patched"):
             rt.patch(loss=True)
     finally:
         rt.unpatch()
     assert grpo_mod.GRPOTrainer._compute_loss is _trl_loss._original(grpo_mod.GRPOTrainer)
+    assert dpo_mod.DPOTrainer._compute_loss is _trl_loss._original(dpo_mod.DPOTrainer)
 
 
 @pytest.mark.peer

@@ -97,7 +97,7 @@ def _save_originals() -> None:
     for owner in _trl():
         current = owner.__dict__["_compute_loss"]
         if current not in (grpo_compute_loss, grpo_fused_compute_loss, rloo_compute_loss, dpo_compute_loss,
-                           kto_compute_loss):
+                           dpo_fused_compute_loss, kto_compute_loss):
             _ORIGINAL[(owner, "_compute_loss")] = current
 
 
@@ -154,15 +154,18 @@ def _fused_operands(inputs, head):
     labels[:, :-k] = -100
     labels = labels[:, 1:].to(head["hidden"].device)
     valid = labels != -100
-    hidden = head["hidden"]
+    return _hidden_grid(head["hidden"], valid)[:, -k:], labels[:, -k:]
+
+
+def _hidden_grid(hidden, valid):
+    """The fused head's rows as ``[rows, T - 1, H]``: all positions (TRL's layout off Triton
+    devices) or only the ``valid`` ones (its compact layout on Triton devices, zeros elsewhere)."""
     if hidden.shape[0] == valid.numel():
-        full = hidden.reshape(*valid.shape, hidden.shape[-1])
-    elif hidden.shape[0] == int(valid.sum()):
-        full = hidden.new_zeros(*valid.shape, hidden.shape[-1]).masked_scatter(valid[..., None], hidden)
-    else:
-        raise RuntimeError(f"rlkern TRL loss: the fused head got {hidden.shape[0]} rows, expected "
-                           f"{valid.numel()} or {int(valid.sum())}")
-    return full[:, -k:], labels[:, -k:]
+        return hidden.reshape(*valid.shape, hidden.shape[-1])
+    if hidden.shape[0] == int(valid.sum()):
+        return hidden.new_zeros(*valid.shape, hidden.shape[-1]).masked_scatter(valid[..., None], hidden)
+    raise RuntimeError(f"rlkern TRL loss: the fused head got {hidden.shape[0]} rows, expected "
+                       f"{valid.numel()} or {int(valid.sum())}")
 
 
 def grpo_fused_compute_loss(self, model, inputs):
@@ -456,7 +459,26 @@ def _dpo_token_metrics(self, mode, outputs, seq_len, shift_completion_mask, inpu
     self._metrics[mode]["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
 
 
-def dpo_compute_loss(self, model, inputs, return_outputs):
+def _dpo_fusable(self, completion_mask) -> bool:
+    """What ``patch(loss="fused")`` takes for DPO (besides: not under a bf16 / fp16 compute
+    dtype, decided by the adapter): not sft (its token mean is a separate call), and ipo / sigmoid_norm only where the unshifted completion mask's lengths equal the
+    shifted ones linear_preference_loss reads (no completion token in the first column)."""
+    types = set(self.loss_types)
+    if "sft" in types:
+        return False
+    return not (types & set(_DPO_NORMALIZED)) or not bool((completion_mask[:, 0] != 0).any())
+
+
+def dpo_fused_compute_loss(self, model, inputs, return_outputs):
+    """``DPOTrainer._compute_loss`` through rlkern.linear_preference_loss (``patch(loss="fused")``):
+    the policy's last hidden states and LM head; TRL's fused head still computes its per-token
+    outputs outside the graph for the logged metrics (entropy, mean logits, top-1 accuracy) and
+    WPO's weights. What it cannot take (``_dpo_fusable``, a LoRA or FSDP2 head) runs
+    dpo_compute_loss."""
+    return dpo_compute_loss(self, model, inputs, return_outputs, fused=True)
+
+
+def dpo_compute_loss(self, model, inputs, return_outputs, fused=False):
     """``DPOTrainer._compute_loss`` through rlkern.preference_loss (same loss, gradient and metrics).
 
     TRL's glue stays: the policy (and reference) forward through the fused head, the per-sequence
@@ -480,7 +502,20 @@ def dpo_compute_loss(self, model, inputs, return_outputs):
     completion_mask = inputs["completion_mask"]
     shift_completion_mask = completion_mask[..., 1:]
     labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-    outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+    head = None
+    if fused and _dpo_fusable(self, completion_mask):
+        from rlkern.integrations import trl as rt
+
+        # TRL's forward, its outputs detached (metrics). linear_preference_loss has no
+        # logits_dtype: under a bf16 / fp16 compute dtype TRL's rounded tiles are not its
+        # numbers, the adapter computes them (the loss=True path)
+        with rt.capture(compute=True, half=False) as heads:
+            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        if len(heads) > 1:
+            raise RuntimeError("rlkern TRL loss: one fused-head call expected per _compute_loss")
+        head = heads[0] if heads else None  # none: a LoRA / FSDP2 head, scored by the adapter
+    else:
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
     seq_len = shift_completion_mask.size(1)
     per_token_logps = outputs.log_probs[:, -seq_len:]
     logps, masks = _sequence_logps(self, per_token_logps, shift_completion_mask)
@@ -504,6 +539,16 @@ def dpo_compute_loss(self, model, inputs, return_outputs):
     kw = dict(beta=self.beta, label_smoothing=self.label_smoothing if smoothed else 0.0,
               f_divergence_type=self.f_divergence_type, f_alpha_divergence_coef=self.f_alpha_divergence_coef,
               discopop_tau=self.args.discopop_tau, pair_weights=pair_weights)
+    if head is not None:
+        shifted = labels[:, 1:].to(head["hidden"].device)
+        loss, metrics = rlkern.linear_preference_loss(
+            _hidden_grid(head["hidden"], shifted != -100), head["weight"], shifted, shift_completion_mask,
+            torch.cat([ref_chosen, ref_rejected]).detach(), bias=head["bias"], temperature=head["temperature"],
+            logit_scale=head["logit_scale"], logit_softcap=head["softcap"] or None, ld_alpha=self.ld_alpha,
+            loss_type=types, loss_weights=loss_weights, **kw)
+        _count("DPOTrainer._compute_loss[fused]")
+        return _dpo_finish(self, mode, loss, metrics, outputs, seq_len, shift_completion_mask, inputs,
+                           chosen_logps.shape[0])
     chosen_mask, rejected_mask = completion_mask.chunk(2, dim=0)
     shift_chosen, shift_rejected = shift_completion_mask.chunk(2, dim=0)
     split_sft = "sft" in types and (self.ld_alpha is not None or bool(set(types) & set(_DPO_NORMALIZED)))
@@ -522,13 +567,17 @@ def dpo_compute_loss(self, model, inputs, return_outputs):
             plain_chosen, plain_rejected, loss_type=["sft"] * len(sft), loss_weights=sft,
             chosen_lengths=shift_chosen.sum(dim=1), rejected_lengths=shift_rejected.sum(dim=1), **kw)
         loss = loss + sft_loss
-    _count("DPOTrainer._compute_loss")
+    return _dpo_finish(self, mode, loss, metrics, outputs, seq_len, shift_completion_mask, inputs,
+                       chosen_logps.shape[0])
 
+
+def _dpo_finish(self, mode, loss, metrics, outputs, seq_len, shift_completion_mask, inputs, n_pairs):
+    """The aux loss and TRL's logged metrics after rlkern's loss."""
+    _count("DPOTrainer._compute_loss")
     if self.aux_loss_enabled:
         loss = loss + self.router_aux_loss_coef * outputs.aux_loss
         self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
     _dpo_token_metrics(self, mode, outputs, seq_len, shift_completion_mask, inputs)
-    n_pairs = chosen_logps.shape[0]
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected"):
         self._metrics[mode][key].append(_global_mean(self, metrics[key], n_pairs))
@@ -640,11 +689,12 @@ def kto_compute_loss(self, model, inputs, return_outputs):
 
 def loss_overrides(fused: bool = False) -> list[tuple[object, str, object]]:
     """``(owner class, attribute name, replacement)`` for each trainer whose loss rlkern computes
-    (``fused``: GRPO's through rlkern.linear_policy_loss)."""
+    (``fused``: GRPO's and DPO's through rlkern.linear_policy_loss / linear_preference_loss)."""
     grpo, rloo, dpo, kto = _trl()
     _save_originals()
     return [(grpo, "_compute_loss", grpo_fused_compute_loss if fused else grpo_compute_loss), (rloo, "_compute_loss", rloo_compute_loss),
-            (dpo, "_compute_loss", dpo_compute_loss), (kto, "_compute_loss", kto_compute_loss)]
+            (dpo, "_compute_loss", dpo_fused_compute_loss if fused else dpo_compute_loss),
+            (kto, "_compute_loss", kto_compute_loss)]
 
 
 try:  # TRL's own methods, saved at import: a patch applied later cannot hide them from the fallback

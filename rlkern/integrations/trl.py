@@ -264,22 +264,26 @@ def _capturable(head, weight) -> bool:
 
 class _Capture:
     """``with capture() as heads:`` TRL's fused-head calls inside record their operands in
-    ``heads`` (a list of dicts) instead of computing; a call the fused losses cannot take
-    (``_capturable``) computes as usual and records nothing."""
+    ``heads`` (a list of dicts) and return zeros (``compute=True``: their outputs, detached); a
+    call the fused losses cannot take (``_capturable``; with ``half=False`` a bf16 / fp16 compute
+    dtype, whose rounded tiles the loss lacks) computes as usual and records nothing."""
+
+    def __init__(self, compute: bool, half: bool):
+        self.compute, self.half = compute, half
 
     def __enter__(self):
         if _state["capture"] is not None:
             raise RuntimeError("capture: already capturing")
-        _state["capture"] = []
-        return _state["capture"]
+        _state["capture"] = ([], self.compute, self.half)
+        return _state["capture"][0]
 
     def __exit__(self, *exc):
         _state["capture"] = None
         return False
 
 
-def capture() -> _Capture:
-    return _Capture()
+def capture(*, compute: bool = False, half: bool = True) -> _Capture:
+    return _Capture(compute, half)
 
 
 class ChunkedLogProbFunction:
@@ -314,13 +318,20 @@ class ChunkedLogProbFunction:
         want = {name: name in outputs for name in OPTIONAL_OUTPUTS}
         head = _trl_head()
         capture = _state["capture"]
-        if capture is not None and _capturable(head, weight):
+        if capture is not None and _capturable(head, weight) and (capture[2] or _logits_dtype(compute_dtype) is None):
             # patch(loss="fused"): the trainer's loss projects these hidden states itself
-            # (rlkern.linear_policy_loss); TRL's fused forward gets zeros of its outputs' shapes.
+            # (rlkern.linear_policy_loss / linear_preference_loss). TRL's fused forward gets zeros
+            # of its outputs' shapes, or (compute=True: the metrics read them) its outputs
+            # computed outside the graph.
+            heads, compute, _ = capture
             h, w, b = _operands(hidden, weight, bias, compute_dtype)
-            capture.append(dict(hidden=h, weight=w, bias=b, targets=targets, temperature=float(temperature),
-                                softcap=softcap, logit_scale=float(logit_scale),
-                                logits_dtype=_logits_dtype(compute_dtype)))
+            heads.append(dict(hidden=h, weight=w, bias=b, targets=targets, temperature=float(temperature),
+                              softcap=softcap, logit_scale=float(logit_scale),
+                              logits_dtype=_logits_dtype(compute_dtype)))
+            if compute:
+                with torch.no_grad():
+                    return _FusedHead.apply(hidden, weight, bias, targets, temperature, softcap, logit_scale, want,
+                                            compute_dtype, out_dtype)
             zeros = hidden.new_zeros(hidden.shape[0], dtype=out_dtype)
             return (zeros, zeros if want["entropy"] else None, *(None,) * (len(OPTIONAL_OUTPUTS) - 1))
         weight, bias = _fsdp2_head(head, weight, bias)
@@ -384,10 +395,11 @@ def patch(*, fp32: bool = False, loss: bool | str = False) -> None:
             fp32 tiles whatever the autocast (module docstring), and TRL's logits functions
             return rlkern's unrounded float32 (float64 for float64 logits).
         loss: True: also install rlkern's trainer losses (``rlkern.integrations._trl_loss``);
-            ``"fused"``: those losses, and GRPOTrainer's projects the policy's last hidden states
-            through the LM head inside ``rlkern.linear_policy_loss`` (no [B, T] log-probs
-            tensor in the graph; ``calls["GRPOTrainer._compute_loss[fused]"]`` counts those
-            steps, a configuration it cannot take runs the ``loss=True`` path).
+            ``"fused"``: those losses, and GRPOTrainer's / DPOTrainer's project the policy's last
+            hidden states through the LM head inside ``rlkern.linear_policy_loss`` /
+            ``rlkern.linear_preference_loss`` (``calls["GRPOTrainer._compute_loss[fused]"]``,
+            ``calls["DPOTrainer._compute_loss[fused]"]`` count those steps; a configuration
+            they cannot take runs the ``loss=True`` path).
 
     Calling it again with the same options does nothing; with other options it raises
     ValueError (``unpatch()`` first).
