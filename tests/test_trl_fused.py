@@ -319,3 +319,28 @@ def test_grpo_trainer_steps_through_the_fused_loss(precision, tmp_path):
     print(f"grpo {precision} loss=fused: rlkern-vs-TRL {gap}, TRL-vs-TRL(chunk 97) {noise}, bf16 slack {slack}")
     for key in gap:
         assert gap[key] <= 20 * noise[key] + slack[key] + 2e-6, (key, gap, noise, slack)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_dpo_trainer_steps_through_the_fused_loss(precision, tmp_path):
+    # TRL's own DPOTrainer, two SGD steps (tests/test_trl_trainers.py's setup), with
+    # patch(loss="fused") against TRL unpatched: fp32 steps run linear_preference_loss, bf16
+    # steps (TRL's bf16 tiles, which linear_preference_loss lacks) the loss=True path
+    from test_trl_trainers import _gaps, _train
+
+    root = str(tmp_path)
+    fused_before = rt.calls["DPOTrainer._compute_loss[fused]"]
+    trl_run = _train("dpo", precision, "trl", root)
+    ours = _train("dpo", precision, "rlkern-fused", root)
+    fused = rt.calls["DPOTrainer._compute_loss[fused]"] - fused_before
+    assert (fused >= 2) if precision == "fp32" else (fused == 0), fused
+    assert ours[4] > 0 and trl_run[4] == 0
+    gap = _gaps(trl_run, ours)
+    noise = _gaps(trl_run, _train("dpo", precision, "trl-chunk97", root))
+    slack = {key: 0.0 for key in gap}
+    if precision == "bf16":  # as tests/test_trl_trainers.py: a tenth of TRL's own bf16 error on top
+        slack = {key: 0.1 * value for key, value in _gaps(_train("dpo", "fp32", "trl", root), trl_run).items()}
+    print(f"dpo {precision} loss=fused: rlkern-vs-TRL {gap}, TRL-vs-TRL(chunk 97) {noise}, bf16 slack {slack}")
+    for key in gap:
+        assert gap[key] <= 20 * noise[key] + slack[key] + 2e-6, (key, gap, noise, slack)
