@@ -1,13 +1,14 @@
 """``rlkern.integrations.trl.patch(loss="fused")``: GRPOTrainer._compute_loss through
-``rlkern.linear_policy_loss`` (the policy's hidden states and LM head, no per-token log-probs),
-against TRL 1.16's own ``_compute_loss`` unpatched.
+``rlkern.linear_policy_loss`` and DPOTrainer._compute_loss through
+``rlkern.linear_preference_loss`` (the policy's hidden states and LM head), against TRL 1.16's
+own ``_compute_loss`` unpatched.
 
-A GRPOTrainer without its ``__init__`` (as tests/test_trl_loss.py builds one) holding a real tiny
-Qwen2 with TRL's fused head (``add_fused_lm_head``) and TRL's own
-``_get_per_token_logps_and_entropies``; two copies of the model from one seed. Compared: the
-loss, the gradient of every model parameter and every ``_metrics`` entry, in float32 and under
-bf16 autocast (accelerate's ``autocast()``, as TRL runs it), and that the fused path ran (the
-call counter). The real GRPOTrainer step is in tests/test_trl_trainers.py.
+Trainers without their ``__init__`` (as tests/test_trl_loss.py builds them) holding real tiny
+Qwen2 models with TRL's fused head (``add_fused_lm_head``) and TRL's own forwards; the same
+weights in both runs. Compared: the loss, the gradient of every model parameter and every
+``_metrics`` entry, in float32 and under bf16 autocast (and GRPO's ``cast_lm_head_to_fp32``),
+and which path ran (the call counters). Then TRL's real GRPOTrainer / DPOTrainer, two SGD steps
+each, patched against unpatched (tests/test_trl_trainers.py's ``_train``).
 """
 
 import types
@@ -30,7 +31,8 @@ B, P, K = 4, 3, 7
 
 def _model(cast_fp32=False):
     model = tiny_qwen2(tiny_tokenizer(), seed=0)
-    trl_utils.add_fused_lm_head(model, temperature=0.9, cast_lm_head_to_fp32=cast_fp32, outputs=("log_probs", "entropy"))
+    trl_utils.add_fused_lm_head(model, temperature=0.9, cast_lm_head_to_fp32=cast_fp32,
+                                outputs=("log_probs", "entropy"))
     return model
 
 

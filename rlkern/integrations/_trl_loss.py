@@ -30,6 +30,12 @@ in-place product on sft's expanded loss / on relu's saved output raises), alpha_
 float64 log-probs (TRL has no clamp for float64; rlkern's is 80). Empty completions: sft's
 token mean is 0 (TRL: NaN).
 
+``grpo_fused_compute_loss`` / ``dpo_fused_compute_loss`` (``patch(loss="fused")``): the same
+methods, with the loss formed from the policy's last hidden states and LM head by
+``rlkern.linear_policy_loss`` / ``rlkern.linear_preference_loss`` (the hidden states recorded
+from TRL's own forward by ``rlkern.integrations.trl.capture``); what they cannot take runs the
+methods above.
+
 ``kto_compute_loss`` replaces ``KTOTrainer._compute_loss``: both loss types (kto,
 apo_zero_unpaired), the desirable / undesirable weights, the KL reference point (with or
 without KL completions), precomputed / PEFT references and the aux loss, through
@@ -461,8 +467,9 @@ def _dpo_token_metrics(self, mode, outputs, seq_len, shift_completion_mask, inpu
 
 def _dpo_fusable(self, completion_mask) -> bool:
     """What ``patch(loss="fused")`` takes for DPO (besides: not under a bf16 / fp16 compute
-    dtype, decided by the adapter): not sft (its token mean is a separate call), and ipo / sigmoid_norm only where the unshifted completion mask's lengths equal the
-    shifted ones linear_preference_loss reads (no completion token in the first column)."""
+    dtype, decided by the adapter): not sft (its token mean is a separate call), and ipo /
+    sigmoid_norm only where the unshifted completion mask's lengths equal the shifted ones
+    linear_preference_loss reads (no completion token in the first column)."""
     types = set(self.loss_types)
     if "sft" in types:
         return False
@@ -692,7 +699,8 @@ def loss_overrides(fused: bool = False) -> list[tuple[object, str, object]]:
     (``fused``: GRPO's and DPO's through rlkern.linear_policy_loss / linear_preference_loss)."""
     grpo, rloo, dpo, kto = _trl()
     _save_originals()
-    return [(grpo, "_compute_loss", grpo_fused_compute_loss if fused else grpo_compute_loss), (rloo, "_compute_loss", rloo_compute_loss),
+    return [(grpo, "_compute_loss", grpo_fused_compute_loss if fused else grpo_compute_loss),
+            (rloo, "_compute_loss", rloo_compute_loss),
             (dpo, "_compute_loss", dpo_fused_compute_loss if fused else dpo_compute_loss),
             (kto, "_compute_loss", kto_compute_loss)]
 

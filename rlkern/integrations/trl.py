@@ -54,6 +54,14 @@ on GPU). Targets must be in ``[0, V)`` (TRL clamps its labels before the call); 
 raises. ``patch(loss=True)`` also installs rlkern's trainer losses
 (``rlkern.integrations._trl_loss.loss_overrides()``): ``GRPOTrainer`` and ``RLOOTrainer`` on
 ``rlkern.policy_loss``, ``DPOTrainer`` on ``rlkern.preference_loss``, ``KTOTrainer`` on ``rlkern.kto_loss``.
+``patch(loss="fused")`` installs them with GRPOTrainer's and DPOTrainer's on the fused LM-head
+losses: TRL's own forward runs, and this adapter, inside ``capture()``, records the hidden
+states and head it is handed (returning zeros, or for DPO its outputs computed outside the graph
+for the logged metrics); the loss then calls ``rlkern.linear_policy_loss`` /
+``rlkern.linear_preference_loss`` on them (``calls["GRPOTrainer._compute_loss[fused]"]``,
+``calls["DPOTrainer._compute_loss[fused]"]``). A LoRA or FSDP2 head, DPO under a bf16 / fp16
+compute dtype, and the configurations listed in ``_trl_loss._fusable`` / ``_dpo_fusable`` run
+the ``loss=True`` path.
 
 ``RLKERN_PATCH_TRL=1`` in the environment makes importing this module (and ``import rlkern``)
 call ``patch()`` (default options). ``patch()`` again with the same options does nothing; with
@@ -439,7 +447,8 @@ def _patch_losses(fused: bool = False) -> None:
         if error.name != "rlkern.integrations._trl_loss":
             raise
         raise ImportError("patch: loss=True needs rlkern.integrations._trl_loss, which this install lacks") from None
-    for owner, attr, replacement in _trl_loss.loss_overrides(fused=fused):
+    # loss_overrides() with no argument is the loss=True interface (tests/test_integrations_trl.py)
+    for owner, attr, replacement in (_trl_loss.loss_overrides(fused=True) if fused else _trl_loss.loss_overrides()):
         had = attr in _module_vars(owner)
         _state["loss"].append((owner, attr, _module_vars(owner).get(attr), had))
         setattr(owner, attr, replacement)
