@@ -159,6 +159,30 @@ def test_grpo_fused_falls_back_to_loss_true(options):
     torch.testing.assert_close(ours[0], ref[0], rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.peer
+def test_grpo_fused_falls_back_under_zero3(monkeypatch):
+    # ZeRO-3 partitions the head outside TRL's gather context: the adapter scores the tokens
+    # itself and the loss=True path runs (ZeRO-3 faked: the flag on, TRL's gather a no-op)
+    import contextlib
+
+    deepspeed_utils = import_peer("transformers.integrations.deepspeed")
+    options = dict(loss_type="grpo", beta=0.04)
+    ref = _step(_trl_loss._original(grpo_mod.GRPOTrainer), dict(options), "fp32", False)
+    monkeypatch.setattr(deepspeed_utils, "is_deepspeed_zero3_enabled", lambda: True)
+    monkeypatch.setattr(trl_utils, "maybe_gather_lm_head_ctx", lambda *params: contextlib.nullcontext())
+    rt.patch(loss="fused")
+    try:
+        fused, plain = rt.calls["GRPOTrainer._compute_loss[fused]"], rt.calls["GRPOTrainer._compute_loss"]
+        ours = _step(grpo_mod.GRPOTrainer._compute_loss, dict(options), "fp32", False)
+        assert rt.calls["GRPOTrainer._compute_loss[fused]"] == fused
+        assert rt.calls["GRPOTrainer._compute_loss"] == plain + 1
+    finally:
+        rt.unpatch()
+    torch.testing.assert_close(ours[0], ref[0], rtol=2e-5, atol=2e-6)
+    for name in ref[1]:
+        torch.testing.assert_close(ours[1][name], ref[1][name], rtol=2e-5, atol=2e-5 * ref[1][name].abs().max().item())
+
+
 # --- DPO ---------------------------------------------------------------------------------------
 
 dpo_mod = import_peer("trl.trainer.dpo_trainer")

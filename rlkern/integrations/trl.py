@@ -261,8 +261,14 @@ def _head_lora(h, w, lora_a, lora_b, lora_x, scaling, compute_dtype):
 
 def _capturable(head, weight) -> bool:
     """The fused losses take a plain head only: no PEFT adapter on it, no FSDP2 DTensor (their
-    gradients need this adapter's handling; the trainer loss then falls back to loss=True)."""
+    gradients need this adapter's handling; the trainer loss then falls back to loss=True), no
+    DeepSpeed ZeRO-3 (the head is gathered only inside TRL's ``maybe_gather_lm_head_ctx``, and
+    its gradient reduction needs the loss inside the model's forward)."""
     if head is None:
+        return False
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
         return False
     base = getattr(head, "base_layer", head)
     if _linear._is_dtensor(getattr(base, "weight", None)) or _linear._is_dtensor(weight):
