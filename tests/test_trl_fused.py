@@ -308,6 +308,41 @@ def test_dpo_fused_falls_back_to_loss_true_for_sft():
     torch.testing.assert_close(ours[0], ref[0], rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.peer
+@pytest.mark.parametrize("trainer", ["grpo", "dpo"])
+def test_fused_losses_on_the_compact_layout(trainer, monkeypatch):
+    # On CUDA / XPU TRL's fused head hands only the scored rows (hidden_states[mask]); the loss
+    # scatters them back to [rows, T - 1, H]. That layout, forced on the CPU (TRL's own tiles
+    # stay its torch ones: trl/kernels/chunked_logprob.py has its own _use_triton).
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: True)
+    if trainer == "grpo":
+        options, step, cls = dict(loss_type="dr_grpo", beta=0.04), lambda f, o: _step(f, o, "fp32", False), \
+            grpo_mod.GRPOTrainer
+    else:
+        options, step, cls = dict(loss_type="sigmoid"), lambda f, o: _dpo_step(f, o, "fp32"), dpo_mod.DPOTrainer
+    key = f"{cls.__name__}._compute_loss[fused]"
+    captured = []  # the heads lists capture() hands the losses
+    enter = rt._Capture.__enter__
+    monkeypatch.setattr(rt._Capture, "__enter__", lambda self: captured.append(enter(self)) or captured[-1])
+    rt.unpatch()
+    ref = step(_trl_loss._original(cls), dict(options))
+    rt.patch(loss="fused")
+    try:
+        before = rt.calls[key]
+        ours = step(cls._compute_loss, dict(options))
+        assert rt.calls[key] == before + 1
+    finally:
+        rt.unpatch()
+    rows = captured[-1][0]["hidden"].shape[0]
+    assert rows < {"grpo": B * (P + K - 1), "dpo": 2 * NP * (L - 1)}[trainer], rows  # only the scored rows
+    torch.testing.assert_close(ours[0], ref[0], rtol=2e-5, atol=2e-6)
+    for name in ref[1]:
+        gap = (ours[1][name] - ref[1][name]).abs().max().item()
+        assert gap <= 2e-5 * ref[1][name].abs().max().item() + 1e-9, (name, gap)
+    for k in ref[2]:
+        assert ours[2][k] == pytest.approx(ref[2][k], rel=2e-5, abs=2e-6), k
+
+
 def test_patch_loss_option():
     with pytest.raises(TypeError, match="^patch: loss"):
         rt.patch(loss="yes")
