@@ -418,8 +418,8 @@ def patch(*, fp32: bool = False, loss: bool | str = False) -> None:
     Calling it again with the same options does nothing; with other options it raises
     ValueError (``unpatch()`` first).
     """
-    if not (isinstance(loss, str) and loss == "fused"):
-        _checks.flag("patch", "loss", loss)  # True / False, or the string "fused"
+    if not isinstance(loss, bool) and not (isinstance(loss, str) and loss == "fused"):
+        raise TypeError(f"patch: loss must be a bool or 'fused', got {loss!r}")
     options = {"fp32": _checks.flag("patch", "fp32", fp32), "loss": loss}
     if _state["options"] is not None:
         if _state["options"] != options:
