@@ -343,6 +343,35 @@ def test_fused_losses_on_the_compact_layout(trainer, monkeypatch):
         assert ours[2][k] == pytest.approx(ref[2][k], rel=2e-5, abs=2e-6), k
 
 
+@pytest.mark.peer
+@pytest.mark.parametrize("trainer", ["grpo", "dpo"])
+def test_fused_losses_under_fp32_tiles(trainer):
+    # patch(fp32=True): fp32 tiles whatever the autocast, so under bf16 autocast DPO runs fused
+    # too; the fused step equals the loss=True step of the same fp32 mode (rlkern's own path)
+    if trainer == "grpo":
+        options, step, cls = dict(loss_type="grpo", beta=0.04), lambda f, o: _step(f, o, "bf16", False), \
+            grpo_mod.GRPOTrainer
+    else:
+        options, step, cls = dict(loss_type="sigmoid"), lambda f, o: _dpo_step(f, o, "bf16"), dpo_mod.DPOTrainer
+    runs = {}
+    for loss in (True, "fused"):
+        rt.unpatch()
+        rt.patch(fp32=True, loss=loss)
+        try:
+            before = rt.calls[f"{cls.__name__}._compute_loss[fused]"]
+            runs[loss] = step(cls._compute_loss, dict(options))
+            assert rt.calls[f"{cls.__name__}._compute_loss[fused]"] == before + (loss == "fused")
+        finally:
+            rt.unpatch()
+    ours, ref = runs["fused"], runs[True]
+    torch.testing.assert_close(ours[0], ref[0], rtol=2e-5, atol=2e-6)
+    for name in ref[1]:  # the backbone's backward runs in bf16: one ulp flipped, as above
+        gap = (ours[1][name] - ref[1][name]).abs().max().item()
+        assert gap <= 1e-2 * ref[1][name].abs().max().item() + 1e-9, (name, gap)
+    for k in ref[2]:
+        assert ours[2][k] == pytest.approx(ref[2][k], rel=2e-5, abs=2e-6), k
+
+
 def test_patch_loss_option():
     with pytest.raises(TypeError, match="^patch: loss"):
         rt.patch(loss="yes")
