@@ -388,7 +388,7 @@ def test_fused_head_checks():
         rt.ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 0)
     with pytest.raises(TypeError, match="^patch: fp32 must be a bool, got 'bf16'"):
         rt.patch(fp32="bf16")
-    with pytest.raises(TypeError, match="^patch: loss must be a bool, got 1"):
+    with pytest.raises(TypeError, match="^patch: loss must be a bool or 'fused', got 1"):
         rt.patch(loss=1)
     assert not rt.is_patched()
 

@@ -90,14 +90,15 @@ def _trainer(name, precision, output_dir, tmp_root):
 @functools.cache
 def _train(name, precision, mode, tmp_root):
     """mode: "trl" (TRL as shipped), "trl-chunk97" (TRL, another chunk_size), "rlkern" (patched),
-    "rlkern-loss" (``patch(loss=True)``: the trainer's loss too). Returns (losses, grad norms,
+    "rlkern-loss" (``patch(loss=True)``: the trainer's loss too), "rlkern-fused"
+    (``patch(loss="fused")``, tests/test_trl_fused.py). Returns (losses, grad norms,
     final parameters, rlkern fused-head calls, rlkern trainer-loss calls)."""
     rt.unpatch()
     saved_chunk = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
     if mode == "trl-chunk97":
         trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = 97
     if mode.startswith("rlkern"):
-        rt.patch(loss=mode == "rlkern-loss")
+        rt.patch(loss={"rlkern-loss": True, "rlkern-fused": "fused"}.get(mode, False))
     before = rt.calls["ChunkedLogProbFunction"]
     loss_key = {"grpo": "GRPOTrainer", "rloo": "RLOOTrainer", "dpo": "DPOTrainer",
                 "kto": "KTOTrainer"}.get(name, "") + "._compute_loss"

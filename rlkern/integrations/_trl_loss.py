@@ -30,6 +30,12 @@ in-place product on sft's expanded loss / on relu's saved output raises), alpha_
 float64 log-probs (TRL has no clamp for float64; rlkern's is 80). Empty completions: sft's
 token mean is 0 (TRL: NaN).
 
+``grpo_fused_compute_loss`` / ``dpo_fused_compute_loss`` (``patch(loss="fused")``): the same
+methods, with the loss formed from the policy's last hidden states and LM head by
+``rlkern.linear_policy_loss`` / ``rlkern.linear_preference_loss`` (the hidden states recorded
+from TRL's own forward by ``rlkern.integrations.trl.capture``); what they cannot take runs the
+methods above.
+
 ``kto_compute_loss`` replaces ``KTOTrainer._compute_loss``: both loss types (kto,
 apo_zero_unpaired), the desirable / undesirable weights, the KL reference point (with or
 without KL completions), precomputed / PEFT references and the aux loss, through
@@ -96,7 +102,8 @@ def _save_originals() -> None:
     """Keep TRL's own ``_compute_loss`` of each trainer (the fallback) before anything patches it."""
     for owner in _trl():
         current = owner.__dict__["_compute_loss"]
-        if current not in (grpo_compute_loss, rloo_compute_loss, dpo_compute_loss, kto_compute_loss):
+        if current not in (grpo_compute_loss, grpo_fused_compute_loss, rloo_compute_loss, dpo_compute_loss,
+                           dpo_fused_compute_loss, kto_compute_loss):
             _ORIGINAL[(owner, "_compute_loss")] = current
 
 
@@ -131,7 +138,50 @@ def _global_mean(self, mean, count):
     return (totals[0] / totals[1].clamp(min=1.0)).item()
 
 
-def grpo_compute_loss(self, model, inputs):
+def _fusable(self) -> bool:
+    """What ``patch(loss="fused")`` takes: every GRPO loss type grpo_compute_loss takes but those
+    that read the per-token log-probs or entropies outside the loss (VESPO's gamma weights, the
+    entropy-quantile mask, the adaptive entropy controller) and the MoE aux loss (its output
+    comes with the log-probs)."""
+    adaptive = self._entropy_bonus_enabled and self.use_adaptive_entropy
+    return (self.loss_type != "vespo" and self.top_entropy_quantile >= 1.0 and not adaptive
+            and not self.aux_loss_enabled)
+
+
+def _fused_operands(inputs, head):
+    """hidden ``[B, K, H]`` and labels ``[B, K]`` (-100 where TRL scores nothing) of the K
+    completion positions, from the operands TRL's fused head handed the adapter: the rows of
+    ``last_hidden_state[:, :-1]`` whose shifted label is not -100 (TRL's compact layout on Triton
+    devices) or all of them (elsewhere), as ``_fused_forward`` in trl/trainer/utils.py takes them."""
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    k = inputs["completion_ids"].size(1)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :-k] = -100
+    labels = labels[:, 1:].to(head["hidden"].device)
+    valid = labels != -100
+    return _hidden_grid(head["hidden"], valid)[:, -k:], labels[:, -k:]
+
+
+def _hidden_grid(hidden, valid):
+    """The fused head's rows as ``[rows, T - 1, H]``: all positions (TRL's layout off Triton
+    devices) or only the ``valid`` ones (its compact layout on Triton devices, zeros elsewhere)."""
+    if hidden.shape[0] == valid.numel():
+        return hidden.reshape(*valid.shape, hidden.shape[-1])
+    if hidden.shape[0] == int(valid.sum()):
+        return hidden.new_zeros(*valid.shape, hidden.shape[-1]).masked_scatter(valid[..., None], hidden)
+    raise RuntimeError(f"rlkern TRL loss: the fused head got {hidden.shape[0]} rows, expected "
+                       f"{valid.numel()} or {int(valid.sum())}")
+
+
+def grpo_fused_compute_loss(self, model, inputs):
+    """``GRPOTrainer._compute_loss`` through rlkern.linear_policy_loss (``patch(loss="fused")``):
+    the policy's last hidden states and LM head, no per-token log-probs tensor; what it cannot
+    take (``_fusable``, a LoRA or FSDP2 head) runs grpo_compute_loss."""
+    return grpo_compute_loss(self, model, inputs, fused=True)
+
+
+def grpo_compute_loss(self, model, inputs, fused=False):
     """``GRPOTrainer._compute_loss`` through rlkern.policy_loss (same loss, gradient and metrics)."""
     if not _expressible(self):
         return _original(_trl()[0])(self, model, inputs)
@@ -139,7 +189,19 @@ def grpo_compute_loss(self, model, inputs):
 
     completion_mask = inputs["completion_mask"]
     mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-    per_token_logps, entropies, aux_loss = _logps_and_entropies(self, model, inputs)
+    head = None
+    if fused and _fusable(self):
+        from rlkern.integrations import trl as rt
+
+        # TRL's own forward (autocast, PEFT, DDP wrappers as it runs them); the adapter records
+        # the hidden states and head it is handed instead of projecting them
+        with rt.capture() as heads:
+            per_token_logps, entropies, aux_loss = _logps_and_entropies(self, model, inputs)
+        if len(heads) > 1:
+            raise RuntimeError("rlkern TRL loss: one fused-head call expected per _compute_loss")
+        head = heads[0] if heads else None  # none: a LoRA / FSDP2 head, scored by the adapter
+    else:
+        per_token_logps, entropies, aux_loss = _logps_and_entropies(self, model, inputs)
     args, loss_type = self.args, self.loss_type
     sequence = self.importance_sampling_level == "sequence"
     mode = "train" if self.model.training else "eval"
@@ -205,16 +267,28 @@ def grpo_compute_loss(self, model, inputs):
     fused_bonus = self._entropy_bonus_enabled and entropy_mask is None
     bonus_coef = apply_coef / (accumulation if loss_type in _SUM_NORMALIZED else 1.0)
 
-    loss, metrics = rlkern.policy_loss(
-        per_token_logps, old, advantages, mask, **kwargs,
-        ref_logprobs=inputs["ref_per_token_logps"] if self.beta != 0.0 else None, kl_coef=self.beta,
-        kl_estimator="k3_unclamped", kl_bias_correction=bool(args.use_bias_correction_kl),
+    common = dict(ref_logprobs=inputs["ref_per_token_logps"] if self.beta != 0.0 else None, kl_coef=self.beta,
+                  kl_estimator="k3_unclamped", kl_bias_correction=bool(args.use_bias_correction_kl),
+                  entropy_coef=bonus_coef if fused_bonus else 0.0, entropy_agg="token-mean", is_weights=weights,
+                  rollout_logprobs=inputs.get("sampling_per_token_logps"),
+                  off_policy_mask_threshold=self.off_policy_mask_threshold, sequence_metrics=True)
+    if head is not None:
+        hidden, labels = _fused_operands(inputs, head)
+        tiles = dict(bias=head["bias"], temperature=head["temperature"], logit_scale=head["logit_scale"],
+                     logit_softcap=head["softcap"] or None, logits_dtype=head["logits_dtype"])
+        if inputs.get("old_per_token_logps") is None:  # on-policy: the ratio is 1, old = the new log-probs
+            with torch.no_grad():
+                old = rlkern.linear_token_logprobs(hidden.detach(), head["weight"].detach(), labels, **tiles)
+            old = old.to(per_token_logps.dtype) if old.dtype != torch.float64 else old
+        loss, metrics = rlkern.linear_policy_loss(hidden, head["weight"], labels, old, advantages, mask, **tiles,
+                                                  **kwargs, **common)
+        _count("GRPOTrainer._compute_loss[fused]")
+    else:
         # without the bonus the entropies only feed the metric: detached, so that the backward does
         # not run through the model's entropy computation (TRL leaves them out of the graph there)
-        entropy=entropies if fused_bonus else entropies.detach(), entropy_coef=bonus_coef if fused_bonus else 0.0,
-        entropy_agg="token-mean",
-        is_weights=weights, rollout_logprobs=inputs.get("sampling_per_token_logps"),
-        off_policy_mask_threshold=self.off_policy_mask_threshold, sequence_metrics=True)
+        loss, metrics = rlkern.policy_loss(
+            per_token_logps, old, advantages, mask, **kwargs, **common,
+            entropy=entropies if fused_bonus else entropies.detach())
     _count("GRPOTrainer._compute_loss")
     policy_loss = loss.detach()
     if fused_bonus:
@@ -391,7 +465,27 @@ def _dpo_token_metrics(self, mode, outputs, seq_len, shift_completion_mask, inpu
     self._metrics[mode]["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
 
 
-def dpo_compute_loss(self, model, inputs, return_outputs):
+def _dpo_fusable(self, completion_mask) -> bool:
+    """What ``patch(loss="fused")`` takes for DPO (besides: not under a bf16 / fp16 compute
+    dtype, decided by the adapter): not sft (its token mean is a separate call), and ipo /
+    sigmoid_norm only where the unshifted completion mask's lengths equal the shifted ones
+    linear_preference_loss reads (no completion token in the first column)."""
+    types = set(self.loss_types)
+    if "sft" in types:
+        return False
+    return not (types & set(_DPO_NORMALIZED)) or not bool((completion_mask[:, 0] != 0).any())
+
+
+def dpo_fused_compute_loss(self, model, inputs, return_outputs):
+    """``DPOTrainer._compute_loss`` through rlkern.linear_preference_loss (``patch(loss="fused")``):
+    the policy's last hidden states and LM head; TRL's fused head still computes its per-token
+    outputs outside the graph for the logged metrics (entropy, mean logits, top-1 accuracy) and
+    WPO's weights. What it cannot take (``_dpo_fusable``, a LoRA or FSDP2 head) runs
+    dpo_compute_loss."""
+    return dpo_compute_loss(self, model, inputs, return_outputs, fused=True)
+
+
+def dpo_compute_loss(self, model, inputs, return_outputs, fused=False):
     """``DPOTrainer._compute_loss`` through rlkern.preference_loss (same loss, gradient and metrics).
 
     TRL's glue stays: the policy (and reference) forward through the fused head, the per-sequence
@@ -415,7 +509,20 @@ def dpo_compute_loss(self, model, inputs, return_outputs):
     completion_mask = inputs["completion_mask"]
     shift_completion_mask = completion_mask[..., 1:]
     labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-    outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+    head = None
+    if fused and _dpo_fusable(self, completion_mask):
+        from rlkern.integrations import trl as rt
+
+        # TRL's forward, its outputs detached (metrics). linear_preference_loss has no
+        # logits_dtype: under a bf16 / fp16 compute dtype TRL's rounded tiles are not its
+        # numbers, the adapter computes them (the loss=True path)
+        with rt.capture(compute=True, half=False) as heads:
+            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        if len(heads) > 1:
+            raise RuntimeError("rlkern TRL loss: one fused-head call expected per _compute_loss")
+        head = heads[0] if heads else None  # none: a LoRA / FSDP2 head, scored by the adapter
+    else:
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
     seq_len = shift_completion_mask.size(1)
     per_token_logps = outputs.log_probs[:, -seq_len:]
     logps, masks = _sequence_logps(self, per_token_logps, shift_completion_mask)
@@ -439,6 +546,16 @@ def dpo_compute_loss(self, model, inputs, return_outputs):
     kw = dict(beta=self.beta, label_smoothing=self.label_smoothing if smoothed else 0.0,
               f_divergence_type=self.f_divergence_type, f_alpha_divergence_coef=self.f_alpha_divergence_coef,
               discopop_tau=self.args.discopop_tau, pair_weights=pair_weights)
+    if head is not None:
+        shifted = labels[:, 1:].to(head["hidden"].device)
+        loss, metrics = rlkern.linear_preference_loss(
+            _hidden_grid(head["hidden"], shifted != -100), head["weight"], shifted, shift_completion_mask,
+            torch.cat([ref_chosen, ref_rejected]).detach(), bias=head["bias"], temperature=head["temperature"],
+            logit_scale=head["logit_scale"], logit_softcap=head["softcap"] or None, ld_alpha=self.ld_alpha,
+            loss_type=types, loss_weights=loss_weights, **kw)
+        _count("DPOTrainer._compute_loss[fused]")
+        return _dpo_finish(self, mode, loss, metrics, outputs, seq_len, shift_completion_mask, inputs,
+                           chosen_logps.shape[0])
     chosen_mask, rejected_mask = completion_mask.chunk(2, dim=0)
     shift_chosen, shift_rejected = shift_completion_mask.chunk(2, dim=0)
     split_sft = "sft" in types and (self.ld_alpha is not None or bool(set(types) & set(_DPO_NORMALIZED)))
@@ -457,13 +574,17 @@ def dpo_compute_loss(self, model, inputs, return_outputs):
             plain_chosen, plain_rejected, loss_type=["sft"] * len(sft), loss_weights=sft,
             chosen_lengths=shift_chosen.sum(dim=1), rejected_lengths=shift_rejected.sum(dim=1), **kw)
         loss = loss + sft_loss
-    _count("DPOTrainer._compute_loss")
+    return _dpo_finish(self, mode, loss, metrics, outputs, seq_len, shift_completion_mask, inputs,
+                       chosen_logps.shape[0])
 
+
+def _dpo_finish(self, mode, loss, metrics, outputs, seq_len, shift_completion_mask, inputs, n_pairs):
+    """The aux loss and TRL's logged metrics after rlkern's loss."""
+    _count("DPOTrainer._compute_loss")
     if self.aux_loss_enabled:
         loss = loss + self.router_aux_loss_coef * outputs.aux_loss
         self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
     _dpo_token_metrics(self, mode, outputs, seq_len, shift_completion_mask, inputs)
-    n_pairs = chosen_logps.shape[0]
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected"):
         self._metrics[mode][key].append(_global_mean(self, metrics[key], n_pairs))
@@ -573,12 +694,15 @@ def kto_compute_loss(self, model, inputs, return_outputs):
     return loss
 
 
-def loss_overrides() -> list[tuple[object, str, object]]:
-    """``(owner class, attribute name, replacement)`` for each trainer whose loss rlkern computes."""
+def loss_overrides(fused: bool = False) -> list[tuple[object, str, object]]:
+    """``(owner class, attribute name, replacement)`` for each trainer whose loss rlkern computes
+    (``fused``: GRPO's and DPO's through rlkern.linear_policy_loss / linear_preference_loss)."""
     grpo, rloo, dpo, kto = _trl()
     _save_originals()
-    return [(grpo, "_compute_loss", grpo_compute_loss), (rloo, "_compute_loss", rloo_compute_loss),
-            (dpo, "_compute_loss", dpo_compute_loss), (kto, "_compute_loss", kto_compute_loss)]
+    return [(grpo, "_compute_loss", grpo_fused_compute_loss if fused else grpo_compute_loss),
+            (rloo, "_compute_loss", rloo_compute_loss),
+            (dpo, "_compute_loss", dpo_fused_compute_loss if fused else dpo_compute_loss),
+            (kto, "_compute_loss", kto_compute_loss)]
 
 
 try:  # TRL's own methods, saved at import: a patch applied later cannot hide them from the fallback

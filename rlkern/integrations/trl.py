@@ -54,6 +54,14 @@ on GPU). Targets must be in ``[0, V)`` (TRL clamps its labels before the call); 
 raises. ``patch(loss=True)`` also installs rlkern's trainer losses
 (``rlkern.integrations._trl_loss.loss_overrides()``): ``GRPOTrainer`` and ``RLOOTrainer`` on
 ``rlkern.policy_loss``, ``DPOTrainer`` on ``rlkern.preference_loss``, ``KTOTrainer`` on ``rlkern.kto_loss``.
+``patch(loss="fused")`` installs them with GRPOTrainer's and DPOTrainer's on the fused LM-head
+losses: TRL's own forward runs, and this adapter, inside ``capture()``, records the hidden
+states and head it is handed (returning zeros, or for DPO its outputs computed outside the graph
+for the logged metrics); the loss then calls ``rlkern.linear_policy_loss`` /
+``rlkern.linear_preference_loss`` on them (``calls["GRPOTrainer._compute_loss[fused]"]``,
+``calls["DPOTrainer._compute_loss[fused]"]``). A LoRA or FSDP2 head, DPO under a bf16 / fp16
+compute dtype, and the configurations listed in ``_trl_loss._fusable`` / ``_dpo_fusable`` run
+the ``loss=True`` path.
 
 ``RLKERN_PATCH_TRL=1`` in the environment makes importing this module (and ``import rlkern``)
 call ``patch()`` (default options). ``patch()`` again with the same options does nothing; with
@@ -87,7 +95,7 @@ calls: collections.Counter = collections.Counter()
 """Calls that ran on rlkern, per replaced name (``ChunkedLogProbFunction``, ``selective_log_softmax``, ...)."""
 
 # options: the patch() options in force (None while unpatched)
-_state = {"options": None, "fp32": False, "patched": [], "loss": [], "replacements": {}}
+_state = {"options": None, "fp32": False, "patched": [], "loss": [], "replacements": {}, "capture": None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +259,47 @@ def _head_lora(h, w, lora_a, lora_b, lora_x, scaling, compute_dtype):
                                   _logits_dtype(compute_dtype))
 
 
+def _capturable(head, weight) -> bool:
+    """The fused losses take a plain head only: no PEFT adapter on it, no FSDP2 DTensor (their
+    gradients need this adapter's handling; the trainer loss then falls back to loss=True), no
+    DeepSpeed ZeRO-3 (the head is gathered only inside TRL's ``maybe_gather_lm_head_ctx``, and
+    its gradient reduction needs the loss inside the model's forward)."""
+    if head is None:
+        return False
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        return False
+    base = getattr(head, "base_layer", head)
+    if _linear._is_dtensor(getattr(base, "weight", None)) or _linear._is_dtensor(weight):
+        return False
+    return _linear.peft_lora_of(head, "ChunkedLogProbFunction") is None
+
+
+class _Capture:
+    """``with capture() as heads:`` TRL's fused-head calls inside record their operands in
+    ``heads`` (a list of dicts) and return zeros (``compute=True``: their outputs, detached); a
+    call the fused losses cannot take (``_capturable``; with ``half=False`` a bf16 / fp16 compute
+    dtype, whose rounded tiles the loss lacks) computes as usual and records nothing."""
+
+    def __init__(self, compute: bool, half: bool):
+        self.compute, self.half = compute, half
+
+    def __enter__(self):
+        if _state["capture"] is not None:
+            raise RuntimeError("capture: already capturing")
+        _state["capture"] = ([], self.compute, self.half)
+        return _state["capture"][0]
+
+    def __exit__(self, *exc):
+        _state["capture"] = None
+        return False
+
+
+def capture(*, compute: bool = False, half: bool = True) -> _Capture:
+    return _Capture(compute, half)
+
+
 class ChunkedLogProbFunction:
     """Stands in for ``trl.kernels.ChunkedLogProbFunction`` (TRL 1.16) on rlkern's kernel.
 
@@ -282,6 +331,23 @@ class ChunkedLogProbFunction:
             raise ValueError(f"{op}: final_logit_softcapping must be None or > 0, got {final_logit_softcapping!r}")
         want = {name: name in outputs for name in OPTIONAL_OUTPUTS}
         head = _trl_head()
+        capture = _state["capture"]
+        if capture is not None and _capturable(head, weight) and (capture[2] or _logits_dtype(compute_dtype) is None):
+            # patch(loss="fused"): the trainer's loss projects these hidden states itself
+            # (rlkern.linear_policy_loss / linear_preference_loss). TRL's fused forward gets zeros
+            # of its outputs' shapes, or (compute=True: the metrics read them) its outputs
+            # computed outside the graph.
+            heads, compute, _ = capture
+            h, w, b = _operands(hidden, weight, bias, compute_dtype)
+            heads.append(dict(hidden=h, weight=w, bias=b, targets=targets, temperature=float(temperature),
+                              softcap=softcap, logit_scale=float(logit_scale),
+                              logits_dtype=_logits_dtype(compute_dtype)))
+            if compute:
+                with torch.no_grad():
+                    return _FusedHead.apply(hidden, weight, bias, targets, temperature, softcap, logit_scale, want,
+                                            compute_dtype, out_dtype)
+            zeros = hidden.new_zeros(hidden.shape[0], dtype=out_dtype)
+            return (zeros, zeros if want["entropy"] else None, *(None,) * (len(OPTIONAL_OUTPUTS) - 1))
         weight, bias = _fsdp2_head(head, weight, bias)
         lora = _lora_of_head(head)
         if lora is None:
@@ -334,7 +400,7 @@ def _module_vars(module) -> dict:
         return {}
 
 
-def patch(*, fp32: bool = False, loss: bool = False) -> None:
+def patch(*, fp32: bool = False, loss: bool | str = False) -> None:
     """Run TRL's token scoring (and with ``loss=True`` its losses) on rlkern. Call it before the
     first forward.
 
@@ -342,12 +408,19 @@ def patch(*, fp32: bool = False, loss: bool = False) -> None:
         fp32: False (default): TRL's numbers and dtypes under each precision it offers; True:
             fp32 tiles whatever the autocast (module docstring), and TRL's logits functions
             return rlkern's unrounded float32 (float64 for float64 logits).
-        loss: also install rlkern's trainer losses (``rlkern.integrations._trl_loss``).
+        loss: True: also install rlkern's trainer losses (``rlkern.integrations._trl_loss``);
+            ``"fused"``: those losses, and GRPOTrainer's / DPOTrainer's project the policy's last
+            hidden states through the LM head inside ``rlkern.linear_policy_loss`` /
+            ``rlkern.linear_preference_loss`` (``calls["GRPOTrainer._compute_loss[fused]"]``,
+            ``calls["DPOTrainer._compute_loss[fused]"]`` count those steps; a configuration
+            they cannot take runs the ``loss=True`` path).
 
     Calling it again with the same options does nothing; with other options it raises
     ValueError (``unpatch()`` first).
     """
-    options = {"fp32": _checks.flag("patch", "fp32", fp32), "loss": _checks.flag("patch", "loss", loss)}
+    if not isinstance(loss, bool) and not (isinstance(loss, str) and loss == "fused"):
+        raise TypeError(f"patch: loss must be a bool or 'fused', got {loss!r}")
+    options = {"fp32": _checks.flag("patch", "fp32", fp32), "loss": loss}
     if _state["options"] is not None:
         if _state["options"] != options:
             done = ", ".join(f"{k}={v}" for k, v in _state["options"].items())
@@ -367,20 +440,21 @@ def patch(*, fp32: bool = False, loss: bool = False) -> None:
                     setattr(module, attr, hit[1])
                     _state["patched"].append((module, attr, value))
         if loss:
-            _patch_losses()
+            _patch_losses(fused=loss == "fused")
     except BaseException:
         unpatch()  # no half-patched TRL
         raise
 
 
-def _patch_losses() -> None:
+def _patch_losses(fused: bool = False) -> None:
     try:
         _trl_loss = importlib.import_module("rlkern.integrations._trl_loss")
     except ModuleNotFoundError as error:
         if error.name != "rlkern.integrations._trl_loss":
             raise
         raise ImportError("patch: loss=True needs rlkern.integrations._trl_loss, which this install lacks") from None
-    for owner, attr, replacement in _trl_loss.loss_overrides():
+    # loss_overrides() with no argument is the loss=True interface (tests/test_integrations_trl.py)
+    for owner, attr, replacement in (_trl_loss.loss_overrides(fused=True) if fused else _trl_loss.loss_overrides()):
         had = attr in _module_vars(owner)
         _state["loss"].append((owner, attr, _module_vars(owner).get(attr), had))
         setattr(owner, attr, replacement)
@@ -401,7 +475,7 @@ def unpatch() -> None:
             setattr(owner, attr, original)
         else:
             delattr(owner, attr)
-    _state.update(options=None, fp32=False, patched=[], loss=[], replacements={})
+    _state.update(options=None, fp32=False, patched=[], loss=[], replacements={}, capture=None)
 
 
 def is_patched() -> bool:

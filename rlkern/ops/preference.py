@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from rlkern import _backend
-from rlkern.ops import _checks
+from rlkern.ops import _checks, _eager
 from rlkern.reference import preference as reference
 
 __all__ = ["preference_loss", "kto_loss", "bco_loss"]
@@ -100,23 +100,8 @@ def _backward(ctx, grad_loss, _grad_c, _grad_r, _grad_e, _grad_metrics):
 _preference_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerPreferenceLoss(torch.autograd.Function):
-    """The same forward, backward and saved state as the rlkern::preference_loss custom op, called
-    without the dispatcher (CONTRIBUTING.md, Code): the custom op's autograd wrapper costs several
-    times the C++ kernel at a preference batch's size. The forward takes ctx (no setup_context):
-    torch 2.13 binds a setup_context Function's arguments through inspect.signature on every call.
-    torch.compile, torch.func and tensor subclasses go through the custom op."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _preference_impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(*output[1:])
-        return output
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads)
+_EagerPreferenceLoss = _eager.function("_EagerPreferenceLoss", _preference_impl, _setup_context, _backward,
+                                       "rlkern::preference_loss without the dispatcher.")
 
 
 def _loss_types(loss_type) -> list[str]:
@@ -419,8 +404,7 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
     hyper = [beta, ls, float(reference.F_DIVERGENCES.index(f_divergence_type)), f_alpha, tau,
              reference.alpha_clamp(chosen.dtype), gamma, *paper_hyper, float(alpha),
              float(reference.averaged_metrics(types, ref_chosen_logps is None))]
-    eager = (type(chosen) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
-             and not torch._C._functorch.is_functorch_wrapped_tensor(chosen))
+    eager = _eager.may_bypass(chosen)
     op = _EagerPreferenceLoss.apply if eager else _preference_op
     loss, _, _, _, metrics = op(
         chosen, rejected, extra, ref_c, ref_r, aux_c, aux_r, lengths_e, lengths_c, lengths_r, weights_t,
@@ -488,19 +472,8 @@ def _kto_backward(ctx, grad_loss, _grad, _grad_metrics):
 _kto_op.register_autograd(_kto_backward, setup_context=_kto_setup_context)
 
 
-class _EagerKTOLoss(torch.autograd.Function):
-    """rlkern::kto_loss without the dispatcher (as _EagerPreferenceLoss)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _kto_impl(*inputs)
-        _kto_setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(*output[1:])
-        return output
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _kto_backward(ctx, *grads)
+_EagerKTOLoss = _eager.function("_EagerKTOLoss", _kto_impl, _kto_setup_context, _kto_backward,
+                                "rlkern::kto_loss without the dispatcher.")
 
 
 def kto_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl_logps: Tensor | None = None,
@@ -568,8 +541,7 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl_logps: 
     def aux(t):
         return policy_logps.new_zeros((0,), dtype=dtype) if t is None else t.detach().to(dtype).contiguous()
 
-    eager = (type(policy_logps) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
-             and not torch._C._functorch.is_functorch_wrapped_tensor(policy_logps))
+    eager = _eager.may_bypass(policy_logps)
     op = _EagerKTOLoss.apply if eager else _kto_op
     loss, _, metrics = op(policy_logps, aux(ref_logps), labels.detach().to(dtype).contiguous(),
                           policy_logps.new_ones(policy_logps.shape, dtype=dtype), aux(kl_logps), aux(ref_kl_logps),
@@ -630,8 +602,7 @@ def bco_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, delta: Ten
     dtype = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
     weights = (policy_logps.new_ones(policy_logps.shape, dtype=dtype) if udm_weights is None
                else udm_weights.detach().to(dtype).contiguous())
-    eager = (type(policy_logps) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
-             and not torch._C._functorch.is_functorch_wrapped_tensor(policy_logps))
+    eager = _eager.may_bypass(policy_logps)
     op = _EagerKTOLoss.apply if eager else _kto_op
     loss, _, metrics = op(policy_logps, ref_logps.detach().to(dtype).contiguous(),
                           labels.detach().to(dtype).contiguous(), weights, delta.detach().to(dtype).reshape(1), policy_logps.new_zeros((1,), dtype=dtype),

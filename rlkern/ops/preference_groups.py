@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from rlkern import _backend
-from rlkern.ops import _checks
+from rlkern.ops import _checks, _eager
 from rlkern.ops.advantages.groups import dense
 from rlkern.reference import preference_groups as reference
 
@@ -86,27 +86,6 @@ def _backward_of(n_inputs: int):
     return backward
 
 
-def _eager_function(impl, backward, name: str):
-    """The custom op's forward, backward and saved state as an autograd.Function, called without the
-    dispatcher (as rlkern/ops/preference.py's _EagerPreferenceLoss: the custom op's autograd wrapper
-    costs more than these kernels at a preference batch's size)."""
-
-    def forward(ctx, *inputs):
-        output = impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(*output[1:])
-        return output
-
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
-                                                   "backward": staticmethod(backward)})
-
-
-def _eager(t: Tensor) -> bool:
-    """Whether a call may bypass the dispatcher: a plain tensor, not while compiling or under torch.func."""
-    return (type(t) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
-
-
 def _cpp_loss(logps, ref, old, scores, inverse, loss_type, hyper):
     stats = torch.ops.rlkern.cpp_group_preference_stats(logps, ref, old, scores, inverse, loss_type, hyper[:2])
     return _finish(stats, logps, ref, inverse, loss_type, hyper)
@@ -147,7 +126,8 @@ def _loss_fake(logps, ref, old, scores, inverse, loss_type, hyper):
 
 
 _loss_op.register_autograd(_backward_of(7), setup_context=_setup_context)
-_EagerGroupLoss = _eager_function(_loss_impl, _backward_of(7), "_EagerGroupLoss")
+_EagerGroupLoss = _eager.function("_EagerGroupLoss", _loss_impl, _setup_context, _backward_of(7),
+                                  "rlkern::group_preference_loss without the dispatcher.")
 
 
 def _constants(op: str, **tensors) -> None:
@@ -265,7 +245,7 @@ def group_preference_loss(logps: Tensor, group_ids, scores: Tensor, ref_logps: T
     old = aux(old_logps, None)
     if old is None:
         old = logps.detach().to(dtype).clone()
-    op = _EagerGroupLoss.apply if _eager(logps) else _loss_op
+    op = _EagerGroupLoss.apply if _eager.may_bypass(logps) else _loss_op
     loss, _, metrics = op(logps, ref, old, aux(scores, None), inverse, LOSS_TYPES.index(loss_type),
                           [beta, eps, kl_coef])
     return loss, dict(zip(METRIC_KEYS, metrics.detach().to(torch.float32).unbind(0)))
@@ -388,7 +368,8 @@ def _srpo_fake(logps, ref, beta, alpha):
 
 
 _srpo_op.register_autograd(_backward_of(4), setup_context=_setup_context)
-_EagerSRPOLoss = _eager_function(_srpo_impl, _backward_of(4), "_EagerSRPOLoss")
+_EagerSRPOLoss = _eager.function("_EagerSRPOLoss", _srpo_impl, _setup_context, _backward_of(4),
+                                 "rlkern::srpo_loss without the dispatcher.")
 
 
 def srpo_loss(logps: Tensor, ref_logps: Tensor, *, beta: float = 0.1,
@@ -439,6 +420,6 @@ def srpo_loss(logps: Tensor, ref_logps: Tensor, *, beta: float = 0.1,
     beta = _checks.number(_SOP, "beta", beta, low=0, low_open=True)
     alpha = _checks.number(_SOP, "alpha", alpha, low=0, high=1)
     dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
-    op = _EagerSRPOLoss.apply if _eager(logps) else _srpo_op
+    op = _EagerSRPOLoss.apply if _eager.may_bypass(logps) else _srpo_op
     loss, _, metrics = op(logps, ref_logps.detach().to(dtype).contiguous(), beta, alpha)
     return loss, dict(zip(SRPO_METRIC_KEYS, metrics.detach().to(torch.float32).unbind(0)))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from rlkern import _backend
-from rlkern.ops import _checks
+from rlkern.ops import _checks, _eager
 from rlkern.ops._layout import lastdim_contiguous, int32_offsets, pad, unpad
 from rlkern.ops.preference import preference_loss
 from rlkern.reference import preference_tokens as reference
@@ -150,11 +150,6 @@ class _EagerTokenSums(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None
 
 
-def _eager(t: Tensor) -> bool:
-    return (type(t) in (Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
-
-
 def _mask(response_mask: Tensor | None) -> Tensor | None:
     """The mask as the bool the kernels read (checked by _layout)."""
     if response_mask is None:
@@ -286,7 +281,7 @@ def token_preference_loss(logprobs: Tensor, response_mask: Tensor | None = None,
     cu = None if cu_seqlens is None else int32_offsets(cu_seqlens)
     lp = lastdim_contiguous(logprobs)
     args = (lp, mask, aux["ref_logprobs"], aux["wpo_adjustment"], aux["token_rewards"], cu, ld_value, ld, tg)
-    sums, raw, ref_sums, lengths, wpo = (_EagerTokenSums.apply if _eager(logprobs) else _sums_op)(*args)
+    sums, raw, ref_sums, lengths, wpo = (_EagerTokenSums.apply if _eager.may_bypass(logprobs) else _sums_op)(*args)
 
     if per_sequence_ref:
         refs = (ref_logprobs[:n].detach(), ref_logprobs[n:].detach())
