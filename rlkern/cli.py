@@ -38,6 +38,12 @@ def _info() -> int:
     gemm = "cuBLAS" if cuda else "ATen CPU"
     token_backend = _backend.REGISTRY["token_logprobs"].backend_at(device, dtype)
     print(f"linear_token_logprobs on {device.type} runs: chunked ({gemm} GEMM tiles + {token_backend} log-prob kernel)")
+    loss_backend = _backend.REGISTRY["policy_loss"].backend_at(device, dtype)
+    pref_backend = _backend.REGISTRY["token_preference_loss"].backend_at(device, dtype)
+    print(f"linear_policy_loss on {device.type} runs: {gemm} GEMM tiles + {token_backend} log-prob kernel + "
+          f"{loss_backend} policy-loss kernel, gradients formed in the forward")
+    print(f"linear_preference_loss on {device.type} runs: {gemm} GEMM tiles + {token_backend} log-prob kernel + "
+          f"{pref_backend} preference kernels, gradients formed in the forward")
     return 0
 
 
