@@ -451,3 +451,66 @@ def test_token_preference_loss(backend):
             _close(p_metrics[key], metrics[key], tol=1e-6 * max(1.0, metrics[key].abs().item()), name=f"packed {key}")
 
     check()
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_token_logprobs
+
+
+@st.composite
+def _linear_case(draw, max_n, max_h, max_v):
+    n = draw(st.integers(0, max_n))
+    width = draw(st.integers(1, max_h))
+    vocab = draw(st.one_of(st.sampled_from([1, 2, 67, 129, 513, 1001]), st.integers(1, max_v)))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    bias = draw(st.booleans())
+    temperature = draw(st.sampled_from([1.0, 0.7]))
+    softcap = draw(st.sampled_from([None, 5.0]))
+    chunk_size = draw(st.sampled_from([None, 3]))
+    ignore_every = draw(st.integers(0, 3))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return n, width, vocab, dtype, bias, temperature, softcap, chunk_size, ignore_every, seed
+
+
+def test_linear_token_logprobs(backend):
+    from rlkern.reference.linear_logprobs import linear_logprobs as R_linear
+
+    max_n, max_h, max_v = _small(backend, 24, 64), _small(backend, 48, 256), _small(backend, 1500, 8000)
+
+    @_fuzz(backend, 0.5)
+    @given(_linear_case(max_n, max_h, max_v))
+    def check(case):
+        n, width, vocab, dtype, bias, temperature, softcap, chunk_size, ignore_every, seed = case
+        g = _gen(seed)
+        hidden = torch.randn(n, width, generator=g).to(dtype)
+        weight = (torch.randn(vocab, width, generator=g) / math.sqrt(width) * 4).to(dtype)
+        b = (torch.randn(vocab, generator=g)).to(dtype) if bias else None
+        labels = torch.randint(0, vocab, (n,), generator=g)
+        if ignore_every:
+            labels[::ignore_every] = -100
+        kw = dict(temperature=temperature, logit_softcap=softcap)
+        h_leaf, w_leaf = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, entropy = rlkern.linear_token_logprobs(h_leaf, w_leaf, labels, bias=b, return_entropy=True,
+                                                     chunk_size=chunk_size, **kw)
+        r_h, r_w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+        r_logp, r_entropy, _ = R_linear(r_h, r_w, None if b is None else b.double(), labels, **kw)
+        assert logp.dtype == entropy.dtype == torch.float32 and logp.shape == (n,)
+        assert not logp.isnan().any() and not entropy.isnan().any()
+        assert (logp <= 0).all() and (logp[labels == -100] == 0).all()
+        # tests/test_linear_logprobs.py: products accumulate in fp32 for every input dtype
+        torch.testing.assert_close(logp.double(), r_logp.detach(), rtol=0, atol=2e-5)
+        torch.testing.assert_close(entropy.double(), r_entropy.detach(), rtol=0, atol=2e-5)
+        if dtype == torch.float32 and n:
+            up = torch.randn(2, n, generator=g)
+            (logp * up[0] + entropy * up[1]).sum().backward()
+            (r_logp * up[0].double() + r_entropy * up[1].double()).sum().backward()
+            # atol as tests/test_linear_logprobs.py (1e-5 of the largest gradient), but where every
+            # gradient is ~0 (V = 1: p = 1) the scale is that of one term, |upstream| * |other input|:
+            # fp32 rounding of 1 - p leaves ~1e-8 there, not 0
+            for name, got, want, other in (("hidden", h_leaf.grad, r_h.grad, weight),
+                                           ("weight", w_leaf.grad, r_w.grad, hidden)):
+                scale = up.abs().max().item() * other.abs().max().item() / temperature
+                torch.testing.assert_close(got.double(), want, rtol=1e-4,
+                                           atol=1e-5 * max(want.abs().max().item(), scale), msg=name)
+
+    check()
