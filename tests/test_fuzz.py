@@ -88,6 +88,17 @@ def _mask(g, rows, steps, layout):
     return m
 
 
+def _inside(mask):
+    """The packed layout of padded rows: each row's slots from its first to its last valid token
+    (left and right padding removed, holes kept with mask 0), one slot for a row without one."""
+    pos = torch.arange(mask.shape[1])[None, :]
+    first = torch.where(mask, pos, mask.shape[1]).min(-1).values
+    last = torch.where(mask, pos, -1).max(-1).values
+    empty = ~mask.any(-1)
+    first, last = torch.where(empty, 0, first), torch.where(empty, 0, last)
+    return (pos >= first[:, None]) & (pos <= last[:, None])
+
+
 LAYOUTS = ["right", "left", "holes", "full", "empty"]
 
 
@@ -238,7 +249,7 @@ def test_policy_loss(backend):
         _close(o_lp.grad, r_lp.grad, tol=gtol, name="grad logprobs")
         _close(o_ent.grad, r_ent.grad, tol=5e-5, name="grad entropy")
         # packed (cu_seqlens), the rows' own tokens only (left/right padding removed), equal to padded
-        inside = mask | (torch.arange(t)[None, :] < 1)  # every row keeps >= 1 token slot
+        inside = _inside(mask)
         cu = torch.cat([torch.zeros(1, dtype=torch.long), inside.sum(-1).cumsum(0)]).to(torch.int32)
         p_lp, p_ent = lp.float()[inside].requires_grad_(), ent.float()[inside].requires_grad_()
         p_total, p_metrics = rlkern.policy_loss(p_lp, old.float()[inside], adv.float()[inside], mask[inside],
@@ -297,7 +308,7 @@ def test_gae_and_discounted_returns(backend):
         _close(returns, ref, tol=2e-5 * max(1.0, ref.abs().max().item() if ref.numel() else 0.0), name="discounted")
         # packed == padded: each row's own slots, left/right padding removed
         if b:
-            inside = mask | (torch.arange(t)[None, :] < 1)
+            inside = _inside(mask)
             cu = torch.cat([torch.zeros(1, dtype=torch.long), inside.sum(-1).cumsum(0)]).to(torch.int32)
             p_adv, p_ret = A.gae(rewards[inside], values[inside], mask[inside], gamma=gamma, lam=lam, cu_seqlens=cu)
             _close(p_adv, adv[inside], tol=tol, name="packed advantages")
@@ -439,7 +450,7 @@ def test_token_preference_loss(backend):
         for key in PREF_KEYS:
             _close(metrics[key], want_metrics[key], tol=1e-5 * max(1.0, want_metrics[key].abs().item()), name=key)
         # packed: every row's own slots (padding removed), equal to padded
-        inside = mask | (torch.arange(t)[None, :] < 1)
+        inside = _inside(mask)
         cu = torch.cat([torch.zeros(1, dtype=torch.long), inside.sum(-1).cumsum(0)])
         p_leaf = lp.float()[inside].requires_grad_()
         p_loss, p_metrics = rlkern.token_preference_loss(p_leaf, mask[inside], None if ref is None else
