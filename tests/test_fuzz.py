@@ -63,8 +63,9 @@ def _small(backend, ci, long):
     return _big(ci, long)
 
 
-def _close(ours, ref, tol=2e-5, name="value"):
-    torch.testing.assert_close(ours.double(), ref.double(), rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+def _close(ours, ref, tol=2e-5, name="value", equal_nan=False):
+    torch.testing.assert_close(ours.double(), ref.double(), rtol=tol, atol=tol, equal_nan=equal_nan,
+                               msg=lambda m: f"{name}: {m}")
 
 
 def _gen(seed):
@@ -112,7 +113,7 @@ def _logprobs_case(draw, max_n, max_v):
     vocab = draw(st.one_of(st.sampled_from([1, 2, 3, 7, 127, 129, 1000, 1025]), st.integers(1, max_v)))
     dtype = draw(st.sampled_from([torch.bfloat16, torch.float16, torch.float32, torch.float64]))
     scale = draw(st.sampled_from([1.0, 3.0, 30.0]))
-    extremes = draw(st.sampled_from(["none", "pm1e4", "neginf", "all_neginf_row"]))
+    extremes = draw(st.sampled_from(["none", "pm1e4", "neginf", "all_neginf_row", "nan"]))
     temperature = draw(st.sampled_from([1.0, 0.7, 1.3]))
     ignore_every = draw(st.integers(0, 3))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -129,6 +130,8 @@ def _logprobs_inputs(n, vocab, dtype, scale, extremes, ignore_every, seed):
             logits = torch.where(spots, 1e4 * signs, logits)
         elif extremes == "neginf":
             logits = torch.where(spots, -math.inf, logits)
+        elif extremes == "nan":
+            logits = torch.where(spots & (torch.rand(n, vocab, generator=g) < 0.2), math.nan, logits)
         else:
             logits[0] = -math.inf  # a row with every logit -inf: uniform by the op's convention
     logits = logits.to(dtype)  # 1e4 is exact in bf16/fp16 (fp16 max 65504)
@@ -150,14 +153,19 @@ def test_token_logprobs(backend):
         ref_logp, ref_entropy, _ = R_logp.logprobs_fwd(logits.double(), labels, temperature, 0.0, -100, True)
         out = torch.float64 if dtype == torch.float64 else torch.float32
         assert logp.dtype == out and entropy.dtype == out and logp.shape == (n,) and entropy.shape == (n,)
-        assert not logp.isnan().any() and not entropy.isnan().any()
-        assert (logp <= 0).all()
+        # NaN policy (rlkern/reference/logprobs.py): a NaN logit makes its row's entropy NaN and its
+        # log-prob NaN unless the label is ignored; no other row and no NaN without a NaN input
+        nan_rows = logits.isnan().any(-1)
+        assert torch.equal(entropy.isnan(), nan_rows)
+        assert torch.equal(logp.isnan(), nan_rows & (labels != -100))
+        finite_logp, finite_entropy = logp[~logp.isnan()], entropy[~nan_rows]
+        assert (finite_logp <= 0).all()
         assert (logp[labels == -100] == 0).all()
-        assert (entropy >= 0).all() and (entropy <= math.log(vocab) * (1 + 1e-5) + 1e-5).all()
+        assert (finite_entropy >= 0).all() and (finite_entropy <= math.log(vocab) * (1 + 1e-5) + 1e-5).all()
         # as tests/test_logprobs.py: fp32 accumulation of exactly-upcast inputs (the reference
         # takes the same low-precision values upcast), relative to the magnitude of the result
-        _close(logp, ref_logp, name="logp")
-        _close(entropy, ref_entropy, name="entropy")
+        _close(logp, ref_logp, name="logp", equal_nan=True)
+        _close(entropy, ref_entropy, name="entropy", equal_nan=True)
 
     check()
 
@@ -170,6 +178,7 @@ def test_token_logprobs_backward(backend):
     @given(_logprobs_case(max_n, max_v), st.booleans())
     def check(case, with_entropy_grad):
         n, vocab, dtype, scale, extremes, temperature, ignore_every, seed = case
+        extremes = "none" if extremes == "nan" else extremes  # the forward test covers the NaN policy
         logits, labels = _logprobs_inputs(n, vocab, dtype, scale, extremes, ignore_every, seed)
         g = _gen(seed + 1)
         g_l, g_h = torch.randn(n, generator=g), torch.randn(n, generator=g) if with_entropy_grad else None
