@@ -48,7 +48,7 @@ _CI_EXAMPLES = {"cpp": 100, "torch": 30, "triton": 20}
 def _fuzz(backend, scale=1.0):
     """Settings for one backend: fewer examples where the backend is slow (the Triton interpreter)."""
     n = max(1, int(_CI_EXAMPLES[backend] * scale))
-    return settings(PROFILE, max_examples=n * 10 if LONG else n)
+    return settings(PROFILE, max_examples=n * 30 if LONG else n)
 
 
 def _big(ci, long):
