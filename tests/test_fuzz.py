@@ -20,8 +20,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rlkern
-from rlkern import _backend
-from rlkern.ops import _layout
 from rlkern.ops import advantages as A
 from rlkern.reference import advantages as R_adv
 from rlkern.reference import logprobs as R_logp
