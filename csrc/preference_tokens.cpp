@@ -116,7 +116,10 @@ inline A keep_if(A x, bool v) {
 template <typename T, typename U, bool HAS_MASK, bool HAS_REF, bool HAS_ADJ>
 RLKERN_VECTOR_CLONES void plain_sums_impl(const T* x, const U* ref, const U* adj, const bool* m, int64_t len,
                                           double* out) {
-  using A = Acc<T>;
+  // double lanes whatever the compute type: a row's sum runs over thousands of tokens, and the
+  // rewards metrics are differences of two such sums (tests/test_fuzz.py bounds them by PyTorch's
+  // own fp32 error); each input converts to double exactly.
+  using A = double;
   A ls[kLanes] = {}, lr[kLanes] = {}, la[kLanes] = {}, lc[kLanes] = {};
   const int64_t full = len - len % kLanes;
   for (int64_t j = 0; j < full; j += kLanes) {
@@ -168,23 +171,36 @@ RLK_INL double hsum8(__m256 v) {
   return t;
 }
 
+// Eight float tokens a step, added into double lanes (two __m256d per sum): the float products are
+// exact in double, so a row's sum has the rounding of a double sum, not of eight float lanes.
+RLK_INL void add8(__m256d& lo, __m256d& hi, __m256 v) {
+  lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+  hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+}
+RLK_INL double hsum4x2(__m256d lo, __m256d hi) {
+  alignas(32) double d[4];
+  _mm256_store_pd(d, _mm256_add_pd(lo, hi));
+  return (d[0] + d[1]) + (d[2] + d[3]);
+}
+
 template <typename T, typename U>
 RLK_TGT void plain_sums_avx2(const T* x, const U* ref, const U* adj, const bool* m, int64_t len, double* out) {
-  __m256 s = _mm256_setzero_ps(), r = s, a = s, c = s;
+  __m256d s0 = _mm256_setzero_pd(), s1 = s0, r0 = s0, r1 = s0, a0 = s0, a1 = s0;
+  __m256 c = _mm256_setzero_ps();
   const __m256 ones = _mm256_set1_ps(1.0f);
   const __m256 all = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
   const int64_t full = len - len % 8;
   for (int64_t j = 0; j < full; j += 8) {
     const __m256 mk = m ? mask8(m + j) : all;
     const __m256 xv = load8(x + j);
-    s = _mm256_add_ps(s, _mm256_and_ps(xv, mk));
-    c = _mm256_add_ps(c, _mm256_and_ps(ones, mk));
-    if (ref) r = _mm256_add_ps(r, _mm256_and_ps(load8(ref + j), mk));
-    if (adj) a = _mm256_add_ps(a, _mm256_and_ps(_mm256_sub_ps(xv, load8(adj + j)), mk));
+    add8(s0, s1, _mm256_and_ps(xv, mk));
+    c = _mm256_add_ps(c, _mm256_and_ps(ones, mk));  // counts: exact in float up to 2^24 per lane
+    if (ref) add8(r0, r1, _mm256_and_ps(load8(ref + j), mk));
+    if (adj) add8(a0, a1, _mm256_and_ps(_mm256_sub_ps(xv, load8(adj + j)), mk));
   }
-  out[0] += hsum8(s);
-  out[1] += hsum8(r);
-  out[2] += hsum8(a);
+  out[0] += hsum4x2(s0, s1);
+  out[1] += hsum4x2(r0, r1);
+  out[2] += hsum4x2(a0, a1);
   out[3] += hsum8(c);
   for (int64_t j = full; j < len; ++j) {
     if (m && !m[j]) continue;

@@ -11,11 +11,13 @@ asserts the op's result against rlkern/reference/ at the tolerances of the op's 
 plus invariants (log-probs <= 0, no NaN without a NaN input, padded == packed).
 """
 
+import inspect
 import math
 import os
 
 import pytest
 import torch
+from conftest import assert_as_close_as_torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -454,8 +456,26 @@ def test_token_preference_loss(backend):
         # tests/test_preference_tokens.py's tolerances
         _close(loss, want.detach(), tol=1e-5, name="loss")
         _close(grad, torch.where(mask, r_grad, 0), tol=1e-5, name="grad")
+        # The rewards metrics are beta times a difference of two fp32 row sums (of a few hundred to
+        # a few thousand): their error is the sums' rounding, so the bound is PyTorch's own fp32 error
+        # on the same sums (the reference run in float32; CONTRIBUTING.md, Tests), floored at 1e-5.
+        with torch.no_grad():
+            _, fp32_metrics = R_ptok.token_preference_loss(lp.float(), mask, None if ref is None else ref.float(), **kw)
+
+        # Storing a row sum of magnitude S in float32 rounds it by up to S * 2^-24 (TRL's fp32 sums too):
+        # a reward (beta times the difference of two sums) carries up to beta * 2^-23 * S of it, however
+        # exactly the sums were accumulated; that is the floor of the metrics and of packed vs padded.
+        beta = inspect.signature(rlkern.preference_loss).parameters["beta"].default
+        row_abs = (lp.abs() * mask).sum(-1) + (0 if ref is None else (ref.abs() * mask).sum(-1))
+        sum_rounding = beta * 2.0**-23 * (row_abs.max().item() if row_abs.numel() else 0.0)
+
+        def metric_close(ours, key, what):
+            floor = max(1e-5 * max(1.0, want_metrics[key].abs().item()), 2 * sum_rounding)
+            assert_as_close_as_torch(ours[key], want_metrics[key], fp32_metrics[key], floor=floor, factor=4.0,
+                                     name=f"{what}{key}")
+
         for key in PREF_KEYS:
-            _close(metrics[key], want_metrics[key], tol=1e-5 * max(1.0, want_metrics[key].abs().item()), name=key)
+            metric_close(metrics, key, "")
         # packed: every row's own slots (padding removed), equal to padded
         inside = _inside(mask)
         cu = torch.cat([torch.zeros(1, dtype=torch.long), inside.sum(-1).cumsum(0)])
@@ -466,15 +486,14 @@ def test_token_preference_loss(backend):
         # the packed layout against the reference first (as the padded one above), then against padded
         _close(p_loss, want.detach(), tol=1e-5, name="packed loss vs reference")
         for key in PREF_KEYS:
-            _close(p_metrics[key], want_metrics[key], tol=1e-5 * max(1.0, want_metrics[key].abs().item()),
-                   name=f"packed {key} vs reference")
-        # tests/test_preference_tokens.py claims the layouts are bit-identical for its packing; here (rows
-        # cut to their first..last valid token) the long profile finds fp32 differences of ~1e-5
-        # relative from T ~ 90 (reported in the fuzz summary, not loosened here)
-        _close(p_loss, loss.detach(), tol=1e-6, name="packed loss")
+            metric_close(p_metrics, key, "packed ")
+        # Bitwise equality holds when the packed rows keep the padded rows' block offsets
+        # (tests/test_preference_tokens.py). Rows cut to their first..last valid token are the same fp32
+        # sums in another order: the rewards metrics then differ by their sums' rounding, which each
+        # layout's own bound against the float64 reference (above) covers (the long profile's finding,
+        # docs/architecture.md); the loss by the same rounding of the sums, the gradient within 1e-6.
+        _close(p_loss, loss.detach(), tol=max(1e-6, 2 * sum_rounding), name="packed loss")
         _close(p_grad, torch.where(mask, grad, 0)[inside], tol=1e-6, name="packed grad")
-        for key in PREF_KEYS:
-            _close(p_metrics[key], metrics[key], tol=1e-6 * max(1.0, metrics[key].abs().item()), name=f"packed {key}")
 
     check()
 
