@@ -47,7 +47,10 @@ if want sanitize; then
   for tool in memcheck racecheck initcheck; do
     step "compute-sanitizer $tool"
     compute-sanitizer --tool "$tool" --target-processes all --print-limit 20 \
-      python3 -m pytest -q -x -m gpu tests/test_trees.py tests/test_advantages.py -k "not long_rows" \
+      python3 -m pytest -q -x -m gpu tests/test_trees.py tests/test_advantages.py tests/test_policy_loss.py \
+        tests/test_logprobs.py tests/test_preference.py tests/test_preference_tokens.py \
+        tests/test_preference_groups.py tests/test_critics.py tests/test_shaping.py tests/test_dynamic_sampling.py \
+        -k "not long_rows" \
       >"$res/sanitizer_$tool.log" 2>&1 || status=1
     grep -E "ERROR SUMMARY|passed|failed" "$res/sanitizer_$tool.log" | tail -3
   done
@@ -56,7 +59,8 @@ fi
 if want bench; then
   dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
   day=$(date +%F)
-  for family in logprobs linear_logprobs policy_loss advantages trees; do
+  # every family of `rlkern bench` (benches/suite.py FAMILIES)
+  for family in $(python3 -c "from rlkern.benches import suite; print(' '.join(suite.FAMILIES))"); do
     step "bench $family"
     python3 -m "rlkern.benches.bench_$family" --out "$res/${dev}_${day}_$family" >"$res/bench_$family.log" 2>&1 \
       || status=1
