@@ -234,6 +234,25 @@ def test_upstream_gradient_scales_the_stored_gradients():
     torch.testing.assert_close(h.grad, -2.5 * h2.grad)
 
 
+
+def test_runs_under_torch_compile():
+    """torch.compile runs the op between graphs: the same loss, metrics and gradients as eager (under
+    dynamo the op used to see the reference log-probs as requiring grad and raise)."""
+    hidden, weight, _, labels, mask, ref = _batch(2, 6, 5, 23, seed=13)
+
+    def step(h, w):
+        loss, metrics = rlkern.linear_preference_loss(h * 1.0, w, labels, mask, ref, loss_type="ipo")
+        return 2 * loss, metrics["rewards/margins"]
+
+    results = []
+    for fn in (step, torch.compile(step, backend="eager")):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, margin = fn(h, w)
+        loss.backward()
+        results.append((loss.detach(), margin, h.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
 def test_matches_rlkern_composition():
     """linear_token_logprobs + token_preference_loss (4 GEMMs, rlkern's own pieces)."""
     hidden, weight, b, labels, mask, ref = _batch(3, 10, 12, 77, bias=True, seed=12)

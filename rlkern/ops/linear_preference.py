@@ -355,6 +355,9 @@ def _check(hidden, weight, labels, response_mask, cu_seqlens, bias, ignore_index
     return rows
 
 
+# torch.compile runs the op as it is, between graphs (as linear_policy_loss): its plan and tile loop are
+# host-side Python, and the gradient it forms in the forward would otherwise be traced tile by tile.
+@torch.compiler.disable
 def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, response_mask: Tensor | None = None,
                            ref_logprobs: Tensor | None = None, *, cu_seqlens: Tensor | None = None,
                            bias: Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
