@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <optional>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -103,6 +104,39 @@ inline T sigmoid(T x) {
   if (x >= 0) return T(1) / (T(1) + std::exp(-x));
   const T e = std::exp(x);
   return e / (T(1) + e);
+}
+
+// The row layout of token tensors: padded [R, T], or packed [total] with int32 cu_seqlens [R + 1].
+// Row r spans len(r) tokens from start(r) of the flat index space (r * T when padded), or from
+// off(r, row_stride) for a padded tensor with its own row stride.
+struct TokenRows {
+  int64_t rows = 0, T = 0;
+  const int32_t* cu = nullptr;
+  int64_t start(int64_t r) const { return cu ? int64_t(cu[r]) : r * T; }
+  int64_t len(int64_t r) const { return cu ? int64_t(cu[r + 1]) - cu[r] : T; }
+  int64_t off(int64_t r, int64_t row_stride) const { return cu ? int64_t(cu[r]) : r * row_stride; }
+};
+
+// Checks x against the layout (cu_seqlens from 0 to x.numel(), non-decreasing); holder keeps the
+// contiguous cu_seqlens alive while the returned rows point into it.
+inline TokenRows make_token_rows(const at::Tensor& x, const std::optional<at::Tensor>& cu, at::Tensor& holder,
+                                 const char* op) {
+  TokenRows l;
+  if (cu.has_value()) {
+    TORCH_CHECK(x.dim() == 1, op, ": packed input must be [total]");
+    TORCH_CHECK(cu->dim() == 1 && cu->size(0) >= 1 && cu->scalar_type() == at::kInt, op,
+                ": cu_seqlens must be int32 [R + 1]");
+    holder = cu->contiguous();
+    l.cu = holder.data_ptr<int32_t>();
+    l.rows = holder.size(0) - 1;
+    TORCH_CHECK(l.cu[0] == 0 && l.cu[l.rows] == x.numel(), op, ": cu_seqlens must run from 0 to ", x.numel());
+    for (int64_t r = 0; r < l.rows; ++r) TORCH_CHECK(l.cu[r + 1] >= l.cu[r], op, ": cu_seqlens must be non-decreasing");
+  } else {
+    TORCH_CHECK(x.dim() == 2, op, ": padded input must be [R, T]");
+    l.rows = x.size(0);
+    l.T = x.size(1);
+  }
+  return l;
 }
 
 }  // namespace rlkern

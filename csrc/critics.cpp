@@ -35,31 +35,7 @@ namespace {
 template <typename S>
 using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
-struct Rows {
-  int64_t rows = 0, T = 0;
-  const int32_t* cu = nullptr;
-  int64_t start(int64_t r) const { return cu ? int64_t(cu[r]) : r * T; }
-  int64_t len(int64_t r) const { return cu ? int64_t(cu[r + 1]) - cu[r] : T; }
-};
-
-Rows make_rows(const at::Tensor& x, const std::optional<at::Tensor>& cu, at::Tensor& holder, const char* op) {
-  Rows l;
-  if (cu.has_value()) {
-    TORCH_CHECK(x.dim() == 1, op, ": packed input must be [total]");
-    TORCH_CHECK(cu->dim() == 1 && cu->size(0) >= 1 && cu->scalar_type() == at::kInt, op,
-                ": cu_seqlens must be int32 [R + 1]");
-    holder = cu->contiguous();
-    l.cu = holder.data_ptr<int32_t>();
-    l.rows = holder.size(0) - 1;
-    TORCH_CHECK(l.cu[0] == 0 && l.cu[l.rows] == x.numel(), op, ": cu_seqlens must run from 0 to ", x.numel());
-    for (int64_t r = 0; r < l.rows; ++r) TORCH_CHECK(l.cu[r + 1] >= l.cu[r], op, ": cu_seqlens must be non-decreasing");
-  } else {
-    TORCH_CHECK(x.dim() == 2, op, ": padded input must be [R, T]");
-    l.rows = x.size(0);
-    l.T = x.size(1);
-  }
-  return l;
-}
+using Rows = rlkern::TokenRows;
 
 void check_same(const at::Tensor& x, const at::Tensor& y, const char* op, const char* name) {
   TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type(), op, ": ", name,
@@ -121,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bell
     const at::Tensor& rewards, const std::optional<at::Tensor>& cu_seqlens, double beta) {
   const char* op = "cpp_soft_bellman";
   at::Tensor holder;
-  const Rows l = make_rows(logprobs, cu_seqlens, holder, op);
+  const Rows l = rlkern::make_token_rows(logprobs, cu_seqlens, holder, op);
   check_same(logprobs, ref, op, "ref_logprobs");
   check_same(logprobs, values, op, "values");
   TORCH_CHECK(logprobs.is_contiguous() && ref.is_contiguous() && values.is_contiguous(), op,
@@ -325,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_advantage_loss_c
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_seqlens, double beta) {
   const char* op = "cpp_step_advantage_loss";
   at::Tensor holder;
-  const Rows l = make_rows(logprobs, cu_seqlens, holder, op);
+  const Rows l = rlkern::make_token_rows(logprobs, cu_seqlens, holder, op);
   check_same(logprobs, ref, op, "ref_logprobs");
   check_same(logprobs, adv, op, "advantages");
   TORCH_CHECK(logprobs.is_contiguous() && ref.is_contiguous() && adv.is_contiguous(), op,

@@ -35,34 +35,8 @@ using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
 constexpr int64_t kGrain = 1;
 
-// The layout of the token tensors: row r spans [start(r), start(r) + len(r)) of a flat index
-// space where token j of row r sits at off(r, stride) + j.
-struct Layout {
-  int64_t rows = 0, T = 0;
-  const int32_t* cu = nullptr;
-  int64_t start(int64_t r) const { return cu ? cu[r] : 0; }
-  int64_t len(int64_t r) const { return cu ? int64_t(cu[r + 1]) - cu[r] : T; }
-  int64_t off(int64_t r, int64_t row_stride) const { return cu ? cu[r] : r * row_stride; }
-};
-
-Layout make_layout(const at::Tensor& x, const std::optional<at::Tensor>& cu, at::Tensor& holder, const char* op) {
-  Layout l;
-  if (cu.has_value()) {
-    TORCH_CHECK(x.dim() == 1, op, ": packed input must be [total]");
-    TORCH_CHECK(cu->dim() == 1 && cu->size(0) >= 1 && cu->scalar_type() == at::kInt, op,
-                ": cu_seqlens must be int32 [R + 1]");
-    holder = cu->contiguous();
-    l.cu = holder.data_ptr<int32_t>();
-    l.rows = holder.size(0) - 1;
-    TORCH_CHECK(l.cu[0] == 0 && l.cu[l.rows] == x.numel(), op, ": cu_seqlens must run from 0 to ", x.numel());
-    for (int64_t r = 0; r < l.rows; ++r) TORCH_CHECK(l.cu[r + 1] >= l.cu[r], op, ": cu_seqlens must be non-decreasing");
-  } else {
-    TORCH_CHECK(x.dim() == 2, op, ": padded input must be [R, T]");
-    l.rows = x.size(0);
-    l.T = x.size(1);
-  }
-  return l;
-}
+// The layout of the token tensors (csrc/common.h): token j of row r sits at off(r, stride) + j.
+using Layout = rlkern::TokenRows;
 
 // A token tensor read at row r: base pointer and row stride (0 / unused when packed).
 template <typename T>
@@ -357,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_sum
     const std::optional<at::Tensor>& cu_seqlens, double ld_alpha, bool ld, double tg_alpha) {
   const char* op = "cpp_preference_token_sums";
   at::Tensor holder;
-  const Layout l = make_layout(logprobs, cu_seqlens, holder, op);
+  const Layout l = rlkern::make_token_rows(logprobs, cu_seqlens, holder, op);
   TORCH_CHECK(l.rows % 2 == 0, op, ": the rows must be 2B (chosen, then rejected), got ", l.rows);
   check_mask(mask, logprobs, op);
   const auto opts = logprobs.options().dtype(acc_type(logprobs));
@@ -437,7 +411,7 @@ at::Tensor token_sums_backward_cpu(const at::Tensor& g_sums, const at::Tensor& g
                                    double ld_alpha, bool ld, double tg_alpha) {
   const char* op = "cpp_preference_token_sums_backward";
   at::Tensor holder;
-  const Layout l = make_layout(logprobs, cu_seqlens, holder, op);
+  const Layout l = rlkern::make_token_rows(logprobs, cu_seqlens, holder, op);
   check_mask(mask, logprobs, op);
   const at::ScalarType acc = acc_type(logprobs);
   TORCH_CHECK(g_sums.scalar_type() == acc && g_raw.scalar_type() == acc && lengths.scalar_type() == acc, op,
@@ -505,7 +479,7 @@ at::Tensor dpo_token_rewards_cpu(const at::Tensor& logprobs, const at::Tensor& r
                                  double beta, double kl_coef, double seq_coef) {
   const char* op = "cpp_dpo_token_rewards";
   at::Tensor holder;
-  const Layout l = make_layout(logprobs, cu_seqlens, holder, op);
+  const Layout l = rlkern::make_token_rows(logprobs, cu_seqlens, holder, op);
   check_mask(mask, logprobs, op);
   TORCH_CHECK(ref.sizes() == logprobs.sizes(), op, ": ref_logprobs must have the log-probs' shape");
   const at::ScalarType acc = acc_type(logprobs);

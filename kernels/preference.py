@@ -83,6 +83,25 @@ def _load(ptr, idx, inside, FP64: tl.constexpr):
 
 
 @triton.jit
+def _nll_pass(lp_ptr, n_ptr, pw_ptr, B, weight, inv_n, zero, lane, BLOCK: tl.constexpr, FP64: tl.constexpr):
+    """The batch NLL term of sft / tpo_nll: weight * (-sum log-probs / total length) * mean pair weight, and its
+    gradient per log-prob (a pass over the B rows before the per-pair loop)."""
+    s_lp = zero
+    s_n = zero
+    s_w = zero
+    for first in range(0, B, BLOCK):
+        i = first + lane
+        inside = i < B
+        s_lp += _load(lp_ptr, i, inside, FP64)
+        s_n += _load(n_ptr, i, inside, FP64)
+        s_w += _load(pw_ptr, i, inside, FP64)
+    total_len = tl.maximum(tl.sum(s_n, 0), 1.0)
+    w = tl.full((), weight, zero.dtype)
+    mean_w = tl.sum(s_w, 0) * inv_n
+    return w * (-tl.sum(s_lp, 0) / total_len) * mean_w, w * (-1.0 / total_len) * mean_w
+
+
+@triton.jit
 def _preference_kernel(
     c_ptr,  # (B,) fp32/bf16/fp16/fp64 chosen log-probs
     r_ptr,  # (B,) same dtype, rejected log-probs
@@ -164,36 +183,11 @@ def _preference_kernel(
     sft_g = tl.sum(zero, 0)
     sft_loss = tl.sum(zero, 0)
     if TYPES // (2 ** SFT) % 2 == 1:
-        s_c = zero
-        s_n = zero
-        s_w = zero
-        for first in range(0, B, BLOCK):
-            i = first + lane
-            inside = i < B
-            s_c += _load(c_ptr, i, inside, FP64)
-            s_n += _load(nc_ptr, i, inside, FP64)
-            s_w += _load(pw_ptr, i, inside, FP64)
-        total_len = tl.maximum(tl.sum(s_n, 0), 1.0)
-        w_sft = tl.full((), w_sft, CDT)
-        mean_w = tl.sum(s_w, 0) * inv_n
-        sft_loss = w_sft * (-tl.sum(s_c, 0) / total_len) * mean_w
-        sft_g = w_sft * (-1.0 / total_len) * mean_w
+        sft_loss, sft_g = _nll_pass(c_ptr, nc_ptr, pw_ptr, B, w_sft, inv_n, zero, lane, BLOCK, FP64)
     tpo_g = tl.sum(zero, 0)
     if TYPES // (2 ** TPO_NLL) % 2 == 1:  # TPO's gold NLL: sft's pass over the extra log-probs
-        s_e = zero
-        s_n = zero
-        s_w = zero
-        for first in range(0, B, BLOCK):
-            i = first + lane
-            inside = i < B
-            s_e += _load(ex_ptr, i, inside, FP64)
-            s_n += _load(ne_ptr, i, inside, FP64)
-            s_w += _load(pw_ptr, i, inside, FP64)
-        total_len = tl.maximum(tl.sum(s_n, 0), 1.0)
-        w_tpo = tl.full((), w_tpo_nll, CDT)
-        mean_w = tl.sum(s_w, 0) * inv_n
-        sft_loss += w_tpo * (-tl.sum(s_e, 0) / total_len) * mean_w
-        tpo_g = w_tpo * (-1.0 / total_len) * mean_w
+        tpo_loss, tpo_g = _nll_pass(ex_ptr, ne_ptr, pw_ptr, B, w_tpo_nll, inv_n, zero, lane, BLOCK, FP64)
+        sft_loss += tpo_loss
 
     acc_loss = zero
     m0 = zero
