@@ -123,6 +123,20 @@ def to_out(g, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
+def span(cu_ptr, row, T, PACKED: tl.constexpr):
+    """(start, length) of sequence ``row`` (int64): the packed segment ``[cu[row], cu[row + 1])``, or a
+    padded row (start 0, length T). Launchers pass T = 0 and row strides of 0 for the packed layout, so a
+    token's offset is ``start + t + row * row_stride`` in both layouts."""
+    if PACKED:
+        start = tl.load(cu_ptr + row).to(tl.int64)
+        length = tl.load(cu_ptr + row + 1).to(tl.int64) - start
+    else:
+        start = row * 0
+        length = T.to(tl.int64)
+    return start, length
+
+
+@triton.jit
 def softplus(x):
     """log(1 + e^x) without overflow at any |x|; the log1p of e = e^-|x| <= 1 recovers the rounding of
     1 + e (u - 1 - e), accurate where e is tiny (float32 and float64)."""

@@ -37,25 +37,13 @@ import torch
 import triton
 import triton.language as tl
 
+from rlkern.kernels._common import span
+
 
 @triton.jit
 def _compose(p1, q1, c1, s1, d1, p2, q2, c2, s2, d2):
     # (p1..d1) is applied first (later in time), then (p2..d2).
     return p2 * p1, p2 * q1 + q2 * s1, p2 * c1 + q2 * d1 + c2, s2 * s1, s2 * d1 + d2
-
-
-@triton.jit
-def _span(cu_ptr, row, T, PACKED: tl.constexpr):
-    """(start, length) of sequence ``row`` (int64): the packed segment ``[cu[row], cu[row + 1])``, or
-    a padded row (start 0, length T). The launchers pass row strides of 0 and T = 0 for the packed
-    layout, so a row's offsets are ``start * col_stride + row * row_stride`` in both layouts."""
-    if PACKED:
-        start = tl.load(cu_ptr + row).to(tl.int64)
-        length = tl.load(cu_ptr + row + 1).to(tl.int64) - start
-    else:
-        start = row * 0
-        length = T.to(tl.int64)
-    return start, length
 
 
 @triton.jit
@@ -79,7 +67,7 @@ def _gae_kernel(
         gamma = tl.load(par_ptr)
         lam = tl.load(par_ptr + 1)
     row = tl.program_id(0).to(tl.int64)
-    start, length = _span(cu_ptr, row, T, PACKED)
+    start, length = span(cu_ptr, row, T, PACKED)
     r_base = start + row * r_stride
     v_base = start + row * v_stride
     m_base = start + row * m_stride
@@ -255,7 +243,7 @@ def _broadcast_kernel(
     PACKED: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    start, length = _span(cu_ptr, row, T, PACKED)
+    start, length = span(cu_ptr, row, T, PACKED)
     m_base = start * m_col + row * m_row
     o_base = start + row * T
     if FP64:
@@ -511,7 +499,7 @@ def _remax_kernel(
 ):
     out_ty = adv_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
-    start, length = _span(cu_ptr, row, T, PACKED)
+    start, length = span(cu_ptr, row, T, PACKED)
     r_base = start + row * r_stride
     m_base = start + row * m_stride
     o_base = start + row * T

@@ -27,19 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from rlkern.kernels._common import span
+
 BLOCK = 256
-
-
-@triton.jit
-def _span(cu_ptr, row, T, PACKED: tl.constexpr):
-    """(start, length) of row ``row`` (int64)."""
-    if PACKED:
-        start = tl.load(cu_ptr + row).to(tl.int64)
-        length = tl.load(cu_ptr + row + 1).to(tl.int64) - start
-    else:
-        start = row * T
-        length = T + row * 0
-    return start, length
 
 
 @triton.jit
@@ -59,7 +49,8 @@ def _soft_bellman_kernel(
     if FP64:
         beta = tl.load(par_ptr)
     row = tl.program_id(0).to(tl.int64)
-    start, length = _span(cu_ptr, row, T.to(tl.int64), PACKED)
+    start, length = span(cu_ptr, row, T.to(tl.int64), PACKED)
+    start += row * T  # padded rows are flat here (T = 0 when packed)
     lane = tl.arange(0, BLOCK).to(tl.int64)
     nblk = tl.cdiv(length, BLOCK)
     count = tl.zeros((), dtype=tl.int64)
@@ -304,7 +295,8 @@ def _step_loss_kernel(
     if FP64:
         beta = tl.load(par_ptr)
     row = tl.program_id(0).to(tl.int64)
-    start, length = _span(cu_ptr, row, T.to(tl.int64), PACKED)
+    start, length = span(cu_ptr, row, T.to(tl.int64), PACKED)
+    start += row * T  # padded rows are flat here (T = 0 when packed)
     lane = tl.arange(0, BLOCK).to(tl.int64)
     nblk = tl.cdiv(length, BLOCK)
     # pass 0: the last valid token and the number of step ends among valid tokens

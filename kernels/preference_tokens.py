@@ -23,17 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-@triton.jit
-def _span(cu_ptr, row, T, PACKED: tl.constexpr):
-    """(start, length) of row ``row`` (int64): packed ``[cu[row], cu[row + 1])``, or padded (0, T)."""
-    if PACKED:
-        start = tl.load(cu_ptr + row).to(tl.int64)
-        length = tl.load(cu_ptr + row + 1).to(tl.int64) - start
-    else:
-        start = row * 0
-        length = T.to(tl.int64)
-    return start, length
-
+from rlkern.kernels._common import span
 
 @triton.jit
 def _valid(m_ptr, base, t, inside, HAS_MASK: tl.constexpr):
@@ -44,7 +34,7 @@ def _valid(m_ptr, base, t, inside, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def _count(m_ptr, m_stride, cu_ptr, row, T, HAS_MASK: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr):
-    start, length = _span(cu_ptr, row, T, PACKED)
+    start, length = span(cu_ptr, row, T, PACKED)
     lane = tl.arange(0, BLOCK).to(tl.int64)
     n = tl.zeros((), dtype=tl.int64)
     for blk in range(0, tl.cdiv(length, BLOCK)):
@@ -86,7 +76,7 @@ def _sums_kernel(
     wpo_log = tl.zeros((), dtype=acc)
     for side in tl.static_range(2):
         row = pair + side * B
-        start, length = _span(cu_ptr, row, T, PACKED)
+        start, length = span(cu_ptr, row, T, PACKED)
         s = tl.zeros((), dtype=acc)
         sr = tl.zeros((), dtype=acc)
         sref = tl.zeros((), dtype=acc)
@@ -148,7 +138,7 @@ def _sums_backward_kernel(
     b = tl.load(gr_ptr + row)
     shared = tl.minimum(tl.load(len_ptr + row), tl.load(len_ptr + other))
     sign = tl.where(row < B, 1.0, -1.0).to(acc)
-    start, length = _span(cu_ptr, row, T, PACKED)
+    start, length = span(cu_ptr, row, T, PACKED)
     lane = tl.arange(0, BLOCK).to(tl.int64)
     pos = tl.zeros((), dtype=tl.int64)
     for blk in range(0, tl.cdiv(length, BLOCK)):
@@ -188,7 +178,7 @@ def _rewards_kernel(
         kl_coef = tl.load(par_ptr + 1)
         seq_coef = tl.load(par_ptr + 2)
     row = tl.program_id(0).to(tl.int64)
-    start, length = _span(cu_ptr, row, T, PACKED)
+    start, length = span(cu_ptr, row, T, PACKED)
     lane = tl.arange(0, BLOCK).to(tl.int64)
     last = tl.full((), -1, tl.int64)
     bonus = tl.zeros((), dtype=acc)
