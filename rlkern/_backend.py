@@ -117,13 +117,13 @@ def _load_extension() -> None:
         if installed is not None:  # never run a source checkout without kernels over a built install
             raise ImportError(_shadowing_message(installed)) from _C_ERROR
         others = _other_builds()
-        C_REASON = (f"rlkern._C is not built in {_checkout.PACKAGE_DIR}"
+        C_REASON = (f"rlkern._C is not available: it is not built in {_checkout.PACKAGE_DIR}"
                     + (f" for this Python (found {', '.join(others)}, built for another Python)" if others else ""))
     elif C_STATUS == "mismatched":
-        C_REASON = (f"rlkern._C was built against another torch than this process's torch {torch.__version__} "
+        C_REASON = (f"rlkern._C is not available: it was built against another torch than this process's torch {torch.__version__} "
                     f"(loading it failed: {_C_ERROR})")
     else:
-        C_REASON = (f"rlkern._C cannot be loaded, a corrupt file or a build for another platform "
+        C_REASON = (f"rlkern._C is not available: it cannot be loaded, a corrupt file or a build for another platform "
                     f"({type(_C_ERROR).__name__}: {_C_ERROR})")
     _warn_once("_C", f"{C_REASON}. CPU ops run on the PyTorch reference, slower than the C++ kernels. "
                      f"Rebuild it against this torch: {_rebuild_command()}")

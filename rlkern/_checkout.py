@@ -19,10 +19,8 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.metadata
 import importlib.util
-import json
 import os
 import sys
-import urllib.parse
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(PACKAGE_DIR)
@@ -49,30 +47,12 @@ def attach_folders() -> None:
         setattr(sys.modules["rlkern"], name, module)
 
 
-def _installed_init(dist: importlib.metadata.Distribution) -> str:
-    """The ``rlkern/__init__.py`` a distribution installs: in site-packages, or for an editable
-    install (``pip install -e``, whose dist-info sits in site-packages while the package stays in
-    its checkout) the checkout named by the dist's direct_url.json (PEP 610)."""
-    init = str(dist.locate_file("rlkern/__init__.py"))
-    if os.path.isfile(init):
-        return init
-    try:
-        direct = json.loads(dist.read_text("direct_url.json") or "{}")
-    except ValueError:
-        return init
-    url = direct.get("url", "")
-    if direct.get("dir_info", {}).get("editable") and url.startswith("file://"):
-        return os.path.join(urllib.parse.unquote(urllib.parse.urlparse(url).path), "rlkern", "__init__.py")
-    return init
-
-
 def installed_elsewhere() -> str | None:
-    """The folder of an installed rlkern (from site-packages, or an editable install of another
-    checkout) when this import comes from another copy, e.g. a source checkout that is the
-    current directory; None otherwise."""
+    """The folder of an installed (non-editable) rlkern when this import comes from another
+    copy, e.g. a source checkout that is the current directory; None otherwise."""
     here = os.path.join(PACKAGE_DIR, "__init__.py")
     for dist in importlib.metadata.distributions(name="rlkern"):  # a checkout's egg-info is one of them
-        init = _installed_init(dist)
+        init = str(dist.locate_file("rlkern/__init__.py"))
         if os.path.isfile(init) and not os.path.samefile(init, here):
             return os.path.dirname(init)
     return None

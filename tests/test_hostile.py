@@ -175,9 +175,9 @@ def test_healthy_install_names_its_paths_and_rejects_a_bad_backend(tmp_path):
 
 def test_checkout_without_C_over_an_installed_rlkern_refuses_to_import(tmp_path):
     """A source tree without a built _C imported (as the current directory) while rlkern is
-    installed elsewhere (site-packages, or an editable install of another checkout, which
-    rlkern/_checkout.py reads from direct_url.json): an ImportError naming both and the fix,
-    never the slow reference over a working install."""
+    installed as editable from another checkout (whose import hook would lend the copy that
+    checkout's _C, C++ kernels built from other sources): an ImportError naming both and the
+    fix. tests/test_layout.py checks the same for a regular (wheel) install elsewhere."""
     top, _ = _copy(tmp_path, "checkout")
     import importlib.metadata
 
@@ -194,12 +194,12 @@ def test_checkout_without_C_and_no_install_warns_once_and_runs_the_reference(tmp
     result = _run(tmp_path, [_bare_site(tmp_path), top], bare=True)
     assert result["rlkern"] == package
     (warning,) = result["import_warnings"]
-    assert warning.startswith(f"RuntimeWarning: rlkern._C is not built in {package}"), warning
+    assert warning.startswith(f"RuntimeWarning: rlkern._C is not available: it is not built in {package}"), warning
     assert "PyTorch reference" in warning and f"{REBUILD} -e {top}" in warning
     (phase,) = result["phases"]
     _check_fallback(phase, "torch")
     assert phase["warnings"] == []
-    assert _info_line(phase["info"], "rlkern._C").startswith("rlkern._C   missing: rlkern._C is not built")
+    assert _info_line(phase["info"], "rlkern._C").startswith("rlkern._C   missing: rlkern._C is not available: it is not built")
     assert _info_line(phase["info"], "cpp:").split()[1] == "unavailable"
     assert _info_line(phase["info"], "token_logprobs").split()[1] == "torch"
 
@@ -213,7 +213,7 @@ def test_wheel_without_C_warns_once_and_names_a_build_for_another_python(tmp_pat
         f.write(b"\x7fELF built elsewhere")
     result = _run(tmp_path, [_bare_site(tmp_path), os.path.dirname(package)], bare=True)
     (warning,) = result["import_warnings"]
-    assert f"rlkern._C is not built in {package} for this Python (found {other}" in warning, warning
+    assert f"rlkern._C is not available: it is not built in {package} for this Python (found {other}" in warning, warning
     assert f"{REBUILD} --force-reinstall" in warning
     (phase,) = result["phases"]
     _check_fallback(phase, "torch")
@@ -249,10 +249,10 @@ def test_unloadable_C_warns_once_with_the_rebuild_command(tmp_path, kind):
     result = _run(tmp_path, [top])  # _C exists: no "checkout over an install" refusal
     (warning,) = result["import_warnings"]
     if kind == "mismatched":
-        assert f"built against another torch than this process's torch {torch.__version__}" in warning, warning
+        assert f"it was built against another torch than this process's torch {torch.__version__}" in warning, warning
         assert "undefined symbol" in warning and "RlkernHostileTorchOnly" in warning
     else:
-        assert "rlkern._C cannot be loaded, a corrupt file" in warning, warning
+        assert "rlkern._C is not available: it cannot be loaded, a corrupt file" in warning, warning
     assert f"Rebuild it against this torch: {REBUILD} -e {top}" in warning
     (phase,) = result["phases"]
     _check_fallback(phase, "torch")
