@@ -196,11 +196,13 @@ def unavailable(backend: str) -> str | None:
     """Why no op in this process can run ``backend`` (None when some tensor can)."""
     if backend == "torch":
         return None
+    short = {"missing": "rlkern._C is not built", "mismatched": "rlkern._C was built against another torch",
+             "broken": "rlkern._C cannot be loaded"}.get(C_STATUS)  # C_REASON has the details
     if backend == "cpp":
-        return None if has_cpp() else C_REASON
+        return short
     if backend == "cuda":
-        if not has_cpp():
-            return C_REASON
+        if short is not None:
+            return short
         if not has_cuda_ext():
             return "rlkern._C was built without CUDA kernels"
         return None if torch.cuda.is_available() else "torch sees no CUDA device"

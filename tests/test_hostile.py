@@ -59,6 +59,8 @@ if "import_error" not in result:
     logits = torch.randn(5, 37, generator=g) * 4
     labels = torch.randint(0, 37, (5,), generator=g)
     want = logprobs_fwd(logits.double(), labels, 1.0, 0.0, -100, False)[0]
+    device = os.environ.get("PROBE_DEVICE", "cpu")
+    logits, labels = logits.to(device), labels.to(device)
     result["phases"] = []
     for forced in json.loads(os.environ.get("PROBE_PHASES", "[null]")):
         if forced is None:
@@ -71,7 +73,7 @@ if "import_error" not in result:
             warnings.simplefilter("always")
             try:
                 got = rlkern.token_logprobs(logits, labels)
-                phase["error"] = (got.double() - want).abs().max().item()
+                phase["error"] = (got.double().cpu() - want).abs().max().item()
                 kernels = _backend.REGISTRY["token_logprobs"]
                 phase["cuda_backend"] = kernels.backend_at(torch.device("cuda"), torch.float32)
             except ValueError as error:
@@ -262,11 +264,13 @@ def test_unloadable_C_warns_once_with_the_rebuild_command(tmp_path, kind):
     assert _info_line(phase["info"], "cpp:").split()[1] == "unavailable"
 
 
+TRITON_BLOCKED = "import sys\nsys.modules['triton'] = None  # blocks `import triton` like an absent package\n"
+
+
 def test_triton_missing_cpu_fine_cuda_falls_back_with_one_warning(tmp_path):
     """Without triton, CPU tensors keep the C++ kernels (no message: CPU never needs triton);
     the first CUDA call that wanted a Triton kernel warns once and takes the reference."""
-    prelude = "import sys\nsys.modules['triton'] = None  # blocks `import triton` like an absent package\n"
-    result = _run(tmp_path, [ROOT], prelude=prelude)
+    result = _run(tmp_path, [ROOT], prelude=TRITON_BLOCKED)
     assert result["import_warnings"] == []
     (phase,) = result["phases"]
     _check_fallback(phase, "cpp")
@@ -302,3 +306,15 @@ def test_old_triton_is_refused_with_one_warning(tmp_path, version):
     assert f"triton {version} is older than 3.1" in warning and "pip install 'triton>=3.1'" in warning, warning
     assert _info_line(phase["info"], "triton ").startswith(f"triton      too old: triton {version} is older than 3.1")
     assert _info_line(phase["info"], "token_logprobs").split()[4] == "torch"  # the CUDA tensors column
+
+
+@pytest.mark.gpu
+def test_triton_missing_on_cuda_tensors_runs_the_reference_with_one_warning(tmp_path):
+    """On a GPU: token_logprobs on CUDA tensors without triton takes the PyTorch reference (one
+    warning, the float64 reference's numbers), and `rlkern info` names it for CUDA tensors."""
+    result = _run(tmp_path, [ROOT], prelude=TRITON_BLOCKED, env={"PROBE_DEVICE": "cuda"})
+    (phase,) = result["phases"]
+    _check_fallback(phase, "torch")
+    (warning,) = result["import_warnings"] + phase["warnings"]
+    assert "triton: not installed, so ops on CUDA tensors run the PyTorch reference" in warning, warning
+    assert _info_line(phase["info"], "token_logprobs").split()[4] == "torch"
