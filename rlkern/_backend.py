@@ -177,6 +177,23 @@ def has_triton() -> bool:
     return problem is None
 
 
+def _check_torch_compiler() -> None:
+    """rlkern's ops wrap functions in ``torch.compiler.disable`` at import, which imports
+    torch._dynamo, which imports triton when it is installed: a triton too old for this torch
+    (2.x has no ``triton.backends``) fails there, deep inside torch. Say what is wrong instead."""
+    try:
+        importlib.import_module("torch._dynamo")
+    except Exception as error:
+        version, problem = triton_status()
+        hint = (f" The cause is likely {problem}: pip install 'triton>={'.'.join(map(str, MIN_TRITON))}'"
+                if problem is not None and problem != "not installed" else "")
+        raise ImportError(f"rlkern: torch {torch.__version__} cannot import torch._dynamo, which rlkern's ops use "
+                          f"({type(error).__name__}: {error}).{hint}") from error
+
+
+_check_torch_compiler()
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -318,3 +318,16 @@ def test_triton_missing_on_cuda_tensors_runs_the_reference_with_one_warning(tmp_
     (warning,) = result["import_warnings"] + phase["warnings"]
     assert "triton: not installed, so ops on CUDA tensors run the PyTorch reference" in warning, warning
     assert _info_line(phase["info"], "token_logprobs").split()[4] == "torch"
+
+
+def test_triton_too_old_for_torch_itself_is_named_at_import(tmp_path):
+    """A bare old triton (2.1.0, no ``triton.backends``) breaks ``import torch._dynamo``, which
+    rlkern's ops need at import: an ImportError that names triton's version and the minimum,
+    not torch's AttributeError from deep inside its compiler."""
+    fake = tmp_path / "old-triton" / "triton"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('__version__ = "2.1.0"\n')
+    result = _run(tmp_path, [str(fake.parent), ROOT])
+    error = result["import_error"]
+    assert error.startswith(f"rlkern: torch {torch.__version__} cannot import torch._dynamo"), error
+    assert "triton 2.1.0 is older than 3.1" in error and "pip install 'triton>=3.1'" in error
