@@ -155,9 +155,9 @@ def triton_status() -> tuple[str | None, str | None]:
     except ModuleNotFoundError as error:
         if error.name == "triton" or error.name is None:
             return None, "not installed"
-        return None, f"fails to import ({type(error).__name__}: {error})"
+        return None, f"triton fails to import ({type(error).__name__}: {error})"
     except Exception as error:  # a broken install raises anything from its own imports
-        return None, f"fails to import ({type(error).__name__}: {error})"
+        return None, f"triton fails to import ({type(error).__name__}: {error})"
     version = str(getattr(triton, "__version__", "") or "")
     parsed = _version_tuple(version)
     minimum = ".".join(map(str, MIN_TRITON))
@@ -225,7 +225,8 @@ def unavailable(backend: str) -> str | None:
         return None if torch.cuda.is_available() else "torch sees no CUDA device"
     if backend == "triton":
         if not has_triton():
-            return f"triton: {triton_status()[1]}"
+            problem = triton_status()[1]
+            return problem if problem.startswith("triton") else f"triton: {problem}"
         if torch.cuda.is_available() or triton_interpreted():
             return None
         return "torch sees no CUDA device and TRITON_INTERPRET is not 1"

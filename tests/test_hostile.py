@@ -320,14 +320,18 @@ def test_triton_missing_on_cuda_tensors_runs_the_reference_with_one_warning(tmp_
     assert _info_line(phase["info"], "token_logprobs").split()[4] == "torch"
 
 
-def test_triton_too_old_for_torch_itself_is_named_at_import(tmp_path):
-    """A bare old triton (2.1.0, no ``triton.backends``) breaks ``import torch._dynamo``, which
-    rlkern's ops need at import: an ImportError that names triton's version and the minimum,
-    not torch's AttributeError from deep inside its compiler."""
-    fake = tmp_path / "old-triton" / "triton"
+@pytest.mark.parametrize("kind", ["old", "broken"])
+def test_triton_unusable_by_torch_itself_is_named_at_import(tmp_path, kind):
+    """A bare old triton (2.1.0, no ``triton.backends``) or one that raises on import breaks
+    ``import torch._dynamo``, which rlkern's ops need at import: an ImportError that names
+    triton's problem and the fix, not torch's error from deep inside its compiler."""
+    fake = tmp_path / "bad-triton" / "triton"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text('__version__ = "2.1.0"\n')
+    (fake / "__init__.py").write_text('__version__ = "2.1.0"\n' if kind == "old" else
+                                      'raise RuntimeError("libcuda.so cannot be found by this triton")\n')
     result = _run(tmp_path, [str(fake.parent), ROOT])
     error = result["import_error"]
     assert error.startswith(f"rlkern: torch {torch.__version__} cannot import torch._dynamo"), error
-    assert "triton 2.1.0 is older than 3.1" in error and "pip install 'triton>=3.1'" in error
+    problem = ("triton 2.1.0 is older than 3.1" if kind == "old" else
+               "triton fails to import (RuntimeError: libcuda.so cannot be found by this triton)")
+    assert f"The cause is likely {problem}" in error and "pip install 'triton>=3.1'" in error, error
