@@ -106,7 +106,7 @@ def _load_extension() -> None:
         C_STATUS = "mismatched" if any(word in text for word in linked) else "broken"
         _C_ERROR = error
     else:
-        loaded = os.path.dirname(os.path.abspath(module.__file__))
+        loaded = os.path.dirname(os.path.abspath(getattr(module, "__file__", None) or _checkout.PACKAGE_DIR))
         if not os.path.samefile(loaded, _checkout.PACKAGE_DIR):
             # An editable install's import hook serves rlkern.* from its own checkout when this
             # copy has no _C: C++ kernels built from other sources than these Python files.
@@ -120,11 +120,11 @@ def _load_extension() -> None:
         C_REASON = (f"rlkern._C is not available: it is not built in {_checkout.PACKAGE_DIR}"
                     + (f" for this Python (found {', '.join(others)}, built for another Python)" if others else ""))
     elif C_STATUS == "mismatched":
-        C_REASON = (f"rlkern._C is not available: it was built against another torch than this process's torch {torch.__version__} "
-                    f"(loading it failed: {_C_ERROR})")
+        C_REASON = (f"rlkern._C is not available: it was built against another torch than this process's "
+                    f"torch {torch.__version__} (loading it failed: {_C_ERROR})")
     else:
-        C_REASON = (f"rlkern._C is not available: it cannot be loaded, a corrupt file or a build for another platform "
-                    f"({type(_C_ERROR).__name__}: {_C_ERROR})")
+        C_REASON = (f"rlkern._C is not available: it cannot be loaded, a corrupt file or a build for another "
+                    f"platform ({type(_C_ERROR).__name__}: {_C_ERROR})")
     _warn_once("_C", f"{C_REASON}. CPU ops run on the PyTorch reference, slower than the C++ kernels. "
                      f"Rebuild it against this torch: {_rebuild_command()}")
 
