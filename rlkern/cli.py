@@ -9,6 +9,9 @@ import sys
 
 
 def _info() -> int:
+    """What this process runs: versions, rlkern._C and triton (loaded, or why not), each backend
+    (available, or why not) and the backend each op picks for CPU and for CUDA tensors, so that
+    a fallback to the PyTorch reference is never a silent slow path."""
     import torch
 
     import rlkern
@@ -18,28 +21,52 @@ def _info() -> int:
     print(f"rlkern      {rlkern.__version__}  ({os.path.dirname(rlkern.__file__)})")
     print(f"python      {platform.python_version()}")
     print(f"torch       {torch.__version__}  (CUDA {torch.version.cuda or 'none'})")
+    print(f"device      {torch.cuda.get_device_name() if cuda else 'CPU (torch sees no CUDA device)'}, "
+          f"{torch.get_num_threads()} CPU threads")
+    if _backend.has_cpp():
+        print(f"rlkern._C   loaded{', with CUDA kernels' if _backend.has_cuda_ext() else ', CPU kernels only'}")
+    else:
+        label = {"missing": "missing", "mismatched": "built against another torch"}.get(_backend.C_STATUS, "broken")
+        print(f"rlkern._C   {label}: {_backend.C_REASON}")
+    version, problem = _backend.triton_status()
+    minimum = ".".join(map(str, _backend.MIN_TRITON))
+    if problem is None:
+        print(f"triton      {version} ok (minimum {minimum})"
+              f"{'  (interpreter: TRITON_INTERPRET=1)' if _backend.triton_interpreted() else ''}")
+    elif version is None and problem == "not installed":
+        print(f"triton      missing: not installed (minimum {minimum})")
+    else:
+        print(f"triton      {'too old' if version else 'broken'}: {problem}, not used")
+    print("backends this process can run:")
+    for name in _backend.BACKENDS:
+        reason = _backend.unavailable(name)
+        print(f"  {name + ':':<9} {'available' if reason is None else 'unavailable (' + reason + ')'}"
+              f"{' (the PyTorch reference: the fallback)' if name == 'torch' else ''}")
     try:
-        import triton
-
-        print(f"triton      {triton.__version__}{'  (interpreter: TRITON_INTERPRET=1)' if _backend.triton_interpreted() else ''}")
-    except ImportError:
-        print("triton      not installed")
-    print(f"device      {torch.cuda.get_device_name() if cuda else 'CPU'}, {torch.get_num_threads()} CPU threads")
-    print(f"rlkern._C   {'built' if _backend.has_cpp() else 'missing (' + str(_backend._C_ERROR) + ')'}"
-          f"{', with CUDA kernels' if _backend.has_cuda_ext() else ', CPU kernels only' if _backend.has_cpp() else ''}")
-    print(f"backends    {', '.join(k for k, v in _backend.available().items() if v)}")
-    forced = _backend.forced()
+        forced = _backend.forced()
+    except ValueError as error:
+        print(f"forced      invalid: {error}")
+        return 2
     print(f"forced      RLKERN_BACKEND={forced}" if forced else "forced      none (RLKERN_BACKEND unset)")
-    device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    print(f"backend per op on {device.type} ({str(dtype).removeprefix('torch.')} / float64 inputs):")
-    for name, kernels in sorted(_backend.REGISTRY.items()):
-        print(f"  {name:<24} {kernels.backend_at(device, dtype):<7} / {kernels.backend_at(device, torch.float64)}")
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    print(f"backend per op, {str(dtype).removeprefix('torch.')} / float64 inputs"
+          + ("" if cuda else " (CUDA tensors: what they would run; this process has no CUDA device)") + ":")
+    print(f"  {'op':<24} {'CPU tensors':<16} CUDA tensors")
+    _backend._QUIET = True  # the table asks about CUDA tensors this process may never see: no warnings
+    try:
+        for name, kernels in sorted(_backend.REGISTRY.items()):
+            on_cpu = f"{kernels.backend_at(cpu, dtype)} / {kernels.backend_at(cpu, torch.float64)}"
+            on_gpu = f"{kernels.backend_at(gpu, dtype)} / {kernels.backend_at(gpu, torch.float64)}"
+            print(f"  {name:<24} {on_cpu:<16} {on_gpu}")
+        device = gpu if cuda else cpu
+        token_backend = _backend.REGISTRY["token_logprobs"].backend_at(device, dtype)
+        loss_backend = _backend.REGISTRY["policy_loss"].backend_at(device, dtype)
+        pref_backend = _backend.REGISTRY["token_preference_loss"].backend_at(device, dtype)
+    finally:
+        _backend._QUIET = False
     gemm = "cuBLAS" if cuda else "ATen CPU"
-    token_backend = _backend.REGISTRY["token_logprobs"].backend_at(device, dtype)
     print(f"linear_token_logprobs on {device.type} runs: chunked ({gemm} GEMM tiles + {token_backend} log-prob kernel)")
-    loss_backend = _backend.REGISTRY["policy_loss"].backend_at(device, dtype)
-    pref_backend = _backend.REGISTRY["token_preference_loss"].backend_at(device, dtype)
     print(f"linear_policy_loss on {device.type} runs: {gemm} GEMM tiles + {token_backend} log-prob kernel + "
           f"{loss_backend} policy-loss kernel, gradients formed in the forward")
     print(f"linear_preference_loss on {device.type} runs: {gemm} GEMM tiles + {token_backend} log-prob kernel + "
