@@ -8,7 +8,8 @@
 ``RLKERN_BACKEND=torch|triton|cpp|cuda`` forces a backend for every op that has it (ops
 without it keep their default); the tests use ``RLKERN_BACKEND=triton`` with
 ``TRITON_INTERPRET=1`` to run the Triton kernels on CPU tensors. ``RLKERN_VALIDATE=1`` turns on
-checks that need a host sync on GPU tensors (label ranges).
+checks that need a host sync on GPU tensors (label ranges). ``RLKERN_DETERMINISTIC=1`` turns on
+``deterministic=True`` in every op that takes it (``deterministic``).
 """
 
 from __future__ import annotations
@@ -75,6 +76,15 @@ def forced() -> str | None:
 
 def validate_enabled() -> bool:
     return os.environ.get("RLKERN_VALIDATE", "") not in ("", "0")
+
+
+def deterministic(flag: bool) -> bool:
+    """An op's ``deterministic`` argument, or ``RLKERN_DETERMINISTIC=1`` for every op that takes it.
+
+    The environment variable turns the flag on (it never turns an explicit ``True`` off), so a
+    trainer that does not pass ``deterministic`` gets the fixed-order kernels without a code change.
+    """
+    return bool(flag) or os.environ.get("RLKERN_DETERMINISTIC", "") not in ("", "0")
 
 
 def choose(device: torch.device, kernels: tuple[str, ...], dtype: torch.dtype | None = None, *,

@@ -53,6 +53,7 @@ import math
 import torch
 from torch import Tensor
 
+from rlkern import _backend
 from rlkern.ops import linear_logprobs as _ll
 from rlkern.ops._layout import segment_ids
 from rlkern.ops.policy_loss import _autograd, _config
@@ -229,6 +230,7 @@ def _linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, respon
                         rollout_rs, off_policy_mask_threshold, sequence_metrics, options):
     _check(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap, chunk_size, deterministic,
            cu_seqlens, options)
+    deterministic = _backend.deterministic(deterministic)  # or RLKERN_DETERMINISTIC=1
     per_token = {"old_logprobs": old_logprobs, "response_mask": response_mask, "ref_logprobs": ref_logprobs,
                  "is_weights": is_weights, "rollout_logprobs": rollout_logprobs}
     for name, t in per_token.items():

@@ -71,6 +71,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlkern import _backend
 from rlkern.ops import _checks
 from rlkern.ops import linear_logprobs as head
 from rlkern.ops import logprobs as token_ops
@@ -486,7 +487,7 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
             plan = "global"
             chunk_rows = chunk_size or max(16, head._TILE_BYTES[budget_key] // (4 * vocab) // 16 * 16)
     hyper = (float(logit_scale), float(logit_softcap) if logit_softcap is not None else 0.0, float(temperature),
-             int(ignore_index), bool(deterministic))
+             int(ignore_index), _backend.deterministic(deterministic))
     keys: list = []
     try:
         loss, *values = _LinearPreference.apply(hidden, weight, bias, labels, tokens, batch, hyper, plan,
