@@ -221,3 +221,57 @@ def test_environment_turns_the_flag_on(name, monkeypatch):
     from_env = grads(False)
     assert seen and all(seen)
     _bitwise(from_env, flagged)
+
+
+def test_environment_reaches_the_fused_triton_backward(monkeypatch):
+    # kernel="fused": the flag picks the Triton backward without atomics (kernels/linear_logprobs.py)
+    monkeypatch.setenv("RLKERN_BACKEND", "triton")
+    if not _backend.triton_interpreted():
+        pytest.skip("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    from rlkern.kernels import linear_logprobs as fused
+
+    seen = []
+    backward = fused.linear_logprobs_backward
+
+    def spy(*args, **kwargs):
+        seen.append(args[15])  # (..., need_hidden, need_weight, need_bias, deterministic)
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "linear_logprobs_backward", spy)
+    hidden, weight, labels = _head(6, n=9)
+
+    def grads():
+        h = hidden.clone().requires_grad_()
+        rlkern.linear_token_logprobs(h, weight, labels, kernel="fused").sum().backward()
+        return h.grad
+
+    monkeypatch.delenv("RLKERN_DETERMINISTIC", raising=False)
+    grads()
+    monkeypatch.setenv("RLKERN_DETERMINISTIC", "1")
+    grads()
+    assert seen == [False, True]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["chunked", "fused"])
+def test_cuda_deterministic_head_is_bit_identical_and_batch_invariant(kernel):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    g = torch.Generator().manual_seed(7)
+    n, h, v = 1000, 256, 5003  # many tiles, so the atomic backward would race
+    hidden = torch.randn(n, h, generator=g).cuda().bfloat16()
+    weight = (torch.randn(v, h, generator=g) / 16).cuda().bfloat16()
+    labels = torch.randint(0, v, (n,), generator=g).cuda()
+
+    def run(rows):
+        hh = hidden[rows].clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        logp, entropy = rlkern.linear_token_logprobs(hh, w, labels[rows], return_entropy=True, deterministic=True,
+                                                     kernel=kernel)
+        (logp + 0.1 * entropy).sum().backward()
+        return logp.detach(), entropy.detach(), hh.grad, w.grad
+
+    whole = run(slice(None))
+    _bitwise(run(slice(None)), whole)
+    first, rest = run(slice(0, 333)), run(slice(333, None))
+    _bitwise([torch.cat(p) for p in zip(first[:3], rest[:3])], list(whole[:3]))
