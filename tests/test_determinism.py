@@ -64,6 +64,14 @@ def test_two_runs_are_bit_identical(name, backend):
     _bitwise(_run(fn, inputs, grad_of), _run(fn, inputs, grad_of))
 
 
+@pytest.mark.parametrize("name", FLAGGED)
+def test_two_runs_are_bit_identical_with_the_flag(name, backend, monkeypatch):
+    monkeypatch.setenv("RLKERN_DETERMINISTIC", "1")  # the fixed-block path of the three LM-head ops
+    fn, inputs, grad_of = CASES[name]
+    inputs = [_f32(t) for t in inputs]
+    _bitwise(_run(fn, inputs, grad_of), _run(fn, inputs, grad_of))
+
+
 # ---------------------------------------------------------------------------------------------
 # Two batchings of the same rows
 
