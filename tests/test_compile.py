@@ -1,8 +1,7 @@
 """torch.compile(fullgraph=True) of every public op, and of a whole GRPO and DPO step built from
-rlkern ops, equal to eager (values and gradients), with no graph break; the two ops that run
-between graphs (``linear_policy_loss``, ``linear_preference_loss``: ``torch.compiler.disable``)
-checked to break exactly there and still give eager's numbers. CUDA graph capture / replay of
-the ops with GPU kernels (marked ``gpu``).
+rlkern ops, equal to eager (values and gradients), with no graph break; the chunked LM-head losses
+(``linear_policy_loss``, ``linear_preference_loss``) as one custom op each, over their options.
+CUDA graph capture / replay of the ops with GPU kernels (marked ``gpu``).
 
 Compiles use ``backend="aot_eager"`` (dynamo + AOTAutograd, the part that traces the custom ops'
 fake and autograd registrations) at tiny shapes; the two whole steps also run under inductor.
@@ -16,12 +15,6 @@ from torch._dynamo.utils import counters
 
 import rlkern
 from _op_cases import cases
-
-# Ops that torch.compile runs as they are, between two graphs: each call is one graph break
-# (their chunk loops are Python over host-side tile bounds; rlkern/ops/linear_losses.py and
-# rlkern/ops/linear_preference.py, the comments above the ops).
-BETWEEN_GRAPHS = {"linear_policy_loss": 1, "linear_preference_loss": 1}
-
 
 def _public_ops():
     return sorted(name for name in rlkern.__all__ if inspect.isfunction(getattr(rlkern, name)))
@@ -69,10 +62,9 @@ def _assert_same(got, want):
 
 def test_every_public_op_has_a_compile_case():
     assert set(_public_ops()) == set(CASES), set(_public_ops()) ^ set(CASES)
-    assert set(BETWEEN_GRAPHS) <= set(CASES)
 
 
-@pytest.mark.parametrize("name", sorted(set(CASES) - set(BETWEEN_GRAPHS)))
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_op_compiles_fullgraph_equal_to_eager(name):
     fn, inputs, grad_of = CASES[name]
     torch._dynamo.reset()
@@ -87,27 +79,57 @@ def test_op_compiles_fullgraph_equal_to_eager(name):
     assert all(g.abs().sum() > 0 for g in grads)  # the gradients flowed through the compiled graph
 
 
-@pytest.mark.parametrize("name", sorted(BETWEEN_GRAPHS))
-def test_chunked_linear_losses_run_between_graphs(name):
-    fn, inputs, grad_of = CASES[name]
+# The chunked LM-head losses are one custom op each under compile (rlkern::_linear_policy_loss,
+# rlkern::_linear_preference_loss: the eager op forms the gradients in its forward); their options
+# travel as a string made at trace time, so the variants below cover both passes of
+# linear_policy_loss, bias, rounded logits, list loss types and the flags.
+def _linear_variants():
+    R = rlkern  # noqa: N806
+    f32 = lambda *ts: [t.float() for t in ts]  # noqa: E731
+    return {
+        "policy_two_pass": ("linear_policy_loss", lambda h, w, y, o, a, m: R.linear_policy_loss(
+            h, w, y, o, a, m, loss="gspo", sequence_metrics=True, clip_low=0.1, agg="seq-mean-token-mean")),
+        "policy_bias_bf16": ("linear_policy_loss", lambda h, w, y, o, a, m: R.linear_policy_loss(
+            *f32(h, w), y, *f32(o, a), m, bias=torch.full((w.shape[0],), 0.1), logits_dtype=torch.bfloat16,
+            entropy_coef=0.01, kl_coef=0.1, ref_logprobs=o.float().detach(), global_tokens=10, deterministic=True)),
+        "preference_orpo": ("linear_preference_loss", lambda h, w, y, m, r: R.linear_preference_loss(
+            *f32(h, w), y, m, None, loss_type="orpo", beta=0.2)),
+        "preference_list_sft": ("linear_preference_loss", lambda h, w, y, m, r: R.linear_preference_loss(
+            *f32(h, w), y, m, r.float(), bias=torch.full((w.shape[0],), 0.1), loss_type=["sigmoid", "sft"],
+            loss_weights=[1.0, 0.5], deterministic=True, ld_alpha=0.5)),
+    }
 
-    def step(hidden, *rest):  # traced work on both sides of the op
-        loss, metrics = fn(hidden * 1.5, *rest)
-        return 2 * loss + 0.5, metrics
 
-    torch._dynamo.reset()
-    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"torch\.compiler\.disable"):
-        torch.compile(step, fullgraph=True, backend="aot_eager")(*inputs)
+@pytest.mark.parametrize("variant", sorted(_linear_variants()))
+def test_linear_losses_compile_to_one_custom_op(variant):
+    name, fn = _linear_variants()[variant]
+    _, inputs, grad_of = CASES[name]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
     torch._dynamo.reset()
     counters.clear()
-    out, grads = _run(torch.compile(step, backend="aot_eager"), inputs, grad_of)
-    breaks = counters["graph_break"]
-    assert len(breaks) == BETWEEN_GRAPHS[name], dict(breaks)  # one distinct break: the op's call
-    (reason,) = breaks
-    assert "torch.compiler.disable" in reason and name in reason, reason
-    want_out, want_grads = _run(step, inputs, grad_of)
+    out, grads = _run(torch.compile(fn, fullgraph=True, backend=backend), inputs, grad_of)
+    assert sum(counters["graph_break"].values()) == 0
+    assert any(f"rlkern._{name}" in g for g in graphs), graphs  # the op is in the graph, not run beside it
+    want_out, want_grads = _run(fn, inputs, grad_of)
     _assert_same(out, want_out)
     _assert_same(grads, want_grads)
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("name", ["linear_policy_loss", "linear_preference_loss"])
+def test_linear_losses_compiled_under_no_grad_and_for_hidden_only(name):
+    fn, inputs, _ = CASES[name]
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        _assert_same(_flat(compiled(*inputs)), _flat(fn(*inputs)))
+    out, grads = _run(compiled, inputs, (0,))
+    want_out, want_grads = _run(fn, inputs, (0,))
+    _assert_same(out + grads, want_out + want_grads)
 
 
 # ---------------------------------------------------------------------------------------------
