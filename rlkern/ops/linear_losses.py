@@ -502,10 +502,11 @@ def _with_autograd():
 
 
 def _decode(config: str) -> dict:
-    import ast
-
+    # _encode's repr of Python constants; evaluated without builtins, with the non-finite floats
+    # repr writes as bare names (ast.literal_eval has no inf / nan)
+    values = eval(config, {"__builtins__": {}}, {"inf": math.inf, "nan": math.nan})  # noqa: S307
     return {k: (getattr(torch, v.removeprefix("torch.")) if isinstance(v, str) and v.startswith("torch.") else v)
-            for k, v in ast.literal_eval(config).items()}
+            for k, v in values.items()}
 
 
 @torch.library.custom_op("rlkern::_linear_policy_loss", mutates_args=())

@@ -57,8 +57,9 @@ Backends: the GEMMs are torch's (cuBLAS / the CPU BLAS); the token kernels are t
 ``token_preference_loss``'s, each picked by ``rlkern._backend.Kernels`` (``RLKERN_BACKEND``). No
 kernel of its own. On CUDA the plan (which tokens are completion tokens, how pairs group into
 tiles) is read on the host: a few syncs per call, before any GEMM (the tiles' shapes depend on
-the token counts, as a varlen attention's plan does); not traceable by ``torch.compile``
-(an eager ``torch.autograd.Function``).
+the token counts, as a varlen attention's plan does). Under ``torch.compile`` the whole op is one
+custom op in the graph (``rlkern::_linear_preference_loss``, the last section of this file): the
+plan and its syncs run inside it when the graph runs, never while tracing.
 
 ``deterministic=True``: every GEMM runs on fixed blocks of ``_DET_ROWS`` tokens (the last one
 zero-padded) and the tiles are accumulated in a fixed order without atomics: a token's
