@@ -42,7 +42,7 @@ def _run(fn, inputs, grad_of):
     leaves = [t.detach().clone().requires_grad_(i in grad_of) for i, t in enumerate(inputs)]
     out = _flat(fn(*leaves))
     if grad_of:
-        total = sum((t * (1 + torch.arange(t.numel(), dtype=t.dtype).reshape(t.shape) / 7)).sum()
+        total = sum((t * (1 + torch.arange(t.numel(), dtype=t.dtype, device=t.device).view(t.shape) / 7)).sum()
                     for t in out if t.requires_grad)
         total.backward()
     return [t.detach() for t in out] + [leaves[i].grad for i in grad_of]
@@ -80,8 +80,8 @@ def _rows(seed, b=6, t=9, v=17):
     mask = torch.ones(b, t)
     mask[1, 6:] = 0
     mask[4, 3:] = 0
-    return (g, torch.randn(b, t, v, generator=g), torch.randint(0, v, (b, t), generator=g), torch.randn(b, t, generator=g),
-            torch.randn(b, t, generator=g), mask)
+    logits, labels = torch.randn(b, t, v, generator=g), torch.randint(0, v, (b, t), generator=g)
+    return g, logits, labels, torch.randn(b, t, generator=g), torch.randn(b, t, generator=g), mask
 
 
 # op -> fn(logits, labels, x, y, mask) returning [B, ...] per-row tensors
@@ -283,3 +283,20 @@ def test_cuda_deterministic_head_is_bit_identical_and_batch_invariant(kernel):
     _bitwise(run(slice(None)), whole)
     first, rest = run(slice(0, 333)), run(slice(333, None))
     _bitwise([torch.cat(p) for p in zip(first[:3], rest[:3])], list(whole[:3]))
+
+
+# Ops whose GPU path accumulates float sums with atomics and has no deterministic flag yet (the
+# table in docs/reliability.md): the float64 group sums of kernels/advantages.py, and float
+# index_add_ on CUDA in the PyTorch path of grpo_passk / bnpo / optimal_token_baseline.
+GPU_ATOMIC_SUMS = {"grpo", "group_normalize", "rloo", "opo", "gpg", "reinforce_pp_baseline", "gdpo",
+                   "gigpo_step_groups", "grpo_passk", "bnpo", "optimal_token_baseline"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(set(CASES) - GPU_ATOMIC_SUMS))
+def test_cuda_two_runs_are_bit_identical(name):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    fn, inputs, grad_of = CASES[name]
+    inputs = [_f32(t).cuda() for t in inputs]
+    _bitwise(_run(fn, inputs, grad_of), _run(fn, inputs, grad_of))
