@@ -132,6 +132,31 @@ def test_linear_losses_compiled_under_no_grad_and_for_hidden_only(name):
     _assert_same(out + grads, want_out + want_grads)
 
 
+@pytest.mark.parametrize("name", ["linear_policy_loss", "linear_preference_loss"])
+def test_linear_loss_custom_ops_pass_opcheck(name, monkeypatch):
+    # the arguments the traced path gives the custom op (recorded), then torch.library.opcheck:
+    # schema, fake tensors against the implementation, autograd registration, AOT dispatch
+    from rlkern.ops import linear_losses, linear_preference
+
+    module, attr = {"linear_policy_loss": (linear_losses, "_linear_policy_loss_op"),
+                    "linear_preference_loss": (linear_preference, "_linear_preference_loss_op")}[name]
+    op = getattr(module, attr)
+    recorded = []
+
+    def record(*args):
+        recorded.append(args)
+        return op(*args)
+
+    monkeypatch.setattr(module, attr, record)
+    calls = iter([True])  # the public op takes the traced path once (run eagerly); the op's body not
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: next(calls, False))
+    fn, inputs, grad_of = CASES[name]
+    fn(*[t.detach().clone().requires_grad_(i in grad_of) for i, t in enumerate(inputs)])
+    monkeypatch.undo()
+    (args,) = recorded
+    torch.library.opcheck(op, args)
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole steps built from rlkern ops
 
