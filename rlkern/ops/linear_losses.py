@@ -47,6 +47,7 @@ results are bit-for-bit the same run after run (``chunk_size`` is then ignored).
 
 from __future__ import annotations
 
+import ast
 import inspect
 import math
 
@@ -501,10 +502,18 @@ def _with_autograd():
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
+class _NonFinite(ast.NodeTransformer):
+    """repr writes the non-finite floats as the bare names inf / nan, which ast.literal_eval lacks."""
+
+    def visit_Name(self, node):
+        if node.id not in ("inf", "nan"):
+            raise ValueError(f"{_OP}: not a constant in the compiled options: {node.id}")
+        return ast.copy_location(ast.Constant(math.inf if node.id == "inf" else math.nan), node)
+
+
 def _decode(config: str) -> dict:
-    # _encode's repr of Python constants; evaluated without builtins, with the non-finite floats
-    # repr writes as bare names (ast.literal_eval has no inf / nan)
-    values = eval(config, {"__builtins__": {}}, {"inf": math.inf, "nan": math.nan})  # noqa: S307
+    """_encode's string back to the options (Python literals only; dtypes spelled "torch.<name>")."""
+    values = ast.literal_eval(_NonFinite().visit(ast.parse(config, mode="eval")))
     return {k: (getattr(torch, v.removeprefix("torch.")) if isinstance(v, str) and v.startswith("torch.") else v)
             for k, v in values.items()}
 
