@@ -11,6 +11,7 @@ without it keep their default); the tests use ``RLKERN_BACKEND=triton`` with
 ValueError at the first op; a backend this process cannot run at all (``cuda`` without a CUDA
 device, ``cpp`` without rlkern._C) gives one RuntimeWarning and the default backends.
 ``RLKERN_VALIDATE=1`` turns on checks that need a host sync on GPU tensors (label ranges).
+``RLKERN_DETERMINISTIC=1`` turns on ``deterministic=True`` in every op that takes it (``deterministic``).
 
 A fallback to the PyTorch reference that is not by design is never silent: rlkern._C missing
 or unloadable (built against another torch) warns once at import; triton missing warns once at
@@ -235,6 +236,15 @@ def unavailable(backend: str) -> str | None:
 
 def validate_enabled() -> bool:
     return os.environ.get("RLKERN_VALIDATE", "") not in ("", "0")
+
+
+def deterministic(flag: bool) -> bool:
+    """An op's ``deterministic`` argument, or ``RLKERN_DETERMINISTIC=1`` for every op that takes it.
+
+    The environment variable turns the flag on (it never turns an explicit ``True`` off), so a
+    trainer that does not pass ``deterministic`` gets the fixed-order kernels without a code change.
+    """
+    return bool(flag) or os.environ.get("RLKERN_DETERMINISTIC", "") not in ("", "0")
 
 
 def choose(device: torch.device, kernels: tuple[str, ...], dtype: torch.dtype | None = None, *,

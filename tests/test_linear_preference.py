@@ -236,8 +236,9 @@ def test_upstream_gradient_scales_the_stored_gradients():
 
 
 def test_runs_under_torch_compile():
-    """torch.compile runs the op between graphs: the same loss, metrics and gradients as eager (under
-    dynamo the op used to see the reference log-probs as requiring grad and raise)."""
+    """Under torch.compile (one custom op in the graph; tests/test_compile.py has fullgraph): the same
+    loss, metrics and gradients as eager (under dynamo the op used to see the reference log-probs as
+    requiring grad and raise)."""
     hidden, weight, _, labels, mask, ref = _batch(2, 6, 5, 23, seed=13)
 
     def step(h, w):

@@ -1066,6 +1066,7 @@ def linear_token_logprobs(
         ``{name: tensor of shape hidden.shape[:-1]}`` (``is_top1`` bool, the others float32).
     """
     extra_outputs = tuple(extra_outputs) if not isinstance(extra_outputs, str) else extra_outputs
+    deterministic = _backend.deterministic(deterministic)  # or RLKERN_DETERMINISTIC=1
     group = None
     if _is_dtensor(weight) and not _is_dtensor(hidden) and isinstance(labels, Tensor):
         group = _per_shard_group(weight, bias, lora_A, lora_B, extra_outputs, kernel, process_group)

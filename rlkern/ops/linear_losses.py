@@ -47,12 +47,14 @@ results are bit-for-bit the same run after run (``chunk_size`` is then ignored).
 
 from __future__ import annotations
 
+import ast
 import inspect
 import math
 
 import torch
 from torch import Tensor
 
+from rlkern import _backend
 from rlkern.ops import linear_logprobs as _ll
 from rlkern.ops._layout import segment_ids
 from rlkern.ops.policy_loss import _autograd, _config
@@ -115,9 +117,9 @@ def _flat(t: Tensor | None, n: int) -> Tensor | None:
     return None if t is None else t.reshape(n)
 
 
-# torch.compile runs the op as it is, between graphs: its chunk loop is Python over host-side
-# block bounds, and the gradient it forms in the forward would otherwise be traced tile by tile.
-@torch.compiler.disable
+# Under torch.compile the whole op is one custom op in the graph (rlkern::_linear_policy_loss,
+# the last section of this file): its chunk loop is Python over host-side block bounds, and the
+# gradient it forms in the forward would otherwise be traced tile by tile.
 def linear_policy_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -186,6 +188,16 @@ def linear_policy_loss(
         ``(loss, metrics)`` as ``policy_loss``: a 0-dim float32 loss (float64 for float64
         input) and its metrics dict.
     """
+    if torch.compiler.is_compiling():
+        return _traced_linear_policy_loss(
+            hidden, weight, labels, old_logprobs, advantages, response_mask, bias=bias, temperature=temperature,
+            logit_scale=logit_scale, logit_softcap=logit_softcap, ignore_index=ignore_index, chunk_size=chunk_size,
+            deterministic=deterministic, logits_dtype=logits_dtype, loss=loss, ref_logprobs=ref_logprobs,
+            entropy_coef=entropy_coef, cu_seqlens=cu_seqlens, advantages_per_sequence=advantages_per_sequence,
+            agg=agg, entropy_agg=entropy_agg, global_tokens=global_tokens, global_seqs=global_seqs, dp_size=dp_size,
+            loss_scale_factor=loss_scale_factor, level=level, is_weights=is_weights,
+            rollout_logprobs=rollout_logprobs, rollout_is=rollout_is, rollout_rs=rollout_rs,
+            off_policy_mask_threshold=off_policy_mask_threshold, sequence_metrics=sequence_metrics, **options)
     try:
         return _linear_policy_loss(
             hidden, weight, labels, old_logprobs, advantages, response_mask, bias=bias, temperature=temperature,
@@ -229,6 +241,7 @@ def _linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, respon
                         rollout_rs, off_policy_mask_threshold, sequence_metrics, options):
     _check(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap, chunk_size, deterministic,
            cu_seqlens, options)
+    deterministic = _backend.deterministic(deterministic)  # or RLKERN_DETERMINISTIC=1
     per_token = {"old_logprobs": old_logprobs, "response_mask": response_mask, "ref_logprobs": ref_logprobs,
                  "is_weights": is_weights, "rollout_logprobs": rollout_logprobs}
     for name, t in per_token.items():
@@ -462,3 +475,128 @@ def fused_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Te
         if padded and grad_hidden is not None:
             grad_hidden[start:end] = g_hidden[:k]
     return grad_hidden, grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: the whole op as one custom op. Its implementation is the eager op above (the
+# gradients of hidden, weight and bias formed in the forward, handed out as outputs); its
+# backward scales them by the loss' incoming gradient. The hyper-parameters travel as one string
+# (``repr`` of a dict of Python constants, made at trace time), the tensors as arguments.
+
+_TENSOR_ARGS = ("old_logprobs", "advantages", "response_mask", "bias", "ref_logprobs", "cu_seqlens", "is_weights",
+                "rollout_logprobs", "global_tokens", "global_seqs")
+
+
+@torch._dynamo.assume_constant_result
+def _encode(config: tuple) -> str:
+    return repr(dict(config))
+
+
+def _with_autograd():
+    """The eager op's own autograd (its per-tile ``torch.autograd.grad``) inside a custom op's
+    implementation, which torch.library runs with the Autograd dispatch keys excluded."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for name in dir(torch._C.DispatchKey):
+        if name.startswith("Autograd"):
+            exclude = exclude.remove(getattr(torch._C.DispatchKey, name))
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+class _NonFinite(ast.NodeTransformer):
+    """repr writes the non-finite floats as the bare names inf / nan, which ast.literal_eval lacks."""
+
+    def visit_Name(self, node):
+        if node.id not in ("inf", "nan"):
+            raise ValueError(f"{_OP}: not a constant in the compiled options: {node.id}")
+        return ast.copy_location(ast.Constant(math.inf if node.id == "inf" else math.nan), node)
+
+
+def _decode(config: str) -> dict:
+    """_encode's string back to the options (Python literals only; dtypes spelled "torch.<name>")."""
+    values = ast.literal_eval(_NonFinite().visit(ast.parse(config, mode="eval")))
+    return {k: (getattr(torch, v.removeprefix("torch.")) if isinstance(v, str) and v.startswith("torch.") else v)
+            for k, v in values.items()}
+
+
+@torch.library.custom_op("rlkern::_linear_policy_loss", mutates_args=())
+def _linear_policy_loss_op(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Tensor, advantages: Tensor,
+                           response_mask: Tensor | None, bias: Tensor | None, ref_logprobs: Tensor | None,
+                           cu_seqlens: Tensor | None, is_weights: Tensor | None, rollout_logprobs: Tensor | None,
+                           global_tokens: Tensor | None, global_seqs: Tensor | None, config: str,
+                           needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    kwargs = _decode(config)
+    options = dict(kwargs.pop("options"))
+    h, w = hidden.detach().requires_grad_(needs[0]), weight.detach().requires_grad_(needs[1])
+    b = None if bias is None else bias.detach().requires_grad_(needs[2])
+    with torch.enable_grad(), _with_autograd():
+        total, metrics = linear_policy_loss(
+            h, w, labels, old_logprobs, advantages, response_mask, bias=b, ref_logprobs=ref_logprobs,
+            cu_seqlens=cu_seqlens, is_weights=is_weights, rollout_logprobs=rollout_logprobs,
+            global_tokens=global_tokens if global_tokens is not None else kwargs.pop("global_tokens"),
+            global_seqs=global_seqs if global_seqs is not None else kwargs.pop("global_seqs"),
+            **{k: v for k, v in kwargs.items() if k not in ("global_tokens", "global_seqs")}, **options)
+        wanted = [t if need and t is not None else None for t, need in zip((h, w, b), needs)]
+        found = iter(torch.autograd.grad(total, [t for t in wanted if t is not None]) if any(
+            t is not None for t in wanted) else ())
+    grads = [next(found) if t is not None else hidden.new_empty(0) for t in wanted]
+    keys = _metric_keys(kwargs["sequence_metrics"])
+    return (total.detach(), torch.stack([metrics[k].detach() for k in keys]), *grads)
+
+
+def _metric_keys(sequence_metrics: bool) -> tuple[str, ...]:
+    return _autograd.METRIC_KEYS + (_policy_reference.SEQUENCE_METRIC_KEYS if sequence_metrics else ())
+
+
+@_linear_policy_loss_op.register_fake
+def _(hidden, weight, labels, old_logprobs, advantages, response_mask, bias, ref_logprobs, cu_seqlens, is_weights,
+      rollout_logprobs, global_tokens, global_seqs, config, needs):
+    kwargs = _decode(config)
+    cdt = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+    keys = len(_metric_keys(kwargs["sequence_metrics"]))
+    grads = [t.new_empty(t.shape) if need and t is not None else hidden.new_empty(0)
+             for t, need in zip((hidden, weight, bias), needs)]
+    return (hidden.new_empty((), dtype=cdt), hidden.new_empty(keys, dtype=torch.float32), *grads)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[2:])
+    ctx.needs = inputs[-1]
+    ctx.has_bias = inputs[6] is not None
+
+
+def _backward(ctx, grad_total, grad_metrics, *unused):
+    gh, gw, gb = ctx.saved_tensors
+    scale = lambda g: (g * grad_total.to(g.dtype)).to(g.dtype)  # noqa: E731
+    out = [scale(gh) if ctx.needs[0] else None, scale(gw) if ctx.needs[1] else None]
+    return (*out, None, None, None, None, scale(gb) if ctx.needs[2] and ctx.has_bias else None,
+            None, None, None, None, None, None, None, None)
+
+
+_linear_policy_loss_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _traced_linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, response_mask, *, bias, **kwargs):
+    tensors = {name: kwargs.pop(name) for name in _TENSOR_ARGS if name in kwargs}
+    tensors["bias"] = bias
+    constants = {name: t for name, t in tensors.items() if name in ("global_tokens", "global_seqs")
+                 and not isinstance(t, Tensor)}
+    for name in constants:
+        tensors[name] = None
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k not in _CONFIG_NAMES}
+    dtype = kwargs.get("logits_dtype")
+    config = tuple(sorted({**kwargs, **constants, "logits_dtype": None if dtype is None else str(dtype),
+                           "options": tuple(sorted(options.items()))}.items()))
+    grad = torch.is_grad_enabled()
+    needs = [grad and hidden.requires_grad, grad and weight.requires_grad,
+             grad and bias is not None and bias.requires_grad]
+    total, metrics, *_ = _linear_policy_loss_op(
+        hidden, weight, labels, old_logprobs, advantages, response_mask, bias, tensors["ref_logprobs"],
+        tensors["cu_seqlens"], tensors["is_weights"], tensors["rollout_logprobs"], tensors["global_tokens"],
+        tensors["global_seqs"], _encode(config), needs)
+    return total, dict(zip(_metric_keys(kwargs["sequence_metrics"]), metrics.unbind(0)))
+
+
+_CONFIG_NAMES = ("temperature", "logit_scale", "logit_softcap", "ignore_index", "chunk_size", "deterministic",
+                 "logits_dtype", "loss", "entropy_coef", "advantages_per_sequence", "agg", "entropy_agg",
+                 "dp_size", "loss_scale_factor", "level", "rollout_is", "rollout_rs", "off_policy_mask_threshold",
+                 "sequence_metrics")

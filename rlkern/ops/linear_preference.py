@@ -57,8 +57,9 @@ Backends: the GEMMs are torch's (cuBLAS / the CPU BLAS); the token kernels are t
 ``token_preference_loss``'s, each picked by ``rlkern._backend.Kernels`` (``RLKERN_BACKEND``). No
 kernel of its own. On CUDA the plan (which tokens are completion tokens, how pairs group into
 tiles) is read on the host: a few syncs per call, before any GEMM (the tiles' shapes depend on
-the token counts, as a varlen attention's plan does); not traceable by ``torch.compile``
-(an eager ``torch.autograd.Function``).
+the token counts, as a varlen attention's plan does). Under ``torch.compile`` the whole op is one
+custom op in the graph (``rlkern::_linear_preference_loss``, the last section of this file): the
+plan and its syncs run inside it when the graph runs, never while tracing.
 
 ``deterministic=True``: every GEMM runs on fixed blocks of ``_DET_ROWS`` tokens (the last one
 zero-padded) and the tiles are accumulated in a fixed order without atomics: a token's
@@ -71,6 +72,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlkern import _backend
 from rlkern.ops import _checks
 from rlkern.ops import linear_logprobs as head
 from rlkern.ops import logprobs as token_ops
@@ -355,9 +357,9 @@ def _check(hidden, weight, labels, response_mask, cu_seqlens, bias, ignore_index
     return rows
 
 
-# torch.compile runs the op as it is, between graphs (as linear_policy_loss): its plan and tile loop are
-# host-side Python, and the gradient it forms in the forward would otherwise be traced tile by tile.
-@torch.compiler.disable
+# Under torch.compile the whole op is one custom op in the graph (rlkern::_linear_preference_loss,
+# the last section of this file): its plan and tile loop are host-side Python, and the gradient it
+# forms in the forward would otherwise be traced tile by tile.
 def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, response_mask: Tensor | None = None,
                            ref_logprobs: Tensor | None = None, *, cu_seqlens: Tensor | None = None,
                            bias: Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
@@ -413,6 +415,15 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
         detached. The forward keeps the finished gradients (hidden's, W's and b's sizes, fp32)
         until the graph is freed.
     """
+    if torch.compiler.is_compiling():
+        return _traced_linear_preference_loss(
+            hidden, weight, labels, response_mask, ref_logprobs, cu_seqlens=cu_seqlens, bias=bias,
+            temperature=temperature, logit_scale=logit_scale, logit_softcap=logit_softcap, ignore_index=ignore_index,
+            chunk_size=chunk_size, deterministic=deterministic, chunking=chunking, ld_alpha=ld_alpha,
+            wpo_adjustment=wpo_adjustment, token_rewards=token_rewards, tgdpo_alpha=tgdpo_alpha, loss_type=loss_type,
+            beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, loss_weights=loss_weights,
+            pair_weights=pair_weights, simpo_gamma=simpo_gamma)
     rows = _check(hidden, weight, labels, response_mask, cu_seqlens, bias, ignore_index, chunk_size, chunking,
                   temperature, logit_scale, logit_softcap)
     lead = tuple(labels.shape)
@@ -486,7 +497,7 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
             plan = "global"
             chunk_rows = chunk_size or max(16, head._TILE_BYTES[budget_key] // (4 * vocab) // 16 * 16)
     hyper = (float(logit_scale), float(logit_softcap) if logit_softcap is not None else 0.0, float(temperature),
-             int(ignore_index), bool(deterministic))
+             int(ignore_index), _backend.deterministic(deterministic))
     keys: list = []
     try:
         loss, *values = _LinearPreference.apply(hidden, weight, bias, labels, tokens, batch, hyper, plan,
@@ -497,3 +508,83 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
             raise type(error)(f"{_OP}: " + message.removeprefix("token_preference_loss: ")) from None
         raise
     return loss, dict(zip(keys, values))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: the whole op as one custom op (as linear_policy_loss, rlkern/ops/linear_losses.py):
+# the eager op forms the loss and the gradients of hidden, weight and bias, handed out as outputs;
+# the backward scales them. Hyper-parameters travel as one string made at trace time.
+
+def _metric_keys(loss_type) -> tuple[str, ...]:
+    from rlkern.ops import preference
+
+    return preference._ALL_METRICS if "orpo" in _types(loss_type) else preference.METRIC_KEYS
+
+
+@torch.library.custom_op("rlkern::_linear_preference_loss", mutates_args=())
+def _linear_preference_loss_op(hidden: Tensor, weight: Tensor, labels: Tensor, response_mask: Tensor | None,
+                               ref_logprobs: Tensor | None, cu_seqlens: Tensor | None, bias: Tensor | None,
+                               wpo_adjustment: Tensor | None, token_rewards: Tensor | None,
+                               pair_weights: Tensor | None, config: str,
+                               needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from rlkern.ops.linear_losses import _decode, _with_autograd
+
+    kwargs = _decode(config)
+    h, w = hidden.detach().requires_grad_(needs[0]), weight.detach().requires_grad_(needs[1])
+    b = None if bias is None else bias.detach().requires_grad_(needs[2])
+    with torch.enable_grad(), _with_autograd():
+        total, metrics = linear_preference_loss(h, w, labels, response_mask, ref_logprobs, cu_seqlens=cu_seqlens,
+                                                bias=b, wpo_adjustment=wpo_adjustment, token_rewards=token_rewards,
+                                                pair_weights=pair_weights, **kwargs)
+        wanted = [t if need and t is not None else None for t, need in zip((h, w, b), needs)]
+        found = iter(torch.autograd.grad(total, [t for t in wanted if t is not None]) if any(
+            t is not None for t in wanted) else ())
+    grads = [next(found) if t is not None else hidden.new_empty(0) for t in wanted]
+    keys = _metric_keys(kwargs["loss_type"])
+    return (total.detach(), torch.stack([metrics[k].detach().float() for k in keys]), *grads)
+
+
+@_linear_preference_loss_op.register_fake
+def _(hidden, weight, labels, response_mask, ref_logprobs, cu_seqlens, bias, wpo_adjustment, token_rewards,
+      pair_weights, config, needs):
+    from rlkern.ops.linear_losses import _decode
+
+    kwargs = _decode(config)
+    dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+    grads = [t.new_empty(t.shape) if need and t is not None else hidden.new_empty(0)
+             for t, need in zip((hidden, weight, bias), needs)]
+    return (hidden.new_empty((), dtype=dtype), hidden.new_empty(len(_metric_keys(kwargs["loss_type"])),
+                                                                dtype=torch.float32), *grads)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[2:])
+    ctx.needs = inputs[-1]
+    ctx.has_bias = inputs[6] is not None
+
+
+def _backward(ctx, grad_total, grad_metrics, *unused):
+    gh, gw, gb = ctx.saved_tensors
+    scale = lambda g: (g * grad_total.to(g.dtype)).to(g.dtype)  # noqa: E731
+    return (scale(gh) if ctx.needs[0] else None, scale(gw) if ctx.needs[1] else None, None, None, None, None,
+            scale(gb) if ctx.needs[2] and ctx.has_bias else None, None, None, None, None, None)
+
+
+_linear_preference_loss_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _traced_linear_preference_loss(hidden, weight, labels, response_mask, ref_logprobs, *, cu_seqlens, bias,
+                                   wpo_adjustment, token_rewards, pair_weights, **kwargs):
+    from rlkern.ops.linear_losses import _encode
+
+    grad = torch.is_grad_enabled()
+    needs = [grad and hidden.requires_grad, grad and weight.requires_grad,
+             grad and bias is not None and bias.requires_grad]
+    loss_type = kwargs["loss_type"]
+    kwargs["loss_type"] = loss_type if isinstance(loss_type, str) else tuple(loss_type)
+    if kwargs["loss_weights"] is not None:
+        kwargs["loss_weights"] = tuple(kwargs["loss_weights"])
+    total, metrics, *_ = _linear_preference_loss_op(hidden, weight, labels, response_mask, ref_logprobs, cu_seqlens,
+                                                    bias, wpo_adjustment, token_rewards, pair_weights,
+                                                    _encode(tuple(sorted(kwargs.items()))), needs)
+    return total, dict(zip(_metric_keys(loss_type), metrics.unbind(0)))

@@ -285,8 +285,9 @@ def token_preference_loss(logprobs: Tensor, response_mask: Tensor | None = None,
 
     if per_sequence_ref:
         refs = (ref_logprobs[:n].detach(), ref_logprobs[n:].detach())
-    elif ref_logprobs is not None:
-        refs = (ref_sums[:n], ref_sums[n:])
+    elif ref_logprobs is not None:  # constants of the loss; under torch.compile the custom op's
+        # outputs all carry requires_grad, which preference_loss rejects for a reference
+        refs = (ref_sums[:n].detach(), ref_sums[n:].detach())
     else:
         refs = (None, None)
     weights = pair_weights
