@@ -454,3 +454,70 @@ def test_a_frozen_head_gets_no_gradient_and_hidden_the_same_one(loss):
     value.backward()
     torch.testing.assert_close(h.grad, full[2][0], rtol=1e-12, atol=0)
     assert t["weight"].grad is None and t["bias"].grad is None
+
+
+# On-policy (old_logprobs=None): old = sg(logprob), ratio 1 in value, d ratio = d logprob.
+@pytest.mark.parametrize("case", [
+    dict(loss="ppo", kl_coef=0.1, entropy_coef=0.05, agg="grpo", chunk_size=4),
+    dict(loss="cispo", clip_low=1.0, clip_high=0.2, agg="dr_grpo", loss_scale_factor=7.0, chunk_size=5),
+    dict(loss="gspo", clip_low=3e-4, clip_high=4e-4, chunk_size=4),  # two passes
+], ids=_case_id)
+def test_on_policy_matches_the_composition_with_detached_old(case, backend):
+    t = _inputs(torch.float64)
+    leaves = [t[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+    loss, metrics = rlkern.linear_policy_loss(leaves[0], leaves[1], t["labels"], None, t["adv"], t["mask"],
+                                              bias=leaves[2], ref_logprobs=t["ref"], **case)
+    loss.backward()
+    # the composition: linear_token_logprobs -> policy_loss with old = lp.detach()
+    kw = dict(case)
+    head = {k: kw.pop(k) for k in ("chunk_size",) if k in kw}
+    comp = [t[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+    out = rlkern.linear_token_logprobs(comp[0], comp[1], t["labels"], bias=comp[2], return_entropy=True, **head)
+    comp_loss, comp_metrics = rlkern.policy_loss(out.logprobs, out.logprobs.detach(), t["adv"], t["mask"],
+                                                 entropy=out.entropy, ref_logprobs=t["ref"], **kw)
+    comp_loss.backward()
+    torch.testing.assert_close(loss, comp_loss, rtol=1e-9, atol=1e-11)
+    for key in comp_metrics:
+        torch.testing.assert_close(metrics[key].double(), comp_metrics[key].double(), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, k=key: f"{k}: {m}")
+    for name, a, b in zip(("hidden", "weight", "bias"), [x.grad for x in leaves], [x.grad for x in comp]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, name=name: f"d {name}: {m}")
+    # and the float64 reference with old = the reference's own detached log-probs
+    with torch.no_grad():
+        ref_logits = t["hidden"] @ t["weight"].T + t["bias"]
+        lp = torch.log_softmax(ref_logits, -1).gather(-1, t["labels"].clamp(min=0)[..., None])[..., 0]
+        lp = lp.masked_fill(t["labels"] == -100, 0.0)
+    ref = _reference(dict(t, old=lp), **case)
+    torch.testing.assert_close(loss, ref[0], rtol=1e-9, atol=1e-11)
+    for a, b in zip([x.grad for x in leaves], ref[2]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("liger_type,options", LIGER_TYPES[:2] + LIGER_TYPES[-2:],
+                         ids=[c[0] for c in LIGER_TYPES[:2] + LIGER_TYPES[-2:]])
+def test_on_policy_parity_with_liger_fused_linear_grpo(liger_type, options):
+    chunked = import_peer("liger_kernel.chunked_loss")
+    t = _inputs(torch.float32, ignore=False)
+    mask = t["mask"].clone()
+    mask[1, :2] = True  # Liger's grpo divides an empty row by clamp(0, 1): keep every row non-empty here
+    t["adv"] = torch.tensor([0.8, -0.5, -1.3])
+    beta, temp = 0.04, 0.9
+    options = dict(dict(loss="ppo", clip_low=0.1, clip_high=0.05), **options)
+    if options.get("global_tokens") == "mask sum":
+        options["global_tokens"] = float(mask.sum())
+    peer = chunked.LigerFusedLinearGRPOLoss(beta=beta, compiled=False, use_ref_model=True, chunk_size=2,
+                                            epsilon_low=0.1, epsilon_high=1.05 if liger_type == "cispo" else 0.05,
+                                            loss_type=liger_type, max_completion_length=T, temperature=temp)
+    leaves = [t[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+    peer_loss, _ = peer(leaves[0], leaves[1], t["labels"], mask.long(), t["adv"], bias=leaves[2],
+                        ref_per_token_logps=t["ref"], old_per_token_logps=None)
+    peer_loss.backward()
+    ours = [t[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+    loss, _ = rlkern.linear_policy_loss(ours[0], ours[1], t["labels"], None, t["adv"], mask, bias=ours[2],
+                                        ref_logprobs=t["ref"], kl_coef=beta, kl_estimator="k3_unclamped",
+                                        temperature=temp, chunk_size=4, **options)
+    loss.backward()
+    torch.testing.assert_close(loss, peer_loss.detach(), rtol=2e-5, atol=1e-6)
+    for name, a, b in zip(("hidden", "weight", "bias"), [x.grad for x in ours], [x.grad for x in leaves]):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"d {name}: {m}")

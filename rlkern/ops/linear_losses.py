@@ -122,7 +122,7 @@ def linear_policy_loss(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     advantages: Tensor,
     response_mask: Tensor | None,
     *,
@@ -169,7 +169,11 @@ def linear_policy_loss(
         labels: hidden's leading shape, int32/int64: the sampled tokens (``ignore_index`` gives
             log-prob 0: mask those tokens).
         old_logprobs, advantages, response_mask, ref_logprobs, is_weights, rollout_logprobs:
-            as ``policy_loss`` takes them, in the layout of ``labels``.
+            as ``policy_loss`` takes them, in the layout of ``labels``. ``old_logprobs=None``:
+            on-policy (TRL's GRPO with ``num_iterations=1``, Liger's ``old_per_token_logps=None``):
+            the old log-probs are the new ones, detached, ``old = sg(logprob)``, so every ratio
+            ``r = exp(logprob - sg(logprob))`` is 1 in value and ``d r = d logprob``; each chunk
+            reads its own log-probs as the old ones (no ``[N]`` input, no extra pass).
         temperature, logit_scale, logit_softcap, ignore_index: as ``linear_token_logprobs``.
         chunk_size: tokens per tile (None: a tile of ~16 MB fp32 on the CPU, 256 MB on CUDA, as
             ``linear_token_logprobs``).
@@ -229,6 +233,7 @@ def _linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, respon
                         rollout_rs, off_policy_mask_threshold, sequence_metrics, options):
     _check(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap, chunk_size, deterministic,
            cu_seqlens, options)
+    on_policy = old_logprobs is None
     per_token = {"old_logprobs": old_logprobs, "response_mask": response_mask, "ref_logprobs": ref_logprobs,
                  "is_weights": is_weights, "rollout_logprobs": rollout_logprobs}
     for name, t in per_token.items():
@@ -256,21 +261,25 @@ def _linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, respon
                      loss_scale_factor=loss_scale_factor, level=level, is_weights=is_weights,
                      rollout_logprobs=rollout_logprobs, rollout_is=rollout_is, rollout_rs=rollout_rs,
                      off_policy_mask_threshold=off_policy_mask_threshold, sequence_metrics=sequence_metrics, **options)
+    if on_policy:  # a stand-in for the checks and layouts; each pass reads the new log-probs instead
+        old_logprobs = torch.zeros(shape, dtype=advantages.dtype if isinstance(advantages, Tensor)
+                                   and advantages.dtype.is_floating_point else torch.float32, device=hidden.device)
     with torch.no_grad():
         if fused_path(loss, level=level, rollout_is=rollout_is, rollout_rs=rollout_rs,
                       rollout_logprobs=rollout_logprobs, off_policy_mask_threshold=off_policy_mask_threshold,
                       sequence_metrics=sequence_metrics):
             total, metrics, grads = _one_pass(h2, weight, bias, flat_labels, shape, old_logprobs, advantages,
-                                              response_mask, tiles, need, pl_kwargs)
+                                              response_mask, tiles, need, pl_kwargs, on_policy)
         else:
             total, metrics, grads = _two_pass(h2, weight, bias, flat_labels, shape, old_logprobs, advantages,
-                                              response_mask, tiles, need, pl_kwargs)
+                                              response_mask, tiles, need, pl_kwargs, on_policy)
     if any(need):
         total = _StoredGrads.apply(total, hidden, weight, bias, *grads)
     return total, metrics
 
 
-def _two_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mask, tiles, need, pl_kwargs):
+def _two_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mask, tiles, need, pl_kwargs,
+              on_policy=False):
     """Log-probs first (GEMM + token kernel), policy_loss on the whole batch, then the gradient
     pass (GEMM + token backward + 2 GEMMs): for the losses that need whole sequences."""
     temperature, softcap, ignore_index, logit_scale, chunk_size, deterministic, logits_dtype = tiles
@@ -279,6 +288,8 @@ def _two_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mas
                                                   deterministic, logits_dtype=logits_dtype)
     lp = logp.reshape(shape).requires_grad_(any(need))
     ent = entropy.reshape(shape).requires_grad_(any(need) and pl_kwargs["entropy_coef"] != 0)
+    if on_policy:
+        old_logprobs = lp.detach()
     with torch.enable_grad():
         total, metrics = policy_loss(lp, old_logprobs, advantages, mask, entropy=ent, **pl_kwargs)
         if not any(need):
@@ -303,7 +314,8 @@ def _token_weights(mask_flat: Tensor, n_seqs: int, seq_of: Tensor, width: int | 
     return w[seq_of]
 
 
-def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mask, tiles, need, pl_kwargs):
+def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mask, tiles, need, pl_kwargs,
+              on_policy=False):
     """The fused pass: per chunk GEMM 1, token kernel, policy_loss forward + backward on the
     chunk with the global weights, token backward, GEMMs 2 and 3."""
     kw = dict(pl_kwargs)
@@ -371,7 +383,8 @@ def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mas
         lp = logp.reshape(1, k)
         m = mask_flat[start:end]
         piece = lambda t: None if t is None else t[start:end].reshape(1, k)  # noqa: E731
-        tensors = (piece(old_flat), piece(adv_tok))
+        # on-policy: the chunk's own log-probs are its old ones (a constant here: no grad mode)
+        tensors = (lp if on_policy else piece(old_flat), piece(adv_tok))
         extra = (piece(ref_flat), None, piece(isw_flat), None, None, None, None)
         # The chunk's share of the loss and d loss / d logprob: the global weights in the mask.
         weighted = (m * weights[start:end]).reshape(1, k)
