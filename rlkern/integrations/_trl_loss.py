@@ -276,10 +276,8 @@ def grpo_compute_loss(self, model, inputs, fused=False):
         hidden, labels = _fused_operands(inputs, head)
         tiles = dict(bias=head["bias"], temperature=head["temperature"], logit_scale=head["logit_scale"],
                      logit_softcap=head["softcap"] or None, logits_dtype=head["logits_dtype"])
-        if inputs.get("old_per_token_logps") is None:  # on-policy: the ratio is 1, old = the new log-probs
-            with torch.no_grad():
-                old = rlkern.linear_token_logprobs(hidden.detach(), head["weight"].detach(), labels, **tiles)
-            old = old.to(per_token_logps.dtype) if old.dtype != torch.float64 else old
+        if inputs.get("old_per_token_logps") is None:  # on-policy: the ratio is 1, old = sg(the new log-probs),
+            old = None  # which linear_policy_loss reads tile by tile (no extra pass over the head)
         loss, metrics = rlkern.linear_policy_loss(hidden, head["weight"], labels, old, advantages, mask, **tiles,
                                                   **kwargs, **common)
         _count("GRPOTrainer._compute_loss[fused]")
