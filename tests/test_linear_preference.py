@@ -200,6 +200,49 @@ def test_bf16_inputs_as_close_as_torch():
         assert_as_close_as_torch(g, r, t, floor=1e-6, name=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("logit_scale,chunking", [(1.0, None), (1.3, "global")])
+def test_bf16_logits_tiles_as_close_as_torch(backend, dtype, logit_scale, chunking):
+    """logits_dtype=bf16 (a DPO step under bf16 autocast): TRL's roundings, as
+    linear_token_logprobs(logits_dtype=bf16) makes them; as close to the float64 composition as
+    PyTorch's own bf16 composition, equal to rlkern's composition, nearer the rounding model than
+    fp32 tiles are."""
+    hidden, weight, b, labels, mask, ref = _batch(3, 8, 16, 97, dtype=dtype, bias=True, seed=21)
+    kw = dict(chunk_size=24, chunking=chunking, logit_scale=logit_scale, loss_type=["sigmoid", "ipo"],
+              loss_weights=[1.0, 0.3])
+    ours = _ours(hidden, weight, b, labels, mask, ref, logits_dtype=torch.bfloat16, **kw)
+    assert ours[0].dtype == torch.float32 and all(g.dtype == dtype for g in ours[2])
+    r_loss, _, r_grads = _theirs(hidden, weight, b, labels, mask, ref, **kw)
+    # PyTorch's composition with bf16 logits (TRL under autocast): bf16 GEMM + bias, fp32 softmax
+    from rlkern.reference.preference_tokens import token_preference_loss as token_loss
+
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, b)]
+    bf = [x.to(torch.bfloat16) for x in leaves]
+    logits = (bf[0] @ bf[1].T + bf[2]).float() * logit_scale
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    t_loss, _ = token_loss(logp, mask, ref, loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.3])
+    t_loss.backward()
+    assert_as_close_as_torch(ours[0].detach(), r_loss.detach(), t_loss.detach(), floor=1e-6, factor=2.0,
+                             name="loss")
+    for name, g, r, t in zip(("hidden", "weight", "bias"), ours[2], r_grads, [x.grad for x in leaves]):
+        assert_as_close_as_torch(g, r, t, floor=1e-6, factor=2.0, name=name)
+    # rlkern's composition at the same roundings (4 GEMMs)
+    comp = [t.detach().clone().requires_grad_() for t in (hidden, weight, b)]
+    lp = rlkern.linear_token_logprobs(comp[0], comp[1], labels, bias=comp[2], logit_scale=logit_scale,
+                                      logits_dtype=torch.bfloat16)
+    c_loss, _ = rlkern.token_preference_loss(lp, mask, ref, loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.3])
+    c_loss.backward()
+    torch.testing.assert_close(ours[0], c_loss.detach(), rtol=1e-5, atol=1e-6)
+    for g, c in zip(ours[2], comp):
+        torch.testing.assert_close(g.float(), c.grad.float(), rtol=2e-2 if dtype == torch.bfloat16 else 1e-4,
+                                   atol=1e-5)
+    # the float64 model of those roundings: nearer it than the fp32 tiles are
+    model = _theirs(hidden, weight, b, labels, mask, ref, logits_dtype=torch.bfloat16, **kw)[0].detach()
+    plain = _ours(hidden, weight, b, labels, mask, ref, **kw)[0].detach()
+    assert (ours[0].double() - model).abs() < (plain.double() - model).abs()
+    torch.testing.assert_close(ours[0].double(), model, rtol=0, atol=1e-5)
+
+
 def test_empty_masks_and_empty_batch():
     hidden, weight, _, labels, mask, ref = _batch(2, 5, 4, 19, seed=9)
     none = torch.zeros_like(mask)

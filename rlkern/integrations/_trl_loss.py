@@ -464,8 +464,8 @@ def _dpo_token_metrics(self, mode, outputs, seq_len, shift_completion_mask, inpu
 
 
 def _dpo_fusable(self, completion_mask) -> bool:
-    """What ``patch(loss="fused")`` takes for DPO (besides: not under a bf16 / fp16 compute
-    dtype, decided by the adapter): not sft (its token mean is a separate call), and ipo /
+    """What ``patch(loss="fused")`` takes for DPO (a bf16 / fp16 compute dtype included: the
+    loss rounds its tiles as TRL's, ``logits_dtype``): not sft (its token mean is a separate call), and ipo /
     sigmoid_norm only where the unshifted completion mask's lengths equal the shifted ones
     linear_preference_loss reads (no completion token in the first column)."""
     types = set(self.loss_types)
@@ -511,10 +511,9 @@ def dpo_compute_loss(self, model, inputs, return_outputs, fused=False):
     if fused and _dpo_fusable(self, completion_mask):
         from rlkern.integrations import trl as rt
 
-        # TRL's forward, its outputs detached (metrics). linear_preference_loss has no
-        # logits_dtype: under a bf16 / fp16 compute dtype TRL's rounded tiles are not its
-        # numbers, the adapter computes them (the loss=True path)
-        with rt.capture(compute=True, half=False) as heads:
+        # TRL's forward, its outputs detached (metrics); under a bf16 / fp16 compute dtype the
+        # loss rounds its tiles as TRL's (linear_preference_loss(logits_dtype=))
+        with rt.capture(compute=True) as heads:
             outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         if len(heads) > 1:
             raise RuntimeError("rlkern TRL loss: one fused-head call expected per _compute_loss")
@@ -549,7 +548,8 @@ def dpo_compute_loss(self, model, inputs, return_outputs, fused=False):
         loss, metrics = rlkern.linear_preference_loss(
             _hidden_grid(head["hidden"], shifted != -100), head["weight"], shifted, shift_completion_mask,
             torch.cat([ref_chosen, ref_rejected]).detach(), bias=head["bias"], temperature=head["temperature"],
-            logit_scale=head["logit_scale"], logit_softcap=head["softcap"] or None, ld_alpha=self.ld_alpha,
+            logit_scale=head["logit_scale"], logit_softcap=head["softcap"] or None,
+            logits_dtype=head["logits_dtype"], ld_alpha=self.ld_alpha,
             loss_type=types, loss_weights=loss_weights, **kw)
         _count("DPOTrainer._compute_loss[fused]")
         return _dpo_finish(self, mode, loss, metrics, outputs, seq_len, shift_completion_mask, inputs,

@@ -59,9 +59,9 @@ losses: TRL's own forward runs, and this adapter, inside ``capture()``, records 
 states and head it is handed (returning zeros, or for DPO its outputs computed outside the graph
 for the logged metrics); the loss then calls ``rlkern.linear_policy_loss`` /
 ``rlkern.linear_preference_loss`` on them (``calls["GRPOTrainer._compute_loss[fused]"]``,
-``calls["DPOTrainer._compute_loss[fused]"]``). A LoRA or FSDP2 head, DPO under a bf16 / fp16
-compute dtype, and the configurations listed in ``_trl_loss._fusable`` / ``_dpo_fusable`` run
-the ``loss=True`` path.
+``calls["DPOTrainer._compute_loss[fused]"]``); under a bf16 / fp16 compute dtype both round
+their logits tiles as TRL's (``logits_dtype``). A LoRA or FSDP2 head and the configurations
+listed in ``_trl_loss._fusable`` / ``_dpo_fusable`` run the ``loss=True`` path.
 
 ``RLKERN_PATCH_TRL=1`` in the environment makes importing this module (and ``import rlkern``)
 call ``patch()`` (default options). ``patch()`` again with the same options does nothing; with

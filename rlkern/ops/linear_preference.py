@@ -169,7 +169,7 @@ class _Head:
     gathered per chunk, logits tiles in the accumulation dtype, gradient accumulators."""
 
     def __init__(self, hidden, weight, bias, labels, tokens, logit_scale, softcap, temperature, ignore_index,
-                 deterministic, needs, max_rows):
+                 deterministic, needs, max_rows, logits_dtype=None):
         self.hidden, self.bias, self.labels, self.tokens = hidden, bias, labels, tokens
         self.scale, self.softcap, self.temperature, self.ignore = logit_scale, softcap, temperature, ignore_index
         self.deterministic = deterministic
@@ -177,15 +177,30 @@ class _Head:
         self.acc = acc
         self.forward_kernel, self.backward_kernel = token_ops.kernel_fns(
             token_ops.FORWARD.backend_at(hidden.device, acc))
-        on_cuda_half = head._half_on_cuda(hidden) and hidden.dtype == weight.dtype
-        self.row_dtype = hidden.dtype if on_cuda_half else acc
-        if (not on_cuda_half and weight.dtype not in (torch.float32, torch.float64)
-                and 4 * weight.numel() <= head._W_COPY_BYTES):
-            weight = weight.float()  # widened once per call, not once per tile (as linear_logprobs)
-        self.weight = weight
         if deterministic:
             max_rows = -(-max_rows // _DET_ROWS) * _DET_ROWS
-        self.buf = hidden.new_empty((max_rows, weight.shape[0]), dtype=acc)
+        # logits_dtype (bf16 / fp16): linear_logprobs' rounded tiles (its "Rounded tiles"
+        # section): h and W cast to it, each tile rounded once, read in fp32 by the token kernels
+        # (scaled in an fp32 copy when logit_scale != 1), d logits rounded before the gradient GEMMs
+        self.rounded = logits_dtype is not None
+        self.wide = None
+        if self.rounded:
+            self.row_dtype = logits_dtype
+            self.weight = weight.to(logits_dtype)  # once per call, as TRL casts each chunk of it
+            self.buf = hidden.new_empty((max_rows, weight.shape[0]), dtype=logits_dtype)
+            on_cuda = hidden.device.type == "cuda"
+            if logit_scale != 1.0 or not on_cuda:
+                self.wide = torch.empty_like(self.buf, dtype=acc)
+            small = not on_cuda and 4 * self.weight.numel() <= head._W_COPY_BYTES
+            self.product_weight = self.weight.float() if small else self.weight
+        else:
+            on_cuda_half = head._half_on_cuda(hidden) and hidden.dtype == weight.dtype
+            self.row_dtype = hidden.dtype if on_cuda_half else acc
+            if (not on_cuda_half and weight.dtype not in (torch.float32, torch.float64)
+                    and 4 * weight.numel() <= head._W_COPY_BYTES):
+                weight = weight.float()  # widened once per call, not once per tile (as linear_logprobs)
+            self.weight = weight
+            self.buf = hidden.new_empty((max_rows, weight.shape[0]), dtype=acc)
         device = hidden.device
         self.grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=device) if needs[0] else None
         self.grad_weight = torch.zeros(weight.shape, dtype=acc, device=device) if needs[1] else None
@@ -197,7 +212,9 @@ class _Head:
         return [(s, min(s + step, rows)) for s in range(0, rows, step)]
 
     def logits(self, ids: Tensor):
-        """The tile of tokens ``ids`` (into ``tokens.flat``): ``(tile, h, labels, flat index)``."""
+        """The tile of tokens ``ids`` (into ``tokens.flat``) as the token kernels read it:
+        ``(tile, h, labels, flat index)`` (with ``logits_dtype``, the rounded tile or its fp32
+        scaled copy; ``accumulate`` finds the rounded one in ``self.raw``)."""
         flat = self.tokens.flat[ids]
         h = self.hidden[flat].to(self.row_dtype)
         labels = self.labels[flat]
@@ -207,6 +224,12 @@ class _Head:
             h = head._rows(h, 0, k, rows)
             labels = head._rows(labels, 0, k, rows, self.ignore)
         tile = self.buf[: h.shape[0]]
+        if self.rounded:
+            for s, e in self._blocks(h.shape[0]):
+                head._rounded_logits_into(tile[s:e], h[s:e], self.weight, self.bias)
+            self.raw = tile
+            tile = head._scaled(tile, None if self.wide is None else self.wide[: h.shape[0]], self.scale)
+            return tile, h, labels, flat
         for s, e in self._blocks(h.shape[0]):
             head._logits_into(tile[s:e], h[s:e], self.weight, self.bias, self.scale)
         return tile, h, labels, flat
@@ -225,6 +248,18 @@ class _Head:
                              self.ignore, tile)
         gh = None if self.grad_hidden is None else torch.zeros((tile.shape[0], h.shape[1]), dtype=self.acc,
                                                                   device=h.device)
+        if self.rounded:  # TRL rounds the scaled fp32 gradient, then the fp32-accumulated GEMMs
+            raw = self.raw
+            if tile is not raw:
+                raw.copy_(tile.mul_(self.scale))
+            wide = None if self.wide is None else self.wide[: raw.shape[0]]
+            for s, e in self._blocks(raw.shape[0]):
+                head._rounded_grad_products(raw[s:e], None if wide is None else wide[s:e], h[s:e],
+                                            self.product_weight, None if gh is None else gh[s:e], self.grad_weight,
+                                            self.grad_bias)
+            if gh is not None:
+                self.grad_hidden[flat] = gh[:k]
+            return
         for s, e in self._blocks(tile.shape[0]):
             head._grad_products(tile[s:e], h[s:e], self.weight, None if gh is None else gh[s:e], self.grad_weight,
                                 self.grad_bias, self.scale)
@@ -232,7 +267,8 @@ class _Head:
             self.grad_hidden[flat] = gh[:k]
 
 
-def _run(hidden, weight, bias, labels, tokens: _Tokens, batch: _Batch, hyper, needs, chunking, chunk_rows):
+def _run(hidden, weight, bias, labels, tokens: _Tokens, batch: _Batch, hyper, needs, chunking, chunk_rows,
+         logits_dtype=None):
     """The forward: ``(loss, metrics, grads or None)``; see the module docstring."""
     logit_scale, softcap, temperature, ignore_index, deterministic = hyper
     n = tokens.rows // 2
@@ -247,7 +283,7 @@ def _run(hidden, weight, bias, labels, tokens: _Tokens, batch: _Batch, hyper, ne
                                                            for c in chunks), default=1), 1)
     max_rows = min(max_rows, max(total, 1))
     hd = _Head(hidden, weight, bias, labels, tokens, logit_scale, softcap, temperature, ignore_index,
-               deterministic, needs, max_rows)
+               deterministic, needs, max_rows, logits_dtype)
     logp_all = torch.zeros(total, dtype=hd.acc, device=hidden.device)
     all_pairs = torch.arange(n, device=hidden.device)
     all_ids, all_valid = tokens.of_rows(torch.cat([all_pairs, all_pairs + n]))
@@ -296,13 +332,14 @@ class _LinearPreference(torch.autograd.Function):
     """Forward: the loss and the finished gradients; backward: those times the upstream gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, tokens, batch, hyper, chunking, chunk_rows, keys, grad_enabled):
+    def forward(ctx, hidden, weight, bias, labels, tokens, batch, hyper, chunking, chunk_rows, keys, grad_enabled,
+                logits_dtype):
         # needs_input_grad is True under torch.no_grad too: the caller's grad mode decides
         needs = tuple(grad_enabled and bool(x) for x in
                       (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]))
         flat = hidden.reshape(-1, hidden.shape[-1])
         loss, metrics, grads = _run(flat, weight, bias, labels.reshape(-1), tokens, batch, hyper, needs, chunking,
-                                    chunk_rows)
+                                    chunk_rows, logits_dtype)
         ctx.like = [(t.shape, t.dtype) if t is not None else None for t in (hidden, weight, bias)]
         ctx.grads = grads
         keys.extend(metrics)
@@ -312,7 +349,7 @@ class _LinearPreference(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        out = [None] * 11
+        out = [None] * 12
         if ctx.grads is None:
             return tuple(out)
         for i, (g, like) in enumerate(zip(ctx.grads, ctx.like)):
@@ -363,7 +400,7 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
                            bias: Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
                            logit_softcap: float | None = None, ignore_index: int = -100,
                            chunk_size: int | None = None, deterministic: bool = False, chunking: str | None = None,
-                           ld_alpha: float | None = None, wpo_adjustment: Tensor | None = None,
+                           logits_dtype: torch.dtype | None = None, ld_alpha: float | None = None, wpo_adjustment: Tensor | None = None,
                            token_rewards: Tensor | None = None, tgdpo_alpha: float = 1.0, loss_type="sigmoid",
                            beta: float = 0.1, label_smoothing: float = 0.0, f_divergence_type: str = "reverse_kl",
                            f_alpha_divergence_coef: float = 1.0, discopop_tau: float = 0.05, loss_weights=None,
@@ -399,6 +436,11 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
             ``_PAIR_TILE_BYTES`` (256 MiB CPU, 10 GiB GPU) for ``"pairs"``.
         deterministic: fixed ``_DET_ROWS``-token GEMM blocks and a fixed accumulation order: a
             token's log-prob is batch invariant and repeated runs are bit-identical.
+        logits_dtype: None (default): logits tiles in fp32 (float64 for float64 inputs);
+            ``torch.bfloat16`` / ``torch.float16``: TRL's numerics under autocast, as
+            ``linear_token_logprobs(logits_dtype=...)`` rounds them (h and W cast to it, each tile
+            rounded once, d logits rounded before the two gradient GEMMs): the fused path of a
+            bf16 / fp16 DPO step.
         chunking: None (default: ``"pairs"`` when the loss types are pair-local and every pair
             fits the tile, else ``"global"``), ``"pairs"`` (3 GEMMs; raises for aot /
             aot_unpaired / sft and for a pair larger than the tile) or ``"global"`` (4 GEMMs).
@@ -415,6 +457,10 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
     """
     rows = _check(hidden, weight, labels, response_mask, cu_seqlens, bias, ignore_index, chunk_size, chunking,
                   temperature, logit_scale, logit_softcap)
+    try:
+        logits_dtype = head._check_logits_dtype(logits_dtype, hidden, weight)
+    except ValueError as error:
+        raise ValueError(f"{_OP}: " + str(error).removeprefix("linear_token_logprobs: ")) from None
     lead = tuple(labels.shape)
     named = {"wpo_adjustment": wpo_adjustment, "token_rewards": token_rewards}
     per_sequence_ref = isinstance(ref_logprobs, Tensor) and tuple(ref_logprobs.shape) != lead
@@ -490,7 +536,7 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
     keys: list = []
     try:
         loss, *values = _LinearPreference.apply(hidden, weight, bias, labels, tokens, batch, hyper, plan,
-                                                int(chunk_rows), keys, torch.is_grad_enabled())
+                                                int(chunk_rows), keys, torch.is_grad_enabled(), logits_dtype)
     except (ValueError, TypeError) as error:  # the loss' checks, under this op's name
         message = str(error)
         if message.startswith("token_preference_loss: "):

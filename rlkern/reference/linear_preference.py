@@ -18,11 +18,13 @@ from rlkern.reference import preference_tokens as tokens
 def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, response_mask: Tensor | None,
                            ref_logprobs: Tensor | None = None, *, bias: Tensor | None = None,
                            cu_seqlens: Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
-                           logit_softcap: float | None = None, ignore_index: int = -100, **loss_kwargs):
+                           logit_softcap: float | None = None, ignore_index: int = -100,
+                           logits_dtype: torch.dtype | None = None, **loss_kwargs):
     """``(loss, metrics)`` in the dtype of the inputs (use float64 leaves for the oracle).
 
     ``hidden`` ``[2B, T, H]`` (padded, with ``response_mask`` ``[2B, T]``) or ``[total, H]``
-    (packed, with ``cu_seqlens``); every other keyword is token_preference_loss'. Masked tokens'
+    (packed, with ``cu_seqlens``); ``logits_dtype``: the rounding model of
+    rlkern.reference.linear_logprobs; every other keyword is token_preference_loss'. Masked tokens'
     labels are never read (their log-prob is replaced by 0 before the loss)."""
     lead = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
@@ -32,6 +34,6 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
         flat_labels = torch.where(response_mask.reshape(-1) != 0, flat_labels, ignored)
     logp, _, _ = heads.linear_logprobs(flat, weight, bias, flat_labels, temperature=temperature,
                                        logit_scale=logit_scale, logit_softcap=logit_softcap,
-                                       ignore_index=ignore_index)
+                                       ignore_index=ignore_index, logits_dtype=logits_dtype)
     return tokens.token_preference_loss(logp.view(lead), response_mask, ref_logprobs, cu_seqlens=cu_seqlens,
                                         **loss_kwargs)
