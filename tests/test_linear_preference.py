@@ -429,3 +429,176 @@ def test_cuda_matches_reference():
         expected = _theirs(hidden, weight, b, labels, mask, ref)
         _close((ours[0].cpu(), {k: v.cpu() for k, v in ours[1].items()}, [g.cpu() for g in ours[2]]), expected,
                1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# linear_kto_loss: TRL's KTO loss from hidden states (unpaired sequences)
+
+from rlkern.reference.linear_preference import linear_kto_loss as kto_reference  # noqa: E402
+
+
+def _kto_case(rows=5, length=9, width=11, vocab=89, *, seed=30, dtype=torch.float32, bias=True):
+    hidden, weight, b, labels, mask, ref = _batch((rows + 1) // 2, length, width, vocab, seed=seed, dtype=dtype,
+                                                  bias=bias)
+    hidden, labels, mask, ref = hidden[:rows], labels[:rows], mask[:rows], ref[:rows]
+    mask[1] = False  # a sequence with no completion token
+    desirable = torch.tensor([True, False, True, False, False, True, True][:rows])
+    gen = torch.Generator().manual_seed(seed + 1)
+    kl = -torch.rand(4, generator=gen) * 3  # the KL completions' policy / reference sums: mean gap > 0
+    return hidden, weight, b, labels, mask, ref, desirable, kl + 0.8, kl
+
+
+def _kto_ours(hidden, weight, b, labels, mask, ref, desirable, kl, ref_kl, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight) + ((b,) if b is not None else ())]
+    loss, metrics = rlkern.linear_kto_loss(leaves[0], leaves[1], labels, mask, ref, desirable, kl, ref_kl,
+                                           bias=leaves[2] if b is not None else None, **kw)
+    loss.backward()
+    return loss, metrics, [t.grad for t in leaves]
+
+
+def _kto_theirs(hidden, weight, b, labels, mask, ref, desirable, kl, ref_kl, **kw):
+    kw = {k: v for k, v in kw.items() if k not in ("chunk_size", "deterministic")}
+    leaves = [t.detach().double().requires_grad_() for t in (hidden, weight) + ((b,) if b is not None else ())]
+    dbl = lambda t: None if t is None else t.double()  # noqa: E731
+    loss, metrics = kto_reference(leaves[0], leaves[1], labels, mask, ref.double(), desirable, dbl(kl), dbl(ref_kl),
+                                  bias=leaves[2] if b is not None else None, **kw)
+    loss.backward()
+    return loss, metrics, [t.grad for t in leaves]
+
+
+KTO_CASES = [
+    dict(beta=0.3, chunk_size=12),  # sequences per tile: 3 GEMMs
+    dict(beta=0.5, desirable_weight=1.3, undesirable_weight=0.6, temperature=0.8, logit_softcap=5.0,
+         logit_scale=1.2, chunk_size=4),  # a sequence longer than the tile: the global plan (4 GEMMs)
+    dict(loss_type="apo_zero_unpaired", beta=0.2, no_kl=True),
+    dict(beta=0.1, per_sequence_ref=True, chunk_size=30),
+    dict(beta=0.4, deterministic=True, chunk_size=20),
+]
+
+
+@pytest.mark.parametrize("case", range(len(KTO_CASES)))
+def test_kto_matches_float64_composition(backend, case):
+    kw = dict(KTO_CASES[case])
+    hidden, weight, b, labels, mask, ref, desirable, kl, ref_kl = _kto_case(seed=30 + case)
+    if kw.pop("no_kl", False):
+        kl = ref_kl = None
+    if kw.pop("per_sequence_ref", False):
+        ref = (ref * mask).sum(1)
+    _close(_kto_ours(hidden, weight, b, labels, mask, ref, desirable, kl, ref_kl, **kw),
+           _kto_theirs(hidden, weight, b, labels, mask, ref, desirable, kl, ref_kl, **kw), 2e-5)
+
+
+def test_kto_packed_and_plans_agree():
+    hidden, weight, b, labels, mask, ref, desirable, kl, ref_kl = _kto_case(seed=40)
+    lengths = torch.tensor([9, 4, 7, 9, 2])
+    keep = torch.arange(9)[None] < lengths[:, None]
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    args = (hidden[keep], weight, b, labels[keep], mask[keep], ref[keep], desirable, kl, ref_kl)
+    expected = _kto_theirs(*args, cu_seqlens=cu)
+    for chunk_size in (None, 5):  # one tile of whole sequences; a sequence over the tile: global
+        _close(_kto_ours(*args, cu_seqlens=cu, chunk_size=chunk_size), expected, 2e-5)
+
+
+def test_kto_tiles_and_gemms(monkeypatch):
+    """Whole sequences per tile: each token's logits computed once (3 GEMMs); the global plan twice."""
+    hidden, weight, _, labels, mask, ref, desirable, kl, ref_kl = _kto_case(seed=41, bias=False)
+    calls = {"logits": 0}
+    original = head._logits_into
+
+    def counted(out, *a, **k):
+        calls["logits"] += out.shape[0]
+        return original(out, *a, **k)
+
+    monkeypatch.setattr(head, "_logits_into", counted)
+    tokens = int(mask.sum())
+    for chunk_size, times in ((64, 1), (4, 2)):
+        calls["logits"] = 0
+        _kto_ours(hidden, weight, None, labels, mask, ref, desirable, kl, ref_kl, chunk_size=chunk_size)
+        assert calls["logits"] == times * tokens
+
+
+def test_kto_gradcheck_float64():
+    hidden, weight, b, labels, mask, ref, desirable, kl, ref_kl = _kto_case(3, 4, 3, 7, seed=42)
+    leaves = [t.double().requires_grad_() for t in (hidden, weight, b)]
+
+    def fn(h, w, bb):
+        return rlkern.linear_kto_loss(h, w, labels, mask, ref.double(), desirable, kl.double(), ref_kl.double(),
+                                      bias=bb, chunk_size=5, beta=0.7, undesirable_weight=1.5)[0]
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_kto_matches_rlkern_composition_and_bf16_tiles():
+    """linear_token_logprobs -> masked sums -> kto_loss (rlkern's own pieces, 4 GEMMs), in fp32 and
+    with bf16 logits tiles (TRL's KTOTrainer under bf16 autocast)."""
+    hidden, weight, b, labels, mask, ref, desirable, kl, ref_kl = _kto_case(seed=43)
+    for logits_dtype in (None, torch.bfloat16):
+        ours = _kto_ours(hidden, weight, b, labels, mask, ref, desirable, kl, ref_kl, beta=0.3,
+                         logits_dtype=logits_dtype)
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+        logp = rlkern.linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], logits_dtype=logits_dtype)
+        loss, metrics = rlkern.kto_loss((logp * mask).sum(1), (ref * mask).sum(1), desirable, kl, ref_kl, beta=0.3)
+        loss.backward()
+        torch.testing.assert_close(ours[0], loss.detach(), rtol=1e-6, atol=1e-6)
+        for key in metrics:
+            torch.testing.assert_close(ours[1][key], metrics[key], rtol=1e-5, atol=1e-5, msg=key)
+        for g, r in zip(ours[2], leaves):
+            torch.testing.assert_close(g, r.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_ref", [True, False])
+def test_kto_parity_with_liger(use_ref):
+    chunked = import_peer("liger_kernel.chunked_loss")
+    hidden, weight, b, labels, mask, *_ = _liger_case(seed=44, pairs=3)
+    desirable = torch.tensor([True, False, False, True, True, False])
+    gen = torch.Generator().manual_seed(45)
+    ref_hidden = hidden + 0.3 * torch.randn(hidden.shape, generator=gen)
+    ref_weight = weight + 0.05 * torch.randn(weight.shape, generator=gen)
+    kl = torch.tensor(0.35)
+    module = chunked.LigerFusedLinearKTOLoss(beta=0.4, compiled=False, use_ref_model=use_ref, chunk_size=2)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    refs = dict(ref_input=ref_hidden, ref_weight=ref_weight, ref_bias=b) if use_ref else {}
+    theirs = module(leaves[0], leaves[1], labels, leaves[2], preference_labels=desirable, kl=kl, **refs)[0]
+    theirs.backward()
+    with torch.no_grad():  # the reference's per-sequence sums, as the caller (TRL) precomputes them
+        ref = (rlkern.linear_token_logprobs(ref_hidden, ref_weight, labels, bias=b) * mask).sum(1) if use_ref \
+            else torch.zeros(labels.shape[0])
+    ours = _kto_ours(hidden, weight, b, labels, mask, ref, desirable, kl.reshape(1), torch.zeros(1), beta=0.4)
+    _assert_liger(ours, (theirs, [t.grad for t in leaves]))
+
+
+KTO_BAD = [
+    (lambda h, w, lab, m, d: rlkern.linear_kto_loss(h, w, lab, m, torch.zeros(3), d, torch.zeros(2), torch.zeros(2)),
+     "ref_logprobs must"),
+    (lambda h, w, lab, m, d: rlkern.linear_kto_loss(h, w, lab, m, torch.zeros(4), d[:2]), "desirable must"),
+    (lambda h, w, lab, m, d: rlkern.linear_kto_loss(h, w, lab, m, torch.zeros(4), d), "kl_logps"),
+    (lambda h, w, lab, m, d: rlkern.linear_kto_loss(h, w, lab, m, torch.zeros(4), d, torch.zeros(2), torch.zeros(2),
+                                                    loss_type="apo_zero_unpaired"), "no KL term"),
+    (lambda h, w, lab, m, d: rlkern.linear_kto_loss(h, w, lab, m, torch.zeros(4), d, loss_type="bco"), "loss_type"),
+    (lambda h, w, lab, m, d: rlkern.linear_kto_loss(h, w, lab, m, torch.zeros(4), d, torch.zeros(2), torch.zeros(2),
+                                                    beta=0.0), "beta"),
+    (lambda h, w, lab, m, d: rlkern.linear_kto_loss(h, w, lab, None, torch.zeros(4), d), "response_mask"),
+    (lambda h, w, lab, m, d: rlkern.linear_kto_loss(h, w, lab, m, torch.zeros(4), d, torch.zeros(2),
+                                                    torch.zeros(2), logits_dtype=torch.int8), "logits_dtype"),
+    (lambda h, w, lab, m, d: rlkern.linear_kto_loss(h, w, lab, m, torch.zeros(4, requires_grad=True), d,
+                                                    torch.zeros(2), torch.zeros(2)), "constant"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(KTO_BAD)))
+def test_kto_bad_calls(case):
+    hidden, weight, _, labels, mask, _ = _batch(2, 5, 4, 13, seed=15)
+    call, match = KTO_BAD[case]
+    with pytest.raises((ValueError, TypeError), match=match) as info:
+        call(hidden, weight, labels, mask, torch.tensor([True, False, True, False]))
+    assert str(info.value).startswith("linear_kto_loss: "), str(info.value)
+
+
+@pytest.mark.gpu
+def test_kto_cuda_matches_reference():
+    case = _kto_case(6, 33, 64, 1001, seed=46)
+    for chunk_size in (None, 20):
+        ours = _kto_ours(*(t.cuda() for t in case), chunk_size=chunk_size)
+        expected = _kto_theirs(*case)
+        _close((ours[0].cpu(), {k: v.cpu() for k, v in ours[1].items()}, [g.cpu() for g in ours[2]]), expected,
+               1e-4)

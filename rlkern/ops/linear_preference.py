@@ -74,11 +74,13 @@ from torch import Tensor
 from rlkern.ops import _checks
 from rlkern.ops import linear_logprobs as head
 from rlkern.ops import logprobs as token_ops
+from rlkern.ops.preference import kto_loss
 from rlkern.ops.preference_tokens import token_preference_loss
 
-__all__ = ["linear_preference_loss"]
+__all__ = ["linear_kto_loss", "linear_preference_loss"]
 
 _OP = "linear_preference_loss"
+_KTO_OP = "linear_kto_loss"
 # Loss types whose per-pair gradient depends on the whole batch (see the module docstring).
 GLOBAL_LOSS_TYPES = ("aot", "aot_unpaired", "sft")
 # Bytes of fp32 logits a pair chunk may hold when chunk_size is None: a tile of whole pairs
@@ -127,6 +129,15 @@ class _Batch:
     def __init__(self, tokens: _Tokens, ref_tokens, ref_rows, wpo, rewards, pair_weights, kwargs):
         self.tokens, self.ref_tokens, self.ref_rows = tokens, ref_tokens, ref_rows
         self.wpo, self.rewards, self.pair_weights, self.kwargs = wpo, rewards, pair_weights, kwargs
+        self.units = tokens.rows // 2  # the loss' independent units: pairs
+
+    def rows_of(self, pairs: Tensor) -> Tensor:
+        """The rows of ``pairs``: their chosen rows, then their rejected rows."""
+        return torch.cat([pairs, pairs + self.units])
+
+    def unit_counts(self) -> Tensor:
+        """Completion tokens per pair."""
+        return self.tokens.counts[:self.units] + self.tokens.counts[self.units:]
 
     def loss(self, logp: Tensor, pairs: Tensor, ids: Tensor, valid: Tensor):
         """token_preference_loss of ``pairs`` (their rows: chosen then rejected) from ``logp``, the
@@ -146,21 +157,21 @@ class _Batch:
         return token_preference_loss(_padded(logp, valid), valid, ref, **extra, **self.kwargs)
 
 
-def _pair_chunks(tokens: _Tokens, budget: int) -> list[Tensor] | None:
-    """Consecutive pairs grouped so that each group's completion tokens fit ``budget`` rows; None
-    when one pair alone does not."""
-    n = tokens.rows // 2
-    per_pair = (tokens.counts[:n] + tokens.counts[n:]).tolist()
+def _pair_chunks(counts: Tensor, budget: int) -> list[Tensor] | None:
+    """Consecutive units (pairs; KTO's sequences) grouped so that each group's completion tokens
+    (``counts`` per unit) fit ``budget`` rows; None when one unit alone does not."""
+    n = counts.numel()
+    per_pair = counts.tolist()
     if any(c > budget for c in per_pair):
         return None
     chunks, start, used = [], 0, 0
     for i, c in enumerate(per_pair):
         if used + c > budget and i > start:
-            chunks.append(torch.arange(start, i, device=tokens.counts.device))
+            chunks.append(torch.arange(start, i, device=counts.device))
             start, used = i, 0
         used += c
     if start < n:
-        chunks.append(torch.arange(start, n, device=tokens.counts.device))
+        chunks.append(torch.arange(start, n, device=counts.device))
     return chunks
 
 
@@ -271,25 +282,25 @@ def _run(hidden, weight, bias, labels, tokens: _Tokens, batch: _Batch, hyper, ne
          logits_dtype=None):
     """The forward: ``(loss, metrics, grads or None)``; see the module docstring."""
     logit_scale, softcap, temperature, ignore_index, deterministic = hyper
-    n = tokens.rows // 2
+    n = batch.units
     total = tokens.flat.numel()
-    chunks = _pair_chunks(tokens, chunk_rows) if chunking != "global" else None
+    unit_counts = batch.unit_counts()
+    chunks = _pair_chunks(unit_counts, chunk_rows) if chunking != "global" else None
     if chunking == "pairs" and chunks is None:
         raise ValueError(f"{_OP}: chunking='pairs' needs every pair's completion tokens to fit a tile of "
-                         f"{chunk_rows} tokens (chunk_size), got a pair of "
-                         f"{int((tokens.counts[:n] + tokens.counts[n:]).max())}")
+                         f"{chunk_rows} tokens (chunk_size), got a pair of {int(unit_counts.max())}")
     any_grad = any(needs)
-    max_rows = max(chunk_rows if chunks is None else max((int(tokens.counts[c].sum() + tokens.counts[c + n].sum())
-                                                           for c in chunks), default=1), 1)
+    max_rows = max(chunk_rows if chunks is None else max((int(unit_counts[c].sum()) for c in chunks), default=1),
+                   1)
     max_rows = min(max_rows, max(total, 1))
     hd = _Head(hidden, weight, bias, labels, tokens, logit_scale, softcap, temperature, ignore_index,
                deterministic, needs, max_rows, logits_dtype)
     logp_all = torch.zeros(total, dtype=hd.acc, device=hidden.device)
     all_pairs = torch.arange(n, device=hidden.device)
-    all_ids, all_valid = tokens.of_rows(torch.cat([all_pairs, all_pairs + n]))
+    all_ids, all_valid = tokens.of_rows(batch.rows_of(all_pairs))
     if chunks is not None:
         for pairs in chunks:
-            ids, valid = tokens.of_rows(torch.cat([pairs, pairs + n]))
+            ids, valid = tokens.of_rows(batch.rows_of(pairs))
             if ids.numel() == 0:
                 continue
             tile, h, lab, flat = hd.logits(ids)
@@ -359,36 +370,36 @@ class _LinearPreference(torch.autograd.Function):
 
 
 def _check(hidden, weight, labels, response_mask, cu_seqlens, bias, ignore_index, chunk_size, chunking,
-           temperature, logit_scale, logit_softcap):
+           temperature, logit_scale, logit_softcap, op=_OP, paired=True):
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     try:
         head._check_linear(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap, (), chunk_size)
     except (TypeError, ValueError) as error:
         message = str(error).replace("linear_token_logprobs: ", "")
-        raise type(error)(f"{_OP}: {message}") from None
-    _checks.choice(_OP, "chunking", chunking, (None, "pairs", "global"))
+        raise type(error)(f"{op}: {message}") from None
+    _checks.choice(op, "chunking", chunking, (None, "pairs", "global"))
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{_OP}: ignore_index must be an int, got {ignore_index!r}")
+        raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
     if cu_seqlens is not None:
         if hidden.ndim != 2:
-            raise ValueError(f"{_OP}: packed input (cu_seqlens given) needs hidden [total, H], got shape "
+            raise ValueError(f"{op}: packed input (cu_seqlens given) needs hidden [total, H], got shape "
                              f"{tuple(hidden.shape)}")
-        rows = _checks.cu_seqlens(_OP, cu_seqlens, hidden.shape[0], hidden.device, "hidden")
+        rows = _checks.cu_seqlens(op, cu_seqlens, hidden.shape[0], hidden.device, "hidden")
     else:
         if hidden.ndim != 3:
-            raise ValueError(f"{_OP}: hidden must be [2B, T, H] (padded, with response_mask) or [total, H] with "
-                             f"cu_seqlens, got shape {tuple(hidden.shape)}")
+            raise ValueError(f"{op}: hidden must be [{'2B' if paired else 'B'}, T, H] (padded, with response_mask) "
+                             f"or [total, H] with cu_seqlens, got shape {tuple(hidden.shape)}")
         if response_mask is None:
-            raise ValueError(f"{_OP}: response_mask is required for padded [2B, T, H] input (None only with "
-                             "cu_seqlens), got None")
+            raise ValueError(f"{op}: response_mask is required for padded [{'2B' if paired else 'B'}, T, H] input "
+                             "(None only with cu_seqlens), got None")
         rows = hidden.shape[0]
     if response_mask is not None:
-        _checks.tensors(_OP, "labels", {"labels": (labels, "int"), "response_mask": (response_mask, "mask")},
+        _checks.tensors(op, "labels", {"labels": (labels, "int"), "response_mask": (response_mask, "mask")},
                         shape={"labels": None, "response_mask": tuple(labels.shape)})
-    if rows % 2:
-        raise ValueError(f"{_OP}: hidden must have 2B rows (chosen rows, then rejected rows), got {rows}")
+    if paired and rows % 2:
+        raise ValueError(f"{op}: hidden must have 2B rows (chosen rows, then rejected rows), got {rows}")
     return rows
 
 
@@ -541,5 +552,164 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
         message = str(error)
         if message.startswith("token_preference_loss: "):
             raise type(error)(f"{_OP}: " + message.removeprefix("token_preference_loss: ")) from None
+        raise
+    return loss, dict(zip(keys, values))
+
+
+# ------------------------------------------------------------------------------------------------
+# KTO (TRL 1.16's KTOTrainer loss) from hidden states: the sibling of linear_preference_loss, as
+# kto_loss is preference_loss'. Its batch is unpaired: each sequence is a unit of the tile plan.
+
+
+class _KtoBatch:
+    """What every chunk's KTO loss reads: the per-sequence reference sums (or the token-level
+    reference log-probs), the desirable flags, the KL completions' constants and the keywords."""
+
+    def __init__(self, tokens: _Tokens, ref_tokens, ref_rows, desirable, kl_logps, ref_kl_logps, kwargs):
+        self.tokens, self.ref_tokens, self.ref_rows, self.desirable = tokens, ref_tokens, ref_rows, desirable
+        self.kl_logps, self.ref_kl_logps, self.kwargs = kl_logps, ref_kl_logps, kwargs
+        self.units = tokens.rows  # every sequence on its own
+
+    def rows_of(self, rows: Tensor) -> Tensor:
+        return rows
+
+    def unit_counts(self) -> Tensor:
+        return self.tokens.counts
+
+    def loss(self, logp: Tensor, rows: Tensor, ids: Tensor, valid: Tensor):
+        """kto_loss of sequences ``rows`` from the log-probs ``logp`` of their tokens ``ids`` (laid
+        out by ``valid``): the per-sequence sums TRL's KTOTrainer forms, then kto_loss. Its mean is
+        over ``rows``; the caller rescales a chunk's share by ``len(rows) / B``."""
+        sums = _padded(logp, valid).sum(1)
+        if self.ref_tokens is not None:
+            ref = _padded(self.ref_tokens[ids].to(logp.dtype), valid).sum(1)
+        else:
+            ref = self.ref_rows[rows]
+        return kto_loss(sums, ref, self.desirable[rows], self.kl_logps, self.ref_kl_logps, **self.kwargs)
+
+
+@torch.compiler.disable
+def linear_kto_loss(hidden: Tensor, weight: Tensor, labels: Tensor, response_mask: Tensor | None,
+                    ref_logprobs: Tensor, desirable: Tensor, kl_logps: Tensor | None = None,
+                    ref_kl_logps: Tensor | None = None, *, cu_seqlens: Tensor | None = None,
+                    bias: Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
+                    logit_softcap: float | None = None, ignore_index: int = -100, chunk_size: int | None = None,
+                    deterministic: bool = False, logits_dtype: torch.dtype | None = None, loss_type: str = "kto",
+                    beta: float = 0.1, desirable_weight: float = 1.0,
+                    undesirable_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """TRL 1.16's KTO loss (``rlkern.kto_loss``: ``KTOTrainer._compute_loss``) from the policy's
+    hidden states and LM head, the gradient formed in the forward: 3 GEMMs per completion token,
+    never ``[N, V]`` logits.
+
+    Equals ``kto_loss(sum_t linear_token_logprobs(hidden, weight, labels, ...)[b, t] *
+    response_mask[b, t], ref_logps, desirable, kl_logps, ref_kl_logps, ...)``: with
+    ``logprob_t = log softmax(softcap(logit_scale * (h_t W^T + b)) / T)[y_t]``, ``x_b`` the
+    sequence sums, ``r_b = x_b - ref_b`` and the reference point ``kl = clamp(mean(kl_logps -
+    ref_kl_logps), min=0)`` (a detached constant),
+
+        loss = 1/B sum_b [desirable_b] w_d (1 - sigmoid(beta (r_b - kl)))
+                       + [not desirable_b] w_u (1 - sigmoid(beta (kl - r_b)))     (``"kto"``,
+        KTO, arXiv 2402.01306, Eq. 7; ``"apo_zero_unpaired"``: ``1 - sigmoid(beta r_b)`` and
+        ``sigmoid(beta r_b)``).
+
+    Why 3 GEMMs: each sequence's term depends on its own sum only (``kl`` is a constant: TRL
+    computes the KL completions' log-probs under no_grad), so once a chunk of WHOLE sequences has
+    its log-probs, ``d loss / d logprob_t = d loss / d x_b`` is known and the logits tile turns
+    into d logits in place for the two gradient GEMMs (``linear_preference_loss``' ``"pairs"``
+    plan, with sequences for pairs). A sequence longer than the tile budget takes the
+    ``"global"`` plan (4 GEMMs, see the module docstring).
+
+    Args:
+        hidden: padded ``[B, T, H]`` (with ``response_mask``) or packed ``[total, H]`` (with
+            ``cu_seqlens`` ``[B + 1]``): the policy's last hidden states at the positions that
+            predict ``labels`` (TRL's shifted layout). float16/bfloat16/float32/float64.
+        weight: the LM head ``[V, H]``. bias: ``[V]`` or None.
+        labels: ``hidden.shape[:-1]`` int32/int64 token ids (read only where ``response_mask``
+            is nonzero; ``ignore_index`` gives log-prob 0).
+        response_mask: nonzero = a completion token (None when packed: every token).
+        ref_logprobs: the reference model's token log-probs (``labels``' shape) or per-sequence
+            ``[B]`` sums (TRL's ``ref_logps``). Constants.
+        desirable: ``[B]`` bool (or 0/1 ints): True for a desirable completion (TRL's ``label``,
+            ``kto_loss``' ``labels``; named apart here, where ``labels`` are the token ids).
+        kl_logps, ref_kl_logps: ``[M]`` constants, as ``kto_loss`` takes them (required with
+            ``"kto"``, None with ``"apo_zero_unpaired"``; M = 0 gives kl = 0). Liger's ``kl``
+            tensor is ``kl_logps=kl.reshape(1), ref_kl_logps=zeros(1)`` (for ``kl >= 0``).
+        cu_seqlens, temperature, logit_scale, logit_softcap, ignore_index, chunk_size,
+            deterministic, logits_dtype: as ``linear_preference_loss`` (``chunk_size``: the most
+            completion tokens of the sequences of one tile).
+        loss_type, beta, desirable_weight, undesirable_weight: as ``kto_loss`` (KTOConfig's
+            names and defaults).
+
+    Returns:
+        ``(loss, metrics)`` as ``rlkern.kto_loss``: a 0-dim float32 loss (float64 for float64
+        inputs) differentiable w.r.t. hidden, weight and bias; metrics ``kl``,
+        ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``logps/chosen``,
+        ``logps/rejected``.
+    """
+    rows = _check(hidden, weight, labels, response_mask, cu_seqlens, bias, ignore_index, chunk_size, None,
+                  temperature, logit_scale, logit_softcap, op=_KTO_OP, paired=False)
+    try:
+        logits_dtype = head._check_logits_dtype(logits_dtype, hidden, weight)
+    except ValueError as error:
+        raise ValueError(f"{_KTO_OP}: " + str(error).removeprefix("linear_token_logprobs: ")) from None
+    lead = tuple(labels.shape)
+    device = hidden.device
+    if not isinstance(ref_logprobs, Tensor) or not ref_logprobs.dtype.is_floating_point:
+        raise TypeError(f"{_KTO_OP}: ref_logprobs must be a float tensor (token log-probs of labels' shape or [B] "
+                        f"sums), got {getattr(ref_logprobs, 'dtype', type(ref_logprobs).__name__)}")
+    per_sequence_ref = tuple(ref_logprobs.shape) != lead
+    if per_sequence_ref and tuple(ref_logprobs.shape) != (rows,):
+        raise ValueError(f"{_KTO_OP}: ref_logprobs must have labels' shape {lead} (token-level) or be [B] = [{rows}] "
+                         f"(per-sequence sums), got {tuple(ref_logprobs.shape)}")
+    if ref_logprobs.device != device:
+        raise ValueError(f"{_KTO_OP}: ref_logprobs is on {ref_logprobs.device} but hidden is on {device}")
+    if ref_logprobs.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{_KTO_OP}: ref_logprobs requires grad, but it is a constant of the loss; compute it under "
+                         "torch.no_grad() or pass .detach()")
+    if not isinstance(desirable, Tensor) or tuple(desirable.shape) != (rows,) or desirable.dtype.is_floating_point \
+            or desirable.is_complex():
+        raise ValueError(f"{_KTO_OP}: desirable must be a [B] = [{rows}] bool (or 0/1 int) tensor, got "
+                         f"{getattr(desirable, 'shape', type(desirable).__name__)} {getattr(desirable, 'dtype', '')}")
+    total = labels.numel()
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=device, dtype=torch.long)
+        row_of = torch.repeat_interleave(torch.arange(rows, device=device), cu.diff(), output_size=total)
+    else:
+        row_of = torch.arange(rows, device=device).repeat_interleave(labels.shape[1])
+    mask_flat = (torch.ones(total, dtype=torch.bool, device=device) if response_mask is None
+                 else (response_mask.reshape(-1) != 0).to(device))
+    tokens = _Tokens(mask_flat, row_of, rows)
+    token_ops.check_label_range(labels.reshape(-1)[tokens.flat], weight.shape[0], ignore_index, op=_KTO_OP)
+    kwargs = dict(loss_type=loss_type, beta=beta, desirable_weight=desirable_weight,
+                  undesirable_weight=undesirable_weight)
+    batch = _KtoBatch(tokens, None if per_sequence_ref else ref_logprobs.detach().reshape(-1)[tokens.flat],
+                      ref_logprobs.detach() if per_sequence_ref else None, desirable.to(device=device, dtype=torch.bool),
+                      kl_logps, ref_kl_logps, kwargs)
+    try:  # kto_loss' own checks of the constants and keywords, before any GEMM (O(B) work)
+        with torch.no_grad():
+            probe = torch.zeros(rows, dtype=torch.float64 if torch.float64 in (hidden.dtype, weight.dtype)
+                                else torch.float32, device=device)
+            kto_loss(probe, probe, batch.desirable, kl_logps, ref_kl_logps, **kwargs)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{_KTO_OP}: " + str(error).removeprefix("kto_loss: ")) from None
+    if kl_logps is not None and kl_logps.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{_KTO_OP}: kl_logps requires grad, but it is a constant of the loss (TRL computes the KL "
+                         "completions' log-probs under no_grad); pass .detach()")
+    vocab = max(weight.shape[0], 1)
+    budget_key = "cuda" if device.type == "cuda" else "cpu"
+    plan, chunk_rows = None, chunk_size or max(16, _PAIR_TILE_BYTES[budget_key] // (4 * vocab))
+    if rows and int(tokens.counts.max()) > chunk_rows:  # a sequence larger than the tile: two passes
+        plan = "global"
+        chunk_rows = chunk_size or max(16, head._TILE_BYTES[budget_key] // (4 * vocab) // 16 * 16)
+    hyper = (float(logit_scale), float(logit_softcap) if logit_softcap is not None else 0.0, float(temperature),
+             int(ignore_index), bool(deterministic))
+    keys: list = []
+    try:
+        loss, *values = _LinearPreference.apply(hidden, weight, bias, labels, tokens, batch, hyper, plan,
+                                                int(chunk_rows), keys, torch.is_grad_enabled(), logits_dtype)
+    except (ValueError, TypeError) as error:  # kto_loss' checks, under this op's name
+        message = str(error)
+        if message.startswith("kto_loss: "):
+            raise type(error)(f"{_KTO_OP}: " + message.removeprefix("kto_loss: ")) from None
         raise
     return loss, dict(zip(keys, values))
