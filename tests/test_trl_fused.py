@@ -370,6 +370,99 @@ def test_fused_losses_under_fp32_tiles(trainer):
         assert ours[2][k] == pytest.approx(ref[2][k], rel=2e-5, abs=2e-6), k
 
 
+# --- KTO ---------------------------------------------------------------------------------------
+
+kto_mod = import_peer("trl.trainer.kto_trainer")
+NK = 5  # completions (unpaired)
+
+
+def _kto_models():
+    policy, ref = tiny_qwen2(tiny_tokenizer(), seed=0), tiny_qwen2(tiny_tokenizer(), seed=1)
+    trl_utils.add_fused_lm_head(policy, outputs=("log_probs", "entropy", "mean_logits"))  # as KTOTrainer does
+    trl_utils.add_fused_lm_head(ref)
+    return policy, ref
+
+
+def _kto_trainer(policy, ref, options):
+    args = types.SimpleNamespace(**_config_defaults("trl.trainer.kto_config", "KTOConfig"))
+    for k, v in options.items():
+        setattr(args, k, v)
+    t = object.__new__(kto_mod.KTOTrainer)
+    t.args = args
+    t.accelerator = _accelerator()
+    t.accelerator.device = torch.device("cpu")
+    t.accelerator.unwrap_model = lambda m: m
+    t.model, t.ref_model = policy, ref
+    t.beta = args.beta
+    t.precompute_ref_logps = False
+    t.loss_type = args.loss_type
+    t.desirable_weight, t.undesirable_weight = args.desirable_weight, args.undesirable_weight
+    t.calculate_KL = args.loss_type == "kto"
+    t.aux_loss_enabled = False
+    t._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    t._total_train_tokens = 0
+    t._tp_size = 1
+    return t
+
+
+def _kto_inputs(vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.arange(L)[None]
+
+    def batch(start, end):
+        ids = torch.randint(5, vocab, (NK, L), generator=g)
+        return ids, ((pos >= start[:, None]) & (pos < end[:, None])).long(), (pos < end[:, None]).long()
+
+    ids, completion_mask, attention_mask = batch(torch.tensor([3, 4, 2, 3, 5]), torch.tensor([L, 8, 9, 6, L]))
+    kl_ids, kl_mask, kl_attention = batch(torch.tensor([2, 3, 4, 3, 2]), torch.tensor([9, L, 7, L, 8]))
+    return dict(input_ids=ids, attention_mask=attention_mask, completion_mask=completion_mask,
+                label=torch.tensor([True, False, True, False, False]), KL_input_ids=kl_ids,
+                KL_attention_mask=kl_attention, KL_completion_mask=kl_mask)
+
+
+def _kto_step(compute, options, precision):
+    policy, ref = _kto_models()
+    trainer = _kto_trainer(policy, ref, options)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = compute(trainer, policy, _kto_inputs(policy.config.vocab_size), False)
+    loss.backward()
+    grads = {n: p.grad.double().clone() for n, p in policy.named_parameters() if p.grad is not None}
+    return loss.detach().double(), grads, dict(trainer._metrics["train"])
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("options", [
+    dict(loss_type="kto", beta=0.3),
+    dict(loss_type="kto", desirable_weight=1.4, undesirable_weight=0.7),
+    dict(loss_type="apo_zero_unpaired", beta=0.2),
+], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_kto_fused_loss_matches_trl(options, precision):
+    rt.unpatch()
+    ref = _kto_step(_trl_loss._original(kto_mod.KTOTrainer), dict(options), precision)
+    rt.patch(loss="fused")
+    try:
+        assert kto_mod.KTOTrainer._compute_loss is _trl_loss.kto_fused_compute_loss
+        before = rt.calls["KTOTrainer._compute_loss[fused]"], rt.calls["KTOTrainer._compute_loss"]
+        ours = _kto_step(kto_mod.KTOTrainer._compute_loss, dict(options), precision)
+        assert rt.calls["KTOTrainer._compute_loss[fused]"] == before[0] + 1, "linear_kto_loss did not run"
+        assert rt.calls["KTOTrainer._compute_loss"] == before[1] + 1
+    finally:
+        rt.unpatch()
+    # as DPO: fp32 within TRL's own chunking noise; bf16 (TRL's bf16 tiles through logits_dtype)
+    # within one bf16 ulp of the backbone's backward
+    grad_rtol = 2e-5 if precision == "fp32" else 1e-2
+    torch.testing.assert_close(ours[0], ref[0], rtol=2e-5, atol=2e-6)
+    assert sorted(ours[1]) == sorted(ref[1])
+    for name in ref[1]:
+        scale = ref[1][name].abs().max().item()
+        gap = (ours[1][name] - ref[1][name]).abs().max().item()
+        assert gap <= grad_rtol * scale + 1e-9, (name, gap, scale)
+    assert list(ours[2]) == list(ref[2])
+    for key in ref[2]:
+        assert ours[2][key] == pytest.approx(ref[2][key], rel=2e-5, abs=2e-6, nan_ok=True), key
+
+
 def test_patch_loss_option():
     with pytest.raises(TypeError, match="^patch: loss"):
         rt.patch(loss="yes")
@@ -378,6 +471,7 @@ def test_patch_loss_option():
     try:
         assert grpo_mod.GRPOTrainer._compute_loss is _trl_loss.grpo_fused_compute_loss
         assert dpo_mod.DPOTrainer._compute_loss is _trl_loss.dpo_fused_compute_loss
+        assert kto_mod.KTOTrainer._compute_loss is _trl_loss.kto_fused_compute_loss
         with pytest.raises(ValueError, match="^patch: already patched"):
             rt.patch(loss=True)
     finally:

@@ -30,9 +30,10 @@ in-place product on sft's expanded loss / on relu's saved output raises), alpha_
 float64 log-probs (TRL has no clamp for float64; rlkern's is 80). Empty completions: sft's
 token mean is 0 (TRL: NaN).
 
-``grpo_fused_compute_loss`` / ``dpo_fused_compute_loss`` (``patch(loss="fused")``): the same
-methods, with the loss formed from the policy's last hidden states and LM head by
-``rlkern.linear_policy_loss`` / ``rlkern.linear_preference_loss`` (the hidden states recorded
+``grpo_fused_compute_loss`` / ``dpo_fused_compute_loss`` / ``kto_fused_compute_loss``
+(``patch(loss="fused")``): the same methods, with the loss formed from the policy's last hidden
+states and LM head by ``rlkern.linear_policy_loss`` / ``rlkern.linear_preference_loss`` /
+``rlkern.linear_kto_loss`` (the hidden states recorded
 from TRL's own forward by ``rlkern.integrations.trl.capture``); what they cannot take runs the
 methods above.
 
@@ -103,7 +104,7 @@ def _save_originals() -> None:
     for owner in _trl():
         current = owner.__dict__["_compute_loss"]
         if current not in (grpo_compute_loss, grpo_fused_compute_loss, rloo_compute_loss, dpo_compute_loss,
-                           dpo_fused_compute_loss, kto_compute_loss):
+                           dpo_fused_compute_loss, kto_compute_loss, kto_fused_compute_loss):
             _ORIGINAL[(owner, "_compute_loss")] = current
 
 
@@ -592,7 +593,15 @@ def _dpo_finish(self, mode, loss, metrics, outputs, seq_len, shift_completion_ma
 # --- KTO ---------------------------------------------------------------------------------------
 
 
-def kto_compute_loss(self, model, inputs, return_outputs):
+def kto_fused_compute_loss(self, model, inputs, return_outputs):
+    """``KTOTrainer._compute_loss`` through rlkern.linear_kto_loss (``patch(loss="fused")``): the
+    policy's last hidden states and LM head; TRL's fused head still computes its per-token outputs
+    outside the graph for the logged metrics (entropy, mean logits, log-probs). A LoRA or FSDP2
+    head and the MoE aux loss run kto_compute_loss."""
+    return kto_compute_loss(self, model, inputs, return_outputs, fused=True)
+
+
+def kto_compute_loss(self, model, inputs, return_outputs, fused=False):
     """``KTOTrainer._compute_loss`` through rlkern.kto_loss (same loss, gradient and metrics).
 
     TRL's glue stays: the KL completions' log-probs (its own ``_compute_kl_logps``), the policy
@@ -623,7 +632,17 @@ def kto_compute_loss(self, model, inputs, return_outputs):
     if self.aux_loss_enabled:
         model_kwargs["output_router_logits"] = True
     completion_labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    outputs = model(**model_kwargs, labels=completion_labels, fused_lm_head=True)
+    head = None
+    if fused and not self.aux_loss_enabled:  # the aux loss comes with the outputs: it stays unfused
+        from rlkern.integrations import trl as rt
+
+        with rt.capture(compute=True) as heads:  # TRL's forward, its outputs detached (metrics)
+            outputs = model(**model_kwargs, labels=completion_labels, fused_lm_head=True)
+        if len(heads) > 1:
+            raise RuntimeError("rlkern TRL loss: one fused-head call expected per _compute_loss")
+        head = heads[0] if heads else None  # none: a LoRA / FSDP2 head, scored by the adapter
+    else:
+        outputs = model(**model_kwargs, labels=completion_labels, fused_lm_head=True)
     seq_len = batch["input_ids"].size(1) - 1
     logps = outputs.log_probs[:, -seq_len:].sum(-1)
     if logps.shape[0] != len(labels):
@@ -649,15 +668,25 @@ def kto_compute_loss(self, model, inputs, return_outputs):
 
     kw = dict(loss_type=self.loss_type, beta=self.beta, desirable_weight=self.desirable_weight,
               undesirable_weight=self.undesirable_weight)
+    kl_args = ()
     if self.loss_type == "kto":
         if self.calculate_KL:  # TRL's reference point: the processes' mean KL estimates, averaged, >= 0
             point = (kl_logps - ref_kl_logps).mean().detach()
             point = self.accelerator.gather_for_metrics(point).mean().reshape(1)
         else:
             point = logps.new_zeros((0,)).detach()  # no KL completions: kl = 0
-        loss, metrics = rlkern.kto_loss(logps, ref_logps, bool_labels, point, torch.zeros_like(point), **kw)
+        kl_args = (point, torch.zeros_like(point))
+    if head is not None:
+        shifted = completion_labels[:, 1:].to(head["hidden"].device)
+        valid = shifted != -100
+        loss, metrics = rlkern.linear_kto_loss(
+            _hidden_grid(head["hidden"], valid), head["weight"], shifted, valid, ref_logps.detach(),
+            bool_labels.to(shifted.device), *(t.to(shifted.device) for t in kl_args), bias=head["bias"],
+            temperature=head["temperature"], logit_scale=head["logit_scale"], logit_softcap=head["softcap"] or None,
+            logits_dtype=head["logits_dtype"], **kw)
+        _count("KTOTrainer._compute_loss[fused]")
     else:
-        loss, metrics = rlkern.kto_loss(logps, ref_logps, bool_labels, **kw)
+        loss, metrics = rlkern.kto_loss(logps, ref_logps, bool_labels, *kl_args, **kw)
     _count("KTOTrainer._compute_loss")
 
     self._metrics[mode]["kl"].append(metrics["kl"].item())
@@ -694,13 +723,14 @@ def kto_compute_loss(self, model, inputs, return_outputs):
 
 def loss_overrides(fused: bool = False) -> list[tuple[object, str, object]]:
     """``(owner class, attribute name, replacement)`` for each trainer whose loss rlkern computes
-    (``fused``: GRPO's and DPO's through rlkern.linear_policy_loss / linear_preference_loss)."""
+    (``fused``: GRPO's, DPO's and KTO's through rlkern.linear_policy_loss /
+    linear_preference_loss / linear_kto_loss)."""
     grpo, rloo, dpo, kto = _trl()
     _save_originals()
     return [(grpo, "_compute_loss", grpo_fused_compute_loss if fused else grpo_compute_loss),
             (rloo, "_compute_loss", rloo_compute_loss),
             (dpo, "_compute_loss", dpo_fused_compute_loss if fused else dpo_compute_loss),
-            (kto, "_compute_loss", kto_compute_loss)]
+            (kto, "_compute_loss", kto_fused_compute_loss if fused else kto_compute_loss)]
 
 
 try:  # TRL's own methods, saved at import: a patch applied later cannot hide them from the fallback

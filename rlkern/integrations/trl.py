@@ -54,12 +54,13 @@ on GPU). Targets must be in ``[0, V)`` (TRL clamps its labels before the call); 
 raises. ``patch(loss=True)`` also installs rlkern's trainer losses
 (``rlkern.integrations._trl_loss.loss_overrides()``): ``GRPOTrainer`` and ``RLOOTrainer`` on
 ``rlkern.policy_loss``, ``DPOTrainer`` on ``rlkern.preference_loss``, ``KTOTrainer`` on ``rlkern.kto_loss``.
-``patch(loss="fused")`` installs them with GRPOTrainer's and DPOTrainer's on the fused LM-head
-losses: TRL's own forward runs, and this adapter, inside ``capture()``, records the hidden
-states and head it is handed (returning zeros, or for DPO its outputs computed outside the graph
-for the logged metrics); the loss then calls ``rlkern.linear_policy_loss`` /
-``rlkern.linear_preference_loss`` on them (``calls["GRPOTrainer._compute_loss[fused]"]``,
-``calls["DPOTrainer._compute_loss[fused]"]``); under a bf16 / fp16 compute dtype both round
+``patch(loss="fused")`` installs them with GRPOTrainer's, DPOTrainer's and KTOTrainer's on the
+fused LM-head losses: TRL's own forward runs, and this adapter, inside ``capture()``, records the
+hidden states and head it is handed (returning zeros, or for DPO / KTO its outputs computed
+outside the graph for the logged metrics); the loss then calls ``rlkern.linear_policy_loss`` /
+``rlkern.linear_preference_loss`` / ``rlkern.linear_kto_loss`` on them
+(``calls["GRPOTrainer._compute_loss[fused]"]``, ``calls["DPOTrainer._compute_loss[fused]"]``,
+``calls["KTOTrainer._compute_loss[fused]"]``); under a bf16 / fp16 compute dtype both round
 their logits tiles as TRL's (``logits_dtype``). A LoRA or FSDP2 head and the configurations
 listed in ``_trl_loss._fusable`` / ``_dpo_fusable`` run the ``loss=True`` path.
 
@@ -409,10 +410,10 @@ def patch(*, fp32: bool = False, loss: bool | str = False) -> None:
             fp32 tiles whatever the autocast (module docstring), and TRL's logits functions
             return rlkern's unrounded float32 (float64 for float64 logits).
         loss: True: also install rlkern's trainer losses (``rlkern.integrations._trl_loss``);
-            ``"fused"``: those losses, and GRPOTrainer's / DPOTrainer's project the policy's last
-            hidden states through the LM head inside ``rlkern.linear_policy_loss`` /
-            ``rlkern.linear_preference_loss`` (``calls["GRPOTrainer._compute_loss[fused]"]``,
-            ``calls["DPOTrainer._compute_loss[fused]"]`` count those steps; a configuration
+            ``"fused"``: those losses, and GRPOTrainer's / DPOTrainer's / KTOTrainer's project the
+            policy's last hidden states through the LM head inside ``rlkern.linear_policy_loss`` /
+            ``rlkern.linear_preference_loss`` / ``rlkern.linear_kto_loss``
+            (``calls["<Trainer>._compute_loss[fused]"]`` count those steps; a configuration
             they cannot take runs the ``loss=True`` path).
 
     Calling it again with the same options does nothing; with other options it raises
