@@ -521,3 +521,75 @@ def test_on_policy_parity_with_liger_fused_linear_grpo(liger_type, options):
     for name, a, b in zip(("hidden", "weight", "bias"), [x.grad for x in ours], [x.grad for x in leaves]):
         assert b.abs().max() > 0
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"d {name}: {m}")
+
+
+# LoRA on the head (PEFT's lora.Linear): the adapter's tiles, d A / d B / d hidden (/ d x)
+def _lora_case(seed=50, width=H, vocab=V, rank=3, dtype=torch.float32):
+    from test_lm_heads import _adapter, _peft_head
+
+    model, head = _peft_head(width, vocab, rank, 6, 0.0, dtype, bias=True, seed=seed)
+    lora_a, lora_b, scaling = _adapter(head)
+    return model, head, lora_a, lora_b, scaling
+
+
+@pytest.mark.parametrize("case", [
+    dict(loss="ppo", kl_coef=0.1, entropy_coef=0.05, chunk_size=4),
+    dict(loss="cispo", clip_low=1.0, clip_high=0.2, agg="seq-mean-token-mean", chunk_size=5, lora_x=True),
+    dict(loss="gspo", clip_low=3e-4, clip_high=4e-4, chunk_size=4),  # two passes
+    dict(loss="ppo", chunk_size=4, logits_dtype=torch.bfloat16, logit_scale=1.3),
+], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if k in ("loss", "lora_x", "logits_dtype")))
+def test_lora_head_matches_peft_and_the_composition(case, backend):
+    import_peer("peft")
+    case = dict(case)
+    lora_x = case.pop("lora_x", False)
+    model, head, lora_a, lora_b, scaling = _lora_case()
+    t = _inputs(torch.float32)
+    weight, bias = head.base_layer.weight, head.base_layer.bias  # frozen by PEFT
+    x = (t["hidden"] * 0.7 + 0.1) if lora_x else None  # an explicit A-path input (PEFT's dropout output)
+
+    def run(fn):
+        leaves = [t["hidden"].detach().clone().requires_grad_(), lora_a.detach().clone().requires_grad_(),
+                  lora_b.detach().clone().requires_grad_()]
+        xs = None if x is None else x.detach().clone().requires_grad_()
+        loss = fn(leaves, xs)
+        loss.backward()
+        return loss.detach(), [g.grad for g in leaves + ([xs] if xs is not None else [])]
+
+    ours = run(lambda lv, xs: rlkern.linear_policy_loss(
+        lv[0], weight, t["labels"], t["old"], t["adv"], t["mask"], bias=bias, ref_logprobs=t["ref"], lora_A=lv[1],
+        lora_B=lv[2], lora_scaling=scaling, lora_hidden=xs, **case)[0])
+    head_kw = {k: case[k] for k in ("chunk_size", "logits_dtype", "logit_scale") if k in case}
+    pl_kw = {k: v for k, v in case.items() if k not in head_kw}
+
+    def composition(lv, xs):
+        out = rlkern.linear_token_logprobs(lv[0], weight, t["labels"], bias=bias, return_entropy=True, lora_A=lv[1],
+                                           lora_B=lv[2], lora_scaling=scaling, lora_hidden=xs, **head_kw)
+        return rlkern.policy_loss(out.logprobs, t["old"], t["adv"], t["mask"], entropy=out.entropy,
+                                  ref_logprobs=t["ref"], **pl_kw)[0]
+
+    comp = run(composition)
+    torch.testing.assert_close(ours[0], comp[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours[1], comp[1]):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    if "logits_dtype" in case or lora_x:
+        return
+    # PEFT's own head: materialized logits of model(hidden) (W + s B A never merged by us)
+    def peft(lv, xs):
+        with torch.no_grad():
+            head.lora_A["default"].weight.copy_(lv[1])
+            head.lora_B["default"].weight.copy_(lv[2])
+        logits = model(lv[0]).float()
+        log_p = torch.log_softmax(logits, -1)
+        lp = log_p.gather(-1, t["labels"].clamp(min=0)[..., None])[..., 0].masked_fill(t["labels"] == -100, 0)
+        ent = -(log_p.exp() * log_p).sum(-1)
+        return rlkern.policy_loss(lp, t["old"], t["adv"], t["mask"], entropy=ent, ref_logprobs=t["ref"], **pl_kw)[0]
+
+    head.zero_grad()
+    leaves = [t["hidden"].detach().clone().requires_grad_()]
+    loss = peft([leaves[0], lora_a.detach(), lora_b.detach()], None)
+    loss.backward()
+    peft_grads = [leaves[0].grad, head.lora_A["default"].weight.grad, head.lora_B["default"].weight.grad]
+    torch.testing.assert_close(ours[0], loss.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours[1], peft_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
