@@ -602,3 +602,86 @@ def test_kto_cuda_matches_reference():
         expected = _kto_theirs(*case)
         _close((ours[0].cpu(), {k: v.cpu() for k, v in ours[1].items()}, [g.cpu() for g in ours[2]]), expected,
                1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA on the head (PEFT's lora.Linear), in both fused preference losses
+
+
+def _peft_lora(width, vocab, seed):
+    from test_lm_heads import _adapter, _peft_head
+
+    import_peer("peft")
+    model, peft_head = _peft_head(width, vocab, 3, 6, 0.0, torch.float32, bias=True, seed=seed)
+    return (model, peft_head, *_adapter(peft_head))
+
+
+def _lora_run(fn, hidden, lora_a, lora_b, x=None):
+    leaves = [hidden.detach().clone().requires_grad_(), lora_a.detach().clone().requires_grad_(),
+              lora_b.detach().clone().requires_grad_()]
+    xs = None if x is None else x.detach().clone().requires_grad_()
+    loss = fn(*leaves, xs)
+    loss.backward()
+    return loss.detach(), [t.grad for t in leaves + ([xs] if xs is not None else [])]
+
+
+def _assert_lora(ours, theirs):
+    torch.testing.assert_close(ours[0], theirs[0].to(ours[0].dtype), rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours[1], theirs[1]):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [
+    dict(kto=False, chunking=None),
+    dict(kto=False, chunking="global", deterministic=True, lora_x=True),
+    dict(kto=False, chunking=None, logits_dtype=torch.bfloat16, logit_scale=1.2),
+    dict(kto=True, chunk_size=64),
+    dict(kto=True, chunk_size=4, lora_x=True),  # the global plan
+], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_lora_head_matches_the_composition_and_peft(backend, case):
+    case = dict(case)
+    kto, lora_x = case.pop("kto"), case.pop("lora_x", False)
+    model, peft_head, lora_a, lora_b, scaling = _peft_lora(16, 97, seed=60)
+    weight, bias = peft_head.base_layer.weight, peft_head.base_layer.bias
+    if kto:
+        hidden, _, _, labels, mask, ref, desirable, kl, ref_kl = _kto_case(5, 8, 16, 97, seed=61)
+    else:
+        hidden, _, _, labels, mask, ref = _batch(3, 8, 16, 97, seed=61)
+    x = hidden * 0.6 - 0.2 if lora_x else None
+    head_kw = {k: case[k] for k in ("logits_dtype", "logit_scale") if k in case}
+
+    def loss_of(logp):  # the loss of the token log-probs
+        if kto:
+            return rlkern.kto_loss((logp * mask).sum(1), (ref * mask).sum(1), desirable, kl, ref_kl, beta=0.3)[0]
+        return rlkern.token_preference_loss(logp, mask, ref, loss_type=["sigmoid", "ipo"], loss_weights=[1, .2])[0]
+
+    def ours(h, a, b, xs):
+        lora = dict(bias=bias, lora_A=a, lora_B=b, lora_scaling=scaling, lora_hidden=xs, **case)
+        if kto:
+            return rlkern.linear_kto_loss(h, weight, labels, mask, ref, desirable, kl, ref_kl, beta=0.3, **lora)[0]
+        return rlkern.linear_preference_loss(h, weight, labels, mask, ref, loss_type=["sigmoid", "ipo"],
+                                             loss_weights=[1, .2], **lora)[0]
+
+    def composition(h, a, b, xs):
+        return loss_of(rlkern.linear_token_logprobs(h, weight, labels, bias=bias, lora_A=a, lora_B=b,
+                                                    lora_scaling=scaling, lora_hidden=xs, **head_kw))
+
+    mine = _lora_run(ours, hidden, lora_a, lora_b, x)
+    _assert_lora(mine, _lora_run(composition, hidden, lora_a, lora_b, x))
+    if head_kw or lora_x:
+        return
+
+    def peft(h, a, b, xs):  # PEFT's own forward, materialized logits
+        with torch.no_grad():
+            peft_head.lora_A["default"].weight.copy_(a)
+            peft_head.lora_B["default"].weight.copy_(b)
+        log_p = torch.log_softmax(model(h).float(), -1)
+        return loss_of(log_p.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask)
+
+    model.zero_grad()
+    h = hidden.detach().clone().requires_grad_()
+    loss = peft(h, lora_a.detach(), lora_b.detach(), None)
+    loss.backward()
+    _assert_lora(mine, (loss.detach(), [h.grad, peft_head.lora_A["default"].weight.grad,
+                                        peft_head.lora_B["default"].weight.grad]))

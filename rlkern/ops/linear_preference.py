@@ -74,6 +74,7 @@ from torch import Tensor
 from rlkern.ops import _checks
 from rlkern.ops import linear_logprobs as head
 from rlkern.ops import logprobs as token_ops
+from rlkern.ops.linear_losses import LoraTiles
 from rlkern.ops.preference import kto_loss
 from rlkern.ops.preference_tokens import token_preference_loss
 
@@ -180,8 +181,9 @@ class _Head:
     gathered per chunk, logits tiles in the accumulation dtype, gradient accumulators."""
 
     def __init__(self, hidden, weight, bias, labels, tokens, logit_scale, softcap, temperature, ignore_index,
-                 deterministic, needs, max_rows, logits_dtype=None):
+                 deterministic, needs, max_rows, logits_dtype=None, lora=None):
         self.hidden, self.bias, self.labels, self.tokens = hidden, bias, labels, tokens
+        self.lora = lora  # None or a linear_losses.LoraTiles: the adapter's rows follow the tile's tokens
         self.scale, self.softcap, self.temperature, self.ignore = logit_scale, softcap, temperature, ignore_index
         self.deterministic = deterministic
         acc = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
@@ -235,14 +237,24 @@ class _Head:
             h = head._rows(h, 0, k, rows)
             labels = head._rows(labels, 0, k, rows, self.ignore)
         tile = self.buf[: h.shape[0]]
+        xa = None
+        if self.lora is not None:
+            xa = self.lora.ops[0][flat]
+            if xa.shape[0] != h.shape[0]:
+                xa = head._rows(xa, 0, k, h.shape[0])
+            self.xa_rows = xa
         if self.rounded:
             for s, e in self._blocks(h.shape[0]):
                 head._rounded_logits_into(tile[s:e], h[s:e], self.weight, self.bias)
+                if xa is not None:
+                    self.lora.add(tile[s:e], xa[s:e], 1.0)
             self.raw = tile
             tile = head._scaled(tile, None if self.wide is None else self.wide[: h.shape[0]], self.scale)
             return tile, h, labels, flat
         for s, e in self._blocks(h.shape[0]):
             head._logits_into(tile[s:e], h[s:e], self.weight, self.bias, self.scale)
+            if xa is not None:
+                self.lora.add(tile[s:e], xa[s:e], self.scale)
         return tile, h, labels, flat
 
     def logprobs(self, tile: Tensor, labels: Tensor):
@@ -268,18 +280,23 @@ class _Head:
                 head._rounded_grad_products(raw[s:e], None if wide is None else wide[s:e], h[s:e],
                                             self.product_weight, None if gh is None else gh[s:e], self.grad_weight,
                                             self.grad_bias)
+            if self.lora is not None:  # the CPU products left the tile's fp32 copy in wide
+                on_cpu_wide = wide is not None and h.device.type != "cuda"
+                self.lora.grads(wide if on_cpu_wide else raw.to(self.acc), self.xa_rows, 1.0, flat)
             if gh is not None:
                 self.grad_hidden[flat] = gh[:k]
             return
         for s, e in self._blocks(tile.shape[0]):
             head._grad_products(tile[s:e], h[s:e], self.weight, None if gh is None else gh[s:e], self.grad_weight,
                                 self.grad_bias, self.scale)
+        if self.lora is not None:
+            self.lora.grads(tile, self.xa_rows, self.scale, flat)
         if gh is not None:
             self.grad_hidden[flat] = gh[:k]
 
 
 def _run(hidden, weight, bias, labels, tokens: _Tokens, batch: _Batch, hyper, needs, chunking, chunk_rows,
-         logits_dtype=None):
+         logits_dtype=None, lora=None):
     """The forward: ``(loss, metrics, grads or None)``; see the module docstring."""
     logit_scale, softcap, temperature, ignore_index, deterministic = hyper
     n = batch.units
@@ -289,12 +306,12 @@ def _run(hidden, weight, bias, labels, tokens: _Tokens, batch: _Batch, hyper, ne
     if chunking == "pairs" and chunks is None:
         raise ValueError(f"{_OP}: chunking='pairs' needs every pair's completion tokens to fit a tile of "
                          f"{chunk_rows} tokens (chunk_size), got a pair of {int(unit_counts.max())}")
-    any_grad = any(needs)
+    any_grad = any(needs) or (lora is not None and lora.any_grad)
     max_rows = max(chunk_rows if chunks is None else max((int(unit_counts[c].sum()) for c in chunks), default=1),
                    1)
     max_rows = min(max_rows, max(total, 1))
     hd = _Head(hidden, weight, bias, labels, tokens, logit_scale, softcap, temperature, ignore_index,
-               deterministic, needs, max_rows, logits_dtype)
+               deterministic, needs, max_rows, logits_dtype, lora)
     logp_all = torch.zeros(total, dtype=hd.acc, device=hidden.device)
     all_pairs = torch.arange(n, device=hidden.device)
     all_ids, all_valid = tokens.of_rows(batch.rows_of(all_pairs))
@@ -336,6 +353,8 @@ def _run(hidden, weight, bias, labels, tokens: _Tokens, batch: _Batch, hyper, ne
     with torch.no_grad():
         loss, metrics = batch.loss(logp_all[all_ids], all_pairs, all_ids, all_valid)
     grads = (hd.grad_hidden, hd.grad_weight, hd.grad_bias) if any_grad else None
+    if grads is not None and lora is not None:
+        grads = (*grads, *lora.finish(hd.grad_hidden))
     return loss, metrics, grads
 
 
@@ -344,14 +363,22 @@ class _LinearPreference(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, tokens, batch, hyper, chunking, chunk_rows, keys, grad_enabled,
-                logits_dtype):
+                logits_dtype, lora_a=None, lora_b=None, lora_hidden=None, lora_scaling=1.0):
         # needs_input_grad is True under torch.no_grad too: the caller's grad mode decides
-        needs = tuple(grad_enabled and bool(x) for x in
-                      (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]))
+        need = ctx.needs_input_grad
+        needs = tuple(grad_enabled and bool(x) for x in (need[0], need[1], bias is not None and need[2]))
         flat = hidden.reshape(-1, hidden.shape[-1])
+        lora = None
+        if lora_a is not None:
+            acc = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+            lora = LoraTiles(flat, lora_a, lora_b, float(lora_scaling),
+                             None if lora_hidden is None else lora_hidden.reshape(flat.shape), acc, logits_dtype,
+                             (needs[0], grad_enabled and need[12], grad_enabled and need[13],
+                              lora_hidden is not None and grad_enabled and need[14]))
         loss, metrics, grads = _run(flat, weight, bias, labels.reshape(-1), tokens, batch, hyper, needs, chunking,
-                                    chunk_rows, logits_dtype)
-        ctx.like = [(t.shape, t.dtype) if t is not None else None for t in (hidden, weight, bias)]
+                                    chunk_rows, logits_dtype, lora)
+        ctx.like = [(t.shape, t.dtype) if t is not None else None
+                    for t in (hidden, weight, bias, lora_a, lora_b, lora_hidden)]
         ctx.grads = grads
         keys.extend(metrics)
         values = [v.detach() for v in metrics.values()]
@@ -360,13 +387,32 @@ class _LinearPreference(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        out = [None] * 12
+        out = [None] * 16
         if ctx.grads is None:
             return tuple(out)
-        for i, (g, like) in enumerate(zip(ctx.grads, ctx.like)):
+        for i, g, like in zip((0, 1, 2, 12, 13, 14), ctx.grads, ctx.like):  # hidden, W, b, lora A, B, x
             if g is not None and like is not None:
                 out[i] = (g * grad_loss.to(g.dtype)).to(like[1]).view(like[0])
         return tuple(out)
+
+
+def _head_params(op, hidden, weight, bias, lora_a, lora_b):
+    """The head as the tiles take it: FSDP2 DTensors gathered (``linear_token_logprobs``'
+    ``_GatheredParameter``: their gradients reduce-scattered back, averaged over the mesh)."""
+    try:
+        gathered = head._gather_dtensors(op, hidden, dict(weight=weight, bias=bias, lora_A=lora_a, lora_B=lora_b),
+                                         None)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{op}: " + str(error).removeprefix(f"{op}: ")) from None
+    return gathered["weight"], gathered["bias"], gathered["lora_A"], gathered["lora_B"]
+
+
+def _check_lora(op, hidden, weight, lora_a, lora_b, lora_scaling, lora_hidden) -> None:
+    try:
+        head._check_lora(lora_a, lora_b, lora_scaling, lora_hidden, hidden, weight, "chunked", None)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{op}: " + str(error).removeprefix("linear_token_logprobs: ")) from None
+
 
 
 def _check(hidden, weight, labels, response_mask, cu_seqlens, bias, ignore_index, chunk_size, chunking,
@@ -411,7 +457,9 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
                            bias: Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
                            logit_softcap: float | None = None, ignore_index: int = -100,
                            chunk_size: int | None = None, deterministic: bool = False, chunking: str | None = None,
-                           logits_dtype: torch.dtype | None = None, ld_alpha: float | None = None, wpo_adjustment: Tensor | None = None,
+                           logits_dtype: torch.dtype | None = None, lora_A: Tensor | None = None,  # noqa: N803
+                           lora_B: Tensor | None = None, lora_scaling: float = 1.0,  # noqa: N803
+                           lora_hidden: Tensor | None = None, ld_alpha: float | None = None, wpo_adjustment: Tensor | None = None,
                            token_rewards: Tensor | None = None, tgdpo_alpha: float = 1.0, loss_type="sigmoid",
                            beta: float = 0.1, label_smoothing: float = 0.0, f_divergence_type: str = "reverse_kl",
                            f_alpha_divergence_coef: float = 1.0, discopop_tau: float = 0.05, loss_weights=None,
@@ -452,6 +500,13 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
             ``linear_token_logprobs(logits_dtype=...)`` rounds them (h and W cast to it, each tile
             rounded once, d logits rounded before the two gradient GEMMs): the fused path of a
             bf16 / fp16 DPO step.
+        lora_A, lora_B, lora_scaling, lora_hidden: a LoRA adapter on the head (PEFT's
+            ``lora.Linear``), as ``linear_token_logprobs`` takes it: each tile gets
+            ``logit_scale * lora_scaling * (x A^T) B^T`` added (never the merged weight), d B
+            and d xa come from each tile's d logits (``rlkern.ops.linear_losses.LoraTiles``).
+        FSDP2: ``weight``, ``bias``, ``lora_A``, ``lora_B`` may be ``fully_shard`` DTensors
+            (hidden and labels this rank's plain tensors), gathered as ``linear_token_logprobs``
+            gathers them.
         chunking: None (default: ``"pairs"`` when the loss types are pair-local and every pair
             fits the tile, else ``"global"``), ``"pairs"`` (3 GEMMs; raises for aot /
             aot_unpaired / sft and for a pair larger than the tile) or ``"global"`` (4 GEMMs).
@@ -466,8 +521,10 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
         detached. The forward keeps the finished gradients (hidden's, W's and b's sizes, fp32)
         until the graph is freed.
     """
+    weight, bias, lora_A, lora_B = _head_params(_OP, hidden, weight, bias, lora_A, lora_B)  # noqa: N806
     rows = _check(hidden, weight, labels, response_mask, cu_seqlens, bias, ignore_index, chunk_size, chunking,
                   temperature, logit_scale, logit_softcap)
+    _check_lora(_OP, hidden, weight, lora_A, lora_B, lora_scaling, lora_hidden)
     try:
         logits_dtype = head._check_logits_dtype(logits_dtype, hidden, weight)
     except ValueError as error:
@@ -547,7 +604,8 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
     keys: list = []
     try:
         loss, *values = _LinearPreference.apply(hidden, weight, bias, labels, tokens, batch, hyper, plan,
-                                                int(chunk_rows), keys, torch.is_grad_enabled(), logits_dtype)
+                                                int(chunk_rows), keys, torch.is_grad_enabled(), logits_dtype, lora_A,
+                                                lora_B, lora_hidden, float(lora_scaling))
     except (ValueError, TypeError) as error:  # the loss' checks, under this op's name
         message = str(error)
         if message.startswith("token_preference_loss: "):
@@ -594,7 +652,9 @@ def linear_kto_loss(hidden: Tensor, weight: Tensor, labels: Tensor, response_mas
                     ref_kl_logps: Tensor | None = None, *, cu_seqlens: Tensor | None = None,
                     bias: Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
                     logit_softcap: float | None = None, ignore_index: int = -100, chunk_size: int | None = None,
-                    deterministic: bool = False, logits_dtype: torch.dtype | None = None, loss_type: str = "kto",
+                    deterministic: bool = False, logits_dtype: torch.dtype | None = None,
+                    lora_A: Tensor | None = None, lora_B: Tensor | None = None,  # noqa: N803
+                    lora_scaling: float = 1.0, lora_hidden: Tensor | None = None, loss_type: str = "kto",
                     beta: float = 0.1, desirable_weight: float = 1.0,
                     undesirable_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     """TRL 1.16's KTO loss (``rlkern.kto_loss``: ``KTOTrainer._compute_loss``) from the policy's
@@ -637,6 +697,8 @@ def linear_kto_loss(hidden: Tensor, weight: Tensor, labels: Tensor, response_mas
         cu_seqlens, temperature, logit_scale, logit_softcap, ignore_index, chunk_size,
             deterministic, logits_dtype: as ``linear_preference_loss`` (``chunk_size``: the most
             completion tokens of the sequences of one tile).
+        lora_A, lora_B, lora_scaling, lora_hidden, FSDP2 DTensor heads: as
+            ``linear_preference_loss``.
         loss_type, beta, desirable_weight, undesirable_weight: as ``kto_loss`` (KTOConfig's
             names and defaults).
 
@@ -646,8 +708,10 @@ def linear_kto_loss(hidden: Tensor, weight: Tensor, labels: Tensor, response_mas
         ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``logps/chosen``,
         ``logps/rejected``.
     """
+    weight, bias, lora_A, lora_B = _head_params(_KTO_OP, hidden, weight, bias, lora_A, lora_B)  # noqa: N806
     rows = _check(hidden, weight, labels, response_mask, cu_seqlens, bias, ignore_index, chunk_size, None,
                   temperature, logit_scale, logit_softcap, op=_KTO_OP, paired=False)
+    _check_lora(_KTO_OP, hidden, weight, lora_A, lora_B, lora_scaling, lora_hidden)
     try:
         logits_dtype = head._check_logits_dtype(logits_dtype, hidden, weight)
     except ValueError as error:
@@ -706,7 +770,8 @@ def linear_kto_loss(hidden: Tensor, weight: Tensor, labels: Tensor, response_mas
     keys: list = []
     try:
         loss, *values = _LinearPreference.apply(hidden, weight, bias, labels, tokens, batch, hyper, plan,
-                                                int(chunk_rows), keys, torch.is_grad_enabled(), logits_dtype)
+                                                int(chunk_rows), keys, torch.is_grad_enabled(), logits_dtype, lora_A,
+                                                lora_B, lora_hidden, float(lora_scaling))
     except (ValueError, TypeError) as error:  # kto_loss' checks, under this op's name
         message = str(error)
         if message.startswith("kto_loss: "):
