@@ -685,3 +685,47 @@ def test_lora_head_matches_the_composition_and_peft(backend, case):
     loss.backward()
     _assert_lora(mine, (loss.detach(), [h.grad, peft_head.lora_A["default"].weight.grad,
                                         peft_head.lora_B["default"].weight.grad]))
+
+
+# ------------------------------------------------------------------------------------------------
+# FSDP2: 2 gloo CPU processes (tests/_dist_fused.py) vs the single-process run
+
+
+@pytest.fixture(scope="module")
+def fsdp2_runs(tmp_path_factory):
+    import os
+    import subprocess
+    import sys
+
+    if not torch.distributed.is_available():
+        pytest.skip("this torch build has no torch.distributed")
+    out = tmp_path_factory.mktemp("dist_fused") / "runs.pt"
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([here, os.path.dirname(here), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, os.path.join(here, "_dist_fused.py"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = torch.load(out)
+    assert "error" not in runs, runs["error"]
+    sys.path.insert(0, here)
+    return runs
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("loss", ["policy", "preference", "kto"])
+def test_fsdp2_sharded_head_matches_single_process(fsdp2_runs, loss, lora):
+    """fully_shard'ed head (W, and A / B of a LoRA adapter, Shard(0) DTensors taken as they are):
+    after one SGD step every weight equals the unsharded run's (gradients averaged over the
+    ranks as FSDP2 reduces the module's own); a frozen W does not move."""
+    import _dist_fused
+    import _dist_heads
+
+    ours = fsdp2_runs[f"{loss}_lora" if lora else loss]
+    single = _dist_fused.single_process_reference(loss, lora)
+    start = _dist_heads.build(_dist_heads.TinyLora if lora else _dist_heads.Tiny).state_dict()
+    assert ours.keys() == single.keys()
+    for key in single:
+        torch.testing.assert_close(ours[key], single[key], rtol=0, atol=1e-6, msg=key)
+        moved = not torch.equal(single[key], start[key])
+        assert moved == (not (lora and key == "head.weight")), key  # the step is real; PEFT's W is frozen
