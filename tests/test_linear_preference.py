@@ -420,6 +420,21 @@ def test_benchmark_runs_at_a_tiny_shape():
     assert all(r.median_ms > 0 for r in rows)
 
 
+def test_kto_benchmark_runs_at_a_tiny_shape():
+    """--loss kto: every implementation computes the same KTO loss (Liger's fused KTO included)."""
+    from rlkern.benches import bench_linear_preference as bench
+
+    device = torch.device("cpu")
+    hidden, weight, labels, mask = bench._inputs(device, 2, 12, 8, 97, torch.float32)
+    impls, missing = bench.implementations(device, "kto")
+    assert {"rlkern", "composition", "eager", "liger"} <= set(impls) and not missing
+    losses = {name: fn(hidden, weight, labels, mask) for name, fn in impls.items()}
+    for name, loss in losses.items():
+        torch.testing.assert_close(loss.detach(), losses["eager"].detach(), rtol=1e-5, atol=1e-6, msg=name)
+    rows = bench.run(device, 1, 16, 8, 64, torch.float32, rounds=1, memory=False, loss="kto")
+    assert {r.impl for r in rows} == set(impls) | {"bare GEMMs"} and all(r.bench == bench.KTO_BENCH for r in rows)
+
+
 @pytest.mark.gpu
 def test_cuda_matches_reference():
     hidden, weight, b, labels, mask, ref = _batch(4, 33, 64, 1001, bias=True, seed=16)
