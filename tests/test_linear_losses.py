@@ -593,3 +593,38 @@ def test_lora_head_matches_peft_and_the_composition(case, backend):
     torch.testing.assert_close(ours[0], loss.detach(), rtol=1e-5, atol=1e-6)
     for a, b in zip(ours[1], peft_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", ["ppo", "gspo"])
+def test_cuda_on_policy_and_lora_head_match_the_composition(loss):
+    """On CUDA: old_logprobs=None and a LoRA head (fp32 tiles and bf16 rounded tiles) against
+    linear_token_logprobs(lora) + policy_loss with old = lp.detach()."""
+    t = {k: (v.float().cuda() if isinstance(v, torch.Tensor) and v.is_floating_point() else
+             v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _inputs(torch.float32).items()}
+    gen = torch.Generator().manual_seed(70)
+    lora_a = (torch.randn(3, H, generator=gen) * 0.3).cuda()
+    lora_b = (torch.randn(V, 3, generator=gen) * 0.3).cuda()
+    for logits_dtype in (None, torch.bfloat16):
+        def run(fn):
+            leaves = [t["hidden"].clone().requires_grad_(), lora_a.clone().requires_grad_(),
+                      lora_b.clone().requires_grad_()]
+            out = fn(*leaves)
+            out.backward()
+            return out.detach(), [x.grad for x in leaves]
+
+        kw = dict(loss=loss, kl_coef=0.1, entropy_coef=0.05)
+        ours = run(lambda h, a, b: rlkern.linear_policy_loss(
+            h, t["weight"], t["labels"], None, t["adv"], t["mask"], bias=t["bias"], ref_logprobs=t["ref"],
+            lora_A=a, lora_B=b, lora_scaling=2.0, chunk_size=4, logits_dtype=logits_dtype, **kw)[0])
+
+        def composition(h, a, b):
+            out = rlkern.linear_token_logprobs(h, t["weight"], t["labels"], bias=t["bias"], return_entropy=True,
+                                               lora_A=a, lora_B=b, lora_scaling=2.0, logits_dtype=logits_dtype)
+            return rlkern.policy_loss(out.logprobs, out.logprobs.detach(), t["adv"], t["mask"], entropy=out.entropy,
+                                      ref_logprobs=t["ref"], **kw)[0]
+
+        comp = run(composition)
+        torch.testing.assert_close(ours[0], comp[0], rtol=1e-4, atol=1e-5)
+        for a, b in zip(ours[1], comp[1]):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

@@ -744,3 +744,35 @@ def test_fsdp2_sharded_head_matches_single_process(fsdp2_runs, loss, lora):
         torch.testing.assert_close(ours[key], single[key], rtol=0, atol=1e-6, msg=key)
         moved = not torch.equal(single[key], start[key])
         assert moved == (not (lora and key == "head.weight")), key  # the step is real; PEFT's W is frozen
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kto", [False, True])
+def test_cuda_bf16_tiles_and_lora_match_the_composition(kto):
+    """On CUDA (tensor-core bf16 tiles): logits_dtype=bf16 with a LoRA head, both fused preference
+    losses against linear_token_logprobs(lora, logits_dtype) + the loss."""
+    hidden, weight, b, labels, mask, ref, desirable, kl, ref_kl = (
+        t.cuda() for t in _kto_case(6, 33, 64, 1001, seed=71, dtype=torch.bfloat16))
+    gen = torch.Generator().manual_seed(72)
+    lora_a = (torch.randn(4, 64, generator=gen) * 0.2).to("cuda", torch.bfloat16)
+    lora_b = (torch.randn(1001, 4, generator=gen) * 0.2).to("cuda", torch.bfloat16)
+
+    def loss_of(logp):
+        if kto:
+            return rlkern.kto_loss((logp * mask).sum(1), (ref * mask).sum(1), desirable, kl, ref_kl)[0]
+        return rlkern.token_preference_loss(logp, mask, ref)[0]
+
+    def ours(h, a, lb, _):
+        kw = dict(bias=b, lora_A=a, lora_B=lb, lora_scaling=1.5, logits_dtype=torch.bfloat16, chunk_size=40)
+        if kto:
+            return rlkern.linear_kto_loss(h, weight, labels, mask, ref, desirable, kl, ref_kl, **kw)[0]
+        return rlkern.linear_preference_loss(h, weight, labels, mask, ref, **kw)[0]
+
+    def composition(h, a, lb, _):
+        return loss_of(rlkern.linear_token_logprobs(h, weight, labels, bias=b, lora_A=a, lora_B=lb, lora_scaling=1.5,
+                                                    logits_dtype=torch.bfloat16))
+
+    mine, comp = _lora_run(ours, hidden, lora_a, lora_b), _lora_run(composition, hidden, lora_a, lora_b)
+    torch.testing.assert_close(mine[0], comp[0], rtol=1e-4, atol=1e-5)
+    for g, r in zip(mine[1], comp[1]):
+        torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-3)
