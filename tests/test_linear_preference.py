@@ -200,8 +200,8 @@ def test_bf16_inputs_as_close_as_torch():
         assert_as_close_as_torch(g, r, t, floor=1e-6, name=name)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("logit_scale,chunking", [(1.0, None), (1.3, "global")])
+@pytest.mark.parametrize("dtype,logit_scale,chunking", [(torch.float32, 1.0, None), (torch.bfloat16, 1.3, "global"),
+                                                        (torch.bfloat16, 1.0, "pairs")])
 def test_bf16_logits_tiles_as_close_as_torch(backend, dtype, logit_scale, chunking):
     """logits_dtype=bf16 (a DPO step under bf16 autocast): TRL's roundings, as
     linear_token_logprobs(logits_dtype=bf16) makes them; as close to the float64 composition as
