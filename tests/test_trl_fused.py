@@ -463,6 +463,74 @@ def test_kto_fused_loss_matches_trl(options, precision):
         assert ours[2][key] == pytest.approx(ref[2][key], rel=2e-5, abs=2e-6, nan_ok=True), key
 
 
+# --- a PEFT LoRA adapter on the head ------------------------------------------------------------
+
+
+def _peft(model, dropout):
+    peft = import_peer("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["lm_head", "q_proj"],
+                             init_lora_weights=False)
+    torch.manual_seed(3)
+    model = peft.get_peft_model(model, config)
+    with torch.no_grad():  # B is zero-initialized by default elsewhere: make the adapter count
+        model.get_output_embeddings().lora_B["default"].weight.normal_(0, 0.5)
+    return model
+
+
+def _lora_step(trainer_name, compute, options, dropout):
+    if trainer_name == "grpo":
+        model = _peft(_model(), dropout)
+        trainer = _trainer(model, options, "fp32")
+        args = (trainer, model, _inputs(model, dict(options)))
+    elif trainer_name == "dpo":
+        policy, ref = _dpo_models(False)
+        model = _peft(policy, dropout)
+        trainer = _dpo_trainer(model, ref, options)
+        args = (trainer, model, _dpo_inputs(policy.config.vocab_size), False)
+    else:
+        policy, ref = _kto_models()
+        model = _peft(policy, dropout)
+        trainer = _kto_trainer(model, ref, options)
+        args = (trainer, model, _kto_inputs(policy.config.vocab_size), False)
+    model.train(dropout > 0)
+    torch.manual_seed(11)  # the same dropout masks in both runs
+    loss = compute(*args)
+    loss.backward()
+    grads = {n: p.grad.double().clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert any("lm_head.lora_A" in n for n in grads) and not any("lm_head.base_layer" in n for n in grads)
+    return loss.detach().double(), grads
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("trainer_name,options,dropout", [
+    ("grpo", dict(loss_type="grpo", beta=0.04), 0.0),
+    ("dpo", dict(loss_type="sigmoid"), 0.2),
+    ("kto", dict(loss_type="kto"), 0.0),
+])
+def test_fused_losses_take_a_lora_head(trainer_name, options, dropout):
+    """A PEFT LoRA adapter on lm_head (and q_proj): the fused losses add it tile by tile
+    (lora_A / lora_B / lora_hidden, its dropout drawn once) and equal the loss=True step, in
+    which rlkern's fused head applies the adapter (TRL's own drops it: no TRL baseline)."""
+    cls = {"grpo": grpo_mod.GRPOTrainer, "dpo": dpo_mod.DPOTrainer, "kto": kto_mod.KTOTrainer}[trainer_name]
+    runs = {}
+    for loss in (True, "fused"):
+        rt.unpatch()
+        rt.patch(loss=loss)
+        try:
+            fused, lora = rt.calls[f"{cls.__name__}._compute_loss[fused]"], rt.calls["ChunkedLogProbFunction[lora]"]
+            runs[loss] = _lora_step(trainer_name, cls._compute_loss, dict(options), dropout)
+            assert rt.calls[f"{cls.__name__}._compute_loss[fused]"] == fused + (loss == "fused")
+            assert rt.calls["ChunkedLogProbFunction[lora]"] > lora
+        finally:
+            rt.unpatch()
+    ours, ref = runs["fused"], runs[True]
+    torch.testing.assert_close(ours[0], ref[0], rtol=2e-5, atol=2e-6)
+    assert sorted(ours[1]) == sorted(ref[1])
+    for name in ref[1]:
+        gap = (ours[1][name] - ref[1][name]).abs().max().item()
+        assert gap <= 2e-5 * ref[1][name].abs().max().item() + 1e-9, (name, gap)
+
+
 def test_patch_loss_option():
     with pytest.raises(TypeError, match="^patch: loss"):
         rt.patch(loss="yes")

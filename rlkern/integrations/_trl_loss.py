@@ -161,7 +161,19 @@ def _fused_operands(inputs, head):
     labels[:, :-k] = -100
     labels = labels[:, 1:].to(head["hidden"].device)
     valid = labels != -100
-    return _hidden_grid(head["hidden"], valid)[:, -k:], labels[:, -k:]
+    return _hidden_grid(head["hidden"], valid)[:, -k:], labels[:, -k:], _lora_kwargs(head, valid, k)
+
+
+def _lora_kwargs(head, valid, k=None):
+    """The fused losses' LoRA keywords from a captured head with a PEFT adapter (none without):
+    its A-path input (PEFT's dropout output) laid out as the hidden states are."""
+    if head.get("lora_A") is None:
+        return {}
+    x = head["lora_hidden"]
+    if x is not None:
+        x = _hidden_grid(x, valid)
+        x = x if k is None else x[:, -k:]
+    return dict(lora_A=head["lora_A"], lora_B=head["lora_B"], lora_scaling=head["lora_scaling"], lora_hidden=x)
 
 
 def _hidden_grid(hidden, valid):
@@ -178,7 +190,7 @@ def _hidden_grid(hidden, valid):
 def grpo_fused_compute_loss(self, model, inputs):
     """``GRPOTrainer._compute_loss`` through rlkern.linear_policy_loss (``patch(loss="fused")``):
     the policy's last hidden states and LM head, no per-token log-probs tensor; what it cannot
-    take (``_fusable``, a LoRA or FSDP2 head) runs grpo_compute_loss."""
+    take (``_fusable``, an FSDP2 head) runs grpo_compute_loss."""
     return grpo_compute_loss(self, model, inputs, fused=True)
 
 
@@ -200,7 +212,7 @@ def grpo_compute_loss(self, model, inputs, fused=False):
             per_token_logps, entropies, aux_loss = _logps_and_entropies(self, model, inputs)
         if len(heads) > 1:
             raise RuntimeError("rlkern TRL loss: one fused-head call expected per _compute_loss")
-        head = heads[0] if heads else None  # none: a LoRA / FSDP2 head, scored by the adapter
+        head = heads[0] if heads else None  # none: an FSDP2 head (or ZeRO-3), scored by the adapter
     else:
         per_token_logps, entropies, aux_loss = _logps_and_entropies(self, model, inputs)
     args, loss_type = self.args, self.loss_type
@@ -274,13 +286,13 @@ def grpo_compute_loss(self, model, inputs, fused=False):
                   rollout_logprobs=inputs.get("sampling_per_token_logps"),
                   off_policy_mask_threshold=self.off_policy_mask_threshold, sequence_metrics=True)
     if head is not None:
-        hidden, labels = _fused_operands(inputs, head)
+        hidden, labels, lora = _fused_operands(inputs, head)
         tiles = dict(bias=head["bias"], temperature=head["temperature"], logit_scale=head["logit_scale"],
                      logit_softcap=head["softcap"] or None, logits_dtype=head["logits_dtype"])
         if inputs.get("old_per_token_logps") is None:  # on-policy: the ratio is 1, old = sg(the new log-probs),
             old = None  # which linear_policy_loss reads tile by tile (no extra pass over the head)
         loss, metrics = rlkern.linear_policy_loss(hidden, head["weight"], labels, old, advantages, mask, **tiles,
-                                                  **kwargs, **common)
+                                                  **lora, **kwargs, **common)
         _count("GRPOTrainer._compute_loss[fused]")
     else:
         # without the bonus the entropies only feed the metric: detached, so that the backward does
@@ -479,7 +491,7 @@ def dpo_fused_compute_loss(self, model, inputs, return_outputs):
     """``DPOTrainer._compute_loss`` through rlkern.linear_preference_loss (``patch(loss="fused")``):
     the policy's last hidden states and LM head; TRL's fused head still computes its per-token
     outputs outside the graph for the logged metrics (entropy, mean logits, top-1 accuracy) and
-    WPO's weights. What it cannot take (``_dpo_fusable``, a LoRA or FSDP2 head) runs
+    WPO's weights. What it cannot take (``_dpo_fusable``, an FSDP2 head) runs
     dpo_compute_loss."""
     return dpo_compute_loss(self, model, inputs, return_outputs, fused=True)
 
@@ -518,7 +530,7 @@ def dpo_compute_loss(self, model, inputs, return_outputs, fused=False):
             outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         if len(heads) > 1:
             raise RuntimeError("rlkern TRL loss: one fused-head call expected per _compute_loss")
-        head = heads[0] if heads else None  # none: a LoRA / FSDP2 head, scored by the adapter
+        head = heads[0] if heads else None  # none: an FSDP2 head (or ZeRO-3), scored by the adapter
     else:
         outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
     seq_len = shift_completion_mask.size(1)
@@ -551,7 +563,7 @@ def dpo_compute_loss(self, model, inputs, return_outputs, fused=False):
             torch.cat([ref_chosen, ref_rejected]).detach(), bias=head["bias"], temperature=head["temperature"],
             logit_scale=head["logit_scale"], logit_softcap=head["softcap"] or None,
             logits_dtype=head["logits_dtype"], ld_alpha=self.ld_alpha,
-            loss_type=types, loss_weights=loss_weights, **kw)
+            loss_type=types, loss_weights=loss_weights, **_lora_kwargs(head, shifted != -100), **kw)
         _count("DPOTrainer._compute_loss[fused]")
         return _dpo_finish(self, mode, loss, metrics, outputs, seq_len, shift_completion_mask, inputs,
                            chosen_logps.shape[0])
@@ -596,8 +608,8 @@ def _dpo_finish(self, mode, loss, metrics, outputs, seq_len, shift_completion_ma
 def kto_fused_compute_loss(self, model, inputs, return_outputs):
     """``KTOTrainer._compute_loss`` through rlkern.linear_kto_loss (``patch(loss="fused")``): the
     policy's last hidden states and LM head; TRL's fused head still computes its per-token outputs
-    outside the graph for the logged metrics (entropy, mean logits, log-probs). A LoRA or FSDP2
-    head and the MoE aux loss run kto_compute_loss."""
+    outside the graph for the logged metrics (entropy, mean logits, log-probs). An FSDP2 head
+    and the MoE aux loss run kto_compute_loss (a LoRA adapter on the head is taken)."""
     return kto_compute_loss(self, model, inputs, return_outputs, fused=True)
 
 
@@ -640,7 +652,7 @@ def kto_compute_loss(self, model, inputs, return_outputs, fused=False):
             outputs = model(**model_kwargs, labels=completion_labels, fused_lm_head=True)
         if len(heads) > 1:
             raise RuntimeError("rlkern TRL loss: one fused-head call expected per _compute_loss")
-        head = heads[0] if heads else None  # none: a LoRA / FSDP2 head, scored by the adapter
+        head = heads[0] if heads else None  # none: an FSDP2 head (or ZeRO-3), scored by the adapter
     else:
         outputs = model(**model_kwargs, labels=completion_labels, fused_lm_head=True)
     seq_len = batch["input_ids"].size(1) - 1
@@ -683,7 +695,7 @@ def kto_compute_loss(self, model, inputs, return_outputs, fused=False):
             _hidden_grid(head["hidden"], valid), head["weight"], shifted, valid, ref_logps.detach(),
             bool_labels.to(shifted.device), *(t.to(shifted.device) for t in kl_args), bias=head["bias"],
             temperature=head["temperature"], logit_scale=head["logit_scale"], logit_softcap=head["softcap"] or None,
-            logits_dtype=head["logits_dtype"], **kw)
+            logits_dtype=head["logits_dtype"], **_lora_kwargs(head, valid), **kw)
         _count("KTOTrainer._compute_loss[fused]")
     else:
         loss, metrics = rlkern.kto_loss(logps, ref_logps, bool_labels, *kl_args, **kw)

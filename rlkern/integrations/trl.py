@@ -60,9 +60,10 @@ hidden states and head it is handed (returning zeros, or for DPO / KTO its outpu
 outside the graph for the logged metrics); the loss then calls ``rlkern.linear_policy_loss`` /
 ``rlkern.linear_preference_loss`` / ``rlkern.linear_kto_loss`` on them
 (``calls["GRPOTrainer._compute_loss[fused]"]``, ``calls["DPOTrainer._compute_loss[fused]"]``,
-``calls["KTOTrainer._compute_loss[fused]"]``); under a bf16 / fp16 compute dtype both round
-their logits tiles as TRL's (``logits_dtype``). A LoRA or FSDP2 head and the configurations
-listed in ``_trl_loss._fusable`` / ``_dpo_fusable`` run the ``loss=True`` path.
+``calls["KTOTrainer._compute_loss[fused]"]``); under a bf16 / fp16 compute dtype they round
+their logits tiles as TRL's (``logits_dtype``), and a PEFT LoRA adapter on the head goes to the
+losses' ``lora_A`` / ``lora_B`` / ``lora_hidden`` (its dropout drawn once). An FSDP2 head and the
+configurations listed in ``_trl_loss._fusable`` / ``_dpo_fusable`` run the ``loss=True`` path.
 
 ``RLKERN_PATCH_TRL=1`` in the environment makes importing this module (and ``import rlkern``)
 call ``patch()`` (default options). ``patch()`` again with the same options does nothing; with
@@ -261,10 +262,12 @@ def _head_lora(h, w, lora_a, lora_b, lora_x, scaling, compute_dtype):
 
 
 def _capturable(head, weight) -> bool:
-    """The fused losses take a plain head only: no PEFT adapter on it, no FSDP2 DTensor (their
-    gradients need this adapter's handling; the trainer loss then falls back to loss=True), no
-    DeepSpeed ZeRO-3 (the head is gathered only inside TRL's ``maybe_gather_lm_head_ctx``, and
-    its gradient reduction needs the loss inside the model's forward)."""
+    """The fused losses take a plain head or one PEFT LoRA adapter on it (their ``lora_A`` ...
+    arguments); no FSDP2 DTensor (its gradient needs this adapter's handling; the trainer loss
+    then falls back to loss=True), no adapter ``peft_lora_of`` refuses (the fallback raises its
+    error), no DeepSpeed ZeRO-3 (the head is gathered only inside TRL's
+    ``maybe_gather_lm_head_ctx``, and its gradient reduction needs the loss inside the model's
+    forward)."""
     if head is None:
         return False
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
@@ -274,7 +277,11 @@ def _capturable(head, weight) -> bool:
     base = getattr(head, "base_layer", head)
     if _linear._is_dtensor(getattr(base, "weight", None)) or _linear._is_dtensor(weight):
         return False
-    return _linear.peft_lora_of(head, "ChunkedLogProbFunction") is None
+    try:
+        lora = _linear.peft_lora_of(head, "ChunkedLogProbFunction")
+    except ValueError:
+        return False
+    return lora is None or not any(_linear._is_dtensor(p) for p in lora[:2])
 
 
 class _Capture:
@@ -340,13 +347,24 @@ class ChunkedLogProbFunction:
             # computed outside the graph.
             heads, compute, _ = capture
             h, w, b = _operands(hidden, weight, bias, compute_dtype)
-            heads.append(dict(hidden=h, weight=w, bias=b, targets=targets, temperature=float(temperature),
-                              softcap=softcap, logit_scale=float(logit_scale),
-                              logits_dtype=_logits_dtype(compute_dtype)))
+            lora = _lora_of_head(head)
+            record = dict(hidden=h, weight=w, bias=b, targets=targets, temperature=float(temperature),
+                          softcap=softcap, logit_scale=float(logit_scale), logits_dtype=_logits_dtype(compute_dtype))
+            lora_args = ()
+            if lora is not None:  # the loss adds the adapter tile by tile (lora_A / lora_B / lora_hidden)
+                calls["ChunkedLogProbFunction[lora]"] += 1
+                lora_a, lora_b, scaling, dropout = lora
+                # PEFT's dropout on the A path's input, drawn once for the loss and the metrics
+                lora_x = None if dropout is None else dropout(hidden)
+                lora_a, lora_b = _operands(lora_a, lora_b, None, compute_dtype)[:2]
+                record.update(lora_A=lora_a, lora_B=lora_b, lora_scaling=float(scaling),
+                              lora_hidden=None if lora_x is None else _operands(lora_x, w, None, compute_dtype)[0])
+                lora_args = (lora[0], lora[1], lora_x, scaling)
+            heads.append(record)
             if compute:
                 with torch.no_grad():
                     return _FusedHead.apply(hidden, weight, bias, targets, temperature, softcap, logit_scale, want,
-                                            compute_dtype, out_dtype)
+                                            compute_dtype, out_dtype, *lora_args)
             zeros = hidden.new_zeros(hidden.shape[0], dtype=out_dtype)
             return (zeros, zeros if want["entropy"] else None, *(None,) * (len(OPTIONAL_OUTPUTS) - 1))
         weight, bias = _fsdp2_head(head, weight, bias)
