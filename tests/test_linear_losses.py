@@ -375,6 +375,8 @@ def _bad(**kw):
     (dict(dual_clip=0.5), "dual_clip"),
     (dict(loss="dro"), "dro_beta"),
     (dict(dp_size=2), "global_tokens"),
+    (dict(lora_A=torch.randn(2, H), lora_B=torch.randn(V, 3)), "lora_B must be"),
+    (dict(lora_A=torch.randn(2, H)), "lora_A and lora_B go together"),
 ])
 def test_bad_calls_name_the_op_and_the_argument(kw, match):
     with pytest.raises((TypeError, ValueError), match=rf"^linear_policy_loss: .*{match}"):

@@ -391,6 +391,9 @@ BAD = [
     (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, torch.zeros(4), token_rewards=torch.zeros(4, 5)),
      "token_rewards"),
     (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, ld_alpha=2.0), "ld_alpha"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, logits_dtype=torch.int32), "logits_dtype"),
+    (lambda h, w, lab, m: rlkern.linear_preference_loss(h, w, lab, m, lora_A=torch.randn(2, 4),
+                                                        lora_B=torch.randn(13, 3)), "lora_B must be"),
 ]
 
 
@@ -597,7 +600,26 @@ KTO_BAD = [
                                                     torch.zeros(2), logits_dtype=torch.int8), "logits_dtype"),
     (lambda h, w, lab, m, d: rlkern.linear_kto_loss(h, w, lab, m, torch.zeros(4, requires_grad=True), d,
                                                     torch.zeros(2), torch.zeros(2)), "constant"),
+    (lambda h, w, lab, m, d: rlkern.linear_kto_loss(h, w, lab, m, torch.zeros(4), d, torch.zeros(2), torch.zeros(2),
+                                                    lora_B=torch.randn(13, 3)), "lora_A and lora_B go together"),
 ]
+
+
+def test_kto_runs_under_torch_compile():
+    hidden, weight, _, labels, mask, ref, desirable, kl, ref_kl = _kto_case(seed=47, bias=False)
+
+    def step(h, w):
+        loss, metrics = rlkern.linear_kto_loss(h * 1.0, w, labels, mask, ref, desirable, kl, ref_kl, beta=0.3)
+        return 2 * loss, metrics["rewards/margins"]
+
+    results = []
+    for fn in (step, torch.compile(step, backend="eager")):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, margin = fn(h, w)
+        loss.backward()
+        results.append((loss.detach(), margin, h.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", range(len(KTO_BAD)))
