@@ -8,6 +8,13 @@ take as they are. One backward and one SGD step; rank 0 saves the full weights a
 to OUT under ``"<loss>"`` and ``"<loss>_lora"`` (and ``error``, a traceback, if a set-up raised).
 ``single_process_reference(loss, lora)`` is the unsharded run they must match: the mean of the
 ranks' losses (FSDP2 averages the gradients), one process.
+
+``trl_<trainer>_fused`` / ``trl_<trainer>_loss``: TRL's GRPOTrainer / DPOTrainer ``_compute_loss``
+(tests/test_trl_fused.py's trainers, real tiny Qwen2 models with TRL's fused head) on a
+``fully_shard``ed policy (each layer, lm_head, the root), one SGD step, with
+``patch(loss="fused")`` (the captured DTensor head gathered by the fused loss) and with
+``patch(loss=True)`` (rlkern's fused head, tested in tests/test_lm_heads.py), and
+``trl_<trainer>_fused_calls`` (the fused loss' call counter).
 """
 
 from __future__ import annotations
@@ -80,6 +87,42 @@ def _fsdp2(rank: int, loss: str, lora: bool):
     return heads._full_state(model)
 
 
+def _trl(rank: int, trainer: str, loss):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import rlkern.integrations.trl as rt
+    import test_trl_fused as tf
+
+    mesh = init_device_mesh("cpu", (heads.WORLD,))
+    if trainer == "grpo":
+        model = tf._model()
+        options = dict(loss_type="dr_grpo", beta=0.04)
+        instance = tf._trainer(model, options, "fp32")
+        inputs = tf._inputs(model, dict(options), seed=rank)
+    else:
+        model, ref = tf._dpo_models(False)
+        instance = tf._dpo_trainer(model, ref, dict(loss_type="sigmoid"))
+        inputs = tf._dpo_inputs(model.config.vocab_size, seed=rank)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model.lm_head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=heads.LR)
+    cls = type(instance)
+    rt.patch(loss=loss)
+    try:
+        key = f"{cls.__name__}._compute_loss[fused]"
+        before = rt.calls[key]
+        args = (instance, model, inputs) if trainer == "grpo" else (instance, model, inputs, False)
+        cls._compute_loss(*args).backward()
+        calls = rt.calls[key] - before
+    finally:
+        rt.unpatch()
+    opt.step()
+    return heads._params(model), calls
+
+
 def worker(rank: int, init_file: str, out: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=heads.WORLD)
@@ -88,6 +131,9 @@ def worker(rank: int, init_file: str, out: str):
         for loss in LOSSES:
             result[loss] = _fsdp2(rank, loss, False)
             result[f"{loss}_lora"] = _fsdp2(rank, loss, True)
+        for trainer in ("grpo", "dpo"):
+            result[f"trl_{trainer}_fused"], result[f"trl_{trainer}_fused_calls"] = _trl(rank, trainer, "fused")
+            result[f"trl_{trainer}_loss"], _ = _trl(rank, trainer, True)
     except Exception:
         result["error"] = traceback.format_exc()
     finally:

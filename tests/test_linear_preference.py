@@ -798,3 +798,17 @@ def test_cuda_bf16_tiles_and_lora_match_the_composition(kto):
     torch.testing.assert_close(mine[0], comp[0], rtol=1e-4, atol=1e-5)
     for g, r in zip(mine[1], comp[1]):
         torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("trainer", ["grpo", "dpo"])
+def test_trl_fused_losses_on_an_fsdp2_head(fsdp2_runs, trainer):
+    """TRL's GRPOTrainer / DPOTrainer on a fully_shard'ed tiny Qwen2, patch(loss="fused"): the
+    captured head is the sharded DTensor, gathered by the fused loss with FSDP2's gradient
+    averaging; after one SGD step every parameter equals the loss=True step's (rlkern's fused
+    head, which reduces the DTensor head the same way)."""
+    assert fsdp2_runs[f"trl_{trainer}_fused_calls"] == 1
+    fused, plain = fsdp2_runs[f"trl_{trainer}_fused"], fsdp2_runs[f"trl_{trainer}_loss"]
+    assert fused.keys() == plain.keys()
+    for key in plain:
+        torch.testing.assert_close(fused[key], plain[key], rtol=0, atol=2e-6, msg=key)

@@ -190,7 +190,7 @@ def _hidden_grid(hidden, valid):
 def grpo_fused_compute_loss(self, model, inputs):
     """``GRPOTrainer._compute_loss`` through rlkern.linear_policy_loss (``patch(loss="fused")``):
     the policy's last hidden states and LM head, no per-token log-probs tensor; what it cannot
-    take (``_fusable``, an FSDP2 head) runs grpo_compute_loss."""
+    take (``_fusable``, a ZeRO-3 head) runs grpo_compute_loss."""
     return grpo_compute_loss(self, model, inputs, fused=True)
 
 
@@ -212,7 +212,7 @@ def grpo_compute_loss(self, model, inputs, fused=False):
             per_token_logps, entropies, aux_loss = _logps_and_entropies(self, model, inputs)
         if len(heads) > 1:
             raise RuntimeError("rlkern TRL loss: one fused-head call expected per _compute_loss")
-        head = heads[0] if heads else None  # none: an FSDP2 head (or ZeRO-3), scored by the adapter
+        head = heads[0] if heads else None  # none: a ZeRO-3 head, scored by the adapter
     else:
         per_token_logps, entropies, aux_loss = _logps_and_entropies(self, model, inputs)
     args, loss_type = self.args, self.loss_type
@@ -491,7 +491,7 @@ def dpo_fused_compute_loss(self, model, inputs, return_outputs):
     """``DPOTrainer._compute_loss`` through rlkern.linear_preference_loss (``patch(loss="fused")``):
     the policy's last hidden states and LM head; TRL's fused head still computes its per-token
     outputs outside the graph for the logged metrics (entropy, mean logits, top-1 accuracy) and
-    WPO's weights. What it cannot take (``_dpo_fusable``, an FSDP2 head) runs
+    WPO's weights. What it cannot take (``_dpo_fusable``, a ZeRO-3 head) runs
     dpo_compute_loss."""
     return dpo_compute_loss(self, model, inputs, return_outputs, fused=True)
 
@@ -530,7 +530,7 @@ def dpo_compute_loss(self, model, inputs, return_outputs, fused=False):
             outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         if len(heads) > 1:
             raise RuntimeError("rlkern TRL loss: one fused-head call expected per _compute_loss")
-        head = heads[0] if heads else None  # none: an FSDP2 head (or ZeRO-3), scored by the adapter
+        head = heads[0] if heads else None  # none: a ZeRO-3 head, scored by the adapter
     else:
         outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
     seq_len = shift_completion_mask.size(1)
@@ -608,8 +608,8 @@ def _dpo_finish(self, mode, loss, metrics, outputs, seq_len, shift_completion_ma
 def kto_fused_compute_loss(self, model, inputs, return_outputs):
     """``KTOTrainer._compute_loss`` through rlkern.linear_kto_loss (``patch(loss="fused")``): the
     policy's last hidden states and LM head; TRL's fused head still computes its per-token outputs
-    outside the graph for the logged metrics (entropy, mean logits, log-probs). An FSDP2 head
-    and the MoE aux loss run kto_compute_loss (a LoRA adapter on the head is taken)."""
+    outside the graph for the logged metrics (entropy, mean logits, log-probs). A ZeRO-3 head
+    and the MoE aux loss run kto_compute_loss (a LoRA adapter or an FSDP2 head is taken)."""
     return kto_compute_loss(self, model, inputs, return_outputs, fused=True)
 
 
@@ -652,7 +652,7 @@ def kto_compute_loss(self, model, inputs, return_outputs, fused=False):
             outputs = model(**model_kwargs, labels=completion_labels, fused_lm_head=True)
         if len(heads) > 1:
             raise RuntimeError("rlkern TRL loss: one fused-head call expected per _compute_loss")
-        head = heads[0] if heads else None  # none: an FSDP2 head (or ZeRO-3), scored by the adapter
+        head = heads[0] if heads else None  # none: a ZeRO-3 head, scored by the adapter
     else:
         outputs = model(**model_kwargs, labels=completion_labels, fused_lm_head=True)
     seq_len = batch["input_ids"].size(1) - 1

@@ -62,8 +62,10 @@ outside the graph for the logged metrics); the loss then calls ``rlkern.linear_p
 (``calls["GRPOTrainer._compute_loss[fused]"]``, ``calls["DPOTrainer._compute_loss[fused]"]``,
 ``calls["KTOTrainer._compute_loss[fused]"]``); under a bf16 / fp16 compute dtype they round
 their logits tiles as TRL's (``logits_dtype``), and a PEFT LoRA adapter on the head goes to the
-losses' ``lora_A`` / ``lora_B`` / ``lora_hidden`` (its dropout drawn once). An FSDP2 head and the
-configurations listed in ``_trl_loss._fusable`` / ``_dpo_fusable`` run the ``loss=True`` path.
+losses' ``lora_A`` / ``lora_B`` / ``lora_hidden`` (its dropout drawn once); an FSDP2 head goes
+as its sharded DTensor parameters (the losses gather them, gradients averaged over the mesh). A
+DeepSpeed ZeRO-3 head and the configurations listed in ``_trl_loss._fusable`` /
+``_dpo_fusable`` run the ``loss=True`` path.
 
 ``RLKERN_PATCH_TRL=1`` in the environment makes importing this module (and ``import rlkern``)
 call ``patch()`` (default options). ``patch()`` again with the same options does nothing; with
@@ -262,26 +264,34 @@ def _head_lora(h, w, lora_a, lora_b, lora_x, scaling, compute_dtype):
 
 
 def _capturable(head, weight) -> bool:
-    """The fused losses take a plain head or one PEFT LoRA adapter on it (their ``lora_A`` ...
-    arguments); no FSDP2 DTensor (its gradient needs this adapter's handling; the trainer loss
-    then falls back to loss=True), no adapter ``peft_lora_of`` refuses (the fallback raises its
-    error), no DeepSpeed ZeRO-3 (the head is gathered only inside TRL's
-    ``maybe_gather_lm_head_ctx``, and its gradient reduction needs the loss inside the model's
-    forward)."""
+    """The fused losses take a plain head, one PEFT LoRA adapter on it (their ``lora_A`` ...
+    arguments) and an FSDP2 DTensor head (recorded as the sharded parameters, which the losses
+    gather with FSDP2's gradient reduction: ``_captured_params``); no adapter ``peft_lora_of``
+    refuses (the fallback raises its error), no DeepSpeed ZeRO-3 (the head is gathered only
+    inside TRL's ``maybe_gather_lm_head_ctx``, and its gradient reduction needs the loss inside
+    the model's forward)."""
     if head is None:
         return False
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():
         return False
-    base = getattr(head, "base_layer", head)
-    if _linear._is_dtensor(getattr(base, "weight", None)) or _linear._is_dtensor(weight):
-        return False
     try:
-        lora = _linear.peft_lora_of(head, "ChunkedLogProbFunction")
+        _linear.peft_lora_of(head, "ChunkedLogProbFunction")
     except ValueError:
         return False
-    return lora is None or not any(_linear._is_dtensor(p) for p in lora[:2])
+    return True
+
+
+def _captured_params(head, weight, bias):
+    """W and b as the fused losses take them: TRL's own, or under FSDP2 (TRL hands
+    ``weight.full_tensor()``, whose gradient would stay this rank's own) the sharded DTensor
+    parameters themselves (the losses gather them, their gradients averaged over the mesh)."""
+    base = getattr(head, "base_layer", head)
+    params = getattr(base, "weight", None), getattr(base, "bias", None)
+    if not _linear._is_dtensor(params[0]) or weight is params[0]:
+        return weight, bias
+    return params[0], (params[1] if bias is not None else None)
 
 
 class _Capture:
@@ -346,7 +356,7 @@ class ChunkedLogProbFunction:
             # of its outputs' shapes, or (compute=True: the metrics read them) its outputs
             # computed outside the graph.
             heads, compute, _ = capture
-            h, w, b = _operands(hidden, weight, bias, compute_dtype)
+            h, w, b = _operands(hidden, *_captured_params(head, weight, bias), compute_dtype)
             lora = _lora_of_head(head)
             record = dict(hidden=h, weight=w, bias=b, targets=targets, temperature=float(temperature),
                           softcap=softcap, logit_scale=float(logit_scale), logits_dtype=_logits_dtype(compute_dtype))
