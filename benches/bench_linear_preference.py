@@ -1,7 +1,9 @@
 """DPO loss from hidden states (LM head + loss, forward + backward): rlkern.linear_preference_loss
-vs Liger 0.8.5's LigerFusedLinearDPOLoss, rlkern's composition and materialized logits.
+vs Liger 0.8.5's LigerFusedLinearDPOLoss, rlkern's composition and materialized logits; with
+``--loss kto`` TRL's KTO loss: rlkern.linear_kto_loss vs Liger's LigerFusedLinearKTOLoss.
 
-    python -m rlkern.benches.bench_linear_preference [--pairs P --t T --hidden H --vocab V] [--out FILE]
+    python -m rlkern.benches.bench_linear_preference [--pairs P --t T --hidden H --vocab V] [--loss kto]
+        [--out FILE]
 
 Defaults: CPU 8 pairs x 1024 positions (16 rows, chosen then rejected), H=256, V=32000, fp32,
 2 threads; GPU 4 pairs x 1024 positions (N = 8192), H=4096, V=151936, bf16. The completion
@@ -21,6 +23,13 @@ while rlkern takes the reference log-probs as constants (as TRL does); with
   ``-logsigmoid(beta * delta).mean()``; autograd.
 - bare GEMMs: the three ``[2B T, H] x [H, V]``-sized GEMMs over every position, the floor.
 
+``--loss kto``: the same 2P rows as 2P unpaired completions (alternately desirable / not), the
+KTO loss with a fixed reference point kl = 0.2 and no reference model (Liger's
+``use_ref_model=False``; rlkern's per-sequence reference sums are zeros, the same numbers):
+rlkern ``linear_kto_loss`` (whole sequences per tile, 3 GEMMs), composition
+(``linear_token_logprobs`` + masked sums + ``kto_loss``), eager, liger
+``LigerFusedLinearKTOLoss(use_ref_model=False, compiled=False, chunk_size=1)``.
+
 rlkern computes only completion tokens; the others compute every position (their API has no
 mask for the GEMMs). Peak memory: beyond the inputs (CUDA allocator peak; on the CPU the
 resident growth in a fresh process, ``common.peak_memory_mib``).
@@ -38,6 +47,8 @@ from rlkern.benches import common
 
 BETA = 0.1
 BENCH = "DPO loss from hidden states fwd+bwd (sigmoid, ref-free)"
+KTO_BENCH = "KTO loss from hidden states fwd+bwd (kl=0.2, ref-free)"
+KL = 0.2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -68,8 +79,52 @@ def _composition(h, w, labels, mask):
     return rlkern.token_preference_loss(logp, mask, None, beta=BETA)[0]
 
 
-def implementations(device: torch.device) -> tuple[dict, dict]:
+def _desirable(rows: int, device) -> torch.Tensor:
+    return (torch.arange(rows, device=device) % 2) == 0
+
+
+def _kto_eager(h, w, labels, mask):
+    log_p = torch.log_softmax((h @ w.T).float(), -1)
+    sums = (log_p.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask).sum(1)
+    sign = torch.where(_desirable(sums.shape[0], sums.device), 1.0, -1.0)
+    return (1 - torch.sigmoid(BETA * (sums - KL) * sign)).mean()
+
+
+def _kto_args(h, mask):
+    rows = mask.shape[0]
+    return (torch.zeros(rows, device=h.device), _desirable(rows, h.device), torch.full((1,), KL, device=h.device),
+            torch.zeros(1, device=h.device))
+
+
+def _kto_composition(h, w, labels, mask):
+    logp = rlkern.linear_token_logprobs(h, w, labels)
+    ref, desirable, kl, ref_kl = _kto_args(h, mask)
+    return rlkern.kto_loss((logp * mask).sum(1), ref, desirable, kl, ref_kl, beta=BETA)[0]
+
+
+def kto_implementations(device: torch.device) -> tuple[dict, dict]:
+    """As ``implementations``, for TRL's KTO loss."""
+    impls = {
+        "rlkern": lambda h, w, y, m: rlkern.linear_kto_loss(h, w, y, m, *_kto_args(h, m), beta=BETA)[0],
+        "composition": _kto_composition,
+        "eager": _kto_eager,
+    }
+    missing = {}
+    chunked, why = common.peer("liger_kernel.chunked_loss")
+    if chunked is not None:
+        module = chunked.LigerFusedLinearKTOLoss(beta=BETA, use_ref_model=False, compiled=device.type == "cuda")
+        kl = torch.tensor(KL, device=device)
+        impls["liger"] = lambda h, w, y, m: module(h, w, y, preference_labels=_desirable(y.shape[0], y.device),
+                                                   kl=kl)[0]
+    else:
+        missing["liger"] = why
+    return impls, missing
+
+
+def implementations(device: torch.device, loss: str = "dpo") -> tuple[dict, dict]:
     """(name -> fn(hidden, weight, labels, mask) -> loss, name -> why a peer did not run)."""
+    if loss == "kto":
+        return kto_implementations(device)
     impls = {
         "rlkern": lambda h, w, y, m: rlkern.linear_preference_loss(h, w, y, m, beta=BETA)[0],
         "rlkern global": lambda h, w, y, m: rlkern.linear_preference_loss(h, w, y, m, beta=BETA,
@@ -93,20 +148,22 @@ def _step(fn, hidden, weight, labels, mask):
 
 
 def memory_case(device: torch.device, impl: str, length: int, pairs: int, width: int, vocab: int, dtype_name: str,
-                dense: bool = False):
+                dense: bool = False, loss: str = "dpo"):
     """One fwd+bwd of ``impl`` on fresh inputs (the memory probes' step)."""
     hidden, weight, labels, mask = _inputs(device, pairs, length, width, vocab, DTYPES[dtype_name], dense=dense)
-    fn = implementations(device)[0][impl]
+    fn = implementations(device, loss)[0][impl]
     return lambda: _step(fn, hidden, weight, labels, mask)
 
 
 def run(device: torch.device, pairs: int, length: int, width: int, vocab: int, dtype: torch.dtype,
-        rounds: int = 3, memory: bool = True, ops=None, dense: bool = False) -> list[common.Row]:
+        rounds: int = 3, memory: bool = True, ops=None, dense: bool = False, loss: str = "dpo") -> list[common.Row]:
     hidden, weight, labels, mask = _inputs(device, pairs, length, width, vocab, dtype, dense=dense)
     name = {v: k for k, v in DTYPES.items()}[dtype]
     tokens = int(mask.sum())
-    shape = f"{pairs} pairs x T={length} ({tokens} completion tokens) H={width} V={vocab} {name}"
-    impls, missing = implementations(device)
+    unit = f"{pairs} pairs" if loss == "dpo" else f"{2 * pairs} completions"
+    shape = f"{unit} x T={length} ({tokens} completion tokens) H={width} V={vocab} {name}"
+    bench = BENCH if loss == "dpo" else KTO_BENCH
+    impls, missing = implementations(device, loss)
     if ops is not None:
         impls = {k: v for k, v in impls.items() if k in ops}
         missing = {k: v for k, v in missing.items() if k in ops}
@@ -117,16 +174,16 @@ def run(device: torch.device, pairs: int, length: int, width: int, vocab: int, d
     if device.type == "cuda":
         peaks = {k: common.cuda_peak_mib(fn) for k, fn in steps.items()}
     elif memory:
-        peaks = {k: common.peak_memory_mib(__spec__.name, device, k, length, pairs, width, vocab, name, dense)
+        peaks = {k: common.peak_memory_mib(__spec__.name, device, k, length, pairs, width, vocab, name, dense, loss)
                  for k in impls}
     else:
         peaks = {}
     rows = []
     gemm_flop = 3 * 2 * flat.shape[0] * width * vocab
     for impl, (med, p20, p80) in common.measure(steps, device, rounds, label=f"fwd+bwd {shape}").items():
-        rows.append(common.Row(BENCH, impl, shape, med, p20, p80, peak_mem_mib=peaks.get(impl),
+        rows.append(common.Row(bench, impl, shape, med, p20, p80, peak_mem_mib=peaks.get(impl),
                                tflops=gemm_flop / (med * 1e-3) / 1e12))
-    rows.extend(common.missing_row(BENCH, impl, shape, why) for impl, why in missing.items())
+    rows.extend(common.missing_row(bench, impl, shape, why) for impl, why in missing.items())
     common.fill_ratios(rows)
     return rows
 
@@ -148,6 +205,8 @@ def main(argv=None) -> list[common.Row]:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory probes")
     parser.add_argument("--dense", action="store_true", help="every position a completion token (no padding)")
+    parser.add_argument("--loss", choices=("dpo", "kto"), default="dpo",
+                        help="dpo (linear_preference_loss) or kto (linear_kto_loss vs Liger's fused KTO)")
     parser.add_argument("--out", help="write FILE.json and FILE.md")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -155,7 +214,8 @@ def main(argv=None) -> list[common.Row]:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     pairs, length, width, vocab, dtype = default_shape(device)
     rows = run(device, args.pairs or pairs, args.t or length, args.hidden or width, args.vocab or vocab,
-               DTYPES[args.dtype] if args.dtype else dtype, args.rounds, not args.no_memory, dense=args.dense)
+               DTYPES[args.dtype] if args.dtype else dtype, args.rounds, not args.no_memory, dense=args.dense,
+               loss=args.loss)
     return common.report(rows, device, args.out, __spec__.name, argv)
 
 

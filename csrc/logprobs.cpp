@@ -404,21 +404,32 @@ RLK_INL double hsum_d(__m256 v) {
   return _mm_cvtsd_f64(h);
 }
 
-// 2^x: x = n + f (|f| <= 1/2, n by the 1.5*2^23 shifter), degree-6 minimax for 2^f (0.93 ulp),
-// n added to the exponent bits. Callers clamp x to >= -160 (with max(-160, x), which lets NaN
-// through) and keep x < 127. The result is exactly 0 for x < -127 (so -inf gives 0); in
-// [-127, -126) it is a value below 2^-126 (a denormal), negligible against any sum it enters.
-RLK_INL __m256 v_exp2(__m256 x) {
+// x = n + f with |f| <= 1/2 (n by the 1.5*2^23 shifter: n is in the low mantissa bits of *fx), and
+// the degree-5 polynomial q(f) with 2^f = 1 + f q(f) (the degree-6 minimax of 2^f, 0.93 ulp).
+RLK_INL __m256 exp2_split(__m256 x, __m256* fx) {
   const __m256 shifter = _mm256_set1_ps(12582912.f);
-  const __m256 fx = _mm256_add_ps(x, shifter);
-  const __m256 f = _mm256_sub_ps(x, _mm256_sub_ps(fx, shifter));
+  *fx = _mm256_add_ps(x, shifter);
+  return _mm256_sub_ps(x, _mm256_sub_ps(*fx, shifter));
+}
+
+RLK_INL __m256 exp2_q(__m256 f) {
   __m256 y = _mm256_set1_ps(1.5353361959569156e-4f);
   y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.3398875016719103e-3f));
   y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(9.61843691766262e-3f));
   y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.5503323674201965e-2f));
   y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.24022647738456726f));
   y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.6931471824645996f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f));
+  return y;
+}
+
+// 2^x: x = n + f (|f| <= 1/2, n by the 1.5*2^23 shifter), degree-6 minimax for 2^f (0.93 ulp),
+// n added to the exponent bits. Callers clamp x to >= -160 (with max(-160, x), which lets NaN
+// through) and keep x < 127. The result is exactly 0 for x < -127 (so -inf gives 0); in
+// [-127, -126) it is a value below 2^-126 (a denormal), negligible against any sum it enters.
+RLK_INL __m256 v_exp2(__m256 x) {
+  __m256 fx;
+  const __m256 f = exp2_split(x, &fx);
+  const __m256 y = _mm256_fmadd_ps(exp2_q(f), f, _mm256_set1_ps(1.f));
   const __m256i e = _mm256_add_epi32(_mm256_castps_si256(y), _mm256_slli_epi32(_mm256_castps_si256(fx), 23));
   return _mm256_castsi256_ps(_mm256_max_epi32(e, _mm256_setzero_si256()));  // underflow wraps negative
 }
@@ -434,16 +445,9 @@ constexpr double kLn2 = 0.69314718055994530942;
 RLK_INL __m256 v_tanh(__m256 x, __m256* sech2) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   const __m256 a = _mm256_max_ps(_mm256_set1_ps(-125.f), _mm256_mul_ps(_mm256_andnot_ps(sign, x), _mm256_set1_ps(-2 * kLog2e)));
-  const __m256 shifter = _mm256_set1_ps(12582912.f);
-  const __m256 fx = _mm256_add_ps(a, shifter);
-  const __m256 f = _mm256_sub_ps(a, _mm256_sub_ps(fx, shifter));
-  __m256 y = _mm256_set1_ps(1.5353361959569156e-4f);
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.3398875016719103e-3f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(9.61843691766262e-3f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.5503323674201965e-2f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.24022647738456726f));
-  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.6931471824645996f));
-  y = _mm256_mul_ps(y, f);  // 2^f - 1
+  __m256 fx;
+  const __m256 f = exp2_split(a, &fx);
+  const __m256 y = _mm256_mul_ps(exp2_q(f), f);  // 2^f - 1
   const __m256 one = _mm256_set1_ps(1.f);
   const __m256 p2n = _mm256_castsi256_ps(
       _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(fx), 23), _mm256_castps_si256(one)));  // 2^n

@@ -14,7 +14,7 @@ from rlkern.ops.advantages import *  # noqa: F401,F403  (the names of its __all_
 from rlkern.ops.advantages.dynamic_sampling import dynamic_sampling_mask
 from rlkern.ops.critics import constrained_rewards, running_reward_norm, soft_bellman_loss, step_advantage_loss
 from rlkern.ops.linear_logprobs import linear_token_logprobs
-from rlkern.ops.linear_preference import linear_preference_loss
+from rlkern.ops.linear_preference import linear_kto_loss, linear_preference_loss
 from rlkern.ops.linear_losses import linear_policy_loss
 from rlkern.ops.logprobs import (
     LogprobsEntropy,
@@ -57,6 +57,7 @@ __all__ = [
     "kto_loss",
     "bco_loss",
     "token_preference_loss",
+    "linear_kto_loss",
     "linear_preference_loss",
     "dpo_token_rewards",
     "group_preference_loss",

@@ -55,6 +55,8 @@ def cases():
         "token_preference_loss": (lambda a, mm, r: R.token_preference_loss(a, mm, r), (lp, m, ref), (0,)),
         "linear_preference_loss": (lambda hh, w, y, mm, r: R.linear_preference_loss(hh, w, y, mm, r),
                                    (hidden, weight, labels, m, ref), (0, 1)),
+        "linear_kto_loss": (lambda hh, w, y, mm, r, k, rk: R.linear_kto_loss(hh, w, y, mm, r, ids > 0, k, rk),
+                            (hidden, weight, labels, m, ref, rn(b), rn(b)), (0, 1)),
         "dpo_token_rewards": (lambda a, r, mm: R.dpo_token_rewards(a, r, mm), (lp, ref, m), ()),
         "group_preference_loss": (lambda a, i, sc, r: R.group_preference_loss(a, i, sc, r),
                                   (s, ids, rn(b), rn(b)), (0,)),

@@ -132,14 +132,15 @@ def test_linear_losses_compiled_under_no_grad_and_for_hidden_only(name):
     _assert_same(out + grads, want_out + want_grads)
 
 
-@pytest.mark.parametrize("name", ["linear_policy_loss", "linear_preference_loss"])
+@pytest.mark.parametrize("name", ["linear_policy_loss", "linear_preference_loss", "linear_kto_loss"])
 def test_linear_loss_custom_ops_pass_opcheck(name, monkeypatch):
     # the arguments the traced path gives the custom op (recorded), then torch.library.opcheck:
     # schema, fake tensors against the implementation, autograd registration, AOT dispatch
     from rlkern.ops import linear_losses, linear_preference
 
     module, attr = {"linear_policy_loss": (linear_losses, "_linear_policy_loss_op"),
-                    "linear_preference_loss": (linear_preference, "_linear_preference_loss_op")}[name]
+                    "linear_preference_loss": (linear_preference, "_linear_preference_loss_op"),
+                    "linear_kto_loss": (linear_preference, "_linear_kto_loss_op")}[name]
     op = getattr(module, attr)
     recorded = []
 
@@ -155,6 +156,34 @@ def test_linear_loss_custom_ops_pass_opcheck(name, monkeypatch):
     monkeypatch.undo()
     (args,) = recorded
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("name", ["linear_policy_loss", "linear_preference_loss", "linear_kto_loss"])
+def test_linear_losses_with_a_lora_head_run_between_graphs(name):
+    # a LoRA head is not part of the custom ops' schema: the op runs eagerly between two graphs
+    # (one graph break), with the numbers and gradients of eager
+    fn, inputs, grad_of = CASES[name]
+    g = torch.Generator().manual_seed(1)
+    lora_a = torch.randn(2, inputs[0].shape[-1], generator=g, dtype=torch.float64)
+    lora_b = torch.randn(inputs[1].shape[0], 2, generator=g, dtype=torch.float64)
+    op = getattr(rlkern, name)
+
+    def run(compiled):
+        leaves = [t.detach().clone().requires_grad_(i in grad_of) for i, t in enumerate(inputs)]
+        la, lb = lora_a.clone().requires_grad_(), lora_b.clone().requires_grad_()
+        desirable = (torch.tensor([False, False, True, True]),) if name == "linear_kto_loss" else ()
+        call = lambda *a: op(*a[:5], *desirable, *a[5:], lora_A=la, lora_B=lb, lora_scaling=0.5)  # noqa: E731
+        if compiled:
+            torch._dynamo.reset()
+            counters.clear()
+            call = torch.compile(call, backend="aot_eager")
+        loss, _ = call(*leaves)
+        loss.backward()
+        return [loss.detach(), la.grad, lb.grad] + [leaves[i].grad for i in grad_of]
+
+    eager, compiled = run(False), run(True)
+    assert sum(counters["graph_break"].values()) >= 1
+    _assert_same(compiled, eager)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -375,6 +375,8 @@ def _bad(**kw):
     (dict(dual_clip=0.5), "dual_clip"),
     (dict(loss="dro"), "dro_beta"),
     (dict(dp_size=2), "global_tokens"),
+    (dict(lora_A=torch.randn(2, H), lora_B=torch.randn(V, 3)), "lora_B must be"),
+    (dict(lora_A=torch.randn(2, H)), "lora_A and lora_B go together"),
 ])
 def test_bad_calls_name_the_op_and_the_argument(kw, match):
     with pytest.raises((TypeError, ValueError), match=rf"^linear_policy_loss: .*{match}"):
@@ -454,3 +456,177 @@ def test_a_frozen_head_gets_no_gradient_and_hidden_the_same_one(loss):
     value.backward()
     torch.testing.assert_close(h.grad, full[2][0], rtol=1e-12, atol=0)
     assert t["weight"].grad is None and t["bias"].grad is None
+
+
+# On-policy (old_logprobs=None): old = sg(logprob), ratio 1 in value, d ratio = d logprob.
+@pytest.mark.parametrize("case", [
+    dict(loss="ppo", kl_coef=0.1, entropy_coef=0.05, agg="grpo", chunk_size=4),
+    dict(loss="cispo", clip_low=1.0, clip_high=0.2, agg="dr_grpo", loss_scale_factor=7.0, chunk_size=5),
+    dict(loss="gspo", clip_low=3e-4, clip_high=4e-4, chunk_size=4),  # two passes
+], ids=_case_id)
+def test_on_policy_matches_the_composition_with_detached_old(case, backend):
+    t = _inputs(torch.float64)
+    leaves = [t[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+    loss, metrics = rlkern.linear_policy_loss(leaves[0], leaves[1], t["labels"], None, t["adv"], t["mask"],
+                                              bias=leaves[2], ref_logprobs=t["ref"], **case)
+    loss.backward()
+    # the composition: linear_token_logprobs -> policy_loss with old = lp.detach()
+    kw = dict(case)
+    head = {k: kw.pop(k) for k in ("chunk_size",) if k in kw}
+    comp = [t[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+    out = rlkern.linear_token_logprobs(comp[0], comp[1], t["labels"], bias=comp[2], return_entropy=True, **head)
+    comp_loss, comp_metrics = rlkern.policy_loss(out.logprobs, out.logprobs.detach(), t["adv"], t["mask"],
+                                                 entropy=out.entropy, ref_logprobs=t["ref"], **kw)
+    comp_loss.backward()
+    torch.testing.assert_close(loss, comp_loss, rtol=1e-9, atol=1e-11)
+    for key in comp_metrics:
+        torch.testing.assert_close(metrics[key].double(), comp_metrics[key].double(), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, k=key: f"{k}: {m}")
+    for name, a, b in zip(("hidden", "weight", "bias"), [x.grad for x in leaves], [x.grad for x in comp]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, name=name: f"d {name}: {m}")
+    # and the float64 reference with old = the reference's own detached log-probs
+    with torch.no_grad():
+        ref_logits = t["hidden"] @ t["weight"].T + t["bias"]
+        lp = torch.log_softmax(ref_logits, -1).gather(-1, t["labels"].clamp(min=0)[..., None])[..., 0]
+        lp = lp.masked_fill(t["labels"] == -100, 0.0)
+    ref = _reference(dict(t, old=lp), **case)
+    torch.testing.assert_close(loss, ref[0], rtol=1e-9, atol=1e-11)
+    for a, b in zip([x.grad for x in leaves], ref[2]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("liger_type,options", LIGER_TYPES[:2] + LIGER_TYPES[-2:],
+                         ids=[c[0] for c in LIGER_TYPES[:2] + LIGER_TYPES[-2:]])
+def test_on_policy_parity_with_liger_fused_linear_grpo(liger_type, options):
+    chunked = import_peer("liger_kernel.chunked_loss")
+    t = _inputs(torch.float32, ignore=False)
+    mask = t["mask"].clone()
+    mask[1, :2] = True  # Liger's grpo divides an empty row by clamp(0, 1): keep every row non-empty here
+    t["adv"] = torch.tensor([0.8, -0.5, -1.3])
+    beta, temp = 0.04, 0.9
+    options = dict(dict(loss="ppo", clip_low=0.1, clip_high=0.05), **options)
+    if options.get("global_tokens") == "mask sum":
+        options["global_tokens"] = float(mask.sum())
+    peer = chunked.LigerFusedLinearGRPOLoss(beta=beta, compiled=False, use_ref_model=True, chunk_size=2,
+                                            epsilon_low=0.1, epsilon_high=1.05 if liger_type == "cispo" else 0.05,
+                                            loss_type=liger_type, max_completion_length=T, temperature=temp)
+    leaves = [t[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+    peer_loss, _ = peer(leaves[0], leaves[1], t["labels"], mask.long(), t["adv"], bias=leaves[2],
+                        ref_per_token_logps=t["ref"], old_per_token_logps=None)
+    peer_loss.backward()
+    ours = [t[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+    loss, _ = rlkern.linear_policy_loss(ours[0], ours[1], t["labels"], None, t["adv"], mask, bias=ours[2],
+                                        ref_logprobs=t["ref"], kl_coef=beta, kl_estimator="k3_unclamped",
+                                        temperature=temp, chunk_size=4, **options)
+    loss.backward()
+    torch.testing.assert_close(loss, peer_loss.detach(), rtol=2e-5, atol=1e-6)
+    for name, a, b in zip(("hidden", "weight", "bias"), [x.grad for x in ours], [x.grad for x in leaves]):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"d {name}: {m}")
+
+
+# LoRA on the head (PEFT's lora.Linear): the adapter's tiles, d A / d B / d hidden (/ d x)
+def _lora_case(seed=50, width=H, vocab=V, rank=3, dtype=torch.float32):
+    from test_lm_heads import _adapter, _peft_head
+
+    model, head = _peft_head(width, vocab, rank, 6, 0.0, dtype, bias=True, seed=seed)
+    lora_a, lora_b, scaling = _adapter(head)
+    return model, head, lora_a, lora_b, scaling
+
+
+@pytest.mark.parametrize("case", [
+    dict(loss="ppo", kl_coef=0.1, entropy_coef=0.05, chunk_size=4),
+    dict(loss="cispo", clip_low=1.0, clip_high=0.2, agg="seq-mean-token-mean", chunk_size=5, lora_x=True),
+    dict(loss="gspo", clip_low=3e-4, clip_high=4e-4, chunk_size=4),  # two passes
+    dict(loss="ppo", chunk_size=4, logits_dtype=torch.bfloat16, logit_scale=1.3),
+], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if k in ("loss", "lora_x", "logits_dtype")))
+def test_lora_head_matches_peft_and_the_composition(case, backend):
+    import_peer("peft")
+    case = dict(case)
+    lora_x = case.pop("lora_x", False)
+    model, head, lora_a, lora_b, scaling = _lora_case()
+    t = _inputs(torch.float32)
+    weight, bias = head.base_layer.weight, head.base_layer.bias  # frozen by PEFT
+    x = (t["hidden"] * 0.7 + 0.1) if lora_x else None  # an explicit A-path input (PEFT's dropout output)
+
+    def run(fn):
+        leaves = [t["hidden"].detach().clone().requires_grad_(), lora_a.detach().clone().requires_grad_(),
+                  lora_b.detach().clone().requires_grad_()]
+        xs = None if x is None else x.detach().clone().requires_grad_()
+        loss = fn(leaves, xs)
+        loss.backward()
+        return loss.detach(), [g.grad for g in leaves + ([xs] if xs is not None else [])]
+
+    ours = run(lambda lv, xs: rlkern.linear_policy_loss(
+        lv[0], weight, t["labels"], t["old"], t["adv"], t["mask"], bias=bias, ref_logprobs=t["ref"], lora_A=lv[1],
+        lora_B=lv[2], lora_scaling=scaling, lora_hidden=xs, **case)[0])
+    head_kw = {k: case[k] for k in ("chunk_size", "logits_dtype", "logit_scale") if k in case}
+    pl_kw = {k: v for k, v in case.items() if k not in head_kw}
+
+    def composition(lv, xs):
+        out = rlkern.linear_token_logprobs(lv[0], weight, t["labels"], bias=bias, return_entropy=True, lora_A=lv[1],
+                                           lora_B=lv[2], lora_scaling=scaling, lora_hidden=xs, **head_kw)
+        return rlkern.policy_loss(out.logprobs, t["old"], t["adv"], t["mask"], entropy=out.entropy,
+                                  ref_logprobs=t["ref"], **pl_kw)[0]
+
+    comp = run(composition)
+    torch.testing.assert_close(ours[0], comp[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours[1], comp[1]):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    if "logits_dtype" in case or lora_x:
+        return
+    # PEFT's own head: materialized logits of model(hidden) (W + s B A never merged by us)
+    def peft(lv, xs):
+        with torch.no_grad():
+            head.lora_A["default"].weight.copy_(lv[1])
+            head.lora_B["default"].weight.copy_(lv[2])
+        logits = model(lv[0]).float()
+        log_p = torch.log_softmax(logits, -1)
+        lp = log_p.gather(-1, t["labels"].clamp(min=0)[..., None])[..., 0].masked_fill(t["labels"] == -100, 0)
+        ent = -(log_p.exp() * log_p).sum(-1)
+        return rlkern.policy_loss(lp, t["old"], t["adv"], t["mask"], entropy=ent, ref_logprobs=t["ref"], **pl_kw)[0]
+
+    head.zero_grad()
+    leaves = [t["hidden"].detach().clone().requires_grad_()]
+    loss = peft([leaves[0], lora_a.detach(), lora_b.detach()], None)
+    loss.backward()
+    peft_grads = [leaves[0].grad, head.lora_A["default"].weight.grad, head.lora_B["default"].weight.grad]
+    torch.testing.assert_close(ours[0], loss.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours[1], peft_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", ["ppo", "gspo"])
+def test_cuda_on_policy_and_lora_head_match_the_composition(loss):
+    """On CUDA: old_logprobs=None and a LoRA head (fp32 tiles and bf16 rounded tiles) against
+    linear_token_logprobs(lora) + policy_loss with old = lp.detach()."""
+    t = {k: (v.float().cuda() if isinstance(v, torch.Tensor) and v.is_floating_point() else
+             v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _inputs(torch.float32).items()}
+    gen = torch.Generator().manual_seed(70)
+    lora_a = (torch.randn(3, H, generator=gen) * 0.3).cuda()
+    lora_b = (torch.randn(V, 3, generator=gen) * 0.3).cuda()
+    for logits_dtype in (None, torch.bfloat16):
+        def run(fn):
+            leaves = [t["hidden"].clone().requires_grad_(), lora_a.clone().requires_grad_(),
+                      lora_b.clone().requires_grad_()]
+            out = fn(*leaves)
+            out.backward()
+            return out.detach(), [x.grad for x in leaves]
+
+        kw = dict(loss=loss, kl_coef=0.1, entropy_coef=0.05)
+        ours = run(lambda h, a, b: rlkern.linear_policy_loss(
+            h, t["weight"], t["labels"], None, t["adv"], t["mask"], bias=t["bias"], ref_logprobs=t["ref"],
+            lora_A=a, lora_B=b, lora_scaling=2.0, chunk_size=4, logits_dtype=logits_dtype, **kw)[0])
+
+        def composition(h, a, b):
+            out = rlkern.linear_token_logprobs(h, t["weight"], t["labels"], bias=t["bias"], return_entropy=True,
+                                               lora_A=a, lora_B=b, lora_scaling=2.0, logits_dtype=logits_dtype)
+            return rlkern.policy_loss(out.logprobs, out.logprobs.detach(), t["adv"], t["mask"], entropy=out.entropy,
+                                      ref_logprobs=t["ref"], **kw)[0]
+
+        comp = run(composition)
+        torch.testing.assert_close(ours[0], comp[0], rtol=1e-4, atol=1e-5)
+        for a, b in zip(ours[1], comp[1]):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

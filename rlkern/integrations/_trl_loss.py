@@ -30,9 +30,10 @@ in-place product on sft's expanded loss / on relu's saved output raises), alpha_
 float64 log-probs (TRL has no clamp for float64; rlkern's is 80). Empty completions: sft's
 token mean is 0 (TRL: NaN).
 
-``grpo_fused_compute_loss`` / ``dpo_fused_compute_loss`` (``patch(loss="fused")``): the same
-methods, with the loss formed from the policy's last hidden states and LM head by
-``rlkern.linear_policy_loss`` / ``rlkern.linear_preference_loss`` (the hidden states recorded
+``grpo_fused_compute_loss`` / ``dpo_fused_compute_loss`` / ``kto_fused_compute_loss``
+(``patch(loss="fused")``): the same methods, with the loss formed from the policy's last hidden
+states and LM head by ``rlkern.linear_policy_loss`` / ``rlkern.linear_preference_loss`` /
+``rlkern.linear_kto_loss`` (the hidden states recorded
 from TRL's own forward by ``rlkern.integrations.trl.capture``); what they cannot take runs the
 methods above.
 
@@ -103,7 +104,7 @@ def _save_originals() -> None:
     for owner in _trl():
         current = owner.__dict__["_compute_loss"]
         if current not in (grpo_compute_loss, grpo_fused_compute_loss, rloo_compute_loss, dpo_compute_loss,
-                           dpo_fused_compute_loss, kto_compute_loss):
+                           dpo_fused_compute_loss, kto_compute_loss, kto_fused_compute_loss):
             _ORIGINAL[(owner, "_compute_loss")] = current
 
 
@@ -160,7 +161,19 @@ def _fused_operands(inputs, head):
     labels[:, :-k] = -100
     labels = labels[:, 1:].to(head["hidden"].device)
     valid = labels != -100
-    return _hidden_grid(head["hidden"], valid)[:, -k:], labels[:, -k:]
+    return _hidden_grid(head["hidden"], valid)[:, -k:], labels[:, -k:], _lora_kwargs(head, valid, k)
+
+
+def _lora_kwargs(head, valid, k=None):
+    """The fused losses' LoRA keywords from a captured head with a PEFT adapter (none without):
+    its A-path input (PEFT's dropout output) laid out as the hidden states are."""
+    if head.get("lora_A") is None:
+        return {}
+    x = head["lora_hidden"]
+    if x is not None:
+        x = _hidden_grid(x, valid)
+        x = x if k is None else x[:, -k:]
+    return dict(lora_A=head["lora_A"], lora_B=head["lora_B"], lora_scaling=head["lora_scaling"], lora_hidden=x)
 
 
 def _hidden_grid(hidden, valid):
@@ -177,7 +190,7 @@ def _hidden_grid(hidden, valid):
 def grpo_fused_compute_loss(self, model, inputs):
     """``GRPOTrainer._compute_loss`` through rlkern.linear_policy_loss (``patch(loss="fused")``):
     the policy's last hidden states and LM head, no per-token log-probs tensor; what it cannot
-    take (``_fusable``, a LoRA or FSDP2 head) runs grpo_compute_loss."""
+    take (``_fusable``, a ZeRO-3 head) runs grpo_compute_loss."""
     return grpo_compute_loss(self, model, inputs, fused=True)
 
 
@@ -199,7 +212,7 @@ def grpo_compute_loss(self, model, inputs, fused=False):
             per_token_logps, entropies, aux_loss = _logps_and_entropies(self, model, inputs)
         if len(heads) > 1:
             raise RuntimeError("rlkern TRL loss: one fused-head call expected per _compute_loss")
-        head = heads[0] if heads else None  # none: a LoRA / FSDP2 head, scored by the adapter
+        head = heads[0] if heads else None  # none: a ZeRO-3 head, scored by the adapter
     else:
         per_token_logps, entropies, aux_loss = _logps_and_entropies(self, model, inputs)
     args, loss_type = self.args, self.loss_type
@@ -273,15 +286,13 @@ def grpo_compute_loss(self, model, inputs, fused=False):
                   rollout_logprobs=inputs.get("sampling_per_token_logps"),
                   off_policy_mask_threshold=self.off_policy_mask_threshold, sequence_metrics=True)
     if head is not None:
-        hidden, labels = _fused_operands(inputs, head)
+        hidden, labels, lora = _fused_operands(inputs, head)
         tiles = dict(bias=head["bias"], temperature=head["temperature"], logit_scale=head["logit_scale"],
                      logit_softcap=head["softcap"] or None, logits_dtype=head["logits_dtype"])
-        if inputs.get("old_per_token_logps") is None:  # on-policy: the ratio is 1, old = the new log-probs
-            with torch.no_grad():
-                old = rlkern.linear_token_logprobs(hidden.detach(), head["weight"].detach(), labels, **tiles)
-            old = old.to(per_token_logps.dtype) if old.dtype != torch.float64 else old
+        if inputs.get("old_per_token_logps") is None:  # on-policy: the ratio is 1, old = sg(the new log-probs),
+            old = None  # which linear_policy_loss reads tile by tile (no extra pass over the head)
         loss, metrics = rlkern.linear_policy_loss(hidden, head["weight"], labels, old, advantages, mask, **tiles,
-                                                  **kwargs, **common)
+                                                  **lora, **kwargs, **common)
         _count("GRPOTrainer._compute_loss[fused]")
     else:
         # without the bonus the entropies only feed the metric: detached, so that the backward does
@@ -466,8 +477,8 @@ def _dpo_token_metrics(self, mode, outputs, seq_len, shift_completion_mask, inpu
 
 
 def _dpo_fusable(self, completion_mask) -> bool:
-    """What ``patch(loss="fused")`` takes for DPO (besides: not under a bf16 / fp16 compute
-    dtype, decided by the adapter): not sft (its token mean is a separate call), and ipo /
+    """What ``patch(loss="fused")`` takes for DPO (a bf16 / fp16 compute dtype included: the
+    loss rounds its tiles as TRL's, ``logits_dtype``): not sft (its token mean is a separate call), and ipo /
     sigmoid_norm only where the unshifted completion mask's lengths equal the shifted ones
     linear_preference_loss reads (no completion token in the first column)."""
     types = set(self.loss_types)
@@ -480,7 +491,7 @@ def dpo_fused_compute_loss(self, model, inputs, return_outputs):
     """``DPOTrainer._compute_loss`` through rlkern.linear_preference_loss (``patch(loss="fused")``):
     the policy's last hidden states and LM head; TRL's fused head still computes its per-token
     outputs outside the graph for the logged metrics (entropy, mean logits, top-1 accuracy) and
-    WPO's weights. What it cannot take (``_dpo_fusable``, a LoRA or FSDP2 head) runs
+    WPO's weights. What it cannot take (``_dpo_fusable``, a ZeRO-3 head) runs
     dpo_compute_loss."""
     return dpo_compute_loss(self, model, inputs, return_outputs, fused=True)
 
@@ -513,14 +524,13 @@ def dpo_compute_loss(self, model, inputs, return_outputs, fused=False):
     if fused and _dpo_fusable(self, completion_mask):
         from rlkern.integrations import trl as rt
 
-        # TRL's forward, its outputs detached (metrics). linear_preference_loss has no
-        # logits_dtype: under a bf16 / fp16 compute dtype TRL's rounded tiles are not its
-        # numbers, the adapter computes them (the loss=True path)
-        with rt.capture(compute=True, half=False) as heads:
+        # TRL's forward, its outputs detached (metrics); under a bf16 / fp16 compute dtype the
+        # loss rounds its tiles as TRL's (linear_preference_loss(logits_dtype=))
+        with rt.capture(compute=True) as heads:
             outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         if len(heads) > 1:
             raise RuntimeError("rlkern TRL loss: one fused-head call expected per _compute_loss")
-        head = heads[0] if heads else None  # none: a LoRA / FSDP2 head, scored by the adapter
+        head = heads[0] if heads else None  # none: a ZeRO-3 head, scored by the adapter
     else:
         outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
     seq_len = shift_completion_mask.size(1)
@@ -551,8 +561,9 @@ def dpo_compute_loss(self, model, inputs, return_outputs, fused=False):
         loss, metrics = rlkern.linear_preference_loss(
             _hidden_grid(head["hidden"], shifted != -100), head["weight"], shifted, shift_completion_mask,
             torch.cat([ref_chosen, ref_rejected]).detach(), bias=head["bias"], temperature=head["temperature"],
-            logit_scale=head["logit_scale"], logit_softcap=head["softcap"] or None, ld_alpha=self.ld_alpha,
-            loss_type=types, loss_weights=loss_weights, **kw)
+            logit_scale=head["logit_scale"], logit_softcap=head["softcap"] or None,
+            logits_dtype=head["logits_dtype"], ld_alpha=self.ld_alpha,
+            loss_type=types, loss_weights=loss_weights, **_lora_kwargs(head, shifted != -100), **kw)
         _count("DPOTrainer._compute_loss[fused]")
         return _dpo_finish(self, mode, loss, metrics, outputs, seq_len, shift_completion_mask, inputs,
                            chosen_logps.shape[0])
@@ -594,7 +605,15 @@ def _dpo_finish(self, mode, loss, metrics, outputs, seq_len, shift_completion_ma
 # --- KTO ---------------------------------------------------------------------------------------
 
 
-def kto_compute_loss(self, model, inputs, return_outputs):
+def kto_fused_compute_loss(self, model, inputs, return_outputs):
+    """``KTOTrainer._compute_loss`` through rlkern.linear_kto_loss (``patch(loss="fused")``): the
+    policy's last hidden states and LM head; TRL's fused head still computes its per-token outputs
+    outside the graph for the logged metrics (entropy, mean logits, log-probs). A ZeRO-3 head
+    and the MoE aux loss run kto_compute_loss (a LoRA adapter or an FSDP2 head is taken)."""
+    return kto_compute_loss(self, model, inputs, return_outputs, fused=True)
+
+
+def kto_compute_loss(self, model, inputs, return_outputs, fused=False):
     """``KTOTrainer._compute_loss`` through rlkern.kto_loss (same loss, gradient and metrics).
 
     TRL's glue stays: the KL completions' log-probs (its own ``_compute_kl_logps``), the policy
@@ -625,7 +644,17 @@ def kto_compute_loss(self, model, inputs, return_outputs):
     if self.aux_loss_enabled:
         model_kwargs["output_router_logits"] = True
     completion_labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    outputs = model(**model_kwargs, labels=completion_labels, fused_lm_head=True)
+    head = None
+    if fused and not self.aux_loss_enabled:  # the aux loss comes with the outputs: it stays unfused
+        from rlkern.integrations import trl as rt
+
+        with rt.capture(compute=True) as heads:  # TRL's forward, its outputs detached (metrics)
+            outputs = model(**model_kwargs, labels=completion_labels, fused_lm_head=True)
+        if len(heads) > 1:
+            raise RuntimeError("rlkern TRL loss: one fused-head call expected per _compute_loss")
+        head = heads[0] if heads else None  # none: a ZeRO-3 head, scored by the adapter
+    else:
+        outputs = model(**model_kwargs, labels=completion_labels, fused_lm_head=True)
     seq_len = batch["input_ids"].size(1) - 1
     logps = outputs.log_probs[:, -seq_len:].sum(-1)
     if logps.shape[0] != len(labels):
@@ -651,15 +680,25 @@ def kto_compute_loss(self, model, inputs, return_outputs):
 
     kw = dict(loss_type=self.loss_type, beta=self.beta, desirable_weight=self.desirable_weight,
               undesirable_weight=self.undesirable_weight)
+    kl_args = ()
     if self.loss_type == "kto":
         if self.calculate_KL:  # TRL's reference point: the processes' mean KL estimates, averaged, >= 0
             point = (kl_logps - ref_kl_logps).mean().detach()
             point = self.accelerator.gather_for_metrics(point).mean().reshape(1)
         else:
             point = logps.new_zeros((0,)).detach()  # no KL completions: kl = 0
-        loss, metrics = rlkern.kto_loss(logps, ref_logps, bool_labels, point, torch.zeros_like(point), **kw)
+        kl_args = (point, torch.zeros_like(point))
+    if head is not None:
+        shifted = completion_labels[:, 1:].to(head["hidden"].device)
+        valid = shifted != -100
+        loss, metrics = rlkern.linear_kto_loss(
+            _hidden_grid(head["hidden"], valid), head["weight"], shifted, valid, ref_logps.detach(),
+            bool_labels.to(shifted.device), *(t.to(shifted.device) for t in kl_args), bias=head["bias"],
+            temperature=head["temperature"], logit_scale=head["logit_scale"], logit_softcap=head["softcap"] or None,
+            logits_dtype=head["logits_dtype"], **_lora_kwargs(head, valid), **kw)
+        _count("KTOTrainer._compute_loss[fused]")
     else:
-        loss, metrics = rlkern.kto_loss(logps, ref_logps, bool_labels, **kw)
+        loss, metrics = rlkern.kto_loss(logps, ref_logps, bool_labels, *kl_args, **kw)
     _count("KTOTrainer._compute_loss")
 
     self._metrics[mode]["kl"].append(metrics["kl"].item())
@@ -696,13 +735,14 @@ def kto_compute_loss(self, model, inputs, return_outputs):
 
 def loss_overrides(fused: bool = False) -> list[tuple[object, str, object]]:
     """``(owner class, attribute name, replacement)`` for each trainer whose loss rlkern computes
-    (``fused``: GRPO's and DPO's through rlkern.linear_policy_loss / linear_preference_loss)."""
+    (``fused``: GRPO's, DPO's and KTO's through rlkern.linear_policy_loss /
+    linear_preference_loss / linear_kto_loss)."""
     grpo, rloo, dpo, kto = _trl()
     _save_originals()
     return [(grpo, "_compute_loss", grpo_fused_compute_loss if fused else grpo_compute_loss),
             (rloo, "_compute_loss", rloo_compute_loss),
             (dpo, "_compute_loss", dpo_fused_compute_loss if fused else dpo_compute_loss),
-            (kto, "_compute_loss", kto_compute_loss)]
+            (kto, "_compute_loss", kto_fused_compute_loss if fused else kto_compute_loss)]
 
 
 try:  # TRL's own methods, saved at import: a patch applied later cannot hide them from the fallback

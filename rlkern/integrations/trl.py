@@ -54,14 +54,18 @@ on GPU). Targets must be in ``[0, V)`` (TRL clamps its labels before the call); 
 raises. ``patch(loss=True)`` also installs rlkern's trainer losses
 (``rlkern.integrations._trl_loss.loss_overrides()``): ``GRPOTrainer`` and ``RLOOTrainer`` on
 ``rlkern.policy_loss``, ``DPOTrainer`` on ``rlkern.preference_loss``, ``KTOTrainer`` on ``rlkern.kto_loss``.
-``patch(loss="fused")`` installs them with GRPOTrainer's and DPOTrainer's on the fused LM-head
-losses: TRL's own forward runs, and this adapter, inside ``capture()``, records the hidden
-states and head it is handed (returning zeros, or for DPO its outputs computed outside the graph
-for the logged metrics); the loss then calls ``rlkern.linear_policy_loss`` /
-``rlkern.linear_preference_loss`` on them (``calls["GRPOTrainer._compute_loss[fused]"]``,
-``calls["DPOTrainer._compute_loss[fused]"]``). A LoRA or FSDP2 head, DPO under a bf16 / fp16
-compute dtype, and the configurations listed in ``_trl_loss._fusable`` / ``_dpo_fusable`` run
-the ``loss=True`` path.
+``patch(loss="fused")`` installs them with GRPOTrainer's, DPOTrainer's and KTOTrainer's on the
+fused LM-head losses: TRL's own forward runs, and this adapter, inside ``capture()``, records the
+hidden states and head it is handed (returning zeros, or for DPO / KTO its outputs computed
+outside the graph for the logged metrics); the loss then calls ``rlkern.linear_policy_loss`` /
+``rlkern.linear_preference_loss`` / ``rlkern.linear_kto_loss`` on them
+(``calls["GRPOTrainer._compute_loss[fused]"]``, ``calls["DPOTrainer._compute_loss[fused]"]``,
+``calls["KTOTrainer._compute_loss[fused]"]``); under a bf16 / fp16 compute dtype they round
+their logits tiles as TRL's (``logits_dtype``), and a PEFT LoRA adapter on the head goes to the
+losses' ``lora_A`` / ``lora_B`` / ``lora_hidden`` (its dropout drawn once); an FSDP2 head goes
+as its sharded DTensor parameters (the losses gather them, gradients averaged over the mesh). A
+DeepSpeed ZeRO-3 head and the configurations listed in ``_trl_loss._fusable`` /
+``_dpo_fusable`` run the ``loss=True`` path.
 
 ``RLKERN_PATCH_TRL=1`` in the environment makes importing this module (and ``import rlkern``)
 call ``patch()`` (default options). ``patch()`` again with the same options does nothing; with
@@ -260,20 +264,34 @@ def _head_lora(h, w, lora_a, lora_b, lora_x, scaling, compute_dtype):
 
 
 def _capturable(head, weight) -> bool:
-    """The fused losses take a plain head only: no PEFT adapter on it, no FSDP2 DTensor (their
-    gradients need this adapter's handling; the trainer loss then falls back to loss=True), no
-    DeepSpeed ZeRO-3 (the head is gathered only inside TRL's ``maybe_gather_lm_head_ctx``, and
-    its gradient reduction needs the loss inside the model's forward)."""
+    """The fused losses take a plain head, one PEFT LoRA adapter on it (their ``lora_A`` ...
+    arguments) and an FSDP2 DTensor head (recorded as the sharded parameters, which the losses
+    gather with FSDP2's gradient reduction: ``_captured_params``); no adapter ``peft_lora_of``
+    refuses (the fallback raises its error), no DeepSpeed ZeRO-3 (the head is gathered only
+    inside TRL's ``maybe_gather_lm_head_ctx``, and its gradient reduction needs the loss inside
+    the model's forward)."""
     if head is None:
         return False
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():
         return False
-    base = getattr(head, "base_layer", head)
-    if _linear._is_dtensor(getattr(base, "weight", None)) or _linear._is_dtensor(weight):
+    try:
+        _linear.peft_lora_of(head, "ChunkedLogProbFunction")
+    except ValueError:
         return False
-    return _linear.peft_lora_of(head, "ChunkedLogProbFunction") is None
+    return True
+
+
+def _captured_params(head, weight, bias):
+    """W and b as the fused losses take them: TRL's own, or under FSDP2 (TRL hands
+    ``weight.full_tensor()``, whose gradient would stay this rank's own) the sharded DTensor
+    parameters themselves (the losses gather them, their gradients averaged over the mesh)."""
+    base = getattr(head, "base_layer", head)
+    params = getattr(base, "weight", None), getattr(base, "bias", None)
+    if not _linear._is_dtensor(params[0]) or weight is params[0]:
+        return weight, bias
+    return params[0], (params[1] if bias is not None else None)
 
 
 class _Capture:
@@ -338,14 +356,25 @@ class ChunkedLogProbFunction:
             # of its outputs' shapes, or (compute=True: the metrics read them) its outputs
             # computed outside the graph.
             heads, compute, _ = capture
-            h, w, b = _operands(hidden, weight, bias, compute_dtype)
-            heads.append(dict(hidden=h, weight=w, bias=b, targets=targets, temperature=float(temperature),
-                              softcap=softcap, logit_scale=float(logit_scale),
-                              logits_dtype=_logits_dtype(compute_dtype)))
+            h, w, b = _operands(hidden, *_captured_params(head, weight, bias), compute_dtype)
+            lora = _lora_of_head(head)
+            record = dict(hidden=h, weight=w, bias=b, targets=targets, temperature=float(temperature),
+                          softcap=softcap, logit_scale=float(logit_scale), logits_dtype=_logits_dtype(compute_dtype))
+            lora_args = ()
+            if lora is not None:  # the loss adds the adapter tile by tile (lora_A / lora_B / lora_hidden)
+                calls["ChunkedLogProbFunction[lora]"] += 1
+                lora_a, lora_b, scaling, dropout = lora
+                # PEFT's dropout on the A path's input, drawn once for the loss and the metrics
+                lora_x = None if dropout is None else dropout(hidden)
+                lora_a, lora_b = _operands(lora_a, lora_b, None, compute_dtype)[:2]
+                record.update(lora_A=lora_a, lora_B=lora_b, lora_scaling=float(scaling),
+                              lora_hidden=None if lora_x is None else _operands(lora_x, w, None, compute_dtype)[0])
+                lora_args = (lora[0], lora[1], lora_x, scaling)
+            heads.append(record)
             if compute:
                 with torch.no_grad():
                     return _FusedHead.apply(hidden, weight, bias, targets, temperature, softcap, logit_scale, want,
-                                            compute_dtype, out_dtype)
+                                            compute_dtype, out_dtype, *lora_args)
             zeros = hidden.new_zeros(hidden.shape[0], dtype=out_dtype)
             return (zeros, zeros if want["entropy"] else None, *(None,) * (len(OPTIONAL_OUTPUTS) - 1))
         weight, bias = _fsdp2_head(head, weight, bias)
@@ -409,10 +438,10 @@ def patch(*, fp32: bool = False, loss: bool | str = False) -> None:
             fp32 tiles whatever the autocast (module docstring), and TRL's logits functions
             return rlkern's unrounded float32 (float64 for float64 logits).
         loss: True: also install rlkern's trainer losses (``rlkern.integrations._trl_loss``);
-            ``"fused"``: those losses, and GRPOTrainer's / DPOTrainer's project the policy's last
-            hidden states through the LM head inside ``rlkern.linear_policy_loss`` /
-            ``rlkern.linear_preference_loss`` (``calls["GRPOTrainer._compute_loss[fused]"]``,
-            ``calls["DPOTrainer._compute_loss[fused]"]`` count those steps; a configuration
+            ``"fused"``: those losses, and GRPOTrainer's / DPOTrainer's / KTOTrainer's project the
+            policy's last hidden states through the LM head inside ``rlkern.linear_policy_loss`` /
+            ``rlkern.linear_preference_loss`` / ``rlkern.linear_kto_loss``
+            (``calls["<Trainer>._compute_loss[fused]"]`` count those steps; a configuration
             they cannot take runs the ``loss=True`` path).
 
     Calling it again with the same options does nothing; with other options it raises

@@ -92,10 +92,11 @@ class _StoredGrads(torch.autograd.Function):
     as ``.grad`` as they are), so a second backward through the same call is refused."""
 
     @staticmethod
-    def forward(ctx, total, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.shape = hidden.shape
+    def forward(ctx, total, count, *inputs_and_grads):
+        # (hidden, weight, bias[, lora_A, lora_B, lora_hidden]) then their gradients, None where none
+        inputs, grads = inputs_and_grads[:count], inputs_and_grads[count:]
+        ctx.grads = grads
+        ctx.likes = tuple(None if t is None else (t.shape, t.dtype) for t in inputs)
         return total.clone()
 
     @staticmethod
@@ -105,12 +106,11 @@ class _StoredGrads(torch.autograd.Function):
                                "formed in the forward, went to the first; call the op again")
         grads, ctx.grads = ctx.grads, None
         out = []
-        for g, dtype in zip(grads, ctx.dtypes):
-            out.append(None if g is None else g.mul_(grad_loss.to(g.dtype)).to(dtype))
+        for g, like in zip(grads, ctx.likes):
+            out.append(None if g is None or like is None
+                       else g.mul_(grad_loss.to(g.dtype)).to(like[1]).reshape(like[0]))
         del grads
-        if out[0] is not None:
-            out[0] = out[0].reshape(ctx.shape)
-        return (None, *out, None, None, None)
+        return (None, None, *out, *(None,) * len(out))
 
 
 def _flat(t: Tensor | None, n: int) -> Tensor | None:
@@ -124,7 +124,7 @@ def linear_policy_loss(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     advantages: Tensor,
     response_mask: Tensor | None,
     *,
@@ -136,6 +136,10 @@ def linear_policy_loss(
     chunk_size: int | None = None,
     deterministic: bool = False,
     logits_dtype: torch.dtype | None = None,
+    lora_A: Tensor | None = None,  # noqa: N803 (PEFT's names, as linear_token_logprobs)
+    lora_B: Tensor | None = None,  # noqa: N803
+    lora_scaling: float = 1.0,
+    lora_hidden: Tensor | None = None,
     loss: str = "ppo",
     ref_logprobs: Tensor | None = None,
     entropy_coef: float = 0.0,
@@ -171,7 +175,11 @@ def linear_policy_loss(
         labels: hidden's leading shape, int32/int64: the sampled tokens (``ignore_index`` gives
             log-prob 0: mask those tokens).
         old_logprobs, advantages, response_mask, ref_logprobs, is_weights, rollout_logprobs:
-            as ``policy_loss`` takes them, in the layout of ``labels``.
+            as ``policy_loss`` takes them, in the layout of ``labels``. ``old_logprobs=None``:
+            on-policy (TRL's GRPO with ``num_iterations=1``, Liger's ``old_per_token_logps=None``):
+            the old log-probs are the new ones, detached, ``old = sg(logprob)``, so every ratio
+            ``r = exp(logprob - sg(logprob))`` is 1 in value and ``d r = d logprob``; each chunk
+            reads its own log-probs as the old ones (no ``[N]`` input, no extra pass).
         temperature, logit_scale, logit_softcap, ignore_index: as ``linear_token_logprobs``.
         chunk_size: tokens per tile (None: a tile of ~16 MB fp32 on the CPU, 256 MB on CUDA, as
             ``linear_token_logprobs``).
@@ -180,6 +188,15 @@ def linear_policy_loss(
             ``torch.bfloat16`` / ``torch.float16``: TRL's numerics under autocast, as
             ``linear_token_logprobs(logits_dtype=...)`` rounds them (h and W cast to it, each tile
             rounded once, d logits rounded before the two gradient GEMMs).
+        lora_A, lora_B, lora_scaling, lora_hidden: a LoRA adapter on the head (PEFT's
+            ``lora.Linear``), as ``linear_token_logprobs`` takes it: each tile gets
+            ``logit_scale * lora_scaling * (x A^T) B^T`` added (``xa = x A^T`` ``[N, r]`` once per
+            call, never the merged weight); d B and d xa come from each tile's d logits, then
+            ``d A = d xa^T x`` and ``d x = d xa A`` (x = ``lora_hidden``, or hidden). Extra
+            memory O((N + V) r).
+        FSDP2: ``weight``, ``bias``, ``lora_A``, ``lora_B`` may be ``fully_shard`` DTensors
+            (hidden and labels this rank's plain tensors): gathered as ``linear_token_logprobs``
+            gathers them, their gradients reduce-scattered back (averaged over the mesh).
         loss, agg, entropy_agg, level, kl / clip / correction options (``**options``: every
             other keyword of ``policy_loss``, with its defaults: ``clip_low``, ``clip_high``,
             ``dual_clip``, ``kl_coef``, ``kl_estimator``, ``tau_pos``, ...): as ``policy_loss``.
@@ -189,6 +206,9 @@ def linear_policy_loss(
         input) and its metrics dict.
     """
     if torch.compiler.is_compiling():
+        if lora_A is not None or lora_B is not None or _ll._is_dtensor(weight):
+            args = {k: v for k, v in locals().items() if k in _PARAMETERS}  # a LoRA or FSDP2 head: eager,
+            return _between_graphs(**args.pop("options"), **args)  # between two graphs
         return _traced_linear_policy_loss(
             hidden, weight, labels, old_logprobs, advantages, response_mask, bias=bias, temperature=temperature,
             logit_scale=logit_scale, logit_softcap=logit_softcap, ignore_index=ignore_index, chunk_size=chunk_size,
@@ -199,8 +219,12 @@ def linear_policy_loss(
             rollout_logprobs=rollout_logprobs, rollout_is=rollout_is, rollout_rs=rollout_rs,
             off_policy_mask_threshold=off_policy_mask_threshold, sequence_metrics=sequence_metrics, **options)
     try:
+        gathered = _ll._gather_dtensors(_OP, hidden, dict(weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B),
+                                        None)
+        weight, bias, lora_A, lora_B = (gathered[k] for k in ("weight", "bias", "lora_A", "lora_B"))  # noqa: N806
         return _linear_policy_loss(
             hidden, weight, labels, old_logprobs, advantages, response_mask, bias=bias, temperature=temperature,
+            lora=(lora_A, lora_B, lora_scaling, lora_hidden),
             logit_scale=logit_scale, logit_softcap=logit_softcap, ignore_index=ignore_index, chunk_size=chunk_size,
             deterministic=deterministic, logits_dtype=logits_dtype, loss=loss, ref_logprobs=ref_logprobs, entropy_coef=entropy_coef,
             cu_seqlens=cu_seqlens, advantages_per_sequence=advantages_per_sequence, agg=agg, entropy_agg=entropy_agg,
@@ -233,7 +257,7 @@ def _check(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap
         raise TypeError(f"{_OP}: unexpected keyword argument(s) {unknown}")
 
 
-def _linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, response_mask, *, bias, temperature,
+def _linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, response_mask, *, bias, temperature, lora,
                         logit_scale, logit_softcap, ignore_index, chunk_size, deterministic, logits_dtype, loss,
                         ref_logprobs,
                         entropy_coef, cu_seqlens, advantages_per_sequence, agg, entropy_agg, global_tokens,
@@ -242,6 +266,7 @@ def _linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, respon
     _check(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap, chunk_size, deterministic,
            cu_seqlens, options)
     deterministic = _backend.deterministic(deterministic)  # or RLKERN_DETERMINISTIC=1
+    on_policy = old_logprobs is None
     per_token = {"old_logprobs": old_logprobs, "response_mask": response_mask, "ref_logprobs": ref_logprobs,
                  "is_weights": is_weights, "rollout_logprobs": rollout_logprobs}
     for name, t in per_token.items():
@@ -261,6 +286,17 @@ def _linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, respon
     flat_labels = labels.reshape(n)
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     need = tuple(x and torch.is_grad_enabled() for x in need)
+    lora_a, lora_b, lora_scaling, lora_hidden = lora
+    if _ll._check_lora(lora_a, lora_b, lora_scaling, lora_hidden, hidden, weight, "chunked", None):
+        lora_needs = tuple(t is not None and t.requires_grad and torch.is_grad_enabled()
+                           for t in (lora_a, lora_b, lora_hidden))
+        acc = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+        with torch.no_grad():
+            lora = LoraTiles(h2, lora_a, lora_b, float(lora_scaling),
+                             None if lora_hidden is None else lora_hidden.reshape(h2.shape), acc, logits_dtype,
+                             (need[0], *lora_needs))
+    else:
+        lora = None
     tiles = (temperature, softcap, ignore_index, logit_scale, 0 if chunk_size is None else chunk_size, deterministic,
              logits_dtype)
     pl_kwargs = dict(loss=loss, ref_logprobs=ref_logprobs, entropy_coef=entropy_coef, cu_seqlens=cu_seqlens,
@@ -269,32 +305,46 @@ def _linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, respon
                      loss_scale_factor=loss_scale_factor, level=level, is_weights=is_weights,
                      rollout_logprobs=rollout_logprobs, rollout_is=rollout_is, rollout_rs=rollout_rs,
                      off_policy_mask_threshold=off_policy_mask_threshold, sequence_metrics=sequence_metrics, **options)
+    if on_policy:  # a stand-in for the checks and layouts; each pass reads the new log-probs instead
+        old_logprobs = torch.zeros(shape, dtype=advantages.dtype if isinstance(advantages, Tensor)
+                                   and advantages.dtype.is_floating_point else torch.float32, device=hidden.device)
     with torch.no_grad():
         if fused_path(loss, level=level, rollout_is=rollout_is, rollout_rs=rollout_rs,
                       rollout_logprobs=rollout_logprobs, off_policy_mask_threshold=off_policy_mask_threshold,
                       sequence_metrics=sequence_metrics):
             total, metrics, grads = _one_pass(h2, weight, bias, flat_labels, shape, old_logprobs, advantages,
-                                              response_mask, tiles, need, pl_kwargs)
+                                              response_mask, tiles, need, pl_kwargs, on_policy, lora)
         else:
             total, metrics, grads = _two_pass(h2, weight, bias, flat_labels, shape, old_logprobs, advantages,
-                                              response_mask, tiles, need, pl_kwargs)
-    if any(need):
-        total = _StoredGrads.apply(total, hidden, weight, bias, *grads)
+                                              response_mask, tiles, need, pl_kwargs, on_policy, lora)
+    if lora is not None and grads is not None:
+        with torch.no_grad():
+            grads = (*grads, *lora.finish(grads[0] if need[0] else None))
+        inputs = (hidden, weight, bias, lora_a, lora_b, lora_hidden)
+        if any(need) or lora.any_grad:
+            total = _StoredGrads.apply(total, len(inputs), *inputs, *grads)
+    elif any(need):
+        total = _StoredGrads.apply(total, 3, hidden, weight, bias, *grads)
     return total, metrics
 
 
-def _two_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mask, tiles, need, pl_kwargs):
+def _two_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mask, tiles, need, pl_kwargs,
+              on_policy=False, lora=None):
     """Log-probs first (GEMM + token kernel), policy_loss on the whole batch, then the gradient
     pass (GEMM + token backward + 2 GEMMs): for the losses that need whole sequences."""
     temperature, softcap, ignore_index, logit_scale, chunk_size, deterministic, logits_dtype = tiles
     logp, entropy, lse, *_ = _ll._chunked_forward(hidden, weight, bias, labels, logit_scale, softcap, temperature,
                                                   ignore_index, True, (False, False, False), chunk_size,
-                                                  deterministic, logits_dtype=logits_dtype)
-    lp = logp.reshape(shape).requires_grad_(any(need))
-    ent = entropy.reshape(shape).requires_grad_(any(need) and pl_kwargs["entropy_coef"] != 0)
+                                                  deterministic, logits_dtype=logits_dtype,
+                                                  lora=None if lora is None else lora.ops)
+    grad_on = any(need) or (lora is not None and lora.any_grad)
+    lp = logp.reshape(shape).requires_grad_(grad_on)
+    ent = entropy.reshape(shape).requires_grad_(grad_on and pl_kwargs["entropy_coef"] != 0)
+    if on_policy:
+        old_logprobs = lp.detach()
     with torch.enable_grad():
         total, metrics = policy_loss(lp, old_logprobs, advantages, mask, entropy=ent, **pl_kwargs)
-        if not any(need):
+        if not grad_on:
             return total.detach(), metrics, None
         wrt = [lp] + ([ent] if ent.requires_grad else [])
         grads = torch.autograd.grad(total, wrt, allow_unused=True)
@@ -302,7 +352,11 @@ def _two_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mas
     g_ent = grads[1].reshape(-1) if len(grads) > 1 and grads[1] is not None else None
     g = _ll._chunked_backward(g_lp.reshape(-1), g_ent, hidden, weight, bias, labels, lse,
                               entropy if g_ent is not None else None, logit_scale, softcap, temperature,
-                              ignore_index, chunk_size, deterministic, *need, logits_dtype=logits_dtype)
+                              ignore_index, chunk_size, deterministic, *need, logits_dtype=logits_dtype,
+                              lora=None if lora is None else lora.ops,
+                              lora_needs=(False, False) if lora is None else (lora.need_xa, lora.need_b))
+    if lora is not None:
+        g, (lora.grad_xa, lora.grad_lb) = g[:3], g[3:]
     return total.detach(), metrics, g
 
 
@@ -316,7 +370,8 @@ def _token_weights(mask_flat: Tensor, n_seqs: int, seq_of: Tensor, width: int | 
     return w[seq_of]
 
 
-def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mask, tiles, need, pl_kwargs):
+def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mask, tiles, need, pl_kwargs,
+              on_policy=False, lora=None):
     """The fused pass: per chunk GEMM 1, token kernel, policy_loss forward + backward on the
     chunk with the global weights, token backward, GEMMs 2 and 3."""
     kw = dict(pl_kwargs)
@@ -376,7 +431,7 @@ def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mas
     total = torch.zeros((), dtype=torch.float64, device=device)
     metric_sums = torch.zeros(len(_autograd.METRIC_KEYS), dtype=torch.float64, device=device)
     ent_sum = torch.zeros((), dtype=torch.float64, device=device)
-    any_grad = any(need)
+    any_grad = any(need) or (lora is not None and lora.any_grad)
 
     def token_grads(start, end, logp, entropy):
         k = end - start
@@ -384,7 +439,8 @@ def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mas
         lp = logp.reshape(1, k)
         m = mask_flat[start:end]
         piece = lambda t: None if t is None else t[start:end].reshape(1, k)  # noqa: E731
-        tensors = (piece(old_flat), piece(adv_tok))
+        # on-policy: the chunk's own log-probs are its old ones (a constant here: no grad mode)
+        tensors = (lp if on_policy else piece(old_flat), piece(adv_tok))
         extra = (piece(ref_flat), None, piece(isw_flat), None, None, None, None)
         # The chunk's share of the loss and d loss / d logprob: the global weights in the mask.
         weighted = (m * weights[start:end]).reshape(1, k)
@@ -402,7 +458,7 @@ def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mas
             g_ent = -entropy_coef * m * ent_weights[start:end]
         return g_lp, g_ent
 
-    grads = fused_chunks(hidden, weight, bias, labels, token_grads, tiles=tiles, need=need)
+    grads = fused_chunks(hidden, weight, bias, labels, token_grads, tiles=tiles, need=need, lora=lora)
     denom = mask_flat.sum(dtype=torch.float64) + _METRIC_EPS
     values = metric_sums / denom
     values[_autograd.METRIC_KEYS.index("entropy")] = ent_sum / denom
@@ -411,7 +467,7 @@ def _one_pass(hidden, weight, bias, labels, shape, old_logprobs, advantages, mas
 
 
 def fused_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, token_grads, *, tiles: tuple,
-                 need: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                 need: tuple[bool, bool, bool], lora=None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The one-pass chunk loop of a fused linear loss, for any loss whose d loss / d logprob (and
     d loss / d entropy) of a token is known once its chunk's log-probs are.
 
@@ -423,7 +479,8 @@ def fused_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Te
     ``token_grads(start, end, logp [k], entropy [k]) -> (d loss / d logp [k] or None,
     d loss / d entropy [k] or None)`` (the caller accumulates its loss there), the token
     backward kernel in place, GEMMs 2 and 3. Returns ``(d hidden, d weight, d bias)`` in the
-    accumulation dtype (fp32, fp64 for fp64 input), None where not needed."""
+    accumulation dtype (fp32, fp64 for fp64 input), None where not needed. ``lora``: None or a
+    ``LoraTiles`` (its d xa and d B are accumulated in it)."""
     temperature, softcap, ignore_index, logit_scale, chunk_size, deterministic, logits_dtype = tiles
     device = hidden.device
     acc_dtype, (forward, backward), blocks, buf, row_dtype, gemm_weight = _ll._plan(
@@ -443,17 +500,22 @@ def fused_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Te
         k = end - start
         tile = buf[:rows]
         h = _ll._rows(hidden, start, end, rows).to(row_dtype)
+        xa = None if lora is None else _ll._rows(lora.ops[0], start, end, rows)
         if rounded:  # GEMM 1, rounded to logits_dtype; the kernels read logit_scale * tile in fp32
             _ll._rounded_logits_into(tile, h, gemm_weight, bias)
+            if lora is not None:
+                lora.add(tile, xa, 1.0)
             kernel_tile = _ll._scaled(tile, None if wide is None else wide[:rows], logit_scale)
         else:
             _ll._logits_into(tile, h, gemm_weight, bias, logit_scale)  # GEMM 1
+            if lora is not None:
+                lora.add(tile, xa, logit_scale)
             kernel_tile = tile
         tile_labels = _ll._rows(labels, start, end, rows)
         c_logp, c_ent, c_lse = forward(kernel_tile, tile_labels, temperature, softcap, ignore_index, True,
                                        vocab_start=-1)
         g_lp, g_ent = token_grads(start, end, c_logp[:k], c_ent[:k])
-        if not any(need) or (g_lp is None and g_ent is None):
+        if not (any(need) or (lora is not None and lora.any_grad)) or (g_lp is None and g_ent is None):
             continue
         g_lp = c_logp.new_zeros(k) if g_lp is None else g_lp.reshape(k).to(acc_dtype)
         # A padded row (deterministic blocks) gets lse = -inf: its gradient row is exactly 0.
@@ -470,8 +532,13 @@ def fused_chunks(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Te
                 tile.copy_(kernel_tile.mul_(logit_scale))
             _ll._rounded_grad_products(tile, None if wide is None else wide[:rows], h, product_weight, g_hidden,
                                        grad_weight, grad_bias)
+            if lora is not None:  # the CPU products left the tile's fp32 copy in wide
+                lora.grads(wide[:rows] if wide is not None and device.type != "cuda" else tile.to(acc_dtype), xa,
+                           1.0, start, end)
         else:
             _ll._grad_products(tile, h, gemm_weight, g_hidden, grad_weight, grad_bias, logit_scale)  # GEMMs 2, 3
+            if lora is not None:
+                lora.grads(tile, xa, logit_scale, start, end)
         if padded and grad_hidden is not None:
             grad_hidden[start:end] = g_hidden[:k]
     return grad_hidden, grad_weight, grad_bias
@@ -519,7 +586,7 @@ def _decode(config: str) -> dict:
 
 
 @torch.library.custom_op("rlkern::_linear_policy_loss", mutates_args=())
-def _linear_policy_loss_op(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Tensor, advantages: Tensor,
+def _linear_policy_loss_op(hidden: Tensor, weight: Tensor, labels: Tensor, old_logprobs: Tensor | None, advantages: Tensor,
                            response_mask: Tensor | None, bias: Tensor | None, ref_logprobs: Tensor | None,
                            cu_seqlens: Tensor | None, is_weights: Tensor | None, rollout_logprobs: Tensor | None,
                            global_tokens: Tensor | None, global_seqs: Tensor | None, config: str,
@@ -596,7 +663,66 @@ def _traced_linear_policy_loss(hidden, weight, labels, old_logprobs, advantages,
     return total, dict(zip(_metric_keys(kwargs["sequence_metrics"]), metrics.unbind(0)))
 
 
+_between_graphs = torch.compiler.disable(linear_policy_loss)
+_PARAMETERS = frozenset(inspect.signature(linear_policy_loss).parameters)
+
 _CONFIG_NAMES = ("temperature", "logit_scale", "logit_softcap", "ignore_index", "chunk_size", "deterministic",
                  "logits_dtype", "loss", "entropy_coef", "advantages_per_sequence", "agg", "entropy_agg",
                  "dp_size", "loss_scale_factor", "level", "rollout_is", "rollout_rs", "off_policy_mask_threshold",
                  "sequence_metrics")
+class LoraTiles:
+    """A LoRA adapter on the head (PEFT's ``lora.Linear``) as the fused losses' tiles take it
+    (linear_logprobs' "LoRA on the head" section): ``xa = x A^T`` ``[N, r]`` once, each logits
+    tile gets ``s * xa_rows B^T`` added (times logit_scale for fp32 tiles); from each tile's
+    d logits ``G``: ``d B += a G^T xa_rows`` and ``d xa_rows = a G B`` (``a = s * logit_scale``);
+    after the loop ``d A = d xa^T x`` and ``d x = d xa A`` (into d hidden when x is hidden).
+    ``needs``: (d hidden, d A, d B, d lora_hidden)."""
+
+    def __init__(self, hidden: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float, lora_hidden: Tensor | None,
+                 acc: torch.dtype, logits_dtype, needs: tuple[bool, bool, bool, bool]):
+        self.x = hidden if lora_hidden is None else lora_hidden
+        self.lora_a, self.own_x = lora_a, lora_hidden is not None
+        self.ops = _ll._lora_operands(self.x, lora_a, lora_b, scaling, acc, logits_dtype)
+        self.acc, self.op_dtype = acc, acc if logits_dtype is None else logits_dtype
+        need_hidden, self.need_a, self.need_b, need_x = needs
+        self.need_x = self.own_x and need_x
+        self.need_xa = self.need_a or self.need_x or (not self.own_x and need_hidden)
+        self.grad_xa = torch.zeros(self.ops[0].shape, dtype=acc, device=hidden.device) if self.need_xa else None
+        self.grad_lb = torch.zeros(self.ops[1].shape, dtype=acc, device=hidden.device) if self.need_b else None
+
+    @property
+    def any_grad(self) -> bool:
+        return self.need_xa or self.need_b
+
+    def add(self, tile: Tensor, xa_rows: Tensor, logit_scale: float) -> None:
+        """``tile += logit_scale * s * xa_rows B^T`` (the tile's dtype)."""
+        tile.addmm_(xa_rows.to(tile.dtype), self.ops[1].to(tile.dtype).T, alpha=self.ops[2] * logit_scale)
+
+    def grads(self, grad_tile: Tensor, xa_rows: Tensor, logit_scale: float, start: int | Tensor,
+              end: int | None = None) -> None:
+        """d B and the d xa of rows ``[start, end)`` (or of the row indices ``start``) from the
+        tile's d logits (fp32 / fp64; padded rows are zero)."""
+        alpha = self.ops[2] * logit_scale
+        dtype = grad_tile.dtype
+        if self.grad_lb is not None:
+            self.grad_lb.addmm_(grad_tile.T, xa_rows.to(dtype), alpha=alpha)
+        if self.grad_xa is not None:
+            block = torch.mm(grad_tile, self.ops[1].to(dtype))
+            if end is None:
+                self.grad_xa.index_add_(0, start, block[: start.numel()], alpha=alpha)
+            else:
+                self.grad_xa[start:end].add_(block[: end - start], alpha=alpha)
+
+    def finish(self, grad_hidden: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(d A, d B, d lora_hidden)``; d x goes into ``grad_hidden`` when x is hidden. The
+        operands as the A GEMM read them (rounded to logits_dtype when it is given)."""
+        g_a = g_x = None
+        if self.need_xa:
+            if self.need_a:
+                g_a = torch.mm(self.grad_xa.T, self.x.to(self.op_dtype).to(self.acc))
+            a = self.lora_a.to(self.op_dtype).to(self.acc)
+            if self.need_x:
+                g_x = torch.mm(self.grad_xa, a)
+            elif not self.own_x and grad_hidden is not None:
+                grad_hidden.addmm_(self.grad_xa, a)
+        return g_a, self.grad_lb, g_x

@@ -69,6 +69,8 @@ bit. ``chunk_size`` still sets the chunk (pairs) size.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -76,11 +78,14 @@ from rlkern import _backend
 from rlkern.ops import _checks
 from rlkern.ops import linear_logprobs as head
 from rlkern.ops import logprobs as token_ops
+from rlkern.ops.linear_losses import LoraTiles
+from rlkern.ops.preference import kto_loss
 from rlkern.ops.preference_tokens import token_preference_loss
 
-__all__ = ["linear_preference_loss"]
+__all__ = ["linear_kto_loss", "linear_preference_loss"]
 
 _OP = "linear_preference_loss"
+_KTO_OP = "linear_kto_loss"
 # Loss types whose per-pair gradient depends on the whole batch (see the module docstring).
 GLOBAL_LOSS_TYPES = ("aot", "aot_unpaired", "sft")
 # Bytes of fp32 logits a pair chunk may hold when chunk_size is None: a tile of whole pairs
@@ -129,6 +134,15 @@ class _Batch:
     def __init__(self, tokens: _Tokens, ref_tokens, ref_rows, wpo, rewards, pair_weights, kwargs):
         self.tokens, self.ref_tokens, self.ref_rows = tokens, ref_tokens, ref_rows
         self.wpo, self.rewards, self.pair_weights, self.kwargs = wpo, rewards, pair_weights, kwargs
+        self.units = tokens.rows // 2  # the loss' independent units: pairs
+
+    def rows_of(self, pairs: Tensor) -> Tensor:
+        """The rows of ``pairs``: their chosen rows, then their rejected rows."""
+        return torch.cat([pairs, pairs + self.units])
+
+    def unit_counts(self) -> Tensor:
+        """Completion tokens per pair."""
+        return self.tokens.counts[:self.units] + self.tokens.counts[self.units:]
 
     def loss(self, logp: Tensor, pairs: Tensor, ids: Tensor, valid: Tensor):
         """token_preference_loss of ``pairs`` (their rows: chosen then rejected) from ``logp``, the
@@ -148,21 +162,21 @@ class _Batch:
         return token_preference_loss(_padded(logp, valid), valid, ref, **extra, **self.kwargs)
 
 
-def _pair_chunks(tokens: _Tokens, budget: int) -> list[Tensor] | None:
-    """Consecutive pairs grouped so that each group's completion tokens fit ``budget`` rows; None
-    when one pair alone does not."""
-    n = tokens.rows // 2
-    per_pair = (tokens.counts[:n] + tokens.counts[n:]).tolist()
+def _pair_chunks(counts: Tensor, budget: int) -> list[Tensor] | None:
+    """Consecutive units (pairs; KTO's sequences) grouped so that each group's completion tokens
+    (``counts`` per unit) fit ``budget`` rows; None when one unit alone does not."""
+    n = counts.numel()
+    per_pair = counts.tolist()
     if any(c > budget for c in per_pair):
         return None
     chunks, start, used = [], 0, 0
     for i, c in enumerate(per_pair):
         if used + c > budget and i > start:
-            chunks.append(torch.arange(start, i, device=tokens.counts.device))
+            chunks.append(torch.arange(start, i, device=counts.device))
             start, used = i, 0
         used += c
     if start < n:
-        chunks.append(torch.arange(start, n, device=tokens.counts.device))
+        chunks.append(torch.arange(start, n, device=counts.device))
     return chunks
 
 
@@ -171,23 +185,39 @@ class _Head:
     gathered per chunk, logits tiles in the accumulation dtype, gradient accumulators."""
 
     def __init__(self, hidden, weight, bias, labels, tokens, logit_scale, softcap, temperature, ignore_index,
-                 deterministic, needs, max_rows):
+                 deterministic, needs, max_rows, logits_dtype=None, lora=None):
         self.hidden, self.bias, self.labels, self.tokens = hidden, bias, labels, tokens
+        self.lora = lora  # None or a linear_losses.LoraTiles: the adapter's rows follow the tile's tokens
         self.scale, self.softcap, self.temperature, self.ignore = logit_scale, softcap, temperature, ignore_index
         self.deterministic = deterministic
         acc = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
         self.acc = acc
         self.forward_kernel, self.backward_kernel = token_ops.kernel_fns(
             token_ops.FORWARD.backend_at(hidden.device, acc))
-        on_cuda_half = head._half_on_cuda(hidden) and hidden.dtype == weight.dtype
-        self.row_dtype = hidden.dtype if on_cuda_half else acc
-        if (not on_cuda_half and weight.dtype not in (torch.float32, torch.float64)
-                and 4 * weight.numel() <= head._W_COPY_BYTES):
-            weight = weight.float()  # widened once per call, not once per tile (as linear_logprobs)
-        self.weight = weight
         if deterministic:
             max_rows = -(-max_rows // _DET_ROWS) * _DET_ROWS
-        self.buf = hidden.new_empty((max_rows, weight.shape[0]), dtype=acc)
+        # logits_dtype (bf16 / fp16): linear_logprobs' rounded tiles (its "Rounded tiles"
+        # section): h and W cast to it, each tile rounded once, read in fp32 by the token kernels
+        # (scaled in an fp32 copy when logit_scale != 1), d logits rounded before the gradient GEMMs
+        self.rounded = logits_dtype is not None
+        self.wide = None
+        if self.rounded:
+            self.row_dtype = logits_dtype
+            self.weight = weight.to(logits_dtype)  # once per call, as TRL casts each chunk of it
+            self.buf = hidden.new_empty((max_rows, weight.shape[0]), dtype=logits_dtype)
+            on_cuda = hidden.device.type == "cuda"
+            if logit_scale != 1.0 or not on_cuda:
+                self.wide = torch.empty_like(self.buf, dtype=acc)
+            small = not on_cuda and 4 * self.weight.numel() <= head._W_COPY_BYTES
+            self.product_weight = self.weight.float() if small else self.weight
+        else:
+            on_cuda_half = head._half_on_cuda(hidden) and hidden.dtype == weight.dtype
+            self.row_dtype = hidden.dtype if on_cuda_half else acc
+            if (not on_cuda_half and weight.dtype not in (torch.float32, torch.float64)
+                    and 4 * weight.numel() <= head._W_COPY_BYTES):
+                weight = weight.float()  # widened once per call, not once per tile (as linear_logprobs)
+            self.weight = weight
+            self.buf = hidden.new_empty((max_rows, weight.shape[0]), dtype=acc)
         device = hidden.device
         self.grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=device) if needs[0] else None
         self.grad_weight = torch.zeros(weight.shape, dtype=acc, device=device) if needs[1] else None
@@ -199,7 +229,9 @@ class _Head:
         return [(s, min(s + step, rows)) for s in range(0, rows, step)]
 
     def logits(self, ids: Tensor):
-        """The tile of tokens ``ids`` (into ``tokens.flat``): ``(tile, h, labels, flat index)``."""
+        """The tile of tokens ``ids`` (into ``tokens.flat``) as the token kernels read it:
+        ``(tile, h, labels, flat index)`` (with ``logits_dtype``, the rounded tile or its fp32
+        scaled copy; ``accumulate`` finds the rounded one in ``self.raw``)."""
         flat = self.tokens.flat[ids]
         h = self.hidden[flat].to(self.row_dtype)
         labels = self.labels[flat]
@@ -209,8 +241,24 @@ class _Head:
             h = head._rows(h, 0, k, rows)
             labels = head._rows(labels, 0, k, rows, self.ignore)
         tile = self.buf[: h.shape[0]]
+        xa = None
+        if self.lora is not None:
+            xa = self.lora.ops[0][flat]
+            if xa.shape[0] != h.shape[0]:
+                xa = head._rows(xa, 0, k, h.shape[0])
+            self.xa_rows = xa
+        if self.rounded:
+            for s, e in self._blocks(h.shape[0]):
+                head._rounded_logits_into(tile[s:e], h[s:e], self.weight, self.bias)
+                if xa is not None:
+                    self.lora.add(tile[s:e], xa[s:e], 1.0)
+            self.raw = tile
+            tile = head._scaled(tile, None if self.wide is None else self.wide[: h.shape[0]], self.scale)
+            return tile, h, labels, flat
         for s, e in self._blocks(h.shape[0]):
             head._logits_into(tile[s:e], h[s:e], self.weight, self.bias, self.scale)
+            if xa is not None:
+                self.lora.add(tile[s:e], xa[s:e], self.scale)
         return tile, h, labels, flat
 
     def logprobs(self, tile: Tensor, labels: Tensor):
@@ -227,35 +275,53 @@ class _Head:
                              self.ignore, tile)
         gh = None if self.grad_hidden is None else torch.zeros((tile.shape[0], h.shape[1]), dtype=self.acc,
                                                                   device=h.device)
+        if self.rounded:  # TRL rounds the scaled fp32 gradient, then the fp32-accumulated GEMMs
+            raw = self.raw
+            if tile is not raw:
+                raw.copy_(tile.mul_(self.scale))
+            wide = None if self.wide is None else self.wide[: raw.shape[0]]
+            for s, e in self._blocks(raw.shape[0]):
+                head._rounded_grad_products(raw[s:e], None if wide is None else wide[s:e], h[s:e],
+                                            self.product_weight, None if gh is None else gh[s:e], self.grad_weight,
+                                            self.grad_bias)
+            if self.lora is not None:  # the CPU products left the tile's fp32 copy in wide
+                on_cpu_wide = wide is not None and h.device.type != "cuda"
+                self.lora.grads(wide if on_cpu_wide else raw.to(self.acc), self.xa_rows, 1.0, flat)
+            if gh is not None:
+                self.grad_hidden[flat] = gh[:k]
+            return
         for s, e in self._blocks(tile.shape[0]):
             head._grad_products(tile[s:e], h[s:e], self.weight, None if gh is None else gh[s:e], self.grad_weight,
                                 self.grad_bias, self.scale)
+        if self.lora is not None:
+            self.lora.grads(tile, self.xa_rows, self.scale, flat)
         if gh is not None:
             self.grad_hidden[flat] = gh[:k]
 
 
-def _run(hidden, weight, bias, labels, tokens: _Tokens, batch: _Batch, hyper, needs, chunking, chunk_rows):
+def _run(hidden, weight, bias, labels, tokens: _Tokens, batch: _Batch, hyper, needs, chunking, chunk_rows,
+         logits_dtype=None, lora=None):
     """The forward: ``(loss, metrics, grads or None)``; see the module docstring."""
     logit_scale, softcap, temperature, ignore_index, deterministic = hyper
-    n = tokens.rows // 2
+    n = batch.units
     total = tokens.flat.numel()
-    chunks = _pair_chunks(tokens, chunk_rows) if chunking != "global" else None
+    unit_counts = batch.unit_counts()
+    chunks = _pair_chunks(unit_counts, chunk_rows) if chunking != "global" else None
     if chunking == "pairs" and chunks is None:
         raise ValueError(f"{_OP}: chunking='pairs' needs every pair's completion tokens to fit a tile of "
-                         f"{chunk_rows} tokens (chunk_size), got a pair of "
-                         f"{int((tokens.counts[:n] + tokens.counts[n:]).max())}")
-    any_grad = any(needs)
-    max_rows = max(chunk_rows if chunks is None else max((int(tokens.counts[c].sum() + tokens.counts[c + n].sum())
-                                                           for c in chunks), default=1), 1)
+                         f"{chunk_rows} tokens (chunk_size), got a pair of {int(unit_counts.max())}")
+    any_grad = any(needs) or (lora is not None and lora.any_grad)
+    max_rows = max(chunk_rows if chunks is None else max((int(unit_counts[c].sum()) for c in chunks), default=1),
+                   1)
     max_rows = min(max_rows, max(total, 1))
     hd = _Head(hidden, weight, bias, labels, tokens, logit_scale, softcap, temperature, ignore_index,
-               deterministic, needs, max_rows)
+               deterministic, needs, max_rows, logits_dtype, lora)
     logp_all = torch.zeros(total, dtype=hd.acc, device=hidden.device)
     all_pairs = torch.arange(n, device=hidden.device)
-    all_ids, all_valid = tokens.of_rows(torch.cat([all_pairs, all_pairs + n]))
+    all_ids, all_valid = tokens.of_rows(batch.rows_of(all_pairs))
     if chunks is not None:
         for pairs in chunks:
-            ids, valid = tokens.of_rows(torch.cat([pairs, pairs + n]))
+            ids, valid = tokens.of_rows(batch.rows_of(pairs))
             if ids.numel() == 0:
                 continue
             tile, h, lab, flat = hd.logits(ids)
@@ -291,6 +357,8 @@ def _run(hidden, weight, bias, labels, tokens: _Tokens, batch: _Batch, hyper, ne
     with torch.no_grad():
         loss, metrics = batch.loss(logp_all[all_ids], all_pairs, all_ids, all_valid)
     grads = (hd.grad_hidden, hd.grad_weight, hd.grad_bias) if any_grad else None
+    if grads is not None and lora is not None:
+        grads = (*grads, *lora.finish(hd.grad_hidden))
     return loss, metrics, grads
 
 
@@ -298,14 +366,23 @@ class _LinearPreference(torch.autograd.Function):
     """Forward: the loss and the finished gradients; backward: those times the upstream gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, tokens, batch, hyper, chunking, chunk_rows, keys, grad_enabled):
+    def forward(ctx, hidden, weight, bias, labels, tokens, batch, hyper, chunking, chunk_rows, keys, grad_enabled,
+                logits_dtype, lora_a=None, lora_b=None, lora_hidden=None, lora_scaling=1.0):
         # needs_input_grad is True under torch.no_grad too: the caller's grad mode decides
-        needs = tuple(grad_enabled and bool(x) for x in
-                      (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]))
+        need = ctx.needs_input_grad
+        needs = tuple(grad_enabled and bool(x) for x in (need[0], need[1], bias is not None and need[2]))
         flat = hidden.reshape(-1, hidden.shape[-1])
+        lora = None
+        if lora_a is not None:
+            acc = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+            lora = LoraTiles(flat, lora_a, lora_b, float(lora_scaling),
+                             None if lora_hidden is None else lora_hidden.reshape(flat.shape), acc, logits_dtype,
+                             (needs[0], grad_enabled and need[12], grad_enabled and need[13],
+                              lora_hidden is not None and grad_enabled and need[14]))
         loss, metrics, grads = _run(flat, weight, bias, labels.reshape(-1), tokens, batch, hyper, needs, chunking,
-                                    chunk_rows)
-        ctx.like = [(t.shape, t.dtype) if t is not None else None for t in (hidden, weight, bias)]
+                                    chunk_rows, logits_dtype, lora)
+        ctx.like = [(t.shape, t.dtype) if t is not None else None
+                    for t in (hidden, weight, bias, lora_a, lora_b, lora_hidden)]
         ctx.grads = grads
         keys.extend(metrics)
         values = [v.detach() for v in metrics.values()]
@@ -314,46 +391,65 @@ class _LinearPreference(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        out = [None] * 11
+        out = [None] * 16
         if ctx.grads is None:
             return tuple(out)
-        for i, (g, like) in enumerate(zip(ctx.grads, ctx.like)):
+        for i, g, like in zip((0, 1, 2, 12, 13, 14), ctx.grads, ctx.like):  # hidden, W, b, lora A, B, x
             if g is not None and like is not None:
                 out[i] = (g * grad_loss.to(g.dtype)).to(like[1]).view(like[0])
         return tuple(out)
 
 
+def _head_params(op, hidden, weight, bias, lora_a, lora_b):
+    """The head as the tiles take it: FSDP2 DTensors gathered (``linear_token_logprobs``'
+    ``_GatheredParameter``: their gradients reduce-scattered back, averaged over the mesh)."""
+    try:
+        gathered = head._gather_dtensors(op, hidden, dict(weight=weight, bias=bias, lora_A=lora_a, lora_B=lora_b),
+                                         None)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{op}: " + str(error).removeprefix(f"{op}: ")) from None
+    return gathered["weight"], gathered["bias"], gathered["lora_A"], gathered["lora_B"]
+
+
+def _check_lora(op, hidden, weight, lora_a, lora_b, lora_scaling, lora_hidden) -> None:
+    try:
+        head._check_lora(lora_a, lora_b, lora_scaling, lora_hidden, hidden, weight, "chunked", None)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{op}: " + str(error).removeprefix("linear_token_logprobs: ")) from None
+
+
+
 def _check(hidden, weight, labels, response_mask, cu_seqlens, bias, ignore_index, chunk_size, chunking,
-           temperature, logit_scale, logit_softcap):
+           temperature, logit_scale, logit_softcap, op=_OP, paired=True):
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     try:
         head._check_linear(hidden, weight, labels, bias, temperature, logit_scale, logit_softcap, (), chunk_size)
     except (TypeError, ValueError) as error:
         message = str(error).replace("linear_token_logprobs: ", "")
-        raise type(error)(f"{_OP}: {message}") from None
-    _checks.choice(_OP, "chunking", chunking, (None, "pairs", "global"))
+        raise type(error)(f"{op}: {message}") from None
+    _checks.choice(op, "chunking", chunking, (None, "pairs", "global"))
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{_OP}: ignore_index must be an int, got {ignore_index!r}")
+        raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
     if cu_seqlens is not None:
         if hidden.ndim != 2:
-            raise ValueError(f"{_OP}: packed input (cu_seqlens given) needs hidden [total, H], got shape "
+            raise ValueError(f"{op}: packed input (cu_seqlens given) needs hidden [total, H], got shape "
                              f"{tuple(hidden.shape)}")
-        rows = _checks.cu_seqlens(_OP, cu_seqlens, hidden.shape[0], hidden.device, "hidden")
+        rows = _checks.cu_seqlens(op, cu_seqlens, hidden.shape[0], hidden.device, "hidden")
     else:
         if hidden.ndim != 3:
-            raise ValueError(f"{_OP}: hidden must be [2B, T, H] (padded, with response_mask) or [total, H] with "
-                             f"cu_seqlens, got shape {tuple(hidden.shape)}")
+            raise ValueError(f"{op}: hidden must be [{'2B' if paired else 'B'}, T, H] (padded, with response_mask) "
+                             f"or [total, H] with cu_seqlens, got shape {tuple(hidden.shape)}")
         if response_mask is None:
-            raise ValueError(f"{_OP}: response_mask is required for padded [2B, T, H] input (None only with "
-                             "cu_seqlens), got None")
+            raise ValueError(f"{op}: response_mask is required for padded [{'2B' if paired else 'B'}, T, H] input "
+                             "(None only with cu_seqlens), got None")
         rows = hidden.shape[0]
     if response_mask is not None:
-        _checks.tensors(_OP, "labels", {"labels": (labels, "int"), "response_mask": (response_mask, "mask")},
+        _checks.tensors(op, "labels", {"labels": (labels, "int"), "response_mask": (response_mask, "mask")},
                         shape={"labels": None, "response_mask": tuple(labels.shape)})
-    if rows % 2:
-        raise ValueError(f"{_OP}: hidden must have 2B rows (chosen rows, then rejected rows), got {rows}")
+    if paired and rows % 2:
+        raise ValueError(f"{op}: hidden must have 2B rows (chosen rows, then rejected rows), got {rows}")
     return rows
 
 
@@ -365,7 +461,9 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
                            bias: Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
                            logit_softcap: float | None = None, ignore_index: int = -100,
                            chunk_size: int | None = None, deterministic: bool = False, chunking: str | None = None,
-                           ld_alpha: float | None = None, wpo_adjustment: Tensor | None = None,
+                           logits_dtype: torch.dtype | None = None, lora_A: Tensor | None = None,  # noqa: N803
+                           lora_B: Tensor | None = None, lora_scaling: float = 1.0,  # noqa: N803
+                           lora_hidden: Tensor | None = None, ld_alpha: float | None = None, wpo_adjustment: Tensor | None = None,
                            token_rewards: Tensor | None = None, tgdpo_alpha: float = 1.0, loss_type="sigmoid",
                            beta: float = 0.1, label_smoothing: float = 0.0, f_divergence_type: str = "reverse_kl",
                            f_alpha_divergence_coef: float = 1.0, discopop_tau: float = 0.05, loss_weights=None,
@@ -401,6 +499,18 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
             ``_PAIR_TILE_BYTES`` (256 MiB CPU, 10 GiB GPU) for ``"pairs"``.
         deterministic: fixed ``_DET_ROWS``-token GEMM blocks and a fixed accumulation order: a
             token's log-prob is batch invariant and repeated runs are bit-identical.
+        logits_dtype: None (default): logits tiles in fp32 (float64 for float64 inputs);
+            ``torch.bfloat16`` / ``torch.float16``: TRL's numerics under autocast, as
+            ``linear_token_logprobs(logits_dtype=...)`` rounds them (h and W cast to it, each tile
+            rounded once, d logits rounded before the two gradient GEMMs): the fused path of a
+            bf16 / fp16 DPO step.
+        lora_A, lora_B, lora_scaling, lora_hidden: a LoRA adapter on the head (PEFT's
+            ``lora.Linear``), as ``linear_token_logprobs`` takes it: each tile gets
+            ``logit_scale * lora_scaling * (x A^T) B^T`` added (never the merged weight), d B
+            and d xa come from each tile's d logits (``rlkern.ops.linear_losses.LoraTiles``).
+        FSDP2: ``weight``, ``bias``, ``lora_A``, ``lora_B`` may be ``fully_shard`` DTensors
+            (hidden and labels this rank's plain tensors), gathered as ``linear_token_logprobs``
+            gathers them.
         chunking: None (default: ``"pairs"`` when the loss types are pair-local and every pair
             fits the tile, else ``"global"``), ``"pairs"`` (3 GEMMs; raises for aot /
             aot_unpaired / sft and for a pair larger than the tile) or ``"global"`` (4 GEMMs).
@@ -416,16 +526,26 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
         until the graph is freed.
     """
     if torch.compiler.is_compiling():
+        if lora_A is not None or lora_B is not None or head._is_dtensor(weight):
+            return _between_graphs(**{k: v for k, v in locals().items() if k in _PARAMETERS})  # a LoRA or FSDP2
+            # head: eager, between two graphs
         return _traced_linear_preference_loss(
             hidden, weight, labels, response_mask, ref_logprobs, cu_seqlens=cu_seqlens, bias=bias,
             temperature=temperature, logit_scale=logit_scale, logit_softcap=logit_softcap, ignore_index=ignore_index,
             chunk_size=chunk_size, deterministic=deterministic, chunking=chunking, ld_alpha=ld_alpha,
+            logits_dtype=None if logits_dtype is None else str(logits_dtype),
             wpo_adjustment=wpo_adjustment, token_rewards=token_rewards, tgdpo_alpha=tgdpo_alpha, loss_type=loss_type,
             beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
             f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, loss_weights=loss_weights,
             pair_weights=pair_weights, simpo_gamma=simpo_gamma)
+    weight, bias, lora_A, lora_B = _head_params(_OP, hidden, weight, bias, lora_A, lora_B)  # noqa: N806
     rows = _check(hidden, weight, labels, response_mask, cu_seqlens, bias, ignore_index, chunk_size, chunking,
                   temperature, logit_scale, logit_softcap)
+    _check_lora(_OP, hidden, weight, lora_A, lora_B, lora_scaling, lora_hidden)
+    try:
+        logits_dtype = head._check_logits_dtype(logits_dtype, hidden, weight)
+    except ValueError as error:
+        raise ValueError(f"{_OP}: " + str(error).removeprefix("linear_token_logprobs: ")) from None
     lead = tuple(labels.shape)
     named = {"wpo_adjustment": wpo_adjustment, "token_rewards": token_rewards}
     per_sequence_ref = isinstance(ref_logprobs, Tensor) and tuple(ref_logprobs.shape) != lead
@@ -501,7 +621,8 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
     keys: list = []
     try:
         loss, *values = _LinearPreference.apply(hidden, weight, bias, labels, tokens, batch, hyper, plan,
-                                                int(chunk_rows), keys, torch.is_grad_enabled())
+                                                int(chunk_rows), keys, torch.is_grad_enabled(), logits_dtype, lora_A,
+                                                lora_B, lora_hidden, float(lora_scaling))
     except (ValueError, TypeError) as error:  # the loss' checks, under this op's name
         message = str(error)
         if message.startswith("token_preference_loss: "):
@@ -573,6 +694,10 @@ def _backward(ctx, grad_total, grad_metrics, *unused):
 _linear_preference_loss_op.register_autograd(_backward, setup_context=_setup)
 
 
+_between_graphs = torch.compiler.disable(linear_preference_loss)
+_PARAMETERS = frozenset(inspect.signature(linear_preference_loss).parameters)
+
+
 def _traced_linear_preference_loss(hidden, weight, labels, response_mask, ref_logprobs, *, cu_seqlens, bias,
                                    wpo_adjustment, token_rewards, pair_weights, **kwargs):
     from rlkern.ops.linear_losses import _encode
@@ -588,3 +713,243 @@ def _traced_linear_preference_loss(hidden, weight, labels, response_mask, ref_lo
                                                     bias, wpo_adjustment, token_rewards, pair_weights,
                                                     _encode(tuple(sorted(kwargs.items()))), needs)
     return total, dict(zip(_metric_keys(loss_type), metrics.unbind(0)))
+# ------------------------------------------------------------------------------------------------
+# KTO (TRL 1.16's KTOTrainer loss) from hidden states: the sibling of linear_preference_loss, as
+# kto_loss is preference_loss'. Its batch is unpaired: each sequence is a unit of the tile plan.
+
+
+class _KtoBatch:
+    """What every chunk's KTO loss reads: the per-sequence reference sums (or the token-level
+    reference log-probs), the desirable flags, the KL completions' constants and the keywords."""
+
+    def __init__(self, tokens: _Tokens, ref_tokens, ref_rows, desirable, kl_logps, ref_kl_logps, kwargs):
+        self.tokens, self.ref_tokens, self.ref_rows, self.desirable = tokens, ref_tokens, ref_rows, desirable
+        self.kl_logps, self.ref_kl_logps, self.kwargs = kl_logps, ref_kl_logps, kwargs
+        self.units = tokens.rows  # every sequence on its own
+
+    def rows_of(self, rows: Tensor) -> Tensor:
+        return rows
+
+    def unit_counts(self) -> Tensor:
+        return self.tokens.counts
+
+    def loss(self, logp: Tensor, rows: Tensor, ids: Tensor, valid: Tensor):
+        """kto_loss of sequences ``rows`` from the log-probs ``logp`` of their tokens ``ids`` (laid
+        out by ``valid``): the per-sequence sums TRL's KTOTrainer forms, then kto_loss. Its mean is
+        over ``rows``; the caller rescales a chunk's share by ``len(rows) / B``."""
+        sums = _padded(logp, valid).sum(1)
+        if self.ref_tokens is not None:
+            ref = _padded(self.ref_tokens[ids].to(logp.dtype), valid).sum(1)
+        else:
+            ref = self.ref_rows[rows]
+        return kto_loss(sums, ref, self.desirable[rows], self.kl_logps, self.ref_kl_logps, **self.kwargs)
+
+
+def linear_kto_loss(hidden: Tensor, weight: Tensor, labels: Tensor, response_mask: Tensor | None,
+                    ref_logprobs: Tensor, desirable: Tensor, kl_logps: Tensor | None = None,
+                    ref_kl_logps: Tensor | None = None, *, cu_seqlens: Tensor | None = None,
+                    bias: Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
+                    logit_softcap: float | None = None, ignore_index: int = -100, chunk_size: int | None = None,
+                    deterministic: bool = False, logits_dtype: torch.dtype | None = None,
+                    lora_A: Tensor | None = None, lora_B: Tensor | None = None,  # noqa: N803
+                    lora_scaling: float = 1.0, lora_hidden: Tensor | None = None, loss_type: str = "kto",
+                    beta: float = 0.1, desirable_weight: float = 1.0,
+                    undesirable_weight: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """TRL 1.16's KTO loss (``rlkern.kto_loss``: ``KTOTrainer._compute_loss``) from the policy's
+    hidden states and LM head, the gradient formed in the forward: 3 GEMMs per completion token,
+    never ``[N, V]`` logits.
+
+    Equals ``kto_loss(sum_t linear_token_logprobs(hidden, weight, labels, ...)[b, t] *
+    response_mask[b, t], ref_logps, desirable, kl_logps, ref_kl_logps, ...)``: with
+    ``logprob_t = log softmax(softcap(logit_scale * (h_t W^T + b)) / T)[y_t]``, ``x_b`` the
+    sequence sums, ``r_b = x_b - ref_b`` and the reference point ``kl = clamp(mean(kl_logps -
+    ref_kl_logps), min=0)`` (a detached constant),
+
+        loss = 1/B sum_b [desirable_b] w_d (1 - sigmoid(beta (r_b - kl)))
+                       + [not desirable_b] w_u (1 - sigmoid(beta (kl - r_b)))     (``"kto"``,
+        KTO, arXiv 2402.01306, Eq. 7; ``"apo_zero_unpaired"``: ``1 - sigmoid(beta r_b)`` and
+        ``sigmoid(beta r_b)``).
+
+    Why 3 GEMMs: each sequence's term depends on its own sum only (``kl`` is a constant: TRL
+    computes the KL completions' log-probs under no_grad), so once a chunk of WHOLE sequences has
+    its log-probs, ``d loss / d logprob_t = d loss / d x_b`` is known and the logits tile turns
+    into d logits in place for the two gradient GEMMs (``linear_preference_loss``' ``"pairs"``
+    plan, with sequences for pairs). A sequence longer than the tile budget takes the
+    ``"global"`` plan (4 GEMMs, see the module docstring).
+
+    Args:
+        hidden: padded ``[B, T, H]`` (with ``response_mask``) or packed ``[total, H]`` (with
+            ``cu_seqlens`` ``[B + 1]``): the policy's last hidden states at the positions that
+            predict ``labels`` (TRL's shifted layout). float16/bfloat16/float32/float64.
+        weight: the LM head ``[V, H]``. bias: ``[V]`` or None.
+        labels: ``hidden.shape[:-1]`` int32/int64 token ids (read only where ``response_mask``
+            is nonzero; ``ignore_index`` gives log-prob 0).
+        response_mask: nonzero = a completion token (None when packed: every token).
+        ref_logprobs: the reference model's token log-probs (``labels``' shape) or per-sequence
+            ``[B]`` sums (TRL's ``ref_logps``). Constants.
+        desirable: ``[B]`` bool (or 0/1 ints): True for a desirable completion (TRL's ``label``,
+            ``kto_loss``' ``labels``; named apart here, where ``labels`` are the token ids).
+        kl_logps, ref_kl_logps: ``[M]`` constants, as ``kto_loss`` takes them (required with
+            ``"kto"``, None with ``"apo_zero_unpaired"``; M = 0 gives kl = 0). Liger's ``kl``
+            tensor is ``kl_logps=kl.reshape(1), ref_kl_logps=zeros(1)`` (for ``kl >= 0``).
+        cu_seqlens, temperature, logit_scale, logit_softcap, ignore_index, chunk_size,
+            deterministic, logits_dtype: as ``linear_preference_loss`` (``chunk_size``: the most
+            completion tokens of the sequences of one tile).
+        lora_A, lora_B, lora_scaling, lora_hidden, FSDP2 DTensor heads: as
+            ``linear_preference_loss``.
+        loss_type, beta, desirable_weight, undesirable_weight: as ``kto_loss`` (KTOConfig's
+            names and defaults).
+
+    Returns:
+        ``(loss, metrics)`` as ``rlkern.kto_loss``: a 0-dim float32 loss (float64 for float64
+        inputs) differentiable w.r.t. hidden, weight and bias; metrics ``kl``,
+        ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``logps/chosen``,
+        ``logps/rejected``.
+    """
+    if torch.compiler.is_compiling():
+        if lora_A is not None or lora_B is not None or head._is_dtensor(weight):
+            return _kto_between_graphs(**{k: v for k, v in locals().items() if k in _KTO_PARAMETERS})  # as above
+        return _traced_linear_kto_loss(
+            hidden, weight, labels, response_mask, ref_logprobs, desirable, kl_logps, ref_kl_logps,
+            cu_seqlens=cu_seqlens, bias=bias, temperature=temperature, logit_scale=logit_scale,
+            logit_softcap=logit_softcap, ignore_index=ignore_index, chunk_size=chunk_size, deterministic=deterministic,
+            logits_dtype=None if logits_dtype is None else str(logits_dtype), loss_type=loss_type, beta=beta,
+            desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+    deterministic = _backend.deterministic(deterministic)  # or RLKERN_DETERMINISTIC=1
+    weight, bias, lora_A, lora_B = _head_params(_KTO_OP, hidden, weight, bias, lora_A, lora_B)  # noqa: N806
+    rows = _check(hidden, weight, labels, response_mask, cu_seqlens, bias, ignore_index, chunk_size, None,
+                  temperature, logit_scale, logit_softcap, op=_KTO_OP, paired=False)
+    _check_lora(_KTO_OP, hidden, weight, lora_A, lora_B, lora_scaling, lora_hidden)
+    try:
+        logits_dtype = head._check_logits_dtype(logits_dtype, hidden, weight)
+    except ValueError as error:
+        raise ValueError(f"{_KTO_OP}: " + str(error).removeprefix("linear_token_logprobs: ")) from None
+    lead = tuple(labels.shape)
+    device = hidden.device
+    if not isinstance(ref_logprobs, Tensor) or not ref_logprobs.dtype.is_floating_point:
+        raise TypeError(f"{_KTO_OP}: ref_logprobs must be a float tensor (token log-probs of labels' shape or [B] "
+                        f"sums), got {getattr(ref_logprobs, 'dtype', type(ref_logprobs).__name__)}")
+    per_sequence_ref = tuple(ref_logprobs.shape) != lead
+    if per_sequence_ref and tuple(ref_logprobs.shape) != (rows,):
+        raise ValueError(f"{_KTO_OP}: ref_logprobs must have labels' shape {lead} (token-level) or be [B] = [{rows}] "
+                         f"(per-sequence sums), got {tuple(ref_logprobs.shape)}")
+    if ref_logprobs.device != device:
+        raise ValueError(f"{_KTO_OP}: ref_logprobs is on {ref_logprobs.device} but hidden is on {device}")
+    if ref_logprobs.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{_KTO_OP}: ref_logprobs requires grad, but it is a constant of the loss; compute it under "
+                         "torch.no_grad() or pass .detach()")
+    if not isinstance(desirable, Tensor) or tuple(desirable.shape) != (rows,) or desirable.dtype.is_floating_point \
+            or desirable.is_complex():
+        raise ValueError(f"{_KTO_OP}: desirable must be a [B] = [{rows}] bool (or 0/1 int) tensor, got "
+                         f"{getattr(desirable, 'shape', type(desirable).__name__)} {getattr(desirable, 'dtype', '')}")
+    total = labels.numel()
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=device, dtype=torch.long)
+        row_of = torch.repeat_interleave(torch.arange(rows, device=device), cu.diff(), output_size=total)
+    else:
+        row_of = torch.arange(rows, device=device).repeat_interleave(labels.shape[1])
+    mask_flat = (torch.ones(total, dtype=torch.bool, device=device) if response_mask is None
+                 else (response_mask.reshape(-1) != 0).to(device))
+    tokens = _Tokens(mask_flat, row_of, rows)
+    token_ops.check_label_range(labels.reshape(-1)[tokens.flat], weight.shape[0], ignore_index, op=_KTO_OP)
+    kwargs = dict(loss_type=loss_type, beta=beta, desirable_weight=desirable_weight,
+                  undesirable_weight=undesirable_weight)
+    batch = _KtoBatch(tokens, None if per_sequence_ref else ref_logprobs.detach().reshape(-1)[tokens.flat],
+                      ref_logprobs.detach() if per_sequence_ref else None, desirable.to(device=device, dtype=torch.bool),
+                      kl_logps, ref_kl_logps, kwargs)
+    try:  # kto_loss' own checks of the constants and keywords, before any GEMM (O(B) work)
+        with torch.no_grad():
+            probe = torch.zeros(rows, dtype=torch.float64 if torch.float64 in (hidden.dtype, weight.dtype)
+                                else torch.float32, device=device)
+            kto_loss(probe, probe, batch.desirable, kl_logps, ref_kl_logps, **kwargs)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"{_KTO_OP}: " + str(error).removeprefix("kto_loss: ")) from None
+    if kl_logps is not None and kl_logps.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{_KTO_OP}: kl_logps requires grad, but it is a constant of the loss (TRL computes the KL "
+                         "completions' log-probs under no_grad); pass .detach()")
+    vocab = max(weight.shape[0], 1)
+    budget_key = "cuda" if device.type == "cuda" else "cpu"
+    plan, chunk_rows = None, chunk_size or max(16, _PAIR_TILE_BYTES[budget_key] // (4 * vocab))
+    if rows and int(tokens.counts.max()) > chunk_rows:  # a sequence larger than the tile: two passes
+        plan = "global"
+        chunk_rows = chunk_size or max(16, head._TILE_BYTES[budget_key] // (4 * vocab) // 16 * 16)
+    hyper = (float(logit_scale), float(logit_softcap) if logit_softcap is not None else 0.0, float(temperature),
+             int(ignore_index), bool(deterministic))
+    keys: list = []
+    try:
+        loss, *values = _LinearPreference.apply(hidden, weight, bias, labels, tokens, batch, hyper, plan,
+                                                int(chunk_rows), keys, torch.is_grad_enabled(), logits_dtype, lora_A,
+                                                lora_B, lora_hidden, float(lora_scaling))
+    except (ValueError, TypeError) as error:  # kto_loss' checks, under this op's name
+        message = str(error)
+        if message.startswith("kto_loss: "):
+            raise type(error)(f"{_KTO_OP}: " + message.removeprefix("kto_loss: ")) from None
+        raise
+    return loss, dict(zip(keys, values))
+
+
+# torch.compile: linear_kto_loss as one custom op, as linear_preference_loss above.
+
+@torch.library.custom_op("rlkern::_linear_kto_loss", mutates_args=())
+def _linear_kto_loss_op(hidden: Tensor, weight: Tensor, labels: Tensor, response_mask: Tensor | None,
+                        ref_logprobs: Tensor, desirable: Tensor, kl_logps: Tensor | None,
+                        ref_kl_logps: Tensor | None, cu_seqlens: Tensor | None, bias: Tensor | None, config: str,
+                        needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from rlkern.ops.linear_losses import _decode, _with_autograd
+
+    h, w = hidden.detach().requires_grad_(needs[0]), weight.detach().requires_grad_(needs[1])
+    b = None if bias is None else bias.detach().requires_grad_(needs[2])
+    with torch.enable_grad(), _with_autograd():
+        total, metrics = linear_kto_loss(h, w, labels, response_mask, ref_logprobs, desirable, kl_logps, ref_kl_logps,
+                                         cu_seqlens=cu_seqlens, bias=b, **_decode(config))
+        wanted = [t if need and t is not None else None for t, need in zip((h, w, b), needs)]
+        found = iter(torch.autograd.grad(total, [t for t in wanted if t is not None]) if any(
+            t is not None for t in wanted) else ())
+    grads = [next(found) if t is not None else hidden.new_empty(0) for t in wanted]
+    return (total.detach(), torch.stack([metrics[k].detach().float() for k in _kto_keys()]), *grads)
+
+
+def _kto_keys() -> tuple[str, ...]:
+    from rlkern.ops import preference
+
+    return preference.KTO_METRIC_KEYS
+
+
+@_linear_kto_loss_op.register_fake
+def _(hidden, weight, labels, response_mask, ref_logprobs, desirable, kl_logps, ref_kl_logps, cu_seqlens, bias,
+      config, needs):
+    dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+    grads = [t.new_empty(t.shape) if need and t is not None else hidden.new_empty(0)
+             for t, need in zip((hidden, weight, bias), needs)]
+    return (hidden.new_empty((), dtype=dtype), hidden.new_empty(len(_kto_keys()), dtype=torch.float32), *grads)
+
+
+def _kto_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[2:])
+    ctx.needs = inputs[-1]
+    ctx.has_bias = inputs[9] is not None
+
+
+def _kto_backward(ctx, grad_total, grad_metrics, *unused):
+    gh, gw, gb = ctx.saved_tensors
+    scale = lambda g: (g * grad_total.to(g.dtype)).to(g.dtype)  # noqa: E731
+    return (scale(gh) if ctx.needs[0] else None, scale(gw) if ctx.needs[1] else None, None, None, None, None, None,
+            None, None, scale(gb) if ctx.needs[2] and ctx.has_bias else None, None, None)
+
+
+_linear_kto_loss_op.register_autograd(_kto_backward, setup_context=_kto_setup)
+_kto_between_graphs = torch.compiler.disable(linear_kto_loss)
+_KTO_PARAMETERS = frozenset(inspect.signature(linear_kto_loss).parameters)
+
+
+def _traced_linear_kto_loss(hidden, weight, labels, response_mask, ref_logprobs, desirable, kl_logps, ref_kl_logps,
+                            *, cu_seqlens, bias, **kwargs):
+    from rlkern.ops.linear_losses import _encode
+
+    grad = torch.is_grad_enabled()
+    needs = [grad and hidden.requires_grad, grad and weight.requires_grad,
+             grad and bias is not None and bias.requires_grad]
+    total, metrics, *_ = _linear_kto_loss_op(hidden, weight, labels, response_mask, ref_logprobs, desirable,
+                                             kl_logps, ref_kl_logps, cu_seqlens, bias,
+                                             _encode(tuple(sorted(kwargs.items()))), needs)
+    return total, dict(zip(_kto_keys(), metrics.unbind(0)))
