@@ -8,6 +8,8 @@
 // the row's score on that last token. Inputs arrive contiguous in the compute type (double for
 // float64 input, float otherwise; the op converts), the mask as bool. cpp_action_rewards: UI-R1's
 // rule-based reward of parsed GUI actions, element-wise.
+#include "common.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -53,45 +55,59 @@ at::Tensor sample_cpu(const at::Tensor& a, const at::Tensor& b, int64_t method, 
   return out;
 }
 
-inline double kl_value(double lp, double ref, int64_t est) {
+template <int64_t E>
+inline double kl_value(double lp, double ref) {
   const double d = lp - ref;
-  switch (est) {
-    case kK1: return d;
-    case kAbs: return std::abs(d);
-    case kK2: return 0.5 * d * d;
-    default: {
-      // verl's low_var_kl: the log-ratio clamped to [-20, 20] before exp, the value to [-10, 10]
-      const double k = std::min(std::max(-d, -20.0), 20.0);
-      return std::min(std::max(std::exp(k) - k - 1.0, -10.0), 10.0);
-    }
+  if constexpr (E == kK1) {
+    return d;
+  } else if constexpr (E == kAbs) {
+    return std::abs(d);
+  } else if constexpr (E == kK2) {
+    return 0.5 * d * d;
+  } else {
+    // verl's low_var_kl: the log-ratio clamped to [-20, 20] before exp, the value to [-10, 10]
+    const double k = std::min(std::max(-d, -20.0), 20.0);
+    return std::min(std::max(std::exp(k) - k - 1.0, -10.0), 10.0);
   }
 }
 
-template <typename S>
-void kl_rows(const S* score, const S* lp, const S* ref, const bool* mask, S* out, int64_t B, int64_t T, int64_t est,
-             double coef, double kl_clip, double low, double high) {
+// One row: the estimator and the clamp are template parameters so the token loop is branch-free
+// (a select on the mask) and the compiler vectorizes it; the row's score is added afterwards.
+template <typename S, int64_t E, bool CLIP>
+RLKERN_VECTOR_CLONES void kl_row(const S* lp, const S* ref, const bool* mask, S* out, int64_t T, double coef,
+                                 double kl_clip) {
+  for (int64_t t = 0; t < T; ++t) {
+    double kl = kl_value<E>(static_cast<double>(lp[t]), static_cast<double>(ref[t]));
+    if constexpr (CLIP) kl = std::min(std::max(kl, -kl_clip), kl_clip);
+    out[t] = mask[t] ? static_cast<S>(-coef * kl) : static_cast<S>(0);
+  }
+}
+
+template <typename S, int64_t E, bool CLIP>
+void kl_rows(const S* score, const S* lp, const S* ref, const bool* mask, S* out, int64_t B, int64_t T, double coef,
+             double kl_clip, double low, double high) {
   at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t row = b * T;
-      int64_t last = -1;
-      for (int64_t t = T - 1; t >= 0; --t)
-        if (mask[row + t]) {
-          last = t;
-          break;
-        }
-      for (int64_t t = 0; t < T; ++t) {
-        double v = 0.0;
-        if (mask[row + t]) {
-          double kl = kl_value(static_cast<double>(lp[row + t]), static_cast<double>(ref[row + t]), est);
-          if (kl_clip >= 0.0) kl = std::min(std::max(kl, -kl_clip), kl_clip);
-          v = -coef * kl;
-          // clamp the score, as std::clamp would; a NaN score stays NaN
-          if (t == last) v += std::min(std::max(static_cast<double>(score[b]), low), high);
-        }
-        out[row + t] = static_cast<S>(v);
-      }
+      kl_row<S, E, CLIP>(lp + row, ref + row, mask + row, out + row, T, coef, kl_clip);
+      int64_t last = T - 1;
+      while (last >= 0 && !mask[row + last]) --last;
+      if (last < 0) continue;
+      // the last token again in double: -coef * KL + the clamped score, rounded once (a NaN score stays NaN)
+      double kl = kl_value<E>(static_cast<double>(lp[row + last]), static_cast<double>(ref[row + last]));
+      if constexpr (CLIP) kl = std::min(std::max(kl, -kl_clip), kl_clip);
+      out[row + last] = static_cast<S>(-coef * kl + std::min(std::max(static_cast<double>(score[b]), low), high));
     }
   });
+}
+
+template <typename S, int64_t E>
+void kl_dispatch_clip(const S* score, const S* lp, const S* ref, const bool* mask, S* out, int64_t B, int64_t T,
+                      double coef, double kl_clip, double low, double high) {
+  if (kl_clip >= 0.0)
+    kl_rows<S, E, true>(score, lp, ref, mask, out, B, T, coef, kl_clip, low, high);
+  else
+    kl_rows<S, E, false>(score, lp, ref, mask, out, B, T, coef, kl_clip, low, high);
 }
 
 at::Tensor kl_cpu(const at::Tensor& scores, const at::Tensor& logprobs, const at::Tensor& ref, const at::Tensor& mask,
@@ -108,8 +124,17 @@ at::Tensor kl_cpu(const at::Tensor& scores, const at::Tensor& logprobs, const at
   TORCH_CHECK(estimator >= kK1 && estimator <= kK3, "cpp_kl_rewards: unknown estimator ", estimator);
   at::Tensor out = at::empty_like(logprobs);
   AT_DISPATCH_FLOATING_TYPES(logprobs.scalar_type(), "cpp_kl_rewards", [&] {
-    kl_rows<scalar_t>(scores.data_ptr<scalar_t>(), logprobs.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(),
-                      mask.data_ptr<bool>(), out.data_ptr<scalar_t>(), B, T, estimator, coef, kl_clip, low, high);
+    const scalar_t* s = scores.data_ptr<scalar_t>();
+    const scalar_t* lp = logprobs.data_ptr<scalar_t>();
+    const scalar_t* rf = ref.data_ptr<scalar_t>();
+    const bool* m = mask.data_ptr<bool>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    switch (estimator) {
+      case kK1: kl_dispatch_clip<scalar_t, kK1>(s, lp, rf, m, o, B, T, coef, kl_clip, low, high); break;
+      case kAbs: kl_dispatch_clip<scalar_t, kAbs>(s, lp, rf, m, o, B, T, coef, kl_clip, low, high); break;
+      case kK2: kl_dispatch_clip<scalar_t, kK2>(s, lp, rf, m, o, B, T, coef, kl_clip, low, high); break;
+      default: kl_dispatch_clip<scalar_t, kK3>(s, lp, rf, m, o, B, T, coef, kl_clip, low, high); break;
+    }
   });
   return out;
 }
