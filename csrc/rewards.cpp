@@ -3,7 +3,7 @@
 //
 // cpp_sample_rewards: one value per sample from two per-sample inputs, element-wise (DAPO's soft
 // overlong punishment of a score by its length; GiGPO's episode + omega * step advantage).
-// cpp_kl_rewards: one task per row of [B, T]: finds the row's last response token, writes
+// cpp_kl_rewards: one task per row of [B, T] (or of packed [total] with cu_seqlens): finds the row's last response token, writes
 // -kl_coef * KL on the response tokens (verl's kl_penalty estimators, computed in double) and adds
 // the row's score on that last token. Inputs arrive contiguous in the compute type (double for
 // float64 input, float otherwise; the op converts), the mask as bool. cpp_action_rewards: UI-R1's
@@ -83,12 +83,21 @@ RLKERN_VECTOR_CLONES void kl_row(const S* lp, const S* ref, const bool* mask, S*
   }
 }
 
+// Row b is tokens [start(b), start(b) + len(b)): b * T and T padded, cu[b] and cu[b + 1] - cu[b] packed.
+struct Rows {
+  const int32_t* cu;  // nullptr: padded rows of T
+  int64_t T;
+  int64_t start(int64_t b) const { return cu ? cu[b] : b * T; }
+  int64_t len(int64_t b) const { return cu ? cu[b + 1] - cu[b] : T; }
+};
+
 template <typename S, int64_t E, bool CLIP>
-void kl_rows(const S* score, const S* lp, const S* ref, const bool* mask, S* out, int64_t B, int64_t T, double coef,
+void kl_rows(const S* score, const S* lp, const S* ref, const bool* mask, S* out, int64_t B, Rows rows, double coef,
              double kl_clip, double low, double high) {
-  at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)), [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(rows.cu ? 1024 : rows.T, 1));
+  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t row = b * T;
+      const int64_t row = rows.start(b), T = rows.len(b);
       kl_row<S, E, CLIP>(lp + row, ref + row, mask + row, out + row, T, coef, kl_clip);
       int64_t last = T - 1;
       while (last >= 0 && !mask[row + last]) --last;
@@ -102,25 +111,40 @@ void kl_rows(const S* score, const S* lp, const S* ref, const bool* mask, S* out
 }
 
 template <typename S, int64_t E>
-void kl_dispatch_clip(const S* score, const S* lp, const S* ref, const bool* mask, S* out, int64_t B, int64_t T,
+void kl_dispatch_clip(const S* score, const S* lp, const S* ref, const bool* mask, S* out, int64_t B, Rows rows,
                       double coef, double kl_clip, double low, double high) {
   if (kl_clip >= 0.0)
-    kl_rows<S, E, true>(score, lp, ref, mask, out, B, T, coef, kl_clip, low, high);
+    kl_rows<S, E, true>(score, lp, ref, mask, out, B, rows, coef, kl_clip, low, high);
   else
-    kl_rows<S, E, false>(score, lp, ref, mask, out, B, T, coef, kl_clip, low, high);
+    kl_rows<S, E, false>(score, lp, ref, mask, out, B, rows, coef, kl_clip, low, high);
 }
 
 at::Tensor kl_cpu(const at::Tensor& scores, const at::Tensor& logprobs, const at::Tensor& ref, const at::Tensor& mask,
-                  int64_t estimator, double coef, double kl_clip, double low, double high) {
-  TORCH_CHECK(logprobs.dim() == 2 && logprobs.is_contiguous() && ref.sizes() == logprobs.sizes() &&
-                  ref.is_contiguous() && ref.scalar_type() == logprobs.scalar_type(),
-              "cpp_kl_rewards: logprobs and ref_logprobs must be contiguous [B, T] of one dtype");
-  const int64_t B = logprobs.size(0), T = logprobs.size(1);
+                  const std::optional<at::Tensor>& cu_seqlens, int64_t estimator, double coef, double kl_clip,
+                  double low, double high) {
+  TORCH_CHECK(logprobs.is_contiguous() && ref.sizes() == logprobs.sizes() && ref.is_contiguous() &&
+                  ref.scalar_type() == logprobs.scalar_type(),
+              "cpp_kl_rewards: logprobs and ref_logprobs must be contiguous, one shape and dtype");
+  Rows rows{nullptr, 0};
+  int64_t B;
+  if (cu_seqlens.has_value()) {
+    TORCH_CHECK(logprobs.dim() == 1 && cu_seqlens->scalar_type() == at::kInt && cu_seqlens->is_contiguous() &&
+                    cu_seqlens->numel() >= 1,
+                "cpp_kl_rewards: packed logprobs [total] with contiguous int32 cu_seqlens [B + 1]");
+    B = cu_seqlens->numel() - 1;
+    rows.cu = cu_seqlens->data_ptr<int32_t>();
+    TORCH_CHECK(rows.cu[0] == 0 && rows.cu[B] == logprobs.numel(), "cpp_kl_rewards: cu_seqlens must span logprobs");
+    for (int64_t b = 0; b < B; ++b) TORCH_CHECK(rows.cu[b + 1] >= rows.cu[b], "cpp_kl_rewards: cu_seqlens must rise");
+  } else {
+    TORCH_CHECK(logprobs.dim() == 2, "cpp_kl_rewards: logprobs must be [B, T] (or packed with cu_seqlens)");
+    B = logprobs.size(0);
+    rows.T = logprobs.size(1);
+  }
   TORCH_CHECK(scores.dim() == 1 && scores.numel() == B && scores.is_contiguous() &&
                   scores.scalar_type() == logprobs.scalar_type(),
               "cpp_kl_rewards: scores must be contiguous [B] of logprobs' dtype");
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.sizes() == logprobs.sizes(),
-              "cpp_kl_rewards: mask must be contiguous bool [B, T]");
+              "cpp_kl_rewards: mask must be contiguous bool of logprobs' shape");
   TORCH_CHECK(estimator >= kK1 && estimator <= kK3, "cpp_kl_rewards: unknown estimator ", estimator);
   at::Tensor out = at::empty_like(logprobs);
   AT_DISPATCH_FLOATING_TYPES(logprobs.scalar_type(), "cpp_kl_rewards", [&] {
@@ -130,10 +154,10 @@ at::Tensor kl_cpu(const at::Tensor& scores, const at::Tensor& logprobs, const at
     const bool* m = mask.data_ptr<bool>();
     scalar_t* o = out.data_ptr<scalar_t>();
     switch (estimator) {
-      case kK1: kl_dispatch_clip<scalar_t, kK1>(s, lp, rf, m, o, B, T, coef, kl_clip, low, high); break;
-      case kAbs: kl_dispatch_clip<scalar_t, kAbs>(s, lp, rf, m, o, B, T, coef, kl_clip, low, high); break;
-      case kK2: kl_dispatch_clip<scalar_t, kK2>(s, lp, rf, m, o, B, T, coef, kl_clip, low, high); break;
-      default: kl_dispatch_clip<scalar_t, kK3>(s, lp, rf, m, o, B, T, coef, kl_clip, low, high); break;
+      case kK1: kl_dispatch_clip<scalar_t, kK1>(s, lp, rf, m, o, B, rows, coef, kl_clip, low, high); break;
+      case kAbs: kl_dispatch_clip<scalar_t, kAbs>(s, lp, rf, m, o, B, rows, coef, kl_clip, low, high); break;
+      case kK2: kl_dispatch_clip<scalar_t, kK2>(s, lp, rf, m, o, B, rows, coef, kl_clip, low, high); break;
+      default: kl_dispatch_clip<scalar_t, kK3>(s, lp, rf, m, o, B, rows, coef, kl_clip, low, high); break;
     }
   });
   return out;
@@ -180,8 +204,8 @@ at::Tensor sample_meta(const at::Tensor& a, const at::Tensor&, int64_t, double, 
   return at::empty_like(a);
 }
 
-at::Tensor kl_meta(const at::Tensor&, const at::Tensor& logprobs, const at::Tensor&, const at::Tensor&, int64_t,
-                   double, double, double, double) {
+at::Tensor kl_meta(const at::Tensor&, const at::Tensor& logprobs, const at::Tensor&, const at::Tensor&,
+                   const std::optional<at::Tensor>&, int64_t, double, double, double, double) {
   return at::empty_like(logprobs);
 }
 
@@ -189,7 +213,8 @@ at::Tensor kl_meta(const at::Tensor&, const at::Tensor& logprobs, const at::Tens
 
 TORCH_LIBRARY_FRAGMENT(rlkern, m) {
   m.def("cpp_sample_rewards(Tensor a, Tensor b, int method, float p0, float p1, float p2) -> Tensor");
-  m.def("cpp_kl_rewards(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor mask, int estimator, "
+  m.def("cpp_kl_rewards(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor mask, Tensor? cu_seqlens, "
+        "int estimator, "
         "float kl_coef, float kl_clip, float low, float high) -> Tensor");
   m.def("cpp_action_rewards(Tensor pred_types, Tensor true_types, Tensor points, Tensor boxes, Tensor format) -> Tensor");
 }

@@ -2,7 +2,8 @@
 rlkern/reference/rewards.py).
 
 ``sample_rewards``: one program per block of samples, element-wise in float64 (DAPO's overlong
-punishment, GiGPO's combined advantage). ``kl_rewards``: one program per row of ``[B, T]``; a
+punishment, GiGPO's combined advantage). ``kl_rewards``: one program per row of ``[B, T]`` (or per
+sequence of the packed layout, its bounds read from ``cu_seqlens``); a
 first sweep over the row's tiles finds its last response token (the largest masked index), a
 second writes ``-kl_coef * KL`` on the response tokens and adds the score on that last token.
 ``action_rewards``: UI-R1's rule-based reward, one program per block of samples.
@@ -55,20 +56,26 @@ def sample_rewards(a: torch.Tensor, b: torch.Tensor, method: int, p0: float, p1:
 @triton.jit
 def _kl_rewards_kernel(
     s_ptr,  # (B,) fp32/fp64
-    lp_ptr, ref_ptr,  # (B, T) contiguous, s' dtype
-    m_ptr,  # (B, T) contiguous bool (as u8)
+    lp_ptr, ref_ptr,  # (B, T) contiguous or packed (total,), s' dtype
+    m_ptr,  # lp's shape, bool (as u8)
+    cu_ptr,  # (B + 1,) int32 offsets (PACKED), else any pointer
     par_ptr,  # (4,) fp64: kl_coef, kl_clip (< 0: none), score low, score high
-    out_ptr,  # (B, T) s' dtype
-    T,
-    EST: tl.constexpr, BLOCK: tl.constexpr,
+    out_ptr,  # lp's shape, s' dtype
+    T,  # the padded width (not PACKED)
+    EST: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    base = row * T
+    if PACKED:
+        base = tl.load(cu_ptr + row).to(tl.int64)
+        length = tl.load(cu_ptr + row + 1).to(tl.int64) - base
+    else:
+        base = row * T
+        length = T
     cols = tl.arange(0, BLOCK)
-    last = tl.full((), -1, tl.int32)
-    for start in range(0, T, BLOCK):
+    last = tl.full((), -1, tl.int64)
+    for start in range(0, length, BLOCK):
         idx = start + cols
-        m = tl.load(m_ptr + base + idx, mask=idx < T, other=0) != 0
+        m = tl.load(m_ptr + base + idx, mask=idx < length, other=0) != 0
         last = tl.maximum(last, tl.max(tl.where(m, idx, -1), axis=0))
     coef = tl.load(par_ptr).to(tl.float64)
     clip = tl.load(par_ptr + 1).to(tl.float64)
@@ -76,9 +83,9 @@ def _kl_rewards_kernel(
     high = tl.load(par_ptr + 3).to(tl.float64)
     s = tl.load(s_ptr + row).to(tl.float64)
     s = tl.where(s != s, s, tl.minimum(tl.maximum(s, low), high))  # a NaN score stays NaN
-    for start in range(0, T, BLOCK):
+    for start in range(0, length, BLOCK):
         idx = start + cols
-        inside = idx < T
+        inside = idx < length
         m = tl.load(m_ptr + base + idx, mask=inside, other=0) != 0
         lp = tl.load(lp_ptr + base + idx, mask=inside, other=0.0).to(tl.float64)
         ref = tl.load(ref_ptr + base + idx, mask=inside, other=0.0).to(tl.float64)
@@ -99,15 +106,20 @@ def _kl_rewards_kernel(
 
 
 def kl_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
-               estimator: int, kl_coef: float, kl_clip: float, low: float, high: float) -> torch.Tensor:
-    batch, t = logprobs.shape
+               cu_seqlens: torch.Tensor | None, estimator: int, kl_coef: float, kl_clip: float, low: float,
+               high: float) -> torch.Tensor:
     out = torch.empty_like(logprobs)
-    if batch == 0 or t == 0:
+    batch = scores.shape[0]
+    if batch == 0 or logprobs.numel() == 0:
         return out
     par = torch.tensor([kl_coef, kl_clip, low, high], dtype=torch.float64, device=logprobs.device)
-    block = min(1024, triton.next_power_of_2(t))
-    _kl_rewards_kernel[(batch,)](scores, logprobs, ref_logprobs, mask.view(torch.uint8), par, out, t,
-                                 EST=estimator, BLOCK=block)
+    packed = cu_seqlens is not None
+    width = logprobs.shape[1] if not packed else 0
+    # packed: the tile is sized for a typical response; longer rows loop over several tiles
+    block = 1024 if packed else min(1024, triton.next_power_of_2(width))
+    _kl_rewards_kernel[(batch,)](scores, logprobs, ref_logprobs, mask.view(torch.uint8),
+                                 cu_seqlens if packed else scores, par, out, width,
+                                 EST=estimator, PACKED=packed, BLOCK=block)
     return out
 
 

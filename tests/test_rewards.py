@@ -133,6 +133,30 @@ def test_kl_rewards_match_reference(backend, dtype, estimator):
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kl_rewards_packed(backend, dtype):
+    # the packed layout: sequences of lengths 3, 0, 1500 (more than one Triton tile), 1 and 40
+    gen = torch.Generator().manual_seed(9)
+    cu = torch.tensor([0, 3, 3, 1503, 1504, 1544])
+    total = int(cu[-1])
+    lp = (-torch.rand(total, generator=gen, dtype=torch.float64) * 4).to(dtype)
+    ref = (-torch.rand(total, generator=gen, dtype=torch.float64) * 4).to(dtype)
+    mask = torch.rand(total, generator=gen) > 0.2
+    mask[1503] = False  # a sequence without a response token
+    scores = torch.randn(5, generator=gen, dtype=torch.float64).to(dtype)
+    got = rlkern.kl_rewards(scores, lp, ref, mask, kl_coef=0.2, kl_estimator="k2", reward_clip=(-0.5, 0.5),
+                            cu_seqlens=cu)
+    want = R.kl_rewards(scores, lp, ref, mask, "k2", 0.2, None, (-0.5, 0.5), cu)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    # the same numbers as the padded layout of the same sequences
+    pad = lambda x: torch.stack([torch.nn.functional.pad(x[a:b], (0, 1500 - (b - a))) for a, b in  # noqa: E731
+                                 zip(cu[:-1].tolist(), cu[1:].tolist())])
+    padded = rlkern.kl_rewards(scores, pad(lp), pad(ref), pad(mask), kl_coef=0.2, kl_estimator="k2",
+                               reward_clip=(-0.5, 0.5))
+    torch.testing.assert_close(pad(got), padded, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_sample_ops_match_reference(backend, dtype):
     gen = torch.Generator().manual_seed(1)
@@ -282,6 +306,12 @@ def test_kl_rewards_match_openrlhf_compute_reward(monkeypatch, estimator):
                                kl_clip=-1.0), "kl_clip must be"),
     (lambda: rlkern.kl_rewards(torch.ones(2), torch.ones(6), torch.ones(6), torch.ones(6), kl_coef=0.1),
      "logprobs must be [B, T]"),
+    (lambda: rlkern.kl_rewards(torch.ones(2), torch.ones(6), torch.ones(6), torch.ones(6), kl_coef=0.1,
+                               cu_seqlens=torch.tensor([0, 2, 5])), "cu_seqlens must rise from 0"),
+    (lambda: rlkern.kl_rewards(torch.ones(3), torch.ones(6), torch.ones(6), torch.ones(6), kl_coef=0.1,
+                               cu_seqlens=torch.tensor([0, 2, 6])), "scores must have shape (2,)"),
+    (lambda: rlkern.kl_rewards(torch.ones(2), torch.ones(2, 3), torch.ones(2, 3), torch.ones(2, 3), kl_coef=0.1,
+                               cu_seqlens=torch.tensor([0, 2, 6])), "packed [total]"),
     (lambda: rlkern.gigpo_advantages(torch.ones(3), torch.ones(2)), "step must have shape (3,)"),
     (lambda: rlkern.action_rewards(torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.ones(3, 2),
                                    torch.ones(3, 4)), "pred_types must be"),
@@ -310,8 +340,10 @@ def test_opcheck():
     torch.library.opcheck(W._sample_op, (a, b, 1, 0.5, 0.0, 0.0))
     scores, lp, ref, mask = _kl_case(5, 7, 2)
     for est in range(4):
-        torch.library.opcheck(W._kl_op, (scores, lp, ref, mask, est, 0.1, -1.0, -math.inf, math.inf))
-    torch.library.opcheck(W._kl_op, (scores, lp, ref, mask, 3, 0.1, 2.0, -1.0, 1.0))
+        torch.library.opcheck(W._kl_op, (scores, lp, ref, mask, None, est, 0.1, -1.0, -math.inf, math.inf))
+    torch.library.opcheck(W._kl_op, (scores, lp, ref, mask, None, 3, 0.1, 2.0, -1.0, 1.0))
+    cu = torch.tensor([0, 3, 3, 10, 20, 35], dtype=torch.int32)
+    torch.library.opcheck(W._kl_op, (scores, lp.flatten(), ref.flatten(), mask.flatten(), cu, 1, 0.1, -1.0, -1.0, 1.0))
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 5)
     torch.library.opcheck(W._action_op, (torch.arange(5), torch.zeros(5, dtype=torch.long), torch.rand(5, 2), boxes,
                                          torch.ones(5)))
@@ -345,6 +377,12 @@ def test_cuda_matches_reference():
                                     kl_estimator=estimator, kl_clip=2.0, reward_clip=(-1.0, 1.0))
             want = R.kl_rewards(scores, lp, ref, mask, estimator, 0.3, 2.0, (-1.0, 1.0))
             torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol)
+            cu = torch.tensor([0, 5, 5, 3000, 3001, 4100], dtype=torch.int32)
+            flat = lambda x: x.flatten()[:4100]  # noqa: E731
+            got = rlkern.kl_rewards(scores[:5].cuda(), flat(lp).cuda(), flat(ref).cuda(), flat(mask).cuda(),
+                                    kl_coef=0.3, kl_estimator=estimator, cu_seqlens=cu.cuda())
+            want = R.kl_rewards(scores[:5], flat(lp), flat(ref), flat(mask), estimator, 0.3, None, None, cu)
+            torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol)
         scores = torch.randn(5001, dtype=dtype)
         lengths = torch.randint(0, 500, (5001,))
         got = rlkern.overlong_rewards(scores.cuda(), lengths.cuda(), max_length=400, cache_length=100)
@@ -371,8 +409,10 @@ for dt in ("fp32", "fp64"):
         build(k._sample_kernel, {"a_ptr": p, "b_ptr": p, "par_ptr": "*fp64", "out_ptr": p, "N": "i32"},
               {"METHOD": method, "BLOCK": 1024})
     for est in range(4):
-        build(k._kl_rewards_kernel, {"s_ptr": p, "lp_ptr": p, "ref_ptr": p, "m_ptr": "*u8", "par_ptr": "*fp64",
-                                     "out_ptr": p, "T": "i32"}, {"EST": est, "BLOCK": 1024})
+        for packed in (False, True):
+            build(k._kl_rewards_kernel, {"s_ptr": p, "lp_ptr": p, "ref_ptr": p, "m_ptr": "*u8", "cu_ptr": "*i32",
+                                         "par_ptr": "*fp64", "out_ptr": p, "T": "i32"},
+                  {"EST": est, "PACKED": packed, "BLOCK": 1024})
     build(k._action_kernel, {"pt_ptr": "*i64", "tt_ptr": "*i64", "xy_ptr": p, "box_ptr": p, "f_ptr": p, "out_ptr": p,
                              "N": "i32"}, {"BLOCK": 1024})
 print("ok")

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from rlkern import _backend
 from rlkern.ops import _checks
-from rlkern.ops._layout import out_dtype
+from rlkern.ops._layout import int32_offsets, out_dtype
 from rlkern.ops.advantages import outcome_to_tokens
 from rlkern.reference import rewards as reference
 
@@ -42,11 +42,12 @@ def _torch_sample(a, b, method, p0, p1, p2):
     return out.to(a.dtype).to(a.device)
 
 
-def _torch_kl(scores, logprobs, ref_logprobs, mask, estimator, kl_coef, kl_clip, low, high):
+def _torch_kl(scores, logprobs, ref_logprobs, mask, cu_seqlens, estimator, kl_coef, kl_clip, low, high):
     clip = None if kl_clip < 0 else kl_clip
     bounds = None if (low == -math.inf and high == math.inf) else (low, high)
     out = reference.kl_rewards(scores.cpu(), logprobs.cpu(), ref_logprobs.cpu(), mask.cpu(),
-                               KL_ESTIMATORS[estimator], kl_coef, clip, bounds)
+                               KL_ESTIMATORS[estimator], kl_coef, clip, bounds,
+                               None if cu_seqlens is None else cu_seqlens.cpu())
     return out.to(logprobs.dtype).to(logprobs.device)
 
 
@@ -76,15 +77,17 @@ def _(a, b, method, p0, p1, p2):
 
 
 @torch.library.custom_op("rlkern::kl_rewards", mutates_args=())
-def _kl_op(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: int, kl_coef: float,
-           kl_clip: float, low: float, high: float) -> Tensor:
-    # scores [B], logprobs / ref_logprobs [B, T] contiguous fp32/fp64 (one dtype); mask [B, T] bool;
-    # estimator: KL_ESTIMATORS index; kl_clip < 0: none; low / high: the score's clip (+-inf: none)
-    return _KL.pick(logprobs)(scores, logprobs, ref_logprobs, mask, estimator, kl_coef, kl_clip, low, high)
+def _kl_op(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, cu_seqlens: Tensor | None,
+           estimator: int, kl_coef: float, kl_clip: float, low: float, high: float) -> Tensor:
+    # scores [B], logprobs / ref_logprobs [B, T] (or packed [total] with int32 cu_seqlens [B + 1])
+    # contiguous fp32/fp64 (one dtype); mask of their shape, bool; estimator: KL_ESTIMATORS index;
+    # kl_clip < 0: none; low / high: the score's clip (+-inf: none)
+    return _KL.pick(logprobs)(scores, logprobs, ref_logprobs, mask, cu_seqlens, estimator, kl_coef, kl_clip, low,
+                              high)
 
 
 @_kl_op.register_fake
-def _(scores, logprobs, ref_logprobs, mask, estimator, kl_coef, kl_clip, low, high):
+def _(scores, logprobs, ref_logprobs, mask, cu_seqlens, estimator, kl_coef, kl_clip, low, high):
     return torch.empty_like(logprobs)
 
 
@@ -197,7 +200,8 @@ def gigpo_advantages(episode: Tensor, step: Tensor, response_mask: Tensor | None
 
 
 def kl_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, response_mask: Tensor, *, kl_coef: float,
-               kl_estimator: str = "k3", kl_clip: float | None = None, reward_clip=None) -> Tensor:
+               kl_estimator: str = "k3", kl_clip: float | None = None, reward_clip=None,
+               cu_seqlens: Tensor | None = None) -> Tensor:
     """Token rewards with the KL penalty folded in (verl 0.9.1's ``apply_kl_penalty``, OpenRLHF
     0.11.2's ``compute_reward``; PPO / REINFORCE++ / RLOO with the KL in the reward)::
 
@@ -232,20 +236,27 @@ def kl_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, response_
         kl_clip: None or a bound >= 0 on |KL_t|.
         reward_clip: None or ``(low, high)``: the score is clamped to it (OpenRLHF's
             ``reward_clip_range``).
+        cu_seqlens: int32/int64 ``[B + 1]``: the packed layout, logprobs / ref_logprobs /
+            response_mask ``[total]`` and sequence b ``[cu[b], cu[b + 1])``.
 
     Returns:
-        ``[B, T]`` float32 (float64 for float64 logprobs), without gradient.
+        logprobs' shape (``[B, T]`` or ``[total]``), float32 (float64 for float64 logprobs), without
+        gradient.
     """
     op = "kl_rewards"
     _checks.tensors(op, "logprobs", {"logprobs": (logprobs, "float"), "ref_logprobs": (ref_logprobs, "float"),
                                      "scores": (scores, "float"), "response_mask": (response_mask, "mask")})
-    if logprobs.ndim != 2:
-        raise ValueError(f"{op}: logprobs must be [B, T], got {tuple(logprobs.shape)}")
+    if cu_seqlens is None and logprobs.ndim != 2:
+        raise ValueError(f"{op}: logprobs must be [B, T] (or packed [total] with cu_seqlens), got {tuple(logprobs.shape)}")
+    if cu_seqlens is not None and logprobs.ndim != 1:
+        raise ValueError(f"{op}: logprobs must be packed [total] with cu_seqlens, got {tuple(logprobs.shape)}")
     for name, t in (("ref_logprobs", ref_logprobs), ("response_mask", response_mask)):
         if tuple(t.shape) != tuple(logprobs.shape):
             raise ValueError(f"{op}: {name} must have shape {tuple(logprobs.shape)}, got {tuple(t.shape)}")
-    if tuple(scores.shape) != (logprobs.shape[0],):
-        raise ValueError(f"{op}: scores must have shape ({logprobs.shape[0]},) (one per row), got {tuple(scores.shape)}")
+    rows = (logprobs.shape[0] if cu_seqlens is None
+            else _checks.cu_seqlens(op, cu_seqlens, logprobs.shape[0], logprobs.device, "logprobs"))
+    if tuple(scores.shape) != (rows,):
+        raise ValueError(f"{op}: scores must have shape ({rows},) (one per sequence), got {tuple(scores.shape)}")
     base = kl_estimator[:-1] if isinstance(kl_estimator, str) and kl_estimator.endswith("+") else kl_estimator
     if base not in reference.KL_ALIASES:
         raise ValueError(f"{op}: kl_estimator must be one of {tuple(reference.KL_ALIASES)} (optionally with '+'), "
@@ -261,7 +272,7 @@ def kl_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, response_
     dtype = out_dtype(logprobs)
     mask = (response_mask != 0).contiguous()
     return _kl_op(_compute(scores, dtype), _compute(logprobs, dtype), _compute(ref_logprobs, dtype), mask,
-                  KL_ESTIMATORS.index(reference.KL_ALIASES[base]), coef, clip, low, high)
+                  int32_offsets(cu_seqlens), KL_ESTIMATORS.index(reference.KL_ALIASES[base]), coef, clip, low, high)
 
 
 def action_rewards(pred_types: Tensor, true_types: Tensor, points: Tensor, boxes: Tensor,

@@ -52,9 +52,16 @@ def kl_value(lp: float, ref: float, estimator: str) -> float:
 
 
 def kl_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str, kl_coef: float,
-               kl_clip: float | None, reward_clip: tuple[float, float] | None) -> Tensor:
+               kl_clip: float | None, reward_clip: tuple[float, float] | None, cu_seqlens: Tensor | None = None) -> Tensor:
     """``[B, T]`` float64: -kl_coef * clip(KL) on the masked tokens, plus the (clipped) score on
-    each row's last masked token; a row without a masked token is all 0."""
+    each row's last masked token; a row without a masked token is all 0. Packed ``[total]`` with
+    ``cu_seqlens``: computed per sequence."""
+    if cu_seqlens is not None:
+        cu = cu_seqlens.tolist()
+        parts = [kl_rewards(scores[i:i + 1], logprobs[None, cu[i]:cu[i + 1]], ref_logprobs[None, cu[i]:cu[i + 1]],
+                            mask[None, cu[i]:cu[i + 1]], estimator, kl_coef, kl_clip, reward_clip)[0]
+                 for i in range(len(cu) - 1)]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
     b, t = logprobs.shape
     out = torch.zeros(b, t, dtype=torch.float64)
     lp, ref, keep = logprobs.double().tolist(), ref_logprobs.double().tolist(), mask.bool().tolist()
