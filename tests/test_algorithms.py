@@ -457,6 +457,9 @@ def test_paper_defaults():
     assert algos.get("ppo").config().dual_clip == 3.0 and algos.get("ppo").config().clip_low == 0.2
     assert algos.get("spo_chain").config().threshold == 0.9 and algos.get("spo_chain").config().interval == 5
     assert algos.get("dpo").config().beta == 0.1
+    dapo = algos.get("dapo").config()  # DAPO's L_max = 16384 + 4096 cache, factor 1
+    assert (dapo.max_length, dapo.cache_length, dapo.penalty_factor) == (20480, 4096, 1.0)
+    assert algos.get("gigpo").config().step_weight == 1.0 and not algos.get("gigpo").config().norm_by_std
 
 
 def test_drop_ins_are_unchanged():

@@ -1,11 +1,11 @@
 """The algorithm registry: ``Batch`` (the tensors a trainer step holds), ``Algorithm`` (a frozen
 config class and the functions that call rlkern's ops with it) and ``register`` / ``get`` /
-``available``. The family modules (ppo.py, grpo.py, trees.py, preference.py) register their
+``available``. The family modules (ppo.py, grpo.py, trees.py, preference.py, ...) register their
 algorithms when imported; ``rlkern.algos.get`` imports them on first use.
 
 Rule (issue 20): an algorithm module holds no tensor math of its own; every number comes from an
 op. Where an algorithm needs math that is not an op yet, its docstring says so and the function
-returns the op results it combines (e.g. GiGPO's two advantage terms).
+returns the op results it would combine.
 """
 
 from __future__ import annotations
