@@ -3,9 +3,9 @@
 //
 // cpp_sample_rewards: one value per sample from two per-sample inputs, element-wise (DAPO's soft
 // overlong punishment of a score by its length; GiGPO's episode + omega * step advantage).
-// cpp_kl_rewards: one task per row of [B, T] (or of packed [total] with cu_seqlens): finds the row's last response token, writes
-// -kl_coef * KL on the response tokens (verl's kl_penalty estimators, computed in double) and adds
-// the row's score on that last token. Inputs arrive contiguous in the compute type (double for
+// cpp_kl_rewards: one task per row of [B, T] (or of packed [total] with cu_seqlens): finds the
+// row's last response token, writes -kl_coef * KL on the response tokens (verl's kl_penalty
+// estimators, computed in double) and adds the row's score on that last token. Inputs arrive contiguous in the compute type (double for
 // float64 input, float otherwise; the op converts), the mask as bool. cpp_action_rewards: UI-R1's
 // rule-based reward of parsed GUI actions, element-wise.
 #include "common.h"

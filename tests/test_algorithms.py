@@ -590,7 +590,7 @@ def test_hand_computed_ppo_remax_spo_tree_dpo():
 
 
 def test_hand_computed_dapo_overlong_and_gigpo():
-    # DAPO Eq. 13 (L_max 20, L_cache 8): lengths 10 / 16 / 24 -> penalties 0 / -0.5 / -1, then GRPO
+    # DAPO's soft overlong punishment (L_max 20, L_cache 8): lengths 10 / 16 / 24 -> penalties 0 / -0.5 / -1, then GRPO
     cfg = dataclasses.replace(algos.get("dapo").config(), max_length=20, cache_length=8)
     b = Batch(scores=torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64), group_ids=[0, 0, 0, 0],
               lengths=torch.tensor([10, 16, 24, 5]))
@@ -603,7 +603,7 @@ def test_hand_computed_dapo_overlong_and_gigpo():
     equal = b.replace(scores=torch.ones(4, dtype=torch.float64), response_mask=torch.ones(4, 2))
     assert not algos.get("dapo").extra["keep_mask"](equal).any()
     assert algos.get("dapo").advantages(equal, cfg).abs().sum() > 0  # while the shaped rewards differ
-    # GiGPO Eq. 8 (mean_norm, omega 0.5): episodes [1, 0] of one group, steps 0 and 2 share an anchor
+    # GiGPO (mean_norm, omega 0.5): episodes [1, 0] of one group, steps 0 and 2 share an anchor
     b = Batch(scores=torch.tensor([1.0, 1.0, 0.0]), group_ids=[0, 0, 0], step_returns=torch.tensor([0.8, 0.4, 0.2]),
               anchor_keys=["a", "b", "a"], response_mask=torch.ones(3, 2))
     cfg = dataclasses.replace(algos.get("gigpo").config(), step_weight=0.5)

@@ -31,7 +31,7 @@ from conftest import compile_for_sm90, import_peer
 
 
 def test_overlong_rewards_hand_computed(backend):
-    # DAPO Eq. 13 with L_max = 20, L_cache = 8: no penalty up to 12, linear to -1 at 20, -1 past it
+    # DAPO's soft overlong punishment with L_max = 20, L_cache = 8: no penalty up to 12, linear to -1 at 20, -1 past it
     scores = torch.tensor([1.0, 1.0, 0.0, 1.0, -1.0, 1.0])
     lengths = torch.tensor([5, 12, 16, 20, 14, 25])
     got = rlkern.overlong_rewards(scores, lengths, max_length=20, cache_length=8)
@@ -58,8 +58,8 @@ def test_kl_rewards_hand_computed(backend):
 
 
 def test_gigpo_advantages_hand_computed(backend):
-    # GiGPO Eq. 8: A = A_E + omega * A_S; episode returns [1, 0] in one group -> A_E = [0.5, -0.5]
-    # (mean_norm); two steps of episode 0 and one of episode 1 share an anchor state
+    # GiGPO: A = A_E + omega * A_S; the steps' episode returns [1, 1, 0] in one group -> A_E = R - 2/3
+    # (mean_norm); the three steps share one anchor state -> A_S = return - their mean
     episode = rlkern.grpo(torch.tensor([1.0, 1.0, 0.0]), [0, 0, 0], norm_by_std=False)
     step = rlkern.gigpo_step_groups(torch.tensor([0.9, 0.5, 0.0]), ["s", "s", "s"], [0, 0, 0])
     got = rlkern.gigpo_advantages(episode, step, step_weight=0.5)

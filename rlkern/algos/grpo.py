@@ -117,7 +117,7 @@ class DAPOConfig(GRPOConfig):
     (token-level policy-gradient loss), kl_coef 0.0 (no KL term), dynamic_sampling True (groups
     whose scores are all equal leave the loss: ``dynamic_sampling_mask``, read on the verifier's
     scores, as verl's ``filter_groups.metric="acc"``); the soft overlong punishment
-    (``overlong_rewards``, Eq. 13) when the batch has ``lengths``: max_length 20480 (the paper's
+    (``overlong_rewards``, its soft overlong punishment) when the batch has ``lengths``: max_length 20480 (the paper's
     L_max: 16384 expected + 4096 cache), cache_length 4096, penalty_factor 1.0. The paper's
     over-sampling to refill the batch is the trainer's.
     """

@@ -20,7 +20,8 @@ from rlkern.algos.preference import DPOConfig, _pair_loss
 
 @dataclass(frozen=True)
 class URPOConfig(GRPOConfig):
-    """URPO ("URPO: A Unified Reward & Policy Optimization Framework for Large Language Models"): one model is both the player and the referee; preference pairs, verifiable
+    """URPO ("URPO: A Unified Reward & Policy Optimization Framework for Large Language
+    Models"): one model is both the player and the referee; preference pairs, verifiable
     reasoning and open-ended instructions are all recast as generation tasks and trained by one
     GRPO loop. The referee's rewards (its own judgments of open-ended answers, scored against
     the ground truth for preference data) are computed by the trainer from the model's outputs:

@@ -120,8 +120,8 @@ def _per_sample(op: str, name: str, t, like: Tensor, like_name: str) -> None:
 def overlong_rewards(scores: Tensor, lengths: Tensor, *, max_length: int, cache_length: int = 4096,
                      penalty_factor: float = 1.0) -> Tensor:
     """DAPO's soft overlong punishment ("DAPO: An Open-Source LLM Reinforcement Learning System
-    at Scale", Eq. 13), added to each sample's score. With ``L`` the response length,
-    ``L_max = max_length`` and ``L_cache = cache_length``::
+    at Scale", its overlong reward shaping), added to each sample's score. With ``L`` the
+    response length, ``L_max = max_length`` and ``L_cache = cache_length``::
 
         R_length(L) = 0                                 L <= L_max - L_cache
                     = ((L_max - L_cache) - L) / L_cache L_max - L_cache < L <= L_max
@@ -164,7 +164,7 @@ def overlong_rewards(scores: Tensor, lengths: Tensor, *, max_length: int, cache_
 def gigpo_advantages(episode: Tensor, step: Tensor, response_mask: Tensor | None = None, *, step_weight: float = 1.0,
                      cu_seqlens: Tensor | None = None) -> Tensor:
     """GiGPO's combined advantage ("Group-in-Group Policy Optimization for LLM Agent Training",
-    Feng et al. 2025, Eq. 8)::
+    Feng et al. 2025, its combined advantage)::
 
         A(a_t) = A_E(tau) + omega * A_S(a_t)
 
