@@ -83,17 +83,9 @@ RLKERN_VECTOR_CLONES void kl_row(const S* lp, const S* ref, const bool* mask, S*
   }
 }
 
-// Row b is tokens [start(b), start(b) + len(b)): b * T and T padded, cu[b] and cu[b + 1] - cu[b] packed.
-struct Rows {
-  const int32_t* cu;  // nullptr: padded rows of T
-  int64_t T;
-  int64_t start(int64_t b) const { return cu ? cu[b] : b * T; }
-  int64_t len(int64_t b) const { return cu ? cu[b + 1] - cu[b] : T; }
-};
-
 template <typename S, int64_t E, bool CLIP>
-void kl_rows(const S* score, const S* lp, const S* ref, const bool* mask, S* out, int64_t B, Rows rows, double coef,
-             double kl_clip, double low, double high) {
+void kl_rows(const S* score, const S* lp, const S* ref, const bool* mask, S* out, int64_t B, rlkern::TokenRows rows,
+             double coef, double kl_clip, double low, double high) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(rows.cu ? 1024 : rows.T, 1));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -111,8 +103,8 @@ void kl_rows(const S* score, const S* lp, const S* ref, const bool* mask, S* out
 }
 
 template <typename S, int64_t E>
-void kl_dispatch_clip(const S* score, const S* lp, const S* ref, const bool* mask, S* out, int64_t B, Rows rows,
-                      double coef, double kl_clip, double low, double high) {
+void kl_dispatch_clip(const S* score, const S* lp, const S* ref, const bool* mask, S* out, int64_t B,
+                      rlkern::TokenRows rows, double coef, double kl_clip, double low, double high) {
   if (kl_clip >= 0.0)
     kl_rows<S, E, true>(score, lp, ref, mask, out, B, rows, coef, kl_clip, low, high);
   else
@@ -125,21 +117,9 @@ at::Tensor kl_cpu(const at::Tensor& scores, const at::Tensor& logprobs, const at
   TORCH_CHECK(logprobs.is_contiguous() && ref.sizes() == logprobs.sizes() && ref.is_contiguous() &&
                   ref.scalar_type() == logprobs.scalar_type(),
               "cpp_kl_rewards: logprobs and ref_logprobs must be contiguous, one shape and dtype");
-  Rows rows{nullptr, 0};
-  int64_t B;
-  if (cu_seqlens.has_value()) {
-    TORCH_CHECK(logprobs.dim() == 1 && cu_seqlens->scalar_type() == at::kInt && cu_seqlens->is_contiguous() &&
-                    cu_seqlens->numel() >= 1,
-                "cpp_kl_rewards: packed logprobs [total] with contiguous int32 cu_seqlens [B + 1]");
-    B = cu_seqlens->numel() - 1;
-    rows.cu = cu_seqlens->data_ptr<int32_t>();
-    TORCH_CHECK(rows.cu[0] == 0 && rows.cu[B] == logprobs.numel(), "cpp_kl_rewards: cu_seqlens must span logprobs");
-    for (int64_t b = 0; b < B; ++b) TORCH_CHECK(rows.cu[b + 1] >= rows.cu[b], "cpp_kl_rewards: cu_seqlens must rise");
-  } else {
-    TORCH_CHECK(logprobs.dim() == 2, "cpp_kl_rewards: logprobs must be [B, T] (or packed with cu_seqlens)");
-    B = logprobs.size(0);
-    rows.T = logprobs.size(1);
-  }
+  at::Tensor holder;
+  const rlkern::TokenRows rows = rlkern::make_token_rows(logprobs, cu_seqlens, holder, "cpp_kl_rewards");
+  const int64_t B = rows.rows;
   TORCH_CHECK(scores.dim() == 1 && scores.numel() == B && scores.is_contiguous() &&
                   scores.scalar_type() == logprobs.scalar_type(),
               "cpp_kl_rewards: scores must be contiguous [B] of logprobs' dtype");

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rlkern.kernels._common import span
+
 
 @triton.jit
 def _sample_kernel(
@@ -65,12 +67,8 @@ def _kl_rewards_kernel(
     EST: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    if PACKED:
-        base = tl.load(cu_ptr + row).to(tl.int64)
-        length = tl.load(cu_ptr + row + 1).to(tl.int64) - base
-    else:
-        base = row * T
-        length = T
+    start0, length = span(cu_ptr, row, T, PACKED)
+    base = start0 + row * T  # T = 0 for the packed layout
     cols = tl.arange(0, BLOCK)
     last = tl.full((), -1, tl.int64)
     for start in range(0, length, BLOCK):
