@@ -27,6 +27,7 @@ from rlkern.ops.policy_loss import aggregate, kl_penalty, policy_loss, value_los
 from rlkern.ops.preference import bco_loss, kto_loss, preference_loss
 from rlkern.ops.preference_tokens import dpo_token_rewards, token_preference_loss
 from rlkern.ops.preference_groups import group_preference_loss, group_weights, srpo_loss
+from rlkern.ops.rewards import action_rewards, gigpo_advantages, kl_rewards, overlong_rewards
 from rlkern.ops.shaping import ensemble_rewards, hbpo_advantages, shape_rewards, token_weights
 from rlkern.trees import (
     broadcast_to_tokens,
@@ -73,6 +74,11 @@ __all__ = [
     "shape_rewards",
     "hbpo_advantages",
     "token_weights",
+    # reward-side math of the trainers (rlkern/ops/rewards.py)
+    "overlong_rewards",
+    "kl_rewards",
+    "gigpo_advantages",
+    "action_rewards",
     # trees
     "broadcast_to_tokens",
     "segment_advantages",

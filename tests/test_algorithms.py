@@ -212,11 +212,10 @@ CASES = {
                               _policy("ppo"), dict(kl_coef=0.2)),
     "remax": (TOKEN, lambda b, c: rlkern.remax(b.rewards, b.reward_baselines, b.response_mask),
               _policy("reinforce"), dict(agg="token-mean")),
-    "gigpo": (TOKEN, lambda b, c: (rlkern.grpo(b.scores, b.group_ids, b.response_mask, eps=c.eps,
-                                               norm_by_std=c.norm_by_std),
-                                   rlkern.gigpo_step_groups(b.step_returns, b.anchor_keys, b.group_ids,
-                                                            b.response_mask, eps=c.eps, norm_by_std=c.norm_by_std)),
-              _policy("ppo"), dict(norm_by_std=True)),
+    "gigpo": (TOKEN, lambda b, c: rlkern.gigpo_advantages(
+        rlkern.grpo(b.scores, b.group_ids, eps=c.eps, norm_by_std=c.norm_by_std),
+        rlkern.gigpo_step_groups(b.step_returns, b.anchor_keys, b.group_ids, eps=c.eps, norm_by_std=c.norm_by_std),
+        b.response_mask, step_weight=c.step_weight), _policy("ppo"), dict(norm_by_std=True, step_weight=0.5)),
     "spo_chain": (_chain_batch, lambda b, c: rlkern.segment_advantages(b.segment_start, b.cut_values, b.scores,
                                                                        b.cu_seqlens, logprobs=b.old_logprobs,
                                                                        threshold=c.threshold),
@@ -337,6 +336,18 @@ CASES = {
         b.scores, b.group_ids, b.judges, b.baseline_rewards).rewards, b.group_ids, b.response_mask, eps=c.eps,
         norm_by_std=c.norm_by_std), _policy("ppo"), dict(norm_by_std=False)),
     "rto": (TOKEN, _rto_adv, _policy("ppo"), dict(beta=0.2, dpo_kl_coef=0.1, reward_coef=0.5, lam=0.9)),
+    "ui_r1": (lambda: TOKEN().replace(
+        action_types=torch.tensor([0, 1, 0, 2]), true_action_types=torch.tensor([0, 0, 0, 2]),
+        points=torch.tensor([[1.0, 1.0], [5.0, 5.0], [9.0, 1.0], [0.0, 0.0]]),
+        boxes=torch.tensor([[0.0, 0.0, 4.0, 4.0]] * 3 + [[float("nan")] * 4]), format_ok=torch.tensor([1, 1, 0, 1])),
+        lambda b, c: rlkern.grpo(rlkern.action_rewards(b.action_types, b.true_action_types, b.points, b.boxes,
+                                                       b.format_ok), b.group_ids, b.response_mask, eps=c.eps,
+                                 norm_by_std=c.norm_by_std), _policy("ppo"), dict(norm_by_std=False)),
+    "arpo": (TOKEN, _grpo_adv, _policy("ppo"), dict(norm_by_std=False, clip_high=0.3)),
+    "mobile_r1": (TOKEN, _grpo_adv, _policy("ppo"), dict(eps=1e-3, kl_coef=0.1)),
+    "urpo": (TOKEN, _grpo_adv, _policy("ppo"), dict(kl_coef=0.0, agg="token-mean")),
+    "cooper": (TOKEN, _grpo_adv, _policy("ppo"), dict(norm_by_std=False)),
+    "veripo": (TOKEN, _grpo_adv, _policy("ppo"), dict(clip_low=0.1, dpo_beta=0.5)),
 }
 
 
@@ -446,6 +457,9 @@ def test_paper_defaults():
     assert algos.get("ppo").config().dual_clip == 3.0 and algos.get("ppo").config().clip_low == 0.2
     assert algos.get("spo_chain").config().threshold == 0.9 and algos.get("spo_chain").config().interval == 5
     assert algos.get("dpo").config().beta == 0.1
+    dapo = algos.get("dapo").config()  # DAPO's L_max = 16384 + 4096 cache, factor 1
+    assert (dapo.max_length, dapo.cache_length, dapo.penalty_factor) == (20480, 4096, 1.0)
+    assert algos.get("gigpo").config().step_weight == 1.0 and not algos.get("gigpo").config().norm_by_std
 
 
 def test_drop_ins_are_unchanged():
@@ -573,3 +587,57 @@ def test_hand_computed_ppo_remax_spo_tree_dpo():
     margins = [(-1.0 + 1.5) - (-3.0 + 2.5), (-2.0 + 2.0) - (-1.0 + 1.5)]  # 1.0, -0.5
     want = sum(torch.nn.functional.softplus(torch.tensor(-0.1 * m, dtype=torch.float64)) for m in margins) / 2
     torch.testing.assert_close(loss, want)
+
+
+def test_hand_computed_dapo_overlong_and_gigpo():
+    # DAPO's soft overlong punishment (L_max 20, L_cache 8): lengths 10 / 16 / 24 -> penalties 0 / -0.5 / -1, then GRPO
+    cfg = dataclasses.replace(algos.get("dapo").config(), max_length=20, cache_length=8)
+    b = Batch(scores=torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64), group_ids=[0, 0, 0, 0],
+              lengths=torch.tensor([10, 16, 24, 5]))
+    shaped = [1.0, 0.5, 0.0, 0.0]
+    mean = sum(shaped) / 4
+    std = (sum((r - mean) ** 2 for r in shaped) / 3) ** 0.5
+    want = torch.tensor([(r - mean) / (std + 1e-6) for r in shaped], dtype=torch.float64)
+    torch.testing.assert_close(algos.get("dapo").advantages(b, cfg), want, rtol=0, atol=1e-12)
+    # the filter reads the verifier's scores, not the shaped rewards: a group of equal scores stays out
+    equal = b.replace(scores=torch.ones(4, dtype=torch.float64), response_mask=torch.ones(4, 2))
+    assert not algos.get("dapo").extra["keep_mask"](equal).any()
+    assert algos.get("dapo").advantages(equal, cfg).abs().sum() > 0  # while the shaped rewards differ
+    # GiGPO (mean_norm, omega 0.5): episodes [1, 0] of one group, steps 0 and 2 share an anchor
+    b = Batch(scores=torch.tensor([1.0, 1.0, 0.0]), group_ids=[0, 0, 0], step_returns=torch.tensor([0.8, 0.4, 0.2]),
+              anchor_keys=["a", "b", "a"], response_mask=torch.ones(3, 2))
+    cfg = dataclasses.replace(algos.get("gigpo").config(), step_weight=0.5)
+    e = [1 - 2 / 3, 1 - 2 / 3, 0 - 2 / 3]
+    st = [0.8 - 0.5, 0.0, 0.2 - 0.5]  # the anchor group of one ("b") gets 0
+    want = torch.tensor([[x + 0.5 * y] * 2 for x, y in zip(e, st)])
+    torch.testing.assert_close(algos.get("gigpo").advantages(b, cfg), want, rtol=0, atol=1e-6)
+
+
+def test_hand_computed_arpo_recipes_and_veripo_dpo():
+    # ARPO (soft attribution) / Mobile-R1 / URPO / Cooper / VerIPO: GRPO over the scores; a shared
+    # prefix token of trajectories 0 and 1 keeps each trajectory's own advantage
+    b = Batch(scores=torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), group_ids=[0, 0, 0],
+              response_mask=torch.ones(3, 2))
+    std = ((2 / 3) ** 2 + 2 * (1 / 3) ** 2) ** 0.5 / 2 ** 0.5  # unbiased
+    want = torch.tensor([[2 / 3], [-1 / 3], [-1 / 3]], dtype=torch.float64) / (std + 1e-6) * torch.ones(3, 2)
+    for name in ("arpo", "mobile_r1", "urpo", "cooper", "veripo"):
+        torch.testing.assert_close(algos.get(name).advantages(b), want, rtol=0, atol=1e-12, msg=name)
+    c, r = torch.tensor([-1.0], dtype=torch.float64), torch.tensor([-3.0], dtype=torch.float64)
+    rc, rr = torch.tensor([-1.5], dtype=torch.float64), torch.tensor([-2.5], dtype=torch.float64)
+    cfg = dataclasses.replace(algos.get("veripo").config(), dpo_beta=0.5)
+    loss, _ = algos.get("veripo").extra["dpo_loss"](Batch(chosen_logps=c, rejected_logps=r, ref_chosen_logps=rc,
+                                                          ref_rejected_logps=rr), cfg)
+    margin = (-1.0 + 1.5) - (-3.0 + 2.5)  # 1.0
+    torch.testing.assert_close(loss, torch.nn.functional.softplus(torch.tensor(-0.5 * margin, dtype=torch.float64)))
+
+
+def test_hand_computed_ui_r1():
+    # a click inside the box with the format (1 + 1 + 1) vs a wrong type outside it without (0 + 0 + 0);
+    # without the std division (norm_by_std False) the advantages are R - mean
+    b = Batch(action_types=torch.tensor([0, 1]), true_action_types=torch.tensor([0, 0]),
+              points=torch.tensor([[2.0, 3.0], [7.0, 3.0]]), boxes=torch.tensor([[0.0, 0.0, 4.0, 4.0]] * 2),
+              format_ok=torch.tensor([1, 0]), group_ids=[0, 0])
+    ui = algos.get("ui_r1")
+    assert ui.extra["rewards"](b).tolist() == [3.0, 0.0]
+    cfg = dataclasses.replace(ui.config(), norm_by_std=False)
+    assert ui.advantages(b, cfg).tolist() == [1.5, -1.5]

@@ -8,7 +8,8 @@ Two layers:
 - the algorithm registry, one module per family: ``ppo`` (PPO, T-PPO), ``grpo`` (the GRPO family
   and the outcome-baseline estimators), ``trees`` (SPO, TreeRL, TreePO), ``preference`` (DPO and
   its relatives), ``critics`` (OREO, Direct Advantage PO, PPO-max, CGPO), ``shaping`` (GRPO-lambda,
-  unlikeliness, S-GRPO, OTC, HBPO, RM ensembles, MO-GRPO, TW-GRPO). ``get(name)`` returns an
+  unlikeliness, S-GRPO, OTC, HBPO, RM ensembles, MO-GRPO, TW-GRPO), ``agents`` (ARPO, Mobile-R1),
+  ``recipes`` (URPO, Cooper, VerIPO: GRPO / DPO over model-computed rewards). ``get(name)`` returns an
   ``Algorithm`` (a frozen config with the paper's defaults and ``advantages(batch, cfg)`` /
   ``loss(batch, cfg)`` over a ``Batch``); ``available()`` lists the names. docs/algorithms.md maps
   every paper of the research list.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 
-_FAMILIES = ("ppo", "grpo", "trees", "preference", "critics", "shaping")
+_FAMILIES = ("ppo", "grpo", "trees", "preference", "critics", "shaping", "agents", "recipes")
 
 
 def _load():

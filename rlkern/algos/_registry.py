@@ -1,11 +1,11 @@
 """The algorithm registry: ``Batch`` (the tensors a trainer step holds), ``Algorithm`` (a frozen
 config class and the functions that call rlkern's ops with it) and ``register`` / ``get`` /
-``available``. The family modules (ppo.py, grpo.py, trees.py, preference.py) register their
+``available``. The family modules (ppo.py, grpo.py, trees.py, preference.py, ...) register their
 algorithms when imported; ``rlkern.algos.get`` imports them on first use.
 
 Rule (issue 20): an algorithm module holds no tensor math of its own; every number comes from an
 op. Where an algorithm needs math that is not an op yet, its docstring says so and the function
-returns the op results it combines (e.g. GiGPO's two advantage terms).
+returns the op results it would combine.
 """
 
 from __future__ import annotations
@@ -74,6 +74,10 @@ class Batch:
         judges: ``[B, J]`` CGPO: nonzero = judge j passes sample i.
         baseline_rewards: ``[B]`` CGPO: the baseline response's reward (calibration).
         token_rewards: ``[2P, T]`` token rewards (TGDPO), rows [0, P) chosen, [P, 2P) rejected.
+        action_types, true_action_types: ``[B]`` int UI-R1: parsed / ground-truth action type codes.
+        points: ``[B, 2]`` UI-R1: the predicted click point; boxes ``[B, 4]``: the target's box (or NaN).
+        boxes: ``[B, 4]`` float.
+        format_ok: ``[B]`` UI-R1: the format check (0 / 1).
     """
 
     logprobs: Tensor | None = None
@@ -133,6 +137,11 @@ class Batch:
     reward_stats: Tensor | None = None
     judges: Tensor | None = None
     baseline_rewards: Tensor | None = None
+    action_types: Tensor | None = None
+    true_action_types: Tensor | None = None
+    points: Tensor | None = None
+    boxes: Tensor | None = None
+    format_ok: Tensor | None = None
 
     def replace(self, **changes) -> "Batch":
         """A copy with ``changes`` (e.g. ``batch.replace(advantages=adv)``)."""

@@ -9,8 +9,6 @@ config's loss type, clip range, KL and aggregation (the paper's).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
-
 from torch import Tensor
 
 from rlkern.algos._registry import Batch, need, register
@@ -28,7 +26,9 @@ from rlkern.ops.advantages import (
     remax,
     rloo,
 )
+from rlkern.ops import rewards as reward_ops
 from rlkern.ops.advantages.dynamic_sampling import dynamic_sampling_mask
+from rlkern.ops.rewards import overlong_rewards
 
 
 @dataclass(frozen=True)
@@ -115,20 +115,33 @@ class DAPOConfig(GRPOConfig):
 
     Defaults (the paper's): clip_low 0.2, clip_high 0.28 (clip-higher), agg token-mean
     (token-level policy-gradient loss), kl_coef 0.0 (no KL term), dynamic_sampling True (groups
-    whose scores are all equal leave the loss: ``dynamic_sampling_mask``). The paper's over-sampling
-    to refill the batch is the trainer's; its overlong reward shaping is reward math that is not an
-    op yet (docs/algorithms.md).
+    whose scores are all equal leave the loss: ``dynamic_sampling_mask``, read on the verifier's
+    scores, as verl's ``filter_groups.metric="acc"``); the soft overlong punishment
+    (``overlong_rewards``, its soft overlong punishment) when the batch has ``lengths``: max_length 20480 (the paper's
+    L_max: 16384 expected + 4096 cache), cache_length 4096, penalty_factor 1.0. The paper's
+    over-sampling to refill the batch is the trainer's.
     """
 
     clip_high: float | None = 0.28
     kl_coef: float = 0.0
     agg: str = "token-mean"
     dynamic_sampling: bool = True
+    max_length: int = 20480
+    cache_length: int = 4096
+    penalty_factor: float = 1.0
 
 
 def dapo_advantages(batch: Batch, cfg: DAPOConfig | None = None):
-    """GRPO's advantages (``grpo``); a filtered group's advantages are 0 already (equal scores)."""
-    return grpo_advantages(batch, cfg or DAPOConfig())
+    """GRPO's advantages (``grpo``) of the scores, or with ``batch.lengths`` of
+    ``overlong_rewards(scores, lengths, max_length, cache_length, penalty_factor)``; a filtered
+    group's advantages are 0 already (equal scores)."""
+    cfg = cfg or DAPOConfig()
+    if batch.lengths is not None:
+        _outcome("dapo", batch)
+        batch = batch.replace(scores=overlong_rewards(batch.scores, batch.lengths, max_length=cfg.max_length,
+                                                      cache_length=cfg.cache_length,
+                                                      penalty_factor=cfg.penalty_factor))
+    return grpo_advantages(batch, cfg)
 
 
 def dapo_keep_mask(batch: Batch, cfg: DAPOConfig | None = None):
@@ -337,21 +350,14 @@ def remax_advantages(batch: Batch, cfg: ReMaxConfig | None = None):
     return remax(batch.rewards, batch.reward_baselines, batch.response_mask, cu_seqlens=batch.cu_seqlens)
 
 
-class GiGPOAdvantages(NamedTuple):
-    """GiGPO's two advantage terms; the paper's advantage is ``episode + step_weight * step``."""
-
-    episode: Tensor
-    step: Tensor
-
-
 @dataclass(frozen=True)
 class GiGPOConfig(PolicyConfig):
     """GiGPO ("Group-in-Group Policy Optimization for LLM Agent Training", Feng et al. 2025,
-    Eq. 6-8): episode-level GRPO advantages plus step-level advantages over anchor-state groups.
+    Eq. 6-8): episode-level GRPO advantages plus omega times step-level advantages over
+    anchor-state groups.
 
     Defaults (verl-agent's): norm_by_std False ("mean_norm" mode) for both terms, eps 1e-6,
-    step_weight 1.0 (omega). The sum ``episode + omega * step`` is element-wise math that is not an
-    op yet: ``advantages`` returns both terms (docs/algorithms.md lists the missing op).
+    step_weight 1.0 (omega).
     """
 
     eps: float = 1e-6
@@ -359,16 +365,17 @@ class GiGPOConfig(PolicyConfig):
     step_weight: float = 1.0
 
 
-def gigpo_advantages(batch: Batch, cfg: GiGPOConfig | None = None) -> GiGPOAdvantages:
-    """``grpo(scores)`` (episode returns) and ``gigpo_step_groups(step_returns, anchor_keys)``."""
+def gigpo_advantages(batch: Batch, cfg: GiGPOConfig | None = None) -> Tensor:
+    """``rlkern.gigpo_advantages(grpo(scores), gigpo_step_groups(step_returns, anchor_keys),
+    response_mask, step_weight)``: A = A_episode + omega * A_step, per token with a response mask."""
     cfg = cfg or GiGPOConfig()
     _outcome("gigpo", batch)
     need("gigpo", batch, "step_returns", "anchor_keys")
-    episode = grpo(batch.scores, batch.group_ids, batch.response_mask, eps=cfg.eps, norm_by_std=cfg.norm_by_std,
-                   cu_seqlens=batch.cu_seqlens)
-    step = gigpo_step_groups(batch.step_returns, batch.anchor_keys, batch.group_ids, batch.response_mask,
-                             eps=cfg.eps, norm_by_std=cfg.norm_by_std, cu_seqlens=batch.cu_seqlens)
-    return GiGPOAdvantages(episode, step)
+    episode = grpo(batch.scores, batch.group_ids, eps=cfg.eps, norm_by_std=cfg.norm_by_std)
+    step = gigpo_step_groups(batch.step_returns, batch.anchor_keys, batch.group_ids, eps=cfg.eps,
+                             norm_by_std=cfg.norm_by_std)
+    return reward_ops.gigpo_advantages(episode, step, batch.response_mask, step_weight=cfg.step_weight,
+                                       cu_seqlens=batch.cu_seqlens)
 
 
 _CONFIGS.update(lite_ppo=LitePPOConfig, grpo=GRPOConfig, dr_grpo=DrGRPOConfig, dapo=DAPOConfig, gspo=GSPOConfig,
