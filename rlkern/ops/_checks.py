@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 import torch
 from torch import Tensor
 
@@ -95,10 +97,10 @@ def tensors(op: str, main: str, specs: dict, shape=None) -> None:
 
 
 def flag(op: str, name: str, value) -> bool:
-    """A bool (not 0 / 1 or a string: ``fp32="false"`` would be truthy)."""
-    if not isinstance(value, bool):
+    """A bool or a numpy bool (not 0 / 1 or a string: ``fp32="false"`` would be truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{op}: {name} must be a bool, got {value!r}")
-    return value
+    return bool(value)
 
 
 def out_dtype(op: str, value, peer: str) -> torch.dtype | None:
@@ -113,3 +115,12 @@ def choice(op: str, name: str, value, choices) -> None:
     """``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{op}: {name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def zero_masked(values: Tensor | None, mask: Tensor | None) -> Tensor | None:
+    """``values`` with 0 where ``mask`` (same shape) is 0. Ops whose kernels sum ``values * mask``
+    call it first: NaN * 0 is NaN, so a NaN or inf in a masked-out position (padding a trainer
+    never wrote) would reach every sum it is part of. One elementwise pass, no host sync."""
+    if values is None or mask is None:
+        return values
+    return torch.where(mask != 0, values, values.new_zeros(()))

@@ -290,7 +290,8 @@ def _check_segments(start: Tensor, end: Tensor, num_tokens: int, node_index: Ten
     bad = (start < 0) | (end < start) | (end > num_tokens)
     if bad.any():
         k = int(bad.nonzero()[0])
-        raise ValueError(f"broadcast_to_tokens: segment {k} = [{int(start[k])}, {int(end[k])}) is not within [0, num_tokens={num_tokens}]")
+        raise ValueError(f"broadcast_to_tokens: segment {k} = [{int(start[k])}, {int(end[k])}) is not within "
+                         f"[0, num_tokens={num_tokens}] (segment_start[{k}], segment_end[{k}])")
     if node_index is not None and node_index.numel() and bool(((node_index < 0) | (node_index >= m)).any()):
         k = int(((node_index < 0) | (node_index >= m)).nonzero()[0])
         raise ValueError(f"broadcast_to_tokens: node_index[{k}] = {int(node_index[k])} is not a node in [0, {m})")
