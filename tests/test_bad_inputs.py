@@ -126,12 +126,13 @@ SPECS: dict[str, Spec] = {
                 scalars={"f_norm": [NAN, INF]}),
     "grpo_passk": Spec(lambda: dict(scores=(_x(B) > 0).float(), group_ids=_ids(), response_mask=_mask()),
                        {"scores": "float", "group_ids": "ids", "response_mask": "mask"}, "scores",
-                       scalars={"eps": [NAN]}),
+                       scalars={"eps": [NAN]}, nan_rejected=("scores",)),
     "bnpo": Spec(lambda: dict(scores=(_x(B) > 0).float(), group_ids=_ids(), response_mask=_mask()),
                  {"scores": "float", "group_ids": "ids", "response_mask": "mask"}, "scores",
                  scalars={"min_value": [NAN], "max_value": [INF]}),
     "dynamic_sampling_mask": Spec(lambda: dict(scores=_x(B), group_ids=_ids(), response_mask=_mask()),
-                                  {"scores": "float", "group_ids": "ids", "response_mask": "mask"}, "scores"),
+                                  {"scores": "float", "group_ids": "ids", "response_mask": "mask"}, "scores",
+                                  nan_rejected=("scores",)),
     "opo": Spec(lambda: dict(scores=_x(B), group_ids=_ids(), response_mask=_mask()),
                 {"scores": "float", "group_ids": "ids", "response_mask": "mask"}, "scores"),
     "reinforce_pp_baseline": Spec(lambda: dict(scores=_x(B), group_ids=_ids(), response_mask=_mask()),
@@ -250,9 +251,10 @@ SPECS: dict[str, Spec] = {
     "group_preference_loss": Spec(
         lambda: dict(logps=_x(B, neg=True), group_ids=_ids(), scores=_x(B, seed=1), ref_logps=_x(B, seed=2, neg=True)),
         {"logps": "float", "group_ids": "ids", "scores": "float", "ref_logps": "float"}, "logps",
-        enums={"loss_type": "dpo"}, scalars={"beta": [NAN]}, unread=("clip_eps", "kl_coef"), grad=("logps",)),
+        enums={"loss_type": "dpo"}, scalars={"beta": [NAN]}, unread=("clip_eps", "kl_coef"), grad=("logps",),
+        nan_rejected=("scores",)),
     "group_weights": Spec(lambda: dict(scores=_x(B), group_ids=_ids()), {"scores": "float", "group_ids": "ids"},
-                          "scores", enums={"method": "winrate"}, unread=("beta",)),
+                          "scores", enums={"method": "winrate"}, unread=("beta",), nan_rejected=("scores",)),
     "srpo_loss": Spec(lambda: dict(logps=_x(3, 6, neg=True), ref_logps=_x(3, 6, seed=1, neg=True)),
                       {"logps": "float", "ref_logps": "float"}, "logps", scalars={"beta": [NAN], "alpha": [NAN]},
                       grad=("logps",)),
@@ -289,7 +291,8 @@ SPECS: dict[str, Spec] = {
     "token_weights": Spec(lambda: dict(logprobs=torch.log_softmax(_x(B, T, V), -1), group_ids=_ids(),
                                        response_mask=_mask()),
                           {"logprobs": "float", "group_ids": "ids", "response_mask": "mask"}, "logprobs",
-                          scalars={"max_weight": [NAN, -1.0]}, masked=("response_mask", ("logprobs",))),
+                          scalars={"max_weight": [NAN, -1.0]}, masked=("response_mask", ("logprobs",)),
+                          nan_rejected=("logprobs",)),
     # ------------------------------------------------------------------ trees
     "broadcast_to_tokens": Spec(lambda: dict(node_values=_x(2), segment_start=torch.tensor([0, 3]),
                                              segment_end=torch.tensor([2, 6]), num_tokens=6),
@@ -304,7 +307,7 @@ SPECS: dict[str, Spec] = {
                                index_oob={"cu_seqlens": torch.tensor([0, 5, 12])}),
     "spo_cutpoints": Spec(lambda: dict(logprobs=_x(10, neg=True), cu_seqlens=torch.tensor([0, 5, 10])),
                           {"logprobs": "float", "cu_seqlens": "offsets"}, "logprobs",
-                          scalars={"threshold": [NAN], "interval": [0, 2.5]},
+                          scalars={"threshold": [NAN], "interval": [0, 2.5]}, nan_rejected=("logprobs",),
                           index_oob={"cu_seqlens": torch.tensor([0, 5, 12])}),
     "tree_advantages": Spec(lambda: dict(parent=torch.tensor([-1, 0, 0, 1, 1, 2, 2]),
                                          reward=torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0])),
@@ -470,3 +473,125 @@ def test_masked_out_positions_do_not_leak(op, poison):
         results = [([o[~off] for o in _flat(out)], grads) for out, grads in results]
     _same(results[0][0], results[1][0])
     _same(results[0][1], results[1][1])
+
+
+# ------------------------------------------------------------------------------ the NaN policy
+# (docs/reliability.md): arithmetic propagates NaN, as far as the statistic the op computes
+# reaches and no further; comparisons reject it (above: nan_rejected rows); hyper-parameters
+# reject NaN and inf (above: the scalar rows); masked-out positions never leak (above).
+
+
+def _poisoned(op, name, index):
+    kwargs = SPECS[op].make()
+    bad = dict(kwargs)
+    bad[name] = kwargs[name].clone()
+    bad[name][index] = NAN
+    fn = getattr(rlkern, op)
+    return _flat(fn(**kwargs)), _flat(fn(**bad))
+
+
+# op, the tensor poisoned at (1, 1, ...): its row 1 of every output may change, no other row
+ROW_LOCAL = [("token_logprobs", "logits"), ("selective_log_softmax", "logits"),
+             ("selective_log_softmax_and_entropy", "logits"), ("entropy_from_logits", "logits"),
+             ("linear_token_logprobs", "hidden"), ("kl_penalty", "logprobs"), ("kl_penalty", "ref_logprobs"),
+             ("dpo_token_rewards", "logprobs"), ("gae", "rewards"), ("gae", "values"), ("egae", "rewards"),
+             ("egae", "values"), ("discounted_returns", "rewards"), ("remax", "rewards"),
+             ("remax", "reward_baselines"), ("outcome_to_tokens", "scores"), ("constrained_rewards", "rewards"),
+             ("ensemble_rewards", "rewards"), ("shape_rewards", "scores")]
+# ... its group (samples 0 and 1) may change, not the other group
+GROUP_LOCAL = [("group_normalize", "scores"), ("grpo", "scores"), ("rloo", "scores"), ("gpg", "scores"),
+               ("bnpo", "scores"), ("opo", "scores"), ("hbpo_advantages", "rewards"),
+               ("optimal_token_baseline", "rewards"), ("optimal_token_baseline", "old_logprobs")]
+# ... a batch statistic (whitening, running moments): NaN everywhere, never a silently finite batch
+BATCH_WIDE = [("masked_whiten", "values"), ("reinforce_pp", "rewards"), ("reinforce_pp_baseline", "scores"),
+              ("gdpo", "scores"), ("running_reward_norm", "rewards")]
+# ... a loss over the batch: the loss is NaN
+LOSSES = [("policy_loss", "logprobs"), ("policy_loss", "advantages"), ("linear_policy_loss", "hidden"),
+          ("value_loss", "vpreds"), ("aggregate", "values"), ("preference_loss", "chosen_logps"),
+          ("kto_loss", "policy_logps"), ("bco_loss", "policy_logps"), ("token_preference_loss", "logprobs"),
+          ("linear_preference_loss", "hidden"), ("group_preference_loss", "logps"), ("srpo_loss", "logps"),
+          ("soft_bellman_loss", "logprobs"), ("soft_bellman_loss", "values"), ("step_advantage_loss", "logprobs")]
+
+
+def _at(t, rows):
+    return t[rows] if t.ndim else t
+
+
+@pytest.mark.parametrize("op,name", ROW_LOCAL, ids=[f"{o}-{n}" for o, n in ROW_LOCAL])
+def test_nan_stays_in_its_row(op, name):
+    t = SPECS[op].make()[name]
+    clean, bad = _poisoned(op, name, (1,) * t.ndim)
+    others = [r for r in range(clean[0].shape[0]) if r != 1]
+    assert any(o.ndim and o[1].isnan().any() for o in bad), "the NaN row must show NaN"
+    for c, b in zip(clean, bad):
+        if c.ndim:
+            torch.testing.assert_close(b[others], c[others], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("op,name", GROUP_LOCAL, ids=[f"{o}-{n}" for o, n in GROUP_LOCAL])
+def test_nan_stays_in_its_group(op, name):
+    t = SPECS[op].make()[name]
+    clean, bad = _poisoned(op, name, (1,) * t.ndim)  # sample 1, group 0 = samples 0 and 1
+    assert any(o[:2].isnan().any() for o in bad if o.ndim), "the NaN group must show NaN"
+    for c, b in zip(clean, bad):
+        if c.ndim:
+            torch.testing.assert_close(b[2:], c[2:], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("op,name", BATCH_WIDE, ids=[f"{o}-{n}" for o, n in BATCH_WIDE])
+def test_nan_in_a_batch_statistic_reaches_every_row(op, name):
+    t = SPECS[op].make()[name]
+    _, bad = _poisoned(op, name, (1,) * t.ndim)
+    valid = SPECS[op].make().get("response_mask")
+    out = bad[0]
+    where = (valid != 0) if valid is not None and out.shape == valid.shape else torch.ones_like(out, dtype=torch.bool)
+    assert out[where].isnan().all(), out
+
+
+@pytest.mark.parametrize("op,name", LOSSES, ids=[f"{o}-{n}" for o, n in LOSSES])
+def test_nan_at_a_valid_position_makes_the_loss_nan(op, name):
+    t = SPECS[op].make()[name]
+    clean, bad = _poisoned(op, name, (1,) * t.ndim)  # (1, 1): valid in _mask()
+    assert torch.isfinite(clean[0]) and bad[0].isnan(), (clean[0], bad[0])
+
+
+def test_group_normalize_skip_nan_leaves_the_nan_sample_out():
+    # skip_nan=True (TRL 1.16's nan-aware statistics): a NaN score is in no statistic, so the
+    # others get what they get without that sample, and it gets advantage 0 (as TRL)
+    scores = torch.tensor([0.3, NAN, 1.0, -0.5, 0.25, 2.0])
+    ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    out = rlkern.group_normalize(scores, ids, skip_nan=True)
+    keep = torch.tensor([0, 2, 3, 4, 5])
+    torch.testing.assert_close(out[keep], rlkern.group_normalize(scores[keep], ids[keep], skip_nan=True),
+                               rtol=0, atol=0)
+    assert out[1] == 0
+
+
+PACKED_SCANS = ["gae", "egae", "discounted_returns", "remax"]
+
+
+def _packed_call(op, rewards, cu):
+    n = rewards.numel()
+    mask = torch.ones(n)
+    values = torch.randn(n, generator=_gen(5))
+    if op == "gae":
+        return _flat(rlkern.gae(rewards, values, mask, gamma=0.9, lam=0.95, cu_seqlens=cu))
+    if op == "egae":
+        return _flat(rlkern.egae(rewards, values, mask, torch.tensor([True, False, True]), gamma=0.9, lam=0.95,
+                                 cu_seqlens=cu))
+    if op == "discounted_returns":
+        return _flat(rlkern.discounted_returns(rewards, mask, gamma=0.9, cu_seqlens=cu))
+    return _flat(rlkern.remax(rewards, torch.randn(3, generator=_gen(6)), mask, cu_seqlens=cu))
+
+
+@pytest.mark.parametrize("op", PACKED_SCANS)
+def test_nan_stays_in_its_sequence_when_packed(op):
+    cu = torch.tensor([0, 3, 7, 12])
+    rewards = torch.randn(12, generator=_gen(4))
+    bad = rewards.clone()
+    bad[5] = NAN  # sequence 1
+    clean, got = _packed_call(op, rewards, cu), _packed_call(op, bad, cu)
+    others = torch.tensor([0, 1, 2, 7, 8, 9, 10, 11])
+    assert any(g[3:7].isnan().any() for g in got)
+    for c, g in zip(clean, got):
+        torch.testing.assert_close(g[others], c[others], rtol=0, atol=0)

@@ -124,3 +124,18 @@ def zero_masked(values: Tensor | None, mask: Tensor | None) -> Tensor | None:
     if values is None or mask is None:
         return values
     return torch.where(mask != 0, values, values.new_zeros(()))
+
+
+def no_nan(op: str, name: str, t: Tensor | None, mask: Tensor | None = None) -> None:
+    """``t`` holds no NaN (where ``mask``, of ``t``'s leading shape, is nonzero); read where
+    ``host_checks`` allows. For tensors an op compares (ranks, maxima, thresholds, equality):
+    a comparison with NaN is False, so a NaN there would give a plausible, wrong result instead
+    of a NaN one (docs/reliability.md's NaN policy)."""
+    if t is None or not host_checks(t) or not t.dtype.is_floating_point:
+        return
+    bad = t.isnan()
+    if mask is not None:
+        bad = bad & (mask != 0).reshape(mask.shape + (1,) * (t.ndim - mask.ndim))
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{op}: {name} must not hold NaN (the op compares its values), got NaN at {name}{list(where)}")

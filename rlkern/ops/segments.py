@@ -82,6 +82,7 @@ def spo_cutpoints(logprobs: Tensor, cu_seqlens: Tensor, *, threshold: float = 0.
     cu = _offsets(op, cu_seqlens, logprobs.numel(), "logprobs")
     interval = _checks.number(op, "interval", interval, low=1, integer=True)
     threshold = _probability(op, "threshold", threshold)
+    _checks.no_nan(op, "logprobs", logprobs)  # cut points are where a probability falls below threshold
     return _spo_cutpoints(logprobs.contiguous(), cu, float(threshold), int(interval))
 
 

@@ -283,6 +283,7 @@ def grpo_passk(scores: Tensor, group_ids, response_mask: Tensor | None = None, *
     """
     _checks.flag("grpo_passk", "norm_by_std", norm_by_std)
     inverse = _outcome_args("grpo_passk", scores, group_ids, response_mask, cu_seqlens, eps=eps)
+    _checks.no_nan("grpo_passk", "scores", scores)  # the group's best and second best are found by comparing
     return _to_tokens(_passk_op(scores, inverse, float(eps), bool(norm_by_std)), response_mask,
                       int32_offsets(cu_seqlens))
 
