@@ -555,6 +555,19 @@ def test_nan_at_a_valid_position_makes_the_loss_nan(op, name):
     assert torch.isfinite(clean[0]) and bad[0].isnan(), (clean[0], bad[0])
 
 
+# ... positions the formula does not read: an inner node's reward (trees read leaf rewards), a
+# cut value off the segment starts, an advantage off the step ends
+NOT_READ = [("tree_values", "reward"), ("tree_advantages", "reward"), ("segment_advantages", "cut_values"),
+            ("step_advantage_loss", "advantages")]
+
+
+@pytest.mark.parametrize("op,name", NOT_READ, ids=[f"{o}-{n}" for o, n in NOT_READ])
+def test_nan_where_the_formula_reads_nothing_changes_nothing(op, name):
+    t = SPECS[op].make()[name]
+    clean, bad = _poisoned(op, name, (1,) * t.ndim)
+    _same(clean, bad)
+
+
 def test_group_normalize_skip_nan_leaves_the_nan_sample_out():
     # skip_nan=True (TRL 1.16's nan-aware statistics): a NaN score is in no statistic, so the
     # others get what they get without that sample, and it gets advantage 0 (as TRL)
@@ -595,3 +608,58 @@ def test_nan_stays_in_its_sequence_when_packed(op):
     assert any(g[3:7].isnan().any() for g in got)
     for c, g in zip(clean, got):
         torch.testing.assert_close(g[others], c[others], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------ on CUDA
+
+
+def _to(kwargs, device):
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+
+
+CUDA_MIX = [(op, n) for op, s in SPECS.items() for n, kind in s.kinds.items()
+            if n != s.main and kind != "ids" and isinstance(s.make().get(n), torch.Tensor)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op,name", CUDA_MIX, ids=[f"{o}-{n}" for o, n in CUDA_MIX])
+def test_a_cpu_tensor_in_a_cuda_call_raises(op, name):
+    kwargs = _to(SPECS[op].make(), "cuda")
+    kwargs[name] = kwargs[name].cpu()
+    with pytest.raises((TypeError, ValueError)) as info:
+        getattr(rlkern, op)(**kwargs)
+    assert str(info.value).startswith(f"{op}: ") and name in str(info.value), str(info.value)
+
+
+OOB = [(op, n) for op, s in SPECS.items() for n in s.index_oob]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op,name", OOB, ids=[f"{o}-{n}" for o, n in OOB])
+def test_out_of_range_indices_raise_on_cuda_with_validate(op, name, monkeypatch):
+    # on CUDA the range checks are a host sync: they run under RLKERN_VALIDATE=1 (rlkern/_backend.py)
+    monkeypatch.setenv("RLKERN_VALIDATE", "1")
+    row = next(r for r in ROWS if r[:3] == (op, name, "out of range"))
+    kwargs = _to({**SPECS[op].make(), **row[3]}, "cuda")
+    with pytest.raises((TypeError, ValueError)) as info:
+        getattr(rlkern, op)(**kwargs)
+    assert str(info.value).startswith(f"{op}: ") and name in str(info.value), str(info.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", MASKED)
+def test_masked_out_nan_does_not_leak_on_cuda(op):
+    spec = SPECS[op]
+    mask_name, names = spec.masked
+    kwargs = _to(spec.make(), "cuda")
+    off = kwargs[mask_name] == 0
+    zero, bad = dict(kwargs), dict(kwargs)
+    for n in names:
+        here = off.reshape(off.shape + (1,) * (kwargs[n].ndim - off.ndim))
+        zero[n] = kwargs[n].masked_fill(here, 0.0)
+        bad[n] = kwargs[n].masked_fill(here, NAN)
+    fn = getattr(rlkern, op)
+    a, b = _flat(fn(**zero)), _flat(fn(**bad))
+    if spec.own_masked_outputs:
+        a, b = [t[~off] for t in a], [t[~off] for t in b]
+    _same(a, b)
