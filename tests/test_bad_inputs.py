@@ -435,7 +435,7 @@ STRIDED = [(op, n) for op, s in SPECS.items() for n in s.kinds
 
 
 @pytest.mark.parametrize("op,name", STRIDED, ids=[f"{o}-{n}" for o, n in STRIDED])
-def test_a_strided_view_gives_the_contiguous_result(op, name):
+def test_a_strided_view_gives_the_contiguous_result(op, name, backend):
     kwargs = SPECS[op].make()
     strided = {**kwargs, name: _strided(kwargs[name])}
     assert not strided[name].is_contiguous() or strided[name].numel() < 2
@@ -448,7 +448,7 @@ MASKED = [op for op, s in SPECS.items() if s.masked]
 
 @pytest.mark.parametrize("op", MASKED)
 @pytest.mark.parametrize("poison", [NAN, INF])
-def test_masked_out_positions_do_not_leak(op, poison):
+def test_masked_out_positions_do_not_leak(op, poison, backend):
     # NaN/inf where response_mask is 0 gives what 0 there gives: outputs, metrics and gradients
     spec = SPECS[op]
     mask_name, names = spec.masked
@@ -518,7 +518,7 @@ def _at(t, rows):
 
 
 @pytest.mark.parametrize("op,name", ROW_LOCAL, ids=[f"{o}-{n}" for o, n in ROW_LOCAL])
-def test_nan_stays_in_its_row(op, name):
+def test_nan_stays_in_its_row(op, name, backend):
     t = SPECS[op].make()[name]
     clean, bad = _poisoned(op, name, (1,) * t.ndim)
     others = [r for r in range(clean[0].shape[0]) if r != 1]
@@ -529,7 +529,7 @@ def test_nan_stays_in_its_row(op, name):
 
 
 @pytest.mark.parametrize("op,name", GROUP_LOCAL, ids=[f"{o}-{n}" for o, n in GROUP_LOCAL])
-def test_nan_stays_in_its_group(op, name):
+def test_nan_stays_in_its_group(op, name, backend):
     t = SPECS[op].make()[name]
     clean, bad = _poisoned(op, name, (1,) * t.ndim)  # sample 1, group 0 = samples 0 and 1
     assert any(o[:2].isnan().any() for o in bad if o.ndim), "the NaN group must show NaN"
@@ -539,7 +539,7 @@ def test_nan_stays_in_its_group(op, name):
 
 
 @pytest.mark.parametrize("op,name", BATCH_WIDE, ids=[f"{o}-{n}" for o, n in BATCH_WIDE])
-def test_nan_in_a_batch_statistic_reaches_every_row(op, name):
+def test_nan_in_a_batch_statistic_reaches_every_row(op, name, backend):
     t = SPECS[op].make()[name]
     _, bad = _poisoned(op, name, (1,) * t.ndim)
     valid = SPECS[op].make().get("response_mask")
@@ -549,7 +549,7 @@ def test_nan_in_a_batch_statistic_reaches_every_row(op, name):
 
 
 @pytest.mark.parametrize("op,name", LOSSES, ids=[f"{o}-{n}" for o, n in LOSSES])
-def test_nan_at_a_valid_position_makes_the_loss_nan(op, name):
+def test_nan_at_a_valid_position_makes_the_loss_nan(op, name, backend):
     t = SPECS[op].make()[name]
     clean, bad = _poisoned(op, name, (1,) * t.ndim)  # (1, 1): valid in _mask()
     assert torch.isfinite(clean[0]) and bad[0].isnan(), (clean[0], bad[0])
@@ -562,7 +562,7 @@ NOT_READ = [("tree_values", "reward"), ("tree_advantages", "reward"), ("segment_
 
 
 @pytest.mark.parametrize("op,name", NOT_READ, ids=[f"{o}-{n}" for o, n in NOT_READ])
-def test_nan_where_the_formula_reads_nothing_changes_nothing(op, name):
+def test_nan_where_the_formula_reads_nothing_changes_nothing(op, name, backend):
     t = SPECS[op].make()[name]
     clean, bad = _poisoned(op, name, (1,) * t.ndim)
     _same(clean, bad)
@@ -598,7 +598,7 @@ def _packed_call(op, rewards, cu):
 
 
 @pytest.mark.parametrize("op", PACKED_SCANS)
-def test_nan_stays_in_its_sequence_when_packed(op):
+def test_nan_stays_in_its_sequence_when_packed(op, backend):
     cu = torch.tensor([0, 3, 7, 12])
     rewards = torch.randn(12, generator=_gen(4))
     bad = rewards.clone()

@@ -25,7 +25,7 @@ def _offsets(op: str, cu_seqlens, total: int, of: str) -> Tensor:
     """cu_seqlens checked by the shared rule (rlkern/ops/_checks.py), as int64."""
     device = cu_seqlens.device if isinstance(cu_seqlens, Tensor) else None
     _checks.cu_seqlens(op, cu_seqlens, total, device, of)
-    return cu_seqlens.to(torch.int64)
+    return cu_seqlens.to(torch.int64).contiguous()  # the Triton kernels read it as a dense array
 
 
 def _probability(op: str, name: str, value) -> float:

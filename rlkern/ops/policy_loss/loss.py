@@ -235,7 +235,11 @@ def policy_loss(
     is_weights, response_mask, select = corrections.apply(loss, inner, logprobs, old_logprobs, advantages,
                                                           response_mask, cu_seqlens, is_weights, rollout_logprobs,
                                                           rollout, cov, off_policy_mask_threshold)
-    # dispatch
+    # dispatch; strided views as contiguous copies (a no-op otherwise): the PyTorch backend's
+    # sums follow the memory order, and a view must give the contiguous input's bits
+    logprobs, old_logprobs, advantages, response_mask, ref_logprobs, entropy, is_weights = (
+        t.contiguous() if isinstance(t, Tensor) else t
+        for t in (logprobs, old_logprobs, advantages, response_mask, ref_logprobs, entropy, is_weights))
     total, metrics, stats = _autograd.run(
         logprobs, old_logprobs, advantages, response_mask, ref_logprobs, entropy, is_weights, select, cu_seqlens,
         global_tokens if isinstance(global_tokens, Tensor) else None,
