@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from rlkern import _backend
-from rlkern.ops import _checks
 from rlkern.ops._layout import int32_offsets
 from rlkern.ops.advantages.outcome import _outcome_args, broadcast
 
@@ -77,7 +76,6 @@ def dynamic_sampling_mask(scores: Tensor, group_ids, response_mask: Tensor | Non
         ``[N]`` bool keep mask, or response_mask's shape bool with ``response_mask``.
     """
     inverse = _outcome_args("dynamic_sampling_mask", scores, group_ids, response_mask, cu_seqlens)
-    _checks.no_nan("dynamic_sampling_mask", "scores", scores)  # equal-score groups are found by comparing
     keep = _mask_op(scores, inverse)
     if response_mask is None:
         return keep
