@@ -163,3 +163,17 @@ def f32_recip(x: float) -> float:
     quotient to fp32 is the correctly rounded fp32 quotient: 53 >= 2 * 24 + 2.)"""
     return f32(1.0 / f32(x))
 
+
+
+@triton.jit
+def nan_max(a, b):
+    """tl.maximum that returns NaN for a NaN operand (tl.maximum's default returns the other
+    one): a clamp or a PPO max must not turn a NaN log-prob into a finite loss (the NaN policy
+    of tests/test_bad_inputs.py)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nan_min(a, b):
+    """tl.minimum that returns NaN for a NaN operand (see nan_max)."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlkern.kernels._common import span
+from rlkern.kernels._common import nan_max, nan_min, span
 
 BLOCK = 256
 
@@ -166,7 +166,7 @@ def _reward_norm_kernel(
     for blk in range(0, tl.cdiv(total_b, BLOCK)):
         i = blk * BLOCK + lane
         x = (tl.load(r_ptr + i, mask=i < total_b, other=0.0).to(tl.float64) - mean) * scale
-        x = tl.minimum(tl.maximum(x, -clip), clip)
+        x = nan_min(nan_max(x, -clip), clip)
         tl.store(out_ptr + i, x.to(out_ptr.dtype.element_ty), mask=i < total_b)
     tl.store(next_ptr, n)
     tl.store(next_ptr + 1, mean)

@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rlkern.kernels._common import nan_max, nan_min
 from rlkern.reference.policy_loss import HYPER_FIELDS, STAT_FIELDS
 
 LOSS_IDS = {"ppo": 0, "gspo": 1, "cispo": 2, "reinforce": 3, "gpg": 3, "sapo": 4, "dro": 5, "dppo_tv": 6,
@@ -74,7 +75,7 @@ def _policy_token(lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, ta
         lr = lp - old
     CLAMPED: tl.constexpr = ((LOSS == 0) or (LOSS == 2) or (LOSS == 4) or (LOSS == 6) or (LOSS == 7)) and not SEQ
     if CLAMPED:
-        lrc = tl.minimum(tl.maximum(lr, -_BOUND), _BOUND)
+        lrc = nan_min(nan_max(lr, -_BOUND), _BOUND)
         in_bounds = (lr >= -_BOUND) & (lr <= _BOUND)
     else:
         lrc = lr
@@ -87,13 +88,13 @@ def _policy_token(lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, ta
     hi = zero
     dcf = zero
     if LOSS == 1:  # gspo: the sequence ratio, straight-through on the token's own logprob
-        r = tl.exp(tl.minimum(slr, _GSPO_MAX)) + zero
+        r = tl.exp(nan_min(slr, _GSPO_MAX)) + zero
         dr = tl.where(slr <= _GSPO_MAX, r, 0.0)
     if (LOSS == 0) or (LOSS == 1) or (LOSS == 8):
         l1 = -adv * r
-        l2 = -adv * tl.minimum(tl.maximum(r, lo_b), hi_b)
+        l2 = -adv * nan_min(nan_max(r, lo_b), hi_b)
         clipped = l2 > l1
-        loss = tl.maximum(l1, l2)
+        loss = nan_max(l1, l2)
         dl = tl.where(clipped, 0.0, -adv * dr)
         cf = clipped.to(lp.dtype)
         lo = (clipped & (adv < 0)).to(lp.dtype)
@@ -104,13 +105,13 @@ def _policy_token(lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, ta
                 neg = adv < 0
                 dcf = (neg & (loss > l3)).to(lp.dtype)
                 dl = tl.where(neg & (loss > l3), 0.0, tl.where(neg & (loss == l3), 0.5 * dl, dl))
-                loss = tl.where(neg, tl.minimum(loss, l3), loss)
+                loss = tl.where(neg, nan_min(loss, l3), loss)
         if LOSS == 8:  # clip_cov: selected tokens lose their gradient
             loss = loss * (1.0 - sel)
             dl = dl * (1.0 - sel)
             cf = sel
     elif LOSS == 2:  # cispo
-        cr = tl.minimum(tl.maximum(r, lo_b), hi_b)
+        cr = nan_min(nan_max(r, lo_b), hi_b)
         loss = -cr * adv * lp
         dl = -cr * adv
         cf = (r != cr).to(lp.dtype)
@@ -129,7 +130,7 @@ def _policy_token(lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, ta
         loss = -(lp * adv - 0.5 * dro_beta * lr * lr)
         dl = -(adv - dro_beta * lr)
     elif (LOSS == 6) or (LOSS == 7):  # dppo_tv / dppo_kl
-        tr = tl.minimum(r, dual)
+        tr = nan_min(r, dual)
         p = tl.exp(lp)
         po = tl.exp(old)
         if LOSS == 6:
@@ -148,8 +149,8 @@ def _policy_token(lp, old, adv, slr, sel, clip_low, clip_high, dual, tau_pos, ta
         dcf = tl.where(r > dual, valid, 0.0)
     elif LOSS == 10:  # geo_mean
         sgn = tl.where(adv > 0, 1.0, tl.where(adv < 0, -1.0, 0.0))
-        lr_clip = tl.minimum(tl.maximum(lr, -clip_low), clip_high)
-        loss = sgn * tl.minimum(sgn * lr, sgn * lr_clip)
+        lr_clip = nan_min(nan_max(lr, -clip_low), clip_high)
+        loss = sgn * nan_min(sgn * lr, sgn * lr_clip)
         # lr is the min where the clip does not bind for A's sign (range ends included, as
         # torch.clamp passes the gradient there); 0 where A = 0
         dl = (((adv > 0) & (lr <= clip_high)) | ((adv < 0) & (lr >= -clip_low))).to(lp.dtype)
@@ -207,7 +208,7 @@ def _kl_token(lp, ref, KL: tl.constexpr, KL_ST: tl.constexpr):
         if KL == 4:
             x = -diff
         else:
-            x = tl.minimum(tl.maximum(-diff, -_BOUND), _BOUND)
+            x = nan_min(nan_max(-diff, -_BOUND), _BOUND)
         e = tl.exp(x)
         v = e - x - 1.0
         if x.dtype == tl.float32:
@@ -220,7 +221,7 @@ def _kl_token(lp, ref, KL: tl.constexpr, KL_ST: tl.constexpr):
             value = v
             deriv = 1.0 - e
         else:
-            value = tl.minimum(tl.maximum(v, -_K3_BOUND), _K3_BOUND)
+            value = nan_min(nan_max(v, -_K3_BOUND), _K3_BOUND)
             live = (-diff >= -_BOUND) & (-diff <= _BOUND) & (v <= _K3_BOUND)
             deriv = tl.where(live, 1.0 - e, 0.0)
     if KL_ST:

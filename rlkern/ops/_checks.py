@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 import torch
 from torch import Tensor
 
@@ -95,10 +97,10 @@ def tensors(op: str, main: str, specs: dict, shape=None) -> None:
 
 
 def flag(op: str, name: str, value) -> bool:
-    """A bool (not 0 / 1 or a string: ``fp32="false"`` would be truthy)."""
-    if not isinstance(value, bool):
+    """A bool or a numpy bool (not 0 / 1 or a string: ``fp32="false"`` would be truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{op}: {name} must be a bool, got {value!r}")
-    return value
+    return bool(value)
 
 
 def out_dtype(op: str, value, peer: str) -> torch.dtype | None:
@@ -113,3 +115,27 @@ def choice(op: str, name: str, value, choices) -> None:
     """``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{op}: {name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def zero_masked(values: Tensor | None, mask: Tensor | None) -> Tensor | None:
+    """``values`` with 0 where ``mask`` (same shape) is 0. Ops whose kernels sum ``values * mask``
+    call it first: NaN * 0 is NaN, so a NaN or inf in a masked-out position (padding a trainer
+    never wrote) would reach every sum it is part of. One elementwise pass, no host sync."""
+    if values is None or mask is None:
+        return values
+    return torch.where(mask != 0, values, values.new_zeros(()))
+
+
+def no_nan(op: str, name: str, t: Tensor | None, mask: Tensor | None = None) -> None:
+    """``t`` holds no NaN (where ``mask``, of ``t``'s leading shape, is nonzero); read where
+    ``host_checks`` allows. For tensors an op compares (ranks, maxima, thresholds, equality):
+    a comparison with NaN is False, so a NaN there would give a plausible, wrong result instead
+    of a NaN one (docs/reliability.md's NaN policy)."""
+    if t is None or not host_checks(t) or not t.dtype.is_floating_point:
+        return
+    bad = t.isnan()
+    if mask is not None:
+        bad = bad & (mask != 0).reshape(mask.shape + (1,) * (t.ndim - mask.ndim))
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{op}: {name} must not hold NaN (the op compares its values), got NaN at {name}{list(where)}")

@@ -175,7 +175,7 @@ def soft_bellman_loss(logprobs: Tensor, response_mask: Tensor | None, ref_logpro
         if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{op}: {name} requires grad, but it is a constant of the loss; compute it under "
                              "torch.no_grad() or pass .detach()")
-    beta = _checks.number(op, "beta", beta)
+    beta = _checks.number(op, "beta", beta, low=0, low_open=True)  # a KL temperature, > 0 in both papers
     kl_coef = _checks.number(op, "kl_coef", kl_coef, low=0)
     dtype = out_dtype(logprobs)
     # one dtype for the three token tensors: theirs where they agree, else the compute type
@@ -507,7 +507,7 @@ def step_advantage_loss(logprobs: Tensor, response_mask: Tensor | None, ref_logp
         if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{op}: {name} requires grad, but it is a constant of the loss; compute it under "
                              "torch.no_grad() or pass .detach()")
-    beta = _checks.number(op, "beta", beta)
+    beta = _checks.number(op, "beta", beta, low=0, low_open=True)  # a KL temperature, > 0 in both papers
     dtype = out_dtype(logprobs)
     same = ref_logprobs.dtype == logprobs.dtype == advantages.dtype
     tok = logprobs.dtype if same else dtype

@@ -55,7 +55,9 @@ import torch
 from torch import Tensor
 
 from rlkern import _backend
+from rlkern.ops import _checks
 from rlkern.ops import linear_logprobs as _ll
+from rlkern.ops import logprobs as _lp
 from rlkern.ops._layout import segment_ids
 from rlkern.ops.policy_loss import _autograd, _config
 from rlkern.ops.policy_loss.loss import policy_loss
@@ -273,6 +275,13 @@ def _linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, respon
         if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != tuple(labels.shape)):
             raise ValueError(f"{_OP}: {name} must have the shape of labels {tuple(labels.shape)}, got "
                              f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    # The per-token tensors in their own names (policy_loss sees old_logprobs in its logprobs
+    # slot and would name it so), and the labels' range (the kernels read weight[labels]).
+    _checks.tensors(_OP, "hidden", {"hidden": (hidden, "float"), "old_logprobs": (old_logprobs, "float"),
+                                    "advantages": (advantages, "float"), "response_mask": (response_mask, "mask"),
+                                    "ref_logprobs": (ref_logprobs, "float"), "is_weights": (is_weights, "float"),
+                                    "rollout_logprobs": (rollout_logprobs, "float")})
+    _lp.check_label_range(labels, weight.shape[0], _lp.check_ignore_index(_OP, ignore_index, labels), op=_OP)
     # The modes before any GEMM (policy_loss checks the rest of its options on its own call).
     defaults = inspect.signature(policy_loss).parameters
     option = lambda name: options.get(name, defaults[name].default)  # noqa: E731

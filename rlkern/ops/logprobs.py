@@ -399,6 +399,8 @@ def token_logprobs(
     """
     _check_logprobs("token_logprobs", logits, labels, temperature, logit_softcap)
     ignore_index = check_ignore_index("token_logprobs", ignore_index, labels)
+    _checks.flag("token_logprobs", "return_entropy", return_entropy)
+    _checks.flag("token_logprobs", "inplace_backward", inplace_backward)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     softcap = float(logit_softcap) if logit_softcap is not None else 0.0
@@ -418,15 +420,37 @@ def token_logprobs(
 
 def _trl_rows(op: str, logits: Tensor, index: Tensor, row_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """TRL accepts logits of any rank (..., V): flatten to [N, V] with the matching labels."""
-    if not isinstance(index, Tensor) or index.dtype not in _LABEL_DTYPES:
-        raise TypeError(f"{op}: index must be an int32/int64 tensor, got {getattr(index, 'dtype', type(index))}")
+    if tuple(index.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"{op}: index must have shape {tuple(logits.shape[:-1])}, got {tuple(index.shape)}")
     flat_logits = logits if logits.ndim in (2, 3) else logits.reshape(-1, logits.shape[-1])
     labels = index.long()
     if row_mask is not None:
+        if not isinstance(row_mask, Tensor):
+            raise TypeError(f"{op}: row_mask must be a torch.Tensor or None, got {type(row_mask).__name__}")
         if tuple(row_mask.shape) != tuple(index.shape):
             raise ValueError(f"{op}: row_mask must have the shape of index {tuple(index.shape)}, got {tuple(row_mask.shape)}")
+        if row_mask.device != index.device:
+            raise ValueError(f"{op}: row_mask is on {row_mask.device} but index is on {index.device}")
         labels = torch.where(row_mask != 0, labels, torch.full_like(labels, _MASKED_LABEL))
+    # checked here so that the message names this op and its argument, not token_logprobs' labels
+    check_label_range(labels, logits.shape[-1], _MASKED_LABEL, name="index", op=op)
     return flat_logits, labels.reshape(flat_logits.shape[:-1])
+
+
+def _trl_check(op: str, logits, index, temperature) -> None:
+    """The TRL drop-ins' arguments, in their own names (``index`` may be None: entropy only)."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{op}: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"{op}: logits must be float16/bfloat16/float32/float64, got {logits.dtype}")
+    if logits.ndim < 1:
+        raise ValueError(f"{op}: logits must be (..., V), got a 0-dim tensor")
+    if index is not None:
+        if not isinstance(index, Tensor) or index.dtype not in _LABEL_DTYPES:
+            raise TypeError(f"{op}: index must be an int32/int64 tensor, got {getattr(index, 'dtype', type(index))}")
+        if index.device != logits.device:
+            raise ValueError(f"{op}: index is on {index.device} but logits are on {logits.device}")
+    _checks.number(op, "temperature", temperature, low=0, low_open=True)
 
 
 def _trl_out_dtype(op: str, out_dtype, logits: Tensor, index: Tensor | None = None,
@@ -479,8 +503,7 @@ def selective_log_softmax(
         Log-probabilities with the shape of ``index``; a tensor of its own (in-place writes are
         fine, also while it requires grad).
     """
-    if temperature <= 0:
-        raise ValueError(f"selective_log_softmax: temperature must be positive, got {temperature!r}")
+    _trl_check("selective_log_softmax", logits, index, temperature)
     if index.ndim == logits.ndim - 1:
         dtype = _trl_out_dtype("selective_log_softmax", out_dtype, logits, index, row_mask)
         flat_logits, labels = _trl_rows("selective_log_softmax", logits, index, row_mask)
@@ -491,6 +514,7 @@ def selective_log_softmax(
             f"selective_log_softmax: index must have shape {tuple(logits.shape[:-1])} or {tuple(logits.shape[:-1])} + (K,), "
             f"got {tuple(index.shape)}"
         )
+    check_label_range(index, logits.shape[-1], _MASKED_LABEL, name="index", op="selective_log_softmax")
     # Top-K indices take TRL's PyTorch path everywhere: the logits' dtype.
     dtype = logits.dtype if out_dtype is None else _trl_out_dtype("selective_log_softmax", out_dtype, logits)
     scaled = logits.to(out_dtype_of(logits)) / temperature
@@ -515,7 +539,8 @@ def entropy_from_logits(logits: Tensor, chunk_size: int = 128, *, out_dtype: tor
     Returns:
         Entropy (nats) of shape ``logits.shape[:-1]``, a tensor of its own.
     """
-    del chunk_size
+    _trl_check("entropy_from_logits", logits, None, 1.0)
+    _checks.number("entropy_from_logits", "chunk_size", chunk_size, low=1, integer=True)
     dtype = _trl_out_dtype("entropy_from_logits", out_dtype, logits)
     flat = logits if logits.ndim in (2, 3) else logits.reshape(-1, logits.shape[-1])
     labels = torch.full(flat.shape[:-1], _MASKED_LABEL, dtype=torch.int64, device=logits.device)
@@ -546,8 +571,8 @@ def selective_log_softmax_and_entropy(
     Returns:
         ``(logprobs, entropy)``, both of shape ``index.shape``, each a tensor of its own.
     """
-    if temperature <= 0:
-        raise ValueError(f"selective_log_softmax_and_entropy: temperature must be positive, got {temperature!r}")
+    _trl_check("selective_log_softmax_and_entropy", logits, index, temperature)
+    _checks.flag("selective_log_softmax_and_entropy", "entropy_requires_grad", entropy_requires_grad)
     if index.ndim != logits.ndim - 1:
         raise ValueError(f"selective_log_softmax_and_entropy: index must have shape {tuple(logits.shape[:-1])}, got {tuple(index.shape)}")
     dtype = _trl_out_dtype("selective_log_softmax_and_entropy", out_dtype, logits, index, row_mask)

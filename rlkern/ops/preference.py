@@ -534,8 +534,9 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, labels: Tensor, kl_logps: 
             raise ValueError(f"{_KTO}: {name} requires grad, but it is a constant of the loss; compute it under "
                              "torch.no_grad() or pass .detach()")
     beta = _checks.number(_KTO, "beta", beta, low=0, low_open=True)
-    dw = _checks.number(_KTO, "desirable_weight", desirable_weight)
-    uw = _checks.number(_KTO, "undesirable_weight", undesirable_weight)
+    # a negative weight flips the sign of that class's loss
+    dw = _checks.number(_KTO, "desirable_weight", desirable_weight, low=0)
+    uw = _checks.number(_KTO, "undesirable_weight", undesirable_weight, low=0)
     dtype = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
 
     def aux(t):

@@ -235,6 +235,7 @@ def group_preference_loss(logps: Tensor, group_ids, scores: Tensor, ref_logps: T
     beta = _checks.number(_OP, "beta", beta, low=0, low_open=True)
     eps = _checks.number(_OP, "clip_eps", clip_eps, low=0, high=1, low_open=True)
     kl_coef = _checks.number(_OP, "kl_coef", kl_coef, low=0)
+    _checks.no_nan(_OP, "scores", scores)  # the pairs and ranks come from comparing the scores
     inverse = _group_numbers(_OP, group_ids, logps.shape[0], logps.device)
     dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
 
@@ -326,6 +327,8 @@ def group_weights(scores: Tensor, group_ids, ref_logps: Tensor | None = None, ol
     _checks.tensors(_WOP, "scores", {"scores": (scores, "float"), "ref_logps": (ref_logps, "float"),
                                      "old_logps": (old_logps, "float")}, shape={"ref_logps": (n,), "old_logps": (n,)})
     beta = _checks.number(_WOP, "beta", beta, low=0, low_open=True)
+    if not matrix:
+        _checks.no_nan(_WOP, "scores", scores)  # win rates come from comparing the scores
     inverse = _group_numbers(_WOP, group_ids, n, scores.device)
     dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     zeros = None

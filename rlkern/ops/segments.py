@@ -25,7 +25,7 @@ def _offsets(op: str, cu_seqlens, total: int, of: str) -> Tensor:
     """cu_seqlens checked by the shared rule (rlkern/ops/_checks.py), as int64."""
     device = cu_seqlens.device if isinstance(cu_seqlens, Tensor) else None
     _checks.cu_seqlens(op, cu_seqlens, total, device, of)
-    return cu_seqlens.to(torch.int64)
+    return cu_seqlens.to(torch.int64).contiguous()  # the Triton kernels read it as a dense array
 
 
 def _probability(op: str, name: str, value) -> float:
@@ -82,6 +82,7 @@ def spo_cutpoints(logprobs: Tensor, cu_seqlens: Tensor, *, threshold: float = 0.
     cu = _offsets(op, cu_seqlens, logprobs.numel(), "logprobs")
     interval = _checks.number(op, "interval", interval, low=1, integer=True)
     threshold = _probability(op, "threshold", threshold)
+    _checks.no_nan(op, "logprobs", logprobs)  # cut points are where a probability falls below threshold
     return _spo_cutpoints(logprobs.contiguous(), cu, float(threshold), int(interval))
 
 
@@ -290,7 +291,8 @@ def _check_segments(start: Tensor, end: Tensor, num_tokens: int, node_index: Ten
     bad = (start < 0) | (end < start) | (end > num_tokens)
     if bad.any():
         k = int(bad.nonzero()[0])
-        raise ValueError(f"broadcast_to_tokens: segment {k} = [{int(start[k])}, {int(end[k])}) is not within [0, num_tokens={num_tokens}]")
+        raise ValueError(f"broadcast_to_tokens: segment {k} = [{int(start[k])}, {int(end[k])}) is not within "
+                         f"[0, num_tokens={num_tokens}] (segment_start[{k}], segment_end[{k}])")
     if node_index is not None and node_index.numel() and bool(((node_index < 0) | (node_index >= m)).any()):
         k = int(((node_index < 0) | (node_index >= m)).nonzero()[0])
         raise ValueError(f"broadcast_to_tokens: node_index[{k}] = {int(node_index[k])} is not a node in [0, {m})")

@@ -428,8 +428,11 @@ def token_weights(logprobs: Tensor, group_ids, response_mask: Tensor | None = No
     if response_mask is not None and tuple(response_mask.shape) != tuple(logprobs.shape[:2]):
         raise ValueError(f"{op}: response_mask must have shape {tuple(logprobs.shape[:2])}, "
                          f"got {tuple(response_mask.shape)}")
-    weight = _checks.number(op, "max_weight", max_weight)
+    # <= 0 would give some tokens a zero or negative weight (a flipped gradient)
+    weight = _checks.number(op, "max_weight", max_weight, low=0, low_open=True)
     inverse = dense(op, group_ids, n=logprobs.shape[0], device=logprobs.device)
+    # the weights rank positions by divergence (min / max): NaN at a valid position would drop out
+    _checks.no_nan(op, "logprobs", logprobs, response_mask)
     mask = (torch.ones(logprobs.shape[:2], dtype=torch.bool, device=logprobs.device) if response_mask is None
             else (response_mask != 0).contiguous())
     lp = logprobs.detach()

@@ -88,6 +88,17 @@ def _check_trees(op: str, parent, reward, *, name_reward: str = "reward") -> tup
     return parent.to(torch.int64).contiguous(), reward.contiguous()
 
 
+def _named(op: str, kernel, *args):
+    """``kernel(*args)``; the structure errors the C++ kernel and the reference raise (a parent
+    out of range, a cycle, a tree deeper than max_depth) do not know the op: prefix its name."""
+    try:
+        return kernel(*args)
+    except ValueError as error:
+        if str(error).startswith(f"{op}: "):
+            raise
+        raise ValueError(f"{op}: {error}") from None
+
+
 def _check_max_depth(op: str, max_depth) -> None:
     if max_depth is None:
         return
@@ -250,7 +261,7 @@ def tree_values(
     parent, reward = _check_trees("tree_values", parent, reward)
     _checks.choice("tree_values", "mode", mode, _VALUE_MODES)
     _check_max_depth("tree_values", max_depth)
-    return _tree_values(parent, reward, mode, max_depth)
+    return _named("tree_values", _tree_values, parent, reward, mode, max_depth)
 
 
 class TreeAdvantages(NamedTuple):
@@ -342,8 +353,11 @@ def tree_advantages(
         _, leaf_weights = _check_trees(op, parent, leaf_weights, name_reward="leaf_weights")
         _check_leaf_weights(parent, leaf_weights)
     _check_max_depth(op, max_depth)
-    adv, keep, values = _tree_advantages(parent, reward, method, bool(leaf_rloo), subgroup_weighting, bool(whiten),
-                                         leaf_weights, float(eps), bool(return_values), max_depth)
+    leaf_rloo = _checks.flag(op, "leaf_rloo", leaf_rloo)
+    whiten = _checks.flag(op, "whiten", whiten)
+    return_values = _checks.flag(op, "return_values", return_values)
+    adv, keep, values = _named(op, _tree_advantages, parent, reward, method, leaf_rloo, subgroup_weighting, whiten,
+                               leaf_weights, float(eps), return_values, max_depth)
     return TreeAdvantagesAndValues(adv, keep, values) if return_values else TreeAdvantages(adv, keep)
 
 

@@ -14,11 +14,13 @@ F64 = torch.float64
 
 def token_tensors(op: str, rewards, specs: dict, **numbers) -> None:
     """A token-level op's tensors (``{name: (tensor, kind)}`` with "rewards" first) share rewards'
-    shape and device; ``numbers`` are finite floats."""
+    shape and device; ``numbers`` are finite floats (gamma and lam in [0, 1], eps >= 0)."""
     shape = tuple(rewards.shape) if isinstance(rewards, Tensor) else None
     _checks.tensors(op, "rewards", {"rewards": (rewards, "float"), **specs}, shape=shape)
     for name, value in numbers.items():
-        _checks.number(op, name, value)
+        # a discount or GAE lambda outside [0, 1] makes the sums grow without bound
+        bounds = {"gamma": (0.0, 1.0), "lam": (0.0, 1.0), "eps": (0.0, None)}.get(name, (None, None))
+        _checks.number(op, name, value, low=bounds[0], high=bounds[1])
 
 
 def packed(op: str, rewards: Tensor, cu_seqlens: Tensor | None) -> int:

@@ -184,11 +184,11 @@ def remax(rewards, reward_baselines, mask, cu_seqlens):
     if cu_seqlens is None:
         returns = y.flip(-1).cumsum(-1).flip(-1).to(dtype)
         return returns - reward_baselines.to(dtype)[:, None] * m, returns
-    # packed: the batch-wide suffix sum at t minus the one just past t's sequence
-    segments = segment_ids(cu_seqlens, y.shape[0])
-    suffix = torch.cat([y.flip(0).cumsum(0).flip(0), y.new_zeros(1)])
-    returns = (suffix[:-1] - suffix[cu_seqlens[1:].long()][segments]).to(dtype)
-    return returns - reward_baselines.to(dtype)[segments] * m, returns
+    # packed: per sequence, padded into rows (a batch-wide suffix sum minus the one past t's
+    # sequence would carry a NaN or inf of one sequence into every sequence before it)
+    width = _width(cu_seqlens)
+    adv, returns = remax(pad(rewards, cu_seqlens, width), reward_baselines, pad(mask, cu_seqlens, width), None)
+    return unpad(adv, cu_seqlens, rewards.numel()), unpad(returns, cu_seqlens, rewards.numel())
 
 
 def grpo_passk(scores, inverse, eps, norm_by_std):

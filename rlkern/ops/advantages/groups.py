@@ -81,15 +81,15 @@ def _strings_to_index(strings: list) -> Tensor:
     return torch.ops.rlkern.cpp_group_index(torch.from_numpy(codes.copy()), torch.from_numpy(offsets))
 
 
-def _from_tensor(op: str, group_ids: Tensor) -> Tensor:
+def _from_tensor(op: str, group_ids: Tensor, name: str = "group_ids") -> Tensor:
     if group_ids.dtype not in _checks.INTS + (torch.bool,):
-        raise TypeError(f"{op}: group_ids must be an integer tensor, got {group_ids.dtype}")
+        raise TypeError(f"{op}: {name} must be an integer tensor, got {group_ids.dtype}")
     if group_ids.ndim != 1:
-        raise ValueError(f"{op}: group_ids must be 1-D [N], got shape {tuple(group_ids.shape)}")
+        raise ValueError(f"{op}: {name} must be 1-D [N], got shape {tuple(group_ids.shape)}")
     return _dense_group_ids(group_ids.to(torch.int64))
 
 
-def _from_items(op: str, items: list) -> Tensor:
+def _from_items(op: str, items: list, name: str = "group_ids") -> Tensor:
     """A list of str (or of int) -> dense numbers."""
     try:
         return _strings_to_index(items)
@@ -98,17 +98,17 @@ def _from_items(op: str, items: list) -> Tensor:
     try:
         ints = np.asarray(items, dtype=np.int64)
     except (TypeError, ValueError, OverflowError):
-        raise TypeError(f"{op}: group_ids must hold only str or only int values, got "
+        raise TypeError(f"{op}: {name} must hold only str or only int values, got "
                         f"{sorted({type(x).__name__ for x in items})}") from None
     if ints.ndim != 1 or any(isinstance(x, (float, np.floating)) for x in items):
-        raise TypeError(f"{op}: group_ids must hold only str or only int values, got "
+        raise TypeError(f"{op}: {name} must hold only str or only int values, got "
                         f"{sorted({type(x).__name__ for x in items})}")
     return _dense_group_ids(torch.from_numpy(ints))
 
 
-def _from_array(op: str, arr: np.ndarray) -> Tensor:
+def _from_array(op: str, arr: np.ndarray, name: str = "group_ids") -> Tensor:
     if arr.ndim != 1:
-        raise ValueError(f"{op}: group_ids must be 1-D [N], got shape {arr.shape}")
+        raise ValueError(f"{op}: {name} must be 1-D [N], got shape {arr.shape}")
     if arr.dtype.kind == "U":
         arr = np.ascontiguousarray(arr)
         width = arr.dtype.itemsize // 4
@@ -121,21 +121,30 @@ def _from_array(op: str, arr: np.ndarray) -> Tensor:
         return _dense_group_ids(codes.to(torch.int32))
     if arr.dtype.kind in "iub":
         return _dense_group_ids(torch.from_numpy(arr.astype(np.int64)))
-    return _from_items(op, arr.tolist())
+    return _from_items(op, arr.tolist(), name)
 
 
-def dense(op: str, group_ids, n: int | None = None, device: torch.device | str | None = None) -> Tensor:
-    """``group_index`` on behalf of ``op`` (its name starts the error messages)."""
+def dense(op: str, group_ids, n: int | None = None, device: torch.device | str | None = None,
+          name: str = "group_ids") -> Tensor:
+    """``group_index`` on behalf of ``op`` (its name starts the error messages, ``name`` is the
+    argument's)."""
     if isinstance(group_ids, Tensor):
-        out = _from_tensor(op, group_ids)
+        # ids are read on the host: a meta tensor has no values, and ids on another accelerator
+        # than the batch are a caller's mix-up (CPU ids for a CUDA batch are the usual case)
+        target = None if device is None else torch.device(device)
+        if group_ids.device.type == "meta" and (target is None or target.type != "meta"):
+            raise ValueError(f"{op}: {name} is on meta (no values to read), expected a CPU tensor or a list")
+        if target is not None and group_ids.device.type not in ("cpu", target.type):
+            raise ValueError(f"{op}: {name} is on {group_ids.device}, expected cpu or {target}")
+        out = _from_tensor(op, group_ids, name)
     elif isinstance(group_ids, np.ndarray):
-        out = _from_array(op, group_ids)
+        out = _from_array(op, group_ids, name)
     elif isinstance(group_ids, (list, tuple)):
-        out = _from_items(op, list(group_ids))
+        out = _from_items(op, list(group_ids), name)
     else:
-        raise TypeError(f"{op}: group_ids must be a tensor, a numpy array or a list, got {type(group_ids).__name__}")
+        raise TypeError(f"{op}: {name} must be a tensor, a numpy array or a list, got {type(group_ids).__name__}")
     if n is not None and out.shape[0] != n:
-        raise ValueError(f"{op}: group_ids must have {n} entries (one per sample), got {out.shape[0]}")
+        raise ValueError(f"{op}: {name} must have {n} entries (one per sample), got {out.shape[0]}")
     if device is not None:
         out = out.to(device, non_blocking=True)
     return out

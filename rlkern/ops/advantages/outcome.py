@@ -70,7 +70,7 @@ def _outcome_args(op: str, scores: Tensor, group_ids, response_mask: Tensor | No
     """Checks an outcome op's arguments; returns the dense group numbers ``[N]`` on scores' device."""
     _checks.tensors(op, "scores", {"scores": (scores, "float"), "response_mask": (response_mask, "mask")})
     for name, value in numbers.items():
-        _checks.number(op, name, value)
+        _checks.number(op, name, value, low=0.0 if name == "eps" else None)
     if scores.ndim != 1:
         raise ValueError(f"{op}: scores must be [N] (one score per sample), got {tuple(scores.shape)}")
     _common.token_layout(op, scores.shape[0], response_mask, cu_seqlens)
@@ -148,6 +148,7 @@ def _normalize(op, scores, group_ids, eps, std, scale, singleton, skip_nan, resp
     _checks.choice(op, "std", std, _STD_MODES)
     _checks.choice(op, "scale", scale, _SCALES)
     _checks.choice(op, "singleton", singleton, _SINGLETONS)
+    _checks.flag(op, "skip_nan", skip_nan)
     inverse = _outcome_args(op, scores, group_ids, response_mask, cu_seqlens, eps=eps)
     return _group_normalize_op(scores, inverse, response_mask, int32_offsets(cu_seqlens), float(eps), std or "none",
                                scale, singleton, bool(skip_nan))
@@ -162,6 +163,7 @@ def grpo(scores: Tensor, group_ids, response_mask: Tensor | None = None, *, eps:
     Returns:
         ``[N]`` float32, or ``scores[:, None] * response_mask`` (``[N, T]`` or packed ``[total]``).
     """
+    _checks.flag("grpo", "norm_by_std", norm_by_std)
     return _normalize("grpo", scores, group_ids, eps, "unbiased" if norm_by_std else None, "group", "verl", False,
                       response_mask, cu_seqlens)
 
@@ -279,7 +281,9 @@ def grpo_passk(scores: Tensor, group_ids, response_mask: Tensor | None = None, *
     Returns:
         ``[N]`` float32, or response_mask's shape with ``response_mask``.
     """
+    _checks.flag("grpo_passk", "norm_by_std", norm_by_std)
     inverse = _outcome_args("grpo_passk", scores, group_ids, response_mask, cu_seqlens, eps=eps)
+    _checks.no_nan("grpo_passk", "scores", scores)  # the group's best and second best are found by comparing
     return _to_tokens(_passk_op(scores, inverse, float(eps), bool(norm_by_std)), response_mask,
                       int32_offsets(cu_seqlens))
 
@@ -344,7 +348,8 @@ def gdpo(scores: Tensor, group_ids, response_mask: Tensor, *, weights=None, eps:
     if columns.ndim != 2:
         raise ValueError(f"gdpo: scores must be [N] or [N, K], got {tuple(scores.shape)}")
     k = columns.shape[1]
-    weights = [1.0] * k if weights is None else [float(w) for w in weights]
+    weights = [1.0] * k if weights is None else [_checks.number("gdpo", f"weights[{i}]", w) for i, w in enumerate(weights)]
+    _checks.flag("gdpo", "norm_by_std", norm_by_std)
     if len(weights) != k:
         raise ValueError(f"gdpo: weights must have {k} entries (one per reward component), got {len(weights)}")
     inverse = _outcome_args("gdpo", columns[:, 0], group_ids, response_mask, cu_seqlens, eps=eps)
@@ -379,9 +384,10 @@ def gigpo_step_groups(step_returns: Tensor, anchor_keys, group_ids, response_mas
     """
     op = "gigpo_step_groups"
     _checks.tensors(op, "step_returns", {"step_returns": (step_returns, "float")})
+    _checks.flag(op, "norm_by_std", norm_by_std)
     n = step_returns.shape[0] if step_returns.ndim == 1 else -1
     episode = _outcome_args(op, step_returns, group_ids, response_mask, cu_seqlens, eps=eps)
-    anchor = dense(op, anchor_keys, n=n, device=step_returns.device)
+    anchor = dense(op, anchor_keys, n=n, device=step_returns.device, name="anchor_keys")
     inverse = dense(op, episode * max(n, 1) + anchor)
     return _group_normalize_op(step_returns, inverse, response_mask, int32_offsets(cu_seqlens), float(eps),
                                "unbiased" if norm_by_std else "none", "group", "zero")

@@ -88,6 +88,7 @@ def _bootstrap(op, rewards, values, response_mask, cu_seqlens, batch, truncated,
 def _gae(op, rewards, values, response_mask, cu_seqlens, gamma, lam, whiten, truncated=None, bootstrap_values=None):
     _common.token_tensors(op, rewards, {"values": (values, "float"), "response_mask": (response_mask, "mask")},
                           gamma=gamma, lam=lam)
+    _checks.flag(op, "whiten", whiten)
     batch = _common.packed(op, rewards, cu_seqlens)
     if values.dtype != rewards.dtype:
         values = values.to(rewards.dtype)
@@ -274,6 +275,7 @@ def masked_whiten(values: Tensor, response_mask: Tensor, *, shift_mean: bool = T
     _checks.tensors("masked_whiten", "values", {"values": (values, "float"),
                                                 "response_mask": (response_mask, "mask")},
                     shape=tuple(values.shape) if isinstance(values, Tensor) else None)
+    _checks.flag("masked_whiten", "shift_mean", shift_mean)
     return _whiten_op(values, response_mask, bool(shift_mean))
 
 
@@ -308,4 +310,5 @@ def remax(rewards: Tensor, reward_baselines: Tensor, response_mask: Tensor, *,
     _checks.tensors("remax", "rewards", {"rewards": (rewards, "float"),
                                          "reward_baselines": (reward_baselines, "float")},
                     shape={"reward_baselines": (batch,)})
+    rewards = _checks.zero_masked(rewards, response_mask)  # NaN in padding stays out of the sums
     return _remax_op(rewards, reward_baselines, response_mask, int32_offsets(cu_seqlens))

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from rlkern import _backend
+from rlkern.ops import _checks
 from rlkern.ops._layout import int32_offsets, lastdim_contiguous, out_dtype
 from rlkern.ops.advantages import _common, fallback
 from rlkern.ops.advantages.groups import dense
@@ -98,7 +99,12 @@ def optimal_token_baseline(
                                         "old_logprobs": (old_logprobs, "float"),
                                         "sum_pi_squared": (sum_pi_squared, "float"),
                                         "rollout_is_weights": (rollout_is_weights, "float")}, eps=eps)
+    _checks.number(op, "eps", eps, low=0.0)
     batch = _common.packed(op, rewards, cu_seqlens)
     inverse = dense(op, group_ids, n=batch, device=rewards.device)
+    # NaN/inf in padding stays out of the group sums
+    rewards, old_logprobs, sum_pi_squared, rollout_is_weights = (
+        _checks.zero_masked(t, response_mask)
+        for t in (rewards, old_logprobs, sum_pi_squared, rollout_is_weights))
     return _otb_op(rewards, response_mask, inverse, old_logprobs, sum_pi_squared, rollout_is_weights,
                    int32_offsets(cu_seqlens), bool(handle_zero_tail), float(eps), bool(multi_turn))

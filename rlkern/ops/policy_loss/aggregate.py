@@ -178,18 +178,18 @@ def _agg_backward(ctx, grad):
 _agg_fwd.register_autograd(_agg_backward, setup_context=_agg_setup)
 
 
-def _check_aggregate(values, response_mask, cu_seqlens) -> None:
-    op = "aggregate"
-    _checks.tensors(op, "values", {"values": (values, "float"), "response_mask": (response_mask, "mask")},
+def _check_aggregate(values, response_mask, cu_seqlens, op: str = "aggregate", main: str = "values") -> None:
+    """``aggregate``'s layout checks, in the words of ``op`` whose per-token tensor ``main`` is."""
+    _checks.tensors(op, main, {main: (values, "float"), "response_mask": (response_mask, "mask")},
                     shape=tuple(values.shape) if isinstance(values, Tensor) else None)
     if cu_seqlens is not None:
         if values.ndim != 1:
-            raise ValueError(f"{op}: packed input (cu_seqlens given) needs values [total], got shape "
+            raise ValueError(f"{op}: packed input (cu_seqlens given) needs {main} [total], got shape "
                              f"{tuple(values.shape)}")
-        _checks.cu_seqlens(op, cu_seqlens, values.numel(), values.device, "values")
+        _checks.cu_seqlens(op, cu_seqlens, values.numel(), values.device, main)
         return
     if values.ndim != 2:
-        raise ValueError(f"{op}: values must be [B, T] (or [total] with cu_seqlens), got shape {tuple(values.shape)}")
+        raise ValueError(f"{op}: {main} must be [B, T] (or [total] with cu_seqlens), got shape {tuple(values.shape)}")
     if response_mask is None:
         raise ValueError(f"{op}: response_mask is required for padded [B, T] values, got None")
 
@@ -275,8 +275,13 @@ def value_loss(
                                    "values": (values, "float")},
                     shape=tuple(vpreds.shape) if isinstance(vpreds, Tensor) else None)
     cliprange_value = _checks.number(op, "cliprange_value", cliprange_value, low=0)
+    # aggregate's checks in value_loss's words (the calls below would report them as aggregate's)
+    _check_aggregate(vpreds, response_mask, cu_seqlens, op, "vpreds")
+    _checks.choice(op, "agg", agg, _config.AGG_MODES + _config.TRL_AGG_PRESETS)
+    _config.check_numbers(op, dp_size, global_tokens, global_seqs, loss_scale_factor)
     cdt = out_dtype(vpreds)
-    v, ret, old = vpreds.to(cdt), returns.to(cdt), values.to(cdt)
+    # NaN/inf in padding would reach vpreds' gradient there (max/clamp backward of NaN): zero it
+    v, ret, old = (_checks.zero_masked(t, response_mask).to(cdt) for t in (vpreds, returns, values))
     clipped = torch.maximum(torch.minimum(v, old + cliprange_value), old - cliprange_value)
     l1, l2 = (v - ret).square(), (clipped - ret).square()
     loss = 0.5 * aggregate(torch.maximum(l1, l2), response_mask, agg=agg, global_tokens=global_tokens,

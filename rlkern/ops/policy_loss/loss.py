@@ -207,6 +207,9 @@ def policy_loss(
     n_seqs = _config.check_tensors(logprobs, old_logprobs, advantages, response_mask, cu_seqlens, optional)
     _config.check_modes(inner, agg, entropy_agg, kl_estimator, level)
     _config.check_hyper(inner, clip_low, clip_high, dual_clip, dro_beta)
+    # read also when their term is off (no ref_logprobs / entropy): a NaN here is a config bug
+    _checks.number("policy_loss", "kl_coef", kl_coef)
+    _checks.number("policy_loss", "entropy_coef", entropy_coef)
     _config.check_flags(kl_bias_correction=kl_bias_correction, sequence_metrics=sequence_metrics)
     if off_policy_mask_threshold is not None:
         _checks.number("policy_loss", "off_policy_mask_threshold", off_policy_mask_threshold)
@@ -232,7 +235,11 @@ def policy_loss(
     is_weights, response_mask, select = corrections.apply(loss, inner, logprobs, old_logprobs, advantages,
                                                           response_mask, cu_seqlens, is_weights, rollout_logprobs,
                                                           rollout, cov, off_policy_mask_threshold)
-    # dispatch
+    # dispatch; strided views as contiguous copies (a no-op otherwise): the PyTorch backend's
+    # sums follow the memory order, and a view must give the contiguous input's bits
+    logprobs, old_logprobs, advantages, response_mask, ref_logprobs, entropy, is_weights = (
+        t.contiguous() if isinstance(t, Tensor) else t
+        for t in (logprobs, old_logprobs, advantages, response_mask, ref_logprobs, entropy, is_weights))
     total, metrics, stats = _autograd.run(
         logprobs, old_logprobs, advantages, response_mask, ref_logprobs, entropy, is_weights, select, cu_seqlens,
         global_tokens if isinstance(global_tokens, Tensor) else None,
