@@ -1,0 +1,173 @@
+"""Property-based tests (hypothesis) of every public op that tests/test_fuzz.py does not cover,
+against the float64 references in rlkern/reference/ (issue 21).
+
+Profiles, strategies and helpers are tests/_fuzz.py's (the CI profile is derandomized and bounded;
+``RLKERN_FUZZ=long`` draws many more random examples on larger shapes). Each test runs on the
+default backend (the C++ kernels on CPU) and on the Triton kernels under TRITON_INTERPRET=1 with
+fewer, smaller examples. The properties: random shapes with 0 and 1 sizes, groups of one, equal
+rewards, extreme values, masks (empty, full, holes, left/right padding), input dtypes, packed
+(``cu_seqlens``) equal to padded, NaN only where the op's NaN policy says. ``test_every_public_op_is_fuzzed``
+checks that every name in ``rlkern.__all__`` is covered by a property test here or in test_fuzz.py.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from _fuzz import LAYOUTS, LONG, _big, _close, _cu, _fuzz, _gen, _group_ids, _inside, _mask, _scores, _small
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import rlkern
+from rlkern.ops import advantages as A
+from rlkern.reference import advantages as R_adv
+
+# The default backend (C++ on CPU) and the Triton kernels (interpreted): the PyTorch path is the
+# reference's twin, tests/test_fuzz.py fuzzes it for the core ops.
+BACKENDS = pytest.mark.parametrize("backend", ["cpp", "triton"], indirect=True)
+
+# Every public name with its property test (test_every_public_op_is_fuzzed checks the union with
+# tests/test_fuzz.py's against rlkern.__all__).
+FUZZED = set()
+
+
+def fuzzes(*names):
+    FUZZED.update(names)
+    return lambda fn: fn
+
+
+def _rel(ref):
+    """The scale of a result: its largest magnitude, at least 1."""
+    return max(1.0, ref.double().abs().max().item()) if ref.numel() else 1.0
+
+
+def _layout_case(draw, max_t):
+    t = draw(st.integers(1, max_t))
+    layout = draw(st.sampled_from(LAYOUTS))
+    packed = draw(st.booleans())
+    return t, layout, packed
+
+
+# ---------------------------------------------------------------------------------------------
+# outcome estimators: one score per sample, broadcast to the response tokens
+
+
+@st.composite
+def _outcome_case(draw, max_groups, max_t):
+    sizes = draw(st.lists(st.integers(1, 7), min_size=1, max_size=max_groups))
+    kind = draw(st.sampled_from(["normal", "binary", "equal", "huge"]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
+    form = draw(st.sampled_from(["tensor", "list", "str"]))
+    t, layout, packed = _layout_case(draw, max_t)
+    mask_dtype = draw(st.sampled_from([torch.bool, torch.float32]))
+    norm = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return sizes, kind, dtype, form, t, layout, packed, mask_dtype, norm, seed
+
+
+@fuzzes("grpo", "group_normalize", "rloo", "gpg", "bnpo", "grpo_passk", "opo", "reinforce_pp_baseline", "gdpo",
+        "outcome_to_tokens", "dynamic_sampling_mask", "gigpo_step_groups", "group_index")
+@BACKENDS
+def test_outcome_estimators(backend):
+    from rlkern.reference import dynamic_sampling as R_ds
+
+    @_fuzz(backend, 0.3 if backend == "cpp" else 0.25, long_factor=20)
+    @given(_outcome_case(_small(backend, 6, 40), _small(backend, 12, 300)))
+    def check(case):
+        sizes, kind, dtype, form, t, layout, packed, mask_dtype, norm, seed = case
+        g = _gen(seed)
+        ids = _group_ids(g, sizes, form)
+        ids_list = ids if isinstance(ids, list) else ids.tolist()
+        n = len(ids_list)
+        # fp16 holds 1e4 scores but not their squares' sums: the op upcasts, the reference takes the same values
+        s = _scores(g, n, kind, dtype)
+        s64 = s.double()
+        mask = _mask(g, n, t, layout)
+        m64 = mask.double()
+        # group_index: equal ids <-> equal numbers, in [0, N)
+        dense = rlkern.group_index(ids)
+        same = torch.tensor([[a == b for b in ids_list] for a in ids_list], dtype=torch.bool).reshape(n, n)
+        assert torch.equal(dense[:, None] == dense[None, :], same) and dense.dtype == torch.int64
+        assert n == 0 or (dense.min() >= 0 and dense.max() < n)
+        inside = _inside(mask)
+        cu = _cu(inside)
+        tok = mask.to(mask_dtype)
+        if packed:
+            tok, kw, out_of = tok[inside], dict(cu_seqlens=cu), (lambda x: x[inside])
+        else:
+            kw, out_of = {}, (lambda x: x)
+        per_token = lambda ref: out_of(ref.double()[:, None] * m64)  # noqa: E731
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        probs = torch.sigmoid(s.float()).to(dtype)
+        anchors = np.array([f"obs{i}" for i in torch.randint(0, 3, (n,), generator=g).tolist()])
+        std = "unbiased" if norm else None
+        s2 = torch.stack([s, probs], 1)
+        gdpo_parts = 0.5 * R_adv.group_normalize(s, ids_list, 1e-6, std) + 2.0 * R_adv.group_normalize(
+            probs, ids_list, 1e-6, std)
+        # OPO's length weights; a group whose responses are all empty has only zero-mask tokens (any
+        # baseline gives 0 there): plain weights keep the reference's division defined
+        lengths = m64.sum(-1)
+        group_len = torch.zeros(n, dtype=torch.float64).index_add_(0, dense, lengths)[dense]
+        opo_weights = torch.where(group_len == 0, 1.0, lengths)
+        whitened = m64.sum() >= 2  # masked_whiten's unbiased variance needs two valid tokens (else ValueError)
+        cases = [
+            ("grpo", A.grpo(s, ids, tok, norm_by_std=norm, **kw), per_token(R_adv.group_normalize(s, ids_list, 1e-6, std))),
+            ("group_normalize", A.group_normalize(s, ids, eps=1e-4, scale="batch", singleton="zero", response_mask=tok,
+                                                  **kw),
+             per_token(R_adv.group_normalize(s, ids_list, 1e-4, "unbiased", "batch", "zero"))),
+            ("rloo", A.rloo(s, ids, tok, singleton="zero" if norm else "raw", **kw),
+             per_token(R_adv.rloo(s, ids_list, "zero" if norm else "raw"))),
+            ("gpg", A.gpg(s, ids, tok, f_norm=2.0, **kw), per_token(R_adv.gpg(s, ids_list, 2.0))),
+            ("bnpo", A.bnpo(probs, ids, tok, **kw), per_token(R_adv.bnpo(probs, ids_list))),
+            ("opo", A.opo(s, ids, tok, **kw), per_token(s64 - R_adv.group_baseline(s, ids_list, opo_weights))),
+            ("outcome_to_tokens", A.outcome_to_tokens(s, tok, **kw), per_token(s64)),
+            ("gigpo_step_groups", A.gigpo_step_groups(s, anchors, ids, tok, norm_by_std=norm, **kw),
+             per_token(R_adv.gigpo_step(s, list(anchors), ids_list, 1e-6, norm))),
+        ]
+        if whitened:
+            cases.append(("reinforce_pp_baseline", A.reinforce_pp_baseline(s, ids, tok, **kw),
+                          out_of(R_adv.masked_whiten((s64 - R_adv.group_baseline(s, ids_list))[:, None] * m64, m64)
+                                 * m64)))
+            cases.append(("gdpo", A.gdpo(s2, ids, tok, weights=[0.5, 2.0], norm_by_std=norm, **kw),
+                          out_of(R_adv.masked_whiten(gdpo_parts[:, None] * m64, m64) * m64)))
+        else:
+            for op in (lambda: A.reinforce_pp_baseline(s, ids, tok, **kw), lambda: A.gdpo(s2, ids, tok, **kw)):
+                with pytest.raises(ValueError, match="at least 2 valid tokens"):
+                    op()
+        if min(sizes) >= 2:  # Pass@k compares a group's best two (a group of one is a ValueError)
+            cases.append(("grpo_passk", A.grpo_passk(s, ids, tok, norm_by_std=norm, **kw),
+                          per_token(R_adv.grpo_passk(s, ids_list, 1e-6, norm))))
+        for name, ours, ref in cases:
+            assert ours.shape == tok.shape, name
+            assert not ours.isnan().any(), name
+            # bnpo's Beta-moment normalizer runs in float32 (tests/test_advantages.py: 1e-4)
+            _close(ours, ref, tol=(1e-4 if name == "bnpo" and dtype != torch.float64 else tol) * _rel(ref), name=name)
+        if kind == "equal":
+            # equal rewards: no learning signal in any group (exactly 0, not rounding noise)
+            # in groups of two or more (a group of one keeps its score under verl's singleton policy)
+            shared = out_of((torch.bincount(dense, minlength=n)[dense] > 1)[:, None].expand(n, t))
+            for name, ours, _ in cases[:2]:
+                assert (ours[shared] == 0).all(), name
+        keep = R_ds.dynamic_sampling_mask(s, ids_list)
+        assert torch.equal(rlkern.dynamic_sampling_mask(s, ids), keep)
+        assert torch.equal(rlkern.dynamic_sampling_mask(s, ids, tok, **kw), out_of(mask & keep[:, None]))
+
+    check()
+
+
+
+@BACKENDS
+def test_opo_group_of_empty_responses_regression(backend):
+    # test_outcome_estimators' finding: a group whose responses are all empty gave NaN on every
+    # (masked) token of those rows (0/0 baseline); a masked sum downstream then turns the loss NaN.
+    s = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    mask = torch.tensor([[0, 0, 0], [0, 0, 0], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    out = A.opo(s, [0, 0, 1, 1], mask)
+    assert not out.isnan().any()
+    assert (out[:2] == 0).all()
+    b = (2 * 0.5 + 1 * 3.0) / 3  # the other group's length-weighted baseline
+    _close(out[2:], (s[2:, None].double() - b) * mask[2:], name="opo")
+    packed = A.opo(s, [0, 0, 1, 1], torch.tensor([0, 0, 1, 1, 1], dtype=torch.bool),
+                   cu_seqlens=torch.tensor([0, 1, 2, 4, 5], dtype=torch.int32))
+    assert not packed.isnan().any()
