@@ -171,3 +171,95 @@ def test_opo_group_of_empty_responses_regression(backend):
     packed = A.opo(s, [0, 0, 1, 1], torch.tensor([0, 0, 1, 1, 1], dtype=torch.bool),
                    cu_seqlens=torch.tensor([0, 1, 2, 4, 5], dtype=torch.int32))
     assert not packed.isnan().any()
+
+
+# ---------------------------------------------------------------------------------------------
+# scans over tokens: egae, reinforce_pp, remax, masked_whiten (gae / discounted_returns: test_fuzz.py)
+
+LONG_T = 20000  # one long row per profile (issue 21: T up to 20000 for the scans)
+
+
+@st.composite
+def _returns_case(draw, max_b, max_t):
+    b = draw(st.integers(0, max_b))
+    t, layout, packed = _layout_case(draw, max_t)
+    gamma = draw(st.sampled_from([1.0, 0.99, 0.5, 0.0]))
+    lam = draw(st.sampled_from([1.0, 0.95, 0.0]))
+    scale = draw(st.sampled_from([1.0, 1e3]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
+    bootstrap = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return b, t, layout, packed, gamma, lam, scale, dtype, bootstrap, seed
+
+
+@fuzzes("egae", "reinforce_pp", "remax", "masked_whiten")
+@BACKENDS
+def test_return_scans(backend):
+    @_fuzz(backend, 0.3, long_factor=20)
+    @given(_returns_case(_small(backend, 5, 8), _small(backend, 200, 4000)))
+    # the interpreter runs a long row's blocks one by one in Python: a shorter long row there
+    @example((1, LONG_T if backend != "triton" else 1500, "holes", True, 0.99, 0.95, 1.0, torch.float32, True, 7))
+    def check(case):
+        b, t, layout, packed, gamma, lam, scale, dtype, bootstrap, seed = case
+        g = _gen(seed)
+        # scale 1e3 in fp16 would overflow the returns' sums (64k): fp16 draws unit rewards
+        scale = 1.0 if dtype == torch.float16 else scale
+        rewards = (torch.randn(b, t, generator=g, dtype=torch.float64) * scale).to(dtype)
+        values = (torch.randn(b, t, generator=g, dtype=torch.float64) * scale).to(dtype)
+        mask = _mask(g, b, t, layout)
+        m64 = mask.double()
+        truncated = torch.rand(b, generator=g) < 0.5
+        boot = (torch.randn(b, generator=g, dtype=torch.float64) * scale).to(dtype) if bootstrap else None
+        base = torch.randn(b, generator=g, dtype=torch.float64).to(dtype)
+        out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        # fp32 scans: rounding grows with the row's length and the magnitude of its partial sums
+        tol = 1e-12 if dtype == torch.float64 else 2e-5 * max(1.0, math.sqrt(t) / 10)
+        r_adv, r_ret = R_adv.egae(rewards, values, mask, truncated, gamma, lam,
+                                  bootstrap=None if boot is None else boot)
+        r_disc = R_adv.discounted_returns(rewards, mask, gamma)
+        r_sum = R_adv.reverse_cumsum(rewards, mask)
+        whitened = m64.sum() >= 2
+        results = {
+            "egae adv": (A.egae(rewards, values, mask, truncated, gamma=gamma, lam=lam, bootstrap_values=boot),
+                         0, r_adv),
+            "egae ret": (A.egae(rewards, values, mask, truncated, gamma=gamma, lam=lam, bootstrap_values=boot),
+                         1, r_ret),
+            "remax adv": (A.remax(rewards, base, mask), 0, r_sum - base.double()[:, None] * m64),
+            "remax ret": (A.remax(rewards, base, mask), 1, r_sum),
+        }
+        if whitened:
+            results["reinforce_pp adv"] = (A.reinforce_pp(rewards, mask, gamma=gamma), 0,
+                                           R_adv.masked_whiten(r_disc, m64) * m64)
+            results["reinforce_pp ret"] = (A.reinforce_pp(rewards, mask, gamma=gamma), 1, r_disc)
+            results["masked_whiten"] = ((A.masked_whiten(rewards, mask),), 0, R_adv.masked_whiten(rewards, m64))
+            results["masked_whiten no shift"] = ((A.masked_whiten(rewards, mask, shift_mean=False),), 0,
+                                                 R_adv.masked_whiten(rewards, m64, False))
+            results["egae whiten"] = (A.egae(rewards, values, mask, truncated, gamma=gamma, lam=lam, whiten=True), 0,
+                                      R_adv.masked_whiten(R_adv.egae(rewards, values, mask, truncated, gamma, lam)[0],
+                                                          m64) * m64)
+        else:
+            with pytest.raises(ValueError, match="at least 2 valid tokens"):
+                A.masked_whiten(rewards, mask)
+            with pytest.raises(ValueError, match="at least 2 valid tokens"):
+                A.reinforce_pp(rewards, mask, gamma=gamma)
+        for name, (outs, i, ref) in results.items():
+            out = outs[i]
+            assert out.shape == rewards.shape and out.dtype == out_dtype, name
+            assert not out.isnan().any(), name
+            _close(out, ref, tol=tol * _rel(ref), name=name)
+        if b and packed:
+            # packed == padded: each row's own slots, left/right padding removed
+            inside = _inside(mask)
+            cu = _cu(inside)
+            p_r, p_v, p_m = rewards[inside], values[inside], mask[inside]
+            ptol = 1e-12 if dtype == torch.float64 else 1e-5 * max(1.0, math.sqrt(t) / 10)
+            for name, padded, ours in (
+                ("egae", results["egae adv"][0], A.egae(p_r, p_v, p_m, truncated, gamma=gamma, lam=lam,
+                                                        bootstrap_values=boot, cu_seqlens=cu)),
+                ("remax", results["remax adv"][0], A.remax(p_r, base, p_m, cu_seqlens=cu)),
+            ) + ((("reinforce_pp", results["reinforce_pp adv"][0], A.reinforce_pp(p_r, p_m, gamma=gamma,
+                                                                                    cu_seqlens=cu)),) if whitened else ()):
+                for k in range(2):
+                    _close(ours[k], padded[k][inside], tol=ptol * _rel(padded[k]), name=f"packed {name} {k}")
+
+    check()
