@@ -263,3 +263,94 @@ def test_return_scans(backend):
                     _close(ours[k], padded[k][inside], tol=ptol * _rel(padded[k]), name=f"packed {name} {k}")
 
     check()
+
+
+# ---------------------------------------------------------------------------------------------
+# per-token terms and reductions: kl_penalty, aggregate, value_loss
+
+from rlkern.reference import policy_loss as R_pl  # noqa: E402
+
+AGGS = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+@st.composite
+def _token_terms_case(draw, max_b, max_t):
+    b = draw(st.integers(0, max_b))
+    t, layout, packed = _layout_case(draw, max_t)
+    estimator = draw(st.sampled_from(list(R_pl.KL_ESTIMATORS) + [e + "+" for e in R_pl.KL_ESTIMATORS]))
+    spread = draw(st.sampled_from([0.01, 1.0, 30.0, 80.0]))
+    agg = draw(st.sampled_from(AGGS))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
+    clip = draw(st.sampled_from([0.0, 0.2, 10.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return b, t, layout, packed, estimator, spread, agg, dtype, clip, seed
+
+
+@fuzzes("kl_penalty", "aggregate", "value_loss")
+@BACKENDS
+def test_kl_penalty_aggregate_value_loss(backend):
+    @_fuzz(backend, 0.3, long_factor=20)
+    @given(_token_terms_case(_small(backend, 6, 16), _small(backend, 40, 1000)))
+    def check(case):
+        b, t, layout, packed, estimator, spread, agg, dtype, clip, seed = case
+        g = _gen(seed)
+        # fp16 holds log-ratios up to 80 but not exp(80): k3_unclamped overflows to inf there, as PyTorch
+        lp = (-torch.rand(b, t, generator=g, dtype=torch.float64) * 3).to(dtype)
+        ref = (lp.double() + torch.randn(b, t, generator=g, dtype=torch.float64) * spread).to(dtype)
+        mask = _mask(g, b, t, layout)
+        cdt = torch.float64 if dtype == torch.float64 else torch.float32
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        gtol = max(tol, torch.finfo(dtype).eps)  # a gradient is rounded once to the input's dtype
+        # kl_penalty: value and gradient against the reference's autograd, from the same rounded inputs
+        leaf = lp.clone().requires_grad_()
+        kl = rlkern.kl_penalty(leaf, ref, kl_estimator=estimator)
+        r_leaf = lp.double().requires_grad_()
+        r_kl = R_pl.kl_penalty(r_leaf, ref.double(), estimator)
+        assert kl.shape == lp.shape and kl.dtype == cdt
+        finite = r_kl.isfinite()
+        assert torch.equal(kl.isfinite(), finite) or dtype != torch.float64 and estimator.startswith("k3_unclamped")
+        both = finite & kl.isfinite()
+        _close(kl[both], r_kl.detach()[both], tol=tol * _rel(r_kl.detach()[both]), name=estimator)
+        if b and t and bool(both.all()):
+            up = torch.randn(b, t, generator=g, dtype=torch.float64)
+            (grad,) = torch.autograd.grad((kl * up.to(cdt)).sum(), leaf)
+            (r_grad,) = torch.autograd.grad((r_kl * up).sum(), r_leaf)
+            _close(grad, r_grad, tol=gtol * _rel(r_grad), name=f"grad {estimator}")
+        # aggregate of the (finite) KL values, padded and packed, with the gradient of the reduction
+        vals = torch.where(finite, r_kl.detach(), 0.0).to(dtype)
+        v_leaf = vals.clone().requires_grad_()
+        loss = rlkern.aggregate(v_leaf, mask, agg=agg)
+        r_v = vals.double().requires_grad_()
+        r_loss = R_pl.aggregate(r_v, mask, agg)
+        assert loss.dtype == cdt and loss.shape == () and not loss.isnan()
+        _close(loss, r_loss.detach(), tol=tol * _rel(r_loss.detach()) * max(1.0, math.sqrt(t) / 10), name=agg)
+        if b and t:
+            (grad,) = torch.autograd.grad(loss, v_leaf)
+            (r_grad,) = torch.autograd.grad(r_loss, r_v)
+            _close(grad, r_grad, tol=gtol * _rel(r_grad), name=f"grad {agg}")
+        # value_loss: verl's clipped value loss and clipfrac
+        returns = (ref.double() * 2).to(dtype)
+        v_leaf = lp.clone().requires_grad_()
+        vloss, metrics = rlkern.value_loss(v_leaf, returns, ref, mask, cliprange_value=clip, agg=agg)
+        r_v = lp.double().requires_grad_()
+        r_vloss, r_frac = R_pl.value_loss(r_v, returns.double(), ref.double(), mask, clip, agg)
+        vtol = tol * max(1.0, math.sqrt(t) / 10)
+        _close(vloss, r_vloss.detach(), tol=vtol * _rel(r_vloss.detach()), name="value_loss")
+        _close(metrics["clipfrac"], r_frac, tol=2e-6, name="clipfrac")
+        if b and t:
+            (grad,) = torch.autograd.grad(vloss, v_leaf)
+            (r_grad,) = torch.autograd.grad(r_vloss, r_v)
+            _close(grad, r_grad, tol=max(vtol, gtol) * _rel(r_grad), name="grad value_loss")
+        if b and packed:
+            inside = _inside(mask)
+            cu = _cu(inside)
+            # seq-mean-token-sum-norm divides by the padded width T by default (verl); packed must say it
+            lsf = float(t) if agg == "seq-mean-token-sum-norm" else None
+            p_loss = rlkern.aggregate(vals[inside], mask[inside], agg=agg, cu_seqlens=cu, loss_scale_factor=lsf)
+            _close(p_loss, loss.detach(), tol=tol * _rel(loss.detach()), name=f"packed {agg}")
+            p_vloss, p_metrics = rlkern.value_loss(lp[inside], returns[inside], ref[inside], mask[inside],
+                                                   cliprange_value=clip, agg=agg, cu_seqlens=cu, loss_scale_factor=lsf)
+            _close(p_vloss, vloss.detach(), tol=tol * _rel(vloss.detach()), name="packed value_loss")
+            _close(p_metrics["clipfrac"], metrics["clipfrac"], tol=1e-6, name="packed clipfrac")
+
+    check()
