@@ -354,3 +354,92 @@ def test_kl_penalty_aggregate_value_loss(backend):
             _close(p_metrics["clipfrac"], metrics["clipfrac"], tol=1e-6, name="packed clipfrac")
 
     check()
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL drop-ins: selective_log_softmax, selective_log_softmax_and_entropy, entropy_from_logits
+
+from rlkern.reference import logprobs as R_logp  # noqa: E402
+
+
+@st.composite
+def _trl_logits_case(draw, max_rows, max_v):
+    lead = draw(st.sampled_from([(), (1,), (2, 3)]))
+    rows = draw(st.integers(0, max_rows))
+    vocab = draw(st.one_of(st.sampled_from([1, 2, 7, 129, 1025]), st.integers(1, max_v)))
+    dtype = draw(st.sampled_from([torch.bfloat16, torch.float16, torch.float32, torch.float64]))
+    extremes = draw(st.sampled_from(["none", "pm1e4", "neginf"]))
+    temperature = draw(st.sampled_from([1.0, 0.7]))
+    topk = draw(st.sampled_from([None, 1, 3]))
+    row_mask = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return lead, rows, vocab, dtype, extremes, temperature, topk, row_mask, seed
+
+
+@fuzzes("selective_log_softmax", "selective_log_softmax_and_entropy", "entropy_from_logits")
+@BACKENDS
+def test_trl_logprob_dropins(backend):
+    @_fuzz(backend, 0.3, long_factor=20)
+    @given(_trl_logits_case(_small(backend, 9, 24), _small(backend, 3000, 20000)))
+    def check(case):
+        lead, rows, vocab, dtype, extremes, temperature, topk, use_mask, seed = case
+        g = _gen(seed)
+        shape = lead + (rows,)
+        logits = torch.randn(*shape, vocab, generator=g, dtype=torch.float64) * 3
+        if extremes != "none":
+            spots = torch.rand(*shape, vocab, generator=g) < 0.1
+            # a row of only -inf logits: token_logprobs' convention (uniform) is test_fuzz.py's; the
+            # top-K path is TRL's PyTorch one (NaN there): each row keeps one finite logit here
+            spots[..., 0] = False
+            fill = 1e4 * torch.where(torch.rand(*shape, vocab, generator=g) < 0.5, -1.0, 1.0).double() \
+                if extremes == "pm1e4" else torch.full_like(logits, -math.inf)
+            logits = torch.where(spots, fill, logits)
+        logits = logits.to(dtype)
+        def entropy_at(temp):
+            logp = torch.log_softmax(logits.double() / temp, -1)
+            return -(logp.exp() * torch.where(logp.isfinite(), logp, 0.0)).sum(-1)
+
+        want_logp = torch.log_softmax(logits.double() / temperature, -1)
+        want_entropy = entropy_at(temperature)
+        index_shape = shape + ((topk,) if topk else ())
+        index = torch.randint(0, vocab, index_shape, generator=g)
+        row_mask = (torch.rand(index_shape, generator=g) > 0.3) if use_mask else None
+        # fp32 accumulation of exactly-upcast inputs, relative to the result (tests/test_fuzz.py's token_logprobs)
+        out = rlkern.selective_log_softmax(logits, index, temperature, row_mask, out_dtype=torch.float32)
+        want = want_logp.gather(-1, index if topk else index[..., None])
+        want = want if topk else want[..., 0]
+        if row_mask is not None:
+            want = torch.where(row_mask, want, 0.0)
+        assert out.shape == index.shape and out.dtype == torch.float32
+        assert not out.isnan().any()
+        # a -inf label's log-prob is -inf in both
+        finite = want.isfinite()
+        assert torch.equal(out.isfinite(), finite)
+        _close(out[finite], want[finite], tol=2e-5 * _rel(want[finite]), name="selective_log_softmax")
+        # TRL's default dtype: the logits' dtype, the same numbers rounded once
+        default = rlkern.selective_log_softmax(logits, index, temperature, row_mask)
+        assert default.dtype == dtype
+        if dtype == torch.float64:  # float64 logits stay float64 end to end
+            _close(default[finite], want[finite], tol=1e-12 * _rel(want[finite]), name="float64")
+        else:
+            assert torch.equal(default, out.to(dtype))
+        ent = rlkern.entropy_from_logits(logits, out_dtype=torch.float32)
+        assert ent.shape == shape and not ent.isnan().any()
+        _close(ent, entropy_at(1.0), tol=2e-5 * _rel(want_entropy), name="entropy_from_logits")
+        assert rlkern.entropy_from_logits(logits).dtype == dtype
+        if not topk:
+            logp, entropy = rlkern.selective_log_softmax_and_entropy(logits, index, True, temperature, row_mask,
+                                                                     out_dtype=torch.float32)
+            assert torch.equal(logp, out)
+            w_ent = want_entropy if row_mask is None else torch.where(row_mask, want_entropy, 0.0)
+            _close(entropy, w_ent, tol=2e-5 * _rel(w_ent), name="selective_log_softmax_and_entropy")
+
+    check()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_selective_log_softmax_top_k_of_no_rows_regression(dtype):
+    # test_trl_logprob_dropins' finding: top-K indices over zero rows raised from torch.stack
+    logits = torch.randn(2, 0, 7).to(dtype)
+    out = rlkern.selective_log_softmax(logits, torch.zeros(2, 0, 3, dtype=torch.long))
+    assert out.shape == (2, 0, 3) and out.dtype == dtype
