@@ -304,7 +304,7 @@ def test_kl_penalty_aggregate_value_loss(backend):
         # kl_penalty: value and gradient against the reference's autograd, from the same rounded inputs
         leaf = lp.clone().requires_grad_()
         kl = rlkern.kl_penalty(leaf, ref, kl_estimator=estimator)
-        r_leaf = lp.double().requires_grad_()
+        r_leaf = lp.double().clone().requires_grad_()
         r_kl = R_pl.kl_penalty(r_leaf, ref.double(), estimator)
         assert kl.shape == lp.shape and kl.dtype == cdt
         finite = r_kl.isfinite()
@@ -320,7 +320,7 @@ def test_kl_penalty_aggregate_value_loss(backend):
         vals = torch.where(finite, r_kl.detach(), 0.0).to(dtype)
         v_leaf = vals.clone().requires_grad_()
         loss = rlkern.aggregate(v_leaf, mask, agg=agg)
-        r_v = vals.double().requires_grad_()
+        r_v = vals.double().clone().requires_grad_()
         r_loss = R_pl.aggregate(r_v, mask, agg)
         assert loss.dtype == cdt and loss.shape == () and not loss.isnan()
         _close(loss, r_loss.detach(), tol=tol * _rel(r_loss.detach()) * max(1.0, math.sqrt(t) / 10), name=agg)
@@ -332,7 +332,7 @@ def test_kl_penalty_aggregate_value_loss(backend):
         returns = (ref.double() * 2).to(dtype)
         v_leaf = lp.clone().requires_grad_()
         vloss, metrics = rlkern.value_loss(v_leaf, returns, ref, mask, cliprange_value=clip, agg=agg)
-        r_v = lp.double().requires_grad_()
+        r_v = lp.double().clone().requires_grad_()
         r_vloss, r_frac = R_pl.value_loss(r_v, returns.double(), ref.double(), mask, clip, agg)
         vtol = tol * max(1.0, math.sqrt(t) / 10)
         _close(vloss, r_vloss.detach(), tol=vtol * _rel(r_vloss.detach()), name="value_loss")
@@ -493,7 +493,7 @@ def test_kto_and_bco_losses(backend):
         leaf = x.clone().requires_grad_()
         loss, metrics = rlkern.kto_loss(leaf, ref, labels, *kl, **kw)
         (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True, materialize_grads=True)
-        r_leaf = x.double().requires_grad_()
+        r_leaf = x.double().clone().requires_grad_()
         dbl = (lambda t: None if t is None else t.double())
         want, want_metrics = R_pref.kto_loss(r_leaf, ref.double(), labels, dbl(kl[0]), dbl(kl[1]), **kw)
         (r_grad,) = torch.autograd.grad(want, r_leaf, allow_unused=True, materialize_grads=True)
@@ -509,7 +509,7 @@ def test_kto_and_bco_losses(backend):
         leaf = x.clone().requires_grad_()
         loss, metrics = rlkern.bco_loss(leaf, ref, labels, delta, beta=beta, udm_weights=weights)
         (grad,) = torch.autograd.grad(loss, leaf)
-        r_leaf = x.double().requires_grad_()
+        r_leaf = x.double().clone().requires_grad_()
         want, want_metrics = R_pref.bco_loss(r_leaf, ref.double(), labels, delta.double(), beta=beta,
                                              udm_weights=dbl(weights))
         (r_grad,) = torch.autograd.grad(want, r_leaf)
@@ -558,7 +558,7 @@ def test_group_preference_losses(backend):
         leaf = x.clone().requires_grad_()
         loss, metrics = rlkern.group_preference_loss(leaf, ids, s.to(dtype), up(ref), up(old), **kw)
         (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True, materialize_grads=True)
-        r_leaf = x.double().requires_grad_()
+        r_leaf = x.double().clone().requires_grad_()
         want, want_metrics = R_pg.group_preference_loss(r_leaf, rlkern.group_index(ids), s.to(dtype).double(),
                                                         up(ref).double(), None if old is None else up(old).double(),
                                                         **kw)
@@ -581,7 +581,7 @@ def test_group_preference_losses(backend):
         leaf = sx.clone().requires_grad_()
         loss, metrics = rlkern.srpo_loss(leaf, sref.to(dtype), beta=0.2, alpha=0.6)
         (grad,) = torch.autograd.grad(loss, leaf)
-        r_leaf = sx.double().requires_grad_()
+        r_leaf = sx.double().clone().requires_grad_()
         want, want_metrics = R_pg.srpo_loss(r_leaf, sref.to(dtype).double(), beta=0.2, alpha=0.6)
         (r_grad,) = torch.autograd.grad(want, r_leaf)
         assert not loss.isnan() and not grad.isnan().any()
@@ -606,3 +606,138 @@ def test_tpo_reference_gradient_of_a_group_of_one_regression():
     ours, _ = rlkern.group_preference_loss(x.detach().float().requires_grad_(), torch.tensor([0]),
                                            torch.tensor([1e4]), torch.tensor([-2.0]), loss_type="tpo", beta=0.3)
     assert ours.item() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# critics: soft_bellman_loss (OREO), step_advantage_loss, running_reward_norm, constrained_rewards
+
+from rlkern.reference import critics as R_crit  # noqa: E402
+
+
+@st.composite
+def _critic_case(draw, max_b, max_t):
+    b = draw(st.integers(0, max_b))
+    t, layout, packed = _layout_case(draw, max_t)
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    beta = draw(st.sampled_from([0.1, 0.7, 2.0]))
+    kl_coef = draw(st.sampled_from([0.0, 0.2]))
+    spread = draw(st.sampled_from([0.4, 5.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return b, t, layout, packed, dtype, beta, kl_coef, spread, seed
+
+
+@fuzzes("soft_bellman_loss", "step_advantage_loss")
+@BACKENDS
+def test_token_critic_losses(backend):
+    @_fuzz(backend, 0.3, long_factor=20)
+    @given(_critic_case(_small(backend, 5, 12), _small(backend, 40, 1500)))
+    def check(case):
+        b, t, layout, packed, dtype, beta, kl_coef, spread, seed = case
+        g = _gen(seed)
+        mask = _mask(g, b, t, layout)
+        lp = -torch.rand(b, t, generator=g, dtype=torch.float64) * 3
+        ref = lp + torch.randn(b, t, generator=g, dtype=torch.float64) * spread
+        values = torch.randn(b, t, generator=g, dtype=torch.float64)
+        adv = torch.randn(b, t, generator=g, dtype=torch.float64) * 3
+        ends = torch.rand(b, t, generator=g) > 0.8
+        rewards = torch.randn(b, generator=g, dtype=torch.float64)
+        # masked positions are never read: NaN there must not reach any output
+        lp, values = torch.where(mask, lp, math.nan), torch.where(mask, values, math.nan)
+        cu = None
+        if packed and b:
+            inside = _inside(mask)
+            cu = _cu(inside).long()
+            mask, lp, ref, values, adv, ends = (x[inside] for x in (mask, lp, ref, values, adv, ends))
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        lp_d, ref_d, values_d, adv_d = (x.to(dtype) for x in (lp, ref, values, adv))
+        x, v = lp_d.clone().requires_grad_(), values_d.clone().requires_grad_()
+        loss, metrics = rlkern.soft_bellman_loss(x, mask, ref_d, v, rewards.to(dtype), beta=beta, kl_coef=kl_coef,
+                                                 cu_seqlens=cu)
+        loss.backward()
+        rx, rv = lp_d.double().clone().requires_grad_(), values_d.double().clone().requires_grad_()
+        want, want_metrics = R_crit.soft_bellman_loss(rx, ref_d.double(), rv, rewards.to(dtype).double(), mask,
+                                                      beta=beta, kl_coef=kl_coef, cu_seqlens=cu)
+        want.backward()
+        assert loss.dtype == dtype and not loss.isnan()
+        _close(loss, want.detach(), tol=tol * _rel(want.detach()), name="soft_bellman_loss")
+        for key in ("value_loss", "policy_loss", "kl"):
+            w = want_metrics[key].double()
+            _close(metrics[key], w, tol=max(tol, 1e-5) * _rel(w), name=key)
+        for name, ours, theirs in (("grad logprobs", x.grad, rx.grad), ("grad values", v.grad, rv.grad)):
+            assert not ours[~mask].any() and not ours.isnan().any(), name
+            want_g = torch.where(mask, theirs, 0.0)
+            _close(ours, want_g, tol=tol * _rel(want_g), name=name)
+        x = lp_d.clone().requires_grad_()
+        loss, metrics = rlkern.step_advantage_loss(x, mask, ref_d, adv_d, ends, beta=beta, cu_seqlens=cu)
+        loss.backward()
+        rx = lp_d.double().clone().requires_grad_()
+        want, want_metrics = R_crit.step_advantage_loss(rx, ref_d.double(), adv_d.double(), ends, mask, beta=beta,
+                                                        cu_seqlens=cu)
+        want.backward()
+        assert loss.dtype == dtype and not loss.isnan()
+        _close(loss, want.detach(), tol=tol * _rel(want.detach()), name="step_advantage_loss")
+        _close(metrics["step_log_ratio"], want_metrics["step_log_ratio"].double(),
+               tol=1e-5 * _rel(want_metrics["step_log_ratio"]), name="step_log_ratio")
+        want_g = torch.where(mask, rx.grad, 0.0)
+        assert not x.grad.isnan().any()
+        _close(torch.where(mask, x.grad, 0.0), want_g, tol=tol * _rel(want_g), name="step grad")
+
+    check()
+
+
+@st.composite
+def _reward_stats_case(draw, max_n):
+    sizes = draw(st.lists(st.integers(0, max_n), min_size=1, max_size=4))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    clip = draw(st.sampled_from([None, 2.5, 0.1]))
+    scale = draw(st.sampled_from([1.0, 1e4]))
+    groups = draw(st.integers(1, 6))
+    judges = draw(st.integers(0, 4))
+    baseline = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return sizes, dtype, clip, scale, groups, judges, baseline, seed
+
+
+@fuzzes("running_reward_norm", "constrained_rewards")
+@BACKENDS
+def test_reward_statistics(backend):
+    @_fuzz(backend, 0.3, long_factor=20)
+    @given(_reward_stats_case(_small(backend, 40, 3000)))
+    def check(case):
+        sizes, dtype, clip, scale, groups, judges, baseline, seed = case
+        g = _gen(seed)
+        tol = 1e-12 if dtype == torch.float64 else 1e-6
+        stats, want_stats = None, torch.zeros(3, dtype=torch.float64)
+        for step, size in enumerate(sizes):  # a stream of batches, 0 and 1 sizes included
+            r = (torch.randn(size, generator=g, dtype=torch.float64) * scale + step).to(dtype)
+            out = rlkern.running_reward_norm(r, stats, clip=clip)
+            want, want_stats = R_crit.running_reward_norm(r, want_stats, clip=clip)
+            assert out.stats.dtype == torch.float64 and not out.rewards.isnan().any()
+            _close(out.stats, want_stats, tol=1e-12 * _rel(want_stats), name="stats")
+            _close(out.rewards, want, tol=tol * _rel(want), name="normalized rewards")
+            stats = out.stats
+        n = sum(sizes)
+        rewards = torch.randint(0, 5, (n,), generator=g).to(dtype)  # ties: the first sample wins
+        ids = torch.randint(0, groups, (n,), generator=g) * 7 + 3
+        judged = torch.rand(n, judges, generator=g) > 0.2
+        base = torch.randn(n, generator=g, dtype=torch.float64).to(dtype) if baseline else None
+        out = rlkern.constrained_rewards(rewards, ids, judged, base)
+        want = R_crit.constrained_rewards(rewards, ids, judged, base)
+        _close(out.rewards, want[0], tol=tol, name="constrained rewards")
+        if base is None or dtype == torch.float64:  # float32 sigmoids may tie where float64 does not
+            assert torch.equal(out.chosen, want[1]) and torch.equal(out.rejected, want[2])
+
+    check()
+
+
+def test_critic_references_ignore_masked_nan_without_valid_tokens_regression():
+    # test_token_critic_losses' finding (in the float64 references): a batch without a valid token
+    # and NaN at the masked positions gave a NaN loss; the ops gave 0 (masked positions never read).
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    lp = torch.full((2, 3), math.nan, dtype=torch.float64)
+    zeros = torch.zeros(2, 3, dtype=torch.float64)
+    want, metrics = R_crit.soft_bellman_loss(lp, zeros, lp, torch.ones(2, dtype=torch.float64), mask, beta=0.1)
+    assert want.item() == 0 and all(v.item() == 0 for v in metrics.values())
+    want, metrics = R_crit.step_advantage_loss(lp, zeros, zeros, mask, mask, beta=0.1)
+    assert want.item() == 0 and metrics["step_log_ratio"].item() == 0
+    assert rlkern.soft_bellman_loss(lp, mask, zeros, lp, torch.ones(2, dtype=torch.float64), beta=0.1)[0].item() == 0
