@@ -741,3 +741,82 @@ def test_critic_references_ignore_masked_nan_without_valid_tokens_regression():
     want, metrics = R_crit.step_advantage_loss(lp, zeros, zeros, mask, mask, beta=0.1)
     assert want.item() == 0 and metrics["step_log_ratio"].item() == 0
     assert rlkern.soft_bellman_loss(lp, mask, zeros, lp, torch.ones(2, dtype=torch.float64), beta=0.1)[0].item() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# reward shaping: ensemble_rewards, shape_rewards, hbpo_advantages, token_weights
+
+from rlkern.ops import shaping as S  # noqa: E402
+from rlkern.reference import shaping as R_shape  # noqa: E402
+
+SHAPE_PARAMS = {"grpo_lambda": [0.5, 0.2, 1e-6, -1.0], "unlikeliness": [0.25], "s_grpo": [0.5], "otc": [1.0, 1.0],
+                "hbpo": [4096.0, 4.0, 1 / 4096]}
+
+
+@st.composite
+def _shaping_case(draw, max_groups, max_k):
+    sizes = draw(st.lists(st.integers(1, 7), min_size=0, max_size=max_groups))
+    k = draw(st.integers(1, max_k))
+    method = draw(st.sampled_from(list(R_shape.SHAPE_METHODS)))
+    kind = draw(st.sampled_from(["binary", "soft", "equal", "huge"]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    t = draw(st.integers(0, 9))
+    vocab = draw(st.sampled_from([1, 3, 37]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return sizes, k, method, kind, dtype, t, vocab, seed
+
+
+@fuzzes("ensemble_rewards", "shape_rewards", "hbpo_advantages", "token_weights")
+@BACKENDS
+def test_reward_shaping(backend):
+    @_fuzz(backend, 0.3, long_factor=20)
+    @given(_shaping_case(_small(backend, 8, 40), 6))
+    def check(case):
+        sizes, k, method, kind, dtype, t, vocab, seed = case
+        g = _gen(seed)
+        ids = _group_ids(g, sizes, "tensor") if sizes else torch.zeros(0, dtype=torch.long)
+        n = ids.numel()
+        dense = S.dense("t", ids)
+        tol = 1e-12 if dtype == torch.float64 else 5e-6
+        # ensembles of k reward models; a row of equal rewards (variance 0)
+        r = torch.randn(n, k, generator=g, dtype=torch.float64) * (1e4 if kind == "huge" else 2.0)
+        if n > 1:
+            r[1] = 0.7
+        r = r.to(dtype)
+        w = [0.5 * (i + 1) - 1.0 for i in range(k)]
+        for ens, kw in (("mean", {}), ("wco", {}), ("uwo", {"coef": 0.7}), ("weighted", {"weights": w})):
+            got = rlkern.ensemble_rewards(r, method=ens, **kw)
+            want = R_shape.ensemble_rewards(r, ens, kw.get("coef", 0.0), torch.tensor(w) if ens == "weighted" else None)
+            assert got.shape == (n,) and not got.isnan().any()
+            _close(got, want, tol=2 * tol * _rel(want), name=ens)
+        # shape_rewards: group-relative shaping with ties in the auxiliary values
+        scores = {"binary": (torch.rand(n, generator=g, dtype=torch.float64) > 0.4).double(),
+                  "soft": torch.rand(n, generator=g, dtype=torch.float64) * 1.5,
+                  "equal": torch.ones(n, dtype=torch.float64),
+                  "huge": (torch.rand(n, generator=g, dtype=torch.float64) > 0.4).double() * 1e4}[kind]
+        aux = {"grpo_lambda": lambda: torch.randint(10, 50, (n,), generator=g).double(),
+               "unlikeliness": lambda: -torch.randint(0, 6, (n,), generator=g).double() / 2,
+               "s_grpo": lambda: torch.randint(0, 6, (n,), generator=g).double() * 100,
+               "otc": lambda: torch.randint(0, 4, (n,), generator=g).double(),
+               "hbpo": lambda: torch.randint(100, 5000, (n,), generator=g).double()}[method]()
+        budgets = torch.tensor([512, 1024, 2048, 2560])[torch.randint(0, 4, (n,), generator=g)]
+        kw = {S.SHAPE_AUX[method]: aux, **({"budgets": budgets} if method == "hbpo" else {})}
+        scores = scores.to(dtype)
+        got = rlkern.shape_rewards(scores, ids, method=method, **kw)
+        want = R_shape.shape_rewards(scores, dense, aux, method, SHAPE_PARAMS[method], budgets)
+        assert got.dtype == dtype and got.shape == (n,) and not got.isnan().any()
+        _close(got, want, tol=tol * _rel(want), name=method)
+        got = rlkern.hbpo_advantages(scores, ids, budgets, max_length=3000, budget_scale=2.0, eps=1e-4)
+        want = R_shape.hbpo_advantages(scores, dense, budgets, 3000.0, 2.0, 1e-4)
+        assert got.dtype == dtype and not got.isnan().any()
+        _close(got, want, tol=tol * _rel(want), name="hbpo_advantages")
+        # token_weights over [n, t, V] log-probs, ragged rows (some empty)
+        logprobs = (torch.randn(n, t, vocab, generator=g, dtype=torch.float64) * 2).log_softmax(-1).to(dtype)
+        lengths = torch.randint(0, t + 1, (n,), generator=g)
+        mask = torch.arange(t)[None, :] < lengths[:, None]
+        got = rlkern.token_weights(logprobs, ids, mask.int(), max_weight=1.7)
+        want = R_shape.token_weights(logprobs, dense, mask, 1.7)
+        assert got.shape == (n, t) and not got.isnan().any()
+        _close(got, want, tol=(1e-12 if dtype == torch.float64 else 2e-5) * _rel(want), name="token_weights")
+
+    check()
