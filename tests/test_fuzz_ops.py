@@ -820,3 +820,136 @@ def test_reward_shaping(backend):
         _close(got, want, tol=(1e-12 if dtype == torch.float64 else 2e-5) * _rel(want), name="token_weights")
 
     check()
+
+
+# ---------------------------------------------------------------------------------------------
+# trees and segments: tree_values, tree_advantages, spo_cutpoints, segment_advantages,
+# broadcast_to_tokens
+
+from rlkern.reference import trees as R_tree  # noqa: E402
+
+TREE_METHODS = ["spo_rloo", "spo_grpo", "treerl", "treepo"]
+
+
+def _forest(g, sizes, chain):
+    """parent [M] int64: trees of the given node counts (each node's parent an earlier node of its
+    tree, or a chain), node order shuffled."""
+    parent = []
+    for size in sizes:
+        root = len(parent)
+        parent.append(-1)
+        for i in range(1, size):
+            parent.append(root + i - 1 if chain else root + int(torch.randint(0, i, (1,), generator=g)))
+    p = torch.tensor(parent, dtype=torch.int64)
+    perm = torch.randperm(len(p), generator=g)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(len(perm))
+    moved = p[perm]
+    return torch.where(moved >= 0, inverse[moved.clamp(min=0)], moved)
+
+
+@st.composite
+def _tree_case(draw, max_trees, max_nodes):
+    sizes = draw(st.lists(st.integers(1, max_nodes), min_size=0, max_size=max_trees))
+    chain = draw(st.booleans())
+    kind = draw(st.sampled_from(["binary", "normal", "equal", "huge"]))
+    method = draw(st.sampled_from(TREE_METHODS))
+    option = draw(st.sampled_from([{}, {"leaf_rloo": True}, {"subgroup_weighting": "group_size"}, {"whiten": False},
+                                   "leaf_weights"]))
+    mode = draw(st.sampled_from(["mean_children", "mean_leaves"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return sizes, chain, kind, method, option, mode, seed
+
+
+@fuzzes("tree_values", "tree_advantages", "trees")
+@BACKENDS
+def test_tree_values_and_advantages(backend):
+    @_fuzz(backend, 0.3, long_factor=20)
+    @given(_tree_case(_small(backend, 5, 8), _small(backend, 30, 200)))
+    def check(case):
+        sizes, chain, kind, method, option, mode, seed = case
+        g = _gen(seed)
+        parent = _forest(g, sizes, chain)
+        m = parent.numel()
+        reward = {"binary": lambda: torch.randint(0, 2, (m,), generator=g).float(),
+                  "normal": lambda: torch.randn(m, generator=g),
+                  "equal": lambda: torch.full((m,), 0.5),
+                  "huge": lambda: torch.randn(m, generator=g) * 1e4}[kind]()
+        has_child = torch.zeros(m, dtype=torch.bool)
+        has_child[parent[parent >= 0]] = True
+        reward[has_child] = math.nan  # internal entries are never read
+        values = rlkern.tree_values(parent, reward, mode=mode)
+        want = R_tree.tree_values(parent, reward, mode)
+        assert values.dtype == torch.float32 and values.shape == (m,) and not values.isnan().any()
+        _close(values, want, tol=1e-7 * _rel(want), name=mode)
+        if option == "leaf_weights":
+            option = {"leaf_weights": torch.randint(1, 50, (m,), generator=g).float()}
+        if ("leaf_rloo" in option and method != "treerl") or (method != "treepo" and set(option) & {
+                "subgroup_weighting", "whiten", "leaf_weights"}):
+            option = {}
+        adv, keep = rlkern.tree_advantages(parent, reward, method=method, **option)
+        want, want_keep = R_tree.tree_advantages(parent, reward, method, **option)
+        assert adv.dtype == torch.float32 and keep.dtype == torch.bool and not adv.isnan().any()
+        _close(adv, want, tol=1e-6 * _rel(want), name=f"{method} {option}")
+        # keep is A != 0: it may differ only where the exact value is within rounding of 0
+        differ = keep != want_keep
+        assert (want[differ].abs() < 1e-12 * _rel(want)).all(), f"{method}: keep differs"
+        assert not keep[parent == -1].any()
+        if kind == "equal":  # equal rewards: no advantage anywhere
+            assert (adv == 0).all() and not keep.any()
+
+    check()
+
+
+@st.composite
+def _segment_case(draw, max_seqs, max_len):
+    lengths = draw(st.lists(st.integers(0, max_len), min_size=1, max_size=max_seqs))
+    threshold = draw(st.sampled_from([0.9, 0.5, 1.0]))
+    interval = draw(st.sampled_from([1, 2, 5]))
+    with_logprobs = draw(st.booleans())
+    fill = draw(st.sampled_from([0.0, -7.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return lengths, threshold, interval, with_logprobs, fill, seed
+
+
+@fuzzes("spo_cutpoints", "segment_advantages", "broadcast_to_tokens")
+@BACKENDS
+def test_segments(backend):
+    @_fuzz(backend, 0.3, long_factor=20)
+    @given(_segment_case(_small(backend, 6, 12), _small(backend, 60, 2000)))
+    def check(case):
+        lengths, threshold, interval, with_logprobs, fill, seed = case
+        g = _gen(seed)
+        total = sum(lengths)
+        cu = torch.tensor([0] + lengths).cumsum(0)
+        # confident tokens (p ~ 0.99) and uncertain ones; p = 1 exactly (log-prob 0) too
+        probs = torch.where(torch.rand(total, generator=g) < 0.4, torch.rand(total, generator=g) * 0.9,
+                            0.9 + 0.1 * torch.rand(total, generator=g))
+        probs[torch.rand(total, generator=g) < 0.05] = 1.0
+        logprobs = probs.log()
+        starts = rlkern.spo_cutpoints(logprobs, cu, threshold=threshold, interval=interval)
+        assert torch.equal(starts, R_tree.spo_cutpoints(logprobs, cu, threshold, interval))
+        cut_values = torch.rand(total, generator=g)
+        final = torch.rand(len(lengths), generator=g)
+        lp = logprobs if with_logprobs else None
+        adv, mask = rlkern.segment_advantages(starts, cut_values, final, cu, logprobs=lp, threshold=threshold)
+        want, want_mask = R_tree.segment_advantages(starts, cut_values, final, cu, lp, threshold)
+        _close(adv, want, tol=1e-6, name="segment_advantages")
+        assert torch.equal(mask, want_mask)
+        # broadcast node values to disjoint token segments (gaps keep `fill`), in any order
+        k = len(lengths)
+        seg_len = torch.randint(0, 5, (k,), generator=g)
+        gaps = torch.randint(0, 3, (k,), generator=g)
+        end = (seg_len + gaps).cumsum(0)
+        start = end - seg_len
+        perm = torch.randperm(k, generator=g)
+        values = torch.randn(k + 2, generator=g)
+        index = torch.randint(0, k + 2, (k,), generator=g)
+        n_tok = int(end[-1]) + 2
+        ours = rlkern.broadcast_to_tokens(values, start[perm], end[perm], n_tok, node_index=index, fill=fill)
+        ref = R_tree.broadcast_to_tokens(values, start[perm], end[perm], n_tok, index, fill)
+        _close(ours, ref, tol=0, name="broadcast_to_tokens")
+        ours = rlkern.broadcast_to_tokens(values[:k], start, end, n_tok, fill=fill)
+        _close(ours, R_tree.broadcast_to_tokens(values[:k], start, end, n_tok, None, fill), tol=0, name="broadcast")
+
+    check()
