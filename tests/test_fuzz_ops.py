@@ -953,3 +953,65 @@ def test_segments(backend):
         _close(ours, R_tree.broadcast_to_tokens(values[:k], start, end, n_tok, None, fill), tol=0, name="broadcast")
 
     check()
+
+
+# ---------------------------------------------------------------------------------------------
+# token-level baselines and rewards: optimal_token_baseline, dpo_token_rewards
+
+
+@st.composite
+def _token_baseline_case(draw, max_groups, max_t):
+    sizes = draw(st.lists(st.integers(1, 5), min_size=1, max_size=max_groups))
+    t, layout, packed = _layout_case(draw, max_t)
+    multi_turn = draw(st.booleans())
+    zero_tail = draw(st.booleans())
+    with_is = draw(st.booleans())
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    beta = draw(st.sampled_from([0.1, 1.0]))
+    kl_coef = draw(st.sampled_from([0.0, 0.05]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return sizes, t, layout, packed, multi_turn, zero_tail, with_is, dtype, beta, kl_coef, seed
+
+
+# OTB has a C++ kernel and the PyTorch path (no Triton kernel: "triton" would run the C++ one)
+@fuzzes("optimal_token_baseline", "dpo_token_rewards")
+@pytest.mark.parametrize("backend", ["cpp", "torch"], indirect=True)
+def test_token_baselines_and_rewards(backend):
+    @_fuzz(backend, 0.3, long_factor=20)
+    @given(_token_baseline_case(_big(5, 16), _big(24, 600)))
+    def check(case):
+        sizes, t, layout, packed, multi_turn, zero_tail, with_is, dtype, beta, kl_coef, seed = case
+        g = _gen(seed)
+        ids = _group_ids(g, sizes, "str")
+        n = len(ids)
+        mask = _mask(g, n, t, layout)
+        rewards = (torch.randn(n, t, generator=g, dtype=torch.float64) * mask).to(dtype)
+        logp = (-torch.rand(n, t, generator=g, dtype=torch.float64) * 3).to(dtype)
+        spp = (torch.rand(n, t, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+        isw = (torch.rand(n, t, generator=g, dtype=torch.float64) + 0.5).to(dtype) if with_is else None
+        ref = (logp.double() + torch.randn(n, t, generator=g, dtype=torch.float64) * 0.3).to(dtype)
+        old = (logp.double() + torch.randn(n, t, generator=g, dtype=torch.float64) * 0.1).to(dtype)
+        seq = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+        cu = None
+        if packed:
+            inside = _inside(mask)
+            cu = _cu(inside)
+            mask, rewards, logp, spp, ref, old = (x[inside] for x in (mask, rewards, logp, spp, ref, old))
+            isw = None if isw is None else isw[inside]
+        tol = 1e-10 if dtype == torch.float64 else 1e-4
+        adv, ret = A.optimal_token_baseline(rewards, ids, mask, logp, spp, isw, handle_zero_tail=zero_tail,
+                                            multi_turn=multi_turn, cu_seqlens=cu)
+        want_adv, want_ret = R_adv.optimal_token_baseline(rewards, mask, list(ids), logp, spp, isw, zero_tail, 1e-8,
+                                                          compact=multi_turn, cu_seqlens=cu)
+        assert adv.shape == mask.shape and not adv.isnan().any() and not ret.isnan().any()
+        _close(adv, want_adv, tol=tol * _rel(want_adv), name="otb advantages")
+        _close(ret, want_ret, tol=tol * _rel(want_ret), name="otb returns")
+        # DPO's implicit per-token rewards, the sequence reward on each row's last valid token
+        out = rlkern.dpo_token_rewards(logp, ref, mask, old, seq, beta=beta, kl_coef=kl_coef,
+                                       sequence_reward_coef=0.5, cu_seqlens=cu)
+        want = R_ptok.dpo_token_rewards(logp, ref, mask, old, seq, beta=beta, kl_coef=kl_coef,
+                                        sequence_reward_coef=0.5, cu_seqlens=cu)
+        assert out.shape == mask.shape and not out.isnan().any()
+        _close(out, want, tol=(1e-12 if dtype == torch.float64 else 2e-6) * _rel(want), name="dpo_token_rewards")
+
+    check()
