@@ -111,3 +111,17 @@ def _scores(g, n, kind, dtype=torch.float32):
     else:
         s = torch.randn(n, generator=g, dtype=torch.float64)
     return s.to(dtype)
+
+
+# Every public op with the property tests that fuzz it: tests/test_fuzz_ops.py's
+# test_every_public_op_is_fuzzed checks it against rlkern.__all__.
+FUZZED: dict = {}
+
+
+def fuzzes(*names):
+    """Register a property test as the one of the public ops ``names`` (it must call each)."""
+    def register(fn):
+        for name in names:
+            FUZZED.setdefault(name, []).append(fn)
+        return fn
+    return register

@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from _fuzz import LAYOUTS, _big, _close, _fuzz, _gen, _inside, _mask, _small
+from _fuzz import LAYOUTS, _big, _close, _fuzz, _gen, _inside, _mask, _small, fuzzes
 from conftest import assert_as_close_as_torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -69,6 +69,7 @@ def _logprobs_inputs(n, vocab, dtype, scale, extremes, ignore_every, seed):
     return logits, labels
 
 
+@fuzzes("token_logprobs")
 def test_token_logprobs(backend):
     max_n, max_v = _small(backend, 12, 64), _small(backend, 5000, 40000)
 
@@ -156,6 +157,7 @@ def _policy_tensors(b, t, layout, adv_scale, spread, seed):
     return lp, old, adv, ref, ent, mask
 
 
+@fuzzes("policy_loss")
 def test_policy_loss(backend):
     max_b, max_t = _small(backend, 6, 16), _small(backend, 40, 2000)
 
@@ -220,6 +222,7 @@ def _scan_case(draw, max_b, max_t):
     return b, t, layout, gamma, lam, scale, seed
 
 
+@fuzzes("gae", "discounted_returns")
 def test_gae_and_discounted_returns(backend):
     max_b, max_t = _small(backend, 5, 8), _small(backend, 200, 4000)
 
@@ -269,6 +272,7 @@ def _group_case(draw, max_groups):
     return sizes, kind, std, scale, singleton, seed
 
 
+@fuzzes("group_normalize", "grpo")
 def test_group_normalize_and_grpo(backend):
     @_fuzz(backend, 2.0)
     @given(_group_case(_big(8, 64)))
@@ -315,6 +319,7 @@ def _pref_case(draw, max_b):
     return b, loss_type, margin, beta, dtype, seed
 
 
+@fuzzes("preference_loss")
 def test_preference_loss(backend):
     @_fuzz(backend, 2.0)
     @given(_pref_case(_big(6, 256)))
@@ -362,6 +367,7 @@ def _token_pref_case(draw, max_pairs, max_t):
     return n, t, layout, loss_type, ld_alpha, seed
 
 
+@fuzzes("token_preference_loss")
 def test_token_preference_loss(backend):
     max_pairs, max_t = _small(backend, 4, 16), _small(backend, 24, 1000)
 
@@ -445,6 +451,7 @@ def _linear_case(draw, max_n, max_h, max_v):
     return n, width, vocab, dtype, bias, temperature, softcap, chunk_size, ignore_every, seed
 
 
+@fuzzes("linear_token_logprobs")
 def test_linear_token_logprobs(backend):
     from rlkern.reference.linear_logprobs import linear_logprobs as R_linear
 
