@@ -46,7 +46,7 @@ def _layout_case(draw, max_t):
 @st.composite
 def _outcome_case(draw, max_groups, max_t):
     sizes = draw(st.lists(st.integers(1, 7), min_size=1, max_size=max_groups))
-    kind = draw(st.sampled_from(["normal", "binary", "equal", "huge"]))
+    kind = draw(st.sampled_from(["normal", "binary", "equal", "huge", "nan"]))
     dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
     form = draw(st.sampled_from(["tensor", "list", "str"]))
     t, layout, packed = _layout_case(draw, max_t)
@@ -71,7 +71,9 @@ def test_outcome_estimators(backend):
         ids_list = ids if isinstance(ids, list) else ids.tolist()
         n = len(ids_list)
         # fp16 holds 1e4 scores but not their squares' sums: the op upcasts, the reference takes the same values
-        s = _scores(g, n, kind, dtype)
+        s = _scores(g, n, "normal" if kind == "nan" else kind, dtype)
+        if kind == "nan":  # an unscorable sample
+            s[int(torch.randint(0, n, (1,), generator=g))] = math.nan
         s64 = s.double()
         mask = _mask(g, n, t, layout)
         m64 = mask.double()
@@ -95,6 +97,22 @@ def test_outcome_estimators(backend):
         s2 = torch.stack([s, probs], 1)
         gdpo_parts = 0.5 * R_adv.group_normalize(s, ids_list, 1e-6, std) + 2.0 * R_adv.group_normalize(
             probs, ids_list, 1e-6, std)
+        if kind == "nan":
+            # NaN policy (group_normalize's docstring): verl's (skip_nan=False) propagates within the
+            # NaN's group only; TRL's skip_nan=True leaves it out of every statistic and gives it 0
+            bad = torch.zeros(n, dtype=torch.bool).index_fill_(0, dense[s.isnan()], True)[dense]
+            out = A.grpo(s, ids, tok, norm_by_std=norm, **kw)
+            want = per_token(R_adv.group_normalize(s, ids_list, 1e-6, std))
+            assert torch.equal(out.isnan(), out_of(bad[:, None].expand(n, t)))
+            _close(out, want, tol=tol * _rel(want.nan_to_num()), name="grpo NaN", equal_nan=True)
+            out = A.group_normalize(s, ids, eps=1e-4, scale="batch", singleton="zero", skip_nan=True,
+                                    response_mask=tok, **kw)
+            want = per_token(R_adv.group_normalize(s, ids_list, 1e-4, "unbiased", "batch", "zero", skip_nan=True))
+            assert not out.isnan().any()
+            _close(out, want, tol=tol * _rel(want), name="group_normalize skip_nan")
+            # a group holding a NaN score is kept by dynamic sampling (np.std is NaN, not 0)
+            assert torch.equal(rlkern.dynamic_sampling_mask(s, ids), R_ds.dynamic_sampling_mask(s, ids_list))
+            return
         # OPO's length weights; a group whose responses are all empty has only zero-mask tokens (any
         # baseline gives 0 there): plain weights keep the reference's division defined
         lengths = m64.sum(-1)
