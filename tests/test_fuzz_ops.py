@@ -62,7 +62,7 @@ def _outcome_case(draw, max_groups, max_t):
 def test_outcome_estimators(backend):
     from rlkern.reference import dynamic_sampling as R_ds
 
-    @_fuzz(backend, 0.6 if backend == "cpp" else 0.25, long_factor=10)
+    @_fuzz(backend, 0.6 if backend == "cpp" else 0.25, long_factor=4)
     @given(_outcome_case(_small(backend, 6, 40), _small(backend, 12, 300)))
     def check(case):
         sizes, kind, dtype, form, t, layout, packed, mask_dtype, norm, seed = case
@@ -203,7 +203,7 @@ def _returns_case(draw, max_b, max_t):
 @fuzzes("egae", "reinforce_pp", "remax", "masked_whiten")
 @BACKENDS
 def test_return_scans(backend):
-    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=10)
+    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=4)
     @given(_returns_case(_small(backend, 5, 8), _small(backend, 200, 4000)))
     # the interpreter runs a long row's blocks one by one in Python: a shorter long row there
     @example((1, LONG_T if backend != "triton" else 1500, "holes", True, 0.99, 0.95, 1.0, torch.float32, True, 7))
@@ -297,7 +297,7 @@ def _token_terms_case(draw, max_b, max_t):
 @fuzzes("kl_penalty", "aggregate", "value_loss")
 @BACKENDS
 def test_kl_penalty_aggregate_value_loss(backend):
-    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=10)
+    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=4)
     @given(_token_terms_case(_small(backend, 6, 16), _small(backend, 40, 1000)))
     def check(case):
         b, t, layout, packed, estimator, spread, agg, dtype, clip, seed = case
@@ -387,7 +387,7 @@ def _trl_logits_case(draw, max_rows, max_v):
 @fuzzes("selective_log_softmax", "selective_log_softmax_and_entropy", "entropy_from_logits")
 @BACKENDS
 def test_trl_logprob_dropins(backend):
-    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=10)
+    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=4)
     @given(_trl_logits_case(_small(backend, 9, 24), _small(backend, 3000, 20000)))
     def check(case):
         lead, rows, vocab, dtype, extremes, temperature, topk, use_mask, seed = case
@@ -484,7 +484,7 @@ def _unpaired_case(draw, max_n):
 @fuzzes("kto_loss", "bco_loss")
 @BACKENDS
 def test_kto_and_bco_losses(backend):
-    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=10)
+    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=4)
     @given(_unpaired_case(_small(backend, 12, 200)))
     def check(case):
         n, m, kto_type, label_kind, spread, beta, dtype, udm, seed = case
@@ -546,7 +546,7 @@ def _group_pref_case(draw, max_groups):
 @fuzzes("group_preference_loss", "group_weights", "srpo_loss")
 @BACKENDS
 def test_group_preference_losses(backend):
-    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=10)
+    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=4)
     @given(_group_pref_case(_small(backend, 6, 40)))
     def check(case):
         sizes, loss_type, method, kind, with_old, dtype, seed = case
@@ -640,7 +640,7 @@ def _critic_case(draw, max_b, max_t):
 @fuzzes("soft_bellman_loss", "step_advantage_loss")
 @BACKENDS
 def test_token_critic_losses(backend):
-    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=10)
+    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=4)
     @given(_critic_case(_small(backend, 5, 12), _small(backend, 40, 1500)))
     def check(case):
         b, t, layout, packed, dtype, beta, kl_coef, spread, seed = case
@@ -712,7 +712,7 @@ def _reward_stats_case(draw, max_n):
 @fuzzes("running_reward_norm", "constrained_rewards")
 @BACKENDS
 def test_reward_statistics(backend):
-    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=10)
+    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=4)
     @given(_reward_stats_case(_small(backend, 40, 3000)))
     def check(case):
         sizes, dtype, clip, scale, groups, judges, baseline, seed = case
@@ -780,7 +780,7 @@ def _shaping_case(draw, max_groups, max_k):
 @fuzzes("ensemble_rewards", "shape_rewards", "hbpo_advantages", "token_weights")
 @BACKENDS
 def test_reward_shaping(backend):
-    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=10)
+    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=4)
     @given(_shaping_case(_small(backend, 8, 40), 6))
     def check(case):
         sizes, k, method, kind, dtype, t, vocab, seed = case
@@ -875,7 +875,7 @@ def _tree_case(draw, max_trees, max_nodes):
 @fuzzes("tree_values", "tree_advantages", "from_nested")
 @BACKENDS
 def test_tree_values_and_advantages(backend):
-    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=10)
+    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=4)
     @given(_tree_case(_small(backend, 5, 8), _small(backend, 30, 200)))
     def check(case):
         sizes, chain, kind, method, option, mode, seed = case
@@ -948,7 +948,7 @@ def _segment_case(draw, max_seqs, max_len):
 @fuzzes("spo_cutpoints", "segment_advantages", "broadcast_to_tokens")
 @BACKENDS
 def test_segments(backend):
-    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=10)
+    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=4)
     @given(_segment_case(_small(backend, 6, 12), _small(backend, 60, 2000)))
     def check(case):
         lengths, threshold, interval, with_logprobs, fill, seed = case
@@ -1011,7 +1011,7 @@ def _token_baseline_case(draw, max_groups, max_t):
 @fuzzes("optimal_token_baseline", "dpo_token_rewards")
 @pytest.mark.parametrize("backend", ["cpp", "triton", "torch"], indirect=True)
 def test_token_baselines_and_rewards(backend):
-    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=10)
+    @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=4)
     @given(_token_baseline_case(_small(backend, 5, 16), _small(backend, 24, 600)))
     def check(case):
         sizes, t, layout, packed, multi_turn, zero_tail, with_is, dtype, beta, kl_coef, seed = case
@@ -1078,7 +1078,7 @@ def _linear_loss_case(draw, max_rows, max_t, max_h, max_v):
 @fuzzes("linear_policy_loss", "linear_preference_loss")
 @BACKENDS
 def test_linear_losses(backend):
-    @_fuzz(backend, 0.2 if backend == "cpp" else 0.15, long_factor=10)
+    @_fuzz(backend, 0.2 if backend == "cpp" else 0.15, long_factor=4)
     @given(_linear_loss_case(_small(backend, 4, 8), _small(backend, 9, 40), _small(backend, 24, 64),
                              _small(backend, 300, 2000)))
     def check(case):
