@@ -18,7 +18,7 @@ import pytest
 import torch
 from _fuzz import LAYOUTS, _big, _close, _fuzz, _gen, _inside, _mask, _small, fuzzes
 from conftest import assert_as_close_as_torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import rlkern
@@ -157,12 +157,28 @@ def _policy_tensors(b, t, layout, adv_scale, spread, seed):
     return lp, old, adv, ref, ent, mask
 
 
+def _near_clip_bounds(lp, old, mask, loss, clip_low, clip_high, dual):
+    """Valid tokens whose importance ratio (per token; per sequence for gspo) is within float32
+    rounding (1e-5 relative) of a clip bound: 1 - clip_low, 1 + clip_high, dual_clip."""
+    m = mask.double()
+    log_ratio = (lp - old) * m
+    if loss == "gspo":
+        log_ratio = ((log_ratio.sum(-1) / m.sum(-1).clamp(min=1))[:, None]).expand_as(lp)
+    ratio = log_ratio.exp()
+    bounds = [1 - clip_low, 1 + clip_high] + ([dual] if dual is not None else [])
+    near = torch.zeros_like(mask)
+    for b in bounds:
+        near |= (ratio - b).abs() <= 1e-5 * b
+    return near & mask
+
+
 @fuzzes("policy_loss")
 def test_policy_loss(backend):
     max_b, max_t = _small(backend, 6, 16), _small(backend, 40, 2000)
 
     @_fuzz(backend)
     @given(_policy_case(max_b, max_t))
+    @example((9, 737, "right", "ppo", "token-mean", 1.0, 0.4, None, 742))  # the long profile's clip-bound tie
     def check(case):
         b, t, layout, loss, agg, adv_scale, spread, dual, seed = case
         if loss not in ("ppo",):
@@ -182,10 +198,18 @@ def test_policy_loss(backend):
         assert not total.isnan() and not o_lp.grad.isnan().any()
         tol = 5e-5 * max(1.0, r_total.abs().item())
         _close(total, r_total.detach(), tol=tol, name=f"{loss} {agg} loss")
+        # A token whose ratio lies within float32 rounding of a clip bound may be clipped in float32
+        # and not in float64 (the long profile's finding: one token of 4545 at 1 - clip_low): the
+        # clip fractions may then differ by that token's share of its row, and its gradient (0 when
+        # clipped) is not compared.
+        near = _near_clip_bounds(lp, old, mask, loss, 0.2, 0.28, dual)
+        share = (near.sum(-1) / mask.sum(-1).clamp(min=1)).max().item() if near.any() else 0.0
         got = torch.stack([metrics[k] for k in R_pl.METRIC_KEYS])
-        _close(got, r_metrics, tol=5e-5 * max(1.0, r_metrics.abs().max().item()), name="metrics")
+        mtol = torch.full((len(R_pl.METRIC_KEYS),), 5e-5 * max(1.0, r_metrics.abs().max().item()))
+        mtol[[i for i, k in enumerate(R_pl.METRIC_KEYS) if "clipfrac" in k]] += share
+        assert ((got.double() - r_metrics.double()).abs() <= mtol.double()).all(), f"metrics {got} != {r_metrics}"
         gtol = 5e-5 * max(1.0, r_lp.grad.abs().max().item())
-        _close(o_lp.grad, r_lp.grad, tol=gtol, name="grad logprobs")
+        _close(torch.where(near, 0, o_lp.grad), torch.where(near, 0, r_lp.grad), tol=gtol, name="grad logprobs")
         _close(o_ent.grad, r_ent.grad, tol=5e-5, name="grad entropy")
         # packed (cu_seqlens), the rows' own tokens only (left/right padding removed), equal to padded
         inside = _inside(mask)
