@@ -321,6 +321,7 @@ def _token_terms_case(draw, max_b, max_t):
 def test_kl_penalty_aggregate_value_loss(backend):
     @_fuzz(backend, 0.6 if backend == "cpp" else 0.3, long_factor=4)
     @given(_token_terms_case(_small(backend, 6, 16), _small(backend, 40, 1000)))
+    @example((1, 1, "right", False, "k3_unclamped", 30.0, "token-mean", torch.float16, 0.0, 9))  # long profile
     def check(case):
         b, t, layout, packed, estimator, spread, agg, dtype, clip, seed = case
         g = _gen(seed)
@@ -345,7 +346,12 @@ def test_kl_penalty_aggregate_value_loss(backend):
             up = torch.randn(b, t, generator=g, dtype=torch.float64)
             (grad,) = torch.autograd.grad((kl * up.to(cdt)).sum(), leaf)
             (r_grad,) = torch.autograd.grad((r_kl * up).sum(), r_leaf)
-            _close(grad, r_grad, tol=gtol * _rel(r_grad), name=f"grad {estimator}")
+            # rounded once to the input dtype: a float64 gradient past fp16's 65504 is inf there, as
+            # PyTorch's (k3_unclamped, log-ratio 30: the long profile's finding)
+            r_grad = r_grad.to(dtype).double()
+            fin = r_grad.isfinite()
+            assert torch.equal(grad.isfinite(), fin), f"grad {estimator}: overflow"
+            _close(grad[fin], r_grad[fin], tol=gtol * _rel(r_grad[fin]), name=f"grad {estimator}")
         # aggregate of the (finite) KL values, padded and packed, with the gradient of the reduction
         vals = torch.where(finite, r_kl.detach(), 0.0).to(dtype)
         v_leaf = vals.clone().requires_grad_()
@@ -1104,6 +1110,7 @@ def test_linear_losses(backend):
     @given(_linear_loss_case(_small(backend, 4, 8), _small(backend, 9, 40), _small(backend, 24, 64),
                              _small(backend, 300, 2000)))
     @example((1, 1, "full", False, 1, 1, "ppo", "token-mean", "ipo", False, 1.0, None, None, 0))  # long profile
+    @example((1, 1, "right", False, 54, 1, "ppo", "token-mean", "simpo", False, 1.0, None, None, 0))
     def check(case):
         rows, t, layout, packed, width, vocab, loss, agg, pref_type, bias, temperature, softcap, chunk_size, seed = case
         g = _gen(seed)
@@ -1162,6 +1169,10 @@ def test_linear_losses(backend):
                                                            **kw), torch.float64)
         compare(f"linear_preference_loss {pref_type}", ours, theirs)
         for key, w in theirs[1].items():
+            if key == "rewards/accuracies" and vocab == 1:
+                # V = 1: every log-prob is 0, every pair ties, and fp32 rounding (~1e-8) of a log-prob
+                # decides chosen > rejected (the long profile's finding): a tie, not a number to compare
+                continue
             _close(ours[1][key], w.detach().double(), tol=2e-5 * _rel(w.detach()), name=key)
 
     check()
