@@ -13,12 +13,12 @@ plus invariants (log-probs <= 0, no NaN without a NaN input, padded == packed).
 
 import inspect
 import math
-import os
 
 import pytest
 import torch
+from _fuzz import LAYOUTS, _big, _close, _fuzz, _gen, _inside, _mask, _small, fuzzes
 from conftest import assert_as_close_as_torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import rlkern
@@ -29,78 +29,6 @@ from rlkern.reference import policy_loss as R_pl
 from rlkern.reference import preference as R_pref
 from rlkern.reference import preference_tokens as R_ptok
 from rlkern.reference.preference import METRIC_KEYS as PREF_KEYS
-
-LONG = os.environ.get("RLKERN_FUZZ") == "long"
-
-# deadline=None: the interpreter's first call of a kernel compiles nothing but is slow and uneven;
-# database=None: the CI profile must not depend on a local example database.
-_COMMON = dict(deadline=None, database=None, print_blob=True,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                      HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
-settings.register_profile("rlkern-fuzz-ci", derandomize=True, max_examples=10, **_COMMON)
-settings.register_profile("rlkern-fuzz-long", derandomize=False, max_examples=200, **_COMMON)
-PROFILE = settings.get_profile("rlkern-fuzz-long" if LONG else "rlkern-fuzz-ci")
-
-# Examples per test and backend in the CI profile; the long profile multiplies them.
-_CI_EXAMPLES = {"cpp": 100, "torch": 30, "triton": 20}
-
-
-def _fuzz(backend, scale=1.0):
-    """Settings for one backend: fewer examples where the backend is slow (the Triton interpreter)."""
-    n = max(1, int(_CI_EXAMPLES[backend] * scale))
-    return settings(PROFILE, max_examples=n * 30 if LONG else n)
-
-
-def _big(ci, long):
-    """Largest size drawn: bounded in CI, larger in the long profile."""
-    return long if LONG else ci
-
-
-def _small(backend, ci, long):
-    # The Triton interpreter runs a kernel's Python per block: its shapes stay small in CI.
-    if backend == "triton":
-        return _big(max(1, ci // 4), max(1, long // 8))
-    return _big(ci, long)
-
-
-def _close(ours, ref, tol=2e-5, name="value", equal_nan=False):
-    torch.testing.assert_close(ours.double(), ref.double(), rtol=tol, atol=tol, equal_nan=equal_nan,
-                               msg=lambda m: f"{name}: {m}")
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _mask(g, rows, steps, layout):
-    """Response masks: right/left padding, holes, full, or empty (every row without a token)."""
-    lengths = torch.randint(0, steps + 1, (rows,), generator=g)
-    pos = torch.arange(steps)[None, :]
-    if layout == "right":
-        m = pos < lengths[:, None]
-    elif layout == "left":
-        m = pos >= (steps - lengths)[:, None]
-    elif layout == "holes":
-        m = (pos < lengths[:, None]) & (torch.rand(rows, steps, generator=g) > 0.3)
-    elif layout == "empty":
-        m = torch.zeros(rows, steps, dtype=torch.bool)
-    else:
-        m = torch.ones(rows, steps, dtype=torch.bool)
-    return m
-
-
-def _inside(mask):
-    """The packed layout of padded rows: each row's slots from its first to its last valid token
-    (left and right padding removed, holes kept with mask 0), one slot for a row without one."""
-    pos = torch.arange(mask.shape[1])[None, :]
-    first = torch.where(mask, pos, mask.shape[1]).min(-1).values
-    last = torch.where(mask, pos, -1).max(-1).values
-    empty = ~mask.any(-1)
-    first, last = torch.where(empty, 0, first), torch.where(empty, 0, last)
-    return (pos >= first[:, None]) & (pos <= last[:, None])
-
-
-LAYOUTS = ["right", "left", "holes", "full", "empty"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +69,7 @@ def _logprobs_inputs(n, vocab, dtype, scale, extremes, ignore_every, seed):
     return logits, labels
 
 
+@fuzzes("token_logprobs")
 def test_token_logprobs(backend):
     max_n, max_v = _small(backend, 12, 64), _small(backend, 5000, 40000)
 
@@ -228,11 +157,28 @@ def _policy_tensors(b, t, layout, adv_scale, spread, seed):
     return lp, old, adv, ref, ent, mask
 
 
+def _near_clip_bounds(lp, old, mask, loss, clip_low, clip_high, dual):
+    """Valid tokens whose importance ratio (per token; per sequence for gspo) is within float32
+    rounding (1e-5 relative) of a clip bound: 1 - clip_low, 1 + clip_high, dual_clip."""
+    m = mask.double()
+    log_ratio = (lp - old) * m
+    if loss == "gspo":
+        log_ratio = ((log_ratio.sum(-1) / m.sum(-1).clamp(min=1))[:, None]).expand_as(lp)
+    ratio = log_ratio.exp()
+    bounds = [1 - clip_low, 1 + clip_high] + ([dual] if dual is not None else [])
+    near = torch.zeros_like(mask)
+    for b in bounds:
+        near |= (ratio - b).abs() <= 1e-5 * b
+    return near & mask
+
+
+@fuzzes("policy_loss")
 def test_policy_loss(backend):
     max_b, max_t = _small(backend, 6, 16), _small(backend, 40, 2000)
 
     @_fuzz(backend)
     @given(_policy_case(max_b, max_t))
+    @example((9, 737, "right", "ppo", "token-mean", 1.0, 0.4, None, 742))  # the long profile's clip-bound tie
     def check(case):
         b, t, layout, loss, agg, adv_scale, spread, dual, seed = case
         if loss not in ("ppo",):
@@ -252,10 +198,18 @@ def test_policy_loss(backend):
         assert not total.isnan() and not o_lp.grad.isnan().any()
         tol = 5e-5 * max(1.0, r_total.abs().item())
         _close(total, r_total.detach(), tol=tol, name=f"{loss} {agg} loss")
+        # A token whose ratio lies within float32 rounding of a clip bound may be clipped in float32
+        # and not in float64 (the long profile's finding: one token of 4545 at 1 - clip_low): the
+        # clip fractions may then differ by that token's share of its row, and its gradient (0 when
+        # clipped) is not compared.
+        near = _near_clip_bounds(lp, old, mask, loss, 0.2, 0.28, dual)
+        share = (near.sum(-1) / mask.sum(-1).clamp(min=1)).max().item() if near.any() else 0.0
         got = torch.stack([metrics[k] for k in R_pl.METRIC_KEYS])
-        _close(got, r_metrics, tol=5e-5 * max(1.0, r_metrics.abs().max().item()), name="metrics")
+        mtol = torch.full((len(R_pl.METRIC_KEYS),), 5e-5 * max(1.0, r_metrics.abs().max().item()))
+        mtol[[i for i, k in enumerate(R_pl.METRIC_KEYS) if "clipfrac" in k]] += share
+        assert ((got.double() - r_metrics.double()).abs() <= mtol.double()).all(), f"metrics {got} != {r_metrics}"
         gtol = 5e-5 * max(1.0, r_lp.grad.abs().max().item())
-        _close(o_lp.grad, r_lp.grad, tol=gtol, name="grad logprobs")
+        _close(torch.where(near, 0, o_lp.grad), torch.where(near, 0, r_lp.grad), tol=gtol, name="grad logprobs")
         _close(o_ent.grad, r_ent.grad, tol=5e-5, name="grad entropy")
         # packed (cu_seqlens), the rows' own tokens only (left/right padding removed), equal to padded
         inside = _inside(mask)
@@ -292,6 +246,7 @@ def _scan_case(draw, max_b, max_t):
     return b, t, layout, gamma, lam, scale, seed
 
 
+@fuzzes("gae", "discounted_returns")
 def test_gae_and_discounted_returns(backend):
     max_b, max_t = _small(backend, 5, 8), _small(backend, 200, 4000)
 
@@ -341,6 +296,7 @@ def _group_case(draw, max_groups):
     return sizes, kind, std, scale, singleton, seed
 
 
+@fuzzes("group_normalize", "grpo")
 def test_group_normalize_and_grpo(backend):
     @_fuzz(backend, 2.0)
     @given(_group_case(_big(8, 64)))
@@ -387,6 +343,7 @@ def _pref_case(draw, max_b):
     return b, loss_type, margin, beta, dtype, seed
 
 
+@fuzzes("preference_loss")
 def test_preference_loss(backend):
     @_fuzz(backend, 2.0)
     @given(_pref_case(_big(6, 256)))
@@ -434,6 +391,7 @@ def _token_pref_case(draw, max_pairs, max_t):
     return n, t, layout, loss_type, ld_alpha, seed
 
 
+@fuzzes("token_preference_loss")
 def test_token_preference_loss(backend):
     max_pairs, max_t = _small(backend, 4, 16), _small(backend, 24, 1000)
 
@@ -517,6 +475,7 @@ def _linear_case(draw, max_n, max_h, max_v):
     return n, width, vocab, dtype, bias, temperature, softcap, chunk_size, ignore_every, seed
 
 
+@fuzzes("linear_token_logprobs")
 def test_linear_token_logprobs(backend):
     from rlkern.reference.linear_logprobs import linear_logprobs as R_linear
 

@@ -518,7 +518,9 @@ def selective_log_softmax(
     # Top-K indices take TRL's PyTorch path everywhere: the logits' dtype.
     dtype = logits.dtype if out_dtype is None else _trl_out_dtype("selective_log_softmax", out_dtype, logits)
     scaled = logits.to(out_dtype_of(logits)) / temperature
-    lse = torch.stack([torch.logsumexp(row, dim=-1) for row in scaled.reshape(-1, logits.shape[-1])])
+    rows = scaled.reshape(-1, logits.shape[-1])
+    # No rows (an empty batch): torch.stack of no tensors raises; found by tests/test_fuzz_ops.py.
+    lse = torch.stack([torch.logsumexp(row, dim=-1) for row in rows]) if rows.shape[0] else rows.new_zeros(0)
     logp = scaled.gather(-1, index.long()) - lse.reshape(index.shape[:-1])[..., None]
     if row_mask is not None:
         logp = logp.masked_fill(row_mask == 0, 0.0)

@@ -75,7 +75,9 @@ def soft_bellman_loss(logprobs: Tensor, ref_logprobs: Tensor, values: Tensor, re
         policy_terms.append((e_policy ** 2).sum() / n)
         kl_terms.append(k3.sum() / n)
     if not value_terms:
-        zero = (lp.sum() + v.sum()) * 0.0
+        # no valid token: 0 with a (zero) gradient; the masked positions are never read, so a NaN
+        # there must not leak through the sum (found by tests/test_fuzz_ops.py)
+        zero = (lp.nan_to_num().sum() + v.nan_to_num().sum()) * 0.0
         return zero, {"value_loss": zero.detach(), "policy_loss": zero.detach(), "kl": zero.detach()}
     value_loss = torch.stack(value_terms).mean()
     policy_loss = torch.stack(policy_terms).mean()
@@ -160,6 +162,6 @@ def step_advantage_loss(logprobs: Tensor, ref_logprobs: Tensor, advantages: Tens
         terms.append(torch.stack(row_terms).mean())
         ratios.append(torch.stack(row_ratios).mean().detach())
     if not terms:
-        zero = lp.sum() * 0.0
+        zero = lp.nan_to_num().sum() * 0.0  # masked NaN never read (see soft_bellman_loss)
         return zero, {"step_log_ratio": zero.detach()}
     return torch.stack(terms).mean(), {"step_log_ratio": torch.stack(ratios).mean()}

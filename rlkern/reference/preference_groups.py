@@ -76,7 +76,9 @@ def group_preference_loss(logps: Tensor, inverse: Tensor, scores: Tensor, ref_lo
             disc = 1.0 / torch.log2(1.0 + descending_ranks(r.detach()))
             gain = torch.exp2(s)
             lam = (gain[:, None] - gain[None, :]).abs() * (disc[:, None] - disc[None, :]).abs()
-            total = total + (lam * _softplus(-d))[better].sum()
+            # the pairs first: 2^s overflows for huge scores, and inf - inf on a pair that is not
+            # summed (the diagonal) would make the gradient NaN through the masked product
+            total = total + (lam[better] * _softplus(-d)[better]).sum()
         elif loss_type == "trpa":
             total = total + _softplus(-d)[better].sum()
         elif loss_type == "p3o":

@@ -221,11 +221,19 @@ def opo(scores: Tensor, group_ids, response_mask: Tensor, *, cu_seqlens: Tensor 
             the lengths; the result is broadcast to tokens).
 
     Returns:
-        response_mask's shape, float32: ``(s - b)[:, None] * response_mask``.
+        response_mask's shape, float32: ``(s - b)[:, None] * response_mask``. A group whose
+        responses are all empty (every length 0) gets advantages 0, not verl's NaN (0/0).
     """
     _common.require("opo", "response_mask", response_mask, "it gives the response lengths")
     inverse = _outcome_args("opo", scores, group_ids, response_mask, cu_seqlens)
     lengths = _common.lengths(response_mask, cu_seqlens)
+    # A group whose responses are all empty has weights summing to 0: verl's baseline is then
+    # 0/0 = NaN, and NaN * mask 0 leaves NaN on every token of those rows, which a masked sum
+    # (x * mask) downstream spreads to the whole loss. Weighting such a group's members equally
+    # keeps its baseline finite; its tokens are all masked out, so the advantages are exactly 0.
+    # Found by tests/test_fuzz_ops.py::test_outcome_estimators (an "empty" mask layout).
+    group_total = torch.zeros_like(lengths).index_add_(0, inverse, lengths)[inverse]
+    lengths = torch.where(group_total == 0, torch.ones_like(lengths), lengths)
     return _group_baseline_op(scores, inverse, lengths, response_mask, int32_offsets(cu_seqlens), "weighted", 0.0)
 
 
