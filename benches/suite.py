@@ -38,7 +38,8 @@ _FULL = {
     "trees": [("trees", [])],
     "preference": [("preference", []), ("preference_large", ["--pairs", "64", "--t", "4096", "--rounds", "9"])],
     # the CPU's DPO batch: 2 pairs x 512 positions (4 x 1024 takes minutes per implementation on 2 cores)
-    "linear_preference": [("linear_preference", ["--pairs", "2", "--t", "512", "--rounds", "3"])],
+    "linear_preference": [("linear_preference", ["--pairs", "2", "--t", "512", "--rounds", "3"]),
+                          ("linear_preference_kto", ["--loss", "kto", "--pairs", "2", "--t", "512", "--rounds", "3"])],
     "linear_losses": [("linear_losses", ["--rounds", "3"]),
                       ("linear_losses_bf16", ["--dtype", "bf16", "--rounds", "1"])],
 }
