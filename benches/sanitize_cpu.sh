@@ -69,7 +69,7 @@ errors() { grep -c -E "ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitiz
 run_san "$DIR/logs/which.log" python -c "import rlkern, rlkern._C; print(rlkern._C.__file__)"
 grep -q "^$DIR/rlkern/_C" "$DIR/logs/which.log" || { cat "$DIR/logs/which.log"; exit 1; }
 
-machine="$(uname -srm), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+machine="$(uname -srm), $(nproc --all) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 gccv=$(gcc --version | head -1)
 torchv=$(python -c "import torch; print(torch.__version__)")
 pyv=$(python -c "import platform; print(platform.python_version())")
