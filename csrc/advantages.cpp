@@ -445,7 +445,9 @@ void group_index_rows(const K* keys, const int64_t* offsets, int64_t gap, int64_
   auto len = [&](int64_t i) { return offsets ? offsets[i + 1] - offsets[i] - gap : W; };
   auto same = [&](int64_t i, int64_t j) {
     const int64_t n = len(i);
-    return n == len(j) && std::memcmp(keys + start(i), keys + start(j), n * sizeof(K)) == 0;
+    // n == 0 first: empty keys may sit in an empty tensor whose data pointer is null, and
+    // memcmp(null, null, 0) is undefined behaviour (UBSan reported it: benches/sanitize_cpu.sh)
+    return n == len(j) && (n == 0 || std::memcmp(keys + start(i), keys + start(j), n * sizeof(K)) == 0);
   };
   std::vector<uint64_t> hash(N);
   // ~10 ns a row: threads only pay off past ~10^5 rows (below, a parallel region's wake-up
@@ -532,7 +534,9 @@ void split_joined(const K* keys, int64_t total, int64_t n, int64_t* offsets) {
   if constexpr (sizeof(K) == 1) {
     const K* p = keys;
     const K* end = keys + total;
-    while (true) {
+    // p < end: an empty buffer (one empty string) may have a null data pointer, and
+    // memchr(null, 0, 0) is undefined behaviour (UBSan reported it: benches/sanitize_cpu.sh)
+    while (p < end) {
       const void* hit = std::memchr(p, 0, static_cast<size_t>(end - p));
       if (!hit) break;
       TORCH_CHECK_VALUE(i + 1 < n, "rlkern.cpp_group_index_joined: more than ", n - 1, " separators");
@@ -556,6 +560,11 @@ at::Tensor group_index_joined_cpu(const at::Tensor& joined, int64_t n) {
   TORCH_CHECK(joined.device().is_cpu() && joined.dim() == 1,
               "rlkern.cpp_group_index_joined: joined must be a 1-D CPU tensor, got ", joined.sizes());
   TORCH_CHECK(n >= 0, "rlkern.cpp_group_index_joined: n must be >= 0, got ", n);
+  // n strings hold n - 1 separators: checked before n sizes any allocation (a huge n would
+  // otherwise ask for n * 8 bytes), and n = 0 only for an empty buffer (tests/test_fuzz_cpp.py).
+  TORCH_CHECK_VALUE(n <= joined.numel() + 1 && (n > 0 || joined.numel() == 0),
+                    "rlkern.cpp_group_index_joined: ", n, " strings cannot be split out of ", joined.numel(),
+                    " elements (expected n - 1 separators)");
   at::Tensor out = at::empty({n}, joined.options().dtype(at::kLong));
   if (n == 0) return out;
   const at::Tensor k = joined.contiguous();
