@@ -190,7 +190,7 @@ SPECS: dict[str, Spec] = {
          "response_mask": "mask"}, "hidden",
         enums={"loss": "ppo2", "agg": "mean", "level": "tok"},
         scalars={"temperature": [NAN, 0.0], "entropy_coef": [NAN]},
-        unread=("off_policy_mask_threshold",), index_oob={"labels": V},
+        unread=("off_policy_mask_threshold", "lora_scaling"), index_oob={"labels": V},
         masked=("response_mask", ("old_logprobs", "advantages")), grad=("hidden",)),
     "value_loss": Spec(
         lambda: dict(vpreds=_x(B, T), returns=_x(B, T, seed=1), values=_x(B, T, seed=2), response_mask=_mask()),
@@ -240,7 +240,7 @@ SPECS: dict[str, Spec] = {
                      response_mask=_mask(), ref_logprobs=_x(B, T, seed=3, neg=True)),
         {"hidden": "float", "weight": "float", "labels": "index", "response_mask": "mask", "ref_logprobs": "float"},
         "hidden", enums={"loss_type": "dpo"}, scalars={"beta": [NAN], "temperature": [NAN, 0.0]},
-        unread=("f_alpha_divergence_coef", "discopop_tau", "simpo_gamma", "tgdpo_alpha", "logit_scale"),
+        unread=("f_alpha_divergence_coef", "discopop_tau", "simpo_gamma", "tgdpo_alpha", "logit_scale", "lora_scaling"),
         index_oob={"labels": V}, masked=("response_mask", ("ref_logprobs",)), grad=("hidden",)),
     "linear_kto_loss": Spec(
         lambda: dict(hidden=_x(B, T, H), weight=_x(V, H, seed=1), labels=torch.randint(0, V, (B, T), generator=_gen(2)),
