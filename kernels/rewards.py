@@ -95,9 +95,15 @@ def _kl_rewards_kernel(
         elif EST == 2:
             kl = 0.5 * d * d
         else:
-            k = tl.minimum(tl.maximum(-d, -20.0), 20.0)
-            kl = tl.minimum(tl.maximum(tl.exp(k) - k - 1.0, -10.0), 10.0)
-        kl = tl.where(clip >= 0.0, tl.minimum(tl.maximum(kl, -clip), clip), kl)
+            # NaN-propagating clamps: a NaN log-prob gives a NaN reward (as the C++ kernel and the
+            # reference), not a clamp bound (tl.minimum / tl.maximum drop NaN by default)
+            k = tl.minimum(tl.maximum(-d, -20.0, propagate_nan=tl.PropagateNan.ALL), 20.0,
+                           propagate_nan=tl.PropagateNan.ALL)
+            kl = tl.minimum(tl.maximum(tl.exp(k) - k - 1.0, -10.0, propagate_nan=tl.PropagateNan.ALL), 10.0,
+                            propagate_nan=tl.PropagateNan.ALL)
+        clipped = tl.minimum(tl.maximum(kl, -clip, propagate_nan=tl.PropagateNan.ALL), clip,
+                             propagate_nan=tl.PropagateNan.ALL)
+        kl = tl.where(clip >= 0.0, clipped, kl)
         value = tl.where(m, -coef * kl, 0.0)
         value = tl.where(idx == last, value + s, value)
         tl.store(out_ptr + base + idx, value.to(out_ptr.dtype.element_ty), mask=inside)

@@ -2,6 +2,8 @@
 tests/test_determinism.py): op name -> (fn(*inputs), inputs, indices of the inputs that get
 gradients). float64 inputs; the tests cast them where they need another dtype."""
 
+import math
+
 import torch
 
 import rlkern
@@ -105,6 +107,15 @@ def cases():
         "reinforce_pp_baseline": (lambda sc, i, mm: R.reinforce_pp_baseline(sc, i, mm), (s, ids, m), ()),
         "remax": (lambda r, base, mm: R.remax(r, base, mm), (x, s, m), ()),
         "rloo": (lambda sc, i, mm: R.rloo(sc, i, mm), (s, ids, m), ()),
+        "overlong_rewards": (lambda sc, n: R.overlong_rewards(sc, n, max_length=20, cache_length=8),
+                             (s, torch.tensor([3, 14, 19, 25])), ()),
+        "kl_rewards": (lambda sc, a, r, mm: R.kl_rewards(sc, a, r, mm, kl_coef=0.1, kl_clip=5.0, reward_clip=(-1, 1)),
+                       (s, lp, ref, m), ()),
+        "gigpo_advantages": (lambda e, st, mm: R.gigpo_advantages(e, st, mm, step_weight=0.5), (s, rn(b), m), ()),
+        "action_rewards": (lambda p, tt, pt, bx, f: R.action_rewards(p, tt, pt, bx, f),
+                           (torch.tensor([0, 1, 2, -1]), torch.tensor([0, 1, 1, 2]), rn(b, 2),
+                            torch.tensor([[-1.0, -1, 1, 1]] * 3 + [[math.nan] * 4], dtype=torch.float64),
+                            torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)), ()),
         "dynamic_sampling_mask": (lambda sc, i, mm: R.dynamic_sampling_mask(sc, i, mm),
                                   (torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=torch.float64), ids, m), ()),
     }

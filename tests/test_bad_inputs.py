@@ -190,7 +190,7 @@ SPECS: dict[str, Spec] = {
          "response_mask": "mask"}, "hidden",
         enums={"loss": "ppo2", "agg": "mean", "level": "tok"},
         scalars={"temperature": [NAN, 0.0], "entropy_coef": [NAN]},
-        unread=("off_policy_mask_threshold",), index_oob={"labels": V},
+        unread=("off_policy_mask_threshold", "lora_scaling"), index_oob={"labels": V},
         masked=("response_mask", ("old_logprobs", "advantages")), grad=("hidden",)),
     "value_loss": Spec(
         lambda: dict(vpreds=_x(B, T), returns=_x(B, T, seed=1), values=_x(B, T, seed=2), response_mask=_mask()),
@@ -240,8 +240,19 @@ SPECS: dict[str, Spec] = {
                      response_mask=_mask(), ref_logprobs=_x(B, T, seed=3, neg=True)),
         {"hidden": "float", "weight": "float", "labels": "index", "response_mask": "mask", "ref_logprobs": "float"},
         "hidden", enums={"loss_type": "dpo"}, scalars={"beta": [NAN], "temperature": [NAN, 0.0]},
-        unread=("f_alpha_divergence_coef", "discopop_tau", "simpo_gamma", "tgdpo_alpha", "logit_scale"),
+        unread=("f_alpha_divergence_coef", "discopop_tau", "simpo_gamma", "tgdpo_alpha", "logit_scale", "lora_scaling"),
         index_oob={"labels": V}, masked=("response_mask", ("ref_logprobs",)), grad=("hidden",)),
+    "linear_kto_loss": Spec(
+        lambda: dict(hidden=_x(B, T, H), weight=_x(V, H, seed=1), labels=torch.randint(0, V, (B, T), generator=_gen(2)),
+                     response_mask=_mask(), ref_logprobs=_x(B, T, seed=3, neg=True),
+                     desirable=torch.tensor([True, False, True, False]), kl_logps=_x(B, seed=4, neg=True),
+                     ref_kl_logps=_x(B, seed=5, neg=True)),
+        {"hidden": "float", "weight": "float", "labels": "index", "response_mask": "mask", "ref_logprobs": "float",
+         "desirable": "mask", "kl_logps": "float", "ref_kl_logps": "float"},
+        "hidden", enums={"loss_type": "bco"},
+        scalars={"beta": [NAN], "temperature": [NAN, 0.0], "desirable_weight": [NAN, -1.0]},
+        unread=("logit_scale", "lora_scaling"), index_oob={"labels": V},
+        masked=("response_mask", ("ref_logprobs",)), grad=("hidden",)),
     "dpo_token_rewards": Spec(
         lambda: dict(logprobs=_x(B, T, neg=True), ref_logprobs=_x(B, T, seed=1, neg=True), response_mask=_mask()),
         {"logprobs": "float", "ref_logprobs": "float", "response_mask": "mask"}, "logprobs",
@@ -292,6 +303,27 @@ SPECS: dict[str, Spec] = {
                           {"logprobs": "float", "group_ids": "ids", "response_mask": "mask"}, "logprobs",
                           scalars={"max_weight": [NAN, -1.0]}, masked=("response_mask", ("logprobs",)),
                           nan_rejected=("logprobs",)),
+    # ------------------------------------------------------------------ rewards
+    "overlong_rewards": Spec(lambda: dict(scores=_x(B), lengths=torch.tensor([3.0, 14.0, 19.0, 25.0]), max_length=20,
+                                          cache_length=8),
+                             {"scores": "float", "lengths": "count"}, "scores",
+                             scalars={"max_length": [0, 2.5], "cache_length": [0, 21, 2.5]},
+                             nan_rejected=("lengths",)),
+    "kl_rewards": Spec(
+        lambda: dict(scores=_x(B), logprobs=_x(B, T, neg=True), ref_logprobs=_x(B, T, seed=1, neg=True),
+                     response_mask=_mask(), kl_coef=0.1),
+        {"scores": "float", "logprobs": "float", "ref_logprobs": "float", "response_mask": "mask"}, "logprobs",
+        enums={"kl_estimator": "k4"},
+        scalars={"kl_coef": [NAN, INF, -1.0], "kl_clip": [NAN, -1.0], "reward_clip": [(NAN, 1.0), (1.0, -1.0), "x"]},
+        masked=("response_mask", ("logprobs", "ref_logprobs"))),
+    "gigpo_advantages": Spec(lambda: dict(episode=_x(B), step=_x(B, seed=1), response_mask=_mask(), step_weight=0.5),
+                             {"episode": "float", "step": "float", "response_mask": "mask"}, "episode"),
+    "action_rewards": Spec(
+        lambda: dict(pred_types=torch.tensor([0, 1, 2, -1]), true_types=torch.tensor([0, 1, 1, 2]),
+                     points=_x(B, 2), boxes=torch.tensor([[-1.0, -1.0, 1.0, 1.0]] * 3 + [[NAN] * 4]),
+                     format_ok=torch.tensor([True, False, True, True])),
+        {"pred_types": "index", "true_types": "index", "points": "float", "boxes": "float", "format_ok": "mask"},
+        "pred_types"),
     # ------------------------------------------------------------------ trees
     "broadcast_to_tokens": Spec(lambda: dict(node_values=_x(2), segment_start=torch.tensor([0, 3]),
                                              segment_end=torch.tensor([2, 6]), num_tokens=6),
@@ -496,7 +528,9 @@ ROW_LOCAL = [("token_logprobs", "logits"), ("selective_log_softmax", "logits"),
              ("dpo_token_rewards", "logprobs"), ("gae", "rewards"), ("gae", "values"), ("egae", "rewards"),
              ("egae", "values"), ("discounted_returns", "rewards"), ("remax", "rewards"),
              ("remax", "reward_baselines"), ("outcome_to_tokens", "scores"), ("constrained_rewards", "rewards"),
-             ("ensemble_rewards", "rewards"), ("shape_rewards", "scores")]
+             ("ensemble_rewards", "rewards"), ("shape_rewards", "scores"), ("overlong_rewards", "scores"),
+             ("kl_rewards", "logprobs"), ("kl_rewards", "scores"), ("gigpo_advantages", "episode"),
+             ("gigpo_advantages", "step")]
 # ... its group (samples 0 and 1) may change, not the other group
 GROUP_LOCAL = [("group_normalize", "scores"), ("grpo", "scores"), ("rloo", "scores"), ("gpg", "scores"),
                ("bnpo", "scores"), ("opo", "scores"), ("hbpo_advantages", "rewards"),
@@ -509,7 +543,8 @@ LOSSES = [("policy_loss", "logprobs"), ("policy_loss", "advantages"), ("linear_p
           ("value_loss", "vpreds"), ("aggregate", "values"), ("preference_loss", "chosen_logps"),
           ("kto_loss", "policy_logps"), ("bco_loss", "policy_logps"), ("token_preference_loss", "logprobs"),
           ("linear_preference_loss", "hidden"), ("group_preference_loss", "logps"), ("srpo_loss", "logps"),
-          ("soft_bellman_loss", "logprobs"), ("soft_bellman_loss", "values"), ("step_advantage_loss", "logprobs")]
+          ("soft_bellman_loss", "logprobs"), ("soft_bellman_loss", "values"), ("step_advantage_loss", "logprobs"),
+          ("linear_kto_loss", "hidden")]
 
 
 def _at(t, rows):

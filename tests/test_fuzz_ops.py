@@ -1179,6 +1179,170 @@ def test_linear_losses(backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# reward-side math (rlkern/ops/rewards.py): per-sample rewards and KL-in-reward token rewards
+
+from rlkern.reference import rewards as R_rw  # noqa: E402
+from rlkern.reference.linear_preference import linear_kto_loss as R_linear_kto  # noqa: E402
+
+
+@st.composite
+def _reward_case(draw, max_n, max_t):
+    n = draw(st.integers(0, max_n))
+    t, layout, packed = _layout_case(draw, max_t)
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    max_length = draw(st.integers(1, 40))
+    cache_length = draw(st.integers(1, max_length))
+    factor = draw(st.sampled_from([1.0, 0.5, -2.0]))
+    estimator = draw(st.sampled_from(list(R_rw.KL_ALIASES) + ["k3+", "k1+"]))
+    kl_clip = draw(st.sampled_from([None, 0.0, 0.5]))
+    reward_clip = draw(st.sampled_from([None, (-0.5, 0.5), (0.0, 0.0)]))
+    spread = draw(st.sampled_from([0.01, 1.0, 30.0]))  # 30: k3's exponent reaches its clamp at 20
+    with_format = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return (n, t, layout, packed, dtype, max_length, cache_length, factor, estimator, kl_clip, reward_clip, spread,
+            with_format, seed)
+
+
+@fuzzes("overlong_rewards", "kl_rewards", "gigpo_advantages", "action_rewards")
+@BACKENDS
+def test_reward_ops(backend):
+    @_fuzz(backend, 0.6 if backend == "cpp" else 0.5, long_factor=4)
+    @given(_reward_case(_small(backend, 12, 200), _small(backend, 12, 300)))
+    @example((3, 5, "holes", True, torch.float64, 10, 10, 1.0, "k3", 0.5, (-0.5, 0.5), 30.0, True, 0))
+    def check(case):
+        (n, t, layout, packed, dtype, max_length, cache_length, factor, estimator, kl_clip, reward_clip, spread,
+         with_format, seed) = case
+        g = _gen(seed)
+        want_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        scores = _scores(g, n, "normal", dtype)
+        # overlong: lengths around both knees of the penalty (L_max - L_cache and L_max), ints or floats
+        lengths = torch.randint(0, max_length + 6, (n,), generator=g)
+        if n and seed % 2:
+            lengths = lengths.to(dtype)
+        got = rlkern.overlong_rewards(scores, lengths, max_length=max_length, cache_length=cache_length,
+                                      penalty_factor=factor)
+        want = R_rw.sample_rewards(scores, lengths, "overlong", [max_length, cache_length, factor])
+        assert got.dtype == want_dtype and not got.requires_grad
+        _close(got, want, tol=tol * _rel(want), name="overlong_rewards")
+        # gigpo: the per-step sum, and broadcast to the tokens (padded or packed)
+        step = _scores(g, n, "normal", dtype) * 3
+        weight = float(factor)
+        mask = _mask(g, n, t, layout)
+        inside = _inside(mask)
+        want = R_rw.sample_rewards(scores, step, "gigpo", [weight])
+        _close(rlkern.gigpo_advantages(scores, step, step_weight=weight), want, tol=tol * _rel(want), name="gigpo")
+        if packed:
+            tok, kw, out_of = mask[inside], dict(cu_seqlens=_cu(inside)), (lambda x: x[inside])
+        else:
+            tok, kw, out_of = mask, {}, (lambda x: x)
+        got = rlkern.gigpo_advantages(scores, step, tok, step_weight=weight, **kw)
+        _close(got, out_of(want[:, None] * mask.double()), tol=tol * _rel(want), name="gigpo tokens")
+        # kl_rewards: padded and packed against the per-row reference (packed: holes keep mask 0)
+        lp = (-torch.rand(n, t, generator=g, dtype=torch.float64) * 5).to(dtype)
+        ref = (lp.double() + torch.randn(n, t, generator=g, dtype=torch.float64) * spread).to(dtype)
+        coef = 0.05 * (seed % 3)  # 0 included: the scores alone
+        base = estimator.rstrip("+")
+        got = rlkern.kl_rewards(scores, out_of(lp), out_of(ref), tok, kl_coef=coef, kl_estimator=estimator,
+                                kl_clip=kl_clip, reward_clip=reward_clip, **kw)
+        cu = kw.get("cu_seqlens")
+        want = R_rw.kl_rewards(scores, out_of(lp), out_of(ref), tok, R_rw.KL_ALIASES[base], coef, kl_clip, reward_clip,
+                               cu)
+        assert got.dtype == want_dtype and got.shape == tok.shape
+        _close(got, want, tol=tol * _rel(want), name=f"kl_rewards {estimator}")
+        # action_rewards: points and boxes on a quarter grid (the inclusive edges are hit), NaN
+        # points (no coordinate in the answer) and NaN boxes (an action without a box)
+        pred = torch.randint(-1, 3, (n,), generator=g)
+        true = torch.randint(0, 3, (n,), generator=g)
+        points = (torch.randint(0, 5, (n, 2), generator=g) / 4).to(dtype)
+        lo = torch.randint(0, 3, (n, 2), generator=g) / 4
+        boxes = torch.cat([lo, lo + torch.randint(0, 3, (n, 2), generator=g) / 4], 1).to(dtype)
+        if n:
+            points[torch.rand(n, generator=g) < 0.2] = math.nan
+            boxes[torch.rand(n, generator=g) < 0.2] = math.nan
+        fmt = torch.rand(n, generator=g) > 0.5 if with_format else None
+        got = rlkern.action_rewards(pred, true, points, boxes, fmt)
+        want = R_rw.action_rewards(pred, true, points, boxes, torch.zeros(n) if fmt is None else fmt)
+        assert got.dtype == want_dtype
+        _close(got, want, tol=0.0, name="action_rewards")
+
+    check()
+
+
+@st.composite
+def _linear_kto_case(draw, max_rows, max_t, max_h, max_v):
+    rows = draw(st.integers(1, max_rows))
+    t, layout, packed = _layout_case(draw, max_t)
+    width = draw(st.integers(1, max_h))
+    vocab = draw(st.one_of(st.sampled_from([1, 2, 67]), st.integers(1, max_v)))
+    loss_type = draw(st.sampled_from(["kto", "apo_zero_unpaired"]))
+    kl_rows = draw(st.integers(0, 3))
+    per_sequence_ref = draw(st.booleans())
+    bias = draw(st.booleans())
+    softcap = draw(st.sampled_from([None, 5.0]))
+    chunk_size = draw(st.sampled_from([None, 3]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return rows, t, layout, packed, width, vocab, loss_type, kl_rows, per_sequence_ref, bias, softcap, chunk_size, seed
+
+
+@fuzzes("linear_kto_loss")
+@BACKENDS
+def test_linear_kto_loss(backend):
+    @_fuzz(backend, 0.3 if backend == "cpp" else 0.2, long_factor=4)
+    @given(_linear_kto_case(_small(backend, 4, 8), _small(backend, 7, 40), _small(backend, 16, 64),
+                            _small(backend, 200, 2000)))
+    # sequences longer than chunk_size: the "global" plan (4 GEMMs), padded and packed
+    @example((2, 7, "full", False, 5, 67, "kto", 2, False, True, 5.0, 3, 0))
+    @example((3, 6, "holes", True, 4, 9, "kto", 3, True, False, None, 2, 1))
+    def check(case):
+        rows, t, layout, packed, width, vocab, loss_type, kl_rows, per_sequence_ref, bias, softcap, chunk_size, seed = case
+        g = _gen(seed)
+        hidden = torch.randn(rows, t, width, generator=g)
+        weight = torch.randn(vocab, width, generator=g) * 2 / math.sqrt(width)
+        b = torch.randn(vocab, generator=g) * 0.5 if bias else None
+        labels = torch.randint(0, vocab, (rows, t), generator=g)
+        mask = _mask(g, rows, t, layout)
+        ref = -torch.rand(rows, t, generator=g) * 3
+        desirable = torch.rand(rows, generator=g) > 0.5
+        kl = ((-torch.rand(kl_rows, generator=g) * 5, -torch.rand(kl_rows, generator=g) * 5) if loss_type == "kto"
+              else (None, None))
+        cu = None
+        if packed:
+            inside = _inside(mask)
+            cu = _cu(inside)
+            hidden, labels, mask, ref = (x[inside] for x in (hidden, labels, mask, ref))
+        if per_sequence_ref:  # TRL's ref_logps: the sums
+            ref = -torch.rand(rows, generator=g) * 10
+        kw = dict(loss_type=loss_type, beta=0.3, desirable_weight=1.0, undesirable_weight=1.5, cu_seqlens=cu,
+                  logit_softcap=softcap)
+
+        def grads(fn, dtype):
+            leaves = [hidden.to(dtype).clone().requires_grad_(), weight.to(dtype).clone().requires_grad_()]
+            if b is not None:
+                leaves.append(b.to(dtype).clone().requires_grad_())
+            value, metrics = fn(*leaves)
+            if value.requires_grad:
+                value.backward()
+            return value.detach(), metrics, [torch.zeros_like(x) if x.grad is None else x.grad for x in leaves]
+
+        ours = grads(lambda h, w, bb=None: rlkern.linear_kto_loss(h, w, labels, mask, ref, desirable, *kl, bias=bb,
+                                                                  chunk_size=chunk_size, **kw), torch.float32)
+        dbl = (lambda x: None if x is None else x.double())
+        theirs = grads(lambda h, w, bb=None: R_linear_kto(h, w, labels, mask, ref.double(), desirable, dbl(kl[0]),
+                                                          dbl(kl[1]), bias=bb, **kw), torch.float64)
+        assert not ours[0].isnan()
+        _close(ours[0], theirs[0], tol=2e-5 * _rel(theirs[0]), name=f"linear_kto_loss {loss_type}")
+        # the loss is bounded by the weights (<= 1.5): its gradients are O(1) or smaller
+        for i, (o, r) in enumerate(zip(ours[2], theirs[2])):
+            assert not o.isnan().any()
+            _close(o, r, tol=2e-5 * max(1.0, r.abs().max().item()), name=f"linear_kto_loss grad {i}")
+        for key, w in theirs[1].items():
+            _close(ours[1][key], w.detach().double(), tol=2e-5 * _rel(w.detach()), name=key, equal_nan=True)
+
+    check()
+
+
+# ---------------------------------------------------------------------------------------------
 # coverage: every public op has a property test
 
 

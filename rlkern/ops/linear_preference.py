@@ -842,6 +842,8 @@ def linear_kto_loss(hidden: Tensor, weight: Tensor, labels: Tensor, response_mas
             or desirable.is_complex():
         raise ValueError(f"{_KTO_OP}: desirable must be a [B] = [{rows}] bool (or 0/1 int) tensor, got "
                          f"{getattr(desirable, 'shape', type(desirable).__name__)} {getattr(desirable, 'dtype', '')}")
+    if desirable.device != device:  # as ref_logprobs: no silent host-device copy (nor a meta tensor's)
+        raise ValueError(f"{_KTO_OP}: desirable is on {desirable.device} but hidden is on {device}")
     total = labels.numel()
     if cu_seqlens is not None:
         cu = cu_seqlens.to(device=device, dtype=torch.long)

@@ -79,8 +79,10 @@ def check_ignore_index(op: str, ignore_index, labels: Tensor) -> int:
 
 def check_label_range(labels: Tensor, vocab: int, ignore_index: int, name: str = "labels",
                       op: str = "token_logprobs") -> None:
-    """Host-side check: always for CPU tensors, for GPU tensors only with RLKERN_VALIDATE=1."""
-    if labels.device.type != "cpu" and not _backend.validate_enabled():
+    """Host-side check: always for CPU tensors, for GPU tensors only with RLKERN_VALIDATE=1;
+    never while torch.compile traces (a data-dependent branch breaks fullgraph; as
+    rlkern/ops/_checks.py's host_checks)."""
+    if torch.compiler.is_compiling() or (labels.device.type != "cpu" and not _backend.validate_enabled()):
         return
     bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
     if bad.any():

@@ -29,6 +29,7 @@ from rlkern import _backend
 from rlkern.ops import _checks
 from rlkern.ops._layout import int32_offsets, out_dtype
 from rlkern.ops.advantages import outcome_to_tokens
+from rlkern.ops.advantages._common import token_layout
 from rlkern.reference import rewards as reference
 
 __all__ = ["overlong_rewards", "kl_rewards", "gigpo_advantages", "action_rewards"]
@@ -190,6 +191,9 @@ def gigpo_advantages(episode: Tensor, step: Tensor, response_mask: Tensor | None
         raise ValueError(f"{op}: episode must be [S] (one advantage per step), got {tuple(episode.shape)}")
     _per_sample(op, "step", step, episode, "episode")
     weight = _checks.number(op, "step_weight", step_weight)
+    if response_mask is not None:  # checked here so that errors name this op (outcome_to_tokens re-checks)
+        _checks.tensors(op, "episode", {"episode": (episode, "float"), "response_mask": (response_mask, "mask")})
+        token_layout(op, episode.shape[0], response_mask, cu_seqlens)
     dtype = out_dtype(episode)
     out = _sample_op(_compute(episode, dtype), _compute(step, dtype), 1, weight, 0.0, 0.0)
     if response_mask is None:
