@@ -36,8 +36,12 @@ _BNPO = _backend.Kernels("bnpo", cpp="cpp_bnpo", torch=fallback.bnpo, fp64=("cpp
 
 def broadcast(scores: Tensor, mask: Tensor, cu_seqlens: Tensor | None) -> Tensor:
     """``scores[b] * mask`` over row b (``[B, T]``) or segment b (packed ``[total]``), in scores' dtype."""
+    return _outcome_to_tokens_op(scores, mask, cu_seqlens)
+
+
+def _broadcast_kernel(scores: Tensor, mask: Tensor, cu_seqlens: Tensor | None) -> Tensor:
     if scores.dtype in (torch.float16, torch.bfloat16):
-        return broadcast(scores.float(), mask, cu_seqlens).to(scores.dtype)
+        return _broadcast_kernel(scores.float(), mask, cu_seqlens).to(scores.dtype)
     return _BROADCAST.pick(scores)(scores, mask, cu_seqlens)
 
 
@@ -63,6 +67,18 @@ def outcome_to_tokens(scores: Tensor, response_mask: Tensor, *, cu_seqlens: Tens
         raise ValueError(f"outcome_to_tokens: scores must be [B], got {tuple(scores.shape)}")
     _common.token_layout("outcome_to_tokens", scores.shape[0], response_mask, cu_seqlens)
     return broadcast(scores, response_mask, int32_offsets(cu_seqlens))
+
+
+# One custom op around the backend's broadcast: torch.compile sees an op (whichever backend runs
+# it) instead of tracing into the kernel choice (Kernels.pick imports the Triton module lazily).
+@torch.library.custom_op("rlkern::_outcome_to_tokens", mutates_args=())
+def _outcome_to_tokens_op(scores: Tensor, response_mask: Tensor, cu_seqlens: Tensor | None) -> Tensor:
+    return _broadcast_kernel(scores, response_mask, cu_seqlens)
+
+
+@_outcome_to_tokens_op.register_fake
+def _(scores, response_mask, cu_seqlens):
+    return scores.new_empty(response_mask.shape)
 
 
 def _outcome_args(op: str, scores: Tensor, group_ids, response_mask: Tensor | None, cu_seqlens: Tensor | None,
