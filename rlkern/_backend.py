@@ -318,10 +318,17 @@ class Kernels:
             under ``TRITON_INTERPRET=1`` with ``RLKERN_BACKEND=triton``), or such a function.
         cuda: name of a CUDA kernel under ``torch.ops.rlkern`` (CUDA tensors).
         fp64: the backends that take float64 input (computing in double, returning float64).
+        atomics: its GPU path (Triton, or PyTorch on CUDA tensors) adds floats with atomics, in
+            an order that changes run to run. Under ``RLKERN_DETERMINISTIC=1`` such a call runs
+            the C++ kernel on CPU copies of its arguments instead (fixed order; the group ops'
+            inputs are ``[N]`` per-sample vectors, so the copies are small) and moves the
+            outputs back.
     """
 
-    def __init__(self, op: str, *, torch, cpp=None, triton=None, cuda=None, fp64: tuple[str, ...] = ()):
+    def __init__(self, op: str, *, torch, cpp=None, triton=None, cuda=None, fp64: tuple[str, ...] = (),
+                 atomics: bool = False):
         self.op = op
+        self.atomics = atomics
         self._names = {"cpp": cpp, "triton": triton, "cuda": cuda}
         self._resolved = {"torch": torch}
         self.kernels = tuple(name for name, where in self._names.items() if where is not None)
@@ -355,4 +362,19 @@ class Kernels:
 
     def pick(self, tensor: torch.Tensor):
         """The implementation for a call whose main input is ``tensor``."""
-        return self.get(self.backend(tensor))
+        backend = self.backend(tensor)
+        if (self.atomics and deterministic(False) and "cpp" in self.kernels and has_cpp()
+                and (backend == "triton" or (backend == "torch" and tensor.device.type != "cpu"))):
+            return functools.partial(_on_cpu, self.get("cpp"))
+        return self.get(backend)
+
+
+def _on_cpu(fn, *args):
+    """``fn`` (a C++ kernel) on CPU copies of the tensor arguments, its outputs moved back to the
+    device of the first tensor argument."""
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    out = fn(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+    if isinstance(out, torch.Tensor):
+        return out.to(device)
+    return type(out)(*(o.to(device) if isinstance(o, torch.Tensor) else o for o in out)) if hasattr(out, "_fields") \
+        else type(out)(o.to(device) if isinstance(o, torch.Tensor) else o for o in out)

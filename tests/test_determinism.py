@@ -139,6 +139,36 @@ def test_group_ops_do_not_depend_on_group_order(name, backend):
         _bitwise([fn(scores[rows], ids[rows], mask[rows])], [whole[rows]])
 
 
+# The ops whose GPU path adds floats with atomics (Kernels(atomics=True)): under the flag they run
+# the C++ kernel on CPU copies (fixed order) instead of the Triton kernel / PyTorch-on-CUDA path.
+ATOMIC_GROUP_OPS = ("grpo", "group_normalize", "rloo", "opo", "gpg", "reinforce_pp_baseline", "gdpo",
+                    "gigpo_step_groups", "grpo_passk", "bnpo", "optimal_token_baseline")
+TORCH_ON_CUDA = ("grpo_passk", "bnpo", "optimal_token_baseline")
+
+
+@pytest.mark.parametrize("name", ATOMIC_GROUP_OPS)
+def test_the_flag_takes_group_sums_off_the_atomic_kernels(name, monkeypatch):
+    from rlkern.ops.advantages import outcome, token_baseline
+
+    kernels = (outcome._NORMALIZE, outcome._BASELINE, outcome._PASSK, outcome._BNPO, token_baseline._OTB)
+    fn, inputs, grad_of = CASES[name]
+    monkeypatch.delenv("RLKERN_BACKEND", raising=False)
+    want = _run(fn, inputs, grad_of)  # the C++ kernels (CPU tensors)
+    monkeypatch.setenv("RLKERN_BACKEND", "triton")
+    for k in kernels:  # the run-order-dependent paths must not run
+        def refuse(*args, op=k.op):
+            raise AssertionError(f"{op}: the atomic path ran under RLKERN_DETERMINISTIC=1")
+        monkeypatch.setitem(k._resolved, "triton", refuse)
+        monkeypatch.setitem(k._resolved, "torch", refuse)
+    monkeypatch.setenv("RLKERN_DETERMINISTIC", "1")
+    _bitwise(_run(fn, inputs, grad_of), want)
+    if name in TORCH_ON_CUDA:  # no Triton kernel: their atomic path is PyTorch on CUDA tensors (gpu tests)
+        return
+    monkeypatch.setenv("RLKERN_DETERMINISTIC", "0")
+    with pytest.raises(AssertionError, match="the atomic path ran"):  # without the flag they do
+        _run(fn, inputs, grad_of)
+
+
 def _head(seed, n=150, h=8, v=19):  # n > one deterministic block (_DET_ROWS = 128)
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) / 3, torch.randint(0, v, (n,), generator=g)

@@ -27,11 +27,11 @@ _SINGLETONS = ("verl", "zero")
 _BROADCAST = _backend.Kernels("outcome_to_tokens", cpp="cpp_outcome_to_tokens", triton="advantages.broadcast",
                               torch=fallback.broadcast, fp64=("cpp", "triton"))
 _NORMALIZE = _backend.Kernels("group_normalize", cpp="cpp_group_normalize", triton="advantages.group_normalize",
-                              torch=fallback.group_normalize, fp64=("cpp", "triton"))
+                              torch=fallback.group_normalize, fp64=("cpp", "triton"), atomics=True)
 _BASELINE = _backend.Kernels("group_baseline", cpp="cpp_group_baseline", triton="advantages.group_baseline",
-                             torch=fallback.group_baseline, fp64=("cpp", "triton"))
-_PASSK = _backend.Kernels("grpo_passk", cpp="cpp_grpo_passk", torch=fallback.grpo_passk, fp64=("cpp",))
-_BNPO = _backend.Kernels("bnpo", cpp="cpp_bnpo", torch=fallback.bnpo, fp64=("cpp",))
+                             torch=fallback.group_baseline, fp64=("cpp", "triton"), atomics=True)
+_PASSK = _backend.Kernels("grpo_passk", cpp="cpp_grpo_passk", torch=fallback.grpo_passk, fp64=("cpp",), atomics=True)
+_BNPO = _backend.Kernels("bnpo", cpp="cpp_bnpo", torch=fallback.bnpo, fp64=("cpp",), atomics=True)
 
 
 def broadcast(scores: Tensor, mask: Tensor, cu_seqlens: Tensor | None) -> Tensor:

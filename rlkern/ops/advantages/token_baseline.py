@@ -12,7 +12,7 @@ from rlkern.ops.advantages import _common, fallback
 from rlkern.ops.advantages.groups import dense
 
 _OTB = _backend.Kernels("optimal_token_baseline", cpp="cpp_optimal_token_baseline",
-                        torch=fallback.optimal_token_baseline, fp64=("cpp",))
+                        torch=fallback.optimal_token_baseline, fp64=("cpp",), atomics=True)
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:
