@@ -55,6 +55,38 @@ inline bool simd_ok() {
 #endif
 }
 
+#if RLK_X86_SIMD
+// e^x in float64, 4 lanes, for -708 <= x <= 708: n = round(x / ln 2) by the
+// 1.5 * 2^52 shifter (whose low bits then hold n + 1023, the exponent field of 2^n), r = x - n ln 2
+// (Cody-Waite, ln 2 in two parts: r is exact to ~1 ulp for every n), e^r by a degree-11 minimax
+// polynomial on |r| <= ln2/2 (relative error 3e-18; fit by Remez on the relative error), times 2^n.
+// Measured against a long double exp: under 0.7 ulp (the Taylor series to r^12 it replaces: 1.6).
+// NaN in, NaN out (callers rely on it: a NaN logit reaches T).
+RLK_INL __m256d v_exp_pd_in_range(__m256d x) {
+  const __m256d shifter = _mm256_set1_pd(6755399441055744.0 + 1023.0);  // 1.5 * 2^52 + bias
+  const __m256d nf = _mm256_fmadd_pd(x, _mm256_set1_pd(1.4426950408889634), shifter);
+  const __m256d n = _mm256_sub_pd(nf, shifter);
+  __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93147180369123816490e-01), x);
+  r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.90821492927058770002e-10), r);
+  static constexpr double kC[12] = {1.0,
+                                    1.0,
+                                    0.5000000000000018,
+                                    0.1666666666666617,
+                                    0.04166666666649277,
+                                    0.00833333333355927,
+                                    0.0013888888951223987,
+                                    0.00019841269432679237,
+                                    2.4801486521427463e-05,
+                                    2.7557622530872255e-06,
+                                    2.7632293279459877e-07,
+                                    2.4994304884817207e-08};
+  __m256d p = _mm256_set1_pd(kC[11]);
+  for (int k = 10; k >= 0; --k) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(kC[k]));
+  const __m256i bits = _mm256_slli_epi64(_mm256_castpd_si256(nf), 52);  // n + 1023 in [1, 2045]
+  return _mm256_mul_pd(p, _mm256_castsi256_pd(bits));
+}
+#endif
+
 // f(M{}) with M the C++ type of a mask dtype: bool, every integer, every float dtype.
 template <typename F>
 void dispatch_mask(at::ScalarType mask_type, const char* op, F&& f) {
