@@ -9,6 +9,17 @@ import torch
 import rlkern
 
 
+def flat(out):
+    """Every tensor of an op's result (tensors, NamedTuples, tuples, metric dicts), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for key in sorted(out) for t in flat(out[key])]
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in flat(item)]
+    return []
+
+
 def cases():
     """op name -> (fn(*inputs), inputs, indices of the inputs that get gradients)."""
     g = torch.Generator().manual_seed(0)

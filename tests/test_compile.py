@@ -14,24 +14,13 @@ import torch
 from torch._dynamo.utils import counters
 
 import rlkern
-from _op_cases import cases
+from _op_cases import cases, flat as _flat
 
 def _public_ops():
     return sorted(name for name in rlkern.__all__ if inspect.isfunction(getattr(rlkern, name)))
 
 
 CASES = cases()
-
-
-def _flat(out):
-    """Every tensor of an op's result (tensors, NamedTuples, tuples, metric dicts), in order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for key in sorted(out) for t in _flat(out[key])]
-    if isinstance(out, (tuple, list)):
-        return [t for item in out for t in _flat(item)]
-    return []
 
 
 def _scalar(tensors):

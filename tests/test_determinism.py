@@ -15,23 +15,13 @@ import pytest
 import torch
 
 import rlkern
-from _op_cases import cases
+from _op_cases import cases, flat as _flat
 from rlkern import _backend
 from rlkern.ops import linear_logprobs, linear_preference
 
 CASES = cases()
 # The ops with a ``deterministic`` argument.
 FLAGGED = ("linear_token_logprobs", "linear_policy_loss", "linear_preference_loss")
-
-
-def _flat(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for key in sorted(out) for t in _flat(out[key])]
-    if isinstance(out, (tuple, list)):
-        return [t for item in out for t in _flat(item)]
-    return []
 
 
 def _f32(t):

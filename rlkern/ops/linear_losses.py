@@ -634,21 +634,30 @@ def _(hidden, weight, labels, old_logprobs, advantages, response_mask, bias, ref
     return (hidden.new_empty((), dtype=cdt), hidden.new_empty(keys, dtype=torch.float32), *grads)
 
 
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*output[2:])
-    ctx.needs = inputs[-1]
-    ctx.has_bias = inputs[6] is not None
+def register_stored_grads(op, *, n_inputs: int, bias_index: int) -> None:
+    """The backward of a fused loss' custom op (this file's and rlkern/ops/linear_preference.py's):
+    its outputs are ``(loss, metrics, d hidden, d weight, d bias)`` and its last input the
+    ``needs`` flags; the backward scales the stored gradients by the loss' incoming gradient, for
+    inputs 0 (hidden), 1 (weight) and ``bias_index``."""
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*output[2:])
+        ctx.needs = inputs[-1]
+        ctx.has_bias = inputs[bias_index] is not None
+
+    def backward(ctx, grad_total, grad_metrics, *unused):
+        gh, gw, gb = ctx.saved_tensors
+        scale = lambda g: (g * grad_total.to(g.dtype)).to(g.dtype)  # noqa: E731
+        grads = [None] * n_inputs
+        grads[0] = scale(gh) if ctx.needs[0] else None
+        grads[1] = scale(gw) if ctx.needs[1] else None
+        grads[bias_index] = scale(gb) if ctx.needs[2] and ctx.has_bias else None
+        return tuple(grads)
+
+    op.register_autograd(backward, setup_context=setup)
 
 
-def _backward(ctx, grad_total, grad_metrics, *unused):
-    gh, gw, gb = ctx.saved_tensors
-    scale = lambda g: (g * grad_total.to(g.dtype)).to(g.dtype)  # noqa: E731
-    out = [scale(gh) if ctx.needs[0] else None, scale(gw) if ctx.needs[1] else None]
-    return (*out, None, None, None, None, scale(gb) if ctx.needs[2] and ctx.has_bias else None,
-            None, None, None, None, None, None, None, None)
-
-
-_linear_policy_loss_op.register_autograd(_backward, setup_context=_setup)
+register_stored_grads(_linear_policy_loss_op, n_inputs=15, bias_index=6)
 
 
 def _traced_linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, response_mask, *, bias, **kwargs):

@@ -78,7 +78,7 @@ from rlkern import _backend
 from rlkern.ops import _checks
 from rlkern.ops import linear_logprobs as head
 from rlkern.ops import logprobs as token_ops
-from rlkern.ops.linear_losses import LoraTiles
+from rlkern.ops.linear_losses import LoraTiles, register_stored_grads
 from rlkern.ops.preference import kto_loss
 from rlkern.ops.preference_tokens import token_preference_loss
 
@@ -678,20 +678,7 @@ def _(hidden, weight, labels, response_mask, ref_logprobs, cu_seqlens, bias, wpo
                                                                 dtype=torch.float32), *grads)
 
 
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*output[2:])
-    ctx.needs = inputs[-1]
-    ctx.has_bias = inputs[6] is not None
-
-
-def _backward(ctx, grad_total, grad_metrics, *unused):
-    gh, gw, gb = ctx.saved_tensors
-    scale = lambda g: (g * grad_total.to(g.dtype)).to(g.dtype)  # noqa: E731
-    return (scale(gh) if ctx.needs[0] else None, scale(gw) if ctx.needs[1] else None, None, None, None, None,
-            scale(gb) if ctx.needs[2] and ctx.has_bias else None, None, None, None, None, None)
-
-
-_linear_preference_loss_op.register_autograd(_backward, setup_context=_setup)
+register_stored_grads(_linear_preference_loss_op, n_inputs=12, bias_index=6)
 
 
 _between_graphs = torch.compiler.disable(linear_preference_loss)
@@ -926,20 +913,7 @@ def _(hidden, weight, labels, response_mask, ref_logprobs, desirable, kl_logps, 
     return (hidden.new_empty((), dtype=dtype), hidden.new_empty(len(_kto_keys()), dtype=torch.float32), *grads)
 
 
-def _kto_setup(ctx, inputs, output):
-    ctx.save_for_backward(*output[2:])
-    ctx.needs = inputs[-1]
-    ctx.has_bias = inputs[9] is not None
-
-
-def _kto_backward(ctx, grad_total, grad_metrics, *unused):
-    gh, gw, gb = ctx.saved_tensors
-    scale = lambda g: (g * grad_total.to(g.dtype)).to(g.dtype)  # noqa: E731
-    return (scale(gh) if ctx.needs[0] else None, scale(gw) if ctx.needs[1] else None, None, None, None, None, None,
-            None, None, scale(gb) if ctx.needs[2] and ctx.has_bias else None, None, None)
-
-
-_linear_kto_loss_op.register_autograd(_kto_backward, setup_context=_kto_setup)
+register_stored_grads(_linear_kto_loss_op, n_inputs=12, bias_index=9)
 _kto_between_graphs = torch.compiler.disable(linear_kto_loss)
 _KTO_PARAMETERS = frozenset(inspect.signature(linear_kto_loss).parameters)
 
