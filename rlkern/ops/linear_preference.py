@@ -121,6 +121,25 @@ class _Tokens:
         return ids, valid
 
 
+def _completion_tokens(op: str, labels: Tensor, response_mask: Tensor | None, cu_seqlens: Tensor | None, rows: int,
+                       vocab: int, ignore_index: int, device: torch.device) -> "_Tokens":
+    """The completion tokens (``response_mask != 0``; every token when packed without a mask) of the
+    padded ``[rows, T]`` or packed ``[total]`` layout, with their rows; their labels range-checked
+    (masked ones are never read)."""
+    device = labels.device
+    total = labels.numel()
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=device, dtype=torch.long)
+        row_of = torch.repeat_interleave(torch.arange(rows, device=device), cu.diff(), output_size=total)
+    else:
+        row_of = torch.arange(rows, device=device).repeat_interleave(labels.shape[1])
+    mask_flat = (torch.ones(total, dtype=torch.bool, device=device) if response_mask is None
+                 else (response_mask.reshape(-1) != 0).to(device))
+    tokens = _Tokens(mask_flat, row_of, rows)
+    token_ops.check_label_range(labels.reshape(-1)[tokens.flat], vocab, ignore_index, op=op)
+    return tokens
+
+
 def _padded(values: Tensor, valid: Tensor) -> Tensor:
     """``values`` (one per True of ``valid``, row-major) laid out as ``valid``'s shape, 0 elsewhere
     (differentiable in ``values``)."""
@@ -575,17 +594,8 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, respo
         raise ValueError(f"{_OP}: chunking='pairs' is exact only for pair-local loss types; {GLOBAL_LOSS_TYPES} "
                          f"read the whole batch: use chunking='global' or None, got loss_type={loss_type!r}")
     device = hidden.device
-    total = labels.numel()
-    if cu_seqlens is not None:
-        cu = cu_seqlens.to(device=device, dtype=torch.long)
-        row_of = torch.repeat_interleave(torch.arange(rows, device=device), cu.diff(), output_size=total)
-    else:
-        row_of = torch.arange(rows, device=device).repeat_interleave(labels.shape[1])
-    mask_flat = (torch.ones(total, dtype=torch.bool, device=device) if response_mask is None
-                 else (response_mask.reshape(-1) != 0).to(device))
-    tokens = _Tokens(mask_flat, row_of, rows)
-    # Labels of completion tokens must be in range (masked ones are never read).
-    token_ops.check_label_range(labels.reshape(-1)[tokens.flat], weight.shape[0], ignore_index, op=_OP)
+    tokens = _completion_tokens(_OP, labels, response_mask, cu_seqlens, rows, weight.shape[0], ignore_index,
+                                device)
 
     def constant(t):
         return None if t is None else t.detach().reshape(-1)[tokens.flat]
@@ -831,16 +841,8 @@ def linear_kto_loss(hidden: Tensor, weight: Tensor, labels: Tensor, response_mas
                          f"{getattr(desirable, 'shape', type(desirable).__name__)} {getattr(desirable, 'dtype', '')}")
     if desirable.device != device:  # as ref_logprobs: no silent host-device copy (nor a meta tensor's)
         raise ValueError(f"{_KTO_OP}: desirable is on {desirable.device} but hidden is on {device}")
-    total = labels.numel()
-    if cu_seqlens is not None:
-        cu = cu_seqlens.to(device=device, dtype=torch.long)
-        row_of = torch.repeat_interleave(torch.arange(rows, device=device), cu.diff(), output_size=total)
-    else:
-        row_of = torch.arange(rows, device=device).repeat_interleave(labels.shape[1])
-    mask_flat = (torch.ones(total, dtype=torch.bool, device=device) if response_mask is None
-                 else (response_mask.reshape(-1) != 0).to(device))
-    tokens = _Tokens(mask_flat, row_of, rows)
-    token_ops.check_label_range(labels.reshape(-1)[tokens.flat], weight.shape[0], ignore_index, op=_KTO_OP)
+    tokens = _completion_tokens(_KTO_OP, labels, response_mask, cu_seqlens, rows, weight.shape[0], ignore_index,
+                                device)
     kwargs = dict(loss_type=loss_type, beta=beta, desirable_weight=desirable_weight,
                   undesirable_weight=undesirable_weight)
     batch = _KtoBatch(tokens, None if per_sequence_ref else ref_logprobs.detach().reshape(-1)[tokens.flat],
