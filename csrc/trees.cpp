@@ -457,8 +457,13 @@ void mean_children(const Order<I>& o, double* v, double* scale, double epsilon) 
 
 // TreeRL value V = lsum / lcnt (stored in v: read up to three times per position later), from
 // the leaf sums and counts below every position (lsum holds the rewards of the leaves already).
+// With m2 (ARPO), also the sum of squared deviations of the leaf rewards below every position
+// from their mean V, merged from the children's as Chan et al.'s pairwise update does:
+// M2(q) = sum_c M2(c) + L(c) (V(c) - V(q))^2. A sum of squares minus L V^2 would cancel
+// catastrophically for rewards far from 0 (a reward model's 1000 +- 0.1); this stays exact to
+// rounding, and the children's V and M2 are read where the sums just read them.
 template <typename I>
-void mean_leaves(const Order<I>& o, double* lsum, I* lcnt, double* v) {
+void mean_leaves(const Order<I>& o, double* lsum, I* lcnt, double* v, double* m2 = nullptr) {
   for (int64_t d = o.num_levels() - 1; d >= 0; --d) {
     for_level(o, d, [&](int64_t b, int64_t e) {
       for (int64_t q = b; q < e; ++q) {
@@ -466,6 +471,7 @@ void mean_leaves(const Order<I>& o, double* lsum, I* lcnt, double* v) {
         if (k == 0) {
           lcnt[q] = 1;
           v[q] = lsum[q];
+          if (m2) m2[q] = 0.0;
           continue;
         }
         const int64_t f = o.child_begin[q];
@@ -477,7 +483,16 @@ void mean_leaves(const Order<I>& o, double* lsum, I* lcnt, double* v) {
         }
         lsum[q] = s;
         lcnt[q] = static_cast<I>(n);
-        v[q] = s / static_cast<double>(n);
+        const double mean = s / static_cast<double>(n);
+        v[q] = mean;
+        if (m2) {
+          double ss = 0.0;
+          for (int64_t j = 0; j < k; ++j) {
+            const double d = v[f + j] - mean;
+            ss += m2[f + j] + static_cast<double>(lcnt[f + j]) * d * d;
+          }
+          m2[q] = ss;
+        }
       }
     });
   }
@@ -616,7 +631,7 @@ Moments chunk_moments(const I* node, const double* a, const bool* kept, const Do
   return out;
 }
 
-// method: 0 spo_rloo, 1 spo_grpo, 2 treerl, 3 treepo.
+// method: 0 spo_rloo, 1 spo_grpo, 2 treerl, 3 treepo, 4 arpo.
 // Also returns the values the advantages are built from when with_values (else an empty tensor):
 // the forest's order is the costly part, so values + advantages in one call cost one build.
 template <typename I, typename scalar_t>
@@ -626,7 +641,8 @@ void advantages_impl(const at::Tensor& parent, const at::Tensor& reward, int64_t
   const int64_t m = parent.size(0);
   // SPO: values; TreeRL / TreePO: leaf sums (V = lsum / lcnt).
   Scratch<double> v(m);
-  const Order<I> o = build_order<I, scalar_t>(parent, reward.data_ptr<scalar_t>(), v.get(), method == 2, max_depth);
+  const Order<I> o = build_order<I, scalar_t>(parent, reward.data_ptr<scalar_t>(), v.get(), method == 2 || method == 4,
+                                              max_depth);
 
   if (method <= 1) {
     Scratch<double> scale;
@@ -646,8 +662,32 @@ void advantages_impl(const at::Tensor& parent, const at::Tensor& reward, int64_t
 
   Scratch<I> lcnt(m);
   Scratch<double> value(m);
-  mean_leaves(o, v.get(), lcnt.get(), value.get());
+  Scratch<double> m2;
+  if (method == 4) m2 = Scratch<double>(m);
+  mean_leaves(o, v.get(), lcnt.get(), value.get(), m2.get());
   const double* lsum = v.get();
+  if (method == 4) {
+    // ARPO (hard attribution): the mean over the leaves below n of GRPO's leaf advantages over
+    // the tree, (V(n) - mean) / (Bessel std + epsilon); a tree of one leaf has mean 0 and std 1
+    // (rlkern.grpo's group of one). Both come from the root's leaf count, V and M2.
+    parallel(0, m, [&](int64_t b, int64_t e) {
+      each_position(o, out, b, e, [&](int64_t q, int64_t n) {
+        const int64_t p = o.parent_pos[q];
+        const double vq = value[q];
+        if (p < 0) {
+          out.put(n, 0.0, false, vq);
+          return;
+        }
+        const int64_t root = o.root_pos[q];
+        const int64_t leaves = lcnt[root];
+        const double mean = leaves > 1 ? value[root] : 0.0;
+        const double std =
+            leaves > 1 ? std::sqrt(m2[root] / static_cast<double>(leaves - 1)) : 1.0;
+        out.put(n, (vq - mean) / (std + epsilon), true, vq);
+      });
+    });
+    return;
+  }
   if (method == 2) {
     parallel(0, m, [&](int64_t b, int64_t e) {
       each_position(o, out, b, e, [&](int64_t q, int64_t n) {
@@ -738,7 +778,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> trees_advantages_cpu(
     const at::Tensor& parent, const at::Tensor& reward, int64_t method, bool leaf_rloo, bool group_size_weighting,
     bool whiten, const std::optional<at::Tensor>& leaf_weights, double epsilon, bool with_values, int64_t max_depth) {
   check_inputs(parent, reward);
-  TORCH_CHECK(method >= 0 && method <= 3, "rlkern.trees: unknown advantage method ", method);
+  TORCH_CHECK(method >= 0 && method <= 4, "rlkern.trees: unknown advantage method ", method);
   const int64_t m = parent.size(0);
   const at::Tensor rw = readable(reward);
   const auto type = reward.options().dtype(out_type(reward));

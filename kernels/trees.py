@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 _BLOCK = 128
-_METHODS = {"spo_rloo": 0, "spo_grpo": 1, "treerl": 2, "treepo": 3}
+_METHODS = {"spo_rloo": 0, "spo_grpo": 1, "treerl": 2, "treepo": 3, "arpo": 4}
 
 
 @triton.jit(do_not_specialize=["level"])
@@ -48,7 +48,8 @@ def _bottom_up_kernel(
     value,  # (M,) float64, by position
     leaf_sum,  # (M,) float64
     leaf_count,  # (M,) int64
-    spread,  # (M,) float64, population std of the children's values (WITH_STD)
+    spread,  # (M,) float64 (WITH_STD): population std of the children's values; with MEAN_LEAVES
+    # (ARPO) the sum of squared deviations M2 of the leaf rewards below each node from their mean
     reward_pos,  # (M,) float64, reward by position
     first_child,  # (M,) int64
     num_children,  # (M,) int64
@@ -106,8 +107,18 @@ def _bottom_up_block(value, leaf_sum, leaf_count, spread, reward_pos, first_chil
             live = mask & (j < k)
             v = tl.load(value + f + j, mask=live, other=0.0)
             d = tl.where(live, v - mean, 0.0)
-            ss += d * d
-        tl.store(spread + q, tl.sqrt(ss / kf), mask=mask)
+            if MEAN_LEAVES:
+                # ARPO: M2 merged from the children's (Chan et al.): sum_c M2(c) + L(c) (V(c) - V)^2,
+                # exact to rounding where a sum of squares minus L V^2 would cancel (csrc/trees.cpp)
+                m2c = tl.load(spread + f + j, mask=live, other=0.0)
+                lcc = tl.load(leaf_count + f + j, mask=live, other=0).to(tl.float64)
+                ss += tl.where(live, m2c + lcc * d * d, 0.0)
+            else:
+                ss += d * d
+        if MEAN_LEAVES:
+            tl.store(spread + q, ss, mask=mask)  # leaves: 0
+        else:
+            tl.store(spread + q, tl.sqrt(ss / kf), mask=mask)
 
 
 @triton.jit(do_not_specialize=["level"])
@@ -121,12 +132,12 @@ def _top_down_kernel(
     reward_pos,  # (M,) float64
     parent_pos,  # (M,) int64, -1 for roots
     num_children,  # (M,) int64
-    carry_a,  # (M,) float64: TreeRL root value / TreePO subgroup-mean sum, carried down
-    carry_b,  # (M,) float64: TreePO subgroup weight sum
+    carry_a,  # (M,) float64: TreeRL / ARPO root value / TreePO subgroup-mean sum, carried down
+    carry_b,  # (M,) float64: TreePO subgroup weight sum / ARPO the tree's std + epsilon
     levels,  # (M + 2,) int64, as in _bottom_up_kernel
     level,
-    epsilon,  # SPO grpo: added to the std
-    METHOD: tl.constexpr,  # 0 spo_rloo, 1 spo_grpo, 2 treerl, 3 treepo
+    epsilon,  # SPO grpo, ARPO: added to the std
+    METHOD: tl.constexpr,  # 0 spo_rloo, 1 spo_grpo, 2 treerl, 3 treepo, 4 arpo
     LEAF_RLOO: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -168,6 +179,19 @@ def _top_down_block(adv, keep, value, leaf_sum, leaf_count, spread, reward_pos, 
             tl.store(carry_b + q, n, mask=mask)
             a = tl.where(n > 1.0, a * n / tl.where(n > 1.0, n - 1.0, 1.0), 0.0)
         a = tl.where(root, 0.0, a)
+        kp = ~root
+    elif METHOD == 4:
+        # ARPO: (V - mean) / (std + epsilon) over the leaves of the tree, from the root's count, V
+        # and M2 carried down; a tree of one leaf has mean 0 and std 1 (rlkern.grpo's group of one)
+        n = tl.load(leaf_count + q, mask=mask, other=1).to(tl.float64)
+        many = n > 1.0
+        m2 = tl.load(spread + q, mask=mask & root, other=0.0)
+        std = tl.where(many, tl.sqrt(m2 / tl.where(many, n - 1.0, 1.0)), 1.0)
+        mean = tl.where(root, tl.where(many, v, 0.0), tl.load(carry_a + pc, mask=mask & ~root, other=0.0))
+        den = tl.where(root, std + epsilon, tl.load(carry_b + pc, mask=mask & ~root, other=1.0))
+        tl.store(carry_a + q, mean, mask=mask)
+        tl.store(carry_b + q, den, mask=mask)
+        a = tl.where(root, 0.0, (v - mean) / den)
         kp = ~root
     else:
         lc = tl.load(leaf_count + q, mask=mask, other=1)
@@ -288,7 +312,8 @@ def tree_advantages(parent, reward, method, leaf_rloo, group_size, whiten, leaf_
     No host sync when max_depth is given (see the module docstring)."""
     st = _Structure(parent, max_depth)
     code = _METHODS[method]
-    reward_pos, value, leaf_sum, leaf_count, spread = _bottom_up(st, reward, code >= 2, code == 1)
+    # WITH_STD: SPO grpo's children std; with mean_leaves, ARPO's leaf M2
+    reward_pos, value, leaf_sum, leaf_count, spread = _bottom_up(st, reward, code >= 2, code in (1, 4))
     m = st.m
     dev = reward.device
     adv = torch.empty(m, dtype=torch.float64, device=dev)

@@ -631,6 +631,44 @@ def test_hand_computed_arpo_recipes_and_veripo_dpo():
     torch.testing.assert_close(loss, torch.nn.functional.softplus(torch.tensor(-0.5 * margin, dtype=torch.float64)))
 
 
+def test_hand_computed_arpo_hard_attribution():
+    # Two questions' rollout trees (rlkern.trees.from_nested, preorder): question 0 has a global
+    # trajectory t (r=1) and a tool-call step s branched into b1, b2 (r=0, 0); question 1 a single
+    # trajectory (r=0.5). Tree 0's leaves 1, 0, 0: mean 1/3, Bessel variance
+    # ((2/3)^2 + (1/3)^2 + (1/3)^2) / 2 = 1/3; tree 1: one leaf, mean 0 and std 1 (grpo's group of one).
+    q0 = {"num_tokens": 3, "children": [{"reward": 1.0, "num_tokens": 4},
+                                        {"num_tokens": 2, "children": [{"reward": 0.0, "num_tokens": 5},
+                                                                       {"reward": 0.0, "num_tokens": 1}]}]}
+    q1 = {"num_tokens": 3, "children": [{"reward": 0.5, "num_tokens": 2}]}
+    forest = rlkern.trees.from_nested([q0, q1], dtype=torch.float64)
+    assert forest.parent.tolist() == [-1, 0, 0, 2, 2, -1, 5]
+    batch = Batch(parent=forest.parent, node_rewards=forest.reward)
+    algo = algos.get("arpo")
+    hard = dataclasses.replace(algo.config(), attribution="hard")
+    adv, keep = algo.advantages(batch, hard)
+    den = (1 / 3) ** 0.5 + 1e-6
+    want = torch.tensor([0.0, (2 / 3) / den, (-1 / 3) / den, (-1 / 3) / den, (-1 / 3) / den, 0.0, 0.5 / (1 + 1e-6)],
+                        dtype=torch.float64)
+    torch.testing.assert_close(adv, want, rtol=0, atol=1e-12)
+    assert keep.tolist() == [False, True, True, True, True, False, True]
+    # per token: each node's advantage over its own segment (the shared step s once, its mean)
+    tokens = rlkern.broadcast_to_tokens(adv, forest.segment_start, forest.segment_end, int(forest.segment_end[-1]))
+    assert tokens[3:7].eq(adv[1]).all() and tokens[7:9].eq(adv[2]).all() and tokens[:3].eq(0).all()
+    # soft is the default and unchanged: GRPO over the trajectories, each keeping its shared prefix
+    assert algo.config().attribution == "soft"
+    soft = Batch(scores=torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), group_ids=[0, 0, 0],
+                 response_mask=torch.ones(3, 2))
+    want_soft = torch.tensor([[2 / 3], [-1 / 3], [-1 / 3]], dtype=torch.float64) / den * torch.ones(3, 2)
+    torch.testing.assert_close(algo.advantages(soft), want_soft, rtol=0, atol=1e-12)
+    _assert_same(algo.advantages(soft, dataclasses.replace(hard, attribution="soft")), algo.advantages(soft), "soft")
+    with pytest.raises(ValueError, match=r"^arpo: attribution must be 'soft' .* or 'hard' .*got 'mean'"):
+        algo.advantages(batch, dataclasses.replace(hard, attribution="mean"))
+    with pytest.raises(ValueError, match=r"^arpo: attribution='hard' divides by each tree's reward std"):
+        algo.advantages(batch, dataclasses.replace(hard, norm_by_std=False))
+    with pytest.raises(ValueError, match=r"^arpo: batch.parent is required"):
+        algo.advantages(soft, hard)
+
+
 def test_hand_computed_ui_r1():
     # a click inside the box with the format (1 + 1 + 1) vs a wrong type outside it without (0 + 0 + 0);
     # without the std division (norm_by_std False) the advantages are R - mean

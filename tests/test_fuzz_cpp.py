@@ -386,7 +386,7 @@ def test_tree_structure_fuzz(par, data):
     parent = torch.tensor(par, dtype=torch.int64)
     if min(par, default=0) >= -(2 ** 31) and max(par, default=0) < 2 ** 31 and data.draw(st.booleans()):
         parent = parent.to(torch.int32)  # converted by the op layer
-    method = data.draw(st.sampled_from(["spo_rloo", "spo_grpo", "treerl", "treepo"]))
+    method = data.draw(st.sampled_from(["spo_rloo", "spo_grpo", "treerl", "treepo", "arpo"]))
     mode = data.draw(st.sampled_from(["mean_children", "mean_leaves"]))
     message = _expect_error(par, max_depth)
     event(_kind(message))

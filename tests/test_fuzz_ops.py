@@ -867,7 +867,7 @@ def test_reward_shaping(backend):
 
 from rlkern.reference import trees as R_tree  # noqa: E402
 
-TREE_METHODS = ["spo_rloo", "spo_grpo", "treerl", "treepo"]
+TREE_METHODS = ["spo_rloo", "spo_grpo", "treerl", "treepo", "arpo"]
 
 
 def _forest(g, sizes, chain):

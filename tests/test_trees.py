@@ -19,7 +19,7 @@ from rlkern import _backend
 from rlkern.reference import trees as reference
 from conftest import import_peer, compile_for_sm90
 
-METHODS = ["spo_rloo", "spo_grpo", "treerl", "treepo"]
+METHODS = ["spo_rloo", "spo_grpo", "treerl", "treepo", "arpo"]
 
 
 def random_forest(num_trees, max_depth, max_branching, seed, *, shuffle=True, single_nodes=0, chains=0):
@@ -120,9 +120,12 @@ def test_advantages_match_reference(backend, method, kind):
         if method == "treepo":
             weights = torch.randint(1, 50, (len(parent),), generator=torch.Generator().manual_seed(1)).float()
             options += [{"subgroup_weighting": "group_size"}, {"whiten": False}, {"leaf_weights": weights}]
+        if method in ("spo_grpo", "arpo"):
+            options.append({"eps": 1e-6})  # GRPO's, which get("arpo") passes
         for opts in options:
             adv, keep = trees.tree_advantages(parent, reward, method=method, **opts)
-            expected, expected_keep = reference.tree_advantages(parent, reward, method, **opts)
+            ref_opts = {"epsilon" if k == "eps" else k: v for k, v in opts.items()}
+            expected, expected_keep = reference.tree_advantages(parent, reward, method, **ref_opts)
             assert adv.dtype == torch.float32 and keep.dtype == torch.bool
             _assert_advantages(adv, keep, expected, expected_keep, f"{what} {opts}")
             assert not keep[parent == -1].any()
@@ -273,7 +276,7 @@ def test_cpp_int64_positions():
         "g = torch.Generator().manual_seed(0)\n"
         "parent = torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, 400)])\n"
         "reward = torch.randint(0, 2, (400,), generator=g).float()\n"
-        "for method in ('spo_rloo', 'spo_grpo', 'treerl', 'treepo'):\n"
+        "for method in ('spo_rloo', 'spo_grpo', 'treerl', 'treepo', 'arpo'):\n"
         "    a, k = t.tree_advantages(parent, reward, method=method)\n"
         "    b, kb = ref.tree_advantages(parent, reward, method)\n"
         "    assert (a.double() - b).abs().max() < 1e-6 and (k == kb).all(), method\n"
@@ -357,6 +360,87 @@ def test_treepo_example(backend):
     assert adv[2].item() == pytest.approx(0.5) and adv[3].item() == pytest.approx(-0.5)
 
 
+def test_arpo_example(backend):
+    # ARPO's hard attribution on root -> a (r=1), root -> x -> {b (r=1), c (r=0)}; scrambled order.
+    # Leaves 1, 1, 0: mean 2/3, Bessel variance ((1/3)^2 + (1/3)^2 + (2/3)^2) / 2 = 1/3.
+    nodes = {"root": -1, "a": "root", "x": "root", "b": "x", "c": "x"}
+    order = ["b", "x", "root", "c", "a"]
+    at = {n: i for i, n in enumerate(order)}
+    parent = torch.tensor([-1 if nodes[n] == -1 else at[nodes[n]] for n in order])
+    reward = torch.tensor([{"a": 1.0, "b": 1.0, "c": 0.0}.get(n, float("nan")) for n in order])
+    den = math.sqrt(1 / 3) + 1e-6
+    adv, keep = trees.tree_advantages(parent, reward, method="arpo", eps=1e-6)
+    assert adv[at["a"]].item() == pytest.approx((1 - 2 / 3) / den, rel=1e-6)  # each leaf: GRPO's
+    assert adv[at["b"]].item() == pytest.approx((1 - 2 / 3) / den, rel=1e-6)
+    assert adv[at["c"]].item() == pytest.approx((0 - 2 / 3) / den, rel=1e-6)
+    # the shared segment x: the mean of b's and c's advantages, ((1/3) + (-2/3)) / 2 / den
+    assert adv[at["x"]].item() == pytest.approx(-1 / 6 / den, rel=1e-6)
+    assert adv[at["root"]].item() == 0 and keep.tolist() == [n != "root" for n in order]
+    adv8, _ = trees.tree_advantages(parent, reward, method="arpo")  # the op's default eps 1e-8
+    assert adv8[at["c"]].item() == pytest.approx(-(2 / 3) / (math.sqrt(1 / 3) + 1e-8), rel=1e-6)
+    _, _, values = trees.tree_advantages(parent, reward, method="arpo", return_values=True)
+    assert values[at["x"]].item() == pytest.approx(0.5) and values[at["root"]].item() == pytest.approx(2 / 3)
+    # a tree with a single leaf (a chain): mean 0 and std 1, as rlkern.grpo's group of one
+    chain = torch.tensor([-1, 0, 1])
+    adv, keep = trees.tree_advantages(chain, torch.tensor([9.0, 9.0, 0.7]), method="arpo", eps=1e-6)
+    assert adv[0] == 0 and adv[1:].tolist() == pytest.approx([0.7 / (1 + 1e-6)] * 2, rel=1e-6)
+    assert keep.tolist() == [False, True, True]
+    import rlkern
+    assert rlkern.grpo(torch.tensor([0.7]), [0]).item() == pytest.approx(adv[2].item(), rel=1e-6)
+    # equal leaves: 0 everywhere, not 0 / 0
+    adv, keep = trees.tree_advantages(torch.tensor([-1, 0, 0, 1]), torch.tensor([0.0, 0.0, 0.3, 0.3]),
+                                      method="arpo")
+    assert adv.tolist() == [0.0] * 4 and keep.tolist() == [False, True, True, True]
+
+
+def test_arpo_depth_one_forests_equal_grpo(backend):
+    """Every leaf directly under its root: ARPO's hard attribution is GRPO over each tree's leaves,
+    rlkern.grpo grouped by tree (groups of one included), at every reward dtype and int32 parent."""
+    import rlkern
+
+    g = torch.Generator().manual_seed(5)
+    sizes = [4, 1, 3, 6, 2, 5]
+    parent, tree = [], []
+    for t, size in enumerate(sizes):
+        root = len(parent)
+        parent.append(-1)
+        tree.append(t)
+        for _ in range(size):
+            parent.append(root)
+            tree.append(t)
+    parent, tree = torch.tensor(parent), torch.tensor(tree)
+    perm = torch.randperm(len(parent), generator=g)  # shuffled node order
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(len(perm))
+    moved = parent[perm]
+    parent, tree = torch.where(moved >= 0, inverse[moved.clamp(min=0)], moved), tree[perm]
+    leaves = parent >= 0
+    reward = torch.randint(0, 2, (len(parent),), generator=g).double() + 0.25 * torch.rand(len(parent), generator=g,
+                                                                                           dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        r = reward.to(dtype)
+        want = rlkern.grpo(r[leaves], tree[leaves], eps=1e-6)
+        for index in (torch.int64, torch.int32):
+            adv, keep = trees.tree_advantages(parent.to(index), r, method="arpo", eps=1e-6)
+            assert adv.dtype == want.dtype and torch.equal(keep, leaves), dtype
+            tol = 1e-12 if dtype == torch.float64 else 1e-6
+            torch.testing.assert_close(adv[leaves], want, rtol=tol, atol=tol, msg=lambda m: f"{dtype}: {m}")
+            assert (adv[~leaves] == 0).all()
+        expected, _ = reference.tree_advantages(parent, r, "arpo", epsilon=1e-6)
+        torch.testing.assert_close(adv.double(), expected, rtol=tol, atol=tol)
+
+
+def test_arpo_rewards_far_from_zero(backend):
+    # Scores around 1e4 with a spread of 0.01: the std comes from deviations merged bottom-up; a
+    # sum of squares minus n mean^2 would keep about 4 of the 16 digits (relative error ~1e-4).
+    parent = random_forest(5, 5, 3, seed=14, chains=1)
+    reward = 1e4 + 0.01 * random_rewards(len(parent), seed=14, kind="normal").double()
+    adv, _ = trees.tree_advantages(parent, reward, method="arpo", eps=1e-6)
+    expected, _ = reference.tree_advantages(parent, reward, "arpo", epsilon=1e-6)
+    assert expected.abs().max() > 0.5
+    torch.testing.assert_close(adv, expected, rtol=1e-8, atol=1e-8)
+
+
 # ---------------------------------------------------------------------------------------------
 # Parity with verl (the trainer TreePO is built on): depth-1 forests are GRPO groups
 
@@ -389,6 +473,11 @@ def test_depth_one_forests_match_verl(backend):
     spo, _ = trees.tree_advantages(parent, reward, method="spo_rloo")
     multi = torch.tensor([group_sizes[int(i)] > 1 for i in index])
     torch.testing.assert_close((spo[leaves][:, None] * mask)[multi], theirs[multi], rtol=1e-6, atol=1e-6)
+
+    # ARPO's hard attribution on depth-1 trees is verl's GRPO (std-normalized) over each tree
+    theirs, _ = core_algos.compute_grpo_outcome_advantage(token_rewards, mask, index)
+    ours, _ = trees.tree_advantages(parent, reward, method="arpo", eps=1e-6)
+    torch.testing.assert_close(ours[leaves][:, None] * mask, theirs, rtol=1e-5, atol=1e-5)
 
     theirs, _ = core_algos.compute_reinforce_plus_plus_baseline_outcome_advantage(token_rewards, mask, index)
     ours, _ = trees.tree_advantages(parent, reward, method="treepo", leaf_weights=torch.tensor(lengths, dtype=torch.float32))
@@ -689,7 +778,7 @@ for mean_leaves, with_std in itertools.product([True, False], repeat=2):
     build(K._bottom_up_kernel, dict(value=f64, leaf_sum=f64, leaf_count=i64, spread=f64, reward_pos=f64,
                                     first_child=i64, num_children=i64, levels=i64, level="i64"),
           dict(MEAN_LEAVES=mean_leaves, WITH_STD=with_std, BLOCK=K._BLOCK), num_warps=4)
-for method, leaf_rloo, group_size in itertools.product(range(4), [True, False], [True, False]):
+for method, leaf_rloo, group_size in itertools.product(range(5), [True, False], [True, False]):
     build(K._top_down_kernel, dict(adv=f64, keep="*i8", value=f64, leaf_sum=f64, leaf_count=i64, spread=f64,
                                    reward_pos=f64, parent_pos=i64, num_children=i64, carry_a=f64, carry_b=f64,
                                    levels=i64, level="i64", epsilon="fp32"),
@@ -771,7 +860,7 @@ def test_float64_runs_the_kernels(backend, monkeypatch):
     parent = random_forest(7, 6, 4, seed=21)
     reward = random_rewards(len(parent), seed=4, kind="normal").double()
     expected = {method: reference.tree_advantages(parent, reward, method, return_values=True)
-                for method in ("spo_rloo", "spo_grpo", "treerl", "treepo")}
+                for method in METHODS}
     expected_values = reference.tree_values(parent, reward, "mean_children")
 
     def boom(*args, **kwargs):

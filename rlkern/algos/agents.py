@@ -2,7 +2,8 @@
 
 Registered: ``arpo``, ``ui_r1``, ``mobile_r1``. Their policy update is GRPO's (``grpo``
 advantages, the PPO-clip ``policy_loss``); what the papers add is sampling-side (ARPO's
-entropy-triggered branching), a rule-based reward over parsed actions (UI-R1's, the op
+entropy-triggered branching; its hard advantage attribution is the op
+``tree_advantages(method="arpo")``), a rule-based reward over parsed actions (UI-R1's, the op
 ``action_rewards``), or rewards from the environment and a trajectory judge (Mobile-R1's action-
 and task-level rewards), which reach the module as ``batch.scores``.
 """
@@ -16,12 +17,16 @@ from rlkern.algos.grpo import GRPOConfig, PolicyConfig
 from rlkern.algos.ppo import clipped_policy_loss
 from rlkern.ops.advantages import grpo
 from rlkern.ops.rewards import action_rewards
+from rlkern.ops.trees import tree_advantages
+
+_ATTRIBUTIONS = ("soft", "hard")
 
 
 @dataclass(frozen=True)
 class ARPOConfig(PolicyConfig):
     """ARPO ("Agentic Reinforced Policy Optimization", Dong et al. 2025): GRPO over the
-    trajectories of an entropy-branched rollout tree, with soft advantage attribution.
+    trajectories of an entropy-branched rollout tree, with soft (default) or hard advantage
+    attribution.
 
     The paper's rollout samples a few global trajectories and, after a tool call whose following
     tokens' entropy rises, branches partial rollouts from that step; the trajectories of one
@@ -30,23 +35,46 @@ class ARPOConfig(PolicyConfig):
     own) and *soft* (GRPO over the full trajectories, each keeping its copy of the shared prefix:
     the importance ratios of the shared tokens are equal across the copies, so the update mixes
     the sharing trajectories' advantages by itself). The paper reports the soft form trains more
-    stably and uses it by default; that is what ``advantages`` computes:
-    ``A_i = (R_i - mean_g R) / (std_g R + eps)`` per trajectory, broadcast over all of its tokens
-    (shared prefix included). The hard form is not built (it needs per-token means over the
-    trajectories sharing a token, which no op computes). Loss: PPO-clip (``policy_loss``).
+    stably and uses it by default.
 
-    Defaults: eps 1e-6, norm_by_std True (GRPO's, as verl's ``grpo`` estimator, which the
-    authors' released trainer extends); the loss fields verl's defaults (clip 0.2, no KL,
-    token-mean); the paper's per-run values (its scripts) override them.
+    - ``attribution="soft"`` (default): ``A_i = (R_i - mean_g R) / (std_g R + eps)`` per
+      trajectory (``grpo(scores, group_ids, response_mask)``), broadcast over all of its tokens,
+      shared prefix included.
+    - ``attribution="hard"``: over the rollout tree (``batch.parent``, ``batch.node_rewards`` on
+      the leaves, e.g. from ``rlkern.trees.from_nested``; one tree per question, a node per
+      segment of tokens): leaf i gets the same GRPO advantage over the leaves of its tree and
+      node n the mean of it over the leaves below n, ``A(n) = (V(n) - V(root)) / (std + eps)``
+      with V the mean leaf reward below (``tree_advantages(method="arpo")``: Bessel std, a tree
+      of one leaf mean 0 and std 1, as ``grpo``). Returns ``(advantages, keep)`` per node like
+      the tree algorithms (``rlkern.algos.trees``): spread them over each node's tokens with
+      ``broadcast_to_tokens``. It always divides by the std: ``norm_by_std=False`` is refused.
+
+    Loss: PPO-clip (``policy_loss``).
+
+    Defaults: attribution "soft" (the paper's), eps 1e-6, norm_by_std True (GRPO's, as verl's
+    ``grpo`` estimator, which the authors' released trainer extends); the loss fields verl's
+    defaults (clip 0.2, no KL, token-mean); the paper's per-run values (its scripts) override them.
     """
 
     eps: float = 1e-6
     norm_by_std: bool = True
+    attribution: str = "soft"
 
 
 def arpo_advantages(batch: Batch, cfg: ARPOConfig | None = None):
-    """``grpo(scores, group_ids, response_mask)`` over the trajectories (soft attribution)."""
+    """Soft: ``grpo(scores, group_ids, response_mask)`` over the trajectories, ``[B]`` or the
+    mask's shape. Hard: ``tree_advantages(parent, node_rewards, method="arpo", eps=eps)`` ->
+    ``(advantages, keep)`` per node."""
     cfg = cfg or ARPOConfig()
+    if cfg.attribution not in _ATTRIBUTIONS:
+        raise ValueError(f"arpo: attribution must be 'soft' (GRPO over the trajectories, the paper's default) or "
+                         f"'hard' (mean advantage per shared tree node), got {cfg.attribution!r}")
+    if cfg.attribution == "hard":
+        if not cfg.norm_by_std:
+            raise ValueError("arpo: attribution='hard' divides by each tree's reward std; norm_by_std=False is "
+                             "for attribution='soft' only")
+        need("arpo", batch, "parent", "node_rewards")
+        return tree_advantages(batch.parent, batch.node_rewards, method="arpo", eps=cfg.eps)
     need("arpo", batch, "scores", "group_ids")
     return grpo(batch.scores, batch.group_ids, batch.response_mask, eps=cfg.eps, norm_by_std=cfg.norm_by_std,
                 cu_seqlens=batch.cu_seqlens)

@@ -1,4 +1,4 @@
-"""Tree and segment advantages over forests of rollouts: SPO-tree, SPO-chain, TreeRL, TreePO.
+"""Tree and segment advantages over forests of rollouts: SPO-tree, SPO-chain, TreeRL, TreePO, ARPO.
 
 A forest is a flat parent-index array: ``parent [M]`` int64, -1 for a root (the prompt), any
 node order (a parent need not come before its child). ``reward [M]`` is read on leaves (nodes
@@ -26,6 +26,17 @@ Papers and the choices rlkern makes where the paper leaves them open:
   leaf gets 0), which scales every advantage of a tree with n leaves by n / (n - 1). The
   official code's later step-mean subtraction (``overall_norm_style``) and terminal sampling
   are trainer choices and are not applied.
+- **ARPO** -- "Agentic Reinforced Policy Optimization" (Dong et al., 2025, arXiv:2507.19849; code
+  dongguanting/ARPO), its *hard* advantage attribution over the entropy-branched rollout tree of
+  a question: each trajectory (leaf) i gets GRPO's advantage over the leaves of its tree,
+  A_i = (R_i - mean R) / (std R + eps), and a token shared by several trajectories the mean of
+  their advantages; on the tree, node n gets the mean over the leaves below it, which is
+  A(n) = (V(n) - V(root)) / (std + eps) with V the mean reward of the leaves below. The paper
+  leaves the normalization to its trainer, which extends verl's ``grpo`` estimator: rlkern takes
+  rlkern.grpo's conventions exactly, the Bessel-corrected std and a tree with a single leaf
+  normalized with mean 0 and std 1 (verl's group of one). The paper's default is the *soft*
+  attribution (plain GRPO over the full trajectories, ``rlkern.grpo``); ``get("arpo")`` with
+  ``attribution="hard"`` calls this.
 - **TreePO** -- "TreePO: Bridging the Gap of Policy Optimization and Efficacy and Inference
   Efficiency with Heuristic Tree-based Modeling" (Li et al., 2025, arXiv:2508.17445; code
   multimodal-art-projection/TreePO). Trajectories are root-to-leaf paths; for leaf i the
@@ -68,7 +79,7 @@ from rlkern.ops._layout import out_dtype
 from rlkern.reference import trees as reference
 
 _VALUE_MODES = ("mean_children", "mean_leaves")
-_METHODS = ("spo_rloo", "spo_grpo", "treerl", "treepo")
+_METHODS = ("spo_rloo", "spo_grpo", "treerl", "treepo", "arpo")
 _WEIGHTINGS = ("average", "group_size")
 
 
@@ -313,6 +324,11 @@ def tree_advantages(
       of the forest (each weighted by ``leaf_weights``, e.g. its trajectory's token count, else
       1). ``keep`` = leaves; internal nodes get 0: broadcast a leaf's advantage over its whole
       root-to-leaf trajectory with ``broadcast_to_tokens(..., node_index=leaf of each segment)``.
+    - ``"arpo"`` (ARPO's hard attribution, "Agentic Reinforced Policy Optimization"): leaf i gets
+      GRPO's A_i = (R_i - mean R) / (std R + ``eps``) over the leaves of its tree (std
+      Bessel-corrected; a tree with one leaf: mean 0, std 1, as ``rlkern.grpo``); node n the mean
+      of A_i over the leaves below it, A(n) = (V(n) - V(root)) / (std + ``eps``), V =
+      ``tree_values(mode="mean_leaves")``. ``keep`` = non-root nodes.
 
     Roots (prompts) always get A = 0 and ``keep`` False.
 
@@ -320,7 +336,7 @@ def tree_advantages(
         parent: ``[M]`` int64, -1 for roots, nodes in any order (see ``tree_values``).
         reward: ``[M]`` float, read on leaves only.
         method: ``"spo_rloo"`` (default, the SPO authors' ``adv_method`` default ``"rloo"``),
-            ``"spo_grpo"``, ``"treerl"`` or ``"treepo"``.
+            ``"spo_grpo"``, ``"treerl"``, ``"treepo"`` or ``"arpo"``.
         leaf_rloo: TreeRL only: the official code's leaf-reward normalization. Default False
             (the paper's formula).
         subgroup_weighting: TreePO only: ``"average"`` (the paper; TreePO's run script) or
@@ -328,10 +344,12 @@ def tree_advantages(
         whiten: TreePO only: whiten over the forest's leaves (the paper's normalization).
         leaf_weights: TreePO only: ``[M]`` float, read on leaves: the weight of each trajectory
             in the whitening statistics (its token count reproduces token-level whitening).
-        eps: SPO ``spo_grpo`` only: added to the std (the official code's 1e-8); must be
-            > 0 (a group of equal values would be 0 / 0).
+        eps: ``spo_grpo`` and ``arpo``: added to the std. The default 1e-8 is SPO's (its
+            official code's); ARPO's value is GRPO's 1e-6 (``rlkern.grpo``'s default, verl's),
+            which ``get("arpo")`` passes: give ``eps=1e-6`` when calling ``method="arpo"``
+            directly. Must be > 0 (a group of equal values would be 0 / 0).
         return_values: also return the node values the advantages come from (``tree_values``
-            with ``mean_children`` for SPO, ``mean_leaves`` for TreeRL/TreePO, raw rewards), from
+            with ``mean_children`` for SPO, ``mean_leaves`` for TreeRL/TreePO/ARPO, raw rewards), from
             the same pass: building the forest's order is most of the cost of either op.
         max_depth: an upper bound on the depth of every node, as in ``tree_values``: lets the
             CUDA path run without a host sync. A tree deeper than that raises ValueError, except

@@ -188,7 +188,7 @@ def tree_advantages(
     m = len(par)
     adv = [0.0] * m
     keep = [False] * m
-    mode = "mean_children" if method in ("spo_rloo", "spo_grpo") else "mean_leaves"
+    mode = "mean_children" if method in ("spo_rloo", "spo_grpo") else "mean_leaves"  # arpo: mean_leaves
     values, *_ = values_lists(par, rew, mode) if return_values else (None,)
     if method in ("spo_rloo", "spo_grpo"):
         value, _, _, roots, children = values_lists(par, rew, "mean_children")
@@ -218,6 +218,8 @@ def tree_advantages(
             local_adv = value[n] - value[p]
             adv[n] = (global_adv + local_adv) / math.sqrt(leaf_count[n])
             keep[n] = True
+    elif method == "arpo":
+        adv, keep = _arpo(par, rew, epsilon)
     elif method == "treepo":
         adv, keep = _treepo(par, rew, subgroup_weighting)
         if whiten:
@@ -240,6 +242,47 @@ def _roots_of(par: list[int]) -> list[int]:
         for n in range(len(par)):
             find(n)
     return root
+
+
+def _arpo(par: list[int], rew: list[float], epsilon: float):
+    """ARPO's hard attribution, literally: every leaf (trajectory) gets GRPO's advantage over the
+    leaves of its tree, (R - mean) / (Bessel std + epsilon), a tree with a single leaf mean 0 and
+    std 1 (rlkern.grpo's singleton convention, verl's); every non-root node the mean of the
+    advantages of the leaves below it."""
+    roots, children = children_lists(par)
+    root_of = _roots_of(par)
+    m = len(par)
+    leaves_of: dict[int, list[int]] = {}
+    for n in range(m):
+        if not children[n]:
+            leaves_of.setdefault(root_of[n], []).append(n)
+    leaf_adv = [0.0] * m
+    for members in leaves_of.values():
+        xs = [rew[n] for n in members]
+        if len(xs) == 1:
+            mean, std = 0.0, 1.0
+        else:
+            mean = sum(xs) / len(xs)
+            std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+        for n in members:
+            leaf_adv[n] = (rew[n] - mean) / (std + epsilon)
+    total = [0.0] * m  # sum and count of the leaf advantages below each node
+    count = [0] * m
+
+    def visit(n: int) -> None:
+        if not children[n]:
+            total[n], count[n] = leaf_adv[n], 1
+            return
+        for c in children[n]:
+            visit(c)
+        total[n] = sum(total[c] for c in children[n])
+        count[n] = sum(count[c] for c in children[n])
+
+    with _depth_limit(m):
+        for r in roots:
+            visit(r)
+    adv = [0.0 if par[n] == -1 else total[n] / count[n] for n in range(m)]
+    return adv, [p != -1 for p in par]
 
 
 def _leaf_rloo(par: list[int], rew: list[float]) -> list[float]:
