@@ -1,10 +1,11 @@
 // rlkern CPU kernels: values and advantages over a forest given as parent indices
-// (torch.ops.rlkern.cpp_tree_values / trees_advantages; oracle: rlkern/reference/trees.py).
+// (torch.ops.rlkern.cpp_tree_values / cpp_tree_advantages; oracle: rlkern/reference/trees.py).
 //
 // One O(M) structure pass orders the nodes breadth-first, level by level, so that the children of
 // every position occupy a contiguous range of positions (in increasing node index, the summation
 // order of the reference): child_begin[] is then one CSR offset array over positions. Values are
-// one bottom-up pass (deepest level first); advantages, values and keep come from one final pass
+// one bottom-up pass (deepest level first; ARPO's per-tree M2 of the leaf rewards merged in the
+// same pass); advantages, values and keep come from one final pass
 // (level by level for TreePO, whose subgroup sums are carried down; one flat pass for the others).
 // Every pass is parallel: within a level, or split by node index (the children lists by node).
 // All arithmetic is in double; outputs are float32 (float64 for float64 rewards). A bad parent
@@ -681,9 +682,8 @@ void advantages_impl(const at::Tensor& parent, const at::Tensor& reward, int64_t
         const int64_t root = o.root_pos[q];
         const int64_t leaves = lcnt[root];
         const double mean = leaves > 1 ? value[root] : 0.0;
-        const double std =
-            leaves > 1 ? std::sqrt(m2[root] / static_cast<double>(leaves - 1)) : 1.0;
-        out.put(n, (vq - mean) / (std + epsilon), true, vq);
+        const double spread = leaves > 1 ? std::sqrt(m2[root] / static_cast<double>(leaves - 1)) : 1.0;
+        out.put(n, (vq - mean) / (spread + epsilon), true, vq);
       });
     });
     return;
