@@ -154,7 +154,7 @@ def run(device: torch.device, num_trees: int, nodes_per_tree: int, rounds: int =
             if method == "spo_rloo":
                 fns["eager"] = lambda: eager_spo(parent, reward)
             add(f"{method} values + advantages", fns, io_values + io_adv)
-        for method in ("spo_rloo", "spo_grpo", "treerl", "treepo"):
+        for method in ("spo_rloo", "spo_grpo", "treerl", "treepo", "arpo"):
             fns = {"rlkern": lambda method=method: trees.tree_advantages(parent, reward, method=method)}
             add(f"advantages {method}", fns, io_adv)
         # float64 rewards: the kernels accumulate in float64 either way; the reference is what

@@ -1,4 +1,4 @@
-"""``rlkern.trees``: tree and segment advantages (SPO-tree, SPO-chain, TreeRL, TreePO).
+"""``rlkern.trees``: tree and segment advantages (SPO-tree, SPO-chain, TreeRL, TreePO, ARPO).
 
 The public names of rlkern.ops.trees and rlkern.ops.segments, importable as
 ``rlkern.trees.from_nested`` etc.
