@@ -12,6 +12,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Under pytest-xdist (`-n auto`, the README's test command) each worker gets its share of the
+# cores: torch's default of one thread per core in every worker would oversubscribe the machine.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 from rlkern import _backend  # noqa: E402
 
 BACKENDS = ["cpp", "triton", "torch"]

@@ -160,15 +160,18 @@ def test_matches_reference(backend, loss, agg, packed):
     assert (g[~b["mask"]] == 0).all() and (ge[~b["mask"]] == 0).all()
 
 
-def test_every_loss_estimator_agg_combination(backend):
+# One case per loss and level, so that a parallel run (pytest -n) spreads the product.
+_PRODUCT_CASES = [(loss, "token") for loss in ALL_LOSSES] + [(loss, "sequence") for loss in ("ppo", "cispo", "sapo")]
+
+
+@pytest.mark.parametrize("loss,level", _PRODUCT_CASES, ids=[f"{loss}-{level}" for loss, level in _PRODUCT_CASES])
+def test_every_loss_estimator_agg_combination(backend, loss, level):
     # The full product: 12 losses x 11 estimators x 5 agg modes x padded / packed, and the three
     # losses with TRL's level="sequence" likewise, one small ragged batch each (rows of lengths
     # 9, 0 and random, packed without padding); under the interpreter, where a launch costs
     # ~40 ms, the layouts alternate instead.
     b = _batch(B=4, T=9, seed=30, ragged=True)
-    combos = [(loss, agg, est, "token") for loss, agg, est in itertools.product(ALL_LOSSES, P.AGG_MODES, ESTIMATORS)]
-    combos += [(loss, agg, est, "sequence")
-               for loss, agg, est in itertools.product(("ppo", "cispo", "sapo"), P.AGG_MODES, ESTIMATORS)]
+    combos = [(loss, agg, est, level) for agg, est in itertools.product(P.AGG_MODES, ESTIMATORS)]
     for i, (loss, agg, est, level) in enumerate(combos):
         ref = _reference(b, loss, agg, est, lsf=9.0, level=level)
         for packed in ((i % 2 == 1,) if backend == "triton" else (False, True)):
