@@ -50,6 +50,7 @@ if want sanitize; then
       python3 -m pytest -q -x -m gpu tests/test_trees.py tests/test_advantages.py tests/test_policy_loss.py \
         tests/test_logprobs.py tests/test_preference.py tests/test_preference_tokens.py \
         tests/test_preference_groups.py tests/test_critics.py tests/test_shaping.py tests/test_dynamic_sampling.py \
+        tests/test_rewards.py tests/test_linear_losses.py tests/test_linear_preference.py tests/test_lm_heads.py \
         -k "not long_rows" \
       >"$res/sanitizer_$tool.log" 2>&1 || status=1
     grep -E "ERROR SUMMARY|passed|failed" "$res/sanitizer_$tool.log" | tail -3
