@@ -33,6 +33,20 @@ BLOCK = 256
 
 
 @triton.jit
+def _row_prologue(par_ptr, beta, cu_ptr, T, PACKED: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """The per-row kernels' common start (``_soft_bellman_kernel``, ``_step_loss_kernel``): beta
+    (read from the float64 buffer with FP64), the program's row, its flat start and length, the
+    block's lanes and the number of blocks."""
+    if FP64:
+        beta = tl.load(par_ptr)
+    row = tl.program_id(0).to(tl.int64)
+    start, length = span(cu_ptr, row, T.to(tl.int64), PACKED)
+    start += row * T  # padded rows are flat here (T = 0 when packed)
+    lane = tl.arange(0, BLOCK).to(tl.int64)
+    return beta, row, start, length, lane, tl.cdiv(length, BLOCK)
+
+
+@triton.jit
 def _soft_bellman_kernel(
     lp_ptr, ref_ptr, v_ptr,  # (R, T) contiguous or packed (total,); one dtype: fp32/bf16/fp16/fp64
     m_ptr,  # like lp_ptr, uint8 (bool) mask (HAS_MASK)
@@ -46,13 +60,7 @@ def _soft_bellman_kernel(
     HAS_MASK: tl.constexpr, PACKED: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc = gv_ptr.dtype.element_ty
-    if FP64:
-        beta = tl.load(par_ptr)
-    row = tl.program_id(0).to(tl.int64)
-    start, length = span(cu_ptr, row, T.to(tl.int64), PACKED)
-    start += row * T  # padded rows are flat here (T = 0 when packed)
-    lane = tl.arange(0, BLOCK).to(tl.int64)
-    nblk = tl.cdiv(length, BLOCK)
+    beta, row, start, length, lane, nblk = _row_prologue(par_ptr, beta, cu_ptr, T, PACKED, FP64, BLOCK)
     count = tl.zeros((), dtype=tl.int64)
     if HAS_MASK:
         for blk in range(0, nblk):
@@ -103,15 +111,22 @@ def _params(fp64: bool, values, device):
     return out
 
 
-def soft_bellman(logprobs, ref, values, mask, rewards, cu_seqlens, beta):
-    """cpp_soft_bellman's contract: ``(sq [R], kl [R], lengths [R], grad_v, grad_k)``."""
+def _row_layout(logprobs, cu_seqlens):
+    """The per-row launchers' layout (``soft_bellman``, ``step_advantage_loss``): packed, rows, the
+    padded length (0 when packed), fp64, the compute dtype and three empty ``[rows]`` statistics."""
     packed = cu_seqlens is not None
     rows = cu_seqlens.shape[0] - 1 if packed else logprobs.shape[0]
     steps = 0 if packed else logprobs.shape[1]
     fp64 = logprobs.dtype == torch.float64
     dtype = torch.float64 if fp64 else torch.float32
+    stats = tuple(torch.empty(rows, dtype=dtype, device=logprobs.device) for _ in range(3))
+    return packed, rows, steps, fp64, dtype, stats
+
+
+def soft_bellman(logprobs, ref, values, mask, rewards, cu_seqlens, beta):
+    """cpp_soft_bellman's contract: ``(sq [R], kl [R], lengths [R], grad_v, grad_k)``."""
+    packed, rows, steps, fp64, dtype, (sq, kl, lengths) = _row_layout(logprobs, cu_seqlens)
     dev = logprobs.device
-    sq, kl, lengths = (torch.empty(rows, dtype=dtype, device=dev) for _ in range(3))
     gv = torch.empty(logprobs.shape, dtype=dtype, device=dev)
     gk = torch.empty(logprobs.shape, dtype=dtype, device=dev)
     if rows == 0:
@@ -292,13 +307,7 @@ def _step_loss_kernel(
     HAS_MASK: tl.constexpr, PACKED: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     acc = g_ptr.dtype.element_ty
-    if FP64:
-        beta = tl.load(par_ptr)
-    row = tl.program_id(0).to(tl.int64)
-    start, length = span(cu_ptr, row, T.to(tl.int64), PACKED)
-    start += row * T  # padded rows are flat here (T = 0 when packed)
-    lane = tl.arange(0, BLOCK).to(tl.int64)
-    nblk = tl.cdiv(length, BLOCK)
+    beta, row, start, length, lane, nblk = _row_prologue(par_ptr, beta, cu_ptr, T, PACKED, FP64, BLOCK)
     # pass 0: the last valid token and the number of step ends among valid tokens
     last = tl.full((), -1, dtype=tl.int64)
     n_ends = tl.zeros((), dtype=tl.int64)
@@ -364,13 +373,8 @@ def _step_loss_kernel(
 
 def step_advantage_loss(logprobs, ref, adv, ends, mask, cu_seqlens, beta):
     """cpp_step_advantage_loss' contract: ``(sq [R], ratio [R], steps [R], grad)``."""
-    packed = cu_seqlens is not None
-    rows = cu_seqlens.shape[0] - 1 if packed else logprobs.shape[0]
-    steps_t = 0 if packed else logprobs.shape[1]
-    fp64 = logprobs.dtype == torch.float64
-    dtype = torch.float64 if fp64 else torch.float32
+    packed, rows, steps_t, fp64, dtype, (sq, ratio, steps) = _row_layout(logprobs, cu_seqlens)
     dev = logprobs.device
-    sq, ratio, steps = (torch.empty(rows, dtype=dtype, device=dev) for _ in range(3))
     grad = torch.empty(logprobs.shape, dtype=dtype, device=dev)
     if rows == 0:
         return sq, ratio, steps, grad
