@@ -48,6 +48,34 @@ def _members(order_ptr, p, hi):
 
 
 @triton.jit
+def _sample_group(lo_ptr, hi_ptr, beta, CDT: tl.constexpr, BLOCK: tl.constexpr):
+    """The per-sample kernels' start: program i's sample, the lanes, beta in the compute type, and
+    i's group as the positions [lo, hi) of the group-sorted order."""
+    i = tl.program_id(0).to(tl.int64)
+    lane = tl.arange(0, BLOCK).to(tl.int64)
+    b = tl.full((), beta, CDT)
+    lo = tl.load(lo_ptr + i)
+    hi = tl.load(hi_ptr + i)
+    return i, lane, b, lo, hi
+
+
+@triton.jit
+def _brain_a(ref_ptr, old_ptr, s_ptr, j, inside, b, CDT: tl.constexpr):
+    """BRAIN's a_j = ref_j - old_j + s_j / beta."""
+    return _ld(ref_ptr, j, inside, CDT) - _ld(old_ptr, j, inside, CDT) + _ld(s_ptr, j, inside, CDT) / b
+
+
+@triton.jit
+def _brain_members(x_ptr, ref_ptr, old_ptr, s_ptr, order_ptr, p, hi, b, CDT: tl.constexpr):
+    """The group members at positions p (``_members``): which lanes are in, BRAIN's a_j
+    (``_brain_a``) and x_j - old_j."""
+    j, inside = _members(order_ptr, p, hi)
+    oj = _ld(old_ptr, j, inside, CDT)
+    aj = _ld(ref_ptr, j, inside, CDT) - oj + _ld(s_ptr, j, inside, CDT) / b
+    return inside, aj, _ld(x_ptr, j, inside, CDT) - oj
+
+
+@triton.jit
 def _rank_kernel(
     x_ptr,  # (N,) fp32/bf16/fp16/fp64 log-probs
     ref_ptr,  # (N,) compute dtype, reference log-probs
@@ -60,11 +88,7 @@ def _rank_kernel(
     BLOCK: tl.constexpr,
 ):
     CDT: tl.constexpr = out_ptr.dtype.element_ty
-    i = tl.program_id(0).to(tl.int64)
-    lane = tl.arange(0, BLOCK).to(tl.int64)
-    b = tl.full((), beta, CDT)
-    lo = tl.load(lo_ptr + i)
-    hi = tl.load(hi_ptr + i)
+    i, lane, b, lo, hi = _sample_group(lo_ptr, hi_ptr, beta, CDT, BLOCK)
     ri = b * (tl.load(x_ptr + i).to(CDT) - tl.load(ref_ptr + i).to(CDT))
     above = tl.zeros([BLOCK], CDT)
     for first in range(lo, hi, BLOCK):
@@ -103,12 +127,8 @@ def _group_loss_kernel(
     BLOCK: tl.constexpr,
 ):
     CDT: tl.constexpr = out_ptr.dtype.element_ty
-    i = tl.program_id(0).to(tl.int64)
-    lane = tl.arange(0, BLOCK).to(tl.int64)
-    b = tl.full((), beta, CDT)
+    i, lane, b, lo, hi = _sample_group(lo_ptr, hi_ptr, beta, CDT, BLOCK)
     ep = tl.full((), eps, CDT)
-    lo = tl.load(lo_ptr + i)
-    hi = tl.load(hi_ptr + i)
     xi = tl.load(x_ptr + i).to(CDT)
     refi = tl.load(ref_ptr + i).to(CDT)
     oldi = tl.load(old_ptr + i).to(CDT)
@@ -126,11 +146,7 @@ def _group_loss_kernel(
         amax = tl.full([BLOCK], float("-inf"), CDT)
         bmax = tl.full([BLOCK], float("-inf"), CDT)
         for first in range(lo, hi, BLOCK):
-            j, inside = _members(order_ptr, first + lane, hi)
-            same = inside
-            oj = _ld(old_ptr, j, inside, CDT)
-            aj = _ld(ref_ptr, j, inside, CDT) - oj + _ld(s_ptr, j, inside, CDT) / b
-            bj = _ld(x_ptr, j, inside, CDT) - oj
+            same, aj, bj = _brain_members(x_ptr, ref_ptr, old_ptr, s_ptr, order_ptr, first + lane, hi, b, CDT)
             amax = tl.maximum(amax, tl.where(same, aj, float("-inf")))
             bmax = tl.maximum(bmax, tl.where(same, bj, float("-inf")))
         am = tl.max(amax, 0)
@@ -138,11 +154,7 @@ def _group_loss_kernel(
         asum = zero
         bsum = zero
         for first in range(lo, hi, BLOCK):
-            j, inside = _members(order_ptr, first + lane, hi)
-            same = inside
-            oj = _ld(old_ptr, j, inside, CDT)
-            aj = _ld(ref_ptr, j, inside, CDT) - oj + _ld(s_ptr, j, inside, CDT) / b
-            bj = _ld(x_ptr, j, inside, CDT) - oj
+            same, aj, bj = _brain_members(x_ptr, ref_ptr, old_ptr, s_ptr, order_ptr, first + lane, hi, b, CDT)
             asum += tl.where(same, tl.exp(aj - am), 0.0)
             bsum += tl.where(same, tl.exp(bj - bm), 0.0)
             size += tl.where(same, 1.0, 0.0)
@@ -253,11 +265,7 @@ def _group_weights_kernel(
     BLOCK: tl.constexpr,
 ):
     CDT: tl.constexpr = out_ptr.dtype.element_ty
-    i = tl.program_id(0).to(tl.int64)
-    lane = tl.arange(0, BLOCK).to(tl.int64)
-    b = tl.full((), beta, CDT)
-    lo = tl.load(lo_ptr + i)
-    hi = tl.load(hi_ptr + i)
+    i, lane, b, lo, hi = _sample_group(lo_ptr, hi_ptr, beta, CDT, BLOCK)
     if METHOD == W_WIN_RATE or METHOD == W_WIN_RATE_MATRIX:
         won = tl.zeros([BLOCK], CDT)
         size = tl.zeros([BLOCK], CDT)
@@ -280,9 +288,10 @@ def _group_weights_kernel(
         for first in range(lo, hi, BLOCK):
             j, inside = _members(order_ptr, first + lane, hi)
             same = inside
-            sj = _ld(s_ptr, j, inside, CDT)
             if METHOD == W_BRAIN:
-                sj = _ld(ref_ptr, j, inside, CDT) - _ld(old_ptr, j, inside, CDT) + sj / b
+                sj = _brain_a(ref_ptr, old_ptr, s_ptr, j, inside, b, CDT)
+            else:
+                sj = _ld(s_ptr, j, inside, CDT)
             top = tl.maximum(top, tl.where(same, sj, float("-inf")))
         m = tl.max(top, 0)
         si = tl.load(s_ptr + i).to(CDT)
@@ -293,7 +302,7 @@ def _group_weights_kernel(
             for first in range(lo, hi, BLOCK):
                 j, inside = _members(order_ptr, first + lane, hi)
                 same = inside
-                aj = _ld(ref_ptr, j, inside, CDT) - _ld(old_ptr, j, inside, CDT) + _ld(s_ptr, j, inside, CDT) / b
+                aj = _brain_a(ref_ptr, old_ptr, s_ptr, j, inside, b, CDT)
                 total += tl.where(same, tl.exp(aj - m), 0.0)
             ai = tl.load(ref_ptr + i).to(CDT) - tl.load(old_ptr + i).to(CDT) + si / b
             tl.store(out_ptr + i, tl.exp(ai - m) / tl.sum(total, 0))
