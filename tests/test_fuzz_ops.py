@@ -1086,12 +1086,40 @@ from rlkern.reference.linear_losses import linear_policy_loss as R_linear_policy
 from rlkern.reference.linear_preference import linear_preference_loss as R_linear_pref  # noqa: E402
 
 
-@st.composite
-def _linear_loss_case(draw, max_rows, max_t, max_h, max_v):
+def _head_dims(draw, max_rows, max_t, max_h, max_v, vocabs):
+    """A fused LM-head case's (rows, t, layout, packed, width, vocab): vocab one of ``vocabs`` or
+    any up to max_v."""
     rows = draw(st.integers(1, max_rows))
     t, layout, packed = _layout_case(draw, max_t)
     width = draw(st.integers(1, max_h))
-    vocab = draw(st.one_of(st.sampled_from([1, 2, 67, 129]), st.integers(1, max_v)))
+    vocab = draw(st.one_of(st.sampled_from(vocabs), st.integers(1, max_v)))
+    return rows, t, layout, packed, width, vocab
+
+
+def _head_inputs(g, rows, t, width, vocab, bias, layout):
+    """hidden [rows, t, width], weight [vocab, width], bias (or None), labels and mask, drawn from g."""
+    hidden = torch.randn(rows, t, width, generator=g)
+    weight = torch.randn(vocab, width, generator=g) * 2 / math.sqrt(width)
+    b = torch.randn(vocab, generator=g) * 0.5 if bias else None
+    labels = torch.randint(0, vocab, (rows, t), generator=g)
+    return hidden, weight, b, labels, _mask(g, rows, t, layout)
+
+
+def _head_grads(fn, dtype, hidden, weight, b):
+    """(value, metrics, gradients) of ``fn(hidden, weight[, b])`` on leaf copies in ``dtype``; with
+    no valid token the reference's loss has no path to the inputs (gradient 0)."""
+    leaves = [hidden.to(dtype).clone().requires_grad_(), weight.to(dtype).clone().requires_grad_()]
+    if b is not None:
+        leaves.append(b.to(dtype).clone().requires_grad_())
+    value, metrics = fn(*leaves)
+    if value.requires_grad:
+        value.backward()
+    return value.detach(), metrics, [torch.zeros_like(x) if x.grad is None else x.grad for x in leaves]
+
+
+@st.composite
+def _linear_loss_case(draw, max_rows, max_t, max_h, max_v):
+    rows, t, layout, packed, width, vocab = _head_dims(draw, max_rows, max_t, max_h, max_v, [1, 2, 67, 129])
     loss = draw(st.sampled_from(["ppo", "reinforce", "gspo", "cispo", "gpg"]))
     agg = draw(st.sampled_from(AGGS))
     pref_type = draw(st.sampled_from(["sigmoid", "ipo", "simpo", "sigmoid_norm"]))
@@ -1114,11 +1142,7 @@ def test_linear_losses(backend):
     def check(case):
         rows, t, layout, packed, width, vocab, loss, agg, pref_type, bias, temperature, softcap, chunk_size, seed = case
         g = _gen(seed)
-        hidden = torch.randn(2 * rows, t, width, generator=g)
-        weight = torch.randn(vocab, width, generator=g) * 2 / math.sqrt(width)
-        b = torch.randn(vocab, generator=g) * 0.5 if bias else None
-        labels = torch.randint(0, vocab, (2 * rows, t), generator=g)
-        mask = _mask(g, 2 * rows, t, layout)
+        hidden, weight, b, labels, mask = _head_inputs(g, 2 * rows, t, width, vocab, bias, layout)
         labels = torch.where(mask, labels, -100)  # the prompt / padding labels
         old = -torch.rand(2 * rows, t, generator=g) * 3
         ref = old + torch.randn(2 * rows, t, generator=g) * 0.3
@@ -1131,14 +1155,7 @@ def test_linear_losses(backend):
             hidden, labels, mask, old, ref = (x[inside] for x in (hidden, labels, mask, old, ref))
 
         def grads(fn, dtype):
-            leaves = [hidden.to(dtype).clone().requires_grad_(), weight.to(dtype).clone().requires_grad_()]
-            if b is not None:
-                leaves.append(b.to(dtype).clone().requires_grad_())
-            value, metrics = fn(*leaves)
-            if value.requires_grad:
-                value.backward()
-            # no valid token: the reference's loss has no path to the inputs (gradient 0)
-            return value.detach(), metrics, [torch.zeros_like(x) if x.grad is None else x.grad for x in leaves]
+            return _head_grads(fn, dtype, hidden, weight, b)
 
         def compare(name, ours, theirs):
             assert not ours[0].isnan()
@@ -1271,10 +1288,7 @@ def test_reward_ops(backend):
 
 @st.composite
 def _linear_kto_case(draw, max_rows, max_t, max_h, max_v):
-    rows = draw(st.integers(1, max_rows))
-    t, layout, packed = _layout_case(draw, max_t)
-    width = draw(st.integers(1, max_h))
-    vocab = draw(st.one_of(st.sampled_from([1, 2, 67]), st.integers(1, max_v)))
+    rows, t, layout, packed, width, vocab = _head_dims(draw, max_rows, max_t, max_h, max_v, [1, 2, 67])
     loss_type = draw(st.sampled_from(["kto", "apo_zero_unpaired"]))
     kl_rows = draw(st.integers(0, 3))
     per_sequence_ref = draw(st.booleans())
@@ -1297,11 +1311,7 @@ def test_linear_kto_loss(backend):
     def check(case):
         rows, t, layout, packed, width, vocab, loss_type, kl_rows, per_sequence_ref, bias, softcap, chunk_size, seed = case
         g = _gen(seed)
-        hidden = torch.randn(rows, t, width, generator=g)
-        weight = torch.randn(vocab, width, generator=g) * 2 / math.sqrt(width)
-        b = torch.randn(vocab, generator=g) * 0.5 if bias else None
-        labels = torch.randint(0, vocab, (rows, t), generator=g)
-        mask = _mask(g, rows, t, layout)
+        hidden, weight, b, labels, mask = _head_inputs(g, rows, t, width, vocab, bias, layout)
         ref = -torch.rand(rows, t, generator=g) * 3
         desirable = torch.rand(rows, generator=g) > 0.5
         kl = ((-torch.rand(kl_rows, generator=g) * 5, -torch.rand(kl_rows, generator=g) * 5) if loss_type == "kto"
@@ -1317,13 +1327,7 @@ def test_linear_kto_loss(backend):
                   logit_softcap=softcap)
 
         def grads(fn, dtype):
-            leaves = [hidden.to(dtype).clone().requires_grad_(), weight.to(dtype).clone().requires_grad_()]
-            if b is not None:
-                leaves.append(b.to(dtype).clone().requires_grad_())
-            value, metrics = fn(*leaves)
-            if value.requires_grad:
-                value.backward()
-            return value.detach(), metrics, [torch.zeros_like(x) if x.grad is None else x.grad for x in leaves]
+            return _head_grads(fn, dtype, hidden, weight, b)
 
         ours = grads(lambda h, w, bb=None: rlkern.linear_kto_loss(h, w, labels, mask, ref, desirable, *kl, bias=bb,
                                                                   chunk_size=chunk_size, **kw), torch.float32)
