@@ -240,6 +240,50 @@ def _seq_bounds(cu_ptr, pid, T, PACKED: tl.constexpr):
     return start, n
 
 
+@triton.jit
+def _seq_program(cu_ptr, T, PACKED: tl.constexpr):
+    """Program (b, k) of a (B, K) grid over sequences: (b, k, K, the sequence's start (packed; 0
+    padded) and length)."""
+    pid = tl.program_id(0).to(tl.int64)
+    kid = tl.program_id(1).to(tl.int64)
+    n_split = tl.num_programs(1).to(tl.int64)
+    start, n = _seq_bounds(cu_ptr, pid, T, PACKED)
+    return pid, kid, n_split, start, n
+
+
+@triton.jit
+def _row_offsets(pid, start, s0, s1, s2, s3, s4, s5, s6, s7, PACKED: tl.constexpr):
+    """Where sequence pid starts in eight tensors of row strides s0 .. s7 (packed: its first token,
+    the same in all)."""
+    if PACKED:
+        r0, r1, r2, r3, r4, r5, r6, r7 = start, start, start, start, start, start, start, start
+    else:
+        r0, r1, r2, r3 = pid * s0, pid * s1, pid * s2, pid * s3
+        r4, r5, r6, r7 = pid * s4, pid * s5, pid * s6, pid * s7
+    return r0, r1, r2, r3, r4, r5, r6, r7
+
+
+@triton.jit
+def _policy_hyper(clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef, CDT: tl.constexpr):
+    """The token kernels' float hyper-parameters in the compute type. They come as float64
+    arguments (a Python float would be passed as float32; float64 input needs them exact), read in
+    the compute type (float32: rounded as the float32 arguments were); under the interpreter they
+    are Python floats, which tl.full keeps exact."""
+    return (tl.full((), clip_low, CDT), tl.full((), clip_high, CDT), tl.full((), dual, CDT),
+            tl.full((), tau_pos, CDT), tl.full((), tau_neg, CDT), tl.full((), dro_beta, CDT),
+            tl.full((), ppo_kl_coef, CDT))
+
+
+@triton.jit
+def _seq_advantage(adv_ptr, pid, ADV_PER_SEQ: tl.constexpr, CDT: tl.constexpr):
+    """Sequence pid's advantage (ADV_PER_SEQ; a 0 that is never read when advantages are per token)."""
+    if ADV_PER_SEQ:
+        adv_seq = tl.load(adv_ptr + pid).to(CDT)
+    else:
+        adv_seq = tl.zeros([], CDT)
+    return adv_seq
+
+
 AGG_IDS = {"token-mean": 0, "token-sum": 1, "seq-mean-token-sum": 2, "seq-mean-token-mean": 3,
            "seq-mean-token-sum-norm": 4}
 _MEAN_EPS = tl.constexpr(1e-8)  # verl's masked_mean denominator: sum(mask) + 1e-8
@@ -316,22 +360,11 @@ def _policy_loss_fwd_kernel(
     # grid (B, K): program (b, k) reads blocks k, k + K, k + 2K, ... of sequence b (K = 1 for the
     # two-pass losses, whose token pass needs the whole sequence's mean log-ratio first)
     CDT = part_ptr.dtype.element_ty  # the compute type: float64 for float64 input, else float32
-    # the float hyper-parameters come as float64 arguments (a Python float would be passed as
-    # float32; float64 input needs them exact), read in the compute type (float32: rounded as the
-    # float32 arguments were); under the interpreter they are Python floats, which tl.full keeps exact
-    clip_low, clip_high, dual = tl.full((), clip_low, CDT), tl.full((), clip_high, CDT), tl.full((), dual, CDT)
-    tau_pos, tau_neg = tl.full((), tau_pos, CDT), tl.full((), tau_neg, CDT)
-    dro_beta, ppo_kl_coef = tl.full((), dro_beta, CDT), tl.full((), ppo_kl_coef, CDT)
-    pid = tl.program_id(0).to(tl.int64)
-    kid = tl.program_id(1).to(tl.int64)
-    n_split = tl.num_programs(1).to(tl.int64)
-    start, n = _seq_bounds(cu_ptr, pid, T, PACKED)
-    if PACKED:
-        row = start
-        r_lp, r_old, r_adv, r_mask, r_ref, r_ent, r_isw, r_sel = row, row, row, row, row, row, row, row
-    else:
-        r_lp, r_old, r_adv, r_mask = pid * s_lp, pid * s_old, pid * s_adv, pid * s_mask
-        r_ref, r_ent, r_isw, r_sel = pid * s_ref, pid * s_ent, pid * s_isw, pid * s_sel
+    clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef = _policy_hyper(
+        clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef, CDT)
+    pid, kid, n_split, start, n = _seq_program(cu_ptr, T, PACKED)
+    r_lp, r_old, r_adv, r_mask, r_ref, r_ent, r_isw, r_sel = _row_offsets(
+        pid, start, s_lp, s_old, s_adv, s_mask, s_ref, s_ent, s_isw, s_sel, PACKED)
     cols = tl.arange(0, BLOCK).to(tl.int64)
     slr = 0.0
     # level="sequence" ppo / sapo: the gradient reaches a token only through its sequence's mean
@@ -351,10 +384,7 @@ def _policy_loss_fwd_kernel(
             num += tl.where(m != 0, m * (lp - old), 0.0)
             den += m
         slr = tl.sum(num, 0) / tl.maximum(tl.sum(den, 0), 1.0)
-    if ADV_PER_SEQ:
-        adv_seq = tl.load(adv_ptr + pid).to(CDT)
-    else:
-        adv_seq = tl.zeros([], CDT)  # unused: advantages per token
+    adv_seq = _seq_advantage(adv_ptr, pid, ADV_PER_SEQ, CDT)
     a_pol = tl.zeros([BLOCK], CDT)
     a_ent = tl.zeros([BLOCK], CDT)
     a_kl = tl.zeros([BLOCK], CDT)
@@ -519,24 +549,13 @@ def _policy_loss_bwd_kernel(
 ):
     # grid (B, K): program (b, k) writes blocks k, k + K, k + 2K, ... of sequence b
     CDT = stats_ptr.dtype.element_ty
-    # the float hyper-parameters come as float64 arguments (a Python float would be passed as
-    # float32; float64 input needs them exact), read in the compute type (float32: rounded as the
-    # float32 arguments were); under the interpreter they are Python floats, which tl.full keeps exact
-    clip_low, clip_high, dual = tl.full((), clip_low, CDT), tl.full((), clip_high, CDT), tl.full((), dual, CDT)
-    tau_pos, tau_neg = tl.full((), tau_pos, CDT), tl.full((), tau_neg, CDT)
-    dro_beta, ppo_kl_coef = tl.full((), dro_beta, CDT), tl.full((), ppo_kl_coef, CDT)
+    clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef = _policy_hyper(
+        clip_low, clip_high, dual, tau_pos, tau_neg, dro_beta, ppo_kl_coef, CDT)
     gtok, gseq, dp = tl.full((), gtok, CDT), tl.full((), gseq, CDT), tl.full((), dp, CDT)
     scale, kl_coef, ent_coef = tl.full((), scale, CDT), tl.full((), kl_coef, CDT), tl.full((), ent_coef, CDT)
-    pid = tl.program_id(0).to(tl.int64)
-    kid = tl.program_id(1).to(tl.int64)
-    n_split = tl.num_programs(1).to(tl.int64)
-    start, n = _seq_bounds(cu_ptr, pid, T, PACKED)
-    if PACKED:
-        row = start
-        r_lp, r_old, r_adv, r_mask, r_ref, r_isw, r_sel, r_out = row, row, row, row, row, row, row, row
-    else:
-        r_lp, r_old, r_adv, r_mask = pid * s_lp, pid * s_old, pid * s_adv, pid * s_mask
-        r_ref, r_isw, r_sel, r_out = pid * s_ref, pid * s_isw, pid * s_sel, pid * T
+    pid, kid, n_split, start, n = _seq_program(cu_ptr, T, PACKED)
+    r_lp, r_old, r_adv, r_mask, r_ref, r_isw, r_sel, r_out = _row_offsets(
+        pid, start, s_lp, s_old, s_adv, s_mask, s_ref, s_isw, s_sel, T, PACKED)
     # this sequence's coefficients (ops _seq_weights x coefficient x upstream gradient)
     count = tl.load(stats_ptr + pid * 12 + 3)
     slr = tl.load(stats_ptr + pid * 12 + 10)
@@ -557,10 +576,7 @@ def _policy_loss_bwd_kernel(
         c_ent = -_seq_weight(count, tokens, seqs, 1.0, scale, ENT_AGG) * ent_coef * grad
     else:
         c_ent = -w * ent_coef * grad
-    if ADV_PER_SEQ:
-        adv_seq = tl.load(adv_ptr + pid).to(CDT)
-    else:
-        adv_seq = tl.zeros([], CDT)  # unused: advantages per token
+    adv_seq = _seq_advantage(adv_ptr, pid, ADV_PER_SEQ, CDT)
     cols = tl.arange(0, BLOCK).to(tl.int64)
     for off in range(kid * BLOCK, n, n_split * BLOCK):
         idx = off + cols
@@ -791,10 +807,7 @@ def _load_as(ptr, idx, inb, CDT: tl.constexpr):
 def _agg_program(cu_ptr, T, s_a, s_b, PACKED: tl.constexpr):
     """Program (b, k) of a (B, K) grid over sequences: (b, k, K, the sequence's length, the start
     of its row in two tensors of row strides s_a / s_b; packed: its first token in both)."""
-    pid = tl.program_id(0).to(tl.int64)
-    kid = tl.program_id(1).to(tl.int64)
-    n_split = tl.num_programs(1).to(tl.int64)
-    start, n = _seq_bounds(cu_ptr, pid, T, PACKED)
+    pid, kid, n_split, start, n = _seq_program(cu_ptr, T, PACKED)
     if PACKED:
         r_a = start
         r_b = start
