@@ -11,7 +11,6 @@ and which path ran (the call counters). Then TRL's real GRPOTrainer / DPOTrainer
 each, patched against unpatched (tests/test_trl_trainers.py's ``_train``).
 """
 
-import types
 from collections import defaultdict
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 
 from _tiny_models import tiny_qwen2, tiny_tokenizer
 from conftest import import_peer
-from test_trl_loss import _accelerator, _config_defaults
+from test_trl_loss import _bare_trainer, _dpo_attributes, _grpo_attributes
 
 trl_utils = import_peer("trl.trainer.utils")
 grpo_mod = import_peer("trl.trainer.grpo_trainer")
@@ -37,36 +36,17 @@ def _model(cast_fp32=False):
 
 
 def _trainer(model, options, precision):
-    args = types.SimpleNamespace(**_config_defaults("trl.trainer.grpo_config", "GRPOConfig"))
-    args.steps_per_generation = 4
-    for k, v in options.items():
-        setattr(args, k, v)
-    t = object.__new__(grpo_mod.GRPOTrainer)
-    t.args = args
-    acc = _accelerator()
-    acc.is_main_process = True
-    acc.autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else \
+    t, args = _bare_trainer(grpo_mod.GRPOTrainer, ("trl.trainer.grpo_config", "GRPOConfig"),
+                            {"steps_per_generation": 4, **options})
+    _grpo_attributes(t, args)
+    t.accelerator.is_main_process = True
+    t.accelerator.autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else \
         (lambda: torch.autocast("cpu", enabled=False))
-    t.accelerator = acc
     t.model = model
-    t.loss_type = args.loss_type
-    t.beta = args.beta
-    t.epsilon_low = args.epsilon
-    t.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-    t.importance_sampling_level = args.importance_sampling_level
-    t.top_entropy_quantile = args.top_entropy_quantile
-    t.off_policy_mask_threshold = args.off_policy_mask_threshold
     t.use_vllm = False
-    t.vllm_importance_sampling_correction = args.vllm_importance_sampling_correction
     t.max_completion_length = K + 2
-    t.current_gradient_accumulation_steps = 2
-    t.entropy_coef = args.entropy_coef
-    t.use_adaptive_entropy = args.use_adaptive_entropy
-    t._entropy_bonus_enabled = t.entropy_coef != 0.0 or t.use_adaptive_entropy
-    t._entropy_window_stats = None
     t._last_world_entropy = float("inf")
     t.aux_loss_enabled = False
-    t._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
     return t
 
 
@@ -89,13 +69,49 @@ def _inputs(model, options, seed=0):
     return inputs
 
 
+def _backward(loss, model):
+    """Runs the backward of ``loss``: (the loss, every parameter's gradient), in float64."""
+    loss.backward()
+    grads = {n: p.grad.double().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach().double(), grads
+
+
 def _step(compute, options, precision, cast_fp32):
     model = _model(cast_fp32)
     trainer = _trainer(model, options, precision)
-    loss = compute(trainer, model, _inputs(model, dict(options)))
-    loss.backward()
-    grads = {n: p.grad.double().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach().double(), grads, dict(trainer._metrics["train"])
+    return *_backward(compute(trainer, model, _inputs(model, dict(options))), model), dict(trainer._metrics["train"])
+
+
+def _assert_step_close(ours, ref, rtol, atol, grad_rtol, metrics_in_order):
+    """(loss, gradients, metrics) of two steps: the loss and the metrics within rtol / atol, every
+    gradient within grad_rtol of the parameter's largest; the same metric keys, in the same order
+    where ``metrics_in_order``."""
+    torch.testing.assert_close(ours[0], ref[0], rtol=rtol, atol=atol)
+    assert sorted(ours[1]) == sorted(ref[1])
+    for name in ref[1]:
+        scale = ref[1][name].abs().max().item()
+        gap = (ours[1][name] - ref[1][name]).abs().max().item()
+        assert gap <= grad_rtol * scale + 1e-9, (name, gap, scale)
+    if metrics_in_order:
+        assert list(ours[2]) == list(ref[2])
+    else:
+        assert sorted(ours[2]) == sorted(ref[2])
+    for key in ref[2]:
+        assert ours[2][key] == pytest.approx(ref[2][key], rel=rtol, abs=atol, nan_ok=True), key
+
+
+def _fallback_step(cls, step, options):
+    """``step`` with patch(loss="fused") on a configuration the fused loss does not take: the
+    loss=True path (rlkern's loss on TRL's log-probs) runs instead, once."""
+    rt.patch(loss="fused")
+    try:
+        fused, plain = rt.calls[f"{cls.__name__}._compute_loss[fused]"], rt.calls[f"{cls.__name__}._compute_loss"]
+        ours = step(cls._compute_loss, dict(options), "fp32")
+        assert rt.calls[f"{cls.__name__}._compute_loss[fused]"] == fused
+        assert rt.calls[f"{cls.__name__}._compute_loss"] == plain + 1
+    finally:
+        rt.unpatch()
+    return ours
 
 
 CASES = [
@@ -128,17 +144,7 @@ def test_grpo_fused_loss_matches_trl(options, precision):
     # precision; gradients within 8e-7 of each parameter's largest in fp32, and under bf16 up to
     # 3.7e-3: a 1e-7 difference of the head's fp32 gradient that rounds the other way into the
     # bf16 backbone moves an element by one bf16 ulp (2**-8 relative)
-    rtol, atol = 2e-5, 2e-6
-    grad_rtol = 2e-5 if autocast == "fp32" else 1e-2
-    torch.testing.assert_close(ours[0], ref[0], rtol=rtol, atol=atol)
-    assert sorted(ours[1]) == sorted(ref[1])
-    for name in ref[1]:
-        scale = ref[1][name].abs().max().item()
-        gap = (ours[1][name] - ref[1][name]).abs().max().item()
-        assert gap <= grad_rtol * scale + 1e-9, (name, gap, scale)
-    assert sorted(ours[2]) == sorted(ref[2])
-    for key in ref[2]:
-        assert ours[2][key] == pytest.approx(ref[2][key], rel=rtol, abs=atol, nan_ok=True), key
+    _assert_step_close(ours, ref, 2e-5, 2e-6, 2e-5 if autocast == "fp32" else 1e-2, metrics_in_order=False)
 
 
 @pytest.mark.peer
@@ -147,14 +153,7 @@ def test_grpo_fused_loss_matches_trl(options, precision):
 def test_grpo_fused_falls_back_to_loss_true(options):
     # configurations that read the per-token log-probs / entropies outside the loss run the
     # loss=True path (policy_loss on TRL's log-probs), still on rlkern
-    rt.patch(loss="fused")
-    try:
-        fused, plain = rt.calls["GRPOTrainer._compute_loss[fused]"], rt.calls["GRPOTrainer._compute_loss"]
-        ours = _step(grpo_mod.GRPOTrainer._compute_loss, dict(options), "fp32", False)
-        assert rt.calls["GRPOTrainer._compute_loss[fused]"] == fused
-        assert rt.calls["GRPOTrainer._compute_loss"] == plain + 1
-    finally:
-        rt.unpatch()
+    ours = _fallback_step(grpo_mod.GRPOTrainer, lambda f, o, precision: _step(f, o, precision, False), options)
     ref = _step(_trl_loss._original(grpo_mod.GRPOTrainer), dict(options), "fp32", False)
     torch.testing.assert_close(ours[0], ref[0], rtol=2e-5, atol=2e-6)
 
@@ -170,14 +169,7 @@ def test_grpo_fused_falls_back_under_zero3(monkeypatch):
     ref = _step(_trl_loss._original(grpo_mod.GRPOTrainer), dict(options), "fp32", False)
     monkeypatch.setattr(deepspeed_utils, "is_deepspeed_zero3_enabled", lambda: True)
     monkeypatch.setattr(trl_utils, "maybe_gather_lm_head_ctx", lambda *params: contextlib.nullcontext())
-    rt.patch(loss="fused")
-    try:
-        fused, plain = rt.calls["GRPOTrainer._compute_loss[fused]"], rt.calls["GRPOTrainer._compute_loss"]
-        ours = _step(grpo_mod.GRPOTrainer._compute_loss, dict(options), "fp32", False)
-        assert rt.calls["GRPOTrainer._compute_loss[fused]"] == fused
-        assert rt.calls["GRPOTrainer._compute_loss"] == plain + 1
-    finally:
-        rt.unpatch()
+    ours = _fallback_step(grpo_mod.GRPOTrainer, lambda f, o, precision: _step(f, o, precision, False), options)
     torch.testing.assert_close(ours[0], ref[0], rtol=2e-5, atol=2e-6)
     for name in ref[1]:
         torch.testing.assert_close(ours[1][name], ref[1][name], rtol=2e-5, atol=2e-5 * ref[1][name].abs().max().item())
@@ -197,31 +189,25 @@ def _dpo_models(use_weighting):
     return policy, ref
 
 
-def _dpo_trainer(policy, ref, options):
-    args = types.SimpleNamespace(**_config_defaults("trl.trainer.dpo_config", "DPOConfig"))
-    for k, v in options.items():
-        setattr(args, k, v)
-    if isinstance(args.loss_type, str):
-        args.loss_type = [args.loss_type]
-    t = object.__new__(dpo_mod.DPOTrainer)
-    t.args = args
-    t.accelerator = _accelerator()
+def _preference_trainer(cls, config, policy, ref, options):
+    """A DPO / KTO trainer (test_trl_loss's ``_bare_trainer``) holding the two models, with the
+    attributes both losses read. Returns (trainer, args)."""
+    t, args = _bare_trainer(cls, config, options)
     t.accelerator.device = torch.device("cpu")
     t.accelerator.unwrap_model = lambda m: m
     t.model, t.ref_model = policy, ref
     t.beta = args.beta
     t.precompute_ref_logps = False
-    t.loss_types = args.loss_type
-    t.loss_weights = args.loss_weights or [1.0] * len(args.loss_type)
-    t.ld_alpha = args.ld_alpha
-    t.f_divergence_type = args.f_divergence_type
-    t.f_alpha_divergence_coef = args.f_alpha_divergence_coef
-    t.label_smoothing = args.label_smoothing
-    t.use_weighting = args.use_weighting
     t.aux_loss_enabled = False
     t._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
     t._total_train_tokens = 0
     t._tp_size = 1
+    return t, args
+
+
+def _dpo_trainer(policy, ref, options):
+    t, args = _preference_trainer(dpo_mod.DPOTrainer, ("trl.trainer.dpo_config", "DPOConfig"), policy, ref, options)
+    _dpo_attributes(t, args)
     return t
 
 
@@ -242,9 +228,7 @@ def _dpo_step(compute, options, precision):
     trainer = _dpo_trainer(policy, ref, options)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         loss = compute(trainer, policy, _dpo_inputs(policy.config.vocab_size), False)
-    loss.backward()
-    grads = {n: p.grad.double().clone() for n, p in policy.named_parameters() if p.grad is not None}
-    return loss.detach().double(), grads, dict(trainer._metrics["train"])
+    return *_backward(loss, policy), dict(trainer._metrics["train"])
 
 
 DPO_CASES = [
@@ -278,30 +262,13 @@ def test_dpo_fused_loss_matches_trl(options, precision):
     # Measured (TRL 1.16, torch 2.13 CPU), fp32: losses within 4.5e-7 relative, gradients 2.2e-6
     # of each parameter's largest (TRL against itself with chunk_size 97: 3e-6). bf16: gradients
     # within 1e-2 (one bf16 ulp of the backbone flipped; TRL against its chunk 97: 4.8e-3)
-    rtol, atol = 2e-5, 2e-6
-    grad_rtol = 2e-5 if precision == "fp32" else 1e-2
-    torch.testing.assert_close(ours[0], ref[0], rtol=rtol, atol=atol)
-    assert sorted(ours[1]) == sorted(ref[1])
-    for name in ref[1]:
-        scale = ref[1][name].abs().max().item()
-        gap = (ours[1][name] - ref[1][name]).abs().max().item()
-        assert gap <= grad_rtol * scale + 1e-9, (name, gap, scale)
-    assert list(ours[2]) == list(ref[2])
-    for key in ref[2]:
-        assert ours[2][key] == pytest.approx(ref[2][key], rel=rtol, abs=atol, nan_ok=True), key
+    _assert_step_close(ours, ref, 2e-5, 2e-6, 2e-5 if precision == "fp32" else 1e-2, metrics_in_order=True)
 
 
 @pytest.mark.peer
 def test_dpo_fused_falls_back_to_loss_true_for_sft():
     options = dict(loss_type=["sigmoid", "sft"])
-    rt.patch(loss="fused")
-    try:
-        fused, plain = rt.calls["DPOTrainer._compute_loss[fused]"], rt.calls["DPOTrainer._compute_loss"]
-        ours = _dpo_step(dpo_mod.DPOTrainer._compute_loss, dict(options), "fp32")
-        assert rt.calls["DPOTrainer._compute_loss[fused]"] == fused
-        assert rt.calls["DPOTrainer._compute_loss"] == plain + 1
-    finally:
-        rt.unpatch()
+    ours = _fallback_step(dpo_mod.DPOTrainer, _dpo_step, options)
     ref = _dpo_step(_trl_loss._original(dpo_mod.DPOTrainer), dict(options), "fp32")
     torch.testing.assert_close(ours[0], ref[0], rtol=2e-5, atol=2e-6)
 
@@ -384,24 +351,10 @@ def _kto_models():
 
 
 def _kto_trainer(policy, ref, options):
-    args = types.SimpleNamespace(**_config_defaults("trl.trainer.kto_config", "KTOConfig"))
-    for k, v in options.items():
-        setattr(args, k, v)
-    t = object.__new__(kto_mod.KTOTrainer)
-    t.args = args
-    t.accelerator = _accelerator()
-    t.accelerator.device = torch.device("cpu")
-    t.accelerator.unwrap_model = lambda m: m
-    t.model, t.ref_model = policy, ref
-    t.beta = args.beta
-    t.precompute_ref_logps = False
+    t, args = _preference_trainer(kto_mod.KTOTrainer, ("trl.trainer.kto_config", "KTOConfig"), policy, ref, options)
     t.loss_type = args.loss_type
     t.desirable_weight, t.undesirable_weight = args.desirable_weight, args.undesirable_weight
     t.calculate_KL = args.loss_type == "kto"
-    t.aux_loss_enabled = False
-    t._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-    t._total_train_tokens = 0
-    t._tp_size = 1
     return t
 
 
@@ -425,9 +378,7 @@ def _kto_step(compute, options, precision):
     trainer = _kto_trainer(policy, ref, options)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         loss = compute(trainer, policy, _kto_inputs(policy.config.vocab_size), False)
-    loss.backward()
-    grads = {n: p.grad.double().clone() for n, p in policy.named_parameters() if p.grad is not None}
-    return loss.detach().double(), grads, dict(trainer._metrics["train"])
+    return *_backward(loss, policy), dict(trainer._metrics["train"])
 
 
 @pytest.mark.peer
@@ -451,16 +402,7 @@ def test_kto_fused_loss_matches_trl(options, precision):
         rt.unpatch()
     # as DPO: fp32 within TRL's own chunking noise; bf16 (TRL's bf16 tiles through logits_dtype)
     # within one bf16 ulp of the backbone's backward
-    grad_rtol = 2e-5 if precision == "fp32" else 1e-2
-    torch.testing.assert_close(ours[0], ref[0], rtol=2e-5, atol=2e-6)
-    assert sorted(ours[1]) == sorted(ref[1])
-    for name in ref[1]:
-        scale = ref[1][name].abs().max().item()
-        gap = (ours[1][name] - ref[1][name]).abs().max().item()
-        assert gap <= grad_rtol * scale + 1e-9, (name, gap, scale)
-    assert list(ours[2]) == list(ref[2])
-    for key in ref[2]:
-        assert ours[2][key] == pytest.approx(ref[2][key], rel=2e-5, abs=2e-6, nan_ok=True), key
+    _assert_step_close(ours, ref, 2e-5, 2e-6, 2e-5 if precision == "fp32" else 1e-2, metrics_in_order=True)
 
 
 # --- a PEFT LoRA adapter on the head ------------------------------------------------------------
@@ -494,11 +436,9 @@ def _lora_step(trainer_name, compute, options, dropout):
         args = (trainer, model, _kto_inputs(policy.config.vocab_size), False)
     model.train(dropout > 0)
     torch.manual_seed(11)  # the same dropout masks in both runs
-    loss = compute(*args)
-    loss.backward()
-    grads = {n: p.grad.double().clone() for n, p in model.named_parameters() if p.grad is not None}
+    loss, grads = _backward(compute(*args), model)
     assert any("lm_head.lora_A" in n for n in grads) and not any("lm_head.base_layer" in n for n in grads)
-    return loss.detach().double(), grads
+    return loss, grads
 
 
 @pytest.mark.peer
@@ -548,27 +488,34 @@ def test_patch_loss_option():
     assert dpo_mod.DPOTrainer._compute_loss is _trl_loss._original(dpo_mod.DPOTrainer)
 
 
+def _steps_through_the_fused_loss(algo, trainer, precision, root):
+    """TRL's own ``trainer`` (``algo``), two SGD steps (tests/test_trl_trainers.py's ``_train``),
+    with patch(loss="fused") against TRL unpatched: every optimizer step ran the fused loss, and
+    the run is within 20 times TRL's own chunking noise of TRL's."""
+    from test_trl_trainers import _gaps, _train
+
+    fused_before = rt.calls[f"{trainer}._compute_loss[fused]"]
+    trl_run = _train(algo, precision, "trl", root)
+    ours = _train(algo, precision, "rlkern-fused", root)
+    fused = rt.calls[f"{trainer}._compute_loss[fused]"] - fused_before
+    assert fused >= 2, fused  # one per optimizer step at least
+    assert ours[4] > 0 and trl_run[4] == 0
+    gap = _gaps(trl_run, ours)
+    noise = _gaps(trl_run, _train(algo, precision, "trl-chunk97", root))
+    slack = {key: 0.0 for key in gap}
+    if precision == "bf16":  # as tests/test_trl_trainers.py: a tenth of TRL's own bf16 error on top
+        slack = {key: 0.1 * value for key, value in _gaps(_train(algo, "fp32", "trl", root), trl_run).items()}
+    print(f"{algo} {precision} loss=fused: rlkern-vs-TRL {gap}, TRL-vs-TRL(chunk 97) {noise}, bf16 slack {slack}")
+    for key in gap:
+        assert gap[key] <= 20 * noise[key] + slack[key] + 2e-6, (key, gap, noise, slack)
+
+
 @pytest.mark.peer
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_grpo_trainer_steps_through_the_fused_loss(precision, tmp_path):
     # TRL's own GRPOTrainer, two SGD steps (tests/test_trl_trainers.py's setup), with
     # patch(loss="fused") against TRL unpatched: every step's loss ran linear_policy_loss
-    from test_trl_trainers import _gaps, _train
-
-    root = str(tmp_path)
-    fused_before = rt.calls["GRPOTrainer._compute_loss[fused]"]
-    trl_run = _train("grpo", precision, "trl", root)
-    ours = _train("grpo", precision, "rlkern-fused", root)
-    assert rt.calls["GRPOTrainer._compute_loss[fused]"] - fused_before >= 2  # one per optimizer step at least
-    assert ours[4] > 0 and trl_run[4] == 0
-    gap = _gaps(trl_run, ours)
-    noise = _gaps(trl_run, _train("grpo", precision, "trl-chunk97", root))
-    slack = {key: 0.0 for key in gap}
-    if precision == "bf16":  # as tests/test_trl_trainers.py: a tenth of TRL's own bf16 error on top
-        slack = {key: 0.1 * value for key, value in _gaps(_train("grpo", "fp32", "trl", root), trl_run).items()}
-    print(f"grpo {precision} loss=fused: rlkern-vs-TRL {gap}, TRL-vs-TRL(chunk 97) {noise}, bf16 slack {slack}")
-    for key in gap:
-        assert gap[key] <= 20 * noise[key] + slack[key] + 2e-6, (key, gap, noise, slack)
+    _steps_through_the_fused_loss("grpo", "GRPOTrainer", precision, str(tmp_path))
 
 
 @pytest.mark.peer
@@ -577,20 +524,4 @@ def test_dpo_trainer_steps_through_the_fused_loss(precision, tmp_path):
     # TRL's own DPOTrainer, two SGD steps (tests/test_trl_trainers.py's setup), with
     # patch(loss="fused") against TRL unpatched: fp32 and bf16 steps (TRL's bf16 tiles through
     # logits_dtype) run linear_preference_loss
-    from test_trl_trainers import _gaps, _train
-
-    root = str(tmp_path)
-    fused_before = rt.calls["DPOTrainer._compute_loss[fused]"]
-    trl_run = _train("dpo", precision, "trl", root)
-    ours = _train("dpo", precision, "rlkern-fused", root)
-    fused = rt.calls["DPOTrainer._compute_loss[fused]"] - fused_before
-    assert fused >= 2, fused
-    assert ours[4] > 0 and trl_run[4] == 0
-    gap = _gaps(trl_run, ours)
-    noise = _gaps(trl_run, _train("dpo", precision, "trl-chunk97", root))
-    slack = {key: 0.0 for key in gap}
-    if precision == "bf16":  # as tests/test_trl_trainers.py: a tenth of TRL's own bf16 error on top
-        slack = {key: 0.1 * value for key, value in _gaps(_train("dpo", "fp32", "trl", root), trl_run).items()}
-    print(f"dpo {precision} loss=fused: rlkern-vs-TRL {gap}, TRL-vs-TRL(chunk 97) {noise}, bf16 slack {slack}")
-    for key in gap:
-        assert gap[key] <= 20 * noise[key] + slack[key] + 2e-6, (key, gap, noise, slack)
+    _steps_through_the_fused_loss("dpo", "DPOTrainer", precision, str(tmp_path))

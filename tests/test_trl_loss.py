@@ -40,6 +40,38 @@ def _config_defaults(module, name):
     return out
 
 
+def _bare_trainer(cls, config, options):
+    """``cls`` built without its ``__init__``: ``args`` the defaults of ``config`` (the config
+    dataclass's module and name) with ``options`` set on them, the one-process accelerator stub.
+    Returns (trainer, args)."""
+    args = types.SimpleNamespace(**_config_defaults(*config))
+    for k, v in options.items():
+        setattr(args, k, v)
+    trainer = object.__new__(cls)
+    trainer.args = args
+    trainer.accelerator = _accelerator()
+    return trainer, args
+
+
+def _grpo_attributes(trainer, args):
+    """What GRPOTrainer.__init__ derives from its args and _compute_loss reads (the callers set the
+    model, use_vllm, max_completion_length, _last_world_entropy and aux_loss_enabled)."""
+    trainer.loss_type = args.loss_type
+    trainer.beta = args.beta
+    trainer.epsilon_low = args.epsilon
+    trainer.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+    trainer.importance_sampling_level = args.importance_sampling_level
+    trainer.top_entropy_quantile = args.top_entropy_quantile
+    trainer.off_policy_mask_threshold = args.off_policy_mask_threshold
+    trainer.vllm_importance_sampling_correction = args.vllm_importance_sampling_correction
+    trainer.current_gradient_accumulation_steps = 2
+    trainer.entropy_coef = args.entropy_coef
+    trainer.use_adaptive_entropy = args.use_adaptive_entropy
+    trainer._entropy_bonus_enabled = trainer.entropy_coef != 0.0 or trainer.use_adaptive_entropy
+    trainer._entropy_window_stats = None
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+
 def _batch(seed=0, dtype=torch.float32, empty_row=True, spread=0.35, ref_spread=0.3):
     g = torch.Generator().manual_seed(seed)
     lp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 2.5
@@ -61,33 +93,15 @@ def _batch(seed=0, dtype=torch.float32, empty_row=True, spread=0.35, ref_spread=
 
 def _grpo(options, b, training=True):
     grpo = import_peer("trl.trainer.grpo_trainer")
-    args = types.SimpleNamespace(**_config_defaults("trl.trainer.grpo_config", "GRPOConfig"))
-    args.steps_per_generation = 4
-    for k, v in options.items():
-        setattr(args, k, v)
-    trainer = object.__new__(grpo.GRPOTrainer)
-    trainer.args = args
-    trainer.accelerator = _accelerator()
+    trainer, args = _bare_trainer(grpo.GRPOTrainer, ("trl.trainer.grpo_config", "GRPOConfig"),
+                                  {"steps_per_generation": 4, **options})
+    _grpo_attributes(trainer, args)
     trainer.model = types.SimpleNamespace(training=training)
-    trainer.loss_type = args.loss_type
-    trainer.beta = args.beta
-    trainer.epsilon_low = args.epsilon
-    trainer.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-    trainer.importance_sampling_level = args.importance_sampling_level
-    trainer.top_entropy_quantile = args.top_entropy_quantile
-    trainer.off_policy_mask_threshold = args.off_policy_mask_threshold
     trainer.use_vllm = options.get("use_vllm", False)
-    trainer.vllm_importance_sampling_correction = args.vllm_importance_sampling_correction
     trainer.max_completion_length = T + 3
-    trainer.current_gradient_accumulation_steps = 2
-    trainer.entropy_coef = args.entropy_coef
-    trainer.use_adaptive_entropy = args.use_adaptive_entropy
-    trainer._entropy_bonus_enabled = trainer.entropy_coef != 0.0 or trainer.use_adaptive_entropy
-    trainer._entropy_window_stats = None
     trainer._last_world_entropy = options.get("_last_world_entropy", float("inf"))
     trainer.aux_loss_enabled = options.get("aux", False)
     trainer.router_aux_loss_coef = 0.01
-    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
     lp = b["lp"].clone().requires_grad_()
     ent = b["ent"].clone().requires_grad_()
     aux = torch.tensor(0.7)
@@ -389,6 +403,23 @@ def test_loss_overrides_name_the_trainers(monkeypatch):
 P = 5  # pairs
 
 
+def _preference_trainer(cls, config, options, training):
+    """A DPO / KTO trainer (``_bare_trainer``) with the attributes both losses read; a Module for a
+    model (accelerate's is_peft_model reads one). Returns (trainer, args)."""
+    trainer, args = _bare_trainer(cls, config, options)
+    trainer.accelerator.device = torch.device("cpu")
+    trainer.model = torch.nn.Module().train(training)
+    trainer.model.is_gradient_checkpointing = False
+    trainer.beta = args.beta
+    trainer.precompute_ref_logps = args.precompute_ref_log_probs
+    trainer.aux_loss_enabled = options.get("aux", False)
+    trainer.router_aux_loss_coef = 0.01
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    trainer._total_train_tokens = 0
+    trainer._tp_size = 1
+    return trainer, args
+
+
 def _dpo_batch(seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     n, width = 2 * P, T + 1
@@ -408,21 +439,11 @@ def _dpo_batch(seed=0, dtype=torch.float32):
                 attention_mask=torch.ones(n, width, dtype=torch.long))
 
 
-def _dpo(options, b, training=True):
-    dpo = import_peer("trl.trainer.dpo_trainer")
-    args = types.SimpleNamespace(**_config_defaults("trl.trainer.dpo_config", "DPOConfig"))
-    for k, v in options.items():
-        setattr(args, k, v)
+def _dpo_attributes(trainer, args):
+    """What DPOTrainer.__init__ derives from its args and _compute_loss reads (a single loss_type
+    becomes a list, as DPOConfig.__post_init__ makes it)."""
     if isinstance(args.loss_type, str):
         args.loss_type = [args.loss_type]
-    trainer = object.__new__(dpo.DPOTrainer)
-    trainer.args = args
-    trainer.accelerator = _accelerator()
-    trainer.accelerator.device = torch.device("cpu")
-    trainer.model = torch.nn.Module().train(training)  # accelerate's is_peft_model reads a Module
-    trainer.model.is_gradient_checkpointing = False
-    trainer.beta = args.beta
-    trainer.precompute_ref_logps = args.precompute_ref_log_probs
     trainer.loss_types = args.loss_type
     trainer.loss_weights = args.loss_weights or [1.0] * len(args.loss_type)
     trainer.ld_alpha = args.ld_alpha
@@ -430,11 +451,12 @@ def _dpo(options, b, training=True):
     trainer.f_alpha_divergence_coef = args.f_alpha_divergence_coef
     trainer.label_smoothing = args.label_smoothing
     trainer.use_weighting = args.use_weighting
-    trainer.aux_loss_enabled = options.get("aux", False)
-    trainer.router_aux_loss_coef = 0.01
-    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-    trainer._total_train_tokens = 0
-    trainer._tp_size = 1
+
+
+def _dpo(options, b, training=True):
+    dpo = import_peer("trl.trainer.dpo_trainer")
+    trainer, args = _preference_trainer(dpo.DPOTrainer, ("trl.trainer.dpo_config", "DPOConfig"), options, training)
+    _dpo_attributes(trainer, args)
     lp = b["lp"].clone().requires_grad_()
 
     def policy(**kwargs):
@@ -463,17 +485,19 @@ def _dpo_inputs(b, trainer):
     return inputs
 
 
-def _dpo_compare(options, seed=0, dtype=torch.float32, training=True, rtol=2e-5, atol=2e-6, fallback=False):
+def _preference_compare(trainer, ours_name, build, b, inputs_of, training, rtol, atol, fallback, nan_ok):
+    """TRL's own ``trainer._compute_loss`` against rlkern's (``_trl_loss.<ours_name>``) on two
+    trainers built alike by ``build`` from the batch ``b``: the loss, the log-probs' gradient and
+    every metric (the same keys in the same order); rlkern ran unless ``fallback``. Returns (TRL's
+    metrics, TRL's loss)."""
     trl_loss_mod = pytest.importorskip("rlkern.integrations._trl_loss")
-    dpo = import_peer("trl.trainer.dpo_trainer")
-    b = _dpo_batch(seed, dtype)
-    theirs, model_t, lp_t = _dpo(options, b, training)
-    ours, model_o, lp_o = _dpo(options, b, training)
-    inputs = _dpo_inputs(b, theirs)
-    ref_loss = trl_loss_mod._original(dpo.DPOTrainer)(theirs, model_t, inputs, False)
+    theirs, model_t, lp_t = build(b, training)
+    ours, model_o, lp_o = build(b, training)
+    inputs = inputs_of(b, theirs)
+    ref_loss = trl_loss_mod._original(trainer)(theirs, model_t, inputs, False)
     ref_loss.backward()
     before = trl_loss_mod.CALLS
-    our_loss = trl_loss_mod.dpo_compute_loss(ours, model_o, inputs, False)
+    our_loss = getattr(trl_loss_mod, ours_name)(ours, model_o, inputs, False)
     our_loss.backward()
     assert trl_loss_mod.CALLS == before + (0 if fallback else 1), "rlkern did not compute the loss"
     torch.testing.assert_close(our_loss.double(), ref_loss.double(), rtol=rtol, atol=atol, equal_nan=fallback)
@@ -482,7 +506,15 @@ def _dpo_compare(options, seed=0, dtype=torch.float32, training=True, rtol=2e-5,
     want, got = dict(theirs._metrics[mode]), dict(ours._metrics[mode])
     assert list(got) == list(want)
     for key in want:
-        assert got[key] == pytest.approx(want[key], rel=rtol, abs=atol, nan_ok=True), key
+        assert got[key] == pytest.approx(want[key], rel=rtol, abs=atol, nan_ok=nan_ok), key
+    return want, ref_loss
+
+
+def _dpo_compare(options, seed=0, dtype=torch.float32, training=True, rtol=2e-5, atol=2e-6, fallback=False):
+    dpo = import_peer("trl.trainer.dpo_trainer")
+    want, ref_loss = _preference_compare(dpo.DPOTrainer, "dpo_compute_loss", lambda b, t: _dpo(options, b, t),
+                                         _dpo_batch(seed, dtype), _dpo_inputs, training, rtol, atol, fallback,
+                                         nan_ok=True)
     return want, float(ref_loss.detach())
 
 
@@ -625,26 +657,11 @@ def _kto_batch(seed=0, dtype=torch.float32, labels=None):
 
 def _kto(options, b, training=True):
     kto = import_peer("trl.trainer.kto_trainer")
-    args = types.SimpleNamespace(**_config_defaults("trl.trainer.kto_config", "KTOConfig"))
-    for k, v in options.items():
-        setattr(args, k, v)
-    trainer = object.__new__(kto.KTOTrainer)
-    trainer.args = args
-    trainer.accelerator = _accelerator()
-    trainer.accelerator.device = torch.device("cpu")
-    trainer.model = torch.nn.Module().train(training)
-    trainer.model.is_gradient_checkpointing = False
-    trainer.beta = args.beta
-    trainer.precompute_ref_logps = args.precompute_ref_log_probs
+    trainer, args = _preference_trainer(kto.KTOTrainer, ("trl.trainer.kto_config", "KTOConfig"), options, training)
     trainer.loss_type = args.loss_type
     trainer.desirable_weight = args.desirable_weight
     trainer.undesirable_weight = args.undesirable_weight
     trainer.calculate_KL = options.get("calculate_KL", args.loss_type == "kto")
-    trainer.aux_loss_enabled = options.get("aux", False)
-    trainer.router_aux_loss_coef = 0.01
-    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-    trainer._total_train_tokens = 0
-    trainer._tp_size = 1
     lp = b["lp"].clone().requires_grad_()
 
     def run(per_token, kl_per_token, **kwargs):
@@ -675,26 +692,10 @@ def _kto_inputs(b, trainer):
 
 
 def _kto_compare(options, seed=0, dtype=torch.float32, training=True, labels=None, rtol=2e-5, atol=2e-6):
-    trl_loss_mod = pytest.importorskip("rlkern.integrations._trl_loss")
     kto = import_peer("trl.trainer.kto_trainer")
-    b = _kto_batch(seed, dtype, labels)
-    theirs, model_t, lp_t = _kto(options, b, training)
-    ours, model_o, lp_o = _kto(options, b, training)
-    inputs = _kto_inputs(b, theirs)
-    ref_loss = trl_loss_mod._original(kto.KTOTrainer)(theirs, model_t, inputs, False)
-    ref_loss.backward()
-    before = trl_loss_mod.CALLS
-    our_loss = trl_loss_mod.kto_compute_loss(ours, model_o, inputs, False)
-    our_loss.backward()
-    assert trl_loss_mod.CALLS == before + 1, "rlkern did not compute the loss"
-    torch.testing.assert_close(our_loss.double(), ref_loss.double(), rtol=rtol, atol=atol)
-    torch.testing.assert_close(lp_o.grad.double(), lp_t.grad.double(), rtol=rtol, atol=atol)
-    mode = "train" if training else "eval"
-    want, got = dict(theirs._metrics[mode]), dict(ours._metrics[mode])
-    assert list(got) == list(want)
-    for key in want:
-        assert got[key] == pytest.approx(want[key], rel=rtol, abs=atol), key
-    return want
+    return _preference_compare(kto.KTOTrainer, "kto_compute_loss", lambda b, t: _kto(options, b, t),
+                               _kto_batch(seed, dtype, labels), _kto_inputs, training, rtol, atol, fallback=False,
+                               nan_ok=False)[0]
 
 
 @pytest.mark.peer
