@@ -492,7 +492,7 @@ def _steps_through_the_fused_loss(algo, trainer, precision, root):
     """TRL's own ``trainer`` (``algo``), two SGD steps (tests/test_trl_trainers.py's ``_train``),
     with patch(loss="fused") against TRL unpatched: every optimizer step ran the fused loss, and
     the run is within 20 times TRL's own chunking noise of TRL's."""
-    from test_trl_trainers import _gaps, _train
+    from test_trl_trainers import _assert_within_trl_noise, _train
 
     fused_before = rt.calls[f"{trainer}._compute_loss[fused]"]
     trl_run = _train(algo, precision, "trl", root)
@@ -500,14 +500,7 @@ def _steps_through_the_fused_loss(algo, trainer, precision, root):
     fused = rt.calls[f"{trainer}._compute_loss[fused]"] - fused_before
     assert fused >= 2, fused  # one per optimizer step at least
     assert ours[4] > 0 and trl_run[4] == 0
-    gap = _gaps(trl_run, ours)
-    noise = _gaps(trl_run, _train(algo, precision, "trl-chunk97", root))
-    slack = {key: 0.0 for key in gap}
-    if precision == "bf16":  # as tests/test_trl_trainers.py: a tenth of TRL's own bf16 error on top
-        slack = {key: 0.1 * value for key, value in _gaps(_train(algo, "fp32", "trl", root), trl_run).items()}
-    print(f"{algo} {precision} loss=fused: rlkern-vs-TRL {gap}, TRL-vs-TRL(chunk 97) {noise}, bf16 slack {slack}")
-    for key in gap:
-        assert gap[key] <= 20 * noise[key] + slack[key] + 2e-6, (key, gap, noise, slack)
+    _assert_within_trl_noise(algo, precision, trl_run, ours, root, label=f"{precision} loss=fused")
 
 
 @pytest.mark.peer
