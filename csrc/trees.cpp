@@ -539,6 +539,19 @@ inline void each_position(const Order<I>& o, const Outputs<scalar_t>& out, int64
   }
 }
 
+// Writes every node's value and advantage(q, parent position, root position), kept; roots get
+// 0, not kept (TreeRL and ARPO, over the mean-leaves values).
+template <typename I, typename scalar_t, typename F>
+void non_root_advantages(const Order<I>& o, const Outputs<scalar_t>& out, const double* value, F advantage) {
+  parallel(0, o.m, [&](int64_t b, int64_t e) {
+    each_position(o, out, b, e, [&](int64_t q, int64_t n) {
+      const int64_t p = o.parent_pos[q];
+      if (p < 0) out.put(n, 0.0, false, value[q]);
+      else out.put(n, advantage(q, p, static_cast<int64_t>(o.root_pos[q])), true, value[q]);
+    });
+  });
+}
+
 void check_inputs(const at::Tensor& parent, const at::Tensor& reward) {
   TORCH_CHECK(parent.dim() == 1 && parent.scalar_type() == at::kLong && parent.is_contiguous(),
               "rlkern.trees: parent must be a contiguous [M] int64 tensor");
@@ -671,42 +684,25 @@ void advantages_impl(const at::Tensor& parent, const at::Tensor& reward, int64_t
     // ARPO (hard attribution): the mean over the leaves below n of GRPO's leaf advantages over
     // the tree, (V(n) - mean) / (Bessel std + epsilon); a tree of one leaf has mean 0 and std 1
     // (rlkern.grpo's group of one). Both come from the root's leaf count, V and M2.
-    parallel(0, m, [&](int64_t b, int64_t e) {
-      each_position(o, out, b, e, [&](int64_t q, int64_t n) {
-        const int64_t p = o.parent_pos[q];
-        const double vq = value[q];
-        if (p < 0) {
-          out.put(n, 0.0, false, vq);
-          return;
-        }
-        const int64_t root = o.root_pos[q];
-        const int64_t leaves = lcnt[root];
-        const double mean = leaves > 1 ? value[root] : 0.0;
-        const double spread = leaves > 1 ? std::sqrt(m2[root] / static_cast<double>(leaves - 1)) : 1.0;
-        out.put(n, (vq - mean) / (spread + epsilon), true, vq);
-      });
+    non_root_advantages(o, out, value.get(), [&](int64_t q, int64_t, int64_t root) {
+      const int64_t leaves = lcnt[root];
+      const double mean = leaves > 1 ? value[root] : 0.0;
+      const double spread = leaves > 1 ? std::sqrt(m2[root] / static_cast<double>(leaves - 1)) : 1.0;
+      return (value[q] - mean) / (spread + epsilon);
     });
     return;
   }
   if (method == 2) {
-    parallel(0, m, [&](int64_t b, int64_t e) {
-      each_position(o, out, b, e, [&](int64_t q, int64_t n) {
-        const int64_t p = o.parent_pos[q];
-        const double vq = value[q];
-        if (p < 0) {
-          out.put(n, 0.0, false, vq);
-          return;
-        }
-        const int64_t root = o.root_pos[q];
-        double a = ((vq - value[root]) + (vq - value[p])) / std::sqrt(static_cast<double>(lcnt[q]));
-        if (leaf_rloo) {
-          // Leaves re-centred on the other leaves of the tree: every value becomes
-          // n/(n-1) * (V - V_root), so the advantage scales by n/(n-1) (0 for a single leaf).
-          const double leaves = static_cast<double>(lcnt[root]);
-          a = leaves > 1.0 ? a * leaves / (leaves - 1.0) : 0.0;
-        }
-        out.put(n, a, true, vq);
-      });
+    non_root_advantages(o, out, value.get(), [&](int64_t q, int64_t p, int64_t root) {
+      const double vq = value[q];
+      double a = ((vq - value[root]) + (vq - value[p])) / std::sqrt(static_cast<double>(lcnt[q]));
+      if (leaf_rloo) {
+        // Leaves re-centred on the other leaves of the tree: every value becomes
+        // n/(n-1) * (V - V_root), so the advantage scales by n/(n-1) (0 for a single leaf).
+        const double leaves = static_cast<double>(lcnt[root]);
+        a = leaves > 1.0 ? a * leaves / (leaves - 1.0) : 0.0;
+      }
+      return a;
     });
     return;
   }

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import rlkern
+from _op_cases import flat
 
 NOT_OPS = {"LogprobsEntropy", "trees"}  # a NamedTuple and the trees module, not callables with inputs
 B, T, V, H = 4, 5, 7, 3
@@ -431,7 +432,7 @@ def test_every_public_op_has_rows():
 @pytest.mark.parametrize("op", sorted(SPECS))
 def test_the_good_call_runs(op):
     out = getattr(rlkern, op)(**SPECS[op].make())
-    assert _flat(out)
+    assert flat(out)
 
 
 @pytest.mark.parametrize("op,name,what,change", ROWS, ids=[f"{r[0]}-{r[1]}-{r[2]}" for r in ROWS])
@@ -444,18 +445,8 @@ def test_bad_input_raises_a_clear_error(op, name, what, change):
     assert name in msg, msg
 
 
-def _flat(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for k in sorted(out) for t in _flat(out[k])]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flat(o)]
-    return []
-
-
 def _same(a, b):
-    fa, fb = _flat(a), _flat(b)
+    fa, fb = flat(a), flat(b)
     assert len(fa) == len(fb)
     for x, y in zip(fa, fb):
         torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
@@ -497,11 +488,11 @@ def test_masked_out_positions_do_not_leak(op, poison, backend):
         out = fn(**kw)
         grads = []
         if spec.grad:
-            loss = _flat(out)[0]
+            loss = flat(out)[0]
             grads = torch.autograd.grad(loss.sum(), [kw[k] for k in spec.grad])
         results.append((out, grads))
     if spec.own_masked_outputs:
-        results = [([o[~off] for o in _flat(out)], grads) for out, grads in results]
+        results = [([o[~off] for o in flat(out)], grads) for out, grads in results]
     _same(results[0][0], results[1][0])
     _same(results[0][1], results[1][1])
 
@@ -518,7 +509,7 @@ def _poisoned(op, name, index):
     bad[name] = kwargs[name].clone()
     bad[name][index] = NAN
     fn = getattr(rlkern, op)
-    return _flat(fn(**kwargs)), _flat(fn(**bad))
+    return flat(fn(**kwargs)), flat(fn(**bad))
 
 
 # op, the tensor poisoned at (1, 1, ...): its row 1 of every output may change, no other row
@@ -622,13 +613,13 @@ def _packed_call(op, rewards, cu):
     mask = torch.ones(n)
     values = torch.randn(n, generator=_gen(5))
     if op == "gae":
-        return _flat(rlkern.gae(rewards, values, mask, gamma=0.9, lam=0.95, cu_seqlens=cu))
+        return flat(rlkern.gae(rewards, values, mask, gamma=0.9, lam=0.95, cu_seqlens=cu))
     if op == "egae":
-        return _flat(rlkern.egae(rewards, values, mask, torch.tensor([True, False, True]), gamma=0.9, lam=0.95,
+        return flat(rlkern.egae(rewards, values, mask, torch.tensor([True, False, True]), gamma=0.9, lam=0.95,
                                  cu_seqlens=cu))
     if op == "discounted_returns":
-        return _flat(rlkern.discounted_returns(rewards, mask, gamma=0.9, cu_seqlens=cu))
-    return _flat(rlkern.remax(rewards, torch.randn(3, generator=_gen(6)), mask, cu_seqlens=cu))
+        return flat(rlkern.discounted_returns(rewards, mask, gamma=0.9, cu_seqlens=cu))
+    return flat(rlkern.remax(rewards, torch.randn(3, generator=_gen(6)), mask, cu_seqlens=cu))
 
 
 @pytest.mark.parametrize("op", PACKED_SCANS)
@@ -693,7 +684,7 @@ def test_masked_out_nan_does_not_leak_on_cuda(op):
         zero[n] = kwargs[n].masked_fill(here, 0.0)
         bad[n] = kwargs[n].masked_fill(here, NAN)
     fn = getattr(rlkern, op)
-    a, b = _flat(fn(**zero)), _flat(fn(**bad))
+    a, b = flat(fn(**zero)), flat(fn(**bad))
     if spec.own_masked_outputs:
         a, b = [t[~off] for t in a], [t[~off] for t in b]
     _same(a, b)
